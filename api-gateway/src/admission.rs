@@ -1,0 +1,385 @@
+//! Admission: what the registry does to a record before it is stored, shared by every face
+//! (resource API now; EC2 and S3 later). Validation, defaulting, system fields. Pure.
+
+use rand::Rng;
+use serde_json::{json, Map, Value};
+
+use crate::error::{ApiError, ApiResult};
+use crate::kinds::Kind;
+use crate::schema::{self, Findings};
+
+/// How unknown fields are treated (`fieldValidation` query parameter).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FieldValidation {
+    /// Drop unknown fields silently.
+    Ignore,
+    /// Drop them and warn (the Kubernetes default).
+    #[default]
+    Warn,
+    /// Refuse the request.
+    Strict,
+}
+
+impl FieldValidation {
+    /// Parse the query value; unknown values are a 400.
+    pub fn parse(v: Option<&str>) -> ApiResult<Self> {
+        match v {
+            None | Some("") | Some("Warn") => Ok(Self::Warn),
+            Some("Ignore") => Ok(Self::Ignore),
+            Some("Strict") => Ok(Self::Strict),
+            Some(other) => Err(ApiError::bad_request(format!(
+                "fieldValidation must be one of Ignore, Warn or Strict, not {other:?}"
+            ))),
+        }
+    }
+}
+
+/// Which part of a record a write may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subresource {
+    /// Everything but status.
+    Main,
+    /// Status only.
+    Status,
+}
+
+/// Values the registry chooses for a new record.
+#[derive(Debug, Clone)]
+pub struct NewRecord {
+    /// RFC 3339 time of creation.
+    pub now: String,
+    /// The new UID.
+    pub uid: String,
+    /// The EC2-style ID (`i-0123456789abcdef0`).
+    pub id: String,
+}
+
+/// A fresh EC2-style ID: `<prefix>-` and 17 hex digits.
+pub fn new_id(prefix: &str) -> String {
+    let n: u128 = rand::rng().random::<u128>() & ((1u128 << 68) - 1);
+    format!("{prefix}-{n:017x}")
+}
+
+/// A fresh random name suffix as Kubernetes makes for `generateName`.
+pub fn name_suffix() -> String {
+    const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+    let mut rng = rand::rng();
+    (0..5)
+        .map(|_| char::from(ALPHABET[rng.random_range(0..ALPHABET.len())]))
+        .collect()
+}
+
+fn meta_mut(obj: &mut Value) -> ApiResult<&mut Map<String, Value>> {
+    let o = obj
+        .as_object_mut()
+        .ok_or_else(|| ApiError::bad_request("the body must be a JSON or YAML object"))?;
+    let meta = o.entry("metadata").or_insert_with(|| json!({}));
+    if meta.is_null() {
+        *meta = json!({});
+    }
+    meta.as_object_mut()
+        .ok_or_else(|| ApiError::bad_request("metadata must be an object"))
+}
+
+/// Check `apiVersion` and `kind` of a body against the endpoint it was sent to.
+pub fn check_type(kind: &Kind, obj: &Value) -> ApiResult<()> {
+    let api_version = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    let k = obj.get("kind").and_then(Value::as_str).unwrap_or("");
+    if api_version != crds::API_VERSION {
+        return Err(ApiError::bad_request(format!(
+            "the API version in the data ({api_version}) does not match the expected API version ({})",
+            crds::API_VERSION
+        )));
+    }
+    if k != kind.info.kind {
+        return Err(ApiError::bad_request(format!(
+            "the kind in the data ({k}) does not match the expected kind ({})",
+            kind.info.kind
+        )));
+    }
+    Ok(())
+}
+
+/// The object's name.
+pub fn name_of(obj: &Value) -> &str {
+    obj.pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+}
+
+/// Apply the schema and the kind's own validation; unknown fields are pruned and returned.
+pub fn validate(kind: &Kind, obj: &mut Value, mode: FieldValidation) -> ApiResult<Vec<String>> {
+    let name = name_of(obj).to_string();
+    let Findings { unknown, invalid } = schema::check_record(obj, &kind.schema);
+    if let Err(e) = crds::apply_defaults(kind.info.kind, obj) {
+        return Err(ApiError::invalid(
+            kind.info.kind,
+            &name,
+            vec![(e.field().unwrap_or("").to_string(), e.to_string())],
+        ));
+    }
+    if mode == FieldValidation::Strict && !unknown.is_empty() {
+        let fields = unknown
+            .iter()
+            .map(|u| format!("unknown field \"{}\"", u.trim_start_matches('.')))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(ApiError::bad_request(format!(
+            "{} in version \"{}\" cannot be handled as a {}: strict decoding error: {fields}",
+            kind.info.kind,
+            crds::VERSION,
+            kind.info.kind
+        )));
+    }
+    if !invalid.is_empty() {
+        return Err(ApiError::invalid(kind.info.kind, &name, invalid));
+    }
+    if let Err(e) = crds::validate_object(kind.info.kind, obj) {
+        return Err(ApiError::invalid(
+            kind.info.kind,
+            &name,
+            vec![(String::new(), e.to_string())],
+        ));
+    }
+    Ok(match mode {
+        FieldValidation::Ignore => Vec::new(),
+        _ => unknown,
+    })
+}
+
+/// Prepare a new record: check type and names, drop status, set system fields and the ID.
+pub fn prepare_create(
+    kind: &Kind,
+    namespace: Option<&str>,
+    mut obj: Value,
+    new: &NewRecord,
+    mode: FieldValidation,
+) -> ApiResult<(Value, Vec<String>)> {
+    check_type(kind, &obj)?;
+    let meta = meta_mut(&mut obj)?;
+    let mut name = meta
+        .get("name")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    if name.is_empty() {
+        if let Some(g) = meta.get("generateName").and_then(Value::as_str) {
+            if !g.is_empty() {
+                name = format!("{g}{}", name_suffix());
+                meta.insert("name".into(), Value::String(name.clone()));
+            }
+        }
+    }
+    if let Some(problem) = schema::name_problem(&name) {
+        return Err(ApiError::invalid(
+            kind.info.kind,
+            &name,
+            vec![("metadata.name".into(), problem)],
+        ));
+    }
+    if kind.info.namespaced {
+        let ns = namespace.unwrap_or("");
+        match meta.get("namespace").and_then(Value::as_str) {
+            Some(body_ns) if !body_ns.is_empty() && body_ns != ns => {
+                return Err(ApiError::bad_request(
+                    "the namespace of the provided object does not match the namespace sent on the request",
+                ))
+            }
+            _ => {
+                meta.insert("namespace".into(), Value::String(ns.to_string()));
+            }
+        }
+    } else {
+        meta.remove("namespace");
+    }
+    for field in [
+        "resourceVersion",
+        "deletionTimestamp",
+        "deletionGracePeriodSeconds",
+        "selfLink",
+    ] {
+        meta.remove(field);
+    }
+    meta.insert("uid".into(), Value::String(new.uid.clone()));
+    meta.insert("creationTimestamp".into(), Value::String(new.now.clone()));
+    meta.insert("generation".into(), json!(1));
+    let labels = meta.entry("labels").or_insert_with(|| json!({}));
+    if !labels.is_object() {
+        *labels = json!({});
+    }
+    if let Some(l) = labels.as_object_mut() {
+        l.insert(crds::ID_LABEL.into(), Value::String(new.id.clone()));
+    }
+    if let Some(o) = obj.as_object_mut() {
+        o.remove("status");
+    }
+    let unknown = validate(kind, &mut obj, mode)?;
+    Ok((obj, unknown))
+}
+
+fn without_meta_and_status(v: &Value) -> Value {
+    let mut c = v.clone();
+    if let Some(o) = c.as_object_mut() {
+        o.remove("metadata");
+        o.remove("status");
+    }
+    c
+}
+
+fn finalizers(v: &Value) -> Vec<&str> {
+    v.pointer("/metadata/finalizers")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+/// Whether the record is marked for deletion and no finalizer holds it any more.
+pub fn ready_to_delete(v: &Value) -> bool {
+    v.pointer("/metadata/deletionTimestamp")
+        .is_some_and(|d| !d.is_null())
+        && finalizers(v).is_empty()
+}
+
+/// Prepare an update of `old` to `new`: system fields are kept, status or spec is taken from
+/// the right side, generation increments on spec changes only.
+pub fn prepare_update(
+    kind: &Kind,
+    old: &Value,
+    new: Value,
+    sub: Subresource,
+    mode: FieldValidation,
+) -> ApiResult<(Value, Vec<String>)> {
+    check_type(kind, &new)?;
+    let old_name = name_of(old).to_string();
+    let new_name = name_of(&new).to_string();
+    if new_name != old_name {
+        return Err(ApiError::bad_request(format!(
+            "the name of the object ({new_name}) does not match the name on the URL ({old_name})"
+        )));
+    }
+    let old_meta = old.get("metadata").cloned().unwrap_or_else(|| json!({}));
+    if let Some(uid) = new.pointer("/metadata/uid").and_then(Value::as_str) {
+        let old_uid = old_meta.get("uid").and_then(Value::as_str).unwrap_or("");
+        if !uid.is_empty() && uid != old_uid {
+            return Err(ApiError::conflict_message(format!(
+                "Precondition failed: UID in precondition: {uid}, UID in object meta: {old_uid}"
+            )));
+        }
+    }
+    let mut out = match sub {
+        Subresource::Main => {
+            let mut out = new;
+            if let Some(o) = out.as_object_mut() {
+                match old.get("status") {
+                    Some(s) => o.insert("status".into(), s.clone()),
+                    None => o.remove("status"),
+                };
+            }
+            out
+        }
+        Subresource::Status => {
+            let mut out = old.clone();
+            if let Some(o) = out.as_object_mut() {
+                match new.get("status") {
+                    Some(s) if !s.is_null() => o.insert("status".into(), s.clone()),
+                    _ => o.remove("status"),
+                };
+            }
+            out
+        }
+    };
+    let old_id = old_meta
+        .pointer(&format!("/labels/{}", crds::ID_LABEL.replace('/', "~1")))
+        .cloned();
+    let being_deleted = old_meta
+        .get("deletionTimestamp")
+        .is_some_and(|d| !d.is_null());
+    let old_finalizers = finalizers(old)
+        .into_iter()
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+    {
+        let meta = meta_mut(&mut out)?;
+        for field in [
+            "uid",
+            "creationTimestamp",
+            "namespace",
+            "deletionTimestamp",
+            "deletionGracePeriodSeconds",
+            "generation",
+        ] {
+            match old_meta.get(field) {
+                Some(v) => meta.insert(field.into(), v.clone()),
+                None => meta.remove(field),
+            };
+        }
+        meta.remove("resourceVersion");
+        meta.remove("selfLink");
+        if let Some(id) = &old_id {
+            let labels = meta.entry("labels").or_insert_with(|| json!({}));
+            if !labels.is_object() {
+                *labels = json!({});
+            }
+            if let Some(l) = labels.as_object_mut() {
+                match l.get(crds::ID_LABEL) {
+                    Some(v) if v != id => {
+                        return Err(ApiError::invalid(
+                            kind.info.kind,
+                            &old_name,
+                            vec![(
+                                format!("metadata.labels[{}]", crds::ID_LABEL),
+                                "field is immutable".into(),
+                            )],
+                        ))
+                    }
+                    _ => {
+                        l.insert(crds::ID_LABEL.into(), id.clone());
+                    }
+                }
+            }
+        }
+    }
+    if being_deleted {
+        let added = finalizers(&out)
+            .into_iter()
+            .any(|f| !old_finalizers.iter().any(|o| o == f));
+        if added {
+            return Err(ApiError::forbidden(format!(
+                "{}.{} \"{old_name}\" is being deleted: no new finalizers can be added",
+                kind.info.plural,
+                crds::GROUP
+            )));
+        }
+    }
+    let generation = old_meta
+        .get("generation")
+        .and_then(Value::as_i64)
+        .unwrap_or(1);
+    if without_meta_and_status(old) != without_meta_and_status(&out) {
+        meta_mut(&mut out)?.insert("generation".into(), json!(generation + 1));
+    }
+    let unknown = validate(kind, &mut out, mode)?;
+    Ok((out, unknown))
+}
+
+/// Mark a record for deletion (its finalizers still hold it).
+pub fn mark_deleted(old: &Value, now: &str) -> Value {
+    let mut out = old.clone();
+    if let Some(meta) = out.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.entry("deletionTimestamp")
+            .or_insert_with(|| Value::String(now.to_string()));
+        meta.entry("deletionGracePeriodSeconds").or_insert(json!(0));
+        meta.remove("resourceVersion");
+    }
+    out
+}
+
+/// The same record without fields that change on every write, for no-op detection.
+pub fn comparable(v: &Value) -> Value {
+    let mut c = v.clone();
+    if let Some(meta) = c.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.remove("resourceVersion");
+        meta.remove("managedFields");
+    }
+    c
+}

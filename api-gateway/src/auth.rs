@@ -1,0 +1,349 @@
+//! Bearer-token authentication and the authorization rules of the resource API. Pure.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// Everything, everywhere.
+    Admin(String),
+    /// The operator's controllers: every record.
+    Operator(String),
+    /// A node agent: its own Node record and the instances bound to it.
+    Node(String),
+    /// An account's user: the records of the account's namespace.
+    Account {
+        /// User name.
+        user: String,
+        /// The account's namespace.
+        namespace: String,
+    },
+}
+
+impl Principal {
+    /// The user name, as Kubernetes would print it.
+    pub fn user(&self) -> &str {
+        match self {
+            Principal::Admin(u) | Principal::Operator(u) => u,
+            Principal::Node(n) => n,
+            Principal::Account { user, .. } => user,
+        }
+    }
+}
+
+/// A request verb, as in Kubernetes RBAC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    /// Read one record.
+    Get,
+    /// List records.
+    List,
+    /// Watch records.
+    Watch,
+    /// Create a record.
+    Create,
+    /// Replace or patch a record.
+    Update,
+    /// Delete a record.
+    Delete,
+}
+
+impl Verb {
+    /// The RBAC name of the verb.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Get => "get",
+            Verb::List => "list",
+            Verb::Watch => "watch",
+            Verb::Create => "create",
+            Verb::Update => "update",
+            Verb::Delete => "delete",
+        }
+    }
+    fn reads(self) -> bool {
+        matches!(self, Verb::Get | Verb::List | Verb::Watch)
+    }
+}
+
+/// Why a token file could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    /// The file could not be read.
+    #[error("cannot read the tokens file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML of the expected shape.
+    #[error("the tokens file {path} is malformed: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenFile {
+    tokens: Vec<TokenEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenEntry {
+    token: String,
+    user: String,
+    role: String,
+    #[serde(default)]
+    node: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+}
+
+/// The known bearer tokens.
+#[derive(Debug, Clone, Default)]
+pub struct Authenticator {
+    tokens: HashMap<String, Principal>,
+}
+
+impl Authenticator {
+    /// Parse a tokens file (`tokens: [{token, user, role, node?, namespace?}]`).
+    pub fn from_yaml(text: &str, path: &str) -> Result<Self, TokenFileError> {
+        let parse_err = |message: String| TokenFileError::Parse {
+            path: path.to_string(),
+            message,
+        };
+        let file: TokenFile = serde_norway::from_str(text).map_err(|e| parse_err(e.to_string()))?;
+        let mut tokens = HashMap::new();
+        for (i, e) in file.tokens.into_iter().enumerate() {
+            if e.token.len() < 16 {
+                return Err(parse_err(format!(
+                    "token {i} is shorter than 16 characters"
+                )));
+            }
+            let principal = match e.role.as_str() {
+                "admin" => Principal::Admin(e.user),
+                "operator" => Principal::Operator(e.user),
+                "node" => Principal::Node(
+                    e.node
+                        .ok_or_else(|| parse_err(format!("token {i} has role node but no node")))?,
+                ),
+                "account" => Principal::Account {
+                    user: e.user,
+                    namespace: e.namespace.ok_or_else(|| {
+                        parse_err(format!("token {i} has role account but no namespace"))
+                    })?,
+                },
+                other => return Err(parse_err(format!("token {i} has unknown role {other:?}"))),
+            };
+            tokens.insert(e.token, principal);
+        }
+        Ok(Self { tokens })
+    }
+
+    /// Read and parse a tokens file.
+    pub fn from_file(path: &Path) -> Result<Self, TokenFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TokenFileError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_yaml(&text, &path.display().to_string())
+    }
+
+    /// The principal of an `Authorization` header value, if the token is known.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Option<Principal> {
+        let token = authorization?.strip_prefix("Bearer ")?.trim();
+        self.tokens.get(token).cloned()
+    }
+}
+
+/// What a request touches.
+#[derive(Debug, Clone, Copy)]
+pub struct Target<'a> {
+    /// Kind name (`Instance`).
+    pub kind: &'a str,
+    /// Resource plural (`instances`).
+    pub plural: &'a str,
+    /// Namespace, for namespaced kinds (None for all namespaces).
+    pub namespace: Option<&'a str>,
+    /// Whether the kind is namespaced.
+    pub namespaced: bool,
+    /// The record's name, for single-record verbs.
+    pub name: Option<&'a str>,
+}
+
+fn bound_node(obj: &Value) -> Option<&str> {
+    obj.pointer("/status/nodeName").and_then(Value::as_str)
+}
+
+/// Kinds every account may read: the public catalogue.
+const CATALOGUE: &[&str] = &["InstanceType", "AvailabilityZone"];
+
+/// Whether `principal` may perform `verb` on `target` at all (before looking at records).
+pub fn allowed(principal: &Principal, verb: Verb, target: &Target<'_>) -> bool {
+    match principal {
+        Principal::Admin(_) | Principal::Operator(_) => true,
+        Principal::Node(node) => match target.kind {
+            // Reads are filtered to bound instances; writes are checked per record.
+            "Instance" => matches!(verb, Verb::Get | Verb::List | Verb::Watch | Verb::Update),
+            "Node" => match verb {
+                Verb::List | Verb::Watch => true,
+                Verb::Delete => false,
+                _ => target.name.is_none_or(|n| n == node),
+            },
+            _ => false,
+        },
+        Principal::Account { namespace, .. } => {
+            if target.namespaced {
+                target.namespace == Some(namespace.as_str())
+            } else {
+                verb.reads() && CATALOGUE.contains(&target.kind)
+            }
+        }
+    }
+}
+
+/// Whether `principal` may see this record (list/watch results are filtered by it).
+pub fn can_see(principal: &Principal, kind: &str, obj: &Value) -> bool {
+    match principal {
+        Principal::Node(node) => match kind {
+            "Instance" => bound_node(obj) == Some(node.as_str()),
+            "Node" => obj.pointer("/metadata/name").and_then(Value::as_str) == Some(node),
+            _ => false,
+        },
+        _ => true,
+    }
+}
+
+/// Whether `principal` may change a record from `before` to `after`.
+pub fn can_write(principal: &Principal, kind: &str, before: Option<&Value>, after: &Value) -> bool {
+    match principal {
+        Principal::Node(_) => {
+            before.is_none_or(|b| can_see(principal, kind, b)) && can_see(principal, kind, after)
+        }
+        _ => true,
+    }
+}
+
+/// The Kubernetes-style message of a refusal.
+pub fn forbidden_message(principal: &Principal, verb: Verb, target: &Target<'_>) -> String {
+    let what = match target.name {
+        Some(n) => format!("{}.{} {n:?} is forbidden", target.plural, crds::GROUP),
+        None => format!("{}.{} is forbidden", target.plural, crds::GROUP),
+    };
+    let scope = match target.namespace {
+        Some(ns) => format!(" in the namespace {ns:?}"),
+        None if target.namespaced => " at the cluster scope".to_string(),
+        None => String::new(),
+    };
+    format!(
+        "{what}: User {:?} cannot {} resource {:?} in API group {:?}{scope}",
+        principal.user(),
+        verb.as_str(),
+        target.plural,
+        crds::GROUP
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn t<'a>(kind: &'a str, ns: Option<&'a str>, name: Option<&'a str>) -> Target<'a> {
+        let namespaced = !matches!(
+            kind,
+            "Node" | "Account" | "AvailabilityZone" | "InstanceType"
+        );
+        Target {
+            kind,
+            plural: "x",
+            namespace: ns,
+            namespaced,
+            name,
+        }
+    }
+
+    #[test]
+    fn authorization_table() {
+        let node = Principal::Node("node-1".into());
+        let acct = Principal::Account {
+            user: "acme".into(),
+            namespace: "acme".into(),
+        };
+        let admin = Principal::Admin("admin".into());
+        let rows: Vec<(&Principal, Verb, Target<'_>, bool)> = vec![
+            (&admin, Verb::Delete, t("Node", None, Some("node-9")), true),
+            (
+                &node,
+                Verb::Get,
+                t("Instance", Some("acme"), Some("i-1")),
+                true,
+            ),
+            (
+                &node,
+                Verb::Create,
+                t("Instance", Some("acme"), None),
+                false,
+            ),
+            (
+                &node,
+                Verb::Delete,
+                t("Instance", Some("acme"), Some("i-1")),
+                false,
+            ),
+            (&node, Verb::Update, t("Node", None, Some("node-1")), true),
+            (&node, Verb::Update, t("Node", None, Some("node-2")), false),
+            (&node, Verb::Create, t("Node", None, Some("node-1")), true),
+            (
+                &node,
+                Verb::Get,
+                t("Image", Some("acme"), Some("emi-1")),
+                false,
+            ),
+            (&acct, Verb::List, t("Instance", Some("acme"), None), true),
+            (&acct, Verb::List, t("Instance", Some("other"), None), false),
+            (&acct, Verb::List, t("Instance", None, None), false),
+            (&acct, Verb::List, t("InstanceType", None, None), true),
+            (&acct, Verb::Create, t("InstanceType", None, None), false),
+            (&acct, Verb::Get, t("Node", None, Some("node-1")), false),
+        ];
+        for (p, verb, target, want) in rows {
+            assert_eq!(allowed(p, verb, &target), want, "{p:?} {verb:?} {target:?}");
+        }
+    }
+
+    #[test]
+    fn node_sees_and_writes_only_instances_bound_to_it() {
+        let node = Principal::Node("node-1".into());
+        let mine = json!({"status": {"nodeName": "node-1"}});
+        let other = json!({"status": {"nodeName": "node-2"}});
+        assert!(can_see(&node, "Instance", &mine));
+        assert!(!can_see(&node, "Instance", &other));
+        assert!(can_write(&node, "Instance", Some(&mine), &mine));
+        assert!(!can_write(&node, "Instance", Some(&other), &mine));
+        assert!(!can_write(&node, "Instance", Some(&mine), &other));
+    }
+
+    #[test]
+    fn tokens_file_parses_and_authenticates() {
+        let yaml = "tokens:\n- token: aaaaaaaaaaaaaaaaaaaa\n  user: admin\n  role: admin\n- token: bbbbbbbbbbbbbbbbbbbb\n  user: n1\n  role: node\n  node: node-1\n";
+        let a = Authenticator::from_yaml(yaml, "t.yaml").expect("valid file");
+        assert_eq!(
+            a.authenticate(Some("Bearer bbbbbbbbbbbbbbbbbbbb")),
+            Some(Principal::Node("node-1".into()))
+        );
+        assert_eq!(a.authenticate(Some("Bearer nope")), None);
+        assert_eq!(a.authenticate(None), None);
+        let bad = "tokens:\n- token: short\n  user: x\n  role: admin\n";
+        assert!(Authenticator::from_yaml(bad, "t.yaml").is_err());
+    }
+}

@@ -1,0 +1,442 @@
+//! The watch cache: one etcd watch over every record feeds an in-memory copy of each kind,
+//! a bounded history of events, and any number of API watchers.
+//!
+//! A hundred `kubectl get -w` or controller watches of a kind cost one etcd watch. Lists
+//! without a `limit` are served from here once the cache has caught up with etcd's current
+//! revision (a consistent read), the way kube-apiserver serves them.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+
+use crate::store::{plural_of_key, REGISTRY_PREFIX};
+
+/// One record as the cache holds it: parsed, with its resourceVersion set, and serialized.
+#[derive(Debug)]
+pub struct CachedObject {
+    /// The etcd key.
+    pub key: String,
+    /// The object, `metadata.resourceVersion` set to its mod revision.
+    pub value: Value,
+    /// `value` serialized once, for lists and watch events.
+    pub json: Bytes,
+    /// The etcd mod revision.
+    pub revision: i64,
+}
+
+impl CachedObject {
+    /// Build from a stored value and the revision it is seen at.
+    pub fn from_stored(key: String, raw: &[u8], revision: i64) -> Option<Self> {
+        let mut value: Value = serde_json::from_slice(raw).ok()?;
+        set_resource_version(&mut value, revision);
+        Some(Self::from_value(key, value, revision))
+    }
+
+    /// Build from a value whose resourceVersion is already set.
+    pub fn from_value(key: String, value: Value, revision: i64) -> Self {
+        let json = Bytes::from(serde_json::to_vec(&value).unwrap_or_default());
+        CachedObject {
+            key,
+            value,
+            json,
+            revision,
+        }
+    }
+
+    /// The object's UID.
+    pub fn uid(&self) -> Option<&str> {
+        self.value.pointer("/metadata/uid").and_then(Value::as_str)
+    }
+}
+
+/// Set `metadata.resourceVersion`.
+pub fn set_resource_version(value: &mut Value, revision: i64) {
+    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert(
+            "resourceVersion".to_string(),
+            Value::String(revision.to_string()),
+        );
+    }
+}
+
+/// A change to one record.
+#[derive(Debug)]
+pub struct CacheEvent {
+    /// The etcd revision of the change.
+    pub revision: i64,
+    /// The object after the change; for a deletion, the last state with the deletion revision.
+    pub object: Arc<CachedObject>,
+    /// The object before the change, if it existed.
+    pub prev: Option<Arc<CachedObject>>,
+    /// Whether the record was deleted.
+    pub deleted: bool,
+}
+
+#[derive(Default)]
+struct KindState {
+    objects: BTreeMap<String, Arc<CachedObject>>,
+    history: VecDeque<Arc<CacheEvent>>,
+    /// Every change after this revision is in `history`.
+    oldest: i64,
+}
+
+#[derive(Default)]
+struct State {
+    kinds: HashMap<String, KindState>,
+    /// The etcd revision the cache has processed.
+    revision: i64,
+    /// Record UID → key, for owner lookups.
+    uids: HashMap<String, String>,
+    /// Owner UID → keys of dependents.
+    dependents: HashMap<String, HashSet<String>>,
+    synced: bool,
+}
+
+/// Asked for a start revision older than the cache remembers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TooOld {
+    /// The oldest revision the cache can resume after.
+    pub oldest: i64,
+}
+
+/// The shared watch cache.
+pub struct WatchCache {
+    state: RwLock<State>,
+    revision: watch::Sender<i64>,
+    history_limit: usize,
+    progress: mpsc::Sender<()>,
+    progress_rx: std::sync::Mutex<Option<mpsc::Receiver<()>>>,
+}
+
+fn unpoison<T>(r: Result<T, std::sync::PoisonError<T>>) -> T {
+    r.unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl WatchCache {
+    /// An empty cache keeping up to `history_limit` events per kind.
+    pub fn new(plurals: &[&str], history_limit: usize) -> Arc<Self> {
+        let mut state = State::default();
+        for p in plurals {
+            state.kinds.insert(p.to_string(), KindState::default());
+        }
+        let (revision, _) = watch::channel(0);
+        let (progress, rx) = mpsc::channel(1);
+        Arc::new(WatchCache {
+            state: RwLock::new(state),
+            revision,
+            history_limit: history_limit.max(16),
+            progress,
+            progress_rx: std::sync::Mutex::new(Some(rx)),
+        })
+    }
+
+    /// The revision the cache has processed.
+    pub fn revision(&self) -> i64 {
+        *self.revision.borrow()
+    }
+
+    /// Whether the cache has completed its first list.
+    pub fn synced(&self) -> bool {
+        unpoison(self.state.read()).synced
+    }
+
+    /// Keep the cache in step with etcd forever: list, then watch; relist if the watch breaks.
+    pub async fn run(self: Arc<Self>, client: Client) {
+        let Some(mut progress_rx) = unpoison(self.progress_rx.lock()).take() else {
+            return;
+        };
+        loop {
+            match self
+                .clone()
+                .sync_once(client.clone(), &mut progress_rx)
+                .await
+            {
+                Ok(()) => tracing::warn!("etcd watch ended; relisting"),
+                Err(e) => tracing::warn!(error = %e, "etcd watch failed; relisting"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn sync_once(
+        self: Arc<Self>,
+        mut client: Client,
+        progress_rx: &mut mpsc::Receiver<()>,
+    ) -> Result<(), etcd_client::Error> {
+        let resp = client
+            .get(REGISTRY_PREFIX, Some(GetOptions::new().with_prefix()))
+            .await?;
+        let start = resp.header().map(|h| h.revision()).unwrap_or(0);
+        self.reset(resp.kvs(), start);
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(start + 1)
+            .with_prev_key();
+        let mut stream = client.watch(REGISTRY_PREFIX, Some(options)).await?;
+        loop {
+            tokio::select! {
+                msg = stream.message() => {
+                    let Some(resp) = msg? else { return Ok(()) };
+                    if resp.canceled() || resp.compact_revision() > 0 {
+                        tracing::warn!(compact = resp.compact_revision(), reason = resp.cancel_reason(), "etcd watch canceled");
+                        return Ok(());
+                    }
+                    let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+                    self.apply(resp.events(), rev);
+                }
+                Some(()) = progress_rx.recv() => {
+                    stream.request_progress().await?;
+                }
+            }
+        }
+    }
+
+    fn reset(&self, kvs: &[KeyValue], revision: i64) {
+        let mut state = unpoison(self.state.write());
+        for kind in state.kinds.values_mut() {
+            kind.objects.clear();
+            kind.history.clear();
+            kind.oldest = revision;
+        }
+        state.uids.clear();
+        state.dependents.clear();
+        for kv in kvs {
+            let Ok(key) = kv.key_str() else { continue };
+            let Some(obj) =
+                CachedObject::from_stored(key.to_string(), kv.value(), kv.mod_revision())
+            else {
+                tracing::error!(key, "unparsable record in etcd; skipped");
+                continue;
+            };
+            let obj = Arc::new(obj);
+            index_add(&mut state, &obj);
+            let Some(plural) = plural_of_key(key) else {
+                continue;
+            };
+            if let Some(kind) = state.kinds.get_mut(plural) {
+                kind.objects.insert(obj.key.clone(), obj);
+            }
+        }
+        state.revision = revision;
+        state.synced = true;
+        drop(state);
+        self.revision.send_replace(revision);
+    }
+
+    fn apply(&self, events: &[etcd_client::Event], revision: i64) {
+        let mut state = unpoison(self.state.write());
+        for ev in events {
+            let Some(kv) = ev.kv() else { continue };
+            let Ok(key) = kv.key_str() else { continue };
+            let Some(plural) = plural_of_key(key).map(str::to_string) else {
+                continue;
+            };
+            let ev_rev = kv.mod_revision();
+            let prev = state
+                .kinds
+                .get(&plural)
+                .and_then(|k| k.objects.get(key).cloned());
+            let event = match ev.event_type() {
+                EventType::Put => {
+                    let Some(obj) = CachedObject::from_stored(key.to_string(), kv.value(), ev_rev)
+                    else {
+                        tracing::error!(key, "unparsable record in etcd; skipped");
+                        continue;
+                    };
+                    let obj = Arc::new(obj);
+                    if let Some(p) = &prev {
+                        index_remove(&mut state, p);
+                    }
+                    index_add(&mut state, &obj);
+                    if let Some(kind) = state.kinds.get_mut(&plural) {
+                        kind.objects.insert(key.to_string(), obj.clone());
+                    }
+                    CacheEvent {
+                        revision: ev_rev,
+                        object: obj,
+                        prev,
+                        deleted: false,
+                    }
+                }
+                EventType::Delete => {
+                    let Some(p) = prev else { continue };
+                    index_remove(&mut state, &p);
+                    if let Some(kind) = state.kinds.get_mut(&plural) {
+                        kind.objects.remove(key);
+                    }
+                    let mut last = p.value.clone();
+                    set_resource_version(&mut last, ev_rev);
+                    CacheEvent {
+                        revision: ev_rev,
+                        object: Arc::new(CachedObject::from_value(key.to_string(), last, ev_rev)),
+                        prev: Some(p),
+                        deleted: true,
+                    }
+                }
+            };
+            let limit = self.history_limit;
+            if let Some(kind) = state.kinds.get_mut(&plural) {
+                kind.history.push_back(Arc::new(event));
+                while kind.history.len() > limit {
+                    if let Some(old) = kind.history.pop_front() {
+                        kind.oldest = old.revision;
+                    }
+                }
+            }
+        }
+        if revision > state.revision {
+            state.revision = revision;
+        }
+        let rev = state.revision;
+        drop(state);
+        self.revision.send_replace(rev);
+    }
+
+    /// Wait until the cache has processed `revision`; false if it did not within `timeout`.
+    pub async fn wait_for(&self, revision: i64, timeout: Duration) -> bool {
+        let mut rx = self.revision.subscribe();
+        if *rx.borrow_and_update() >= revision && self.synced() {
+            return true;
+        }
+        // Writes outside our prefix advance etcd's revision without events: ask for progress.
+        let _ = self.progress.try_send(());
+        let wait = async {
+            loop {
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+                if *rx.borrow_and_update() >= revision && self.synced() {
+                    return true;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.unwrap_or(false)
+    }
+
+    /// A snapshot of one kind's records under `prefix`, and the revision it is at.
+    pub fn list(&self, plural: &str, prefix: &str) -> (Vec<Arc<CachedObject>>, i64) {
+        let state = unpoison(self.state.read());
+        let items = state
+            .kinds
+            .get(plural)
+            .map(|k| {
+                k.objects
+                    .range(prefix.to_string()..)
+                    .take_while(|(key, _)| key.starts_with(prefix))
+                    .map(|(_, v)| v.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        (items, state.revision)
+    }
+
+    /// One record by key.
+    pub fn get(&self, plural: &str, key: &str) -> Option<Arc<CachedObject>> {
+        let state = unpoison(self.state.read());
+        state.kinds.get(plural)?.objects.get(key).cloned()
+    }
+
+    /// Whether a record with this UID exists.
+    pub fn uid_exists(&self, uid: &str) -> bool {
+        unpoison(self.state.read()).uids.contains_key(uid)
+    }
+
+    /// Keys of the records that name `uid` as an owner.
+    pub fn dependents_of(&self, uid: &str) -> Vec<String> {
+        let state = unpoison(self.state.read());
+        state
+            .dependents
+            .get(uid)
+            .map(|s| s.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Every record that has owner references, for the garbage collector's sweep.
+    pub fn owned_records(&self) -> Vec<Arc<CachedObject>> {
+        let state = unpoison(self.state.read());
+        state
+            .kinds
+            .values()
+            .flat_map(|k| k.objects.values())
+            .filter(|o| {
+                o.value
+                    .pointer("/metadata/ownerReferences")
+                    .and_then(Value::as_array)
+                    .is_some_and(|a| !a.is_empty())
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Events of one kind after revision `after`, or `TooOld` when the history does not reach back.
+    /// Also returns the revision the cache has processed, for bookmarks.
+    pub fn events_after(
+        &self,
+        plural: &str,
+        after: i64,
+    ) -> Result<(Vec<Arc<CacheEvent>>, i64), TooOld> {
+        let state = unpoison(self.state.read());
+        let Some(kind) = state.kinds.get(plural) else {
+            return Ok((Vec::new(), state.revision));
+        };
+        if after < kind.oldest {
+            return Err(TooOld {
+                oldest: kind.oldest,
+            });
+        }
+        let start = kind.history.partition_point(|e| e.revision <= after);
+        Ok((
+            kind.history.range(start..).cloned().collect(),
+            state.revision,
+        ))
+    }
+
+    /// A receiver that changes whenever the processed revision advances.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.revision.subscribe()
+    }
+}
+
+fn owner_uids(obj: &CachedObject) -> Vec<String> {
+    obj.value
+        .pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .map(|refs| {
+            refs.iter()
+                .filter_map(|r| r.get("uid").and_then(Value::as_str).map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn index_add(state: &mut State, obj: &CachedObject) {
+    if let Some(uid) = obj.uid() {
+        state.uids.insert(uid.to_string(), obj.key.clone());
+    }
+    for owner in owner_uids(obj) {
+        state
+            .dependents
+            .entry(owner)
+            .or_default()
+            .insert(obj.key.clone());
+    }
+}
+
+fn index_remove(state: &mut State, obj: &CachedObject) {
+    if let Some(uid) = obj.uid() {
+        state.uids.remove(uid);
+    }
+    for owner in owner_uids(obj) {
+        if let Some(set) = state.dependents.get_mut(&owner) {
+            set.remove(&obj.key);
+            if set.is_empty() {
+                state.dependents.remove(&owner);
+            }
+        }
+    }
+}

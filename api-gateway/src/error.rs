@@ -1,0 +1,223 @@
+//! The one error type of the resource API, rendered as a Kubernetes `Status`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// A failed API call: HTTP code, Kubernetes reason and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// HTTP status code.
+    pub code: u16,
+    /// Kubernetes `StatusReason` (`NotFound`, `Conflict`, `Invalid` …).
+    pub reason: &'static str,
+    /// Human-readable message.
+    pub message: String,
+    /// Optional details: the kind and name the error is about, and field causes.
+    pub details: Option<StatusDetails>,
+}
+
+/// The `details` of a Kubernetes `Status`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StatusDetails {
+    /// Name of the object, if any.
+    pub name: String,
+    /// API group.
+    pub group: String,
+    /// Resource plural.
+    pub kind: String,
+    /// Field-level causes: (field, message).
+    pub causes: Vec<(String, String)>,
+}
+
+impl ApiError {
+    fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            code,
+            reason,
+            message: message.into(),
+            details: None,
+        }
+    }
+
+    /// 400 BadRequest.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(400, "BadRequest", message)
+    }
+    /// 401 Unauthorized.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        Self::new(401, "Unauthorized", message)
+    }
+    /// 403 Forbidden.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(403, "Forbidden", message)
+    }
+    /// 404 NotFound for a named object.
+    pub fn not_found(plural: &str, name: &str) -> Self {
+        Self::new(
+            404,
+            "NotFound",
+            format!("{plural}.{} \"{name}\" not found", crds::GROUP),
+        )
+        .with_details(plural, name)
+    }
+    /// 404 NotFound for a path that serves nothing.
+    pub fn no_route(path: &str) -> Self {
+        Self::new(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource ({path})"),
+        )
+    }
+    /// 405 MethodNotAllowed.
+    pub fn method_not_allowed(message: impl Into<String>) -> Self {
+        Self::new(405, "MethodNotAllowed", message)
+    }
+    /// 409 AlreadyExists.
+    pub fn already_exists(plural: &str, name: &str) -> Self {
+        Self::new(
+            409,
+            "AlreadyExists",
+            format!("{plural}.{} \"{name}\" already exists", crds::GROUP),
+        )
+        .with_details(plural, name)
+    }
+    /// 409 Conflict on a stale resourceVersion.
+    pub fn conflict(plural: &str, name: &str) -> Self {
+        Self::new(
+            409,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {plural}.{} \"{name}\": the object has been modified; please apply your changes to the latest version and try again",
+                crds::GROUP
+            ),
+        )
+        .with_details(plural, name)
+    }
+    /// 409 Conflict with a custom message (server-side apply conflicts).
+    pub fn conflict_message(message: impl Into<String>) -> Self {
+        Self::new(409, "Conflict", message)
+    }
+    /// 410 Gone: the requested resourceVersion is compacted away.
+    pub fn gone(message: impl Into<String>) -> Self {
+        Self::new(410, "Expired", message)
+    }
+    /// 413 RequestEntityTooLarge.
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            413,
+            "RequestEntityTooLarge",
+            format!("request body is larger than the limit of {limit} bytes"),
+        )
+    }
+    /// 415 UnsupportedMediaType.
+    pub fn unsupported_media_type(content_type: &str) -> Self {
+        Self::new(
+            415,
+            "UnsupportedMediaType",
+            format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, application/merge-patch+json, application/json-patch+json, application/apply-patch+yaml (got {content_type:?})"),
+        )
+    }
+    /// 422 Invalid, with field causes.
+    pub fn invalid(kind: &str, name: &str, causes: Vec<(String, String)>) -> Self {
+        let summary = causes
+            .iter()
+            .map(|(field, msg)| {
+                if field.is_empty() {
+                    msg.clone()
+                } else {
+                    format!("{field}: {msg}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut e = Self::new(
+            422,
+            "Invalid",
+            format!("{kind}.{} \"{name}\" is invalid: {summary}", crds::GROUP),
+        );
+        e.details = Some(StatusDetails {
+            name: name.to_string(),
+            group: crds::GROUP.to_string(),
+            kind: kind.to_string(),
+            causes,
+        });
+        e
+    }
+    /// 500 InternalError: something went wrong that the caller cannot fix.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, "InternalError", message)
+    }
+    /// 503 ServiceUnavailable: etcd could not be reached.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self::new(503, "ServiceUnavailable", message)
+    }
+    /// 504 Timeout.
+    pub fn timeout(message: impl Into<String>) -> Self {
+        Self::new(504, "Timeout", message)
+    }
+
+    fn with_details(mut self, plural: &str, name: &str) -> Self {
+        self.details = Some(StatusDetails {
+            name: name.to_string(),
+            group: crds::GROUP.to_string(),
+            kind: plural.to_string(),
+            causes: Vec::new(),
+        });
+        self
+    }
+
+    /// The Kubernetes `Status` object for this error.
+    pub fn status(&self) -> serde_json::Value {
+        let mut status = json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.message,
+            "reason": self.reason,
+            "code": self.code,
+        });
+        if let Some(d) = &self.details {
+            let mut details = json!({ "name": d.name, "group": d.group, "kind": d.kind });
+            if !d.causes.is_empty() {
+                details["causes"] = d
+                    .causes
+                    .iter()
+                    .map(|(field, msg)| json!({"reason": "FieldValueInvalid", "message": msg, "field": field}))
+                    .collect();
+            }
+            status["details"] = details;
+        }
+        status
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let code = StatusCode::from_u16(self.code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        if code.is_server_error() {
+            tracing::warn!(code = self.code, reason = self.reason, "{}", self.message);
+        }
+        (code, axum::Json(self.status())).into_response()
+    }
+}
+
+impl From<etcd_client::Error> for ApiError {
+    fn from(e: etcd_client::Error) -> Self {
+        let text = e.to_string();
+        if text.contains("required revision has been compacted") {
+            ApiError::gone(
+                "The resourceVersion for the provided list is too old: it has been compacted.",
+            )
+        } else if text.contains("required revision is a future revision") {
+            ApiError::timeout("Too large resource version: the server has not seen it yet.")
+        } else {
+            ApiError::unavailable(format!("etcd is unavailable: {text}"))
+        }
+    }
+}
+
+/// Result of the API layer.
+pub type ApiResult<T> = Result<T, ApiError>;

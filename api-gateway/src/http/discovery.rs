@@ -1,0 +1,192 @@
+//! Discovery and OpenAPI v3 documents, generated from the same schemas as the CRDs.
+
+use serde_json::{json, Value};
+
+use crate::kinds::{Kind, Kinds};
+
+/// `GET /version`.
+pub fn version() -> Value {
+    json!({
+        "major": "1", "minor": "32", "gitVersion": "v1.32.0-karri",
+        "gitCommit": "", "gitTreeState": "clean", "buildDate": "",
+        "goVersion": "", "compiler": "rustc", "platform": "linux/amd64",
+    })
+}
+
+/// `GET /api`: Karri serves no core group.
+pub fn core_versions() -> Value {
+    json!({"kind": "APIVersions", "versions": [], "serverAddressByClientCIDRs": []})
+}
+
+fn group() -> Value {
+    let gv = json!({"groupVersion": crds::API_VERSION, "version": crds::VERSION});
+    json!({"name": crds::GROUP, "versions": [gv], "preferredVersion": gv})
+}
+
+/// `GET /apis`.
+pub fn group_list() -> Value {
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group()]})
+}
+
+/// `GET /apis/karri.dev`.
+pub fn api_group() -> Value {
+    let mut g = group();
+    g["kind"] = json!("APIGroup");
+    g["apiVersion"] = json!("v1");
+    g
+}
+
+/// `GET /apis/karri.dev/v1alpha1`.
+pub fn resource_list(kinds: &Kinds) -> Value {
+    let mut resources = Vec::new();
+    for k in kinds.all() {
+        let i = &k.info;
+        resources.push(json!({
+            "name": i.plural, "singularName": i.singular, "namespaced": i.namespaced,
+            "kind": i.kind, "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+            "shortNames": i.short_names, "categories": [crds::CATEGORY],
+        }));
+        resources.push(json!({
+            "name": format!("{}/status", i.plural), "singularName": "", "namespaced": i.namespaced,
+            "kind": i.kind, "verbs": ["get", "patch", "update"],
+        }));
+    }
+    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": crds::API_VERSION, "resources": resources})
+}
+
+fn schema_name(kind: &str) -> String {
+    format!("dev.karri.{}.{kind}", crds::VERSION)
+}
+
+fn gvk(kind: &str) -> Value {
+    json!({"group": crds::GROUP, "version": crds::VERSION, "kind": kind})
+}
+
+fn query_param(name: &str, description: &str, ty: &str) -> Value {
+    json!({"name": name, "in": "query", "description": description, "schema": {"type": ty, "uniqueItems": true}})
+}
+
+fn write_params() -> Vec<Value> {
+    vec![
+        query_param(
+            "dryRun",
+            "When present, modifications are not persisted (All).",
+            "string",
+        ),
+        query_param(
+            "fieldManager",
+            "Name of the actor making the change.",
+            "string",
+        ),
+        query_param(
+            "fieldValidation",
+            "Ignore, Warn or Strict handling of unknown fields.",
+            "string",
+        ),
+    ]
+}
+
+fn op(kind: &Kind, action: &str, response_schema: &str, params: Vec<Value>, body: bool) -> Value {
+    let mut o = json!({
+        "description": format!("{action} {}", kind.info.kind),
+        "operationId": format!("{action}{}", kind.info.kind),
+        "parameters": params,
+        "responses": {"200": {"description": "OK", "content": {"application/json": {"schema": {"$ref": format!("#/components/schemas/{response_schema}")}}}}},
+        "x-kubernetes-action": action,
+        "x-kubernetes-group-version-kind": gvk(kind.info.kind),
+    });
+    if body {
+        o["requestBody"] = json!({"content": {"*/*": {"schema": {"$ref": format!("#/components/schemas/{}", schema_name(kind.info.kind))}}}});
+    }
+    o
+}
+
+/// `GET /openapi/v3/apis/karri.dev/v1alpha1`: paths with their parameters (kubectl checks
+/// `fieldValidation` and `dryRun` support here) and the schemas (`kubectl explain`).
+pub fn openapi_group_version(kinds: &Kinds) -> Value {
+    let mut paths = serde_json::Map::new();
+    let mut schemas = serde_json::Map::new();
+    for k in kinds.all() {
+        let i = &k.info;
+        let name = schema_name(i.kind);
+        let list = schema_name(&k.list_kind());
+        let base = if i.namespaced {
+            format!(
+                "/apis/{}/namespaces/{{namespace}}/{}",
+                crds::API_VERSION,
+                i.plural
+            )
+        } else {
+            format!("/apis/{}/{}", crds::API_VERSION, i.plural)
+        };
+        let mut patch_params = write_params();
+        patch_params.push(query_param(
+            "force",
+            "Force server-side apply over conflicts.",
+            "boolean",
+        ));
+        paths.insert(
+            base.clone(),
+            json!({
+                "get": op(k, "list", &list, vec![
+                    query_param("labelSelector", "Label selector.", "string"),
+                    query_param("fieldSelector", "Field selector.", "string"),
+                    query_param("limit", "Page size.", "integer"),
+                    query_param("continue", "Continue token.", "string"),
+                    query_param("resourceVersion", "Resource version.", "string"),
+                    query_param("watch", "Watch for changes.", "boolean"),
+                ], false),
+                "post": op(k, "post", &name, write_params(), true),
+            }),
+        );
+        paths.insert(format!("{base}/{{name}}"), json!({
+            "get": op(k, "get", &name, vec![], false),
+            "put": op(k, "put", &name, write_params(), true),
+            "patch": op(k, "patch", &name, patch_params.clone(), true),
+            "delete": op(k, "delete", &name, vec![query_param("dryRun", "When present, nothing is deleted (All).", "string")], false),
+        }));
+        paths.insert(
+            format!("{base}/{{name}}/status"),
+            json!({
+                "get": op(k, "get", &name, vec![], false),
+                "put": op(k, "put", &name, write_params(), true),
+                "patch": op(k, "patch", &name, patch_params, true),
+            }),
+        );
+        let mut schema = k.schema.clone();
+        if let Some(o) = schema.as_object_mut() {
+            o.insert(
+                "x-kubernetes-group-version-kind".into(),
+                json!([gvk(i.kind)]),
+            );
+        }
+        schemas.insert(name.clone(), schema);
+        schemas.insert(list, json!({
+            "type": "object",
+            "description": format!("A list of {}.", i.plural),
+            "required": ["items"],
+            "properties": {
+                "apiVersion": {"type": "string"},
+                "kind": {"type": "string"},
+                "metadata": {"type": "object"},
+                "items": {"type": "array", "items": {"$ref": format!("#/components/schemas/{name}")}},
+            },
+            "x-kubernetes-group-version-kind": [gvk(&k.list_kind())],
+        }));
+    }
+    json!({
+        "openapi": "3.0.0",
+        "info": {"title": "Karri", "version": crds::VERSION},
+        "paths": paths,
+        "components": {"schemas": schemas},
+    })
+}
+
+/// `GET /openapi/v3`: where each group-version document lives.
+pub fn openapi_root(hash: &str) -> Value {
+    json!({"paths": {
+        format!("apis/{}", crds::API_VERSION): {
+            "serverRelativeURL": format!("/openapi/v3/apis/{}?hash={hash}", crds::API_VERSION)
+        }
+    }})
+}

@@ -1,0 +1,750 @@
+//! The Kubernetes-compatible resource API over HTTP (axum).
+
+pub mod discovery;
+pub mod route;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use futures::StreamExt;
+use serde_json::{json, Value};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::admission::{FieldValidation, Subresource};
+use crate::auth::{self, Authenticator, Principal, Target, Verb};
+use crate::error::{ApiError, ApiResult};
+use crate::kinds::Kind;
+use crate::metrics::{Metrics, RequestLabels};
+use crate::registry::{
+    self, bookmark_object, event_type, DeleteOptions, ListOptions, Propagation, Registry,
+    WatchEvent, WatchOptions2, WriteOptions,
+};
+use crate::selectors::{FieldSelector, LabelSelector};
+use crate::ssa;
+use crate::table;
+use route::Endpoint;
+
+/// Shared state of the HTTP layer.
+pub struct AppState {
+    /// The registry.
+    pub registry: Arc<Registry>,
+    /// Known tokens.
+    pub auth: Authenticator,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Largest accepted request body.
+    pub max_body: usize,
+    /// Hash of the OpenAPI document (changes when the schemas do).
+    pub openapi_hash: String,
+    /// The OpenAPI group-version document.
+    pub openapi: Value,
+}
+
+type St = State<Arc<AppState>>;
+
+/// The router of every path the gateway serves.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route(
+            "/version",
+            get(|| async { axum::Json(discovery::version()) }),
+        )
+        .fallback(any(authenticated))
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn readyz(State(s): St) -> Response {
+    if s.registry.ready() {
+        (StatusCode::OK, "ok").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "watch cache not synced").into_response()
+    }
+}
+
+async fn metrics(State(s): St) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+fn json_response(code: StatusCode, v: &Value, warnings: &[String]) -> Response {
+    let mut resp = (code, axum::Json(v)).into_response();
+    for w in warnings {
+        let text = format!(
+            "299 - \"unknown field \\\"{}\\\"\"",
+            w.trim_start_matches('.')
+        );
+        if let Ok(h) = HeaderValue::from_str(&text) {
+            resp.headers_mut().append(header::WARNING, h);
+        }
+    }
+    resp
+}
+
+fn query_map(q: Option<&str>) -> HashMap<String, String> {
+    serde_urlencoded::from_str::<Vec<(String, String)>>(q.unwrap_or(""))
+        .unwrap_or_default()
+        .into_iter()
+        .collect()
+}
+
+fn flag(q: &HashMap<String, String>, name: &str) -> bool {
+    matches!(q.get(name).map(String::as_str), Some("true" | "1"))
+}
+
+fn write_options(q: &HashMap<String, String>) -> ApiResult<WriteOptions> {
+    let dry_run = match q.get("dryRun").map(String::as_str) {
+        None | Some("") => false,
+        Some("All") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "dryRun may only be All, not {other:?}"
+            )))
+        }
+    };
+    Ok(WriteOptions {
+        dry_run,
+        field_validation: FieldValidation::parse(q.get("fieldValidation").map(String::as_str))?,
+    })
+}
+
+fn verb_label(method: &Method, ep: &Endpoint, q: &HashMap<String, String>) -> &'static str {
+    match (method.as_str(), ep) {
+        ("GET", Endpoint::Collection { .. }) if flag(q, "watch") => "watch",
+        ("GET", Endpoint::Collection { .. }) => "list",
+        ("GET", _) => "get",
+        ("POST", _) => "create",
+        ("PUT", _) => "update",
+        ("PATCH", _) => "patch",
+        ("DELETE", _) => "delete",
+        _ => "other",
+    }
+}
+
+/// Every authenticated path: discovery, OpenAPI and the resources.
+async fn authenticated(State(s): St, req: Request) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let span = tracing::info_span!("request", %method, %path);
+    let _enter = span.enter();
+    let principal = s.auth.authenticate(
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok()),
+    );
+    let Some(principal) = principal else {
+        return ApiError::unauthorized("Unauthorized: a valid bearer token is required")
+            .into_response();
+    };
+    let q = query_map(req.uri().query());
+    let prefix = format!("/apis/{}/", crds::API_VERSION);
+    let (resp, verb, resource) = if let Some(rest) = path.strip_prefix(&prefix) {
+        match route::route(&s.registry.kinds, rest) {
+            Some(ep) => {
+                let verb = verb_label(&method, &ep, &q);
+                let resource = match &ep {
+                    Endpoint::Collection { plural, .. } | Endpoint::Object { plural, .. } => {
+                        plural.clone()
+                    }
+                };
+                let resp = resource_request(&s, &principal, ep, method.clone(), q, req)
+                    .await
+                    .unwrap_or_else(IntoResponse::into_response);
+                (resp, verb, resource)
+            }
+            None => (
+                ApiError::no_route(&path).into_response(),
+                "other",
+                String::new(),
+            ),
+        }
+    } else {
+        let resp = match (method.as_str(), path.trim_end_matches('/')) {
+            ("GET", "/api") => axum::Json(discovery::core_versions()).into_response(),
+            ("GET", "/apis") => axum::Json(discovery::group_list()).into_response(),
+            ("GET", "/apis/karri.dev") => axum::Json(discovery::api_group()).into_response(),
+            ("GET", p) if p == format!("/apis/{}", crds::API_VERSION) => {
+                axum::Json(discovery::resource_list(&s.registry.kinds)).into_response()
+            }
+            ("GET", "/openapi/v3") => {
+                axum::Json(discovery::openapi_root(&s.openapi_hash)).into_response()
+            }
+            ("GET", p) if p == format!("/openapi/v3/apis/{}", crds::API_VERSION) => {
+                axum::Json(s.openapi.clone()).into_response()
+            }
+            _ => ApiError::no_route(&path).into_response(),
+        };
+        (resp, "get", String::new())
+    };
+    let labels = RequestLabels {
+        verb: verb.to_string(),
+        resource,
+        code: resp.status().as_u16().to_string(),
+    };
+    s.metrics.requests.get_or_create(&labels).inc();
+    if verb != "watch" {
+        s.metrics
+            .latency
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+    }
+    tracing::debug!(code = resp.status().as_u16(), "served");
+    resp
+}
+
+async fn read_body(req: Request, limit: usize) -> ApiResult<(HeaderMap, Bytes)> {
+    let (parts, body) = req.into_parts();
+    let bytes = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::too_large(limit))?;
+    Ok((parts.headers, bytes))
+}
+
+fn content_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("application/json")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+/// Parse a JSON or YAML body into a value.
+fn parse_body(bytes: &[u8], ct: &str) -> ApiResult<Value> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::bad_request("the request body is empty"));
+    }
+    let yaml = ct.contains("yaml");
+    let v: Value = if yaml {
+        serde_norway::from_slice(bytes)
+            .map_err(|e| ApiError::bad_request(format!("the body is not valid YAML: {e}")))?
+    } else {
+        serde_json::from_slice(bytes)
+            .map_err(|e| ApiError::bad_request(format!("the body is not valid JSON: {e}")))?
+    };
+    if !v.is_object() {
+        return Err(ApiError::bad_request("the body must be an object"));
+    }
+    Ok(v)
+}
+
+struct Ctx<'a> {
+    s: &'a AppState,
+    who: &'a Principal,
+    kind: Arc<Kind>,
+    ns: Option<String>,
+}
+
+impl Ctx<'_> {
+    fn authorize(&self, verb: Verb, name: Option<&str>) -> ApiResult<()> {
+        let target = Target {
+            kind: self.kind.info.kind,
+            plural: self.kind.info.plural,
+            namespace: self.ns.as_deref(),
+            namespaced: self.kind.info.namespaced,
+            name,
+        };
+        if auth::allowed(self.who, verb, &target) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(auth::forbidden_message(
+                self.who, verb, &target,
+            )))
+        }
+    }
+}
+
+async fn resource_request(
+    s: &Arc<AppState>,
+    who: &Principal,
+    ep: Endpoint,
+    method: Method,
+    q: HashMap<String, String>,
+    req: Request,
+) -> ApiResult<Response> {
+    let (plural, ns) = match &ep {
+        Endpoint::Collection { plural, namespace }
+        | Endpoint::Object {
+            plural, namespace, ..
+        } => (plural.clone(), namespace.clone()),
+    };
+    if let Some(ns) = &ns {
+        if let Some(problem) = crate::schema::namespace_problem(ns) {
+            return Err(ApiError::bad_request(format!("namespace {problem}")));
+        }
+    }
+    let kind = s
+        .registry
+        .kinds
+        .by_plural(&plural)
+        .ok_or_else(|| ApiError::no_route(&plural))?;
+    let accept = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string);
+    let wants_table = table::wants_table(accept.as_deref());
+    let ctx = Ctx {
+        s,
+        who,
+        kind: kind.clone(),
+        ns: ns.clone(),
+    };
+    match (ep, method.as_str()) {
+        (Endpoint::Collection { .. }, "GET") if flag(&q, "watch") => {
+            ctx.authorize(Verb::Watch, None)?;
+            watch(s, who, kind, ns, &q, wants_table)
+        }
+        (Endpoint::Collection { .. }, "GET") => {
+            ctx.authorize(Verb::List, None)?;
+            list(&ctx, &q, wants_table).await
+        }
+        (Endpoint::Collection { .. }, "POST") => {
+            let (headers, bytes) = read_body(req, s.max_body).await?;
+            let body = parse_body(&bytes, &content_type(&headers))?;
+            let name = body
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .map(str::to_string);
+            ctx.authorize(Verb::Create, name.as_deref())?;
+            let opts = write_options(&q)?;
+            let w = s
+                .registry
+                .create(&kind, ns.as_deref(), body, who, opts)
+                .await?;
+            Ok(json_response(StatusCode::CREATED, &w.object, &w.warnings))
+        }
+        (Endpoint::Collection { .. }, "DELETE") => Err(ApiError::method_not_allowed(
+            "deleting a whole collection is not supported; delete records one by one",
+        )),
+        (Endpoint::Object { name, .. }, "GET") => {
+            ctx.authorize(Verb::Get, Some(&name))?;
+            let obj = s.registry.get(&kind, ns.as_deref(), &name, who).await?;
+            if wants_table {
+                let rv = obj
+                    .pointer("/metadata/resourceVersion")
+                    .and_then(Value::as_str)
+                    .and_then(|r| r.parse().ok())
+                    .unwrap_or(0);
+                return Ok(
+                    axum::Json(table::table(&kind, std::iter::once(&obj), rv, None))
+                        .into_response(),
+                );
+            }
+            Ok(axum::Json(obj).into_response())
+        }
+        (Endpoint::Object { name, status, .. }, "PUT") => {
+            ctx.authorize(Verb::Update, Some(&name))?;
+            let (headers, bytes) = read_body(req, s.max_body).await?;
+            let body = parse_body(&bytes, &content_type(&headers))?;
+            let precondition = match body
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+            {
+                Some(rv) if !rv.is_empty() => Some(registry::parse_rv(rv)?),
+                _ => None,
+            };
+            let sub = if status {
+                Subresource::Status
+            } else {
+                Subresource::Main
+            };
+            let opts = write_options(&q)?;
+            let mut change = |_: &Value| Ok(body.clone());
+            let w = s
+                .registry
+                .update_with(
+                    &kind,
+                    ns.as_deref(),
+                    &name,
+                    who,
+                    sub,
+                    precondition,
+                    opts,
+                    &mut change,
+                )
+                .await?;
+            Ok(json_response(StatusCode::OK, &w.object, &w.warnings))
+        }
+        (Endpoint::Object { name, status, .. }, "PATCH") => {
+            ctx.authorize(Verb::Update, Some(&name))?;
+            let (headers, bytes) = read_body(req, s.max_body).await?;
+            patch(&ctx, &name, status, &q, &content_type(&headers), &bytes).await
+        }
+        (
+            Endpoint::Object {
+                name,
+                status: false,
+                ..
+            },
+            "DELETE",
+        ) => {
+            ctx.authorize(Verb::Delete, Some(&name))?;
+            let (headers, bytes) = read_body(req, s.max_body).await?;
+            let body = if bytes.iter().all(u8::is_ascii_whitespace) {
+                json!({})
+            } else {
+                parse_body(&bytes, &content_type(&headers))?
+            };
+            let opts = delete_options(&q, &body)?;
+            let obj = s
+                .registry
+                .delete(&kind, ns.as_deref(), &name, who, &opts)
+                .await?;
+            Ok(axum::Json(obj).into_response())
+        }
+        (_, m) => Err(ApiError::method_not_allowed(format!(
+            "the server does not allow the method {m} on this resource"
+        ))),
+    }
+}
+
+fn delete_options(q: &HashMap<String, String>, body: &Value) -> ApiResult<DeleteOptions> {
+    let dry_run = write_options(q)?.dry_run
+        || body
+            .get("dryRun")
+            .and_then(Value::as_array)
+            .is_some_and(|a| a.iter().any(|v| v == "All"));
+    let policy = q.get("propagationPolicy").cloned().or_else(|| {
+        body.get("propagationPolicy")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    });
+    let propagation = match policy.as_deref() {
+        None | Some("") | Some("Background") => Propagation::Background,
+        Some("Foreground") => Propagation::Foreground,
+        Some("Orphan") => Propagation::Orphan,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "propagationPolicy must be Background, Foreground or Orphan, not {other:?}"
+            )))
+        }
+    };
+    let pre = body.get("preconditions");
+    let resource_version = match pre
+        .and_then(|p| p.get("resourceVersion"))
+        .and_then(Value::as_str)
+    {
+        Some(rv) => Some(registry::parse_rv(rv)?),
+        None => None,
+    };
+    Ok(DeleteOptions {
+        dry_run,
+        uid: pre
+            .and_then(|p| p.get("uid"))
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        resource_version,
+        propagation,
+    })
+}
+
+async fn patch(
+    ctx: &Ctx<'_>,
+    name: &str,
+    status: bool,
+    q: &HashMap<String, String>,
+    ct: &str,
+    bytes: &[u8],
+) -> ApiResult<Response> {
+    let s = ctx.s;
+    let kind = &ctx.kind;
+    let ns = ctx.ns.as_deref();
+    let opts = write_options(q)?;
+    let sub = if status {
+        Subresource::Status
+    } else {
+        Subresource::Main
+    };
+    let invalid = |msg: String| ApiError::invalid(kind.info.kind, name, vec![(String::new(), msg)]);
+    match ct {
+        "application/merge-patch+json" | "application/json-patch+json" => {
+            let patch_value: Value = serde_json::from_slice(bytes)
+                .map_err(|e| ApiError::bad_request(format!("the patch is not valid JSON: {e}")))?;
+            let precondition = match patch_value
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+            {
+                Some(rv) if !rv.is_empty() => Some(registry::parse_rv(rv)?),
+                _ => None,
+            };
+            let json_patch: Option<json_patch::Patch> = if ct == "application/json-patch+json" {
+                Some(serde_json::from_value(patch_value.clone()).map_err(|e| {
+                    ApiError::bad_request(format!("the JSON patch is malformed: {e}"))
+                })?)
+            } else {
+                if !patch_value.is_object() {
+                    return Err(ApiError::bad_request("a merge patch must be a JSON object"));
+                }
+                None
+            };
+            let mut change = |cur: &Value| {
+                let mut doc = cur.clone();
+                match &json_patch {
+                    Some(p) => {
+                        json_patch::patch(&mut doc, p).map_err(|e| invalid(e.to_string()))?
+                    }
+                    None => json_patch::merge(&mut doc, &patch_value),
+                }
+                Ok(doc)
+            };
+            let w = s
+                .registry
+                .update_with(
+                    kind,
+                    ns,
+                    name,
+                    ctx.who,
+                    sub,
+                    precondition,
+                    opts,
+                    &mut change,
+                )
+                .await?;
+            Ok(json_response(StatusCode::OK, &w.object, &w.warnings))
+        }
+        "application/apply-patch+yaml" | "application/apply-patch+json" => {
+            let manager = q
+                .get("fieldManager")
+                .filter(|m| !m.is_empty())
+                .cloned()
+                .ok_or_else(|| {
+                    ApiError::bad_request("fieldManager is required for apply requests")
+                })?;
+            let force = flag(q, "force");
+            let applied = parse_body(bytes, "application/yaml")?;
+            crate::admission::check_type(kind, &applied)?;
+            let body_name = crate::admission::name_of(&applied);
+            if body_name != name {
+                return Err(ApiError::bad_request(format!(
+                    "the name of the object ({body_name}) does not match the name on the URL ({name})"
+                )));
+            }
+            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            let conflict_error = |c: Vec<ssa::Conflict>| {
+                let list = c
+                    .iter()
+                    .map(|c| format!("conflict with {:?}: {}", c.manager, c.field))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                ApiError::conflict_message(format!(
+                    "Apply failed with {} conflict(s): {list}",
+                    c.len()
+                ))
+            };
+            if status {
+                let mut change = |cur: &Value| {
+                    let mut next = cur.clone();
+                    if let Some(st) = applied.get("status") {
+                        let mut merged = next.get("status").cloned().unwrap_or(json!({}));
+                        json_patch::merge(&mut merged, st);
+                        next["status"] = merged;
+                    }
+                    Ok(next)
+                };
+                let w = s
+                    .registry
+                    .update_with(kind, ns, name, ctx.who, sub, None, opts, &mut change)
+                    .await?;
+                return Ok(json_response(StatusCode::OK, &w.object, &w.warnings));
+            }
+            let mut change = |cur: &Value| {
+                ssa::apply(Some(cur), &applied, &manager, force, &now).map_err(conflict_error)
+            };
+            match s
+                .registry
+                .update_with(kind, ns, name, ctx.who, sub, None, opts, &mut change)
+                .await
+            {
+                Ok(w) => Ok(json_response(StatusCode::OK, &w.object, &w.warnings)),
+                Err(e) if e.code == 404 => {
+                    ctx.authorize(Verb::Create, Some(name))?;
+                    let created = ssa::apply(None, &applied, &manager, force, &now)
+                        .map_err(conflict_error)?;
+                    let w = s.registry.create(kind, ns, created, ctx.who, opts).await?;
+                    Ok(json_response(StatusCode::CREATED, &w.object, &w.warnings))
+                }
+                Err(e) => Err(e),
+            }
+        }
+        "application/strategic-merge-patch+json" => Err(ApiError::unsupported_media_type(
+            "application/strategic-merge-patch+json (custom resources take merge-patch+json)",
+        )),
+        other => Err(ApiError::unsupported_media_type(other)),
+    }
+}
+
+fn list_options(q: &HashMap<String, String>) -> ApiResult<ListOptions> {
+    let labels = LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))
+        .map_err(|e| ApiError::bad_request(format!("invalid labelSelector: {e}")))?;
+    let fields = FieldSelector::parse(q.get("fieldSelector").map(String::as_str).unwrap_or(""))
+        .map_err(|e| ApiError::bad_request(format!("invalid fieldSelector: {e}")))?;
+    let limit = match q.get("limit").map(String::as_str) {
+        None | Some("") => 0,
+        Some(l) => l.parse::<usize>().map_err(|_| {
+            ApiError::bad_request(format!("limit must be a non-negative integer, not {l:?}"))
+        })?,
+    };
+    Ok(ListOptions {
+        labels,
+        fields,
+        limit,
+        continue_token: q.get("continue").filter(|c| !c.is_empty()).cloned(),
+        resource_version: q.get("resourceVersion").cloned(),
+        resource_version_match: q
+            .get("resourceVersionMatch")
+            .filter(|c| !c.is_empty())
+            .cloned(),
+    })
+}
+
+async fn list(
+    ctx: &Ctx<'_>,
+    q: &HashMap<String, String>,
+    wants_table: bool,
+) -> ApiResult<Response> {
+    let opts = list_options(q)?;
+    let page = ctx
+        .s
+        .registry
+        .list(&ctx.kind, ctx.ns.as_deref(), ctx.who, &opts)
+        .await?;
+    if wants_table {
+        let t = table::table(
+            &ctx.kind,
+            page.items.iter().map(|o| &o.value),
+            page.revision,
+            page.continue_token.as_deref(),
+        );
+        return Ok(axum::Json(t).into_response());
+    }
+    // Stream the pre-serialized records into the list body without re-encoding them.
+    let mut meta = json!({"resourceVersion": page.revision.to_string()});
+    if let Some(c) = &page.continue_token {
+        meta["continue"] = Value::String(c.clone());
+    }
+    let head = format!(
+        "{{\"apiVersion\":\"{}\",\"kind\":\"{}\",\"metadata\":{},\"items\":[",
+        crds::API_VERSION,
+        ctx.kind.list_kind(),
+        meta
+    );
+    let total: usize = page.items.iter().map(|o| o.json.len() + 1).sum();
+    let mut body = Vec::with_capacity(head.len() + total + 2);
+    body.extend_from_slice(head.as_bytes());
+    for (i, o) in page.items.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(&o.json);
+    }
+    body.extend_from_slice(b"]}");
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+fn watch(
+    s: &Arc<AppState>,
+    who: &Principal,
+    kind: Arc<Kind>,
+    ns: Option<String>,
+    q: &HashMap<String, String>,
+    wants_table: bool,
+) -> ApiResult<Response> {
+    let lo = list_options(q)?;
+    let send_initial_events = match q.get("sendInitialEvents").map(String::as_str) {
+        None | Some("") | Some("false") => false,
+        Some("true") => {
+            if q.get("resourceVersionMatch").map(String::as_str) != Some("NotOlderThan") {
+                return Err(ApiError::invalid(
+                    kind.info.kind,
+                    "",
+                    vec![(
+                        "resourceVersionMatch".into(),
+                        "sendInitialEvents requires resourceVersionMatch=NotOlderThan".into(),
+                    )],
+                ));
+            }
+            true
+        }
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "sendInitialEvents must be true or false, not {other:?}"
+            )))
+        }
+    };
+    let from = match lo.resource_version.as_deref() {
+        None | Some("") | Some("0") => None,
+        Some(rv) => Some(registry::parse_rv(rv)?),
+    };
+    if send_initial_events && from.is_some() {
+        return Err(ApiError::bad_request(
+            "sendInitialEvents=true with a resourceVersion other than 0 or unset is not supported",
+        ));
+    }
+    let timeout = match q.get("timeoutSeconds").map(String::as_str) {
+        None | Some("") => Duration::from_secs(1800),
+        Some(t) => Duration::from_secs(t.parse::<u64>().map_err(|_| {
+            ApiError::bad_request(format!("timeoutSeconds must be an integer, not {t:?}"))
+        })?),
+    };
+    let opts = WatchOptions2 {
+        from,
+        labels: lo.labels,
+        fields: lo.fields,
+        bookmarks: flag(q, "allowWatchBookmarks") || send_initial_events,
+        send_initial_events,
+        timeout,
+    };
+    let rx = s.registry.watch(kind.clone(), ns, who.clone(), opts);
+    let stream = ReceiverStream::new(rx).map(move |ev| {
+        let object = match &ev {
+            WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => {
+                if wants_table {
+                    let rv = o.revision;
+                    table::table(&kind, std::iter::once(&o.value), rv, None)
+                } else {
+                    let mut line =
+                        format!("{{\"type\":\"{}\",\"object\":", event_type(&ev)).into_bytes();
+                    line.extend_from_slice(&o.json);
+                    line.extend_from_slice(b"}\n");
+                    return Ok::<_, std::convert::Infallible>(Bytes::from(line));
+                }
+            }
+            WatchEvent::Bookmark {
+                revision,
+                initial_events_end,
+            } => bookmark_object(&kind, *revision, *initial_events_end),
+            WatchEvent::Error(e) => e.status(),
+        };
+        let mut line = serde_json::to_vec(&json!({"type": event_type(&ev), "object": object}))
+            .unwrap_or_default();
+        line.push(b'\n');
+        Ok(Bytes::from(line))
+    });
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CACHE_CONTROL, "no-cache, private")
+        .body(Body::from_stream(stream))
+        .unwrap_or_else(|_| {
+            ApiError::internal("could not build the watch response").into_response()
+        }))
+}

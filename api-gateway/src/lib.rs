@@ -1,0 +1,18 @@
+//! Karri's API gateway: the only etcd client. It keeps every record in etcd with Kubernetes
+//! semantics and serves them through a Kubernetes-compatible resource API (and later the
+//! EC2 Query and S3 REST APIs, through the same registry and admission).
+
+pub mod admission;
+pub mod auth;
+pub mod cache;
+pub mod error;
+pub mod http;
+pub mod kinds;
+pub mod metrics;
+pub mod registry;
+pub mod schema;
+pub mod selectors;
+pub mod ssa;
+pub mod store;
+pub mod table;
+pub mod tls;

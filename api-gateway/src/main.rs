@@ -1,0 +1,141 @@
+//! `api-gateway`: serve the Karri resource API on etcd.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use api_gateway::auth::Authenticator;
+use api_gateway::http::{discovery, router, AppState};
+use api_gateway::kinds::Kinds;
+use api_gateway::metrics::Metrics;
+use api_gateway::registry::Registry;
+use api_gateway::store::{self, EtcdConfig};
+use api_gateway::tls;
+use axum_server::tls_rustls::RustlsConfig;
+use clap::Parser;
+
+/// Command-line flags.
+#[derive(Parser, Debug)]
+#[command(version, about = "Karri API gateway: the resource API on etcd")]
+struct Args {
+    /// Address to serve on.
+    #[arg(long, default_value = "127.0.0.1:6443", env = "KARRI_LISTEN")]
+    listen: SocketAddr,
+    /// etcd client URLs, comma-separated (every member of a cluster).
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:2379",
+        value_delimiter = ',',
+        env = "KARRI_ETCD_ENDPOINTS"
+    )]
+    etcd_endpoints: Vec<String>,
+    /// PEM CA bundle for etcd TLS.
+    #[arg(long, env = "KARRI_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// PEM client certificate for etcd mutual TLS.
+    #[arg(long, env = "KARRI_ETCD_CERT")]
+    etcd_cert: Option<PathBuf>,
+    /// PEM client key for etcd mutual TLS.
+    #[arg(long, env = "KARRI_ETCD_KEY")]
+    etcd_key: Option<PathBuf>,
+    /// etcd user (etcd authentication).
+    #[arg(long, env = "KARRI_ETCD_USER")]
+    etcd_user: Option<String>,
+    /// etcd password.
+    #[arg(long, env = "KARRI_ETCD_PASSWORD", hide_env_values = true)]
+    etcd_password: Option<String>,
+    /// YAML file of bearer tokens.
+    #[arg(long, env = "KARRI_TOKENS_FILE")]
+    tokens_file: PathBuf,
+    /// Events remembered per kind for watch resumption.
+    #[arg(long, default_value_t = 10_000)]
+    watch_history: usize,
+    /// PEM serving certificate (chain); with --tls-private-key-file.
+    #[arg(long, env = "KARRI_TLS_CERT_FILE")]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM serving key.
+    #[arg(long, env = "KARRI_TLS_PRIVATE_KEY_FILE")]
+    tls_private_key_file: Option<PathBuf>,
+    /// Where a self-signed CA and serving certificate are kept when none is given.
+    #[arg(long, default_value = "/var/lib/karri/pki", env = "KARRI_CERT_DIR")]
+    cert_dir: PathBuf,
+    /// Extra host names or addresses for the generated certificate.
+    #[arg(long, value_delimiter = ',')]
+    tls_san: Vec<String>,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 3 * 1024 * 1024)]
+    max_body_bytes: usize,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .map_err(|_| anyhow::anyhow!("a TLS crypto provider was already installed"))?;
+    let auth = Authenticator::from_file(&args.tokens_file)?;
+    let etcd_config = EtcdConfig {
+        endpoints: args.etcd_endpoints.clone(),
+        ca_file: args.etcd_ca,
+        cert_file: args.etcd_cert,
+        key_file: args.etcd_key,
+        username: args.etcd_user,
+        password: args.etcd_password,
+    };
+    let etcd = store::connect(&etcd_config).await?;
+    let metrics = Arc::new(Metrics::new());
+    let kinds = Kinds::load();
+    let openapi = discovery::openapi_group_version(&kinds);
+    let openapi_hash = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        openapi.to_string().hash(&mut h);
+        format!("{:016X}", h.finish())
+    };
+    let registry = Registry::start(etcd, kinds, args.watch_history, metrics.clone());
+    let state = Arc::new(AppState {
+        registry,
+        auth,
+        metrics,
+        max_body: args.max_body_bytes,
+        openapi_hash,
+        openapi,
+    });
+    let serving = match (args.tls_cert_file, args.tls_private_key_file) {
+        (Some(cert), Some(key)) => tls::ServingCert {
+            cert,
+            key,
+            ca: None,
+        },
+        (None, None) => tls::ensure_self_signed(&args.cert_dir, &args.tls_san)?,
+        _ => anyhow::bail!("--tls-cert-file and --tls-private-key-file go together"),
+    };
+    let config = RustlsConfig::from_pem_file(&serving.cert, &serving.key)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot load the serving certificate {}",
+                serving.cert.display()
+            )
+        })?;
+    let handle = axum_server::Handle::new();
+    let shutdown = handle.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        shutdown.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
+    });
+    tracing::info!(listen = %args.listen, etcd = %args.etcd_endpoints.join(","), ca = ?serving.ca, "api-gateway serving");
+    axum_server::bind_rustls(args.listen, config)
+        .handle(handle)
+        .serve(router(state).into_make_service())
+        .await
+        .with_context(|| format!("cannot serve on {}", args.listen))?;
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! Prometheus metrics of the gateway, served at `/metrics`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Labels of a request metric.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `get`, `list`, `watch`, `create`, `update`, `patch`, `delete`, `other`.
+    pub verb: String,
+    /// Resource plural or "".
+    pub resource: String,
+    /// HTTP status code.
+    pub code: String,
+}
+
+/// Every metric of the gateway.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests served.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Request latency in seconds.
+    pub latency: Family<RequestLabels, Histogram>,
+    /// Successful etcd writes.
+    pub writes: Counter,
+    /// CAS retries after a concurrent write.
+    pub conflict_retries: Counter,
+    /// Lists served from the watch cache.
+    pub cache_lists: Counter,
+    /// Open API watches.
+    pub watchers: Gauge,
+    /// Watches that had to read etcd directly (older than the cache).
+    pub etcd_direct_watches: Counter,
+}
+
+impl Metrics {
+    /// Register every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("karri_gateway");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<RequestLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        let writes = Counter::default();
+        let conflict_retries = Counter::default();
+        let cache_lists = Counter::default();
+        let watchers = Gauge::default();
+        let etcd_direct_watches = Counter::default();
+        registry.register("requests", "API requests served", requests.clone());
+        registry.register(
+            "request_duration_seconds",
+            "API request latency",
+            latency.clone(),
+        );
+        registry.register(
+            "etcd_writes",
+            "Successful etcd write transactions",
+            writes.clone(),
+        );
+        registry.register(
+            "conflict_retries",
+            "Compare-and-swap retries",
+            conflict_retries.clone(),
+        );
+        registry.register(
+            "cache_lists",
+            "Lists served from the watch cache",
+            cache_lists.clone(),
+        );
+        registry.register("watchers", "Open API watches", watchers.clone());
+        registry.register(
+            "etcd_direct_watches",
+            "Watches served from etcd directly",
+            etcd_direct_watches.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+            writes,
+            conflict_retries,
+            cache_lists,
+            watchers,
+            etcd_direct_watches,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,1010 @@
+//! The registry: records with Kubernetes semantics on etcd. Every face of the gateway (the
+//! resource API now, EC2 and S3 later) reads and writes records only through here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use chrono::{SecondsFormat, Utc};
+use etcd_client::{
+    Client, Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::admission::{self, FieldValidation, NewRecord, Subresource};
+use crate::auth::{self, Principal};
+use crate::cache::{set_resource_version, CacheEvent, CachedObject, WatchCache};
+use crate::error::{ApiError, ApiResult};
+use crate::kinds::{Kind, Kinds};
+use crate::metrics::Metrics;
+use crate::selectors::{FieldSelector, LabelSelector};
+use crate::store::{self, id_key, namespace_prefix, record_key, REGISTRY_PREFIX};
+
+/// Options common to writes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WriteOptions {
+    /// `dryRun=All`: run admission, store nothing.
+    pub dry_run: bool,
+    /// Unknown-field handling.
+    pub field_validation: FieldValidation,
+}
+
+/// A write's result: the record and warnings for the client.
+#[derive(Debug)]
+pub struct Written {
+    /// The record as stored (or as it would be, for a dry run).
+    pub object: Value,
+    /// `Warning` headers (unknown fields dropped).
+    pub warnings: Vec<String>,
+    /// Whether a new record was created.
+    pub created: bool,
+}
+
+/// How dependents are treated when their owner is deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Propagation {
+    /// Delete dependents in the background (the default).
+    #[default]
+    Background,
+    /// Treated as background: dependents are collected after the owner is gone.
+    Foreground,
+    /// Keep dependents and remove their owner reference.
+    Orphan,
+}
+
+/// Options of a delete.
+#[derive(Debug, Clone, Default)]
+pub struct DeleteOptions {
+    /// Store nothing.
+    pub dry_run: bool,
+    /// Only if the UID is this.
+    pub uid: Option<String>,
+    /// Only if the resourceVersion is this.
+    pub resource_version: Option<i64>,
+    /// Dependents policy.
+    pub propagation: Propagation,
+}
+
+/// Options of a list.
+#[derive(Debug, Clone, Default)]
+pub struct ListOptions {
+    /// Label selector.
+    pub labels: LabelSelector,
+    /// Field selector.
+    pub fields: FieldSelector,
+    /// Page size (0 = everything).
+    pub limit: usize,
+    /// Continue token from a previous page.
+    pub continue_token: Option<String>,
+    /// `resourceVersion` parameter.
+    pub resource_version: Option<String>,
+    /// `resourceVersionMatch` parameter.
+    pub resource_version_match: Option<String>,
+}
+
+/// A page of records.
+#[derive(Debug)]
+pub struct ListPage {
+    /// The records, in key order.
+    pub items: Vec<Arc<CachedObject>>,
+    /// The revision the list is at.
+    pub revision: i64,
+    /// Token for the next page.
+    pub continue_token: Option<String>,
+}
+
+/// One event of an API watch.
+#[derive(Debug, Clone)]
+pub enum WatchEvent {
+    /// A record appeared (or started matching the selectors).
+    Added(Arc<CachedObject>),
+    /// A record changed.
+    Modified(Arc<CachedObject>),
+    /// A record disappeared (or stopped matching).
+    Deleted(Arc<CachedObject>),
+    /// Progress: everything up to this revision was delivered.
+    Bookmark {
+        /// The revision.
+        revision: i64,
+        /// Marks the end of `sendInitialEvents`.
+        initial_events_end: bool,
+    },
+    /// The watch ends with this error (410 Gone after compaction).
+    Error(ApiError),
+}
+
+/// Options of a watch.
+#[derive(Debug, Clone, Default)]
+pub struct WatchOptions2 {
+    /// Resume after this revision; None or 0 = start with the current state as ADDED events.
+    pub from: Option<i64>,
+    /// Label selector.
+    pub labels: LabelSelector,
+    /// Field selector.
+    pub fields: FieldSelector,
+    /// Send BOOKMARK events.
+    pub bookmarks: bool,
+    /// `sendInitialEvents=true`: initial ADDED events end with a marked bookmark.
+    pub send_initial_events: bool,
+    /// End the watch after this long.
+    pub timeout: Duration,
+}
+
+/// The registry.
+pub struct Registry {
+    etcd: Client,
+    /// The watch cache.
+    pub cache: Arc<WatchCache>,
+    /// The served kinds.
+    pub kinds: Kinds,
+    metrics: Arc<Metrics>,
+    bookmark_interval: Duration,
+}
+
+fn now() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn is_kind_key(key: &str, prefix: &str) -> bool {
+    key.starts_with(prefix)
+}
+
+/// Where a continue token resumes.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ContinueToken {
+    rv: i64,
+    start: String,
+}
+
+fn encode_continue(rv: i64, start: &str) -> String {
+    let t = ContinueToken {
+        rv,
+        start: start.to_string(),
+    };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(serde_json::to_vec(&t).unwrap_or_default())
+}
+
+fn decode_continue(token: &str, prefix: &str) -> ApiResult<ContinueToken> {
+    let bad = || ApiError::bad_request("continue key is not valid: malformed token");
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let t: ContinueToken = serde_json::from_slice(&raw).map_err(|_| bad())?;
+    if !t.start.starts_with(prefix) || t.rv <= 0 {
+        return Err(bad());
+    }
+    Ok(t)
+}
+
+/// End of the key range of a prefix.
+fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    if let Some(last) = end.last_mut() {
+        *last += 1;
+    }
+    end
+}
+
+/// Parse a resourceVersion parameter.
+pub fn parse_rv(rv: &str) -> ApiResult<i64> {
+    rv.parse::<i64>()
+        .ok()
+        .filter(|r| *r >= 0)
+        .ok_or_else(|| ApiError::bad_request(format!("invalid resource version {rv:?}")))
+}
+
+/// Turn a cache event into what one watcher sees, given its filter.
+pub fn view_event(ev: &CacheEvent, visible: &dyn Fn(&Value) -> bool) -> Option<WatchEvent> {
+    let now_visible = !ev.deleted && visible(&ev.object.value);
+    let was_visible = ev.prev.as_ref().is_some_and(|p| visible(&p.value));
+    match (was_visible, now_visible) {
+        (false, true) => Some(WatchEvent::Added(ev.object.clone())),
+        (true, true) => Some(WatchEvent::Modified(ev.object.clone())),
+        (true, false) => Some(WatchEvent::Deleted(ev.object.clone())),
+        (false, false) => None,
+    }
+}
+
+impl Registry {
+    /// A registry over `etcd`; starts the watch cache and the garbage collector.
+    pub fn start(etcd: Client, kinds: Kinds, history: usize, metrics: Arc<Metrics>) -> Arc<Self> {
+        let plurals: Vec<&str> = kinds.all().iter().map(|k| k.info.plural).collect();
+        let cache = WatchCache::new(&plurals, history);
+        tokio::spawn(cache.clone().run(etcd.clone()));
+        let registry = Arc::new(Registry {
+            etcd,
+            cache,
+            kinds,
+            metrics,
+            bookmark_interval: Duration::from_secs(5),
+        });
+        tokio::spawn(registry.clone().collect_garbage());
+        registry
+    }
+
+    /// Whether the registry can serve: the cache has listed etcd.
+    pub fn ready(&self) -> bool {
+        self.cache.synced()
+    }
+
+    /// etcd's current revision.
+    pub async fn current_revision(&self) -> ApiResult<i64> {
+        let mut kv = self.etcd.kv_client();
+        let resp = kv.get("/karri/revision", None).await?;
+        Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
+    }
+
+    async fn read(&self, key: &str) -> ApiResult<Option<(Value, i64)>> {
+        let mut kv = self.etcd.kv_client();
+        let resp = kv.get(key, None).await?;
+        let Some(kvp) = resp.kvs().first() else {
+            return Ok(None);
+        };
+        let mut v: Value = serde_json::from_slice(kvp.value())
+            .map_err(|e| ApiError::internal(format!("record {key} is not valid JSON: {e}")))?;
+        set_resource_version(&mut v, kvp.mod_revision());
+        Ok(Some((v, kvp.mod_revision())))
+    }
+
+    /// Read one record (a consistent read from etcd).
+    pub async fn get(
+        &self,
+        kind: &Kind,
+        ns: Option<&str>,
+        name: &str,
+        who: &Principal,
+    ) -> ApiResult<Value> {
+        let key = record_key(kind.info.plural, ns, name);
+        match self.read(&key).await? {
+            Some((v, _)) if auth::can_see(who, kind.info.kind, &v) => Ok(v),
+            _ => Err(ApiError::not_found(kind.info.plural, name)),
+        }
+    }
+
+    /// Find a record by its EC2-style ID, in O(1) through the ID index.
+    pub async fn find_by_id(&self, id: &str) -> ApiResult<Option<Value>> {
+        let mut kv = self.etcd.kv_client();
+        let resp = kv.get(id_key(id), None).await?;
+        let Some(idx) = resp.kvs().first() else {
+            return Ok(None);
+        };
+        let key = String::from_utf8_lossy(idx.value()).to_string();
+        Ok(self.read(&key).await?.map(|(v, _)| v))
+    }
+
+    /// Create a record through admission.
+    pub async fn create(
+        &self,
+        kind: &Kind,
+        ns: Option<&str>,
+        body: Value,
+        who: &Principal,
+        opts: WriteOptions,
+    ) -> ApiResult<Written> {
+        for _ in 0..5 {
+            let name = admission::name_of(&body).to_string();
+            let id = if kind.info.is_valid_id(&name) {
+                name.clone()
+            } else {
+                admission::new_id(kind.info.id_prefix)
+            };
+            let new = NewRecord {
+                now: now(),
+                uid: uuid::Uuid::new_v4().to_string(),
+                id: id.clone(),
+            };
+            let (mut obj, warnings) =
+                admission::prepare_create(kind, ns, body.clone(), &new, opts.field_validation)?;
+            if !auth::can_write(who, kind.info.kind, None, &obj) {
+                return Err(ApiError::forbidden(format!(
+                    "User {:?} cannot create this {}",
+                    who.user(),
+                    kind.info.kind
+                )));
+            }
+            let name = admission::name_of(&obj).to_string();
+            if opts.dry_run {
+                return Ok(Written {
+                    object: obj,
+                    warnings,
+                    created: true,
+                });
+            }
+            let key = record_key(kind.info.plural, ns.filter(|_| kind.info.namespaced), &name);
+            let raw = serde_json::to_vec(&obj).map_err(|e| ApiError::internal(e.to_string()))?;
+            let txn = Txn::new()
+                .when([
+                    Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                    Compare::create_revision(id_key(&id), CompareOp::Equal, 0),
+                ])
+                .and_then([
+                    TxnOp::put(key.clone(), raw, None),
+                    TxnOp::put(id_key(&id), key.clone(), None),
+                ])
+                .or_else([TxnOp::get(key.clone(), None)]);
+            let resp = self.etcd.kv_client().txn(txn).await?;
+            let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+            if resp.succeeded() {
+                self.metrics.writes.inc();
+                set_resource_version(&mut obj, rev);
+                return Ok(Written {
+                    object: obj,
+                    warnings,
+                    created: true,
+                });
+            }
+            let exists = resp.op_responses().into_iter().any(|r| match r {
+                TxnOpResponse::Get(g) => !g.kvs().is_empty(),
+                _ => false,
+            });
+            if exists {
+                return Err(ApiError::already_exists(kind.info.plural, &name));
+            }
+            if id == name {
+                return Err(ApiError::already_exists(kind.info.plural, &name));
+            }
+            // The random ID collided: choose another.
+        }
+        Err(ApiError::internal("could not allocate a unique ID"))
+    }
+
+    /// Read-modify-write with compare-and-swap: `change` gets the current record and returns
+    /// the desired one; retried on a concurrent write unless `precondition` pins a version.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn update_with(
+        &self,
+        kind: &Kind,
+        ns: Option<&str>,
+        name: &str,
+        who: &Principal,
+        sub: Subresource,
+        precondition: Option<i64>,
+        opts: WriteOptions,
+        change: &mut (dyn FnMut(&Value) -> ApiResult<Value> + Send),
+    ) -> ApiResult<Written> {
+        let key = record_key(kind.info.plural, ns, name);
+        for _ in 0..16 {
+            let Some((current, rev)) = self.read(&key).await? else {
+                return Err(ApiError::not_found(kind.info.plural, name));
+            };
+            if !auth::can_see(who, kind.info.kind, &current) {
+                return Err(ApiError::not_found(kind.info.plural, name));
+            }
+            if precondition.is_some_and(|p| p != rev) {
+                return Err(ApiError::conflict(kind.info.plural, name));
+            }
+            let desired = change(&current)?;
+            let (mut next, warnings) =
+                admission::prepare_update(kind, &current, desired, sub, opts.field_validation)?;
+            if !auth::can_write(who, kind.info.kind, Some(&current), &next) {
+                return Err(ApiError::forbidden(format!(
+                    "{}.{} {name:?} is forbidden: User {:?} may not bind it elsewhere",
+                    kind.info.plural,
+                    crds::GROUP,
+                    who.user()
+                )));
+            }
+            let unchanged = admission::comparable(&next) == admission::comparable(&current)
+                && next.pointer("/metadata/managedFields")
+                    == current.pointer("/metadata/managedFields");
+            if unchanged {
+                return Ok(Written {
+                    object: current,
+                    warnings,
+                    created: false,
+                });
+            }
+            if opts.dry_run {
+                set_resource_version(&mut next, rev);
+                return Ok(Written {
+                    object: next,
+                    warnings,
+                    created: false,
+                });
+            }
+            let cmp = Compare::mod_revision(key.clone(), CompareOp::Equal, rev);
+            let txn = if admission::ready_to_delete(&next) {
+                let mut ops = vec![TxnOp::delete(key.clone(), None)];
+                if let Some(id) = id_of(&current) {
+                    ops.push(TxnOp::delete(id_key(id), None));
+                }
+                Txn::new().when([cmp]).and_then(ops)
+            } else {
+                let raw =
+                    serde_json::to_vec(&next).map_err(|e| ApiError::internal(e.to_string()))?;
+                Txn::new()
+                    .when([cmp])
+                    .and_then([TxnOp::put(key.clone(), raw, None)])
+            };
+            let resp = self.etcd.kv_client().txn(txn).await?;
+            if resp.succeeded() {
+                self.metrics.writes.inc();
+                let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+                set_resource_version(&mut next, rev);
+                return Ok(Written {
+                    object: next,
+                    warnings,
+                    created: false,
+                });
+            }
+            if precondition.is_some() {
+                return Err(ApiError::conflict(kind.info.plural, name));
+            }
+            self.metrics.conflict_retries.inc();
+        }
+        Err(ApiError::conflict(kind.info.plural, name))
+    }
+
+    /// Delete a record: marked while finalizers hold it, removed (with its ID index) otherwise.
+    pub async fn delete(
+        &self,
+        kind: &Kind,
+        ns: Option<&str>,
+        name: &str,
+        who: &Principal,
+        opts: &DeleteOptions,
+    ) -> ApiResult<Value> {
+        let key = record_key(kind.info.plural, ns, name);
+        for _ in 0..16 {
+            let Some((current, rev)) = self.read(&key).await? else {
+                return Err(ApiError::not_found(kind.info.plural, name));
+            };
+            if !auth::can_see(who, kind.info.kind, &current) {
+                return Err(ApiError::not_found(kind.info.plural, name));
+            }
+            let uid = current
+                .pointer("/metadata/uid")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            if opts.uid.as_ref().is_some_and(|u| *u != uid) {
+                return Err(ApiError::conflict_message(format!(
+                    "Precondition failed: UID in precondition: {}, UID in object meta: {uid}",
+                    opts.uid.as_deref().unwrap_or("")
+                )));
+            }
+            if opts.resource_version.is_some_and(|r| r != rev) {
+                return Err(ApiError::conflict(kind.info.plural, name));
+            }
+            let has_finalizers = current
+                .pointer("/metadata/finalizers")
+                .and_then(Value::as_array)
+                .is_some_and(|f| !f.is_empty());
+            if has_finalizers {
+                if current.pointer("/metadata/deletionTimestamp").is_some() {
+                    return Ok(current);
+                }
+                let mut marked = admission::mark_deleted(&current, &now());
+                if opts.dry_run {
+                    set_resource_version(&mut marked, rev);
+                    return Ok(marked);
+                }
+                let raw =
+                    serde_json::to_vec(&marked).map_err(|e| ApiError::internal(e.to_string()))?;
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
+                    .and_then([TxnOp::put(key.clone(), raw, None)]);
+                let resp = self.etcd.kv_client().txn(txn).await?;
+                if resp.succeeded() {
+                    let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+                    set_resource_version(&mut marked, rev);
+                    return Ok(marked);
+                }
+                continue;
+            }
+            if opts.dry_run {
+                return Ok(current);
+            }
+            if opts.propagation == Propagation::Orphan {
+                self.orphan_dependents(&uid).await?;
+            }
+            let mut ops = vec![TxnOp::delete(key.clone(), None)];
+            if let Some(id) = id_of(&current) {
+                ops.push(TxnOp::delete(id_key(id), None));
+            }
+            let txn = Txn::new()
+                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
+                .and_then(ops);
+            let resp = self.etcd.kv_client().txn(txn).await?;
+            if resp.succeeded() {
+                self.metrics.writes.inc();
+                return Ok(current);
+            }
+        }
+        Err(ApiError::conflict(kind.info.plural, name))
+    }
+
+    fn scope_prefix(kind: &Kind, ns: Option<&str>) -> String {
+        match ns {
+            Some(ns) if kind.info.namespaced => namespace_prefix(kind.info.plural, ns),
+            _ => store::kind_prefix(kind.info.plural),
+        }
+    }
+
+    /// List records: from the watch cache when no page size is asked (after it caught up
+    /// with etcd), from etcd at one revision page by page otherwise.
+    pub async fn list(
+        &self,
+        kind: &Kind,
+        ns: Option<&str>,
+        who: &Principal,
+        opts: &ListOptions,
+    ) -> ApiResult<ListPage> {
+        let prefix = Self::scope_prefix(kind, ns);
+        let visible = |v: &Value| {
+            opts.labels.matches(v)
+                && opts.fields.matches(v)
+                && auth::can_see(who, kind.info.kind, v)
+        };
+        let rv = opts.resource_version.as_deref().filter(|s| !s.is_empty());
+        let exact = opts.resource_version_match.as_deref() == Some("Exact");
+        if let Some(m) = opts.resource_version_match.as_deref() {
+            if !matches!(m, "Exact" | "NotOlderThan") {
+                return Err(ApiError::bad_request(format!(
+                    "resourceVersionMatch must be Exact or NotOlderThan, not {m:?}"
+                )));
+            }
+            if rv.is_none() {
+                return Err(ApiError::bad_request(
+                    "resourceVersionMatch is forbidden unless resourceVersion is provided",
+                ));
+            }
+        }
+        let paged = opts.continue_token.is_some() || (opts.limit > 0 && rv != Some("0"));
+        if !paged && !exact {
+            let target = match rv {
+                Some("0") => 0,
+                Some(r) => parse_rv(r)?,
+                None => self.current_revision().await?,
+            };
+            if self.cache.wait_for(target, Duration::from_secs(3)).await {
+                let (items, revision) = self.cache.list(kind.info.plural, &prefix);
+                self.metrics.cache_lists.inc();
+                return Ok(ListPage {
+                    items: items.into_iter().filter(|o| visible(&o.value)).collect(),
+                    revision,
+                    continue_token: None,
+                });
+            }
+            if rv.is_some() && target > self.current_revision().await? {
+                return Err(ApiError::timeout(format!(
+                    "Too large resource version: {target}, the server has not seen it yet"
+                )));
+            }
+        }
+        // Paged or exact: read etcd at one revision.
+        let (mut revision, mut start) = match &opts.continue_token {
+            Some(t) => {
+                let t = decode_continue(t, &prefix)?;
+                (t.rv, t.start)
+            }
+            None => {
+                let r = match rv {
+                    Some(r) if exact => parse_rv(r)?,
+                    _ => 0,
+                };
+                (r, prefix.clone())
+            }
+        };
+        let end = prefix_end(&prefix);
+        let mut items = Vec::new();
+        let mut kv = self.etcd.kv_client();
+        loop {
+            let want = if opts.limit > 0 {
+                opts.limit - items.len()
+            } else {
+                1000
+            };
+            let mut go = GetOptions::new()
+                .with_range(end.clone())
+                .with_limit(i64::try_from(want).unwrap_or(1000));
+            if revision > 0 {
+                go = go.with_revision(revision);
+            }
+            let resp = kv.get(start.clone(), Some(go)).await?;
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            let kvs = resp.kvs();
+            let mut last_key = None;
+            for kvp in kvs {
+                let Ok(k) = kvp.key_str() else { continue };
+                last_key = Some(k.to_string());
+                if let Some(obj) =
+                    CachedObject::from_stored(k.to_string(), kvp.value(), kvp.mod_revision())
+                {
+                    if visible(&obj.value) {
+                        items.push(Arc::new(obj));
+                    }
+                }
+            }
+            let more = resp.more();
+            match last_key {
+                Some(k) if more => start = format!("{k}\0"),
+                _ => {
+                    return Ok(ListPage {
+                        items,
+                        revision,
+                        continue_token: None,
+                    })
+                }
+            }
+            if opts.limit > 0 && items.len() >= opts.limit {
+                return Ok(ListPage {
+                    items,
+                    revision,
+                    continue_token: Some(encode_continue(revision, &start)),
+                });
+            }
+        }
+    }
+
+    /// Watch one kind: events after `from`, from the cache; from etcd directly when `from` is
+    /// older than the cache remembers (which answers 410 Gone once compacted).
+    pub fn watch(
+        self: &Arc<Self>,
+        kind: Arc<Kind>,
+        ns: Option<String>,
+        who: Principal,
+        opts: WatchOptions2,
+    ) -> mpsc::Receiver<WatchEvent> {
+        let (tx, rx) = mpsc::channel(256);
+        let this = self.clone();
+        self.metrics.watchers.inc();
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + opts.timeout;
+            let _ =
+                tokio::time::timeout_at(deadline, this.clone().run_watch(kind, ns, who, opts, tx))
+                    .await;
+            this.metrics.watchers.dec();
+        });
+        rx
+    }
+
+    async fn run_watch(
+        self: Arc<Self>,
+        kind: Arc<Kind>,
+        ns: Option<String>,
+        who: Principal,
+        opts: WatchOptions2,
+        tx: mpsc::Sender<WatchEvent>,
+    ) {
+        let prefix = Self::scope_prefix(&kind, ns.as_deref());
+        let kind_name = kind.info.kind;
+        let visible = |v: &Value| {
+            opts.labels.matches(v) && opts.fields.matches(v) && auth::can_see(&who, kind_name, v)
+        };
+        let mut rev_rx = self.cache.subscribe();
+        let mut start = match opts.from {
+            Some(r) if r > 0 => r,
+            _ => {
+                if !self.cache.wait_for(1, Duration::from_secs(30)).await {
+                    let _ = tx
+                        .send(WatchEvent::Error(ApiError::timeout(
+                            "the watch cache is not ready",
+                        )))
+                        .await;
+                    return;
+                }
+                let (items, rev) = self.cache.list(kind.info.plural, &prefix);
+                for o in items.into_iter().filter(|o| visible(&o.value)) {
+                    if tx.send(WatchEvent::Added(o)).await.is_err() {
+                        return;
+                    }
+                }
+                if opts.send_initial_events {
+                    let end = WatchEvent::Bookmark {
+                        revision: rev,
+                        initial_events_end: true,
+                    };
+                    if tx.send(end).await.is_err() {
+                        return;
+                    }
+                }
+                rev
+            }
+        };
+        let mut last_bookmark = tokio::time::Instant::now();
+        loop {
+            rev_rx.borrow_and_update();
+            match self.cache.events_after(kind.info.plural, start) {
+                Ok((events, cache_rev)) => {
+                    for ev in events
+                        .iter()
+                        .filter(|e| is_kind_key(&e.object.key, &prefix))
+                    {
+                        if let Some(out) = view_event(ev, &visible) {
+                            if tx.send(out).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    start = start.max(cache_rev);
+                }
+                Err(_) => {
+                    self.watch_from_etcd(&prefix, start, &visible, &tx).await;
+                    return;
+                }
+            }
+            if opts.bookmarks && last_bookmark.elapsed() >= self.bookmark_interval {
+                let b = WatchEvent::Bookmark {
+                    revision: start,
+                    initial_events_end: false,
+                };
+                if tx.send(b).await.is_err() {
+                    return;
+                }
+                last_bookmark = tokio::time::Instant::now();
+            }
+            tokio::select! {
+                changed = rev_rx.changed() => if changed.is_err() { return },
+                _ = tokio::time::sleep(self.bookmark_interval) => {},
+                _ = tx.closed() => return,
+            }
+        }
+    }
+
+    async fn watch_from_etcd(
+        &self,
+        prefix: &str,
+        after: i64,
+        visible: &(dyn Fn(&Value) -> bool + Sync),
+        tx: &mpsc::Sender<WatchEvent>,
+    ) {
+        self.metrics.etcd_direct_watches.inc();
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(after + 1)
+            .with_prev_key();
+        let mut client = self.etcd.clone();
+        let mut stream = match client.watch(prefix, Some(options)).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = tx.send(WatchEvent::Error(e.into())).await;
+                return;
+            }
+        };
+        loop {
+            let msg = tokio::select! {
+                m = stream.message() => m,
+                _ = tx.closed() => return,
+            };
+            let resp = match msg {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(e) => {
+                    let _ = tx.send(WatchEvent::Error(e.into())).await;
+                    return;
+                }
+            };
+            if resp.compact_revision() > 0 || resp.canceled() {
+                let gone = ApiError::gone(format!(
+                    "too old resource version: {after} ({})",
+                    resp.compact_revision()
+                ));
+                let _ = tx.send(WatchEvent::Error(gone)).await;
+                return;
+            }
+            for ev in resp.events() {
+                let Some(kvp) = ev.kv() else { continue };
+                let Ok(key) = kvp.key_str() else { continue };
+                let rev = kvp.mod_revision();
+                let prev = ev.prev_kv().and_then(|p| {
+                    CachedObject::from_stored(key.to_string(), p.value(), p.mod_revision())
+                        .map(Arc::new)
+                });
+                let deleted = ev.event_type() == etcd_client::EventType::Delete;
+                let object = if deleted {
+                    let Some(p) = &prev else { continue };
+                    let mut last = p.value.clone();
+                    set_resource_version(&mut last, rev);
+                    Arc::new(CachedObject::from_value(key.to_string(), last, rev))
+                } else {
+                    match CachedObject::from_stored(key.to_string(), kvp.value(), rev) {
+                        Some(o) => Arc::new(o),
+                        None => continue,
+                    }
+                };
+                let ce = CacheEvent {
+                    revision: rev,
+                    object,
+                    prev,
+                    deleted,
+                };
+                if let Some(out) = view_event(&ce, visible) {
+                    if tx.send(out).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn orphan_dependents(&self, owner_uid: &str) -> ApiResult<()> {
+        for key in self.cache.dependents_of(owner_uid) {
+            let Some((kind, ns, name)) = self.locate(&key) else {
+                continue;
+            };
+            let uid = owner_uid.to_string();
+            let mut drop_ref = |cur: &Value| {
+                let mut next = cur.clone();
+                if let Some(refs) = next
+                    .pointer_mut("/metadata/ownerReferences")
+                    .and_then(Value::as_array_mut)
+                {
+                    refs.retain(|r| r.get("uid").and_then(Value::as_str) != Some(uid.as_str()));
+                }
+                Ok(next)
+            };
+            let system = Principal::Admin("system:garbage-collector".into());
+            match self
+                .update_with(
+                    &kind,
+                    ns.as_deref(),
+                    &name,
+                    &system,
+                    Subresource::Main,
+                    None,
+                    WriteOptions::default(),
+                    &mut drop_ref,
+                )
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if e.code == 404 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// (kind, namespace, name) of a record key.
+    fn locate(&self, key: &str) -> Option<(Arc<Kind>, Option<String>, String)> {
+        let plural = store::plural_of_key(key)?;
+        let kind = self.kinds.by_plural(plural)?;
+        let rest = key.strip_prefix(&store::kind_prefix(plural))?;
+        if kind.info.namespaced {
+            let (ns, name) = rest.split_once('/')?;
+            Some((kind, Some(ns.to_string()), name.to_string()))
+        } else {
+            Some((kind, None, rest.to_string()))
+        }
+    }
+
+    /// Delete dependents whose owners are all gone; drop references to gone owners otherwise.
+    async fn collect_dependent(&self, key: &str) -> ApiResult<()> {
+        let Some((kind, ns, name)) = self.locate(key) else {
+            return Ok(());
+        };
+        let Some(obj) = self.cache.get(kind.info.plural, key) else {
+            return Ok(());
+        };
+        let refs: Vec<String> = obj
+            .value
+            .pointer("/metadata/ownerReferences")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|r| r.get("uid").and_then(Value::as_str).map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if refs.is_empty() {
+            return Ok(());
+        }
+        let alive: Vec<&String> = refs.iter().filter(|u| self.cache.uid_exists(u)).collect();
+        let system = Principal::Admin("system:garbage-collector".into());
+        if alive.is_empty() {
+            tracing::info!(key, "owner gone; deleting dependent");
+            match self
+                .delete(
+                    &kind,
+                    ns.as_deref(),
+                    &name,
+                    &system,
+                    &DeleteOptions::default(),
+                )
+                .await
+            {
+                Ok(_) => Ok(()),
+                Err(e) if e.code == 404 => Ok(()),
+                Err(e) => Err(e),
+            }
+        } else if alive.len() < refs.len() {
+            let keep: Vec<String> = alive.into_iter().cloned().collect();
+            let mut drop_dead = |cur: &Value| {
+                let mut next = cur.clone();
+                if let Some(r) = next
+                    .pointer_mut("/metadata/ownerReferences")
+                    .and_then(Value::as_array_mut)
+                {
+                    r.retain(|x| {
+                        x.get("uid")
+                            .and_then(Value::as_str)
+                            .is_some_and(|u| keep.iter().any(|k| k == u))
+                    });
+                }
+                Ok(next)
+            };
+            self.update_with(
+                &kind,
+                ns.as_deref(),
+                &name,
+                &system,
+                Subresource::Main,
+                None,
+                WriteOptions::default(),
+                &mut drop_dead,
+            )
+            .await
+            .map(|_| ())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// The garbage collector: level-triggered on every cache change, it collects records whose
+    /// owners no longer exist (cascading deletion).
+    async fn collect_garbage(self: Arc<Self>) {
+        let mut rx = self.cache.subscribe();
+        loop {
+            if rx.changed().await.is_err() {
+                return;
+            }
+            let candidates: Vec<String> = self
+                .cache
+                .owned_records()
+                .into_iter()
+                .filter(|o| {
+                    o.value
+                        .pointer("/metadata/ownerReferences")
+                        .and_then(Value::as_array)
+                        .is_some_and(|refs| {
+                            refs.iter().any(|r| {
+                                r.get("uid")
+                                    .and_then(Value::as_str)
+                                    .is_none_or(|u| !self.cache.uid_exists(u))
+                            })
+                        })
+                })
+                .map(|o| o.key.clone())
+                .collect();
+            for key in candidates {
+                if let Err(e) = self.collect_dependent(&key).await {
+                    tracing::warn!(key, error = %e, "garbage collection failed; will retry on the next change");
+                }
+            }
+        }
+    }
+}
+
+fn id_of(v: &Value) -> Option<&str> {
+    v.pointer("/metadata/labels")
+        .and_then(|l| l.get(crds::ID_LABEL))
+        .and_then(Value::as_str)
+}
+
+/// The `"type"` of an event on the wire.
+pub fn event_type(ev: &WatchEvent) -> &'static str {
+    match ev {
+        WatchEvent::Added(_) => "ADDED",
+        WatchEvent::Modified(_) => "MODIFIED",
+        WatchEvent::Deleted(_) => "DELETED",
+        WatchEvent::Bookmark { .. } => "BOOKMARK",
+        WatchEvent::Error(_) => "ERROR",
+    }
+}
+
+/// A bookmark object for a kind.
+pub fn bookmark_object(kind: &Kind, revision: i64, initial_events_end: bool) -> Value {
+    let mut meta = json!({"resourceVersion": revision.to_string()});
+    if initial_events_end {
+        meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+    }
+    json!({"apiVersion": crds::API_VERSION, "kind": kind.info.kind, "metadata": meta})
+}
+
+#[allow(dead_code)]
+const _: &str = REGISTRY_PREFIX;

@@ -1,0 +1,317 @@
+//! Structural checks of a record against its CRD's OpenAPI schema: unknown fields are found
+//! (and pruned, as kube-apiserver prunes them), types and required fields are checked. Pure.
+
+use serde_json::{Map, Value};
+
+/// What a check found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Findings {
+    /// Paths of fields the schema does not declare (already removed from the value).
+    pub unknown: Vec<String>,
+    /// (path, message) of values of the wrong type, missing required fields, bad enum values.
+    pub invalid: Vec<(String, String)>,
+}
+
+/// Fields of `metadata` that a client may send.
+const METADATA_FIELDS: &[&str] = &[
+    "name",
+    "generateName",
+    "namespace",
+    "selfLink",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "deletionGracePeriodSeconds",
+    "labels",
+    "annotations",
+    "ownerReferences",
+    "finalizers",
+    "managedFields",
+];
+
+/// Check `value` (a whole record) against the CRD's root schema, pruning unknown fields.
+pub fn check_record(value: &mut Value, root: &Value) -> Findings {
+    let mut f = Findings::default();
+    if let Some(meta) = value.get_mut("metadata").and_then(Value::as_object_mut) {
+        let unknown: Vec<String> = meta
+            .keys()
+            .filter(|k| !METADATA_FIELDS.contains(&k.as_str()))
+            .cloned()
+            .collect();
+        for k in unknown {
+            meta.remove(&k);
+            f.unknown.push(format!(".metadata.{k}"));
+        }
+        for field in ["labels", "annotations"] {
+            if let Some(map) = meta.get(field) {
+                let ok = map.is_null()
+                    || map
+                        .as_object()
+                        .is_some_and(|m| m.values().all(Value::is_string));
+                if !ok {
+                    f.invalid.push((
+                        format!("metadata.{field}"),
+                        "must be a map of string keys to string values".into(),
+                    ));
+                }
+            }
+        }
+    }
+    if let (Some(obj), Some(props)) = (
+        value.as_object_mut(),
+        root.get("properties").and_then(Value::as_object),
+    ) {
+        let unknown: Vec<String> = obj
+            .keys()
+            .filter(|k| {
+                !matches!(k.as_str(), "apiVersion" | "kind" | "metadata")
+                    && !props.contains_key(k.as_str())
+            })
+            .cloned()
+            .collect();
+        for k in unknown {
+            obj.remove(&k);
+            f.unknown.push(format!(".{k}"));
+        }
+        for (k, v) in obj.iter_mut() {
+            if k == "metadata" || k == "apiVersion" || k == "kind" {
+                continue;
+            }
+            if let Some(s) = props.get(k) {
+                walk(v, s, k, &mut f);
+            }
+        }
+        check_required(obj, root, "", &mut f);
+    }
+    f
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn check_required(obj: &Map<String, Value>, schema: &Value, path: &str, f: &mut Findings) {
+    if let Some(req) = schema.get("required").and_then(Value::as_array) {
+        for r in req.iter().filter_map(Value::as_str) {
+            if obj.get(r).is_none_or(Value::is_null) {
+                f.invalid.push((join(path, r), "Required value".into()));
+            }
+        }
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(n) if n.is_i64() || n.is_u64() => "integer",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+fn walk(value: &mut Value, schema: &Value, path: &str, f: &mut Findings) {
+    let nullable = schema.get("nullable").and_then(Value::as_bool) == Some(true);
+    if value.is_null() {
+        if !nullable && schema.get("type").is_some() {
+            // kube-apiserver drops nulls for non-nullable fields on CRDs.
+            return;
+        }
+        return;
+    }
+    if schema
+        .get("x-kubernetes-int-or-string")
+        .and_then(Value::as_bool)
+        == Some(true)
+    {
+        if !(value.is_string() || value.is_i64() || value.is_u64()) {
+            f.invalid.push((
+                path.into(),
+                format!("Invalid value: {value}: must be an integer or a string"),
+            ));
+        }
+        return;
+    }
+    let preserve = schema
+        .get("x-kubernetes-preserve-unknown-fields")
+        .and_then(Value::as_bool)
+        == Some(true);
+    let Some(ty) = schema.get("type").and_then(Value::as_str) else {
+        // anyOf / oneOf / untyped: accept as is.
+        return;
+    };
+    let actual = type_name(value);
+    let type_ok = actual == ty || (ty == "number" && actual == "integer");
+    if !type_ok {
+        f.invalid.push((
+            path.into(),
+            format!(
+                "Invalid value: \"{actual}\": {path} in body must be of type {ty}: \"{actual}\""
+            ),
+        ));
+        return;
+    }
+    if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
+        if !allowed.contains(value) {
+            let list = allowed
+                .iter()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            f.invalid.push((
+                path.into(),
+                format!("Unsupported value: {value}: supported values: {list}"),
+            ));
+        }
+    }
+    match value {
+        Value::Object(obj) => {
+            let props = schema.get("properties").and_then(Value::as_object);
+            let additional = schema.get("additionalProperties").filter(|a| a.is_object());
+            let mut unknown = Vec::new();
+            for (k, v) in obj.iter_mut() {
+                let child = join(path, k);
+                if let Some(s) = props.and_then(|p| p.get(k)) {
+                    walk(v, s, &child, f);
+                } else if let Some(s) = additional {
+                    walk(v, s, &child, f);
+                } else if !preserve {
+                    unknown.push(k.clone());
+                }
+            }
+            for k in unknown {
+                obj.remove(&k);
+                f.unknown.push(format!(".{}", join(path, &k)));
+            }
+            check_required(obj, schema, path, f);
+        }
+        Value::Array(items) => {
+            if let Some(s) = schema.get("items") {
+                for (i, v) in items.iter_mut().enumerate() {
+                    walk(v, s, &format!("{path}[{i}]"), f);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Why a name is not a valid DNS subdomain (RFC 1123), if it is not.
+pub fn name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
+        return Some("name or generateName is required".into());
+    }
+    if name.len() > 253 {
+        return Some(format!(
+            "Invalid value: {:?}: must be no more than 253 characters",
+            name.chars().take(20).collect::<String>() + "..."
+        ));
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    if !name.split('.').all(label_ok) {
+        return Some(format!(
+            "Invalid value: {name:?}: a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character (e.g. 'example.com', regex used for validation is '[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')"
+        ));
+    }
+    None
+}
+
+/// Why a namespace name is not a valid DNS label, if it is not.
+pub fn namespace_problem(ns: &str) -> Option<String> {
+    let ok = !ns.is_empty()
+        && ns.len() <= 63
+        && ns
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !ns.starts_with('-')
+        && !ns.ends_with('-');
+    (!ok).then(|| format!("Invalid value: {ns:?}: a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn root() -> Value {
+        json!({"type": "object", "required": ["spec"], "properties": {
+            "apiVersion": {"type": "string"}, "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": {"type": "object", "required": ["imageId"], "properties": {
+                "imageId": {"type": "string"},
+                "count": {"type": "integer"},
+                "state": {"type": "string", "enum": ["running", "stopped"]},
+                "ids": {"type": "array", "items": {"type": "string"}},
+                "tags": {"type": "object", "additionalProperties": {"type": "string"}}
+            }},
+            "status": {"type": "object", "nullable": true, "properties": {"state": {"type": "string"}}}
+        }})
+    }
+
+    #[test]
+    fn unknown_fields_are_reported_and_pruned() {
+        let mut v = json!({"apiVersion": "karri.dev/v1alpha1", "kind": "Instance",
+            "metadata": {"name": "a", "bogus": 1},
+            "spec": {"imageId": "emi-1", "extra": true, "tags": {"a": "b"}}, "top": 1});
+        let f = check_record(&mut v, &root());
+        assert_eq!(f.unknown, vec![".metadata.bogus", ".top", ".spec.extra"]);
+        assert!(f.invalid.is_empty(), "{:?}", f.invalid);
+        assert_eq!(v["spec"], json!({"imageId": "emi-1", "tags": {"a": "b"}}));
+    }
+
+    #[test]
+    fn wrong_types_missing_required_and_bad_enums_are_invalid() {
+        let rows = [
+            (json!({"spec": {"imageId": 5}}), "spec.imageId"),
+            (json!({"spec": {}}), "spec.imageId"),
+            (json!({}), "spec"),
+            (
+                json!({"spec": {"imageId": "x", "count": "3"}}),
+                "spec.count",
+            ),
+            (
+                json!({"spec": {"imageId": "x", "state": "paused"}}),
+                "spec.state",
+            ),
+            (json!({"spec": {"imageId": "x", "ids": [1]}}), "spec.ids[0]"),
+            (
+                json!({"metadata": {"labels": {"a": 1}}, "spec": {"imageId": "x"}}),
+                "metadata.labels",
+            ),
+        ];
+        for (mut v, field) in rows {
+            let f = check_record(&mut v, &root());
+            assert!(
+                f.invalid.iter().any(|(p, _)| p == field),
+                "expected {field} invalid in {:?}",
+                f.invalid
+            );
+        }
+    }
+
+    #[test]
+    fn names_must_be_dns_subdomains() {
+        assert_eq!(name_problem("web-1.prod"), None);
+        assert!(name_problem("Web").is_some());
+        assert!(name_problem("-a").is_some());
+        assert!(name_problem(&"a".repeat(254)).is_some());
+        assert!(name_problem("").is_some());
+        assert_eq!(namespace_problem("acme"), None);
+        assert!(namespace_problem("a.b").is_some());
+    }
+}

@@ -1,0 +1,250 @@
+//! Label and field selectors: parsing and matching, pure.
+
+use serde_json::Value;
+
+/// Why a selector could not be parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SelectorError {
+    /// The selector text is malformed.
+    #[error("unable to parse requirement {0:?}")]
+    Malformed(String),
+    /// The field selector names a field that is not supported for this kind.
+    #[error("field label not supported: {0}")]
+    UnsupportedField(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Op {
+    Eq(String),
+    NotEq(String),
+    In(Vec<String>),
+    NotIn(Vec<String>),
+    Exists,
+    DoesNotExist,
+}
+
+/// A parsed label selector: every requirement must hold.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LabelSelector {
+    reqs: Vec<(String, Op)>,
+}
+
+/// Split on commas that are not inside parentheses.
+fn split_top_level(s: &str) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut depth, mut start) = (0i32, 0usize);
+    for (i, c) in s.char_indices() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth -= 1,
+            ',' if depth == 0 => {
+                parts.push(&s[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    parts.push(&s[start..]);
+    parts
+}
+
+fn valid_key(k: &str) -> bool {
+    !k.is_empty()
+        && k.len() <= 317
+        && k.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+}
+
+fn parse_set(rest: &str, whole: &str) -> Result<Vec<String>, SelectorError> {
+    let rest = rest.trim();
+    let inner = rest
+        .strip_prefix('(')
+        .and_then(|r| r.strip_suffix(')'))
+        .ok_or_else(|| SelectorError::Malformed(whole.to_string()))?;
+    Ok(inner
+        .split(',')
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .collect())
+}
+
+impl LabelSelector {
+    /// Parse `a=b,c!=d,e in (x,y),f notin (z),g,!h`.
+    pub fn parse(text: &str) -> Result<Self, SelectorError> {
+        let mut reqs = Vec::new();
+        if text.trim().is_empty() {
+            return Ok(Self { reqs });
+        }
+        for part in split_top_level(text) {
+            let p = part.trim();
+            let bad = || SelectorError::Malformed(p.to_string());
+            let (key, op) = if let Some(k) = p.strip_prefix('!') {
+                (k.trim().to_string(), Op::DoesNotExist)
+            } else if let Some((k, v)) = p.split_once("!=") {
+                (k.trim().to_string(), Op::NotEq(v.trim().to_string()))
+            } else if let Some((k, v)) = p.split_once("==") {
+                (k.trim().to_string(), Op::Eq(v.trim().to_string()))
+            } else if let Some((k, v)) = p.split_once('=') {
+                (k.trim().to_string(), Op::Eq(v.trim().to_string()))
+            } else if let Some((k, rest)) = p.split_once(" notin ") {
+                (k.trim().to_string(), Op::NotIn(parse_set(rest, p)?))
+            } else if let Some((k, rest)) = p.split_once(" in ") {
+                (k.trim().to_string(), Op::In(parse_set(rest, p)?))
+            } else {
+                (p.to_string(), Op::Exists)
+            };
+            if !valid_key(&key) {
+                return Err(bad());
+            }
+            reqs.push((key, op));
+        }
+        Ok(Self { reqs })
+    }
+
+    /// Whether the labels of `object` satisfy every requirement.
+    pub fn matches(&self, object: &Value) -> bool {
+        let labels = object.pointer("/metadata/labels");
+        self.reqs.iter().all(|(key, op)| {
+            let value = labels.and_then(|l| l.get(key)).and_then(Value::as_str);
+            match op {
+                Op::Eq(v) => value == Some(v.as_str()),
+                Op::NotEq(v) => value != Some(v.as_str()),
+                Op::In(vs) => value.is_some_and(|x| vs.iter().any(|v| v == x)),
+                Op::NotIn(vs) => !value.is_some_and(|x| vs.iter().any(|v| v == x)),
+                Op::Exists => value.is_some(),
+                Op::DoesNotExist => value.is_none(),
+            }
+        })
+    }
+
+    /// True when the selector selects everything.
+    pub fn is_empty(&self) -> bool {
+        self.reqs.is_empty()
+    }
+}
+
+/// A parsed field selector over a fixed set of supported fields.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FieldSelector {
+    reqs: Vec<(String, bool, String)>,
+}
+
+/// Fields every kind can be selected on; `status.nodeName` is the binding of instances.
+pub const SUPPORTED_FIELDS: &[&str] = &["metadata.name", "metadata.namespace", "status.nodeName"];
+
+impl FieldSelector {
+    /// Parse `metadata.name=x,status.nodeName!=y`.
+    pub fn parse(text: &str) -> Result<Self, SelectorError> {
+        let mut reqs = Vec::new();
+        if text.trim().is_empty() {
+            return Ok(Self { reqs });
+        }
+        for part in text.split(',') {
+            let p = part.trim();
+            let (field, eq, value) = if let Some((f, v)) = p.split_once("!=") {
+                (f, false, v)
+            } else if let Some((f, v)) = p.split_once("==") {
+                (f, true, v)
+            } else if let Some((f, v)) = p.split_once('=') {
+                (f, true, v)
+            } else {
+                return Err(SelectorError::Malformed(p.to_string()));
+            };
+            let field = field.trim();
+            if !SUPPORTED_FIELDS.contains(&field) {
+                return Err(SelectorError::UnsupportedField(field.to_string()));
+            }
+            reqs.push((field.to_string(), eq, value.trim().to_string()));
+        }
+        Ok(Self { reqs })
+    }
+
+    /// The value the selector requires for `field` with `=`, if any.
+    pub fn required(&self, field: &str) -> Option<&str> {
+        self.reqs
+            .iter()
+            .find(|(f, eq, _)| f == field && *eq)
+            .map(|(_, _, v)| v.as_str())
+    }
+
+    /// Whether `object` satisfies every requirement; a missing field reads as "".
+    pub fn matches(&self, object: &Value) -> bool {
+        self.reqs.iter().all(|(field, eq, want)| {
+            let pointer = format!("/{}", field.replace('.', "/"));
+            let have = object
+                .pointer(&pointer)
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            (have == want) == *eq
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn obj() -> Value {
+        json!({"metadata": {"name": "web-1", "namespace": "acme", "labels": {"app": "web", "tier": "front"}},
+               "status": {"nodeName": "node-1"}})
+    }
+
+    #[test]
+    fn label_selectors_match_as_kubernetes_does() {
+        let rows = [
+            ("", true),
+            ("app=web", true),
+            ("app==web", true),
+            ("app=db", false),
+            ("app!=db", true),
+            ("app!=web", false),
+            ("app in (web,db)", true),
+            ("app in (db)", false),
+            ("app notin (db)", true),
+            ("app notin (web)", false),
+            ("tier", true),
+            ("missing", false),
+            ("!missing", true),
+            ("!app", false),
+            ("app=web,tier=front", true),
+            ("app=web,tier=back", false),
+            ("missing!=x", true),
+        ];
+        for (sel, want) in rows {
+            let s = LabelSelector::parse(sel).expect(sel);
+            assert_eq!(s.matches(&obj()), want, "selector {sel:?}");
+        }
+    }
+
+    #[test]
+    fn malformed_label_selector_is_rejected() {
+        for sel in ["app in web", "a b=c", "=x"] {
+            assert!(LabelSelector::parse(sel).is_err(), "{sel:?} should fail");
+        }
+    }
+
+    #[test]
+    fn field_selectors_match_node_binding_and_name() {
+        let rows = [
+            ("status.nodeName=node-1", true),
+            ("status.nodeName=node-2", false),
+            ("status.nodeName!=node-2", true),
+            ("metadata.name=web-1,metadata.namespace=acme", true),
+            ("metadata.namespace=other", false),
+        ];
+        for (sel, want) in rows {
+            let s = FieldSelector::parse(sel).expect(sel);
+            assert_eq!(s.matches(&obj()), want, "selector {sel:?}");
+        }
+        let unbound = json!({"metadata": {"name": "x"}});
+        let s = FieldSelector::parse("status.nodeName=").expect("empty value parses");
+        assert!(s.matches(&unbound));
+    }
+
+    #[test]
+    fn unsupported_field_is_named_in_the_error() {
+        let e = FieldSelector::parse("spec.imageId=emi-1").expect_err("unsupported");
+        assert_eq!(e.to_string(), "field label not supported: spec.imageId");
+    }
+}

@@ -1,0 +1,321 @@
+//! Server-side apply (`application/apply-patch+yaml`): field ownership per manager in
+//! `metadata.managedFields`, conflicts between appliers, removal of fields a manager stopped
+//! applying. Lists are atomic. Pure.
+
+use std::collections::BTreeSet;
+
+use serde_json::{json, Map, Value};
+
+/// A field path, e.g. `["spec", "imageId"]`.
+pub type Path = Vec<String>;
+
+/// A field owned by another manager whose value this apply would change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    /// The other manager.
+    pub manager: String,
+    /// The field, dotted.
+    pub field: String,
+}
+
+/// The leaf paths of an applied configuration.
+pub fn field_set(applied: &Value) -> BTreeSet<Path> {
+    let mut out = BTreeSet::new();
+    let Some(obj) = applied.as_object() else {
+        return out;
+    };
+    for (k, v) in obj {
+        match k.as_str() {
+            "apiVersion" | "kind" | "status" => {}
+            "metadata" => {
+                let Some(meta) = v.as_object() else { continue };
+                for (mk, mv) in meta {
+                    match mk.as_str() {
+                        "labels" | "annotations" => {
+                            for lk in mv.as_object().into_iter().flat_map(|m| m.keys()) {
+                                out.insert(vec!["metadata".into(), mk.clone(), lk.clone()]);
+                            }
+                        }
+                        "finalizers" | "ownerReferences" => {
+                            out.insert(vec!["metadata".into(), mk.clone()]);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            _ => leaves(v, vec![k.clone()], &mut out),
+        }
+    }
+    out
+}
+
+fn leaves(v: &Value, path: Path, out: &mut BTreeSet<Path>) {
+    match v.as_object() {
+        Some(m) if !m.is_empty() => {
+            for (k, child) in m {
+                let mut p = path.clone();
+                p.push(k.clone());
+                leaves(child, p, out);
+            }
+        }
+        _ => {
+            out.insert(path);
+        }
+    }
+}
+
+/// Encode a field set as `fieldsV1` (`{"f:spec":{"f:imageId":{}}}`).
+pub fn encode(set: &BTreeSet<Path>) -> Value {
+    let mut root = Map::new();
+    for path in set {
+        let mut cur = &mut root;
+        for seg in path {
+            let entry = cur
+                .entry(format!("f:{seg}"))
+                .or_insert_with(|| Value::Object(Map::new()));
+            if !entry.is_object() {
+                *entry = Value::Object(Map::new());
+            }
+            let Some(next) = entry.as_object_mut() else {
+                break;
+            };
+            cur = next;
+        }
+    }
+    Value::Object(root)
+}
+
+/// Decode `fieldsV1` into leaf paths.
+pub fn decode(fields: &Value) -> BTreeSet<Path> {
+    fn go(v: &Value, path: Path, out: &mut BTreeSet<Path>) {
+        let children: Vec<(&String, &Value)> = v
+            .as_object()
+            .map(|m| m.iter().filter(|(k, _)| k.starts_with("f:")).collect())
+            .unwrap_or_default();
+        if children.is_empty() {
+            if !path.is_empty() {
+                out.insert(path);
+            }
+            return;
+        }
+        for (k, child) in children {
+            let mut p = path.clone();
+            p.push(k[2..].to_string());
+            go(child, p, out);
+        }
+    }
+    let mut out = BTreeSet::new();
+    go(fields, Vec::new(), &mut out);
+    out
+}
+
+fn get<'a>(v: &'a Value, path: &[String]) -> Option<&'a Value> {
+    path.iter().try_fold(v, |cur, seg| cur.get(seg))
+}
+
+fn set(v: &mut Value, path: &[String], value: Value) {
+    let mut cur = v;
+    for (i, seg) in path.iter().enumerate() {
+        if !cur.is_object() {
+            *cur = Value::Object(Map::new());
+        }
+        let Some(map) = cur.as_object_mut() else {
+            return;
+        };
+        if i + 1 == path.len() {
+            map.insert(seg.clone(), value);
+            return;
+        }
+        cur = map
+            .entry(seg.clone())
+            .or_insert_with(|| Value::Object(Map::new()));
+    }
+}
+
+fn remove(v: &mut Value, path: &[String]) {
+    let Some((last, parents)) = path.split_last() else {
+        return;
+    };
+    let mut cur = v;
+    for seg in parents {
+        match cur.get_mut(seg) {
+            Some(next) => cur = next,
+            None => return,
+        }
+    }
+    if let Some(map) = cur.as_object_mut() {
+        map.remove(last);
+    }
+}
+
+fn overlaps(a: &Path, b: &Path) -> bool {
+    a.starts_with(b) || b.starts_with(a)
+}
+
+/// Apply `applied` for `manager` over `live` (None when the record does not exist yet).
+/// Returns the new record with updated `managedFields`, or the conflicts when `force` is false.
+pub fn apply(
+    live: Option<&Value>,
+    applied: &Value,
+    manager: &str,
+    force: bool,
+    now: &str,
+) -> Result<Value, Vec<Conflict>> {
+    let mut result = match live {
+        Some(l) => l.clone(),
+        None => {
+            let mut base = json!({
+                "apiVersion": applied.get("apiVersion").cloned().unwrap_or(Value::Null),
+                "kind": applied.get("kind").cloned().unwrap_or(Value::Null),
+                "metadata": {},
+            });
+            for field in ["name", "namespace", "generateName"] {
+                if let Some(v) = applied.pointer(&format!("/metadata/{field}")) {
+                    base["metadata"][field] = v.clone();
+                }
+            }
+            base
+        }
+    };
+    let entries: Vec<Value> = result
+        .pointer("/metadata/managedFields")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let is_apply = |e: &Value| e.get("operation").and_then(Value::as_str) == Some("Apply");
+    let manager_of = |e: &Value| {
+        e.get("manager")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let mine_prev: BTreeSet<Path> = entries
+        .iter()
+        .find(|e| is_apply(e) && manager_of(e) == manager)
+        .and_then(|e| e.get("fieldsV1"))
+        .map(decode)
+        .unwrap_or_default();
+    let mut others: Vec<(Value, BTreeSet<Path>)> = entries
+        .iter()
+        .filter(|e| !(is_apply(e) && manager_of(e) == manager))
+        .map(|e| (e.clone(), e.get("fieldsV1").map(decode).unwrap_or_default()))
+        .collect();
+    let wanted = field_set(applied);
+
+    let mut conflicts = Vec::new();
+    for p in &wanted {
+        if get(&result, p) == get(applied, p) {
+            // Applying the value a field already has shares ownership without conflict.
+            continue;
+        }
+        for (entry, owned) in others.iter_mut() {
+            if !is_apply(entry) {
+                continue;
+            }
+            let clash: Vec<Path> = owned.iter().filter(|o| overlaps(o, p)).cloned().collect();
+            if clash.is_empty() {
+                continue;
+            }
+            if force {
+                for c in &clash {
+                    owned.remove(c);
+                }
+            } else {
+                conflicts.push(Conflict {
+                    manager: manager_of(entry),
+                    field: format!(".{}", p.join(".")),
+                });
+            }
+        }
+    }
+    if !conflicts.is_empty() {
+        return Err(conflicts);
+    }
+    for stale in mine_prev.difference(&wanted) {
+        let still_owned = others
+            .iter()
+            .any(|(_, s)| s.iter().any(|o| overlaps(o, stale)));
+        if !still_owned {
+            remove(&mut result, stale);
+        }
+    }
+    for p in &wanted {
+        if let Some(v) = get(applied, p) {
+            set(&mut result, p, v.clone());
+        }
+    }
+    let mut managed: Vec<Value> = others
+        .into_iter()
+        .filter(|(e, s)| !is_apply(e) || !s.is_empty())
+        .map(|(mut e, s)| {
+            if is_apply(&e) {
+                e["fieldsV1"] = encode(&s);
+            }
+            e
+        })
+        .collect();
+    managed.push(json!({
+        "manager": manager,
+        "operation": "Apply",
+        "apiVersion": applied.get("apiVersion").cloned().unwrap_or(Value::Null),
+        "time": now,
+        "fieldsType": "FieldsV1",
+        "fieldsV1": encode(&wanted),
+    }));
+    if let Some(meta) = result.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.insert("managedFields".into(), Value::Array(managed));
+    }
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(image: &str, extra: Option<&str>) -> Value {
+        let mut v = json!({"apiVersion": "karri.dev/v1alpha1", "kind": "Instance",
+            "metadata": {"name": "web", "labels": {"app": "web"}},
+            "spec": {"imageId": image, "instanceType": "t1.micro"}});
+        if let Some(k) = extra {
+            v["spec"]["keyName"] = json!(k);
+        }
+        v
+    }
+
+    #[test]
+    fn first_apply_creates_and_records_ownership() {
+        let out = apply(None, &cfg("emi-1", None), "kubectl", false, "t").expect("no conflict");
+        assert_eq!(out["spec"]["imageId"], "emi-1");
+        assert_eq!(out["metadata"]["name"], "web");
+        let owned = decode(&out["metadata"]["managedFields"][0]["fieldsV1"]);
+        assert!(owned.contains(&vec!["spec".to_string(), "imageId".to_string()]));
+        assert!(owned.contains(&vec!["metadata".into(), "labels".into(), "app".into()]));
+    }
+
+    #[test]
+    fn reapply_changes_a_field_and_removes_a_dropped_one() {
+        let live = apply(None, &cfg("emi-1", Some("k1")), "kubectl", false, "t").expect("ok");
+        let out = apply(Some(&live), &cfg("emi-2", None), "kubectl", false, "t").expect("ok");
+        assert_eq!(out["spec"]["imageId"], "emi-2");
+        assert!(out["spec"].get("keyName").is_none(), "{out}");
+    }
+
+    #[test]
+    fn another_manager_changing_an_owned_field_conflicts_unless_forced() {
+        let live = apply(None, &cfg("emi-1", None), "kubectl", false, "t").expect("ok");
+        let err =
+            apply(Some(&live), &cfg("emi-9", None), "gitops", false, "t").expect_err("conflict");
+        assert_eq!(err[0].manager, "kubectl");
+        assert_eq!(err[0].field, ".spec.imageId");
+        let out = apply(Some(&live), &cfg("emi-9", None), "gitops", true, "t").expect("forced");
+        assert_eq!(out["spec"]["imageId"], "emi-9");
+        // Same value from a second manager shares ownership without conflict.
+        apply(Some(&live), &cfg("emi-1", None), "gitops", false, "t").expect("shared");
+    }
+
+    #[test]
+    fn fields_v1_round_trips() {
+        let set = field_set(&cfg("emi-1", Some("k")));
+        assert_eq!(decode(&encode(&set)), set);
+    }
+}

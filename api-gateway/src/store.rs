@@ -1,0 +1,153 @@
+//! The etcd connection and the key layout of records and indexes.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+
+/// Where every record lives: `/karri/registry/<group>/<plural>/[<namespace>/]<name>`.
+pub const REGISTRY_PREFIX: &str = "/karri/registry/";
+/// EC2-style ID index: `/karri/index/ids/<id>` → record key.
+pub const ID_INDEX_PREFIX: &str = "/karri/index/ids/";
+
+/// How to reach etcd: a list of endpoints (one local member or a 3/5-member cluster),
+/// optional TLS and optional authentication.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdConfig {
+    /// Client URLs, e.g. `http://127.0.0.1:2379` or three `https://` members.
+    pub endpoints: Vec<String>,
+    /// PEM CA bundle that signs the members' certificates.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    /// PEM client key for mutual TLS.
+    pub key_file: Option<PathBuf>,
+    /// etcd user name (etcd's own authentication).
+    pub username: Option<String>,
+    /// etcd password.
+    pub password: Option<String>,
+}
+
+/// Why etcd could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A TLS file could not be read.
+    #[error("cannot read {path}: {source}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A client certificate was given without a key, or the reverse.
+    #[error("an etcd client certificate needs both --etcd-cert and --etcd-key")]
+    HalfIdentity,
+    /// No endpoint was given.
+    #[error("no etcd endpoint given")]
+    NoEndpoints,
+    /// The client failed to connect.
+    #[error("cannot connect to etcd at {endpoints}: {source}")]
+    Connect {
+        /// The endpoints tried.
+        endpoints: String,
+        /// The cause.
+        source: etcd_client::Error,
+    },
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, StoreError> {
+    std::fs::read(path).map_err(|source| StoreError::ReadFile {
+        path: path.clone(),
+        source,
+    })
+}
+
+/// Connect to etcd with the configured endpoints, TLS and credentials.
+pub async fn connect(config: &EtcdConfig) -> Result<Client, StoreError> {
+    if config.endpoints.is_empty() {
+        return Err(StoreError::NoEndpoints);
+    }
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+        .with_keep_alive_while_idle(true);
+    let uses_tls = config.endpoints.iter().any(|e| e.starts_with("https://"))
+        || config.ca_file.is_some()
+        || config.cert_file.is_some();
+    if uses_tls {
+        let mut tls = TlsOptions::new();
+        if let Some(ca) = &config.ca_file {
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        match (&config.cert_file, &config.key_file) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            (None, None) => {}
+            _ => return Err(StoreError::HalfIdentity),
+        }
+        options = options.with_tls(tls);
+    }
+    if let (Some(user), Some(password)) = (&config.username, &config.password) {
+        options = options.with_user(user.clone(), password.clone());
+    }
+    Client::connect(&config.endpoints, Some(options))
+        .await
+        .map_err(|source| StoreError::Connect {
+            endpoints: config.endpoints.join(","),
+            source,
+        })
+}
+
+/// Key prefix of every record of one kind (all namespaces).
+pub fn kind_prefix(plural: &str) -> String {
+    format!("{REGISTRY_PREFIX}{}/{plural}/", crds::GROUP)
+}
+
+/// Key prefix of the records of one kind in one namespace.
+pub fn namespace_prefix(plural: &str, namespace: &str) -> String {
+    format!("{}{namespace}/", kind_prefix(plural))
+}
+
+/// The key of one record.
+pub fn record_key(plural: &str, namespace: Option<&str>, name: &str) -> String {
+    match namespace {
+        Some(ns) => format!("{}{name}", namespace_prefix(plural, ns)),
+        None => format!("{}{name}", kind_prefix(plural)),
+    }
+}
+
+/// The index key of an EC2-style ID.
+pub fn id_key(id: &str) -> String {
+    format!("{ID_INDEX_PREFIX}{id}")
+}
+
+/// The plural of the kind a record key belongs to.
+pub fn plural_of_key(key: &str) -> Option<&str> {
+    let rest = key.strip_prefix(REGISTRY_PREFIX)?;
+    let rest = rest.strip_prefix(crds::GROUP)?.strip_prefix('/')?;
+    rest.split('/').next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_follow_the_kubernetes_layout() {
+        assert_eq!(
+            record_key("instances", Some("acme"), "web"),
+            "/karri/registry/karri.dev/instances/acme/web"
+        );
+        assert_eq!(
+            record_key("nodes", None, "node-1"),
+            "/karri/registry/karri.dev/nodes/node-1"
+        );
+        assert_eq!(
+            plural_of_key("/karri/registry/karri.dev/instances/acme/web"),
+            Some("instances")
+        );
+        assert_eq!(plural_of_key("/other/x"), None);
+        assert_eq!(id_key("i-0123"), "/karri/index/ids/i-0123");
+    }
+}

@@ -1,0 +1,242 @@
+//! `Image`: a registered machine image (the EC2 AMI, Eucalyptus EMI).
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::Condition;
+use crate::validation::{check_id, check_text, Validate, ValidationError};
+
+/// Root device name of images that do not say otherwise.
+pub const DEFAULT_ROOT_DEVICE_NAME: &str = "/dev/vda";
+
+fn default_root_device_name() -> String {
+    DEFAULT_ROOT_DEVICE_NAME.to_owned()
+}
+
+/// Desired state of an image: where its disk comes from and how it boots (the RegisterImage
+/// parameters).
+#[allow(
+    clippy::duplicated_attributes,
+    reason = "each kube printcolumn(...) repeats the same keys"
+)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "karri.dev",
+    version = "v1alpha1",
+    kind = "Image",
+    namespaced,
+    plural = "images",
+    singular = "image",
+    shortname = "img",
+    category = "karri",
+    status = "ImageStatus",
+    derive = "PartialEq",
+    doc = "A registered machine image (EC2 AMI, Eucalyptus EMI). Its ID (emi- and 17 hex digits, in the karri.dev/id label) is the imageId instances boot from.",
+    printcolumn(
+        name = "ID",
+        type_ = "string",
+        json_path = ".metadata.labels.karri\\.dev/id",
+        description = "Karri ID of the record"
+    ),
+    printcolumn(name = "Image Name", type_ = "string", json_path = ".spec.name"),
+    printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
+    printcolumn(name = "Arch", type_ = "string", json_path = ".spec.architecture"),
+    printcolumn(name = "Public", type_ = "boolean", json_path = ".spec.public"),
+    printcolumn(
+        name = "Size",
+        type_ = "integer",
+        json_path = ".status.sizeBytes",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Location",
+        type_ = "string",
+        json_path = ".spec.imageLocation",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSpec {
+    /// EC2 image name: 3 to 128 letters, digits and `()[] ./-'@_`.
+    pub name: String,
+    /// Free-form description, at most 255 characters.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub description: Option<String>,
+    /// CPU architecture of the image.
+    #[serde(default)]
+    pub architecture: Architecture,
+    /// Where the disk image is fetched from: an `http(s)://` URL, an S3-style `bucket/key`, or an
+    /// absolute path on the nodes.
+    pub image_location: String,
+    /// Expected SHA-256 of the image file, 64 lowercase hex digits; nodes refuse a mismatch.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub checksum_sha256: Option<String>,
+    /// Device name of the root disk inside the guest.
+    #[serde(default = "default_root_device_name")]
+    pub root_device_name: String,
+    /// When true, every account may launch the image.
+    #[serde(default)]
+    pub public: bool,
+    /// Kernel image ID (`eki-`/`aki-`) for images that boot an external kernel.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub kernel_id: Option<String>,
+    /// Ramdisk image ID (`eri-`/`ari-`) used with `kernelId`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ramdisk_id: Option<String>,
+}
+
+/// CPU architecture, named as EC2 names it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+pub enum Architecture {
+    /// 64-bit x86.
+    #[default]
+    #[serde(rename = "x86_64")]
+    X86_64,
+    /// 32-bit x86.
+    #[serde(rename = "i386")]
+    I386,
+    /// 64-bit ARM.
+    #[serde(rename = "arm64")]
+    Arm64,
+}
+
+impl Architecture {
+    /// The wire form, e.g. `x86_64`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::X86_64 => "x86_64",
+            Self::I386 => "i386",
+            Self::Arm64 => "arm64",
+        }
+    }
+}
+
+/// Lifecycle state of an image.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageState {
+    /// Registered; not yet verified.
+    #[default]
+    Pending,
+    /// Verified and launchable.
+    Available,
+    /// Could not be fetched or verified; see the conditions.
+    Failed,
+}
+
+impl ImageState {
+    /// The wire form, e.g. `available`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Available => "available",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// Observed state of an image, written by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageStatus {
+    /// `pending`, `available` or `failed`.
+    #[serde(default)]
+    pub state: ImageState,
+    /// Size of the image file in bytes, once known.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub size_bytes: Option<u64>,
+    /// The `metadata.generation` this status was computed from.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub observed_generation: Option<i64>,
+    /// Current conditions of the image, e.g. `Ready`.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub conditions: Vec<Condition>,
+}
+
+impl Validate for ImageSpec {
+    fn validate(&self) -> Result<(), ValidationError> {
+        let name_ok = (3..=128).contains(&self.name.chars().count())
+            && self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "()[] ./-'@_".contains(c));
+        if !name_ok {
+            return Err(ValidationError::invalid(
+                "spec.name",
+                "be 3 to 128 letters, digits or ()[] ./-'@_",
+            ));
+        }
+        if let Some(description) = &self.description {
+            check_text("spec.description", description, 255)?;
+        }
+        if self.image_location.is_empty()
+            || self.image_location.len() > 2048
+            || self
+                .image_location
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(ValidationError::invalid(
+                "spec.imageLocation",
+                "be a URL, bucket/key or absolute path without spaces",
+            ));
+        }
+        if let Some(sum) = &self.checksum_sha256 {
+            if sum.len() != 64
+                || !sum
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return Err(ValidationError::invalid(
+                    "spec.checksumSha256",
+                    "be 64 lowercase hex digits",
+                ));
+            }
+        }
+        let device_ok = self
+            .root_device_name
+            .strip_prefix("/dev/")
+            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_alphanumeric()));
+        if !device_ok {
+            return Err(ValidationError::invalid(
+                "spec.rootDeviceName",
+                "look like /dev/vda",
+            ));
+        }
+        if let Some(id) = &self.kernel_id {
+            check_id(
+                "spec.kernelId",
+                id,
+                &["eki", "aki"],
+                "eki-0123456789abcdef0",
+            )?;
+        }
+        if let Some(id) = &self.ramdisk_id {
+            check_id(
+                "spec.ramdiskId",
+                id,
+                &["eri", "ari"],
+                "eri-0123456789abcdef0",
+            )?;
+        }
+        if self.ramdisk_id.is_some() && self.kernel_id.is_none() {
+            return Err(ValidationError::invalid(
+                "spec.ramdiskId",
+                "come with spec.kernelId",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Validate for ImageStatus {
+    fn validate(&self) -> Result<(), ValidationError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,271 @@
+//! `Instance`: one virtual machine, the EC2 instance.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::Condition;
+use crate::validation::{
+    check_id, check_ip, check_record_name, check_text, decode_user_data, Validate, ValidationError,
+};
+
+/// Field selector path binding instances to nodes: agents list and watch
+/// `status.nodeName=<their node>`.
+pub const NODE_NAME_FIELD: &str = "status.nodeName";
+
+/// Desired state of an instance, as RunInstances or kubectl set it; field names follow the EC2 API.
+#[allow(
+    clippy::duplicated_attributes,
+    reason = "each kube printcolumn(...) repeats the same keys"
+)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "karri.dev",
+    version = "v1alpha1",
+    kind = "Instance",
+    namespaced,
+    plural = "instances",
+    singular = "instance",
+    shortname = "inst",
+    category = "karri",
+    status = "InstanceStatus",
+    derive = "PartialEq",
+    selectable = ".status.nodeName",
+    doc = "A virtual machine, the EC2 instance. Its ID (i- and 17 hex digits) is in the karri.dev/id label.",
+    printcolumn(
+        name = "ID",
+        type_ = "string",
+        json_path = ".metadata.labels.karri\\.dev/id",
+        description = "Karri ID of the record"
+    ),
+    printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
+    printcolumn(name = "Type", type_ = "string", json_path = ".spec.instanceType"),
+    printcolumn(name = "Image", type_ = "string", json_path = ".spec.imageId"),
+    printcolumn(name = "Node", type_ = "string", json_path = ".status.nodeName"),
+    printcolumn(
+        name = "Private IP",
+        type_ = "string",
+        json_path = ".status.privateIpAddress"
+    ),
+    printcolumn(
+        name = "Public IP",
+        type_ = "string",
+        json_path = ".status.publicIpAddress",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Zone",
+        type_ = "string",
+        json_path = ".status.availabilityZone",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Desired",
+        type_ = "string",
+        json_path = ".spec.desiredState",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceSpec {
+    /// ID of the image to boot, e.g. `emi-0123456789abcdef0` (`ami-` is accepted too).
+    pub image_id: String,
+    /// Name of the InstanceType giving the size, e.g. `m1.small`.
+    pub instance_type: String,
+    /// Name of the key pair whose public key is served to the guest.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub key_name: Option<String>,
+    /// IDs of the security groups (`sg-...`) applied to the instance.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub security_group_ids: Vec<String>,
+    /// Base64-encoded user data served by the metadata service, at most 16 KiB decoded.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub user_data: Option<String>,
+    /// Zone to place the instance in; the scheduler picks one when unset.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub availability_zone: Option<String>,
+    /// Power state asked for: StopInstances and StartInstances flip it between `running` and
+    /// `stopped`; TerminateInstances sets `terminated`, which is final.
+    #[serde(default)]
+    pub desired_state: DesiredState,
+    /// Idempotency token of the RunInstances call that created the instance.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub client_token: Option<String>,
+}
+
+/// Power state an instance's owner asks for.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DesiredState {
+    /// Keep the instance running.
+    #[default]
+    Running,
+    /// Keep the instance shut down, disks kept.
+    Stopped,
+    /// Shut the instance down for good and release its resources.
+    Terminated,
+}
+
+impl DesiredState {
+    /// The wire form, e.g. `running`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Stopped => "stopped",
+            Self::Terminated => "terminated",
+        }
+    }
+}
+
+/// EC2 instance state.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceState {
+    /// Accepted; being scheduled or booted.
+    #[default]
+    Pending,
+    /// The domain is running.
+    Running,
+    /// Being terminated.
+    ShuttingDown,
+    /// Gone for good; the record stays visible for a while, then is collected.
+    Terminated,
+    /// Being stopped.
+    Stopping,
+    /// Shut down, disks kept.
+    Stopped,
+}
+
+impl InstanceState {
+    /// The wire form, e.g. `shutting-down`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::ShuttingDown => "shutting-down",
+            Self::Terminated => "terminated",
+            Self::Stopping => "stopping",
+            Self::Stopped => "stopped",
+        }
+    }
+
+    /// The EC2 `instanceState.code` (0 pending, 16 running, 32 shutting-down, 48 terminated,
+    /// 64 stopping, 80 stopped).
+    pub fn code(self) -> u8 {
+        match self {
+            Self::Pending => 0,
+            Self::Running => 16,
+            Self::ShuttingDown => 32,
+            Self::Terminated => 48,
+            Self::Stopping => 64,
+            Self::Stopped => 80,
+        }
+    }
+}
+
+/// Observed state of an instance: the scheduler binds it (`nodeName`), the node agent reports
+/// the rest.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceStatus {
+    /// EC2 state: `pending`, `running`, `shutting-down`, `terminated`, `stopping` or `stopped`.
+    #[serde(default)]
+    pub state: InstanceState,
+    /// Node the instance is bound to; set once by the scheduler. Agents watch the field selector
+    /// `status.nodeName=<node>`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub node_name: Option<String>,
+    /// Zone the instance was placed in.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub availability_zone: Option<String>,
+    /// Private IPv4 address.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub private_ip_address: Option<String>,
+    /// Public IPv4 address (elastic or auto-assigned), if any.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub public_ip_address: Option<String>,
+    /// When the instance last started running.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub launch_time: Option<Time>,
+    /// When `state` last changed; terminated instances are collected a retention period later.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub state_transition_time: Option<Time>,
+    /// The `metadata.generation` this status was computed from.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub observed_generation: Option<i64>,
+    /// Current conditions: `Scheduled` (bound to a node) and `Ready` (booted).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub conditions: Vec<Condition>,
+    /// EC2-style reason code of the last state change, e.g. `Client.UserInitiatedShutdown`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
+    /// Human-readable explanation of the last state change.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub message: Option<String>,
+}
+
+impl Validate for InstanceSpec {
+    fn validate(&self) -> Result<(), ValidationError> {
+        check_id(
+            "spec.imageId",
+            &self.image_id,
+            &["emi", "ami"],
+            "emi-0123456789abcdef0",
+        )?;
+        if self.instance_type.is_empty() {
+            return Err(ValidationError::invalid(
+                "spec.instanceType",
+                "not be empty",
+            ));
+        }
+        check_record_name("spec.instanceType", &self.instance_type, "m1.small")?;
+        if let Some(key) = &self.key_name {
+            check_text("spec.keyName", key, 255)?;
+        }
+        for (i, id) in self.security_group_ids.iter().enumerate() {
+            check_id(
+                &format!("spec.securityGroupIds[{i}]"),
+                id,
+                &["sg"],
+                "sg-0123456789abcdef0",
+            )?;
+        }
+        if let Some(user_data) = &self.user_data {
+            decode_user_data(user_data)?;
+        }
+        if let Some(zone) = &self.availability_zone {
+            check_record_name("spec.availabilityZone", zone, "karri-1a")?;
+        }
+        if let Some(token) = &self.client_token {
+            if token.is_empty() || token.len() > 64 || !token.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(ValidationError::invalid(
+                    "spec.clientToken",
+                    "be 1 to 64 printable ASCII characters",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Validate for InstanceStatus {
+    fn validate(&self) -> Result<(), ValidationError> {
+        if let Some(node) = &self.node_name {
+            check_record_name("status.nodeName", node, "node-1")?;
+        }
+        if let Some(ip) = &self.private_ip_address {
+            check_ip("status.privateIpAddress", ip)?;
+        }
+        if let Some(ip) = &self.public_ip_address {
+            check_ip("status.publicIpAddress", ip)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,112 @@
+//! `AvailabilityZone`: a failure domain of nodes inside a region.
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::common::Condition;
+use crate::validation::{check_record_name, check_text, Validate};
+use crate::ValidationError;
+
+/// Desired state of an availability zone.
+#[allow(
+    clippy::duplicated_attributes,
+    reason = "each kube printcolumn(...) repeats the same keys"
+)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "karri.dev",
+    version = "v1alpha1",
+    kind = "AvailabilityZone",
+    plural = "availabilityzones",
+    singular = "availabilityzone",
+    shortname = "az",
+    category = "karri",
+    status = "AvailabilityZoneStatus",
+    derive = "PartialEq",
+    doc = "An availability zone: a failure domain of nodes inside a region. Its name (e.g. karri-1a) is the zone name EC2 clients see; nodes join it through spec.availabilityZone.",
+    printcolumn(
+        name = "ID",
+        type_ = "string",
+        json_path = ".metadata.labels.karri\\.dev/id",
+        description = "Karri ID of the record"
+    ),
+    printcolumn(name = "Region", type_ = "string", json_path = ".spec.region"),
+    printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
+    printcolumn(
+        name = "Description",
+        type_ = "string",
+        json_path = ".spec.description",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AvailabilityZoneSpec {
+    /// Region the zone belongs to, e.g. `karri-1`.
+    pub region: String,
+    /// Free-form description shown by DescribeAvailabilityZones messages.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub description: Option<String>,
+}
+
+/// EC2 state of an availability zone.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ZoneState {
+    /// The zone accepts instances.
+    Available,
+    /// The zone works; an informational message is attached.
+    Information,
+    /// The zone works with reduced capacity or health.
+    Impaired,
+    /// The zone accepts no instances.
+    Unavailable,
+    /// The zone is out of capacity for new instances.
+    Constrained,
+}
+
+impl ZoneState {
+    /// The wire form, e.g. `available`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Available => "available",
+            Self::Information => "information",
+            Self::Impaired => "impaired",
+            Self::Unavailable => "unavailable",
+            Self::Constrained => "constrained",
+        }
+    }
+}
+
+/// Observed state of an availability zone, written by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AvailabilityZoneStatus {
+    /// EC2 zone state: `available`, `information`, `impaired`, `unavailable` or `constrained`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub state: Option<ZoneState>,
+    /// Current conditions of the zone, e.g. `Ready` when at least one node is ready.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub conditions: Vec<Condition>,
+}
+
+impl Validate for AvailabilityZoneSpec {
+    fn validate(&self) -> Result<(), ValidationError> {
+        check_record_name("spec.region", &self.region, "karri-1")?;
+        if let Some(description) = &self.description {
+            check_text("spec.description", description, 255)?;
+        }
+        Ok(())
+    }
+}
+
+impl Validate for AvailabilityZoneStatus {
+    fn validate(&self) -> Result<(), ValidationError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Installs what Karri needs to build, test and run on Debian 12. Idempotent and fast when
+# everything is present: every step checks before it installs. Run as root (or with sudo).
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="$REPO/.venv"
+export DEBIAN_FRONTEND=noninteractive
+
+APT_PKGS=(
+  etcd-server
+  libvirt-daemon-system libvirt-dev
+  qemu-system-x86 qemu-utils
+  pkg-config protobuf-compiler
+  python3-venv
+  iproute2 curl jq
+)
+
+say() { printf 'setup: %s\n' "$*"; }
+
+SUDO=()
+if [ "$(id -u)" -ne 0 ]; then
+  if command -v sudo >/dev/null 2>&1; then SUDO=(sudo); fi
+fi
+
+# --- Debian packages ---------------------------------------------------------------------
+missing=()
+installed="$(dpkg-query -W -f='${Package} ${db:Status-Status}\n' "${APT_PKGS[@]}" 2>/dev/null || true)"
+for p in "${APT_PKGS[@]}"; do
+  grep -qx "$p installed" <<<"$installed" || missing+=("$p")
+done
+if ! command -v kubectl >/dev/null 2>&1; then
+  missing+=(kubernetes-client)
+fi
+if [ "${#missing[@]}" -gt 0 ]; then
+  say "installing ${missing[*]}"
+  "${SUDO[@]}" apt-get update -qq
+  "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+else
+  say "debian packages present"
+fi
+command -v kubectl >/dev/null 2>&1 || { echo "setup: kubectl still missing" >&2; exit 1; }
+say "kubectl: $(command -v kubectl)"
+
+# --- Debian's etcd service must not hold 2379: Karri runs its own etcd -----------------------
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+  if systemctl is-enabled --quiet etcd 2>/dev/null || systemctl is-active --quiet etcd 2>/dev/null; then
+    say "disabling the Debian etcd service"
+    "${SUDO[@]}" systemctl disable --now etcd >/dev/null 2>&1 || true
+  else
+    say "etcd service disabled"
+  fi
+elif [ -x /etc/init.d/etcd ] && /etc/init.d/etcd status >/dev/null 2>&1; then
+  say "stopping the Debian etcd service (sysvinit)"
+  "${SUDO[@]}" /etc/init.d/etcd stop >/dev/null 2>&1 || true
+  "${SUDO[@]}" update-rc.d etcd disable >/dev/null 2>&1 || true
+else
+  say "etcd service not running"
+fi
+
+# --- Python venv with the AWS clients ------------------------------------------------------
+if [ -x "$VENV/bin/python" ] && [ -x "$VENV/bin/aws" ] \
+   && "$VENV/bin/python" -c 'import boto3, awscli' >/dev/null 2>&1; then
+  say "venv .venv has awscli and boto3"
+else
+  if [ ! -x "$VENV/bin/python" ]; then
+    say "creating venv .venv"
+    # Prefer Debian's python3 (python3-venv is installed for it); fall back to PATH's.
+    py=/usr/bin/python3
+    [ -x "$py" ] || py="$(command -v python3)"
+    "$py" -m venv --clear "$VENV"
+  fi
+  say "installing awscli and boto3 into .venv"
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check awscli boto3
+fi
+
+# --- cargo-nextest ------------------------------------------------------------------------
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "setup: cargo not found; install a Rust toolchain (rustup, >= 1.85) first" >&2
+  exit 1
+fi
+if cargo nextest --version >/dev/null 2>&1; then
+  say "cargo-nextest present"
+else
+  say "installing cargo-nextest"
+  cargo install cargo-nextest --locked
+fi
+
+say "done"

@@ -1,0 +1,695 @@
+//! Test support for Karri: starts REAL processes (etcd, the api-gateway binary, kubectl) for
+//! integration and end-to-end tests.
+//!
+//! Everything listens on loopback only, on ports picked at run time, with state in temporary
+//! directories that disappear when the handle is dropped. Child processes are killed (SIGKILL)
+//! and reaped when their handle is dropped.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use karri_testkit::{kubectl_ok, write_kubeconfig, Etcd, Gateway, Tokens};
+//! let etcd = Etcd::start().await?;
+//! let tokens = Tokens::generate(&["node-1"], &["team-a"]);
+//! let gateway = Gateway::start(&etcd.endpoint, &tokens).await?;
+//! let dir = tempfile::tempdir()?;
+//! let kubeconfig = write_kubeconfig(dir.path(), &gateway.url(), &tokens.admin, "default")?;
+//! let out = kubectl_ok(&kubeconfig, &["get", "instances", "-A"])?;
+//! # let _ = out; Ok(())
+//! # }
+//! ```
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tempfile::TempDir;
+
+/// How often readiness endpoints are polled.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// How long a child process gets to become ready.
+const READY_DEADLINE: Duration = Duration::from_secs(30);
+/// How many lines of a child's log go into error messages.
+const LOG_TAIL_LINES: usize = 40;
+/// How often `start` retries with fresh ports when another process grabbed a port first.
+const PORT_RETRIES: usize = 3;
+
+/// A real etcd server running as a child process on loopback ports, with its data in a
+/// temporary directory.
+///
+/// The binary is `$KARRI_ETCD_BIN` if set, else `/usr/bin/etcd` if it exists, else `etcd` from
+/// `PATH`. Dropping the handle kills the process and removes the data directory.
+#[derive(Debug)]
+pub struct Etcd {
+    /// Client URL, e.g. `http://127.0.0.1:41234`.
+    pub endpoint: String,
+    /// Client port on 127.0.0.1.
+    pub port: u16,
+    /// Peer port on 127.0.0.1.
+    pub peer_port: u16,
+    child: Option<Child>,
+    bin: PathBuf,
+    data_dir: PathBuf,
+    log_path: PathBuf,
+    // Removed when the handle is dropped (after Drop::drop killed the process).
+    dir: TempDir,
+}
+
+impl Etcd {
+    /// Starts etcd on free loopback ports with a fresh data directory and waits until
+    /// `GET /health` reports `"health":"true"` (deadline 30 s).
+    pub async fn start() -> anyhow::Result<Etcd> {
+        let bin = etcd_bin();
+        let dir = tempfile::Builder::new()
+            .prefix("karri-etcd-")
+            .tempdir()
+            .context("creating etcd temp dir")?;
+        let data_dir = dir.path().join("data");
+        let log_path = dir.path().join("etcd.log");
+        let mut last_err = anyhow::anyhow!("etcd did not start");
+        for _ in 0..PORT_RETRIES {
+            let ports = free_ports(2)?;
+            let _ = std::fs::remove_file(&log_path);
+            let mut child = None;
+            match spawn_etcd(&bin, &data_dir, ports[0], ports[1], &log_path, &mut child).await {
+                Ok(()) => {
+                    return Ok(Etcd {
+                        endpoint: format!("http://127.0.0.1:{}", ports[0]),
+                        port: ports[0],
+                        peer_port: ports[1],
+                        child,
+                        bin,
+                        data_dir,
+                        log_path,
+                        dir,
+                    })
+                }
+                Err(e) => {
+                    kill_and_reap(&mut child);
+                    last_err = e;
+                    if !log_says_port_taken(&log_path) {
+                        break;
+                    }
+                    // Another process grabbed a port between probing and binding: retry with
+                    // fresh ports and a fresh data dir (a member dir remembers its peer URL).
+                    let _ = std::fs::remove_dir_all(&data_dir);
+                }
+            }
+        }
+        Err(last_err)
+    }
+
+    /// Kills the etcd process (SIGKILL) and waits for it. The data directory is kept, so
+    /// [`Etcd::restart`] brings back the same data. Calling it twice is harmless.
+    pub fn stop(&mut self) {
+        kill_and_reap(&mut self.child);
+    }
+
+    /// Stops etcd if it runs and starts it again on the same ports with the same data
+    /// directory, then waits for health.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        spawn_etcd(
+            &self.bin,
+            &self.data_dir,
+            self.port,
+            self.peer_port,
+            &self.log_path,
+            &mut self.child,
+        )
+        .await
+    }
+
+    /// The temporary directory holding the data directory and the log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The etcd data directory (inside the temp dir).
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The file that receives etcd's stdout and stderr.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// The last lines of etcd's log, for error messages.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log_path, LOG_TAIL_LINES)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        kill_and_reap(&mut self.child);
+    }
+}
+
+/// The real `api-gateway` binary running as a child process on a loopback port.
+///
+/// The binary is `$KARRI_BIN_DIR/api-gateway`, by default `<workspace>/target/debug/api-gateway`
+/// (build it with `cargo build --workspace --bins`). Dropping the handle kills the process.
+#[derive(Debug)]
+pub struct Gateway {
+    /// Port on 127.0.0.1 the gateway listens on.
+    pub port: u16,
+    /// The etcd endpoint(s) passed to `--etcd-endpoints`.
+    pub etcd_endpoint: String,
+    child: Option<Child>,
+    bin: PathBuf,
+    tokens_path: PathBuf,
+    log_path: PathBuf,
+    // Removed when the handle is dropped (after Drop::drop killed the process).
+    dir: TempDir,
+}
+
+impl Gateway {
+    /// Writes `tokens` to a tokens file, starts the gateway on a free loopback port against
+    /// `etcd_endpoint` and waits until `GET /readyz` answers 200 (deadline 30 s).
+    pub async fn start(etcd_endpoint: &str, tokens: &Tokens) -> anyhow::Result<Gateway> {
+        let bin = bin_dir().join("api-gateway");
+        if !bin.is_file() {
+            bail!(
+                "{} not found: run `cargo build --workspace --bins` first \
+                 (or point KARRI_BIN_DIR at a directory containing api-gateway)",
+                bin.display()
+            );
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("karri-gateway-")
+            .tempdir()
+            .context("creating gateway temp dir")?;
+        let tokens_path = dir.path().join("tokens.yaml");
+        std::fs::write(&tokens_path, tokens.to_yaml())
+            .with_context(|| format!("writing {}", tokens_path.display()))?;
+        let log_path = dir.path().join("api-gateway.log");
+        let mut last_err = anyhow::anyhow!("api-gateway did not start");
+        for _ in 0..PORT_RETRIES {
+            let port = free_ports(1)?[0];
+            let _ = std::fs::remove_file(&log_path);
+            let mut child = None;
+            let spawned = spawn_gateway(
+                &bin,
+                port,
+                etcd_endpoint,
+                &tokens_path,
+                &log_path,
+                &mut child,
+            )
+            .await;
+            match spawned {
+                Ok(()) => {
+                    return Ok(Gateway {
+                        port,
+                        etcd_endpoint: etcd_endpoint.to_string(),
+                        child,
+                        bin,
+                        tokens_path,
+                        log_path,
+                        dir,
+                    })
+                }
+                Err(e) => {
+                    kill_and_reap(&mut child);
+                    last_err = e;
+                    if !log_says_port_taken(&log_path) {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last_err)
+    }
+
+    /// Base URL, e.g. `http://127.0.0.1:41235`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the gateway (SIGKILL) and waits for it. Calling it twice is harmless.
+    pub fn stop(&mut self) {
+        kill_and_reap(&mut self.child);
+    }
+
+    /// Kills the gateway and starts it again on the same port with the same tokens file and
+    /// etcd endpoint, then waits for `/readyz`.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        spawn_gateway(
+            &self.bin,
+            self.port,
+            &self.etcd_endpoint,
+            &self.tokens_path,
+            &self.log_path,
+            &mut self.child,
+        )
+        .await
+    }
+
+    /// The temporary directory holding the tokens file and the log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The tokens file the gateway was started with.
+    pub fn tokens_path(&self) -> &Path {
+        &self.tokens_path
+    }
+
+    /// The file that receives the gateway's stdout and stderr.
+    pub fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+
+    /// The last lines of the gateway's log, for error messages and assertions.
+    pub fn log_tail(&self) -> String {
+        log_tail(&self.log_path, LOG_TAIL_LINES)
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        kill_and_reap(&mut self.child);
+    }
+}
+
+/// Bearer tokens for a test cluster, written as the gateway's tokens file by
+/// [`Tokens::to_yaml`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tokens {
+    /// Token of user `admin` (role `admin`).
+    pub admin: String,
+    /// Token of user `operator` (role `operator`).
+    pub operator: String,
+    /// `(node name, token)` for each node agent (role `node`, user = node name).
+    pub nodes: Vec<(String, String)>,
+    /// `(namespace, token)` for each account (role `account`, user = namespace).
+    pub accounts: Vec<(String, String)>,
+}
+
+impl Tokens {
+    /// Fresh random tokens for admin, operator, one per node and one per account namespace.
+    pub fn generate(nodes: &[&str], account_namespaces: &[&str]) -> Tokens {
+        Tokens {
+            admin: random_token(),
+            operator: random_token(),
+            nodes: nodes
+                .iter()
+                .map(|n| (n.to_string(), random_token()))
+                .collect(),
+            accounts: account_namespaces
+                .iter()
+                .map(|ns| (ns.to_string(), random_token()))
+                .collect(),
+        }
+    }
+
+    /// The token of node `node`, if it has one.
+    pub fn node(&self, node: &str) -> Option<&str> {
+        self.nodes
+            .iter()
+            .find(|(n, _)| n == node)
+            .map(|(_, t)| t.as_str())
+    }
+
+    /// The token of the account owning namespace `namespace`, if it has one.
+    pub fn account(&self, namespace: &str) -> Option<&str> {
+        self.accounts
+            .iter()
+            .find(|(ns, _)| ns == namespace)
+            .map(|(_, t)| t.as_str())
+    }
+
+    /// The gateway's tokens file:
+    ///
+    /// ```yaml
+    /// tokens:
+    ///   - token: <t>
+    ///     user: admin
+    ///     role: admin
+    ///   - token: <t>
+    ///     user: node-1
+    ///     role: node
+    ///     node: node-1
+    ///   - token: <t>
+    ///     user: team-a
+    ///     role: account
+    ///     namespace: team-a
+    /// ```
+    pub fn to_yaml(&self) -> String {
+        let mut out = String::from("tokens:\n");
+        let mut entry = |token: &str, user: &str, role: &str, extra: Option<(&str, &str)>| {
+            out.push_str(&format!(
+                "  - token: {}\n    user: {}\n    role: {role}\n",
+                yaml_scalar(token),
+                yaml_scalar(user)
+            ));
+            if let Some((key, value)) = extra {
+                out.push_str(&format!("    {key}: {}\n", yaml_scalar(value)));
+            }
+        };
+        entry(&self.admin, "admin", "admin", None);
+        entry(&self.operator, "operator", "operator", None);
+        for (node, token) in &self.nodes {
+            entry(token, node, "node", Some(("node", node)));
+        }
+        for (ns, token) in &self.accounts {
+            entry(token, ns, "account", Some(("namespace", ns)));
+        }
+        out
+    }
+}
+
+/// Writes a kubeconfig for `server` authenticating with bearer `token`, default namespace
+/// `namespace`, into `dir` and returns its path.
+///
+/// Cluster, user and context are all named `karri`. The file name is derived from the token
+/// (`kubeconfig-<token prefix>`), so kubeconfigs for different tokens can share one directory.
+pub fn write_kubeconfig(
+    dir: &Path,
+    server: &str,
+    token: &str,
+    namespace: &str,
+) -> anyhow::Result<PathBuf> {
+    let tag: String = token
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .take(12)
+        .collect();
+    let name = if tag.is_empty() {
+        "kubeconfig".to_string()
+    } else {
+        format!("kubeconfig-{tag}")
+    };
+    let path = dir.join(name);
+    let yaml = format!(
+        "apiVersion: v1\n\
+         kind: Config\n\
+         clusters:\n\
+         - name: karri\n\
+         \x20 cluster:\n\
+         \x20   server: {server}\n\
+         users:\n\
+         - name: karri\n\
+         \x20 user:\n\
+         \x20   token: {token}\n\
+         contexts:\n\
+         - name: karri\n\
+         \x20 context:\n\
+         \x20   cluster: karri\n\
+         \x20   user: karri\n\
+         \x20   namespace: {namespace}\n\
+         current-context: karri\n",
+        server = yaml_scalar(server),
+        token = yaml_scalar(token),
+        namespace = yaml_scalar(namespace),
+    );
+    std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// Runs `kubectl --kubeconfig <kubeconfig> <args...>` and returns its output.
+///
+/// The binary is `$KARRI_KUBECTL` if set, else `kubectl` from `PATH`. kubectl's discovery
+/// cache goes into `kubectl-cache/` next to the kubeconfig, so a port reused by a later test
+/// never sees stale API discovery. If kubectl cannot be started the output has exit code 127
+/// and the reason in stderr.
+pub fn kubectl(kubeconfig: &Path, args: &[&str]) -> Output {
+    let bin = std::env::var_os("KARRI_KUBECTL").unwrap_or_else(|| "kubectl".into());
+    let cache_dir = kubeconfig
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join("kubectl-cache");
+    let result = Command::new(&bin)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--cache-dir")
+        .arg(&cache_dir)
+        .args(args)
+        .stdin(Stdio::null())
+        .output();
+    match result {
+        Ok(out) => out,
+        Err(e) => {
+            use std::os::unix::process::ExitStatusExt;
+            Output {
+                status: std::process::ExitStatus::from_raw(127 << 8),
+                stdout: Vec::new(),
+                stderr: format!("cannot run {}: {e}", Path::new(&bin).display()).into_bytes(),
+            }
+        }
+    }
+}
+
+/// Like [`kubectl`], but returns stdout and fails (with args, exit status, stderr and stdout in
+/// the message) when kubectl exits non-zero.
+pub fn kubectl_ok(kubeconfig: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let out = kubectl(kubeconfig, args);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "kubectl {} failed ({}):\nstderr:\n{}\nstdout:\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim_end(),
+            stdout.trim_end()
+        );
+    }
+    Ok(stdout)
+}
+
+/// The workspace root (the directory holding the workspace `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let root = manifest.parent().unwrap_or(manifest);
+    root.canonicalize().unwrap_or_else(|_| root.to_path_buf())
+}
+
+/// Where the workspace binaries are: `$KARRI_BIN_DIR`, else `<workspace>/target/debug`.
+pub fn bin_dir() -> PathBuf {
+    match std::env::var_os("KARRI_BIN_DIR") {
+        Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+        _ => workspace_root().join("target").join("debug"),
+    }
+}
+
+/// A random token: 18 bytes from `/dev/urandom`, hex-encoded (36 characters).
+pub fn random_token() -> String {
+    let mut bytes = [0u8; 18];
+    let from_urandom = File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if from_urandom.is_err() {
+        // Not expected on Linux; fall back to std's per-process random hash keys.
+        use std::hash::{BuildHasher, Hasher};
+        for chunk in bytes.chunks_mut(8) {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or_default(),
+            );
+            let v = h.finish().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `n` distinct free TCP ports on 127.0.0.1 (bound together, then released).
+pub fn free_ports(n: usize) -> anyhow::Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()
+        .context("binding 127.0.0.1:0 to find a free port")?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
+/// The last `lines` lines of the file at `path` (empty if it cannot be read).
+pub fn log_tail(path: &Path, lines: usize) -> String {
+    let text = match std::fs::read(path) {
+        Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        Err(e) => return format!("<cannot read {}: {e}>", path.display()),
+    };
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+fn etcd_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("KARRI_ETCD_BIN").filter(|b| !b.is_empty()) {
+        return PathBuf::from(bin);
+    }
+    let debian = Path::new("/usr/bin/etcd");
+    if debian.is_file() {
+        debian.to_path_buf()
+    } else {
+        PathBuf::from("etcd")
+    }
+}
+
+fn log_files(path: &Path) -> anyhow::Result<(File, File)> {
+    let out = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening log {}", path.display()))?;
+    let err = out.try_clone().context("cloning log file handle")?;
+    Ok((out, err))
+}
+
+fn kill_and_reap(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+fn log_says_port_taken(path: &Path) -> bool {
+    std::fs::read_to_string(path)
+        .map(|s| s.contains("address already in use") || s.contains("Address already in use"))
+        .unwrap_or(false)
+}
+
+/// Quotes a YAML scalar when it is not a plain safe word.
+fn yaml_scalar(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:".contains(c))
+        && !s.starts_with(['-', ':', '.'])
+        && !matches!(
+            s.to_ascii_lowercase().as_str(),
+            "true" | "false" | "yes" | "no" | "on" | "off" | "null" | "~"
+        )
+        && s.parse::<f64>().is_err();
+    if plain {
+        s.to_string()
+    } else {
+        format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+    }
+}
+
+/// Spawns etcd into `child` and waits for `/health`.
+async fn spawn_etcd(
+    bin: &Path,
+    data_dir: &Path,
+    port: u16,
+    peer_port: u16,
+    log_path: &Path,
+    child: &mut Option<Child>,
+) -> anyhow::Result<()> {
+    let client = format!("http://127.0.0.1:{port}");
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    let (stdout, stderr) = log_files(log_path)?;
+    let spawned = Command::new(bin)
+        .arg("--name")
+        .arg("karri-test")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--listen-client-urls")
+        .arg(&client)
+        .arg("--advertise-client-urls")
+        .arg(&client)
+        .arg("--listen-peer-urls")
+        .arg(&peer)
+        .arg("--initial-advertise-peer-urls")
+        .arg(&peer)
+        .arg("--initial-cluster")
+        .arg(format!("karri-test={peer}"))
+        .arg("--initial-cluster-state")
+        .arg("new")
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .with_context(|| {
+            format!(
+                "spawning {} (install Debian's etcd-server or set KARRI_ETCD_BIN)",
+                bin.display()
+            )
+        })?;
+    *child = Some(spawned);
+    let url = format!("{client}/health");
+    let healthy = |body: &str| body.replace(' ', "").contains("\"health\":\"true\"");
+    wait_ready("etcd", &url, healthy, child, log_path).await
+}
+
+/// Spawns the gateway into `child` and waits for `/readyz`.
+async fn spawn_gateway(
+    bin: &Path,
+    port: u16,
+    etcd_endpoint: &str,
+    tokens_path: &Path,
+    log_path: &Path,
+    child: &mut Option<Child>,
+) -> anyhow::Result<()> {
+    let (stdout, stderr) = log_files(log_path)?;
+    let spawned = Command::new(bin)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--etcd-endpoints")
+        .arg(etcd_endpoint)
+        .arg("--tokens-file")
+        .arg(tokens_path)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .spawn()
+        .with_context(|| format!("spawning {}", bin.display()))?;
+    *child = Some(spawned);
+    let url = format!("http://127.0.0.1:{port}/readyz");
+    wait_ready("api-gateway", &url, |_| true, child, log_path).await
+}
+
+/// Polls `url` every [`POLL_INTERVAL`] until it answers 200 with a body accepted by `ok`,
+/// failing early if the child exits and after [`READY_DEADLINE`] otherwise.
+async fn wait_ready(
+    what: &str,
+    url: &str,
+    ok: impl Fn(&str) -> bool,
+    child: &mut Option<Child>,
+    log_path: &Path,
+) -> anyhow::Result<()> {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .context("building HTTP client")?;
+    let start = Instant::now();
+    loop {
+        if let Some(c) = child.as_mut() {
+            if let Ok(Some(status)) = c.try_wait() {
+                child.take();
+                bail!(
+                    "{what} exited with {status} before becoming ready ({url}); log tail:\n{}",
+                    log_tail(log_path, LOG_TAIL_LINES)
+                );
+            }
+        }
+        let last = match client.get(url).send().await {
+            Ok(resp) => {
+                let status = resp.status();
+                let body = resp.text().await.unwrap_or_default();
+                if status.is_success() && ok(&body) {
+                    return Ok(());
+                }
+                format!("HTTP {status}: {}", body.trim())
+            }
+            Err(e) => e.to_string(),
+        };
+        if start.elapsed() >= READY_DEADLINE {
+            bail!(
+                "{what} not ready at {url} after {:?} (last: {last}); log tail:\n{}",
+                READY_DEADLINE,
+                log_tail(log_path, LOG_TAIL_LINES)
+            );
+        }
+        tokio::time::sleep(POLL_INTERVAL).await;
+    }
+}
