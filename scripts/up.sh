@@ -18,7 +18,8 @@ STATE_DIR="$(cd "$STATE_DIR" && pwd)"
 LOGS="$STATE_DIR/logs"
 PIDS="$STATE_DIR/pids"
 ETCD_URL="http://127.0.0.1:$ETCD_PORT"
-API_URL="http://127.0.0.1:$API_PORT"
+API_URL="https://127.0.0.1:$API_PORT"
+PKI="$STATE_DIR/pki"
 
 say() { printf 'up: %s\n' "$*"; }
 die() { printf 'up: %s\n' "$*" >&2; exit 1; }
@@ -49,11 +50,13 @@ stop_pid() {
   rm -f "$1"
 }
 
-# wait_http NAME URL PIDFILE LOG SECONDS: poll URL until it answers 2xx; fail if the process dies.
+# wait_http NAME URL PIDFILE LOG SECONDS [CURL ARGS]: poll URL until it answers 2xx; fail if
+# the process dies.
 wait_http() {
   local name="$1" url="$2" pidfile="$3" log="$4" secs="$5" deadline
+  shift 5
   deadline=$((SECONDS + secs))
-  until curl_q -o /dev/null "$url" 2>/dev/null; do
+  until curl_q "$@" -o /dev/null "$url" 2>/dev/null; do
     if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
       tail -n 30 "$log" >&2 || true
       die "$name exited during startup (log: $log)"
@@ -135,8 +138,10 @@ say "starting api-gateway at $API_URL"
 start_bg "$GW_PID" "$LOGS/api-gateway.log" "$GATEWAY_BIN" \
   --listen "127.0.0.1:$API_PORT" \
   --etcd-endpoints "$ETCD_URL" \
-  --tokens-file "$TOKENS"
-wait_http api-gateway "$API_URL/readyz" "$GW_PID" "$LOGS/api-gateway.log" 60
+  --tokens-file "$TOKENS" \
+  --cert-dir "$PKI"
+# The gateway writes its CA into $PKI on first start; curl trusts exactly that CA.
+wait_http api-gateway "$API_URL/readyz" "$GW_PID" "$LOGS/api-gateway.log" 60 --cacert "$PKI/ca.crt"
 
 # --- kubeconfig, then karri.env (its presence means: up and ready) --------------------------
 KUBECONFIG_FILE="$STATE_DIR/kubeconfig"
@@ -149,6 +154,7 @@ clusters:
 - name: karri
   cluster:
     server: $API_URL
+    certificate-authority: $PKI/ca.crt
 users:
 - name: admin
   user:

@@ -226,9 +226,30 @@ impl Gateway {
         Err(last_err)
     }
 
-    /// Base URL, e.g. `http://127.0.0.1:41235`.
+    /// Base URL, e.g. `https://127.0.0.1:41235`.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// The CA certificate that signed the gateway's serving certificate.
+    pub fn ca_path(&self) -> PathBuf {
+        pki_dir(&self.tokens_path).join("ca.crt")
+    }
+
+    /// A kubeconfig for this gateway with `token`, default namespace `namespace`.
+    pub fn kubeconfig(&self, token: &str, namespace: &str) -> anyhow::Result<PathBuf> {
+        write_kubeconfig(
+            self.dir(),
+            &self.url(),
+            Some(&self.ca_path()),
+            token,
+            namespace,
+        )
+    }
+
+    /// An HTTP client that trusts the gateway's CA.
+    pub fn client(&self) -> anyhow::Result<reqwest::Client> {
+        http_client(Some(&self.ca_path()))
     }
 
     /// Kills the gateway (SIGKILL) and waits for it. Calling it twice is harmless.
@@ -373,6 +394,7 @@ impl Tokens {
 pub fn write_kubeconfig(
     dir: &Path,
     server: &str,
+    ca: Option<&Path>,
     token: &str,
     namespace: &str,
 ) -> anyhow::Result<PathBuf> {
@@ -394,6 +416,7 @@ pub fn write_kubeconfig(
          - name: karri\n\
          \x20 cluster:\n\
          \x20   server: {server}\n\
+         {ca_line}\
          users:\n\
          - name: karri\n\
          \x20 user:\n\
@@ -406,6 +429,12 @@ pub fn write_kubeconfig(
          \x20   namespace: {namespace}\n\
          current-context: karri\n",
         server = yaml_scalar(server),
+        ca_line = ca
+            .map(|c| format!(
+                "    certificate-authority: {}\n",
+                yaml_scalar(&c.display().to_string())
+            ))
+            .unwrap_or_default(),
         token = yaml_scalar(token),
         namespace = yaml_scalar(namespace),
     );
@@ -620,6 +649,27 @@ async fn spawn_etcd(
     wait_ready("etcd", &url, healthy, child, log_path).await
 }
 
+/// The directory where the gateway keeps its generated CA and serving certificate: `pki/`
+/// beside the given file in the gateway's temp dir.
+fn pki_dir(sibling: &Path) -> PathBuf {
+    sibling
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join("pki")
+}
+
+/// An HTTP client trusting `ca` (the gateway's generated CA) when given.
+pub fn http_client(ca: Option<&Path>) -> anyhow::Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30));
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        b = b.add_root_certificate(reqwest::Certificate::from_pem(&pem).context("parsing the CA")?);
+    }
+    b.build().context("building HTTP client")
+}
+
 /// Spawns the gateway into `child` and waits for `/readyz`.
 async fn spawn_gateway(
     bin: &Path,
@@ -637,13 +687,15 @@ async fn spawn_gateway(
         .arg(etcd_endpoint)
         .arg("--tokens-file")
         .arg(tokens_path)
+        .arg("--cert-dir")
+        .arg(pki_dir(tokens_path))
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)
         .spawn()
         .with_context(|| format!("spawning {}", bin.display()))?;
     *child = Some(spawned);
-    let url = format!("http://127.0.0.1:{port}/readyz");
+    let url = format!("https://127.0.0.1:{port}/readyz");
     wait_ready("api-gateway", &url, |_| true, child, log_path).await
 }
 
@@ -656,13 +708,12 @@ async fn wait_ready(
     child: &mut Option<Child>,
     log_path: &Path,
 ) -> anyhow::Result<()> {
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(2))
-        .build()
-        .context("building HTTP client")?;
+    let ca = url
+        .starts_with("https://")
+        .then(|| pki_dir(log_path).join("ca.crt"));
     let start = Instant::now();
     loop {
+        let client = http_client(ca.as_deref().filter(|c| c.exists()))?;
         if let Some(c) = child.as_mut() {
             if let Ok(Some(status)) = c.try_wait() {
                 child.take();

@@ -76,8 +76,8 @@ fn tokens_yaml_has_the_gateway_format() {
 #[test]
 fn kubeconfig_is_written() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let a = write_kubeconfig(dir.path(), "http://127.0.0.1:1", "abc123", "default")?;
-    let b = write_kubeconfig(dir.path(), "http://127.0.0.1:1", "def456", "team-a")?;
+    let a = write_kubeconfig(dir.path(), "http://127.0.0.1:1", None, "abc123", "default")?;
+    let b = write_kubeconfig(dir.path(), "http://127.0.0.1:1", None, "def456", "team-a")?;
     assert_ne!(a, b);
     let text = std::fs::read_to_string(&b)?;
     assert!(text.contains("server: http://127.0.0.1:1"));
