@@ -15,7 +15,7 @@ pub struct ApiError {
     /// Human-readable message.
     pub message: String,
     /// Optional details: the kind and name the error is about, and field causes.
-    pub details: Option<StatusDetails>,
+    pub details: Option<Box<StatusDetails>>,
 }
 
 /// The `details` of a Kubernetes `Status`.
@@ -137,12 +137,12 @@ impl ApiError {
             "Invalid",
             format!("{kind}.{} \"{name}\" is invalid: {summary}", crds::GROUP),
         );
-        e.details = Some(StatusDetails {
+        e.details = Some(Box::new(StatusDetails {
             name: name.to_string(),
             group: crds::GROUP.to_string(),
             kind: kind.to_string(),
             causes,
-        });
+        }));
         e
     }
     /// 500 InternalError: something went wrong that the caller cannot fix.
@@ -159,12 +159,12 @@ impl ApiError {
     }
 
     fn with_details(mut self, plural: &str, name: &str) -> Self {
-        self.details = Some(StatusDetails {
+        self.details = Some(Box::new(StatusDetails {
             name: name.to_string(),
             group: crds::GROUP.to_string(),
             kind: plural.to_string(),
             causes: Vec::new(),
-        });
+        }));
         self
     }
 

@@ -43,7 +43,10 @@ async fn start_registry(client: &Client) -> anyhow::Result<(Arc<Registry>, Arc<M
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut rx = registry.cache.subscribe();
     while !registry.ready() {
-        if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+        if tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .is_err()
+        {
             bail!("the watch cache did not sync");
         }
     }
@@ -54,7 +57,10 @@ async fn harness() -> anyhow::Result<Harness> {
     let etcd = Etcd::start().await?;
     let client = Client::connect([etcd.endpoint.clone()], None).await?;
     let (registry, metrics) = start_registry(&client).await?;
-    let instances = registry.kinds.by_plural("instances").context("instances kind")?;
+    let instances = registry
+        .kinds
+        .by_plural("instances")
+        .context("instances kind")?;
     Ok(Harness {
         _etcd: etcd,
         client,
@@ -68,12 +74,24 @@ impl Harness {
     async fn create(&self, name: &str) -> anyhow::Result<Value> {
         Ok(self
             .registry
-            .create(&self.instances, Some("acme"), instance(name), &admin(), WriteOptions::default())
+            .create(
+                &self.instances,
+                Some("acme"),
+                instance(name),
+                &admin(),
+                WriteOptions::default(),
+            )
             .await?
             .object)
     }
 
-    async fn set_spec(&self, name: &str, field: &str, value: &str, pin: Option<i64>) -> Result<Value, ApiError> {
+    async fn set_spec(
+        &self,
+        name: &str,
+        field: &str,
+        value: &str,
+        pin: Option<i64>,
+    ) -> Result<Value, ApiError> {
         let (field, value) = (field.to_string(), value.to_string());
         let mut change = move |cur: &Value| {
             let mut next = cur.clone();
@@ -81,7 +99,16 @@ impl Harness {
             Ok(next)
         };
         self.registry
-            .update_with(&self.instances, Some("acme"), name, &admin(), Subresource::Main, pin, WriteOptions::default(), &mut change)
+            .update_with(
+                &self.instances,
+                Some("acme"),
+                name,
+                &admin(),
+                Subresource::Main,
+                pin,
+                WriteOptions::default(),
+                &mut change,
+            )
             .await
             .map(|w| w.object)
     }
@@ -108,7 +135,9 @@ fn rv(v: &Value) -> i64 {
 }
 
 fn generation(v: &Value) -> i64 {
-    v.pointer("/metadata/generation").and_then(Value::as_i64).expect("generation is set")
+    v.pointer("/metadata/generation")
+        .and_then(Value::as_i64)
+        .expect("generation is set")
 }
 
 async fn next_event(rx: &mut Receiver<WatchEvent>) -> anyhow::Result<WatchEvent> {
@@ -122,7 +151,9 @@ async fn next_event(rx: &mut Receiver<WatchEvent>) -> anyhow::Result<WatchEvent>
 fn describe(ev: &WatchEvent) -> String {
     match ev {
         WatchEvent::Added(o) => format!("ADDED {} {}", o.value["metadata"]["name"], o.revision),
-        WatchEvent::Modified(o) => format!("MODIFIED {} {}", o.value["metadata"]["name"], o.revision),
+        WatchEvent::Modified(o) => {
+            format!("MODIFIED {} {}", o.value["metadata"]["name"], o.revision)
+        }
         WatchEvent::Deleted(o) => format!("DELETED {} {}", o.value["metadata"]["name"], o.revision),
         WatchEvent::Bookmark { revision, .. } => format!("BOOKMARK {revision}"),
         WatchEvent::Error(e) => format!("ERROR {} {}", e.code, e.message),
@@ -130,26 +161,43 @@ fn describe(ev: &WatchEvent) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resource_version_is_the_etcd_mod_revision_and_stale_updates_conflict() -> anyhow::Result<()> {
+async fn resource_version_is_the_etcd_mod_revision_and_stale_updates_conflict() -> anyhow::Result<()>
+{
     let h = harness().await?;
     let created = h.create("web").await?;
     let mut kv = h.client.kv_client();
-    let stored = kv.get("/karri/registry/karri.dev/instances/acme/web", None).await?;
+    let stored = kv
+        .get("/karri/registry/karri.dev/instances/acme/web", None)
+        .await?;
     assert_eq!(rv(&created), stored.kvs()[0].mod_revision());
 
-    let updated = h.set_spec("web", "keyName", "k1", Some(rv(&created))).await?;
+    let updated = h
+        .set_spec("web", "keyName", "k1", Some(rv(&created)))
+        .await?;
     assert!(rv(&updated) > rv(&created));
-    let stale = h.set_spec("web", "keyName", "k2", Some(rv(&created))).await.expect_err("stale version");
+    let stale = h
+        .set_spec("web", "keyName", "k2", Some(rv(&created)))
+        .await
+        .expect_err("stale version");
     assert_eq!((stale.code, stale.reason), (409, "Conflict"));
-    let now = h.registry.get(&h.instances, Some("acme"), "web", &admin()).await?;
-    assert_eq!(now["spec"]["keyName"], "k1", "a conflicting update changes nothing");
+    let now = h
+        .registry
+        .get(&h.instances, Some("acme"), "web", &admin())
+        .await?;
+    assert_eq!(
+        now["spec"]["keyName"], "k1",
+        "a conflicting update changes nothing"
+    );
 
     // Unpinned concurrent writers are serialised by compare-and-swap: none is lost.
     let values: Vec<String> = (0..8).map(|i| format!("key-{i}")).collect();
     let writes = values.iter().map(|v| h.set_spec("web", "keyName", v, None));
     let results = futures::future::join_all(writes).await;
     assert!(results.iter().all(Result::is_ok), "{results:?}");
-    assert!(h.metrics.render().contains("karri_gateway_conflict_retries_total"));
+    assert!(h
+        .metrics
+        .render()
+        .contains("karri_gateway_conflict_retries_total"));
     Ok(())
 }
 
@@ -158,7 +206,9 @@ async fn generation_counts_spec_changes_and_status_writes_never_bump_it() -> any
     let h = harness().await?;
     let created = h.create("web").await?;
     assert_eq!(generation(&created), 1);
-    assert!(created["metadata"]["uid"].as_str().is_some_and(|u| !u.is_empty()));
+    assert!(created["metadata"]["uid"]
+        .as_str()
+        .is_some_and(|u| !u.is_empty()));
     assert!(created["metadata"]["creationTimestamp"].is_string());
 
     let mut relabel = |cur: &Value| {
@@ -168,10 +218,23 @@ async fn generation_counts_spec_changes_and_status_writes_never_bump_it() -> any
     };
     let relabeled = h
         .registry
-        .update_with(&h.instances, Some("acme"), "web", &admin(), Subresource::Main, None, WriteOptions::default(), &mut relabel)
+        .update_with(
+            &h.instances,
+            Some("acme"),
+            "web",
+            &admin(),
+            Subresource::Main,
+            None,
+            WriteOptions::default(),
+            &mut relabel,
+        )
         .await?
         .object;
-    assert_eq!(generation(&relabeled), 1, "metadata changes keep the generation");
+    assert_eq!(
+        generation(&relabeled),
+        1,
+        "metadata changes keep the generation"
+    );
 
     let spec = h.set_spec("web", "keyName", "k1", None).await?;
     assert_eq!(generation(&spec), 2);
@@ -184,12 +247,24 @@ async fn generation_counts_spec_changes_and_status_writes_never_bump_it() -> any
     };
     let with_status = h
         .registry
-        .update_with(&h.instances, Some("acme"), "web", &admin(), Subresource::Status, None, WriteOptions::default(), &mut status)
+        .update_with(
+            &h.instances,
+            Some("acme"),
+            "web",
+            &admin(),
+            Subresource::Status,
+            None,
+            WriteOptions::default(),
+            &mut status,
+        )
         .await?
         .object;
     assert_eq!(generation(&with_status), 2);
     assert_eq!(with_status["status"]["state"], "running");
-    assert_eq!(with_status["spec"]["keyName"], "k1", "a status write leaves spec alone");
+    assert_eq!(
+        with_status["spec"]["keyName"], "k1",
+        "a status write leaves spec alone"
+    );
 
     let mut spec_write_with_status = |cur: &Value| {
         let mut next = cur.clone();
@@ -198,10 +273,22 @@ async fn generation_counts_spec_changes_and_status_writes_never_bump_it() -> any
     };
     let after = h
         .registry
-        .update_with(&h.instances, Some("acme"), "web", &admin(), Subresource::Main, None, WriteOptions::default(), &mut spec_write_with_status)
+        .update_with(
+            &h.instances,
+            Some("acme"),
+            "web",
+            &admin(),
+            Subresource::Main,
+            None,
+            WriteOptions::default(),
+            &mut spec_write_with_status,
+        )
         .await?
         .object;
-    assert_eq!(after["status"]["state"], "running", "a spec write ignores status");
+    assert_eq!(
+        after["status"]["state"], "running",
+        "a spec write ignores status"
+    );
     Ok(())
 }
 
@@ -213,7 +300,13 @@ async fn watch_resumes_from_a_revision_with_every_later_change_in_order() -> any
     h.create("b").await?;
     h.set_spec("a", "keyName", "k", None).await?;
     h.registry
-        .delete(&h.instances, Some("acme"), "b", &admin(), &DeleteOptions::default())
+        .delete(
+            &h.instances,
+            Some("acme"),
+            "b",
+            &admin(),
+            &DeleteOptions::default(),
+        )
         .await?;
 
     let mut rx = h.watch(Some(start));
@@ -221,17 +314,31 @@ async fn watch_resumes_from_a_revision_with_every_later_change_in_order() -> any
     for _ in 0..3 {
         seen.push(describe(&next_event(&mut rx).await?));
     }
-    let kinds: Vec<&str> = seen.iter().map(|s| s.split(' ').next().unwrap_or("")).collect();
+    let kinds: Vec<&str> = seen
+        .iter()
+        .map(|s| s.split(' ').next().unwrap_or(""))
+        .collect();
     assert_eq!(kinds, ["ADDED", "MODIFIED", "DELETED"], "{seen:?}");
-    let revs: Vec<i64> = seen.iter().filter_map(|s| s.rsplit(' ').next()?.parse().ok()).collect();
+    let revs: Vec<i64> = seen
+        .iter()
+        .filter_map(|s| s.rsplit(' ').next()?.parse().ok())
+        .collect();
     assert!(revs.windows(2).all(|w| w[0] < w[1]), "in order: {revs:?}");
-    assert!(revs.iter().all(|r| *r > start), "nothing at or before {start}: {revs:?}");
+    assert!(
+        revs.iter().all(|r| *r > start),
+        "nothing at or before {start}: {revs:?}"
+    );
 
     // Changes after the watch started arrive too, exactly once.
     h.create("c").await?;
     let ev = describe(&next_event(&mut rx).await?);
     assert!(ev.starts_with("ADDED \"c\""), "{ev}");
-    assert!(tokio::time::timeout(Duration::from_millis(300), rx.recv()).await.is_err(), "no repeats");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), rx.recv())
+            .await
+            .is_err(),
+        "no repeats"
+    );
     Ok(())
 }
 
@@ -273,12 +380,26 @@ async fn watch_from_a_compacted_revision_is_gone_and_a_relist_recovers() -> anyh
         resource_version_match: Some("Exact".into()),
         ..Default::default()
     };
-    let err = fresh.list(&h.instances, Some("acme"), &admin(), &exact).await.expect_err("compacted");
+    let err = fresh
+        .list(&h.instances, Some("acme"), &admin(), &exact)
+        .await
+        .expect_err("compacted");
     assert_eq!(err.code, 410);
 
     // Relist and watch from the list's revision: the current state, then only new changes.
-    let page = fresh.list(&h.instances, Some("acme"), &admin(), &ListOptions::default()).await?;
-    let names: Vec<&str> = page.items.iter().filter_map(|o| o.value["metadata"]["name"].as_str()).collect();
+    let page = fresh
+        .list(
+            &h.instances,
+            Some("acme"),
+            &admin(),
+            &ListOptions::default(),
+        )
+        .await?;
+    let names: Vec<&str> = page
+        .items
+        .iter()
+        .filter_map(|o| o.value["metadata"]["name"].as_str())
+        .collect();
     assert_eq!(names, ["a", "b"]);
     assert_eq!(page.items[0].value["spec"]["keyName"], "k4");
     let mut rx = fresh.watch(
@@ -303,15 +424,33 @@ async fn a_finalizer_holds_deletion_until_the_last_one_is_removed() -> anyhow::R
     let mut body = instance("web");
     body["metadata"]["finalizers"] = json!(["karri.dev/a", "karri.dev/b"]);
     h.registry
-        .create(&h.instances, Some("acme"), body, &admin(), WriteOptions::default())
+        .create(
+            &h.instances,
+            Some("acme"),
+            body,
+            &admin(),
+            WriteOptions::default(),
+        )
         .await?;
     let marked = h
         .registry
-        .delete(&h.instances, Some("acme"), "web", &admin(), &DeleteOptions::default())
+        .delete(
+            &h.instances,
+            Some("acme"),
+            "web",
+            &admin(),
+            &DeleteOptions::default(),
+        )
         .await?;
     assert!(marked["metadata"]["deletionTimestamp"].is_string());
-    let still = h.registry.get(&h.instances, Some("acme"), "web", &admin()).await?;
-    assert!(still["metadata"]["deletionTimestamp"].is_string(), "still there, terminating");
+    let still = h
+        .registry
+        .get(&h.instances, Some("acme"), "web", &admin())
+        .await?;
+    assert!(
+        still["metadata"]["deletionTimestamp"].is_string(),
+        "still there, terminating"
+    );
 
     let mut add = |cur: &Value| {
         let mut next = cur.clone();
@@ -320,7 +459,16 @@ async fn a_finalizer_holds_deletion_until_the_last_one_is_removed() -> anyhow::R
     };
     let refused = h
         .registry
-        .update_with(&h.instances, Some("acme"), "web", &admin(), Subresource::Main, None, WriteOptions::default(), &mut add)
+        .update_with(
+            &h.instances,
+            Some("acme"),
+            "web",
+            &admin(),
+            Subresource::Main,
+            None,
+            WriteOptions::default(),
+            &mut add,
+        )
         .await
         .expect_err("no new finalizers while terminating");
     assert_eq!(refused.code, 403);
@@ -332,69 +480,134 @@ async fn a_finalizer_holds_deletion_until_the_last_one_is_removed() -> anyhow::R
             Ok(next)
         };
         h.registry
-            .update_with(&h.instances, Some("acme"), "web", &admin(), Subresource::Main, None, WriteOptions::default(), &mut drop_one)
+            .update_with(
+                &h.instances,
+                Some("acme"),
+                "web",
+                &admin(),
+                Subresource::Main,
+                None,
+                WriteOptions::default(),
+                &mut drop_one,
+            )
             .await?;
     }
-    let gone = h.registry.get(&h.instances, Some("acme"), "web", &admin()).await.expect_err("deleted");
+    let gone = h
+        .registry
+        .get(&h.instances, Some("acme"), "web", &admin())
+        .await
+        .expect_err("deleted");
     assert_eq!(gone.code, 404);
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deleting_an_owner_cascades_to_its_dependents_and_orphan_keeps_them() -> anyhow::Result<()> {
+async fn deleting_an_owner_cascades_to_its_dependents_and_orphan_keeps_them() -> anyhow::Result<()>
+{
     let h = harness().await?;
     let owner = h.create("owner").await?;
-    let uid = owner["metadata"]["uid"].as_str().context("uid")?.to_string();
+    let uid = owner["metadata"]["uid"]
+        .as_str()
+        .context("uid")?
+        .to_string();
     for name in ["child-1", "child-2", "orphan-me"] {
         let mut body = instance(name);
         body["metadata"]["ownerReferences"] = json!([{"apiVersion": "karri.dev/v1alpha1", "kind": "Instance", "name": "owner", "uid": uid}]);
         if name == "orphan-me" {
             let other = h.create("owner-2").await?;
-            let uid2 = other["metadata"]["uid"].as_str().context("uid")?.to_string();
+            let uid2 = other["metadata"]["uid"]
+                .as_str()
+                .context("uid")?
+                .to_string();
             body["metadata"]["ownerReferences"] = json!([{"apiVersion": "karri.dev/v1alpha1", "kind": "Instance", "name": "owner-2", "uid": uid2}]);
         }
         h.registry
-            .create(&h.instances, Some("acme"), body, &admin(), WriteOptions::default())
+            .create(
+                &h.instances,
+                Some("acme"),
+                body,
+                &admin(),
+                WriteOptions::default(),
+            )
             .await?;
     }
-    let mut rx = h.watch(Some(rv(&h.registry.get(&h.instances, Some("acme"), "orphan-me", &admin()).await?)));
+    let mut rx = h.watch(Some(rv(&h
+        .registry
+        .get(&h.instances, Some("acme"), "orphan-me", &admin())
+        .await?)));
     h.registry
-        .delete(&h.instances, Some("acme"), "owner", &admin(), &DeleteOptions::default())
+        .delete(
+            &h.instances,
+            Some("acme"),
+            "owner",
+            &admin(),
+            &DeleteOptions::default(),
+        )
         .await?;
     let mut deleted = std::collections::BTreeSet::new();
     while deleted.len() < 3 {
         if let WatchEvent::Deleted(o) = next_event(&mut rx).await? {
-            deleted.insert(o.value["metadata"]["name"].as_str().unwrap_or("").to_string());
+            deleted.insert(
+                o.value["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+            );
         }
     }
-    assert_eq!(deleted.into_iter().collect::<Vec<_>>(), ["child-1", "child-2", "owner"]);
+    assert_eq!(
+        deleted.into_iter().collect::<Vec<_>>(),
+        ["child-1", "child-2", "owner"]
+    );
 
     let orphan_policy = DeleteOptions {
         propagation: Propagation::Orphan,
         ..Default::default()
     };
     h.registry
-        .delete(&h.instances, Some("acme"), "owner-2", &admin(), &orphan_policy)
+        .delete(
+            &h.instances,
+            Some("acme"),
+            "owner-2",
+            &admin(),
+            &orphan_policy,
+        )
         .await?;
-    let kept = h.registry.get(&h.instances, Some("acme"), "orphan-me", &admin()).await?;
+    let kept = h
+        .registry
+        .get(&h.instances, Some("acme"), "orphan-me", &admin())
+        .await?;
     assert!(
-        kept["metadata"]["ownerReferences"].as_array().is_none_or(|a| a.is_empty()),
+        kept["metadata"]["ownerReferences"]
+            .as_array()
+            .is_none_or(|a| a.is_empty()),
         "the orphan lost its owner reference: {kept}"
     );
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ids_are_indexed_in_the_same_transaction_and_removed_with_the_record() -> anyhow::Result<()> {
+async fn ids_are_indexed_in_the_same_transaction_and_removed_with_the_record() -> anyhow::Result<()>
+{
     let h = harness().await?;
     let created = h.create("web").await?;
-    let id = created["metadata"]["labels"]["karri.dev/id"].as_str().context("id label")?.to_string();
-    assert!(id.starts_with("i-") && id.len() == 19 && id[2..].chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+    let id = created["metadata"]["labels"]["karri.dev/id"]
+        .as_str()
+        .context("id label")?
+        .to_string();
+    assert!(
+        id.starts_with("i-") && id.len() == 19 && id[2..].chars().all(|c| c.is_ascii_hexdigit()),
+        "{id}"
+    );
     let found = h.registry.find_by_id(&id).await?.context("found by id")?;
     assert_eq!(found["metadata"]["name"], "web");
     let mut kv = h.client.kv_client();
     let idx = kv.get(format!("/karri/index/ids/{id}"), None).await?;
-    assert_eq!(idx.kvs()[0].mod_revision(), rv(&created), "index written in the record's transaction");
+    assert_eq!(
+        idx.kvs()[0].mod_revision(),
+        rv(&created),
+        "index written in the record's transaction"
+    );
 
     // The ID is immutable.
     let mut change_id = |cur: &Value| {
@@ -404,20 +617,42 @@ async fn ids_are_indexed_in_the_same_transaction_and_removed_with_the_record() -
     };
     let err = h
         .registry
-        .update_with(&h.instances, Some("acme"), "web", &admin(), Subresource::Main, None, WriteOptions::default(), &mut change_id)
+        .update_with(
+            &h.instances,
+            Some("acme"),
+            "web",
+            &admin(),
+            Subresource::Main,
+            None,
+            WriteOptions::default(),
+            &mut change_id,
+        )
         .await
         .expect_err("immutable");
     assert_eq!(err.code, 422);
 
     // A record named by its ID (as EC2 creates them) keeps that ID.
     let named = h.create("i-0123456789abcdef0").await?;
-    assert_eq!(named["metadata"]["labels"]["karri.dev/id"], "i-0123456789abcdef0");
+    assert_eq!(
+        named["metadata"]["labels"]["karri.dev/id"],
+        "i-0123456789abcdef0"
+    );
 
     h.registry
-        .delete(&h.instances, Some("acme"), "web", &admin(), &DeleteOptions::default())
+        .delete(
+            &h.instances,
+            Some("acme"),
+            "web",
+            &admin(),
+            &DeleteOptions::default(),
+        )
         .await?;
     assert!(h.registry.find_by_id(&id).await?.is_none());
-    assert!(kv.get(format!("/karri/index/ids/{id}"), None).await?.kvs().is_empty());
+    assert!(kv
+        .get(format!("/karri/index/ids/{id}"), None)
+        .await?
+        .kvs()
+        .is_empty());
     Ok(())
 }
 
@@ -431,23 +666,49 @@ async fn paginated_lists_read_one_revision_and_selectors_filter() -> anyhow::Res
         limit: 3,
         ..Default::default()
     };
-    let first = h.registry.list(&h.instances, Some("acme"), &admin(), &opts).await?;
+    let first = h
+        .registry
+        .list(&h.instances, Some("acme"), &admin(), &opts)
+        .await?;
     assert_eq!(first.items.len(), 3);
     // A write between pages does not show up in the rest of the walk.
     h.create("web-late").await?;
-    let mut names: Vec<String> = first.items.iter().map(|o| o.value["metadata"]["name"].to_string()).collect();
+    let mut names: Vec<String> = first
+        .items
+        .iter()
+        .map(|o| o.value["metadata"]["name"].to_string())
+        .collect();
     let mut token = first.continue_token.clone();
     while let Some(t) = token {
         opts.continue_token = Some(t);
-        let page = h.registry.list(&h.instances, Some("acme"), &admin(), &opts).await?;
+        let page = h
+            .registry
+            .list(&h.instances, Some("acme"), &admin(), &opts)
+            .await?;
         assert_eq!(page.revision, first.revision);
-        names.extend(page.items.iter().map(|o| o.value["metadata"]["name"].to_string()));
+        names.extend(
+            page.items
+                .iter()
+                .map(|o| o.value["metadata"]["name"].to_string()),
+        );
         token = page.continue_token;
     }
     assert_eq!(names.len(), 7, "{names:?}");
 
-    let everything = h.registry.list(&h.instances, Some("acme"), &admin(), &ListOptions::default()).await?;
-    assert_eq!(everything.items.len(), 8, "an unpaged list is consistent with the latest write");
+    let everything = h
+        .registry
+        .list(
+            &h.instances,
+            Some("acme"),
+            &admin(),
+            &ListOptions::default(),
+        )
+        .await?;
+    assert_eq!(
+        everything.items.len(),
+        8,
+        "an unpaged list is consistent with the latest write"
+    );
 
     let mut relabel = |cur: &Value| {
         let mut next = cur.clone();
@@ -455,15 +716,35 @@ async fn paginated_lists_read_one_revision_and_selectors_filter() -> anyhow::Res
         Ok(next)
     };
     h.registry
-        .update_with(&h.instances, Some("acme"), "web-2", &admin(), Subresource::Main, None, WriteOptions::default(), &mut relabel)
+        .update_with(
+            &h.instances,
+            Some("acme"),
+            "web-2",
+            &admin(),
+            Subresource::Main,
+            None,
+            WriteOptions::default(),
+            &mut relabel,
+        )
         .await?;
     let selected = ListOptions {
         labels: api_gateway::selectors::LabelSelector::parse("app=web,tier in (db)")?,
         ..Default::default()
     };
-    let db = h.registry.list(&h.instances, Some("acme"), &admin(), &selected).await?;
+    let db = h
+        .registry
+        .list(&h.instances, Some("acme"), &admin(), &selected)
+        .await?;
     assert_eq!(db.items.len(), 1);
-    let other_ns = h.registry.list(&h.instances, Some("globex"), &admin(), &ListOptions::default()).await?;
+    let other_ns = h
+        .registry
+        .list(
+            &h.instances,
+            Some("globex"),
+            &admin(),
+            &ListOptions::default(),
+        )
+        .await?;
     assert!(other_ns.items.is_empty());
     Ok(())
 }
@@ -490,11 +771,23 @@ async fn a_node_field_selector_watch_sees_bindings_come_and_go() -> anyhow::Resu
             Ok(next)
         };
         h.registry
-            .update_with(&h.instances, Some("acme"), "web", &admin(), Subresource::Status, None, WriteOptions::default(), &mut bind)
+            .update_with(
+                &h.instances,
+                Some("acme"),
+                "web",
+                &admin(),
+                Subresource::Status,
+                None,
+                WriteOptions::default(),
+                &mut bind,
+            )
             .await?;
     }
     assert!(describe(&next_event(&mut rx).await?).starts_with("ADDED"));
-    assert!(describe(&next_event(&mut rx).await?).starts_with("DELETED"), "moving away reads as a deletion");
+    assert!(
+        describe(&next_event(&mut rx).await?).starts_with("DELETED"),
+        "moving away reads as a deletion"
+    );
     Ok(())
 }
 
@@ -502,7 +795,10 @@ async fn a_node_field_selector_watch_sees_bindings_come_and_go() -> anyhow::Resu
 async fn a_hundred_watchers_of_a_kind_cost_one_etcd_watch() -> anyhow::Result<()> {
     let h = harness().await?;
     let etcd_watchers = || async {
-        let body = reqwest::get(format!("{}/metrics", h._etcd.endpoint)).await?.text().await?;
+        let body = reqwest::get(format!("{}/metrics", h._etcd.endpoint))
+            .await?
+            .text()
+            .await?;
         let line = body
             .lines()
             .find(|l| l.starts_with("etcd_debugging_mvcc_watcher_total "))
@@ -518,6 +814,9 @@ async fn a_hundred_watchers_of_a_kind_cost_one_etcd_watch() -> anyhow::Result<()
         assert!(describe(&next_event(rx).await?).starts_with("ADDED \"web\""));
     }
     let during = etcd_watchers().await?;
-    assert_eq!(during, before, "100 API watches opened no etcd watch of their own");
+    assert_eq!(
+        during, before,
+        "100 API watches opened no etcd watch of their own"
+    );
     Ok(())
 }

@@ -1,1 +1,916 @@
-fn main() {}
+//! `bench-registry`: the registry benchmark behind `make bench`.
+//!
+//! Starts a real etcd (temp data dir, loopback ports) and the real `api-gateway` binary from
+//! `$KARRI_BIN_DIR` (build it with `cargo build --release -p api-gateway` first) through
+//! `karri-testkit`, then measures, in one run on one machine:
+//!
+//! 1. raw etcd puts (etcd-client, values the size of a stored Instance record) with 1 and 32
+//!    concurrent clients: the peer the gateway is compared with;
+//! 2. Instance creates through the resource API with 1 and 32 concurrent clients, and the
+//!    ratio of their p50/p99 latency to the raw puts (goal: ratio <= 2.0);
+//! 3. watch fan-out delay from a create to 100 concurrent watchers receiving its ADDED event;
+//! 4. list latency over 10,000 records, full and paginated (goal: full list p99 <= 100 ms).
+//!
+//! It prints a plain-text report on stdout (progress goes to stderr). Percentiles are exact
+//! nearest-rank percentiles over all samples (no histogram bucketing). Every phase is bounded in
+//! operations and time, and all traffic goes to 127.0.0.1. The testkit handles kill etcd and the
+//! gateway when they are dropped at the end of `main` (or on an early error).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp};
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use karri_testkit::{bin_dir, http_client, Etcd, Gateway, Tokens};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+/// The resource API's group/version path.
+const API: &str = "/apis/karri.dev/v1alpha1";
+/// Stored size the Instance records are padded to (bytes of the JSON value in etcd).
+const TARGET_RECORD_BYTES: usize = 1024;
+/// Concurrency levels of the put/create comparison.
+const CONCURRENCY: [usize; 2] = [1, 32];
+/// Measured operations per (kind, concurrency) run, and the time cap of one run.
+const OPS_C1: usize = 1000;
+const OPS_C32: usize = 4000;
+const RUN_TIME_CAP: Duration = Duration::from_secs(15);
+/// Watch fan-out: watchers, records created one at a time, per-record wait cap.
+const WATCHERS: usize = 100;
+const FANOUT_RECORDS: usize = 200;
+const FANOUT_WAIT_CAP: Duration = Duration::from_secs(10);
+/// List benchmark: records, creators, timed full lists, timed paginated walks, page size.
+const LIST_RECORDS: usize = 10_000;
+const LIST_CREATORS: usize = 32;
+const LIST_CREATE_CAP: Duration = Duration::from_secs(150);
+const FULL_LISTS: usize = 50;
+const CACHE_LISTS: usize = 20;
+const PAGED_WALKS: usize = 10;
+const PAGE_LIMIT: usize = 500;
+/// Goals.
+const CREATE_RATIO_GOAL: f64 = 2.0;
+const LIST_P99_GOAL: Duration = Duration::from_millis(100);
+
+/// One operation of a closed-loop run: `(worker, index)` → latency of the timed part.
+type Op = Arc<dyn Fn(usize, usize) -> BoxFuture<'static, anyhow::Result<Duration>> + Send + Sync>;
+
+/// What a closed-loop run measured.
+struct Run {
+    /// Latencies of the successful operations.
+    lat: Vec<Duration>,
+    /// Wall time from the start of the run until the last worker finished.
+    wall: Duration,
+    /// Failed operations and the first error.
+    errors: usize,
+    first_error: Option<String>,
+}
+
+impl Run {
+    fn rate(&self) -> f64 {
+        self.lat.len() as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Runs `op` from `concurrency` workers until `max_ops` operations were started or `cap`
+/// elapsed, whichever comes first.
+async fn closed_loop(concurrency: usize, max_ops: usize, cap: Duration, op: Op) -> Run {
+    let next = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut handles = Vec::with_capacity(concurrency);
+    for w in 0..concurrency {
+        let next = next.clone();
+        let op = op.clone();
+        handles.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errs = Vec::new();
+            while start.elapsed() < cap {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= max_ops {
+                    break;
+                }
+                match op(w, i).await {
+                    Ok(d) => lat.push(d),
+                    Err(e) => errs.push(format!("{e:#}")),
+                }
+            }
+            (lat, errs)
+        }));
+    }
+    let mut run = Run {
+        lat: Vec::new(),
+        wall: Duration::ZERO,
+        errors: 0,
+        first_error: None,
+    };
+    for h in handles {
+        match h.await {
+            Ok((lat, errs)) => {
+                run.lat.extend(lat);
+                run.errors += errs.len();
+                if run.first_error.is_none() {
+                    run.first_error = errs.into_iter().next();
+                }
+            }
+            Err(e) => {
+                run.errors += 1;
+                run.first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    run.wall = start.elapsed();
+    run
+}
+
+/// Nearest-rank percentile of `samples` (sorted in place); zero when empty.
+fn pct(samples: &mut [Duration], p: f64) -> Duration {
+    if samples.is_empty() {
+        return Duration::ZERO;
+    }
+    samples.sort_unstable();
+    let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
+    samples[rank.clamp(1, samples.len()) - 1]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64().max(1e-12)
+}
+
+fn pass(ok: bool) -> &'static str {
+    if ok {
+        "PASS"
+    } else {
+        "MISS"
+    }
+}
+
+/// Prints a report line at once (so a later failure keeps what was measured).
+fn out(line: impl AsRef<str>) {
+    println!("{}", line.as_ref());
+}
+
+fn progress(msg: impl AsRef<str>) {
+    eprintln!("[bench] {}", msg.as_ref());
+}
+
+/// stdout of a command, trimmed, or a note why it could not run.
+fn command_line(cmd: &str, args: &[&str]) -> String {
+    match Command::new(cmd).args(args).output() {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        Ok(o) => format!("<{cmd} exited {}>", o.status),
+        Err(e) => format!("<cannot run {cmd}: {e}>"),
+    }
+}
+
+/// The etcd binary testkit starts (same resolution rules).
+fn etcd_bin() -> PathBuf {
+    match std::env::var_os("KARRI_ETCD_BIN").filter(|b| !b.is_empty()) {
+        Some(b) => PathBuf::from(b),
+        None if std::path::Path::new("/usr/bin/etcd").is_file() => PathBuf::from("/usr/bin/etcd"),
+        None => PathBuf::from("etcd"),
+    }
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// An Instance body named `name` whose annotation `pad` bytes long brings the stored record to
+/// about [`TARGET_RECORD_BYTES`].
+fn instance_body(name: &str, pad: usize) -> Value {
+    json!({
+        "apiVersion": "karri.dev/v1alpha1",
+        "kind": "Instance",
+        "metadata": {
+            "name": name,
+            "labels": {"app": "bench", "tier": "web"},
+            "annotations": {"bench.karri.dev/padding": "x".repeat(pad)},
+        },
+        "spec": {
+            "imageId": "emi-0123456789abcdef0",
+            "instanceType": "m1.small",
+            "keyName": "ops-key",
+            "securityGroupIds": ["sg-0123456789abcdef0"],
+            "userData": "IyEvYmluL3NoCmVjaG8gImhlbGxvIGZyb20ga2FycmkiID4gL3RtcC9oZWxsbwo=",
+            "availabilityZone": "karri-1a",
+            "desiredState": "running",
+        },
+    })
+}
+
+/// Talks to the gateway's resource API as admin.
+#[derive(Clone)]
+struct Api {
+    base: String,
+    token: Arc<String>,
+}
+
+impl Api {
+    fn collection(&self, ns: &str) -> String {
+        format!("{}{API}/namespaces/{ns}/instances", self.base)
+    }
+
+    /// POSTs a pre-serialized body; returns the latency from just before sending until the
+    /// whole 201 response was read.
+    async fn create(
+        &self,
+        client: &reqwest::Client,
+        ns: &str,
+        body: Vec<u8>,
+    ) -> anyhow::Result<Duration> {
+        let url = self.collection(ns);
+        let started = Instant::now();
+        let resp = client
+            .post(&url)
+            .bearer_auth(self.token.as_str())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .context("sending create")?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.context("reading create response")?;
+        let took = started.elapsed();
+        if status != reqwest::StatusCode::CREATED {
+            bail!(
+                "create answered {status}: {}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
+            );
+        }
+        Ok(took)
+    }
+
+    /// GETs `url`; returns the latency until the whole body was read, and the body.
+    async fn get(
+        &self,
+        client: &reqwest::Client,
+        url: &str,
+    ) -> anyhow::Result<(Duration, Vec<u8>)> {
+        let started = Instant::now();
+        let resp = client
+            .get(url)
+            .bearer_auth(self.token.as_str())
+            .send()
+            .await
+            .with_context(|| format!("GET {url}"))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.context("reading list body")?;
+        let took = started.elapsed();
+        if !status.is_success() {
+            bail!(
+                "GET {url} answered {status}: {}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
+            );
+        }
+        Ok((took, bytes.to_vec()))
+    }
+}
+
+/// Prints the summary line of a closed-loop run; returns its p50 and p99.
+fn run_line(label: &str, run: &mut Run) -> (Duration, Duration) {
+    let p50 = pct(&mut run.lat, 50.0);
+    let p99 = pct(&mut run.lat, 99.0);
+    let errs = match &run.first_error {
+        Some(e) => format!("  errors {} (first: {e})", run.errors),
+        None => String::new(),
+    };
+    let line = format!(
+        "  {label:<34} ops {:>5} in {:>6.2} s  {:>8.1} ops/s  p50 {:>10}  p99 {:>10}{errs}",
+        run.lat.len(),
+        run.wall.as_secs_f64(),
+        run.rate(),
+        ms(p50),
+        ms(p99),
+    );
+    out(line);
+    (p50, p99)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let total = Instant::now();
+
+    progress("starting etcd and the gateway");
+    let etcd = Etcd::start().await.context("starting etcd")?;
+    let tokens = Tokens::generate(&[], &[]);
+    let gateway = Gateway::start(&etcd.endpoint, &tokens)
+        .await
+        .context("starting the gateway")?;
+    let etcd_client = etcd_client::Client::connect([etcd.endpoint.as_str()], None)
+        .await
+        .context("connecting to etcd")?;
+    let api = Api {
+        base: gateway.url(),
+        token: Arc::new(tokens.admin.clone()),
+    };
+    let ca = gateway.ca_path();
+
+    // Header.
+    let etcd_version = command_line(&etcd_bin().display().to_string(), &["--version"]);
+    let etcd_dir_fs = command_line(
+        "stat",
+        &["-f", "-c", "%T", &etcd.dir().display().to_string()],
+    );
+    out("=== Karri registry benchmark (bench-registry) ===");
+    out(format!(
+        "date (UTC)      : {}",
+        command_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"])
+    ));
+    out(format!(
+        "host            : {}",
+        command_line("hostname", &[])
+    ));
+    out(format!("nproc           : {}", command_line("nproc", &[])));
+    out(format!("cpu             : {}", cpu_model()));
+    out(format!(
+        "kernel          : {}",
+        command_line("uname", &["-r"])
+    ));
+    out(format!(
+        "etcd --version  : {}",
+        etcd_version.lines().collect::<Vec<_>>().join("; ")
+    ));
+    out(format!(
+        "etcd data dir   : {} (filesystem {etcd_dir_fs})",
+        etcd.data_dir().display()
+    ));
+    out(format!(
+        "api-gateway     : {}",
+        bin_dir().join("api-gateway").display()
+    ));
+    out("client          : this process (tokio multi-thread), etcd + gateway + client share the cores");
+    out("percentiles     : exact nearest-rank over all samples; latency = just before sending -> full response read");
+
+    // Record size: create a probe record and read back what the gateway stored.
+    let probe_client = http_client(Some(&ca))?;
+    let probe = serde_json::to_vec(&instance_body("probe-0", 0))?;
+    api.create(&probe_client, "bench", probe)
+        .await
+        .context("probe create")?;
+    let stored_len = |name: &'static str| {
+        let mut kv = etcd_client.kv_client();
+        async move {
+            let resp = kv
+                .get("/karri/registry/", Some(GetOptions::new().with_prefix()))
+                .await?;
+            resp.kvs()
+                .iter()
+                .find(|kv| {
+                    kv.key_str()
+                        .is_ok_and(|k| k.ends_with(&format!("/bench/{name}")))
+                })
+                .map(|kv| kv.value().to_vec())
+                .ok_or_else(|| anyhow::anyhow!("stored record {name} not found in etcd"))
+        }
+    };
+    let bare = stored_len("probe-0").await?.len();
+    let pad = TARGET_RECORD_BYTES.saturating_sub(bare);
+    let probe = serde_json::to_vec(&instance_body("probe-1", pad))?;
+    api.create(&probe_client, "bench", probe)
+        .await
+        .context("probe create")?;
+    let record = stored_len("probe-1").await?;
+    let body_len = serde_json::to_vec(&instance_body("c32-00000", pad))?.len();
+    out(
+        format!(
+            "record size     : {} bytes stored in etcd per Instance (request body {body_len} bytes); raw puts use a copy of that stored value",
+            record.len()
+        ),
+    );
+
+    // 1 + 2: raw etcd puts vs gateway creates.
+    out("");
+    out("--- 1/2. Raw etcd put vs create through the resource API ---");
+    out("  raw: etcd-client put of the stored-record bytes to a new key under /bench/raw/<run>/; N tasks share one etcd-client (one gRPC/HTTP2 channel, like the gateway)");
+    out("  gateway: POST /apis/karri.dev/v1alpha1/namespaces/bench/instances, admin token, one reqwest client (HTTP/1.1 keep-alive, TLS) per worker");
+    out("  each run is preceded by an untimed warm-up of max(3*N, 20) operations");
+    let record = Arc::new(record);
+    let mut goal_lines = Vec::new();
+    let mut raw_txn_lines = Vec::new();
+    for &c in &CONCURRENCY {
+        let max_ops = if c == 1 { OPS_C1 } else { OPS_C32 };
+        let warm = (3 * c).max(20);
+
+        // Raw put.
+        let raw_op = |tag: String| -> Op {
+            let client = etcd_client.clone();
+            let value = record.clone();
+            Arc::new(move |_w, i| {
+                let mut kv = client.kv_client();
+                let key = format!("/bench/raw/{tag}/{i:06}");
+                let value = value.as_ref().clone();
+                async move {
+                    let t = Instant::now();
+                    kv.put(key, value, None).await?;
+                    Ok(t.elapsed())
+                }
+                .boxed()
+            })
+        };
+        progress(format!("raw etcd put, {c} concurrent"));
+        closed_loop(c, warm, RUN_TIME_CAP, raw_op(format!("warm-c{c}"))).await;
+        let mut raw = closed_loop(c, max_ops, RUN_TIME_CAP, raw_op(format!("c{c}"))).await;
+        let (raw50, raw99) = run_line(&format!("raw etcd put, {c:>2} concurrent"), &mut raw);
+
+        // Gateway create.
+        progress(format!("gateway create, {c} concurrent"));
+        let clients = Arc::new(
+            (0..c)
+                .map(|_| http_client(Some(&ca)))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        );
+        let create_op = |tag: String| -> Op {
+            let api = api.clone();
+            let clients = clients.clone();
+            Arc::new(move |w, i| {
+                let api = api.clone();
+                let client = clients[w % clients.len()].clone();
+                let name = format!("{tag}-{i:05}");
+                async move {
+                    let body = serde_json::to_vec(&instance_body(&name, pad))?;
+                    api.create(&client, "bench", body).await
+                }
+                .boxed()
+            })
+        };
+        closed_loop(c, warm, RUN_TIME_CAP, create_op(format!("warm-c{c}"))).await;
+        let mut gw = closed_loop(c, max_ops, RUN_TIME_CAP, create_op(format!("c{c}"))).await;
+        let (gw50, gw99) = run_line(&format!("gateway create, {c:>2} concurrent"), &mut gw);
+        if gw.errors > 0 || raw.errors > 0 {
+            out(format!(
+                "  WARNING: {} raw / {} gateway operations failed",
+                raw.errors, gw.errors
+            ));
+        }
+        let r50 = ratio(gw50, raw50);
+        let r99 = ratio(gw99, raw99);
+        let line = format!(
+            "  ratio gateway/raw @{c:>2}: p50 {r50:.2}x [{}]  p99 {r99:.2}x [{}]   (goal <= {CREATE_RATIO_GOAL:.1}x{})",
+            pass(r50 <= CREATE_RATIO_GOAL),
+            pass(r99 <= CREATE_RATIO_GOAL),
+            if r50.max(r99) > CREATE_RATIO_GOAL {
+                format!(", off by {:.2}x at worst", r50.max(r99) / CREATE_RATIO_GOAL)
+            } else {
+                String::new()
+            }
+        );
+        out(&line);
+        goal_lines.push((
+            format!("create latency <= {CREATE_RATIO_GOAL:.1}x raw etcd put @{c:>2} concurrent (p50 {r50:.2}x, p99 {r99:.2}x)"),
+            r50 <= CREATE_RATIO_GOAL && r99 <= CREATE_RATIO_GOAL,
+        ));
+
+        // Informational: the transaction a create actually sends (2 compares, 2 puts).
+        progress(format!(
+            "raw etcd create-txn, {c} concurrent (informational)"
+        ));
+        let txn_op = |tag: String| -> Op {
+            let client = etcd_client.clone();
+            let value = record.clone();
+            Arc::new(move |_w, i| {
+                let mut kv = client.kv_client();
+                let key = format!("/bench/rawtxn/{tag}/{i:06}");
+                let id = format!("/bench/rawtxn-ids/{tag}/i-{i:017x}");
+                let value = value.as_ref().clone();
+                async move {
+                    let t = Instant::now();
+                    let txn = Txn::new()
+                        .when([
+                            Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                            Compare::create_revision(id.clone(), CompareOp::Equal, 0),
+                        ])
+                        .and_then([
+                            TxnOp::put(key.clone(), value, None),
+                            TxnOp::put(id, key.clone(), None),
+                        ])
+                        .or_else([TxnOp::get(key, None)]);
+                    let resp = kv.txn(txn).await?;
+                    if !resp.succeeded() {
+                        bail!("raw txn did not succeed");
+                    }
+                    Ok(t.elapsed())
+                }
+                .boxed()
+            })
+        };
+        closed_loop(c, warm, RUN_TIME_CAP, txn_op(format!("warm-c{c}"))).await;
+        let mut txn = closed_loop(
+            c,
+            if c == 1 { 500 } else { 2000 },
+            RUN_TIME_CAP,
+            txn_op(format!("c{c}")),
+        )
+        .await;
+        let t50 = pct(&mut txn.lat, 50.0);
+        let t99 = pct(&mut txn.lat, 99.0);
+        raw_txn_lines.push(format!(
+            "  raw etcd create-txn, {c:>2} concurrent: {} ops, {:.1} ops/s, p50 {}, p99 {}; gateway/txn p50 {:.2}x, p99 {:.2}x",
+            txn.lat.len(),
+            txn.rate(),
+            ms(t50),
+            ms(t99),
+            ratio(gw50, t50),
+            ratio(gw99, t99)
+        ));
+    }
+    out("  informational (not the goal's peer): the etcd txn a create sends (2 compares, 2 puts, or-else get):");
+    for l in &raw_txn_lines {
+        out(l);
+    }
+
+    // 3: watch fan-out.
+    out("");
+    out(format!("--- 3. Watch fan-out to {WATCHERS} watchers ---"));
+    progress("watch fan-out");
+    let fan = watch_fanout(&api, &ca, pad).await;
+    if let Err(e) = fan {
+        out(format!("  FAILED: {e:#}"));
+    }
+
+    // 4: list over 10,000 records.
+    out("");
+    out(format!(
+        "--- 4. List over {LIST_RECORDS} records (namespace list10k) ---"
+    ));
+    progress("list benchmark");
+    match list_bench(&api, &ca, pad).await {
+        Ok(ok) => goal_lines.push((
+            format!(
+                "full list of {LIST_RECORDS} records p99 <= {} ms",
+                LIST_P99_GOAL.as_millis()
+            ),
+            ok,
+        )),
+        Err(e) => {
+            out(format!("  FAILED: {e:#}"));
+            goal_lines.push((
+                format!("full list of {LIST_RECORDS} records (not measured)"),
+                false,
+            ));
+        }
+    }
+
+    out("");
+    out("--- Goals ---");
+    for (text, ok) in &goal_lines {
+        out(format!("  [{}] {text}", pass(*ok)));
+    }
+    out(format!(
+        "total benchmark time: {:.1} s",
+        total.elapsed().as_secs_f64()
+    ));
+    drop(gateway);
+    drop(etcd);
+    Ok(())
+}
+
+/// What one watcher saw: (watcher, record name, when the chunk holding its ADDED line arrived).
+type Seen = (usize, String, Instant);
+
+/// Reads a watch stream, splitting it into lines, and reports every ADDED event's name.
+async fn watcher(
+    id: usize,
+    resp: reqwest::Response,
+    tx: mpsc::UnboundedSender<Seen>,
+    other: Arc<AtomicUsize>,
+) -> anyhow::Result<()> {
+    let mut stream = resp.bytes_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.context("watch stream")?;
+        let at = Instant::now();
+        let mut scanned = buf.len();
+        buf.extend_from_slice(&chunk);
+        let mut line_start = 0;
+        while let Some(pos) = buf[scanned..].iter().position(|b| *b == b'\n') {
+            let end = scanned + pos;
+            let line = &buf[line_start..end];
+            if !line.iter().all(u8::is_ascii_whitespace) {
+                let ev: Value = serde_json::from_slice(line).context("watch line is not JSON")?;
+                let name = ev
+                    .pointer("/object/metadata/name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                if ev.get("type").and_then(Value::as_str) == Some("ADDED") {
+                    if tx.send((id, name.to_string(), at)).is_err() {
+                        return Ok(());
+                    }
+                } else {
+                    other.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            line_start = end + 1;
+            scanned = line_start;
+        }
+        buf.drain(..line_start);
+    }
+    Ok(())
+}
+
+/// Waits until all watchers reported `name`; returns their arrival times (fewer on timeout).
+async fn wait_seen(
+    rx: &mut mpsc::UnboundedReceiver<Seen>,
+    pending: &mut HashMap<String, Vec<Instant>>,
+    name: &str,
+    cap: Duration,
+) -> Vec<Instant> {
+    let deadline = tokio::time::Instant::now() + cap;
+    while pending.get(name).map_or(0, Vec::len) < WATCHERS {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some((_, n, at))) => pending.entry(n).or_default().push(at),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    pending.remove(name).unwrap_or_default()
+}
+
+async fn watch_fanout(api: &Api, ca: &std::path::Path, pad: usize) -> anyhow::Result<()> {
+    let ns = "fanout";
+    let client = http_client(Some(ca))?;
+    let (_, body) = api.get(&client, &api.collection(ns)).await?;
+    let list: Value = serde_json::from_slice(&body)?;
+    let rv = list
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+        .context("list without resourceVersion")?
+        .to_string();
+    // Watch streams live longer than testkit's 30 s request timeout: own client, no timeout.
+    let pem = std::fs::read(ca)?;
+    let watch_client = reqwest::Client::builder()
+        .no_proxy()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem)?)
+        .build()?;
+    let url = format!(
+        "{}?watch=1&resourceVersion={rv}&allowWatchBookmarks=false",
+        api.collection(ns)
+    );
+    let (tx, mut rx) = mpsc::unbounded_channel::<Seen>();
+    let other = Arc::new(AtomicUsize::new(0));
+    let opened = Instant::now();
+    let responses = futures::future::join_all((0..WATCHERS).map(|_| {
+        watch_client
+            .get(&url)
+            .bearer_auth(api.token.as_str())
+            .send()
+    }))
+    .await;
+    let mut tasks = Vec::new();
+    for (i, r) in responses.into_iter().enumerate() {
+        let r = r.context("opening a watch")?;
+        if !r.status().is_success() {
+            bail!("watch answered {}", r.status());
+        }
+        tasks.push(tokio::spawn(watcher(i, r, tx.clone(), other.clone())));
+    }
+    drop(tx);
+    let open_time = opened.elapsed();
+
+    // Warm-up record: proves every stream delivers before anything is timed.
+    let mut pending: HashMap<String, Vec<Instant>> = HashMap::new();
+    let warm = serde_json::to_vec(&instance_body("warmup", pad))?;
+    api.create(&client, ns, warm).await?;
+    let seen = wait_seen(&mut rx, &mut pending, "warmup", Duration::from_secs(30)).await;
+    if seen.len() < WATCHERS {
+        bail!(
+            "only {} of {WATCHERS} watchers saw the warm-up record within 30 s",
+            seen.len()
+        );
+    }
+    out(
+        format!("  {WATCHERS} watch streams opened in {} (headers received), all {WATCHERS} saw the warm-up record", ms(open_time)),
+    );
+
+    let mut delays = Vec::with_capacity(FANOUT_RECORDS * WATCHERS);
+    let mut first = Vec::with_capacity(FANOUT_RECORDS);
+    let mut last = Vec::with_capacity(FANOUT_RECORDS);
+    let mut creates = Vec::with_capacity(FANOUT_RECORDS);
+    let mut missing = 0usize;
+    for i in 0..FANOUT_RECORDS {
+        let name = format!("fan-{i:04}");
+        let body = serde_json::to_vec(&instance_body(&name, pad))?;
+        let sent = Instant::now();
+        creates.push(api.create(&client, ns, body).await?);
+        let seen = wait_seen(&mut rx, &mut pending, &name, FANOUT_WAIT_CAP).await;
+        missing += WATCHERS - seen.len().min(WATCHERS);
+        let mut per: Vec<Duration> = seen
+            .iter()
+            .map(|t| t.saturating_duration_since(sent))
+            .collect();
+        per.sort_unstable();
+        if let (Some(f), Some(l)) = (per.first(), per.last()) {
+            first.push(*f);
+            last.push(*l);
+        }
+        delays.extend(per);
+    }
+    for t in &tasks {
+        t.abort();
+    }
+    out(format!("  {FANOUT_RECORDS} records created one at a time (next create after all watchers got the previous one or {}s passed)", FANOUT_WAIT_CAP.as_secs()));
+    out("  delay = from just before the create request is sent until a watcher has read the chunk with its ADDED line");
+    out(format!(
+        "  delay over {} (record, watcher) pairs: p50 {}  p99 {}  max {}",
+        delays.len(),
+        ms(pct(&mut delays, 50.0)),
+        ms(pct(&mut delays, 99.0)),
+        ms(pct(&mut delays, 100.0))
+    ));
+    out(
+        format!(
+            "  per record: first watcher p50 {}, last (100th) watcher p50 {} p99 {}; create request itself p50 {} p99 {}",
+            ms(pct(&mut first, 50.0)),
+            ms(pct(&mut last, 50.0)),
+            ms(pct(&mut last, 99.0)),
+            ms(pct(&mut creates, 50.0)),
+            ms(pct(&mut creates, 99.0))
+        ),
+    );
+    out(format!(
+        "  missing deliveries: {missing}; non-ADDED events received: {}",
+        other.load(Ordering::Relaxed)
+    ));
+    Ok(())
+}
+
+fn count_items(body: &[u8]) -> anyhow::Result<(usize, Option<String>)> {
+    let v: Value = serde_json::from_slice(body).context("list body is not JSON")?;
+    let n = v
+        .get("items")
+        .and_then(Value::as_array)
+        .map(Vec::len)
+        .context("list body has no items array")?;
+    let cont = v
+        .pointer("/metadata/continue")
+        .and_then(Value::as_str)
+        .filter(|c| !c.is_empty())
+        .map(str::to_string);
+    Ok((n, cont))
+}
+
+/// Returns whether the full-list p99 goal was met.
+async fn list_bench(api: &Api, ca: &std::path::Path, pad: usize) -> anyhow::Result<bool> {
+    let ns = "list10k";
+    let clients = Arc::new(
+        (0..LIST_CREATORS)
+            .map(|_| http_client(Some(ca)))
+            .collect::<anyhow::Result<Vec<_>>>()?,
+    );
+    let op: Op = {
+        let api = api.clone();
+        let clients = clients.clone();
+        Arc::new(move |w, i| {
+            let api = api.clone();
+            let client = clients[w % clients.len()].clone();
+            async move {
+                let body = serde_json::to_vec(&instance_body(&format!("rec-{i:05}"), pad))?;
+                api.create(&client, ns, body).await
+            }
+            .boxed()
+        })
+    };
+    let mut run = closed_loop(LIST_CREATORS, LIST_RECORDS, LIST_CREATE_CAP, op).await;
+    out(
+        format!(
+            "  created {} records with {LIST_CREATORS} workers in {:.2} s ({:.1} creates/s, p50 {}, p99 {}){}",
+            run.lat.len(),
+            run.wall.as_secs_f64(),
+            run.rate(),
+            ms(pct(&mut run.lat, 50.0)),
+            ms(pct(&mut run.lat, 99.0)),
+            match &run.first_error {
+                Some(e) => format!("; {} errors, first: {e}", run.errors),
+                None => String::new(),
+            }
+        ),
+    );
+    if run.lat.len() != LIST_RECORDS {
+        bail!(
+            "only {} of {LIST_RECORDS} records were created",
+            run.lat.len()
+        );
+    }
+
+    let client = http_client(Some(ca))?;
+    let full_url = api.collection(ns);
+    // Full lists (no limit): served from the watch cache after a revision check.
+    let (_, warm) = api.get(&client, &full_url).await?;
+    let (n, _) = count_items(&warm)?;
+    if n != LIST_RECORDS {
+        bail!("warm-up list returned {n} items, not {LIST_RECORDS}");
+    }
+    let mut full = Vec::with_capacity(FULL_LISTS);
+    let mut size = 0;
+    for _ in 0..FULL_LISTS {
+        let (d, body) = api.get(&client, &full_url).await?;
+        let (n, _) = count_items(&body)?;
+        if n != LIST_RECORDS {
+            bail!("a full list returned {n} items, not {LIST_RECORDS}");
+        }
+        size = body.len();
+        full.push(d);
+    }
+    let f50 = pct(&mut full, 50.0);
+    let f99 = pct(&mut full, 99.0);
+    out(
+        format!(
+            "  full list (GET .../namespaces/list10k/instances, no limit) x{FULL_LISTS} after 1 warm-up: p50 {}  p99 {}  max {}; {size} bytes ({:.1} MB), every list had exactly {LIST_RECORDS} items",
+            ms(f50),
+            ms(f99),
+            ms(pct(&mut full, 100.0)),
+            size as f64 / 1e6
+        ),
+    );
+
+    // Informational: resourceVersion=0 skips the etcd revision read before the cache answers.
+    let rv0_url = format!("{full_url}?resourceVersion=0");
+    let mut rv0 = Vec::with_capacity(CACHE_LISTS);
+    for _ in 0..CACHE_LISTS {
+        let (d, body) = api.get(&client, &rv0_url).await?;
+        let (n, _) = count_items(&body)?;
+        if n != LIST_RECORDS {
+            bail!("a resourceVersion=0 list returned {n} items, not {LIST_RECORDS}");
+        }
+        rv0.push(d);
+    }
+    out(
+        format!(
+            "  informational: full list with resourceVersion=0 (cache, no etcd read) x{CACHE_LISTS}: p50 {}  p99 {}",
+            ms(pct(&mut rv0, 50.0)),
+            ms(pct(&mut rv0, 99.0))
+        ),
+    );
+
+    // Paginated walks: served from etcd at one revision, page by page.
+    let mut walks = Vec::with_capacity(PAGED_WALKS);
+    let mut pages = Vec::new();
+    let mut pages_per_walk = 0;
+    for w in 0..=PAGED_WALKS {
+        let started = Instant::now();
+        let mut url = format!("{full_url}?limit={PAGE_LIMIT}");
+        let mut items = 0;
+        let mut page_count = 0;
+        let mut page_times = Vec::new();
+        loop {
+            let (d, body) = api.get(&client, &url).await?;
+            page_times.push(d);
+            let (n, cont) = count_items(&body)?;
+            items += n;
+            page_count += 1;
+            if page_count > 2 * LIST_RECORDS / PAGE_LIMIT + 2 {
+                bail!("pagination did not end after {page_count} pages");
+            }
+            match cont {
+                Some(c) => url = format!("{full_url}?limit={PAGE_LIMIT}&continue={c}"),
+                None => break,
+            }
+        }
+        let took = started.elapsed();
+        if items != LIST_RECORDS {
+            bail!("a paginated walk returned {items} items, not {LIST_RECORDS}");
+        }
+        if w > 0 {
+            walks.push(took);
+            pages.extend(page_times);
+            pages_per_walk = page_count;
+        }
+    }
+    out(
+        format!(
+            "  paginated walk (limit={PAGE_LIMIT}, {pages_per_walk} pages, follow continue to the end) x{PAGED_WALKS} after 1 warm-up: p50 {}  p99 {} per walk (includes client-side JSON parsing of each page to read continue); per page p50 {} p99 {}; every walk had exactly {LIST_RECORDS} items",
+            ms(pct(&mut walks, 50.0)),
+            ms(pct(&mut walks, 99.0)),
+            ms(pct(&mut pages, 50.0)),
+            ms(pct(&mut pages, 99.0))
+        ),
+    );
+    let ok = f99 <= LIST_P99_GOAL;
+    out(format!(
+        "  goal full list p99 <= {} ms: {} (p99 {}{})",
+        LIST_P99_GOAL.as_millis(),
+        pass(ok),
+        ms(f99),
+        if ok {
+            String::new()
+        } else {
+            format!(", {:.2}x over", ratio(f99, LIST_P99_GOAL))
+        }
+    ));
+    Ok(ok)
+}

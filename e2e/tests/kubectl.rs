@@ -1,0 +1,742 @@
+//! The real kubectl binary against a real gateway on real etcd: apply (client- and server-side),
+//! get (tables, YAML, selectors, watch), delete (with and without finalizers), diff, explain and
+//! server-side dry runs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use karri_e2e::support::{
+    instance_yaml, kubectl_err, kubectl_json, kubectl_names, kubectl_refused, parse_table, Cluster,
+    KubectlStream, API,
+};
+use karri_testkit::{kubectl, kubectl_ok, workspace_root};
+use serde_json::Value;
+
+/// How long a `kubectl get -w` gets to show an expected line.
+const WATCH_WAIT: Duration = Duration::from_secs(20);
+
+/// Every plural the gateway serves, for `kubectl get` of everything.
+const ALL_KINDS: &str = "accounts,availabilityzones,nodes,instancetypes,images,instances";
+
+fn samples_dir() -> PathBuf {
+    workspace_root().join("config").join("samples")
+}
+
+fn sample(file: &str) -> anyhow::Result<(PathBuf, String)> {
+    let path = samples_dir().join(file);
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok((path, text))
+}
+
+fn path_str(p: &std::path::Path) -> anyhow::Result<&str> {
+    p.to_str().context("path is not UTF-8")
+}
+
+/// `(kind, name)` of every object in `config/samples/*.yaml`.
+fn sample_objects() -> anyhow::Result<Vec<(String, String)>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(samples_dir())?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    files.retain(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"));
+    files.sort();
+    let mut objects = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file)?;
+        let mut doc = String::new();
+        let mut docs = Vec::new();
+        for line in text.lines() {
+            if line.trim_end() == "---" {
+                docs.push(std::mem::take(&mut doc));
+            } else {
+                doc.push_str(line);
+                doc.push('\n');
+            }
+        }
+        docs.push(doc);
+        for d in docs {
+            let v: Value = serde_norway::from_str(&d)
+                .with_context(|| format!("parsing a document of {}", file.display()))?;
+            if v.is_null() {
+                continue;
+            }
+            let kind = v["kind"].as_str().context("a sample without kind")?;
+            let name = v["metadata"]["name"]
+                .as_str()
+                .context("a sample without name")?;
+            objects.push((kind.to_string(), name.to_string()));
+        }
+    }
+    Ok(objects)
+}
+
+/// `kind/name` → resourceVersion of every record, as the admin sees them.
+fn resource_versions(c: &Cluster) -> anyhow::Result<Vec<(String, String)>> {
+    let list = kubectl_json(&c.admin, &["get", ALL_KINDS, "-A"])?;
+    let mut out: Vec<(String, String)> = list["items"]
+        .as_array()
+        .context("no items")?
+        .iter()
+        .map(|o| {
+            (
+                format!(
+                    "{}/{}/{}",
+                    o["kind"].as_str().unwrap_or(""),
+                    o["metadata"]["namespace"].as_str().unwrap_or(""),
+                    o["metadata"]["name"].as_str().unwrap_or("")
+                ),
+                o["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+            )
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
+
+fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
+    v.pointer(pointer).and_then(Value::as_str).unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn apply_creates_every_sample_and_reapply_is_unchanged() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let dir = samples_dir();
+    let expected = sample_objects()?;
+    ensure!(
+        expected.len() >= 6,
+        "config/samples holds too few objects: {expected:?}"
+    );
+
+    let out = kubectl_ok(&c.admin, &["apply", "-f", path_str(&dir)?])?;
+    for (kind, name) in &expected {
+        let line = format!("{}.karri.dev/{name} created", kind.to_lowercase());
+        ensure!(
+            out.lines().any(|l| l == line),
+            "apply output lacks {line:?}:\n{out}"
+        );
+    }
+    ensure!(
+        out.lines().count() == expected.len(),
+        "one line per object expected:\n{out}"
+    );
+    let stored = resource_versions(&c)?;
+    ensure!(
+        stored.len() == expected.len(),
+        "every sample is stored once: {stored:?}"
+    );
+
+    let again = kubectl_ok(&c.admin, &["apply", "-f", path_str(&dir)?])?;
+    for (kind, name) in &expected {
+        let line = format!("{}.karri.dev/{name} unchanged", kind.to_lowercase());
+        ensure!(
+            again.lines().any(|l| l == line),
+            "second apply output lacks {line:?}:\n{again}"
+        );
+    }
+    ensure!(
+        again.lines().count() == expected.len(),
+        "one line per object expected:\n{again}"
+    );
+    ensure!(
+        resource_versions(&c)? == stored,
+        "an unchanged apply must not write any record"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reapply_after_editing_a_field_changes_only_that_field() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let (path, text) = sample("instance.yaml")?;
+    kubectl_ok(&c.admin, &["apply", "-f", path_str(&path)?])?;
+    let before = kubectl_json(&c.admin, &["get", "instance", "web-1"])?;
+    ensure!(before["spec"]["instanceType"] == "m1.small", "{before}");
+
+    let edited = text.replace("instanceType: m1.small", "instanceType: c1.medium");
+    ensure!(
+        edited != text,
+        "the sample changed: no instanceType m1.small"
+    );
+    let edited_path = c.manifest("web-1-edited.yaml", &edited)?;
+    let out = kubectl_ok(&c.admin, &["apply", "-f", path_str(&edited_path)?])?;
+    ensure!(
+        out.trim() == "instance.karri.dev/web-1 configured",
+        "apply output: {out}"
+    );
+
+    let shown = kubectl_ok(
+        &c.admin,
+        &[
+            "get",
+            "instance",
+            "web-1",
+            "-o",
+            "jsonpath={.spec.instanceType}",
+        ],
+    )?;
+    ensure!(shown == "c1.medium", "instanceType shown as {shown:?}");
+    let after = kubectl_json(&c.admin, &["get", "instance", "web-1"])?;
+    ensure!(
+        before["metadata"]["generation"] == 1 && after["metadata"]["generation"] == 2,
+        "generation {} -> {}",
+        before["metadata"]["generation"],
+        after["metadata"]["generation"]
+    );
+    ensure!(
+        str_at(&after, "/metadata/resourceVersion") != str_at(&before, "/metadata/resourceVersion"),
+        "resourceVersion did not change"
+    );
+    ensure!(
+        !str_at(&after, "/metadata/uid").is_empty()
+            && str_at(&after, "/metadata/uid") == str_at(&before, "/metadata/uid"),
+        "uid changed"
+    );
+    ensure!(
+        after["metadata"]["labels"]["karri.dev/id"] == before["metadata"]["labels"]["karri.dev/id"],
+        "the ID label changed"
+    );
+    let mut spec = after["spec"].clone();
+    spec["instanceType"] = Value::from("m1.small");
+    ensure!(
+        spec == before["spec"],
+        "other spec fields changed:\nbefore {}\nafter  {}",
+        before["spec"],
+        after["spec"]
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_side_apply_creates_updates_and_removes_dropped_fields() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let first = c.manifest(
+        "ssa-1.yaml",
+        &format!("{}  keyName: ops-key\n", instance_yaml("ssa-1", "m1.small")),
+    )?;
+    let out = kubectl_ok(
+        &c.admin,
+        &["apply", "--server-side", "-f", path_str(&first)?],
+    )?;
+    ensure!(
+        out.trim() == "instance.karri.dev/ssa-1 serverside-applied",
+        "{out}"
+    );
+    let created = kubectl_json(&c.admin, &["get", "instance", "ssa-1"])?;
+    ensure!(created["spec"]["keyName"] == "ops-key", "{created}");
+    ensure!(created["spec"]["instanceType"] == "m1.small", "{created}");
+
+    // The same manager applies again without keyName and with another type.
+    let second = c.manifest("ssa-2.yaml", &instance_yaml("ssa-1", "m1.medium"))?;
+    kubectl_ok(
+        &c.admin,
+        &["apply", "--server-side", "-f", path_str(&second)?],
+    )?;
+    let updated = kubectl_json(&c.admin, &["get", "instance", "ssa-1"])?;
+    ensure!(
+        updated["spec"].get("keyName").is_none(),
+        "keyName was dropped from the applied config but is still there: {}",
+        updated["spec"]
+    );
+    ensure!(updated["spec"]["instanceType"] == "m1.medium", "{updated}");
+    ensure!(
+        updated["spec"]["imageId"] == "emi-0123456789abcdef0",
+        "{updated}"
+    );
+    ensure!(
+        str_at(&updated, "/metadata/uid") == str_at(&created, "/metadata/uid"),
+        "uid changed"
+    );
+
+    // Another manager changing a field the first one owns conflicts...
+    let other = c.manifest("ssa-3.yaml", &instance_yaml("ssa-1", "c1.medium"))?;
+    let other_args = [
+        "apply",
+        "--server-side",
+        "--field-manager=other",
+        "-f",
+        path_str(&other)?,
+    ];
+    let stderr = kubectl_err(&c.admin, &other_args)?;
+    ensure!(
+        stderr.to_lowercase().contains("conflict"),
+        "the refusal does not mention a conflict:\n{stderr}"
+    );
+    ensure!(
+        stderr.contains("instanceType"),
+        "the conflict does not name the field:\n{stderr}"
+    );
+    let unchanged = kubectl_json(&c.admin, &["get", "instance", "ssa-1"])?;
+    ensure!(
+        unchanged["spec"]["instanceType"] == "m1.medium"
+            && str_at(&unchanged, "/metadata/resourceVersion")
+                == str_at(&updated, "/metadata/resourceVersion"),
+        "a conflicting apply changed the record: {unchanged}"
+    );
+
+    // ...unless it forces, and then it owns the field.
+    let mut forced = other_args.to_vec();
+    forced.insert(2, "--force-conflicts");
+    kubectl_ok(&c.admin, &forced)?;
+    let taken = kubectl_json(
+        &c.admin,
+        &["get", "instance", "ssa-1", "--show-managed-fields"],
+    )?;
+    ensure!(taken["spec"]["instanceType"] == "c1.medium", "{taken}");
+    let managers = taken["metadata"]["managedFields"]
+        .as_array()
+        .context("no managedFields")?;
+    let owns_type = |m: &Value| {
+        m.pointer("/fieldsV1/f:spec/f:instanceType").is_some()
+            || m.pointer("/fieldsV1/f:spec")
+                .is_some_and(|s| s.get("f:instanceType").is_some())
+    };
+    let owners: Vec<&str> = managers
+        .iter()
+        .filter(|m| owns_type(m))
+        .filter_map(|m| m["manager"].as_str())
+        .collect();
+    ensure!(
+        owners == ["other"],
+        "after a forced apply only \"other\" owns spec.instanceType, owners: {owners:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_shows_useful_columns_yaml_and_label_selection() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    kubectl_ok(&c.admin, &["apply", "-f", path_str(&samples_dir())?])?;
+
+    let table = kubectl_ok(&c.admin, &["get", "instances"])?;
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .context("no header")?
+        .split_whitespace()
+        .collect();
+    ensure!(
+        header.starts_with(&["NAME", "ID", "STATE", "TYPE", "IMAGE", "NODE"]),
+        "header columns: {header:?}"
+    );
+    let rows = parse_table(&table)?;
+    ensure!(rows.len() == 1, "one instance expected:\n{table}");
+    let cell = |col: &str| {
+        rows[0]
+            .iter()
+            .find(|(n, _)| n == col)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    ensure!(cell("NAME") == "web-1", "{table}");
+    let id = cell("ID");
+    let hex = id.strip_prefix("i-").unwrap_or("");
+    ensure!(
+        hex.len() == 17
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+        "ID column {id:?} is not i- and 17 hex digits:\n{table}"
+    );
+    ensure!(cell("TYPE") == "m1.small", "{table}");
+    ensure!(cell("IMAGE") == "emi-0123456789abcdef0", "{table}");
+
+    let yaml = kubectl_ok(&c.admin, &["get", "instance", "web-1", "-o", "yaml"])?;
+    let obj: Value = serde_norway::from_str(&yaml).context("-o yaml is not YAML")?;
+    ensure!(obj["apiVersion"] == "karri.dev/v1alpha1", "{yaml}");
+    ensure!(obj["kind"] == "Instance", "{yaml}");
+    for field in ["resourceVersion", "uid", "creationTimestamp"] {
+        ensure!(
+            obj["metadata"][field]
+                .as_str()
+                .is_some_and(|s| !s.is_empty()),
+            "metadata.{field} missing:\n{yaml}"
+        );
+    }
+    ensure!(
+        obj["metadata"]["labels"]["karri.dev/id"] == id.as_str(),
+        "the karri.dev/id label is not the ID column {id}:\n{yaml}"
+    );
+
+    let labeled = kubectl_ok(&c.admin, &["label", "instance", "web-1", "tier=web"])?;
+    ensure!(
+        labeled.trim() == "instance.karri.dev/web-1 labeled",
+        "{labeled}"
+    );
+    ensure!(
+        kubectl_names(&c.admin, &["get", "instances", "-l", "tier=web"])?
+            == ["instance.karri.dev/web-1"],
+        "-l tier=web does not select web-1"
+    );
+    let none = kubectl(&c.admin, &["get", "instances", "-l", "tier=none"]);
+    ensure!(none.status.success(), "-l tier=none failed: {none:?}");
+    ensure!(
+        none.stdout.is_empty(),
+        "-l tier=none shows: {}",
+        String::from_utf8_lossy(&none.stdout)
+    );
+    ensure!(
+        String::from_utf8_lossy(&none.stderr).contains("No resources found"),
+        "{none:?}"
+    );
+
+    let all = kubectl_ok(&c.admin, &["get", "instances", "-A"])?;
+    let all_rows = parse_table(&all)?;
+    ensure!(
+        all.lines()
+            .next()
+            .is_some_and(|h| h.starts_with("NAMESPACE ")),
+        "-A has no NAMESPACE column:\n{all}"
+    );
+    ensure!(
+        all_rows.len() == 1
+            && all_rows[0].first().map(|(_, v)| v.as_str()) == Some("acme")
+            && all_rows[0].get(1).map(|(_, v)| v.as_str()) == Some("web-1"),
+        "-A rows:\n{all}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_watch_stays_open_and_shows_later_changes() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let early = c.manifest("early.yaml", &instance_yaml("early", "m1.small"))?;
+    kubectl_ok(&c.admin, &["apply", "-f", path_str(&early)?])?;
+
+    let mut table = KubectlStream::spawn(&c.admin, &["get", "instances", "-w"])?;
+    let mut events = KubectlStream::spawn(
+        &c.admin,
+        &[
+            "get",
+            "instances",
+            "-w",
+            "--output-watch-events",
+            "-o",
+            "jsonpath={.type} {.object.metadata.name} {.object.metadata.labels.tier}{\"\\n\"}",
+        ],
+    )?;
+    let starts_with = |word: &'static str| move |l: &str| l.split_whitespace().next() == Some(word);
+    // Both show what exists first: the watch is established.
+    table.next_line("the header", WATCH_WAIT, starts_with("NAME"))?;
+    table.next_line("early", WATCH_WAIT, starts_with("early"))?;
+    events.next_line("ADDED early", WATCH_WAIT, |l| l.trim() == "ADDED early")?;
+
+    let later = c.manifest("later.yaml", &instance_yaml("later", "m1.small"))?;
+    kubectl_ok(&c.admin, &["apply", "-f", path_str(&later)?])?;
+    table.next_line("later (created)", WATCH_WAIT, starts_with("later"))?;
+    events.next_line("ADDED later", WATCH_WAIT, |l| l.trim() == "ADDED later")?;
+    ensure!(table.running()? && events.running()?, "a watch ended");
+
+    kubectl_ok(&c.admin, &["label", "instance", "later", "tier=web"])?;
+    table.next_line("later (labeled)", WATCH_WAIT, starts_with("later"))?;
+    events.next_line("MODIFIED later web", WATCH_WAIT, |l| {
+        l.trim() == "MODIFIED later web"
+    })?;
+    ensure!(table.running()? && events.running()?, "a watch ended");
+
+    kubectl_ok(&c.admin, &["delete", "instance", "later"])?;
+    table.next_line("later (deleted)", WATCH_WAIT, starts_with("later"))?;
+    events.next_line("DELETED later", WATCH_WAIT, |l| {
+        l.starts_with("DELETED later")
+    })?;
+    ensure!(table.running()? && events.running()?, "a watch ended");
+
+    let table_lines: Vec<&String> = table
+        .seen()
+        .iter()
+        .filter(|l| l.starts_with("later "))
+        .collect();
+    ensure!(
+        table_lines.len() == 3,
+        "one table line per change of later expected: {:?}",
+        table.seen()
+    );
+    ensure!(
+        !events
+            .seen()
+            .iter()
+            .any(|l| l.contains("early") && !l.starts_with("ADDED")),
+        "early never changed but shows events: {:?}",
+        events.seen()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delete_returns_when_the_record_is_gone() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let (path, _) = sample("instance.yaml")?;
+    kubectl_ok(&c.admin, &["apply", "-f", path_str(&path)?])?;
+
+    let out = kubectl_ok(&c.admin, &["delete", "-f", path_str(&path)?])?;
+    ensure!(
+        out.trim() == "instance.karri.dev \"web-1\" deleted",
+        "{out}"
+    );
+    kubectl_refused(&c.admin, &["get", "instance", "web-1"], "NotFound")?;
+    ensure!(
+        kubectl_names(&c.admin, &["get", "instances", "-A"])?.is_empty(),
+        "web-1 is still listed"
+    );
+    let raw = c
+        .admin_api()?
+        .request(
+            reqwest::Method::GET,
+            &format!("{API}/namespaces/acme/instances/web-1"),
+        )
+        .send()
+        .await?;
+    karri_e2e::support::expect_status(raw, 404, "NotFound").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn get_of_a_deleted_record_says_that_record_is_not_found() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let (path, _) = sample("instance.yaml")?;
+    kubectl_ok(&c.admin, &["apply", "-f", path_str(&path)?])?;
+    kubectl_ok(&c.admin, &["delete", "-f", path_str(&path)?])?;
+
+    // kubectl checks that the namespace exists when a namespaced get answers 404
+    // (GET /api/v1/namespaces/acme) and prints that error instead when it is missing too.
+    let stderr = kubectl_refused(&c.admin, &["get", "instance", "web-1"], "NotFound")?;
+    ensure!(
+        stderr.contains("instances.karri.dev \"web-1\" not found"),
+        "kubectl get does not say web-1 is not found:\n{stderr}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn delete_with_a_finalizer_stays_terminating_until_it_is_removed() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let (path, _) = sample("instance.yaml")?;
+    kubectl_ok(&c.admin, &["apply", "-f", path_str(&path)?])?;
+    kubectl_ok(
+        &c.admin,
+        &[
+            "patch",
+            "instance",
+            "web-1",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"metadata":{"finalizers":["karri.dev/hold"]}}"#,
+        ],
+    )?;
+
+    let out = kubectl_ok(&c.admin, &["delete", "instance", "web-1", "--wait=false"])?;
+    ensure!(
+        out.trim() == "instance.karri.dev \"web-1\" deleted",
+        "{out}"
+    );
+    let held = kubectl_json(&c.admin, &["get", "instance", "web-1"])?;
+    ensure!(
+        held["metadata"]["deletionTimestamp"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()),
+        "no deletionTimestamp: {held}"
+    );
+    ensure!(
+        held["metadata"]["finalizers"] == serde_json::json!(["karri.dev/hold"]),
+        "{held}"
+    );
+
+    let stderr = kubectl_refused(
+        &c.admin,
+        &[
+            "patch",
+            "instance",
+            "web-1",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"metadata":{"finalizers":["karri.dev/hold","karri.dev/more"]}}"#,
+        ],
+        "Forbidden",
+    )?;
+    ensure!(
+        stderr.contains("finalizer"),
+        "the refusal does not explain itself: {stderr}"
+    );
+    let still = kubectl_json(&c.admin, &["get", "instance", "web-1"])?;
+    ensure!(
+        still == held,
+        "a refused patch changed the record:\n{held}\n{still}"
+    );
+
+    kubectl_ok(
+        &c.admin,
+        &[
+            "patch",
+            "instance",
+            "web-1",
+            "--type",
+            "json",
+            "-p",
+            r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+        ],
+    )?;
+    kubectl_refused(&c.admin, &["get", "instance", "web-1"], "NotFound")?;
+    ensure!(
+        kubectl_names(&c.admin, &["get", "instances", "-A"])?.is_empty(),
+        "web-1 is still listed after its last finalizer was removed"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn diff_shows_the_change_and_stores_nothing() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let (path, text) = sample("instance.yaml")?;
+    kubectl_ok(&c.admin, &["apply", "-f", path_str(&path)?])?;
+    let before = kubectl_json(&c.admin, &["get", "instance", "web-1"])?;
+
+    let edited = c.manifest(
+        "web-1-edited.yaml",
+        &text.replace("instanceType: m1.small", "instanceType: c1.medium"),
+    )?;
+    let out = kubectl(&c.admin, &["diff", "-f", path_str(&edited)?]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.code() == Some(1),
+        "kubectl diff of a change exits 1, got {:?}; stderr {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with('-') && l.contains("instanceType: m1.small"))
+            && stdout
+                .lines()
+                .any(|l| l.starts_with('+') && l.contains("instanceType: c1.medium")),
+        "the diff does not show the instanceType change:\n{stdout}"
+    );
+    let after = kubectl_json(&c.admin, &["get", "instance", "web-1"])?;
+    ensure!(after == before, "diff changed the live record");
+
+    let fresh = c.manifest("fresh.yaml", &instance_yaml("fresh", "m1.small"))?;
+    let out = kubectl(&c.admin, &["diff", "-f", path_str(&fresh)?]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.code() == Some(1),
+        "kubectl diff of a new object exits 1, got {:?}; stderr {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ensure!(
+        stdout.lines().any(|l| l == "+  name: fresh"),
+        "the diff does not show the new object:\n{stdout}"
+    );
+    ensure!(
+        kubectl_names(&c.admin, &["get", "instances", "-A"])? == ["instance.karri.dev/web-1"],
+        "diff of a new object created it"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn explain_describes_instance_spec_fields() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let crd = crds::crd_for_kind("Instance").context("no Instance CRD")?;
+    let crd = serde_json::to_value(crd)?;
+    let spec_props = crd
+        .pointer("/spec/versions/0/schema/openAPIV3Schema/properties/spec/properties")
+        .context("no spec properties in the Instance CRD")?;
+    // The first words of a description (explain wraps long lines).
+    let opening = |field: &str| -> anyhow::Result<String> {
+        let d = spec_props[field]["description"]
+            .as_str()
+            .with_context(|| format!("spec.{field} has no description in the CRD"))?;
+        Ok(d.split_whitespace().take(4).collect::<Vec<_>>().join(" "))
+    };
+
+    let out = kubectl_ok(&c.admin, &["explain", "instance.spec"])?;
+    let flat = out.split_whitespace().collect::<Vec<_>>().join(" ");
+    for field in ["imageId", "instanceType", "userData"] {
+        ensure!(
+            out.lines().any(|l| l.trim_start().starts_with(field)),
+            "explain instance.spec does not list {field}:\n{out}"
+        );
+        let words = opening(field)?;
+        ensure!(
+            flat.contains(&words),
+            "explain instance.spec lacks the description of {field} ({words:?}):\n{out}"
+        );
+    }
+
+    let one = kubectl_ok(&c.admin, &["explain", "instance.spec.imageId"])?;
+    ensure!(
+        one.contains("FIELD: imageId <string>"),
+        "explain instance.spec.imageId:\n{one}"
+    );
+    let flat = one.split_whitespace().collect::<Vec<_>>().join(" ");
+    ensure!(
+        flat.contains(&opening("imageId")?),
+        "explain instance.spec.imageId has no description:\n{one}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dry_run_server_stores_nothing() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let (path, text) = sample("instance.yaml")?;
+    let p = path_str(&path)?;
+
+    let out = kubectl_ok(&c.admin, &["apply", "--dry-run=server", "-f", p])?;
+    ensure!(
+        out.trim() == "instance.karri.dev/web-1 created (server dry run)",
+        "{out}"
+    );
+    let out = kubectl_ok(&c.admin, &["create", "--dry-run=server", "-f", p])?;
+    ensure!(
+        out.trim() == "instance.karri.dev/web-1 created (server dry run)",
+        "{out}"
+    );
+    ensure!(
+        kubectl_names(&c.admin, &["get", "instances", "-A"])?.is_empty(),
+        "a dry run stored a record"
+    );
+    ensure!(
+        c.admin_api()?
+            .items(&format!("{API}/instances"))
+            .await?
+            .is_empty(),
+        "a dry run stored a record"
+    );
+
+    // The dry runs reserved nothing: the real create works.
+    kubectl_ok(&c.admin, &["create", "-f", p])?;
+    let before = kubectl_json(&c.admin, &["get", "instance", "web-1"])?;
+    let edited = c.manifest(
+        "web-1-edited.yaml",
+        &text.replace("instanceType: m1.small", "instanceType: c1.medium"),
+    )?;
+    let out = kubectl_ok(
+        &c.admin,
+        &["apply", "--dry-run=server", "-f", path_str(&edited)?],
+    )?;
+    ensure!(
+        out.trim() == "instance.karri.dev/web-1 configured (server dry run)",
+        "{out}"
+    );
+    let out = kubectl_ok(
+        &c.admin,
+        &["delete", "instance", "web-1", "--dry-run=server"],
+    )?;
+    ensure!(
+        out.trim() == "instance.karri.dev \"web-1\" deleted (server dry run)",
+        "{out}"
+    );
+    let after = kubectl_json(&c.admin, &["get", "instance", "web-1"])?;
+    ensure!(
+        after == before,
+        "a dry-run update or delete changed the record:\n{before}\n{after}"
+    );
+    Ok(())
+}
