@@ -356,20 +356,15 @@ impl WatchCache {
             .unwrap_or_default()
     }
 
-    /// Every record that has owner references, for the garbage collector's sweep.
-    pub fn owned_records(&self) -> Vec<Arc<CachedObject>> {
+    /// Keys of records that name an owner which no longer exists: the garbage collector's
+    /// work. Costs one lookup per distinct owner, not one per record.
+    pub fn orphan_candidates(&self) -> Vec<String> {
         let state = unpoison(self.state.read());
         state
-            .kinds
-            .values()
-            .flat_map(|k| k.objects.values())
-            .filter(|o| {
-                o.value
-                    .pointer("/metadata/ownerReferences")
-                    .and_then(Value::as_array)
-                    .is_some_and(|a| !a.is_empty())
-            })
-            .cloned()
+            .dependents
+            .iter()
+            .filter(|(owner, _)| !state.uids.contains_key(*owner))
+            .flat_map(|(_, keys)| keys.iter().cloned())
             .collect()
     }
 

@@ -124,7 +124,7 @@ impl ApiError {
         let summary = causes
             .iter()
             .map(|(field, msg)| {
-                if field.is_empty() {
+                if field.is_empty() || msg.starts_with(field.as_str()) {
                     msg.clone()
                 } else {
                     format!("{field}: {msg}")

@@ -953,24 +953,7 @@ impl Registry {
             if rx.changed().await.is_err() {
                 return;
             }
-            let candidates: Vec<String> = self
-                .cache
-                .owned_records()
-                .into_iter()
-                .filter(|o| {
-                    o.value
-                        .pointer("/metadata/ownerReferences")
-                        .and_then(Value::as_array)
-                        .is_some_and(|refs| {
-                            refs.iter().any(|r| {
-                                r.get("uid")
-                                    .and_then(Value::as_str)
-                                    .is_none_or(|u| !self.cache.uid_exists(u))
-                            })
-                        })
-                })
-                .map(|o| o.key.clone())
-                .collect();
+            let candidates = self.cache.orphan_candidates();
             for key in candidates {
                 if let Err(e) = self.collect_dependent(&key).await {
                     tracing::warn!(key, error = %e, "garbage collection failed; will retry on the next change");
