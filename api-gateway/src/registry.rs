@@ -229,16 +229,36 @@ impl Registry {
         self.cache.synced()
     }
 
+    async fn etcd_get(
+        &self,
+        key: &str,
+        opts: Option<GetOptions>,
+    ) -> Result<etcd_client::GetResponse, etcd_client::Error> {
+        store::retry_unreached(|| {
+            let mut kv = self.etcd.kv_client();
+            let opts = opts.clone();
+            async move { kv.get(key, opts).await }
+        })
+        .await
+    }
+
+    async fn etcd_txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
+        store::retry_unreached(|| {
+            let mut kv = self.etcd.kv_client();
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await
+    }
+
     /// etcd's current revision.
     pub async fn current_revision(&self) -> ApiResult<i64> {
-        let mut kv = self.etcd.kv_client();
-        let resp = kv.get("/karri/revision", None).await?;
+        let resp = self.etcd_get("/karri/revision", None).await?;
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))
     }
 
     async fn read(&self, key: &str) -> ApiResult<Option<(Value, i64)>> {
-        let mut kv = self.etcd.kv_client();
-        let resp = kv.get(key, None).await?;
+        let resp = self.etcd_get(key, None).await?;
         let Some(kvp) = resp.kvs().first() else {
             return Ok(None);
         };
@@ -265,8 +285,7 @@ impl Registry {
 
     /// Find a record by its EC2-style ID, in O(1) through the ID index.
     pub async fn find_by_id(&self, id: &str) -> ApiResult<Option<Value>> {
-        let mut kv = self.etcd.kv_client();
-        let resp = kv.get(id_key(id), None).await?;
+        let resp = self.etcd_get(&id_key(id), None).await?;
         let Some(idx) = resp.kvs().first() else {
             return Ok(None);
         };
@@ -324,7 +343,7 @@ impl Registry {
                     TxnOp::put(id_key(&id), key.clone(), None),
                 ])
                 .or_else([TxnOp::get(key.clone(), None)]);
-            let resp = self.etcd.kv_client().txn(txn).await?;
+            let resp = self.etcd_txn(txn).await?;
             let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
             if resp.succeeded() {
                 self.metrics.writes.inc();
@@ -418,7 +437,7 @@ impl Registry {
                     .when([cmp])
                     .and_then([TxnOp::put(key.clone(), raw, None)])
             };
-            let resp = self.etcd.kv_client().txn(txn).await?;
+            let resp = self.etcd_txn(txn).await?;
             if resp.succeeded() {
                 self.metrics.writes.inc();
                 let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -486,7 +505,7 @@ impl Registry {
                 let txn = Txn::new()
                     .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
                     .and_then([TxnOp::put(key.clone(), raw, None)]);
-                let resp = self.etcd.kv_client().txn(txn).await?;
+                let resp = self.etcd_txn(txn).await?;
                 if resp.succeeded() {
                     let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
                     set_resource_version(&mut marked, rev);
@@ -507,7 +526,7 @@ impl Registry {
             let txn = Txn::new()
                 .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
                 .and_then(ops);
-            let resp = self.etcd.kv_client().txn(txn).await?;
+            let resp = self.etcd_txn(txn).await?;
             if resp.succeeded() {
                 self.metrics.writes.inc();
                 return Ok(current);
@@ -590,7 +609,6 @@ impl Registry {
         };
         let end = prefix_end(&prefix);
         let mut items = Vec::new();
-        let mut kv = self.etcd.kv_client();
         loop {
             let want = if opts.limit > 0 {
                 opts.limit - items.len()
@@ -603,7 +621,7 @@ impl Registry {
             if revision > 0 {
                 go = go.with_revision(revision);
             }
-            let resp = kv.get(start.clone(), Some(go)).await?;
+            let resp = self.etcd_get(&start, Some(go)).await?;
             if revision == 0 {
                 revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             }

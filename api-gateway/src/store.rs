@@ -99,6 +99,37 @@ pub async fn connect(config: &EtcdConfig) -> Result<Client, StoreError> {
         })
 }
 
+/// Whether an etcd error means the request never reached a member (connection refused or
+/// reset before sending), so that sending it again, to another member, cannot apply it twice.
+pub fn never_reached_etcd(e: &etcd_client::Error) -> bool {
+    let text = e.to_string();
+    text.contains("tcp connect error")
+        || text.contains("Connection refused")
+        || text.contains("error trying to connect")
+}
+
+/// Run an etcd request, sending it again (up to 8 times over about two seconds) while it
+/// cannot reach a member: with one member of a cluster down, the client's balancer may try
+/// the dead member first.
+pub async fn retry_unreached<T, F, Fut>(mut op: F) -> Result<T, etcd_client::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut delay = Duration::from_millis(20);
+    for _ in 0..7 {
+        match op().await {
+            Err(e) if never_reached_etcd(&e) => {
+                tracing::debug!(error = %e, "etcd member unreachable; trying again");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(500));
+            }
+            other => return other,
+        }
+    }
+    op().await
+}
+
 /// Key prefix of every record of one kind (all namespaces).
 pub fn kind_prefix(plural: &str) -> String {
     format!("{REGISTRY_PREFIX}{}/{plural}/", crds::GROUP)

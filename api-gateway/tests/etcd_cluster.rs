@@ -1,0 +1,249 @@
+//! The gateway uses a site's etcd cluster exactly like the single local etcd: a list of
+//! members, TLS with client certificates, and etcd's own authentication.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use api_gateway::auth::Principal;
+use api_gateway::kinds::Kinds;
+use api_gateway::metrics::Metrics;
+use api_gateway::registry::{ListOptions, Registry, WriteOptions};
+use api_gateway::store::{self, EtcdConfig};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+use serde_json::json;
+
+struct Members(Vec<Option<Child>>);
+
+impl Drop for Members {
+    fn drop(&mut self) {
+        for c in self.0.iter_mut().flatten() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+struct Pki {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+fn pki(dir: &Path) -> anyhow::Result<Pki> {
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "test-etcd-ca");
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf = |cn: &str, sans: Vec<SanType>| -> anyhow::Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::new(Vec::<String>::new())?;
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.subject_alt_names = sans;
+        let cert = p.signed_by(&key, &issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    };
+    let (server_pem, server_key) = leaf(
+        "etcd",
+        vec![
+            SanType::IpAddress([127, 0, 0, 1].into()),
+            SanType::DnsName("localhost".try_into()?),
+        ],
+    )?;
+    let (client_pem, client_key) = leaf("root", vec![])?;
+    let out = Pki {
+        ca: dir.join("ca.crt"),
+        server_cert: dir.join("server.crt"),
+        server_key: dir.join("server.key"),
+        client_cert: dir.join("client.crt"),
+        client_key: dir.join("client.key"),
+    };
+    std::fs::write(&out.ca, ca.pem())?;
+    std::fs::write(&out.server_cert, server_pem)?;
+    std::fs::write(&out.server_key, server_key)?;
+    std::fs::write(&out.client_cert, client_pem)?;
+    std::fs::write(&out.client_key, client_key)?;
+    Ok(out)
+}
+
+fn start_members(dir: &Path, pki: &Pki) -> anyhow::Result<(Members, Vec<String>)> {
+    let ports = karri_testkit::free_ports(6)?;
+    let peers: Vec<String> = (0..3)
+        .map(|i| format!("http://127.0.0.1:{}", ports[3 + i]))
+        .collect();
+    let cluster = (0..3)
+        .map(|i| format!("m{i}={}", peers[i]))
+        .collect::<Vec<_>>()
+        .join(",");
+    let endpoints: Vec<String> = (0..3)
+        .map(|i| format!("https://127.0.0.1:{}", ports[i]))
+        .collect();
+    let mut members = Members(Vec::new());
+    for i in 0..3 {
+        let log = std::fs::File::create(dir.join(format!("m{i}.log")))?;
+        let child = Command::new("etcd")
+            .args(["--name", &format!("m{i}")])
+            .arg("--data-dir")
+            .arg(dir.join(format!("m{i}")))
+            .args([
+                "--listen-client-urls",
+                &endpoints[i],
+                "--advertise-client-urls",
+                &endpoints[i],
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peers[i],
+                "--initial-advertise-peer-urls",
+                &peers[i],
+            ])
+            .args([
+                "--initial-cluster",
+                &cluster,
+                "--initial-cluster-state",
+                "new",
+            ])
+            .arg("--cert-file")
+            .arg(&pki.server_cert)
+            .arg("--key-file")
+            .arg(&pki.server_key)
+            .arg("--trusted-ca-file")
+            .arg(&pki.ca)
+            .arg("--client-cert-auth")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting etcd")?;
+        members.0.push(Some(child));
+    }
+    Ok((members, endpoints))
+}
+
+async fn until_ok<T, F, Fut>(what: &str, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut interval = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        interval.tick().await;
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() >= deadline => bail!("{what}: {e:#}"),
+            Err(_) => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_member_cluster_over_tls_with_auth_is_used_like_one_etcd() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let pki = pki(dir.path())?;
+    let (mut members, endpoints) = start_members(dir.path(), &pki)?;
+    let tls = EtcdConfig {
+        endpoints: endpoints.clone(),
+        ca_file: Some(pki.ca.clone()),
+        cert_file: Some(pki.client_cert.clone()),
+        key_file: Some(pki.client_key.clone()),
+        username: None,
+        password: None,
+    };
+    // Wait for the members to elect a leader, then turn on etcd authentication.
+    let mut root = until_ok("cluster up", || async {
+        let mut c = store::connect(&tls).await?;
+        c.put("/probe", "x", None).await?;
+        Ok(c)
+    })
+    .await?;
+    root.user_add("root", "root-secret", None).await?;
+    root.user_grant_role("root", "root").await?;
+    root.user_add("karri", "karri-secret", None).await?;
+    root.role_add("karri").await?;
+    root.role_grant_permission(
+        "karri",
+        etcd_client::Permission::read_write("/karri/").with_prefix(),
+    )
+    .await?;
+    root.user_grant_role("karri", "karri").await?;
+    root.auth_enable().await?;
+
+    let wrong = EtcdConfig {
+        username: Some("karri".into()),
+        password: Some("wrong".into()),
+        ..tls.clone()
+    };
+    assert!(
+        store::connect(&wrong).await.is_err(),
+        "a wrong password is refused"
+    );
+
+    let config = EtcdConfig {
+        username: Some("karri".into()),
+        password: Some("karri-secret".into()),
+        ..tls
+    };
+    let client = store::connect(&config).await?;
+    let registry = Registry::start(client, Kinds::load(), 1000, Arc::new(Metrics::new()));
+    let kind = registry.kinds.by_plural("instances").context("instances")?;
+    let admin = Principal::Admin("admin".into());
+    let body = |name: &str| {
+        json!({"apiVersion": "karri.dev/v1alpha1", "kind": "Instance", "metadata": {"name": name},
+               "spec": {"imageId": "emi-0123456789abcdef0", "instanceType": "m1.small"}})
+    };
+    until_ok("first create", || async {
+        Ok(registry
+            .create(
+                &kind,
+                Some("acme"),
+                body("web-1"),
+                &admin,
+                WriteOptions::default(),
+            )
+            .await?)
+    })
+    .await?;
+
+    // One member goes away: the others keep serving through the same client.
+    if let Some(mut m) = members.0[0].take() {
+        m.kill()?;
+        m.wait()?;
+    }
+    until_ok("create with a member down", || async {
+        // A retry after a create that landed but whose answer was lost meets AlreadyExists.
+        match registry
+            .create(
+                &kind,
+                Some("acme"),
+                body("web-2"),
+                &admin,
+                WriteOptions::default(),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == 409 => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    })
+    .await?;
+    let page = registry
+        .list(&kind, Some("acme"), &admin, &ListOptions::default())
+        .await?;
+    let names: Vec<_> = page
+        .items
+        .iter()
+        .map(|o| o.value["metadata"]["name"].clone())
+        .collect();
+    assert_eq!(names, [json!("web-1"), json!("web-2")]);
+    Ok(())
+}
