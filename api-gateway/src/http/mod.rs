@@ -16,6 +16,7 @@ use axum::Router;
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
+use tracing::Instrument;
 
 use crate::admission::{FieldValidation, Subresource};
 use crate::auth::{self, Authenticator, Principal, Target, Verb};
@@ -137,20 +138,25 @@ fn verb_label(method: &Method, ep: &Endpoint, q: &HashMap<String, String>) -> &'
 
 /// Every authenticated path: discovery, OpenAPI and the resources.
 async fn authenticated(State(s): St, req: Request) -> Response {
+    let span = tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), user = tracing::field::Empty);
+    serve(s, req).instrument(span).await
+}
+
+async fn serve(s: Arc<AppState>, req: Request) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let span = tracing::info_span!("request", %method, %path);
-    let _enter = span.enter();
     let principal = s.auth.authenticate(
         req.headers()
             .get(header::AUTHORIZATION)
             .and_then(|h| h.to_str().ok()),
     );
     let Some(principal) = principal else {
+        tracing::info!("refused: no valid bearer token");
         return ApiError::unauthorized("Unauthorized: a valid bearer token is required")
             .into_response();
     };
+    tracing::Span::current().record("user", principal.user());
     let q = query_map(req.uri().query());
     let prefix = format!("/apis/{}/", crds::API_VERSION);
     let (resp, verb, resource) = if let Some(rest) = path.strip_prefix(&prefix) {
