@@ -135,10 +135,11 @@ pub fn validate(kind: &Kind, obj: &mut Value, mode: FieldValidation) -> ApiResul
         return Err(ApiError::invalid(kind.info.kind, &name, invalid));
     }
     if let Err(e) = crds::validate_object(kind.info.kind, obj) {
+        let field = e.field().unwrap_or("").to_string();
         return Err(ApiError::invalid(
             kind.info.kind,
             &name,
-            vec![(String::new(), e.to_string())],
+            vec![(field, e.to_string())],
         ));
     }
     Ok(match mode {

@@ -200,7 +200,15 @@ impl IntoResponse for ApiError {
         if code.is_server_error() {
             tracing::warn!(code = self.code, reason = self.reason, "{}", self.message);
         }
-        (code, axum::Json(self.status())).into_response()
+        let mut resp = (code, axum::Json(self.status())).into_response();
+        if self.code == 413 {
+            // The unread rest of the body makes the connection unusable: say so.
+            resp.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        resp
     }
 }
 

@@ -279,7 +279,8 @@ impl Registry {
         let key = record_key(kind.info.plural, ns, name);
         match self.read(&key).await? {
             Some((v, _)) if auth::can_see(who, kind.info.kind, &v) => Ok(v),
-            _ => Err(ApiError::not_found(kind.info.plural, name)),
+            Some(_) => Err(not_yours(who, kind, name)),
+            None => Err(ApiError::not_found(kind.info.plural, name)),
         }
     }
 
@@ -389,7 +390,7 @@ impl Registry {
                 return Err(ApiError::not_found(kind.info.plural, name));
             };
             if !auth::can_see(who, kind.info.kind, &current) {
-                return Err(ApiError::not_found(kind.info.plural, name));
+                return Err(not_yours(who, kind, name));
             }
             if precondition.is_some_and(|p| p != rev) {
                 return Err(ApiError::conflict(kind.info.plural, name));
@@ -471,7 +472,7 @@ impl Registry {
                 return Err(ApiError::not_found(kind.info.plural, name));
             };
             if !auth::can_see(who, kind.info.kind, &current) {
-                return Err(ApiError::not_found(kind.info.plural, name));
+                return Err(not_yours(who, kind, name));
             }
             let uid = current
                 .pointer("/metadata/uid")
@@ -979,6 +980,16 @@ impl Registry {
             }
         }
     }
+}
+
+/// The refusal of a record the caller may not touch (another node's instance).
+fn not_yours(who: &Principal, kind: &Kind, name: &str) -> ApiError {
+    ApiError::forbidden(format!(
+        "{}.{} {name:?} is forbidden: User {:?} may only touch records bound to it",
+        kind.info.plural,
+        crds::GROUP,
+        who.user()
+    ))
 }
 
 fn id_of(v: &Value) -> Option<&str> {

@@ -18,6 +18,11 @@ pub fn core_versions() -> Value {
     json!({"kind": "APIVersions", "versions": [], "serverAddressByClientCIDRs": []})
 }
 
+/// A namespace as kubectl expects to read it.
+pub fn namespace(name: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}, "spec": {}, "status": {"phase": "Active"}})
+}
+
 fn group() -> Value {
     let gv = json!({"groupVersion": crds::API_VERSION, "version": crds::VERSION});
     json!({"name": crds::GROUP, "versions": [gv], "preferredVersion": gv})

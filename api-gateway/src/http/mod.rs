@@ -182,6 +182,9 @@ async fn serve(s: Arc<AppState>, req: Request) -> Response {
     } else {
         let resp = match (method.as_str(), path.trim_end_matches('/')) {
             ("GET", "/api") => axum::Json(discovery::core_versions()).into_response(),
+            ("GET", p) if p.starts_with("/api/v1/namespaces/") => {
+                namespace(&principal, &p["/api/v1/namespaces/".len()..])
+            }
             ("GET", "/apis") => axum::Json(discovery::group_list()).into_response(),
             ("GET", "/apis/karri.dev") => axum::Json(discovery::api_group()).into_response(),
             ("GET", p) if p == format!("/apis/{}", crds::API_VERSION) => {
@@ -211,6 +214,24 @@ async fn serve(s: Arc<AppState>, req: Request) -> Response {
     }
     tracing::debug!(code = resp.status().as_u16(), "served");
     resp
+}
+
+/// `GET /api/v1/namespaces/<ns>`: kubectl asks after a 404 to tell a missing record from a
+/// missing namespace. Namespaces are implicit here (an account owns one), so any valid name is.
+fn namespace(who: &Principal, ns: &str) -> Response {
+    if ns.contains('/') || crate::schema::namespace_problem(ns).is_some() {
+        return ApiError::no_route(&format!("/api/v1/namespaces/{ns}")).into_response();
+    }
+    if let Principal::Account { namespace, .. } = who {
+        if namespace != ns {
+            return ApiError::forbidden(format!(
+                "namespaces {ns:?} is forbidden: User {:?} cannot get resource \"namespaces\" in API group \"\" in the namespace {ns:?}",
+                who.user()
+            ))
+            .into_response();
+        }
+    }
+    axum::Json(discovery::namespace(ns)).into_response()
 }
 
 async fn read_body(req: Request, limit: usize) -> ApiResult<(HeaderMap, Bytes)> {
