@@ -1,0 +1,645 @@
+//! Who may do what, shown with kubectl (and the raw HTTPS answer behind each refusal) against a
+//! real gateway on real etcd: a node token sees and writes only its own Node record and the
+//! instances bound to it; an account token works only in its own namespace and reads the public
+//! catalogue. Every refusal is a `Status` 403 Forbidden that leaves the data unchanged.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use karri_e2e::support::{
+    expect_status, instance_json, instance_yaml, kubectl_err, kubectl_json, kubectl_refused,
+    message, Api, Cluster, KubectlStream, API,
+};
+use karri_testkit::kubectl_ok;
+use reqwest::header::CONTENT_TYPE;
+use reqwest::Method;
+use serde_json::{json, Value};
+
+const MERGE: &str = "application/merge-patch+json";
+
+/// Records every test starts with, created by the admin:
+///
+/// | record | namespace | bound to |
+/// |---|---|---|
+/// | Node node-1, node-2 | | |
+/// | Instance on-1 | acme | node-1 |
+/// | Instance on-2 | acme | node-2 |
+/// | Instance unbound | acme | |
+/// | Instance far-1 | globex | node-1 |
+/// | Instance far-2 | globex | node-2 |
+/// | Image karri-micro (the sample) | acme | |
+/// | InstanceTypes (the samples) | | |
+async fn world() -> anyhow::Result<Cluster> {
+    let c = Cluster::start().await?;
+    let nodes = c.manifest(
+        "nodes.yaml",
+        "apiVersion: karri.dev/v1alpha1\nkind: Node\nmetadata:\n  name: node-1\nspec:\n  availabilityZone: karri-1a\n\
+         ---\n\
+         apiVersion: karri.dev/v1alpha1\nkind: Node\nmetadata:\n  name: node-2\nspec:\n  availabilityZone: karri-1a\n",
+    )?;
+    apply(&c.admin, &nodes, "acme")?;
+    let samples = karri_testkit::workspace_root()
+        .join("config")
+        .join("samples");
+    for sample in ["image.yaml", "instance-type.yaml"] {
+        apply(&c.admin, &samples.join(sample), "acme")?;
+    }
+    for (ns, name, node) in [
+        ("acme", "on-1", Some("node-1")),
+        ("acme", "on-2", Some("node-2")),
+        ("acme", "unbound", None),
+        ("globex", "far-1", Some("node-1")),
+        ("globex", "far-2", Some("node-2")),
+    ] {
+        let m = c.manifest(
+            &format!("{ns}-{name}.yaml"),
+            &instance_yaml(name, "m1.small"),
+        )?;
+        apply(&c.admin, &m, ns)?;
+        if let Some(node) = node {
+            bind(&c, ns, name, node)?;
+        }
+    }
+    Ok(c)
+}
+
+fn apply(kubeconfig: &Path, file: &Path, ns: &str) -> anyhow::Result<String> {
+    let f = file.to_str().context("path is not UTF-8")?;
+    kubectl_ok(kubeconfig, &["apply", "-n", ns, "-f", f])
+}
+
+/// Binds an instance to a node the way the scheduler does: through the status subresource.
+fn bind(c: &Cluster, ns: &str, name: &str, node: &str) -> anyhow::Result<()> {
+    let patch = json!({"status": {"nodeName": node}}).to_string();
+    kubectl_ok(
+        &c.admin,
+        &[
+            "patch",
+            "instance",
+            name,
+            "-n",
+            ns,
+            "--subresource=status",
+            "--type",
+            "merge",
+            "-p",
+            &patch,
+        ],
+    )?;
+    Ok(())
+}
+
+/// Everything stored, as the admin sees it, for "the data is unchanged" checks.
+async fn snapshot(c: &Cluster) -> anyhow::Result<Vec<Value>> {
+    let api = c.admin_api()?;
+    let mut all = Vec::new();
+    for plural in [
+        "accounts",
+        "availabilityzones",
+        "nodes",
+        "instancetypes",
+        "images",
+        "instances",
+    ] {
+        all.extend(api.items(&format!("{API}/{plural}")).await?);
+    }
+    Ok(all)
+}
+
+/// `namespace/name` of the instances a `kubectl get instances ... -o json` lists, sorted.
+fn listed(kubeconfig: &Path, args: &[&str]) -> anyhow::Result<Vec<String>> {
+    let mut all = vec!["get", "instances"];
+    all.extend(args);
+    let list = kubectl_json(kubeconfig, &all)?;
+    let mut names: Vec<String> = list["items"]
+        .as_array()
+        .context("no items")?
+        .iter()
+        .map(|o| {
+            format!(
+                "{}/{}",
+                o["metadata"]["namespace"].as_str().unwrap_or(""),
+                o["metadata"]["name"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Sends a raw request, which must be refused with a Status 403 Forbidden; returns the Status.
+async fn forbidden(
+    api: &Api,
+    method: Method,
+    path: &str,
+    body: Option<(&str, Value)>,
+) -> anyhow::Result<Value> {
+    let mut req = api.request(method.clone(), path);
+    if let Some((ct, body)) = body {
+        req = req
+            .header(CONTENT_TYPE, ct)
+            .body(serde_json::to_vec(&body)?);
+    }
+    let resp = req.send().await?;
+    expect_status(resp, 403, "Forbidden")
+        .await
+        .with_context(|| format!("{method} {path}"))
+}
+
+fn inst(ns: &str, name: &str) -> String {
+    format!("{API}/namespaces/{ns}/instances/{name}")
+}
+
+fn node_api(c: &Cluster, node: &str) -> anyhow::Result<Api> {
+    c.api(Some(c.tokens.node(node).context("no node token")?))
+}
+
+fn account_api(c: &Cluster, ns: &str) -> anyhow::Result<Api> {
+    c.api(Some(c.tokens.account(ns).context("no account token")?))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_sees_only_the_instances_bound_to_it() -> anyhow::Result<()> {
+    let c = world().await?;
+    let node = c.node_kubeconfig("node-1")?;
+    ensure!(
+        listed(&node, &["-A"])? == ["acme/on-1", "globex/far-1"],
+        "node-1 lists {:?}",
+        listed(&node, &["-A"])?
+    );
+    ensure!(
+        listed(&node, &["-A", "--field-selector", "status.nodeName=node-1"])?
+            == ["acme/on-1", "globex/far-1"],
+        "the field selector status.nodeName=node-1 does not give node-1 its instances"
+    );
+    ensure!(
+        listed(&node, &["-A", "--field-selector", "status.nodeName=node-2"])?.is_empty(),
+        "node-1 sees node-2's instances through a field selector"
+    );
+    ensure!(
+        listed(&node, &[])? == ["acme/on-1"],
+        "node-1 lists in acme: {:?}",
+        listed(&node, &[])?
+    );
+    let table = kubectl_ok(&node, &["get", "instances", "-A"])?;
+    ensure!(
+        table.lines().count() == 3 && !table.contains("on-2") && !table.contains("unbound"),
+        "node-1's table shows other instances:\n{table}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_watch_shows_an_instance_once_it_is_bound_to_it() -> anyhow::Result<()> {
+    let c = world().await?;
+    let node = c.node_kubeconfig("node-1")?;
+    let mut watch = KubectlStream::spawn(
+        &node,
+        &[
+            "get",
+            "instances",
+            "-A",
+            "-w",
+            "--output-watch-events",
+            "-o",
+            "jsonpath={.type} {.object.metadata.namespace}/{.object.metadata.name}{\"\\n\"}",
+        ],
+    )?;
+    let wait = Duration::from_secs(20);
+    watch.next_line("ADDED acme/on-1", wait, |l| l == "ADDED acme/on-1")?;
+    watch.next_line("ADDED globex/far-1", wait, |l| l == "ADDED globex/far-1")?;
+    // Binding one instance elsewhere and then one to node-1: only the second shows.
+    bind(&c, "acme", "unbound", "node-2")?;
+    let extra = c.manifest("late.yaml", &instance_yaml("late", "m1.small"))?;
+    apply(&c.admin, &extra, "acme")?;
+    bind(&c, "acme", "late", "node-1")?;
+    watch.next_line("ADDED acme/late", wait, |l| l == "ADDED acme/late")?;
+    ensure!(watch.running()?, "the watch ended");
+    ensure!(
+        watch
+            .seen()
+            .iter()
+            .all(|l| ["acme/on-1", "globex/far-1", "acme/late"]
+                .iter()
+                .any(|n| l.ends_with(n))),
+        "node-1's watch shows other instances: {:?}",
+        watch.seen()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_cannot_read_another_nodes_instance() -> anyhow::Result<()> {
+    let c = world().await?;
+    let node = c.node_kubeconfig("node-1")?;
+    let before = snapshot(&c).await?;
+    let stderr = kubectl_err(&node, &["get", "instance", "on-2", "-n", "acme"])?;
+    ensure!(
+        stderr.contains("Error from server (NotFound)")
+            || stderr.contains("Error from server (Forbidden)"),
+        "{stderr}"
+    );
+    let resp = node_api(&c, "node-1")?
+        .request(Method::GET, &inst("acme", "on-2"))
+        .send()
+        .await?;
+    let code = resp.status().as_u16();
+    match code {
+        404 => expect_status(resp, 404, "NotFound").await?,
+        _ => expect_status(resp, 403, "Forbidden").await?,
+    };
+    ensure!(snapshot(&c).await? == before, "a refused read changed data");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_cannot_patch_another_nodes_instance() -> anyhow::Result<()> {
+    let c = world().await?;
+    let node = c.node_kubeconfig("node-1")?;
+    let api = node_api(&c, "node-1")?;
+    let before = snapshot(&c).await?;
+    let refusals = async {
+        // The raw answers first: kubectl's own message hides a 404 behind its namespace check.
+        forbidden(
+            &api,
+            Method::PATCH,
+            &inst("acme", "on-2"),
+            Some((MERGE, json!({"spec": {"instanceType": "c1.medium"}}))),
+        )
+        .await?;
+        forbidden(
+            &api,
+            Method::PATCH,
+            &format!("{}/status", inst("acme", "on-2")),
+            Some((MERGE, json!({"status": {"nodeName": "node-1"}}))),
+        )
+        .await?;
+        kubectl_refused(
+            &node,
+            &[
+                "patch",
+                "instance",
+                "on-2",
+                "-n",
+                "acme",
+                "--type",
+                "merge",
+                "-p",
+                r#"{"spec":{"instanceType":"c1.medium"}}"#,
+            ],
+            "Forbidden",
+        )?;
+        anyhow::Ok(())
+    }
+    .await;
+    // Whatever the answers were, nothing may have changed.
+    ensure!(
+        snapshot(&c).await? == before,
+        "a refused patch changed data"
+    );
+    refusals
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_cannot_rebind_its_instance_to_another_node() -> anyhow::Result<()> {
+    let c = world().await?;
+    let node = c.node_kubeconfig("node-1")?;
+    let api = node_api(&c, "node-1")?;
+    let before = snapshot(&c).await?;
+    kubectl_refused(
+        &node,
+        &[
+            "patch",
+            "instance",
+            "on-1",
+            "-n",
+            "acme",
+            "--subresource=status",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"status":{"nodeName":"node-2"}}"#,
+        ],
+        "Forbidden",
+    )?;
+    forbidden(
+        &api,
+        Method::PATCH,
+        &format!("{}/status", inst("acme", "on-1")),
+        Some((MERGE, json!({"status": {"nodeName": "node-2"}}))),
+    )
+    .await?;
+    let mut current = api.get_json(&inst("acme", "on-1")).await?;
+    current["status"]["nodeName"] = json!("node-2");
+    let put = forbidden(
+        &api,
+        Method::PUT,
+        &format!("{}/status", inst("acme", "on-1")),
+        Some(("application/json", current)),
+    )
+    .await?;
+    ensure!(
+        message(&put).contains("node-1"),
+        "the refusal does not say who was refused: {put}"
+    );
+    ensure!(
+        snapshot(&c).await? == before,
+        "a refused re-bind changed data"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_can_update_the_status_of_its_own_instance() -> anyhow::Result<()> {
+    let c = world().await?;
+    let node = c.node_kubeconfig("node-1")?;
+    let before = kubectl_json(&c.admin, &["get", "instance", "on-1"])?;
+    kubectl_ok(
+        &node,
+        &[
+            "patch",
+            "instance",
+            "on-1",
+            "-n",
+            "acme",
+            "--subresource=status",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"status":{"state":"running"}}"#,
+        ],
+    )?;
+    let after = kubectl_json(&c.admin, &["get", "instance", "on-1"])?;
+    ensure!(after["status"]["state"] == "running", "{after}");
+    ensure!(after["status"]["nodeName"] == "node-1", "{after}");
+    ensure!(
+        after["metadata"]["generation"] == before["metadata"]["generation"]
+            && after["spec"] == before["spec"],
+        "a status write changed spec or generation:\n{before}\n{after}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_reads_and_updates_only_its_own_node_record() -> anyhow::Result<()> {
+    let c = world().await?;
+    let node = c.node_kubeconfig("node-1")?;
+    let api = node_api(&c, "node-1")?;
+
+    let own = kubectl_json(&node, &["get", "node.karri.dev", "node-1"])?;
+    ensure!(own["metadata"]["name"] == "node-1", "{own}");
+    kubectl_ok(
+        &node,
+        &[
+            "patch",
+            "node.karri.dev",
+            "node-1",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"unschedulable":true}}"#,
+        ],
+    )?;
+    let patched = kubectl_json(&c.admin, &["get", "node.karri.dev", "node-1"])?;
+    ensure!(patched["spec"]["unschedulable"] == true, "{patched}");
+    let names: Vec<String> = kubectl_json(&node, &["get", "nodes.karri.dev"])?["items"]
+        .as_array()
+        .context("no items")?
+        .iter()
+        .filter_map(|n| n["metadata"]["name"].as_str().map(str::to_string))
+        .collect();
+    ensure!(names == ["node-1"], "node-1 lists nodes {names:?}");
+
+    let before = snapshot(&c).await?;
+    kubectl_refused(&node, &["get", "node.karri.dev", "node-2"], "Forbidden")?;
+    kubectl_refused(
+        &node,
+        &[
+            "patch",
+            "node.karri.dev",
+            "node-2",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"unschedulable":true}}"#,
+        ],
+        "Forbidden",
+    )?;
+    kubectl_refused(&node, &["delete", "node.karri.dev", "node-1"], "Forbidden")?;
+    forbidden(&api, Method::GET, &format!("{API}/nodes/node-2"), None).await?;
+    forbidden(
+        &api,
+        Method::PATCH,
+        &format!("{API}/nodes/node-2"),
+        Some((MERGE, json!({"spec": {"unschedulable": true}}))),
+    )
+    .await?;
+    forbidden(
+        &api,
+        Method::PATCH,
+        &format!("{API}/nodes/node-2/status"),
+        Some((MERGE, json!({"status": {"phase": "Ready"}}))),
+    )
+    .await?;
+    forbidden(&api, Method::DELETE, &format!("{API}/nodes/node-2"), None).await?;
+    ensure!(
+        snapshot(&c).await? == before,
+        "a refused node write changed data"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_cannot_create_or_delete_instances() -> anyhow::Result<()> {
+    let c = world().await?;
+    let node = c.node_kubeconfig("node-1")?;
+    let api = node_api(&c, "node-1")?;
+    let before = snapshot(&c).await?;
+    let m = c.manifest("new.yaml", &instance_yaml("new", "m1.small"))?;
+    kubectl_refused(
+        &node,
+        &["create", "-f", m.to_str().context("path")?],
+        "Forbidden",
+    )?;
+    kubectl_refused(
+        &node,
+        &["delete", "instance", "on-1", "-n", "acme"],
+        "Forbidden",
+    )?;
+    forbidden(
+        &api,
+        Method::POST,
+        &format!("{API}/namespaces/acme/instances"),
+        Some(("application/json", instance_json("new"))),
+    )
+    .await?;
+    forbidden(&api, Method::DELETE, &inst("acme", "on-1"), None).await?;
+    ensure!(
+        snapshot(&c).await? == before,
+        "a refused create or delete changed data"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_cannot_read_images() -> anyhow::Result<()> {
+    let c = world().await?;
+    let node = c.node_kubeconfig("node-1")?;
+    let api = node_api(&c, "node-1")?;
+    kubectl_refused(&node, &["get", "images"], "Forbidden")?;
+    kubectl_refused(&node, &["get", "images", "-A"], "Forbidden")?;
+    kubectl_refused(&node, &["get", "image", "karri-micro"], "Forbidden")?;
+    forbidden(&api, Method::GET, &format!("{API}/images"), None).await?;
+    forbidden(
+        &api,
+        Method::GET,
+        &format!("{API}/namespaces/acme/images/karri-micro"),
+        None,
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn account_can_create_and_list_instances_in_its_namespace() -> anyhow::Result<()> {
+    let c = world().await?;
+    let acme = c.account_kubeconfig("acme")?;
+    let m = c.manifest("mine.yaml", &instance_yaml("mine", "m1.small"))?;
+    let out = kubectl_ok(&acme, &["apply", "-f", m.to_str().context("path")?])?;
+    ensure!(out.trim() == "instance.karri.dev/mine created", "{out}");
+    ensure!(
+        listed(&acme, &[])? == ["acme/mine", "acme/on-1", "acme/on-2", "acme/unbound"],
+        "acme lists {:?}",
+        listed(&acme, &[])?
+    );
+    let stored = kubectl_json(&c.admin, &["get", "instance", "mine", "-n", "acme"])?;
+    ensure!(stored["metadata"]["namespace"] == "acme", "{stored}");
+    let names = account_api(&c, "acme")?
+        .names(&format!("{API}/namespaces/acme/instances"))
+        .await?;
+    ensure!(names.iter().any(|n| n == "mine"), "{names:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn account_is_forbidden_in_other_namespaces_and_at_cluster_scope() -> anyhow::Result<()> {
+    let c = world().await?;
+    let acme = c.account_kubeconfig("acme")?;
+    let api = account_api(&c, "acme")?;
+    let before = snapshot(&c).await?;
+
+    kubectl_refused(&acme, &["get", "instances", "-n", "globex"], "Forbidden")?;
+    kubectl_refused(
+        &acme,
+        &["get", "instance", "far-1", "-n", "globex"],
+        "Forbidden",
+    )?;
+    kubectl_refused(&acme, &["get", "instances", "-A"], "Forbidden")?;
+    let m = c.manifest("intruder.yaml", &instance_yaml("intruder", "m1.small"))?;
+    kubectl_refused(
+        &acme,
+        &["create", "-n", "globex", "-f", m.to_str().context("path")?],
+        "Forbidden",
+    )?;
+    kubectl_refused(
+        &acme,
+        &["delete", "instance", "far-1", "-n", "globex"],
+        "Forbidden",
+    )?;
+
+    forbidden(
+        &api,
+        Method::GET,
+        &format!("{API}/namespaces/globex/instances"),
+        None,
+    )
+    .await?;
+    forbidden(&api, Method::GET, &inst("globex", "far-1"), None).await?;
+    forbidden(&api, Method::GET, &format!("{API}/instances"), None).await?;
+    forbidden(
+        &api,
+        Method::GET,
+        &format!("{API}/instances?watch=true"),
+        None,
+    )
+    .await?;
+    forbidden(
+        &api,
+        Method::POST,
+        &format!("{API}/namespaces/globex/instances"),
+        Some(("application/json", instance_json("intruder"))),
+    )
+    .await?;
+    forbidden(
+        &api,
+        Method::PATCH,
+        &inst("globex", "far-1"),
+        Some((MERGE, json!({"spec": {"instanceType": "c1.medium"}}))),
+    )
+    .await?;
+    forbidden(&api, Method::DELETE, &inst("globex", "far-1"), None).await?;
+    ensure!(
+        snapshot(&c).await? == before,
+        "a refused request changed data"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn account_reads_instance_types_but_not_nodes_or_accounts() -> anyhow::Result<()> {
+    let c = world().await?;
+    let acme = c.account_kubeconfig("acme")?;
+    let api = account_api(&c, "acme")?;
+    let names = |list: Value| -> Vec<String> {
+        list["items"]
+            .as_array()
+            .map(|items| {
+                items
+                    .iter()
+                    .filter_map(|o| o["metadata"]["name"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let all_types = names(kubectl_json(&c.admin, &["get", "instancetypes"])?);
+    let seen = names(kubectl_json(&acme, &["get", "instancetypes"])?);
+    ensure!(
+        !all_types.is_empty() && seen == all_types,
+        "acme sees instance types {seen:?} of {all_types:?}"
+    );
+    kubectl_ok(&acme, &["get", "instancetype", "m1.small"])?;
+
+    let before = snapshot(&c).await?;
+    kubectl_refused(&acme, &["get", "nodes.karri.dev"], "Forbidden")?;
+    kubectl_refused(&acme, &["get", "node.karri.dev", "node-1"], "Forbidden")?;
+    kubectl_refused(&acme, &["get", "accounts"], "Forbidden")?;
+    kubectl_refused(
+        &acme,
+        &[
+            "patch",
+            "instancetype",
+            "m1.small",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"spec":{"vcpus":8}}"#,
+        ],
+        "Forbidden",
+    )?;
+    forbidden(&api, Method::GET, &format!("{API}/nodes"), None).await?;
+    forbidden(&api, Method::GET, &format!("{API}/nodes/node-1"), None).await?;
+    forbidden(&api, Method::GET, &format!("{API}/accounts"), None).await?;
+    forbidden(
+        &api,
+        Method::DELETE,
+        &format!("{API}/instancetypes/m1.small"),
+        None,
+    )
+    .await?;
+    ensure!(
+        snapshot(&c).await? == before,
+        "a refused request changed data"
+    );
+    Ok(())
+}
