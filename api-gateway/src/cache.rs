@@ -173,10 +173,10 @@ impl WatchCache {
             .await?;
         let start = resp.header().map(|h| h.revision()).unwrap_or(0);
         self.reset(resp.kvs(), start);
+        // The cache knows each previous value itself: no prev_kv, so etcd reads nothing extra.
         let options = WatchOptions::new()
             .with_prefix()
-            .with_start_revision(start + 1)
-            .with_prev_key();
+            .with_start_revision(start + 1);
         let mut stream = client.watch(REGISTRY_PREFIX, Some(options)).await?;
         loop {
             tokio::select! {

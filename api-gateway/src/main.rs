@@ -12,7 +12,8 @@ use api_gateway::metrics::Metrics;
 use api_gateway::registry::Registry;
 use api_gateway::store::{self, EtcdConfig};
 use api_gateway::tls;
-use axum_server::tls_rustls::RustlsConfig;
+use axum_server::accept::NoDelayAcceptor;
+use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use clap::Parser;
 
 /// Command-line flags.
@@ -132,7 +133,10 @@ async fn main() -> anyhow::Result<()> {
         shutdown.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
     });
     tracing::info!(listen = %args.listen, etcd = %args.etcd_endpoints.join(","), ca = ?serving.ca, "api-gateway serving");
-    axum_server::bind_rustls(args.listen, config)
+    // TCP_NODELAY: a response written in several TLS records must not wait for delayed ACKs.
+    let acceptor = RustlsAcceptor::new(config).acceptor(NoDelayAcceptor::new());
+    axum_server::bind(args.listen)
+        .acceptor(acceptor)
         .handle(handle)
         .serve(router(state).into_make_service())
         .await
