@@ -113,6 +113,27 @@ impl Harness {
             .map(|w| w.object)
     }
 
+    async fn update(
+        &self,
+        name: &str,
+        sub: Subresource,
+        change: &mut (dyn FnMut(&Value) -> Result<Value, ApiError> + Send),
+    ) -> Result<Value, ApiError> {
+        self.registry
+            .update_with(
+                &self.instances,
+                Some("acme"),
+                name,
+                &admin(),
+                sub,
+                None,
+                WriteOptions::default(),
+                change,
+            )
+            .await
+            .map(|w| w.object)
+    }
+
     fn watch(&self, from: Option<i64>) -> Receiver<WatchEvent> {
         self.registry.watch(
             self.instances.clone(),
@@ -216,20 +237,7 @@ async fn generation_counts_spec_changes_and_status_writes_never_bump_it() -> any
         next["metadata"]["labels"]["tier"] = json!("front");
         Ok(next)
     };
-    let relabeled = h
-        .registry
-        .update_with(
-            &h.instances,
-            Some("acme"),
-            "web",
-            &admin(),
-            Subresource::Main,
-            None,
-            WriteOptions::default(),
-            &mut relabel,
-        )
-        .await?
-        .object;
+    let relabeled = h.update("web", Subresource::Main, &mut relabel).await?;
     assert_eq!(
         generation(&relabeled),
         1,
@@ -245,20 +253,7 @@ async fn generation_counts_spec_changes_and_status_writes_never_bump_it() -> any
         next["spec"]["keyName"] = json!("ignored-by-status-writes");
         Ok(next)
     };
-    let with_status = h
-        .registry
-        .update_with(
-            &h.instances,
-            Some("acme"),
-            "web",
-            &admin(),
-            Subresource::Status,
-            None,
-            WriteOptions::default(),
-            &mut status,
-        )
-        .await?
-        .object;
+    let with_status = h.update("web", Subresource::Status, &mut status).await?;
     assert_eq!(generation(&with_status), 2);
     assert_eq!(with_status["status"]["state"], "running");
     assert_eq!(
@@ -272,19 +267,8 @@ async fn generation_counts_spec_changes_and_status_writes_never_bump_it() -> any
         Ok(next)
     };
     let after = h
-        .registry
-        .update_with(
-            &h.instances,
-            Some("acme"),
-            "web",
-            &admin(),
-            Subresource::Main,
-            None,
-            WriteOptions::default(),
-            &mut spec_write_with_status,
-        )
-        .await?
-        .object;
+        .update("web", Subresource::Main, &mut spec_write_with_status)
+        .await?;
     assert_eq!(
         after["status"]["state"], "running",
         "a spec write ignores status"
@@ -458,17 +442,7 @@ async fn a_finalizer_holds_deletion_until_the_last_one_is_removed() -> anyhow::R
         Ok(next)
     };
     let refused = h
-        .registry
-        .update_with(
-            &h.instances,
-            Some("acme"),
-            "web",
-            &admin(),
-            Subresource::Main,
-            None,
-            WriteOptions::default(),
-            &mut add,
-        )
+        .update("web", Subresource::Main, &mut add)
         .await
         .expect_err("no new finalizers while terminating");
     assert_eq!(refused.code, 403);
@@ -479,18 +453,7 @@ async fn a_finalizer_holds_deletion_until_the_last_one_is_removed() -> anyhow::R
             next["metadata"]["finalizers"] = remaining.clone();
             Ok(next)
         };
-        h.registry
-            .update_with(
-                &h.instances,
-                Some("acme"),
-                "web",
-                &admin(),
-                Subresource::Main,
-                None,
-                WriteOptions::default(),
-                &mut drop_one,
-            )
-            .await?;
+        h.update("web", Subresource::Main, &mut drop_one).await?;
     }
     let gone = h
         .registry
@@ -616,17 +579,7 @@ async fn ids_are_indexed_in_the_same_transaction_and_removed_with_the_record() -
         Ok(next)
     };
     let err = h
-        .registry
-        .update_with(
-            &h.instances,
-            Some("acme"),
-            "web",
-            &admin(),
-            Subresource::Main,
-            None,
-            WriteOptions::default(),
-            &mut change_id,
-        )
+        .update("web", Subresource::Main, &mut change_id)
         .await
         .expect_err("immutable");
     assert_eq!(err.code, 422);
@@ -715,18 +668,7 @@ async fn paginated_lists_read_one_revision_and_selectors_filter() -> anyhow::Res
         next["metadata"]["labels"]["tier"] = json!("db");
         Ok(next)
     };
-    h.registry
-        .update_with(
-            &h.instances,
-            Some("acme"),
-            "web-2",
-            &admin(),
-            Subresource::Main,
-            None,
-            WriteOptions::default(),
-            &mut relabel,
-        )
-        .await?;
+    h.update("web-2", Subresource::Main, &mut relabel).await?;
     let selected = ListOptions {
         labels: api_gateway::selectors::LabelSelector::parse("app=web,tier in (db)")?,
         ..Default::default()
@@ -770,18 +712,7 @@ async fn a_node_field_selector_watch_sees_bindings_come_and_go() -> anyhow::Resu
             next["status"] = json!({"nodeName": node});
             Ok(next)
         };
-        h.registry
-            .update_with(
-                &h.instances,
-                Some("acme"),
-                "web",
-                &admin(),
-                Subresource::Status,
-                None,
-                WriteOptions::default(),
-                &mut bind,
-            )
-            .await?;
+        h.update("web", Subresource::Status, &mut bind).await?;
     }
     assert!(describe(&next_event(&mut rx).await?).starts_with("ADDED"));
     assert!(

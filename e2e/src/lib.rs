@@ -9,7 +9,7 @@ pub mod support {
 
     use std::io::{BufRead, BufReader, Read};
     use std::path::{Path, PathBuf};
-    use std::process::{Child, Command, Stdio};
+    use std::process::{Child, Stdio};
     use std::sync::{mpsc, Arc, Mutex};
     use std::time::{Duration, Instant};
 
@@ -230,18 +230,7 @@ pub mod support {
         /// Starts `kubectl --kubeconfig <kubeconfig> <args...>` the way
         /// [`karri_testkit::kubectl`] runs it (same binary and discovery cache).
         pub fn spawn(kubeconfig: &Path, args: &[&str]) -> anyhow::Result<KubectlStream> {
-            let bin = std::env::var_os("KARRI_KUBECTL").unwrap_or_else(|| "kubectl".into());
-            let cache_dir = kubeconfig
-                .parent()
-                .unwrap_or_else(|| Path::new("."))
-                .join("kubectl-cache");
-            let mut child = Command::new(&bin)
-                .arg("--kubeconfig")
-                .arg(kubeconfig)
-                .arg("--cache-dir")
-                .arg(&cache_dir)
-                .args(args)
-                .stdin(Stdio::null())
+            let mut child = karri_testkit::kubectl_command(kubeconfig, args)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()

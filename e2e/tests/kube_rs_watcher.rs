@@ -229,3 +229,27 @@ async fn watcher_relists_after_compaction_and_misses_nothing() -> anyhow::Result
     view.assert_no_repeats()?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watcher_with_streaming_lists_gets_the_state_from_initial_events() -> anyhow::Result<()> {
+    let c = cluster().await?;
+    let api = c.api.clone();
+    for name in ["a", "b"] {
+        api.create(&PostParams::default(), &instance(name)?).await?;
+    }
+    // sendInitialEvents=true: no list call, the watch itself streams the state, ending with a
+    // bookmark marked k8s.io/initial-events-end.
+    let mut stream = watcher::watcher(api.clone(), watcher::Config::default().streaming_lists())
+        .default_backoff()
+        .boxed();
+    let mut view = View::default();
+    converge(&mut stream, &mut view, &api).await?;
+    assert_eq!(view.relists, 1);
+    assert_eq!(view.store.keys().cloned().collect::<Vec<_>>(), ["a", "b"]);
+    api.delete("a", &DeleteParams::default()).await?;
+    api.create(&PostParams::default(), &instance("c")?).await?;
+    converge(&mut stream, &mut view, &api).await?;
+    assert_eq!(view.store.keys().cloned().collect::<Vec<_>>(), ["b", "c"]);
+    view.assert_no_repeats()?;
+    Ok(())
+}

@@ -449,19 +449,8 @@ pub fn write_kubeconfig(
 /// never sees stale API discovery. If kubectl cannot be started the output has exit code 127
 /// and the reason in stderr.
 pub fn kubectl(kubeconfig: &Path, args: &[&str]) -> Output {
-    let bin = std::env::var_os("KARRI_KUBECTL").unwrap_or_else(|| "kubectl".into());
-    let cache_dir = kubeconfig
-        .parent()
-        .unwrap_or_else(|| Path::new("."))
-        .join("kubectl-cache");
-    let result = Command::new(&bin)
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .arg("--cache-dir")
-        .arg(&cache_dir)
-        .args(args)
-        .stdin(Stdio::null())
-        .output();
+    let bin = kubectl_bin();
+    let result = kubectl_command(kubeconfig, args).output();
     match result {
         Ok(out) => out,
         Err(e) => {
@@ -473,6 +462,28 @@ pub fn kubectl(kubeconfig: &Path, args: &[&str]) -> Output {
             }
         }
     }
+}
+
+/// The kubectl binary: `$KARRI_KUBECTL`, else `kubectl` from `PATH`.
+fn kubectl_bin() -> std::ffi::OsString {
+    std::env::var_os("KARRI_KUBECTL").unwrap_or_else(|| "kubectl".into())
+}
+
+/// A `kubectl --kubeconfig <kubeconfig> --cache-dir <dir>/kubectl-cache <args...>` command with
+/// standard input closed, for callers that need to stream its output.
+pub fn kubectl_command(kubeconfig: &Path, args: &[&str]) -> Command {
+    let cache_dir = kubeconfig
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join("kubectl-cache");
+    let mut cmd = Command::new(kubectl_bin());
+    cmd.arg("--kubeconfig")
+        .arg(kubeconfig)
+        .arg("--cache-dir")
+        .arg(&cache_dir)
+        .args(args)
+        .stdin(Stdio::null());
+    cmd
 }
 
 /// Like [`kubectl`], but returns stdout and fails (with args, exit status, stderr and stdout in
