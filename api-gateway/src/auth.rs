@@ -199,6 +199,12 @@ pub fn allowed(principal: &Principal, verb: Verb, target: &Target<'_>) -> bool {
                 Verb::Delete => false,
                 _ => target.name.is_none_or(|n| n == node),
             },
+            // Its heartbeat: the lease named as the node in the node-lease namespace.
+            "Lease" => {
+                matches!(verb, Verb::Get | Verb::Create | Verb::Update)
+                    && target.namespace == Some(crds::NODE_LEASE_NAMESPACE)
+                    && target.name.is_none_or(|n| n == node)
+            }
             _ => false,
         },
         Principal::Account { namespace, .. } => {
@@ -217,6 +223,11 @@ pub fn can_see(principal: &Principal, kind: &str, obj: &Value) -> bool {
         Principal::Node(node) => match kind {
             "Instance" => bound_node(obj) == Some(node.as_str()),
             "Node" => obj.pointer("/metadata/name").and_then(Value::as_str) == Some(node),
+            "Lease" => {
+                obj.pointer("/metadata/name").and_then(Value::as_str) == Some(node)
+                    && obj.pointer("/metadata/namespace").and_then(Value::as_str)
+                        == Some(crds::NODE_LEASE_NAMESPACE)
+            }
             _ => false,
         },
         _ => true,

@@ -9,6 +9,7 @@ pub mod common;
 pub mod image;
 pub mod instance;
 pub mod instance_type;
+pub mod lease;
 pub mod node;
 pub mod validation;
 pub mod zone;
@@ -30,6 +31,7 @@ pub use instance::{
     DesiredState, Instance, InstanceSpec, InstanceState, InstanceStatus, NODE_NAME_FIELD,
 };
 pub use instance_type::{InstanceType, InstanceTypeSpec, InstanceTypeStatus};
+pub use lease::{Lease, LeaseSpec, LeaseStatus, NODE_LEASE_NAMESPACE, SYSTEM_NAMESPACE};
 pub use node::{
     DomainType, HypervisorHints, Node, NodeAddress, NodeResources, NodeSpec, NodeStatus,
 };
@@ -149,14 +151,28 @@ impl KarriResource for Instance {
     };
 }
 
+/// Leases are namespaced like `coordination.k8s.io` leases; no short name, so a real cluster's
+/// `lease` keeps meaning its own.
+impl KarriResource for Lease {
+    const INFO: KindInfo = KindInfo {
+        kind: "Lease",
+        plural: "leases",
+        singular: "lease",
+        short_names: &[],
+        namespaced: true,
+        id_prefix: "lease",
+    };
+}
+
 /// Facts of every kind, in the stable order of [`kinds`].
-const KIND_INFOS: [KindInfo; 6] = [
+const KIND_INFOS: [KindInfo; 7] = [
     Account::INFO,
     AvailabilityZone::INFO,
     Node::INFO,
     InstanceType::INFO,
     Image::INFO,
     Instance::INFO,
+    Lease::INFO,
 ];
 
 static KINDS: LazyLock<Vec<(KindInfo, CustomResourceDefinition)>> = LazyLock::new(|| {
@@ -167,6 +183,7 @@ static KINDS: LazyLock<Vec<(KindInfo, CustomResourceDefinition)>> = LazyLock::ne
         (InstanceType::INFO, InstanceType::crd()),
         (Image::INFO, Image::crd()),
         (Instance::INFO, Instance::crd()),
+        (Lease::INFO, Lease::crd()),
     ]
 });
 
@@ -238,6 +255,7 @@ pub fn validate_object(kind: &str, value: &Value) -> Result<(), ValidationError>
         "InstanceType" => validate_typed::<InstanceType>(value),
         "Image" => validate_typed::<Image>(value),
         "Instance" => validate_typed::<Instance>(value),
+        "Lease" => validate_typed::<Lease>(value),
         other => Err(ValidationError::UnknownKind(other.to_owned())),
     }
 }

@@ -91,6 +91,7 @@ fn every_sample_manifest_parses_and_validates() -> anyhow::Result<()> {
                 "InstanceType" => typed_round_trip::<crds::InstanceType>(doc),
                 "Image" => typed_round_trip::<crds::Image>(doc),
                 "Instance" => typed_round_trip::<crds::Instance>(doc),
+                "Lease" => typed_round_trip::<crds::Lease>(doc),
                 other => bail!("{at}: no typed check for kind {other}"),
             };
             typed.with_context(|| format!("{at}: does not deserialize as {kind}"))?;

@@ -16,8 +16,8 @@ use serde_json::Value;
 /// How long a `kubectl get -w` gets to show an expected line.
 const WATCH_WAIT: Duration = Duration::from_secs(20);
 
-/// Every plural the gateway serves, for `kubectl get` of everything.
-const ALL_KINDS: &str = "accounts,availabilityzones,nodes,instancetypes,images,instances";
+/// Every Karri kind, through the CRD category they all share.
+const ALL_KINDS: &str = "karri";
 
 fn samples_dir() -> PathBuf {
     workspace_root().join("config").join("samples")
