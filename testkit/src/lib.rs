@@ -755,3 +755,97 @@ async fn wait_ready(
         tokio::time::sleep(POLL_INTERVAL).await;
     }
 }
+
+/// A project binary (operator, node agent …) running as a child process with its output in a
+/// log file; killed with SIGKILL on drop, like a crash.
+#[derive(Debug)]
+pub struct Service {
+    name: String,
+    bin: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+    child: Option<Child>,
+    log_path: PathBuf,
+}
+
+impl Service {
+    /// Start `$KARRI_BIN_DIR/<name>` with `args` and `envs`, logging to `<log_dir>/<label>.log`.
+    /// It does not wait for readiness: tests observe what the service does through the API.
+    pub fn spawn(
+        name: &str,
+        label: &str,
+        log_dir: &Path,
+        args: &[String],
+        envs: &[(String, String)],
+    ) -> anyhow::Result<Service> {
+        let bin = bin_dir().join(name);
+        if !bin.is_file() {
+            bail!(
+                "{} not found: run `cargo build --workspace --bins` first",
+                bin.display()
+            );
+        }
+        let mut s = Service {
+            name: label.to_string(),
+            bin,
+            args: args.to_vec(),
+            envs: envs.to_vec(),
+            child: None,
+            log_path: log_dir.join(format!("{label}.log")),
+        };
+        s.start()?;
+        Ok(s)
+    }
+
+    fn start(&mut self) -> anyhow::Result<()> {
+        let (stdout, stderr) = log_files(&self.log_path)?;
+        let child = Command::new(&self.bin)
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .with_context(|| format!("spawning {}", self.bin.display()))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL the process and reap it (a crash, `kill -9`). Harmless when already stopped.
+    pub fn kill(&mut self) {
+        kill_and_reap(&mut self.child);
+    }
+
+    /// Kill and start again with the same arguments.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.start()
+    }
+
+    /// The process ID while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process is still running (it may have exited on its own).
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The last lines of its log.
+    pub fn log_tail(&self) -> String {
+        format!(
+            "--- {} ---\n{}",
+            self.name,
+            log_tail(&self.log_path, LOG_TAIL_LINES)
+        )
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        kill_and_reap(&mut self.child);
+    }
+}

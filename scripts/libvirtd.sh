@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Makes sure libvirtd (and virtlogd, which QEMU domains log through) answer on qemu:///system.
+# On a systemd machine the packaged units are started; elsewhere (containers, CI) the daemons are
+# started directly. Idempotent: does nothing when libvirtd already answers.
+set -euo pipefail
+
+say() { printf 'libvirtd: %s\n' "$*"; }
+
+answers() { virsh -c qemu:///system version >/dev/null 2>&1; }
+
+if answers; then
+  say "running"
+  exit 0
+fi
+if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
+  say "starting the libvirtd and virtlogd units"
+  systemctl start virtlogd.socket libvirtd.socket libvirtd.service >/dev/null 2>&1 || true
+fi
+if ! answers; then
+  say "starting virtlogd and libvirtd as daemons"
+  pgrep -x virtlogd >/dev/null 2>&1 || virtlogd -d
+  pgrep -x libvirtd >/dev/null 2>&1 || libvirtd -d
+fi
+for _ in $(seq 1 100); do
+  answers && { say "running"; exit 0; }
+  sleep 0.1
+done
+echo "libvirtd: it does not answer on qemu:///system; see 'libvirtd --verbose' output, or install libvirt-daemon-system (make setup)" >&2
+exit 1
