@@ -1,0 +1,333 @@
+//! [`Hypervisor`] over libvirt, through the `virt` crate.
+//!
+//! libvirt's API is blocking FFI, so every call runs on tokio's blocking pool
+//! (`spawn_blocking`), never on the async runtime's workers; a `LibvirtHypervisor` must therefore
+//! be used inside a tokio runtime.
+//!
+//! One connection serves every call. libvirt connections are thread-safe (the `virt` crate marks
+//! `Connect` `Send + Sync` for that reason), so calls share it through an `Arc` and run in
+//! parallel: a slow `destroy` of one domain does not hold up the others, as a `Mutex<Connect>`
+//! held for each call would. Opening a connection per call would cost a handshake with libvirtd
+//! each time and, worse, would break the test driver: `test:///default` keeps its domains in one
+//! in-process state shared by every connection to it, which lives only while at least one of
+//! them is open; once the last closes, the next connection starts again from the driver's single
+//! built-in `test` domain. Keeping one connection for the hypervisor's life keeps that state.
+//!
+//! Defines are validated against libvirt's RelaxNG schema (`VIR_DOMAIN_DEFINE_VALIDATE`), so XML
+//! that libvirt would silently reinterpret is refused instead.
+//!
+//! A short mutex guards only the swap of the connection: before each call the connection is
+//! checked with `virConnectIsAlive` (a local check, no round trip) and reopened if it is closed.
+//! Without a libvirt event loop there is no keepalive, so after a libvirtd restart the first call
+//! fails on the dead socket, and the next reconnects. The test driver's connection is always
+//! alive. (Not exercised by the tests, which have no libvirtd.)
+
+use std::sync::{Arc, Mutex, PoisonError};
+
+use virt::connect::Connect;
+use virt::domain::{Domain, DomainState as LibvirtState};
+use virt::enumutil::Enum;
+use virt::error::ErrorNumber;
+
+use super::{Hypervisor, HypervisorError, ObservedDomain};
+use crate::domain::{self, Owner};
+use crate::plan::DomainState;
+
+/// [`Hypervisor`] backed by libvirt (`qemu:///system`, `test:///default`, ...).
+#[derive(Clone)]
+pub struct LibvirtHypervisor {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    uri: String,
+    conn: Mutex<Arc<Connect>>,
+}
+
+impl std::fmt::Debug for LibvirtHypervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LibvirtHypervisor")
+            .field("uri", &self.shared.uri)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LibvirtHypervisor {
+    /// Opens a connection to libvirt at `uri`, e.g. `qemu:///system` or `test:///default`.
+    ///
+    /// Also silences libvirt's default error handler, which would print every error (including
+    /// the expected "no such domain") to stderr; errors are returned instead.
+    pub async fn connect(uri: &str) -> Result<Self, HypervisorError> {
+        let uri = uri.to_owned();
+        tokio::task::spawn_blocking(move || {
+            virt::error::clear_error_callback();
+            let conn = open(&uri)?;
+            Ok(Self {
+                shared: Arc::new(Shared {
+                    uri,
+                    conn: Mutex::new(Arc::new(conn)),
+                }),
+            })
+        })
+        .await
+        .map_err(HypervisorError::Blocking)?
+    }
+
+    /// The connection URI.
+    pub fn uri(&self) -> &str {
+        &self.shared.uri
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn blocking<T, F>(&self, f: F) -> Result<T, HypervisorError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connect) -> Result<T, HypervisorError> + Send + 'static,
+    {
+        let shared = Arc::clone(&self.shared);
+        tokio::task::spawn_blocking(move || {
+            let conn = shared.connection()?;
+            f(&conn)
+        })
+        .await
+        .map_err(HypervisorError::Blocking)?
+    }
+}
+
+impl Shared {
+    /// The live connection, reopened first if libvirtd dropped it.
+    fn connection(&self) -> Result<Arc<Connect>, HypervisorError> {
+        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        if !conn.is_alive().unwrap_or(false) {
+            *conn = Arc::new(open(&self.uri)?);
+        }
+        Ok(Arc::clone(&conn))
+    }
+}
+
+fn open(uri: &str) -> Result<Connect, HypervisorError> {
+    Connect::open(Some(uri)).map_err(|libvirt| HypervisorError::Connect {
+        uri: uri.to_owned(),
+        libvirt,
+    })
+}
+
+fn is_no_domain(e: &virt::error::Error) -> bool {
+    matches!(e.code(), Enum::Known(ErrorNumber::NoDomain))
+}
+
+fn failed(op: &'static str, name: &str) -> impl FnOnce(virt::error::Error) -> HypervisorError {
+    let name = name.to_owned();
+    move |libvirt| HypervisorError::Libvirt { op, name, libvirt }
+}
+
+/// The domain of that name, if any.
+fn lookup(conn: &Connect, name: &str) -> Result<Option<Domain>, HypervisorError> {
+    match conn.lookup_domain_by_name(name) {
+        Ok(dom) => Ok(Some(dom)),
+        Err(e) if is_no_domain(&e) => Ok(None),
+        Err(e) => Err(failed("look up", name)(e)),
+    }
+}
+
+/// The owner recorded in a domain's live XML; `Ok(None)` when it has none, `Err` with
+/// `NoDomain` when the domain vanished meanwhile.
+fn owner_of(dom: &Domain) -> Result<Option<Owner>, virt::error::Error> {
+    Ok(domain::ownership(&dom.xml_desc(0)?))
+}
+
+/// The Karri domain of that name: `None` when there is none, `NotOurs` when it is not Karri's.
+fn ours(conn: &Connect, name: &str) -> Result<Option<(Domain, Owner)>, HypervisorError> {
+    let Some(dom) = lookup(conn, name)? else {
+        return Ok(None);
+    };
+    match owner_of(&dom) {
+        Ok(Some(owner)) => Ok(Some((dom, owner))),
+        Ok(None) => Err(HypervisorError::NotOurs {
+            name: name.to_owned(),
+        }),
+        Err(e) if is_no_domain(&e) => Ok(None),
+        Err(e) => Err(failed("read", name)(e)),
+    }
+}
+
+fn state_of(dom: &Domain) -> DomainState {
+    // `virt`'s `Domain::state` swallows libvirt's error and reports an unknown state instead.
+    match dom.state() {
+        Ok((Enum::Known(state), _)) => match state {
+            LibvirtState::Running | LibvirtState::Blocked => DomainState::Running,
+            LibvirtState::Paused => DomainState::Paused,
+            LibvirtState::Shutdown => DomainState::ShuttingDown,
+            LibvirtState::Shutoff => DomainState::ShutOff,
+            LibvirtState::Crashed => DomainState::Crashed,
+            LibvirtState::NoState | LibvirtState::PMSuspended => DomainState::Other,
+        },
+        _ => DomainState::Other,
+    }
+}
+
+fn observe(dom: &Domain, name: String, owner: Owner) -> Result<ObservedDomain, virt::error::Error> {
+    let defined = dom.is_persistent()?;
+    Ok(ObservedDomain {
+        name,
+        uid: owner.uid,
+        instance_id: owner.instance_id,
+        namespace: owner.namespace,
+        state: state_of(dom),
+        id: dom.id(),
+        defined,
+    })
+}
+
+fn list_ours(conn: &Connect) -> Result<Vec<ObservedDomain>, HypervisorError> {
+    let domains = conn
+        .list_all_domains(0)
+        .map_err(|libvirt| HypervisorError::List { libvirt })?;
+    let mut ours = Vec::new();
+    for dom in domains {
+        let name = dom
+            .name()
+            .map_err(|libvirt| HypervisorError::List { libvirt })?;
+        let seen = owner_of(&dom).and_then(|owner| match owner {
+            Some(owner) => observe(&dom, name.clone(), owner).map(Some),
+            None => Ok(None),
+        });
+        match seen {
+            Ok(Some(observed)) => ours.push(observed),
+            Ok(None) => {}
+            // Gone between the listing and the look: not there any more.
+            Err(e) if is_no_domain(&e) => {}
+            Err(e) => return Err(failed("read", &name)(e)),
+        }
+    }
+    ours.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(ours)
+}
+
+fn define(conn: &Connect, xml: &str) -> Result<(), HypervisorError> {
+    let owner = domain::ownership(xml).ok_or(HypervisorError::Unowned)?;
+    let name = domain::name_of(xml).ok_or(HypervisorError::Unnamed)?;
+    if let Some((_, existing)) = ours(conn, &name)? {
+        if existing.uid != owner.uid {
+            return Err(HypervisorError::Conflict {
+                name,
+                existing_uid: existing.uid,
+                uid: owner.uid,
+            });
+        }
+    }
+    // Validation against libvirt's RelaxNG schema runs in the process that hosts the driver:
+    // in libvirtd for `qemu:///system`, but here for the in-process test driver, where libxml2
+    // (2.9) initialises its schema type library lazily and not thread-safely, so two first
+    // validations at once fail with "type 'unsignedInt' is not exported". Validated defines
+    // therefore take turns within the process; each costs a few milliseconds.
+    let _turn = VALIDATION.lock().unwrap_or_else(PoisonError::into_inner);
+    conn.define_domain_xml_flags(xml, virt::sys::VIR_DOMAIN_DEFINE_VALIDATE)
+        .map_err(failed("define", &name))?;
+    Ok(())
+}
+
+/// Serialises schema-validated defines within the process; see [`define`].
+static VALIDATION: Mutex<()> = Mutex::new(());
+
+/// Runs `op` on an active (`want_active == false`) or inactive domain, treating "already there"
+/// as success: if the call fails but the domain reached the goal anyway, the failure is dropped.
+fn power(
+    conn: &Connect,
+    name: &str,
+    op: &'static str,
+    want_active: bool,
+    call: fn(&Domain) -> Result<(), virt::error::Error>,
+) -> Result<(), HypervisorError> {
+    let Some((dom, _)) = ours(conn, name)? else {
+        return if want_active {
+            Err(HypervisorError::NotFound {
+                name: name.to_owned(),
+            })
+        } else {
+            Ok(())
+        };
+    };
+    // A domain that vanished meanwhile is off, which is what shutdown and destroy want.
+    let reached = |dom: &Domain| match dom.is_active() {
+        Ok(active) => Ok(active == want_active),
+        Err(e) if !want_active && is_no_domain(&e) => Ok(true),
+        Err(e) => Err(e),
+    };
+    if reached(&dom).map_err(failed(op, name))? {
+        return Ok(());
+    }
+    match call(&dom) {
+        Ok(()) => Ok(()),
+        // The test driver answers "not running" as an internal error, so look rather than
+        // trust the error code.
+        Err(_) if reached(&dom).unwrap_or(false) => Ok(()),
+        Err(e) => Err(failed(op, name)(e)),
+    }
+}
+
+fn undefine(conn: &Connect, name: &str) -> Result<(), HypervisorError> {
+    let Some((dom, _)) = ours(conn, name)? else {
+        return Ok(());
+    };
+    if !dom.is_persistent().map_err(failed("undefine", name))? {
+        return Ok(());
+    }
+    let flags = virt::sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+        | virt::sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA;
+    match dom.undefine_flags(flags) {
+        Err(e) if !is_no_domain(&e) => Err(failed("undefine", name)(e)),
+        _ => Ok(()),
+    }
+}
+
+impl Hypervisor for LibvirtHypervisor {
+    async fn list_ours(&self) -> Result<Vec<ObservedDomain>, HypervisorError> {
+        self.blocking(list_ours).await
+    }
+
+    async fn observe(&self, name: &str) -> Result<Option<ObservedDomain>, HypervisorError> {
+        let name = name.to_owned();
+        self.blocking(move |conn| {
+            let Some((dom, owner)) = ours(conn, &name)? else {
+                return Ok(None);
+            };
+            match observe(&dom, name.clone(), owner) {
+                Ok(observed) => Ok(Some(observed)),
+                Err(e) if is_no_domain(&e) => Ok(None),
+                Err(e) => Err(failed("read", &name)(e)),
+            }
+        })
+        .await
+    }
+
+    async fn define(&self, xml: &str) -> Result<(), HypervisorError> {
+        let xml = xml.to_owned();
+        self.blocking(move |conn| define(conn, &xml)).await
+    }
+
+    async fn start(&self, name: &str) -> Result<(), HypervisorError> {
+        let name = name.to_owned();
+        self.blocking(move |conn| power(conn, &name, "start", true, Domain::create))
+            .await
+    }
+
+    async fn shutdown(&self, name: &str) -> Result<(), HypervisorError> {
+        let name = name.to_owned();
+        // Flags 0 let the driver choose; QEMU without a guest agent presses the ACPI power
+        // button, and the test driver accepts no other flags.
+        self.blocking(move |conn| power(conn, &name, "shut down", false, Domain::shutdown))
+            .await
+    }
+
+    async fn destroy(&self, name: &str) -> Result<(), HypervisorError> {
+        let name = name.to_owned();
+        self.blocking(move |conn| power(conn, &name, "destroy", false, Domain::destroy))
+            .await
+    }
+
+    async fn undefine(&self, name: &str) -> Result<(), HypervisorError> {
+        let name = name.to_owned();
+        self.blocking(move |conn| undefine(conn, &name)).await
+    }
+}

@@ -1,0 +1,369 @@
+//! Executing `plan` through a hypervisor converges the domain to the record, for a table of
+//! scenarios, on both the libvirt test driver and the in-memory fake.
+//!
+//! Each scenario runs the agent's loop in miniature: observe, plan, apply, with a simulated clock
+//! for the shutdown timeout, for a few rounds; then the domain must be as the record says, the
+//! last plan empty, and the domains that are not Karri's untouched.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{spec, test_driver, uid, xml, BUILTIN_DOMAIN};
+use node_agent::hypervisor::{apply_plan, FakeHypervisor, Hypervisor};
+use node_agent::plan::{plan, Action, Desired, DomainState, Power};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
+/// Simulated time between two rounds of the loop.
+const TICK: Duration = Duration::from_secs(25);
+const ROUNDS: usize = 6;
+
+/// The domain before the loop starts.
+#[derive(Clone, Copy, Debug)]
+enum Before {
+    Nothing,
+    /// The record's own domain, running or not.
+    Own {
+        running: bool,
+    },
+    /// A domain of the same name left by an earlier record (another UID).
+    Stale {
+        running: bool,
+    },
+}
+
+/// The domain the loop must end with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum After {
+    Absent,
+    Own(DomainState),
+}
+
+struct Scenario {
+    tag: &'static str,
+    before: Before,
+    record: Option<Power>,
+    after: After,
+    /// Actions expected in the first round.
+    first: &'static [Action],
+}
+
+/// Runs the loop and returns the actions of each round that had any.
+async fn converge<H: Hypervisor>(hv: &H, s: &Scenario, n: u16) -> Vec<Vec<Action>> {
+    let spec = spec(s.tag, &uid(n, 1));
+    let name = spec.name.clone();
+    let record_xml = xml(&spec);
+
+    let setup = |running: bool, uid_variant: u16| {
+        let old = common::spec(s.tag, &uid(n, uid_variant));
+        let actions = if running {
+            vec![Action::Define, Action::Start]
+        } else {
+            vec![Action::Define]
+        };
+        (xml(&old), actions)
+    };
+    match s.before {
+        Before::Nothing => {}
+        Before::Own { running } | Before::Stale { running } => {
+            let variant = if matches!(s.before, Before::Own { .. }) {
+                1
+            } else {
+                2
+            };
+            let (old_xml, actions) = setup(running, variant);
+            apply_plan(hv, &name, Some(&old_xml), &actions)
+                .await
+                .expect("sets up the domain");
+        }
+    }
+
+    let desired = s.record.map(|power| Desired {
+        uid: spec.uid.clone(),
+        power,
+        shutdown_timeout: TIMEOUT,
+    });
+    let mut now = Duration::ZERO;
+    let mut shutdown_asked: Option<Duration> = None;
+    let mut rounds = Vec::new();
+    for _ in 0..ROUNDS {
+        let observed = hv
+            .observe(&name)
+            .await
+            .expect("observes")
+            .map(|d| d.observed(shutdown_asked.map(|t| now - t)));
+        let actions = plan(desired.as_ref(), observed.as_ref());
+        if actions.contains(&Action::Shutdown) {
+            shutdown_asked = Some(now);
+        }
+        if actions
+            .iter()
+            .any(|a| matches!(a, Action::Destroy | Action::Start))
+        {
+            shutdown_asked = None;
+        }
+        apply_plan(hv, &name, Some(&record_xml), &actions)
+            .await
+            .expect("applies the plan");
+        if !actions.is_empty() {
+            rounds.push(actions);
+        }
+        now += TICK;
+    }
+
+    let observed = hv.observe(&name).await.expect("observes");
+    let after = match &observed {
+        None => After::Absent,
+        Some(d) => {
+            assert_eq!(d.uid, spec.uid, "{}: the domain is the record's", s.tag);
+            assert!(d.defined, "{}: the record's domain is persistent", s.tag);
+            After::Own(d.state)
+        }
+    };
+    assert_eq!(after, s.after, "{}: rounds {rounds:?}", s.tag);
+    let last = plan(
+        desired.as_ref(),
+        observed.map(|d| d.observed(None)).as_ref(),
+    );
+    assert_eq!(last, [], "{}: converged", s.tag);
+    assert_eq!(
+        rounds.first().map(Vec::as_slice).unwrap_or_default(),
+        s.first,
+        "{}: first round",
+        s.tag
+    );
+    rounds
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        tag: "c01",
+        before: Before::Nothing,
+        record: Some(Power::Running),
+        after: After::Own(DomainState::Running),
+        first: &[Action::Define, Action::Start],
+    },
+    Scenario {
+        tag: "c02",
+        before: Before::Nothing,
+        record: Some(Power::Stopped),
+        after: After::Own(DomainState::ShutOff),
+        first: &[Action::Define],
+    },
+    Scenario {
+        tag: "c03",
+        before: Before::Own { running: false },
+        record: Some(Power::Running),
+        after: After::Own(DomainState::Running),
+        first: &[Action::Start],
+    },
+    Scenario {
+        tag: "c04",
+        before: Before::Own { running: true },
+        record: Some(Power::Stopped),
+        after: After::Own(DomainState::ShutOff),
+        first: &[Action::Shutdown],
+    },
+    Scenario {
+        tag: "c05",
+        before: Before::Own { running: true },
+        record: None,
+        after: After::Absent,
+        first: &[Action::Destroy, Action::Undefine],
+    },
+    Scenario {
+        tag: "c06",
+        before: Before::Own { running: false },
+        record: None,
+        after: After::Absent,
+        first: &[Action::Undefine],
+    },
+    Scenario {
+        tag: "c07",
+        before: Before::Stale { running: true },
+        record: Some(Power::Running),
+        after: After::Own(DomainState::Running),
+        first: &[
+            Action::Destroy,
+            Action::Undefine,
+            Action::Define,
+            Action::Start,
+        ],
+    },
+    Scenario {
+        tag: "c08",
+        before: Before::Stale { running: false },
+        record: Some(Power::Stopped),
+        after: After::Own(DomainState::ShutOff),
+        first: &[Action::Undefine, Action::Define],
+    },
+    Scenario {
+        tag: "c11",
+        before: Before::Stale { running: true },
+        record: Some(Power::Stopped),
+        after: After::Own(DomainState::ShutOff),
+        first: &[Action::Destroy, Action::Undefine, Action::Define],
+    },
+    Scenario {
+        tag: "c09",
+        before: Before::Own { running: true },
+        record: Some(Power::Running),
+        after: After::Own(DomainState::Running),
+        first: &[],
+    },
+    Scenario {
+        tag: "c10",
+        before: Before::Nothing,
+        record: None,
+        after: After::Absent,
+        first: &[],
+    },
+];
+
+fn scenario(tag: &str) -> (u16, &'static Scenario) {
+    let n = SCENARIOS
+        .iter()
+        .position(|s| s.tag == tag)
+        .expect("scenario exists");
+    (100 + n as u16, &SCENARIOS[n])
+}
+
+/// One test per scenario per hypervisor; the libvirt tests also check that the test driver's
+/// built-in domain (not Karri's) is still running with the same ID afterwards.
+macro_rules! scenarios {
+    ($($test:ident => $tag:literal,)*) => {
+        mod libvirt {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let hv = test_driver().await;
+                    let raw = virt::connect::Connect::open(Some(common::TEST_URI))
+                        .expect("opens");
+                    let builtin = raw
+                        .lookup_domain_by_name(BUILTIN_DOMAIN)
+                        .map(|d| d.id())
+                        .expect("the test driver has its built-in domain");
+                    let (n, s) = scenario($tag);
+                    converge(&hv, s, n).await;
+                    let after = raw
+                        .lookup_domain_by_name(BUILTIN_DOMAIN)
+                        .map(|d| d.id())
+                        .expect("the built-in domain is still there");
+                    assert_eq!(after, builtin, "the built-in domain was not restarted");
+                }
+            )*
+        }
+        mod fake {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $test() {
+                    let hv = FakeHypervisor::new();
+                    hv.insert_foreign("not-karris", DomainState::Running);
+                    let before = hv.peek("not-karris");
+                    let (n, s) = scenario($tag);
+                    converge(&hv, s, n).await;
+                    assert_eq!(hv.peek("not-karris"), before);
+                    assert!(hv.calls().iter().all(|(_, name)| name != "not-karris"));
+                }
+            )*
+        }
+    };
+}
+
+scenarios! {
+    running_instance_without_domain_ends_running => "c01",
+    stopped_instance_without_domain_ends_defined_and_shut_off => "c02",
+    running_instance_with_shut_off_domain_ends_running => "c03",
+    stopped_instance_with_running_domain_ends_shut_off => "c04",
+    deleted_instance_with_running_domain_ends_without_domain => "c05",
+    deleted_instance_with_shut_off_domain_ends_without_domain => "c06",
+    running_instance_with_stale_running_domain_ends_running_as_itself => "c07",
+    stopped_instance_with_stale_shut_off_domain_ends_shut_off_as_itself => "c08",
+    stopped_instance_with_stale_running_domain_ends_shut_off_as_itself => "c11",
+    running_instance_with_running_domain_is_left_alone => "c09",
+    no_instance_and_no_domain_stays_empty => "c10",
+}
+
+#[tokio::test]
+async fn guest_that_ignores_shutdown_is_destroyed_once_the_timeout_passes() {
+    let hv = FakeHypervisor::new();
+    hv.set_guests_ignore_shutdown(true);
+    let s = Scenario {
+        tag: "t01",
+        before: Before::Own { running: true },
+        record: Some(Power::Stopped),
+        after: After::Own(DomainState::ShutOff),
+        first: &[Action::Shutdown],
+    };
+    let rounds = converge(&hv, &s, 200).await;
+    // Shutdown at t=0; waiting at 25 s and 50 s; destroyed at 75 s ≥ 60 s.
+    assert_eq!(rounds, [vec![Action::Shutdown], vec![Action::Destroy]]);
+    let name = spec("t01", &uid(200, 1)).name;
+    let calls: Vec<Action> = hv
+        .calls()
+        .into_iter()
+        .filter(|(_, n)| *n == name)
+        .map(|(a, _)| a)
+        .collect();
+    assert_eq!(
+        calls,
+        [
+            Action::Define,
+            Action::Start,
+            Action::Shutdown,
+            Action::Destroy
+        ]
+    );
+}
+
+#[tokio::test]
+async fn crashed_domain_of_a_running_instance_is_restarted() {
+    let hv = FakeHypervisor::new();
+    let spec = spec("t02", &uid(201, 1));
+    apply_plan(
+        &hv,
+        &spec.name,
+        Some(&xml(&spec)),
+        &[Action::Define, Action::Start],
+    )
+    .await
+    .expect("sets up");
+    hv.set_state(&spec.name, DomainState::Crashed);
+    let desired = Desired {
+        uid: spec.uid.clone(),
+        power: Power::Running,
+        shutdown_timeout: TIMEOUT,
+    };
+    let observed = hv
+        .observe(&spec.name)
+        .await
+        .expect("observes")
+        .map(|d| d.observed(None));
+    let actions = plan(Some(&desired), observed.as_ref());
+    assert_eq!(actions, [Action::Destroy, Action::Start]);
+    apply_plan(&hv, &spec.name, Some(&xml(&spec)), &actions)
+        .await
+        .expect("applies");
+    let seen = hv.observe(&spec.name).await.expect("observes");
+    assert_eq!(seen.map(|d| d.state), Some(DomainState::Running));
+}
+
+#[tokio::test]
+async fn plan_that_defines_without_the_domains_xml_is_refused() {
+    let hv = FakeHypervisor::new();
+    let spec = spec("t03", &uid(202, 1));
+    let other = common::spec("t04", &uid(202, 2));
+    for xml in [None, Some(xml(&other))] {
+        let result = apply_plan(&hv, &spec.name, xml.as_deref(), &[Action::Define]).await;
+        assert!(
+            matches!(
+                result,
+                Err(node_agent::hypervisor::HypervisorError::NoDefinition { .. })
+            ),
+            "{result:?}"
+        );
+    }
+    assert_eq!(hv.calls(), []);
+}

@@ -1,0 +1,158 @@
+//! Golden files: `domain::render` must produce `tests/golden/<case>.xml` byte for byte.
+//!
+//! After an intended change to the XML, rewrite the files with
+//! `KARRI_UPDATE_GOLDEN=1 cargo nextest run -p node-agent --test golden` and review the diff.
+
+use std::path::PathBuf;
+
+use node_agent::domain::{
+    domain_name, ownership, render, DiskFormat, DiskSpec, DomainSpec, DomainType, Owner,
+};
+
+const UPDATE_VAR: &str = "KARRI_UPDATE_GOLDEN";
+
+fn golden_path(case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("golden")
+        .join(format!("{case}.xml"))
+}
+
+/// Compares `actual` with the golden file of `case`, or rewrites it when `KARRI_UPDATE_GOLDEN=1`.
+fn assert_golden(case: &str, actual: &str) {
+    let path = golden_path(case);
+    if std::env::var(UPDATE_VAR).as_deref() == Ok("1") {
+        std::fs::write(&path, actual).expect("golden file is writable");
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "cannot read golden file {}: {e}\n\
+             create it with {UPDATE_VAR}=1 cargo nextest run -p node-agent --test golden",
+            path.display()
+        )
+    });
+    if expected == actual {
+        return;
+    }
+    let line = expected
+        .lines()
+        .zip(actual.lines())
+        .position(|(e, a)| e != a)
+        .unwrap_or_else(|| expected.lines().count().min(actual.lines().count()));
+    panic!(
+        "domain XML for case `{case}` differs from golden file {} at line {}; \
+         if the change is intended, rewrite the golden files with \
+         {UPDATE_VAR}=1 cargo nextest run -p node-agent --test golden, and review the diff\n\
+         expected: {:?}\n\
+         actual:   {:?}\n\
+         full output:\n{actual}",
+        path.display(),
+        line + 1,
+        expected.lines().nth(line).unwrap_or("<end of file>"),
+        actual.lines().nth(line).unwrap_or("<end of output>"),
+    );
+}
+
+fn qemu_without_disk() -> DomainSpec {
+    DomainSpec {
+        name: domain_name("i-0123456789abcdef0"),
+        uid: "6f1f8d2e-1c1a-4d1e-9a55-2c7c1b7a0b11".into(),
+        instance_id: "i-0123456789abcdef0".into(),
+        namespace: "default".into(),
+        instance_type: "m1.small".into(),
+        vcpus: 1,
+        memory_mib: 256,
+        domain_type: DomainType::Qemu,
+        disk: None,
+    }
+}
+
+fn kvm_with_qcow2_disk() -> DomainSpec {
+    DomainSpec {
+        name: domain_name("i-00000000000000abc"),
+        uid: "0d5a3c4e-7f21-4b8e-8c1d-9e2f3a4b5c6d".into(),
+        instance_id: "i-00000000000000abc".into(),
+        namespace: "acct-000000000042".into(),
+        instance_type: "m1.large".into(),
+        vcpus: 4,
+        memory_mib: 8192,
+        domain_type: DomainType::Kvm,
+        disk: Some(DiskSpec {
+            path: "/var/lib/karri/instances/i-00000000000000abc/root.qcow2".into(),
+            format: DiskFormat::Qcow2,
+        }),
+    }
+}
+
+fn needs_escaping() -> DomainSpec {
+    DomainSpec {
+        name: domain_name("i-<0&1>'2\""),
+        uid: "A1B2C3D4-E5F6-4A7B-8C9D-0E1F2A3B4C5D".into(),
+        instance_id: "i-<0&1>'2\"".into(),
+        namespace: "ns <&> 'quoted' \"double\" é".into(),
+        instance_type: "t&t<1>".into(),
+        vcpus: 2,
+        memory_mib: 512,
+        domain_type: DomainType::Qemu,
+        disk: Some(DiskSpec {
+            path: "/srv/karri/a&b/'quoted' \"disk\" <1>.qcow2".into(),
+            format: DiskFormat::Qcow2,
+        }),
+    }
+}
+
+fn cases() -> [(&'static str, DomainSpec); 3] {
+    [
+        ("qemu_without_disk", qemu_without_disk()),
+        ("kvm_with_qcow2_disk", kvm_with_qcow2_disk()),
+        ("name_and_namespace_needing_escaping", needs_escaping()),
+    ]
+}
+
+#[test]
+fn qemu_domain_without_disk_matches_golden_file() {
+    let xml = render(&qemu_without_disk()).expect("renders");
+    assert_golden("qemu_without_disk", &xml);
+}
+
+#[test]
+fn kvm_domain_with_qcow2_disk_matches_golden_file() {
+    let xml = render(&kvm_with_qcow2_disk()).expect("renders");
+    assert_golden("kvm_with_qcow2_disk", &xml);
+}
+
+#[test]
+fn domain_with_name_and_namespace_needing_escaping_matches_golden_file() {
+    let xml = render(&needs_escaping()).expect("renders");
+    assert_golden("name_and_namespace_needing_escaping", &xml);
+}
+
+#[test]
+fn golden_cases_read_back_the_owner_they_were_rendered_for() {
+    for (case, spec) in cases() {
+        // What the golden tests pin; rendered here so that this test never races their rewrite.
+        let xml = render(&spec).expect("renders");
+        assert_eq!(
+            ownership(&xml),
+            Some(Owner {
+                uid: spec.uid.clone(),
+                instance_id: spec.instance_id.clone(),
+                namespace: spec.namespace.clone(),
+            }),
+            "{case}"
+        );
+        assert_eq!(
+            node_agent::domain::name_of(&xml).as_deref(),
+            Some(spec.name.as_str()),
+            "{case}"
+        );
+    }
+}
+
+#[test]
+fn rendering_is_deterministic() {
+    for (case, spec) in cases() {
+        assert_eq!(render(&spec).ok(), render(&spec).ok(), "{case}");
+    }
+}
