@@ -199,6 +199,8 @@ pub fn allowed(principal: &Principal, verb: Verb, target: &Target<'_>) -> bool {
                 Verb::Delete => false,
                 _ => target.name.is_none_or(|n| n == node),
             },
+            // The catalogue a host needs to size domains; read-only.
+            "InstanceType" => verb.reads(),
             // Its heartbeat: the lease named as the node in the node-lease namespace.
             "Lease" => {
                 matches!(verb, Verb::Get | Verb::Create | Verb::Update)
@@ -223,6 +225,7 @@ pub fn can_see(principal: &Principal, kind: &str, obj: &Value) -> bool {
         Principal::Node(node) => match kind {
             "Instance" => bound_node(obj) == Some(node.as_str()),
             "Node" => obj.pointer("/metadata/name").and_then(Value::as_str) == Some(node),
+            "InstanceType" => true,
             "Lease" => {
                 obj.pointer("/metadata/name").and_then(Value::as_str) == Some(node)
                     && obj.pointer("/metadata/namespace").and_then(Value::as_str)
@@ -318,6 +321,43 @@ mod tests {
                 &node,
                 Verb::Get,
                 t("Image", Some("acme"), Some("emi-1")),
+                false,
+            ),
+            (&node, Verb::List, t("InstanceType", None, None), true),
+            (
+                &node,
+                Verb::Update,
+                t("InstanceType", None, Some("m1")),
+                false,
+            ),
+            (
+                &node,
+                Verb::Update,
+                t("Lease", Some("karri-node-lease"), Some("node-1")),
+                true,
+            ),
+            (
+                &node,
+                Verb::Create,
+                t("Lease", Some("karri-node-lease"), Some("node-1")),
+                true,
+            ),
+            (
+                &node,
+                Verb::Update,
+                t("Lease", Some("karri-node-lease"), Some("node-2")),
+                false,
+            ),
+            (
+                &node,
+                Verb::Update,
+                t("Lease", Some("karri-system"), Some("node-1")),
+                false,
+            ),
+            (
+                &node,
+                Verb::Delete,
+                t("Lease", Some("karri-node-lease"), Some("node-1")),
                 false,
             ),
             (&acct, Verb::List, t("Instance", Some("acme"), None), true),

@@ -101,6 +101,7 @@ async fn snapshot(c: &Cluster) -> anyhow::Result<Vec<Value>> {
         "instancetypes",
         "images",
         "instances",
+        "leases",
     ] {
         all.extend(api.items(&format!("{API}/{plural}")).await?);
     }
@@ -641,5 +642,53 @@ async fn account_reads_instance_types_but_not_nodes_or_accounts() -> anyhow::Res
         snapshot(&c).await? == before,
         "a refused request changed data"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_renews_only_its_own_lease_and_reads_instance_types() -> anyhow::Result<()> {
+    let c = world().await?;
+    let api = node_api(&c, "node-1")?;
+    let lease = |name: &str| {
+        json!({"apiVersion": "karri.dev/v1alpha1", "kind": "Lease", "metadata": {"name": name},
+               "spec": {"holderIdentity": name, "leaseDurationSeconds": 40}})
+    };
+    let node_leases = format!("{API}/namespaces/karri-node-lease/leases");
+    let created = api
+        .request(Method::POST, &node_leases)
+        .json(&lease("node-1"))
+        .send()
+        .await?;
+    ensure!(
+        created.status() == 201,
+        "own lease: {}",
+        created.text().await?
+    );
+    let before = snapshot(&c).await?;
+    forbidden(
+        &api,
+        Method::POST,
+        &node_leases,
+        Some(("application/json", lease("node-2"))),
+    )
+    .await?;
+    forbidden(
+        &api,
+        Method::POST,
+        &format!("{API}/namespaces/karri-system/leases"),
+        Some(("application/json", lease("node-1"))),
+    )
+    .await?;
+    forbidden(&api, Method::DELETE, &format!("{node_leases}/node-1"), None).await?;
+    let types = api.items(&format!("{API}/instancetypes")).await?;
+    ensure!(!types.is_empty(), "the instance type catalogue is readable");
+    forbidden(
+        &api,
+        Method::DELETE,
+        &format!("{API}/instancetypes/m1.small"),
+        None,
+    )
+    .await?;
+    ensure!(snapshot(&c).await? == before, "refusals changed data");
     Ok(())
 }
