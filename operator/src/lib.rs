@@ -8,9 +8,12 @@
 //! - [`lifecycle`]: the EC2 state machine of an instance record, as far as the operator owns it.
 //! - [`leader`]: lease-based leader election decisions, as client-go's `leaderelection`.
 
+pub mod controllers;
+pub mod election;
 pub mod health;
 pub mod leader;
 pub mod lifecycle;
+pub mod metrics;
 pub mod placement;
 
 mod clock;

@@ -1,7 +1,103 @@
-//! `operator`: arrives with the next issue (controllers for the operator, libvirt convergence for
-//! the node agent). Until then it refuses to run rather than pretend.
+//! `operator`: the Karri controllers (placement, EC2 lifecycle, node health) as a client of the
+//! gateway's resource API, with leader election so that only one replica acts.
 
-fn main() -> std::process::ExitCode {
-    eprintln!("operator: not implemented yet; this release ships the api-gateway only");
-    std::process::ExitCode::from(2)
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::Parser;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+use operator::controllers::{self, Settings};
+use operator::election::{self, Timing};
+use operator::metrics::{self, Metrics};
+use operator::placement::Policy;
+use tokio::sync::watch;
+
+/// Command-line flags.
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Karri operator: placement, lifecycle and node health"
+)]
+struct Args {
+    /// kubeconfig with the operator token for the gateway.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: PathBuf,
+    /// This replica's identity in leader election (default: host name and process ID).
+    #[arg(long)]
+    identity: Option<String>,
+    /// Leader lease duration in seconds.
+    #[arg(long, default_value_t = 6)]
+    leader_lease_seconds: u64,
+    /// Node lease duration assumed when a node's lease does not say, in seconds.
+    #[arg(long, default_value_t = 40)]
+    node_lease_seconds: u64,
+    /// How long terminated instances stay visible, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    retention_seconds: u64,
+    /// Placement policy of zones that name none: ROUNDROBIN, GREEDY, PACK or SPREAD.
+    #[arg(long, default_value = "ROUNDROBIN")]
+    placement_policy: Policy,
+    /// Where to serve /metrics.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    metrics_listen: SocketAddr,
+}
+
+async fn client(path: &PathBuf) -> anyhow::Result<Client> {
+    let kc = Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname").unwrap_or_else(|_| "operator".into());
+        format!("{}-{}", host.trim(), std::process::id())
+    });
+    let client = client(&args.kubeconfig).await?;
+    let metrics = Arc::new(Metrics::new());
+    let listener = tokio::net::TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| format!("cannot serve metrics on {}", args.metrics_listen))?;
+    tokio::spawn(metrics::serve(listener, metrics.clone()));
+    let settings = Settings {
+        policy: args.placement_policy,
+        retention: Duration::from_secs(args.retention_seconds),
+        node_lease_duration: Duration::from_secs(args.node_lease_seconds),
+    };
+    let (leading_tx, mut leading) = watch::channel(false);
+    let timing = Timing::from_duration(Duration::from_secs(args.leader_lease_seconds));
+    tokio::spawn(election::run(
+        client.clone(),
+        identity.clone(),
+        timing,
+        leading_tx,
+    ));
+    tracing::info!(%identity, "operator started; campaigning for leadership");
+    loop {
+        leading.wait_for(|l| *l).await?;
+        metrics.leader.set(1);
+        let work = async {
+            tokio::join!(
+                controllers::run_instances(client.clone(), settings.clone(), metrics.clone()),
+                controllers::run_nodes(client.clone(), settings.clone(), metrics.clone()),
+            )
+        };
+        tokio::select! {
+            _ = work => tracing::warn!("controllers ended"),
+            lost = leading.wait_for(|l| !*l) => { lost?; tracing::warn!("lost leadership; controllers stopped"); }
+        }
+        metrics.leader.set(0);
+    }
 }

@@ -526,9 +526,7 @@ async fn patch(
             let mut change = |cur: &Value| {
                 let mut doc = cur.clone();
                 match &json_patch {
-                    Some(p) => {
-                        json_patch::patch(&mut doc, p).map_err(|e| invalid(e.to_string()))?
-                    }
+                    Some(p) => apply_json_patch(&mut doc, p).map_err(|e| invalid(e.to_string()))?,
                     None => json_patch::merge(&mut doc, &patch_value),
                 }
                 Ok(doc)
@@ -617,6 +615,24 @@ async fn patch(
         )),
         other => Err(ApiError::unsupported_media_type(other)),
     }
+}
+
+/// RFC 6902 as Kubernetes applies it: a `test` that a path is `null` also passes when the path
+/// does not exist (kube-rs' finalizer helper relies on it to add the first finalizer).
+fn apply_json_patch(
+    doc: &mut Value,
+    patch: &json_patch::Patch,
+) -> Result<(), json_patch::PatchError> {
+    // Op by op on the caller's copy: a failure leaves the copy half-patched, and it is dropped.
+    for op in &patch.0 {
+        if let json_patch::PatchOperation::Test(t) = op {
+            if t.value.is_null() && doc.pointer(t.path.as_str()).is_none_or(Value::is_null) {
+                continue;
+            }
+        }
+        json_patch::patch(doc, std::slice::from_ref(op))?;
+    }
+    Ok(())
 }
 
 fn list_options(q: &HashMap<String, String>) -> ApiResult<ListOptions> {
@@ -774,4 +790,36 @@ fn watch(
         .unwrap_or_else(|_| {
             ApiError::internal("could not build the watch response").into_response()
         }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn patch(ops: Value) -> json_patch::Patch {
+        serde_json::from_value(ops).expect("valid patch")
+    }
+
+    #[test]
+    fn a_null_test_passes_on_a_missing_path_as_in_kubernetes() {
+        let mut doc = json!({"metadata": {"name": "a"}});
+        let p = patch(json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "add", "path": "/metadata/finalizers", "value": ["x"]}
+        ]));
+        apply_json_patch(&mut doc, &p).expect("kube-rs finalizer patch applies");
+        assert_eq!(doc["metadata"]["finalizers"], json!(["x"]));
+    }
+
+    #[test]
+    fn a_failing_test_refuses_the_whole_patch() {
+        let mut doc = json!({"metadata": {"finalizers": ["x"]}});
+        let p = patch(json!([
+            {"op": "test", "path": "/metadata/finalizers", "value": null},
+            {"op": "remove", "path": "/metadata/finalizers"}
+        ]));
+        assert!(apply_json_patch(&mut doc, &p).is_err());
+        let p = patch(json!([{"op": "test", "path": "/metadata/finalizers", "value": ["y"]}]));
+        assert!(apply_json_patch(&mut doc, &p).is_err());
+    }
 }

@@ -1,0 +1,440 @@
+//! The controllers: kube-rs `Controller`s that read records through the gateway's resource API,
+//! call the pure decisions ([`crate::placement`], [`crate::lifecycle`], [`crate::health`]) and
+//! write what they answer. `error_policy` is the only place backoff is decided.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crds::common::{find_condition, set_condition};
+use crds::{
+    ConditionStatus, Instance, InstanceType, InstanceTypeSpec, Lease, Node, CONDITION_READY,
+    NODE_LEASE_NAMESPACE,
+};
+use futures::StreamExt;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::finalizer::{finalizer, Event as Finalizer};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, ResourceExt};
+
+use crate::health::{self, instance_health, node_ready, Readiness};
+use crate::lifecycle::{self, needs_placement, Observed, Placed};
+use crate::metrics::{ErrorLabels, Metrics};
+use crate::placement::{self, place, NodeView, PlacementRequest, Policy, Resources, Unplaceable};
+
+/// The finalizer the operator keeps on every instance until its domain is gone.
+pub const FINALIZER: &str = "karri.dev/instance";
+
+/// Why a reconcile did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API answered with an error (a 409 Conflict after a concurrent write among them).
+    #[error("the API refused: {0}")]
+    Api(#[from] kube::Error),
+    /// The finalizer helper failed.
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    /// A record lacks a field every stored record has.
+    #[error("the record has no {0}")]
+    Incomplete(&'static str),
+    /// A terminating instance still has a domain on its node: look again soon.
+    #[error("waiting for the node agent to remove the domain")]
+    DomainStillDefined,
+}
+
+impl Error {
+    /// A short label for the error metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Api(kube::Error::Api(s)) if s.code == 409 => "conflict",
+            Error::Api(_) => "api",
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                _ => "finalizer",
+            },
+            Error::Incomplete(_) => "incomplete",
+            Error::DomainStillDefined => "waiting",
+        }
+    }
+
+    fn backoff(&self) -> Duration {
+        match self.metric_label() {
+            "conflict" => Duration::from_millis(50),
+            "waiting" => Duration::from_millis(500),
+            _ => Duration::from_secs(2),
+        }
+    }
+}
+
+/// A binding written but not yet seen back through the watch: its capacity is reserved.
+#[derive(Clone, Debug)]
+struct Assumed {
+    node: String,
+    resources: Resources,
+}
+
+#[derive(Default)]
+struct PlacementState {
+    cursors: HashMap<String, usize>,
+    assumed: HashMap<String, Assumed>,
+}
+
+/// What the instance controller shares between reconciles.
+pub struct Context {
+    client: Client,
+    instances: Store<Instance>,
+    nodes: Store<Node>,
+    types: Store<InstanceType>,
+    policy: Policy,
+    retention: Duration,
+    state: Mutex<PlacementState>,
+    metrics: Arc<Metrics>,
+}
+
+/// Settings of the controllers.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Placement policy of zones that name none.
+    pub policy: Policy,
+    /// How long terminated instances stay visible.
+    pub retention: Duration,
+    /// Lease duration assumed for node leases that do not say.
+    pub node_lease_duration: Duration,
+}
+
+fn now() -> Time {
+    Time(Timestamp::now())
+}
+
+fn readiness_of(node: Option<&Node>) -> Readiness {
+    let Some(node) = node else {
+        return Readiness::NotReady {
+            reason: health::REASON_NODE_NOT_READY,
+            message: "the node record is gone".into(),
+        };
+    };
+    let ready = node
+        .status
+        .as_ref()
+        .and_then(|s| find_condition(&s.conditions, CONDITION_READY));
+    match ready {
+        Some(c) if c.status == ConditionStatus::True => Readiness::Ready,
+        Some(c) => Readiness::NotReady {
+            reason: health::REASON_NODE_NOT_READY,
+            message: c.message.clone(),
+        },
+        None => Readiness::NotReady {
+            reason: health::REASON_NODE_NOT_READY,
+            message: "the node has not reported yet".into(),
+        },
+    }
+}
+
+impl Context {
+    fn node(&self, name: &str) -> Option<Arc<Node>> {
+        self.nodes.get(&ObjectRef::new(name))
+    }
+
+    /// Choose a node for `instance`, reserving its capacity until the binding is seen.
+    fn place(&self, instance: &Instance) -> Result<Placed, Unplaceable> {
+        let types: BTreeMap<String, InstanceTypeSpec> = self
+            .types
+            .state()
+            .iter()
+            .map(|t| (t.name_any(), t.spec.clone()))
+            .collect();
+        let request = PlacementRequest::for_instance(&instance.spec, &types)?;
+        let all: Vec<Instance> = self
+            .instances
+            .state()
+            .iter()
+            .map(|i| (**i).clone())
+            .collect();
+        let used = placement::usage(&all, &types);
+        let mut views: Vec<NodeView> = self
+            .nodes
+            .state()
+            .iter()
+            .filter_map(|n| NodeView::from_node(n, &used))
+            .collect();
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Reservations whose binding the watch has delivered are counted by `usage` already.
+        let bound: HashMap<String, bool> = all
+            .iter()
+            .filter_map(|i| {
+                let uid = i.uid()?;
+                Some((
+                    uid,
+                    i.status.as_ref().is_some_and(|s| s.node_name.is_some()),
+                ))
+            })
+            .collect();
+        state
+            .assumed
+            .retain(|uid, _| bound.get(uid).is_some_and(|seen| !seen));
+        for a in state.assumed.values() {
+            if let Some(v) = views.iter_mut().find(|v| v.name == a.node) {
+                v.assume(a.resources);
+            }
+        }
+        let zone_key = request.zone.clone().unwrap_or_default();
+        let cursor = state.cursors.entry(zone_key).or_default();
+        let node = place(&request, &views, self.policy, cursor)?;
+        let zone = views
+            .iter()
+            .find(|v| v.name == node)
+            .map(|v| v.zone.clone())
+            .unwrap_or_default();
+        if let Some(uid) = instance.uid() {
+            state.assumed.insert(
+                uid,
+                Assumed {
+                    node: node.clone(),
+                    resources: request.resources,
+                },
+            );
+        }
+        Ok(Placed { node, zone })
+    }
+
+    fn forget(&self, instance: &Instance) {
+        if let Some(uid) = instance.uid() {
+            let mut state = self
+                .state
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            state.assumed.remove(&uid);
+        }
+    }
+}
+
+/// One pass over an instance: place it if it needs a node, bring its EC2 state and health up
+/// to date, collect it after retention. Returns whether the finalizer may go.
+async fn sync_instance(
+    instance: &Instance,
+    ctx: &Context,
+    api: &Api<Instance>,
+) -> Result<(Action, bool), Error> {
+    let name = instance
+        .metadata
+        .name
+        .clone()
+        .ok_or(Error::Incomplete("name"))?;
+    let now = now();
+    let placement = needs_placement(instance).then(|| ctx.place(instance));
+    let observed = Observed::of(instance, placement.as_ref());
+    let next = lifecycle::next(&observed, &now, ctx.retention);
+    let mut status = next.status;
+    if let Some(node) = status.node_name.clone() {
+        let health = instance_health(&readiness_of(ctx.node(&node).as_deref()));
+        set_condition(&mut status.conditions, health.condition(&now));
+    }
+    if Some(&status) != instance.status.as_ref() {
+        let mut updated = instance.clone();
+        updated.status = Some(status);
+        // replace_status carries the resourceVersion we read: a concurrent write is a 409.
+        if let Err(e) = api
+            .replace_status(&name, &PostParams::default(), &updated)
+            .await
+        {
+            ctx.forget(instance);
+            return Err(e.into());
+        }
+        if matches!(placement, Some(Ok(_))) {
+            ctx.metrics.placements.inc();
+        }
+    } else if placement.is_some() {
+        ctx.forget(instance);
+    }
+    Ok(match next.action {
+        lifecycle::Action::Keep { recheck_in } => (
+            recheck_in.map_or_else(Action::await_change, Action::requeue),
+            false,
+        ),
+        lifecycle::Action::Collect => {
+            api.delete(&name, &DeleteParams::default()).await?;
+            (Action::await_change(), false)
+        }
+        lifecycle::Action::Release => (Action::await_change(), true),
+    })
+}
+
+async fn reconcile_instance(instance: Arc<Instance>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let ns = instance.namespace().ok_or(Error::Incomplete("namespace"))?;
+    let api: Api<Instance> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, FINALIZER, instance, |event| async {
+        match event {
+            Finalizer::Apply(i) => sync_instance(&i, &ctx, &api).await.map(|(a, _)| a),
+            Finalizer::Cleanup(i) => match sync_instance(&i, &ctx, &api).await? {
+                (action, true) => Ok(action),
+                (_, false) => Err(Error::DomainStillDefined),
+            },
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.reconciled("instances", started.elapsed());
+    result
+}
+
+fn instance_error_policy(_: Arc<Instance>, error: &Error, ctx: Arc<Context>) -> Action {
+    record_error(&ctx.metrics, "instances", error);
+    Action::requeue(error.backoff())
+}
+
+fn record_error(metrics: &Metrics, controller: &str, error: &Error) {
+    if error.metric_label() != "waiting" {
+        tracing::debug!(controller, %error, "reconcile failed");
+    }
+    metrics
+        .errors
+        .get_or_create(&ErrorLabels {
+            controller: controller.to_string(),
+            error: error.metric_label().to_string(),
+        })
+        .inc();
+}
+
+/// A store of `K` kept by its own reflector task.
+fn spawn_store<K>(api: Api<K>) -> Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects();
+    tokio::spawn(stream.for_each(|_| futures::future::ready(())));
+    store
+}
+
+/// Run the instance controller until the future is dropped.
+pub async fn run_instances(client: Client, settings: Settings, metrics: Arc<Metrics>) {
+    let nodes = spawn_store(Api::<Node>::all(client.clone()));
+    let types = spawn_store(Api::<InstanceType>::all(client.clone()));
+    let controller = Controller::new(
+        Api::<Instance>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let instances = controller.store();
+    let by_node = instances.clone();
+    let _ = tokio::join!(nodes.wait_until_ready(), types.wait_until_ready());
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        instances,
+        nodes,
+        types,
+        policy: settings.policy,
+        retention: settings.retention,
+        state: Mutex::new(PlacementState::default()),
+        metrics: metrics.clone(),
+    });
+    controller
+        // A node change can free room (pending instances) or change health (bound instances).
+        .watches(
+            Api::<Node>::all(client.clone()),
+            watcher::Config::default(),
+            move |node: Node| {
+                let name = node.name_any();
+                by_node
+                    .state()
+                    .iter()
+                    .filter(|i| {
+                        needs_placement(i)
+                            || i.status.as_ref().and_then(|s| s.node_name.as_deref())
+                                == Some(name.as_str())
+                    })
+                    .map(|i| ObjectRef::from_obj(&**i))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .run(reconcile_instance, instance_error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+/// What the node health controller shares.
+pub struct NodeContext {
+    client: Client,
+    lease_duration: Duration,
+    metrics: Arc<Metrics>,
+}
+
+async fn reconcile_node(node: Arc<Node>, ctx: Arc<NodeContext>) -> Result<Action, Error> {
+    let started = Instant::now();
+    let name = node
+        .metadata
+        .name
+        .clone()
+        .ok_or(Error::Incomplete("name"))?;
+    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), NODE_LEASE_NAMESPACE);
+    let lease = leases.get_opt(&name).await?;
+    let renewed = lease
+        .as_ref()
+        .and_then(|l| l.spec.renew_time.as_ref())
+        .map(|m| Time(m.0));
+    let duration = lease
+        .as_ref()
+        .and_then(|l| l.spec.lease_duration_seconds)
+        .and_then(|s| u64::try_from(s).ok())
+        .map_or(ctx.lease_duration, Duration::from_secs);
+    let now = now();
+    let readiness = node_ready(renewed.as_ref(), duration, &now);
+    let mut status = node.status.clone().unwrap_or_default();
+    set_condition(&mut status.conditions, readiness.condition(&now));
+    if Some(&status) != node.status.as_ref() {
+        let mut updated = (*node).clone();
+        updated.status = Some(status);
+        let nodes: Api<Node> = Api::all(ctx.client.clone());
+        nodes
+            .replace_status(&name, &PostParams::default(), &updated)
+            .await?;
+        tracing::info!(node = %name, ready = readiness.is_ready(), "node readiness changed");
+    }
+    ctx.metrics.reconciled("nodes", started.elapsed());
+    Ok(match health::expires_in(renewed.as_ref(), duration, &now) {
+        Some(left) => Action::requeue(left + Duration::from_millis(50)),
+        None => Action::await_change(),
+    })
+}
+
+fn node_error_policy(_: Arc<Node>, error: &Error, ctx: Arc<NodeContext>) -> Action {
+    record_error(&ctx.metrics, "nodes", error);
+    Action::requeue(error.backoff())
+}
+
+/// Run the node health controller until the future is dropped: a node whose lease expires
+/// becomes NotReady (its instances turn impaired through the instance controller).
+pub async fn run_nodes(client: Client, settings: Settings, metrics: Arc<Metrics>) {
+    let ctx = Arc::new(NodeContext {
+        client: client.clone(),
+        lease_duration: settings.node_lease_duration,
+        metrics,
+    });
+    Controller::new(Api::<Node>::all(client.clone()), watcher::Config::default())
+        .watches(
+            Api::<Lease>::namespaced(client, NODE_LEASE_NAMESPACE),
+            watcher::Config::default(),
+            |lease: Lease| Some(ObjectRef::<Node>::new(&lease.name_any())),
+        )
+        .run(reconcile_node, node_error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
