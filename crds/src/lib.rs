@@ -39,7 +39,9 @@ pub use validation::{
     decode_user_data, is_valid_account_id, is_valid_id, is_valid_record_name, Validate,
     ValidationError,
 };
-pub use zone::{AvailabilityZone, AvailabilityZoneSpec, AvailabilityZoneStatus, ZoneState};
+pub use zone::{
+    AvailabilityZone, AvailabilityZoneSpec, AvailabilityZoneStatus, PlacementPolicy, ZoneState,
+};
 
 /// API group of every Karri kind.
 pub const GROUP: &str = "karri.dev";

@@ -34,6 +34,11 @@ use crate::ValidationError;
     printcolumn(name = "Region", type_ = "string", json_path = ".spec.region"),
     printcolumn(name = "State", type_ = "string", json_path = ".status.state"),
     printcolumn(
+        name = "Placement",
+        type_ = "string",
+        json_path = ".spec.placementPolicy"
+    ),
+    printcolumn(
         name = "Description",
         type_ = "string",
         json_path = ".spec.description",
@@ -52,6 +57,27 @@ pub struct AvailabilityZoneSpec {
     /// Free-form description shown by DescribeAvailabilityZones messages.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub description: Option<String>,
+    /// How the operator chooses a node in this zone; the operator's default when unset.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub placement_policy: Option<PlacementPolicy>,
+}
+
+/// Node selection within a zone (Eucalyptus' cluster scheduling policies, plus packing and
+/// spreading by capacity).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum PlacementPolicy {
+    /// The next node that fits, in turn.
+    #[serde(rename = "ROUNDROBIN")]
+    RoundRobin,
+    /// The first node that fits, in name order.
+    #[serde(rename = "GREEDY")]
+    Greedy,
+    /// The fullest node that still fits (POWERSAVE-style packing).
+    #[serde(rename = "PACK")]
+    Pack,
+    /// The emptiest node.
+    #[serde(rename = "SPREAD")]
+    Spread,
 }
 
 /// EC2 state of an availability zone.

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use crds::common::{find_condition, set_condition};
 use crds::{
-    ConditionStatus, Instance, InstanceType, InstanceTypeSpec, Lease, Node, CONDITION_READY,
-    NODE_LEASE_NAMESPACE,
+    AvailabilityZone, ConditionStatus, Instance, InstanceType, InstanceTypeSpec, Lease, Node,
+    PlacementPolicy, CONDITION_READY, NODE_LEASE_NAMESPACE,
 };
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -90,6 +90,7 @@ pub struct Context {
     instances: Store<Instance>,
     nodes: Store<Node>,
     types: Store<InstanceType>,
+    zones: Store<AvailabilityZone>,
     policy: Policy,
     retention: Duration,
     state: Mutex<PlacementState>,
@@ -105,6 +106,16 @@ pub struct Settings {
     pub retention: Duration,
     /// Lease duration assumed for node leases that do not say.
     pub node_lease_duration: Duration,
+}
+
+/// The operator's policy for a zone's `spec.placementPolicy`.
+pub fn policy_of(p: PlacementPolicy) -> Policy {
+    match p {
+        PlacementPolicy::RoundRobin => Policy::RoundRobin,
+        PlacementPolicy::Greedy => Policy::Greedy,
+        PlacementPolicy::Pack => Policy::Pack,
+        PlacementPolicy::Spread => Policy::Spread,
+    }
 }
 
 fn now() -> Time {
@@ -186,8 +197,13 @@ impl Context {
             }
         }
         let zone_key = request.zone.clone().unwrap_or_default();
+        let policy = self
+            .zones
+            .get(&ObjectRef::new(&zone_key))
+            .and_then(|z| z.spec.placement_policy)
+            .map_or(self.policy, policy_of);
         let cursor = state.cursors.entry(zone_key).or_default();
-        let node = place(&request, &views, self.policy, cursor)?;
+        let node = place(&request, &views, policy, cursor)?;
         let zone = views
             .iter()
             .find(|v| v.name == node)
@@ -329,18 +345,24 @@ where
 pub async fn run_instances(client: Client, settings: Settings, metrics: Arc<Metrics>) {
     let nodes = spawn_store(Api::<Node>::all(client.clone()));
     let types = spawn_store(Api::<InstanceType>::all(client.clone()));
+    let zones = spawn_store(Api::<AvailabilityZone>::all(client.clone()));
     let controller = Controller::new(
         Api::<Instance>::all(client.clone()),
         watcher::Config::default(),
     );
     let instances = controller.store();
     let by_node = instances.clone();
-    let _ = tokio::join!(nodes.wait_until_ready(), types.wait_until_ready());
+    let _ = tokio::join!(
+        nodes.wait_until_ready(),
+        types.wait_until_ready(),
+        zones.wait_until_ready()
+    );
     let ctx = Arc::new(Context {
         client: client.clone(),
         instances,
         nodes,
         types,
+        zones,
         policy: settings.policy,
         retention: settings.retention,
         state: Mutex::new(PlacementState::default()),
