@@ -1,13 +1,24 @@
-//! Core of the Karri node agent, the virt-handler analogue (DESIGN §4): it turns the Instance
-//! records bound to its node into libvirt domains.
+//! The Karri node agent, the virt-handler analogue (DESIGN §4): it turns the Instance records
+//! bound to its node into libvirt domains.
 //!
+//! The pure core:
 //! - [`domain`]: the pure conversion from an instance to libvirt domain XML, and back from a
 //!   domain's metadata to the record that owns it;
 //! - [`plan`]: the pure decision of what to do to one domain, from the record and the domain;
+//! - [`report`]: the `DomainRunning` condition the agent writes into an instance's status;
 //! - [`hypervisor`]: the edge that carries the decision out, with libvirt or in memory.
 //!
-//! The agent loop (watching records, writing status, the lease) builds on these.
+//! The runtime, a kube-rs client of the gateway's resource API:
+//! - [`agent`]: the instance controller, the orphan sweep and the lease heartbeat;
+//! - [`node`]: the node's own records, its Node and its Lease;
+//! - [`host`]: the host's capacity and hypervisor;
+//! - [`metrics`]: Prometheus metrics on `/metrics`.
 
+pub mod agent;
 pub mod domain;
+pub mod host;
 pub mod hypervisor;
+pub mod metrics;
+pub mod node;
 pub mod plan;
+pub mod report;

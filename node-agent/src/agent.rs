@@ -1,0 +1,729 @@
+//! The agent's runtime: a kube-rs client of the gateway's resource API (never etcd) that
+//! converges the libvirt domains of its host toward the instances bound to its node.
+//!
+//! - **Instances**: a kube-rs [`Controller`] over the instances whose `status.nodeName` is this
+//!   node. Each reconcile works like KubeVirt virt-handler's `sync`: the record gives the
+//!   [`Desired`] state, libvirt the observed domain, [`plan`] the actions, [`apply_plan`] carries
+//!   them out; then the agent reports the `DomainRunning` condition ([`crate::report`]) and
+//!   nothing else. A shutdown's start is remembered in memory (by record UID) so that the plan
+//!   forces the domain off after `--shutdown-timeout-seconds`; a restart forgets it and the
+//!   guest gets a fresh timeout, which only delays a forced power-off.
+//! - **Orphans**: a sweep removes Karri's domains whose owner UID is not that of a live
+//!   instance bound to the node (deleted, terminated, re-created). It runs only once the
+//!   instance store holds a complete listing — before that, every domain would look orphaned —
+//!   then every `--resync-seconds`, and at once when the watch reports an instance deleted (a
+//!   record deleted without a finalizer never reaches a reconcile) or lists afresh. Domains
+//!   that are not Karri's are never listed, so never touched.
+//! - **Node and lease**: [`crate::node`] registers the Node, reports what the host offers, and
+//!   renews the lease every quarter of its duration.
+//!
+//! Everything is level-triggered: after a kill -9 the agent lists, observes and plans again. A
+//! domain that runs as its record wants gets an empty plan, so a restarted agent adopts running
+//! domains untouched. Sweeps and reconciles of the same domain name take turns (a per-name
+//! lock), and a sweep looks again under the lock before removing anything.
+//!
+//! `error_policy` is the only place backoff is decided.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use crds::{DesiredState, Instance, InstanceType, Lease, Node, ID_LABEL, NODE_LEASE_NAMESPACE};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, PostParams};
+use kube::runtime::controller::{Action as Requeue, Controller};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Client, ResourceExt};
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::domain::{self, domain_name, DomainSpec, DomainType, RenderError};
+use crate::hypervisor::{apply_plan, Hypervisor, HypervisorError, ObservedDomain};
+use crate::metrics::Metrics;
+use crate::node::{self, NodeFacts};
+use crate::plan::{plan, Action, Desired, Power};
+use crate::report::{with_report, DomainReport};
+
+/// Plan-and-apply rounds in one reconcile before it gives up and tries again later.
+const MAX_ROUNDS: usize = 4;
+/// How often a domain asked to shut down is looked at until it is off.
+const SHUTDOWN_POLL: Duration = Duration::from_secs(1);
+
+/// Why a reconcile (or a sweep) did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The API answered with an error (a 409 Conflict after a concurrent write among them).
+    #[error("the API refused: {0}")]
+    Api(#[from] kube::Error),
+    /// libvirt failed, or refused to touch a domain.
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    /// The record cannot become domain XML.
+    #[error("the record cannot become a domain: {0}")]
+    Render(#[from] RenderError),
+    /// The record names an instance type the catalogue lacks.
+    #[error("instance type {0} is not in the catalogue")]
+    UnknownInstanceType(String),
+    /// A record lacks a field every stored record has.
+    #[error("the record has no {0}")]
+    Incomplete(&'static str),
+    /// The domain still differs from the record after a few rounds.
+    #[error("the domain has not converged; still to do: {0:?}")]
+    Unconverged(Vec<Action>),
+}
+
+impl Error {
+    /// A short label for the error metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Api(kube::Error::Api(s)) if s.code == 409 => "conflict",
+            Error::Api(_) => "api",
+            Error::Hypervisor(
+                HypervisorError::NotOurs { .. } | HypervisorError::Conflict { .. },
+            ) => "not_ours",
+            Error::Hypervisor(_) => "libvirt",
+            Error::Render(_) => "render",
+            Error::UnknownInstanceType(_) => "instance_type",
+            Error::Incomplete(_) => "incomplete",
+            Error::Unconverged(_) => "unconverged",
+        }
+    }
+
+    /// How long to wait before trying the record again.
+    fn backoff(&self) -> Duration {
+        match self.metric_label() {
+            "conflict" => Duration::from_millis(50),
+            "unconverged" => Duration::from_secs(1),
+            "api" | "libvirt" => Duration::from_secs(2),
+            "instance_type" => Duration::from_secs(5),
+            // A name held by a domain that is not ours, or a record that can never render:
+            // only a change (which triggers a reconcile anyway) or a slow retry helps.
+            _ => Duration::from_secs(30),
+        }
+    }
+}
+
+/// Settings of the agent.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Name of this node.
+    pub node: String,
+    /// Lease duration; the lease is renewed every quarter of it.
+    pub lease_duration: Duration,
+    /// How long a guest may take to shut down before it is forced off.
+    pub shutdown_timeout: Duration,
+    /// Period of the orphan sweep, of the Node re-registration and of each instance's
+    /// re-observation.
+    pub resync: Duration,
+    /// Domain type guests get.
+    pub domain_type: DomainType,
+}
+
+/// Serialises the work on one domain name between reconciles and sweeps.
+#[derive(Default)]
+struct DomainLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl DomainLocks {
+    async fn lock(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = {
+            let mut locks = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            // Entries nobody holds or waits for are dropped.
+            locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+            Arc::clone(locks.entry(name.to_owned()).or_default())
+        };
+        lock.lock_owned().await
+    }
+}
+
+/// What reconciles and sweeps share.
+pub struct Context<H> {
+    client: Client,
+    hypervisor: Arc<H>,
+    settings: Settings,
+    instances: Store<Instance>,
+    types: Store<InstanceType>,
+    /// When the agent asked each record's domain to shut down, by record UID.
+    shutdowns: Mutex<HashMap<String, Instant>>,
+    locks: DomainLocks,
+    metrics: Arc<Metrics>,
+}
+
+fn now() -> Time {
+    Time(Timestamp::now())
+}
+
+/// What the record wants on this node: nothing when it is being deleted or is terminated,
+/// else a domain of its UID in its desired power state.
+pub fn desire(instance: &Instance, uid: &str, shutdown_timeout: Duration) -> Option<Desired> {
+    if instance.metadata.deletion_timestamp.is_some() {
+        return None;
+    }
+    let power = match instance.spec.desired_state {
+        DesiredState::Running => Power::Running,
+        DesiredState::Stopped => Power::Stopped,
+        DesiredState::Terminated => return None,
+    };
+    Some(Desired {
+        uid: uid.to_owned(),
+        power,
+        shutdown_timeout,
+    })
+}
+
+/// Whether `instance` is bound to `node` and still wants a domain there.
+pub fn is_live_on(instance: &Instance, node: &str) -> bool {
+    instance
+        .status
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        == Some(node)
+        && instance.metadata.deletion_timestamp.is_none()
+        && instance.spec.desired_state != DesiredState::Terminated
+}
+
+/// The record's instance ID (the `karri.dev/id` label).
+fn instance_id(instance: &Instance) -> Result<&str, Error> {
+    instance
+        .labels()
+        .get(ID_LABEL)
+        .map(String::as_str)
+        .filter(|id| !id.is_empty())
+        .ok_or(Error::Incomplete("instance ID label"))
+}
+
+impl<H: Hypervisor + 'static> Context<H> {
+    fn shutdown_elapsed(&self, uid: &str) -> Option<Duration> {
+        let shutdowns = self
+            .shutdowns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        shutdowns.get(uid).map(Instant::elapsed)
+    }
+
+    fn set_shutdown_clock(&self, uid: &str, running: bool) {
+        let mut shutdowns = self
+            .shutdowns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if running {
+            shutdowns.entry(uid.to_owned()).or_insert_with(Instant::now);
+        } else {
+            shutdowns.remove(uid);
+        }
+    }
+
+    /// The domain XML of `instance`.
+    fn render(&self, instance: &Instance, id: &str, uid: &str) -> Result<String, Error> {
+        let type_name = &instance.spec.instance_type;
+        let itype = self
+            .types
+            .get(&ObjectRef::new(type_name))
+            .ok_or_else(|| Error::UnknownInstanceType(type_name.clone()))?;
+        let spec = DomainSpec {
+            name: domain_name(id),
+            uid: uid.to_owned(),
+            instance_id: id.to_owned(),
+            namespace: instance.namespace().ok_or(Error::Incomplete("namespace"))?,
+            instance_type: type_name.clone(),
+            vcpus: itype.spec.vcpus,
+            memory_mib: itype.spec.memory_mib,
+            domain_type: self.settings.domain_type,
+            disk: None,
+        };
+        Ok(domain::render(&spec)?)
+    }
+
+    /// Observe, plan and apply until the plan is empty (or [`MAX_ROUNDS`] pass); returns the
+    /// last observation and what is still to do.
+    async fn converge(
+        &self,
+        instance: &Instance,
+        id: &str,
+        uid: &str,
+        desired: Option<&Desired>,
+    ) -> Result<(Option<ObservedDomain>, Vec<Action>), Error> {
+        let name = domain_name(id);
+        let hv = &*self.hypervisor;
+        let mut observed = hv.observe(&name).await?;
+        for _ in 0..MAX_ROUNDS {
+            let elapsed = observed
+                .as_ref()
+                .filter(|d| d.uid == uid)
+                .and_then(|_| self.shutdown_elapsed(uid));
+            let actions = plan(
+                desired,
+                observed.as_ref().map(|d| d.observed(elapsed)).as_ref(),
+            );
+            if actions.is_empty() {
+                return Ok((observed, actions));
+            }
+            let xml = if actions.contains(&Action::Define) {
+                Some(self.render(instance, id, uid)?)
+            } else {
+                None
+            };
+            tracing::info!(domain = %name, ?actions, "applying plan");
+            apply_plan(hv, &name, xml.as_deref(), &actions).await?;
+            self.metrics.acted(&actions);
+            if actions.contains(&Action::Shutdown) {
+                self.set_shutdown_clock(uid, true);
+            }
+            observed = hv.observe(&name).await?;
+        }
+        let elapsed = self.shutdown_elapsed(uid);
+        let left = plan(
+            desired,
+            observed.as_ref().map(|d| d.observed(elapsed)).as_ref(),
+        );
+        Ok((observed, left))
+    }
+
+    /// One reconcile of a bound instance.
+    async fn sync(&self, instance: &Instance) -> Result<Requeue, Error> {
+        let bound = instance
+            .status
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref());
+        if bound != Some(self.settings.node.as_str()) {
+            // Not ours (the watch selects on the binding, so this is a race): leave it alone;
+            // the sweep removes the domain once the instance has left the store.
+            return Ok(Requeue::await_change());
+        }
+        let uid = instance.uid().ok_or(Error::Incomplete("UID"))?;
+        let id = instance_id(instance)?;
+        let name = instance.name_any();
+        let desired = desire(instance, &uid, self.settings.shutdown_timeout);
+
+        let lock = self.locks.lock(&domain_name(id)).await;
+        let (observed, left) = self.converge(instance, id, &uid, desired.as_ref()).await?;
+        drop(lock);
+
+        // The shutdown clock runs only while the record's own domain, asked to stop, is still
+        // active.
+        let shutting_down = desired.as_ref().is_some_and(|d| d.power == Power::Stopped)
+            && observed
+                .as_ref()
+                .is_some_and(|d| d.uid == uid && d.state.is_active());
+        if !shutting_down {
+            self.set_shutdown_clock(&uid, false);
+        }
+
+        let report = DomainReport::of(observed.as_ref(), &uid);
+        let generation = instance.metadata.generation;
+        if let Some(status) = with_report(instance.status.as_ref(), report, generation, &now()) {
+            let ns = instance.namespace().ok_or(Error::Incomplete("namespace"))?;
+            let api: Api<Instance> = Api::namespaced(self.client.clone(), &ns);
+            let mut updated = instance.clone();
+            updated.status = Some(status);
+            // replace_status carries the resourceVersion we read: a concurrent write is a 409.
+            api.replace_status(&name, &PostParams::default(), &updated)
+                .await?;
+            tracing::info!(domain = report.as_str(), ?generation, "reported the domain");
+        }
+
+        if !left.is_empty() {
+            return Err(Error::Unconverged(left));
+        }
+        Ok(match self.shutdown_elapsed(&uid) {
+            Some(elapsed) if shutting_down => Requeue::requeue(
+                self.settings
+                    .shutdown_timeout
+                    .saturating_sub(elapsed)
+                    .clamp(Duration::from_millis(50), SHUTDOWN_POLL),
+            ),
+            // Look again now and then: a guest may power itself off, a domain may crash.
+            _ => Requeue::requeue(self.settings.resync),
+        })
+    }
+
+    /// UIDs of the live instances bound to the node, from the store.
+    fn live_uids(&self) -> HashSet<String> {
+        self.instances
+            .state()
+            .iter()
+            .filter(|i| is_live_on(i, &self.settings.node))
+            .filter_map(|i| i.uid())
+            .collect()
+    }
+
+    /// Removes every domain of Karri's whose owner is not a live instance bound to the node.
+    /// Call only once the instance store is ready. Returns how many were removed.
+    async fn sweep(&self) -> Result<usize, Error> {
+        let hv = &*self.hypervisor;
+        let domains = hv.list_ours().await?;
+        self.metrics.observe_domains(&domains);
+        // Read after listing: a domain is defined only after its record is in the store, so
+        // every listed domain of a live record finds it here.
+        let live = self.live_uids();
+        {
+            let mut shutdowns = self
+                .shutdowns
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            shutdowns.retain(|uid, _| live.contains(uid));
+        }
+        let mut removed = 0;
+        for orphan in domains.iter().filter(|d| !live.contains(&d.uid)) {
+            let _lock = self.locks.lock(&orphan.name).await;
+            // Look again under the lock: a reconcile may have replaced it meanwhile.
+            let Some(now) = hv.observe(&orphan.name).await? else {
+                continue;
+            };
+            if now.uid != orphan.uid || self.live_uids().contains(&now.uid) {
+                continue;
+            }
+            let actions = plan(None, Some(&now.observed(None)));
+            apply_plan(hv, &now.name, None, &actions).await?;
+            self.metrics.acted(&actions);
+            self.metrics.orphans_removed.inc();
+            removed += 1;
+            tracing::info!(
+                domain = %now.name,
+                uid = %now.uid,
+                namespace = %now.namespace,
+                ?actions,
+                "removed a domain no live instance owns"
+            );
+        }
+        if removed > 0 {
+            self.metrics.observe_domains(&hv.list_ours().await?);
+        }
+        tracing::debug!(
+            domains = domains.len(),
+            live = live.len(),
+            removed,
+            "swept orphans"
+        );
+        Ok(removed)
+    }
+
+    async fn sweep_logged(&self) {
+        if let Err(error) = self.sweep().await {
+            self.metrics.failed(error.metric_label());
+            tracing::warn!(%error, "the orphan sweep failed; trying again later");
+        }
+    }
+}
+
+async fn reconcile<H: Hypervisor + 'static>(
+    instance: Arc<Instance>,
+    ctx: Arc<Context<H>>,
+) -> Result<Requeue, Error> {
+    let started = std::time::Instant::now();
+    let span = tracing::info_span!(
+        "reconcile",
+        instance = %format!("{}/{}", instance.namespace().unwrap_or_default(), instance.name_any()),
+        id = instance.labels().get(ID_LABEL).map_or("", String::as_str),
+    );
+    let result = ctx.sync(&instance).instrument(span).await;
+    ctx.metrics.reconciled(started.elapsed());
+    result
+}
+
+fn error_policy<H: Hypervisor + 'static>(
+    instance: Arc<Instance>,
+    error: &Error,
+    ctx: Arc<Context<H>>,
+) -> Requeue {
+    ctx.metrics.failed(error.metric_label());
+    let what = format!(
+        "{}/{}",
+        instance.namespace().unwrap_or_default(),
+        instance.name_any()
+    );
+    match error.metric_label() {
+        "conflict" | "unconverged" => tracing::debug!(instance = %what, %error, "reconcile failed"),
+        _ => tracing::warn!(instance = %what, %error, "reconcile failed"),
+    }
+    Requeue::requeue(error.backoff())
+}
+
+/// A store of `K` kept by its own reflector task.
+fn spawn_store<K>(api: Api<K>) -> Store<K>
+where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, writer) = reflector::store();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects();
+    tokio::spawn(stream.for_each(|_| futures::future::ready(())));
+    store
+}
+
+/// Renews the node lease every quarter of its duration; failures are logged and retried on
+/// the next tick.
+async fn heartbeat(client: Client, node: String, duration: Duration, metrics: Arc<Metrics>) {
+    let api: Api<Lease> = Api::namespaced(client, NODE_LEASE_NAMESPACE);
+    let mut tick = tokio::time::interval((duration / 4).max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match node::renew_lease(&api, &node, duration).await {
+            Ok(()) => {
+                metrics.lease_renewals.inc();
+            }
+            Err(error) => {
+                metrics.lease_failures.inc();
+                tracing::warn!(%error, "could not renew the node lease");
+            }
+        }
+    }
+}
+
+/// Sweeps orphans once the instance store holds a complete listing, then every resync period
+/// and whenever `sweep_now` is notified (an instance deleted, or a fresh listing); re-asserts
+/// the Node record every resync period.
+async fn housekeeping<H: Hypervisor + 'static>(
+    ctx: Arc<Context<H>>,
+    facts: NodeFacts,
+    mut listed: watch::Receiver<bool>,
+    sweep_now: Arc<Notify>,
+) {
+    if listed.wait_for(|listed| *listed).await.is_err() {
+        tracing::error!("the instance watch ended before listing; no orphan sweeps");
+        return;
+    }
+    tracing::debug!("the instance store is complete; sweeping orphans from now on");
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    // The first tick completes at once.
+    let mut resync = tokio::time::interval(ctx.settings.resync);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = resync.tick() => {
+                ctx.sweep_logged().await;
+                if let Err(error) = node::ensure(&nodes, &facts).await {
+                    tracing::warn!(%error, "could not re-assert the Node record");
+                }
+            }
+            () = sweep_now.notified() => ctx.sweep_logged().await,
+        }
+    }
+}
+
+/// Registers the Node and decides the domain type (the Node's hint, else `/dev/kvm` with a
+/// QEMU URI, else TCG), retrying until the gateway answers. Returns the facts reported (`base`
+/// with its `hypervisor` decided) and the domain type.
+pub async fn register(
+    client: &Client,
+    base: &NodeFacts,
+    uri: &str,
+    kvm_usable: bool,
+) -> (NodeFacts, DomainType) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let attempt = async {
+            let node = node::get_or_create(&nodes, &base.name, &base.zone).await?;
+            let hint = node::domain_type_hint(&node);
+            let domain_type = crate::host::choose_domain_type(hint, uri, kvm_usable);
+            let facts = NodeFacts {
+                hypervisor: crate::host::hypervisor_name(uri, domain_type).to_owned(),
+                ..base.clone()
+            };
+            node::write_status(&nodes, node, &facts).await?;
+            Ok::<_, kube::Error>((facts, domain_type))
+        };
+        match attempt.await {
+            Ok(done) => return done,
+            Err(error) => {
+                tracing::warn!(%error, retry_in = ?backoff, "could not register the Node");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+/// Runs the agent: spawns the lease heartbeat and the housekeeping (orphan sweeps, Node
+/// re-assertion), which live as long as the runtime, and runs the instance controller until
+/// its watch ends. Call [`register`] first.
+pub async fn run<H: Hypervisor + 'static>(
+    client: Client,
+    hypervisor: Arc<H>,
+    settings: Settings,
+    facts: NodeFacts,
+    metrics: Arc<Metrics>,
+) {
+    tokio::spawn(heartbeat(
+        client.clone(),
+        settings.node.clone(),
+        settings.lease_duration,
+        metrics.clone(),
+    ));
+    let types = spawn_store(Api::<InstanceType>::all(client.clone()));
+    let selector = format!("{}={}", crds::NODE_NAME_FIELD, settings.node);
+    let api = Api::<Instance>::all(client.clone());
+
+    // The controller's own reflector, fed by one watch. Its listing completing and its
+    // deletions are what the orphan sweep waits for; the controller's runner stays the only
+    // waiter on the store's readiness (kube-runtime's `Store::wait_until_ready` wakes only the
+    // last of several concurrent waiters).
+    let (instances, writer) = reflector::store();
+    let (listed_tx, listed) = watch::channel(false);
+    let sweep_now = Arc::new(Notify::new());
+    let signal = sweep_now.clone();
+    let stream = watcher(api, watcher::Config::default().fields(&selector))
+        .default_backoff()
+        .reflect(writer)
+        .inspect_ok(move |event| match event {
+            watcher::Event::InitDone => {
+                listed_tx.send_replace(true);
+                // A relist drops records deleted meanwhile without a Delete event.
+                signal.notify_one();
+            }
+            watcher::Event::Delete(_) => signal.notify_one(),
+            watcher::Event::Apply(_) | watcher::Event::Init | watcher::Event::InitApply(_) => {}
+        })
+        .applied_objects();
+    let controller = Controller::for_stream(stream, instances.clone());
+    let ctx = Arc::new(Context {
+        client,
+        hypervisor,
+        settings,
+        instances,
+        types: types.clone(),
+        shutdowns: Mutex::new(HashMap::new()),
+        locks: DomainLocks::default(),
+        metrics,
+    });
+    tokio::spawn(housekeeping(ctx.clone(), facts, listed, sweep_now));
+    if types.wait_until_ready().await.is_err() {
+        tracing::error!("the instance type store was dropped");
+        return;
+    }
+    tracing::info!(node = %ctx.settings.node, "watching the instances bound to the node");
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| {
+            if let Err(error) = result {
+                tracing::debug!(%error, "controller");
+            }
+            futures::future::ready(())
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crds::{InstanceSpec, InstanceStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    const UID: &str = "6f1f8d2e-1c1a-4d1e-9a55-2c7c1b7a0b11";
+    const TIMEOUT: Duration = Duration::from_secs(60);
+
+    fn instance(desired: DesiredState, node: Option<&str>) -> Instance {
+        let mut i = Instance::new(
+            "web-1",
+            InstanceSpec {
+                image_id: "emi-0123456789abcdef0".into(),
+                instance_type: "m1.small".into(),
+                key_name: None,
+                security_group_ids: Vec::new(),
+                user_data: None,
+                availability_zone: None,
+                desired_state: desired,
+                client_token: None,
+            },
+        );
+        i.metadata.uid = Some(UID.into());
+        i.status = Some(InstanceStatus {
+            node_name: node.map(str::to_owned),
+            ..Default::default()
+        });
+        i
+    }
+
+    #[test]
+    fn record_desires_a_domain_in_its_power_state() {
+        let running = desire(&instance(DesiredState::Running, None), UID, TIMEOUT);
+        assert_eq!(running.map(|d| d.power), Some(Power::Running));
+        let stopped = desire(&instance(DesiredState::Stopped, None), UID, TIMEOUT);
+        assert_eq!(stopped.as_ref().map(|d| d.power), Some(Power::Stopped));
+        assert_eq!(
+            stopped.map(|d| (d.uid, d.shutdown_timeout)),
+            Some((UID.into(), TIMEOUT))
+        );
+    }
+
+    #[test]
+    fn terminated_or_deleted_record_desires_nothing() {
+        assert_eq!(
+            desire(&instance(DesiredState::Terminated, None), UID, TIMEOUT),
+            None
+        );
+        let mut deleting = instance(DesiredState::Running, None);
+        deleting.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+        assert_eq!(desire(&deleting, UID, TIMEOUT), None);
+    }
+
+    #[test]
+    fn only_bound_running_or_stopped_records_are_live() {
+        assert!(is_live_on(
+            &instance(DesiredState::Running, Some("n1")),
+            "n1"
+        ));
+        assert!(is_live_on(
+            &instance(DesiredState::Stopped, Some("n1")),
+            "n1"
+        ));
+        assert!(!is_live_on(
+            &instance(DesiredState::Running, Some("n2")),
+            "n1"
+        ));
+        assert!(!is_live_on(&instance(DesiredState::Running, None), "n1"));
+        assert!(!is_live_on(
+            &instance(DesiredState::Terminated, Some("n1")),
+            "n1"
+        ));
+        let mut deleting = instance(DesiredState::Running, Some("n1"));
+        deleting.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
+        assert!(!is_live_on(&deleting, "n1"));
+    }
+
+    #[test]
+    fn conflicts_back_off_briefly_and_foreign_domains_slowly() {
+        let conflict = Error::Api(kube::Error::Api(
+            kube::core::Status::failure("conflict", "Conflict")
+                .with_code(409)
+                .boxed(),
+        ));
+        assert_eq!(conflict.metric_label(), "conflict");
+        assert_eq!(conflict.backoff(), Duration::from_millis(50));
+        let foreign = Error::Hypervisor(HypervisorError::NotOurs {
+            name: "karri-i-1".into(),
+        });
+        assert_eq!(foreign.metric_label(), "not_ours");
+        assert_eq!(foreign.backoff(), Duration::from_secs(30));
+        assert_eq!(Error::Incomplete("UID").metric_label(), "incomplete");
+    }
+
+    #[tokio::test]
+    async fn domain_locks_serialise_one_name_only() {
+        let locks = DomainLocks::default();
+        let a = locks.lock("a").await;
+        // Another name is free while "a" is held.
+        let b = tokio::time::timeout(Duration::from_secs(1), locks.lock("b")).await;
+        assert!(b.is_ok());
+        // "a" is not.
+        let again = tokio::time::timeout(Duration::from_millis(50), locks.lock("a")).await;
+        assert!(again.is_err());
+        drop(a);
+        let again = tokio::time::timeout(Duration::from_secs(1), locks.lock("a")).await;
+        assert!(again.is_ok());
+    }
+}
