@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stops what scripts/up.sh started: every process named by a pid file in $STATE_DIR/pids
-# (gateway first, etcd last). State (etcd data, tokens, kubeconfig) is kept.
+# (operator and node agent, then the gateway, etcd last). State (etcd data, tokens, kubeconfig) is kept.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,7 +45,10 @@ stop() {
 }
 
 shopt -s nullglob
-[ -f "$PIDS/api-gateway.pid" ] && stop "$PIDS/api-gateway.pid"
+# Clients of the gateway first, then the gateway, then anything else, etcd last.
+for name in operator node-agent api-gateway; do
+  [ -f "$PIDS/$name.pid" ] && stop "$PIDS/$name.pid"
+done
 for f in "$PIDS"/*.pid; do
   [ "$(basename "$f")" = etcd.pid ] || stop "$f"
 done

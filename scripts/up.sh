@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Brings up Karri on this machine: etcd + api-gateway, state under $STATE_DIR (default
+# Brings up Karri on this machine: etcd, api-gateway, operator and one node agent (node-1 on
+# libvirtd + QEMU, or libvirt's test driver with HYPERVISOR=test), state under $STATE_DIR (default
 # <repo>/.state). Re-runnable: a running etcd from this state dir is kept, the gateway is
 # restarted with the current binary. Stop everything with scripts/down.sh.
 set -euo pipefail
@@ -9,6 +10,9 @@ STATE_DIR="${STATE_DIR:-$REPO/.state}"
 ETCD_PORT="${KARRI_ETCD_PORT:-2379}"
 ETCD_PEER_PORT="${KARRI_ETCD_PEER_PORT:-$((ETCD_PORT + 1))}"
 API_PORT="${KARRI_API_PORT:-6443}"
+OPERATOR_METRICS_PORT="${KARRI_OPERATOR_METRICS_PORT:-9464}"
+AGENT_METRICS_PORT="${KARRI_AGENT_METRICS_PORT:-9465}"
+HYPERVISOR="${HYPERVISOR:-qemu}"
 ETCD_BIN="${KARRI_ETCD_BIN:-/usr/bin/etcd}"
 BIN_DIR="${KARRI_BIN_DIR:-$REPO/target/debug}"
 GATEWAY_BIN="$BIN_DIR/api-gateway"
@@ -143,11 +147,13 @@ start_bg "$GW_PID" "$LOGS/api-gateway.log" "$GATEWAY_BIN" \
 # The gateway writes its CA into $PKI on first start; curl trusts exactly that CA.
 wait_http api-gateway "$API_URL/readyz" "$GW_PID" "$LOGS/api-gateway.log" 60 --cacert "$PKI/ca.crt"
 
-# --- kubeconfig, then karri.env (its presence means: up and ready) --------------------------
-KUBECONFIG_FILE="$STATE_DIR/kubeconfig"
-(
-  umask 077
-  cat >"$KUBECONFIG_FILE.tmp" <<EOF
+# --- kubeconfigs: admin (yours), operator and node-1 (for the services) ---------------------
+token_of() { awk -v u="$1" '$1 == "-" && $2 == "token:" { t = $3 } $1 == "user:" && $2 == u { print t; exit }' "$TOKENS"; }
+# write_kubeconfig FILE USER TOKEN
+write_kubeconfig() {
+  (
+    umask 077
+    cat >"$1.tmp" <<EOF
 apiVersion: v1
 kind: Config
 clusters:
@@ -156,19 +162,59 @@ clusters:
     server: $API_URL
     certificate-authority: $PKI/ca.crt
 users:
-- name: admin
+- name: $2
   user:
-    token: $ADMIN_TOKEN
+    token: $3
 contexts:
 - name: karri
   context:
     cluster: karri
-    user: admin
+    user: $2
     namespace: default
 current-context: karri
 EOF
-)
-mv "$KUBECONFIG_FILE.tmp" "$KUBECONFIG_FILE"
+  )
+  mv "$1.tmp" "$1"
+}
+KUBECONFIG_FILE="$STATE_DIR/kubeconfig"
+write_kubeconfig "$KUBECONFIG_FILE" admin "$ADMIN_TOKEN"
+OPERATOR_TOKEN="$(token_of operator)"
+NODE_TOKEN="$(token_of node-1)"
+[ -n "$OPERATOR_TOKEN" ] && [ -n "$NODE_TOKEN" ] || die "no operator or node-1 token in $TOKENS"
+write_kubeconfig "$STATE_DIR/kubeconfig-operator" operator "$OPERATOR_TOKEN"
+write_kubeconfig "$STATE_DIR/kubeconfig-node-1" node-1 "$NODE_TOKEN"
+kc() { kubectl --kubeconfig "$KUBECONFIG_FILE" "$@"; }
+
+# --- the catalogue: zones and instance types ----------------------------------------------
+kc apply -f "$REPO/config/samples/availability-zone.yaml" -f "$REPO/config/samples/instance-type.yaml" >/dev/null
+say "catalogue: $(kc get availabilityzones -o name | wc -l) zones, $(kc get instancetypes -o name | wc -l) instance types"
+
+# --- hypervisor, operator, node agent -----------------------------------------------------
+case "$HYPERVISOR" in
+  qemu)
+    bash "$REPO/scripts/libvirtd.sh" || die "libvirtd is needed for HYPERVISOR=qemu: install it with 'make setup', or run 'HYPERVISOR=test make up' for libvirt's test driver"
+    LIBVIRT_URI="qemu:///system" ;;
+  test) LIBVIRT_URI="test:///default" ;;
+  *) die "HYPERVISOR must be qemu or test, not '$HYPERVISOR'" ;;
+esac
+for svc in operator node-agent; do
+  [ -x "$BIN_DIR/$svc" ] || die "$BIN_DIR/$svc missing: run 'make build'"
+  if running "$PIDS/$svc.pid" "$STATE_DIR"; then
+    say "restarting $svc (pid $(cat "$PIDS/$svc.pid")) with the current binary"
+    stop_pid "$PIDS/$svc.pid"
+  fi
+done
+say "starting operator"
+start_bg "$PIDS/operator.pid" "$LOGS/operator.log" "$BIN_DIR/operator" \
+  --kubeconfig "$STATE_DIR/kubeconfig-operator" --identity "operator-$(hostname)" \
+  --metrics-listen "127.0.0.1:$OPERATOR_METRICS_PORT"
+say "starting node-agent node-1 on $LIBVIRT_URI"
+start_bg "$PIDS/node-agent.pid" "$LOGS/node-agent.log" "$BIN_DIR/node-agent" \
+  --kubeconfig "$STATE_DIR/kubeconfig-node-1" --node-name node-1 --zone karri-1a \
+  --libvirt-uri "$LIBVIRT_URI" --metrics-listen "127.0.0.1:$AGENT_METRICS_PORT"
+kc wait --for=condition=Ready node.karri.dev/node-1 --timeout=90s >/dev/null \
+  || { tail -n 20 "$LOGS/node-agent.log" "$LOGS/operator.log" >&2; die "node-1 did not become Ready"; }
+say "node-1 is Ready"
 
 {
   printf 'export KUBECONFIG=%q\n' "$KUBECONFIG_FILE"
@@ -184,13 +230,23 @@ cat <<EOF
 Karri is up.
   etcd         $ETCD_URL   (data $STATE_DIR/etcd, log $LOGS/etcd.log)
   api-gateway  $API_URL   (log $LOGS/api-gateway.log)
+  operator     metrics http://127.0.0.1:$OPERATOR_METRICS_PORT/metrics   (log $LOGS/operator.log)
+  node-agent   node-1 in karri-1a on $LIBVIRT_URI, metrics http://127.0.0.1:$AGENT_METRICS_PORT/metrics   (log $LOGS/node-agent.log)
   tokens       $TOKENS
   kubeconfig   $KUBECONFIG_FILE (user admin)
 
 Use it:
   . $STATE_DIR/karri.env && kubectl get instances -A
-  kubectl apply -f config/samples/
+  kubectl apply -f config/samples/instance.yaml && kubectl get instances -w
+  virsh -c $LIBVIRT_URI list --all
 
 The EC2 endpoint (awscli/boto3 from .venv) comes with a later issue.
-Stop everything with: make down
 EOF
+if [ -n "${KARRI_DETACH:-}" ]; then
+  echo "Left running in the background (KARRI_DETACH); stop everything with: make down"
+  exit 0
+fi
+echo "Ctrl-C stops everything (the state stays in $STATE_DIR; 'make up' again reuses it)."
+trap 'echo; bash "$REPO/scripts/down.sh"; exit 0' INT TERM
+# The services are this shell's children: wait for them; Ctrl-C runs the trap.
+wait
