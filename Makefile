@@ -17,8 +17,8 @@ help:
 	@echo "make build  cargo build --workspace --bins (debug)"
 	@echo "make up     setup + build, then start etcd + api-gateway (state in $(STATE_DIR))"
 	@echo "make down   stop what 'make up' started (state is kept)"
-	@echo "make test   setup, build, nextest (real etcd/gateway), fmt check, clippy"
-	@echo "make bench  registry benchmark (release)"
+	@echo "make test   setup, build, libvirtd, nextest (real etcd/gateway/QEMU), fmt check, clippy"
+	@echo "make bench  registry and cloud benchmarks (release)"
 	@echo "make crds   print the CRD manifests (crdgen)"
 
 setup:
@@ -33,16 +33,20 @@ up: setup build
 down:
 	bash scripts/down.sh
 
+# libvirtd must answer on qemu:///system for the QEMU e2e test (e2e/tests/qemu.rs).
 test: setup
 	$(CARGO) build --workspace --bins
+	bash scripts/libvirtd.sh
 	KARRI_BIN_DIR=$(CURDIR)/target/debug $(CARGO) nextest run --workspace --no-fail-fast
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-# The benchmark drives a release-built gateway, so it measures the registry, not debug code.
+# The benchmarks drive release-built services, so they measure Karri, not debug code.
 bench: setup
 	$(CARGO) build --release -p api-gateway --bin api-gateway
 	KARRI_BIN_DIR=$(CURDIR)/target/release $(CARGO) run --release -p karri-e2e --bin bench-registry
+	$(CARGO) build --release -p api-gateway -p operator -p node-agent --bin api-gateway --bin operator --bin node-agent
+	KARRI_BIN_DIR=$(CURDIR)/target/release $(CARGO) run --release -p karri-e2e --bin bench-cloud
 
 crds:
 	$(CARGO) run -p karri-crds --bin crdgen

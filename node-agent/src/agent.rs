@@ -8,12 +8,13 @@
 //!   nothing else. A shutdown's start is remembered in memory (by record UID) so that the plan
 //!   forces the domain off after `--shutdown-timeout-seconds`; a restart forgets it and the
 //!   guest gets a fresh timeout, which only delays a forced power-off.
-//! - **Orphans**: a sweep removes Karri's domains whose owner UID is not that of a live
+//! - **Orphans**: a sweep removes this node's domains whose owner UID is not that of a live
 //!   instance bound to the node (deleted, terminated, re-created). It runs only once the
 //!   instance store holds a complete listing — before that, every domain would look orphaned —
 //!   then every `--resync-seconds`, and at once when the watch reports an instance deleted (a
-//!   record deleted without a finalizer never reaches a reconcile) or lists afresh. Domains
-//!   that are not Karri's are never listed, so never touched.
+//!   record deleted without a finalizer never reaches a reconcile) or lists afresh. The
+//!   hypervisor is this node's: domains that are not Karri's, or that name another node (a
+//!   second agent on the same libvirtd), are never listed, so never touched.
 //! - **Node and lease**: [`crate::node`] registers the Node, reports what the host offers, and
 //!   renews the lease every quarter of its duration.
 //!
@@ -83,7 +84,9 @@ impl Error {
             Error::Api(kube::Error::Api(s)) if s.code == 409 => "conflict",
             Error::Api(_) => "api",
             Error::Hypervisor(
-                HypervisorError::NotOurs { .. } | HypervisorError::Conflict { .. },
+                HypervisorError::NotOurs { .. }
+                | HypervisorError::Conflict { .. }
+                | HypervisorError::OtherNode { .. },
             ) => "not_ours",
             Error::Hypervisor(_) => "libvirt",
             Error::Render(_) => "render",
@@ -228,6 +231,7 @@ impl<H: Hypervisor + 'static> Context<H> {
             uid: uid.to_owned(),
             instance_id: id.to_owned(),
             namespace: instance.namespace().ok_or(Error::Incomplete("namespace"))?,
+            node: self.settings.node.clone(),
             instance_type: type_name.clone(),
             vcpus: itype.spec.vcpus,
             memory_mib: itype.spec.memory_mib,

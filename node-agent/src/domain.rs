@@ -6,8 +6,10 @@
 //! refuse characters that XML 1.0 forbids even when escaped — [`render`] checks itself.
 //!
 //! Every domain Karri defines carries, in its `<metadata>`, an element in the [`XMLNS`] namespace
-//! naming its owner: the record UID, the instance ID and the namespace. [`ownership`] reads it back;
-//! a domain without it is not Karri's and is never touched.
+//! naming its owner: the record UID, the instance ID, the namespace and the node whose agent
+//! manages it. [`ownership`] reads it back; a domain without it is not Karri's and is never
+//! touched, and a domain of another node (a second agent on the same libvirtd) is left to that
+//! node's agent.
 
 use std::io;
 
@@ -97,6 +99,8 @@ pub struct DomainSpec {
     pub instance_id: String,
     /// Namespace (account) of the Instance record.
     pub namespace: String,
+    /// Name of the node whose agent defines and manages the domain; only that agent touches it.
+    pub node: String,
     /// Name of the instance type, e.g. `m1.small`; the SMBIOS product name, as on EC2.
     pub instance_type: String,
     /// Virtual CPUs.
@@ -118,6 +122,8 @@ pub struct Owner {
     pub instance_id: String,
     /// Namespace of the Instance record.
     pub namespace: String,
+    /// Node whose agent manages the domain.
+    pub node: String,
 }
 
 /// Why a [`DomainSpec`] cannot be rendered.
@@ -176,6 +182,7 @@ fn check(spec: &DomainSpec) -> Result<String, RenderError> {
         ("the record UID", spec.uid.as_str()),
         ("the instance ID", spec.instance_id.as_str()),
         ("the namespace", spec.namespace.as_str()),
+        ("the node name", spec.node.as_str()),
         ("the instance type", spec.instance_type.as_str()),
     ];
     for (field, value) in texts {
@@ -245,6 +252,7 @@ fn write_domain<W: io::Write>(w: &mut Writer<W>, spec: &DomainSpec, uuid: &str) 
     let uid_element = format!("{XMLNS_PREFIX}:uid");
     let id_element = format!("{XMLNS_PREFIX}:instanceId");
     let namespace_element = format!("{XMLNS_PREFIX}:namespace");
+    let node_element = format!("{XMLNS_PREFIX}:node");
 
     w.create_element("domain")
         .with_attribute(("type", spec.domain_type.as_str()))
@@ -257,7 +265,8 @@ fn write_domain<W: io::Write>(w: &mut Writer<W>, spec: &DomainSpec, uuid: &str) 
                     .write_inner_content(|w| {
                         text_element(w, &uid_element, &spec.uid)?;
                         text_element(w, &id_element, &spec.instance_id)?;
-                        text_element(w, &namespace_element, &spec.namespace)
+                        text_element(w, &namespace_element, &spec.namespace)?;
+                        text_element(w, &node_element, &spec.node)
                     })?;
                 Ok(())
             })?;
@@ -359,22 +368,17 @@ fn write_disk<W: io::Write>(w: &mut Writer<W>, disk: &DiskSpec) -> io::Result<()
 /// Reads the owner back from a domain's XML (as `render` wrote it, or as libvirt returns it).
 ///
 /// Looks for `/domain/metadata/instance` in the [`XMLNS`] namespace, whatever prefix binds it,
-/// with non-empty `uid`, `instanceId` and `namespace` children. `None` when the element is
-/// missing or incomplete, or the XML cannot be read: such a domain is not Karri's.
+/// with non-empty `uid`, `instanceId`, `namespace` and `node` children. `None` when the element
+/// is missing or incomplete, or the XML cannot be read: such a domain is not Karri's.
 pub fn ownership(xml: &str) -> Option<Owner> {
     let parsed = parse(xml)?;
-    match (parsed.uid, parsed.instance_id, parsed.namespace) {
-        (Some(uid), Some(instance_id), Some(namespace))
-            if !uid.is_empty() && !instance_id.is_empty() && !namespace.is_empty() =>
-        {
-            Some(Owner {
-                uid,
-                instance_id,
-                namespace,
-            })
-        }
-        _ => None,
-    }
+    let present = |field: Option<String>| field.filter(|value| !value.is_empty());
+    Some(Owner {
+        uid: present(parsed.uid)?,
+        instance_id: present(parsed.instance_id)?,
+        namespace: present(parsed.namespace)?,
+        node: present(parsed.node)?,
+    })
 }
 
 /// Reads `/domain/name` from a domain's XML; `None` when it is missing or the XML cannot be read.
@@ -389,6 +393,7 @@ struct Parsed {
     uid: Option<String>,
     instance_id: Option<String>,
     namespace: Option<String>,
+    node: Option<String>,
 }
 
 /// Where an element sits, as far as [`parse`] cares.
@@ -401,6 +406,8 @@ enum Node {
     Uid,
     InstanceId,
     Namespace,
+    /// `node`: the node whose agent manages the domain.
+    ManagedBy,
     Other,
 }
 
@@ -434,6 +441,7 @@ fn parse(xml: &str) -> Option<Parsed> {
                     Node::Uid => &mut parsed.uid,
                     Node::InstanceId => &mut parsed.instance_id,
                     Node::Namespace => &mut parsed.namespace,
+                    Node::ManagedBy => &mut parsed.node,
                     _ => {
                         text.clear();
                         continue;
@@ -460,6 +468,7 @@ fn classify(parent: Option<Node>, ours: bool, local: &[u8]) -> Node {
         (Some(Node::Owner), true, b"uid") => Node::Uid,
         (Some(Node::Owner), true, b"instanceId") => Node::InstanceId,
         (Some(Node::Owner), true, b"namespace") => Node::Namespace,
+        (Some(Node::Owner), true, b"node") => Node::ManagedBy,
         _ => Node::Other,
     }
 }
@@ -474,6 +483,7 @@ mod tests {
             uid: "6f1f8d2e-1c1a-4d1e-9a55-2c7c1b7a0b11".into(),
             instance_id: "i-0123456789abcdef0".into(),
             namespace: "acct-1".into(),
+            node: "node-1".into(),
             instance_type: "m1.small".into(),
             vcpus: 1,
             memory_mib: 256,
@@ -491,6 +501,7 @@ mod tests {
                 uid: "6f1f8d2e-1c1a-4d1e-9a55-2c7c1b7a0b11".into(),
                 instance_id: "i-0123456789abcdef0".into(),
                 namespace: "acct-1".into(),
+                node: "node-1".into(),
             })
         );
         assert_eq!(name_of(&xml).as_deref(), Some("karri-i-0123456789abcdef0"));
@@ -501,13 +512,18 @@ mod tests {
         let xml = r#"<domain type="kvm"><name>x</name><metadata>
             <k:instance xmlns:k="https://karri.dev/xmlns/domain/1">
               <k:uid>u</k:uid><k:instanceId>i-1</k:instanceId><k:namespace>a&amp;b&#x3c;</k:namespace>
+              <k:node>n-1</k:node>
             </k:instance></metadata></domain>"#;
         let owner = ownership(xml).expect("owned");
         assert_eq!(owner.namespace, "a&b<");
+        assert_eq!(owner.node, "n-1");
         let xml = r#"<domain><metadata><instance xmlns="https://karri.dev/xmlns/domain/1">
             <uid>u</uid><instanceId>i-1</instanceId><namespace><![CDATA[n]]></namespace>
-            </instance></metadata></domain>"#;
-        assert_eq!(ownership(xml).map(|o| o.namespace).as_deref(), Some("n"));
+            <node>n-2</node></instance></metadata></domain>"#;
+        assert_eq!(
+            ownership(xml).map(|o| (o.namespace, o.node)),
+            Some(("n".into(), "n-2".into()))
+        );
     }
 
     #[test]
@@ -524,8 +540,20 @@ mod tests {
              </k:instance></devices></domain>",
             // Incomplete: no UID.
             "<domain><metadata><k:instance xmlns:k='https://karri.dev/xmlns/domain/1'>\
-             <k:instanceId>i</k:instanceId><k:namespace>n</k:namespace></k:instance>\
-             </metadata></domain>",
+             <k:instanceId>i</k:instanceId><k:namespace>n</k:namespace><k:node>n</k:node>\
+             </k:instance></metadata></domain>",
+            // Incomplete: no node (as Karri wrote domains before they named their node).
+            "<domain><metadata><k:instance xmlns:k='https://karri.dev/xmlns/domain/1'>\
+             <k:uid>u</k:uid><k:instanceId>i</k:instanceId><k:namespace>n</k:namespace>\
+             </k:instance></metadata></domain>",
+            // Empty node.
+            "<domain><metadata><k:instance xmlns:k='https://karri.dev/xmlns/domain/1'>\
+             <k:uid>u</k:uid><k:instanceId>i</k:instanceId><k:namespace>n</k:namespace>\
+             <k:node> </k:node></k:instance></metadata></domain>",
+            // The node outside our namespace.
+            "<domain><metadata><k:instance xmlns:k='https://karri.dev/xmlns/domain/1'>\
+             <k:uid>u</k:uid><k:instanceId>i</k:instanceId><k:namespace>n</k:namespace>\
+             <node>n</node></k:instance></metadata></domain>",
             // Not XML.
             "<domain><metadata>",
             "",
@@ -555,6 +583,14 @@ mod tests {
         let mut s = spec();
         s.instance_id.clear();
         assert!(matches!(render(&s), Err(RenderError::Empty { .. })));
+        let mut s = spec();
+        s.node.clear();
+        assert!(matches!(
+            render(&s),
+            Err(RenderError::Empty {
+                field: "the node name"
+            })
+        ));
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! The edge where plans become libvirt calls.
 //!
-//! [`Hypervisor`] is what the agent needs from a host: list Karri's domains, and define, start,
-//! shut down, destroy and undefine one by name. [`LibvirtHypervisor`] does it with the `virt`
-//! crate; [`FakeHypervisor`] does it in memory for tests of the agent loop. Both refuse to touch a
-//! domain whose metadata names no Karri owner ([`HypervisorError::NotOurs`]), so a domain that is
-//! not Karri's is never listed, changed or removed, whatever the caller asks.
+//! [`Hypervisor`] is what the agent needs from a host: list its node's domains, and define,
+//! start, shut down, destroy and undefine one by name. [`LibvirtHypervisor`] does it with the
+//! `virt` crate; [`FakeHypervisor`] does it in memory for tests of the agent loop. Each is made
+//! for one node, and a domain is *ours* when its metadata names a Karri owner on that node
+//! ([`domain::ownership`], [`domain::Owner::node`]). Both refuse to touch any other domain
+//! ([`HypervisorError::NotOurs`]) — one that is not Karri's, or one that another node's agent
+//! manages on the same libvirtd — so such a domain is never listed, changed or removed, whatever
+//! the caller asks.
 //!
 //! Every operation is idempotent toward its goal: destroying a domain that is already off,
 //! starting one that already runs or undefining one that is gone succeeds, because the domain
@@ -80,21 +83,30 @@ pub enum HypervisorError {
         /// What libvirt said.
         libvirt: virt::error::Error,
     },
-    /// The domain exists but its metadata names no Karri owner, so Karri leaves it alone.
-    #[error("domain {name} is not Karri's and is left alone")]
+    /// The domain exists but its metadata names no Karri owner on this node (it is not Karri's,
+    /// or another node's agent manages it), so this agent leaves it alone.
+    #[error("domain {name} is not this node's Karri domain and is left alone")]
     NotOurs {
         /// The domain name.
         name: String,
     },
-    /// A Karri domain of that name belongs to another record (another UID).
-    #[error("domain {name} belongs to record {existing_uid}, not {uid}")]
+    /// A Karri domain of that name belongs to another record (another UID), or to another
+    /// node.
+    #[error(
+        "domain {name} belongs to record {existing_uid} on node {existing_node}, \
+         not to record {uid} on node {node}"
+    )]
     Conflict {
         /// The domain name.
         name: String,
         /// UID of the record the existing domain belongs to.
         existing_uid: String,
+        /// Node the existing domain belongs to.
+        existing_node: String,
         /// UID of the record the XML is for.
         uid: String,
+        /// Node the XML is for (this hypervisor's node).
+        node: String,
     },
     /// The domain to start does not exist.
     #[error("domain {name} does not exist")]
@@ -105,6 +117,15 @@ pub enum HypervisorError {
     /// The XML to define names no Karri owner; Karri only defines domains it can recognise.
     #[error("the domain XML names no Karri owner")]
     Unowned,
+    /// The XML to define names an owner on another node: this hypervisor defines only domains
+    /// it will itself recognise as its own.
+    #[error("the domain XML is for node {xml_node}, not for this node {node}")]
+    OtherNode {
+        /// The node the XML names.
+        xml_node: String,
+        /// This hypervisor's node.
+        node: String,
+    },
     /// The XML to define has no `<name>`.
     #[error("the domain XML has no name")]
     Unnamed,
@@ -133,24 +154,28 @@ impl HypervisorError {
 
 /// What the node agent needs from a host's hypervisor.
 ///
-/// Methods return `Send` futures so that the agent can run them on a multi-threaded runtime.
-/// The trait is used generically (`H: Hypervisor`), not as a trait object.
+/// A hypervisor serves one node: "ours" below means a domain whose metadata names a Karri owner
+/// on that node. Methods return `Send` futures so that the agent can run them on a
+/// multi-threaded runtime. The trait is used generically (`H: Hypervisor`), not as a trait
+/// object.
 pub trait Hypervisor: Send + Sync {
-    /// Every domain whose metadata names a Karri owner; other domains are left out.
+    /// Every domain whose metadata names a Karri owner on this node; other domains are left
+    /// out.
     fn list_ours(
         &self,
     ) -> impl Future<Output = Result<Vec<ObservedDomain>, HypervisorError>> + Send;
 
-    /// The Karri domain of that name; `None` when there is none, [`HypervisorError::NotOurs`]
-    /// when the name belongs to a domain that is not Karri's.
+    /// Our domain of that name; `None` when there is none, [`HypervisorError::NotOurs`] when the
+    /// name belongs to a domain that is not ours (not Karri's, or another node's).
     fn observe(
         &self,
         name: &str,
     ) -> impl Future<Output = Result<Option<ObservedDomain>, HypervisorError>> + Send;
 
-    /// Defines (or redefines) a domain from XML that names its Karri owner (see
-    /// [`domain::render`]). Refuses to replace a domain that is not Karri's or that belongs to
-    /// another record.
+    /// Defines (or redefines) a domain from XML that names its Karri owner on this node (see
+    /// [`domain::render`]); XML for another node is [`HypervisorError::OtherNode`]. Refuses to
+    /// replace a domain that is not Karri's ([`HypervisorError::NotOurs`]), or that belongs to
+    /// another node or another record ([`HypervisorError::Conflict`]).
     fn define(&self, xml: &str) -> impl Future<Output = Result<(), HypervisorError>> + Send;
 
     /// Starts a defined domain; succeeds if it already runs.

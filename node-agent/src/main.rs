@@ -106,11 +106,12 @@ async fn client(path: &PathBuf) -> anyhow::Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
-/// Connects to libvirt, retrying until it answers (libvirtd may start after the agent).
-async fn connect(uri: &str) -> LibvirtHypervisor {
+/// Connects to libvirt for `node`, retrying until it answers (libvirtd may start after the
+/// agent).
+async fn connect(uri: &str, node: &str) -> LibvirtHypervisor {
     let mut backoff = Duration::from_millis(500);
     loop {
-        match LibvirtHypervisor::connect(uri).await {
+        match LibvirtHypervisor::connect(uri, node).await {
             Ok(hv) => return hv,
             Err(error) => {
                 tracing::warn!(%error, retry_in = ?backoff, "cannot connect to libvirt");
@@ -138,8 +139,8 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot serve metrics on {}", args.metrics_listen))?;
 
-    let hypervisor = Arc::new(connect(&args.libvirt_uri).await);
-    tracing::info!(uri = %args.libvirt_uri, "connected to libvirt");
+    let hypervisor = Arc::new(connect(&args.libvirt_uri, &args.node_name).await);
+    tracing::info!(uri = %args.libvirt_uri, node = %args.node_name, "connected to libvirt");
     tokio::spawn(metrics::serve(
         listener,
         metrics.clone(),

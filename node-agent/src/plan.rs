@@ -7,8 +7,8 @@
 //! is empty. Time enters only as inputs: how long ago the caller asked the guest to shut down
 //! ([`Observed::shutdown_elapsed`]) and how long it may take ([`Desired::shutdown_timeout`]).
 //!
-//! A domain that is not Karri's never reaches [`plan`]: the caller builds [`Observed`] only from
-//! domains whose metadata names an owner
+//! A domain that is not Karri's, or that another node's agent manages, never reaches [`plan`]:
+//! the caller builds [`Observed`] only from domains whose metadata names an owner on its node
 //! ([`Hypervisor::list_ours`](crate::hypervisor::Hypervisor::list_ours),
 //! [`domain::ownership`](crate::domain::ownership)), so no plan can touch anything else.
 
@@ -124,7 +124,8 @@ impl fmt::Display for Action {
 ///   [`Desired::shutdown_timeout`]; paused, crashed or unknown: destroy; shut off: nothing;
 /// - a record whose domain is transient: define first, so that it is persistent.
 ///
-/// The caller only ever passes domains that carry Karri's metadata; see the module docs.
+/// The caller only ever passes its node's domains (Karri's metadata naming that node); see the
+/// module docs.
 pub fn plan(desired: Option<&Desired>, observed: Option<&Observed>) -> Vec<Action> {
     match (desired, observed) {
         (None, None) => Vec::new(),

@@ -3,13 +3,18 @@
 //!
 //! Each scenario runs the agent's loop in miniature: observe, plan, apply, with a simulated clock
 //! for the shutdown timeout, for a few rounds; then the domain must be as the record says, the
-//! last plan empty, and the domains that are not Karri's untouched.
+//! last plan empty, and the domains that are not Karri's, or are another node's (a second agent
+//! on the same host), untouched. The orphan sweep, run the same way, removes this node's orphans
+//! and nothing of another node's.
 
 mod common;
 
+use std::collections::HashSet;
 use std::time::Duration;
 
-use common::{spec, test_driver, uid, xml, BUILTIN_DOMAIN};
+use common::{
+    spec, spec_for, test_driver, test_driver_for, uid, xml, BUILTIN_DOMAIN, NODE, OTHER_NODE,
+};
 use node_agent::hypervisor::{apply_plan, FakeHypervisor, Hypervisor};
 use node_agent::plan::{plan, Action, Desired, DomainState, Power};
 
@@ -228,8 +233,34 @@ fn scenario(tag: &str) -> (u16, &'static Scenario) {
     (100 + n as u16, &SCENARIOS[n])
 }
 
-/// One test per scenario per hypervisor; the libvirt tests also check that the test driver's
-/// built-in domain (not Karri's) is still running with the same ID afterwards.
+/// Defines and starts, through `other` (the hypervisor of `node`, another node on the same
+/// host), a domain of that node for test `n`; returns its name.
+async fn other_nodes_domain<H: Hypervisor>(other: &H, node: &str, tag: &str, n: u16) -> String {
+    let theirs = spec_for(node, &format!("e{tag}"), &uid(n, 9));
+    apply_plan(
+        other,
+        &theirs.name,
+        Some(&xml(&theirs)),
+        &[Action::Define, Action::Start],
+    )
+    .await
+    .expect("the other node sets up its domain");
+    theirs.name
+}
+
+/// `(state, id)` of `name` as its own node's hypervisor `other` sees it.
+async fn seen_by<H: Hypervisor>(other: &H, name: &str) -> Option<(DomainState, Option<u32>)> {
+    other
+        .observe(name)
+        .await
+        .expect("the other node observes its domain")
+        .map(|d| (d.state, d.id))
+}
+
+/// One test per scenario per hypervisor. Each also runs a domain of another node on the same
+/// host, which must stay running with the same ID and never be listed; the libvirt tests also
+/// check that the test driver's built-in domain (not Karri's) is still running with the same ID
+/// afterwards, the fake ones that a foreign domain was never even asked about.
 macro_rules! scenarios {
     ($($test:ident => $tag:literal,)*) => {
         mod libvirt {
@@ -238,6 +269,7 @@ macro_rules! scenarios {
                 #[tokio::test]
                 async fn $test() {
                     let hv = test_driver().await;
+                    let other = test_driver_for(OTHER_NODE).await;
                     let raw = virt::connect::Connect::open(Some(common::TEST_URI))
                         .expect("opens");
                     let builtin = raw
@@ -245,12 +277,17 @@ macro_rules! scenarios {
                         .map(|d| d.id())
                         .expect("the test driver has its built-in domain");
                     let (n, s) = scenario($tag);
+                    let theirs = other_nodes_domain(&other, OTHER_NODE, s.tag, n).await;
+                    let before = seen_by(&other, &theirs).await;
                     converge(&hv, s, n).await;
                     let after = raw
                         .lookup_domain_by_name(BUILTIN_DOMAIN)
                         .map(|d| d.id())
                         .expect("the built-in domain is still there");
                     assert_eq!(after, builtin, "the built-in domain was not restarted");
+                    assert_eq!(seen_by(&other, &theirs).await, before);
+                    let listed = hv.list_ours().await.expect("lists");
+                    assert!(listed.iter().all(|d| d.name != theirs), "{listed:?}");
                 }
             )*
         }
@@ -259,13 +296,22 @@ macro_rules! scenarios {
             $(
                 #[tokio::test]
                 async fn $test() {
-                    let hv = FakeHypervisor::new();
+                    let hv = FakeHypervisor::new(NODE);
+                    let other = hv.on_same_host(OTHER_NODE);
                     hv.insert_foreign("not-karris", DomainState::Running);
                     let before = hv.peek("not-karris");
                     let (n, s) = scenario($tag);
+                    let theirs = other_nodes_domain(&other, OTHER_NODE, s.tag, n).await;
+                    let theirs_before = hv.peek(&theirs);
                     converge(&hv, s, n).await;
                     assert_eq!(hv.peek("not-karris"), before);
-                    assert!(hv.calls().iter().all(|(_, name)| name != "not-karris"));
+                    assert_eq!(hv.peek(&theirs), theirs_before);
+                    assert!(hv
+                        .calls()
+                        .iter()
+                        .all(|(_, name)| name != "not-karris" && *name != theirs));
+                    let listed = hv.list_ours().await.expect("lists");
+                    assert!(listed.iter().all(|d| d.name != theirs), "{listed:?}");
                 }
             )*
         }
@@ -288,7 +334,7 @@ scenarios! {
 
 #[tokio::test]
 async fn guest_that_ignores_shutdown_is_destroyed_once_the_timeout_passes() {
-    let hv = FakeHypervisor::new();
+    let hv = FakeHypervisor::new(NODE);
     hv.set_guests_ignore_shutdown(true);
     let s = Scenario {
         tag: "t01",
@@ -320,7 +366,7 @@ async fn guest_that_ignores_shutdown_is_destroyed_once_the_timeout_passes() {
 
 #[tokio::test]
 async fn crashed_domain_of_a_running_instance_is_restarted() {
-    let hv = FakeHypervisor::new();
+    let hv = FakeHypervisor::new(NODE);
     let spec = spec("t02", &uid(201, 1));
     apply_plan(
         &hv,
@@ -352,7 +398,7 @@ async fn crashed_domain_of_a_running_instance_is_restarted() {
 
 #[tokio::test]
 async fn plan_that_defines_without_the_domains_xml_is_refused() {
-    let hv = FakeHypervisor::new();
+    let hv = FakeHypervisor::new(NODE);
     let spec = spec("t03", &uid(202, 1));
     let other = common::spec("t04", &uid(202, 2));
     for xml in [None, Some(xml(&other))] {
@@ -366,4 +412,163 @@ async fn plan_that_defines_without_the_domains_xml_is_refused() {
         );
     }
     assert_eq!(hv.calls(), []);
+}
+
+/// The agent's orphan sweep in miniature: every domain `list_ours` reports whose UID is not
+/// live is removed. Returns the names removed.
+async fn sweep<H: Hypervisor>(hv: &H, live: &HashSet<String>) -> Vec<String> {
+    let mut removed = Vec::new();
+    for orphan in hv.list_ours().await.expect("lists") {
+        if live.contains(&orphan.uid) {
+            continue;
+        }
+        let actions = plan(None, Some(&orphan.observed(None)));
+        apply_plan(hv, &orphan.name, None, &actions)
+            .await
+            .expect("removes the orphan");
+        removed.push(orphan.name);
+    }
+    removed
+}
+
+/// This node (`mine`) has an orphan (running) and a live domain; another node (`theirs`) on the
+/// same host has a running domain and a shut-off one whose records this node does not know (to
+/// this node they would look orphaned). The sweep removes this node's orphan only.
+///
+/// The nodes are the test's own: a sweep removes every domain of its node that it does not
+/// know, including those of other tests sharing the test driver (`cargo test`).
+async fn sweep_leaves_the_other_nodes_domains<H: Hypervisor, O: Hypervisor>(
+    (hv, mine): (&H, &str),
+    (other, theirs): (&O, &str),
+    n: u16,
+) {
+    let orphan = spec_for(mine, "s1", &uid(n, 1));
+    let live = spec_for(mine, "s2", &uid(n, 2));
+    for mine in [&orphan, &live] {
+        apply_plan(
+            hv,
+            &mine.name,
+            Some(&xml(mine)),
+            &[Action::Define, Action::Start],
+        )
+        .await
+        .expect("sets up this node's domain");
+    }
+    let running = other_nodes_domain(other, theirs, "s3", n).await;
+    let shut_off = spec_for(theirs, "es4", &uid(n, 4));
+    apply_plan(
+        other,
+        &shut_off.name,
+        Some(&xml(&shut_off)),
+        &[Action::Define],
+    )
+    .await
+    .expect("the other node defines");
+    let before = (
+        seen_by(other, &running).await,
+        seen_by(other, &shut_off.name).await,
+    );
+    assert_eq!(before.0.map(|(state, _)| state), Some(DomainState::Running));
+    assert_eq!(before.1.map(|(state, _)| state), Some(DomainState::ShutOff));
+
+    let removed = sweep(hv, &HashSet::from([live.uid.clone()])).await;
+    assert_eq!(removed, std::slice::from_ref(&orphan.name));
+    assert_eq!(hv.observe(&orphan.name).await.expect("observes"), None);
+    assert_eq!(
+        hv.observe(&live.name)
+            .await
+            .expect("observes")
+            .map(|d| d.state),
+        Some(DomainState::Running)
+    );
+    let after = (
+        seen_by(other, &running).await,
+        seen_by(other, &shut_off.name).await,
+    );
+    assert_eq!(after, before, "the other node's domains are untouched");
+    // A second sweep finds nothing more.
+    assert_eq!(
+        sweep(hv, &HashSet::from([live.uid.clone()])).await,
+        [] as [String; 0]
+    );
+    // The other node's own sweep, knowing none of its records, removes exactly its two.
+    let mut removed = sweep(other, &HashSet::new()).await;
+    removed.sort();
+    let mut expected = vec![running, shut_off.name];
+    expected.sort();
+    assert_eq!(removed, expected);
+    assert!(hv.observe(&live.name).await.expect("observes").is_some());
+    hv.destroy(&live.name).await.expect("destroys");
+    hv.undefine(&live.name).await.expect("undefines");
+}
+
+#[tokio::test]
+async fn sweep_on_the_fake_removes_only_this_nodes_orphans() {
+    let hv = FakeHypervisor::new(NODE);
+    let other = hv.on_same_host(OTHER_NODE);
+    sweep_leaves_the_other_nodes_domains((&hv, NODE), (&other, OTHER_NODE), 300).await;
+}
+
+#[tokio::test]
+async fn sweep_on_the_test_driver_removes_only_this_nodes_orphans() {
+    let (mine, theirs) = ("sweeper-1", "sweeper-2");
+    let hv = test_driver_for(mine).await;
+    let other = test_driver_for(theirs).await;
+    sweep_leaves_the_other_nodes_domains((&hv, mine), (&other, theirs), 301).await;
+}
+
+/// A record whose domain name is held by another node's domain: this node's plan cannot even
+/// observe it (NotOurs), and defining over it is refused; the other node's domain keeps running.
+async fn name_held_by_another_node<H: Hypervisor, O: Hypervisor>(hv: &H, other: &O, n: u16) {
+    let theirs = other_nodes_domain(other, OTHER_NODE, "h1", n).await;
+    let before = seen_by(other, &theirs).await;
+    let mine = spec("eh1", &uid(n, 9));
+    assert_eq!(mine.name, theirs, "same record, same name, other node");
+    let observed = hv.observe(&mine.name).await;
+    assert!(
+        matches!(
+            observed,
+            Err(node_agent::hypervisor::HypervisorError::NotOurs { .. })
+        ),
+        "{observed:?}"
+    );
+    let result = apply_plan(
+        hv,
+        &mine.name,
+        Some(&xml(&mine)),
+        &[Action::Define, Action::Start],
+    )
+    .await;
+    assert!(
+        matches!(
+            result,
+            Err(node_agent::hypervisor::HypervisorError::Conflict { .. })
+        ),
+        "{result:?}"
+    );
+    assert_eq!(seen_by(other, &theirs).await, before);
+    other.destroy(&theirs).await.expect("destroys");
+    other.undefine(&theirs).await.expect("undefines");
+}
+
+#[tokio::test]
+async fn record_named_like_another_nodes_domain_never_touches_it_on_the_fake() {
+    let hv = FakeHypervisor::new(NODE);
+    let other = hv.on_same_host(OTHER_NODE);
+    name_held_by_another_node(&hv, &other, 302).await;
+    assert_eq!(
+        hv.calls()
+            .iter()
+            .map(|(action, _)| *action)
+            .collect::<Vec<_>>(),
+        [Action::Define],
+        "refused at define, nothing after"
+    );
+}
+
+#[tokio::test]
+async fn record_named_like_another_nodes_domain_never_touches_it_on_the_test_driver() {
+    let hv = test_driver().await;
+    let other = test_driver_for(OTHER_NODE).await;
+    name_held_by_another_node(&hv, &other, 303).await;
 }

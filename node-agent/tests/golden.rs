@@ -60,6 +60,7 @@ fn qemu_without_disk() -> DomainSpec {
         uid: "6f1f8d2e-1c1a-4d1e-9a55-2c7c1b7a0b11".into(),
         instance_id: "i-0123456789abcdef0".into(),
         namespace: "default".into(),
+        node: "node-1".into(),
         instance_type: "m1.small".into(),
         vcpus: 1,
         memory_mib: 256,
@@ -74,6 +75,7 @@ fn kvm_with_qcow2_disk() -> DomainSpec {
         uid: "0d5a3c4e-7f21-4b8e-8c1d-9e2f3a4b5c6d".into(),
         instance_id: "i-00000000000000abc".into(),
         namespace: "acct-000000000042".into(),
+        node: "hv-07.rack-a".into(),
         instance_type: "m1.large".into(),
         vcpus: 4,
         memory_mib: 8192,
@@ -91,6 +93,7 @@ fn needs_escaping() -> DomainSpec {
         uid: "A1B2C3D4-E5F6-4A7B-8C9D-0E1F2A3B4C5D".into(),
         instance_id: "i-<0&1>'2\"".into(),
         namespace: "ns <&> 'quoted' \"double\" é".into(),
+        node: "node <&> 'q' \"d\" ü".into(),
         instance_type: "t&t<1>".into(),
         vcpus: 2,
         memory_mib: 512,
@@ -139,6 +142,7 @@ fn golden_cases_read_back_the_owner_they_were_rendered_for() {
                 uid: spec.uid.clone(),
                 instance_id: spec.instance_id.clone(),
                 namespace: spec.namespace.clone(),
+                node: spec.node.clone(),
             }),
             "{case}"
         );

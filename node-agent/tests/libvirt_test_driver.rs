@@ -6,7 +6,10 @@
 
 mod common;
 
-use common::{foreign_xml, spec, test_driver, uid, xml, BUILTIN_DOMAIN, TEST_URI};
+use common::{
+    foreign_xml, spec, spec_for, test_driver, test_driver_for, uid, xml, BUILTIN_DOMAIN, NODE,
+    OTHER_NODE, TEST_URI,
+};
 use node_agent::hypervisor::{Hypervisor, HypervisorError, LibvirtHypervisor};
 use node_agent::plan::DomainState;
 use virt::connect::Connect;
@@ -117,6 +120,77 @@ async fn domain_without_karri_metadata_is_never_listed_or_touched() {
         .and_then(|d| d.xml_desc(0))
         .expect("still defined");
     assert!(xml_after.contains("urn:example:other"), "{xml_after}");
+}
+
+#[tokio::test]
+async fn domain_of_another_node_is_never_listed_or_touched() {
+    let hv = test_driver().await;
+    let other = test_driver_for(OTHER_NODE).await;
+    let raw = raw();
+    let theirs = spec_for(OTHER_NODE, "k1", &uid(11, 1));
+    let name = theirs.name.clone();
+    other
+        .define(&xml(&theirs))
+        .await
+        .expect("the other node defines");
+    other.start(&name).await.expect("the other node starts");
+    let before = raw_state(&raw, &name);
+    assert_eq!(before.map(|(active, _)| active), Some(true));
+
+    let listed = hv.list_ours().await.expect("lists");
+    assert!(listed.iter().all(|d| d.name != name), "{listed:?}");
+    for result in [
+        hv.observe(&name).await.map(|_| ()),
+        hv.start(&name).await,
+        hv.shutdown(&name).await,
+        hv.destroy(&name).await,
+        hv.undefine(&name).await,
+    ] {
+        assert!(
+            matches!(result, Err(HypervisorError::NotOurs { .. })),
+            "{result:?}"
+        );
+    }
+    // This node's XML under that name replaces it neither for the same record nor for another.
+    for variant in [1, 2] {
+        let result = hv.define(&xml(&spec("k1", &uid(11, variant)))).await;
+        assert!(
+            matches!(
+                &result,
+                Err(HypervisorError::Conflict { existing_node, .. }) if existing_node == OTHER_NODE
+            ),
+            "{result:?}"
+        );
+    }
+    // Nor does this node define a domain for another node.
+    let result = hv
+        .define(&xml(&spec_for(OTHER_NODE, "k2", &uid(11, 3))))
+        .await;
+    assert!(
+        matches!(&result, Err(HypervisorError::OtherNode { xml_node, .. }) if xml_node == OTHER_NODE),
+        "{result:?}"
+    );
+    assert!(raw_state(&raw, &spec("k2", &uid(11, 3)).name).is_none());
+
+    assert_eq!(raw_state(&raw, &name), before, "same state, same ID");
+    let owner = raw
+        .lookup_domain_by_name(&name)
+        .and_then(|d| d.xml_desc(0))
+        .ok()
+        .and_then(|xml| node_agent::domain::ownership(&xml))
+        .expect("still the other node's");
+    assert_eq!(owner.node, OTHER_NODE);
+    let seen = other
+        .observe(&name)
+        .await
+        .expect("observes")
+        .expect("there");
+    assert_eq!(seen.state, DomainState::Running);
+    other.destroy(&name).await.expect("the other node destroys");
+    other
+        .undefine(&name)
+        .await
+        .expect("the other node undefines");
 }
 
 #[tokio::test]
@@ -233,7 +307,7 @@ async fn undefined_running_domain_stays_listed_as_transient_until_destroyed() {
 #[tokio::test]
 async fn test_driver_state_is_shared_by_connections_open_at_once() {
     let first = test_driver().await;
-    let second = LibvirtHypervisor::connect(TEST_URI)
+    let second = LibvirtHypervisor::connect(TEST_URI, NODE)
         .await
         .expect("opens again");
     let spec = spec("h1", &uid(8, 1));
@@ -252,7 +326,7 @@ async fn test_driver_state_is_shared_by_connections_open_at_once() {
 
 #[tokio::test]
 async fn unreachable_libvirt_is_a_connect_error() {
-    let result = LibvirtHypervisor::connect("test:///nonexistent/karri.xml").await;
+    let result = LibvirtHypervisor::connect("test:///nonexistent/karri.xml", NODE).await;
     let Err(err) = result else {
         panic!("a missing test driver file opened");
     };
@@ -277,6 +351,12 @@ async fn every_golden_domain_passes_libvirt_schema_and_reads_back_its_owner() {
         let xml = std::fs::read_to_string(&path).expect("golden file");
         let owner = node_agent::domain::ownership(&xml).expect("golden file has an owner");
         let name = node_agent::domain::name_of(&xml).expect("golden file has a name");
+        // Each golden domain names its own node; its agent is the one that defines it.
+        let hv = if owner.node == hv.node() {
+            hv.clone()
+        } else {
+            test_driver_for(&owner.node).await
+        };
         hv.define(&xml)
             .await
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));

@@ -2,28 +2,36 @@
 //!
 //! It keeps libvirt's rules that matter to the agent: domains are recognised by the same
 //! [`domain::ownership`] metadata, a running domain that is undefined becomes transient and a
-//! transient one vanishes when it stops, domains that are not Karri's are never touched, and a
-//! guest may ignore the ACPI power button ([`FakeHypervisor::set_guests_ignore_shutdown`]). Every
-//! change it is asked for is logged ([`FakeHypervisor::calls`]).
+//! transient one vanishes when it stops, domains that are not Karri's or belong to another node
+//! are never touched, and a guest may ignore the ACPI power button
+//! ([`FakeHypervisor::set_guests_ignore_shutdown`]). Every change it is asked for is logged
+//! ([`FakeHypervisor::calls`]).
+//!
+//! A `FakeHypervisor` is one node's view of an in-memory host; [`FakeHypervisor::on_same_host`]
+//! gives another node's view of the same host, as two agents on one libvirtd would have.
 
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::{Hypervisor, HypervisorError, ObservedDomain};
 use crate::domain::{self, Owner};
 use crate::plan::{Action, DomainState};
 
-/// In-memory [`Hypervisor`].
-#[derive(Debug, Default)]
+/// In-memory [`Hypervisor`] for one node.
+#[derive(Debug)]
 pub struct FakeHypervisor {
-    inner: Mutex<Inner>,
+    /// The host's domains, shared with the other nodes' views of the same host.
+    inner: Arc<Mutex<Inner>>,
+    /// The node whose domains this view manages.
+    node: String,
+    /// Every change asked of this view.
+    calls: Mutex<Vec<(Action, String)>>,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     domains: BTreeMap<String, FakeDomain>,
     last_id: u32,
-    calls: Vec<(Action, String)>,
     guests_ignore_shutdown: bool,
 }
 
@@ -41,15 +49,15 @@ impl Inner {
         self.last_id
     }
 
-    /// The Karri domain of that name: `None` when there is none, `NotOurs` when it is not
-    /// Karri's.
-    fn ours(&mut self, name: &str) -> Result<Option<&mut FakeDomain>, HypervisorError> {
+    /// The domain of that name if it is `node`'s: `None` when there is none, `NotOurs` when it
+    /// is not Karri's or belongs to another node.
+    fn ours(&mut self, node: &str, name: &str) -> Result<Option<&mut FakeDomain>, HypervisorError> {
         match self.domains.get_mut(name) {
             None => Ok(None),
-            Some(dom) if dom.owner.is_none() => Err(HypervisorError::NotOurs {
+            Some(dom) if dom.owner.as_ref().is_some_and(|o| o.node == node) => Ok(Some(dom)),
+            Some(_) => Err(HypervisorError::NotOurs {
                 name: name.to_owned(),
             }),
-            Some(dom) => Ok(Some(dom)),
         }
     }
 
@@ -65,8 +73,9 @@ impl Inner {
     }
 }
 
-fn observed(name: &str, dom: &FakeDomain) -> Option<ObservedDomain> {
-    let owner = dom.owner.as_ref()?;
+/// The domain as `node`'s agent sees it: `None` unless it is `node`'s.
+fn observed(node: &str, name: &str, dom: &FakeDomain) -> Option<ObservedDomain> {
+    let owner = dom.owner.as_ref().filter(|o| o.node == node)?;
     Some(ObservedDomain {
         name: name.to_owned(),
         uid: owner.uid.clone(),
@@ -79,13 +88,39 @@ fn observed(name: &str, dom: &FakeDomain) -> Option<ObservedDomain> {
 }
 
 impl FakeHypervisor {
-    /// An empty hypervisor whose guests honour the ACPI power button.
-    pub fn new() -> Self {
-        Self::default()
+    /// An empty host, seen by the agent of `node`, whose guests honour the ACPI power button.
+    pub fn new(node: &str) -> Self {
+        Self {
+            inner: Arc::default(),
+            node: node.to_owned(),
+            calls: Mutex::default(),
+        }
+    }
+
+    /// The agent of `node`'s view of the same host: it shares the domains (and whether guests
+    /// honour the power button), not the call log.
+    pub fn on_same_host(&self, node: &str) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+            node: node.to_owned(),
+            calls: Mutex::default(),
+        }
+    }
+
+    /// The node whose domains this view manages.
+    pub fn node(&self) -> &str {
+        &self.node
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn log(&self, action: Action, name: &str) {
+        self.calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((action, name.to_owned()));
     }
 
     /// Makes guests ignore (`true`) or honour (`false`) [`Hypervisor::shutdown`].
@@ -136,28 +171,41 @@ impl FakeHypervisor {
         self.lock().domains.get(name).map(|dom| (dom.state, dom.id))
     }
 
-    /// Every change asked for so far, in order, as (action, domain name).
+    /// Every change asked of this view so far, in order, as (action, domain name).
     pub fn calls(&self) -> Vec<(Action, String)> {
-        self.lock().calls.clone()
+        self.calls
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Like [`FakeHypervisor::calls`], and forgets them.
     pub fn take_calls(&self) -> Vec<(Action, String)> {
-        std::mem::take(&mut self.lock().calls)
+        std::mem::take(&mut *self.calls.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     fn define_now(&self, xml: &str) -> Result<(), HypervisorError> {
         let owner = domain::ownership(xml).ok_or(HypervisorError::Unowned)?;
+        if owner.node != self.node {
+            return Err(HypervisorError::OtherNode {
+                xml_node: owner.node,
+                node: self.node.clone(),
+            });
+        }
         let name = domain::name_of(xml).ok_or(HypervisorError::Unnamed)?;
+        self.log(Action::Define, &name);
         let mut inner = self.lock();
-        inner.calls.push((Action::Define, name.clone()));
-        if let Some(existing) = inner.ours(&name)? {
-            let existing_uid = existing.owner.as_ref().map(|o| o.uid.clone());
-            if existing_uid.as_deref() != Some(owner.uid.as_str()) {
+        if let Some(existing) = inner.domains.get_mut(&name) {
+            let Some(current) = &existing.owner else {
+                return Err(HypervisorError::NotOurs { name });
+            };
+            if current.node != owner.node || current.uid != owner.uid {
                 return Err(HypervisorError::Conflict {
                     name,
-                    existing_uid: existing_uid.unwrap_or_default(),
+                    existing_uid: current.uid.clone(),
+                    existing_node: current.node.clone(),
                     uid: owner.uid,
+                    node: owner.node,
                 });
             }
             existing.defined = true;
@@ -177,10 +225,10 @@ impl FakeHypervisor {
     }
 
     fn act(&self, action: Action, name: &str) -> Result<(), HypervisorError> {
+        self.log(action, name);
         let mut inner = self.lock();
-        inner.calls.push((action, name.to_owned()));
         let ignore_shutdown = inner.guests_ignore_shutdown;
-        let Some(dom) = inner.ours(name)? else {
+        let Some(dom) = inner.ours(&self.node, name)? else {
             return match action {
                 Action::Start => Err(HypervisorError::NotFound {
                     name: name.to_owned(),
@@ -215,13 +263,15 @@ impl Hypervisor for FakeHypervisor {
         Ok(inner
             .domains
             .iter()
-            .filter_map(|(name, dom)| observed(name, dom))
+            .filter_map(|(name, dom)| observed(&self.node, name, dom))
             .collect())
     }
 
     async fn observe(&self, name: &str) -> Result<Option<ObservedDomain>, HypervisorError> {
         let mut inner = self.lock();
-        Ok(inner.ours(name)?.and_then(|dom| observed(name, dom)))
+        Ok(inner
+            .ours(&self.node, name)?
+            .and_then(|dom| observed(&self.node, name, dom)))
     }
 
     async fn define(&self, xml: &str) -> Result<(), HypervisorError> {
@@ -250,12 +300,20 @@ mod tests {
     use super::*;
     use crate::domain::{domain_name, render, DomainSpec, DomainType};
 
+    const NODE: &str = "node-1";
+    const OTHER_NODE: &str = "node-2";
+
     fn xml(uid: &str) -> String {
+        xml_for(NODE, uid)
+    }
+
+    fn xml_for(node: &str, uid: &str) -> String {
         render(&DomainSpec {
             name: domain_name("i-1"),
             uid: uid.into(),
             instance_id: "i-1".into(),
             namespace: "ns".into(),
+            node: node.into(),
             instance_type: "m1.small".into(),
             vcpus: 1,
             memory_mib: 64,
@@ -269,7 +327,7 @@ mod tests {
 
     #[tokio::test]
     async fn foreign_domain_is_neither_listed_nor_touched() {
-        let hv = FakeHypervisor::new();
+        let hv = FakeHypervisor::new(NODE);
         hv.insert_foreign("other", DomainState::Running);
         let before = hv.peek("other");
         assert_eq!(hv.list_ours().await.expect("lists"), []);
@@ -289,8 +347,66 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn domain_of_another_node_on_the_same_host_is_neither_listed_nor_touched() {
+        let hv = FakeHypervisor::new(NODE);
+        let other = hv.on_same_host(OTHER_NODE);
+        other
+            .define(&xml_for(OTHER_NODE, UID))
+            .await
+            .expect("defines");
+        other.start("karri-i-1").await.expect("starts");
+        let before = hv.peek("karri-i-1");
+        assert_eq!(before.map(|(state, _)| state), Some(DomainState::Running));
+
+        assert_eq!(hv.list_ours().await.expect("lists"), []);
+        assert!(matches!(
+            hv.observe("karri-i-1").await,
+            Err(HypervisorError::NotOurs { .. })
+        ));
+        for result in [
+            hv.start("karri-i-1").await,
+            hv.shutdown("karri-i-1").await,
+            hv.destroy("karri-i-1").await,
+            hv.undefine("karri-i-1").await,
+        ] {
+            assert!(
+                matches!(result, Err(HypervisorError::NotOurs { .. })),
+                "{result:?}"
+            );
+        }
+        // Neither this node's XML for the same record nor for another record replaces it.
+        for uid in [UID, "0b7c1a2e-0000-4000-8000-000000000001"] {
+            let result = hv.define(&xml(uid)).await;
+            assert!(
+                matches!(
+                    &result,
+                    Err(HypervisorError::Conflict { existing_node, .. }) if existing_node == OTHER_NODE
+                ),
+                "{result:?}"
+            );
+        }
+        assert_eq!(hv.peek("karri-i-1"), before);
+        // The other node's agent still sees it as its own.
+        let seen = other.list_ours().await.expect("lists");
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].state, DomainState::Running);
+    }
+
+    #[tokio::test]
+    async fn xml_for_another_node_is_not_defined() {
+        let hv = FakeHypervisor::new(NODE);
+        let result = hv.define(&xml_for(OTHER_NODE, UID)).await;
+        assert!(
+            matches!(&result, Err(HypervisorError::OtherNode { xml_node, node })
+                if xml_node == OTHER_NODE && node == NODE),
+            "{result:?}"
+        );
+        assert_eq!(hv.peek("karri-i-1"), None);
+    }
+
+    #[tokio::test]
     async fn undefined_running_domain_is_transient_and_vanishes_when_destroyed() {
-        let hv = FakeHypervisor::new();
+        let hv = FakeHypervisor::new(NODE);
         hv.define(&xml(UID)).await.expect("defines");
         hv.start("karri-i-1").await.expect("starts");
         hv.undefine("karri-i-1").await.expect("undefines");
@@ -305,7 +421,7 @@ mod tests {
 
     #[tokio::test]
     async fn define_of_another_records_domain_is_a_conflict() {
-        let hv = FakeHypervisor::new();
+        let hv = FakeHypervisor::new(NODE);
         hv.define(&xml(UID)).await.expect("defines");
         let other = "0b7c1a2e-0000-4000-8000-000000000001";
         assert!(matches!(
@@ -316,7 +432,7 @@ mod tests {
 
     #[tokio::test]
     async fn restarted_domain_gets_a_new_id() {
-        let hv = FakeHypervisor::new();
+        let hv = FakeHypervisor::new(NODE);
         hv.define(&xml(UID)).await.expect("defines");
         hv.start("karri-i-1").await.expect("starts");
         let first = hv.peek("karri-i-1").and_then(|(_, id)| id);

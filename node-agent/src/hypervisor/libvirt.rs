@@ -13,6 +13,10 @@
 //! them is open; once the last closes, the next connection starts again from the driver's single
 //! built-in `test` domain. Keeping one connection for the hypervisor's life keeps that state.
 //!
+//! A `LibvirtHypervisor` serves one node: it lists and touches only the domains whose metadata
+//! names that node, so two agents sharing a libvirtd (tests running in parallel, or a second
+//! agent started by mistake) never take each other's domains for orphans.
+//!
 //! Defines are validated against libvirt's RelaxNG schema (`VIR_DOMAIN_DEFINE_VALIDATE`), so XML
 //! that libvirt would silently reinterpret is refused instead.
 //!
@@ -33,7 +37,7 @@ use super::{Hypervisor, HypervisorError, ObservedDomain};
 use crate::domain::{self, Owner};
 use crate::plan::DomainState;
 
-/// [`Hypervisor`] backed by libvirt (`qemu:///system`, `test:///default`, ...).
+/// [`Hypervisor`] backed by libvirt (`qemu:///system`, `test:///default`, ...), for one node.
 #[derive(Clone)]
 pub struct LibvirtHypervisor {
     shared: Arc<Shared>,
@@ -41,6 +45,7 @@ pub struct LibvirtHypervisor {
 
 struct Shared {
     uri: String,
+    node: String,
     conn: Mutex<Arc<Connect>>,
 }
 
@@ -48,23 +53,27 @@ impl std::fmt::Debug for LibvirtHypervisor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LibvirtHypervisor")
             .field("uri", &self.shared.uri)
+            .field("node", &self.shared.node)
             .finish_non_exhaustive()
     }
 }
 
 impl LibvirtHypervisor {
-    /// Opens a connection to libvirt at `uri`, e.g. `qemu:///system` or `test:///default`.
+    /// Opens a connection to libvirt at `uri`, e.g. `qemu:///system` or `test:///default`, for
+    /// the agent of `node`: only domains whose metadata names `node` are its own.
     ///
     /// Also silences libvirt's default error handler, which would print every error (including
     /// the expected "no such domain") to stderr; errors are returned instead.
-    pub async fn connect(uri: &str) -> Result<Self, HypervisorError> {
+    pub async fn connect(uri: &str, node: &str) -> Result<Self, HypervisorError> {
         let uri = uri.to_owned();
+        let node = node.to_owned();
         tokio::task::spawn_blocking(move || {
             virt::error::clear_error_callback();
             let conn = open(&uri)?;
             Ok(Self {
                 shared: Arc::new(Shared {
                     uri,
+                    node,
                     conn: Mutex::new(Arc::new(conn)),
                 }),
             })
@@ -78,16 +87,21 @@ impl LibvirtHypervisor {
         &self.shared.uri
     }
 
-    /// Runs `f` with the connection on the blocking pool.
+    /// The node whose domains this hypervisor manages.
+    pub fn node(&self) -> &str {
+        &self.shared.node
+    }
+
+    /// Runs `f` with the connection and the node name on the blocking pool.
     async fn blocking<T, F>(&self, f: F) -> Result<T, HypervisorError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connect) -> Result<T, HypervisorError> + Send + 'static,
+        F: FnOnce(&Connect, &str) -> Result<T, HypervisorError> + Send + 'static,
     {
         let shared = Arc::clone(&self.shared);
         tokio::task::spawn_blocking(move || {
             let conn = shared.connection()?;
-            f(&conn)
+            f(&conn, &shared.node)
         })
         .await
         .map_err(HypervisorError::Blocking)?
@@ -136,18 +150,32 @@ fn owner_of(dom: &Domain) -> Result<Option<Owner>, virt::error::Error> {
     Ok(domain::ownership(&dom.xml_desc(0)?))
 }
 
-/// The Karri domain of that name: `None` when there is none, `NotOurs` when it is not Karri's.
-fn ours(conn: &Connect, name: &str) -> Result<Option<(Domain, Owner)>, HypervisorError> {
+/// Any domain of that name with the owner its metadata names: `None` when there is none,
+/// `Some((domain, None))` when it is not Karri's.
+fn owned(conn: &Connect, name: &str) -> Result<Option<(Domain, Option<Owner>)>, HypervisorError> {
     let Some(dom) = lookup(conn, name)? else {
         return Ok(None);
     };
     match owner_of(&dom) {
-        Ok(Some(owner)) => Ok(Some((dom, owner))),
-        Ok(None) => Err(HypervisorError::NotOurs {
-            name: name.to_owned(),
-        }),
+        Ok(owner) => Ok(Some((dom, owner))),
         Err(e) if is_no_domain(&e) => Ok(None),
         Err(e) => Err(failed("read", name)(e)),
+    }
+}
+
+/// The domain of that name if it is `node`'s: `None` when there is none, `NotOurs` when it is
+/// not Karri's or belongs to another node.
+fn ours(
+    conn: &Connect,
+    node: &str,
+    name: &str,
+) -> Result<Option<(Domain, Owner)>, HypervisorError> {
+    match owned(conn, name)? {
+        None => Ok(None),
+        Some((dom, Some(owner))) if owner.node == node => Ok(Some((dom, owner))),
+        Some(_) => Err(HypervisorError::NotOurs {
+            name: name.to_owned(),
+        }),
     }
 }
 
@@ -179,7 +207,7 @@ fn observe(dom: &Domain, name: String, owner: Owner) -> Result<ObservedDomain, v
     })
 }
 
-fn list_ours(conn: &Connect) -> Result<Vec<ObservedDomain>, HypervisorError> {
+fn list_ours(conn: &Connect, node: &str) -> Result<Vec<ObservedDomain>, HypervisorError> {
     let domains = conn
         .list_all_domains(0)
         .map_err(|libvirt| HypervisorError::List { libvirt })?;
@@ -189,8 +217,9 @@ fn list_ours(conn: &Connect) -> Result<Vec<ObservedDomain>, HypervisorError> {
             .name()
             .map_err(|libvirt| HypervisorError::List { libvirt })?;
         let seen = owner_of(&dom).and_then(|owner| match owner {
-            Some(owner) => observe(&dom, name.clone(), owner).map(Some),
-            None => Ok(None),
+            Some(owner) if owner.node == node => observe(&dom, name.clone(), owner).map(Some),
+            // Not Karri's, or another node's.
+            _ => Ok(None),
         });
         match seen {
             Ok(Some(observed)) => ours.push(observed),
@@ -204,17 +233,29 @@ fn list_ours(conn: &Connect) -> Result<Vec<ObservedDomain>, HypervisorError> {
     Ok(ours)
 }
 
-fn define(conn: &Connect, xml: &str) -> Result<(), HypervisorError> {
+fn define(conn: &Connect, node: &str, xml: &str) -> Result<(), HypervisorError> {
     let owner = domain::ownership(xml).ok_or(HypervisorError::Unowned)?;
+    if owner.node != node {
+        return Err(HypervisorError::OtherNode {
+            xml_node: owner.node,
+            node: node.to_owned(),
+        });
+    }
     let name = domain::name_of(xml).ok_or(HypervisorError::Unnamed)?;
-    if let Some((_, existing)) = ours(conn, &name)? {
-        if existing.uid != owner.uid {
+    match owned(conn, &name)? {
+        None => {}
+        Some((_, None)) => return Err(HypervisorError::NotOurs { name }),
+        Some((_, Some(existing))) if existing.node != owner.node || existing.uid != owner.uid => {
             return Err(HypervisorError::Conflict {
                 name,
                 existing_uid: existing.uid,
+                existing_node: existing.node,
                 uid: owner.uid,
+                node: owner.node,
             });
         }
+        // Our own domain: redefining it is fine.
+        Some(_) => {}
     }
     // Validation against libvirt's RelaxNG schema runs in the process that hosts the driver:
     // in libvirtd for `qemu:///system`, but here for the in-process test driver, where libxml2
@@ -234,12 +275,13 @@ static VALIDATION: Mutex<()> = Mutex::new(());
 /// as success: if the call fails but the domain reached the goal anyway, the failure is dropped.
 fn power(
     conn: &Connect,
+    node: &str,
     name: &str,
     op: &'static str,
     want_active: bool,
     call: fn(&Domain) -> Result<(), virt::error::Error>,
 ) -> Result<(), HypervisorError> {
-    let Some((dom, _)) = ours(conn, name)? else {
+    let Some((dom, _)) = ours(conn, node, name)? else {
         return if want_active {
             Err(HypervisorError::NotFound {
                 name: name.to_owned(),
@@ -266,8 +308,8 @@ fn power(
     }
 }
 
-fn undefine(conn: &Connect, name: &str) -> Result<(), HypervisorError> {
-    let Some((dom, _)) = ours(conn, name)? else {
+fn undefine(conn: &Connect, node: &str, name: &str) -> Result<(), HypervisorError> {
+    let Some((dom, _)) = ours(conn, node, name)? else {
         return Ok(());
     };
     if !dom.is_persistent().map_err(failed("undefine", name))? {
@@ -288,8 +330,8 @@ impl Hypervisor for LibvirtHypervisor {
 
     async fn observe(&self, name: &str) -> Result<Option<ObservedDomain>, HypervisorError> {
         let name = name.to_owned();
-        self.blocking(move |conn| {
-            let Some((dom, owner)) = ours(conn, &name)? else {
+        self.blocking(move |conn, node| {
+            let Some((dom, owner)) = ours(conn, node, &name)? else {
                 return Ok(None);
             };
             match observe(&dom, name.clone(), owner) {
@@ -303,12 +345,13 @@ impl Hypervisor for LibvirtHypervisor {
 
     async fn define(&self, xml: &str) -> Result<(), HypervisorError> {
         let xml = xml.to_owned();
-        self.blocking(move |conn| define(conn, &xml)).await
+        self.blocking(move |conn, node| define(conn, node, &xml))
+            .await
     }
 
     async fn start(&self, name: &str) -> Result<(), HypervisorError> {
         let name = name.to_owned();
-        self.blocking(move |conn| power(conn, &name, "start", true, Domain::create))
+        self.blocking(move |conn, node| power(conn, node, &name, "start", true, Domain::create))
             .await
     }
 
@@ -316,18 +359,21 @@ impl Hypervisor for LibvirtHypervisor {
         let name = name.to_owned();
         // Flags 0 let the driver choose; QEMU without a guest agent presses the ACPI power
         // button, and the test driver accepts no other flags.
-        self.blocking(move |conn| power(conn, &name, "shut down", false, Domain::shutdown))
-            .await
+        self.blocking(move |conn, node| {
+            power(conn, node, &name, "shut down", false, Domain::shutdown)
+        })
+        .await
     }
 
     async fn destroy(&self, name: &str) -> Result<(), HypervisorError> {
         let name = name.to_owned();
-        self.blocking(move |conn| power(conn, &name, "destroy", false, Domain::destroy))
+        self.blocking(move |conn, node| power(conn, node, &name, "destroy", false, Domain::destroy))
             .await
     }
 
     async fn undefine(&self, name: &str) -> Result<(), HypervisorError> {
         let name = name.to_owned();
-        self.blocking(move |conn| undefine(conn, &name)).await
+        self.blocking(move |conn, node| undefine(conn, node, &name))
+            .await
     }
 }

@@ -12,9 +12,20 @@ pub const TEST_URI: &str = "test:///default";
 /// Name of the test driver's built-in domain.
 pub const BUILTIN_DOMAIN: &str = "test";
 
-/// A connection to the test driver, kept for the whole test.
+/// The node the tests' hypervisors serve.
+pub const NODE: &str = "node-1";
+
+/// Another node whose agent shares the host (the same libvirt) in some tests.
+pub const OTHER_NODE: &str = "node-2";
+
+/// A connection to the test driver for [`NODE`], kept for the whole test.
 pub async fn test_driver() -> LibvirtHypervisor {
-    LibvirtHypervisor::connect(TEST_URI)
+    test_driver_for(NODE).await
+}
+
+/// A connection to the test driver for `node`, kept for the whole test.
+pub async fn test_driver_for(node: &str) -> LibvirtHypervisor {
+    LibvirtHypervisor::connect(TEST_URI, node)
         .await
         .expect("the libvirt test driver opens")
 }
@@ -24,14 +35,21 @@ pub fn uid(n: u16, v: u16) -> String {
     format!("6f1f8d2e-{n:04x}-4d1e-9a55-{v:012x}")
 }
 
-/// A small QEMU domain for instance `i-<tag padded>` owned by `uid` in namespace `ns-test`.
+/// A small QEMU domain of [`NODE`] for instance `i-<tag padded>` owned by `uid` in namespace
+/// `ns-test`.
 pub fn spec(tag: &str, uid: &str) -> DomainSpec {
+    spec_for(NODE, tag, uid)
+}
+
+/// Like [`spec`], for a domain of `node`.
+pub fn spec_for(node: &str, tag: &str, uid: &str) -> DomainSpec {
     let instance_id = format!("i-{tag:0>17}");
     DomainSpec {
         name: domain_name(&instance_id),
         uid: uid.to_owned(),
         instance_id,
         namespace: "ns-test".into(),
+        node: node.into(),
         instance_type: "m1.small".into(),
         vcpus: 1,
         memory_mib: 128,
