@@ -1,5 +1,9 @@
 //! End-to-end tests of Karri with real clients (kubectl, kube-rs) against a real gateway on real
-//! etcd. The tests live in `tests/`; [`support`] holds what several of them share.
+//! etcd. The tests live in `tests/`; [`support`] holds what several of them share, and [`cloud`]
+//! brings up a whole cloud (operators and node agents as real processes) for the cloud tests and
+//! the `bench-cloud` benchmark.
+
+pub mod cloud;
 
 pub mod support {
     //! Helpers shared by the kubectl, bad-input and authorization tests: a fresh cluster (etcd,
