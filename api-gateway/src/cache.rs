@@ -178,6 +178,8 @@ impl WatchCache {
             .with_prefix()
             .with_start_revision(start + 1);
         let mut stream = client.watch(REGISTRY_PREFIX, Some(options)).await?;
+        // Ready only now: the list is in and the watch that keeps it current is open.
+        self.mark_synced();
         loop {
             tokio::select! {
                 msg = stream.message() => {
@@ -223,9 +225,17 @@ impl WatchCache {
             }
         }
         state.revision = revision;
-        state.synced = true;
+        state.synced = false;
         drop(state);
         self.revision.send_replace(revision);
+    }
+
+    fn mark_synced(&self) {
+        let mut state = unpoison(self.state.write());
+        state.synced = true;
+        let rev = state.revision;
+        drop(state);
+        self.revision.send_replace(rev);
     }
 
     fn apply(&self, events: &[etcd_client::Event], revision: i64) {
