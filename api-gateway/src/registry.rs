@@ -19,7 +19,7 @@ use crate::error::{ApiError, ApiResult};
 use crate::kinds::{Kind, Kinds};
 use crate::metrics::Metrics;
 use crate::selectors::{FieldSelector, LabelSelector};
-use crate::store::{self, id_key, namespace_prefix, record_key, REGISTRY_PREFIX};
+use crate::store::{self, id_key, namespace_prefix, record_key};
 
 /// Options common to writes.
 #[derive(Debug, Clone, Copy, Default)]
@@ -1017,6 +1017,3 @@ pub fn bookmark_object(kind: &Kind, revision: i64, initial_events_end: bool) -> 
     }
     json!({"apiVersion": crds::API_VERSION, "kind": kind.info.kind, "metadata": meta})
 }
-
-#[allow(dead_code)]
-const _: &str = REGISTRY_PREFIX;
