@@ -100,10 +100,13 @@ pub struct Options {
     pub resync_seconds: u64,
     /// The agents' `--libvirt-uri`.
     pub libvirt_uri: String,
+    /// The operators' `--retention-seconds` (how long terminated instances stay visible).
+    pub retention_seconds: u64,
 }
 
 impl Default for Options {
-    /// One operator, one agent on the test driver, node lease 10 s, leader lease 3 s, resync 5 s.
+    /// One operator, one agent on the test driver, node lease 10 s, leader lease 3 s, resync 5 s,
+    /// retention one hour.
     fn default() -> Self {
         Options {
             operators: 1,
@@ -112,6 +115,7 @@ impl Default for Options {
             leader_lease_seconds: 3,
             resync_seconds: 5,
             libvirt_uri: TEST_DRIVER.to_owned(),
+            retention_seconds: 3600,
         }
     }
 }
@@ -443,6 +447,7 @@ impl Cloud {
             let identity = format!("operator-{letter}");
             let kubeconfig = operator_kubeconfig.display().to_string();
             let leader_lease = options.leader_lease_seconds.to_string();
+            let retention = options.retention_seconds.to_string();
             let id = identity.clone();
             let (service, metrics_port) = cloud
                 .spawn_serving("operator", &identity, |port| {
@@ -455,6 +460,8 @@ impl Cloud {
                         &format!("127.0.0.1:{port}"),
                         "--leader-lease-seconds",
                         &leader_lease,
+                        "--retention-seconds",
+                        &retention,
                     ]
                     .map(str::to_owned)
                     .to_vec()
