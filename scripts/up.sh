@@ -10,6 +10,8 @@ STATE_DIR="${STATE_DIR:-$REPO/.state}"
 ETCD_PORT="${KARRI_ETCD_PORT:-2379}"
 ETCD_PEER_PORT="${KARRI_ETCD_PEER_PORT:-$((ETCD_PORT + 1))}"
 API_PORT="${KARRI_API_PORT:-6443}"
+AWS_PORT="${KARRI_AWS_PORT:-8773}"
+REGION="${KARRI_REGION:-karri-1}"
 OPERATOR_METRICS_PORT="${KARRI_OPERATOR_METRICS_PORT:-9464}"
 AGENT_METRICS_PORT="${KARRI_AGENT_METRICS_PORT:-9465}"
 HYPERVISOR="${HYPERVISOR:-qemu}"
@@ -23,6 +25,7 @@ LOGS="$STATE_DIR/logs"
 PIDS="$STATE_DIR/pids"
 ETCD_URL="http://127.0.0.1:$ETCD_PORT"
 API_URL="https://127.0.0.1:$API_PORT"
+AWS_URL="https://127.0.0.1:$AWS_PORT"
 PKI="$STATE_DIR/pki"
 
 say() { printf 'up: %s\n' "$*"; }
@@ -138,9 +141,13 @@ if running "$GW_PID" "$TOKENS"; then
   stop_pid "$GW_PID"
 fi
 port_in_use "$API_PORT" && die "port $API_PORT is taken by another process (set KARRI_API_PORT)"
-say "starting api-gateway at $API_URL"
+port_in_use "$AWS_PORT" && die "port $AWS_PORT is taken by another process (set KARRI_AWS_PORT)"
+say "starting api-gateway at $API_URL (EC2 at $AWS_URL/services/compute)"
 start_bg "$GW_PID" "$LOGS/api-gateway.log" "$GATEWAY_BIN" \
   --listen "127.0.0.1:$API_PORT" \
+  --aws-listen "127.0.0.1:$AWS_PORT" \
+  --region "$REGION" \
+  --secrets-key-file "$STATE_DIR/secrets.key" \
   --etcd-endpoints "$ETCD_URL" \
   --tokens-file "$TOKENS" \
   --cert-dir "$PKI"
@@ -189,6 +196,21 @@ kc() { kubectl --kubeconfig "$KUBECONFIG_FILE" "$@"; }
 kc apply -f "$REPO/config/samples/availability-zone.yaml" -f "$REPO/config/samples/instance-type.yaml" >/dev/null
 say "catalogue: $(kc get availabilityzones -o name | wc -l) zones, $(kc get instancetypes -o name | wc -l) instance types"
 
+# --- the admin account and its access key (the secret is shown once, so it is kept here) ------
+KARRI_CLI="$BIN_DIR/karri"
+[ -x "$KARRI_CLI" ] || die "$KARRI_CLI missing: run 'make build'"
+"$KARRI_CLI" --kubeconfig "$KUBECONFIG_FILE" account create admin --if-missing \
+  --display-name "Cloud administrators" >/dev/null
+CREDS="$STATE_DIR/admin-credentials"
+if [ ! -s "$CREDS" ]; then
+  say "creating the admin account's access key ($CREDS)"
+  (
+    umask 077
+    "$KARRI_CLI" --kubeconfig "$KUBECONFIG_FILE" access-key create --account admin --user admin --env >"$CREDS.tmp"
+  ) || die "could not create the admin access key"
+  mv "$CREDS.tmp" "$CREDS"
+fi
+
 # --- hypervisor, operator, node agent -----------------------------------------------------
 case "$HYPERVISOR" in
   qemu)
@@ -222,6 +244,11 @@ say "node-1 is Ready"
   printf 'export KARRI_STATE_DIR=%q\n' "$STATE_DIR"
   printf 'export KARRI_API_URL=%q\n' "$API_URL"
   printf 'export KARRI_ETCD_ENDPOINTS=%q\n' "$ETCD_URL"
+  cat "$CREDS"
+  printf 'export AWS_ENDPOINT_URL=%q\n' "$AWS_URL"
+  printf 'export AWS_DEFAULT_REGION=%q\n' "$REGION"
+  printf 'export AWS_CA_BUNDLE=%q\n' "$PKI/ca.crt"
+  printf 'export EC2_URL=%q\n' "$AWS_URL/services/compute"
 } >"$STATE_DIR/karri.env.tmp"
 mv "$STATE_DIR/karri.env.tmp" "$STATE_DIR/karri.env"
 
@@ -229,7 +256,7 @@ cat <<EOF
 
 Karri is up.
   etcd         $ETCD_URL   (data $STATE_DIR/etcd, log $LOGS/etcd.log)
-  api-gateway  $API_URL   (log $LOGS/api-gateway.log)
+  api-gateway  $API_URL (resource API), $AWS_URL (EC2, region $REGION)   (log $LOGS/api-gateway.log)
   operator     metrics http://127.0.0.1:$OPERATOR_METRICS_PORT/metrics   (log $LOGS/operator.log)
   node-agent   node-1 in karri-1a on $LIBVIRT_URI, metrics http://127.0.0.1:$AGENT_METRICS_PORT/metrics   (log $LOGS/node-agent.log)
   tokens       $TOKENS
@@ -239,8 +266,8 @@ Use it:
   . $STATE_DIR/karri.env && kubectl get instances -A
   kubectl apply -f config/samples/instance.yaml && kubectl get instances -w
   virsh -c $LIBVIRT_URI list --all
-
-The EC2 endpoint (awscli/boto3 from .venv) comes with a later issue.
+  aws ec2 describe-availability-zones && aws ec2 describe-instances
+  $BIN_DIR/karri account create research && $BIN_DIR/karri access-key create --account research
 EOF
 if [ -n "${KARRI_DETACH:-}" ]; then
   echo "Left running in the background (KARRI_DETACH); stop everything with: make down"

@@ -7,6 +7,7 @@ use serde_json::{json, Map, Value};
 use crate::error::{ApiError, ApiResult};
 use crate::kinds::Kind;
 use crate::schema::{self, Findings};
+use crate::store;
 
 /// How unknown fields are treated (`fieldValidation` query parameter).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -52,6 +53,72 @@ pub struct NewRecord {
     pub uid: String,
     /// The EC2-style ID (`i-0123456789abcdef0`).
     pub id: String,
+}
+
+/// A key that at most one record may hold, written in the same etcd transaction as the record
+/// and removed with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UniqueKey {
+    /// The etcd key (under `/karri/index/unique/`).
+    pub key: String,
+    /// What is unique, for messages: `key pair name "laptop"`.
+    pub what: String,
+    /// Whether the gateway chose the value, so that a collision is retried with a fresh one.
+    pub generated: bool,
+}
+
+fn hex_text(s: &str) -> String {
+    s.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The unique secondary keys a record holds: an account's 12-digit ID, an access key's ID, a
+/// key pair's name within its namespace, and the client token of the first instance of a
+/// RunInstances reservation.
+pub fn unique_keys(kind: &str, obj: &Value) -> Vec<UniqueKey> {
+    let text = |p: &str| obj.pointer(p).and_then(Value::as_str).filter(|s| !s.is_empty());
+    let ns = text("/metadata/namespace").unwrap_or("");
+    match kind {
+        "Account" => text("/status/accountId")
+            .map(|id| UniqueKey {
+                key: store::unique_key(&["account-id", id]),
+                what: format!("account ID {id}"),
+                generated: true,
+            })
+            .into_iter()
+            .collect(),
+        "AccessKey" => text("/status/accessKeyId")
+            .map(|id| UniqueKey {
+                key: store::unique_key(&["access-key", id]),
+                what: format!("access key ID {id}"),
+                generated: true,
+            })
+            .into_iter()
+            .collect(),
+        "KeyPair" => text("/spec/keyName")
+            .map(|name| UniqueKey {
+                key: store::unique_key(&["key-name", ns, &hex_text(name)]),
+                what: format!("key pair name {name:?}"),
+                generated: false,
+            })
+            .into_iter()
+            .collect(),
+        "Instance" => {
+            let first = obj
+                .pointer("/spec/launchIndex")
+                .and_then(Value::as_u64)
+                .is_none_or(|i| i == 0);
+            text("/spec/clientToken")
+                .filter(|_| first)
+                .map(|token| UniqueKey {
+                    key: store::unique_key(&["client-token", ns, &hex_text(token)]),
+                    what: format!("client token {token:?}"),
+                    generated: false,
+                })
+                .into_iter()
+                .collect()
+        }
+        _ => Vec::new(),
+    }
 }
 
 /// A fresh EC2-style ID: `<prefix>-` and 17 hex digits.
@@ -360,6 +427,24 @@ pub fn prepare_update(
         meta_mut(&mut out)?.insert("generation".into(), json!(generation + 1));
     }
     let unknown = validate(kind, &mut out, mode)?;
+    let before = unique_keys(kind.info.kind, old);
+    let after = unique_keys(kind.info.kind, &out);
+    if before != after {
+        let what = before
+            .iter()
+            .chain(&after)
+            .map(|u| u.what.clone())
+            .next()
+            .unwrap_or_default();
+        return Err(ApiError::invalid(
+            kind.info.kind,
+            &old_name,
+            vec![(
+                String::new(),
+                format!("{what} is immutable once the record exists"),
+            )],
+        ));
+    }
     Ok((out, unknown))
 }
 

@@ -83,6 +83,18 @@ impl ApiError {
         )
         .with_details(plural, name)
     }
+    /// 409 AlreadyExists because a unique value (`what`) another record holds was asked for.
+    pub fn taken(plural: &str, name: &str, what: &str) -> Self {
+        Self::new(
+            409,
+            "AlreadyExists",
+            format!(
+                "{plural}.{} {name:?} cannot be created: {what} is already taken",
+                crds::GROUP
+            ),
+        )
+        .with_details(plural, name)
+    }
     /// 409 Conflict on a stale resourceVersion.
     pub fn conflict(plural: &str, name: &str) -> Self {
         Self::new(

@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use api_gateway::auth::Authenticator;
+use api_gateway::aws::credentials::Sealer;
+use api_gateway::ec2::service::Ec2Settings;
 use api_gateway::http::{discovery, router, AppState};
 use api_gateway::kinds::Kinds;
 use api_gateway::metrics::Metrics;
@@ -23,6 +25,16 @@ struct Args {
     /// Address to serve on.
     #[arg(long, default_value = "127.0.0.1:6443", env = "KARRI_LISTEN")]
     listen: SocketAddr,
+    /// Address of the AWS endpoint (EC2 at `/` and `/services/compute`), the Eucalyptus port;
+    /// the same TLS certificate as --listen. Every path is also served on --listen.
+    #[arg(long, env = "KARRI_AWS_LISTEN")]
+    aws_listen: Option<SocketAddr>,
+    /// The region AWS clients sign for and DescribeRegions shows.
+    #[arg(long, default_value = "karri-1", env = "KARRI_REGION")]
+    region: String,
+    /// Largest tolerated clock difference of a signed AWS request, in seconds.
+    #[arg(long, default_value_t = 900)]
+    max_clock_skew_seconds: u32,
     /// etcd client URLs, comma-separated (every member of a cluster).
     #[arg(
         long,
@@ -64,6 +76,10 @@ struct Args {
     /// Extra host names or addresses for the generated certificate.
     #[arg(long, value_delimiter = ',')]
     tls_san: Vec<String>,
+    /// File holding the key (base64 of 32 bytes) that seals access-key secrets at rest; created
+    /// with a fresh key when missing. Defaults to `secrets.key` in --cert-dir.
+    #[arg(long, env = "KARRI_SECRETS_KEY_FILE")]
+    secrets_key_file: Option<PathBuf>,
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 3 * 1024 * 1024)]
     max_body_bytes: usize,
@@ -100,7 +116,18 @@ async fn main() -> anyhow::Result<()> {
         openapi.to_string().hash(&mut h);
         format!("{:016X}", h.finish())
     };
-    let registry = Registry::start(etcd, kinds, args.watch_history, metrics.clone());
+    let secrets_key = args
+        .secrets_key_file
+        .clone()
+        .unwrap_or_else(|| args.cert_dir.join("secrets.key"));
+    let sealer = Arc::new(Sealer::load_or_create(&secrets_key)?);
+    let registry = Registry::start(
+        etcd,
+        kinds,
+        args.watch_history,
+        metrics.clone(),
+        Some(sealer),
+    );
     let state = Arc::new(AppState {
         registry,
         auth,
@@ -108,6 +135,14 @@ async fn main() -> anyhow::Result<()> {
         max_body: args.max_body_bytes,
         openapi_hash,
         openapi,
+        ec2: Ec2Settings {
+            region: args.region.clone(),
+            max_skew: std::time::Duration::from_secs(u64::from(args.max_clock_skew_seconds)),
+            public_url: args
+                .aws_listen
+                .map(|a| format!("https://{a}"))
+                .unwrap_or_else(|| format!("https://{}", args.listen)),
+        },
     });
     let serving = match (args.tls_cert_file, args.tls_private_key_file) {
         (Some(cert), Some(key)) => tls::ServingCert {
@@ -132,14 +167,24 @@ async fn main() -> anyhow::Result<()> {
         let _ = tokio::signal::ctrl_c().await;
         shutdown.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
     });
-    tracing::info!(listen = %args.listen, etcd = %args.etcd_endpoints.join(","), ca = ?serving.ca, "api-gateway serving");
-    // TCP_NODELAY: a response written in several TLS records must not wait for delayed ACKs.
-    let acceptor = RustlsAcceptor::new(config).acceptor(NoDelayAcceptor::new());
-    axum_server::bind(args.listen)
-        .acceptor(acceptor)
-        .handle(handle)
-        .serve(router(state).into_make_service())
-        .await
-        .with_context(|| format!("cannot serve on {}", args.listen))?;
+    tracing::info!(listen = %args.listen, aws = ?args.aws_listen, region = %args.region, etcd = %args.etcd_endpoints.join(","), ca = ?serving.ca, "api-gateway serving");
+    let app = router(state);
+    let mut servers = Vec::new();
+    for addr in std::iter::once(args.listen).chain(args.aws_listen) {
+        // TCP_NODELAY: a response written in several TLS records must not wait for delayed ACKs.
+        let acceptor = RustlsAcceptor::new(config.clone()).acceptor(NoDelayAcceptor::new());
+        let server = axum_server::bind(addr)
+            .acceptor(acceptor)
+            .handle(handle.clone())
+            .serve(app.clone().into_make_service());
+        servers.push(tokio::spawn(async move {
+            server
+                .await
+                .with_context(|| format!("cannot serve on {addr}"))
+        }));
+    }
+    for server in servers {
+        server.await??;
+    }
     Ok(())
 }

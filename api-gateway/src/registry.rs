@@ -7,13 +7,14 @@ use std::time::Duration;
 use base64::Engine;
 use chrono::{SecondsFormat, Utc};
 use etcd_client::{
-    Client, Compare, CompareOp, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions,
 };
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::admission::{self, FieldValidation, NewRecord, Subresource};
 use crate::auth::{self, Principal};
+use crate::aws::credentials::{self, Sealer};
 use crate::cache::{set_resource_version, CacheEvent, CachedObject, WatchCache};
 use crate::error::{ApiError, ApiResult};
 use crate::kinds::{Kind, Kinds};
@@ -140,6 +141,7 @@ pub struct Registry {
     pub kinds: Kinds,
     metrics: Arc<Metrics>,
     bookmark_interval: Duration,
+    sealer: Option<Arc<Sealer>>,
 }
 
 fn now() -> String {
@@ -209,7 +211,15 @@ pub fn view_event(ev: &CacheEvent, visible: &dyn Fn(&Value) -> bool) -> Option<W
 
 impl Registry {
     /// A registry over `etcd`; starts the watch cache and the garbage collector.
-    pub fn start(etcd: Client, kinds: Kinds, history: usize, metrics: Arc<Metrics>) -> Arc<Self> {
+    /// `sealer` seals the secrets of new access keys; without one, creating an access key is
+    /// refused.
+    pub fn start(
+        etcd: Client,
+        kinds: Kinds,
+        history: usize,
+        metrics: Arc<Metrics>,
+        sealer: Option<Arc<Sealer>>,
+    ) -> Arc<Self> {
         let plurals: Vec<&str> = kinds.all().iter().map(|k| k.info.plural).collect();
         let cache = WatchCache::new(&plurals, history);
         tokio::spawn(cache.clone().run(etcd.clone()));
@@ -219,6 +229,7 @@ impl Registry {
             kinds,
             metrics,
             bookmark_interval: Duration::from_secs(5),
+            sealer,
         });
         tokio::spawn(registry.clone().collect_garbage());
         registry
@@ -286,12 +297,30 @@ impl Registry {
 
     /// Find a record by its EC2-style ID, in O(1) through the ID index.
     pub async fn find_by_id(&self, id: &str) -> ApiResult<Option<Value>> {
-        let resp = self.etcd_get(&id_key(id), None).await?;
+        self.find_by_index(&id_key(id)).await
+    }
+
+    /// Find the record an index entry (ID or unique key) points to.
+    pub async fn find_by_index(&self, index_key: &str) -> ApiResult<Option<Value>> {
+        let resp = self.etcd_get(index_key, None).await?;
         let Some(idx) = resp.kvs().first() else {
             return Ok(None);
         };
         let key = String::from_utf8_lossy(idx.value()).to_string();
         Ok(self.read(&key).await?.map(|(v, _)| v))
+    }
+
+    /// Read one record by its etcd key (a consistent read), without authorization checks.
+    pub async fn read_key(&self, key: &str) -> ApiResult<Option<Value>> {
+        Ok(self.read(key).await?.map(|(v, _)| v))
+    }
+
+    /// Open an access key's sealed secret with the gateway's secrets key.
+    pub fn open_secret(&self, sealed: &str) -> Result<String, credentials::SealError> {
+        match &self.sealer {
+            Some(sealer) => sealer.open(sealed),
+            None => Err(credentials::SealError::Open),
+        }
     }
 
     /// Create a record through admission.
@@ -303,71 +332,154 @@ impl Registry {
         who: &Principal,
         opts: WriteOptions,
     ) -> ApiResult<Written> {
-        for _ in 0..5 {
-            let name = admission::name_of(&body).to_string();
-            let id = if kind.info.is_valid_id(&name) {
-                name.clone()
-            } else {
-                admission::new_id(kind.info.id_prefix)
-            };
-            let new = NewRecord {
-                now: now(),
-                uid: uuid::Uuid::new_v4().to_string(),
-                id: id.clone(),
-            };
-            let (mut obj, warnings) =
-                admission::prepare_create(kind, ns, body.clone(), &new, opts.field_validation)?;
-            if !auth::can_write(who, kind.info.kind, None, &obj) {
-                return Err(ApiError::forbidden(format!(
-                    "User {:?} cannot create this {}",
-                    who.user(),
-                    kind.info.kind
-                )));
+        let mut written = self.create_all(kind, ns, vec![body], who, opts).await?;
+        written
+            .pop()
+            .ok_or_else(|| ApiError::internal("a create wrote no record"))
+    }
+
+    /// Create several records of one kind in one etcd transaction: all of them or none (a
+    /// RunInstances reservation). Each goes through admission; IDs, account IDs and access keys
+    /// are allocated here, and every unique key is claimed in the same transaction.
+    pub async fn create_all(
+        &self,
+        kind: &Kind,
+        ns: Option<&str>,
+        bodies: Vec<Value>,
+        who: &Principal,
+        opts: WriteOptions,
+    ) -> ApiResult<Vec<Written>> {
+        let ns = ns.filter(|_| kind.info.namespaced);
+        'attempt: for _ in 0..5 {
+            let mut prepared = Vec::with_capacity(bodies.len());
+            for body in &bodies {
+                let name = admission::name_of(body).to_string();
+                let id = if kind.info.is_valid_id(&name) {
+                    name.clone()
+                } else {
+                    admission::new_id(kind.info.id_prefix)
+                };
+                let new = NewRecord {
+                    now: now(),
+                    uid: uuid::Uuid::new_v4().to_string(),
+                    id: id.clone(),
+                };
+                let (mut obj, warnings) =
+                    admission::prepare_create(kind, ns, body.clone(), &new, opts.field_validation)?;
+                let secret = self.generate_system_fields(kind, &mut obj)?;
+                if !auth::can_write(who, kind.info.kind, None, &obj) {
+                    return Err(ApiError::forbidden(format!(
+                        "User {:?} cannot create this {}",
+                        who.user(),
+                        kind.info.kind
+                    )));
+                }
+                let name = admission::name_of(&obj).to_string();
+                let key = record_key(kind.info.plural, ns, &name);
+                let unique = admission::unique_keys(kind.info.kind, &obj);
+                prepared.push((obj, warnings, secret, key, id, name, unique));
             }
-            let name = admission::name_of(&obj).to_string();
             if opts.dry_run {
-                return Ok(Written {
-                    object: obj,
-                    warnings,
-                    created: true,
-                });
+                return Ok(prepared
+                    .into_iter()
+                    .map(|(object, warnings, ..)| Written {
+                        object,
+                        warnings,
+                        created: true,
+                    })
+                    .collect());
             }
-            let key = record_key(kind.info.plural, ns.filter(|_| kind.info.namespaced), &name);
-            let raw = serde_json::to_vec(&obj).map_err(|e| ApiError::internal(e.to_string()))?;
-            let txn = Txn::new()
-                .when([
-                    Compare::create_revision(key.clone(), CompareOp::Equal, 0),
-                    Compare::create_revision(id_key(&id), CompareOp::Equal, 0),
-                ])
-                .and_then([
-                    TxnOp::put(key.clone(), raw, None),
-                    TxnOp::put(id_key(&id), key.clone(), None),
-                ])
-                .or_else([TxnOp::get(key.clone(), None)]);
-            let resp = self.etcd_txn(txn).await?;
-            let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+            let mut compares = Vec::new();
+            let mut puts = Vec::new();
+            for (obj, _, _, key, id, _, unique) in &prepared {
+                let raw = serde_json::to_vec(obj).map_err(|e| ApiError::internal(e.to_string()))?;
+                compares.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
+                compares.push(Compare::create_revision(id_key(id), CompareOp::Equal, 0));
+                puts.push(TxnOp::put(key.clone(), raw, None));
+                puts.push(TxnOp::put(id_key(id), key.clone(), None));
+                for u in unique {
+                    compares.push(Compare::create_revision(u.key.clone(), CompareOp::Equal, 0));
+                    puts.push(TxnOp::put(u.key.clone(), key.clone(), None));
+                }
+            }
+            let resp = self.etcd_txn(Txn::new().when(compares).and_then(puts)).await?;
             if resp.succeeded() {
                 self.metrics.writes.inc();
-                set_resource_version(&mut obj, rev);
-                return Ok(Written {
-                    object: obj,
-                    warnings,
-                    created: true,
-                });
+                let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
+                return Ok(prepared
+                    .into_iter()
+                    .map(|(mut object, warnings, secret, ..)| {
+                        set_resource_version(&mut object, rev);
+                        if let Some(secret) = secret {
+                            object["status"]["secretAccessKey"] = Value::String(secret);
+                        }
+                        Written {
+                            object,
+                            warnings,
+                            created: true,
+                        }
+                    })
+                    .collect());
             }
-            let exists = resp.op_responses().into_iter().any(|r| match r {
-                TxnOpResponse::Get(g) => !g.kvs().is_empty(),
-                _ => false,
-            });
-            if exists {
-                return Err(ApiError::already_exists(kind.info.plural, &name));
+            // Find what was taken: a name or a unique value the caller chose is a conflict; a
+            // random ID or generated value that collided is drawn again.
+            for (_, _, _, key, id, name, unique) in &prepared {
+                if self.etcd_get(key, None).await?.count() > 0 {
+                    return Err(ApiError::already_exists(kind.info.plural, name));
+                }
+                if self.etcd_get(&id_key(id), None).await?.count() > 0 {
+                    if id == name {
+                        return Err(ApiError::already_exists(kind.info.plural, name));
+                    }
+                    continue 'attempt;
+                }
+                for u in unique {
+                    if self.etcd_get(&u.key, None).await?.count() > 0 {
+                        if u.generated {
+                            continue 'attempt;
+                        }
+                        return Err(ApiError::taken(kind.info.plural, name, &u.what));
+                    }
+                }
             }
-            if id == name {
-                return Err(ApiError::already_exists(kind.info.plural, &name));
-            }
-            // The random ID collided: choose another.
+            // Two records of this batch claimed the same value.
+            return Err(ApiError::bad_request(format!(
+                "the {} of one request must not repeat a name or unique value",
+                kind.info.plural
+            )));
         }
         Err(ApiError::internal("could not allocate a unique ID"))
+    }
+
+    /// Fill what the gateway generates at creation: an account's 12-digit ID and namespace, an
+    /// access key's ID and sealed secret. Returns the plain secret of a new access key, which
+    /// only the create response carries.
+    fn generate_system_fields(&self, kind: &Kind, obj: &mut Value) -> ApiResult<Option<String>> {
+        match kind.info.kind {
+            "Account" => {
+                let name = admission::name_of(obj).to_string();
+                obj["status"] = json!({
+                    "accountId": credentials::new_account_id(),
+                    "namespace": name,
+                });
+                Ok(None)
+            }
+            "AccessKey" => {
+                let sealer = self.sealer.as_ref().ok_or_else(|| {
+                    ApiError::unavailable("this gateway has no secrets key to seal access keys with")
+                })?;
+                let secret = credentials::new_secret_access_key();
+                let sealed = sealer
+                    .seal(&secret)
+                    .map_err(|e| ApiError::internal(e.to_string()))?;
+                obj["status"] = json!({
+                    "accessKeyId": credentials::new_access_key_id(),
+                    "sealedSecret": sealed,
+                });
+                Ok(Some(secret))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// Read-modify-write with compare-and-swap: `change` gets the current record and returns
@@ -426,11 +538,7 @@ impl Registry {
             }
             let cmp = Compare::mod_revision(key.clone(), CompareOp::Equal, rev);
             let txn = if admission::ready_to_delete(&next) {
-                let mut ops = vec![TxnOp::delete(key.clone(), None)];
-                if let Some(id) = id_of(&current) {
-                    ops.push(TxnOp::delete(id_key(id), None));
-                }
-                Txn::new().when([cmp]).and_then(ops)
+                Txn::new().when([cmp]).and_then(removal_ops(kind, &key, &current))
             } else {
                 let raw =
                     serde_json::to_vec(&next).map_err(|e| ApiError::internal(e.to_string()))?;
@@ -520,13 +628,9 @@ impl Registry {
             if opts.propagation == Propagation::Orphan {
                 self.orphan_dependents(&uid).await?;
             }
-            let mut ops = vec![TxnOp::delete(key.clone(), None)];
-            if let Some(id) = id_of(&current) {
-                ops.push(TxnOp::delete(id_key(id), None));
-            }
             let txn = Txn::new()
                 .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
-                .and_then(ops);
+                .and_then(removal_ops(kind, &key, &current));
             let resp = self.etcd_txn(txn).await?;
             if resp.succeeded() {
                 self.metrics.writes.inc();
@@ -990,6 +1094,18 @@ fn not_yours(who: &Principal, kind: &Kind, name: &str) -> ApiError {
         crds::GROUP,
         who.user()
     ))
+}
+
+/// The operations that remove a record with its ID index and unique keys.
+fn removal_ops(kind: &Kind, key: &str, current: &Value) -> Vec<TxnOp> {
+    let mut ops = vec![TxnOp::delete(key, None)];
+    if let Some(id) = id_of(current) {
+        ops.push(TxnOp::delete(id_key(id), None));
+    }
+    for u in admission::unique_keys(kind.info.kind, current) {
+        ops.push(TxnOp::delete(u.key, None));
+    }
+    ops
 }
 
 fn id_of(v: &Value) -> Option<&str> {

@@ -9,6 +9,9 @@ use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 pub const REGISTRY_PREFIX: &str = "/karri/registry/";
 /// EC2-style ID index: `/karri/index/ids/<id>` → record key.
 pub const ID_INDEX_PREFIX: &str = "/karri/index/ids/";
+/// Unique secondary keys (account IDs, access key IDs, key pair names, client tokens):
+/// `/karri/index/unique/<what>/...` → record key.
+pub const UNIQUE_INDEX_PREFIX: &str = "/karri/index/unique/";
 
 /// How to reach etcd: a list of endpoints (one local member or a 3/5-member cluster),
 /// optional TLS and optional authentication.
@@ -151,6 +154,12 @@ pub fn record_key(plural: &str, namespace: Option<&str>, name: &str) -> String {
 /// The index key of an EC2-style ID.
 pub fn id_key(id: &str) -> String {
     format!("{ID_INDEX_PREFIX}{id}")
+}
+
+/// The key of a unique secondary index entry; `parts` are joined with `/` (callers hex-encode
+/// free text).
+pub fn unique_key(parts: &[&str]) -> String {
+    format!("{UNIQUE_INDEX_PREFIX}{}", parts.join("/"))
 }
 
 /// The plural of the kind a record key belongs to.

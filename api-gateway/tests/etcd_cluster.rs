@@ -193,7 +193,7 @@ async fn a_three_member_cluster_over_tls_with_auth_is_used_like_one_etcd() -> an
         ..tls
     };
     let client = store::connect(&config).await?;
-    let registry = Registry::start(client, Kinds::load(), 1000, Arc::new(Metrics::new()));
+    let registry = Registry::start(client, Kinds::load(), 1000, Arc::new(Metrics::new()), None);
     let kind = registry.kinds.by_plural("instances").context("instances")?;
     let admin = Principal::Admin("admin".into());
     let body = |name: &str| {

@@ -39,7 +39,7 @@ struct Harness {
 
 async fn start_registry(client: &Client) -> anyhow::Result<(Arc<Registry>, Arc<Metrics>)> {
     let metrics = Arc::new(Metrics::new());
-    let registry = Registry::start(client.clone(), Kinds::load(), 1000, metrics.clone());
+    let registry = Registry::start(client.clone(), Kinds::load(), 1000, metrics.clone(), None);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut rx = registry.cache.subscribe();
     while !registry.ready() {

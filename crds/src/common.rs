@@ -1,4 +1,4 @@
-//! Types shared by several kinds: conditions and their helpers.
+//! Types shared by several kinds: conditions, tags and their helpers.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use schemars::JsonSchema;
@@ -188,5 +188,29 @@ mod tests {
                 "observedGeneration": 3,
             })
         );
+    }
+}
+
+/// Most tags a resource may carry, as EC2 allows.
+pub const MAX_TAGS: usize = 50;
+
+/// An EC2 tag: a key and a value (the value may be empty). Unlike labels, tag keys and values
+/// may hold any Unicode text, so they live in the spec, not in `metadata.labels`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub struct Tag {
+    /// The key: 1 to 128 characters, not starting with `aws:`.
+    pub key: String,
+    /// The value: at most 256 characters.
+    #[serde(default)]
+    pub value: String,
+}
+
+impl Tag {
+    /// A tag from its key and value.
+    pub fn new(key: impl Into<String>, value: impl Into<String>) -> Self {
+        Tag {
+            key: key.into(),
+            value: value.into(),
+        }
     }
 }

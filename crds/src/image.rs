@@ -4,8 +4,10 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::Condition;
-use crate::validation::{check_id, check_text, Validate, ValidationError};
+use crate::common::{Condition, Tag};
+use crate::validation::{
+    check_id, check_tags, check_text, is_valid_account_id, Validate, ValidationError,
+};
 
 /// Root device name of images that do not say otherwise.
 pub const DEFAULT_ROOT_DEVICE_NAME: &str = "/dev/vda";
@@ -89,6 +91,13 @@ pub struct ImageSpec {
     /// Ramdisk image ID (`eri-`/`ari-`) used with `kernelId`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub ramdisk_id: Option<String>,
+    /// 12-digit IDs of the other accounts allowed to launch the image (ModifyImageAttribute
+    /// launch permissions); `public` opens it to every account.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub launch_permissions: Vec<String>,
+    /// EC2 tags.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub tags: Vec<Tag>,
 }
 
 /// CPU architecture, named as EC2 names it.
@@ -231,7 +240,15 @@ impl Validate for ImageSpec {
                 "come with spec.kernelId",
             ));
         }
-        Ok(())
+        for (i, account) in self.launch_permissions.iter().enumerate() {
+            if !is_valid_account_id(account) {
+                return Err(ValidationError::invalid(
+                    format!("spec.launchPermissions[{i}]"),
+                    "be a 12-digit account ID",
+                ));
+            }
+        }
+        check_tags("spec.tags", &self.tags)
     }
 }
 

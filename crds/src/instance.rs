@@ -5,9 +5,10 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::common::Condition;
+use crate::common::{Condition, Tag};
 use crate::validation::{
-    check_id, check_ip, check_record_name, check_text, decode_user_data, Validate, ValidationError,
+    check_id, check_ip, check_record_name, check_tags, check_text, decode_user_data, Validate,
+    ValidationError,
 };
 
 /// Field selector path binding instances to nodes: agents list and watch
@@ -97,6 +98,18 @@ pub struct InstanceSpec {
     /// Idempotency token of the RunInstances call that created the instance.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub client_token: Option<String>,
+    /// Reservation (`r-` and 17 hex digits) of the RunInstances call that created the instance.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reservation_id: Option<String>,
+    /// Position of the instance in its reservation (EC2's `amiLaunchIndex`), from 0.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub launch_index: Option<u32>,
+    /// When true, TerminateInstances refuses to terminate the instance.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disable_api_termination: bool,
+    /// EC2 tags.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub tags: Vec<Tag>,
 }
 
 /// Power state an instance's owner asks for.
@@ -251,7 +264,10 @@ impl Validate for InstanceSpec {
                 ));
             }
         }
-        Ok(())
+        if let Some(id) = &self.reservation_id {
+            check_id("spec.reservationId", id, &["r"], "r-0123456789abcdef0")?;
+        }
+        check_tags("spec.tags", &self.tags)
     }
 }
 

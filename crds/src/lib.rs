@@ -4,11 +4,13 @@
 //! No I/O happens here: the `crdgen` binary writes the generated CRDs, the gateway stores the
 //! records, controllers and agents read them.
 
+pub mod access_key;
 pub mod account;
 pub mod common;
 pub mod image;
 pub mod instance;
 pub mod instance_type;
+pub mod key_pair;
 pub mod lease;
 pub mod node;
 pub mod validation;
@@ -24,13 +26,15 @@ use kube::CustomResourceExt;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
+pub use access_key::{AccessKey, AccessKeySpec, AccessKeyStatus};
 pub use account::{Account, AccountSpec, AccountStatus};
-pub use common::{Condition, ConditionStatus, CONDITION_READY, CONDITION_SCHEDULED};
+pub use common::{Condition, ConditionStatus, Tag, CONDITION_READY, CONDITION_SCHEDULED};
 pub use image::{Architecture, Image, ImageSpec, ImageState, ImageStatus};
 pub use instance::{
     DesiredState, Instance, InstanceSpec, InstanceState, InstanceStatus, NODE_NAME_FIELD,
 };
 pub use instance_type::{InstanceType, InstanceTypeSpec, InstanceTypeStatus};
+pub use key_pair::{KeyPair, KeyPairSpec, KeyPairStatus, KeyType};
 pub use lease::{Lease, LeaseSpec, LeaseStatus, NODE_LEASE_NAMESPACE, SYSTEM_NAMESPACE};
 pub use node::{
     DomainType, HypervisorHints, Node, NodeAddress, NodeResources, NodeSpec, NodeStatus,
@@ -155,6 +159,28 @@ impl KarriResource for Instance {
 
 /// Leases are namespaced like `coordination.k8s.io` leases; no short name, so a real cluster's
 /// `lease` keeps meaning its own.
+impl KarriResource for AccessKey {
+    const INFO: KindInfo = KindInfo {
+        kind: "AccessKey",
+        plural: "accesskeys",
+        singular: "accesskey",
+        short_names: &["akey"],
+        namespaced: false,
+        id_prefix: "akey",
+    };
+}
+
+impl KarriResource for KeyPair {
+    const INFO: KindInfo = KindInfo {
+        kind: "KeyPair",
+        plural: "keypairs",
+        singular: "keypair",
+        short_names: &["kp"],
+        namespaced: true,
+        id_prefix: "key",
+    };
+}
+
 impl KarriResource for Lease {
     const INFO: KindInfo = KindInfo {
         kind: "Lease",
@@ -167,24 +193,28 @@ impl KarriResource for Lease {
 }
 
 /// Facts of every kind, in the stable order of [`kinds`].
-const KIND_INFOS: [KindInfo; 7] = [
+const KIND_INFOS: [KindInfo; 9] = [
     Account::INFO,
+    AccessKey::INFO,
     AvailabilityZone::INFO,
     Node::INFO,
     InstanceType::INFO,
     Image::INFO,
     Instance::INFO,
+    KeyPair::INFO,
     Lease::INFO,
 ];
 
 static KINDS: LazyLock<Vec<(KindInfo, CustomResourceDefinition)>> = LazyLock::new(|| {
     vec![
         (Account::INFO, Account::crd()),
+        (AccessKey::INFO, AccessKey::crd()),
         (AvailabilityZone::INFO, AvailabilityZone::crd()),
         (Node::INFO, Node::crd()),
         (InstanceType::INFO, InstanceType::crd()),
         (Image::INFO, Image::crd()),
         (Instance::INFO, Instance::crd()),
+        (KeyPair::INFO, KeyPair::crd()),
         (Lease::INFO, Lease::crd()),
     ]
 });
@@ -252,11 +282,13 @@ pub fn crd_file_name(info: &KindInfo) -> String {
 pub fn validate_object(kind: &str, value: &Value) -> Result<(), ValidationError> {
     match kind {
         "Account" => validate_typed::<Account>(value),
+        "AccessKey" => validate_typed::<AccessKey>(value),
         "AvailabilityZone" => validate_typed::<AvailabilityZone>(value),
         "Node" => validate_typed::<Node>(value),
         "InstanceType" => validate_typed::<InstanceType>(value),
         "Image" => validate_typed::<Image>(value),
         "Instance" => validate_typed::<Instance>(value),
+        "KeyPair" => validate_typed::<KeyPair>(value),
         "Lease" => validate_typed::<Lease>(value),
         other => Err(ValidationError::UnknownKind(other.to_owned())),
     }

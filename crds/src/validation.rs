@@ -209,6 +209,53 @@ pub(crate) fn check_ip(field: &str, value: &str) -> Result<(), ValidationError> 
         .map_err(|_| ValidationError::invalid(field, "be an IP address"))
 }
 
+/// EC2's rules for a resource's tags: at most 50, keys 1–128 characters not starting with
+/// `aws:`, values at most 256 characters, no key twice.
+pub fn check_tags(field: &str, tags: &[crate::common::Tag]) -> Result<(), ValidationError> {
+    if tags.len() > crate::common::MAX_TAGS {
+        return Err(ValidationError::invalid(
+            field,
+            format!("hold at most {} tags", crate::common::MAX_TAGS),
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, tag) in tags.iter().enumerate() {
+        let at = format!("{field}[{i}]");
+        let len = tag.key.chars().count();
+        if len == 0 || len > 128 {
+            return Err(ValidationError::invalid(
+                format!("{at}.key"),
+                "be 1 to 128 characters",
+            ));
+        }
+        if tag.key.to_ascii_lowercase().starts_with("aws:") {
+            return Err(ValidationError::invalid(
+                format!("{at}.key"),
+                "not start with aws:, which is reserved",
+            ));
+        }
+        if tag.value.chars().count() > 256 {
+            return Err(ValidationError::invalid(
+                format!("{at}.value"),
+                "be at most 256 characters",
+            ));
+        }
+        if tag.key.chars().chain(tag.value.chars()).any(char::is_control) {
+            return Err(ValidationError::invalid(
+                at.clone(),
+                "hold no control characters",
+            ));
+        }
+        if !seen.insert(tag.key.as_str()) {
+            return Err(ValidationError::invalid(
+                format!("{at}.key"),
+                format!("not repeat the key {:?}", tag.key),
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -86,6 +86,8 @@ fn every_sample_manifest_parses_and_validates() -> anyhow::Result<()> {
             );
             let typed = match kind {
                 "Account" => typed_round_trip::<crds::Account>(doc),
+                "AccessKey" => typed_round_trip::<crds::AccessKey>(doc),
+                "KeyPair" => typed_round_trip::<crds::KeyPair>(doc),
                 "AvailabilityZone" => typed_round_trip::<crds::AvailabilityZone>(doc),
                 "Node" => typed_round_trip::<crds::Node>(doc),
                 "InstanceType" => typed_round_trip::<crds::InstanceType>(doc),

@@ -252,6 +252,100 @@ impl Gateway {
         http_client(Some(&self.ca_path()))
     }
 
+    /// Creates account `name` (admin token) and returns its 12-digit account ID; the account's
+    /// namespace is `name`.
+    pub async fn create_account(&self, admin_token: &str, name: &str) -> anyhow::Result<String> {
+        let body = serde_json::json!({
+            "apiVersion": "karri.dev/v1alpha1", "kind": "Account",
+            "metadata": {"name": name}, "spec": {}
+        });
+        let made = self
+            .post_json(admin_token, "/apis/karri.dev/v1alpha1/accounts", &body)
+            .await?;
+        made.pointer("/status/accountId")
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_string)
+            .context("the created account has no status.accountId")
+    }
+
+    /// Creates an access key for `account` (admin token): `(access key ID, secret)`.
+    pub async fn create_access_key(
+        &self,
+        admin_token: &str,
+        account: &str,
+    ) -> anyhow::Result<AwsCredentials> {
+        let body = serde_json::json!({
+            "apiVersion": "karri.dev/v1alpha1", "kind": "AccessKey",
+            "metadata": {"generateName": format!("{account}-")},
+            "spec": {"accountName": account, "userName": "test"}
+        });
+        let made = self
+            .post_json(admin_token, "/apis/karri.dev/v1alpha1/accesskeys", &body)
+            .await?;
+        let field = |p: &str| {
+            made.pointer(p)
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_string)
+                .with_context(|| format!("the created access key has no {p}"))
+        };
+        Ok(AwsCredentials {
+            access_key_id: field("/status/accessKeyId")?,
+            secret_access_key: field("/status/secretAccessKey")?,
+        })
+    }
+
+    /// An account with an access key: `(account ID, credentials)`.
+    pub async fn account_with_key(
+        &self,
+        admin_token: &str,
+        name: &str,
+    ) -> anyhow::Result<(String, AwsCredentials)> {
+        let id = self.create_account(admin_token, name).await?;
+        let key = self.create_access_key(admin_token, name).await?;
+        Ok((id, key))
+    }
+
+    async fn post_json(
+        &self,
+        token: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        let resp = self
+            .client()?
+            .post(format!("{}{path}", self.url()))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("POST {path}"))?;
+        let status = resp.status();
+        let text = resp.text().await?;
+        if !status.is_success() {
+            bail!("POST {path}: {status}: {text}");
+        }
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    /// Environment for awscli/boto3 against this gateway's EC2 endpoint (region `karri-1`),
+    /// signed with `creds`: `AWS_ENDPOINT_URL`, the keys, `AWS_DEFAULT_REGION`, `AWS_CA_BUNDLE`,
+    /// and settings that keep the clients from reading this machine's AWS configuration.
+    pub fn aws_env(&self, creds: &AwsCredentials) -> Vec<(String, String)> {
+        let dir = self.dir().display().to_string();
+        vec![
+            ("AWS_ENDPOINT_URL".into(), self.url()),
+            ("AWS_ACCESS_KEY_ID".into(), creds.access_key_id.clone()),
+            ("AWS_SECRET_ACCESS_KEY".into(), creds.secret_access_key.clone()),
+            ("AWS_DEFAULT_REGION".into(), "karri-1".into()),
+            ("AWS_CA_BUNDLE".into(), self.ca_path().display().to_string()),
+            ("AWS_CONFIG_FILE".into(), format!("{dir}/aws-config")),
+            ("AWS_SHARED_CREDENTIALS_FILE".into(), format!("{dir}/aws-credentials")),
+            ("AWS_PAGER".into(), String::new()),
+            ("AWS_MAX_ATTEMPTS".into(), "1".into()),
+            ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+        ]
+    }
+
     /// Kills the gateway (SIGKILL) and waits for it. Calling it twice is harmless.
     pub fn stop(&mut self) {
         kill_and_reap(&mut self.child);
@@ -297,6 +391,15 @@ impl Drop for Gateway {
     fn drop(&mut self) {
         kill_and_reap(&mut self.child);
     }
+}
+
+/// An AWS access key: what awscli, boto3 and SigV4 signers need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AwsCredentials {
+    /// The access key ID (`AKIK...`).
+    pub access_key_id: String,
+    /// The secret access key.
+    pub secret_access_key: String,
 }
 
 /// Bearer tokens for a test cluster, written as the gateway's tokens file by

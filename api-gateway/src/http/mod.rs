@@ -46,6 +46,8 @@ pub struct AppState {
     pub openapi_hash: String,
     /// The OpenAPI group-version document.
     pub openapi: Value,
+    /// Settings of the EC2 face.
+    pub ec2: crate::ec2::service::Ec2Settings,
 }
 
 type St = State<Arc<AppState>>;
@@ -61,9 +63,22 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/version",
             get(|| async { axum::Json(discovery::version()) }),
         )
+        .route("/services/compute", any(crate::ec2::service::serve))
+        .route("/services/compute/", any(crate::ec2::service::serve))
+        .route("/", any(root))
         .fallback(any(authenticated))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// `/` serves AWS requests (an `Action`, a form POST or a SigV4 signature) and otherwise the
+/// resource API's answer for `/`.
+async fn root(state: St, req: Request) -> Response {
+    if crate::ec2::service::looks_like_aws(&req) {
+        crate::ec2::service::serve(state, req).await
+    } else {
+        authenticated(state, req).await
+    }
 }
 
 async fn readyz(State(s): St) -> Response {

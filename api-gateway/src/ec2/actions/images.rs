@@ -1,0 +1,451 @@
+//! Image actions: DescribeImages, RegisterImage, DeregisterImage, DescribeImageAttribute and
+//! ModifyImageAttribute. An image lives in its owner's namespace; other accounts see it when it
+//! is public or lists them in its launch permissions.
+
+use std::borrow::Cow;
+
+use serde_json::{json, Value};
+
+use super::{created, from_api, id_of, namespace, opt, tag_values, text, write_tag_set, Cx};
+use crate::admission::Subresource;
+use crate::ec2::error::Ec2Error;
+use crate::ec2::filter::{self, Matcher};
+use crate::ec2::router::{self, WireEnum as _};
+use crate::registry::{DeleteOptions, WriteOptions};
+
+/// Whether the caller may launch (and so see) an image.
+fn visible(cx: &Cx<'_>, v: &Value) -> bool {
+    namespace(v) == cx.caller.namespace || is_public(v) || shared_with(v, &cx.caller.account_id)
+}
+
+fn is_public(v: &Value) -> bool {
+    v.pointer("/spec/public").and_then(Value::as_bool) == Some(true)
+}
+
+fn shared_with(v: &Value, account_id: &str) -> bool {
+    v.pointer("/spec/launchPermissions")
+        .and_then(Value::as_array)
+        .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(account_id)))
+}
+
+/// The same image under its `emi-` or `ami-` spelling.
+pub fn same_image(stored: &str, asked: &str) -> bool {
+    let hex = |id: &str| id.split_once('-').map(|(_, h)| h.to_string());
+    stored == asked || (hex(stored) == hex(asked) && asked.starts_with("ami-"))
+}
+
+/// Find an image by ID, accepting the `ami-` alias of an `emi-` ID.
+async fn find_image(cx: &Cx<'_>, id: &str) -> Result<Option<Value>, Ec2Error> {
+    let mut found = cx.registry.find_by_id(id).await.map_err(from_api)?;
+    if found.is_none() {
+        if let Some(hex) = id.strip_prefix("ami-") {
+            found = cx
+                .registry
+                .find_by_id(&format!("emi-{hex}"))
+                .await
+                .map_err(from_api)?;
+        }
+    }
+    Ok(found.filter(|v| super::is_kind(v, "images")))
+}
+
+/// The image an instance may boot: existing, visible to the caller and not failed.
+pub async fn launchable_image(cx: &Cx<'_>, id: &str) -> Result<Value, Ec2Error> {
+    let image = find_image(cx, id)
+        .await?
+        .filter(|v| visible(cx, v))
+        .ok_or_else(|| Ec2Error::image_not_found(&[id]))?;
+    if state(&image) == "failed" {
+        return Err(Ec2Error::new(
+            "InvalidAMIID.Unavailable",
+            400,
+            format!("The image '{id}' is not available: {}", text(&image, "/status/message")),
+        ));
+    }
+    Ok(image)
+}
+
+/// An image the caller owns, for changes; another account's visible image is refused.
+async fn owned_image(cx: &Cx<'_>, id: &str) -> Result<Value, Ec2Error> {
+    let image = find_image(cx, id)
+        .await?
+        .filter(|v| visible(cx, v))
+        .ok_or_else(|| Ec2Error::image_not_found(&[id]))?;
+    if namespace(&image) != cx.caller.namespace {
+        return Err(Ec2Error::new(
+            "AuthFailure",
+            400,
+            format!("Not authorized for image:{id}"),
+        ));
+    }
+    Ok(image)
+}
+
+/// The state EC2 shows: what the image controller reported, `available` until it reports.
+fn state(v: &Value) -> &str {
+    opt(v, "/status/state").unwrap_or("available")
+}
+
+fn image_type(v: &Value) -> &'static str {
+    match id_of(v).split('-').next() {
+        Some("eki" | "aki") => "kernel",
+        Some("eri" | "ari") => "ramdisk",
+        _ => "machine",
+    }
+}
+
+fn image_values<'v>(v: &'v Value, name: &str, owner: &'v str) -> Vec<Cow<'v, str>> {
+    if let Some(tags) = tag_values(v, name) {
+        return tags;
+    }
+    let one = |s: &'v str| vec![Cow::Borrowed(s)];
+    match name {
+        "image-id" => one(id_of(v)),
+        "name" => one(text(v, "/spec/name")),
+        "description" => one(text(v, "/spec/description")),
+        "state" => one(state(v)),
+        "owner-id" => one(owner),
+        "is-public" => one(if is_public(v) { "true" } else { "false" }),
+        "architecture" => one(text(v, "/spec/architecture")),
+        "image-type" => one(image_type(v)),
+        "kernel-id" => one(text(v, "/spec/kernelId")),
+        "ramdisk-id" => one(text(v, "/spec/ramdiskId")),
+        "manifest-location" => one(text(v, "/spec/imageLocation")),
+        "root-device-name" => one(text(v, "/spec/rootDeviceName")),
+        "root-device-type" => one("instance-store"),
+        "virtualization-type" => one("hvm"),
+        "hypervisor" => one("xen"),
+        "platform-details" => one("Linux/UNIX"),
+        _ => Vec::new(),
+    }
+}
+
+fn write_image(w: &mut crate::ec2::xml::Response, v: &Value, owner: &str) {
+    w.item();
+    w.leaf("imageId", id_of(v))
+        .leaf("imageLocation", text(v, "/spec/imageLocation"))
+        .leaf("imageState", state(v))
+        .leaf("imageOwnerId", owner)
+        .leaf_time("creationDate", created(v))
+        .leaf_bool("isPublic", is_public(v))
+        .leaf("architecture", text(v, "/spec/architecture"))
+        .leaf("imageType", image_type(v))
+        .leaf_opt("kernelId", opt(v, "/spec/kernelId"))
+        .leaf_opt("ramdiskId", opt(v, "/spec/ramdiskId"))
+        .leaf("name", text(v, "/spec/name"))
+        .leaf_opt("description", opt(v, "/spec/description"))
+        .leaf("rootDeviceType", "instance-store")
+        .leaf("rootDeviceName", text(v, "/spec/rootDeviceName"))
+        .empty("blockDeviceMapping")
+        .leaf("virtualizationType", "hvm")
+        .leaf("hypervisor", "xen")
+        .leaf("platformDetails", "Linux/UNIX")
+        .leaf("usageOperation", "RunInstances");
+    if let Some(reason) = opt(v, "/status/message") {
+        w.element("stateReason", |w| {
+            w.leaf("code", "Client.ImageFailure").leaf("message", reason);
+        });
+    }
+    write_tag_set(w, v);
+    w.close();
+}
+
+/// DescribeImages.
+pub async fn describe_images(
+    cx: &Cx<'_>,
+    a: router::DescribeImages,
+) -> Result<String, Ec2Error> {
+    filter::validate_names(&a.filters, filter::IMAGE_FILTERS, true)?;
+    let all = cx.everywhere("images").await?;
+    let mut owners = std::collections::HashMap::new();
+    for o in &all {
+        let ns = namespace(&o.value).to_string();
+        if let std::collections::hash_map::Entry::Vacant(slot) = owners.entry(ns) {
+            let id = cx.owner_of(slot.key()).await;
+            slot.insert(id);
+        }
+    }
+    let owner_of = |v: &Value| owners.get(namespace(v)).cloned().unwrap_or_default();
+    let visible_images: Vec<&Value> = all
+        .iter()
+        .map(|o| &o.value)
+        .filter(|v| visible(cx, v))
+        .collect();
+    let mut missing = Vec::new();
+    for id in &a.image_ids {
+        if !visible_images.iter().any(|v| same_image(id_of(v), id)) {
+            missing.push(id.as_str());
+        }
+    }
+    if !missing.is_empty() {
+        return Err(Ec2Error::image_not_found(&missing));
+    }
+    let me = cx.caller.account_id.as_str();
+    let matcher = Matcher::new(&a.filters);
+    let mut shown: Vec<(&Value, String)> = visible_images
+        .into_iter()
+        .filter(|v| a.image_ids.is_empty() || a.image_ids.iter().any(|id| same_image(id_of(v), id)))
+        .map(|v| (v, owner_of(v)))
+        .filter(|(v, owner)| {
+            a.owners.is_empty()
+                || a.owners.iter().any(|o| match o.as_str() {
+                    "self" => namespace(v) == cx.caller.namespace,
+                    other => other == owner,
+                })
+        })
+        .filter(|(v, owner)| {
+            a.executable_by.is_empty()
+                || a.executable_by.iter().any(|e| match e.as_str() {
+                    "all" => is_public(v),
+                    "self" => owner != me && (is_public(v) || shared_with(v, me))
+                        || namespace(v) == cx.caller.namespace,
+                    account => shared_with(v, account) || is_public(v),
+                })
+        })
+        .filter(|(v, owner)| matcher.matches(|name| image_values(v, name, owner)))
+        .collect();
+    shown.sort_by_key(|(v, _)| id_of(v).to_string());
+    let (page, token) = super::paginate(
+        shown
+            .into_iter()
+            .map(|(v, o)| (id_of(v).to_string(), (v, o)))
+            .collect(),
+        a.next_token.as_deref(),
+        a.max_results.map(|m| m as usize),
+    )?;
+    let mut w = cx.response("DescribeImages");
+    w.open("imagesSet");
+    for (v, owner) in page {
+        write_image(&mut w, v, &owner);
+    }
+    w.close();
+    w.leaf_opt("nextToken", token.as_deref());
+    Ok(w.finish())
+}
+
+/// RegisterImage: an instance-store image from a location (path, URL or bucket/key).
+pub async fn register_image(
+    cx: &Cx<'_>,
+    a: router::RegisterImage,
+    dry_run: bool,
+) -> Result<String, Ec2Error> {
+    let Some(location) = a.image_location.clone() else {
+        return Err(Ec2Error::missing_parameter("ImageLocation"));
+    };
+    if !a.block_device_mappings.is_empty() {
+        return Err(Ec2Error::unsupported_operation(
+            "EBS-backed images (BlockDeviceMapping) are not supported by Karri yet; register an ImageLocation.",
+        ));
+    }
+    for (what, id) in [("kernel", &a.kernel_id), ("ramdisk", &a.ramdisk_id)] {
+        if let Some(id) = id {
+            if find_image(cx, id).await?.filter(|v| visible(cx, v)).is_none() {
+                return Err(Ec2Error::new(
+                    format!("Invalid{}ID.NotFound", if what == "kernel" { "AKI" } else { "ARI" }),
+                    400,
+                    format!("The {what} image '{id}' does not exist"),
+                ));
+            }
+        }
+    }
+    let own = cx.own("images").await?;
+    if own.iter().any(|o| text(&o.value, "/spec/name") == a.name) {
+        return Err(Ec2Error::image_name_duplicate(&a.name));
+    }
+    let mut spec = json!({
+        "name": a.name,
+        "imageLocation": location,
+        "architecture": a.architecture.clone().unwrap_or_else(|| "x86_64".into()),
+    });
+    for (field, value) in [
+        ("description", &a.description),
+        ("kernelId", &a.kernel_id),
+        ("ramdiskId", &a.ramdisk_id),
+        ("rootDeviceName", &a.root_device_name),
+    ] {
+        if let Some(value) = value {
+            spec[field] = json!(value);
+        }
+    }
+    let tags: Vec<Value> = a
+        .tag_specifications
+        .iter()
+        .flat_map(|s| s.tags.iter())
+        .map(|t| json!({"key": t.key, "value": t.value}))
+        .collect();
+    if !tags.is_empty() {
+        spec["tags"] = Value::Array(tags);
+    }
+    let kind = cx.kind("images")?;
+    let body = json!({
+        "apiVersion": crds::API_VERSION,
+        "kind": "Image",
+        "metadata": {"name": crate::admission::new_id("emi")},
+        "spec": spec,
+    });
+    let opts = WriteOptions {
+        dry_run,
+        ..WriteOptions::default()
+    };
+    let made = cx
+        .registry
+        .create(
+            &kind,
+            Some(&cx.caller.namespace),
+            body,
+            &cx.caller.principal(),
+            opts,
+        )
+        .await
+        .map_err(from_api)?;
+    if dry_run {
+        return Err(Ec2Error::dry_run_operation());
+    }
+    let mut w = cx.response("RegisterImage");
+    w.leaf("imageId", id_of(&made.object));
+    Ok(w.finish())
+}
+
+/// DeregisterImage.
+pub async fn deregister_image(
+    cx: &Cx<'_>,
+    a: router::DeregisterImage,
+    dry_run: bool,
+) -> Result<String, Ec2Error> {
+    let image = owned_image(cx, &a.image_id).await?;
+    if dry_run {
+        return Err(Ec2Error::dry_run_operation());
+    }
+    let kind = cx.kind("images")?;
+    match cx
+        .registry
+        .delete(
+            &kind,
+            Some(&cx.caller.namespace),
+            text(&image, "/metadata/name"),
+            &cx.caller.principal(),
+            &DeleteOptions::default(),
+        )
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if e.code == 404 => return Err(Ec2Error::image_not_found(&[&a.image_id])),
+        Err(e) => return Err(from_api(e)),
+    }
+    let mut w = cx.response("DeregisterImage");
+    w.leaf_bool("return", true);
+    Ok(w.finish())
+}
+
+/// DescribeImageAttribute (owner only, as on EC2 for launch permissions).
+pub async fn describe_image_attribute(
+    cx: &Cx<'_>,
+    a: router::DescribeImageAttribute,
+) -> Result<String, Ec2Error> {
+    let v = owned_image(cx, &a.image_id).await?;
+    let mut w = cx.response("DescribeImageAttribute");
+    w.leaf("imageId", id_of(&v));
+    let value = |w: &mut crate::ec2::xml::Response, name: &'static str, value: Option<&str>| {
+        w.element(name, |w| {
+            if let Some(value) = value {
+                w.leaf("value", value);
+            }
+        });
+    };
+    match a.attribute.as_str() {
+        "description" => value(&mut w, "description", opt(&v, "/spec/description")),
+        "kernel" => value(&mut w, "kernel", opt(&v, "/spec/kernelId")),
+        "ramdisk" => value(&mut w, "ramdisk", opt(&v, "/spec/ramdiskId")),
+        "launchPermission" => {
+            let mut entries: Vec<(&str, String)> = Vec::new();
+            if is_public(&v) {
+                entries.push(("group", "all".into()));
+            }
+            for id in v
+                .pointer("/spec/launchPermissions")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
+                entries.push(("userId", id.to_string()));
+            }
+            w.set("launchPermission", entries, |w, (field, value)| {
+                w.leaf(field, &value);
+            });
+        }
+        "productCodes" => {
+            w.empty("productCodes");
+        }
+        "blockDeviceMapping" => {
+            w.empty("blockDeviceMapping");
+        }
+        "sriovNetSupport" => value(&mut w, "sriovNetSupport", None),
+        "bootMode" => value(&mut w, "bootMode", Some("legacy-bios")),
+        other => {
+            return Err(Ec2Error::invalid_parameter_value(format!(
+                "Value ({other}) for parameter attribute is invalid. Unknown attribute."
+            )))
+        }
+    }
+    Ok(w.finish())
+}
+
+/// ModifyImageAttribute: launch permissions (accounts and the `all` group) and description.
+pub async fn modify_image_attribute(
+    cx: &Cx<'_>,
+    a: router::ModifyImageAttribute,
+    dry_run: bool,
+) -> Result<String, Ec2Error> {
+    use router::{ImageAttributeChange as C, LaunchPermission as P};
+    let v = owned_image(cx, &a.image_id).await?;
+    if dry_run {
+        return Err(Ec2Error::dry_run_operation());
+    }
+    let kind = cx.kind("images")?;
+    cx.registry
+        .update_with(
+            &kind,
+            Some(&cx.caller.namespace),
+            text(&v, "/metadata/name"),
+            &cx.caller.principal(),
+            Subresource::Main,
+            None,
+            WriteOptions::default(),
+            &mut |cur: &Value| {
+                let mut next = cur.clone();
+                match &a.change {
+                    C::Description(d) => next["spec"]["description"] = json!(d),
+                    C::LaunchPermission { add, remove } => {
+                        let mut users: Vec<String> = cur
+                            .pointer("/spec/launchPermissions")
+                            .and_then(Value::as_array)
+                            .map(|a| a.iter().filter_map(Value::as_str).map(String::from).collect())
+                            .unwrap_or_default();
+                        let mut public = is_public(cur);
+                        for p in add {
+                            match p {
+                                P::User(u) if !users.contains(u) => users.push(u.clone()),
+                                P::User(_) => {}
+                                P::AllUsers => public = true,
+                            }
+                        }
+                        for p in remove {
+                            match p {
+                                P::User(u) => users.retain(|x| x != u),
+                                P::AllUsers => public = false,
+                            }
+                        }
+                        next["spec"]["launchPermissions"] = json!(users);
+                        next["spec"]["public"] = json!(public);
+                    }
+                }
+                Ok(next)
+            },
+        )
+        .await
+        .map_err(from_api)?;
+    let mut w = cx.response("ModifyImageAttribute");
+    w.leaf_bool("return", true);
+    Ok(w.finish())
+}

@@ -1,0 +1,904 @@
+//! Instance actions: RunInstances, DescribeInstances, DescribeInstanceStatus, Terminate/Stop/
+//! Start/RebootInstances, Describe/ModifyInstanceAttribute and GetConsoleOutput.
+
+use std::borrow::Cow;
+
+use serde_json::{json, Value};
+
+use super::{
+    created, default_subnet_id, default_vpc_id, from_api, id_of, namespace, opt, paginate,
+    tag_values, text, time_at, write_tag_set, Cx,
+};
+use crate::admission::{self, Subresource};
+use crate::ec2::error::Ec2Error;
+use crate::ec2::filter::{self, Matcher};
+use crate::ec2::router::{self, WireEnum as _};
+use crate::ec2::xml::Response;
+use crate::registry::WriteOptions;
+
+/// Most instances one RunInstances call launches (one etcd transaction holds them all).
+pub const MAX_INSTANCES_PER_CALL: u32 = 50;
+
+/// EC2 state of an instance record.
+fn state(v: &Value) -> crds::InstanceState {
+    v.pointer("/status/state")
+        .cloned()
+        .and_then(|s| serde_json::from_value(s).ok())
+        .unwrap_or_default()
+}
+
+fn desired(v: &Value) -> crds::DesiredState {
+    v.pointer("/spec/desiredState")
+        .cloned()
+        .and_then(|s| serde_json::from_value(s).ok())
+        .unwrap_or_default()
+}
+
+/// The state EC2 shows: the reported one, moved on by a request not yet acted upon (a stop
+/// asked of a running instance shows `stopping` at once, as on AWS).
+fn shown_state(v: &Value) -> crds::InstanceState {
+    use crds::{DesiredState as D, InstanceState as S};
+    match (desired(v), state(v)) {
+        (D::Terminated, S::Terminated) => S::Terminated,
+        (D::Terminated, _) => S::ShuttingDown,
+        (D::Stopped, S::Running | S::Pending) => S::Stopping,
+        (D::Running, S::Stopped | S::Stopping) => S::Pending,
+        (_, s) => s,
+    }
+}
+
+fn zone_of(v: &Value) -> &str {
+    opt(v, "/status/availabilityZone")
+        .or_else(|| opt(v, "/spec/availabilityZone"))
+        .unwrap_or("")
+}
+
+fn reservation_of(v: &Value) -> String {
+    match opt(v, "/spec/reservationId") {
+        Some(r) => r.to_string(),
+        // An instance applied with kubectl is its own reservation.
+        None => format!("r-{}", id_of(v).trim_start_matches("i-")),
+    }
+}
+
+fn launch_index(v: &Value) -> u64 {
+    v.pointer("/spec/launchIndex")
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+}
+
+fn private_dns(ip: Option<&str>, region: &str) -> String {
+    match ip {
+        Some(ip) => format!("ip-{}.{region}.compute.internal", ip.replace('.', "-")),
+        None => String::new(),
+    }
+}
+
+/// Values of the DescribeInstances filters for one instance.
+fn instance_values<'v>(v: &'v Value, name: &str, owner: &str, region: &str) -> Vec<Cow<'v, str>> {
+    if let Some(tags) = tag_values(v, name) {
+        return tags;
+    }
+    let one = |s: &'v str| -> Vec<Cow<'v, str>> {
+        if s.is_empty() {
+            Vec::new()
+        } else {
+            vec![Cow::Borrowed(s)]
+        }
+    };
+    let own = |s: String| -> Vec<Cow<'v, str>> { vec![Cow::Owned(s)] };
+    match name {
+        "instance-id" => one(id_of(v)),
+        "instance-state-name" => own(shown_state(v).as_str().to_string()),
+        "instance-state-code" => own(shown_state(v).code().to_string()),
+        "instance-type" => one(text(v, "/spec/instanceType")),
+        "image-id" => one(text(v, "/spec/imageId")),
+        "availability-zone" => one(zone_of(v)),
+        "key-name" => one(text(v, "/spec/keyName")),
+        "private-ip-address" | "network-interface.addresses.private-ip-address" => {
+            one(text(v, "/status/privateIpAddress"))
+        }
+        "ip-address" => one(text(v, "/status/publicIpAddress")),
+        "private-dns-name" => own(private_dns(opt(v, "/status/privateIpAddress"), region)),
+        "reservation-id" => own(reservation_of(v)),
+        "owner-id" => own(owner.to_string()),
+        "launch-index" => own(launch_index(v).to_string()),
+        "client-token" => one(text(v, "/spec/clientToken")),
+        "vpc-id" => own(default_vpc_id(region)),
+        "subnet-id" => {
+            let zone = zone_of(v);
+            if zone.is_empty() {
+                Vec::new()
+            } else {
+                own(default_subnet_id(zone))
+            }
+        }
+        "architecture" => own("x86_64".into()),
+        "hypervisor" => own("xen".into()),
+        "virtualization-type" => own("hvm".into()),
+        "root-device-type" => own("instance-store".into()),
+        "root-device-name" => own("/dev/vda".into()),
+        "tenancy" | "placement-tenancy" => own("default".into()),
+        "monitoring-state" => own("disabled".into()),
+        "launch-time" => time_at(v, "/status/launchTime")
+            .map(|t| own(t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()))
+            .unwrap_or_default(),
+        "state-reason-code" | "reason" => one(text(v, "/status/reason")),
+        "state-reason-message" => one(text(v, "/status/message")),
+        _ => Vec::new(),
+    }
+}
+
+/// Write one instance as an `instancesSet` item.
+fn write_instance(w: &mut Response, v: &Value, region: &str) {
+    let st = shown_state(v);
+    let ip = opt(v, "/status/privateIpAddress");
+    let zone = zone_of(v);
+    w.item();
+    w.leaf("instanceId", id_of(v))
+        .leaf("imageId", text(v, "/spec/imageId"));
+    w.element("instanceState", |w| {
+        w.leaf_display("code", st.code()).leaf("name", st.as_str());
+    });
+    w.leaf("privateDnsName", &private_dns(ip, region))
+        .leaf("dnsName", "")
+        .leaf("reason", text(v, "/status/message"))
+        .leaf_opt("keyName", opt(v, "/spec/keyName"))
+        .leaf_display("amiLaunchIndex", launch_index(v))
+        .empty("productCodes")
+        .leaf("instanceType", text(v, "/spec/instanceType"))
+        .leaf_time(
+            "launchTime",
+            time_at(v, "/status/launchTime").unwrap_or_else(|| created(v)),
+        );
+    w.element("placement", |w| {
+        w.leaf("availabilityZone", zone)
+            .leaf("groupName", "")
+            .leaf("tenancy", "default");
+    });
+    w.element("monitoring", |w| {
+        w.leaf("state", "disabled");
+    });
+    if !zone.is_empty() {
+        w.leaf("subnetId", &default_subnet_id(zone));
+    }
+    w.leaf("vpcId", &default_vpc_id(region))
+        .leaf_opt("privateIpAddress", ip)
+        .leaf_opt("ipAddress", opt(v, "/status/publicIpAddress"))
+        .leaf_bool("sourceDestCheck", true);
+    let groups: Vec<&str> = v
+        .pointer("/spec/securityGroupIds")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    w.set("groupSet", groups, |w, g| {
+        w.leaf("groupId", g).leaf("groupName", g);
+    });
+    if let Some(code) = opt(v, "/status/reason") {
+        w.element("stateReason", |w| {
+            w.leaf("code", code)
+                .leaf("message", text(v, "/status/message"));
+        });
+    }
+    w.leaf("architecture", "x86_64")
+        .leaf("rootDeviceType", "instance-store")
+        .leaf("rootDeviceName", "/dev/vda")
+        .empty("blockDeviceMapping")
+        .leaf("virtualizationType", "hvm")
+        .leaf_opt("clientToken", opt(v, "/spec/clientToken"));
+    write_tag_set(w, v);
+    w.leaf("hypervisor", "xen")
+        .empty("networkInterfaceSet")
+        .leaf_bool("ebsOptimized", false);
+    w.element("cpuOptions", |_| {});
+    w.element("metadataOptions", |w| {
+        w.leaf("state", "applied")
+            .leaf("httpTokens", "optional")
+            .leaf_display("httpPutResponseHopLimit", 1)
+            .leaf("httpEndpoint", "enabled");
+    });
+    w.close();
+}
+
+/// Write `reservationSet` items: consecutive instances of one reservation share an item.
+fn write_reservations(w: &mut Response, instances: &[&Value], owner: &str, region: &str) {
+    let mut i = 0;
+    while i < instances.len() {
+        let reservation = reservation_of(instances[i]);
+        let mut j = i;
+        while j < instances.len() && reservation_of(instances[j]) == reservation {
+            j += 1;
+        }
+        w.item();
+        write_reservation_body(w, &reservation, &instances[i..j], owner, region);
+        w.close();
+        i = j;
+    }
+}
+
+fn write_reservation_body(
+    w: &mut Response,
+    reservation: &str,
+    instances: &[&Value],
+    owner: &str,
+    region: &str,
+) {
+    w.leaf("reservationId", reservation)
+        .leaf("ownerId", owner)
+        .empty("groupSet");
+    w.open("instancesSet");
+    for v in instances {
+        write_instance(w, v, region);
+    }
+    w.close();
+}
+
+/// RunInstances.
+pub async fn run_instances(
+    cx: &Cx<'_>,
+    a: router::RunInstances,
+    dry_run: bool,
+) -> Result<String, Ec2Error> {
+    if a.min_count > MAX_INSTANCES_PER_CALL {
+        return Err(Ec2Error::instance_limit_exceeded(format!(
+            "Your quota allows for {MAX_INSTANCES_PER_CALL} more running instance(s) per request. You requested at least {}",
+            a.min_count
+        )));
+    }
+    let count = a.max_count.min(MAX_INSTANCES_PER_CALL);
+    // A retry with the same client token returns the first call's reservation.
+    if let Some(token) = &a.client_token {
+        if let Some(found) = existing_reservation(cx, token, &a).await? {
+            return Ok(found);
+        }
+    }
+    let image = super::images::launchable_image(cx, &a.image_id).await?;
+    let image_id = id_of(&image).to_string();
+    let instance_type = a.instance_type.clone();
+    let type_key = crate::store::record_key("instancetypes", None, &instance_type);
+    if cx.registry.cache.get("instancetypes", &type_key).is_none() {
+        return Err(Ec2Error::invalid_instance_type(&instance_type));
+    }
+    let mut zone = a.availability_zone.clone();
+    if let Some(subnet) = &a.subnet_id {
+        let zones = super::catalog::zone_names(cx);
+        let found = zones.iter().find(|z| default_subnet_id(z) == *subnet);
+        match found {
+            Some(z) => zone = Some(z.clone()),
+            None => return Err(Ec2Error::subnet_not_found(subnet)),
+        }
+    }
+    if let Some(z) = &zone {
+        let key = crate::store::record_key("availabilityzones", None, z);
+        if cx.registry.cache.get("availabilityzones", &key).is_none() {
+            return Err(Ec2Error::invalid_parameter_value(format!(
+                "Invalid availability zone: [{z}]"
+            )));
+        }
+    }
+    if let Some(key_name) = &a.key_name {
+        if super::keypairs::find_by_name(cx, key_name).await?.is_none() {
+            return Err(Ec2Error::key_pair_not_found(key_name));
+        }
+    }
+    if !a.block_device_mappings.is_empty() {
+        return Err(Ec2Error::unsupported_operation(
+            "Block device mappings are not supported by Karri yet (EBS volumes come later).",
+        ));
+    }
+    if a.instance_initiated_shutdown_behavior == router::ShutdownBehavior::Terminate {
+        return Err(Ec2Error::unsupported_operation(
+            "InstanceInitiatedShutdownBehavior=terminate is not supported by Karri yet.",
+        ));
+    }
+    if a.kernel_id.is_some() || a.ramdisk_id.is_some() {
+        return Err(Ec2Error::unsupported_operation(
+            "KernelId and RamdiskId at launch are not supported by Karri yet; register them with the image.",
+        ));
+    }
+    if !a.security_group_ids.is_empty() || !a.security_groups.is_empty() {
+        return Err(Ec2Error::unsupported_operation(
+            "Security groups are not supported by Karri yet; launch without SecurityGroupId/SecurityGroup.",
+        ));
+    }
+    let mut tags = Vec::new();
+    for spec in &a.tag_specifications {
+        if spec.resource_type != "instance" {
+            return Err(Ec2Error::unsupported_operation(format!(
+                "Tagging {} resources at launch is not supported by Karri yet.",
+                spec.resource_type
+            )));
+        }
+        for t in &spec.tags {
+            tags.push(json!({"key": t.key, "value": t.value}));
+        }
+    }
+    if dry_run {
+        return Err(Ec2Error::dry_run_operation());
+    }
+    let reservation = admission::new_id("r");
+    let bodies: Vec<Value> = (0..count)
+        .map(|i| {
+            let id = admission::new_id("i");
+            json!({
+                "apiVersion": crds::API_VERSION,
+                "kind": "Instance",
+                "metadata": {"name": id},
+                "spec": {
+                    "imageId": image_id,
+                    "instanceType": instance_type,
+                    "keyName": a.key_name,
+                    "userData": a.user_data,
+                    "availabilityZone": zone,
+                    "clientToken": a.client_token,
+                    "reservationId": reservation,
+                    "launchIndex": i,
+                    "disableApiTermination": a.disable_api_termination,
+                    "tags": tags,
+                }
+            })
+        })
+        .map(strip_nulls)
+        .collect();
+    let kind = cx.kind("instances")?;
+    let made = cx
+        .registry
+        .create_all(
+            &kind,
+            Some(&cx.caller.namespace),
+            bodies,
+            &cx.caller.principal(),
+            WriteOptions::default(),
+        )
+        .await;
+    let made = match made {
+        Ok(made) => made,
+        Err(e) if e.code == 409 && a.client_token.is_some() => {
+            // A concurrent call with the same token won: answer with its reservation.
+            let token = a.client_token.as_deref().unwrap_or("");
+            return existing_reservation(cx, token, &a)
+                .await?
+                .ok_or_else(|| from_api(e));
+        }
+        Err(e) => return Err(from_api(e)),
+    };
+    let objects: Vec<&Value> = made.iter().map(|w| &w.object).collect();
+    let mut w = cx.response("RunInstances");
+    write_reservation_body(
+        &mut w,
+        &reservation,
+        &objects,
+        &cx.caller.account_id,
+        &cx.settings.region,
+    );
+    Ok(w.finish())
+}
+
+fn strip_nulls(mut v: Value) -> Value {
+    if let Some(spec) = v.get_mut("spec").and_then(Value::as_object_mut) {
+        spec.retain(|_, f| !f.is_null() && f.as_array().is_none_or(|a| !a.is_empty()));
+    }
+    v
+}
+
+/// The reservation a client token already created, as a RunInstances response; an error when
+/// the earlier call asked for something else.
+async fn existing_reservation(
+    cx: &Cx<'_>,
+    token: &str,
+    a: &router::RunInstances,
+) -> Result<Option<String>, Ec2Error> {
+    let hex: String = token.bytes().map(|b| format!("{b:02x}")).collect();
+    let index = crate::store::unique_key(&["client-token", &cx.caller.namespace, &hex]);
+    let Some(first) = cx.registry.find_by_index(&index).await.map_err(from_api)? else {
+        return Ok(None);
+    };
+    let reservation = reservation_of(&first);
+    let same = text(&first, "/spec/instanceType") == a.instance_type
+        && super::images::same_image(text(&first, "/spec/imageId"), &a.image_id)
+        && opt(&first, "/spec/keyName") == a.key_name.as_deref();
+    if !same {
+        return Err(Ec2Error::idempotent_parameter_mismatch());
+    }
+    let all = cx.own("instances").await?;
+    let mut members: Vec<&Value> = all
+        .iter()
+        .map(|o| &o.value)
+        .filter(|v| reservation_of(v) == reservation)
+        .collect();
+    members.sort_by_key(|v| launch_index(v));
+    let mut w = cx.response("RunInstances");
+    write_reservation_body(
+        &mut w,
+        &reservation,
+        &members,
+        &cx.caller.account_id,
+        &cx.settings.region,
+    );
+    Ok(Some(w.finish()))
+}
+
+/// Resolve requested instance IDs to the caller's records; all must exist.
+async fn own_instances(cx: &Cx<'_>, ids: &[String]) -> Result<Vec<Value>, Ec2Error> {
+    let mut found = Vec::with_capacity(ids.len());
+    let mut missing = Vec::new();
+    for id in ids {
+        match cx.own_by_id("instances", id).await? {
+            Some(v) => found.push(v),
+            None => missing.push(id.as_str()),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(Ec2Error::instance_not_found(&missing));
+    }
+    Ok(found)
+}
+
+fn sort_key(v: &Value) -> String {
+    format!(
+        "{}/{:06}/{}",
+        reservation_of(v),
+        launch_index(v),
+        id_of(v)
+    )
+}
+
+/// DescribeInstances.
+pub async fn describe_instances(
+    cx: &Cx<'_>,
+    a: router::DescribeInstances,
+) -> Result<String, Ec2Error> {
+    filter::validate_names(&a.filters, filter::INSTANCE_FILTERS, true)?;
+    let all = cx.own("instances").await?;
+    let wanted: Option<std::collections::HashSet<&str>> = if a.instance_ids.is_empty() {
+        None
+    } else {
+        let present: std::collections::HashSet<&str> =
+            all.iter().map(|o| id_of(&o.value)).collect();
+        let missing: Vec<&str> = a
+            .instance_ids
+            .iter()
+            .map(String::as_str)
+            .filter(|id| !present.contains(id))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Ec2Error::instance_not_found(&missing));
+        }
+        Some(a.instance_ids.iter().map(String::as_str).collect())
+    };
+    let matcher = Matcher::new(&a.filters);
+    let owner = cx.caller.account_id.as_str();
+    let region = cx.settings.region.as_str();
+    let hits: Vec<(String, &Value)> = all
+        .iter()
+        .map(|o| &o.value)
+        .filter(|v| wanted.as_ref().is_none_or(|w| w.contains(id_of(v))))
+        .filter(|v| matcher.matches(|name| instance_values(v, name, owner, region)))
+        .map(|v| (sort_key(v), v))
+        .collect();
+    let (page, token) = paginate(
+        hits,
+        a.next_token.as_deref(),
+        a.max_results.map(|m| m as usize),
+    )?;
+    let mut w = Response::with_capacity(
+        "DescribeInstancesResponse",
+        cx.request_id,
+        2048 * page.len() + 512,
+    );
+    w.open("reservationSet");
+    write_reservations(&mut w, &page, owner, region);
+    w.close();
+    w.leaf_opt("nextToken", token.as_deref());
+    Ok(w.finish())
+}
+
+fn health(v: &Value) -> (&'static str, &'static str) {
+    let conditions = v
+        .pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    let status_of = |t: &str| {
+        conditions
+            .iter()
+            .find(|c| c.get("type").and_then(Value::as_str) == Some(t))
+            .and_then(|c| c.get("status").and_then(Value::as_str))
+            .map(str::to_string)
+    };
+    let system = match status_of("NodeHealthy").as_deref() {
+        Some("False") => "impaired",
+        _ => "ok",
+    };
+    let instance = match (shown_state(v), status_of("Ready").as_deref()) {
+        (crds::InstanceState::Running, Some("True")) => "ok",
+        (crds::InstanceState::Running, _) => "initializing",
+        _ => "not-applicable",
+    };
+    let instance = if system == "impaired" && instance != "not-applicable" {
+        "impaired"
+    } else {
+        instance
+    };
+    (instance, system)
+}
+
+/// DescribeInstanceStatus.
+pub async fn describe_instance_status(
+    cx: &Cx<'_>,
+    a: router::DescribeInstanceStatus,
+) -> Result<String, Ec2Error> {
+    filter::validate_names(&a.filters, filter::INSTANCE_STATUS_FILTERS, false)?;
+    let all = if a.instance_ids.is_empty() {
+        cx.own("instances")
+            .await?
+            .iter()
+            .map(|o| o.value.clone())
+            .collect()
+    } else {
+        own_instances(cx, &a.instance_ids).await?
+    };
+    let matcher = Matcher::new(&a.filters);
+    let hits: Vec<(String, &Value)> = all
+        .iter()
+        .filter(|v| a.include_all_instances || shown_state(v) == crds::InstanceState::Running)
+        .filter(|v| {
+            let (instance, system) = health(v);
+            matcher.matches(|name| -> Vec<Cow<'_, str>> {
+                match name {
+                    "availability-zone" => vec![Cow::Borrowed(zone_of(v))],
+                    "instance-state-name" => vec![Cow::Borrowed(shown_state(v).as_str())],
+                    "instance-state-code" => vec![Cow::Owned(shown_state(v).code().to_string())],
+                    "instance-status.status" => vec![Cow::Borrowed(instance)],
+                    "system-status.status" => vec![Cow::Borrowed(system)],
+                    _ => Vec::new(),
+                }
+            })
+        })
+        .map(|v| (id_of(v).to_string(), v))
+        .collect();
+    let (page, token) = paginate(
+        hits,
+        a.next_token.as_deref(),
+        a.max_results.map(|m| m as usize),
+    )?;
+    let mut w = cx.response("DescribeInstanceStatus");
+    w.set("instanceStatusSet", page, |w, v| {
+        let st = shown_state(v);
+        let (instance, system) = health(v);
+        let detail = |s: &str| match s {
+            "ok" => "passed",
+            "impaired" => "failed",
+            "initializing" => "initializing",
+            _ => "insufficient-data",
+        };
+        w.leaf("instanceId", id_of(v))
+            .leaf("availabilityZone", zone_of(v));
+        w.element("instanceState", |w| {
+            w.leaf_display("code", st.code()).leaf("name", st.as_str());
+        });
+        for (name, status) in [("systemStatus", system), ("instanceStatus", instance)] {
+            w.element(name, |w| {
+                w.leaf("status", status);
+                w.set("details", [status], |w, s| {
+                    w.leaf("name", "reachability").leaf("status", detail(s));
+                });
+            });
+        }
+        w.empty("eventsSet");
+    });
+    w.leaf_opt("nextToken", token.as_deref());
+    Ok(w.finish())
+}
+
+/// A power-state request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// TerminateInstances.
+    Terminate,
+    /// StopInstances.
+    Stop,
+    /// StartInstances.
+    Start,
+}
+
+async fn update_spec(
+    cx: &Cx<'_>,
+    v: &Value,
+    change: &mut (dyn FnMut(&mut Value) + Send),
+) -> Result<Value, Ec2Error> {
+    let kind = cx.kind("instances")?;
+    let name = text(v, "/metadata/name").to_string();
+    let written = cx
+        .registry
+        .update_with(
+            &kind,
+            Some(namespace(v)),
+            &name,
+            &cx.caller.principal(),
+            Subresource::Main,
+            None,
+            WriteOptions::default(),
+            &mut |cur: &Value| {
+                let mut next = cur.clone();
+                change(&mut next);
+                Ok(next)
+            },
+        )
+        .await
+        .map_err(|e| {
+            if e.code == 404 {
+                Ec2Error::instance_not_found(&[id_of(v)])
+            } else {
+                from_api(e)
+            }
+        })?;
+    Ok(written.object)
+}
+
+/// TerminateInstances, StopInstances and StartInstances: set the desired power state.
+pub async fn change_state(
+    cx: &Cx<'_>,
+    change: Change,
+    ids: &[String],
+    dry_run: bool,
+) -> Result<String, Ec2Error> {
+    use crds::{DesiredState as D, InstanceState as S};
+    let instances = own_instances(cx, ids).await?;
+    for v in &instances {
+        let id = id_of(v);
+        let gone = desired(v) == D::Terminated;
+        match change {
+            Change::Terminate
+                if v.pointer("/spec/disableApiTermination").and_then(Value::as_bool)
+                    == Some(true) =>
+            {
+                return Err(Ec2Error::new(
+                    "OperationNotPermitted",
+                    400,
+                    format!("The instance '{id}' may not be terminated. Modify its 'disableApiTermination' instance attribute and try again."),
+                ));
+            }
+            Change::Stop | Change::Start if gone => {
+                return Err(Ec2Error::incorrect_instance_state(format!(
+                    "This instance '{id}' is not in a state from which it can be {}.",
+                    if change == Change::Stop { "stopped" } else { "started" }
+                )));
+            }
+            _ => {}
+        }
+    }
+    if dry_run {
+        return Err(Ec2Error::dry_run_operation());
+    }
+    let target = match change {
+        Change::Terminate => D::Terminated,
+        Change::Stop => D::Stopped,
+        Change::Start => D::Running,
+    };
+    let mut results = Vec::with_capacity(instances.len());
+    for v in &instances {
+        let previous = shown_state(v);
+        let now = if desired(v) == target {
+            v.clone()
+        } else {
+            update_spec(cx, v, &mut |next: &mut Value| {
+                next["spec"]["desiredState"] = json!(target.as_str());
+            })
+            .await?
+        };
+        let mut current = shown_state(&now);
+        if change == Change::Stop && current == S::Stopped && previous != S::Stopped {
+            current = S::Stopping;
+        }
+        results.push((id_of(v).to_string(), current, previous));
+    }
+    let action = match change {
+        Change::Terminate => "TerminateInstances",
+        Change::Stop => "StopInstances",
+        Change::Start => "StartInstances",
+    };
+    let mut w = cx.response(action);
+    w.set("instancesSet", results, |w, (id, current, previous)| {
+        w.leaf("instanceId", &id);
+        w.element("currentState", |w| {
+            w.leaf_display("code", current.code())
+                .leaf("name", current.as_str());
+        });
+        w.element("previousState", |w| {
+            w.leaf_display("code", previous.code())
+                .leaf("name", previous.as_str());
+        });
+    });
+    Ok(w.finish())
+}
+
+/// Annotation recording the last reboot request; the node agent reboots a running domain whose
+/// last reboot is older.
+pub const REBOOT_ANNOTATION: &str = "karri.dev/reboot-requested-at";
+
+/// RebootInstances: record the request on each instance (acted upon by its node agent).
+pub async fn reboot_instances(
+    cx: &Cx<'_>,
+    ids: &[String],
+    dry_run: bool,
+) -> Result<String, Ec2Error> {
+    let instances = own_instances(cx, ids).await?;
+    if dry_run {
+        return Err(Ec2Error::dry_run_operation());
+    }
+    let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    for v in &instances {
+        if shown_state(v) != crds::InstanceState::Running {
+            // EC2 ignores reboot requests for instances that are not running.
+            continue;
+        }
+        update_spec(cx, v, &mut |next: &mut Value| {
+            next["metadata"]["annotations"][REBOOT_ANNOTATION] = json!(at);
+        })
+        .await?;
+    }
+    let mut w = cx.response("RebootInstances");
+    w.leaf_bool("return", true);
+    Ok(w.finish())
+}
+
+/// DescribeInstanceAttribute.
+pub async fn describe_instance_attribute(
+    cx: &Cx<'_>,
+    a: router::DescribeInstanceAttribute,
+) -> Result<String, Ec2Error> {
+    let v = own_instances(cx, std::slice::from_ref(&a.instance_id))
+        .await?
+        .remove(0);
+    let mut w = cx.response("DescribeInstanceAttribute");
+    w.leaf("instanceId", &a.instance_id);
+    let value = |w: &mut Response, name: &'static str, value: Option<&str>| {
+        w.element(name, |w| {
+            if let Some(value) = value {
+                w.leaf("value", value);
+            }
+        });
+    };
+    match a.attribute.as_str() {
+        "enclaveOptions" => {
+            w.element("enclaveOptions", |w| {
+                w.leaf_bool("enabled", false);
+            });
+        }
+        "instanceType" => value(&mut w, "instanceType", opt(&v, "/spec/instanceType")),
+        "userData" => value(&mut w, "userData", opt(&v, "/spec/userData")),
+        "kernel" => value(&mut w, "kernel", None),
+        "ramdisk" => value(&mut w, "ramdisk", None),
+        "rootDeviceName" => value(&mut w, "rootDeviceName", Some("/dev/vda")),
+        "disableApiTermination" => {
+            let on = v.pointer("/spec/disableApiTermination").and_then(Value::as_bool) == Some(true);
+            value(&mut w, "disableApiTermination", Some(if on { "true" } else { "false" }))
+        }
+        "disableApiStop" => value(&mut w, "disableApiStop", Some("false")),
+        "instanceInitiatedShutdownBehavior" => {
+            value(&mut w, "instanceInitiatedShutdownBehavior", Some("stop"))
+        }
+        "sourceDestCheck" => value(&mut w, "sourceDestCheck", Some("true")),
+        "ebsOptimized" => value(&mut w, "ebsOptimized", Some("false")),
+        "enaSupport" => value(&mut w, "enaSupport", Some("false")),
+        "sriovNetSupport" => value(&mut w, "sriovNetSupport", None),
+        "blockDeviceMapping" => {
+            w.empty("blockDeviceMapping");
+        }
+        "productCodes" => {
+            w.empty("productCodes");
+        }
+        "groupSet" => {
+            w.empty("groupSet");
+        }
+        other => {
+            return Err(Ec2Error::invalid_parameter_value(format!(
+                "Value ({other}) for parameter attribute is invalid. Unknown attribute."
+            )))
+        }
+    }
+    Ok(w.finish())
+}
+
+/// ModifyInstanceAttribute: the instance type and user data while stopped, API termination
+/// protection at any time.
+pub async fn modify_instance_attribute(
+    cx: &Cx<'_>,
+    a: router::ModifyInstanceAttribute,
+    dry_run: bool,
+) -> Result<String, Ec2Error> {
+    use router::InstanceAttributeChange as C;
+    let v = own_instances(cx, std::slice::from_ref(&a.instance_id))
+        .await?
+        .remove(0);
+    let (field, value) = match &a.change {
+        C::InstanceType(t) => {
+            let key = crate::store::record_key("instancetypes", None, t);
+            if cx.registry.cache.get("instancetypes", &key).is_none() {
+                return Err(Ec2Error::invalid_instance_type(t));
+            }
+            ("instanceType", json!(t))
+        }
+        C::UserData(u) => ("userData", json!(u)),
+        C::DisableApiTermination(d) => ("disableApiTermination", json!(d)),
+        other => {
+            return Err(Ec2Error::unsupported_operation(format!(
+                "Changing {} is not supported by Karri yet.",
+                change_name(other)
+            )))
+        }
+    };
+    let needs_stopped = matches!(a.change, C::InstanceType(_) | C::UserData(_));
+    if needs_stopped && shown_state(&v) != crds::InstanceState::Stopped {
+        return Err(Ec2Error::incorrect_instance_state(format!(
+            "The instance '{}' is not in the 'stopped' state.",
+            a.instance_id
+        )));
+    }
+    if dry_run {
+        return Err(Ec2Error::dry_run_operation());
+    }
+    update_spec(cx, &v, &mut |next: &mut Value| {
+        next["spec"][field] = value.clone();
+    })
+    .await?;
+    let mut w = cx.response("ModifyInstanceAttribute");
+    w.leaf_bool("return", true);
+    Ok(w.finish())
+}
+
+fn change_name(c: &router::InstanceAttributeChange) -> &'static str {
+    use router::InstanceAttributeChange as C;
+    match c {
+        C::InstanceType(_) => "instanceType",
+        C::Kernel(_) => "kernel",
+        C::Ramdisk(_) => "ramdisk",
+        C::UserData(_) => "userData",
+        C::DisableApiTermination(_) => "disableApiTermination",
+        C::DisableApiStop(_) => "disableApiStop",
+        C::InstanceInitiatedShutdownBehavior(_) => "instanceInitiatedShutdownBehavior",
+        C::SourceDestCheck(_) => "sourceDestCheck",
+        C::EbsOptimized(_) => "ebsOptimized",
+        C::EnaSupport(_) => "enaSupport",
+        C::SriovNetSupport(_) => "sriovNetSupport",
+        C::GroupSet(_) => "groupSet",
+    }
+}
+
+/// GetConsoleOutput: the base64 console log the node agent last reported for the instance.
+pub async fn get_console_output(
+    cx: &Cx<'_>,
+    a: router::GetConsoleOutput,
+) -> Result<String, Ec2Error> {
+    let v = own_instances(cx, std::slice::from_ref(&a.instance_id))
+        .await?
+        .remove(0);
+    let console = console_of(cx, &v).await?;
+    let mut w = cx.response("GetConsoleOutput");
+    w.leaf("instanceId", &a.instance_id)
+        .leaf_time(
+            "timestamp",
+            console
+                .as_ref()
+                .and_then(|(_, t)| *t)
+                .unwrap_or_else(chrono::Utc::now),
+        )
+        .leaf_opt("output", console.as_ref().map(|(o, _)| o.as_str()));
+    Ok(w.finish())
+}
+
+/// The console output an instance's node agent keeps (in the instance's `ConsoleOutput`
+/// record, when the agent has written one) and when it was captured.
+async fn console_of(
+    cx: &Cx<'_>,
+    v: &Value,
+) -> Result<Option<(String, Option<chrono::DateTime<chrono::Utc>>)>, Ec2Error> {
+    let _ = cx;
+    Ok(opt(v, "/status/consoleOutput").map(|o| {
+        (
+            o.to_string(),
+            time_at(v, "/status/consoleOutputTime"),
+        )
+    }))
+}

@@ -1,0 +1,216 @@
+//! Tag actions: CreateTags, DeleteTags and DescribeTags over the caller's instances, images and
+//! key pairs (tags live in each record's `spec.tags`).
+
+use std::borrow::Cow;
+
+use serde_json::{json, Value};
+
+use super::{from_api, id_of, namespace, tags_of, text, Cx};
+use crate::admission::Subresource;
+use crate::ec2::error::Ec2Error;
+use crate::ec2::filter::{self, Matcher};
+use crate::ec2::router;
+use crate::registry::WriteOptions;
+
+/// Tags as (key, value) pairs, in order.
+type Tags = Vec<(String, String)>;
+
+/// A DescribeTags row: resource ID, resource type, key, value.
+type TagRow = (String, &'static str, String, String);
+
+/// The plural and EC2 resource type of a taggable resource ID.
+fn resource_of(id: &str) -> Option<(&'static str, &'static str)> {
+    match id.split_once('-')?.0 {
+        "i" => Some(("instances", "instance")),
+        "emi" | "ami" | "eki" | "aki" | "eri" | "ari" => Some(("images", "image")),
+        "key" => Some(("keypairs", "key-pair")),
+        _ => None,
+    }
+}
+
+fn not_found(plural: &str, id: &str) -> Ec2Error {
+    match plural {
+        "instances" => Ec2Error::instance_not_found(&[id]),
+        "images" => Ec2Error::image_not_found(&[id]),
+        _ => Ec2Error::new(
+            "InvalidKeyPair.NotFound",
+            400,
+            format!("The key pair ID '{id}' does not exist"),
+        ),
+    }
+}
+
+/// Resolve every resource ID to the caller's record (all or nothing).
+async fn resources(cx: &Cx<'_>, ids: &[String]) -> Result<Vec<(&'static str, Value)>, Ec2Error> {
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        let Some((plural, _)) = resource_of(id) else {
+            if id.starts_with("vpc-") || id.starts_with("subnet-") {
+                return Err(Ec2Error::unsupported_operation(format!(
+                    "Tagging {id} is not supported by Karri yet."
+                )));
+            }
+            return Err(Ec2Error::invalid_id(id));
+        };
+        let found = cx.registry.find_by_id(id).await.map_err(from_api)?;
+        match found {
+            Some(v) if super::is_kind(&v, plural) && namespace(&v) == cx.caller.namespace => {
+                out.push((plural, v));
+            }
+            _ => return Err(not_found(plural, id)),
+        }
+    }
+    Ok(out)
+}
+
+async fn retag(
+    cx: &Cx<'_>,
+    plural: &str,
+    v: &Value,
+    change: &(dyn Fn(Tags) -> Tags + Sync),
+) -> Result<(), Ec2Error> {
+    let kind = cx.kind(plural)?;
+    cx.registry
+        .update_with(
+            &kind,
+            Some(&cx.caller.namespace),
+            text(v, "/metadata/name"),
+            &cx.caller.principal(),
+            Subresource::Main,
+            None,
+            WriteOptions::default(),
+            &mut |cur: &Value| {
+                let tags: Vec<(String, String)> = tags_of(cur)
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect();
+                let tags = change(tags);
+                if tags.len() > crds::common::MAX_TAGS {
+                    return Err(crate::error::ApiError::bad_request("TagLimitExceeded"));
+                }
+                let mut next = cur.clone();
+                next["spec"]["tags"] = json!(tags
+                    .into_iter()
+                    .map(|(key, value)| json!({"key": key, "value": value}))
+                    .collect::<Vec<_>>());
+                Ok(next)
+            },
+        )
+        .await
+        .map_err(|e| {
+            if e.code == 400 && e.message == "TagLimitExceeded" {
+                Ec2Error::tag_limit_exceeded()
+            } else {
+                from_api(e)
+            }
+        })?;
+    Ok(())
+}
+
+/// CreateTags: add or overwrite tags on every resource.
+pub async fn create_tags(
+    cx: &Cx<'_>,
+    a: router::CreateTags,
+    dry_run: bool,
+) -> Result<String, Ec2Error> {
+    let targets = resources(cx, &a.resource_ids).await?;
+    if dry_run {
+        return Err(Ec2Error::dry_run_operation());
+    }
+    let add: Vec<(String, String)> = a
+        .tags
+        .iter()
+        .map(|t| (t.key.clone(), t.value.clone()))
+        .collect();
+    for (plural, v) in &targets {
+        retag(cx, plural, v, &|mut tags| {
+            for (k, val) in &add {
+                match tags.iter_mut().find(|(key, _)| key == k) {
+                    Some(t) => t.1 = val.clone(),
+                    None => tags.push((k.clone(), val.clone())),
+                }
+            }
+            tags
+        })
+        .await?;
+    }
+    let mut w = cx.response("CreateTags");
+    w.leaf_bool("return", true);
+    Ok(w.finish())
+}
+
+/// DeleteTags: remove the named tags (only where the value matches, when one is given), or
+/// every tag when none is named.
+pub async fn delete_tags(
+    cx: &Cx<'_>,
+    a: router::DeleteTags,
+    dry_run: bool,
+) -> Result<String, Ec2Error> {
+    let targets = resources(cx, &a.resource_ids).await?;
+    if dry_run {
+        return Err(Ec2Error::dry_run_operation());
+    }
+    for (plural, v) in &targets {
+        retag(cx, plural, v, &|tags| {
+            if a.tags.is_empty() {
+                return Vec::new();
+            }
+            tags.into_iter()
+                .filter(|(k, val)| {
+                    !a.tags.iter().any(|d| {
+                        d.key == *k && d.value.as_ref().is_none_or(|want| want == val)
+                    })
+                })
+                .collect()
+        })
+        .await?;
+    }
+    let mut w = cx.response("DeleteTags");
+    w.leaf_bool("return", true);
+    Ok(w.finish())
+}
+
+/// DescribeTags.
+pub async fn describe_tags(cx: &Cx<'_>, a: router::DescribeTags) -> Result<String, Ec2Error> {
+    filter::validate_names(&a.filters, filter::TAG_FILTERS, false)?;
+    let mut rows: Vec<(String, TagRow)> = Vec::new();
+    for (plural, kind) in [
+        ("instances", "instance"),
+        ("images", "image"),
+        ("keypairs", "key-pair"),
+    ] {
+        for o in cx.own(plural).await? {
+            let id = id_of(&o.value).to_string();
+            for (k, v) in tags_of(&o.value) {
+                rows.push((
+                    format!("{id}\u{0}{k}"),
+                    (id.clone(), kind, k.to_string(), v.to_string()),
+                ));
+            }
+        }
+    }
+    let matcher = Matcher::new(&a.filters);
+    rows.retain(|(_, (id, kind, k, v))| {
+        matcher.matches(|name| match name {
+            "resource-id" => vec![Cow::Borrowed(id.as_str())],
+            "resource-type" => vec![Cow::Borrowed(*kind)],
+            "key" => vec![Cow::Borrowed(k.as_str())],
+            "value" => vec![Cow::Borrowed(v.as_str())],
+            _ => Vec::new(),
+        })
+    });
+    let (page, token) = super::paginate(
+        rows,
+        a.next_token.as_deref(),
+        a.max_results.map(|m| m as usize),
+    )?;
+    let mut w = cx.response("DescribeTags");
+    w.set("tagSet", page, |w, (id, kind, k, v)| {
+        w.leaf("resourceId", &id)
+            .leaf("resourceType", kind)
+            .leaf("key", &k)
+            .leaf("value", &v);
+    });
+    w.leaf_opt("nextToken", token.as_deref());
+    Ok(w.finish())
+}

@@ -1,0 +1,839 @@
+//! EC2 `Filter.N.Name` / `Filter.N.Value.M` filters: name validation per action and matching.
+//!
+//! Semantics, as the EC2 API reference documents them: the values of one filter are ORed, the
+//! filters of a request are ANDed; in values `*` matches any run of characters (including none)
+//! and `?` exactly one, and `\` makes the next character literal (`\*`, `\?`, `\\`); matching is
+//! case-sensitive. A resource exposes, per filter name, zero or more values (an instance has one
+//! `instance-type` but possibly several `tag-key`s); a filter matches when any of its patterns
+//! matches any of the resource's values for that name.
+//!
+//! ```text
+//! let matcher = Matcher::new(&request.filters);
+//! let hits = instances.iter().filter(|i| matcher.matches(|name| instance_values(i, name)));
+//! ```
+
+use std::borrow::Cow;
+
+use super::error::Ec2Error;
+
+/// One filter of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Filter {
+    /// The filter name, e.g. `instance-state-name` or `tag:Name`.
+    pub name: String,
+    /// The patterns; the filter matches when any of them does.
+    pub values: Vec<String>,
+}
+
+impl Filter {
+    /// A filter from a name and values (mostly for tests and handlers building internal filters).
+    pub fn new<S: Into<String>>(
+        name: impl Into<String>,
+        values: impl IntoIterator<Item = S>,
+    ) -> Self {
+        Filter {
+            name: name.into(),
+            values: values.into_iter().map(Into::into).collect(),
+        }
+    }
+
+    /// The tag key of a `tag:<key>` filter.
+    pub fn tag_key(&self) -> Option<&str> {
+        self.name.strip_prefix("tag:")
+    }
+}
+
+/// Checks every filter name against `allowed`. When `taggable`, `tag:<key>` (with a non-empty
+/// key), `tag-key` and `tag-value` are allowed as well. An unknown name gives
+/// `InvalidParameterValue` "The filter 'foo' is invalid".
+pub fn validate_names(
+    filters: &[Filter],
+    allowed: &[&str],
+    taggable: bool,
+) -> Result<(), Ec2Error> {
+    for filter in filters {
+        let name = filter.name.as_str();
+        let tag_filter = taggable
+            && (name == "tag-key"
+                || name == "tag-value"
+                || name.strip_prefix("tag:").is_some_and(|key| !key.is_empty()));
+        if !tag_filter && !allowed.contains(&name) {
+            return Err(Ec2Error::invalid_filter(name));
+        }
+    }
+    Ok(())
+}
+
+/// The values of the tag filters (`tag:<key>`, `tag-key`, `tag-value`) for a resource whose tags
+/// are `tags`; `None` when `name` is not a tag filter. Handlers call this first in their value
+/// function and fall back to their own attributes.
+pub fn tag_filter_values<'a, I>(name: &str, tags: I) -> Option<Vec<Cow<'a, str>>>
+where
+    I: IntoIterator<Item = (&'a str, &'a str)>,
+{
+    if let Some(key) = name.strip_prefix("tag:") {
+        return Some(
+            tags.into_iter()
+                .filter(|(k, _)| *k == key)
+                .map(|(_, v)| Cow::Borrowed(v))
+                .collect(),
+        );
+    }
+    match name {
+        "tag-key" => Some(tags.into_iter().map(|(k, _)| Cow::Borrowed(k)).collect()),
+        "tag-value" => Some(tags.into_iter().map(|(_, v)| Cow::Borrowed(v)).collect()),
+        _ => None,
+    }
+}
+
+/// One piece of a compiled pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Token {
+    /// A literal character.
+    Char(char),
+    /// `?`: exactly one character.
+    One,
+    /// `*`: any run of characters.
+    Any,
+}
+
+/// A compiled filter value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern(Compiled);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Compiled {
+    /// No wildcard: plain string equality (the escapes already resolved).
+    Exact(String),
+    /// With wildcards.
+    Wild(Vec<Token>),
+}
+
+impl Pattern {
+    /// Compiles an EC2 filter value: `*` and `?` are wildcards, `\` makes the next character
+    /// literal, a trailing lone `\` is a literal backslash.
+    pub fn compile(value: &str) -> Pattern {
+        let mut tokens = Vec::with_capacity(value.len());
+        let mut wild = false;
+        let mut chars = value.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => tokens.push(Token::Char(chars.next().unwrap_or('\\'))),
+                '*' => {
+                    wild = true;
+                    if tokens.last() != Some(&Token::Any) {
+                        tokens.push(Token::Any);
+                    }
+                }
+                '?' => {
+                    wild = true;
+                    tokens.push(Token::One);
+                }
+                c => tokens.push(Token::Char(c)),
+            }
+        }
+        if wild {
+            Pattern(Compiled::Wild(tokens))
+        } else {
+            Pattern(Compiled::Exact(
+                tokens
+                    .into_iter()
+                    .filter_map(|t| match t {
+                        Token::Char(c) => Some(c),
+                        _ => None,
+                    })
+                    .collect(),
+            ))
+        }
+    }
+
+    /// Whether `text` matches (case-sensitively).
+    pub fn matches(&self, text: &str) -> bool {
+        match &self.0 {
+            Compiled::Exact(s) => s == text,
+            Compiled::Wild(tokens) => wildcard_match(tokens, text),
+        }
+    }
+}
+
+/// Iterative wildcard matching with single-star backtracking: O(pattern × text) at worst, no
+/// recursion.
+fn wildcard_match(tokens: &[Token], text: &str) -> bool {
+    let text: Vec<char> = text.chars().collect();
+    let (mut p, mut t) = (0usize, 0usize);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        match tokens.get(p) {
+            Some(Token::Char(c)) if *c == text[t] => {
+                p += 1;
+                t += 1;
+            }
+            Some(Token::One) => {
+                p += 1;
+                t += 1;
+            }
+            Some(Token::Any) => {
+                star = Some((p, t));
+                p += 1;
+            }
+            _ => match star {
+                Some((sp, st)) => {
+                    p = sp + 1;
+                    t = st + 1;
+                    star = Some((sp, st + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    tokens[p.min(tokens.len())..]
+        .iter()
+        .all(|t| *t == Token::Any)
+}
+
+/// Whether `text` matches the EC2 filter value `pattern` (compiling it each time; use
+/// [`Matcher`] for many resources).
+pub fn wildcard_matches(pattern: &str, text: &str) -> bool {
+    Pattern::compile(pattern).matches(text)
+}
+
+/// The filters of a request, compiled once and applied to many resources.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Matcher {
+    filters: Vec<(String, Vec<Pattern>)>,
+}
+
+impl Matcher {
+    /// Compiles `filters`.
+    pub fn new(filters: &[Filter]) -> Self {
+        Matcher {
+            filters: filters
+                .iter()
+                .map(|f| {
+                    (
+                        f.name.clone(),
+                        f.values.iter().map(|v| Pattern::compile(v)).collect(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether there are no filters (everything matches).
+    pub fn is_empty(&self) -> bool {
+        self.filters.is_empty()
+    }
+
+    /// Whether the resource matches every filter. `values_of(name)` returns the resource's values
+    /// for a filter name (empty when it has none, which matches no pattern).
+    pub fn matches<'r, F>(&self, mut values_of: F) -> bool
+    where
+        F: FnMut(&str) -> Vec<Cow<'r, str>>,
+    {
+        self.filters.iter().all(|(name, patterns)| {
+            let values = values_of(name);
+            patterns
+                .iter()
+                .any(|p| values.iter().any(|v| p.matches(v.as_ref())))
+        })
+    }
+
+    /// Like [`Matcher::matches`], for a resource implementing [`Filterable`].
+    pub fn matches_resource<R: Filterable + ?Sized>(&self, resource: &R) -> bool {
+        self.matches(|name| resource.filter_values(name))
+    }
+}
+
+/// A resource that can be filtered: its values for each filter name.
+pub trait Filterable {
+    /// The resource's values for filter `name` (empty when it has none).
+    fn filter_values(&self, name: &str) -> Vec<Cow<'_, str>>;
+}
+
+/// Whether `values_of` satisfies all `filters` (compiling them; use [`Matcher`] for many
+/// resources).
+pub fn matches_all<'r, F>(filters: &[Filter], values_of: F) -> bool
+where
+    F: FnMut(&str) -> Vec<Cow<'r, str>>,
+{
+    Matcher::new(filters).matches(values_of)
+}
+
+// ----- Filter names each action accepts (from the EC2 API reference, 2016-11-15) -------------
+// Tag filters (`tag:<key>`, `tag-key`, `tag-value`) are not listed; `validate_names` allows them
+// for taggable resources.
+
+/// DescribeInstances (taggable).
+pub const INSTANCE_FILTERS: &[&str] = &[
+    "affinity",
+    "architecture",
+    "availability-zone",
+    "availability-zone-id",
+    "block-device-mapping.attach-time",
+    "block-device-mapping.delete-on-termination",
+    "block-device-mapping.device-name",
+    "block-device-mapping.status",
+    "block-device-mapping.volume-id",
+    "boot-mode",
+    "capacity-reservation-id",
+    "capacity-reservation-specification.capacity-reservation-preference",
+    "capacity-reservation-specification.capacity-reservation-target.capacity-reservation-id",
+    "capacity-reservation-specification.capacity-reservation-target.capacity-reservation-resource-group-arn",
+    "client-token",
+    "current-instance-boot-mode",
+    "dns-name",
+    "ebs-optimized",
+    "ena-support",
+    "enclave-options.enabled",
+    "group-id",
+    "group-name",
+    "hibernation-options.configured",
+    "host-id",
+    "hypervisor",
+    "iam-instance-profile.arn",
+    "iam-instance-profile.id",
+    "image-id",
+    "instance-id",
+    "instance-lifecycle",
+    "instance-state-code",
+    "instance-state-name",
+    "instance-type",
+    "instance.group-id",
+    "instance.group-name",
+    "ip-address",
+    "ipv6-address",
+    "kernel-id",
+    "key-name",
+    "launch-index",
+    "launch-time",
+    "maintenance-options.auto-recovery",
+    "metadata-options.http-endpoint",
+    "metadata-options.http-protocol-ipv4",
+    "metadata-options.http-protocol-ipv6",
+    "metadata-options.http-put-response-hop-limit",
+    "metadata-options.http-tokens",
+    "metadata-options.instance-metadata-tags",
+    "metadata-options.state",
+    "monitoring-state",
+    "network-interface.addresses.association.allocation-id",
+    "network-interface.addresses.association.association-id",
+    "network-interface.addresses.association.carrier-ip",
+    "network-interface.addresses.association.customer-owned-ip",
+    "network-interface.addresses.association.ip-owner-id",
+    "network-interface.addresses.association.public-dns-name",
+    "network-interface.addresses.association.public-ip",
+    "network-interface.addresses.primary",
+    "network-interface.addresses.private-dns-name",
+    "network-interface.addresses.private-ip-address",
+    "network-interface.association.allocation-id",
+    "network-interface.association.association-id",
+    "network-interface.association.carrier-ip",
+    "network-interface.association.customer-owned-ip",
+    "network-interface.association.ip-owner-id",
+    "network-interface.association.public-dns-name",
+    "network-interface.association.public-ip",
+    "network-interface.attachment.attach-time",
+    "network-interface.attachment.attachment-id",
+    "network-interface.attachment.delete-on-termination",
+    "network-interface.attachment.device-index",
+    "network-interface.attachment.instance-id",
+    "network-interface.attachment.instance-owner-id",
+    "network-interface.attachment.network-card-index",
+    "network-interface.attachment.status",
+    "network-interface.availability-zone",
+    "network-interface.deny-all-igw-traffic",
+    "network-interface.description",
+    "network-interface.group-id",
+    "network-interface.group-name",
+    "network-interface.ipv4-prefixes.ipv4-prefix",
+    "network-interface.ipv6-address",
+    "network-interface.ipv6-addresses.ipv6-address",
+    "network-interface.ipv6-addresses.is-primary-ipv6",
+    "network-interface.ipv6-native",
+    "network-interface.ipv6-prefixes.ipv6-prefix",
+    "network-interface.mac-address",
+    "network-interface.network-interface-id",
+    "network-interface.operator.managed",
+    "network-interface.operator.principal",
+    "network-interface.outpost-arn",
+    "network-interface.owner-id",
+    "network-interface.private-dns-name",
+    "network-interface.private-ip-address",
+    "network-interface.public-dns-name",
+    "network-interface.requester-id",
+    "network-interface.requester-managed",
+    "network-interface.source-dest-check",
+    "network-interface.status",
+    "network-interface.subnet-id",
+    "network-interface.tag-key",
+    "network-interface.tag-value",
+    "network-interface.vpc-id",
+    "network-performance-options.bandwidth-weighting",
+    "operator.managed",
+    "operator.principal",
+    "outpost-arn",
+    "owner-id",
+    "placement-group-name",
+    "placement-partition-number",
+    "platform",
+    "platform-details",
+    "private-dns-name",
+    "private-dns-name-options.enable-resource-name-dns-a-record",
+    "private-dns-name-options.enable-resource-name-dns-aaaa-record",
+    "private-dns-name-options.hostname-type",
+    "private-ip-address",
+    "product-code",
+    "product-code.type",
+    "ramdisk-id",
+    "reason",
+    "requester-id",
+    "reservation-id",
+    "root-device-name",
+    "root-device-type",
+    "source-dest-check",
+    "spot-instance-request-id",
+    "state-reason-code",
+    "state-reason-message",
+    "subnet-id",
+    "tenancy",
+    "tpm-support",
+    "usage-operation",
+    "usage-operation-update-time",
+    "virtualization-type",
+    "vpc-id",
+];
+
+/// DescribeInstanceStatus (not taggable).
+pub const INSTANCE_STATUS_FILTERS: &[&str] = &[
+    "application-status.status",
+    "attached-ebs-status.status",
+    "availability-zone",
+    "availability-zone-id",
+    "event.code",
+    "event.description",
+    "event.instance-event-id",
+    "event.not-after",
+    "event.not-before",
+    "event.not-before-deadline",
+    "instance-state-code",
+    "instance-state-name",
+    "instance-status.reachability",
+    "instance-status.status",
+    "operator.managed",
+    "operator.principal",
+    "system-status.reachability",
+    "system-status.status",
+];
+
+/// DescribeInstanceTypes (not taggable).
+pub const INSTANCE_TYPE_FILTERS: &[&str] = &[
+    "auto-recovery-supported",
+    "bare-metal",
+    "burstable-performance-supported",
+    "current-generation",
+    "dedicated-hosts-supported",
+    "ebs-info.attachment-limit-type",
+    "ebs-info.ebs-optimized-info.baseline-bandwidth-in-mbps",
+    "ebs-info.ebs-optimized-info.baseline-iops",
+    "ebs-info.ebs-optimized-info.baseline-throughput-in-mbps",
+    "ebs-info.ebs-optimized-info.maximum-bandwidth-in-mbps",
+    "ebs-info.ebs-optimized-info.maximum-iops",
+    "ebs-info.ebs-optimized-info.maximum-throughput-in-mbps",
+    "ebs-info.ebs-optimized-support",
+    "ebs-info.encryption-support",
+    "ebs-info.maximum-ebs-attachments",
+    "ebs-info.nvme-support",
+    "free-tier-eligible",
+    "hibernation-supported",
+    "hypervisor",
+    "instance-storage-info.disk.count",
+    "instance-storage-info.disk.size-in-gb",
+    "instance-storage-info.disk.type",
+    "instance-storage-info.encryption-support",
+    "instance-storage-info.nvme-support",
+    "instance-storage-info.total-size-in-gb",
+    "instance-storage-supported",
+    "instance-type",
+    "memory-info.size-in-mib",
+    "network-info.bandwidth-weightings",
+    "network-info.efa-info.maximum-efa-interfaces",
+    "network-info.efa-supported",
+    "network-info.ena-support",
+    "network-info.encryption-in-transit-supported",
+    "network-info.flexible-ena-queues-support",
+    "network-info.ipv4-addresses-per-interface",
+    "network-info.ipv6-addresses-per-interface",
+    "network-info.ipv6-supported",
+    "network-info.maximum-network-cards",
+    "network-info.maximum-network-interfaces",
+    "network-info.network-performance",
+    "nitro-enclaves-support",
+    "nitro-tpm-info.supported-versions",
+    "nitro-tpm-support",
+    "processor-info.supported-architecture",
+    "processor-info.supported-features",
+    "processor-info.sustained-clock-speed-in-ghz",
+    "reboot-migration-support",
+    "supported-boot-mode",
+    "supported-root-device-type",
+    "supported-usage-class",
+    "supported-virtualization-type",
+    "vcpu-info.default-cores",
+    "vcpu-info.default-threads-per-core",
+    "vcpu-info.default-vcpus",
+    "vcpu-info.valid-cores",
+    "vcpu-info.valid-threads-per-core",
+];
+
+/// DescribeAvailabilityZones (not taggable).
+pub const AVAILABILITY_ZONE_FILTERS: &[&str] = &[
+    "group-long-name",
+    "group-name",
+    "message",
+    "opt-in-status",
+    "parent-zone-id",
+    "parent-zone-name",
+    "region-name",
+    "state",
+    "zone-id",
+    "zone-name",
+    "zone-type",
+];
+
+/// DescribeRegions (not taggable).
+pub const REGION_FILTERS: &[&str] = &["endpoint", "opt-in-status", "region-name"];
+
+/// DescribeKeyPairs (taggable).
+pub const KEY_PAIR_FILTERS: &[&str] = &["fingerprint", "key-name", "key-pair-id"];
+
+/// DescribeImages (taggable).
+pub const IMAGE_FILTERS: &[&str] = &[
+    "architecture",
+    "block-device-mapping.delete-on-termination",
+    "block-device-mapping.device-name",
+    "block-device-mapping.encrypted",
+    "block-device-mapping.snapshot-id",
+    "block-device-mapping.volume-size",
+    "block-device-mapping.volume-type",
+    "boot-mode",
+    "creation-date",
+    "description",
+    "ena-support",
+    "free-tier-eligible",
+    "hypervisor",
+    "image-allowed",
+    "image-id",
+    "image-type",
+    "image-watermark.source-image-creation-time",
+    "image-watermark.source-image-id",
+    "image-watermark.source-image-region",
+    "image-watermark.watermark-creation-time",
+    "image-watermark.watermark-key",
+    "instance-type-specification.supported-instance-type",
+    "instance-type-specification.unsupported-instance-type",
+    "is-public",
+    "kernel-id",
+    "manifest-location",
+    "name",
+    "owner-alias",
+    "owner-id",
+    "platform",
+    "product-code",
+    "product-code.type",
+    "public-ssm-parameter-name",
+    "ramdisk-id",
+    "root-device-name",
+    "root-device-type",
+    "scan-result.critical-fix-available-since",
+    "scan-result.finding-scan-date",
+    "scan-result.high-fix-available-since",
+    "scan-result.highest-finding-severity-label",
+    "scan-result.informational-fix-available-since",
+    "scan-result.low-fix-available-since",
+    "scan-result.medium-fix-available-since",
+    "source-image-id",
+    "source-image-region",
+    "source-instance-id",
+    "sriov-net-support",
+    "state",
+    "state-reason-code",
+    "state-reason-message",
+    "virtualization-type",
+];
+
+/// DescribeTags (`tag:<key>` is allowed there too: validate with `taggable = true`).
+pub const TAG_FILTERS: &[&str] = &["key", "resource-id", "resource-type", "value"];
+
+/// DescribeVpcs (taggable).
+pub const VPC_FILTERS: &[&str] = &[
+    "cidr",
+    "cidr-block-association.association-id",
+    "cidr-block-association.cidr-block",
+    "cidr-block-association.state",
+    "dhcp-options-id",
+    "ipv6-cidr-block-association.association-id",
+    "ipv6-cidr-block-association.ipv6-cidr-block",
+    "ipv6-cidr-block-association.ipv6-pool",
+    "ipv6-cidr-block-association.state",
+    "is-default",
+    "owner-id",
+    "state",
+    "vpc-id",
+];
+
+/// DescribeSubnets (taggable).
+pub const SUBNET_FILTERS: &[&str] = &[
+    "availability-zone",
+    "availability-zone-id",
+    "available-ip-address-count",
+    "cidr-block",
+    "customer-owned-ipv4-pool",
+    "default-for-az",
+    "enable-dns64",
+    "enable-lni-at-device-index",
+    "ipv6-cidr-block-association.association-id",
+    "ipv6-cidr-block-association.ipv6-cidr-block",
+    "ipv6-cidr-block-association.state",
+    "ipv6-native",
+    "map-customer-owned-ip-on-launch",
+    "map-public-ip-on-launch",
+    "outpost-arn",
+    "owner-id",
+    "private-dns-name-options-on-launch.enable-resource-name-dns-a-record",
+    "private-dns-name-options-on-launch.enable-resource-name-dns-aaaa-record",
+    "private-dns-name-options-on-launch.hostname-type",
+    "state",
+    "subnet-arn",
+    "subnet-id",
+    "vpc-id",
+];
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcards_escapes_and_case_follow_the_ec2_rules() {
+        let rows: &[(&str, &str, bool)] = &[
+            ("m1.small", "m1.small", true),
+            ("m1.small", "m1.smal", false),
+            ("m1.small", "M1.SMALL", false),
+            ("*", "", true),
+            ("*", "anything", true),
+            ("m1.*", "m1.large", true),
+            ("m1.*", "m3.large", false),
+            ("*.large", "m1.large", true),
+            ("*web*", "my-web-server", true),
+            ("*web*", "my-db-server", false),
+            ("?", "a", true),
+            ("?", "", false),
+            ("?", "ab", false),
+            ("t2.??cro", "t2.micro", true),
+            ("a*b*c", "aXXbYYc", true),
+            ("a*b*c", "aXXbYY", false),
+            ("a**b", "ab", true),
+            ("*a", "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbba", true),
+            (
+                "*a*a*a*a*a*b",
+                "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                false,
+            ),
+            (r"\*amazon\?\\", r"*amazon?\", true),
+            (r"\*amazon\?\\", r"Xamazon?\", false),
+            (r"\*", "*", true),
+            (r"\*", "x", false),
+            (r"50\%", "50%", true),
+            ("trailing\\", "trailing\\", true),
+            ("ünï*", "ünïcödé", true),
+            ("?ö", "éö", true),
+            ("", "", true),
+            ("", "x", false),
+        ];
+        for (pattern, text, expected) in rows {
+            assert_eq!(
+                wildcard_matches(pattern, text),
+                *expected,
+                "pattern {pattern:?} text {text:?}"
+            );
+        }
+    }
+
+    fn instance(name: &str) -> Vec<Cow<'static, str>> {
+        match name {
+            "instance-type" => vec!["m1.small".into()],
+            "instance-state-name" => vec!["running".into()],
+            "tag-key" => vec!["Name".into(), "env".into()],
+            "tag:Name" => vec!["web-1".into()],
+            "tag:env" => vec!["prod".into()],
+            _ => vec![],
+        }
+    }
+
+    #[test]
+    fn values_are_ored_and_filters_are_anded() {
+        let rows: Vec<(Vec<Filter>, bool)> = vec![
+            (vec![], true),
+            (vec![Filter::new("instance-type", ["m1.small"])], true),
+            (
+                vec![Filter::new("instance-type", ["m1.large", "m1.small"])],
+                true,
+            ),
+            (
+                vec![Filter::new("instance-type", ["m1.large", "t2.micro"])],
+                false,
+            ),
+            (
+                vec![
+                    Filter::new("instance-type", ["m1.small"]),
+                    Filter::new("instance-state-name", ["running"]),
+                ],
+                true,
+            ),
+            (
+                vec![
+                    Filter::new("instance-type", ["m1.small"]),
+                    Filter::new("instance-state-name", ["stopped"]),
+                ],
+                false,
+            ),
+            (vec![Filter::new("tag-key", ["env"])], true),
+            (vec![Filter::new("tag:Name", ["web-*"])], true),
+            (vec![Filter::new("tag:Name", ["db-*"])], false),
+            (vec![Filter::new("tag:missing", ["*"])], false),
+            (
+                vec![Filter::new("instance-type", Vec::<String>::new())],
+                false,
+            ),
+            (vec![Filter::new("unknown-attribute", ["*"])], false),
+        ];
+        for (filters, expected) in rows {
+            assert_eq!(matches_all(&filters, instance), expected, "{filters:?}");
+        }
+    }
+
+    #[test]
+    fn tag_filter_values_come_from_the_tags() {
+        let tags = [("Name", "web"), ("env", "prod"), ("Name2", "x")];
+        let get = |name: &str| tag_filter_values(name, tags.iter().map(|(k, v)| (*k, *v)));
+        assert_eq!(get("tag:Name"), Some(vec![Cow::Borrowed("web")]));
+        assert_eq!(get("tag:nope"), Some(vec![]));
+        assert_eq!(get("tag-key").map(|v| v.len()), Some(3));
+        assert_eq!(
+            get("tag-value"),
+            Some(vec![
+                Cow::Borrowed("web"),
+                Cow::Borrowed("prod"),
+                Cow::Borrowed("x")
+            ])
+        );
+        assert_eq!(get("instance-id"), None);
+    }
+
+    struct Key {
+        name: String,
+        tags: Vec<(String, String)>,
+    }
+
+    impl Filterable for Key {
+        fn filter_values(&self, name: &str) -> Vec<Cow<'_, str>> {
+            if let Some(v) = tag_filter_values(
+                name,
+                self.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            ) {
+                return v;
+            }
+            match name {
+                "key-name" => vec![Cow::Borrowed(self.name.as_str())],
+                _ => vec![],
+            }
+        }
+    }
+
+    #[test]
+    fn a_filterable_resource_is_matched_through_its_trait() {
+        let key = Key {
+            name: "deploy-key".into(),
+            tags: vec![("team".into(), "ops".into())],
+        };
+        let m = Matcher::new(&[
+            Filter::new("key-name", ["deploy-*"]),
+            Filter::new("tag:team", ["ops"]),
+        ]);
+        assert!(m.matches_resource(&key));
+        let m = Matcher::new(&[
+            Filter::new("key-name", ["deploy-*"]),
+            Filter::new("tag:team", ["dev"]),
+        ]);
+        assert!(!m.matches_resource(&key));
+    }
+
+    #[test]
+    fn unknown_filter_names_are_invalid_and_tag_filters_need_a_taggable_resource() {
+        let rows: &[(&str, &[&str], bool, Option<&str>)] = &[
+            ("instance-type", INSTANCE_FILTERS, true, None),
+            ("tag:Name", INSTANCE_FILTERS, true, None),
+            ("tag-key", INSTANCE_FILTERS, true, None),
+            ("tag-value", KEY_PAIR_FILTERS, true, None),
+            (
+                "tag:",
+                INSTANCE_FILTERS,
+                true,
+                Some("The filter 'tag:' is invalid"),
+            ),
+            (
+                "foo",
+                INSTANCE_FILTERS,
+                true,
+                Some("The filter 'foo' is invalid"),
+            ),
+            (
+                "Instance-Type",
+                INSTANCE_FILTERS,
+                true,
+                Some("The filter 'Instance-Type' is invalid"),
+            ),
+            (
+                "tag:Name",
+                REGION_FILTERS,
+                false,
+                Some("The filter 'tag:Name' is invalid"),
+            ),
+            ("region-name", REGION_FILTERS, false, None),
+            ("zone-name", AVAILABILITY_ZONE_FILTERS, false, None),
+            ("resource-type", TAG_FILTERS, true, None),
+        ];
+        for (name, allowed, taggable, expected) in rows {
+            let got = validate_names(&[Filter::new(*name, ["x"])], allowed, *taggable);
+            match expected {
+                None => assert!(got.is_ok(), "{name}: {got:?}"),
+                Some(message) => {
+                    let err = got.unwrap_err();
+                    assert_eq!(err.code, "InvalidParameterValue");
+                    assert_eq!(err.message, *message);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_filter_name_lists_are_sorted_and_free_of_tag_filters() {
+        for list in [
+            INSTANCE_FILTERS,
+            INSTANCE_STATUS_FILTERS,
+            INSTANCE_TYPE_FILTERS,
+            AVAILABILITY_ZONE_FILTERS,
+            REGION_FILTERS,
+            KEY_PAIR_FILTERS,
+            IMAGE_FILTERS,
+            TAG_FILTERS,
+            VPC_FILTERS,
+            SUBNET_FILTERS,
+        ] {
+            assert!(list.windows(2).all(|w| w[0] < w[1]), "{list:?}");
+            assert!(!list
+                .iter()
+                .any(|n| n.starts_with("tag:") || *n == "tag-key"));
+        }
+    }
+}

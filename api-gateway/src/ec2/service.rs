@@ -1,0 +1,265 @@
+//! The EC2 face over HTTP: read the form, verify the SigV4 signature against the access key's
+//! secret, resolve the calling account, route the form to a typed action, run it on the
+//! registry and answer in EC2's XML.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::Value;
+use tracing::Instrument;
+
+use super::error::Ec2Error;
+use super::params::Params;
+use super::{actions, router};
+use crate::auth::Principal;
+use crate::aws::sigv4::{self, SignedRequest, SigV4Error, VerifyPolicy};
+use crate::http::AppState;
+use crate::metrics::RequestLabels;
+use crate::registry::Registry;
+use crate::store;
+
+/// Largest EC2 request body accepted (a RunInstances with 16 KiB of user data is far smaller).
+pub const MAX_EC2_BODY: usize = 1024 * 1024;
+
+/// Settings of the EC2 face.
+#[derive(Debug, Clone)]
+pub struct Ec2Settings {
+    /// The region clients sign for, e.g. `karri-1`.
+    pub region: String,
+    /// Largest tolerated clock difference of a signed request.
+    pub max_skew: Duration,
+    /// The endpoint URL DescribeRegions shows, e.g. `https://127.0.0.1:8773`.
+    pub public_url: String,
+}
+
+/// Who is calling, resolved from the access key that signed the request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The account's record name.
+    pub account: String,
+    /// The 12-digit account ID.
+    pub account_id: String,
+    /// The namespace holding the account's records.
+    pub namespace: String,
+    /// The user the access key belongs to.
+    pub user: String,
+}
+
+impl Caller {
+    /// The principal the registry checks: an account user, confined to its namespace.
+    pub fn principal(&self) -> Principal {
+        Principal::Account {
+            user: format!("{}:{}", self.account, self.user),
+            namespace: self.namespace.clone(),
+        }
+    }
+}
+
+/// Whether a request at `/` is an AWS (EC2) request rather than a resource-API one: it names an
+/// `Action`, is a form POST, or carries a SigV4 signature.
+pub fn looks_like_aws(req: &Request) -> bool {
+    let query = req.uri().query().unwrap_or("");
+    let form = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    let sigv4 = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("AWS4-HMAC-SHA256"));
+    form || sigv4 || query.contains("Action=") || query.contains("X-Amz-Signature=")
+}
+
+/// The axum handler of the EC2 face.
+pub async fn serve(State(s): State<Arc<AppState>>, req: Request) -> Response {
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let span = tracing::info_span!("ec2", request_id = %request_id, action = tracing::field::Empty, account = tracing::field::Empty);
+    handle(s, req, request_id).instrument(span).await
+}
+
+async fn handle(s: Arc<AppState>, req: Request, request_id: String) -> Response {
+    let started = Instant::now();
+    let (action, result) = match answer(&s, req, &request_id).await {
+        Ok((action, xml)) => (action, Ok(xml)),
+        Err((action, e)) => (action, Err(e)),
+    };
+    let code = match &result {
+        Ok(_) => "200".to_string(),
+        Err(e) => e.status.to_string(),
+    };
+    let labels = RequestLabels {
+        verb: format!("ec2:{action}"),
+        resource: "ec2".into(),
+        code,
+    };
+    s.metrics.requests.get_or_create(&labels).inc();
+    s.metrics
+        .latency
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(xml) => xml_response(StatusCode::OK, xml, &request_id),
+        Err(e) => {
+            if e.is_server_error() {
+                tracing::error!(code = %e.code, message = %e.message, "EC2 request failed");
+            } else {
+                tracing::info!(code = %e.code, message = %e.message, "EC2 request refused");
+            }
+            let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
+            xml_response(status, e.to_xml(&request_id), &request_id)
+        }
+    }
+}
+
+fn xml_response(status: StatusCode, body: String, request_id: &str) -> Response {
+    let mut resp = (status, Body::from(body)).into_response();
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/xml;charset=UTF-8"),
+    );
+    if let Ok(v) = HeaderValue::from_str(request_id) {
+        headers.insert("x-amzn-requestid", v);
+    }
+    resp
+}
+
+type Answer = Result<(String, String), (String, Ec2Error)>;
+
+async fn answer(s: &AppState, req: Request, request_id: &str) -> Answer {
+    let unknown = |e| ("unknown".to_string(), e);
+    let (parts, body) = req.into_parts();
+    let body = axum::body::to_bytes(body, MAX_EC2_BODY)
+        .await
+        .map_err(|_| {
+            unknown(Ec2Error::invalid_parameter_value(format!(
+                "The request body is larger than {MAX_EC2_BODY} bytes or could not be read."
+            )))
+        })?;
+    let query = parts.uri.query().unwrap_or("");
+    let params = Params::from_request(Some(query), &body).map_err(unknown)?;
+    let action = params.get("Action").unwrap_or("unknown").to_string();
+    tracing::Span::current().record("action", action.as_str());
+    let fail = |e| (action.clone(), e);
+    let payload_hash = sigv4::payload_sha256_hex(&body);
+    let signed = SignedRequest {
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+        query,
+        headers: &parts.headers,
+        payload_hash: &payload_hash,
+    };
+    let caller = authenticate(s, &signed).await.map_err(fail)?;
+    tracing::Span::current().record("account", caller.account.as_str());
+    let request = router::route(&params).map_err(fail)?;
+    let cx = actions::Cx {
+        registry: &s.registry,
+        caller: &caller,
+        settings: &s.ec2,
+        request_id,
+    };
+    let xml = actions::run(&cx, request).await.map_err(fail)?;
+    Ok((action, xml))
+}
+
+fn sigv4_error(e: &SigV4Error) -> Ec2Error {
+    match e.aws_code() {
+        "SignatureDoesNotMatch" => Ec2Error::signature_does_not_match(),
+        "RequestExpired" => Ec2Error::request_expired(e.to_string()),
+        "MissingAuthenticationToken" => Ec2Error::missing_authentication_token(),
+        "IncompleteSignature" => Ec2Error::incomplete_signature(e.to_string()),
+        code => Ec2Error::new(code.to_string(), 401, e.to_string()),
+    }
+}
+
+/// Verify the signature and resolve the calling account.
+async fn authenticate(s: &AppState, req: &SignedRequest<'_>) -> Result<Caller, Ec2Error> {
+    let parsed = match sigv4::parse(req) {
+        Ok(Some(p)) => p,
+        Ok(None) => return Err(Ec2Error::missing_authentication_token()),
+        Err(e) => return Err(sigv4_error(&e)),
+    };
+    let key = find_access_key(&s.registry, &parsed.access_key_id)
+        .await
+        .map_err(|_| Ec2Error::service_unavailable())?
+        .ok_or_else(Ec2Error::auth_failure)?;
+    let text = |p: &str| {
+        key.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    if key.pointer("/spec/active").and_then(Value::as_bool) == Some(false) {
+        return Err(Ec2Error::auth_failure());
+    }
+    let secret = s
+        .registry
+        .open_secret(&text("/status/sealedSecret"))
+        .map_err(|e| {
+            tracing::error!(error = %e, "an access key's secret cannot be opened");
+            Ec2Error::internal_error()
+        })?;
+    let mut policy = VerifyPolicy::ec2(s.ec2.region.clone());
+    policy.max_skew = chrono::TimeDelta::from_std(s.ec2.max_skew)
+        .unwrap_or(policy.max_skew);
+    sigv4::verify(&parsed, req, &secret, chrono::Utc::now(), &policy)
+        .map_err(|e| sigv4_error(&e))?;
+    let account_name = text("/spec/accountName");
+    let account = find_account(&s.registry, &account_name)
+        .await
+        .map_err(|_| Ec2Error::service_unavailable())?
+        .ok_or_else(Ec2Error::auth_failure)?;
+    let account_text = |p: &str| {
+        account
+            .pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let account_id = account_text("/status/accountId");
+    let namespace = account_text("/status/namespace");
+    if account_id.is_empty() || namespace.is_empty() {
+        return Err(Ec2Error::auth_failure());
+    }
+    Ok(Caller {
+        account: account_name,
+        account_id,
+        namespace,
+        user: text("/spec/userName"),
+    })
+}
+
+/// The AccessKey record of an access key ID: from the watch cache, or from etcd through the
+/// unique index when the cache has not seen a brand-new key yet.
+async fn find_access_key(registry: &Registry, id: &str) -> crate::error::ApiResult<Option<Value>> {
+    let (keys, _) = registry
+        .cache
+        .list("accesskeys", &store::kind_prefix("accesskeys"));
+    if let Some(found) = keys
+        .iter()
+        .find(|k| k.value.pointer("/status/accessKeyId").and_then(Value::as_str) == Some(id))
+    {
+        return Ok(Some(found.value.clone()));
+    }
+    registry
+        .find_by_index(&store::unique_key(&["access-key", id]))
+        .await
+}
+
+/// An Account record by name: from the watch cache, else from etcd.
+pub async fn find_account(
+    registry: &Registry,
+    name: &str,
+) -> crate::error::ApiResult<Option<Value>> {
+    let key = store::record_key("accounts", None, name);
+    if let Some(found) = registry.cache.get("accounts", &key) {
+        return Ok(Some(found.value.clone()));
+    }
+    registry.read_key(&key).await
+}
