@@ -11,6 +11,10 @@ use crate::validation::{
     ValidationError,
 };
 
+/// Annotation RebootInstances sets to the time of the request; the node agent reboots a running
+/// domain whose `status.lastRebootRequest` differs, then records it there.
+pub const REBOOT_ANNOTATION: &str = "karri.dev/reboot-requested-at";
+
 /// Field selector path binding instances to nodes: agents list and watch
 /// `status.nodeName=<their node>`.
 pub const NODE_NAME_FIELD: &str = "status.nodeName";
@@ -221,6 +225,10 @@ pub struct InstanceStatus {
     /// Human-readable explanation of the last state change.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub message: Option<String>,
+    /// The reboot request (the `karri.dev/reboot-requested-at` annotation RebootInstances sets)
+    /// the node agent last carried out.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub last_reboot_request: Option<String>,
 }
 
 impl Validate for InstanceSpec {

@@ -32,6 +32,7 @@ pub use common::{Condition, ConditionStatus, Tag, CONDITION_READY, CONDITION_SCH
 pub use image::{Architecture, Image, ImageSpec, ImageState, ImageStatus};
 pub use instance::{
     DesiredState, Instance, InstanceSpec, InstanceState, InstanceStatus, NODE_NAME_FIELD,
+    REBOOT_ANNOTATION,
 };
 pub use instance_type::{InstanceType, InstanceTypeSpec, InstanceTypeStatus};
 pub use key_pair::{KeyPair, KeyPairSpec, KeyPairStatus, KeyType};

@@ -46,7 +46,7 @@ use crate::domain::{self, domain_name, DomainSpec, DomainType, RenderError};
 use crate::hypervisor::{apply_plan, Hypervisor, HypervisorError, ObservedDomain};
 use crate::metrics::Metrics;
 use crate::node::{self, NodeFacts};
-use crate::plan::{plan, Action, Desired, Power};
+use crate::plan::{plan, Action, Desired, DomainState, Power};
 use crate::report::{with_report, DomainReport};
 
 /// Plan-and-apply rounds in one reconcile before it gives up and tries again later.
@@ -174,7 +174,24 @@ pub fn desire(instance: &Instance, uid: &str, shutdown_timeout: Duration) -> Opt
         uid: uid.to_owned(),
         power,
         shutdown_timeout,
+        reboot: reboot_request(instance).is_some(),
     })
+}
+
+/// The reboot request of `instance` not yet carried out: its `karri.dev/reboot-requested-at`
+/// annotation when `status.lastRebootRequest` differs.
+pub fn reboot_request(instance: &Instance) -> Option<&str> {
+    let asked = instance
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(crds::REBOOT_ANNOTATION)?
+        .as_str();
+    let done = instance
+        .status
+        .as_ref()
+        .and_then(|s| s.last_reboot_request.as_deref());
+    (done != Some(asked)).then_some(asked)
 }
 
 /// Whether `instance` is bound to `node` and still wants a domain there.
@@ -252,6 +269,8 @@ impl<H: Hypervisor + 'static> Context<H> {
     ) -> Result<(Option<ObservedDomain>, Vec<Action>), Error> {
         let name = domain_name(id);
         let hv = &*self.hypervisor;
+        let mut desired = desired.cloned();
+        let desired = &mut desired;
         let mut observed = hv.observe(&name).await?;
         for _ in 0..MAX_ROUNDS {
             let elapsed = observed
@@ -259,7 +278,7 @@ impl<H: Hypervisor + 'static> Context<H> {
                 .filter(|d| d.uid == uid)
                 .and_then(|_| self.shutdown_elapsed(uid));
             let actions = plan(
-                desired,
+                desired.as_ref(),
                 observed.as_ref().map(|d| d.observed(elapsed)).as_ref(),
             );
             if actions.is_empty() {
@@ -276,11 +295,16 @@ impl<H: Hypervisor + 'static> Context<H> {
             if actions.contains(&Action::Shutdown) {
                 self.set_shutdown_clock(uid, true);
             }
+            if actions.contains(&Action::Reboot) {
+                if let Some(d) = desired.as_mut() {
+                    d.reboot = false;
+                }
+            }
             observed = hv.observe(&name).await?;
         }
         let elapsed = self.shutdown_elapsed(uid);
         let left = plan(
-            desired,
+            desired.as_ref(),
             observed.as_ref().map(|d| d.observed(elapsed)).as_ref(),
         );
         Ok((observed, left))
@@ -318,7 +342,21 @@ impl<H: Hypervisor + 'static> Context<H> {
 
         let report = DomainReport::of(observed.as_ref(), &uid);
         let generation = instance.metadata.generation;
-        if let Some(status) = with_report(instance.status.as_ref(), report, generation, &now()) {
+        // A reboot asked for is carried out once the record's domain runs (rebooted now, or
+        // started afresh).
+        let running = observed
+            .as_ref()
+            .is_some_and(|d| d.uid == uid && d.state == DomainState::Running);
+        let rebooted = reboot_request(instance)
+            .filter(|_| running && !left.contains(&Action::Reboot))
+            .map(str::to_owned);
+        let mut status = with_report(instance.status.as_ref(), report, generation, &now());
+        if let Some(asked) = rebooted {
+            let next = status.get_or_insert_with(|| instance.status.clone().unwrap_or_default());
+            next.last_reboot_request = Some(asked);
+            tracing::info!("rebooted the domain as asked");
+        }
+        if let Some(status) = status {
             let ns = instance.namespace().ok_or(Error::Incomplete("namespace"))?;
             let api: Api<Instance> = Api::namespaced(self.client.clone(), &ns);
             let mut updated = instance.clone();
@@ -642,6 +680,10 @@ mod tests {
                 availability_zone: None,
                 desired_state: desired,
                 client_token: None,
+                reservation_id: None,
+                launch_index: None,
+                disable_api_termination: false,
+                tags: Vec::new(),
             },
         );
         i.metadata.uid = Some(UID.into());

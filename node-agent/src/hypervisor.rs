@@ -185,6 +185,10 @@ pub trait Hypervisor: Send + Sync {
     /// domain is off or gone. The guest may ignore it: escalate with [`Hypervisor::destroy`].
     fn shutdown(&self, name: &str) -> impl Future<Output = Result<(), HypervisorError>> + Send;
 
+    /// Resets a running domain (RebootInstances): the guest restarts at once, as with a reset
+    /// button, so that guests without ACPI handling reboot too.
+    fn reboot(&self, name: &str) -> impl Future<Output = Result<(), HypervisorError>> + Send;
+
     /// Forces the domain off; succeeds if it is off or gone.
     fn destroy(&self, name: &str) -> impl Future<Output = Result<(), HypervisorError>> + Send;
 
@@ -216,6 +220,7 @@ pub async fn apply_plan<H: Hypervisor>(
             Action::Start => hypervisor.start(name).await?,
             Action::Shutdown => hypervisor.shutdown(name).await?,
             Action::Destroy => hypervisor.destroy(name).await?,
+            Action::Reboot => hypervisor.reboot(name).await?,
             Action::Undefine => hypervisor.undefine(name).await?,
         }
     }

@@ -35,6 +35,8 @@ pub struct Desired {
     /// How long a guest may take to shut down after the ACPI power button before it is forced
     /// off.
     pub shutdown_timeout: Duration,
+    /// A reboot was asked for (RebootInstances) and not yet carried out.
+    pub reboot: bool,
 }
 
 /// State of a domain as libvirt reports it, folded to what planning needs.
@@ -88,6 +90,8 @@ pub enum Action {
     Destroy,
     /// Remove the domain's definition.
     Undefine,
+    /// Reset the running domain (RebootInstances).
+    Reboot,
 }
 
 impl Action {
@@ -99,6 +103,7 @@ impl Action {
             Self::Shutdown => "shutdown",
             Self::Destroy => "destroy",
             Self::Undefine => "undefine",
+            Self::Reboot => "reboot",
         }
     }
 }
@@ -117,8 +122,8 @@ impl fmt::Display for Action {
 /// - a record, no domain: define, then start if it should run;
 /// - a domain whose UID is not the record's (left behind by an earlier record of the same name):
 ///   removed as above, then the record's domain is created as above;
-/// - running asked, domain shut off: start; crashed: destroy and start; running, paused, shutting
-///   down or unknown: nothing;
+/// - running asked, domain shut off: start; crashed: destroy and start; running: reboot when one
+///   is asked for, else nothing; paused, shutting down or unknown: nothing;
 /// - stopped asked, domain running or shutting down: shutdown, then nothing while the guest has
 ///   time, then destroy once [`Observed::shutdown_elapsed`] reaches
 ///   [`Desired::shutdown_timeout`]; paused, crashed or unknown: destroy; shut off: nothing;
@@ -171,6 +176,7 @@ fn converge(desired: &Desired, observed: &Observed) -> Vec<Action> {
         (Power::Running, DomainState::Crashed) => {
             actions.extend([Action::Destroy, Action::Start]);
         }
+        (Power::Running, DomainState::Running) if desired.reboot => actions.push(Action::Reboot),
         (
             Power::Running,
             DomainState::Running
@@ -210,6 +216,14 @@ mod tests {
             uid: UID.into(),
             power,
             shutdown_timeout: TIMEOUT,
+            reboot: false,
+        }
+    }
+
+    fn rebooting() -> Desired {
+        Desired {
+            reboot: true,
+            ..desired(Power::Running)
         }
     }
 
@@ -433,5 +447,19 @@ mod tests {
             Some(observed),
             &[Destroy, Undefine, Define],
         );
+    }
+
+    #[test]
+    fn a_reboot_request_resets_a_running_domain_only() {
+        check(Some(rebooting()), Some(observed(Running)), &[Reboot]);
+        check(Some(rebooting()), Some(observed(ShutOff)), &[Start]);
+        check(Some(rebooting()), Some(observed(Paused)), &[]);
+        check(Some(rebooting()), Some(observed(ShuttingDown)), &[]);
+        check(Some(rebooting()), None, &[Define, Start]);
+        let stopping = Desired {
+            reboot: true,
+            ..desired(Power::Stopped)
+        };
+        check(Some(stopping), Some(observed(Running)), &[Shutdown]);
     }
 }

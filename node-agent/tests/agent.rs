@@ -133,6 +133,10 @@ impl World {
             availability_zone: Some(ZONE.into()),
             desired_state: DesiredState::Running,
             client_token: None,
+            reservation_id: None,
+            launch_index: None,
+            disable_api_termination: false,
+            tags: Vec::new(),
         };
         let api = self.instances();
         api.create(&PostParams::default(), &Instance::new(name, spec))
@@ -460,5 +464,56 @@ async fn restarted_agent_reports_its_instances_running_again() -> anyhow::Result
             "{name} stayed reported running, same transition time"
         );
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_reboot_request_resets_the_running_domain_once_and_is_recorded() -> anyhow::Result<()> {
+    let world = World::start().await?;
+    world.create_instance_type().await?;
+    let agent = world.agent(NODE, &["--resync-seconds", "1"])?;
+    world.bound_instance("web-1", NODE).await?;
+    wait_reported(&world, &agent, "web-1", ConditionStatus::True, "Running").await?;
+
+    let asked = "2026-11-25T10:00:00.000Z";
+    world
+        .instances()
+        .patch(
+            "web-1",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {crds::REBOOT_ANNOTATION: asked}}})),
+        )
+        .await?;
+    let api = world.instances();
+    wait_for(&agent, "the reboot recorded in status", || async {
+        let instance = api.get("web-1").await.ok()?;
+        (instance.status?.last_reboot_request.as_deref() == Some(asked)).then_some(())
+    })
+    .await?;
+    let reboots = r#"karri_node_agent_domain_actions_total{action="reboot"}"#;
+    assert_eq!(agent.counter(reboots).await?, 1.0);
+    // Later resyncs see the request done: no second reboot.
+    let status_before = api.get("web-1").await?.metadata.resource_version;
+    wait_for(&agent, "two more resyncs", || async {
+        let text = agent.scrape(&agent.metrics_addr().await.ok()?).await?;
+        let passes: f64 = text
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("karri_node_agent_reconciles_total")?
+                    .rsplit(' ')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0);
+        (passes >= 4.0).then_some(())
+    })
+    .await?;
+    assert_eq!(agent.counter(reboots).await?, 1.0);
+    assert_eq!(
+        api.get("web-1").await?.metadata.resource_version,
+        status_before,
+        "nothing more was written"
+    );
     Ok(())
 }

@@ -87,6 +87,7 @@ async fn converge<H: Hypervisor>(hv: &H, s: &Scenario, n: u16) -> Vec<Vec<Action
         uid: spec.uid.clone(),
         power,
         shutdown_timeout: TIMEOUT,
+        reboot: false,
     });
     let mut now = Duration::ZERO;
     let mut shutdown_asked: Option<Duration> = None;
@@ -381,6 +382,7 @@ async fn crashed_domain_of_a_running_instance_is_restarted() {
         uid: spec.uid.clone(),
         power: Power::Running,
         shutdown_timeout: TIMEOUT,
+        reboot: false,
     };
     let observed = hv
         .observe(&spec.name)

@@ -1064,6 +1064,10 @@ mod tests {
                 availability_zone: None,
                 desired_state: desired,
                 client_token: None,
+                reservation_id: None,
+                launch_index: None,
+                disable_api_termination: false,
+                tags: Vec::new(),
             },
         );
         i.status = status;

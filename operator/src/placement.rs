@@ -1131,6 +1131,10 @@ mod tests {
                 availability_zone: Some(A.into()),
                 desired_state: Default::default(),
                 client_token: None,
+                reservation_id: None,
+                launch_index: None,
+                disable_api_termination: false,
+                tags: Vec::new(),
             },
         );
         i.status = Some(InstanceStatus {

@@ -230,7 +230,7 @@ impl FakeHypervisor {
         let ignore_shutdown = inner.guests_ignore_shutdown;
         let Some(dom) = inner.ours(&self.node, name)? else {
             return match action {
-                Action::Start => Err(HypervisorError::NotFound {
+                Action::Start | Action::Reboot => Err(HypervisorError::NotFound {
                     name: name.to_owned(),
                 }),
                 _ => Ok(()),
@@ -284,6 +284,10 @@ impl Hypervisor for FakeHypervisor {
 
     async fn shutdown(&self, name: &str) -> Result<(), HypervisorError> {
         self.act(Action::Shutdown, name)
+    }
+
+    async fn reboot(&self, name: &str) -> Result<(), HypervisorError> {
+        self.act(Action::Reboot, name)
     }
 
     async fn destroy(&self, name: &str) -> Result<(), HypervisorError> {

@@ -308,6 +308,22 @@ fn power(
     }
 }
 
+/// Reset our running domain; drivers without reset (libvirt's test driver) reboot it instead.
+fn reset(conn: &Connect, node: &str, name: &str) -> Result<(), HypervisorError> {
+    let Some((dom, _)) = ours(conn, node, name)? else {
+        return Err(HypervisorError::NotFound {
+            name: name.to_owned(),
+        });
+    };
+    match dom.reset() {
+        Ok(_) => Ok(()),
+        Err(_) => dom
+            .reboot(0)
+            .map(|_| ())
+            .map_err(failed("reboot", name)),
+    }
+}
+
 fn undefine(conn: &Connect, node: &str, name: &str) -> Result<(), HypervisorError> {
     let Some((dom, _)) = ours(conn, node, name)? else {
         return Ok(());
@@ -363,6 +379,11 @@ impl Hypervisor for LibvirtHypervisor {
             power(conn, node, &name, "shut down", false, Domain::shutdown)
         })
         .await
+    }
+
+    async fn reboot(&self, name: &str) -> Result<(), HypervisorError> {
+        let name = name.to_owned();
+        self.blocking(move |conn, node| reset(conn, node, &name)).await
     }
 
     async fn destroy(&self, name: &str) -> Result<(), HypervisorError> {

@@ -713,9 +713,7 @@ pub async fn change_state(
     Ok(w.finish())
 }
 
-/// Annotation recording the last reboot request; the node agent reboots a running domain whose
-/// last reboot is older.
-pub const REBOOT_ANNOTATION: &str = "karri.dev/reboot-requested-at";
+use crds::REBOOT_ANNOTATION;
 
 /// RebootInstances: record the request on each instance (acted upon by its node agent).
 pub async fn reboot_instances(
