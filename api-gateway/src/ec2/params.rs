@@ -730,7 +730,11 @@ mod tests {
     #[test]
     fn integers_are_checked_against_their_range_with_aws_like_messages() {
         let positive = 1..=i32::MAX as u32;
-        type Row = (&'static str, RangeInclusive<u32>, Result<Option<u32>, &'static str>);
+        type Row = (
+            &'static str,
+            RangeInclusive<u32>,
+            Result<Option<u32>, &'static str>,
+        );
         let rows: &[Row] = &[
             ("MaxCount=1", positive.clone(), Ok(Some(1))),
             ("MaxCount=2147483647", positive.clone(), Ok(Some(2_147_483_647))),

@@ -3060,7 +3060,7 @@ mod tests {
             ("Action=ModifyInstanceAttribute&InstanceId=i-12345678&Value=x".into(), "MissingParameter"),
             ("Action=ModifyInstanceAttribute&InstanceId=i-12345678&DisableApiTermination.Value=yes".into(), "InvalidParameterValue"),
             ("Action=ModifyInstanceAttribute&InstanceId=i-12345678&BlockDeviceMapping.1.DeviceName=/dev/sda1".into(), "UnsupportedOperation"),
-            ("Action=ModifyInstanceAttribute&InstanceId=i-12345678&InstanceType=m1.small".into(), "UnknownParameter"),
+            ("Action=ModifyInstanceAttribute&InstanceId=i-12345678&InstanceType=m1.small".into(), "InvalidParameterCombination"),
             // Key pairs
             ("Action=CreateKeyPair".into(), "MissingParameter"),
             ("Action=CreateKeyPair&KeyName=".into(), "MissingParameter"),
