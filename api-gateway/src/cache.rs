@@ -92,6 +92,8 @@ struct State {
     revision: i64,
     /// Record UID → key, for owner lookups.
     uids: HashMap<String, String>,
+    /// EC2-style ID (`karri.dev/id` label) → key, for lookups by ID without a trip to etcd.
+    ids: HashMap<String, String>,
     /// Owner UID → keys of dependents.
     dependents: HashMap<String, HashSet<String>>,
     synced: bool,
@@ -206,6 +208,7 @@ impl WatchCache {
             kind.oldest = revision;
         }
         state.uids.clear();
+        state.ids.clear();
         state.dependents.clear();
         for kv in kvs {
             let Ok(key) = kv.key_str() else { continue };
@@ -351,6 +354,14 @@ impl WatchCache {
         state.kinds.get(plural)?.objects.get(key).cloned()
     }
 
+    /// The record whose EC2-style ID is `id`, as far as the cache has seen.
+    pub fn by_id(&self, id: &str) -> Option<Arc<CachedObject>> {
+        let state = unpoison(self.state.read());
+        let key = state.ids.get(id)?;
+        let plural = crate::store::plural_of_key(key)?;
+        state.kinds.get(plural)?.objects.get(key).cloned()
+    }
+
     /// Whether a record with this UID exists.
     pub fn uid_exists(&self, uid: &str) -> bool {
         unpoison(self.state.read()).uids.contains_key(uid)
@@ -419,9 +430,19 @@ fn owner_uids(obj: &CachedObject) -> Vec<String> {
         .unwrap_or_default()
 }
 
+fn id_label(obj: &CachedObject) -> Option<&str> {
+    obj.value
+        .pointer("/metadata/labels")
+        .and_then(|l| l.get(crds::ID_LABEL))
+        .and_then(Value::as_str)
+}
+
 fn index_add(state: &mut State, obj: &CachedObject) {
     if let Some(uid) = obj.uid() {
         state.uids.insert(uid.to_string(), obj.key.clone());
+    }
+    if let Some(id) = id_label(obj) {
+        state.ids.insert(id.to_string(), obj.key.clone());
     }
     for owner in owner_uids(obj) {
         state
@@ -435,6 +456,11 @@ fn index_add(state: &mut State, obj: &CachedObject) {
 fn index_remove(state: &mut State, obj: &CachedObject) {
     if let Some(uid) = obj.uid() {
         state.uids.remove(uid);
+    }
+    if let Some(id) = id_label(obj) {
+        if state.ids.get(id) == Some(&obj.key) {
+            state.ids.remove(id);
+        }
     }
     for owner in owner_uids(obj) {
         if let Some(set) = state.dependents.get_mut(&owner) {

@@ -300,6 +300,16 @@ impl Registry {
         self.find_by_index(&id_key(id)).await
     }
 
+    /// Find a record by its EC2-style ID through the watch cache, falling back to etcd when the
+    /// cache has not seen it (a record created a moment ago elsewhere). Cheaper than
+    /// [`Registry::find_by_id`]; may briefly return a record just deleted.
+    pub async fn lookup_id(&self, id: &str) -> ApiResult<Option<Value>> {
+        if let Some(found) = self.cache.by_id(id) {
+            return Ok(Some(found.value.clone()));
+        }
+        self.find_by_id(id).await
+    }
+
     /// Find the record an index entry (ID or unique key) points to.
     pub async fn find_by_index(&self, index_key: &str) -> ApiResult<Option<Value>> {
         let resp = self.etcd_get(index_key, None).await?;

@@ -196,3 +196,36 @@ async fn a_batch_is_created_whole_or_not_at_all() -> anyhow::Result<()> {
     ensure!(changed.is_err_and(|e| e.code == 422), "the token changed");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_cache_finds_records_by_id_until_they_are_deleted() -> anyhow::Result<()> {
+    let (_etcd, _client, registry) = registry().await?;
+    let kind = registry.kinds.by_kind("KeyPair").context("kind")?;
+    let made = registry
+        .create(
+            &kind,
+            Some("a"),
+            key_pair("one", "k"),
+            &admin(),
+            WriteOptions::default(),
+        )
+        .await?
+        .object;
+    let id = made
+        .pointer("/metadata/labels/karri.dev~1id")
+        .and_then(Value::as_str)
+        .context("id label")?
+        .to_string();
+    let rev: i64 = text(&made, "/metadata/resourceVersion").parse()?;
+    ensure!(registry.cache.wait_for(rev, Duration::from_secs(5)).await);
+    let cached = registry.cache.by_id(&id).context("not in the cache by ID")?;
+    ensure!(text(&cached.value, "/spec/keyName") == "k");
+    registry
+        .delete(&kind, Some("a"), "one", &admin(), &DeleteOptions::default())
+        .await?;
+    let now = registry.current_revision().await?;
+    ensure!(registry.cache.wait_for(now, Duration::from_secs(5)).await);
+    ensure!(registry.cache.by_id(&id).is_none(), "still found after deletion");
+    ensure!(registry.lookup_id(&id).await?.is_none());
+    Ok(())
+}

@@ -36,12 +36,12 @@ pub fn same_image(stored: &str, asked: &str) -> bool {
 
 /// Find an image by ID, accepting the `ami-` alias of an `emi-` ID.
 async fn find_image(cx: &Cx<'_>, id: &str) -> Result<Option<Value>, Ec2Error> {
-    let mut found = cx.registry.find_by_id(id).await.map_err(from_api)?;
+    let mut found = cx.registry.lookup_id(id).await.map_err(from_api)?;
     if found.is_none() {
         if let Some(hex) = id.strip_prefix("ami-") {
             found = cx
                 .registry
-                .find_by_id(&format!("emi-{hex}"))
+                .lookup_id(&format!("emi-{hex}"))
                 .await
                 .map_err(from_api)?;
         }

@@ -148,7 +148,7 @@ impl<'a> Cx<'a> {
     /// The caller's record with this EC2 ID (a consistent read), or None when there is none or
     /// it belongs to another account.
     pub async fn own_by_id(&self, plural: &str, id: &str) -> Result<Option<Value>, Ec2Error> {
-        let found = self.registry.find_by_id(id).await.map_err(from_api)?;
+        let found = self.registry.lookup_id(id).await.map_err(from_api)?;
         Ok(found.filter(|v| is_kind(v, plural) && namespace(v) == self.caller.namespace))
     }
 

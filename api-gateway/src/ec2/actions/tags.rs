@@ -52,7 +52,7 @@ async fn resources(cx: &Cx<'_>, ids: &[String]) -> Result<Vec<(&'static str, Val
             }
             return Err(Ec2Error::invalid_id(id));
         };
-        let found = cx.registry.find_by_id(id).await.map_err(from_api)?;
+        let found = cx.registry.lookup_id(id).await.map_err(from_api)?;
         match found {
             Some(v) if super::is_kind(&v, plural) && namespace(&v) == cx.caller.namespace => {
                 out.push((plural, v));
