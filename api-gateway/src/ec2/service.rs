@@ -134,7 +134,18 @@ type Answer = Result<(String, String), (String, Ec2Error)>;
 
 async fn answer(s: &AppState, req: Request, request_id: &str) -> Answer {
     let unknown = |e| ("unknown".to_string(), e);
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    // HTTP/2 carries the host in the `:authority` pseudo-header, not in `Host`; SigV4 signs it
+    // as `host` either way.
+    if !parts.headers.contains_key(header::HOST) {
+        let authority = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+        if let Some(authority) = authority {
+            parts.headers.insert(header::HOST, authority);
+        }
+    }
     let body = axum::body::to_bytes(body, MAX_EC2_BODY)
         .await
         .map_err(|_| {

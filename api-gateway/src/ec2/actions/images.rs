@@ -94,9 +94,11 @@ fn image_type(v: &Value) -> &'static str {
     }
 }
 
-fn image_values<'v>(v: &'v Value, name: &str, owner: &'v str) -> Vec<Cow<'v, str>> {
+/// The values a DescribeImages filter sees on an image. Tags are the owner's alone: another
+/// account's view of a shared or public image has none (EC2 does not share an AMI's tags).
+fn image_values<'v>(v: &'v Value, name: &str, owner: &'v str, own: bool) -> Vec<Cow<'v, str>> {
     if let Some(tags) = tag_values(v, name) {
-        return tags;
+        return if own { tags } else { Vec::new() };
     }
     let one = |s: &'v str| vec![Cow::Borrowed(s)];
     match name {
@@ -120,7 +122,7 @@ fn image_values<'v>(v: &'v Value, name: &str, owner: &'v str) -> Vec<Cow<'v, str
     }
 }
 
-fn write_image(w: &mut crate::ec2::xml::Response, v: &Value, owner: &str) {
+fn write_image(w: &mut crate::ec2::xml::Response, v: &Value, owner: &str, own: bool) {
     w.item();
     w.leaf("imageId", id_of(v))
         .leaf("imageLocation", text(v, "/spec/imageLocation"))
@@ -146,7 +148,11 @@ fn write_image(w: &mut crate::ec2::xml::Response, v: &Value, owner: &str) {
             w.leaf("code", "Client.ImageFailure").leaf("message", reason);
         });
     }
-    write_tag_set(w, v);
+    if own {
+        write_tag_set(w, v);
+    } else {
+        w.empty("tagSet");
+    }
     w.close();
 }
 
@@ -202,7 +208,10 @@ pub async fn describe_images(
                     account => shared_with(v, account) || is_public(v),
                 })
         })
-        .filter(|(v, owner)| matcher.matches(|name| image_values(v, name, owner)))
+        .filter(|(v, owner)| {
+            let own = namespace(v) == cx.caller.namespace;
+            matcher.matches(|name| image_values(v, name, owner, own))
+        })
         .collect();
     shown.sort_by_key(|(v, _)| id_of(v).to_string());
     let (page, token) = super::paginate(
@@ -216,7 +225,8 @@ pub async fn describe_images(
     let mut w = cx.response("DescribeImages");
     w.open("imagesSet");
     for (v, owner) in page {
-        write_image(&mut w, v, &owner);
+        let own = namespace(v) == cx.caller.namespace;
+        write_image(&mut w, v, &owner, own);
     }
     w.close();
     w.leaf_opt("nextToken", token.as_deref());

@@ -148,9 +148,8 @@ pub async fn import_key_pair(
     let material = base64::engine::general_purpose::STANDARD
         .decode(a.public_key_material.trim())
         .unwrap_or_else(|_| a.public_key_material.as_bytes().to_vec());
-    let imported = keys::import(&material).map_err(|e| {
-        Ec2Error::new("InvalidKey.Format", 400, e.to_string())
-    })?;
+    let imported = keys::import(&material)
+        .map_err(|e| Ec2Error::new("InvalidKey.Format", 400, e.to_string()))?;
     let tags = tags_json(&a.tag_specifications, "key-pair")?;
     if find_by_name(cx, &a.key_name).await?.is_some() {
         return Err(Ec2Error::key_pair_duplicate(&a.key_name));
@@ -200,7 +199,9 @@ pub async fn describe_key_pairs(
     let mut shown: Vec<&Value> = all
         .iter()
         .map(|o| &o.value)
-        .filter(|v| a.key_names.is_empty() || a.key_names.iter().any(|n| n == text(v, "/spec/keyName")))
+        .filter(|v| {
+            a.key_names.is_empty() || a.key_names.iter().any(|n| n == text(v, "/spec/keyName"))
+        })
         .filter(|v| a.key_pair_ids.is_empty() || a.key_pair_ids.iter().any(|n| n == id_of(v)))
         .filter(|v| {
             matcher.matches(|name| {
@@ -238,8 +239,18 @@ pub async fn delete_key_pair(
     a: router::DeleteKeyPair,
     dry_run: bool,
 ) -> Result<String, Ec2Error> {
+    // By name, a key pair that does not exist is deleted already (EC2 answers success); by ID,
+    // EC2 answers that the ID does not exist.
     let target = match &a.key {
-        router::KeyPairRef::Id(id) => cx.own_by_id("keypairs", id).await?,
+        router::KeyPairRef::Id(id) => {
+            Some(cx.own_by_id("keypairs", id).await?.ok_or_else(|| {
+                Ec2Error::new(
+                    "InvalidKeyPair.NotFound",
+                    400,
+                    format!("The key pair ID '{id}' does not exist"),
+                )
+            })?)
+        }
         router::KeyPairRef::Name(name) => find_by_name(cx, name).await?,
     };
     if dry_run {

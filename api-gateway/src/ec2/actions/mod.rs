@@ -39,7 +39,7 @@ pub struct Cx<'a> {
 /// Run one routed request; the XML response or the EC2 error.
 pub async fn run(cx: &Cx<'_>, request: Request) -> Result<String, Ec2Error> {
     let dry_run = request.dry_run;
-    match request.action {
+    let result = match request.action {
         Action::RunInstances(a) => instances::run_instances(cx, a, dry_run).await,
         Action::DescribeInstances(a) => instances::describe_instances(cx, a).await,
         Action::DescribeInstanceStatus(a) => instances::describe_instance_status(cx, a).await,
@@ -81,6 +81,12 @@ pub async fn run(cx: &Cx<'_>, request: Request) -> Result<String, Ec2Error> {
         Action::CreateTags(a) => tags::create_tags(cx, a, dry_run).await,
         Action::DeleteTags(a) => tags::delete_tags(cx, a, dry_run).await,
         Action::DescribeTags(a) => tags::describe_tags(cx, a).await,
+    };
+    // A dry run never answers with a result: the actions that change something stop before the
+    // change; the read-only ones made their checks and would have succeeded.
+    match result {
+        Ok(_) if dry_run => Err(Ec2Error::dry_run_operation()),
+        other => other,
     }
 }
 
@@ -170,14 +176,33 @@ pub fn is_kind(v: &Value, plural: &str) -> bool {
     crds::kind_by_plural(plural).is_some_and(|k| k.kind == kind)
 }
 
+/// The value at JSON pointer `pointer` in `v`, exactly what `v.pointer(pointer)` finds, without
+/// its cost: `Value::pointer` unescapes every segment into two new strings, and DescribeInstances
+/// reads some 25 fields per instance (at 10,000 instances that was half of its time). Pointers
+/// with an escape (`~`) or that step into an array take `Value::pointer` itself.
+pub fn at<'v>(v: &'v Value, pointer: &str) -> Option<&'v Value> {
+    let Some(path) = pointer.strip_prefix('/').filter(|_| !pointer.contains('~')) else {
+        return v.pointer(pointer);
+    };
+    let mut here = v;
+    for segment in path.split('/') {
+        here = match here {
+            Value::Object(map) => map.get(segment)?,
+            Value::Array(_) => return v.pointer(pointer),
+            _ => return None,
+        };
+    }
+    Some(here)
+}
+
 /// A string field of a record, or "".
 pub fn text<'v>(v: &'v Value, pointer: &str) -> &'v str {
-    v.pointer(pointer).and_then(Value::as_str).unwrap_or("")
+    at(v, pointer).and_then(Value::as_str).unwrap_or("")
 }
 
 /// A string field of a record, or None when absent or empty.
 pub fn opt<'v>(v: &'v Value, pointer: &str) -> Option<&'v str> {
-    v.pointer(pointer)
+    at(v, pointer)
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
 }
@@ -189,7 +214,7 @@ pub fn namespace(v: &Value) -> &str {
 
 /// The record's EC2 ID (`karri.dev/id` label).
 pub fn id_of(v: &Value) -> &str {
-    v.pointer("/metadata/labels")
+    at(v, "/metadata/labels")
         .and_then(|l| l.get(crds::ID_LABEL))
         .and_then(Value::as_str)
         .unwrap_or("")
@@ -197,7 +222,7 @@ pub fn id_of(v: &Value) -> &str {
 
 /// The record's tags as (key, value) pairs.
 pub fn tags_of(v: &Value) -> Vec<(&str, &str)> {
-    v.pointer("/spec/tags")
+    at(v, "/spec/tags")
         .and_then(Value::as_array)
         .map(|a| {
             a.iter()
@@ -239,9 +264,15 @@ pub fn time_at(v: &Value, pointer: &str) -> Option<chrono::DateTime<chrono::Utc>
 }
 
 fn hash17(text: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let digest = sha2::Sha256::digest(text.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    hex[..17].to_string()
+    // The first 17 lowercase hex digits, without a string per byte (this runs per instance).
+    digest
+        .iter()
+        .flat_map(|b| [HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]])
+        .take(17)
+        .map(char::from)
+        .collect()
 }
 
 /// The default VPC every account sees in a region: a stable ID derived from the region.
@@ -313,6 +344,60 @@ mod tests {
         assert!(crds::is_valid_id("vpc", &vpc), "{vpc}");
         assert!(crds::is_valid_id("subnet", &default_subnet_id("karri-1a")));
         assert_eq!(default_subnet_cidr(1), "172.31.16.0/20");
+    }
+
+    #[test]
+    fn network_ids_are_the_first_17_hex_digits_of_the_sha256() {
+        for text in [
+            "karri/default-vpc/karri-1",
+            "karri/default-subnet/karri-1a",
+            "",
+        ] {
+            let digest = sha2::Sha256::digest(text.as_bytes());
+            let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(hash17(text), hex[..17]);
+        }
+    }
+
+    #[test]
+    fn field_lookup_finds_what_a_json_pointer_finds() {
+        let v = serde_json::json!({
+            "metadata": {"labels": {"karri.dev/id": "i-0123456789abcdef0"}, "name": "x"},
+            "spec": {"tags": [{"key": "k", "value": "v"}], "": {"": 1}, "a/b": 2, "m~n": 3},
+            "status": {"state": "pending", "n": null},
+        });
+        let pointers = [
+            "",
+            "/",
+            "//",
+            "/metadata",
+            "/metadata/labels",
+            "/metadata/labels/karri.dev~1id",
+            "/metadata/name",
+            "/metadata/name/deeper",
+            "/spec/tags",
+            "/spec/tags/0",
+            "/spec/tags/0/key",
+            "/spec/tags/00",
+            "/spec/tags/x",
+            "/spec/",
+            "/spec//",
+            "/spec/a~1b",
+            "/spec/m~0n",
+            "/spec/a/b",
+            "/status/n",
+            "/status/n/x",
+            "/missing",
+            "metadata",
+            "/status/state",
+        ];
+        for p in pointers {
+            assert_eq!(at(&v, p), v.pointer(p), "{p}");
+        }
+        assert_eq!(text(&v, "/status/state"), "pending");
+        assert_eq!(opt(&v, "/status/missing"), None);
+        assert_eq!(id_of(&v), "i-0123456789abcdef0");
+        assert_eq!(tags_of(&v), vec![("k", "v")]);
     }
 
     #[test]
