@@ -58,10 +58,10 @@ else
   say "etcd service not running"
 fi
 
-# --- Python venv with the AWS clients ------------------------------------------------------
-if [ -x "$VENV/bin/python" ] && [ -x "$VENV/bin/aws" ] \
-   && "$VENV/bin/python" -c 'import boto3, awscli' >/dev/null 2>&1; then
-  say "venv .venv has awscli and boto3"
+# --- Python venv with the AWS clients (and moto's server, the peer of `make bench`'s EC2 run) ---
+if [ -x "$VENV/bin/python" ] && [ -x "$VENV/bin/aws" ] && [ -x "$VENV/bin/moto_server" ] \
+   && "$VENV/bin/python" -c 'import boto3, awscli, moto.server' >/dev/null 2>&1; then
+  say "venv .venv has awscli, boto3 and moto[server]"
 else
   if [ ! -x "$VENV/bin/python" ]; then
     say "creating venv .venv"
@@ -70,8 +70,9 @@ else
     [ -x "$py" ] || py="$(command -v python3)"
     "$py" -m venv --clear "$VENV"
   fi
-  say "installing awscli and boto3 into .venv"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check awscli boto3
+  say "installing awscli, boto3 and moto[server] into .venv"
+  # One resolve for all three, so moto's botocore fits the one awscli pins.
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check awscli boto3 'moto[server]'
 fi
 
 # --- cargo-nextest ------------------------------------------------------------------------

@@ -75,7 +75,11 @@ fn hex_text(s: &str) -> String {
 /// key pair's name within its namespace, and the client token of the first instance of a
 /// RunInstances reservation.
 pub fn unique_keys(kind: &str, obj: &Value) -> Vec<UniqueKey> {
-    let text = |p: &str| obj.pointer(p).and_then(Value::as_str).filter(|s| !s.is_empty());
+    let text = |p: &str| {
+        obj.pointer(p)
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+    };
     let ns = text("/metadata/namespace").unwrap_or("");
     match kind {
         "Account" => text("/status/accountId")

@@ -3,8 +3,8 @@
 //! EC2 Query and S3 REST APIs, through the same registry and admission).
 
 pub mod admission;
-pub mod aws;
 pub mod auth;
+pub mod aws;
 pub mod cache;
 pub mod ec2;
 pub mod error;

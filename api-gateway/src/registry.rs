@@ -6,9 +6,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use chrono::{SecondsFormat, Utc};
-use etcd_client::{
-    Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions,
-};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions};
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
@@ -412,7 +410,9 @@ impl Registry {
                     puts.push(TxnOp::put(u.key.clone(), key.clone(), None));
                 }
             }
-            let resp = self.etcd_txn(Txn::new().when(compares).and_then(puts)).await?;
+            let resp = self
+                .etcd_txn(Txn::new().when(compares).and_then(puts))
+                .await?;
             if resp.succeeded() {
                 self.metrics.writes.inc();
                 let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -476,7 +476,9 @@ impl Registry {
             }
             "AccessKey" => {
                 let sealer = self.sealer.as_ref().ok_or_else(|| {
-                    ApiError::unavailable("this gateway has no secrets key to seal access keys with")
+                    ApiError::unavailable(
+                        "this gateway has no secrets key to seal access keys with",
+                    )
                 })?;
                 let secret = credentials::new_secret_access_key();
                 let sealed = sealer
@@ -548,7 +550,9 @@ impl Registry {
             }
             let cmp = Compare::mod_revision(key.clone(), CompareOp::Equal, rev);
             let txn = if admission::ready_to_delete(&next) {
-                Txn::new().when([cmp]).and_then(removal_ops(kind, &key, &current))
+                Txn::new()
+                    .when([cmp])
+                    .and_then(removal_ops(kind, &key, &current))
             } else {
                 let raw =
                     serde_json::to_vec(&next).map_err(|e| ApiError::internal(e.to_string()))?;

@@ -218,14 +218,20 @@ async fn the_watch_cache_finds_records_by_id_until_they_are_deleted() -> anyhow:
         .to_string();
     let rev: i64 = text(&made, "/metadata/resourceVersion").parse()?;
     ensure!(registry.cache.wait_for(rev, Duration::from_secs(5)).await);
-    let cached = registry.cache.by_id(&id).context("not in the cache by ID")?;
+    let cached = registry
+        .cache
+        .by_id(&id)
+        .context("not in the cache by ID")?;
     ensure!(text(&cached.value, "/spec/keyName") == "k");
     registry
         .delete(&kind, Some("a"), "one", &admin(), &DeleteOptions::default())
         .await?;
     let now = registry.current_revision().await?;
     ensure!(registry.cache.wait_for(now, Duration::from_secs(5)).await);
-    ensure!(registry.cache.by_id(&id).is_none(), "still found after deletion");
+    ensure!(
+        registry.cache.by_id(&id).is_none(),
+        "still found after deletion"
+    );
     ensure!(registry.lookup_id(&id).await?.is_none());
     Ok(())
 }

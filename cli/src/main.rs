@@ -184,7 +184,10 @@ async fn access_key(client: Client, command: AccessKeyCommand) -> anyhow::Result
             }
         }
         AccessKeyCommand::List => {
-            println!("{:<32} {:<22} {:<20} ACTIVE", "NAME", "ACCESS KEY ID", "ACCOUNT");
+            println!(
+                "{:<32} {:<22} {:<20} ACTIVE",
+                "NAME", "ACCESS KEY ID", "ACCOUNT"
+            );
             for k in api.list(&ListParams::default()).await? {
                 let status = k.status.unwrap_or_default();
                 println!(

@@ -240,7 +240,12 @@ pub fn check_tags(field: &str, tags: &[crate::common::Tag]) -> Result<(), Valida
                 "be at most 256 characters",
             ));
         }
-        if tag.key.chars().chain(tag.value.chars()).any(char::is_control) {
+        if tag
+            .key
+            .chars()
+            .chain(tag.value.chars())
+            .any(char::is_control)
+        {
             return Err(ValidationError::invalid(
                 at.clone(),
                 "hold no control characters",

@@ -335,11 +335,17 @@ impl Gateway {
         vec![
             ("AWS_ENDPOINT_URL".into(), self.url()),
             ("AWS_ACCESS_KEY_ID".into(), creds.access_key_id.clone()),
-            ("AWS_SECRET_ACCESS_KEY".into(), creds.secret_access_key.clone()),
+            (
+                "AWS_SECRET_ACCESS_KEY".into(),
+                creds.secret_access_key.clone(),
+            ),
             ("AWS_DEFAULT_REGION".into(), "karri-1".into()),
             ("AWS_CA_BUNDLE".into(), self.ca_path().display().to_string()),
             ("AWS_CONFIG_FILE".into(), format!("{dir}/aws-config")),
-            ("AWS_SHARED_CREDENTIALS_FILE".into(), format!("{dir}/aws-credentials")),
+            (
+                "AWS_SHARED_CREDENTIALS_FILE".into(),
+                format!("{dir}/aws-credentials"),
+            ),
             ("AWS_PAGER".into(), String::new()),
             ("AWS_MAX_ATTEMPTS".into(), "1".into()),
             ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),

@@ -153,7 +153,9 @@ mod tests {
     #[test]
     fn a_sealed_secret_opens_only_with_its_key() {
         let sealer = Sealer::new(&[7; 32]);
-        let sealed = sealer.seal("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY").unwrap();
+        let sealed = sealer
+            .seal("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
+            .unwrap();
         assert!(!sealed.contains("wJalr"));
         assert_eq!(
             sealer.open(&sealed).unwrap(),

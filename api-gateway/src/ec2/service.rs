@@ -16,7 +16,7 @@ use super::error::Ec2Error;
 use super::params::Params;
 use super::{actions, router};
 use crate::auth::Principal;
-use crate::aws::sigv4::{self, SignedRequest, SigV4Error, VerifyPolicy};
+use crate::aws::sigv4::{self, SigV4Error, SignedRequest, VerifyPolicy};
 use crate::http::AppState;
 use crate::metrics::RequestLabels;
 use crate::registry::Registry;
@@ -217,8 +217,7 @@ async fn authenticate(s: &AppState, req: &SignedRequest<'_>) -> Result<Caller, E
             Ec2Error::internal_error()
         })?;
     let mut policy = VerifyPolicy::ec2(s.ec2.region.clone());
-    policy.max_skew = chrono::TimeDelta::from_std(s.ec2.max_skew)
-        .unwrap_or(policy.max_skew);
+    policy.max_skew = chrono::TimeDelta::from_std(s.ec2.max_skew).unwrap_or(policy.max_skew);
     sigv4::verify(&parsed, req, &secret, chrono::Utc::now(), &policy)
         .map_err(|e| sigv4_error(&e))?;
     let account_name = text("/spec/accountName");
@@ -252,10 +251,12 @@ async fn find_access_key(registry: &Registry, id: &str) -> crate::error::ApiResu
     let (keys, _) = registry
         .cache
         .list("accesskeys", &store::kind_prefix("accesskeys"));
-    if let Some(found) = keys
-        .iter()
-        .find(|k| k.value.pointer("/status/accessKeyId").and_then(Value::as_str) == Some(id))
-    {
+    if let Some(found) = keys.iter().find(|k| {
+        k.value
+            .pointer("/status/accessKeyId")
+            .and_then(Value::as_str)
+            == Some(id)
+    }) {
         return Ok(Some(found.value.clone()));
     }
     registry

@@ -317,10 +317,7 @@ fn reset(conn: &Connect, node: &str, name: &str) -> Result<(), HypervisorError> 
     };
     match dom.reset() {
         Ok(_) => Ok(()),
-        Err(_) => dom
-            .reboot(0)
-            .map(|_| ())
-            .map_err(failed("reboot", name)),
+        Err(_) => dom.reboot(0).map(|_| ()).map_err(failed("reboot", name)),
     }
 }
 
@@ -383,7 +380,8 @@ impl Hypervisor for LibvirtHypervisor {
 
     async fn reboot(&self, name: &str) -> Result<(), HypervisorError> {
         let name = name.to_owned();
-        self.blocking(move |conn, node| reset(conn, node, &name)).await
+        self.blocking(move |conn, node| reset(conn, node, &name))
+            .await
     }
 
     async fn destroy(&self, name: &str) -> Result<(), HypervisorError> {

@@ -16,10 +16,10 @@ use crate::store;
 
 /// Names of the zones of the caller's region, in name order.
 pub fn zone_names(cx: &Cx<'_>) -> Vec<String> {
-    let (zones, _) = cx
-        .registry
-        .cache
-        .list("availabilityzones", &store::kind_prefix("availabilityzones"));
+    let (zones, _) = cx.registry.cache.list(
+        "availabilityzones",
+        &store::kind_prefix("availabilityzones"),
+    );
     zones
         .iter()
         .filter(|z| text(&z.value, "/spec/region") == cx.settings.region)
@@ -87,12 +87,18 @@ pub async fn describe_instance_types(
     )?;
     let mut w = cx.response("DescribeInstanceTypes");
     w.set("instanceTypeSet", page, |w, v| {
-        let vcpus = v.pointer("/spec/vcpus").and_then(Value::as_u64).unwrap_or(0);
+        let vcpus = v
+            .pointer("/spec/vcpus")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
         let mem = v
             .pointer("/spec/memoryMiB")
             .and_then(Value::as_u64)
             .unwrap_or(0);
-        let disk = v.pointer("/spec/diskGiB").and_then(Value::as_u64).unwrap_or(0);
+        let disk = v
+            .pointer("/spec/diskGiB")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
         w.leaf("instanceType", text(v, "/metadata/name"))
             .leaf_bool("currentGeneration", true)
             .leaf_bool("freeTierEligible", false)
@@ -224,10 +230,7 @@ fn zone_id(z: &Value) -> String {
 }
 
 /// DescribeRegions: the one region this cloud serves.
-pub fn describe_regions(
-    cx: &Cx<'_>,
-    a: router::DescribeRegions,
-) -> Result<String, Ec2Error> {
+pub fn describe_regions(cx: &Cx<'_>, a: router::DescribeRegions) -> Result<String, Ec2Error> {
     filter::validate_names(&a.filters, filter::REGION_FILTERS, false)?;
     let region = cx.settings.region.as_str();
     if let Some(other) = a.region_names.iter().find(|r| *r != region) {
@@ -338,10 +341,7 @@ pub async fn describe_vpcs(cx: &Cx<'_>, a: router::DescribeVpcs) -> Result<Strin
 }
 
 /// DescribeSubnets: one default subnet per zone of the region.
-pub async fn describe_subnets(
-    cx: &Cx<'_>,
-    a: router::DescribeSubnets,
-) -> Result<String, Ec2Error> {
+pub async fn describe_subnets(cx: &Cx<'_>, a: router::DescribeSubnets) -> Result<String, Ec2Error> {
     filter::validate_names(&a.filters, filter::SUBNET_FILTERS, true)?;
     let zones = zone_names(cx);
     let vpc = default_vpc_id(&cx.settings.region);

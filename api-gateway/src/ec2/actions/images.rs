@@ -59,7 +59,10 @@ pub async fn launchable_image(cx: &Cx<'_>, id: &str) -> Result<Value, Ec2Error> 
         return Err(Ec2Error::new(
             "InvalidAMIID.Unavailable",
             400,
-            format!("The image '{id}' is not available: {}", text(&image, "/status/message")),
+            format!(
+                "The image '{id}' is not available: {}",
+                text(&image, "/status/message")
+            ),
         ));
     }
     Ok(image)
@@ -145,7 +148,8 @@ fn write_image(w: &mut crate::ec2::xml::Response, v: &Value, owner: &str, own: b
         .leaf("usageOperation", "RunInstances");
     if let Some(reason) = opt(v, "/status/message") {
         w.element("stateReason", |w| {
-            w.leaf("code", "Client.ImageFailure").leaf("message", reason);
+            w.leaf("code", "Client.ImageFailure")
+                .leaf("message", reason);
         });
     }
     if own {
@@ -157,10 +161,7 @@ fn write_image(w: &mut crate::ec2::xml::Response, v: &Value, owner: &str, own: b
 }
 
 /// DescribeImages.
-pub async fn describe_images(
-    cx: &Cx<'_>,
-    a: router::DescribeImages,
-) -> Result<String, Ec2Error> {
+pub async fn describe_images(cx: &Cx<'_>, a: router::DescribeImages) -> Result<String, Ec2Error> {
     filter::validate_names(&a.filters, filter::IMAGE_FILTERS, true)?;
     let all = cx.everywhere("images").await?;
     let mut owners = std::collections::HashMap::new();
@@ -203,8 +204,10 @@ pub async fn describe_images(
             a.executable_by.is_empty()
                 || a.executable_by.iter().any(|e| match e.as_str() {
                     "all" => is_public(v),
-                    "self" => owner != me && (is_public(v) || shared_with(v, me))
-                        || namespace(v) == cx.caller.namespace,
+                    "self" => {
+                        owner != me && (is_public(v) || shared_with(v, me))
+                            || namespace(v) == cx.caller.namespace
+                    }
                     account => shared_with(v, account) || is_public(v),
                 })
         })
@@ -249,9 +252,16 @@ pub async fn register_image(
     }
     for (what, id) in [("kernel", &a.kernel_id), ("ramdisk", &a.ramdisk_id)] {
         if let Some(id) = id {
-            if find_image(cx, id).await?.filter(|v| visible(cx, v)).is_none() {
+            if find_image(cx, id)
+                .await?
+                .filter(|v| visible(cx, v))
+                .is_none()
+            {
                 return Err(Ec2Error::new(
-                    format!("Invalid{}ID.NotFound", if what == "kernel" { "AKI" } else { "ARI" }),
+                    format!(
+                        "Invalid{}ID.NotFound",
+                        if what == "kernel" { "AKI" } else { "ARI" }
+                    ),
                     400,
                     format!("The {what} image '{id}' does not exist"),
                 ));
@@ -430,7 +440,12 @@ pub async fn modify_image_attribute(
                         let mut users: Vec<String> = cur
                             .pointer("/spec/launchPermissions")
                             .and_then(Value::as_array)
-                            .map(|a| a.iter().filter_map(Value::as_str).map(String::from).collect())
+                            .map(|a| {
+                                a.iter()
+                                    .filter_map(Value::as_str)
+                                    .map(String::from)
+                                    .collect()
+                            })
                             .unwrap_or_default();
                         let mut public = is_public(cur);
                         for p in add {

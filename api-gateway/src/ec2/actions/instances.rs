@@ -3,10 +3,11 @@
 
 use std::borrow::Cow;
 
+use serde::Deserialize as _;
 use serde_json::{json, Value};
 
 use super::{
-    created, default_subnet_id, default_vpc_id, from_api, id_of, namespace, opt, paginate,
+    at, created, default_subnet_id, default_vpc_id, from_api, id_of, namespace, opt, paginate,
     tag_values, text, time_at, write_tag_set, Cx,
 };
 use crate::admission::{self, Subresource};
@@ -21,16 +22,14 @@ pub const MAX_INSTANCES_PER_CALL: u32 = 50;
 
 /// EC2 state of an instance record.
 fn state(v: &Value) -> crds::InstanceState {
-    v.pointer("/status/state")
-        .cloned()
-        .and_then(|s| serde_json::from_value(s).ok())
+    at(v, "/status/state")
+        .and_then(|s| crds::InstanceState::deserialize(s).ok())
         .unwrap_or_default()
 }
 
 fn desired(v: &Value) -> crds::DesiredState {
-    v.pointer("/spec/desiredState")
-        .cloned()
-        .and_then(|s| serde_json::from_value(s).ok())
+    at(v, "/spec/desiredState")
+        .and_then(|s| crds::DesiredState::deserialize(s).ok())
         .unwrap_or_default()
 }
 
@@ -62,7 +61,7 @@ fn reservation_of(v: &Value) -> String {
 }
 
 fn launch_index(v: &Value) -> u64 {
-    v.pointer("/spec/launchIndex")
+    at(v, "/spec/launchIndex")
         .and_then(Value::as_u64)
         .unwrap_or(0)
 }
@@ -166,8 +165,7 @@ fn write_instance(w: &mut Response, v: &Value, region: &str) {
         .leaf_opt("privateIpAddress", ip)
         .leaf_opt("ipAddress", opt(v, "/status/publicIpAddress"))
         .leaf_bool("sourceDestCheck", true);
-    let groups: Vec<&str> = v
-        .pointer("/spec/securityGroupIds")
+    let groups: Vec<&str> = at(v, "/spec/securityGroupIds")
         .and_then(Value::as_array)
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
@@ -200,17 +198,19 @@ fn write_instance(w: &mut Response, v: &Value, region: &str) {
     w.close();
 }
 
-/// Write `reservationSet` items: consecutive instances of one reservation share an item.
-fn write_reservations(w: &mut Response, instances: &[&Value], owner: &str, region: &str) {
+/// Write `reservationSet` items from `(reservation ID, instance)` pairs: consecutive instances of
+/// one reservation share an item.
+fn write_reservations(w: &mut Response, instances: &[(String, &Value)], owner: &str, region: &str) {
     let mut i = 0;
     while i < instances.len() {
-        let reservation = reservation_of(instances[i]);
+        let reservation = &instances[i].0;
         let mut j = i;
-        while j < instances.len() && reservation_of(instances[j]) == reservation {
+        while j < instances.len() && instances[j].0 == *reservation {
             j += 1;
         }
+        let members: Vec<&Value> = instances[i..j].iter().map(|(_, v)| *v).collect();
         w.item();
-        write_reservation_body(w, &reservation, &instances[i..j], owner, region);
+        write_reservation_body(w, reservation, &members, owner, region);
         w.close();
         i = j;
     }
@@ -434,13 +434,12 @@ async fn own_instances(cx: &Cx<'_>, ids: &[String]) -> Result<Vec<Value>, Ec2Err
     Ok(found)
 }
 
-fn sort_key(v: &Value) -> String {
-    format!(
-        "{}/{:06}/{}",
-        reservation_of(v),
-        launch_index(v),
-        id_of(v)
-    )
+/// The order DescribeInstances lists an instance in (and its page token), with its reservation:
+/// both from one visit of the record, as there are thousands.
+fn sort_key(v: &Value) -> (String, String) {
+    let reservation = reservation_of(v);
+    let key = format!("{reservation}/{:06}/{}", launch_index(v), id_of(v));
+    (key, reservation)
 }
 
 /// DescribeInstances.
@@ -469,12 +468,15 @@ pub async fn describe_instances(
     let matcher = Matcher::new(&a.filters);
     let owner = cx.caller.account_id.as_str();
     let region = cx.settings.region.as_str();
-    let hits: Vec<(String, &Value)> = all
+    let hits: Vec<(String, (String, &Value))> = all
         .iter()
         .map(|o| &o.value)
         .filter(|v| wanted.as_ref().is_none_or(|w| w.contains(id_of(v))))
         .filter(|v| matcher.matches(|name| instance_values(v, name, owner, region)))
-        .map(|v| (sort_key(v), v))
+        .map(|v| {
+            let (key, reservation) = sort_key(v);
+            (key, (reservation, v))
+        })
         .collect();
     let (page, token) = paginate(
         hits,
@@ -650,7 +652,8 @@ pub async fn change_state(
         let gone = desired(v) == D::Terminated;
         match change {
             Change::Terminate
-                if v.pointer("/spec/disableApiTermination").and_then(Value::as_bool)
+                if v.pointer("/spec/disableApiTermination")
+                    .and_then(Value::as_bool)
                     == Some(true) =>
             {
                 return Err(Ec2Error::new(
@@ -662,7 +665,11 @@ pub async fn change_state(
             Change::Stop | Change::Start if gone => {
                 return Err(Ec2Error::incorrect_instance_state(format!(
                     "This instance '{id}' is not in a state from which it can be {}.",
-                    if change == Change::Stop { "stopped" } else { "started" }
+                    if change == Change::Stop {
+                        "stopped"
+                    } else {
+                        "started"
+                    }
                 )));
             }
             _ => {}
@@ -770,8 +777,15 @@ pub async fn describe_instance_attribute(
         "ramdisk" => value(&mut w, "ramdisk", None),
         "rootDeviceName" => value(&mut w, "rootDeviceName", Some("/dev/vda")),
         "disableApiTermination" => {
-            let on = v.pointer("/spec/disableApiTermination").and_then(Value::as_bool) == Some(true);
-            value(&mut w, "disableApiTermination", Some(if on { "true" } else { "false" }))
+            let on = v
+                .pointer("/spec/disableApiTermination")
+                .and_then(Value::as_bool)
+                == Some(true);
+            value(
+                &mut w,
+                "disableApiTermination",
+                Some(if on { "true" } else { "false" }),
+            )
         }
         "disableApiStop" => value(&mut w, "disableApiStop", Some("false")),
         "instanceInitiatedShutdownBehavior" => {
@@ -893,10 +907,6 @@ async fn console_of(
     v: &Value,
 ) -> Result<Option<(String, Option<chrono::DateTime<chrono::Utc>>)>, Ec2Error> {
     let _ = cx;
-    Ok(opt(v, "/status/consoleOutput").map(|o| {
-        (
-            o.to_string(),
-            time_at(v, "/status/consoleOutputTime"),
-        )
-    }))
+    Ok(opt(v, "/status/consoleOutput")
+        .map(|o| (o.to_string(), time_at(v, "/status/consoleOutputTime"))))
 }

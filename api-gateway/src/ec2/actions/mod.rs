@@ -56,9 +56,7 @@ pub async fn run(cx: &Cx<'_>, request: Request) -> Result<String, Ec2Error> {
         Action::RebootInstances(a) => {
             instances::reboot_instances(cx, &a.instance_ids, dry_run).await
         }
-        Action::DescribeInstanceAttribute(a) => {
-            instances::describe_instance_attribute(cx, a).await
-        }
+        Action::DescribeInstanceAttribute(a) => instances::describe_instance_attribute(cx, a).await,
         Action::ModifyInstanceAttribute(a) => {
             instances::modify_instance_attribute(cx, a, dry_run).await
         }

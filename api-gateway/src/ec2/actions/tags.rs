@@ -157,9 +157,9 @@ pub async fn delete_tags(
             }
             tags.into_iter()
                 .filter(|(k, val)| {
-                    !a.tags.iter().any(|d| {
-                        d.key == *k && d.value.as_ref().is_none_or(|want| want == val)
-                    })
+                    !a.tags
+                        .iter()
+                        .any(|d| d.key == *k && d.value.as_ref().is_none_or(|want| want == val))
                 })
                 .collect()
         })
