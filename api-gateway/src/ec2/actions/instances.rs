@@ -878,35 +878,16 @@ fn change_name(c: &router::InstanceAttributeChange) -> &'static str {
     }
 }
 
-/// GetConsoleOutput: the base64 console log the node agent last reported for the instance.
+/// GetConsoleOutput. Node agents do not capture serial consoles yet (that comes with real
+/// guests), so the answer is EC2's answer for an instance with no output so far: the instance ID
+/// and a timestamp, without an `output` element.
 pub async fn get_console_output(
     cx: &Cx<'_>,
     a: router::GetConsoleOutput,
 ) -> Result<String, Ec2Error> {
-    let v = own_instances(cx, std::slice::from_ref(&a.instance_id))
-        .await?
-        .remove(0);
-    let console = console_of(cx, &v).await?;
+    own_instances(cx, std::slice::from_ref(&a.instance_id)).await?;
     let mut w = cx.response("GetConsoleOutput");
     w.leaf("instanceId", &a.instance_id)
-        .leaf_time(
-            "timestamp",
-            console
-                .as_ref()
-                .and_then(|(_, t)| *t)
-                .unwrap_or_else(chrono::Utc::now),
-        )
-        .leaf_opt("output", console.as_ref().map(|(o, _)| o.as_str()));
+        .leaf_time("timestamp", chrono::Utc::now());
     Ok(w.finish())
-}
-
-/// The console output an instance's node agent keeps (in the instance's `ConsoleOutput`
-/// record, when the agent has written one) and when it was captured.
-async fn console_of(
-    cx: &Cx<'_>,
-    v: &Value,
-) -> Result<Option<(String, Option<chrono::DateTime<chrono::Utc>>)>, Ec2Error> {
-    let _ = cx;
-    Ok(opt(v, "/status/consoleOutput")
-        .map(|o| (o.to_string(), time_at(v, "/status/consoleOutputTime"))))
 }
