@@ -94,7 +94,7 @@ async fn handle(s: Arc<AppState>, req: Request, request_id: String) -> Response 
         Err(e) => e.status.to_string(),
     };
     let labels = RequestLabels {
-        verb: format!("ec2:{action}"),
+        verb: format!("ec2:{}", metric_action(&action)),
         resource: "ec2".into(),
         code,
     };
@@ -114,6 +114,17 @@ async fn handle(s: Arc<AppState>, req: Request, request_id: String) -> Response 
             let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST);
             xml_response(status, e.to_xml(&request_id), &request_id)
         }
+    }
+}
+
+/// The action as a metrics label: a real EC2 action name, or `unknown` for anything else, so
+/// that clients cannot grow the metrics without bound.
+fn metric_action(action: &str) -> &str {
+    if router::SUPPORTED_ACTIONS.contains(&action) || router::UNSUPPORTED_ACTIONS.contains(&action)
+    {
+        action
+    } else {
+        "unknown"
     }
 }
 
@@ -274,4 +285,17 @@ pub async fn find_account(
         return Ok(Some(found.value.clone()));
     }
     registry.read_key(&key).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_real_ec2_action_names_become_metric_labels() {
+        assert_eq!(metric_action("RunInstances"), "RunInstances");
+        assert_eq!(metric_action("CreateVolume"), "CreateVolume");
+        assert_eq!(metric_action("Frobnicate-12345"), "unknown");
+        assert_eq!(metric_action(""), "unknown");
+    }
 }
