@@ -238,6 +238,9 @@ kc wait --for=condition=Ready node.karri.dev/node-1 --timeout=90s >/dev/null \
   || { tail -n 20 "$LOGS/node-agent.log" "$LOGS/operator.log" >&2; die "node-1 did not become Ready"; }
 say "node-1 is Ready"
 
+# karri.env carries the admin account's secret key: only its owner may read it.
+(
+umask 077
 {
   printf 'export KUBECONFIG=%q\n' "$KUBECONFIG_FILE"
   printf 'export PATH=%q:"$PATH"\n' "$REPO/.venv/bin"
@@ -250,6 +253,7 @@ say "node-1 is Ready"
   printf 'export AWS_CA_BUNDLE=%q\n' "$PKI/ca.crt"
   printf 'export EC2_URL=%q\n' "$AWS_URL/services/compute"
 } >"$STATE_DIR/karri.env.tmp"
+)
 mv "$STATE_DIR/karri.env.tmp" "$STATE_DIR/karri.env"
 
 cat <<EOF

@@ -125,6 +125,29 @@ pub fn unique_keys(kind: &str, obj: &Value) -> Vec<UniqueKey> {
     }
 }
 
+/// Why `name` cannot name an account, whose records live in the namespace of the same name:
+/// it must be a DNS label (a namespace name) and not a namespace Karri or Kubernetes reserve.
+pub fn account_name_problem(name: &str) -> Option<String> {
+    let label = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if !label {
+        return Some(
+            "an account name is its namespace: 1 to 63 lowercase letters, digits or '-', starting and ending with a letter or digit".into(),
+        );
+    }
+    if name == "default" || name.starts_with("kube-") || name.starts_with("karri-") {
+        return Some(format!(
+            "{name:?} is reserved: default, kube-* and karri-* namespaces are not accounts"
+        ));
+    }
+    None
+}
+
 /// A fresh EC2-style ID: `<prefix>-` and 17 hex digits.
 pub fn new_id(prefix: &str) -> String {
     let n: u128 = rand::rng().random::<u128>() & ((1u128 << 68) - 1);
@@ -472,4 +495,29 @@ pub fn comparable(v: &Value) -> Value {
         meta.remove("managedFields");
     }
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn account_names_are_namespace_labels_and_not_reserved() {
+        for ok in ["research", "team-7", "a"] {
+            assert_eq!(account_name_problem(ok), None, "{ok}");
+        }
+        for bad in [
+            "",
+            "acme.corp",
+            "Acme",
+            "-x",
+            "x-",
+            "default",
+            "kube-system",
+            "karri-system",
+        ] {
+            assert!(account_name_problem(bad).is_some(), "{bad}");
+        }
+        assert!(account_name_problem(&"a".repeat(64)).is_some());
+    }
 }

@@ -358,6 +358,11 @@ impl Registry {
         opts: WriteOptions,
     ) -> ApiResult<Vec<Written>> {
         let ns = ns.filter(|_| kind.info.namespaced);
+        let account_uid = if kind.info.kind == "AccessKey" {
+            Some(self.account_uid_for_keys(&bodies).await?)
+        } else {
+            None
+        };
         'attempt: for _ in 0..5 {
             let mut prepared = Vec::with_capacity(bodies.len());
             for body in &bodies {
@@ -375,6 +380,9 @@ impl Registry {
                 let (mut obj, warnings) =
                     admission::prepare_create(kind, ns, body.clone(), &new, opts.field_validation)?;
                 let secret = self.generate_system_fields(kind, &mut obj)?;
+                if let Some(uid) = &account_uid {
+                    obj["status"]["accountUid"] = Value::String(uid.clone());
+                }
                 if !auth::can_write(who, kind.info.kind, None, &obj) {
                     return Err(ApiError::forbidden(format!(
                         "User {:?} cannot create this {}",
@@ -461,6 +469,43 @@ impl Registry {
         Err(ApiError::internal("could not allocate a unique ID"))
     }
 
+    /// The UID of the one existing Account the access keys of a create name; an access key for
+    /// an account that does not exist is refused.
+    async fn account_uid_for_keys(&self, bodies: &[Value]) -> ApiResult<String> {
+        let mut uid: Option<String> = None;
+        for body in bodies {
+            let name = body
+                .pointer("/spec/accountName")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let found = self
+                .read(&record_key("accounts", None, name))
+                .await?
+                .and_then(|(a, _)| {
+                    a.pointer("/metadata/uid")
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                });
+            let Some(found) = found else {
+                return Err(ApiError::invalid(
+                    "AccessKey",
+                    admission::name_of(body),
+                    vec![(
+                        "spec.accountName".into(),
+                        format!("there is no account {name:?}"),
+                    )],
+                ));
+            };
+            if uid.as_ref().is_some_and(|u| *u != found) {
+                return Err(ApiError::bad_request(
+                    "the access keys of one request must be for one account",
+                ));
+            }
+            uid = Some(found);
+        }
+        uid.ok_or_else(|| ApiError::bad_request("no access key to create"))
+    }
+
     /// Fill what the gateway generates at creation: an account's 12-digit ID and namespace, an
     /// access key's ID and sealed secret. Returns the plain secret of a new access key, which
     /// only the create response carries.
@@ -468,6 +513,13 @@ impl Registry {
         match kind.info.kind {
             "Account" => {
                 let name = admission::name_of(obj).to_string();
+                if let Some(problem) = admission::account_name_problem(&name) {
+                    return Err(ApiError::invalid(
+                        "Account",
+                        &name,
+                        vec![("metadata.name".into(), problem)],
+                    ));
+                }
                 obj["status"] = json!({
                     "accountId": credentials::new_account_id(),
                     "namespace": name,
@@ -508,6 +560,15 @@ impl Registry {
         opts: WriteOptions,
         change: &mut (dyn FnMut(&Value) -> ApiResult<Value> + Send),
     ) -> ApiResult<Written> {
+        if sub == Subresource::Status && matches!(who, Principal::Account { .. }) {
+            // Status is what Karri observed (placement, addresses, state): tenants read it only.
+            return Err(ApiError::forbidden(format!(
+                "{}.{}/status {name:?} is forbidden: User {:?} may not write status, which Karri's controllers own",
+                kind.info.plural,
+                crds::GROUP,
+                who.user()
+            )));
+        }
         let key = record_key(kind.info.plural, ns, name);
         for _ in 0..16 {
             let Some((current, rev)) = self.read(&key).await? else {

@@ -80,10 +80,36 @@ async fn an_access_key_secret_is_shown_once_and_stored_only_sealed() -> anyhow::
     let kind = registry.kinds.by_kind("AccessKey").context("kind")?;
     let body = json!({"apiVersion": "karri.dev/v1alpha1", "kind": "AccessKey",
                       "metadata": {"name": "ci"}, "spec": {"accountName": "research"}});
+    // No key for an account that does not exist.
+    let refused = registry
+        .create(&kind, None, body.clone(), &admin(), WriteOptions::default())
+        .await;
+    ensure!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.code == 422 && e.message.contains("no account")),
+        "{refused:?}"
+    );
+    let accounts = registry.kinds.by_kind("Account").context("kind")?;
+    let account = registry
+        .create(
+            &accounts,
+            None,
+            json!({"apiVersion": "karri.dev/v1alpha1", "kind": "Account",
+                   "metadata": {"name": "research"}, "spec": {}}),
+            &admin(),
+            WriteOptions::default(),
+        )
+        .await?
+        .object;
     let made = registry
         .create(&kind, None, body, &admin(), WriteOptions::default())
         .await?
         .object;
+    ensure!(
+        text(&made, "/status/accountUid") == text(&account, "/metadata/uid"),
+        "the key is not bound to the account's UID"
+    );
     let id = text(&made, "/status/accessKeyId").to_string();
     let secret = text(&made, "/status/secretAccessKey").to_string();
     ensure!(id.starts_with("AKIK") && id.len() == 20, "key id {id:?}");

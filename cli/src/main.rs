@@ -165,7 +165,7 @@ async fn access_key(client: Client, command: AccessKeyCommand) -> anyhow::Result
                 },
             );
             key.metadata.name = None;
-            key.metadata.generate_name = Some(format!("{account}-{user}-"));
+            key.metadata.generate_name = Some(format!("{account}-"));
             let made = api
                 .create(&PostParams::default(), &key)
                 .await

@@ -76,6 +76,10 @@ pub struct AccessKeyStatus {
     /// and ciphertext). Never the plain secret.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub sealed_secret: Option<String>,
+    /// UID of the Account the key was made for: a later account of the same name is another
+    /// tenant, and the key does not sign for it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub account_uid: Option<String>,
     /// The plain secret access key: present only in the response to the create request, never
     /// stored.
     #[serde(skip_serializing_if = "Option::is_none", default)]

@@ -524,6 +524,29 @@ async fn account_can_create_and_list_instances_in_its_namespace() -> anyhow::Res
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn account_cannot_write_the_status_of_its_own_instances() -> anyhow::Result<()> {
+    let c = world().await?;
+    let api = account_api(&c, "acme")?;
+    let before = snapshot(&c).await?;
+    // Binding an instance to a node of its choosing would bypass placement.
+    forbidden(
+        &api,
+        Method::PATCH,
+        &format!("{}/status", inst("acme", "unbound")),
+        Some((
+            "application/merge-patch+json",
+            json!({"status": {"nodeName": "node-b", "state": "running"}}),
+        )),
+    )
+    .await?;
+    ensure!(
+        snapshot(&c).await? == before,
+        "a refused write changed records"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn account_is_forbidden_in_other_namespaces_and_at_cluster_scope() -> anyhow::Result<()> {
     let c = world().await?;
     let acme = c.account_kubeconfig("acme")?;

@@ -105,5 +105,21 @@ async fn the_admin_command_makes_accounts_and_keys_that_awscli_can_use() -> anyh
         answer["Vpcs"][0]["OwnerId"] == id.as_str(),
         "the VPC is not shown as the account's: {answer}"
     );
+
+    // A later account of the same name is another tenant: the old key does not sign for it.
+    let kubectl = karri_testkit::kubectl(&admin, &["delete", "account", "research"]);
+    ensure!(kubectl.status.success(), "{kubectl:?}");
+    ok(karri(&admin, &["account", "create", "research"])?)?;
+    let out = tokio::process::Command::new(workspace_root().join(".venv/bin/aws"))
+        .args(["ec2", "describe-vpcs", "--output", "json"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", gateway.dir())
+        .envs(gateway.aws_env(&creds))
+        .output()
+        .await?;
+    ensure!(!out.status.success(), "the old key still signs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(stderr.contains("AuthFailure"), "{stderr}");
     Ok(())
 }

@@ -22,6 +22,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use super::error::Ec2Error;
 use super::filter::Filter;
 
+/// Most filters one request may carry.
+pub const MAX_FILTERS: usize = 50;
+/// Most values one filter may carry.
+pub const MAX_FILTER_VALUES: usize = 200;
+/// Longest filter value, in characters (tag values are at most 256).
+pub const MAX_FILTER_VALUE_CHARS: usize = 1024;
 /// The most parameters one request may carry.
 pub const MAX_PARAMS: usize = 10_000;
 /// The longest parameter name, in bytes.
@@ -516,8 +522,19 @@ impl<'a> Scope<'a> {
 
     /// The filters `Filter.N.Name` / `Filter.N.Value.M`. A filter without a name or without any
     /// value is `MissingParameter`.
+    ///
+    /// Bounded, since every value is matched (with wildcards) against every record: at most
+    /// [`MAX_FILTERS`] filters of [`MAX_FILTER_VALUES`] values of [`MAX_FILTER_VALUE_CHARS`]
+    /// characters each.
     pub fn filters(&self) -> Result<Vec<Filter>, Ec2Error> {
-        self.structs("Filter")?
+        let filters = self.structs("Filter")?;
+        if filters.len() > MAX_FILTERS {
+            return Err(Ec2Error::invalid_parameter_value(format!(
+                "A request may have at most {MAX_FILTERS} filters, not {}.",
+                filters.len()
+            )));
+        }
+        filters
             .into_iter()
             .map(|f| {
                 let name = f.required("Name")?.to_string();
@@ -525,6 +542,19 @@ impl<'a> Scope<'a> {
                     f.list("Value")?.into_iter().map(str::to_string).collect();
                 if values.is_empty() {
                     return Err(Ec2Error::missing_parameter(&f.key("Value.1")));
+                }
+                if values.len() > MAX_FILTER_VALUES {
+                    return Err(Ec2Error::invalid_parameter_value(format!(
+                        "The filter '{name}' may have at most {MAX_FILTER_VALUES} values."
+                    )));
+                }
+                if values
+                    .iter()
+                    .any(|v| v.chars().count() > MAX_FILTER_VALUE_CHARS)
+                {
+                    return Err(Ec2Error::invalid_parameter_value(format!(
+                        "A value of the filter '{name}' is longer than {MAX_FILTER_VALUE_CHARS} characters."
+                    )));
                 }
                 Ok(Filter { name, values })
             })
@@ -801,5 +831,34 @@ mod tests {
         fn check<T: Send + Sync>() {}
         check::<Params>();
         check::<Scope<'static>>();
+    }
+
+    #[test]
+    fn filters_are_bounded_in_count_values_and_length() {
+        let long = "a".repeat(MAX_FILTER_VALUE_CHARS + 1);
+        let too_long = Params::from_pairs([
+            ("Filter.1.Name".to_string(), "tag:Name".to_string()),
+            ("Filter.1.Value.1".to_string(), long),
+        ])
+        .unwrap();
+        assert_eq!(
+            too_long.filters().unwrap_err().code,
+            "InvalidParameterValue"
+        );
+        let mut many = vec![("Filter.1.Name".to_string(), "tag:Name".to_string())];
+        for i in 1..=MAX_FILTER_VALUES + 1 {
+            many.push((format!("Filter.1.Value.{i}"), "x".to_string()));
+        }
+        let many = Params::from_pairs(many).unwrap();
+        assert_eq!(many.filters().unwrap_err().code, "InvalidParameterValue");
+        let ok = Params::from_pairs([
+            ("Filter.1.Name".to_string(), "tag:Name".to_string()),
+            (
+                "Filter.1.Value.1".to_string(),
+                "a".repeat(MAX_FILTER_VALUE_CHARS),
+            ),
+        ])
+        .unwrap();
+        assert_eq!(ok.filters().unwrap().len(), 1);
     }
 }

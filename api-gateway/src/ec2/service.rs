@@ -243,6 +243,10 @@ async fn authenticate(s: &AppState, req: &SignedRequest<'_>) -> Result<Caller, E
             .unwrap_or("")
             .to_string()
     };
+    // The key signs only for the account it was made for, not a later one of the same name.
+    if account_text("/metadata/uid") != text("/status/accountUid") {
+        return Err(Ec2Error::auth_failure());
+    }
     let account_id = account_text("/status/accountId");
     let namespace = account_text("/status/namespace");
     if account_id.is_empty() || namespace.is_empty() {

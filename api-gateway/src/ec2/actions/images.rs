@@ -469,7 +469,13 @@ pub async fn modify_image_attribute(
             },
         )
         .await
-        .map_err(from_api)?;
+        .map_err(|e| {
+            if e.code == 404 {
+                Ec2Error::image_not_found(&[&a.image_id])
+            } else {
+                from_api(e)
+            }
+        })?;
     let mut w = cx.response("ModifyImageAttribute");
     w.leaf_bool("return", true);
     Ok(w.finish())

@@ -604,13 +604,18 @@ pub enum Change {
     Start,
 }
 
+/// Change an instance's record with compare-and-swap. `change` sees the record as stored in
+/// etcd (not the cached copy the caller looked at) and may refuse it with an EC2 error, so that
+/// every check holds for the state actually written over.
 async fn update_spec(
     cx: &Cx<'_>,
     v: &Value,
-    change: &mut (dyn FnMut(&mut Value) + Send),
+    change: &mut (dyn FnMut(&mut Value) -> Result<(), Ec2Error> + Send),
 ) -> Result<Value, Ec2Error> {
     let kind = cx.kind("instances")?;
     let name = text(v, "/metadata/name").to_string();
+    let uid = text(v, "/metadata/uid").to_string();
+    let mut refused: Option<Ec2Error> = None;
     let written = cx
         .registry
         .update_with(
@@ -622,20 +627,59 @@ async fn update_spec(
             None,
             WriteOptions::default(),
             &mut |cur: &Value| {
+                if text(cur, "/metadata/uid") != uid {
+                    // Another record has taken the name since the lookup.
+                    refused = Some(Ec2Error::instance_not_found(&[id_of(v)]));
+                    return Err(crate::error::ApiError::conflict_message("refused"));
+                }
                 let mut next = cur.clone();
-                change(&mut next);
-                Ok(next)
+                match change(&mut next) {
+                    Ok(()) => Ok(next),
+                    Err(e) => {
+                        refused = Some(e);
+                        Err(crate::error::ApiError::conflict_message("refused"))
+                    }
+                }
             },
         )
-        .await
-        .map_err(|e| {
-            if e.code == 404 {
-                Ec2Error::instance_not_found(&[id_of(v)])
-            } else {
-                from_api(e)
-            }
-        })?;
+        .await;
+    if let Some(e) = refused {
+        return Err(e);
+    }
+    let written = written.map_err(|e| {
+        if e.code == 404 {
+            Ec2Error::instance_not_found(&[id_of(v)])
+        } else {
+            from_api(e)
+        }
+    })?;
     Ok(written.object)
+}
+
+/// Whether `change` may be asked of an instance in record `v`.
+fn check_change(change: Change, v: &Value) -> Result<(), Ec2Error> {
+    let id = id_of(v);
+    let gone = desired(v) == crds::DesiredState::Terminated;
+    match change {
+        Change::Terminate
+            if at(v, "/spec/disableApiTermination").and_then(Value::as_bool) == Some(true) =>
+        {
+            Err(Ec2Error::new(
+                "OperationNotPermitted",
+                400,
+                format!("The instance '{id}' may not be terminated. Modify its 'disableApiTermination' instance attribute and try again."),
+            ))
+        }
+        Change::Stop | Change::Start if gone => Err(Ec2Error::incorrect_instance_state(format!(
+            "This instance '{id}' is not in a state from which it can be {}.",
+            if change == Change::Stop {
+                "stopped"
+            } else {
+                "started"
+            }
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// TerminateInstances, StopInstances and StartInstances: set the desired power state.
@@ -648,32 +692,7 @@ pub async fn change_state(
     use crds::{DesiredState as D, InstanceState as S};
     let instances = own_instances(cx, ids).await?;
     for v in &instances {
-        let id = id_of(v);
-        let gone = desired(v) == D::Terminated;
-        match change {
-            Change::Terminate
-                if v.pointer("/spec/disableApiTermination")
-                    .and_then(Value::as_bool)
-                    == Some(true) =>
-            {
-                return Err(Ec2Error::new(
-                    "OperationNotPermitted",
-                    400,
-                    format!("The instance '{id}' may not be terminated. Modify its 'disableApiTermination' instance attribute and try again."),
-                ));
-            }
-            Change::Stop | Change::Start if gone => {
-                return Err(Ec2Error::incorrect_instance_state(format!(
-                    "This instance '{id}' is not in a state from which it can be {}.",
-                    if change == Change::Stop {
-                        "stopped"
-                    } else {
-                        "started"
-                    }
-                )));
-            }
-            _ => {}
-        }
+        check_change(change, v)?;
     }
     if dry_run {
         return Err(Ec2Error::dry_run_operation());
@@ -686,14 +705,13 @@ pub async fn change_state(
     let mut results = Vec::with_capacity(instances.len());
     for v in &instances {
         let previous = shown_state(v);
-        let now = if desired(v) == target {
-            v.clone()
-        } else {
-            update_spec(cx, v, &mut |next: &mut Value| {
-                next["spec"]["desiredState"] = json!(target.as_str());
-            })
-            .await?
-        };
+        // Checked again against the stored record: a terminate may have landed meanwhile.
+        let now = update_spec(cx, v, &mut |next: &mut Value| {
+            check_change(change, next)?;
+            next["spec"]["desiredState"] = json!(target.as_str());
+            Ok(())
+        })
+        .await?;
         let mut current = shown_state(&now);
         if change == Change::Stop && current == S::Stopped && previous != S::Stopped {
             current = S::Stopping;
@@ -740,6 +758,7 @@ pub async fn reboot_instances(
         }
         update_spec(cx, v, &mut |next: &mut Value| {
             next["metadata"]["annotations"][REBOOT_ANNOTATION] = json!(at);
+            Ok(())
         })
         .await?;
     }
@@ -842,17 +861,24 @@ pub async fn modify_instance_attribute(
         }
     };
     let needs_stopped = matches!(a.change, C::InstanceType(_) | C::UserData(_));
-    if needs_stopped && shown_state(&v) != crds::InstanceState::Stopped {
-        return Err(Ec2Error::incorrect_instance_state(format!(
-            "The instance '{}' is not in the 'stopped' state.",
-            a.instance_id
-        )));
-    }
+    let stopped_check = |v: &Value| {
+        if needs_stopped && shown_state(v) != crds::InstanceState::Stopped {
+            Err(Ec2Error::incorrect_instance_state(format!(
+                "The instance '{}' is not in the 'stopped' state.",
+                a.instance_id
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    stopped_check(&v)?;
     if dry_run {
         return Err(Ec2Error::dry_run_operation());
     }
     update_spec(cx, &v, &mut |next: &mut Value| {
+        stopped_check(next)?;
         next["spec"][field] = value.clone();
+        Ok(())
     })
     .await?;
     let mut w = cx.response("ModifyInstanceAttribute");

@@ -93,6 +93,12 @@ pub async fn run(cx: &Cx<'_>, request: Request) -> Result<String, Ec2Error> {
 pub fn from_api(e: ApiError) -> Ec2Error {
     match e.code {
         400 | 422 => Ec2Error::invalid_parameter_value(e.message),
+        // A record gone between the lookup and the write; callers that know the kind map this
+        // to its own NotFound code first.
+        404 => Ec2Error::invalid_parameter_value(format!(
+            "The resource no longer exists: {}",
+            e.message
+        )),
         403 => Ec2Error::unauthorized_operation(),
         409 => Ec2Error::new("IncorrectState", 400, e.message),
         503 | 504 => Ec2Error::service_unavailable(),

@@ -100,6 +100,8 @@ async fn retag(
         .map_err(|e| {
             if e.code == 400 && e.message == "TagLimitExceeded" {
                 Ec2Error::tag_limit_exceeded()
+            } else if e.code == 404 {
+                not_found(plural, id_of(v))
             } else {
                 from_api(e)
             }
