@@ -4,6 +4,7 @@
 //! the `bench-cloud` benchmark.
 
 pub mod cloud;
+pub mod report;
 
 pub mod support {
     //! Helpers shared by the kubectl, bad-input and authorization tests: a fresh cluster (etcd,

@@ -22,8 +22,8 @@
 //! traffic goes to 127.0.0.1, and everything started is killed when the cloud is dropped at the
 //! end of `main` (or on an early error return). The report goes to stdout, progress to stderr.
 
+use karri_e2e::report::{command_line, out, pass};
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -62,20 +62,8 @@ enum Milestone {
     Running,
 }
 
-fn out(line: impl AsRef<str>) {
-    println!("{}", line.as_ref());
-}
-
 fn progress(msg: impl AsRef<str>) {
     eprintln!("[bench] {}", msg.as_ref());
-}
-
-fn pass(ok: bool) -> &'static str {
-    if ok {
-        "PASS"
-    } else {
-        "MISS"
-    }
 }
 
 /// Nearest-rank percentile of `samples` (sorted in place); zero when empty.
@@ -107,15 +95,6 @@ fn mb(kib: Option<u64>) -> String {
     kib.map_or("unknown".into(), |k| {
         format!("{:.1} MB ({k} KiB)", k as f64 * 1024.0 / 1e6)
     })
-}
-
-/// stdout of a command, trimmed, or a note why it could not run.
-fn command_line(cmd: &str, args: &[&str]) -> String {
-    match Command::new(cmd).args(args).output() {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
-        Ok(o) => format!("<{cmd} exited {}>", o.status),
-        Err(e) => format!("<cannot run {cmd}: {e}>"),
-    }
 }
 
 /// utime + stime of a process in clock ticks.

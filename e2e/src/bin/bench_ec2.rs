@@ -39,6 +39,7 @@
 //! gateway and moto are killed when their handles are dropped at the end of `main` (or on an
 //! early error return). The report goes to stdout, progress to stderr.
 
+use karri_e2e::report::{command_line, loadavg, out, pass};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -552,35 +553,8 @@ fn ms(d: Duration) -> String {
     format!("{:.2}", d.as_secs_f64() * 1e3)
 }
 
-fn pass(ok: bool) -> &'static str {
-    if ok {
-        "PASS"
-    } else {
-        "MISS"
-    }
-}
-
-fn out(line: impl AsRef<str>) {
-    println!("{}", line.as_ref());
-}
-
 fn progress(msg: impl AsRef<str>) {
     eprintln!("[bench-ec2] {}", msg.as_ref());
-}
-
-fn command_line(cmd: &str, args: &[&str]) -> String {
-    match Command::new(cmd).args(args).output() {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
-        Ok(o) => format!("<{cmd} exited {}>", o.status),
-        Err(e) => format!("<cannot run {cmd}: {e}>"),
-    }
-}
-
-/// The 1, 5 and 15 minute load averages of `/proc/loadavg`.
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn cpu_model() -> String {

@@ -23,9 +23,9 @@
 //! The testkit handles kill etcd and the gateway when they are dropped at the end of `main` (or
 //! on an early error return).
 
+use karri_e2e::report::{command_line, out, pass};
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -152,30 +152,8 @@ fn ratio(a: Duration, b: Duration) -> f64 {
     a.as_secs_f64() / b.as_secs_f64().max(1e-12)
 }
 
-fn pass(ok: bool) -> &'static str {
-    if ok {
-        "PASS"
-    } else {
-        "MISS"
-    }
-}
-
-/// Prints a report line at once (so a later failure keeps what was measured).
-fn out(line: impl AsRef<str>) {
-    println!("{}", line.as_ref());
-}
-
 fn progress(msg: impl AsRef<str>) {
     eprintln!("[bench] {}", msg.as_ref());
-}
-
-/// stdout of a command, trimmed, or a note why it could not run.
-fn command_line(cmd: &str, args: &[&str]) -> String {
-    match Command::new(cmd).args(args).output() {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
-        Ok(o) => format!("<{cmd} exited {}>", o.status),
-        Err(e) => format!("<cannot run {cmd}: {e}>"),
-    }
 }
 
 /// The etcd binary testkit starts (same resolution rules).
