@@ -22,7 +22,7 @@
 //! traffic goes to 127.0.0.1, and everything started is killed when the cloud is dropped at the
 //! end of `main` (or on an early error return). The report goes to stdout, progress to stderr.
 
-use karri_e2e::report::{command_line, out, pass};
+use karri_e2e::report::{command_line, cpu_ticks, out, pass, ticks_per_second};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
@@ -95,14 +95,6 @@ fn mb(kib: Option<u64>) -> String {
     kib.map_or("unknown".into(), |k| {
         format!("{:.1} MB ({k} KiB)", k as f64 * 1024.0 / 1e6)
     })
-}
-
-/// utime + stime of a process in clock ticks.
-fn cpu_ticks(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(')')?.1;
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
 }
 
 /// Every sample of metric `name` as `(labels, value)`.
@@ -272,7 +264,10 @@ async fn main() -> anyhow::Result<()> {
     )
     .chain([("bench client".to_owned(), Some(std::process::id()))])
     .collect();
-    let ticks_before: Vec<Option<u64>> = pids.iter().map(|(_, p)| p.and_then(cpu_ticks)).collect();
+    let ticks_before: Vec<Option<u64>> = pids
+        .iter()
+        .map(|(_, p)| p.and_then(|p| cpu_ticks(&format!("/proc/{p}/stat"))))
+        .collect();
 
     // The agent's memory before the batch: registered, watching, no domains yet.
     let agent_idle = cloud.agents[0].service.pid().map(memory_status);
@@ -327,14 +322,12 @@ async fn main() -> anyhow::Result<()> {
     ));
 
     // Resident memory and CPU right after the batch.
-    let ticks_per_s: f64 = command_line("getconf", &["CLK_TCK"])
-        .parse()
-        .unwrap_or(100.0);
+    let ticks_per_s = ticks_per_second();
     let cpu: Vec<Option<f64>> = pids
         .iter()
         .zip(&ticks_before)
         .map(|((_, p), before)| {
-            let now = p.and_then(cpu_ticks)?;
+            let now = p.and_then(|p| cpu_ticks(&format!("/proc/{p}/stat")))?;
             Some(now.saturating_sub((*before)?) as f64 / ticks_per_s)
         })
         .collect();

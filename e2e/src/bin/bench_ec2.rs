@@ -39,7 +39,8 @@
 //! gateway and moto are killed when their handles are dropped at the end of `main` (or on an
 //! early error return). The report goes to stdout, progress to stderr.
 
-use karri_e2e::report::{command_line, loadavg, out, pass};
+use karri_e2e::cloud::pid_by_cmdline;
+use karri_e2e::report::{command_line, cpu_model, cpu_ticks, loadavg, out, pass, ticks_per_second};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -333,48 +334,15 @@ impl Procs {
             gateway: None,
             etcd: None,
             moto: moto.pid(),
-            ticks_per_s: Command::new("getconf")
-                .arg("CLK_TCK")
-                .output()
-                .ok()
-                .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-                .unwrap_or(100.0),
+            ticks_per_s: ticks_per_second(),
         };
-        let me = std::process::id();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if pid == me {
-                continue;
-            }
-            let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(&etcd_needle) {
-                procs.etcd = Some(pid);
-            } else if cmd.contains(&gateway_needle) {
-                procs.gateway = Some(pid);
-            }
-        }
+        procs.etcd = pid_by_cmdline(&etcd_needle);
+        procs.gateway = pid_by_cmdline(&gateway_needle);
         procs
     }
 
     fn cpu_of(&self, stat: &str) -> f64 {
-        std::fs::read_to_string(stat)
-            .ok()
-            .and_then(|s| {
-                let f: Vec<&str> = s.rsplit_once(')')?.1.split_whitespace().collect();
-                let user: f64 = f.get(11)?.parse().ok()?;
-                let sys: f64 = f.get(12)?.parse().ok()?;
-                Some((user + sys) / self.ticks_per_s)
-            })
-            .unwrap_or(0.0)
+        cpu_ticks(stat).map_or(0.0, |t| t as f64 / self.ticks_per_s)
     }
 
     fn snapshot(&self) -> Cpu {
@@ -555,18 +523,6 @@ fn ms(d: Duration) -> String {
 
 fn progress(msg: impl AsRef<str>) {
     eprintln!("[bench-ec2] {}", msg.as_ref());
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
 }
 
 /// A measured run's table cells: `reqs err rps p50 p99`.

@@ -23,7 +23,8 @@
 //! The testkit handles kill etcd and the gateway when they are dropped at the end of `main` (or
 //! on an early error return).
 
-use karri_e2e::report::{command_line, out, pass};
+use karri_e2e::cloud::pid_by_cmdline;
+use karri_e2e::report::{command_line, cpu_model, cpu_ticks, out, pass, ticks_per_second};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -165,18 +166,6 @@ fn etcd_bin() -> PathBuf {
     }
 }
 
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
-}
-
 /// Pids of the etcd and gateway children (found by a path unique to each in their command
 /// line) and the clock tick rate, for CPU accounting from `/proc`.
 struct Procs {
@@ -205,55 +194,21 @@ struct Cpu {
 impl Procs {
     fn find(etcd: &Etcd, gateway_needle: &str) -> anyhow::Result<Procs> {
         let etcd_needle = etcd.data_dir().display().to_string();
-        let me = std::process::id();
         let mut procs = Procs {
             etcd: None,
             gateway: None,
-            ticks_per_s: command_line("getconf", &["CLK_TCK"])
-                .parse()
-                .unwrap_or(100.0),
+            ticks_per_s: ticks_per_second(),
             etcd_metrics: format!("{}/metrics", etcd.endpoint),
             http: http_client(None)?,
         };
-        let Ok(dir) = std::fs::read_dir("/proc") else {
-            return Ok(procs);
-        };
-        for entry in dir.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<u32>().ok())
-            else {
-                continue;
-            };
-            if pid == me {
-                continue;
-            }
-            let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else {
-                continue;
-            };
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(&etcd_needle) {
-                procs.etcd = Some(pid);
-            } else if cmd.contains(gateway_needle) {
-                procs.gateway = Some(pid);
-            }
-        }
+        procs.etcd = pid_by_cmdline(&etcd_needle);
+        procs.gateway = pid_by_cmdline(gateway_needle);
         Ok(procs)
     }
 
     /// utime + stime of `/proc/<pid>/stat` in seconds.
     fn cpu_of(&self, stat_path: &str) -> f64 {
-        std::fs::read_to_string(stat_path)
-            .ok()
-            .and_then(|s| {
-                let rest = s.rsplit_once(')')?.1;
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                let user: f64 = f.get(11)?.parse().ok()?;
-                let sys: f64 = f.get(12)?.parse().ok()?;
-                Some((user + sys) / self.ticks_per_s)
-            })
-            .unwrap_or(0.0)
+        cpu_ticks(stat_path).map_or(0.0, |t| t as f64 / self.ticks_per_s)
     }
 
     async fn snapshot(&self) -> Cpu {

@@ -3,7 +3,10 @@
 //! HTTP requests sent with reqwest, and the AWS error document read back from XML.
 //!
 //! Each test file uses part of it, hence the `dead_code` allowance.
-#![allow(dead_code)]
+#![allow(
+    dead_code,
+    reason = "each EC2 test crate uses a part of this support module"
+)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, Stdio};
