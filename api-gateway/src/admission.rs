@@ -67,6 +67,16 @@ pub struct UniqueKey {
     pub generated: bool,
 }
 
+/// The unique key a RunInstances client token claims in namespace `ns`.
+pub fn client_token_key(ns: &str, token: &str) -> String {
+    store::unique_key(&["client-token", ns, &hex_text(token)])
+}
+
+/// The unique key of an access key ID.
+pub fn access_key_key(id: &str) -> String {
+    store::unique_key(&["access-key", id])
+}
+
 fn hex_text(s: &str) -> String {
     s.bytes().map(|b| format!("{b:02x}")).collect()
 }
@@ -92,7 +102,7 @@ pub fn unique_keys(kind: &str, obj: &Value) -> Vec<UniqueKey> {
             .collect(),
         "AccessKey" => text("/status/accessKeyId")
             .map(|id| UniqueKey {
-                key: store::unique_key(&["access-key", id]),
+                key: access_key_key(id),
                 what: format!("access key ID {id}"),
                 generated: true,
             })
@@ -114,7 +124,7 @@ pub fn unique_keys(kind: &str, obj: &Value) -> Vec<UniqueKey> {
             text("/spec/clientToken")
                 .filter(|_| first)
                 .map(|token| UniqueKey {
-                    key: store::unique_key(&["client-token", ns, &hex_text(token)]),
+                    key: client_token_key(ns, token),
                     what: format!("client token {token:?}"),
                     generated: false,
                 })

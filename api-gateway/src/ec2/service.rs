@@ -180,6 +180,9 @@ async fn answer(s: &AppState, req: Request, request_id: &str) -> Answer {
     let caller = authenticate(s, &signed).await.map_err(fail)?;
     tracing::Span::current().record("account", caller.account.as_str());
     let request = router::route(&params).map_err(fail)?;
+    if !request.ignored_params.is_empty() {
+        tracing::info!(ignored = ?request.ignored_params, "EC2 parameters Karri does not act on");
+    }
     let cx = actions::Cx {
         registry: &s.registry,
         caller: &caller,
@@ -275,7 +278,7 @@ async fn find_access_key(registry: &Registry, id: &str) -> crate::error::ApiResu
         return Ok(Some(found.value.clone()));
     }
     registry
-        .find_by_index(&store::unique_key(&["access-key", id]))
+        .find_by_index(&crate::admission::access_key_key(id))
         .await
 }
 

@@ -388,8 +388,7 @@ async fn existing_reservation(
     token: &str,
     a: &router::RunInstances,
 ) -> Result<Option<String>, Ec2Error> {
-    let hex: String = token.bytes().map(|b| format!("{b:02x}")).collect();
-    let index = crate::store::unique_key(&["client-token", &cx.caller.namespace, &hex]);
+    let index = admission::client_token_key(&cx.caller.namespace, token);
     let Some(first) = cx.registry.find_by_index(&index).await.map_err(from_api)? else {
         return Ok(None);
     };

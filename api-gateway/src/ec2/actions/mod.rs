@@ -22,7 +22,6 @@ use crate::cache::CachedObject;
 use crate::error::ApiError;
 use crate::kinds::Kind;
 use crate::registry::{ListOptions, Registry};
-use crate::store;
 
 /// What every action gets: the registry, who calls, the face's settings and the request ID.
 pub struct Cx<'a> {
@@ -328,11 +327,6 @@ pub fn paginate<T>(
         None
     };
     Ok((page.into_iter().map(|(_, t)| t).collect(), token))
-}
-
-/// The index entry of a unique key, for lookups such as the key pair of a name.
-pub fn unique_index(parts: &[&str]) -> String {
-    store::unique_key(parts)
 }
 
 #[cfg(test)]
