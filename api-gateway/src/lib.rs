@@ -5,6 +5,7 @@
 pub mod admission;
 pub mod auth;
 pub mod aws;
+pub mod body;
 pub mod cache;
 pub mod ec2;
 pub mod error;

@@ -16,6 +16,7 @@ use super::error::Ec2Error;
 use super::params::Params;
 use super::{actions, router};
 use crate::auth::Principal;
+use crate::body::BodyError;
 use crate::aws::sigv4::{self, SigV4Error, SignedRequest, VerifyPolicy};
 use crate::http::AppState;
 use crate::metrics::RequestLabels;
@@ -157,12 +158,15 @@ async fn answer(s: &AppState, req: Request, request_id: &str) -> Answer {
             parts.headers.insert(header::HOST, authority);
         }
     }
-    let body = axum::body::to_bytes(body, MAX_EC2_BODY)
+    let body = crate::body::read_limited(body, MAX_EC2_BODY)
         .await
-        .map_err(|_| {
-            unknown(Ec2Error::invalid_parameter_value(format!(
-                "The request body is larger than {MAX_EC2_BODY} bytes or could not be read."
-            )))
+        .map_err(|e| {
+            unknown(Ec2Error::invalid_parameter_value(match e {
+                BodyError::TooLarge { limit } => {
+                    format!("The request body is larger than {limit} bytes.")
+                }
+                BodyError::Unreadable => "The request body could not be read.".to_string(),
+            }))
         })?;
     let query = parts.uri.query().unwrap_or("");
     let params = Params::from_request(Some(query), &body).map_err(unknown)?;

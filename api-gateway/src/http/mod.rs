@@ -14,6 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use axum::Router;
 use futures::StreamExt;
+
+use crate::body::BodyError;
 use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::Instrument;
@@ -251,9 +253,12 @@ fn namespace(who: &Principal, ns: &str) -> Response {
 
 async fn read_body(req: Request, limit: usize) -> ApiResult<(HeaderMap, Bytes)> {
     let (parts, body) = req.into_parts();
-    let bytes = axum::body::to_bytes(body, limit)
+    let bytes = crate::body::read_limited(body, limit)
         .await
-        .map_err(|_| ApiError::too_large(limit))?;
+        .map_err(|e| match e {
+            BodyError::TooLarge { .. } => ApiError::too_large(limit),
+            BodyError::Unreadable => ApiError::bad_request(e.to_string()),
+        })?;
     Ok((parts.headers, bytes))
 }
 
