@@ -98,6 +98,80 @@ pub struct ImageSpec {
     /// EC2 tags.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub tags: Vec<Tag>,
+    /// `machine` (a bootable disk, ID `emi-`), `kernel` (`eki-`) or `ramdisk` (`eri-`): the
+    /// Eucalyptus EMI/EKI/ERI triple.
+    #[serde(default)]
+    pub image_type: ImageType,
+    /// On-disk format of the file at `imageLocation`: `raw` or `qcow2`.
+    #[serde(default)]
+    pub format: DiskImageFormat,
+    /// Size of the file at `imageLocation` in bytes.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub size_bytes: Option<u64>,
+}
+
+/// What an image holds, as EC2's `imageType` names it.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ImageType {
+    /// A bootable root disk (`emi-`).
+    #[default]
+    Machine,
+    /// A kernel booted directly by the hypervisor (`eki-`).
+    Kernel,
+    /// An initial ramdisk booted with a kernel (`eri-`).
+    Ramdisk,
+}
+
+impl ImageType {
+    /// The EC2 spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Machine => "machine",
+            Self::Kernel => "kernel",
+            Self::Ramdisk => "ramdisk",
+        }
+    }
+
+    /// Prefix of the IDs of images of this type.
+    pub fn id_prefix(self) -> &'static str {
+        match self {
+            Self::Machine => "emi",
+            Self::Kernel => "eki",
+            Self::Ramdisk => "eri",
+        }
+    }
+
+    /// The type an image ID's prefix names (`ami-`/`aki-`/`ari-` are accepted too).
+    pub fn of_id(id: &str) -> Option<Self> {
+        match id.split_once('-')?.0 {
+            "emi" | "ami" => Some(Self::Machine),
+            "eki" | "aki" => Some(Self::Kernel),
+            "eri" | "ari" => Some(Self::Ramdisk),
+            _ => None,
+        }
+    }
+}
+
+/// On-disk format of an image file.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskImageFormat {
+    /// A plain disk image (kernels and ramdisks are raw files too).
+    #[default]
+    Raw,
+    /// A QEMU copy-on-write image without a backing file.
+    Qcow2,
+}
+
+impl DiskImageFormat {
+    /// The name `qemu-img` uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Raw => "raw",
+            Self::Qcow2 => "qcow2",
+        }
+    }
 }
 
 /// CPU architecture, named as EC2 names it.

@@ -114,6 +114,113 @@ pub struct InstanceSpec {
     /// EC2 tags.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub tags: Vec<Tag>,
+    /// Kernel image (`eki-`) to boot instead of the machine image's own.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub kernel_id: Option<String>,
+    /// Ramdisk image (`eri-`) to boot instead of the machine image's own.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ramdisk_id: Option<String>,
+    /// How the metadata service answers this instance (EC2's `MetadataOptions`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub metadata_options: Option<MetadataOptions>,
+}
+
+/// EC2 `InstanceMetadataOptions`: whether IMDSv2 session tokens are required.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MetadataOptions {
+    /// `optional` (IMDSv1 and v2) or `required` (IMDSv2 only).
+    #[serde(default)]
+    pub http_tokens: HttpTokens,
+    /// `enabled` or `disabled`: whether the metadata service answers at all.
+    #[serde(default)]
+    pub http_endpoint: HttpEndpoint,
+    /// Hop limit of token responses (1 to 64).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub http_put_response_hop_limit: Option<u8>,
+}
+
+/// Whether the metadata service requires IMDSv2 session tokens.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpTokens {
+    /// Requests with or without a token are served.
+    #[default]
+    Optional,
+    /// Only requests with a valid token are served.
+    Required,
+}
+
+impl HttpTokens {
+    /// The EC2 API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Optional => "optional",
+            Self::Required => "required",
+        }
+    }
+}
+
+/// Whether the metadata service answers an instance.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum HttpEndpoint {
+    /// The service answers.
+    #[default]
+    Enabled,
+    /// The service refuses every request.
+    Disabled,
+}
+
+impl HttpEndpoint {
+    /// The EC2 API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enabled => "enabled",
+            Self::Disabled => "disabled",
+        }
+    }
+}
+
+/// What the operator resolved, at placement, for the node agent to boot: image locations and
+/// checksums and the public keys (a node reads only its instances, never images or key pairs).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct LaunchSpec {
+    /// The machine image's root disk, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub root: Option<ImageArtifact>,
+    /// The kernel to boot directly, when the image names one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub kernel: Option<ImageArtifact>,
+    /// The initial ramdisk booted with the kernel.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ramdisk: Option<ImageArtifact>,
+    /// The key pair's public key in OpenSSH form, served by the metadata service.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub public_key: Option<String>,
+    /// The instance's account ID, for the instance identity document.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub account_id: Option<String>,
+    /// The zone's subnet, e.g. `172.31.0.0/20`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub subnet_cidr: Option<String>,
+}
+
+/// One image a node must fetch: where it is, what it hashes to, its format.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageArtifact {
+    /// The image record's ID (`emi-`, `eki-`, `eri-`).
+    pub image_id: String,
+    /// An absolute path on the node or an HTTP(S) URL.
+    pub location: String,
+    /// SHA-256 of the bytes, lower-case hex.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub sha256: Option<String>,
+    /// `raw` or `qcow2`.
+    #[serde(default)]
+    pub format: crate::image::DiskImageFormat,
 }
 
 /// Power state an instance's owner asks for.
@@ -229,6 +336,21 @@ pub struct InstanceStatus {
     /// the node agent last carried out.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub last_reboot_request: Option<String>,
+    /// MAC address of the instance's network interface.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub mac_address: Option<String>,
+    /// Private DNS name, e.g. `ip-172-31-0-5.karri-1.compute.internal`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub private_dns_name: Option<String>,
+    /// What the node agent boots, resolved by the operator at placement.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub launch: Option<LaunchSpec>,
+    /// The last part of the serial console output (at most 64 KiB), kept by the node agent.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub console_output: Option<String>,
+    /// When the node agent last updated `consoleOutput`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub console_output_time: Option<Time>,
 }
 
 impl Validate for InstanceSpec {
@@ -274,6 +396,34 @@ impl Validate for InstanceSpec {
         }
         if let Some(id) = &self.reservation_id {
             check_id("spec.reservationId", id, &["r"], "r-0123456789abcdef0")?;
+        }
+        if let Some(id) = &self.kernel_id {
+            check_id(
+                "spec.kernelId",
+                id,
+                &["eki", "aki"],
+                "eki-0123456789abcdef0",
+            )?;
+        }
+        if let Some(id) = &self.ramdisk_id {
+            check_id(
+                "spec.ramdiskId",
+                id,
+                &["eri", "ari"],
+                "eri-0123456789abcdef0",
+            )?;
+        }
+        if let Some(limit) = self
+            .metadata_options
+            .as_ref()
+            .and_then(|o| o.http_put_response_hop_limit)
+        {
+            if !(1..=64).contains(&limit) {
+                return Err(ValidationError::invalid(
+                    "spec.metadataOptions.httpPutResponseHopLimit",
+                    "be 1 to 64",
+                ));
+            }
         }
         check_tags("spec.tags", &self.tags)
     }

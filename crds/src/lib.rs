@@ -13,6 +13,7 @@ pub mod instance_type;
 pub mod key_pair;
 pub mod lease;
 pub mod node;
+pub mod subnet;
 pub mod validation;
 pub mod zone;
 
@@ -29,10 +30,12 @@ use serde_json::Value;
 pub use access_key::{AccessKey, AccessKeySpec, AccessKeyStatus};
 pub use account::{Account, AccountSpec, AccountStatus};
 pub use common::{Condition, ConditionStatus, Tag, CONDITION_READY, CONDITION_SCHEDULED};
-pub use image::{Architecture, Image, ImageSpec, ImageState, ImageStatus};
+pub use image::{
+    Architecture, DiskImageFormat, Image, ImageSpec, ImageState, ImageStatus, ImageType,
+};
 pub use instance::{
-    DesiredState, Instance, InstanceSpec, InstanceState, InstanceStatus, NODE_NAME_FIELD,
-    REBOOT_ANNOTATION,
+    DesiredState, HttpEndpoint, HttpTokens, ImageArtifact, Instance, InstanceSpec, InstanceState,
+    InstanceStatus, LaunchSpec, MetadataOptions, NODE_NAME_FIELD, REBOOT_ANNOTATION,
 };
 pub use instance_type::{InstanceType, InstanceTypeSpec, InstanceTypeStatus};
 pub use key_pair::{KeyPair, KeyPairSpec, KeyPairStatus, KeyType};

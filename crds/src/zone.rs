@@ -60,6 +60,10 @@ pub struct AvailabilityZoneSpec {
     /// How the operator chooses a node in this zone; the operator's default when unset.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub placement_policy: Option<PlacementPolicy>,
+    /// The zone's subnet (its default subnet in the default VPC), e.g. `172.31.0.0/20`, a /16 to
+    /// /28; when unset, the next /20 of 172.31.0.0/16 in zone-name order.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub subnet_cidr: Option<String>,
 }
 
 /// Node selection within a zone (Eucalyptus' cluster scheduling policies, plus packing and
@@ -126,6 +130,14 @@ impl Validate for AvailabilityZoneSpec {
         check_record_name("spec.region", &self.region, "karri-1")?;
         if let Some(description) = &self.description {
             check_text("spec.description", description, 255)?;
+        }
+        if let Some(cidr) = &self.subnet_cidr {
+            if cidr.parse::<crate::subnet::Subnet>().is_err() {
+                return Err(ValidationError::invalid(
+                    "spec.subnetCidr",
+                    "be an IPv4 CIDR block from /16 to /28 without host bits, e.g. 172.31.0.0/20",
+                ));
+            }
         }
         Ok(())
     }

@@ -387,6 +387,8 @@ fn defaults_fill_missing_spec_fields_and_leave_set_ones_alone() {
             "architecture": "arm64",
             "rootDeviceName": "/dev/vda",
             "public": false,
+            "imageType": "machine",
+            "format": "raw",
         })
     );
 
