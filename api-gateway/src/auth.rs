@@ -199,8 +199,8 @@ pub fn allowed(principal: &Principal, verb: Verb, target: &Target<'_>) -> bool {
                 Verb::Delete => false,
                 _ => target.name.is_none_or(|n| n == node),
             },
-            // The catalogue a host needs to size domains; read-only.
-            "InstanceType" => verb.reads(),
+            // The catalogue a host needs to size domains and address guests; read-only.
+            "InstanceType" | "AvailabilityZone" => verb.reads(),
             // Its heartbeat: the lease named as the node in the node-lease namespace.
             "Lease" => {
                 matches!(verb, Verb::Get | Verb::Create | Verb::Update)
@@ -225,7 +225,7 @@ pub fn can_see(principal: &Principal, kind: &str, obj: &Value) -> bool {
         Principal::Node(node) => match kind {
             "Instance" => bound_node(obj) == Some(node.as_str()),
             "Node" => obj.pointer("/metadata/name").and_then(Value::as_str) == Some(node),
-            "InstanceType" => true,
+            "InstanceType" | "AvailabilityZone" => true,
             "Lease" => {
                 obj.pointer("/metadata/name").and_then(Value::as_str) == Some(node)
                     && obj.pointer("/metadata/namespace").and_then(Value::as_str)

@@ -367,10 +367,11 @@ impl Registry {
             let mut prepared = Vec::with_capacity(bodies.len());
             for body in &bodies {
                 let name = admission::name_of(body).to_string();
-                let id = if kind.info.is_valid_id(&name) {
+                let prefix = admission::id_prefix(&kind.info, body);
+                let id = if crds::is_valid_id(prefix, &name) {
                     name.clone()
                 } else {
-                    admission::new_id(kind.info.id_prefix)
+                    admission::new_id(prefix)
                 };
                 let new = NewRecord {
                     now: now(),

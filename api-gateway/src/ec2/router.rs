@@ -400,6 +400,12 @@ pub struct RunInstances {
     pub ebs_optimized: bool,
     /// `InstanceInitiatedShutdownBehavior` (default `stop`).
     pub instance_initiated_shutdown_behavior: ShutdownBehavior,
+    /// `MetadataOptions.HttpTokens` (`optional` or `required`).
+    pub http_tokens: Option<String>,
+    /// `MetadataOptions.HttpEndpoint` (`enabled` or `disabled`).
+    pub http_endpoint: Option<String>,
+    /// `MetadataOptions.HttpPutResponseHopLimit` (1–64).
+    pub http_put_response_hop_limit: Option<u32>,
 }
 
 /// DescribeInstances.
@@ -1596,6 +1602,17 @@ fn run_instances(p: &Params) -> Result<RunInstances, Ec2Error> {
             "InstanceInitiatedShutdownBehavior",
         )?
         .unwrap_or_default(),
+        http_tokens: one_of(
+            &root,
+            "MetadataOptions.HttpTokens",
+            &["optional", "required"],
+        )?,
+        http_endpoint: one_of(
+            &root,
+            "MetadataOptions.HttpEndpoint",
+            &["enabled", "disabled"],
+        )?,
+        http_put_response_hop_limit: p.int("MetadataOptions.HttpPutResponseHopLimit", 1..=64)?,
     })
 }
 

@@ -5,10 +5,7 @@ use std::borrow::Cow;
 
 use serde_json::Value;
 
-use super::{
-    default_subnet_cidr, default_subnet_id, default_vpc_id, opt, paginate, text, Cx,
-    DEFAULT_VPC_CIDR,
-};
+use super::{default_subnet_id, default_vpc_id, opt, paginate, text, Cx, DEFAULT_VPC_CIDR};
 use crate::ec2::error::Ec2Error;
 use crate::ec2::filter::{self, Matcher};
 use crate::ec2::router;
@@ -25,6 +22,33 @@ pub fn zone_names(cx: &Cx<'_>) -> Vec<String> {
         .filter(|z| text(&z.value, "/spec/region") == cx.settings.region)
         .map(|z| text(&z.value, "/metadata/name").to_string())
         .collect()
+}
+
+/// Each zone of the region with its subnet (`spec.subnetCidr`, else the default of its
+/// position among all zones: the same rule the operator allocates addresses by).
+pub fn zone_subnets(cx: &Cx<'_>) -> Vec<(String, crds::subnet::Subnet)> {
+    let (zones, _) = cx.registry.cache.list(
+        "availabilityzones",
+        &store::kind_prefix("availabilityzones"),
+    );
+    let region_of: std::collections::HashMap<&str, &str> = zones
+        .iter()
+        .map(|z| {
+            (
+                text(&z.value, "/metadata/name"),
+                text(&z.value, "/spec/region"),
+            )
+        })
+        .collect();
+    crds::subnet::zone_subnets(zones.iter().map(|z| {
+        (
+            text(&z.value, "/metadata/name"),
+            opt(&z.value, "/spec/subnetCidr"),
+        )
+    }))
+    .into_iter()
+    .filter(|(name, _)| region_of.get(name.as_str()) == Some(&cx.settings.region.as_str()))
+    .collect()
 }
 
 fn one(s: &str) -> Vec<Cow<'_, str>> {
@@ -343,12 +367,10 @@ pub async fn describe_vpcs(cx: &Cx<'_>, a: router::DescribeVpcs) -> Result<Strin
 /// DescribeSubnets: one default subnet per zone of the region.
 pub async fn describe_subnets(cx: &Cx<'_>, a: router::DescribeSubnets) -> Result<String, Ec2Error> {
     filter::validate_names(&a.filters, filter::SUBNET_FILTERS, true)?;
-    let zones = zone_names(cx);
     let vpc = default_vpc_id(&cx.settings.region);
-    let subnets: Vec<(String, String, String)> = zones
-        .iter()
-        .enumerate()
-        .map(|(i, z)| (default_subnet_id(z), z.clone(), default_subnet_cidr(i)))
+    let subnets: Vec<(String, String, String)> = zone_subnets(cx)
+        .into_iter()
+        .map(|(z, subnet)| (default_subnet_id(&z), z, subnet.to_string()))
         .collect();
     for id in &a.subnet_ids {
         if !subnets.iter().any(|(s, _, _)| s == id) {

@@ -90,11 +90,12 @@ fn state(v: &Value) -> &str {
 }
 
 fn image_type(v: &Value) -> &'static str {
-    match id_of(v).split('-').next() {
-        Some("eki" | "aki") => "kernel",
-        Some("eri" | "ari") => "ramdisk",
-        _ => "machine",
-    }
+    v.pointer("/spec/imageType")
+        .cloned()
+        .and_then(|t| serde_json::from_value::<crds::ImageType>(t).ok())
+        .or_else(|| crds::ImageType::of_id(id_of(v)))
+        .unwrap_or_default()
+        .as_str()
 }
 
 /// The values a DescribeImages filter sees on an image. Tags are the owner's alone: another

@@ -146,6 +146,8 @@ fn write_instance(w: &mut Response, v: &Value, region: &str) {
         .leaf_display("amiLaunchIndex", launch_index(v))
         .empty("productCodes")
         .leaf("instanceType", text(v, "/spec/instanceType"))
+        .leaf_opt("kernelId", opt(v, "/spec/kernelId"))
+        .leaf_opt("ramdiskId", opt(v, "/spec/ramdiskId"))
         .leaf_time(
             "launchTime",
             time_at(v, "/status/launchTime").unwrap_or_else(|| created(v)),
@@ -191,9 +193,20 @@ fn write_instance(w: &mut Response, v: &Value, region: &str) {
     w.element("cpuOptions", |_| {});
     w.element("metadataOptions", |w| {
         w.leaf("state", "applied")
-            .leaf("httpTokens", "optional")
-            .leaf_display("httpPutResponseHopLimit", 1)
-            .leaf("httpEndpoint", "enabled");
+            .leaf(
+                "httpTokens",
+                opt(v, "/spec/metadataOptions/httpTokens").unwrap_or("optional"),
+            )
+            .leaf_display(
+                "httpPutResponseHopLimit",
+                at(v, "/spec/metadataOptions/httpPutResponseHopLimit")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(1),
+            )
+            .leaf(
+                "httpEndpoint",
+                opt(v, "/spec/metadataOptions/httpEndpoint").unwrap_or("enabled"),
+            );
     });
     w.close();
 }
@@ -291,11 +304,33 @@ pub async fn run_instances(
             "InstanceInitiatedShutdownBehavior=terminate is not supported by Karri yet.",
         ));
     }
-    if a.kernel_id.is_some() || a.ramdisk_id.is_some() {
-        return Err(Ec2Error::unsupported_operation(
-            "KernelId and RamdiskId at launch are not supported by Karri yet; register them with the image.",
-        ));
+    for (what, id) in [("kernel", &a.kernel_id), ("ramdisk", &a.ramdisk_id)] {
+        if let Some(id) = id {
+            super::images::launchable_image(cx, id).await.map_err(|_| {
+                Ec2Error::new(
+                    format!(
+                        "Invalid{}ID.NotFound",
+                        if what == "kernel" { "AKI" } else { "ARI" }
+                    ),
+                    400,
+                    format!("The {what} image '{id}' does not exist"),
+                )
+            })?;
+        }
     }
+    let metadata_options = (a.http_tokens.is_some()
+        || a.http_endpoint.is_some()
+        || a.http_put_response_hop_limit.is_some())
+    .then(|| {
+        let mut o = json!({
+            "httpTokens": a.http_tokens.as_deref().unwrap_or("optional"),
+            "httpEndpoint": a.http_endpoint.as_deref().unwrap_or("enabled"),
+        });
+        if let Some(limit) = a.http_put_response_hop_limit {
+            o["httpPutResponseHopLimit"] = json!(limit);
+        }
+        o
+    });
     if !a.security_group_ids.is_empty() || !a.security_groups.is_empty() {
         return Err(Ec2Error::unsupported_operation(
             "Security groups are not supported by Karri yet; launch without SecurityGroupId/SecurityGroup.",
@@ -335,6 +370,9 @@ pub async fn run_instances(
                     "launchIndex": i,
                     "disableApiTermination": a.disable_api_termination,
                     "tags": tags,
+                    "kernelId": a.kernel_id,
+                    "ramdiskId": a.ramdisk_id,
+                    "metadataOptions": metadata_options,
                 }
             })
         })
@@ -910,9 +948,19 @@ pub async fn get_console_output(
     cx: &Cx<'_>,
     a: router::GetConsoleOutput,
 ) -> Result<String, Ec2Error> {
-    own_instances(cx, std::slice::from_ref(&a.instance_id)).await?;
+    let found = own_instances(cx, std::slice::from_ref(&a.instance_id)).await?;
+    let v = found
+        .first()
+        .ok_or_else(|| Ec2Error::instance_not_found(&[&a.instance_id]))?;
+    use base64::Engine as _;
+    let output = opt(v, "/status/consoleOutput")
+        .map(|text| base64::engine::general_purpose::STANDARD.encode(text));
+    let when = opt(v, "/status/consoleOutputTime")
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map_or_else(chrono::Utc::now, |t| t.with_timezone(&chrono::Utc));
     let mut w = cx.response("GetConsoleOutput");
     w.leaf("instanceId", &a.instance_id)
-        .leaf_time("timestamp", chrono::Utc::now());
+        .leaf_time("timestamp", when)
+        .leaf_opt("output", output.as_deref());
     Ok(w.finish())
 }

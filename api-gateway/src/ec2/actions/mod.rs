@@ -284,16 +284,11 @@ pub fn default_vpc_id(region: &str) -> String {
 }
 
 /// CIDR block of the default VPC.
-pub const DEFAULT_VPC_CIDR: &str = "172.31.0.0/16";
+pub use crds::subnet::DEFAULT_VPC_CIDR;
 
 /// The default subnet of a zone: a stable ID derived from the zone name.
 pub fn default_subnet_id(zone: &str) -> String {
     format!("subnet-{}", hash17(&format!("karri/default-subnet/{zone}")))
-}
-
-/// CIDR block of the default subnet of the zone at `index` in name order: `172.31.<16·i>.0/20`.
-pub fn default_subnet_cidr(index: usize) -> String {
-    format!("172.31.{}.0/20", (index % 16) * 16)
 }
 
 /// A page of `items` after `next_token` (the sort key of the last item of the previous page),
@@ -341,7 +336,6 @@ mod tests {
         assert_ne!(vpc, default_vpc_id("karri-2"));
         assert!(crds::is_valid_id("vpc", &vpc), "{vpc}");
         assert!(crds::is_valid_id("subnet", &default_subnet_id("karri-1a")));
-        assert_eq!(default_subnet_cidr(1), "172.31.16.0/20");
     }
 
     #[test]
