@@ -2,14 +2,15 @@
 //! call the pure decisions ([`crate::placement`], [`crate::lifecycle`], [`crate::health`]) and
 //! write what they answer. `error_policy` is the only place backoff is decided.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crds::common::{find_condition, set_condition};
 use crds::{
-    AvailabilityZone, ConditionStatus, Instance, InstanceType, InstanceTypeSpec, Lease, Node,
-    PlacementPolicy, CONDITION_READY, NODE_LEASE_NAMESPACE,
+    AvailabilityZone, ConditionStatus, Instance, InstanceState, InstanceType, InstanceTypeSpec,
+    LaunchSpec, Lease, Node, PlacementPolicy, CONDITION_READY, NODE_LEASE_NAMESPACE,
 };
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -22,7 +23,8 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
 
 use crate::health::{self, instance_health, node_ready, Readiness};
-use crate::lifecycle::{self, needs_placement, Observed, Placed};
+use crate::launch::{self, LaunchError};
+use crate::lifecycle::{self, effective_desired, needs_placement, Observed, Placed};
 use crate::metrics::{ErrorLabels, Metrics};
 use crate::placement::{self, place, NodeView, PlacementRequest, Policy, Resources, Unplaceable};
 
@@ -82,6 +84,15 @@ struct Assumed {
 struct PlacementState {
     cursors: HashMap<String, usize>,
     assumed: HashMap<String, Assumed>,
+    /// Private addresses written but not yet seen back through the watch, by record UID.
+    addresses: HashMap<String, Ipv4Addr>,
+}
+
+/// What [`Context::prepare_launch`] gives a placed instance.
+struct Prepared {
+    launch: LaunchSpec,
+    address: Ipv4Addr,
+    region: String,
 }
 
 /// What the instance controller shares between reconciles.
@@ -228,7 +239,79 @@ impl Context {
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             state.assumed.remove(&uid);
+            state.addresses.remove(&uid);
         }
+    }
+
+    /// Resolves what the node boots for `instance` in `zone` and gives it a private address
+    /// (its own when it has one), reserved until the watch shows it written.
+    async fn prepare_launch(
+        &self,
+        instance: &Instance,
+        zone: &str,
+    ) -> Result<Prepared, LaunchError> {
+        let subnets = crds::subnet::zone_subnets(self.zones.state().iter().map(|z| {
+            (
+                z.metadata.name.as_deref().unwrap_or_default(),
+                z.spec.subnet_cidr.as_deref(),
+            )
+        }));
+        let (_, subnet) = subnets
+            .iter()
+            .find(|(name, _)| name == zone)
+            .cloned()
+            .ok_or_else(|| LaunchError::Refused(format!("the zone {zone} does not exist")))?;
+        let region = self
+            .zones
+            .get(&ObjectRef::new(zone))
+            .map(|z| z.spec.region.clone())
+            .unwrap_or_default();
+        let launch = launch::resolve(&self.client, instance, Some(subnet)).await?;
+        let own = instance
+            .status
+            .as_ref()
+            .and_then(|s| s.private_ip_address.as_deref())
+            .and_then(|a| a.parse::<Ipv4Addr>().ok())
+            .filter(|ip| subnet.is_assignable(*ip));
+        if let Some(address) = own {
+            return Ok(Prepared {
+                launch,
+                address,
+                region,
+            });
+        }
+        let all = self.instances.state();
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Reservations the watch has delivered are counted from the records already.
+        let seen: HashSet<String> = all
+            .iter()
+            .filter(|i| {
+                i.status
+                    .as_ref()
+                    .is_some_and(|s| s.private_ip_address.is_some())
+            })
+            .filter_map(|i| i.uid())
+            .collect();
+        state.addresses.retain(|uid, _| !seen.contains(uid));
+        let reserved: HashSet<Ipv4Addr> = state.addresses.values().copied().collect();
+        let address =
+            launch::allocate_address(subnet, zone, all.iter().map(|i| &**i), &reserved)
+                .ok_or_else(|| {
+                    LaunchError::Refused(format!(
+                        "InsufficientFreeAddressesInSubnet: the subnet {subnet} of zone {zone} has no free address"
+                    ))
+                })?;
+        if let Some(uid) = instance.uid() {
+            state.addresses.insert(uid, address);
+        }
+        Ok(Prepared {
+            launch,
+            address,
+            region,
+        })
     }
 }
 
@@ -246,9 +329,30 @@ async fn sync_instance(
         .ok_or(Error::Incomplete("name"))?;
     let now = now();
     let placement = needs_placement(instance).then(|| ctx.place(instance));
-    let observed = Observed::of(instance, placement.as_ref());
+    let mut prepared = None;
+    let mut launch_failure = None;
+    if let Some(zone) = launch_zone(instance, placement.as_ref()) {
+        match ctx.prepare_launch(instance, &zone).await {
+            Ok(p) => prepared = Some(p),
+            Err(LaunchError::Refused(why)) => launch_failure = Some(why),
+            Err(LaunchError::Api(e)) => {
+                ctx.forget(instance);
+                return Err(e.into());
+            }
+        }
+    }
+    let mut observed = Observed::of(instance, placement.as_ref());
+    if launch_failure.is_some() {
+        observed.launch_failure = launch_failure;
+    }
     let next = lifecycle::next(&observed, &now, ctx.retention);
     let mut status = next.status;
+    if let Some(p) = prepared.filter(|_| status.state != InstanceState::Terminated) {
+        status.launch = Some(p.launch);
+        status.private_ip_address = Some(p.address.to_string());
+        status.mac_address = Some(crds::subnet::mac_for(p.address));
+        status.private_dns_name = Some(crds::subnet::private_dns_name(p.address, &p.region));
+    }
     if let Some(node) = status.node_name.clone() {
         let health = instance_health(&readiness_of(ctx.node(&node).as_deref()));
         set_condition(&mut status.conditions, health.condition(&now));
@@ -281,6 +385,26 @@ async fn sync_instance(
         }
         lifecycle::Action::Release => (Action::await_change(), true),
     })
+}
+
+/// The zone of an instance that needs its launch resolved: bound (or placed this round), not
+/// terminated, asked to run, and without a launch yet.
+fn launch_zone(
+    instance: &Instance,
+    placement: Option<&Result<Placed, placement::Unplaceable>>,
+) -> Option<String> {
+    let status = instance.status.as_ref();
+    let deleting = instance.metadata.deletion_timestamp.is_some();
+    if effective_desired(instance.spec.desired_state, deleting) != crds::DesiredState::Running
+        || status.is_some_and(|s| s.launch.is_some() || s.state == InstanceState::Terminated)
+    {
+        return None;
+    }
+    match (status.and_then(|s| s.node_name.as_ref()), placement) {
+        (Some(_), _) => status.and_then(|s| s.availability_zone.clone()),
+        (None, Some(Ok(placed))) => Some(placed.zone.clone()),
+        _ => None,
+    }
 }
 
 async fn reconcile_instance(instance: Arc<Instance>, ctx: Arc<Context>) -> Result<Action, Error> {

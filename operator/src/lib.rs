@@ -11,6 +11,7 @@
 pub mod controllers;
 pub mod election;
 pub mod health;
+pub mod launch;
 pub mod leader;
 pub mod lifecycle;
 pub mod metrics;

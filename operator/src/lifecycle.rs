@@ -57,6 +57,11 @@ pub const REASON_DOMAIN_RUNNING: &str = "Running";
 pub const REASON_DOMAIN_SHUT_OFF: &str = "ShutOff";
 /// `DomainRunning` reason (status `False`): no domain of the instance is defined on the node.
 pub const REASON_DOMAIN_UNDEFINED: &str = "Undefined";
+/// `DomainRunning` reason (status `False`): the agent could not launch the domain (an image that
+/// cannot be fetched or fails its checksum, say); the message says why. The instance fails.
+pub const REASON_LAUNCH_FAILED: &str = "LaunchFailed";
+/// EC2 state reason code of an instance that failed to launch.
+pub const STATE_REASON_LAUNCH_FAILED: &str = "Server.InternalError";
 /// `Scheduled` reason once the instance is bound to a node.
 pub const REASON_PLACED: &str = "Placed";
 /// `Scheduled` reason while no node can take the instance; the message says why.
@@ -174,6 +179,17 @@ pub struct Observed<'a> {
     /// This round's placement, when the caller ran it (see [`needs_placement`]); ignored once the
     /// instance is bound.
     pub placement: Option<&'a Result<Placed, Unplaceable>>,
+    /// Why the instance cannot launch, when it cannot: the agent's report ([`launch_failure`])
+    /// or what the operator found resolving its images. The instance is terminated with it.
+    pub launch_failure: Option<String>,
+}
+
+/// The agent's report that it could not launch the instance's domain: the message of a
+/// `DomainRunning` condition with reason [`REASON_LAUNCH_FAILED`].
+pub fn launch_failure(status: &InstanceStatus) -> Option<String> {
+    find_condition(&status.conditions, CONDITION_DOMAIN_RUNNING)
+        .filter(|c| c.status == ConditionStatus::False && c.reason == REASON_LAUNCH_FAILED)
+        .map(|c| c.message.clone())
 }
 
 impl<'a> Observed<'a> {
@@ -191,6 +207,7 @@ impl<'a> Observed<'a> {
                 .as_ref()
                 .map_or(Domain::Unreported, |s| domain_report(s, generation)),
             placement,
+            launch_failure: instance.status.as_ref().and_then(launch_failure),
         }
     }
 }
@@ -290,12 +307,20 @@ pub fn next(observed: &Observed<'_>, now: &Time, retention: Duration) -> Next {
         );
     }
 
-    let state = next_state(
-        old.state,
-        desired,
-        status.node_name.is_some(),
-        observed.domain,
-    );
+    let failure = observed
+        .launch_failure
+        .as_deref()
+        .filter(|_| !terminated && desired != DesiredState::Stopped);
+    let state = if failure.is_some() {
+        InstanceState::Terminated
+    } else {
+        next_state(
+            old.state,
+            desired,
+            status.node_name.is_some(),
+            observed.domain,
+        )
+    };
     if state != old.state || status.state_transition_time.is_none() {
         status.state_transition_time = Some(now.clone());
     }
@@ -310,8 +335,13 @@ pub fn next(observed: &Observed<'_>, now: &Time, retention: Duration) -> Next {
                 | InstanceState::Stopping
                 | InstanceState::Stopped
         );
-        status.reason = user_shutdown.then(|| STATE_REASON_USER_SHUTDOWN.to_owned());
-        status.message = user_shutdown.then(|| STATE_MESSAGE_USER_SHUTDOWN.to_owned());
+        if let Some(why) = failure {
+            status.reason = Some(STATE_REASON_LAUNCH_FAILED.to_owned());
+            status.message = Some(format!("{STATE_REASON_LAUNCH_FAILED}: {why}"));
+        } else {
+            status.reason = user_shutdown.then(|| STATE_REASON_USER_SHUTDOWN.to_owned());
+            status.message = user_shutdown.then(|| STATE_MESSAGE_USER_SHUTDOWN.to_owned());
+        }
     }
     status.state = state;
     set_condition(
@@ -798,6 +828,7 @@ mod tests {
                 status: row.status.as_ref(),
                 domain: row.domain,
                 placement: row.placement.as_ref(),
+                launch_failure: None,
             };
             let next = next(&observed, &now, HOUR);
             let what = row.what;
@@ -1068,6 +1099,9 @@ mod tests {
                 launch_index: None,
                 disable_api_termination: false,
                 tags: Vec::new(),
+                kernel_id: None,
+                ramdisk_id: None,
+                metadata_options: None,
             },
         );
         i.status = status;

@@ -1135,6 +1135,9 @@ mod tests {
                 launch_index: None,
                 disable_api_termination: false,
                 tags: Vec::new(),
+                kernel_id: None,
+                ramdisk_id: None,
+                metadata_options: None,
             },
         );
         i.status = Some(InstanceStatus {
