@@ -26,14 +26,19 @@
 //! `error_policy` is the only place backoff is decided.
 
 use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use crds::{DesiredState, Instance, InstanceType, Lease, Node, ID_LABEL, NODE_LEASE_NAMESPACE};
+use crds::common::set_condition;
+use crds::{
+    Condition, ConditionStatus, DesiredState, Instance, InstanceState, InstanceType, Lease, Node,
+    ID_LABEL, NODE_LEASE_NAMESPACE,
+};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action as Requeue, Controller};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -42,17 +47,21 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::Instrument;
 
+use crate::console;
 use crate::domain::{self, domain_name, DomainSpec, DomainType, RenderError};
+use crate::guest::{self, GuestError, Guests, Prepared};
 use crate::hypervisor::{apply_plan, Hypervisor, HypervisorError, ObservedDomain};
 use crate::metrics::Metrics;
 use crate::node::{self, NodeFacts};
 use crate::plan::{plan, Action, Desired, DomainState, Power};
-use crate::report::{with_report, DomainReport};
+use crate::report::{self, with_report, DomainReport};
 
 /// Plan-and-apply rounds in one reconcile before it gives up and tries again later.
 const MAX_ROUNDS: usize = 4;
 /// How often a domain asked to shut down is looked at until it is off.
 const SHUTDOWN_POLL: Duration = Duration::from_secs(1);
+/// How often console logs are read and, when they changed, reported.
+const CONSOLE_PERIOD: Duration = Duration::from_secs(1);
 
 /// Why a reconcile (or a sweep) did not finish.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +84,9 @@ pub enum Error {
     /// The domain still differs from the record after a few rounds.
     #[error("the domain has not converged; still to do: {0:?}")]
     Unconverged(Vec<Action>),
+    /// The guest's images, disk or network could not be prepared.
+    #[error("the guest cannot be prepared: {0}")]
+    Guest(#[from] GuestError),
 }
 
 impl Error {
@@ -93,6 +105,8 @@ impl Error {
             Error::UnknownInstanceType(_) => "instance_type",
             Error::Incomplete(_) => "incomplete",
             Error::Unconverged(_) => "unconverged",
+            Error::Guest(e) if e.is_permanent() => "launch_failed",
+            Error::Guest(_) => "guest",
         }
     }
 
@@ -101,7 +115,7 @@ impl Error {
         match self.metric_label() {
             "conflict" => Duration::from_millis(50),
             "unconverged" => Duration::from_secs(1),
-            "api" | "libvirt" => Duration::from_secs(2),
+            "api" | "libvirt" | "guest" => Duration::from_secs(2),
             "instance_type" => Duration::from_secs(5),
             // A name held by a domain that is not ours, or a record that can never render:
             // only a change (which triggers a reconcile anyway) or a slow retry helps.
@@ -153,6 +167,10 @@ pub struct Context<H> {
     shutdowns: Mutex<HashMap<String, Instant>>,
     locks: DomainLocks,
     metrics: Arc<Metrics>,
+    /// Images, disks, network and metadata of real guests; none on hosts that boot nothing.
+    guests: Option<Arc<Guests>>,
+    /// What the agent last reported of each instance's console, by instance ID.
+    consoles: Mutex<HashMap<String, u64>>,
 }
 
 fn now() -> Time {
@@ -162,7 +180,11 @@ fn now() -> Time {
 /// What the record wants on this node: nothing when it is being deleted or is terminated,
 /// else a domain of its UID in its desired power state.
 pub fn desire(instance: &Instance, uid: &str, shutdown_timeout: Duration) -> Option<Desired> {
-    if instance.metadata.deletion_timestamp.is_some() {
+    let failed = instance
+        .status
+        .as_ref()
+        .is_some_and(|s| s.state == InstanceState::Terminated);
+    if instance.metadata.deletion_timestamp.is_some() || failed {
         return None;
     }
     let power = match instance.spec.desired_state {
@@ -236,8 +258,13 @@ impl<H: Hypervisor + 'static> Context<H> {
         }
     }
 
-    /// The domain XML of `instance`.
-    fn render(&self, instance: &Instance, id: &str, uid: &str) -> Result<String, Error> {
+    /// The domain XML of `instance`, its guest prepared first (images fetched, overlay made,
+    /// network entries written).
+    async fn render(&self, instance: &Instance, id: &str, uid: &str) -> Result<String, Error> {
+        let guest = match &self.guests {
+            Some(g) => g.prepare(instance, id).await?,
+            None => Prepared::default(),
+        };
         let type_name = &instance.spec.instance_type;
         let itype = self
             .types
@@ -253,7 +280,10 @@ impl<H: Hypervisor + 'static> Context<H> {
             vcpus: itype.spec.vcpus,
             memory_mib: itype.spec.memory_mib,
             domain_type: self.settings.domain_type,
-            disk: None,
+            disk: guest.disk,
+            kernel: guest.kernel,
+            nic: guest.nic,
+            console_log: guest.console_log,
         };
         Ok(domain::render(&spec)?)
     }
@@ -285,7 +315,7 @@ impl<H: Hypervisor + 'static> Context<H> {
                 return Ok((observed, actions));
             }
             let xml = if actions.contains(&Action::Define) {
-                Some(self.render(instance, id, uid)?)
+                Some(self.render(instance, id, uid).await?)
             } else {
                 None
             };
@@ -327,8 +357,21 @@ impl<H: Hypervisor + 'static> Context<H> {
         let desired = desire(instance, &uid, self.settings.shutdown_timeout);
 
         let lock = self.locks.lock(&domain_name(id)).await;
-        let (observed, left) = self.converge(instance, id, &uid, desired.as_ref()).await?;
+        let converged = self.converge(instance, id, &uid, desired.as_ref()).await;
         drop(lock);
+        let (observed, left) = match converged {
+            Err(Error::Guest(e)) if e.is_permanent() => {
+                return self.report_launch_failure(instance, &e).await;
+            }
+            other => other?,
+        };
+        if let Some(guests) = &self.guests {
+            if desired.is_none() && observed.as_ref().is_none_or(|d| d.uid != uid) {
+                guests.release(id, guest::address_of(instance)).await?;
+            } else if desired.is_some() {
+                guests.publish(instance);
+            }
+        }
 
         // The shutdown clock runs only while the record's own domain, asked to stop, is still
         // active.
@@ -380,6 +423,133 @@ impl<H: Hypervisor + 'static> Context<H> {
             // Look again now and then: a guest may power itself off, a domain may crash.
             _ => Requeue::requeue(self.settings.resync),
         })
+    }
+
+    /// Reports that the instance cannot launch (its `DomainRunning` condition `False` with
+    /// reason `LaunchFailed`); the operator fails it. Nothing is retried until the record changes.
+    async fn report_launch_failure(
+        &self,
+        instance: &Instance,
+        error: &GuestError,
+    ) -> Result<Requeue, Error> {
+        tracing::warn!(%error, "the instance cannot launch");
+        let mut status = instance.status.clone().unwrap_or_default();
+        let condition = Condition::new(
+            report::CONDITION_DOMAIN_RUNNING,
+            ConditionStatus::False,
+            report::REASON_LAUNCH_FAILED,
+            error.to_string(),
+            now(),
+        )
+        .with_observed_generation(instance.metadata.generation);
+        if set_condition(&mut status.conditions, condition) {
+            let ns = instance.namespace().ok_or(Error::Incomplete("namespace"))?;
+            let api: Api<Instance> = Api::namespaced(self.client.clone(), &ns);
+            let mut updated = instance.clone();
+            updated.status = Some(status);
+            api.replace_status(&instance.name_any(), &PostParams::default(), &updated)
+                .await?;
+        }
+        self.metrics.failed("launch_failed");
+        Ok(Requeue::await_change())
+    }
+
+    /// Reports each live instance's console output when it changed since the last report.
+    async fn report_consoles(&self) {
+        let Some(guests) = &self.guests else { return };
+        for instance in self.instances.state() {
+            if !is_live_on(&instance, &self.settings.node) {
+                continue;
+            }
+            let Ok(id) = instance_id(&instance) else {
+                continue;
+            };
+            let path = guests.console_log(id);
+            let text = match tokio::task::spawn_blocking(move || console::read(&path)).await {
+                Ok(Ok(Some(text))) => text,
+                Ok(Ok(None)) => continue,
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, id, "cannot read the console log");
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let digest = {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                text.hash(&mut h);
+                h.finish()
+            };
+            let reported = instance
+                .status
+                .as_ref()
+                .and_then(|s| s.console_output.as_deref())
+                == Some(text.as_str());
+            {
+                let consoles = self.consoles.lock().unwrap_or_else(PoisonError::into_inner);
+                if reported || consoles.get(id) == Some(&digest) {
+                    continue;
+                }
+            }
+            let Some(ns) = instance.namespace() else {
+                continue;
+            };
+            let api: Api<Instance> = Api::namespaced(self.client.clone(), &ns);
+            let patch = serde_json::json!({
+                "status": {"consoleOutput": text, "consoleOutputTime": now()}
+            });
+            match api
+                .patch_status(
+                    &instance.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+            {
+                Ok(_) => {
+                    let mut consoles = self.consoles.lock().unwrap_or_else(PoisonError::into_inner);
+                    consoles.insert(id.to_owned(), digest);
+                }
+                Err(error) => tracing::debug!(%error, id, "cannot report the console output"),
+            }
+        }
+    }
+
+    /// Removes the files, DHCP entries and metadata of instances no longer live on the node,
+    /// and evicts cached images beyond the cache's limit.
+    async fn sweep_guests(&self) {
+        let Some(guests) = &self.guests else { return };
+        let live: HashSet<String> = self
+            .instances
+            .state()
+            .iter()
+            .filter(|i| is_live_on(i, &self.settings.node))
+            .filter_map(|i| instance_id(i).ok().map(str::to_owned))
+            .collect();
+        for id in guests.instances_with_files() {
+            if live.contains(&id) {
+                continue;
+            }
+            let _lock = self.locks.lock(&domain_name(&id)).await;
+            if let Err(error) = guests.release(&id, None).await {
+                tracing::warn!(%error, id, "cannot remove the files of a gone instance");
+            }
+        }
+        {
+            let mut consoles = self.consoles.lock().unwrap_or_else(PoisonError::into_inner);
+            consoles.retain(|id, _| live.contains(id));
+        }
+        let addresses: Vec<(Ipv4Addr, String)> = self
+            .instances
+            .state()
+            .iter()
+            .filter(|i| is_live_on(i, &self.settings.node))
+            .filter_map(|i| guest::address_of(i))
+            .collect();
+        guests.retain_network(&addresses).await;
+        if let Err(error) = guests.evict().await {
+            tracing::warn!(%error, "cannot evict cached images");
+        }
     }
 
     /// UIDs of the live instances bound to the node, from the store.
@@ -448,6 +618,7 @@ impl<H: Hypervisor + 'static> Context<H> {
             self.metrics.failed(error.metric_label());
             tracing::warn!(%error, "the orphan sweep failed; trying again later");
         }
+        self.sweep_guests().await;
     }
 }
 
@@ -599,6 +770,7 @@ pub async fn run<H: Hypervisor + 'static>(
     settings: Settings,
     facts: NodeFacts,
     metrics: Arc<Metrics>,
+    guests: Option<Arc<Guests>>,
 ) {
     tokio::spawn(heartbeat(
         client.clone(),
@@ -641,8 +813,21 @@ pub async fn run<H: Hypervisor + 'static>(
         shutdowns: Mutex::new(HashMap::new()),
         locks: DomainLocks::default(),
         metrics,
+        guests,
+        consoles: Mutex::new(HashMap::new()),
     });
     tokio::spawn(housekeeping(ctx.clone(), facts, listed, sweep_now));
+    if ctx.guests.is_some() {
+        let consoles = ctx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(CONSOLE_PERIOD);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                consoles.report_consoles().await;
+            }
+        });
+    }
     if types.wait_until_ready().await.is_err() {
         tracing::error!("the instance type store was dropped");
         return;
@@ -684,6 +869,9 @@ mod tests {
                 launch_index: None,
                 disable_api_termination: false,
                 tags: Vec::new(),
+                kernel_id: None,
+                ramdisk_id: None,
+                metadata_options: None,
             },
         );
         i.metadata.uid = Some(UID.into());

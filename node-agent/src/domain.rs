@@ -86,6 +86,27 @@ pub struct DiskSpec {
     pub format: DiskFormat,
 }
 
+/// A kernel booted directly by QEMU (the Eucalyptus EKI/ERI model), instead of a boot loader on
+/// the root disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KernelBoot {
+    /// Absolute path of the kernel image on the host.
+    pub kernel: String,
+    /// Absolute path of the initial ramdisk on the host.
+    pub initrd: Option<String>,
+    /// Kernel command line.
+    pub cmdline: String,
+}
+
+/// The instance's network interface: a virtio NIC on a host bridge.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NicSpec {
+    /// MAC address, lower-case `02:00:…`.
+    pub mac: String,
+    /// Bridge the tap joins.
+    pub bridge: String,
+}
+
 /// Everything [`render`] needs: the instance's identity, its size and the host's facts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DomainSpec {
@@ -111,6 +132,12 @@ pub struct DomainSpec {
     pub domain_type: DomainType,
     /// Root disk; none for a domain that boots nothing (tests, the libvirt test driver).
     pub disk: Option<DiskSpec>,
+    /// Kernel to boot directly; none to boot from the disk.
+    pub kernel: Option<KernelBoot>,
+    /// Network interface; none for a domain without network.
+    pub nic: Option<NicSpec>,
+    /// File the serial console is logged to (through virtlogd, which bounds its size).
+    pub console_log: Option<String>,
 }
 
 /// The owner a Karri domain records in its metadata.
@@ -205,6 +232,26 @@ fn check(spec: &DomainSpec) -> Result<String, RenderError> {
             });
         }
     }
+    let mut extra: Vec<(&'static str, &str)> = Vec::new();
+    if let Some(k) = &spec.kernel {
+        extra.push(("the kernel path", &k.kernel));
+        extra.push(("the kernel command line", &k.cmdline));
+        if let Some(initrd) = &k.initrd {
+            extra.push(("the initrd path", initrd));
+        }
+    }
+    if let Some(nic) = &spec.nic {
+        extra.push(("the MAC address", &nic.mac));
+        extra.push(("the bridge name", &nic.bridge));
+    }
+    if let Some(log) = &spec.console_log {
+        extra.push(("the console log path", log));
+    }
+    for (field, value) in extra {
+        if !value.chars().all(is_xml_char) {
+            return Err(RenderError::ForbiddenCharacter { field });
+        }
+    }
     if spec.name.contains('/') {
         return Err(RenderError::SlashInName);
     }
@@ -296,9 +343,17 @@ fn write_domain<W: io::Write>(w: &mut Writer<W>, spec: &DomainSpec, uuid: &str) 
                     .with_attribute(("arch", "x86_64"))
                     .with_attribute(("machine", "pc"))
                     .write_text_content(BytesText::new("hvm"))?;
-                w.create_element("boot")
-                    .with_attribute(("dev", "hd"))
-                    .write_empty()?;
+                if let Some(k) = &spec.kernel {
+                    text_element(w, "kernel", &k.kernel)?;
+                    if let Some(initrd) = &k.initrd {
+                        text_element(w, "initrd", initrd)?;
+                    }
+                    text_element(w, "cmdline", &k.cmdline)?;
+                } else {
+                    w.create_element("boot")
+                        .with_attribute(("dev", "hd"))
+                        .write_empty()?;
+                }
                 w.create_element("smbios")
                     .with_attribute(("mode", "sysinfo"))
                     .write_empty()?;
@@ -320,9 +375,18 @@ fn write_domain<W: io::Write>(w: &mut Writer<W>, spec: &DomainSpec, uuid: &str) 
                 if let Some(disk) = &spec.disk {
                     write_disk(w, disk)?;
                 }
+                if let Some(nic) = &spec.nic {
+                    write_nic(w, nic)?;
+                }
                 w.create_element("serial")
                     .with_attribute(("type", "pty"))
                     .write_inner_content(|w| {
+                        if let Some(log) = &spec.console_log {
+                            w.create_element("log")
+                                .with_attribute(("file", log.as_str()))
+                                .with_attribute(("append", "on"))
+                                .write_empty()?;
+                        }
                         w.create_element("target")
                             .with_attribute(("port", "0"))
                             .write_empty()?;
@@ -339,6 +403,28 @@ fn write_domain<W: io::Write>(w: &mut Writer<W>, spec: &DomainSpec, uuid: &str) 
                     })?;
                 Ok(())
             })?;
+            Ok(())
+        })?;
+    Ok(())
+}
+
+fn write_nic<W: io::Write>(w: &mut Writer<W>, nic: &NicSpec) -> io::Result<()> {
+    w.create_element("interface")
+        .with_attribute(("type", "bridge"))
+        .write_inner_content(|w| {
+            w.create_element("mac")
+                .with_attribute(("address", nic.mac.as_str()))
+                .write_empty()?;
+            w.create_element("source")
+                .with_attribute(("bridge", nic.bridge.as_str()))
+                .write_empty()?;
+            w.create_element("model")
+                .with_attribute(("type", "virtio"))
+                .write_empty()?;
+            // No PXE option ROM: guests boot a kernel or a disk, never from the network.
+            w.create_element("rom")
+                .with_attribute(("enabled", "no"))
+                .write_empty()?;
             Ok(())
         })?;
     Ok(())
@@ -489,6 +575,9 @@ mod tests {
             memory_mib: 256,
             domain_type: DomainType::Qemu,
             disk: None,
+            kernel: None,
+            nic: None,
+            console_log: None,
         }
     }
 

@@ -15,10 +15,16 @@
 //! - [`metrics`]: Prometheus metrics on `/metrics`.
 
 pub mod agent;
+pub mod console;
 pub mod domain;
+pub mod guest;
+pub mod guestnet;
 pub mod host;
 pub mod hypervisor;
+pub mod images;
+pub mod imds;
 pub mod metrics;
+pub mod netns;
 pub mod node;
 pub mod plan;
 pub mod report;

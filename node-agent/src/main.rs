@@ -13,10 +13,14 @@ use crds::NodeResources;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 use node_agent::agent::{self, Settings};
+use node_agent::guest::{self, GuestNetwork, Guests};
+use node_agent::guestnet::{self, Dhcp, GuestNetConfig};
 use node_agent::host;
 use node_agent::hypervisor::LibvirtHypervisor;
+use node_agent::images::ImageCache;
 use node_agent::metrics::{self, Metrics};
 use node_agent::node::NodeFacts;
+use node_agent::{imds, netns};
 
 /// Memory reported when `/proc/meminfo` cannot be read, in MiB.
 const FALLBACK_MEMORY_MIB: u64 = 1024;
@@ -62,6 +66,25 @@ struct Args {
     /// Where to serve /metrics (port 0: any free port, logged at startup).
     #[arg(long, env = "KARRI_METRICS_LISTEN", default_value = "127.0.0.1:9465")]
     metrics_listen: SocketAddr,
+    /// Directory of the image cache (default: `<data-dir>/images`).
+    #[arg(long, env = "KARRI_IMAGE_CACHE_DIR")]
+    image_cache_dir: Option<PathBuf>,
+    /// Size limit of the image cache in GiB; least recently used images beyond it are evicted.
+    #[arg(long, env = "KARRI_IMAGE_CACHE_GIB", default_value_t = 20)]
+    image_cache_gib: u64,
+    /// Kernel command line of instances that boot a kernel image directly.
+    #[arg(long, env = "KARRI_KERNEL_CMDLINE", default_value = guest::DEFAULT_CMDLINE)]
+    kernel_cmdline: String,
+    /// Network namespace that holds the guests' bridge, DHCP and metadata service (the one the
+    /// libvirtd of `--libvirt-uri` runs in). Unset: guests get no network interface.
+    #[arg(long, env = "KARRI_GUEST_NETNS")]
+    guest_netns: Option<String>,
+    /// Name of the guests' bridge.
+    #[arg(long, env = "KARRI_GUEST_BRIDGE", default_value = "karri0")]
+    guest_bridge: String,
+    /// Port of the metadata service on 169.254.169.254 (EC2's is 80).
+    #[arg(long, env = "KARRI_METADATA_PORT", default_value_t = 80)]
+    metadata_port: u16,
     /// Period of the orphan sweep and of each instance's re-observation, in seconds.
     #[arg(long, env = "KARRI_RESYNC_SECONDS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -98,6 +121,85 @@ impl Args {
             disk_gib,
         }
     }
+}
+
+/// The metadata service's address.
+const METADATA_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 169, 254);
+
+/// The zone's subnet and region, read from the AvailabilityZone records (retrying until the
+/// gateway answers and the zone exists).
+async fn zone_subnet(client: &Client, zone: &str) -> (crds::subnet::Subnet, String) {
+    let api: kube::Api<crds::AvailabilityZone> = kube::Api::all(client.clone());
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        match api.list(&kube::api::ListParams::default()).await {
+            Ok(list) => {
+                let subnets = crds::subnet::zone_subnets(list.items.iter().map(|z| {
+                    (
+                        z.metadata.name.as_deref().unwrap_or_default(),
+                        z.spec.subnet_cidr.as_deref(),
+                    )
+                }));
+                let region = list
+                    .items
+                    .iter()
+                    .find(|z| z.metadata.name.as_deref() == Some(zone))
+                    .map(|z| z.spec.region.clone());
+                if let (Some((_, subnet)), Some(region)) =
+                    (subnets.into_iter().find(|(name, _)| name == zone), region)
+                {
+                    return (subnet, region);
+                }
+                tracing::warn!(zone, retry_in = ?backoff, "the zone does not exist yet");
+            }
+            Err(error) => tracing::warn!(%error, retry_in = ?backoff, "cannot list the zones"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// Sets up the guests' bridge, DHCP server and metadata service in `netns`.
+async fn guest_network(
+    args: &Args,
+    client: &Client,
+    netns_name: &str,
+) -> anyhow::Result<GuestNetwork> {
+    let (subnet, region) = zone_subnet(client, &args.zone).await;
+    let cfg = GuestNetConfig {
+        netns: Some(netns_name.to_owned()),
+        bridge: args.guest_bridge.clone(),
+        subnet: subnet.network(),
+        prefix: subnet.prefix(),
+        gateway: subnet.gateway(),
+        metadata_ip: METADATA_IP,
+        state_dir: args.data_dir.join("network"),
+        domain: format!("{region}.compute.internal"),
+    };
+    guestnet::ensure_bridge(&cfg)
+        .await
+        .with_context(|| format!("cannot set up bridge {} in {netns_name}", cfg.bridge))?;
+    let dhcp = Dhcp::start(&cfg)
+        .await
+        .context("cannot start the DHCP server")?;
+    let directory = imds::Directory::default();
+    let addr = std::net::SocketAddr::from((METADATA_IP, args.metadata_port));
+    let listener = netns::bind_tcp(Some(netns_name), addr)
+        .with_context(|| format!("cannot serve the metadata service on {addr} in {netns_name}"))?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    tokio::spawn(imds::serve(
+        listener,
+        directory.clone(),
+        imds::Tokens::new(),
+    ));
+    tracing::info!(netns = netns_name, bridge = %cfg.bridge, %subnet, "guest network ready");
+    Ok(GuestNetwork {
+        bridge: cfg.bridge,
+        dhcp: tokio::sync::Mutex::new(dhcp),
+        directory,
+        region,
+        subnet_cidr: subnet.to_string(),
+    })
 }
 
 async fn client(path: &PathBuf) -> anyhow::Result<Client> {
@@ -175,6 +277,23 @@ async fn run() -> anyhow::Result<()> {
             domain_type = domain_type.as_str(),
             "node agent started"
         );
+        let network = match &args.guest_netns {
+            Some(ns) => Some(guest_network(&args, &client, ns).await?),
+            None => None,
+        };
+        let cache_dir = args
+            .image_cache_dir
+            .clone()
+            .unwrap_or_else(|| args.data_dir.join("images"));
+        let cache = ImageCache::open(cache_dir, args.image_cache_gib.saturating_mul(1 << 30))
+            .context("cannot open the image cache")?;
+        let guests = Arc::new(Guests::new(
+            cache,
+            args.data_dir.join("instances"),
+            args.data_dir.join("console"),
+            args.kernel_cmdline.clone(),
+            network,
+        ));
         let settings = Settings {
             node: args.node_name.clone(),
             lease_duration: Duration::from_secs(args.lease_seconds),
@@ -182,10 +301,22 @@ async fn run() -> anyhow::Result<()> {
             resync: Duration::from_secs(args.resync_seconds),
             domain_type,
         };
-        agent::run(client.clone(), hypervisor, settings, facts, metrics).await;
+        agent::run(
+            client.clone(),
+            hypervisor,
+            settings,
+            facts,
+            metrics,
+            Some(guests),
+        )
+        .await;
+        anyhow::Ok(())
     };
     tokio::select! {
-        () = work => anyhow::bail!("the agent stopped"),
+        result = work => {
+            result?;
+            anyhow::bail!("the agent stopped")
+        }
         signal = tokio::signal::ctrl_c() => {
             signal.context("waiting for Ctrl-C")?;
             tracing::info!("interrupted; stopping (domains keep running)");

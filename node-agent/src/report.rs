@@ -32,6 +32,9 @@ pub const REASON_RUNNING: &str = "Running";
 pub const REASON_SHUT_OFF: &str = "ShutOff";
 /// `DomainRunning` reason (status `False`): no domain of the instance is defined on the node.
 pub const REASON_UNDEFINED: &str = "Undefined";
+/// `DomainRunning` reason (status `False`): the guest cannot be launched (an image that cannot
+/// be fetched or fails its checksum); the message says why, and the operator fails the instance.
+pub const REASON_LAUNCH_FAILED: &str = "LaunchFailed";
 
 /// What the agent reports about an instance's domain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

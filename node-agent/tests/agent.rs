@@ -137,6 +137,9 @@ impl World {
             launch_index: None,
             disable_api_termination: false,
             tags: Vec::new(),
+            kernel_id: None,
+            ramdisk_id: None,
+            metadata_options: None,
         };
         let api = self.instances();
         api.create(&PostParams::default(), &Instance::new(name, spec))

@@ -6,7 +6,8 @@
 use std::path::PathBuf;
 
 use node_agent::domain::{
-    domain_name, ownership, render, DiskFormat, DiskSpec, DomainSpec, DomainType, Owner,
+    domain_name, ownership, render, DiskFormat, DiskSpec, DomainSpec, DomainType, KernelBoot,
+    NicSpec, Owner,
 };
 
 const UPDATE_VAR: &str = "KARRI_UPDATE_GOLDEN";
@@ -66,6 +67,9 @@ fn qemu_without_disk() -> DomainSpec {
         memory_mib: 256,
         domain_type: DomainType::Qemu,
         disk: None,
+        kernel: None,
+        nic: None,
+        console_log: None,
     }
 }
 
@@ -84,6 +88,9 @@ fn kvm_with_qcow2_disk() -> DomainSpec {
             path: "/var/lib/karri/instances/i-00000000000000abc/root.qcow2".into(),
             format: DiskFormat::Qcow2,
         }),
+        kernel: None,
+        nic: None,
+        console_log: None,
     }
 }
 
@@ -102,15 +109,58 @@ fn needs_escaping() -> DomainSpec {
             path: "/srv/karri/a&b/'quoted' \"disk\" <1>.qcow2".into(),
             format: DiskFormat::Qcow2,
         }),
+        kernel: None,
+        nic: None,
+        console_log: None,
     }
 }
 
-fn cases() -> [(&'static str, DomainSpec); 3] {
+/// The micro image as the agent boots it: kernel and ramdisk from the image cache, a qcow2
+/// overlay over the machine image, a NIC on the node's bridge, the console logged to a file.
+fn micro_image_with_kernel_nic_and_console_log() -> DomainSpec {
+    DomainSpec {
+        name: domain_name("i-0000000000000d00d"),
+        uid: "3b7e1c52-9f0a-4c6d-8e2b-1a2b3c4d5e6f".into(),
+        instance_id: "i-0000000000000d00d".into(),
+        namespace: "acme".into(),
+        node: "node-1".into(),
+        instance_type: "t1.micro".into(),
+        vcpus: 1,
+        memory_mib: 256,
+        domain_type: DomainType::Qemu,
+        disk: Some(DiskSpec {
+            path: "/var/lib/karri/instances/i-0000000000000d00d/root.qcow2".into(),
+            format: DiskFormat::Qcow2,
+        }),
+        kernel: Some(KernelBoot {
+            kernel: "/var/lib/karri/images/sha256/aa".into(),
+            initrd: Some("/var/lib/karri/images/sha256/bb".into()),
+            cmdline: "console=ttyS0 panic=-1".into(),
+        }),
+        nic: Some(NicSpec {
+            mac: "02:00:ac:1f:00:04".into(),
+            bridge: "karri0".into(),
+        }),
+        console_log: Some("/var/lib/karri/console/i-0000000000000d00d.log".into()),
+    }
+}
+
+fn cases() -> [(&'static str, DomainSpec); 4] {
     [
         ("qemu_without_disk", qemu_without_disk()),
         ("kvm_with_qcow2_disk", kvm_with_qcow2_disk()),
         ("name_and_namespace_needing_escaping", needs_escaping()),
+        (
+            "micro_image_with_kernel_nic_and_console_log",
+            micro_image_with_kernel_nic_and_console_log(),
+        ),
     ]
+}
+
+#[test]
+fn micro_image_domain_with_kernel_nic_and_console_log_matches_golden_file() {
+    let xml = render(&micro_image_with_kernel_nic_and_console_log()).expect("renders");
+    assert_golden("micro_image_with_kernel_nic_and_console_log", &xml);
 }
 
 #[test]

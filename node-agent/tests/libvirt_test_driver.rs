@@ -346,7 +346,7 @@ async fn every_golden_domain_passes_libvirt_schema_and_reads_back_its_owner() {
         .map(|entry| entry.expect("golden entry").path())
         .collect();
     files.sort();
-    assert_eq!(files.len(), 3, "{files:?}");
+    assert_eq!(files.len(), 4, "{files:?}");
     for path in files {
         let xml = std::fs::read_to_string(&path).expect("golden file");
         let owner = node_agent::domain::ownership(&xml).expect("golden file has an owner");

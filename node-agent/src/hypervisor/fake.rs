@@ -323,6 +323,9 @@ mod tests {
             memory_mib: 64,
             domain_type: DomainType::Qemu,
             disk: None,
+            kernel: None,
+            nic: None,
+            console_log: None,
         })
         .expect("renders")
     }

@@ -55,6 +55,9 @@ pub fn spec_for(node: &str, tag: &str, uid: &str) -> DomainSpec {
         memory_mib: 128,
         domain_type: DomainType::Qemu,
         disk: None,
+        kernel: None,
+        nic: None,
+        console_log: None,
     }
 }
 

@@ -1,0 +1,97 @@
+//! The serial console log of each domain: QEMU writes it through virtlogd (which rotates the
+//! file at its size limit, keeping `<file>.0`, `<file>.1` …), and the agent reports its last
+//! [`MAX_CONSOLE_BYTES`] in the instance's `status.consoleOutput`, which GetConsoleOutput and the
+//! resource API serve.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+/// How much of the console output is reported: EC2's GetConsoleOutput gives the last 64 KiB.
+pub const MAX_CONSOLE_BYTES: u64 = 64 * 1024;
+
+/// The console log file of the instance `id` in `dir`.
+pub fn log_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.log"))
+}
+
+/// The last `max` bytes of `path`, if it exists.
+fn read_tail(path: &Path, max: u64) -> io::Result<Option<Vec<u8>>> {
+    let mut file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = file.metadata()?.len();
+    let start = len.saturating_sub(max);
+    file.seek(SeekFrom::Start(start))?;
+    let mut buf = Vec::with_capacity(usize::try_from(len - start).unwrap_or(0));
+    file.take(max).read_to_end(&mut buf)?;
+    Ok(Some(buf))
+}
+
+/// The last [`MAX_CONSOLE_BYTES`] of the console log at `path`, continuing into the newest
+/// rotated file when the current one is shorter; `None` when there is no log at all.
+pub fn read(path: &Path) -> io::Result<Option<String>> {
+    let Some(current) = read_tail(path, MAX_CONSOLE_BYTES)? else {
+        return Ok(None);
+    };
+    let missing = MAX_CONSOLE_BYTES.saturating_sub(current.len() as u64);
+    let mut rotated = PathBuf::from(path);
+    rotated.as_mut_os_string().push(".0");
+    let mut bytes = match read_tail(&rotated, missing)? {
+        Some(older) if missing > 0 => older,
+        _ => Vec::new(),
+    };
+    bytes.extend_from_slice(&current);
+    Ok(Some(text(&bytes)))
+}
+
+/// Console bytes as text: invalid UTF-8 replaced, a character cut by the tail dropped, and NUL
+/// bytes (which JSON and XML consumers choke on) removed.
+pub fn text(bytes: &[u8]) -> String {
+    // A tail may start in the middle of a multi-byte character: skip continuation bytes.
+    let start = bytes
+        .iter()
+        .take(3)
+        .take_while(|b| (**b & 0xC0) == 0x80)
+        .count();
+    String::from_utf8_lossy(&bytes[start..]).replace('\0', "")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_text_survives_a_cut_character_and_nul_bytes() {
+        let bytes = "é ok\0 done".as_bytes();
+        assert_eq!(text(&bytes[1..]), " ok done");
+        assert_eq!(text(b"\xffabc"), "\u{fffd}abc");
+    }
+
+    #[test]
+    fn only_the_last_64_kib_are_read_and_a_missing_log_is_none() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = log_path(dir.path(), "i-1");
+        assert_eq!(read(&path).expect("reads"), None);
+        let mut big = vec![b'a'; 70 * 1024];
+        big.extend_from_slice(b"last line\n");
+        std::fs::write(&path, &big).expect("writes");
+        let got = read(&path).expect("reads").expect("a log");
+        assert_eq!(got.len() as u64, MAX_CONSOLE_BYTES);
+        assert!(got.ends_with("last line\n"));
+    }
+
+    #[test]
+    fn a_short_log_continues_into_the_rotated_one() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = log_path(dir.path(), "i-1");
+        std::fs::write(dir.path().join("i-1.log.0"), "older\n").expect("writes");
+        std::fs::write(&path, "newer\n").expect("writes");
+        assert_eq!(
+            read(&path).expect("reads").as_deref(),
+            Some("older\nnewer\n")
+        );
+    }
+}

@@ -1,0 +1,419 @@
+//! What turns an instance record into a bootable guest on this node: its images fetched into the
+//! cache and a copy-on-write overlay of its root disk, its kernel command line, its NIC on the
+//! node's guest bridge with a DHCP host entry, its console log file, and its entry in the
+//! metadata service's directory. Everything here is undone when the instance leaves the node.
+//!
+//! [`metadata_of`] and [`artifacts_of`] are pure; the rest touches files and processes.
+
+use std::collections::{HashMap, HashSet};
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use crds::{DiskImageFormat, HttpEndpoint, HttpTokens, ImageArtifact, Instance, ID_LABEL};
+use kube::ResourceExt;
+
+use crate::console;
+use crate::domain::{DiskFormat, DiskSpec, KernelBoot, NicSpec};
+use crate::guestnet::Dhcp;
+use crate::images::{self, CacheError, ImageCache, ImageSource};
+use crate::imds::{self, InstanceMetadata};
+
+/// Default kernel command line of directly booted kernels.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
+
+/// Why a guest cannot be prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// An image could not be fetched or verified: the instance fails with this reason.
+    #[error("image {image_id}: {reason}")]
+    Image {
+        /// The image's ID.
+        image_id: String,
+        /// What went wrong, with its causes.
+        reason: String,
+    },
+    /// A file or directory of the instance could not be made or removed; try again.
+    #[error("cannot {action} {}", .path.display())]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The overlay or another file could not be made; try again.
+    #[error("{0}")]
+    Files(#[source] CacheError),
+    /// The DHCP host entry could not be written; try again.
+    #[error("the DHCP host entry: {0}")]
+    Dhcp(String),
+}
+
+impl GuestError {
+    /// Whether the instance fails for good (a bad or missing image) rather than being retried.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::Image { .. })
+    }
+}
+
+/// The guest network of the node: its bridge, DHCP server and metadata directory.
+pub struct GuestNetwork {
+    /// Bridge guests join.
+    pub bridge: String,
+    /// DHCP server handing each guest its address.
+    pub dhcp: tokio::sync::Mutex<Dhcp>,
+    /// The metadata service's instances.
+    pub directory: imds::Directory,
+    /// Region of the node's zone, for metadata.
+    pub region: String,
+    /// CIDR of the node's zone subnet, for metadata.
+    pub subnet_cidr: String,
+}
+
+/// The node's guest facilities.
+pub struct Guests {
+    cache: ImageCache,
+    instance_dir: PathBuf,
+    console_dir: PathBuf,
+    cmdline: String,
+    network: Option<GuestNetwork>,
+    /// The cached images (sha256) each live instance's overlay or boot needs, by instance ID.
+    bases: Arc<Mutex<HashMap<String, HashSet<String>>>>,
+}
+
+/// The parts of a domain a guest needs, for [`crate::domain::DomainSpec`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Prepared {
+    /// Root disk overlay.
+    pub disk: Option<DiskSpec>,
+    /// Directly booted kernel.
+    pub kernel: Option<KernelBoot>,
+    /// NIC on the guest bridge.
+    pub nic: Option<NicSpec>,
+    /// Console log file.
+    pub console_log: Option<String>,
+}
+
+/// An error and its causes in one line: `a: b: c`.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        next = cause.source();
+    }
+    text
+}
+
+fn disk_format(f: DiskImageFormat) -> DiskFormat {
+    match f {
+        DiskImageFormat::Raw => DiskFormat::Raw,
+        DiskImageFormat::Qcow2 => DiskFormat::Qcow2,
+    }
+}
+
+/// The image source of an artifact.
+pub fn source_of(a: &ImageArtifact) -> ImageSource {
+    ImageSource {
+        location: a.location.clone(),
+        sha256: a.sha256.clone(),
+        format: disk_format(a.format),
+    }
+}
+
+/// The artifacts of an instance's launch: root, kernel, ramdisk (each when present).
+pub fn artifacts_of(instance: &Instance) -> [Option<&ImageArtifact>; 3] {
+    let launch = instance.status.as_ref().and_then(|s| s.launch.as_ref());
+    [
+        launch.and_then(|l| l.root.as_ref()),
+        launch.and_then(|l| l.kernel.as_ref()),
+        launch.and_then(|l| l.ramdisk.as_ref()),
+    ]
+}
+
+/// The instance's address and MAC, when the operator gave it one.
+pub fn address_of(instance: &Instance) -> Option<(Ipv4Addr, String)> {
+    let status = instance.status.as_ref()?;
+    let ip = status.private_ip_address.as_deref()?.parse().ok()?;
+    let mac = status
+        .mac_address
+        .clone()
+        .unwrap_or_else(|| crds::subnet::mac_for(ip));
+    Some((ip, mac))
+}
+
+/// What the metadata service serves for `instance`; `None` while it has no address.
+pub fn metadata_of(
+    instance: &Instance,
+    region: &str,
+    subnet_cidr: &str,
+) -> Option<InstanceMetadata> {
+    let (ip, mac) = address_of(instance)?;
+    let status = instance.status.as_ref()?;
+    let spec = &instance.spec;
+    let launch = status.launch.clone().unwrap_or_default();
+    let options = spec.metadata_options.clone().unwrap_or_default();
+    let public_keys = match (&spec.key_name, &launch.public_key) {
+        (Some(name), Some(key)) => vec![(name.clone(), key.clone())],
+        _ => Vec::new(),
+    };
+    let user_data = spec
+        .user_data
+        .as_deref()
+        .and_then(|u| crds::decode_user_data(u).ok());
+    Some(InstanceMetadata {
+        instance_id: instance.labels().get(ID_LABEL)?.clone(),
+        image_id: spec.image_id.clone(),
+        instance_type: spec.instance_type.clone(),
+        account_id: launch.account_id.clone().unwrap_or_default(),
+        region: region.to_owned(),
+        availability_zone: status.availability_zone.clone().unwrap_or_default(),
+        local_ipv4: ip,
+        mac,
+        hostname: status
+            .private_dns_name
+            .clone()
+            .unwrap_or_else(|| crds::subnet::private_dns_name(ip, region)),
+        reservation_id: spec.reservation_id.clone().unwrap_or_default(),
+        kernel_id: launch.kernel.as_ref().map(|k| k.image_id.clone()),
+        ramdisk_id: launch.ramdisk.as_ref().map(|r| r.image_id.clone()),
+        public_keys,
+        user_data,
+        launch_time: status
+            .launch_time
+            .as_ref()
+            .or(instance.metadata.creation_timestamp.as_ref())
+            .map(|t| t.0.to_string())
+            .unwrap_or_default(),
+        security_groups: spec.security_group_ids.clone(),
+        subnet_cidr: launch.subnet_cidr.unwrap_or_else(|| subnet_cidr.to_owned()),
+        http_tokens_required: options.http_tokens == HttpTokens::Required,
+        http_endpoint_enabled: options.http_endpoint == HttpEndpoint::Enabled,
+        hop_limit: options.http_put_response_hop_limit.unwrap_or(1),
+    })
+}
+
+impl Guests {
+    /// Guest facilities over `cache`, with overlays under `instance_dir`, console logs under
+    /// `console_dir`, and the guest network when the node has one.
+    pub fn new(
+        cache: ImageCache,
+        instance_dir: PathBuf,
+        console_dir: PathBuf,
+        cmdline: String,
+        network: Option<GuestNetwork>,
+    ) -> Self {
+        let bases: Arc<Mutex<HashMap<String, HashSet<String>>>> = Arc::default();
+        let needed = bases.clone();
+        // Eviction after a fetch keeps what live instances boot from.
+        let cache = cache.with_in_use(move || {
+            let bases = needed.lock().unwrap_or_else(PoisonError::into_inner);
+            bases.values().flatten().cloned().collect()
+        });
+        Self {
+            cache,
+            instance_dir,
+            console_dir,
+            cmdline,
+            network,
+            bases,
+        }
+    }
+
+    /// The console log file of the instance `id`.
+    pub fn console_log(&self, id: &str) -> PathBuf {
+        console::log_path(&self.console_dir, id)
+    }
+
+    /// The overlay of the instance `id`'s root disk.
+    fn overlay(&self, id: &str) -> PathBuf {
+        self.instance_dir.join(id).join("root.qcow2")
+    }
+
+    /// The cached images live instances need; eviction keeps them.
+    pub fn in_use(&self) -> HashSet<String> {
+        let bases = self.bases.lock().unwrap_or_else(PoisonError::into_inner);
+        bases.values().flatten().cloned().collect()
+    }
+
+    /// Marks the cached image `sha256` as needed by the instance `id`.
+    fn hold(&self, id: &str, sha256: &str) {
+        let mut bases = self.bases.lock().unwrap_or_else(PoisonError::into_inner);
+        bases
+            .entry(id.to_owned())
+            .or_default()
+            .insert(sha256.to_owned());
+    }
+
+    async fn fetch(&self, a: &ImageArtifact) -> Result<images::CachedImage, GuestError> {
+        self.cache
+            .get(&source_of(a))
+            .await
+            .map_err(|e| GuestError::Image {
+                image_id: a.image_id.clone(),
+                reason: chain(&e),
+            })
+    }
+
+    /// Fetches the instance's images, makes its overlay and network entries, and returns the
+    /// domain parts. Idempotent.
+    pub async fn prepare(&self, instance: &Instance, id: &str) -> Result<Prepared, GuestError> {
+        let [root, kernel, ramdisk] = artifacts_of(instance);
+        tokio::fs::create_dir_all(&self.console_dir)
+            .await
+            .map_err(|source| GuestError::Io {
+                action: "create",
+                path: self.console_dir.clone(),
+                source,
+            })?;
+        let mut prepared = Prepared {
+            console_log: Some(self.console_log(id).to_string_lossy().into_owned()),
+            ..Prepared::default()
+        };
+        if let Some(root) = root {
+            let base = self.fetch(root).await?;
+            self.hold(id, &base.sha256);
+            let overlay = self.overlay(id);
+            if let Some(dir) = overlay.parent() {
+                tokio::fs::create_dir_all(dir)
+                    .await
+                    .map_err(|source| GuestError::Io {
+                        action: "create",
+                        path: dir.to_path_buf(),
+                        source,
+                    })?;
+            }
+            images::create_overlay(&base, &overlay)
+                .await
+                .map_err(GuestError::Files)?;
+            prepared.disk = Some(DiskSpec {
+                path: overlay.to_string_lossy().into_owned(),
+                format: DiskFormat::Qcow2,
+            });
+        }
+        if let Some(kernel) = kernel {
+            let k = self.fetch(kernel).await?;
+            self.hold(id, &k.sha256);
+            let initrd = match ramdisk {
+                Some(r) => {
+                    let r = self.fetch(r).await?;
+                    self.hold(id, &r.sha256);
+                    Some(r.path.to_string_lossy().into_owned())
+                }
+                None => None,
+            };
+            prepared.kernel = Some(KernelBoot {
+                kernel: k.path.to_string_lossy().into_owned(),
+                initrd,
+                cmdline: self.cmdline.clone(),
+            });
+        }
+        if let (Some(net), Some((ip, mac))) = (&self.network, address_of(instance)) {
+            let hostname = crds::subnet::hostname_for(ip);
+            net.dhcp
+                .lock()
+                .await
+                .set_host(&mac, ip, &hostname)
+                .map_err(|e| GuestError::Dhcp(e.to_string()))?;
+            if let Some(md) = metadata_of(instance, &net.region, &net.subnet_cidr) {
+                net.directory.set(md);
+            }
+            prepared.nic = Some(NicSpec {
+                mac,
+                bridge: net.bridge.clone(),
+            });
+        }
+        Ok(prepared)
+    }
+
+    /// Keeps the metadata of a running instance current (user data and options may change
+    /// while it is stopped).
+    pub fn publish(&self, instance: &Instance) {
+        if let Some(net) = &self.network {
+            if let Some(md) = metadata_of(instance, &net.region, &net.subnet_cidr) {
+                net.directory.set(md);
+            }
+        }
+    }
+
+    /// Removes what [`Guests::prepare`] made for the instance `id` (its domain is gone): overlay,
+    /// console log, DHCP entry, metadata.
+    pub async fn release(
+        &self,
+        id: &str,
+        address: Option<(Ipv4Addr, String)>,
+    ) -> Result<(), GuestError> {
+        {
+            let mut bases = self.bases.lock().unwrap_or_else(PoisonError::into_inner);
+            bases.remove(id);
+        }
+        if let (Some(net), Some((ip, mac))) = (&self.network, address) {
+            net.directory.remove(ip);
+            net.dhcp
+                .lock()
+                .await
+                .remove_host(&mac)
+                .map_err(|e| GuestError::Dhcp(e.to_string()))?;
+        }
+        images::remove_overlay(&self.overlay(id))
+            .await
+            .map_err(GuestError::Files)?;
+        let dir = self.instance_dir.join(id);
+        match tokio::fs::remove_dir_all(&dir).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(GuestError::Io {
+                    action: "remove",
+                    path: dir,
+                    source,
+                })
+            }
+        }
+        let log = self.console_log(id);
+        match tokio::fs::remove_file(&log).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(GuestError::Io {
+                    action: "remove",
+                    path: log,
+                    source,
+                })
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the DHCP entries and metadata of every address but `live` (address, MAC) pairs.
+    pub async fn retain_network(&self, live: &[(Ipv4Addr, String)]) {
+        let Some(net) = &self.network else { return };
+        let ips: HashSet<Ipv4Addr> = live.iter().map(|(ip, _)| *ip).collect();
+        net.directory.retain(|md| ips.contains(&md.local_ipv4));
+        let macs: HashSet<String> = live.iter().map(|(_, mac)| mac.clone()).collect();
+        if let Err(error) = net.dhcp.lock().await.retain_hosts(&macs) {
+            tracing::warn!(%error, "cannot prune the DHCP host entries");
+        }
+    }
+
+    /// Instance IDs that have files under the instance directory.
+    pub fn instances_with_files(&self) -> Vec<String> {
+        let Ok(entries) = std::fs::read_dir(&self.instance_dir) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|name| name.starts_with("i-"))
+            .collect()
+    }
+
+    /// Evicts cached images beyond the cache's size limit that no live instance needs.
+    pub async fn evict(&self) -> Result<u64, CacheError> {
+        self.cache.evict(&self.in_use()).await
+    }
+}

@@ -1,0 +1,1562 @@
+//! The node's image cache (DESIGN §4): content-addressed, checksum-verified base images, and the
+//! copy-on-write overlays the domains' disks are.
+//!
+//! Layout under the cache directory:
+//! - `sha256/<hex>`: a verified image, named by the SHA-256 of its bytes, read-only (0444);
+//! - `tmp/<random>.part`: a fetch in progress. A fetch hashes while it writes, syncs, verifies
+//!   and only then renames into `sha256/`, so an image is either complete and verified or absent;
+//!   [`ImageCache::open`] deletes what a crashed run left in `tmp/`.
+//!
+//! Concurrent [`ImageCache::get`]s of one source share a single fetch. Use order is kept in
+//! memory and in each image's mtime (touched on use), so least-recently-used eviction survives a
+//! restart. Eviction never removes an image the caller says is in use.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use futures::future::{BoxFuture, FutureExt, Shared};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::domain::DiskFormat;
+
+/// How long an HTTP fetch may take to connect, unless [`ImageCache::with_timeouts`] says.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long an HTTP fetch may wait for the response or its next bytes, unless
+/// [`ImageCache::with_timeouts`] says.
+pub const DEFAULT_READ_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long one `qemu-img` run may take before it is killed.
+const QEMU_IMG_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Read size when copying a local image.
+const COPY_BUFFER_BYTES: usize = 1 << 20;
+
+/// Where an image's bytes come from and what they must hash to.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ImageSource {
+    /// Absolute path on the node, or an `http://` or `https://` URL.
+    pub location: String,
+    /// SHA-256 of the image, lower-case hex; without it the image is stored under the hash of
+    /// what was fetched.
+    pub sha256: Option<String>,
+    /// Declared format: trusted for raw, checked with `qemu-img info` for qcow2.
+    pub format: DiskFormat,
+}
+
+/// A verified image in the cache.
+#[derive(Clone, Debug)]
+pub struct CachedImage {
+    /// Absolute path of the read-only image file, `<dir>/sha256/<hex>`.
+    pub path: PathBuf,
+    /// SHA-256 of the image, lower-case hex.
+    pub sha256: String,
+    /// Size of the image file in bytes.
+    pub size: u64,
+    /// Format of the image, as its source declared it.
+    pub format: DiskFormat,
+}
+
+/// Why an image could not be cached, or an overlay created or removed.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum CacheError {
+    /// The location is neither an absolute path nor an HTTP(S) URL.
+    #[error("image location {location} is neither an absolute path nor an http(s) URL")]
+    InvalidLocation {
+        /// The location given.
+        location: String,
+    },
+    /// The declared checksum is not a SHA-256 in hex.
+    #[error("declared sha256 {value} is not 64 hex digits")]
+    InvalidSha256 {
+        /// The checksum given.
+        value: String,
+    },
+    /// The local image file does not exist.
+    #[error("image {location} does not exist")]
+    NotFound {
+        /// The location given.
+        location: String,
+    },
+    /// The local image file exists but cannot be read.
+    #[error("image {location} cannot be read")]
+    Unreadable {
+        /// The location given.
+        location: String,
+        /// The I/O error.
+        #[source]
+        source: Arc<io::Error>,
+    },
+    /// The HTTP server answered with a status other than 2xx.
+    #[error("image {location} was answered with HTTP status {status}")]
+    HttpStatus {
+        /// The URL.
+        location: String,
+        /// The HTTP status code.
+        status: u16,
+    },
+    /// The HTTP request failed: connection refused or timed out, invalid URL, broken body.
+    #[error("image {location} cannot be fetched")]
+    Http {
+        /// The URL.
+        location: String,
+        /// The client's error.
+        #[source]
+        source: Arc<reqwest::Error>,
+    },
+    /// The HTTP server sent nothing for longer than the read-idle timeout.
+    #[error("image {location} stalled: nothing received for {idle:?}")]
+    Stalled {
+        /// The URL.
+        location: String,
+        /// The read-idle timeout that ran out.
+        idle: Duration,
+    },
+    /// The fetched bytes do not hash to the declared SHA-256; nothing was cached.
+    #[error("image {location} has sha256 {actual}, not the declared {expected}")]
+    ChecksumMismatch {
+        /// The declared SHA-256.
+        expected: String,
+        /// The SHA-256 of the bytes fetched.
+        actual: String,
+        /// The location given.
+        location: String,
+    },
+    /// The image is not in the format its source declares.
+    #[error("image {location} is declared {declared} but is {actual}")]
+    FormatMismatch {
+        /// The location given.
+        location: String,
+        /// The declared format.
+        declared: &'static str,
+        /// The format `qemu-img info` found.
+        actual: String,
+    },
+    /// A qcow2 image names a backing file, which would let it read any file on the node.
+    #[error("qcow2 image {location} names a backing file {backing}")]
+    BackingFile {
+        /// The location given.
+        location: String,
+        /// The backing file it names.
+        backing: String,
+    },
+    /// A qcow2 image names an external data file, which would let it read any file on the node.
+    #[error("qcow2 image {location} names an external data file {data_file}")]
+    DataFile {
+        /// The location given.
+        location: String,
+        /// The data file it names.
+        data_file: String,
+    },
+    /// `qemu-img` failed, timed out or answered something unreadable.
+    #[error("qemu-img {action} of {} failed: {detail}", .path.display())]
+    QemuImg {
+        /// The subcommand, `info` or `create`.
+        action: &'static str,
+        /// The image or overlay it was run on.
+        path: PathBuf,
+        /// Its error output, or what else went wrong.
+        detail: String,
+    },
+    /// The overlay exists but is not a qcow2 over the given base.
+    #[error("overlay {} already exists over another backing file", .overlay.display())]
+    OverlayConflict {
+        /// The overlay path.
+        overlay: PathBuf,
+        /// The backing file it has, if any.
+        backing: Option<String>,
+    },
+    /// A file operation in the cache or on an overlay failed.
+    #[error("cannot {action} {}", .path.display())]
+    Io {
+        /// What was being done, e.g. `create`.
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: Arc<io::Error>,
+    },
+    /// The HTTP client cannot be built.
+    #[error("the HTTP client for image fetches cannot be built")]
+    HttpClient {
+        /// The client's error.
+        #[source]
+        source: Arc<reqwest::Error>,
+    },
+    /// A background fetch or file task ended without a result (it panicked).
+    #[error("an image cache task ended without a result")]
+    TaskFailed,
+}
+
+impl CacheError {
+    fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Self + 'a {
+        move |source| Self::Io {
+            action,
+            path: path.to_path_buf(),
+            source: Arc::new(source),
+        }
+    }
+}
+
+/// The sha256s of the images that must not be evicted; see [`ImageCache::with_in_use`].
+type InUseFn = Arc<dyn Fn() -> HashSet<String> + Send + Sync>;
+
+/// One fetch in flight, awaited by every `get` of its source.
+type Flight = Shared<BoxFuture<'static, Result<CachedImage, CacheError>>>;
+
+/// The node's content-addressed image cache. Cheap to clone: clones share the cache.
+#[derive(Clone)]
+pub struct ImageCache {
+    config: Arc<Config>,
+    inner: Arc<Inner>,
+}
+
+/// What does not change while the cache runs.
+struct Config {
+    dir: PathBuf,
+    max_bytes: u64,
+    read_idle: Duration,
+    client: reqwest::Client,
+    in_use: Option<InUseFn>,
+}
+
+/// What the clones share.
+struct Inner {
+    state: Mutex<State>,
+    flights: Mutex<Flights>,
+    /// Serialises publishing into and deleting from `sha256/`, so an eviction never deletes a
+    /// file a fetch has just published under the same name.
+    publish: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct State {
+    entries: HashMap<String, Entry>,
+    total: u64,
+    /// The next use tick; a larger tick is a more recent use.
+    tick: u64,
+    /// The `in_use` of the last [`ImageCache::evict`], protected by automatic eviction when no
+    /// [`ImageCache::with_in_use`] function is given.
+    last_in_use: HashSet<String>,
+}
+
+#[derive(Clone, Copy)]
+struct Entry {
+    size: u64,
+    last_used: u64,
+    /// `qemu-img info` confirmed it a qcow2 without backing or data file.
+    qcow2_verified: bool,
+}
+
+#[derive(Default)]
+struct Flights {
+    by_source: HashMap<ImageSource, (u64, Flight)>,
+    next_id: u64,
+}
+
+/// What a `get` does after looking at the flights and the index.
+enum Step {
+    Cached(String),
+    Fetch(Flight),
+}
+
+impl std::fmt::Debug for ImageCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImageCache")
+            .field("dir", &self.config.dir)
+            .field("max_bytes", &self.config.max_bytes)
+            .field("size", &self.size())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl ImageCache {
+    /// Opens the cache in `dir`, holding at most about `max_bytes`: creates the directories,
+    /// deletes the temporary files of a crashed run and indexes the images already there.
+    pub fn open(dir: PathBuf, max_bytes: u64) -> Result<Self, CacheError> {
+        let dir = std::path::absolute(&dir).map_err(CacheError::io("resolve", &dir))?;
+        let images = dir.join("sha256");
+        let tmp = dir.join("tmp");
+        for d in [&images, &tmp] {
+            std::fs::create_dir_all(d).map_err(CacheError::io("create", d))?;
+        }
+        for entry in std::fs::read_dir(&tmp).map_err(CacheError::io("list", &tmp))? {
+            let path = entry.map_err(CacheError::io("list", &tmp))?.path();
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            removed.map_err(CacheError::io("remove", &path))?;
+            info!(path = %path.display(), "removed a leftover temporary file");
+        }
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir(&images).map_err(CacheError::io("list", &images))? {
+            let entry = entry.map_err(CacheError::io("list", &images))?;
+            let path = entry.path();
+            let name = entry.file_name();
+            let sha = match name.to_str() {
+                Some(name) if is_sha256(name) => name.to_owned(),
+                _ => {
+                    warn!(path = %path.display(), "ignoring a file not named by a sha256");
+                    continue;
+                }
+            };
+            let meta = std::fs::metadata(&path).map_err(CacheError::io("inspect", &path))?;
+            if !meta.is_file() {
+                warn!(path = %path.display(), "ignoring a cache entry that is not a file");
+                continue;
+            }
+            let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            found.push((modified, sha, meta.len()));
+        }
+        found.sort();
+        let mut state = State::default();
+        for (_, sha, size) in found {
+            state.tick += 1;
+            state.total += size;
+            let entry = Entry {
+                size,
+                last_used: state.tick,
+                qcow2_verified: false,
+            };
+            state.entries.insert(sha, entry);
+        }
+        state.tick += 1;
+        info!(
+            dir = %dir.display(),
+            images = state.entries.len(),
+            bytes = state.total,
+            "image cache opened"
+        );
+        Ok(Self {
+            config: Arc::new(Config {
+                dir,
+                max_bytes,
+                read_idle: DEFAULT_READ_IDLE_TIMEOUT,
+                client: http_client(DEFAULT_CONNECT_TIMEOUT)?,
+                in_use: None,
+            }),
+            inner: Arc::new(Inner {
+                state: Mutex::new(state),
+                flights: Mutex::new(Flights::default()),
+                publish: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    /// Sets the HTTP timeouts: for connecting, and for waiting on the response or its next
+    /// bytes. Call before sharing the cache: clones made earlier keep the old timeouts.
+    pub fn with_timeouts(
+        mut self,
+        connect: Duration,
+        read_idle: Duration,
+    ) -> Result<Self, CacheError> {
+        self.config = Arc::new(Config {
+            dir: self.config.dir.clone(),
+            max_bytes: self.config.max_bytes,
+            read_idle,
+            client: http_client(connect)?,
+            in_use: self.config.in_use.clone(),
+        });
+        Ok(self)
+    }
+
+    /// Gives the function automatic eviction (after a fetch overfills the cache) calls for the
+    /// sha256s that must be kept, e.g. the bases of live overlays. Without it, automatic
+    /// eviction keeps the `in_use` of the last [`evict`](Self::evict). Call before sharing.
+    pub fn with_in_use(
+        mut self,
+        in_use: impl Fn() -> HashSet<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.config = Arc::new(Config {
+            dir: self.config.dir.clone(),
+            max_bytes: self.config.max_bytes,
+            read_idle: self.config.read_idle,
+            client: self.config.client.clone(),
+            in_use: Some(Arc::new(in_use)),
+        });
+        self
+    }
+
+    /// Bytes held by the cached images.
+    pub fn size(&self) -> u64 {
+        lock(&self.inner.state).total
+    }
+
+    /// The verified image of `source`: from the cache when its declared sha256 is there,
+    /// otherwise fetched, verified and published. Concurrent calls for one source share one
+    /// fetch, which runs to its end even if its callers go away.
+    pub async fn get(&self, source: &ImageSource) -> Result<CachedImage, CacheError> {
+        let source = normalise(source)?;
+        let span = info_span!(
+            "image_get",
+            location = %source.location,
+            sha256 = source.sha256.as_deref().unwrap_or("undeclared"),
+            format = source.format.as_str(),
+        );
+        self.get_normalised(source).instrument(span).await
+    }
+
+    async fn get_normalised(&self, source: ImageSource) -> Result<CachedImage, CacheError> {
+        loop {
+            match self.join_or_start(&source) {
+                Step::Fetch(flight) => return flight.await,
+                Step::Cached(sha) => {
+                    if let Some(image) = self.use_cached(&source, &sha).await? {
+                        debug!("cache hit");
+                        return Ok(image);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Joins the fetch of `source` in flight, or finds its image in the index, or starts its
+    /// fetch. The flight lock is held throughout, and a fetch publishes before it leaves the
+    /// flights, so no `get` can miss both and start a second fetch.
+    fn join_or_start(&self, source: &ImageSource) -> Step {
+        let mut flights = lock(&self.inner.flights);
+        if let Some((_, flight)) = flights.by_source.get(source) {
+            debug!("joining the fetch in flight");
+            return Step::Fetch(flight.clone());
+        }
+        if let Some(sha) = &source.sha256 {
+            if lock(&self.inner.state).entries.contains_key(sha) {
+                return Step::Cached(sha.clone());
+            }
+        }
+        let id = flights.next_id;
+        flights.next_id += 1;
+        let span = info_span!(
+            "image_fetch",
+            location = %source.location,
+            sha256 = source.sha256.as_deref().unwrap_or("undeclared"),
+        );
+        let cache = self.clone();
+        let task_source = source.clone();
+        let task = tokio::spawn(
+            async move {
+                let result = cache.fetch(&task_source).await;
+                cache.end_flight(&task_source, id);
+                result
+            }
+            .instrument(span),
+        );
+        let flight = async move { task.await.unwrap_or(Err(CacheError::TaskFailed)) }
+            .boxed()
+            .shared();
+        flights
+            .by_source
+            .insert(source.clone(), (id, flight.clone()));
+        Step::Fetch(flight)
+    }
+
+    fn end_flight(&self, source: &ImageSource, id: u64) {
+        let mut flights = lock(&self.inner.flights);
+        if flights.by_source.get(source).is_some_and(|(i, _)| *i == id) {
+            flights.by_source.remove(source);
+        }
+    }
+
+    /// Marks a cached image used and checks its declared format; `None` if its file has gone
+    /// (it is dropped from the index, and the caller fetches it again).
+    async fn use_cached(
+        &self,
+        source: &ImageSource,
+        sha: &str,
+    ) -> Result<Option<CachedImage>, CacheError> {
+        let path = self.image_path(sha);
+        let touch_path = path.clone();
+        match blocking(move || touch(&touch_path)).await? {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                warn!(path = %path.display(), "a cached image file has gone; fetching it again");
+                let mut state = lock(&self.inner.state);
+                if let Some(entry) = state.entries.remove(sha) {
+                    state.total -= entry.size;
+                }
+                return Ok(None);
+            }
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot record the use of a cached image")
+            }
+        }
+        let entry = {
+            let mut state = lock(&self.inner.state);
+            let tick = next_tick(&mut state);
+            match state.entries.get_mut(sha) {
+                Some(entry) => {
+                    entry.last_used = tick;
+                    *entry
+                }
+                None => return Ok(None),
+            }
+        };
+        if source.format == DiskFormat::Qcow2 && !entry.qcow2_verified {
+            check_format(source, &qemu_img_info(&path, false).await?)?;
+            if let Some(entry) = lock(&self.inner.state).entries.get_mut(sha) {
+                entry.qcow2_verified = true;
+            }
+        }
+        Ok(Some(CachedImage {
+            path,
+            sha256: sha.to_owned(),
+            size: entry.size,
+            format: source.format,
+        }))
+    }
+
+    /// Fetches `source` into a temporary file, verifies it, publishes it and evicts if the cache
+    /// is over its limit. The temporary file is removed on every way out but publication.
+    async fn fetch(&self, source: &ImageSource) -> Result<CachedImage, CacheError> {
+        let part = TempFile(Some(
+            self.config
+                .dir
+                .join("tmp")
+                .join(format!("{}.part", uuid::Uuid::new_v4().simple())),
+        ));
+        let path = part.path().to_path_buf();
+        let (sha, size) = if is_http(&source.location) {
+            self.download(&source.location, &path).await?
+        } else {
+            let location = source.location.clone();
+            blocking(move || copy_local(&location, &path)).await??
+        };
+        if let Some(expected) = &source.sha256 {
+            if *expected != sha {
+                warn!(expected = %expected, actual = %sha, "checksum mismatch; discarding the image");
+                return Err(CacheError::ChecksumMismatch {
+                    expected: expected.clone(),
+                    actual: sha,
+                    location: source.location.clone(),
+                });
+            }
+        }
+        let qcow2_verified = source.format == DiskFormat::Qcow2;
+        if qcow2_verified {
+            check_format(source, &qemu_img_info(part.path(), false).await?)?;
+        }
+        let image = self
+            .publish(part, &sha, size, source.format, qcow2_verified)
+            .await?;
+        info!(sha256 = %sha, bytes = size, "image fetched and verified");
+        if self.size() > self.config.max_bytes {
+            self.auto_evict(&sha).await;
+        }
+        Ok(image)
+    }
+
+    /// Streams `url` into `part`, hashing as it writes; every wait is bounded by the read-idle
+    /// timeout.
+    async fn download(&self, url: &str, part: &Path) -> Result<(String, u64), CacheError> {
+        let idle = self.config.read_idle;
+        let stalled = || CacheError::Stalled {
+            location: url.to_owned(),
+            idle,
+        };
+        let failed = |e| CacheError::Http {
+            location: url.to_owned(),
+            source: Arc::new(e),
+        };
+        let mut response = tokio::time::timeout(idle, self.config.client.get(url).send())
+            .await
+            .map_err(|_| stalled())?
+            .map_err(failed)?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(CacheError::HttpStatus {
+                location: url.to_owned(),
+                status: status.as_u16(),
+            });
+        }
+        let mut file = tokio::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(part)
+            .await
+            .map_err(CacheError::io("create", part))?;
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = tokio::time::timeout(idle, response.chunk())
+            .await
+            .map_err(|_| stalled())?
+            .map_err(failed)?
+        {
+            hasher.update(&chunk);
+            file.write_all(&chunk)
+                .await
+                .map_err(CacheError::io("write", part))?;
+            size += chunk.len() as u64;
+        }
+        file.flush().await.map_err(CacheError::io("write", part))?;
+        file.sync_all()
+            .await
+            .map_err(CacheError::io("sync", part))?;
+        Ok((hex(&hasher.finalize()), size))
+    }
+
+    /// Renames a verified temporary file into `sha256/` (read-only, directory synced) and
+    /// indexes it; if the image is already there, the temporary file is dropped instead.
+    async fn publish(
+        &self,
+        part: TempFile,
+        sha: &str,
+        size: u64,
+        format: DiskFormat,
+        qcow2_verified: bool,
+    ) -> Result<CachedImage, CacheError> {
+        let path = self.image_path(sha);
+        let _publishing = self.inner.publish.lock().await;
+        let present = lock(&self.inner.state).entries.contains_key(sha);
+        if present {
+            debug!(sha256 = %sha, "already cached; dropping the fetched copy");
+            drop(part);
+            let touch_path = path.clone();
+            if let Err(e) = blocking(move || touch(&touch_path)).await? {
+                warn!(path = %path.display(), error = %e, "cannot record the use of a cached image");
+            }
+        } else {
+            let target = path.clone();
+            blocking(move || publish_file(part, &target)).await??;
+        }
+        let mut state = lock(&self.inner.state);
+        let tick = next_tick(&mut state);
+        let entry = state.entries.entry(sha.to_owned()).or_insert(Entry {
+            size,
+            last_used: tick,
+            qcow2_verified,
+        });
+        entry.last_used = tick;
+        entry.qcow2_verified |= qcow2_verified;
+        let size = entry.size;
+        if !present {
+            state.total += size;
+        }
+        Ok(CachedImage {
+            path,
+            sha256: sha.to_owned(),
+            size,
+            format,
+        })
+    }
+
+    /// Eviction after a fetch: keeps the image just fetched and those in use.
+    async fn auto_evict(&self, fresh: &str) {
+        let mut keep = match &self.config.in_use {
+            Some(in_use) => in_use(),
+            None => lock(&self.inner.state).last_in_use.clone(),
+        };
+        keep.insert(fresh.to_owned());
+        match self.evict_keeping(&keep).await {
+            Ok(freed) => debug!(bytes = freed, "evicted after a fetch"),
+            Err(e) => warn!(error = %e, "eviction after a fetch failed"),
+        }
+    }
+
+    /// Deletes least-recently-used images not in `in_use` (sha256s) until the cache holds at
+    /// most its `max_bytes`; returns the bytes freed. Images in `in_use` are never removed.
+    pub async fn evict(&self, in_use: &HashSet<String>) -> Result<u64, CacheError> {
+        lock(&self.inner.state).last_in_use = in_use.clone();
+        self.evict_keeping(in_use).await
+    }
+
+    async fn evict_keeping(&self, in_use: &HashSet<String>) -> Result<u64, CacheError> {
+        let _publishing = self.inner.publish.lock().await;
+        let victims: Vec<(String, Entry)> = {
+            let mut state = lock(&self.inner.state);
+            let entries: Vec<(String, u64, u64)> = state
+                .entries
+                .iter()
+                .map(|(sha, e)| (sha.clone(), e.size, e.last_used))
+                .collect();
+            let chosen = choose_evictions(&entries, in_use, self.config.max_bytes);
+            let mut victims = Vec::with_capacity(chosen.len());
+            for sha in chosen {
+                if let Some(entry) = state.entries.remove(&sha) {
+                    state.total -= entry.size;
+                    victims.push((sha, entry));
+                }
+            }
+            victims
+        };
+        let mut freed = 0;
+        let mut first_error = None;
+        for (sha, entry) in victims {
+            let path = self.image_path(&sha);
+            let remove_path = path.clone();
+            match blocking(move || std::fs::remove_file(&remove_path)).await? {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "cannot evict an image");
+                    let mut state = lock(&self.inner.state);
+                    state.total += entry.size;
+                    state.entries.insert(sha, entry);
+                    first_error.get_or_insert(CacheError::io("remove", &path)(e));
+                    continue;
+                }
+            }
+            info!(sha256 = %sha, bytes = entry.size, "evicted an image");
+            freed += entry.size;
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(freed),
+        }
+    }
+
+    fn image_path(&self, sha: &str) -> PathBuf {
+        self.config.dir.join("sha256").join(sha)
+    }
+}
+
+/// Which images to evict, least recently used first, so that the rest fit in `max_bytes`.
+/// `entries` are `(sha256, size, last_used)`, a larger `last_used` being a more recent use;
+/// images in `in_use` are never chosen, even if the rest cannot fit.
+pub fn choose_evictions(
+    entries: &[(String, u64, u64)],
+    in_use: &HashSet<String>,
+    max_bytes: u64,
+) -> Vec<String> {
+    let mut total: u64 = entries.iter().map(|(_, size, _)| size).sum();
+    let mut candidates: Vec<&(String, u64, u64)> = entries
+        .iter()
+        .filter(|(sha, _, _)| !in_use.contains(sha))
+        .collect();
+    candidates.sort_by(|a, b| a.2.cmp(&b.2).then_with(|| a.0.cmp(&b.0)));
+    let mut chosen = Vec::new();
+    for (sha, size, _) in candidates {
+        if total <= max_bytes {
+            break;
+        }
+        total -= size;
+        chosen.push(sha.clone());
+    }
+    chosen
+}
+
+/// Creates the qcow2 overlay `overlay` over `base`, by absolute path. Nothing to do if it
+/// already exists over that base; an error if it exists over anything else. The overlay is
+/// written under a temporary name and linked into place, so it is complete or absent and an
+/// existing one is never replaced.
+pub async fn create_overlay(base: &CachedImage, overlay: &Path) -> Result<(), CacheError> {
+    let overlay = std::path::absolute(overlay).map_err(CacheError::io("resolve", overlay))?;
+    let span =
+        info_span!("create_overlay", overlay = %overlay.display(), base = %base.path.display());
+    async {
+        if overlay_exists(base, &overlay).await? {
+            debug!("the overlay already exists");
+            return Ok(());
+        }
+        let (Some(dir), Some(name)) = (overlay.parent(), overlay.file_name()) else {
+            return Err(CacheError::io("create", &overlay)(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "an overlay path needs a directory and a file name",
+            )));
+        };
+        let tmp = TempFile(Some(dir.join(format!(
+            ".{}.{}.tmp",
+            name.to_string_lossy(),
+            uuid::Uuid::new_v4().simple()
+        ))));
+        let mut create = tokio::process::Command::new("qemu-img");
+        create
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                base.format.as_str(),
+                "-b",
+            ])
+            .arg(&base.path)
+            .arg(tmp.path());
+        run_qemu_img(create, "create", &overlay).await?;
+        let target = overlay.clone();
+        let linked = blocking(move || link_file(tmp, &target)).await?;
+        match linked {
+            Ok(()) => {
+                info!("overlay created");
+                Ok(())
+            }
+            // Another caller created it meanwhile: fine if over the same base.
+            Err(CacheError::Io { source, .. }) if source.kind() == io::ErrorKind::AlreadyExists => {
+                if overlay_exists(base, &overlay).await? {
+                    Ok(())
+                } else {
+                    Err(CacheError::OverlayConflict {
+                        overlay,
+                        backing: None,
+                    })
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Removes an overlay; an overlay already absent is fine.
+pub async fn remove_overlay(overlay: &Path) -> Result<(), CacheError> {
+    match tokio::fs::remove_file(overlay).await {
+        Ok(()) => {
+            info!(overlay = %overlay.display(), "overlay removed");
+            Ok(())
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(CacheError::io("remove", overlay)(e)),
+    }
+}
+
+/// Whether `overlay` exists as a qcow2 over `base`; an error if it exists as anything else.
+async fn overlay_exists(base: &CachedImage, overlay: &Path) -> Result<bool, CacheError> {
+    match tokio::fs::symlink_metadata(overlay).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(CacheError::io("inspect", overlay)(e)),
+    }
+    // --force-share: a running domain holds the overlay's write lock.
+    let info = qemu_img_info(overlay, true).await?;
+    let over_base = info.format == "qcow2"
+        && info.backing.as_deref().map(Path::new) == Some(base.path.as_path())
+        && info
+            .backing_format
+            .as_deref()
+            .is_none_or(|f| f == base.format.as_str());
+    if over_base {
+        Ok(true)
+    } else {
+        Err(CacheError::OverlayConflict {
+            overlay: overlay.to_path_buf(),
+            backing: info.backing,
+        })
+    }
+}
+
+/// A temporary file, removed when dropped unless [`keep`](TempFile::keep) was called.
+struct TempFile(Option<PathBuf>);
+
+impl TempFile {
+    fn path(&self) -> &Path {
+        self.0
+            .as_deref()
+            .expect("a TempFile holds its path until it is kept")
+    }
+
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            match std::fs::remove_file(&path) {
+                Ok(()) => debug!(path = %path.display(), "removed a temporary file"),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "cannot remove a temporary file")
+                }
+            }
+        }
+    }
+}
+
+/// Copies a local image into `part`, hashing as it goes, and syncs it.
+fn copy_local(location: &str, part: &Path) -> Result<(String, u64), CacheError> {
+    let unreadable = |e: io::Error| {
+        if e.kind() == io::ErrorKind::NotFound {
+            CacheError::NotFound {
+                location: location.to_owned(),
+            }
+        } else {
+            CacheError::Unreadable {
+                location: location.to_owned(),
+                source: Arc::new(e),
+            }
+        }
+    };
+    let mut src = std::fs::File::open(location).map_err(unreadable)?;
+    let mut dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(part)
+        .map_err(CacheError::io("create", part))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0; COPY_BUFFER_BYTES];
+    let mut size = 0u64;
+    loop {
+        let n = match src.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(unreadable(e)),
+        };
+        hasher.update(&buf[..n]);
+        dst.write_all(&buf[..n])
+            .map_err(CacheError::io("write", part))?;
+        size += n as u64;
+    }
+    dst.sync_all().map_err(CacheError::io("sync", part))?;
+    Ok((hex(&hasher.finalize()), size))
+}
+
+/// Makes `part` read-only, renames it to `target` and syncs the directory.
+fn publish_file(part: TempFile, target: &Path) -> Result<(), CacheError> {
+    let from = part.path();
+    std::fs::set_permissions(from, std::fs::Permissions::from_mode(0o444))
+        .map_err(CacheError::io("make read-only", from))?;
+    std::fs::rename(from, target).map_err(CacheError::io("publish", target))?;
+    part.keep();
+    sync_parent(target)
+}
+
+/// Syncs `tmp` and links it to `target`, failing if `target` exists; `tmp` is then removed.
+fn link_file(tmp: TempFile, target: &Path) -> Result<(), CacheError> {
+    let from = tmp.path();
+    std::fs::File::open(from)
+        .and_then(|f| f.sync_all())
+        .map_err(CacheError::io("sync", from))?;
+    std::fs::hard_link(from, target).map_err(CacheError::io("publish", target))?;
+    drop(tmp);
+    sync_parent(target)
+}
+
+fn sync_parent(path: &Path) -> Result<(), CacheError> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(CacheError::io("sync", dir))
+}
+
+/// Sets the mtime of a cached image to now: its last use, read back by [`ImageCache::open`].
+fn touch(path: &Path) -> io::Result<()> {
+    std::fs::File::open(path)?.set_modified(SystemTime::now())
+}
+
+fn next_tick(state: &mut State) -> u64 {
+    state.tick += 1;
+    state.tick
+}
+
+/// Runs blocking file work off the async runtime.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, CacheError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|_| CacheError::TaskFailed)
+}
+
+/// What `qemu-img info` says of an image.
+#[derive(Debug, PartialEq, Eq)]
+struct ImageInfo {
+    format: String,
+    backing: Option<String>,
+    backing_format: Option<String>,
+    data_file: Option<String>,
+}
+
+/// Runs `qemu-img info --output=json` on `path`. It does not open backing files.
+async fn qemu_img_info(path: &Path, force_share: bool) -> Result<ImageInfo, CacheError> {
+    let mut info = tokio::process::Command::new("qemu-img");
+    info.args(["info", "--output=json"]);
+    if force_share {
+        info.arg("--force-share");
+    }
+    info.arg(path);
+    let stdout = run_qemu_img(info, "info", path).await?;
+    parse_info(&stdout).ok_or_else(|| CacheError::QemuImg {
+        action: "info",
+        path: path.to_path_buf(),
+        detail: "its output is not the JSON expected".to_owned(),
+    })
+}
+
+fn parse_info(json: &[u8]) -> Option<ImageInfo> {
+    let value: serde_json::Value = serde_json::from_slice(json).ok()?;
+    let text = |pointer: &str| {
+        value
+            .pointer(pointer)
+            .and_then(|v| v.as_str())
+            .map(str::to_owned)
+    };
+    Some(ImageInfo {
+        format: text("/format")?,
+        backing: text("/backing-filename"),
+        backing_format: text("/backing-filename-format"),
+        data_file: text("/format-specific/data/data-file"),
+    })
+}
+
+/// Runs `qemu-img` with a time limit; its stdout, or its stderr as the error.
+async fn run_qemu_img(
+    mut command: tokio::process::Command,
+    action: &'static str,
+    path: &Path,
+) -> Result<Vec<u8>, CacheError> {
+    let failed = |detail: String| CacheError::QemuImg {
+        action,
+        path: path.to_path_buf(),
+        detail,
+    };
+    command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = command
+        .spawn()
+        .map_err(|e| failed(format!("cannot start it: {e}")))?;
+    let output = tokio::time::timeout(QEMU_IMG_TIMEOUT, child.wait_with_output())
+        .await
+        .map_err(|_| failed(format!("no answer within {QEMU_IMG_TIMEOUT:?}")))?
+        .map_err(|e| failed(e.to_string()))?;
+    if !output.status.success() {
+        return Err(failed(
+            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        ));
+    }
+    Ok(output.stdout)
+}
+
+/// Checks what `qemu-img info` says against the declared format: a declared qcow2 must be a
+/// qcow2 with neither backing file nor external data file. A declared raw is trusted: it is
+/// always read as raw.
+fn check_format(source: &ImageSource, info: &ImageInfo) -> Result<(), CacheError> {
+    if source.format != DiskFormat::Qcow2 {
+        return Ok(());
+    }
+    if info.format != "qcow2" {
+        return Err(CacheError::FormatMismatch {
+            location: source.location.clone(),
+            declared: source.format.as_str(),
+            actual: info.format.clone(),
+        });
+    }
+    if let Some(backing) = &info.backing {
+        return Err(CacheError::BackingFile {
+            location: source.location.clone(),
+            backing: backing.clone(),
+        });
+    }
+    if let Some(data_file) = &info.data_file {
+        return Err(CacheError::DataFile {
+            location: source.location.clone(),
+            data_file: data_file.clone(),
+        });
+    }
+    Ok(())
+}
+
+fn http_client(connect: Duration) -> Result<reqwest::Client, CacheError> {
+    reqwest::Client::builder()
+        .connect_timeout(connect)
+        .build()
+        .map_err(|e| CacheError::HttpClient {
+            source: Arc::new(e),
+        })
+}
+
+fn is_http(location: &str) -> bool {
+    location.starts_with("http://") || location.starts_with("https://")
+}
+
+fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Checks the location and lower-cases the declared sha256.
+fn normalise(source: &ImageSource) -> Result<ImageSource, CacheError> {
+    if !is_http(&source.location) && !Path::new(&source.location).is_absolute() {
+        return Err(CacheError::InvalidLocation {
+            location: source.location.clone(),
+        });
+    }
+    let sha256 = match &source.sha256 {
+        None => None,
+        Some(value) => {
+            let lower = value.to_ascii_lowercase();
+            if !is_sha256(&lower) {
+                return Err(CacheError::InvalidSha256 {
+                    value: value.clone(),
+                });
+            }
+            Some(lower)
+        }
+    };
+    Ok(ImageSource {
+        location: source.location.clone(),
+        sha256,
+        format: source.format,
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        // Writing to a String cannot fail.
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha_of(bytes: &[u8]) -> String {
+        hex(&Sha256::digest(bytes))
+    }
+
+    fn raw(location: &Path, sha256: Option<String>) -> ImageSource {
+        ImageSource {
+            location: location.to_str().expect("test paths are UTF-8").to_owned(),
+            sha256,
+            format: DiskFormat::Raw,
+        }
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .expect("the directory exists")
+            .map(|e| {
+                e.expect("listable")
+                    .file_name()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn set(shas: &[&str]) -> HashSet<String> {
+        shas.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn qemu_img(args: &[&str]) {
+        let status = std::process::Command::new("qemu-img")
+            .args(args)
+            .stdout(Stdio::null())
+            .status()
+            .expect("qemu-img runs");
+        assert!(status.success(), "qemu-img {args:?} failed");
+    }
+
+    #[test]
+    fn choose_evictions_picks_least_recently_used_not_in_use_until_under_the_limit() {
+        let e = |sha: &str, size, used| (sha.to_owned(), size, used);
+        let entries = [e("a", 10, 3), e("b", 10, 1), e("c", 10, 2), e("d", 10, 4)];
+        let cases: &[(&str, &[&str], u64, &[&str])] = &[
+            ("under the limit: nothing", &[], 40, &[]),
+            ("over by one image: the oldest", &[], 30, &["b"]),
+            (
+                "over by two: the two oldest, oldest first",
+                &[],
+                20,
+                &["b", "c"],
+            ),
+            (
+                "the oldest in use: the next oldest instead",
+                &["b"],
+                30,
+                &["c"],
+            ),
+            (
+                "limit zero: everything not in use",
+                &["a", "d"],
+                0,
+                &["b", "c"],
+            ),
+            ("everything in use: nothing", &["a", "b", "c", "d"], 0, &[]),
+        ];
+        for (case, in_use, max, want) in cases {
+            let got = choose_evictions(&entries, &set(in_use), *max);
+            assert_eq!(got, want.to_vec(), "{case}");
+        }
+    }
+
+    #[test]
+    fn choose_evictions_breaks_ties_by_sha_and_stops_once_under_the_limit() {
+        let entries = [
+            ("y".to_owned(), 5, 1),
+            ("x".to_owned(), 5, 1),
+            ("z".to_owned(), 100, 9),
+        ];
+        assert_eq!(
+            choose_evictions(&entries, &HashSet::new(), 105),
+            vec!["x".to_owned()]
+        );
+        assert!(choose_evictions(&[], &HashSet::new(), 0).is_empty());
+    }
+
+    #[test]
+    fn a_relative_location_or_a_malformed_sha256_is_refused() {
+        let relative = ImageSource {
+            location: "images/a.raw".to_owned(),
+            sha256: None,
+            format: DiskFormat::Raw,
+        };
+        assert!(matches!(
+            normalise(&relative),
+            Err(CacheError::InvalidLocation { .. })
+        ));
+        let short = raw(Path::new("/a.raw"), Some("abc".to_owned()));
+        assert!(matches!(
+            normalise(&short),
+            Err(CacheError::InvalidSha256 { .. })
+        ));
+        let upper = raw(Path::new("/a.raw"), Some(sha_of(b"x").to_uppercase()));
+        assert_eq!(normalise(&upper).expect("valid").sha256, Some(sha_of(b"x")));
+    }
+
+    #[test]
+    fn qemu_img_info_json_is_read_for_format_backing_and_data_file() {
+        let json =
+            br#"{"format": "qcow2", "backing-filename": "/b", "backing-filename-format": "raw",
+            "format-specific": {"type": "qcow2", "data": {"data-file": "/d"}}}"#;
+        let want = ImageInfo {
+            format: "qcow2".to_owned(),
+            backing: Some("/b".to_owned()),
+            backing_format: Some("raw".to_owned()),
+            data_file: Some("/d".to_owned()),
+        };
+        assert_eq!(parse_info(json), Some(want));
+        assert_eq!(parse_info(b"{}"), None);
+    }
+
+    #[tokio::test]
+    async fn a_local_image_without_declared_sha_is_stored_read_only_under_its_hash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src.raw");
+        std::fs::write(&src, b"image bytes").expect("write");
+        let cache = ImageCache::open(dir.path().join("cache"), 1 << 20).expect("open");
+
+        let image = cache.get(&raw(&src, None)).await.expect("get");
+
+        assert_eq!(image.sha256, sha_of(b"image bytes"));
+        assert_eq!(
+            image.path,
+            dir.path().join("cache/sha256").join(&image.sha256)
+        );
+        assert_eq!(image.size, 11);
+        assert_eq!(std::fs::read(&image.path).expect("read"), b"image bytes");
+        let mode = std::fs::metadata(&image.path)
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o444);
+        assert_eq!(cache.size(), 11);
+        assert!(names(&dir.path().join("cache/tmp")).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_checksum_mismatch_leaves_no_file_in_the_cache() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src.raw");
+        std::fs::write(&src, b"tampered").expect("write");
+        let cache = ImageCache::open(dir.path().join("cache"), 1 << 20).expect("open");
+        let declared = sha_of(b"original");
+
+        let err = cache
+            .get(&raw(&src, Some(declared.clone())))
+            .await
+            .expect_err("mismatch");
+
+        match err {
+            CacheError::ChecksumMismatch {
+                expected,
+                actual,
+                location,
+            } => {
+                assert_eq!(expected, declared);
+                assert_eq!(actual, sha_of(b"tampered"));
+                assert_eq!(location, src.to_str().expect("UTF-8"));
+            }
+            other => panic!("unexpected error {other}"),
+        }
+        assert!(names(&dir.path().join("cache/sha256")).is_empty());
+        assert!(names(&dir.path().join("cache/tmp")).is_empty());
+        assert_eq!(cache.size(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_missing_local_image_is_not_found_with_its_location() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = ImageCache::open(dir.path().join("cache"), 1 << 20).expect("open");
+        let missing = dir.path().join("missing.raw");
+
+        let err = cache.get(&raw(&missing, None)).await.expect_err("missing");
+
+        assert!(
+            matches!(&err, CacheError::NotFound { location } if location == missing.to_str().expect("UTF-8"))
+        );
+        assert!(err.to_string().contains("missing.raw"), "{err}");
+        assert!(names(&dir.path().join("cache/tmp")).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_declared_sha_already_cached_is_returned_without_reading_the_source() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src.raw");
+        std::fs::write(&src, b"bytes").expect("write");
+        let cache = ImageCache::open(dir.path().join("cache"), 1 << 20).expect("open");
+        let source = raw(&src, Some(sha_of(b"bytes")));
+        let first = cache.get(&source).await.expect("first get");
+        std::fs::remove_file(&src).expect("remove the source");
+
+        let second = cache.get(&source).await.expect("a hit needs no source");
+
+        assert_eq!(second.path, first.path);
+        assert_eq!(second.sha256, first.sha256);
+    }
+
+    #[tokio::test]
+    async fn reopening_indexes_cached_images_and_deletes_leftover_temporary_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src.raw");
+        std::fs::write(&src, b"kept").expect("write");
+        let cache_dir = dir.path().join("cache");
+        let source = raw(&src, Some(sha_of(b"kept")));
+        ImageCache::open(cache_dir.clone(), 1 << 20)
+            .expect("open")
+            .get(&source)
+            .await
+            .expect("get");
+        std::fs::write(cache_dir.join("tmp/crashed.part"), b"half").expect("write");
+        std::fs::remove_file(&src).expect("remove the source");
+
+        let reopened = ImageCache::open(cache_dir.clone(), 1 << 20).expect("reopen");
+
+        assert!(names(&cache_dir.join("tmp")).is_empty());
+        assert_eq!(reopened.size(), 4);
+        let image = reopened.get(&source).await.expect("a hit after restart");
+        assert_eq!(image.size, 4);
+    }
+
+    #[tokio::test]
+    async fn a_cache_hit_is_remembered_across_a_restart_for_eviction() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache_dir = dir.path().join("cache");
+        let cache = ImageCache::open(cache_dir.clone(), 1 << 20).expect("open");
+        let mut images = Vec::new();
+        for name in ["a", "b"] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, name.repeat(10)).expect("write");
+            images.push(
+                cache
+                    .get(&raw(&path, Some(sha_of(name.repeat(10).as_bytes()))))
+                    .await
+                    .expect("get"),
+            );
+        }
+        for (image, secs) in images.iter().zip([100, 200]) {
+            std::fs::File::open(&image.path)
+                .and_then(|f| f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(secs)))
+                .expect("age the image");
+        }
+        let a = dir.path().join("a");
+        cache
+            .get(&raw(&a, Some(images[0].sha256.clone())))
+            .await
+            .expect("a hit on a, the older");
+
+        let restarted = ImageCache::open(cache_dir, 10).expect("reopen with room for one");
+        let freed = restarted.evict(&HashSet::new()).await.expect("evict");
+
+        assert_eq!(freed, 10);
+        assert!(images[0].path.exists(), "a was used last");
+        assert!(!images[1].path.exists());
+    }
+
+    #[tokio::test]
+    async fn a_fetch_over_the_limit_evicts_the_least_recently_used_image() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = ImageCache::open(dir.path().join("cache"), 20).expect("open");
+        let mut sources = Vec::new();
+        for name in ["a", "b", "c"] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, name.repeat(10)).expect("write");
+            sources.push(raw(&path, Some(sha_of(name.repeat(10).as_bytes()))));
+        }
+        let a = cache.get(&sources[0]).await.expect("a");
+        let b = cache.get(&sources[1]).await.expect("b");
+        cache
+            .get(&sources[0])
+            .await
+            .expect("a again, now the most recent");
+
+        let c = cache.get(&sources[2]).await.expect("c");
+
+        assert_eq!(cache.size(), 20);
+        assert!(a.path.exists());
+        assert!(!b.path.exists(), "b was the least recently used");
+        assert!(c.path.exists());
+    }
+
+    #[tokio::test]
+    async fn evict_never_removes_an_image_in_use() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = ImageCache::open(dir.path().join("cache"), 1 << 20).expect("open");
+        let mut images = Vec::new();
+        for name in ["a", "b"] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, name.repeat(10)).expect("write");
+            images.push(cache.get(&raw(&path, None)).await.expect("get"));
+        }
+        let limited = ImageCache::open(dir.path().join("cache"), 0).expect("reopen with no room");
+
+        let freed = limited
+            .evict(&set(&[&images[0].sha256]))
+            .await
+            .expect("evict");
+
+        assert_eq!(freed, 10);
+        assert!(images[0].path.exists());
+        assert!(!images[1].path.exists());
+        assert_eq!(limited.size(), 10);
+        assert_eq!(
+            limited
+                .evict(&set(&[&images[0].sha256]))
+                .await
+                .expect("evict"),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn a_declared_qcow2_that_is_raw_is_refused_and_not_cached() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src.img");
+        std::fs::write(&src, vec![0u8; 4096]).expect("write");
+        let cache = ImageCache::open(dir.path().join("cache"), 1 << 20).expect("open");
+        let mut source = raw(&src, None);
+        source.format = DiskFormat::Qcow2;
+
+        let err = cache.get(&source).await.expect_err("not a qcow2");
+
+        assert!(
+            matches!(&err, CacheError::FormatMismatch { declared: "qcow2", actual, .. } if actual == "raw"),
+            "{err}"
+        );
+        assert!(names(&dir.path().join("cache/sha256")).is_empty());
+        assert!(names(&dir.path().join("cache/tmp")).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_qcow2_with_a_backing_file_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let secret = dir.path().join("secret.raw");
+        std::fs::write(&secret, vec![0u8; 65536]).expect("write");
+        let src = dir.path().join("evil.qcow2");
+        let (secret_s, src_s) = (
+            secret.to_str().expect("UTF-8"),
+            src.to_str().expect("UTF-8"),
+        );
+        qemu_img(&[
+            "create", "-q", "-f", "qcow2", "-F", "raw", "-b", secret_s, src_s,
+        ]);
+        let cache = ImageCache::open(dir.path().join("cache"), 1 << 20).expect("open");
+        let mut source = raw(&src, None);
+        source.format = DiskFormat::Qcow2;
+
+        let err = cache.get(&source).await.expect_err("a backing file");
+
+        assert!(
+            matches!(&err, CacheError::BackingFile { backing, .. } if backing == secret_s),
+            "{err}"
+        );
+        assert!(names(&dir.path().join("cache/sha256")).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_plain_qcow2_is_cached_and_an_overlay_over_it_names_it_as_backing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("base.qcow2");
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            src.to_str().expect("UTF-8"),
+            "1M",
+        ]);
+        let cache = ImageCache::open(dir.path().join("cache"), 1 << 20).expect("open");
+        let mut source = raw(&src, None);
+        source.format = DiskFormat::Qcow2;
+        let base = cache.get(&source).await.expect("a plain qcow2");
+        let overlay = dir.path().join("vm/disk.qcow2");
+        std::fs::create_dir_all(overlay.parent().expect("has a parent")).expect("mkdir");
+
+        create_overlay(&base, &overlay).await.expect("create");
+
+        let info = qemu_img_info(&overlay, false).await.expect("info");
+        assert_eq!(info.format, "qcow2");
+        assert_eq!(
+            info.backing.as_deref().map(Path::new),
+            Some(base.path.as_path())
+        );
+        assert_eq!(info.backing_format.as_deref(), Some("qcow2"));
+        assert_eq!(names(&dir.path().join("vm")), vec!["disk.qcow2".to_owned()]);
+    }
+
+    #[tokio::test]
+    async fn creating_an_overlay_twice_keeps_the_first_and_another_base_conflicts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = ImageCache::open(dir.path().join("cache"), 1 << 20).expect("open");
+        let mut bases = Vec::new();
+        for (name, byte) in [("a.raw", 0u8), ("b.raw", 1u8)] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, vec![byte; 65536]).expect("write");
+            bases.push(cache.get(&raw(&path, None)).await.expect("get"));
+        }
+        let overlay = dir.path().join("disk.qcow2");
+        create_overlay(&bases[0], &overlay).await.expect("create");
+        let first = std::fs::metadata(&overlay).expect("meta");
+
+        create_overlay(&bases[0], &overlay)
+            .await
+            .expect("idempotent");
+        let err = create_overlay(&bases[1], &overlay)
+            .await
+            .expect_err("another base");
+
+        let again = std::fs::metadata(&overlay).expect("meta");
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::ino(&again),
+            std::os::unix::fs::MetadataExt::ino(&first)
+        );
+        assert!(
+            matches!(&err, CacheError::OverlayConflict { backing: Some(b), .. } if Path::new(b) == bases[0].path)
+        );
+    }
+
+    #[tokio::test]
+    async fn removing_an_overlay_twice_is_fine() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let overlay = dir.path().join("disk.qcow2");
+        std::fs::write(&overlay, b"x").expect("write");
+
+        remove_overlay(&overlay).await.expect("remove");
+        remove_overlay(&overlay).await.expect("absent is fine");
+
+        assert!(!overlay.exists());
+    }
+}

@@ -1,0 +1,332 @@
+//! The guest network for real, as root (DESIGN §5: everything inside namespaces the test creates):
+//!
+//! - a bridge and dnsmasq inside one namespace (the "host"), a "guest" that is the far end of a
+//!   veth pair moved into a second namespace: busybox `udhcpc` there gets the static lease, and
+//!   `curl` there reaches a listener that [`netns::bind_tcp`] put on 169.254.169.254 inside the
+//!   host namespace; dnsmasq restarts when it dies and forgets removed hosts;
+//! - a simulated host ([`SimHost`], a private libvirtd in its own namespace): a domain with a
+//!   bridge interface gets its tap on `karri0` inside that namespace, not in the root one.
+//!
+//! Needs `ip`, `/usr/sbin/dnsmasq` (dnsmasq-base), `busybox` (udhcpc), `curl`, and libvirt +
+//! QEMU for the last test (busybox 1.35's `wget` crashes on this machine). Every wait is bounded
+//! polling or a bounded client timeout, never a fixed sleep.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context as _};
+use karri_testkit::simhost::{run_ok, Netns};
+use karri_testkit::SimHost;
+use node_agent::guestnet::{self, Dhcp, GuestNetConfig, METADATA_IP};
+use node_agent::netns;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SUBNET: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 0);
+const GUEST_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 5);
+const DOMAIN: &str = "karri-1.compute.internal";
+const POLL: Duration = Duration::from_millis(20);
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// The udhcpc event script: configures the lease on the interface and writes what it got.
+const UDHCPC_SCRIPT: &str = r#"#!/bin/sh
+case "$1" in
+  bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/$subnet" dev "$interface"
+    if [ -n "$router" ]; then ip route replace default via "$router" dev "$interface"; fi
+    echo "ip=$ip subnet=$subnet router=$router hostname=$hostname domain=$domain" > "$LEASE_OUT"
+    ;;
+esac
+exit 0
+"#;
+
+fn config(netns: &str, state_dir: &Path) -> anyhow::Result<GuestNetConfig> {
+    Ok(GuestNetConfig::new(
+        Some(netns.to_string()),
+        SUBNET,
+        24,
+        state_dir.to_path_buf(),
+        DOMAIN,
+    )?)
+}
+
+/// A host namespace with the bridge, and a guest namespace whose `eth0` is a veth peer of a port
+/// on that bridge, with MAC `mac`.
+struct Wire {
+    host: Netns,
+    guest: Netns,
+    state: tempfile::TempDir,
+    cfg: GuestNetConfig,
+}
+
+impl Wire {
+    async fn new(mac: &str) -> anyhow::Result<Wire> {
+        let host = Netns::new()?;
+        let guest = Netns::new()?;
+        let state = tempfile::Builder::new()
+            .prefix("karri-guestnet-")
+            .tempdir()?;
+        let cfg = config(host.name(), state.path())?;
+        guestnet::ensure_bridge(&cfg).await?;
+        // The veth pair is created inside the host namespace, one end then moves to the guest.
+        run_ok(&mut host.ip([
+            "link", "add", "vh0", "type", "veth", "peer", "name", "eth0", "address", mac,
+        ]))?;
+        run_ok(&mut host.ip(["link", "set", "vh0", "master", &cfg.bridge, "up"]))?;
+        run_ok(&mut host.ip(["link", "set", "eth0", "netns", guest.name()]))?;
+        run_ok(&mut guest.ip(["link", "set", "eth0", "up"]))?;
+        Ok(Wire {
+            host,
+            guest,
+            state,
+            cfg,
+        })
+    }
+
+    /// Runs busybox udhcpc on the guest's `eth0` (at most `tries` discovers, one second apart);
+    /// what the lease script recorded, or `None` when no lease came.
+    async fn udhcpc(&self, tries: u32) -> anyhow::Result<Option<String>> {
+        let script = self.state.path().join("udhcpc.sh");
+        let out = self.state.path().join("lease.txt");
+        std::fs::write(&script, UDHCPC_SCRIPT)?;
+        run_ok(Command::new("chmod").arg("+x").arg(&script))?;
+        let _ = std::fs::remove_file(&out);
+        let tries = tries.to_string();
+        let status = tokio::time::timeout(
+            Duration::from_secs(30),
+            netns::command(Some(self.guest.name()), "busybox")
+                .args(["udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", &tries])
+                .args(["-T", "1", "-A", "1", "-s"])
+                .arg(&script)
+                .env("LEASE_OUT", &out)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .kill_on_drop(true)
+                .status(),
+        )
+        .await
+        .context("udhcpc did not finish within 30 s")??;
+        if !status.success() {
+            return Ok(None);
+        }
+        Ok(Some(std::fs::read_to_string(&out)?.trim().to_string()))
+    }
+
+    /// The dnsmasq log, for failure messages.
+    fn dnsmasq_log(&self) -> String {
+        std::fs::read_to_string(self.cfg.log_file()).unwrap_or_default()
+    }
+}
+
+/// Serves one-line HTTP answers naming the client's address, on a listener inside `netns`.
+fn serve_metadata(netns: &str, port: u16) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let listener = netns::bind_tcp(Some(netns), SocketAddr::new(IpAddr::V4(METADATA_IP), port))?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    Ok(tokio::spawn(async move {
+        while let Ok((mut conn, peer)) = listener.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = conn.read(&mut buf).await;
+            let body = format!("hello {}", peer.ip());
+            let reply = format!(
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(reply.as_bytes()).await;
+        }
+    }))
+}
+
+/// Polls `ensure_running` until it reports a restart.
+async fn restarted(dhcp: &mut Dhcp) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if dhcp.ensure_running().await? {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("dnsmasq was not seen dead within {DEADLINE:?}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Whether process `pid` is gone or a zombie.
+fn exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X']))
+        })
+        .unwrap_or(true)
+}
+
+#[tokio::test]
+async fn a_guest_gets_its_static_lease_and_reaches_the_metadata_address_inside_the_namespace(
+) -> anyhow::Result<()> {
+    let mac = guestnet::mac_for(GUEST_IP);
+    let wire = Wire::new(&mac).await?;
+    let dhcp = Dhcp::start(&wire.cfg).await?;
+    dhcp.set_host(&mac, GUEST_IP, &guestnet::hostname_for(GUEST_IP))?;
+
+    let lease = wire
+        .udhcpc(10)
+        .await?
+        .with_context(|| format!("no lease; dnsmasq log:\n{}", wire.dnsmasq_log()))?;
+    assert_eq!(
+        lease,
+        format!(
+            "ip=172.31.0.5 subnet=255.255.255.0 router=172.31.0.1 \
+             hostname=ip-172-31-0-5 domain={DOMAIN}"
+        )
+    );
+
+    let server = serve_metadata(wire.host.name(), 80)?;
+    let out = netns::command(Some(wire.guest.name()), "curl")
+        .args(["-sS", "--max-time", "5"])
+        .arg(format!("http://{METADATA_IP}/latest/meta-data/local-ipv4"))
+        .stdin(Stdio::null())
+        .output()
+        .await?;
+    server.abort();
+    ensure!(
+        out.status.success(),
+        "curl from the guest failed ({}): {} {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello 172.31.0.5");
+
+    // None of it is in the root namespace: the metadata address cannot be bound here.
+    let err = std::net::TcpListener::bind(SocketAddr::new(IpAddr::V4(METADATA_IP), 0))
+        .expect_err("169.254.169.254 must exist only inside the host namespace");
+    assert_eq!(err.kind(), std::io::ErrorKind::AddrNotAvailable);
+    dhcp.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn dnsmasq_is_restarted_when_it_dies_and_forgets_removed_hosts() -> anyhow::Result<()> {
+    let mac = guestnet::mac_for(GUEST_IP);
+    let wire = Wire::new(&mac).await?;
+    let mut dhcp = Dhcp::start(&wire.cfg).await?;
+    dhcp.set_host(&mac, GUEST_IP, &guestnet::hostname_for(GUEST_IP))?;
+    // Idempotent: the same record again changes nothing.
+    dhcp.set_host(&mac, GUEST_IP, &guestnet::hostname_for(GUEST_IP))?;
+    assert_eq!(dhcp.hosts()?, [mac.as_str()]);
+
+    let first = dhcp.pid();
+    run_ok(Command::new("kill").args(["-KILL", &first.to_string()]))?;
+    restarted(&mut dhcp).await?;
+    assert_ne!(dhcp.pid(), first);
+    let lease = wire
+        .udhcpc(10)
+        .await?
+        .with_context(|| format!("no lease after restart; log:\n{}", wire.dnsmasq_log()))?;
+    assert!(lease.starts_with("ip=172.31.0.5 "), "{lease}");
+
+    // retain_hosts keeps the listed MACs and removes the rest; dnsmasq forgets them (SIGHUP).
+    let other = guestnet::mac_for(Ipv4Addr::new(172, 31, 0, 6));
+    dhcp.set_host(&other, Ipv4Addr::new(172, 31, 0, 6), "ip-172-31-0-6")?;
+    dhcp.retain_hosts(&HashSet::from([other.to_uppercase()]))?;
+    assert_eq!(dhcp.hosts()?, [other.as_str()]);
+    assert_eq!(
+        wire.udhcpc(2).await?,
+        None,
+        "a removed host still got a lease"
+    );
+    dhcp.remove_host(&other)?;
+    assert!(dhcp.hosts()?.is_empty());
+    dhcp.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn starting_dhcp_again_stops_the_dnsmasq_left_by_an_earlier_run() -> anyhow::Result<()> {
+    let wire = Wire::new(&guestnet::mac_for(GUEST_IP)).await?;
+    let earlier = Dhcp::start(&wire.cfg).await?;
+    let stale = earlier.pid();
+    // The earlier handle is leaked, as when the agent crashed: its dnsmasq keeps running.
+    std::mem::forget(earlier);
+    let dhcp = Dhcp::start(&wire.cfg).await?;
+    assert_ne!(dhcp.pid(), stale);
+    ensure!(exited(stale), "the stale dnsmasq (pid {stale}) still runs");
+    dhcp.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn ensure_bridge_is_idempotent_and_plans_nothing_in_the_root_namespace() -> anyhow::Result<()>
+{
+    let ns = Netns::new()?;
+    let state = tempfile::tempdir()?;
+    let cfg = config(ns.name(), state.path())?;
+    guestnet::ensure_bridge(&cfg).await?;
+    guestnet::ensure_bridge(&cfg).await?;
+    let addrs = run_ok(&mut ns.ip(["-o", "addr", "show", "dev", "karri0"]))?;
+    let addrs = String::from_utf8_lossy(&addrs.stdout);
+    assert!(addrs.contains("inet 172.31.0.1/24"), "{addrs}");
+    assert!(addrs.contains("inet 169.254.169.254/32"), "{addrs}");
+    assert_eq!(addrs.matches("inet ").count(), 2, "{addrs}");
+    let link = run_ok(&mut ns.ip(["-o", "link", "show", "dev", "karri0"]))?;
+    let link = String::from_utf8_lossy(&link.stdout);
+    assert!(link.contains(",UP"), "{link}");
+    assert!(link.contains("02:00:ac:1f:00:01"), "{link}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_domain_on_a_simulated_host_gets_its_tap_on_the_bridge_inside_the_host_namespace(
+) -> anyhow::Result<()> {
+    let host = tokio::task::spawn_blocking(|| SimHost::start("guestnet")).await??;
+    let state = tempfile::tempdir()?;
+    let cfg = config(host.netns(), state.path())?;
+    guestnet::ensure_bridge(&cfg).await?;
+
+    let suffix = host.netns().trim_start_matches("karri-t-");
+    let tap = format!("kt-{suffix}");
+    let xml = format!(
+        "<domain type='qemu'>
+  <name>karri-t-{suffix}</name>
+  <memory unit='MiB'>64</memory>
+  <vcpu>1</vcpu>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <interface type='bridge'>
+      <source bridge='{bridge}'/>
+      <mac address='{mac}'/>
+      <target dev='{tap}'/>
+      <model type='virtio'/>
+      <rom enabled='no'/>
+    </interface>
+  </devices>
+</domain>",
+        bridge = cfg.bridge,
+        mac = guestnet::mac_for(GUEST_IP),
+    );
+    let xml_path = state.path().join("domain.xml");
+    std::fs::write(&xml_path, xml)?;
+    run_ok(&mut host.virsh([std::ffi::OsStr::new("create"), xml_path.as_os_str()]))
+        .with_context(|| format!("libvirtd log:\n{}", host.log_tail()))?;
+
+    let ports = run_ok(&mut host.ip(["-o", "link", "show", "master", &cfg.bridge]))?;
+    let ports = String::from_utf8_lossy(&ports.stdout);
+    assert!(ports.contains(&format!(" {tap}:")), "{ports}");
+    let root = run_ok(Command::new("ip").args(["-o", "link", "show"]))?;
+    let root = String::from_utf8_lossy(&root.stdout);
+    assert!(
+        !root.contains(&tap),
+        "the tap is in the root namespace:\n{root}"
+    );
+
+    tokio::task::spawn_blocking(move || {
+        let mut host = host;
+        host.stop()
+    })
+    .await??;
+    Ok(())
+}

@@ -1,0 +1,305 @@
+//! The image cache against real files, a real loopback HTTP server and the real `qemu-img`.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use axum::Router;
+use futures::future::join_all;
+use node_agent::domain::DiskFormat;
+use node_agent::images::{create_overlay, CacheError, ImageCache, ImageSource};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+
+/// A loopback HTTP server serving one image at `/image`, counting requests; `/image` answers
+/// only once released.
+struct ImageServer {
+    base: String,
+    requests: Arc<AtomicUsize>,
+    arrived: Arc<Notify>,
+    release: watch::Sender<bool>,
+}
+
+impl ImageServer {
+    async fn start(body: Vec<u8>, released: bool) -> Self {
+        let requests = Arc::new(AtomicUsize::new(0));
+        let arrived = Arc::new(Notify::new());
+        let (release, released_rx) = watch::channel(released);
+        let handler = {
+            let (requests, arrived) = (requests.clone(), arrived.clone());
+            move || {
+                let (requests, arrived, mut released_rx, body) = (
+                    requests.clone(),
+                    arrived.clone(),
+                    released_rx.clone(),
+                    body.clone(),
+                );
+                async move {
+                    requests.fetch_add(1, Ordering::SeqCst);
+                    arrived.notify_one();
+                    released_rx
+                        .wait_for(|released| *released)
+                        .await
+                        .expect("the test holds the sender");
+                    body
+                }
+            }
+        };
+        let router = Router::new().route("/image", get(handler));
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local address");
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        Self {
+            base: format!("http://{addr}"),
+            requests,
+            arrived,
+            release,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+fn sha_of(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn raw(location: String, sha256: Option<String>) -> ImageSource {
+    ImageSource {
+        location,
+        sha256,
+        format: DiskFormat::Raw,
+    }
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("the directory exists")
+        .map(|e| {
+            e.expect("listable")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+fn assert_nothing_cached(cache_dir: &Path) {
+    assert!(
+        names(&cache_dir.join("sha256")).is_empty(),
+        "sha256/ holds nothing"
+    );
+    assert!(
+        names(&cache_dir.join("tmp")).is_empty(),
+        "tmp/ holds nothing"
+    );
+}
+
+#[tokio::test]
+async fn five_concurrent_gets_of_an_uncached_url_make_one_request() {
+    let body = b"a disk image served once".to_vec();
+    let server = ImageServer::start(body.clone(), false).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = ImageCache::open(dir.path().to_path_buf(), 1 << 20).expect("open");
+    let source = raw(server.url("/image"), Some(sha_of(&body)));
+
+    // The server holds its answer until the first request has arrived; by then all five gets
+    // have been polled once and have found the fetch in flight.
+    let (results, ()) = tokio::join!(join_all((0..5).map(|_| cache.get(&source))), async {
+        server.arrived.notified().await;
+        server.release.send_replace(true);
+    });
+
+    assert_eq!(server.requests.load(Ordering::SeqCst), 1);
+    let images: Vec<_> = results.into_iter().map(|r| r.expect("get")).collect();
+    assert!(images
+        .iter()
+        .all(|i| i.path == images[0].path && i.sha256 == sha_of(&body)));
+    assert_eq!(names(&dir.path().join("sha256")), vec![sha_of(&body)]);
+    assert!(names(&dir.path().join("tmp")).is_empty());
+    cache.get(&source).await.expect("a later get is a hit");
+    assert_eq!(server.requests.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn two_concurrent_gets_of_a_local_image_publish_one_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let src = dir.path().join("image.raw");
+    std::fs::write(&src, vec![7u8; 3 << 20]).expect("write");
+    let cache_dir = dir.path().join("cache");
+    let cache = ImageCache::open(cache_dir.clone(), 1 << 30).expect("open");
+    let source = raw(src.to_str().expect("UTF-8").to_owned(), None);
+
+    let (a, b) = tokio::join!(cache.get(&source), cache.get(&source));
+
+    let (a, b) = (a.expect("first get"), b.expect("second get"));
+    assert_eq!(a.path, b.path);
+    assert_eq!(names(&cache_dir.join("sha256")), vec![a.sha256.clone()]);
+    assert!(names(&cache_dir.join("tmp")).is_empty());
+    assert_eq!(cache.size(), 3 << 20);
+}
+
+#[tokio::test]
+async fn an_http_error_status_is_reported_with_its_status_and_caches_nothing() {
+    let server = ImageServer::start(Vec::new(), true).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = ImageCache::open(dir.path().to_path_buf(), 1 << 20).expect("open");
+
+    let err = cache
+        .get(&raw(server.url("/missing"), None))
+        .await
+        .expect_err("not found");
+
+    assert!(
+        matches!(&err, CacheError::HttpStatus { status: 404, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("404"), "{err}");
+    assert_nothing_cached(dir.path());
+}
+
+#[tokio::test]
+async fn a_checksum_mismatch_over_http_leaves_no_partial_file() {
+    let server = ImageServer::start(b"not what was declared".to_vec(), true).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = ImageCache::open(dir.path().to_path_buf(), 1 << 20).expect("open");
+
+    let err = cache
+        .get(&raw(server.url("/image"), Some(sha_of(b"declared"))))
+        .await
+        .expect_err("mismatch");
+
+    assert!(
+        matches!(&err, CacheError::ChecksumMismatch { actual, .. } if *actual == sha_of(b"not what was declared"))
+    );
+    assert_nothing_cached(dir.path());
+    assert_eq!(cache.size(), 0);
+}
+
+#[tokio::test]
+async fn a_server_that_accepts_and_never_answers_fails_after_the_idle_timeout() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local address");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = ImageCache::open(dir.path().to_path_buf(), 1 << 20)
+        .expect("open")
+        .with_timeouts(Duration::from_secs(5), Duration::from_millis(200))
+        .expect("client");
+
+    let err = cache
+        .get(&raw(format!("http://{addr}/image"), None))
+        .await
+        .expect_err("stalled");
+
+    assert!(
+        matches!(&err, CacheError::Stalled { idle, .. } if *idle == Duration::from_millis(200)),
+        "{err}"
+    );
+    assert_nothing_cached(dir.path());
+}
+
+#[tokio::test]
+async fn a_server_that_stalls_mid_body_leaves_no_partial_file() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local address");
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        let mut request = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = socket.read(&mut buf).await.expect("read the request");
+            request.extend_from_slice(&buf[..n]);
+        }
+        socket
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nfirst bytes")
+            .await
+            .expect("write");
+        std::future::pending::<()>().await;
+        drop(socket);
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = ImageCache::open(dir.path().to_path_buf(), 1 << 20)
+        .expect("open")
+        .with_timeouts(Duration::from_secs(5), Duration::from_millis(200))
+        .expect("client");
+
+    let err = cache
+        .get(&raw(format!("http://{addr}/image"), None))
+        .await
+        .expect_err("stalled");
+
+    assert!(matches!(&err, CacheError::Stalled { .. }), "{err}");
+    assert_nothing_cached(dir.path());
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_an_http_error_naming_the_url() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!(
+        "http://{}/image",
+        listener.local_addr().expect("local address")
+    );
+    drop(listener);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = ImageCache::open(dir.path().to_path_buf(), 1 << 20).expect("open");
+
+    let err = cache
+        .get(&raw(url.clone(), None))
+        .await
+        .expect_err("refused");
+
+    assert!(
+        matches!(&err, CacheError::Http { location, .. } if *location == url),
+        "{err}"
+    );
+    assert_nothing_cached(dir.path());
+}
+
+#[tokio::test]
+async fn an_overlay_over_an_image_fetched_over_http_names_it_as_backing_file() {
+    let body = vec![0u8; 1 << 20];
+    let server = ImageServer::start(body.clone(), true).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = ImageCache::open(dir.path().join("cache"), 1 << 30).expect("open");
+    let base = cache
+        .get(&raw(server.url("/image"), Some(sha_of(&body))))
+        .await
+        .expect("get");
+    let overlay = dir.path().join("i-0123456789abcdef0.qcow2");
+
+    create_overlay(&base, &overlay)
+        .await
+        .expect("create the overlay");
+
+    let output = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&overlay)
+        .output()
+        .expect("qemu-img runs");
+    assert!(output.status.success());
+    let info: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(info["format"], "qcow2");
+    assert_eq!(info["backing-filename"], base.path.to_str().expect("UTF-8"));
+    assert_eq!(info["backing-filename-format"], "raw");
+    assert_eq!(info["virtual-size"], 1 << 20);
+    create_overlay(&base, &overlay)
+        .await
+        .expect("creating it again is a no-op");
+}
