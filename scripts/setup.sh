@@ -14,6 +14,7 @@ APT_PKGS=(
   pkg-config protobuf-compiler
   python3-venv
   iproute2 curl jq
+  dnsmasq-base busybox e2fsprogs util-linux
 )
 
 say() { printf 'setup: %s\n' "$*"; }

@@ -38,7 +38,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context as _};
 use crds::common::find_condition;
 use crds::{
-    Condition, ConditionStatus, Instance, InstanceState, Lease, Node, CONDITION_READY,
+    Condition, ConditionStatus, Image, Instance, InstanceState, Lease, Node, CONDITION_READY,
     SYSTEM_NAMESPACE,
 };
 use futures::future::try_join_all;
@@ -391,11 +391,44 @@ pub struct Cloud {
     pub options: Options,
     http: reqwest::Client,
     log_dir: PathBuf,
+    /// The agents' data directories (image caches, overlays), one per node.
+    data: TempDir,
     // Removed when the cloud is dropped (after the services were killed), unless kept.
     _logs: Option<TempDir>,
 }
 
+/// File name of the blank image in the cloud's data directory.
+const BLANK_IMAGE: &str = "blank.img";
+
+/// Registers [`IMAGE_ID`] in namespace `ns`: a small blank raw disk (the test driver and the QEMU test
+/// boot nothing from it), so that the operator can resolve the instances' launch and the agents
+/// fetch and overlay a real image.
+pub async fn register_blank_image(client: &Client, dir: &Path, ns: &str) -> anyhow::Result<()> {
+    let path = dir.join(BLANK_IMAGE);
+    std::fs::write(&path, vec![0u8; 64 * 1024]).context("writing the blank image")?;
+    let image: Image = serde_json::from_value(json!({
+        "apiVersion": "karri.dev/v1alpha1",
+        "kind": "Image",
+        "metadata": {"name": IMAGE_ID, "namespace": ns},
+        "spec": {
+            "name": "blank",
+            "imageLocation": path.display().to_string(),
+            "format": "raw",
+        }
+    }))?;
+    let api: Api<Image> = Api::namespaced(client.clone(), ns);
+    api.create(&PostParams::default(), &image)
+        .await
+        .context("registering the blank image")?;
+    Ok(())
+}
+
 impl Cloud {
+    /// A blank raw disk image on the (simulated) nodes, to register images from.
+    pub fn blank_image(&self) -> PathBuf {
+        self.data.path().join(BLANK_IMAGE)
+    }
+
     /// Starts etcd and the gateway, applies the catalogue, spawns the operators and the agents,
     /// and waits until every service serves its metrics and every node is Ready.
     pub async fn start(options: Options) -> anyhow::Result<Cloud> {
@@ -423,6 +456,11 @@ impl Cloud {
             kubectl_ok(&admin, &["apply", "-f", &path.display().to_string()])?;
         }
         let client = kube_client(&admin).await?;
+        let data = tempfile::Builder::new()
+            .prefix("karri-cloud-data-")
+            .tempdir()
+            .context("creating the data directory")?;
+        register_blank_image(&client, data.path(), NS).await?;
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(SCRAPE_TIMEOUT)
@@ -439,6 +477,7 @@ impl Cloud {
             options: options.clone(),
             http,
             log_dir,
+            data,
             _logs: logs,
         };
         let operator_kubeconfig = cloud.gateway.kubeconfig(&cloud.tokens.operator, NS)?;
@@ -480,6 +519,7 @@ impl Cloud {
                 .context("no node token")?
                 .to_owned();
             let kubeconfig = cloud.gateway.kubeconfig(&token, NS)?.display().to_string();
+            let data_dir = cloud.data.path().join(&node).display().to_string();
             let lease = options.lease_seconds.to_string();
             let resync = options.resync_seconds.to_string();
             let (service, metrics_port) = cloud
@@ -503,6 +543,10 @@ impl Cloud {
                         "64",
                         "--memory-mib",
                         "262144",
+                        "--disk-gib",
+                        "1000",
+                        "--data-dir",
+                        &data_dir,
                     ]
                     .map(str::to_owned)
                     .to_vec()

@@ -27,8 +27,6 @@ use tokio::time::Instant;
 const STEP: Duration = Duration::from_secs(60);
 /// The operator's retention of terminated instances: short, so that collection is observable.
 const RETENTION_SECONDS: u64 = 6;
-/// The image location registered (nothing reads it on the test driver).
-const IMAGE_LOCATION: &str = "/var/lib/karri/images/x.img";
 /// The user data of the launched instances.
 const SCRIPT: &str = "#!/bin/sh\necho 'hello from the awscli' > /tmp/hello\n";
 /// Annotation the gateway sets on an instance for RebootInstances.
@@ -360,14 +358,16 @@ async fn awscli_runs_stops_starts_and_terminates_instances_until_they_are_collec
     )
     .await?;
 
-    // Image: registered from a location, found among the caller's own.
+    // Image: registered from a location (a blank disk the agent fetches and overlays), found
+    // among the caller's own.
+    let location = cloud.blank_image().display().to_string();
     let image = aws
         .ok(&[
             "register-image",
             "--name",
             "cli-image",
             "--image-location",
-            IMAGE_LOCATION,
+            &location,
         ])
         .await?;
     let image_id = str_at(&image, "/ImageId")?.to_owned();
@@ -381,7 +381,7 @@ async fn awscli_runs_stops_starts_and_terminates_instances_until_they_are_collec
     ensure!(
         str_at(found, "/ImageId")? == image_id
             && str_at(found, "/Name")? == "cli-image"
-            && str_at(found, "/ImageLocation")? == IMAGE_LOCATION
+            && str_at(found, "/ImageLocation")? == location
             && str_at(found, "/OwnerId")? == account_id
             && str_at(found, "/State")? == "available",
         "describe-images --owners self shows {found}, expected {image_id} of {account_id}"
@@ -907,7 +907,7 @@ async fn boto3_runs_the_lifecycle_with_waiters_paginators_and_client_tokens() ->
     let out = Command::new(&python)
         .arg(&script)
         .arg(RETENTION_SECONDS.to_string())
-        .arg(IMAGE_LOCATION)
+        .arg(cloud.blank_image())
         .env_clear()
         .envs(client_env(&cloud.gateway.aws_env(&creds)))
         .kill_on_drop(true)

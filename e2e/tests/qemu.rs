@@ -16,6 +16,7 @@
 //! (`--no-capture` shows them).
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -254,6 +255,12 @@ impl World {
             kubectl_ok(&admin, &["apply", "-f", path_str(&path)?])?;
         }
         let logs = tempfile::Builder::new().prefix("karri-qemu-").tempdir()?;
+        // QEMU runs as libvirt-qemu under the system libvirtd: the agent's data directory (image
+        // cache, overlays) must be reachable for it.
+        std::fs::set_permissions(logs.path(), std::fs::Permissions::from_mode(0o755))?;
+        let data_dir = logs.path().join("data");
+        std::fs::create_dir_all(&data_dir)?;
+        karri_e2e::cloud::register_blank_image(&client(&admin).await?, &data_dir, NS).await?;
         let envs = [("RUST_LOG".to_owned(), "info,node_agent=debug".to_owned())];
         let operator_kc = gateway.kubeconfig(&tokens.operator, "default")?;
         let operator = Service::spawn(
@@ -294,6 +301,8 @@ impl World {
                 "4096",
                 "--disk-gib",
                 "100",
+                "--data-dir",
+                path_str(&data_dir)?,
             ]),
             &envs,
         )?;

@@ -28,6 +28,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use tempfile::TempDir;
 
+pub mod simhost;
+pub use simhost::SimHost;
+
 /// How often readiness endpoints are polled.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// How long a child process gets to become ready.

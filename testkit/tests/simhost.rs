@@ -1,0 +1,88 @@
+//! Simulated hosts for real, as root: a private libvirtd inside a test-created network namespace
+//! answers from the root namespace, `simhost.sh start` is idempotent, commands run inside the
+//! namespace, and stopping leaves neither the namespace nor the daemons behind. A bare [`Netns`]
+//! goes away on drop with what runs inside it.
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{ensure, Context as _};
+use karri_testkit::simhost::{netns_exists, run_ok, simhost_script, Netns};
+use karri_testkit::SimHost;
+
+fn stdout(cmd: &mut Command) -> anyhow::Result<String> {
+    Ok(String::from_utf8_lossy(&run_ok(cmd)?.stdout)
+        .trim()
+        .to_string())
+}
+
+fn pid_in(dir: &Path, file: &str) -> anyhow::Result<u32> {
+    let text =
+        std::fs::read_to_string(dir.join(file)).with_context(|| format!("reading {file}"))?;
+    Ok(text.trim().parse()?)
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn a_simulated_host_answers_from_the_root_namespace_and_stops_without_leftovers(
+) -> anyhow::Result<()> {
+    let mut host = SimHost::start("lifecycle")?;
+    assert!(host.netns().starts_with("karri-t-"), "{}", host.netns());
+    assert_eq!(
+        host.uri(),
+        format!(
+            "qemu+unix:///system?socket={}/run/libvirt-sock",
+            host.dir().display()
+        )
+    );
+    let version = stdout(&mut host.virsh(["version"]))?;
+    ensure!(version.contains("QEMU"), "{version}");
+
+    // The daemon lives in the host's network namespace, not in the root one.
+    let libvirtd = pid_in(host.dir(), "libvirtd.pid")?;
+    let daemon_ns = std::fs::read_link(format!("/proc/{libvirtd}/ns/net"))?;
+    let inside = stdout(&mut host.exec(["readlink", "/proc/self/ns/net"]))?;
+    let root = std::fs::read_link("/proc/self/ns/net")?;
+    assert_eq!(daemon_ns.to_string_lossy(), inside);
+    assert_ne!(daemon_ns, root);
+
+    // Starting again while it answers only prints the URI.
+    let again = stdout(
+        Command::new("bash")
+            .arg(simhost_script())
+            .arg("start")
+            .arg(host.dir())
+            .arg(host.netns()),
+    )?;
+    assert_eq!(again.lines().last(), Some(host.uri()));
+    assert_eq!(pid_in(host.dir(), "libvirtd.pid")?, libvirtd);
+
+    let virtlogd = pid_in(host.dir(), "virtlogd.pid")?;
+    let netns = host.netns().to_string();
+    host.stop()?;
+    assert!(!netns_exists(&netns), "{netns} still exists");
+    assert!(!alive(libvirtd), "libvirtd {libvirtd} still runs");
+    assert!(!alive(virtlogd), "virtlogd {virtlogd} still runs");
+    // Stopping twice is harmless.
+    host.stop()?;
+    Ok(())
+}
+
+#[test]
+fn a_test_namespace_goes_away_on_drop_with_what_runs_inside() -> anyhow::Result<()> {
+    let ns = Netns::new()?;
+    let name = ns.name().to_string();
+    assert!(netns_exists(&name));
+    let lo = stdout(&mut ns.ip(["-o", "link", "show", "dev", "lo"]))?;
+    ensure!(lo.contains("UP"), "{lo}");
+    let mut sleeper = ns.exec(["sleep", "600"]).spawn()?;
+    let pid = sleeper.id();
+    drop(ns);
+    assert!(!netns_exists(&name), "{name} still exists");
+    let status = sleeper.wait()?;
+    assert!(!status.success(), "sleep {pid} was not killed");
+    Ok(())
+}
