@@ -1,5 +1,9 @@
 //! `karri`: the administrator's command. It creates accounts and access keys through the
-//! gateway's resource API with an admin kubeconfig, and prints the new credentials once.
+//! gateway's resource API with an admin kubeconfig, and prints the new credentials once; it
+//! uploads and registers disk images (`karri image register`).
+
+mod image;
+mod store;
 
 use std::path::PathBuf;
 
@@ -12,7 +16,10 @@ use kube::{Api, Client, Config};
 
 /// Command-line interface.
 #[derive(Parser, Debug)]
-#[command(version, about = "Karri administration: accounts and access keys")]
+#[command(
+    version,
+    about = "Karri administration: accounts, access keys and images"
+)]
 struct Cli {
     /// Admin kubeconfig for the gateway (as `make up` writes it).
     #[arg(long, env = "KUBECONFIG", global = true)]
@@ -32,6 +39,11 @@ enum Command {
     AccessKey {
         #[command(subcommand)]
         command: AccessKeyCommand,
+    },
+    /// Disk images (EMI, EKI, ERI): upload and register, list.
+    Image {
+        #[command(subcommand)]
+        command: image::ImageCommand,
     },
 }
 
@@ -94,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Account { command } => account(client, command).await,
         Command::AccessKey { command } => access_key(client, command).await,
+        Command::Image { command } => image::run(client, command).await,
     }
 }
 

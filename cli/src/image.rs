@@ -1,0 +1,441 @@
+//! `karri image register` and `karri image list`: upload a local disk image into the image store
+//! and register it as an Image record (EMI, EKI or ERI) through the resource API.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+use crds::{Image, ImageSpec, ImageType, Validate, ID_LABEL};
+use kube::api::{ListParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+
+use crate::store;
+
+/// Where image files are kept when neither `--store` nor a state directory says otherwise.
+const DEFAULT_STORE: &str = "/var/lib/karri/images";
+
+/// `karri image …`.
+#[derive(Subcommand, Debug)]
+pub enum ImageCommand {
+    /// Upload a local disk image into the image store and register it; prints its ID last.
+    Register(RegisterArgs),
+    /// List images (ID, type, name, format, size, location).
+    List {
+        /// Only this namespace (default: every namespace).
+        #[arg(long, short = 'n')]
+        namespace: Option<String>,
+    },
+}
+
+/// The kinds of image, as `--type` spells them.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TypeArg {
+    /// A bootable root disk (`emi-`).
+    Machine,
+    /// A kernel (`eki-`).
+    Kernel,
+    /// An initial ramdisk (`eri-`).
+    Ramdisk,
+}
+
+impl From<TypeArg> for ImageType {
+    fn from(t: TypeArg) -> Self {
+        match t {
+            TypeArg::Machine => ImageType::Machine,
+            TypeArg::Kernel => ImageType::Kernel,
+            TypeArg::Ramdisk => ImageType::Ramdisk,
+        }
+    }
+}
+
+/// Flags of `karri image register`.
+#[derive(Args, Debug)]
+pub struct RegisterArgs {
+    /// The image file: raw or qcow2 (kept as is), or any format qemu-img reads (converted to
+    /// qcow2). Kernels and ramdisks are plain files.
+    #[arg(long)]
+    file: PathBuf,
+    /// EC2 image name (3 to 128 letters, digits and `()[] ./-'@_`); default: the file's name.
+    #[arg(long)]
+    name: Option<String>,
+    /// What the image holds.
+    #[arg(
+        long = "type",
+        value_name = "TYPE",
+        value_enum,
+        default_value = "machine"
+    )]
+    image_type: TypeArg,
+    /// Kernel image (`eki-…`) a machine image boots.
+    #[arg(long)]
+    kernel_id: Option<String>,
+    /// Ramdisk image (`eri-…`) a machine image boots with its kernel.
+    #[arg(long)]
+    ramdisk_id: Option<String>,
+    /// Namespace (account) the image belongs to; default: the kubeconfig's namespace.
+    #[arg(long, short = 'n')]
+    namespace: Option<String>,
+    /// Let every account launch the image.
+    #[arg(long)]
+    public: bool,
+    /// Directory the image files are kept in for the nodes; default: `$STATE_DIR/images`
+    /// (or `$KARRI_STATE_DIR/images`), else /var/lib/karri/images.
+    #[arg(long, env = "KARRI_IMAGE_STORE")]
+    store: Option<PathBuf>,
+    /// Free-form description (at most 255 characters).
+    #[arg(long)]
+    description: Option<String>,
+}
+
+/// Runs `karri image …`.
+pub async fn run(client: Client, command: ImageCommand) -> anyhow::Result<()> {
+    match command {
+        ImageCommand::Register(args) => register(client, args).await,
+        ImageCommand::List { namespace } => list(client, namespace).await,
+    }
+}
+
+/// The store directory: the flag, else under the state directory, else the system default.
+fn store_dir(flag: Option<PathBuf>) -> PathBuf {
+    flag.or_else(|| {
+        ["STATE_DIR", "KARRI_STATE_DIR"]
+            .into_iter()
+            .filter_map(std::env::var_os)
+            .find(|v| !v.is_empty())
+            .map(|dir| PathBuf::from(dir).join("images"))
+    })
+    .unwrap_or_else(|| PathBuf::from(DEFAULT_STORE))
+}
+
+/// The EC2 name an image gets from its file name when `--name` is not given: characters EC2
+/// does not allow become `-`.
+pub fn name_from_file(file: &Path) -> Option<String> {
+    let base = file.file_name()?.to_string_lossy();
+    let name: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "()[] ./-'@_".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(128)
+        .collect();
+    (name.chars().count() >= 3).then_some(name)
+}
+
+/// A Kubernetes name prefix (for `generateName`) made of an EC2 image name: lower case letters,
+/// digits and `-`, at most 40 characters, then `-`.
+pub fn record_name_prefix(name: &str) -> String {
+    let mut prefix = String::new();
+    for c in name.chars() {
+        let c = c.to_ascii_lowercase();
+        let c = if c.is_ascii_lowercase() || c.is_ascii_digit() {
+            c
+        } else {
+            '-'
+        };
+        if c == '-' && (prefix.is_empty() || prefix.ends_with('-')) {
+            continue;
+        }
+        prefix.push(c);
+        if prefix.len() >= 40 {
+            break;
+        }
+    }
+    let mut prefix = prefix.trim_end_matches('-').to_owned();
+    if prefix.is_empty() {
+        prefix.push_str("image");
+    }
+    prefix.push('-');
+    prefix
+}
+
+/// Finds the image with ID `id` (or its `emi-`/`eki-`/`eri-` spelling of an `ami-`/`aki-`/`ari-`).
+async fn find_by_id(client: &Client, id: &str) -> anyhow::Result<Option<Image>> {
+    let api: Api<Image> = Api::all(client.clone());
+    let mut candidates = vec![id.to_owned()];
+    if let Some((prefix, hex)) = id.split_once('-') {
+        let euca = match prefix {
+            "ami" => Some("emi"),
+            "aki" => Some("eki"),
+            "ari" => Some("eri"),
+            _ => None,
+        };
+        if let Some(p) = euca {
+            candidates.push(format!("{p}-{hex}"));
+        }
+    }
+    for candidate in candidates {
+        let found = api
+            .list(&ListParams::default().labels(&format!("{ID_LABEL}={candidate}")))
+            .await
+            .with_context(|| format!("cannot look up image {id}"))?;
+        if let Some(image) = found.items.into_iter().next() {
+            return Ok(Some(image));
+        }
+    }
+    Ok(None)
+}
+
+/// Why a machine image in `ns` (public or not) could not boot `part` (its kernel or ramdisk),
+/// if it could not.
+pub fn unbootable_part(ns: &str, public: bool, part: &Image, want: ImageType) -> Option<String> {
+    let id = part.labels().get(ID_LABEL).cloned().unwrap_or_default();
+    if part.spec.image_type != want {
+        return Some(format!(
+            "{id} is a {} image, not a {} image",
+            part.spec.image_type.as_str(),
+            want.as_str()
+        ));
+    }
+    let part_ns = part.namespace().unwrap_or_default();
+    if public && !part.spec.public {
+        return Some(format!(
+            "{id} is not public, so the accounts a public image is for could not boot it; \
+             register it with --public"
+        ));
+    }
+    if part_ns != ns && !part.spec.public {
+        return Some(format!(
+            "{id} belongs to namespace {part_ns} and is not public, so instances of namespace \
+             {ns} could not boot it"
+        ));
+    }
+    None
+}
+
+async fn register(client: Client, args: RegisterArgs) -> anyhow::Result<()> {
+    let image_type = ImageType::from(args.image_type);
+    let namespace = args
+        .namespace
+        .clone()
+        .unwrap_or_else(|| client.default_namespace().to_owned());
+    let name = match &args.name {
+        Some(name) => name.clone(),
+        None => name_from_file(&args.file).with_context(|| {
+            format!(
+                "cannot make an image name of {}: pass --name",
+                args.file.display()
+            )
+        })?,
+    };
+    if image_type != ImageType::Machine && (args.kernel_id.is_some() || args.ramdisk_id.is_some()) {
+        bail!(
+            "--kernel-id and --ramdisk-id belong to machine images, not to a {} image",
+            image_type.as_str()
+        );
+    }
+    // The file first: a missing or unreadable one fails before anything else is asked.
+    let probe = {
+        let file = args.file.clone();
+        tokio::task::spawn_blocking(move || store::probe(&file))
+            .await
+            .context("probing the image stopped")??
+    };
+    let mut spec = ImageSpec {
+        name: name.clone(),
+        description: args.description.clone(),
+        architecture: Default::default(),
+        // Replaced by the stored file's path; checked here so that a bad name or ID fails
+        // before the upload.
+        image_location: "/pending".to_owned(),
+        checksum_sha256: None,
+        root_device_name: crds::image::DEFAULT_ROOT_DEVICE_NAME.to_owned(),
+        public: args.public,
+        kernel_id: args.kernel_id.clone(),
+        ramdisk_id: args.ramdisk_id.clone(),
+        launch_permissions: Vec::new(),
+        tags: Vec::new(),
+        image_type,
+        format: Default::default(),
+        size_bytes: None,
+    };
+    spec.validate()
+        .map_err(|e| anyhow::anyhow!("cannot register {name:?}: {e}"))?;
+    for (id, want) in [
+        (&args.kernel_id, ImageType::Kernel),
+        (&args.ramdisk_id, ImageType::Ramdisk),
+    ] {
+        let Some(id) = id else { continue };
+        let part = find_by_id(&client, id)
+            .await?
+            .with_context(|| format!("there is no {} image {id}", want.as_str()))?;
+        if let Some(problem) = unbootable_part(&namespace, args.public, &part, want) {
+            bail!("cannot use {id}: {problem}");
+        }
+    }
+
+    let file = args.file.clone();
+    let store_dir = store_dir(args.store.clone());
+    let stored = tokio::task::spawn_blocking(move || -> anyhow::Result<store::Stored> {
+        Ok(store::store(&file, image_type, &probe, &store_dir)?)
+    })
+    .await
+    .context("the upload stopped")??;
+    eprintln!(
+        "{} {} ({} bytes, {}{}, sha256 {})",
+        if stored.reused {
+            "already stored:"
+        } else {
+            "stored"
+        },
+        stored.path.display(),
+        stored.size,
+        stored.format.as_str(),
+        stored
+            .converted_from
+            .as_deref()
+            .map(|f| format!(" converted from {f}"))
+            .unwrap_or_default(),
+        stored.sha256
+    );
+
+    spec.image_location = stored.path.display().to_string();
+    spec.checksum_sha256 = Some(stored.sha256.clone());
+    spec.size_bytes = Some(stored.size);
+    spec.format = stored.format;
+    let mut image = Image::new("", spec);
+    image.metadata.name = None;
+    image.metadata.generate_name = Some(record_name_prefix(&name));
+    let api: Api<Image> = Api::namespaced(client, &namespace);
+    let made = api
+        .create(&PostParams::default(), &image)
+        .await
+        .with_context(|| format!("cannot register image {name:?} in namespace {namespace}"))?;
+    let id = made
+        .labels()
+        .get(ID_LABEL)
+        .cloned()
+        .context("the gateway allocated no image ID")?;
+    eprintln!(
+        "registered {} image {name:?} as {id} in namespace {namespace} (record {}){}",
+        image_type.as_str(),
+        made.name_any(),
+        if args.public { ", public" } else { "" }
+    );
+    println!("{id}");
+    Ok(())
+}
+
+/// `1.5 MiB`-style size.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+async fn list(client: Client, namespace: Option<String>) -> anyhow::Result<()> {
+    let api: Api<Image> = match &namespace {
+        Some(ns) => Api::namespaced(client, ns),
+        None => Api::all(client),
+    };
+    let mut images = api
+        .list(&ListParams::default())
+        .await
+        .context("cannot list images")?
+        .items;
+    images.sort_by_key(|i| (i.namespace(), i.spec.name.clone()));
+    println!(
+        "{:<21} {:<8} {:<24} {:<6} {:>10} {:<16} {:<6} LOCATION",
+        "ID", "TYPE", "NAME", "FORMAT", "SIZE", "NAMESPACE", "PUBLIC"
+    );
+    for i in images {
+        let size = i
+            .spec
+            .size_bytes
+            .or_else(|| i.status.as_ref().and_then(|s| s.size_bytes))
+            .map(human_size)
+            .unwrap_or_else(|| "-".to_owned());
+        println!(
+            "{:<21} {:<8} {:<24} {:<6} {:>10} {:<16} {:<6} {}",
+            i.labels().get(ID_LABEL).map(String::as_str).unwrap_or("-"),
+            i.spec.image_type.as_str(),
+            i.spec.name,
+            i.spec.format.as_str(),
+            size,
+            i.namespace().unwrap_or_default(),
+            i.spec.public,
+            i.spec.image_location
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_image_is_named_after_its_file_without_characters_ec2_refuses() {
+        assert_eq!(
+            name_from_file(Path::new("/tmp/debian 12+cloud.qcow2")),
+            Some("debian 12-cloud.qcow2".to_owned())
+        );
+        assert_eq!(name_from_file(Path::new("/tmp/ab")), None);
+        assert_eq!(name_from_file(Path::new("/")), None);
+    }
+
+    #[test]
+    fn record_names_are_dns_labels_made_of_the_image_name() {
+        assert_eq!(record_name_prefix("karri-micro"), "karri-micro-");
+        assert_eq!(
+            record_name_prefix("Debian 12 (cloud) [x86_64]"),
+            "debian-12-cloud-x86-64-"
+        );
+        assert_eq!(record_name_prefix("..."), "image-");
+        assert!(record_name_prefix(&"a".repeat(100)).len() <= 41);
+    }
+
+    #[test]
+    fn sizes_are_shown_in_binary_units() {
+        assert_eq!(human_size(512), "512 B");
+        assert_eq!(human_size(8 * 1024 * 1024), "8.0 MiB");
+        assert_eq!(human_size(1536), "1.5 KiB");
+    }
+
+    fn image(ns: &str, image_type: ImageType, public: bool) -> Image {
+        let spec: ImageSpec = serde_json::from_value(serde_json::json!({
+            "name": "micro-kernel",
+            "imageLocation": "/var/lib/karri/images/k",
+            "imageType": image_type,
+            "public": public,
+        }))
+        .expect("a valid image spec");
+        let mut i = Image::new("k", spec);
+        i.metadata.namespace = Some(ns.into());
+        i.labels_mut()
+            .insert(ID_LABEL.into(), "eki-0123456789abcdef0".into());
+        i
+    }
+
+    #[test]
+    fn a_machine_image_needs_a_kernel_of_the_right_type_that_its_launchers_can_boot() {
+        let own = image("acme", ImageType::Kernel, false);
+        assert_eq!(
+            unbootable_part("acme", false, &own, ImageType::Kernel),
+            None
+        );
+        let wrong = unbootable_part("acme", false, &own, ImageType::Ramdisk);
+        assert!(wrong.is_some_and(|w| w.contains("is a kernel image, not a ramdisk")));
+        let private_for_public = unbootable_part("acme", true, &own, ImageType::Kernel);
+        assert!(private_for_public.is_some_and(|w| w.contains("--public")));
+        let elsewhere = unbootable_part("other", false, &own, ImageType::Kernel);
+        assert!(elsewhere.is_some_and(|w| w.contains("namespace acme")));
+        let shared = image("karri-images", ImageType::Kernel, true);
+        assert_eq!(
+            unbootable_part("acme", true, &shared, ImageType::Kernel),
+            None
+        );
+    }
+}

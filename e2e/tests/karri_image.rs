@@ -1,0 +1,529 @@
+//! `karri image register` and `karri image list` against a real gateway on a real etcd: local
+//! files are stored content-addressed (raw kept, vmdk converted to qcow2 by the real qemu-img),
+//! registered as EMI/EKI/ERI records whose size and SHA-256 match the stored file, and a public
+//! image in a shared namespace is what every account's awscli sees. Bad input fails plainly.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use anyhow::{bail, ensure, Context};
+use crds::{DiskImageFormat, Image, ImageType, ID_LABEL};
+use karri_testkit::{bin_dir, workspace_root, Etcd, Gateway, Tokens};
+use kube::api::ListParams;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+
+/// The namespace the admin kubeconfig defaults to.
+const NS: &str = "acme";
+
+fn karri(kubeconfig: &Path, args: &[&str]) -> anyhow::Result<Output> {
+    let bin = bin_dir().join("karri");
+    ensure!(
+        bin.is_file(),
+        "{} missing: run `cargo build --workspace --bins`",
+        bin.display()
+    );
+    Command::new(&bin)
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .env_remove("KUBECONFIG")
+        .env_remove("STATE_DIR")
+        .env_remove("KARRI_STATE_DIR")
+        .env_remove("KARRI_IMAGE_STORE")
+        .output()
+        .with_context(|| format!("running karri {args:?}"))
+}
+
+/// Runs `karri image register` with `args`, which must succeed; the ID it prints last.
+fn register(kubeconfig: &Path, store: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let mut all = vec!["image", "register", "--store", path_str(store)?];
+    all.extend_from_slice(args);
+    let out = karri(kubeconfig, &all)?;
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    if !out.status.success() {
+        bail!(
+            "karri {all:?} failed: {}\n{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    stdout
+        .lines()
+        .last()
+        .map(str::to_owned)
+        .with_context(|| format!("karri printed no ID: {stdout:?}"))
+}
+
+/// Runs `karri image register` with `args`, which must fail: its error output.
+fn register_fails(kubeconfig: &Path, store: &Path, args: &[&str]) -> anyhow::Result<String> {
+    let mut all = vec!["image", "register", "--store", path_str(store)?];
+    all.extend_from_slice(args);
+    let out = karri(kubeconfig, &all)?;
+    ensure!(
+        !out.status.success(),
+        "karri {all:?} succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    ensure!(
+        out.stdout.is_empty(),
+        "a failed register printed {:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(String::from_utf8_lossy(&out.stderr).to_string())
+}
+
+fn path_str(p: &Path) -> anyhow::Result<&str> {
+    p.to_str().context("a non-UTF-8 path")
+}
+
+fn run_ok(cmd: &mut Command) -> anyhow::Result<String> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+/// The SHA-256 of a file, as sha256sum computes it.
+fn sha256sum(path: &Path) -> anyhow::Result<String> {
+    let out = run_ok(Command::new("sha256sum").arg(path))?;
+    out.split_whitespace()
+        .next()
+        .map(str::to_owned)
+        .context("sha256sum printed nothing")
+}
+
+/// `len` bytes that are not all alike (and so not a hole), from a seed.
+fn pseudo_random(len: usize, seed: u32) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(2_654_435_761).max(1);
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect()
+}
+
+async fn admin_client(kubeconfig: &Path) -> anyhow::Result<Client> {
+    let kc = Kubeconfig::read_from(kubeconfig)?;
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    Ok(Client::try_from(config)?)
+}
+
+/// The image record with this ID.
+async fn record(client: &Client, id: &str) -> anyhow::Result<Image> {
+    let api: Api<Image> = Api::all(client.clone());
+    let found = api
+        .list(&ListParams::default().labels(&format!("{ID_LABEL}={id}")))
+        .await?;
+    found
+        .items
+        .into_iter()
+        .next()
+        .with_context(|| format!("no image record has ID {id}"))
+}
+
+/// Checks what a register of `id` stored: the record's type, format, size, checksum and
+/// location agree with the file at that location, which is in `store`.
+async fn check_stored(
+    client: &Client,
+    id: &str,
+    image_type: ImageType,
+    format: DiskImageFormat,
+    store: &Path,
+) -> anyhow::Result<Image> {
+    let image = record(client, id).await?;
+    let spec = &image.spec;
+    ensure!(
+        id.starts_with(&format!("{}-", image_type.id_prefix())),
+        "{id} is not an ID of a {} image",
+        image_type.as_str()
+    );
+    ensure!(spec.image_type == image_type, "{id}: {spec:?}");
+    ensure!(spec.format == format, "{id}: {spec:?}");
+    let location = PathBuf::from(&spec.image_location);
+    ensure!(
+        location.is_absolute(),
+        "{id}: relative location {location:?}"
+    );
+    ensure!(location.is_file(), "{id}: {location:?} does not exist");
+    ensure!(
+        location.parent() == Some(store),
+        "{id}: {location:?} is not in the store {store:?}"
+    );
+    let sha = sha256sum(&location)?;
+    ensure!(
+        spec.checksum_sha256.as_deref() == Some(sha.as_str()),
+        "{id}: checksum {:?}, the stored file hashes to {sha}",
+        spec.checksum_sha256
+    );
+    ensure!(
+        location.file_name().and_then(|n| n.to_str())
+            == Some(&format!("{sha}.{}", format.as_str())),
+        "{id}: {location:?} is not named by its content"
+    );
+    let size = std::fs::metadata(&location)?.len();
+    ensure!(
+        spec.size_bytes == Some(size),
+        "{id}: sizeBytes {:?}, the stored file has {size}",
+        spec.size_bytes
+    );
+    let info: serde_json::Value = serde_json::from_str(&run_ok(
+        Command::new("qemu-img")
+            .args(["info", "--output=json"])
+            .arg(&location),
+    )?)?;
+    ensure!(
+        info["format"] == format.as_str(),
+        "{id}: qemu-img sees {info}"
+    );
+    Ok(image)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registered_images_are_stored_by_content_and_recorded_with_their_type_size_and_checksum(
+) -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let tokens = Tokens::generate(&[], &[]);
+    let gateway = Gateway::start(&etcd.endpoint, &tokens).await?;
+    let admin = gateway.kubeconfig(&tokens.admin, NS)?;
+    let client = admin_client(&admin).await?;
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("store");
+    let files = dir.path().join("files");
+    std::fs::create_dir_all(&files)?;
+
+    // A kernel, a ramdisk and a raw root disk with a hole in the middle.
+    let kernel = files.join("vmlinuz");
+    std::fs::write(&kernel, pseudo_random(300_000, 1))?;
+    let ramdisk = files.join("initrd.img");
+    std::fs::write(&ramdisk, pseudo_random(200_000, 2))?;
+    let disk = files.join("disk.img");
+    let mut bytes = pseudo_random(1 << 20, 3);
+    bytes.extend(std::iter::repeat_n(0u8, 2 << 20));
+    bytes.extend(pseudo_random(1 << 20, 4));
+    std::fs::write(&disk, &bytes)?;
+
+    let eki = register(
+        &admin,
+        &store,
+        &[
+            "--file",
+            path_str(&kernel)?,
+            "--type",
+            "kernel",
+            "--name",
+            "test-kernel",
+        ],
+    )?;
+    let eri = register(
+        &admin,
+        &store,
+        &[
+            "--file",
+            path_str(&ramdisk)?,
+            "--type",
+            "ramdisk",
+            "--name",
+            "test-ramdisk",
+        ],
+    )?;
+    let emi = register(
+        &admin,
+        &store,
+        &[
+            "--file",
+            path_str(&disk)?,
+            "--name",
+            "test-disk",
+            "--description",
+            "a raw test disk",
+            "--kernel-id",
+            &eki,
+            "--ramdisk-id",
+            &eri,
+        ],
+    )?;
+    check_stored(
+        &client,
+        &eki,
+        ImageType::Kernel,
+        DiskImageFormat::Raw,
+        &store,
+    )
+    .await?;
+    check_stored(
+        &client,
+        &eri,
+        ImageType::Ramdisk,
+        DiskImageFormat::Raw,
+        &store,
+    )
+    .await?;
+    let machine = check_stored(
+        &client,
+        &emi,
+        ImageType::Machine,
+        DiskImageFormat::Raw,
+        &store,
+    )
+    .await?;
+    ensure!(machine.spec.kernel_id.as_deref() == Some(eki.as_str()));
+    ensure!(machine.spec.ramdisk_id.as_deref() == Some(eri.as_str()));
+    ensure!(machine.spec.name == "test-disk");
+    ensure!(machine.spec.description.as_deref() == Some("a raw test disk"));
+    ensure!(!machine.spec.public);
+    // Without --namespace the image is the kubeconfig namespace's.
+    ensure!(machine.metadata.namespace.as_deref() == Some(NS));
+    // The raw disk is stored byte for byte.
+    ensure!(std::fs::read(&machine.spec.image_location)? == bytes);
+
+    // A vmdk is converted to qcow2; its name defaults to the file's.
+    let vmdk = files.join("appliance.vmdk");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "vmdk"])
+            .arg(&vmdk)
+            .arg("16M"),
+    )?;
+    let converted = register(&admin, &store, &["--file", path_str(&vmdk)?])?;
+    let image = check_stored(
+        &client,
+        &converted,
+        ImageType::Machine,
+        DiskImageFormat::Qcow2,
+        &store,
+    )
+    .await?;
+    ensure!(image.spec.name == "appliance.vmdk", "{:?}", image.spec);
+
+    // The same bytes again: a new image, the same stored file.
+    let again = register(
+        &admin,
+        &store,
+        &["--file", path_str(&disk)?, "--name", "test-disk-2"],
+    )?;
+    ensure!(again != emi);
+    let first = record(&client, &emi).await?;
+    let second = record(&client, &again).await?;
+    ensure!(first.spec.image_location == second.spec.image_location);
+    // Four distinct files: kernel, ramdisk, raw disk, converted vmdk; no temporary files left.
+    let stored: Vec<_> = std::fs::read_dir(&store)?.collect::<Result<_, _>>()?;
+    ensure!(stored.len() == 4, "the store holds {stored:?}");
+
+    // The listing shows every image with its type, format, size and location.
+    let listed = karri(&admin, &["image", "list"])?;
+    ensure!(listed.status.success(), "{listed:?}");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    for (id, kind) in [
+        (&eki, "kernel"),
+        (&eri, "ramdisk"),
+        (&emi, "machine"),
+        (&converted, "machine"),
+    ] {
+        let line = listed
+            .lines()
+            .find(|l| l.starts_with(id.as_str()))
+            .with_context(|| format!("{id} not listed:\n{listed}"))?;
+        ensure!(line.contains(kind), "{line}");
+        let image = record(&client, id).await?;
+        ensure!(line.contains(&image.spec.image_location), "{line}");
+        ensure!(line.contains(image.spec.format.as_str()), "{line}");
+    }
+    ensure!(
+        listed.contains("4.0 MiB"),
+        "the raw disk's size is not shown:\n{listed}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_image_in_a_shared_namespace_is_launchable_by_every_account() -> anyhow::Result<()>
+{
+    let etcd = Etcd::start().await?;
+    let tokens = Tokens::generate(&[], &[]);
+    let gateway = Gateway::start(&etcd.endpoint, &tokens).await?;
+    let admin = gateway.kubeconfig(&tokens.admin, "default")?;
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("store");
+    let kernel = dir.path().join("vmlinuz");
+    std::fs::write(&kernel, pseudo_random(4096, 5))?;
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, pseudo_random(65536, 6))?;
+    let shared = ["--namespace", "karri-images", "--public"];
+
+    // A public machine image cannot boot a private kernel: refused before anything is stored.
+    let eki_private = register(
+        &admin,
+        &store,
+        &[
+            "--file",
+            path_str(&kernel)?,
+            "--type",
+            "kernel",
+            "--namespace",
+            "karri-images",
+        ],
+    )?;
+    let refused = register_fails(
+        &admin,
+        &store,
+        &[
+            &["--file", path_str(&disk)?, "--kernel-id", &eki_private][..],
+            &shared[..],
+        ]
+        .concat(),
+    )?;
+    ensure!(refused.contains("not public"), "{refused}");
+
+    let eki = register(
+        &admin,
+        &store,
+        &[
+            &[
+                "--file",
+                path_str(&kernel)?,
+                "--type",
+                "kernel",
+                "--name",
+                "shared-kernel",
+            ][..],
+            &shared[..],
+        ]
+        .concat(),
+    )?;
+    let emi = register(
+        &admin,
+        &store,
+        &[
+            &[
+                "--file",
+                path_str(&disk)?,
+                "--name",
+                "shared-disk",
+                "--kernel-id",
+                &eki,
+            ][..],
+            &shared[..],
+        ]
+        .concat(),
+    )?;
+
+    // Every account's awscli sees the public images (and not the private kernel).
+    let (_, creds) = gateway.account_with_key(&tokens.admin, "tenant").await?;
+    let out = tokio::process::Command::new(workspace_root().join(".venv/bin/aws"))
+        .args(["ec2", "describe-images", "--output", "json"])
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", gateway.dir())
+        .envs(gateway.aws_env(&creds))
+        .output()
+        .await?;
+    ensure!(
+        out.status.success(),
+        "aws failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let images = answer["Images"].as_array().context("no Images")?;
+    let shown = |id: &str| images.iter().find(|i| i["ImageId"] == id);
+    let machine = shown(&emi).with_context(|| format!("{emi} not shown: {answer}"))?;
+    ensure!(machine["Public"] == true, "{machine}");
+    ensure!(machine["KernelId"] == eki.as_str(), "{machine}");
+    ensure!(machine["ImageType"] == "machine", "{machine}");
+    let kernel = shown(&eki).with_context(|| format!("{eki} not shown: {answer}"))?;
+    ensure!(kernel["ImageType"] == "kernel", "{kernel}");
+    ensure!(
+        shown(&eki_private).is_none(),
+        "a private image of another namespace is shown"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_uploads_fail_with_a_clear_message_and_register_nothing() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let tokens = Tokens::generate(&[], &[]);
+    let gateway = Gateway::start(&etcd.endpoint, &tokens).await?;
+    let admin = gateway.kubeconfig(&tokens.admin, NS)?;
+    let client = admin_client(&admin).await?;
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("store");
+
+    let missing = dir.path().join("no-such.img");
+    let err = register_fails(&admin, &store, &["--file", path_str(&missing)?])?;
+    ensure!(
+        err.contains(&format!("{} does not exist", missing.display())),
+        "{err}"
+    );
+
+    let a_dir = dir.path().join("a-directory");
+    std::fs::create_dir(&a_dir)?;
+    let err = register_fails(&admin, &store, &["--file", path_str(&a_dir)?])?;
+    ensure!(err.contains("is not a regular file"), "{err}");
+
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, pseudo_random(4096, 7))?;
+    let err = register_fails(
+        &admin,
+        &store,
+        &["--file", path_str(&disk)?, "--type", "floppy"],
+    )?;
+    ensure!(err.contains("invalid value 'floppy'"), "{err}");
+    ensure!(err.contains("machine, kernel, ramdisk"), "{err}");
+
+    // A qcow2 over a backing file could read any file on the node: refused.
+    let base = dir.path().join("base.qcow2");
+    let overlay = dir.path().join("overlay.qcow2");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&base)
+            .arg("1M"),
+    )?;
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+            .arg(&base)
+            .arg(&overlay),
+    )?;
+    let err = register_fails(&admin, &store, &["--file", path_str(&overlay)?])?;
+    ensure!(err.contains("backing file"), "{err}");
+
+    // A kernel must be a plain file.
+    let err = register_fails(
+        &admin,
+        &store,
+        &["--file", path_str(&base)?, "--type", "kernel"],
+    )?;
+    ensure!(err.contains("must be a plain file"), "{err}");
+
+    // Names EC2 refuses, kernels that do not exist.
+    let err = register_fails(&admin, &store, &["--file", path_str(&disk)?, "--name", "x"])?;
+    ensure!(err.contains("spec.name"), "{err}");
+    let err = register_fails(
+        &admin,
+        &store,
+        &[
+            "--file",
+            path_str(&disk)?,
+            "--kernel-id",
+            "eki-0123456789abcdef0",
+        ],
+    )?;
+    ensure!(
+        err.contains("there is no kernel image eki-0123456789abcdef0"),
+        "{err}"
+    );
+
+    let images: Api<Image> = Api::all(client);
+    ensure!(
+        images.list(&ListParams::default()).await?.items.is_empty(),
+        "a failed register left a record"
+    );
+    Ok(())
+}
