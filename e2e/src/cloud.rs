@@ -102,11 +102,13 @@ pub struct Options {
     pub libvirt_uri: String,
     /// The operators' `--retention-seconds` (how long terminated instances stay visible).
     pub retention_seconds: u64,
+    /// Extra environment variables of the agents (e.g. `RUST_LOG`); none by default.
+    pub agent_env: Vec<(String, String)>,
 }
 
 impl Default for Options {
     /// One operator, one agent on the test driver, node lease 10 s, leader lease 3 s, resync 5 s,
-    /// retention one hour.
+    /// retention one hour, no extra agent environment.
     fn default() -> Self {
         Options {
             operators: 1,
@@ -116,6 +118,7 @@ impl Default for Options {
             resync_seconds: 5,
             libvirt_uri: TEST_DRIVER.to_owned(),
             retention_seconds: 3600,
+            agent_env: Vec::new(),
         }
     }
 }
@@ -429,6 +432,12 @@ impl Cloud {
         self.data.path().join(BLANK_IMAGE)
     }
 
+    /// The `--data-dir` of the agent of node `node` (its image cache is `images/`, its
+    /// instances' overlays `instances/<instance id>/`).
+    pub fn agent_data_dir(&self, node: &str) -> PathBuf {
+        self.data.path().join(node)
+    }
+
     /// Starts etcd and the gateway, applies the catalogue, spawns the operators and the agents,
     /// and waits until every service serves its metrics and every node is Ready.
     pub async fn start(options: Options) -> anyhow::Result<Cloud> {
@@ -489,7 +498,7 @@ impl Cloud {
             let retention = options.retention_seconds.to_string();
             let id = identity.clone();
             let (service, metrics_port) = cloud
-                .spawn_serving("operator", &identity, |port| {
+                .spawn_serving("operator", &identity, &[], |port| {
                     [
                         "--kubeconfig",
                         &kubeconfig,
@@ -523,7 +532,7 @@ impl Cloud {
             let lease = options.lease_seconds.to_string();
             let resync = options.resync_seconds.to_string();
             let (service, metrics_port) = cloud
-                .spawn_serving("node-agent", &node, |port| {
+                .spawn_serving("node-agent", &node, &options.agent_env, |port| {
                     [
                         "--kubeconfig",
                         &kubeconfig,
@@ -562,18 +571,20 @@ impl Cloud {
         Ok(cloud)
     }
 
-    /// Spawns `$KARRI_BIN_DIR/<bin>` with the arguments `args(metrics port)` until it serves its
-    /// metrics, with fresh ports when another process took the port first.
+    /// Spawns `$KARRI_BIN_DIR/<bin>` with the arguments `args(metrics port)` and the extra
+    /// environment `envs` until it serves its metrics, with fresh ports when another process took
+    /// the port first.
     async fn spawn_serving(
         &self,
         bin: &str,
         label: &str,
+        envs: &[(String, String)],
         args: impl Fn(u16) -> Vec<String>,
     ) -> anyhow::Result<(Service, u16)> {
         let mut last = anyhow::anyhow!("{label} did not start");
         for _ in 0..SPAWN_RETRIES {
             let port = free_ports(1)?[0];
-            let mut service = Service::spawn(bin, label, &self.log_dir, &args(port), &[])?;
+            let mut service = Service::spawn(bin, label, &self.log_dir, &args(port), envs)?;
             match wait_serving(&self.http, &mut service, port).await {
                 Ok(()) => return Ok((service, port)),
                 Err(e) => {
