@@ -67,20 +67,6 @@ pub struct UniqueKey {
     pub generated: bool,
 }
 
-/// The prefix of the ID a new record of `kind` gets: the kind's own, except for images, whose
-/// type chooses `emi-`, `eki-` or `eri-`.
-pub fn id_prefix(kind: &crds::KindInfo, body: &Value) -> &'static str {
-    if kind.kind == "Image" {
-        let image_type = body
-            .pointer("/spec/imageType")
-            .cloned()
-            .and_then(|t| serde_json::from_value::<crds::ImageType>(t).ok())
-            .unwrap_or_default();
-        return image_type.id_prefix();
-    }
-    kind.id_prefix
-}
-
 /// The unique key a RunInstances client token claims in namespace `ns`.
 pub fn client_token_key(ns: &str, token: &str) -> String {
     store::unique_key(&["client-token", ns, &hex_text(token)])

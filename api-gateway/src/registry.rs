@@ -367,7 +367,7 @@ impl Registry {
             let mut prepared = Vec::with_capacity(bodies.len());
             for body in &bodies {
                 let name = admission::name_of(body).to_string();
-                let prefix = admission::id_prefix(&kind.info, body);
+                let prefix = kind.info.id_prefix_of(body.get("spec"));
                 let id = if crds::is_valid_id(prefix, &name) {
                     name.clone()
                 } else {

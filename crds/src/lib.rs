@@ -84,6 +84,19 @@ impl KindInfo {
     pub fn is_valid_id(&self, id: &str) -> bool {
         is_valid_id(self.id_prefix, id)
     }
+
+    /// The prefix of the ID of a record of this kind with `spec`: the kind's own, except for
+    /// images, whose `spec.imageType` chooses `emi-`, `eki-` or `eri-`.
+    pub fn id_prefix_of(&self, spec: Option<&Value>) -> &'static str {
+        if self.kind != "Image" {
+            return self.id_prefix;
+        }
+        spec.and_then(|s| s.get("imageType"))
+            .cloned()
+            .and_then(|t| serde_json::from_value::<ImageType>(t).ok())
+            .unwrap_or_default()
+            .id_prefix()
+    }
 }
 
 /// A Karri kind: its generated root type, with static facts and validated spec and status.
@@ -342,10 +355,11 @@ where
         .and_then(|m| m.get("labels"))
         .and_then(|l| l.get(ID_LABEL))
     {
-        if !id.as_str().is_some_and(|id| K::INFO.is_valid_id(id)) {
+        let prefix = K::INFO.id_prefix_of(object.get("spec"));
+        if !id.as_str().is_some_and(|id| is_valid_id(prefix, id)) {
             return Err(ValidationError::invalid(
                 format!("metadata.labels.{ID_LABEL}"),
-                format!("look like {}-0123456789abcdef0", K::INFO.id_prefix),
+                format!("look like {prefix}-0123456789abcdef0"),
             ));
         }
     }
