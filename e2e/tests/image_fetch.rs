@@ -474,7 +474,11 @@ async fn a_wrong_checksum_fails_the_instance_with_a_reason_and_leaves_no_partial
             "the message should mention {part}: {message}"
         );
     }
-    assert!(server.requests() >= 1, "the image was never requested");
+    assert_eq!(
+        server.requests(),
+        1,
+        "a failed image is fetched once: the agent does not retry a launch it reported failed"
+    );
     let metrics = cloud.agent_metrics(0).await?;
     let defined = metric(
         &metrics,

@@ -227,6 +227,18 @@ pub fn is_live_on(instance: &Instance, node: &str) -> bool {
         && instance.spec.desired_state != DesiredState::Terminated
 }
 
+/// Whether the agent already reported that `instance`, at its current generation, cannot launch.
+pub fn launch_failed(instance: &Instance) -> bool {
+    instance
+        .status
+        .as_ref()
+        .and_then(|s| crds::common::find_condition(&s.conditions, report::CONDITION_DOMAIN_RUNNING))
+        .is_some_and(|c| {
+            c.reason == report::REASON_LAUNCH_FAILED
+                && c.observed_generation == instance.metadata.generation
+        })
+}
+
 /// The record's instance ID (the `karri.dev/id` label).
 fn instance_id(instance: &Instance) -> Result<&str, Error> {
     instance
@@ -355,6 +367,10 @@ impl<H: Hypervisor + 'static> Context<H> {
         let id = instance_id(instance)?;
         let name = instance.name_any();
         let desired = desire(instance, &uid, self.settings.shutdown_timeout);
+        if desired.is_some() && launch_failed(instance) {
+            // Reported already for this generation; the operator terminates the instance.
+            return Ok(Requeue::await_change());
+        }
 
         let lock = self.locks.lock(&domain_name(id)).await;
         let converged = self.converge(instance, id, &uid, desired.as_ref()).await;

@@ -85,6 +85,12 @@ struct Args {
     /// Port of the metadata service on 169.254.169.254 (EC2's is 80).
     #[arg(long, env = "KARRI_METADATA_PORT", default_value_t = 80)]
     metadata_port: u16,
+    /// Accelerator of guests: `auto` (KVM when `/dev/kvm` opens, else TCG), `kvm`, or `qemu`
+    /// (TCG, software emulation: for hosts whose KVM opens but does not run guests, such as
+    /// nested virtualisation that hangs). A Node's hypervisor hint overrides it.
+    #[arg(long, env = "KARRI_DOMAIN_TYPE", default_value = "auto",
+          value_parser = ["auto", "kvm", "qemu"])]
+    domain_type: String,
     /// Period of the orphan sweep and of each instance's re-observation, in seconds.
     #[arg(long, env = "KARRI_RESYNC_SECONDS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -120,6 +126,15 @@ impl Args {
             memory_mib,
             disk_gib,
         }
+    }
+}
+
+/// Whether guests should run on KVM, from `--domain-type`.
+fn kvm_wanted(domain_type: &str) -> bool {
+    match domain_type {
+        "kvm" => true,
+        "qemu" => false,
+        _ => host::kvm_usable(),
     }
 }
 
@@ -269,8 +284,13 @@ async fn run() -> anyhow::Result<()> {
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
     };
     let work = async {
-        let (facts, domain_type) =
-            agent::register(&client, &base, &args.libvirt_uri, host::kvm_usable()).await;
+        let (facts, domain_type) = agent::register(
+            &client,
+            &base,
+            &args.libvirt_uri,
+            kvm_wanted(&args.domain_type),
+        )
+        .await;
         tracing::info!(
             node = %facts.name,
             zone = %facts.zone,
