@@ -4,6 +4,7 @@
 //! the `bench-cloud` benchmark.
 
 pub mod cloud;
+pub mod guests;
 pub mod report;
 
 pub mod support {

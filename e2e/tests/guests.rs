@@ -1,0 +1,204 @@
+//! Real guests on libvirtd + QEMU (TCG) on a simulated host: awscli runs the micro image with a
+//! key pair and a user-data script; the guest boots, fetches an IMDSv2 token from the metadata
+//! service, prints its instance ID, public key and the script's output on its serial console,
+//! which GetConsoleOutput shows. Each instance reads only its own metadata, a tokenless request
+//! is refused when tokens are required, and terminate removes the domain and its overlay.
+//!
+//! Everything with an address lives in the simulated host's network namespace (bridge, DHCP,
+//! metadata service, guests); the agent reaches the gateway on loopback.
+
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context as _};
+use karri_e2e::guests::GuestCloud;
+use serde_json::Value;
+use tokio::time::Instant;
+
+/// How long a guest gets from RunInstances to `karri-micro: ready` (TCG, two at once).
+const BOOT_DEADLINE: Duration = Duration::from_secs(240);
+/// How long anything else gets.
+const DEADLINE: Duration = Duration::from_secs(90);
+const POLL: Duration = Duration::from_millis(500);
+
+/// The user-data script: says hello, and asks for its instance ID without a token (IMDSv1),
+/// printing the HTTP status line it gets.
+const SCRIPT: &str = "#!/bin/sh\n\
+echo \"user-data says hello from $(hostname)\"\n\
+printf 'GET /latest/meta-data/instance-id HTTP/1.0\\r\\nHost: 169.254.169.254\\r\\n\\r\\n' \
+| nc 169.254.169.254 80 | head -n 1 | sed 's/^/imdsv1: /'\n";
+
+fn instance_id(run: &Value) -> anyhow::Result<String> {
+    run.pointer("/Instances/0/InstanceId")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .with_context(|| format!("no instance ID in {run}"))
+}
+
+/// Polls GetConsoleOutput until it shows `karri-micro: ready`.
+async fn console_when_ready(cloud: &GuestCloud, id: &str) -> anyhow::Result<String> {
+    let deadline = Instant::now() + BOOT_DEADLINE;
+    loop {
+        let out = cloud.console(id).await?;
+        if out.contains("karri-micro: ready") {
+            return Ok(out);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{id} printed no `ready` in {BOOT_DEADLINE:?}; console so far:\n{out}\nagent:\n{}",
+                cloud.agent.log_tail()
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+async fn state_of(cloud: &GuestCloud, id: &str) -> anyhow::Result<String> {
+    let d = cloud
+        .aws(&["describe-instances", "--instance-ids", id])
+        .await?;
+    Ok(d.pointer("/Reservations/0/Instances/0/State/Name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn micro_image_guests_print_their_metadata_and_user_data_on_the_console() -> anyhow::Result<()>
+{
+    let cloud = GuestCloud::start("guests").await?;
+    let dir = tempfile::tempdir()?;
+    let script = dir.path().join("script.sh");
+    std::fs::write(&script, SCRIPT)?;
+    let user_data = format!("file://{}", script.display());
+
+    let key = cloud.aws(&["create-key-pair", "--key-name", "k"]).await?;
+    ensure!(key.get("KeyMaterial").is_some(), "create-key-pair: {key}");
+    let described = cloud
+        .aws(&[
+            "describe-key-pairs",
+            "--key-names",
+            "k",
+            "--include-public-key",
+        ])
+        .await?;
+    let public_key = described
+        .pointer("/KeyPairs/0/PublicKey")
+        .and_then(Value::as_str)
+        .context("no public key")?
+        .trim()
+        .to_owned();
+
+    // Two guests at once: one with tokens optional, one with tokens required.
+    let started = Instant::now();
+    let common = [
+        "run-instances",
+        "--image-id",
+        &cloud.image_id,
+        "--instance-type",
+        "t1.micro",
+        "--key-name",
+        "k",
+        "--user-data",
+        &user_data,
+    ];
+    let optional = instance_id(&cloud.aws(&common).await?)?;
+    let mut required_args = common.to_vec();
+    required_args.extend(["--metadata-options", "HttpTokens=required"]);
+    let required = instance_id(&cloud.aws(&required_args).await?)?;
+
+    let optional_console = console_when_ready(&cloud, &optional).await?;
+    let required_console = console_when_ready(&cloud, &required).await?;
+    eprintln!(
+        "both guests ready {:?} after RunInstances; console of {optional}:\n{optional_console}",
+        started.elapsed()
+    );
+
+    for (id, console, other) in [
+        (&optional, &optional_console, &required),
+        (&required, &required_console, &optional),
+    ] {
+        for line in [
+            "karri-micro: imds: v2 token ok".to_owned(),
+            format!("karri-micro: instance-id: {id}"),
+            format!("karri-micro: public-key: {public_key}"),
+            "karri-micro: user-data: running script".to_owned(),
+            "user-data says hello from".to_owned(),
+            "karri-micro: user-data: exit 0".to_owned(),
+        ] {
+            ensure!(
+                console.contains(&line),
+                "the console of {id} lacks {line:?}:\n{console}"
+            );
+        }
+        ensure!(
+            !console.contains(other.as_str()),
+            "the console of {id} shows the other instance's ID {other}:\n{console}"
+        );
+    }
+    ensure!(
+        optional_console.contains("imdsv1: HTTP/1.0 200")
+            || optional_console.contains("imdsv1: HTTP/1.1 200"),
+        "a tokenless request is served when tokens are optional:\n{optional_console}"
+    );
+    ensure!(
+        required_console.contains(" 401"),
+        "a tokenless request must be refused (401) when tokens are required:\n{required_console}"
+    );
+
+    // An address that is no instance's (the host side of the bridge) gets nothing.
+    let out = cloud
+        .host
+        .exec([
+            "curl",
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+            "http://169.254.169.254/latest/meta-data/instance-id",
+        ])
+        .output()?;
+    let code = String::from_utf8_lossy(&out.stdout).to_string();
+    ensure!(
+        code == "403",
+        "a caller that is no instance got HTTP {code}"
+    );
+
+    // Terminate: the domain and the overlay go.
+    let overlay = cloud.data_dir.join("instances").join(&optional);
+    ensure!(
+        overlay.join("root.qcow2").exists(),
+        "no overlay at {}",
+        overlay.display()
+    );
+    cloud
+        .aws(&["terminate-instances", "--instance-ids", &optional])
+        .await?;
+    let deadline = Instant::now() + DEADLINE;
+    while state_of(&cloud, &optional).await? != "terminated" {
+        ensure!(Instant::now() < deadline, "{optional} did not terminate");
+        tokio::time::sleep(POLL).await;
+    }
+    let domains = cloud.host.virsh(["list", "--all", "--name"]).output()?;
+    let domains = String::from_utf8_lossy(&domains.stdout);
+    ensure!(
+        !domains.contains(&optional),
+        "the domain of {optional} is still defined: {domains}"
+    );
+    ensure!(
+        domains.contains(&required),
+        "the other guest's domain must stay: {domains}"
+    );
+    let deadline = Instant::now() + DEADLINE;
+    while overlay.exists() {
+        ensure!(
+            Instant::now() < deadline,
+            "the overlay {} is still there",
+            overlay.display()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    Ok(())
+}
