@@ -274,7 +274,14 @@ impl<H: Hypervisor + 'static> Context<H> {
     /// network entries written).
     async fn render(&self, instance: &Instance, id: &str, uid: &str) -> Result<String, Error> {
         let guest = match &self.guests {
-            Some(g) => g.prepare(instance, id).await?,
+            Some(g) => {
+                let started = std::time::Instant::now();
+                let prepared = g.prepare(instance, id).await?;
+                self.metrics
+                    .guest_prepare
+                    .observe(started.elapsed().as_secs_f64());
+                prepared
+            }
             None => Prepared::default(),
         };
         let type_name = &instance.spec.instance_type;
@@ -523,6 +530,7 @@ impl<H: Hypervisor + 'static> Context<H> {
                 .await
             {
                 Ok(_) => {
+                    self.metrics.console_reports.inc();
                     let mut consoles = self.consoles.lock().unwrap_or_else(PoisonError::into_inner);
                     consoles.insert(id.to_owned(), digest);
                 }

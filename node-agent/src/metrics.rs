@@ -80,6 +80,10 @@ pub struct Metrics {
     pub lease_renewals: Counter,
     /// Failed lease renewals.
     pub lease_failures: Counter,
+    /// Time to prepare a guest (images fetched or found in the cache, overlay, network).
+    pub guest_prepare: Histogram,
+    /// Console reports written to instance status.
+    pub console_reports: Counter,
 }
 
 impl Metrics {
@@ -94,6 +98,18 @@ impl Metrics {
         let orphans_removed = Counter::default();
         let lease_renewals = Counter::default();
         let lease_failures = Counter::default();
+        let guest_prepare = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        let console_reports = Counter::default();
+        registry.register(
+            "guest_prepare_seconds",
+            "Time to prepare a guest: images, overlay, network",
+            guest_prepare.clone(),
+        );
+        registry.register(
+            "console_reports",
+            "Console outputs reported to instance status",
+            console_reports.clone(),
+        );
         registry.register("reconciles", "Instance reconciles run", reconciles.clone());
         registry.register("reconcile_errors", "Reconcile errors", errors.clone());
         registry.register(
@@ -143,6 +159,8 @@ impl Metrics {
             orphans_removed,
             lease_renewals,
             lease_failures,
+            guest_prepare,
+            console_reports,
         }
     }
 
