@@ -2576,6 +2576,16 @@ mod tests {
                 }),
             ),
             (
+                // aws ec2 run-instances --image-id emi-12345678 --count 1
+                //   --metadata-options HttpTokens=required,HttpPutResponseHopLimit=2
+                "Action=RunInstances&Version=2016-11-15&ImageId=emi-12345678&MinCount=1&MaxCount=1&MetadataOptions.HttpTokens=required&MetadataOptions.HttpPutResponseHopLimit=2",
+                Action::RunInstances(RunInstances {
+                    http_tokens: Some(s("required")),
+                    http_put_response_hop_limit: Some(2),
+                    ..run("emi-12345678", DEFAULT_INSTANCE_TYPE, 1, 1)
+                }),
+            ),
+            (
                 // --count 2:5 --user-data "hello world" --security-group-ids … --placement
                 // AvailabilityZone=… --instance-initiated-shutdown-behavior terminate --client-token tok1
                 "Action=RunInstances&Version=2016-11-15&ImageId=ami-0abcdef1234567890&Placement.AvailabilityZone=us-east-1a&SecurityGroupId.1=sg-0123456789abcdef0&SecurityGroupId.2=sg-12345678&UserData=aGVsbG8gd29ybGQ%3D&InstanceInitiatedShutdownBehavior=terminate&ClientToken=tok1&MinCount=2&MaxCount=5",
@@ -3028,6 +3038,10 @@ mod tests {
             (format!("{run}&MinCount=1&MaxCount=1&UserData={big_user_data}"), "InvalidParameterValue"),
             (format!("{run}&MinCount=1&MaxCount=1&ClientToken={}", long(65)), "InvalidParameterValue"),
             (format!("{run}&MinCount=1&MaxCount=1&InstanceInitiatedShutdownBehavior=hibernate"), "InvalidParameterValue"),
+            (format!("{run}&MinCount=1&MaxCount=1&MetadataOptions.HttpTokens=always"), "InvalidParameterValue"),
+            (format!("{run}&MinCount=1&MaxCount=1&MetadataOptions.HttpEndpoint=on"), "InvalidParameterValue"),
+            (format!("{run}&MinCount=1&MaxCount=1&MetadataOptions.HttpPutResponseHopLimit=65"), "InvalidParameterValue"),
+            (format!("{run}&MinCount=1&MaxCount=1&MetadataOptions.HttpPutResponseHopLimit=0"), "InvalidParameterValue"),
             (format!("{run}&MinCount=1&MaxCount=1&KeyName=%C3%BC"), "InvalidParameterValue"),
             (format!("{run}&MinCount=1&MaxCount=1&TagSpecification.1.ResourceType=bucket&TagSpecification.1.Tag.1.Key=a"), "InvalidParameterValue"),
             (format!("{run}&MinCount=1&MaxCount=1&TagSpecification.1.Tag.1.Key=a"), "InvalidParameterValue"),
