@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Stops what scripts/up.sh started: every process named by a pid file in $STATE_DIR/pids
-# (operator and node agent, then the gateway, etcd last). State (etcd data, tokens, kubeconfig) is kept.
+# (operator and node agent, then the gateway, etcd last) and the simulated host (its libvirtd,
+# guests, DHCP server and network namespace: scripts/simhost.sh stop). State (etcd data, tokens,
+# kubeconfig, images, instance disks) is kept; `make up` starts the guests of running instances
+# again.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -49,6 +52,21 @@ shopt -s nullglob
 for name in operator node-agent api-gateway; do
   [ -f "$PIDS/$name.pid" ] && stop "$PIDS/$name.pid"
 done
+# The simulated host, once its node agent is gone (nothing recreates its domains any more).
+# Only this state dir's: the namespace may hold another state dir's cloud (/run/karri/NETNS.owner).
+netns="$(cat "$STATE_DIR/netns" 2>/dev/null || echo "${KARRI_NETNS:-karri-up}")"
+owner="$(cat "/run/karri/$netns.owner" 2>/dev/null || true)"
+host_pid="$(cat "$STATE_DIR/host/libvirtd.pid" 2>/dev/null || true)"
+if [ -n "$owner" ] && [ "$owner" != "$STATE_DIR" ]; then
+  [ ! -d "$STATE_DIR/host" ] || say "network namespace $netns is the cloud of $owner; leaving it alone"
+elif [ -d "$STATE_DIR/host" ] && { [ -e "/run/netns/$netns" ] || { [ -n "$host_pid" ] && kill -0 "$host_pid" 2>/dev/null; }; }; then
+  say "stopping the simulated host (network namespace $netns)"
+  if bash "$REPO/scripts/simhost.sh" stop "$STATE_DIR/host" "$netns"; then
+    rm -f "/run/karri/$netns.owner"
+  else
+    say "scripts/simhost.sh stop failed; see $STATE_DIR/host/libvirtd.log"
+  fi
+fi
 for f in "$PIDS"/*.pid; do
   [ "$(basename "$f")" = etcd.pid ] || stop "$f"
 done

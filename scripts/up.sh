@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Brings up Karri on this machine: etcd, api-gateway, operator and one node agent (node-1 on
-# libvirtd + QEMU, or libvirt's test driver with HYPERVISOR=test), state under $STATE_DIR (default
-# <repo>/.state). Re-runnable: a running etcd from this state dir is kept, the gateway is
-# restarted with the current binary. Stop everything with scripts/down.sh.
+# Brings up Karri on this machine: etcd, api-gateway, operator and one node agent, state under
+# $STATE_DIR (default <repo>/.state). The node agent node-1 runs on a simulated host
+# (scripts/simhost.sh: network namespace $KARRI_NETNS, default karri-up, with a private libvirtd +
+# QEMU, the guests' bridge, DHCP and metadata service), or on libvirt's test driver with
+# HYPERVISOR=test. The micro image (scripts/build-micro-image.sh, built once into
+# $STATE_DIR/micro-image) is registered as public EKI/ERI/EMI images in namespace karri-images, so
+# `aws ec2 run-instances --image-id emi-...` boots a real guest. Re-runnable: a running etcd from
+# this state dir is kept, the other services are restarted with the current binaries, the images
+# are registered again only when the micro image changed. Stop everything with scripts/down.sh.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -15,6 +20,12 @@ REGION="${KARRI_REGION:-karri-1}"
 OPERATOR_METRICS_PORT="${KARRI_OPERATOR_METRICS_PORT:-9464}"
 AGENT_METRICS_PORT="${KARRI_AGENT_METRICS_PORT:-9465}"
 HYPERVISOR="${HYPERVISOR:-qemu}"
+# The simulated host's network namespace (HYPERVISOR=qemu): guests, their bridge and DHCP live there.
+NETNS="${KARRI_NETNS:-karri-up}"
+# Public images every account may launch live in this namespace (karri-* is never an account).
+IMAGES_NS="${KARRI_IMAGES_NAMESPACE:-karri-images}"
+# How long the KVM probe may take before KVM is taken as unusable.
+KVM_PROBE_SECONDS="${KARRI_KVM_PROBE_SECONDS:-15}"
 ETCD_BIN="${KARRI_ETCD_BIN:-/usr/bin/etcd}"
 BIN_DIR="${KARRI_BIN_DIR:-$REPO/target/debug}"
 GATEWAY_BIN="$BIN_DIR/api-gateway"
@@ -84,6 +95,17 @@ start_bg() {
   setsid "$@" </dev/null >>"$log" 2>&1 &
   echo "$!" >"$pidfile"
 }
+
+# check_netns_owner: dies when network namespace $NETNS holds the cloud of another state dir
+# (/run/karri/NETNS.owner names it; the namespace is one per machine).
+check_netns_owner() {
+  local owner
+  owner="$(cat "/run/karri/$NETNS.owner" 2>/dev/null || true)"
+  if [ -n "$owner" ] && [ "$owner" != "$STATE_DIR" ] && [ -e "/run/netns/$NETNS" ]; then
+    die "network namespace $NETNS is the cloud of $owner: stop it first (STATE_DIR=$owner make down), or pick another namespace with KARRI_NETNS"
+  fi
+}
+[ "$HYPERVISOR" != qemu ] || check_netns_owner
 
 # karri.env appears only once everything is ready.
 rm -f "$STATE_DIR/karri.env"
@@ -211,11 +233,99 @@ if [ ! -s "$CREDS" ]; then
   mv "$CREDS.tmp" "$CREDS"
 fi
 
+# --- the micro image: built once, registered as public EKI/ERI/EMI --------------------------
+MICRO_DIR="$STATE_DIR/micro-image"
+IMAGE_STORE="$STATE_DIR/images"
+say "micro image: building or checking $MICRO_DIR (log $LOGS/micro-image.log)"
+bash "$REPO/scripts/build-micro-image.sh" "$MICRO_DIR" >>"$LOGS/micro-image.log" 2>&1 \
+  || { tail -n 20 "$LOGS/micro-image.log" >&2; die "building the micro image failed (log: $LOGS/micro-image.log)"; }
+# micro_sum FILE: the SHA-256 the manifest gives FILE.
+micro_sum() { awk -v f="$1" '$1 == f { print $2 }' "$MICRO_DIR/manifest"; }
+# ensure_image NAME TYPE FILE [KERNEL_ID RAMDISK_ID]: prints the ID of the public image NAME in
+# $IMAGES_NS whose content is FILE's (and that boots that kernel and ramdisk); registers it with
+# `karri image register` when there is none, and then deregisters older images of that name.
+ensure_image() {
+  local name="$1" type="$2" file="$3" kernel="${4:-}" ramdisk="${5:-}" want id stale args
+  want="$(micro_sum "$(basename "$file")")"
+  [ -n "$want" ] || die "the micro image manifest lists no $(basename "$file")"
+  local listing
+  listing="$(kc get images -n "$IMAGES_NS" -o jsonpath='{range .items[*]}{.spec.name}{"\t"}{.metadata.labels.karri\.dev/id}{"\t"}{.spec.checksumSha256}{"\t"}{.spec.kernelId}{"\t"}{.spec.ramdiskId}{"\t"}{.spec.public}{"\n"}{end}')" \
+    || die "cannot list the images of $IMAGES_NS"
+  id="$(awk -F'\t' -v n="$name" -v s="$want" -v k="$kernel" -v r="$ramdisk" \
+    '$1 == n && $3 == s && $4 == k && $5 == r && $6 == "true" { print $2; exit }' <<<"$listing")"
+  if [ -n "$id" ]; then
+    echo "$id"
+    return 0
+  fi
+  args=(--file "$file" --type "$type" --name "$name" --namespace "$IMAGES_NS" --public
+    --store "$IMAGE_STORE" --description "Karri micro image ($(head -n 1 "$MICRO_DIR/packages" 2>/dev/null || echo busybox))")
+  [ -z "$kernel" ] || args+=(--kernel-id "$kernel")
+  [ -z "$ramdisk" ] || args+=(--ramdisk-id "$ramdisk")
+  id="$("$KARRI_CLI" --kubeconfig "$KUBECONFIG_FILE" image register "${args[@]}" 2>>"$LOGS/images.log" | tail -n 1)" \
+    || { tail -n 5 "$LOGS/images.log" >&2; die "registering $name failed (log: $LOGS/images.log)"; }
+  [ -n "$id" ] || die "karri image register printed no ID for $name"
+  # Older registrations of this name (an earlier micro image) make way for the new one.
+  while read -r stale; do
+    [ -n "$stale" ] || continue
+    kc delete images -n "$IMAGES_NS" -l "karri.dev/id=$stale" >/dev/null || true
+    say "deregistered $stale, an older $name" >&2
+  done < <(awk -F'\t' -v n="$name" -v id="$id" '$1 == n && $2 != id { print $2 }' <<<"$listing")
+  say "registered $name as $id (public, namespace $IMAGES_NS)" >&2
+  echo "$id"
+}
+EKI="$(ensure_image karri-micro-kernel kernel "$MICRO_DIR/vmlinuz")"
+ERI="$(ensure_image karri-micro-ramdisk ramdisk "$MICRO_DIR/initrd.img")"
+EMI="$(ensure_image karri-micro machine "$MICRO_DIR/disk.img" "$EKI" "$ERI")"
+say "micro image: $EMI (kernel $EKI, ramdisk $ERI)"
+
 # --- hypervisor, operator, node agent -----------------------------------------------------
+# domain_type: kvm when KVM really runs a guest here, else qemu (TCG). /dev/kvm opening is not
+# enough: under nested virtualisation it opens and then hangs guest kernels. So the micro image's
+# kernel is booted once with KVM, without a root disk and without a NIC, until it panics and
+# QEMU exits (well under a second on working KVM); the verdict is kept in $STATE_DIR/kvm-probe
+# for this host kernel and QEMU.
+domain_type() {
+  local qemu key verdict probe_log="$LOGS/kvm-probe.log"
+  qemu="$(command -v qemu-system-x86_64 || true)"
+  if [ -z "$qemu" ] || ! (: <>/dev/kvm) 2>/dev/null; then
+    echo qemu
+    return
+  fi
+  key="$(uname -r) $("$qemu" --version | head -n 1)"
+  if [ -f "$STATE_DIR/kvm-probe" ] && [ "$(head -n 1 "$STATE_DIR/kvm-probe")" = "$key" ]; then
+    sed -n 2p "$STATE_DIR/kvm-probe"
+    return
+  fi
+  say "probing whether KVM runs guests here (at most ${KVM_PROBE_SECONDS}s, once)" >&2
+  if timeout "$KVM_PROBE_SECONDS" "$qemu" -accel kvm -m 128 -nographic -nodefaults -serial stdio \
+      -no-reboot -nic none -kernel "$MICRO_DIR/vmlinuz" \
+      -append "console=ttyS0 panic=-1 root=/dev/karri-probe" </dev/null >"$probe_log" 2>&1 \
+      && grep -q "Kernel panic" "$probe_log"; then
+    verdict=kvm
+  else
+    verdict=qemu
+    say "KVM opens but does not run guests here (see $probe_log); guests use TCG" >&2
+  fi
+  printf '%s\n%s\n' "$key" "$verdict" >"$STATE_DIR/kvm-probe"
+  echo "$verdict"
+}
+GUEST_ARGS=()
 case "$HYPERVISOR" in
   qemu)
-    bash "$REPO/scripts/libvirtd.sh" || die "libvirtd is needed for HYPERVISOR=qemu: install it with 'make setup', or run 'HYPERVISOR=test make up' for libvirt's test driver"
-    LIBVIRT_URI="qemu:///system" ;;
+    # A simulated host: a private libvirtd in network namespace $NETNS (scripts/simhost.sh).
+    # Its URI is the last line simhost.sh prints; its own messages go to the log. The namespace
+    # is one per machine: /run/karri/NETNS.owner says which state dir's cloud holds it.
+    check_netns_owner
+    mkdir -p /run/karri
+    echo "$STATE_DIR" >"/run/karri/$NETNS.owner"
+    echo "$NETNS" >"$STATE_DIR/netns"
+    LIBVIRT_URI="$(bash "$REPO/scripts/simhost.sh" start "$STATE_DIR/host" "$NETNS" 2>>"$LOGS/simhost.log" | tail -n 1)" \
+      || { tail -n 20 "$LOGS/simhost.log" >&2; die "the simulated host did not start (log: $LOGS/simhost.log); install libvirt with 'make setup', or run 'HYPERVISOR=test make up' for libvirt's test driver"; }
+    [ -n "$LIBVIRT_URI" ] || die "scripts/simhost.sh printed no URI (log: $LOGS/simhost.log)"
+    say "simulated host: libvirtd in network namespace $NETNS at $LIBVIRT_URI"
+    DOMAIN_TYPE="${KARRI_DOMAIN_TYPE:-$(domain_type)}"
+    say "guests run on $DOMAIN_TYPE$([ "$DOMAIN_TYPE" = qemu ] && echo ' (TCG, software emulation)')"
+    GUEST_ARGS=(--guest-netns "$NETNS" --domain-type "$DOMAIN_TYPE") ;;
   test) LIBVIRT_URI="test:///default" ;;
   *) die "HYPERVISOR must be qemu or test, not '$HYPERVISOR'" ;;
 esac
@@ -233,7 +343,8 @@ start_bg "$PIDS/operator.pid" "$LOGS/operator.log" "$BIN_DIR/operator" \
 say "starting node-agent node-1 on $LIBVIRT_URI"
 start_bg "$PIDS/node-agent.pid" "$LOGS/node-agent.log" "$BIN_DIR/node-agent" \
   --kubeconfig "$STATE_DIR/kubeconfig-node-1" --node-name node-1 --zone karri-1a \
-  --libvirt-uri "$LIBVIRT_URI" --metrics-listen "127.0.0.1:$AGENT_METRICS_PORT"
+  --libvirt-uri "$LIBVIRT_URI" --data-dir "$STATE_DIR/node" ${GUEST_ARGS[@]+"${GUEST_ARGS[@]}"} \
+  --metrics-listen "127.0.0.1:$AGENT_METRICS_PORT"
 kc wait --for=condition=Ready node.karri.dev/node-1 --timeout=90s >/dev/null \
   || { tail -n 20 "$LOGS/node-agent.log" "$LOGS/operator.log" >&2; die "node-1 did not become Ready"; }
 say "node-1 is Ready"
@@ -252,6 +363,7 @@ umask 077
   printf 'export AWS_DEFAULT_REGION=%q\n' "$REGION"
   printf 'export AWS_CA_BUNDLE=%q\n' "$PKI/ca.crt"
   printf 'export EC2_URL=%q\n' "$AWS_URL/services/compute"
+  printf 'export KARRI_MICRO_EMI=%q\n' "$EMI"
 } >"$STATE_DIR/karri.env.tmp"
 )
 mv "$STATE_DIR/karri.env.tmp" "$STATE_DIR/karri.env"
@@ -263,16 +375,30 @@ Karri is up.
   api-gateway  $API_URL (resource API), $AWS_URL (EC2, region $REGION)   (log $LOGS/api-gateway.log)
   operator     metrics http://127.0.0.1:$OPERATOR_METRICS_PORT/metrics   (log $LOGS/operator.log)
   node-agent   node-1 in karri-1a on $LIBVIRT_URI, metrics http://127.0.0.1:$AGENT_METRICS_PORT/metrics   (log $LOGS/node-agent.log)
+  images       $EMI (karri-micro: kernel $EKI, ramdisk $ERI; public, namespace $IMAGES_NS)
   tokens       $TOKENS
   kubeconfig   $KUBECONFIG_FILE (user admin)
 
 Use it:
-  . $STATE_DIR/karri.env && kubectl get instances -A
-  kubectl apply -f config/samples/instance.yaml && kubectl get instances -w
-  virsh -c $LIBVIRT_URI list --all
-  aws ec2 describe-availability-zones && aws ec2 describe-instances
+  . $STATE_DIR/karri.env && aws ec2 describe-images
+  printf '#!/bin/sh\necho hello from user-data\n' > script.sh
+  aws ec2 run-instances --image-id $EMI --instance-type t1.micro --user-data file://script.sh
+  aws ec2 describe-instances --query 'Reservations[].Instances[].[InstanceId,State.Name,PrivateIpAddress]' --output text
+  aws ec2 get-console-output --instance-id i-... --output text    # "karri-micro: ready" once booted
+  aws ec2 terminate-instances --instance-ids i-...
+  kubectl get instances -A
+  virsh -c '$LIBVIRT_URI' list --all
+  $BIN_DIR/karri image register --file disk.qcow2 --name my-image --namespace admin   # your own (raw, qcow2, vmdk, ...)
   $BIN_DIR/karri account create research && $BIN_DIR/karri access-key create --account research
 EOF
+if [ "$HYPERVISOR" = qemu ]; then
+  cat <<EOF
+Guests live in network namespace $NETNS (bridge karri0; nothing of theirs is in this machine's
+own network namespace). Reach them from there:
+  ip netns exec $NETNS ping -c 1 <private IP>
+  ip netns exec $NETNS ssh -i key.pem <user>@<private IP>   # images with sshd and --key-name (the micro image has none)
+EOF
+fi
 if [ -n "${KARRI_DETACH:-}" ]; then
   echo "Left running in the background (KARRI_DETACH); stop everything with: make down"
   exit 0
