@@ -49,6 +49,7 @@ bench: setup
 	KARRI_BIN_DIR=$(CURDIR)/target/release $(CARGO) run --release -p karri-e2e --bin bench-ec2
 	$(CARGO) build --release -p api-gateway -p operator -p node-agent --bin api-gateway --bin operator --bin node-agent
 	KARRI_BIN_DIR=$(CURDIR)/target/release $(CARGO) run --release -p karri-e2e --bin bench-cloud
+	KARRI_BIN_DIR=$(CURDIR)/target/release $(CARGO) run --release -p karri-e2e --bin bench-guests
 
 crds:
 	$(CARGO) run -p karri-crds --bin crdgen
