@@ -175,9 +175,13 @@ impl GuestCloud {
     /// namespace and waits until the node is Ready.
     pub async fn start(label: &str) -> anyhow::Result<GuestCloud> {
         let micro = tokio::task::spawn_blocking(micro_image).await??;
-        let dirs = tempfile::Builder::new()
+        let mut dirs = tempfile::Builder::new()
             .prefix(&format!("karri-{label}-"))
             .tempdir()?;
+        if std::env::var_os("KARRI_KEEP_LOGS").is_some() {
+            dirs.disable_cleanup(true);
+            eprintln!("[guests] logs and data kept in {}", dirs.path().display());
+        }
         let node = format!("{label}-{}", &random_token()[..8]);
         let host = {
             let hint = label.to_owned();

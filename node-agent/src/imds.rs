@@ -27,18 +27,19 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use axum::body::Body;
-use axum::extract::connect_info::Connected;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header::{ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
-use axum::serve::{IncomingStream, Listener};
 use axum::{Extension, Router};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use sha2::Sha256;
+use tower::ServiceExt as _;
 use tracing::{debug, info_span, warn};
 
 /// What the metadata service knows of one instance.
@@ -152,6 +153,8 @@ const FORWARDED_HEADER: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// Bytes of a token: the expiry (seconds since the epoch, big-endian) then the HMAC tag.
 const TOKEN_LEN: usize = 8 + 32;
+/// Pause after a failed accept (out of descriptors, say) before the next.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Why a session token was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -645,18 +648,44 @@ pub fn router(directory: Directory, tokens: Tokens) -> Router {
 /// Serves the metadata service on `listener` until the future is dropped.
 ///
 /// Unlike a bare [`router`], this sends each token's response with the instance's hop limit
-/// as its IP TTL.
+/// as its IP TTL, and answers clients that half-close their side once the request is sent (as
+/// `nc` does): HTTP/1 only, as EC2's metadata service.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     directory: Directory,
     tokens: Tokens,
 ) -> io::Result<()> {
-    let app = router(directory, tokens).layer(axum::middleware::map_request(expose_peer));
-    axum::serve(
-        PeerListener(listener),
-        app.into_make_service_with_connect_info::<Peer>(),
-    )
-    .await
+    let app = router(directory, tokens);
+    loop {
+        let (stream, addr) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                warn!(%error, "cannot accept a metadata connection");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let socket = PeerSocket::of(&stream)
+            .inspect_err(|error| warn!(%error, %addr, "cannot hold the connection's socket"))
+            .ok();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let mut request = request.map(Body::new);
+                request.extensions_mut().insert(ConnectInfo(addr));
+                if let Some(socket) = &socket {
+                    request.extensions_mut().insert(socket.clone());
+                }
+                app.clone().oneshot(request)
+            });
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.half_close(true);
+            if let Err(error) = http.serve_connection(TokioIo::new(stream), service).await {
+                debug!(%error, %addr, "metadata connection ended with an error");
+            }
+        });
+    }
 }
 
 async fn handle(
@@ -775,54 +804,6 @@ impl PeerSocket {
     fn limit_hops(&self, hops: u8) -> io::Result<()> {
         self.0.set_ttl(u32::from(hops.max(1)))
     }
-}
-
-/// The connect info of [`serve`]: the caller's address and a handle on its socket.
-#[derive(Clone, Debug)]
-struct Peer {
-    addr: SocketAddr,
-    socket: Option<PeerSocket>,
-}
-
-impl Connected<IncomingStream<'_, PeerListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, PeerListener>) -> Self {
-        stream.remote_addr().clone()
-    }
-}
-
-/// A TCP listener whose connections carry a [`Peer`].
-struct PeerListener(tokio::net::TcpListener);
-
-impl Listener for PeerListener {
-    type Io = tokio::net::TcpStream;
-    type Addr = Peer;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let (stream, addr) = Listener::accept(&mut self.0).await;
-        let socket = PeerSocket::of(&stream)
-            .inspect_err(|error| warn!(%error, %addr, "cannot hold the connection's socket"))
-            .ok();
-        (stream, Peer { addr, socket })
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        Ok(Peer {
-            addr: self.0.local_addr()?,
-            socket: None,
-        })
-    }
-}
-
-/// Turns [`serve`]'s `ConnectInfo<Peer>` into the `ConnectInfo<SocketAddr>` the router expects,
-/// plus the socket handle.
-async fn expose_peer(mut request: Request) -> Request {
-    if let Some(ConnectInfo(peer)) = request.extensions().get::<ConnectInfo<Peer>>().cloned() {
-        request.extensions_mut().insert(ConnectInfo(peer.addr));
-        if let Some(socket) = peer.socket {
-            request.extensions_mut().insert(socket);
-        }
-    }
-    request
 }
 
 #[cfg(test)]
@@ -1673,6 +1654,47 @@ mod tests {
         assert_eq!(status, 200);
         assert_eq!(body, "i-0123456789abcdef0");
 
+        serving.abort();
+    }
+
+    #[tokio::test]
+    async fn a_client_that_half_closes_after_its_request_still_gets_the_answer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a free port");
+        let server = listener.local_addr().expect("a bound address");
+        let directory = Directory::default();
+        directory.set(InstanceMetadata {
+            local_ipv4: Ipv4Addr::LOCALHOST,
+            ..sample()
+        });
+        // What busybox nc does: an HTTP/1.0 request, then its side shut at stdin's end. The
+        // clients finish before the server starts, so it reads each request and the end of
+        // its input at once.
+        let mut clients = Vec::new();
+        for _ in 0..5 {
+            let mut stream = tokio::net::TcpStream::connect(server)
+                .await
+                .expect("the server listens");
+            stream
+                .write_all(b"GET /latest/meta-data/instance-id HTTP/1.0\r\nHost: x\r\n\r\n")
+                .await
+                .expect("the request is sent");
+            stream.shutdown().await.expect("the write side shuts");
+            clients.push(stream);
+        }
+        let serving = tokio::spawn(serve(listener, directory, Tokens::new()));
+        for mut stream in clients {
+            let mut response = String::new();
+            stream
+                .read_to_string(&mut response)
+                .await
+                .expect("the response is read");
+            assert!(
+                response.starts_with("HTTP/1.0 200") && response.ends_with("i-0123456789abcdef0"),
+                "{response:?}"
+            );
+        }
         serving.abort();
     }
 
