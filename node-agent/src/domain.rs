@@ -392,6 +392,14 @@ fn write_domain<W: io::Write>(w: &mut Writer<W>, spec: &DomainSpec, uuid: &str) 
                             .write_empty()?;
                         Ok(())
                     })?;
+                // Nothing a cloud guest uses: no USB controller, no balloon (cheaper to start).
+                w.create_element("controller")
+                    .with_attribute(("type", "usb"))
+                    .with_attribute(("model", "none"))
+                    .write_empty()?;
+                w.create_element("memballoon")
+                    .with_attribute(("model", "none"))
+                    .write_empty()?;
                 w.create_element("console")
                     .with_attribute(("type", "pty"))
                     .write_inner_content(|w| {

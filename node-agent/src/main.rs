@@ -239,9 +239,11 @@ async fn connect(uri: &str, node: &str) -> LibvirtHypervisor {
     }
 }
 
-/// Blocking threads for libvirt calls: a host's libvirt work is serialised by libvirtd anyway,
-/// and every extra thread costs its own malloc arena (tens of MB under a burst of launches).
-const LIBVIRT_THREADS: usize = 2;
+/// Blocking threads for libvirt calls (and image hashing, console reads). Domain starts take
+/// hundreds of milliseconds each and libvirtd runs several at once: with 2 threads, ten launches
+/// queued behind each other for seconds (bench-guests: p99 4.9–6.4 s, 3.0 s with 8). Each thread
+/// may cost a malloc arena, which is the price of the parallelism.
+const LIBVIRT_THREADS: usize = 8;
 
 fn main() -> anyhow::Result<()> {
     tokio::runtime::Builder::new_multi_thread()
