@@ -241,41 +241,48 @@ bash "$REPO/scripts/build-micro-image.sh" "$MICRO_DIR" >>"$LOGS/micro-image.log"
   || { tail -n 20 "$LOGS/micro-image.log" >&2; die "building the micro image failed (log: $LOGS/micro-image.log)"; }
 # micro_sum FILE: the SHA-256 the manifest gives FILE.
 micro_sum() { awk -v f="$1" '$1 == f { print $2 }' "$MICRO_DIR/manifest"; }
-# ensure_image NAME TYPE FILE [KERNEL_ID RAMDISK_ID]: prints the ID of the public image NAME in
-# $IMAGES_NS whose content is FILE's (and that boots that kernel and ramdisk); registers it with
-# `karri image register` when there is none, and then deregisters older images of that name.
+# The micro image's well-known IDs, which config/samples/instance.yaml and the docs use.
+MICRO_EKI=eki-0123456789abcdef0
+MICRO_ERI=eri-0123456789abcdef0
+MICRO_EMI=emi-0123456789abcdef0
+# ensure_image ID NAME TYPE FILE [KERNEL_ID RAMDISK_ID]: prints ID once the public image NAME in
+# $IMAGES_NS with that ID holds FILE's content (and boots that kernel and ramdisk); registers it
+# with `karri image register` when it does not, after deregistering an older image of that ID or
+# name.
 ensure_image() {
+  local fixed="$1"
+  shift
   local name="$1" type="$2" file="$3" kernel="${4:-}" ramdisk="${5:-}" want id stale args
   want="$(micro_sum "$(basename "$file")")"
   [ -n "$want" ] || die "the micro image manifest lists no $(basename "$file")"
   local listing
   listing="$(kc get images -n "$IMAGES_NS" -o jsonpath='{range .items[*]}{.spec.name}{"\t"}{.metadata.labels.karri\.dev/id}{"\t"}{.spec.checksumSha256}{"\t"}{.spec.kernelId}{"\t"}{.spec.ramdiskId}{"\t"}{.spec.public}{"\n"}{end}')" \
     || die "cannot list the images of $IMAGES_NS"
-  id="$(awk -F'\t' -v n="$name" -v s="$want" -v k="$kernel" -v r="$ramdisk" \
-    '$1 == n && $3 == s && $4 == k && $5 == r && $6 == "true" { print $2; exit }' <<<"$listing")"
+  id="$(awk -F'\t' -v n="$name" -v i="$fixed" -v s="$want" -v k="$kernel" -v r="$ramdisk" \
+    '$1 == n && $2 == i && $3 == s && $4 == k && $5 == r && $6 == "true" { print $2; exit }' <<<"$listing")"
   if [ -n "$id" ]; then
     echo "$id"
     return 0
   fi
-  args=(--file "$file" --type "$type" --name "$name" --namespace "$IMAGES_NS" --public
+  # An older image of this ID or name (an earlier micro image) makes way for the new one.
+  while read -r stale; do
+    [ -n "$stale" ] || continue
+    kc delete images -n "$IMAGES_NS" -l "karri.dev/id=$stale" >/dev/null || true
+    say "deregistered $stale, an older $name" >&2
+  done < <(awk -F'\t' -v n="$name" -v i="$fixed" '$1 == n || $2 == i { print $2 }' <<<"$listing")
+  args=(--id "$fixed" --file "$file" --type "$type" --name "$name" --namespace "$IMAGES_NS" --public
     --store "$IMAGE_STORE" --description "Karri micro image ($(head -n 1 "$MICRO_DIR/packages" 2>/dev/null || echo busybox))")
   [ -z "$kernel" ] || args+=(--kernel-id "$kernel")
   [ -z "$ramdisk" ] || args+=(--ramdisk-id "$ramdisk")
   id="$("$KARRI_CLI" --kubeconfig "$KUBECONFIG_FILE" image register "${args[@]}" 2>>"$LOGS/images.log" | tail -n 1)" \
     || { tail -n 5 "$LOGS/images.log" >&2; die "registering $name failed (log: $LOGS/images.log)"; }
   [ -n "$id" ] || die "karri image register printed no ID for $name"
-  # Older registrations of this name (an earlier micro image) make way for the new one.
-  while read -r stale; do
-    [ -n "$stale" ] || continue
-    kc delete images -n "$IMAGES_NS" -l "karri.dev/id=$stale" >/dev/null || true
-    say "deregistered $stale, an older $name" >&2
-  done < <(awk -F'\t' -v n="$name" -v id="$id" '$1 == n && $2 != id { print $2 }' <<<"$listing")
   say "registered $name as $id (public, namespace $IMAGES_NS)" >&2
   echo "$id"
 }
-EKI="$(ensure_image karri-micro-kernel kernel "$MICRO_DIR/vmlinuz")"
-ERI="$(ensure_image karri-micro-ramdisk ramdisk "$MICRO_DIR/initrd.img")"
-EMI="$(ensure_image karri-micro machine "$MICRO_DIR/disk.img" "$EKI" "$ERI")"
+EKI="$(ensure_image "$MICRO_EKI" karri-micro-kernel kernel "$MICRO_DIR/vmlinuz")"
+ERI="$(ensure_image "$MICRO_ERI" karri-micro-ramdisk ramdisk "$MICRO_DIR/initrd.img")"
+EMI="$(ensure_image "$MICRO_EMI" karri-micro machine "$MICRO_DIR/disk.img" "$EKI" "$ERI")"
 say "micro image: $EMI (kernel $EKI, ramdisk $ERI)"
 
 # --- hypervisor, operator, node agent -----------------------------------------------------

@@ -85,6 +85,10 @@ pub struct RegisterArgs {
     /// Free-form description (at most 255 characters).
     #[arg(long)]
     description: Option<String>,
+    /// The image's ID (`emi-`/`eki-`/`eri-` and 17 hex digits, by `--type`), for images with a
+    /// well-known ID such as the default micro image; default: one the gateway allocates.
+    #[arg(long)]
+    id: Option<String>,
 }
 
 /// Runs `karri image …`.
@@ -221,6 +225,15 @@ async fn register(client: Client, args: RegisterArgs) -> anyhow::Result<()> {
             )
         })?,
     };
+    if let Some(id) = &args.id {
+        if !crds::is_valid_id(image_type.id_prefix(), id) {
+            bail!(
+                "--id {id} is not a {} image ID: {}- and 17 hex digits",
+                image_type.as_str(),
+                image_type.id_prefix()
+            );
+        }
+    }
     if image_type != ImageType::Machine && (args.kernel_id.is_some() || args.ramdisk_id.is_some()) {
         bail!(
             "--kernel-id and --ramdisk-id belong to machine images, not to a {} image",
@@ -297,8 +310,10 @@ async fn register(client: Client, args: RegisterArgs) -> anyhow::Result<()> {
     spec.size_bytes = Some(stored.size);
     spec.format = stored.format;
     let mut image = Image::new("", spec);
-    image.metadata.name = None;
-    image.metadata.generate_name = Some(record_name_prefix(&name));
+    image.metadata.name = args.id.clone();
+    if args.id.is_none() {
+        image.metadata.generate_name = Some(record_name_prefix(&name));
+    }
     let api: Api<Image> = Api::namespaced(client, &namespace);
     let made = api
         .create(&PostParams::default(), &image)
