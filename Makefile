@@ -15,10 +15,10 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 help:
 	@echo "make setup  install Debian packages, .venv (awscli, boto3, moto[server]), cargo-nextest"
 	@echo "make build  cargo build --workspace --bins (debug)"
-	@echo "make up     setup + build, then start etcd + api-gateway (state in $(STATE_DIR))"
+	@echo "make up     setup + build, then etcd, api-gateway, operator, a node agent on a simulated host, the micro image (state in $(STATE_DIR))"
 	@echo "make down   stop what 'make up' started (state is kept)"
 	@echo "make test   setup, build, libvirtd, nextest (real etcd/gateway/QEMU), fmt check, clippy"
-	@echo "make bench  registry, EC2 (against moto) and cloud benchmarks (release)"
+	@echo "make bench  registry, EC2 (against moto), cloud and guest-launch benchmarks (release)"
 	@echo "make crds   print the CRD manifests (crdgen)"
 	@echo "make fuzz   fuzz the EC2 query parser/router for FUZZ_SECONDS (default 600; nightly, cargo-fuzz)"
 
