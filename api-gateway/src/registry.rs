@@ -20,6 +20,9 @@ use crate::metrics::Metrics;
 use crate::selectors::{FieldSelector, LabelSelector};
 use crate::store::{self, id_key, namespace_prefix, record_key};
 
+/// How long a read waits for the watch cache to catch up with etcd before giving up.
+const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Options common to writes.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct WriteOptions {
@@ -260,7 +263,21 @@ impl Registry {
         .await
     }
 
-    /// etcd's current revision.
+    /// Waits until the watch cache has seen every write committed before this call, so that
+    /// reads from the cache that follow see them (read-your-writes across requests, as a
+    /// consistent read of etcd would).
+    pub async fn catch_up(&self) -> ApiResult<()> {
+        let revision = self.current_revision().await?;
+        if self.cache.wait_for(revision, CATCH_UP_TIMEOUT).await {
+            Ok(())
+        } else {
+            Err(ApiError::timeout(format!(
+                "the gateway's cache has not caught up with revision {revision}"
+            )))
+        }
+    }
+
+    /// etcd's current revision (one round trip).
     pub async fn current_revision(&self) -> ApiResult<i64> {
         let resp = self.etcd_get("/karri/revision", None).await?;
         Ok(resp.header().map(|h| h.revision()).unwrap_or(0))

@@ -205,3 +205,43 @@ async fn fifty_concurrent_run_instances_with_one_client_token_make_one_reservati
     ensure!(all == described, "the retries changed the instances: {all}");
     Ok(())
 }
+
+/// A Describe right after a Modify sees the change: reads answer from the gateway's watch
+/// cache only once it has caught up with every write already acknowledged.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_describe_right_after_a_modify_sees_it() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let tokens = Tokens::generate(&[], &[]);
+    let gateway = Gateway::start(&etcd.endpoint, &tokens).await?;
+    apply_catalogue(&gateway, &tokens.admin)?;
+    let (_, creds) = gateway.account_with_key(&tokens.admin, "reader").await?;
+    let (other, _) = gateway.account_with_key(&tokens.admin, "other").await?;
+    let mut aws = Driver::start(&gateway, &creds, "reader")?;
+    let image = aws.ok(
+        "register_image",
+        json!({"Name": "consistent", "ImageLocation": "/images/consistent.img"}),
+    )?;
+    let image_id = image["ImageId"].as_str().context("no ImageId")?.to_string();
+    for round in 0..30 {
+        let (op, want) = if round % 2 == 0 {
+            ("Add", 1)
+        } else {
+            ("Remove", 0)
+        };
+        aws.ok(
+            "modify_image_attribute",
+            json!({"ImageId": image_id, "LaunchPermission": {op: [{"UserId": other}]}}),
+        )?;
+        let seen = aws.ok(
+            "describe_image_attribute",
+            json!({"ImageId": image_id, "Attribute": "launchPermission"}),
+        )?;
+        let n = seen["LaunchPermissions"].as_array().map_or(0, Vec::len);
+        ensure!(
+            n == want,
+            "round {round}: after {op} the launch permissions are {}",
+            seen["LaunchPermissions"]
+        );
+    }
+    Ok(())
+}

@@ -193,8 +193,21 @@ async fn answer(s: &AppState, req: Request, request_id: &str) -> Answer {
         settings: &s.ec2,
         request_id,
     };
+    if reads_only(&action) {
+        // A Describe right after a Modify must see it: the cache catches up with etcd first.
+        s.registry
+            .catch_up()
+            .await
+            .map_err(|e| fail(actions::from_api(e)))?;
+    }
     let xml = actions::run(&cx, request).await.map_err(fail)?;
     Ok((action, xml))
+}
+
+/// Whether an action only reads (Describe*, Get*): it answers from the watch cache, which must
+/// first catch up with every write already acknowledged.
+fn reads_only(action: &str) -> bool {
+    action.starts_with("Describe") || action.starts_with("Get")
 }
 
 fn sigv4_error(e: &SigV4Error) -> Ec2Error {
