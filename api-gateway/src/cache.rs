@@ -12,9 +12,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
 use serde_json::Value;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-use crate::store::{plural_of_key, REGISTRY_PREFIX};
+use crate::store::{plural_of_key, KARRI_PREFIX, REGISTRY_PREFIX};
 
 /// One record as the cache holds it: parsed, with its resourceVersion set, and serialized.
 #[derive(Debug)]
@@ -111,8 +111,6 @@ pub struct WatchCache {
     state: RwLock<State>,
     revision: watch::Sender<i64>,
     history_limit: usize,
-    progress: mpsc::Sender<()>,
-    progress_rx: std::sync::Mutex<Option<mpsc::Receiver<()>>>,
 }
 
 fn unpoison<T>(r: Result<T, std::sync::PoisonError<T>>) -> T {
@@ -127,13 +125,10 @@ impl WatchCache {
             state.kinds.insert(p.to_string(), KindState::default());
         }
         let (revision, _) = watch::channel(0);
-        let (progress, rx) = mpsc::channel(1);
         Arc::new(WatchCache {
             state: RwLock::new(state),
             revision,
             history_limit: history_limit.max(16),
-            progress,
-            progress_rx: std::sync::Mutex::new(Some(rx)),
         })
     }
 
@@ -149,15 +144,8 @@ impl WatchCache {
 
     /// Keep the cache in step with etcd forever: list, then watch; relist if the watch breaks.
     pub async fn run(self: Arc<Self>, client: Client) {
-        let Some(mut progress_rx) = unpoison(self.progress_rx.lock()).take() else {
-            return;
-        };
         loop {
-            match self
-                .clone()
-                .sync_once(client.clone(), &mut progress_rx)
-                .await
-            {
+            match self.clone().sync_once(client.clone()).await {
                 Ok(()) => tracing::warn!("etcd watch ended; relisting"),
                 Err(e) => tracing::warn!(error = %e, "etcd watch failed; relisting"),
             }
@@ -165,13 +153,11 @@ impl WatchCache {
         }
     }
 
-    async fn sync_once(
-        self: Arc<Self>,
-        mut client: Client,
-        progress_rx: &mut mpsc::Receiver<()>,
-    ) -> Result<(), etcd_client::Error> {
+    async fn sync_once(self: Arc<Self>, mut client: Client) -> Result<(), etcd_client::Error> {
+        // All of Karri's keys, the index entries too: every write of Karri's then reaches the
+        // cache as an event, whose revision is the only one trusted (see `apply`).
         let resp = client
-            .get(REGISTRY_PREFIX, Some(GetOptions::new().with_prefix()))
+            .get(KARRI_PREFIX, Some(GetOptions::new().with_prefix()))
             .await?;
         let start = resp.header().map(|h| h.revision()).unwrap_or(0);
         self.reset(resp.kvs(), start);
@@ -179,25 +165,34 @@ impl WatchCache {
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(start + 1);
-        let mut stream = client.watch(REGISTRY_PREFIX, Some(options)).await?;
+        let mut stream = client.watch(KARRI_PREFIX, Some(options)).await?;
         // Ready only now: the list is in and the watch that keeps it current is open.
         self.mark_synced();
-        loop {
-            tokio::select! {
-                msg = stream.message() => {
-                    let Some(resp) = msg? else { return Ok(()) };
-                    if resp.canceled() || resp.compact_revision() > 0 {
-                        tracing::warn!(compact = resp.compact_revision(), reason = resp.cancel_reason(), "etcd watch canceled");
-                        return Ok(());
-                    }
-                    let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
-                    self.apply(resp.events(), rev);
-                }
-                Some(()) = progress_rx.recv() => {
-                    stream.request_progress().await?;
-                }
+        while let Some(resp) = stream.message().await? {
+            if resp.canceled() || resp.compact_revision() > 0 {
+                tracing::warn!(
+                    compact = resp.compact_revision(),
+                    reason = resp.cancel_reason(),
+                    "etcd watch canceled"
+                );
+                return Ok(());
             }
+            // Only events move the cache's revision, to their own mod_revision. A response's
+            // header revision is etcd's current one, possibly ahead of events still to come (a
+            // watch that starts unsynced, and etcd before 3.4.25 sends progress notifications
+            // ahead of events), so created responses and progress notifications move nothing.
+            let Some(rev) = resp
+                .events()
+                .iter()
+                .filter_map(|e| e.kv())
+                .map(|kv| kv.mod_revision())
+                .max()
+            else {
+                continue;
+            };
+            self.apply(resp.events(), rev);
         }
+        Ok(())
     }
 
     fn reset(&self, kvs: &[KeyValue], revision: i64) {
@@ -212,6 +207,9 @@ impl WatchCache {
         state.dependents.clear();
         for kv in kvs {
             let Ok(key) = kv.key_str() else { continue };
+            if !key.starts_with(REGISTRY_PREFIX) {
+                continue;
+            }
             let Some(obj) =
                 CachedObject::from_stored(key.to_string(), kv.value(), kv.mod_revision())
             else {
@@ -316,8 +314,6 @@ impl WatchCache {
         if *rx.borrow_and_update() >= revision && self.synced() {
             return true;
         }
-        // Writes outside our prefix advance etcd's revision without events: ask for progress.
-        let _ = self.progress.try_send(());
         let wait = async {
             loop {
                 if rx.changed().await.is_err() {

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
+/// Prefix of every key Karri writes.
+pub const KARRI_PREFIX: &str = "/karri/";
 /// Where every record lives: `/karri/registry/<group>/<plural>/[<namespace>/]<name>`.
 pub const REGISTRY_PREFIX: &str = "/karri/registry/";
 /// EC2-style ID index: `/karri/index/ids/<id>` → record key.
