@@ -82,7 +82,8 @@ pub fn netns_exists(name: &str) -> bool {
 }
 
 /// The pids of the processes in network namespace `name` (`ip netns pids`).
-fn netns_pids(name: &str) -> Vec<String> {
+/// The PIDs of the processes inside network namespace `name` (`ip netns pids`).
+pub fn netns_pids(name: &str) -> Vec<String> {
     Command::new("ip")
         .args(["netns", "pids", name])
         .stderr(Stdio::null())

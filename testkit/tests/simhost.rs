@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{ensure, Context as _};
-use karri_testkit::simhost::{netns_exists, run_ok, simhost_script, Netns};
+use karri_testkit::simhost::{netns_exists, netns_pids, run_ok, simhost_script, Netns};
 use karri_testkit::SimHost;
 
 fn stdout(cmd: &mut Command) -> anyhow::Result<String> {
@@ -80,6 +80,16 @@ fn a_test_namespace_goes_away_on_drop_with_what_runs_inside() -> anyhow::Result<
     ensure!(lo.contains("UP"), "{lo}");
     let mut sleeper = ns.exec(["sleep", "600"]).spawn()?;
     let pid = sleeper.id();
+    // `ip netns exec` enters the namespace and then execs `sleep` (same PID): wait until it is
+    // inside, or the drop races with its entering.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !netns_pids(&name).contains(&pid.to_string()) {
+        if std::time::Instant::now() > deadline {
+            let _ = sleeper.kill();
+            anyhow::bail!("sleep {pid} never showed up in {name}");
+        }
+        std::thread::yield_now();
+    }
     drop(ns);
     assert!(!netns_exists(&name), "{name} still exists");
     let status = sleeper.wait()?;
