@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{Condition, Tag};
 use crate::validation::{
-    check_id, check_tags, check_text, is_valid_account_id, Validate, ValidationError,
+    check_boot_ids, check_tags, check_text, is_valid_account_id, Validate, ValidationError,
 };
 
 /// Root device name of images that do not say otherwise.
@@ -292,22 +292,7 @@ impl Validate for ImageSpec {
                 "look like /dev/vda",
             ));
         }
-        if let Some(id) = &self.kernel_id {
-            check_id(
-                "spec.kernelId",
-                id,
-                &["eki", "aki"],
-                "eki-0123456789abcdef0",
-            )?;
-        }
-        if let Some(id) = &self.ramdisk_id {
-            check_id(
-                "spec.ramdiskId",
-                id,
-                &["eri", "ari"],
-                "eri-0123456789abcdef0",
-            )?;
-        }
+        check_boot_ids(self.kernel_id.as_deref(), self.ramdisk_id.as_deref())?;
         if self.ramdisk_id.is_some() && self.kernel_id.is_none() {
             return Err(ValidationError::invalid(
                 "spec.ramdiskId",

@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::common::{Condition, Tag};
 use crate::validation::{
-    check_id, check_ip, check_record_name, check_tags, check_text, decode_user_data, Validate,
-    ValidationError,
+    check_boot_ids, check_id, check_ip, check_record_name, check_tags, check_text,
+    decode_user_data, Validate, ValidationError,
 };
 
 /// Annotation RebootInstances sets to the time of the request; the node agent reboots a running
@@ -397,22 +397,7 @@ impl Validate for InstanceSpec {
         if let Some(id) = &self.reservation_id {
             check_id("spec.reservationId", id, &["r"], "r-0123456789abcdef0")?;
         }
-        if let Some(id) = &self.kernel_id {
-            check_id(
-                "spec.kernelId",
-                id,
-                &["eki", "aki"],
-                "eki-0123456789abcdef0",
-            )?;
-        }
-        if let Some(id) = &self.ramdisk_id {
-            check_id(
-                "spec.ramdiskId",
-                id,
-                &["eri", "ari"],
-                "eri-0123456789abcdef0",
-            )?;
-        }
+        check_boot_ids(self.kernel_id.as_deref(), self.ramdisk_id.as_deref())?;
         if let Some(limit) = self
             .metadata_options
             .as_ref()

@@ -97,6 +97,30 @@ pub fn is_valid_id(prefix: &str, id: &str) -> bool {
         })
 }
 
+/// Checks `spec.kernelId` (`eki-`/`aki-`) and `spec.ramdiskId` (`eri-`/`ari-`) when set.
+pub(crate) fn check_boot_ids(
+    kernel_id: Option<&str>,
+    ramdisk_id: Option<&str>,
+) -> Result<(), ValidationError> {
+    if let Some(id) = kernel_id {
+        check_id(
+            "spec.kernelId",
+            id,
+            &["eki", "aki"],
+            "eki-0123456789abcdef0",
+        )?;
+    }
+    if let Some(id) = ramdisk_id {
+        check_id(
+            "spec.ramdiskId",
+            id,
+            &["eri", "ari"],
+            "eri-0123456789abcdef0",
+        )?;
+    }
+    Ok(())
+}
+
 /// Whether `id` is a 12-digit AWS account id such as `123456789012`.
 pub fn is_valid_account_id(id: &str) -> bool {
     id.len() == 12 && id.bytes().all(|b| b.is_ascii_digit())
