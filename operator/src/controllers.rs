@@ -102,6 +102,8 @@ pub struct Context {
     nodes: Store<Node>,
     types: Store<InstanceType>,
     zones: Store<AvailabilityZone>,
+    /// Images, accounts and key pairs that launches are resolved from.
+    lookups: launch::Lookups,
     policy: Policy,
     retention: Duration,
     state: Mutex<PlacementState>,
@@ -266,7 +268,7 @@ impl Context {
             .get(&ObjectRef::new(zone))
             .map(|z| z.spec.region.clone())
             .unwrap_or_default();
-        let launch = launch::resolve(&self.client, instance, Some(subnet)).await?;
+        let launch = launch::resolve(&self.lookups, instance, Some(subnet)).await?;
         let own = instance
             .status
             .as_ref()
@@ -470,6 +472,12 @@ pub async fn run_instances(client: Client, settings: Settings, metrics: Arc<Metr
     let nodes = spawn_store(Api::<Node>::all(client.clone()));
     let types = spawn_store(Api::<InstanceType>::all(client.clone()));
     let zones = spawn_store(Api::<AvailabilityZone>::all(client.clone()));
+    let lookups = launch::Lookups {
+        client: client.clone(),
+        images: spawn_store(Api::<crds::Image>::all(client.clone())),
+        accounts: spawn_store(Api::<crds::Account>::all(client.clone())),
+        keys: spawn_store(Api::<crds::KeyPair>::all(client.clone())),
+    };
     let controller = Controller::new(
         Api::<Instance>::all(client.clone()),
         watcher::Config::default(),
@@ -487,6 +495,7 @@ pub async fn run_instances(client: Client, settings: Settings, metrics: Arc<Metr
         nodes,
         types,
         zones,
+        lookups,
         policy: settings.policy,
         retention: settings.retention,
         state: Mutex::new(PlacementState::default()),

@@ -14,6 +14,7 @@ use crds::{
     Account, Image, ImageArtifact, ImageType, Instance, InstanceState, KeyPair, LaunchSpec,
 };
 use kube::api::{Api, ListParams};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, ResourceExt};
 
 /// Why an instance cannot be launched.
@@ -134,42 +135,91 @@ pub fn allocate_address<'a>(
     subnet.first_free(&used)
 }
 
-/// Looks up the image of `id` visible to namespace `ns`.
-async fn find_image(
-    client: &Client,
-    id: &str,
-    ns: &str,
-    account_id: Option<&str>,
-) -> Result<Option<Image>, kube::Error> {
-    let api: Api<Image> = Api::all(client.clone());
-    for candidate in image_id_candidates(id) {
-        let selector = format!("{}={candidate}", crds::ID_LABEL);
-        let found = api.list(&ListParams::default().labels(&selector)).await?;
-        if let Some(image) = found
-            .items
-            .into_iter()
-            .find(|i| visible_to(i, ns, account_id))
-        {
-            return Ok(Some(image));
-        }
-    }
-    Ok(None)
+/// Where launches are resolved from: the operator's caches of images, accounts and key pairs,
+/// and the resource API for what a cache does not hold yet (a record created a moment ago).
+pub struct Lookups {
+    /// The resource API.
+    pub client: Client,
+    /// Every image.
+    pub images: Store<Image>,
+    /// Every account.
+    pub accounts: Store<Account>,
+    /// Every key pair.
+    pub keys: Store<KeyPair>,
 }
 
-/// Resolves the launch of `instance` (in namespace `ns`) through the resource API.
+impl Lookups {
+    /// The image of `id` visible to namespace `ns`.
+    async fn image(
+        &self,
+        id: &str,
+        ns: &str,
+        account_id: Option<&str>,
+    ) -> Result<Option<Image>, kube::Error> {
+        let candidates = image_id_candidates(id);
+        let cached = self.images.state().into_iter().find(|i| {
+            i.labels()
+                .get(crds::ID_LABEL)
+                .is_some_and(|own| candidates.contains(own))
+                && visible_to(i, ns, account_id)
+        });
+        if let Some(image) = cached {
+            return Ok(Some((*image).clone()));
+        }
+        let api: Api<Image> = Api::all(self.client.clone());
+        for candidate in candidates {
+            let selector = format!("{}={candidate}", crds::ID_LABEL);
+            let found = api.list(&ListParams::default().labels(&selector)).await?;
+            if let Some(image) = found
+                .items
+                .into_iter()
+                .find(|i| visible_to(i, ns, account_id))
+            {
+                return Ok(Some(image));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The 12-digit ID of the account owning namespace `ns`, if it has one.
+    async fn account_id(&self, ns: &str) -> Result<Option<String>, kube::Error> {
+        let account = match self.accounts.get(&ObjectRef::new(ns)) {
+            Some(a) => Some((*a).clone()),
+            None => Api::<Account>::all(self.client.clone()).get_opt(ns).await?,
+        };
+        Ok(account.and_then(|a| a.status).and_then(|s| s.account_id))
+    }
+
+    /// The public key of key pair `name` in namespace `ns`.
+    async fn public_key(&self, ns: &str, name: &str) -> Result<Option<String>, kube::Error> {
+        let cached = self
+            .keys
+            .state()
+            .into_iter()
+            .find(|k| k.namespace().as_deref() == Some(ns) && k.spec.key_name == name);
+        let key = match cached {
+            Some(k) => Some((*k).clone()),
+            None => Api::<KeyPair>::namespaced(self.client.clone(), ns)
+                .list(&ListParams::default())
+                .await?
+                .items
+                .into_iter()
+                .find(|k| k.spec.key_name == name),
+        };
+        Ok(key.map(|k| format!("{} {name}", k.spec.public_key.trim())))
+    }
+}
+
+/// Resolves the launch of `instance`: from the caches, else through the resource API.
 pub async fn resolve(
-    client: &Client,
+    lookups: &Lookups,
     instance: &Instance,
     subnet: Option<Subnet>,
 ) -> Result<LaunchSpec, LaunchError> {
     let ns = instance
         .namespace()
         .ok_or_else(|| LaunchError::Refused("the instance has no namespace".into()))?;
-    let account_id = Api::<Account>::all(client.clone())
-        .get_opt(&ns)
-        .await?
-        .and_then(|a| a.status)
-        .and_then(|s| s.account_id);
+    let account_id = lookups.account_id(&ns).await?;
     let account = account_id.as_deref();
     let spec = &instance.spec;
     let not_found = |what: &str, id: &str| {
@@ -177,7 +227,8 @@ pub async fn resolve(
             "the {what} image {id} does not exist or is not yours"
         ))
     };
-    let machine = find_image(client, &spec.image_id, &ns, account)
+    let machine = lookups
+        .image(&spec.image_id, &ns, account)
         .await?
         .ok_or_else(|| not_found("machine", &spec.image_id))?;
     let kernel_id = spec
@@ -189,41 +240,31 @@ pub async fn resolve(
         .clone()
         .or_else(|| machine.spec.ramdisk_id.clone());
     let kernel = match &kernel_id {
-        Some(id) => Some(
-            find_image(client, id, &ns, account)
+        Some(id) => Some((
+            id.clone(),
+            lookups
+                .image(id, &ns, account)
                 .await?
                 .ok_or_else(|| not_found("kernel", id))?,
-        ),
+        )),
         None => None,
     };
     let ramdisk = match &ramdisk_id {
-        Some(id) => Some(
-            find_image(client, id, &ns, account)
+        Some(id) => Some((
+            id.clone(),
+            lookups
+                .image(id, &ns, account)
                 .await?
                 .ok_or_else(|| not_found("ramdisk", id))?,
-        ),
+        )),
         None => None,
     };
     let public_key = match &spec.key_name {
-        Some(name) => {
-            let keys: Api<KeyPair> = Api::namespaced(client.clone(), &ns);
-            let all = keys.list(&ListParams::default()).await?;
-            let key = all
-                .items
-                .into_iter()
-                .find(|k| &k.spec.key_name == name)
-                .ok_or_else(|| {
-                    LaunchError::Refused(format!("the key pair {name:?} does not exist"))
-                })?;
-            Some(format!("{} {name}", key.spec.public_key.trim()))
-        }
+        Some(name) => Some(lookups.public_key(&ns, name).await?.ok_or_else(|| {
+            LaunchError::Refused(format!("the key pair {name:?} does not exist"))
+        })?),
         None => None,
     };
-    let found = |id: &'_ Option<String>, image: &'_ Option<Image>| -> Option<(String, Image)> {
-        Some((id.clone()?, image.clone()?))
-    };
-    let kernel = found(&kernel_id, &kernel);
-    let ramdisk = found(&ramdisk_id, &ramdisk);
     assemble(
         Found {
             id: &spec.image_id,
