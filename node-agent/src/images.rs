@@ -38,7 +38,7 @@ pub const DEFAULT_READ_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const QEMU_IMG_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Read size when copying a local image.
-const COPY_BUFFER_BYTES: usize = 1 << 20;
+const COPY_BUFFER_BYTES: usize = 128 << 10;
 
 /// Where an image's bytes come from and what they must hash to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

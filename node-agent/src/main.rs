@@ -245,7 +245,30 @@ async fn connect(uri: &str, node: &str) -> LibvirtHypervisor {
 /// may cost a malloc arena, which is the price of the parallelism.
 const LIBVIRT_THREADS: usize = 8;
 
+/// glibc's malloc gives each thread that allocates its own arena, and the agent's blocking
+/// threads (libvirt calls, image copies) each kept megabytes of it: bench-cloud measured 36.6 MB
+/// of anonymous memory per agent after a burst of launches, 8.5 MB with one arena.
+const MALLOC_ARENA_ENV: &str = "MALLOC_ARENA_MAX";
+
+/// Runs the agent again in this process with one malloc arena, unless the environment already
+/// chooses (glibc reads it only at start). Returns only when that is not possible.
+fn with_one_malloc_arena() {
+    use std::os::unix::process::CommandExt as _;
+    if std::env::var_os(MALLOC_ARENA_ENV).is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let error = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(MALLOC_ARENA_ENV, "1")
+        .exec();
+    eprintln!("node-agent: cannot run again with {MALLOC_ARENA_ENV}=1 ({error}); going on without");
+}
+
 fn main() -> anyhow::Result<()> {
+    with_one_malloc_arena();
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .max_blocking_threads(LIBVIRT_THREADS)
