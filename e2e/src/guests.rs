@@ -327,46 +327,10 @@ impl GuestCloud {
         }
     }
 
-    /// Environment for awscli/boto3 as the account (with `PATH` and `HOME`).
-    pub fn aws_env(&self) -> Vec<(String, String)> {
-        let mut env: Vec<(String, String)> = ["PATH", "HOME"]
-            .into_iter()
-            .filter_map(|k| Some((k.to_owned(), std::env::var(k).ok()?)))
-            .collect();
-        env.extend(self.gateway.aws_env(&self.credentials));
-        env
-    }
-
     /// `aws ec2 <args> --output json` as the account, which must succeed: its JSON answer.
     pub async fn aws(&self, args: &[&str]) -> anyhow::Result<serde_json::Value> {
-        let bin = workspace_root().join(".venv/bin/aws");
-        ensure!(
-            bin.exists(),
-            "{} is missing; run `make setup`",
-            bin.display()
-        );
-        let out = tokio::process::Command::new(&bin)
-            .arg("ec2")
-            .args(args)
-            .args(["--output", "json"])
-            .env_clear()
-            .envs(self.aws_env())
-            .kill_on_drop(true)
-            .output()
-            .await
-            .with_context(|| format!("running aws ec2 {}", args.join(" ")))?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        ensure!(
-            out.status.success(),
-            "aws ec2 {} failed ({}):\n{}{stdout}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if stdout.trim().is_empty() {
-            return Ok(serde_json::Value::Null);
-        }
-        serde_json::from_str(&stdout).with_context(|| format!("aws printed {stdout}"))
+        let args: Vec<&str> = std::iter::once("ec2").chain(args.iter().copied()).collect();
+        self.gateway.aws(&self.credentials, &args).await
     }
 
     /// The decoded console output of `instance` as GetConsoleOutput gives it ("" while none).

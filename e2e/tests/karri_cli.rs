@@ -87,20 +87,7 @@ async fn the_admin_command_makes_accounts_and_keys_that_awscli_can_use() -> anyh
     ensure!(String::from_utf8_lossy(&missing.stderr).contains("no account nope"));
 
     // The printed credentials sign requests awscli makes, as that account.
-    let out = tokio::process::Command::new(workspace_root().join(".venv/bin/aws"))
-        .args(["ec2", "describe-vpcs", "--output", "json"])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", gateway.dir())
-        .envs(gateway.aws_env(&creds))
-        .output()
-        .await?;
-    ensure!(
-        out.status.success(),
-        "aws failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let answer = gateway.aws(&creds, &["ec2", "describe-vpcs"]).await?;
     ensure!(
         answer["Vpcs"][0]["OwnerId"] == id.as_str(),
         "the VPC is not shown as the account's: {answer}"

@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 use anyhow::{bail, ensure, Context};
 use crds::{DiskImageFormat, Image, ImageType, ID_LABEL};
-use karri_testkit::{bin_dir, workspace_root, Etcd, Gateway, Tokens};
+use karri_testkit::{bin_dir, Etcd, Gateway, Tokens};
 use kube::api::ListParams;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
@@ -415,20 +415,7 @@ async fn a_public_image_in_a_shared_namespace_is_launchable_by_every_account() -
 
     // Every account's awscli sees the public images (and not the private kernel).
     let (_, creds) = gateway.account_with_key(&tokens.admin, "tenant").await?;
-    let out = tokio::process::Command::new(workspace_root().join(".venv/bin/aws"))
-        .args(["ec2", "describe-images", "--output", "json"])
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("HOME", gateway.dir())
-        .envs(gateway.aws_env(&creds))
-        .output()
-        .await?;
-    ensure!(
-        out.status.success(),
-        "aws failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let answer: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let answer = gateway.aws(&creds, &["ec2", "describe-images"]).await?;
     let images = answer["Images"].as_array().context("no Images")?;
     let shown = |id: &str| images.iter().find(|i| i["ImageId"] == id);
     let machine = shown(&emi).with_context(|| format!("{emi} not shown: {answer}"))?;

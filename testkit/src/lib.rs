@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{bail, ensure, Context};
 use tempfile::TempDir;
 
 pub mod simhost;
@@ -353,6 +353,44 @@ impl Gateway {
             ("AWS_MAX_ATTEMPTS".into(), "1".into()),
             ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
         ]
+    }
+
+    /// `aws <args> --output json` (the project venv's awscli) as the account of `creds`, which
+    /// must succeed: its JSON answer (`Null` when it prints nothing).
+    pub async fn aws(
+        &self,
+        creds: &AwsCredentials,
+        args: &[&str],
+    ) -> anyhow::Result<serde_json::Value> {
+        let bin = workspace_root().join(".venv/bin/aws");
+        ensure!(
+            bin.exists(),
+            "{} is missing; run `make setup`",
+            bin.display()
+        );
+        let out = tokio::process::Command::new(&bin)
+            .args(args)
+            .args(["--output", "json"])
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", self.dir())
+            .envs(self.aws_env(creds))
+            .kill_on_drop(true)
+            .output()
+            .await
+            .with_context(|| format!("running aws {}", args.join(" ")))?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success(),
+            "aws {} failed ({}):\n{}{stdout}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if stdout.trim().is_empty() {
+            return Ok(serde_json::Value::Null);
+        }
+        serde_json::from_str(&stdout).with_context(|| format!("aws printed {stdout}"))
     }
 
     /// Kills the gateway (SIGKILL) and waits for it. Calling it twice is harmless.
