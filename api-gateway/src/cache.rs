@@ -154,10 +154,12 @@ impl WatchCache {
     }
 
     async fn sync_once(self: Arc<Self>, mut client: Client) -> Result<(), etcd_client::Error> {
-        // All of Karri's keys, the index entries too: every write of Karri's then reaches the
-        // cache as an event, whose revision is the only one trusted (see `apply`).
+        // The records are listed; all of Karri's keys are watched, index entries and the S3
+        // object index too: every write of Karri's then reaches the cache as an event, whose
+        // revision is the only one trusted (see `apply`). The object index is not listed: it
+        // can be far larger than the records and the cache keeps nothing of it.
         let resp = client
-            .get(KARRI_PREFIX, Some(GetOptions::new().with_prefix()))
+            .get(REGISTRY_PREFIX, Some(GetOptions::new().with_prefix()))
             .await?;
         let start = resp.header().map(|h| h.revision()).unwrap_or(0);
         self.reset(resp.kvs(), start);

@@ -13,6 +13,7 @@ pub mod http;
 pub mod kinds;
 pub mod metrics;
 pub mod registry;
+pub mod s3;
 pub mod schema;
 pub mod selectors;
 pub mod ssa;

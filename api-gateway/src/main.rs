@@ -83,6 +83,25 @@ struct Args {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 3 * 1024 * 1024)]
     max_body_bytes: usize,
+    /// Directory of S3 object bytes (blobs); the S3 face is off without it.
+    #[arg(long, env = "KARRI_S3_DATA_DIR")]
+    s3_data_dir: Option<PathBuf>,
+    /// Domains under which `<bucket>.<domain>` addresses a bucket (virtual-hosted style);
+    /// their wildcards are added to a generated serving certificate.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "s3.localhost,localhost",
+        env = "KARRI_S3_DOMAINS"
+    )]
+    s3_domain: Vec<String>,
+    /// Age after which an S3 blob that no object names is an orphan the sweep removes; longer
+    /// than any upload takes.
+    #[arg(long, default_value_t = 3600)]
+    s3_sweep_grace_seconds: u64,
+    /// Seconds between S3 orphan sweeps (one also runs at start).
+    #[arg(long, default_value_t = 600)]
+    s3_sweep_interval_seconds: u64,
 }
 
 #[tokio::main]
@@ -128,6 +147,31 @@ async fn main() -> anyhow::Result<()> {
         metrics.clone(),
         Some(sealer),
     );
+    let s3 = match &args.s3_data_dir {
+        Some(dir) => {
+            let blobs: Arc<dyn api_gateway::s3::blob::BlobStore> = Arc::new(
+                api_gateway::s3::blob::FsBlobs::open(dir)
+                    .with_context(|| format!("cannot use {} for S3 objects", dir.display()))?,
+            );
+            tokio::spawn(api_gateway::s3::sweep::run(
+                api_gateway::s3::index::ObjectIndex::new(registry.etcd_client()),
+                blobs.clone(),
+                std::time::Duration::from_secs(args.s3_sweep_grace_seconds),
+                std::time::Duration::from_secs(args.s3_sweep_interval_seconds.max(1)),
+                metrics.s3_swept.clone(),
+            ));
+            Some(api_gateway::s3::S3Face::new(
+                registry.clone(),
+                blobs,
+                &api_gateway::s3::S3Settings {
+                    region: args.region.clone(),
+                    domains: args.s3_domain.clone(),
+                },
+                metrics.clone(),
+            ))
+        }
+        None => None,
+    };
     let state = Arc::new(AppState {
         registry,
         auth,
@@ -143,6 +187,7 @@ async fn main() -> anyhow::Result<()> {
                 .map(|a| format!("https://{a}"))
                 .unwrap_or_else(|| format!("https://{}", args.listen)),
         },
+        s3,
     });
     let serving = match (args.tls_cert_file, args.tls_private_key_file) {
         (Some(cert), Some(key)) => tls::ServingCert {
@@ -150,7 +195,14 @@ async fn main() -> anyhow::Result<()> {
             key,
             ca: None,
         },
-        (None, None) => tls::ensure_self_signed(&args.cert_dir, &args.tls_san)?,
+        (None, None) => {
+            let mut names = args.tls_san.clone();
+            for d in &args.s3_domain {
+                names.push(d.clone());
+                names.push(format!("*.{d}"));
+            }
+            tls::ensure_self_signed(&args.cert_dir, &names)?
+        }
         _ => anyhow::bail!("--tls-cert-file and --tls-private-key-file go together"),
     };
     let config = RustlsConfig::from_pem_file(&serving.cert, &serving.key)

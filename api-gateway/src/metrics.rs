@@ -36,6 +36,8 @@ pub struct Metrics {
     pub watchers: Gauge,
     /// Watches that had to read etcd directly (older than the cache).
     pub etcd_direct_watches: Counter,
+    /// Orphaned S3 blobs and temporary files the sweep removed.
+    pub s3_swept: Counter,
 }
 
 impl Metrics {
@@ -51,6 +53,12 @@ impl Metrics {
         let cache_lists = Counter::default();
         let watchers = Gauge::default();
         let etcd_direct_watches = Counter::default();
+        let s3_swept = Counter::default();
+        registry.register(
+            "s3_swept_orphans",
+            "Orphaned S3 blobs and temporary files removed by the sweep",
+            s3_swept.clone(),
+        );
         registry.register("requests", "API requests served", requests.clone());
         registry.register(
             "request_duration_seconds",
@@ -87,6 +95,7 @@ impl Metrics {
             cache_lists,
             watchers,
             etcd_direct_watches,
+            s3_swept,
         }
     }
 

@@ -236,6 +236,11 @@ impl Registry {
         registry
     }
 
+    /// The etcd client, for the S3 object index (which lives beside the records).
+    pub fn etcd_client(&self) -> Client {
+        self.etcd.clone()
+    }
+
     /// Whether the registry can serve: the cache has listed etcd.
     pub fn ready(&self) -> bool {
         self.cache.synced()

@@ -6,6 +6,7 @@
 
 pub mod access_key;
 pub mod account;
+pub mod bucket;
 pub mod common;
 pub mod image;
 pub mod instance;
@@ -29,6 +30,7 @@ use serde_json::Value;
 
 pub use access_key::{AccessKey, AccessKeySpec, AccessKeyStatus};
 pub use account::{Account, AccountSpec, AccountStatus};
+pub use bucket::{is_valid_bucket_name, Bucket, BucketSpec, BucketStatus, CannedAcl};
 pub use common::{Condition, ConditionStatus, Tag, CONDITION_READY, CONDITION_SCHEDULED};
 pub use image::{
     Architecture, DiskImageFormat, Image, ImageSpec, ImageState, ImageStatus, ImageType,
@@ -187,6 +189,18 @@ impl KarriResource for AccessKey {
     };
 }
 
+/// Buckets are named by their S3 name; the `bkt-` ID only labels the record.
+impl KarriResource for Bucket {
+    const INFO: KindInfo = KindInfo {
+        kind: "Bucket",
+        plural: "buckets",
+        singular: "bucket",
+        short_names: &["bkt"],
+        namespaced: false,
+        id_prefix: "bkt",
+    };
+}
+
 impl KarriResource for KeyPair {
     const INFO: KindInfo = KindInfo {
         kind: "KeyPair",
@@ -210,12 +224,13 @@ impl KarriResource for Lease {
 }
 
 /// Facts of every kind, in the stable order of [`kinds`].
-const KIND_INFOS: [KindInfo; 9] = [
+const KIND_INFOS: [KindInfo; 10] = [
     Account::INFO,
     AccessKey::INFO,
     AvailabilityZone::INFO,
     Node::INFO,
     InstanceType::INFO,
+    Bucket::INFO,
     Image::INFO,
     Instance::INFO,
     KeyPair::INFO,
@@ -229,6 +244,7 @@ static KINDS: LazyLock<Vec<(KindInfo, CustomResourceDefinition)>> = LazyLock::ne
         (AvailabilityZone::INFO, AvailabilityZone::crd()),
         (Node::INFO, Node::crd()),
         (InstanceType::INFO, InstanceType::crd()),
+        (Bucket::INFO, Bucket::crd()),
         (Image::INFO, Image::crd()),
         (Instance::INFO, Instance::crd()),
         (KeyPair::INFO, KeyPair::crd()),
@@ -303,6 +319,7 @@ pub fn validate_object(kind: &str, value: &Value) -> Result<(), ValidationError>
         "AvailabilityZone" => validate_typed::<AvailabilityZone>(value),
         "Node" => validate_typed::<Node>(value),
         "InstanceType" => validate_typed::<InstanceType>(value),
+        "Bucket" => validate_typed::<Bucket>(value),
         "Image" => validate_typed::<Image>(value),
         "Instance" => validate_typed::<Instance>(value),
         "KeyPair" => validate_typed::<KeyPair>(value),

@@ -92,7 +92,7 @@ fn instances_are_selectable_by_node_name() {
 
 #[test]
 fn kinds_resolve_by_plural_singular_kind_or_short_name() {
-    let rows: [(&str, Option<&str>); 9] = [
+    let rows: [(&str, Option<&str>); 10] = [
         ("instances", Some("Instance")),
         ("instance", Some("Instance")),
         ("Instance", Some("Instance")),
@@ -100,6 +100,7 @@ fn kinds_resolve_by_plural_singular_kind_or_short_name() {
         ("INSTANCES", Some("Instance")),
         ("az", Some("AvailabilityZone")),
         ("instancetypes", Some("InstanceType")),
+        ("bkt", Some("Bucket")),
         ("emi", None),
         ("pods", None),
     ];

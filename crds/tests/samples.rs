@@ -88,6 +88,7 @@ fn every_sample_manifest_parses_and_validates() -> anyhow::Result<()> {
                 "Account" => typed_round_trip::<crds::Account>(doc),
                 "AccessKey" => typed_round_trip::<crds::AccessKey>(doc),
                 "KeyPair" => typed_round_trip::<crds::KeyPair>(doc),
+                "Bucket" => typed_round_trip::<crds::Bucket>(doc),
                 "AvailabilityZone" => typed_round_trip::<crds::AvailabilityZone>(doc),
                 "Node" => typed_round_trip::<crds::Node>(doc),
                 "InstanceType" => typed_round_trip::<crds::InstanceType>(doc),

@@ -6,6 +6,7 @@
 pub mod cloud;
 pub mod guests;
 pub mod report;
+pub mod s3;
 
 pub mod support {
     //! Helpers shared by the kubectl, bad-input and authorization tests: a fresh cluster (etcd,

@@ -167,6 +167,7 @@ pub struct Gateway {
     bin: PathBuf,
     tokens_path: PathBuf,
     log_path: PathBuf,
+    extra_args: Vec<String>,
     // Removed when the handle is dropped (after Drop::drop killed the process).
     dir: TempDir,
 }
@@ -175,6 +176,16 @@ impl Gateway {
     /// Writes `tokens` to a tokens file, starts the gateway on a free loopback port against
     /// `etcd_endpoint` and waits until `GET /readyz` answers 200 (deadline 30 s).
     pub async fn start(etcd_endpoint: &str, tokens: &Tokens) -> anyhow::Result<Gateway> {
+        Self::start_with_args(etcd_endpoint, tokens, &[]).await
+    }
+
+    /// [`Gateway::start`] with extra command-line flags (kept across [`Gateway::restart`]).
+    pub async fn start_with_args(
+        etcd_endpoint: &str,
+        tokens: &Tokens,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Gateway> {
+        let extra_args: Vec<String> = extra_args.iter().map(|a| a.to_string()).collect();
         let bin = bin_dir().join("api-gateway");
         if !bin.is_file() {
             bail!(
@@ -202,6 +213,7 @@ impl Gateway {
                 etcd_endpoint,
                 &tokens_path,
                 &log_path,
+                &extra_args,
                 &mut child,
             )
             .await;
@@ -214,6 +226,7 @@ impl Gateway {
                         bin,
                         tokens_path,
                         log_path,
+                        extra_args,
                         dir,
                     })
                 }
@@ -408,9 +421,15 @@ impl Gateway {
             &self.etcd_endpoint,
             &self.tokens_path,
             &self.log_path,
+            &self.extra_args,
             &mut self.child,
         )
         .await
+    }
+
+    /// The directory of the gateway's S3 blobs (`--s3-data-dir`).
+    pub fn s3_data_dir(&self) -> PathBuf {
+        s3_dir(&self.tokens_path)
     }
 
     /// The temporary directory holding the tokens file and the log.
@@ -812,6 +831,13 @@ async fn spawn_etcd(
 
 /// The directory where the gateway keeps its generated CA and serving certificate: `pki/`
 /// beside the given file in the gateway's temp dir.
+fn s3_dir(sibling: &Path) -> PathBuf {
+    sibling
+        .parent()
+        .unwrap_or_else(|| Path::new("."))
+        .join("objects")
+}
+
 fn pki_dir(sibling: &Path) -> PathBuf {
     sibling
         .parent()
@@ -838,6 +864,7 @@ async fn spawn_gateway(
     etcd_endpoint: &str,
     tokens_path: &Path,
     log_path: &Path,
+    extra_args: &[String],
     child: &mut Option<Child>,
 ) -> anyhow::Result<()> {
     let (stdout, stderr) = log_files(log_path)?;
@@ -850,6 +877,9 @@ async fn spawn_gateway(
         .arg(tokens_path)
         .arg("--cert-dir")
         .arg(pki_dir(tokens_path))
+        .arg("--s3-data-dir")
+        .arg(s3_dir(tokens_path))
+        .args(extra_args)
         .stdin(Stdio::null())
         .stdout(stdout)
         .stderr(stderr)

@@ -227,10 +227,43 @@ async fn authenticate(s: &AppState, req: &SignedRequest<'_>) -> Result<Caller, E
         Ok(None) => return Err(Ec2Error::missing_authentication_token()),
         Err(e) => return Err(sigv4_error(&e)),
     };
-    let key = find_access_key(&s.registry, &parsed.access_key_id)
+    let (secret, caller) = resolve_access_key(&s.registry, &parsed.access_key_id)
         .await
-        .map_err(|_| Ec2Error::service_unavailable())?
-        .ok_or_else(Ec2Error::auth_failure)?;
+        .map_err(|e| match e {
+            KeyError::Unknown => Ec2Error::auth_failure(),
+            KeyError::Unavailable => Ec2Error::service_unavailable(),
+            KeyError::Sealed => Ec2Error::internal_error(),
+        })?;
+    let mut policy = VerifyPolicy::ec2(s.ec2.region.clone());
+    policy.max_skew = chrono::TimeDelta::from_std(s.ec2.max_skew).unwrap_or(policy.max_skew);
+    sigv4::verify(&parsed, req, &secret, chrono::Utc::now(), &policy)
+        .map_err(|e| sigv4_error(&e))?;
+    Ok(caller)
+}
+
+/// Why an access key does not resolve to a caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// No such key, an inactive one, or one whose account is gone or was recreated.
+    #[error("the access key is unknown or inactive")]
+    Unknown,
+    /// The registry could not be read.
+    #[error("the registry is unavailable")]
+    Unavailable,
+    /// The key's secret cannot be opened with the gateway's secrets key.
+    #[error("the access key's secret cannot be opened")]
+    Sealed,
+}
+
+/// The secret of access key `id` and the caller it signs for (used by the EC2 and S3 faces).
+pub async fn resolve_access_key(
+    registry: &Registry,
+    id: &str,
+) -> Result<(String, Caller), KeyError> {
+    let key = find_access_key(registry, id)
+        .await
+        .map_err(|_| KeyError::Unavailable)?
+        .ok_or(KeyError::Unknown)?;
     let text = |p: &str| {
         key.pointer(p)
             .and_then(Value::as_str)
@@ -238,24 +271,19 @@ async fn authenticate(s: &AppState, req: &SignedRequest<'_>) -> Result<Caller, E
             .to_string()
     };
     if key.pointer("/spec/active").and_then(Value::as_bool) == Some(false) {
-        return Err(Ec2Error::auth_failure());
+        return Err(KeyError::Unknown);
     }
-    let secret = s
-        .registry
+    let secret = registry
         .open_secret(&text("/status/sealedSecret"))
         .map_err(|e| {
             tracing::error!(error = %e, "an access key's secret cannot be opened");
-            Ec2Error::internal_error()
+            KeyError::Sealed
         })?;
-    let mut policy = VerifyPolicy::ec2(s.ec2.region.clone());
-    policy.max_skew = chrono::TimeDelta::from_std(s.ec2.max_skew).unwrap_or(policy.max_skew);
-    sigv4::verify(&parsed, req, &secret, chrono::Utc::now(), &policy)
-        .map_err(|e| sigv4_error(&e))?;
     let account_name = text("/spec/accountName");
-    let account = find_account(&s.registry, &account_name)
+    let account = find_account(registry, &account_name)
         .await
-        .map_err(|_| Ec2Error::service_unavailable())?
-        .ok_or_else(Ec2Error::auth_failure)?;
+        .map_err(|_| KeyError::Unavailable)?
+        .ok_or(KeyError::Unknown)?;
     let account_text = |p: &str| {
         account
             .pointer(p)
@@ -265,19 +293,22 @@ async fn authenticate(s: &AppState, req: &SignedRequest<'_>) -> Result<Caller, E
     };
     // The key signs only for the account it was made for, not a later one of the same name.
     if account_text("/metadata/uid") != text("/status/accountUid") {
-        return Err(Ec2Error::auth_failure());
+        return Err(KeyError::Unknown);
     }
     let account_id = account_text("/status/accountId");
     let namespace = account_text("/status/namespace");
     if account_id.is_empty() || namespace.is_empty() {
-        return Err(Ec2Error::auth_failure());
+        return Err(KeyError::Unknown);
     }
-    Ok(Caller {
-        account: account_name,
-        account_id,
-        namespace,
-        user: text("/spec/userName"),
-    })
+    Ok((
+        secret,
+        Caller {
+            account: account_name,
+            account_id,
+            namespace,
+            user: text("/spec/userName"),
+        },
+    ))
 }
 
 /// The AccessKey record of an access key ID: from the watch cache, or from etcd through the

@@ -50,6 +50,8 @@ pub struct AppState {
     pub openapi: Value,
     /// Settings of the EC2 face.
     pub ec2: crate::ec2::service::Ec2Settings,
+    /// The S3 face, when the gateway stores objects.
+    pub s3: Option<crate::s3::S3Face>,
 }
 
 type St = State<Arc<AppState>>;
@@ -69,8 +71,21 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/services/compute/", any(crate::ec2::service::serve))
         .route("/", any(root))
         .fallback(any(authenticated))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            s3_first,
+        ))
         .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// S3 requests (by signature scope, virtual host, the Eucalyptus path, or an unsigned request
+/// for a bucket) go to the S3 face before any route of the other faces sees them.
+async fn s3_first(State(s): St, req: Request, next: axum::middleware::Next) -> Response {
+    match &s.s3 {
+        Some(face) if face.claims(&req) => face.serve(req).await,
+        _ => next.run(req).await,
+    }
 }
 
 /// `/` serves AWS requests (an `Action`, a form POST or a SigV4 signature) and otherwise the

@@ -1,0 +1,602 @@
+//! The object index in etcd: one key per object, per multipart upload and per uploaded part,
+//! beside the Bucket records. An object is visible exactly when its index key exists, and its
+//! key is written only after every blob it names is durable, in a transaction that also
+//! checks the bucket still exists: a crash leaves an object whole or absent, never listed
+//! without data. Blobs no key names are orphans for the sweep.
+//!
+//! Layout (bucket names hold no `/`, so every prefix is unambiguous):
+//! - `/karri/s3/objects/<bucket>/<key>` → [`ObjectMeta`]
+//! - `/karri/s3/uploads/<bucket>/<upload id>` → [`UploadMeta`]
+//! - `/karri/s3/parts/<upload id>/<part number, 5 digits>` → [`PartMeta`]
+
+use std::collections::BTreeMap;
+
+use crds::CannedAcl;
+use etcd_client::{
+    Client, Compare, CompareOp, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::store;
+
+/// Prefix of every S3 index key.
+pub const S3_PREFIX: &str = "/karri/s3/";
+
+/// Why an index operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    /// The bucket is gone (deleted while the request ran).
+    #[error("the bucket does not exist")]
+    NoBucket,
+    /// The multipart upload is gone (completed or aborted).
+    #[error("the multipart upload does not exist")]
+    NoUpload,
+    /// etcd failed.
+    #[error("the object index is unavailable: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    /// A stored entry does not parse.
+    #[error("index entry {key} is corrupt: {reason}")]
+    Corrupt {
+        /// The etcd key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// One run of bytes of an object: a whole blob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Segment {
+    /// The blob's ID.
+    pub blob: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+/// HTTP headers stored with an object and returned on GET and HEAD.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SystemHeaders {
+    /// `Content-Type`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+    /// `Cache-Control`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_control: Option<String>,
+    /// `Content-Disposition`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_disposition: Option<String>,
+    /// `Content-Encoding`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_encoding: Option<String>,
+    /// `Content-Language`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_language: Option<String>,
+    /// `Expires`, as Unix milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_ms: Option<i64>,
+}
+
+/// An object's index entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ObjectMeta {
+    /// The bytes, in order.
+    pub segments: Vec<Segment>,
+    /// Total size.
+    pub size: u64,
+    /// The ETag without quotes: MD5 hex, or `<md5 of part md5s>-<parts>` for multipart.
+    pub etag: String,
+    /// Last modification, Unix milliseconds.
+    pub last_modified_ms: i64,
+    /// System headers.
+    #[serde(default)]
+    pub headers: SystemHeaders,
+    /// User metadata (`x-amz-meta-*`), keys lower-case without the prefix.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// Canned ACL of the object.
+    #[serde(default)]
+    pub acl: CannedAcl,
+    /// Object tags.
+    #[serde(default)]
+    pub tags: Vec<(String, String)>,
+    /// Number of parts of a multipart object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parts_count: Option<u32>,
+}
+
+impl ObjectMeta {
+    /// Every blob the object names.
+    pub fn blobs(&self) -> impl Iterator<Item = &str> {
+        self.segments.iter().map(|s| s.blob.as_str())
+    }
+}
+
+/// A multipart upload in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct UploadMeta {
+    /// The object key it will become.
+    pub key: String,
+    /// When it was created, Unix milliseconds.
+    pub initiated_ms: i64,
+    /// Access key ID of the initiator.
+    pub initiator: String,
+    /// Headers, metadata, ACL and tags of the object to be.
+    pub headers: SystemHeaders,
+    /// User metadata.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+    /// ACL.
+    #[serde(default)]
+    pub acl: CannedAcl,
+    /// Tags.
+    #[serde(default)]
+    pub tags: Vec<(String, String)>,
+}
+
+/// An uploaded part.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PartMeta {
+    /// The blob holding it.
+    pub blob: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// MD5 hex (the part's ETag).
+    pub etag: String,
+    /// Upload time, Unix milliseconds.
+    pub last_modified_ms: i64,
+}
+
+/// Index key of an object.
+pub fn object_key(bucket: &str, key: &str) -> String {
+    format!("{S3_PREFIX}objects/{bucket}/{key}")
+}
+
+/// Prefix of every object of a bucket.
+pub fn objects_prefix(bucket: &str) -> String {
+    format!("{S3_PREFIX}objects/{bucket}/")
+}
+
+/// Index key of a multipart upload.
+pub fn upload_key(bucket: &str, upload_id: &str) -> String {
+    format!("{S3_PREFIX}uploads/{bucket}/{upload_id}")
+}
+
+/// Prefix of every upload of a bucket.
+pub fn uploads_prefix(bucket: &str) -> String {
+    format!("{S3_PREFIX}uploads/{bucket}/")
+}
+
+/// Index key of one part.
+pub fn part_key(upload_id: &str, part: u32) -> String {
+    format!("{S3_PREFIX}parts/{upload_id}/{part:05}")
+}
+
+/// Prefix of every part of an upload.
+pub fn parts_prefix(upload_id: &str) -> String {
+    format!("{S3_PREFIX}parts/{upload_id}/")
+}
+
+/// The smallest key greater than every key that starts with `prefix` (etcd's range end of a
+/// prefix); empty means "to the end of the keyspace".
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+fn parse<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, IndexError> {
+    serde_json::from_slice(value).map_err(|e| IndexError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        reason: e.to_string(),
+    })
+}
+
+fn json<T: Serialize>(v: &T) -> Vec<u8> {
+    // Serializing plain structs of strings and numbers cannot fail.
+    serde_json::to_vec(v).expect("index entries always serialize")
+}
+
+/// The object index: typed operations on the etcd keys above.
+#[derive(Clone)]
+pub struct ObjectIndex {
+    etcd: Client,
+}
+
+impl ObjectIndex {
+    /// An index on the gateway's etcd client.
+    pub fn new(etcd: Client) -> Self {
+        Self { etcd }
+    }
+
+    async fn get_raw(
+        &self,
+        key: Vec<u8>,
+        opts: Option<GetOptions>,
+    ) -> Result<etcd_client::GetResponse, IndexError> {
+        Ok(store::retry_unreached(|| {
+            let mut kv = self.etcd.kv_client();
+            let (key, opts) = (key.clone(), opts.clone());
+            async move { kv.get(key, opts).await }
+        })
+        .await?)
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, IndexError> {
+        Ok(store::retry_unreached(|| {
+            let mut kv = self.etcd.kv_client();
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await?)
+    }
+
+    /// One object's entry (a linearizable read: strong read-after-write).
+    pub async fn get_object(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<ObjectMeta>, IndexError> {
+        let k = object_key(bucket, key);
+        let resp = self.get_raw(k.clone().into_bytes(), None).await?;
+        resp.kvs()
+            .first()
+            .map(|kv| parse(kv.key(), kv.value()))
+            .transpose()
+    }
+
+    /// Publishes an object if `bucket_record` (the Bucket's etcd key) still exists; returns
+    /// the entry it replaced, whose blobs the caller deletes.
+    pub async fn put_object(
+        &self,
+        bucket_record: &str,
+        bucket: &str,
+        key: &str,
+        meta: &ObjectMeta,
+    ) -> Result<Option<ObjectMeta>, IndexError> {
+        let k = object_key(bucket, key);
+        let txn = Txn::new()
+            .when([Compare::version(bucket_record, CompareOp::Greater, 0)])
+            .and_then([TxnOp::put(
+                k.clone(),
+                json(meta),
+                Some(PutOptions::new().with_prev_key()),
+            )]);
+        let resp = self.txn(txn).await?;
+        if !resp.succeeded() {
+            return Err(IndexError::NoBucket);
+        }
+        for op in resp.op_responses() {
+            if let TxnOpResponse::Put(put) = op {
+                if let Some(prev) = put.prev_key() {
+                    return Ok(Some(parse(prev.key(), prev.value())?));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Removes an object's entry; returns it (its blobs are the caller's to delete).
+    pub async fn delete_object(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<ObjectMeta>, IndexError> {
+        let k = object_key(bucket, key);
+        let resp = store::retry_unreached(|| {
+            let mut kv = self.etcd.kv_client();
+            let k = k.clone();
+            async move {
+                kv.delete(k, Some(DeleteOptions::new().with_prev_key()))
+                    .await
+            }
+        })
+        .await?;
+        resp.prev_kvs()
+            .first()
+            .map(|kv| parse(kv.key(), kv.value()))
+            .transpose()
+    }
+
+    /// Up to `limit` objects of `bucket` whose keys (relative to the bucket) are at least
+    /// `start` and start with `prefix`, in key order.
+    pub async fn list_objects(
+        &self,
+        bucket: &str,
+        prefix: &str,
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(String, ObjectMeta)>, IndexError> {
+        let base = objects_prefix(bucket);
+        let mut from = base.clone().into_bytes();
+        let wanted = {
+            let mut p = base.clone().into_bytes();
+            p.extend_from_slice(prefix.as_bytes());
+            p
+        };
+        if start > prefix.as_bytes() {
+            from.extend_from_slice(start);
+        } else {
+            from = wanted.clone();
+        }
+        let opts = GetOptions::new()
+            .with_range(prefix_end(&wanted))
+            .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
+        let resp = self.get_raw(from, Some(opts)).await?;
+        let mut out = Vec::with_capacity(resp.kvs().len());
+        for kv in resp.kvs() {
+            let rel = &kv.key()[base.len()..];
+            let Ok(rel) = std::str::from_utf8(rel) else {
+                continue;
+            };
+            out.push((rel.to_string(), parse(kv.key(), kv.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Whether the bucket holds any object or upload.
+    pub async fn bucket_in_use(&self, bucket: &str) -> Result<bool, IndexError> {
+        for prefix in [objects_prefix(bucket), uploads_prefix(bucket)] {
+            let resp = self
+                .get_raw(
+                    prefix.into_bytes(),
+                    Some(
+                        GetOptions::new()
+                            .with_prefix()
+                            .with_keys_only()
+                            .with_limit(1),
+                    ),
+                )
+                .await?;
+            if !resp.kvs().is_empty() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Records a new multipart upload (if the bucket exists).
+    pub async fn create_upload(
+        &self,
+        bucket_record: &str,
+        bucket: &str,
+        upload_id: &str,
+        meta: &UploadMeta,
+    ) -> Result<(), IndexError> {
+        let txn = Txn::new()
+            .when([Compare::version(bucket_record, CompareOp::Greater, 0)])
+            .and_then([TxnOp::put(upload_key(bucket, upload_id), json(meta), None)]);
+        if self.txn(txn).await?.succeeded() {
+            Ok(())
+        } else {
+            Err(IndexError::NoBucket)
+        }
+    }
+
+    /// One upload's entry.
+    pub async fn get_upload(
+        &self,
+        bucket: &str,
+        upload_id: &str,
+    ) -> Result<Option<UploadMeta>, IndexError> {
+        let resp = self
+            .get_raw(upload_key(bucket, upload_id).into_bytes(), None)
+            .await?;
+        resp.kvs()
+            .first()
+            .map(|kv| parse(kv.key(), kv.value()))
+            .transpose()
+    }
+
+    /// Every upload of a bucket: (upload ID, entry), in no particular order.
+    pub async fn list_uploads(
+        &self,
+        bucket: &str,
+    ) -> Result<Vec<(String, UploadMeta)>, IndexError> {
+        let prefix = uploads_prefix(bucket);
+        let resp = self
+            .get_raw(
+                prefix.clone().into_bytes(),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await?;
+        let mut out = Vec::new();
+        for kv in resp.kvs() {
+            let id = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
+            out.push((id, parse(kv.key(), kv.value())?));
+        }
+        Ok(out)
+    }
+
+    /// Records a part if its upload still exists; returns the part it replaced.
+    pub async fn put_part(
+        &self,
+        bucket: &str,
+        upload_id: &str,
+        part: u32,
+        meta: &PartMeta,
+    ) -> Result<Option<PartMeta>, IndexError> {
+        let txn = Txn::new()
+            .when([Compare::version(
+                upload_key(bucket, upload_id),
+                CompareOp::Greater,
+                0,
+            )])
+            .and_then([TxnOp::put(
+                part_key(upload_id, part),
+                json(meta),
+                Some(PutOptions::new().with_prev_key()),
+            )]);
+        let resp = self.txn(txn).await?;
+        if !resp.succeeded() {
+            return Err(IndexError::NoUpload);
+        }
+        for op in resp.op_responses() {
+            if let TxnOpResponse::Put(put) = op {
+                if let Some(prev) = put.prev_key() {
+                    return Ok(Some(parse(prev.key(), prev.value())?));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every part of an upload, by part number.
+    pub async fn list_parts(&self, upload_id: &str) -> Result<BTreeMap<u32, PartMeta>, IndexError> {
+        let prefix = parts_prefix(upload_id);
+        let resp = self
+            .get_raw(
+                prefix.clone().into_bytes(),
+                Some(GetOptions::new().with_prefix()),
+            )
+            .await?;
+        let mut out = BTreeMap::new();
+        for kv in resp.kvs() {
+            let number = std::str::from_utf8(&kv.key()[prefix.len()..])
+                .ok()
+                .and_then(|n| n.parse::<u32>().ok());
+            if let Some(number) = number {
+                out.insert(number, parse(kv.key(), kv.value())?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Completes an upload in one transaction: the object appears, the upload and all its part
+    /// entries disappear, or nothing happens. Returns the replaced object, if any.
+    pub async fn complete_upload(
+        &self,
+        bucket_record: &str,
+        bucket: &str,
+        upload_id: &str,
+        meta: &ObjectMeta,
+        key: &str,
+    ) -> Result<Option<ObjectMeta>, IndexError> {
+        let txn = Txn::new()
+            .when([
+                Compare::version(bucket_record, CompareOp::Greater, 0),
+                Compare::version(upload_key(bucket, upload_id), CompareOp::Greater, 0),
+            ])
+            .and_then([
+                TxnOp::put(
+                    object_key(bucket, key),
+                    json(meta),
+                    Some(PutOptions::new().with_prev_key()),
+                ),
+                TxnOp::delete(upload_key(bucket, upload_id), None),
+                TxnOp::delete(
+                    parts_prefix(upload_id),
+                    Some(DeleteOptions::new().with_prefix()),
+                ),
+            ]);
+        let resp = self.txn(txn).await?;
+        if !resp.succeeded() {
+            return Err(IndexError::NoUpload);
+        }
+        for op in resp.op_responses() {
+            if let TxnOpResponse::Put(put) = op {
+                if let Some(prev) = put.prev_key() {
+                    return Ok(Some(parse(prev.key(), prev.value())?));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Aborts an upload: removes it and its parts; returns the parts (their blobs are the
+    /// caller's to delete), or [`IndexError::NoUpload`].
+    pub async fn abort_upload(
+        &self,
+        bucket: &str,
+        upload_id: &str,
+    ) -> Result<Vec<PartMeta>, IndexError> {
+        let txn = Txn::new()
+            .when([Compare::version(
+                upload_key(bucket, upload_id),
+                CompareOp::Greater,
+                0,
+            )])
+            .and_then([
+                TxnOp::delete(upload_key(bucket, upload_id), None),
+                TxnOp::delete(
+                    parts_prefix(upload_id),
+                    Some(DeleteOptions::new().with_prefix().with_prev_key()),
+                ),
+            ]);
+        let resp = self.txn(txn).await?;
+        if !resp.succeeded() {
+            return Err(IndexError::NoUpload);
+        }
+        let mut parts = Vec::new();
+        for op in resp.op_responses() {
+            if let TxnOpResponse::Delete(del) = op {
+                for kv in del.prev_kvs() {
+                    parts.push(parse(kv.key(), kv.value())?);
+                }
+            }
+        }
+        Ok(parts)
+    }
+
+    /// Every blob ID the index names (objects and parts), read page by page.
+    pub async fn referenced_blobs(&self) -> Result<std::collections::HashSet<String>, IndexError> {
+        let mut out = std::collections::HashSet::new();
+        for (prefix, is_object) in [
+            (format!("{S3_PREFIX}objects/"), true),
+            (format!("{S3_PREFIX}parts/"), false),
+        ] {
+            let end = prefix_end(prefix.as_bytes());
+            let mut from = prefix.clone().into_bytes();
+            loop {
+                let opts = GetOptions::new().with_range(end.clone()).with_limit(1000);
+                let resp = self.get_raw(from.clone(), Some(opts)).await?;
+                for kv in resp.kvs() {
+                    if is_object {
+                        let meta: ObjectMeta = parse(kv.key(), kv.value())?;
+                        out.extend(meta.segments.into_iter().map(|s| s.blob));
+                    } else {
+                        let part: PartMeta = parse(kv.key(), kv.value())?;
+                        out.insert(part.blob);
+                    }
+                }
+                match resp.kvs().last() {
+                    Some(last) if resp.more() => {
+                        from = last.key().to_vec();
+                        from.push(0);
+                    }
+                    _ => break,
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_is_the_first_key_past_the_prefix() {
+        assert_eq!(prefix_end(b"abc/"), b"abc0".to_vec());
+        assert_eq!(prefix_end(b"a\xff"), b"b".to_vec());
+        assert_eq!(prefix_end(b"\xff\xff"), vec![0]);
+    }
+
+    #[test]
+    fn index_keys_keep_buckets_and_uploads_apart() {
+        assert_eq!(object_key("b", "dir/k"), "/karri/s3/objects/b/dir/k");
+        assert!(object_key("b", "k").starts_with(&objects_prefix("b")));
+        assert!(!object_key("bb", "k").starts_with(&objects_prefix("b")));
+        assert_eq!(part_key("u1", 7), "/karri/s3/parts/u1/00007");
+        assert!(part_key("u1", 10000).starts_with(&parts_prefix("u1")));
+    }
+}

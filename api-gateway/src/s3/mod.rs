@@ -1,0 +1,509 @@
+//! The S3 face (the Walrus role of Eucalyptus): the S3 REST API on the gateway's listeners, at
+//! `/` (path-style and virtual-hosted-style) and under `/services/objectstorage`.
+//!
+//! The protocol (routing, XML, SigV4 header, presigned and `aws-chunked` streaming payloads,
+//! error XML) is the `s3s` crate's; Karri supplies the operations ([`service::KarriS3`]),
+//! the secret of each access key, virtual-host parsing, and the Eucalyptus path. Buckets are
+//! records, objects an index in etcd ([`index`]) over blobs ([`blob`]).
+
+pub mod access;
+pub mod blob;
+pub mod cond;
+pub mod index;
+pub mod listing;
+pub mod service;
+pub mod sweep;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use s3s::auth::{S3Auth, SecretKey};
+use s3s::host::{S3Host, VirtualHost};
+use s3s::route::S3Route;
+use s3s::service::{S3Service, S3ServiceBuilder};
+use s3s::{s3_error, S3Request, S3Response, S3Result};
+use tracing::Instrument;
+
+use crate::ec2::service::{resolve_access_key, KeyError};
+use crate::metrics::{Metrics, RequestLabels};
+use crate::registry::Registry;
+
+/// The Eucalyptus path of the object store.
+pub const EUCA_PREFIX: &str = "/services/objectstorage";
+
+/// Settings of the S3 face.
+#[derive(Debug, Clone)]
+pub struct S3Settings {
+    /// The region buckets are created in.
+    pub region: String,
+    /// Domains under which `<bucket>.<domain>` is a virtual-hosted bucket, e.g. `s3.localhost`.
+    pub domains: Vec<String>,
+}
+
+/// The S3 face: the s3s service and what the gateway needs to route to it.
+#[derive(Clone)]
+pub struct S3Face {
+    service: S3Service,
+    domains: Arc<Vec<String>>,
+    metrics: Arc<Metrics>,
+}
+
+struct Secrets {
+    registry: Arc<Registry>,
+}
+
+#[async_trait::async_trait]
+impl S3Auth for Secrets {
+    async fn get_secret_key(&self, access_key: &str) -> S3Result<SecretKey> {
+        match resolve_access_key(&self.registry, access_key).await {
+            Ok((secret, _)) => Ok(SecretKey::from(secret)),
+            Err(KeyError::Unknown) => Err(s3_error!(
+                InvalidAccessKeyId,
+                "The AWS Access Key Id you provided does not exist in our records."
+            )),
+            Err(KeyError::Unavailable) => Err(s3_error!(
+                ServiceUnavailable,
+                "Please reduce your request rate."
+            )),
+            Err(KeyError::Sealed) => Err(s3_error!(
+                InternalError,
+                "We encountered an internal error. Please try again."
+            )),
+        }
+    }
+}
+
+/// Authorization happens in the operations, which know the bucket's owner and ACLs; anonymous
+/// requests reach them too (public buckets and objects).
+struct AclsInOperations;
+
+#[async_trait::async_trait]
+impl s3s::access::S3Access for AclsInOperations {
+    async fn check(&self, _cx: &mut s3s::access::S3AccessContext<'_>) -> S3Result<()> {
+        Ok(())
+    }
+}
+
+/// The bucket a `Host` header names in virtual-hosted style: `<bucket>.<domain>[:port]` for
+/// one of `domains` (the longest that matches). Pure.
+pub fn virtual_bucket<'a>(domains: &[String], host: &'a str) -> Option<&'a str> {
+    let host = strip_port(host);
+    let mut best: Option<(&str, usize)> = None;
+    for d in domains {
+        if let Some(bucket) = host
+            .strip_suffix(d.as_str())
+            .and_then(|h| h.strip_suffix('.'))
+            .filter(|b| !b.is_empty())
+        {
+            if best.is_none_or(|(_, len)| d.len() > len) {
+                best = Some((bucket, d.len()));
+            }
+        }
+    }
+    // A host that is itself a longer domain (s3.localhost under localhost) names no bucket.
+    if domains.iter().any(|d| d == host) {
+        return None;
+    }
+    best.map(|(b, _)| b)
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split(']').next().map_or(host, |h| &h[..h.len()]);
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+struct Hosts {
+    domains: Arc<Vec<String>>,
+}
+
+impl S3Host for Hosts {
+    fn parse_host_header<'a>(&'a self, host: &'a str) -> S3Result<VirtualHost<'a>> {
+        match virtual_bucket(&self.domains, host) {
+            Some(bucket) => Ok(
+                VirtualHost::new(strip_port(host)[bucket.len() + 1..].to_string())
+                    .with_bucket(bucket),
+            ),
+            None => Ok(VirtualHost::new(strip_port(host))),
+        }
+    }
+}
+
+/// The Eucalyptus path: s3s has verified the signature over the full path; the request goes on
+/// to a second service without the prefix and without the (already checked) signature, the
+/// signer's access key riding along as a [`service::ForwardedIdentity`].
+struct EucaPath {
+    inner: S3Service,
+}
+
+/// Query parameters of a presigned request, dropped once the signature is checked.
+const SIGNING_PARAMS: &[&str] = &[
+    "X-Amz-Algorithm",
+    "X-Amz-Credential",
+    "X-Amz-Date",
+    "X-Amz-Expires",
+    "X-Amz-SignedHeaders",
+    "X-Amz-Signature",
+    "X-Amz-Security-Token",
+    "AWSAccessKeyId",
+    "Signature",
+    "Expires",
+];
+
+/// `uri` without the Eucalyptus prefix and without signing parameters. Pure.
+pub fn strip_euca_uri(uri: &Uri) -> Option<Uri> {
+    let rest = uri.path().strip_prefix(EUCA_PREFIX)?;
+    let path = if rest.is_empty() { "/" } else { rest };
+    if !path.starts_with('/') {
+        return None;
+    }
+    let query: Vec<&str> = uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter(|p| {
+            let name = p.split('=').next().unwrap_or("");
+            !SIGNING_PARAMS.contains(&name)
+        })
+        .collect();
+    let pq = if query.is_empty() {
+        path.to_string()
+    } else {
+        format!("{path}?{}", query.join("&"))
+    };
+    pq.parse().ok()
+}
+
+#[async_trait::async_trait]
+impl S3Route for EucaPath {
+    fn is_match(
+        &self,
+        _method: &Method,
+        uri: &Uri,
+        _headers: &HeaderMap,
+        _ext: &mut http::Extensions,
+    ) -> bool {
+        let p = uri.path();
+        p == EUCA_PREFIX || p.starts_with(&format!("{EUCA_PREFIX}/"))
+    }
+
+    async fn check_access(&self, _req: &mut S3Request<s3s::Body>) -> S3Result<()> {
+        Ok(())
+    }
+
+    async fn call(&self, req: S3Request<s3s::Body>) -> S3Result<S3Response<s3s::Body>> {
+        let uri = strip_euca_uri(&req.uri)
+            .ok_or_else(|| s3_error!(InvalidURI, "Couldn't parse the specified URI."))?;
+        let mut headers = req.headers;
+        for h in [
+            "authorization",
+            "x-amz-content-sha256",
+            "x-amz-date",
+            "x-amz-security-token",
+        ] {
+            headers.remove(h);
+        }
+        // s3s decoded an aws-chunked body already; the inner service sees plain bytes.
+        if let Some(decoded) = headers.remove("x-amz-decoded-content-length") {
+            headers.insert(http::header::CONTENT_LENGTH, decoded);
+        }
+        if let Some(enc) = headers
+            .get(http::header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+        {
+            let rest: Vec<&str> = enc
+                .split(',')
+                .map(str::trim)
+                .filter(|e| *e != "aws-chunked")
+                .collect();
+            if rest.is_empty() {
+                headers.remove(http::header::CONTENT_ENCODING);
+            } else if let Ok(v) = http::HeaderValue::from_str(&rest.join(", ")) {
+                headers.insert(http::header::CONTENT_ENCODING, v);
+            }
+        }
+        let mut inner = http::Request::new(req.input);
+        *inner.method_mut() = req.method;
+        *inner.uri_mut() = uri;
+        *inner.headers_mut() = headers;
+        *inner.extensions_mut() = req.extensions;
+        if let Some(c) = req.credentials {
+            inner
+                .extensions_mut()
+                .insert(service::ForwardedIdentity(c.access_key));
+        }
+        let resp = self
+            .inner
+            .call(inner)
+            .await
+            .map_err(|e| s3_error!(InternalError, "{e:?}"))?;
+        let (parts, body) = resp.into_parts();
+        let mut out = S3Response::new(body);
+        out.status = Some(parts.status);
+        out.headers = parts.headers;
+        Ok(out)
+    }
+}
+
+impl S3Face {
+    /// The face over `registry` and `blobs`.
+    pub fn new(
+        registry: Arc<Registry>,
+        blobs: Arc<dyn blob::BlobStore>,
+        settings: &S3Settings,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let ops = service::KarriS3::new(registry.clone(), blobs, settings.region.clone());
+        let domains = Arc::new(settings.domains.clone());
+        let inner = {
+            let mut b = S3ServiceBuilder::new(ops.clone());
+            b.set_host(Hosts {
+                domains: domains.clone(),
+            });
+            b.build()
+        };
+        let mut b = S3ServiceBuilder::new(ops);
+        b.set_auth(Secrets { registry });
+        b.set_access(AclsInOperations);
+        b.set_host(Hosts {
+            domains: domains.clone(),
+        });
+        b.set_route(EucaPath { inner });
+        Self {
+            service: b.build(),
+            domains,
+            metrics,
+        }
+    }
+
+    /// Whether `req` is an S3 request rather than an EC2 or resource-API one.
+    pub fn claims(&self, req: &Request) -> bool {
+        classify(req.method(), req.uri(), req.headers(), &self.domains) == Face::S3
+    }
+
+    /// Serves one S3 request.
+    pub async fn serve(&self, req: Request) -> Response {
+        let started = Instant::now();
+        let method = req.method().clone();
+        let request_id = uuid::Uuid::new_v4().simple().to_string();
+        let span = tracing::info_span!("s3", request_id = %request_id, method = %method, path = %req.uri().path(), account = tracing::field::Empty, status = tracing::field::Empty);
+        let service = self.service.clone();
+        let result = async move { service.call(req.map(s3s::Body::http_body_unsync)).await }
+            .instrument(span.clone())
+            .await;
+        let mut resp = match result {
+            Ok(resp) => resp.map(Body::new),
+            Err(e) => {
+                tracing::error!(parent: &span, error = ?e, "S3 request failed outside the protocol");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+            }
+        };
+        if let Ok(v) = http::HeaderValue::from_str(&request_id) {
+            resp.headers_mut().insert("x-amz-request-id", v);
+        }
+        span.record("status", resp.status().as_u16());
+        let labels = RequestLabels {
+            verb: format!("s3:{method}"),
+            resource: "s3".into(),
+            code: resp.status().as_u16().to_string(),
+        };
+        self.metrics.requests.get_or_create(&labels).inc();
+        self.metrics
+            .latency
+            .get_or_create(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        resp
+    }
+}
+
+/// Which face of the gateway a request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Face {
+    /// The Kubernetes-compatible resource API (and health, metrics).
+    Kube,
+    /// The EC2 Query API.
+    Ec2,
+    /// The S3 REST API.
+    S3,
+}
+
+/// The service a SigV4 credential scope names: `<key>/<date>/<region>/<service>/aws4_request`.
+fn scope_service(credential: &str) -> Option<&str> {
+    let mut parts = credential.rsplit('/');
+    let _terminator = parts.next()?;
+    parts.next()
+}
+
+/// Decides the face of a request from its signature scope, path, query and host. Pure.
+pub fn classify(method: &Method, uri: &Uri, headers: &HeaderMap, domains: &[String]) -> Face {
+    let path = uri.path();
+    let query = uri.query().unwrap_or("");
+    let auth = headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if auth.starts_with("Bearer ") {
+        return Face::Kube;
+    }
+    if path == EUCA_PREFIX || path.starts_with(&format!("{EUCA_PREFIX}/")) {
+        return Face::S3;
+    }
+    if path == "/services/compute" || path == "/services/compute/" {
+        return Face::Ec2;
+    }
+    if let Some(rest) = auth.strip_prefix("AWS4-HMAC-SHA256 ") {
+        let credential = rest
+            .split(',')
+            .map(str::trim)
+            .find_map(|p| p.strip_prefix("Credential="))
+            .unwrap_or("");
+        return if scope_service(credential) == Some("s3") {
+            Face::S3
+        } else {
+            Face::Ec2
+        };
+    }
+    if auth.starts_with("AWS ") {
+        // SigV2 is S3's only (EC2 clients sign with SigV4).
+        return Face::S3;
+    }
+    for pair in query.split('&') {
+        let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match name {
+            "X-Amz-Credential" => {
+                let decoded = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
+                return if scope_service(&decoded) == Some("s3") {
+                    Face::S3
+                } else {
+                    Face::Ec2
+                };
+            }
+            "Action" => return Face::Ec2,
+            "AWSAccessKeyId" => return Face::S3,
+            _ => {}
+        }
+    }
+    let host = headers
+        .get(http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| uri.host());
+    if host.is_some_and(|h| virtual_bucket(domains, h).is_some()) {
+        return Face::S3;
+    }
+    let form = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
+    if path == "/" {
+        return if form && method == Method::POST {
+            Face::Ec2
+        } else {
+            Face::Kube
+        };
+    }
+    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    if service::RESERVED_BUCKETS.contains(&first) {
+        Face::Kube
+    } else {
+        // An unsigned request for a bucket: anonymous S3 access (public buckets and objects).
+        Face::S3
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn domains() -> Vec<String> {
+        vec!["localhost".into(), "s3.localhost".into()]
+    }
+
+    #[test]
+    fn virtual_hosts_name_buckets_under_the_longest_domain() {
+        let d = domains();
+        let rows = [
+            ("photos.s3.localhost:8773", Some("photos")),
+            ("photos.localhost", Some("photos")),
+            ("s3.localhost:8773", None),
+            ("localhost:8773", None),
+            ("127.0.0.1:8773", None),
+            ("my.dotted.bucket.s3.localhost", Some("my.dotted.bucket")),
+            ("example.com", None),
+        ];
+        for (host, want) in rows {
+            assert_eq!(virtual_bucket(&d, host), want, "{host}");
+        }
+    }
+
+    #[test]
+    fn requests_reach_the_face_their_signature_or_shape_names() {
+        let d = domains();
+        let sig = |service: &str| {
+            format!("AWS4-HMAC-SHA256 Credential=AKID/20260101/karri-1/{service}/aws4_request, SignedHeaders=host, Signature=00")
+        };
+        // (method, uri, authorization, host, content type, face)
+        let rows: Vec<(Method, &str, String, &str, &str, Face)> = vec![
+            (Method::GET, "/bucket/key", sig("s3"), "127.0.0.1", "", Face::S3),
+            (Method::POST, "/", sig("ec2"), "127.0.0.1", "application/x-www-form-urlencoded", Face::Ec2),
+            (Method::GET, "/", sig("s3"), "127.0.0.1", "", Face::S3),
+            (Method::GET, "/api/v1/namespaces", "Bearer t".into(), "127.0.0.1", "", Face::Kube),
+            (Method::GET, "/apis", String::new(), "127.0.0.1", "", Face::Kube),
+            (Method::GET, "/healthz", String::new(), "127.0.0.1", "", Face::Kube),
+            (Method::GET, "/", String::new(), "127.0.0.1", "", Face::Kube),
+            (Method::GET, "/?Action=DescribeRegions&X-Amz-Credential=AKID%2F20260101%2Fkarri-1%2Fec2%2Faws4_request", String::new(), "127.0.0.1", "", Face::Ec2),
+            (Method::GET, "/b/k?X-Amz-Credential=AKID%2F20260101%2Fkarri-1%2Fs3%2Faws4_request&X-Amz-Signature=00", String::new(), "127.0.0.1", "", Face::S3),
+            (Method::GET, "/public-bucket/object", String::new(), "127.0.0.1", "", Face::S3),
+            (Method::GET, "/", String::new(), "photos.s3.localhost:8773", "", Face::S3),
+            (Method::GET, "/services/objectstorage/b", String::new(), "127.0.0.1", "", Face::S3),
+            (Method::POST, "/services/compute", sig("ec2"), "127.0.0.1", "", Face::Ec2),
+            (Method::GET, "/b/k", "AWS AKID:sig".into(), "127.0.0.1", "", Face::S3),
+        ];
+        for (method, uri, auth, host, ctype, want) in rows {
+            let mut headers = HeaderMap::new();
+            if !auth.is_empty() {
+                headers.insert(http::header::AUTHORIZATION, auth.parse().unwrap());
+            }
+            headers.insert(http::header::HOST, host.parse().unwrap());
+            if !ctype.is_empty() {
+                headers.insert(http::header::CONTENT_TYPE, ctype.parse().unwrap());
+            }
+            let uri: Uri = uri.parse().unwrap();
+            assert_eq!(
+                classify(&method, &uri, &headers, &d),
+                want,
+                "{method} {uri} {auth:?} {host}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_eucalyptus_prefix_and_signing_parameters_are_dropped() {
+        let rows = [
+            ("/services/objectstorage/b/k", Some("/b/k")),
+            ("/services/objectstorage", Some("/")),
+            (
+                "/services/objectstorage/b?uploads&X-Amz-Signature=00&X-Amz-Date=1",
+                Some("/b?uploads"),
+            ),
+            ("/services/objectstoragex/b", None),
+        ];
+        for (from, want) in rows {
+            let uri: Uri = from.parse().unwrap();
+            assert_eq!(
+                strip_euca_uri(&uri).map(|u| u.to_string()),
+                want.map(str::to_string),
+                "{from}"
+            );
+        }
+    }
+}

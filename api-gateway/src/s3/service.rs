@@ -1,0 +1,2270 @@
+//! The S3 operations Karri implements, on Bucket records, the object index and the blob
+//! store. s3s has already routed the request, parsed it into typed input and verified its
+//! signature; every operation here resolves the caller, checks the ACLs, then acts. An
+//! operation not implemented here answers `NotImplemented` (s3s's default), never a false
+//! success.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crds::{BucketSpec, CannedAcl};
+use futures::StreamExt;
+use md5::{Digest, Md5};
+use s3s::dto::*;
+use s3s::{s3_error, S3Error, S3ErrorCode, S3Request, S3Response, S3Result, S3};
+use serde_json::{json, Value};
+
+use super::access::{allowed, Action, Who};
+use super::blob::{BlobError, BlobStore, ByteStream};
+use super::cond::{self, Outcome, Preconditions};
+use super::index::{
+    IndexError, ObjectIndex, ObjectMeta, PartMeta, Segment, SystemHeaders, UploadMeta,
+};
+use super::listing::{list_page, KeySource, ListRequest};
+use crate::auth::Principal;
+use crate::ec2::service::{resolve_access_key, Caller, KeyError};
+use crate::registry::{Registry, WriteOptions};
+use crate::store;
+
+/// Largest object a single PUT (or one part) may carry: 5 GiB, as in AWS.
+pub const MAX_PUT_SIZE: u64 = 5 * 1024 * 1024 * 1024;
+/// Smallest part of a multipart upload other than the last: 5 MiB.
+pub const MIN_PART_SIZE: u64 = 5 * 1024 * 1024;
+/// Most parts of one upload.
+pub const MAX_PARTS: i32 = 10_000;
+/// Bucket names that the gateway's other paths use (path-style requests to them would not
+/// reach S3 unsigned).
+pub const RESERVED_BUCKETS: &[&str] = &[
+    "api", "apis", "openapi", "version", "services", "healthz", "livez", "readyz", "metrics",
+];
+
+/// The identity of a request forwarded from the Eucalyptus path after s3s verified its
+/// signature there: the access key that signed it.
+#[derive(Debug, Clone)]
+pub struct ForwardedIdentity(pub String);
+
+/// Karri's S3 implementation (cheap to clone: it holds shared handles).
+#[derive(Clone)]
+pub struct KarriS3 {
+    registry: Arc<Registry>,
+    index: ObjectIndex,
+    blobs: Arc<dyn BlobStore>,
+    region: String,
+}
+
+/// A bucket as the operations need it.
+struct BucketInfo {
+    name: String,
+    spec: BucketSpec,
+    record_key: String,
+}
+
+fn now_ms() -> i64 {
+    i64::try_from(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_millis(),
+    )
+    .unwrap_or(i64::MAX)
+}
+
+fn timestamp(ms: i64) -> Timestamp {
+    let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+    Timestamp::from(t)
+}
+
+fn ms_of(t: &Timestamp) -> i64 {
+    let odt = time::OffsetDateTime::from(t.clone());
+    i64::try_from(odt.unix_timestamp_nanos() / 1_000_000).unwrap_or(0)
+}
+
+fn internal(e: impl std::fmt::Display) -> S3Error {
+    tracing::error!(error = %e, "S3 request failed");
+    S3Error::with_message(
+        S3ErrorCode::InternalError,
+        "We encountered an internal error. Please try again.",
+    )
+}
+
+fn index_error(e: IndexError) -> S3Error {
+    match e {
+        IndexError::NoBucket => s3_error!(NoSuchBucket, "The specified bucket does not exist."),
+        IndexError::NoUpload => s3_error!(
+            NoSuchUpload,
+            "The specified multipart upload does not exist. The upload ID may be invalid, or the upload may have been aborted or completed."
+        ),
+        IndexError::Etcd(e) => {
+            tracing::error!(error = %e, "etcd failed under S3");
+            S3Error::with_message(S3ErrorCode::ServiceUnavailable, "Please reduce your request rate.")
+        }
+        other => internal(other),
+    }
+}
+
+fn blob_error(e: BlobError) -> S3Error {
+    match e {
+        BlobError::TooLarge(limit) => S3Error::with_message(
+            S3ErrorCode::EntityTooLarge,
+            format!("Your proposed upload exceeds the maximum allowed size of {limit} bytes."),
+        ),
+        BlobError::Body(reason) => S3Error::with_message(
+            S3ErrorCode::IncompleteBody,
+            format!("The request body ended before it was complete: {reason}"),
+        ),
+        other => internal(other),
+    }
+}
+
+fn no_such_key() -> S3Error {
+    s3_error!(NoSuchKey, "The specified key does not exist.")
+}
+
+fn access_denied() -> S3Error {
+    s3_error!(AccessDenied, "Access Denied")
+}
+
+fn quoted(etag: &str) -> ETag {
+    ETag::Strong(etag.to_string())
+}
+
+fn owner_of(spec: &BucketSpec) -> Owner {
+    Owner {
+        display_name: Some(spec.owner.clone()),
+        id: Some(spec.owner_id.clone()),
+    }
+}
+
+fn object_acl_of(acl: Option<&ObjectCannedACL>) -> S3Result<CannedAcl> {
+    match acl {
+        None => Ok(CannedAcl::Private),
+        Some(a) => CannedAcl::parse(a.as_str()).ok_or_else(|| {
+            S3Error::with_message(
+                S3ErrorCode::InvalidArgument,
+                format!("The canned ACL {} is not supported.", a.as_str()),
+            )
+        }),
+    }
+}
+
+fn bucket_acl_of(acl: Option<&BucketCannedACL>) -> S3Result<CannedAcl> {
+    match acl {
+        None => Ok(CannedAcl::Private),
+        Some(a) => CannedAcl::parse(a.as_str()).ok_or_else(|| {
+            S3Error::with_message(
+                S3ErrorCode::InvalidArgument,
+                format!("The canned ACL {} is not supported.", a.as_str()),
+            )
+        }),
+    }
+}
+
+/// Grants a canned ACL stands for, as GetBucketAcl/GetObjectAcl show them.
+fn grants_of(owner: &Owner, acl: CannedAcl) -> Vec<Grant> {
+    let group = |uri: &str, permission: &'static str| Grant {
+        grantee: Some(Grantee {
+            display_name: None,
+            email_address: None,
+            id: None,
+            type_: Type::from_static(Type::GROUP),
+            uri: Some(uri.to_string()),
+        }),
+        permission: Some(Permission::from_static(permission)),
+    };
+    const ALL_USERS: &str = "http://acs.amazonaws.com/groups/global/AllUsers";
+    const AUTH_USERS: &str = "http://acs.amazonaws.com/groups/global/AuthenticatedUsers";
+    let mut grants = vec![Grant {
+        grantee: Some(Grantee {
+            display_name: owner.display_name.clone(),
+            email_address: None,
+            id: owner.id.clone(),
+            type_: Type::from_static(Type::CANONICAL_USER),
+            uri: None,
+        }),
+        permission: Some(Permission::from_static(Permission::FULL_CONTROL)),
+    }];
+    match acl {
+        CannedAcl::Private => {}
+        CannedAcl::PublicRead => grants.push(group(ALL_USERS, Permission::READ)),
+        CannedAcl::PublicReadWrite => {
+            grants.push(group(ALL_USERS, Permission::READ));
+            grants.push(group(ALL_USERS, Permission::WRITE));
+        }
+        CannedAcl::AuthenticatedRead => grants.push(group(AUTH_USERS, Permission::READ)),
+    }
+    grants
+}
+
+/// The canned ACL an AccessControlPolicy body expresses, if it is one of the canned shapes.
+fn canned_from_policy(policy: &AccessControlPolicy) -> S3Result<CannedAcl> {
+    let mut all_read = false;
+    let mut all_write = false;
+    let mut auth_read = false;
+    for g in policy.grants.iter().flatten() {
+        let uri = g
+            .grantee
+            .as_ref()
+            .and_then(|e| e.uri.as_deref())
+            .unwrap_or("");
+        let perm = g.permission.as_ref().map(Permission::as_str).unwrap_or("");
+        match (uri.rsplit('/').next().unwrap_or(""), perm) {
+            ("AllUsers", "READ") => all_read = true,
+            ("AllUsers", "WRITE") => all_write = true,
+            ("AuthenticatedUsers", "READ") => auth_read = true,
+            ("", _) => {}
+            _ => {
+                return Err(s3_error!(
+                    NotImplemented,
+                    "Only grants that match a canned ACL are supported."
+                ))
+            }
+        }
+    }
+    Ok(match (all_read, all_write, auth_read) {
+        (true, true, _) => CannedAcl::PublicReadWrite,
+        (true, false, _) => CannedAcl::PublicRead,
+        (false, false, true) => CannedAcl::AuthenticatedRead,
+        (false, false, false) => CannedAcl::Private,
+        (false, true, _) => {
+            return Err(s3_error!(
+                NotImplemented,
+                "Only grants that match a canned ACL are supported."
+            ))
+        }
+    })
+}
+
+fn tags_from_header(header: Option<&str>) -> S3Result<Vec<(String, String)>> {
+    let Some(h) = header.filter(|h| !h.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(h).map_err(|_| {
+        S3Error::with_message(
+            S3ErrorCode::InvalidArgument,
+            "The x-amz-tagging header is not a query string.",
+        )
+    })?;
+    check_tags(&pairs)?;
+    Ok(pairs)
+}
+
+fn check_tags(tags: &[(String, String)]) -> S3Result<()> {
+    if tags.len() > 50 {
+        return Err(s3_error!(
+            InvalidTag,
+            "Object tags cannot be greater than 50"
+        ));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (k, v) in tags {
+        if k.is_empty() || k.chars().count() > 128 || v.chars().count() > 256 {
+            return Err(s3_error!(
+                InvalidTag,
+                "The TagKey or TagValue you have provided is invalid."
+            ));
+        }
+        if !seen.insert(k) {
+            return Err(s3_error!(
+                InvalidTag,
+                "Cannot provide multiple Tags with the same key"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn tags_from_dto(tagging: &Tagging) -> S3Result<Vec<(String, String)>> {
+    let tags: Vec<(String, String)> = tagging
+        .tag_set
+        .iter()
+        .map(|t| {
+            (
+                t.key.clone().unwrap_or_default(),
+                t.value.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    check_tags(&tags)?;
+    Ok(tags)
+}
+
+fn tags_to_dto(tags: &[(String, String)]) -> TagSet {
+    tags.iter()
+        .map(|(k, v)| Tag {
+            key: Some(k.clone()),
+            value: Some(v.clone()),
+        })
+        .collect()
+}
+
+fn metadata_of(m: Option<&Metadata>) -> BTreeMap<String, String> {
+    m.map(|m| {
+        m.iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect()
+    })
+    .unwrap_or_default()
+}
+
+fn metadata_to_dto(m: &BTreeMap<String, String>) -> Option<Metadata> {
+    (!m.is_empty()).then(|| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+}
+
+/// The multipart ETag: MD5 of the concatenated binary MD5s of the parts, `-` and their count.
+pub fn multipart_etag(part_md5_hex: &[&str]) -> String {
+    let mut md5 = Md5::new();
+    for p in part_md5_hex {
+        if let Ok(bytes) = hex::decode(p) {
+            md5.update(bytes);
+        }
+    }
+    format!("{}-{}", hex::encode(md5.finalize()), part_md5_hex.len())
+}
+
+fn check_content_md5(expected_b64: Option<&str>, md5: &[u8; 16]) -> S3Result<()> {
+    use base64::Engine as _;
+    let Some(expected) = expected_b64 else {
+        return Ok(());
+    };
+    let decoded = base64::engine::general_purpose::STANDARD
+        .decode(expected)
+        .map_err(|_| s3_error!(InvalidDigest, "The Content-MD5 you specified was invalid."))?;
+    if decoded.as_slice() != md5 {
+        return Err(s3_error!(
+            BadDigest,
+            "The Content-MD5 you specified did not match what we received."
+        ));
+    }
+    Ok(())
+}
+
+fn body_stream(body: Option<StreamingBlob>) -> ByteStream<'static> {
+    match body {
+        Some(blob) => Box::pin(blob.map(|r| r.map_err(|e| BlobError::Body(e.to_string())))),
+        None => Box::pin(futures::stream::empty()),
+    }
+}
+
+/// A byte range of an object over its segments, as one stream.
+fn segments_stream(
+    blobs: Arc<dyn BlobStore>,
+    segments: Vec<Segment>,
+    range: std::ops::Range<u64>,
+) -> ByteStream<'static> {
+    let mut pieces = Vec::new();
+    let mut offset = 0u64;
+    for seg in segments {
+        let (start, end) = (offset, offset + seg.size);
+        offset = end;
+        let lo = range.start.max(start);
+        let hi = range.end.min(end);
+        if lo < hi {
+            pieces.push((seg.blob, (lo - start)..(hi - start)));
+        }
+    }
+    let stream = futures::stream::iter(pieces)
+        .then(move |(blob, r)| {
+            let blobs = blobs.clone();
+            async move { blobs.get(&blob, r).await }
+        })
+        .flat_map(|opened| match opened {
+            Ok(s) => s,
+            Err(e) => Box::pin(futures::stream::once(async move { Err(e) })) as ByteStream<'static>,
+        });
+    Box::pin(stream)
+}
+
+struct IndexSource<'a> {
+    index: &'a ObjectIndex,
+    bucket: &'a str,
+}
+
+#[async_trait::async_trait]
+impl KeySource<ObjectMeta> for IndexSource<'_> {
+    type Error = IndexError;
+    async fn fetch(
+        &self,
+        prefix: &str,
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(String, ObjectMeta)>, IndexError> {
+        self.index
+            .list_objects(self.bucket, prefix, start, limit)
+            .await
+    }
+}
+
+fn max_keys_of(m: Option<i32>) -> S3Result<usize> {
+    match m {
+        None => Ok(1000),
+        Some(n) if n < 0 => Err(s3_error!(
+            InvalidArgument,
+            "max-keys must be a non-negative integer."
+        )),
+        Some(n) => Ok(usize::try_from(n.min(1000)).unwrap_or(1000)),
+    }
+}
+
+fn url_encode_key(k: &str) -> String {
+    // encoding-type=url: like AWS, every byte but unreserved characters and `/` is encoded.
+    const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'_')
+        .remove(b'.')
+        .remove(b'~')
+        .remove(b'/');
+    percent_encoding::utf8_percent_encode(k, SET).to_string()
+}
+
+fn encode_with(encoding: Option<&EncodingType>) -> impl Fn(&str) -> String {
+    let url = encoding.is_some_and(|e| e.as_str() == EncodingType::URL);
+    move |k: &str| {
+        if url {
+            url_encode_key(k)
+        } else {
+            k.to_string()
+        }
+    }
+}
+
+fn token_encode(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s)
+}
+
+fn token_decode(s: &str) -> S3Result<String> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| {
+            s3_error!(
+                InvalidArgument,
+                "The continuation token provided is incorrect"
+            )
+        })
+}
+
+impl KarriS3 {
+    /// Operations on `registry`'s etcd and `blobs`, in `region`.
+    pub fn new(registry: Arc<Registry>, blobs: Arc<dyn BlobStore>, region: String) -> Self {
+        let index = ObjectIndex::new(registry.etcd_client());
+        Self {
+            registry,
+            index,
+            blobs,
+            region,
+        }
+    }
+
+    /// The signed caller, or `None` for an anonymous request.
+    async fn caller<T>(&self, req: &S3Request<T>) -> S3Result<Option<Caller>> {
+        let key = req
+            .credentials
+            .as_ref()
+            .map(|c| c.access_key.clone())
+            .or_else(|| {
+                req.extensions
+                    .get::<ForwardedIdentity>()
+                    .map(|f| f.0.clone())
+            });
+        let Some(key) = key else {
+            return Ok(None);
+        };
+        match resolve_access_key(&self.registry, &key).await {
+            Ok((_, caller)) => {
+                tracing::Span::current().record("account", caller.account.as_str());
+                Ok(Some(caller))
+            }
+            Err(KeyError::Unknown) => Err(s3_error!(
+                InvalidAccessKeyId,
+                "The AWS Access Key Id you provided does not exist in our records."
+            )),
+            Err(KeyError::Unavailable) => Err(s3_error!(
+                ServiceUnavailable,
+                "Please reduce your request rate."
+            )),
+            Err(e @ KeyError::Sealed) => Err(internal(e)),
+        }
+    }
+
+    async fn signed_caller<T>(&self, req: &S3Request<T>) -> S3Result<Caller> {
+        self.caller(req).await?.ok_or_else(access_denied)
+    }
+
+    async fn bucket(&self, name: &str) -> S3Result<BucketInfo> {
+        let key = store::record_key("buckets", None, name);
+        let value = match self.registry.cache.get("buckets", &key) {
+            Some(found) => found.value.clone(),
+            None => self
+                .registry
+                .read_key(&key)
+                .await
+                .map_err(internal)?
+                .ok_or_else(|| s3_error!(NoSuchBucket, "The specified bucket does not exist."))?,
+        };
+        let spec: BucketSpec = serde_json::from_value(value["spec"].clone()).map_err(internal)?;
+        Ok(BucketInfo {
+            name: name.to_string(),
+            spec,
+            record_key: key,
+        })
+    }
+
+    /// The bucket, if `who` may do `action` in it (object ACL for object reads).
+    async fn authorized_bucket(
+        &self,
+        caller: Option<&Caller>,
+        name: &str,
+        action: Action,
+    ) -> S3Result<BucketInfo> {
+        let bucket = self.bucket(name).await?;
+        if action != Action::ReadObject && !permits(caller, action, &bucket, None) {
+            return Err(access_denied());
+        }
+        Ok(bucket)
+    }
+
+    async fn object(&self, bucket: &str, key: &str) -> S3Result<ObjectMeta> {
+        self.index
+            .get_object(bucket, key)
+            .await
+            .map_err(index_error)?
+            .ok_or_else(no_such_key)
+    }
+
+    async fn delete_blobs<'a>(&self, blobs: impl Iterator<Item = &'a str>) {
+        for b in blobs {
+            if let Err(e) = self.blobs.delete(b).await {
+                // The sweep reclaims it later.
+                tracing::warn!(blob = b, error = %e, "could not delete a replaced blob");
+            }
+        }
+    }
+
+    /// Publishes `meta` at `key`, deleting its blobs again if the bucket vanished meanwhile
+    /// and the replaced object's blobs once it is no longer visible.
+    async fn publish(&self, bucket: &BucketInfo, key: &str, meta: &ObjectMeta) -> S3Result<()> {
+        match self
+            .index
+            .put_object(&bucket.record_key, &bucket.name, key, meta)
+            .await
+        {
+            Ok(prev) => {
+                if let Some(prev) = prev {
+                    self.delete_blobs(prev.blobs().filter(|b| !meta.blobs().any(|n| n == *b)))
+                        .await;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.delete_blobs(meta.blobs()).await;
+                Err(index_error(e))
+            }
+        }
+    }
+
+    /// A copy of `meta`'s bytes in `range` as one new blob.
+    async fn copy_bytes(
+        &self,
+        meta: &ObjectMeta,
+        range: std::ops::Range<u64>,
+    ) -> S3Result<super::blob::Written> {
+        let stream = segments_stream(self.blobs.clone(), meta.segments.clone(), range);
+        self.blobs
+            .put(stream, MAX_PUT_SIZE)
+            .await
+            .map_err(blob_error)
+    }
+
+    async fn copy_source(
+        &self,
+        caller: Option<&Caller>,
+        source: &CopySource,
+    ) -> S3Result<ObjectMeta> {
+        let CopySource::Bucket { bucket, key, .. } = source else {
+            return Err(s3_error!(
+                NotImplemented,
+                "Access point copy sources are not supported."
+            ));
+        };
+        let src_bucket = self.bucket(bucket).await?;
+        let meta = self.object(bucket, key).await?;
+        if !permits(caller, Action::ReadObject, &src_bucket, Some(meta.acl)) {
+            return Err(access_denied());
+        }
+        Ok(meta)
+    }
+}
+
+fn permits(
+    caller: Option<&Caller>,
+    action: Action,
+    bucket: &BucketInfo,
+    object_acl: Option<CannedAcl>,
+) -> bool {
+    let who = match caller {
+        Some(c) => Who::Account(&c.account_id),
+        None => Who::Anonymous,
+    };
+    allowed(
+        who,
+        action,
+        &bucket.spec.owner_id,
+        bucket.spec.acl,
+        object_acl,
+    )
+}
+
+fn precondition_outcome(p: &Preconditions, meta: &ObjectMeta, read: bool) -> S3Result<()> {
+    match cond::evaluate(p, &meta.etag, meta.last_modified_ms, read) {
+        Outcome::Proceed => Ok(()),
+        Outcome::NotModified => Err(S3Error::new(S3ErrorCode::NotModified)),
+        Outcome::Failed => Err(s3_error!(
+            PreconditionFailed,
+            "At least one of the pre-conditions you specified did not hold"
+        )),
+    }
+}
+
+fn resolve_range(range: Option<&Range>, size: u64) -> S3Result<Option<std::ops::Range<u64>>> {
+    match range {
+        None => Ok(None),
+        Some(r) => r
+            .check(size)
+            .map(Some)
+            .map_err(|_| s3_error!(InvalidRange, "The requested range is not satisfiable")),
+    }
+}
+
+fn system_headers(
+    content_type: Option<&ContentType>,
+    cache_control: Option<&CacheControl>,
+    content_disposition: Option<&ContentDisposition>,
+    content_encoding: Option<&ContentEncoding>,
+    content_language: Option<&ContentLanguage>,
+    expires: Option<&Expires>,
+) -> SystemHeaders {
+    SystemHeaders {
+        content_type: content_type.map(ToString::to_string),
+        cache_control: cache_control.cloned(),
+        content_disposition: content_disposition.cloned(),
+        content_encoding: content_encoding.cloned(),
+        content_language: content_language.cloned(),
+        expires_ms: expires.map(ms_of),
+    }
+}
+
+#[async_trait::async_trait]
+impl S3 for KarriS3 {
+    async fn list_buckets(
+        &self,
+        req: S3Request<ListBucketsInput>,
+    ) -> S3Result<S3Response<ListBucketsOutput>> {
+        let caller = self.signed_caller(&req).await?;
+        self.registry.catch_up().await.map_err(internal)?;
+        let (records, _) = self
+            .registry
+            .cache
+            .list("buckets", &store::kind_prefix("buckets"));
+        let mut buckets: Vec<Bucket> = records
+            .iter()
+            .filter(|r| {
+                r.value.pointer("/spec/ownerId").and_then(Value::as_str)
+                    == Some(caller.account_id.as_str())
+            })
+            .map(|r| Bucket {
+                bucket_region: None,
+                creation_date: r
+                    .value
+                    .pointer("/metadata/creationTimestamp")
+                    .and_then(Value::as_str)
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| timestamp(t.timestamp_millis())),
+                name: r
+                    .value
+                    .pointer("/metadata/name")
+                    .and_then(Value::as_str)
+                    .map(str::to_string),
+            })
+            .filter(|b| {
+                req.input
+                    .prefix
+                    .as_deref()
+                    .is_none_or(|p| b.name.as_deref().unwrap_or("").starts_with(p))
+            })
+            .collect();
+        buckets.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(S3Response::new(ListBucketsOutput {
+            buckets: Some(buckets),
+            owner: Some(Owner {
+                display_name: Some(caller.account.clone()),
+                id: Some(caller.account_id.clone()),
+            }),
+            ..Default::default()
+        }))
+    }
+
+    async fn create_bucket(
+        &self,
+        req: S3Request<CreateBucketInput>,
+    ) -> S3Result<S3Response<CreateBucketOutput>> {
+        let caller = self.signed_caller(&req).await?;
+        let name = req.input.bucket.clone();
+        if !crds::is_valid_bucket_name(&name) {
+            return Err(s3_error!(
+                InvalidBucketName,
+                "The specified bucket is not valid."
+            ));
+        }
+        if RESERVED_BUCKETS.contains(&name.as_str()) {
+            return Err(S3Error::with_message(
+                S3ErrorCode::InvalidBucketName,
+                format!("The bucket name {name} is reserved by Karri."),
+            ));
+        }
+        if let Some(loc) = req
+            .input
+            .create_bucket_configuration
+            .as_ref()
+            .and_then(|c| c.location_constraint.as_ref())
+        {
+            if loc.as_str() != self.region {
+                return Err(S3Error::with_message(
+                    S3ErrorCode::InvalidLocationConstraint,
+                    format!(
+                        "The specified location-constraint is not valid: this region is {}.",
+                        self.region
+                    ),
+                ));
+            }
+        }
+        let acl = bucket_acl_of(req.input.acl.as_ref())?;
+        let body = json!({
+            "apiVersion": crds::API_VERSION,
+            "kind": "Bucket",
+            "metadata": {"name": name},
+            "spec": {
+                "owner": caller.account,
+                "ownerId": caller.account_id,
+                "acl": acl.as_str(),
+                "region": self.region,
+            },
+        });
+        let kind = self
+            .registry
+            .kinds
+            .by_plural("buckets")
+            .ok_or_else(|| internal("the Bucket kind is not served"))?;
+        match self
+            .registry
+            .create(
+                &kind,
+                None,
+                body,
+                &Principal::Admin("s3".into()),
+                WriteOptions::default(),
+            )
+            .await
+        {
+            Ok(_) => {}
+            Err(e) if e.code == 409 => {
+                let existing = self.bucket(&name).await?;
+                return Err(if existing.spec.owner_id == caller.account_id {
+                    s3_error!(BucketAlreadyOwnedByYou, "Your previous request to create the named bucket succeeded and you already own it.")
+                } else {
+                    s3_error!(BucketAlreadyExists, "The requested bucket name is not available. The bucket namespace is shared by all users of the system. Please select a different name and try again.")
+                });
+            }
+            Err(e) => return Err(internal(e)),
+        }
+        Ok(S3Response::new(CreateBucketOutput {
+            location: Some(format!("/{name}")),
+        }))
+    }
+
+    async fn head_bucket(
+        &self,
+        req: S3Request<HeadBucketInput>,
+    ) -> S3Result<S3Response<HeadBucketOutput>> {
+        let caller = self.caller(&req).await?;
+        self.authorized_bucket(caller.as_ref(), &req.input.bucket, Action::ListBucket)
+            .await?;
+        Ok(S3Response::new(HeadBucketOutput {
+            bucket_region: Some(self.region.clone()),
+            ..Default::default()
+        }))
+    }
+
+    async fn delete_bucket(
+        &self,
+        req: S3Request<DeleteBucketInput>,
+    ) -> S3Result<S3Response<DeleteBucketOutput>> {
+        let caller = self.caller(&req).await?;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::BucketConfig)
+            .await?;
+        if self
+            .index
+            .bucket_in_use(&bucket.name)
+            .await
+            .map_err(index_error)?
+        {
+            return Err(s3_error!(
+                BucketNotEmpty,
+                "The bucket you tried to delete is not empty"
+            ));
+        }
+        let kind = self
+            .registry
+            .kinds
+            .by_plural("buckets")
+            .ok_or_else(|| internal("the Bucket kind is not served"))?;
+        match self
+            .registry
+            .delete(
+                &kind,
+                None,
+                &bucket.name,
+                &Principal::Admin("s3".into()),
+                &Default::default(),
+            )
+            .await
+        {
+            Ok(_) => Ok(S3Response::new(DeleteBucketOutput {})),
+            Err(e) if e.code == 404 => Err(s3_error!(
+                NoSuchBucket,
+                "The specified bucket does not exist."
+            )),
+            Err(e) => Err(internal(e)),
+        }
+    }
+
+    async fn get_bucket_location(
+        &self,
+        req: S3Request<GetBucketLocationInput>,
+    ) -> S3Result<S3Response<GetBucketLocationOutput>> {
+        let caller = self.caller(&req).await?;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::BucketConfig)
+            .await?;
+        Ok(S3Response::new(GetBucketLocationOutput {
+            location_constraint: Some(BucketLocationConstraint::from(bucket.spec.region.clone())),
+        }))
+    }
+
+    async fn get_bucket_versioning(
+        &self,
+        req: S3Request<GetBucketVersioningInput>,
+    ) -> S3Result<S3Response<GetBucketVersioningOutput>> {
+        let caller = self.caller(&req).await?;
+        self.authorized_bucket(caller.as_ref(), &req.input.bucket, Action::BucketConfig)
+            .await?;
+        // Versioning has never been enabled: S3 answers with no Status.
+        Ok(S3Response::new(GetBucketVersioningOutput::default()))
+    }
+
+    async fn get_bucket_acl(
+        &self,
+        req: S3Request<GetBucketAclInput>,
+    ) -> S3Result<S3Response<GetBucketAclOutput>> {
+        let caller = self.caller(&req).await?;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::BucketConfig)
+            .await?;
+        let owner = owner_of(&bucket.spec);
+        Ok(S3Response::new(GetBucketAclOutput {
+            grants: Some(grants_of(&owner, bucket.spec.acl)),
+            owner: Some(owner),
+        }))
+    }
+
+    async fn put_bucket_acl(
+        &self,
+        req: S3Request<PutBucketAclInput>,
+    ) -> S3Result<S3Response<PutBucketAclOutput>> {
+        let caller = self.caller(&req).await?;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::BucketConfig)
+            .await?;
+        let acl = match (&req.input.acl, &req.input.access_control_policy) {
+            (Some(a), _) => bucket_acl_of(Some(a))?,
+            (None, Some(policy)) => canned_from_policy(policy)?,
+            (None, None) => return Err(s3_error!(MissingSecurityHeader, "Your request was missing a required header: x-amz-acl or an AccessControlPolicy body.")),
+        };
+        self.update_bucket(&bucket.name, move |spec| spec["acl"] = json!(acl.as_str()))
+            .await?;
+        Ok(S3Response::new(PutBucketAclOutput::default()))
+    }
+
+    async fn get_bucket_tagging(
+        &self,
+        req: S3Request<GetBucketTaggingInput>,
+    ) -> S3Result<S3Response<GetBucketTaggingOutput>> {
+        let caller = self.caller(&req).await?;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::BucketConfig)
+            .await?;
+        if bucket.spec.tags.is_empty() {
+            return Err(s3_error!(NoSuchTagSet, "The TagSet does not exist"));
+        }
+        let tags: Vec<(String, String)> = bucket
+            .spec
+            .tags
+            .iter()
+            .map(|t| (t.key.clone(), t.value.clone()))
+            .collect();
+        Ok(S3Response::new(GetBucketTaggingOutput {
+            tag_set: tags_to_dto(&tags),
+        }))
+    }
+
+    async fn put_bucket_tagging(
+        &self,
+        req: S3Request<PutBucketTaggingInput>,
+    ) -> S3Result<S3Response<PutBucketTaggingOutput>> {
+        let caller = self.caller(&req).await?;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::BucketConfig)
+            .await?;
+        let tags = tags_from_dto(&req.input.tagging)?;
+        let tags: Vec<Value> = tags
+            .into_iter()
+            .map(|(k, v)| json!({"key": k, "value": v}))
+            .collect();
+        self.update_bucket(&bucket.name, move |spec| spec["tags"] = json!(tags))
+            .await?;
+        Ok(S3Response::new(PutBucketTaggingOutput::default()))
+    }
+
+    async fn delete_bucket_tagging(
+        &self,
+        req: S3Request<DeleteBucketTaggingInput>,
+    ) -> S3Result<S3Response<DeleteBucketTaggingOutput>> {
+        let caller = self.caller(&req).await?;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::BucketConfig)
+            .await?;
+        self.update_bucket(&bucket.name, |spec| spec["tags"] = json!([]))
+            .await?;
+        Ok(S3Response::new(DeleteBucketTaggingOutput::default()))
+    }
+
+    async fn put_object(
+        &self,
+        req: S3Request<PutObjectInput>,
+    ) -> S3Result<S3Response<PutObjectOutput>> {
+        let caller = self.caller(&req).await?;
+        let input = req.input;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
+            .await?;
+        let acl = object_acl_of(input.acl.as_ref())?;
+        let tags = tags_from_header(input.tagging.as_deref())?;
+        if input
+            .content_length
+            .is_some_and(|n| u64::try_from(n).map_or(true, |n| n > MAX_PUT_SIZE))
+        {
+            return Err(blob_error(BlobError::TooLarge(MAX_PUT_SIZE)));
+        }
+        if input.if_match.is_some() || input.if_none_match.is_some() {
+            let existing = self
+                .index
+                .get_object(&bucket.name, &input.key)
+                .await
+                .map_err(index_error)?;
+            match (&existing, &input.if_none_match) {
+                (Some(_), Some(ETagCondition::Any)) => {
+                    return Err(s3_error!(
+                        PreconditionFailed,
+                        "At least one of the pre-conditions you specified did not hold"
+                    ))
+                }
+                (None, _) if input.if_match.is_some() => return Err(no_such_key()),
+                (Some(meta), _) => precondition_outcome(
+                    &Preconditions {
+                        if_match: input.if_match.clone(),
+                        if_none_match: input.if_none_match.clone(),
+                        ..Default::default()
+                    },
+                    meta,
+                    false,
+                )?,
+                _ => {}
+            }
+        }
+        let written = self
+            .blobs
+            .put(body_stream(input.body), MAX_PUT_SIZE)
+            .await
+            .map_err(blob_error)?;
+        if let Err(e) = check_content_md5(input.content_md5.as_deref(), &written.md5) {
+            self.delete_blobs(std::iter::once(written.id.as_str()))
+                .await;
+            return Err(e);
+        }
+        let etag = hex::encode(written.md5);
+        let meta = ObjectMeta {
+            segments: vec![Segment {
+                blob: written.id.clone(),
+                size: written.size,
+            }],
+            size: written.size,
+            etag: etag.clone(),
+            last_modified_ms: now_ms(),
+            headers: system_headers(
+                input.content_type.as_ref(),
+                input.cache_control.as_ref(),
+                input.content_disposition.as_ref(),
+                input.content_encoding.as_ref(),
+                input.content_language.as_ref(),
+                input.expires.as_ref(),
+            ),
+            metadata: metadata_of(input.metadata.as_ref()),
+            acl,
+            tags,
+            parts_count: None,
+        };
+        self.publish(&bucket, &input.key, &meta).await?;
+        Ok(S3Response::new(PutObjectOutput {
+            e_tag: Some(quoted(&etag)),
+            size: i64::try_from(written.size).ok(),
+            ..Default::default()
+        }))
+    }
+
+    async fn get_object(
+        &self,
+        req: S3Request<GetObjectInput>,
+    ) -> S3Result<S3Response<GetObjectOutput>> {
+        let caller = self.caller(&req).await?;
+        let input = req.input;
+        let bucket = self.bucket(&input.bucket).await?;
+        let meta = self.object(&bucket.name, &input.key).await.map_err(|e| {
+            // Without read access to the bucket, a missing key is AccessDenied, as in AWS.
+            if permits(caller.as_ref(), Action::ListBucket, &bucket, None) {
+                e
+            } else {
+                access_denied()
+            }
+        })?;
+        if !permits(caller.as_ref(), Action::ReadObject, &bucket, Some(meta.acl)) {
+            return Err(access_denied());
+        }
+        precondition_outcome(
+            &Preconditions {
+                if_match: input.if_match.clone(),
+                if_none_match: input.if_none_match.clone(),
+                if_modified_since_ms: input.if_modified_since.as_ref().map(ms_of),
+                if_unmodified_since_ms: input.if_unmodified_since.as_ref().map(ms_of),
+            },
+            &meta,
+            true,
+        )?;
+        let range = resolve_range(input.range.as_ref(), meta.size)?;
+        let (span, content_range) = match &range {
+            Some(r) => (
+                r.clone(),
+                Some(format!(
+                    "bytes {}-{}/{}",
+                    r.start,
+                    r.end.saturating_sub(1),
+                    meta.size
+                )),
+            ),
+            None => (0..meta.size, None),
+        };
+        let len = span.end - span.start;
+        let stream = segments_stream(self.blobs.clone(), meta.segments.clone(), span);
+        let body = StreamingBlob::wrap(sync_wrapper::SyncStream::new(stream));
+        let h = &meta.headers;
+        Ok(S3Response::new(GetObjectOutput {
+            accept_ranges: Some("bytes".into()),
+            body: Some(body),
+            cache_control: input
+                .response_cache_control
+                .or_else(|| h.cache_control.clone()),
+            content_disposition: input
+                .response_content_disposition
+                .or_else(|| h.content_disposition.clone()),
+            content_encoding: input
+                .response_content_encoding
+                .or_else(|| h.content_encoding.clone()),
+            content_language: input
+                .response_content_language
+                .or_else(|| h.content_language.clone()),
+            content_length: i64::try_from(len).ok(),
+            content_range,
+            content_type: input
+                .response_content_type
+                .or_else(|| h.content_type.as_deref().and_then(|t| t.parse().ok())),
+            e_tag: Some(quoted(&meta.etag)),
+            expires: input
+                .response_expires
+                .or_else(|| h.expires_ms.map(timestamp)),
+            last_modified: Some(timestamp(meta.last_modified_ms)),
+            metadata: metadata_to_dto(&meta.metadata),
+            parts_count: meta.parts_count.and_then(|n| i32::try_from(n).ok()),
+            tag_count: (!meta.tags.is_empty()).then(|| i32::try_from(meta.tags.len()).unwrap_or(0)),
+            ..Default::default()
+        }))
+    }
+
+    async fn head_object(
+        &self,
+        req: S3Request<HeadObjectInput>,
+    ) -> S3Result<S3Response<HeadObjectOutput>> {
+        let caller = self.caller(&req).await?;
+        let input = req.input;
+        let bucket = self.bucket(&input.bucket).await?;
+        let meta = self.object(&bucket.name, &input.key).await.map_err(|e| {
+            if permits(caller.as_ref(), Action::ListBucket, &bucket, None) {
+                e
+            } else {
+                access_denied()
+            }
+        })?;
+        if !permits(caller.as_ref(), Action::ReadObject, &bucket, Some(meta.acl)) {
+            return Err(access_denied());
+        }
+        precondition_outcome(
+            &Preconditions {
+                if_match: input.if_match.clone(),
+                if_none_match: input.if_none_match.clone(),
+                if_modified_since_ms: input.if_modified_since.as_ref().map(ms_of),
+                if_unmodified_since_ms: input.if_unmodified_since.as_ref().map(ms_of),
+            },
+            &meta,
+            true,
+        )?;
+        let range = resolve_range(input.range.as_ref(), meta.size)?;
+        let (len, content_range) = match &range {
+            Some(r) => (
+                r.end - r.start,
+                Some(format!(
+                    "bytes {}-{}/{}",
+                    r.start,
+                    r.end.saturating_sub(1),
+                    meta.size
+                )),
+            ),
+            None => (meta.size, None),
+        };
+        let h = &meta.headers;
+        Ok(S3Response::new(HeadObjectOutput {
+            accept_ranges: Some("bytes".into()),
+            cache_control: h.cache_control.clone(),
+            content_disposition: h.content_disposition.clone(),
+            content_encoding: h.content_encoding.clone(),
+            content_language: h.content_language.clone(),
+            content_length: i64::try_from(len).ok(),
+            content_range,
+            content_type: h.content_type.as_deref().and_then(|t| t.parse().ok()),
+            e_tag: Some(quoted(&meta.etag)),
+            expires: h.expires_ms.map(timestamp),
+            last_modified: Some(timestamp(meta.last_modified_ms)),
+            metadata: metadata_to_dto(&meta.metadata),
+            parts_count: meta.parts_count.and_then(|n| i32::try_from(n).ok()),
+            ..Default::default()
+        }))
+    }
+
+    async fn delete_object(
+        &self,
+        req: S3Request<DeleteObjectInput>,
+    ) -> S3Result<S3Response<DeleteObjectOutput>> {
+        let caller = self.caller(&req).await?;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::WriteObject)
+            .await?;
+        if let Some(prev) = self
+            .index
+            .delete_object(&bucket.name, &req.input.key)
+            .await
+            .map_err(index_error)?
+        {
+            self.delete_blobs(prev.blobs()).await;
+        }
+        Ok(S3Response::new(DeleteObjectOutput::default()))
+    }
+
+    async fn delete_objects(
+        &self,
+        req: S3Request<DeleteObjectsInput>,
+    ) -> S3Result<S3Response<DeleteObjectsOutput>> {
+        let caller = self.caller(&req).await?;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::WriteObject)
+            .await?;
+        if req.input.delete.objects.len() > 1000 {
+            return Err(s3_error!(
+                MalformedXML,
+                "A DeleteObjects request may name at most 1000 keys."
+            ));
+        }
+        let quiet = req.input.delete.quiet.unwrap_or(false);
+        let mut deleted = Vec::new();
+        let mut errors = Vec::new();
+        for obj in &req.input.delete.objects {
+            match self.index.delete_object(&bucket.name, &obj.key).await {
+                Ok(prev) => {
+                    if let Some(prev) = prev {
+                        self.delete_blobs(prev.blobs()).await;
+                    }
+                    if !quiet {
+                        deleted.push(DeletedObject {
+                            key: Some(obj.key.clone()),
+                            ..Default::default()
+                        });
+                    }
+                }
+                Err(e) => {
+                    let e = index_error(e);
+                    errors.push(Error {
+                        code: Some(e.code().as_str().to_string()),
+                        key: Some(obj.key.clone()),
+                        message: e.message().map(str::to_string),
+                        version_id: None,
+                    });
+                }
+            }
+        }
+        Ok(S3Response::new(DeleteObjectsOutput {
+            deleted: Some(deleted),
+            errors: (!errors.is_empty()).then_some(errors),
+            ..Default::default()
+        }))
+    }
+
+    async fn copy_object(
+        &self,
+        req: S3Request<CopyObjectInput>,
+    ) -> S3Result<S3Response<CopyObjectOutput>> {
+        let caller = self.caller(&req).await?;
+        let input = req.input;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
+            .await?;
+        let source = self
+            .copy_source(caller.as_ref(), &input.copy_source)
+            .await?;
+        precondition_outcome(
+            &Preconditions {
+                if_match: input.copy_source_if_match.clone(),
+                if_none_match: input.copy_source_if_none_match.clone(),
+                if_modified_since_ms: input.copy_source_if_modified_since.as_ref().map(ms_of),
+                if_unmodified_since_ms: input.copy_source_if_unmodified_since.as_ref().map(ms_of),
+            },
+            &source,
+            false,
+        )
+        .map_err(|_| {
+            s3_error!(
+                PreconditionFailed,
+                "At least one of the pre-conditions you specified did not hold"
+            )
+        })?;
+        let replace = input
+            .metadata_directive
+            .as_ref()
+            .is_some_and(|d| d.as_str() == MetadataDirective::REPLACE);
+        let same = matches!(&input.copy_source, CopySource::Bucket { bucket: b, key: k, .. } if **b == *input.bucket && **k == *input.key);
+        if same && !replace {
+            return Err(s3_error!(InvalidRequest, "This copy request is illegal because it is trying to copy an object to itself without changing the object's metadata, storage class, website redirect location or encryption attributes."));
+        }
+        let written = self.copy_bytes(&source, 0..source.size).await?;
+        let (headers, metadata) = if replace {
+            (
+                system_headers(
+                    input.content_type.as_ref(),
+                    input.cache_control.as_ref(),
+                    input.content_disposition.as_ref(),
+                    input.content_encoding.as_ref(),
+                    input.content_language.as_ref(),
+                    input.expires.as_ref(),
+                ),
+                metadata_of(input.metadata.as_ref()),
+            )
+        } else {
+            (source.headers.clone(), source.metadata.clone())
+        };
+        let tags = match input
+            .tagging_directive
+            .as_ref()
+            .map(TaggingDirective::as_str)
+        {
+            Some(TaggingDirective::REPLACE) => tags_from_header(input.tagging.as_deref())?,
+            _ => source.tags.clone(),
+        };
+        let meta = ObjectMeta {
+            segments: vec![Segment {
+                blob: written.id.clone(),
+                size: written.size,
+            }],
+            size: written.size,
+            // A copy keeps the source's ETag (a multipart source's too), as in AWS.
+            etag: source.etag.clone(),
+            last_modified_ms: now_ms(),
+            headers,
+            metadata,
+            acl: object_acl_of(input.acl.as_ref())?,
+            tags,
+            parts_count: source.parts_count,
+        };
+        self.publish(&bucket, &input.key, &meta).await?;
+        Ok(S3Response::new(CopyObjectOutput {
+            copy_object_result: Some(CopyObjectResult {
+                e_tag: Some(quoted(&meta.etag)),
+                last_modified: Some(timestamp(meta.last_modified_ms)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+    }
+
+    async fn get_object_acl(
+        &self,
+        req: S3Request<GetObjectAclInput>,
+    ) -> S3Result<S3Response<GetObjectAclOutput>> {
+        let caller = self.caller(&req).await?;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::ObjectConfig)
+            .await?;
+        let meta = self.object(&bucket.name, &req.input.key).await?;
+        let owner = owner_of(&bucket.spec);
+        Ok(S3Response::new(GetObjectAclOutput {
+            grants: Some(grants_of(&owner, meta.acl)),
+            owner: Some(owner),
+            ..Default::default()
+        }))
+    }
+
+    async fn put_object_acl(
+        &self,
+        req: S3Request<PutObjectAclInput>,
+    ) -> S3Result<S3Response<PutObjectAclOutput>> {
+        let caller = self.caller(&req).await?;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::ObjectConfig)
+            .await?;
+        let acl = match (&req.input.acl, &req.input.access_control_policy) {
+            (Some(a), _) => object_acl_of(Some(a))?,
+            (None, Some(policy)) => canned_from_policy(policy)?,
+            (None, None) => return Err(s3_error!(MissingSecurityHeader, "Your request was missing a required header: x-amz-acl or an AccessControlPolicy body.")),
+        };
+        self.update_object(&bucket, &req.input.key, |m| m.acl = acl)
+            .await?;
+        Ok(S3Response::new(PutObjectAclOutput::default()))
+    }
+
+    async fn get_object_tagging(
+        &self,
+        req: S3Request<GetObjectTaggingInput>,
+    ) -> S3Result<S3Response<GetObjectTaggingOutput>> {
+        let caller = self.caller(&req).await?;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::ObjectConfig)
+            .await?;
+        let meta = self.object(&bucket.name, &req.input.key).await?;
+        Ok(S3Response::new(GetObjectTaggingOutput {
+            tag_set: tags_to_dto(&meta.tags),
+            version_id: None,
+        }))
+    }
+
+    async fn put_object_tagging(
+        &self,
+        req: S3Request<PutObjectTaggingInput>,
+    ) -> S3Result<S3Response<PutObjectTaggingOutput>> {
+        let caller = self.caller(&req).await?;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::ObjectConfig)
+            .await?;
+        let tags = tags_from_dto(&req.input.tagging)?;
+        self.update_object(&bucket, &req.input.key, move |m| m.tags = tags.clone())
+            .await?;
+        Ok(S3Response::new(PutObjectTaggingOutput::default()))
+    }
+
+    async fn delete_object_tagging(
+        &self,
+        req: S3Request<DeleteObjectTaggingInput>,
+    ) -> S3Result<S3Response<DeleteObjectTaggingOutput>> {
+        let caller = self.caller(&req).await?;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::ObjectConfig)
+            .await?;
+        self.update_object(&bucket, &req.input.key, |m| m.tags.clear())
+            .await?;
+        Ok(S3Response::new(DeleteObjectTaggingOutput::default()))
+    }
+
+    async fn list_objects(
+        &self,
+        req: S3Request<ListObjectsInput>,
+    ) -> S3Result<S3Response<ListObjectsOutput>> {
+        let caller = self.caller(&req).await?;
+        let input = req.input;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &input.bucket, Action::ListBucket)
+            .await?;
+        let max_keys = max_keys_of(input.max_keys)?;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let page = list_page(
+            &IndexSource {
+                index: &self.index,
+                bucket: &bucket.name,
+            },
+            &ListRequest {
+                prefix: &prefix,
+                delimiter: input.delimiter.as_deref(),
+                start_after: input.marker.as_deref().filter(|m| !m.is_empty()),
+                max_keys,
+            },
+        )
+        .await
+        .map_err(index_error)?;
+        let enc = encode_with(input.encoding_type.as_ref());
+        let owner = owner_of(&bucket.spec);
+        Ok(S3Response::new(ListObjectsOutput {
+            name: Some(bucket.name.clone()),
+            prefix: Some(enc(&prefix)),
+            marker: Some(input.marker.as_deref().map(&enc).unwrap_or_default()),
+            max_keys: i32::try_from(max_keys).ok(),
+            is_truncated: Some(page.truncated),
+            next_marker: if page.truncated && input.delimiter.is_some() {
+                page.last.as_deref().map(&enc)
+            } else {
+                None
+            },
+            contents: Some(
+                page.contents
+                    .iter()
+                    .map(|(k, m)| object_entry(&enc(k), m, Some(&owner)))
+                    .collect(),
+            ),
+            common_prefixes: Some(
+                page.common_prefixes
+                    .iter()
+                    .map(|p| CommonPrefix {
+                        prefix: Some(enc(p)),
+                    })
+                    .collect(),
+            ),
+            delimiter: input.delimiter.as_deref().map(&enc),
+            encoding_type: input.encoding_type.clone(),
+            ..Default::default()
+        }))
+    }
+
+    async fn list_objects_v2(
+        &self,
+        req: S3Request<ListObjectsV2Input>,
+    ) -> S3Result<S3Response<ListObjectsV2Output>> {
+        let caller = self.caller(&req).await?;
+        let input = req.input;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &input.bucket, Action::ListBucket)
+            .await?;
+        let max_keys = max_keys_of(input.max_keys)?;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let after = match input.continuation_token.as_deref() {
+            Some(t) => Some(token_decode(t)?),
+            None => input.start_after.clone().filter(|s| !s.is_empty()),
+        };
+        let page = list_page(
+            &IndexSource {
+                index: &self.index,
+                bucket: &bucket.name,
+            },
+            &ListRequest {
+                prefix: &prefix,
+                delimiter: input.delimiter.as_deref(),
+                start_after: after.as_deref(),
+                max_keys,
+            },
+        )
+        .await
+        .map_err(index_error)?;
+        let enc = encode_with(input.encoding_type.as_ref());
+        let owner = owner_of(&bucket.spec);
+        let fetch_owner = input.fetch_owner.unwrap_or(false);
+        let count = page.contents.len() + page.common_prefixes.len();
+        Ok(S3Response::new(ListObjectsV2Output {
+            name: Some(bucket.name.clone()),
+            prefix: Some(enc(&prefix)),
+            max_keys: i32::try_from(max_keys).ok(),
+            key_count: i32::try_from(count).ok(),
+            continuation_token: input.continuation_token.clone(),
+            is_truncated: Some(page.truncated),
+            next_continuation_token: if page.truncated {
+                page.last.as_deref().map(token_encode)
+            } else {
+                None
+            },
+            contents: Some(
+                page.contents
+                    .iter()
+                    .map(|(k, m)| object_entry(&enc(k), m, fetch_owner.then_some(&owner)))
+                    .collect(),
+            ),
+            common_prefixes: Some(
+                page.common_prefixes
+                    .iter()
+                    .map(|p| CommonPrefix {
+                        prefix: Some(enc(p)),
+                    })
+                    .collect(),
+            ),
+            delimiter: input.delimiter.as_deref().map(&enc),
+            encoding_type: input.encoding_type.clone(),
+            start_after: input.start_after.as_deref().map(&enc),
+            ..Default::default()
+        }))
+    }
+
+    async fn list_object_versions(
+        &self,
+        req: S3Request<ListObjectVersionsInput>,
+    ) -> S3Result<S3Response<ListObjectVersionsOutput>> {
+        let caller = self.caller(&req).await?;
+        let input = req.input;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &input.bucket, Action::ListBucket)
+            .await?;
+        let max_keys = max_keys_of(input.max_keys)?;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let page = list_page(
+            &IndexSource {
+                index: &self.index,
+                bucket: &bucket.name,
+            },
+            &ListRequest {
+                prefix: &prefix,
+                delimiter: input.delimiter.as_deref(),
+                start_after: input.key_marker.as_deref().filter(|m| !m.is_empty()),
+                max_keys,
+            },
+        )
+        .await
+        .map_err(index_error)?;
+        let enc = encode_with(input.encoding_type.as_ref());
+        let owner = owner_of(&bucket.spec);
+        // Versioning is never enabled: every object is its one current version, ID "null".
+        let versions = page
+            .contents
+            .iter()
+            .map(|(k, m)| ObjectVersion {
+                e_tag: Some(quoted(&m.etag)),
+                is_latest: Some(true),
+                key: Some(enc(k)),
+                last_modified: Some(timestamp(m.last_modified_ms)),
+                owner: Some(owner.clone()),
+                size: i64::try_from(m.size).ok(),
+                storage_class: Some(ObjectVersionStorageClass::from_static(
+                    ObjectVersionStorageClass::STANDARD,
+                )),
+                version_id: Some("null".into()),
+                ..Default::default()
+            })
+            .collect();
+        Ok(S3Response::new(ListObjectVersionsOutput {
+            common_prefixes: Some(
+                page.common_prefixes
+                    .iter()
+                    .map(|p| CommonPrefix {
+                        prefix: Some(enc(p)),
+                    })
+                    .collect(),
+            ),
+            delimiter: input.delimiter.as_deref().map(&enc),
+            encoding_type: input.encoding_type.clone(),
+            is_truncated: Some(page.truncated),
+            key_marker: Some(input.key_marker.as_deref().map(&enc).unwrap_or_default()),
+            max_keys: i32::try_from(max_keys).ok(),
+            name: Some(bucket.name.clone()),
+            next_key_marker: if page.truncated {
+                page.last.as_deref().map(&enc)
+            } else {
+                None
+            },
+            next_version_id_marker: page.truncated.then(|| "null".to_string()),
+            prefix: Some(enc(&prefix)),
+            version_id_marker: input.version_id_marker.clone(),
+            versions: Some(versions),
+            ..Default::default()
+        }))
+    }
+
+    async fn create_multipart_upload(
+        &self,
+        req: S3Request<CreateMultipartUploadInput>,
+    ) -> S3Result<S3Response<CreateMultipartUploadOutput>> {
+        let caller = self.caller(&req).await?;
+        let initiator = caller
+            .as_ref()
+            .map(|c| c.account_id.clone())
+            .unwrap_or_else(|| "anonymous".into());
+        let input = req.input;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
+            .await?;
+        let upload_id = uuid::Uuid::new_v4().simple().to_string();
+        let meta = UploadMeta {
+            key: input.key.clone(),
+            initiated_ms: now_ms(),
+            initiator,
+            headers: system_headers(
+                input.content_type.as_ref(),
+                input.cache_control.as_ref(),
+                input.content_disposition.as_ref(),
+                input.content_encoding.as_ref(),
+                input.content_language.as_ref(),
+                input.expires.as_ref(),
+            ),
+            metadata: metadata_of(input.metadata.as_ref()),
+            acl: object_acl_of(input.acl.as_ref())?,
+            tags: tags_from_header(input.tagging.as_deref())?,
+        };
+        self.index
+            .create_upload(&bucket.record_key, &bucket.name, &upload_id, &meta)
+            .await
+            .map_err(index_error)?;
+        Ok(S3Response::new(CreateMultipartUploadOutput {
+            bucket: Some(bucket.name.clone()),
+            key: Some(input.key.clone()),
+            upload_id: Some(upload_id),
+            ..Default::default()
+        }))
+    }
+
+    async fn upload_part(
+        &self,
+        req: S3Request<UploadPartInput>,
+    ) -> S3Result<S3Response<UploadPartOutput>> {
+        let caller = self.caller(&req).await?;
+        let input = req.input;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
+            .await?;
+        let part = part_number(input.part_number)?;
+        self.upload_of(&bucket.name, &input.upload_id, &input.key)
+            .await?;
+        let written = self
+            .blobs
+            .put(body_stream(input.body), MAX_PUT_SIZE)
+            .await
+            .map_err(blob_error)?;
+        if let Err(e) = check_content_md5(input.content_md5.as_deref(), &written.md5) {
+            self.delete_blobs(std::iter::once(written.id.as_str()))
+                .await;
+            return Err(e);
+        }
+        let etag = hex::encode(written.md5);
+        self.record_part(&bucket.name, &input.upload_id, part, &written, &etag)
+            .await?;
+        Ok(S3Response::new(UploadPartOutput {
+            e_tag: Some(quoted(&etag)),
+            ..Default::default()
+        }))
+    }
+
+    async fn upload_part_copy(
+        &self,
+        req: S3Request<UploadPartCopyInput>,
+    ) -> S3Result<S3Response<UploadPartCopyOutput>> {
+        let caller = self.caller(&req).await?;
+        let input = req.input;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
+            .await?;
+        let part = part_number(input.part_number)?;
+        self.upload_of(&bucket.name, &input.upload_id, &input.key)
+            .await?;
+        let source = self
+            .copy_source(caller.as_ref(), &input.copy_source)
+            .await?;
+        let range = match input.copy_source_range.as_deref() {
+            None => 0..source.size,
+            Some(r) => Range::parse(r)
+                .map_err(|_| {
+                    s3_error!(
+                        InvalidArgument,
+                        "The x-amz-copy-source-range value must be of the form bytes=first-last."
+                    )
+                })?
+                .check(source.size)
+                .map_err(|_| s3_error!(InvalidRange, "The requested range is not satisfiable"))?,
+        };
+        let written = self.copy_bytes(&source, range).await?;
+        let etag = hex::encode(written.md5);
+        self.record_part(&bucket.name, &input.upload_id, part, &written, &etag)
+            .await?;
+        Ok(S3Response::new(UploadPartCopyOutput {
+            copy_part_result: Some(CopyPartResult {
+                e_tag: Some(quoted(&etag)),
+                last_modified: Some(timestamp(now_ms())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+    }
+
+    async fn list_parts(
+        &self,
+        req: S3Request<ListPartsInput>,
+    ) -> S3Result<S3Response<ListPartsOutput>> {
+        let caller = self.caller(&req).await?;
+        let input = req.input;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
+            .await?;
+        let upload = self
+            .upload_of(&bucket.name, &input.upload_id, &input.key)
+            .await?;
+        let parts = self
+            .index
+            .list_parts(&input.upload_id)
+            .await
+            .map_err(index_error)?;
+        let marker = input.part_number_marker.unwrap_or(0);
+        let max = input.max_parts.unwrap_or(1000).clamp(0, 1000);
+        let after: Vec<(u32, PartMeta)> = parts
+            .into_iter()
+            .filter(|(n, _)| i64::from(*n) > i64::from(marker))
+            .collect();
+        let truncated = after.len() > usize::try_from(max).unwrap_or(0);
+        let shown: Vec<&(u32, PartMeta)> = after
+            .iter()
+            .take(usize::try_from(max).unwrap_or(0))
+            .collect();
+        let owner = owner_of(&bucket.spec);
+        Ok(S3Response::new(ListPartsOutput {
+            bucket: Some(bucket.name.clone()),
+            initiator: Some(Initiator {
+                display_name: None,
+                id: Some(upload.initiator.clone()),
+            }),
+            is_truncated: Some(truncated),
+            key: Some(input.key.clone()),
+            max_parts: Some(max),
+            next_part_number_marker: shown.last().and_then(|(n, _)| i32::try_from(*n).ok()),
+            owner: Some(owner),
+            part_number_marker: input.part_number_marker,
+            parts: Some(
+                shown
+                    .iter()
+                    .map(|(n, p)| Part {
+                        e_tag: Some(quoted(&p.etag)),
+                        last_modified: Some(timestamp(p.last_modified_ms)),
+                        part_number: i32::try_from(*n).ok(),
+                        size: i64::try_from(p.size).ok(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            storage_class: Some(StorageClass::from_static(StorageClass::STANDARD)),
+            upload_id: Some(input.upload_id.clone()),
+            ..Default::default()
+        }))
+    }
+
+    async fn list_multipart_uploads(
+        &self,
+        req: S3Request<ListMultipartUploadsInput>,
+    ) -> S3Result<S3Response<ListMultipartUploadsOutput>> {
+        let caller = self.caller(&req).await?;
+        let input = req.input;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
+            .await?;
+        let prefix = input.prefix.clone().unwrap_or_default();
+        let mut uploads: Vec<(String, UploadMeta)> = self
+            .index
+            .list_uploads(&bucket.name)
+            .await
+            .map_err(index_error)?
+            .into_iter()
+            .filter(|(_, u)| u.key.starts_with(&prefix))
+            .collect();
+        uploads.sort_by(|a, b| {
+            (&a.1.key, a.1.initiated_ms, &a.0).cmp(&(&b.1.key, b.1.initiated_ms, &b.0))
+        });
+        let key_marker = input.key_marker.clone().unwrap_or_default();
+        let id_marker = input.upload_id_marker.clone().unwrap_or_default();
+        let uploads: Vec<(String, UploadMeta)> = uploads
+            .into_iter()
+            .filter(|(id, u)| {
+                key_marker.is_empty()
+                    || u.key > key_marker
+                    || (u.key == key_marker && !id_marker.is_empty() && *id > id_marker)
+            })
+            .collect();
+        let max = usize::try_from(input.max_uploads.unwrap_or(1000).clamp(0, 1000)).unwrap_or(1000);
+        let delimiter = input.delimiter.clone().filter(|d| !d.is_empty());
+        let mut shown = Vec::new();
+        let mut prefixes: Vec<String> = Vec::new();
+        let mut truncated = false;
+        for (id, u) in &uploads {
+            let group = delimiter.as_deref().and_then(|d| {
+                u.key[prefix.len()..]
+                    .find(d)
+                    .map(|i| u.key[..prefix.len() + i + d.len()].to_string())
+            });
+            if let Some(cp) = group {
+                if prefixes.last() == Some(&cp) {
+                    continue;
+                }
+                if shown.len() + prefixes.len() == max {
+                    truncated = true;
+                    break;
+                }
+                prefixes.push(cp);
+                continue;
+            }
+            if shown.len() + prefixes.len() == max {
+                truncated = true;
+                break;
+            }
+            shown.push((id.clone(), u.clone()));
+        }
+        let enc = encode_with(input.encoding_type.as_ref());
+        let owner = owner_of(&bucket.spec);
+        Ok(S3Response::new(ListMultipartUploadsOutput {
+            bucket: Some(bucket.name.clone()),
+            common_prefixes: Some(
+                prefixes
+                    .iter()
+                    .map(|p| CommonPrefix {
+                        prefix: Some(enc(p)),
+                    })
+                    .collect(),
+            ),
+            delimiter: input.delimiter.clone(),
+            encoding_type: input.encoding_type.clone(),
+            is_truncated: Some(truncated),
+            key_marker: Some(key_marker.clone()),
+            max_uploads: i32::try_from(max).ok(),
+            next_key_marker: shown.last().filter(|_| truncated).map(|(_, u)| enc(&u.key)),
+            next_upload_id_marker: shown.last().filter(|_| truncated).map(|(id, _)| id.clone()),
+            prefix: Some(enc(&prefix)),
+            upload_id_marker: Some(id_marker.clone()),
+            uploads: Some(
+                shown
+                    .iter()
+                    .map(|(id, u)| MultipartUpload {
+                        initiated: Some(timestamp(u.initiated_ms)),
+                        initiator: Some(Initiator {
+                            display_name: None,
+                            id: Some(u.initiator.clone()),
+                        }),
+                        key: Some(enc(&u.key)),
+                        owner: Some(owner.clone()),
+                        storage_class: Some(StorageClass::from_static(StorageClass::STANDARD)),
+                        upload_id: Some(id.clone()),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            request_charged: None,
+        }))
+    }
+
+    async fn complete_multipart_upload(
+        &self,
+        req: S3Request<CompleteMultipartUploadInput>,
+    ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
+        let caller = self.caller(&req).await?;
+        let input = req.input;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
+            .await?;
+        let upload = self
+            .upload_of(&bucket.name, &input.upload_id, &input.key)
+            .await?;
+        let stored = self
+            .index
+            .list_parts(&input.upload_id)
+            .await
+            .map_err(index_error)?;
+        let requested: Vec<CompletedPart> = input
+            .multipart_upload
+            .and_then(|m| m.parts)
+            .unwrap_or_default();
+        let chosen = choose_parts(&requested, &stored)?;
+        let etags: Vec<&str> = chosen.iter().map(|p| p.etag.as_str()).collect();
+        let etag = multipart_etag(&etags);
+        let meta = ObjectMeta {
+            segments: chosen
+                .iter()
+                .map(|p| Segment {
+                    blob: p.blob.clone(),
+                    size: p.size,
+                })
+                .collect(),
+            size: chosen.iter().map(|p| p.size).sum(),
+            etag: etag.clone(),
+            last_modified_ms: now_ms(),
+            headers: upload.headers.clone(),
+            metadata: upload.metadata.clone(),
+            acl: upload.acl,
+            tags: upload.tags.clone(),
+            parts_count: u32::try_from(chosen.len()).ok(),
+        };
+        let prev = self
+            .index
+            .complete_upload(
+                &bucket.record_key,
+                &bucket.name,
+                &input.upload_id,
+                &meta,
+                &input.key,
+            )
+            .await
+            .map_err(index_error)?;
+        // Parts uploaded but not named in the completion are no longer referenced.
+        let used: std::collections::HashSet<&str> = meta.blobs().collect();
+        let unused: Vec<&str> = stored
+            .values()
+            .map(|p| p.blob.as_str())
+            .filter(|b| !used.contains(b))
+            .collect();
+        self.delete_blobs(unused.into_iter()).await;
+        if let Some(prev) = prev {
+            self.delete_blobs(prev.blobs().filter(|b| !used.contains(b)))
+                .await;
+        }
+        Ok(S3Response::new(CompleteMultipartUploadOutput {
+            bucket: Some(bucket.name.clone()),
+            e_tag: Some(quoted(&etag)),
+            key: Some(input.key.clone()),
+            location: Some(format!("/{}/{}", bucket.name, input.key)),
+            ..Default::default()
+        }))
+    }
+
+    async fn abort_multipart_upload(
+        &self,
+        req: S3Request<AbortMultipartUploadInput>,
+    ) -> S3Result<S3Response<AbortMultipartUploadOutput>> {
+        let caller = self.caller(&req).await?;
+        let input = req.input;
+        let bucket = self
+            .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
+            .await?;
+        self.upload_of(&bucket.name, &input.upload_id, &input.key)
+            .await?;
+        let parts = self
+            .index
+            .abort_upload(&bucket.name, &input.upload_id)
+            .await
+            .map_err(index_error)?;
+        self.delete_blobs(parts.iter().map(|p| p.blob.as_str()))
+            .await;
+        Ok(S3Response::new(AbortMultipartUploadOutput::default()))
+    }
+}
+
+fn part_number(n: i32) -> S3Result<u32> {
+    if (1..=MAX_PARTS).contains(&n) {
+        Ok(u32::try_from(n).unwrap_or(1))
+    } else {
+        Err(s3_error!(
+            InvalidArgument,
+            "Part number must be an integer between 1 and 10000, inclusive"
+        ))
+    }
+}
+
+/// The stored parts a completion names, checked as AWS checks them: ascending part numbers,
+/// each uploaded with the ETag given, every part but the last at least 5 MiB.
+fn choose_parts(
+    requested: &[CompletedPart],
+    stored: &BTreeMap<u32, PartMeta>,
+) -> S3Result<Vec<PartMeta>> {
+    if requested.is_empty() {
+        return Err(s3_error!(MalformedXML, "The XML you provided was not well-formed or did not validate against our published schema: it names no part."));
+    }
+    let mut chosen = Vec::with_capacity(requested.len());
+    let mut last = 0i32;
+    for p in requested {
+        let n = p.part_number.unwrap_or(0);
+        if n <= last {
+            return Err(s3_error!(InvalidPartOrder, "The list of parts was not in ascending order. The parts list must be specified in order by part number."));
+        }
+        last = n;
+        let invalid = || {
+            s3_error!(InvalidPart, "One or more of the specified parts could not be found. The part might not have been uploaded, or the specified entity tag might not have matched the part's entity tag.")
+        };
+        let stored_part = u32::try_from(n)
+            .ok()
+            .and_then(|n| stored.get(&n))
+            .ok_or_else(invalid)?;
+        let given = p
+            .e_tag
+            .as_ref()
+            .map(|e| e.value().trim_matches('"').to_string());
+        if given.as_deref().is_some_and(|g| g != stored_part.etag) {
+            return Err(invalid());
+        }
+        chosen.push(stored_part.clone());
+    }
+    if let Some((_, init)) = chosen.split_last() {
+        if init.iter().any(|p| p.size < MIN_PART_SIZE) {
+            return Err(s3_error!(
+                EntityTooSmall,
+                "Your proposed upload is smaller than the minimum allowed object size."
+            ));
+        }
+    }
+    Ok(chosen)
+}
+
+fn object_entry(key: &str, m: &ObjectMeta, owner: Option<&Owner>) -> Object {
+    Object {
+        e_tag: Some(quoted(&m.etag)),
+        key: Some(key.to_string()),
+        last_modified: Some(timestamp(m.last_modified_ms)),
+        owner: owner.cloned(),
+        size: i64::try_from(m.size).ok(),
+        storage_class: Some(ObjectStorageClass::from_static(
+            ObjectStorageClass::STANDARD,
+        )),
+        ..Default::default()
+    }
+}
+
+impl KarriS3 {
+    async fn upload_of(&self, bucket: &str, upload_id: &str, key: &str) -> S3Result<UploadMeta> {
+        match self
+            .index
+            .get_upload(bucket, upload_id)
+            .await
+            .map_err(index_error)?
+        {
+            Some(u) if u.key == key => Ok(u),
+            _ => Err(index_error(IndexError::NoUpload)),
+        }
+    }
+
+    async fn record_part(
+        &self,
+        bucket: &str,
+        upload_id: &str,
+        part: u32,
+        written: &super::blob::Written,
+        etag: &str,
+    ) -> S3Result<()> {
+        let meta = PartMeta {
+            blob: written.id.clone(),
+            size: written.size,
+            etag: etag.to_string(),
+            last_modified_ms: now_ms(),
+        };
+        match self.index.put_part(bucket, upload_id, part, &meta).await {
+            Ok(prev) => {
+                if let Some(prev) = prev {
+                    self.delete_blobs(std::iter::once(prev.blob.as_str())).await;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.delete_blobs(std::iter::once(written.id.as_str()))
+                    .await;
+                Err(index_error(e))
+            }
+        }
+    }
+
+    /// Changes a bucket's spec (ACL, tags) with a compare-and-swap update.
+    async fn update_bucket(
+        &self,
+        name: &str,
+        change: impl Fn(&mut Value) + Send + Sync,
+    ) -> S3Result<()> {
+        let kind = self
+            .registry
+            .kinds
+            .by_plural("buckets")
+            .ok_or_else(|| internal("the Bucket kind is not served"))?;
+        let mut apply = |current: &Value| -> crate::error::ApiResult<Value> {
+            let mut next = current.clone();
+            change(&mut next["spec"]);
+            Ok(next)
+        };
+        self.registry
+            .update_with(
+                &kind,
+                None,
+                name,
+                &Principal::Admin("s3".into()),
+                crate::admission::Subresource::Main,
+                None,
+                WriteOptions::default(),
+                &mut apply,
+            )
+            .await
+            .map_err(|e| {
+                if e.code == 404 {
+                    s3_error!(NoSuchBucket, "The specified bucket does not exist.")
+                } else {
+                    internal(e)
+                }
+            })?;
+        Ok(())
+    }
+
+    /// Changes an object's ACL or tags, retrying if the object changed meanwhile.
+    async fn update_object(
+        &self,
+        bucket: &BucketInfo,
+        key: &str,
+        change: impl Fn(&mut ObjectMeta),
+    ) -> S3Result<()> {
+        let mut meta = self.object(&bucket.name, key).await?;
+        change(&mut meta);
+        // The blobs are the same: publishing replaces only the entry.
+        match self
+            .index
+            .put_object(&bucket.record_key, &bucket.name, key, &meta)
+            .await
+        {
+            Ok(Some(prev)) if prev.segments != meta.segments => {
+                // Overwritten between the read and the write: keep the newer bytes, reapply.
+                let mut newer = prev;
+                change(&mut newer);
+                self.index
+                    .put_object(&bucket.record_key, &bucket.name, key, &newer)
+                    .await
+                    .map_err(index_error)?;
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(index_error(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn multipart_etags_are_the_md5_of_the_part_md5s() {
+        // Two parts "a" and "b": md5(md5("a") ++ md5("b")) with the part count.
+        let a = hex::encode(Md5::digest(b"a"));
+        let b = hex::encode(Md5::digest(b"b"));
+        let mut joined = Md5::digest(b"a").to_vec();
+        joined.extend_from_slice(&Md5::digest(b"b"));
+        assert_eq!(
+            multipart_etag(&[&a, &b]),
+            format!("{}-2", hex::encode(Md5::digest(&joined)))
+        );
+    }
+
+    fn part(size: u64, etag: &str) -> PartMeta {
+        PartMeta {
+            blob: format!("blob{etag}"),
+            size,
+            etag: etag.into(),
+            last_modified_ms: 0,
+        }
+    }
+
+    fn done(n: i32, etag: &str) -> CompletedPart {
+        CompletedPart {
+            e_tag: Some(ETag::Strong(etag.into())),
+            part_number: Some(n),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn completion_checks_order_etags_and_part_sizes() {
+        let big = MIN_PART_SIZE;
+        let stored: BTreeMap<u32, PartMeta> = [
+            (1, part(big, "aa")),
+            (2, part(big, "bb")),
+            (3, part(10, "cc")),
+        ]
+        .into();
+        let code = |r: S3Result<Vec<PartMeta>>| {
+            r.map(|v| v.len())
+                .map_err(|e| e.code().as_str().to_string())
+        };
+        assert_eq!(
+            code(choose_parts(
+                &[done(1, "aa"), done(2, "bb"), done(3, "cc")],
+                &stored
+            )),
+            Ok(3)
+        );
+        assert_eq!(
+            code(choose_parts(&[done(1, "aa"), done(3, "cc")], &stored)),
+            Ok(2)
+        );
+        assert_eq!(
+            code(choose_parts(&[done(2, "bb"), done(1, "aa")], &stored)),
+            Err("InvalidPartOrder".into())
+        );
+        assert_eq!(
+            code(choose_parts(&[done(1, "aa"), done(1, "aa")], &stored)),
+            Err("InvalidPartOrder".into())
+        );
+        assert_eq!(
+            code(choose_parts(&[done(1, "zz")], &stored)),
+            Err("InvalidPart".into())
+        );
+        assert_eq!(
+            code(choose_parts(&[done(4, "dd")], &stored)),
+            Err("InvalidPart".into())
+        );
+        assert_eq!(
+            code(choose_parts(&[done(3, "cc"), done(4, "dd")], &stored)),
+            Err("InvalidPart".into())
+        );
+        let small: BTreeMap<u32, PartMeta> = [(1, part(10, "aa")), (2, part(10, "bb"))].into();
+        assert_eq!(
+            code(choose_parts(&[done(1, "aa"), done(2, "bb")], &small)),
+            Err("EntityTooSmall".into())
+        );
+        assert_eq!(code(choose_parts(&[], &stored)), Err("MalformedXML".into()));
+    }
+
+    #[test]
+    fn canned_acls_show_as_aws_grants_and_read_back() {
+        let owner = Owner {
+            display_name: Some("a".into()),
+            id: Some("111111111111".into()),
+        };
+        for acl in [
+            CannedAcl::Private,
+            CannedAcl::PublicRead,
+            CannedAcl::PublicReadWrite,
+            CannedAcl::AuthenticatedRead,
+        ] {
+            let policy = AccessControlPolicy {
+                grants: Some(grants_of(&owner, acl)),
+                owner: Some(owner.clone()),
+            };
+            assert_eq!(canned_from_policy(&policy).unwrap(), acl);
+        }
+    }
+
+    #[test]
+    fn url_encoding_keeps_slashes_and_unreserved_characters() {
+        assert_eq!(url_encode_key("a b/c+d~é"), "a%20b/c%2Bd~%C3%A9");
+    }
+
+    #[test]
+    fn tagging_headers_parse_as_query_strings() {
+        assert_eq!(
+            tags_from_header(Some("a=1&b=two%20words")).unwrap(),
+            vec![("a".into(), "1".into()), ("b".into(), "two words".into())]
+        );
+        assert!(tags_from_header(Some("a=1&a=2")).is_err());
+    }
+}
