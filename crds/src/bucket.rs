@@ -27,6 +27,12 @@ use crate::validation::{check_tags, check_text, Validate, ValidationError};
     status = "BucketStatus",
     derive = "PartialEq",
     doc = "An S3 bucket; its name is the bucket name, global across accounts.",
+    printcolumn(
+        name = "ID",
+        type_ = "string",
+        json_path = ".metadata.labels.karri\\.dev/id",
+        description = "Karri ID of the record"
+    ),
     printcolumn(name = "Owner", type_ = "string", json_path = ".spec.owner"),
     printcolumn(name = "ACL", type_ = "string", json_path = ".spec.acl"),
     printcolumn(name = "Region", type_ = "string", json_path = ".spec.region"),
