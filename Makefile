@@ -18,9 +18,9 @@ help:
 	@echo "make up     setup + build, then etcd, api-gateway, operator, a node agent on a simulated host, the micro image (state in $(STATE_DIR))"
 	@echo "make down   stop what 'make up' started (state is kept)"
 	@echo "make test   setup, build, libvirtd, nextest (real etcd/gateway/QEMU), fmt check, clippy"
-	@echo "make bench  registry, EC2 (against moto), cloud and guest-launch benchmarks (release)"
+	@echo "make bench  registry, EC2 (against moto), cloud, guest-launch and S3 (against moto and the raw disk) benchmarks (release)"
 	@echo "make crds   print the CRD manifests (crdgen)"
-	@echo "make fuzz   fuzz the EC2 query parser/router for FUZZ_SECONDS (default 600; nightly, cargo-fuzz)"
+	@echo "make fuzz   fuzz FUZZ_TARGET (ec2_query, default, or s3_request) for FUZZ_SECONDS (default 600; nightly, cargo-fuzz)"
 
 setup:
 	bash scripts/setup.sh
@@ -50,26 +50,29 @@ bench: setup
 	$(CARGO) build --release -p api-gateway -p operator -p node-agent --bin api-gateway --bin operator --bin node-agent
 	KARRI_BIN_DIR=$(CURDIR)/target/release $(CARGO) run --release -p karri-e2e --bin bench-cloud
 	KARRI_BIN_DIR=$(CURDIR)/target/release $(CARGO) run --release -p karri-e2e --bin bench-guests
+	KARRI_BIN_DIR=$(CURDIR)/target/release $(CARGO) run --release -p karri-e2e --bin bench-s3
 
 crds:
 	$(CARGO) run -p karri-crds --bin crdgen
 
-# Fuzzes the EC2 Query parser, router, error XML and SigV4 parsing (api-gateway/fuzz, a crate
+# Fuzzes FUZZ_TARGET: ec2_query (the EC2 Query parser, router, error XML and SigV4 parsing) or
+# s3_request (face routing, s3s's S3 router and XML bodies) (api-gateway/fuzz, a crate
 # outside the workspace). Needs nightly; installs cargo-fuzz if missing. Not part of `make test`.
 # The seeds are copied into the (git-ignored) corpus, which keeps growing across runs; a crash
 # is written to api-gateway/fuzz/artifacts/ec2_query/ and fails the target.
 FUZZ_SECONDS ?= 600
+FUZZ_TARGET ?= ec2_query
 FUZZ_DIR := $(CURDIR)/api-gateway/fuzz
 fuzz:
 	@rustup toolchain list | grep '^nightly' >/dev/null || rustup toolchain install nightly --profile minimal
 	@if $(CARGO) fuzz --version >/dev/null 2>&1; then echo "fuzz: cargo-fuzz present"; \
 	else echo "fuzz: installing cargo-fuzz"; $(CARGO) install cargo-fuzz --locked; fi
-	mkdir -p $(FUZZ_DIR)/corpus/ec2_query $(FUZZ_DIR)/artifacts
-	cp -f $(FUZZ_DIR)/seeds/ec2_query/* $(FUZZ_DIR)/corpus/ec2_query/
+	mkdir -p $(FUZZ_DIR)/corpus/$(FUZZ_TARGET) $(FUZZ_DIR)/artifacts
+	cp -f $(FUZZ_DIR)/seeds/$(FUZZ_TARGET)/* $(FUZZ_DIR)/corpus/$(FUZZ_TARGET)/
 	cd $(FUZZ_DIR) && status=0; \
-	{ $(CARGO) +nightly fuzz run ec2_query -- -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
-	    -print_final_stats=1 2>&1 | tee $(FUZZ_DIR)/artifacts/ec2_query.log; } || status=$$?; \
-	echo "fuzz: ec2_query final stats (exit status $$status):"; \
+	{ $(CARGO) +nightly fuzz run $(FUZZ_TARGET) -- -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
+	    -print_final_stats=1 2>&1 | tee $(FUZZ_DIR)/artifacts/$(FUZZ_TARGET).log; } || status=$$?; \
+	echo "fuzz: $(FUZZ_TARGET) final stats (exit status $$status):"; \
 	grep -E '^(Done [0-9]+ runs|stat::(number_of_executed_units|average_exec_per_sec|new_units_added|peak_rss_mb))' \
-	    $(FUZZ_DIR)/artifacts/ec2_query.log || echo "fuzz: no final stats (the build or the run failed)"; \
+	    $(FUZZ_DIR)/artifacts/$(FUZZ_TARGET).log || echo "fuzz: no final stats (the build or the run failed)"; \
 	exit $$status

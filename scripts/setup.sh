@@ -59,10 +59,12 @@ else
   say "etcd service not running"
 fi
 
-# --- Python venv with the AWS clients (and moto's server, the peer of `make bench`'s EC2 run) ---
+# --- Python venv with the AWS clients (awscli, boto3, s3cmd; and moto's server, the peer of
+# `make bench`'s EC2 run) ---
 if [ -x "$VENV/bin/python" ] && [ -x "$VENV/bin/aws" ] && [ -x "$VENV/bin/moto_server" ] \
-   && "$VENV/bin/python" -c 'import boto3, awscli, moto.server' >/dev/null 2>&1; then
-  say "venv .venv has awscli, boto3 and moto[server]"
+   && [ -x "$VENV/bin/s3cmd" ] \
+   && "$VENV/bin/python" -c 'import boto3, awscli, moto.server, S3.S3' >/dev/null 2>&1; then
+  say "venv .venv has awscli, boto3, s3cmd and moto[server]"
 else
   if [ ! -x "$VENV/bin/python" ]; then
     say "creating venv .venv"
@@ -71,9 +73,9 @@ else
     [ -x "$py" ] || py="$(command -v python3)"
     "$py" -m venv --clear "$VENV"
   fi
-  say "installing awscli, boto3 and moto[server] into .venv"
-  # One resolve for all three, so moto's botocore fits the one awscli pins.
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check awscli boto3 'moto[server]'
+  say "installing awscli, boto3, s3cmd and moto[server] into .venv"
+  # One resolve for them all, so moto's botocore fits the one awscli pins.
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check awscli boto3 s3cmd 'moto[server]'
 fi
 
 # --- cargo-nextest ------------------------------------------------------------------------

@@ -356,6 +356,11 @@ impl Registry {
         }
     }
 
+    /// A secret derived from the gateway's secrets key for `label` (see [`Sealer::derive`]).
+    pub fn derived_secret(&self, label: &str) -> Option<String> {
+        self.sealer.as_ref().map(|s| s.derive(label))
+    }
+
     /// Create a record through admission.
     pub async fn create(
         &self,

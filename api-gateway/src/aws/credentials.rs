@@ -39,6 +39,7 @@ pub enum SealError {
 /// Seals and opens secrets with one AES-256-GCM key.
 pub struct Sealer {
     cipher: Aes256Gcm,
+    derive_key: [u8; 32],
 }
 
 impl std::fmt::Debug for Sealer {
@@ -52,7 +53,20 @@ impl Sealer {
     pub fn new(key: &[u8; 32]) -> Self {
         Sealer {
             cipher: Aes256Gcm::new(key.into()),
+            derive_key: *key,
         }
+    }
+
+    /// A secret derived from the key for `label` (hex of HMAC-SHA256): the same on every
+    /// gateway sharing the key, never stored (the S3 credentials of node agents' presigned
+    /// image URLs).
+    pub fn derive(&self, label: &str) -> String {
+        use hmac::{Hmac, Mac};
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.derive_key)
+            .expect("HMAC accepts a key of any length");
+        mac.update(b"karri-derived:");
+        mac.update(label.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
     }
 
     /// Load the key from `path` (base64 of 32 bytes), creating the file with a fresh random key

@@ -67,6 +67,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/version",
             get(|| async { axum::Json(discovery::version()) }),
         )
+        .route("/karri/v1/image-url", get(image_url))
         .route("/services/compute", any(crate::ec2::service::serve))
         .route("/services/compute/", any(crate::ec2::service::serve))
         .route("/", any(root))
@@ -95,6 +96,76 @@ async fn root(state: St, req: Request) -> Response {
         crate::ec2::service::serve(state, req).await
     } else {
         authenticated(state, req).await
+    }
+}
+
+/// `GET /karri/v1/image-url?location=<bucket/key>&base=<https://host:port>`: a node agent's
+/// presigned URL of an image in S3 that an instance bound to the node boots from.
+async fn image_url(State(s): St, req: Request) -> Response {
+    let principal = s.auth.authenticate(
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|h| h.to_str().ok()),
+    );
+    let Some(crate::auth::Principal::Node(node)) = principal else {
+        return ApiError::forbidden("only a node agent's token may ask for image URLs")
+            .into_response();
+    };
+    if s.s3.is_none() {
+        return ApiError::bad_request("this gateway stores no S3 objects (--s3-data-dir is unset)")
+            .into_response();
+    }
+    let q = query_map(req.uri().query());
+    let (Some(location), Some(base)) = (q.get("location"), q.get("base")) else {
+        return ApiError::bad_request("location and base are required").into_response();
+    };
+    let Some((bucket, key)) = crate::s3::presign::parse_location(location) else {
+        return ApiError::bad_request(format!("{location:?} is not an S3 location (bucket/key)"))
+            .into_response();
+    };
+    if let Err(e) = s.registry.catch_up().await {
+        return e.into_response();
+    }
+    let (instances, _) = s
+        .registry
+        .cache
+        .list("instances", &crate::store::kind_prefix("instances"));
+    let wanted = |v: &Value| {
+        v.pointer("/status/nodeName").and_then(Value::as_str) == Some(node.as_str())
+            && ["root", "kernel", "ramdisk"].iter().any(|a| {
+                v.pointer(&format!("/status/launch/{a}/location"))
+                    .and_then(Value::as_str)
+                    == Some(location.as_str())
+            })
+    };
+    if !instances.iter().any(|i| wanted(&i.value)) {
+        return ApiError::forbidden(format!("no instance on node {node} boots from {location}"))
+            .into_response();
+    }
+    let access_key = crate::s3::presign::node_access_key(&node);
+    let Some(secret) = s
+        .registry
+        .derived_secret(&crate::s3::presign::node_secret_label(&node))
+    else {
+        return ApiError::internal("the gateway has no secrets key").into_response();
+    };
+    const EXPIRES_SECS: u32 = 300;
+    let now = chrono::Utc::now();
+    match crate::s3::presign::presign_get(
+        base,
+        (bucket, key),
+        &s.ec2.region,
+        (&access_key, &secret),
+        now,
+        EXPIRES_SECS,
+    ) {
+        Some(url) => axum::Json(serde_json::json!({
+            "url": url,
+            "expiresAt": (now + chrono::TimeDelta::seconds(EXPIRES_SECS.into())).to_rfc3339(),
+        }))
+        .into_response(),
+        None => ApiError::bad_request(format!("{base:?} is not an http(s)://host[:port] base URL"))
+            .into_response(),
     }
 }
 

@@ -21,6 +21,12 @@ pub enum BlobError {
     /// The client's body ended early or could not be read.
     #[error("the request body could not be read: {0}")]
     Body(String),
+    /// A streaming chunk's signature does not match (the body was altered on its way).
+    #[error("a chunk signature of the body does not match")]
+    ChunkSignature,
+    /// The body's SHA-256 is not the signed `x-amz-content-sha256`.
+    #[error("the body's SHA-256 does not match x-amz-content-sha256")]
+    Sha256Mismatch,
     /// The body is longer than allowed.
     #[error("the object is larger than {0} bytes")]
     TooLarge(u64),

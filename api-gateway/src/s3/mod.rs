@@ -8,9 +8,11 @@
 
 pub mod access;
 pub mod blob;
+pub mod chunked;
 pub mod cond;
 pub mod index;
 pub mod listing;
+pub mod presign;
 pub mod service;
 pub mod sweep;
 
@@ -59,6 +61,18 @@ struct Secrets {
 #[async_trait::async_trait]
 impl S3Auth for Secrets {
     async fn get_secret_key(&self, access_key: &str) -> S3Result<SecretKey> {
+        if let Some(node) = presign::node_of_key(access_key) {
+            return self
+                .registry
+                .derived_secret(&presign::node_secret_label(&node))
+                .map(SecretKey::from)
+                .ok_or_else(|| {
+                    s3_error!(
+                        InvalidAccessKeyId,
+                        "The AWS Access Key Id you provided does not exist in our records."
+                    )
+                });
+        }
         match resolve_access_key(&self.registry, access_key).await {
             Ok((secret, _)) => Ok(SecretKey::from(secret)),
             Err(KeyError::Unknown) => Err(s3_error!(
@@ -121,8 +135,19 @@ fn strip_port(host: &str) -> &str {
     }
 }
 
-struct Hosts {
+/// Virtual-host parsing for s3s: `<bucket>.<domain>` for the configured domains, path-style
+/// for anything else (IP addresses, `localhost`, unknown names).
+pub struct Hosts {
     domains: Arc<Vec<String>>,
+}
+
+impl Hosts {
+    /// Parsing for `domains`.
+    pub fn new(domains: Vec<String>) -> Self {
+        Self {
+            domains: Arc::new(domains),
+        }
+    }
 }
 
 impl S3Host for Hosts {
@@ -293,6 +318,18 @@ impl S3Face {
     /// Serves one S3 request.
     pub async fn serve(&self, req: Request) -> Response {
         let started = Instant::now();
+        let has_body = req
+            .headers()
+            .get(http::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.as_bytes() != b"0")
+            || req.headers().contains_key(http::header::TRANSFER_ENCODING);
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let req = req.map(|b| {
+            Body::new(Tracked {
+                inner: b,
+                finished: finished.clone(),
+            })
+        });
         let method = req.method().clone();
         let request_id = uuid::Uuid::new_v4().simple().to_string();
         let span = tracing::info_span!("s3", request_id = %request_id, method = %method, path = %req.uri().path(), account = tracing::field::Empty, status = tracing::field::Empty);
@@ -310,6 +347,14 @@ impl S3Face {
         if let Ok(v) = http::HeaderValue::from_str(&request_id) {
             resp.headers_mut().insert("x-amz-request-id", v);
         }
+        // An answer given before the body was read (an early error): the unread rest would be
+        // taken for the next request, so the connection closes, and says so.
+        if has_body && !finished.load(std::sync::atomic::Ordering::Acquire) {
+            resp.headers_mut().insert(
+                http::header::CONNECTION,
+                http::HeaderValue::from_static("close"),
+            );
+        }
         span.record("status", resp.status().as_u16());
         let labels = RequestLabels {
             verb: format!("s3:{method}"),
@@ -322,6 +367,37 @@ impl S3Face {
             .get_or_create(&labels)
             .observe(started.elapsed().as_secs_f64());
         resp
+    }
+}
+
+/// A request body that records when it has been read to its end.
+struct Tracked {
+    inner: Body,
+    finished: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl http_body::Body for Tracked {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, std::task::Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.finished
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -113,6 +113,18 @@ fn blob_error(e: BlobError) -> S3Error {
             S3ErrorCode::IncompleteBody,
             format!("The request body ended before it was complete: {reason}"),
         ),
+        BlobError::ChunkSignature => s3_error!(
+            SignatureDoesNotMatch,
+            "The request signature we calculated does not match the signature you provided. Check your key and signing method."
+        ),
+        BlobError::Sha256Mismatch => {
+            let mut e = S3Error::with_message(
+                S3ErrorCode::Custom("XAmzContentSHA256Mismatch".into()),
+                "The provided 'x-amz-content-sha256' header does not match what was computed.",
+            );
+            e.set_status_code(http::StatusCode::BAD_REQUEST);
+            e
+        }
         other => internal(other),
     }
 }
@@ -339,10 +351,30 @@ fn check_content_md5(expected_b64: Option<&str>, md5: &[u8; 16]) -> S3Result<()>
     Ok(())
 }
 
-fn body_stream(body: Option<StreamingBlob>) -> ByteStream<'static> {
-    match body {
-        Some(blob) => Box::pin(blob.map(|r| r.map_err(|e| BlobError::Body(e.to_string())))),
+/// What a body stream's error means: s3s verifies chunk signatures and the signed SHA-256 as
+/// the body streams, and says which check failed only in its errors' text.
+fn body_failure(e: &dyn std::error::Error) -> BlobError {
+    let text = e.to_string();
+    if text.contains("SignatureMismatch") {
+        BlobError::ChunkSignature
+    } else if text.contains("Sha256Mismatch") {
+        BlobError::Sha256Mismatch
+    } else {
+        BlobError::Body(text)
+    }
+}
+
+/// The bytes of a body; `framed` when it is `aws-chunked` framing s3s left as it came (an
+/// unsigned request).
+fn body_stream(body: Option<StreamingBlob>, framed: bool) -> ByteStream<'static> {
+    let raw: ByteStream<'static> = match body {
+        Some(blob) => Box::pin(blob.map(|r| r.map_err(|e| body_failure(e.as_ref())))),
         None => Box::pin(futures::stream::empty()),
+    };
+    if framed {
+        super::chunked::decode(raw)
+    } else {
+        raw
     }
 }
 
@@ -473,6 +505,15 @@ impl KarriS3 {
         let Some(key) = key else {
             return Ok(None);
         };
+        if let Some(node) = super::presign::node_of_key(&key) {
+            // A node agent's presigned image URL: it reads objects, nothing else.
+            return Ok(Some(Caller {
+                account: format!("node:{node}"),
+                account_id: super::presign::NODE_READER.to_string(),
+                namespace: String::new(),
+                user: node,
+            }));
+        }
         match resolve_access_key(&self.registry, &key).await {
             Ok((_, caller)) => {
                 tracing::Span::current().record("account", caller.account.as_str());
@@ -606,6 +647,9 @@ fn permits(
     object_acl: Option<CannedAcl>,
 ) -> bool {
     let who = match caller {
+        Some(c) if c.account_id == super::presign::NODE_READER => {
+            return action == Action::ReadObject
+        }
         Some(c) => Who::Account(&c.account_id),
         None => Who::Anonymous,
     };
@@ -639,6 +683,16 @@ fn resolve_range(range: Option<&Range>, size: u64) -> S3Result<Option<std::ops::
     }
 }
 
+/// A `Content-Encoding` without `aws-chunked`, which only framed the upload (S3 drops it).
+fn without_aws_chunked(encoding: &str) -> Option<String> {
+    let rest: Vec<&str> = encoding
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty() && !e.eq_ignore_ascii_case("aws-chunked"))
+        .collect();
+    (!rest.is_empty()).then(|| rest.join(","))
+}
+
 fn system_headers(
     content_type: Option<&ContentType>,
     cache_control: Option<&CacheControl>,
@@ -651,7 +705,7 @@ fn system_headers(
         content_type: content_type.map(ToString::to_string),
         cache_control: cache_control.cloned(),
         content_disposition: content_disposition.cloned(),
-        content_encoding: content_encoding.cloned(),
+        content_encoding: content_encoding.and_then(|e| without_aws_chunked(e)),
         content_language: content_language.cloned(),
         expires_ms: expires.map(ms_of),
     }
@@ -957,6 +1011,7 @@ impl S3 for KarriS3 {
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
         let caller = self.caller(&req).await?;
+        let framed = req.credentials.is_none() && super::chunked::is_aws_chunked(&req.headers);
         let input = req.input;
         let bucket = self
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
@@ -997,7 +1052,7 @@ impl S3 for KarriS3 {
         }
         let written = self
             .blobs
-            .put(body_stream(input.body), MAX_PUT_SIZE)
+            .put(body_stream(input.body, framed), MAX_PUT_SIZE)
             .await
             .map_err(blob_error)?;
         if let Err(e) = check_content_md5(input.content_md5.as_deref(), &written.md5) {
@@ -1645,6 +1700,7 @@ impl S3 for KarriS3 {
         req: S3Request<UploadPartInput>,
     ) -> S3Result<S3Response<UploadPartOutput>> {
         let caller = self.caller(&req).await?;
+        let framed = req.credentials.is_none() && super::chunked::is_aws_chunked(&req.headers);
         let input = req.input;
         let bucket = self
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
@@ -1654,7 +1710,7 @@ impl S3 for KarriS3 {
             .await?;
         let written = self
             .blobs
-            .put(body_stream(input.body), MAX_PUT_SIZE)
+            .put(body_stream(input.body, framed), MAX_PUT_SIZE)
             .await
             .map_err(blob_error)?;
         if let Err(e) = check_content_md5(input.content_md5.as_deref(), &written.md5) {

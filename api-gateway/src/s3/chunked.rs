@@ -1,0 +1,183 @@
+//! Unsigned `aws-chunked` bodies of anonymous uploads. s3s decodes `aws-chunked` framing
+//! while it checks a signature; an unsigned request (boto3 with anonymous credentials still
+//! frames its body, with a checksum trailer) reaches the operations framed, and is decoded
+//! here: `<hex size>[;extensions]\r\n<data>\r\n` … `0\r\n<trailers>\r\n`.
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures::StreamExt;
+
+use super::blob::{BlobError, ByteStream};
+
+/// Longest chunk header or trailer line accepted.
+const MAX_LINE: usize = 4096;
+
+enum Phase {
+    Header,
+    Data(usize),
+    DataEnd,
+    Trailers,
+    Done,
+}
+
+struct Decoder {
+    inner: ByteStream<'static>,
+    buf: BytesMut,
+    phase: Phase,
+    input_done: bool,
+}
+
+fn malformed(what: &str) -> BlobError {
+    BlobError::Body(format!("malformed aws-chunked body: {what}"))
+}
+
+impl Decoder {
+    /// Takes one `\r\n`-terminated line from the buffer, if complete.
+    fn line(&mut self) -> Result<Option<Bytes>, BlobError> {
+        match self.buf.windows(2).position(|w| w == b"\r\n") {
+            Some(i) => {
+                let line = self.buf.split_to(i).freeze();
+                self.buf.advance(2);
+                Ok(Some(line))
+            }
+            None if self.buf.len() > MAX_LINE => Err(malformed("a line is too long")),
+            None => Ok(None),
+        }
+    }
+
+    /// The next decoded piece, `None` at the end; reads more input when it needs to.
+    async fn next_piece(&mut self) -> Result<Option<Bytes>, BlobError> {
+        loop {
+            match self.phase {
+                Phase::Done => return Ok(None),
+                Phase::Header => {
+                    if let Some(line) = self.line()? {
+                        let text = std::str::from_utf8(&line)
+                            .map_err(|_| malformed("header is not text"))?;
+                        let size = text.split(';').next().unwrap_or("").trim();
+                        let n = usize::from_str_radix(size, 16)
+                            .map_err(|_| malformed("bad chunk size"))?;
+                        self.phase = if n == 0 {
+                            Phase::Trailers
+                        } else {
+                            Phase::Data(n)
+                        };
+                        continue;
+                    }
+                }
+                Phase::Data(left) => {
+                    if !self.buf.is_empty() {
+                        let take = left.min(self.buf.len());
+                        let piece = self.buf.split_to(take).freeze();
+                        self.phase = if take == left {
+                            Phase::DataEnd
+                        } else {
+                            Phase::Data(left - take)
+                        };
+                        return Ok(Some(piece));
+                    }
+                }
+                Phase::DataEnd => {
+                    if self.buf.len() >= 2 {
+                        if &self.buf[..2] != b"\r\n" {
+                            return Err(malformed("a chunk does not end with CRLF"));
+                        }
+                        self.buf.advance(2);
+                        self.phase = Phase::Header;
+                        continue;
+                    }
+                }
+                Phase::Trailers => {
+                    if let Some(line) = self.line()? {
+                        if line.is_empty() {
+                            self.phase = Phase::Done;
+                        }
+                        continue;
+                    }
+                    if self.input_done && self.buf.is_empty() {
+                        // Some clients end right after the last trailer line.
+                        self.phase = Phase::Done;
+                        continue;
+                    }
+                }
+            }
+            if self.input_done {
+                return Err(malformed("the body ended inside a chunk"));
+            }
+            match self.inner.next().await {
+                Some(chunk) => self.buf.extend_from_slice(&chunk?),
+                None => self.input_done = true,
+            }
+        }
+    }
+}
+
+/// The payload of an `aws-chunked` body.
+pub fn decode(inner: ByteStream<'static>) -> ByteStream<'static> {
+    let decoder = Decoder {
+        inner,
+        buf: BytesMut::new(),
+        phase: Phase::Header,
+        input_done: false,
+    };
+    Box::pin(futures::stream::try_unfold(decoder, |mut d| async move {
+        Ok(d.next_piece().await?.map(|piece| (piece, d)))
+    }))
+}
+
+/// Whether a request's `Content-Encoding` says its body is `aws-chunked`.
+pub fn is_aws_chunked(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(http::header::CONTENT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|e| e.trim().eq_ignore_ascii_case("aws-chunked"))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    async fn run(pieces: &[&'static [u8]]) -> Result<Vec<u8>, BlobError> {
+        let items: Vec<Result<Bytes, BlobError>> =
+            pieces.iter().map(|p| Ok(Bytes::from_static(p))).collect();
+        let mut s = decode(Box::pin(futures::stream::iter(items)));
+        let mut out = Vec::new();
+        while let Some(c) = s.next().await {
+            out.extend_from_slice(&c?);
+        }
+        Ok(out)
+    }
+
+    #[tokio::test]
+    async fn chunked_bodies_decode_however_they_are_split() {
+        let body: &[u8] = b"5\r\nhello\r\n6;chunk-signature=00\r\n world\r\n0\r\nx-amz-checksum-crc32:AAAAAA==\r\n\r\n";
+        assert_eq!(run(&[body]).await.unwrap(), b"hello world");
+        let split: Vec<&'static [u8]> = body.chunks(3).collect();
+        assert_eq!(run(&split).await.unwrap(), b"hello world");
+        assert_eq!(run(&[b"0\r\n\r\n"]).await.unwrap(), b"");
+        assert_eq!(
+            run(&[b"3\r\nabc\r\n0\r\nx-amz-checksum-crc32:AA==\r\n"])
+                .await
+                .unwrap(),
+            b"abc"
+        );
+    }
+
+    #[tokio::test]
+    async fn broken_framing_is_an_error_not_data() {
+        for bad in [
+            &b"zz\r\nhello\r\n0\r\n\r\n"[..],
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"5\r\nhel",
+            b"5\r\nhello\r\n",
+        ] {
+            assert!(
+                run(&[bad]).await.is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+}
