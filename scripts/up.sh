@@ -164,7 +164,7 @@ if running "$GW_PID" "$TOKENS"; then
 fi
 port_in_use "$API_PORT" && die "port $API_PORT is taken by another process (set KARRI_API_PORT)"
 port_in_use "$AWS_PORT" && die "port $AWS_PORT is taken by another process (set KARRI_AWS_PORT)"
-say "starting api-gateway at $API_URL (EC2 at $AWS_URL/services/compute)"
+say "starting api-gateway at $API_URL (EC2 at $AWS_URL/services/compute, S3 at $AWS_URL and $AWS_URL/services/objectstorage)"
 start_bg "$GW_PID" "$LOGS/api-gateway.log" "$GATEWAY_BIN" \
   --listen "127.0.0.1:$API_PORT" \
   --aws-listen "127.0.0.1:$AWS_PORT" \
@@ -172,6 +172,7 @@ start_bg "$GW_PID" "$LOGS/api-gateway.log" "$GATEWAY_BIN" \
   --secrets-key-file "$STATE_DIR/secrets.key" \
   --etcd-endpoints "$ETCD_URL" \
   --tokens-file "$TOKENS" \
+  --s3-data-dir "$STATE_DIR/objects" \
   --cert-dir "$PKI"
 # The gateway writes its CA into $PKI on first start; curl trusts exactly that CA.
 wait_http api-gateway "$API_URL/readyz" "$GW_PID" "$LOGS/api-gateway.log" 60 --cacert "$PKI/ca.crt"
@@ -370,6 +371,7 @@ umask 077
   printf 'export AWS_DEFAULT_REGION=%q\n' "$REGION"
   printf 'export AWS_CA_BUNDLE=%q\n' "$PKI/ca.crt"
   printf 'export EC2_URL=%q\n' "$AWS_URL/services/compute"
+  printf 'export S3_URL=%q\n' "$AWS_URL/services/objectstorage"
   printf 'export KARRI_MICRO_EMI=%q\n' "$EMI"
 } >"$STATE_DIR/karri.env.tmp"
 )
@@ -379,7 +381,7 @@ cat <<EOF
 
 Karri is up.
   etcd         $ETCD_URL   (data $STATE_DIR/etcd, log $LOGS/etcd.log)
-  api-gateway  $API_URL (resource API), $AWS_URL (EC2, region $REGION)   (log $LOGS/api-gateway.log)
+  api-gateway  $API_URL (resource API), $AWS_URL (EC2 and S3, region $REGION; objects in $STATE_DIR/objects)   (log $LOGS/api-gateway.log)
   operator     metrics http://127.0.0.1:$OPERATOR_METRICS_PORT/metrics   (log $LOGS/operator.log)
   node-agent   node-1 in karri-1a on $LIBVIRT_URI, metrics http://127.0.0.1:$AGENT_METRICS_PORT/metrics   (log $LOGS/node-agent.log)
   images       $EMI (karri-micro: kernel $EKI, ramdisk $ERI; public, namespace $IMAGES_NS)
@@ -393,7 +395,8 @@ Use it:
   aws ec2 describe-instances --query 'Reservations[].Instances[].[InstanceId,State.Name,PrivateIpAddress]' --output text
   aws ec2 get-console-output --instance-id i-... --output text    # "karri-micro: ready" once booted
   aws ec2 terminate-instances --instance-ids i-...
-  kubectl get instances -A
+  aws s3 mb s3://my-bucket && aws s3 cp script.sh s3://my-bucket/ && aws s3 ls s3://my-bucket/
+  kubectl get instances,buckets -A
   virsh -c '$LIBVIRT_URI' list --all
   $BIN_DIR/karri image register --file disk.qcow2 --name my-image --namespace admin   # your own (raw, qcow2, vmdk, ...)
   $BIN_DIR/karri account create research && $BIN_DIR/karri access-key create --account research
