@@ -83,9 +83,33 @@ struct Args {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 3 * 1024 * 1024)]
     max_body_bytes: usize,
-    /// Directory of S3 object bytes (blobs); the S3 face is off without it.
+    /// Directory of S3 object bytes (blobs); the S3 face is off without it or
+    /// --s3-backend-url.
     #[arg(long, env = "KARRI_S3_DATA_DIR")]
     s3_data_dir: Option<PathBuf>,
+    /// Keep object bytes in an existing S3-compatible cluster (Ceph RGW, MinIO, another Karri)
+    /// at this endpoint URL instead of --s3-data-dir.
+    #[arg(long, env = "KARRI_S3_BACKEND_URL")]
+    s3_backend_url: Option<String>,
+    /// The backend cluster's bucket that holds the blobs.
+    #[arg(long, env = "KARRI_S3_BACKEND_BUCKET", default_value = "karri-blobs")]
+    s3_backend_bucket: String,
+    /// The region the backend cluster expects in signatures.
+    #[arg(long, env = "KARRI_S3_BACKEND_REGION", default_value = "us-east-1")]
+    s3_backend_region: String,
+    /// Access key ID for the backend cluster.
+    #[arg(long, env = "KARRI_S3_BACKEND_ACCESS_KEY_ID")]
+    s3_backend_access_key_id: Option<String>,
+    /// Secret access key for the backend cluster (prefer the environment variable).
+    #[arg(
+        long,
+        env = "KARRI_S3_BACKEND_SECRET_ACCESS_KEY",
+        hide_env_values = true
+    )]
+    s3_backend_secret_access_key: Option<String>,
+    /// PEM CA certificate the backend cluster's TLS certificate chains to.
+    #[arg(long, env = "KARRI_S3_BACKEND_CA")]
+    s3_backend_ca: Option<PathBuf>,
     /// Domains under which `<bucket>.<domain>` addresses a bucket (virtual-hosted style);
     /// their wildcards are added to a generated serving certificate.
     #[arg(
@@ -147,12 +171,44 @@ async fn main() -> anyhow::Result<()> {
         metrics.clone(),
         Some(sealer),
     );
-    let s3 = match &args.s3_data_dir {
-        Some(dir) => {
-            let blobs: Arc<dyn api_gateway::s3::blob::BlobStore> = Arc::new(
-                api_gateway::s3::blob::FsBlobs::open(dir)
-                    .with_context(|| format!("cannot use {} for S3 objects", dir.display()))?,
-            );
+    let blobs: Option<Arc<dyn api_gateway::s3::blob::BlobStore>> = match (
+        &args.s3_backend_url,
+        &args.s3_data_dir,
+    ) {
+        (Some(endpoint), _) => {
+            let ca_pem = match &args.s3_backend_ca {
+                Some(p) => {
+                    Some(std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?)
+                }
+                None => None,
+            };
+            let config = api_gateway::s3::remote::RemoteConfig {
+                endpoint: endpoint.clone(),
+                bucket: args.s3_backend_bucket.clone(),
+                region: args.s3_backend_region.clone(),
+                access_key_id: args
+                    .s3_backend_access_key_id
+                    .clone()
+                    .context("--s3-backend-url needs --s3-backend-access-key-id")?,
+                secret_access_key: args
+                    .s3_backend_secret_access_key
+                    .clone()
+                    .context("--s3-backend-url needs KARRI_S3_BACKEND_SECRET_ACCESS_KEY")?,
+                ca_pem,
+            };
+            tracing::info!(endpoint = %config.endpoint, bucket = %config.bucket, "S3 object bytes in a remote S3-compatible cluster");
+            Some(Arc::new(api_gateway::s3::remote::RemoteBlobs::new(
+                &config,
+            )?))
+        }
+        (None, Some(dir)) => Some(Arc::new(
+            api_gateway::s3::blob::FsBlobs::open(dir)
+                .with_context(|| format!("cannot use {} for S3 objects", dir.display()))?,
+        )),
+        (None, None) => None,
+    };
+    let s3 = match blobs {
+        Some(blobs) => {
             tokio::spawn(api_gateway::s3::sweep::run(
                 api_gateway::s3::index::ObjectIndex::new(registry.etcd_client()),
                 blobs.clone(),

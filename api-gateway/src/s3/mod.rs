@@ -13,6 +13,7 @@ pub mod cond;
 pub mod index;
 pub mod listing;
 pub mod presign;
+pub mod remote;
 pub mod service;
 pub mod sweep;
 
