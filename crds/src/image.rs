@@ -110,6 +110,18 @@ pub struct ImageSpec {
     pub size_bytes: Option<u64>,
 }
 
+/// The bucket and key of an image location in S3: `s3://bucket/key` or `bucket/key` (neither an
+/// absolute path nor a URL of another scheme), the bucket named by S3's rules and the key not
+/// empty. The same rules as the gateway's presigned image URLs. Pure.
+pub fn s3_location(location: &str) -> Option<(&str, &str)> {
+    let rest = location.strip_prefix("s3://").unwrap_or(location);
+    if rest.starts_with('/') || rest.contains("://") {
+        return None;
+    }
+    let (bucket, key) = rest.split_once('/')?;
+    (crate::bucket::is_valid_bucket_name(bucket) && !key.is_empty()).then_some((bucket, key))
+}
+
 /// What an image holds, as EC2's `imageType` names it.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
 #[serde(rename_all = "lowercase")]
@@ -314,5 +326,36 @@ impl Validate for ImageSpec {
 impl Validate for ImageStatus {
     fn validate(&self) -> Result<(), ValidationError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_locations_are_a_valid_bucket_and_a_key() {
+        let cases: &[(&str, Option<(&str, &str)>)] = &[
+            ("images/micro/disk.img", Some(("images", "micro/disk.img"))),
+            ("s3://images/disk.img", Some(("images", "disk.img"))),
+            ("my.bucket-1/k", Some(("my.bucket-1", "k"))),
+            ("images/a b+c.img", Some(("images", "a b+c.img"))),
+            ("/var/lib/images/disk.img", None),
+            ("s3:///images/disk.img", None),
+            ("https://example.com/disk.img", None),
+            ("http://example.com/disk.img", None),
+            ("ftp://example.com/disk.img", None),
+            ("s3://images/nested://x", None),
+            ("images/", None),
+            ("images", None),
+            ("s3://images", None),
+            ("Bad_Bucket/disk.img", None),
+            ("ab/disk.img", None),
+            ("192.168.1.1/disk.img", None),
+            ("", None),
+        ];
+        for (location, want) in cases {
+            assert_eq!(s3_location(location), *want, "{location:?}");
+        }
     }
 }
