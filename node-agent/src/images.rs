@@ -7,6 +7,12 @@
 //!   and only then renames into `sha256/`, so an image is either complete and verified or absent;
 //!   [`ImageCache::open`] deletes what a crashed run left in `tmp/`.
 //!
+//! A source is a path on the node, an `http(s)://` URL, or an object in the gateway's S3
+//! (`s3://bucket/key` or `bucket/key`), which is downloaded through a short-lived presigned URL
+//! the cache asks its [`Presign`] for (the gateway, with the node's token); the download client
+//! trusts the roots given with [`ImageCache::with_root_certificates`] (the gateway's CA) beside
+//! the default ones.
+//!
 //! Concurrent [`ImageCache::get`]s of one source share a single fetch. Use order is kept in
 //! memory and in each image's mtime (touched on use), so least-recently-used eviction survives a
 //! restart. Eviction never removes an image the caller says is in use.
@@ -26,6 +32,7 @@ use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::domain::DiskFormat;
+use crate::presign::{Presign, PresignError};
 
 /// How long an HTTP fetch may take to connect, unless [`ImageCache::with_timeouts`] says.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -40,10 +47,14 @@ const QEMU_IMG_TIMEOUT: Duration = Duration::from_secs(60);
 /// Read size when copying a local image.
 const COPY_BUFFER_BYTES: usize = 128 << 10;
 
+/// How much of an S3 error answer is read for its error code.
+const S3_ERROR_BODY_BYTES: usize = 4 << 10;
+
 /// Where an image's bytes come from and what they must hash to.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ImageSource {
-    /// Absolute path on the node, or an `http://` or `https://` URL.
+    /// Absolute path on the node, an `http://` or `https://` URL, or an S3 location
+    /// (`s3://bucket/key` or `bucket/key`).
     pub location: String,
     /// SHA-256 of the image, lower-case hex; without it the image is stored under the hash of
     /// what was fetched.
@@ -68,8 +79,10 @@ pub struct CachedImage {
 /// Why an image could not be cached, or an overlay created or removed.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum CacheError {
-    /// The location is neither an absolute path nor an HTTP(S) URL.
-    #[error("image location {location} is neither an absolute path nor an http(s) URL")]
+    /// The location is neither an absolute path, an HTTP(S) URL nor an S3 bucket and key.
+    #[error(
+        "image location {location} is neither an absolute path, an http(s) URL nor an S3 bucket/key"
+    )]
     InvalidLocation {
         /// The location given.
         location: String,
@@ -102,6 +115,36 @@ pub enum CacheError {
         location: String,
         /// The HTTP status code.
         status: u16,
+    },
+    /// The image is in S3 but the cache has no [`Presign`] to ask for its URL.
+    #[error("image {location} is in S3, but this node has no gateway to ask for its URL")]
+    NoPresigner {
+        /// The S3 location.
+        location: String,
+    },
+    /// The gateway gave no presigned URL of the image, e.g. because no instance of this node
+    /// boots from it (HTTP 403).
+    #[error("no presigned URL of image {location}")]
+    Presign {
+        /// The S3 location.
+        location: String,
+        /// Why.
+        #[source]
+        source: PresignError,
+    },
+    /// S3 answered the presigned URL with a status other than 2xx: the object does not exist
+    /// (404), or the URL was refused (403, e.g. expired).
+    #[error(
+        "image {location} was answered by S3 with HTTP status {status}{}",
+        .code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default()
+    )]
+    S3Status {
+        /// The S3 location (never the URL, whose signature is a credential).
+        location: String,
+        /// The HTTP status code.
+        status: u16,
+        /// S3's error code, e.g. `NoSuchKey`, when the answer has one.
+        code: Option<String>,
     },
     /// The HTTP request failed: connection refused or timed out, invalid URL, broken body.
     #[error("image {location} cannot be fetched")]
@@ -221,12 +264,17 @@ pub struct ImageCache {
 }
 
 /// What does not change while the cache runs.
+#[derive(Clone)]
 struct Config {
     dir: PathBuf,
     max_bytes: u64,
+    connect: Duration,
     read_idle: Duration,
+    /// Trusted beside the default roots by `client`.
+    roots: Vec<reqwest::Certificate>,
     client: reqwest::Client,
     in_use: Option<InUseFn>,
+    presigner: Option<Arc<dyn Presign>>,
 }
 
 /// What the clones share.
@@ -346,9 +394,12 @@ impl ImageCache {
             config: Arc::new(Config {
                 dir,
                 max_bytes,
+                connect: DEFAULT_CONNECT_TIMEOUT,
                 read_idle: DEFAULT_READ_IDLE_TIMEOUT,
-                client: http_client(DEFAULT_CONNECT_TIMEOUT)?,
+                roots: Vec::new(),
+                client: http_client(DEFAULT_CONNECT_TIMEOUT, &[])?,
                 in_use: None,
+                presigner: None,
             }),
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
@@ -365,14 +416,37 @@ impl ImageCache {
         connect: Duration,
         read_idle: Duration,
     ) -> Result<Self, CacheError> {
-        self.config = Arc::new(Config {
-            dir: self.config.dir.clone(),
-            max_bytes: self.config.max_bytes,
-            read_idle,
-            client: http_client(connect)?,
-            in_use: self.config.in_use.clone(),
-        });
+        let mut config = (*self.config).clone();
+        config.client = http_client(connect, &config.roots)?;
+        config.connect = connect;
+        config.read_idle = read_idle;
+        self.config = Arc::new(config);
         Ok(self)
+    }
+
+    /// Trusts the root certificates `der` (DER, e.g. the gateway's CA from the node's
+    /// kubeconfig) beside the default roots for downloads. Call before sharing.
+    pub fn with_root_certificates(mut self, der: &[Vec<u8>]) -> Result<Self, CacheError> {
+        let mut config = (*self.config).clone();
+        for cert in der {
+            let cert =
+                reqwest::Certificate::from_der(cert).map_err(|e| CacheError::HttpClient {
+                    source: Arc::new(e),
+                })?;
+            config.roots.push(cert);
+        }
+        config.client = http_client(config.connect, &config.roots)?;
+        self.config = Arc::new(config);
+        Ok(self)
+    }
+
+    /// Gives the cache what it asks for presigned URLs of images in S3. Without it, an S3
+    /// location fails with [`CacheError::NoPresigner`]. Call before sharing.
+    pub fn with_presigner(mut self, presigner: Arc<dyn Presign>) -> Self {
+        let mut config = (*self.config).clone();
+        config.presigner = Some(presigner);
+        self.config = Arc::new(config);
+        self
     }
 
     /// Gives the function automatic eviction (after a fetch overfills the cache) calls for the
@@ -382,13 +456,9 @@ impl ImageCache {
         mut self,
         in_use: impl Fn() -> HashSet<String> + Send + Sync + 'static,
     ) -> Self {
-        self.config = Arc::new(Config {
-            dir: self.config.dir.clone(),
-            max_bytes: self.config.max_bytes,
-            read_idle: self.config.read_idle,
-            client: self.config.client.clone(),
-            in_use: Some(Arc::new(in_use)),
-        });
+        let mut config = (*self.config).clone();
+        config.in_use = Some(Arc::new(in_use));
+        self.config = Arc::new(config);
         self
     }
 
@@ -530,11 +600,17 @@ impl ImageCache {
                 .join(format!("{}.part", uuid::Uuid::new_v4().simple())),
         ));
         let path = part.path().to_path_buf();
-        let (sha, size) = if is_http(&source.location) {
-            self.download(&source.location, &path).await?
-        } else {
-            let location = source.location.clone();
-            blocking(move || copy_local(&location, &path)).await??
+        let location = &source.location;
+        let (sha, size) = match kind(location) {
+            Some(Kind::Http) => self.download(location, location, &path, false).await?,
+            Some(Kind::S3) => {
+                let url = self.presigned_url(location).await?;
+                self.download(&url, location, &path, true).await?
+            }
+            Some(Kind::Path) | None => {
+                let location = location.clone();
+                blocking(move || copy_local(&location, &path)).await??
+            }
         };
         if let Some(expected) = &source.sha256 {
             if *expected != sha {
@@ -560,17 +636,48 @@ impl ImageCache {
         Ok(image)
     }
 
-    /// Streams `url` into `part`, hashing as it writes; every wait is bounded by the read-idle
+    /// A presigned URL of the S3 `location`, from the cache's [`Presign`], within the read-idle
     /// timeout.
-    async fn download(&self, url: &str, part: &Path) -> Result<(String, u64), CacheError> {
+    async fn presigned_url(&self, location: &str) -> Result<String, CacheError> {
+        let presigner = self
+            .config
+            .presigner
+            .as_ref()
+            .ok_or_else(|| CacheError::NoPresigner {
+                location: location.to_owned(),
+            })?;
+        let failed = |source| CacheError::Presign {
+            location: location.to_owned(),
+            source,
+        };
+        info!("asking the gateway for a presigned URL");
+        let idle = self.config.read_idle;
+        let url = tokio::time::timeout(idle, presigner.presign(location))
+            .await
+            .map_err(|_| failed(PresignError::Timeout(idle)))?
+            .map_err(failed)?;
+        debug!("downloading through the presigned URL");
+        Ok(url)
+    }
+
+    /// Streams `url` into `part`, hashing as it writes; every wait is bounded by the read-idle
+    /// timeout. Errors name `location`, never `url` (a presigned URL's signature is a
+    /// credential); `s3` reads S3's error code from an error answer.
+    async fn download(
+        &self,
+        url: &str,
+        location: &str,
+        part: &Path,
+        s3: bool,
+    ) -> Result<(String, u64), CacheError> {
         let idle = self.config.read_idle;
         let stalled = || CacheError::Stalled {
-            location: url.to_owned(),
+            location: location.to_owned(),
             idle,
         };
-        let failed = |e| CacheError::Http {
-            location: url.to_owned(),
-            source: Arc::new(e),
+        let failed = |e: reqwest::Error| CacheError::Http {
+            location: location.to_owned(),
+            source: Arc::new(e.without_url()),
         };
         let mut response = tokio::time::timeout(idle, self.config.client.get(url).send())
             .await
@@ -578,9 +685,23 @@ impl ImageCache {
             .map_err(failed)?;
         let status = response.status();
         if !status.is_success() {
-            return Err(CacheError::HttpStatus {
-                location: url.to_owned(),
+            if !s3 {
+                return Err(CacheError::HttpStatus {
+                    location: location.to_owned(),
+                    status: status.as_u16(),
+                });
+            }
+            let mut body = Vec::new();
+            while body.len() < S3_ERROR_BODY_BYTES {
+                match tokio::time::timeout(idle, response.chunk()).await {
+                    Ok(Ok(Some(chunk))) => body.extend_from_slice(&chunk),
+                    _ => break,
+                }
+            }
+            return Err(CacheError::S3Status {
+                location: location.to_owned(),
                 status: status.as_u16(),
+                code: s3_error_code(&body),
             });
         }
         let mut file = tokio::fs::OpenOptions::new()
@@ -1065,17 +1186,54 @@ fn check_format(source: &ImageSource, info: &ImageInfo) -> Result<(), CacheError
     Ok(())
 }
 
-fn http_client(connect: Duration) -> Result<reqwest::Client, CacheError> {
-    reqwest::Client::builder()
-        .connect_timeout(connect)
+fn http_client(
+    connect: Duration,
+    roots: &[reqwest::Certificate],
+) -> Result<reqwest::Client, CacheError> {
+    roots
+        .iter()
+        .fold(
+            reqwest::Client::builder().connect_timeout(connect),
+            |builder, root| builder.add_root_certificate(root.clone()),
+        )
         .build()
         .map_err(|e| CacheError::HttpClient {
             source: Arc::new(e),
         })
 }
 
-fn is_http(location: &str) -> bool {
-    location.starts_with("http://") || location.starts_with("https://")
+/// Where a location's bytes come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// An absolute path on the node.
+    Path,
+    /// An `http://` or `https://` URL.
+    Http,
+    /// An object in the gateway's S3: `s3://bucket/key` or `bucket/key`.
+    S3,
+}
+
+/// What kind of location `location` is; `None` for none the cache fetches. Pure.
+pub fn kind(location: &str) -> Option<Kind> {
+    if location.starts_with("http://") || location.starts_with("https://") {
+        Some(Kind::Http)
+    } else if Path::new(location).is_absolute() {
+        Some(Kind::Path)
+    } else if crds::image::s3_location(location).is_some() {
+        Some(Kind::S3)
+    } else {
+        None
+    }
+}
+
+/// The `<Code>` of an S3 error answer, e.g. `NoSuchKey`. Pure.
+pub fn s3_error_code(body: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(body).ok()?;
+    let (_, rest) = text.split_once("<Code>")?;
+    let (code, _) = rest.split_once("</Code>")?;
+    let code = code.trim();
+    (!code.is_empty() && code.len() <= 64 && code.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .then(|| code.to_owned())
 }
 
 fn is_sha256(s: &str) -> bool {
@@ -1084,7 +1242,7 @@ fn is_sha256(s: &str) -> bool {
 
 /// Checks the location and lower-cases the declared sha256.
 fn normalise(source: &ImageSource) -> Result<ImageSource, CacheError> {
-    if !is_http(&source.location) && !Path::new(&source.location).is_absolute() {
+    if kind(&source.location).is_none() {
         return Err(CacheError::InvalidLocation {
             location: source.location.clone(),
         });
@@ -1208,9 +1366,55 @@ mod tests {
     }
 
     #[test]
-    fn a_relative_location_or_a_malformed_sha256_is_refused() {
+    fn locations_are_paths_urls_or_s3_objects() {
+        let cases = [
+            ("/var/lib/karri/images/a.raw", Some(Kind::Path)),
+            ("http://127.0.0.1:8080/a.raw", Some(Kind::Http)),
+            ("https://images.example/a.raw", Some(Kind::Http)),
+            ("images/a.raw", Some(Kind::S3)),
+            ("images/micro/disk.img", Some(Kind::S3)),
+            ("s3://images/micro/disk.img", Some(Kind::S3)),
+            ("a.raw", None),
+            ("images/", None),
+            ("Bad_Bucket/a.raw", None),
+            ("ftp://images.example/a.raw", None),
+            ("s3:///images/a.raw", None),
+            ("", None),
+        ];
+        for (location, want) in cases {
+            assert_eq!(kind(location), want, "{location}");
+        }
+    }
+
+    #[test]
+    fn s3_error_answers_give_their_code() {
+        let cases: [(&[u8], Option<&str>); 5] = [
+            (
+                b"<?xml version=\"1.0\"?><Error><Code>NoSuchKey</Code><Message>The specified key does not exist.</Message></Error>",
+                Some("NoSuchKey"),
+            ),
+            (
+                b"<Error><Code>AccessDenied</Code></Error>",
+                Some("AccessDenied"),
+            ),
+            (b"<Error><Code></Code></Error>", None),
+            (b"<Error><Code>a<b>c</Code></Error>", None),
+            (b"not found", None),
+        ];
+        for (body, want) in cases {
+            assert_eq!(
+                s3_error_code(body).as_deref(),
+                want,
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
+    #[test]
+    fn a_location_of_no_kind_or_a_malformed_sha256_is_refused() {
         let relative = ImageSource {
-            location: "images/a.raw".to_owned(),
+            location: "a.raw".to_owned(),
             sha256: None,
             format: DiskFormat::Raw,
         };

@@ -12,7 +12,9 @@
 //! - [`agent`]: the instance controller, the orphan sweep and the lease heartbeat;
 //! - [`node`]: the node's own records, its Node and its Lease;
 //! - [`host`]: the host's capacity and hypervisor;
-//! - [`metrics`]: Prometheus metrics on `/metrics`.
+//! - [`metrics`]: Prometheus metrics on `/metrics`;
+//! - [`images`]: the content-addressed image cache, which fetches images from S3 through the
+//!   gateway's presigned URLs ([`presign`]).
 
 pub mod agent;
 pub mod console;
@@ -27,4 +29,5 @@ pub mod metrics;
 pub mod netns;
 pub mod node;
 pub mod plan;
+pub mod presign;
 pub mod report;

@@ -20,6 +20,7 @@ use node_agent::hypervisor::LibvirtHypervisor;
 use node_agent::images::ImageCache;
 use node_agent::metrics::{self, Metrics};
 use node_agent::node::NodeFacts;
+use node_agent::presign::GatewayPresigner;
 use node_agent::{imds, netns};
 
 /// Memory reported when `/proc/meminfo` cannot be read, in MiB.
@@ -217,10 +218,9 @@ async fn guest_network(
     })
 }
 
-async fn client(path: &PathBuf) -> anyhow::Result<Client> {
+async fn kube_config(path: &PathBuf) -> anyhow::Result<Config> {
     let kc = Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
-    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
-    Ok(Client::try_from(config)?)
+    Ok(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?)
 }
 
 /// Connects to libvirt for `node`, retrying until it answers (libvirtd may start after the
@@ -287,7 +287,12 @@ async fn run() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let capacity = args.capacity();
-    let client = client(&args.kubeconfig).await?;
+    let config = kube_config(&args.kubeconfig).await?;
+    // Images in S3 are downloaded from the gateway itself, through presigned URLs signed for
+    // the URL this node reaches it at, over TLS its kubeconfig's CA vouches for.
+    let gateway_url = config.cluster_url.to_string();
+    let gateway_roots = config.root_cert.clone().unwrap_or_default();
+    let client = Client::try_from(config)?;
     let metrics = Arc::new(Metrics::new());
     let listener = tokio::net::TcpListener::bind(args.metrics_listen)
         .await
@@ -330,8 +335,12 @@ async fn run() -> anyhow::Result<()> {
             .image_cache_dir
             .clone()
             .unwrap_or_else(|| args.data_dir.join("images"));
+        let presigner = GatewayPresigner::new(client.clone(), gateway_url.clone());
         let cache = ImageCache::open(cache_dir, args.image_cache_gib.saturating_mul(1 << 30))
-            .context("cannot open the image cache")?;
+            .context("cannot open the image cache")?
+            .with_root_certificates(&gateway_roots)
+            .context("cannot trust the kubeconfig's certificate authority for image downloads")?
+            .with_presigner(Arc::new(presigner));
         let guests = Arc::new(Guests::new(
             cache,
             args.data_dir.join("instances"),

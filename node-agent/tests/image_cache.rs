@@ -8,8 +8,11 @@ use std::time::Duration;
 use axum::routing::get;
 use axum::Router;
 use futures::future::join_all;
+use futures::future::BoxFuture;
+use futures::FutureExt as _;
 use node_agent::domain::DiskFormat;
 use node_agent::images::{create_overlay, CacheError, ImageCache, ImageSource};
+use node_agent::presign::{Presign, PresignError};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
@@ -49,7 +52,16 @@ impl ImageServer {
                 }
             }
         };
-        let router = Router::new().route("/image", get(handler));
+        let no_such_key = || async {
+            (
+                axum::http::StatusCode::NOT_FOUND,
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>NoSuchKey</Code>\
+                 <Message>The specified key does not exist.</Message></Error>",
+            )
+        };
+        let router = Router::new()
+            .route("/image", get(handler))
+            .route("/images/gone.img", get(no_such_key));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local address");
         tokio::spawn(async move { axum::serve(listener, router).await });
@@ -302,4 +314,201 @@ async fn an_overlay_over_an_image_fetched_over_http_names_it_as_backing_file() {
     create_overlay(&base, &overlay)
         .await
         .expect("creating it again is a no-op");
+}
+
+/// What a [`FakePresigner`] answers for a location.
+type Answer = Box<dyn Fn(&str) -> Result<String, PresignError> + Send + Sync>;
+
+/// A presigner standing in for the gateway: records the locations it is asked for and answers
+/// `answer(location)`.
+struct FakePresigner {
+    asked: std::sync::Mutex<Vec<String>>,
+    answer: Answer,
+}
+
+impl FakePresigner {
+    fn new(
+        answer: impl Fn(&str) -> Result<String, PresignError> + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            asked: std::sync::Mutex::new(Vec::new()),
+            answer: Box::new(answer),
+        })
+    }
+
+    fn asked(&self) -> Vec<String> {
+        self.asked.lock().expect("not poisoned").clone()
+    }
+}
+
+impl Presign for FakePresigner {
+    fn presign<'a>(&'a self, location: &'a str) -> BoxFuture<'a, Result<String, PresignError>> {
+        self.asked
+            .lock()
+            .expect("not poisoned")
+            .push(location.to_owned());
+        let answer = (self.answer)(location);
+        async move { answer }.boxed()
+    }
+}
+
+/// What a presigned URL's query looks like: its signature must never reach an error message.
+const SIGNATURE: &str = "X-Amz-Signature=0123456789abcdef";
+
+#[tokio::test]
+async fn three_concurrent_gets_of_an_s3_object_ask_for_one_url_and_fetch_once() {
+    let body = b"a disk image in a bucket".to_vec();
+    let server = ImageServer::start(body.clone(), false).await;
+    let url = server.url(&format!("/image?{SIGNATURE}"));
+    let presigner = FakePresigner::new(move |_| Ok(url.clone()));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = ImageCache::open(dir.path().to_path_buf(), 1 << 20)
+        .expect("open")
+        .with_presigner(presigner.clone());
+    let source = raw("images/micro/disk.img".to_owned(), Some(sha_of(&body)));
+
+    // The server holds its answer until the first request arrives, so the three gets overlap.
+    let (results, ()) = tokio::join!(join_all((0..3).map(|_| cache.get(&source))), async {
+        server.arrived.notified().await;
+        server.release.send_replace(true);
+    });
+
+    for result in results {
+        let image = result.expect("get");
+        assert_eq!(image.sha256, sha_of(&body));
+        assert_eq!(std::fs::read(&image.path).expect("read"), body);
+    }
+    assert_eq!(presigner.asked(), vec!["images/micro/disk.img".to_owned()]);
+    assert_eq!(server.requests.load(Ordering::SeqCst), 1);
+    assert_eq!(names(&dir.path().join("sha256")), vec![sha_of(&body)]);
+    assert!(names(&dir.path().join("tmp")).is_empty());
+    cache.get(&source).await.expect("a later get is a hit");
+    assert_eq!(presigner.asked().len(), 1, "a hit asks for no URL");
+}
+
+#[tokio::test]
+async fn a_refused_presigned_url_fails_with_the_gateways_reason_and_caches_nothing() {
+    let presigner = FakePresigner::new(|location| {
+        Err(PresignError::Refused {
+            status: 403,
+            message: format!("no instance on node node-1 boots from {location}"),
+        })
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = ImageCache::open(dir.path().to_path_buf(), 1 << 20)
+        .expect("open")
+        .with_presigner(presigner);
+
+    let err = cache
+        .get(&raw("s3://images/other.img".to_owned(), None))
+        .await
+        .expect_err("refused");
+
+    assert!(
+        matches!(&err, CacheError::Presign { location, source: PresignError::Refused { status: 403, .. } } if location == "s3://images/other.img"),
+        "{err}"
+    );
+    let text = node_agent::guest::chain(&err);
+    assert!(
+        text.contains("403")
+            && text.contains("no instance on node node-1 boots from s3://images/other.img"),
+        "{text}"
+    );
+    assert_nothing_cached(dir.path());
+}
+
+#[tokio::test]
+async fn a_missing_s3_object_is_reported_with_its_location_and_code_never_the_url() {
+    let server = ImageServer::start(Vec::new(), true).await;
+    let url = server.url(&format!("/images/gone.img?{SIGNATURE}"));
+    let presigner = FakePresigner::new(move |_| Ok(url.clone()));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = ImageCache::open(dir.path().to_path_buf(), 1 << 20)
+        .expect("open")
+        .with_presigner(presigner);
+
+    let err = cache
+        .get(&raw("images/gone.img".to_owned(), None))
+        .await
+        .expect_err("no such key");
+
+    assert!(
+        matches!(&err, CacheError::S3Status { location, status: 404, code: Some(code) } if location == "images/gone.img" && code == "NoSuchKey"),
+        "{err}"
+    );
+    let text = node_agent::guest::chain(&err);
+    assert_eq!(
+        text,
+        "image images/gone.img was answered by S3 with HTTP status 404 (NoSuchKey)"
+    );
+    assert_nothing_cached(dir.path());
+}
+
+#[tokio::test]
+async fn a_refused_connection_to_a_presigned_url_does_not_show_its_signature() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!(
+        "http://{}/images/disk.img?{SIGNATURE}",
+        listener.local_addr().expect("local address")
+    );
+    drop(listener);
+    let presigner = FakePresigner::new(move |_| Ok(url.clone()));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = ImageCache::open(dir.path().to_path_buf(), 1 << 20)
+        .expect("open")
+        .with_presigner(presigner);
+
+    let err = cache
+        .get(&raw("images/disk.img".to_owned(), None))
+        .await
+        .expect_err("refused");
+
+    let text = node_agent::guest::chain(&err);
+    assert!(
+        matches!(&err, CacheError::Http { location, .. } if location == "images/disk.img"),
+        "{text}"
+    );
+    assert!(!text.contains("Signature"), "{text}");
+    assert_nothing_cached(dir.path());
+}
+
+#[tokio::test]
+async fn a_presigner_that_never_answers_fails_after_the_idle_timeout() {
+    let presigner: Arc<dyn Presign> = Arc::new(|_: String| -> BoxFuture<'static, _> {
+        std::future::pending::<Result<String, PresignError>>().boxed()
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = ImageCache::open(dir.path().to_path_buf(), 1 << 20)
+        .expect("open")
+        .with_timeouts(Duration::from_secs(5), Duration::from_millis(200))
+        .expect("client")
+        .with_presigner(presigner);
+
+    let err = cache
+        .get(&raw("images/disk.img".to_owned(), None))
+        .await
+        .expect_err("no answer");
+
+    assert!(
+        matches!(&err, CacheError::Presign { source: PresignError::Timeout(idle), .. } if *idle == Duration::from_millis(200)),
+        "{err}"
+    );
+    assert_nothing_cached(dir.path());
+}
+
+#[tokio::test]
+async fn an_s3_location_without_a_presigner_fails_plainly() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = ImageCache::open(dir.path().to_path_buf(), 1 << 20).expect("open");
+
+    let err = cache
+        .get(&raw("images/disk.img".to_owned(), None))
+        .await
+        .expect_err("no presigner");
+
+    assert!(
+        matches!(&err, CacheError::NoPresigner { location } if location == "images/disk.img"),
+        "{err}"
+    );
+    assert_nothing_cached(dir.path());
 }
