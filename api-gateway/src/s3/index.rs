@@ -28,6 +28,9 @@ pub enum IndexError {
     /// The bucket is gone (deleted while the request ran).
     #[error("the bucket does not exist")]
     NoBucket,
+    /// The bucket is being deleted right now.
+    #[error("the bucket is being deleted")]
+    BucketBusy,
     /// The multipart upload is gone (completed or aborted).
     #[error("the multipart upload does not exist")]
     NoUpload,
@@ -160,6 +163,15 @@ pub fn objects_prefix(bucket: &str) -> String {
     format!("{S3_PREFIX}objects/{bucket}/")
 }
 
+/// Marker of a bucket being deleted (under a lease, so that a crash cannot leave it behind):
+/// writes that would add an object or upload compare it absent.
+pub fn deleting_key(bucket: &str) -> String {
+    format!("{S3_PREFIX}deleting/{bucket}")
+}
+
+/// Seconds a deletion marker outlives a gateway that died while deleting.
+const DELETING_TTL: i64 = 30;
+
 /// Index key of a multipart upload.
 pub fn upload_key(bucket: &str, upload_id: &str) -> String {
     format!("{S3_PREFIX}uploads/{bucket}/{upload_id}")
@@ -191,6 +203,15 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
         }
     }
     vec![0]
+}
+
+/// The conditions of a write that adds to a bucket: its record exists and no deletion of it
+/// is under way.
+fn bucket_open(bucket_record: &str, bucket: &str) -> [Compare; 2] {
+    [
+        Compare::version(bucket_record, CompareOp::Greater, 0),
+        Compare::version(deleting_key(bucket), CompareOp::Equal, 0),
+    ]
 }
 
 fn parse<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, IndexError> {
@@ -264,7 +285,7 @@ impl ObjectIndex {
     ) -> Result<Option<ObjectMeta>, IndexError> {
         let k = object_key(bucket, key);
         let txn = Txn::new()
-            .when([Compare::version(bucket_record, CompareOp::Greater, 0)])
+            .when(bucket_open(bucket_record, bucket))
             .and_then([TxnOp::put(
                 k.clone(),
                 json(meta),
@@ -272,7 +293,7 @@ impl ObjectIndex {
             )]);
         let resp = self.txn(txn).await?;
         if !resp.succeeded() {
-            return Err(IndexError::NoBucket);
+            return Err(self.why_closed(bucket).await);
         }
         for op in resp.op_responses() {
             if let TxnOpResponse::Put(put) = op {
@@ -342,6 +363,51 @@ impl ObjectIndex {
         Ok(out)
     }
 
+    /// Why a write compared against the bucket failed: it is being deleted, or it is gone.
+    async fn why_closed(&self, bucket: &str) -> IndexError {
+        match self.get_raw(deleting_key(bucket).into_bytes(), None).await {
+            Ok(r) if !r.kvs().is_empty() => IndexError::BucketBusy,
+            Ok(_) => IndexError::NoBucket,
+            Err(e) => e,
+        }
+    }
+
+    /// Marks `bucket` as being deleted (for [`DELETING_TTL`] at most); returns the marker's
+    /// lease, for [`ObjectIndex::unmark_deleting`]. Writes that add objects or uploads fail
+    /// from the moment it is committed, so an emptiness check after it stays true.
+    pub async fn mark_deleting(&self, bucket: &str) -> Result<i64, IndexError> {
+        let lease = store::retry_unreached(|| {
+            let mut leases = self.etcd.lease_client();
+            async move { leases.grant(DELETING_TTL, None).await }
+        })
+        .await?
+        .id();
+        let key = deleting_key(bucket);
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key,
+                "",
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        if self.txn(txn).await?.succeeded() {
+            Ok(lease)
+        } else {
+            let _ = self.unmark_deleting(lease).await;
+            Err(IndexError::BucketBusy)
+        }
+    }
+
+    /// Removes a deletion marker (revoking its lease deletes it).
+    pub async fn unmark_deleting(&self, lease: i64) -> Result<(), IndexError> {
+        store::retry_unreached(|| {
+            let mut leases = self.etcd.lease_client();
+            async move { leases.revoke(lease).await }
+        })
+        .await?;
+        Ok(())
+    }
+
     /// Whether the bucket holds any object or upload.
     pub async fn bucket_in_use(&self, bucket: &str) -> Result<bool, IndexError> {
         for prefix in [objects_prefix(bucket), uploads_prefix(bucket)] {
@@ -372,12 +438,12 @@ impl ObjectIndex {
         meta: &UploadMeta,
     ) -> Result<(), IndexError> {
         let txn = Txn::new()
-            .when([Compare::version(bucket_record, CompareOp::Greater, 0)])
+            .when(bucket_open(bucket_record, bucket))
             .and_then([TxnOp::put(upload_key(bucket, upload_id), json(meta), None)]);
         if self.txn(txn).await?.succeeded() {
             Ok(())
         } else {
-            Err(IndexError::NoBucket)
+            Err(self.why_closed(bucket).await)
         }
     }
 
@@ -483,6 +549,7 @@ impl ObjectIndex {
         let txn = Txn::new()
             .when([
                 Compare::version(bucket_record, CompareOp::Greater, 0),
+                Compare::version(deleting_key(bucket), CompareOp::Equal, 0),
                 Compare::version(upload_key(bucket, upload_id), CompareOp::Greater, 0),
             ])
             .and_then([

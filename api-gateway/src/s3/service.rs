@@ -91,6 +91,10 @@ fn internal(e: impl std::fmt::Display) -> S3Error {
 fn index_error(e: IndexError) -> S3Error {
     match e {
         IndexError::NoBucket => s3_error!(NoSuchBucket, "The specified bucket does not exist."),
+        IndexError::BucketBusy => s3_error!(
+            OperationAborted,
+            "A conflicting conditional operation is currently in progress against this resource. Please try again."
+        ),
         IndexError::NoUpload => s3_error!(
             NoSuchUpload,
             "The specified multipart upload does not exist. The upload ID may be invalid, or the upload may have been aborted or completed."
@@ -860,40 +864,19 @@ impl S3 for KarriS3 {
         let bucket = self
             .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::BucketConfig)
             .await?;
-        if self
+        // Writes that would add an object fail from the marker on, so the bucket stays empty
+        // between the check and the delete.
+        let lease = self
             .index
-            .bucket_in_use(&bucket.name)
+            .mark_deleting(&bucket.name)
             .await
-            .map_err(index_error)?
-        {
-            return Err(s3_error!(
-                BucketNotEmpty,
-                "The bucket you tried to delete is not empty"
-            ));
+            .map_err(index_error)?;
+        let result = self.delete_empty_bucket(&bucket.name).await;
+        if let Err(e) = self.index.unmark_deleting(lease).await {
+            tracing::warn!(error = %e, bucket = %bucket.name, "the deletion marker stays until its lease expires");
         }
-        let kind = self
-            .registry
-            .kinds
-            .by_plural("buckets")
-            .ok_or_else(|| internal("the Bucket kind is not served"))?;
-        match self
-            .registry
-            .delete(
-                &kind,
-                None,
-                &bucket.name,
-                &Principal::Admin("s3".into()),
-                &Default::default(),
-            )
-            .await
-        {
-            Ok(_) => Ok(S3Response::new(DeleteBucketOutput {})),
-            Err(e) if e.code == 404 => Err(s3_error!(
-                NoSuchBucket,
-                "The specified bucket does not exist."
-            )),
-            Err(e) => Err(internal(e)),
-        }
+        result?;
+        Ok(S3Response::new(DeleteBucketOutput {}))
     }
 
     async fn get_bucket_location(
@@ -2093,6 +2076,38 @@ fn object_entry(key: &str, m: &ObjectMeta, owner: Option<&Owner>) -> Object {
 }
 
 impl KarriS3 {
+    async fn delete_empty_bucket(&self, name: &str) -> S3Result<()> {
+        if self.index.bucket_in_use(name).await.map_err(index_error)? {
+            return Err(s3_error!(
+                BucketNotEmpty,
+                "The bucket you tried to delete is not empty"
+            ));
+        }
+        let kind = self
+            .registry
+            .kinds
+            .by_plural("buckets")
+            .ok_or_else(|| internal("the Bucket kind is not served"))?;
+        match self
+            .registry
+            .delete(
+                &kind,
+                None,
+                name,
+                &Principal::Admin("s3".into()),
+                &Default::default(),
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == 404 => Err(s3_error!(
+                NoSuchBucket,
+                "The specified bucket does not exist."
+            )),
+            Err(e) => Err(internal(e)),
+        }
+    }
+
     async fn upload_of(&self, bucket: &str, upload_id: &str, key: &str) -> S3Result<UploadMeta> {
         match self
             .index

@@ -1,0 +1,147 @@
+//! The S3 object index on a real etcd: writes that add to a bucket need its record and no
+//! deletion under way; a multipart completion swaps the upload for the object in one
+//! transaction; an abort hands back the parts whose blobs must go.
+
+use std::collections::BTreeMap;
+
+use api_gateway::s3::index::{IndexError, ObjectIndex, ObjectMeta, PartMeta, Segment, UploadMeta};
+use api_gateway::store;
+use etcd_client::Client;
+use karri_testkit::Etcd;
+
+fn object(blob: &str, size: u64) -> ObjectMeta {
+    ObjectMeta {
+        segments: vec![Segment {
+            blob: blob.into(),
+            size,
+        }],
+        size,
+        etag: "d41d8cd98f00b204e9800998ecf8427e".into(),
+        last_modified_ms: 0,
+        headers: Default::default(),
+        metadata: BTreeMap::new(),
+        acl: Default::default(),
+        tags: Vec::new(),
+        parts_count: None,
+    }
+}
+
+fn part(blob: &str) -> PartMeta {
+    PartMeta {
+        blob: blob.into(),
+        size: 5 << 20,
+        etag: "aa".into(),
+        last_modified_ms: 0,
+    }
+}
+
+async fn setup() -> anyhow::Result<(Etcd, ObjectIndex, Client, String)> {
+    let etcd = Etcd::start().await?;
+    let mut client = Client::connect([etcd.endpoint.as_str()], None).await?;
+    let record = store::record_key("buckets", None, "photos");
+    client.put(record.clone(), "{}", None).await?;
+    Ok((etcd, ObjectIndex::new(client.clone()), client, record))
+}
+
+#[tokio::test]
+async fn objects_are_published_only_into_an_existing_bucket_not_being_deleted() -> anyhow::Result<()>
+{
+    let (_etcd, index, mut client, record) = setup().await?;
+    assert_eq!(
+        index
+            .put_object(&record, "photos", "a", &object("b1", 1))
+            .await?,
+        None
+    );
+    let replaced = index
+        .put_object(&record, "photos", "a", &object("b2", 2))
+        .await?;
+    assert_eq!(
+        replaced.map(|m| m.segments[0].blob.clone()).as_deref(),
+        Some("b1")
+    );
+
+    let lease = index.mark_deleting("photos").await?;
+    assert!(matches!(
+        index.mark_deleting("photos").await,
+        Err(IndexError::BucketBusy)
+    ));
+    assert!(matches!(
+        index
+            .put_object(&record, "photos", "b", &object("b3", 1))
+            .await,
+        Err(IndexError::BucketBusy)
+    ));
+    index.unmark_deleting(lease).await?;
+    index
+        .put_object(&record, "photos", "b", &object("b3", 1))
+        .await?;
+
+    client.delete(record.clone(), None).await?;
+    assert!(matches!(
+        index
+            .put_object(&record, "photos", "c", &object("b4", 1))
+            .await,
+        Err(IndexError::NoBucket)
+    ));
+    let listed: Vec<String> = index
+        .list_objects("photos", "", b"", 10)
+        .await?
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    assert_eq!(listed, ["a", "b"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_completed_upload_becomes_its_object_in_one_step() -> anyhow::Result<()> {
+    let (_etcd, index, _client, record) = setup().await?;
+    let upload = UploadMeta {
+        key: "big".into(),
+        initiated_ms: 0,
+        initiator: "111111111111".into(),
+        headers: Default::default(),
+        metadata: BTreeMap::new(),
+        acl: Default::default(),
+        tags: Vec::new(),
+    };
+    index
+        .create_upload(&record, "photos", "u1", &upload)
+        .await?;
+    index.put_part("photos", "u1", 1, &part("p1")).await?;
+    index.put_part("photos", "u1", 2, &part("p2")).await?;
+    assert!(index.bucket_in_use("photos").await?);
+    assert_eq!(index.list_parts("u1").await?.len(), 2);
+
+    index
+        .complete_upload(&record, "photos", "u1", &object("p1", 10), "big")
+        .await?;
+    assert!(index.get_object("photos", "big").await?.is_some());
+    assert!(index.get_upload("photos", "u1").await?.is_none());
+    assert!(index.list_parts("u1").await?.is_empty());
+    // Completing again, or adding a part, finds no upload.
+    assert!(matches!(
+        index
+            .complete_upload(&record, "photos", "u1", &object("p1", 10), "big")
+            .await,
+        Err(IndexError::NoUpload)
+    ));
+    assert!(matches!(
+        index.put_part("photos", "u1", 3, &part("p3")).await,
+        Err(IndexError::NoUpload)
+    ));
+
+    index
+        .create_upload(&record, "photos", "u2", &upload)
+        .await?;
+    index.put_part("photos", "u2", 1, &part("q1")).await?;
+    let parts = index.abort_upload("photos", "u2").await?;
+    assert_eq!(
+        parts.iter().map(|p| p.blob.as_str()).collect::<Vec<_>>(),
+        ["q1"]
+    );
+    let referenced = index.referenced_blobs().await?;
+    assert!(referenced.contains("p1") && !referenced.contains("q1"));
+    Ok(())
+}
