@@ -356,6 +356,23 @@ impl Registry {
         }
     }
 
+    /// Whether the S3 index holds an object or multipart upload of bucket `name`.
+    async fn bucket_holds_objects(&self, name: &str) -> ApiResult<bool> {
+        for prefix in [
+            crate::s3::index::objects_prefix(name),
+            crate::s3::index::uploads_prefix(name),
+        ] {
+            let opts = GetOptions::new()
+                .with_prefix()
+                .with_keys_only()
+                .with_limit(1);
+            if !self.etcd_get(&prefix, Some(opts)).await?.kvs().is_empty() {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// A secret derived from the gateway's secrets key for `label` (see [`Sealer::derive`]).
     pub fn derived_secret(&self, label: &str) -> Option<String> {
         self.sealer.as_ref().map(|s| s.derive(label))
@@ -681,6 +698,12 @@ impl Registry {
         opts: &DeleteOptions,
     ) -> ApiResult<Value> {
         let key = record_key(kind.info.plural, ns, name);
+        if kind.info.plural == "buckets" && self.bucket_holds_objects(name).await? {
+            // As S3's DeleteBucket: the objects would be left without a bucket.
+            return Err(ApiError::conflict_message(format!(
+                "bucket {name} is not empty: delete its objects and multipart uploads first (aws s3 rm s3://{name} --recursive)"
+            )));
+        }
         for _ in 0..16 {
             let Some((current, rev)) = self.read(&key).await? else {
                 return Err(ApiError::not_found(kind.info.plural, name));
