@@ -80,6 +80,8 @@ pub struct FsBlobs {
 
 /// Size of the reads of a GET.
 const READ_CHUNK: usize = 256 * 1024;
+/// Bytes gathered before each write of a PUT.
+const WRITE_BUFFER: usize = 1024 * 1024;
 
 impl FsBlobs {
     /// A store in `dir`, creating its folders.
@@ -110,7 +112,11 @@ impl BlobStore for FsBlobs {
         let id = new_blob_id();
         let tmp = self.dir.join("tmp").join(&id);
         let result = async {
-            let mut file = tokio::fs::File::create(&tmp).await?;
+            // Writes go to the disk in large pieces: one blocking call per MiB, not per chunk.
+            let mut file = tokio::io::BufWriter::with_capacity(
+                WRITE_BUFFER,
+                tokio::fs::File::create(&tmp).await?,
+            );
             let mut md5 = Md5::new();
             let mut size = 0u64;
             while let Some(chunk) = body.next().await {
@@ -122,7 +128,9 @@ impl BlobStore for FsBlobs {
                 md5.update(&chunk);
                 file.write_all(&chunk).await?;
             }
-            file.sync_all().await?;
+            file.flush().await?;
+            let file = file.into_inner();
+            file.sync_data().await?;
             drop(file);
             let Some(path) = self.path_of(&id) else {
                 return Err(BlobError::Missing(id.clone()));

@@ -382,12 +382,12 @@ fn body_stream(body: Option<StreamingBlob>, framed: bool) -> ByteStream<'static>
     }
 }
 
-/// A byte range of an object over its segments, as one stream.
-fn segments_stream(
-    blobs: Arc<dyn BlobStore>,
-    segments: Vec<Segment>,
+/// The blobs and in-blob ranges that make up bytes `range` of an object made of `segments`.
+/// Pure.
+fn pieces_of(
+    segments: &[Segment],
     range: std::ops::Range<u64>,
-) -> ByteStream<'static> {
+) -> Vec<(String, std::ops::Range<u64>)> {
     let mut pieces = Vec::new();
     let mut offset = 0u64;
     for seg in segments {
@@ -396,20 +396,30 @@ fn segments_stream(
         let lo = range.start.max(start);
         let hi = range.end.min(end);
         if lo < hi {
-            pieces.push((seg.blob, (lo - start)..(hi - start)));
+            pieces.push((seg.blob.clone(), (lo - start)..(hi - start)));
         }
     }
-    let stream = futures::stream::iter(pieces)
-        .then(move |(blob, r)| {
-            let blobs = blobs.clone();
-            async move { blobs.get(&blob, r).await }
-        })
-        .flat_map(|opened| match opened {
-            Ok(s) => s,
-            Err(e) => Box::pin(futures::stream::once(async move { Err(e) })) as ByteStream<'static>,
-        });
-    Box::pin(stream)
+    pieces
 }
+
+/// Bytes `range` of an object as one stream. Every blob is opened before this returns, so a
+/// concurrent overwrite that deletes them cannot cut the stream short (an open file outlives
+/// its name); a blob already gone is [`BlobError::Missing`], and the caller reads the index
+/// again.
+async fn open_segments(
+    blobs: &Arc<dyn BlobStore>,
+    segments: &[Segment],
+    range: std::ops::Range<u64>,
+) -> Result<ByteStream<'static>, BlobError> {
+    let mut streams = Vec::new();
+    for (blob, r) in pieces_of(segments, range) {
+        streams.push(blobs.get(&blob, r).await?);
+    }
+    Ok(Box::pin(futures::stream::iter(streams).flatten()))
+}
+
+/// Reads of an object that race with overwrites retry this many times.
+const READ_ATTEMPTS: usize = 3;
 
 struct IndexSource<'a> {
     index: &'a ObjectIndex,
@@ -617,7 +627,15 @@ impl KarriS3 {
         meta: &ObjectMeta,
         range: std::ops::Range<u64>,
     ) -> S3Result<super::blob::Written> {
-        let stream = segments_stream(self.blobs.clone(), meta.segments.clone(), range);
+        let stream = open_segments(&self.blobs, &meta.segments, range)
+            .await
+            .map_err(|e| match e {
+                BlobError::Missing(_) => s3_error!(
+                    OperationAborted,
+                    "The source object changed while it was being copied. Please try again."
+                ),
+                other => blob_error(other),
+            })?;
         self.blobs
             .put(stream, MAX_PUT_SIZE)
             .await
@@ -1080,42 +1098,51 @@ impl S3 for KarriS3 {
         let caller = self.caller(&req).await?;
         let input = req.input;
         let bucket = self.bucket(&input.bucket).await?;
-        let meta = self.object(&bucket.name, &input.key).await.map_err(|e| {
-            // Without read access to the bucket, a missing key is AccessDenied, as in AWS.
-            if permits(caller.as_ref(), Action::ListBucket, &bucket, None) {
-                e
-            } else {
-                access_denied()
+        let mut attempt = 0;
+        let (meta, span, content_range, stream) = loop {
+            attempt += 1;
+            let meta = self.object(&bucket.name, &input.key).await.map_err(|e| {
+                // Without read access to the bucket, a missing key is AccessDenied, as in AWS.
+                if permits(caller.as_ref(), Action::ListBucket, &bucket, None) {
+                    e
+                } else {
+                    access_denied()
+                }
+            })?;
+            if !permits(caller.as_ref(), Action::ReadObject, &bucket, Some(meta.acl)) {
+                return Err(access_denied());
             }
-        })?;
-        if !permits(caller.as_ref(), Action::ReadObject, &bucket, Some(meta.acl)) {
-            return Err(access_denied());
-        }
-        precondition_outcome(
-            &Preconditions {
-                if_match: input.if_match.clone(),
-                if_none_match: input.if_none_match.clone(),
-                if_modified_since_ms: input.if_modified_since.as_ref().map(ms_of),
-                if_unmodified_since_ms: input.if_unmodified_since.as_ref().map(ms_of),
-            },
-            &meta,
-            true,
-        )?;
-        let range = resolve_range(input.range.as_ref(), meta.size)?;
-        let (span, content_range) = match &range {
-            Some(r) => (
-                r.clone(),
-                Some(format!(
-                    "bytes {}-{}/{}",
-                    r.start,
-                    r.end.saturating_sub(1),
-                    meta.size
-                )),
-            ),
-            None => (0..meta.size, None),
+            precondition_outcome(
+                &Preconditions {
+                    if_match: input.if_match.clone(),
+                    if_none_match: input.if_none_match.clone(),
+                    if_modified_since_ms: input.if_modified_since.as_ref().map(ms_of),
+                    if_unmodified_since_ms: input.if_unmodified_since.as_ref().map(ms_of),
+                },
+                &meta,
+                true,
+            )?;
+            let range = resolve_range(input.range.as_ref(), meta.size)?;
+            let (span, content_range) = match &range {
+                Some(r) => (
+                    r.clone(),
+                    Some(format!(
+                        "bytes {}-{}/{}",
+                        r.start,
+                        r.end.saturating_sub(1),
+                        meta.size
+                    )),
+                ),
+                None => (0..meta.size, None),
+            };
+            match open_segments(&self.blobs, &meta.segments, span.clone()).await {
+                Ok(stream) => break (meta, span, content_range, stream),
+                // Overwritten between the index read and the open: read the index again.
+                Err(BlobError::Missing(_)) if attempt < READ_ATTEMPTS => continue,
+                Err(e) => return Err(blob_error(e)),
+            }
         };
         let len = span.end - span.start;
-        let stream = segments_stream(self.blobs.clone(), meta.segments.clone(), span);
         let body = StreamingBlob::wrap(sync_wrapper::SyncStream::new(stream));
         let h = &meta.headers;
         Ok(S3Response::new(GetObjectOutput {
@@ -2322,6 +2349,28 @@ mod tests {
                 owner: Some(owner.clone()),
             };
             assert_eq!(canned_from_policy(&policy).unwrap(), acl);
+        }
+    }
+
+    #[test]
+    fn ranges_map_onto_the_segments_they_cover() {
+        let seg = |b: &str, size| Segment {
+            blob: b.into(),
+            size,
+        };
+        let segs = [seg("a", 10), seg("b", 5), seg("c", 10)];
+        let rows: [(std::ops::Range<u64>, Vec<(&str, std::ops::Range<u64>)>); 5] = [
+            (0..25, vec![("a", 0..10), ("b", 0..5), ("c", 0..10)]),
+            (3..7, vec![("a", 3..7)]),
+            (8..12, vec![("a", 8..10), ("b", 0..2)]),
+            (15..16, vec![("c", 0..1)]),
+            (25..25, vec![]),
+        ];
+        for (range, want) in rows {
+            let got = pieces_of(&segs, range.clone());
+            let got: Vec<(&str, std::ops::Range<u64>)> =
+                got.iter().map(|(b, r)| (b.as_str(), r.clone())).collect();
+            assert_eq!(got, want, "{range:?}");
         }
     }
 
