@@ -135,8 +135,9 @@ pub enum CacheError {
     /// S3 answered the presigned URL with a status other than 2xx: the object does not exist
     /// (404), or the URL was refused (403, e.g. expired).
     #[error(
-        "image {location} was answered by S3 with HTTP status {status}{}",
-        .code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default()
+        "image {location} was answered by S3 with HTTP status {status}{}{}",
+        .code.as_deref().map(|c| format!(" ({c})")).unwrap_or_default(),
+        s3_status_hint(*.status)
     )]
     S3Status {
         /// The S3 location (never the URL, whose signature is a credential).
@@ -1223,6 +1224,16 @@ pub fn kind(location: &str) -> Option<Kind> {
         Some(Kind::S3)
     } else {
         None
+    }
+}
+
+/// What an S3 error status of a presigned image URL means, for messages. S3 answers a reader
+/// who may not list the bucket 403 for a missing object, not 404. Pure.
+pub fn s3_status_hint(status: u16) -> &'static str {
+    match status {
+        404 => ": the object or its bucket does not exist",
+        403 => ": the object does not exist, or its presigned URL was refused (expired?)",
+        _ => "",
     }
 }
 

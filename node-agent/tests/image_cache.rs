@@ -439,7 +439,8 @@ async fn a_missing_s3_object_is_reported_with_its_location_and_code_never_the_ur
     let text = node_agent::guest::chain(&err);
     assert_eq!(
         text,
-        "image images/gone.img was answered by S3 with HTTP status 404 (NoSuchKey)"
+        "image images/gone.img was answered by S3 with HTTP status 404 (NoSuchKey): the object \
+         or its bucket does not exist"
     );
     assert_nothing_cached(dir.path());
 }
