@@ -1,5 +1,6 @@
-//! `karri image register` and `karri image list`: upload a local disk image into the image store
-//! and register it as an Image record (EMI, EKI or ERI) through the resource API.
+//! `karri image register` and `karri image list`: upload a local disk image into S3
+//! (`--bucket`) or the image store, and register it as an Image record (EMI, EKI or ERI) through
+//! the resource API.
 
 use std::path::{Path, PathBuf};
 
@@ -9,7 +10,7 @@ use crds::{Image, ImageSpec, ImageType, Validate, ID_LABEL};
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 
-use crate::store;
+use crate::{s3, store};
 
 /// Where image files are kept when neither `--store` nor a state directory says otherwise.
 const DEFAULT_STORE: &str = "/var/lib/karri/images";
@@ -17,8 +18,9 @@ const DEFAULT_STORE: &str = "/var/lib/karri/images";
 /// `karri image …`.
 #[derive(Subcommand, Debug)]
 pub enum ImageCommand {
-    /// Upload a local disk image into the image store and register it; prints its ID last.
-    Register(RegisterArgs),
+    /// Upload a local disk image into S3 (`--bucket`) or the image store and register it;
+    /// prints its ID last.
+    Register(Box<RegisterArgs>),
     /// List images (ID, type, name, format, size, location).
     List {
         /// Only this namespace (default: every namespace).
@@ -79,9 +81,18 @@ pub struct RegisterArgs {
     #[arg(long)]
     public: bool,
     /// Directory the image files are kept in for the nodes; default: `$STATE_DIR/images`
-    /// (or `$KARRI_STATE_DIR/images`), else /var/lib/karri/images.
-    #[arg(long, env = "KARRI_IMAGE_STORE")]
+    /// (or `$KARRI_STATE_DIR/images`), else /var/lib/karri/images. Not with `--bucket`.
+    #[arg(long, env = "KARRI_IMAGE_STORE", conflicts_with = "bucket")]
     store: Option<PathBuf>,
+    /// Upload the image to this S3 bucket (created if missing) instead of the image store,
+    /// as the account of `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` at `AWS_ENDPOINT_URL`
+    /// (trusting `AWS_CA_BUNDLE`): the environment karri.env sets. Nodes fetch it through
+    /// presigned URLs the gateway issues them.
+    #[arg(long)]
+    bucket: Option<String>,
+    /// The object key in `--bucket`; default: the file's name (`.qcow2` for a converted image).
+    #[arg(long, requires = "bucket")]
+    key: Option<String>,
     /// Free-form description (at most 255 characters).
     #[arg(long)]
     description: Option<String>,
@@ -94,7 +105,7 @@ pub struct RegisterArgs {
 /// Runs `karri image …`.
 pub async fn run(client: Client, command: ImageCommand) -> anyhow::Result<()> {
     match command {
-        ImageCommand::Register(args) => register(client, args).await,
+        ImageCommand::Register(args) => register(client, *args).await,
         ImageCommand::List { namespace } => list(client, namespace).await,
     }
 }
@@ -109,6 +120,38 @@ fn store_dir(flag: Option<PathBuf>) -> PathBuf {
             .map(|dir| PathBuf::from(dir).join("images"))
     })
     .unwrap_or_else(|| PathBuf::from(DEFAULT_STORE))
+}
+
+/// The S3 key an image gets from its file name when `--key` is not given: the name itself, or
+/// with its extension replaced by `.qcow2` when the image is converted to qcow2.
+pub fn key_from_file(file: &Path, converted: bool) -> Option<String> {
+    let name = file.file_name()?.to_str()?;
+    if !converted {
+        return Some(name.to_owned());
+    }
+    let stem = file.file_stem()?.to_str()?;
+    Some(format!("{stem}.qcow2"))
+}
+
+/// Why `bucket/key` cannot be an image location, if it cannot.
+pub fn bad_s3_location(bucket: &str, key: &str) -> Option<String> {
+    if !crds::is_valid_bucket_name(bucket) {
+        return Some(format!(
+            "--bucket {bucket:?} is not a bucket name: 3 to 63 lower-case letters, digits, `.` \
+             and `-`, starting and ending with a letter or digit"
+        ));
+    }
+    if key.is_empty() || key.len() > 1024 || key.starts_with('/') {
+        return Some(format!(
+            "--key {key:?} is not an object key: 1 to 1024 bytes, not starting with `/`"
+        ));
+    }
+    if key.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Some(format!(
+            "--key {key:?} has a space or control character, which an image location cannot hold"
+        ));
+    }
+    None
 }
 
 /// The EC2 name an image gets from its file name when `--name` is not given: characters EC2
@@ -247,13 +290,36 @@ async fn register(client: Client, args: RegisterArgs) -> anyhow::Result<()> {
             .await
             .context("probing the image stopped")??
     };
+    // An upload to S3: its settings and location are checked before anything is uploaded.
+    let s3 = match &args.bucket {
+        Some(bucket) => {
+            let key = match &args.key {
+                Some(key) => key.clone(),
+                None => key_from_file(&args.file, probe_converts(image_type, &probe))
+                    .with_context(|| {
+                        format!(
+                            "cannot make an S3 key of {}: pass --key",
+                            args.file.display()
+                        )
+                    })?,
+            };
+            if let Some(problem) = bad_s3_location(bucket, &key) {
+                bail!("{problem}");
+            }
+            Some((s3::S3Settings::from_env()?, bucket.clone(), key))
+        }
+        None => None,
+    };
     let mut spec = ImageSpec {
         name: name.clone(),
         description: args.description.clone(),
         architecture: Default::default(),
-        // Replaced by the stored file's path; checked here so that a bad name or ID fails
-        // before the upload.
-        image_location: "/pending".to_owned(),
+        // Replaced by the stored file's path or the S3 location; checked here so that a bad
+        // name or ID fails before the upload.
+        image_location: match &s3 {
+            Some((_, bucket, key)) => format!("{bucket}/{key}"),
+            None => "/pending".to_owned(),
+        },
         checksum_sha256: None,
         root_device_name: crds::image::DEFAULT_ROOT_DEVICE_NAME.to_owned(),
         public: args.public,
@@ -280,6 +346,114 @@ async fn register(client: Client, args: RegisterArgs) -> anyhow::Result<()> {
         }
     }
 
+    let (location, sha256, size, format) = match s3 {
+        Some((settings, bucket, key)) => {
+            upload(&args.file, image_type, probe, settings, (&bucket, &key)).await?
+        }
+        None => stored_in(&args, image_type, probe).await?,
+    };
+
+    spec.image_location = location;
+    spec.checksum_sha256 = Some(sha256);
+    spec.size_bytes = Some(size);
+    spec.format = format;
+    let mut image = Image::new("", spec);
+    image.metadata.name = args.id.clone();
+    if args.id.is_none() {
+        image.metadata.generate_name = Some(record_name_prefix(&name));
+    }
+    let api: Api<Image> = Api::namespaced(client, &namespace);
+    let made = api
+        .create(&PostParams::default(), &image)
+        .await
+        .with_context(|| format!("cannot register image {name:?} in namespace {namespace}"))?;
+    let id = made
+        .labels()
+        .get(ID_LABEL)
+        .cloned()
+        .context("the gateway allocated no image ID")?;
+    eprintln!(
+        "registered {} image {name:?} as {id} in namespace {namespace} (record {}){}",
+        image_type.as_str(),
+        made.name_any(),
+        if args.public { ", public" } else { "" }
+    );
+    println!("{id}");
+    Ok(())
+}
+
+/// Whether an image of `image_type` probed as `probe` is converted to qcow2.
+fn probe_converts(image_type: ImageType, probe: &store::Probe) -> bool {
+    store::plan(image_type, probe) == Ok(store::Plan::Convert)
+}
+
+/// Uploads `file` to `bucket/key` of S3 (creating the bucket when missing; skipping the upload
+/// when the object already holds the same bytes): its location, SHA-256, size and format.
+async fn upload(
+    file: &Path,
+    image_type: ImageType,
+    probe: store::Probe,
+    settings: s3::S3Settings,
+    (bucket, key): (&str, &str),
+) -> anyhow::Result<(String, String, u64, crds::DiskImageFormat)> {
+    let endpoint = settings.endpoint.clone();
+    let client = s3::S3Client::new(settings)?;
+    let prepared = {
+        let file = file.to_owned();
+        tokio::task::spawn_blocking(move || store::prepare(&file, image_type, &probe))
+            .await
+            .context("preparing the image stopped")??
+    };
+    let created = client.ensure_bucket(bucket).await?;
+    if created == s3::BucketOutcome::Created {
+        eprintln!("created bucket {bucket} at {endpoint}");
+    }
+    let same = client.head_object(bucket, key).await?.is_some_and(|head| {
+        head.size == Some(prepared.size) && head.sha256.as_deref() == Some(&prepared.sha256)
+    });
+    if !same {
+        let progress = store::bar(prepared.size, "uploading");
+        client
+            .put_file(
+                (bucket, key),
+                &prepared.path,
+                (prepared.size, &prepared.sha256),
+                progress.clone(),
+            )
+            .await
+            .with_context(|| format!("cannot upload {} to s3://{bucket}/{key}", file.display()))?;
+        progress.finish_and_clear();
+    }
+    eprintln!(
+        "{} s3://{bucket}/{key} ({} bytes, {}{}, sha256 {})",
+        if same {
+            "already uploaded:"
+        } else {
+            "uploaded"
+        },
+        prepared.size,
+        prepared.format.as_str(),
+        prepared
+            .converted_from
+            .as_deref()
+            .map(|f| format!(" converted from {f}"))
+            .unwrap_or_default(),
+        prepared.sha256
+    );
+    Ok((
+        format!("{bucket}/{key}"),
+        prepared.sha256,
+        prepared.size,
+        prepared.format,
+    ))
+}
+
+/// Stores the file of `args` in the image store: its path, SHA-256, size and format.
+async fn stored_in(
+    args: &RegisterArgs,
+    image_type: ImageType,
+    probe: store::Probe,
+) -> anyhow::Result<(String, String, u64, crds::DiskImageFormat)> {
     let file = args.file.clone();
     let store_dir = store_dir(args.store.clone());
     let stored = tokio::task::spawn_blocking(move || -> anyhow::Result<store::Stored> {
@@ -304,34 +478,12 @@ async fn register(client: Client, args: RegisterArgs) -> anyhow::Result<()> {
             .unwrap_or_default(),
         stored.sha256
     );
-
-    spec.image_location = stored.path.display().to_string();
-    spec.checksum_sha256 = Some(stored.sha256.clone());
-    spec.size_bytes = Some(stored.size);
-    spec.format = stored.format;
-    let mut image = Image::new("", spec);
-    image.metadata.name = args.id.clone();
-    if args.id.is_none() {
-        image.metadata.generate_name = Some(record_name_prefix(&name));
-    }
-    let api: Api<Image> = Api::namespaced(client, &namespace);
-    let made = api
-        .create(&PostParams::default(), &image)
-        .await
-        .with_context(|| format!("cannot register image {name:?} in namespace {namespace}"))?;
-    let id = made
-        .labels()
-        .get(ID_LABEL)
-        .cloned()
-        .context("the gateway allocated no image ID")?;
-    eprintln!(
-        "registered {} image {name:?} as {id} in namespace {namespace} (record {}){}",
-        image_type.as_str(),
-        made.name_any(),
-        if args.public { ", public" } else { "" }
-    );
-    println!("{id}");
-    Ok(())
+    Ok((
+        stored.path.display().to_string(),
+        stored.sha256,
+        stored.size,
+        stored.format,
+    ))
 }
 
 /// `1.5 MiB`-style size.
@@ -410,6 +562,46 @@ mod tests {
         );
         assert_eq!(record_name_prefix("..."), "image-");
         assert!(record_name_prefix(&"a".repeat(100)).len() <= 41);
+    }
+
+    #[test]
+    fn s3_keys_are_the_file_name_or_its_qcow2_conversion() {
+        let cases = [
+            ("/tmp/disk.img", false, Some("disk.img")),
+            ("/tmp/disk.vmdk", true, Some("disk.qcow2")),
+            ("/tmp/vmlinuz", false, Some("vmlinuz")),
+            ("/tmp/debian.12.vdi", true, Some("debian.12.qcow2")),
+            ("/", false, None),
+        ];
+        for (file, converted, want) in cases {
+            assert_eq!(
+                key_from_file(Path::new(file), converted).as_deref(),
+                want,
+                "{file}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_s3_location_needs_a_bucket_name_and_a_key_without_spaces() {
+        let cases = [
+            ("images", "micro/disk.img", None),
+            ("Images", "disk.img", Some("is not a bucket name")),
+            ("ab", "disk.img", Some("is not a bucket name")),
+            ("images", "", Some("is not an object key")),
+            ("images", "/disk.img", Some("is not an object key")),
+            ("images", "my disk.img", Some("space or control character")),
+        ];
+        for (bucket, key, want) in cases {
+            let got = bad_s3_location(bucket, key);
+            match want {
+                None => assert_eq!(got, None, "{bucket}/{key}"),
+                Some(want) => assert!(
+                    got.as_deref().is_some_and(|g| g.contains(want)),
+                    "{bucket}/{key}: {got:?}"
+                ),
+            }
+        }
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! `karri`: the administrator's command. It creates accounts and access keys through the
 //! gateway's resource API with an admin kubeconfig, and prints the new credentials once; it
-//! uploads and registers disk images (`karri image register`).
+//! uploads disk images into S3 or the image store and registers them (`karri image register`).
 
 mod image;
+mod s3;
 mod store;
 
 use std::path::PathBuf;

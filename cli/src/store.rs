@@ -1,5 +1,5 @@
-//! The image store: where `karri image register` keeps image files for the nodes (until S3
-//! exists). Files are content-addressed, `<store>/<sha256>.<format>`, so registering the same
+//! The image store: where `karri image register` keeps image files for the nodes when they are
+//! not uploaded to S3 (`--bucket`). Files are content-addressed, `<store>/<sha256>.<format>`, so registering the same
 //! bytes twice stores them once.
 //!
 //! An upload is probed with `qemu-img info`; raw and qcow2 files are kept as they are, every
@@ -288,6 +288,67 @@ pub fn store(
     })
 }
 
+/// An image ready to upload elsewhere (S3): the file whose bytes are the image, hashed.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The file to upload: the original, or a converted copy in a temporary directory.
+    pub path: PathBuf,
+    /// SHA-256 of its bytes, lower-case hex.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Its format.
+    pub format: DiskImageFormat,
+    /// The format it was converted from, if it was.
+    pub converted_from: Option<String>,
+    /// The converted copy's directory, removed on drop.
+    _converted: Option<tempfile::TempDir>,
+}
+
+/// Makes `file` (probed as `probe`) an image of `image_type` ready to upload: raw and qcow2
+/// files as they are, other formats converted to qcow2 in a temporary directory; then hashed.
+/// Progress bars go to the terminal on stderr, when there is one.
+pub fn prepare(file: &Path, image_type: ImageType, probe: &Probe) -> Result<Prepared, StoreError> {
+    let plan = plan(image_type, probe).map_err(|reason| StoreError::Refused {
+        path: file.to_owned(),
+        reason,
+    })?;
+    let (path, format, converted_from, converted) = match plan {
+        Plan::Keep(format) => (file.to_owned(), format, None, None),
+        Plan::Convert => {
+            let dir = tempfile::Builder::new()
+                .prefix("karri-convert-")
+                .tempdir()
+                .map_err(StoreError::io(
+                    "create a directory in",
+                    &std::env::temp_dir(),
+                ))?;
+            let target = dir.path().join("image.qcow2");
+            convert(file, &probe.format, &target)?;
+            (
+                target,
+                DiskImageFormat::Qcow2,
+                Some(probe.format.clone()),
+                Some(dir),
+            )
+        }
+    };
+    let mut opened = File::open(&path).map_err(StoreError::io("open", &path))?;
+    let size = opened
+        .metadata()
+        .map_err(StoreError::io("read", &path))?
+        .len();
+    let sha256 = hash(&mut opened, &path, size)?;
+    Ok(Prepared {
+        path,
+        sha256,
+        size,
+        format,
+        converted_from,
+        _converted: converted,
+    })
+}
+
 fn qemu_img() -> Command {
     Command::new("qemu-img")
 }
@@ -304,7 +365,8 @@ fn spawn_error(e: io::Error) -> StoreError {
     }
 }
 
-fn bar(len: u64, what: &str) -> ProgressBar {
+/// A byte progress bar of `len` bytes labelled `what`, on stderr when it is a terminal.
+pub fn bar(len: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     let style = ProgressStyle::with_template(
         "{msg:>10} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
