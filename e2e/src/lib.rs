@@ -5,6 +5,7 @@
 
 pub mod cloud;
 pub mod guests;
+pub mod karri;
 pub mod report;
 pub mod s3;
 
