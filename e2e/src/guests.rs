@@ -1,7 +1,9 @@
 //! A cloud whose node boots real guests: etcd, the gateway, the operator and one node agent whose
 //! host is a simulated one ([`SimHost`]: a network namespace with its own libvirtd, bridge, DHCP
 //! and metadata service), and the micro image built from Debian packages and registered as the
-//! EKI/ERI/EMI triple of an account. Used by the guest e2e tests and the `bench-guests`
+//! EKI/ERI/EMI triple of an account: by the paths of its files on the node, or uploaded to a
+//! bucket of the gateway's S3 with `karri image register --bucket` ([`ImageSource::S3`]), which
+//! the node fetches through presigned URLs. Used by the guest e2e tests and the `bench-guests`
 //! benchmark.
 
 use std::path::{Path, PathBuf};
@@ -88,6 +90,19 @@ pub fn micro_image() -> anyhow::Result<MicroImage> {
     })
 }
 
+/// Where the registered micro image's files are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageSource {
+    /// Their paths on the node (the build directory).
+    NodePath,
+    /// Uploaded by `karri image register --bucket <bucket>` as the account; their locations are
+    /// `<bucket>/vmlinuz`, `<bucket>/initrd.img` and `<bucket>/disk.img`.
+    S3 {
+        /// The bucket (created by the upload).
+        bucket: String,
+    },
+}
+
 /// A cloud with one simulated host that boots real guests.
 pub struct GuestCloud {
     /// The node agent.
@@ -114,6 +129,10 @@ pub struct GuestCloud {
     pub credentials: AwsCredentials,
     /// The registered machine image (`emi-`), which names its kernel and ramdisk.
     pub image_id: String,
+    /// The micro image's files.
+    pub micro: MicroImage,
+    /// Where the registered images' files are.
+    pub source: ImageSource,
     /// The node agent's data directory (image cache, overlays, console logs).
     pub data_dir: PathBuf,
     _dirs: TempDir,
@@ -170,10 +189,93 @@ pub async fn register(
         .context("the image got no ID")
 }
 
+/// Registers the micro image's files by their paths on the node; the machine image's ID.
+async fn register_paths(client: &Client, micro: &MicroImage) -> anyhow::Result<String> {
+    let kernel = register(
+        client,
+        ACCOUNT,
+        "micro-kernel",
+        "kernel",
+        &micro.kernel,
+        json!({}),
+    )
+    .await?;
+    let ramdisk = register(
+        client,
+        ACCOUNT,
+        "micro-ramdisk",
+        "ramdisk",
+        &micro.ramdisk,
+        json!({}),
+    )
+    .await?;
+    register(
+        client,
+        ACCOUNT,
+        "micro",
+        "machine",
+        &micro.disk,
+        json!({"kernelId": kernel, "ramdiskId": ramdisk}),
+    )
+    .await
+}
+
+/// Uploads the micro image's files to `bucket` with `karri image register --bucket` as the
+/// account of `creds` and registers them (admin kubeconfig `admin`); the machine image's ID.
+async fn register_in_s3(
+    gateway: &Gateway,
+    creds: &AwsCredentials,
+    admin: &Path,
+    micro: &MicroImage,
+    bucket: &str,
+) -> anyhow::Result<String> {
+    let register = async |file: &ImageFile, extra: &[&str]| {
+        let mut args = vec![
+            "--file",
+            path_str(&file.path)?,
+            "--bucket",
+            bucket,
+            "--namespace",
+            ACCOUNT,
+        ];
+        args.extend_from_slice(extra);
+        let registered = crate::karri::image_register(gateway, creds, admin, &args).await?;
+        eprintln!("[guests] {}", registered.stderr.trim());
+        anyhow::Ok(registered.id)
+    };
+    let kernel = register(
+        &micro.kernel,
+        &["--type", "kernel", "--name", "micro-kernel"],
+    )
+    .await?;
+    let ramdisk = register(
+        &micro.ramdisk,
+        &["--type", "ramdisk", "--name", "micro-ramdisk"],
+    )
+    .await?;
+    register(
+        &micro.disk,
+        &[
+            "--name",
+            "micro",
+            "--kernel-id",
+            &kernel,
+            "--ramdisk-id",
+            &ramdisk,
+        ],
+    )
+    .await
+}
+
 impl GuestCloud {
     /// Builds the micro image, starts everything, registers the image triple in the account's
-    /// namespace and waits until the node is Ready.
+    /// namespace by the files' paths on the node and waits until the node is Ready.
     pub async fn start(label: &str) -> anyhow::Result<GuestCloud> {
+        Self::start_with(label, ImageSource::NodePath).await
+    }
+
+    /// [`GuestCloud::start`] with the image triple's files where `source` says.
+    pub async fn start_with(label: &str, source: ImageSource) -> anyhow::Result<GuestCloud> {
         let micro = tokio::task::spawn_blocking(micro_image).await??;
         let mut dirs = tempfile::Builder::new()
             .prefix(&format!("karri-{label}-"))
@@ -197,33 +299,12 @@ impl GuestCloud {
         }
         let client = kube_client(&admin).await?;
         let (account_id, credentials) = gateway.account_with_key(&tokens.admin, ACCOUNT).await?;
-        let kernel = register(
-            &client,
-            ACCOUNT,
-            "micro-kernel",
-            "kernel",
-            &micro.kernel,
-            json!({}),
-        )
-        .await?;
-        let ramdisk = register(
-            &client,
-            ACCOUNT,
-            "micro-ramdisk",
-            "ramdisk",
-            &micro.ramdisk,
-            json!({}),
-        )
-        .await?;
-        let image_id = register(
-            &client,
-            ACCOUNT,
-            "micro",
-            "machine",
-            &micro.disk,
-            json!({"kernelId": kernel, "ramdiskId": ramdisk}),
-        )
-        .await?;
+        let image_id = match &source {
+            ImageSource::NodePath => register_paths(&client, &micro).await?,
+            ImageSource::S3 { bucket } => {
+                register_in_s3(&gateway, &credentials, &admin, &micro, bucket).await?
+            }
+        };
 
         let logs = dirs.path().join("logs");
         let data_dir = dirs.path().join("data");
@@ -293,6 +374,8 @@ impl GuestCloud {
             account_id,
             credentials,
             image_id,
+            micro,
+            source,
             data_dir,
             _dirs: dirs,
         };
@@ -325,6 +408,11 @@ impl GuestCloud {
             }
             tokio::time::sleep(POLL).await;
         }
+    }
+
+    /// The node agent's log file.
+    pub fn agent_log(&self) -> PathBuf {
+        self._dirs.path().join("logs").join("node-agent.log")
     }
 
     /// `aws ec2 <args> --output json` as the account, which must succeed: its JSON answer.

@@ -4,13 +4,17 @@
 //! which GetConsoleOutput shows. Each instance reads only its own metadata, a tokenless request
 //! is refused when tokens are required, and terminate removes the domain and its overlay.
 //!
+//! The micro image uploaded to the gateway's S3 with `karri image register --bucket` boots the
+//! same way: the agent fetches kernel, ramdisk and disk through presigned URLs the gateway issues
+//! for its node.
+//!
 //! Everything with an address lives in the simulated host's network namespace (bridge, DHCP,
 //! metadata service, guests); the agent reaches the gateway on loopback.
 
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context as _};
-use karri_e2e::guests::GuestCloud;
+use karri_e2e::guests::{GuestCloud, ImageSource};
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -200,5 +204,86 @@ async fn micro_image_guests_print_their_metadata_and_user_data_on_the_console() 
         );
         tokio::time::sleep(POLL).await;
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_micro_image_uploaded_to_s3_boots_a_guest_that_prints_ready() -> anyhow::Result<()> {
+    let bucket = "karri-micro";
+    let cloud = GuestCloud::start_with(
+        "s3guest",
+        ImageSource::S3 {
+            bucket: bucket.to_owned(),
+        },
+    )
+    .await?;
+    let micro = cloud.micro.clone();
+    let files = [
+        ("vmlinuz", &micro.kernel),
+        ("initrd.img", &micro.ramdisk),
+        ("disk.img", &micro.disk),
+    ];
+    let described = cloud.aws(&["describe-images", "--owners", "self"]).await?;
+    let mut locations: Vec<&str> = described["Images"]
+        .as_array()
+        .context("no Images")?
+        .iter()
+        .filter_map(|i| i["ImageLocation"].as_str())
+        .collect();
+    locations.sort_unstable();
+    let mut want: Vec<String> = files
+        .iter()
+        .map(|(key, _)| format!("{bucket}/{key}"))
+        .collect();
+    want.sort_unstable();
+    ensure!(
+        locations == want,
+        "the kernel, ramdisk and disk should be registered in S3: {described}"
+    );
+
+    let started = Instant::now();
+    let run = cloud
+        .aws(&[
+            "run-instances",
+            "--image-id",
+            &cloud.image_id,
+            "--instance-type",
+            "t1.micro",
+        ])
+        .await?;
+    let id = instance_id(&run)?;
+    let console = console_when_ready(&cloud, &id).await?;
+    let booted = started.elapsed();
+
+    ensure!(
+        console.contains(&format!("karri-micro: instance-id: {id}")),
+        "the guest should print its instance ID:\n{console}"
+    );
+    let log = std::fs::read_to_string(cloud.agent_log())?;
+    for (key, file) in files {
+        let location = format!("{bucket}/{key}");
+        let issued = log
+            .lines()
+            .filter(|l| l.contains("the gateway issued a presigned URL") && l.contains(&location))
+            .count();
+        ensure!(
+            issued == 1,
+            "the agent should have one presigned URL of {location}, not {issued}:\n{}",
+            cloud.agent.log_tail()
+        );
+        let cached = cloud.data_dir.join("images/sha256").join(&file.sha256);
+        let size = std::fs::metadata(&cached)
+            .with_context(|| format!("{location} is not cached at {}", cached.display()))?
+            .len();
+        ensure!(
+            size == file.size,
+            "{location}: {size} bytes cached, not {}",
+            file.size
+        );
+    }
+    eprintln!(
+        "[guests] {id} booted from s3://{bucket} and printed `karri-micro: ready` {booted:?} after \
+         RunInstances; console:\n{console}"
+    );
     Ok(())
 }
