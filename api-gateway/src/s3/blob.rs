@@ -10,7 +10,6 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
 use md5::{Digest, Md5};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 /// Why a blob operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -79,7 +78,9 @@ pub struct FsBlobs {
 }
 
 /// Size of the reads of a GET.
-const READ_CHUNK: usize = 256 * 1024;
+const READ_CHUNK: usize = 1024 * 1024;
+/// Reads a GET's reader thread may be ahead of the network.
+const READS_IN_FLIGHT: usize = 4;
 /// Bytes gathered before each write of a PUT.
 const WRITE_BUFFER: usize = 1024 * 1024;
 
@@ -102,6 +103,93 @@ impl FsBlobs {
     }
 }
 
+/// What the receiving task hands the writer thread.
+enum Piece {
+    Data(Bytes),
+    End,
+}
+
+/// Pieces queued for the writer thread (bounds the memory one upload holds).
+const PIECES_IN_FLIGHT: usize = 16;
+
+fn writer_gone() -> BlobError {
+    BlobError::Io(std::io::Error::other("the blob writer stopped"))
+}
+
+/// Writes the pieces to `tmp`, hashing them, and once `End` comes fsyncs the file, renames it
+/// to `path` and fsyncs the directory. Without `End` (the body failed) nothing is published.
+fn write_blob(
+    tmp: &Path,
+    path: &Path,
+    mut rx: tokio::sync::mpsc::Receiver<Piece>,
+) -> Result<[u8; 16], BlobError> {
+    use std::io::Write as _;
+    let result = (|| {
+        let mut file = std::io::BufWriter::with_capacity(WRITE_BUFFER, std::fs::File::create(tmp)?);
+        let mut md5 = Md5::new();
+        loop {
+            match rx.blocking_recv() {
+                Some(Piece::Data(bytes)) => {
+                    md5.update(&bytes);
+                    file.write_all(&bytes)?;
+                }
+                Some(Piece::End) => break,
+                None => return Err(BlobError::Body("the upload stopped".into())),
+            }
+        }
+        let file = file
+            .into_inner()
+            .map_err(|e| BlobError::Io(e.into_error()))?;
+        file.sync_data()?;
+        drop(file);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::rename(tmp, path)?;
+        // The rename is durable once the directory is.
+        if let Some(parent) = path.parent() {
+            std::fs::File::open(parent)?.sync_all()?;
+        }
+        Ok(md5.finalize().into())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(tmp);
+    }
+    result
+}
+
+fn short_blob(e: std::io::Error) -> BlobError {
+    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+        BlobError::Io(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "blob is shorter than its index says",
+        ))
+    } else {
+        e.into()
+    }
+}
+
+/// Sends `len` bytes of `file` from its position in [`READ_CHUNK`] pieces, stopping when the
+/// receiver is gone (the client went away).
+fn read_ahead(
+    mut file: std::fs::File,
+    mut len: u64,
+    tx: &tokio::sync::mpsc::Sender<Result<Bytes, BlobError>>,
+) {
+    while len > 0 {
+        let want = usize::try_from(len.min(READ_CHUNK as u64)).unwrap_or(READ_CHUNK);
+        let mut buf = vec![0u8; want];
+        let piece = std::io::Read::read_exact(&mut file, &mut buf)
+            .map(|()| Bytes::from(buf))
+            .map_err(short_blob);
+        let failed = piece.is_err();
+        if tx.blocking_send(piece).is_err() || failed {
+            return;
+        }
+        len -= want as u64;
+    }
+}
+
 fn new_blob_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
@@ -111,49 +199,66 @@ impl BlobStore for FsBlobs {
     async fn put(&self, mut body: ByteStream<'_>, limit: u64) -> Result<Written, BlobError> {
         let id = new_blob_id();
         let tmp = self.dir.join("tmp").join(&id);
-        let result = async {
-            // Writes go to the disk in large pieces: one blocking call per MiB, not per chunk.
-            let mut file = tokio::io::BufWriter::with_capacity(
-                WRITE_BUFFER,
-                tokio::fs::File::create(&tmp).await?,
-            );
-            let mut md5 = Md5::new();
-            let mut size = 0u64;
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk?;
-                size += chunk.len() as u64;
-                if size > limit {
-                    return Err(BlobError::TooLarge(limit));
+        let path = self
+            .path_of(&id)
+            .ok_or_else(|| BlobError::Missing(id.clone()))?;
+        // A small body is gathered and written, synced and published in one blocking call.
+        let mut head = bytes::BytesMut::new();
+        let mut size = 0u64;
+        let mut large = false;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk?;
+            size += chunk.len() as u64;
+            if size > limit {
+                return Err(BlobError::TooLarge(limit));
+            }
+            head.extend_from_slice(&chunk);
+            if head.len() >= WRITE_BUFFER {
+                large = true;
+                break;
+            }
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel::<Piece>(PIECES_IN_FLIGHT);
+        // A large one streams to a writer thread that hashes and writes while this task
+        // receives (and s3s verifies) the next pieces: the work spreads over the cores.
+        let writer = tokio::task::spawn_blocking({
+            let (tmp, path) = (tmp.clone(), path.clone());
+            move || write_blob(&tmp, &path, rx)
+        });
+        // `Err(None)`: the writer stopped first (its result says why).
+        let fed: Result<(), Option<BlobError>> = async {
+            tx.send(Piece::Data(head.freeze()))
+                .await
+                .map_err(|_| None)?;
+            if large {
+                while let Some(chunk) = body.next().await {
+                    let chunk = chunk.map_err(Some)?;
+                    size += chunk.len() as u64;
+                    if size > limit {
+                        return Err(Some(BlobError::TooLarge(limit)));
+                    }
+                    tx.send(Piece::Data(chunk)).await.map_err(|_| None)?;
                 }
-                md5.update(&chunk);
-                file.write_all(&chunk).await?;
             }
-            file.flush().await?;
-            let file = file.into_inner();
-            file.sync_data().await?;
-            drop(file);
-            let Some(path) = self.path_of(&id) else {
-                return Err(BlobError::Missing(id.clone()));
-            };
-            if let Some(parent) = path.parent() {
-                tokio::fs::create_dir_all(parent).await?;
-            }
-            tokio::fs::rename(&tmp, &path).await?;
-            // The rename is durable once the directory is.
-            if let Some(parent) = path.parent() {
-                tokio::fs::File::open(parent).await?.sync_all().await?;
-            }
-            Ok(Written {
-                id: id.clone(),
-                size,
-                md5: md5.finalize().into(),
-            })
+            tx.send(Piece::End).await.map_err(|_| None)
         }
         .await;
-        if result.is_err() {
-            let _ = tokio::fs::remove_file(&tmp).await;
+        // Without `End` the writer discards what it wrote.
+        drop(tx);
+        let written = writer
+            .await
+            .map_err(|e| BlobError::Io(std::io::Error::other(e.to_string())))?;
+        match (fed, written) {
+            (Ok(()), Ok(md5)) => Ok(Written { id, size, md5 }),
+            (Ok(()) | Err(None), Err(e)) => Err(e),
+            (Err(Some(e)), written) => {
+                if written.is_ok() {
+                    let _ = tokio::fs::remove_file(&path).await;
+                }
+                Err(e)
+            }
+            (Err(None), Ok(_)) => Err(writer_gone()),
         }
-        result
     }
 
     async fn get(
@@ -164,33 +269,38 @@ impl BlobStore for FsBlobs {
         let path = self
             .path_of(id)
             .ok_or_else(|| BlobError::Missing(id.to_string()))?;
-        let mut file = match tokio::fs::File::open(&path).await {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(BlobError::Missing(id.to_string()))
+        let open = tokio::task::spawn_blocking(move || -> Result<_, BlobError> {
+            let mut file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e.into()),
+            };
+            std::io::Seek::seek(&mut file, SeekFrom::Start(range.start))?;
+            let len = range.end.saturating_sub(range.start);
+            // A small range is read right away, in the same blocking call as the open.
+            if len <= READ_CHUNK as u64 {
+                let mut buf = vec![0u8; usize::try_from(len).unwrap_or(READ_CHUNK)];
+                std::io::Read::read_exact(&mut file, &mut buf).map_err(short_blob)?;
+                return Ok(Some(Err(Bytes::from(buf))));
             }
-            Err(e) => return Err(e.into()),
+            Ok(Some(Ok((file, len))))
+        });
+        let opened = open
+            .await
+            .map_err(|e| BlobError::Io(std::io::Error::other(e.to_string())))??;
+        let (file, len) = match opened {
+            None => return Err(BlobError::Missing(id.to_string())),
+            Some(Err(small)) => {
+                return Ok(Box::pin(futures::stream::once(async move { Ok(small) })))
+            }
+            Some(Ok(file)) => file,
         };
-        file.seek(SeekFrom::Start(range.start)).await?;
-        let remaining = range.end.saturating_sub(range.start);
-        let stream =
-            futures::stream::try_unfold((file, remaining), |(mut file, left)| async move {
-                if left == 0 {
-                    return Ok(None);
-                }
-                let want = usize::try_from(left.min(READ_CHUNK as u64)).unwrap_or(READ_CHUNK);
-                let mut buf = vec![0u8; want];
-                let n = file.read(&mut buf).await?;
-                if n == 0 {
-                    return Err(BlobError::Io(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "blob is shorter than its index says",
-                    )));
-                }
-                buf.truncate(n);
-                Ok(Some((Bytes::from(buf), (file, left - n as u64))))
-            });
-        Ok(Box::pin(stream))
+        // A large one is read ahead by a thread of its own while the network sends.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, BlobError>>(READS_IN_FLIGHT);
+        tokio::task::spawn_blocking(move || read_ahead(file, len, &tx));
+        Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item, rx))
+        })))
     }
 
     async fn delete(&self, id: &str) -> Result<(), BlobError> {
@@ -305,6 +415,49 @@ mod tests {
             Err(BlobError::TooLarge(4))
         ));
         assert!(store.list().await.unwrap().is_empty());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+
+    #[tokio::test]
+    async fn a_large_body_streams_through_the_writer_and_its_failure_is_reported_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsBlobs::open(dir.path()).unwrap();
+        let mib = Bytes::from(vec![7u8; 1 << 20]);
+        let chunks: Vec<Result<Bytes, BlobError>> = (0..3).map(|_| Ok(mib.clone())).collect();
+        let w = store
+            .put(Box::pin(futures::stream::iter(chunks)), 1 << 30)
+            .await
+            .unwrap();
+        assert_eq!(w.size, 3 << 20);
+        assert_eq!(
+            read_all(store.get(&w.id, 0..(3 << 20)).await.unwrap())
+                .await
+                .len(),
+            3 << 20
+        );
+
+        let failing: Vec<Result<Bytes, BlobError>> = vec![
+            Ok(mib.clone()),
+            Ok(mib.clone()),
+            Err(BlobError::ChunkSignature),
+        ];
+        assert!(matches!(
+            store
+                .put(Box::pin(futures::stream::iter(failing)), 1 << 30)
+                .await,
+            Err(BlobError::ChunkSignature)
+        ));
+        let too_big: Vec<Result<Bytes, BlobError>> = (0..3).map(|_| Ok(mib.clone())).collect();
+        assert!(matches!(
+            store
+                .put(Box::pin(futures::stream::iter(too_big)), 2 << 20)
+                .await,
+            Err(BlobError::TooLarge(_))
+        ));
+        assert_eq!(store.list().await.unwrap().len(), 1);
         assert_eq!(
             std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
             0

@@ -33,14 +33,10 @@ pub fn node_secret_label(node: &str) -> String {
     format!("s3-node:{node}")
 }
 
-/// An S3 location of an image: `s3://bucket/key` or `bucket/key` (not a path, not a URL).
+/// An S3 location of an image: `s3://bucket/key` or `bucket/key` (not a path, not a URL); the
+/// same rules as the node agent's (`crds::image::s3_location`).
 pub fn parse_location(location: &str) -> Option<(&str, &str)> {
-    let rest = location.strip_prefix("s3://").unwrap_or(location);
-    if rest.starts_with('/') || rest.contains("://") {
-        return None;
-    }
-    let (bucket, key) = rest.split_once('/')?;
-    (crds::is_valid_bucket_name(bucket) && !key.is_empty()).then_some((bucket, key))
+    crds::image::s3_location(location)
 }
 
 /// The path of `bucket/key`, each key segment percent-encoded as S3 clients encode it.

@@ -2359,7 +2359,8 @@ mod tests {
             size,
         };
         let segs = [seg("a", 10), seg("b", 5), seg("c", 10)];
-        let rows: [(std::ops::Range<u64>, Vec<(&str, std::ops::Range<u64>)>); 5] = [
+        type Row<'a> = (std::ops::Range<u64>, Vec<(&'a str, std::ops::Range<u64>)>);
+        let rows: [Row<'_>; 5] = [
             (0..25, vec![("a", 0..10), ("b", 0..5), ("c", 0..10)]),
             (3..7, vec![("a", 3..7)]),
             (8..12, vec![("a", 8..10), ("b", 0..2)]),
