@@ -558,3 +558,67 @@ async fn an_instance_of_an_s3_object_that_does_not_exist_fails_with_a_reason_nam
     assert_eq!(entries(&data.join("images/tmp"))?, Vec::<String>::new());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_naming_another_accounts_private_object_does_not_boot() -> anyhow::Result<()> {
+    let cloud = Cloud::start(Options::default()).await?;
+    let (_, victim) = cloud
+        .gateway
+        .account_with_key(&cloud.tokens.admin, "victim")
+        .await?;
+    cloud
+        .gateway
+        .account_with_key(&cloud.tokens.admin, "thief")
+        .await?;
+    let dir = tempfile::tempdir()?;
+    let disk = dir.path().join("disk.raw");
+    std::fs::write(&disk, random_bytes(64 * 1024)?)?;
+    let bucket = "victim-private";
+    cloud
+        .gateway
+        .aws(&victim, &["s3api", "create-bucket", "--bucket", bucket])
+        .await?;
+    cloud
+        .gateway
+        .aws(
+            &victim,
+            &[
+                "s3api",
+                "put-object",
+                "--bucket",
+                bucket,
+                "--key",
+                "disk.raw",
+                "--body",
+                path_str(&disk)?,
+            ],
+        )
+        .await?;
+    // The thief registers the victim's private object as its own image and launches it.
+    let id = "emi-00000000000007e1f";
+    let image: Image = serde_json::from_value(json!({
+        "apiVersion": "karri.dev/v1alpha1",
+        "kind": "Image",
+        "metadata": {"name": id, "namespace": "thief"},
+        "spec": {"name": "stolen", "imageLocation": format!("{bucket}/disk.raw"), "format": "raw"},
+    }))?;
+    Api::<Image>::namespaced(cloud.client.clone(), "thief")
+        .create(&PostParams::default(), &image)
+        .await?;
+    create_instance(&cloud, "thief", "stolen", id).await?;
+    let failed = wait_failed(&cloud, "thief", "stolen").await?;
+    let message = failed
+        .status
+        .clone()
+        .unwrap_or_default()
+        .message
+        .unwrap_or_default();
+    ensure!(
+        message.contains("may not read"),
+        "the failed launch should say the image's account may not read the object: {message}"
+    );
+    let data = cloud.agent_data_dir(&node_name(1));
+    assert_eq!(entries(&data.join("images/sha256"))?, Vec::<String>::new());
+    eprintln!("[image_s3] stolen: {message}");
+    Ok(())
+}

@@ -111,10 +111,10 @@ async fn image_url(State(s): St, req: Request) -> Response {
         return ApiError::forbidden("only a node agent's token may ask for image URLs")
             .into_response();
     };
-    if s.s3.is_none() {
+    let Some(face) = &s.s3 else {
         return ApiError::bad_request("this gateway stores no S3 objects (--s3-data-dir is unset)")
             .into_response();
-    }
+    };
     let q = query_map(req.uri().query());
     let (Some(location), Some(base)) = (q.get("location"), q.get("base")) else {
         return ApiError::bad_request("location and base are required").into_response();
@@ -138,9 +138,21 @@ async fn image_url(State(s): St, req: Request) -> Response {
                     == Some(location.as_str())
             })
     };
-    if !instances.iter().any(|i| wanted(&i.value)) {
+    let Some(instance) = instances.iter().find(|i| wanted(&i.value)) else {
         return ApiError::forbidden(format!("no instance on node {node} boots from {location}"))
             .into_response();
+    };
+    // The image's owner must be able to read the object: registering another account's
+    // private object as one's image must not make it readable.
+    match image_owner_may_read(&s, face, &instance.value, location, bucket, key).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return ApiError::forbidden(format!(
+                "the account that registered the image may not read {location}"
+            ))
+            .into_response()
+        }
+        Err(e) => return e.into_response(),
     }
     let access_key = crate::s3::presign::node_access_key(&node);
     let Some(secret) = s
@@ -167,6 +179,50 @@ async fn image_url(State(s): St, req: Request) -> Response {
         None => ApiError::bad_request(format!("{base:?} is not an http(s)://host[:port] base URL"))
             .into_response(),
     }
+}
+
+/// Whether the account owning the image an instance boots from `location` may read that
+/// object. Images in namespaces of no account (the public images an administrator keeps in
+/// `karri-images`) were put there by an administrator and may.
+async fn image_owner_may_read(
+    s: &AppState,
+    face: &crate::s3::S3Face,
+    instance: &Value,
+    location: &str,
+    bucket: &str,
+    key: &str,
+) -> Result<bool, ApiError> {
+    let image_id = ["root", "kernel", "ramdisk"].iter().find_map(|a| {
+        let artifact = instance.pointer(&format!("/status/launch/{a}"))?;
+        (artifact.pointer("/location").and_then(Value::as_str) == Some(location))
+            .then(|| artifact.pointer("/imageId").and_then(Value::as_str))
+            .flatten()
+    });
+    let Some(image) = image_id.and_then(|id| s.registry.cache.by_id(id)) else {
+        return Err(ApiError::forbidden(format!(
+            "the image that boots from {location} is not known"
+        )));
+    };
+    let namespace = image
+        .value
+        .pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let (accounts, _) = s
+        .registry
+        .cache
+        .list("accounts", &crate::store::kind_prefix("accounts"));
+    let owner = accounts.iter().find_map(|a| {
+        (a.value.pointer("/status/namespace").and_then(Value::as_str) == Some(namespace))
+            .then(|| a.value.pointer("/status/accountId").and_then(Value::as_str))
+            .flatten()
+    });
+    let Some(account_id) = owner else {
+        return Ok(true);
+    };
+    face.account_may_read(account_id, bucket, key)
+        .await
+        .map_err(|e| ApiError::internal(format!("cannot check access to {location}: {e:?}")))
 }
 
 async fn readyz(State(s): St) -> Response {

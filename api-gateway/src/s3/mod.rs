@@ -51,6 +51,7 @@ pub struct S3Settings {
 #[derive(Clone)]
 pub struct S3Face {
     service: S3Service,
+    ops: service::KarriS3,
     domains: Arc<Vec<String>>,
     metrics: Arc<Metrics>,
 }
@@ -297,7 +298,7 @@ impl S3Face {
             });
             b.build()
         };
-        let mut b = S3ServiceBuilder::new(ops);
+        let mut b = S3ServiceBuilder::new(ops.clone());
         b.set_auth(Secrets { registry });
         b.set_access(AclsInOperations);
         b.set_host(Hosts {
@@ -306,9 +307,21 @@ impl S3Face {
         b.set_route(EucaPath { inner });
         Self {
             service: b.build(),
+            ops,
             domains,
             metrics,
         }
+    }
+
+    /// Whether account `account_id` may read object `bucket/key` (see
+    /// [`service::KarriS3::account_may_read`]).
+    pub async fn account_may_read(
+        &self,
+        account_id: &str,
+        bucket: &str,
+        key: &str,
+    ) -> S3Result<bool> {
+        self.ops.account_may_read(account_id, bucket, key).await
     }
 
     /// Whether `req` is an S3 request rather than an EC2 or resource-API one.

@@ -2103,6 +2103,45 @@ fn object_entry(key: &str, m: &ObjectMeta, owner: Option<&Owner>) -> Object {
 }
 
 impl KarriS3 {
+    /// Whether account `account_id` may read `bucket/key` (an image it registered there): the
+    /// bucket's owner, or what the ACLs grant a signed-in account. A missing object is as
+    /// readable as its bucket is listable (the download then reports it missing).
+    pub async fn account_may_read(
+        &self,
+        account_id: &str,
+        bucket: &str,
+        key: &str,
+    ) -> S3Result<bool> {
+        let bucket = match self.bucket(bucket).await {
+            Ok(b) => b,
+            Err(e) if e.code() == &S3ErrorCode::NoSuchBucket => return Ok(true),
+            Err(e) => return Err(e),
+        };
+        let who = Who::Account(account_id);
+        let owner = &bucket.spec.owner_id;
+        match self
+            .index
+            .get_object(&bucket.name, key)
+            .await
+            .map_err(index_error)?
+        {
+            Some(meta) => Ok(allowed(
+                who,
+                Action::ReadObject,
+                owner,
+                bucket.spec.acl,
+                Some(meta.acl),
+            )),
+            None => Ok(allowed(
+                who,
+                Action::ListBucket,
+                owner,
+                bucket.spec.acl,
+                None,
+            )),
+        }
+    }
+
     async fn delete_empty_bucket(&self, name: &str) -> S3Result<()> {
         if self.index.bucket_in_use(name).await.map_err(index_error)? {
             return Err(s3_error!(
