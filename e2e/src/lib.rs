@@ -6,6 +6,7 @@
 pub mod cloud;
 pub mod guests;
 pub mod karri;
+pub mod moto;
 pub mod report;
 pub mod s3;
 

@@ -221,6 +221,20 @@ fn parse<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, 
     })
 }
 
+/// The value a transaction's put replaced (its `prev_kv`), if any.
+fn replaced<T: serde::de::DeserializeOwned>(
+    resp: &etcd_client::TxnResponse,
+) -> Result<Option<T>, IndexError> {
+    for op in resp.op_responses() {
+        if let TxnOpResponse::Put(put) = op {
+            if let Some(prev) = put.prev_key() {
+                return Ok(Some(parse(prev.key(), prev.value())?));
+            }
+        }
+    }
+    Ok(None)
+}
+
 fn json<T: Serialize>(v: &T) -> Vec<u8> {
     // Serializing plain structs of strings and numbers cannot fail.
     serde_json::to_vec(v).expect("index entries always serialize")
@@ -295,14 +309,7 @@ impl ObjectIndex {
         if !resp.succeeded() {
             return Err(self.why_closed(bucket).await);
         }
-        for op in resp.op_responses() {
-            if let TxnOpResponse::Put(put) = op {
-                if let Some(prev) = put.prev_key() {
-                    return Ok(Some(parse(prev.key(), prev.value())?));
-                }
-            }
-        }
-        Ok(None)
+        replaced(&resp)
     }
 
     /// Removes an object's entry; returns it (its blobs are the caller's to delete).
@@ -505,14 +512,7 @@ impl ObjectIndex {
         if !resp.succeeded() {
             return Err(IndexError::NoUpload);
         }
-        for op in resp.op_responses() {
-            if let TxnOpResponse::Put(put) = op {
-                if let Some(prev) = put.prev_key() {
-                    return Ok(Some(parse(prev.key(), prev.value())?));
-                }
-            }
-        }
-        Ok(None)
+        replaced(&resp)
     }
 
     /// Every part of an upload, by part number.
@@ -568,14 +568,7 @@ impl ObjectIndex {
         if !resp.succeeded() {
             return Err(IndexError::NoUpload);
         }
-        for op in resp.op_responses() {
-            if let TxnOpResponse::Put(put) = op {
-                if let Some(prev) = put.prev_key() {
-                    return Ok(Some(parse(prev.key(), prev.value())?));
-                }
-            }
-        }
-        Ok(None)
+        replaced(&resp)
     }
 
     /// Aborts an upload: removes it and its parts; returns the parts (their blobs are the

@@ -1098,43 +1098,24 @@ impl S3 for KarriS3 {
         let caller = self.caller(&req).await?;
         let input = req.input;
         let bucket = self.bucket(&input.bucket).await?;
+        let pre = Preconditions {
+            if_match: input.if_match.clone(),
+            if_none_match: input.if_none_match.clone(),
+            if_modified_since_ms: input.if_modified_since.as_ref().map(ms_of),
+            if_unmodified_since_ms: input.if_unmodified_since.as_ref().map(ms_of),
+        };
         let mut attempt = 0;
         let (meta, span, content_range, stream) = loop {
             attempt += 1;
-            let meta = self.object(&bucket.name, &input.key).await.map_err(|e| {
-                // Without read access to the bucket, a missing key is AccessDenied, as in AWS.
-                if permits(caller.as_ref(), Action::ListBucket, &bucket, None) {
-                    e
-                } else {
-                    access_denied()
-                }
-            })?;
-            if !permits(caller.as_ref(), Action::ReadObject, &bucket, Some(meta.acl)) {
-                return Err(access_denied());
-            }
-            precondition_outcome(
-                &Preconditions {
-                    if_match: input.if_match.clone(),
-                    if_none_match: input.if_none_match.clone(),
-                    if_modified_since_ms: input.if_modified_since.as_ref().map(ms_of),
-                    if_unmodified_since_ms: input.if_unmodified_since.as_ref().map(ms_of),
-                },
-                &meta,
-                true,
-            )?;
-            let range = resolve_range(input.range.as_ref(), meta.size)?;
-            let (span, content_range) = match &range {
-                Some(r) => (
-                    r.clone(),
-                    Some(format!(
-                        "bytes {}-{}/{}",
-                        r.start,
-                        r.end.saturating_sub(1),
-                        meta.size
-                    )),
-                ),
-                None => (0..meta.size, None),
-            };
+            let (meta, span, content_range) = self
+                .readable(
+                    caller.as_ref(),
+                    &bucket,
+                    &input.key,
+                    &pre,
+                    input.range.as_ref(),
+                )
+                .await?;
             match open_segments(&self.blobs, &meta.segments, span.clone()).await {
                 Ok(stream) => break (meta, span, content_range, stream),
                 // Overwritten between the index read and the open: read the index again.
@@ -1184,39 +1165,22 @@ impl S3 for KarriS3 {
         let caller = self.caller(&req).await?;
         let input = req.input;
         let bucket = self.bucket(&input.bucket).await?;
-        let meta = self.object(&bucket.name, &input.key).await.map_err(|e| {
-            if permits(caller.as_ref(), Action::ListBucket, &bucket, None) {
-                e
-            } else {
-                access_denied()
-            }
-        })?;
-        if !permits(caller.as_ref(), Action::ReadObject, &bucket, Some(meta.acl)) {
-            return Err(access_denied());
-        }
-        precondition_outcome(
-            &Preconditions {
-                if_match: input.if_match.clone(),
-                if_none_match: input.if_none_match.clone(),
-                if_modified_since_ms: input.if_modified_since.as_ref().map(ms_of),
-                if_unmodified_since_ms: input.if_unmodified_since.as_ref().map(ms_of),
-            },
-            &meta,
-            true,
-        )?;
-        let range = resolve_range(input.range.as_ref(), meta.size)?;
-        let (len, content_range) = match &range {
-            Some(r) => (
-                r.end - r.start,
-                Some(format!(
-                    "bytes {}-{}/{}",
-                    r.start,
-                    r.end.saturating_sub(1),
-                    meta.size
-                )),
-            ),
-            None => (meta.size, None),
+        let pre = Preconditions {
+            if_match: input.if_match.clone(),
+            if_none_match: input.if_none_match.clone(),
+            if_modified_since_ms: input.if_modified_since.as_ref().map(ms_of),
+            if_unmodified_since_ms: input.if_unmodified_since.as_ref().map(ms_of),
         };
+        let (meta, span, content_range) = self
+            .readable(
+                caller.as_ref(),
+                &bucket,
+                &input.key,
+                &pre,
+                input.range.as_ref(),
+            )
+            .await?;
+        let len = span.end - span.start;
         let h = &meta.headers;
         Ok(S3Response::new(HeadObjectOutput {
             accept_ranges: Some("bytes".into()),
@@ -2103,6 +2067,45 @@ fn object_entry(key: &str, m: &ObjectMeta, owner: Option<&Owner>) -> Object {
 }
 
 impl KarriS3 {
+    /// The object a GET or HEAD reads, once the caller may read it and its preconditions hold:
+    /// its entry, the bytes asked for and the `Content-Range` to answer with.
+    async fn readable(
+        &self,
+        caller: Option<&Caller>,
+        bucket: &BucketInfo,
+        key: &str,
+        pre: &Preconditions,
+        range: Option<&Range>,
+    ) -> S3Result<(ObjectMeta, std::ops::Range<u64>, Option<String>)> {
+        let meta = self.object(&bucket.name, key).await.map_err(|e| {
+            // Without read access to the bucket, a missing key is AccessDenied, as in AWS.
+            if permits(caller, Action::ListBucket, bucket, None) {
+                e
+            } else {
+                access_denied()
+            }
+        })?;
+        if !permits(caller, Action::ReadObject, bucket, Some(meta.acl)) {
+            return Err(access_denied());
+        }
+        precondition_outcome(pre, &meta, true)?;
+        Ok(match resolve_range(range, meta.size)? {
+            Some(r) => {
+                let content_range = format!(
+                    "bytes {}-{}/{}",
+                    r.start,
+                    r.end.saturating_sub(1),
+                    meta.size
+                );
+                (meta, r, Some(content_range))
+            }
+            None => {
+                let whole = 0..meta.size;
+                (meta, whole, None)
+            }
+        })
+    }
+
     /// Whether account `account_id` may read `bucket/key` (an image it registered there): the
     /// bucket's owner, or what the ACLs grant a signed-in account. A missing object is as
     /// readable as its bucket is listable (the download then reports it missing).

@@ -40,9 +40,9 @@
 //! early error return). The report goes to stdout, progress to stderr.
 
 use karri_e2e::cloud::pid_by_cmdline;
+use karri_e2e::moto::Moto;
 use karri_e2e::report::{command_line, cpu_model, cpu_ticks, loadavg, out, pass, ticks_per_second};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -54,7 +54,7 @@ use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
 use futures::future::BoxFuture;
 use futures::FutureExt;
-use karri_testkit::{free_ports, kubectl_ok, log_tail, workspace_root, Etcd, Gateway, Tokens};
+use karri_testkit::{kubectl_ok, workspace_root, Etcd, Gateway, Tokens};
 
 /// The EC2 API version every request names.
 const EC2_VERSION: &str = "2016-11-15";
@@ -230,83 +230,6 @@ fn first_tag<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
     let start = xml.find(&open)? + open.len();
     let end = xml[start..].find(&format!("</{tag}>"))?;
     Some(&xml[start..start + end])
-}
-
-/// moto's server as a child process on a loopback port; killed and reaped when dropped.
-struct Moto {
-    child: Option<Child>,
-    url: String,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Moto {
-    async fn start() -> anyhow::Result<Moto> {
-        let bin = workspace_root().join(".venv/bin/moto_server");
-        if !bin.is_file() {
-            bail!(
-                "{} not found: run `make setup` (it installs moto[server] into .venv)",
-                bin.display()
-            );
-        }
-        let dir = tempfile::Builder::new().prefix("karri-moto-").tempdir()?;
-        let log = dir.path().join("moto.log");
-        let port = free_ports(1)?[0];
-        let out = std::fs::File::create(&log)?;
-        let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("spawning {}", bin.display()))?;
-        let mut moto = Moto {
-            child: Some(child),
-            url: format!("http://127.0.0.1:{port}"),
-            log,
-            _dir: dir,
-        };
-        // Any HTTP answer means the server is up.
-        let probe = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(5))
-            .build()?;
-        let started = Instant::now();
-        loop {
-            if let Some(c) = moto.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    bail!(
-                        "moto_server exited with {status}; log:\n{}",
-                        log_tail(&moto.log, 40)
-                    );
-                }
-            }
-            if probe.get(format!("{}/", moto.url)).send().await.is_ok() {
-                return Ok(moto);
-            }
-            if started.elapsed() > READY_DEADLINE {
-                bail!(
-                    "moto_server did not answer at {} within {READY_DEADLINE:?}; log:\n{}",
-                    moto.url,
-                    log_tail(&moto.log, 40)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 /// CPU seconds (utime + stime) of the processes that serve the benchmark, for per-request CPU.

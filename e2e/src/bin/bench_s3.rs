@@ -63,12 +63,13 @@
 //! report goes to stdout, progress to stderr.
 
 use karri_e2e::cloud::pid_by_cmdline;
+use karri_e2e::moto::Moto;
 use karri_e2e::report::{command_line, cpu_model, cpu_ticks, loadavg, out, pass, ticks_per_second};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,7 +79,7 @@ use aws_sigv4::http_request::SignableBody;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use karri_e2e::s3::Signer;
-use karri_testkit::{free_ports, log_tail, workspace_root, Etcd, Gateway, Tokens};
+use karri_testkit::{workspace_root, Etcd, Gateway, Tokens};
 use reqwest::Method;
 use sha2::{Digest, Sha256};
 
@@ -425,83 +426,6 @@ impl Pattern {
             h.update(&buf);
         }
         h.finalize().iter().map(|b| format!("{b:02x}")).collect()
-    }
-}
-
-/// moto's server as a child process on a loopback port; killed and reaped when dropped.
-struct Moto {
-    child: Option<Child>,
-    url: String,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Moto {
-    async fn start() -> anyhow::Result<Moto> {
-        let bin = workspace_root().join(".venv/bin/moto_server");
-        if !bin.is_file() {
-            bail!(
-                "{} not found: run `make setup` (it installs moto[server] into .venv)",
-                bin.display()
-            );
-        }
-        let dir = tempfile::Builder::new().prefix("karri-moto-").tempdir()?;
-        let log = dir.path().join("moto.log");
-        let port = free_ports(1)?[0];
-        let out = File::create(&log)?;
-        let child = Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out)
-            .spawn()
-            .with_context(|| format!("spawning {}", bin.display()))?;
-        let mut moto = Moto {
-            child: Some(child),
-            url: format!("http://127.0.0.1:{port}"),
-            log,
-            _dir: dir,
-        };
-        // Any HTTP answer means the server is up.
-        let probe = reqwest::Client::builder()
-            .no_proxy()
-            .timeout(Duration::from_secs(5))
-            .build()?;
-        let started = Instant::now();
-        loop {
-            if let Some(c) = moto.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    bail!(
-                        "moto_server exited with {status}; log:\n{}",
-                        log_tail(&moto.log, 40)
-                    );
-                }
-            }
-            if probe.get(format!("{}/", moto.url)).send().await.is_ok() {
-                return Ok(moto);
-            }
-            if started.elapsed() > READY_DEADLINE {
-                bail!(
-                    "moto_server did not answer at {} within {READY_DEADLINE:?}; log:\n{}",
-                    moto.url,
-                    log_tail(&moto.log, 40)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 
