@@ -80,7 +80,7 @@ pub struct FsBlobs {
 /// Size of the reads of a GET.
 const READ_CHUNK: usize = 1024 * 1024;
 /// Reads a GET's reader thread may be ahead of the network.
-const READS_IN_FLIGHT: usize = 4;
+const READS_IN_FLIGHT: usize = 8;
 /// Bytes gathered before each write of a PUT.
 const WRITE_BUFFER: usize = 1024 * 1024;
 
@@ -283,6 +283,13 @@ impl BlobStore for FsBlobs {
                 std::io::Read::read_exact(&mut file, &mut buf).map_err(short_blob)?;
                 return Ok(Some(Err(Bytes::from(buf))));
             }
+            // A whole large range is read front to back: the kernel may read ahead further.
+            let _ = rustix::fs::fadvise(
+                &file,
+                range.start,
+                std::num::NonZeroU64::new(len),
+                rustix::fs::Advice::Sequential,
+            );
             Ok(Some(Ok((file, len))))
         });
         let opened = open
