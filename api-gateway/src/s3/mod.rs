@@ -129,7 +129,8 @@ pub fn virtual_bucket<'a>(domains: &[String], host: &'a str) -> Option<&'a str> 
 
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
-        return host.split(']').next().map_or(host, |h| &h[..h.len()]);
+        // `[v6 address]:port`: the address with its brackets.
+        return host.find(']').map_or(host, |end| &host[..=end]);
     }
     match host.rsplit_once(':') {
         Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
@@ -529,10 +530,14 @@ mod tests {
             ("127.0.0.1:8773", None),
             ("my.dotted.bucket.s3.localhost", Some("my.dotted.bucket")),
             ("example.com", None),
+            ("[::1]:8773", None),
         ];
         for (host, want) in rows {
             assert_eq!(virtual_bucket(&d, host), want, "{host}");
         }
+        assert_eq!(strip_port("[::1]:8773"), "[::1]");
+        assert_eq!(strip_port("s3.localhost:8773"), "s3.localhost");
+        assert_eq!(strip_port("s3.localhost"), "s3.localhost");
     }
 
     #[test]
