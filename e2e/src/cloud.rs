@@ -644,6 +644,33 @@ impl Cloud {
         }
     }
 
+    /// Waits until instance `name` of namespace `ns` is terminated, failing at once if it ever
+    /// runs or gets a launch time (a launch that must fail before any domain runs).
+    pub async fn wait_launch_failed(
+        &self,
+        ns: &str,
+        name: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<Instance> {
+        let api: Api<Instance> = Api::namespaced(self.client.clone(), ns);
+        self.wait_until(&format!("{name} is terminated"), timeout, async || {
+            let instance = api.get(name).await?;
+            let status = instance.status.clone().unwrap_or_default();
+            if status.state == InstanceState::Running || status.launch_time.is_some() {
+                return Err(violation(format!(
+                    "{name} was launched although its launch should fail: {status:?}"
+                )));
+            }
+            Ok(match state_of(&instance) {
+                Some(InstanceState::Terminated) => ControlFlow::Break(instance),
+                other => {
+                    ControlFlow::Continue(format!("{other:?}, conditions {:?}", status.conditions))
+                }
+            })
+        })
+        .await
+    }
+
     /// Kills operator `i` (SIGKILL) and starts it again with the same flags; returns once it
     /// serves its metrics.
     pub async fn restart_operator(&mut self, i: usize) -> anyhow::Result<()> {

@@ -60,3 +60,30 @@ pub fn ticks_per_second() -> f64 {
         .parse()
         .unwrap_or(100.0)
 }
+
+/// Nearest-rank percentile `p` (0–100) of `samples`, which it sorts; zero when empty.
+pub fn pct(samples: &mut [std::time::Duration], p: f64) -> std::time::Duration {
+    if samples.is_empty() {
+        return std::time::Duration::ZERO;
+    }
+    samples.sort_unstable();
+    let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
+    samples[rank.clamp(1, samples.len()) - 1]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let ms = Duration::from_millis;
+        let mut samples: Vec<Duration> = (1..=100).rev().map(ms).collect();
+        assert_eq!(pct(&mut samples, 50.0), ms(50));
+        assert_eq!(pct(&mut samples, 99.0), ms(99));
+        assert_eq!(pct(&mut samples, 100.0), ms(100));
+        assert_eq!(pct(&mut samples, 0.0), ms(1));
+        assert_eq!(pct(&mut [], 99.0), Duration::ZERO);
+    }
+}

@@ -14,10 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context as _};
-use crds::{Image, Instance, InstanceState, ID_LABEL};
-use karri_e2e::cloud::{
-    metric, node_name, node_of, state_of, violation, Cloud, Options, INSTANCE_TYPE, NS,
-};
+use crds::{Image, Instance, ID_LABEL};
+use karri_e2e::cloud::{metric, node_name, node_of, violation, Cloud, Options, INSTANCE_TYPE, NS};
 use karri_testkit::workspace_root;
 use kube::api::{Api, PostParams};
 use kube::ResourceExt;
@@ -239,27 +237,6 @@ fn id_of(instance: &Instance) -> anyhow::Result<String> {
         .with_context(|| format!("instance {} has no {ID_LABEL} label", instance.name_any()))
 }
 
-/// Waits until instance `name` of namespace `ns` is terminated, failing at once if it ever runs
-/// or gets a launch time (its launch must fail before any domain runs).
-async fn wait_failed(cloud: &Cloud, ns: &str, name: &str) -> anyhow::Result<Instance> {
-    let api: Api<Instance> = Api::namespaced(cloud.client.clone(), ns);
-    cloud
-        .wait_until(&format!("{name} is terminated"), STEP, async || {
-            let instance = api.get(name).await?;
-            let status = instance.status.clone().unwrap_or_default();
-            if status.state == InstanceState::Running || status.launch_time.is_some() {
-                return Err(violation(format!(
-                    "{name} was launched although its image cannot be fetched: {status:?}"
-                )));
-            }
-            Ok(match state_of(&instance) {
-                Some(InstanceState::Terminated) => Break(instance),
-                other => Continue(format!("{other:?}, conditions {:?}", status.conditions)),
-            })
-        })
-        .await
-}
-
 /// The reason and message of a failed instance, checked to be the launch failure's.
 fn launch_failure(instance: &Instance) -> anyhow::Result<String> {
     let status = instance.status.as_ref().context("no status")?;
@@ -464,7 +441,7 @@ async fn a_wrong_checksum_fails_the_instance_with_a_reason_and_leaves_no_partial
     let created = Instant::now();
 
     create_instances(&cloud, account, &["tampered"], image_id).await?;
-    let failed = wait_failed(&cloud, account, "tampered").await?;
+    let failed = cloud.wait_launch_failed(account, "tampered", STEP).await?;
     let took = created.elapsed();
 
     let message = launch_failure(&failed)?;
@@ -572,8 +549,8 @@ async fn a_missing_image_fails_the_instance_with_a_clear_reason() -> anyhow::Res
 
     create_instances(&cloud, NS, &["no-file"], "emi-0000000000000dead").await?;
     create_instances(&cloud, NS, &["no-url"], "emi-0000000000000f404").await?;
-    let no_file = wait_failed(&cloud, NS, "no-file").await?;
-    let no_url = wait_failed(&cloud, NS, "no-url").await?;
+    let no_file = cloud.wait_launch_failed(NS, "no-file", STEP).await?;
+    let no_url = cloud.wait_launch_failed(NS, "no-url", STEP).await?;
     let took = created.elapsed();
 
     let file_message = launch_failure(&no_file)?;

@@ -151,26 +151,6 @@ async fn wait_running(
         .await
 }
 
-/// Waits until instance `name` of namespace `ns` is terminated, failing at once if it ever runs.
-async fn wait_failed(cloud: &Cloud, ns: &str, name: &str) -> anyhow::Result<Instance> {
-    let api: Api<Instance> = Api::namespaced(cloud.client.clone(), ns);
-    cloud
-        .wait_until(&format!("{name} is terminated"), STEP, async || {
-            let instance = api.get(name).await?;
-            let status = instance.status.clone().unwrap_or_default();
-            if status.state == InstanceState::Running || status.launch_time.is_some() {
-                return Err(violation(format!(
-                    "{name} was launched although its image does not exist: {status:?}"
-                )));
-            }
-            Ok(match state_of(&instance) {
-                Some(InstanceState::Terminated) => Break(instance),
-                other => Continue(format!("{other:?}, conditions {:?}", status.conditions)),
-            })
-        })
-        .await
-}
-
 /// `GET /karri/v1/image-url?location=…&base=…` with bearer `token`: the status and JSON body.
 async fn ask_image_url(
     cloud: &Cloud,
@@ -533,7 +513,7 @@ async fn an_instance_of_an_s3_object_that_does_not_exist_fails_with_a_reason_nam
     }
 
     for (name, _, location, code) in &cases {
-        let failed = wait_failed(&cloud, account, name).await?;
+        let failed = cloud.wait_launch_failed(account, name, STEP).await?;
         let status = failed.status.clone().unwrap_or_default();
         assert_eq!(
             status.reason.as_deref(),
@@ -606,7 +586,7 @@ async fn an_image_naming_another_accounts_private_object_does_not_boot() -> anyh
         .create(&PostParams::default(), &image)
         .await?;
     create_instance(&cloud, "thief", "stolen", id).await?;
-    let failed = wait_failed(&cloud, "thief", "stolen").await?;
+    let failed = cloud.wait_launch_failed("thief", "stolen", STEP).await?;
     let message = failed
         .status
         .clone()

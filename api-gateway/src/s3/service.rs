@@ -1441,20 +1441,15 @@ impl S3 for KarriS3 {
             .await?;
         let max_keys = max_keys_of(input.max_keys)?;
         let prefix = input.prefix.clone().unwrap_or_default();
-        let page = list_page(
-            &IndexSource {
-                index: &self.index,
-                bucket: &bucket.name,
-            },
-            &ListRequest {
-                prefix: &prefix,
-                delimiter: input.delimiter.as_deref(),
-                start_after: input.marker.as_deref().filter(|m| !m.is_empty()),
+        let page = self
+            .list(
+                &bucket,
+                &prefix,
+                input.delimiter.as_deref(),
+                input.marker.as_deref().filter(|m| !m.is_empty()),
                 max_keys,
-            },
-        )
-        .await
-        .map_err(index_error)?;
+            )
+            .await?;
         let enc = encode_with(input.encoding_type.as_ref());
         let owner = owner_of(&bucket.spec);
         Ok(S3Response::new(ListObjectsOutput {
@@ -1503,20 +1498,15 @@ impl S3 for KarriS3 {
             Some(t) => Some(token_decode(t)?),
             None => input.start_after.clone().filter(|s| !s.is_empty()),
         };
-        let page = list_page(
-            &IndexSource {
-                index: &self.index,
-                bucket: &bucket.name,
-            },
-            &ListRequest {
-                prefix: &prefix,
-                delimiter: input.delimiter.as_deref(),
-                start_after: after.as_deref(),
+        let page = self
+            .list(
+                &bucket,
+                &prefix,
+                input.delimiter.as_deref(),
+                after.as_deref(),
                 max_keys,
-            },
-        )
-        .await
-        .map_err(index_error)?;
+            )
+            .await?;
         let enc = encode_with(input.encoding_type.as_ref());
         let owner = owner_of(&bucket.spec);
         let fetch_owner = input.fetch_owner.unwrap_or(false);
@@ -1565,20 +1555,15 @@ impl S3 for KarriS3 {
             .await?;
         let max_keys = max_keys_of(input.max_keys)?;
         let prefix = input.prefix.clone().unwrap_or_default();
-        let page = list_page(
-            &IndexSource {
-                index: &self.index,
-                bucket: &bucket.name,
-            },
-            &ListRequest {
-                prefix: &prefix,
-                delimiter: input.delimiter.as_deref(),
-                start_after: input.key_marker.as_deref().filter(|m| !m.is_empty()),
+        let page = self
+            .list(
+                &bucket,
+                &prefix,
+                input.delimiter.as_deref(),
+                input.key_marker.as_deref().filter(|m| !m.is_empty()),
                 max_keys,
-            },
-        )
-        .await
-        .map_err(index_error)?;
+            )
+            .await?;
         let enc = encode_with(input.encoding_type.as_ref());
         let owner = owner_of(&bucket.spec);
         // Versioning is never enabled: every object is its one current version, ID "null".
@@ -2067,6 +2052,28 @@ fn object_entry(key: &str, m: &ObjectMeta, owner: Option<&Owner>) -> Object {
 }
 
 impl KarriS3 {
+    /// One page of a bucket's keys and common prefixes.
+    async fn list(
+        &self,
+        bucket: &BucketInfo,
+        prefix: &str,
+        delimiter: Option<&str>,
+        start_after: Option<&str>,
+        max_keys: usize,
+    ) -> S3Result<super::listing::Page<ObjectMeta>> {
+        let source = IndexSource {
+            index: &self.index,
+            bucket: &bucket.name,
+        };
+        let request = ListRequest {
+            prefix,
+            delimiter,
+            start_after,
+            max_keys,
+        };
+        list_page(&source, &request).await.map_err(index_error)
+    }
+
     /// The object a GET or HEAD reads, once the caller may read it and its preconditions hold:
     /// its entry, the bytes asked for and the `Content-Range` to answer with.
     async fn readable(

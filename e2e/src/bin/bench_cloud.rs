@@ -22,6 +22,7 @@
 //! traffic goes to 127.0.0.1, and everything started is killed when the cloud is dropped at the
 //! end of `main` (or on an early error return). The report goes to stdout, progress to stderr.
 
+use karri_e2e::report::pct;
 use karri_e2e::report::{command_line, cpu_ticks, out, pass, ticks_per_second};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
@@ -64,16 +65,6 @@ enum Milestone {
 
 fn progress(msg: impl AsRef<str>) {
     eprintln!("[bench] {}", msg.as_ref());
-}
-
-/// Nearest-rank percentile of `samples` (sorted in place); zero when empty.
-fn pct(samples: &mut [Duration], p: f64) -> Duration {
-    if samples.is_empty() {
-        return Duration::ZERO;
-    }
-    samples.sort_unstable();
-    let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
-    samples[rank.clamp(1, samples.len()) - 1]
 }
 
 fn ms(d: Duration) -> String {

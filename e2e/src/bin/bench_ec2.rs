@@ -41,6 +41,7 @@
 
 use karri_e2e::cloud::pid_by_cmdline;
 use karri_e2e::moto::Moto;
+use karri_e2e::report::pct;
 use karri_e2e::report::{command_line, cpu_model, cpu_ticks, loadavg, out, pass, ticks_per_second};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -428,16 +429,6 @@ async fn count_instances(ep: &Endpoint) -> anyhow::Result<(usize, usize)> {
         .call_text(&form("DescribeInstances", &[]), "DescribeInstancesResponse")
         .await?;
     Ok((xml.matches("<instanceId>").count(), xml.len()))
-}
-
-/// Nearest-rank percentile of `samples` (sorted in place); zero when empty.
-fn pct(samples: &mut [Duration], p: f64) -> Duration {
-    if samples.is_empty() {
-        return Duration::ZERO;
-    }
-    samples.sort_unstable();
-    let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
-    samples[rank.clamp(1, samples.len()) - 1]
 }
 
 fn ms(d: Duration) -> String {

@@ -24,6 +24,7 @@
 //! on an early error return).
 
 use karri_e2e::cloud::pid_by_cmdline;
+use karri_e2e::report::pct;
 use karri_e2e::report::{command_line, cpu_model, cpu_ticks, out, pass, ticks_per_second};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -133,16 +134,6 @@ async fn closed_loop(concurrency: usize, max_ops: usize, cap: Duration, op: Op) 
     }
     run.wall = start.elapsed();
     run
-}
-
-/// Nearest-rank percentile of `samples` (sorted in place); zero when empty.
-fn pct(samples: &mut [Duration], p: f64) -> Duration {
-    if samples.is_empty() {
-        return Duration::ZERO;
-    }
-    samples.sort_unstable();
-    let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
-    samples[rank.clamp(1, samples.len()) - 1]
 }
 
 fn ms(d: Duration) -> String {

@@ -64,6 +64,7 @@
 
 use karri_e2e::cloud::pid_by_cmdline;
 use karri_e2e::moto::Moto;
+use karri_e2e::report::pct;
 use karri_e2e::report::{command_line, cpu_model, cpu_ticks, loadavg, out, pass, ticks_per_second};
 use std::fs::File;
 use std::io::{Read, Write};
@@ -600,16 +601,6 @@ fn get_op(ep: &Arc<Endpoint>) -> Op {
         }
         .boxed()
     })
-}
-
-/// Nearest-rank percentile of `samples` (sorted in place); zero when empty.
-fn pct(samples: &mut [Duration], p: f64) -> Duration {
-    if samples.is_empty() {
-        return Duration::ZERO;
-    }
-    samples.sort_unstable();
-    let rank = ((p / 100.0) * samples.len() as f64).ceil() as usize;
-    samples[rank.clamp(1, samples.len()) - 1]
 }
 
 fn ms(d: Duration) -> String {
