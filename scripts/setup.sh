@@ -9,7 +9,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 APT_PKGS=(
   etcd-server
-  libvirt-daemon-system libvirt-dev
+  libvirt-daemon-system libvirt-clients libvirt-dev
   qemu-system-x86 qemu-utils
   pkg-config protobuf-compiler
   python3-venv

@@ -210,3 +210,50 @@ fn rendering_is_deterministic() {
         assert_eq!(render(&spec).ok(), render(&spec).ok(), "{case}");
     }
 }
+
+/// The agent defines domains without libvirt's per-call schema validation (which reparses the
+/// whole RelaxNG schema on every define), so the schema check lives here: every rendered case
+/// must validate against the installed libvirt's `domain` schema (`virt-xml-validate`, from
+/// Debian's libvirt-clients, which `make setup` installs).
+#[test]
+fn every_rendered_case_is_valid_against_libvirts_domain_schema() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    for (case, spec) in cases() {
+        let xml = render(&spec).expect("renders");
+        let path = dir.path().join(format!("{case}.xml"));
+        std::fs::write(&path, &xml).expect("the temporary file is writable");
+        let out = std::process::Command::new("virt-xml-validate")
+            .arg(&path)
+            .arg("domain")
+            .output()
+            .expect("virt-xml-validate runs (package libvirt-clients)");
+        assert!(
+            out.status.success(),
+            "{case}: libvirt's domain schema refuses the rendered XML:\n{}{}\n{xml}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The check above can fail: XML that libvirt's schema refuses is reported.
+#[test]
+fn schema_check_refuses_a_domain_libvirt_would_reinterpret() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let xml = render(&qemu_without_disk()).expect("renders").replacen(
+        "<memory",
+        "<memroy-typo/><memory",
+        1,
+    );
+    let path = dir.path().join("typo.xml");
+    std::fs::write(&path, &xml).expect("the temporary file is writable");
+    let out = std::process::Command::new("virt-xml-validate")
+        .arg(&path)
+        .arg("domain")
+        .output()
+        .expect("virt-xml-validate runs (package libvirt-clients)");
+    assert!(
+        !out.status.success(),
+        "a misspelt element passed the schema"
+    );
+}

@@ -221,27 +221,30 @@ async fn define_refuses_domain_of_another_record_with_the_same_name() {
 }
 
 #[tokio::test]
-async fn define_validates_xml_against_libvirt_schema() {
+async fn define_refuses_xml_libvirt_cannot_read_with_libvirts_message() {
     let hv = test_driver().await;
     let spec = spec("e1", &uid(5, 1));
-    let invalid = xml(&spec).replace("<clock offset=\"utc\"/>", "<bogus/>");
-    let result = hv.define(&invalid).await;
+    // The schema itself is checked by the golden tests (`virt-xml-validate`); libvirt's parser
+    // still refuses values it cannot read.
+    let rendered = xml(&spec);
+    let memory = rendered
+        .lines()
+        .find(|l| l.trim_start().starts_with("<memory"))
+        .expect("the domain names its memory");
+    let unreadable = rendered.replace(memory, "  <memory unit=\"MiB\">lots</memory>");
+    let result = hv.define(&unreadable).await;
     let Err(HypervisorError::Libvirt { op, libvirt, .. }) = &result else {
-        panic!("schema-invalid XML was defined: {result:?}");
+        panic!("XML with an unreadable memory size was defined: {result:?}");
     };
     assert_eq!(*op, "define");
-    assert!(
-        libvirt.message().contains("schema"),
-        "{}",
-        libvirt.message()
-    );
     assert!(
         result
             .as_ref()
             .err()
-            .is_some_and(|e| e.to_string().contains("bogus")),
+            .is_some_and(|e| e.to_string().contains(libvirt.message().trim())),
         "the error carries libvirt's message: {result:?}"
     );
+    assert!(hv.observe(&spec.name).await.expect("observes").is_none());
 }
 
 #[tokio::test]
@@ -338,7 +341,7 @@ async fn unreachable_libvirt_is_a_connect_error() {
 }
 
 #[tokio::test]
-async fn every_golden_domain_passes_libvirt_schema_and_reads_back_its_owner() {
+async fn every_golden_domain_defines_and_reads_back_its_owner() {
     let hv = test_driver().await;
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
