@@ -6,9 +6,9 @@ use std::borrow::Cow;
 use serde::Deserialize as _;
 use serde_json::{json, Value};
 
+use super::instance_view::InstanceView;
 use super::{
-    at, created, default_subnet_id, default_vpc_id, from_api, id_of, namespace, opt, paginate,
-    tag_values, text, time_at, write_tag_set, Cx,
+    at, default_subnet_id, default_vpc_id, from_api, id_of, namespace, opt, paginate, text, Cx,
 };
 use crate::admission::{self, Subresource};
 use crate::ec2::error::Ec2Error;
@@ -35,9 +35,17 @@ fn desired(v: &Value) -> crds::DesiredState {
 
 /// The state EC2 shows: the reported one, moved on by a request not yet acted upon (a stop
 /// asked of a running instance shows `stopping` at once, as on AWS).
-fn shown_state(v: &Value) -> crds::InstanceState {
+pub(super) fn shown_state(v: &Value) -> crds::InstanceState {
+    shown(desired(v), state(v))
+}
+
+/// The state EC2 shows for a desired and a reported state.
+pub(super) fn shown(
+    desired: crds::DesiredState,
+    state: crds::InstanceState,
+) -> crds::InstanceState {
     use crds::{DesiredState as D, InstanceState as S};
-    match (desired(v), state(v)) {
+    match (desired, state) {
         (D::Terminated, S::Terminated) => S::Terminated,
         (D::Terminated, _) => S::ShuttingDown,
         (D::Stopped, S::Running | S::Pending) => S::Stopping,
@@ -52,20 +60,6 @@ fn zone_of(v: &Value) -> &str {
         .unwrap_or("")
 }
 
-fn reservation_of(v: &Value) -> String {
-    match opt(v, "/spec/reservationId") {
-        Some(r) => r.to_string(),
-        // An instance applied with kubectl is its own reservation.
-        None => format!("r-{}", id_of(v).trim_start_matches("i-")),
-    }
-}
-
-fn launch_index(v: &Value) -> u64 {
-    at(v, "/spec/launchIndex")
-        .and_then(Value::as_u64)
-        .unwrap_or(0)
-}
-
 fn private_dns(ip: Option<&str>, region: &str) -> String {
     match ip {
         Some(ip) => format!("ip-{}.{region}.compute.internal", ip.replace('.', "-")),
@@ -74,8 +68,13 @@ fn private_dns(ip: Option<&str>, region: &str) -> String {
 }
 
 /// Values of the DescribeInstances filters for one instance.
-fn instance_values<'v>(v: &'v Value, name: &str, owner: &str, region: &str) -> Vec<Cow<'v, str>> {
-    if let Some(tags) = tag_values(v, name) {
+fn instance_values<'v>(
+    v: &InstanceView<'v>,
+    name: &str,
+    owner: &str,
+    region: &str,
+) -> Vec<Cow<'v, str>> {
+    if let Some(tags) = filter::tag_filter_values(name, v.tags()) {
         return tags;
     }
     let one = |s: &'v str| -> Vec<Cow<'v, str>> {
@@ -85,27 +84,28 @@ fn instance_values<'v>(v: &'v Value, name: &str, owner: &str, region: &str) -> V
             vec![Cow::Borrowed(s)]
         }
     };
+    let some = |s: Option<&'v str>| one(s.unwrap_or(""));
     let own = |s: String| -> Vec<Cow<'v, str>> { vec![Cow::Owned(s)] };
     match name {
-        "instance-id" => one(id_of(v)),
-        "instance-state-name" => own(shown_state(v).as_str().to_string()),
-        "instance-state-code" => own(shown_state(v).code().to_string()),
-        "instance-type" => one(text(v, "/spec/instanceType")),
-        "image-id" => one(text(v, "/spec/imageId")),
-        "availability-zone" => one(zone_of(v)),
-        "key-name" => one(text(v, "/spec/keyName")),
+        "instance-id" => one(v.id()),
+        "instance-state-name" => own(v.shown_state().as_str().to_string()),
+        "instance-state-code" => own(v.shown_state().code().to_string()),
+        "instance-type" => one(v.instance_type()),
+        "image-id" => one(v.image_id()),
+        "availability-zone" => one(v.zone()),
+        "key-name" => some(v.key_name()),
         "private-ip-address" | "network-interface.addresses.private-ip-address" => {
-            one(text(v, "/status/privateIpAddress"))
+            some(v.private_ip())
         }
-        "ip-address" => one(text(v, "/status/publicIpAddress")),
-        "private-dns-name" => own(private_dns(opt(v, "/status/privateIpAddress"), region)),
-        "reservation-id" => own(reservation_of(v)),
+        "ip-address" => some(v.public_ip()),
+        "private-dns-name" => own(private_dns(v.private_ip(), region)),
+        "reservation-id" => own(v.reservation()),
         "owner-id" => own(owner.to_string()),
-        "launch-index" => own(launch_index(v).to_string()),
-        "client-token" => one(text(v, "/spec/clientToken")),
+        "launch-index" => own(v.launch_index().to_string()),
+        "client-token" => some(v.client_token()),
         "vpc-id" => own(default_vpc_id(region)),
         "subnet-id" => {
-            let zone = zone_of(v);
+            let zone = v.zone();
             if zone.is_empty() {
                 Vec::new()
             } else {
@@ -119,39 +119,36 @@ fn instance_values<'v>(v: &'v Value, name: &str, owner: &str, region: &str) -> V
         "root-device-name" => own("/dev/vda".into()),
         "tenancy" | "placement-tenancy" => own("default".into()),
         "monitoring-state" => own("disabled".into()),
-        "launch-time" => time_at(v, "/status/launchTime")
+        "launch-time" => v
+            .reported_launch_time()
             .map(|t| own(t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()))
             .unwrap_or_default(),
-        "state-reason-code" | "reason" => one(text(v, "/status/reason")),
-        "state-reason-message" => one(text(v, "/status/message")),
+        "state-reason-code" | "reason" => some(v.reason()),
+        "state-reason-message" => one(v.message()),
         _ => Vec::new(),
     }
 }
 
 /// Write one instance as an `instancesSet` item.
-fn write_instance(w: &mut Response, v: &Value, region: &str) {
-    let st = shown_state(v);
-    let ip = opt(v, "/status/privateIpAddress");
-    let zone = zone_of(v);
+fn write_instance(w: &mut Response, v: &InstanceView<'_>, region: &str) {
+    let st = v.shown_state();
+    let ip = v.private_ip();
+    let zone = v.zone();
     w.item();
-    w.leaf("instanceId", id_of(v))
-        .leaf("imageId", text(v, "/spec/imageId"));
+    w.leaf("instanceId", v.id()).leaf("imageId", v.image_id());
     w.element("instanceState", |w| {
         w.leaf_display("code", st.code()).leaf("name", st.as_str());
     });
     w.leaf("privateDnsName", &private_dns(ip, region))
         .leaf("dnsName", "")
-        .leaf("reason", text(v, "/status/message"))
-        .leaf_opt("keyName", opt(v, "/spec/keyName"))
-        .leaf_display("amiLaunchIndex", launch_index(v))
+        .leaf("reason", v.message())
+        .leaf_opt("keyName", v.key_name())
+        .leaf_display("amiLaunchIndex", v.launch_index())
         .empty("productCodes")
-        .leaf("instanceType", text(v, "/spec/instanceType"))
-        .leaf_opt("kernelId", opt(v, "/spec/kernelId"))
-        .leaf_opt("ramdiskId", opt(v, "/spec/ramdiskId"))
-        .leaf_time(
-            "launchTime",
-            time_at(v, "/status/launchTime").unwrap_or_else(|| created(v)),
-        );
+        .leaf("instanceType", v.instance_type())
+        .leaf_opt("kernelId", v.kernel_id())
+        .leaf_opt("ramdiskId", v.ramdisk_id())
+        .leaf_time("launchTime", v.launch_time());
     w.element("placement", |w| {
         w.leaf("availabilityZone", zone)
             .leaf("groupName", "")
@@ -165,19 +162,14 @@ fn write_instance(w: &mut Response, v: &Value, region: &str) {
     }
     w.leaf("vpcId", &default_vpc_id(region))
         .leaf_opt("privateIpAddress", ip)
-        .leaf_opt("ipAddress", opt(v, "/status/publicIpAddress"))
+        .leaf_opt("ipAddress", v.public_ip())
         .leaf_bool("sourceDestCheck", true);
-    let groups: Vec<&str> = at(v, "/spec/securityGroupIds")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
-    w.set("groupSet", groups, |w, g| {
+    w.set("groupSet", v.security_group_ids().iter(), |w, g| {
         w.leaf("groupId", g).leaf("groupName", g);
     });
-    if let Some(code) = opt(v, "/status/reason") {
+    if let Some(code) = v.reason() {
         w.element("stateReason", |w| {
-            w.leaf("code", code)
-                .leaf("message", text(v, "/status/message"));
+            w.leaf("code", code).leaf("message", v.message());
         });
     }
     w.leaf("architecture", "x86_64")
@@ -185,35 +177,31 @@ fn write_instance(w: &mut Response, v: &Value, region: &str) {
         .leaf("rootDeviceName", "/dev/vda")
         .empty("blockDeviceMapping")
         .leaf("virtualizationType", "hvm")
-        .leaf_opt("clientToken", opt(v, "/spec/clientToken"));
-    write_tag_set(w, v);
+        .leaf_opt("clientToken", v.client_token());
+    w.set("tagSet", v.tags(), |w, (k, val)| {
+        w.leaf("key", k).leaf("value", val);
+    });
     w.leaf("hypervisor", "xen")
         .empty("networkInterfaceSet")
         .leaf_bool("ebsOptimized", false);
     w.element("cpuOptions", |_| {});
     w.element("metadataOptions", |w| {
         w.leaf("state", "applied")
-            .leaf(
-                "httpTokens",
-                opt(v, "/spec/metadataOptions/httpTokens").unwrap_or("optional"),
-            )
-            .leaf_display(
-                "httpPutResponseHopLimit",
-                at(v, "/spec/metadataOptions/httpPutResponseHopLimit")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(1),
-            )
-            .leaf(
-                "httpEndpoint",
-                opt(v, "/spec/metadataOptions/httpEndpoint").unwrap_or("enabled"),
-            );
+            .leaf("httpTokens", v.http_tokens())
+            .leaf_display("httpPutResponseHopLimit", v.http_put_response_hop_limit())
+            .leaf("httpEndpoint", v.http_endpoint());
     });
     w.close();
 }
 
 /// Write `reservationSet` items from `(reservation ID, instance)` pairs: consecutive instances of
 /// one reservation share an item.
-fn write_reservations(w: &mut Response, instances: &[(String, &Value)], owner: &str, region: &str) {
+fn write_reservations(
+    w: &mut Response,
+    instances: &[(String, InstanceView<'_>)],
+    owner: &str,
+    region: &str,
+) {
     let mut i = 0;
     while i < instances.len() {
         let reservation = &instances[i].0;
@@ -221,18 +209,23 @@ fn write_reservations(w: &mut Response, instances: &[(String, &Value)], owner: &
         while j < instances.len() && instances[j].0 == *reservation {
             j += 1;
         }
-        let members: Vec<&Value> = instances[i..j].iter().map(|(_, v)| *v).collect();
         w.item();
-        write_reservation_body(w, reservation, &members, owner, region);
+        write_reservation_body(
+            w,
+            reservation,
+            instances[i..j].iter().map(|(_, v)| v),
+            owner,
+            region,
+        );
         w.close();
         i = j;
     }
 }
 
-fn write_reservation_body(
+fn write_reservation_body<'a, 'v: 'a>(
     w: &mut Response,
     reservation: &str,
-    instances: &[&Value],
+    instances: impl IntoIterator<Item = &'a InstanceView<'v>>,
     owner: &str,
     region: &str,
 ) {
@@ -400,12 +393,12 @@ pub async fn run_instances(
         }
         Err(e) => return Err(from_api(e)),
     };
-    let objects: Vec<&Value> = made.iter().map(|w| &w.object).collect();
+    let views: Vec<InstanceView<'_>> = made.iter().map(|w| InstanceView::of(&w.object)).collect();
     let mut w = cx.response("RunInstances");
     write_reservation_body(
         &mut w,
         &reservation,
-        &objects,
+        &views,
         &cx.caller.account_id,
         &cx.settings.region,
     );
@@ -430,20 +423,21 @@ async fn existing_reservation(
     let Some(first) = cx.registry.find_by_index(&index).await.map_err(from_api)? else {
         return Ok(None);
     };
-    let reservation = reservation_of(&first);
-    let same = text(&first, "/spec/instanceType") == a.instance_type
-        && super::images::same_image(text(&first, "/spec/imageId"), &a.image_id)
-        && opt(&first, "/spec/keyName") == a.key_name.as_deref();
+    let first = InstanceView::of(&first);
+    let reservation = first.reservation();
+    let same = first.instance_type() == a.instance_type
+        && super::images::same_image(first.image_id(), &a.image_id)
+        && first.key_name() == a.key_name.as_deref();
     if !same {
         return Err(Ec2Error::idempotent_parameter_mismatch());
     }
     let all = cx.own("instances").await?;
-    let mut members: Vec<&Value> = all
+    let mut members: Vec<InstanceView<'_>> = all
         .iter()
-        .map(|o| &o.value)
-        .filter(|v| reservation_of(v) == reservation)
+        .map(|o| InstanceView::of(&o.value))
+        .filter(|v| v.reservation() == reservation)
         .collect();
-    members.sort_by_key(|v| launch_index(v));
+    members.sort_by_key(InstanceView::launch_index);
     let mut w = cx.response("RunInstances");
     write_reservation_body(
         &mut w,
@@ -473,9 +467,9 @@ async fn own_instances(cx: &Cx<'_>, ids: &[String]) -> Result<Vec<Value>, Ec2Err
 
 /// The order DescribeInstances lists an instance in (and its page token), with its reservation:
 /// both from one visit of the record, as there are thousands.
-fn sort_key(v: &Value) -> (String, String) {
-    let reservation = reservation_of(v);
-    let key = format!("{reservation}/{:06}/{}", launch_index(v), id_of(v));
+fn sort_key(v: &InstanceView<'_>) -> (String, String) {
+    let reservation = v.reservation();
+    let key = format!("{reservation}/{:06}/{}", v.launch_index(), v.id());
     (key, reservation)
 }
 
@@ -505,13 +499,13 @@ pub async fn describe_instances(
     let matcher = Matcher::new(&a.filters);
     let owner = cx.caller.account_id.as_str();
     let region = cx.settings.region.as_str();
-    let hits: Vec<(String, (String, &Value))> = all
+    let hits: Vec<(String, (String, InstanceView<'_>))> = all
         .iter()
-        .map(|o| &o.value)
-        .filter(|v| wanted.as_ref().is_none_or(|w| w.contains(id_of(v))))
+        .filter(|o| wanted.as_ref().is_none_or(|w| w.contains(id_of(&o.value))))
+        .map(|o| InstanceView::of(&o.value))
         .filter(|v| matcher.matches(|name| instance_values(v, name, owner, region)))
         .map(|v| {
-            let (key, reservation) = sort_key(v);
+            let (key, reservation) = sort_key(&v);
             (key, (reservation, v))
         })
         .collect();

@@ -4,6 +4,7 @@
 
 mod catalog;
 mod images;
+mod instance_view;
 mod instances;
 mod keypairs;
 mod tags;
@@ -261,8 +262,13 @@ pub fn created(v: &Value) -> chrono::DateTime<chrono::Utc> {
 
 /// A time field of a record.
 pub fn time_at(v: &Value, pointer: &str) -> Option<chrono::DateTime<chrono::Utc>> {
-    opt(v, pointer)
-        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+    opt(v, pointer).and_then(rfc3339)
+}
+
+/// An RFC 3339 time, in UTC.
+pub fn rfc3339(t: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(t)
+        .ok()
         .map(|t| t.with_timezone(&chrono::Utc))
 }
 
