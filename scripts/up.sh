@@ -353,6 +353,17 @@ start_bg "$PIDS/node-agent.pid" "$LOGS/node-agent.log" "$BIN_DIR/node-agent" \
   --kubeconfig "$STATE_DIR/kubeconfig-node-1" --node-name node-1 --zone karri-1a \
   --libvirt-uri "$LIBVIRT_URI" --data-dir "$STATE_DIR/node" ${GUEST_ARGS[@]+"${GUEST_ARGS[@]}"} \
   --metrics-listen "127.0.0.1:$AGENT_METRICS_PORT"
+# The agent registers node-1 moments after it starts, and `kubectl wait --for=condition` fails
+# at once on a record that does not exist yet (`--for=create` needs kubectl 1.31; Debian 12 has
+# 1.20): poll for the record first.
+node_deadline=$((SECONDS + 90))
+until kc get node.karri.dev/node-1 >/dev/null 2>&1; do
+  if [ "$SECONDS" -ge "$node_deadline" ] || ! running "$PIDS/node-agent.pid" "$STATE_DIR"; then
+    tail -n 20 "$LOGS/node-agent.log" >&2
+    die "node-agent did not register node-1"
+  fi
+  sleep 0.5
+done
 kc wait --for=condition=Ready node.karri.dev/node-1 --timeout=90s >/dev/null \
   || { tail -n 20 "$LOGS/node-agent.log" "$LOGS/operator.log" >&2; die "node-1 did not become Ready"; }
 say "node-1 is Ready"
