@@ -2,9 +2,10 @@
 //!
 //! Starts, through [`karri_e2e::cloud`], a real etcd, the `api-gateway`, one `operator` and
 //! [`AGENTS`] `node-agent`s on libvirt's test driver, all from `$KARRI_BIN_DIR` (build them with
-//! `cargo build --release -p api-gateway -p operator -p node-agent` and point `KARRI_BIN_DIR` at
-//! `target/release`). Then it creates [`INSTANCES`] instances at once (one task per create) and
-//! measures, for each, the time from just before its create request is sent until a kube-rs
+//! `cargo build --release -p api-gateway -p operator`, then `cargo build --release -p node-agent`
+//! on its own as `make bench` does, and point `KARRI_BIN_DIR` at `target/release`). Then it
+//! creates [`INSTANCES`] instances at once (one task per create) and measures, for each, the
+//! time from just before its create request is sent until a kube-rs
 //! watcher on the instances (started and synced before the batch) receives the record with
 //! `status.state == running`, timestamped on arrival.
 //!
