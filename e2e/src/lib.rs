@@ -3,6 +3,7 @@
 //! brings up a whole cloud (operators and node agents as real processes) for the cloud tests and
 //! the `bench-cloud` benchmark.
 
+pub mod closed_loop;
 pub mod cloud;
 pub mod guests;
 pub mod karri;

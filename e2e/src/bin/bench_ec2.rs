@@ -39,12 +39,10 @@
 //! gateway and moto are killed when their handles are dropped at the end of `main` (or on an
 //! early error return). The report goes to stdout, progress to stderr.
 
-use karri_e2e::cloud::pid_by_cmdline;
+use karri_e2e::closed_loop::{closed_loop, ms, Op, Procs, Run};
 use karri_e2e::moto::Moto;
-use karri_e2e::report::pct;
-use karri_e2e::report::{command_line, cpu_model, cpu_ticks, loadavg, out, pass, ticks_per_second};
+use karri_e2e::report::{command_line, cpu_model, loadavg, out, pass};
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -53,7 +51,6 @@ use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{sign, SignableBody, SignableRequest, SigningSettings};
 use aws_sigv4::sign::v4;
 use aws_smithy_runtime_api::client::identity::Identity;
-use futures::future::BoxFuture;
 use futures::FutureExt;
 use karri_testkit::{kubectl_ok, workspace_root, Etcd, Gateway, Tokens};
 
@@ -234,142 +231,6 @@ fn first_tag<'a>(xml: &'a str, tag: &str) -> Option<&'a str> {
 }
 
 /// CPU seconds (utime + stime) of the processes that serve the benchmark, for per-request CPU.
-struct Procs {
-    gateway: Option<u32>,
-    etcd: Option<u32>,
-    moto: Option<u32>,
-    ticks_per_s: f64,
-}
-
-#[derive(Clone, Copy, Default)]
-struct Cpu {
-    gateway: f64,
-    etcd: f64,
-    moto: f64,
-    client: f64,
-}
-
-impl Procs {
-    /// Finds etcd and the gateway by a path unique to each in their command line.
-    fn find(etcd: &Etcd, gateway: &Gateway, moto: &Moto) -> Procs {
-        let etcd_needle = etcd.data_dir().display().to_string();
-        let gateway_needle = gateway.tokens_path().display().to_string();
-        let mut procs = Procs {
-            gateway: None,
-            etcd: None,
-            moto: moto.pid(),
-            ticks_per_s: ticks_per_second(),
-        };
-        procs.etcd = pid_by_cmdline(&etcd_needle);
-        procs.gateway = pid_by_cmdline(&gateway_needle);
-        procs
-    }
-
-    fn cpu_of(&self, stat: &str) -> f64 {
-        cpu_ticks(stat).map_or(0.0, |t| t as f64 / self.ticks_per_s)
-    }
-
-    fn snapshot(&self) -> Cpu {
-        let of = |pid: Option<u32>| pid.map_or(0.0, |p| self.cpu_of(&format!("/proc/{p}/stat")));
-        Cpu {
-            gateway: of(self.gateway),
-            etcd: of(self.etcd),
-            moto: of(self.moto),
-            client: self.cpu_of("/proc/self/stat"),
-        }
-    }
-}
-
-/// One operation of a closed-loop run: `index` → latency and response size.
-type Op = Arc<dyn Fn(usize) -> BoxFuture<'static, anyhow::Result<(Duration, usize)>> + Send + Sync>;
-
-/// What a closed-loop run measured.
-struct Run {
-    lat: Vec<Duration>,
-    wall: Duration,
-    errors: usize,
-    first_error: Option<String>,
-    bytes: usize,
-    cpu: Cpu,
-}
-
-impl Run {
-    fn rps(&self) -> f64 {
-        self.lat.len() as f64 / self.wall.as_secs_f64().max(1e-9)
-    }
-    fn p(&mut self, p: f64) -> Duration {
-        pct(&mut self.lat, p)
-    }
-}
-
-/// Runs `op` from `concurrency` workers until `max_ops` were started or `cap` elapsed.
-async fn closed_loop(
-    procs: &Procs,
-    concurrency: usize,
-    max_ops: usize,
-    cap: Duration,
-    op: Op,
-) -> Run {
-    let before = procs.snapshot();
-    let next = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
-    let mut handles = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency {
-        let next = next.clone();
-        let op = op.clone();
-        handles.push(tokio::spawn(async move {
-            let (mut lat, mut errs, mut bytes) = (Vec::new(), Vec::new(), 0usize);
-            while start.elapsed() < cap {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= max_ops {
-                    break;
-                }
-                match op(i).await {
-                    Ok((d, n)) => {
-                        lat.push(d);
-                        bytes += n;
-                    }
-                    Err(e) => errs.push(format!("{e:#}")),
-                }
-            }
-            (lat, errs, bytes)
-        }));
-    }
-    let mut run = Run {
-        lat: Vec::new(),
-        wall: Duration::ZERO,
-        errors: 0,
-        first_error: None,
-        bytes: 0,
-        cpu: Cpu::default(),
-    };
-    for h in handles {
-        match h.await {
-            Ok((lat, errs, bytes)) => {
-                run.lat.extend(lat);
-                run.errors += errs.len();
-                run.bytes += bytes;
-                if run.first_error.is_none() {
-                    run.first_error = errs.into_iter().next();
-                }
-            }
-            Err(e) => {
-                run.errors += 1;
-                run.first_error.get_or_insert_with(|| e.to_string());
-            }
-        }
-    }
-    run.wall = start.elapsed();
-    let after = procs.snapshot();
-    run.cpu = Cpu {
-        gateway: after.gateway - before.gateway,
-        etcd: after.etcd - before.etcd,
-        moto: after.moto - before.moto,
-        client: after.client - before.client,
-    };
-    run
-}
-
 /// An [`Op`] sending `body` (re-signed on every call) to `ep`, expecting a `<{root}` answer.
 fn op_for(ep: &Arc<Endpoint>, body: String, root: &'static str) -> Op {
     let ep = ep.clone();
@@ -431,48 +292,21 @@ async fn count_instances(ep: &Endpoint) -> anyhow::Result<(usize, usize)> {
     Ok((xml.matches("<instanceId>").count(), xml.len()))
 }
 
-fn ms(d: Duration) -> String {
-    format!("{:.2}", d.as_secs_f64() * 1e3)
-}
-
 fn progress(msg: impl AsRef<str>) {
     eprintln!("[bench-ec2] {}", msg.as_ref());
 }
 
-/// A measured run's table cells: `reqs err rps p50 p99`.
-fn cells(run: &mut Run) -> String {
-    let (p50, p99) = (run.p(50.0), run.p(99.0));
-    format!(
-        "{:>6} {:>4} {:>9.1} {:>9} {:>9}",
-        run.lat.len(),
-        run.errors,
-        run.rps(),
-        ms(p50),
-        ms(p99)
-    )
-}
-
-/// CPU per request of a run on `side` ("Karri" or "moto"), one line.
+/// A compared row: both runs and the ratios, plus whether Karri met the 10x goal.
+/// CPU per request of a run on `side`, with its mean response size.
 fn cpu_line(side: &str, run: &Run) -> String {
     let n = run.lat.len().max(1) as f64;
-    let per = |s: f64| s * 1e6 / n;
-    let servers = if side == "moto" {
-        format!("moto {:.0} us", per(run.cpu.moto))
-    } else {
-        format!(
-            "gateway {:.0} us, etcd {:.0} us",
-            per(run.cpu.gateway),
-            per(run.cpu.etcd)
-        )
-    };
     format!(
-        "      {side:<5} cpu per request: {servers}, bench client {:.0} us; response {:.0} bytes",
-        per(run.cpu.client),
+        "{}; response {:.0} bytes",
+        run.cpu_line(side, "request"),
         run.bytes as f64 / n
     )
 }
 
-/// A compared row: both runs and the ratios, plus whether Karri met the 10x goal.
 struct Compared {
     label: String,
     rps_ratio: f64,
@@ -514,12 +348,12 @@ async fn compare(
     let [mut k, mut m]: [Run; 2] = runs
         .try_into()
         .map_err(|_| anyhow::anyhow!("two runs expected"))?;
-    let rps_ratio = k.rps() / m.rps().max(1e-9);
+    let rps_ratio = k.rate() / m.rate().max(1e-9);
     let p99_ratio = k.p(99.0).as_secs_f64() / m.p(99.0).as_secs_f64().max(1e-12);
     out(format!(
         "{label:<30} {concurrency:>3} | {} | {} | {:>8.1} {:>8.3}",
-        cells(&mut k),
-        cells(&mut m),
+        k.cells(9),
+        m.cells(9),
         rps_ratio,
         p99_ratio
     ));
@@ -749,7 +583,7 @@ async fn main() -> anyhow::Result<()> {
         "{:<30} {:>3} | {} {:>9}",
         format!("DescribeInstances ({present} inst)"),
         1,
-        cells(&mut big),
+        big.cells(9),
         ms(big_max)
     ));
     out(cpu_line("Karri", &big));

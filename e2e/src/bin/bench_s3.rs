@@ -62,22 +62,19 @@
 //! end of `main` (or on an early error return), and the raw file's directory is removed. The
 //! report goes to stdout, progress to stderr.
 
-use karri_e2e::cloud::pid_by_cmdline;
+use karri_e2e::closed_loop::{closed_loop, ms, Op, Procs, Run};
 use karri_e2e::moto::Moto;
-use karri_e2e::report::pct;
-use karri_e2e::report::{command_line, cpu_model, cpu_ticks, loadavg, out, pass, ticks_per_second};
+use karri_e2e::report::{command_line, cpu_model, loadavg, out, pass};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
 use aws_sigv4::http_request::SignableBody;
-use futures::future::BoxFuture;
 use futures::FutureExt;
 use karri_e2e::s3::Signer;
 use karri_testkit::{workspace_root, Etcd, Gateway, Tokens};
@@ -430,144 +427,6 @@ impl Pattern {
     }
 }
 
-/// CPU seconds (utime + stime) of the processes that serve the benchmark, for per-op CPU.
-struct Procs {
-    gateway: Option<u32>,
-    etcd: Option<u32>,
-    moto: Option<u32>,
-    ticks_per_s: f64,
-}
-
-#[derive(Clone, Copy, Default)]
-struct Cpu {
-    gateway: f64,
-    etcd: f64,
-    moto: f64,
-    client: f64,
-}
-
-impl Procs {
-    /// Finds etcd and the gateway by a path unique to each in their command line.
-    fn find(etcd: &Etcd, gateway: &Gateway, moto: &Moto) -> Procs {
-        Procs {
-            gateway: pid_by_cmdline(&gateway.tokens_path().display().to_string()),
-            etcd: pid_by_cmdline(&etcd.data_dir().display().to_string()),
-            moto: moto.pid(),
-            ticks_per_s: ticks_per_second(),
-        }
-    }
-
-    fn cpu_of(&self, stat: &str) -> f64 {
-        cpu_ticks(stat).map_or(0.0, |t| t as f64 / self.ticks_per_s)
-    }
-
-    fn snapshot(&self) -> Cpu {
-        let of = |pid: Option<u32>| pid.map_or(0.0, |p| self.cpu_of(&format!("/proc/{p}/stat")));
-        Cpu {
-            gateway: of(self.gateway),
-            etcd: of(self.etcd),
-            moto: of(self.moto),
-            client: self.cpu_of("/proc/self/stat"),
-        }
-    }
-}
-
-/// One operation of a closed-loop run: `index` → latency.
-type Op = Arc<dyn Fn(usize) -> BoxFuture<'static, anyhow::Result<Duration>> + Send + Sync>;
-
-/// What a closed-loop run measured.
-struct Run {
-    lat: Vec<Duration>,
-    /// Indices of the operations that succeeded.
-    done: Vec<usize>,
-    wall: Duration,
-    errors: usize,
-    first_error: Option<String>,
-    cpu: Cpu,
-}
-
-impl Run {
-    fn ops_per_s(&self) -> f64 {
-        self.lat.len() as f64 / self.wall.as_secs_f64().max(1e-9)
-    }
-    fn p(&mut self, p: f64) -> Duration {
-        pct(&mut self.lat, p)
-    }
-    fn error(&mut self, e: String) {
-        self.errors += 1;
-        self.first_error.get_or_insert(e);
-    }
-    fn clean(&self) -> bool {
-        self.errors == 0 && !self.lat.is_empty()
-    }
-}
-
-/// Runs `op` from `concurrency` workers until `max_ops` were started or `cap` elapsed.
-async fn closed_loop(
-    procs: &Procs,
-    concurrency: usize,
-    max_ops: usize,
-    cap: Duration,
-    op: Op,
-) -> Run {
-    let before = procs.snapshot();
-    let next = Arc::new(AtomicUsize::new(0));
-    let start = Instant::now();
-    let mut handles = Vec::with_capacity(concurrency);
-    for _ in 0..concurrency {
-        let next = next.clone();
-        let op = op.clone();
-        handles.push(tokio::spawn(async move {
-            let (mut lat, mut done, mut errs) = (Vec::new(), Vec::new(), Vec::new());
-            while start.elapsed() < cap {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= max_ops {
-                    break;
-                }
-                match op(i).await {
-                    Ok(d) => {
-                        lat.push(d);
-                        done.push(i);
-                    }
-                    Err(e) => errs.push(format!("{e:#}")),
-                }
-            }
-            (lat, done, errs)
-        }));
-    }
-    let mut run = Run {
-        lat: Vec::new(),
-        done: Vec::new(),
-        wall: Duration::ZERO,
-        errors: 0,
-        first_error: None,
-        cpu: Cpu::default(),
-    };
-    for h in handles {
-        match h.await {
-            Ok((lat, done, errs)) => {
-                run.lat.extend(lat);
-                run.done.extend(done);
-                run.errors += errs.len();
-                if run.first_error.is_none() {
-                    run.first_error = errs.into_iter().next();
-                }
-            }
-            Err(e) => run.error(e.to_string()),
-        }
-    }
-    run.wall = start.elapsed();
-    let after = procs.snapshot();
-    run.cpu = Cpu {
-        gateway: after.gateway - before.gateway,
-        etcd: after.etcd - before.etcd,
-        moto: after.moto - before.moto,
-        client: after.client - before.client,
-    };
-    run.done.sort_unstable();
-    run
-}
-
 /// PUT of 4 KiB object `i` of set `seed` as `<prefix>/<i>`.
 fn put_op(ep: &Arc<Endpoint>, prefix: &str, seed: u64) -> Op {
     let ep = ep.clone();
@@ -580,7 +439,7 @@ fn put_op(ep: &Arc<Endpoint>, prefix: &str, seed: u64) -> Op {
             let key = format!("{prefix}/{i:07}");
             let started = Instant::now();
             ep.put(&key, body).await?;
-            Ok(started.elapsed())
+            Ok((started.elapsed(), 0))
         }
         .boxed()
     })
@@ -597,50 +456,14 @@ fn get_op(ep: &Arc<Endpoint>) -> Op {
             let key = format!("get/{j:07}");
             let started = Instant::now();
             ep.get_expect(&key, &expect).await?;
-            Ok(started.elapsed())
+            Ok((started.elapsed(), expect.len()))
         }
         .boxed()
     })
 }
 
-fn ms(d: Duration) -> String {
-    format!("{:.2}", d.as_secs_f64() * 1e3)
-}
-
 fn progress(msg: impl AsRef<str>) {
     eprintln!("[bench-s3] {}", msg.as_ref());
-}
-
-/// A measured run's table cells: `ops err ops/s p50 p99`.
-fn cells(run: &mut Run) -> String {
-    let (p50, p99) = (run.p(50.0), run.p(99.0));
-    format!(
-        "{:>6} {:>4} {:>9.1} {:>8} {:>8}",
-        run.lat.len(),
-        run.errors,
-        run.ops_per_s(),
-        ms(p50),
-        ms(p99)
-    )
-}
-
-/// CPU per operation of a run on `side` ("Karri" or "moto"), one line.
-fn cpu_line(side: &str, run: &Run) -> String {
-    let n = run.lat.len().max(1) as f64;
-    let per = |s: f64| s * 1e6 / n;
-    let servers = if side == "moto" {
-        format!("moto {:.0} us", per(run.cpu.moto))
-    } else {
-        format!(
-            "gateway {:.0} us, etcd {:.0} us",
-            per(run.cpu.gateway),
-            per(run.cpu.etcd)
-        )
-    };
-    format!(
-        "      {side:<5} cpu per op: {servers}, bench client {:.0} us",
-        per(run.cpu.client)
-    )
 }
 
 /// A compared small-object row: the ops/s and p99 ratios, and whether the runs were clean.
@@ -733,18 +556,18 @@ async fn compare_small(
     let [mut k, mut m]: [Run; 2] = runs
         .try_into()
         .map_err(|_| anyhow::anyhow!("two runs expected"))?;
-    let ratio = k.ops_per_s() / m.ops_per_s().max(1e-9);
+    let ratio = k.rate() / m.rate().max(1e-9);
     let p99_ratio = k.p(99.0).as_secs_f64() / m.p(99.0).as_secs_f64().max(1e-12);
     let label = format!("{} 4 KiB", kind.name());
     out(format!(
         "{label:<12} {concurrency:>3} | {} | {} | {:>8.1} {:>8.3}",
-        cells(&mut k),
-        cells(&mut m),
+        k.cells(8),
+        m.cells(8),
         ratio,
         p99_ratio
     ));
-    out(cpu_line("Karri", &k));
-    out(cpu_line("moto", &m));
+    out(k.cpu_line("Karri", "op"));
+    out(m.cpu_line("moto", "op"));
     for (name, run) in [("Karri", &k), ("moto", &m)] {
         if let Some(e) = &run.first_error {
             out(format!(
