@@ -18,6 +18,11 @@ use axum_server::accept::NoDelayAcceptor;
 use axum_server::tls_rustls::{RustlsAcceptor, RustlsConfig};
 use clap::Parser;
 
+/// mimalloc instead of glibc malloc: glibc trimmed and refaulted the heap on every etcd
+/// request (page clearing was 6 % of the gateway's CPU in a create benchmark).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Command-line flags.
 #[derive(Parser, Debug)]
 #[command(version, about = "Karri API gateway: the resource API on etcd")]
