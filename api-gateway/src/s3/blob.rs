@@ -528,7 +528,12 @@ mod tests {
         let store = FsBlobs::open(dir.path()).unwrap();
         // Small (hashed inline), medium (hashed on its own thread, written at once) and large
         // (streamed to the writer and the hasher), cut into uneven chunks of varying bytes.
-        for len in [1, INLINE_HASH_MAX, INLINE_HASH_MAX + 1, 3 * WRITE_BUFFER + 12_345] {
+        for len in [
+            1,
+            INLINE_HASH_MAX,
+            INLINE_HASH_MAX + 1,
+            3 * WRITE_BUFFER + 12_345,
+        ] {
             let data: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
             let chunks: Vec<Result<Bytes, BlobError>> = data
                 .chunks(70_001)
