@@ -907,20 +907,25 @@ impl Registry {
         self.metrics.watchers.inc();
         tokio::spawn(async move {
             let deadline = tokio::time::Instant::now() + opts.timeout;
-            let _ =
-                tokio::time::timeout_at(deadline, this.clone().run_watch(kind, ns, who, opts, tx))
-                    .await;
+            this.clone()
+                .run_watch(kind, ns, who, opts, deadline, tx)
+                .await;
             this.metrics.watchers.dec();
         });
         rx
     }
 
+    /// Sends the events of one watch until `deadline`, which it checks only between
+    /// revisions: records written in one transaction share a revision, and a client resumes
+    /// from the last resourceVersion it saw, so a watch cut inside a revision would make it
+    /// miss the rest of that revision for good. (The initial ADDED events are sent whole.)
     async fn run_watch(
         self: Arc<Self>,
         kind: Arc<Kind>,
         ns: Option<String>,
         who: Principal,
         opts: WatchOptions2,
+        deadline: tokio::time::Instant,
         tx: mpsc::Sender<WatchEvent>,
     ) {
         let prefix = Self::scope_prefix(&kind, ns.as_deref());
@@ -963,11 +968,18 @@ impl Registry {
             rev_rx.borrow_and_update();
             match self.cache.events_after(kind.info.plural, start) {
                 Ok((events, cache_rev)) => {
+                    let mut sent_revision = None;
                     for ev in events
                         .iter()
                         .filter(|e| is_kind_key(&e.object.key, &prefix))
                     {
                         if let Some(out) = view_event(ev, &visible) {
+                            if sent_revision != Some(ev.revision)
+                                && tokio::time::Instant::now() >= deadline
+                            {
+                                return;
+                            }
+                            sent_revision = Some(ev.revision);
                             if tx.send(out).await.is_err() {
                                 return;
                             }
@@ -976,9 +988,13 @@ impl Registry {
                     start = start.max(cache_rev);
                 }
                 Err(_) => {
-                    self.watch_from_etcd(&prefix, start, &visible, &tx).await;
+                    self.watch_from_etcd(&prefix, start, &visible, deadline, &tx)
+                        .await;
                     return;
                 }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return;
             }
             if opts.bookmarks && last_bookmark.elapsed() >= self.bookmark_interval {
                 let b = WatchEvent::Bookmark {
@@ -993,16 +1009,20 @@ impl Registry {
             tokio::select! {
                 changed = rev_rx.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep(self.bookmark_interval) => {},
+                _ = tokio::time::sleep_until(deadline) => return,
                 _ = tx.closed() => return,
             }
         }
     }
 
+    /// Sends the events after `after` straight from an etcd watch until `deadline`, checked
+    /// between etcd's responses (each holds whole revisions).
     async fn watch_from_etcd(
         &self,
         prefix: &str,
         after: i64,
         visible: &(dyn Fn(&Value) -> bool + Sync),
+        deadline: tokio::time::Instant,
         tx: &mpsc::Sender<WatchEvent>,
     ) {
         self.metrics.etcd_direct_watches.inc();
@@ -1019,8 +1039,12 @@ impl Registry {
             }
         };
         loop {
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
             let msg = tokio::select! {
                 m = stream.message() => m,
+                _ = tokio::time::sleep_until(deadline) => return,
                 _ = tx.closed() => return,
             };
             let resp = match msg {

@@ -327,6 +327,59 @@ async fn watch_resumes_from_a_revision_with_every_later_change_in_order() -> any
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_that_times_out_ends_between_revisions_never_inside_one() -> anyhow::Result<()> {
+    // Records written in one transaction (a RunInstances reservation) share a revision. A
+    // client resumes from the last resourceVersion it saw, so a watch cut inside a revision
+    // would make it miss the rest of that revision for good.
+    const PER_REVISION: usize = 60;
+    const REVISIONS: usize = 5;
+    let h = harness().await?;
+    let start = rv(&h.create("first").await?);
+    for r in 0..REVISIONS {
+        let bodies = (0..PER_REVISION)
+            .map(|i| instance(&format!("r{r}-{i}")))
+            .collect();
+        h.registry
+            .create_all(
+                &h.instances,
+                Some("acme"),
+                bodies,
+                &admin(),
+                WriteOptions::default(),
+            )
+            .await?;
+    }
+    let mut rx = h.registry.watch(
+        h.instances.clone(),
+        Some("acme".into()),
+        admin(),
+        WatchOptions2 {
+            from: Some(start),
+            timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
+    );
+    // The reader stalls past the watch's timeout, with more events due than the watch queues
+    // for it, so the timeout comes while the watch waits to hand over the next event.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut per_revision = std::collections::BTreeMap::<i64, usize>::new();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(WatchEvent::Added(o))) => *per_revision.entry(o.revision).or_default() += 1,
+            Ok(Some(other)) => bail!("unexpected event {}", describe(&other)),
+            Ok(None) => break,
+            Err(_) => bail!("the watch did not end within 10 s of its timeout"),
+        }
+    }
+    assert!(!per_revision.is_empty(), "the watch delivered nothing");
+    assert!(
+        per_revision.values().all(|n| *n == PER_REVISION),
+        "every revision whole: {per_revision:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_from_a_compacted_revision_is_gone_and_a_relist_recovers() -> anyhow::Result<()> {
     let h = harness().await?;
     let first = h.create("a").await?;
