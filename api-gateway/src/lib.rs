@@ -12,6 +12,7 @@ pub mod error;
 pub mod http;
 pub mod kinds;
 pub mod metrics;
+pub mod point_reads;
 pub mod registry;
 pub mod s3;
 pub mod schema;

@@ -17,6 +17,7 @@ use crate::cache::{set_resource_version, CacheEvent, CachedObject, WatchCache};
 use crate::error::{ApiError, ApiResult};
 use crate::kinds::{Kind, Kinds};
 use crate::metrics::Metrics;
+use crate::point_reads::PointReads;
 use crate::selectors::{FieldSelector, LabelSelector};
 use crate::store::{self, id_key, namespace_prefix, record_key};
 
@@ -136,6 +137,8 @@ pub struct WatchOptions2 {
 /// The registry.
 pub struct Registry {
     etcd: Client,
+    /// Single-key reads, coalesced under load.
+    reads: PointReads,
     /// The watch cache.
     pub cache: Arc<WatchCache>,
     /// The served kinds.
@@ -225,6 +228,7 @@ impl Registry {
         let cache = WatchCache::new(&plurals, history);
         tokio::spawn(cache.clone().run(etcd.clone()));
         let registry = Arc::new(Registry {
+            reads: PointReads::start(etcd.clone()),
             etcd,
             cache,
             kinds,
@@ -251,6 +255,9 @@ impl Registry {
         key: &str,
         opts: Option<GetOptions>,
     ) -> Result<etcd_client::GetResponse, etcd_client::Error> {
+        if opts.is_none() {
+            return self.reads.get(key).await;
+        }
         store::retry_unreached(|| {
             let mut kv = self.etcd.kv_client();
             let opts = opts.clone();

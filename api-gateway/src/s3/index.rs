@@ -17,6 +17,7 @@ use etcd_client::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::point_reads::PointReads;
 use crate::store;
 
 /// Prefix of every S3 index key.
@@ -244,12 +245,17 @@ fn json<T: Serialize>(v: &T) -> Vec<u8> {
 #[derive(Clone)]
 pub struct ObjectIndex {
     etcd: Client,
+    /// Single-key reads, coalesced under load.
+    reads: PointReads,
 }
 
 impl ObjectIndex {
     /// An index on the gateway's etcd client.
     pub fn new(etcd: Client) -> Self {
-        Self { etcd }
+        Self {
+            reads: PointReads::start(etcd.clone()),
+            etcd,
+        }
     }
 
     async fn get_raw(
@@ -257,6 +263,9 @@ impl ObjectIndex {
         key: Vec<u8>,
         opts: Option<GetOptions>,
     ) -> Result<etcd_client::GetResponse, IndexError> {
+        if opts.is_none() {
+            return Ok(self.reads.get(key).await?);
+        }
         Ok(store::retry_unreached(|| {
             let mut kv = self.etcd.kv_client();
             let (key, opts) = (key.clone(), opts.clone());

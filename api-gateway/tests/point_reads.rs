@@ -1,0 +1,71 @@
+//! Coalesced point reads against a real etcd.
+
+use std::sync::atomic::Ordering;
+
+use api_gateway::point_reads::PointReads;
+use etcd_client::Client;
+use futures::future::join_all;
+use karri_testkit::Etcd;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_point_reads_share_requests_and_each_gets_its_own_answer() -> anyhow::Result<()>
+{
+    let etcd = Etcd::start().await?;
+    let client = Client::connect([etcd.endpoint.clone()], None).await?;
+    let mut kv = client.kv_client();
+    for i in 0..300 {
+        kv.put(format!("/t/k{i}"), format!("v{i}"), None).await?;
+    }
+    let reads = PointReads::start(client.clone());
+    // 300 keys that exist, 50 that do not, and one read etcd refuses (an empty key), all at
+    // once: the refused one fails its batch, and the others of that batch read alone.
+    let mut keys: Vec<String> = (0..350).map(|i| format!("/t/k{i}")).collect();
+    keys.insert(123, String::new());
+    let answers = join_all(keys.iter().map(|k| reads.get(k.clone()))).await;
+    for (key, answer) in keys.iter().zip(&answers) {
+        if key.is_empty() {
+            assert!(answer.is_err(), "etcd refuses a read of the empty key");
+            continue;
+        }
+        let resp = answer.as_ref().map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        let i: usize = key["/t/k".len()..].parse()?;
+        match resp.kvs().first() {
+            Some(kv) => {
+                assert!(i < 300, "{key} does not exist");
+                assert_eq!(kv.key(), key.as_bytes());
+                assert_eq!(kv.value(), format!("v{i}").as_bytes());
+            }
+            None => assert!(i >= 300, "{key} exists"),
+        }
+    }
+    let stats = reads.stats();
+    let (asked, sent) = (
+        stats.reads.load(Ordering::Relaxed),
+        stats.requests.load(Ordering::Relaxed),
+    );
+    assert_eq!(asked, 351);
+    // Alone each read would be a request of its own; the failed batch's reads are counted
+    // again when they read alone.
+    assert!(sent * 3 <= asked, "{sent} requests for {asked} reads");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_point_read_sees_every_write_that_finished_before_it() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let client = Client::connect([etcd.endpoint.clone()], None).await?;
+    let reads = PointReads::start(client.clone());
+    let mut kv = client.kv_client();
+    for round in 0..50 {
+        kv.put("/t/counter", round.to_string(), None).await?;
+        // Other reads keep the reader busy, so this one may go out in a batch.
+        let (mine, _others) = tokio::join!(
+            reads.get("/t/counter"),
+            join_all((0..20).map(|i| reads.get(format!("/t/other{i}"))))
+        );
+        let resp = mine?;
+        let value = resp.kvs().first().map(|kv| kv.value().to_vec());
+        assert_eq!(value, Some(round.to_string().into_bytes()), "round {round}");
+    }
+    Ok(())
+}
