@@ -201,15 +201,27 @@ pub fn parse_rv(rv: &str) -> ApiResult<i64> {
         .ok_or_else(|| ApiError::bad_request(format!("invalid resource version {rv:?}")))
 }
 
-/// Turn a cache event into what one watcher sees, given its filter.
+/// Turn a cache event into what one watcher sees, given its filter. An object that stops
+/// matching the filter (or that the watcher may no longer see) is DELETED for that watcher
+/// with its previous state, at the event's resourceVersion, as Kubernetes does: the new state
+/// is not the watcher's to see.
 pub fn view_event(ev: &CacheEvent, visible: &dyn Fn(&Value) -> bool) -> Option<WatchEvent> {
     let now_visible = !ev.deleted && visible(&ev.object.value);
-    let was_visible = ev.prev.as_ref().is_some_and(|p| visible(&p.value));
+    let was_visible = ev.prev.as_ref().filter(|p| visible(&p.value));
     match (was_visible, now_visible) {
-        (false, true) => Some(WatchEvent::Added(ev.object.clone())),
-        (true, true) => Some(WatchEvent::Modified(ev.object.clone())),
-        (true, false) => Some(WatchEvent::Deleted(ev.object.clone())),
-        (false, false) => None,
+        (None, true) => Some(WatchEvent::Added(ev.object.clone())),
+        (Some(_), true) => Some(WatchEvent::Modified(ev.object.clone())),
+        (Some(_), false) if ev.deleted => Some(WatchEvent::Deleted(ev.object.clone())),
+        (Some(prev), false) => {
+            let mut last = prev.value.clone();
+            set_resource_version(&mut last, ev.revision);
+            Some(WatchEvent::Deleted(Arc::new(CachedObject::from_value(
+                prev.key.clone(),
+                last,
+                ev.revision,
+            ))))
+        }
+        (None, false) => None,
     }
 }
 
@@ -913,7 +925,11 @@ impl Registry {
         let this = self.clone();
         self.metrics.watchers.inc();
         tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + opts.timeout;
+            // A timeout past what the clock can count runs for a year instead.
+            let now = tokio::time::Instant::now();
+            let deadline = now
+                .checked_add(opts.timeout)
+                .unwrap_or(now + Duration::from_secs(365 * 24 * 3600));
             this.clone()
                 .run_watch(kind, ns, who, opts, deadline, tx)
                 .await;
@@ -1292,4 +1308,80 @@ pub fn bookmark_object(kind: &Kind, revision: i64, initial_events_end: bool) -> 
         meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
     }
     json!({"apiVersion": crds::API_VERSION, "kind": kind.info.kind, "metadata": meta})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(app: &str, rev: i64) -> Arc<CachedObject> {
+        let mut v = json!({"metadata": {"name": "i-1", "labels": {"app": app}}});
+        set_resource_version(&mut v, rev);
+        Arc::new(CachedObject::from_value("/k/i-1".into(), v, rev))
+    }
+
+    fn event(prev: Option<&str>, now: &str, deleted: bool) -> CacheEvent {
+        CacheEvent {
+            revision: 20,
+            object: obj(now, 20),
+            prev: prev.map(|p| obj(p, 10)),
+            deleted,
+        }
+    }
+
+    /// (type, app label, resourceVersion) of what a watcher of `app=web` sees.
+    fn seen(ev: &CacheEvent) -> Option<(&'static str, String, String)> {
+        let web = |v: &Value| v.pointer("/metadata/labels/app") == Some(&json!("web"));
+        let out = view_event(ev, &web)?;
+        let (kind, o) = match &out {
+            WatchEvent::Added(o) => ("ADDED", o),
+            WatchEvent::Modified(o) => ("MODIFIED", o),
+            WatchEvent::Deleted(o) => ("DELETED", o),
+            _ => panic!("a change is never a bookmark or an error"),
+        };
+        let json: Value = serde_json::from_slice(&o.json).expect("the event's JSON parses");
+        assert_eq!(json, o.value, "the sent JSON is the object");
+        Some((
+            kind,
+            o.value["metadata"]["labels"]["app"]
+                .as_str()
+                .expect("every test object has an app label")
+                .to_string(),
+            o.value["metadata"]["resourceVersion"]
+                .as_str()
+                .expect("every cached object has a resourceVersion")
+                .to_string(),
+        ))
+    }
+
+    #[test]
+    fn each_watcher_sees_a_change_as_its_filter_makes_it() {
+        let s = |k: &'static str, app: &str, rv: &str| Some((k, app.to_string(), rv.to_string()));
+        assert_eq!(seen(&event(None, "web", false)), s("ADDED", "web", "20"));
+        assert_eq!(
+            seen(&event(Some("db"), "web", false)),
+            s("ADDED", "web", "20")
+        );
+        assert_eq!(
+            seen(&event(Some("web"), "web", false)),
+            s("MODIFIED", "web", "20")
+        );
+        assert_eq!(
+            seen(&event(Some("web"), "web", true)),
+            s("DELETED", "web", "20")
+        );
+        assert_eq!(seen(&event(Some("db"), "db", false)), None);
+        assert_eq!(seen(&event(None, "db", false)), None);
+    }
+
+    #[test]
+    fn an_object_that_stops_matching_is_deleted_with_its_last_matching_state() {
+        // Its new state is not the watcher's to see (for a node's token: an instance moved
+        // to another node); the DELETED carries the state it saw last, at the new revision.
+        let ev = event(Some("web"), "db", false);
+        assert_eq!(
+            seen(&ev),
+            Some(("DELETED", "web".to_string(), "20".to_string()))
+        );
+    }
 }

@@ -380,6 +380,31 @@ async fn a_watch_that_times_out_ends_between_revisions_never_inside_one() -> any
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_with_a_timeout_beyond_the_clock_still_runs() -> anyhow::Result<()> {
+    let h = harness().await?;
+    let start = rv(&h.create("a").await?);
+    let mut rx = h.registry.watch(
+        h.instances.clone(),
+        Some("acme".into()),
+        admin(),
+        WatchOptions2 {
+            from: Some(start),
+            timeout: Duration::from_secs(u64::MAX),
+            ..Default::default()
+        },
+    );
+    h.create("b").await?;
+    let ev = describe(&next_event(&mut rx).await?);
+    assert!(ev.starts_with("ADDED \"b\""), "{ev}");
+    assert_eq!(
+        h.metrics.watchers.get(),
+        1,
+        "the watch is counted while it runs"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_from_a_compacted_revision_is_gone_and_a_relist_recovers() -> anyhow::Result<()> {
     let h = harness().await?;
     let first = h.create("a").await?;

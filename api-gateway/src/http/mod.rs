@@ -865,6 +865,20 @@ async fn list(
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
+/// How long a watch runs: `timeoutSeconds`, where unset or 0 means the default of 30 minutes
+/// (as in Kubernetes).
+fn watch_timeout(param: Option<&str>) -> ApiResult<Duration> {
+    const DEFAULT: Duration = Duration::from_secs(1800);
+    match param {
+        None | Some("") | Some("0") => Ok(DEFAULT),
+        Some(t) => t.parse::<u64>().map(Duration::from_secs).map_err(|_| {
+            ApiError::bad_request(format!(
+                "timeoutSeconds must be a non-negative integer, not {t:?}"
+            ))
+        }),
+    }
+}
+
 fn watch(
     s: &Arc<AppState>,
     who: &Principal,
@@ -904,12 +918,7 @@ fn watch(
             "sendInitialEvents=true with a resourceVersion other than 0 or unset is not supported",
         ));
     }
-    let timeout = match q.get("timeoutSeconds").map(String::as_str) {
-        None | Some("") => Duration::from_secs(1800),
-        Some(t) => Duration::from_secs(t.parse::<u64>().map_err(|_| {
-            ApiError::bad_request(format!("timeoutSeconds must be an integer, not {t:?}"))
-        })?),
-    };
+    let timeout = watch_timeout(q.get("timeoutSeconds").map(String::as_str))?;
     let opts = WatchOptions2 {
         from,
         labels: lo.labels,
@@ -960,6 +969,18 @@ mod tests {
 
     fn patch(ops: Value) -> json_patch::Patch {
         serde_json::from_value(ops).expect("valid patch")
+    }
+
+    #[test]
+    fn a_watch_timeout_of_zero_or_none_is_the_default_and_any_integer_is_taken() {
+        let secs = |p| watch_timeout(p).map(|d| d.as_secs()).map_err(|e| e.code);
+        assert_eq!(secs(None), Ok(1800));
+        assert_eq!(secs(Some("")), Ok(1800));
+        assert_eq!(secs(Some("0")), Ok(1800));
+        assert_eq!(secs(Some("30")), Ok(30));
+        assert_eq!(secs(Some("18446744073709551615")), Ok(u64::MAX));
+        assert_eq!(secs(Some("-1")), Err(400));
+        assert_eq!(secs(Some("soon")), Err(400));
     }
 
     #[test]
