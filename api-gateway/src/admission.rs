@@ -331,11 +331,44 @@ fn without_meta_and_status(v: &Value) -> Value {
     c
 }
 
-fn finalizers(v: &Value) -> Vec<&str> {
+/// The record's finalizers.
+pub fn finalizers(v: &Value) -> Vec<&str> {
     v.pointer("/metadata/finalizers")
         .and_then(Value::as_array)
         .map(|a| a.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default()
+}
+
+/// The finalizer a delete with `propagationPolicy=Orphan` adds while other finalizers hold the
+/// record (Kubernetes' name): the registry orphans the dependents when it is the last one left.
+pub const ORPHAN_FINALIZER: &str = "orphan";
+
+/// Whether the record is marked for deletion and only [`ORPHAN_FINALIZER`] still holds it.
+pub fn only_orphan_finalizer_left(v: &Value) -> bool {
+    v.pointer("/metadata/deletionTimestamp")
+        .is_some_and(|d| !d.is_null())
+        && finalizers(v) == [ORPHAN_FINALIZER]
+}
+
+/// `v` with `finalizer` added (once) or removed.
+pub fn with_finalizer(v: &Value, finalizer: &str, present: bool) -> Value {
+    let mut out = v.clone();
+    let mut list: Vec<Value> = finalizers(v)
+        .into_iter()
+        .filter(|f| *f != finalizer)
+        .map(|f| Value::String(f.to_string()))
+        .collect();
+    if present {
+        list.push(Value::String(finalizer.to_string()));
+    }
+    if let Some(meta) = out.get_mut("metadata").and_then(Value::as_object_mut) {
+        if list.is_empty() {
+            meta.remove("finalizers");
+        } else {
+            meta.insert("finalizers".into(), Value::Array(list));
+        }
+    }
+    out
 }
 
 /// Whether the record is marked for deletion and no finalizer holds it any more.

@@ -650,6 +650,13 @@ impl Registry {
             let desired = change(&current)?;
             let (mut next, warnings) =
                 admission::prepare_update(kind, &current, desired, sub, opts.field_validation)?;
+            if admission::only_orphan_finalizer_left(&next) && !opts.dry_run {
+                // The last other finalizer went: orphan the dependents, then let the record go.
+                if let Some(uid) = current.pointer("/metadata/uid").and_then(Value::as_str) {
+                    self.orphan_dependents(uid).await?;
+                }
+                next = admission::with_finalizer(&next, admission::ORPHAN_FINALIZER, false);
+            }
             if !auth::can_write(who, kind.info.kind, Some(&current), &next) {
                 return Err(ApiError::forbidden(format!(
                     "{}.{} {name:?} is forbidden: User {:?} may not bind it elsewhere",
@@ -749,10 +756,17 @@ impl Registry {
                 .and_then(Value::as_array)
                 .is_some_and(|f| !f.is_empty());
             if has_finalizers {
-                if current.pointer("/metadata/deletionTimestamp").is_some() {
+                // With other finalizers holding it, an orphaning delete is remembered as the
+                // orphan finalizer, acted on when the others are gone (see `update_with`).
+                let add_orphan = opts.propagation == Propagation::Orphan
+                    && !admission::finalizers(&current).contains(&admission::ORPHAN_FINALIZER);
+                if current.pointer("/metadata/deletionTimestamp").is_some() && !add_orphan {
                     return Ok(current);
                 }
                 let mut marked = admission::mark_deleted(&current, &now());
+                if add_orphan {
+                    marked = admission::with_finalizer(&marked, admission::ORPHAN_FINALIZER, true);
+                }
                 if opts.dry_run {
                     set_resource_version(&mut marked, rev);
                     return Ok(marked);
@@ -1121,42 +1135,53 @@ impl Registry {
         }
     }
 
+    /// Drops the owner references to `owner_uid` from its dependents, found in the cache once
+    /// it caught up with etcd (a dependent created just before must not be missed).
     async fn orphan_dependents(&self, owner_uid: &str) -> ApiResult<()> {
+        self.catch_up().await?;
         for key in self.cache.dependents_of(owner_uid) {
-            let Some((kind, ns, name)) = self.locate(&key) else {
-                continue;
-            };
-            let uid = owner_uid.to_string();
-            let mut drop_ref = |cur: &Value| {
-                let mut next = cur.clone();
-                if let Some(refs) = next
-                    .pointer_mut("/metadata/ownerReferences")
-                    .and_then(Value::as_array_mut)
-                {
-                    refs.retain(|r| r.get("uid").and_then(Value::as_str) != Some(uid.as_str()));
-                }
-                Ok(next)
-            };
-            let system = Principal::Admin("system:garbage-collector".into());
-            match self
-                .update_with(
-                    &kind,
-                    ns.as_deref(),
-                    &name,
-                    &system,
-                    Subresource::Main,
-                    None,
-                    WriteOptions::default(),
-                    &mut drop_ref,
-                )
-                .await
-            {
-                Ok(_) => {}
-                Err(e) if e.code == 404 => {}
-                Err(e) => return Err(e),
-            }
+            self.drop_owner_reference(&key, owner_uid).await?;
         }
         Ok(())
+    }
+
+    /// Removes the owner reference to `owner_uid` from the record at `key` (compare-and-swap,
+    /// retried on a concurrent write); a record that is gone or holds no such reference is
+    /// left as it is. Written directly, not through [`Registry::update_with`], which orphans
+    /// through this.
+    async fn drop_owner_reference(&self, key: &str, owner_uid: &str) -> ApiResult<()> {
+        for _ in 0..16 {
+            let Some((current, rev)) = self.read(key).await? else {
+                return Ok(());
+            };
+            let mut next = current.clone();
+            let Some(refs) = next
+                .pointer_mut("/metadata/ownerReferences")
+                .and_then(Value::as_array_mut)
+            else {
+                return Ok(());
+            };
+            let before = refs.len();
+            refs.retain(|r| r.get("uid").and_then(Value::as_str) != Some(owner_uid));
+            if refs.len() == before {
+                return Ok(());
+            }
+            if let Some(meta) = next.get_mut("metadata").and_then(Value::as_object_mut) {
+                meta.remove("resourceVersion");
+            }
+            let raw = serde_json::to_vec(&next).map_err(|e| ApiError::internal(e.to_string()))?;
+            let txn = Txn::new()
+                .when([Compare::mod_revision(key, CompareOp::Equal, rev)])
+                .and_then([TxnOp::put(key, raw, None)]);
+            if self.etcd_txn(txn).await?.succeeded() {
+                self.metrics.writes.inc();
+                return Ok(());
+            }
+            self.metrics.conflict_retries.inc();
+        }
+        Err(ApiError::conflict_message(format!(
+            "could not drop the owner reference of {key}: it kept changing"
+        )))
     }
 
     /// (kind, namespace, name) of a record key.
@@ -1193,26 +1218,31 @@ impl Registry {
         if refs.is_empty() {
             return Ok(());
         }
-        let alive: Vec<&String> = refs.iter().filter(|u| self.cache.uid_exists(u)).collect();
+        let dead: Vec<String> = refs
+            .iter()
+            .filter(|u| !self.cache.uid_exists(u))
+            .cloned()
+            .collect();
         let system = Principal::Admin("system:garbage-collector".into());
-        if alive.is_empty() {
+        if dead.len() == refs.len() {
             tracing::info!(key, "owner gone; deleting dependent");
+            // Only the version decided on: a dependent given a live owner since is kept (the
+            // conflict brings its change, and the next pass looks again).
+            let unchanged = DeleteOptions {
+                resource_version: Some(obj.revision),
+                uid: obj.uid().map(str::to_string),
+                ..Default::default()
+            };
             match self
-                .delete(
-                    &kind,
-                    ns.as_deref(),
-                    &name,
-                    &system,
-                    &DeleteOptions::default(),
-                )
+                .delete(&kind, ns.as_deref(), &name, &system, &unchanged)
                 .await
             {
                 Ok(_) => Ok(()),
-                Err(e) if e.code == 404 => Ok(()),
+                Err(e) if e.code == 404 || e.code == 409 => Ok(()),
                 Err(e) => Err(e),
             }
-        } else if alive.len() < refs.len() {
-            let keep: Vec<String> = alive.into_iter().cloned().collect();
+        } else if !dead.is_empty() {
+            // Only the references to gone owners go; one added meanwhile stays.
             let mut drop_dead = |cur: &Value| {
                 let mut next = cur.clone();
                 if let Some(r) = next
@@ -1222,7 +1252,7 @@ impl Registry {
                     r.retain(|x| {
                         x.get("uid")
                             .and_then(Value::as_str)
-                            .is_some_and(|u| keep.iter().any(|k| k == u))
+                            .is_none_or(|u| !dead.iter().any(|d| d == u))
                     });
                 }
                 Ok(next)

@@ -628,6 +628,85 @@ async fn deleting_an_owner_cascades_to_its_dependents_and_orphan_keeps_them() ->
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphaning_delete_held_by_a_finalizer_orphans_when_the_finalizer_goes(
+) -> anyhow::Result<()> {
+    let h = harness().await?;
+    let mut owner = instance("owner");
+    owner["metadata"]["finalizers"] = json!(["example.com/hold"]);
+    let owner = h
+        .registry
+        .create(
+            &h.instances,
+            Some("acme"),
+            owner,
+            &admin(),
+            WriteOptions::default(),
+        )
+        .await?
+        .object;
+    let uid = owner["metadata"]["uid"].as_str().context("uid")?;
+    let mut child = instance("child");
+    child["metadata"]["ownerReferences"] = json!([{"apiVersion": "karri.dev/v1alpha1", "kind": "Instance", "name": "owner", "uid": uid}]);
+    h.registry
+        .create(
+            &h.instances,
+            Some("acme"),
+            child,
+            &admin(),
+            WriteOptions::default(),
+        )
+        .await?;
+
+    let orphan_policy = DeleteOptions {
+        propagation: Propagation::Orphan,
+        ..Default::default()
+    };
+    let marked = h
+        .registry
+        .delete(
+            &h.instances,
+            Some("acme"),
+            "owner",
+            &admin(),
+            &orphan_policy,
+        )
+        .await?;
+    assert_eq!(
+        marked["metadata"]["finalizers"],
+        json!(["example.com/hold", "orphan"]),
+        "the policy is kept as Kubernetes keeps it: {marked}"
+    );
+    assert!(marked["metadata"]["deletionTimestamp"].is_string());
+
+    // The controller releases its finalizer: the dependent is orphaned, then the owner goes.
+    h.update("owner", Subresource::Main, &mut |cur: &Value| {
+        let mut next = cur.clone();
+        next["metadata"]["finalizers"] = json!(["orphan"]);
+        Ok(next)
+    })
+    .await?;
+    let gone = h
+        .registry
+        .get(&h.instances, Some("acme"), "owner", &admin())
+        .await;
+    assert!(
+        matches!(&gone, Err(e) if e.code == 404),
+        "the owner is gone: {gone:?}"
+    );
+    let kept = h
+        .registry
+        .get(&h.instances, Some("acme"), "child", &admin())
+        .await?;
+    assert!(
+        kept["metadata"]["ownerReferences"]
+            .as_array()
+            .is_none_or(|a| a.is_empty()),
+        "the dependent is kept without its owner reference: {kept}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ids_are_indexed_in_the_same_transaction_and_removed_with_the_record() -> anyhow::Result<()>
 {
     let h = harness().await?;
