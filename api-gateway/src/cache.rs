@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
+use prometheus_client::metrics::counter::Counter;
 use serde_json::Value;
 use tokio::sync::watch;
 
@@ -106,6 +107,14 @@ pub struct TooOld {
     pub oldest: i64,
 }
 
+/// How the cache's etcd watch ended.
+enum WatchEnd {
+    /// The stream closed: resume it.
+    Closed,
+    /// etcd canceled it (compacted past its revision): list again.
+    Canceled,
+}
+
 /// The shared watch cache.
 pub struct WatchCache {
     state: RwLock<State>,
@@ -142,27 +151,57 @@ impl WatchCache {
         unpoison(self.state.read()).synced
     }
 
-    /// Keep the cache in step with etcd forever: list, then watch; relist if the watch breaks.
-    pub async fn run(self: Arc<Self>, client: Client) {
+    /// Keep the cache in step with etcd forever: list, then watch. A watch that breaks (etcd
+    /// restarted, a member failed) is resumed after the last revision the cache applied, so
+    /// its history and the watchers reading it carry on; only when etcd compacted past that
+    /// revision (or canceled the watch) does the cache list everything again. `relists`
+    /// counts the lists.
+    pub async fn run(self: Arc<Self>, client: Client, relists: Counter) {
+        let mut resume_after: Option<i64> = None;
         loop {
-            match self.clone().sync_once(client.clone()).await {
-                Ok(()) => tracing::warn!("etcd watch ended; relisting"),
-                Err(e) => tracing::warn!(error = %e, "etcd watch failed; relisting"),
+            if resume_after.is_none() {
+                relists.inc();
             }
+            resume_after = match self.clone().sync_once(client.clone(), resume_after).await {
+                Ok(WatchEnd::Closed) => {
+                    tracing::warn!("etcd watch ended; resuming it");
+                    Some(self.revision())
+                }
+                Ok(WatchEnd::Canceled) => {
+                    tracing::warn!("etcd watch canceled; relisting");
+                    None
+                }
+                Err(e) => {
+                    // Resumable only once a list is in and its watch was opened.
+                    let synced = self.synced();
+                    tracing::warn!(error = %e, resuming = synced, "etcd watch failed");
+                    synced.then(|| self.revision())
+                }
+            };
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
-    async fn sync_once(self: Arc<Self>, mut client: Client) -> Result<(), etcd_client::Error> {
+    async fn sync_once(
+        self: Arc<Self>,
+        mut client: Client,
+        resume_after: Option<i64>,
+    ) -> Result<WatchEnd, etcd_client::Error> {
         // The records are listed; all of Karri's keys are watched, index entries and the S3
         // object index too: every write of Karri's then reaches the cache as an event, whose
         // revision is the only one trusted (see `apply`). The object index is not listed: it
         // can be far larger than the records and the cache keeps nothing of it.
-        let resp = client
-            .get(REGISTRY_PREFIX, Some(GetOptions::new().with_prefix()))
-            .await?;
-        let start = resp.header().map(|h| h.revision()).unwrap_or(0);
-        self.reset(resp.kvs(), start);
+        let start = match resume_after {
+            Some(after) => after,
+            None => {
+                let resp = client
+                    .get(REGISTRY_PREFIX, Some(GetOptions::new().with_prefix()))
+                    .await?;
+                let start = resp.header().map(|h| h.revision()).unwrap_or(0);
+                self.reset(resp.kvs(), start);
+                start
+            }
+        };
         // The cache knows each previous value itself: no prev_kv, so etcd reads nothing extra.
         let options = WatchOptions::new()
             .with_prefix()
@@ -177,7 +216,7 @@ impl WatchCache {
                     reason = resp.cancel_reason(),
                     "etcd watch canceled"
                 );
-                return Ok(());
+                return Ok(WatchEnd::Canceled);
             }
             // Only events move the cache's revision, to their own mod_revision. A response's
             // header revision is etcd's current one, possibly ahead of events still to come (a
@@ -194,7 +233,7 @@ impl WatchCache {
             };
             self.apply(resp.events(), rev);
         }
-        Ok(())
+        Ok(WatchEnd::Closed)
     }
 
     fn reset(&self, kvs: &[KeyValue], revision: i64) {

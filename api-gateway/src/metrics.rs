@@ -36,6 +36,9 @@ pub struct Metrics {
     pub watchers: Gauge,
     /// Watches that had to read etcd directly (older than the cache).
     pub etcd_direct_watches: Counter,
+    /// Full lists of etcd by the watch cache: its first, then one after each compaction that
+    /// its watch could not resume across.
+    pub cache_relists: Counter,
     /// Orphaned S3 blobs and temporary files the sweep removed.
     pub s3_swept: Counter,
 }
@@ -53,6 +56,7 @@ impl Metrics {
         let cache_lists = Counter::default();
         let watchers = Gauge::default();
         let etcd_direct_watches = Counter::default();
+        let cache_relists = Counter::default();
         let s3_swept = Counter::default();
         registry.register(
             "s3_swept_orphans",
@@ -86,6 +90,11 @@ impl Metrics {
             "Watches served from etcd directly",
             etcd_direct_watches.clone(),
         );
+        registry.register(
+            "cache_relists",
+            "Full lists of etcd by the watch cache (the first, then after compactions)",
+            cache_relists.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -95,6 +104,7 @@ impl Metrics {
             cache_lists,
             watchers,
             etcd_direct_watches,
+            cache_relists,
             s3_swept,
         }
     }

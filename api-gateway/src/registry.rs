@@ -238,7 +238,11 @@ impl Registry {
     ) -> Arc<Self> {
         let plurals: Vec<&str> = kinds.all().iter().map(|k| k.info.plural).collect();
         let cache = WatchCache::new(&plurals, history);
-        tokio::spawn(cache.clone().run(etcd.clone()));
+        tokio::spawn(
+            cache
+                .clone()
+                .run(etcd.clone(), metrics.cache_relists.clone()),
+        );
         let registry = Arc::new(Registry {
             reads: PointReads::start(etcd.clone()),
             etcd,

@@ -30,7 +30,7 @@ fn instance(name: &str) -> Value {
 }
 
 struct Harness {
-    _etcd: Etcd,
+    etcd: Etcd,
     client: Client,
     registry: Arc<Registry>,
     instances: Arc<Kind>,
@@ -62,7 +62,7 @@ async fn harness() -> anyhow::Result<Harness> {
         .by_plural("instances")
         .context("instances kind")?;
     Ok(Harness {
-        _etcd: etcd,
+        etcd,
         client,
         registry,
         instances,
@@ -401,6 +401,26 @@ async fn a_watch_with_a_timeout_beyond_the_clock_still_runs() -> anyhow::Result<
         1,
         "the watch is counted while it runs"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_an_etcd_restart_the_cache_resumes_and_its_watchers_stay_on_it() -> anyhow::Result<()>
+{
+    let mut h = harness().await?;
+    let a = h.create("a").await?;
+    let mut rx = h.watch(Some(rv(&a)));
+    h.etcd.restart().await?;
+    h.create("b").await?;
+    let ev = describe(&next_event(&mut rx).await?);
+    assert!(ev.starts_with("ADDED \"b\""), "{ev}");
+    // The cache resumed its etcd watch after the last revision it had, keeping its history,
+    // so the watcher did not have to fall back to an etcd watch of its own.
+    assert_eq!(h.metrics.cache_relists.get(), 1, "only the first list");
+    assert_eq!(h.metrics.etcd_direct_watches.get(), 0);
+    h.create("c").await?;
+    let ev = describe(&next_event(&mut rx).await?);
+    assert!(ev.starts_with("ADDED \"c\""), "{ev}");
     Ok(())
 }
 
@@ -883,7 +903,7 @@ async fn a_node_field_selector_watch_sees_bindings_come_and_go() -> anyhow::Resu
 async fn a_hundred_watchers_of_a_kind_cost_one_etcd_watch() -> anyhow::Result<()> {
     let h = harness().await?;
     let etcd_watchers = || async {
-        let body = reqwest::get(format!("{}/metrics", h._etcd.endpoint))
+        let body = reqwest::get(format!("{}/metrics", h.etcd.endpoint))
             .await?
             .text()
             .await?;
