@@ -976,7 +976,24 @@ impl Registry {
         };
         let mut rev_rx = self.cache.subscribe();
         let mut start = match opts.from {
-            Some(r) if r > 0 => r,
+            Some(r) if r > 0 => {
+                // A revision etcd has not reached (a typo, another cluster's, an etcd restored
+                // from a backup) would silently skip every change up to it.
+                if r > self.cache.revision() {
+                    let refused = match self.current_revision().await {
+                        Ok(current) if r > current => Some(ApiError::timeout(format!(
+                            "Too large resource version: {r}, current: {current}"
+                        ))),
+                        Ok(_) => None,
+                        Err(e) => Some(e),
+                    };
+                    if let Some(e) = refused {
+                        let _ = tx.send(WatchEvent::Error(e)).await;
+                        return;
+                    }
+                }
+                r
+            }
             _ => {
                 if !self.cache.wait_for(1, Duration::from_secs(30)).await {
                     let _ = tx

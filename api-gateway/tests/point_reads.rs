@@ -13,8 +13,10 @@ async fn concurrent_point_reads_share_requests_and_each_gets_its_own_answer() ->
     let etcd = Etcd::start().await?;
     let client = Client::connect([etcd.endpoint.clone()], None).await?;
     let mut kv = client.kv_client();
+    let mut last_write = 0;
     for i in 0..300 {
-        kv.put(format!("/t/k{i}"), format!("v{i}"), None).await?;
+        let w = kv.put(format!("/t/k{i}"), format!("v{i}"), None).await?;
+        last_write = w.header().map(|h| h.revision()).unwrap_or(i64::MAX);
     }
     let reads = PointReads::start(client.clone());
     // 300 keys that exist, 50 that do not, and one read etcd refuses (an empty key), all at
@@ -28,6 +30,8 @@ async fn concurrent_point_reads_share_requests_and_each_gets_its_own_answer() ->
             continue;
         }
         let resp = answer.as_ref().map_err(|e| anyhow::anyhow!("{key}: {e}"))?;
+        let read_at = resp.header().map(|h| h.revision()).unwrap_or(0);
+        assert!(read_at >= last_write, "{key} read at {read_at}");
         let i: usize = key["/t/k".len()..].parse()?;
         match resp.kvs().first() {
             Some(kv) => {
@@ -57,7 +61,8 @@ async fn a_point_read_sees_every_write_that_finished_before_it() -> anyhow::Resu
     let reads = PointReads::start(client.clone());
     let mut kv = client.kv_client();
     for round in 0..50 {
-        kv.put("/t/counter", round.to_string(), None).await?;
+        let written = kv.put("/t/counter", round.to_string(), None).await?;
+        let written_at = written.header().map(|h| h.revision()).unwrap_or(i64::MAX);
         // Other reads keep the reader busy, so this one may go out in a batch.
         let (mine, _others) = tokio::join!(
             reads.get("/t/counter"),
@@ -66,6 +71,13 @@ async fn a_point_read_sees_every_write_that_finished_before_it() -> anyhow::Resu
         let resp = mine?;
         let value = resp.kvs().first().map(|kv| kv.value().to_vec());
         assert_eq!(value, Some(round.to_string().into_bytes()), "round {round}");
+        // Its header carries etcd's revision at the read, in a batch too (the registry's
+        // read-your-writes waits for the cache to reach it).
+        let read_at = resp.header().map(|h| h.revision()).unwrap_or(0);
+        assert!(
+            read_at >= written_at,
+            "read at {read_at}, written at {written_at}"
+        );
     }
     Ok(())
 }

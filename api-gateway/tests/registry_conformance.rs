@@ -425,6 +425,27 @@ async fn after_an_etcd_restart_the_cache_resumes_and_its_watchers_stay_on_it() -
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_from_a_revision_etcd_has_not_reached_is_refused() -> anyhow::Result<()> {
+    let h = harness().await?;
+    let a = h.create("a").await?;
+    let mut rx = h.watch(Some(rv(&a) + 1000));
+    let ev = describe(&next_event(&mut rx).await?);
+    assert!(
+        ev.starts_with("ERROR 504 Too large resource version"),
+        "{ev}"
+    );
+    // A revision etcd has reached (only its latest write being another program's) is fine.
+    let mut raw = h.client.kv_client();
+    let elsewhere = raw.put("/elsewhere/key", "x", None).await?;
+    let current = elsewhere.header().map(|x| x.revision()).context("header")?;
+    let mut rx = h.watch(Some(current));
+    h.create("b").await?;
+    let ev = describe(&next_event(&mut rx).await?);
+    assert!(ev.starts_with("ADDED \"b\""), "{ev}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_from_a_compacted_revision_is_gone_and_a_relist_recovers() -> anyhow::Result<()> {
     let h = harness().await?;
     let first = h.create("a").await?;
