@@ -112,10 +112,22 @@ async fn a_completed_upload_becomes_its_object_in_one_step() -> anyhow::Result<(
     index.put_part("photos", "u1", 1, &part("p1")).await?;
     index.put_part("photos", "u1", 2, &part("p2")).await?;
     assert!(index.bucket_in_use("photos").await?);
-    assert_eq!(index.list_parts("u1").await?.len(), 2);
+    let (parts, read_at) = index.list_parts_versioned("u1").await?;
+    assert_eq!(parts.len(), 2);
 
+    // A part uploaded again after the parts were read: the completion would name a blob
+    // the new upload replaced, so it is refused until the parts are read again.
+    index.put_part("photos", "u1", 2, &part("p2-again")).await?;
+    assert!(matches!(
+        index
+            .complete_upload(&record, "photos", "u1", &object("p1", 10), "big", read_at)
+            .await,
+        Err(IndexError::Changed)
+    ));
+    assert!(index.get_object("photos", "big").await?.is_none());
+    let (_, read_at) = index.list_parts_versioned("u1").await?;
     index
-        .complete_upload(&record, "photos", "u1", &object("p1", 10), "big")
+        .complete_upload(&record, "photos", "u1", &object("p1", 10), "big", read_at)
         .await?;
     assert!(index.get_object("photos", "big").await?.is_some());
     assert!(index.get_upload("photos", "u1").await?.is_none());
@@ -123,7 +135,7 @@ async fn a_completed_upload_becomes_its_object_in_one_step() -> anyhow::Result<(
     // Completing again, or adding a part, finds no upload.
     assert!(matches!(
         index
-            .complete_upload(&record, "photos", "u1", &object("p1", 10), "big")
+            .complete_upload(&record, "photos", "u1", &object("p1", 10), "big", read_at)
             .await,
         Err(IndexError::NoUpload)
     ));
@@ -143,5 +155,76 @@ async fn a_completed_upload_becomes_its_object_in_one_step() -> anyhow::Result<(
     );
     let referenced = index.referenced_blobs().await?;
     assert!(referenced.contains("p1") && !referenced.contains("q1"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn conditional_publishes_hold_in_their_own_transaction() -> anyhow::Result<()> {
+    use api_gateway::s3::index::Expect;
+    let (_etcd, index, mut client, record) = setup().await?;
+    // Two create-only writes: the first wins, the second finds the object there.
+    index
+        .put_object_expecting(&record, "photos", "lock", &object("b1", 1), Expect::Absent)
+        .await?;
+    assert!(matches!(
+        index
+            .put_object_expecting(&record, "photos", "lock", &object("b2", 1), Expect::Absent)
+            .await,
+        Err(IndexError::Changed)
+    ));
+    // A write back of the version read succeeds once; a second one with the same version
+    // finds it changed.
+    let (_, version) = index
+        .get_object_versioned("photos", "lock")
+        .await?
+        .expect("just published");
+    index
+        .put_object_expecting(
+            &record,
+            "photos",
+            "lock",
+            &object("b1", 1),
+            Expect::Version(version),
+        )
+        .await?;
+    assert!(matches!(
+        index
+            .put_object_expecting(
+                &record,
+                "photos",
+                "lock",
+                &object("b1", 1),
+                Expect::Version(version),
+            )
+            .await,
+        Err(IndexError::Changed)
+    ));
+    // Deleted in between: the write back does not bring the entry back.
+    let (_, version) = index
+        .get_object_versioned("photos", "lock")
+        .await?
+        .expect("still there");
+    index.delete_object("photos", "lock").await?;
+    assert!(matches!(
+        index
+            .put_object_expecting(
+                &record,
+                "photos",
+                "lock",
+                &object("b1", 1),
+                Expect::Version(version),
+            )
+            .await,
+        Err(IndexError::Changed)
+    ));
+    assert!(index.get_object("photos", "lock").await?.is_none());
+    // Without the bucket, the bucket is what is wrong.
+    client.delete(record.clone(), None).await?;
+    assert!(matches!(
+        index
+            .put_object_expecting(&record, "photos", "new", &object("b3", 1), Expect::Absent)
+            .await,
+        Err(IndexError::NoBucket)
+    ));
     Ok(())
 }

@@ -35,6 +35,9 @@ pub enum IndexError {
     /// The multipart upload is gone (completed or aborted).
     #[error("the multipart upload does not exist")]
     NoUpload,
+    /// The object is not as the write expected (written or deleted meanwhile).
+    #[error("the object changed while the request ran")]
+    Changed,
     /// etcd failed.
     #[error("the object index is unavailable: {0}")]
     Etcd(#[from] etcd_client::Error),
@@ -46,6 +49,29 @@ pub enum IndexError {
         /// Why.
         reason: String,
     },
+}
+
+impl IndexError {
+    /// Whether the index surely refused the write (a compare failed), so that nothing names
+    /// the blobs it would have published. After an etcd error the write may still have
+    /// committed: those blobs are left to the sweep.
+    pub fn refused_for_sure(&self) -> bool {
+        matches!(
+            self,
+            Self::NoBucket | Self::BucketBusy | Self::NoUpload | Self::Changed
+        )
+    }
+}
+
+/// What a publish expects to find at the object's key, checked in its transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// Whatever is there (a plain PUT replaces it).
+    Anything,
+    /// No object (`If-None-Match: *`).
+    Absent,
+    /// The entry read at this mod revision, unchanged since.
+    Version(i64),
 }
 
 /// One run of bytes of an object: a whole blob.
@@ -297,6 +323,20 @@ impl ObjectIndex {
             .transpose()
     }
 
+    /// One object's entry with its mod revision (for [`Expect::Version`]).
+    pub async fn get_object_versioned(
+        &self,
+        bucket: &str,
+        key: &str,
+    ) -> Result<Option<(ObjectMeta, i64)>, IndexError> {
+        let k = object_key(bucket, key);
+        let resp = self.get_raw(k.into_bytes(), None).await?;
+        resp.kvs()
+            .first()
+            .map(|kv| parse(kv.key(), kv.value()).map(|m| (m, kv.mod_revision())))
+            .transpose()
+    }
+
     /// Publishes an object if `bucket_record` (the Bucket's etcd key) still exists; returns
     /// the entry it replaced, whose blobs the caller deletes.
     pub async fn put_object(
@@ -306,19 +346,47 @@ impl ObjectIndex {
         key: &str,
         meta: &ObjectMeta,
     ) -> Result<Option<ObjectMeta>, IndexError> {
+        self.put_object_expecting(bucket_record, bucket, key, meta, Expect::Anything)
+            .await
+    }
+
+    /// [`ObjectIndex::put_object`] only if the key holds what `expect` says, in the same
+    /// transaction (so two `If-None-Match: *` PUTs never both win); [`IndexError::Changed`]
+    /// otherwise.
+    pub async fn put_object_expecting(
+        &self,
+        bucket_record: &str,
+        bucket: &str,
+        key: &str,
+        meta: &ObjectMeta,
+        expect: Expect,
+    ) -> Result<Option<ObjectMeta>, IndexError> {
         let k = object_key(bucket, key);
-        let txn = Txn::new()
-            .when(bucket_open(bucket_record, bucket))
-            .and_then([TxnOp::put(
-                k.clone(),
-                json(meta),
-                Some(PutOptions::new().with_prev_key()),
-            )]);
+        let mut when = bucket_open(bucket_record, bucket).to_vec();
+        match expect {
+            Expect::Anything => {}
+            Expect::Absent => when.push(Compare::create_revision(k.clone(), CompareOp::Equal, 0)),
+            Expect::Version(v) => when.push(Compare::mod_revision(k.clone(), CompareOp::Equal, v)),
+        }
+        let txn = Txn::new().when(when).and_then([TxnOp::put(
+            k.clone(),
+            json(meta),
+            Some(PutOptions::new().with_prev_key()),
+        )]);
         let resp = self.txn(txn).await?;
         if !resp.succeeded() {
+            if expect != Expect::Anything && self.bucket_open_now(bucket_record, bucket).await? {
+                return Err(IndexError::Changed);
+            }
             return Err(self.why_closed(bucket).await);
         }
         replaced(&resp)
+    }
+
+    /// Whether the bucket exists and is not being deleted.
+    async fn bucket_open_now(&self, bucket_record: &str, bucket: &str) -> Result<bool, IndexError> {
+        let txn = Txn::new().when(bucket_open(bucket_record, bucket));
+        Ok(self.txn(txn).await?.succeeded())
     }
 
     /// Removes an object's entry; returns it (its blobs are the caller's to delete).
@@ -526,6 +594,15 @@ impl ObjectIndex {
 
     /// Every part of an upload, by part number.
     pub async fn list_parts(&self, upload_id: &str) -> Result<BTreeMap<u32, PartMeta>, IndexError> {
+        Ok(self.list_parts_versioned(upload_id).await?.0)
+    }
+
+    /// An upload's parts and the etcd revision they were read at (for
+    /// [`ObjectIndex::complete_upload`]).
+    pub async fn list_parts_versioned(
+        &self,
+        upload_id: &str,
+    ) -> Result<(BTreeMap<u32, PartMeta>, i64), IndexError> {
         let prefix = parts_prefix(upload_id);
         let resp = self
             .get_raw(
@@ -542,11 +619,13 @@ impl ObjectIndex {
                 out.insert(number, parse(kv.key(), kv.value())?);
             }
         }
-        Ok(out)
+        let read_at = resp.header().map(|h| h.revision()).unwrap_or(0);
+        Ok((out, read_at))
     }
 
     /// Completes an upload in one transaction: the object appears, the upload and all its part
-    /// entries disappear, or nothing happens. Returns the replaced object, if any.
+    /// entries disappear, or nothing happens. Returns the replaced object, if any;
+    /// [`IndexError::Changed`] when a part was written after `parts_read_at`.
     pub async fn complete_upload(
         &self,
         bucket_record: &str,
@@ -554,12 +633,17 @@ impl ObjectIndex {
         upload_id: &str,
         meta: &ObjectMeta,
         key: &str,
+        parts_read_at: i64,
     ) -> Result<Option<ObjectMeta>, IndexError> {
         let txn = Txn::new()
             .when([
                 Compare::version(bucket_record, CompareOp::Greater, 0),
                 Compare::version(deleting_key(bucket), CompareOp::Equal, 0),
                 Compare::version(upload_key(bucket, upload_id), CompareOp::Greater, 0),
+                // No part written since they were read: a part uploaded again meanwhile
+                // deleted the blob `meta` names.
+                Compare::mod_revision(parts_prefix(upload_id), CompareOp::Less, parts_read_at + 1)
+                    .with_prefix(),
             ])
             .and_then([
                 TxnOp::put(
@@ -575,7 +659,13 @@ impl ObjectIndex {
             ]);
         let resp = self.txn(txn).await?;
         if !resp.succeeded() {
-            return Err(IndexError::NoUpload);
+            let upload = self
+                .get_raw(upload_key(bucket, upload_id).into_bytes(), None)
+                .await?;
+            if upload.kvs().is_empty() || !self.bucket_open_now(bucket_record, bucket).await? {
+                return Err(IndexError::NoUpload);
+            }
+            return Err(IndexError::Changed);
         }
         replaced(&resp)
     }
@@ -615,9 +705,12 @@ impl ObjectIndex {
         Ok(parts)
     }
 
-    /// Every blob ID the index names (objects and parts), read page by page.
+    /// Every blob ID the index names (objects and parts), read page by page, every page at
+    /// the revision of the first: a snapshot, so a blob that moves while the pages are read
+    /// (a multipart completion moves part blobs from `parts/` to `objects/`) is in it.
     pub async fn referenced_blobs(&self) -> Result<std::collections::HashSet<String>, IndexError> {
         let mut out = std::collections::HashSet::new();
+        let mut at: Option<i64> = None;
         for (prefix, is_object) in [
             (format!("{S3_PREFIX}objects/"), true),
             (format!("{S3_PREFIX}parts/"), false),
@@ -625,8 +718,14 @@ impl ObjectIndex {
             let end = prefix_end(prefix.as_bytes());
             let mut from = prefix.clone().into_bytes();
             loop {
-                let opts = GetOptions::new().with_range(end.clone()).with_limit(1000);
+                let mut opts = GetOptions::new().with_range(end.clone()).with_limit(1000);
+                if let Some(rev) = at {
+                    opts = opts.with_revision(rev);
+                }
                 let resp = self.get_raw(from.clone(), Some(opts)).await?;
+                if at.is_none() {
+                    at = resp.header().map(|h| h.revision());
+                }
                 for kv in resp.kvs() {
                     if is_object {
                         let meta: ObjectMeta = parse(kv.key(), kv.value())?;

@@ -19,7 +19,7 @@ use super::access::{allowed, Action, Who};
 use super::blob::{BlobError, BlobStore, ByteStream};
 use super::cond::{self, Outcome, Preconditions};
 use super::index::{
-    IndexError, ObjectIndex, ObjectMeta, PartMeta, Segment, SystemHeaders, UploadMeta,
+    Expect, IndexError, ObjectIndex, ObjectMeta, PartMeta, Segment, SystemHeaders, UploadMeta,
 };
 use super::listing::{list_page, KeySource, ListRequest};
 use crate::auth::Principal;
@@ -88,12 +88,19 @@ fn internal(e: impl std::fmt::Display) -> S3Error {
     )
 }
 
+/// Tries of a read-modify-write of an object's entry before giving up.
+const UPDATE_ATTEMPTS: usize = 8;
+
 fn index_error(e: IndexError) -> S3Error {
     match e {
         IndexError::NoBucket => s3_error!(NoSuchBucket, "The specified bucket does not exist."),
         IndexError::BucketBusy => s3_error!(
             OperationAborted,
             "A conflicting conditional operation is currently in progress against this resource. Please try again."
+        ),
+        IndexError::Changed => s3_error!(
+            PreconditionFailed,
+            "At least one of the pre-conditions you specified did not hold"
         ),
         IndexError::NoUpload => s3_error!(
             NoSuchUpload,
@@ -602,9 +609,21 @@ impl KarriS3 {
     /// Publishes `meta` at `key`, deleting its blobs again if the bucket vanished meanwhile
     /// and the replaced object's blobs once it is no longer visible.
     async fn publish(&self, bucket: &BucketInfo, key: &str, meta: &ObjectMeta) -> S3Result<()> {
+        self.publish_expecting(bucket, key, meta, Expect::Anything)
+            .await
+    }
+
+    /// [`KarriS3::publish`] only if the key holds what `expect` says when the entry is written.
+    async fn publish_expecting(
+        &self,
+        bucket: &BucketInfo,
+        key: &str,
+        meta: &ObjectMeta,
+        expect: Expect,
+    ) -> S3Result<()> {
         match self
             .index
-            .put_object(&bucket.record_key, &bucket.name, key, meta)
+            .put_object_expecting(&bucket.record_key, &bucket.name, key, meta, expect)
             .await
         {
             Ok(prev) => {
@@ -615,7 +634,9 @@ impl KarriS3 {
                 Ok(())
             }
             Err(e) => {
-                self.delete_blobs(meta.blobs()).await;
+                if e.refused_for_sure() {
+                    self.delete_blobs(meta.blobs()).await;
+                }
                 Err(index_error(e))
             }
         }
@@ -1025,12 +1046,20 @@ impl S3 for KarriS3 {
         {
             return Err(blob_error(BlobError::TooLarge(MAX_PUT_SIZE)));
         }
+        // The conditions are checked now, to refuse before the body is received, and held in
+        // the publishing transaction: the entry must still be the one they were checked on.
+        let mut expect = Expect::Anything;
         if input.if_match.is_some() || input.if_none_match.is_some() {
             let existing = self
                 .index
-                .get_object(&bucket.name, &input.key)
+                .get_object_versioned(&bucket.name, &input.key)
                 .await
                 .map_err(index_error)?;
+            expect = match &existing {
+                Some((_, version)) => Expect::Version(*version),
+                None => Expect::Absent,
+            };
+            let existing = existing.map(|(meta, _)| meta);
             match (&existing, &input.if_none_match) {
                 (Some(_), Some(ETagCondition::Any)) => {
                     return Err(s3_error!(
@@ -1083,7 +1112,8 @@ impl S3 for KarriS3 {
             tags,
             parts_count: None,
         };
-        self.publish(&bucket, &input.key, &meta).await?;
+        self.publish_expecting(&bucket, &input.key, &meta, expect)
+            .await?;
         Ok(S3Response::new(PutObjectOutput {
             e_tag: Some(quoted(&etag)),
             size: i64::try_from(written.size).ok(),
@@ -1899,46 +1929,63 @@ impl S3 for KarriS3 {
         let upload = self
             .upload_of(&bucket.name, &input.upload_id, &input.key)
             .await?;
-        let stored = self
-            .index
-            .list_parts(&input.upload_id)
-            .await
-            .map_err(index_error)?;
         let requested: Vec<CompletedPart> = input
             .multipart_upload
             .and_then(|m| m.parts)
             .unwrap_or_default();
-        let chosen = choose_parts(&requested, &stored)?;
-        let etags: Vec<&str> = chosen.iter().map(|p| p.etag.as_str()).collect();
-        let etag = multipart_etag(&etags);
-        let meta = ObjectMeta {
-            segments: chosen
-                .iter()
-                .map(|p| Segment {
-                    blob: p.blob.clone(),
-                    size: p.size,
-                })
-                .collect(),
-            size: chosen.iter().map(|p| p.size).sum(),
-            etag: etag.clone(),
-            last_modified_ms: now_ms(),
-            headers: upload.headers.clone(),
-            metadata: upload.metadata.clone(),
-            acl: upload.acl,
-            tags: upload.tags.clone(),
-            parts_count: u32::try_from(chosen.len()).ok(),
+        // Retried when a part is uploaded again while completing: the parts are read anew
+        // and checked against the ETags asked for.
+        let mut attempt = 0;
+        let (stored, meta, etag, prev) = loop {
+            attempt += 1;
+            let (stored, read_at) = self
+                .index
+                .list_parts_versioned(&input.upload_id)
+                .await
+                .map_err(index_error)?;
+            let chosen = choose_parts(&requested, &stored)?;
+            let etags: Vec<&str> = chosen.iter().map(|p| p.etag.as_str()).collect();
+            let etag = multipart_etag(&etags);
+            let meta = ObjectMeta {
+                segments: chosen
+                    .iter()
+                    .map(|p| Segment {
+                        blob: p.blob.clone(),
+                        size: p.size,
+                    })
+                    .collect(),
+                size: chosen.iter().map(|p| p.size).sum(),
+                etag: etag.clone(),
+                last_modified_ms: now_ms(),
+                headers: upload.headers.clone(),
+                metadata: upload.metadata.clone(),
+                acl: upload.acl,
+                tags: upload.tags.clone(),
+                parts_count: u32::try_from(chosen.len()).ok(),
+            };
+            match self
+                .index
+                .complete_upload(
+                    &bucket.record_key,
+                    &bucket.name,
+                    &input.upload_id,
+                    &meta,
+                    &input.key,
+                    read_at,
+                )
+                .await
+            {
+                Ok(prev) => break (stored, meta, etag, prev),
+                Err(IndexError::Changed) if attempt < UPDATE_ATTEMPTS => continue,
+                Err(IndexError::Changed) => {
+                    return Err(s3_error!(
+                    OperationAborted,
+                    "Parts kept being uploaded while the upload was completed. Please try again."
+                ))
+                }
+                Err(e) => return Err(index_error(e)),
+            }
         };
-        let prev = self
-            .index
-            .complete_upload(
-                &bucket.record_key,
-                &bucket.name,
-                &input.upload_id,
-                &meta,
-                &input.key,
-            )
-            .await
-            .map_err(index_error)?;
         // Parts uploaded but not named in the completion are no longer referenced.
         let used: std::collections::HashSet<&str> = meta.blobs().collect();
         let unused: Vec<&str> = stored
@@ -2218,8 +2265,10 @@ impl KarriS3 {
                 Ok(())
             }
             Err(e) => {
-                self.delete_blobs(std::iter::once(written.id.as_str()))
-                    .await;
+                if e.refused_for_sure() {
+                    self.delete_blobs(std::iter::once(written.id.as_str()))
+                        .await;
+                }
                 Err(index_error(e))
             }
         }
@@ -2270,27 +2319,38 @@ impl KarriS3 {
         key: &str,
         change: impl Fn(&mut ObjectMeta),
     ) -> S3Result<()> {
-        let mut meta = self.object(&bucket.name, key).await?;
-        change(&mut meta);
-        // The blobs are the same: publishing replaces only the entry.
-        match self
-            .index
-            .put_object(&bucket.record_key, &bucket.name, key, &meta)
-            .await
-        {
-            Ok(Some(prev)) if prev.segments != meta.segments => {
-                // Overwritten between the read and the write: keep the newer bytes, reapply.
-                let mut newer = prev;
-                change(&mut newer);
-                self.index
-                    .put_object(&bucket.record_key, &bucket.name, key, &newer)
-                    .await
-                    .map_err(index_error)?;
-                Ok(())
+        // Compare-and-swap on the entry: a write back over a delete or an overwrite that came
+        // in between would bring back an entry whose blobs are gone.
+        for _ in 0..UPDATE_ATTEMPTS {
+            let Some((mut meta, version)) = self
+                .index
+                .get_object_versioned(&bucket.name, key)
+                .await
+                .map_err(index_error)?
+            else {
+                return Err(no_such_key());
+            };
+            change(&mut meta);
+            match self
+                .index
+                .put_object_expecting(
+                    &bucket.record_key,
+                    &bucket.name,
+                    key,
+                    &meta,
+                    Expect::Version(version),
+                )
+                .await
+            {
+                Ok(_) => return Ok(()),
+                Err(IndexError::Changed) => continue,
+                Err(e) => return Err(index_error(e)),
             }
-            Ok(_) => Ok(()),
-            Err(e) => Err(index_error(e)),
         }
+        Err(s3_error!(
+            OperationAborted,
+            "The object kept changing while its ACL or tags were set. Please try again."
+        ))
     }
 }
 
