@@ -2309,6 +2309,8 @@ impl KarriS3 {
                     internal(e)
                 }
             })?;
+        // Buckets are read from the watch cache: the next request must see this change.
+        self.registry.catch_up().await.map_err(internal)?;
         Ok(())
     }
 
