@@ -344,6 +344,21 @@ async fn sync_instance(
         }
     }
     let mut observed = Observed::of(instance, placement.as_ref());
+    if let Some(node) = instance
+        .status
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+    {
+        let terminating = effective_desired(
+            instance.spec.desired_state,
+            instance.metadata.deletion_timestamp.is_some(),
+        ) == crds::DesiredState::Terminated;
+        observed.domain = lifecycle::domain_considering_node(
+            observed.domain,
+            terminating,
+            ctx.node(node).is_some(),
+        );
+    }
     if launch_failure.is_some() {
         observed.launch_failure = launch_failure;
     }

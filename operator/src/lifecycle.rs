@@ -75,6 +75,9 @@ pub const STATE_MESSAGE_USER_SHUTDOWN: &str =
     "Client.UserInitiatedShutdown: User initiated shutdown";
 /// How long terminated instances stay visible before they are collected, unless configured.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(60 * 60);
+/// How soon an instance that could not be placed is placed again: room freed by a terminated
+/// instance changes no Node record, so no event would bring it back.
+pub const UNPLACEABLE_RECHECK: Duration = Duration::from_secs(10);
 
 /// What the node agent last reported about the instance's domain (its `DomainRunning`
 /// condition).
@@ -209,6 +212,17 @@ impl<'a> Observed<'a> {
             placement,
             launch_failure: instance.status.as_ref().and_then(launch_failure),
         }
+    }
+}
+
+/// The domain report to act on: an instance being terminated on a node whose Node record was
+/// deleted (the host is gone for good) counts as having no domain, so that termination can
+/// finish and its address and capacity are released; otherwise the agent's `reported` one.
+pub fn domain_considering_node(reported: Domain, terminating: bool, node_exists: bool) -> Domain {
+    if terminating && !node_exists {
+        Domain::Undefined
+    } else {
+        reported
     }
 }
 
@@ -353,8 +367,11 @@ pub fn next(observed: &Observed<'_>, now: &Time, retention: Duration) -> Next {
         status.observed_generation = observed.generation;
     }
 
+    let unplaced = matches!(observed.placement, Some(Err(_)));
     let action = if state != InstanceState::Terminated {
-        Action::Keep { recheck_in: None }
+        Action::Keep {
+            recheck_in: unplaced.then_some(UNPLACEABLE_RECHECK),
+        }
     } else if observed.deletion_timestamp.is_some() {
         Action::Release
     } else {
@@ -442,6 +459,25 @@ mod tests {
     use InstanceState as S;
 
     const HOUR: Duration = DEFAULT_RETENTION;
+
+    #[test]
+    fn only_a_terminating_instance_on_a_deleted_node_loses_its_domain() {
+        use Domain as Dm;
+        for (reported, terminating, node_exists, want) in [
+            (Dm::Running, true, false, Dm::Undefined),
+            (Dm::ShutOff, true, false, Dm::Undefined),
+            (Dm::Unreported, true, false, Dm::Undefined),
+            (Dm::Running, true, true, Dm::Running),
+            (Dm::Running, false, false, Dm::Running),
+            (Dm::ShutOff, false, true, Dm::ShutOff),
+        ] {
+            assert_eq!(
+                domain_considering_node(reported, terminating, node_exists),
+                want,
+                "{reported:?} terminating={terminating} node_exists={node_exists}"
+            );
+        }
+    }
 
     fn placed(node: &str) -> Result<Placed, Unplaceable> {
         Ok(Placed {
@@ -563,7 +599,10 @@ mod tests {
                 ConditionStatus::False,
                 REASON_UNPLACEABLE,
                 "no node in zone karri-1a has room for 2 vCPUs and 1024 MiB",
-            ),
+            )
+            .action(Action::Keep {
+                recheck_in: Some(UNPLACEABLE_RECHECK),
+            }),
             row(
                 "placement not run yet leaves Scheduled unset",
                 D::Running,
