@@ -334,6 +334,8 @@ impl<H: Hypervisor + 'static> Context<H> {
                 return Ok((observed, actions));
             }
             let xml = if actions.contains(&Action::Define) {
+                // A fetch may evict: first mark what every live instance boots from.
+                self.hold_live_images();
                 Some(self.render(instance, id, uid).await?)
             } else {
                 None
@@ -539,10 +541,25 @@ impl<H: Hypervisor + 'static> Context<H> {
         }
     }
 
+    /// Marks the images of every live instance bound to the node as needed, from the store
+    /// (after a restart, domains are adopted without being prepared).
+    fn hold_live_images(&self) {
+        let Some(guests) = &self.guests else { return };
+        for instance in self.instances.state() {
+            if !is_live_on(&instance, &self.settings.node) {
+                continue;
+            }
+            if let Ok(id) = instance_id(&instance) {
+                guests.hold_images_of(&instance, id);
+            }
+        }
+    }
+
     /// Removes the files, DHCP entries and metadata of instances no longer live on the node,
     /// and evicts cached images beyond the cache's limit.
     async fn sweep_guests(&self) {
         let Some(guests) = &self.guests else { return };
+        self.hold_live_images();
         let live: HashSet<String> = self
             .instances
             .state()

@@ -249,6 +249,17 @@ impl Guests {
             .insert(sha256.to_owned());
     }
 
+    /// Marks the images the instance's launch names (by their SHA-256) as needed by the
+    /// instance `id`, without fetching: an agent that restarted adopts the domains it finds
+    /// without preparing them again, and eviction must still keep what they boot from.
+    pub fn hold_images_of(&self, instance: &Instance, id: &str) {
+        for artifact in artifacts_of(instance).into_iter().flatten() {
+            if let Some(sha256) = &artifact.sha256 {
+                self.hold(id, sha256);
+            }
+        }
+    }
+
     async fn fetch(&self, a: &ImageArtifact) -> Result<images::CachedImage, GuestError> {
         self.cache
             .get(&source_of(a))
@@ -415,5 +426,58 @@ impl Guests {
     /// Evicts cached images beyond the cache's size limit that no live instance needs.
     pub async fn evict(&self) -> Result<u64, CacheError> {
         self.cache.evict(&self.in_use()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launched(artifacts: serde_json::Value) -> Instance {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "karri.dev/v1alpha1",
+            "kind": "Instance",
+            "metadata": {"name": "i-1", "namespace": "acme"},
+            "spec": {"imageId": "emi-0123456789abcdef0", "instanceType": "t1.micro"},
+            "status": {"launch": artifacts},
+        }))
+        .expect("a valid Instance")
+    }
+
+    fn artifact(id: &str, sha256: Option<&str>) -> serde_json::Value {
+        let mut a = serde_json::json!({"imageId": id, "location": "/images/x"});
+        if let Some(sha) = sha256 {
+            a["sha256"] = serde_json::json!(sha);
+        }
+        a
+    }
+
+    #[test]
+    fn an_adopted_instance_holds_its_images_without_a_fetch_until_released() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cache = ImageCache::open(dir.path().join("cache"), 1 << 30).expect("cache");
+        let guests = Guests::new(
+            cache,
+            dir.path().join("instances"),
+            dir.path().join("consoles"),
+            String::new(),
+            None,
+        );
+        let instance = launched(serde_json::json!({
+            "root": artifact("emi-1", Some("aa")),
+            "kernel": artifact("eki-1", Some("bb")),
+            "ramdisk": artifact("eri-1", None),
+        }));
+        guests.hold_images_of(&instance, "i-1");
+        let held: HashSet<String> = ["aa".to_string(), "bb".to_string()].into();
+        assert_eq!(guests.in_use(), held);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        runtime
+            .block_on(guests.release("i-1", None))
+            .expect("release");
+        assert!(guests.in_use().is_empty());
     }
 }
