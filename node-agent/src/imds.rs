@@ -655,7 +655,38 @@ pub async fn serve(
     directory: Directory,
     tokens: Tokens,
 ) -> io::Result<()> {
+    serve_with(listener, directory, tokens, Limits::default()).await
+}
+
+/// What one guest may hold of the metadata service.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// A connection that sends no complete request head for this long is closed (idle
+    /// keep-alive connections included).
+    pub idle: std::time::Duration,
+    /// Connections served at once; more are closed as soon as they are accepted.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            idle: std::time::Duration::from_secs(10),
+            max_connections: 512,
+        }
+    }
+}
+
+/// [`serve`] with other [`Limits`]: guests could otherwise hold idle connections until the
+/// agent, which also holds its libvirt and gateway connections, runs out of descriptors.
+pub async fn serve_with(
+    listener: tokio::net::TcpListener,
+    directory: Directory,
+    tokens: Tokens,
+    limits: Limits,
+) -> io::Result<()> {
     let app = router(directory, tokens);
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -665,6 +696,11 @@ pub async fn serve(
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            debug!(%addr, "too many metadata connections; closing this one");
+            drop(stream);
+            continue;
         };
         let socket = PeerSocket::of(&stream)
             .inspect_err(|error| warn!(%error, %addr, "cannot hold the connection's socket"))
@@ -680,10 +716,13 @@ pub async fn serve(
                 app.clone().oneshot(request)
             });
             let mut http = hyper::server::conn::http1::Builder::new();
-            http.half_close(true);
+            http.half_close(true)
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.idle);
             if let Err(error) = http.serve_connection(TokioIo::new(stream), service).await {
                 debug!(%error, %addr, "metadata connection ended with an error");
             }
+            drop(slot);
         });
     }
 }
@@ -1654,6 +1693,56 @@ mod tests {
         assert_eq!(status, 200);
         assert_eq!(body, "i-0123456789abcdef0");
 
+        serving.abort();
+    }
+
+    #[tokio::test]
+    async fn idle_connections_are_closed_and_too_many_are_refused() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a free port");
+        let server = listener.local_addr().expect("a bound address");
+        let limits = Limits {
+            idle: std::time::Duration::from_millis(300),
+            max_connections: 1,
+        };
+        let serving = tokio::spawn(serve_with(
+            listener,
+            Directory::default(),
+            Tokens::new(),
+            limits,
+        ));
+        let mut idle = tokio::net::TcpStream::connect(server)
+            .await
+            .expect("the server listens");
+        // One request on a keep-alive connection, which then stays idle.
+        idle.write_all(b"GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("the request is sent");
+        // The second connection finds the only slot taken and is closed at once (the idle one
+        // holds it for 300 ms at most, far less than the 5 s this waits).
+        let mut second = tokio::net::TcpStream::connect(server)
+            .await
+            .expect("the server listens");
+        let mut seen = Vec::new();
+        let closed = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            second.read_to_end(&mut seen),
+        )
+        .await;
+        assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+        // The idle one gets its answer, then is closed 300 ms after it.
+        let mut answer = Vec::new();
+        let closed = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            idle.read_to_end(&mut answer),
+        )
+        .await;
+        assert!(
+            closed.is_ok(),
+            "the idle connection is still open after 5 s"
+        );
+        assert!(answer.starts_with(b"HTTP/1.1 "), "{answer:?}");
         serving.abort();
     }
 
