@@ -219,6 +219,16 @@ fn read_ahead(
     }
 }
 
+/// The modification time of a directory entry, `None` when the file went away since the
+/// directory was read (the sweep runs beside writes, overwrites and deletes).
+fn modified_unless_gone(entry: &std::fs::DirEntry) -> Result<Option<SystemTime>, BlobError> {
+    match entry.metadata().and_then(|m| m.modified()) {
+        Ok(t) => Ok(Some(t)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 fn new_blob_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
@@ -383,7 +393,10 @@ impl BlobStore for FsBlobs {
                 }
                 for entry in std::fs::read_dir(shard.path())? {
                     let entry = entry?;
-                    let modified = entry.metadata()?.modified()?;
+                    // Deleted (overwritten, swept) since the directory was read: not a blob.
+                    let Some(modified) = modified_unless_gone(&entry)? else {
+                        continue;
+                    };
                     if let Some(name) = entry.file_name().to_str() {
                         out.push((name.to_string(), modified));
                     }
@@ -401,9 +414,16 @@ impl BlobStore for FsBlobs {
             let mut removed = 0;
             for entry in std::fs::read_dir(&dir)? {
                 let entry = entry?;
-                if entry.metadata()?.modified()? < older_than {
-                    std::fs::remove_file(entry.path())?;
-                    removed += 1;
+                // Published or discarded since the directory was read: nothing to remove.
+                let Some(modified) = modified_unless_gone(&entry)? else {
+                    continue;
+                };
+                if modified < older_than {
+                    match std::fs::remove_file(entry.path()) {
+                        Ok(()) => removed += 1,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e.into()),
+                    }
                 }
             }
             Ok(removed)
@@ -548,6 +568,20 @@ mod tests {
             let back = read_all(store.get(&w.id, 0..len as u64).await.unwrap()).await;
             assert!(back == data, "{len} bytes read back differ");
         }
+    }
+
+    #[test]
+    fn a_file_deleted_after_its_directory_was_read_is_skipped_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("gone"), b"x").unwrap();
+        let entry = std::fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        assert!(modified_unless_gone(&entry).unwrap().is_some());
+        std::fs::remove_file(dir.path().join("gone")).unwrap();
+        assert!(modified_unless_gone(&entry).unwrap().is_none());
     }
 
     #[tokio::test]

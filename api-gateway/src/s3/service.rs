@@ -675,7 +675,15 @@ impl KarriS3 {
             ));
         };
         let src_bucket = self.bucket(bucket).await?;
-        let meta = self.object(bucket, key).await?;
+        let meta = self.object(bucket, key).await.map_err(|e| {
+            // As for a GET: without read access to the source bucket, a missing key is
+            // AccessDenied, so a copy cannot probe another account's private keys.
+            if permits(caller, Action::ListBucket, &src_bucket, None) {
+                e
+            } else {
+                access_denied()
+            }
+        })?;
         if !permits(caller, Action::ReadObject, &src_bucket, Some(meta.acl)) {
             return Err(access_denied());
         }
