@@ -184,7 +184,7 @@ impl WatchCache {
 
     async fn sync_once(
         self: Arc<Self>,
-        mut client: Client,
+        client: Client,
         resume_after: Option<i64>,
     ) -> Result<WatchEnd, etcd_client::Error> {
         // The records are listed; all of Karri's keys are watched, index entries and the S3
@@ -194,7 +194,7 @@ impl WatchCache {
         let start = match resume_after {
             Some(after) => after,
             None => {
-                let resp = client
+                let resp = crate::store::kv(&client)
                     .get(REGISTRY_PREFIX, Some(GetOptions::new().with_prefix()))
                     .await?;
                 let start = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -206,7 +206,9 @@ impl WatchCache {
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(start + 1);
-        let mut stream = client.watch(KARRI_PREFIX, Some(options)).await?;
+        let mut stream = crate::store::watcher(&client)
+            .watch(KARRI_PREFIX, Some(options))
+            .await?;
         // Ready only now: the list is in and the watch that keeps it current is open.
         self.mark_synced();
         while let Some(resp) = stream.message().await? {

@@ -15,7 +15,7 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::retry_unreached;
+use crate::store::{self, retry_unreached};
 
 /// Requests (single ranges or batches) out at etcd at once.
 pub const READS_IN_FLIGHT: usize = 2;
@@ -72,7 +72,7 @@ impl PointReads {
         // reader task is gone: read alone.
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         retry_unreached(|| {
-            let mut kv = self.etcd.kv_client();
+            let mut kv = store::kv(&self.etcd);
             let key = key.clone();
             async move { kv.get(key, None).await }
         })
@@ -111,7 +111,7 @@ async fn drive(etcd: Client, mut queue: mpsc::UnboundedReceiver<Pending>, stats:
 
 /// Sends one batch and hands each reader its answer (`None` to all when the request failed).
 async fn read_batch(etcd: Client, batch: Vec<Pending>) {
-    let mut kv = etcd.kv_client();
+    let mut kv = store::kv(&etcd);
     let mut batch = batch;
     if batch.len() == 1 {
         if let Some(p) = batch.pop() {

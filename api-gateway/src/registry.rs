@@ -275,7 +275,7 @@ impl Registry {
             return self.reads.get(key).await;
         }
         store::retry_unreached(|| {
-            let mut kv = self.etcd.kv_client();
+            let mut kv = store::kv(&self.etcd);
             let opts = opts.clone();
             async move { kv.get(key, opts).await }
         })
@@ -284,7 +284,7 @@ impl Registry {
 
     async fn etcd_txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
         store::retry_unreached(|| {
-            let mut kv = self.etcd.kv_client();
+            let mut kv = store::kv(&self.etcd);
             let txn = txn.clone();
             async move { kv.txn(txn).await }
         })
@@ -1088,8 +1088,10 @@ impl Registry {
             .with_prefix()
             .with_start_revision(after + 1)
             .with_prev_key();
-        let mut client = self.etcd.clone();
-        let mut stream = match client.watch(prefix, Some(options)).await {
+        let mut stream = match store::watcher(&self.etcd)
+            .watch(prefix, Some(options))
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 let _ = tx.send(WatchEvent::Error(e.into())).await;

@@ -113,6 +113,22 @@ pub fn never_reached_etcd(e: &etcd_client::Error) -> bool {
         || text.contains("error trying to connect")
 }
 
+/// Largest etcd response the gateway reads (gRPC's default is 4 MiB): the watch cache's
+/// list holds every record, and one transaction's watch event can carry a whole reservation.
+pub const MAX_RESPONSE_BYTES: usize = 1 << 30;
+
+/// A KV client of `etcd` that reads responses up to [`MAX_RESPONSE_BYTES`].
+pub fn kv(etcd: &Client) -> etcd_client::KvClient {
+    etcd.kv_client()
+        .max_decoding_message_size(MAX_RESPONSE_BYTES)
+}
+
+/// A watch client of `etcd` that reads responses up to [`MAX_RESPONSE_BYTES`].
+pub fn watcher(etcd: &Client) -> etcd_client::WatchClient {
+    etcd.watch_client()
+        .max_decoding_message_size(MAX_RESPONSE_BYTES)
+}
+
 /// Run an etcd request, sending it again (up to 8 times over about two seconds) while it
 /// cannot reach a member: with one member of a cluster down, the client's balancer may try
 /// the dead member first.

@@ -446,6 +446,41 @@ async fn a_watch_from_a_revision_etcd_has_not_reached_is_refused() -> anyhow::Re
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registry_starts_over_more_records_than_one_grpc_message_holds_by_default(
+) -> anyhow::Result<()> {
+    // gRPC reads at most 4 MiB per message unless told otherwise; the cache's first list
+    // holds every record.
+    const RECORDS: usize = 80;
+    const PAD: usize = 64 * 1024;
+    let h = harness().await?;
+    for i in 0..RECORDS {
+        let mut body = instance(&format!("big-{i}"));
+        body["metadata"]["annotations"] = json!({"example.com/pad": "x".repeat(PAD)});
+        h.registry
+            .create(
+                &h.instances,
+                Some("acme"),
+                body,
+                &admin(),
+                WriteOptions::default(),
+            )
+            .await?;
+    }
+    // A second gateway's registry, started on these records.
+    let (again, _) = start_registry(&h.client).await?;
+    let page = again
+        .list(
+            &h.instances,
+            Some("acme"),
+            &admin(),
+            &ListOptions::default(),
+        )
+        .await?;
+    assert_eq!(page.items.len(), RECORDS);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_from_a_compacted_revision_is_gone_and_a_relist_recovers() -> anyhow::Result<()> {
     let h = harness().await?;
     let first = h.create("a").await?;

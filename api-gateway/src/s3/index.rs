@@ -293,7 +293,7 @@ impl ObjectIndex {
             return Ok(self.reads.get(key).await?);
         }
         Ok(store::retry_unreached(|| {
-            let mut kv = self.etcd.kv_client();
+            let mut kv = store::kv(&self.etcd);
             let (key, opts) = (key.clone(), opts.clone());
             async move { kv.get(key, opts).await }
         })
@@ -302,7 +302,7 @@ impl ObjectIndex {
 
     async fn txn(&self, txn: Txn) -> Result<etcd_client::TxnResponse, IndexError> {
         Ok(store::retry_unreached(|| {
-            let mut kv = self.etcd.kv_client();
+            let mut kv = store::kv(&self.etcd);
             let txn = txn.clone();
             async move { kv.txn(txn).await }
         })
@@ -397,7 +397,7 @@ impl ObjectIndex {
     ) -> Result<Option<ObjectMeta>, IndexError> {
         let k = object_key(bucket, key);
         let resp = store::retry_unreached(|| {
-            let mut kv = self.etcd.kv_client();
+            let mut kv = store::kv(&self.etcd);
             let k = k.clone();
             async move {
                 kv.delete(k, Some(DeleteOptions::new().with_prev_key()))
