@@ -108,8 +108,7 @@ impl FromStr for Subnet {
     }
 }
 
-/// The default subnet of the zone at `index` in name order: the index-th /20 of
-/// [`DEFAULT_VPC_CIDR`] (wrapping after 16 zones; set `spec.subnetCidr` beyond that).
+/// The index-th /20 of [`DEFAULT_VPC_CIDR`] (wrapping after 16).
 pub fn default_subnet(index: usize) -> Subnet {
     let third = u8::try_from((index % 16) * 16).expect("at most 15 * 16 = 240");
     Subnet {
@@ -118,8 +117,25 @@ pub fn default_subnet(index: usize) -> Subnet {
     }
 }
 
+/// Which default /20 a zone named `name` gets, from its name alone, so that adding or removing
+/// other zones never moves it (its instances hold addresses in it): the letter an AWS-style
+/// zone name ends with (`karri-1a` → 0, `karri-1b` → 1, …, wrapping after `p`), else a hash
+/// of the name. Zones beyond 16 letters, or not named so, should set `spec.subnetCidr`.
+pub fn default_subnet_index(name: &str) -> usize {
+    match name.bytes().last() {
+        Some(c @ b'a'..=b'z') => usize::from(c - b'a') % 16,
+        _ => {
+            // FNV-1a: stable across builds and platforms, unlike std's hasher.
+            let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+            usize::try_from(hash % 16).unwrap_or(0)
+        }
+    }
+}
+
 /// The subnet of each zone, in name order: its `spec.subnetCidr` when set and valid, else the
-/// default for its position among all zones sorted by name.
+/// default its name gives ([`default_subnet_index`]).
 pub fn zone_subnets<'a>(
     zones: impl IntoIterator<Item = (&'a str, Option<&'a str>)>,
 ) -> Vec<(String, Subnet)> {
@@ -127,11 +143,10 @@ pub fn zone_subnets<'a>(
     zones.sort_by(|a, b| a.0.cmp(b.0));
     zones
         .into_iter()
-        .enumerate()
-        .map(|(i, (name, cidr))| {
+        .map(|(name, cidr)| {
             let subnet = cidr
                 .and_then(|c| c.parse().ok())
-                .unwrap_or_else(|| default_subnet(i));
+                .unwrap_or_else(|| default_subnet(default_subnet_index(name)));
             (name.to_string(), subnet)
         })
         .collect()
@@ -216,7 +231,29 @@ mod tests {
     }
 
     #[test]
-    fn zones_get_their_own_subnet_or_the_default_of_their_position() {
+    fn a_zone_keeps_its_default_subnet_whatever_zones_are_added() {
+        let before = zone_subnets([("karri-1b", None), ("karri-1c", None)]);
+        let after = zone_subnets([
+            ("karri-1a", None),
+            ("karri-1a2", None),
+            ("karri-1b", None),
+            ("karri-1c", None),
+        ]);
+        for (zone, subnet) in &before {
+            assert!(after.contains(&(zone.clone(), *subnet)), "{zone} moved");
+        }
+        assert_eq!(default_subnet_index("karri-1a"), 0);
+        assert_eq!(default_subnet_index("karri-1p"), 15);
+        assert_eq!(default_subnet_index("karri-1q"), 0);
+        assert_eq!(
+            default_subnet_index("zone-7"),
+            default_subnet_index("zone-7"),
+            "a name without a letter gets a stable slot"
+        );
+    }
+
+    #[test]
+    fn zones_get_their_own_subnet_or_the_default_their_name_gives() {
         let got = zone_subnets([
             ("karri-1b", None),
             ("karri-1a", None),

@@ -61,7 +61,8 @@ pub struct AvailabilityZoneSpec {
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub placement_policy: Option<PlacementPolicy>,
     /// The zone's subnet (its default subnet in the default VPC), e.g. `172.31.0.0/20`, a /16 to
-    /// /28; when unset, the next /20 of 172.31.0.0/16 in zone-name order.
+    /// /28; when unset, a /20 of 172.31.0.0/16 chosen by the letter the zone's name ends with
+    /// (`a` the first, `b` the second, …), which other zones never move.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub subnet_cidr: Option<String>,
 }
