@@ -50,7 +50,20 @@ pub enum GuestError {
     /// The DHCP host entry could not be written; try again.
     #[error("the DHCP host entry: {0}")]
     Dhcp(String),
+    /// An image could not be fetched for a reason that may pass (the network, the gateway, a
+    /// full disk); try again, until [`FETCH_GIVE_UP`] after the first such failure.
+    #[error("image {image_id} (will try again): {reason}")]
+    Fetch {
+        /// The image's ID.
+        image_id: String,
+        /// What went wrong, with its causes.
+        reason: String,
+    },
 }
+
+/// How long fetches of one image may keep failing for reasons that may pass before the
+/// instances that need it fail for good.
+pub const FETCH_GIVE_UP: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl GuestError {
     /// Whether the instance fails for good (a bad or missing image) rather than being retried.
@@ -82,6 +95,8 @@ pub struct Guests {
     network: Option<GuestNetwork>,
     /// The cached images (sha256) each live instance's overlay or boot needs, by instance ID.
     bases: Arc<Mutex<HashMap<String, HashSet<String>>>>,
+    /// Since when each image location's fetches have been failing for passing reasons.
+    failing_since: Mutex<HashMap<String, std::time::Instant>>,
 }
 
 /// The parts of a domain a guest needs, for [`crate::domain::DomainSpec`].
@@ -221,6 +236,7 @@ impl Guests {
             cmdline,
             network,
             bases,
+            failing_since: Mutex::default(),
         }
     }
 
@@ -261,13 +277,29 @@ impl Guests {
     }
 
     async fn fetch(&self, a: &ImageArtifact) -> Result<images::CachedImage, GuestError> {
-        self.cache
-            .get(&source_of(a))
-            .await
-            .map_err(|e| GuestError::Image {
-                image_id: a.image_id.clone(),
-                reason: chain(&e),
-            })
+        let fetched = self.cache.get(&source_of(a)).await;
+        let mut failing = self
+            .failing_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match fetched {
+            Ok(image) => {
+                failing.remove(&a.location);
+                Ok(image)
+            }
+            Err(e) => {
+                let since = *failing
+                    .entry(a.location.clone())
+                    .or_insert_with(std::time::Instant::now);
+                let (image_id, reason) = (a.image_id.clone(), chain(&e));
+                if e.is_permanent() || since.elapsed() >= FETCH_GIVE_UP {
+                    failing.remove(&a.location);
+                    Err(GuestError::Image { image_id, reason })
+                } else {
+                    Err(GuestError::Fetch { image_id, reason })
+                }
+            }
+        }
     }
 
     /// Fetches the instance's images, makes its overlay and network entries, and returns the
@@ -450,6 +482,35 @@ mod tests {
             a["sha256"] = serde_json::json!(sha);
         }
         a
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_image_is_tried_again_and_a_missing_one_fails_for_good() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cache = ImageCache::open(dir.path().join("cache"), 1 << 30).expect("cache");
+        let guests = Guests::new(
+            cache,
+            dir.path().join("instances"),
+            dir.path().join("consoles"),
+            String::new(),
+            None,
+        );
+        let artifact = |location: &str| ImageArtifact {
+            image_id: "emi-1".into(),
+            location: location.into(),
+            sha256: None,
+            format: Default::default(),
+        };
+        // Nothing listens on loopback port 9: the connection is refused, which may pass.
+        match guests.fetch(&artifact("http://127.0.0.1:9/root.img")).await {
+            Err(e @ GuestError::Fetch { .. }) => assert!(!e.is_permanent()),
+            other => panic!("expected a fetch to try again, got {other:?}"),
+        }
+        let missing = dir.path().join("no-such-image.img");
+        match guests.fetch(&artifact(&missing.to_string_lossy())).await {
+            Err(e) => assert!(e.is_permanent(), "{e}"),
+            Ok(_) => panic!("a missing file was fetched"),
+        }
     }
 
     #[test]

@@ -242,6 +242,34 @@ pub enum CacheError {
 }
 
 impl CacheError {
+    /// Whether the image itself is wrong or missing for sure (a bad location or checksum, a
+    /// 4xx answer, bytes that do not match what was declared), so that trying again cannot
+    /// help; `false` for what may pass (a network error, a stall, a 5xx, a full disk).
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            Self::InvalidLocation { .. }
+            | Self::InvalidSha256 { .. }
+            | Self::NotFound { .. }
+            | Self::NoPresigner { .. }
+            | Self::ChecksumMismatch { .. }
+            | Self::FormatMismatch { .. }
+            | Self::BackingFile { .. }
+            | Self::DataFile { .. } => true,
+            Self::HttpStatus { status, .. } | Self::S3Status { status, .. } => {
+                (400..500).contains(status) && *status != 408 && *status != 429
+            }
+            Self::Unreadable { .. }
+            | Self::Presign { .. }
+            | Self::Http { .. }
+            | Self::Stalled { .. }
+            | Self::QemuImg { .. }
+            | Self::OverlayConflict { .. }
+            | Self::Io { .. }
+            | Self::HttpClient { .. }
+            | Self::TaskFailed => false,
+        }
+    }
+
     fn io<'a>(action: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Self + 'a {
         move |source| Self::Io {
             action,
