@@ -150,6 +150,12 @@ pub fn artifacts_of(instance: &Instance) -> [Option<&ImageArtifact>; 3] {
     ]
 }
 
+/// Whether the metadata service answers for the instance: only while it is asked to run.
+pub fn serves_metadata(instance: &Instance) -> bool {
+    instance.spec.desired_state == crds::DesiredState::Running
+        && instance.metadata.deletion_timestamp.is_none()
+}
+
 /// The instance's address and MAC, when the operator gave it one.
 pub fn address_of(instance: &Instance) -> Option<(Ipv4Addr, String)> {
     let status = instance.status.as_ref()?;
@@ -374,12 +380,16 @@ impl Guests {
     }
 
     /// Keeps the metadata of a running instance current (user data and options may change
-    /// while it is stopped).
+    /// while it is stopped), and withdraws that of one asked to stop: its address is free on
+    /// the bridge while it is down, and whoever took it must not be served its data.
     pub fn publish(&self, instance: &Instance) {
-        if let Some(net) = &self.network {
+        let Some(net) = &self.network else { return };
+        if serves_metadata(instance) {
             if let Some(md) = metadata_of(instance, &net.region, &net.subnet_cidr) {
                 net.directory.set(md);
             }
+        } else if let Some((ip, _)) = address_of(instance) {
+            net.directory.remove(ip);
         }
     }
 
@@ -511,6 +521,22 @@ mod tests {
             Err(e) => assert!(e.is_permanent(), "{e}"),
             Ok(_) => panic!("a missing file was fetched"),
         }
+    }
+
+    #[test]
+    fn only_an_instance_asked_to_run_is_served_metadata() {
+        let mut instance = launched(serde_json::json!({}));
+        assert!(serves_metadata(&instance));
+        for desired in [crds::DesiredState::Stopped, crds::DesiredState::Terminated] {
+            instance.spec.desired_state = desired;
+            assert!(!serves_metadata(&instance), "{desired:?}");
+        }
+        instance.spec.desired_state = crds::DesiredState::Running;
+        instance.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now(),
+            ));
+        assert!(!serves_metadata(&instance), "being deleted");
     }
 
     #[test]
