@@ -1847,42 +1847,19 @@ impl S3 for KarriS3 {
         });
         let key_marker = input.key_marker.clone().unwrap_or_default();
         let id_marker = input.upload_id_marker.clone().unwrap_or_default();
-        let uploads: Vec<(String, UploadMeta)> = uploads
-            .into_iter()
-            .filter(|(id, u)| {
-                key_marker.is_empty()
-                    || u.key > key_marker
-                    || (u.key == key_marker && !id_marker.is_empty() && *id > id_marker)
-            })
-            .collect();
         let max = usize::try_from(input.max_uploads.unwrap_or(1000).clamp(0, 1000)).unwrap_or(1000);
         let delimiter = input.delimiter.clone().filter(|d| !d.is_empty());
-        let mut shown = Vec::new();
-        let mut prefixes: Vec<String> = Vec::new();
-        let mut truncated = false;
-        for (id, u) in &uploads {
-            let group = delimiter.as_deref().and_then(|d| {
-                u.key[prefix.len()..]
-                    .find(d)
-                    .map(|i| u.key[..prefix.len() + i + d.len()].to_string())
-            });
-            if let Some(cp) = group {
-                if prefixes.last() == Some(&cp) {
-                    continue;
-                }
-                if shown.len() + prefixes.len() == max {
-                    truncated = true;
-                    break;
-                }
-                prefixes.push(cp);
-                continue;
-            }
-            if shown.len() + prefixes.len() == max {
-                truncated = true;
-                break;
-            }
-            shown.push((id.clone(), u.clone()));
-        }
+        let page = uploads_page(
+            &uploads,
+            &UploadsQuery {
+                prefix: &prefix,
+                key_marker: &key_marker,
+                id_marker: &id_marker,
+                delimiter: delimiter.as_deref(),
+                max,
+            },
+        );
+        let (shown, prefixes, truncated) = (page.uploads, page.prefixes, page.truncated);
         let enc = encode_with(input.encoding_type.as_ref());
         let owner = owner_of(&bucket.spec);
         Ok(S3Response::new(ListMultipartUploadsOutput {
@@ -1900,8 +1877,8 @@ impl S3 for KarriS3 {
             is_truncated: Some(truncated),
             key_marker: Some(key_marker.clone()),
             max_uploads: i32::try_from(max).ok(),
-            next_key_marker: shown.last().filter(|_| truncated).map(|(_, u)| enc(&u.key)),
-            next_upload_id_marker: shown.last().filter(|_| truncated).map(|(id, _)| id.clone()),
+            next_key_marker: page.next_key_marker.as_deref().map(&enc),
+            next_upload_id_marker: page.next_upload_id_marker.clone(),
             prefix: Some(enc(&prefix)),
             upload_id_marker: Some(id_marker.clone()),
             uploads: Some(
@@ -2035,6 +2012,87 @@ impl S3 for KarriS3 {
             .await;
         Ok(S3Response::new(AbortMultipartUploadOutput::default()))
     }
+}
+
+/// What a ListMultipartUploads page asks for.
+struct UploadsQuery<'a> {
+    prefix: &'a str,
+    key_marker: &'a str,
+    id_marker: &'a str,
+    delimiter: Option<&'a str>,
+    max: usize,
+}
+
+/// One page of ListMultipartUploads.
+#[derive(Debug, PartialEq)]
+struct UploadsPage {
+    /// The uploads shown, as `(upload ID, upload)`.
+    uploads: Vec<(String, UploadMeta)>,
+    /// The common prefixes shown.
+    prefixes: Vec<String>,
+    truncated: bool,
+    /// Where the next page starts: the last key or common prefix shown, when truncated.
+    next_key_marker: Option<String>,
+    /// With [`UploadsPage::next_key_marker`] when the last entry shown was an upload.
+    next_upload_id_marker: Option<String>,
+}
+
+/// Pages `uploads` (sorted by key, then initiation, then ID) as S3 does: entries after the
+/// markers, uploads under a delimiter grouped into one common prefix, at most `max` entries
+/// (uploads and prefixes together). A key marker that is a common prefix (it ends with the
+/// delimiter) skips that whole prefix, so a prefix that ended a page is not shown again.
+fn uploads_page(uploads: &[(String, UploadMeta)], q: &UploadsQuery<'_>) -> UploadsPage {
+    let skip_prefix = q
+        .delimiter
+        .filter(|d| q.id_marker.is_empty() && !q.key_marker.is_empty() && q.key_marker.ends_with(d))
+        .map(|_| q.key_marker);
+    let mut page = UploadsPage {
+        uploads: Vec::new(),
+        prefixes: Vec::new(),
+        truncated: false,
+        next_key_marker: None,
+        next_upload_id_marker: None,
+    };
+    for (id, u) in uploads {
+        if !u.key.starts_with(q.prefix) {
+            continue;
+        }
+        let after_marker = q.key_marker.is_empty()
+            || u.key.as_str() > q.key_marker
+            || (u.key == q.key_marker && !q.id_marker.is_empty() && id.as_str() > q.id_marker);
+        if !after_marker || skip_prefix.is_some_and(|p| u.key.starts_with(p)) {
+            continue;
+        }
+        let group = q.delimiter.and_then(|d| {
+            u.key[q.prefix.len()..]
+                .find(d)
+                .map(|i| u.key[..q.prefix.len() + i + d.len()].to_string())
+        });
+        if group.is_some() && page.prefixes.last() == group.as_ref() {
+            continue;
+        }
+        if page.uploads.len() + page.prefixes.len() == q.max {
+            page.truncated = true;
+            break;
+        }
+        match group {
+            Some(cp) => {
+                page.next_key_marker = Some(cp.clone());
+                page.next_upload_id_marker = None;
+                page.prefixes.push(cp);
+            }
+            None => {
+                page.next_key_marker = Some(u.key.clone());
+                page.next_upload_id_marker = Some(id.clone());
+                page.uploads.push((id.clone(), u.clone()));
+            }
+        }
+    }
+    if !page.truncated {
+        page.next_key_marker = None;
+        page.next_upload_id_marker = None;
+    }
+    page
 }
 
 fn part_number(n: i32) -> S3Result<u32> {
@@ -2368,6 +2426,70 @@ impl KarriS3 {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    fn upload(key: &str) -> UploadMeta {
+        UploadMeta {
+            key: key.into(),
+            initiated_ms: 0,
+            initiator: "111111111111".into(),
+            headers: Default::default(),
+            metadata: BTreeMap::new(),
+            acl: Default::default(),
+            tags: Vec::new(),
+        }
+    }
+
+    /// Every entry of every page (`P:` a common prefix, `U:` an upload's key), following the
+    /// next markers as a client does.
+    fn walk(keys: &[&str], delimiter: Option<&str>, max: usize) -> Vec<String> {
+        let uploads: Vec<(String, UploadMeta)> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| (format!("id{i}"), upload(k)))
+            .collect();
+        let (mut key_marker, mut id_marker) = (String::new(), String::new());
+        let mut seen = Vec::new();
+        for _ in 0..100 {
+            let page = uploads_page(
+                &uploads,
+                &UploadsQuery {
+                    prefix: "",
+                    key_marker: &key_marker,
+                    id_marker: &id_marker,
+                    delimiter,
+                    max,
+                },
+            );
+            // Prefixes and uploads of one page, in key order.
+            let mut entries: Vec<String> = page.prefixes.iter().map(|p| format!("P:{p}")).collect();
+            entries.extend(page.uploads.iter().map(|(_, u)| format!("U:{}", u.key)));
+            entries.sort_by(|a, b| a[2..].cmp(&b[2..]));
+            seen.extend(entries);
+            if !page.truncated {
+                return seen;
+            }
+            key_marker = page
+                .next_key_marker
+                .expect("a truncated page says where to go on");
+            id_marker = page.next_upload_id_marker.unwrap_or_default();
+        }
+        panic!("the pages never ended: {seen:?}");
+    }
+
+    #[test]
+    fn upload_pages_with_a_delimiter_show_each_prefix_and_upload_once() {
+        let keys = ["a/1", "a/2", "b", "c/1", "c/2", "d"];
+        let all = ["P:a/", "U:b", "P:c/", "U:d"];
+        for max in [1, 2, 3, 1000] {
+            assert_eq!(walk(&keys, Some("/"), max), all, "max-uploads {max}");
+        }
+        let flat = ["U:a/1", "U:a/2", "U:b", "U:c/1", "U:c/2", "U:d"];
+        for max in [1, 4, 1000] {
+            assert_eq!(walk(&keys, None, max), flat, "max-uploads {max}");
+        }
+        // Two uploads of one key page by upload ID.
+        assert_eq!(walk(&["k", "k"], None, 1), ["U:k", "U:k"]);
+    }
 
     #[test]
     fn multipart_etags_are_the_md5_of_the_part_md5s() {
