@@ -65,6 +65,9 @@ pub struct UniqueKey {
     pub what: String,
     /// Whether the gateway chose the value, so that a collision is retried with a fresh one.
     pub generated: bool,
+    /// Whether it follows the status (a live instance's address), claimed and given up by
+    /// updates; the others are fixed once the record exists.
+    pub follows_status: bool,
 }
 
 /// The unique key a RunInstances client token claims in namespace `ns`.
@@ -82,8 +85,9 @@ fn hex_text(s: &str) -> String {
 }
 
 /// The unique secondary keys a record holds: an account's 12-digit ID, an access key's ID, a
-/// key pair's name within its namespace, and the client token of the first instance of a
-/// RunInstances reservation.
+/// key pair's name within its namespace, the client token of the first instance of a
+/// RunInstances reservation, and a live instance's private address in its zone (claimed when
+/// the operator writes it to the status, released when the instance is terminated).
 pub fn unique_keys(kind: &str, obj: &Value) -> Vec<UniqueKey> {
     let text = |p: &str| {
         obj.pointer(p)
@@ -97,6 +101,7 @@ pub fn unique_keys(kind: &str, obj: &Value) -> Vec<UniqueKey> {
                 key: store::unique_key(&["account-id", id]),
                 what: format!("account ID {id}"),
                 generated: true,
+                follows_status: false,
             })
             .into_iter()
             .collect(),
@@ -105,6 +110,7 @@ pub fn unique_keys(kind: &str, obj: &Value) -> Vec<UniqueKey> {
                 key: access_key_key(id),
                 what: format!("access key ID {id}"),
                 generated: true,
+                follows_status: false,
             })
             .into_iter()
             .collect(),
@@ -113,6 +119,7 @@ pub fn unique_keys(kind: &str, obj: &Value) -> Vec<UniqueKey> {
                 key: store::unique_key(&["key-name", ns, &hex_text(name)]),
                 what: format!("key pair name {name:?}"),
                 generated: false,
+                follows_status: false,
             })
             .into_iter()
             .collect(),
@@ -121,15 +128,28 @@ pub fn unique_keys(kind: &str, obj: &Value) -> Vec<UniqueKey> {
                 .pointer("/spec/launchIndex")
                 .and_then(Value::as_u64)
                 .is_none_or(|i| i == 0);
-            text("/spec/clientToken")
+            let token = text("/spec/clientToken")
                 .filter(|_| first)
                 .map(|token| UniqueKey {
                     key: client_token_key(ns, token),
                     what: format!("client token {token:?}"),
                     generated: false,
-                })
-                .into_iter()
-                .collect()
+                    follows_status: false,
+                });
+            let live = text("/status/state") != Some(crds::InstanceState::Terminated.as_str());
+            let address = match (
+                text("/status/availabilityZone"),
+                text("/status/privateIpAddress"),
+            ) {
+                (Some(zone), Some(ip)) if live => Some(UniqueKey {
+                    key: store::unique_key(&["private-ip", zone, ip]),
+                    what: format!("private IP address {ip} in zone {zone}"),
+                    generated: false,
+                    follows_status: true,
+                }),
+                _ => None,
+            };
+            token.into_iter().chain(address).collect()
         }
         _ => Vec::new(),
     }
@@ -497,8 +517,13 @@ pub fn prepare_update(
         meta_mut(&mut out)?.insert("generation".into(), json!(generation + 1));
     }
     let unknown = validate(kind, &mut out, mode)?;
-    let before = unique_keys(kind.info.kind, old);
-    let after = unique_keys(kind.info.kind, &out);
+    let fixed = |v: &Value| -> Vec<UniqueKey> {
+        unique_keys(kind.info.kind, v)
+            .into_iter()
+            .filter(|u| !u.follows_status)
+            .collect()
+    };
+    let (before, after) = (fixed(old), fixed(&out));
     if before != after {
         let what = before
             .iter()

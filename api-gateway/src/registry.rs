@@ -688,6 +688,13 @@ impl Registry {
                 });
             }
             let cmp = Compare::mod_revision(key.clone(), CompareOp::Equal, rev);
+            // Unique keys the change claims (a status write of an address) or gives up.
+            let held = admission::unique_keys(kind.info.kind, &current);
+            let wanted = admission::unique_keys(kind.info.kind, &next);
+            let claimed: Vec<&admission::UniqueKey> = wanted
+                .iter()
+                .filter(|u| !held.iter().any(|h| h.key == u.key))
+                .collect();
             let txn = if admission::ready_to_delete(&next) {
                 Txn::new()
                     .when([cmp])
@@ -695,9 +702,19 @@ impl Registry {
             } else {
                 let raw =
                     serde_json::to_vec(&next).map_err(|e| ApiError::internal(e.to_string()))?;
-                Txn::new()
-                    .when([cmp])
-                    .and_then([TxnOp::put(key.clone(), raw, None)])
+                let mut compares = vec![cmp];
+                let mut ops = vec![TxnOp::put(key.clone(), raw, None)];
+                for u in &claimed {
+                    compares.push(Compare::create_revision(u.key.clone(), CompareOp::Equal, 0));
+                    ops.push(TxnOp::put(u.key.clone(), key.clone(), None));
+                }
+                for h in held
+                    .iter()
+                    .filter(|h| !wanted.iter().any(|u| u.key == h.key))
+                {
+                    ops.push(TxnOp::delete(h.key.clone(), None));
+                }
+                Txn::new().when(compares).and_then(ops)
             };
             let resp = self.etcd_txn(txn).await?;
             if resp.succeeded() {
@@ -709,6 +726,16 @@ impl Registry {
                     warnings,
                     created: false,
                 });
+            }
+            for u in &claimed {
+                if self.etcd_get(&u.key, None).await?.count() > 0 {
+                    return Err(ApiError::conflict_message(format!(
+                        "{}.{} {name:?} cannot be updated: {} is already taken",
+                        kind.info.plural,
+                        crds::GROUP,
+                        u.what
+                    )));
+                }
             }
             if precondition.is_some() {
                 return Err(ApiError::conflict(kind.info.plural, name));

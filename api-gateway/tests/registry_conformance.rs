@@ -783,6 +783,43 @@ async fn an_orphaning_delete_held_by_a_finalizer_orphans_when_the_finalizer_goes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_address_is_held_by_one_live_instance_of_its_zone_at_a_time() -> anyhow::Result<()>
+{
+    let h = harness().await?;
+    h.create("a").await?;
+    h.create("b").await?;
+    let address = |state: &'static str| {
+        move |cur: &Value| {
+            let mut next = cur.clone();
+            next["status"] = json!({
+                "state": state,
+                "availabilityZone": "karri-1a",
+                "privateIpAddress": "172.31.0.5",
+            });
+            Ok(next)
+        }
+    };
+    h.update("a", Subresource::Status, &mut address("pending"))
+        .await?;
+    let taken = h
+        .update("b", Subresource::Status, &mut address("pending"))
+        .await;
+    match &taken {
+        Err(e) => {
+            assert_eq!(e.code, 409);
+            assert!(e.message.contains("172.31.0.5"), "{}", e.message);
+        }
+        Ok(v) => panic!("a second instance got the address: {v}"),
+    }
+    // Terminated, the first gives it up.
+    h.update("a", Subresource::Status, &mut address("terminated"))
+        .await?;
+    h.update("b", Subresource::Status, &mut address("pending"))
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ids_are_indexed_in_the_same_transaction_and_removed_with_the_record() -> anyhow::Result<()>
 {
     let h = harness().await?;
