@@ -255,11 +255,16 @@ impl CacheError {
             | Self::FormatMismatch { .. }
             | Self::BackingFile { .. }
             | Self::DataFile { .. } => true,
-            Self::HttpStatus { status, .. } | Self::S3Status { status, .. } => {
-                (400..500).contains(status) && *status != 408 && *status != 429
+            Self::HttpStatus { status, .. }
+            | Self::S3Status { status, .. }
+            | Self::Presign {
+                source: PresignError::Refused { status, .. },
+                ..
+            } => refused_for_good(*status),
+            Self::Presign { source, .. } => {
+                matches!(source, PresignError::BadAnswer(_) | PresignError::NoBase(_))
             }
             Self::Unreadable { .. }
-            | Self::Presign { .. }
             | Self::Http { .. }
             | Self::Stalled { .. }
             | Self::QemuImg { .. }
@@ -280,6 +285,11 @@ impl CacheError {
 }
 
 /// The sha256s of the images that must not be evicted; see [`ImageCache::with_in_use`].
+/// Whether an HTTP refusal is final: a 4xx other than a timeout or a rate limit.
+fn refused_for_good(status: u16) -> bool {
+    (400..500).contains(&status) && status != 408 && status != 429
+}
+
 type InUseFn = Arc<dyn Fn() -> HashSet<String> + Send + Sync>;
 
 /// One fetch in flight, awaited by every `get` of its source.
@@ -1317,6 +1327,56 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_errors_about_the_image_itself_fail_an_instance_for_good() {
+        let at = || "http://images.example/x".to_string();
+        let refused = |status| CacheError::Presign {
+            location: at(),
+            source: PresignError::Refused {
+                status,
+                message: "no".into(),
+            },
+        };
+        let http = |status| CacheError::HttpStatus {
+            location: at(),
+            status,
+        };
+        for (error, permanent) in [
+            (http(404), true),
+            (http(403), true),
+            (http(429), false),
+            (http(503), false),
+            (refused(403), true),
+            (refused(502), false),
+            (
+                CacheError::Presign {
+                    location: at(),
+                    source: PresignError::Timeout(Duration::from_secs(5)),
+                },
+                false,
+            ),
+            (
+                CacheError::Stalled {
+                    location: at(),
+                    idle: Duration::from_secs(30),
+                },
+                false,
+            ),
+            (
+                CacheError::ChecksumMismatch {
+                    expected: "a".into(),
+                    actual: "b".into(),
+                    location: at(),
+                },
+                true,
+            ),
+            (CacheError::NotFound { location: at() }, true),
+            (CacheError::TaskFailed, false),
+        ] {
+            assert_eq!(error.is_permanent(), permanent, "{error}");
+        }
+    }
 
     fn sha_of(bytes: &[u8]) -> String {
         hex(&Sha256::digest(bytes))
