@@ -475,6 +475,18 @@ impl Guests {
 mod tests {
     use super::*;
 
+    /// Guest facilities without a network, with every file under `dir`.
+    fn guests_in(dir: &std::path::Path) -> Guests {
+        let cache = ImageCache::open(dir.join("cache"), 1 << 30).expect("cache");
+        Guests::new(
+            cache,
+            dir.join("instances"),
+            dir.join("consoles"),
+            String::new(),
+            None,
+        )
+    }
+
     fn launched(artifacts: serde_json::Value) -> Instance {
         serde_json::from_value(serde_json::json!({
             "apiVersion": "karri.dev/v1alpha1",
@@ -497,14 +509,7 @@ mod tests {
     #[tokio::test]
     async fn an_unreachable_image_is_tried_again_and_a_missing_one_fails_for_good() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let cache = ImageCache::open(dir.path().join("cache"), 1 << 30).expect("cache");
-        let guests = Guests::new(
-            cache,
-            dir.path().join("instances"),
-            dir.path().join("consoles"),
-            String::new(),
-            None,
-        );
+        let guests = guests_in(dir.path());
         let artifact = |location: &str| ImageArtifact {
             image_id: "emi-1".into(),
             location: location.into(),
@@ -542,14 +547,7 @@ mod tests {
     #[test]
     fn an_adopted_instance_holds_its_images_without_a_fetch_until_released() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let cache = ImageCache::open(dir.path().join("cache"), 1 << 30).expect("cache");
-        let guests = Guests::new(
-            cache,
-            dir.path().join("instances"),
-            dir.path().join("consoles"),
-            String::new(),
-            None,
-        );
+        let guests = guests_in(dir.path());
         let instance = launched(serde_json::json!({
             "root": artifact("emi-1", Some("aa")),
             "kernel": artifact("eki-1", Some("bb")),
