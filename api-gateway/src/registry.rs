@@ -193,6 +193,10 @@ fn prefix_end(prefix: &str) -> Vec<u8> {
     end
 }
 
+/// How long a watch from a revision the cache has not reached waits for it before asking etcd
+/// whether that revision exists at all.
+const RV_CATCH_UP: Duration = Duration::from_millis(250);
+
 /// Parse a resourceVersion parameter.
 pub fn parse_rv(rv: &str) -> ApiResult<i64> {
     rv.parse::<i64>()
@@ -1006,17 +1010,17 @@ impl Registry {
             Some(r) if r > 0 => {
                 // A revision etcd has not reached (a typo, another cluster's, an etcd restored
                 // from a backup) would silently skip every change up to it.
-                if r > self.cache.revision() {
-                    let refused = match self.current_revision().await {
-                        Ok(current) if r > current => Some(ApiError::timeout(format!(
-                            "Too large resource version: {r}, current: {current}"
-                        ))),
-                        Ok(_) => None,
-                        Err(e) => Some(e),
-                    };
-                    if let Some(e) = refused {
-                        let _ = tx.send(WatchEvent::Error(e)).await;
-                        return;
+                // Usually the cache is just behind a write the client saw; etcd is asked only
+                // when it does not catch up, and an etcd it cannot reach refuses nothing.
+                if r > self.cache.revision() && !self.cache.wait_for(r, RV_CATCH_UP).await {
+                    if let Ok(current) = self.current_revision().await {
+                        if r > current {
+                            let too_large = ApiError::timeout(format!(
+                                "Too large resource version: {r}, current: {current}"
+                            ));
+                            let _ = tx.send(WatchEvent::Error(too_large)).await;
+                            return;
+                        }
                     }
                 }
                 r
