@@ -732,7 +732,14 @@ impl Registry {
                 });
             }
             for u in &claimed {
-                if self.etcd_get(&u.key, None).await?.count() > 0 {
+                // Taken by another record; one this record holds by a concurrent write of it
+                // is seen as held on the next try.
+                let holder = self.etcd_get(&u.key, None).await?;
+                if holder
+                    .kvs()
+                    .first()
+                    .is_some_and(|kv| kv.value() != key.as_bytes())
+                {
                     return Err(ApiError::conflict_message(format!(
                         "{}.{} {name:?} cannot be updated: {} is already taken",
                         kind.info.plural,
