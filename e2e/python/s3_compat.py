@@ -1156,6 +1156,16 @@ def group_objects(suite):
         a.copy_object(Bucket=other, Key=key, CopySource={"Bucket": name, "Key": key})
         check(body_of(a, other, key) == key.encode(), "the copied bytes differ")
 
+    @g.check("copy_object_whose_source_conditions_fail_is_precondition_failed")
+    def _():
+        later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)
+        source = {"Bucket": name, "Key": "src.txt"}
+        expect_error("PreconditionFailed", 412, a.copy_object, Bucket=name, Key="cond.txt",
+                     CopySource=source, CopySourceIfModifiedSince=later)
+        expect_error("PreconditionFailed", 412, a.copy_object, Bucket=name, Key="cond.txt",
+                     CopySource=source, CopySourceIfMatch='"0123456789abcdef0123456789abcdef"')
+        expect_error("NoSuchKey", 404, a.get_object, Bucket=name, Key="cond.txt")
+
     @g.check("copy_object_of_a_missing_source_is_no_such_key")
     def _():
         expect_error("NoSuchKey", 404, a.copy_object, Bucket=name, Key="copy2.txt",
@@ -1541,6 +1551,22 @@ def group_multipart(suite):
         expected = [source[:5 * MIB], b"the small tail"]
         check(done["ETag"] == multipart_etag(expected), f"ETag {done['ETag']}")
         check(body_of(a, name, "copied.bin") == b"".join(expected), "the copied bytes differ")
+
+    @g.check("upload_part_copy_whose_source_conditions_fail_is_precondition_failed")
+    def _():
+        a.put_object(Bucket=name, Key="cond-source.txt", Body=b"condition source")
+        upload = a.create_multipart_upload(Bucket=name, Key="cond-copied.bin")["UploadId"]
+        source = {"Bucket": name, "Key": "cond-source.txt"}
+        expect_error("PreconditionFailed", 412, a.upload_part_copy, Bucket=name,
+                     Key="cond-copied.bin", UploadId=upload, PartNumber=1, CopySource=source,
+                     CopySourceIfMatch='"0123456789abcdef0123456789abcdef"')
+        later = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)
+        expect_error("PreconditionFailed", 412, a.upload_part_copy, Bucket=name,
+                     Key="cond-copied.bin", UploadId=upload, PartNumber=1, CopySource=source,
+                     CopySourceIfModifiedSince=later)
+        parts = a.list_parts(Bucket=name, Key="cond-copied.bin", UploadId=upload)
+        check(not parts.get("Parts"), f"a refused copy stored a part: {parts.get('Parts')}")
+        a.abort_multipart_upload(Bucket=name, Key="cond-copied.bin", UploadId=upload)
 
     def upload(key, datas):
         upload_id = a.create_multipart_upload(Bucket=name, Key=key)["UploadId"]

@@ -1,5 +1,6 @@
 //! Conditional requests (RFC 9110 §13 as S3 applies it): If-Match and If-Unmodified-Since fail
-//! with 412, If-None-Match and If-Modified-Since answer 304 on reads. A pure function.
+//! with 412, If-None-Match and If-Modified-Since answer 304 on reads and fail with 412
+//! otherwise (a copy's source conditions). A pure function.
 
 use s3s::dto::{ETag, ETagCondition};
 
@@ -57,8 +58,12 @@ pub fn evaluate(p: &Preconditions, etag: &str, modified_ms: i64, read: bool) -> 
             };
         }
     } else if let Some(t) = p.if_modified_since_ms {
-        if read && secs <= t.div_euclid(1000) {
-            return Outcome::NotModified;
+        if secs <= t.div_euclid(1000) {
+            return if read {
+                Outcome::NotModified
+            } else {
+                Outcome::Failed
+            };
         }
     }
     Outcome::Proceed
@@ -95,6 +100,9 @@ mod tests {
             (p(None, tag("xyz"), None, None), true, Outcome::Proceed),
             (p(None, None, Some(T), None), true, Outcome::NotModified),
             (p(None, None, Some(T - 1000), None), true, Outcome::Proceed),
+            // A copy's source not modified since: the copy fails (S3 answers no 304 to it).
+            (p(None, None, Some(T), None), false, Outcome::Failed),
+            (p(None, None, Some(T - 1000), None), false, Outcome::Proceed),
             (p(None, None, None, Some(T - 1000)), true, Outcome::Failed),
             (p(None, None, None, Some(T)), true, Outcome::Proceed),
             // If-Match wins over If-Unmodified-Since; If-None-Match over If-Modified-Since.

@@ -1317,22 +1317,15 @@ impl S3 for KarriS3 {
         let source = self
             .copy_source(caller.as_ref(), &input.copy_source)
             .await?;
-        precondition_outcome(
-            &Preconditions {
+        copy_source_holds(
+            Preconditions {
                 if_match: input.copy_source_if_match.clone(),
                 if_none_match: input.copy_source_if_none_match.clone(),
                 if_modified_since_ms: input.copy_source_if_modified_since.as_ref().map(ms_of),
                 if_unmodified_since_ms: input.copy_source_if_unmodified_since.as_ref().map(ms_of),
             },
             &source,
-            false,
-        )
-        .map_err(|_| {
-            s3_error!(
-                PreconditionFailed,
-                "At least one of the pre-conditions you specified did not hold"
-            )
-        })?;
+        )?;
         let replace = input
             .metadata_directive
             .as_ref()
@@ -1739,6 +1732,15 @@ impl S3 for KarriS3 {
         let source = self
             .copy_source(caller.as_ref(), &input.copy_source)
             .await?;
+        copy_source_holds(
+            Preconditions {
+                if_match: input.copy_source_if_match.clone(),
+                if_none_match: input.copy_source_if_none_match.clone(),
+                if_modified_since_ms: input.copy_source_if_modified_since.as_ref().map(ms_of),
+                if_unmodified_since_ms: input.copy_source_if_unmodified_since.as_ref().map(ms_of),
+            },
+            &source,
+        )?;
         let range = match input.copy_source_range.as_deref() {
             None => 0..source.size,
             Some(r) => Range::parse(r)
@@ -2093,6 +2095,12 @@ fn uploads_page(uploads: &[(String, UploadMeta)], q: &UploadsQuery<'_>) -> Uploa
         page.next_upload_id_marker = None;
     }
     page
+}
+
+/// The `x-amz-copy-source-if-*` conditions of a copy, against its source: any that fails is
+/// 412 PreconditionFailed (a copy never answers 304).
+fn copy_source_holds(conditions: Preconditions, source: &ObjectMeta) -> S3Result<()> {
+    precondition_outcome(&conditions, source, false)
 }
 
 fn part_number(n: i32) -> S3Result<u32> {
