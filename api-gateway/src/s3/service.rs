@@ -1317,15 +1317,7 @@ impl S3 for KarriS3 {
         let source = self
             .copy_source(caller.as_ref(), &input.copy_source)
             .await?;
-        copy_source_holds(
-            Preconditions {
-                if_match: input.copy_source_if_match.clone(),
-                if_none_match: input.copy_source_if_none_match.clone(),
-                if_modified_since_ms: input.copy_source_if_modified_since.as_ref().map(ms_of),
-                if_unmodified_since_ms: input.copy_source_if_unmodified_since.as_ref().map(ms_of),
-            },
-            &source,
-        )?;
+        copy_source_holds(copy_source_conditions!(input), &source)?;
         let replace = input
             .metadata_directive
             .as_ref()
@@ -1732,15 +1724,7 @@ impl S3 for KarriS3 {
         let source = self
             .copy_source(caller.as_ref(), &input.copy_source)
             .await?;
-        copy_source_holds(
-            Preconditions {
-                if_match: input.copy_source_if_match.clone(),
-                if_none_match: input.copy_source_if_none_match.clone(),
-                if_modified_since_ms: input.copy_source_if_modified_since.as_ref().map(ms_of),
-                if_unmodified_since_ms: input.copy_source_if_unmodified_since.as_ref().map(ms_of),
-            },
-            &source,
-        )?;
+        copy_source_holds(copy_source_conditions!(input), &source)?;
         let range = match input.copy_source_range.as_deref() {
             None => 0..source.size,
             Some(r) => Range::parse(r)
@@ -2096,6 +2080,20 @@ fn uploads_page(uploads: &[(String, UploadMeta)], q: &UploadsQuery<'_>) -> Uploa
     }
     page
 }
+
+/// The `x-amz-copy-source-if-*` headers of a CopyObject or UploadPartCopy input (two s3s types
+/// with the same four fields) as [`Preconditions`].
+macro_rules! copy_source_conditions {
+    ($input:expr) => {
+        Preconditions {
+            if_match: $input.copy_source_if_match.clone(),
+            if_none_match: $input.copy_source_if_none_match.clone(),
+            if_modified_since_ms: $input.copy_source_if_modified_since.as_ref().map(ms_of),
+            if_unmodified_since_ms: $input.copy_source_if_unmodified_since.as_ref().map(ms_of),
+        }
+    };
+}
+use copy_source_conditions;
 
 /// The `x-amz-copy-source-if-*` conditions of a copy, against its source: any that fails is
 /// 412 PreconditionFailed (a copy never answers 304).
