@@ -118,8 +118,9 @@ auth_unix_rw = "none"
 auth_unix_ro = "none"
 log_level = ${KARRI_SIMHOST_LOG_LEVEL:-3}
 log_outputs = "${KARRI_SIMHOST_LOG_LEVEL:-3}:file:$dir/libvirtd.log"
-# The node agent starts many domains at once over one connection (default: 5 at a time).
-max_client_requests = 20
+# The node agent starts many domains at once over one connection (default: 5 at a time; the
+# agent makes at most 32 calls at once).
+max_client_requests = 32
 max_workers = 20
 EOF
   cat >"$dir/virtlogd.conf" <<EOF

@@ -361,6 +361,15 @@ impl<H: Hypervisor + 'static> Context<H> {
         Ok((observed, left))
     }
 
+    /// The newest copy of `instance` the watch has delivered: the store's when it is still the
+    /// same record (same UID), else `instance` itself.
+    fn freshest(&self, instance: &Instance, uid: &str) -> Arc<Instance> {
+        self.instances
+            .get(&ObjectRef::from_obj(instance))
+            .filter(|latest| latest.uid().as_deref() == Some(uid))
+            .unwrap_or_else(|| Arc::new(instance.clone()))
+    }
+
     /// One reconcile of a bound instance.
     async fn sync(&self, instance: &Instance) -> Result<Requeue, Error> {
         let bound = instance
@@ -418,18 +427,23 @@ impl<H: Hypervisor + 'static> Context<H> {
         let rebooted = reboot_request(instance)
             .filter(|_| running && !left.contains(&Action::Reboot))
             .map(str::to_owned);
-        let mut status = with_report(instance.status.as_ref(), report, generation, &now());
+        // A domain start takes long enough for other status writes (the operator's, a console
+        // report) to land meanwhile: build on the freshest copy of the record the watch has
+        // delivered, so that the write carries its resourceVersion instead of failing with a 409
+        // on the one the reconcile began with. The report stays for `generation`, the spec acted on.
+        let base = self.freshest(instance, &uid);
+        let mut status = with_report(base.status.as_ref(), report, generation, &now());
         if let Some(asked) = rebooted {
-            let next = status.get_or_insert_with(|| instance.status.clone().unwrap_or_default());
+            let next = status.get_or_insert_with(|| base.status.clone().unwrap_or_default());
             next.last_reboot_request = Some(asked);
             tracing::info!("rebooted the domain as asked");
         }
         if let Some(status) = status {
             let ns = instance.namespace().ok_or(Error::Incomplete("namespace"))?;
             let api: Api<Instance> = Api::namespaced(self.client.clone(), &ns);
-            let mut updated = instance.clone();
+            let mut updated = (*base).clone();
             updated.status = Some(status);
-            // replace_status carries the resourceVersion we read: a concurrent write is a 409.
+            // replace_status carries the resourceVersion read: a concurrent write is a 409.
             api.replace_status(&name, &PostParams::default(), &updated)
                 .await?;
             tracing::info!(domain = report.as_str(), ?generation, "reported the domain");
@@ -505,11 +519,13 @@ impl<H: Hypervisor + 'static> Context<H> {
                 text.hash(&mut h);
                 h.finish()
             };
-            let reported = instance
-                .status
-                .as_ref()
-                .and_then(|s| s.console_output.as_deref())
-                == Some(text.as_str());
+            let reported = !console_is_news(
+                instance
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.console_output.as_deref()),
+                &text,
+            );
             {
                 let consoles = self.consoles.lock().unwrap_or_else(PoisonError::into_inner);
                 if reported || consoles.get(id) == Some(&digest) {
@@ -694,6 +710,13 @@ fn error_policy<H: Hypervisor + 'static>(
         _ => tracing::warn!(instance = %what, %error, "reconcile failed"),
     }
     Requeue::requeue(error.backoff())
+}
+
+/// Whether console `text` read from the log differs from the output a record shows
+/// (`reported`). An empty log (virtlogd makes the file as QEMU starts) says what no output says:
+/// reporting "" would be a write that only races the agent's report of the domain start.
+fn console_is_news(reported: Option<&str>, text: &str) -> bool {
+    reported.unwrap_or_default() != text
 }
 
 /// A store of `K` kept by its own reflector task.
@@ -893,6 +916,24 @@ mod tests {
 
     const UID: &str = "6f1f8d2e-1c1a-4d1e-9a55-2c7c1b7a0b11";
     const TIMEOUT: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn console_output_is_reported_only_when_it_differs_from_the_record() {
+        for (reported, text, news) in [
+            (None, "", false),
+            (None, "karri-micro: booting", true),
+            (Some(""), "", false),
+            (Some("boot"), "boot", false),
+            (Some("boot"), "boot\nready", true),
+            (Some("boot"), "", true),
+        ] {
+            assert_eq!(
+                console_is_news(reported, text),
+                news,
+                "{reported:?} -> {text:?}"
+            );
+        }
+    }
 
     fn instance(desired: DesiredState, node: Option<&str>) -> Instance {
         let mut i = Instance::new(

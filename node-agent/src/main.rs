@@ -239,11 +239,15 @@ async fn connect(uri: &str, node: &str) -> LibvirtHypervisor {
     }
 }
 
-/// Blocking threads for libvirt calls (and image hashing, console reads). Domain starts take
-/// hundreds of milliseconds each and libvirtd runs several at once: with 2 threads, ten launches
-/// queued behind each other for seconds (bench-guests: p99 4.9–6.4 s, 3.0 s with 8). Each thread
-/// may cost a malloc arena, which is the price of the parallelism.
-const LIBVIRT_THREADS: usize = 8;
+/// Blocking threads for libvirt calls (and image hashing, console reads). A domain start holds
+/// its thread for as long as QEMU takes to come up (a second under load), and libvirtd runs many
+/// at once: with 2 threads, ten launches queued behind each other for seconds (bench-guests: p99
+/// 4.9–6.4 s, 3.0 s with 8); with 8, the ninth and tenth start and every short call after a start
+/// (observing the domain it started) waited for one of the eight to finish. Threads are made
+/// only when all are busy and leave after 10 s idle; malloc gives them no arenas of their own
+/// (see [`MALLOC_ARENA_ENV`]). libvirtd works on at most `max_client_requests` calls of one
+/// client at once (5 by default, 32 on the simulated hosts); the rest wait in its queue.
+const LIBVIRT_THREADS: usize = 32;
 
 /// glibc's malloc gives each thread that allocates its own arena, and the agent's blocking
 /// threads (libvirt calls, image copies) each kept megabytes of it: bench-cloud measured 36.6 MB
