@@ -13,7 +13,7 @@ APT_PKGS=(
   qemu-system-x86 qemu-utils
   pkg-config protobuf-compiler
   python3-venv
-  iproute2 curl jq
+  iproute2 nftables curl jq
   dnsmasq-base busybox e2fsprogs util-linux
 )
 

@@ -287,3 +287,106 @@ async fn the_micro_image_uploaded_to_s3_boots_a_guest_that_prints_ready() -> any
     );
     Ok(())
 }
+
+/// The user-data script of a guest that tries to pass for another (`@VICTIM_IP@`,
+/// `@VICTIM_MAC@`): it asks the metadata service for its instance ID as itself, then with the
+/// victim's address (claimed with a gratuitous ARP), then with the victim's MAC and address, then
+/// as itself again, printing one `spoof:` line for each answer.
+const SPOOF_SCRIPT: &str = r#"#!/bin/sh
+read -r IFC MYIP PREFIX GW < /run/karri-net
+MYMAC=$(cat /sys/class/net/$IFC/address)
+ask() {
+    printf 'GET /latest/meta-data/instance-id HTTP/1.0\r\nHost: 169.254.169.254\r\n\r\n' \
+        | timeout 8 nc -w 5 169.254.169.254 80 | tail -n 1
+}
+become() {
+    ip link set dev $IFC down
+    ip link set dev $IFC address $1
+    ip link set dev $IFC up
+    ip addr flush dev $IFC
+    ip addr add $2/$PREFIX dev $IFC
+    ip route add default via $GW dev $IFC
+}
+echo "spoof: own: $(ask)"
+become $MYMAC @VICTIM_IP@
+arping -U -c 1 -I $IFC @VICTIM_IP@ > /dev/null 2>&1
+echo "spoof: address: $(ask)"
+become @VICTIM_MAC@ @VICTIM_IP@
+echo "spoof: mac and address: $(ask)"
+become $MYMAC $MYIP
+echo "spoof: back: $(ask)"
+"#;
+
+/// The line of `console` that starts with `prefix`, without it.
+fn line_after<'a>(console: &'a str, prefix: &str) -> Option<&'a str> {
+    console
+        .lines()
+        .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_takes_another_guests_address_and_mac_is_not_served_its_metadata(
+) -> anyhow::Result<()> {
+    let cloud = GuestCloud::start("spoof").await?;
+    let run = [
+        "run-instances",
+        "--image-id",
+        &cloud.image_id,
+        "--instance-type",
+        "t1.micro",
+    ];
+    let victim = instance_id(&cloud.aws(&run).await?)?;
+    let deadline = Instant::now() + DEADLINE;
+    let victim_ip = loop {
+        let d = cloud
+            .aws(&["describe-instances", "--instance-ids", &victim])
+            .await?;
+        if let Some(ip) = d
+            .pointer("/Reservations/0/Instances/0/PrivateIpAddress")
+            .and_then(Value::as_str)
+        {
+            break ip.parse::<std::net::Ipv4Addr>()?;
+        }
+        ensure!(Instant::now() < deadline, "{victim} got no private address");
+        tokio::time::sleep(POLL).await;
+    };
+    let victim_mac = crds::subnet::mac_for(victim_ip);
+    let dir = tempfile::tempdir()?;
+    let script = dir.path().join("spoof.sh");
+    std::fs::write(
+        &script,
+        SPOOF_SCRIPT
+            .replace("@VICTIM_IP@", &victim_ip.to_string())
+            .replace("@VICTIM_MAC@", &victim_mac),
+    )?;
+    let user_data = format!("file://{}", script.display());
+    let mut attack = run.to_vec();
+    attack.extend(["--user-data", &user_data]);
+    let attacker = instance_id(&cloud.aws(&attack).await?)?;
+
+    let console = console_when_ready(&cloud, &attacker).await?;
+    console_when_ready(&cloud, &victim).await?;
+    eprintln!("console of {attacker} (victim {victim} at {victim_ip}, {victim_mac}):\n{console}");
+    let answer = |prefix: &str| {
+        line_after(&console, prefix)
+            .map(str::trim)
+            .with_context(|| format!("no {prefix:?} line on the console:\n{console}"))
+    };
+    ensure!(
+        answer("spoof: own:")? == attacker,
+        "not served as itself:\n{console}"
+    );
+    for attempt in ["spoof: address:", "spoof: mac and address:"] {
+        let got = answer(attempt)?;
+        ensure!(
+            !got.contains(&victim),
+            "{attacker} read {victim}'s metadata ({attempt} {got}):\n{console}"
+        );
+        ensure!(got.is_empty(), "{attempt} got an answer: {got}\n{console}");
+    }
+    ensure!(
+        answer("spoof: back:")? == attacker,
+        "not served as itself again:\n{console}"
+    );
+    Ok(())
+}

@@ -596,6 +596,8 @@ impl<H: Hypervisor + 'static> Context<H> {
             let mut consoles = self.consoles.lock().unwrap_or_else(PoisonError::into_inner);
             consoles.retain(|id, _| live.contains(id));
         }
+        // Taken before the store is read: a guest bound after it is kept though not read.
+        let mark = guests.network_mark();
         let addresses: Vec<(Ipv4Addr, String)> = self
             .instances
             .state()
@@ -603,7 +605,7 @@ impl<H: Hypervisor + 'static> Context<H> {
             .filter(|i| is_live_on(i, &self.settings.node))
             .filter_map(|i| guest::address_of(i))
             .collect();
-        guests.retain_network(&addresses).await;
+        guests.retain_network(mark, &addresses).await;
         if let Err(error) = guests.evict().await {
             tracing::warn!(%error, "cannot evict cached images");
         }

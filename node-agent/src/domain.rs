@@ -105,6 +105,9 @@ pub struct NicSpec {
     pub mac: String,
     /// Bridge the tap joins.
     pub bridge: String,
+    /// Name of the tap, which the node's port guard knows before the domain starts
+    /// ([`crate::portguard::tap_for`]).
+    pub tap: String,
 }
 
 /// Everything [`render`] needs: the instance's identity, its size and the host's facts.
@@ -425,6 +428,9 @@ fn write_nic<W: io::Write>(w: &mut Writer<W>, nic: &NicSpec) -> io::Result<()> {
                 .write_empty()?;
             w.create_element("source")
                 .with_attribute(("bridge", nic.bridge.as_str()))
+                .write_empty()?;
+            w.create_element("target")
+                .with_attribute(("dev", nic.tap.as_str()))
                 .write_empty()?;
             w.create_element("model")
                 .with_attribute(("type", "virtio"))

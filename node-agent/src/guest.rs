@@ -18,6 +18,7 @@ use crate::domain::{DiskFormat, DiskSpec, KernelBoot, NicSpec};
 use crate::guestnet::Dhcp;
 use crate::images::{self, CacheError, ImageCache, ImageSource};
 use crate::imds::{self, InstanceMetadata};
+use crate::portguard::{Mark, PortGuard, PortGuardError};
 
 /// Default kernel command line of directly booted kernels.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet panic=-1";
@@ -50,6 +51,9 @@ pub enum GuestError {
     /// The DHCP host entry could not be written; try again.
     #[error("the DHCP host entry: {0}")]
     Dhcp(String),
+    /// The guest's tap could not be guarded (or forgotten); try again.
+    #[error("the port guard: {0}")]
+    Ports(#[source] PortGuardError),
     /// An image could not be fetched for a reason that may pass (the network, the gateway, a
     /// full disk); try again, until [`FETCH_GIVE_UP`] after the first such failure.
     #[error("image {image_id} (will try again): {reason}")]
@@ -78,6 +82,8 @@ pub struct GuestNetwork {
     pub bridge: String,
     /// DHCP server handing each guest its address.
     pub dhcp: tokio::sync::Mutex<Dhcp>,
+    /// The guard that lets each guest's tap carry only its own MAC and address.
+    pub ports: PortGuard,
     /// The metadata service's instances.
     pub directory: imds::Directory,
     /// Region of the node's zone, for metadata.
@@ -362,6 +368,8 @@ impl Guests {
             });
         }
         if let (Some(net), Some((ip, mac))) = (&self.network, address_of(instance)) {
+            // Guarded before the domain exists: no frame of its tap passes unchecked.
+            let tap = net.ports.bind(&mac, ip).await.map_err(GuestError::Ports)?;
             let hostname = crds::subnet::hostname_for(ip);
             net.dhcp
                 .lock()
@@ -374,6 +382,7 @@ impl Guests {
             prepared.nic = Some(NicSpec {
                 mac,
                 bridge: net.bridge.clone(),
+                tap,
             });
         }
         Ok(prepared)
@@ -411,6 +420,10 @@ impl Guests {
                 .await
                 .remove_host(&mac)
                 .map_err(|e| GuestError::Dhcp(e.to_string()))?;
+            net.ports
+                .unbind(&mac, ip)
+                .await
+                .map_err(GuestError::Ports)?;
         }
         images::remove_overlay(&self.overlay(id))
             .await
@@ -442,9 +455,21 @@ impl Guests {
         Ok(())
     }
 
-    /// Drops the DHCP entries and metadata of every address but `live` (address, MAC) pairs.
-    pub async fn retain_network(&self, live: &[(Ipv4Addr, String)]) {
+    /// The mark to take before reading the live instances for [`Guests::retain_network`];
+    /// `None` without a guest network.
+    pub fn network_mark(&self) -> Option<Mark> {
+        self.network.as_ref().map(|net| net.ports.mark())
+    }
+
+    /// Drops the DHCP entries and metadata of every address but `live` (address, MAC) pairs,
+    /// and makes the port guard hold exactly theirs (and those bound after `mark`).
+    pub async fn retain_network(&self, mark: Option<Mark>, live: &[(Ipv4Addr, String)]) {
         let Some(net) = &self.network else { return };
+        if let Some(mark) = mark {
+            if let Err(error) = net.ports.sync(mark, live).await {
+                tracing::warn!(%error, "cannot rewrite the port guard");
+            }
+        }
         let ips: HashSet<Ipv4Addr> = live.iter().map(|(ip, _)| *ip).collect();
         net.directory.retain(|md| ips.contains(&md.local_ipv4));
         let macs: HashSet<String> = live.iter().map(|(_, mac)| mac.clone()).collect();

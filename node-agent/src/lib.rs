@@ -13,6 +13,8 @@
 //! - [`node`]: the node's own records, its Node and its Lease;
 //! - [`host`]: the host's capacity and hypervisor;
 //! - [`metrics`]: Prometheus metrics on `/metrics`;
+//! - [`guestnet`] and [`portguard`]: the guests' bridge and DHCP, and the nftables guard that
+//!   lets each guest's tap carry only its own MAC and address;
 //! - [`images`]: the content-addressed image cache, which fetches images from S3 through the
 //!   gateway's presigned URLs ([`presign`]).
 
@@ -29,5 +31,6 @@ pub mod metrics;
 pub mod netns;
 pub mod node;
 pub mod plan;
+pub mod portguard;
 pub mod presign;
 pub mod report;

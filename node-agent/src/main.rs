@@ -20,6 +20,7 @@ use node_agent::hypervisor::LibvirtHypervisor;
 use node_agent::images::ImageCache;
 use node_agent::metrics::{self, Metrics};
 use node_agent::node::NodeFacts;
+use node_agent::portguard::PortGuard;
 use node_agent::presign::GatewayPresigner;
 use node_agent::{imds, netns};
 
@@ -195,6 +196,9 @@ async fn guest_network(
     guestnet::ensure_bridge(&cfg)
         .await
         .with_context(|| format!("cannot set up bridge {} in {netns_name}", cfg.bridge))?;
+    let ports = PortGuard::install(Some(netns_name), &cfg.bridge)
+        .await
+        .with_context(|| format!("cannot guard the ports of bridge {}", cfg.bridge))?;
     let dhcp = Dhcp::start(&cfg)
         .await
         .context("cannot start the DHCP server")?;
@@ -212,6 +216,7 @@ async fn guest_network(
     Ok(GuestNetwork {
         bridge: cfg.bridge,
         dhcp: tokio::sync::Mutex::new(dhcp),
+        ports,
         directory,
         region,
         subnet_cidr: subnet.to_string(),

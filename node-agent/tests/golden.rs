@@ -140,6 +140,7 @@ fn micro_image_with_kernel_nic_and_console_log() -> DomainSpec {
         nic: Some(NicSpec {
             mac: "02:00:ac:1f:00:04".into(),
             bridge: "karri0".into(),
+            tap: "k0200ac1f0004".into(),
         }),
         console_log: Some("/var/lib/karri/console/i-0000000000000d00d.log".into()),
     }

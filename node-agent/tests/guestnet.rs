@@ -4,12 +4,15 @@
 //!   veth pair moved into a second namespace: busybox `udhcpc` there gets the static lease, and
 //!   `curl` there reaches a listener that [`netns::bind_tcp`] put on 169.254.169.254 inside the
 //!   host namespace; dnsmasq restarts when it dies and forgets removed hosts;
+//! - the port guard ([`PortGuard`], nftables in the host namespace): a guest that takes another
+//!   guest's address, or its MAC and address, is not answered, while on an unguarded port the
+//!   same spoof works; DHCP and the guest's own address pass;
 //! - a simulated host ([`SimHost`], a private libvirtd in its own namespace): a domain with a
 //!   bridge interface gets its tap on `karri0` inside that namespace, not in the root one.
 //!
-//! Needs `ip`, `/usr/sbin/dnsmasq` (dnsmasq-base), `busybox` (udhcpc), `curl`, and libvirt +
-//! QEMU for the last test (busybox 1.35's `wget` crashes on this machine). Every wait is bounded
-//! polling or a bounded client timeout, never a fixed sleep.
+//! Needs `ip`, `nft` (nftables), `/usr/sbin/dnsmasq` (dnsmasq-base), `busybox` (udhcpc,
+//! arping), `curl`, and libvirt + QEMU for the last test (busybox 1.35's `wget` crashes on this
+//! machine). Every wait is bounded polling or a bounded client timeout, never a fixed sleep.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -22,6 +25,7 @@ use karri_testkit::simhost::{run_ok, Netns};
 use karri_testkit::SimHost;
 use node_agent::guestnet::{self, Dhcp, GuestNetConfig, METADATA_IP};
 use node_agent::netns;
+use node_agent::portguard::{self, PortGuard};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const SUBNET: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 0);
@@ -328,5 +332,175 @@ async fn a_domain_on_a_simulated_host_gets_its_tap_on_the_bridge_inside_the_host
         host.stop()
     })
     .await??;
+    Ok(())
+}
+
+/// A guest namespace whose `eth0` (MAC `mac`) is the far end of a port named `port` on the
+/// host's bridge, as libvirt names a guarded guest's tap.
+fn plug(host: &Netns, bridge: &str, port: &str, mac: &str) -> anyhow::Result<Netns> {
+    let guest = Netns::new()?;
+    run_ok(&mut host.ip([
+        "link", "add", port, "type", "veth", "peer", "name", "eth0", "address", mac,
+    ]))?;
+    run_ok(&mut host.ip(["link", "set", port, "master", bridge, "up"]))?;
+    run_ok(&mut host.ip(["link", "set", "eth0", "netns", guest.name()]))?;
+    run_ok(&mut guest.ip(["link", "set", "eth0", "up"]))?;
+    Ok(guest)
+}
+
+/// Gives the guest's `eth0` exactly `mac` and `ip`/24, with the bridge as its gateway.
+fn take(guest: &Netns, mac: &str, ip: Option<Ipv4Addr>) -> anyhow::Result<()> {
+    run_ok(&mut guest.ip(["link", "set", "eth0", "down"]))?;
+    run_ok(&mut guest.ip(["link", "set", "eth0", "address", mac]))?;
+    run_ok(&mut guest.ip(["link", "set", "eth0", "up"]))?;
+    run_ok(&mut guest.ip(["addr", "flush", "dev", "eth0"]))?;
+    if let Some(ip) = ip {
+        run_ok(&mut guest.ip(["addr", "add", &format!("{ip}/24"), "dev", "eth0"]))?;
+        run_ok(&mut guest.ip(["route", "replace", "default", "via", "172.31.0.1"]))?;
+    }
+    Ok(())
+}
+
+/// What the metadata listener answers the guest (`hello <the address it saw>`), or `None` when
+/// no answer comes within two seconds.
+async fn ask_metadata(guest: &Netns) -> anyhow::Result<Option<String>> {
+    let out = netns::command(Some(guest.name()), "curl")
+        .args(["-sS", "--max-time", "2"])
+        .arg(format!("http://{METADATA_IP}/latest/meta-data/instance-id"))
+        .stdin(Stdio::null())
+        .output()
+        .await?;
+    Ok(out
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
+}
+
+#[tokio::test]
+async fn a_guarded_guest_is_answered_only_with_its_own_address_and_mac() -> anyhow::Result<()> {
+    const VICTIM_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 7);
+    const ATTACKER_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 0, 9);
+    let victim_mac = guestnet::mac_for(VICTIM_IP);
+    let attacker_mac = guestnet::mac_for(ATTACKER_IP);
+    let host = Netns::new()?;
+    let state = tempfile::tempdir()?;
+    let cfg = config(host.name(), state.path())?;
+    guestnet::ensure_bridge(&cfg).await?;
+    let guard = PortGuard::install(Some(host.name()), &cfg.bridge).await?;
+    // Installing again (an agent restart) keeps what it guards.
+    let victim_tap = guard.bind(&victim_mac, VICTIM_IP).await?;
+    let guard = PortGuard::install(Some(host.name()), &cfg.bridge).await?;
+    let attacker_tap = portguard::tap_for(&attacker_mac)?;
+    let victim = plug(&host, &cfg.bridge, &victim_tap, &victim_mac)?;
+    let attacker = plug(&host, &cfg.bridge, &attacker_tap, &attacker_mac)?;
+    let server = serve_metadata(host.name(), 80)?;
+    take(&victim, &victim_mac, Some(VICTIM_IP))?;
+    assert_eq!(
+        ask_metadata(&victim).await?.as_deref(),
+        Some("hello 172.31.0.7")
+    );
+
+    // Unguarded, the attacker's port lets it pass for the victim by taking its MAC and address:
+    // the spoof below is one the test can see succeed.
+    take(&attacker, &victim_mac, Some(VICTIM_IP))?;
+    assert_eq!(
+        ask_metadata(&attacker).await?.as_deref(),
+        Some("hello 172.31.0.7"),
+        "an unguarded port must let the spoof through, or this test proves nothing"
+    );
+    take(&attacker, &attacker_mac, None)?;
+    assert_eq!(
+        ask_metadata(&victim).await?.as_deref(),
+        Some("hello 172.31.0.7")
+    );
+
+    // Guarded: DHCP (from 0.0.0.0) and the attacker's own address pass.
+    guard.bind(&attacker_mac, ATTACKER_IP).await?;
+    let dhcp = Dhcp::start(&cfg).await?;
+    dhcp.set_host(&attacker_mac, ATTACKER_IP, "ip-172-31-0-9")?;
+    let lease = netns::command(Some(attacker.name()), "busybox")
+        .args([
+            "udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "10", "-T", "1", "-A", "1",
+        ])
+        .args(["-s", "/bin/true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .status();
+    let lease = tokio::time::timeout(Duration::from_secs(30), lease).await??;
+    ensure!(lease.success(), "the guarded guest got no DHCP lease");
+    dhcp.stop().await?;
+    take(&attacker, &attacker_mac, Some(ATTACKER_IP))?;
+    assert_eq!(
+        ask_metadata(&attacker).await?.as_deref(),
+        Some("hello 172.31.0.9")
+    );
+
+    // The victim's address, with the attacker's MAC and then with the victim's: no answer.
+    take(&attacker, &attacker_mac, Some(VICTIM_IP))?;
+    // It also claims the address with a gratuitous ARP (checked below).
+    attacker
+        .exec([
+            "busybox",
+            "arping",
+            "-U",
+            "-c",
+            "1",
+            "-I",
+            "eth0",
+            &VICTIM_IP.to_string(),
+        ])
+        .output()?;
+    assert_eq!(
+        ask_metadata(&attacker).await?,
+        None,
+        "spoofed address answered"
+    );
+    take(&attacker, &victim_mac, Some(VICTIM_IP))?;
+    assert_eq!(
+        ask_metadata(&attacker).await?,
+        None,
+        "spoofed MAC and address answered"
+    );
+    // Nor did its ARP claims move the victim's address to the attacker's MAC on the host.
+    let neigh = run_ok(&mut host.ip(["neigh", "show", &VICTIM_IP.to_string()]))?;
+    let neigh = String::from_utf8_lossy(&neigh.stdout).to_string();
+    ensure!(
+        !neigh.contains(&attacker_mac),
+        "the host's ARP entry was poisoned: {neigh}"
+    );
+
+    // Both are served again as themselves.
+    take(&attacker, &attacker_mac, Some(ATTACKER_IP))?;
+    assert_eq!(
+        ask_metadata(&attacker).await?.as_deref(),
+        Some("hello 172.31.0.9")
+    );
+    assert_eq!(
+        ask_metadata(&victim).await?.as_deref(),
+        Some("hello 172.31.0.7")
+    );
+
+    // A sync keeps the live guests and any bound after its mark, and forgets the rest.
+    let mark = guard.mark();
+    let late_ip = Ipv4Addr::new(172, 31, 0, 11);
+    guard.bind(&guestnet::mac_for(late_ip), late_ip).await?;
+    guard.sync(mark, &[(VICTIM_IP, victim_mac.clone())]).await?;
+    let set = run_ok(&mut host.exec(["nft", "list", "set", "bridge", guard.table(), "taps"]))?;
+    let set = String::from_utf8_lossy(&set.stdout).to_string();
+    ensure!(
+        set.contains(&victim_tap),
+        "the live guest lost its guard: {set}"
+    );
+    ensure!(
+        set.contains("k0200ac1f000b"),
+        "a guest bound after the mark was dropped: {set}"
+    );
+    ensure!(
+        !set.contains(&attacker_tap),
+        "a gone guest kept its guard: {set}"
+    );
+    server.abort();
     Ok(())
 }
