@@ -78,6 +78,22 @@ impl Error {
 struct Assumed {
     node: String,
     resources: Resources,
+    since: Instant,
+}
+
+/// How long a reservation outlives its record's absence from the store: the record of an
+/// instance placed a moment ago may not be in the snapshot another placement took before it,
+/// so only a record gone for this long is taken as deleted.
+const ASSUMED_UNSEEN_TTL: Duration = Duration::from_secs(30);
+
+/// Whether a reservation still counts, given what the store says of its record: bound (the
+/// watch has delivered the binding, so the record's usage counts it instead), unbound, or
+/// absent (not yet in the snapshot, or deleted), and how old the reservation is.
+fn still_assumed(seen_bound: Option<bool>, age: Duration) -> bool {
+    match seen_bound {
+        Some(bound) => !bound,
+        None => age < ASSUMED_UNSEEN_TTL,
+    }
 }
 
 #[derive(Default)]
@@ -203,7 +219,7 @@ impl Context {
             .collect();
         state
             .assumed
-            .retain(|uid, _| bound.get(uid).is_some_and(|seen| !seen));
+            .retain(|uid, a| still_assumed(bound.get(uid).copied(), a.since.elapsed()));
         for a in state.assumed.values() {
             if let Some(v) = views.iter_mut().find(|v| v.name == a.node) {
                 v.assume(a.resources);
@@ -228,6 +244,7 @@ impl Context {
                 Assumed {
                     node: node.clone(),
                     resources: request.resources,
+                    since: Instant::now(),
                 },
             );
         }
@@ -607,4 +624,31 @@ pub async fn run_nodes(client: Client, settings: Settings, metrics: Arc<Metrics>
         .run(reconcile_node, node_error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reservation_lasts_until_its_binding_is_seen_or_its_record_stays_away() {
+        let young = Duration::from_secs(1);
+        let old = ASSUMED_UNSEEN_TTL + Duration::from_secs(1);
+        for (seen_bound, age, counts) in [
+            (Some(false), young, true),
+            (Some(false), old, true),
+            (Some(true), young, false),
+            (Some(true), old, false),
+            // Not in a snapshot taken before the record arrived: still reserved.
+            (None, young, true),
+            // Gone for longer than any snapshot lags: deleted.
+            (None, old, false),
+        ] {
+            assert_eq!(
+                still_assumed(seen_bound, age),
+                counts,
+                "{seen_bound:?} after {age:?}"
+            );
+        }
+    }
 }
