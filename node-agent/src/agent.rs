@@ -171,6 +171,9 @@ pub struct Context<H> {
     guests: Option<Arc<Guests>>,
     /// What the agent last reported of each instance's console, by instance ID.
     consoles: Mutex<HashMap<String, u64>>,
+    /// The reboot request each record's domain was last reset for, by record UID, until the
+    /// record shows it done: a status write lost to a conflict must not reset the guest again.
+    rebooted: Mutex<HashMap<String, String>>,
 }
 
 fn now() -> Time {
@@ -350,6 +353,12 @@ impl<H: Hypervisor + 'static> Context<H> {
                 if let Some(d) = desired.as_mut() {
                     d.reboot = false;
                 }
+                if let Some(asked) = reboot_request(instance) {
+                    self.rebooted
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(uid.to_owned(), asked.to_owned());
+                }
             }
             observed = hv.observe(&name).await?;
         }
@@ -359,6 +368,16 @@ impl<H: Hypervisor + 'static> Context<H> {
             observed.as_ref().map(|d| d.observed(elapsed)).as_ref(),
         );
         Ok((observed, left))
+    }
+
+    /// The reboot request the domain of record `uid` was last reset for and whose record may
+    /// not show it yet.
+    fn reset_for(&self, uid: &str) -> Option<String> {
+        self.rebooted
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(uid)
+            .cloned()
     }
 
     /// The newest copy of `instance` the watch has delivered: the store's when it is still the
@@ -384,7 +403,13 @@ impl<H: Hypervisor + 'static> Context<H> {
         let uid = instance.uid().ok_or(Error::Incomplete("UID"))?;
         let id = instance_id(instance)?;
         let name = instance.name_any();
-        let desired = desire(instance, &uid, self.settings.shutdown_timeout);
+        let mut desired = desire(instance, &uid, self.settings.shutdown_timeout);
+        if let (Some(d), Some(asked)) = (desired.as_mut(), reboot_request(instance)) {
+            if self.reset_for(&uid) == Some(asked.to_owned()) {
+                // Carried out already; only its record is missing (written below).
+                d.reboot = false;
+            }
+        }
         if desired.is_some() && launch_failed(instance) {
             // Reported already for this generation; the operator terminates the instance.
             return Ok(Requeue::await_change());
@@ -636,6 +661,11 @@ impl<H: Hypervisor + 'static> Context<H> {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
             shutdowns.retain(|uid, _| live.contains(uid));
+            drop(shutdowns);
+            self.rebooted
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|uid, _| live.contains(uid));
         }
         let mut removed = 0;
         for orphan in domains.iter().filter(|d| !live.contains(&d.uid)) {
@@ -881,6 +911,7 @@ pub async fn run<H: Hypervisor + 'static>(
         metrics,
         guests,
         consoles: Mutex::new(HashMap::new()),
+        rebooted: Mutex::new(HashMap::new()),
     });
     tokio::spawn(housekeeping(ctx.clone(), facts, listed, sweep_now));
     if ctx.guests.is_some() {
