@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::ControlFlow::{Break, Continue};
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{ensure, Context};
 use crds::{ConditionStatus, Instance, InstanceState};
 use karri_e2e::cloud::{
     condition, metric, node_of, node_ready, signal, state_of, violation, Cloud, Options,
@@ -505,5 +505,55 @@ async fn two_operators_never_both_act_and_the_standby_takes_over() -> anyhow::Re
     assert!(all
         .iter()
         .all(|i| state_of(i) == Some(InstanceState::Running)));
+
+    // The killed replica comes back as the standby; the leader, stopped as `make down` stops
+    // it (SIGTERM), hands the lease over on its way out: the standby leads well before the
+    // lease could have run out.
+    cloud.restart_operator(leader).await?;
+    cloud
+        .wait_until(
+            &format!("{leader_id} stands by"),
+            STEP_TIMEOUT,
+            async || {
+                let g = gauge(&cloud, leader).await?;
+                Ok(if g == Some(0.0) {
+                    Break(())
+                } else {
+                    Continue(format!("leader gauge {g:?}"))
+                })
+            },
+        )
+        .await?;
+    let stopped = Instant::now();
+    ensure!(
+        cloud.operators[standby]
+            .service
+            .terminate(Duration::from_secs(10))?,
+        "{standby_id} did not exit on SIGTERM"
+    );
+    let handover = leader_lease.saturating_sub(Duration::from_secs(1));
+    cloud
+        .wait_until(
+            &format!("{leader_id} leads after {standby_id} stopped"),
+            handover,
+            async || {
+                let g = gauge(&cloud, leader).await?;
+                Ok(if g == Some(1.0) {
+                    Break(())
+                } else {
+                    Continue(format!("leader gauge {g:?}"))
+                })
+            },
+        )
+        .await?;
+    eprintln!(
+        "{leader_id} took over {:.2} s after SIGTERM to {standby_id}",
+        stopped.elapsed().as_secs_f64()
+    );
+    let lease = cloud.leader_lease().await?.context("no leader lease")?;
+    assert_eq!(
+        lease.spec.holder_identity.as_deref(),
+        Some(leader_id.as_str())
+    );
     Ok(())
 }

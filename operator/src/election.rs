@@ -1,7 +1,7 @@
 //! Leader election over a `Lease` record, so that two operator replicas never both act.
 //! The decisions are [`crate::leader::decide`]; this loop reads and writes the lease.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crds::{Lease, LeaseSpec, SYSTEM_NAMESPACE};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
@@ -38,10 +38,46 @@ impl Timing {
     }
 }
 
-fn view(lease: &Lease, fallback: Duration) -> LeaseView {
+/// How long this replica has seen the lease record unchanged (the same `resourceVersion`), by
+/// its own monotonic clock. client-go times another holder's lease this way rather than from the
+/// `renewTime` that holder wrote, which another host's clock set: a clock running behind would
+/// make a live leader's renewals look expired, one running ahead would keep a dead leader's
+/// lease alive.
+#[derive(Debug, Default)]
+pub struct Observer {
+    seen: Option<(String, Instant)>,
+}
+
+impl Observer {
+    /// Records that the lease is at `version` (`None`: there is no lease) at `now`, and returns
+    /// how long it has been at that version as far as this replica knows.
+    pub fn age(&mut self, version: Option<&str>, now: Instant) -> Duration {
+        match (&self.seen, version) {
+            (Some((seen, since)), Some(version)) if seen == version => {
+                now.saturating_duration_since(*since)
+            }
+            (_, Some(version)) => {
+                self.seen = Some((version.to_owned(), now));
+                Duration::ZERO
+            }
+            (_, None) => {
+                self.seen = None;
+                Duration::ZERO
+            }
+        }
+    }
+}
+
+/// The lease as the decision sees it: renewed `age` before `now` (see [`Observer`]) when it was
+/// renewed at all.
+fn view(lease: &Lease, fallback: Duration, age: Duration, now: Timestamp) -> LeaseView {
     LeaseView {
         holder: lease.spec.holder_identity.clone(),
-        renew_time: lease.spec.renew_time.as_ref().map(|m| Time(m.0)),
+        renew_time: lease
+            .spec
+            .renew_time
+            .as_ref()
+            .map(|_| Time(now.checked_sub(age).unwrap_or(now))),
         lease_duration: lease
             .spec
             .lease_duration_seconds
@@ -57,10 +93,21 @@ fn seconds(d: Duration) -> i32 {
 }
 
 /// Try once to acquire or renew; true when we hold the lease afterwards.
-async fn attempt(api: &Api<Lease>, identity: &str, timing: Timing) -> Result<bool, kube::Error> {
-    let now = Timestamp::now();
+async fn attempt(
+    api: &Api<Lease>,
+    identity: &str,
+    timing: Timing,
+    observer: &mut Observer,
+) -> Result<bool, kube::Error> {
     let current = api.get_opt(LEASE_NAME).await?;
-    let lease_view = current.as_ref().map(|l| view(l, timing.lease_duration));
+    let now = Timestamp::now();
+    let version = current
+        .as_ref()
+        .and_then(|l| l.metadata.resource_version.as_deref());
+    let age = observer.age(version, Instant::now());
+    let lease_view = current
+        .as_ref()
+        .map(|l| view(l, timing.lease_duration, age, now));
     match decide(lease_view.as_ref(), identity, &Time(now)) {
         Decision::Follow { .. } => Ok(false),
         Decision::Renew => {
@@ -111,8 +158,9 @@ async fn attempt(api: &Api<Lease>, identity: &str, timing: Timing) -> Result<boo
 pub async fn run(client: Client, identity: String, timing: Timing, leading: watch::Sender<bool>) {
     let api: Api<Lease> = Api::namespaced(client, SYSTEM_NAMESPACE);
     let mut last_renewed: Option<tokio::time::Instant> = None;
+    let mut observer = Observer::default();
     loop {
-        match attempt(&api, &identity, timing).await {
+        match attempt(&api, &identity, timing, &mut observer).await {
             Ok(true) => {
                 if !*leading.borrow() {
                     tracing::info!(%identity, "became the leader");
@@ -137,5 +185,57 @@ pub async fn run(client: Client, identity: String, timing: Timing, leading: watc
             }
         }
         tokio::time::sleep(timing.retry_period).await;
+    }
+}
+
+/// Gives the lease up if `identity` holds it, so that a standby takes over at once instead of
+/// when the lease runs out. Call it only after this replica's controllers have stopped and its
+/// campaign ([`run`]) has ended. Returns whether it held the lease.
+pub async fn release(client: Client, identity: &str) -> Result<bool, kube::Error> {
+    let api: Api<Lease> = Api::namespaced(client, SYSTEM_NAMESPACE);
+    let Some(mut lease) = api.get_opt(LEASE_NAME).await? else {
+        return Ok(false);
+    };
+    if lease.spec.holder_identity.as_deref() != Some(identity) {
+        return Ok(false);
+    }
+    // A released lease has no holder; replace carries the resourceVersion read, so a rival
+    // that took the lease meanwhile keeps it.
+    lease.spec.holder_identity = None;
+    lease.spec.renew_time = Some(MicroTime(Timestamp::now()));
+    api.replace(LEASE_NAME, &PostParams::default(), &lease)
+        .await?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lease_ages_by_this_replicas_clock_from_when_its_version_was_first_seen() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut observer = Observer::default();
+        // (seconds after t0, version read, age wanted)
+        let rows = [
+            (0, Some("10"), 0),
+            (2, Some("10"), 2),
+            (5, Some("10"), 5),
+            // Renewed: a new version starts from zero.
+            (6, Some("11"), 0),
+            (9, Some("11"), 3),
+            // Deleted, then created again.
+            (10, None, 0),
+            (11, Some("12"), 0),
+            (12, Some("12"), 1),
+        ];
+        for (at, version, want) in rows {
+            assert_eq!(
+                observer.age(version, t0 + s(at)),
+                s(want),
+                "{version:?} at {at} s"
+            );
+        }
     }
 }

@@ -78,15 +78,20 @@ async fn main() -> anyhow::Result<()> {
     };
     let (leading_tx, mut leading) = watch::channel(false);
     let timing = Timing::from_duration(Duration::from_secs(args.leader_lease_seconds));
-    tokio::spawn(election::run(
+    let campaign = tokio::spawn(election::run(
         client.clone(),
         identity.clone(),
         timing,
         leading_tx,
     ));
     tracing::info!(%identity, "operator started; campaigning for leadership");
-    loop {
-        leading.wait_for(|l| *l).await?;
+    let shutdown = shutdown_signal();
+    tokio::pin!(shutdown);
+    'campaign: loop {
+        tokio::select! {
+            led = leading.wait_for(|l| *l) => { led?; }
+            signal = &mut shutdown => { signal?; break 'campaign; }
+        }
         metrics.leader.set(1);
         let work = async {
             tokio::join!(
@@ -97,7 +102,32 @@ async fn main() -> anyhow::Result<()> {
         tokio::select! {
             _ = work => tracing::warn!("controllers ended"),
             lost = leading.wait_for(|l| !*l) => { lost?; tracing::warn!("lost leadership; controllers stopped"); }
+            signal = &mut shutdown => {
+                signal?;
+                metrics.leader.set(0);
+                break 'campaign;
+            }
         }
         metrics.leader.set(0);
     }
+    // The controllers have stopped (their futures were dropped); stop campaigning, then hand
+    // the lease over so that a standby need not wait for it to run out.
+    campaign.abort();
+    match election::release(client, &identity).await {
+        Ok(true) => tracing::info!(%identity, "released the leader lease; shutting down"),
+        Ok(false) => tracing::info!(%identity, "shutting down"),
+        Err(error) => tracing::warn!(%error, "could not release the leader lease; shutting down"),
+    }
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        interrupted = tokio::signal::ctrl_c() => interrupted.context("cannot watch for SIGINT")?,
+    }
+    Ok(())
 }

@@ -996,6 +996,27 @@ impl Service {
         kill_and_reap(&mut self.child);
     }
 
+    /// Asks the process to stop (SIGTERM, as `make down` does) and waits at most `deadline`
+    /// for it to exit, polling; SIGKILLs it after that. Returns whether it exited by itself.
+    pub fn terminate(&mut self, deadline: Duration) -> anyhow::Result<bool> {
+        let Some(child) = self.child.as_mut() else {
+            return Ok(true);
+        };
+        let pid = child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status()?;
+        anyhow::ensure!(sent.success(), "kill -TERM {pid} failed");
+        let until = Instant::now() + deadline;
+        while Instant::now() < until {
+            if child.try_wait()?.is_some() {
+                self.child = None;
+                return Ok(true);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill();
+        Ok(false)
+    }
+
     /// Kill and start again with the same arguments.
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
