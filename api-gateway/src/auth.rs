@@ -247,6 +247,51 @@ pub fn can_write(principal: &Principal, kind: &str, before: Option<&Value>, afte
     }
 }
 
+/// The fields of an instance's status a node agent reports: its domain's condition, the
+/// console, and the reboot it carried out. Placement, addresses, the launch spec and the EC2
+/// state are the operator's.
+pub const NODE_STATUS_FIELDS: &[&str] = &[
+    "conditions",
+    "consoleOutput",
+    "consoleOutputTime",
+    "lastRebootRequest",
+];
+
+/// Whether a node's status write takes an instance's status from `before` to `after` changing
+/// only what the node reports ([`NODE_STATUS_FIELDS`], and of the conditions only
+/// `DomainRunning`): a node must not point the launch spec at other objects, take addresses or
+/// forge the operator's conditions.
+pub fn node_status_change_allowed(before: &Value, after: &Value) -> bool {
+    fn rest(obj: &Value) -> serde_json::Map<String, Value> {
+        let mut status = obj
+            .get("status")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
+        let others: Vec<Value> = status
+            .get("conditions")
+            .and_then(Value::as_array)
+            .map(|cs| {
+                cs.iter()
+                    .filter(|c| {
+                        c.get("type").and_then(Value::as_str)
+                            != Some(crds::CONDITION_DOMAIN_RUNNING)
+                    })
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for f in NODE_STATUS_FIELDS {
+            status.remove(*f);
+        }
+        if !others.is_empty() {
+            status.insert("conditions".into(), Value::Array(others));
+        }
+        status
+    }
+    rest(before) == rest(after)
+}
+
 /// The Kubernetes-style message of a refusal.
 pub fn forbidden_message(principal: &Principal, verb: Verb, target: &Target<'_>) -> String {
     let what = match target.name {
@@ -396,5 +441,68 @@ mod tests {
         assert_eq!(a.authenticate(None), None);
         let bad = "tokens:\n- token: short\n  user: x\n  role: admin\n";
         assert!(Authenticator::from_yaml(bad, "t.yaml").is_err());
+    }
+
+    #[test]
+    fn a_node_may_change_only_what_it_reports_of_an_instances_status() {
+        let before = json!({"status": {
+            "nodeName": "node-1", "state": "pending", "privateIpAddress": "172.31.0.5",
+            "conditions": [{"type": "Scheduled", "status": "True"}]
+        }});
+        let with = |f: &dyn Fn(&mut Value)| {
+            let mut v = before.clone();
+            f(&mut v);
+            v
+        };
+        let rows: [(&str, Value, bool); 8] = [
+            ("nothing", before.clone(), true),
+            (
+                "console",
+                with(&|v| v["status"]["consoleOutput"] = json!("boot")),
+                true,
+            ),
+            (
+                "reboot done",
+                with(&|v| v["status"]["lastRebootRequest"] = json!("t1")),
+                true,
+            ),
+            (
+                "DomainRunning added",
+                with(&|v| {
+                    v["status"]["conditions"] = json!([
+                        {"type": "Scheduled", "status": "True"},
+                        {"type": "DomainRunning", "status": "True"}
+                    ])
+                }),
+                true,
+            ),
+            (
+                "state",
+                with(&|v| v["status"]["state"] = json!("running")),
+                false,
+            ),
+            (
+                "address",
+                with(&|v| v["status"]["privateIpAddress"] = json!("172.31.0.6")),
+                false,
+            ),
+            (
+                "launch spec",
+                with(&|v| v["status"]["launch"] = json!({"root": {"location": "b/k"}})),
+                false,
+            ),
+            (
+                "operator's condition dropped",
+                with(&|v| v["status"]["conditions"] = json!([{"type": "DomainRunning"}])),
+                false,
+            ),
+        ];
+        for (what, after, allowed) in rows {
+            assert_eq!(
+                node_status_change_allowed(&before, &after),
+                allowed,
+                "{what}"
+            );
+        }
     }
 }

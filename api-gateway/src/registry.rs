@@ -644,6 +644,17 @@ impl Registry {
                 who.user()
             )));
         }
+        let node_instance = matches!(who, Principal::Node(_)) && kind.info.kind == "Instance";
+        if node_instance && sub != Subresource::Status {
+            // A node reports; it never changes what an instance is (spec, labels, owners,
+            // finalizers).
+            return Err(ApiError::forbidden(format!(
+                "{}.{} {name:?} is forbidden: User {:?} may write only the status of the instances bound to it",
+                kind.info.plural,
+                crds::GROUP,
+                who.user()
+            )));
+        }
         let key = record_key(kind.info.plural, ns, name);
         for _ in 0..16 {
             let Some((current, rev)) = self.read(&key).await? else {
@@ -664,6 +675,16 @@ impl Registry {
                     self.orphan_dependents(uid).await?;
                 }
                 next = admission::with_finalizer(&next, admission::ORPHAN_FINALIZER, false);
+            }
+            if node_instance && !auth::node_status_change_allowed(&current, &next) {
+                return Err(ApiError::forbidden(format!(
+                    "{}.{}/status {name:?} is forbidden: User {:?} may report only {} and the {} condition",
+                    kind.info.plural,
+                    crds::GROUP,
+                    who.user(),
+                    auth::NODE_STATUS_FIELDS.join(", "),
+                    crds::CONDITION_DOMAIN_RUNNING
+                )));
             }
             if !auth::can_write(who, kind.info.kind, Some(&current), &next) {
                 return Err(ApiError::forbidden(format!(

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 pub const CONDITION_READY: &str = "Ready";
 /// Condition type saying an instance has been bound to a node.
 pub const CONDITION_SCHEDULED: &str = "Scheduled";
+/// Condition type the node agent reports on an instance: whether its domain runs.
+pub const CONDITION_DOMAIN_RUNNING: &str = "DomainRunning";
 
 /// Whether a condition holds, as in Kubernetes' `metav1.ConditionStatus`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]

@@ -64,8 +64,7 @@ pub const IMAGE_ID: &str = "emi-0123456789abcdef0";
 pub const TEST_DRIVER: &str = "test:///default";
 /// Instance condition the operator keeps from its node's readiness (`False`: impaired).
 pub const CONDITION_NODE_HEALTHY: &str = "NodeHealthy";
-/// Instance condition the node agent reports from its libvirt domain.
-pub const CONDITION_DOMAIN_RUNNING: &str = "DomainRunning";
+pub use crds::CONDITION_DOMAIN_RUNNING;
 /// Name of the operator's leader lease in `karri-system`.
 pub const LEADER_LEASE: &str = "karri-operator";
 /// How often [`wait_until`] probes.

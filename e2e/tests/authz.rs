@@ -368,11 +368,15 @@ async fn node_can_update_the_status_of_its_own_instance() -> anyhow::Result<()> 
             "--type",
             "merge",
             "-p",
-            r#"{"status":{"state":"running"}}"#,
+            r#"{"status":{"consoleOutput":"hello","conditions":[{"type":"DomainRunning","status":"True","reason":"Running","message":"the domain runs","lastTransitionTime":"2026-11-25T12:00:00Z"}]}}"#,
         ],
     )?;
     let after = kubectl_json(&c.admin, &["get", "instance", "on-1"])?;
-    ensure!(after["status"]["state"] == "running", "{after}");
+    ensure!(after["status"]["consoleOutput"] == "hello", "{after}");
+    ensure!(
+        after["status"]["conditions"][0]["type"] == "DomainRunning",
+        "{after}"
+    );
     ensure!(after["status"]["nodeName"] == "node-1", "{after}");
     ensure!(
         after["metadata"]["generation"] == before["metadata"]["generation"]
@@ -380,6 +384,60 @@ async fn node_can_update_the_status_of_its_own_instance() -> anyhow::Result<()> 
         "a status write changed spec or generation:\n{before}\n{after}"
     );
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn node_reports_on_its_instance_but_cannot_change_what_the_operator_or_the_owner_set(
+) -> anyhow::Result<()> {
+    let c = world().await?;
+    let api = node_api(&c, "node-1")?;
+    let before = snapshot(&c).await?;
+    let status = format!("{}/status", inst("acme", "on-1"));
+    let refusals = async {
+        for patch in [
+            // The EC2 state, the address and the launch spec are the operator's.
+            json!({"status": {"state": "running"}}),
+            json!({"status": {"privateIpAddress": "172.31.0.99"}}),
+            json!({"status": {"launch": {"root": {
+                "imageId": "emi-0123456789abcdef0",
+                "location": "someone-elses-bucket/secret.img",
+                "sha256": "00",
+                "format": "raw"
+            }}}}),
+            // So are conditions other than DomainRunning.
+            json!({"status": {"conditions": [{
+                "type": "Ready", "status": "True", "reason": "Forged", "message": "",
+                "lastTransitionTime": "2026-11-25T12:00:00Z"
+            }]}}),
+        ] {
+            let refused = forbidden(&api, Method::PATCH, &status, Some((MERGE, patch))).await?;
+            ensure!(message(&refused).contains("may report only"), "{refused}");
+        }
+        // The record itself (labels, owners, finalizers, spec) is the owner's.
+        for patch in [
+            json!({"metadata": {"labels": {"stolen": "yes"}}}),
+            json!({"metadata": {"finalizers": null}}),
+            json!({"metadata": {"ownerReferences": [{
+                "apiVersion": "karri.dev/v1alpha1", "kind": "Instance", "name": "x",
+                "uid": "00000000-0000-0000-0000-000000000000"
+            }]}}),
+        ] {
+            forbidden(
+                &api,
+                Method::PATCH,
+                &inst("acme", "on-1"),
+                Some((MERGE, patch)),
+            )
+            .await?;
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    ensure!(
+        snapshot(&c).await? == before,
+        "a refused write changed data"
+    );
+    refusals
 }
 
 #[tokio::test(flavor = "multi_thread")]

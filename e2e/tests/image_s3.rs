@@ -469,6 +469,22 @@ async fn a_node_gets_presigned_urls_only_for_objects_its_own_instances_boot_from
         Vec::<String>::new(),
         "the other node fetched nothing"
     );
+
+    // A launch spec whose location is not the location of the image it names vouches for
+    // nothing, even when the image's owner could read that object (written here by the admin:
+    // a node may not write the launch spec at all).
+    let api: Api<Instance> = Api::namespaced(cloud.client.clone(), account);
+    let patch = serde_json::json!({"status": {"launch": {"root": {"location": other_location}}}});
+    api.patch_status(
+        running.name_any().as_str(),
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await?;
+    let (status, answer) = ask_image_url(&cloud, &token(&owner)?, &other_location).await?;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+    let message = format!("no image registered at {other_location} boots this instance");
+    ensure!(answer.to_string().contains(&message), "{answer}");
     Ok(())
 }
 

@@ -49,8 +49,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use crate::clock;
 use crate::placement::Unplaceable;
 
-/// Condition type the node agent owns: whether the instance's domain runs on its node.
-pub const CONDITION_DOMAIN_RUNNING: &str = "DomainRunning";
+pub use crds::CONDITION_DOMAIN_RUNNING;
 /// `DomainRunning` reason (status `True`): the domain runs.
 pub const REASON_DOMAIN_RUNNING: &str = "Running";
 /// `DomainRunning` reason (status `False`): the domain is defined but shut off.

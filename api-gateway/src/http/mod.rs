@@ -198,9 +198,20 @@ async fn image_owner_may_read(
             .then(|| artifact.pointer("/imageId").and_then(Value::as_str))
             .flatten()
     });
-    let Some(image) = image_id.and_then(|id| s.registry.cache.by_id(id)) else {
+    // The ID must name an Image whose own location is the one asked for: a launch spec that
+    // names some other record, or an image registered elsewhere, vouches for nothing.
+    let Some(image) = image_id
+        .and_then(|id| s.registry.cache.by_id(id))
+        .filter(|i| {
+            i.value.pointer("/kind").and_then(Value::as_str) == Some("Image")
+                && i.value
+                    .pointer("/spec/imageLocation")
+                    .and_then(Value::as_str)
+                    == Some(location)
+        })
+    else {
         return Err(ApiError::forbidden(format!(
-            "the image that boots from {location} is not known"
+            "no image registered at {location} boots this instance"
         )));
     };
     let namespace = image
