@@ -504,6 +504,10 @@ def chunked_body(chunks, signatures):
     )
 
 
+# `0;chunk-signature=<64 hex>\r\n\r\n`: the final, empty signed chunk.
+FINAL_CHUNK_LENGTH = 1 + len(";chunk-signature=") + 64 + 2 + 2
+
+
 def chunked_length(sizes):
     """Content-Length of signed aws-chunked framing of chunks of `sizes` (plus the final one)."""
     return sum(len(f"{n:x}") + len(";chunk-signature=") + 64 + 2 + n + 2 for n in sizes + [0])
@@ -520,12 +524,14 @@ def signed_headers(keys, method, path, body):
 
 
 def raw_request(keys, method, path, body=b"", headers=None, payload_hash=None, chunks=None,
-                tamper=None):
+                tamper=None, cut_after=None):
     """One SigV4-signed request made here and sent to the gateway over TLS: a Reply.
 
     `path` is the request path, URI-encoded. With `chunks` (a list of bytes) the body is sent
     as STREAMING-AWS4-HMAC-SHA256-PAYLOAD, every chunk signed; `tamper(body) -> body` changes
-    the encoded body after signing. Otherwise the body's SHA-256 is signed (or `payload_hash`).
+    the encoded body after signing; `cut_after=n` sends only the first n data chunks (no final
+    chunk), with a Content-Length to match, as a replay of a captured upload cut short would.
+    Otherwise the body's SHA-256 is signed (or `payload_hash`).
     """
     amz_date = datetime.datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     signed = {"host": f"{HOST}:{PORT}", "x-amz-date": amz_date}
@@ -535,7 +541,9 @@ def raw_request(keys, method, path, body=b"", headers=None, payload_hash=None, c
             "x-amz-content-sha256": STREAMING,
             "content-encoding": "aws-chunked",
             "x-amz-decoded-content-length": str(sum(len(c) for c in chunks)),
-            "content-length": str(chunked_length([len(c) for c in chunks])),
+            "content-length": str(
+                chunked_length([len(c) for c in chunks]) if cut_after is None
+                else chunked_length([len(c) for c in chunks[:cut_after]]) - FINAL_CHUNK_LENGTH),
         })
     else:
         signed["x-amz-content-sha256"] = payload_hash or sha256hex(body)
@@ -545,6 +553,9 @@ def raw_request(keys, method, path, body=b"", headers=None, payload_hash=None, c
     )
     if chunks is not None:
         body = chunked_body(chunks, chunk_signatures(key, amz_date, scope, seed, chunks))
+        if cut_after is not None:
+            sent = chunks[:cut_after]
+            body = body[:chunked_length([len(c) for c in sent]) - FINAL_CHUNK_LENGTH]
     if tamper:
         body = tamper(body)
     conn = http.client.HTTPSConnection(
@@ -1227,6 +1238,15 @@ def group_objects(suite):
               f"HTTP {reply.status} {xml_code(reply.body)}, expected 403 SignatureDoesNotMatch")
         check(not exists(a, name, "tampered.bin"), "the tampered upload is visible")
 
+    @g.check("put_object_whose_signed_chunks_are_cut_short_is_refused_and_stores_nothing")
+    def _():
+        # The first two of three signed chunks, every signature good, then the end of the body.
+        reply = raw_request(A, "PUT", object_path(name, "truncated.bin"), chunks=chunks,
+                            cut_after=2)
+        check(reply.status == 400 and xml_code(reply.body) == "IncompleteBody",
+              f"HTTP {reply.status} {xml_code(reply.body)}, expected 400 IncompleteBody")
+        check(not exists(a, name, "truncated.bin"), "the truncated upload is visible")
+
     @g.check("put_object_whose_body_differs_from_its_signed_sha256_is_refused")
     def _():
         reply = raw_request(A, "PUT", object_path(name, "mismatch.bin"), body=b"the real body",
@@ -1684,6 +1704,25 @@ def group_presign(suite):
         with clock(-3600):
             url = presigned("get_object", "doc.txt", expires=60)
         curl_refused(curl(url), "AccessDenied", 403, "a URL that expired 59 minutes ago")
+
+    @g.check("presigned_url_valid_for_more_than_a_week_is_refused")
+    def _():
+        url = presigned("get_object", "doc.txt", expires=604801)
+        curl_refused(curl(url), "AuthorizationQueryParametersError", 400,
+                     "a URL valid for a week and a second")
+
+    @g.check("version_2_presigned_url_is_refused")
+    def _():
+        url = (f"{ENDPOINT}/{name}/doc.txt?AWSAccessKeyId={A.access_key}"
+               f"&Expires=4102444800&Signature=c2lnbmF0dXJl")
+        curl_refused(curl(url), "InvalidRequest", 400, "a signature version 2 URL")
+
+    @g.check("version_2_authorization_header_is_refused")
+    def _():
+        date = datetime.datetime.now(UTC).strftime("%a, %d %b %Y %H:%M:%S GMT")
+        reply = curl(f"{ENDPOINT}/{name}/doc.txt", "-H", f"Date: {date}",
+                     "-H", f"Authorization: AWS {A.access_key}:c2lnbmF0dXJl")
+        curl_refused(reply, "InvalidRequest", 400, "a signature version 2 header")
 
     @g.check("presigned_url_of_another_account_for_a_private_object_is_access_denied")
     def _():

@@ -53,7 +53,115 @@ pub struct S3Face {
     service: S3Service,
     ops: service::KarriS3,
     domains: Arc<Vec<String>>,
+    region: Arc<str>,
     metrics: Arc<Metrics>,
+}
+
+/// A request the gateway answers itself, before s3s verifies its signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// S3 error code.
+    pub code: &'static str,
+    /// Error message.
+    pub message: String,
+}
+
+impl Refusal {
+    fn bad_request(code: &'static str, message: String) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code,
+            message,
+        }
+    }
+
+    /// The S3 error document.
+    pub fn xml(&self, request_id: &str) -> String {
+        format!(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{}</Code><Message>{}</Message><RequestId>{}</RequestId></Error>",
+            self.code,
+            quick_xml::escape::escape(self.message.as_str()),
+            quick_xml::escape::escape(request_id)
+        )
+    }
+}
+
+/// What the gateway refuses before s3s sees a request, which s3s would accept: signature
+/// version 2 (s3s checks neither its `Date` nor a limit on its expiry, and its signature does
+/// not cover the body), presigned URLs valid for more than a week, and credentials scoped to
+/// another region or service. Anything else (no signature, a malformed one, a good one) is left
+/// to s3s. Pure.
+pub fn auth_refusal(
+    method: &str,
+    path: &str,
+    query: &str,
+    headers: &http::HeaderMap,
+    region: &str,
+) -> Option<Refusal> {
+    use crate::aws::sigv4::{self, AuthLocation, SigV4Error, SignedRequest};
+    let request = SignedRequest {
+        method,
+        path,
+        query,
+        headers,
+        payload_hash: "",
+    };
+    let parsed = match sigv4::parse(&request) {
+        Ok(Some(parsed)) => parsed,
+        Ok(None) => return None,
+        Err(SigV4Error::UnsupportedAlgorithm(_)) => {
+            return Some(Refusal::bad_request(
+                "InvalidRequest",
+                "The authorization mechanism you have provided is not supported. Please use AWS4-HMAC-SHA256.".into(),
+            ))
+        }
+        Err(e @ SigV4Error::InvalidExpires(_)) => {
+            return Some(Refusal::bad_request(
+                "AuthorizationQueryParametersError",
+                e.to_string(),
+            ))
+        }
+        Err(_) => return None,
+    };
+    let (code, what) = match parsed.location {
+        AuthLocation::Header => (
+            "AuthorizationHeaderMalformed",
+            "The authorization header is malformed;",
+        ),
+        AuthLocation::Query { expires_secs } => {
+            if !(1..=sigv4::MAX_PRESIGNED_EXPIRES).contains(&expires_secs) {
+                return Some(Refusal::bad_request(
+                    "AuthorizationQueryParametersError",
+                    SigV4Error::InvalidExpires(expires_secs.to_string()).to_string(),
+                ));
+            }
+            (
+                "AuthorizationQueryParametersError",
+                "Error parsing the X-Amz-Credential parameter;",
+            )
+        }
+    };
+    if parsed.scope.region != region {
+        return Some(Refusal::bad_request(
+            code,
+            format!(
+                "{what} the region '{}' is wrong; expecting '{region}'",
+                parsed.scope.region
+            ),
+        ));
+    }
+    if parsed.scope.service != "s3" {
+        return Some(Refusal::bad_request(
+            code,
+            format!(
+                "{what} incorrect service '{}'. This endpoint belongs to 's3'.",
+                parsed.scope.service
+            ),
+        ));
+    }
+    None
 }
 
 struct Secrets {
@@ -310,6 +418,7 @@ impl S3Face {
             service: b.build(),
             ops,
             domains,
+            region: Arc::from(settings.region.as_str()),
             metrics,
         }
     }
@@ -348,15 +457,32 @@ impl S3Face {
         let method = req.method().clone();
         let request_id = uuid::Uuid::new_v4().simple().to_string();
         let span = tracing::info_span!("s3", request_id = %request_id, method = %method, path = %req.uri().path(), account = tracing::field::Empty, status = tracing::field::Empty);
-        let service = self.service.clone();
-        let result = async move { service.call(req.map(s3s::Body::http_body_unsync)).await }
-            .instrument(span.clone())
-            .await;
-        let mut resp = match result {
-            Ok(resp) => resp.map(Body::new),
-            Err(e) => {
-                tracing::error!(parent: &span, error = ?e, "S3 request failed outside the protocol");
-                (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+        let refusal = auth_refusal(
+            method.as_str(),
+            req.uri().path(),
+            req.uri().query().unwrap_or(""),
+            req.headers(),
+            &self.region,
+        );
+        let mut resp = if let Some(refusal) = refusal {
+            tracing::info!(parent: &span, code = refusal.code, message = %refusal.message, "refused before the signature check");
+            (
+                refusal.status,
+                [(http::header::CONTENT_TYPE, "application/xml")],
+                refusal.xml(&request_id),
+            )
+                .into_response()
+        } else {
+            let service = self.service.clone();
+            let result = async move { service.call(req.map(s3s::Body::http_body_unsync)).await }
+                .instrument(span.clone())
+                .await;
+            match result {
+                Ok(resp) => resp.map(Body::new),
+                Err(e) => {
+                    tracing::error!(parent: &span, error = ?e, "S3 request failed outside the protocol");
+                    (StatusCode::INTERNAL_SERVER_ERROR, "internal error").into_response()
+                }
             }
         };
         if let Ok(v) = http::HeaderValue::from_str(&request_id) {
@@ -517,6 +643,104 @@ mod tests {
 
     fn domains() -> Vec<String> {
         vec!["localhost".into(), "s3.localhost".into()]
+    }
+
+    #[test]
+    fn version_2_signatures_long_presigned_urls_and_foreign_scopes_are_refused_up_front() {
+        let v4 = |region: &str, service: &str| {
+            format!(
+                "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261125/{region}/{service}/aws4_request, \
+                 SignedHeaders=host;x-amz-date, Signature={}",
+                "0".repeat(64)
+            )
+        };
+        let presigned = |region: &str, expires: &str| {
+            format!(
+                "X-Amz-Algorithm=AWS4-HMAC-SHA256\
+                 &X-Amz-Credential=AKIDEXAMPLE%2F20261125%2F{region}%2Fs3%2Faws4_request\
+                 &X-Amz-Date=20261125T120000Z&X-Amz-Expires={expires}\
+                 &X-Amz-SignedHeaders=host&X-Amz-Signature={}",
+                "0".repeat(64)
+            )
+        };
+        let rows: Vec<(&str, Option<String>, String, Option<(&str, &str)>)> = vec![
+            ("anonymous", None, String::new(), None),
+            ("v4 header", Some(v4("karri-1", "s3")), String::new(), None),
+            (
+                "v4 presigned, a week",
+                None,
+                presigned("karri-1", "604800"),
+                None,
+            ),
+            (
+                "v2 header",
+                Some("AWS AKIDEXAMPLE:c2lnbmF0dXJl".into()),
+                String::new(),
+                Some(("InvalidRequest", "Please use AWS4-HMAC-SHA256")),
+            ),
+            (
+                "v2 presigned",
+                None,
+                "AWSAccessKeyId=AKIDEXAMPLE&Expires=4102444800&Signature=c2ln".into(),
+                Some(("InvalidRequest", "Please use AWS4-HMAC-SHA256")),
+            ),
+            (
+                "presigned for more than a week",
+                None,
+                presigned("karri-1", "604801"),
+                Some(("AuthorizationQueryParametersError", "604800")),
+            ),
+            (
+                "presigned for 136 years",
+                None,
+                presigned("karri-1", "4294967295"),
+                Some(("AuthorizationQueryParametersError", "604800")),
+            ),
+            (
+                "presigned in another region",
+                None,
+                presigned("us-east-1", "60"),
+                Some((
+                    "AuthorizationQueryParametersError",
+                    "the region 'us-east-1' is wrong; expecting 'karri-1'",
+                )),
+            ),
+            (
+                "header in another region",
+                Some(v4("us-east-1", "s3")),
+                String::new(),
+                Some((
+                    "AuthorizationHeaderMalformed",
+                    "the region 'us-east-1' is wrong; expecting 'karri-1'",
+                )),
+            ),
+            (
+                "header for another service",
+                Some(v4("karri-1", "ec2")),
+                String::new(),
+                Some(("AuthorizationHeaderMalformed", "incorrect service 'ec2'")),
+            ),
+        ];
+        for (what, authorization, query, want) in rows {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("host", "localhost:8773".parse().unwrap());
+            headers.insert("x-amz-date", "20261125T120000Z".parse().unwrap());
+            if let Some(a) = authorization {
+                headers.insert("authorization", a.parse().unwrap());
+            }
+            let got = auth_refusal("GET", "/b/k", &query, &headers, "karri-1");
+            match (want, got) {
+                (None, None) => {}
+                (Some((code, text)), Some(r)) => {
+                    assert_eq!(r.code, code, "{what}: {}", r.message);
+                    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{what}");
+                    assert!(r.message.contains(text), "{what}: {}", r.message);
+                    let xml = r.xml("req-1");
+                    assert!(xml.contains(&format!("<Code>{code}</Code>")), "{xml}");
+                }
+                (want, got) => panic!("{what}: wanted {want:?}, got {got:?}"),
+            }
+        }
     }
 
     #[test]

@@ -389,6 +389,37 @@ fn body_stream(body: Option<StreamingBlob>, framed: bool) -> ByteStream<'static>
     }
 }
 
+/// The `x-amz-decoded-content-length` of a streaming (aws-chunked) upload: how many bytes its
+/// chunks must carry.
+fn decoded_content_length(headers: &http::HeaderMap) -> S3Result<Option<u64>> {
+    let Some(value) = headers.get("x-amz-decoded-content-length") else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            s3_error!(
+                InvalidArgument,
+                "x-amz-decoded-content-length must be a number of bytes"
+            )
+        })
+}
+
+/// A streaming upload must deliver every byte it announced: a body cut short between chunks
+/// (the final signed chunk missing) is refused, never stored shortened. Pure.
+fn check_decoded_length(announced: Option<u64>, received: u64) -> S3Result<()> {
+    match announced {
+        Some(n) if n != received => Err(s3_error!(
+            IncompleteBody,
+            "You did not provide the number of bytes specified by the x-amz-decoded-content-length header: {n} announced, {received} received"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The blobs and in-blob ranges that make up bytes `range` of an object made of `segments`.
 /// Pure.
 fn pieces_of(
@@ -1042,6 +1073,7 @@ impl S3 for KarriS3 {
     ) -> S3Result<S3Response<PutObjectOutput>> {
         let caller = self.caller(&req).await?;
         let framed = req.credentials.is_none() && super::chunked::is_aws_chunked(&req.headers);
+        let decoded_length = decoded_content_length(&req.headers)?;
         let input = req.input;
         let bucket = self
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
@@ -1093,7 +1125,9 @@ impl S3 for KarriS3 {
             .put(body_stream(input.body, framed), MAX_PUT_SIZE)
             .await
             .map_err(blob_error)?;
-        if let Err(e) = check_content_md5(input.content_md5.as_deref(), &written.md5) {
+        if let Err(e) = check_content_md5(input.content_md5.as_deref(), &written.md5)
+            .and_then(|()| check_decoded_length(decoded_length, written.size))
+        {
             self.delete_blobs(std::iter::once(written.id.as_str()))
                 .await;
             return Err(e);
@@ -1683,6 +1717,7 @@ impl S3 for KarriS3 {
     ) -> S3Result<S3Response<UploadPartOutput>> {
         let caller = self.caller(&req).await?;
         let framed = req.credentials.is_none() && super::chunked::is_aws_chunked(&req.headers);
+        let decoded_length = decoded_content_length(&req.headers)?;
         let input = req.input;
         let bucket = self
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
@@ -1695,7 +1730,9 @@ impl S3 for KarriS3 {
             .put(body_stream(input.body, framed), MAX_PUT_SIZE)
             .await
             .map_err(blob_error)?;
-        if let Err(e) = check_content_md5(input.content_md5.as_deref(), &written.md5) {
+        if let Err(e) = check_content_md5(input.content_md5.as_deref(), &written.md5)
+            .and_then(|()| check_decoded_length(decoded_length, written.size))
+        {
             self.delete_blobs(std::iter::once(written.id.as_str()))
                 .await;
             return Err(e);
@@ -2432,6 +2469,26 @@ impl KarriS3 {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_streaming_upload_must_deliver_every_byte_it_announced() {
+        assert!(check_decoded_length(None, 5).is_ok());
+        assert!(check_decoded_length(Some(5), 5).is_ok());
+        for (announced, received) in [(5, 4), (5, 0), (5, 6)] {
+            let err = check_decoded_length(Some(announced), received).unwrap_err();
+            assert_eq!(
+                *err.code(),
+                S3ErrorCode::IncompleteBody,
+                "{announced} vs {received}"
+            );
+        }
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(decoded_content_length(&headers).ok(), Some(None));
+        headers.insert("x-amz-decoded-content-length", "66560".parse().unwrap());
+        assert_eq!(decoded_content_length(&headers).ok(), Some(Some(66560)));
+        headers.insert("x-amz-decoded-content-length", "lots".parse().unwrap());
+        assert!(decoded_content_length(&headers).is_err());
+    }
 
     fn upload(key: &str) -> UploadMeta {
         UploadMeta {
