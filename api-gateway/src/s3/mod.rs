@@ -663,7 +663,9 @@ mod tests {
                 "0".repeat(64)
             )
         };
-        let rows: Vec<(&str, Option<String>, String, Option<(&str, &str)>)> = vec![
+        // (what, Authorization header, query, refusal: code and a part of its message)
+        type Row<'a> = (&'a str, Option<String>, String, Option<(&'a str, &'a str)>);
+        let rows: Vec<Row<'_>> = vec![
             ("anonymous", None, String::new(), None),
             ("v4 header", Some(v4("karri-1", "s3")), String::new(), None),
             (
