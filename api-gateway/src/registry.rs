@@ -676,6 +676,20 @@ impl Registry {
                 }
                 next = admission::with_finalizer(&next, admission::ORPHAN_FINALIZER, false);
             }
+            if matches!(who, Principal::Account { .. })
+                && kind.info.kind == "Instance"
+                && admission::finalizers(&current).contains(&crds::INSTANCE_FINALIZER)
+                && !admission::finalizers(&next).contains(&crds::INSTANCE_FINALIZER)
+            {
+                // Without it the record (its ID, its address) would go while its domain runs.
+                return Err(ApiError::forbidden(format!(
+                    "{}.{} {name:?} is forbidden: User {:?} may not remove the finalizer {}, which Karri's operator removes once the domain is gone; delete or terminate the instance instead",
+                    kind.info.plural,
+                    crds::GROUP,
+                    who.user(),
+                    crds::INSTANCE_FINALIZER
+                )));
+            }
             if node_instance && !auth::node_status_change_allowed(&current, &next) {
                 return Err(ApiError::forbidden(format!(
                     "{}.{}/status {name:?} is forbidden: User {:?} may report only {} and the {} condition",

@@ -15,6 +15,10 @@ use crate::validation::{
 /// domain whose `status.lastRebootRequest` differs, then records it there.
 pub const REBOOT_ANNOTATION: &str = "karri.dev/reboot-requested-at";
 
+/// The operator's finalizer on every instance: it holds the record until the domain is gone
+/// and the instance's addresses and capacity are released. Only Karri's controllers remove it.
+pub const INSTANCE_FINALIZER: &str = "karri.dev/instance";
+
 /// Field selector path binding instances to nodes: agents list and watch
 /// `status.nodeName=<their node>`.
 pub const NODE_NAME_FIELD: &str = "status.nodeName";

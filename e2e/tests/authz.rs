@@ -605,6 +605,49 @@ async fn account_cannot_write_the_status_of_its_own_instances() -> anyhow::Resul
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn account_cannot_strip_the_operators_finalizer_from_its_instance() -> anyhow::Result<()> {
+    let c = world().await?;
+    let api = account_api(&c, "acme")?;
+    let admin = c.api(Some(&c.tokens.admin))?;
+    // The operator's finalizer, as the operator puts it on every instance.
+    let path = inst("acme", "unbound");
+    let resp = admin
+        .request(Method::PATCH, &path)
+        .header(CONTENT_TYPE, MERGE)
+        .body(serde_json::to_vec(
+            &json!({"metadata": {"finalizers": ["karri.dev/instance"]}}),
+        )?)
+        .send()
+        .await?;
+    ensure!(resp.status().is_success(), "admin patch: {}", resp.status());
+    let before = snapshot(&c).await?;
+    for patch in [
+        json!({"metadata": {"finalizers": null}}),
+        json!({"metadata": {"finalizers": ["example.com/mine"]}}),
+    ] {
+        let refused = forbidden(&api, Method::PATCH, &path, Some((MERGE, patch))).await?;
+        ensure!(
+            message(&refused).contains("may not remove the finalizer karri.dev/instance"),
+            "{refused}"
+        );
+    }
+    ensure!(
+        snapshot(&c).await? == before,
+        "a refused write changed records"
+    );
+    // Deleting it is the owner's right: the record stays, terminating, for the operator.
+    let resp = api.request(Method::DELETE, &path).send().await?;
+    ensure!(resp.status().is_success(), "delete: {}", resp.status());
+    let after = kubectl_json(&c.admin, &["get", "instance", "unbound", "-n", "acme"])?;
+    ensure!(
+        after["metadata"]["deletionTimestamp"].is_string()
+            && after["metadata"]["finalizers"] == json!(["karri.dev/instance"]),
+        "{after}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn account_is_forbidden_in_other_namespaces_and_at_cluster_scope() -> anyhow::Result<()> {
     let c = world().await?;
     let acme = c.account_kubeconfig("acme")?;

@@ -29,7 +29,7 @@ use crate::metrics::{ErrorLabels, Metrics};
 use crate::placement::{self, place, NodeView, PlacementRequest, Policy, Resources, Unplaceable};
 
 /// The finalizer the operator keeps on every instance until its domain is gone.
-pub const FINALIZER: &str = "karri.dev/instance";
+pub use crds::INSTANCE_FINALIZER as FINALIZER;
 
 /// Why a reconcile did not finish.
 #[derive(Debug, thiserror::Error)]
