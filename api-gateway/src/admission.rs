@@ -123,6 +123,17 @@ pub fn unique_keys(kind: &str, obj: &Value) -> Vec<UniqueKey> {
             })
             .into_iter()
             .collect(),
+        // EC2 image names are unique within an account; two concurrent RegisterImage calls of
+        // one name must not both succeed.
+        "Image" => text("/spec/name")
+            .map(|name| UniqueKey {
+                key: store::unique_key(&["image-name", ns, &hex_text(name)]),
+                what: format!("image name {name:?}"),
+                generated: false,
+                follows_status: false,
+            })
+            .into_iter()
+            .collect(),
         "Instance" => {
             let first = obj
                 .pointer("/spec/launchIndex")

@@ -166,6 +166,36 @@ async fn a_key_pair_name_is_unique_per_namespace_and_freed_by_deletion() -> anyh
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_images_of_one_name_in_a_namespace_cannot_both_be_made() -> anyhow::Result<()> {
+    let (_etcd, _client, registry) = registry().await?;
+    let kind = registry.kinds.by_kind("Image").context("kind")?;
+    let image = |id: &str| {
+        json!({"apiVersion": "karri.dev/v1alpha1", "kind": "Image",
+               "metadata": {"name": id},
+               "spec": {"name": "web-2026", "imageLocation": "/images/web.img",
+                        "architecture": "x86_64"}})
+    };
+    let opts = WriteOptions::default();
+    let who = admin();
+    let (one, two) = tokio::join!(
+        registry.create(&kind, Some("a"), image("emi-00000000000000001"), &who, opts),
+        registry.create(&kind, Some("a"), image("emi-00000000000000002"), &who, opts),
+    );
+    let refused: Vec<_> = [one, two].into_iter().filter_map(Result::err).collect();
+    ensure!(
+        refused.len() == 1
+            && refused[0].code == 409
+            && refused[0].message.contains("image name \"web-2026\""),
+        "{refused:?}"
+    );
+    registry
+        .create(&kind, Some("b"), image("emi-00000000000000003"), &who, opts)
+        .await
+        .context("the same name in another namespace")?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_is_created_whole_or_not_at_all() -> anyhow::Result<()> {
     let (_etcd, _client, registry) = registry().await?;
     let kind = registry.kinds.by_kind("Instance").context("kind")?;

@@ -594,6 +594,18 @@ async fn awscli_runs_stops_starts_and_terminates_instances_until_they_are_collec
         rows == expected,
         "describe-tags shows {rows:?}, expected {expected:?}"
     );
+    // `tag:<key>` picks the tags of the resources carrying that tag: only `target` has env=prod.
+    let by_tag = aws
+        .ok(&["describe-tags", "--filters", "Name=tag:env,Values=prod"])
+        .await?;
+    let tagged: BTreeSet<String> = array_at(&by_tag, "/Tags")
+        .iter()
+        .filter_map(|t| Some(t.get("ResourceId")?.as_str()?.to_owned()))
+        .collect();
+    ensure!(
+        tagged == BTreeSet::from([target.clone()]) && array_at(&by_tag, "/Tags").len() == 3,
+        "describe-tags tag:env=prod shows {by_tag}"
+    );
     aws.ok(&["delete-tags", "--resources", &target, "--tags", "Key=env"])
         .await?;
     let described = aws.ok(&["describe-tags", "--filters", &resource]).await?;

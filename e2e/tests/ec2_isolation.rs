@@ -561,6 +561,32 @@ async fn another_account_can_neither_see_nor_change_an_accounts_resources_except
     let rows = shared_matrix(&w.alpha, &b_id);
     failures.extend(run_rows(rows, &mut b, &mut w, &shared_markers, &shared).await?);
 
+    // Whom else A shares the image with is A's business: B asking for the images a third
+    //    account may run does not learn that A granted it.
+    const THIRD: &str = "000000000000";
+    w.a.ok(
+        "modify_image_attribute",
+        grant(json!({"Add": [{"UserId": THIRD}]})),
+    )?;
+    let third = b.ok("describe_images", json!({"ExecutableUsers": [THIRD]}))?;
+    ensure!(
+        !image_ids(&third).contains(&image),
+        "B learns that A shared its image with {THIRD}: {third}"
+    );
+    // B's own ID is "self".
+    let as_self = b.ok("describe_images", json!({"ExecutableUsers": [&b_id]}))?;
+    shows_image_without_tags(&as_self, &w.alpha)?;
+    w.a.ok(
+        "modify_image_attribute",
+        grant(json!({"Remove": [{"UserId": THIRD}]})),
+    )?;
+    let after = w.snapshot().await?;
+    ensure!(
+        after["launchPermission"] == json!([{"UserId": b_id}]),
+        "A's launch permissions after granting and taking back {THIRD}: {}",
+        after["launchPermission"]
+    );
+
     // 3. A takes the grant back: B can neither launch nor see the image.
     w.a.ok(
         "modify_image_attribute",

@@ -23,8 +23,9 @@ pub const DEFAULT_INSTANCE_TYPE: &str = "m1.small";
 pub const MAX_USER_DATA: usize = 16 * 1024;
 /// The most tags one resource may carry.
 pub const MAX_TAGS_PER_RESOURCE: usize = 50;
-/// The most resources one CreateTags / DeleteTags call may name.
-pub const MAX_TAG_RESOURCES: usize = 1000;
+/// The most IDs one list parameter may hold (`InstanceId.N`, `ResourceId.N`, ...), as EC2
+/// documents for CreateTags and TerminateInstances: each unknown ID may cost a store read.
+pub const MAX_IDS: usize = 1000;
 /// Longest tag key, in characters.
 pub const MAX_TAG_KEY_CHARS: usize = 128;
 /// Longest tag value, in characters.
@@ -1280,8 +1281,15 @@ fn id_list(
     name: &str,
     validate: impl Fn(&str) -> Result<(), Ec2Error>,
 ) -> Result<Vec<String>, Ec2Error> {
-    p.list(name)?
-        .into_iter()
+    let ids = p.list(name)?;
+    if ids.len() > MAX_IDS {
+        return Err(Ec2Error::invalid_parameter_value(format!(
+            "At most {MAX_IDS} IDs may be given in {}.N; {} were.",
+            p.key(name),
+            ids.len()
+        )));
+    }
+    ids.into_iter()
         .map(|id| validate(id).map(|()| id.to_string()))
         .collect()
 }
@@ -2113,11 +2121,6 @@ fn resource_ids(p: &Params) -> Result<Vec<String>, Ec2Error> {
     let ids = id_list(&p.root(), "ResourceId", validate_resource_id)?;
     if ids.is_empty() {
         return Err(Ec2Error::missing_parameter("ResourceId"));
-    }
-    if ids.len() > MAX_TAG_RESOURCES {
-        return Err(Ec2Error::invalid_parameter_value(format!(
-            "At most {MAX_TAG_RESOURCES} resource IDs may be specified."
-        )));
     }
     Ok(ids)
 }
@@ -3182,7 +3185,7 @@ mod tests {
             "Action=CreateTags&ResourceId.1=i-12345678{tags50}"
         ))
         .is_ok());
-        let ids: String = (1..=MAX_TAG_RESOURCES)
+        let ids: String = (1..=MAX_IDS)
             .map(|i| format!("&ResourceId.{i}=i-{i:08x}"))
             .collect();
         assert!(route_query(&format!("Action=CreateTags{ids}&Tag.1.Key=k")).is_ok());
@@ -3190,6 +3193,22 @@ mod tests {
             "Action=CreateTags{ids}&ResourceId.1001=i-12345678&Tag.1.Key=k"
         ));
         assert_eq!(err.code, "InvalidParameterValue");
+    }
+
+    #[test]
+    fn an_id_list_holds_at_most_a_thousand_ids() {
+        let ids = |n: usize, name: &str| -> String {
+            (1..=n).map(|i| format!("&{name}.{i}=i-{i:08x}")).collect()
+        };
+        for action in ["TerminateInstances", "StopInstances", "DescribeInstances"] {
+            assert!(route_query(&format!("Action={action}{}", ids(MAX_IDS, "InstanceId"))).is_ok());
+            let err = error(&format!(
+                "Action={action}{}",
+                ids(MAX_IDS + 1, "InstanceId")
+            ));
+            assert_eq!(err.code, "InvalidParameterValue", "{action}");
+            assert!(err.message.contains("At most 1000 IDs"), "{}", err.message);
+        }
     }
 
     #[test]

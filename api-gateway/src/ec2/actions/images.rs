@@ -202,14 +202,16 @@ pub async fn describe_images(cx: &Cx<'_>, a: router::DescribeImages) -> Result<S
                 })
         })
         .filter(|(v, owner)| {
+            let own = namespace(v) == cx.caller.namespace;
+            let runnable_by_me = owner != me && (is_public(v) || shared_with(v, me)) || own;
             a.executable_by.is_empty()
                 || a.executable_by.iter().any(|e| match e.as_str() {
                     "all" => is_public(v),
-                    "self" => {
-                        owner != me && (is_public(v) || shared_with(v, me))
-                            || namespace(v) == cx.caller.namespace
-                    }
-                    account => shared_with(v, account) || is_public(v),
+                    "self" => runnable_by_me,
+                    account if account == me => runnable_by_me,
+                    // Only the caller's own images shared with that account: whom others
+                    // share their images with is theirs to know.
+                    account => own && shared_with(v, account),
                 })
         })
         .filter(|(v, owner)| {
@@ -318,7 +320,14 @@ pub async fn register_image(
             opts,
         )
         .await
-        .map_err(from_api)?;
+        .map_err(|e| {
+            if e.code == 409 {
+                // A concurrent RegisterImage of the same name won.
+                Ec2Error::image_name_duplicate(&a.name)
+            } else {
+                from_api(e)
+            }
+        })?;
     if dry_run {
         return Err(Ec2Error::dry_run_operation());
     }

@@ -287,6 +287,11 @@ pub async fn run_instances(
             return Err(Ec2Error::key_pair_not_found(key_name));
         }
     }
+    if a.disable_api_stop {
+        return Err(Ec2Error::unsupported_operation(
+            "DisableApiStop is not supported by Karri yet; launch without it.",
+        ));
+    }
     if !a.block_device_mappings.is_empty() {
         return Err(Ec2Error::unsupported_operation(
             "Block device mappings are not supported by Karri yet (EBS volumes come later).",
@@ -345,13 +350,21 @@ pub async fn run_instances(
         return Err(Ec2Error::dry_run_operation());
     }
     let reservation = admission::new_id("r");
+    let annotations = a
+        .client_token
+        .as_ref()
+        .map(|_| json!({CLIENT_REQUEST_ANNOTATION: request_fingerprint(&a)}));
     let bodies: Vec<Value> = (0..count)
         .map(|i| {
             let id = admission::new_id("i");
+            let mut metadata = json!({"name": id});
+            if let Some(annotations) = &annotations {
+                metadata["annotations"] = annotations.clone();
+            }
             json!({
                 "apiVersion": crds::API_VERSION,
                 "kind": "Instance",
-                "metadata": {"name": id},
+                "metadata": metadata,
                 "spec": {
                     "imageId": image_id,
                     "instanceType": instance_type,
@@ -405,6 +418,51 @@ pub async fn run_instances(
     Ok(w.finish())
 }
 
+/// Annotation on the instances a RunInstances with a `ClientToken` made: the fingerprint of that
+/// request ([`request_fingerprint`]), which a retry with the same token must match.
+pub const CLIENT_REQUEST_ANNOTATION: &str = "karri.dev/client-token-request";
+
+/// What identifies a RunInstances request for `ClientToken` idempotency: every parameter but
+/// the token, image IDs by their hex (the `ami-` alias of an `emi-` is the same image), as
+/// hex(SHA-256) of a canonical JSON. Pure.
+pub fn request_fingerprint(a: &router::RunInstances) -> String {
+    use sha2::{Digest as _, Sha256};
+    let image = |id: &str| id.split_once('-').map_or(id, |(_, hex)| hex).to_owned();
+    let canonical = json!([
+        image(&a.image_id),
+        a.instance_type,
+        a.min_count,
+        a.max_count,
+        a.key_name,
+        a.user_data,
+        a.availability_zone,
+        a.subnet_id,
+        a.kernel_id.as_deref().map(image),
+        a.ramdisk_id.as_deref().map(image),
+        a.tag_specifications
+            .iter()
+            .map(|t| json!([
+                t.resource_type,
+                t.tags
+                    .iter()
+                    .map(|g| [&g.key, &g.value])
+                    .collect::<Vec<_>>()
+            ]))
+            .collect::<Vec<_>>(),
+        a.disable_api_termination,
+        a.disable_api_stop,
+        a.ebs_optimized,
+        a.http_tokens,
+        a.http_endpoint,
+        a.http_put_response_hop_limit,
+        a.security_group_ids,
+        a.security_groups,
+        a.block_device_mappings.len(),
+        a.instance_initiated_shutdown_behavior.as_str(),
+    ]);
+    hex::encode(Sha256::digest(canonical.to_string().as_bytes()))
+}
+
 fn strip_nulls(mut v: Value) -> Value {
     if let Some(spec) = v.get_mut("spec").and_then(Value::as_object_mut) {
         spec.retain(|_, f| !f.is_null() && f.as_array().is_none_or(|a| !a.is_empty()));
@@ -423,11 +481,24 @@ async fn existing_reservation(
     let Some(first) = cx.registry.find_by_index(&index).await.map_err(from_api)? else {
         return Ok(None);
     };
+    let fingerprint = first
+        .pointer(&format!(
+            "/metadata/annotations/{}",
+            CLIENT_REQUEST_ANNOTATION.replace('/', "~1")
+        ))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
     let first = InstanceView::of(&first);
     let reservation = first.reservation();
-    let same = first.instance_type() == a.instance_type
-        && super::images::same_image(first.image_id(), &a.image_id)
-        && first.key_name() == a.key_name.as_deref();
+    let same = match fingerprint {
+        Some(f) => f == request_fingerprint(a),
+        // Made before requests were fingerprinted: what the record still shows.
+        None => {
+            first.instance_type() == a.instance_type
+                && super::images::same_image(first.image_id(), &a.image_id)
+                && first.key_name() == a.key_name.as_deref()
+        }
+    };
     if !same {
         return Err(Ec2Error::idempotent_parameter_mismatch());
     }
@@ -701,6 +772,12 @@ fn check_change(change: Change, v: &Value) -> Result<(), Ec2Error> {
                 format!("The instance '{id}' may not be terminated. Modify its 'disableApiTermination' instance attribute and try again."),
             ))
         }
+        // Started again while it shuts down, it would flip back under the node's feet.
+        Change::Start if state(v) == crds::InstanceState::Stopping => {
+            Err(Ec2Error::incorrect_instance_state(format!(
+                "The instance '{id}' is not in a state from which it can be started: it is stopping."
+            )))
+        }
         Change::Stop | Change::Start if gone => Err(Ec2Error::incorrect_instance_state(format!(
             "This instance '{id}' is not in a state from which it can be {}.",
             if change == Change::Stop {
@@ -957,4 +1034,103 @@ pub async fn get_console_output(
         .leaf_time("timestamp", when)
         .leaf_opt("output", output.as_deref());
     Ok(w.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(desired: &str, state: &str, protected: bool) -> Value {
+        json!({
+            "metadata": {"labels": {crds::ID_LABEL: "i-0123456789abcdef0"}},
+            "spec": {"desiredState": desired, "disableApiTermination": protected},
+            "status": {"state": state},
+        })
+    }
+
+    #[test]
+    fn a_client_token_retry_must_repeat_every_parameter_of_the_request() {
+        let base = router::RunInstances {
+            image_id: "emi-0123456789abcdef0".into(),
+            instance_type: "t1.micro".into(),
+            min_count: 1,
+            max_count: 1,
+            client_token: Some("t".into()),
+            ..Default::default()
+        };
+        let fp = request_fingerprint(&base);
+        let same = |f: &dyn Fn(&mut router::RunInstances)| {
+            let mut a = base.clone();
+            f(&mut a);
+            request_fingerprint(&a) == fp
+        };
+        assert!(same(&|_| {}));
+        assert!(same(&|a| a.client_token = Some("another".into())));
+        assert!(
+            same(&|a| a.image_id = "ami-0123456789abcdef0".into()),
+            "the ami- alias"
+        );
+        type Edit<'a> = (&'a str, &'a dyn Fn(&mut router::RunInstances));
+        let changes: [Edit<'_>; 9] = [
+            ("image", &|a| a.image_id = "emi-0000000000000000f".into()),
+            ("type", &|a| a.instance_type = "m1.small".into()),
+            ("count", &|a| a.max_count = 5),
+            ("user data", &|a| a.user_data = Some("aGk=".into())),
+            ("key", &|a| a.key_name = Some("k".into())),
+            ("zone", &|a| a.availability_zone = Some("karri-1b".into())),
+            ("protection", &|a| a.disable_api_termination = true),
+            ("tokens", &|a| a.http_tokens = Some("required".into())),
+            ("tags", &|a| {
+                a.tag_specifications = vec![router::TagSpecification {
+                    resource_type: "instance".into(),
+                    tags: vec![router::Tag {
+                        key: "k".into(),
+                        value: "v".into(),
+                    }],
+                }]
+            }),
+        ];
+        for (what, change) in changes {
+            assert!(!same(change), "{what} must change the fingerprint");
+        }
+    }
+
+    #[test]
+    fn state_changes_are_refused_where_ec2_refuses_them() {
+        let refused = |change, v: &Value| check_change(change, v).err().map(|e| e.code.clone());
+        let rows = [
+            (Change::Stop, record("running", "running", false), None),
+            (Change::Start, record("stopped", "stopped", false), None),
+            (
+                Change::Start,
+                record("stopped", "stopping", false),
+                Some("IncorrectInstanceState"),
+            ),
+            (Change::Stop, record("stopped", "stopping", false), None),
+            (
+                Change::Stop,
+                record("terminated", "shutting-down", false),
+                Some("IncorrectInstanceState"),
+            ),
+            (
+                Change::Start,
+                record("terminated", "terminated", false),
+                Some("IncorrectInstanceState"),
+            ),
+            (
+                Change::Terminate,
+                record("running", "running", true),
+                Some("OperationNotPermitted"),
+            ),
+            (Change::Terminate, record("running", "running", false), None),
+        ];
+        for (change, v, want) in rows {
+            assert_eq!(
+                refused(change, &v).as_deref(),
+                want,
+                "{change:?} of {}",
+                v["status"]["state"]
+            );
+        }
+    }
 }

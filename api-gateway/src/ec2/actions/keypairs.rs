@@ -115,10 +115,17 @@ pub async fn create_key_pair(
     if dry_run {
         return Err(Ec2Error::dry_run_operation());
     }
-    let made = keys::create(key_type).map_err(|e| {
-        tracing::error!(error = %e, "key generation failed");
-        Ec2Error::internal_error()
-    })?;
+    // An RSA key takes tens to hundreds of milliseconds of CPU: off the async workers.
+    let made = tokio::task::spawn_blocking(move || keys::create(key_type))
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "the key generation task failed");
+            Ec2Error::internal_error()
+        })?
+        .map_err(|e| {
+            tracing::error!(error = %e, "key generation failed");
+            Ec2Error::internal_error()
+        })?;
     let stored = store_key_pair(
         cx,
         &a.key_name,

@@ -174,7 +174,9 @@ pub async fn delete_tags(
 
 /// DescribeTags.
 pub async fn describe_tags(cx: &Cx<'_>, a: router::DescribeTags) -> Result<String, Ec2Error> {
-    filter::validate_names(&a.filters, filter::TAG_FILTERS, false)?;
+    // `tag:<key>` picks the tags of the resources that carry that tag.
+    filter::validate_names(&a.filters, filter::TAG_FILTERS, true)?;
+    let matcher = Matcher::new(&a.filters);
     let mut rows: Vec<(String, TagRow)> = Vec::new();
     for (plural, kind) in [
         ("instances", "instance"),
@@ -183,24 +185,29 @@ pub async fn describe_tags(cx: &Cx<'_>, a: router::DescribeTags) -> Result<Strin
     ] {
         for o in cx.own(plural).await? {
             let id = id_of(&o.value).to_string();
-            for (k, v) in tags_of(&o.value) {
-                rows.push((
-                    format!("{id}\u{0}{k}"),
-                    (id.clone(), kind, k.to_string(), v.to_string()),
-                ));
+            let tags = tags_of(&o.value);
+            for (k, v) in &tags {
+                let keep = matcher.matches(|name| {
+                    if let Some(values) = filter::tag_filter_values(name, tags.iter().copied()) {
+                        return values;
+                    }
+                    match name {
+                        "resource-id" => vec![Cow::Borrowed(id.as_str())],
+                        "resource-type" => vec![Cow::Borrowed(kind)],
+                        "key" => vec![Cow::Borrowed(*k)],
+                        "value" => vec![Cow::Borrowed(*v)],
+                        _ => Vec::new(),
+                    }
+                });
+                if keep {
+                    rows.push((
+                        format!("{id}\u{0}{k}"),
+                        (id.clone(), kind, k.to_string(), v.to_string()),
+                    ));
+                }
             }
         }
     }
-    let matcher = Matcher::new(&a.filters);
-    rows.retain(|(_, (id, kind, k, v))| {
-        matcher.matches(|name| match name {
-            "resource-id" => vec![Cow::Borrowed(id.as_str())],
-            "resource-type" => vec![Cow::Borrowed(*kind)],
-            "key" => vec![Cow::Borrowed(k.as_str())],
-            "value" => vec![Cow::Borrowed(v.as_str())],
-            _ => Vec::new(),
-        })
-    });
     let (page, token) = super::paginate(
         rows,
         a.next_token.as_deref(),
