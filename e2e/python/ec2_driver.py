@@ -25,9 +25,10 @@ Requests:
     ``"finished"`` (``time.monotonic()`` around the call), which show how far the calls overlapped.
 
 ``{"op": "sign", "method": "POST", "url": "...", "body": "Action=...", "skew_seconds": 0,
-   "access_key": null, "secret_key": null}``
+   "access_key": null, "secret_key": null, "session_token": null}``
     Signs a raw request with botocore's ``SigV4Auth`` (service ``ec2``) for the caller to send:
-    answers ``{"headers": {...}}``. The keys default to the environment's; ``skew_seconds``
+    answers ``{"headers": {...}}``. The keys default to the environment's (a ``session_token``
+    is signed as ``X-Amz-Security-Token``, as temporary credentials are); ``skew_seconds``
     moves the signing time (negative: in the past) by patching the clock botocore's signer
     reads, so no test ever waits for time to pass.
 
@@ -134,6 +135,7 @@ def _credentials(req):
     return botocore.credentials.Credentials(
         req.get("access_key") or os.environ["AWS_ACCESS_KEY_ID"],
         req.get("secret_key") or os.environ["AWS_SECRET_ACCESS_KEY"],
+        req.get("session_token"),
     )
 
 

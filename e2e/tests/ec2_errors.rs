@@ -131,6 +131,12 @@ async fn bad_signatures_stale_clocks_unknown_keys_and_missing_auth_are_refused(
             401,
         ),
         (
+            "a session token (temporary credentials, which Karri never issues)",
+            send(gw, &sign(json!({"session_token": "FQoGZXIvYXdzEXAMPLE"}))?).await?,
+            "AuthFailure",
+            401,
+        ),
+        (
             "no authentication at all",
             send(gw, &unsigned_post(gw, &body)).await?,
             "MissingAuthenticationToken",

@@ -227,6 +227,15 @@ async fn authenticate(s: &AppState, req: &SignedRequest<'_>) -> Result<Caller, E
         Ok(None) => return Err(Ec2Error::missing_authentication_token()),
         Err(e) => return Err(sigv4_error(&e)),
     };
+    if parsed.security_token.is_some() {
+        // Karri issues no temporary credentials, so no session token can be valid; ignoring
+        // it would accept a request AWS refuses.
+        return Err(Ec2Error::new(
+            "AuthFailure",
+            401,
+            "The security token included in the request is invalid: Karri issues no temporary credentials; sign with an access key and no X-Amz-Security-Token.",
+        ));
+    }
     let (secret, caller) = resolve_access_key(&s.registry, &parsed.access_key_id)
         .await
         .map_err(|e| match e {

@@ -125,6 +125,14 @@ pub fn auth_refusal(
         }
         Err(_) => return None,
     };
+    if parsed.security_token.is_some() {
+        // Karri issues no temporary credentials, so no session token can be valid.
+        return Some(Refusal {
+            status: StatusCode::BAD_REQUEST,
+            code: "InvalidToken",
+            message: "The provided token is malformed or otherwise invalid: Karri issues no temporary credentials.".into(),
+        });
+    }
     let (code, what) = match parsed.location {
         AuthLocation::Header => (
             "AuthorizationHeaderMalformed",
@@ -715,6 +723,15 @@ mod tests {
                     "AuthorizationHeaderMalformed",
                     "the region 'us-east-1' is wrong; expecting 'karri-1'",
                 )),
+            ),
+            (
+                "a session token",
+                None,
+                format!(
+                    "{}&X-Amz-Security-Token=FQoGZXIvYXdz",
+                    presigned("karri-1", "60")
+                ),
+                Some(("InvalidToken", "no temporary credentials")),
             ),
             (
                 "header for another service",
