@@ -144,7 +144,12 @@ impl Authenticator {
                 },
                 other => return Err(parse_err(format!("token {i} has unknown role {other:?}"))),
             };
-            tokens.insert(e.token, principal);
+            if tokens.insert(e.token, principal).is_some() {
+                // One token for two principals: whichever came last would silently win.
+                return Err(parse_err(format!(
+                    "token {i} repeats an earlier token; each token must be unique"
+                )));
+            }
         }
         Ok(Self { tokens })
     }
@@ -441,6 +446,9 @@ mod tests {
         assert_eq!(a.authenticate(None), None);
         let bad = "tokens:\n- token: short\n  user: x\n  role: admin\n";
         assert!(Authenticator::from_yaml(bad, "t.yaml").is_err());
+        let twice = "tokens:\n- token: aaaaaaaaaaaaaaaaaaaa\n  user: admin\n  role: admin\n- token: aaaaaaaaaaaaaaaaaaaa\n  user: n1\n  role: node\n  node: node-1\n";
+        let err = Authenticator::from_yaml(twice, "t.yaml").expect_err("a repeated token");
+        assert!(err.to_string().contains("token 1 repeats"), "{err}");
     }
 
     #[test]

@@ -386,6 +386,16 @@ async fn awscli_runs_stops_starts_and_terminates_instances_until_they_are_collec
             && str_at(found, "/State")? == "available",
         "describe-images --owners self shows {found}, expected {image_id} of {account_id}"
     );
+    // creation-date matches the CreationDate the image shows.
+    let created = str_at(found, "/CreationDate")?.to_owned();
+    let year = format!("Name=creation-date,Values={}*", &created[..4]);
+    let by_date = aws
+        .ok(&["describe-images", "--owners", "self", "--filters", &year])
+        .await?;
+    ensure!(
+        array_at(&by_date, "/Images").len() == 1,
+        "{year} finds {by_date} (CreationDate {created})"
+    );
 
     // A dry run is refused with DryRunOperation and launches nothing.
     let script = dir.path().join("script.sh");
@@ -523,6 +533,22 @@ async fn awscli_runs_stops_starts_and_terminates_instances_until_they_are_collec
         "tag:Name=web finds {:?}, expected {web:?}",
         ids_of(&web_only)
     );
+
+    // Filters on values every instance shows (pending ones too) find every instance.
+    for shown in [
+        "Name=metadata-options.http-tokens,Values=optional",
+        "Name=metadata-options.http-endpoint,Values=enabled",
+        "Name=source-dest-check,Values=true",
+        "Name=ebs-optimized,Values=false",
+        "Name=launch-time,Values=20*",
+    ] {
+        let found = aws.ok(&["describe-instances", "--filters", shown]).await?;
+        ensure!(
+            sorted(&ids_of(&found)) == all,
+            "{shown} finds {:?}, expected {all:?}",
+            ids_of(&found)
+        );
+    }
 
     // Pagination by hand: MaxResults 5 over 6 instances gives a NextToken, and following it
     // yields the rest; together every instance exactly once.

@@ -180,7 +180,9 @@ async fn register_image(
     location: &str,
     sha256: Option<&str>,
 ) -> anyhow::Result<()> {
-    let mut spec = json!({"name": "fetch-test", "imageLocation": location, "format": "raw"});
+    // EC2 image names are unique in an account: each image is named after its ID.
+    let mut spec =
+        json!({"name": format!("fetch-test-{id}"), "imageLocation": location, "format": "raw"});
     if let Some(sha) = sha256 {
         spec["checksumSha256"] = json!(sha);
     }

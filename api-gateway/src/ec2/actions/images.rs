@@ -122,6 +122,15 @@ fn image_values<'v>(v: &'v Value, name: &str, owner: &'v str, own: bool) -> Vec<
         "virtualization-type" => one("hvm"),
         "hypervisor" => one("xen"),
         "platform-details" => one("Linux/UNIX"),
+        // As `creationDate` shows it, so that `2026-*` matches.
+        "creation-date" => vec![Cow::Owned(
+            created(v).format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
+        )],
+        "state-reason-code" => match opt(v, "/status/message") {
+            Some(_) => one("Client.ImageFailure"),
+            None => Vec::new(),
+        },
+        "state-reason-message" => opt(v, "/status/message").map(one).unwrap_or_default(),
         _ => Vec::new(),
     }
 }

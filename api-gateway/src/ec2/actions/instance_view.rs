@@ -241,11 +241,6 @@ impl<'v> InstanceView<'v> {
             .or_else(|| rfc3339(self.metadata.creation_timestamp))
             .unwrap_or_default()
     }
-
-    /// The reported launch time alone.
-    pub fn reported_launch_time(&self) -> Option<chrono::DateTime<chrono::Utc>> {
-        rfc3339(self.status.launch_time)
-    }
 }
 
 #[cfg(test)]
@@ -312,7 +307,6 @@ mod tests {
         assert_eq!(view.message(), "");
         assert_eq!(view.reason(), None);
         assert_eq!(view.launch_time().to_rfc3339(), "2026-01-02T03:04:05+00:00");
-        assert_eq!(view.reported_launch_time(), None);
     }
 
     #[test]

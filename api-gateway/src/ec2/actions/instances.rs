@@ -119,10 +119,18 @@ fn instance_values<'v>(
         "root-device-name" => own("/dev/vda".into()),
         "tenancy" | "placement-tenancy" => own("default".into()),
         "monitoring-state" => own("disabled".into()),
-        "launch-time" => v
-            .reported_launch_time()
-            .map(|t| own(t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()))
-            .unwrap_or_default(),
+        // The time the response shows (the record's creation until the node reports).
+        "launch-time" => own(v.launch_time().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()),
+        "kernel-id" => some(v.kernel_id()),
+        "ramdisk-id" => some(v.ramdisk_id()),
+        "metadata-options.http-tokens" => one(v.http_tokens()),
+        "metadata-options.http-endpoint" => one(v.http_endpoint()),
+        "metadata-options.http-put-response-hop-limit" => {
+            own(v.http_put_response_hop_limit().to_string())
+        }
+        "metadata-options.state" => own("applied".into()),
+        "source-dest-check" => own("true".into()),
+        "ebs-optimized" => own("false".into()),
         "state-reason-code" | "reason" => some(v.reason()),
         "state-reason-message" => one(v.message()),
         _ => Vec::new(),

@@ -124,6 +124,18 @@ pub async fn create_tags(
         .iter()
         .map(|t| (t.key.clone(), t.value.clone()))
         .collect();
+    // Every resource is checked before any is changed: a call refused for one resource's tag
+    // limit leaves the others as they were (each write checks again against the stored record).
+    for (_, v) in &targets {
+        let have = tags_of(v);
+        let new_keys = add
+            .iter()
+            .filter(|(k, _)| !have.iter().any(|(key, _)| key == k))
+            .count();
+        if have.len() + new_keys > crds::common::MAX_TAGS {
+            return Err(Ec2Error::tag_limit_exceeded());
+        }
+    }
     for (plural, v) in &targets {
         retag(cx, plural, v, &|mut tags| {
             for (k, val) in &add {
