@@ -175,6 +175,12 @@ def image(ec2, location):
         f"after sharing, launch permissions are {perms['LaunchPermissions']}",
     )
     ok("describe_image_attribute(launchPermission): none at first, the account once shared")
+    # Attributes EC2 knows but this image has no value for are answered, not refused.
+    for attribute in ("tpmSupport", "imdsSupport", "lastLaunchedTime", "deregistrationProtection"):
+        answer = ec2.describe_image_attribute(ImageId=image_id, Attribute=attribute)
+        check(answer["ImageId"] == image_id, f"{attribute}: {answer}")
+    ok("describe_image_attribute answers tpmSupport, imdsSupport, lastLaunchedTime and "
+       "deregistrationProtection")
     return image_id
 
 

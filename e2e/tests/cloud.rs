@@ -421,6 +421,19 @@ async fn two_operators_never_both_act_and_the_standby_takes_over() -> anyhow::Re
             &[],
         ))
     };
+    // Waits until operator `i` reports the leader gauge `want` (1: leads, 0: stands by).
+    let reports = async |cloud: &Cloud, i: usize, want: f64, what: String, within: Duration| {
+        cloud
+            .wait_until(&what, within, async || {
+                let g = gauge(cloud, i).await?;
+                Ok(if g == Some(want) {
+                    Break(())
+                } else {
+                    Continue(format!("leader gauge {g:?}"))
+                })
+            })
+            .await
+    };
     let leader = cloud
         .wait_until("exactly one operator leads", STEP_TIMEOUT, async || match (
             gauge(&cloud, 0).await?,
@@ -465,20 +478,14 @@ async fn two_operators_never_both_act_and_the_standby_takes_over() -> anyhow::Re
 
     cloud.operators[leader].service.kill();
     let killed = Instant::now();
-    cloud
-        .wait_until(
-            &format!("{standby_id} leads"),
-            leader_lease + LEASE_SLACK,
-            async || {
-                let g = gauge(&cloud, standby).await?;
-                Ok(if g == Some(1.0) {
-                    Break(())
-                } else {
-                    Continue(format!("leader gauge {g:?}"))
-                })
-            },
-        )
-        .await?;
+    reports(
+        &cloud,
+        standby,
+        1.0,
+        format!("{standby_id} leads"),
+        leader_lease + LEASE_SLACK,
+    )
+    .await?;
     eprintln!(
         "{standby_id} took over {:.2} s after kill -9 of {leader_id}",
         killed.elapsed().as_secs_f64()
@@ -510,20 +517,14 @@ async fn two_operators_never_both_act_and_the_standby_takes_over() -> anyhow::Re
     // it (SIGTERM), hands the lease over on its way out: the standby leads well before the
     // lease could have run out.
     cloud.restart_operator(leader).await?;
-    cloud
-        .wait_until(
-            &format!("{leader_id} stands by"),
-            STEP_TIMEOUT,
-            async || {
-                let g = gauge(&cloud, leader).await?;
-                Ok(if g == Some(0.0) {
-                    Break(())
-                } else {
-                    Continue(format!("leader gauge {g:?}"))
-                })
-            },
-        )
-        .await?;
+    reports(
+        &cloud,
+        leader,
+        0.0,
+        format!("{leader_id} stands by"),
+        STEP_TIMEOUT,
+    )
+    .await?;
     let stopped = Instant::now();
     ensure!(
         cloud.operators[standby]
@@ -532,20 +533,14 @@ async fn two_operators_never_both_act_and_the_standby_takes_over() -> anyhow::Re
         "{standby_id} did not exit on SIGTERM"
     );
     let handover = leader_lease.saturating_sub(Duration::from_secs(1));
-    cloud
-        .wait_until(
-            &format!("{leader_id} leads after {standby_id} stopped"),
-            handover,
-            async || {
-                let g = gauge(&cloud, leader).await?;
-                Ok(if g == Some(1.0) {
-                    Break(())
-                } else {
-                    Continue(format!("leader gauge {g:?}"))
-                })
-            },
-        )
-        .await?;
+    reports(
+        &cloud,
+        leader,
+        1.0,
+        format!("{leader_id} leads after {standby_id} stopped"),
+        handover,
+    )
+    .await?;
     eprintln!(
         "{leader_id} took over {:.2} s after SIGTERM to {standby_id}",
         stopped.elapsed().as_secs_f64()

@@ -421,6 +421,13 @@ pub async fn describe_image_attribute(
         }
         "sriovNetSupport" => value(&mut w, "sriovNetSupport", None),
         "bootMode" => value(&mut w, "bootMode", Some("legacy-bios")),
+        // Valid EC2 attributes Karri has no value for: answered empty, as EC2 answers an image
+        // without them.
+        "tpmSupport" => value(&mut w, "tpmSupport", None),
+        "uefiData" => value(&mut w, "uefiData", None),
+        "lastLaunchedTime" => value(&mut w, "lastLaunchedTime", None),
+        "imdsSupport" => value(&mut w, "imdsSupport", None),
+        "deregistrationProtection" => value(&mut w, "deregistrationProtection", Some("disabled")),
         other => {
             return Err(Ec2Error::invalid_parameter_value(format!(
                 "Value ({other}) for parameter attribute is invalid. Unknown attribute."

@@ -908,8 +908,8 @@ pub async fn describe_instance_attribute(
         }
         "instanceType" => value(&mut w, "instanceType", opt(&v, "/spec/instanceType")),
         "userData" => value(&mut w, "userData", opt(&v, "/spec/userData")),
-        "kernel" => value(&mut w, "kernel", None),
-        "ramdisk" => value(&mut w, "ramdisk", None),
+        "kernel" => value(&mut w, "kernel", opt(&v, "/spec/kernelId")),
+        "ramdisk" => value(&mut w, "ramdisk", opt(&v, "/spec/ramdiskId")),
         "rootDeviceName" => value(&mut w, "rootDeviceName", Some("/dev/vda")),
         "disableApiTermination" => {
             let on = v
