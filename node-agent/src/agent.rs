@@ -171,8 +171,9 @@ pub struct Context<H> {
     guests: Option<Arc<Guests>>,
     /// What the agent last reported of each instance's console, by instance ID.
     consoles: Mutex<HashMap<String, u64>>,
-    /// The reboot request each record's domain was last reset for, by record UID, until the
-    /// record shows it done: a status write lost to a conflict must not reset the guest again.
+    /// The reboot request each record's domain was last reset for, by record UID (pruned by the
+    /// sweep once the record leaves the node): a status write lost to a conflict must not reset
+    /// the guest again.
     rebooted: Mutex<HashMap<String, String>>,
 }
 

@@ -168,13 +168,18 @@ fn create(desired: &Desired) -> Vec<Action> {
 /// Moves the record's own domain toward its power state.
 fn converge(desired: &Desired, observed: &Observed) -> Vec<Action> {
     let mut actions = Vec::new();
-    if !observed.defined {
+    // A domain about to start is defined afresh from the record, so that it boots what the
+    // record says now (a type changed while stopped, the NIC's guarded tap name of a domain
+    // defined by an older agent), not what it was first defined with.
+    let starts = desired.power == Power::Running
+        && matches!(observed.state, DomainState::ShutOff | DomainState::Crashed);
+    if !observed.defined && !starts {
         actions.push(Action::Define);
     }
     match (desired.power, observed.state) {
-        (Power::Running, DomainState::ShutOff) => actions.push(Action::Start),
+        (Power::Running, DomainState::ShutOff) => actions.extend([Action::Define, Action::Start]),
         (Power::Running, DomainState::Crashed) => {
-            actions.extend([Action::Destroy, Action::Start]);
+            actions.extend([Action::Destroy, Action::Define, Action::Start]);
         }
         (Power::Running, DomainState::Running) if desired.reboot => actions.push(Action::Reboot),
         (
@@ -281,11 +286,11 @@ mod tests {
     }
 
     #[test]
-    fn running_instance_with_shut_off_domain_is_started() {
+    fn running_instance_with_shut_off_domain_is_defined_afresh_and_started() {
         check(
             Some(desired(Power::Running)),
             Some(observed(ShutOff)),
-            &[Start],
+            &[Define, Start],
         );
     }
 
@@ -306,7 +311,7 @@ mod tests {
         check(
             Some(desired(Power::Running)),
             Some(observed(Crashed)),
-            &[Destroy, Start],
+            &[Destroy, Define, Start],
         );
     }
 
@@ -452,7 +457,7 @@ mod tests {
     #[test]
     fn a_reboot_request_resets_a_running_domain_only() {
         check(Some(rebooting()), Some(observed(Running)), &[Reboot]);
-        check(Some(rebooting()), Some(observed(ShutOff)), &[Start]);
+        check(Some(rebooting()), Some(observed(ShutOff)), &[Define, Start]);
         check(Some(rebooting()), Some(observed(Paused)), &[]);
         check(Some(rebooting()), Some(observed(ShuttingDown)), &[]);
         check(Some(rebooting()), None, &[Define, Start]);

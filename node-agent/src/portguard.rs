@@ -14,7 +14,9 @@
 //! agent's bridge in the same namespace) are left to that agent's table.
 //!
 //! A tap is guarded before its domain starts ([`PortGuard::bind`], from `Guests::prepare`), so no
-//! frame of it ever passes unchecked. The bindings are rebuilt from the live instances at every
+//! frame of it ever passes unchecked. Every start defines the domain afresh (`plan`), so a
+//! domain defined by an older agent (its tap named `vnetN`, unguarded) gets its guarded tap at
+//! its next start; until then it runs unguarded. The bindings are rebuilt from the live instances at every
 //! sweep ([`PortGuard::sync`]), which also restores them after an agent restart; bindings made
 //! after the sweep read the store are kept ([`PortGuard::mark`]).
 //!
@@ -33,6 +35,9 @@ use crate::netns;
 
 /// The nft program (Debian package `nftables`).
 pub const NFT: &str = "nft";
+/// How long one `nft` run may take: the guard's lock is held meanwhile, so a hung `nft` must
+/// not stop every launch on the node.
+const NFT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
 /// The first letter of every guarded tap's name.
 pub const TAP_PREFIX: char = 'k';
 
@@ -45,6 +50,9 @@ pub enum PortGuardError {
     /// `nft` could not be started or fed.
     #[error("could not run nft: {0}")]
     Spawn(#[source] std::io::Error),
+    /// `nft` did not finish in time (it was killed).
+    #[error("nft did not finish within {0:?}")]
+    Timeout(std::time::Duration),
     /// `nft` refused the change.
     #[error("nft refused to {what}: {stderr}")]
     Refused {
@@ -270,8 +278,14 @@ impl PortGuard {
         Ok(())
     }
 
-    /// Runs `nft -f -` with `script` in the guard's namespace.
+    /// Runs `nft -f -` with `script` in the guard's namespace, at most [`NFT_DEADLINE`].
     async fn nft(&self, script: &str, what: String) -> Result<(), PortGuardError> {
+        tokio::time::timeout(NFT_DEADLINE, self.nft_unbounded(script, what))
+            .await
+            .map_err(|_| PortGuardError::Timeout(NFT_DEADLINE))?
+    }
+
+    async fn nft_unbounded(&self, script: &str, what: String) -> Result<(), PortGuardError> {
         let mut child = netns::command(self.netns.as_deref(), NFT)
             .args(["-f", "-"])
             .stdin(Stdio::piped())

@@ -161,7 +161,8 @@ const SCENARIOS: &[Scenario] = &[
         before: Before::Own { running: false },
         record: Some(Power::Running),
         after: After::Own(DomainState::Running),
-        first: &[Action::Start],
+        // Defined afresh from the record before it starts.
+        first: &[Action::Define, Action::Start],
     },
     Scenario {
         tag: "c04",
@@ -390,7 +391,7 @@ async fn crashed_domain_of_a_running_instance_is_restarted() {
         .expect("observes")
         .map(|d| d.observed(None));
     let actions = plan(Some(&desired), observed.as_ref());
-    assert_eq!(actions, [Action::Destroy, Action::Start]);
+    assert_eq!(actions, [Action::Destroy, Action::Define, Action::Start]);
     apply_plan(&hv, &spec.name, Some(&xml(&spec)), &actions)
         .await
         .expect("applies");

@@ -390,6 +390,15 @@ async fn a_guarded_guest_is_answered_only_with_its_own_address_and_mac() -> anyh
     // Installing again (an agent restart) keeps what it guards.
     let victim_tap = guard.bind(&victim_mac, VICTIM_IP).await?;
     let guard = PortGuard::install(Some(host.name()), &cfg.bridge).await?;
+    let taps = || -> anyhow::Result<String> {
+        let out = run_ok(&mut host.exec(["nft", "list", "set", "bridge", guard.table(), "taps"]))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    ensure!(
+        taps()?.contains(&victim_tap),
+        "installing again dropped the guarded taps: {}",
+        taps()?
+    );
     let attacker_tap = portguard::tap_for(&attacker_mac)?;
     let victim = plug(&host, &cfg.bridge, &victim_tap, &victim_mac)?;
     let attacker = plug(&host, &cfg.bridge, &attacker_tap, &attacker_mac)?;
@@ -487,8 +496,7 @@ async fn a_guarded_guest_is_answered_only_with_its_own_address_and_mac() -> anyh
     let late_ip = Ipv4Addr::new(172, 31, 0, 11);
     guard.bind(&guestnet::mac_for(late_ip), late_ip).await?;
     guard.sync(mark, &[(VICTIM_IP, victim_mac.clone())]).await?;
-    let set = run_ok(&mut host.exec(["nft", "list", "set", "bridge", guard.table(), "taps"]))?;
-    let set = String::from_utf8_lossy(&set.stdout).to_string();
+    let set = taps()?;
     ensure!(
         set.contains(&victim_tap),
         "the live guest lost its guard: {set}"
