@@ -14,8 +14,9 @@
 //! - An instance whose metadata endpoint is disabled is refused everything (403).
 //!
 //! Tokens are stateless: HMAC-SHA256 under a random per-process secret over the instance ID, its
-//! address and the expiry, so they outlive nothing but the agent process, as on AWS where a token
-//! does not survive a stop.
+//! address and the expiry, so they do not outlive the agent process. Unlike on AWS, a token
+//! still valid when its instance is stopped and started again on the same agent (same ID and
+//! address) keeps working until it expires.
 //!
 //! What is served for a path is the pure function [`answer`]; the HTTP layer only decides who
 //! may ask.
@@ -588,6 +589,8 @@ enum Refusal {
     MethodNotAllowed { allow: &'static str },
     #[error("nothing at this path")]
     NotFound,
+    #[error("the token's response cannot be limited to the instance's hop limit: {0}")]
+    HopLimit(String),
 }
 
 impl Refusal {
@@ -600,6 +603,7 @@ impl Refusal {
             Self::BadTtl => StatusCode::BAD_REQUEST,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::NotFound => StatusCode::NOT_FOUND,
+            Self::HopLimit(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -666,6 +670,11 @@ pub struct Limits {
     pub idle: std::time::Duration,
     /// Connections served at once; more are closed as soon as they are accepted.
     pub max_connections: usize,
+    /// Connections one caller (source address) may hold at once, so that one guest cannot take
+    /// every connection from the others.
+    pub per_caller: usize,
+    /// The largest request head read, in bytes (at least 8 KiB, hyper's read buffer).
+    pub max_head: usize,
 }
 
 impl Default for Limits {
@@ -673,6 +682,52 @@ impl Default for Limits {
         Self {
             idle: std::time::Duration::from_secs(10),
             max_connections: 512,
+            per_caller: 16,
+            max_head: 16 * 1024,
+        }
+    }
+}
+
+/// The connections each caller holds, for [`Limits::per_caller`].
+#[derive(Clone, Default)]
+struct Callers(Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>);
+
+/// One caller's connection; dropping it gives the place back.
+struct CallerSlot {
+    callers: Callers,
+    ip: IpAddr,
+}
+
+impl Callers {
+    fn enter(&self, ip: IpAddr, limit: usize) -> Option<CallerSlot> {
+        let mut held = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = held.entry(ip).or_default();
+        if *n >= limit {
+            return None;
+        }
+        *n += 1;
+        Some(CallerSlot {
+            callers: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for CallerSlot {
+    fn drop(&mut self) {
+        let mut held = self
+            .callers
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = held.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.ip);
+            }
         }
     }
 }
@@ -687,6 +742,7 @@ pub async fn serve_with(
 ) -> io::Result<()> {
     let app = router(directory, tokens);
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let callers = Callers::default();
     loop {
         let (stream, addr) = match listener.accept().await {
             Ok(accepted) => accepted,
@@ -697,14 +753,25 @@ pub async fn serve_with(
                 continue;
             }
         };
+        let Some(mine) = callers.enter(addr.ip().to_canonical(), limits.per_caller) else {
+            debug!(%addr, "this caller holds too many metadata connections; closing this one");
+            drop(stream);
+            continue;
+        };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
             debug!(%addr, "too many metadata connections; closing this one");
             drop(stream);
             continue;
         };
-        let socket = PeerSocket::of(&stream)
-            .inspect_err(|error| warn!(%error, %addr, "cannot hold the connection's socket"))
-            .ok();
+        // Without it no token could be sent with its hop limit: refuse the connection instead.
+        let socket = match PeerSocket::of(&stream) {
+            Ok(socket) => Some(socket),
+            Err(error) => {
+                warn!(%error, %addr, "cannot hold the connection's socket; closing it");
+                drop(stream);
+                continue;
+            }
+        };
         let app = app.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
@@ -718,11 +785,14 @@ pub async fn serve_with(
             let mut http = hyper::server::conn::http1::Builder::new();
             http.half_close(true)
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(limits.idle);
+                .header_read_timeout(limits.idle)
+                // hyper refuses (panics on) less than its 8 KiB read buffer.
+                .max_buf_size(limits.max_head.max(8192));
             if let Err(error) = http.serve_connection(TokioIo::new(stream), service).await {
                 debug!(%error, %addr, "metadata connection ended with an error");
             }
             drop(slot);
+            drop(mine);
         });
     }
 }
@@ -821,12 +891,20 @@ fn issue_token(
         .filter(|ttl| (1..=MAX_TOKEN_TTL_SECONDS).contains(ttl))
         .ok_or(Refusal::BadTtl)?;
     if let Some(socket) = socket {
-        if let Err(error) = socket.limit_hops(md.hop_limit) {
-            warn!(%error, "cannot set the hop limit on the token's response");
-        }
+        // No token leaves without its hop limit: it must not reach past the instance.
+        socket
+            .limit_hops(md.hop_limit)
+            .map_err(|error| Refusal::HopLimit(error.to_string()))?;
     }
     let token = service.tokens.issue(md, ttl);
-    Ok(([(CONTENT_TYPE, "text/plain")], [(TTL_HEADER, ttl)], token).into_response())
+    let mut response = ([(CONTENT_TYPE, "text/plain")], [(TTL_HEADER, ttl)], token).into_response();
+    // The TTL stays on the socket: the connection ends with this response, so that later
+    // answers on it do not go out with the token's hop limit.
+    response.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        HeaderValue::from_static("close"),
+    );
+    Ok(response)
 }
 
 /// A handle on an accepted connection's socket (a duplicate descriptor), to set its IP TTL.
@@ -1681,6 +1759,20 @@ mod tests {
             head.contains("x-aws-ec2-metadata-token-ttl-seconds: 300"),
             "{head}"
         );
+        // A keep-alive token request: the server ends the connection after the token (its
+        // socket keeps the hop limit as IP TTL), so that reading to the end finishes.
+        let (status, head, _) = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            exchange(
+                server,
+                "PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\n\
+                 X-aws-ec2-metadata-token-ttl-seconds: 300\r\nContent-Length: 0\r\n\r\n",
+            ),
+        )
+        .await
+        .expect("the connection ends after a token");
+        assert_eq!(status, 200);
+        assert!(head.contains("connection: close"), "{head}");
 
         let (status, _, body) = exchange(
             server,
@@ -1705,6 +1797,7 @@ mod tests {
         let limits = Limits {
             idle: std::time::Duration::from_millis(300),
             max_connections: 1,
+            ..Limits::default()
         };
         let serving = tokio::spawn(serve_with(
             listener,
@@ -1743,6 +1836,81 @@ mod tests {
             "the idle connection is still open after 5 s"
         );
         assert!(answer.starts_with(b"HTTP/1.1 "), "{answer:?}");
+        serving.abort();
+    }
+
+    /// A connection to `server` from `source` (a loopback address of the caller's choosing).
+    async fn connect_from(source: Ipv4Addr, server: SocketAddr) -> tokio::net::TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+        socket
+            .bind(SocketAddr::from((source, 0)))
+            .expect("a loopback source address");
+        socket.connect(server).await.expect("the server listens")
+    }
+
+    #[tokio::test]
+    async fn one_caller_cannot_take_every_connection_and_request_heads_are_bounded() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a free port");
+        let server = listener.local_addr().expect("a bound address");
+        let victim = Ipv4Addr::new(127, 0, 0, 3);
+        let directory = Directory::default();
+        directory.set(InstanceMetadata {
+            local_ipv4: victim,
+            ..sample()
+        });
+        let limits = Limits {
+            per_caller: 2,
+            max_head: 8192,
+            ..Limits::default()
+        };
+        let serving = tokio::spawn(serve_with(listener, directory, Tokens::new(), limits));
+        // The hog holds its two connections open (no request yet); its third is closed at once.
+        let hog = Ipv4Addr::new(127, 0, 0, 2);
+        let _held = [
+            connect_from(hog, server).await,
+            connect_from(hog, server).await,
+        ];
+        let mut third = connect_from(hog, server).await;
+        let mut seen = Vec::new();
+        let closed = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            third.read_to_end(&mut seen),
+        )
+        .await;
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "{closed:?}: {seen:?}"
+        );
+        // Another caller is still served.
+        let mut other = connect_from(victim, server).await;
+        other
+            .write_all(b"GET /latest/meta-data/instance-id HTTP/1.0\r\nHost: x\r\n\r\n")
+            .await
+            .expect("the request is sent");
+        let mut answer = String::new();
+        other
+            .read_to_string(&mut answer)
+            .await
+            .expect("the answer is read");
+        assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+        // A request head over the bound is refused, not buffered.
+        let mut big = connect_from(victim, server).await;
+        let padding = "a".repeat(32 * 1024);
+        big.write_all(
+            format!("GET /latest/meta-data/ HTTP/1.0\r\nHost: x\r\nX-Pad: {padding}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .expect("the request is sent");
+        let mut answer = Vec::new();
+        let _ = big.read_to_end(&mut answer).await;
+        assert!(
+            answer.is_empty() || answer.starts_with(b"HTTP/1.1 431"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
         serving.abort();
     }
 
