@@ -99,7 +99,8 @@ struct Args {
     /// The backend cluster's bucket that holds the blobs.
     #[arg(long, env = "KARRI_S3_BACKEND_BUCKET", default_value = "karri-blobs")]
     s3_backend_bucket: String,
-    /// The region the backend cluster expects in signatures.
+    /// The region the backend cluster expects in signatures (another Karri: its --region,
+    /// `karri-1` by default; it refuses any other).
     #[arg(long, env = "KARRI_S3_BACKEND_REGION", default_value = "us-east-1")]
     s3_backend_region: String,
     /// Access key ID for the backend cluster.

@@ -113,6 +113,8 @@ async fn main() -> anyhow::Result<()> {
     // The controllers have stopped (their futures were dropped); stop campaigning, then hand
     // the lease over so that a standby need not wait for it to run out.
     campaign.abort();
+    // Wait until it has stopped: a renewal still in flight would race the release.
+    let _ = campaign.await;
     match election::release(client, &identity).await {
         Ok(true) => tracing::info!(%identity, "released the leader lease; shutting down"),
         Ok(false) => tracing::info!(%identity, "shutting down"),

@@ -66,6 +66,9 @@ pub struct Refusal {
     pub code: &'static str,
     /// Error message.
     pub message: String,
+    /// The region to sign for, when the request named another: in the error's `<Region>` and
+    /// the `x-amz-bucket-region` header, which botocore and s3cmd read to sign again.
+    pub region: Option<String>,
 }
 
 impl Refusal {
@@ -74,13 +77,17 @@ impl Refusal {
             status: StatusCode::BAD_REQUEST,
             code,
             message,
+            region: None,
         }
     }
 
     /// The S3 error document.
     pub fn xml(&self, request_id: &str) -> String {
+        let region = self.region.as_deref().map_or(String::new(), |r| {
+            format!("<Region>{}</Region>", quick_xml::escape::escape(r))
+        });
         format!(
-            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{}</Code><Message>{}</Message><RequestId>{}</RequestId></Error>",
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{}</Code><Message>{}</Message>{region}<RequestId>{}</RequestId></Error>",
             self.code,
             quick_xml::escape::escape(self.message.as_str()),
             quick_xml::escape::escape(request_id)
@@ -127,11 +134,10 @@ pub fn auth_refusal(
     };
     if parsed.security_token.is_some() {
         // Karri issues no temporary credentials, so no session token can be valid.
-        return Some(Refusal {
-            status: StatusCode::BAD_REQUEST,
-            code: "InvalidToken",
-            message: "The provided token is malformed or otherwise invalid: Karri issues no temporary credentials.".into(),
-        });
+        return Some(Refusal::bad_request(
+            "InvalidToken",
+            "The provided token is malformed or otherwise invalid: Karri issues no temporary credentials.".into(),
+        ));
     }
     let (code, what) = match parsed.location {
         AuthLocation::Header => (
@@ -152,13 +158,16 @@ pub fn auth_refusal(
         }
     };
     if parsed.scope.region != region {
-        return Some(Refusal::bad_request(
-            code,
-            format!(
-                "{what} the region '{}' is wrong; expecting '{region}'",
-                parsed.scope.region
-            ),
-        ));
+        return Some(Refusal {
+            region: Some(region.to_owned()),
+            ..Refusal::bad_request(
+                code,
+                format!(
+                    "{what} the region '{}' is wrong; expecting '{region}'",
+                    parsed.scope.region
+                ),
+            )
+        });
     }
     if parsed.scope.service != "s3" {
         return Some(Refusal::bad_request(
@@ -474,12 +483,20 @@ impl S3Face {
         );
         let mut resp = if let Some(refusal) = refusal {
             tracing::info!(parent: &span, code = refusal.code, message = %refusal.message, "refused before the signature check");
-            (
+            let mut resp = (
                 refusal.status,
                 [(http::header::CONTENT_TYPE, "application/xml")],
                 refusal.xml(&request_id),
             )
-                .into_response()
+                .into_response();
+            if let Some(v) = refusal
+                .region
+                .as_deref()
+                .and_then(|r| http::HeaderValue::from_str(r).ok())
+            {
+                resp.headers_mut().insert("x-amz-bucket-region", v);
+            }
+            resp
         } else {
             let service = self.service.clone();
             let result = async move { service.call(req.map(s3s::Body::http_body_unsync)).await }
@@ -756,6 +773,13 @@ mod tests {
                     assert!(r.message.contains(text), "{what}: {}", r.message);
                     let xml = r.xml("req-1");
                     assert!(xml.contains(&format!("<Code>{code}</Code>")), "{xml}");
+                    // Clients sign again for the region the error names.
+                    let wrong_region = r.message.contains("is wrong; expecting");
+                    assert_eq!(
+                        xml.contains("<Region>karri-1</Region>"),
+                        wrong_region,
+                        "{xml}"
+                    );
                 }
                 (want, got) => panic!("{what}: wanted {want:?}, got {got:?}"),
             }

@@ -908,8 +908,17 @@ pub async fn describe_instance_attribute(
         }
         "instanceType" => value(&mut w, "instanceType", opt(&v, "/spec/instanceType")),
         "userData" => value(&mut w, "userData", opt(&v, "/spec/userData")),
-        "kernel" => value(&mut w, "kernel", opt(&v, "/spec/kernelId")),
-        "ramdisk" => value(&mut w, "ramdisk", opt(&v, "/spec/ramdiskId")),
+        // The one the record names, else the image's own that the operator resolved.
+        "kernel" => value(
+            &mut w,
+            "kernel",
+            opt(&v, "/spec/kernelId").or_else(|| opt(&v, "/status/launch/kernel/imageId")),
+        ),
+        "ramdisk" => value(
+            &mut w,
+            "ramdisk",
+            opt(&v, "/spec/ramdiskId").or_else(|| opt(&v, "/status/launch/ramdisk/imageId")),
+        ),
         "rootDeviceName" => value(&mut w, "rootDeviceName", Some("/dev/vda")),
         "disableApiTermination" => {
             let on = v

@@ -186,8 +186,16 @@ pub async fn delete_tags(
 
 /// DescribeTags.
 pub async fn describe_tags(cx: &Cx<'_>, a: router::DescribeTags) -> Result<String, Ec2Error> {
-    // `tag:<key>` picks the tags of the resources that carry that tag.
+    // `tag:<key>` picks the tags of the resources that carry that tag; `tag-key` and
+    // `tag-value` are not DescribeTags filters (`key` and `value` are).
     filter::validate_names(&a.filters, filter::TAG_FILTERS, true)?;
+    if let Some(f) = a
+        .filters
+        .iter()
+        .find(|f| matches!(f.name.as_str(), "tag-key" | "tag-value"))
+    {
+        return Err(Ec2Error::invalid_filter(&f.name));
+    }
     let matcher = Matcher::new(&a.filters);
     let mut rows: Vec<(String, TagRow)> = Vec::new();
     for (plural, kind) in [
