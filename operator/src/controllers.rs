@@ -111,11 +111,23 @@ struct Prepared {
     region: String,
 }
 
+/// A record's resourceVersion as the etcd revision it is (0 when it is not a number).
+fn revision<K: kube::Resource>(obj: &K) -> u64 {
+    obj.meta()
+        .resource_version
+        .as_deref()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// What the instance controller shares between reconciles.
 pub struct Context {
     client: Client,
     instances: Store<Instance>,
     nodes: Store<Node>,
+    /// Each node as the controller's own watch of nodes last delivered it (see
+    /// [`Context::node`]).
+    seen_nodes: Arc<Mutex<HashMap<String, Arc<Node>>>>,
     types: Store<InstanceType>,
     zones: Store<AvailabilityZone>,
     /// Images, accounts and key pairs that launches are resolved from.
@@ -176,8 +188,24 @@ fn readiness_of(node: Option<&Node>) -> Readiness {
 }
 
 impl Context {
+    /// The node as the newest of two watches saw it: the store's, or the one whose change
+    /// triggered this reconcile. The store is fed by its own watch, which may not have applied a
+    /// change yet when the controller's watch of nodes reconciles the node's instances for it;
+    /// read from the store alone, such a reconcile saw the node as it was (an instance stayed
+    /// healthy on a node gone NotReady until something else changed). Karri's resourceVersions
+    /// are etcd revisions, so the newer copy is the one with the larger number.
     fn node(&self, name: &str) -> Option<Arc<Node>> {
-        self.nodes.get(&ObjectRef::new(name))
+        let stored = self.nodes.get(&ObjectRef::new(name))?;
+        let seen = self
+            .seen_nodes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .cloned();
+        Some(match seen {
+            Some(seen) if revision(&*seen) > revision(&*stored) => seen,
+            _ => stored,
+        })
     }
 
     /// Choose a node for `instance`, reserving its capacity until the binding is seen.
@@ -521,10 +549,13 @@ pub async fn run_instances(client: Client, settings: Settings, metrics: Arc<Metr
         types.wait_until_ready(),
         zones.wait_until_ready()
     );
+    let seen_nodes: Arc<Mutex<HashMap<String, Arc<Node>>>> = Arc::default();
+    let seen = seen_nodes.clone();
     let ctx = Arc::new(Context {
         client: client.clone(),
         instances,
         nodes,
+        seen_nodes,
         types,
         zones,
         lookups,
@@ -540,6 +571,10 @@ pub async fn run_instances(client: Client, settings: Settings, metrics: Arc<Metr
             watcher::Config::default(),
             move |node: Node| {
                 let name = node.name_any();
+                // Recorded before the reconciles it triggers run.
+                seen.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .insert(name.clone(), Arc::new(node));
                 by_node
                     .state()
                     .iter()
@@ -629,6 +664,26 @@ pub async fn run_nodes(client: Client, settings: Settings, metrics: Arc<Metrics>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_newer_of_two_copies_is_the_one_with_the_larger_revision() {
+        let node = |rv: Option<&str>| {
+            let mut n = Node::new(
+                "node-1",
+                crds::NodeSpec {
+                    availability_zone: "karri-1a".into(),
+                    unschedulable: false,
+                    hypervisor: None,
+                },
+            );
+            n.metadata.resource_version = rv.map(str::to_owned);
+            n
+        };
+        assert_eq!(revision(&node(Some("1042"))), 1042);
+        assert!(revision(&node(Some("1042"))) > revision(&node(Some("999"))));
+        assert_eq!(revision(&node(None)), 0);
+        assert_eq!(revision(&node(Some("opaque"))), 0);
+    }
 
     #[test]
     fn a_reservation_lasts_until_its_binding_is_seen_or_its_record_stays_away() {
