@@ -429,7 +429,10 @@ impl<H: Hypervisor + 'static> Context<H> {
             if desired.is_none() && observed.as_ref().is_none_or(|d| d.uid != uid) {
                 guests.release(id, guest::address_of(instance)).await?;
             } else if desired.is_some() {
-                guests.publish(instance);
+                let active = observed
+                    .as_ref()
+                    .is_some_and(|d| d.uid == uid && d.state.is_active());
+                guests.publish(instance, active);
             }
         }
 

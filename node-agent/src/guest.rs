@@ -156,10 +156,16 @@ pub fn artifacts_of(instance: &Instance) -> [Option<&ImageArtifact>; 3] {
     ]
 }
 
-/// Whether the metadata service answers for the instance: only while it is asked to run.
+/// Whether the metadata service answers for the instance: while it is asked to run.
 pub fn serves_metadata(instance: &Instance) -> bool {
     instance.spec.desired_state == crds::DesiredState::Running
         && instance.metadata.deletion_timestamp.is_none()
+}
+
+/// Whether the metadata service answers for the instance whose domain is (or is not) still
+/// active: while it is asked to run, and while its domain still shuts down. Pure.
+pub fn publishes_metadata(instance: &Instance, domain_active: bool) -> bool {
+    serves_metadata(instance) || domain_active
 }
 
 /// The instance's address and MAC, when the operator gave it one.
@@ -389,11 +395,13 @@ impl Guests {
     }
 
     /// Keeps the metadata of a running instance current (user data and options may change
-    /// while it is stopped), and withdraws that of one asked to stop: its address is free on
-    /// the bridge while it is down, and whoever took it must not be served its data.
-    pub fn publish(&self, instance: &Instance) {
+    /// while it is stopped), also while its domain (`domain_active`) still shuts down after a
+    /// stop was asked, as EC2 answers until the guest has halted (shutdown hooks read it; the
+    /// port guard lets only this instance's tap use the address). Withdraws it once the domain
+    /// is down.
+    pub fn publish(&self, instance: &Instance, domain_active: bool) {
         let Some(net) = &self.network else { return };
-        if serves_metadata(instance) {
+        if publishes_metadata(instance, domain_active) {
             if let Some(md) = metadata_of(instance, &net.region, &net.subnet_cidr) {
                 net.directory.set(md);
             }
@@ -567,6 +575,19 @@ mod tests {
                 k8s_openapi::jiff::Timestamp::now(),
             ));
         assert!(!serves_metadata(&instance), "being deleted");
+    }
+
+    #[test]
+    fn metadata_is_served_until_a_stopping_guest_has_halted() {
+        let mut instance = launched(serde_json::json!({}));
+        instance.spec.desired_state = crds::DesiredState::Stopped;
+        assert!(publishes_metadata(&instance, true), "still shutting down");
+        assert!(!publishes_metadata(&instance, false), "halted");
+        instance.spec.desired_state = crds::DesiredState::Running;
+        assert!(
+            publishes_metadata(&instance, false),
+            "asked to run, domain not up yet"
+        );
     }
 
     #[test]
