@@ -550,5 +550,30 @@ async fn two_operators_never_both_act_and_the_standby_takes_over() -> anyhow::Re
         lease.spec.holder_identity.as_deref(),
         Some(leader_id.as_str())
     );
+
+    // A leader stopped while the gateway hangs (stopped, so connections open but nothing is
+    // answered) gives up handing the lease over and exits anyway; the lease then runs out.
+    let gateway = cloud.gateway_pid().context("the gateway is not running")?;
+    let kill = |sig: &str| -> anyhow::Result<()> {
+        let status = std::process::Command::new("kill")
+            .args([sig, &gateway.to_string()])
+            .status()?;
+        ensure!(status.success(), "kill {sig} {gateway} failed");
+        Ok(())
+    };
+    kill("-STOP")?;
+    let stopped = Instant::now();
+    let exited = cloud.operators[leader]
+        .service
+        .terminate(Duration::from_secs(15));
+    kill("-CONT")?;
+    ensure!(
+        exited?,
+        "{leader_id} did not exit within 15 s of SIGTERM while the gateway hung"
+    );
+    eprintln!(
+        "{leader_id} exited {:.2} s after SIGTERM while the gateway hung",
+        stopped.elapsed().as_secs_f64()
+    );
     Ok(())
 }

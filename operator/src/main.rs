@@ -16,6 +16,9 @@ use operator::metrics::{self, Metrics};
 use operator::placement::Policy;
 use tokio::sync::watch;
 
+/// How long a shutting-down leader tries to hand its lease over.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Command-line flags.
 #[derive(Parser, Debug)]
 #[command(
@@ -115,10 +118,18 @@ async fn main() -> anyhow::Result<()> {
     campaign.abort();
     // Wait until it has stopped: a renewal still in flight would race the release.
     let _ = campaign.await;
-    match election::release(client, &identity).await {
-        Ok(true) => tracing::info!(%identity, "released the leader lease; shutting down"),
-        Ok(false) => tracing::info!(%identity, "shutting down"),
-        Err(error) => tracing::warn!(%error, "could not release the leader lease; shutting down"),
+    // Bounded: an unreachable gateway must not hold the shutdown; the lease then runs out.
+    let release = tokio::time::timeout(RELEASE_TIMEOUT, election::release(client, &identity));
+    match release.await {
+        Ok(Ok(true)) => tracing::info!(%identity, "released the leader lease; shutting down"),
+        Ok(Ok(false)) => tracing::info!(%identity, "shutting down"),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "could not release the leader lease; shutting down")
+        }
+        Err(_) => tracing::warn!(
+            timeout_s = RELEASE_TIMEOUT.as_secs(),
+            "releasing the leader lease took too long; shutting down (it runs out by itself)"
+        ),
     }
     Ok(())
 }
