@@ -155,28 +155,50 @@ async fn attempt(
 }
 
 /// Campaign forever: `leading` is true exactly while this replica holds a renewed lease.
+///
+/// Every attempt is bounded in time: a leader waits for an answer only until its renew deadline
+/// (counted from when its last successful attempt was sent), so a hung gateway makes it step
+/// down before any standby may take the lease over.
 pub async fn run(client: Client, identity: String, timing: Timing, leading: watch::Sender<bool>) {
     let api: Api<Lease> = Api::namespaced(client, SYSTEM_NAMESPACE);
     let mut last_renewed: Option<tokio::time::Instant> = None;
     let mut observer = Observer::default();
     loop {
-        match attempt(&api, &identity, timing, &mut observer).await {
-            Ok(true) => {
+        let sent = tokio::time::Instant::now();
+        let limit = match last_renewed {
+            Some(renewed) if *leading.borrow() => {
+                (renewed + timing.renew_deadline).saturating_duration_since(sent)
+            }
+            _ => timing.renew_deadline,
+        };
+        let outcome =
+            tokio::time::timeout(limit, attempt(&api, &identity, timing, &mut observer)).await;
+        match outcome {
+            Ok(Ok(true)) => {
                 if !*leading.borrow() {
                     tracing::info!(%identity, "became the leader");
                 }
-                last_renewed = Some(tokio::time::Instant::now());
+                // The lease was renewed no earlier than the request was sent.
+                last_renewed = Some(sent);
                 leading.send_replace(true);
             }
-            Ok(false) => {
+            Ok(Ok(false)) => {
                 if *leading.borrow() {
                     tracing::warn!(%identity, "another replica holds the lease; stepping down");
                 }
                 last_renewed = None;
                 leading.send_replace(false);
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "could not acquire or renew the leader lease");
+            failed => {
+                match failed {
+                    Ok(Err(error)) => {
+                        tracing::warn!(%error, "could not acquire or renew the leader lease")
+                    }
+                    _ => tracing::warn!(
+                        waited_ms = limit.as_millis(),
+                        "no answer to acquiring or renewing the leader lease"
+                    ),
+                }
                 let expired = last_renewed.is_none_or(|t| t.elapsed() >= timing.renew_deadline);
                 if expired && *leading.borrow() {
                     tracing::warn!(%identity, "lease not renewed before the deadline; stepping down");
@@ -237,5 +259,80 @@ mod tests {
                 "{version:?} at {at} s"
             );
         }
+    }
+
+    /// A gateway stand-in that lets the first replica create the lease and then never answers
+    /// another read of it.
+    async fn gateway_that_hangs_after_the_lease_is_taken() -> std::net::SocketAddr {
+        use axum::http::StatusCode;
+        use axum::routing::{get, post};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+
+        let reads = Arc::new(AtomicUsize::new(0));
+        let lease_path = format!("/apis/karri.dev/v1alpha1/namespaces/{SYSTEM_NAMESPACE}/leases");
+        let app = axum::Router::new()
+            .route(
+                &format!("{lease_path}/{LEASE_NAME}"),
+                get(move || {
+                    let first = reads.fetch_add(1, Ordering::SeqCst) == 0;
+                    async move {
+                        if !first {
+                            std::future::pending::<()>().await;
+                        }
+                        let status = serde_json::json!({
+                            "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                            "reason": "NotFound", "code": 404, "message": "not found"
+                        });
+                        (StatusCode::NOT_FOUND, axum::Json(status))
+                    }
+                }),
+            )
+            .route(
+                &lease_path,
+                post(
+                    |axum::Json(mut lease): axum::Json<serde_json::Value>| async move {
+                        lease["metadata"]["resourceVersion"] = serde_json::json!("1");
+                        (StatusCode::CREATED, axum::Json(lease))
+                    },
+                ),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("loopback has a free port");
+        let addr = listener
+            .local_addr()
+            .expect("a bound listener has an address");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_leader_whose_renewal_hangs_steps_down_before_its_lease_runs_out() {
+        let addr = gateway_that_hangs_after_the_lease_is_taken().await;
+        let url = format!("http://{addr}").parse().expect("a valid URL");
+        let client = Client::try_from(kube::Config::new(url)).expect("a client");
+        let timing = Timing::from_duration(Duration::from_secs(3));
+        let (leading, mut seen) = watch::channel(false);
+        let campaign = tokio::spawn(run(client, "replica-a".into(), timing, leading));
+
+        let bound = Duration::from_secs(20);
+        tokio::time::timeout(bound, seen.wait_for(|l| *l))
+            .await
+            .expect("became the leader")
+            .expect("campaign running");
+        let led = Instant::now();
+        tokio::time::timeout(bound, seen.wait_for(|l| !*l))
+            .await
+            .expect("stepped down while its renewal hung")
+            .expect("campaign running");
+        let held = led.elapsed();
+        campaign.abort();
+        // A standby may take the lease once it has seen it unchanged for the lease duration.
+        assert!(
+            held < timing.lease_duration,
+            "acted for {held:?} without a renewal; the lease lasts {:?}",
+            timing.lease_duration
+        );
     }
 }
