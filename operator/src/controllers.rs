@@ -22,6 +22,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
 
+use crate::election::Observer;
 use crate::health::{self, instance_health, node_ready, Readiness};
 use crate::launch::{self, LaunchError};
 use crate::lifecycle::{self, effective_desired, needs_placement, Observed, Placed};
@@ -297,22 +298,20 @@ impl Context {
         instance: &Instance,
         zone: &str,
     ) -> Result<Prepared, LaunchError> {
-        let subnets = crds::subnet::zone_subnets(self.zones.state().iter().map(|z| {
-            (
-                z.metadata.name.as_deref().unwrap_or_default(),
-                z.spec.subnet_cidr.as_deref(),
-            )
-        }));
-        let (_, subnet) = subnets
-            .iter()
-            .find(|(name, _)| name == zone)
-            .cloned()
-            .ok_or_else(|| LaunchError::Refused(format!("the zone {zone} does not exist")))?;
-        let region = self
-            .zones
-            .get(&ObjectRef::new(zone))
-            .map(|z| z.spec.region.clone())
-            .unwrap_or_default();
+        // A zone created a moment ago may not be in the store yet: ask the gateway before
+        // refusing the launch for good.
+        let record = match self.zones.get(&ObjectRef::new(zone)) {
+            Some(z) => z,
+            None => Api::<AvailabilityZone>::all(self.client.clone())
+                .get_opt(zone)
+                .await?
+                .map(Arc::new)
+                .ok_or_else(|| LaunchError::Refused(format!("the zone {zone} does not exist")))?,
+        };
+        let (_, subnet) = crds::subnet::zone_subnets([(zone, record.spec.subnet_cidr.as_deref())])
+            .pop()
+            .ok_or_else(|| LaunchError::Refused(format!("the zone {zone} has no subnet")))?;
+        let region = record.spec.region.clone();
         let launch = launch::resolve(&self.lookups, instance, Some(subnet)).await?;
         let own = instance
             .status
@@ -488,14 +487,30 @@ async fn reconcile_instance(instance: Arc<Instance>, ctx: Arc<Context>) -> Resul
     result
 }
 
-fn instance_error_policy(_: Arc<Instance>, error: &Error, ctx: Arc<Context>) -> Action {
+/// How often an instance whose domain waits on a node that is not Ready is looked at: the
+/// node's return reconciles it anyway (the node watch), so there is no need to look often.
+const WAITING_ON_A_DOWN_NODE: Duration = Duration::from_secs(30);
+
+fn instance_error_policy(instance: Arc<Instance>, error: &Error, ctx: Arc<Context>) -> Action {
     record_error(&ctx.metrics, "instances", error);
+    if matches!(error, Error::DomainStillDefined) {
+        let node = instance
+            .status
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref());
+        if node.is_some_and(|n| !readiness_of(ctx.node(n).as_deref()).is_ready()) {
+            return Action::requeue(WAITING_ON_A_DOWN_NODE);
+        }
+    }
     Action::requeue(error.backoff())
 }
 
 fn record_error(metrics: &Metrics, controller: &str, error: &Error) {
-    if error.metric_label() != "waiting" {
-        tracing::debug!(controller, %error, "reconcile failed");
+    match error.metric_label() {
+        "waiting" => {}
+        // Another writer was first: the retry reads the newer record.
+        "conflict" => tracing::debug!(controller, %error, "reconcile failed"),
+        _ => tracing::warn!(controller, %error, "reconcile failed"),
     }
     metrics
         .errors
@@ -506,37 +521,55 @@ fn record_error(metrics: &Metrics, controller: &str, error: &Error) {
         .inc();
 }
 
-/// A store of `K` kept by its own reflector task.
-fn spawn_store<K>(api: Api<K>) -> Store<K>
-where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let (store, writer) = reflector::store();
-    let stream = watcher(api, watcher::Config::default())
-        .default_backoff()
-        .reflect(writer)
-        .applied_objects();
-    tokio::spawn(stream.for_each(|_| futures::future::ready(())));
-    store
+/// Reflector tasks feeding a controller's stores; they stop when this is dropped, with the
+/// controller future that owns it (a replica that loses the lead keeps no watches open).
+#[derive(Default)]
+struct Reflectors(Vec<tokio::task::JoinHandle<()>>);
+
+impl Reflectors {
+    /// A store of `K` kept by a reflector task of its own.
+    fn store<K>(&mut self, api: Api<K>) -> Store<K>
+    where
+        K: kube::Resource
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+        K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+    {
+        let (store, writer) = reflector::store();
+        let stream = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .reflect(writer)
+            .applied_objects();
+        self.0.push(tokio::spawn(
+            stream.for_each(|_| futures::future::ready(())),
+        ));
+        store
+    }
+}
+
+impl Drop for Reflectors {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 /// Run the instance controller until the future is dropped.
 pub async fn run_instances(client: Client, settings: Settings, metrics: Arc<Metrics>) {
-    let nodes = spawn_store(Api::<Node>::all(client.clone()));
-    let types = spawn_store(Api::<InstanceType>::all(client.clone()));
-    let zones = spawn_store(Api::<AvailabilityZone>::all(client.clone()));
+    let mut reflectors = Reflectors::default();
+    let nodes = reflectors.store(Api::<Node>::all(client.clone()));
+    let types = reflectors.store(Api::<InstanceType>::all(client.clone()));
+    let zones = reflectors.store(Api::<AvailabilityZone>::all(client.clone()));
     let lookups = launch::Lookups {
         client: client.clone(),
-        images: spawn_store(Api::<crds::Image>::all(client.clone())),
-        accounts: spawn_store(Api::<crds::Account>::all(client.clone())),
-        keys: spawn_store(Api::<crds::KeyPair>::all(client.clone())),
+        images: reflectors.store(Api::<crds::Image>::all(client.clone())),
+        accounts: reflectors.store(Api::<crds::Account>::all(client.clone())),
+        keys: reflectors.store(Api::<crds::KeyPair>::all(client.clone())),
     };
     let controller = Controller::new(
         Api::<Instance>::all(client.clone()),
@@ -597,6 +630,8 @@ pub struct NodeContext {
     client: Client,
     lease_duration: Duration,
     metrics: Arc<Metrics>,
+    /// How long each node's lease has stayed unchanged, by this replica's clock.
+    observers: Mutex<HashMap<String, Observer>>,
 }
 
 async fn reconcile_node(node: Arc<Node>, ctx: Arc<NodeContext>) -> Result<Action, Error> {
@@ -608,16 +643,31 @@ async fn reconcile_node(node: Arc<Node>, ctx: Arc<NodeContext>) -> Result<Action
         .ok_or(Error::Incomplete("name"))?;
     let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), NODE_LEASE_NAMESPACE);
     let lease = leases.get_opt(&name).await?;
-    let renewed = lease
+    let version = lease
         .as_ref()
-        .and_then(|l| l.spec.renew_time.as_ref())
-        .map(|m| Time(m.0));
+        .and_then(|l| l.metadata.resource_version.as_deref());
+    let age = {
+        let mut observers = ctx
+            .observers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let age = observers
+            .entry(name.clone())
+            .or_default()
+            .age(version, Instant::now());
+        if version.is_none() {
+            observers.remove(&name);
+        }
+        age
+    };
     let duration = lease
         .as_ref()
         .and_then(|l| l.spec.lease_duration_seconds)
         .and_then(|s| u64::try_from(s).ok())
         .map_or(ctx.lease_duration, Duration::from_secs);
     let now = now();
+    let renewed_at_all = lease.as_ref().is_some_and(|l| l.spec.renew_time.is_some());
+    let renewed = health::renewed_as_seen(renewed_at_all, age, &now);
     let readiness = node_ready(renewed.as_ref(), duration, &now);
     let mut status = node.status.clone().unwrap_or_default();
     set_condition(&mut status.conditions, readiness.condition(&now));
@@ -649,6 +699,7 @@ pub async fn run_nodes(client: Client, settings: Settings, metrics: Arc<Metrics>
         client: client.clone(),
         lease_duration: settings.node_lease_duration,
         metrics,
+        observers: Mutex::default(),
     });
     Controller::new(Api::<Node>::all(client.clone()), watcher::Config::default())
         .watches(

@@ -94,6 +94,16 @@ pub fn node_ready(last_renew: Option<&Time>, lease_duration: Duration, now: &Tim
     }
 }
 
+/// When a node's lease was last renewed as the operator tells it: `age` before `now`, where
+/// `age` is how long this replica has seen the lease at one `resourceVersion` by its own
+/// monotonic clock ([`crate::election::Observer`]); `None` when the lease was never renewed.
+/// The `renewTime` the agent wrote is not compared with the operator's clock: an agent whose
+/// clock runs ahead would keep a dead node Ready, one running behind would make a live node
+/// NotReady (Kubernetes' node lifecycle controller times node health the same way).
+pub fn renewed_as_seen(renewed_at_all: bool, age: Duration, now: &Time) -> Option<Time> {
+    renewed_at_all.then(|| Time(now.0.checked_sub(age).unwrap_or(now.0)))
+}
+
 /// How long until a lease renewed at `last_renew` expires, so the operator can look again exactly
 /// then; `None` when it has already expired or was never renewed.
 pub fn expires_in(
@@ -217,6 +227,39 @@ mod tests {
                 "{what}"
             );
         }
+    }
+
+    #[test]
+    fn a_node_lease_ages_by_the_operators_clock_whatever_clock_the_agent_has() {
+        use crate::election::Observer;
+        let t0 = std::time::Instant::now();
+        // (seconds after t0 on the operator's clock, lease version read, ready wanted)
+        let rows = [
+            // An agent whose clock runs an hour ahead renews twice, then dies: its lease lasts
+            // 40 s from the last change the operator saw, not an hour more.
+            (0, "7", true),
+            (10, "8", true),
+            (49, "8", true),
+            (51, "8", false),
+            // It comes back (a new version): Ready again at once.
+            (60, "9", true),
+            // An agent whose clock runs a minute behind, renewing every 10 s, stays Ready.
+            (70, "10", true),
+            (80, "11", true),
+            (90, "12", true),
+        ];
+        let mut observer = Observer::default();
+        for (secs, version, ready) in rows {
+            let age = observer.age(Some(version), t0 + Duration::from_secs(secs));
+            let now = at(1_000 + i64::try_from(secs).expect("small"));
+            let renewed = renewed_as_seen(true, age, &now);
+            assert_eq!(
+                node_ready(renewed.as_ref(), LEASE, &now).is_ready(),
+                ready,
+                "version {version} at {secs} s"
+            );
+        }
+        assert_eq!(renewed_as_seen(false, Duration::ZERO, &at(1_000)), None);
     }
 
     #[test]
