@@ -558,6 +558,17 @@ pub fn prepare_update(
 pub fn mark_deleted(old: &Value, now: &str) -> Value {
     let mut out = old.clone();
     if let Some(meta) = out.get_mut("metadata").and_then(Value::as_object_mut) {
+        // As Kubernetes does, the first mark bumps the generation: what controllers and agents
+        // reported for the record before it was deleted is then visibly older than the deletion.
+        if !meta.contains_key("deletionTimestamp") {
+            if let Some(generation) = meta
+                .get("generation")
+                .and_then(Value::as_i64)
+                .filter(|g| *g > 0)
+            {
+                meta.insert("generation".into(), json!(generation.saturating_add(1)));
+            }
+        }
         meta.entry("deletionTimestamp")
             .or_insert_with(|| Value::String(now.to_string()));
         meta.entry("deletionGracePeriodSeconds").or_insert(json!(0));
@@ -579,6 +590,28 @@ pub fn comparable(v: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn marking_a_record_deleted_bumps_its_generation_once() {
+        let record = json!({"metadata": {"name": "i", "generation": 3, "resourceVersion": "9"}});
+        let marked = mark_deleted(&record, "2026-11-26T02:00:00Z");
+        assert_eq!(marked["metadata"]["generation"], 4);
+        assert_eq!(
+            marked["metadata"]["deletionTimestamp"],
+            "2026-11-26T02:00:00Z"
+        );
+        assert!(marked["metadata"].get("resourceVersion").is_none());
+        // Deleting it again changes nothing more.
+        let again = mark_deleted(&marked, "2026-11-26T02:05:00Z");
+        assert_eq!(again["metadata"]["generation"], 4);
+        assert_eq!(
+            again["metadata"]["deletionTimestamp"],
+            "2026-11-26T02:00:00Z"
+        );
+        // A kind without generations gets none.
+        let plain = mark_deleted(&json!({"metadata": {"name": "n"}}), "2026-11-26T02:00:00Z");
+        assert!(plain["metadata"].get("generation").is_none());
+    }
 
     #[test]
     fn account_names_are_namespace_labels_and_not_reserved() {
