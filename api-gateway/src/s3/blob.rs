@@ -62,6 +62,13 @@ pub trait BlobStore: Send + Sync + 'static {
         id: &str,
         range: std::ops::Range<u64>,
     ) -> Result<ByteStream<'static>, BlobError>;
+    /// Whether [`BlobStore::get`] pins the bytes it will stream (an open file outlives its
+    /// name), so that a blob deleted after `get` returned is still read whole. A store that
+    /// pins cheaply has every part of an object opened up front; one that does not has its
+    /// parts after the first asked for one after another.
+    fn get_pins(&self) -> bool {
+        false
+    }
     /// Deletes a blob; deleting a missing blob is not an error.
     async fn delete(&self, id: &str) -> Result<(), BlobError>;
     /// Every blob with its modification time (for the orphan sweep).
@@ -363,12 +370,22 @@ impl BlobStore for FsBlobs {
             }
             Some(Ok(file)) => file,
         };
-        // A large one is read ahead by a thread of its own while the network sends.
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, BlobError>>(READS_IN_FLIGHT);
-        tokio::task::spawn_blocking(move || read_ahead(file, len, &tx));
-        Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|item| (item, rx))
-        })))
+        // A large one is read ahead by a thread of its own while the network sends, started
+        // when the stream is first polled: an object of many parts opens every part at once
+        // (see `open_segments`), and only the part being sent may hold a thread and buffers.
+        let stream = futures::stream::once(async move {
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, BlobError>>(READS_IN_FLIGHT);
+            tokio::task::spawn_blocking(move || read_ahead(file, len, &tx));
+            futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|item| (item, rx))
+            })
+        })
+        .flatten();
+        Ok(Box::pin(stream))
+    }
+
+    fn get_pins(&self) -> bool {
+        true
     }
 
     async fn delete(&self, id: &str) -> Result<(), BlobError> {
@@ -450,6 +467,37 @@ mod tests {
             out.extend_from_slice(&c.unwrap());
         }
         out
+    }
+
+    #[test]
+    fn many_large_reads_opened_at_once_hold_no_thread_until_they_are_read() {
+        // Two blocking threads, far fewer than the reads opened at once (an object of many
+        // parts is opened whole before its first byte is sent).
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let store = FsBlobs::open(dir.path()).unwrap();
+            // Larger than what a reader thread reads ahead before it waits for the network.
+            let big: &'static [u8] = vec![7u8; (READS_IN_FLIGHT + 4) * READ_CHUNK].leak();
+            let w = store.put(body(&[big]), 1 << 30).await.unwrap();
+            let opened = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+                let mut streams = Vec::new();
+                for _ in 0..6 {
+                    streams.push(store.get(&w.id, 0..w.size).await.unwrap());
+                }
+                streams
+            })
+            .await
+            .expect("six reads of one blob opened with two blocking threads");
+            for stream in opened {
+                assert_eq!(read_all(stream).await.len(), big.len());
+            }
+        });
     }
 
     #[tokio::test]

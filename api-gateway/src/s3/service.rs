@@ -440,20 +440,43 @@ fn pieces_of(
     pieces
 }
 
-/// Bytes `range` of an object as one stream. Every blob is opened before this returns, so a
-/// concurrent overwrite that deletes them cannot cut the stream short (an open file outlives
-/// its name); a blob already gone is [`BlobError::Missing`], and the caller reads the index
-/// again.
+/// Bytes `range` of an object as one stream. Where opening a blob pins its bytes
+/// ([`BlobStore::get_pins`]), every blob is opened before this returns, so a concurrent
+/// overwrite that deletes them cannot cut the stream short (an open file outlives its name);
+/// elsewhere the first is opened now and the others when the stream reaches them, so that an
+/// object of thousands of parts holds one connection at a time. A first blob already gone is
+/// [`BlobError::Missing`], and the caller reads the index again.
 async fn open_segments(
     blobs: &Arc<dyn BlobStore>,
     segments: &[Segment],
     range: std::ops::Range<u64>,
 ) -> Result<ByteStream<'static>, BlobError> {
+    let mut pieces = pieces_of(segments, range).into_iter();
     let mut streams = Vec::new();
-    for (blob, r) in pieces_of(segments, range) {
+    if let Some((blob, r)) = pieces.next() {
         streams.push(blobs.get(&blob, r).await?);
     }
-    Ok(Box::pin(futures::stream::iter(streams).flatten()))
+    if blobs.get_pins() {
+        for (blob, r) in pieces {
+            streams.push(blobs.get(&blob, r).await?);
+        }
+        return Ok(Box::pin(futures::stream::iter(streams).flatten()));
+    }
+    let blobs = blobs.clone();
+    let rest = futures::stream::iter(pieces)
+        .then(move |(blob, r)| {
+            let blobs = blobs.clone();
+            async move {
+                match blobs.get(&blob, r).await {
+                    Ok(stream) => stream,
+                    Err(e) => Box::pin(futures::stream::once(async move { Err(e) })),
+                }
+            }
+        })
+        .flatten();
+    Ok(Box::pin(
+        futures::stream::iter(streams).flatten().chain(rest),
+    ))
 }
 
 /// Reads of an object that race with overwrites retry this many times.
@@ -1764,15 +1787,17 @@ impl S3 for KarriS3 {
         copy_source_holds(copy_source_conditions!(input), &source)?;
         let range = match input.copy_source_range.as_deref() {
             None => 0..source.size,
-            Some(r) => Range::parse(r)
-                .map_err(|_| {
-                    s3_error!(
-                        InvalidArgument,
-                        "The x-amz-copy-source-range value must be of the form bytes=first-last."
-                    )
-                })?
-                .check(source.size)
-                .map_err(|_| s3_error!(InvalidRange, "The requested range is not satisfiable"))?,
+            Some(r) => copy_source_range(r, source.size).map_err(|e| match e {
+                CopyRange::Malformed => s3_error!(
+                    InvalidArgument,
+                    "The x-amz-copy-source-range value must be of the form bytes=first-last where first and last are the zero-based offsets of the first and last bytes to copy"
+                ),
+                CopyRange::PastTheEnd => s3_error!(
+                    InvalidArgument,
+                    "Range specified is not valid for source object of size: {}",
+                    source.size
+                ),
+            })?,
         };
         let written = self.copy_bytes(&source, range).await?;
         let etag = hex::encode(written.md5);
@@ -2037,6 +2062,35 @@ impl S3 for KarriS3 {
     }
 }
 
+/// Why an `x-amz-copy-source-range` is refused.
+#[derive(Debug, PartialEq, Eq)]
+enum CopyRange {
+    /// Not `bytes=first-last` with `first <= last`.
+    Malformed,
+    /// It ends past the source object (AWS neither shortens it nor takes open ranges).
+    PastTheEnd,
+}
+
+/// The bytes an UploadPartCopy takes from a source of `size` bytes: exactly `bytes=first-last`,
+/// inside the source. Pure.
+fn copy_source_range(text: &str, size: u64) -> Result<std::ops::Range<u64>, CopyRange> {
+    let number = |s: &str| {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse::<u64>().ok())
+            .flatten()
+    };
+    let (first, last) = text
+        .strip_prefix("bytes=")
+        .and_then(|r| r.split_once('-'))
+        .and_then(|(a, b)| Some((number(a)?, number(b)?)))
+        .filter(|(a, b)| a <= b)
+        .ok_or(CopyRange::Malformed)?;
+    if last >= size {
+        return Err(CopyRange::PastTheEnd);
+    }
+    Ok(first..last + 1)
+}
+
 /// What a ListMultipartUploads page asks for.
 struct UploadsQuery<'a> {
     prefix: &'a str,
@@ -2076,13 +2130,20 @@ fn uploads_page(uploads: &[(String, UploadMeta)], q: &UploadsQuery<'_>) -> Uploa
         next_key_marker: None,
         next_upload_id_marker: None,
     };
-    for (id, u) in uploads {
+    // Uploads of one key are in initiation order, not ID order: the page goes on from where
+    // the marker's upload stands (by ID only when that upload is gone).
+    let marker_at = uploads
+        .iter()
+        .position(|(id, u)| u.key == q.key_marker && id == q.id_marker);
+    for (at, (id, u)) in uploads.iter().enumerate() {
         if !u.key.starts_with(q.prefix) {
             continue;
         }
+        let after_id_marker = !q.id_marker.is_empty()
+            && marker_at.map_or(id.as_str() > q.id_marker, |marker| at > marker);
         let after_marker = q.key_marker.is_empty()
             || u.key.as_str() > q.key_marker
-            || (u.key == q.key_marker && !q.id_marker.is_empty() && id.as_str() > q.id_marker);
+            || (u.key == q.key_marker && after_id_marker);
         if !after_marker || skip_prefix.is_some_and(|p| u.key.starts_with(p)) {
             continue;
         }
@@ -2537,6 +2598,61 @@ mod tests {
             id_marker = page.next_upload_id_marker.unwrap_or_default();
         }
         panic!("the pages never ended: {seen:?}");
+    }
+
+    #[test]
+    fn uploads_of_one_key_page_in_initiation_order_whatever_their_ids() {
+        // Initiated in this order; their random IDs sort the other way round.
+        let uploads: Vec<(String, UploadMeta)> = [("f00", 1), ("a00", 2), ("000", 3)]
+            .into_iter()
+            .map(|(id, at)| {
+                let mut u = upload("k");
+                u.initiated_ms = at;
+                (id.to_string(), u)
+            })
+            .collect();
+        let (mut key_marker, mut id_marker) = (String::new(), String::new());
+        let mut seen = Vec::new();
+        loop {
+            let page = uploads_page(
+                &uploads,
+                &UploadsQuery {
+                    prefix: "",
+                    key_marker: &key_marker,
+                    id_marker: &id_marker,
+                    delimiter: None,
+                    max: 1,
+                },
+            );
+            seen.extend(page.uploads.iter().map(|(id, _)| id.clone()));
+            if !page.truncated || seen.len() > 3 {
+                break;
+            }
+            key_marker = page.next_key_marker.unwrap_or_default();
+            id_marker = page.next_upload_id_marker.unwrap_or_default();
+        }
+        assert_eq!(seen, ["f00", "a00", "000"]);
+    }
+
+    #[test]
+    fn a_copy_source_range_is_exactly_first_to_last_inside_the_source() {
+        let rows = [
+            ("bytes=0-99", Ok(0..100)),
+            ("bytes=10-10", Ok(10..11)),
+            ("bytes=0-100", Err(CopyRange::PastTheEnd)),
+            ("bytes=0-199", Err(CopyRange::PastTheEnd)),
+            ("bytes=100-100", Err(CopyRange::PastTheEnd)),
+            ("bytes=50-", Err(CopyRange::Malformed)),
+            ("bytes=-50", Err(CopyRange::Malformed)),
+            ("bytes=20-10", Err(CopyRange::Malformed)),
+            ("bytes=0-9,20-29", Err(CopyRange::Malformed)),
+            ("bytes=+1-5", Err(CopyRange::Malformed)),
+            ("0-9", Err(CopyRange::Malformed)),
+            ("", Err(CopyRange::Malformed)),
+        ];
+        for (text, want) in rows {
+            assert_eq!(copy_source_range(text, 100), want, "{text:?}");
+        }
     }
 
     #[test]
