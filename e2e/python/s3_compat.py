@@ -1315,6 +1315,15 @@ def group_listing(suite):
         check(prefixes_of(answer) == ["photos/", "with space/"],
               f"CommonPrefixes {prefixes_of(answer)}")
 
+    @g.check("list_objects_with_max_keys_0_is_empty_and_not_truncated")
+    def _():
+        v1 = a.list_objects(Bucket=name, MaxKeys=0)
+        check(not keys_of(v1) and v1.get("IsTruncated") is False,
+              f"v1 keys {keys_of(v1)} truncated {v1.get('IsTruncated')}")
+        v2 = a.list_objects_v2(Bucket=name, MaxKeys=0)
+        check(not keys_of(v2) and v2.get("IsTruncated") is False and v2.get("KeyCount") == 0,
+              f"v2 keys {keys_of(v2)} truncated {v2.get('IsTruncated')} count {v2.get('KeyCount')}")
+
     @g.check("list_objects_v1_max_keys_and_marker_page_through_every_key")
     def _():
         seen, marker, pages = [], "", 0
@@ -1571,6 +1580,30 @@ def group_multipart(suite):
         expected = [source[:5 * MIB], b"the small tail"]
         check(done["ETag"] == multipart_etag(expected), f"ETag {done['ETag']}")
         check(body_of(a, name, "copied.bin") == b"".join(expected), "the copied bytes differ")
+
+    @g.check("upload_part_copy_of_a_range_past_the_source_or_open_ended_is_invalid_argument")
+    def _():
+        a.put_object(Bucket=name, Key="hundred.bin", Body=os.urandom(100))
+        upload = a.create_multipart_upload(Bucket=name, Key="short.bin")["UploadId"]
+        source = {"Bucket": name, "Key": "hundred.bin"}
+        for text in ["bytes=0-199", "bytes=50-", "bytes=-10"]:
+            expect_error("InvalidArgument", 400, a.upload_part_copy, Bucket=name, Key="short.bin",
+                         UploadId=upload, PartNumber=1, CopySource=source,
+                         CopySourceRange=text)
+        parts = a.list_parts(Bucket=name, Key="short.bin", UploadId=upload)
+        check(not parts.get("Parts"), f"a refused copy stored a part: {parts.get('Parts')}")
+        a.abort_multipart_upload(Bucket=name, Key="short.bin", UploadId=upload)
+
+    @g.check("list_multipart_uploads_pages_list_every_upload_of_one_key_once")
+    def _():
+        made = [a.create_multipart_upload(Bucket=name, Key="paged-key")["UploadId"]
+                for _ in range(3)]
+        pages = a.get_paginator("list_multipart_uploads").paginate(
+            Bucket=name, Prefix="paged-key", PaginationConfig={"PageSize": 1})
+        listed = [u["UploadId"] for page in pages for u in page.get("Uploads", [])]
+        check(len(listed) == 3 and sorted(listed) == sorted(made), f"listed {listed}, made {made}")
+        for upload_id in made:
+            a.abort_multipart_upload(Bucket=name, Key="paged-key", UploadId=upload_id)
 
     @g.check("upload_part_copy_whose_source_conditions_fail_is_precondition_failed")
     def _():

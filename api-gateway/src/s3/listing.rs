@@ -54,6 +54,9 @@ fn just_after(s: &str) -> Vec<u8> {
     v
 }
 
+/// Entries read at a time right after a common prefix.
+const AFTER_PREFIX_BATCH: usize = 16;
+
 /// Reads one page.
 pub async fn list_page<V: Send, S: KeySource<V> + Sync>(
     source: &S,
@@ -65,11 +68,24 @@ pub async fn list_page<V: Send, S: KeySource<V> + Sync>(
         truncated: false,
         last: None,
     };
+    // As on AWS, a page of no keys is not truncated.
+    if req.max_keys == 0 {
+        return Ok(page);
+    }
     let mut cursor = req.start_after.map(just_after).unwrap_or_default();
     let delimiter = req.delimiter.filter(|d| !d.is_empty());
+    // Past a common prefix the next key may well be in the next one: read a few entries, not a
+    // page's worth, each time (a bucket of many folders is read one folder at a time).
+    let mut past_prefix = false;
     'outer: loop {
         let room = req.max_keys - (page.contents.len() + page.common_prefixes.len());
-        let want = (room + 1).clamp(2, 1000);
+        let most = if past_prefix {
+            AFTER_PREFIX_BATCH
+        } else {
+            1000
+        };
+        let want = (room + 1).clamp(2, most);
+        past_prefix = false;
         let batch = source.fetch(req.prefix, &cursor, want).await?;
         let full = batch.len() >= want;
         if batch.is_empty() {
@@ -85,6 +101,7 @@ pub async fn list_page<V: Send, S: KeySource<V> + Sync>(
                 // The marker may itself be this common prefix (the last entry of a page).
                 if req.start_after.is_some_and(|m| cp.as_str() <= m) {
                     cursor = skip_past(&cp);
+                    past_prefix = true;
                     continue 'outer;
                 }
                 if page.contents.len() + page.common_prefixes.len() == req.max_keys {
@@ -95,6 +112,7 @@ pub async fn list_page<V: Send, S: KeySource<V> + Sync>(
                 page.last = Some(cp.clone());
                 page.common_prefixes.push(cp);
                 // Everything under the prefix is skipped: read on from past it.
+                past_prefix = true;
                 continue 'outer;
             }
             if page.contents.len() + page.common_prefixes.len() == req.max_keys {
@@ -251,7 +269,8 @@ mod tests {
                 true,
             ),
             ("nothing/", Some("/"), None, 1000, &[], &[], false),
-            ("", None, None, 0, &[], &[], true),
+            // max-keys=0: no keys and, as on AWS, not truncated.
+            ("", None, None, 0, &[], &[], false),
         ];
         for (prefix, delim, after, max, keys, cps, truncated) in rows {
             let got = list(KEYS, prefix, *delim, *after, *max).await;
