@@ -101,6 +101,14 @@ impl Probe {
         serde_json::from_slice(json)
     }
 
+    /// The kind of a vmdk image (`monolithicSparse`, `monolithicFlat`, …), if given.
+    fn vmdk_create_type(&self) -> Option<&str> {
+        self.format_specific
+            .as_ref()?
+            .pointer("/data/create-type")?
+            .as_str()
+    }
+
     /// The external data file of a qcow2 image, if it has one.
     fn data_file(&self) -> Option<&str> {
         self.format_specific
@@ -134,15 +142,18 @@ pub fn plan(image_type: ImageType, probe: &Probe) -> Result<Plan, String> {
             ))
         };
     }
+    // An image that names another file would have that file read into the stored image (by
+    // qemu-img convert here, by QEMU on the node): refused, whatever the format.
+    if let Some(backing) = &probe.backing_filename {
+        return Err(format!(
+            "the {} image has a backing file ({backing}); flatten it first with \
+             `qemu-img convert -O qcow2 <image> <flat image>`",
+            probe.format
+        ));
+    }
     match probe.format.as_str() {
         "raw" => Ok(Plan::Keep(DiskImageFormat::Raw)),
         "qcow2" => {
-            if let Some(backing) = &probe.backing_filename {
-                return Err(format!(
-                    "the qcow2 image has a backing file ({backing}); flatten it first with \
-                     `qemu-img convert -O qcow2 <image> <flat image>`"
-                ));
-            }
             if let Some(data) = probe.data_file() {
                 return Err(format!(
                     "the qcow2 image keeps its data in an external file ({data}); convert it \
@@ -151,9 +162,32 @@ pub fn plan(image_type: ImageType, probe: &Probe) -> Result<Plan, String> {
             }
             Ok(Plan::Keep(DiskImageFormat::Qcow2))
         }
-        _ => Ok(Plan::Convert),
+        "vmdk" => {
+            // Only the one-file kinds: a descriptor's extents may name any file on this host.
+            let create_type = probe.vmdk_create_type().unwrap_or("unknown");
+            if !matches!(create_type, "monolithicSparse" | "streamOptimized") {
+                return Err(format!(
+                    "the vmdk image is of the {create_type} kind, whose data lives in other \
+                     files; only monolithicSparse and streamOptimized vmdk images are taken"
+                ));
+            }
+            Ok(Plan::Convert)
+        }
+        format if CONVERTED.contains(&format) => Ok(Plan::Convert),
+        other => Err(format!(
+            "qemu-img sees a {other} image; Karri keeps raw and qcow2 images and converts {}",
+            ["vmdk"]
+                .iter()
+                .chain(CONVERTED)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
     }
 }
+
+/// Formats converted to qcow2 on upload besides vmdk: each keeps its data in the one file.
+const CONVERTED: &[&str] = &["vdi", "vhdx", "vpc", "qed", "qcow"];
 
 /// The percentage in one progress update of `qemu-img convert -p`, e.g. `    (42.17/100%)`.
 pub fn parse_progress(line: &str) -> Option<f64> {
@@ -264,20 +298,17 @@ pub fn store(
         .metadata()
         .map_err(StoreError::io("read", part.path()))?
         .len();
-    // The same bytes, already complete (names are only ever given to complete files).
+    // The same name was stored before. It is replaced all the same: the new file is known to
+    // hash to its name, the old one only to have had it once.
     let reused = std::fs::metadata(&target).is_ok_and(|m| m.is_file() && m.len() == size);
-    if reused {
-        drop(part);
-    } else {
-        part_file
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .map_err(StoreError::io("set the mode of", part.path()))?;
-        part.persist(&target)
-            .map_err(|e| StoreError::io("rename into", &target)(e.error))?;
-        File::open(&store)
-            .and_then(|d| d.sync_all())
-            .map_err(StoreError::io("sync", &store))?;
-    }
+    part_file
+        .set_permissions(std::fs::Permissions::from_mode(0o644))
+        .map_err(StoreError::io("set the mode of", part.path()))?;
+    part.persist(&target)
+        .map_err(|e| StoreError::io("rename into", &target)(e.error))?;
+    File::open(&store)
+        .and_then(|d| d.sync_all())
+        .map_err(StoreError::io("sync", &store))?;
     Ok(Stored {
         path: target,
         sha256,
@@ -524,7 +555,9 @@ mod tests {
         let qcow2 = probed(
             r#"{"format": "qcow2", "format-specific": {"type": "qcow2", "data": {"compat": "1.1"}}}"#,
         );
-        let vmdk = probed(r#"{"format": "vmdk", "virtual-size": 4194304}"#);
+        let vmdk = probed(
+            r#"{"format": "vmdk", "format-specific": {"type": "vmdk", "data": {"create-type": "monolithicSparse"}}}"#,
+        );
         assert_eq!(
             plan(ImageType::Machine, &raw),
             Ok(Plan::Keep(DiskImageFormat::Raw))
@@ -548,6 +581,45 @@ mod tests {
         );
         let err = plan(ImageType::Machine, &external).expect_err("refused");
         assert!(err.contains("/etc/shadow"), "{err}");
+    }
+
+    #[test]
+    fn an_image_that_would_pull_in_other_files_or_is_of_an_unknown_format_is_refused() {
+        for (json, says) in [
+            // Backing files, whatever the format.
+            (
+                r#"{"format": "qed", "backing-filename": "/etc/shadow"}"#,
+                "the qed image has a backing file (/etc/shadow)",
+            ),
+            (
+                r#"{"format": "vmdk", "backing-filename": "parent.vmdk", "format-specific": {"type": "vmdk", "data": {"create-type": "monolithicSparse"}}}"#,
+                "backing file (parent.vmdk)",
+            ),
+            // vmdk descriptors whose extents are other files.
+            (
+                r#"{"format": "vmdk", "format-specific": {"type": "vmdk", "data": {"create-type": "monolithicFlat", "extents": [{"filename": "/dev/sda"}]}}}"#,
+                "monolithicFlat kind",
+            ),
+            (
+                r#"{"format": "vmdk", "format-specific": {"type": "vmdk", "data": {"create-type": "twoGbMaxExtentSparse"}}}"#,
+                "twoGbMaxExtentSparse kind",
+            ),
+            (r#"{"format": "vmdk"}"#, "unknown kind"),
+            // Formats Karri does not convert.
+            (r#"{"format": "dmg"}"#, "qemu-img sees a dmg image"),
+            (r#"{"format": "luks"}"#, "qemu-img sees a luks image"),
+        ] {
+            let err = plan(ImageType::Machine, &probed(json)).expect_err(json);
+            assert!(err.contains(says), "{json}: {err}");
+        }
+        for format in ["vdi", "vhdx", "vpc", "qed", "qcow"] {
+            let json = format!(r#"{{"format": "{format}"}}"#);
+            assert_eq!(plan(ImageType::Machine, &probed(&json)), Ok(Plan::Convert));
+        }
+        let stream = probed(
+            r#"{"format": "vmdk", "format-specific": {"type": "vmdk", "data": {"create-type": "streamOptimized"}}}"#,
+        );
+        assert_eq!(plan(ImageType::Machine, &stream), Ok(Plan::Convert));
     }
 
     #[test]
@@ -609,9 +681,14 @@ mod tests {
         assert_eq!(first.size, 3 * CHUNK_BYTES as u64);
         assert!(first.path.ends_with(format!("{}.raw", first.sha256)));
         assert!(!first.reused);
+        // A stored file of the right size whose bytes went bad is replaced by storing again.
+        std::fs::write(&first.path, vec![0u8; 3 * CHUNK_BYTES])
+            .map_err(StoreError::io("write", &first.path))?;
         let again = store(&src_path, ImageType::Machine, &probe, &store_dir)?;
         assert!(again.reused);
         assert_eq!(again.path, first.path);
+        let repaired = std::fs::read(&first.path).map_err(StoreError::io("read", &first.path))?;
+        assert!(repaired == source, "the stored file was not repaired");
         // Only the stored file remains: no temporary files left behind.
         let entries = std::fs::read_dir(&store_dir)
             .map_err(StoreError::io("list", &store_dir))?
