@@ -10,7 +10,8 @@
 //! [`S3Settings::from_lookup`], [`object_url`], [`bucket_url`] and [`error_code`] are pure.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use aws_credential_types::Credentials;
 use aws_sigv4::http_request::{
@@ -106,6 +107,15 @@ pub enum S3Error {
         path: PathBuf,
         /// Its size.
         size: u64,
+    },
+    /// An upload stopped moving: the gateway took no bytes, or did not answer after the last,
+    /// for this long.
+    #[error("{what}: no progress for {seconds} s (is the gateway overloaded or stopped?)")]
+    Stalled {
+        /// The request.
+        what: String,
+        /// How long it stood still.
+        seconds: u64,
     },
     /// The file cannot be read.
     #[error("cannot read {}", .path.display())]
@@ -226,24 +236,40 @@ pub struct ObjectHead {
 pub struct S3Client {
     settings: S3Settings,
     identity: Identity,
+    /// Short requests: no answer or progress within [`READ_TIMEOUT`] fails them.
     http: reqwest::Client,
+    /// Uploads, watched by `put_file` instead.
+    uploads: reqwest::Client,
+    /// How long an upload may stand still ([`READ_TIMEOUT`]).
+    stall_timeout: Duration,
 }
 
 impl S3Client {
     /// A client for `settings`, trusting its CA bundle beside the default roots.
     pub fn new(settings: S3Settings) -> Result<Self, S3Error> {
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(READ_TIMEOUT);
-        if let Some(path) = &settings.ca_bundle {
-            let pem = std::fs::read(path).map_err(|source| S3Error::CaBundle {
-                path: path.clone(),
-                source,
-            })?;
-            for cert in reqwest::Certificate::from_pem_bundle(&pem).map_err(S3Error::Client)? {
-                builder = builder.add_root_certificate(cert);
+        let roots = match &settings.ca_bundle {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|source| S3Error::CaBundle {
+                    path: path.clone(),
+                    source,
+                })?;
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(S3Error::Client)?
             }
-        }
+            None => Vec::new(),
+        };
+        let client = |read_timeout: Option<Duration>| {
+            let mut builder = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
+            if let Some(timeout) = read_timeout {
+                builder = builder.read_timeout(timeout);
+            }
+            for cert in &roots {
+                builder = builder.add_root_certificate(cert.clone());
+            }
+            builder.build().map_err(S3Error::Client)
+        };
+        // reqwest's read timeout runs from the start of a request until its answer, so an
+        // upload gets a client without one and a watchdog of its own (`put_file`).
+        let uploads = client(None)?;
         let identity = Credentials::new(
             &settings.access_key_id,
             &settings.secret_access_key,
@@ -253,7 +279,9 @@ impl S3Client {
         )
         .into();
         Ok(Self {
-            http: builder.build().map_err(S3Error::Client)?,
+            http: client(Some(READ_TIMEOUT))?,
+            uploads,
+            stall_timeout: READ_TIMEOUT,
             identity,
             settings,
         })
@@ -263,6 +291,7 @@ impl S3Client {
     /// `payload_sha256`.
     fn signed(
         &self,
+        http: &reqwest::Client,
         method: Method,
         url: &str,
         headers: &[(&str, &str)],
@@ -291,7 +320,7 @@ impl S3Client {
         .map_err(|_| failed())?;
         let (instructions, _) = sign(signable, &params).map_err(|_| failed())?.into_parts();
         let (signed_headers, _) = instructions.into_parts();
-        let mut request = self.http.request(method, url);
+        let mut request = http.request(method, url);
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
@@ -330,7 +359,7 @@ impl S3Client {
         let url = bucket_url(&self.settings.endpoint, bucket);
         let what = format!("creating bucket {bucket}");
         let request = self
-            .signed(Method::PUT, &url, &[], EMPTY_SHA256)?
+            .signed(&self.http, Method::PUT, &url, &[], EMPTY_SHA256)?
             .header(reqwest::header::CONTENT_LENGTH, "0");
         match self.send(&what, request).await {
             Ok(_) => Ok(BucketOutcome::Created),
@@ -354,7 +383,7 @@ impl S3Client {
     ) -> Result<Option<ObjectHead>, S3Error> {
         let url = object_url(&self.settings.endpoint, bucket, key);
         let what = format!("HEAD s3://{bucket}/{key}");
-        let request = self.signed(Method::HEAD, &url, &[], EMPTY_SHA256)?;
+        let request = self.signed(&self.http, Method::HEAD, &url, &[], EMPTY_SHA256)?;
         let response = request.send().await.map_err(|source| S3Error::Request {
             what: what.clone(),
             source,
@@ -404,15 +433,22 @@ impl S3Client {
             source,
         };
         let file = tokio::fs::File::open(path).await.map_err(read_error)?;
-        let body = futures::stream::try_unfold((file, progress), |(mut file, progress)| async {
-            let mut chunk = vec![0u8; CHUNK_BYTES];
-            let n = file.read(&mut chunk).await?;
-            if n == 0 {
-                return Ok::<_, std::io::Error>(None);
+        // When the gateway last took a chunk (or, once all is sent, when the last was taken).
+        let moved = Arc::new(Mutex::new(Instant::now()));
+        let mark = moved.clone();
+        let body = futures::stream::try_unfold((file, progress), move |(mut file, progress)| {
+            let mark = mark.clone();
+            async move {
+                let mut chunk = vec![0u8; CHUNK_BYTES];
+                let n = file.read(&mut chunk).await?;
+                *mark.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+                if n == 0 {
+                    return Ok::<_, std::io::Error>(None);
+                }
+                chunk.truncate(n);
+                progress.inc(n as u64);
+                Ok(Some((chunk, (file, progress))))
             }
-            chunk.truncate(n);
-            progress.inc(n as u64);
-            Ok(Some((chunk, (file, progress))))
         });
         let url = object_url(&self.settings.endpoint, bucket, key);
         let what = format!("PUT s3://{bucket}/{key}");
@@ -421,11 +457,28 @@ impl S3Client {
             (SHA256_METADATA, sha256),
         ];
         let request = self
-            .signed(Method::PUT, &url, &headers, sha256)?
+            .signed(&self.uploads, Method::PUT, &url, &headers, sha256)?
             .header(reqwest::header::CONTENT_LENGTH, size.to_string())
             .body(reqwest::Body::wrap_stream(body));
-        self.send(&what, request).await?;
-        Ok(())
+        // However long the upload, the gateway must keep taking bytes, and answer within
+        // READ_TIMEOUT of the last one.
+        let watchdog = async {
+            loop {
+                let last = *moved.lock().unwrap_or_else(PoisonError::into_inner);
+                let deadline = last + self.stall_timeout;
+                if Instant::now() >= deadline {
+                    return;
+                }
+                tokio::time::sleep_until(deadline.into()).await;
+            }
+        };
+        tokio::select! {
+            sent = self.send(&what, request) => sent.map(|_| ()),
+            () = watchdog => Err(S3Error::Stalled {
+                what,
+                seconds: self.stall_timeout.as_secs(),
+            }),
+        }
     }
 }
 
@@ -445,6 +498,110 @@ mod tests {
         ("AWS_ACCESS_KEY_ID", "AKIKEXAMPLE"),
         ("AWS_SECRET_ACCESS_KEY", "secret"),
     ];
+
+    /// A stand-in S3 endpoint that reads one request's body at `bytes_per_second` (`None`:
+    /// not at all) and then answers 200.
+    async fn endpoint_reading_at(bytes_per_second: Option<usize>) -> String {
+        use tokio::io::AsyncWriteExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("loopback has a free port");
+        let addr = listener.local_addr().expect("bound");
+        tokio::spawn(async move {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            let Some(rate) = bytes_per_second else {
+                std::future::pending::<()>().await;
+                return;
+            };
+            // Headers and body alike, a tenth of the rate every 100 ms until the client is done.
+            let mut buf = vec![0u8; rate / 10];
+            let mut seen = Vec::new();
+            loop {
+                match socket.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+                if let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&seen[..end]).to_lowercase();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length: "))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if seen.len() - end - 4 >= length {
+                        let _ = socket
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                            .await;
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    fn upload_client(endpoint: String, stall: Duration) -> S3Client {
+        let mut client = S3Client::new(S3Settings {
+            endpoint,
+            region: "karri-1".into(),
+            access_key_id: "AKIAEXAMPLE".into(),
+            secret_access_key: "secret".into(),
+            ca_bundle: None,
+        })
+        .expect("a client");
+        client.stall_timeout = stall;
+        client
+    }
+
+    fn file_of(size: usize) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().expect("a temporary file");
+        std::io::Write::write_all(&mut file, &vec![1u8; size]).expect("written");
+        file
+    }
+
+    #[tokio::test]
+    async fn an_upload_slower_than_the_stall_timeout_but_moving_succeeds() {
+        // 24 MiB at 12 MiB/s: about 2 s, twice the stall timeout, never still for long.
+        let size = 24 << 20;
+        let file = file_of(size);
+        let client = upload_client(
+            endpoint_reading_at(Some(12 << 20)).await,
+            Duration::from_secs(1),
+        );
+        let sha = "0".repeat(64);
+        let sent = client
+            .put_file(
+                ("b", "k"),
+                file.path(),
+                (size as u64, &sha),
+                ProgressBar::hidden(),
+            )
+            .await;
+        assert!(sent.is_ok(), "{sent:?}");
+    }
+
+    #[tokio::test]
+    async fn an_upload_the_gateway_stops_taking_fails_as_stalled() {
+        let size = 24 << 20;
+        let file = file_of(size);
+        let client = upload_client(endpoint_reading_at(None).await, Duration::from_secs(1));
+        let sha = "0".repeat(64);
+        let sent = tokio::time::timeout(
+            Duration::from_secs(30),
+            client.put_file(
+                ("b", "k"),
+                file.path(),
+                (size as u64, &sha),
+                ProgressBar::hidden(),
+            ),
+        )
+        .await
+        .expect("the watchdog ends it");
+        assert!(matches!(sent, Err(S3Error::Stalled { .. })), "{sent:?}");
+    }
 
     #[test]
     fn settings_come_from_the_aws_environment_of_karri_env() {
