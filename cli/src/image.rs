@@ -80,9 +80,10 @@ pub struct RegisterArgs {
     /// Let every account launch the image.
     #[arg(long)]
     public: bool,
-    /// Directory the image files are kept in for the nodes; default: `$STATE_DIR/images`
-    /// (or `$KARRI_STATE_DIR/images`), else /var/lib/karri/images. Not with `--bucket`.
-    #[arg(long, env = "KARRI_IMAGE_STORE", conflicts_with = "bucket")]
+    /// Directory the image files are kept in for the nodes; default: `$KARRI_IMAGE_STORE`,
+    /// else `$KARRI_STATE_DIR/images` (karri.env sets it) or `$STATE_DIR/images`, else
+    /// /var/lib/karri/images. Not with `--bucket` (which ignores those variables).
+    #[arg(long, conflicts_with = "bucket")]
     store: Option<PathBuf>,
     /// Upload the image to this S3 bucket (created if missing) instead of the image store,
     /// as the account of `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` at `AWS_ENDPOINT_URL`
@@ -110,16 +111,18 @@ pub async fn run(client: Client, command: ImageCommand) -> anyhow::Result<()> {
     }
 }
 
-/// The store directory: the flag, else under the state directory, else the system default.
+/// The store directory: the flag, else `KARRI_IMAGE_STORE`, else under the state directory
+/// (Karri's own variable first), else the system default.
 fn store_dir(flag: Option<PathBuf>) -> PathBuf {
-    flag.or_else(|| {
-        ["STATE_DIR", "KARRI_STATE_DIR"]
-            .into_iter()
-            .filter_map(std::env::var_os)
-            .find(|v| !v.is_empty())
-            .map(|dir| PathBuf::from(dir).join("images"))
-    })
-    .unwrap_or_else(|| PathBuf::from(DEFAULT_STORE))
+    let set = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+    flag.or_else(|| set("KARRI_IMAGE_STORE").map(PathBuf::from))
+        .or_else(|| {
+            ["KARRI_STATE_DIR", "STATE_DIR"]
+                .into_iter()
+                .find_map(set)
+                .map(|dir| PathBuf::from(dir).join("images"))
+        })
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STORE))
 }
 
 /// The S3 key an image gets from its file name when `--key` is not given: the name itself, or
@@ -149,6 +152,15 @@ pub fn bad_s3_location(bucket: &str, key: &str) -> Option<String> {
     if key.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Some(format!(
             "--key {key:?} has a space or control character, which an image location cannot hold"
+        ));
+    }
+    // A URL drops `.` and `..` segments, so the object stored would not be the one signed for.
+    if key
+        .split('/')
+        .any(|segment| segment == "." || segment == "..")
+    {
+        return Some(format!(
+            "--key {key:?} has a `.` or `..` segment, which a URL does not keep"
         ));
     }
     None
@@ -346,6 +358,14 @@ async fn register(client: Client, args: RegisterArgs) -> anyhow::Result<()> {
         }
     }
 
+    // Refused now rather than after a long copy or upload.
+    if let Some(id) = &args.id {
+        let images: Api<Image> = Api::namespaced(client.clone(), &namespace);
+        if images.get_opt(id).await?.is_some() {
+            bail!("an image {id} exists already in namespace {namespace}");
+        }
+    }
+
     let (location, sha256, size, format) = match s3 {
         Some((settings, bucket, key)) => {
             upload(&args.file, image_type, probe, settings, (&bucket, &key)).await?
@@ -398,12 +418,33 @@ async fn upload(
 ) -> anyhow::Result<(String, String, u64, crds::DiskImageFormat)> {
     let endpoint = settings.endpoint.clone();
     let client = s3::S3Client::new(settings)?;
+    let converts = probe_converts(image_type, &probe);
+    let too_large = |size: u64| {
+        anyhow::anyhow!(
+            "{} is {size} bytes{}, more than the {} bytes one S3 upload may carry",
+            file.display(),
+            if converts { " as qcow2" } else { "" },
+            s3::MAX_PUT_BYTES
+        )
+    };
+    // A file kept as it is can be measured before anything is done.
+    if !converts {
+        let size = std::fs::metadata(file)
+            .with_context(|| format!("cannot read {}", file.display()))?
+            .len();
+        if size > s3::MAX_PUT_BYTES {
+            return Err(too_large(size));
+        }
+    }
     let prepared = {
         let file = file.to_owned();
         tokio::task::spawn_blocking(move || store::prepare(&file, image_type, &probe))
             .await
             .context("preparing the image stopped")??
     };
+    if prepared.size > s3::MAX_PUT_BYTES {
+        return Err(too_large(prepared.size));
+    }
     let created = client.ensure_bucket(bucket).await?;
     if created == s3::BucketOutcome::Created {
         eprintln!("created bucket {bucket} at {endpoint}");
@@ -591,6 +632,9 @@ mod tests {
             ("images", "", Some("is not an object key")),
             ("images", "/disk.img", Some("is not an object key")),
             ("images", "my disk.img", Some("space or control character")),
+            ("images", "a/../disk.img", Some("`..` segment")),
+            ("images", "./disk.img", Some("`..` segment")),
+            ("images", "v1.2/disk..img", None),
         ];
         for (bucket, key, want) in cases {
             let got = bad_s3_location(bucket, key);

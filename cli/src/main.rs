@@ -97,7 +97,20 @@ async fn client(path: Option<&PathBuf>) -> anyhow::Result<Client> {
             .await
             .context("no kubeconfig: pass --kubeconfig or set KUBECONFIG (see karri.env)")?,
     };
-    Ok(Client::try_from(config)?)
+    Ok(Client::try_from(admin_settings(config))?)
+}
+
+/// How long the gateway may take to answer one admin request.
+const API_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The client settings of a one-shot admin command: an answer within [`API_TIMEOUT`] of the
+/// request, and no automatic retries (kube retries every method on 429, 503 and 504, and a
+/// create retried after it committed would make a second access key whose secret nobody saw).
+fn admin_settings(mut config: Config) -> Config {
+    config.read_timeout = Some(API_TIMEOUT);
+    config.reset_reader_on_write = true;
+    config.default_retry = false;
+    config
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -215,4 +228,71 @@ async fn access_key(client: Client, command: AccessKeyCommand) -> anyhow::Result
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// A gateway stand-in that answers every request 503 and counts them.
+    async fn unavailable_gateway() -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("loopback has a free port");
+        let addr = listener.local_addr().expect("bound");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let counted = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    // One read holds the small request whole; then the answer closes it.
+                    if socket.read(&mut buf).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let body = r#"{"kind":"Status","apiVersion":"v1","status":"Failure","reason":"ServiceUnavailable","code":503,"message":"etcd is unavailable"}"#;
+                    let answer = format!(
+                        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = socket.write_all(answer.as_bytes()).await;
+                });
+            }
+        });
+        (format!("http://{addr}"), requests)
+    }
+
+    #[tokio::test]
+    async fn a_create_the_gateway_refuses_as_unavailable_is_sent_once_and_fails_at_once() {
+        let (url, requests) = unavailable_gateway().await;
+        let config = admin_settings(Config::new(url.parse().expect("a URL")));
+        let client = Client::try_from(config).expect("a client");
+        let api: Api<AccessKey> = Api::all(client);
+        let key = AccessKey::new(
+            "ak-test",
+            AccessKeySpec {
+                account_name: "acme".into(),
+                user_name: None,
+                active: true,
+                description: None,
+            },
+        );
+        let created = tokio::time::timeout(
+            std::time::Duration::from_secs(20),
+            api.create(&PostParams::default(), &key),
+        )
+        .await
+        .expect("answered without retrying for minutes");
+        assert!(created.is_err(), "{created:?}");
+        assert_eq!(
+            requests.load(Ordering::SeqCst),
+            1,
+            "the create was sent once"
+        );
+    }
 }

@@ -480,6 +480,55 @@ async fn bad_uploads_fail_with_a_clear_message_and_register_nothing() -> anyhow:
     )?;
     let err = register_fails(&admin, &store, &["--file", path_str(&overlay)?])?;
     ensure!(err.contains("backing file"), "{err}");
+    // So could a qed over one (qemu-img convert would copy it in), or a vmdk whose data lives
+    // in other files its descriptor names.
+    let qed = dir.path().join("overlay.qed");
+    run_ok(
+        Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qed", "-F", "qcow2", "-b"])
+            .arg(&base)
+            .arg(&qed),
+    )?;
+    let err = register_fails(&admin, &store, &["--file", path_str(&qed)?])?;
+    ensure!(err.contains("the qed image has a backing file"), "{err}");
+    let flat = dir.path().join("flat.vmdk");
+    run_ok(
+        Command::new("qemu-img")
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "vmdk",
+                "-o",
+                "subformat=monolithicFlat",
+            ])
+            .arg(&flat)
+            .arg("1M"),
+    )?;
+    let err = register_fails(&admin, &store, &["--file", path_str(&flat)?])?;
+    ensure!(err.contains("monolithicFlat kind"), "{err}");
+
+    // An image larger than one S3 upload is refused before anything is sent (the endpoint
+    // here answers nothing).
+    let huge = dir.path().join("huge.img");
+    std::fs::File::create(&huge)?.set_len((5 << 30) + 1)?;
+    let out = Command::new(bin_dir().join("karri"))
+        .args(["--kubeconfig", path_str(&admin)?])
+        .args(["image", "register", "--file", path_str(&huge)?])
+        .args(["--bucket", "images"])
+        .env("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+        .env("AWS_SECRET_ACCESS_KEY", "secret")
+        .env("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+        .output()?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success(),
+        "a 5 GiB + 1 byte upload was accepted"
+    );
+    ensure!(
+        err.contains("5368709121 bytes, more than the 5368709120 bytes one S3 upload may carry"),
+        "{err}"
+    );
 
     // A kernel must be a plain file.
     let err = register_fails(
