@@ -80,6 +80,9 @@ struct Assumed {
     node: String,
     resources: Resources,
     since: Instant,
+    /// A write of the binding succeeded: a later attempt that fails (a reconcile of an older
+    /// copy of the record, refused with a 409) must not drop it.
+    written: bool,
 }
 
 /// How long a reservation outlives its record's absence from the store: the record of an
@@ -101,8 +104,18 @@ fn still_assumed(seen_bound: Option<bool>, age: Duration) -> bool {
 struct PlacementState {
     cursors: HashMap<String, usize>,
     assumed: HashMap<String, Assumed>,
-    /// Private addresses written but not yet seen back through the watch, by record UID.
-    addresses: HashMap<String, Ipv4Addr>,
+    /// Private addresses given but not yet seen back through the watch, by record UID, with
+    /// when they were given and whether their write succeeded (they last as
+    /// [`still_assumed`] says, as placements do).
+    addresses: HashMap<String, Reserved>,
+}
+
+/// A private address given to an instance.
+#[derive(Clone, Copy, Debug)]
+struct Reserved {
+    address: Ipv4Addr,
+    since: Instant,
+    written: bool,
 }
 
 /// What [`Context::prepare_launch`] gives a placed instance.
@@ -218,6 +231,12 @@ impl Context {
             .map(|t| (t.name_any(), t.spec.clone()))
             .collect();
         let request = PlacementRequest::for_instance(&instance.spec, &types)?;
+        // The store is read under the lock: a snapshot taken before another placement pruned
+        // a reservation it had seen bound would count that instance nowhere.
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let all: Vec<Instance> = self
             .instances
             .state()
@@ -231,10 +250,6 @@ impl Context {
             .iter()
             .filter_map(|n| NodeView::from_node(n, &used))
             .collect();
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Reservations whose binding the watch has delivered are counted by `usage` already.
         let bound: HashMap<String, bool> = all
             .iter()
@@ -249,6 +264,23 @@ impl Context {
         state
             .assumed
             .retain(|uid, a| still_assumed(bound.get(uid).copied(), a.since.elapsed()));
+        // This instance was bound already by a write the store has not shown yet: this is an
+        // older copy of it, and it stays where it was put.
+        if let Some(a) = instance
+            .uid()
+            .and_then(|uid| state.assumed.get(&uid))
+            .filter(|a| a.written)
+        {
+            let zone = views
+                .iter()
+                .find(|v| v.name == a.node)
+                .map(|v| v.zone.clone())
+                .unwrap_or_default();
+            return Ok(Placed {
+                node: a.node.clone(),
+                zone,
+            });
+        }
         for a in state.assumed.values() {
             if let Some(v) = views.iter_mut().find(|v| v.name == a.node) {
                 v.assume(a.resources);
@@ -274,20 +306,56 @@ impl Context {
                     node: node.clone(),
                     resources: request.resources,
                     since: Instant::now(),
+                    written: false,
                 },
             );
         }
         Ok(Placed { node, zone })
     }
 
+    /// Drops the reservations an attempt made for `instance` that it did not write.
     fn forget(&self, instance: &Instance) {
         if let Some(uid) = instance.uid() {
             let mut state = self
                 .state
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            state.assumed.remove(&uid);
-            state.addresses.remove(&uid);
+            if state.assumed.get(&uid).is_some_and(|a| !a.written) {
+                state.assumed.remove(&uid);
+            }
+            if state.addresses.get(&uid).is_some_and(|r| !r.written) {
+                state.addresses.remove(&uid);
+            }
+        }
+    }
+
+    /// After a successful write of `status` for `instance`: the reservations it carries are
+    /// written (they last until the store shows them), the others dropped.
+    fn written(&self, instance: &Instance, status: &crds::InstanceStatus) {
+        let Some(uid) = instance.uid() else {
+            return;
+        };
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match state.assumed.get_mut(&uid) {
+            Some(a) if status.node_name.as_deref() == Some(a.node.as_str()) => a.written = true,
+            Some(_) => {
+                state.assumed.remove(&uid);
+            }
+            None => {}
+        }
+        let address = status
+            .private_ip_address
+            .as_deref()
+            .and_then(|a| a.parse::<Ipv4Addr>().ok());
+        match state.addresses.get_mut(&uid) {
+            Some(r) if address == Some(r.address) => r.written = true,
+            Some(_) => {
+                state.addresses.remove(&uid);
+            }
+            None => {}
         }
     }
 
@@ -326,23 +394,38 @@ impl Context {
                 region,
             });
         }
-        let all = self.instances.state();
         let mut state = self
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // Reservations the watch has delivered are counted from the records already.
-        let seen: HashSet<String> = all
+        let all = self.instances.state();
+        // Reservations the watch has delivered are counted from the records already; those of
+        // records gone from the store for long were deleted before their address was written.
+        let written: HashMap<String, bool> = all
             .iter()
-            .filter(|i| {
-                i.status
+            .filter_map(|i| {
+                let has_address = i
+                    .status
                     .as_ref()
-                    .is_some_and(|s| s.private_ip_address.is_some())
+                    .is_some_and(|s| s.private_ip_address.is_some());
+                i.uid().map(|uid| (uid, has_address))
             })
-            .filter_map(|i| i.uid())
             .collect();
-        state.addresses.retain(|uid, _| !seen.contains(uid));
-        let reserved: HashSet<Ipv4Addr> = state.addresses.values().copied().collect();
+        state
+            .addresses
+            .retain(|uid, r| still_assumed(written.get(uid).copied(), r.since.elapsed()));
+        // An address already given to this instance (by an attempt on a newer copy of it, or
+        // one whose write failed) is given again.
+        if let Some(r) = instance.uid().and_then(|uid| state.addresses.get(&uid)) {
+            if subnet.is_assignable(r.address) {
+                return Ok(Prepared {
+                    launch,
+                    address: r.address,
+                    region,
+                });
+            }
+        }
+        let reserved: HashSet<Ipv4Addr> = state.addresses.values().map(|r| r.address).collect();
         let address =
             launch::allocate_address(subnet, zone, all.iter().map(|i| &**i), &reserved)
                 .ok_or_else(|| {
@@ -351,7 +434,14 @@ impl Context {
                     ))
                 })?;
         if let Some(uid) = instance.uid() {
-            state.addresses.insert(uid, address);
+            state.addresses.insert(
+                uid,
+                Reserved {
+                    address,
+                    since: Instant::now(),
+                    written: false,
+                },
+            );
         }
         Ok(Prepared {
             launch,
@@ -428,6 +518,9 @@ async fn sync_instance(
         {
             ctx.forget(instance);
             return Err(e.into());
+        }
+        if let Some(status) = &updated.status {
+            ctx.written(instance, status);
         }
         if matches!(placement, Some(Ok(_))) {
             ctx.metrics.placements.inc();
@@ -734,6 +827,109 @@ mod tests {
         assert!(revision(&node(Some("1042"))) > revision(&node(Some("999"))));
         assert_eq!(revision(&node(None)), 0);
         assert_eq!(revision(&node(Some("opaque"))), 0);
+    }
+
+    fn store_of<K>(objects: &[serde_json::Value]) -> Store<K>
+    where
+        K: kube::Resource + Clone + serde::de::DeserializeOwned + 'static,
+        K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+    {
+        let (store, mut writer) = reflector::store();
+        for o in objects {
+            let object: K = serde_json::from_value(o.clone()).expect("a record of the kind");
+            writer.apply_watcher_event(&watcher::Event::Apply(object));
+        }
+        store
+    }
+
+    /// A context over stores of two nodes of room for exactly one `t1.micro` each.
+    fn context_of(instances: Store<Instance>) -> Context {
+        let node = |name: &str| {
+            serde_json::json!({
+                "apiVersion": "karri.dev/v1alpha1", "kind": "Node",
+                "metadata": {"name": name, "resourceVersion": "1"},
+                "spec": {"availabilityZone": "karri-1a"},
+                "status": {
+                    "conditions": [{"type": "Ready", "status": "True",
+                        "lastTransitionTime": "2026-11-26T00:00:00Z", "reason": "LeaseRenewed"}],
+                    "allocatable": {"vcpus": 1, "memoryMiB": 256, "diskGiB": 5}
+                }
+            })
+        };
+        let micro = serde_json::json!({
+            "apiVersion": "karri.dev/v1alpha1", "kind": "InstanceType",
+            "metadata": {"name": "t1.micro"},
+            "spec": {"vcpus": 1, "memoryMiB": 256, "diskGiB": 5}
+        });
+        // Placement reads stores only: the client is never used.
+        let client = Client::try_from(kube::Config::new(
+            "http://127.0.0.1:9".parse().expect("a URL"),
+        ))
+        .expect("a client");
+        Context {
+            client: client.clone(),
+            instances,
+            nodes: store_of(&[node("node-a"), node("node-b")]),
+            seen_nodes: Arc::default(),
+            types: store_of(&[micro]),
+            zones: store_of(&[]),
+            lookups: launch::Lookups {
+                client,
+                images: store_of(&[]),
+                accounts: store_of(&[]),
+                keys: store_of(&[]),
+            },
+            policy: Policy::default(),
+            retention: Duration::from_secs(60),
+            state: Mutex::default(),
+            metrics: Arc::new(Metrics::new()),
+        }
+    }
+
+    fn pending(name: &str) -> Instance {
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "karri.dev/v1alpha1", "kind": "Instance",
+            "metadata": {"name": name, "namespace": "acme", "uid": format!("uid-{name}"),
+                "resourceVersion": "100"},
+            "spec": {"imageId": "emi-0123456789abcdef0", "instanceType": "t1.micro"}
+        }))
+        .expect("an instance")
+    }
+
+    #[tokio::test]
+    async fn a_written_placement_survives_a_refused_retry_from_an_older_copy_of_the_record() {
+        let (x, y) = (pending("x"), pending("y"));
+        let ctx = context_of(store_of(&[
+            serde_json::to_value(&x).expect("json"),
+            serde_json::to_value(&y).expect("json"),
+        ]));
+        let first = ctx.place(&x).expect("x fits");
+        let mut status = crds::InstanceStatus {
+            node_name: Some(first.node.clone()),
+            ..Default::default()
+        };
+        ctx.written(&x, &status);
+        // The store still shows x unbound: a reconcile of that copy puts it where it was put,
+        // and when its write is refused (409), the written reservation stays.
+        let again = ctx.place(&x).expect("x is placed");
+        assert_eq!(again.node, first.node);
+        ctx.forget(&x);
+        let other = ctx.place(&y).expect("y fits on the other node");
+        assert_ne!(other.node, first.node, "y was put on x's full node");
+
+        // A reservation an attempt made but never wrote goes when that attempt fails.
+        ctx.forget(&y);
+        let y_again = ctx.place(&y).expect("y fits");
+        assert_eq!(y_again.node, other.node);
+        // A write that did not carry the binding drops it too.
+        status.node_name = None;
+        ctx.written(&y, &status);
+        assert!(!ctx
+            .state
+            .lock()
+            .expect("not poisoned")
+            .assumed
+            .contains_key("uid-y"));
     }
 
     #[test]
