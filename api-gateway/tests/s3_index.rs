@@ -23,6 +23,7 @@ fn object(blob: &str, size: u64) -> ObjectMeta {
         acl: Default::default(),
         tags: Vec::new(),
         parts_count: None,
+        upload_id: None,
     }
 }
 

@@ -1531,6 +1531,20 @@ def group_multipart(suite):
         check(answer.get("Key") == "big.bin" and answer.get("Bucket") == name,
               f"answer {brief(answer)}")
 
+    @g.check("a_retried_completion_of_a_completed_upload_answers_as_the_first")
+    def _():
+        # What a client whose first answer was lost sends again.
+        answer = a.complete_multipart_upload(
+            Bucket=name, Key="big.bin", UploadId=st["id"],
+            MultipartUpload={"Parts": [{"PartNumber": i, "ETag": st["etags"][i]}
+                                       for i in (1, 2, 3)]},
+        )
+        check(answer.get("ETag") == multipart_etag(parts), f"ETag {answer.get('ETag')}")
+        # Another upload's ID is still unknown.
+        expect_error("NoSuchUpload", 404, a.complete_multipart_upload, Bucket=name,
+                     Key="big.bin", UploadId="not-an-upload",
+                     MultipartUpload={"Parts": [{"PartNumber": 1, "ETag": st["etags"][1]}]})
+
     @g.check("completed_object_has_the_parts_bytes_metadata_and_etag")
     def _():
         got = a.get_object(Bucket=name, Key="big.bin")

@@ -134,6 +134,10 @@ pub struct ObjectMeta {
     /// Number of parts of a multipart object.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parts_count: Option<u32>,
+    /// The multipart upload the object was completed from, so that a retried completion of
+    /// it is answered as the first was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload_id: Option<String>,
 }
 
 impl ObjectMeta {

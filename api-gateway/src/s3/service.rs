@@ -1176,6 +1176,7 @@ impl S3 for KarriS3 {
             acl,
             tags,
             parts_count: None,
+            upload_id: None,
         };
         self.publish_expecting(&bucket, &input.key, &meta, expect)
             .await?;
@@ -1421,6 +1422,7 @@ impl S3 for KarriS3 {
             acl: object_acl_of(input.acl.as_ref())?,
             tags,
             parts_count: source.parts_count,
+            upload_id: None,
         };
         self.publish(&bucket, &input.key, &meta).await?;
         Ok(S3Response::new(CopyObjectOutput {
@@ -1959,9 +1961,33 @@ impl S3 for KarriS3 {
         let bucket = self
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
             .await?;
-        let upload = self
+        let upload = match self
             .upload_of(&bucket.name, &input.upload_id, &input.key)
-            .await?;
+            .await
+        {
+            Ok(upload) => upload,
+            Err(no_upload) => {
+                // A retry of a completion that went through (its answer was lost) is answered
+                // as the first was, while the object is still the one it made.
+                let current = self
+                    .index
+                    .get_object(&bucket.name, &input.key)
+                    .await
+                    .map_err(index_error)?;
+                return match current {
+                    Some(meta) if meta.upload_id.as_deref() == Some(input.upload_id.as_str()) => {
+                        Ok(S3Response::new(CompleteMultipartUploadOutput {
+                            bucket: Some(bucket.name.clone()),
+                            e_tag: Some(quoted(&meta.etag)),
+                            key: Some(input.key.clone()),
+                            location: Some(format!("/{}/{}", bucket.name, input.key)),
+                            ..Default::default()
+                        }))
+                    }
+                    _ => Err(no_upload),
+                };
+            }
+        };
         let requested: Vec<CompletedPart> = input
             .multipart_upload
             .and_then(|m| m.parts)
@@ -1995,6 +2021,7 @@ impl S3 for KarriS3 {
                 acl: upload.acl,
                 tags: upload.tags.clone(),
                 parts_count: u32::try_from(chosen.len()).ok(),
+                upload_id: Some(input.upload_id.clone()),
             };
             match self
                 .index
