@@ -635,6 +635,11 @@ impl<H: Hypervisor + 'static> Context<H> {
             .filter_map(|i| guest::address_of(i))
             .collect();
         guests.retain_network(mark, &addresses).await;
+        match guests.guard_dropped().await {
+            Some(Ok(d)) => self.metrics.guard_dropped(d.packets, d.bytes),
+            Some(Err(error)) => tracing::warn!(%error, "cannot read the port guard's counter"),
+            None => {}
+        }
         if let Err(error) = guests.evict().await {
             tracing::warn!(%error, "cannot evict cached images");
         }

@@ -486,6 +486,14 @@ impl Guests {
         }
     }
 
+    /// What the port guard has dropped so far; `None` without a guest network.
+    pub async fn guard_dropped(&self) -> Option<Result<crate::portguard::Dropped, PortGuardError>> {
+        match &self.network {
+            Some(net) => Some(net.ports.dropped().await),
+            None => None,
+        }
+    }
+
     /// Instance IDs that have files under the instance directory.
     pub fn instances_with_files(&self) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(&self.instance_dir) else {

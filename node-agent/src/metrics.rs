@@ -84,6 +84,11 @@ pub struct Metrics {
     pub guest_prepare: Histogram,
     /// Console reports written to instance status.
     pub console_reports: Counter,
+    /// Frames the port guard dropped (spoofed address or MAC, IPv6, VLAN tags), as its nft
+    /// counter said at the last sweep.
+    pub guard_dropped_packets: Gauge,
+    /// Their bytes.
+    pub guard_dropped_bytes: Gauge,
 }
 
 impl Metrics {
@@ -100,6 +105,19 @@ impl Metrics {
         let lease_failures = Counter::default();
         let guest_prepare = Histogram::new(exponential_buckets(0.001, 2.0, 16));
         let console_reports = Counter::default();
+        let guard_dropped_packets = Gauge::default();
+        let guard_dropped_bytes = Gauge::default();
+        registry.register(
+            "port_guard_dropped_packets",
+            "Frames the port guard dropped since its table was made: another guest's address or \
+             MAC, IPv6, VLAN tags (read at each sweep)",
+            guard_dropped_packets.clone(),
+        );
+        registry.register(
+            "port_guard_dropped_bytes",
+            "Bytes of the frames the port guard dropped since its table was made",
+            guard_dropped_bytes.clone(),
+        );
         registry.register(
             "guest_prepare_seconds",
             "Time to prepare a guest: images, overlay, network",
@@ -161,7 +179,17 @@ impl Metrics {
             lease_failures,
             guest_prepare,
             console_reports,
+            guard_dropped_packets,
+            guard_dropped_bytes,
         }
+    }
+
+    /// Record what the port guard has dropped so far.
+    pub fn guard_dropped(&self, packets: u64, bytes: u64) {
+        self.guard_dropped_packets
+            .set(i64::try_from(packets).unwrap_or(i64::MAX));
+        self.guard_dropped_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// Record one reconcile that took `took`.

@@ -120,6 +120,7 @@ impl Binding {
 pub fn ruleset(table: &str) -> String {
     format!(
         "table bridge {table} {{\n\
+         \tcounter {DROPPED} {{ }}\n\
          \tset taps {{ type ifname; }}\n\
          \tset ports {{ type ifname . ether_addr . ipv4_addr; }}\n\
          \tchain prerouting {{ type filter hook prerouting priority filter; policy accept; }}\n\
@@ -130,10 +131,36 @@ pub fn ruleset(table: &str) -> String {
          \t\tiifname != @taps accept\n\
          \t\tiifname . ether saddr . ip saddr @ports accept\n\
          \t\tiifname . ether saddr . arp saddr ip @ports iifname . arp saddr ether . arp saddr ip @ports accept\n\
-         \t\tcounter drop\n\
+         \t\tcounter name \"{DROPPED}\" drop\n\
          \t}}\n\
          }}\n"
     )
+}
+
+/// The table's named counter of the frames the guard dropped.
+const DROPPED: &str = "dropped";
+
+/// Frames and bytes the guard has dropped since its table was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Dropped {
+    /// Frames dropped.
+    pub packets: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+/// The counts in what `nft -j list counter …` prints; `None` when it holds no counter. Pure.
+pub fn dropped_from_json(json: &str) -> Option<Dropped> {
+    let value: serde_json::Value = serde_json::from_str(json).ok()?;
+    let counter = value
+        .get("nftables")?
+        .as_array()?
+        .iter()
+        .find_map(|item| item.get("counter"))?;
+    Some(Dropped {
+        packets: counter.get("packets")?.as_u64()?,
+        bytes: counter.get("bytes")?.as_u64()?,
+    })
 }
 
 /// The script that guards `binding`'s tap (idempotent: `add` keeps an element that is there).
@@ -278,6 +305,28 @@ impl PortGuard {
         Ok(())
     }
 
+    /// What the guard has dropped so far.
+    pub async fn dropped(&self) -> Result<Dropped, PortGuardError> {
+        let what = format!("read the counter of table {}", self.table);
+        let listed = netns::command(self.netns.as_deref(), NFT)
+            .args(["-j", "list", "counter", "bridge", &self.table, DROPPED])
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(NFT_DEADLINE, listed)
+            .await
+            .map_err(|_| PortGuardError::Timeout(NFT_DEADLINE))?
+            .map_err(PortGuardError::Spawn)?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        match dropped_from_json(&stdout) {
+            Some(d) if out.status.success() => Ok(d),
+            _ => Err(PortGuardError::Refused {
+                what,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            }),
+        }
+    }
+
     /// Runs `nft -f -` with `script` in the guard's namespace, at most [`NFT_DEADLINE`].
     async fn nft(&self, script: &str, what: String) -> Result<(), PortGuardError> {
         tokio::time::timeout(NFT_DEADLINE, self.nft_unbounded(script, what))
@@ -328,6 +377,23 @@ mod tests {
     }
 
     #[test]
+    fn the_dropped_counter_is_read_from_nft_json() {
+        let listed = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}}, {"counter": {"family": "bridge", "name": "dropped", "table": "karri_ports_br0", "handle": 2, "packets": 7, "bytes": 420}}]}"#;
+        assert_eq!(
+            dropped_from_json(listed),
+            Some(Dropped {
+                packets: 7,
+                bytes: 420
+            })
+        );
+        assert_eq!(
+            dropped_from_json(r#"{"nftables": [{"metainfo": {}}]}"#),
+            None
+        );
+        assert_eq!(dropped_from_json("Error: No such file or directory"), None);
+    }
+
+    #[test]
     fn taps_are_named_after_their_mac_within_the_interface_name_limit() {
         for (mac, tap) in [
             ("02:00:ac:1f:00:07", Some("k0200ac1f0007")),
@@ -367,7 +433,7 @@ mod tests {
                 "iifname != @taps accept",
                 "iifname . ether saddr . ip saddr @ports accept",
                 "iifname . ether saddr . arp saddr ip @ports iifname . arp saddr ether . arp saddr ip @ports accept",
-                "counter drop",
+                "counter name \"dropped\" drop",
             ]
         );
     }

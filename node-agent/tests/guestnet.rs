@@ -447,6 +447,7 @@ async fn a_guarded_guest_is_answered_only_with_its_own_address_and_mac() -> anyh
     );
 
     // The victim's address, with the attacker's MAC and then with the victim's: no answer.
+    let dropped_before = guard.dropped().await?;
     take(&attacker, &attacker_mac, Some(VICTIM_IP))?;
     // It also claims the address with a gratuitous ARP (checked below).
     attacker
@@ -471,6 +472,12 @@ async fn a_guarded_guest_is_answered_only_with_its_own_address_and_mac() -> anyh
         ask_metadata(&attacker).await?,
         None,
         "spoofed MAC and address answered"
+    );
+    // What the guard dropped is counted (for the agent's metrics).
+    let dropped = guard.dropped().await?;
+    ensure!(
+        dropped.packets > dropped_before.packets && dropped.bytes > dropped_before.bytes,
+        "the spoofed frames were not counted: {dropped_before:?} then {dropped:?}"
     );
     // Nor did its ARP claims move the victim's address to the attacker's MAC on the host.
     let neigh = run_ok(&mut host.ip(["neigh", "show", &VICTIM_IP.to_string()]))?;
