@@ -237,13 +237,9 @@ impl Context {
             .state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let all: Vec<Instance> = self
-            .instances
-            .state()
-            .iter()
-            .map(|i| (**i).clone())
-            .collect();
-        let used = placement::usage(&all, &types);
+        // Shared, not copied: a record may carry up to 64 KiB of console output.
+        let all = self.instances.state();
+        let used = placement::usage(all.iter().map(|i| &**i), &types);
         let mut views: Vec<NodeView> = self
             .nodes
             .state()

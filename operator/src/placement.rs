@@ -99,12 +99,12 @@ pub fn holds_capacity(instance: &Instance) -> bool {
 /// to it that [`holds_capacity`]. An instance whose type is not in `types` (the type was deleted
 /// after placement) is counted with no vCPUs and no memory, but still counts against
 /// `maxInstances`.
-pub fn usage(
-    instances: &[Instance],
+pub fn usage<'a>(
+    instances: impl IntoIterator<Item = &'a Instance>,
     types: &BTreeMap<String, InstanceTypeSpec>,
 ) -> BTreeMap<String, Usage> {
     let mut used: BTreeMap<String, Usage> = BTreeMap::new();
-    for instance in instances.iter().filter(|i| holds_capacity(i)) {
+    for instance in instances.into_iter().filter(|i| holds_capacity(i)) {
         let Some(node) = instance.status.as_ref().and_then(|s| s.node_name.as_ref()) else {
             continue;
         };
