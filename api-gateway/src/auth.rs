@@ -252,6 +252,35 @@ pub fn can_write(principal: &Principal, kind: &str, before: Option<&Value>, afte
     }
 }
 
+/// Why `principal` may not give an Image the location `after` holds, if it may not: an
+/// account's images live in S3 (`bucket/key`), whose access the gateway checks for each node
+/// fetch. A path is read by a node agent as root and a URL fetched from inside the cloud, so
+/// either from a tenant would boot any file of a hypervisor host, or a node-local service, as
+/// that tenant's disk: only the cloud's administrators register those. A location an update
+/// leaves as it was is not judged again.
+pub fn image_location_refusal(
+    principal: &Principal,
+    kind: &str,
+    before: Option<&Value>,
+    after: &Value,
+) -> Option<String> {
+    if kind != "Image" || !matches!(principal, Principal::Account { .. }) {
+        return None;
+    }
+    fn location(v: &Value) -> Option<&str> {
+        v.pointer("/spec/imageLocation").and_then(Value::as_str)
+    }
+    let wanted = location(after)?;
+    if before.and_then(location) == Some(wanted) || crds::image::s3_location(wanted).is_some() {
+        return None;
+    }
+    Some(format!(
+        "the image location {wanted:?} is not in S3: an account registers images as bucket/key \
+         (upload it with `aws s3 cp` first); paths on a node and URLs are for the cloud's \
+         administrators"
+    ))
+}
+
 /// The fields of an instance's status a node agent reports: its domain's condition, the
 /// console, and the reboot it carried out. Placement, addresses, the launch spec and the EC2
 /// state are the operator's.
@@ -334,6 +363,55 @@ mod tests {
             namespaced,
             name,
         }
+    }
+
+    #[test]
+    fn an_account_registers_images_only_from_s3_and_administrators_from_anywhere() {
+        let account = Principal::Account {
+            user: "111111111111:alice".into(),
+            namespace: "acme".into(),
+        };
+        let admin = Principal::Admin("admin".into());
+        let image = |location: &str| json!({"spec": {"imageLocation": location}});
+        for (location, allowed) in [
+            ("images/disk.raw", true),
+            ("s3://images/micro/disk.qcow2", true),
+            ("/var/lib/karri/instances/i-0123/root.qcow2", false),
+            ("/etc/shadow", false),
+            ("http://127.0.0.1:8080/disk.raw", false),
+            ("https://example.com/disk.raw", false),
+            ("file:///etc/shadow", false),
+            ("images", false),
+        ] {
+            let after = image(location);
+            assert_eq!(
+                image_location_refusal(&account, "Image", None, &after).is_none(),
+                allowed,
+                "{location}"
+            );
+            assert_eq!(
+                image_location_refusal(&admin, "Image", None, &after),
+                None,
+                "{location}"
+            );
+        }
+        // An account may update an image an administrator gave it a path, leaving the path.
+        let given = image("/srv/images/micro.raw");
+        let mut tagged = given.clone();
+        tagged["metadata"] = json!({"labels": {"team": "a"}});
+        assert_eq!(
+            image_location_refusal(&account, "Image", Some(&given), &tagged),
+            None
+        );
+        assert!(
+            image_location_refusal(&account, "Image", Some(&given), &image("/etc/shadow"))
+                .is_some()
+        );
+        // Other kinds are not judged.
+        assert_eq!(
+            image_location_refusal(&account, "Instance", None, &image("/etc/shadow")),
+            None
+        );
     }
 
     #[test]

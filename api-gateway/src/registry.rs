@@ -465,6 +465,13 @@ impl Registry {
                         kind.info.kind
                     )));
                 }
+                if let Some(why) = auth::image_location_refusal(who, kind.info.kind, None, &obj) {
+                    return Err(ApiError::forbidden(format!(
+                        "User {:?} cannot create this {}: {why}",
+                        who.user(),
+                        kind.info.kind
+                    )));
+                }
                 let name = admission::name_of(&obj).to_string();
                 let key = record_key(kind.info.plural, ns, &name);
                 let unique = admission::unique_keys(kind.info.kind, &obj);
@@ -706,6 +713,15 @@ impl Registry {
                     kind.info.plural,
                     crds::GROUP,
                     who.user()
+                )));
+            }
+            if let Some(why) =
+                auth::image_location_refusal(who, kind.info.kind, Some(&current), &next)
+            {
+                return Err(ApiError::forbidden(format!(
+                    "{}.{} {name:?} is forbidden: {why}",
+                    kind.info.plural,
+                    crds::GROUP
                 )));
             }
             let unchanged = admission::comparable(&next) == admission::comparable(&current)

@@ -43,7 +43,8 @@ use crds::{
 };
 use futures::future::try_join_all;
 use karri_testkit::{
-    free_ports, kubectl_ok, log_tail, workspace_root, Etcd, Gateway, Service, Tokens,
+    free_ports, kubectl_ok, log_tail, workspace_root, AwsCredentials, Etcd, Gateway, Service,
+    Tokens,
 };
 use kube::api::{Api, ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -429,6 +430,36 @@ impl Cloud {
     /// A blank raw disk image on the (simulated) nodes, to register images from.
     pub fn blank_image(&self) -> PathBuf {
         self.data.path().join(BLANK_IMAGE)
+    }
+
+    /// Puts the blank image in a new bucket `bucket` of the account of `creds` with awscli,
+    /// as an account's images are kept: its image location, `<bucket>/blank.img`.
+    pub async fn blank_image_in_s3(
+        &self,
+        creds: &AwsCredentials,
+        bucket: &str,
+    ) -> anyhow::Result<String> {
+        let image = self.blank_image();
+        let path = image.to_str().context("a non-UTF-8 path")?;
+        self.gateway
+            .aws(creds, &["s3api", "create-bucket", "--bucket", bucket])
+            .await?;
+        self.gateway
+            .aws(
+                creds,
+                &[
+                    "s3api",
+                    "put-object",
+                    "--bucket",
+                    bucket,
+                    "--key",
+                    BLANK_IMAGE,
+                    "--body",
+                    path,
+                ],
+            )
+            .await?;
+        Ok(format!("{bucket}/{BLANK_IMAGE}"))
     }
 
     /// The `--data-dir` of the agent of node `node` (its image cache is `images/`, its

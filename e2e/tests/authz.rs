@@ -605,6 +605,57 @@ async fn account_cannot_write_the_status_of_its_own_instances() -> anyhow::Resul
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn account_registers_images_only_from_s3_never_a_node_path_or_url() -> anyhow::Result<()> {
+    let c = world().await?;
+    let api = account_api(&c, "acme")?;
+    let before = snapshot(&c).await?;
+    let images = "/apis/karri.dev/v1alpha1/namespaces/acme/images";
+    let image = |name: &str, location: &str| {
+        json!({
+            "apiVersion": "karri.dev/v1alpha1", "kind": "Image",
+            "metadata": {"name": name},
+            "spec": {"name": name, "imageLocation": location, "format": "raw"}
+        })
+    };
+    // A node agent reads a path as root and fetches a URL from inside the cloud.
+    for (name, location) in [
+        ("host-file", "/etc/shadow"),
+        (
+            "other-disk",
+            "/var/lib/karri/instances/i-0123456789abcdef0/root.qcow2",
+        ),
+        ("node-service", "http://127.0.0.1:9100/metrics"),
+    ] {
+        let status = forbidden(
+            &api,
+            Method::POST,
+            images,
+            Some(("application/json", image(name, location))),
+        )
+        .await?;
+        ensure!(
+            status["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("is not in S3")),
+            "{status}"
+        );
+    }
+    ensure!(snapshot(&c).await? == before, "a refused image was stored");
+    // From a bucket it is taken.
+    let made = api
+        .request(Method::POST, images)
+        .header(CONTENT_TYPE, "application/json")
+        .body(serde_json::to_vec(&image(
+            "from-s3",
+            "acme-images/disk.raw",
+        ))?)
+        .send()
+        .await?;
+    ensure!(made.status() == 201, "{:?}", made.text().await?);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn account_cannot_strip_the_operators_finalizer_from_its_instance() -> anyhow::Result<()> {
     let c = world().await?;
     let api = account_api(&c, "acme")?;

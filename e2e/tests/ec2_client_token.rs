@@ -139,7 +139,7 @@ async fn fifty_concurrent_run_instances_with_one_client_token_make_one_reservati
     let mut aws = Driver::start(&gateway, &creds, "tokens")?;
     let image = aws.ok(
         "register_image",
-        json!({"Name": "token-image", "ImageLocation": "/images/token.img"}),
+        json!({"Name": "token-image", "ImageLocation": "images/token.img"}),
     )?;
     let image_id = image["ImageId"].as_str().context("no ImageId")?.to_string();
     let params = |token: &str| {
@@ -219,7 +219,7 @@ async fn a_describe_right_after_a_modify_sees_it() -> anyhow::Result<()> {
     let mut aws = Driver::start(&gateway, &creds, "reader")?;
     let image = aws.ok(
         "register_image",
-        json!({"Name": "consistent", "ImageLocation": "/images/consistent.img"}),
+        json!({"Name": "consistent", "ImageLocation": "images/consistent.img"}),
     )?;
     let image_id = image["ImageId"].as_str().context("no ImageId")?.to_string();
     for round in 0..30 {

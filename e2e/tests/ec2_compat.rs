@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context};
 use crds::Instance;
 use karri_e2e::cloud::{node_of, violation, Cloud, Options};
-use karri_testkit::workspace_root;
+use karri_testkit::{workspace_root, AwsCredentials};
 use kube::api::Api;
 use kube::ResourceExt;
 use serde_json::Value;
@@ -36,6 +36,7 @@ const REBOOT_ANNOTATION: &str = "karri.dev/reboot-requested-at";
 struct Aws {
     bin: PathBuf,
     env: Vec<(String, String)>,
+    creds: AwsCredentials,
 }
 
 impl Aws {
@@ -48,6 +49,7 @@ impl Aws {
         let aws = Aws {
             bin: workspace_root().join(".venv/bin/aws"),
             env: client_env(&cloud.gateway.aws_env(&creds)),
+            creds,
         };
         ensure!(
             aws.bin.exists(),
@@ -358,9 +360,9 @@ async fn awscli_runs_stops_starts_and_terminates_instances_until_they_are_collec
     )
     .await?;
 
-    // Image: registered from a location (a blank disk the agent fetches and overlays), found
-    // among the caller's own.
-    let location = cloud.blank_image().display().to_string();
+    // Image: registered from its S3 location (a blank disk the agent fetches through a presigned
+    // URL and overlays), found among the caller's own.
+    let location = cloud.blank_image_in_s3(&aws.creds, "cli-images").await?;
     let image = aws
         .ok(&[
             "register-image",
@@ -942,10 +944,11 @@ async fn boto3_runs_the_lifecycle_with_waiters_paginators_and_client_tokens() ->
         python.display()
     );
     let started = Instant::now();
+    let location = cloud.blank_image_in_s3(&creds, "boto-images").await?;
     let out = Command::new(&python)
         .arg(&script)
         .arg(RETENTION_SECONDS.to_string())
-        .arg(cloud.blank_image())
+        .arg(&location)
         .env_clear()
         .envs(client_env(&cloud.gateway.aws_env(&creds)))
         .kill_on_drop(true)

@@ -277,6 +277,9 @@ async fn unknown_unsupported_and_malformed_requests_are_refused_with_the_aws_cod
         ("MinCount not a number", form("RunInstances", &format!("{run}&MinCount=abc&MaxCount=1")), "InvalidParameterValue", 400),
         ("MinCount zero", form("RunInstances", &format!("{run}&MinCount=0&MaxCount=1")), "InvalidParameterValue", 400),
         ("MaxResults over 1000", form("DescribeInstances", "MaxResults=2000"), "InvalidParameterValue", 400),
+        // An account's images are in S3: a path on a node or a URL would boot a host's file.
+        ("RegisterImage of a node path", form("RegisterImage", "Name=host-file&ImageLocation=%2Fetc%2Fshadow"), "InvalidParameterValue", 400),
+        ("RegisterImage of a URL", form("RegisterImage", "Name=local-url&ImageLocation=http%3A%2F%2F127.0.0.1%3A9%2Fdisk.raw"), "InvalidParameterValue", 400),
         ("unknown instance ID", form("DescribeInstances", "InstanceId.1=i-0123456789abcdef0"), "InvalidInstanceID.NotFound", 400),
         ("terminate an unknown instance ID", form("TerminateInstances", "InstanceId.1=i-0123456789abcdef0"), "InvalidInstanceID.NotFound", 400),
         ("malformed instance ID", form("DescribeInstances", "InstanceId.1=i-123"), "InvalidInstanceID.Malformed", 400),
@@ -303,7 +306,7 @@ async fn dry_run_answers_dry_run_operation_with_412_and_changes_nothing() -> any
     #[rustfmt::skip]
     let cases: Vec<(&str, String, &str, u16)> = vec![
         ("CreateKeyPair", form("CreateKeyPair", "KeyName=dry&DryRun=true"), "DryRunOperation", 412),
-        ("RegisterImage", form("RegisterImage", "Name=dry-image&ImageLocation=/images/dry.img&DryRun=true"), "DryRunOperation", 412),
+        ("RegisterImage", form("RegisterImage", "Name=dry-image&ImageLocation=images/dry.img&DryRun=true"), "DryRunOperation", 412),
         ("DescribeInstances", form("DescribeInstances", "DryRun=true"), "DryRunOperation", 412),
         ("DescribeKeyPairs", form("DescribeKeyPairs", "DryRun=true"), "DryRunOperation", 412),
         // A dry run still checks its arguments: what would fail fails with its own code.

@@ -171,7 +171,7 @@ fn private_matrix(a: &Alpha, b_image: &str) -> Vec<Row> {
         row("ModifyImageAttribute description", "modify_image_attribute", json!({"ImageId": img, "Description": {"Value": "bravo was here"}}), not_found_ami.clone()),
         row("DeregisterImage", "deregister_image", json!({"ImageId": img}), not_found_ami.clone()),
         row("DeregisterImage as ami-", "deregister_image", json!({"ImageId": ami}), not_found_ami.clone()),
-        row("RegisterImage with A's image as kernel", "register_image", json!({"Name": "bravo-kernel-try", "ImageLocation": "/images/b2.img", "KernelId": img}), Refused("InvalidAKIID.NotFound", 400)),
+        row("RegisterImage with A's image as kernel", "register_image", json!({"Name": "bravo-kernel-try", "ImageLocation": "bravo-images/b2.img", "KernelId": img}), Refused("InvalidAKIID.NotFound", 400)),
         // Tags.
         row("CreateTags on A's instance", "create_tags", json!({"Resources": [i0], "Tags": tags}), not_found_i.clone()),
         row("CreateTags on A's image", "create_tags", json!({"Resources": [img], "Tags": tags}), not_found_ami.clone()),
@@ -413,7 +413,7 @@ async fn another_account_can_neither_see_nor_change_an_accounts_resources_except
         "create_key_pair",
         json!({"KeyName": A_KEY, "TagSpecifications": [{"ResourceType": "key-pair", "Tags": team(A_TAG)}]}),
     )?;
-    let location = cloud.blank_image().display().to_string();
+    let location = cloud.blank_image_in_s3(&a_creds, "alpha-images").await?;
     let image = a.ok(
         "register_image",
         json!({"Name": A_IMAGE, "ImageLocation": location, "Description": A_DESCRIPTION}),
@@ -469,7 +469,7 @@ async fn another_account_can_neither_see_nor_change_an_accounts_resources_except
     };
     let b_image = b.ok(
         "register_image",
-        json!({"Name": "bravo-image", "ImageLocation": "/images/bravo.img"}),
+        json!({"Name": "bravo-image", "ImageLocation": "bravo-images/bravo.img"}),
     )?["ImageId"]
         .as_str()
         .context("no ImageId")?

@@ -419,7 +419,7 @@ async fn main() -> anyhow::Result<()> {
         "RegisterImage",
         &[
             ("Name", "bench-image"),
-            ("ImageLocation", "%2Fimages%2Fbench.img"),
+            ("ImageLocation", "bench-images%2Fbench.img"),
         ],
     );
     let mut images = Vec::new();

@@ -257,6 +257,15 @@ pub async fn register_image(
     let Some(location) = a.image_location.clone() else {
         return Err(Ec2Error::missing_parameter("ImageLocation"));
     };
+    // Every EC2 caller is an account: its images are in S3 (see the registry's own check).
+    let wanted = serde_json::json!({"spec": {"imageLocation": location}});
+    if let Some(why) =
+        crate::auth::image_location_refusal(&cx.caller.principal(), "Image", None, &wanted)
+    {
+        return Err(Ec2Error::invalid_parameter_value(format!(
+            "Invalid ImageLocation: {why}."
+        )));
+    }
     if !a.block_device_mappings.is_empty() {
         return Err(Ec2Error::unsupported_operation(
             "EBS-backed images (BlockDeviceMapping) are not supported by Karri yet; register an ImageLocation.",
