@@ -164,6 +164,35 @@ pub enum CacheError {
         /// The read-idle timeout that ran out.
         idle: Duration,
     },
+    /// The HTTP server sends so slowly that the image would take hours: less than
+    /// [`MIN_FETCH_RATE`] bytes a second on average once the read-idle timeout has passed.
+    #[error("image {location} comes too slowly: {received} bytes in {elapsed:?}")]
+    TooSlow {
+        /// The URL.
+        location: String,
+        /// Bytes received.
+        received: u64,
+        /// Since the request was sent.
+        elapsed: Duration,
+    },
+    /// The image is larger than the whole cache may hold.
+    #[error("image {location} is larger than the image cache ({limit} bytes)")]
+    TooLarge {
+        /// The URL.
+        location: String,
+        /// The cache's size limit.
+        limit: u64,
+    },
+    /// The body ended before the length the server announced (a cut connection).
+    #[error("image {location} ended after {received} of the {announced} bytes announced")]
+    Truncated {
+        /// The URL.
+        location: String,
+        /// Bytes received.
+        received: u64,
+        /// The `Content-Length`.
+        announced: u64,
+    },
     /// The fetched bytes do not hash to the declared SHA-256; nothing was cached.
     #[error("image {location} has sha256 {actual}, not the declared {expected}")]
     ChecksumMismatch {
@@ -254,7 +283,8 @@ impl CacheError {
             | Self::ChecksumMismatch { .. }
             | Self::FormatMismatch { .. }
             | Self::BackingFile { .. }
-            | Self::DataFile { .. } => true,
+            | Self::DataFile { .. }
+            | Self::TooLarge { .. } => true,
             Self::HttpStatus { status, .. }
             | Self::S3Status { status, .. }
             | Self::Presign {
@@ -267,6 +297,8 @@ impl CacheError {
             Self::Unreadable { .. }
             | Self::Http { .. }
             | Self::Stalled { .. }
+            | Self::TooSlow { .. }
+            | Self::Truncated { .. }
             | Self::QemuImg { .. }
             | Self::OverlayConflict { .. }
             | Self::Io { .. }
@@ -718,6 +750,7 @@ impl ImageCache {
             location: location.to_owned(),
             source: Arc::new(e.without_url()),
         };
+        let started = std::time::Instant::now();
         let mut response = tokio::time::timeout(idle, self.config.client.get(url).send())
             .await
             .map_err(|_| stalled())?
@@ -730,18 +763,31 @@ impl ImageCache {
                     status: status.as_u16(),
                 });
             }
+            // The error body, as much of it as comes within one idle timeout.
             let mut body = Vec::new();
-            while body.len() < S3_ERROR_BODY_BYTES {
-                match tokio::time::timeout(idle, response.chunk()).await {
-                    Ok(Ok(Some(chunk))) => body.extend_from_slice(&chunk),
-                    _ => break,
+            let _ = tokio::time::timeout(idle, async {
+                while body.len() < S3_ERROR_BODY_BYTES {
+                    match response.chunk().await {
+                        Ok(Some(chunk)) => body.extend_from_slice(&chunk),
+                        _ => break,
+                    }
                 }
-            }
+            })
+            .await;
             return Err(CacheError::S3Status {
                 location: location.to_owned(),
                 status: status.as_u16(),
                 code: s3_error_code(&body),
             });
+        }
+        let limit = self.config.max_bytes;
+        let too_large = || CacheError::TooLarge {
+            location: location.to_owned(),
+            limit,
+        };
+        let announced = response.content_length();
+        if announced.is_some_and(|n| n > limit) {
+            return Err(too_large());
         }
         let mut file = tokio::fs::OpenOptions::new()
             .write(true)
@@ -756,11 +802,30 @@ impl ImageCache {
             .map_err(|_| stalled())?
             .map_err(failed)?
         {
+            size += chunk.len() as u64;
+            if size > limit {
+                return Err(too_large());
+            }
+            // A server that sends a little before each idle timeout would never stall.
+            let elapsed = started.elapsed();
+            if too_slow(size, elapsed, idle) {
+                return Err(CacheError::TooSlow {
+                    location: location.to_owned(),
+                    received: size,
+                    elapsed,
+                });
+            }
             hasher.update(&chunk);
             file.write_all(&chunk)
                 .await
                 .map_err(CacheError::io("write", part))?;
-            size += chunk.len() as u64;
+        }
+        if let Some(announced) = announced.filter(|n| *n != size) {
+            return Err(CacheError::Truncated {
+                location: location.to_owned(),
+                received: size,
+                announced,
+            });
         }
         file.flush().await.map_err(CacheError::io("write", part))?;
         file.sync_all()
@@ -882,6 +947,15 @@ impl ImageCache {
     fn image_path(&self, sha: &str) -> PathBuf {
         self.config.dir.join("sha256").join(sha)
     }
+}
+
+/// The slowest average an image download may keep once the read-idle timeout has passed.
+pub const MIN_FETCH_RATE: u64 = 64 * 1024;
+
+/// Whether `received` bytes in `elapsed` is slower than [`MIN_FETCH_RATE`], judged only once
+/// `idle` has passed (a slow start is not a slow download). Pure.
+fn too_slow(received: u64, elapsed: Duration, idle: Duration) -> bool {
+    elapsed > idle && (received as f64) < MIN_FETCH_RATE as f64 * elapsed.as_secs_f64()
 }
 
 /// Which images to evict, least recently used first, so that the rest fit in `max_bytes`.
@@ -1327,6 +1401,28 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_download_is_too_slow_only_below_the_minimum_rate_after_the_idle_timeout() {
+        let s = Duration::from_secs;
+        let idle = s(30);
+        for (received, elapsed, slow) in [
+            // A slow start is not judged.
+            (0, s(10), false),
+            (1, s(29), false),
+            // One byte every 25 s: caught after the first idle period.
+            (2, s(50), true),
+            (MIN_FETCH_RATE * 31, s(31), false),
+            (MIN_FETCH_RATE * 30, s(31), true),
+            (1 << 30, s(60), false),
+        ] {
+            assert_eq!(
+                too_slow(received, elapsed, idle),
+                slow,
+                "{received} in {elapsed:?}"
+            );
+        }
+    }
 
     #[test]
     fn only_errors_about_the_image_itself_fail_an_instance_for_good() {

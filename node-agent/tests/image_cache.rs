@@ -261,6 +261,83 @@ async fn a_server_that_stalls_mid_body_leaves_no_partial_file() {
     assert_nothing_cached(dir.path());
 }
 
+/// A server that answers `head` and then `piece` of body every `every`, for ever.
+async fn trickling_server(head: &'static [u8], piece: &'static [u8], every: Duration) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local address");
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.expect("accept");
+        let mut request = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = socket.read(&mut buf).await.expect("read the request");
+            request.extend_from_slice(&buf[..n]);
+        }
+        if socket.write_all(head).await.is_err() {
+            return;
+        }
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tick.tick().await;
+            if socket.write_all(piece).await.is_err() {
+                return;
+            }
+        }
+    });
+    format!("http://{addr}/image")
+}
+
+#[tokio::test]
+async fn a_server_that_trickles_bytes_fails_the_fetch_as_too_slow() {
+    // A byte before every idle timeout: never a stall, but hours for a real image.
+    let url = trickling_server(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n",
+        b"x",
+        Duration::from_millis(100),
+    )
+    .await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = ImageCache::open(dir.path().to_path_buf(), 1 << 30)
+        .expect("open")
+        .with_timeouts(Duration::from_secs(5), Duration::from_millis(500))
+        .expect("client");
+
+    let err = tokio::time::timeout(Duration::from_secs(30), cache.get(&raw(url, None)))
+        .await
+        .expect("the fetch ended")
+        .expect_err("too slow");
+
+    assert!(matches!(&err, CacheError::TooSlow { .. }), "{err}");
+    assert!(!err.is_permanent());
+    assert_nothing_cached(dir.path());
+}
+
+#[tokio::test]
+async fn an_image_larger_than_the_cache_is_refused_for_good() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = ImageCache::open(dir.path().to_path_buf(), 1 << 20).expect("open");
+    // Announced too large: refused before any byte is stored.
+    let url = trickling_server(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2097152\r\n\r\n",
+        b"x",
+        Duration::from_millis(10),
+    )
+    .await;
+    let err = cache.get(&raw(url, None)).await.expect_err("too large");
+    assert!(matches!(&err, CacheError::TooLarge { .. }), "{err}");
+    assert!(err.is_permanent());
+    // Sent without a length, endlessly: stopped at the limit.
+    let url = trickling_server(
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n",
+        &[7u8; 64 * 1024],
+        Duration::from_millis(1),
+    )
+    .await;
+    let err = cache.get(&raw(url, None)).await.expect_err("too large");
+    assert!(matches!(&err, CacheError::TooLarge { .. }), "{err}");
+    assert_nothing_cached(dir.path());
+}
+
 #[tokio::test]
 async fn a_refused_connection_is_an_http_error_naming_the_url() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
