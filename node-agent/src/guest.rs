@@ -102,7 +102,7 @@ pub struct Guests {
     /// The cached images (sha256) each live instance's overlay or boot needs, by instance ID.
     bases: Arc<Mutex<HashMap<String, HashSet<String>>>>,
     /// Since when each image location's fetches have been failing for passing reasons.
-    failing_since: Mutex<HashMap<String, std::time::Instant>>,
+    failing_since: Mutex<HashMap<String, (std::time::Instant, std::time::Instant)>>,
 }
 
 /// The parts of a domain a guest needs, for [`crate::domain::DomainSpec`].
@@ -292,6 +292,45 @@ impl Guests {
                 self.hold(id, sha256);
             }
         }
+        // Images declared without a SHA-256 are known by the one `prepare` wrote down.
+        if let Ok(held) = std::fs::read_to_string(self.held_file(id)) {
+            for sha256 in held.split_whitespace() {
+                self.hold(id, sha256);
+            }
+        }
+    }
+
+    /// Where `prepare` writes down the cached images an instance boots from.
+    fn held_file(&self, id: &str) -> PathBuf {
+        self.instance_dir.join(id).join("images.held")
+    }
+
+    /// Writes down the cached images instance `id` holds, for [`Guests::hold_images_of`]
+    /// after an agent restart.
+    async fn write_held(&self, id: &str) -> Result<(), GuestError> {
+        let held: Vec<String> = {
+            let bases = self.bases.lock().unwrap_or_else(PoisonError::into_inner);
+            bases
+                .get(id)
+                .map(|s| s.iter().cloned().collect())
+                .unwrap_or_default()
+        };
+        let path = self.held_file(id);
+        let io = |action: &'static str, path: PathBuf| {
+            move |source| GuestError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        if let Some(dir) = path.parent() {
+            tokio::fs::create_dir_all(dir)
+                .await
+                .map_err(io("create", dir.to_path_buf()))?;
+        }
+        tokio::fs::write(&path, held.join("\n"))
+            .await
+            .map_err(io("write", path.clone()))
     }
 
     async fn fetch(&self, a: &ImageArtifact) -> Result<images::CachedImage, GuestError> {
@@ -306,9 +345,9 @@ impl Guests {
                 Ok(image)
             }
             Err(e) => {
-                let since = *failing
-                    .entry(a.location.clone())
-                    .or_insert_with(std::time::Instant::now);
+                let run = failure_run(failing.get(&a.location).copied(), std::time::Instant::now());
+                failing.insert(a.location.clone(), run);
+                let since = run.0;
                 let (image_id, reason) = (a.image_id.clone(), chain(&e));
                 if e.is_permanent() || since.elapsed() >= FETCH_GIVE_UP {
                     failing.remove(&a.location);
@@ -373,6 +412,7 @@ impl Guests {
                 cmdline: self.cmdline.clone(),
             });
         }
+        self.write_held(id).await?;
         if let (Some(net), Some((ip, mac))) = (&self.network, address_of(instance)) {
             // Guarded before the domain exists: no frame of its tap passes unchecked.
             let tap = net.ports.bind(&mac, ip).await.map_err(GuestError::Ports)?;
@@ -512,6 +552,19 @@ impl Guests {
     }
 }
 
+/// The run of fetch failures of one location after a failure at `now`: when it began and when
+/// it last failed. A run whose last failure is older than [`FETCH_GIVE_UP`] (its instances
+/// went away) is over; this failure begins a new one. Pure.
+fn failure_run(
+    previous: Option<(std::time::Instant, std::time::Instant)>,
+    now: std::time::Instant,
+) -> (std::time::Instant, std::time::Instant) {
+    match previous {
+        Some((since, last)) if now.saturating_duration_since(last) < FETCH_GIVE_UP => (since, now),
+        _ => (now, now),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -618,5 +671,45 @@ mod tests {
             .block_on(guests.release("i-1", None))
             .expect("release");
         assert!(guests.in_use().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_image_without_a_declared_sha256_stays_held_across_an_agent_restart() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let image = dir.path().join("kernel.img");
+        std::fs::write(&image, b"a kernel").expect("written");
+        let location = image.to_string_lossy().into_owned();
+        let mut kernel = artifact("eki-1", None);
+        kernel["location"] = serde_json::json!(location);
+        let instance = launched(serde_json::json!({"kernel": kernel}));
+        let guests = guests_in(dir.path());
+        guests.prepare(&instance, "i-1").await.expect("prepared");
+        let held = guests.in_use();
+        assert_eq!(held.len(), 1, "{held:?}");
+        // A new agent over the same directories adopts the running domain without preparing.
+        let restarted = guests_in(dir.path());
+        restarted.hold_images_of(&instance, "i-1");
+        assert_eq!(restarted.in_use(), held);
+        restarted.release("i-1", None).await.expect("release");
+        assert!(guests_in(dir.path()).in_use().is_empty());
+        let again = guests_in(dir.path());
+        again.hold_images_of(&instance, "i-1");
+        assert!(again.in_use().is_empty(), "a released instance held images");
+    }
+
+    #[test]
+    fn a_run_of_fetch_failures_long_over_is_not_charged_to_a_new_one() {
+        let t0 = std::time::Instant::now();
+        let at = |d: std::time::Duration| t0 + d;
+        let minute = std::time::Duration::from_secs(60);
+        // The first failure begins a run.
+        assert_eq!(failure_run(None, t0), (t0, t0));
+        // Failures that keep coming extend it from its beginning.
+        assert_eq!(failure_run(Some((t0, t0)), at(minute)), (t0, at(minute)));
+        let late = at(FETCH_GIVE_UP + minute);
+        assert_eq!(failure_run(Some((t0, at(FETCH_GIVE_UP))), late), (t0, late));
+        // One long after the last (an instance terminated since) begins a new run.
+        let later = at(FETCH_GIVE_UP * 3);
+        assert_eq!(failure_run(Some((t0, at(minute))), later), (later, later));
     }
 }
