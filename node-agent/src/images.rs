@@ -648,7 +648,7 @@ impl ImageCache {
             }
         };
         if source.format == DiskFormat::Qcow2 && !entry.qcow2_verified {
-            check_format(source, &qemu_img_info(&path, false).await?)?;
+            verify_qcow2(source, &path).await?;
             if let Some(entry) = lock(&self.inner.state).entries.get_mut(sha) {
                 entry.qcow2_verified = true;
             }
@@ -695,7 +695,7 @@ impl ImageCache {
         }
         let qcow2_verified = source.format == DiskFormat::Qcow2;
         if qcow2_verified {
-            check_format(source, &qemu_img_info(part.path(), false).await?)?;
+            verify_qcow2(source, part.path()).await?;
         }
         let image = self
             .publish(part, &sha, size, source.format, qcow2_verified)
@@ -1207,10 +1207,63 @@ struct ImageInfo {
     data_file: Option<String>,
 }
 
+/// The first bytes of every qcow2 file.
+const QCOW2_MAGIC: &[u8; 4] = b"QFI\xfb";
+
+/// Checks that the file at `path`, declared qcow2 by `source`, is a qcow2 image that names no
+/// other file. qemu-img is told the format rather than left to guess it: what it guesses from
+/// untrusted bytes (a vmdk descriptor) may make it open other files of the node. Bytes that
+/// are not a readable qcow2 are a wrong image for good.
+async fn verify_qcow2(source: &ImageSource, path: &Path) -> Result<(), CacheError> {
+    let mismatch = |actual: String| CacheError::FormatMismatch {
+        location: source.location.clone(),
+        declared: source.format.as_str(),
+        actual,
+    };
+    let head = {
+        let file = path.to_path_buf();
+        blocking(move || -> io::Result<Vec<u8>> {
+            let mut head = Vec::with_capacity(QCOW2_MAGIC.len());
+            io::Read::read_to_end(
+                &mut io::Read::take(std::fs::File::open(file)?, QCOW2_MAGIC.len() as u64),
+                &mut head,
+            )?;
+            Ok(head)
+        })
+        .await?
+        .map_err(CacheError::io("read", path))?
+    };
+    if head != QCOW2_MAGIC {
+        return Err(mismatch(
+            "not qcow2 (no qcow2 magic at its start)".to_owned(),
+        ));
+    }
+    let info = match qemu_img_info_as(path, false, Some("qcow2")).await {
+        Ok(info) => info,
+        Err(CacheError::QemuImg { detail, .. }) => {
+            return Err(mismatch(format!("not a readable qcow2 ({detail})")))
+        }
+        Err(e) => return Err(e),
+    };
+    check_format(source, &info)
+}
+
 /// Runs `qemu-img info --output=json` on `path`. It does not open backing files.
 async fn qemu_img_info(path: &Path, force_share: bool) -> Result<ImageInfo, CacheError> {
+    qemu_img_info_as(path, force_share, None).await
+}
+
+/// [`qemu_img_info`], reading the file as `format` when given instead of guessing it.
+async fn qemu_img_info_as(
+    path: &Path,
+    force_share: bool,
+    format: Option<&str>,
+) -> Result<ImageInfo, CacheError> {
     let mut info = tokio::process::Command::new("qemu-img");
     info.args(["info", "--output=json"]);
+    if let Some(format) = format {
+        info.args(["-f", format]);
+    }
     if force_share {
         info.arg("--force-share");
     }
@@ -1852,11 +1905,49 @@ mod tests {
         let err = cache.get(&source).await.expect_err("not a qcow2");
 
         assert!(
-            matches!(&err, CacheError::FormatMismatch { declared: "qcow2", actual, .. } if actual == "raw"),
+            matches!(&err, CacheError::FormatMismatch { declared: "qcow2", actual, .. } if actual.starts_with("not qcow2")),
             "{err}"
         );
+        assert!(err.is_permanent());
         assert!(names(&dir.path().join("cache/sha256")).is_empty());
         assert!(names(&dir.path().join("cache/tmp")).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_declared_qcow2_that_is_corrupt_or_a_vmdk_fails_for_good_without_a_guess() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = ImageCache::open(dir.path().join("cache"), 1 << 20).expect("open");
+        // The qcow2 magic, then garbage: qemu-img cannot read it as qcow2.
+        let corrupt = dir.path().join("corrupt.img");
+        let mut bytes = QCOW2_MAGIC.to_vec();
+        bytes.extend_from_slice(&[0xffu8; 4092]);
+        std::fs::write(&corrupt, bytes).expect("write");
+        // A vmdk descriptor naming a file of the node as its extent: never opened.
+        let vmdk = dir.path().join("descriptor.vmdk");
+        std::fs::write(
+            &vmdk,
+            "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n\
+             createType=\"monolithicFlat\"\nRW 8 FLAT \"/etc/hostname\" 0\n",
+        )
+        .expect("write");
+        for path in [&corrupt, &vmdk] {
+            let mut source = raw(path, None);
+            source.format = DiskFormat::Qcow2;
+            let err = cache.get(&source).await.expect_err("not a qcow2");
+            assert!(
+                matches!(
+                    &err,
+                    CacheError::FormatMismatch {
+                        declared: "qcow2",
+                        ..
+                    }
+                ),
+                "{}: {err}",
+                path.display()
+            );
+            assert!(err.is_permanent(), "{err}");
+        }
+        assert!(names(&dir.path().join("cache/sha256")).is_empty());
     }
 
     #[tokio::test]
