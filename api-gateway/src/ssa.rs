@@ -189,16 +189,27 @@ pub fn apply(
             .unwrap_or("")
             .to_string()
     };
-    let mine_prev: BTreeSet<Path> = entries
+    let mine_at = entries
         .iter()
-        .find(|e| is_apply(e) && manager_of(e) == manager)
+        .position(|e| is_apply(e) && manager_of(e) == manager);
+    let mine_entry = mine_at.and_then(|i| entries.get(i));
+    let mine_prev: BTreeSet<Path> = mine_entry
         .and_then(|e| e.get("fieldsV1"))
         .map(decode)
         .unwrap_or_default();
-    let mut others: Vec<(Value, BTreeSet<Path>)> = entries
+    // Entries before this manager's own keep their place ahead of it.
+    let before_mine = |i: usize| mine_at.is_some_and(|m| i < m);
+    let mut others: Vec<(Value, BTreeSet<Path>, bool)> = entries
         .iter()
-        .filter(|e| !(is_apply(e) && manager_of(e) == manager))
-        .map(|e| (e.clone(), e.get("fieldsV1").map(decode).unwrap_or_default()))
+        .enumerate()
+        .filter(|(_, e)| !(is_apply(e) && manager_of(e) == manager))
+        .map(|(i, e)| {
+            (
+                e.clone(),
+                e.get("fieldsV1").map(decode).unwrap_or_default(),
+                before_mine(i),
+            )
+        })
         .collect();
     let wanted = field_set(applied);
 
@@ -208,7 +219,7 @@ pub fn apply(
             // Applying the value a field already has shares ownership without conflict.
             continue;
         }
-        for (entry, owned) in others.iter_mut() {
+        for (entry, owned, _) in others.iter_mut() {
             if !is_apply(entry) {
                 continue;
             }
@@ -234,7 +245,7 @@ pub fn apply(
     for stale in mine_prev.difference(&wanted) {
         let still_owned = others
             .iter()
-            .any(|(_, s)| s.iter().any(|o| overlaps(o, stale)));
+            .any(|(_, s, _)| s.iter().any(|o| overlaps(o, stale)));
         if !still_owned {
             remove(&mut result, stale);
         }
@@ -244,24 +255,41 @@ pub fn apply(
             set(&mut result, p, v.clone());
         }
     }
-    let mut managed: Vec<Value> = others
+    let kept: Vec<(Value, bool)> = others
         .into_iter()
-        .filter(|(e, s)| !is_apply(e) || !s.is_empty())
-        .map(|(mut e, s)| {
+        .filter(|(e, s, _)| !is_apply(e) || !s.is_empty())
+        .map(|(mut e, s, before)| {
             if is_apply(&e) {
                 e["fieldsV1"] = encode(&s);
             }
-            e
+            (e, before)
         })
         .collect();
-    managed.push(json!({
+    let api_version = applied.get("apiVersion").cloned().unwrap_or(Value::Null);
+    // As Kubernetes does, the time moves only when what the manager owns changes, so that
+    // applying the same manifest again (a GitOps loop) is no write at all.
+    let time = match mine_entry {
+        Some(prev) if mine_prev == wanted && prev.get("apiVersion") == Some(&api_version) => prev
+            .get("time")
+            .cloned()
+            .unwrap_or_else(|| Value::String(now.to_string())),
+        _ => Value::String(now.to_string()),
+    };
+    let mine = json!({
         "manager": manager,
         "operation": "Apply",
-        "apiVersion": applied.get("apiVersion").cloned().unwrap_or(Value::Null),
-        "time": now,
+        "apiVersion": api_version,
+        "time": time,
         "fieldsType": "FieldsV1",
         "fieldsV1": encode(&wanted),
-    }));
+    });
+    let at = kept.iter().take_while(|(_, before)| *before).count();
+    let mut managed: Vec<Value> = kept.into_iter().map(|(e, _)| e).collect();
+    if mine_at.is_some() {
+        managed.insert(at, mine);
+    } else {
+        managed.push(mine);
+    }
     if let Some(meta) = result.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.insert("managedFields".into(), Value::Array(managed));
     }
@@ -311,6 +339,26 @@ mod tests {
         assert_eq!(out["spec"]["imageId"], "emi-9");
         // Same value from a second manager shares ownership without conflict.
         apply(Some(&live), &cfg("emi-1", None), "gitops", false, "t").expect("shared");
+    }
+
+    #[test]
+    fn applying_the_same_manifest_again_changes_nothing_not_even_the_time() {
+        let first = apply(None, &cfg("emi-1", None), "flux", false, "t1").expect("ok");
+        // A second manager, so that the first one's entry is not last.
+        let shared = apply(Some(&first), &cfg("emi-1", None), "argo", false, "t2").expect("ok");
+        let again = apply(Some(&shared), &cfg("emi-1", None), "flux", false, "t3").expect("ok");
+        assert_eq!(again, shared, "a repeated apply changed the record");
+        // A change of what it owns moves its time.
+        let changed =
+            apply(Some(&again), &cfg("emi-1", Some("k")), "flux", false, "t4").expect("ok");
+        let flux = changed["metadata"]["managedFields"]
+            .as_array()
+            .expect("managed fields")
+            .iter()
+            .find(|e| e["manager"] == "flux")
+            .expect("flux's entry")
+            .clone();
+        assert_eq!(flux["time"], "t4");
     }
 
     #[test]

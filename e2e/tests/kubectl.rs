@@ -250,6 +250,19 @@ async fn server_side_apply_creates_updates_and_removes_dropped_fields() -> anyho
         str_at(&updated, "/metadata/uid") == str_at(&created, "/metadata/uid"),
         "uid changed"
     );
+    // Applying the same manifest again (what a GitOps loop does) writes nothing.
+    kubectl_ok(
+        &c.admin,
+        &["apply", "--server-side", "-f", path_str(&second)?],
+    )?;
+    let again = kubectl_json(&c.admin, &["get", "instance", "ssa-1"])?;
+    ensure!(
+        str_at(&again, "/metadata/resourceVersion")
+            == str_at(&updated, "/metadata/resourceVersion"),
+        "a repeated apply wrote the record: {} then {}",
+        str_at(&updated, "/metadata/resourceVersion"),
+        str_at(&again, "/metadata/resourceVersion")
+    );
 
     // Another manager changing a field the first one owns conflicts...
     let other = c.manifest("ssa-3.yaml", &instance_yaml("ssa-1", "c1.medium"))?;
