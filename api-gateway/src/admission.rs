@@ -577,6 +577,30 @@ pub fn mark_deleted(old: &Value, now: &str) -> Value {
     out
 }
 
+/// How deeply a stored record may nest objects and arrays: well inside what the JSON reader
+/// reads back (128), which a JSON patch could otherwise exceed by nesting a value inside one.
+pub const MAX_NESTING: usize = 100;
+
+/// Why `obj` cannot be stored as it is nested, if it cannot: a record the gateway could not
+/// read back would be unreadable and undeletable. Pure.
+pub fn nesting_problem(obj: &Value) -> Option<String> {
+    let mut stack: Vec<(&Value, usize)> = vec![(obj, 1)];
+    while let Some((v, depth)) = stack.pop() {
+        let nests = matches!(v, Value::Object(_) | Value::Array(_));
+        if nests && depth > MAX_NESTING {
+            return Some(format!(
+                "the record nests objects and arrays more than {MAX_NESTING} deep"
+            ));
+        }
+        match v {
+            Value::Object(map) => stack.extend(map.values().map(|c| (c, depth + 1))),
+            Value::Array(items) => stack.extend(items.iter().map(|c| (c, depth + 1))),
+            _ => {}
+        }
+    }
+    None
+}
+
 /// The same record without fields that change on every write, for no-op detection.
 pub fn comparable(v: &Value) -> Value {
     let mut c = v.clone();
@@ -590,6 +614,23 @@ pub fn comparable(v: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_nested_deeper_than_the_reader_reads_back_is_refused() {
+        let nested = |depth: usize| {
+            let mut v = json!("leaf");
+            for _ in 0..depth {
+                v = json!({"a": v});
+            }
+            v
+        };
+        assert_eq!(nesting_problem(&nested(MAX_NESTING)), None);
+        assert!(nesting_problem(&nested(MAX_NESTING + 1)).is_some());
+        assert!(nesting_problem(&json!([[[[nested(MAX_NESTING - 3)]]]])).is_some());
+        // What is deep enough to refuse is still well inside what serde_json reads back.
+        let text = serde_json::to_string(&nested(MAX_NESTING)).expect("serialised");
+        assert!(serde_json::from_str::<Value>(&text).is_ok());
+    }
 
     #[test]
     fn marking_a_record_deleted_bumps_its_generation_once() {

@@ -465,6 +465,13 @@ impl Registry {
                         kind.info.kind
                     )));
                 }
+                if let Some(why) = admission::nesting_problem(&obj) {
+                    return Err(ApiError::invalid(
+                        kind.info.kind,
+                        admission::name_of(&obj),
+                        vec![(String::new(), why)],
+                    ));
+                }
                 if let Some(why) = auth::image_location_refusal(who, kind.info.kind, None, &obj) {
                     return Err(ApiError::forbidden(format!(
                         "User {:?} cannot create this {}: {why}",
@@ -723,6 +730,13 @@ impl Registry {
                     kind.info.plural,
                     crds::GROUP
                 )));
+            }
+            if let Some(why) = admission::nesting_problem(&next) {
+                return Err(ApiError::invalid(
+                    kind.info.kind,
+                    name,
+                    vec![(String::new(), why)],
+                ));
             }
             let unchanged = admission::comparable(&next) == admission::comparable(&current)
                 && next.pointer("/metadata/managedFields")

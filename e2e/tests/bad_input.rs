@@ -294,6 +294,54 @@ async fn update_with_a_stale_resource_version_is_a_conflict() -> anyhow::Result<
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_update_that_names_no_resource_version_is_invalid_and_changes_nothing(
+) -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let api = c.admin_api()?;
+    let first = create(&api, "a").await?;
+    let mut blind = first.clone();
+    blind["metadata"]
+        .as_object_mut()
+        .context("metadata")?
+        .remove("resourceVersion");
+    blind["spec"]["instanceType"] = json!("c1.medium");
+    let resp = api
+        .request(Method::PUT, &instance("a"))
+        .json(&blind)
+        .send()
+        .await?;
+    let status = expect_status(resp, 422, "Invalid").await?;
+    ensure!(
+        message(&status).contains("metadata.resourceVersion"),
+        "the message does not name the field: {status}"
+    );
+    ensure!(
+        api.get_json(&instance("a")).await? == first,
+        "an update without a version changed the record"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn creating_a_namespaced_record_at_the_all_namespaces_path_is_not_allowed(
+) -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let api = c.admin_api()?;
+    let resp = api
+        .request(Method::POST, &format!("{API}/instances"))
+        .header(CONTENT_TYPE, "application/json")
+        .body(serde_json::to_vec(&instance_json("nowhere"))?)
+        .send()
+        .await?;
+    let status = expect_status(resp, 405, "MethodNotAllowed").await?;
+    ensure!(
+        message(&status).contains("namespaces/<namespace>/instances"),
+        "{status}"
+    );
+    ensure_nothing_stored(&api).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn bad_image_id_is_invalid() -> anyhow::Result<()> {
     let c = Cluster::start().await?;
     let api = c.admin_api()?;
@@ -379,6 +427,43 @@ async fn strategic_merge_patch_is_an_unsupported_media_type() -> anyhow::Result<
         message(&status).contains("merge-patch+json"),
         "the message does not point to a supported patch type: {status}"
     );
+    ensure!(
+        api.get_json(&instance("a")).await? == before,
+        "a refused patch changed the record"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_patch_nesting_the_record_too_deep_is_invalid_and_the_record_stays_readable(
+) -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let api = c.admin_api()?;
+    create(&api, "a").await?;
+    let before = api.get_json(&instance("a")).await?;
+    // Each value is shallow enough for a request body; the second goes inside the first, so
+    // that together they nest deeper than the gateway could read the record back.
+    let mut deep = json!("leaf");
+    for _ in 0..110 {
+        deep = json!({ "f:a": deep });
+    }
+    let inside = format!("/metadata/managedFields/0/fieldsV1{}", "/f:a".repeat(100));
+    let patch = json!([
+        {
+            "op": "add",
+            "path": "/metadata/managedFields",
+            "value": [{"manager": "deep", "operation": "Update", "fieldsType": "FieldsV1", "fieldsV1": deep}],
+        },
+        {"op": "add", "path": format!("{inside}/f:b"), "value": deep},
+    ]);
+    let resp = api
+        .request(Method::PATCH, &instance("a"))
+        .header(CONTENT_TYPE, "application/json-patch+json")
+        .body(serde_json::to_vec(&patch)?)
+        .send()
+        .await?;
+    let status = expect_status(resp, 422, "Invalid").await?;
+    ensure!(message(&status).contains("deep"), "{status}");
     ensure!(
         api.get_json(&instance("a")).await? == before,
         "a refused patch changed the record"

@@ -517,6 +517,14 @@ async fn resource_request(
             ctx.authorize(Verb::List, None)?;
             list(&ctx, &q, wants_table).await
         }
+        // A namespaced record is created in its namespace's collection, as Kubernetes serves
+        // the all-namespaces path for list and watch only.
+        (Endpoint::Collection { .. }, "POST") if kind.info.namespaced && ns.is_none() => {
+            Err(ApiError::method_not_allowed(format!(
+                "{} are namespaced: create them at .../namespaces/<namespace>/{}",
+                kind.info.plural, kind.info.plural
+            )))
+        }
         (Endpoint::Collection { .. }, "POST") => {
             let (headers, bytes) = read_body(req, s.max_body).await?;
             let body = parse_body(&bytes, &content_type(&headers))?;
@@ -555,12 +563,23 @@ async fn resource_request(
             ctx.authorize(Verb::Update, Some(&name))?;
             let (headers, bytes) = read_body(req, s.max_body).await?;
             let body = parse_body(&bytes, &content_type(&headers))?;
+            // As for Kubernetes' custom resources, an update says which version it replaces:
+            // one without would silently undo whatever was written since it was read.
             let precondition = match body
                 .pointer("/metadata/resourceVersion")
                 .and_then(Value::as_str)
             {
                 Some(rv) if !rv.is_empty() => Some(registry::parse_rv(rv)?),
-                _ => None,
+                _ => {
+                    return Err(ApiError::invalid(
+                        kind.info.kind,
+                        &name,
+                        vec![(
+                            "metadata.resourceVersion".into(),
+                            "Invalid value: 0x0: must be specified for an update".into(),
+                        )],
+                    ))
+                }
             };
             let sub = if status {
                 Subresource::Status
