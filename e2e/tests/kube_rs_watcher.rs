@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::{bail, ensure, Context};
 use crds::Instance;
 use etcd_client::CompactionOptions;
 use futures::{Stream, StreamExt};
@@ -251,5 +251,46 @@ async fn watcher_with_streaming_lists_gets_the_state_from_initial_events() -> an
     converge(&mut stream, &mut view, &api).await?;
     assert_eq!(view.store.keys().cloned().collect::<Vec<_>>(), ["b", "c"]);
     view.assert_no_repeats()?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_asking_for_no_initial_events_gets_none_and_must_say_not_older_than(
+) -> anyhow::Result<()> {
+    let c = cluster().await?;
+    let kc = c.gateway.kubeconfig(&c.tokens.admin, NS)?;
+    let client = client(&kc).await?;
+    for name in ["a", "b"] {
+        c.api
+            .create(&PostParams::default(), &instance(name)?)
+            .await?;
+    }
+    let path = format!("/apis/karri.dev/v1alpha1/namespaces/{NS}/instances");
+    let get = |query: &str| {
+        http::Request::get(format!("{path}?{query}"))
+            .body(Vec::new())
+            .context("a request")
+    };
+    // What exists is not sent as ADDED; the watch ends by its timeout with nothing to say.
+    let text = client
+        .request_text(get(
+            "watch=1&sendInitialEvents=false&resourceVersionMatch=NotOlderThan&timeoutSeconds=1",
+        )?)
+        .await?;
+    ensure!(
+        !text.contains("\"ADDED\""),
+        "initial events were sent: {text}"
+    );
+    // As in Kubernetes, the parameter goes with resourceVersionMatch=NotOlderThan only.
+    let refused = client
+        .request_text(get("watch=1&sendInitialEvents=false&timeoutSeconds=1")?)
+        .await;
+    match refused {
+        Err(kube::Error::Api(status)) => {
+            ensure!(status.code == 422, "{status:?}");
+            ensure!(status.message.contains("NotOlderThan"), "{status:?}");
+        }
+        other => bail!("expected 422 Invalid, got {other:?}"),
+    }
     Ok(())
 }

@@ -511,7 +511,7 @@ async fn resource_request(
     match (ep, method.as_str()) {
         (Endpoint::Collection { .. }, "GET") if flag(&q, "watch") => {
             ctx.authorize(Verb::Watch, None)?;
-            watch(s, who, kind, ns, &q, wants_table)
+            watch(s, who, kind, ns, &q, wants_table).await
         }
         (Endpoint::Collection { .. }, "GET") => {
             ctx.authorize(Verb::List, None)?;
@@ -909,7 +909,7 @@ fn watch_timeout(param: Option<&str>) -> ApiResult<Duration> {
     }
 }
 
-fn watch(
+async fn watch(
     s: &Arc<AppState>,
     who: &Principal,
     kind: Arc<Kind>,
@@ -918,21 +918,24 @@ fn watch(
     wants_table: bool,
 ) -> ApiResult<Response> {
     let lo = list_options(q)?;
-    let send_initial_events = match q.get("sendInitialEvents").map(String::as_str) {
-        None | Some("") | Some("false") => false,
-        Some("true") => {
-            if q.get("resourceVersionMatch").map(String::as_str) != Some("NotOlderThan") {
-                return Err(ApiError::invalid(
-                    kind.info.kind,
-                    "",
-                    vec![(
-                        "resourceVersionMatch".into(),
-                        "sendInitialEvents requires resourceVersionMatch=NotOlderThan".into(),
-                    )],
-                ));
-            }
-            true
-        }
+    let asked = q
+        .get("sendInitialEvents")
+        .map(String::as_str)
+        .filter(|v| !v.is_empty());
+    if asked.is_some() && q.get("resourceVersionMatch").map(String::as_str) != Some("NotOlderThan")
+    {
+        return Err(ApiError::invalid(
+            kind.info.kind,
+            "",
+            vec![(
+                "resourceVersionMatch".into(),
+                "sendInitialEvents requires resourceVersionMatch=NotOlderThan".into(),
+            )],
+        ));
+    }
+    let send_initial_events = match asked {
+        None | Some("false") => false,
+        Some("true") => true,
         Some(other) => {
             return Err(ApiError::bad_request(format!(
                 "sendInitialEvents must be true or false, not {other:?}"
@@ -942,6 +945,12 @@ fn watch(
     let from = match lo.resource_version.as_deref() {
         None | Some("") | Some("0") => None,
         Some(rv) => Some(registry::parse_rv(rv)?),
+    };
+    // sendInitialEvents=false from no version: only what changes from now on, no ADDED for
+    // what is there already.
+    let from = match (asked, from) {
+        (Some("false"), None) => Some(s.registry.current_revision().await?),
+        (_, from) => from,
     };
     if send_initial_events && from.is_some() {
         return Err(ApiError::bad_request(
