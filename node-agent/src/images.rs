@@ -848,11 +848,22 @@ impl ImageCache {
         let _publishing = self.inner.publish.lock().await;
         let present = lock(&self.inner.state).entries.contains_key(sha);
         if present {
-            debug!(sha256 = %sha, "already cached; dropping the fetched copy");
-            drop(part);
             let touch_path = path.clone();
-            if let Err(e) = blocking(move || touch(&touch_path)).await? {
-                warn!(path = %path.display(), error = %e, "cannot record the use of a cached image");
+            match blocking(move || touch(&touch_path)).await? {
+                Ok(()) => {
+                    debug!(sha256 = %sha, "already cached; dropping the fetched copy");
+                    drop(part);
+                }
+                // Deleted behind the cache's back: the copy just verified takes its place.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    warn!(path = %path.display(), "a cached image's file was gone; storing the fetched copy");
+                    let target = path.clone();
+                    blocking(move || publish_file(part, &target)).await??;
+                }
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "cannot record the use of a cached image");
+                    drop(part);
+                }
             }
         } else {
             let target = path.clone();
@@ -1890,6 +1901,22 @@ mod tests {
                 .await
                 .expect("evict"),
             0
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cached_file_deleted_behind_the_cache_is_replaced_by_the_next_fetch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src.img");
+        std::fs::write(&src, b"some image bytes").expect("write");
+        let cache = ImageCache::open(dir.path().join("cache"), 1 << 20).expect("open");
+        let first = cache.get(&raw(&src, None)).await.expect("fetched");
+        std::fs::remove_file(&first.path).expect("deleted behind the cache");
+        let again = cache.get(&raw(&src, None)).await.expect("fetched again");
+        assert_eq!(again.path, first.path);
+        assert_eq!(
+            std::fs::read(&again.path).expect("the file is there again"),
+            b"some image bytes"
         );
     }
 
