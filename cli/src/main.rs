@@ -3,6 +3,7 @@
 //! uploads disk images into S3 or the image store and registers them (`karri image register`).
 
 mod image;
+mod interrupt;
 mod s3;
 mod store;
 
@@ -116,12 +117,18 @@ fn admin_settings(mut config: Config) -> Config {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    interrupt::install();
     let client = client(cli.kubeconfig.as_ref()).await?;
-    match cli.command {
+    let done = match cli.command {
         Command::Account { command } => account(client, command).await,
         Command::AccessKey { command } => access_key(client, command).await,
         Command::Image { command } => image::run(client, command).await,
+    };
+    if done.is_err() && interrupt::interrupted() {
+        eprintln!("interrupted");
+        std::process::exit(interrupt::EXIT_STATUS);
     }
+    done
 }
 
 async fn account(client: Client, command: AccountCommand) -> anyhow::Result<()> {

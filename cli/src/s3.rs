@@ -439,6 +439,9 @@ impl S3Client {
         let body = futures::stream::try_unfold((file, progress), move |(mut file, progress)| {
             let mark = mark.clone();
             async move {
+                if crate::interrupt::interrupted() {
+                    return Err(std::io::Error::other("interrupted"));
+                }
                 let mut chunk = vec![0u8; CHUNK_BYTES];
                 let n = file.read(&mut chunk).await?;
                 *mark.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();

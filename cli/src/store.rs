@@ -13,6 +13,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use crate::interrupt;
 use crds::{DiskImageFormat, ImageType};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Deserialize;
@@ -61,6 +62,9 @@ pub enum StoreError {
         /// What was wrong.
         message: String,
     },
+    /// Ctrl-C was pressed.
+    #[error("interrupted")]
+    Interrupted,
     /// The image cannot be registered as it is.
     #[error("{}: {reason}", .path.display())]
     Refused {
@@ -432,6 +436,9 @@ fn copy_hashing(
     let mut buf = vec![0u8; CHUNK_BYTES];
     let mut written = 0u64;
     loop {
+        if interrupt::interrupted() {
+            return Err(StoreError::Interrupted);
+        }
         let n = read_full(src, &mut buf).map_err(StoreError::io("read", src_path))?;
         if n == 0 {
             break;
@@ -461,6 +468,9 @@ fn hash(file: &mut File, path: &Path, len: u64) -> Result<String, StoreError> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; CHUNK_BYTES];
     loop {
+        if interrupt::interrupted() {
+            return Err(StoreError::Interrupted);
+        }
         let n = read_full(file, &mut buf).map_err(StoreError::io("read", path))?;
         if n == 0 {
             break;
@@ -522,6 +532,10 @@ fn convert(src: &Path, from: &str, dst: &Path) -> Result<(), StoreError> {
     }
     let status = child.wait().map_err(spawn_error)?;
     progress.finish_and_clear();
+    // qemu-img got the same Ctrl-C (it is in the terminal's process group) and stopped.
+    if interrupt::interrupted() {
+        return Err(StoreError::Interrupted);
+    }
     let message = stderr
         .and_then(|t| t.join().ok())
         .unwrap_or_default()

@@ -5,6 +5,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
 use crds::{DiskImageFormat, Image, ImageType, ID_LABEL};
@@ -560,6 +561,65 @@ async fn bad_uploads_fail_with_a_clear_message_and_register_nothing() -> anyhow:
     ensure!(
         images.list(&ListParams::default()).await?.items.is_empty(),
         "a failed register left a record"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ctrl_c_during_an_upload_stops_it_and_leaves_no_temporary_file() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let tokens = Tokens::generate(&[], &[]);
+    let gateway = Gateway::start(&etcd.endpoint, &tokens).await?;
+    let admin = gateway.kubeconfig(&tokens.admin, NS)?;
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("store");
+    // Sparse, so large to copy and hash yet cheap to make.
+    let big = dir.path().join("big.img");
+    std::fs::File::create(&big)?.set_len(8 << 30)?;
+    let mut child = Command::new(bin_dir().join("karri"))
+        .args(["--kubeconfig", path_str(&admin)?])
+        .args(["image", "register", "--store", path_str(&store)?])
+        .args(["--file", path_str(&big)?])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    // Once the copy has begun (its temporary file exists), Ctrl-C.
+    let parts = || -> Vec<String> {
+        std::fs::read_dir(&store)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(".upload-"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let started = std::time::Instant::now();
+    while parts().is_empty() {
+        ensure!(
+            child.try_wait()?.is_none(),
+            "karri ended before its copy was seen"
+        );
+        ensure!(
+            started.elapsed() < Duration::from_secs(60),
+            "the copy never began"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()?;
+    ensure!(sent.success(), "kill -INT failed");
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.code() == Some(130), "{:?}: {stderr}", out.status);
+    ensure!(stderr.contains("interrupted"), "{stderr}");
+    ensure!(parts().is_empty(), "left behind: {:?}", parts());
+    let images: Api<Image> = Api::all(admin_client(&admin).await?);
+    ensure!(
+        images.list(&ListParams::default()).await?.items.is_empty(),
+        "an interrupted register left a record"
     );
     Ok(())
 }
