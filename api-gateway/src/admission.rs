@@ -426,6 +426,19 @@ pub fn prepare_update(
             "the name of the object ({new_name}) does not match the name on the URL ({old_name})"
         )));
     }
+    // A namespace in the body must be the record's own (none means "the one on the URL").
+    let namespace_of = |v: &Value| {
+        v.pointer("/metadata/namespace")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let new_namespace = namespace_of(&new);
+    if !new_namespace.is_empty() && new_namespace != namespace_of(old) {
+        return Err(ApiError::bad_request(
+            "the namespace of the provided object does not match the namespace sent on the request",
+        ));
+    }
     let old_meta = old.get("metadata").cloned().unwrap_or_else(|| json!({}));
     if let Some(uid) = new.pointer("/metadata/uid").and_then(Value::as_str) {
         let old_uid = old_meta.get("uid").and_then(Value::as_str).unwrap_or("");

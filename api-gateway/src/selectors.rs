@@ -55,17 +55,29 @@ fn valid_key(k: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
 }
 
+/// `key <op> (…)`, with or without a space before the parenthesis: the key and the set.
+fn set_operation<'a>(p: &'a str, op: &str) -> Option<(&'a str, &'a str)> {
+    let (key, rest) = p.split_at(p.find(char::is_whitespace)?);
+    let rest = rest.trim_start().strip_prefix(op)?.trim_start();
+    rest.starts_with('(').then_some((key, rest))
+}
+
 fn parse_set(rest: &str, whole: &str) -> Result<Vec<String>, SelectorError> {
     let rest = rest.trim();
     let inner = rest
         .strip_prefix('(')
         .and_then(|r| r.strip_suffix(')'))
         .ok_or_else(|| SelectorError::Malformed(whole.to_string()))?;
-    Ok(inner
+    let values: Vec<String> = inner
         .split(',')
         .map(|v| v.trim().to_string())
         .filter(|v| !v.is_empty())
-        .collect())
+        .collect();
+    // As Kubernetes: `in` and `notin` need at least one value.
+    if values.is_empty() {
+        return Err(SelectorError::Malformed(whole.to_string()));
+    }
+    Ok(values)
 }
 
 impl LabelSelector {
@@ -86,10 +98,10 @@ impl LabelSelector {
                 (k.trim().to_string(), Op::Eq(v.trim().to_string()))
             } else if let Some((k, v)) = p.split_once('=') {
                 (k.trim().to_string(), Op::Eq(v.trim().to_string()))
-            } else if let Some((k, rest)) = p.split_once(" notin ") {
-                (k.trim().to_string(), Op::NotIn(parse_set(rest, p)?))
-            } else if let Some((k, rest)) = p.split_once(" in ") {
-                (k.trim().to_string(), Op::In(parse_set(rest, p)?))
+            } else if let Some((k, rest)) = set_operation(p, "notin") {
+                (k.to_string(), Op::NotIn(parse_set(rest, p)?))
+            } else if let Some((k, rest)) = set_operation(p, "in") {
+                (k.to_string(), Op::In(parse_set(rest, p)?))
             } else {
                 (p.to_string(), Op::Exists)
             };
@@ -204,6 +216,8 @@ mod tests {
             ("app!=db", true),
             ("app!=web", false),
             ("app in (web,db)", true),
+            ("app in(web,db)", true),
+            ("app notin(db)", true),
             ("app in (db)", false),
             ("app notin (db)", true),
             ("app notin (web)", false),
@@ -223,7 +237,7 @@ mod tests {
 
     #[test]
     fn malformed_label_selector_is_rejected() {
-        for sel in ["app in web", "a b=c", "=x"] {
+        for sel in ["app in web", "a b=c", "=x", "app in ()", "app notin ( , )"] {
             assert!(LabelSelector::parse(sel).is_err(), "{sel:?} should fail");
         }
     }

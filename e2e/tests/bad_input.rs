@@ -323,6 +323,27 @@ async fn an_update_that_names_no_resource_version_is_invalid_and_changes_nothing
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_update_moving_a_record_to_another_namespace_is_a_bad_request() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let api = c.admin_api()?;
+    let first = create(&api, "a").await?;
+    let mut moved = first.clone();
+    moved["metadata"]["namespace"] = json!("elsewhere");
+    let resp = api
+        .request(Method::PUT, &instance("a"))
+        .json(&moved)
+        .send()
+        .await?;
+    let status = expect_status(resp, 400, "BadRequest").await?;
+    ensure!(message(&status).contains("namespace"), "{status}");
+    ensure!(
+        api.get_json(&instance("a")).await? == first,
+        "a refused update changed the record"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn creating_a_namespaced_record_at_the_all_namespaces_path_is_not_allowed(
 ) -> anyhow::Result<()> {
     let c = Cluster::start().await?;
