@@ -647,6 +647,25 @@ fn delete_options(q: &HashMap<String, String>, body: &Value) -> ApiResult<Delete
             .and_then(Value::as_str)
             .map(str::to_string)
     });
+    // The deprecated orphanDependents (query or body) stands for a policy when none is given,
+    // as in Kubernetes: true orphans the dependents, false deletes them.
+    let orphan_dependents = q
+        .get("orphanDependents")
+        .map(|v| v == "true")
+        .or_else(|| body.get("orphanDependents").and_then(Value::as_bool));
+    if policy.as_deref().is_some_and(|p| !p.is_empty()) && orphan_dependents.is_some() {
+        return Err(ApiError::invalid(
+            "DeleteOptions",
+            "",
+            vec![(
+                "propagationPolicy".into(),
+                "orphanDependents and propagationPolicy cannot both be set".into(),
+            )],
+        ));
+    }
+    let policy = policy.or_else(|| {
+        orphan_dependents.map(|orphan| if orphan { "Orphan" } else { "Background" }.to_string())
+    });
     let propagation = match policy.as_deref() {
         None | Some("") | Some("Background") => Propagation::Background,
         Some("Foreground") => Propagation::Foreground,
@@ -1005,6 +1024,45 @@ async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_deprecated_orphan_dependents_stands_for_a_propagation_policy() {
+        let query = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let policy = |q: &[(&str, &str)], body: Value| {
+            delete_options(&query(q), &body).map(|o| o.propagation)
+        };
+        let none = || serde_json::json!({});
+        assert_eq!(policy(&[], none()).ok(), Some(Propagation::Background));
+        assert_eq!(
+            policy(&[("orphanDependents", "true")], none()).ok(),
+            Some(Propagation::Orphan)
+        );
+        assert_eq!(
+            policy(&[], serde_json::json!({"orphanDependents": true})).ok(),
+            Some(Propagation::Orphan)
+        );
+        assert_eq!(
+            policy(&[], serde_json::json!({"orphanDependents": false})).ok(),
+            Some(Propagation::Background)
+        );
+        assert_eq!(
+            policy(&[("propagationPolicy", "Foreground")], none()).ok(),
+            Some(Propagation::Foreground)
+        );
+        assert!(policy(
+            &[
+                ("propagationPolicy", "Orphan"),
+                ("orphanDependents", "false")
+            ],
+            none()
+        )
+        .is_err());
+    }
 
     fn patch(ops: Value) -> json_patch::Patch {
         serde_json::from_value(ops).expect("valid patch")
