@@ -22,7 +22,6 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, ResourceExt};
 
-use crate::election::Observer;
 use crate::health::{self, instance_health, node_ready, Readiness};
 use crate::launch::{self, LaunchError};
 use crate::lifecycle::{self, effective_desired, needs_placement, Observed, Placed};
@@ -719,8 +718,8 @@ pub struct NodeContext {
     client: Client,
     lease_duration: Duration,
     metrics: Arc<Metrics>,
-    /// How long each node's lease has stayed unchanged, by this replica's clock.
-    observers: Mutex<HashMap<String, Observer>>,
+    /// Since when each node's lease has been at its version, by this replica's clock.
+    sightings: Mutex<HashMap<String, health::LeaseSighting>>,
 }
 
 async fn reconcile_node(node: Arc<Node>, ctx: Arc<NodeContext>) -> Result<Action, Error> {
@@ -732,31 +731,37 @@ async fn reconcile_node(node: Arc<Node>, ctx: Arc<NodeContext>) -> Result<Action
         .ok_or(Error::Incomplete("name"))?;
     let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), NODE_LEASE_NAMESPACE);
     let lease = leases.get_opt(&name).await?;
-    let version = lease
-        .as_ref()
-        .and_then(|l| l.metadata.resource_version.as_deref());
-    let age = {
-        let mut observers = ctx
-            .observers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let age = observers
-            .entry(name.clone())
-            .or_default()
-            .age(version, Instant::now());
-        if version.is_none() {
-            observers.remove(&name);
-        }
-        age
-    };
     let duration = lease
         .as_ref()
         .and_then(|l| l.spec.lease_duration_seconds)
         .and_then(|s| u64::try_from(s).ok())
         .map_or(ctx.lease_duration, Duration::from_secs);
     let now = now();
-    let renewed_at_all = lease.as_ref().is_some_and(|l| l.spec.renew_time.is_some());
-    let renewed = health::renewed_as_seen(renewed_at_all, age, &now);
+    let renew_time = lease
+        .as_ref()
+        .and_then(|l| l.spec.renew_time.as_ref())
+        .map(|m| Time(m.0));
+    let version = lease
+        .as_ref()
+        .and_then(|l| l.metadata.resource_version.clone());
+    let renewed = {
+        let mut sightings = ctx
+            .sightings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match (version, &renew_time) {
+            (Some(version), Some(written)) => {
+                let seen = health::sighting(sightings.get(&name), &version, Some(written), &now);
+                let since = seen.since.clone();
+                sightings.insert(name.clone(), seen);
+                Some(since)
+            }
+            _ => {
+                sightings.remove(&name);
+                None
+            }
+        }
+    };
     let readiness = node_ready(renewed.as_ref(), duration, &now);
     let mut status = node.status.clone().unwrap_or_default();
     set_condition(&mut status.conditions, readiness.condition(&now));
@@ -788,7 +793,7 @@ pub async fn run_nodes(client: Client, settings: Settings, metrics: Arc<Metrics>
         client: client.clone(),
         lease_duration: settings.node_lease_duration,
         metrics,
-        observers: Mutex::default(),
+        sightings: Mutex::default(),
     });
     Controller::new(Api::<Node>::all(client.clone()), watcher::Config::default())
         .watches(

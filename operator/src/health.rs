@@ -94,14 +94,44 @@ pub fn node_ready(last_renew: Option<&Time>, lease_duration: Duration, now: &Tim
     }
 }
 
-/// When a node's lease was last renewed as the operator tells it: `age` before `now`, where
-/// `age` is how long this replica has seen the lease at one `resourceVersion` by its own
-/// monotonic clock ([`crate::election::Observer`]); `None` when the lease was never renewed.
-/// The `renewTime` the agent wrote is not compared with the operator's clock: an agent whose
-/// clock runs ahead would keep a dead node Ready, one running behind would make a live node
-/// NotReady (Kubernetes' node lifecycle controller times node health the same way).
-pub fn renewed_as_seen(renewed_at_all: bool, age: Duration, now: &Time) -> Option<Time> {
-    renewed_at_all.then(|| Time(now.0.checked_sub(age).unwrap_or(now.0)))
+/// What the operator remembers of a node's lease: the version it last read, and since when
+/// (by its own clock) the lease has been at that version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseSighting {
+    /// The lease's `resourceVersion`.
+    pub version: String,
+    /// When it was first seen at that version: the renewal, as the operator times it.
+    pub since: Time,
+}
+
+/// The sighting after reading the lease at `version`, whose agent wrote `renew_time`, at `now`.
+/// The same version keeps its time (so the node's condition, which shows it, does not change
+/// while the node stays down); a new version is a renewal seen now. Only the first sight (an
+/// operator that just started) takes the agent's `renewTime`, and never later than `now`: a
+/// node dead for long is not Ready, and an agent clock running ahead buys nothing. Comparing
+/// the agent's clock with the operator's only there keeps a skewed agent from being judged
+/// by its clock (Kubernetes' node lifecycle controller times node health by its own clock too).
+/// Pure.
+pub fn sighting(
+    previous: Option<&LeaseSighting>,
+    version: &str,
+    renew_time: Option<&Time>,
+    now: &Time,
+) -> LeaseSighting {
+    match previous {
+        Some(seen) if seen.version == version => seen.clone(),
+        Some(_) => LeaseSighting {
+            version: version.to_owned(),
+            since: now.clone(),
+        },
+        None => LeaseSighting {
+            version: version.to_owned(),
+            since: renew_time
+                .filter(|written| written.0 < now.0)
+                .unwrap_or(now)
+                .clone(),
+        },
+    }
 }
 
 /// How long until a lease renewed at `last_renew` expires, so the operator can look again exactly
@@ -230,36 +260,45 @@ mod tests {
     }
 
     #[test]
-    fn a_node_lease_ages_by_the_operators_clock_whatever_clock_the_agent_has() {
-        use crate::election::Observer;
-        let t0 = std::time::Instant::now();
-        // (seconds after t0 on the operator's clock, lease version read, ready wanted)
-        let rows = [
-            // An agent whose clock runs an hour ahead renews twice, then dies: its lease lasts
-            // 40 s from the last change the operator saw, not an hour more.
-            (0, "7", true),
-            (10, "8", true),
-            (49, "8", true),
-            (51, "8", false),
-            // It comes back (a new version): Ready again at once.
-            (60, "9", true),
-            // An agent whose clock runs a minute behind, renewing every 10 s, stays Ready.
-            (70, "10", true),
-            (80, "11", true),
-            (90, "12", true),
+    fn a_node_lease_is_timed_by_the_operators_clock_and_its_condition_holds_still() {
+        // (seconds on the operator's clock, lease version, agent's renewTime, Ready wanted)
+        let rows: [(i64, &str, i64, bool); 9] = [
+            // First sight after an operator start: a renewal the agent dates in the past counts
+            // from then, so a node dead for long is NotReady at once...
+            (1_000, "7", 900, false),
+            // ...until its agent renews again (a new version, seen now).
+            (1_010, "8", 1_009, true),
+            (1_049, "8", 1_009, true),
+            (1_051, "8", 1_009, false),
+            // Its clock then runs an hour ahead: nothing bought, the version is what counts.
+            (1_060, "9", 4_660, true),
+            (1_101, "9", 4_660, false),
+            // An hour behind, renewing every 10 s: Ready throughout.
+            (1_110, "10", -2_490, true),
+            (1_120, "11", -2_480, true),
+            (1_130, "12", -2_470, true),
         ];
-        let mut observer = Observer::default();
-        for (secs, version, ready) in rows {
-            let age = observer.age(Some(version), t0 + Duration::from_secs(secs));
-            let now = at(1_000 + i64::try_from(secs).expect("small"));
-            let renewed = renewed_as_seen(true, age, &now);
+        let mut seen: Option<LeaseSighting> = None;
+        for (secs, version, written, ready) in rows {
+            let now = at(secs);
+            let next = sighting(seen.as_ref(), version, Some(&at(written)), &now);
             assert_eq!(
-                node_ready(renewed.as_ref(), LEASE, &now).is_ready(),
+                node_ready(Some(&next.since), LEASE, &now).is_ready(),
                 ready,
                 "version {version} at {secs} s"
             );
+            seen = Some(next);
         }
-        assert_eq!(renewed_as_seen(false, Duration::ZERO, &at(1_000)), None);
+        // An agent whose first renewTime is ahead of the operator's clock is taken as now.
+        let ahead = sighting(None, "1", Some(&at(9_999)), &at(1_000));
+        assert_eq!(ahead.since, at(1_000));
+        // While a node stays down its condition stays the same: nothing to write again.
+        let down = sighting(None, "5", Some(&at(500)), &at(1_000));
+        let again = sighting(Some(&down), "5", Some(&at(500)), &at(1_030));
+        assert_eq!(
+            node_ready(Some(&down.since), LEASE, &at(1_000)),
+            node_ready(Some(&again.since), LEASE, &at(1_030))
+        );
     }
 
     #[test]
