@@ -328,9 +328,14 @@ impl Guests {
                 .await
                 .map_err(io("create", dir.to_path_buf()))?;
         }
-        tokio::fs::write(&path, held.join("\n"))
+        // Written aside and renamed: a crash leaves the old list or the new one, never half.
+        let part = path.with_extension("held.part");
+        tokio::fs::write(&part, held.join("\n"))
             .await
-            .map_err(io("write", path.clone()))
+            .map_err(io("write", part.clone()))?;
+        tokio::fs::rename(&part, &path)
+            .await
+            .map_err(io("rename", path.clone()))
     }
 
     async fn fetch(&self, a: &ImageArtifact) -> Result<images::CachedImage, GuestError> {
@@ -387,18 +392,12 @@ impl Guests {
                         source,
                     })?;
             }
+            // An overlay made over other bytes than the image has now (a location whose
+            // contents changed) is retried, never failed for good: a failed launch terminates
+            // the instance, and that would delete the disk holding its data.
             images::create_overlay(&base, &overlay)
                 .await
-                .map_err(|e| match e {
-                    // The instance's disk was made over other bytes than its image has now
-                    // (an image location whose contents changed): it can never start again,
-                    // which its status says rather than a retry for ever.
-                    CacheError::OverlayConflict { .. } => GuestError::Image {
-                        image_id: root.image_id.clone(),
-                        reason: chain(&e),
-                    },
-                    e => GuestError::Files(e),
-                })?;
+                .map_err(GuestError::Files)?;
             prepared.disk = Some(DiskSpec {
                 path: overlay.to_string_lossy().into_owned(),
                 format: DiskFormat::Qcow2,
@@ -720,23 +719,5 @@ mod tests {
         // One long after the last (an instance terminated since) begins a new run.
         let later = at(FETCH_GIVE_UP * 3);
         assert_eq!(failure_run(Some((t0, at(minute))), later), (later, later));
-    }
-
-    #[tokio::test]
-    async fn a_disk_made_over_other_bytes_than_its_image_has_now_fails_for_good() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let image = dir.path().join("root.img");
-        std::fs::write(&image, vec![1u8; 4096]).expect("written");
-        let mut root = artifact("emi-1", None);
-        root["location"] = serde_json::json!(image.to_string_lossy());
-        let instance = launched(serde_json::json!({ "root": root }));
-        let guests = guests_in(dir.path());
-        guests.prepare(&instance, "i-1").await.expect("prepared");
-        // The location now holds other bytes (no checksum was declared to catch it).
-        std::fs::write(&image, vec![2u8; 4096]).expect("rewritten");
-        match guests.prepare(&instance, "i-1").await {
-            Err(e) => assert!(e.is_permanent(), "{e}"),
-            Ok(_) => panic!("a disk over another base was started"),
-        }
     }
 }
