@@ -434,7 +434,7 @@ pub fn prepare_update(
             .to_string()
     };
     let new_namespace = namespace_of(&new);
-    if !new_namespace.is_empty() && new_namespace != namespace_of(old) {
+    if kind.info.namespaced && !new_namespace.is_empty() && new_namespace != namespace_of(old) {
         return Err(ApiError::bad_request(
             "the namespace of the provided object does not match the namespace sent on the request",
         ));

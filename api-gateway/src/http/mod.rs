@@ -649,10 +649,17 @@ fn delete_options(q: &HashMap<String, String>, body: &Value) -> ApiResult<Delete
     });
     // The deprecated orphanDependents (query or body) stands for a policy when none is given,
     // as in Kubernetes: true orphans the dependents, false deletes them.
-    let orphan_dependents = q
-        .get("orphanDependents")
-        .map(|v| v == "true")
-        .or_else(|| body.get("orphanDependents").and_then(Value::as_bool));
+    let orphan_dependents = match q.get("orphanDependents").map(String::as_str) {
+        // Go's ParseBool, as Kubernetes reads query booleans.
+        Some("1" | "t" | "T" | "true" | "TRUE" | "True") => Some(true),
+        Some("0" | "f" | "F" | "false" | "FALSE" | "False") => Some(false),
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "orphanDependents must be true or false, not {other:?}"
+            )))
+        }
+        None => body.get("orphanDependents").and_then(Value::as_bool),
+    };
     if policy.as_deref().is_some_and(|p| !p.is_empty()) && orphan_dependents.is_some() {
         return Err(ApiError::invalid(
             "DeleteOptions",
@@ -1038,10 +1045,14 @@ mod tests {
         };
         let none = || serde_json::json!({});
         assert_eq!(policy(&[], none()).ok(), Some(Propagation::Background));
-        assert_eq!(
-            policy(&[("orphanDependents", "true")], none()).ok(),
-            Some(Propagation::Orphan)
-        );
+        for yes in ["true", "1", "True", "t"] {
+            assert_eq!(
+                policy(&[("orphanDependents", yes)], none()).ok(),
+                Some(Propagation::Orphan),
+                "{yes}"
+            );
+        }
+        assert!(policy(&[("orphanDependents", "yes")], none()).is_err());
         assert_eq!(
             policy(&[], serde_json::json!({"orphanDependents": true})).ok(),
             Some(Propagation::Orphan)
