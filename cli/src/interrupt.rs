@@ -4,6 +4,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+static PRESSED: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
 /// Exit status of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
 pub const EXIT_STATUS: i32 = 130;
@@ -16,6 +17,7 @@ pub fn install() {
             return;
         }
         INTERRUPTED.store(true, Ordering::SeqCst);
+        PRESSED.notify_waiters();
         eprintln!("interrupted: stopping and removing temporary files (Ctrl-C again to quit now)");
         if tokio::signal::ctrl_c().await.is_ok() {
             std::process::exit(EXIT_STATUS);
@@ -26,4 +28,15 @@ pub fn install() {
 /// Whether Ctrl-C was pressed.
 pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
+}
+
+/// Resolves once Ctrl-C is pressed (at once if it was), for work that may wait on the network.
+pub async fn pressed() {
+    let notified = PRESSED.notified();
+    tokio::pin!(notified);
+    notified.as_mut().enable();
+    if interrupted() {
+        return;
+    }
+    notified.await;
 }

@@ -108,6 +108,9 @@ pub enum S3Error {
         /// Its size.
         size: u64,
     },
+    /// Ctrl-C was pressed during the request.
+    #[error("{0}: interrupted")]
+    Interrupted(String),
     /// An upload stopped moving: the gateway took no bytes, or did not answer after the last,
     /// for this long.
     #[error("{what}: no progress for {seconds} s (is the gateway overloaded or stopped?)")]
@@ -481,6 +484,7 @@ impl S3Client {
                 what,
                 seconds: self.stall_timeout.as_secs(),
             }),
+            () = crate::interrupt::pressed() => Err(S3Error::Interrupted(what)),
         }
     }
 }
@@ -567,12 +571,13 @@ mod tests {
 
     #[tokio::test]
     async fn an_upload_slower_than_the_stall_timeout_but_moving_succeeds() {
-        // 24 MiB at 12 MiB/s: about 2 s, twice the stall timeout, never still for long.
-        let size = 24 << 20;
+        // 64 MiB at 12 MiB/s: about 5 s, more than the stall timeout, never still for long
+        // (the socket buffers the stand-in drains after the last chunk take well under it).
+        let size = 64 << 20;
         let file = file_of(size);
         let client = upload_client(
             endpoint_reading_at(Some(12 << 20)).await,
-            Duration::from_secs(1),
+            Duration::from_secs(3),
         );
         let sha = "0".repeat(64);
         let sent = client
