@@ -227,18 +227,24 @@ async fn a_server_that_accepts_and_never_answers_fails_after_the_idle_timeout() 
     assert_nothing_cached(dir.path());
 }
 
+/// The next connection to `listener`, its request head read.
+async fn accept_one_request(listener: &TcpListener) -> tokio::net::TcpStream {
+    let (mut socket, _) = listener.accept().await.expect("accept");
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = socket.read(&mut buf).await.expect("read the request");
+        request.extend_from_slice(&buf[..n]);
+    }
+    socket
+}
+
 #[tokio::test]
 async fn a_server_that_stalls_mid_body_leaves_no_partial_file() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local address");
     tokio::spawn(async move {
-        let (mut socket, _) = listener.accept().await.expect("accept");
-        let mut request = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = socket.read(&mut buf).await.expect("read the request");
-            request.extend_from_slice(&buf[..n]);
-        }
+        let mut socket = accept_one_request(&listener).await;
         socket
             .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\nfirst bytes")
             .await
@@ -266,13 +272,7 @@ async fn trickling_server(head: &'static [u8], piece: &'static [u8], every: Dura
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("local address");
     tokio::spawn(async move {
-        let (mut socket, _) = listener.accept().await.expect("accept");
-        let mut request = Vec::new();
-        let mut buf = [0u8; 1024];
-        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = socket.read(&mut buf).await.expect("read the request");
-            request.extend_from_slice(&buf[..n]);
-        }
+        let mut socket = accept_one_request(&listener).await;
         if socket.write_all(head).await.is_err() {
             return;
         }
