@@ -945,6 +945,19 @@ impl Registry {
                 ));
             }
         }
+        // As the Kubernetes API server: a continue token carries its own revision.
+        if opts.continue_token.is_some() {
+            if opts.resource_version_match.is_some() {
+                return Err(ApiError::bad_request(
+                    "resourceVersionMatch is forbidden when continue is provided",
+                ));
+            }
+            if rv.is_some_and(|r| r != "0") {
+                return Err(ApiError::bad_request(
+                    "specifying resource version is not allowed when using continue",
+                ));
+            }
+        }
         let paged = opts.continue_token.is_some() || (opts.limit > 0 && rv != Some("0"));
         if !paged && !exact {
             let target = match rv {

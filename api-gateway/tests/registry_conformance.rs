@@ -962,6 +962,62 @@ async fn paginated_lists_read_one_revision_and_selectors_filter() -> anyhow::Res
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continue_token_with_a_resource_version_is_a_bad_request() -> anyhow::Result<()> {
+    let h = harness().await?;
+    for i in 0..3 {
+        h.create(&format!("web-{i}")).await?;
+    }
+    let first = ListOptions {
+        limit: 1,
+        ..Default::default()
+    };
+    let page = h
+        .registry
+        .list(&h.instances, Some("acme"), &admin(), &first)
+        .await?;
+    let token = page
+        .continue_token
+        .clone()
+        .expect("3 records at limit 1 continue");
+    let rows: [(Option<&str>, Option<&str>, Option<&str>); 4] = [
+        (
+            Some("1"),
+            None,
+            Some("specifying resource version is not allowed when using continue"),
+        ),
+        (
+            Some("1"),
+            Some("NotOlderThan"),
+            Some("resourceVersionMatch is forbidden when continue"),
+        ),
+        (Some("0"), None, None),
+        (None, None, None),
+    ];
+    for (rv, rv_match, refusal) in rows {
+        let opts = ListOptions {
+            limit: 1,
+            continue_token: Some(token.clone()),
+            resource_version: rv.map(str::to_string),
+            resource_version_match: rv_match.map(str::to_string),
+            ..Default::default()
+        };
+        let got = h
+            .registry
+            .list(&h.instances, Some("acme"), &admin(), &opts)
+            .await;
+        match (refusal, got) {
+            (Some(message), Err(e)) => {
+                assert_eq!(e.code, 400, "{rv:?} {rv_match:?}: {e:?}");
+                assert!(e.message.contains(message), "{rv:?} {rv_match:?}: {e:?}");
+            }
+            (None, Ok(next)) => assert_eq!(next.revision, page.revision),
+            (want, got) => panic!("{rv:?} {rv_match:?}: wanted {want:?}, got {got:?}"),
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_field_selector_watch_sees_bindings_come_and_go() -> anyhow::Result<()> {
     let h = harness().await?;
     let created = h.create("web").await?;
