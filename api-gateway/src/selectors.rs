@@ -149,28 +149,23 @@ pub struct FieldSelector {
 pub const SUPPORTED_FIELDS: &[&str] = &["metadata.name", "metadata.namespace", "status.nodeName"];
 
 impl FieldSelector {
-    /// Parse `metadata.name=x,status.nodeName!=y`.
+    /// Parse `metadata.name=x,status.nodeName!=y`, with Kubernetes' escapes in values (`\,`,
+    /// `\=`, `\\`).
     pub fn parse(text: &str) -> Result<Self, SelectorError> {
         let mut reqs = Vec::new();
-        if text.trim().is_empty() {
-            return Ok(Self { reqs });
-        }
-        for part in text.split(',') {
+        for part in split_unescaped(text, |c| c == ',') {
             let p = part.trim();
-            let (field, eq, value) = if let Some((f, v)) = p.split_once("!=") {
-                (f, false, v)
-            } else if let Some((f, v)) = p.split_once("==") {
-                (f, true, v)
-            } else if let Some((f, v)) = p.split_once('=') {
-                (f, true, v)
-            } else {
-                return Err(SelectorError::Malformed(p.to_string()));
-            };
+            if p.is_empty() {
+                continue;
+            }
+            let (field, eq, value) =
+                split_field_term(p).ok_or_else(|| SelectorError::Malformed(p.to_string()))?;
             let field = field.trim();
             if !SUPPORTED_FIELDS.contains(&field) {
                 return Err(SelectorError::UnsupportedField(field.to_string()));
             }
-            reqs.push((field.to_string(), eq, value.trim().to_string()));
+            let value = unescape_field_value(value.trim())?;
+            reqs.push((field.to_string(), eq, value));
         }
         Ok(Self { reqs })
     }
@@ -194,6 +189,66 @@ impl FieldSelector {
             (have == want) == *eq
         })
     }
+}
+
+/// The pieces of `text` between the characters `sep` accepts that no backslash escapes.
+fn split_unescaped(text: &str, sep: impl Fn(char) -> bool) -> Vec<&str> {
+    let mut parts = Vec::new();
+    let (mut start, mut escaped) = (0, false);
+    for (i, c) in text.char_indices() {
+        if escaped {
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else if sep(c) {
+            parts.push(&text[start..i]);
+            start = i + c.len_utf8();
+        }
+    }
+    parts.push(&text[start..]);
+    parts
+}
+
+/// `field`, whether the operator is `=`/`==` (true) or `!=` (false), and the raw value: the
+/// first operator no backslash escapes, as Kubernetes splits a field selector term.
+fn split_field_term(term: &str) -> Option<(&str, bool, &str)> {
+    let mut escaped = false;
+    for (i, c) in term.char_indices() {
+        if escaped {
+            escaped = false;
+            continue;
+        }
+        let rest = &term[i..];
+        if c == '\\' {
+            escaped = true;
+        } else if let Some(v) = rest.strip_prefix("!=") {
+            return Some((&term[..i], false, v));
+        } else if let Some(v) = rest.strip_prefix("==") {
+            return Some((&term[..i], true, v));
+        } else if let Some(v) = rest.strip_prefix('=') {
+            return Some((&term[..i], true, v));
+        }
+    }
+    None
+}
+
+/// A field selector value with its escapes undone; an unescaped `,` or `=`, or an unknown or
+/// unfinished escape, is malformed (as Kubernetes' `UnescapeValue`).
+fn unescape_field_value(raw: &str) -> Result<String, SelectorError> {
+    let malformed = || SelectorError::Malformed(raw.to_string());
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some(e @ ('\\' | ',' | '=')) => out.push(e),
+                _ => return Err(malformed()),
+            },
+            ',' | '=' => return Err(malformed()),
+            c => out.push(c),
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -258,6 +313,38 @@ mod tests {
         let unbound = json!({"metadata": {"name": "x"}});
         let s = FieldSelector::parse("status.nodeName=").expect("empty value parses");
         assert!(s.matches(&unbound));
+    }
+
+    #[test]
+    fn field_selector_values_take_kubernetes_escapes() {
+        let named = |name: &str| json!({"metadata": {"name": name}});
+        let rows = [
+            (r"metadata.name=a\,b", "a,b", true),
+            (r"metadata.name=a\=b", "a=b", true),
+            (r"metadata.name=a\\b", r"a\b", true),
+            (r"metadata.name!=a\,b,metadata.name=c", "c", true),
+            (r"metadata.name=a\,b", "a", false),
+            ("metadata.name=x,,", "x", true),
+        ];
+        for (sel, name, want) in rows {
+            let s = FieldSelector::parse(sel).expect(sel);
+            assert_eq!(
+                s.matches(&named(name)),
+                want,
+                "selector {sel:?} on {name:?}"
+            );
+        }
+        for sel in [
+            r"metadata.name=a\b",
+            r"metadata.name=a\",
+            "metadata.name=a=b",
+            "metadata.name",
+        ] {
+            assert!(
+                matches!(FieldSelector::parse(sel), Err(SelectorError::Malformed(_))),
+                "{sel:?} should be malformed"
+            );
+        }
     }
 
     #[test]
