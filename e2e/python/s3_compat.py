@@ -1619,6 +1619,21 @@ def group_multipart(suite):
         for upload_id in made:
             a.abort_multipart_upload(Bucket=name, Key="paged-key", UploadId=upload_id)
 
+    @g.check("list_multipart_uploads_encoding_type_url_encodes_markers_prefix_and_keys")
+    def _():
+        key = "multi space/\u00fc.bin"
+        upload_id = a.create_multipart_upload(Bucket=name, Key=key)["UploadId"]
+        # Asked explicitly, botocore leaves every field of the answer as the server wrote it.
+        answer = a.list_multipart_uploads(Bucket=name, EncodingType="url", Prefix="multi space/",
+                                          KeyMarker="multi space/a", Delimiter="\u00e9")
+        keys = [u["Key"] for u in answer.get("Uploads", [])]
+        check(keys == ["multi%20space/%C3%BC.bin"], f"Uploads keys {keys}")
+        check(answer.get("KeyMarker") == "multi%20space/a",
+              f"KeyMarker {answer.get('KeyMarker')!r}")
+        check(answer.get("Prefix") == "multi%20space/", f"Prefix {answer.get('Prefix')!r}")
+        check(answer.get("Delimiter") == "%C3%A9", f"Delimiter {answer.get('Delimiter')!r}")
+        a.abort_multipart_upload(Bucket=name, Key=key, UploadId=upload_id)
+
     @g.check("upload_part_copy_whose_source_conditions_fail_is_precondition_failed")
     def _():
         a.put_object(Bucket=name, Key="cond-source.txt", Body=b"condition source")

@@ -1922,10 +1922,10 @@ impl S3 for KarriS3 {
                     })
                     .collect(),
             ),
-            delimiter: input.delimiter.clone(),
+            delimiter: input.delimiter.as_deref().map(&enc),
             encoding_type: input.encoding_type.clone(),
             is_truncated: Some(truncated),
-            key_marker: Some(key_marker.clone()),
+            key_marker: Some(enc(&key_marker)),
             max_uploads: i32::try_from(max).ok(),
             next_key_marker: page.next_key_marker.as_deref().map(&enc),
             next_upload_id_marker: page.next_upload_id_marker.clone(),
