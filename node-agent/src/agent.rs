@@ -243,6 +243,35 @@ pub fn launch_failed(instance: &Instance) -> bool {
         })
 }
 
+/// Whether the agent already reported, at the record's current generation, that the record has
+/// no domain here. That report follows the release of what its domain had (overlay, address,
+/// DHCP host, port guard binding), and lets the operator free the address: a terminated record
+/// kept for retention must not release again what a later instance holds at that address.
+pub fn released(instance: &Instance) -> bool {
+    instance
+        .status
+        .as_ref()
+        .and_then(|s| crds::common::find_condition(&s.conditions, report::CONDITION_DOMAIN_RUNNING))
+        .is_some_and(|c| {
+            c.reason == report::REASON_UNDEFINED
+                && c.observed_generation == instance.metadata.generation
+        })
+}
+
+/// Whether a live instance on `node` other than `uid` holds the address `ip`.
+pub fn held_by_another<'a>(
+    instances: impl IntoIterator<Item = &'a Instance>,
+    node: &str,
+    uid: &str,
+    ip: Ipv4Addr,
+) -> bool {
+    instances.into_iter().any(|other| {
+        other.uid().as_deref() != Some(uid)
+            && is_live_on(other, node)
+            && guest::address_of(other).is_some_and(|(at, _)| at == ip)
+    })
+}
+
 /// The record's instance ID (the `karri.dev/id` label).
 fn instance_id(instance: &Instance) -> Result<&str, Error> {
     instance
@@ -426,8 +455,17 @@ impl<H: Hypervisor + 'static> Context<H> {
             other => other?,
         };
         if let Some(guests) = &self.guests {
-            if desired.is_none() && observed.as_ref().is_none_or(|d| d.uid != uid) {
-                guests.release(id, guest::address_of(instance)).await?;
+            if desired.is_none()
+                && observed.as_ref().is_none_or(|d| d.uid != uid)
+                && !released(instance)
+            {
+                let held_elsewhere = |ip: Ipv4Addr| {
+                    let live = self.instances.state();
+                    held_by_another(live.iter().map(|i| &**i), &self.settings.node, &uid, ip)
+                };
+                guests
+                    .release(id, guest::address_of(instance), held_elsewhere)
+                    .await?;
             } else if desired.is_some() {
                 let active = observed
                     .as_ref()
@@ -617,7 +655,7 @@ impl<H: Hypervisor + 'static> Context<H> {
                 continue;
             }
             let _lock = self.locks.lock(&domain_name(&id)).await;
-            if let Err(error) = guests.release(&id, None).await {
+            if let Err(error) = guests.release(&id, None, |_| false).await {
                 tracing::warn!(%error, id, "cannot remove the files of a gone instance");
             }
         }
@@ -1051,6 +1089,80 @@ mod tests {
         let mut deleting = instance(DesiredState::Running, Some("n1"));
         deleting.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
         assert!(!is_live_on(&deleting, "n1"));
+    }
+
+    /// `instance(desired, Some("n1"))` with its own UID at `ip`.
+    fn at(desired: DesiredState, uid: &str, ip: &str) -> Instance {
+        let mut i = instance(desired, Some("n1"));
+        i.metadata.uid = Some(uid.into());
+        if let Some(s) = i.status.as_mut() {
+            s.private_ip_address = Some(ip.into());
+        }
+        i
+    }
+
+    #[test]
+    fn an_address_is_held_by_another_only_while_a_live_instance_on_the_node_has_it() {
+        let ip: Ipv4Addr = "172.31.0.5".parse().expect("an address");
+        let terminated = at(DesiredState::Terminated, UID, "172.31.0.5");
+        let rows: [(&str, Vec<Instance>, bool); 5] = [
+            ("alone", vec![terminated.clone()], false),
+            (
+                "a running instance took it",
+                vec![
+                    terminated.clone(),
+                    at(DesiredState::Running, "uid-b", "172.31.0.5"),
+                ],
+                true,
+            ),
+            (
+                "a stopped instance keeps it",
+                vec![at(DesiredState::Stopped, "uid-b", "172.31.0.5")],
+                true,
+            ),
+            (
+                "another address",
+                vec![at(DesiredState::Running, "uid-b", "172.31.0.6")],
+                false,
+            ),
+            (
+                "a terminated one had it too",
+                vec![at(DesiredState::Terminated, "uid-b", "172.31.0.5")],
+                false,
+            ),
+        ];
+        for (what, instances, want) in rows {
+            assert_eq!(held_by_another(&instances, "n1", UID, ip), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_record_is_released_once_its_undefined_domain_is_reported_for_its_generation() {
+        let mut terminated = instance(DesiredState::Terminated, Some("n1"));
+        terminated.metadata.generation = Some(3);
+        assert!(!released(&terminated), "nothing reported yet");
+        let report = |reason: &str, generation: i64| {
+            Condition::new(
+                report::CONDITION_DOMAIN_RUNNING,
+                ConditionStatus::False,
+                reason,
+                String::new(),
+                now(),
+            )
+            .with_observed_generation(Some(generation))
+        };
+        let rows = [
+            (report::REASON_UNDEFINED, 3, true),
+            (report::REASON_UNDEFINED, 2, false),
+            ("ShutOff", 3, false),
+        ];
+        for (reason, generation, want) in rows {
+            let mut i = terminated.clone();
+            if let Some(s) = i.status.as_mut() {
+                s.conditions = vec![report(reason, generation)];
+            }
+            assert_eq!(released(&i), want, "{reason} at generation {generation}");
+        }
     }
 
     #[test]

@@ -422,17 +422,17 @@ impl Guests {
         }
         self.write_held(id).await?;
         if let (Some(net), Some((ip, mac))) = (&self.network, address_of(instance)) {
+            // Under the DHCP lock, as a release of an earlier holder of the address is.
+            let dhcp = net.dhcp.lock().await;
             // Guarded before the domain exists: no frame of its tap passes unchecked.
             let tap = net.ports.bind(&mac, ip).await.map_err(GuestError::Ports)?;
             let hostname = crds::subnet::hostname_for(ip);
-            net.dhcp
-                .lock()
-                .await
-                .set_host(&mac, ip, &hostname)
+            dhcp.set_host(&mac, ip, &hostname)
                 .map_err(|e| GuestError::Dhcp(e.to_string()))?;
             if let Some(md) = metadata_of(instance, &net.region, &net.subnet_cidr) {
                 net.directory.set(md);
             }
+            drop(dhcp);
             prepared.nic = Some(NicSpec {
                 mac,
                 bridge: net.bridge.clone(),
@@ -453,33 +453,42 @@ impl Guests {
             if let Some(md) = metadata_of(instance, &net.region, &net.subnet_cidr) {
                 net.directory.set(md);
             }
-        } else if let Some((ip, _)) = address_of(instance) {
-            net.directory.remove(ip);
+        } else if let (Some((ip, _)), Some(id)) =
+            (address_of(instance), instance.labels().get(ID_LABEL))
+        {
+            net.directory.remove(ip, id);
         }
     }
 
     /// Removes what [`Guests::prepare`] made for the instance `id` (its domain is gone): overlay,
-    /// console log, DHCP entry, metadata.
+    /// console log, DHCP entry, metadata. What is bound to its `address` stays when
+    /// `held_elsewhere` says another live instance holds that address now; it is asked under
+    /// the lock that [`Guests::prepare`] binds an address under, so an instance that takes the
+    /// address after the question is bound after the release.
     pub async fn release(
         &self,
         id: &str,
         address: Option<(Ipv4Addr, String)>,
+        held_elsewhere: impl Fn(Ipv4Addr) -> bool,
     ) -> Result<(), GuestError> {
         {
             let mut bases = self.bases.lock().unwrap_or_else(PoisonError::into_inner);
             bases.remove(id);
         }
         if let (Some(net), Some((ip, mac))) = (&self.network, address) {
-            net.directory.remove(ip);
-            net.dhcp
-                .lock()
-                .await
-                .remove_host(&mac)
-                .map_err(|e| GuestError::Dhcp(e.to_string()))?;
-            net.ports
-                .unbind(&mac, ip)
-                .await
-                .map_err(GuestError::Ports)?;
+            let dhcp = net.dhcp.lock().await;
+            if held_elsewhere(ip) {
+                tracing::debug!(%ip, "the address is another instance's now; its bindings stay");
+            } else {
+                net.directory.remove(ip, id);
+                dhcp.remove_host(&mac)
+                    .map_err(|e| GuestError::Dhcp(e.to_string()))?;
+                net.ports
+                    .unbind(&mac, ip)
+                    .await
+                    .map_err(GuestError::Ports)?;
+            }
+            drop(dhcp);
         }
         images::remove_overlay(&self.overlay(id))
             .await
@@ -676,7 +685,7 @@ mod tests {
             .build()
             .expect("runtime");
         runtime
-            .block_on(guests.release("i-1", None))
+            .block_on(guests.release("i-1", None, |_| false))
             .expect("release");
         assert!(guests.in_use().is_empty());
     }
@@ -698,7 +707,10 @@ mod tests {
         let restarted = guests_in(dir.path());
         restarted.hold_images_of(&instance, "i-1");
         assert_eq!(restarted.in_use(), held);
-        restarted.release("i-1", None).await.expect("release");
+        restarted
+            .release("i-1", None, |_| false)
+            .await
+            .expect("release");
         assert!(guests_in(dir.path()).in_use().is_empty());
         let again = guests_in(dir.path());
         again.hold_images_of(&instance, "i-1");

@@ -100,9 +100,16 @@ impl Directory {
         self.write().insert(md.local_ipv4, Arc::new(md));
     }
 
-    /// Forgets the instance at an address, if any.
-    pub fn remove(&self, ip: Ipv4Addr) {
-        self.write().remove(&ip);
+    /// Forgets the instance `instance_id` at an address; another instance given that address
+    /// since stays.
+    pub fn remove(&self, ip: Ipv4Addr, instance_id: &str) {
+        let mut instances = self.write();
+        if instances
+            .get(&ip)
+            .is_some_and(|md| md.instance_id == instance_id)
+        {
+            instances.remove(&ip);
+        }
     }
 
     /// Keeps only the instances for which `keep` holds.
@@ -1691,7 +1698,9 @@ mod tests {
             get(&app, A, "/latest/", &[]).await.status,
             StatusCode::FORBIDDEN
         );
-        directory.remove(Ipv4Addr::from(B));
+        directory.remove(Ipv4Addr::from(B), "i-0123456789abcdef0");
+        assert_eq!(directory.len(), 1, "another instance's address stays");
+        directory.remove(Ipv4Addr::from(B), &other().instance_id);
         assert!(directory.is_empty());
         assert_eq!(
             get(&app, B, "/latest/", &[]).await.status,

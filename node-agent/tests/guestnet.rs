@@ -519,3 +519,107 @@ async fn a_guarded_guest_is_answered_only_with_its_own_address_and_mac() -> anyh
     server.abort();
     Ok(())
 }
+
+/// The metadata the service would serve `id` at [`GUEST_IP`].
+fn metadata_at_guest_ip(id: &str) -> node_agent::imds::InstanceMetadata {
+    node_agent::imds::InstanceMetadata {
+        instance_id: id.into(),
+        image_id: "emi-0123456789abcdef0".into(),
+        instance_type: "t1.micro".into(),
+        account_id: "000000000001".into(),
+        region: "karri-1".into(),
+        availability_zone: "karri-1a".into(),
+        local_ipv4: GUEST_IP,
+        mac: guestnet::mac_for(GUEST_IP),
+        hostname: "ip-172-31-0-5.karri-1.compute.internal".into(),
+        reservation_id: "r-0123456789abcdef0".into(),
+        kernel_id: None,
+        ramdisk_id: None,
+        public_keys: Vec::new(),
+        user_data: None,
+        launch_time: "2026-11-26T00:00:00Z".into(),
+        security_groups: Vec::new(),
+        subnet_cidr: "172.31.0.0/24".into(),
+        http_tokens_required: false,
+        http_endpoint_enabled: true,
+        hop_limit: 1,
+    }
+}
+
+#[tokio::test]
+async fn releasing_a_terminated_instance_keeps_the_bindings_of_the_instance_holding_its_address_now(
+) -> anyhow::Result<()> {
+    let host = Netns::new()?;
+    let state = tempfile::tempdir()?;
+    let cfg = config(host.name(), state.path())?;
+    guestnet::ensure_bridge(&cfg).await?;
+    let ports = PortGuard::install(Some(host.name()), &cfg.bridge).await?;
+    let table = ports.table().to_owned();
+    let dhcp = Dhcp::start(&cfg).await?;
+    let mac = guestnet::mac_for(GUEST_IP);
+    // Instance B was given the address that terminated instance A had.
+    let tap = ports.bind(&mac, GUEST_IP).await?;
+    dhcp.set_host(&mac, GUEST_IP, "ip-172-31-0-5")?;
+    let directory = node_agent::imds::Directory::default();
+    directory.set(metadata_at_guest_ip("i-0bbbbbbbbbbbbbbbb"));
+    let cache = node_agent::images::ImageCache::open(state.path().join("cache"), 1 << 30)?;
+    let guests = node_agent::guest::Guests::new(
+        cache,
+        state.path().join("instances"),
+        state.path().join("console"),
+        String::new(),
+        Some(node_agent::guest::GuestNetwork {
+            bridge: cfg.bridge.clone(),
+            dhcp: tokio::sync::Mutex::new(dhcp),
+            ports,
+            directory: directory.clone(),
+            region: "karri-1".into(),
+            subnet_cidr: "172.31.0.0/24".into(),
+        }),
+    );
+    let host_file = cfg.hosts_dir().join(&mac);
+    let guarded = || -> anyhow::Result<bool> {
+        let out = run_ok(&mut host.exec(["nft", "list", "set", "bridge", &table, "taps"]))?;
+        Ok(String::from_utf8_lossy(&out.stdout).contains(&tap))
+    };
+    let served = || {
+        directory
+            .get(GUEST_IP)
+            .map(|md| md.instance_id.clone())
+            .unwrap_or_default()
+    };
+    ensure!(host_file.exists() && guarded()? && served() == "i-0bbbbbbbbbbbbbbbb");
+
+    // A's record, kept for retention, is released again while B holds the address.
+    guests
+        .release("i-0aaaaaaaaaaaaaaaa", Some((GUEST_IP, mac.clone())), |ip| {
+            ip == GUEST_IP
+        })
+        .await?;
+    assert!(host_file.exists(), "B's DHCP host entry was removed");
+    assert!(guarded()?, "B's port guard binding was removed");
+    assert_eq!(
+        served(),
+        "i-0bbbbbbbbbbbbbbbb",
+        "B's metadata was withdrawn"
+    );
+
+    // Told that no live instance holds the address, A's release removes its DHCP entry and
+    // binding, but never the metadata of another instance.
+    guests
+        .release("i-0aaaaaaaaaaaaaaaa", Some((GUEST_IP, mac.clone())), |_| {
+            false
+        })
+        .await?;
+    assert!(!host_file.exists() && !guarded()?);
+    assert_eq!(
+        served(),
+        "i-0bbbbbbbbbbbbbbbb",
+        "A's release withdrew B's metadata"
+    );
+    guests
+        .release("i-0bbbbbbbbbbbbbbbb", Some((GUEST_IP, mac)), |_| false)
+        .await?;
+    assert_eq!(served(), "");
+    Ok(())
+}
