@@ -1563,6 +1563,47 @@ def group_multipart(suite):
         check(answer["Body"].read() == b"".join(parts)[start:start + 10],
               "the bytes across parts 1 and 2 differ")
 
+    @g.check("get_and_head_with_part_number_serve_one_part_as_uploaded")
+    def _():
+        whole = b"".join(parts)
+        plain = a.get_object(Bucket=name, Key="big.bin")
+        plain["Body"].read()
+        check("PartsCount" not in plain, f"a whole GET reports PartsCount {plain.get('PartsCount')}")
+        start = 0
+        for n, part in enumerate(parts, start=1):
+            got = a.get_object(Bucket=name, Key="big.bin", PartNumber=n)
+            data = got["Body"].read()
+            status = got["ResponseMetadata"]["HTTPStatusCode"]
+            end = start + len(part) - 1
+            check(status == 206 and data == part,
+                  f"part {n}: HTTP {status}, {len(data)} bytes, expected {len(part)}")
+            check(got.get("ContentRange") == f"bytes {start}-{end}/{len(whole)}"
+                  and got.get("PartsCount") == len(parts) and got["ETag"] == multipart_etag(parts),
+                  f"part {n}: {brief(got)}")
+            head = a.head_object(Bucket=name, Key="big.bin", PartNumber=n)
+            check(head["ResponseMetadata"]["HTTPStatusCode"] == 206
+                  and head["ContentLength"] == len(part) and head.get("PartsCount") == len(parts),
+                  f"HEAD of part {n}: {brief(head)}")
+            start += len(part)
+        expect_error("InvalidPartNumber", 416, a.get_object, Bucket=name, Key="big.bin",
+                     PartNumber=len(parts) + 1)
+        expect_error("InvalidArgument", 400, a.get_object, Bucket=name, Key="big.bin",
+                     PartNumber=0)
+        expect_error("InvalidRequest", 400, a.get_object, Bucket=name, Key="big.bin",
+                     PartNumber=1, Range="bytes=0-9")
+        a.put_object(Bucket=name, Key="one-part.txt", Body=b"a single PUT")
+        got = a.get_object(Bucket=name, Key="one-part.txt", PartNumber=1)
+        check(got["Body"].read() == b"a single PUT" and got.get("PartsCount") == 1,
+              f"part 1 of a single PUT: {brief(got)}")
+        expect_error("InvalidPartNumber", 416, a.get_object, Bucket=name, Key="one-part.txt",
+                     PartNumber=2)
+
+    @g.check("put_object_with_a_bucket_owner_canned_acl_is_private")
+    def _():
+        for canned in ["bucket-owner-full-control", "bucket-owner-read"]:
+            a.put_object(Bucket=name, Key=f"{canned}.txt", Body=b"owner", ACL=canned)
+            check_acl(a.get_object_acl(Bucket=name, Key=f"{canned}.txt"), "private", canned)
+
     @g.check("list_multipart_uploads_no_longer_shows_a_completed_upload")
     def _():
         answer = a.list_multipart_uploads(Bucket=name)
@@ -2426,6 +2467,22 @@ def group_objectstorage(suite):
         check(read_file(down) == b"awscli under the prefix\n", "downloaded bytes differ")
         done = aws("s3", "ls", f"s3://{name}/cli/", endpoint=EUCA_ENDPOINT)
         check("up.txt" in done.stdout, f"aws s3 ls printed {done.stdout!r}")
+
+    @g.check("anonymous_aws_chunked_put_under_the_prefix_stores_the_bytes_not_the_framing")
+    def _():
+        open_bucket = bucket("euca-open")
+        make_bucket(s3(A), open_bucket, acl="public-read-write")
+        anonymous = s3(anonymous=True, endpoint=EUCA_ENDPOINT)
+        data = os.urandom(70 * KIB)
+        anonymous.put_object(Bucket=open_bucket, Key="nobody.bin", Body=data, ACL="public-read")
+        sent = last_sent(anonymous)[2]
+        check("aws-chunked" in sent.get("content-encoding", ""),
+              f"botocore sent Content-Encoding {sent.get('content-encoding')!r}")
+        got = body_of(s3(A), open_bucket, "nobody.bin")
+        check(got == data, f"read back {len(got)} bytes (md5 {md5hex(got)}), expected "
+              f"{len(data)} ({md5hex(data)})")
+        s3(A).delete_object(Bucket=open_bucket, Key="nobody.bin")
+        s3(A).delete_bucket(Bucket=open_bucket)
 
     @g.check("boto3_delete_object_and_bucket")
     def _():

@@ -365,13 +365,20 @@ impl S3Route for EucaPath {
         ] {
             headers.remove(h);
         }
-        // s3s decoded an aws-chunked body already; the inner service sees plain bytes.
-        if let Some(decoded) = headers.remove("x-amz-decoded-content-length") {
-            headers.insert(http::header::CONTENT_LENGTH, decoded);
+        // s3s decoded a signed aws-chunked body already; the inner service sees plain bytes. An
+        // anonymous one comes as it was sent, framing and all, and the inner service decodes it
+        // as it does on the plain path.
+        let decoded = req.credentials.is_some();
+        if let Some(length) = headers
+            .remove("x-amz-decoded-content-length")
+            .filter(|_| decoded)
+        {
+            headers.insert(http::header::CONTENT_LENGTH, length);
         }
         if let Some(enc) = headers
             .get(http::header::CONTENT_ENCODING)
             .and_then(|v| v.to_str().ok())
+            .filter(|_| decoded)
         {
             let rest: Vec<&str> = enc
                 .split(',')
@@ -510,6 +517,13 @@ impl S3Face {
                 }
             }
         };
+        // As AWS, a HEAD of a range or a part answers 206, like the GET would (s3s says 200).
+        if method == Method::HEAD
+            && resp.status() == StatusCode::OK
+            && resp.headers().contains_key(http::header::CONTENT_RANGE)
+        {
+            *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+        }
         if let Ok(v) = http::HeaderValue::from_str(&request_id) {
             resp.headers_mut().insert("x-amz-request-id", v);
         }

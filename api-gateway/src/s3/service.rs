@@ -162,6 +162,16 @@ fn owner_of(spec: &BucketSpec) -> Owner {
 fn object_acl_of(acl: Option<&ObjectCannedACL>) -> S3Result<CannedAcl> {
     match acl {
         None => Ok(CannedAcl::Private),
+        // They grant the bucket owner what it has here anyway: it owns every object of its
+        // buckets, whoever wrote them (`aws s3 cp --acl bucket-owner-full-control`, Hadoop s3a).
+        Some(a)
+            if matches!(
+                a.as_str(),
+                "bucket-owner-full-control" | "bucket-owner-read"
+            ) =>
+        {
+            Ok(CannedAcl::Private)
+        }
         Some(a) => CannedAcl::parse(a.as_str()).ok_or_else(|| {
             S3Error::with_message(
                 S3ErrorCode::InvalidArgument,
@@ -778,6 +788,49 @@ fn precondition_outcome(p: &Preconditions, meta: &ObjectMeta, read: bool) -> S3R
     }
 }
 
+/// An object found readable, and the bytes of it to send.
+struct Readable {
+    meta: ObjectMeta,
+    /// The bytes asked for (the whole object unless a range or a part was).
+    span: std::ops::Range<u64>,
+    /// `Content-Range` when a range or a part was asked for.
+    content_range: Option<String>,
+    /// `x-amz-mp-parts-count`, sent (as AWS does) only when a part was asked for.
+    parts_count: Option<i32>,
+}
+
+/// The bytes of part `n` of `meta` and its parts count, as a GET or HEAD with `partNumber`
+/// reads them: the part as uploaded for an object completed from parts, the whole object as
+/// part 1 of any other.
+fn part_span(meta: &ObjectMeta, n: i32) -> S3Result<(std::ops::Range<u64>, i32)> {
+    if !(1..=10_000).contains(&n) {
+        return Err(s3_error!(
+            InvalidArgument,
+            "Part number must be an integer between 1 and 10000, inclusive"
+        ));
+    }
+    let from_parts = meta
+        .parts_count
+        .is_some_and(|c| usize::try_from(c).is_ok_and(|c| c == meta.segments.len()));
+    let sizes: Vec<u64> = if from_parts {
+        meta.segments.iter().map(|s| s.size).collect()
+    } else {
+        vec![meta.size]
+    };
+    let count = i32::try_from(sizes.len()).unwrap_or(i32::MAX);
+    let index = usize::try_from(n - 1).unwrap_or(usize::MAX);
+    let Some(size) = sizes.get(index) else {
+        let mut e = S3Error::with_message(
+            S3ErrorCode::Custom("InvalidPartNumber".into()),
+            "The requested partnumber is not satisfiable",
+        );
+        e.set_status_code(http::StatusCode::RANGE_NOT_SATISFIABLE);
+        return Err(e);
+    };
+    let start: u64 = sizes[..index].iter().sum();
+    Ok((start..start + size, count))
+}
+
 fn resolve_range(range: Option<&Range>, size: u64) -> S3Result<Option<std::ops::Range<u64>>> {
     match range {
         None => Ok(None),
@@ -1201,24 +1254,31 @@ impl S3 for KarriS3 {
             if_unmodified_since_ms: input.if_unmodified_since.as_ref().map(ms_of),
         };
         let mut attempt = 0;
-        let (meta, span, content_range, stream) = loop {
+        let (found, stream) = loop {
             attempt += 1;
-            let (meta, span, content_range) = self
+            let found = self
                 .readable(
                     caller.as_ref(),
                     &bucket,
                     &input.key,
                     &pre,
                     input.range.as_ref(),
+                    input.part_number,
                 )
                 .await?;
-            match open_segments(&self.blobs, &meta.segments, span.clone()).await {
-                Ok(stream) => break (meta, span, content_range, stream),
+            match open_segments(&self.blobs, &found.meta.segments, found.span.clone()).await {
+                Ok(stream) => break (found, stream),
                 // Overwritten between the index read and the open: read the index again.
                 Err(BlobError::Missing(_)) if attempt < READ_ATTEMPTS => continue,
                 Err(e) => return Err(blob_error(e)),
             }
         };
+        let Readable {
+            meta,
+            span,
+            content_range,
+            parts_count,
+        } = found;
         let len = span.end - span.start;
         let body = StreamingBlob::wrap(sync_wrapper::SyncStream::new(stream));
         let h = &meta.headers;
@@ -1248,7 +1308,7 @@ impl S3 for KarriS3 {
                 .or_else(|| h.expires_ms.map(timestamp)),
             last_modified: Some(timestamp(meta.last_modified_ms)),
             metadata: metadata_to_dto(&meta.metadata),
-            parts_count: meta.parts_count.and_then(|n| i32::try_from(n).ok()),
+            parts_count,
             tag_count: (!meta.tags.is_empty()).then(|| i32::try_from(meta.tags.len()).unwrap_or(0)),
             ..Default::default()
         }))
@@ -1267,13 +1327,19 @@ impl S3 for KarriS3 {
             if_modified_since_ms: input.if_modified_since.as_ref().map(ms_of),
             if_unmodified_since_ms: input.if_unmodified_since.as_ref().map(ms_of),
         };
-        let (meta, span, content_range) = self
+        let Readable {
+            meta,
+            span,
+            content_range,
+            parts_count,
+        } = self
             .readable(
                 caller.as_ref(),
                 &bucket,
                 &input.key,
                 &pre,
                 input.range.as_ref(),
+                input.part_number,
             )
             .await?;
         let len = span.end - span.start;
@@ -1291,7 +1357,7 @@ impl S3 for KarriS3 {
             expires: h.expires_ms.map(timestamp),
             last_modified: Some(timestamp(meta.last_modified_ms)),
             metadata: metadata_to_dto(&meta.metadata),
-            parts_count: meta.parts_count.and_then(|n| i32::try_from(n).ok()),
+            parts_count,
             ..Default::default()
         }))
     }
@@ -1421,7 +1487,8 @@ impl S3 for KarriS3 {
             metadata,
             acl: object_acl_of(input.acl.as_ref())?,
             tags,
-            parts_count: source.parts_count,
+            // One blob: the source's part boundaries are not kept, so its parts are not served.
+            parts_count: None,
             upload_id: None,
         };
         self.publish(&bucket, &input.key, &meta).await?;
@@ -2327,7 +2394,8 @@ impl KarriS3 {
         key: &str,
         pre: &Preconditions,
         range: Option<&Range>,
-    ) -> S3Result<(ObjectMeta, std::ops::Range<u64>, Option<String>)> {
+        part_number: Option<i32>,
+    ) -> S3Result<Readable> {
         let meta = self.object(&bucket.name, key).await.map_err(|e| {
             // Without read access to the bucket, a missing key is AccessDenied, as in AWS.
             if permits(caller, Action::ListBucket, bucket, None) {
@@ -2340,20 +2408,29 @@ impl KarriS3 {
             return Err(access_denied());
         }
         precondition_outcome(pre, &meta, true)?;
-        Ok(match resolve_range(range, meta.size)? {
-            Some(r) => {
-                let content_range = format!(
-                    "bytes {}-{}/{}",
-                    r.start,
-                    r.end.saturating_sub(1),
-                    meta.size
-                );
-                (meta, r, Some(content_range))
+        let (span, parts_count) = match (part_number, range) {
+            (Some(_), Some(_)) => {
+                return Err(s3_error!(
+                    InvalidRequest,
+                    "Cannot specify both Range header and partNumber query parameter"
+                ))
             }
-            None => {
-                let whole = 0..meta.size;
-                (meta, whole, None)
+            (Some(n), None) => {
+                let (span, count) = part_span(&meta, n)?;
+                (Some(span), Some(count))
             }
+            (None, range) => (resolve_range(range, meta.size)?, None),
+        };
+        let content_range = span
+            .as_ref()
+            .filter(|r| !r.is_empty())
+            .map(|r| format!("bytes {}-{}/{}", r.start, r.end - 1, meta.size));
+        let span = span.unwrap_or(0..meta.size);
+        Ok(Readable {
+            meta,
+            span,
+            content_range,
+            parts_count,
         })
     }
 
