@@ -58,6 +58,7 @@ import sys
 import tempfile
 import time
 import traceback
+import zlib
 from collections import namedtuple
 from unittest import mock
 from urllib.parse import quote, unquote_plus, urlsplit
@@ -1261,6 +1262,54 @@ def group_objects(suite):
         expect_error("BadDigest", 400, plain.put_object, Bucket=name, Key="bad-md5.bin",
                      Body=data, ContentMD5=b64md5(b"other bytes"))
         check(not exists(a, name, "bad-md5.bin"), "the upload with a wrong MD5 is visible")
+
+
+    def crc32_b64(body):
+        return base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
+
+    @g.check("put_object_whose_crc32_header_differs_is_bad_digest_and_stores_nothing")
+    def _():
+        reply = raw_request(A, "PUT", object_path(name, "bad-crc.bin"), body=data,
+                            headers={"x-amz-checksum-crc32": crc32_b64(b"other bytes")})
+        check(reply.status == 400 and xml_code(reply.body) == "BadDigest",
+              f"HTTP {reply.status} {xml_code(reply.body)}, expected 400 BadDigest")
+        check(not exists(a, name, "bad-crc.bin"), "the upload with a wrong CRC32 is visible")
+        reply = raw_request(A, "PUT", object_path(name, "good-crc.bin"), body=data,
+                            headers={"x-amz-checksum-crc32": crc32_b64(data)})
+        check(reply.status == 200 and reply.headers.get("x-amz-checksum-crc32") == crc32_b64(data),
+              f"HTTP {reply.status}, x-amz-checksum-crc32 {reply.headers.get('x-amz-checksum-crc32')}")
+
+    def trailer_put(key, trailer_value):
+        # STREAMING-UNSIGNED-PAYLOAD-TRAILER as botocore frames it: chunks, then the trailer.
+        framed = (f"{len(data):x}\r\n".encode() + data + b"\r\n0\r\n"
+                  + f"x-amz-checksum-crc32:{trailer_value}\r\n\r\n".encode())
+        return raw_request(A, "PUT", object_path(name, key), body=framed,
+                           payload_hash="STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+                           headers={"content-encoding": "aws-chunked",
+                                    "x-amz-decoded-content-length": str(len(data)),
+                                    "x-amz-trailer": "x-amz-checksum-crc32"})
+
+    @g.check("put_object_whose_crc32_trailer_differs_is_bad_digest_and_stores_nothing")
+    def _():
+        reply = trailer_put("bad-trailer.bin", crc32_b64(b"other bytes"))
+        check(reply.status == 400 and xml_code(reply.body) == "BadDigest",
+              f"HTTP {reply.status} {xml_code(reply.body)}, expected 400 BadDigest")
+        check(not exists(a, name, "bad-trailer.bin"), "the upload with a wrong trailer is visible")
+        reply = trailer_put("good-trailer.bin", crc32_b64(data))
+        check(reply.status == 200, f"HTTP {reply.status}: {reply.body[:300]!r}")
+        check(body_of(a, name, "good-trailer.bin") == data, "the stored bytes differ")
+
+    @g.check("put_object_and_upload_part_answer_the_sha256_checksum_asked_for")
+    def _():
+        want = base64.b64encode(hashlib.sha256(data).digest()).decode()
+        answer = a.put_object(Bucket=name, Key="sha256.bin", Body=data, ChecksumAlgorithm="SHA256")
+        check(answer.get("ChecksumSHA256") == want, f"ChecksumSHA256 {answer.get('ChecksumSHA256')}")
+        upload_id = a.create_multipart_upload(Bucket=name, Key="sha256-parts.bin",
+                                              ChecksumAlgorithm="SHA256")["UploadId"]
+        part = a.upload_part(Bucket=name, Key="sha256-parts.bin", UploadId=upload_id,
+                             PartNumber=1, Body=data, ChecksumAlgorithm="SHA256")
+        check(part.get("ChecksumSHA256") == want, f"part ChecksumSHA256 {part.get('ChecksumSHA256')}")
+        a.abort_multipart_upload(Bucket=name, Key="sha256-parts.bin", UploadId=upload_id)
 
 
 LISTED = {

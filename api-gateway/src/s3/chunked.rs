@@ -3,8 +3,11 @@
 //! frames its body, with a checksum trailer) reaches the operations framed, and is decoded
 //! here: `<hex size>[;extensions]\r\n<data>\r\n` … `0\r\n<trailers>\r\n`.
 
+use std::sync::{Arc, Mutex, PoisonError};
+
 use bytes::{Buf, Bytes, BytesMut};
 use futures::StreamExt;
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::blob::{BlobError, ByteStream};
 
@@ -24,6 +27,38 @@ struct Decoder {
     buf: BytesMut,
     phase: Phase,
     input_done: bool,
+    trailers: Trailers,
+}
+
+/// The trailers of a decoded body (`name:value` lines after its last chunk), complete once the
+/// body has ended.
+#[derive(Clone, Default)]
+pub struct Trailers(Arc<Mutex<HeaderMap>>);
+
+impl Trailers {
+    /// The trailers read so far.
+    pub fn get(&self) -> HeaderMap {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn add(&self, line: &[u8]) -> Result<(), BlobError> {
+        let (name, value) = std::str::from_utf8(line)
+            .ok()
+            .and_then(|l| l.split_once(':'))
+            .ok_or_else(|| malformed("a trailer is not name:value"))?;
+        let name = HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| malformed("a trailer's name is not a header name"))?;
+        let value = HeaderValue::from_str(value.trim())
+            .map_err(|_| malformed("a trailer's value is not a header value"))?;
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name, value);
+        Ok(())
+    }
 }
 
 fn malformed(what: &str) -> BlobError {
@@ -90,6 +125,8 @@ impl Decoder {
                     if let Some(line) = self.line()? {
                         if line.is_empty() {
                             self.phase = Phase::Done;
+                        } else {
+                            self.trailers.add(&line)?;
                         }
                         continue;
                     }
@@ -111,17 +148,20 @@ impl Decoder {
     }
 }
 
-/// The payload of an `aws-chunked` body.
-pub fn decode(inner: ByteStream<'static>) -> ByteStream<'static> {
+/// The payload of an `aws-chunked` body, and its trailers.
+pub fn decode(inner: ByteStream<'static>) -> (ByteStream<'static>, Trailers) {
+    let trailers = Trailers::default();
     let decoder = Decoder {
         inner,
         buf: BytesMut::new(),
         phase: Phase::Header,
         input_done: false,
+        trailers: trailers.clone(),
     };
-    Box::pin(futures::stream::try_unfold(decoder, |mut d| async move {
+    let stream = futures::stream::try_unfold(decoder, |mut d| async move {
         Ok(d.next_piece().await?.map(|piece| (piece, d)))
-    }))
+    });
+    (Box::pin(stream), trailers)
 }
 
 /// Whether a request's `Content-Encoding` says its body is `aws-chunked`.
@@ -139,15 +179,32 @@ pub fn is_aws_chunked(headers: &http::HeaderMap) -> bool {
 mod tests {
     use super::*;
 
-    async fn run(pieces: &[&'static [u8]]) -> Result<Vec<u8>, BlobError> {
+    async fn run_with_trailers(
+        pieces: &[&'static [u8]],
+    ) -> Result<(Vec<u8>, HeaderMap), BlobError> {
         let items: Vec<Result<Bytes, BlobError>> =
             pieces.iter().map(|p| Ok(Bytes::from_static(p))).collect();
-        let mut s = decode(Box::pin(futures::stream::iter(items)));
+        let (mut s, trailers) = decode(Box::pin(futures::stream::iter(items)));
         let mut out = Vec::new();
         while let Some(c) = s.next().await {
             out.extend_from_slice(&c?);
         }
-        Ok(out)
+        Ok((out, trailers.get()))
+    }
+
+    async fn run(pieces: &[&'static [u8]]) -> Result<Vec<u8>, BlobError> {
+        Ok(run_with_trailers(pieces).await?.0)
+    }
+
+    #[tokio::test]
+    async fn the_trailers_after_the_last_chunk_are_kept() {
+        let body: &[u8] = b"3\r\nabc\r\n0\r\nx-amz-checksum-crc32:NSRBwg==\r\nx-other: 1\r\n\r\n";
+        let split: Vec<&'static [u8]> = body.chunks(4).collect();
+        let (data, trailers) = run_with_trailers(&split).await.unwrap();
+        assert_eq!(data, b"abc");
+        assert_eq!(trailers["x-amz-checksum-crc32"], "NSRBwg==");
+        assert_eq!(trailers["x-other"], "1");
+        assert!(run(&[b"0\r\nno colon here\r\n\r\n"]).await.is_err());
     }
 
     #[tokio::test]

@@ -8,6 +8,7 @@
 
 pub mod access;
 pub mod blob;
+pub mod checksum;
 pub mod chunked;
 pub mod cond;
 pub mod index;
@@ -400,6 +401,9 @@ impl S3Route for EucaPath {
             inner
                 .extensions_mut()
                 .insert(service::ForwardedIdentity(c.access_key));
+        }
+        if let Some(t) = req.trailing_headers {
+            inner.extensions_mut().insert(service::ForwardedTrailers(t));
         }
         let resp = self
             .inner

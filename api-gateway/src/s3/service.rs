@@ -17,6 +17,7 @@ use serde_json::{json, Value};
 
 use super::access::{allowed, Action, Who};
 use super::blob::{BlobError, BlobStore, ByteStream};
+use super::checksum;
 use super::cond::{self, Outcome, Preconditions};
 use super::index::{
     Expect, IndexError, ObjectIndex, ObjectMeta, PartMeta, Segment, SystemHeaders, UploadMeta,
@@ -43,6 +44,116 @@ pub const RESERVED_BUCKETS: &[&str] = &[
 /// signature there: the access key that signed it.
 #[derive(Debug, Clone)]
 pub struct ForwardedIdentity(pub String);
+
+/// The trailers of a body s3s decoded on the Eucalyptus path, forwarded with its identity.
+#[derive(Debug, Clone)]
+pub struct ForwardedTrailers(pub s3s::TrailingHeaders);
+
+/// What an upload's body brings besides its bytes: the trailers s3s read (a signed
+/// `aws-chunked` body), or the ones read here (an unsigned one).
+enum BodyTrailers {
+    S3s(Option<s3s::TrailingHeaders>),
+    Decoded(super::chunked::Trailers),
+}
+
+impl BodyTrailers {
+    /// The trailers, once the body has been read.
+    fn read(self) -> Option<http::HeaderMap> {
+        match self {
+            BodyTrailers::S3s(t) => t.and_then(|t| t.take()),
+            BodyTrailers::Decoded(t) => Some(t.get()),
+        }
+    }
+}
+
+/// An upload's body as the blob store takes it, hashed for the checksum it asks for.
+struct UploadBody {
+    stream: ByteStream<'static>,
+    trailers: BodyTrailers,
+    asked: Option<checksum::Asked>,
+    running: Option<checksum::Running>,
+}
+
+impl UploadBody {
+    /// The body of `req` (whose input holds `body`).
+    fn of<T>(req: &S3Request<T>, body: Option<StreamingBlob>) -> S3Result<UploadBody> {
+        let asked = checksum::asked(&req.headers).map_err(checksum_error)?;
+        let framed = req.credentials.is_none() && super::chunked::is_aws_chunked(&req.headers);
+        let (stream, trailers) = body_stream(body, framed);
+        let trailers = trailers.map_or_else(
+            || {
+                BodyTrailers::S3s(req.trailing_headers.clone().or_else(|| {
+                    req.extensions
+                        .get::<ForwardedTrailers>()
+                        .map(|f| f.0.clone())
+                }))
+            },
+            BodyTrailers::Decoded,
+        );
+        let (stream, running) = match &asked {
+            Some(a) => {
+                let (stream, running) = checksum::hashing(stream, a.algorithm);
+                (stream, Some(running))
+            }
+            None => (stream, None),
+        };
+        Ok(UploadBody {
+            stream,
+            trailers,
+            asked,
+            running,
+        })
+    }
+}
+
+/// The checksum an upload asked for checked against its bytes, once they are all read: its
+/// algorithm and value, to answer with.
+fn verified_checksum(
+    asked: Option<checksum::Asked>,
+    running: Option<checksum::Running>,
+    trailers: BodyTrailers,
+) -> S3Result<Option<(checksum::Algorithm, String)>> {
+    let Some(asked) = asked else {
+        return Ok(None);
+    };
+    let computed = running.and_then(|r| r.value(asked.algorithm));
+    checksum::verify(&asked, trailers.read().as_ref(), computed)
+        .map(|value| Some((asked.algorithm, value)))
+        .map_err(checksum_error)
+}
+
+fn checksum_error(e: checksum::ChecksumError) -> S3Error {
+    let code = match e {
+        checksum::ChecksumError::Mismatch(_) => S3ErrorCode::BadDigest,
+        _ => S3ErrorCode::InvalidRequest,
+    };
+    S3Error::with_message(code, e.to_string())
+}
+
+/// The one of `crc32, crc32c, crc64nvme, sha1, sha256` that `sum` is, for an answer's fields.
+type ChecksumFields = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+fn checksum_fields(sum: Option<(checksum::Algorithm, String)>) -> ChecksumFields {
+    use checksum::Algorithm as A;
+    let mut fields: ChecksumFields = Default::default();
+    if let Some((algorithm, value)) = sum {
+        let slot = match algorithm {
+            A::Crc32 => &mut fields.0,
+            A::Crc32c => &mut fields.1,
+            A::Crc64Nvme => &mut fields.2,
+            A::Sha1 => &mut fields.3,
+            A::Sha256 => &mut fields.4,
+        };
+        *slot = Some(value);
+    }
+    fields
+}
 
 /// Karri's S3 implementation (cheap to clone: it holds shared handles).
 #[derive(Clone)]
@@ -386,16 +497,20 @@ fn body_failure(e: &dyn std::error::Error) -> BlobError {
 }
 
 /// The bytes of a body; `framed` when it is `aws-chunked` framing s3s left as it came (an
-/// unsigned request).
-fn body_stream(body: Option<StreamingBlob>, framed: bool) -> ByteStream<'static> {
+/// unsigned request), decoded here with its trailers.
+fn body_stream(
+    body: Option<StreamingBlob>,
+    framed: bool,
+) -> (ByteStream<'static>, Option<super::chunked::Trailers>) {
     let raw: ByteStream<'static> = match body {
         Some(blob) => Box::pin(blob.map(|r| r.map_err(|e| body_failure(e.as_ref())))),
         None => Box::pin(futures::stream::empty()),
     };
     if framed {
-        super::chunked::decode(raw)
+        let (stream, trailers) = super::chunked::decode(raw);
+        (stream, Some(trailers))
     } else {
-        raw
+        (raw, None)
     }
 }
 
@@ -1148,8 +1263,10 @@ impl S3 for KarriS3 {
         req: S3Request<PutObjectInput>,
     ) -> S3Result<S3Response<PutObjectOutput>> {
         let caller = self.caller(&req).await?;
-        let framed = req.credentials.is_none() && super::chunked::is_aws_chunked(&req.headers);
         let decoded_length = decoded_content_length(&req.headers)?;
+        let mut req = req;
+        let taken = req.input.body.take();
+        let body = UploadBody::of(&req, taken)?;
         let input = req.input;
         let bucket = self
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
@@ -1198,16 +1315,20 @@ impl S3 for KarriS3 {
         }
         let written = self
             .blobs
-            .put(body_stream(input.body, framed), MAX_PUT_SIZE)
+            .put(body.stream, MAX_PUT_SIZE)
             .await
             .map_err(blob_error)?;
-        if let Err(e) = check_content_md5(input.content_md5.as_deref(), &written.md5)
+        let sum = match check_content_md5(input.content_md5.as_deref(), &written.md5)
             .and_then(|()| check_decoded_length(decoded_length, written.size))
+            .and_then(|()| verified_checksum(body.asked, body.running, body.trailers))
         {
-            self.delete_blobs(std::iter::once(written.id.as_str()))
-                .await;
-            return Err(e);
-        }
+            Ok(sum) => sum,
+            Err(e) => {
+                self.delete_blobs(std::iter::once(written.id.as_str()))
+                    .await;
+                return Err(e);
+            }
+        };
         let etag = hex::encode(written.md5);
         let meta = ObjectMeta {
             segments: vec![Segment {
@@ -1233,9 +1354,15 @@ impl S3 for KarriS3 {
         };
         self.publish_expecting(&bucket, &input.key, &meta, expect)
             .await?;
+        let (crc32, crc32c, crc64nvme, sha1, sha256) = checksum_fields(sum);
         Ok(S3Response::new(PutObjectOutput {
             e_tag: Some(quoted(&etag)),
             size: i64::try_from(written.size).ok(),
+            checksum_crc32: crc32,
+            checksum_crc32c: crc32c,
+            checksum_crc64nvme: crc64nvme,
+            checksum_sha1: sha1,
+            checksum_sha256: sha256,
             ..Default::default()
         }))
     }
@@ -1808,8 +1935,10 @@ impl S3 for KarriS3 {
         req: S3Request<UploadPartInput>,
     ) -> S3Result<S3Response<UploadPartOutput>> {
         let caller = self.caller(&req).await?;
-        let framed = req.credentials.is_none() && super::chunked::is_aws_chunked(&req.headers);
         let decoded_length = decoded_content_length(&req.headers)?;
+        let mut req = req;
+        let taken = req.input.body.take();
+        let body = UploadBody::of(&req, taken)?;
         let input = req.input;
         let bucket = self
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
@@ -1819,21 +1948,31 @@ impl S3 for KarriS3 {
             .await?;
         let written = self
             .blobs
-            .put(body_stream(input.body, framed), MAX_PUT_SIZE)
+            .put(body.stream, MAX_PUT_SIZE)
             .await
             .map_err(blob_error)?;
-        if let Err(e) = check_content_md5(input.content_md5.as_deref(), &written.md5)
+        let sum = match check_content_md5(input.content_md5.as_deref(), &written.md5)
             .and_then(|()| check_decoded_length(decoded_length, written.size))
+            .and_then(|()| verified_checksum(body.asked, body.running, body.trailers))
         {
-            self.delete_blobs(std::iter::once(written.id.as_str()))
-                .await;
-            return Err(e);
-        }
+            Ok(sum) => sum,
+            Err(e) => {
+                self.delete_blobs(std::iter::once(written.id.as_str()))
+                    .await;
+                return Err(e);
+            }
+        };
         let etag = hex::encode(written.md5);
         self.record_part(&bucket.name, &input.upload_id, part, &written, &etag)
             .await?;
+        let (crc32, crc32c, crc64nvme, sha1, sha256) = checksum_fields(sum);
         Ok(S3Response::new(UploadPartOutput {
             e_tag: Some(quoted(&etag)),
+            checksum_crc32: crc32,
+            checksum_crc32c: crc32c,
+            checksum_crc64nvme: crc64nvme,
+            checksum_sha1: sha1,
+            checksum_sha256: sha256,
             ..Default::default()
         }))
     }
