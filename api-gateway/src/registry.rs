@@ -822,7 +822,34 @@ impl Registry {
     }
 
     /// Delete a record: marked while finalizers hold it, removed (with its ID index) otherwise.
+    /// A bucket is deleted under S3's deletion marker, as DeleteBucket deletes it: no object
+    /// can be added between the check that it is empty and the removal of its record.
     pub async fn delete(
+        &self,
+        kind: &Kind,
+        ns: Option<&str>,
+        name: &str,
+        who: &Principal,
+        opts: &DeleteOptions,
+    ) -> ApiResult<Value> {
+        if kind.info.plural != "buckets" {
+            return self.delete_record(kind, ns, name, who, opts).await;
+        }
+        let index = crate::s3::index::ObjectIndex::new(self.etcd_client());
+        let lease = index.mark_deleting(name).await.map_err(|e| match e {
+            crate::s3::index::IndexError::BucketBusy => ApiError::conflict_message(format!(
+                "bucket {name} is being deleted or emptied by another request; try again"
+            )),
+            other => ApiError::unavailable(other.to_string()),
+        })?;
+        let result = self.delete_record(kind, ns, name, who, opts).await;
+        if let Err(e) = index.unmark_deleting(lease).await {
+            tracing::warn!(error = %e, bucket = name, "the deletion marker stays until its lease expires");
+        }
+        result
+    }
+
+    async fn delete_record(
         &self,
         kind: &Kind,
         ns: Option<&str>,

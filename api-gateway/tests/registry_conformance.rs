@@ -1077,3 +1077,53 @@ async fn a_hundred_watchers_of_a_kind_cost_one_etcd_watch() -> anyhow::Result<()
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_is_deleted_under_the_s3_deletion_marker_so_no_object_slips_in(
+) -> anyhow::Result<()> {
+    let h = harness().await?;
+    let buckets = h
+        .registry
+        .kinds
+        .by_plural("buckets")
+        .context("buckets kind")?;
+    let bucket = json!({
+        "apiVersion": "karri.dev/v1alpha1",
+        "kind": "Bucket",
+        "metadata": {"name": "research-data"},
+        "spec": {"owner": "research", "ownerId": "123456789012", "acl": "private", "region": "karri-1"},
+    });
+    h.registry
+        .create(&buckets, None, bucket, &admin(), WriteOptions::default())
+        .await?;
+    let index = api_gateway::s3::index::ObjectIndex::new(h.client.clone());
+    // An S3 DeleteBucket (or another delete) of it is under way: this one waits its turn.
+    let lease = index.mark_deleting("research-data").await?;
+    let refused = h
+        .registry
+        .delete(
+            &buckets,
+            None,
+            "research-data",
+            &admin(),
+            &DeleteOptions::default(),
+        )
+        .await
+        .expect_err("deleted beside another deletion");
+    assert_eq!(refused.code, 409, "{refused:?}");
+    assert!(refused.message.contains("being deleted"), "{refused:?}");
+    index.unmark_deleting(lease).await?;
+
+    h.registry
+        .delete(
+            &buckets,
+            None,
+            "research-data",
+            &admin(),
+            &DeleteOptions::default(),
+        )
+        .await?;
+    // The delete's own marker is gone with it: the next bucket of that name can be deleted.
+    index.mark_deleting("research-data").await?;
+    Ok(())
+}
