@@ -212,7 +212,10 @@ mod tests {
         h
     }
 
-    type Row<'a> = (&'a [(&'a str, &'a str)], Result<Option<Asked>, ChecksumError>);
+    type Row<'a> = (
+        &'a [(&'a str, &'a str)],
+        Result<Option<Asked>, ChecksumError>,
+    );
 
     #[test]
     fn an_upload_asks_for_one_checksum_in_a_header_or_its_trailer() {
