@@ -153,8 +153,12 @@ fn write_blob(
             .map_err(|e| BlobError::Io(e.into_error()))?;
         file.sync_data()?;
         drop(file);
-        if let Some(parent) = path.parent() {
+        if let Some(parent) = path.parent().filter(|p| !p.is_dir()) {
             std::fs::create_dir_all(parent)?;
+            // A new shard directory is durable once the directory that holds it is.
+            if let Some(grandparent) = parent.parent() {
+                std::fs::File::open(grandparent)?.sync_all()?;
+            }
         }
         std::fs::rename(tmp, path)?;
         // The rename is durable once the directory is.
