@@ -852,6 +852,23 @@ async fn awscli_describes_zones_regions_types_the_default_vpc_and_account_attrib
         shown == expected,
         "describe-instance-types shows {shown:?}, expected {expected:?}"
     );
+    // The string lists as botocore parses them: one string per <item>, never [""].
+    let lists = [
+        ("/ProcessorInfo/SupportedArchitectures", "x86_64"),
+        ("/SupportedUsageClasses", "on-demand"),
+        ("/SupportedRootDeviceTypes", "instance-store"),
+        ("/SupportedVirtualizationTypes", "hvm"),
+        ("/SupportedBootModes", "legacy-bios"),
+    ];
+    for t in array_at(&types, "/InstanceTypes") {
+        for (pointer, only) in lists {
+            ensure!(
+                t.pointer(pointer) == Some(&serde_json::json!([only])),
+                "describe-instance-types shows {pointer} = {:?} for {t}, expected [{only:?}]",
+                t.pointer(pointer)
+            );
+        }
+    }
     let one = aws
         .ok(&["describe-instance-types", "--instance-types", "m1.small"])
         .await?;

@@ -230,6 +230,19 @@ impl Response {
         self
     }
 
+    /// Writes an EC2 list of strings: `<name><item>a</item><item>b</item></name>` (each entry is
+    /// the text of its `<item>`, as botocore reads a list of strings). An empty list gives
+    /// `<name/>`.
+    pub fn string_set<I>(&mut self, name: impl Into<Cow<'static, str>>, items: I) -> &mut Self
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        self.set(name, items, |w, value| {
+            w.text(value.as_ref());
+        })
+    }
+
     /// Closes elements until `depth` remain open (used by the closure helpers, so that a body
     /// that forgot a `close` cannot unbalance the document).
     fn close_to(&mut self, depth: usize) {
@@ -467,6 +480,20 @@ mod tests {
         assert!(xml.contains(
             "<keySet><item><keyName>a</keyName></item><item><keyName>b</keyName></item></keySet><tagSet/>"
         ), "{xml}");
+    }
+
+    #[test]
+    fn a_string_set_puts_each_string_directly_in_its_item() {
+        let mut r = Response::new("DescribeInstanceTypesResponse", "id");
+        r.string_set("supportedArchitectures", ["x86_64", "i386"]);
+        r.string_set("supportedBootModes", Vec::<&str>::new());
+        let xml = r.finish();
+        assert!(
+            xml.contains(
+                "<supportedArchitectures><item>x86_64</item><item>i386</item></supportedArchitectures><supportedBootModes/>"
+            ),
+            "{xml}"
+        );
     }
 
     #[test]

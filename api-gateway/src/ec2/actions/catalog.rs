@@ -126,21 +126,13 @@ pub async fn describe_instance_types(
         w.leaf("instanceType", text(v, "/metadata/name"))
             .leaf_bool("currentGeneration", true)
             .leaf_bool("freeTierEligible", false)
-            .set("supportedUsageClasses", ["on-demand"], |w, c| {
-                w.leaf("item", c);
-            })
-            .set("supportedRootDeviceTypes", ["instance-store"], |w, c| {
-                w.leaf("item", c);
-            })
-            .set("supportedVirtualizationTypes", ["hvm"], |w, c| {
-                w.leaf("item", c);
-            })
+            .string_set("supportedUsageClasses", ["on-demand"])
+            .string_set("supportedRootDeviceTypes", ["instance-store"])
+            .string_set("supportedVirtualizationTypes", ["hvm"])
             .leaf_bool("bareMetal", false)
             .leaf("hypervisor", "xen");
         w.element("processorInfo", |w| {
-            w.set("supportedArchitectures", ["x86_64"], |w, c| {
-                w.leaf("item", c);
-            });
+            w.string_set("supportedArchitectures", ["x86_64"]);
         });
         w.element("vCpuInfo", |w| {
             w.leaf_display("defaultVCpus", vcpus)
@@ -160,9 +152,7 @@ pub async fn describe_instance_types(
                 .leaf_display("ipv4AddressesPerInterface", 1)
                 .leaf_bool("ipv6Supported", false);
         });
-        w.set("supportedBootModes", ["legacy-bios"], |w, c| {
-            w.leaf("item", c);
-        });
+        w.string_set("supportedBootModes", ["legacy-bios"]);
     });
     w.leaf_opt("nextToken", token.as_deref());
     Ok(w.finish())
