@@ -7,12 +7,18 @@
 //! `instance-type` but possibly several `tag-key`s); a filter matches when any of its patterns
 //! matches any of the resource's values for that name.
 //!
+//! Matching never backtracks: a filter's plain values sit in a hash set and its wildcard values
+//! in one automaton run bit-parallel, one pass over each resource value (see [`Matcher`]). What
+//! that pass costs per character grows with the wildcard characters of the request, which
+//! [`Params::filters`](super::params::Params::filters) bounds by [`wildcard_chars`].
+//!
 //! ```text
 //! let matcher = Matcher::new(&request.filters);
 //! let hits = instances.iter().filter(|i| matcher.matches(|name| instance_values(i, name)));
 //! ```
 
 use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 
 use super::error::Ec2Error;
 
@@ -87,7 +93,7 @@ where
 }
 
 /// One piece of a compiled pattern.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Token {
     /// A literal character.
     Char(char),
@@ -105,7 +111,7 @@ pub struct Pattern(Compiled);
 enum Compiled {
     /// No wildcard: plain string equality (the escapes already resolved).
     Exact(String),
-    /// With wildcards.
+    /// With wildcards (runs of `*` collapsed to one).
     Wild(Vec<Token>),
 }
 
@@ -147,48 +153,28 @@ impl Pattern {
         }
     }
 
+    /// Whether the value has a wildcard (and so is matched by the automaton rather than by
+    /// string equality).
+    pub fn is_wild(&self) -> bool {
+        matches!(self.0, Compiled::Wild(_))
+    }
+
+    /// The width of the compiled value: its characters, escapes resolved and each run of `*`
+    /// counted once.
+    pub fn width(&self) -> usize {
+        match &self.0 {
+            Compiled::Exact(s) => s.chars().count(),
+            Compiled::Wild(tokens) => tokens.len(),
+        }
+    }
+
     /// Whether `text` matches (case-sensitively).
     pub fn matches(&self, text: &str) -> bool {
         match &self.0 {
             Compiled::Exact(s) => s == text,
-            Compiled::Wild(tokens) => wildcard_match(tokens, text),
+            Compiled::Wild(tokens) => WildSet::new([tokens.as_slice()]).matches(text),
         }
     }
-}
-
-/// Iterative wildcard matching with single-star backtracking: O(pattern × text) at worst, no
-/// recursion.
-fn wildcard_match(tokens: &[Token], text: &str) -> bool {
-    let text: Vec<char> = text.chars().collect();
-    let (mut p, mut t) = (0usize, 0usize);
-    let mut star: Option<(usize, usize)> = None;
-    while t < text.len() {
-        match tokens.get(p) {
-            Some(Token::Char(c)) if *c == text[t] => {
-                p += 1;
-                t += 1;
-            }
-            Some(Token::One) => {
-                p += 1;
-                t += 1;
-            }
-            Some(Token::Any) => {
-                star = Some((p, t));
-                p += 1;
-            }
-            _ => match star {
-                Some((sp, st)) => {
-                    p = sp + 1;
-                    t = st + 1;
-                    star = Some((sp, st + 1));
-                }
-                None => return false,
-            },
-        }
-    }
-    tokens[p.min(tokens.len())..]
-        .iter()
-        .all(|t| *t == Token::Any)
 }
 
 /// Whether `text` matches the EC2 filter value `pattern` (compiling it each time; use
@@ -197,25 +183,257 @@ pub fn wildcard_matches(pattern: &str, text: &str) -> bool {
     Pattern::compile(pattern).matches(text)
 }
 
-/// The filters of a request, compiled once and applied to many resources.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The characters of the wildcard values of `filters` in all (runs of `*` counted once, escapes
+/// resolved): what matching a resource value costs per character, in bits of automaton state.
+/// Values without a wildcard are looked up in a hash set and do not count.
+pub fn wildcard_chars(filters: &[Filter]) -> usize {
+    filters
+        .iter()
+        .flat_map(|f| f.values.iter())
+        .map(|v| Pattern::compile(v))
+        .filter(Pattern::is_wild)
+        .map(|p| p.width())
+        .sum()
+}
+
+/// Where a literal character of a [`WildSet`] stands: the states waiting for it.
+#[derive(Debug, Clone)]
+enum Waiting {
+    /// A few states (fewer than the words of a mask): their indexes.
+    Few(Vec<u32>),
+    /// Many states: a mask over all of them.
+    Many(Vec<u64>),
+}
+
+/// The wildcard values of one filter as one nondeterministic automaton, run bit-parallel
+/// (shift-and with `*` loops): one pass over the text, `O(words)` per character where a word
+/// holds 64 states, whatever the values are. No backtracking, so no input makes it slow.
+///
+/// A value of `n` tokens has the states `0..=n` (state `i`: the first `i` tokens are matched;
+/// state `n` accepts), laid side by side. On a character, a state whose token is that character
+/// or `?` moves one state on; a state whose token is `*` stays, and moving onto it also enters the
+/// state after it (runs of `*` are collapsed, so one step of that closure is enough). An accepting
+/// state has no token, so nothing ever shifts from one value into the next.
+#[derive(Debug, Clone)]
+struct WildSet {
+    /// 64-bit words per state set.
+    words: usize,
+    /// The states active before any character: the first state of each value, closed over `*`.
+    initial: Vec<u64>,
+    /// States whose token is `?`.
+    one: Vec<u64>,
+    /// States whose token is `*`.
+    any: Vec<u64>,
+    /// Accepting states.
+    accept: Vec<u64>,
+    /// States on a trailing `*`: once one is active the value matches whatever follows.
+    settled: Vec<u64>,
+    /// States whose token is a given literal character.
+    chars: HashMap<char, Waiting>,
+}
+
+impl WildSet {
+    fn new<'t>(values: impl IntoIterator<Item = &'t [Token]>) -> WildSet {
+        let values: Vec<&[Token]> = values.into_iter().collect();
+        let states: usize = values.iter().map(|v| v.len() + 1).sum();
+        let words = states.div_ceil(64).max(1);
+        let mask = || vec![0u64; words];
+        let (mut initial, mut one, mut any, mut accept, mut settled) =
+            (mask(), mask(), mask(), mask(), mask());
+        let mut positions: HashMap<char, Vec<u32>> = HashMap::new();
+        let mut base = 0usize;
+        for tokens in &values {
+            set(&mut initial, base);
+            for (i, token) in tokens.iter().enumerate() {
+                let state = base + i;
+                match token {
+                    Token::One => set(&mut one, state),
+                    Token::Any => {
+                        set(&mut any, state);
+                        if i + 1 == tokens.len() {
+                            set(&mut settled, state);
+                        }
+                    }
+                    // Fewer than 2^32 states: the parameters are bounded far below that.
+                    Token::Char(c) => positions.entry(*c).or_default().push(state as u32),
+                }
+            }
+            set(&mut accept, base + tokens.len());
+            base += tokens.len() + 1;
+        }
+        close_over_any(&mut initial, &any);
+        let chars = positions
+            .into_iter()
+            .map(|(c, states)| {
+                let waiting = if states.len() < words {
+                    Waiting::Few(states)
+                } else {
+                    let mut m = mask();
+                    for s in states {
+                        set(&mut m, s as usize);
+                    }
+                    Waiting::Many(m)
+                };
+                (c, waiting)
+            })
+            .collect();
+        WildSet {
+            words,
+            initial,
+            one,
+            any,
+            accept,
+            settled,
+            chars,
+        }
+    }
+
+    /// Whether `text` matches any of the values.
+    fn matches(&self, text: &str) -> bool {
+        self.run(text).matched
+    }
+
+    /// One pass over `text`.
+    fn run(&self, text: &str) -> Run {
+        let mut active = self.initial.clone();
+        let mut next = vec![0u64; self.words];
+        let mut steps = 0;
+        for c in text.chars() {
+            if intersects(&active, &self.settled) {
+                return Run {
+                    matched: true,
+                    steps,
+                };
+            }
+            steps += 1;
+            for ((n, a), one) in next.iter_mut().zip(&active).zip(&self.one) {
+                *n = a & one;
+            }
+            match self.chars.get(&c) {
+                Some(Waiting::Few(states)) => {
+                    for &s in states {
+                        if get(&active, s as usize) {
+                            set(&mut next, s as usize);
+                        }
+                    }
+                }
+                Some(Waiting::Many(m)) => {
+                    for ((n, a), m) in next.iter_mut().zip(&active).zip(m) {
+                        *n |= a & m;
+                    }
+                }
+                None => {}
+            }
+            shift_up(&mut next);
+            for ((n, a), any) in next.iter_mut().zip(&active).zip(&self.any) {
+                *n |= a & any;
+            }
+            close_over_any(&mut next, &self.any);
+            std::mem::swap(&mut active, &mut next);
+            if active.iter().all(|w| *w == 0) {
+                return Run {
+                    matched: false,
+                    steps,
+                };
+            }
+        }
+        Run {
+            matched: intersects(&active, &self.accept) || intersects(&active, &self.settled),
+            steps,
+        }
+    }
+}
+
+/// What one pass of a [`WildSet`] found, and how many characters it stepped over (each step
+/// costs a fixed number of word operations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    matched: bool,
+    steps: usize,
+}
+
+fn set(mask: &mut [u64], bit: usize) {
+    if let Some(w) = mask.get_mut(bit / 64) {
+        *w |= 1 << (bit % 64);
+    }
+}
+
+fn get(mask: &[u64], bit: usize) -> bool {
+    mask.get(bit / 64)
+        .is_some_and(|w| w & (1 << (bit % 64)) != 0)
+}
+
+fn intersects(a: &[u64], b: &[u64]) -> bool {
+    a.iter().zip(b).any(|(a, b)| a & b != 0)
+}
+
+/// Moves every state one on (bit `i` to bit `i + 1`).
+fn shift_up(mask: &mut [u64]) {
+    let mut carry = 0;
+    for w in mask.iter_mut() {
+        let out = *w >> 63;
+        *w = (*w << 1) | carry;
+        carry = out;
+    }
+}
+
+/// Adds the state after each active `*` state (a `*` may match nothing).
+fn close_over_any(active: &mut [u64], any: &[u64]) {
+    let mut carry = 0;
+    for (w, any) in active.iter_mut().zip(any) {
+        let on_any = *w & any;
+        *w |= (on_any << 1) | carry;
+        carry = on_any >> 63;
+    }
+}
+
+/// The values of one filter, compiled: the plain ones in a hash set, the wildcard ones in one
+/// automaton.
+#[derive(Debug, Clone)]
+struct CompiledFilter {
+    name: String,
+    exact: HashSet<String>,
+    wild: Option<WildSet>,
+}
+
+impl CompiledFilter {
+    fn new(filter: &Filter) -> Self {
+        let mut exact = HashSet::new();
+        let mut wild = Vec::new();
+        for value in &filter.values {
+            match Pattern::compile(value).0 {
+                Compiled::Exact(s) => {
+                    exact.insert(s);
+                }
+                Compiled::Wild(tokens) => wild.push(tokens),
+            }
+        }
+        CompiledFilter {
+            name: filter.name.clone(),
+            exact,
+            wild: (!wild.is_empty()).then(|| WildSet::new(wild.iter().map(Vec::as_slice))),
+        }
+    }
+
+    fn matches(&self, text: &str) -> bool {
+        self.exact.contains(text) || self.wild.as_ref().is_some_and(|w| w.matches(text))
+    }
+}
+
+/// The filters of a request, compiled once and applied to many resources. Matching a resource
+/// value costs one pass over it per filter, in time proportional to the value's length times the
+/// filter's wildcard characters / 64, whatever the patterns are (the request's parameters bound
+/// those characters in all, see [`wildcard_chars`]).
+#[derive(Debug, Clone)]
 pub struct Matcher {
-    filters: Vec<(String, Vec<Pattern>)>,
+    filters: Vec<CompiledFilter>,
 }
 
 impl Matcher {
     /// Compiles `filters`.
     pub fn new(filters: &[Filter]) -> Self {
         Matcher {
-            filters: filters
-                .iter()
-                .map(|f| {
-                    (
-                        f.name.clone(),
-                        f.values.iter().map(|v| Pattern::compile(v)).collect(),
-                    )
-                })
-                .collect(),
+            filters: filters.iter().map(CompiledFilter::new).collect(),
         }
     }
 
@@ -230,11 +448,10 @@ impl Matcher {
     where
         F: FnMut(&str) -> Vec<Cow<'r, str>>,
     {
-        self.filters.iter().all(|(name, patterns)| {
-            let values = values_of(name);
-            patterns
+        self.filters.iter().all(|filter| {
+            values_of(&filter.name)
                 .iter()
-                .any(|p| values.iter().any(|v| p.matches(v.as_ref())))
+                .any(|v| filter.matches(v.as_ref()))
         })
     }
 
@@ -657,6 +874,145 @@ mod tests {
                 "pattern {pattern:?} text {text:?}"
             );
         }
+    }
+
+    /// What a value matches, by dynamic programming over (tokens, characters): slow, and
+    /// plainly right.
+    fn reference(pattern: &str, text: &str) -> bool {
+        let tokens = match Pattern::compile(pattern).0 {
+            Compiled::Exact(s) => return s == text,
+            Compiled::Wild(tokens) => tokens,
+        };
+        let text: Vec<char> = text.chars().collect();
+        // row[j]: the tokens so far match text[..j].
+        let mut row: Vec<bool> = (0..=text.len()).map(|j| j == 0).collect();
+        for token in &tokens {
+            let mut next = vec![false; text.len() + 1];
+            for j in 0..=text.len() {
+                next[j] = match token {
+                    Token::Any => row[j] || (j > 0 && next[j - 1]),
+                    Token::One => j > 0 && row[j - 1],
+                    Token::Char(c) => j > 0 && row[j - 1] && text[j - 1] == *c,
+                };
+            }
+            row = next;
+        }
+        row[text.len()]
+    }
+
+    fn tokens(value: &str) -> Vec<Token> {
+        match Pattern::compile(value).0 {
+            Compiled::Wild(tokens) => tokens,
+            Compiled::Exact(s) => s.chars().map(Token::Char).collect(),
+        }
+    }
+
+    /// A small deterministic generator (no seed from the clock: a failure replays).
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((self.0 >> 33) % n as u64) as usize
+        }
+
+        fn string(&mut self, alphabet: &[char], max: usize) -> String {
+            let len = self.below(max + 1);
+            (0..len)
+                .map(|_| alphabet[self.below(alphabet.len())])
+                .collect()
+        }
+    }
+
+    #[test]
+    fn a_filter_matches_exactly_when_one_of_its_values_does() {
+        let pattern_chars = ['a', 'b', 'é', '*', '?', '\\'];
+        let text_chars = ['a', 'b', 'é', '*', '?', '\\'];
+        let mut rng = Lcg(7);
+        for case in 0..4000 {
+            let values: Vec<String> = (0..1 + rng.below(4))
+                .map(|_| rng.string(&pattern_chars, 7))
+                .collect();
+            let filter = CompiledFilter::new(&Filter::new("tag:Name", values.clone()));
+            for _ in 0..5 {
+                let text = rng.string(&text_chars, 9);
+                let expected = values.iter().any(|v| reference(v, &text));
+                assert_eq!(
+                    filter.matches(&text),
+                    expected,
+                    "case {case}: values {values:?} text {text:?}"
+                );
+                for v in &values {
+                    assert_eq!(
+                        wildcard_matches(v, &text),
+                        reference(v, &text),
+                        "{v:?} {text:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_pathological_value_set_is_matched_in_one_pass_over_the_text() {
+        // 200 values of 1023 characters, `*a*a…*a` and a digit, against 1024-character values:
+        // a backtracking matcher tries every split (about a million steps per value and text).
+        let values: Vec<String> = (0..200)
+            .map(|i| format!("{}{}", "*a".repeat(511), i % 10))
+            .collect();
+        let filter = CompiledFilter::new(&Filter::new("tag:Name", values));
+        let Some(wild) = &filter.wild else {
+            panic!("the values have wildcards");
+        };
+        // One bit of state per token and value end, 64 to a word.
+        assert_eq!(wild.words, 200 * 1024 / 64);
+        let miss = "a".repeat(1024);
+        let hit = format!("{}7", "a".repeat(1023));
+        let too_few = format!("a7{}", "b".repeat(1022));
+        for (text, matched) in [(&miss, false), (&hit, true), (&too_few, false)] {
+            let run = wild.run(text);
+            assert_eq!(run.matched, matched, "{}…", &text[..8]);
+            // Each character is stepped over once at most: the work is steps × words.
+            assert!(run.steps <= text.chars().count(), "{run:?}");
+        }
+        assert!(filter.matches(&hit) && !filter.matches(&miss));
+    }
+
+    #[test]
+    fn a_pass_ends_as_soon_as_the_answer_is_known() {
+        let rows = [
+            // No value can match any more after the first character.
+            ("web-?*", "db-1", false, 1),
+            // A trailing `*` is reached: whatever follows matches.
+            ("web-?*", "web-1 and a long tail", true, 5),
+            ("*", "anything", true, 0),
+            ("a?c", "abc", true, 3),
+        ];
+        for (value, text, matched, steps) in rows {
+            let set = WildSet::new([tokens(value).as_slice()]);
+            assert_eq!(set.run(text), Run { matched, steps }, "{value:?} {text:?}");
+        }
+    }
+
+    #[test]
+    fn plain_values_are_looked_up_and_only_wildcard_values_count() {
+        let values = ["i-1", r"web\*", "db-*", "??"];
+        let filter = CompiledFilter::new(&Filter::new("tag:Name", values));
+        let mut exact: Vec<&str> = filter.exact.iter().map(String::as_str).collect();
+        exact.sort_unstable();
+        assert_eq!(exact, ["i-1", "web*"]);
+        assert!(filter.matches("web*") && !filter.matches("web1"));
+        assert!(filter.matches("db-1") && filter.matches("ab") && !filter.matches("abc"));
+        assert_eq!(
+            wildcard_chars(&[
+                Filter::new("a", values),
+                Filter::new("b", ["x**y", r"\?", "*"])
+            ]),
+            4 + 2 + 3 + 1
+        );
     }
 
     fn instance(name: &str) -> Vec<Cow<'static, str>> {

@@ -28,6 +28,10 @@ pub const MAX_FILTERS: usize = 50;
 pub const MAX_FILTER_VALUES: usize = 200;
 /// Longest filter value, in characters (tag values are at most 256).
 pub const MAX_FILTER_VALUE_CHARS: usize = 1024;
+/// The most characters the wildcard values of a request's filters may have in all (values
+/// without `*` or `?` do not count): matching a resource value costs, per character, one bit of
+/// automaton state per wildcard character. Real filters use a few dozen.
+pub const MAX_FILTER_WILDCARD_CHARS: usize = 16 * 1024;
 /// The most parameters one request may carry.
 pub const MAX_PARAMS: usize = 10_000;
 /// The longest parameter name, in bytes.
@@ -525,7 +529,8 @@ impl<'a> Scope<'a> {
     ///
     /// Bounded, since every value is matched (with wildcards) against every record: at most
     /// [`MAX_FILTERS`] filters of [`MAX_FILTER_VALUES`] values of [`MAX_FILTER_VALUE_CHARS`]
-    /// characters each.
+    /// characters each, and at most [`MAX_FILTER_WILDCARD_CHARS`] characters of wildcard values
+    /// in all.
     pub fn filters(&self) -> Result<Vec<Filter>, Ec2Error> {
         let filters = self.structs("Filter")?;
         if filters.len() > MAX_FILTERS {
@@ -534,7 +539,7 @@ impl<'a> Scope<'a> {
                 filters.len()
             )));
         }
-        filters
+        let filters = filters
             .into_iter()
             .map(|f| {
                 let name = f.required("Name")?.to_string();
@@ -558,7 +563,14 @@ impl<'a> Scope<'a> {
                 }
                 Ok(Filter { name, values })
             })
-            .collect()
+            .collect::<Result<Vec<Filter>, Ec2Error>>()?;
+        let wildcard_chars = super::filter::wildcard_chars(&filters);
+        if wildcard_chars > MAX_FILTER_WILDCARD_CHARS {
+            return Err(Ec2Error::invalid_parameter_value(format!(
+                "The filter values with wildcards may have at most {MAX_FILTER_WILDCARD_CHARS} characters in all, not {wildcard_chars}."
+            )));
+        }
+        Ok(filters)
     }
 
     /// The tags `name.N.Key` / `name.N.Value` (usually `name` is `Tag`): key required, value
@@ -860,5 +872,40 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(ok.filters().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn wildcard_values_are_bounded_in_all_and_plain_values_are_not() {
+        // `*` and 1023 characters: 1024 characters of wildcard value each.
+        let wild = format!("*{}", "a".repeat(MAX_FILTER_VALUE_CHARS - 1));
+        let request = |filters: usize, values: usize, value: &str| {
+            let mut pairs = Vec::new();
+            for f in 1..=filters {
+                pairs.push((format!("Filter.{f}.Name"), format!("tag:k{f}")));
+                for v in 1..=values {
+                    pairs.push((format!("Filter.{f}.Value.{v}"), value.to_string()));
+                }
+            }
+            Params::from_pairs(pairs).unwrap().filters()
+        };
+        let at_the_limit = MAX_FILTER_WILDCARD_CHARS / MAX_FILTER_VALUE_CHARS;
+        assert!(request(1, at_the_limit, &wild).is_ok());
+        assert!(request(at_the_limit, 1, &wild).is_ok());
+        let err = request(2, at_the_limit, &wild).unwrap_err();
+        assert_eq!(err.code, "InvalidParameterValue");
+        assert_eq!(
+            err.message,
+            "The filter values with wildcards may have at most 16384 characters in all, not 32768."
+        );
+        assert_eq!(
+            request(MAX_FILTERS, MAX_FILTER_VALUES - 10, "a?")
+                .unwrap_err()
+                .code,
+            "InvalidParameterValue"
+        );
+        // Plain values (escaped wildcards included) are looked up, not matched: no bound in all.
+        let plain = format!("\\*{}", "a".repeat(MAX_FILTER_VALUE_CHARS - 2));
+        assert!(request(4, MAX_FILTER_VALUES, &plain).is_ok());
+        assert!(request(4, MAX_FILTER_VALUES, &"a".repeat(MAX_FILTER_VALUE_CHARS)).is_ok());
     }
 }

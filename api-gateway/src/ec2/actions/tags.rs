@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use super::{from_api, id_of, namespace, tags_of, text, Cx};
 use crate::admission::Subresource;
 use crate::ec2::error::Ec2Error;
-use crate::ec2::filter::{self, Matcher};
+use crate::ec2::filter::{self, Filter, Matcher};
 use crate::ec2::router;
 use crate::registry::WriteOptions;
 
@@ -196,7 +196,14 @@ pub async fn describe_tags(cx: &Cx<'_>, a: router::DescribeTags) -> Result<Strin
     {
         return Err(Ec2Error::invalid_filter(&f.name));
     }
-    let matcher = Matcher::new(&a.filters);
+    // The filters on the resource (`resource-id`, `resource-type`, `tag:<key>`) are matched
+    // once per resource, those on the tag (`key`, `value`) once per tag.
+    let (per_tag, per_resource): (Vec<Filter>, Vec<Filter>) = a
+        .filters
+        .iter()
+        .cloned()
+        .partition(|f| matches!(f.name.as_str(), "key" | "value"));
+    let (tag_matcher, resource_matcher) = (Matcher::new(&per_tag), Matcher::new(&per_resource));
     let mut rows: Vec<(String, TagRow)> = Vec::new();
     for (plural, kind) in [
         ("instances", "instance"),
@@ -206,18 +213,24 @@ pub async fn describe_tags(cx: &Cx<'_>, a: router::DescribeTags) -> Result<Strin
         for o in cx.own(plural).await? {
             let id = id_of(&o.value).to_string();
             let tags = tags_of(&o.value);
+            let resource_kept = resource_matcher.matches(|name| {
+                if let Some(values) = filter::tag_filter_values(name, tags.iter().copied()) {
+                    return values;
+                }
+                match name {
+                    "resource-id" => vec![Cow::Borrowed(id.as_str())],
+                    "resource-type" => vec![Cow::Borrowed(kind)],
+                    _ => Vec::new(),
+                }
+            });
+            if !resource_kept {
+                continue;
+            }
             for (k, v) in &tags {
-                let keep = matcher.matches(|name| {
-                    if let Some(values) = filter::tag_filter_values(name, tags.iter().copied()) {
-                        return values;
-                    }
-                    match name {
-                        "resource-id" => vec![Cow::Borrowed(id.as_str())],
-                        "resource-type" => vec![Cow::Borrowed(kind)],
-                        "key" => vec![Cow::Borrowed(*k)],
-                        "value" => vec![Cow::Borrowed(*v)],
-                        _ => Vec::new(),
-                    }
+                let keep = tag_matcher.matches(|name| match name {
+                    "key" => vec![Cow::Borrowed(*k)],
+                    "value" => vec![Cow::Borrowed(*v)],
+                    _ => Vec::new(),
                 });
                 if keep {
                     rows.push((
