@@ -675,7 +675,8 @@ pub struct RegisterImage {
     pub boot_mode: Option<String>,
     /// `BlockDeviceMapping.N`.
     pub block_device_mappings: Vec<BlockDeviceMapping>,
-    /// `TagSpecification.N` (resource types `image`, `snapshot`).
+    /// `TagSpecification.N` (resource type `image`; EC2's `snapshot` is refused, Karri has no
+    /// EBS snapshots).
     pub tag_specifications: Vec<TagSpecification>,
 }
 
@@ -1974,6 +1975,16 @@ fn register_image(p: &Params) -> Result<RegisterImage, Ec2Error> {
         block_device_mappings: block_device_mappings(p)?,
         tag_specifications: tag_specifications(p, &["image", "snapshot"])?,
     };
+    // EC2 puts `snapshot` tags on the EBS snapshots the image is made of; Karri has none.
+    if image
+        .tag_specifications
+        .iter()
+        .any(|s| s.resource_type == "snapshot")
+    {
+        return Err(Ec2Error::unsupported_operation(
+            "Karri has no EBS snapshots to tag: use a TagSpecification of resource type image only.",
+        ));
+    }
     if image.image_location.is_none() && image.block_device_mappings.is_empty() {
         return Err(Ec2Error::invalid_parameter_combination(
             "Either ImageLocation or a BlockDeviceMapping for the root device must be specified.",
@@ -2114,7 +2125,28 @@ fn modify_image_attribute(p: &Params) -> Result<ModifyImageAttribute, Ec2Error> 
     let change = changes.pop().ok_or_else(|| {
         Ec2Error::invalid_parameter_combination("No attribute to modify was specified.")
     })?;
+    if let ImageAttributeChange::LaunchPermission { add, remove } = &change {
+        for permission in add.iter().chain(remove) {
+            if let LaunchPermission::User(user) = permission {
+                check_launch_user(user)?;
+            }
+        }
+    }
     Ok(ModifyImageAttribute { image_id, change })
+}
+
+/// A launch permission's `UserId` must be an account ID (12 digits); EC2 answers any other with
+/// `InvalidAMIAttributeItemValue`.
+fn check_launch_user(user: &str) -> Result<(), Ec2Error> {
+    if crds::is_valid_account_id(user) {
+        Ok(())
+    } else {
+        Err(Ec2Error::new(
+            "InvalidAMIAttributeItemValue",
+            400,
+            format!("Invalid attribute item value \"{user}\" for userId item type."),
+        ))
+    }
 }
 
 fn resource_ids(p: &Params) -> Result<Vec<String>, Ec2Error> {
@@ -2788,6 +2820,18 @@ mod tests {
                 }),
             ),
             (
+                "Action=RegisterImage&Version=2016-11-15&ImageLocation=b%2Fm.xml&Name=img&TagSpecification.1.ResourceType=image&TagSpecification.1.Tag.1.Key=team&TagSpecification.1.Tag.1.Value=ops",
+                Action::RegisterImage(RegisterImage {
+                    name: s("img"),
+                    image_location: Some(s("b/m.xml")),
+                    tag_specifications: vec![TagSpecification {
+                        resource_type: s("image"),
+                        tags: vec![tag("team", "ops")],
+                    }],
+                    ..Default::default()
+                }),
+            ),
+            (
                 "Action=ModifyImageAttribute&Version=2016-11-15&ImageId=ami-12345678&LaunchPermission.Add.1.UserId=123456789012",
                 Action::ModifyImageAttribute(ModifyImageAttribute {
                     image_id: s("ami-12345678"),
@@ -3116,6 +3160,9 @@ mod tests {
             ("Action=RegisterImage&Name=img&ImageLocation=b/m.xml&Architecture=sparc".into(), "InvalidParameterValue"),
             ("Action=RegisterImage&Name=img&ImageLocation=b/m.xml&VirtualizationType=hvm2".into(), "InvalidParameterValue"),
             (format!("Action=RegisterImage&Name=img&ImageLocation=b/m.xml&Description={}", long(256)), "InvalidParameterValue"),
+            ("Action=RegisterImage&Name=img&ImageLocation=b/m.xml&TagSpecification.1.ResourceType=snapshot&TagSpecification.1.Tag.1.Key=a".into(), "UnsupportedOperation"),
+            ("Action=RegisterImage&Name=img&ImageLocation=b/m.xml&TagSpecification.1.ResourceType=image&TagSpecification.1.Tag.1.Key=a&TagSpecification.2.ResourceType=snapshot&TagSpecification.2.Tag.1.Key=b".into(), "UnsupportedOperation"),
+            ("Action=RegisterImage&Name=img&ImageLocation=b/m.xml&TagSpecification.1.ResourceType=instance&TagSpecification.1.Tag.1.Key=a".into(), "InvalidParameterValue"),
             ("Action=DescribeImageAttribute&ImageId=ami-12345678&Attribute=owner".into(), "InvalidParameterValue"),
             ("Action=ModifyImageAttribute&ImageId=ami-12345678".into(), "InvalidParameterCombination"),
             ("Action=ModifyImageAttribute&ImageId=ami-12345678&LaunchPermission.Add.1.Group=everyone".into(), "InvalidParameterValue"),
@@ -3126,6 +3173,13 @@ mod tests {
             ("Action=ModifyImageAttribute&ImageId=ami-12345678&Attribute=productCodes&Value=x".into(), "InvalidParameterValue"),
             ("Action=ModifyImageAttribute&ImageId=ami-12345678&ProductCode.1=abc".into(), "UnsupportedOperation"),
             ("Action=ModifyImageAttribute&ImageId=ami-12345678&LaunchPermission.Add.1.OrganizationArn=arn".into(), "UnsupportedOperation"),
+            ("Action=ModifyImageAttribute&ImageId=ami-12345678&LaunchPermission.Add.1.UserId=12345678901".into(), "InvalidAMIAttributeItemValue"),
+            ("Action=ModifyImageAttribute&ImageId=ami-12345678&LaunchPermission.Add.1.UserId=1234567890123".into(), "InvalidAMIAttributeItemValue"),
+            ("Action=ModifyImageAttribute&ImageId=ami-12345678&LaunchPermission.Add.1.UserId=1234-5678-9012".into(), "InvalidAMIAttributeItemValue"),
+            ("Action=ModifyImageAttribute&ImageId=ami-12345678&LaunchPermission.Add.1.UserId=%20".into(), "InvalidAMIAttributeItemValue"),
+            ("Action=ModifyImageAttribute&ImageId=ami-12345678&LaunchPermission.Remove.1.UserId=alice".into(), "InvalidAMIAttributeItemValue"),
+            ("Action=ModifyImageAttribute&ImageId=ami-12345678&LaunchPermission.Add.1.UserId=123456789012&LaunchPermission.Add.2.UserId=x".into(), "InvalidAMIAttributeItemValue"),
+            ("Action=ModifyImageAttribute&ImageId=ami-12345678&Attribute=launchPermission&OperationType=add&UserId.1=12345678901a".into(), "InvalidAMIAttributeItemValue"),
             // Tags
             ("Action=CreateTags&Tag.1.Key=a".into(), "MissingParameter"),
             ("Action=CreateTags&ResourceId.1=i-12345678".into(), "MissingParameter"),
@@ -3135,6 +3189,7 @@ mod tests {
             ("Action=CreateTags&ResourceId.1=i-12345678&Tag.1.Key=a&Tag.2.Key=a".into(), "InvalidParameterValue"),
             ("Action=DeleteTags&ResourceId.1=i-12345678&Tag.1.Key=aws:x".into(), "InvalidParameterValue"),
             ("Action=DeleteTags".into(), "MissingParameter"),
+            (format!("Action=DescribeTags{}", (1..=17).map(|i| format!("&Filter.{i}.Name=key&Filter.{i}.Value.1=*{}", long(1023))).collect::<String>()), "InvalidParameterValue"),
         ];
         for (query, code) in &rows {
             let err = error(query);

@@ -308,9 +308,11 @@ pub async fn register_image(
             spec[field] = json!(value);
         }
     }
+    // Only the image's own tags: the router refuses `snapshot` specifications.
     let tags: Vec<Value> = a
         .tag_specifications
         .iter()
+        .filter(|s| s.resource_type == "image")
         .flat_map(|s| s.tags.iter())
         .map(|t| json!({"key": t.key, "value": t.value}))
         .collect();

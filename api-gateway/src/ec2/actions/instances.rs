@@ -247,6 +247,28 @@ fn write_reservation_body<'a, 'v: 'a>(
     w.close();
 }
 
+/// The zone to launch in: the subnet's (each zone has one default subnet), else the one asked
+/// for in `Placement.AvailabilityZone`, else none (the scheduler picks). A subnet in another
+/// zone than the one asked for is refused as EC2 refuses it.
+fn launch_zone(
+    asked: Option<&str>,
+    subnet: Option<&str>,
+    zones: &[String],
+) -> Result<Option<String>, Ec2Error> {
+    let Some(subnet) = subnet else {
+        return Ok(asked.map(str::to_string));
+    };
+    let Some(subnet_zone) = zones.iter().find(|z| default_subnet_id(z) == subnet) else {
+        return Err(Ec2Error::subnet_not_found(subnet));
+    };
+    match asked {
+        Some(asked) if asked != subnet_zone => Err(Ec2Error::invalid_parameter_value(format!(
+            "Value ({asked}) for parameter availabilityZone is invalid. Subnet '{subnet}' is in the availability zone {subnet_zone}"
+        ))),
+        _ => Ok(Some(subnet_zone.clone())),
+    }
+}
+
 /// RunInstances.
 pub async fn run_instances(
     cx: &Cx<'_>,
@@ -273,15 +295,11 @@ pub async fn run_instances(
     if cx.registry.cache.get("instancetypes", &type_key).is_none() {
         return Err(Ec2Error::invalid_instance_type(&instance_type));
     }
-    let mut zone = a.availability_zone.clone();
-    if let Some(subnet) = &a.subnet_id {
-        let zones = super::catalog::zone_names(cx);
-        let found = zones.iter().find(|z| default_subnet_id(z) == *subnet);
-        match found {
-            Some(z) => zone = Some(z.clone()),
-            None => return Err(Ec2Error::subnet_not_found(subnet)),
-        }
-    }
+    let zone = launch_zone(
+        a.availability_zone.as_deref(),
+        a.subnet_id.as_deref(),
+        &super::catalog::zone_names(cx),
+    )?;
     if let Some(z) = &zone {
         let key = crate::store::record_key("availabilityzones", None, z);
         if cx.registry.cache.get("availabilityzones", &key).is_none() {
@@ -780,8 +798,13 @@ fn check_change(change: Change, v: &Value) -> Result<(), Ec2Error> {
                 format!("The instance '{id}' may not be terminated. Modify its 'disableApiTermination' instance attribute and try again."),
             ))
         }
-        // Started again while it shuts down, it would flip back under the node's feet.
-        Change::Start if state(v) == crds::InstanceState::Stopping => {
+        // Started again while it shuts down, it would flip back under the node's feet. EC2
+        // refuses what it shows as stopping: a stop asked of a running instance shows
+        // `stopping` before its node reports anything.
+        Change::Start
+            if state(v) == crds::InstanceState::Stopping
+                || shown_state(v) == crds::InstanceState::Stopping =>
+        {
             Err(Ec2Error::incorrect_instance_state(format!(
                 "The instance '{id}' is not in a state from which it can be started: it is stopping."
             )))
@@ -1113,6 +1136,45 @@ mod tests {
     }
 
     #[test]
+    fn the_launch_zone_is_the_subnets_and_must_agree_with_the_placement() {
+        let zones = vec!["karri-1a".to_string(), "karri-1b".to_string()];
+        let (a, b) = (default_subnet_id("karri-1a"), default_subnet_id("karri-1b"));
+        type Row<'a> = (
+            Option<&'a str>,
+            Option<&'a str>,
+            Result<Option<&'a str>, &'a str>,
+        );
+        let rows: [Row<'_>; 7] = [
+            (None, None, Ok(None)),
+            (Some("karri-1b"), None, Ok(Some("karri-1b"))),
+            (None, Some(&a), Ok(Some("karri-1a"))),
+            (Some("karri-1a"), Some(&a), Ok(Some("karri-1a"))),
+            (Some("karri-1a"), Some(&b), Err("InvalidParameterValue")),
+            (Some("elsewhere-1a"), Some(&b), Err("InvalidParameterValue")),
+            (
+                None,
+                Some("subnet-0123456789abcdef0"),
+                Err("InvalidSubnetID.NotFound"),
+            ),
+        ];
+        for (asked, subnet, want) in rows {
+            let got = launch_zone(asked, subnet, &zones);
+            let got = got
+                .as_ref()
+                .map(Option::as_deref)
+                .map_err(|e| e.code.as_ref());
+            assert_eq!(got, want, "Placement {asked:?}, subnet {subnet:?}");
+        }
+        let Err(err) = launch_zone(Some("karri-1a"), Some(&b), &zones) else {
+            panic!("a subnet in another zone than the placement's is refused");
+        };
+        assert_eq!(
+            err.message,
+            format!("Value (karri-1a) for parameter availabilityZone is invalid. Subnet '{b}' is in the availability zone karri-1b")
+        );
+    }
+
+    #[test]
     fn state_changes_are_refused_where_ec2_refuses_them() {
         let refused = |change, v: &Value| check_change(change, v).err().map(|e| e.code.clone());
         let rows = [
@@ -1123,6 +1185,19 @@ mod tests {
                 record("stopped", "stopping", false),
                 Some("IncorrectInstanceState"),
             ),
+            (
+                Change::Start,
+                record("stopped", "running", false),
+                Some("IncorrectInstanceState"),
+            ),
+            (
+                Change::Start,
+                record("stopped", "pending", false),
+                Some("IncorrectInstanceState"),
+            ),
+            (Change::Start, record("running", "stopped", false), None),
+            (Change::Start, record("running", "running", false), None),
+            (Change::Stop, record("stopped", "running", false), None),
             (Change::Stop, record("stopped", "stopping", false), None),
             (
                 Change::Stop,

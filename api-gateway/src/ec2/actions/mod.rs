@@ -100,6 +100,8 @@ pub fn from_api(e: ApiError) -> Ec2Error {
             e.message
         )),
         403 => Ec2Error::unauthorized_operation(),
+        // A real EC2 code ("the resource is in an incorrect state for the request", sent for
+        // volumes and others): here another write changed the record first.
         409 => Ec2Error::new("IncorrectState", 400, e.message),
         503 | 504 => Ec2Error::service_unavailable(),
         _ => {
