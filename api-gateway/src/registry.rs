@@ -375,6 +375,11 @@ impl Registry {
         Ok(self.read(key).await?.map(|(v, _)| v))
     }
 
+    /// [`Registry::read_key`] with the record's mod revision.
+    pub async fn read_key_versioned(&self, key: &str) -> ApiResult<Option<(Value, i64)>> {
+        self.read(key).await
+    }
+
     /// Open an access key's sealed secret with the gateway's secrets key.
     pub fn open_secret(&self, sealed: &str) -> Result<String, credentials::SealError> {
         match &self.sealer {

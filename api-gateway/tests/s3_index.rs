@@ -4,7 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use api_gateway::s3::index::{IndexError, ObjectIndex, ObjectMeta, PartMeta, Segment, UploadMeta};
+use api_gateway::s3::index::{
+    BucketSeen, IndexError, ObjectIndex, ObjectMeta, PartMeta, Segment, UploadMeta,
+};
 use api_gateway::store;
 use etcd_client::Client;
 use karri_testkit::Etcd;
@@ -36,26 +38,47 @@ fn part(blob: &str) -> PartMeta {
     }
 }
 
-async fn setup() -> anyhow::Result<(Etcd, ObjectIndex, Client, String)> {
+/// The bucket record `photos` as a request sees it: its key and the revision it was read at.
+struct Seen {
+    record: String,
+    revision: i64,
+}
+
+impl Seen {
+    fn it(&self) -> BucketSeen<'_> {
+        BucketSeen {
+            record: &self.record,
+            revision: self.revision,
+        }
+    }
+}
+
+async fn setup() -> anyhow::Result<(Etcd, ObjectIndex, Client, Seen)> {
     let etcd = Etcd::start().await?;
     let mut client = Client::connect([etcd.endpoint.as_str()], None).await?;
     let record = store::record_key("buckets", None, "photos");
-    client.put(record.clone(), "{}", None).await?;
-    Ok((etcd, ObjectIndex::new(client.clone()), client, record))
+    let put = client.put(record.clone(), "{}", None).await?;
+    let revision = put.header().map(|h| h.revision()).unwrap_or(0);
+    Ok((
+        etcd,
+        ObjectIndex::new(client.clone()),
+        client,
+        Seen { record, revision },
+    ))
 }
 
 #[tokio::test]
 async fn objects_are_published_only_into_an_existing_bucket_not_being_deleted() -> anyhow::Result<()>
 {
-    let (_etcd, index, mut client, record) = setup().await?;
+    let (_etcd, index, mut client, seen) = setup().await?;
     assert_eq!(
         index
-            .put_object(&record, "photos", "a", &object("b1", 1))
+            .put_object(seen.it(), "photos", "a", &object("b1", 1))
             .await?,
         None
     );
     let replaced = index
-        .put_object(&record, "photos", "a", &object("b2", 2))
+        .put_object(seen.it(), "photos", "a", &object("b2", 2))
         .await?;
     assert_eq!(
         replaced.map(|m| m.segments[0].blob.clone()).as_deref(),
@@ -69,35 +92,52 @@ async fn objects_are_published_only_into_an_existing_bucket_not_being_deleted() 
     ));
     assert!(matches!(
         index
-            .put_object(&record, "photos", "b", &object("b3", 1))
+            .put_object(seen.it(), "photos", "b", &object("b3", 1))
             .await,
         Err(IndexError::BucketBusy)
     ));
     index.unmark_deleting(lease).await?;
     index
-        .put_object(&record, "photos", "b", &object("b3", 1))
+        .put_object(seen.it(), "photos", "b", &object("b3", 1))
         .await?;
 
-    client.delete(record.clone(), None).await?;
+    client.delete(seen.record.clone(), None).await?;
     assert!(matches!(
         index
-            .put_object(&record, "photos", "c", &object("b4", 1))
+            .put_object(seen.it(), "photos", "c", &object("b4", 1))
             .await,
         Err(IndexError::NoBucket)
     ));
+    // Another owner makes a bucket of the same name: a write authorized against the deleted
+    // one does not land in it, a write that saw the new one does.
+    let again = client.put(seen.record.clone(), "{}", None).await?;
+    assert!(matches!(
+        index
+            .put_object(seen.it(), "photos", "c", &object("b4", 1))
+            .await,
+        Err(IndexError::NoBucket)
+    ));
+    let new_seen = BucketSeen {
+        record: &seen.record,
+        revision: again.header().map(|h| h.revision()).unwrap_or(0),
+    };
+    index
+        .put_object(new_seen, "photos", "d", &object("b5", 1))
+        .await?;
+    client.delete(seen.record.clone(), None).await?;
     let listed: Vec<String> = index
         .list_objects("photos", "", b"", 10)
         .await?
         .into_iter()
         .map(|(k, _)| k)
         .collect();
-    assert_eq!(listed, ["a", "b"]);
+    assert_eq!(listed, ["a", "b", "d"]);
     Ok(())
 }
 
 #[tokio::test]
 async fn a_completed_upload_becomes_its_object_in_one_step() -> anyhow::Result<()> {
-    let (_etcd, index, _client, record) = setup().await?;
+    let (_etcd, index, _client, seen) = setup().await?;
     let upload = UploadMeta {
         key: "big".into(),
         initiated_ms: 0,
@@ -108,7 +148,7 @@ async fn a_completed_upload_becomes_its_object_in_one_step() -> anyhow::Result<(
         tags: Vec::new(),
     };
     index
-        .create_upload(&record, "photos", "u1", &upload)
+        .create_upload(seen.it(), "photos", "u1", &upload)
         .await?;
     index.put_part("photos", "u1", 1, &part("p1")).await?;
     index.put_part("photos", "u1", 2, &part("p2")).await?;
@@ -121,14 +161,28 @@ async fn a_completed_upload_becomes_its_object_in_one_step() -> anyhow::Result<(
     index.put_part("photos", "u1", 2, &part("p2-again")).await?;
     assert!(matches!(
         index
-            .complete_upload(&record, "photos", "u1", &object("p1", 10), "big", read_at)
+            .complete_upload(
+                &seen.record,
+                "photos",
+                "u1",
+                &object("p1", 10),
+                "big",
+                read_at
+            )
             .await,
         Err(IndexError::Changed)
     ));
     assert!(index.get_object("photos", "big").await?.is_none());
     let (_, read_at) = index.list_parts_versioned("u1").await?;
     index
-        .complete_upload(&record, "photos", "u1", &object("p1", 10), "big", read_at)
+        .complete_upload(
+            &seen.record,
+            "photos",
+            "u1",
+            &object("p1", 10),
+            "big",
+            read_at,
+        )
         .await?;
     assert!(index.get_object("photos", "big").await?.is_some());
     assert!(index.get_upload("photos", "u1").await?.is_none());
@@ -136,7 +190,14 @@ async fn a_completed_upload_becomes_its_object_in_one_step() -> anyhow::Result<(
     // Completing again, or adding a part, finds no upload.
     assert!(matches!(
         index
-            .complete_upload(&record, "photos", "u1", &object("p1", 10), "big", read_at)
+            .complete_upload(
+                &seen.record,
+                "photos",
+                "u1",
+                &object("p1", 10),
+                "big",
+                read_at
+            )
             .await,
         Err(IndexError::NoUpload)
     ));
@@ -146,7 +207,7 @@ async fn a_completed_upload_becomes_its_object_in_one_step() -> anyhow::Result<(
     ));
 
     index
-        .create_upload(&record, "photos", "u2", &upload)
+        .create_upload(seen.it(), "photos", "u2", &upload)
         .await?;
     index.put_part("photos", "u2", 1, &part("q1")).await?;
     let parts = index.abort_upload("photos", "u2").await?;
@@ -162,14 +223,26 @@ async fn a_completed_upload_becomes_its_object_in_one_step() -> anyhow::Result<(
 #[tokio::test]
 async fn conditional_publishes_hold_in_their_own_transaction() -> anyhow::Result<()> {
     use api_gateway::s3::index::Expect;
-    let (_etcd, index, mut client, record) = setup().await?;
+    let (_etcd, index, mut client, seen) = setup().await?;
     // Two create-only writes: the first wins, the second finds the object there.
     index
-        .put_object_expecting(&record, "photos", "lock", &object("b1", 1), Expect::Absent)
+        .put_object_expecting(
+            seen.it(),
+            "photos",
+            "lock",
+            &object("b1", 1),
+            Expect::Absent,
+        )
         .await?;
     assert!(matches!(
         index
-            .put_object_expecting(&record, "photos", "lock", &object("b2", 1), Expect::Absent)
+            .put_object_expecting(
+                seen.it(),
+                "photos",
+                "lock",
+                &object("b2", 1),
+                Expect::Absent
+            )
             .await,
         Err(IndexError::Changed)
     ));
@@ -181,7 +254,7 @@ async fn conditional_publishes_hold_in_their_own_transaction() -> anyhow::Result
         .expect("just published");
     index
         .put_object_expecting(
-            &record,
+            seen.it(),
             "photos",
             "lock",
             &object("b1", 1),
@@ -191,7 +264,7 @@ async fn conditional_publishes_hold_in_their_own_transaction() -> anyhow::Result
     assert!(matches!(
         index
             .put_object_expecting(
-                &record,
+                seen.it(),
                 "photos",
                 "lock",
                 &object("b1", 1),
@@ -209,7 +282,7 @@ async fn conditional_publishes_hold_in_their_own_transaction() -> anyhow::Result
     assert!(matches!(
         index
             .put_object_expecting(
-                &record,
+                seen.it(),
                 "photos",
                 "lock",
                 &object("b1", 1),
@@ -220,10 +293,10 @@ async fn conditional_publishes_hold_in_their_own_transaction() -> anyhow::Result
     ));
     assert!(index.get_object("photos", "lock").await?.is_none());
     // Without the bucket, the bucket is what is wrong.
-    client.delete(record.clone(), None).await?;
+    client.delete(seen.record.clone(), None).await?;
     assert!(matches!(
         index
-            .put_object_expecting(&record, "photos", "new", &object("b3", 1), Expect::Absent)
+            .put_object_expecting(seen.it(), "photos", "new", &object("b3", 1), Expect::Absent)
             .await,
         Err(IndexError::NoBucket)
     ));

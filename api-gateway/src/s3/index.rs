@@ -236,11 +236,28 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
-/// The conditions of a write that adds to a bucket: its record exists and no deletion of it
-/// is under way.
-fn bucket_open(bucket_record: &str, bucket: &str) -> [Compare; 2] {
+/// A bucket's record as a request saw it when it was authorized: its etcd key and the
+/// revision it was seen at (its mod revision then). A write into the bucket holds only while
+/// that record is there, not a record of the same name created since (another owner's bucket,
+/// made after this one was deleted during a long upload).
+#[derive(Debug, Clone, Copy)]
+pub struct BucketSeen<'a> {
+    /// The Bucket record's etcd key.
+    pub record: &'a str,
+    /// The revision the record was seen at.
+    pub revision: i64,
+}
+
+/// The conditions of a write that adds to a bucket: the record seen exists (created at or
+/// before the revision it was seen at) and no deletion of it is under way.
+fn bucket_open(seen: BucketSeen<'_>, bucket: &str) -> [Compare; 3] {
     [
-        Compare::version(bucket_record, CompareOp::Greater, 0),
+        Compare::version(seen.record, CompareOp::Greater, 0),
+        Compare::create_revision(
+            seen.record,
+            CompareOp::Less,
+            seen.revision.saturating_add(1),
+        ),
         Compare::version(deleting_key(bucket), CompareOp::Equal, 0),
     ]
 }
@@ -341,16 +358,16 @@ impl ObjectIndex {
             .transpose()
     }
 
-    /// Publishes an object if `bucket_record` (the Bucket's etcd key) still exists; returns
-    /// the entry it replaced, whose blobs the caller deletes.
+    /// Publishes an object if the bucket `seen` is still there; returns the entry it replaced,
+    /// whose blobs the caller deletes.
     pub async fn put_object(
         &self,
-        bucket_record: &str,
+        seen: BucketSeen<'_>,
         bucket: &str,
         key: &str,
         meta: &ObjectMeta,
     ) -> Result<Option<ObjectMeta>, IndexError> {
-        self.put_object_expecting(bucket_record, bucket, key, meta, Expect::Anything)
+        self.put_object_expecting(seen, bucket, key, meta, Expect::Anything)
             .await
     }
 
@@ -359,14 +376,14 @@ impl ObjectIndex {
     /// otherwise.
     pub async fn put_object_expecting(
         &self,
-        bucket_record: &str,
+        seen: BucketSeen<'_>,
         bucket: &str,
         key: &str,
         meta: &ObjectMeta,
         expect: Expect,
     ) -> Result<Option<ObjectMeta>, IndexError> {
         let k = object_key(bucket, key);
-        let mut when = bucket_open(bucket_record, bucket).to_vec();
+        let mut when = bucket_open(seen, bucket).to_vec();
         match expect {
             Expect::Anything => {}
             Expect::Absent => when.push(Compare::create_revision(k.clone(), CompareOp::Equal, 0)),
@@ -379,7 +396,7 @@ impl ObjectIndex {
         )]);
         let resp = self.txn(txn).await?;
         if !resp.succeeded() {
-            if expect != Expect::Anything && self.bucket_open_now(bucket_record, bucket).await? {
+            if expect != Expect::Anything && self.bucket_open_now(seen, bucket).await? {
                 return Err(IndexError::Changed);
             }
             return Err(self.why_closed(bucket).await);
@@ -388,8 +405,12 @@ impl ObjectIndex {
     }
 
     /// Whether the bucket exists and is not being deleted.
-    async fn bucket_open_now(&self, bucket_record: &str, bucket: &str) -> Result<bool, IndexError> {
-        let txn = Txn::new().when(bucket_open(bucket_record, bucket));
+    async fn bucket_open_now(
+        &self,
+        seen: BucketSeen<'_>,
+        bucket: &str,
+    ) -> Result<bool, IndexError> {
+        let txn = Txn::new().when(bucket_open(seen, bucket));
         Ok(self.txn(txn).await?.succeeded())
     }
 
@@ -520,13 +541,13 @@ impl ObjectIndex {
     /// Records a new multipart upload (if the bucket exists).
     pub async fn create_upload(
         &self,
-        bucket_record: &str,
+        seen: BucketSeen<'_>,
         bucket: &str,
         upload_id: &str,
         meta: &UploadMeta,
     ) -> Result<(), IndexError> {
         let txn = Txn::new()
-            .when(bucket_open(bucket_record, bucket))
+            .when(bucket_open(seen, bucket))
             .and_then([TxnOp::put(upload_key(bucket, upload_id), json(meta), None)]);
         if self.txn(txn).await?.succeeded() {
             Ok(())
@@ -666,7 +687,13 @@ impl ObjectIndex {
             let upload = self
                 .get_raw(upload_key(bucket, upload_id).into_bytes(), None)
                 .await?;
-            if upload.kvs().is_empty() || !self.bucket_open_now(bucket_record, bucket).await? {
+            // The upload holds its bucket (a bucket with uploads is not deleted): whichever
+            // record of that name is there now is the one the upload was made in.
+            let held = BucketSeen {
+                record: bucket_record,
+                revision: i64::MAX - 1,
+            };
+            if upload.kvs().is_empty() || !self.bucket_open_now(held, bucket).await? {
                 return Err(IndexError::NoUpload);
             }
             return Err(IndexError::Changed);

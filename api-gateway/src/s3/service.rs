@@ -20,7 +20,8 @@ use super::blob::{BlobError, BlobStore, ByteStream};
 use super::checksum;
 use super::cond::{self, Outcome, Preconditions};
 use super::index::{
-    Expect, IndexError, ObjectIndex, ObjectMeta, PartMeta, Segment, SystemHeaders, UploadMeta,
+    BucketSeen, Expect, IndexError, ObjectIndex, ObjectMeta, PartMeta, Segment, SystemHeaders,
+    UploadMeta,
 };
 use super::listing::{list_page, KeySource, ListRequest};
 use crate::auth::Principal;
@@ -169,6 +170,18 @@ struct BucketInfo {
     name: String,
     spec: BucketSpec,
     record_key: String,
+    /// The revision the record was read at (its mod revision).
+    seen_revision: i64,
+}
+
+impl BucketInfo {
+    /// The record as this request authorized it, for the writes that add to the bucket.
+    fn seen(&self) -> BucketSeen<'_> {
+        BucketSeen {
+            record: &self.record_key,
+            revision: self.seen_revision,
+        }
+    }
 }
 
 fn now_ms() -> i64 {
@@ -737,11 +750,11 @@ impl KarriS3 {
 
     async fn bucket(&self, name: &str) -> S3Result<BucketInfo> {
         let key = store::record_key("buckets", None, name);
-        let value = match self.registry.cache.get("buckets", &key) {
-            Some(found) => found.value.clone(),
+        let (value, seen_revision) = match self.registry.cache.get("buckets", &key) {
+            Some(found) => (found.value.clone(), found.revision),
             None => self
                 .registry
-                .read_key(&key)
+                .read_key_versioned(&key)
                 .await
                 .map_err(internal)?
                 .ok_or_else(|| s3_error!(NoSuchBucket, "The specified bucket does not exist."))?,
@@ -751,6 +764,7 @@ impl KarriS3 {
             name: name.to_string(),
             spec,
             record_key: key,
+            seen_revision,
         })
     }
 
@@ -802,7 +816,7 @@ impl KarriS3 {
     ) -> S3Result<()> {
         match self
             .index
-            .put_object_expecting(&bucket.record_key, &bucket.name, key, meta, expect)
+            .put_object_expecting(bucket.seen(), &bucket.name, key, meta, expect)
             .await
         {
             Ok(prev) => {
@@ -1919,7 +1933,7 @@ impl S3 for KarriS3 {
             tags: tags_from_header(input.tagging.as_deref())?,
         };
         self.index
-            .create_upload(&bucket.record_key, &bucket.name, &upload_id, &meta)
+            .create_upload(bucket.seen(), &bucket.name, &upload_id, &meta)
             .await
             .map_err(index_error)?;
         Ok(S3Response::new(CreateMultipartUploadOutput {
@@ -2749,7 +2763,7 @@ impl KarriS3 {
             match self
                 .index
                 .put_object_expecting(
-                    &bucket.record_key,
+                    bucket.seen(),
                     &bucket.name,
                     key,
                     &meta,
