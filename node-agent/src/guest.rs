@@ -338,7 +338,15 @@ impl Guests {
             .map_err(io("rename", path.clone()))
     }
 
-    async fn fetch(&self, a: &ImageArtifact) -> Result<images::CachedImage, GuestError> {
+    /// Fetches an image of an instance; `launched` when the instance has launched before (its
+    /// disk may hold data), whose fetch failures are never permanent: a failed launch
+    /// terminates the instance and deletes its disk, and an image gone since its launch (or a
+    /// blob, a permission) must not cost the owner that disk.
+    async fn fetch(
+        &self,
+        a: &ImageArtifact,
+        launched: bool,
+    ) -> Result<images::CachedImage, GuestError> {
         let fetched = self.cache.get(&source_of(a)).await;
         let mut failing = self
             .failing_since
@@ -354,7 +362,7 @@ impl Guests {
                 failing.insert(a.location.clone(), run);
                 let since = run.0;
                 let (image_id, reason) = (a.image_id.clone(), chain(&e));
-                if e.is_permanent() || since.elapsed() >= FETCH_GIVE_UP {
+                if !launched && (e.is_permanent() || since.elapsed() >= FETCH_GIVE_UP) {
                     failing.remove(&a.location);
                     Err(GuestError::Image { image_id, reason })
                 } else {
@@ -379,8 +387,12 @@ impl Guests {
             console_log: Some(self.console_log(id).to_string_lossy().into_owned()),
             ..Prepared::default()
         };
+        // Written at the end of every preparation that succeeded: the instance launched.
+        let launched = tokio::fs::try_exists(self.held_file(id))
+            .await
+            .unwrap_or(true);
         if let Some(root) = root {
-            let base = self.fetch(root).await?;
+            let base = self.fetch(root, launched).await?;
             self.hold(id, &base.sha256);
             let overlay = self.overlay(id);
             if let Some(dir) = overlay.parent() {
@@ -404,11 +416,11 @@ impl Guests {
             });
         }
         if let Some(kernel) = kernel {
-            let k = self.fetch(kernel).await?;
+            let k = self.fetch(kernel, launched).await?;
             self.hold(id, &k.sha256);
             let initrd = match ramdisk {
                 Some(r) => {
-                    let r = self.fetch(r).await?;
+                    let r = self.fetch(r, launched).await?;
                     self.hold(id, &r.sha256);
                     Some(r.path.to_string_lossy().into_owned())
                 }
@@ -628,12 +640,18 @@ mod tests {
             format: Default::default(),
         };
         // Nothing listens on loopback port 9: the connection is refused, which may pass.
-        match guests.fetch(&artifact("http://127.0.0.1:9/root.img")).await {
+        match guests
+            .fetch(&artifact("http://127.0.0.1:9/root.img"), false)
+            .await
+        {
             Err(e @ GuestError::Fetch { .. }) => assert!(!e.is_permanent()),
             other => panic!("expected a fetch to try again, got {other:?}"),
         }
         let missing = dir.path().join("no-such-image.img");
-        match guests.fetch(&artifact(&missing.to_string_lossy())).await {
+        match guests
+            .fetch(&artifact(&missing.to_string_lossy()), false)
+            .await
+        {
             Err(e) => assert!(e.is_permanent(), "{e}"),
             Ok(_) => panic!("a missing file was fetched"),
         }
@@ -715,6 +733,34 @@ mod tests {
         let again = guests_in(dir.path());
         again.hold_images_of(&instance, "i-1");
         assert!(again.in_use().is_empty(), "a released instance held images");
+    }
+
+    #[tokio::test]
+    async fn an_image_gone_after_the_launch_never_fails_the_instance_that_holds_its_disk() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let image = dir.path().join("kernel.img");
+        std::fs::write(&image, b"a kernel").expect("written");
+        let mut kernel = artifact("eki-1", None);
+        kernel["location"] = serde_json::json!(image.to_string_lossy());
+        let instance = launched(serde_json::json!({"kernel": kernel}));
+        let guests = guests_in(dir.path());
+        // A new instance whose image is missing fails for good (and is terminated).
+        std::fs::remove_file(&image).expect("removed");
+        match guests.prepare(&instance, "i-new").await {
+            Err(e) => assert!(e.is_permanent(), "{e}"),
+            Ok(_) => panic!("prepared from a missing image"),
+        }
+        // One that launched, started again after its image went, waits for it instead.
+        std::fs::write(&image, b"a kernel").expect("written");
+        guests.prepare(&instance, "i-1").await.expect("prepared");
+        std::fs::remove_file(&image).expect("removed");
+        match guests.prepare(&instance, "i-1").await {
+            Err(e) => assert!(
+                !e.is_permanent(),
+                "a launched instance failed for good: {e}"
+            ),
+            Ok(_) => panic!("prepared from a missing image"),
+        }
     }
 
     #[test]
