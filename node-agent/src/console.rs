@@ -15,6 +15,53 @@ pub fn log_path(dir: &Path, id: &str) -> PathBuf {
     dir.join(format!("{id}.log"))
 }
 
+/// The instance whose console log (current or rotated) `file_name` is: `i-1` for `i-1.log`
+/// and `i-1.log.3`. Pure.
+pub fn log_owner(file_name: &str) -> Option<&str> {
+    let (id, rest) = file_name.split_once(".log")?;
+    let rotated = rest
+        .strip_prefix('.')
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    (!id.is_empty() && (rest.is_empty() || rotated)).then_some(id)
+}
+
+/// The instances with console logs in `dir`.
+pub fn owners_in(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut ids: Vec<String> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|name| log_owner(&name).map(str::to_owned))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// Removes the console log of the instance `id` in `dir` and the files virtlogd rotated out of
+/// it; none there is fine.
+pub fn remove_logs(dir: &Path, id: &str) -> io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name();
+        if name.to_str().and_then(log_owner) == Some(id) {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The last `max` bytes of `path`, if it exists.
 fn read_tail(path: &Path, max: u64) -> io::Result<Option<Vec<u8>>> {
     let mut file = match File::open(path) {
@@ -81,6 +128,35 @@ mod tests {
         let got = read(&path).expect("reads").expect("a log");
         assert_eq!(got.len() as u64, MAX_CONSOLE_BYTES);
         assert!(got.ends_with("last line\n"));
+    }
+
+    #[test]
+    fn logs_and_their_rotations_belong_to_their_instance() {
+        let rows = [
+            ("i-1.log", Some("i-1")),
+            ("i-1.log.0", Some("i-1")),
+            ("i-1.log.12", Some("i-1")),
+            ("i-1.log.x", None),
+            ("i-1.log.", None),
+            ("i-1.logs", None),
+            (".log", None),
+            ("i-1.held", None),
+        ];
+        for (name, owner) in rows {
+            assert_eq!(log_owner(name), owner, "{name}");
+        }
+    }
+
+    #[test]
+    fn removing_an_instances_logs_takes_the_rotated_ones_and_leaves_the_others() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for name in ["i-1.log", "i-1.log.0", "i-1.log.1", "i-12.log", "i-2.log.0"] {
+            std::fs::write(dir.path().join(name), "x").expect("writes");
+        }
+        assert_eq!(owners_in(dir.path()), ["i-1", "i-12", "i-2"]);
+        remove_logs(dir.path(), "i-1").expect("removed");
+        assert_eq!(owners_in(dir.path()), ["i-12", "i-2"]);
+        remove_logs(dir.path(), "i-1").expect("nothing left is fine");
     }
 
     #[test]

@@ -517,18 +517,17 @@ impl Guests {
                 })
             }
         }
-        let log = self.console_log(id);
-        match tokio::fs::remove_file(&log).await {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(GuestError::Io {
-                    action: "remove",
-                    path: log,
-                    source,
-                })
-            }
-        }
+        // With the files virtlogd rotated out of it.
+        let (dir, owner) = (self.console_dir.clone(), id.to_owned());
+        tokio::task::spawn_blocking(move || console::remove_logs(&dir, &owner))
+            .await
+            .map_err(|e| std::io::Error::other(e.to_string()))
+            .and_then(|removed| removed)
+            .map_err(|source| GuestError::Io {
+                action: "remove the console logs in",
+                path: self.console_dir.clone(),
+                source,
+            })?;
         Ok(())
     }
 
@@ -563,16 +562,24 @@ impl Guests {
         }
     }
 
-    /// Instance IDs that have files under the instance directory.
+    /// Instance IDs that have files under the instance directory or console logs.
     pub fn instances_with_files(&self) -> Vec<String> {
-        let Ok(entries) = std::fs::read_dir(&self.instance_dir) else {
-            return Vec::new();
-        };
-        entries
+        let mut ids: Vec<String> = std::fs::read_dir(&self.instance_dir)
+            .into_iter()
+            .flatten()
             .filter_map(Result::ok)
             .filter_map(|e| e.file_name().into_string().ok())
             .filter(|name| name.starts_with("i-"))
-            .collect()
+            .collect();
+        // An instance without a root disk has only its console logs.
+        ids.extend(
+            console::owners_in(&self.console_dir)
+                .into_iter()
+                .filter(|id| id.starts_with("i-")),
+        );
+        ids.sort();
+        ids.dedup();
+        ids
     }
 
     /// Evicts cached images beyond the cache's size limit that no live instance needs.
