@@ -62,6 +62,26 @@ const MAX_ROUNDS: usize = 4;
 const SHUTDOWN_POLL: Duration = Duration::from_secs(1);
 /// How often console logs are read and, when they changed, reported.
 const CONSOLE_PERIOD: Duration = Duration::from_secs(1);
+/// How often, at most, a console whose output fills the reported window (a guest that writes
+/// on and on) is reported: each report is a status write of [`console::MAX_CONSOLE_BYTES`].
+const FULL_CONSOLE_PERIOD: Duration = Duration::from_secs(10);
+
+/// What the agent last reported of an instance's console: a digest of the text and when.
+type ConsoleReport = (u64, Instant);
+
+/// Whether console text with `digest` and `len` bytes is to be reported now, after `last`:
+/// when it changed, and, once it fills the reported window, no more often than
+/// [`FULL_CONSOLE_PERIOD`]. Pure.
+fn console_due(last: Option<ConsoleReport>, digest: u64, len: usize, now: Instant) -> bool {
+    match last {
+        None => true,
+        Some((d, _)) if d == digest => false,
+        Some((_, at)) => {
+            let full = u64::try_from(len).unwrap_or(u64::MAX) >= console::MAX_CONSOLE_BYTES;
+            !full || now.saturating_duration_since(at) >= FULL_CONSOLE_PERIOD
+        }
+    }
+}
 
 /// Why a reconcile (or a sweep) did not finish.
 #[derive(Debug, thiserror::Error)]
@@ -170,7 +190,7 @@ pub struct Context<H> {
     /// Images, disks, network and metadata of real guests; none on hosts that boot nothing.
     guests: Option<Arc<Guests>>,
     /// What the agent last reported of each instance's console, by instance ID.
-    consoles: Mutex<HashMap<String, u64>>,
+    consoles: Mutex<HashMap<String, ConsoleReport>>,
     /// The reboot request each record's domain was last reset for, by record UID (pruned by the
     /// sweep once the record leaves the node): a status write lost to a conflict must not reset
     /// the guest again.
@@ -595,7 +615,8 @@ impl<H: Hypervisor + 'static> Context<H> {
             );
             {
                 let consoles = self.consoles.lock().unwrap_or_else(PoisonError::into_inner);
-                if reported || consoles.get(id) == Some(&digest) {
+                let last = consoles.get(id).copied();
+                if reported || !console_due(last, digest, text.len(), Instant::now()) {
                     continue;
                 }
             }
@@ -617,7 +638,7 @@ impl<H: Hypervisor + 'static> Context<H> {
                 Ok(_) => {
                     self.metrics.console_reports.inc();
                     let mut consoles = self.consoles.lock().unwrap_or_else(PoisonError::into_inner);
-                    consoles.insert(id.to_owned(), digest);
+                    consoles.insert(id.to_owned(), (digest, Instant::now()));
                 }
                 Err(error) => tracing::debug!(%error, id, "cannot report the console output"),
             }
@@ -996,6 +1017,35 @@ mod tests {
 
     const UID: &str = "6f1f8d2e-1c1a-4d1e-9a55-2c7c1b7a0b11";
     const TIMEOUT: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_console_that_fills_its_window_is_reported_every_ten_seconds_at_most() {
+        let t0 = Instant::now();
+        let full = usize::try_from(console::MAX_CONSOLE_BYTES).expect("fits");
+        let rows = [
+            ("never reported", None, 2, 10, true),
+            ("unchanged", Some((2, t0)), 2, 10, false),
+            ("changed, short", Some((1, t0)), 2, 10, true),
+            ("changed, full, 1 s later", Some((1, t0)), 2, full, false),
+            (
+                "changed, full, 9 s later",
+                Some((1, t0 - Duration::from_secs(9))),
+                2,
+                full,
+                false,
+            ),
+            (
+                "changed, full, 10 s later",
+                Some((1, t0 - Duration::from_secs(10))),
+                2,
+                full,
+                true,
+            ),
+        ];
+        for (what, last, digest, len, want) in rows {
+            assert_eq!(console_due(last, digest, len, t0), want, "{what}");
+        }
+    }
 
     #[test]
     fn console_output_is_reported_only_when_it_differs_from_the_record() {
