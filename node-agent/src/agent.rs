@@ -736,17 +736,30 @@ impl<H: Hypervisor + 'static> Context<H> {
                 .retain(|uid, _| live.contains(uid));
         }
         let mut removed = 0;
+        // One orphan that cannot be removed (a QEMU stuck in the kernel) does not keep the
+        // others: each is tried, and the first failure is returned after all of them.
+        let mut failed = None;
         for orphan in domains.iter().filter(|d| !live.contains(&d.uid)) {
             let _lock = self.locks.lock(&orphan.name).await;
             // Look again under the lock: a reconcile may have replaced it meanwhile.
-            let Some(now) = hv.observe(&orphan.name).await? else {
-                continue;
+            let now = match hv.observe(&orphan.name).await {
+                Ok(Some(now)) => now,
+                Ok(None) => continue,
+                Err(error) => {
+                    tracing::warn!(%error, domain = %orphan.name, "cannot look at an orphan");
+                    failed.get_or_insert(error);
+                    continue;
+                }
             };
             if now.uid != orphan.uid || self.live_uids().contains(&now.uid) {
                 continue;
             }
             let actions = plan(None, Some(&now.observed(None)));
-            apply_plan(hv, &now.name, None, &actions).await?;
+            if let Err(error) = apply_plan(hv, &now.name, None, &actions).await {
+                tracing::warn!(%error, domain = %now.name, "cannot remove an orphan");
+                failed.get_or_insert(error);
+                continue;
+            }
             self.metrics.acted(&actions);
             self.metrics.orphans_removed.inc();
             removed += 1;
@@ -767,7 +780,10 @@ impl<H: Hypervisor + 'static> Context<H> {
             removed,
             "swept orphans"
         );
-        Ok(removed)
+        match failed {
+            Some(error) => Err(error.into()),
+            None => Ok(removed),
+        }
     }
 
     async fn sweep_logged(&self) {
@@ -1017,6 +1033,69 @@ mod tests {
 
     const UID: &str = "6f1f8d2e-1c1a-4d1e-9a55-2c7c1b7a0b11";
     const TIMEOUT: Duration = Duration::from_secs(60);
+
+    #[tokio::test]
+    async fn an_orphan_that_cannot_be_destroyed_does_not_keep_the_others() {
+        use crate::hypervisor::FakeHypervisor;
+        let hv = Arc::new(FakeHypervisor::new("n1"));
+        let mut names = Vec::new();
+        for (n, id) in ["i-1", "i-2", "i-3"].into_iter().enumerate() {
+            let xml = domain::render(&DomainSpec {
+                name: domain_name(id),
+                uid: format!("00000000-0000-4000-8000-00000000000{n}"),
+                instance_id: id.into(),
+                namespace: "ns".into(),
+                node: "n1".into(),
+                instance_type: "m1.small".into(),
+                vcpus: 1,
+                memory_mib: 64,
+                domain_type: DomainType::Qemu,
+                disk: None,
+                kernel: None,
+                nic: None,
+                console_log: None,
+            })
+            .expect("renders");
+            hv.define(&xml).await.expect("defined");
+            hv.start(&domain_name(id)).await.expect("started");
+            names.push(domain_name(id));
+        }
+        // The first in the sweep's order is stuck.
+        hv.set_stuck(&names[0], true);
+        let client = Client::try_from(kube::Config::new(
+            "http://127.0.0.1:9".parse().expect("a URL"),
+        ))
+        .expect("a client");
+        let (instances, _writer) = reflector::store::<Instance>();
+        let (types, _types_writer) = reflector::store::<InstanceType>();
+        let ctx = Context {
+            client,
+            hypervisor: hv.clone(),
+            settings: Settings {
+                node: "n1".into(),
+                lease_duration: Duration::from_secs(40),
+                shutdown_timeout: TIMEOUT,
+                resync: Duration::from_secs(30),
+                domain_type: DomainType::Qemu,
+            },
+            instances,
+            types,
+            shutdowns: Mutex::new(HashMap::new()),
+            locks: DomainLocks::default(),
+            metrics: Arc::new(Metrics::new()),
+            guests: None,
+            consoles: Mutex::new(HashMap::new()),
+            rebooted: Mutex::new(HashMap::new()),
+        };
+        assert!(ctx.sweep().await.is_err(), "the stuck orphan is reported");
+        assert!(hv.peek(&names[0]).is_some(), "the stuck orphan stays");
+        for name in &names[1..] {
+            assert!(hv.peek(name).is_none(), "{name} was kept by the stuck one");
+        }
+        hv.set_stuck(&names[0], false);
+        assert_eq!(ctx.sweep().await.expect("swept"), 1);
+        assert!(hv.peek(&names[0]).is_none());
+    }
 
     #[test]
     fn a_console_that_fills_its_window_is_reported_every_ten_seconds_at_most() {

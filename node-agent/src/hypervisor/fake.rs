@@ -33,6 +33,8 @@ struct Inner {
     domains: BTreeMap<String, FakeDomain>,
     last_id: u32,
     guests_ignore_shutdown: bool,
+    /// Domains whose destroy fails, as one whose QEMU is stuck in the kernel.
+    stuck: std::collections::BTreeSet<String>,
 }
 
 #[derive(Debug)]
@@ -121,6 +123,16 @@ impl FakeHypervisor {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push((action, name.to_owned()));
+    }
+
+    /// Makes [`Hypervisor::destroy`] of the domain `name` fail (`true`) or work again.
+    pub fn set_stuck(&self, name: &str, stuck: bool) {
+        let mut inner = self.lock();
+        if stuck {
+            inner.stuck.insert(name.to_owned());
+        } else {
+            inner.stuck.remove(name);
+        }
     }
 
     /// Makes guests ignore (`true`) or honour (`false`) [`Hypervisor::shutdown`].
@@ -228,6 +240,7 @@ impl FakeHypervisor {
         self.log(action, name);
         let mut inner = self.lock();
         let ignore_shutdown = inner.guests_ignore_shutdown;
+        let stuck = inner.stuck.contains(name);
         let Some(dom) = inner.ours(&self.node, name)? else {
             return match action {
                 Action::Start | Action::Reboot => Err(HypervisorError::NotFound {
@@ -237,6 +250,12 @@ impl FakeHypervisor {
             };
         };
         let active = dom.state.is_active();
+        if action == Action::Destroy && stuck {
+            // libvirt's answer to a QEMU that will not die varies; any error stands for it.
+            return Err(HypervisorError::NotFound {
+                name: name.to_owned(),
+            });
+        }
         match action {
             Action::Start if !active => {
                 let id = inner.next_id();
