@@ -857,20 +857,26 @@ where
 }
 
 /// Renews the node lease every quarter of its duration; failures are logged and retried on
-/// the next tick.
+/// the next tick. A renewal that takes longer than that quarter is given up and tried afresh:
+/// one request to a gateway that stopped answering must not hold the lease until it expires.
 async fn heartbeat(client: Client, node: String, duration: Duration, metrics: Arc<Metrics>) {
     let api: Api<Lease> = Api::namespaced(client, NODE_LEASE_NAMESPACE);
-    let mut tick = tokio::time::interval((duration / 4).max(Duration::from_millis(100)));
+    let period = (duration / 4).max(Duration::from_millis(100));
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        match node::renew_lease(&api, &node, duration).await {
-            Ok(()) => {
+        match tokio::time::timeout(period, node::renew_lease(&api, &node, duration)).await {
+            Ok(Ok(())) => {
                 metrics.lease_renewals.inc();
             }
-            Err(error) => {
+            Ok(Err(error)) => {
                 metrics.lease_failures.inc();
                 tracing::warn!(%error, "could not renew the node lease");
+            }
+            Err(_) => {
+                metrics.lease_failures.inc();
+                tracing::warn!(?period, "the node lease renewal got no answer in time");
             }
         }
     }
@@ -1033,6 +1039,78 @@ mod tests {
 
     const UID: &str = "6f1f8d2e-1c1a-4d1e-9a55-2c7c1b7a0b11";
     const TIMEOUT: Duration = Duration::from_secs(60);
+
+    #[tokio::test]
+    async fn a_lease_renewal_the_gateway_never_answers_is_given_up_and_tried_again() {
+        use axum::http::StatusCode;
+        use axum::routing::{get, post};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        // The first read of the lease never gets an answer; later ones find none, and the
+        // lease is created.
+        let reads = Arc::new(AtomicUsize::new(0));
+        let path = format!("/apis/karri.dev/v1alpha1/namespaces/{NODE_LEASE_NAMESPACE}/leases");
+        let app = axum::Router::new()
+            .route(
+                &format!("{path}/n1"),
+                get(move || {
+                    let first = reads.fetch_add(1, Ordering::SeqCst) == 0;
+                    async move {
+                        if first {
+                            std::future::pending::<()>().await;
+                        }
+                        let status = serde_json::json!({
+                            "kind": "Status", "apiVersion": "v1", "status": "Failure",
+                            "reason": "NotFound", "code": 404, "message": "not found"
+                        });
+                        (StatusCode::NOT_FOUND, axum::Json(status))
+                    }
+                }),
+            )
+            .route(
+                &path,
+                post(
+                    |axum::Json(mut lease): axum::Json<serde_json::Value>| async move {
+                        lease["metadata"]["resourceVersion"] = serde_json::json!("1");
+                        (StatusCode::CREATED, axum::Json(lease))
+                    },
+                ),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("loopback has a free port");
+        let addr = listener
+            .local_addr()
+            .expect("a bound listener has an address");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = Client::try_from(kube::Config::new(
+            format!("http://{addr}").parse().expect("a URL"),
+        ))
+        .expect("a client");
+        let metrics = Arc::new(Metrics::new());
+        let beat = tokio::spawn(heartbeat(
+            client,
+            "n1".into(),
+            Duration::from_millis(400),
+            metrics.clone(),
+        ));
+        // Bounded: the hung renewal is given up after 100 ms, the next one renews.
+        let renewed = tokio::time::timeout(Duration::from_secs(10), async {
+            while metrics.lease_renewals.get() == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        beat.abort();
+        assert!(
+            renewed.is_ok(),
+            "the lease was never renewed after a hung renewal"
+        );
+        assert!(
+            metrics.lease_failures.get() >= 1,
+            "the hung renewal was not counted"
+        );
+    }
 
     #[tokio::test]
     async fn an_orphan_that_cannot_be_destroyed_does_not_keep_the_others() {

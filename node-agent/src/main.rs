@@ -225,7 +225,13 @@ async fn guest_network(
 
 async fn kube_config(path: &PathBuf) -> anyhow::Result<Config> {
     let kc = Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?)
+    let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    // No answer to a request waits forever (kube-client sets no read timeout): a status write
+    // or lease renewal to a gateway that stopped answering ends. Longer than the 290 s a watch
+    // asks the server to end it after, counted from when the request is sent.
+    config.read_timeout = Some(std::time::Duration::from_secs(295));
+    config.reset_reader_on_write = true;
+    Ok(config)
 }
 
 /// Connects to libvirt for `node`, retrying until it answers (libvirtd may start after the

@@ -51,7 +51,12 @@ struct Args {
 
 async fn client(path: &PathBuf) -> anyhow::Result<Client> {
     let kc = Kubeconfig::read_from(path).with_context(|| format!("reading {}", path.display()))?;
-    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
+    // No answer to a request waits forever (kube-client sets no read timeout): a reconcile's
+    // write to a gateway that stopped answering ends. Longer than the 290 s a watch asks the
+    // server to end it after, counted from when the request is sent.
+    config.read_timeout = Some(std::time::Duration::from_secs(295));
+    config.reset_reader_on_write = true;
     Ok(Client::try_from(config)?)
 }
 
