@@ -15,6 +15,11 @@ use crate::validation::{
 /// domain whose `status.lastRebootRequest` differs, then records it there.
 pub const REBOOT_ANNOTATION: &str = "karri.dev/reboot-requested-at";
 
+/// Annotation StopInstances with `Force` sets (and a stop without it, or a start, removes):
+/// while the instance is asked to stop, the node agent powers its domain off at once instead of
+/// waiting for the guest to shut down.
+pub const FORCE_STOP_ANNOTATION: &str = "karri.dev/force-stop";
+
 /// The operator's finalizer on every instance: it holds the record until the domain is gone
 /// and the instance's addresses and capacity are released. Only Karri's controllers remove it.
 pub const INSTANCE_FINALIZER: &str = "karri.dev/instance";

@@ -39,8 +39,8 @@ pub use image::{
 };
 pub use instance::{
     DesiredState, HttpEndpoint, HttpTokens, ImageArtifact, Instance, InstanceSpec, InstanceState,
-    InstanceStatus, LaunchSpec, MetadataOptions, INSTANCE_FINALIZER, NODE_NAME_FIELD,
-    REBOOT_ANNOTATION,
+    InstanceStatus, LaunchSpec, MetadataOptions, FORCE_STOP_ANNOTATION, INSTANCE_FINALIZER,
+    NODE_NAME_FIELD, REBOOT_ANNOTATION,
 };
 pub use instance_type::{InstanceType, InstanceTypeSpec, InstanceTypeStatus};
 pub use key_pair::{KeyPair, KeyPairSpec, KeyPairStatus, KeyType};

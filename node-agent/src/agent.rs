@@ -216,10 +216,21 @@ pub fn desire(instance: &Instance, uid: &str, shutdown_timeout: Duration) -> Opt
         DesiredState::Stopped => Power::Stopped,
         DesiredState::Terminated => return None,
     };
+    // A forced stop (StopInstances with Force) powers off without waiting for the guest.
+    let forced = power == Power::Stopped
+        && instance
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(crds::FORCE_STOP_ANNOTATION));
     Some(Desired {
         uid: uid.to_owned(),
         power,
-        shutdown_timeout,
+        shutdown_timeout: if forced {
+            Duration::ZERO
+        } else {
+            shutdown_timeout
+        },
         reboot: reboot_request(instance).is_some(),
     })
 }
@@ -1261,6 +1272,29 @@ mod tests {
             stopped.map(|d| (d.uid, d.shutdown_timeout)),
             Some((UID.into(), TIMEOUT))
         );
+    }
+
+    #[test]
+    fn a_forced_stop_waits_for_no_guest_shutdown() {
+        let mut forced = instance(DesiredState::Stopped, None);
+        forced.metadata.annotations = Some(
+            [(
+                crds::FORCE_STOP_ANNOTATION.to_owned(),
+                "2026-11-26T05:00:00Z".to_owned(),
+            )]
+            .into(),
+        );
+        let desired = desire(&forced, UID, TIMEOUT).expect("a domain");
+        assert_eq!(
+            (desired.power, desired.shutdown_timeout),
+            (Power::Stopped, Duration::ZERO)
+        );
+        // Asked to run again, the annotation left over changes nothing.
+        forced.spec.desired_state = DesiredState::Running;
+        let desired = desire(&forced, UID, TIMEOUT).expect("a domain");
+        assert_eq!(desired.shutdown_timeout, TIMEOUT);
+        let plain = desire(&instance(DesiredState::Stopped, None), UID, TIMEOUT).expect("a domain");
+        assert_eq!(plain.shutdown_timeout, TIMEOUT);
     }
 
     #[test]
