@@ -398,6 +398,21 @@ async fn awscli_runs_stops_starts_and_terminates_instances_until_they_are_collec
         array_at(&by_date, "/Images").len() == 1,
         "{year} finds {by_date} (CreationDate {created})"
     );
+    // boot-mode matches the BootMode the image shows.
+    let boot_mode = str_at(found, "/BootMode")?;
+    let by_boot_mode = aws
+        .ok(&[
+            "describe-images",
+            "--owners",
+            "self",
+            "--filters",
+            &format!("Name=boot-mode,Values={boot_mode}"),
+        ])
+        .await?;
+    ensure!(
+        array_at(&by_boot_mode, "/Images").len() == 1,
+        "boot-mode={boot_mode} finds {by_boot_mode}"
+    );
 
     // A dry run is refused with DryRunOperation and launches nothing.
     let script = dir.path().join("script.sh");
@@ -882,6 +897,45 @@ async fn awscli_describes_zones_regions_types_the_default_vpc_and_account_attrib
         "InvalidInstanceType",
     )
     .await?;
+    // A filter on a value the response shows finds the types showing it; an EC2 filter on a
+    // field the response does not show is refused rather than matching nothing.
+    let all_types: Vec<&str> = expected.keys().map(String::as_str).collect();
+    let all: &[&str] = &all_types;
+    let filtered: [(&str, &[&str]); 10] = [
+        ("Name=bare-metal,Values=false", all),
+        ("Name=bare-metal,Values=true", &[]),
+        ("Name=supported-usage-class,Values=on-demand", all),
+        ("Name=instance-storage-supported,Values=true", all),
+        ("Name=free-tier-eligible,Values=false", all),
+        ("Name=supported-virtualization-type,Values=hvm", all),
+        ("Name=supported-root-device-type,Values=instance-store", all),
+        ("Name=supported-boot-mode,Values=legacy-bios", all),
+        ("Name=network-info.ipv6-supported,Values=false", all),
+        ("Name=vcpu-info.default-cores,Values=2", &["c1.medium"]),
+    ];
+    for (filter, found) in filtered {
+        let answer = aws
+            .ok(&["describe-instance-types", "--filters", filter])
+            .await?;
+        let mut names: Vec<&str> = array_at(&answer, "/InstanceTypes")
+            .iter()
+            .map(|t| str_at(t, "/InstanceType"))
+            .collect::<anyhow::Result<_>>()?;
+        names.sort_unstable();
+        ensure!(
+            names == found,
+            "describe-instance-types --filters {filter} finds {names:?}, expected {found:?}"
+        );
+    }
+    aws.refused(
+        &[
+            "describe-instance-types",
+            "--filters",
+            "Name=ebs-info.nvme-support,Values=required",
+        ],
+        "InvalidParameterValue",
+    )
+    .await?;
 
     // The default VPC, one default subnet per zone inside it.
     let vpcs = aws.ok(&["describe-vpcs"]).await?;
@@ -915,6 +969,52 @@ async fn awscli_describes_zones_regions_types_the_default_vpc_and_account_attrib
             && by_zone.values().collect::<BTreeSet<_>>().len() == 2,
         "describe-subnets shows {by_zone:?}"
     );
+    // Filters on what the default network shows find it.
+    for (args, pointer, count) in [
+        (
+            [
+                "describe-subnets",
+                "--filters",
+                "Name=map-public-ip-on-launch,Values=false",
+            ],
+            "/Subnets",
+            2,
+        ),
+        (
+            [
+                "describe-subnets",
+                "--filters",
+                "Name=available-ip-address-count,Values=*",
+            ],
+            "/Subnets",
+            2,
+        ),
+        (
+            [
+                "describe-vpcs",
+                "--filters",
+                "Name=cidr-block-association.state,Values=associated",
+            ],
+            "/Vpcs",
+            1,
+        ),
+        (
+            [
+                "describe-availability-zones",
+                "--filters",
+                "Name=zone-type,Values=availability-zone",
+            ],
+            "/AvailabilityZones",
+            2,
+        ),
+    ] {
+        let answer = aws.ok(&args).await?;
+        ensure!(
+            array_at(&answer, pointer).len() == count,
+            "aws ec2 {} finds {answer}, expected {count}",
+            args.join(" ")
+        );
+    }
 
     let attributes = aws.ok(&["describe-account-attributes"]).await?;
     let values: BTreeMap<String, Vec<String>> = array_at(&attributes, "/AccountAttributes")

@@ -92,6 +92,53 @@ where
     }
 }
 
+// ----- A resource's values for a filter, as its response shows them -------------------------
+// Each Describe action answers a filter from the fields its response writes, through these: an
+// empty field is no value (it matches nothing, not even `*`), booleans and numbers are spelled as
+// the XML spells them.
+
+/// The value a response shows as `s`; none when `s` is empty.
+pub fn shown(s: &str) -> Vec<Cow<'_, str>> {
+    if s.is_empty() {
+        Vec::new()
+    } else {
+        vec![Cow::Borrowed(s)]
+    }
+}
+
+/// The value a response shows for an optional field; none when absent or empty.
+pub fn shown_opt(s: Option<&str>) -> Vec<Cow<'_, str>> {
+    shown(s.unwrap_or(""))
+}
+
+/// A computed value a response shows; none when empty.
+pub fn shown_owned<'a>(s: String) -> Vec<Cow<'a, str>> {
+    if s.is_empty() {
+        Vec::new()
+    } else {
+        vec![Cow::Owned(s)]
+    }
+}
+
+/// A boolean as the response shows it (`true` / `false`).
+pub fn shown_bool<'a>(b: bool) -> Vec<Cow<'a, str>> {
+    vec![Cow::Borrowed(super::xml::bool_text(b))]
+}
+
+/// A number as the response shows it.
+pub fn shown_number<'a>(n: impl std::fmt::Display) -> Vec<Cow<'a, str>> {
+    vec![Cow::Owned(n.to_string())]
+}
+
+/// The entries of a set the response shows (empty ones left out).
+pub fn shown_all<'a>(items: impl IntoIterator<Item = &'a str>) -> Vec<Cow<'a, str>> {
+    items
+        .into_iter()
+        .filter(|s| !s.is_empty())
+        .map(Cow::Borrowed)
+        .collect()
+}
+
 /// One piece of a compiled pattern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Token {
@@ -479,153 +526,71 @@ where
 // ----- Filter names each action accepts (from the EC2 API reference, 2016-11-15) -------------
 // Tag filters (`tag:<key>`, `tag-key`, `tag-value`) are not listed; `validate_names` allows them
 // for taggable resources.
+//
+// A name is listed only when the action's response shows the field it filters on (possibly as an
+// empty set, such as an instance's `blockDeviceMapping`): the action answers it from the same
+// source its response is written from, so that a value the response shows is a value the filter
+// matches. EC2 names for fields Karri's responses do not show (dedicated hosts, capacity
+// reservations, network interfaces, EBS details and the like) are refused as unknown names are,
+// with `InvalidParameterValue` "The filter 'x' is invalid", rather than matching nothing. The
+// tests of each action check every listed name against its response.
 
 /// DescribeInstances (taggable).
 pub const INSTANCE_FILTERS: &[&str] = &[
-    "affinity",
     "architecture",
     "availability-zone",
-    "availability-zone-id",
     "block-device-mapping.attach-time",
     "block-device-mapping.delete-on-termination",
     "block-device-mapping.device-name",
     "block-device-mapping.status",
     "block-device-mapping.volume-id",
-    "boot-mode",
-    "capacity-reservation-id",
-    "capacity-reservation-specification.capacity-reservation-preference",
-    "capacity-reservation-specification.capacity-reservation-target.capacity-reservation-id",
-    "capacity-reservation-specification.capacity-reservation-target.capacity-reservation-resource-group-arn",
     "client-token",
-    "current-instance-boot-mode",
     "dns-name",
     "ebs-optimized",
-    "ena-support",
-    "enclave-options.enabled",
     "group-id",
     "group-name",
-    "hibernation-options.configured",
-    "host-id",
     "hypervisor",
-    "iam-instance-profile.arn",
-    "iam-instance-profile.id",
     "image-id",
     "instance-id",
-    "instance-lifecycle",
     "instance-state-code",
     "instance-state-name",
     "instance-type",
     "instance.group-id",
     "instance.group-name",
     "ip-address",
-    "ipv6-address",
     "kernel-id",
     "key-name",
     "launch-index",
     "launch-time",
-    "maintenance-options.auto-recovery",
     "metadata-options.http-endpoint",
-    "metadata-options.http-protocol-ipv4",
-    "metadata-options.http-protocol-ipv6",
     "metadata-options.http-put-response-hop-limit",
     "metadata-options.http-tokens",
-    "metadata-options.instance-metadata-tags",
     "metadata-options.state",
     "monitoring-state",
-    "network-interface.addresses.association.allocation-id",
-    "network-interface.addresses.association.association-id",
-    "network-interface.addresses.association.carrier-ip",
-    "network-interface.addresses.association.customer-owned-ip",
-    "network-interface.addresses.association.ip-owner-id",
-    "network-interface.addresses.association.public-dns-name",
-    "network-interface.addresses.association.public-ip",
-    "network-interface.addresses.primary",
-    "network-interface.addresses.private-dns-name",
     "network-interface.addresses.private-ip-address",
-    "network-interface.association.allocation-id",
-    "network-interface.association.association-id",
-    "network-interface.association.carrier-ip",
-    "network-interface.association.customer-owned-ip",
-    "network-interface.association.ip-owner-id",
-    "network-interface.association.public-dns-name",
-    "network-interface.association.public-ip",
-    "network-interface.attachment.attach-time",
-    "network-interface.attachment.attachment-id",
-    "network-interface.attachment.delete-on-termination",
-    "network-interface.attachment.device-index",
-    "network-interface.attachment.instance-id",
-    "network-interface.attachment.instance-owner-id",
-    "network-interface.attachment.network-card-index",
-    "network-interface.attachment.status",
-    "network-interface.availability-zone",
-    "network-interface.deny-all-igw-traffic",
-    "network-interface.description",
-    "network-interface.group-id",
-    "network-interface.group-name",
-    "network-interface.ipv4-prefixes.ipv4-prefix",
-    "network-interface.ipv6-address",
-    "network-interface.ipv6-addresses.ipv6-address",
-    "network-interface.ipv6-addresses.is-primary-ipv6",
-    "network-interface.ipv6-native",
-    "network-interface.ipv6-prefixes.ipv6-prefix",
-    "network-interface.mac-address",
-    "network-interface.network-interface-id",
-    "network-interface.operator.managed",
-    "network-interface.operator.principal",
-    "network-interface.outpost-arn",
-    "network-interface.owner-id",
-    "network-interface.private-dns-name",
-    "network-interface.private-ip-address",
-    "network-interface.public-dns-name",
-    "network-interface.requester-id",
-    "network-interface.requester-managed",
-    "network-interface.source-dest-check",
-    "network-interface.status",
-    "network-interface.subnet-id",
-    "network-interface.tag-key",
-    "network-interface.tag-value",
-    "network-interface.vpc-id",
-    "network-performance-options.bandwidth-weighting",
-    "operator.managed",
-    "operator.principal",
-    "outpost-arn",
     "owner-id",
     "placement-group-name",
-    "placement-partition-number",
-    "platform",
-    "platform-details",
     "private-dns-name",
-    "private-dns-name-options.enable-resource-name-dns-a-record",
-    "private-dns-name-options.enable-resource-name-dns-aaaa-record",
-    "private-dns-name-options.hostname-type",
     "private-ip-address",
     "product-code",
     "product-code.type",
     "ramdisk-id",
     "reason",
-    "requester-id",
     "reservation-id",
     "root-device-name",
     "root-device-type",
     "source-dest-check",
-    "spot-instance-request-id",
     "state-reason-code",
     "state-reason-message",
     "subnet-id",
     "tenancy",
-    "tpm-support",
-    "usage-operation",
-    "usage-operation-update-time",
     "virtualization-type",
     "vpc-id",
 ];
 
 /// DescribeInstanceStatus (not taggable).
 pub const INSTANCE_STATUS_FILTERS: &[&str] = &[
-    "application-status.status",
-    "attached-ebs-status.status",
     "availability-zone",
-    "availability-zone-id",
     "event.code",
     "event.description",
     "event.instance-event-id",
@@ -636,61 +601,25 @@ pub const INSTANCE_STATUS_FILTERS: &[&str] = &[
     "instance-state-name",
     "instance-status.reachability",
     "instance-status.status",
-    "operator.managed",
-    "operator.principal",
     "system-status.reachability",
     "system-status.status",
 ];
 
 /// DescribeInstanceTypes (not taggable).
 pub const INSTANCE_TYPE_FILTERS: &[&str] = &[
-    "auto-recovery-supported",
     "bare-metal",
-    "burstable-performance-supported",
     "current-generation",
-    "dedicated-hosts-supported",
-    "ebs-info.attachment-limit-type",
-    "ebs-info.ebs-optimized-info.baseline-bandwidth-in-mbps",
-    "ebs-info.ebs-optimized-info.baseline-iops",
-    "ebs-info.ebs-optimized-info.baseline-throughput-in-mbps",
-    "ebs-info.ebs-optimized-info.maximum-bandwidth-in-mbps",
-    "ebs-info.ebs-optimized-info.maximum-iops",
-    "ebs-info.ebs-optimized-info.maximum-throughput-in-mbps",
-    "ebs-info.ebs-optimized-support",
-    "ebs-info.encryption-support",
-    "ebs-info.maximum-ebs-attachments",
-    "ebs-info.nvme-support",
     "free-tier-eligible",
-    "hibernation-supported",
     "hypervisor",
-    "instance-storage-info.disk.count",
-    "instance-storage-info.disk.size-in-gb",
-    "instance-storage-info.disk.type",
-    "instance-storage-info.encryption-support",
-    "instance-storage-info.nvme-support",
     "instance-storage-info.total-size-in-gb",
     "instance-storage-supported",
     "instance-type",
     "memory-info.size-in-mib",
-    "network-info.bandwidth-weightings",
-    "network-info.efa-info.maximum-efa-interfaces",
-    "network-info.efa-supported",
-    "network-info.ena-support",
-    "network-info.encryption-in-transit-supported",
-    "network-info.flexible-ena-queues-support",
     "network-info.ipv4-addresses-per-interface",
-    "network-info.ipv6-addresses-per-interface",
     "network-info.ipv6-supported",
-    "network-info.maximum-network-cards",
     "network-info.maximum-network-interfaces",
     "network-info.network-performance",
-    "nitro-enclaves-support",
-    "nitro-tpm-info.supported-versions",
-    "nitro-tpm-support",
     "processor-info.supported-architecture",
-    "processor-info.supported-features",
-    "processor-info.sustained-clock-speed-in-ghz",
-    "reboot-migration-support",
     "supported-boot-mode",
     "supported-root-device-type",
     "supported-usage-class",
@@ -698,18 +627,13 @@ pub const INSTANCE_TYPE_FILTERS: &[&str] = &[
     "vcpu-info.default-cores",
     "vcpu-info.default-threads-per-core",
     "vcpu-info.default-vcpus",
-    "vcpu-info.valid-cores",
-    "vcpu-info.valid-threads-per-core",
 ];
 
 /// DescribeAvailabilityZones (not taggable).
 pub const AVAILABILITY_ZONE_FILTERS: &[&str] = &[
-    "group-long-name",
     "group-name",
     "message",
     "opt-in-status",
-    "parent-zone-id",
-    "parent-zone-name",
     "region-name",
     "state",
     "zone-id",
@@ -735,43 +659,18 @@ pub const IMAGE_FILTERS: &[&str] = &[
     "boot-mode",
     "creation-date",
     "description",
-    "ena-support",
-    "free-tier-eligible",
     "hypervisor",
-    "image-allowed",
     "image-id",
     "image-type",
-    "image-watermark.source-image-creation-time",
-    "image-watermark.source-image-id",
-    "image-watermark.source-image-region",
-    "image-watermark.watermark-creation-time",
-    "image-watermark.watermark-key",
-    "instance-type-specification.supported-instance-type",
-    "instance-type-specification.unsupported-instance-type",
     "is-public",
     "kernel-id",
     "manifest-location",
     "name",
-    "owner-alias",
     "owner-id",
     "platform",
-    "product-code",
-    "product-code.type",
-    "public-ssm-parameter-name",
     "ramdisk-id",
     "root-device-name",
     "root-device-type",
-    "scan-result.critical-fix-available-since",
-    "scan-result.finding-scan-date",
-    "scan-result.high-fix-available-since",
-    "scan-result.highest-finding-severity-label",
-    "scan-result.informational-fix-available-since",
-    "scan-result.low-fix-available-since",
-    "scan-result.medium-fix-available-since",
-    "source-image-id",
-    "source-image-region",
-    "source-instance-id",
-    "sriov-net-support",
     "state",
     "state-reason-code",
     "state-reason-message",
@@ -788,42 +687,240 @@ pub const VPC_FILTERS: &[&str] = &[
     "cidr-block-association.cidr-block",
     "cidr-block-association.state",
     "dhcp-options-id",
-    "ipv6-cidr-block-association.association-id",
-    "ipv6-cidr-block-association.ipv6-cidr-block",
-    "ipv6-cidr-block-association.ipv6-pool",
-    "ipv6-cidr-block-association.state",
     "is-default",
     "owner-id",
     "state",
     "vpc-id",
 ];
 
-/// DescribeSubnets (taggable).
+/// DescribeSubnets (taggable). `availabilityZone`, `cidr`, `cidrBlock` and `defaultForAz` are
+/// the other spellings EC2 documents for `availability-zone`, `cidr-block` and `default-for-az`.
 pub const SUBNET_FILTERS: &[&str] = &[
     "availability-zone",
-    "availability-zone-id",
+    "availabilityZone",
     "available-ip-address-count",
+    "cidr",
     "cidr-block",
-    "customer-owned-ipv4-pool",
+    "cidrBlock",
     "default-for-az",
-    "enable-dns64",
-    "enable-lni-at-device-index",
-    "ipv6-cidr-block-association.association-id",
-    "ipv6-cidr-block-association.ipv6-cidr-block",
-    "ipv6-cidr-block-association.state",
-    "ipv6-native",
-    "map-customer-owned-ip-on-launch",
+    "defaultForAz",
     "map-public-ip-on-launch",
-    "outpost-arn",
     "owner-id",
-    "private-dns-name-options-on-launch.enable-resource-name-dns-a-record",
-    "private-dns-name-options-on-launch.enable-resource-name-dns-aaaa-record",
-    "private-dns-name-options-on-launch.hostname-type",
     "state",
-    "subnet-arn",
     "subnet-id",
     "vpc-id",
 ];
+
+/// Test support: checks that each filter name an action accepts is answered with exactly what the
+/// action's response shows.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+pub(crate) mod answered {
+    use std::borrow::Cow;
+
+    use quick_xml::events::Event;
+    use quick_xml::Reader;
+
+    use super::{matches_all, Filter};
+
+    /// Where an action's response shows what each filter name it accepts matches.
+    pub(crate) struct Table<'a> {
+        /// The names the action accepts (its list).
+        pub accepted: &'a [&'a str],
+        /// Whether the tag filters are accepted too (`tag-key` and `tag-value` then need rows).
+        pub taggable: bool,
+        /// The path below the root of the response of the element that holds one resource,
+        /// such as `keySet/item`.
+        pub item: &'a str,
+        /// Each accepted name and the path below `item` (`keyName`) whose texts are its values.
+        pub rows: &'a [(&'a str, &'a str)],
+        /// The accepted names whose path shows nothing for any resource Karri has (a set that is
+        /// always empty, such as an instance-store instance's `blockDeviceMapping`): nothing
+        /// matches them, not even `*`.
+        pub none: &'a [&'a str],
+    }
+
+    impl Table<'_> {
+        /// The accepted names, the tag filters included when taggable.
+        fn names(&self) -> Vec<&str> {
+            let mut names: Vec<&str> = self.accepted.to_vec();
+            if self.taggable {
+                names.extend(["tag-key", "tag-value"]);
+            }
+            names
+        }
+
+        fn path(&self, row: &str) -> String {
+            format!("{}/{row}", self.item)
+        }
+    }
+
+    /// The non-empty texts of the elements at `path` below the root of `xml`.
+    pub(crate) fn texts_at(xml: &str, path: &str) -> Vec<String> {
+        let wanted: Vec<&str> = path.split('/').collect();
+        let mut reader = Reader::from_str(xml);
+        reader.config_mut().check_end_names = true;
+        // The open elements, each with its text so far.
+        let mut open: Vec<(String, String)> = Vec::new();
+        let mut found = Vec::new();
+        loop {
+            match reader.read_event().unwrap() {
+                Event::Start(e) => open.push((
+                    String::from_utf8(e.name().as_ref().to_vec()).unwrap(),
+                    String::new(),
+                )),
+                Event::End(_) => {
+                    // The path below the root: every open element but the first.
+                    let at: Vec<&str> = open.iter().skip(1).map(|(n, _)| n.as_str()).collect();
+                    let here = at == wanted;
+                    let (_, text) = open.pop().unwrap();
+                    if here && !text.is_empty() {
+                        found.push(text);
+                    }
+                }
+                Event::Text(t) => {
+                    if let Some((_, text)) = open.last_mut() {
+                        text.push_str(&t.xml10_content().unwrap());
+                    }
+                }
+                Event::GeneralRef(r) => {
+                    let name = String::from_utf8(r.to_vec()).unwrap();
+                    let c = match name.as_str() {
+                        "amp" => "&",
+                        "lt" => "<",
+                        "gt" => ">",
+                        "quot" => "\"",
+                        "apos" => "'",
+                        "#13" => "\r",
+                        other => panic!("unexpected reference {other}"),
+                    };
+                    if let Some((_, text)) = open.last_mut() {
+                        text.push_str(c);
+                    }
+                }
+                Event::Eof => break,
+                _ => {}
+            }
+        }
+        assert!(open.is_empty(), "unclosed elements in {xml}");
+        found
+    }
+
+    /// A filter value matching exactly `value` (its wildcards escaped).
+    pub(crate) fn literal(value: &str) -> String {
+        let mut out = String::with_capacity(value.len());
+        for c in value.chars() {
+            if matches!(c, '*' | '?' | '\\') {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out
+    }
+
+    /// Checks that every name `table` accepts has a row, and that its values on a resource
+    /// (`values_of`) are exactly the texts the response `xml` written for that resource shows at
+    /// the row's path. Holds for any resource, however sparse.
+    pub(crate) fn check_values<'r>(
+        table: &Table<'_>,
+        xml: &str,
+        values_of: impl Fn(&str) -> Vec<Cow<'r, str>>,
+    ) {
+        let names = table.names();
+        for name in &names {
+            let rows = table.rows.iter().filter(|(n, _)| n == name).count();
+            assert_eq!(
+                rows, 1,
+                "the filter {name:?} is accepted: it needs one row saying where the response shows its values"
+            );
+        }
+        for (name, row) in table.rows {
+            assert!(
+                names.contains(name),
+                "the row {name:?} is not an accepted filter"
+            );
+            let path = table.path(row);
+            let mut shown = texts_at(xml, &path);
+            shown.sort();
+            let mut values: Vec<String> =
+                values_of(name).into_iter().map(Cow::into_owned).collect();
+            values.sort();
+            assert_eq!(
+                values, shown,
+                "the filter {name:?} sees other values than the response shows at {path}"
+            );
+        }
+    }
+
+    /// [`check_values`] on a resource with every field filled in, and then: each value the
+    /// response shows matches and a value it does not show does not; a name whose path shows
+    /// nothing is one the table says is never shown, and matches nothing, not even `*`; each
+    /// `tag:<key>` of a taggable resource matches.
+    pub(crate) fn check<'r>(
+        table: &Table<'_>,
+        xml: &str,
+        values_of: impl Fn(&str) -> Vec<Cow<'r, str>>,
+    ) {
+        check_values(table, xml, &values_of);
+        let names = table.names();
+        for name in table.none {
+            assert!(names.contains(name), "{name:?} is not accepted");
+        }
+        for (name, row) in table.rows {
+            let path = table.path(row);
+            let shown = texts_at(xml, &path);
+            let matches =
+                |value: &str| matches_all(&[Filter::new(*name, [literal(value)])], &values_of);
+            if shown.is_empty() {
+                assert!(
+                    table.none.contains(name),
+                    "the response shows nothing at {path} for {name:?}: fill the sample in, or list the name as never shown"
+                );
+                assert!(
+                    !matches_all(&[Filter::new(*name, ["*"])], &values_of),
+                    "{name}=* matches a value the response does not show"
+                );
+                continue;
+            }
+            assert!(
+                !table.none.contains(name),
+                "{name:?} is listed as never shown, yet the response shows {shown:?} at {path}"
+            );
+            for value in &shown {
+                assert!(
+                    matches(value),
+                    "{name}={value} (shown at {path}) does not match"
+                );
+                let other = format!("{value}-other");
+                assert!(!shown.contains(&other));
+                assert!(!matches(&other), "{name}={other} (not shown) matches");
+            }
+        }
+        if table.taggable {
+            let path_of = |name: &str| {
+                let row = table.rows.iter().find(|(n, _)| *n == name).map(|(_, p)| *p);
+                table.path(row.unwrap_or("-"))
+            };
+            let values = texts_at(xml, &path_of("tag-value"));
+            for key in texts_at(xml, &path_of("tag-key")) {
+                let name = format!("tag:{key}");
+                let got = values_of(&name);
+                assert!(
+                    !got.is_empty() && got.iter().all(|v| values.iter().any(|s| s == v.as_ref())),
+                    "{name} sees {got:?}, the response shows the values {values:?}"
+                );
+                assert!(matches_all(
+                    &[Filter::new(name.as_str(), ["*"])],
+                    &values_of
+                ));
+            }
+            assert!(!matches_all(
+                &[Filter::new("tag:not-a-key-shown", ["*"])],
+                &values_of
+            ));
+        }
+    }
+}
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
@@ -1158,6 +1255,66 @@ mod tests {
             ("region-name", REGION_FILTERS, false, None),
             ("zone-name", AVAILABILITY_ZONE_FILTERS, false, None),
             ("resource-type", TAG_FILTERS, true, None),
+            ("bare-metal", INSTANCE_TYPE_FILTERS, false, None),
+            ("boot-mode", IMAGE_FILTERS, true, None),
+            ("map-public-ip-on-launch", SUBNET_FILTERS, true, None),
+            ("cidrBlock", SUBNET_FILTERS, true, None),
+            ("cidr-block-association.state", VPC_FILTERS, true, None),
+            (
+                "system-status.reachability",
+                INSTANCE_STATUS_FILTERS,
+                false,
+                None,
+            ),
+            // EC2 names for fields the responses do not show are refused, not left unmatched.
+            (
+                "host-id",
+                INSTANCE_FILTERS,
+                true,
+                Some("The filter 'host-id' is invalid"),
+            ),
+            (
+                "network-interface.subnet-id",
+                INSTANCE_FILTERS,
+                true,
+                Some("The filter 'network-interface.subnet-id' is invalid"),
+            ),
+            (
+                "operator.managed",
+                INSTANCE_STATUS_FILTERS,
+                false,
+                Some("The filter 'operator.managed' is invalid"),
+            ),
+            (
+                "ebs-info.nvme-support",
+                INSTANCE_TYPE_FILTERS,
+                false,
+                Some("The filter 'ebs-info.nvme-support' is invalid"),
+            ),
+            (
+                "group-long-name",
+                AVAILABILITY_ZONE_FILTERS,
+                false,
+                Some("The filter 'group-long-name' is invalid"),
+            ),
+            (
+                "owner-alias",
+                IMAGE_FILTERS,
+                true,
+                Some("The filter 'owner-alias' is invalid"),
+            ),
+            (
+                "ipv6-cidr-block-association.state",
+                VPC_FILTERS,
+                true,
+                Some("The filter 'ipv6-cidr-block-association.state' is invalid"),
+            ),
+            (
+                "ipv6-native",
+                SUBNET_FILTERS,
+                true,
+                Some("The filter 'ipv6-native' is invalid"),
+            ),
         ];
         for (name, allowed, taggable, expected) in rows {
             let got = validate_names(&[Filter::new(*name, ["x"])], allowed, *taggable);
@@ -1169,6 +1326,30 @@ mod tests {
                     assert_eq!(err.message, *message);
                 }
             }
+        }
+    }
+
+    #[test]
+    fn response_texts_are_read_by_path_and_values_are_matched_literally() {
+        let xml = "<?xml version=\"1.0\"?><R><requestId>r</requestId><set><item><k>a&amp;b</k>\
+                   <s><item>x</item><item>y</item></s></item><item><k></k><s/></item></set></R>";
+        let rows: &[(&str, &[&str])] = &[
+            ("set/item/k", &["a&b"]),
+            ("set/item/s/item", &["x", "y"]),
+            ("set/item", &[]),
+            ("requestId", &["r"]),
+            ("k", &[]),
+        ];
+        for (path, texts) in rows {
+            assert_eq!(answered::texts_at(xml, path), *texts, "{path}");
+        }
+        for value in ["web-*1", "a?b", r"c\d", "plain"] {
+            let literal = answered::literal(value);
+            assert!(wildcard_matches(&literal, value), "{literal}");
+            assert!(
+                !wildcard_matches(&literal, &format!("{value}x")),
+                "{literal}"
+            );
         }
     }
 

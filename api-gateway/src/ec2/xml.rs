@@ -158,7 +158,7 @@ impl Response {
 
     /// Writes `<name>true</name>` or `<name>false</name>`.
     pub fn leaf_bool(&mut self, name: &str, value: bool) -> &mut Self {
-        self.leaf(name, if value { "true" } else { "false" })
+        self.leaf(name, bool_text(value))
     }
 
     /// Writes a number (any integer or float type, or anything else whose `Display` is what EC2
@@ -291,6 +291,22 @@ fn is_plain_text(value: &str) -> bool {
             || b == b'\t'
             || b == b'\n'
     })
+}
+
+/// A boolean as EC2 writes it (and as filters match it): `true` or `false`.
+pub fn bool_text(value: bool) -> &'static str {
+    if value {
+        "true"
+    } else {
+        "false"
+    }
+}
+
+/// A timestamp as EC2 writes it (and as filters match it): `2016-11-15T12:34:56.000Z`.
+pub fn time_text(time: DateTime<Utc>) -> String {
+    let mut out = String::with_capacity(24);
+    format_time(&mut out, time);
+    out
 }
 
 /// Appends `time` as EC2 writes timestamps: `2016-11-15T12:34:56.000Z`. Hand-rolled because

@@ -5,10 +5,14 @@ use std::borrow::Cow;
 
 use serde_json::Value;
 
-use super::{default_subnet_id, default_vpc_id, opt, paginate, text, Cx, DEFAULT_VPC_CIDR};
+use super::{
+    default_subnet_id, default_vpc_id, opt, paginate, text, Cx, ARCHITECTURE, BOOT_MODE,
+    DEFAULT_VPC_CIDR, HYPERVISOR, ROOT_DEVICE_TYPE, VIRTUALIZATION_TYPE,
+};
 use crate::ec2::error::Ec2Error;
 use crate::ec2::filter::{self, Matcher};
 use crate::ec2::router;
+use crate::ec2::xml::Response;
 use crate::store;
 
 /// Names of the zones of the caller's region, in name order.
@@ -51,8 +55,108 @@ pub fn zone_subnets(cx: &Cx<'_>) -> Vec<(String, crds::subnet::Subnet)> {
     .collect()
 }
 
-fn one(s: &str) -> Vec<Cow<'_, str>> {
-    vec![Cow::Borrowed(s)]
+/// An instance type as DescribeInstanceTypes shows it: the sizes its record gives and what every
+/// Karri type has in common. The response and the filters both read it.
+struct TypeView<'v> {
+    name: &'v str,
+    vcpus: u64,
+    memory_mib: u64,
+    disk_gib: u64,
+}
+
+/// Every type is of the current generation.
+const CURRENT_GENERATION: bool = true;
+const FREE_TIER_ELIGIBLE: bool = false;
+const BARE_METAL: bool = false;
+const USAGE_CLASS: &str = "on-demand";
+/// One thread per core: a type's cores are its vCPUs.
+const THREADS_PER_CORE: u64 = 1;
+/// Every type has local storage (its root disk).
+const INSTANCE_STORAGE_SUPPORTED: bool = true;
+const NETWORK_PERFORMANCE: &str = "Moderate";
+const MAXIMUM_NETWORK_INTERFACES: u64 = 1;
+const IPV4_ADDRESSES_PER_INTERFACE: u64 = 1;
+const IPV6_SUPPORTED: bool = false;
+
+impl<'v> TypeView<'v> {
+    fn of(v: &'v Value) -> Self {
+        let number = |pointer: &str| v.pointer(pointer).and_then(Value::as_u64).unwrap_or(0);
+        TypeView {
+            name: text(v, "/metadata/name"),
+            vcpus: number("/spec/vcpus"),
+            memory_mib: number("/spec/memoryMiB"),
+            disk_gib: number("/spec/diskGiB"),
+        }
+    }
+
+    fn cores(&self) -> u64 {
+        self.vcpus / THREADS_PER_CORE
+    }
+}
+
+/// The values a DescribeInstanceTypes filter sees on a type: what [`write_instance_type`] shows.
+fn instance_type_values<'v>(t: &TypeView<'v>, name: &str) -> Vec<Cow<'v, str>> {
+    match name {
+        "instance-type" => filter::shown(t.name),
+        "current-generation" => filter::shown_bool(CURRENT_GENERATION),
+        "free-tier-eligible" => filter::shown_bool(FREE_TIER_ELIGIBLE),
+        "supported-usage-class" => filter::shown(USAGE_CLASS),
+        "supported-root-device-type" => filter::shown(ROOT_DEVICE_TYPE),
+        "supported-virtualization-type" => filter::shown(VIRTUALIZATION_TYPE),
+        "bare-metal" => filter::shown_bool(BARE_METAL),
+        "hypervisor" => filter::shown(HYPERVISOR),
+        "processor-info.supported-architecture" => filter::shown(ARCHITECTURE),
+        "vcpu-info.default-vcpus" => filter::shown_number(t.vcpus),
+        "vcpu-info.default-cores" => filter::shown_number(t.cores()),
+        "vcpu-info.default-threads-per-core" => filter::shown_number(THREADS_PER_CORE),
+        "memory-info.size-in-mib" => filter::shown_number(t.memory_mib),
+        "instance-storage-supported" => filter::shown_bool(INSTANCE_STORAGE_SUPPORTED),
+        "instance-storage-info.total-size-in-gb" => filter::shown_number(t.disk_gib),
+        "network-info.network-performance" => filter::shown(NETWORK_PERFORMANCE),
+        "network-info.maximum-network-interfaces" => {
+            filter::shown_number(MAXIMUM_NETWORK_INTERFACES)
+        }
+        "network-info.ipv4-addresses-per-interface" => {
+            filter::shown_number(IPV4_ADDRESSES_PER_INTERFACE)
+        }
+        "network-info.ipv6-supported" => filter::shown_bool(IPV6_SUPPORTED),
+        "supported-boot-mode" => filter::shown(BOOT_MODE),
+        _ => Vec::new(),
+    }
+}
+
+/// One `instanceTypeSet` item.
+fn write_instance_type(w: &mut Response, t: &TypeView<'_>) {
+    w.leaf("instanceType", t.name)
+        .leaf_bool("currentGeneration", CURRENT_GENERATION)
+        .leaf_bool("freeTierEligible", FREE_TIER_ELIGIBLE)
+        .string_set("supportedUsageClasses", [USAGE_CLASS])
+        .string_set("supportedRootDeviceTypes", [ROOT_DEVICE_TYPE])
+        .string_set("supportedVirtualizationTypes", [VIRTUALIZATION_TYPE])
+        .leaf_bool("bareMetal", BARE_METAL)
+        .leaf("hypervisor", HYPERVISOR);
+    w.element("processorInfo", |w| {
+        w.string_set("supportedArchitectures", [ARCHITECTURE]);
+    });
+    w.element("vCpuInfo", |w| {
+        w.leaf_display("defaultVCpus", t.vcpus)
+            .leaf_display("defaultCores", t.cores())
+            .leaf_display("defaultThreadsPerCore", THREADS_PER_CORE);
+    });
+    w.element("memoryInfo", |w| {
+        w.leaf_display("sizeInMiB", t.memory_mib);
+    });
+    w.leaf_bool("instanceStorageSupported", INSTANCE_STORAGE_SUPPORTED);
+    w.element("instanceStorageInfo", |w| {
+        w.leaf_display("totalSizeInGB", t.disk_gib);
+    });
+    w.element("networkInfo", |w| {
+        w.leaf("networkPerformance", NETWORK_PERFORMANCE)
+            .leaf_display("maximumNetworkInterfaces", MAXIMUM_NETWORK_INTERFACES)
+            .leaf_display("ipv4AddressesPerInterface", IPV4_ADDRESSES_PER_INTERFACE)
+            .leaf_bool("ipv6Supported", IPV6_SUPPORTED);
+    });
+    w.string_set("supportedBootModes", [BOOT_MODE]);
 }
 
 /// DescribeInstanceTypes.
@@ -72,37 +176,12 @@ pub async fn describe_instance_types(
         }
     }
     let matcher = Matcher::new(&a.filters);
-    let hits: Vec<(String, &Value)> = all
+    let hits: Vec<(String, TypeView<'_>)> = all
         .iter()
-        .map(|o| &o.value)
-        .filter(|v| {
-            a.instance_types.is_empty()
-                || a.instance_types
-                    .iter()
-                    .any(|t| t == text(v, "/metadata/name"))
-        })
-        .filter(|v| {
-            matcher.matches(|name| match name {
-                "instance-type" => one(text(v, "/metadata/name")),
-                "vcpu-info.default-vcpus" => vec![Cow::Owned(
-                    v.pointer("/spec/vcpus")
-                        .and_then(Value::as_u64)
-                        .unwrap_or(0)
-                        .to_string(),
-                )],
-                "memory-info.size-in-mib" => vec![Cow::Owned(
-                    v.pointer("/spec/memoryMiB")
-                        .and_then(Value::as_u64)
-                        .unwrap_or(0)
-                        .to_string(),
-                )],
-                "current-generation" => one("true"),
-                "processor-info.supported-architecture" => one("x86_64"),
-                "hypervisor" => one("xen"),
-                _ => Vec::new(),
-            })
-        })
-        .map(|v| (text(v, "/metadata/name").to_string(), v))
+        .map(|o| TypeView::of(&o.value))
+        .filter(|t| a.instance_types.is_empty() || a.instance_types.iter().any(|n| n == t.name))
+        .filter(|t| matcher.matches(|name| instance_type_values(t, name)))
+        .map(|t| (t.name.to_string(), t))
         .collect();
     let (page, token) = paginate(
         hits,
@@ -110,52 +189,71 @@ pub async fn describe_instance_types(
         a.max_results.map(|m| m as usize),
     )?;
     let mut w = cx.response("DescribeInstanceTypes");
-    w.set("instanceTypeSet", page, |w, v| {
-        let vcpus = v
-            .pointer("/spec/vcpus")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        let mem = v
-            .pointer("/spec/memoryMiB")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        let disk = v
-            .pointer("/spec/diskGiB")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        w.leaf("instanceType", text(v, "/metadata/name"))
-            .leaf_bool("currentGeneration", true)
-            .leaf_bool("freeTierEligible", false)
-            .string_set("supportedUsageClasses", ["on-demand"])
-            .string_set("supportedRootDeviceTypes", ["instance-store"])
-            .string_set("supportedVirtualizationTypes", ["hvm"])
-            .leaf_bool("bareMetal", false)
-            .leaf("hypervisor", "xen");
-        w.element("processorInfo", |w| {
-            w.string_set("supportedArchitectures", ["x86_64"]);
-        });
-        w.element("vCpuInfo", |w| {
-            w.leaf_display("defaultVCpus", vcpus)
-                .leaf_display("defaultCores", vcpus)
-                .leaf_display("defaultThreadsPerCore", 1);
-        });
-        w.element("memoryInfo", |w| {
-            w.leaf_display("sizeInMiB", mem);
-        });
-        w.leaf_bool("instanceStorageSupported", true);
-        w.element("instanceStorageInfo", |w| {
-            w.leaf_display("totalSizeInGB", disk);
-        });
-        w.element("networkInfo", |w| {
-            w.leaf("networkPerformance", "Moderate")
-                .leaf_display("maximumNetworkInterfaces", 1)
-                .leaf_display("ipv4AddressesPerInterface", 1)
-                .leaf_bool("ipv6Supported", false);
-        });
-        w.string_set("supportedBootModes", ["legacy-bios"]);
-    });
+    w.set("instanceTypeSet", page, |w, t| write_instance_type(w, &t));
     w.leaf_opt("nextToken", token.as_deref());
     Ok(w.finish())
+}
+
+/// Every zone is an availability zone (no local or wavelength zones).
+const ZONE_TYPE: &str = "availability-zone";
+/// Zones and the region need no opt-in.
+const OPT_IN_STATUS: &str = "opt-in-not-required";
+
+/// A zone as DescribeAvailabilityZones shows it; the response and the filters both read it.
+struct ZoneView<'v> {
+    name: &'v str,
+    region: &'v str,
+    id: String,
+    state: &'static str,
+    /// The zone's message (its description), when it has one.
+    message: Option<&'v str>,
+}
+
+impl<'v> ZoneView<'v> {
+    fn of(z: &'v Value) -> Self {
+        ZoneView {
+            name: text(z, "/metadata/name"),
+            region: text(z, "/spec/region"),
+            id: zone_id(z),
+            state: zone_state(z),
+            message: opt(z, "/spec/description"),
+        }
+    }
+
+    /// The zone group: the region, as for every availability zone of EC2.
+    fn group(&self) -> &'v str {
+        self.region
+    }
+}
+
+/// The values a DescribeAvailabilityZones filter sees on a zone: what [`write_zone`] shows.
+fn zone_values<'v>(z: &'v ZoneView<'_>, name: &str) -> Vec<Cow<'v, str>> {
+    match name {
+        "zone-name" => filter::shown(z.name),
+        "zone-id" => filter::shown(&z.id),
+        "region-name" => filter::shown(z.region),
+        "state" => filter::shown(z.state),
+        "zone-type" => filter::shown(ZONE_TYPE),
+        "group-name" => filter::shown(z.group()),
+        "opt-in-status" => filter::shown(OPT_IN_STATUS),
+        "message" => filter::shown_opt(z.message),
+        _ => Vec::new(),
+    }
+}
+
+/// One `availabilityZoneInfo` item.
+fn write_zone(w: &mut Response, z: &ZoneView<'_>) {
+    w.leaf("zoneName", z.name)
+        .leaf("zoneState", z.state)
+        .leaf("regionName", z.region)
+        .leaf("zoneId", &z.id)
+        .leaf("zoneType", ZONE_TYPE)
+        .leaf("optInStatus", OPT_IN_STATUS)
+        .leaf("groupName", z.group())
+        .leaf("networkBorderGroup", z.group())
+        .set("messageSet", z.message, |w, m| {
+            w.leaf("message", m);
+        });
 }
 
 /// DescribeAvailabilityZones.
@@ -166,58 +264,31 @@ pub async fn describe_availability_zones(
     filter::validate_names(&a.filters, filter::AVAILABILITY_ZONE_FILTERS, false)?;
     let all = cx.everywhere("availabilityzones").await?;
     let region = cx.settings.region.as_str();
-    let zones: Vec<&Value> = all
+    let zones: Vec<ZoneView<'_>> = all
         .iter()
         .map(|o| &o.value)
         .filter(|v| text(v, "/spec/region") == region)
+        .map(ZoneView::of)
         .collect();
     for name in a.zone_names.iter().chain(&a.zone_ids) {
-        if !zones
-            .iter()
-            .any(|z| text(z, "/metadata/name") == name || zone_id(z) == *name)
-        {
+        if !zones.iter().any(|z| z.name == name || z.id == *name) {
             return Err(Ec2Error::invalid_parameter_value(format!(
                 "The zone '{name}' does not exist."
             )));
         }
     }
     let matcher = Matcher::new(&a.filters);
-    let mut w = cx.response("DescribeAvailabilityZones");
-    let shown: Vec<&Value> = zones
+    let shown: Vec<ZoneView<'_>> = zones
         .into_iter()
         .filter(|z| {
             (a.zone_names.is_empty() && a.zone_ids.is_empty())
-                || a.zone_names.iter().any(|n| n == text(z, "/metadata/name"))
-                || a.zone_ids.iter().any(|n| *n == zone_id(z))
+                || a.zone_names.iter().any(|n| n == z.name)
+                || a.zone_ids.contains(&z.id)
         })
-        .filter(|z| {
-            let state = zone_state(z);
-            matcher.matches(|name| match name {
-                "zone-name" => one(text(z, "/metadata/name")),
-                "zone-id" => vec![Cow::Owned(zone_id(z))],
-                "region-name" => one(region),
-                "state" => one(state),
-                "zone-type" => one("availability-zone"),
-                "group-name" | "network-border-group" => one(region),
-                "opt-in-status" => one("opt-in-not-required"),
-                "message" => Vec::new(),
-                _ => Vec::new(),
-            })
-        })
+        .filter(|z| matcher.matches(|name| zone_values(z, name)))
         .collect();
-    w.set("availabilityZoneInfo", shown, |w, z| {
-        w.leaf("zoneName", text(z, "/metadata/name"))
-            .leaf("zoneState", zone_state(z))
-            .leaf("regionName", region)
-            .leaf("zoneId", &zone_id(z))
-            .leaf("zoneType", "availability-zone")
-            .leaf("optInStatus", "opt-in-not-required")
-            .leaf("groupName", region)
-            .leaf("networkBorderGroup", region)
-            .set("messageSet", opt(z, "/spec/description"), |w, m| {
-                w.leaf("message", m);
-            });
-    });
+    let mut w = cx.response("DescribeAvailabilityZones");
+    w.set("availabilityZoneInfo", shown, |w, z| write_zone(w, &z));
     Ok(w.finish())
 }
 
@@ -243,6 +314,23 @@ fn zone_id(z: &Value) -> String {
     format!("{}-az{n}", region.replace('-', ""))
 }
 
+/// The values a DescribeRegions filter sees on the region: what [`write_region`] shows.
+fn region_values<'a>(region: &'a str, endpoint: &'a str, name: &str) -> Vec<Cow<'a, str>> {
+    match name {
+        "region-name" => filter::shown(region),
+        "endpoint" => filter::shown(endpoint),
+        "opt-in-status" => filter::shown(OPT_IN_STATUS),
+        _ => Vec::new(),
+    }
+}
+
+/// The `regionInfo` item of the region.
+fn write_region(w: &mut Response, region: &str, endpoint: &str) {
+    w.leaf("regionName", region)
+        .leaf("regionEndpoint", endpoint)
+        .leaf("optInStatus", OPT_IN_STATUS);
+}
+
 /// DescribeRegions: the one region this cloud serves.
 pub fn describe_regions(cx: &Cx<'_>, a: router::DescribeRegions) -> Result<String, Ec2Error> {
     filter::validate_names(&a.filters, filter::REGION_FILTERS, false)?;
@@ -253,17 +341,10 @@ pub fn describe_regions(cx: &Cx<'_>, a: router::DescribeRegions) -> Result<Strin
         )));
     }
     let endpoint = cx.settings.public_url.trim_start_matches("https://");
-    let shown = Matcher::new(&a.filters).matches(|name| match name {
-        "region-name" => one(region),
-        "endpoint" => one(endpoint),
-        "opt-in-status" => one("opt-in-not-required"),
-        _ => Vec::new(),
-    });
+    let shown = Matcher::new(&a.filters).matches(|name| region_values(region, endpoint, name));
     let mut w = cx.response("DescribeRegions");
     w.set("regionInfo", shown.then_some(()), |w, ()| {
-        w.leaf("regionName", region)
-            .leaf("regionEndpoint", endpoint)
-            .leaf("optInStatus", "opt-in-not-required");
+        write_region(w, region, endpoint);
     });
     Ok(w.finish())
 }
@@ -315,88 +396,405 @@ pub fn describe_account_attributes(
     Ok(w.finish())
 }
 
+/// The default VPC as DescribeVpcs shows it; the response and the filters both read it.
+struct VpcView<'a> {
+    id: String,
+    owner: &'a str,
+}
+
+const VPC_STATE: &str = "available";
+const CIDR_BLOCK_STATE: &str = "associated";
+const DHCP_OPTIONS_ID: &str = "default";
+const INSTANCE_TENANCY: &str = "default";
+
+impl VpcView<'_> {
+    /// The association of its one CIDR block.
+    fn association_id(&self) -> String {
+        self.id.replace("vpc-", "vpc-cidr-assoc-")
+    }
+}
+
+/// The values a DescribeVpcs filter sees on the VPC: what [`write_vpc`] shows. It has no tags.
+fn vpc_values<'v>(v: &'v VpcView<'_>, name: &str) -> Vec<Cow<'v, str>> {
+    if let Some(tags) = filter::tag_filter_values(name, std::iter::empty()) {
+        return tags;
+    }
+    match name {
+        "vpc-id" => filter::shown(&v.id),
+        "cidr" | "cidr-block-association.cidr-block" => filter::shown(DEFAULT_VPC_CIDR),
+        "cidr-block-association.association-id" => filter::shown_owned(v.association_id()),
+        "cidr-block-association.state" => filter::shown(CIDR_BLOCK_STATE),
+        "is-default" => filter::shown_bool(true),
+        "state" => filter::shown(VPC_STATE),
+        "owner-id" => filter::shown(v.owner),
+        "dhcp-options-id" => filter::shown(DHCP_OPTIONS_ID),
+        _ => Vec::new(),
+    }
+}
+
+/// The `vpcSet` item of the default VPC.
+fn write_vpc(w: &mut Response, v: &VpcView<'_>) {
+    w.leaf("vpcId", &v.id)
+        .leaf("ownerId", v.owner)
+        .leaf("state", VPC_STATE)
+        .leaf("cidrBlock", DEFAULT_VPC_CIDR)
+        .set("cidrBlockAssociationSet", [()], |w, ()| {
+            w.leaf("cidrBlock", DEFAULT_VPC_CIDR)
+                .leaf("associationId", &v.association_id());
+            w.element("cidrBlockState", |w| {
+                w.leaf("state", CIDR_BLOCK_STATE);
+            });
+        })
+        .leaf("dhcpOptionsId", DHCP_OPTIONS_ID)
+        .leaf("instanceTenancy", INSTANCE_TENANCY)
+        .leaf_bool("isDefault", true)
+        .empty("tagSet");
+}
+
 /// DescribeVpcs: the default VPC.
 pub async fn describe_vpcs(cx: &Cx<'_>, a: router::DescribeVpcs) -> Result<String, Ec2Error> {
     filter::validate_names(&a.filters, filter::VPC_FILTERS, true)?;
-    let vpc = default_vpc_id(&cx.settings.region);
-    if let Some(other) = a.vpc_ids.iter().find(|v| **v != vpc) {
+    let vpc = VpcView {
+        id: default_vpc_id(&cx.settings.region),
+        owner: cx.caller.account_id.as_str(),
+    };
+    if let Some(other) = a.vpc_ids.iter().find(|v| **v != vpc.id) {
         return Err(Ec2Error::vpc_not_found(other));
     }
-    let owner = cx.caller.account_id.as_str();
-    let shown = Matcher::new(&a.filters).matches(|name| match name {
-        "vpc-id" => one(&vpc),
-        "cidr" | "cidr-block-association.cidr-block" => one(DEFAULT_VPC_CIDR),
-        "is-default" => one("true"),
-        "state" => one("available"),
-        "owner-id" => one(owner),
-        "dhcp-options-id" => one("default"),
-        "instance-tenancy" => one("default"),
-        _ => Vec::new(),
-    });
+    let shown = Matcher::new(&a.filters).matches(|name| vpc_values(&vpc, name));
     let mut w = cx.response("DescribeVpcs");
-    w.set("vpcSet", shown.then_some(()), |w, ()| {
-        w.leaf("vpcId", &vpc)
-            .leaf("ownerId", owner)
-            .leaf("state", "available")
-            .leaf("cidrBlock", DEFAULT_VPC_CIDR)
-            .set("cidrBlockAssociationSet", [()], |w, ()| {
-                w.leaf("cidrBlock", DEFAULT_VPC_CIDR)
-                    .leaf("associationId", &vpc.replace("vpc-", "vpc-cidr-assoc-"));
-                w.element("cidrBlockState", |w| {
-                    w.leaf("state", "associated");
-                });
-            })
-            .leaf("dhcpOptionsId", "default")
-            .leaf("instanceTenancy", "default")
-            .leaf_bool("isDefault", true)
-            .empty("tagSet");
-    });
+    w.set("vpcSet", shown.then_some(()), |w, ()| write_vpc(w, &vpc));
     Ok(w.finish())
+}
+
+/// A default subnet as DescribeSubnets shows it; the response and the filters both read it.
+struct SubnetView<'a> {
+    id: String,
+    zone: String,
+    cidr: String,
+    vpc: &'a str,
+    owner: &'a str,
+}
+
+const SUBNET_STATE: &str = "available";
+/// The addresses of a default subnet free for instances, as EC2 counts them for a /20.
+const AVAILABLE_IP_ADDRESS_COUNT: u64 = 4091;
+/// Instances get no public address unless they ask (Karri has no public addresses yet).
+const MAP_PUBLIC_IP_ON_LAUNCH: bool = false;
+
+/// The values a DescribeSubnets filter sees on a subnet: what [`write_subnet`] shows. Subnets
+/// have no tags.
+fn subnet_values<'v>(s: &'v SubnetView<'_>, name: &str) -> Vec<Cow<'v, str>> {
+    if let Some(tags) = filter::tag_filter_values(name, std::iter::empty()) {
+        return tags;
+    }
+    match name {
+        "subnet-id" => filter::shown(&s.id),
+        "availability-zone" | "availabilityZone" => filter::shown(&s.zone),
+        "cidr-block" | "cidr" | "cidrBlock" => filter::shown(&s.cidr),
+        "vpc-id" => filter::shown(s.vpc),
+        "default-for-az" | "defaultForAz" => filter::shown_bool(true),
+        "state" => filter::shown(SUBNET_STATE),
+        "owner-id" => filter::shown(s.owner),
+        "available-ip-address-count" => filter::shown_number(AVAILABLE_IP_ADDRESS_COUNT),
+        "map-public-ip-on-launch" => filter::shown_bool(MAP_PUBLIC_IP_ON_LAUNCH),
+        _ => Vec::new(),
+    }
+}
+
+/// One `subnetSet` item.
+fn write_subnet(w: &mut Response, s: &SubnetView<'_>) {
+    w.leaf("subnetId", &s.id)
+        .leaf("state", SUBNET_STATE)
+        .leaf("vpcId", s.vpc)
+        .leaf("cidrBlock", &s.cidr)
+        .leaf_display("availableIpAddressCount", AVAILABLE_IP_ADDRESS_COUNT)
+        .leaf("availabilityZone", &s.zone)
+        .leaf_bool("defaultForAz", true)
+        .leaf_bool("mapPublicIpOnLaunch", MAP_PUBLIC_IP_ON_LAUNCH)
+        .leaf("ownerId", s.owner)
+        .empty("tagSet");
 }
 
 /// DescribeSubnets: one default subnet per zone of the region.
 pub async fn describe_subnets(cx: &Cx<'_>, a: router::DescribeSubnets) -> Result<String, Ec2Error> {
     filter::validate_names(&a.filters, filter::SUBNET_FILTERS, true)?;
     let vpc = default_vpc_id(&cx.settings.region);
-    let subnets: Vec<(String, String, String)> = zone_subnets(cx)
+    let owner = cx.caller.account_id.as_str();
+    let subnets: Vec<SubnetView<'_>> = zone_subnets(cx)
         .into_iter()
-        .map(|(z, subnet)| (default_subnet_id(&z), z, subnet.to_string()))
+        .map(|(zone, cidr)| SubnetView {
+            id: default_subnet_id(&zone),
+            zone,
+            cidr: cidr.to_string(),
+            vpc: &vpc,
+            owner,
+        })
         .collect();
     for id in &a.subnet_ids {
-        if !subnets.iter().any(|(s, _, _)| s == id) {
+        if !subnets.iter().any(|s| s.id == *id) {
             return Err(Ec2Error::subnet_not_found(id));
         }
     }
-    let owner = cx.caller.account_id.as_str();
     let matcher = Matcher::new(&a.filters);
-    let shown: Vec<&(String, String, String)> = subnets
+    let shown: Vec<&SubnetView<'_>> = subnets
         .iter()
-        .filter(|(id, _, _)| a.subnet_ids.is_empty() || a.subnet_ids.contains(id))
-        .filter(|(id, zone, cidr)| {
-            matcher.matches(|name| match name {
-                "subnet-id" => one(id),
-                "availability-zone" => one(zone),
-                "cidr-block" | "cidr" | "cidrBlock" => one(cidr),
-                "vpc-id" => one(&vpc),
-                "default-for-az" | "defaultForAz" => one("true"),
-                "state" => one("available"),
-                "owner-id" => one(owner),
-                _ => Vec::new(),
-            })
-        })
+        .filter(|s| a.subnet_ids.is_empty() || a.subnet_ids.contains(&s.id))
+        .filter(|s| matcher.matches(|name| subnet_values(s, name)))
         .collect();
     let mut w = cx.response("DescribeSubnets");
-    w.set("subnetSet", shown, |w, (id, zone, cidr)| {
-        w.leaf("subnetId", id)
-            .leaf("state", "available")
-            .leaf("vpcId", &vpc)
-            .leaf("cidrBlock", cidr)
-            .leaf_display("availableIpAddressCount", 4091)
-            .leaf("availabilityZone", zone)
-            .leaf_bool("defaultForAz", true)
-            .leaf_bool("mapPublicIpOnLaunch", false)
-            .leaf("ownerId", owner)
-            .empty("tagSet");
-    });
+    w.set("subnetSet", shown, |w, s| write_subnet(w, s));
     Ok(w.finish())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::ec2::filter::answered::{check, Table};
+    use crate::ec2::filter::Filter;
+    use serde_json::json;
+
+    /// A response document with the body `write` writes.
+    fn rendered(root: &'static str, write: impl FnOnce(&mut Response)) -> String {
+        let mut w = Response::new(root, "req-1");
+        write(&mut w);
+        w.finish()
+    }
+
+    fn instance_type() -> Value {
+        json!({
+            "metadata": {"name": "c1.medium"},
+            "spec": {"vcpus": 2, "memoryMiB": 1024, "diskGiB": 20},
+        })
+    }
+
+    #[test]
+    fn every_instance_type_filter_matches_what_describe_instance_types_shows() {
+        let record = instance_type();
+        let t = TypeView::of(&record);
+        let xml = rendered("DescribeInstanceTypesResponse", |w| {
+            w.set("instanceTypeSet", [&t], |w, t| write_instance_type(w, t));
+        });
+        let table = Table {
+            accepted: filter::INSTANCE_TYPE_FILTERS,
+            taggable: false,
+            item: "instanceTypeSet/item",
+            rows: &[
+                ("bare-metal", "bareMetal"),
+                ("current-generation", "currentGeneration"),
+                ("free-tier-eligible", "freeTierEligible"),
+                ("hypervisor", "hypervisor"),
+                (
+                    "instance-storage-info.total-size-in-gb",
+                    "instanceStorageInfo/totalSizeInGB",
+                ),
+                ("instance-storage-supported", "instanceStorageSupported"),
+                ("instance-type", "instanceType"),
+                ("memory-info.size-in-mib", "memoryInfo/sizeInMiB"),
+                (
+                    "network-info.ipv4-addresses-per-interface",
+                    "networkInfo/ipv4AddressesPerInterface",
+                ),
+                ("network-info.ipv6-supported", "networkInfo/ipv6Supported"),
+                (
+                    "network-info.maximum-network-interfaces",
+                    "networkInfo/maximumNetworkInterfaces",
+                ),
+                (
+                    "network-info.network-performance",
+                    "networkInfo/networkPerformance",
+                ),
+                (
+                    "processor-info.supported-architecture",
+                    "processorInfo/supportedArchitectures/item",
+                ),
+                ("supported-boot-mode", "supportedBootModes/item"),
+                (
+                    "supported-root-device-type",
+                    "supportedRootDeviceTypes/item",
+                ),
+                ("supported-usage-class", "supportedUsageClasses/item"),
+                (
+                    "supported-virtualization-type",
+                    "supportedVirtualizationTypes/item",
+                ),
+                ("vcpu-info.default-cores", "vCpuInfo/defaultCores"),
+                (
+                    "vcpu-info.default-threads-per-core",
+                    "vCpuInfo/defaultThreadsPerCore",
+                ),
+                ("vcpu-info.default-vcpus", "vCpuInfo/defaultVCpus"),
+            ],
+            none: &[],
+        };
+        check(&table, &xml, |name| instance_type_values(&t, name));
+    }
+
+    #[test]
+    fn instance_type_filters_on_values_every_type_shows_find_the_type() {
+        let record = instance_type();
+        let t = TypeView::of(&record);
+        let rows = [
+            ("bare-metal", "false", true),
+            ("bare-metal", "true", false),
+            ("supported-usage-class", "on-demand", true),
+            ("supported-usage-class", "spot", false),
+            ("instance-storage-supported", "true", true),
+            ("free-tier-eligible", "false", true),
+            ("supported-virtualization-type", "hvm", true),
+            ("supported-virtualization-type", "paravirtual", false),
+            ("supported-root-device-type", "instance-store", true),
+            ("supported-root-device-type", "ebs", false),
+            ("supported-boot-mode", "legacy-bios", true),
+            ("supported-boot-mode", "uefi", false),
+            ("vcpu-info.default-cores", "2", true),
+            ("vcpu-info.default-threads-per-core", "1", true),
+            ("network-info.ipv6-supported", "false", true),
+            ("instance-storage-info.total-size-in-gb", "20", true),
+            ("instance-type", "c1.*", true),
+        ];
+        for (name, value, found) in rows {
+            let matcher = Matcher::new(&[Filter::new(name, [value])]);
+            assert_eq!(
+                matcher.matches(|n| instance_type_values(&t, n)),
+                found,
+                "{name}={value}"
+            );
+        }
+    }
+
+    #[test]
+    fn every_zone_filter_matches_what_describe_availability_zones_shows() {
+        let record = json!({
+            "metadata": {"name": "karri-1b"},
+            "spec": {"region": "karri-1", "description": "Maintenance tonight."},
+            "status": {"state": "impaired"},
+        });
+        let z = ZoneView::of(&record);
+        let xml = rendered("DescribeAvailabilityZonesResponse", |w| {
+            w.set("availabilityZoneInfo", [&z], |w, z| write_zone(w, z));
+        });
+        let table = Table {
+            accepted: filter::AVAILABILITY_ZONE_FILTERS,
+            taggable: false,
+            item: "availabilityZoneInfo/item",
+            rows: &[
+                ("group-name", "groupName"),
+                ("message", "messageSet/item/message"),
+                ("opt-in-status", "optInStatus"),
+                ("region-name", "regionName"),
+                ("state", "zoneState"),
+                ("zone-id", "zoneId"),
+                ("zone-name", "zoneName"),
+                ("zone-type", "zoneType"),
+            ],
+            none: &[],
+        };
+        check(&table, &xml, |name| zone_values(&z, name));
+        assert_eq!(z.id, "karri1-az2");
+    }
+
+    #[test]
+    fn every_region_filter_matches_what_describe_regions_shows() {
+        let (region, endpoint) = ("karri-1", "ec2.karri.example:8443");
+        let xml = rendered("DescribeRegionsResponse", |w| {
+            w.set("regionInfo", [()], |w, ()| {
+                write_region(w, region, endpoint)
+            });
+        });
+        let table = Table {
+            accepted: filter::REGION_FILTERS,
+            taggable: false,
+            item: "regionInfo/item",
+            rows: &[
+                ("endpoint", "regionEndpoint"),
+                ("opt-in-status", "optInStatus"),
+                ("region-name", "regionName"),
+            ],
+            none: &[],
+        };
+        check(&table, &xml, |name| region_values(region, endpoint, name));
+    }
+
+    #[test]
+    fn every_vpc_filter_matches_what_describe_vpcs_shows() {
+        let vpc = VpcView {
+            id: default_vpc_id("karri-1"),
+            owner: "123456789012",
+        };
+        let xml = rendered("DescribeVpcsResponse", |w| {
+            w.set("vpcSet", [()], |w, ()| write_vpc(w, &vpc));
+        });
+        let table = Table {
+            accepted: filter::VPC_FILTERS,
+            taggable: true,
+            item: "vpcSet/item",
+            rows: &[
+                ("cidr", "cidrBlock"),
+                (
+                    "cidr-block-association.association-id",
+                    "cidrBlockAssociationSet/item/associationId",
+                ),
+                (
+                    "cidr-block-association.cidr-block",
+                    "cidrBlockAssociationSet/item/cidrBlock",
+                ),
+                (
+                    "cidr-block-association.state",
+                    "cidrBlockAssociationSet/item/cidrBlockState/state",
+                ),
+                ("dhcp-options-id", "dhcpOptionsId"),
+                ("is-default", "isDefault"),
+                ("owner-id", "ownerId"),
+                ("state", "state"),
+                ("vpc-id", "vpcId"),
+                ("tag-key", "tagSet/item/key"),
+                ("tag-value", "tagSet/item/value"),
+            ],
+            // The default VPC has no tags.
+            none: &["tag-key", "tag-value"],
+        };
+        check(&table, &xml, |name| vpc_values(&vpc, name));
+    }
+
+    #[test]
+    fn every_subnet_filter_matches_what_describe_subnets_shows() {
+        let vpc = default_vpc_id("karri-1");
+        let subnet = SubnetView {
+            id: default_subnet_id("karri-1a"),
+            zone: "karri-1a".into(),
+            cidr: "172.31.0.0/20".into(),
+            vpc: &vpc,
+            owner: "123456789012",
+        };
+        let xml = rendered("DescribeSubnetsResponse", |w| {
+            w.set("subnetSet", [&subnet], |w, s| write_subnet(w, s));
+        });
+        let table = Table {
+            accepted: filter::SUBNET_FILTERS,
+            taggable: true,
+            item: "subnetSet/item",
+            rows: &[
+                ("availability-zone", "availabilityZone"),
+                ("availabilityZone", "availabilityZone"),
+                ("available-ip-address-count", "availableIpAddressCount"),
+                ("cidr", "cidrBlock"),
+                ("cidr-block", "cidrBlock"),
+                ("cidrBlock", "cidrBlock"),
+                ("default-for-az", "defaultForAz"),
+                ("defaultForAz", "defaultForAz"),
+                ("map-public-ip-on-launch", "mapPublicIpOnLaunch"),
+                ("owner-id", "ownerId"),
+                ("state", "state"),
+                ("subnet-id", "subnetId"),
+                ("vpc-id", "vpcId"),
+                ("tag-key", "tagSet/item/key"),
+                ("tag-value", "tagSet/item/value"),
+            ],
+            // Default subnets have no tags.
+            none: &["tag-key", "tag-value"],
+        };
+        check(&table, &xml, |name| subnet_values(&subnet, name));
+    }
 }

@@ -6,11 +6,15 @@ use std::borrow::Cow;
 
 use serde_json::{json, Value};
 
-use super::{created, from_api, id_of, namespace, opt, tag_values, text, write_tag_set, Cx};
+use super::{
+    created, from_api, id_of, namespace, opt, tag_values, text, write_tag_set, Cx, BOOT_MODE,
+    HYPERVISOR, ROOT_DEVICE_TYPE, VIRTUALIZATION_TYPE,
+};
 use crate::admission::Subresource;
 use crate::ec2::error::Ec2Error;
 use crate::ec2::filter::{self, Matcher};
 use crate::ec2::router::{self, WireEnum as _};
+use crate::ec2::xml::time_text;
 use crate::registry::{DeleteOptions, WriteOptions};
 
 /// Whether the caller may launch (and so see) an image.
@@ -98,39 +102,53 @@ fn image_type(v: &Value) -> &'static str {
         .as_str()
 }
 
-/// The values a DescribeImages filter sees on an image. Tags are the owner's alone: another
-/// account's view of a shared or public image has none (EC2 does not share an AMI's tags).
+/// What every image of Karri shows: a Linux instance-store image (so no `platform`, which EC2
+/// shows for Windows images alone, and no block devices).
+const PLATFORM_DETAILS: &str = "Linux/UNIX";
+const USAGE_OPERATION: &str = "RunInstances";
+/// The state reason code of an image the image controller failed.
+const IMAGE_FAILURE: &str = "Client.ImageFailure";
+
+/// The values a DescribeImages filter sees on an image: what [`write_image`] shows. Tags are the
+/// owner's alone: another account's view of a shared or public image has none (EC2 does not
+/// share an AMI's tags).
 fn image_values<'v>(v: &'v Value, name: &str, owner: &'v str, own: bool) -> Vec<Cow<'v, str>> {
     if let Some(tags) = tag_values(v, name) {
         return if own { tags } else { Vec::new() };
     }
-    let one = |s: &'v str| vec![Cow::Borrowed(s)];
     match name {
-        "image-id" => one(id_of(v)),
-        "name" => one(text(v, "/spec/name")),
-        "description" => one(text(v, "/spec/description")),
-        "state" => one(state(v)),
-        "owner-id" => one(owner),
-        "is-public" => one(if is_public(v) { "true" } else { "false" }),
-        "architecture" => one(text(v, "/spec/architecture")),
-        "image-type" => one(image_type(v)),
-        "kernel-id" => one(text(v, "/spec/kernelId")),
-        "ramdisk-id" => one(text(v, "/spec/ramdiskId")),
-        "manifest-location" => one(text(v, "/spec/imageLocation")),
-        "root-device-name" => one(text(v, "/spec/rootDeviceName")),
-        "root-device-type" => one("instance-store"),
-        "virtualization-type" => one("hvm"),
-        "hypervisor" => one("xen"),
-        "platform-details" => one("Linux/UNIX"),
+        "image-id" => filter::shown(id_of(v)),
+        "name" => filter::shown(text(v, "/spec/name")),
+        "description" => filter::shown_opt(opt(v, "/spec/description")),
+        "state" => filter::shown(state(v)),
+        "owner-id" => filter::shown(owner),
+        "is-public" => filter::shown_bool(is_public(v)),
+        "architecture" => filter::shown(text(v, "/spec/architecture")),
+        "image-type" => filter::shown(image_type(v)),
+        "kernel-id" => filter::shown_opt(opt(v, "/spec/kernelId")),
+        "ramdisk-id" => filter::shown_opt(opt(v, "/spec/ramdiskId")),
+        "manifest-location" => filter::shown(text(v, "/spec/imageLocation")),
+        "root-device-name" => filter::shown(text(v, "/spec/rootDeviceName")),
+        "root-device-type" => filter::shown(ROOT_DEVICE_TYPE),
+        "virtualization-type" => filter::shown(VIRTUALIZATION_TYPE),
+        "hypervisor" => filter::shown(HYPERVISOR),
+        "boot-mode" => filter::shown(BOOT_MODE),
         // As `creationDate` shows it, so that `2026-*` matches.
-        "creation-date" => vec![Cow::Owned(
-            created(v).format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string(),
-        )],
+        "creation-date" => filter::shown_owned(time_text(created(v))),
         "state-reason-code" => match opt(v, "/status/message") {
-            Some(_) => one("Client.ImageFailure"),
+            Some(_) => filter::shown(IMAGE_FAILURE),
             None => Vec::new(),
         },
-        "state-reason-message" => opt(v, "/status/message").map(one).unwrap_or_default(),
+        "state-reason-message" => filter::shown_opt(opt(v, "/status/message")),
+        // The response shows no platform (a Linux image) and an empty `blockDeviceMapping`
+        // (an instance-store image): these match nothing.
+        "platform"
+        | "block-device-mapping.delete-on-termination"
+        | "block-device-mapping.device-name"
+        | "block-device-mapping.encrypted"
+        | "block-device-mapping.snapshot-id"
+        | "block-device-mapping.volume-size"
+        | "block-device-mapping.volume-type" => Vec::new(),
         _ => Vec::new(),
     }
 }
@@ -149,17 +167,17 @@ fn write_image(w: &mut crate::ec2::xml::Response, v: &Value, owner: &str, own: b
         .leaf_opt("ramdiskId", opt(v, "/spec/ramdiskId"))
         .leaf("name", text(v, "/spec/name"))
         .leaf_opt("description", opt(v, "/spec/description"))
-        .leaf("rootDeviceType", "instance-store")
+        .leaf("rootDeviceType", ROOT_DEVICE_TYPE)
         .leaf("rootDeviceName", text(v, "/spec/rootDeviceName"))
         .empty("blockDeviceMapping")
-        .leaf("virtualizationType", "hvm")
-        .leaf("hypervisor", "xen")
-        .leaf("platformDetails", "Linux/UNIX")
-        .leaf("usageOperation", "RunInstances");
+        .leaf("virtualizationType", VIRTUALIZATION_TYPE)
+        .leaf("hypervisor", HYPERVISOR)
+        .leaf("platformDetails", PLATFORM_DETAILS)
+        .leaf("usageOperation", USAGE_OPERATION)
+        .leaf("bootMode", BOOT_MODE);
     if let Some(reason) = opt(v, "/status/message") {
         w.element("stateReason", |w| {
-            w.leaf("code", "Client.ImageFailure")
-                .leaf("message", reason);
+            w.leaf("code", IMAGE_FAILURE).leaf("message", reason);
         });
     }
     if own {
@@ -431,7 +449,7 @@ pub async fn describe_image_attribute(
             w.empty("blockDeviceMapping");
         }
         "sriovNetSupport" => value(&mut w, "sriovNetSupport", None),
-        "bootMode" => value(&mut w, "bootMode", Some("legacy-bios")),
+        "bootMode" => value(&mut w, "bootMode", Some(BOOT_MODE)),
         // Valid EC2 attributes Karri has no value for: answered empty, as EC2 answers an image
         // without them.
         "tpmSupport" => value(&mut w, "tpmSupport", None),
@@ -516,4 +534,147 @@ pub async fn modify_image_attribute(
     let mut w = cx.response("ModifyImageAttribute");
     w.leaf_bool("return", true);
     Ok(w.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ec2::filter::answered::{check, check_values, Table};
+    use crate::ec2::xml::Response;
+
+    const OWNER: &str = "123456789012";
+
+    /// A failed public image with every field DescribeImages shows filled in.
+    fn full_image() -> Value {
+        json!({
+            "kind": "Image",
+            "metadata": {
+                "name": "emi-0abc",
+                "namespace": "acct-1",
+                "labels": {crds::ID_LABEL: "emi-0abc"},
+                "creationTimestamp": "2026-01-02T03:04:05Z",
+            },
+            "spec": {
+                "name": "web-image",
+                "description": "The web tier [v2]",
+                "imageLocation": "images/web.img",
+                "architecture": "x86_64",
+                "kernelId": "eki-0abc",
+                "ramdiskId": "eri-0abc",
+                "rootDeviceName": "/dev/vda",
+                "public": true,
+                "tags": [{"key": "team", "value": "ops"}],
+            },
+            "status": {"state": "failed", "message": "The image is not a disk."},
+        })
+    }
+
+    fn image_table() -> Table<'static> {
+        Table {
+            accepted: filter::IMAGE_FILTERS,
+            taggable: true,
+            item: "imagesSet/item",
+            rows: &[
+                ("architecture", "architecture"),
+                (
+                    "block-device-mapping.delete-on-termination",
+                    "blockDeviceMapping/item/ebs/deleteOnTermination",
+                ),
+                (
+                    "block-device-mapping.device-name",
+                    "blockDeviceMapping/item/deviceName",
+                ),
+                (
+                    "block-device-mapping.encrypted",
+                    "blockDeviceMapping/item/ebs/encrypted",
+                ),
+                (
+                    "block-device-mapping.snapshot-id",
+                    "blockDeviceMapping/item/ebs/snapshotId",
+                ),
+                (
+                    "block-device-mapping.volume-size",
+                    "blockDeviceMapping/item/ebs/volumeSize",
+                ),
+                (
+                    "block-device-mapping.volume-type",
+                    "blockDeviceMapping/item/ebs/volumeType",
+                ),
+                ("boot-mode", "bootMode"),
+                ("creation-date", "creationDate"),
+                ("description", "description"),
+                ("hypervisor", "hypervisor"),
+                ("image-id", "imageId"),
+                ("image-type", "imageType"),
+                ("is-public", "isPublic"),
+                ("kernel-id", "kernelId"),
+                ("manifest-location", "imageLocation"),
+                ("name", "name"),
+                ("owner-id", "imageOwnerId"),
+                ("platform", "platform"),
+                ("ramdisk-id", "ramdiskId"),
+                ("root-device-name", "rootDeviceName"),
+                ("root-device-type", "rootDeviceType"),
+                ("state", "imageState"),
+                ("state-reason-code", "stateReason/code"),
+                ("state-reason-message", "stateReason/message"),
+                ("virtualization-type", "virtualizationType"),
+                ("tag-key", "tagSet/item/key"),
+                ("tag-value", "tagSet/item/value"),
+            ],
+            none: &[
+                "block-device-mapping.delete-on-termination",
+                "block-device-mapping.device-name",
+                "block-device-mapping.encrypted",
+                "block-device-mapping.snapshot-id",
+                "block-device-mapping.volume-size",
+                "block-device-mapping.volume-type",
+                "platform",
+            ],
+        }
+    }
+
+    fn described(v: &Value, own: bool) -> String {
+        let mut w = Response::new("DescribeImagesResponse", "req-1");
+        w.open("imagesSet");
+        write_image(&mut w, v, OWNER, own);
+        w.finish()
+    }
+
+    #[test]
+    fn every_image_filter_matches_what_describe_images_shows() {
+        let v = full_image();
+        check(&image_table(), &described(&v, true), |name| {
+            image_values(&v, name, OWNER, true)
+        });
+    }
+
+    #[test]
+    fn another_accounts_image_shows_and_matches_no_tags() {
+        let v = full_image();
+        check_values(&image_table(), &described(&v, false), |name| {
+            image_values(&v, name, OWNER, false)
+        });
+        assert!(image_values(&v, "tag:team", OWNER, false).is_empty());
+    }
+
+    #[test]
+    fn an_image_without_optional_fields_matches_on_none_of_them() {
+        let v = json!({
+            "kind": "Image",
+            "metadata": {"name": "emi-0def", "labels": {crds::ID_LABEL: "emi-0def"}},
+            "spec": {"name": "bare", "imageLocation": "images/bare.img", "architecture": "x86_64"},
+        });
+        check_values(&image_table(), &described(&v, true), |name| {
+            image_values(&v, name, OWNER, true)
+        });
+        for name in [
+            "description",
+            "kernel-id",
+            "ramdisk-id",
+            "state-reason-code",
+        ] {
+            assert!(image_values(&v, name, OWNER, true).is_empty(), "{name}");
+        }
+    }
 }

@@ -9,12 +9,13 @@ use serde_json::{json, Value};
 use super::instance_view::InstanceView;
 use super::{
     at, default_subnet_id, default_vpc_id, from_api, id_of, namespace, opt, paginate, text, Cx,
+    ARCHITECTURE, HYPERVISOR, ROOT_DEVICE_TYPE, VIRTUALIZATION_TYPE,
 };
 use crate::admission::{self, Subresource};
 use crate::ec2::error::Ec2Error;
 use crate::ec2::filter::{self, Matcher};
 use crate::ec2::router::{self, WireEnum as _};
-use crate::ec2::xml::Response;
+use crate::ec2::xml::{time_text, Response};
 use crate::registry::WriteOptions;
 
 /// Most instances one RunInstances call launches (one etcd transaction holds them all).
@@ -67,7 +68,16 @@ fn private_dns(ip: Option<&str>, region: &str) -> String {
     }
 }
 
-/// Values of the DescribeInstances filters for one instance.
+/// The root device of every instance.
+const ROOT_DEVICE_NAME: &str = "/dev/vda";
+const TENANCY: &str = "default";
+const MONITORING_STATE: &str = "disabled";
+const METADATA_OPTIONS_STATE: &str = "applied";
+const SOURCE_DEST_CHECK: bool = true;
+const EBS_OPTIMIZED: bool = false;
+
+/// The values a DescribeInstances filter sees on an instance: what [`write_instance`] (and the
+/// reservation around it, for `reservation-id` and `owner-id`) shows.
 fn instance_values<'v>(
     v: &InstanceView<'v>,
     name: &str,
@@ -77,64 +87,75 @@ fn instance_values<'v>(
     if let Some(tags) = filter::tag_filter_values(name, v.tags()) {
         return tags;
     }
-    let one = |s: &'v str| -> Vec<Cow<'v, str>> {
-        if s.is_empty() {
-            Vec::new()
-        } else {
-            vec![Cow::Borrowed(s)]
-        }
-    };
-    let some = |s: Option<&'v str>| one(s.unwrap_or(""));
-    let own = |s: String| -> Vec<Cow<'v, str>> { vec![Cow::Owned(s)] };
     match name {
-        "instance-id" => one(v.id()),
-        "instance-state-name" => own(v.shown_state().as_str().to_string()),
-        "instance-state-code" => own(v.shown_state().code().to_string()),
-        "instance-type" => one(v.instance_type()),
-        "image-id" => one(v.image_id()),
-        "availability-zone" => one(v.zone()),
-        "key-name" => some(v.key_name()),
+        "instance-id" => filter::shown(v.id()),
+        "instance-state-name" => filter::shown(v.shown_state().as_str()),
+        "instance-state-code" => filter::shown_number(v.shown_state().code()),
+        "instance-type" => filter::shown(v.instance_type()),
+        "image-id" => filter::shown(v.image_id()),
+        "availability-zone" => filter::shown(v.zone()),
+        "key-name" => filter::shown_opt(v.key_name()),
+        // The instance's one address; the response lists no network interfaces of its own.
         "private-ip-address" | "network-interface.addresses.private-ip-address" => {
-            some(v.private_ip())
+            filter::shown_opt(v.private_ip())
         }
-        "ip-address" => some(v.public_ip()),
-        "private-dns-name" => own(private_dns(v.private_ip(), region)),
-        "reservation-id" => own(v.reservation()),
-        "owner-id" => own(owner.to_string()),
-        "launch-index" => own(v.launch_index().to_string()),
-        "client-token" => some(v.client_token()),
-        "vpc-id" => own(default_vpc_id(region)),
-        "subnet-id" => {
-            let zone = v.zone();
-            if zone.is_empty() {
-                Vec::new()
-            } else {
-                own(default_subnet_id(zone))
-            }
+        "ip-address" => filter::shown_opt(v.public_ip()),
+        "private-dns-name" => filter::shown_owned(private_dns(v.private_ip(), region)),
+        "reservation-id" => filter::shown_owned(v.reservation()),
+        "owner-id" => filter::shown_owned(owner.to_string()),
+        "launch-index" => filter::shown_number(v.launch_index()),
+        "client-token" => filter::shown_opt(v.client_token()),
+        "vpc-id" => filter::shown_owned(default_vpc_id(region)),
+        "subnet-id" => subnet_of(v.zone())
+            .map(filter::shown_owned)
+            .unwrap_or_default(),
+        "group-id" | "instance.group-id" | "group-name" | "instance.group-name" => {
+            filter::shown_all(v.security_group_ids().iter().copied())
         }
-        "architecture" => own("x86_64".into()),
-        "hypervisor" => own("xen".into()),
-        "virtualization-type" => own("hvm".into()),
-        "root-device-type" => own("instance-store".into()),
-        "root-device-name" => own("/dev/vda".into()),
-        "tenancy" | "placement-tenancy" => own("default".into()),
-        "monitoring-state" => own("disabled".into()),
+        "architecture" => filter::shown(ARCHITECTURE),
+        "hypervisor" => filter::shown(HYPERVISOR),
+        "virtualization-type" => filter::shown(VIRTUALIZATION_TYPE),
+        "root-device-type" => filter::shown(ROOT_DEVICE_TYPE),
+        "root-device-name" => filter::shown(ROOT_DEVICE_NAME),
+        "tenancy" => filter::shown(TENANCY),
+        "monitoring-state" => filter::shown(MONITORING_STATE),
         // The time the response shows (the record's creation until the node reports).
-        "launch-time" => own(v.launch_time().format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()),
-        "kernel-id" => some(v.kernel_id()),
-        "ramdisk-id" => some(v.ramdisk_id()),
-        "metadata-options.http-tokens" => one(v.http_tokens()),
-        "metadata-options.http-endpoint" => one(v.http_endpoint()),
+        "launch-time" => filter::shown_owned(time_text(v.launch_time())),
+        "kernel-id" => filter::shown_opt(v.kernel_id()),
+        "ramdisk-id" => filter::shown_opt(v.ramdisk_id()),
+        "metadata-options.http-tokens" => filter::shown(v.http_tokens()),
+        "metadata-options.http-endpoint" => filter::shown(v.http_endpoint()),
         "metadata-options.http-put-response-hop-limit" => {
-            own(v.http_put_response_hop_limit().to_string())
+            filter::shown_number(v.http_put_response_hop_limit())
         }
-        "metadata-options.state" => own("applied".into()),
-        "source-dest-check" => own("true".into()),
-        "ebs-optimized" => own("false".into()),
-        "state-reason-code" | "reason" => some(v.reason()),
-        "state-reason-message" => one(v.message()),
+        "metadata-options.state" => filter::shown(METADATA_OPTIONS_STATE),
+        "source-dest-check" => filter::shown_bool(SOURCE_DEST_CHECK),
+        "ebs-optimized" => filter::shown_bool(EBS_OPTIMIZED),
+        // `reason` is the state transition reason the response shows as `<reason>`.
+        "reason" => filter::shown(v.message()),
+        "state-reason-code" => filter::shown_opt(v.reason()),
+        "state-reason-message" => match v.reason() {
+            Some(_) => filter::shown(v.message()),
+            None => Vec::new(),
+        },
+        // Shown empty on every instance: no public DNS name, no placement group, no product
+        // codes and no block devices (the root disk is instance storage). These match nothing.
+        "dns-name"
+        | "placement-group-name"
+        | "product-code"
+        | "product-code.type"
+        | "block-device-mapping.attach-time"
+        | "block-device-mapping.delete-on-termination"
+        | "block-device-mapping.device-name"
+        | "block-device-mapping.status"
+        | "block-device-mapping.volume-id" => Vec::new(),
         _ => Vec::new(),
     }
+}
+
+/// The default subnet of the zone an instance runs in; none before it has one.
+fn subnet_of(zone: &str) -> Option<String> {
+    (!zone.is_empty()).then(|| default_subnet_id(zone))
 }
 
 /// Write one instance as an `instancesSet` item.
@@ -160,18 +181,16 @@ fn write_instance(w: &mut Response, v: &InstanceView<'_>, region: &str) {
     w.element("placement", |w| {
         w.leaf("availabilityZone", zone)
             .leaf("groupName", "")
-            .leaf("tenancy", "default");
+            .leaf("tenancy", TENANCY);
     });
     w.element("monitoring", |w| {
-        w.leaf("state", "disabled");
+        w.leaf("state", MONITORING_STATE);
     });
-    if !zone.is_empty() {
-        w.leaf("subnetId", &default_subnet_id(zone));
-    }
+    w.leaf_opt("subnetId", subnet_of(zone).as_deref());
     w.leaf("vpcId", &default_vpc_id(region))
         .leaf_opt("privateIpAddress", ip)
         .leaf_opt("ipAddress", v.public_ip())
-        .leaf_bool("sourceDestCheck", true);
+        .leaf_bool("sourceDestCheck", SOURCE_DEST_CHECK);
     w.set("groupSet", v.security_group_ids().iter(), |w, g| {
         w.leaf("groupId", g).leaf("groupName", g);
     });
@@ -180,21 +199,21 @@ fn write_instance(w: &mut Response, v: &InstanceView<'_>, region: &str) {
             w.leaf("code", code).leaf("message", v.message());
         });
     }
-    w.leaf("architecture", "x86_64")
-        .leaf("rootDeviceType", "instance-store")
-        .leaf("rootDeviceName", "/dev/vda")
+    w.leaf("architecture", ARCHITECTURE)
+        .leaf("rootDeviceType", ROOT_DEVICE_TYPE)
+        .leaf("rootDeviceName", ROOT_DEVICE_NAME)
         .empty("blockDeviceMapping")
-        .leaf("virtualizationType", "hvm")
+        .leaf("virtualizationType", VIRTUALIZATION_TYPE)
         .leaf_opt("clientToken", v.client_token());
     w.set("tagSet", v.tags(), |w, (k, val)| {
         w.leaf("key", k).leaf("value", val);
     });
-    w.leaf("hypervisor", "xen")
+    w.leaf("hypervisor", HYPERVISOR)
         .empty("networkInterfaceSet")
-        .leaf_bool("ebsOptimized", false);
+        .leaf_bool("ebsOptimized", EBS_OPTIMIZED);
     w.element("cpuOptions", |_| {});
     w.element("metadataOptions", |w| {
-        w.leaf("state", "applied")
+        w.leaf("state", METADATA_OPTIONS_STATE)
             .leaf("httpTokens", v.http_tokens())
             .leaf_display("httpPutResponseHopLimit", v.http_put_response_hop_limit())
             .leaf("httpEndpoint", v.http_endpoint());
@@ -672,19 +691,7 @@ pub async fn describe_instance_status(
     let hits: Vec<(String, &Value)> = all
         .iter()
         .filter(|v| a.include_all_instances || shown_state(v) == crds::InstanceState::Running)
-        .filter(|v| {
-            let (instance, system) = health(v);
-            matcher.matches(|name| -> Vec<Cow<'_, str>> {
-                match name {
-                    "availability-zone" => vec![Cow::Borrowed(zone_of(v))],
-                    "instance-state-name" => vec![Cow::Borrowed(shown_state(v).as_str())],
-                    "instance-state-code" => vec![Cow::Owned(shown_state(v).code().to_string())],
-                    "instance-status.status" => vec![Cow::Borrowed(instance)],
-                    "system-status.status" => vec![Cow::Borrowed(system)],
-                    _ => Vec::new(),
-                }
-            })
-        })
+        .filter(|v| matcher.matches(|name| instance_status_values(v, name)))
         .map(|v| (id_of(v).to_string(), v))
         .collect();
     let (page, token) = paginate(
@@ -693,32 +700,63 @@ pub async fn describe_instance_status(
         a.max_results.map(|m| m as usize),
     )?;
     let mut w = cx.response("DescribeInstanceStatus");
-    w.set("instanceStatusSet", page, |w, v| {
-        let st = shown_state(v);
-        let (instance, system) = health(v);
-        let detail = |s: &str| match s {
-            "ok" => "passed",
-            "impaired" => "failed",
-            "initializing" => "initializing",
-            _ => "insufficient-data",
-        };
-        w.leaf("instanceId", id_of(v))
-            .leaf("availabilityZone", zone_of(v));
-        w.element("instanceState", |w| {
-            w.leaf_display("code", st.code()).leaf("name", st.as_str());
-        });
-        for (name, status) in [("systemStatus", system), ("instanceStatus", instance)] {
-            w.element(name, |w| {
-                w.leaf("status", status);
-                w.set("details", [status], |w, s| {
-                    w.leaf("name", "reachability").leaf("status", detail(s));
-                });
-            });
-        }
-        w.empty("eventsSet");
-    });
+    w.set("instanceStatusSet", page, write_instance_status);
     w.leaf_opt("nextToken", token.as_deref());
     Ok(w.finish())
+}
+
+/// The reachability check's status behind a summary status.
+fn reachability(status: &str) -> &'static str {
+    match status {
+        "ok" => "passed",
+        "impaired" => "failed",
+        "initializing" => "initializing",
+        _ => "insufficient-data",
+    }
+}
+
+/// The values a DescribeInstanceStatus filter sees on an instance: what
+/// [`write_instance_status`] shows.
+fn instance_status_values<'v>(v: &'v Value, name: &str) -> Vec<Cow<'v, str>> {
+    let (instance, system) = health(v);
+    match name {
+        "availability-zone" => filter::shown(zone_of(v)),
+        "instance-state-name" => filter::shown(shown_state(v).as_str()),
+        "instance-state-code" => filter::shown_number(shown_state(v).code()),
+        "instance-status.status" => filter::shown(instance),
+        "instance-status.reachability" => filter::shown(reachability(instance)),
+        "system-status.status" => filter::shown(system),
+        "system-status.reachability" => filter::shown(reachability(system)),
+        // No scheduled events: the response shows an empty `eventsSet`. These match nothing.
+        "event.code"
+        | "event.description"
+        | "event.instance-event-id"
+        | "event.not-after"
+        | "event.not-before"
+        | "event.not-before-deadline" => Vec::new(),
+        _ => Vec::new(),
+    }
+}
+
+/// One `instanceStatusSet` item.
+fn write_instance_status(w: &mut Response, v: &Value) {
+    let st = shown_state(v);
+    let (instance, system) = health(v);
+    w.leaf("instanceId", id_of(v))
+        .leaf("availabilityZone", zone_of(v));
+    w.element("instanceState", |w| {
+        w.leaf_display("code", st.code()).leaf("name", st.as_str());
+    });
+    for (name, status) in [("systemStatus", system), ("instanceStatus", instance)] {
+        w.element(name, |w| {
+            w.leaf("status", status);
+            w.set("details", [status], |w, s| {
+                w.leaf("name", "reachability")
+                    .leaf("status", reachability(s));
+            });
+        });
+    }
+    w.empty("eventsSet");
 }
 
 /// A power-state request.
@@ -1079,6 +1117,7 @@ pub async fn get_console_output(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ec2::filter::answered::{check, check_values, Table};
 
     fn record(desired: &str, state: &str, protected: bool) -> Value {
         json!({
@@ -1223,6 +1262,289 @@ mod tests {
                 "{change:?} of {}",
                 v["status"]["state"]
             );
+        }
+    }
+
+    const OWNER: &str = "123456789012";
+    const REGION: &str = "karri-1";
+
+    /// An instance with every field DescribeInstances shows filled in.
+    fn full_instance() -> Value {
+        json!({
+            "metadata": {
+                "name": "i-0abc",
+                "labels": {crds::ID_LABEL: "i-0abc"},
+                "creationTimestamp": "2026-01-02T03:04:05Z",
+            },
+            "spec": {
+                "imageId": "emi-1",
+                "instanceType": "m1.small",
+                "keyName": "deploy",
+                "kernelId": "eki-2",
+                "ramdiskId": "eri-3",
+                "clientToken": "token-1",
+                "availabilityZone": "karri-1a",
+                "reservationId": "r-9",
+                "launchIndex": 2,
+                "desiredState": "stopped",
+                "securityGroupIds": ["sg-1", "sg-2"],
+                "tags": [{"key": "Name", "value": "web-*1"}, {"key": "team", "value": "ops"}],
+                "metadataOptions": {
+                    "httpTokens": "required",
+                    "httpPutResponseHopLimit": 2,
+                    "httpEndpoint": "enabled",
+                },
+            },
+            "status": {
+                "state": "stopped",
+                "privateIpAddress": "10.0.0.5",
+                "publicIpAddress": "198.51.100.7",
+                "message": "User initiated (2026-01-02 04:00:00 GMT)",
+                "reason": "Client.UserInitiatedShutdown",
+                "launchTime": "2026-01-02T03:05:06.789Z",
+                "availabilityZone": "karri-1a",
+            },
+        })
+    }
+
+    /// A pending instance that has nothing but what RunInstances must give.
+    fn bare_instance() -> Value {
+        json!({
+            "metadata": {"name": "i-0def", "labels": {crds::ID_LABEL: "i-0def"}},
+            "spec": {"imageId": "emi-1", "instanceType": "t1.micro"},
+        })
+    }
+
+    fn instance_table() -> Table<'static> {
+        Table {
+            accepted: filter::INSTANCE_FILTERS,
+            taggable: true,
+            item: "reservationSet/item",
+            rows: &[
+                ("architecture", "instancesSet/item/architecture"),
+                (
+                    "availability-zone",
+                    "instancesSet/item/placement/availabilityZone",
+                ),
+                (
+                    "block-device-mapping.attach-time",
+                    "instancesSet/item/blockDeviceMapping/item/ebs/attachTime",
+                ),
+                (
+                    "block-device-mapping.delete-on-termination",
+                    "instancesSet/item/blockDeviceMapping/item/ebs/deleteOnTermination",
+                ),
+                (
+                    "block-device-mapping.device-name",
+                    "instancesSet/item/blockDeviceMapping/item/deviceName",
+                ),
+                (
+                    "block-device-mapping.status",
+                    "instancesSet/item/blockDeviceMapping/item/ebs/status",
+                ),
+                (
+                    "block-device-mapping.volume-id",
+                    "instancesSet/item/blockDeviceMapping/item/ebs/volumeId",
+                ),
+                ("client-token", "instancesSet/item/clientToken"),
+                ("dns-name", "instancesSet/item/dnsName"),
+                ("ebs-optimized", "instancesSet/item/ebsOptimized"),
+                ("group-id", "instancesSet/item/groupSet/item/groupId"),
+                ("group-name", "instancesSet/item/groupSet/item/groupName"),
+                ("hypervisor", "instancesSet/item/hypervisor"),
+                ("image-id", "instancesSet/item/imageId"),
+                ("instance-id", "instancesSet/item/instanceId"),
+                (
+                    "instance-state-code",
+                    "instancesSet/item/instanceState/code",
+                ),
+                (
+                    "instance-state-name",
+                    "instancesSet/item/instanceState/name",
+                ),
+                ("instance-type", "instancesSet/item/instanceType"),
+                (
+                    "instance.group-id",
+                    "instancesSet/item/groupSet/item/groupId",
+                ),
+                (
+                    "instance.group-name",
+                    "instancesSet/item/groupSet/item/groupName",
+                ),
+                ("ip-address", "instancesSet/item/ipAddress"),
+                ("kernel-id", "instancesSet/item/kernelId"),
+                ("key-name", "instancesSet/item/keyName"),
+                ("launch-index", "instancesSet/item/amiLaunchIndex"),
+                ("launch-time", "instancesSet/item/launchTime"),
+                (
+                    "metadata-options.http-endpoint",
+                    "instancesSet/item/metadataOptions/httpEndpoint",
+                ),
+                (
+                    "metadata-options.http-put-response-hop-limit",
+                    "instancesSet/item/metadataOptions/httpPutResponseHopLimit",
+                ),
+                (
+                    "metadata-options.http-tokens",
+                    "instancesSet/item/metadataOptions/httpTokens",
+                ),
+                (
+                    "metadata-options.state",
+                    "instancesSet/item/metadataOptions/state",
+                ),
+                ("monitoring-state", "instancesSet/item/monitoring/state"),
+                (
+                    "network-interface.addresses.private-ip-address",
+                    "instancesSet/item/privateIpAddress",
+                ),
+                ("owner-id", "ownerId"),
+                (
+                    "placement-group-name",
+                    "instancesSet/item/placement/groupName",
+                ),
+                ("private-dns-name", "instancesSet/item/privateDnsName"),
+                ("private-ip-address", "instancesSet/item/privateIpAddress"),
+                (
+                    "product-code",
+                    "instancesSet/item/productCodes/item/productCode",
+                ),
+                (
+                    "product-code.type",
+                    "instancesSet/item/productCodes/item/type",
+                ),
+                ("ramdisk-id", "instancesSet/item/ramdiskId"),
+                ("reason", "instancesSet/item/reason"),
+                ("reservation-id", "reservationId"),
+                ("root-device-name", "instancesSet/item/rootDeviceName"),
+                ("root-device-type", "instancesSet/item/rootDeviceType"),
+                ("source-dest-check", "instancesSet/item/sourceDestCheck"),
+                ("state-reason-code", "instancesSet/item/stateReason/code"),
+                (
+                    "state-reason-message",
+                    "instancesSet/item/stateReason/message",
+                ),
+                ("subnet-id", "instancesSet/item/subnetId"),
+                ("tenancy", "instancesSet/item/placement/tenancy"),
+                (
+                    "virtualization-type",
+                    "instancesSet/item/virtualizationType",
+                ),
+                ("vpc-id", "instancesSet/item/vpcId"),
+                ("tag-key", "instancesSet/item/tagSet/item/key"),
+                ("tag-value", "instancesSet/item/tagSet/item/value"),
+            ],
+            none: &[
+                "block-device-mapping.attach-time",
+                "block-device-mapping.delete-on-termination",
+                "block-device-mapping.device-name",
+                "block-device-mapping.status",
+                "block-device-mapping.volume-id",
+                "dns-name",
+                "placement-group-name",
+                "product-code",
+                "product-code.type",
+            ],
+        }
+    }
+
+    /// The DescribeInstances response for one instance.
+    fn described(v: &InstanceView<'_>) -> String {
+        let mut w = Response::new("DescribeInstancesResponse", "req-1");
+        w.open("reservationSet");
+        w.item();
+        write_reservation_body(&mut w, &v.reservation(), [v], OWNER, REGION);
+        w.finish()
+    }
+
+    #[test]
+    fn every_instance_filter_matches_what_describe_instances_shows() {
+        let record = full_instance();
+        let v = InstanceView::of(&record);
+        check(&instance_table(), &described(&v), |name| {
+            instance_values(&v, name, OWNER, REGION)
+        });
+    }
+
+    #[test]
+    fn an_instance_without_optional_fields_matches_on_none_of_them() {
+        let record = bare_instance();
+        let v = InstanceView::of(&record);
+        check_values(&instance_table(), &described(&v), |name| {
+            instance_values(&v, name, OWNER, REGION)
+        });
+        for name in [
+            "key-name",
+            "ip-address",
+            "private-dns-name",
+            "reason",
+            "subnet-id",
+        ] {
+            assert!(
+                instance_values(&v, name, OWNER, REGION).is_empty(),
+                "{name}"
+            );
+        }
+    }
+
+    fn status_record(ready: &str, node_healthy: &str) -> Value {
+        json!({
+            "metadata": {"labels": {crds::ID_LABEL: "i-0abc"}},
+            "spec": {"desiredState": "running", "availabilityZone": "karri-1a"},
+            "status": {
+                "state": "running",
+                "availabilityZone": "karri-1b",
+                "conditions": [
+                    {"type": "Ready", "status": ready},
+                    {"type": "NodeHealthy", "status": node_healthy},
+                ],
+            },
+        })
+    }
+
+    #[test]
+    fn every_instance_status_filter_matches_what_describe_instance_status_shows() {
+        let table = Table {
+            accepted: filter::INSTANCE_STATUS_FILTERS,
+            taggable: false,
+            item: "instanceStatusSet/item",
+            rows: &[
+                ("availability-zone", "availabilityZone"),
+                ("event.code", "eventsSet/item/code"),
+                ("event.description", "eventsSet/item/description"),
+                ("event.instance-event-id", "eventsSet/item/instanceEventId"),
+                ("event.not-after", "eventsSet/item/notAfter"),
+                ("event.not-before", "eventsSet/item/notBefore"),
+                (
+                    "event.not-before-deadline",
+                    "eventsSet/item/notBeforeDeadline",
+                ),
+                ("instance-state-code", "instanceState/code"),
+                ("instance-state-name", "instanceState/name"),
+                (
+                    "instance-status.reachability",
+                    "instanceStatus/details/item/status",
+                ),
+                ("instance-status.status", "instanceStatus/status"),
+                (
+                    "system-status.reachability",
+                    "systemStatus/details/item/status",
+                ),
+                ("system-status.status", "systemStatus/status"),
+            ],
+            none: &[
+                "event.code",
+                "event.description",
+                "event.instance-event-id",
+                "event.not-after",
+                "event.not-before",
+                "event.not-before-deadline",
+            ],
+        };
+        for (ready, node_healthy) in [("True", "True"), ("False", "True"), ("True", "False")] {
+            let v = status_record(ready, node_healthy);
+            let mut w = Response::new("DescribeInstanceStatusResponse", "req-1");
+            w.set("instanceStatusSet", [&v], write_instance_status);
+            check(&table, &w.finish(), |name| instance_status_values(&v, name));
         }
     }
 }

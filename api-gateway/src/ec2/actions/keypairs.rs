@@ -10,6 +10,7 @@ use crate::ec2::error::Ec2Error;
 use crate::ec2::filter::{self, Matcher};
 use crate::ec2::keys::{self, KeyType};
 use crate::ec2::router;
+use crate::ec2::xml::Response;
 use crate::registry::{DeleteOptions, WriteOptions};
 
 /// The caller's key pair with this name.
@@ -210,34 +211,40 @@ pub async fn describe_key_pairs(
             a.key_names.is_empty() || a.key_names.iter().any(|n| n == text(v, "/spec/keyName"))
         })
         .filter(|v| a.key_pair_ids.is_empty() || a.key_pair_ids.iter().any(|n| n == id_of(v)))
-        .filter(|v| {
-            matcher.matches(|name| {
-                if let Some(tags) = tag_values(v, name) {
-                    return tags;
-                }
-                match name {
-                    "key-name" => vec![Cow::Borrowed(text(v, "/spec/keyName"))],
-                    "key-pair-id" => vec![Cow::Borrowed(id_of(v))],
-                    "fingerprint" => vec![Cow::Borrowed(text(v, "/spec/fingerprint"))],
-                    _ => Vec::new(),
-                }
-            })
-        })
+        .filter(|v| matcher.matches(|name| key_pair_values(v, name)))
         .collect();
     shown.sort_by_key(|v| text(v, "/spec/keyName"));
     let mut w = cx.response("DescribeKeyPairs");
     w.set("keySet", shown, |w, v| {
-        w.leaf("keyPairId", id_of(v))
-            .leaf("keyType", text(v, "/spec/keyType"))
-            .leaf("keyName", text(v, "/spec/keyName"))
-            .leaf("keyFingerprint", text(v, "/spec/fingerprint"));
-        if a.include_public_key {
-            w.leaf_opt("publicKey", opt(v, "/spec/publicKey"));
-        }
-        w.leaf_time("createTime", created(v));
-        write_tag_set(w, v);
+        write_key_pair(w, v, a.include_public_key);
     });
     Ok(w.finish())
+}
+
+/// The values a DescribeKeyPairs filter sees on a key pair: what [`write_key_pair`] shows.
+fn key_pair_values<'v>(v: &'v Value, name: &str) -> Vec<Cow<'v, str>> {
+    if let Some(tags) = tag_values(v, name) {
+        return tags;
+    }
+    match name {
+        "key-name" => filter::shown(text(v, "/spec/keyName")),
+        "key-pair-id" => filter::shown(id_of(v)),
+        "fingerprint" => filter::shown(text(v, "/spec/fingerprint")),
+        _ => Vec::new(),
+    }
+}
+
+/// One `keySet` item.
+fn write_key_pair(w: &mut Response, v: &Value, include_public_key: bool) {
+    w.leaf("keyPairId", id_of(v))
+        .leaf("keyType", text(v, "/spec/keyType"))
+        .leaf("keyName", text(v, "/spec/keyName"))
+        .leaf("keyFingerprint", text(v, "/spec/fingerprint"));
+    if include_public_key {
+        w.leaf_opt("publicKey", opt(v, "/spec/publicKey"));
+    }
+    w.leaf_time("createTime", created(v));
+    write_tag_set(w, v);
 }
 
 /// DeleteKeyPair: deleting a key pair that does not exist succeeds, as on EC2.
@@ -285,4 +292,44 @@ pub async fn delete_key_pair(
     }
     w.leaf_bool("return", true);
     Ok(w.finish())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ec2::filter::answered::{check, Table};
+
+    #[test]
+    fn every_key_pair_filter_matches_what_describe_key_pairs_shows() {
+        let v = json!({
+            "metadata": {
+                "name": "key-0abc",
+                "labels": {crds::ID_LABEL: "key-0abc"},
+                "creationTimestamp": "2026-01-02T03:04:05Z",
+            },
+            "spec": {
+                "keyName": "deploy key",
+                "keyType": "ed25519",
+                "fingerprint": "SHA256:abc+def/ghi=",
+                "publicKey": "ssh-ed25519 AAAA",
+                "tags": [{"key": "team", "value": "ops"}],
+            },
+        });
+        let mut w = Response::new("DescribeKeyPairsResponse", "req-1");
+        w.set("keySet", [&v], |w, v| write_key_pair(w, v, true));
+        let table = Table {
+            accepted: filter::KEY_PAIR_FILTERS,
+            taggable: true,
+            item: "keySet/item",
+            rows: &[
+                ("fingerprint", "keyFingerprint"),
+                ("key-name", "keyName"),
+                ("key-pair-id", "keyPairId"),
+                ("tag-key", "tagSet/item/key"),
+                ("tag-value", "tagSet/item/value"),
+            ],
+            none: &[],
+        };
+        check(&table, &w.finish(), |name| key_pair_values(&v, name));
+    }
 }

@@ -88,6 +88,20 @@ pub async fn run(cx: &Cx<'_>, request: Request) -> Result<String, Ec2Error> {
     }
 }
 
+// What every Karri machine is: instances, images and instance types show these, and their
+// filters match them.
+
+/// The CPU architecture of instances and instance types.
+pub const ARCHITECTURE: &str = "x86_64";
+/// The hypervisor of instances, images and instance types.
+pub const HYPERVISOR: &str = "xen";
+/// The virtualization type of instances, images and instance types.
+pub const VIRTUALIZATION_TYPE: &str = "hvm";
+/// The root device type: Karri has no EBS, every root disk is instance storage.
+pub const ROOT_DEVICE_TYPE: &str = "instance-store";
+/// The boot mode of images and instance types.
+pub const BOOT_MODE: &str = "legacy-bios";
+
 /// The EC2 error for a registry failure. Admission refusals are the caller's fault; etcd being
 /// away is `ServiceUnavailable` (SDKs retry it); anything else is an internal error.
 pub fn from_api(e: ApiError) -> Ec2Error {

@@ -10,6 +10,7 @@ use crate::admission::Subresource;
 use crate::ec2::error::Ec2Error;
 use crate::ec2::filter::{self, Filter, Matcher};
 use crate::ec2::router;
+use crate::ec2::xml::Response;
 use crate::registry::WriteOptions;
 
 /// Tags as (key, value) pairs, in order.
@@ -213,25 +214,13 @@ pub async fn describe_tags(cx: &Cx<'_>, a: router::DescribeTags) -> Result<Strin
         for o in cx.own(plural).await? {
             let id = id_of(&o.value).to_string();
             let tags = tags_of(&o.value);
-            let resource_kept = resource_matcher.matches(|name| {
-                if let Some(values) = filter::tag_filter_values(name, tags.iter().copied()) {
-                    return values;
-                }
-                match name {
-                    "resource-id" => vec![Cow::Borrowed(id.as_str())],
-                    "resource-type" => vec![Cow::Borrowed(kind)],
-                    _ => Vec::new(),
-                }
-            });
+            let resource_kept =
+                resource_matcher.matches(|name| resource_values(&id, kind, &tags, name));
             if !resource_kept {
                 continue;
             }
             for (k, v) in &tags {
-                let keep = tag_matcher.matches(|name| match name {
-                    "key" => vec![Cow::Borrowed(*k)],
-                    "value" => vec![Cow::Borrowed(*v)],
-                    _ => Vec::new(),
-                });
+                let keep = tag_matcher.matches(|name| tag_values(k, v, name));
                 if keep {
                     rows.push((
                         format!("{id}\u{0}{k}"),
@@ -247,12 +236,74 @@ pub async fn describe_tags(cx: &Cx<'_>, a: router::DescribeTags) -> Result<Strin
         a.max_results.map(|m| m as usize),
     )?;
     let mut w = cx.response("DescribeTags");
-    w.set("tagSet", page, |w, (id, kind, k, v)| {
-        w.leaf("resourceId", &id)
-            .leaf("resourceType", kind)
-            .leaf("key", &k)
-            .leaf("value", &v);
-    });
+    w.set("tagSet", page, |w, row| write_tag_row(w, &row));
     w.leaf_opt("nextToken", token.as_deref());
     Ok(w.finish())
+}
+
+/// The values a DescribeTags filter on the resource (`resource-id`, `resource-type`,
+/// `tag:<key>`) sees on a resource with these tags: what [`write_tag_row`] shows of each of its
+/// rows.
+fn resource_values<'a>(
+    id: &'a str,
+    kind: &'a str,
+    tags: &[(&'a str, &'a str)],
+    name: &str,
+) -> Vec<Cow<'a, str>> {
+    if let Some(values) = filter::tag_filter_values(name, tags.iter().copied()) {
+        return values;
+    }
+    match name {
+        "resource-id" => filter::shown(id),
+        "resource-type" => filter::shown(kind),
+        _ => Vec::new(),
+    }
+}
+
+/// The values a DescribeTags filter on the tag (`key`, `value`) sees on one tag.
+fn tag_values<'a>(key: &'a str, value: &'a str, name: &str) -> Vec<Cow<'a, str>> {
+    match name {
+        "key" => vec![Cow::Borrowed(key)],
+        // An empty value is a value: the row shows `<value></value>`.
+        "value" => vec![Cow::Borrowed(value)],
+        _ => Vec::new(),
+    }
+}
+
+/// One `tagSet` item.
+fn write_tag_row(w: &mut Response, (id, kind, k, v): &TagRow) {
+    w.leaf("resourceId", id)
+        .leaf("resourceType", kind)
+        .leaf("key", k)
+        .leaf("value", v);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ec2::filter::answered::{check, Table};
+
+    #[test]
+    fn every_tag_filter_matches_what_describe_tags_shows() {
+        let tags = [("Name", "web-1")];
+        let row: TagRow = ("i-0abc".into(), "instance", "Name".into(), "web-1".into());
+        let mut w = Response::new("DescribeTagsResponse", "req-1");
+        w.set("tagSet", [&row], write_tag_row);
+        let table = Table {
+            accepted: filter::TAG_FILTERS,
+            taggable: false,
+            item: "tagSet/item",
+            rows: &[
+                ("key", "key"),
+                ("resource-id", "resourceId"),
+                ("resource-type", "resourceType"),
+                ("value", "value"),
+            ],
+            none: &[],
+        };
+        check(&table, &w.finish(), |name| match name {
+            "key" | "value" => tag_values(&row.2, &row.3, name),
+            _ => resource_values(&row.0, row.1, &tags, name),
+        });
+    }
 }
