@@ -859,11 +859,34 @@ fn check_change(change: Change, v: &Value) -> Result<(), Ec2Error> {
     }
 }
 
-/// TerminateInstances, StopInstances and StartInstances: set the desired power state.
+/// Marks `next` for a forced stop (StopInstances with `Force`: its node powers it off without
+/// waiting for the guest), or clears the mark of an earlier one on any other stop or a start.
+/// Pure.
+fn mark_force_stop(next: &mut Value, change: Change, force: bool, at: &str) {
+    use crds::FORCE_STOP_ANNOTATION;
+    match change {
+        Change::Stop if force => {
+            next["metadata"]["annotations"][FORCE_STOP_ANNOTATION] = json!(at);
+        }
+        Change::Stop | Change::Start => {
+            if let Some(a) = next
+                .pointer_mut("/metadata/annotations")
+                .and_then(Value::as_object_mut)
+            {
+                a.remove(FORCE_STOP_ANNOTATION);
+            }
+        }
+        Change::Terminate => {}
+    }
+}
+
+/// TerminateInstances, StopInstances (`force`: without waiting for the guest) and
+/// StartInstances: set the desired power state.
 pub async fn change_state(
     cx: &Cx<'_>,
     change: Change,
     ids: &[String],
+    force: bool,
     dry_run: bool,
 ) -> Result<String, Ec2Error> {
     use crds::{DesiredState as D, InstanceState as S};
@@ -883,9 +906,11 @@ pub async fn change_state(
     for v in &instances {
         let previous = shown_state(v);
         // Checked again against the stored record: a terminate may have landed meanwhile.
+        let asked_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
         let now = update_spec(cx, v, &mut |next: &mut Value| {
             check_change(change, next)?;
             next["spec"]["desiredState"] = json!(target.as_str());
+            mark_force_stop(next, change, force, &asked_at);
             Ok(())
         })
         .await?;
@@ -1211,6 +1236,36 @@ mod tests {
             err.message,
             format!("Value (karri-1a) for parameter availabilityZone is invalid. Subnet '{b}' is in the availability zone karri-1b")
         );
+    }
+
+    #[test]
+    fn a_forced_stop_is_marked_and_any_other_stop_or_start_clears_the_mark() {
+        let mark = |v: &Value| {
+            v.pointer("/metadata/annotations")
+                .and_then(|a| a.get(crds::FORCE_STOP_ANNOTATION))
+                .cloned()
+        };
+        let mut v = json!({"metadata": {"name": "i-1", "annotations": {"team": "ops"}}});
+        mark_force_stop(&mut v, Change::Stop, true, "2026-11-26T05:00:00Z");
+        assert_eq!(mark(&v), Some(json!("2026-11-26T05:00:00Z")));
+        mark_force_stop(&mut v, Change::Terminate, false, "later");
+        assert!(
+            mark(&v).is_some(),
+            "a terminate leaves it (the record goes anyway)"
+        );
+        mark_force_stop(&mut v, Change::Start, false, "later");
+        assert_eq!(mark(&v), None);
+        assert_eq!(v["metadata"]["annotations"]["team"], "ops");
+        mark_force_stop(&mut v, Change::Stop, true, "again");
+        mark_force_stop(&mut v, Change::Stop, false, "later");
+        assert_eq!(
+            mark(&v),
+            None,
+            "a plain stop after a forced one is not forced"
+        );
+        let mut bare = json!({"metadata": {"name": "i-2"}});
+        mark_force_stop(&mut bare, Change::Start, false, "now");
+        assert_eq!(bare, json!({"metadata": {"name": "i-2"}}));
     }
 
     #[test]

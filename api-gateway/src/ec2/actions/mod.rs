@@ -44,14 +44,16 @@ pub async fn run(cx: &Cx<'_>, request: Request) -> Result<String, Ec2Error> {
         Action::DescribeInstances(a) => instances::describe_instances(cx, a).await,
         Action::DescribeInstanceStatus(a) => instances::describe_instance_status(cx, a).await,
         Action::TerminateInstances(a) => {
-            instances::change_state(cx, instances::Change::Terminate, &a.instance_ids, dry_run)
-                .await
+            let change = instances::Change::Terminate;
+            instances::change_state(cx, change, &a.instance_ids, false, dry_run).await
         }
         Action::StopInstances(a) => {
-            instances::change_state(cx, instances::Change::Stop, &a.instance_ids, dry_run).await
+            let change = instances::Change::Stop;
+            instances::change_state(cx, change, &a.instance_ids, a.force, dry_run).await
         }
         Action::StartInstances(a) => {
-            instances::change_state(cx, instances::Change::Start, &a.instance_ids, dry_run).await
+            let change = instances::Change::Start;
+            instances::change_state(cx, change, &a.instance_ids, false, dry_run).await
         }
         Action::RebootInstances(a) => {
             instances::reboot_instances(cx, &a.instance_ids, dry_run).await
