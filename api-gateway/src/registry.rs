@@ -854,7 +854,9 @@ impl Registry {
         result
     }
 
-    async fn delete_record(
+    /// [`Registry::delete`] without taking a bucket's deletion marker: for a caller that holds
+    /// it already (S3's DeleteBucket).
+    pub async fn delete_record(
         &self,
         kind: &Kind,
         ns: Option<&str>,

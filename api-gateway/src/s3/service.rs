@@ -2638,9 +2638,10 @@ impl KarriS3 {
             .kinds
             .by_plural("buckets")
             .ok_or_else(|| internal("the Bucket kind is not served"))?;
+        // The caller holds the bucket's deletion marker.
         match self
             .registry
-            .delete(
+            .delete_record(
                 &kind,
                 None,
                 name,
