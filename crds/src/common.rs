@@ -10,6 +10,10 @@ pub const CONDITION_READY: &str = "Ready";
 pub const CONDITION_SCHEDULED: &str = "Scheduled";
 /// Condition type the node agent reports on an instance: whether its domain runs.
 pub const CONDITION_DOMAIN_RUNNING: &str = "DomainRunning";
+/// `DomainRunning` reason (status `False`) a node agent reports when the guest of an instance
+/// asked to run powered itself off; the operator then stops the instance, as EC2 does
+/// (`instanceInitiatedShutdownBehavior` `stop`), and the agent does not boot it again.
+pub const REASON_GUEST_SHUTDOWN: &str = "GuestShutdown";
 
 /// Whether a condition holds, as in Kubernetes' `metav1.ConditionStatus`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]

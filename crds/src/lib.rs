@@ -32,7 +32,8 @@ pub use access_key::{AccessKey, AccessKeySpec, AccessKeyStatus};
 pub use account::{Account, AccountSpec, AccountStatus};
 pub use bucket::{is_valid_bucket_name, Bucket, BucketSpec, BucketStatus, CannedAcl};
 pub use common::{
-    Condition, ConditionStatus, Tag, CONDITION_DOMAIN_RUNNING, CONDITION_READY, CONDITION_SCHEDULED,
+    Condition, ConditionStatus, Tag, CONDITION_DOMAIN_RUNNING, CONDITION_READY,
+    CONDITION_SCHEDULED, REASON_GUEST_SHUTDOWN,
 };
 pub use image::{
     Architecture, DiskImageFormat, Image, ImageSpec, ImageState, ImageStatus, ImageType,

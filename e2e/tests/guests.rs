@@ -390,3 +390,68 @@ async fn a_guest_that_takes_another_guests_address_and_mac_is_not_served_its_met
     );
     Ok(())
 }
+
+/// The user-data script of a guest that powers itself off once it has said so.
+const POWEROFF_SCRIPT: &str = "#!/bin/sh\necho \"user-data powers the guest off\"\npoweroff -f\n";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_powers_itself_off_is_stopped_not_booted_again() -> anyhow::Result<()> {
+    let cloud = GuestCloud::start("poweroff").await?;
+    let dir = tempfile::tempdir()?;
+    let script = dir.path().join("poweroff.sh");
+    std::fs::write(&script, POWEROFF_SCRIPT)?;
+    let user_data = format!("file://{}", script.display());
+    let run = cloud
+        .aws(&[
+            "run-instances",
+            "--image-id",
+            &cloud.image_id,
+            "--instance-type",
+            "t1.micro",
+            "--user-data",
+            &user_data,
+        ])
+        .await?;
+    let id = instance_id(&run)?;
+    // As EC2 with instanceInitiatedShutdownBehavior `stop`: the instance ends up stopped
+    // (one guest boots in well under a minute; the agent looks again every resync).
+    let deadline = Instant::now() + 2 * DEADLINE;
+    loop {
+        let state = state_of(&cloud, &id).await?;
+        if state == "stopped" {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{id} is {state}, not stopped; console:\n{}\nagent:\n{}",
+            cloud.console(&id).await.unwrap_or_default(),
+            cloud.agent.log_tail()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    let console = cloud.console(&id).await?;
+    ensure!(
+        console.contains("user-data powers the guest off"),
+        "the guest did not get to power itself off:\n{console}"
+    );
+    let domain = format!("karri-{id}");
+    let shown = cloud.host.virsh(["domstate", &domain]).output()?;
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    ensure!(
+        shown.trim() == "shut off",
+        "the domain of {id} is {shown:?}"
+    );
+    // A start boots it again.
+    cloud
+        .aws(&["start-instances", "--instance-ids", &id])
+        .await?;
+    let deadline = Instant::now() + DEADLINE;
+    while state_of(&cloud, &id).await? != "running" {
+        ensure!(
+            Instant::now() < deadline,
+            "{id} did not run again after a start"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    Ok(())
+}

@@ -289,6 +289,35 @@ pub fn released(instance: &Instance) -> bool {
         })
 }
 
+/// Whether the agent reported, at the record's current generation, that its domain runs, or
+/// that its guest powered itself off.
+pub fn reported_running(instance: &Instance) -> bool {
+    instance
+        .status
+        .as_ref()
+        .and_then(|s| crds::common::find_condition(&s.conditions, report::CONDITION_DOMAIN_RUNNING))
+        .is_some_and(|c| {
+            (c.status == ConditionStatus::True || c.reason == crds::REASON_GUEST_SHUTDOWN)
+                && c.observed_generation == instance.metadata.generation
+        })
+}
+
+/// Whether the guest of `instance` powered itself off: the record asks it to run, its domain
+/// was reported running at this generation (a start asked since would have a newer one), and
+/// `observed` is that domain shut off by a shutdown of its guest OS (not destroyed, not
+/// crashed). EC2 then stops the instance (`instanceInitiatedShutdownBehavior` is `stop`)
+/// rather than booting it again.
+pub fn powered_off_by_guest(
+    instance: &Instance,
+    observed: Option<&ObservedDomain>,
+    uid: &str,
+) -> bool {
+    instance.spec.desired_state == DesiredState::Running
+        && instance.metadata.deletion_timestamp.is_none()
+        && reported_running(instance)
+        && observed.is_some_and(|d| d.uid == uid && d.state == DomainState::ShutOff && d.shut_down)
+}
+
 /// Whether a live instance on `node` other than `uid` holds the address `ip`.
 pub fn held_by_another<'a>(
     instances: impl IntoIterator<Item = &'a Instance>,
@@ -477,6 +506,14 @@ impl<H: Hypervisor + 'static> Context<H> {
         }
 
         let lock = self.locks.lock(&domain_name(id)).await;
+        if reported_running(instance) && desired.as_ref().is_some_and(|d| d.power == Power::Running)
+        {
+            let seen = self.hypervisor.observe(&domain_name(id)).await?;
+            if powered_off_by_guest(instance, seen.as_ref(), &uid) {
+                drop(lock);
+                return self.report_guest_shutdown(instance).await;
+            }
+        }
         let converged = self.converge(instance, id, &uid, desired.as_ref()).await;
         drop(lock);
         let (observed, left) = match converged {
@@ -560,6 +597,31 @@ impl<H: Hypervisor + 'static> Context<H> {
             // Look again now and then: a guest may power itself off, a domain may crash.
             _ => Requeue::requeue(self.settings.resync),
         })
+    }
+
+    /// Reports that the guest powered itself off (its `DomainRunning` condition `False` with
+    /// reason `GuestShutdown` at the record's generation), leaving the domain off: the operator
+    /// stops the instance, as EC2 does, and a start asked since (a newer generation) boots it.
+    async fn report_guest_shutdown(&self, instance: &Instance) -> Result<Requeue, Error> {
+        let mut status = instance.status.clone().unwrap_or_default();
+        let condition = Condition::new(
+            report::CONDITION_DOMAIN_RUNNING,
+            ConditionStatus::False,
+            crds::REASON_GUEST_SHUTDOWN,
+            "the guest powered itself off",
+            now(),
+        )
+        .with_observed_generation(instance.metadata.generation);
+        if set_condition(&mut status.conditions, condition) {
+            let ns = instance.namespace().ok_or(Error::Incomplete("namespace"))?;
+            let api: Api<Instance> = Api::namespaced(self.client.clone(), &ns);
+            let mut updated = instance.clone();
+            updated.status = Some(status);
+            api.replace_status(&instance.name_any(), &PostParams::default(), &updated)
+                .await?;
+            tracing::info!("the guest powered itself off; the domain stays off");
+        }
+        Ok(Requeue::await_change())
     }
 
     /// Reports that the instance cannot launch (its `DomainRunning` condition `False` with
@@ -1272,6 +1334,102 @@ mod tests {
             stopped.map(|d| (d.uid, d.shutdown_timeout)),
             Some((UID.into(), TIMEOUT))
         );
+    }
+
+    #[test]
+    fn a_guest_that_powered_itself_off_is_told_from_a_stop_a_start_and_a_crash() {
+        let running_report = |generation: i64| {
+            Condition::new(
+                report::CONDITION_DOMAIN_RUNNING,
+                ConditionStatus::True,
+                report::REASON_RUNNING,
+                String::new(),
+                now(),
+            )
+            .with_observed_generation(Some(generation))
+        };
+        let record = |desired: DesiredState, reported_at: Option<i64>| {
+            let mut i = instance(desired, Some("n1"));
+            i.metadata.generation = Some(4);
+            if let (Some(s), Some(g)) = (i.status.as_mut(), reported_at) {
+                s.conditions = vec![running_report(g)];
+            }
+            i
+        };
+        let domain = |uid: &str, state: DomainState, shut_down: bool| ObservedDomain {
+            name: "karri-i-1".into(),
+            uid: uid.into(),
+            instance_id: "i-1".into(),
+            namespace: "ns".into(),
+            state,
+            id: None,
+            defined: true,
+            shut_down,
+        };
+        let off = domain(UID, DomainState::ShutOff, true);
+        let rows = [
+            (
+                "powered off while it ran",
+                record(DesiredState::Running, Some(4)),
+                Some(off.clone()),
+                true,
+            ),
+            (
+                "started since (newer generation)",
+                record(DesiredState::Running, Some(3)),
+                Some(off.clone()),
+                false,
+            ),
+            (
+                "never reported running",
+                record(DesiredState::Running, None),
+                Some(off.clone()),
+                false,
+            ),
+            (
+                "asked to stop",
+                record(DesiredState::Stopped, Some(4)),
+                Some(off.clone()),
+                false,
+            ),
+            (
+                "destroyed, not shut down",
+                record(DesiredState::Running, Some(4)),
+                Some(domain(UID, DomainState::ShutOff, false)),
+                false,
+            ),
+            (
+                "crashed",
+                record(DesiredState::Running, Some(4)),
+                Some(domain(UID, DomainState::Crashed, false)),
+                false,
+            ),
+            (
+                "still running",
+                record(DesiredState::Running, Some(4)),
+                Some(domain(UID, DomainState::Running, false)),
+                false,
+            ),
+            (
+                "another record's domain",
+                record(DesiredState::Running, Some(4)),
+                Some(domain("other", DomainState::ShutOff, true)),
+                false,
+            ),
+            (
+                "no domain",
+                record(DesiredState::Running, Some(4)),
+                None,
+                false,
+            ),
+        ];
+        for (what, instance, observed, want) in rows {
+            assert_eq!(
+                powered_off_by_guest(&instance, observed.as_ref(), UID),
+                want,
+                "{what}"
+            );
+        }
     }
 
     #[test]

@@ -42,6 +42,10 @@ pub struct ObservedDomain {
     pub id: Option<u32>,
     /// Whether the domain is persistent (defined) rather than transient.
     pub defined: bool,
+    /// Whether a shut-off domain went off by a shutdown of its guest OS (libvirt's shut-off
+    /// reason `shutdown`: the guest powered itself off, or obeyed the ACPI power button),
+    /// rather than being destroyed or crashing.
+    pub shut_down: bool,
 }
 
 impl ObservedDomain {

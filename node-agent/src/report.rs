@@ -137,6 +137,7 @@ mod tests {
             state,
             id: None,
             defined: true,
+            shut_down: false,
         }
     }
 

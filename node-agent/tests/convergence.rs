@@ -575,3 +575,41 @@ async fn record_named_like_another_nodes_domain_never_touches_it_on_the_test_dri
     let other = test_driver_for(OTHER_NODE).await;
     name_held_by_another_node(&hv, &other, 303).await;
 }
+
+/// A domain shut down (its guest obeyed the power button) is seen as shut down; a destroyed
+/// one is not: what tells a guest that powered itself off from one the agent powered off.
+async fn shut_down_is_told_from_destroyed<H: Hypervisor>(hv: &H, tag: &str, n: u16) {
+    let spec = spec(tag, &uid(n, 1));
+    let seen = || async {
+        hv.observe(&spec.name)
+            .await
+            .expect("observes")
+            .map(|d| (d.state, d.shut_down))
+    };
+    let up = [Action::Define, Action::Start];
+    apply_plan(hv, &spec.name, Some(&xml(&spec)), &up)
+        .await
+        .expect("starts");
+    assert_eq!(seen().await, Some((DomainState::Running, false)));
+    apply_plan(hv, &spec.name, None, &[Action::Shutdown])
+        .await
+        .expect("shuts down");
+    assert_eq!(seen().await, Some((DomainState::ShutOff, true)));
+    apply_plan(hv, &spec.name, Some(&xml(&spec)), &up)
+        .await
+        .expect("starts again");
+    apply_plan(hv, &spec.name, None, &[Action::Destroy])
+        .await
+        .expect("destroys");
+    assert_eq!(seen().await, Some((DomainState::ShutOff, false)));
+}
+
+#[tokio::test]
+async fn a_shut_down_domain_is_told_from_a_destroyed_one_on_the_fake() {
+    shut_down_is_told_from_destroyed(&FakeHypervisor::new(NODE), "t40", 240).await;
+}
+
+#[tokio::test]
+async fn a_shut_down_domain_is_told_from_a_destroyed_one_on_the_test_driver() {
+    shut_down_is_told_from_destroyed(&test_driver().await, "t41", 241).await;
+}

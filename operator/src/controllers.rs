@@ -15,7 +15,7 @@ use crds::{
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -459,6 +459,18 @@ async fn sync_instance(
         .clone()
         .ok_or(Error::Incomplete("name"))?;
     let now = now();
+    if lifecycle::guest_powered_off(instance) {
+        // Only the record the report was made on: a start asked since (a newer generation)
+        // wins with a 409, and is reconciled afresh.
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": instance.resource_version()},
+            "spec": {"desiredState": "stopped"},
+        });
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        tracing::info!("the guest powered itself off: the instance is stopped");
+        return Ok((Action::await_change(), false));
+    }
     let placement = needs_placement(instance).then(|| ctx.place(instance));
     let mut prepared = None;
     let mut launch_failure = None;

@@ -225,6 +225,22 @@ pub fn domain_considering_node(reported: Domain, terminating: bool, node_exists:
     }
 }
 
+/// Whether the guest of `instance` powered itself off while asked to run: its node agent
+/// reported `GuestShutdown` at the record's current generation. EC2 then stops the instance
+/// (`instanceInitiatedShutdownBehavior` `stop`): the operator asks it to stay stopped. Pure.
+pub fn guest_powered_off(instance: &Instance) -> bool {
+    instance.spec.desired_state == DesiredState::Running
+        && instance.metadata.deletion_timestamp.is_none()
+        && instance
+            .status
+            .as_ref()
+            .and_then(|s| find_condition(&s.conditions, CONDITION_DOMAIN_RUNNING))
+            .is_some_and(|c| {
+                c.reason == crds::REASON_GUEST_SHUTDOWN
+                    && c.observed_generation == instance.metadata.generation
+            })
+}
+
 /// The desired state that counts: a record being deleted is terminated whatever its spec says.
 pub fn effective_desired(desired: DesiredState, deleting: bool) -> DesiredState {
     if deleting {
@@ -1146,6 +1162,58 @@ mod tests {
         i.metadata.generation = Some(1);
         i.metadata.deletion_timestamp = deleting.then(|| at(50));
         i
+    }
+
+    #[test]
+    fn a_guest_that_powered_itself_off_is_stopped_only_while_asked_to_run() {
+        let reported = |reason: &str, generation: i64| {
+            let mut s = status(S::Running, Some("hv-01"));
+            s.conditions = vec![Condition::new(
+                CONDITION_DOMAIN_RUNNING,
+                ConditionStatus::False,
+                reason,
+                "x",
+                at(10),
+            )
+            .with_observed_generation(Some(generation))];
+            s
+        };
+        let guest_off = reported(crds::REASON_GUEST_SHUTDOWN, 1);
+        let rows = [
+            (
+                "asked to run",
+                instance(D::Running, Some(guest_off.clone()), false),
+                true,
+            ),
+            (
+                "asked to stop",
+                instance(D::Stopped, Some(guest_off.clone()), false),
+                false,
+            ),
+            (
+                "being deleted",
+                instance(D::Running, Some(guest_off.clone()), true),
+                false,
+            ),
+            (
+                "started since (older report)",
+                instance(
+                    D::Running,
+                    Some(reported(crds::REASON_GUEST_SHUTDOWN, 0)),
+                    false,
+                ),
+                false,
+            ),
+            (
+                "shut off otherwise",
+                instance(D::Running, Some(reported(REASON_DOMAIN_SHUT_OFF, 1)), false),
+                false,
+            ),
+            ("no report", instance(D::Running, None, false), false),
+        ];
+        for (what, instance, want) in rows {
+            assert_eq!(guest_powered_off(&instance), want, "{what}");
+        }
     }
 
     #[test]

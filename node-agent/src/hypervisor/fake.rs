@@ -43,6 +43,8 @@ struct FakeDomain {
     state: DomainState,
     id: Option<u32>,
     defined: bool,
+    /// Shut off by a shutdown of its guest (not destroyed).
+    shut_down: bool,
 }
 
 impl Inner {
@@ -63,11 +65,13 @@ impl Inner {
         }
     }
 
-    /// Turns a domain off; a transient one vanishes.
-    fn power_off(&mut self, name: &str) {
+    /// Turns a domain off, by a shutdown of its guest (`shut_down`) or not; a transient one
+    /// vanishes.
+    fn power_off(&mut self, name: &str, shut_down: bool) {
         if let Some(dom) = self.domains.get_mut(name) {
             dom.state = DomainState::ShutOff;
             dom.id = None;
+            dom.shut_down = shut_down;
             if !dom.defined {
                 self.domains.remove(name);
             }
@@ -86,6 +90,7 @@ fn observed(node: &str, name: &str, dom: &FakeDomain) -> Option<ObservedDomain> 
         state: dom.state,
         id: dom.id,
         defined: dom.defined,
+        shut_down: dom.shut_down,
     })
 }
 
@@ -151,6 +156,7 @@ impl FakeHypervisor {
                 state,
                 id,
                 defined: true,
+                shut_down: false,
             },
         );
     }
@@ -160,7 +166,8 @@ impl FakeHypervisor {
     pub fn set_state(&self, name: &str, state: DomainState) {
         let mut inner = self.lock();
         if state == DomainState::ShutOff {
-            inner.power_off(name);
+            // The guest powered itself off.
+            inner.power_off(name, true);
             return;
         }
         let was_active = match inner.domains.get(name) {
@@ -231,6 +238,7 @@ impl FakeHypervisor {
                 state: DomainState::ShutOff,
                 id: None,
                 defined: true,
+                shut_down: false,
             },
         );
         Ok(())
@@ -262,10 +270,11 @@ impl FakeHypervisor {
                 if let Some(dom) = inner.domains.get_mut(name) {
                     dom.state = DomainState::Running;
                     dom.id = Some(id);
+                    dom.shut_down = false;
                 }
             }
-            Action::Shutdown if active && !ignore_shutdown => inner.power_off(name),
-            Action::Destroy if active => inner.power_off(name),
+            Action::Shutdown if active && !ignore_shutdown => inner.power_off(name, true),
+            Action::Destroy if active => inner.power_off(name, false),
             Action::Undefine if active => dom.defined = false,
             Action::Undefine => {
                 inner.domains.remove(name);

@@ -195,6 +195,20 @@ fn state_of(dom: &Domain) -> DomainState {
     }
 }
 
+/// Whether the domain is shut off by a shutdown of its guest OS (libvirt's reason `shutdown`).
+fn shut_down(dom: &Domain) -> bool {
+    use virt::domain::{DomainShutoffReason, DomainStateReason};
+    matches!(
+        dom.state(),
+        Ok((
+            Enum::Known(LibvirtState::Shutoff),
+            Enum::Known(DomainStateReason::Shutoff(Enum::Known(
+                DomainShutoffReason::Shutdown
+            )))
+        ))
+    )
+}
+
 fn observe(dom: &Domain, name: String, owner: Owner) -> Result<ObservedDomain, virt::error::Error> {
     let defined = dom.is_persistent()?;
     Ok(ObservedDomain {
@@ -205,6 +219,7 @@ fn observe(dom: &Domain, name: String, owner: Owner) -> Result<ObservedDomain, v
         state: state_of(dom),
         id: dom.id(),
         defined,
+        shut_down: shut_down(dom),
     })
 }
 
