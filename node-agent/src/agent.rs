@@ -262,16 +262,19 @@ pub fn is_live_on(instance: &Instance, node: &str) -> bool {
         && instance.spec.desired_state != DesiredState::Terminated
 }
 
-/// Whether the agent already reported that `instance`, at its current generation, cannot launch.
-pub fn launch_failed(instance: &Instance) -> bool {
+/// The agent's `DomainRunning` report on `instance` if it was made at the record's current
+/// generation (a report of an older spec says nothing of this one).
+fn current_report(instance: &Instance) -> Option<&Condition> {
     instance
         .status
         .as_ref()
         .and_then(|s| crds::common::find_condition(&s.conditions, report::CONDITION_DOMAIN_RUNNING))
-        .is_some_and(|c| {
-            c.reason == report::REASON_LAUNCH_FAILED
-                && c.observed_generation == instance.metadata.generation
-        })
+        .filter(|c| c.observed_generation == instance.metadata.generation)
+}
+
+/// Whether the agent already reported that `instance`, at its current generation, cannot launch.
+pub fn launch_failed(instance: &Instance) -> bool {
+    current_report(instance).is_some_and(|c| c.reason == report::REASON_LAUNCH_FAILED)
 }
 
 /// Whether the agent already reported, at the record's current generation, that the record has
@@ -279,27 +282,15 @@ pub fn launch_failed(instance: &Instance) -> bool {
 /// DHCP host, port guard binding), and lets the operator free the address: a terminated record
 /// kept for retention must not release again what a later instance holds at that address.
 pub fn released(instance: &Instance) -> bool {
-    instance
-        .status
-        .as_ref()
-        .and_then(|s| crds::common::find_condition(&s.conditions, report::CONDITION_DOMAIN_RUNNING))
-        .is_some_and(|c| {
-            c.reason == report::REASON_UNDEFINED
-                && c.observed_generation == instance.metadata.generation
-        })
+    current_report(instance).is_some_and(|c| c.reason == report::REASON_UNDEFINED)
 }
 
 /// Whether the agent reported, at the record's current generation, that its domain runs, or
 /// that its guest powered itself off.
 pub fn reported_running(instance: &Instance) -> bool {
-    instance
-        .status
-        .as_ref()
-        .and_then(|s| crds::common::find_condition(&s.conditions, report::CONDITION_DOMAIN_RUNNING))
-        .is_some_and(|c| {
-            (c.status == ConditionStatus::True || c.reason == crds::REASON_GUEST_SHUTDOWN)
-                && c.observed_generation == instance.metadata.generation
-        })
+    current_report(instance).is_some_and(|c| {
+        c.status == ConditionStatus::True || c.reason == crds::REASON_GUEST_SHUTDOWN
+    })
 }
 
 /// Whether the guest of `instance` powered itself off: the record asks it to run, its domain
@@ -603,22 +594,11 @@ impl<H: Hypervisor + 'static> Context<H> {
     /// reason `GuestShutdown` at the record's generation), leaving the domain off: the operator
     /// stops the instance, as EC2 does, and a start asked since (a newer generation) boots it.
     async fn report_guest_shutdown(&self, instance: &Instance) -> Result<Requeue, Error> {
-        let mut status = instance.status.clone().unwrap_or_default();
-        let condition = Condition::new(
-            report::CONDITION_DOMAIN_RUNNING,
-            ConditionStatus::False,
-            crds::REASON_GUEST_SHUTDOWN,
-            "the guest powered itself off",
-            now(),
-        )
-        .with_observed_generation(instance.metadata.generation);
-        if set_condition(&mut status.conditions, condition) {
-            let ns = instance.namespace().ok_or(Error::Incomplete("namespace"))?;
-            let api: Api<Instance> = Api::namespaced(self.client.clone(), &ns);
-            let mut updated = instance.clone();
-            updated.status = Some(status);
-            api.replace_status(&instance.name_any(), &PostParams::default(), &updated)
-                .await?;
+        let reason = crds::REASON_GUEST_SHUTDOWN;
+        if self
+            .report_not_running(instance, reason, "the guest powered itself off")
+            .await?
+        {
             tracing::info!("the guest powered itself off; the domain stays off");
         }
         Ok(Requeue::await_change())
@@ -632,25 +612,40 @@ impl<H: Hypervisor + 'static> Context<H> {
         error: &GuestError,
     ) -> Result<Requeue, Error> {
         tracing::warn!(%error, "the instance cannot launch");
+        self.report_not_running(instance, report::REASON_LAUNCH_FAILED, &error.to_string())
+            .await?;
+        self.metrics.failed("launch_failed");
+        Ok(Requeue::await_change())
+    }
+
+    /// Writes the record's `DomainRunning` condition `False` with `reason` and `message` at its
+    /// generation, unless it says so already; returns whether it wrote.
+    async fn report_not_running(
+        &self,
+        instance: &Instance,
+        reason: &str,
+        message: &str,
+    ) -> Result<bool, Error> {
         let mut status = instance.status.clone().unwrap_or_default();
         let condition = Condition::new(
             report::CONDITION_DOMAIN_RUNNING,
             ConditionStatus::False,
-            report::REASON_LAUNCH_FAILED,
-            error.to_string(),
+            reason,
+            message,
             now(),
         )
         .with_observed_generation(instance.metadata.generation);
-        if set_condition(&mut status.conditions, condition) {
-            let ns = instance.namespace().ok_or(Error::Incomplete("namespace"))?;
-            let api: Api<Instance> = Api::namespaced(self.client.clone(), &ns);
-            let mut updated = instance.clone();
-            updated.status = Some(status);
-            api.replace_status(&instance.name_any(), &PostParams::default(), &updated)
-                .await?;
+        if !set_condition(&mut status.conditions, condition) {
+            return Ok(false);
         }
-        self.metrics.failed("launch_failed");
-        Ok(Requeue::await_change())
+        let ns = instance.namespace().ok_or(Error::Incomplete("namespace"))?;
+        let api: Api<Instance> = Api::namespaced(self.client.clone(), &ns);
+        let mut updated = instance.clone();
+        updated.status = Some(status);
+        // replace_status carries the resourceVersion read: a concurrent write is a 409.
+        api.replace_status(&instance.name_any(), &PostParams::default(), &updated)
+            .await?;
+        Ok(true)
     }
 
     /// Reports each live instance's console output when it changed since the last report.
