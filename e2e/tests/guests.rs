@@ -441,6 +441,15 @@ async fn a_guest_that_powers_itself_off_is_stopped_not_booted_again() -> anyhow:
         shown.trim() == "shut off",
         "the domain of {id} is {shown:?}"
     );
+    // EC2 tells the guest's own shutdown from a stop its owner asked for.
+    let described = cloud
+        .aws(&["describe-instances", "--instance-ids", &id])
+        .await?;
+    let reason = described.pointer("/Reservations/0/Instances/0/StateReason/Code");
+    ensure!(
+        reason.and_then(Value::as_str) == Some("Client.InstanceInitiatedShutdown"),
+        "the state reason of {id} is {reason:?}"
+    );
     // A start boots it again.
     cloud
         .aws(&["start-instances", "--instance-ids", &id])

@@ -459,11 +459,21 @@ async fn sync_instance(
         .clone()
         .ok_or(Error::Incomplete("name"))?;
     let now = now();
-    if lifecycle::guest_powered_off(instance) {
-        // Only the record the report was made on: a start asked since (a newer generation)
-        // wins with a 409, and is reconciled afresh.
+    if let Some(status) = instance
+        .status
+        .as_ref()
+        .filter(|_| lifecycle::guest_powered_off(instance))
+    {
+        // First the state EC2 shows, for the guest's own reason, then the request to stay
+        // stopped. Each is written on the version read: a start asked since (a newer
+        // generation) wins with a 409, and is reconciled afresh.
+        let mut stopping = instance.clone();
+        stopping.status = Some(lifecycle::guest_stopping(status, &now));
+        let written = api
+            .replace_status(&name, &PostParams::default(), &stopping)
+            .await?;
         let patch = serde_json::json!({
-            "metadata": {"resourceVersion": instance.resource_version()},
+            "metadata": {"resourceVersion": written.resource_version()},
             "spec": {"desiredState": "stopped"},
         });
         api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))

@@ -72,6 +72,11 @@ pub const STATE_REASON_USER_SHUTDOWN: &str = "Client.UserInitiatedShutdown";
 /// EC2 state reason message of a shutdown asked for by the owner.
 pub const STATE_MESSAGE_USER_SHUTDOWN: &str =
     "Client.UserInitiatedShutdown: User initiated shutdown";
+/// EC2 state reason code of a stop that the guest asked for by powering itself off.
+pub const STATE_REASON_INSTANCE_SHUTDOWN: &str = "Client.InstanceInitiatedShutdown";
+/// EC2 state reason message of a stop that the guest asked for by powering itself off.
+pub const STATE_MESSAGE_INSTANCE_SHUTDOWN: &str =
+    "Client.InstanceInitiatedShutdown: Instance initiated shutdown";
 /// How long terminated instances stay visible before they are collected, unless configured.
 pub const DEFAULT_RETENTION: Duration = Duration::from_secs(60 * 60);
 /// How soon an instance that could not be placed is placed again: room freed by a terminated
@@ -241,6 +246,21 @@ pub fn guest_powered_off(instance: &Instance) -> bool {
             })
 }
 
+/// The status that shows the guest's own power-off (see [`guest_powered_off`]): `stopping`, for
+/// the instance's own reason, written at `now` before the operator asks the record to stay
+/// stopped; the stop keeps that reason when it ends. Pure.
+pub fn guest_stopping(status: &InstanceStatus, now: &Time) -> InstanceStatus {
+    let mut stopping = status.clone();
+    stopping.state = InstanceState::Stopping;
+    stopping.state_transition_time = Some(now.clone());
+    stopping.reason = Some(STATE_REASON_INSTANCE_SHUTDOWN.to_owned());
+    stopping.message = Some(STATE_MESSAGE_INSTANCE_SHUTDOWN.to_owned());
+    let ready = ready_condition(InstanceState::Stopping, stopping.node_name.as_deref(), now)
+        .with_observed_generation(status.observed_generation);
+    set_condition(&mut stopping.conditions, ready);
+    stopping
+}
+
 /// The desired state that counts: a record being deleted is terminated whatever its spec says.
 pub fn effective_desired(desired: DesiredState, deleting: bool) -> DesiredState {
     if deleting {
@@ -364,10 +384,13 @@ pub fn next(observed: &Observed<'_>, now: &Time, retention: Duration) -> Next {
                 | InstanceState::Stopping
                 | InstanceState::Stopped
         );
+        // A stop that ends keeps the reason it began with (the owner's, or the guest's own
+        // power-off, see `guest_stopping`).
+        let stop_ends = old.state == InstanceState::Stopping && state == InstanceState::Stopped;
         if let Some(why) = failure {
             status.reason = Some(STATE_REASON_LAUNCH_FAILED.to_owned());
             status.message = Some(format!("{STATE_REASON_LAUNCH_FAILED}: {why}"));
-        } else {
+        } else if !(stop_ends && old.reason.is_some()) {
             status.reason = user_shutdown.then(|| STATE_REASON_USER_SHUTDOWN.to_owned());
             status.message = user_shutdown.then(|| STATE_MESSAGE_USER_SHUTDOWN.to_owned());
         }
@@ -1214,6 +1237,73 @@ mod tests {
         for (what, instance, want) in rows {
             assert_eq!(guest_powered_off(&instance), want, "{what}");
         }
+    }
+
+    #[test]
+    fn a_stop_after_the_guest_powered_itself_off_is_instance_initiated() {
+        let running = status(S::Running, Some("hv-01"));
+        let stopping = guest_stopping(&running, &at(100));
+        assert_eq!(stopping.state, S::Stopping);
+        assert_eq!(stopping.state_transition_time, Some(at(100)));
+        let ready = find_condition(&stopping.conditions, CONDITION_READY).expect("Ready");
+        assert_eq!(ready.status, ConditionStatus::False);
+
+        // The operator then asks the record to stay stopped; the agent reports it shut off.
+        let stopped = next(
+            &Observed {
+                desired: D::Stopped,
+                generation: Some(2),
+                status: Some(&stopping),
+                domain: Domain::ShutOff,
+                ..Default::default()
+            },
+            &at(110),
+            HOUR,
+        );
+        assert_eq!(stopped.status.state, S::Stopped);
+        assert_eq!(stopped.status.state_transition_time, Some(at(110)));
+        assert_eq!(
+            stopped.status.reason.as_deref(),
+            Some(STATE_REASON_INSTANCE_SHUTDOWN)
+        );
+        assert_eq!(
+            stopped.status.message.as_deref(),
+            Some(STATE_MESSAGE_INSTANCE_SHUTDOWN)
+        );
+
+        // A start asked before the operator's request won: the stop is over, and so is its
+        // reason.
+        let started = next(
+            &Observed {
+                desired: D::Running,
+                generation: Some(2),
+                status: Some(&stopping),
+                domain: Domain::ShutOff,
+                ..Default::default()
+            },
+            &at(110),
+            HOUR,
+        );
+        assert_eq!(started.status.state, S::Pending);
+        assert_eq!(started.status.reason, None);
+
+        // A terminate of the stopped instance is the owner's doing again.
+        let terminated = next(
+            &Observed {
+                desired: D::Terminated,
+                generation: Some(3),
+                status: Some(&stopped.status),
+                domain: Domain::Undefined,
+                ..Default::default()
+            },
+            &at(200),
+            HOUR,
+        );
+        assert_eq!(terminated.status.state, S::Terminated);
+        assert_eq!(
+            terminated.status.reason.as_deref(),
+            Some(STATE_REASON_USER_SHUTDOWN)
+        );
     }
 
     #[test]
