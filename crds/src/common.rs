@@ -14,6 +14,11 @@ pub const CONDITION_DOMAIN_RUNNING: &str = "DomainRunning";
 /// asked to run powered itself off; the operator then stops the instance, as EC2 does
 /// (`instanceInitiatedShutdownBehavior` `stop`), and the agent does not boot it again.
 pub const REASON_GUEST_SHUTDOWN: &str = "GuestShutdown";
+/// `DomainRunning` reason (status `True`) a node agent reports while an instance's domain is
+/// paused (libvirt pauses a domain whose disk fails, an administrator may pause one): the
+/// instance is still running in EC2's terms, but its guest executes nothing, so its instance
+/// status check is impaired.
+pub const REASON_DOMAIN_PAUSED: &str = "Paused";
 
 /// Whether a condition holds, as in Kubernetes' `metav1.ConditionStatus`.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]

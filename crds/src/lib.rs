@@ -33,7 +33,7 @@ pub use account::{Account, AccountSpec, AccountStatus};
 pub use bucket::{is_valid_bucket_name, Bucket, BucketSpec, BucketStatus, CannedAcl};
 pub use common::{
     Condition, ConditionStatus, Tag, CONDITION_DOMAIN_RUNNING, CONDITION_READY,
-    CONDITION_SCHEDULED, REASON_GUEST_SHUTDOWN,
+    CONDITION_SCHEDULED, REASON_DOMAIN_PAUSED, REASON_GUEST_SHUTDOWN,
 };
 pub use image::{
     Architecture, DiskImageFormat, Image, ImageSpec, ImageState, ImageStatus, ImageType,

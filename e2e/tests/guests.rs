@@ -464,3 +464,70 @@ async fn a_guest_that_powers_itself_off_is_stopped_not_booted_again() -> anyhow:
     }
     Ok(())
 }
+
+/// The instance status check DescribeInstanceStatus shows for `id` (`""` while none).
+async fn instance_status_of(cloud: &GuestCloud, id: &str) -> anyhow::Result<String> {
+    let d = cloud
+        .aws(&["describe-instance-status", "--instance-ids", id])
+        .await?;
+    Ok(d.pointer("/InstanceStatuses/0/InstanceStatus/Status")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned())
+}
+
+/// Polls until DescribeInstanceStatus shows `id` with instance status `want`.
+async fn until_instance_status(cloud: &GuestCloud, id: &str, want: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let shown = instance_status_of(cloud, id).await?;
+        if shown == want {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the instance status of {id} is {shown:?}, not {want:?}; agent:\n{}",
+            cloud.agent.log_tail()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_guest_stays_running_with_an_impaired_status_until_it_is_resumed(
+) -> anyhow::Result<()> {
+    let cloud = GuestCloud::start("paused").await?;
+    let run = cloud
+        .aws(&[
+            "run-instances",
+            "--image-id",
+            &cloud.image_id,
+            "--instance-type",
+            "t1.micro",
+        ])
+        .await?;
+    let id = instance_id(&run)?;
+    until_instance_status(&cloud, &id, "ok").await?;
+    let domain = format!("karri-{id}");
+    let suspended = cloud.host.virsh(["suspend", &domain]).output()?;
+    ensure!(
+        suspended.status.success(),
+        "virsh suspend {domain}: {}",
+        String::from_utf8_lossy(&suspended.stderr)
+    );
+    until_instance_status(&cloud, &id, "impaired").await?;
+    ensure!(
+        state_of(&cloud, &id).await? == "running",
+        "a paused instance is still running in EC2's terms"
+    );
+    // The agent leaves a paused domain paused (libvirt pauses one whose disk fails), and
+    // reports it again once it runs.
+    let resumed = cloud.host.virsh(["resume", &domain]).output()?;
+    ensure!(
+        resumed.status.success(),
+        "virsh resume {domain}: {}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    until_instance_status(&cloud, &id, "ok").await?;
+    Ok(())
+}

@@ -9,7 +9,8 @@
 //!
 //! | domain on the node | status | reason |
 //! |---|---|---|
-//! | runs (or is paused or shutting down: its QEMU process is there) | `True` | `Running` |
+//! | runs (or is shutting down: its QEMU process is there) | `True` | `Running` |
+//! | paused (its QEMU process is there, its guest runs nothing) | `True` | `Paused` |
 //! | defined but shut off, or crashed | `False` | `ShutOff` |
 //! | none of the record's (absent, or left by an earlier record of that name) | `False` | `Undefined` |
 //!
@@ -24,7 +25,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use crate::hypervisor::ObservedDomain;
 use crate::plan::DomainState;
 
-pub use crds::CONDITION_DOMAIN_RUNNING;
+pub use crds::{CONDITION_DOMAIN_RUNNING, REASON_DOMAIN_PAUSED};
 /// `DomainRunning` reason (status `True`): the domain runs.
 pub const REASON_RUNNING: &str = "Running";
 /// `DomainRunning` reason (status `False`): the domain is defined but shut off.
@@ -40,6 +41,8 @@ pub const REASON_LAUNCH_FAILED: &str = "LaunchFailed";
 pub enum DomainReport {
     /// The domain runs.
     Running,
+    /// The domain is active but paused: its guest runs nothing until it is resumed.
+    Paused,
     /// The domain is defined but shut off.
     ShutOff,
     /// No domain of the instance is defined on the node.
@@ -52,10 +55,10 @@ impl DomainReport {
         match observed {
             Some(domain) if domain.uid == uid => match domain.state {
                 DomainState::ShutOff | DomainState::Crashed => Self::ShutOff,
-                DomainState::Running
-                | DomainState::Paused
-                | DomainState::ShuttingDown
-                | DomainState::Other => Self::Running,
+                DomainState::Paused => Self::Paused,
+                DomainState::Running | DomainState::ShuttingDown | DomainState::Other => {
+                    Self::Running
+                }
             },
             _ => Self::Undefined,
         }
@@ -69,6 +72,11 @@ impl DomainReport {
                 ConditionStatus::True,
                 REASON_RUNNING,
                 "the domain is running",
+            ),
+            Self::Paused => (
+                ConditionStatus::True,
+                REASON_DOMAIN_PAUSED,
+                "the domain is paused: its guest runs nothing until the hypervisor resumes it",
             ),
             Self::ShutOff => (
                 ConditionStatus::False,
@@ -95,6 +103,7 @@ impl DomainReport {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Running => "running",
+            Self::Paused => "paused",
             Self::ShutOff => "shut-off",
             Self::Undefined => "undefined",
         }
@@ -145,7 +154,7 @@ mod tests {
     fn report_follows_the_domain_state() {
         let rows = [
             (Some(DomainState::Running), DomainReport::Running),
-            (Some(DomainState::Paused), DomainReport::Running),
+            (Some(DomainState::Paused), DomainReport::Paused),
             (Some(DomainState::ShuttingDown), DomainReport::Running),
             (Some(DomainState::Other), DomainReport::Running),
             (Some(DomainState::ShutOff), DomainReport::ShutOff),
@@ -172,6 +181,7 @@ mod tests {
     fn conditions_have_the_operators_type_status_and_reason() {
         let rows = [
             (DomainReport::Running, ConditionStatus::True, "Running"),
+            (DomainReport::Paused, ConditionStatus::True, "Paused"),
             (DomainReport::ShutOff, ConditionStatus::False, "ShutOff"),
             (DomainReport::Undefined, ConditionStatus::False, "Undefined"),
         ];

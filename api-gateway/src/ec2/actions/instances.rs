@@ -648,18 +648,22 @@ fn health(v: &Value) -> (&'static str, &'static str) {
         .and_then(Value::as_array)
         .cloned()
         .unwrap_or_default();
-    let status_of = |t: &str| {
+    let field_of = |t: &str, field: &str| {
         conditions
             .iter()
             .find(|c| c.get("type").and_then(Value::as_str) == Some(t))
-            .and_then(|c| c.get("status").and_then(Value::as_str))
+            .and_then(|c| c.get(field).and_then(Value::as_str))
             .map(str::to_string)
     };
-    let system = match status_of("NodeHealthy").as_deref() {
+    let system = match field_of("NodeHealthy", "status").as_deref() {
         Some("False") => "impaired",
         _ => "ok",
     };
-    let instance = match (shown_state(v), status_of("Ready").as_deref()) {
+    // A paused domain's guest runs nothing: it cannot be reached, as a hung guest on EC2.
+    let paused = field_of(crds::CONDITION_DOMAIN_RUNNING, "reason").as_deref()
+        == Some(crds::REASON_DOMAIN_PAUSED);
+    let instance = match (shown_state(v), field_of("Ready", "status").as_deref()) {
+        (crds::InstanceState::Running, _) if paused => "impaired",
         (crds::InstanceState::Running, Some("True")) => "ok",
         (crds::InstanceState::Running, _) => "initializing",
         _ => "not-applicable",
@@ -1554,6 +1558,42 @@ mod tests {
                 ],
             },
         })
+    }
+
+    #[test]
+    fn a_paused_domain_impairs_its_running_instance_status() {
+        let rows = [
+            ("True", "True", "Running", ("ok", "ok")),
+            ("False", "True", "Running", ("initializing", "ok")),
+            ("True", "False", "Running", ("impaired", "impaired")),
+            (
+                "True",
+                "True",
+                crds::REASON_DOMAIN_PAUSED,
+                ("impaired", "ok"),
+            ),
+            (
+                "False",
+                "True",
+                crds::REASON_DOMAIN_PAUSED,
+                ("impaired", "ok"),
+            ),
+        ];
+        for (ready, node_healthy, domain, want) in rows {
+            let mut v = status_record(ready, node_healthy);
+            v["status"]["conditions"]
+                .as_array_mut()
+                .expect("conditions")
+                .push(json!({"type": "DomainRunning", "status": "True", "reason": domain}));
+            assert_eq!(health(&v), want, "{ready} {node_healthy} {domain}");
+        }
+        let mut stopped = status_record("False", "True");
+        stopped["status"]["state"] = json!("stopped");
+        stopped["status"]["conditions"]
+            .as_array_mut()
+            .expect("conditions")
+            .push(json!({"type": "DomainRunning", "status": "True", "reason": "Paused"}));
+        assert_eq!(health(&stopped).0, "not-applicable");
     }
 
     #[test]
