@@ -20,7 +20,7 @@ use std::future::Future;
 use std::time::Duration;
 
 pub use fake::FakeHypervisor;
-pub use libvirt::LibvirtHypervisor;
+pub use libvirt::{KeepAlive, LibvirtHypervisor};
 
 use crate::domain;
 use crate::plan::{Action, DomainState, Observed};
@@ -138,6 +138,16 @@ pub enum HypervisorError {
     NoDefinition {
         /// The domain name.
         name: String,
+    },
+    /// libvirt's event loop, which keepalive needs, could not be started.
+    #[error("cannot start libvirt's event loop: {0}")]
+    EventLoop(String),
+    /// The connection to libvirtd was lost and another call is opening it again (libvirtd may
+    /// not answer yet); this call fails at once instead of waiting behind it.
+    #[error("the connection to libvirt at {uri} is being opened again")]
+    Reconnecting {
+        /// The connection URI.
+        uri: String,
     },
     /// The blocking task running a libvirt call panicked or was cancelled.
     #[error("a libvirt call did not complete: {0}")]

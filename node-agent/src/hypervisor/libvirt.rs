@@ -21,13 +21,21 @@
 //! reparses the whole schema); the domain XML comes only from `domain::render`, and the golden
 //! tests validate every rendered case against the installed schema with `virt-xml-validate`.
 //!
+//! No call waits forever on a libvirtd that stopped answering. The process runs libvirt's default
+//! event loop on a thread of its own ([`start_event_loop`]), and every connection asks libvirtd
+//! whether it is alive every [`KeepAlive::interval`]: after [`KeepAlive::count`] unanswered asks
+//! libvirt closes the connection, and every call waiting on it fails. The event loop also sees a
+//! libvirtd restart at once (the socket closes), so that the next call reconnects instead of
+//! failing on the dead socket. The test driver's connection is local and always alive.
+//!
 //! A short mutex guards only the swap of the connection: before each call the connection is
-//! checked with `virConnectIsAlive` (a local check, no round trip) and reopened if it is closed.
-//! Without a libvirt event loop there is no keepalive, so after a libvirtd restart the first call
-//! fails on the dead socket, and the next reconnects. The test driver's connection is always
-//! alive. (Not exercised by the tests, which have no libvirtd.)
+//! checked with `virConnectIsAlive` (a local check, no round trip) and, if it is closed, one
+//! call opens it again outside the lock. Opening waits for libvirtd's answer, for as long as
+//! libvirtd takes; meanwhile other calls fail at once ([`HypervisorError::Reconnecting`]) rather
+//! than pile up behind it.
 
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Duration;
 
 use virt::connect::Connect;
 use virt::domain::{Domain, DomainState as LibvirtState};
@@ -47,7 +55,39 @@ pub struct LibvirtHypervisor {
 struct Shared {
     uri: String,
     node: String,
-    conn: Mutex<Arc<Connect>>,
+    keepalive: KeepAlive,
+    conn: Mutex<Slot>,
+}
+
+/// The connection, or why there is none.
+enum Slot {
+    /// Open (it may have closed since: check `is_alive`).
+    Open(Arc<Connect>),
+    /// A call is opening it again.
+    Opening,
+    /// The last attempt to open it failed.
+    Closed,
+}
+
+/// How a connection makes sure libvirtd still answers (libvirt's `virConnectSetKeepAlive`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeepAlive {
+    /// How long the connection may be quiet before it asks libvirtd whether it is alive.
+    pub interval: Duration,
+    /// How many asks may go unanswered before libvirt closes the connection; the calls waiting
+    /// on it then fail. A libvirtd that stopped answering is given up on after about
+    /// `interval * (count + 1)`.
+    pub count: u32,
+}
+
+impl Default for KeepAlive {
+    /// Every 5 s, closed after 5 unanswered asks (about 30 s), as libvirtd does toward its clients.
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(5),
+            count: 5,
+        }
+    }
 }
 
 impl std::fmt::Debug for LibvirtHypervisor {
@@ -66,16 +106,27 @@ impl LibvirtHypervisor {
     /// Also silences libvirt's default error handler, which would print every error (including
     /// the expected "no such domain") to stderr; errors are returned instead.
     pub async fn connect(uri: &str, node: &str) -> Result<Self, HypervisorError> {
+        Self::connect_with(uri, node, KeepAlive::default()).await
+    }
+
+    /// [`LibvirtHypervisor::connect`] with the given keepalive instead of the default one.
+    pub async fn connect_with(
+        uri: &str,
+        node: &str,
+        keepalive: KeepAlive,
+    ) -> Result<Self, HypervisorError> {
         let uri = uri.to_owned();
         let node = node.to_owned();
         tokio::task::spawn_blocking(move || {
             virt::error::clear_error_callback();
-            let conn = open(&uri)?;
+            start_event_loop()?;
+            let conn = open(&uri, keepalive)?;
             Ok(Self {
                 shared: Arc::new(Shared {
                     uri,
                     node,
-                    conn: Mutex::new(Arc::new(conn)),
+                    keepalive,
+                    conn: Mutex::new(Slot::Open(Arc::new(conn))),
                 }),
             })
         })
@@ -110,21 +161,71 @@ impl LibvirtHypervisor {
 }
 
 impl Shared {
-    /// The live connection, reopened first if libvirtd dropped it.
+    /// The live connection, opened again first if it closed (libvirtd restarted, or stopped
+    /// answering its keepalive); [`HypervisorError::Reconnecting`] while another call does that.
     fn connection(&self) -> Result<Arc<Connect>, HypervisorError> {
-        let mut conn = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
-        if !conn.is_alive().unwrap_or(false) {
-            *conn = Arc::new(open(&self.uri)?);
+        {
+            let mut slot = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+            match &*slot {
+                Slot::Open(conn) if conn.is_alive().unwrap_or(false) => {
+                    return Ok(Arc::clone(conn));
+                }
+                Slot::Opening => {
+                    return Err(HypervisorError::Reconnecting {
+                        uri: self.uri.clone(),
+                    })
+                }
+                Slot::Open(_) | Slot::Closed => *slot = Slot::Opening,
+            }
         }
-        Ok(Arc::clone(&conn))
+        let opened = open(&self.uri, self.keepalive).map(Arc::new);
+        let mut slot = self.conn.lock().unwrap_or_else(PoisonError::into_inner);
+        *slot = match &opened {
+            Ok(conn) => Slot::Open(Arc::clone(conn)),
+            Err(_) => Slot::Closed,
+        };
+        opened
     }
 }
 
-fn open(uri: &str) -> Result<Connect, HypervisorError> {
-    Connect::open(Some(uri)).map_err(|libvirt| HypervisorError::Connect {
+/// Registers libvirt's default event loop and runs it on a thread of its own, once per process.
+/// Connections opened after it keep themselves alive and notice a closed socket by themselves.
+fn start_event_loop() -> Result<(), HypervisorError> {
+    static STARTED: OnceLock<Result<(), String>> = OnceLock::new();
+    STARTED
+        .get_or_init(|| {
+            virt::event::event_register_default_impl().map_err(|e| e.message().to_owned())?;
+            std::thread::Builder::new()
+                .name("libvirt-events".to_owned())
+                .spawn(|| loop {
+                    if let Err(error) = virt::event::event_run_default_impl() {
+                        tracing::warn!(error = error.message(), "libvirt's event loop failed");
+                        // Not a spin: an iteration that fails at once is retried a little later.
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                })
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(HypervisorError::EventLoop)
+}
+
+fn open(uri: &str, keepalive: KeepAlive) -> Result<Connect, HypervisorError> {
+    let conn = Connect::open(Some(uri)).map_err(|libvirt| HypervisorError::Connect {
         uri: uri.to_owned(),
         libvirt,
-    })
+    })?;
+    let interval = i32::try_from(keepalive.interval.as_secs().max(1)).unwrap_or(i32::MAX);
+    if let Err(error) = conn.set_keep_alive(interval, keepalive.count) {
+        // Local drivers (the test driver) have no connection to keep alive.
+        tracing::debug!(
+            uri,
+            error = error.message(),
+            "libvirt connection without keepalive"
+        );
+    }
+    Ok(conn)
 }
 
 fn is_no_domain(e: &virt::error::Error) -> bool {
