@@ -15,7 +15,7 @@ use crds::{
 use futures::StreamExt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -62,6 +62,12 @@ impl Error {
             Error::Incomplete(_) => "incomplete",
             Error::DomainStillDefined => "waiting",
         }
+    }
+
+    /// Whether the reconcile waits for a node agent to remove the instance's domain, however the
+    /// finalizer helper wrapped the error.
+    fn waits_for_the_domain(&self) -> bool {
+        self.metric_label() == "waiting"
     }
 
     fn backoff(&self) -> Duration {
@@ -147,6 +153,8 @@ pub struct Context {
     lookups: launch::Lookups,
     policy: Policy,
     retention: Duration,
+    /// Lease duration assumed for node leases that do not say.
+    node_lease_duration: Duration,
     state: Mutex<PlacementState>,
     metrics: Arc<Metrics>,
 }
@@ -276,6 +284,10 @@ impl Context {
                 zone,
             });
         }
+        // A node whose zone has no AvailabilityZone record (an agent started with a zone not
+        // created yet, or misspelt) gets nothing: the launch there would fail for want of the
+        // zone's subnet, and a failed launch terminates the instance.
+        views.retain(|v| self.zones.get(&ObjectRef::new(&v.zone)).is_some());
         for a in state.assumed.values() {
             if let Some(v) = views.iter_mut().find(|v| v.name == a.node) {
                 v.assume(a.resources);
@@ -352,6 +364,18 @@ impl Context {
             }
             None => {}
         }
+    }
+
+    /// Whether the agent of `node` still renews its lease (read from the gateway, only for a
+    /// node whose record is gone).
+    async fn agent_alive(&self, node: &str) -> Result<bool, Error> {
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), NODE_LEASE_NAMESPACE);
+        let lease = leases.get_opt(node).await?;
+        Ok(health::lease_runs(
+            lease.as_ref(),
+            self.node_lease_duration,
+            &now(),
+        ))
     }
 
     /// Resolves what the node boots for `instance` in `zone` and gives it a private address
@@ -504,11 +528,12 @@ async fn sync_instance(
             instance.spec.desired_state,
             instance.metadata.deletion_timestamp.is_some(),
         ) == crds::DesiredState::Terminated;
-        observed.domain = lifecycle::domain_considering_node(
-            observed.domain,
-            terminating,
-            ctx.node(node).is_some(),
-        );
+        // A deleted Node record whose agent still renews its lease is a host still there (an
+        // administrator deleted the record; the agent writes it again): its domains run, and
+        // their addresses and room are not free yet.
+        let host_there = ctx.node(node).is_some() || (terminating && ctx.agent_alive(node).await?);
+        observed.domain =
+            lifecycle::domain_considering_node(observed.domain, terminating, host_there);
     }
     if launch_failure.is_some() {
         observed.launch_failure = launch_failure;
@@ -551,7 +576,15 @@ async fn sync_instance(
             false,
         ),
         lifecycle::Action::Collect => {
-            api.delete(&name, &DeleteParams::default()).await?;
+            // Only this record: one of the same name created since is not collected with it.
+            let params = DeleteParams {
+                preconditions: Some(Preconditions {
+                    uid: instance.uid(),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            api.delete(&name, &params).await?;
             (Action::await_change(), false)
         }
         lifecycle::Action::Release => (Action::await_change(), true),
@@ -603,7 +636,7 @@ const WAITING_ON_A_DOWN_NODE: Duration = Duration::from_secs(30);
 
 fn instance_error_policy(instance: Arc<Instance>, error: &Error, ctx: Arc<Context>) -> Action {
     record_error(&ctx.metrics, "instances", error);
-    if matches!(error, Error::DomainStillDefined) {
+    if error.waits_for_the_domain() {
         let node = instance
             .status
             .as_ref()
@@ -704,6 +737,7 @@ pub async fn run_instances(client: Client, settings: Settings, metrics: Arc<Metr
         lookups,
         policy: settings.policy,
         retention: settings.retention,
+        node_lease_duration: settings.node_lease_duration,
         state: Mutex::new(PlacementState::default()),
         metrics: metrics.clone(),
     });
@@ -865,20 +899,23 @@ mod tests {
         store
     }
 
-    /// A context over stores of two nodes of room for exactly one `t1.micro` each.
+    /// A Ready node in `zone` with room for exactly one `t1.micro`.
+    fn ready_node(name: &str, zone: &str) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "karri.dev/v1alpha1", "kind": "Node",
+            "metadata": {"name": name, "resourceVersion": "1"},
+            "spec": {"availabilityZone": zone},
+            "status": {
+                "conditions": [{"type": "Ready", "status": "True",
+                    "lastTransitionTime": "2026-11-26T00:00:00Z", "reason": "LeaseRenewed"}],
+                "allocatable": {"vcpus": 1, "memoryMiB": 256, "diskGiB": 5}
+            }
+        })
+    }
+
+    /// A context over stores of two nodes of zone `karri-1a` with room for exactly one
+    /// `t1.micro` each.
     fn context_of(instances: Store<Instance>) -> Context {
-        let node = |name: &str| {
-            serde_json::json!({
-                "apiVersion": "karri.dev/v1alpha1", "kind": "Node",
-                "metadata": {"name": name, "resourceVersion": "1"},
-                "spec": {"availabilityZone": "karri-1a"},
-                "status": {
-                    "conditions": [{"type": "Ready", "status": "True",
-                        "lastTransitionTime": "2026-11-26T00:00:00Z", "reason": "LeaseRenewed"}],
-                    "allocatable": {"vcpus": 1, "memoryMiB": 256, "diskGiB": 5}
-                }
-            })
-        };
         let micro = serde_json::json!({
             "apiVersion": "karri.dev/v1alpha1", "kind": "InstanceType",
             "metadata": {"name": "t1.micro"},
@@ -892,10 +929,17 @@ mod tests {
         Context {
             client: client.clone(),
             instances,
-            nodes: store_of(&[node("node-a"), node("node-b")]),
+            nodes: store_of(&[
+                ready_node("node-a", "karri-1a"),
+                ready_node("node-b", "karri-1a"),
+            ]),
             seen_nodes: Arc::default(),
             types: store_of(&[micro]),
-            zones: store_of(&[]),
+            zones: store_of(&[serde_json::json!({
+                "apiVersion": "karri.dev/v1alpha1", "kind": "AvailabilityZone",
+                "metadata": {"name": "karri-1a"},
+                "spec": {"region": "karri-1"}
+            })]),
             lookups: launch::Lookups {
                 client,
                 images: store_of(&[]),
@@ -904,6 +948,7 @@ mod tests {
             },
             policy: Policy::default(),
             retention: Duration::from_secs(60),
+            node_lease_duration: health::DEFAULT_LEASE_DURATION,
             state: Mutex::default(),
             metrics: Arc::new(Metrics::new()),
         }
@@ -953,6 +998,32 @@ mod tests {
             .expect("not poisoned")
             .assumed
             .contains_key("uid-y"));
+    }
+
+    #[test]
+    fn a_cleanup_waiting_for_the_domain_is_told_through_the_finalizer_wrapper() {
+        use kube::runtime::finalizer::Error as Fin;
+        let wrapped = Error::Finalizer(Box::new(Fin::CleanupFailed(Error::DomainStillDefined)));
+        assert!(wrapped.waits_for_the_domain());
+        let other = Error::Finalizer(Box::new(Fin::CleanupFailed(Error::Incomplete("name"))));
+        assert!(!other.waits_for_the_domain());
+    }
+
+    #[tokio::test]
+    async fn a_node_whose_zone_has_no_record_is_never_chosen() {
+        let x = pending("x");
+        let mut ctx = context_of(store_of(&[serde_json::to_value(&x).expect("json")]));
+        ctx.nodes = store_of(&[
+            ready_node("node-typo", "karri-1z"),
+            ready_node("node-a", "karri-1a"),
+        ]);
+        assert_eq!(ctx.place(&x).expect("x fits").node, "node-a");
+        ctx.forget(&x);
+        ctx.nodes = store_of(&[ready_node("node-typo", "karri-1z")]);
+        assert!(
+            ctx.place(&x).is_err(),
+            "x was put in a zone that does not exist"
+        );
     }
 
     #[test]

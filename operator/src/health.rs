@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use crds::{Condition, ConditionStatus, CONDITION_READY};
+use crds::{Condition, ConditionStatus, Lease, CONDITION_READY};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::clock;
@@ -92,6 +92,22 @@ pub fn node_ready(last_renew: Option<&Time>, lease_duration: Duration, now: &Tim
             },
         },
     }
+}
+
+/// Whether `lease` (`None`: there is none) still runs at `now` by the renewal time its agent wrote,
+/// for its own duration or else `default_duration`. For a node whose record is gone, where no
+/// sighting is kept: an agent still renewing means the host is still there. Pure.
+pub fn lease_runs(lease: Option<&Lease>, default_duration: Duration, now: &Time) -> bool {
+    let Some(lease) = lease else {
+        return false;
+    };
+    let duration = lease
+        .spec
+        .lease_duration_seconds
+        .and_then(|s| u64::try_from(s).ok())
+        .map_or(default_duration, Duration::from_secs);
+    let renewed = lease.spec.renew_time.as_ref().map(|m| Time(m.0));
+    node_ready(renewed.as_ref(), duration, now).is_ready()
 }
 
 /// What the operator remembers of a node's lease: the version it last read, and since when
@@ -204,6 +220,49 @@ mod tests {
     use crds::common::{find_condition, set_condition};
 
     const LEASE: Duration = Duration::from_secs(40);
+
+    #[test]
+    fn a_lease_runs_while_renewed_within_its_own_duration_or_the_default() {
+        let lease = |renewed: Option<i64>, seconds: Option<i32>| {
+            let mut l = Lease::new("hv-01", crds::LeaseSpec::default());
+            l.spec.renew_time =
+                renewed.map(|s| k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(at(s).0));
+            l.spec.lease_duration_seconds = seconds;
+            l
+        };
+        let rows = [
+            ("no lease", None, false),
+            ("never renewed", Some(lease(None, Some(40))), false),
+            (
+                "renewed 10 s ago, 40 s lease",
+                Some(lease(Some(90), Some(40))),
+                true,
+            ),
+            (
+                "renewed 50 s ago, 40 s lease",
+                Some(lease(Some(50), Some(40))),
+                false,
+            ),
+            (
+                "renewed 50 s ago, 60 s lease",
+                Some(lease(Some(50), Some(60))),
+                true,
+            ),
+            (
+                "renewed 30 s ago, default 40 s",
+                Some(lease(Some(70), None)),
+                true,
+            ),
+            (
+                "renewed 45 s ago, default 40 s",
+                Some(lease(Some(55), None)),
+                false,
+            ),
+        ];
+        for (what, lease, runs) in rows {
+            assert_eq!(lease_runs(lease.as_ref(), LEASE, &at(100)), runs, "{what}");
+        }
+    }
 
     #[test]
     fn node_readiness_follows_the_lease() {

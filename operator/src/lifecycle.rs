@@ -180,7 +180,7 @@ pub struct Observed<'a> {
     /// The current `status` (`None`: never written).
     pub status: Option<&'a InstanceStatus>,
     /// The agent's report, usually [`domain_report`] of the same status. A caller that knows the
-    /// node is gone for good (its Node record was deleted) may pass [`Domain::Undefined`] so that
+    /// node is gone for good (its Node record was deleted and its agent renews no lease) may pass [`Domain::Undefined`] so that
     /// termination can finish.
     pub domain: Domain,
     /// This round's placement, when the caller ran it (see [`needs_placement`]); ignored once the
@@ -219,11 +219,12 @@ impl<'a> Observed<'a> {
     }
 }
 
-/// The domain report to act on: an instance being terminated on a node whose Node record was
-/// deleted (the host is gone for good) counts as having no domain, so that termination can
-/// finish and its address and capacity are released; otherwise the agent's `reported` one.
-pub fn domain_considering_node(reported: Domain, terminating: bool, node_exists: bool) -> Domain {
-    if terminating && !node_exists {
+/// The domain report to act on: an instance being terminated on a host that is gone for good
+/// (`host_there` false: its Node record was deleted and its agent renews no lease) counts as
+/// having no domain, so that termination can finish and its address and capacity are released;
+/// otherwise the agent's `reported` one.
+pub fn domain_considering_node(reported: Domain, terminating: bool, host_there: bool) -> Domain {
+    if terminating && !host_there {
         Domain::Undefined
     } else {
         reported
@@ -444,7 +445,11 @@ fn next_state(
         DesiredState::Running => S::Pending,
         DesiredState::Stopped => match (bound, domain) {
             (true, Domain::Running) => S::Stopping,
-            (true, Domain::Unreported) if matches!(current, S::Running | S::Stopping) => {
+            // Bound but not reported yet: a guest may be booting there (a stop asked while
+            // pending), so it is stopped only once the agent says so.
+            (true, Domain::Unreported)
+                if matches!(current, S::Pending | S::Running | S::Stopping) =>
+            {
                 S::Stopping
             }
             _ => S::Stopped,
@@ -731,12 +736,22 @@ mod tests {
                 )
                 .want(S::Stopped, Some("hv-01")),
             ),
+            // Its agent may be booting it: stopped once the agent says it is not running.
             placed_hv1(
                 row(
-                    "stopped before it ever ran",
+                    "stopped while pending on its node, before its agent reported",
                     D::Stopped,
                     Some(status(S::Pending, Some("hv-01"))),
                     Domain::Unreported,
+                )
+                .want(S::Stopping, Some("hv-01")),
+            ),
+            placed_hv1(
+                row(
+                    "stopped while pending on its node, no domain there",
+                    D::Stopped,
+                    Some(status(S::Pending, Some("hv-01"))),
+                    Domain::Undefined,
                 )
                 .want(S::Stopped, Some("hv-01")),
             ),
