@@ -247,11 +247,15 @@ impl Context {
         // Shared, not copied: a record may carry up to 64 KiB of console output.
         let all = self.instances.state();
         let used = placement::usage(all.iter().map(|i| &**i), &types);
+        // Each node as the newest watch saw it: a node just gone NotReady gets nothing.
         let mut views: Vec<NodeView> = self
             .nodes
             .state()
             .iter()
-            .filter_map(|n| NodeView::from_node(n, &used))
+            .filter_map(|n| {
+                let fresh = self.node(&n.name_any()).unwrap_or_else(|| Arc::clone(n));
+                NodeView::from_node(&fresh, &used)
+            })
             .collect();
         // Reservations whose binding the watch has delivered are counted by `usage` already.
         let bound: HashMap<String, bool> = all
@@ -702,8 +706,17 @@ impl Drop for Reflectors {
     }
 }
 
-/// Run the instance controller until the future is dropped.
-pub async fn run_instances(client: Client, settings: Settings, metrics: Arc<Metrics>) {
+/// Run the instance controller until the future is dropped. It starts once `nodes_checked`
+/// says the node controller has judged every node's lease ([`run_nodes`]), or after a lease
+/// duration at most: a Node record still shows the readiness its last judge wrote, and a
+/// replica taking over from one that stopped would otherwise place instances on a node that
+/// died meanwhile (a binding is for good).
+pub async fn run_instances(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    mut nodes_checked: tokio::sync::watch::Receiver<bool>,
+) {
     let mut reflectors = Reflectors::default();
     let nodes = reflectors.store(Api::<Node>::all(client.clone()));
     let types = reflectors.store(Api::<InstanceType>::all(client.clone()));
@@ -725,6 +738,17 @@ pub async fn run_instances(client: Client, settings: Settings, metrics: Arc<Metr
         types.wait_until_ready(),
         zones.wait_until_ready()
     );
+    // The `Ref` wait_for returns holds the channel's lock: drop it at once (`is_ok`), or the node
+    // controller's next send would wait for it forever.
+    let checked = tokio::time::timeout(
+        settings.node_lease_duration,
+        nodes_checked.wait_for(|checked| *checked),
+    )
+    .await
+    .is_ok_and(|seen| seen.is_ok());
+    if !checked {
+        tracing::warn!("placing instances before every node's lease was judged");
+    }
     let seen_nodes: Arc<Mutex<HashMap<String, Arc<Node>>>> = Arc::default();
     let seen = seen_nodes.clone();
     let ctx = Arc::new(Context {
@@ -776,6 +800,31 @@ pub struct NodeContext {
     metrics: Arc<Metrics>,
     /// Since when each node's lease has been at its version, by this replica's clock.
     sightings: Mutex<HashMap<String, health::LeaseSighting>>,
+    /// The nodes judged at least once by this controller.
+    checked: Mutex<HashSet<String>>,
+    /// The controller's store of nodes.
+    store: Store<Node>,
+    /// Set once every node in the store has been judged.
+    all_checked: tokio::sync::watch::Sender<bool>,
+}
+
+impl NodeContext {
+    /// Notes that `name` has been judged; says so once every node in the store has been.
+    fn judged(&self, name: &str) {
+        let mut checked = self
+            .checked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        checked.insert(name.to_owned());
+        if self
+            .store
+            .state()
+            .iter()
+            .all(|n| checked.contains(&n.name_any()))
+        {
+            self.all_checked.send_replace(true);
+        }
+    }
 }
 
 async fn reconcile_node(node: Arc<Node>, ctx: Arc<NodeContext>) -> Result<Action, Error> {
@@ -831,6 +880,7 @@ async fn reconcile_node(node: Arc<Node>, ctx: Arc<NodeContext>) -> Result<Action
         tracing::info!(node = %name, ready = readiness.is_ready(), "node readiness changed");
     }
     ctx.metrics.reconciled("nodes", started.elapsed());
+    ctx.judged(&name);
     Ok(match health::expires_in(renewed.as_ref(), duration, &now) {
         Some(left) => Action::requeue(left + Duration::from_millis(50)),
         None => Action::await_change(),
@@ -844,22 +894,42 @@ fn node_error_policy(_: Arc<Node>, error: &Error, ctx: Arc<NodeContext>) -> Acti
 
 /// Run the node health controller until the future is dropped: a node whose lease expires
 /// becomes NotReady (its instances turn impaired through the instance controller).
-pub async fn run_nodes(client: Client, settings: Settings, metrics: Arc<Metrics>) {
+///
+/// `all_checked` is set once every node has been judged (at once when there is none).
+pub async fn run_nodes(
+    client: Client,
+    settings: Settings,
+    metrics: Arc<Metrics>,
+    all_checked: tokio::sync::watch::Sender<bool>,
+) {
+    let controller = Controller::new(Api::<Node>::all(client.clone()), watcher::Config::default());
+    let store = controller.store();
     let ctx = Arc::new(NodeContext {
         client: client.clone(),
         lease_duration: settings.node_lease_duration,
         metrics,
         sightings: Mutex::default(),
+        checked: Mutex::default(),
+        store: store.clone(),
+        all_checked,
     });
-    Controller::new(Api::<Node>::all(client.clone()), watcher::Config::default())
+    let empty = {
+        let ctx = ctx.clone();
+        async move {
+            if store.wait_until_ready().await.is_ok() && store.is_empty() {
+                ctx.all_checked.send_replace(true);
+            }
+        }
+    };
+    let run = controller
         .watches(
             Api::<Lease>::namespaced(client, NODE_LEASE_NAMESPACE),
             watcher::Config::default(),
             |lease: Lease| Some(ObjectRef::<Node>::new(&lease.name_any())),
         )
         .run(reconcile_node, node_error_policy, ctx)
-        .for_each(|_| futures::future::ready(()))
-        .await;
+        .for_each(|_| futures::future::ready(()));
+    tokio::join!(run, empty);
 }
 
 #[cfg(test)]
@@ -1007,6 +1077,32 @@ mod tests {
         assert!(wrapped.waits_for_the_domain());
         let other = Error::Finalizer(Box::new(Fin::CleanupFailed(Error::Incomplete("name"))));
         assert!(!other.waits_for_the_domain());
+    }
+
+    #[tokio::test]
+    async fn placement_is_told_once_every_node_has_been_judged() {
+        let client = Client::try_from(kube::Config::new(
+            "http://127.0.0.1:9".parse().expect("a URL"),
+        ))
+        .expect("a client");
+        let (all_checked, mut told) = tokio::sync::watch::channel(false);
+        let ctx = NodeContext {
+            client,
+            lease_duration: health::DEFAULT_LEASE_DURATION,
+            metrics: Arc::new(Metrics::new()),
+            sightings: Mutex::default(),
+            checked: Mutex::default(),
+            store: store_of(&[
+                ready_node("node-a", "karri-1a"),
+                ready_node("node-b", "karri-1a"),
+            ]),
+            all_checked,
+        };
+        ctx.judged("node-a");
+        ctx.judged("node-a");
+        assert!(!*told.borrow_and_update(), "told with node-b not judged");
+        ctx.judged("node-b");
+        assert!(*told.borrow_and_update());
     }
 
     #[tokio::test]

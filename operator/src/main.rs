@@ -102,9 +102,21 @@ async fn main() -> anyhow::Result<()> {
         }
         metrics.leader.set(1);
         let work = async {
+            // Placement waits for a judgement of every node's lease (see run_instances).
+            let (nodes_checked, checked) = tokio::sync::watch::channel(false);
             tokio::join!(
-                controllers::run_instances(client.clone(), settings.clone(), metrics.clone()),
-                controllers::run_nodes(client.clone(), settings.clone(), metrics.clone()),
+                controllers::run_instances(
+                    client.clone(),
+                    settings.clone(),
+                    metrics.clone(),
+                    checked
+                ),
+                controllers::run_nodes(
+                    client.clone(),
+                    settings.clone(),
+                    metrics.clone(),
+                    nodes_checked
+                ),
             )
         };
         tokio::select! {
