@@ -531,3 +531,64 @@ async fn a_paused_guest_stays_running_with_an_impaired_status_until_it_is_resume
     until_instance_status(&cloud, &id, "ok").await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_stop_destroys_the_domain_without_asking_the_guest_first() -> anyhow::Result<()> {
+    let cloud = GuestCloud::start("forcestop").await?;
+    let run = cloud
+        .aws(&[
+            "run-instances",
+            "--image-id",
+            &cloud.image_id,
+            "--instance-type",
+            "t1.micro",
+        ])
+        .await?;
+    let id = instance_id(&run)?;
+    until_instance_status(&cloud, &id, "ok").await?;
+    cloud
+        .aws(&["stop-instances", "--instance-ids", &id, "--force"])
+        .await?;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let state = state_of(&cloud, &id).await?;
+        if state == "stopped" {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{id} is {state}, not stopped, after a forced stop"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    // The agent's plans for the domain: a forced stop is a destroy, with no power button first.
+    let domain = format!("karri-{id}");
+    let log = std::fs::read_to_string(cloud.agent_log())?;
+    let plans: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("applying plan") && l.contains(&domain))
+        .collect();
+    ensure!(
+        plans.iter().any(|l| l.contains("Destroy")),
+        "no destroy of {domain}:\n{}",
+        plans.join("\n")
+    );
+    ensure!(
+        !plans.iter().any(|l| l.contains("Shutdown")),
+        "the guest of {domain} was asked to shut down first:\n{}",
+        plans.join("\n")
+    );
+    // A start afterwards is an ordinary start, and a plain stop asks the guest again.
+    cloud
+        .aws(&["start-instances", "--instance-ids", &id])
+        .await?;
+    let deadline = Instant::now() + DEADLINE;
+    while state_of(&cloud, &id).await? != "running" {
+        ensure!(
+            Instant::now() < deadline,
+            "{id} did not run again after a start"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    Ok(())
+}

@@ -126,7 +126,8 @@ impl fmt::Display for Action {
 ///   is asked for, else nothing; paused, shutting down or unknown: nothing;
 /// - stopped asked, domain running or shutting down: shutdown, then nothing while the guest has
 ///   time, then destroy once [`Observed::shutdown_elapsed`] reaches
-///   [`Desired::shutdown_timeout`]; paused, crashed or unknown: destroy; shut off: nothing;
+///   [`Desired::shutdown_timeout`] (a zero timeout, a forced stop: destroy at once); paused,
+///   crashed or unknown: destroy; shut off: nothing;
 /// - a record whose domain is transient: define first, so that it is persistent.
 ///
 /// The caller only ever passes its node's domains (Karri's metadata naming that node); see the
@@ -192,6 +193,8 @@ fn converge(desired: &Desired, observed: &Observed) -> Vec<Action> {
         (Power::Stopped, DomainState::ShutOff) => {}
         (Power::Stopped, DomainState::Running | DomainState::ShuttingDown) => {
             match observed.shutdown_elapsed {
+                // A forced stop: no power button first.
+                None if desired.shutdown_timeout.is_zero() => actions.push(Action::Destroy),
                 None => actions.push(Action::Shutdown),
                 Some(elapsed) if elapsed >= desired.shutdown_timeout => {
                     actions.push(Action::Destroy);
@@ -322,6 +325,17 @@ mod tests {
             Some(observed(Running)),
             &[Shutdown],
         );
+    }
+
+    #[test]
+    fn forced_stop_destroys_the_domain_without_pressing_the_power_button() {
+        let forced = Desired {
+            shutdown_timeout: Duration::ZERO,
+            ..desired(Power::Stopped)
+        };
+        for state in [Running, ShuttingDown] {
+            check(Some(forced.clone()), Some(observed(state)), &[Destroy]);
+        }
     }
 
     #[test]
