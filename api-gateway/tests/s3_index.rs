@@ -26,6 +26,7 @@ fn object(blob: &str, size: u64) -> ObjectMeta {
         tags: Vec::new(),
         parts_count: None,
         upload_id: None,
+        checksum: None,
     }
 }
 

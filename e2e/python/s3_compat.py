@@ -1311,6 +1311,32 @@ def group_objects(suite):
         check(part.get("ChecksumSHA256") == want, f"part ChecksumSHA256 {part.get('ChecksumSHA256')}")
         a.abort_multipart_upload(Bucket=name, Key="sha256-parts.bin", UploadId=upload_id)
 
+    @g.check("get_and_head_object_return_the_uploaded_checksum_for_the_whole_object_when_asked")
+    def _():
+        want = base64.b64encode(hashlib.sha256(data).digest()).decode()
+        a.put_object(Bucket=name, Key="kept-sum.bin", Body=data, ChecksumAlgorithm="SHA256")
+        got = a.get_object(Bucket=name, Key="kept-sum.bin", ChecksumMode="ENABLED")
+        check(got.get("ChecksumSHA256") == want, f"GET ChecksumSHA256 {got.get('ChecksumSHA256')}")
+        check(got.get("ChecksumType") == "FULL_OBJECT", f"GET ChecksumType {got.get('ChecksumType')}")
+        check(got["Body"].read() == data, "the bytes read differ")
+        head = a.head_object(Bucket=name, Key="kept-sum.bin", ChecksumMode="ENABLED")
+        check(head.get("ChecksumSHA256") == want, f"HEAD ChecksumSHA256 {head.get('ChecksumSHA256')}")
+        # A range is not the object its checksum is of.
+        part = a.get_object(Bucket=name, Key="kept-sum.bin", Range="bytes=0-3",
+                            ChecksumMode="ENABLED")
+        check("ChecksumSHA256" not in part, f"a range carried ChecksumSHA256 {part.get('ChecksumSHA256')}")
+        part["Body"].read()
+        # A copy holds the same bytes, and so the same checksum.
+        a.copy_object(Bucket=name, Key="kept-sum-copy.bin",
+                      CopySource={"Bucket": name, "Key": "kept-sum.bin"})
+        copy = a.head_object(Bucket=name, Key="kept-sum-copy.bin", ChecksumMode="ENABLED")
+        check(copy.get("ChecksumSHA256") == want, f"copy ChecksumSHA256 {copy.get('ChecksumSHA256')}")
+        # boto3's default upload sends a CRC32 trailer: that one is kept too.
+        a.put_object(Bucket=name, Key="default-sum.bin", Body=data)
+        plain = a.head_object(Bucket=name, Key="default-sum.bin", ChecksumMode="ENABLED")
+        check(plain.get("ChecksumCRC32") == crc32_b64(data),
+              f"HEAD ChecksumCRC32 {plain.get('ChecksumCRC32')}, expected {crc32_b64(data)}")
+
 
 LISTED = {
     "alpha.txt": b"alpha",

@@ -14,8 +14,9 @@ use s3s::crypto::{Checksum as _, Crc32, Crc32c, Crc64Nvme, Sha1, Sha256};
 
 use super::blob::{BlobError, ByteStream};
 
-/// A checksum algorithm of S3.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A checksum algorithm of S3 (stored by its S3 name, e.g. `CRC32`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
 pub enum Algorithm {
     /// CRC-32 (ISO HDLC).
     Crc32,

@@ -138,6 +138,20 @@ pub struct ObjectMeta {
     /// it is answered as the first was.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upload_id: Option<String>,
+    /// The additional checksum the object was uploaded with in one piece
+    /// (`x-amz-checksum-*`, checked then), returned to reads that ask for it
+    /// (`x-amz-checksum-mode: ENABLED`) so that clients check what they download.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<Checksum>,
+}
+
+/// An additional checksum of a whole object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checksum {
+    /// Its algorithm.
+    pub algorithm: super::checksum::Algorithm,
+    /// Its value, base64 as S3 writes it.
+    pub value: String,
 }
 
 impl ObjectMeta {

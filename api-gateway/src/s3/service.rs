@@ -20,8 +20,8 @@ use super::blob::{BlobError, BlobStore, ByteStream};
 use super::checksum;
 use super::cond::{self, Outcome, Preconditions};
 use super::index::{
-    BucketSeen, Expect, IndexError, ObjectIndex, ObjectMeta, PartMeta, Segment, SystemHeaders,
-    UploadMeta,
+    BucketSeen, Checksum, Expect, IndexError, ObjectIndex, ObjectMeta, PartMeta, Segment,
+    SystemHeaders, UploadMeta,
 };
 use super::listing::{list_page, KeySource, ListRequest};
 use crate::auth::Principal;
@@ -154,6 +154,26 @@ fn checksum_fields(sum: Option<(checksum::Algorithm, String)>) -> ChecksumFields
         *slot = Some(value);
     }
     fields
+}
+
+/// The checksum fields a read returns: the object's stored checksum when the read asks for it
+/// (`x-amz-checksum-mode: ENABLED`) and reads the `whole` object, which it is the checksum of.
+/// With them, the checksum's type: a checksum of the full object.
+fn read_checksum(
+    meta: &ObjectMeta,
+    mode: Option<&ChecksumMode>,
+    whole: bool,
+) -> (ChecksumFields, Option<ChecksumType>) {
+    let asked = mode.is_some_and(|m| m.as_str() == ChecksumMode::ENABLED);
+    let sum = meta
+        .checksum
+        .as_ref()
+        .filter(|_| asked && whole)
+        .map(|c| (c.algorithm, c.value.clone()));
+    let kind = sum
+        .is_some()
+        .then(|| ChecksumType::from_static(ChecksumType::FULL_OBJECT));
+    (checksum_fields(sum), kind)
 }
 
 /// Karri's S3 implementation (cheap to clone: it holds shared handles).
@@ -1365,6 +1385,9 @@ impl S3 for KarriS3 {
             tags,
             parts_count: None,
             upload_id: None,
+            checksum: sum
+                .clone()
+                .map(|(algorithm, value)| Checksum { algorithm, value }),
         };
         self.publish_expecting(&bucket, &input.key, &meta, expect)
             .await?;
@@ -1423,9 +1446,18 @@ impl S3 for KarriS3 {
         let len = span.end - span.start;
         let body = StreamingBlob::wrap(sync_wrapper::SyncStream::new(stream));
         let h = &meta.headers;
+        let whole = input.range.is_none() && input.part_number.is_none();
+        let ((crc32, crc32c, crc64nvme, sha1, sha256), checksum_type) =
+            read_checksum(&meta, input.checksum_mode.as_ref(), whole);
         Ok(S3Response::new(GetObjectOutput {
             accept_ranges: Some("bytes".into()),
             body: Some(body),
+            checksum_type,
+            checksum_crc32: crc32,
+            checksum_crc32c: crc32c,
+            checksum_crc64nvme: crc64nvme,
+            checksum_sha1: sha1,
+            checksum_sha256: sha256,
             cache_control: input
                 .response_cache_control
                 .or_else(|| h.cache_control.clone()),
@@ -1485,8 +1517,17 @@ impl S3 for KarriS3 {
             .await?;
         let len = span.end - span.start;
         let h = &meta.headers;
+        let whole = input.range.is_none() && input.part_number.is_none();
+        let ((crc32, crc32c, crc64nvme, sha1, sha256), checksum_type) =
+            read_checksum(&meta, input.checksum_mode.as_ref(), whole);
         Ok(S3Response::new(HeadObjectOutput {
             accept_ranges: Some("bytes".into()),
+            checksum_type,
+            checksum_crc32: crc32,
+            checksum_crc32c: crc32c,
+            checksum_crc64nvme: crc64nvme,
+            checksum_sha1: sha1,
+            checksum_sha256: sha256,
             cache_control: h.cache_control.clone(),
             content_disposition: h.content_disposition.clone(),
             content_encoding: h.content_encoding.clone(),
@@ -1631,6 +1672,8 @@ impl S3 for KarriS3 {
             // One blob: the source's part boundaries are not kept, so its parts are not served.
             parts_count: None,
             upload_id: None,
+            // The same bytes: the source's checksum holds for the copy.
+            checksum: source.checksum.clone(),
         };
         self.publish(&bucket, &input.key, &meta).await?;
         Ok(S3Response::new(CopyObjectOutput {
@@ -2242,6 +2285,8 @@ impl S3 for KarriS3 {
                 tags: upload.tags.clone(),
                 parts_count: u32::try_from(chosen.len()).ok(),
                 upload_id: Some(input.upload_id.clone()),
+                // Multipart checksums (composite, of the parts' checksums) are not kept.
+                checksum: None,
             };
             match self
                 .index
