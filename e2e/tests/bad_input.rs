@@ -493,6 +493,43 @@ async fn a_patch_nesting_the_record_too_deep_is_invalid_and_the_record_stays_rea
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_json_patch_whose_copies_double_the_record_is_too_large_and_the_gateway_lives_on(
+) -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let api = c.admin_api()?;
+    create(&api, "a").await?;
+    let before = api.get_json(&instance("a")).await?;
+    // Each copy doubles the spec: 40 of them would ask for 2^40 copies of it.
+    let copies: Vec<Value> = (0..40)
+        .map(|n| json!({"op": "copy", "from": "/spec", "path": format!("/spec/x{n}")}))
+        .collect();
+    let resp = api
+        .request(Method::PATCH, &format!("{}?dryRun=All", instance("a")))
+        .header(CONTENT_TYPE, "application/json-patch+json")
+        .body(serde_json::to_vec(&copies)?)
+        .send()
+        .await?;
+    expect_status(resp, 413, "RequestEntityTooLarge").await?;
+    ensure!(
+        api.get_json(&instance("a")).await? == before,
+        "a refused patch changed the record"
+    );
+
+    let too_many: Vec<Value> = (0..10_001)
+        .map(|_| json!({"op": "test", "path": "/spec/instanceType", "value": "t1.micro"}))
+        .collect();
+    let resp = api
+        .request(Method::PATCH, &instance("a"))
+        .header(CONTENT_TYPE, "application/json-patch+json")
+        .body(serde_json::to_vec(&too_many)?)
+        .send()
+        .await?;
+    let status = expect_status(resp, 422, "Invalid").await?;
+    ensure!(message(&status).contains("10000"), "{status}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn json_patch_with_a_failing_test_op_is_invalid_and_changes_nothing() -> anyhow::Result<()> {
     let c = Cluster::start().await?;
     let api = c.admin_api()?;

@@ -732,9 +732,18 @@ async fn patch(
                 _ => None,
             };
             let json_patch: Option<json_patch::Patch> = if ct == "application/json-patch+json" {
-                Some(serde_json::from_value(patch_value.clone()).map_err(|e| {
-                    ApiError::bad_request(format!("the JSON patch is malformed: {e}"))
-                })?)
+                let p: json_patch::Patch =
+                    serde_json::from_value(patch_value.clone()).map_err(|e| {
+                        ApiError::bad_request(format!("the JSON patch is malformed: {e}"))
+                    })?;
+                if p.0.len() > MAX_JSON_PATCH_OPS {
+                    return Err(invalid(format!(
+                        "the allowed maximum operations in a JSON patch is {MAX_JSON_PATCH_OPS}, \
+                         but found {}",
+                        p.0.len()
+                    )));
+                }
+                Some(p)
             } else {
                 if !patch_value.is_object() {
                     return Err(ApiError::bad_request("a merge patch must be a JSON object"));
@@ -744,7 +753,10 @@ async fn patch(
             let mut change = |cur: &Value| {
                 let mut doc = cur.clone();
                 match &json_patch {
-                    Some(p) => apply_json_patch(&mut doc, p).map_err(|e| invalid(e.to_string()))?,
+                    Some(p) => apply_json_patch(&mut doc, p, s.max_body).map_err(|e| match e {
+                        JsonPatchError::Grows { limit } => ApiError::too_large(limit),
+                        JsonPatchError::Op(e) => invalid(e.to_string()),
+                    })?,
                     None => json_patch::merge(&mut doc, &patch_value),
                 }
                 Ok(doc)
@@ -835,22 +847,81 @@ async fn patch(
     }
 }
 
+/// Most operations one JSON patch may hold, as in Kubernetes.
+const MAX_JSON_PATCH_OPS: usize = 10_000;
+
+/// Why a JSON patch was not applied.
+#[derive(Debug, thiserror::Error)]
+enum JsonPatchError {
+    /// An operation failed (a missing path, a failed test ...).
+    #[error(transparent)]
+    Op(#[from] json_patch::PatchError),
+    /// Its `copy` operations would add more than `limit` bytes: a few ops that each copy what
+    /// the last one doubled would otherwise take all the gateway's memory.
+    #[error("the JSON patch copies more than {limit} bytes")]
+    Grows {
+        /// The most its copies may add, the request body limit.
+        limit: usize,
+    },
+}
+
 /// RFC 6902 as Kubernetes applies it: a `test` that a path is `null` also passes when the path
-/// does not exist (kube-rs' finalizer helper relies on it to add the first finalizer).
+/// does not exist (kube-rs' finalizer helper relies on it to add the first finalizer). The
+/// values `copy` operations add may come to `max_growth` bytes in all (values that `add` and
+/// `replace` carry are bounded by the request body already).
 fn apply_json_patch(
     doc: &mut Value,
     patch: &json_patch::Patch,
-) -> Result<(), json_patch::PatchError> {
+    max_growth: usize,
+) -> Result<(), JsonPatchError> {
+    let mut copied = 0usize;
     // Op by op on the caller's copy: a failure leaves the copy half-patched, and it is dropped.
     for op in &patch.0 {
-        if let json_patch::PatchOperation::Test(t) = op {
-            if t.value.is_null() && doc.pointer(t.path.as_str()).is_none_or(Value::is_null) {
+        match op {
+            json_patch::PatchOperation::Test(t)
+                if t.value.is_null() && doc.pointer(t.path.as_str()).is_none_or(Value::is_null) =>
+            {
                 continue;
             }
+            json_patch::PatchOperation::Copy(c) => {
+                let size = doc
+                    .pointer(c.from.as_str())
+                    .map_or(0, |v| json_size(v, max_growth.saturating_sub(copied) + 1));
+                copied = copied.saturating_add(size);
+                if copied > max_growth {
+                    return Err(JsonPatchError::Grows { limit: max_growth });
+                }
+            }
+            _ => {}
         }
         json_patch::patch(doc, std::slice::from_ref(op))?;
     }
     Ok(())
+}
+
+/// The length of `value` serialised as JSON, counted up to `cap` (past it, the count stops and
+/// at least `cap` is returned), without building the text.
+fn json_size(value: &Value, cap: usize) -> usize {
+    struct Count {
+        bytes: usize,
+        cap: usize,
+    }
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.bytes = self.bytes.saturating_add(buf.len());
+            if self.bytes > self.cap {
+                return Err(std::io::Error::other("past the cap"));
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count { bytes: 0, cap };
+    // An error only means the cap was passed.
+    let _ = serde_json::to_writer(&mut count, value);
+    count.bytes
 }
 
 fn list_options(q: &HashMap<String, String>) -> ApiResult<ListOptions> {
