@@ -526,21 +526,28 @@ pub fn prepare_update(
             .into_iter()
             .any(|f| !old_finalizers.iter().any(|o| o == f));
         if added {
-            return Err(ApiError::forbidden(format!(
-                "{}.{} \"{old_name}\" is being deleted: no new finalizers can be added",
-                kind.info.plural,
-                crds::GROUP
-            )));
+            // 422 with a Forbidden cause, as Kubernetes answers it.
+            return Err(ApiError::invalid(
+                kind.info.kind,
+                &old_name,
+                vec![(
+                    "metadata.finalizers".into(),
+                    "Forbidden: no new finalizers can be added if the object is being deleted"
+                        .into(),
+                )],
+            ));
         }
     }
     let generation = old_meta
         .get("generation")
         .and_then(Value::as_i64)
         .unwrap_or(1);
+    // Compared once pruned and defaulted: a manifest with a misspelt field, or one leaving a
+    // defaulted field out, changes nothing, and must not move the generation at each apply.
+    let unknown = validate(kind, &mut out, mode)?;
     if without_meta_and_status(old) != without_meta_and_status(&out) {
         meta_mut(&mut out)?.insert("generation".into(), json!(generation + 1));
     }
-    let unknown = validate(kind, &mut out, mode)?;
     let fixed = |v: &Value| -> Vec<UniqueKey> {
         unique_keys(kind.info.kind, v)
             .into_iter()

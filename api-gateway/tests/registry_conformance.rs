@@ -244,6 +244,25 @@ async fn generation_counts_spec_changes_and_status_writes_never_bump_it() -> any
         "metadata changes keep the generation"
     );
 
+    // A spec that is the same once pruned and defaulted (a misspelt field, a defaulted field
+    // left out) is no change.
+    let mut same_once_admitted = |cur: &Value| {
+        let mut next = cur.clone();
+        next["spec"]["instanceTyp"] = json!("misspelt");
+        if let Some(spec) = next["spec"].as_object_mut() {
+            spec.remove("desiredState");
+        }
+        Ok(next)
+    };
+    let unchanged = h
+        .update("web", Subresource::Main, &mut same_once_admitted)
+        .await?;
+    assert_eq!(
+        generation(&unchanged),
+        1,
+        "a spec equal once admitted keeps the generation"
+    );
+
     let spec = h.set_spec("web", "keyName", "k1", None).await?;
     assert_eq!(generation(&spec), 2);
 
@@ -599,7 +618,8 @@ async fn a_finalizer_holds_deletion_until_the_last_one_is_removed() -> anyhow::R
         .update("web", Subresource::Main, &mut add)
         .await
         .expect_err("no new finalizers while terminating");
-    assert_eq!(refused.code, 403);
+    // Kubernetes: 422 Invalid, a Forbidden cause on metadata.finalizers.
+    assert_eq!(refused.code, 422);
 
     for remaining in [json!(["karri.dev/b"]), json!([])] {
         let mut drop_one = move |cur: &Value| {

@@ -1169,7 +1169,7 @@ mod tests {
             {"op": "test", "path": "/metadata/finalizers", "value": null},
             {"op": "add", "path": "/metadata/finalizers", "value": ["x"]}
         ]));
-        apply_json_patch(&mut doc, &p).expect("kube-rs finalizer patch applies");
+        apply_json_patch(&mut doc, &p, 1 << 20).expect("kube-rs finalizer patch applies");
         assert_eq!(doc["metadata"]["finalizers"], json!(["x"]));
     }
 
@@ -1180,8 +1180,26 @@ mod tests {
             {"op": "test", "path": "/metadata/finalizers", "value": null},
             {"op": "remove", "path": "/metadata/finalizers"}
         ]));
-        assert!(apply_json_patch(&mut doc, &p).is_err());
+        assert!(apply_json_patch(&mut doc, &p, 1 << 20).is_err());
         let p = patch(json!([{"op": "test", "path": "/metadata/finalizers", "value": ["y"]}]));
-        assert!(apply_json_patch(&mut doc, &p).is_err());
+        assert!(apply_json_patch(&mut doc, &p, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn copies_may_add_no_more_than_the_limit() {
+        let mut doc = json!({"spec": {"a": "x".repeat(100)}});
+        let doubling: Vec<Value> = (0..40)
+            .map(|n| json!({"op": "copy", "from": "/spec", "path": format!("/spec/c{n}")}))
+            .collect();
+        let p = patch(Value::Array(doubling));
+        assert!(matches!(
+            apply_json_patch(&mut doc, &p, 1 << 20),
+            Err(JsonPatchError::Grows { limit }) if limit == 1 << 20
+        ));
+        let mut doc = json!({"spec": {"a": "x".repeat(100)}});
+        let p = patch(json!([{"op": "copy", "from": "/spec/a", "path": "/spec/b"}]));
+        apply_json_patch(&mut doc, &p, 1 << 20).expect("a small copy applies");
+        assert_eq!(doc["spec"]["b"], doc["spec"]["a"]);
+        assert_eq!(json_size(&doc, usize::MAX), doc.to_string().len());
     }
 }
