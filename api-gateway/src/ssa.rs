@@ -1,6 +1,7 @@
 //! Server-side apply (`application/apply-patch+yaml`): field ownership per manager in
 //! `metadata.managedFields`, conflicts between appliers, removal of fields a manager stopped
-//! applying. Lists are atomic. Pure.
+//! applying. Lists are atomic, but for `metadata.finalizers`, a set whose every item has its own
+//! owner (as in Kubernetes: an applier that drops its finalizer leaves the operator's). Pure.
 
 use std::collections::BTreeSet;
 
@@ -36,7 +37,12 @@ pub fn field_set(applied: &Value) -> BTreeSet<Path> {
                                 out.insert(vec!["metadata".into(), mk.clone(), lk.clone()]);
                             }
                         }
-                        "finalizers" | "ownerReferences" => {
+                        "finalizers" => {
+                            for item in mv.as_array().into_iter().flatten() {
+                                out.insert(vec!["metadata".into(), mk.clone(), set_item(item)]);
+                            }
+                        }
+                        "ownerReferences" => {
                             out.insert(vec!["metadata".into(), mk.clone()]);
                         }
                         _ => {}
@@ -47,6 +53,50 @@ pub fn field_set(applied: &Value) -> BTreeSet<Path> {
         }
     }
     out
+}
+
+/// The path segment of an item of a set list, `v:<the item as JSON>` (its `fieldsV1` key, as in
+/// Kubernetes).
+fn set_item(item: &Value) -> String {
+    format!("v:{item}")
+}
+
+/// The item a `v:` path segment names.
+fn item_of(segment: &str) -> Option<Value> {
+    segment
+        .strip_prefix("v:")
+        .and_then(|json| serde_json::from_str(json).ok())
+}
+
+/// Makes sure the set list at `path`'s parent holds the item `path` ends with.
+fn add_item(v: &mut Value, path: &[String]) {
+    let Some((last, parent)) = path.split_last() else {
+        return;
+    };
+    let Some(item) = item_of(last) else { return };
+    match get_mut(v, parent) {
+        Some(Value::Array(items)) => {
+            if !items.contains(&item) {
+                items.push(item);
+            }
+        }
+        _ => set(v, parent, Value::Array(vec![item])),
+    }
+}
+
+/// Takes the item `path` ends with out of the set list at its parent.
+fn remove_item(v: &mut Value, path: &[String]) {
+    let Some((last, parent)) = path.split_last() else {
+        return;
+    };
+    let Some(item) = item_of(last) else { return };
+    if let Some(Value::Array(items)) = get_mut(v, parent) {
+        items.retain(|i| i != &item);
+    }
+}
+
+fn is_item(path: &[String]) -> bool {
+    path.last().is_some_and(|s| s.starts_with("v:"))
 }
 
 fn leaves(v: &Value, path: Path, out: &mut BTreeSet<Path>) {
@@ -70,9 +120,12 @@ pub fn encode(set: &BTreeSet<Path>) -> Value {
     for path in set {
         let mut cur = &mut root;
         for seg in path {
-            let entry = cur
-                .entry(format!("f:{seg}"))
-                .or_insert_with(|| Value::Object(Map::new()));
+            let key = if seg.starts_with("v:") {
+                seg.clone()
+            } else {
+                format!("f:{seg}")
+            };
+            let entry = cur.entry(key).or_insert_with(|| Value::Object(Map::new()));
             if !entry.is_object() {
                 *entry = Value::Object(Map::new());
             }
@@ -90,7 +143,11 @@ pub fn decode(fields: &Value) -> BTreeSet<Path> {
     fn go(v: &Value, path: Path, out: &mut BTreeSet<Path>) {
         let children: Vec<(&String, &Value)> = v
             .as_object()
-            .map(|m| m.iter().filter(|(k, _)| k.starts_with("f:")).collect())
+            .map(|m| {
+                m.iter()
+                    .filter(|(k, _)| k.starts_with("f:") || k.starts_with("v:"))
+                    .collect()
+            })
             .unwrap_or_default();
         if children.is_empty() {
             if !path.is_empty() {
@@ -100,7 +157,10 @@ pub fn decode(fields: &Value) -> BTreeSet<Path> {
         }
         for (k, child) in children {
             let mut p = path.clone();
-            p.push(k[2..].to_string());
+            p.push(match k.strip_prefix("f:") {
+                Some(field) => field.to_string(),
+                None => k.clone(),
+            });
             go(child, p, out);
         }
     }
@@ -111,6 +171,10 @@ pub fn decode(fields: &Value) -> BTreeSet<Path> {
 
 fn get<'a>(v: &'a Value, path: &[String]) -> Option<&'a Value> {
     path.iter().try_fold(v, |cur, seg| cur.get(seg))
+}
+
+fn get_mut<'a>(v: &'a mut Value, path: &[String]) -> Option<&'a mut Value> {
+    path.iter().try_fold(v, |cur, seg| cur.get_mut(seg))
 }
 
 fn set(v: &mut Value, path: &[String], value: Value) {
@@ -246,12 +310,34 @@ pub fn apply(
         let still_owned = others
             .iter()
             .any(|(_, s, _)| s.iter().any(|o| overlaps(o, stale)));
-        if !still_owned {
+        // A leaf path that holds a filled map now was an empty map in the manifest: it owned
+        // the map's presence, not what others have put in it since.
+        let filled_map =
+            get(&result, stale).is_some_and(|v| v.as_object().is_some_and(|m| !m.is_empty()));
+        // The whole finalizer list, as records applied before finalizers were a set own it:
+        // others' finalizers are in it too, and the manager's own are named from now on.
+        let whole_set = stale.as_slice() == ["metadata", "finalizers"];
+        if still_owned || filled_map || whole_set {
+            continue;
+        }
+        if is_item(stale) {
+            remove_item(&mut result, stale);
+        } else {
             remove(&mut result, stale);
         }
     }
     for p in &wanted {
+        if is_item(p) {
+            add_item(&mut result, p);
+            continue;
+        }
         if let Some(v) = get(applied, p) {
+            // An empty map in the manifest asks for the map, not for emptying it (Kubernetes
+            // keeps the fields under it that the manifest does not name).
+            let empty_map = v.as_object().is_some_and(Map::is_empty);
+            if empty_map && get(&result, p).is_some_and(Value::is_object) {
+                continue;
+            }
             set(&mut result, p, v.clone());
         }
     }
@@ -359,6 +445,76 @@ mod tests {
             .expect("flux's entry")
             .clone();
         assert_eq!(flux["time"], "t4");
+    }
+
+    #[test]
+    fn an_empty_map_in_the_manifest_keeps_what_others_put_in_it() {
+        let with_empty = |image: &str| {
+            let mut v = cfg(image, None);
+            v["spec"]["metadataOptions"] = json!({});
+            v
+        };
+        let mut live = apply(None, &with_empty("emi-1"), "helm", false, "t").expect("ok");
+        // Set since by another writer (an EC2 call, kubectl patch): no apply manager owns it.
+        live["spec"]["metadataOptions"]["httpTokens"] = json!("required");
+        let again = apply(Some(&live), &with_empty("emi-2"), "helm", false, "t").expect("ok");
+        assert_eq!(again["spec"]["imageId"], "emi-2");
+        assert_eq!(again["spec"]["metadataOptions"]["httpTokens"], "required");
+        // Dropping the empty map from the manifest leaves the filled map alone too.
+        let dropped = apply(Some(&again), &cfg("emi-2", None), "helm", false, "t").expect("ok");
+        assert_eq!(dropped["spec"]["metadataOptions"]["httpTokens"], "required");
+        // An empty map where there is none yet is set.
+        let fresh = apply(None, &with_empty("emi-1"), "helm", false, "t").expect("ok");
+        assert_eq!(fresh["spec"]["metadataOptions"], json!({}));
+    }
+
+    #[test]
+    fn finalizers_are_a_set_each_item_owned_by_who_applied_it() {
+        let with = |finalizers: Value| {
+            let mut v = cfg("emi-1", None);
+            v["metadata"]["finalizers"] = finalizers;
+            v
+        };
+        let mut live =
+            apply(None, &with(json!(["example.com/a"])), "gitops", false, "t").expect("ok");
+        // The operator adds its own (a JSON patch: no apply manager owns it).
+        live["metadata"]["finalizers"]
+            .as_array_mut()
+            .expect("a list")
+            .push(json!("karri.dev/instance"));
+        let dropped = apply(Some(&live), &cfg("emi-1", None), "gitops", false, "t").expect("ok");
+        assert_eq!(
+            dropped["metadata"]["finalizers"],
+            json!(["karri.dev/instance"]),
+            "dropping its finalizer took the operator's too"
+        );
+        let added = apply(
+            Some(&dropped),
+            &with(json!(["karri.dev/instance", "example.com/b"])),
+            "gitops",
+            false,
+            "t",
+        )
+        .expect("ok");
+        assert_eq!(
+            added["metadata"]["finalizers"],
+            json!(["karri.dev/instance", "example.com/b"])
+        );
+        let owned = decode(&added["metadata"]["managedFields"][0]["fieldsV1"]);
+        assert!(owned.contains(&vec![
+            "metadata".to_string(),
+            "finalizers".to_string(),
+            "v:\"example.com/b\"".to_string()
+        ]));
+        // Records applied while the list was owned whole keep everyone's finalizers.
+        let mut old_style = added.clone();
+        old_style["metadata"]["managedFields"][0]["fieldsV1"] =
+            json!({"f:metadata": {"f:finalizers": {}}, "f:spec": {"f:imageId": {}}});
+        let after = apply(Some(&old_style), &cfg("emi-1", None), "gitops", false, "t").expect("ok");
+        assert_eq!(
+            after["metadata"]["finalizers"],
+            json!(["karri.dev/instance", "example.com/b"])
+        );
     }
 
     #[test]
