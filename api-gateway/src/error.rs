@@ -29,6 +29,8 @@ pub struct StatusDetails {
     pub kind: String,
     /// Field-level causes: (field, message).
     pub causes: Vec<(String, String)>,
+    /// The `reason` of every cause (`FieldValueInvalid` when empty).
+    pub cause_reason: &'static str,
 }
 
 impl ApiError {
@@ -154,6 +156,7 @@ impl ApiError {
             group: crds::GROUP.to_string(),
             kind: kind.to_string(),
             causes,
+            cause_reason: "",
         }));
         e
     }
@@ -169,6 +172,17 @@ impl ApiError {
     pub fn timeout(message: impl Into<String>) -> Self {
         Self::new(504, "Timeout", message)
     }
+    /// 504 Timeout for a resourceVersion the server has not reached, with the cause client-go
+    /// looks for (`ResourceVersionTooLarge`) to list afresh instead of retrying it for ever.
+    pub fn resource_version_too_large(message: impl Into<String>) -> Self {
+        let mut e = Self::timeout(message);
+        e.details = Some(Box::new(StatusDetails {
+            causes: vec![(String::new(), "Too large resource version".to_owned())],
+            cause_reason: "ResourceVersionTooLarge",
+            ..StatusDetails::default()
+        }));
+        e
+    }
 
     fn with_details(mut self, plural: &str, name: &str) -> Self {
         self.details = Some(Box::new(StatusDetails {
@@ -176,6 +190,7 @@ impl ApiError {
             group: crds::GROUP.to_string(),
             kind: plural.to_string(),
             causes: Vec::new(),
+            cause_reason: "",
         }));
         self
     }
@@ -197,7 +212,18 @@ impl ApiError {
                 details["causes"] = d
                     .causes
                     .iter()
-                    .map(|(field, msg)| json!({"reason": "FieldValueInvalid", "message": msg, "field": field}))
+                    .map(|(field, msg)| {
+                        let reason = if d.cause_reason.is_empty() {
+                            "FieldValueInvalid"
+                        } else {
+                            d.cause_reason
+                        };
+                        let mut cause = json!({"reason": reason, "message": msg});
+                        if !field.is_empty() {
+                            cause["field"] = json!(field);
+                        }
+                        cause
+                    })
                     .collect();
             }
             status["details"] = details;
@@ -232,7 +258,9 @@ impl From<etcd_client::Error> for ApiError {
                 "The resourceVersion for the provided list is too old: it has been compacted.",
             )
         } else if text.contains("required revision is a future revision") {
-            ApiError::timeout("Too large resource version: the server has not seen it yet.")
+            ApiError::resource_version_too_large(
+                "Too large resource version: the server has not seen it yet.",
+            )
         } else {
             ApiError::unavailable(format!("etcd is unavailable: {text}"))
         }

@@ -688,13 +688,6 @@ impl Registry {
             let desired = change(&current)?;
             let (mut next, warnings) =
                 admission::prepare_update(kind, &current, desired, sub, opts.field_validation)?;
-            if admission::only_orphan_finalizer_left(&next) && !opts.dry_run {
-                // The last other finalizer went: orphan the dependents, then let the record go.
-                if let Some(uid) = current.pointer("/metadata/uid").and_then(Value::as_str) {
-                    self.orphan_dependents(uid).await?;
-                }
-                next = admission::with_finalizer(&next, admission::ORPHAN_FINALIZER, false);
-            }
             if matches!(who, Principal::Account { .. })
                 && kind.info.kind == "Instance"
                 && admission::finalizers(&current).contains(&crds::INSTANCE_FINALIZER)
@@ -742,6 +735,14 @@ impl Registry {
                     name,
                     vec![(String::new(), why)],
                 ));
+            }
+            // Only once every check passed: the dependents are orphaned for a change that is made.
+            if admission::only_orphan_finalizer_left(&next) && !opts.dry_run {
+                // The last other finalizer went: orphan the dependents, then let the record go.
+                if let Some(uid) = current.pointer("/metadata/uid").and_then(Value::as_str) {
+                    self.orphan_dependents(uid).await?;
+                }
+                next = admission::with_finalizer(&next, admission::ORPHAN_FINALIZER, false);
             }
             let unchanged = admission::comparable(&next) == admission::comparable(&current)
                 && next.pointer("/metadata/managedFields")
@@ -1009,7 +1010,7 @@ impl Registry {
                 });
             }
             if rv.is_some() && target > self.current_revision().await? {
-                return Err(ApiError::timeout(format!(
+                return Err(ApiError::resource_version_too_large(format!(
                     "Too large resource version: {target}, the server has not seen it yet"
                 )));
             }
@@ -1134,7 +1135,7 @@ impl Registry {
                 if r > self.cache.revision() && !self.cache.wait_for(r, RV_CATCH_UP).await {
                     if let Ok(current) = self.current_revision().await {
                         if r > current {
-                            let too_large = ApiError::timeout(format!(
+                            let too_large = ApiError::resource_version_too_large(format!(
                                 "Too large resource version: {r}, current: {current}"
                             ));
                             let _ = tx.send(WatchEvent::Error(too_large)).await;
@@ -1145,7 +1146,14 @@ impl Registry {
                 r
             }
             _ => {
-                if !self.cache.wait_for(1, Duration::from_secs(30)).await {
+                // The current state, as a consistent read gives it: a write the client just
+                // made is among the first events, not an ADDED after the initial-events-end
+                // bookmark. An etcd that cannot be reached leaves the cache's state.
+                let target = match opts.from {
+                    None => self.current_revision().await.unwrap_or(1).max(1),
+                    Some(_) => 1,
+                };
+                if !self.cache.wait_for(target, Duration::from_secs(30)).await {
                     let _ = tx
                         .send(WatchEvent::Error(ApiError::timeout(
                             "the watch cache is not ready",

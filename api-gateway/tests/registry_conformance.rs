@@ -448,10 +448,19 @@ async fn a_watch_from_a_revision_etcd_has_not_reached_is_refused() -> anyhow::Re
     let h = harness().await?;
     let a = h.create("a").await?;
     let mut rx = h.watch(Some(rv(&a) + 1000));
-    let ev = describe(&next_event(&mut rx).await?);
+    let event = next_event(&mut rx).await?;
+    let ev = describe(&event);
     assert!(
         ev.starts_with("ERROR 504 Too large resource version"),
         "{ev}"
+    );
+    // With the cause client-go looks for before it lists afresh.
+    let WatchEvent::Error(e) = event else {
+        unreachable!("described as an error")
+    };
+    assert_eq!(
+        e.status()["details"]["causes"][0]["reason"],
+        "ResourceVersionTooLarge"
     );
     // A revision etcd has reached (only its latest write being another program's) is fine.
     let mut raw = h.client.kv_client();
