@@ -281,46 +281,50 @@ fn ours(
     }
 }
 
-fn state_of(dom: &Domain) -> DomainState {
-    // `virt`'s `Domain::state` swallows libvirt's error and reports an unknown state instead.
-    match dom.state() {
-        Ok((Enum::Known(state), _)) => match state {
-            LibvirtState::Running | LibvirtState::Blocked => DomainState::Running,
-            LibvirtState::Paused => DomainState::Paused,
-            LibvirtState::Shutdown => DomainState::ShuttingDown,
-            LibvirtState::Shutoff => DomainState::ShutOff,
-            LibvirtState::Crashed => DomainState::Crashed,
-            LibvirtState::NoState | LibvirtState::PMSuspended => DomainState::Other,
-        },
-        _ => DomainState::Other,
-    }
-}
-
-/// Whether the domain is shut off by a shutdown of its guest OS (libvirt's reason `shutdown`).
-fn shut_down(dom: &Domain) -> bool {
+/// The domain's state, and whether it is shut off by a shutdown of its guest OS (libvirt's
+/// shut-off reason `shutdown`). A failed call is an error, not an unknown state: a stop must
+/// not destroy a domain because libvirt did not answer once.
+fn state_of(dom: &Domain) -> Result<(DomainState, bool), virt::error::Error> {
     use virt::domain::{DomainShutoffReason, DomainStateReason};
-    matches!(
-        dom.state(),
-        Ok((
+    let (state, reason) = dom.state()?;
+    // `virt` drops virDomainGetState's failure and reads its -1 as an unknown state.
+    if matches!(state, Enum::Unknown(raw) if raw == virt::sys::virDomainState::MAX) {
+        return Err(virt::error::Error::last_error());
+    }
+    let shut_down = matches!(
+        (&state, &reason),
+        (
             Enum::Known(LibvirtState::Shutoff),
             Enum::Known(DomainStateReason::Shutoff(Enum::Known(
                 DomainShutoffReason::Shutdown
             )))
-        ))
-    )
+        )
+    );
+    let state = match state {
+        Enum::Known(LibvirtState::Running | LibvirtState::Blocked) => DomainState::Running,
+        Enum::Known(LibvirtState::Paused) => DomainState::Paused,
+        Enum::Known(LibvirtState::Shutdown) => DomainState::ShuttingDown,
+        Enum::Known(LibvirtState::Shutoff) => DomainState::ShutOff,
+        Enum::Known(LibvirtState::Crashed) => DomainState::Crashed,
+        Enum::Known(LibvirtState::NoState | LibvirtState::PMSuspended) | Enum::Unknown(_) => {
+            DomainState::Other
+        }
+    };
+    Ok((state, shut_down))
 }
 
 fn observe(dom: &Domain, name: String, owner: Owner) -> Result<ObservedDomain, virt::error::Error> {
     let defined = dom.is_persistent()?;
+    let (state, shut_down) = state_of(dom)?;
     Ok(ObservedDomain {
         name,
         uid: owner.uid,
         instance_id: owner.instance_id,
         namespace: owner.namespace,
-        state: state_of(dom),
+        state,
         id: dom.id(),
         defined,
-        shut_down: shut_down(dom),
+        shut_down,
     })
 }
 
