@@ -185,6 +185,10 @@ pub struct Context<H> {
     types: Store<InstanceType>,
     /// When the agent asked each record's domain to shut down, by record UID.
     shutdowns: Mutex<HashMap<String, Instant>>,
+    /// When the agent last pressed each record's power button, by record UID: kept after a
+    /// start asked meanwhile (unlike `shutdowns`), so that the guest obeying it then is not
+    /// taken for a guest that powered itself off; forgotten when the agent starts the domain.
+    buttons: Mutex<HashMap<String, Instant>>,
     locks: DomainLocks,
     metrics: Arc<Metrics>,
     /// Images, disks, network and metadata of real guests; none on hosts that boot nothing.
@@ -296,14 +300,17 @@ pub fn reported_running(instance: &Instance) -> bool {
 /// Whether the guest of `instance` powered itself off: the record asks it to run, its domain
 /// was reported running at this generation (a start asked since would have a newer one), and
 /// `observed` is that domain shut off by a shutdown of its guest OS (not destroyed, not
-/// crashed). EC2 then stops the instance (`instanceInitiatedShutdownBehavior` is `stop`)
-/// rather than booting it again.
+/// crashed), and not by obeying the power button the agent pressed lately (`pressed_lately`: a
+/// stop, then a start asked through the resource API while the guest shut down). EC2 then stops
+/// the instance (`instanceInitiatedShutdownBehavior` is `stop`) rather than booting it again.
 pub fn powered_off_by_guest(
     instance: &Instance,
     observed: Option<&ObservedDomain>,
     uid: &str,
+    pressed_lately: bool,
 ) -> bool {
-    instance.spec.desired_state == DesiredState::Running
+    !pressed_lately
+        && instance.spec.desired_state == DesiredState::Running
         && instance.metadata.deletion_timestamp.is_none()
         && reported_running(instance)
         && observed.is_some_and(|d| d.uid == uid && d.state == DomainState::ShutOff && d.shut_down)
@@ -340,6 +347,32 @@ impl<H: Hypervisor + 'static> Context<H> {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         shutdowns.get(uid).map(Instant::elapsed)
+    }
+
+    /// Notes that the agent pressed the power button of `uid`'s domain now, forgetting presses
+    /// too old to matter.
+    fn pressed_button(&self, uid: &str) {
+        let window = self.button_window();
+        let mut buttons = self.buttons.lock().unwrap_or_else(PoisonError::into_inner);
+        buttons.retain(|_, at| at.elapsed() < window);
+        buttons.insert(uid.to_owned(), Instant::now());
+    }
+
+    /// Whether the agent pressed the power button of `uid`'s domain recently enough for a guest
+    /// shutdown now to be the guest obeying it.
+    fn pressed_button_recently(&self, uid: &str) -> bool {
+        let window = self.button_window();
+        self.buttons
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(uid)
+            .is_some_and(|at| at.elapsed() < window)
+    }
+
+    /// How long after a press of the power button a guest shutdown counts as obeying it: the time
+    /// a guest has to shut down, and as long again.
+    fn button_window(&self) -> Duration {
+        self.settings.shutdown_timeout.saturating_mul(2)
     }
 
     fn set_shutdown_clock(&self, uid: &str, running: bool) {
@@ -429,6 +462,14 @@ impl<H: Hypervisor + 'static> Context<H> {
             self.metrics.acted(&actions);
             if actions.contains(&Action::Shutdown) {
                 self.set_shutdown_clock(uid, true);
+                self.pressed_button(uid);
+            }
+            if actions.contains(&Action::Start) {
+                // A shutdown of the guest started now is its own, whatever was pressed before.
+                self.buttons
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(uid);
             }
             if actions.contains(&Action::Reboot) {
                 if let Some(d) = desired.as_mut() {
@@ -500,7 +541,12 @@ impl<H: Hypervisor + 'static> Context<H> {
         if reported_running(instance) && desired.as_ref().is_some_and(|d| d.power == Power::Running)
         {
             let seen = self.hypervisor.observe(&domain_name(id)).await?;
-            if powered_off_by_guest(instance, seen.as_ref(), &uid) {
+            if powered_off_by_guest(
+                instance,
+                seen.as_ref(),
+                &uid,
+                self.pressed_button_recently(&uid),
+            ) {
                 drop(lock);
                 return self.report_guest_shutdown(instance).await;
             }
@@ -1065,6 +1111,7 @@ pub async fn run<H: Hypervisor + 'static>(
         instances,
         types: types.clone(),
         shutdowns: Mutex::new(HashMap::new()),
+        buttons: Mutex::new(HashMap::new()),
         locks: DomainLocks::default(),
         metrics,
         guests,
@@ -1226,6 +1273,7 @@ mod tests {
             instances,
             types,
             shutdowns: Mutex::new(HashMap::new()),
+            buttons: Mutex::new(HashMap::new()),
             locks: DomainLocks::default(),
             metrics: Arc::new(Metrics::new()),
             guests: None,
@@ -1369,6 +1417,12 @@ mod tests {
                 true,
             ),
             (
+                "obeying the power button the agent pressed for a stop since undone",
+                record(DesiredState::Running, Some(4)),
+                Some(off.clone()),
+                false,
+            ),
+            (
                 "started since (newer generation)",
                 record(DesiredState::Running, Some(3)),
                 Some(off.clone()),
@@ -1418,8 +1472,9 @@ mod tests {
             ),
         ];
         for (what, instance, observed, want) in rows {
+            let pressed = what.contains("power button");
             assert_eq!(
-                powered_off_by_guest(&instance, observed.as_ref(), UID),
+                powered_off_by_guest(&instance, observed.as_ref(), UID, pressed),
                 want,
                 "{what}"
             );
