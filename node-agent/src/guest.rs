@@ -146,6 +146,30 @@ pub fn source_of(a: &ImageArtifact) -> ImageSource {
     }
 }
 
+/// The pinned SHA-256s of an `images.pinned` file, by role (lines that are not `<role> <64 hex>`
+/// are skipped).
+pub fn parse_pinned(text: &str) -> HashMap<String, String> {
+    text.lines()
+        .filter_map(|line| {
+            let (role, sha256) = line.trim().split_once(' ')?;
+            let valid = sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit());
+            valid.then(|| (role.to_owned(), sha256.to_ascii_lowercase()))
+        })
+        .collect()
+}
+
+/// `artifact` as a launched instance fetches it: an image registered without a SHA-256 is
+/// taken as the bytes it was first fetched as (`pinned`), from the cache, instead of being
+/// downloaded again at every start (and failing or differing once its source is gone or
+/// replaced).
+pub fn as_pinned(artifact: &ImageArtifact, pinned: Option<&String>) -> ImageArtifact {
+    let mut a = artifact.clone();
+    if a.sha256.is_none() {
+        a.sha256 = pinned.cloned();
+    }
+    a
+}
+
 /// The artifacts of an instance's launch: root, kernel, ramdisk (each when present).
 pub fn artifacts_of(instance: &Instance) -> [Option<&ImageArtifact>; 3] {
     let launch = instance.status.as_ref().and_then(|s| s.launch.as_ref());
@@ -305,6 +329,44 @@ impl Guests {
         self.instance_dir.join(id).join("images.held")
     }
 
+    /// Where `prepare` writes down the SHA-256 of the bytes each of the instance's images was
+    /// first fetched as (`<role> <sha256>` lines; roles `root`, `kernel`, `ramdisk`).
+    fn pinned_file(&self, id: &str) -> PathBuf {
+        self.instance_dir.join(id).join("images.pinned")
+    }
+
+    /// The SHA-256s pinned for instance `id`, by role; none before its first launch.
+    async fn pinned(&self, id: &str) -> HashMap<String, String> {
+        tokio::fs::read_to_string(self.pinned_file(id))
+            .await
+            .map(|text| parse_pinned(&text))
+            .unwrap_or_default()
+    }
+
+    /// Writes down what instance `id`'s images were fetched as, aside and renamed.
+    async fn write_pinned(&self, id: &str, pinned: &[(&str, String)]) -> Result<(), GuestError> {
+        let path = self.pinned_file(id);
+        let part = path.with_extension("pinned.part");
+        let text: String = pinned
+            .iter()
+            .map(|(role, sha256)| format!("{role} {sha256}\n"))
+            .collect();
+        tokio::fs::write(&part, text)
+            .await
+            .map_err(|source| GuestError::Io {
+                action: "write",
+                path: part.clone(),
+                source,
+            })?;
+        tokio::fs::rename(&part, &path)
+            .await
+            .map_err(|source| GuestError::Io {
+                action: "rename",
+                path,
+                source,
+            })
+    }
+
     /// Writes down the cached images instance `id` holds, for [`Guests::hold_images_of`]
     /// after an agent restart.
     async fn write_held(&self, id: &str) -> Result<(), GuestError> {
@@ -391,8 +453,13 @@ impl Guests {
         let launched = tokio::fs::try_exists(self.held_file(id))
             .await
             .unwrap_or(true);
+        let pins = self.pinned(id).await;
+        let mut pinned: Vec<(&str, String)> = Vec::new();
         if let Some(root) = root {
-            let base = self.fetch(root, launched).await?;
+            let base = self
+                .fetch(&as_pinned(root, pins.get("root")), launched)
+                .await?;
+            pinned.push(("root", base.sha256.clone()));
             self.hold(id, &base.sha256);
             let overlay = self.overlay(id);
             if let Some(dir) = overlay.parent() {
@@ -416,11 +483,17 @@ impl Guests {
             });
         }
         if let Some(kernel) = kernel {
-            let k = self.fetch(kernel, launched).await?;
+            let k = self
+                .fetch(&as_pinned(kernel, pins.get("kernel")), launched)
+                .await?;
+            pinned.push(("kernel", k.sha256.clone()));
             self.hold(id, &k.sha256);
             let initrd = match ramdisk {
                 Some(r) => {
-                    let r = self.fetch(r, launched).await?;
+                    let r = self
+                        .fetch(&as_pinned(r, pins.get("ramdisk")), launched)
+                        .await?;
+                    pinned.push(("ramdisk", r.sha256.clone()));
                     self.hold(id, &r.sha256);
                     Some(r.path.to_string_lossy().into_owned())
                 }
@@ -433,6 +506,7 @@ impl Guests {
             });
         }
         self.write_held(id).await?;
+        self.write_pinned(id, &pinned).await?;
         if let (Some(net), Some((ip, mac))) = (&self.network, address_of(instance)) {
             // Under the DHCP lock, as a release of an earlier holder of the address is.
             let dhcp = net.dhcp.lock().await;
@@ -757,9 +831,26 @@ mod tests {
             Err(e) => assert!(e.is_permanent(), "{e}"),
             Ok(_) => panic!("prepared from a missing image"),
         }
-        // One that launched, started again after its image went, waits for it instead.
+        // One that launched boots the bytes it launched with again, from the cache, with its
+        // image gone or replaced since (the image declares no SHA-256: the first fetch pins it).
         std::fs::write(&image, b"a kernel").expect("written");
-        guests.prepare(&instance, "i-1").await.expect("prepared");
+        let kernel_of = |p: &Prepared| p.kernel.as_ref().expect("a kernel").kernel.clone();
+        let first = kernel_of(&guests.prepare(&instance, "i-1").await.expect("prepared"));
+        std::fs::remove_file(&image).expect("removed");
+        let again = guests
+            .prepare(&instance, "i-1")
+            .await
+            .expect("from the cache");
+        assert_eq!(kernel_of(&again), first);
+        std::fs::write(&image, b"another kernel").expect("written");
+        let replaced = guests
+            .prepare(&instance, "i-1")
+            .await
+            .expect("from the cache");
+        assert_eq!(kernel_of(&replaced), first);
+        assert_eq!(std::fs::read(&first).expect("cached"), b"a kernel");
+        // With its cached copy gone too, it waits for those bytes instead of failing.
+        std::fs::remove_file(&first).expect("removed");
         std::fs::remove_file(&image).expect("removed");
         match guests.prepare(&instance, "i-1").await {
             Err(e) => assert!(
@@ -768,6 +859,32 @@ mod tests {
             ),
             Ok(_) => panic!("prepared from a missing image"),
         }
+    }
+
+    #[test]
+    fn pinned_images_are_read_by_role_and_never_override_a_declared_sha256() {
+        let sha = "ab".repeat(32);
+        let pins = parse_pinned(&format!("root {sha}\nkernel short\n\ngarbage\n"));
+        assert_eq!(pins.len(), 1);
+        assert_eq!(pins.get("root"), Some(&sha));
+        let undeclared = ImageArtifact {
+            image_id: "emi-1".into(),
+            location: "/images/x".into(),
+            sha256: None,
+            format: Default::default(),
+        };
+        assert_eq!(
+            as_pinned(&undeclared, pins.get("root")).sha256,
+            Some(sha.clone())
+        );
+        let declared = ImageArtifact {
+            sha256: Some("cd".repeat(32)),
+            ..undeclared
+        };
+        assert_eq!(
+            as_pinned(&declared, pins.get("root")).sha256,
+            declared.sha256
+        );
     }
 
     #[test]
