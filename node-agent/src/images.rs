@@ -238,6 +238,9 @@ pub enum CacheError {
         path: PathBuf,
         /// Its error output, or what else went wrong.
         detail: String,
+        /// Whether qemu-img ran to its end (and refused, or answered nonsense), rather than
+        /// could not be started or ran out of time: only then does it say anything of the image.
+        ran: bool,
     },
     /// The overlay exists but is not a qcow2 over the given base.
     #[error("overlay {} already exists over another backing file", .overlay.display())]
@@ -1251,9 +1254,11 @@ async fn verify_qcow2(source: &ImageSource, path: &Path) -> Result<(), CacheErro
     }
     let info = match qemu_img_info_as(path, false, Some("qcow2")).await {
         Ok(info) => info,
-        Err(CacheError::QemuImg { detail, .. }) => {
-            return Err(mismatch(format!("not a readable qcow2 ({detail})")))
-        }
+        // Only an answer about the bytes: a qemu-img that timed out on a busy node, or could
+        // not be started, is tried again.
+        Err(CacheError::QemuImg {
+            detail, ran: true, ..
+        }) => return Err(mismatch(format!("not a readable qcow2 ({detail})"))),
         Err(e) => return Err(e),
     };
     check_format(source, &info)
@@ -1284,6 +1289,7 @@ async fn qemu_img_info_as(
         action: "info",
         path: path.to_path_buf(),
         detail: "its output is not the JSON expected".to_owned(),
+        ran: true,
     })
 }
 
@@ -1309,10 +1315,11 @@ async fn run_qemu_img(
     action: &'static str,
     path: &Path,
 ) -> Result<Vec<u8>, CacheError> {
-    let failed = |detail: String| CacheError::QemuImg {
+    let failed = |detail: String, ran: bool| CacheError::QemuImg {
         action,
         path: path.to_path_buf(),
         detail,
+        ran,
     };
     command
         .stdin(Stdio::null())
@@ -1321,14 +1328,17 @@ async fn run_qemu_img(
         .kill_on_drop(true);
     let child = command
         .spawn()
-        .map_err(|e| failed(format!("cannot start it: {e}")))?;
+        .map_err(|e| failed(format!("cannot start it: {e}"), false))?;
     let output = tokio::time::timeout(QEMU_IMG_TIMEOUT, child.wait_with_output())
         .await
-        .map_err(|_| failed(format!("no answer within {QEMU_IMG_TIMEOUT:?}")))?
-        .map_err(|e| failed(e.to_string()))?;
+        .map_err(|_| failed(format!("no answer within {QEMU_IMG_TIMEOUT:?}"), false))?
+        .map_err(|e| failed(e.to_string(), false))?;
     if !output.status.success() {
+        // Killed by a signal (the OOM killer, say) is not an answer about the image either.
+        let ran = output.status.code().is_some();
         return Err(failed(
             String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            ran,
         ));
     }
     Ok(output.stdout)
@@ -1703,6 +1713,21 @@ mod tests {
         };
         assert_eq!(parse_info(json), Some(want));
         assert_eq!(parse_info(b"{}"), None);
+    }
+
+    #[tokio::test]
+    async fn only_a_qemu_img_that_ran_to_its_end_says_anything_of_the_image() {
+        let path = Path::new("/nonexistent/image");
+        let missing = tokio::process::Command::new("/nonexistent/qemu-img");
+        match run_qemu_img(missing, "info", path).await {
+            Err(CacheError::QemuImg { ran, .. }) => assert!(!ran, "could not be started"),
+            other => panic!("expected a qemu-img error, got {other:?}"),
+        }
+        let refusing = tokio::process::Command::new("false");
+        match run_qemu_img(refusing, "info", path).await {
+            Err(CacheError::QemuImg { ran, .. }) => assert!(ran, "exited non-zero"),
+            other => panic!("expected a qemu-img error, got {other:?}"),
+        }
     }
 
     #[tokio::test]
