@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
-use crds::{Image, ImageSpec, ImageType, Validate, ID_LABEL};
+use crds::{AccessKey, Account, Image, ImageSpec, ImageType, Validate, ID_LABEL};
 use kube::api::{ListParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 
@@ -265,6 +265,54 @@ pub fn unbootable_part(ns: &str, public: bool, part: &Image, want: ImageType) ->
     None
 }
 
+/// Why an image registered in namespace `ns` could not be booted from an object uploaded with
+/// access key `key_id`, if it could not. The object is private to the key's account, and the
+/// gateway hands nodes an image's object only when the account of the image's namespace may
+/// read it; a namespace of no account (public images) reads any. A key or namespace this
+/// kubeconfig cannot see is not held against the upload.
+pub fn unreadable_upload(
+    ns: &str,
+    key_id: &str,
+    accounts: &[Account],
+    keys: &[AccessKey],
+) -> Option<String> {
+    let owner = accounts
+        .iter()
+        .find(|a| a.status.as_ref().and_then(|s| s.namespace.as_deref()) == Some(ns))?;
+    let key = keys
+        .iter()
+        .find(|k| k.status.as_ref().and_then(|s| s.access_key_id.as_deref()) == Some(key_id))?;
+    let owner_name = owner.name_any();
+    (key.spec.account_name != owner_name).then(|| {
+        format!(
+            "the object would belong to account {}, the owner of access key {key_id}, and the \
+             instances of namespace {ns} (account {owner_name}) could not read it to boot; \
+             upload with an access key of {owner_name} (AWS_ACCESS_KEY_ID and \
+             AWS_SECRET_ACCESS_KEY), or register the image in a namespace of no account",
+            key.spec.account_name
+        )
+    })
+}
+
+/// [`unreadable_upload`] with the accounts and keys the kubeconfig can list (none when it may
+/// not list them: the gateway still refuses what it must).
+async fn check_upload_readable(client: &Client, ns: &str, key_id: &str) -> anyhow::Result<()> {
+    let accounts = Api::<Account>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
+    let keys = Api::<AccessKey>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .map(|l| l.items)
+        .unwrap_or_default();
+    match unreadable_upload(ns, key_id, &accounts, &keys) {
+        Some(problem) => bail!("cannot register the image in namespace {ns}: {problem}"),
+        None => Ok(()),
+    }
+}
+
 async fn register(client: Client, args: RegisterArgs) -> anyhow::Result<()> {
     let image_type = ImageType::from(args.image_type);
     let namespace = args
@@ -359,6 +407,9 @@ async fn register(client: Client, args: RegisterArgs) -> anyhow::Result<()> {
     }
 
     // Refused now rather than after a long copy or upload.
+    if let Some((settings, _, _)) = &s3 {
+        check_upload_readable(&client, &namespace, &settings.access_key_id).await?;
+    }
     if let Some(id) = &args.id {
         let images: Api<Image> = Api::namespaced(client.clone(), &namespace);
         if images.get_opt(id).await?.is_some() {
@@ -583,6 +634,60 @@ async fn list(client: Client, namespace: Option<String>) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upload_is_refused_for_a_namespace_whose_account_could_not_read_it() {
+        let account = |name: &str, ns: &str| {
+            let mut a = crds::Account::new(name, crds::AccountSpec::default());
+            a.status = Some(crds::AccountStatus {
+                namespace: Some(ns.into()),
+                ..Default::default()
+            });
+            a
+        };
+        let key = |id: &str, account: &str| {
+            let mut k = crds::AccessKey::new(
+                id,
+                crds::AccessKeySpec {
+                    account_name: account.into(),
+                    user_name: None,
+                    active: true,
+                    description: None,
+                },
+            );
+            k.status = Some(crds::AccessKeyStatus {
+                access_key_id: Some(id.into()),
+                ..Default::default()
+            });
+            k
+        };
+        let accounts = [
+            account("admin", "karri-admin"),
+            account("research", "research"),
+        ];
+        let keys = [key("AKIAADMIN", "admin"), key("AKIARESEARCH", "research")];
+        let refused = unreadable_upload("research", "AKIAADMIN", &accounts, &keys);
+        assert!(
+            refused
+                .as_deref()
+                .is_some_and(|p| p.contains("account admin") && p.contains("research")),
+            "{refused:?}"
+        );
+        assert_eq!(
+            unreadable_upload("research", "AKIARESEARCH", &accounts, &keys),
+            None
+        );
+        // A namespace of no account (public images) reads any upload.
+        assert_eq!(
+            unreadable_upload("karri-public", "AKIAADMIN", &accounts, &keys),
+            None
+        );
+        // A key this kubeconfig cannot see is not held against the upload.
+        assert_eq!(
+            unreadable_upload("research", "AKIAUNSEEN", &accounts, &keys),
+            None
+        );
+    }
 
     #[test]
     fn an_image_is_named_after_its_file_without_characters_ec2_refuses() {
