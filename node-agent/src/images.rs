@@ -683,7 +683,8 @@ impl ImageCache {
             }
             Some(Kind::Path) | None => {
                 let location = location.clone();
-                blocking(move || copy_local(&location, &path)).await??
+                let limit = self.config.max_bytes;
+                blocking(move || copy_local(&location, &path, limit)).await??
             }
         };
         if let Some(expected) = &source.sha256 {
@@ -1127,7 +1128,7 @@ impl Drop for TempFile {
 }
 
 /// Copies a local image into `part`, hashing as it goes, and syncs it.
-fn copy_local(location: &str, part: &Path) -> Result<(String, u64), CacheError> {
+fn copy_local(location: &str, part: &Path, limit: u64) -> Result<(String, u64), CacheError> {
     let unreadable = |e: io::Error| {
         if e.kind() == io::ErrorKind::NotFound {
             CacheError::NotFound {
@@ -1141,6 +1142,14 @@ fn copy_local(location: &str, part: &Path) -> Result<(String, u64), CacheError> 
         }
     };
     let mut src = std::fs::File::open(location).map_err(unreadable)?;
+    // Larger than the whole cache: copying it would evict every image not in use, and then
+    // not fit (as a download announcing that length is refused).
+    if src.metadata().map_err(unreadable)?.len() > limit {
+        return Err(CacheError::TooLarge {
+            location: location.to_owned(),
+            limit,
+        });
+    }
     let mut dst = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -1156,10 +1165,17 @@ fn copy_local(location: &str, part: &Path) -> Result<(String, u64), CacheError> 
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(unreadable(e)),
         };
+        size += n as u64;
+        // A file that grows, or a device that reports no length, stops at the limit too.
+        if size > limit {
+            return Err(CacheError::TooLarge {
+                location: location.to_owned(),
+                limit,
+            });
+        }
         hasher.update(&buf[..n]);
         dst.write_all(&buf[..n])
             .map_err(CacheError::io("write", part))?;
-        size += n as u64;
     }
     dst.sync_all().map_err(CacheError::io("sync", part))?;
     Ok((hex(&hasher.finalize()), size))
@@ -1753,6 +1769,28 @@ mod tests {
         assert_eq!(mode & 0o777, 0o444);
         assert_eq!(cache.size(), 11);
         assert!(names(&dir.path().join("cache/tmp")).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_local_image_larger_than_the_cache_is_refused_for_good_and_leaves_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("src.raw");
+        std::fs::write(&src, vec![7u8; 2048]).expect("write");
+        let cache = ImageCache::open(dir.path().join("cache"), 1024).expect("open");
+        let err = cache.get(&raw(&src, None)).await.expect_err("too large");
+        assert!(
+            matches!(err, CacheError::TooLarge { limit: 1024, .. }),
+            "{err}"
+        );
+        assert!(err.is_permanent());
+        // A device reporting no length stops at the limit too.
+        let zero = cache
+            .get(&raw(Path::new("/dev/zero"), None))
+            .await
+            .expect_err("endless");
+        assert!(matches!(zero, CacheError::TooLarge { .. }), "{zero}");
+        assert!(names(&dir.path().join("cache/tmp")).is_empty());
+        assert_eq!(cache.size(), 0);
     }
 
     #[tokio::test]
