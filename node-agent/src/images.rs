@@ -998,6 +998,32 @@ pub fn choose_evictions(
     chosen
 }
 
+/// Removes the temporary overlays (`<prefix><uuid>.tmp`) in `dir` that an agent killed while it
+/// made them left behind: older than any qemu-img may run, so none is still being written.
+async fn remove_stale_temps(dir: &Path, prefix: &str) {
+    let Ok(mut entries) = tokio::fs::read_dir(dir).await else {
+        return;
+    };
+    let stale_after = QEMU_IMG_TIMEOUT * 2;
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let file = entry.file_name();
+        let file = file.to_string_lossy();
+        if !(file.starts_with(prefix) && file.ends_with(".tmp")) {
+            continue;
+        }
+        let old = entry
+            .metadata()
+            .await
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > stale_after));
+        if old {
+            if let Err(error) = tokio::fs::remove_file(entry.path()).await {
+                debug!(%error, file = %file, "cannot remove a stale temporary overlay");
+            }
+        }
+    }
+}
+
 /// Creates the qcow2 overlay `overlay` over `base`, by absolute path. Nothing to do if it
 /// already exists over that base; an error if it exists over anything else. The overlay is
 /// written under a temporary name and linked into place, so it is complete or absent and an
@@ -1017,11 +1043,11 @@ pub async fn create_overlay(base: &CachedImage, overlay: &Path) -> Result<(), Ca
                 "an overlay path needs a directory and a file name",
             )));
         };
-        let tmp = TempFile(Some(dir.join(format!(
-            ".{}.{}.tmp",
-            name.to_string_lossy(),
-            uuid::Uuid::new_v4().simple()
-        ))));
+        let prefix = format!(".{}.", name.to_string_lossy());
+        remove_stale_temps(dir, &prefix).await;
+        let tmp = TempFile(Some(
+            dir.join(format!("{prefix}{}.tmp", uuid::Uuid::new_v4().simple())),
+        ));
         let mut create = tokio::process::Command::new("qemu-img");
         create
             .args([
@@ -2126,6 +2152,34 @@ mod tests {
         assert!(
             matches!(&err, CacheError::OverlayConflict { backing: Some(b), .. } if Path::new(b) == bases[0].path)
         );
+    }
+
+    #[tokio::test]
+    async fn a_temporary_overlay_left_by_a_killed_agent_goes_at_the_next_creation() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = ImageCache::open(dir.path().join("cache"), 1 << 20).expect("open");
+        let path = dir.path().join("a.raw");
+        std::fs::write(&path, vec![0u8; 65536]).expect("write");
+        let base = cache.get(&raw(&path, None)).await.expect("get");
+        let stale = dir.path().join(".disk.qcow2.0123abcd.tmp");
+        let fresh = dir.path().join(".disk.qcow2.4567ef01.tmp");
+        for file in [&stale, &fresh] {
+            std::fs::write(file, b"half an overlay").expect("write");
+        }
+        let an_hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(&stale)
+            .and_then(|f| f.set_modified(an_hour_ago))
+            .expect("aged");
+        create_overlay(&base, &dir.path().join("disk.qcow2"))
+            .await
+            .expect("create");
+        assert!(
+            !stale.exists(),
+            "the stale temporary overlay is still there"
+        );
+        assert!(fresh.exists(), "one that may still be written was removed");
     }
 
     #[tokio::test]
