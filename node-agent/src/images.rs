@@ -183,6 +183,20 @@ pub enum CacheError {
         /// The cache's size limit.
         limit: u64,
     },
+    /// The cache's filesystem has no room for the image beside what fetches under way will
+    /// write and the free space kept for the instances' disks.
+    #[error(
+        "no room for image {location}: {needed} bytes needed, {free} bytes free beside the \
+         fetches under way"
+    )]
+    NoRoom {
+        /// The location given.
+        location: String,
+        /// Its length.
+        needed: u64,
+        /// Free bytes not held by other fetches.
+        free: u64,
+    },
     /// The body ended before the length the server announced (a cut connection).
     #[error("image {location} ended after {received} of the {announced} bytes announced")]
     Truncated {
@@ -303,6 +317,7 @@ impl CacheError {
             | Self::TooSlow { .. }
             | Self::Truncated { .. }
             | Self::QemuImg { .. }
+            | Self::NoRoom { .. }
             | Self::OverlayConflict { .. }
             | Self::Io { .. }
             | Self::HttpClient { .. }
@@ -358,6 +373,34 @@ struct Inner {
     /// Serialises publishing into and deleting from `sha256/`, so an eviction never deletes a
     /// file a fetch has just published under the same name.
     publish: tokio::sync::Mutex<()>,
+    /// Bytes the fetches under way will still write (their announced lengths), counted against
+    /// the filesystem's free space before another fetch starts.
+    reserved: Mutex<u64>,
+}
+
+/// Disk room a fetch holds until it ends (see [`ImageCache::reserve`]).
+struct Reservation {
+    inner: Arc<Inner>,
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut reserved = lock(&self.inner.reserved);
+        *reserved = reserved.saturating_sub(self.bytes);
+    }
+}
+
+/// Whether a fetch of `needed` bytes may start on a filesystem with `free` bytes available, of
+/// which fetches under way will still write `reserved`, keeping `floor` bytes free for the
+/// instances' disks (their overlays grow on the same filesystem by default). Pure.
+pub fn room_for(free: u64, reserved: u64, needed: u64, floor: u64) -> bool {
+    reserved.saturating_add(needed).saturating_add(floor) <= free
+}
+
+/// The free space a fetch leaves for the instances' disks: 5 % of the filesystem, at most 1 GiB.
+fn floor_of(filesystem: u64) -> u64 {
+    (filesystem / 20).min(1 << 30)
 }
 
 #[derive(Default)]
@@ -479,6 +522,7 @@ impl ImageCache {
                 state: Mutex::new(state),
                 flights: Mutex::new(Flights::default()),
                 publish: tokio::sync::Mutex::new(()),
+                reserved: Mutex::new(0),
             }),
         })
     }
@@ -664,6 +708,28 @@ impl ImageCache {
         }))
     }
 
+    /// Holds `needed` bytes of the cache's filesystem for a fetch of `location`, or says there is
+    /// no room for it (tried again later: room frees as images are evicted and instances go).
+    fn reserve(&self, location: &str, needed: u64) -> Result<Reservation, CacheError> {
+        let stat = rustix::fs::statvfs(&self.config.dir)
+            .map_err(|e| CacheError::io("measure", &self.config.dir)(e.into()))?;
+        let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+        let floor = floor_of(stat.f_blocks.saturating_mul(stat.f_frsize));
+        let mut reserved = lock(&self.inner.reserved);
+        if !room_for(free, *reserved, needed, floor) {
+            return Err(CacheError::NoRoom {
+                location: location.to_owned(),
+                needed,
+                free: free.saturating_sub(*reserved),
+            });
+        }
+        *reserved += needed;
+        Ok(Reservation {
+            inner: Arc::clone(&self.inner),
+            bytes: needed,
+        })
+    }
+
     /// Fetches `source` into a temporary file, verifies it, publishes it and evicts if the cache
     /// is over its limit. The temporary file is removed on every way out but publication.
     async fn fetch(&self, source: &ImageSource) -> Result<CachedImage, CacheError> {
@@ -682,6 +748,9 @@ impl ImageCache {
                 self.download(&url, location, &path, true).await?
             }
             Some(Kind::Path) | None => {
+                // A length that cannot be read is copy_local's to report.
+                let length = tokio::fs::metadata(location).await.map_or(0, |m| m.len());
+                let _room = self.reserve(location, length)?;
                 let location = location.clone();
                 let limit = self.config.max_bytes;
                 blocking(move || copy_local(&location, &path, limit)).await??
@@ -793,6 +862,7 @@ impl ImageCache {
         if announced.is_some_and(|n| n > limit) {
             return Err(too_large());
         }
+        let _room = self.reserve(location, announced.unwrap_or(0))?;
         let mut file = tokio::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -2152,6 +2222,30 @@ mod tests {
         assert!(
             matches!(&err, CacheError::OverlayConflict { backing: Some(b), .. } if Path::new(b) == bases[0].path)
         );
+    }
+
+    #[test]
+    fn a_fetch_starts_only_with_room_beside_the_fetches_under_way_and_the_disks_floor() {
+        const GIB: u64 = 1 << 30;
+        let rows = [
+            // free, reserved by others, needed, floor, starts
+            (20 * GIB, 0, 15 * GIB, GIB, true),
+            (20 * GIB, 15 * GIB, 15 * GIB, GIB, false),
+            (20 * GIB, 0, 19 * GIB, GIB, true),
+            (20 * GIB, 0, 19 * GIB + 1, GIB, false),
+            (GIB / 2, 0, 0, GIB, false),
+            (GIB, 0, 0, GIB, true),
+            (GIB, 5 * GIB, 1, 0, false),
+        ];
+        for (free, reserved, needed, floor, starts) in rows {
+            assert_eq!(
+                room_for(free, reserved, needed, floor),
+                starts,
+                "free {free}, reserved {reserved}, needed {needed}, floor {floor}"
+            );
+        }
+        assert_eq!(floor_of(10 * GIB), GIB / 2);
+        assert_eq!(floor_of(100 * GIB), GIB);
     }
 
     #[tokio::test]
