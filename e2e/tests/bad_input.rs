@@ -530,6 +530,26 @@ async fn a_json_patch_whose_copies_double_the_record_is_too_large_and_the_gatewa
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_watch_with_resource_version_match_but_no_initial_events_is_invalid() -> anyhow::Result<()>
+{
+    let c = Cluster::start().await?;
+    let api = c.admin_api()?;
+    let resp = api
+        .request(
+            Method::GET,
+            &format!("{}?watch=1&resourceVersionMatch=NotOlderThan", instances()),
+        )
+        .send()
+        .await?;
+    let status = expect_status(resp, 422, "Invalid").await?;
+    ensure!(
+        message(&status).contains("sendInitialEvents"),
+        "the refusal does not say why: {status}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn json_patch_with_a_failing_test_op_is_invalid_and_changes_nothing() -> anyhow::Result<()> {
     let c = Cluster::start().await?;
     let api = c.admin_api()?;

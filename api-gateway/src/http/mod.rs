@@ -1030,6 +1030,22 @@ async fn watch(
             )],
         ));
     }
+    let rv_match = q
+        .get("resourceVersionMatch")
+        .map(String::as_str)
+        .filter(|v| !v.is_empty());
+    if asked.is_none() && rv_match.is_some() {
+        // As Kubernetes' list options validation refuses it.
+        return Err(ApiError::invalid(
+            kind.info.kind,
+            "",
+            vec![(
+                "resourceVersionMatch".into(),
+                "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided"
+                    .into(),
+            )],
+        ));
+    }
     let send_initial_events = match asked {
         None | Some("false") => false,
         Some("true") => true,
