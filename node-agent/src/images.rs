@@ -28,7 +28,7 @@ use std::time::{Duration, SystemTime};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::domain::DiskFormat;
@@ -890,9 +890,16 @@ impl ImageCache {
                 });
             }
             hasher.update(&chunk);
-            file.write_all(&chunk)
-                .await
-                .map_err(CacheError::io("write", part))?;
+            if is_zero(&chunk) {
+                // Left a hole: a sparse raw image stays sparse in the cache.
+                file.seek(io::SeekFrom::Current(chunk.len() as i64))
+                    .await
+                    .map_err(CacheError::io("write", part))?;
+            } else {
+                file.write_all(&chunk)
+                    .await
+                    .map_err(CacheError::io("write", part))?;
+            }
         }
         if let Some(announced) = announced.filter(|n| *n != size) {
             return Err(CacheError::Truncated {
@@ -902,6 +909,10 @@ impl ImageCache {
             });
         }
         file.flush().await.map_err(CacheError::io("write", part))?;
+        // A hole at the end is made a length by setting it.
+        file.set_len(size)
+            .await
+            .map_err(CacheError::io("write", part))?;
         file.sync_all()
             .await
             .map_err(CacheError::io("sync", part))?;
@@ -1270,11 +1281,23 @@ fn copy_local(location: &str, part: &Path, limit: u64) -> Result<(String, u64), 
             });
         }
         hasher.update(&buf[..n]);
-        dst.write_all(&buf[..n])
-            .map_err(CacheError::io("write", part))?;
+        if is_zero(&buf[..n]) {
+            // Left a hole: a sparse raw image stays sparse in the cache.
+            io::Seek::seek(&mut dst, io::SeekFrom::Current(n as i64))
+                .map_err(CacheError::io("write", part))?;
+        } else {
+            dst.write_all(&buf[..n])
+                .map_err(CacheError::io("write", part))?;
+        }
     }
+    dst.set_len(size).map_err(CacheError::io("write", part))?;
     dst.sync_all().map_err(CacheError::io("sync", part))?;
     Ok((hex(&hasher.finalize()), size))
+}
+
+/// Whether `bytes` are all zero (written as a hole instead).
+fn is_zero(bytes: &[u8]) -> bool {
+    bytes.iter().all(|&b| b == 0)
 }
 
 /// Makes `part` read-only, renames it to `target` and syncs the directory.
@@ -1887,6 +1910,29 @@ mod tests {
         assert!(matches!(zero, CacheError::TooLarge { .. }), "{zero}");
         assert!(names(&dir.path().join("cache/tmp")).is_empty());
         assert_eq!(cache.size(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_sparse_image_stays_sparse_in_the_cache_with_its_bytes_and_hash() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let src = dir.path().join("sparse.raw");
+        let mut bytes = vec![0u8; 8 << 20];
+        bytes[4096] = 1;
+        let last = bytes.len() - 1;
+        bytes[last] = 0; // ends in a hole
+        std::fs::write(&src, &bytes).expect("write");
+        let cache = ImageCache::open(dir.path().join("cache"), 1 << 30).expect("open");
+        let image = cache.get(&raw(&src, None)).await.expect("get");
+        assert_eq!(image.sha256, sha_of(&bytes));
+        assert_eq!(image.size, bytes.len() as u64);
+        assert_eq!(std::fs::read(&image.path).expect("read"), bytes);
+        let allocated =
+            std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&image.path).expect("meta"))
+                * 512;
+        assert!(
+            allocated < (1 << 20),
+            "{allocated} bytes allocated for 8 MiB of mostly zeros"
+        );
     }
 
     #[tokio::test]
