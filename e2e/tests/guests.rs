@@ -66,6 +66,30 @@ async fn state_of(cloud: &GuestCloud, id: &str) -> anyhow::Result<String> {
         .to_owned())
 }
 
+/// Polls DescribeInstances until `id` is in state `want`, for at most `within`; the error shows
+/// the last state, the console and the agent's log.
+async fn until_state(
+    cloud: &GuestCloud,
+    id: &str,
+    want: &str,
+    within: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
+    loop {
+        let state = state_of(cloud, id).await?;
+        if state == want {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "{id} is {state}, not {want}; console:\n{}\nagent:\n{}",
+            cloud.console(id).await.unwrap_or_default(),
+            cloud.agent.log_tail()
+        );
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn micro_image_guests_print_their_metadata_and_user_data_on_the_console() -> anyhow::Result<()>
 {
@@ -415,20 +439,7 @@ async fn a_guest_that_powers_itself_off_is_stopped_not_booted_again() -> anyhow:
     let id = instance_id(&run)?;
     // As EC2 with instanceInitiatedShutdownBehavior `stop`: the instance ends up stopped
     // (one guest boots in well under a minute; the agent looks again every resync).
-    let deadline = Instant::now() + 2 * DEADLINE;
-    loop {
-        let state = state_of(&cloud, &id).await?;
-        if state == "stopped" {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "{id} is {state}, not stopped; console:\n{}\nagent:\n{}",
-            cloud.console(&id).await.unwrap_or_default(),
-            cloud.agent.log_tail()
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    until_state(&cloud, &id, "stopped", 2 * DEADLINE).await?;
     let console = cloud.console(&id).await?;
     ensure!(
         console.contains("user-data powers the guest off"),
@@ -454,14 +465,7 @@ async fn a_guest_that_powers_itself_off_is_stopped_not_booted_again() -> anyhow:
     cloud
         .aws(&["start-instances", "--instance-ids", &id])
         .await?;
-    let deadline = Instant::now() + DEADLINE;
-    while state_of(&cloud, &id).await? != "running" {
-        ensure!(
-            Instant::now() < deadline,
-            "{id} did not run again after a start"
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    until_state(&cloud, &id, "running", DEADLINE).await?;
     Ok(())
 }
 
@@ -549,18 +553,7 @@ async fn a_forced_stop_destroys_the_domain_without_asking_the_guest_first() -> a
     cloud
         .aws(&["stop-instances", "--instance-ids", &id, "--force"])
         .await?;
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let state = state_of(&cloud, &id).await?;
-        if state == "stopped" {
-            break;
-        }
-        ensure!(
-            Instant::now() < deadline,
-            "{id} is {state}, not stopped, after a forced stop"
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    until_state(&cloud, &id, "stopped", DEADLINE).await?;
     // The agent's plans for the domain: a forced stop is a destroy, with no power button first.
     let domain = format!("karri-{id}");
     let log = std::fs::read_to_string(cloud.agent_log())?;
@@ -578,17 +571,10 @@ async fn a_forced_stop_destroys_the_domain_without_asking_the_guest_first() -> a
         "the guest of {domain} was asked to shut down first:\n{}",
         plans.join("\n")
     );
-    // A start afterwards is an ordinary start, and a plain stop asks the guest again.
+    // A start afterwards is an ordinary start.
     cloud
         .aws(&["start-instances", "--instance-ids", &id])
         .await?;
-    let deadline = Instant::now() + DEADLINE;
-    while state_of(&cloud, &id).await? != "running" {
-        ensure!(
-            Instant::now() < deadline,
-            "{id} did not run again after a start"
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    until_state(&cloud, &id, "running", DEADLINE).await?;
     Ok(())
 }
