@@ -674,6 +674,19 @@ impl Registry {
                 who.user()
             )));
         }
+        if matches!(who, Principal::Node(_))
+            && kind.info.kind == "Node"
+            && sub != Subresource::Status
+        {
+            // A host reports its facts; its zone, cordon and instance cap are the
+            // administrators' (a compromised host must not uncordon itself or change zones).
+            return Err(ApiError::forbidden(format!(
+                "{}.{} {name:?} is forbidden: User {:?} may write only the status of its Node record; administrators set its spec",
+                kind.info.plural,
+                crds::GROUP,
+                who.user()
+            )));
+        }
         let key = record_key(kind.info.plural, ns, name);
         for _ in 0..16 {
             let Some((current, rev)) = self.read(&key).await? else {

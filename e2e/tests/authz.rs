@@ -448,7 +448,26 @@ async fn node_reads_and_updates_only_its_own_node_record() -> anyhow::Result<()>
 
     let own = kubectl_json(&node, &["get", "node.karri.dev", "node-1"])?;
     ensure!(own["metadata"]["name"] == "node-1", "{own}");
+    // Its status is its own to report; its spec (zone, cordon, instance cap) is the
+    // administrators'.
     kubectl_ok(
+        &node,
+        &[
+            "patch",
+            "node.karri.dev",
+            "node-1",
+            "--subresource",
+            "status",
+            "--type",
+            "merge",
+            "-p",
+            r#"{"status":{"allocatable":{"vcpus":3,"memoryMiB":1024,"diskGiB":10}}}"#,
+        ],
+    )?;
+    let patched = kubectl_json(&c.admin, &["get", "node.karri.dev", "node-1"])?;
+    ensure!(patched["status"]["allocatable"]["vcpus"] == 3, "{patched}");
+    let own_spec = snapshot(&c).await?;
+    kubectl_refused(
         &node,
         &[
             "patch",
@@ -457,11 +476,14 @@ async fn node_reads_and_updates_only_its_own_node_record() -> anyhow::Result<()>
             "--type",
             "merge",
             "-p",
-            r#"{"spec":{"unschedulable":true}}"#,
+            r#"{"spec":{"unschedulable":false,"availabilityZone":"karri-1b"}}"#,
         ],
+        "Forbidden",
     )?;
-    let patched = kubectl_json(&c.admin, &["get", "node.karri.dev", "node-1"])?;
-    ensure!(patched["spec"]["unschedulable"] == true, "{patched}");
+    ensure!(
+        snapshot(&c).await? == own_spec,
+        "a refused write of its own spec changed data"
+    );
     let names: Vec<String> = kubectl_json(&node, &["get", "nodes.karri.dev"])?["items"]
         .as_array()
         .context("no items")?
