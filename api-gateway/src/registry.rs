@@ -340,8 +340,9 @@ impl Registry {
         let key = record_key(kind.info.plural, ns, name);
         match self.read(&key).await? {
             Some((v, _)) if auth::can_see(who, kind.info.kind, &v) => Ok(v),
-            Some(_) => Err(not_yours(who, kind, name)),
-            None => Err(ApiError::not_found(kind.info.plural, name)),
+            // A record the caller may not see is not there for it: a 403 would tell a node
+            // token which names exist on other nodes.
+            _ => Err(ApiError::not_found(kind.info.plural, name)),
         }
     }
 
@@ -689,12 +690,14 @@ impl Registry {
         }
         let key = record_key(kind.info.plural, ns, name);
         for _ in 0..16 {
-            let Some((current, rev)) = self.read(&key).await? else {
+            let Some((current, rev)) = self
+                .read(&key)
+                .await?
+                .filter(|(current, _)| auth::can_see(who, kind.info.kind, current))
+            else {
+                // Missing, or not the caller's to see: the same answer either way.
                 return Err(ApiError::not_found(kind.info.plural, name));
             };
-            if !auth::can_see(who, kind.info.kind, &current) {
-                return Err(not_yours(who, kind, name));
-            }
             if precondition.is_some_and(|p| p != rev) {
                 return Err(ApiError::conflict(kind.info.plural, name));
             }
@@ -886,12 +889,13 @@ impl Registry {
             )));
         }
         for _ in 0..16 {
-            let Some((current, rev)) = self.read(&key).await? else {
+            let Some((current, rev)) = self
+                .read(&key)
+                .await?
+                .filter(|(current, _)| auth::can_see(who, kind.info.kind, current))
+            else {
                 return Err(ApiError::not_found(kind.info.plural, name));
             };
-            if !auth::can_see(who, kind.info.kind, &current) {
-                return Err(not_yours(who, kind, name));
-            }
             let uid = current
                 .pointer("/metadata/uid")
                 .and_then(Value::as_str)
@@ -1487,15 +1491,6 @@ impl Registry {
 }
 
 /// The refusal of a record the caller may not touch (another node's instance).
-fn not_yours(who: &Principal, kind: &Kind, name: &str) -> ApiError {
-    ApiError::forbidden(format!(
-        "{}.{} {name:?} is forbidden: User {:?} may only touch records bound to it",
-        kind.info.plural,
-        crds::GROUP,
-        who.user()
-    ))
-}
-
 /// The operations that remove a record with its ID index and unique keys.
 fn removal_ops(kind: &Kind, key: &str, current: &Value) -> Vec<TxnOp> {
     let mut ops = vec![TxnOp::delete(key, None)];
