@@ -109,9 +109,18 @@ struct TokenEntry {
 }
 
 /// The known bearer tokens.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Authenticator {
     tokens: HashMap<String, Principal>,
+}
+
+impl std::fmt::Debug for Authenticator {
+    /// The principals only: a token in a log is a credential given away.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("principals", &self.tokens.values().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl Authenticator {
@@ -363,6 +372,18 @@ mod tests {
             namespaced,
             name,
         }
+    }
+
+    #[test]
+    fn the_authenticator_never_shows_its_tokens() {
+        let auth = Authenticator::from_yaml(
+            "tokens: [{token: s3cr3t-token-0123456789, user: admin, role: admin}]",
+            "tokens.yaml",
+        )
+        .expect("a tokens file");
+        let shown = format!("{auth:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(shown.contains("admin"), "{shown}");
     }
 
     #[test]
