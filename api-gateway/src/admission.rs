@@ -181,12 +181,18 @@ pub fn account_name_problem(name: &str) -> Option<String> {
             "an account name is its namespace: 1 to 63 lowercase letters, digits or '-', starting and ending with a letter or digit".into(),
         );
     }
-    if name == "default" || name.starts_with("kube-") || name.starts_with("karri-") {
+    if is_system_namespace(name) {
         return Some(format!(
             "{name:?} is reserved: default, kube-* and karri-* namespaces are not accounts"
         ));
     }
     None
+}
+
+/// Whether `namespace` is reserved for the system (`default`, `kube-*`, `karri-*`): no account
+/// is named so, and only administrators write there.
+pub fn is_system_namespace(namespace: &str) -> bool {
+    namespace == "default" || namespace.starts_with("kube-") || namespace.starts_with("karri-")
 }
 
 /// A fresh EC2-style ID: `<prefix>-` and 17 hex digits.
@@ -692,5 +698,15 @@ mod tests {
             assert!(account_name_problem(bad).is_some(), "{bad}");
         }
         assert!(account_name_problem(&"a".repeat(64)).is_some());
+    }
+
+    #[test]
+    fn system_namespaces_are_default_kube_and_karri_ones() {
+        for system in ["default", "kube-system", "karri-images"] {
+            assert!(is_system_namespace(system), "{system}");
+        }
+        for other in ["research", "karri", "kube", "defaults"] {
+            assert!(!is_system_namespace(other), "{other}");
+        }
     }
 }
