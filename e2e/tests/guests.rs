@@ -38,6 +38,19 @@ fn instance_id(run: &Value) -> anyhow::Result<String> {
         .with_context(|| format!("no instance ID in {run}"))
 }
 
+/// Runs one `t1.micro` of the cloud's micro image with `extra` arguments; its instance ID.
+async fn run_micro(cloud: &GuestCloud, extra: &[&str]) -> anyhow::Result<String> {
+    let mut args = vec![
+        "run-instances",
+        "--image-id",
+        &cloud.image_id,
+        "--instance-type",
+        "t1.micro",
+    ];
+    args.extend_from_slice(extra);
+    instance_id(&cloud.aws(&args).await?)
+}
+
 /// Polls GetConsoleOutput until it shows `karri-micro: ready`.
 async fn console_when_ready(cloud: &GuestCloud, id: &str) -> anyhow::Result<String> {
     let deadline = Instant::now() + BOOT_DEADLINE;
@@ -266,16 +279,7 @@ async fn the_micro_image_uploaded_to_s3_boots_a_guest_that_prints_ready() -> any
     );
 
     let started = Instant::now();
-    let run = cloud
-        .aws(&[
-            "run-instances",
-            "--image-id",
-            &cloud.image_id,
-            "--instance-type",
-            "t1.micro",
-        ])
-        .await?;
-    let id = instance_id(&run)?;
+    let id = run_micro(&cloud, &[]).await?;
     let console = console_when_ready(&cloud, &id).await?;
     let booted = started.elapsed();
 
@@ -425,18 +429,7 @@ async fn a_guest_that_powers_itself_off_is_stopped_not_booted_again() -> anyhow:
     let script = dir.path().join("poweroff.sh");
     std::fs::write(&script, POWEROFF_SCRIPT)?;
     let user_data = format!("file://{}", script.display());
-    let run = cloud
-        .aws(&[
-            "run-instances",
-            "--image-id",
-            &cloud.image_id,
-            "--instance-type",
-            "t1.micro",
-            "--user-data",
-            &user_data,
-        ])
-        .await?;
-    let id = instance_id(&run)?;
+    let id = run_micro(&cloud, &["--user-data", &user_data]).await?;
     // As EC2 with instanceInitiatedShutdownBehavior `stop`: the instance ends up stopped
     // (one guest boots in well under a minute; the agent looks again every resync).
     until_state(&cloud, &id, "stopped", 2 * DEADLINE).await?;
@@ -501,16 +494,7 @@ async fn until_instance_status(cloud: &GuestCloud, id: &str, want: &str) -> anyh
 async fn a_paused_guest_stays_running_with_an_impaired_status_until_it_is_resumed(
 ) -> anyhow::Result<()> {
     let cloud = GuestCloud::start("paused").await?;
-    let run = cloud
-        .aws(&[
-            "run-instances",
-            "--image-id",
-            &cloud.image_id,
-            "--instance-type",
-            "t1.micro",
-        ])
-        .await?;
-    let id = instance_id(&run)?;
+    let id = run_micro(&cloud, &[]).await?;
     until_instance_status(&cloud, &id, "ok").await?;
     let domain = format!("karri-{id}");
     let suspended = cloud.host.virsh(["suspend", &domain]).output()?;
@@ -539,16 +523,7 @@ async fn a_paused_guest_stays_running_with_an_impaired_status_until_it_is_resume
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forced_stop_destroys_the_domain_without_asking_the_guest_first() -> anyhow::Result<()> {
     let cloud = GuestCloud::start("forcestop").await?;
-    let run = cloud
-        .aws(&[
-            "run-instances",
-            "--image-id",
-            &cloud.image_id,
-            "--instance-type",
-            "t1.micro",
-        ])
-        .await?;
-    let id = instance_id(&run)?;
+    let id = run_micro(&cloud, &[]).await?;
     until_instance_status(&cloud, &id, "ok").await?;
     cloud
         .aws(&["stop-instances", "--instance-ids", &id, "--force"])
