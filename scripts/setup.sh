@@ -11,7 +11,7 @@ APT_PKGS=(
   etcd-server
   libvirt-daemon-system libvirt-clients libvirt-dev
   qemu-system-x86 qemu-utils
-  pkg-config protobuf-compiler
+  pkg-config protobuf-compiler libprotobuf-dev
   python3-venv
   iproute2 nftables curl jq
   dnsmasq-base busybox e2fsprogs util-linux
