@@ -8,6 +8,18 @@ say() { printf 'libvirtd: %s\n' "$*"; }
 
 answers() { virsh -c qemu:///system version >/dev/null 2>&1; }
 
+# Without udev (containers, CI machines) /dev/kvm keeps the kernel's root-only mode, where
+# Debian's udev rule gives it to group kvm (0660), which QEMU's user is in. libvirtd's probe of
+# QEMU (as root) then finds KVM, but its check of the cached probe (as QEMU's user) does not, so
+# it probes QEMU again before every domain it defines: seconds each, and tens of seconds on a
+# loaded machine, which the node agent's libvirt keepalive takes for a dead libvirtd.
+if [ -c /dev/kvm ] && getent group kvm >/dev/null 2>&1 \
+    && [ "$(stat -c '%G %a' /dev/kvm)" = "root 600" ]; then
+  say "giving /dev/kvm to group kvm (0660), as Debian's udev rule does"
+  chgrp kvm /dev/kvm
+  chmod 0660 /dev/kvm
+fi
+
 if answers; then
   say "running"
   exit 0

@@ -15,6 +15,7 @@ APT_PKGS=(
   python3-venv
   iproute2 nftables curl jq
   dnsmasq-base busybox e2fsprogs util-linux
+  libxml2-utils
 )
 
 say() { printf 'setup: %s\n' "$*"; }
