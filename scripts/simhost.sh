@@ -118,8 +118,9 @@ auth_unix_rw = "none"
 auth_unix_ro = "none"
 log_level = ${KARRI_SIMHOST_LOG_LEVEL:-3}
 log_outputs = "${KARRI_SIMHOST_LOG_LEVEL:-3}:file:$dir/libvirtd.log"
-# The node agent starts many domains at once over one connection (default: 5 at a time; the
-# agent makes at most 32 calls at once).
+# The node agent starts many domains at once over one connection (libvirtd's default is 5
+# requests of a client at a time; agents on simulated hosts run with --libvirt-max-calls 31,
+# one below this, so that the keepalive is always read).
 max_client_requests = 32
 max_workers = 20
 EOF

@@ -341,6 +341,9 @@ impl GuestCloud {
                 ZONE,
                 "--libvirt-uri",
                 host.uri(),
+                // The simulated host's libvirtd takes 32 requests of a client at once.
+                "--libvirt-max-calls",
+                "31",
                 "--guest-netns",
                 host.netns(),
                 // KVM opens on these machines but hangs guest kernels (nested virtualisation).

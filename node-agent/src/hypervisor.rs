@@ -20,7 +20,7 @@ use std::future::Future;
 use std::time::Duration;
 
 pub use fake::FakeHypervisor;
-pub use libvirt::{KeepAlive, LibvirtHypervisor};
+pub use libvirt::{KeepAlive, LibvirtHypervisor, DEFAULT_MAX_CALLS};
 
 use crate::domain;
 use crate::plan::{Action, DomainState, Observed};

@@ -46,6 +46,12 @@ struct Args {
     /// libvirt connection URI (`test:///default` for libvirt's test driver).
     #[arg(long, env = "KARRI_LIBVIRT_URI", default_value = "qemu:///system")]
     libvirt_uri: String,
+    /// Most libvirt calls at once: at most one less than libvirtd's `max_client_requests`
+    /// (5 by default). libvirtd reads nothing more from a client with that many calls in
+    /// flight, keepalive answers included, so a busy libvirtd's connection would be closed as
+    /// dead. Raise both together to start more domains at once.
+    #[arg(long, env = "KARRI_LIBVIRT_MAX_CALLS", default_value_t = node_agent::hypervisor::DEFAULT_MAX_CALLS)]
+    libvirt_max_calls: usize,
     /// vCPUs offered to instances (default: the CPUs this process may use).
     #[arg(long, env = "KARRI_VCPUS")]
     vcpus: Option<u32>,
@@ -257,7 +263,8 @@ async fn connect(uri: &str, node: &str) -> LibvirtHypervisor {
 /// (observing the domain it started) waited for one of the eight to finish. Threads are made
 /// only when all are busy and leave after 10 s idle; malloc gives them no arenas of their own
 /// (see [`MALLOC_ARENA_ENV`]). libvirtd works on at most `max_client_requests` calls of one
-/// client at once (5 by default, 32 on the simulated hosts); the rest wait in its queue.
+/// client at once (5 by default, 32 on the simulated hosts), and `--libvirt-max-calls` keeps the
+/// agent below that.
 const LIBVIRT_THREADS: usize = 32;
 
 /// glibc's malloc gives each thread that allocates its own arena, and the agent's blocking
@@ -313,8 +320,12 @@ async fn run() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot serve metrics on {}", args.metrics_listen))?;
 
-    let hypervisor = Arc::new(connect(&args.libvirt_uri, &args.node_name).await);
-    tracing::info!(uri = %args.libvirt_uri, node = %args.node_name, "connected to libvirt");
+    let hypervisor = Arc::new(
+        connect(&args.libvirt_uri, &args.node_name)
+            .await
+            .with_max_calls(args.libvirt_max_calls),
+    );
+    tracing::info!(uri = %args.libvirt_uri, node = %args.node_name, max_calls = args.libvirt_max_calls, "connected to libvirt");
     tokio::spawn(metrics::serve(
         listener,
         metrics.clone(),

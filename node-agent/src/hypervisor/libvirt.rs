@@ -28,6 +28,13 @@
 //! libvirtd restart at once (the socket closes), so that the next call reconnects instead of
 //! failing on the dead socket. The test driver's connection is local and always alive.
 //!
+//! At most [`DEFAULT_MAX_CALLS`] calls (or [`LibvirtHypervisor::with_max_calls`]) run on the
+//! connection at once; the others wait here. libvirtd works on at most `max_client_requests`
+//! calls of one client (5 by default) and reads nothing more from its socket meanwhile, the
+//! keepalive answers included: with all of them in flight on a libvirtd that is slow (probing
+//! QEMU, starting many domains), the keepalive would close a live connection and fail every
+//! call on it. One request slot stays free for the keepalive.
+//!
 //! A short mutex guards only the swap of the connection: before each call the connection is
 //! checked with `virConnectIsAlive` (a local check, no round trip) and, if it is closed, one
 //! call opens it again outside the lock. Opening waits for libvirtd's answer, for as long as
@@ -36,6 +43,8 @@
 
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
+
+use tokio::sync::Semaphore;
 
 use virt::connect::Connect;
 use virt::domain::{Domain, DomainState as LibvirtState};
@@ -50,7 +59,13 @@ use crate::plan::DomainState;
 #[derive(Clone)]
 pub struct LibvirtHypervisor {
     shared: Arc<Shared>,
+    /// Permits for calls in flight on the connection.
+    calls: Arc<Semaphore>,
 }
+
+/// Calls at once on one connection by default: one less than libvirtd's default
+/// `max_client_requests` (5), so that the keepalive is always read.
+pub const DEFAULT_MAX_CALLS: usize = 4;
 
 struct Shared {
     uri: String,
@@ -128,10 +143,18 @@ impl LibvirtHypervisor {
                     keepalive,
                     conn: Mutex::new(Slot::Open(Arc::new(conn))),
                 }),
+                calls: Arc::new(Semaphore::new(DEFAULT_MAX_CALLS)),
             })
         })
         .await
         .map_err(HypervisorError::Blocking)?
+    }
+
+    /// Runs at most `max_calls` calls at once (at least one) instead of [`DEFAULT_MAX_CALLS`]:
+    /// for a libvirtd whose `max_client_requests` is above `max_calls`.
+    pub fn with_max_calls(mut self, max_calls: usize) -> Self {
+        self.calls = Arc::new(Semaphore::new(max_calls.max(1)));
+        self
     }
 
     /// The connection URI.
@@ -150,8 +173,13 @@ impl LibvirtHypervisor {
         T: Send + 'static,
         F: FnOnce(&Connect, &str) -> Result<T, HypervisorError> + Send + 'static,
     {
+        let permit = Arc::clone(&self.calls)
+            .acquire_owned()
+            .await
+            .expect("the call semaphore is never closed");
         let shared = Arc::clone(&self.shared);
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let conn = shared.connection()?;
             f(&conn, &shared.node)
         })
@@ -510,5 +538,41 @@ impl Hypervisor for LibvirtHypervisor {
         let name = name.to_owned();
         self.blocking(move |conn, node| undefine(conn, node, &name))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_more_calls_than_allowed_run_on_the_connection_at_once() {
+        let hv = LibvirtHypervisor::connect("test:///default", "node-max-calls")
+            .await
+            .expect("the test driver connects")
+            .with_max_calls(3);
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let calls = (0..12).map(|_| {
+            let (hv, running, most) = (hv.clone(), running.clone(), most.clone());
+            tokio::spawn(async move {
+                hv.blocking(move |_, _| {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    // Long enough for every waiting call to pile up if nothing held it back.
+                    std::thread::sleep(Duration::from_millis(50));
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    Ok(())
+                })
+                .await
+            })
+        });
+        for call in futures::future::join_all(calls).await {
+            call.expect("the call task ends")
+                .expect("the call succeeds");
+        }
+        assert_eq!(most.load(Ordering::SeqCst), 3);
     }
 }
