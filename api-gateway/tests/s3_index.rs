@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 
 use api_gateway::s3::index::{
-    BucketSeen, IndexError, ObjectIndex, ObjectMeta, PartMeta, Segment, UploadMeta,
+    BucketSeen, CompletionHolds, Expect, IndexError, ObjectIndex, ObjectMeta, PartMeta, Segment,
+    UploadMeta,
 };
 use api_gateway::store;
 use etcd_client::Client;
@@ -168,13 +169,37 @@ async fn a_completed_upload_becomes_its_object_in_one_step() -> anyhow::Result<(
                 "u1",
                 &object("p1", 10),
                 "big",
-                read_at
+                CompletionHolds {
+                    parts_read_at: read_at,
+                    expect: Expect::Anything,
+                },
+            )
+            .await,
+        Err(IndexError::PartsChanged)
+    ));
+    assert!(index.get_object("photos", "big").await?.is_none());
+    let (_, read_at) = index.list_parts_versioned("u1").await?;
+    // A completion that expects no object (If-None-Match: *) meets one written meanwhile.
+    index
+        .put_object(seen.it(), "photos", "big", &object("other", 1))
+        .await?;
+    assert!(matches!(
+        index
+            .complete_upload(
+                &seen.record,
+                "photos",
+                "u1",
+                &object("p1", 10),
+                "big",
+                CompletionHolds {
+                    parts_read_at: read_at,
+                    expect: Expect::Absent,
+                },
             )
             .await,
         Err(IndexError::Changed)
     ));
-    assert!(index.get_object("photos", "big").await?.is_none());
-    let (_, read_at) = index.list_parts_versioned("u1").await?;
+    assert!(index.get_upload("photos", "u1").await?.is_some());
     index
         .complete_upload(
             &seen.record,
@@ -182,7 +207,10 @@ async fn a_completed_upload_becomes_its_object_in_one_step() -> anyhow::Result<(
             "u1",
             &object("p1", 10),
             "big",
-            read_at,
+            CompletionHolds {
+                parts_read_at: read_at,
+                expect: Expect::Anything,
+            },
         )
         .await?;
     assert!(index.get_object("photos", "big").await?.is_some());
@@ -197,7 +225,10 @@ async fn a_completed_upload_becomes_its_object_in_one_step() -> anyhow::Result<(
                 "u1",
                 &object("p1", 10),
                 "big",
-                read_at
+                CompletionHolds {
+                    parts_read_at: read_at,
+                    expect: Expect::Anything,
+                },
             )
             .await,
         Err(IndexError::NoUpload)

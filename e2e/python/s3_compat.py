@@ -2300,6 +2300,96 @@ def group_errors(suite):
         with clock(-3600):
             expect_error("RequestTimeTooSkewed", 403, s3(A).get_object, Bucket=name, Key="k.txt")
 
+    @g.check("user_metadata_over_2_kib_is_metadata_too_large_and_stores_nothing")
+    def _():
+        big = {"note": "x" * 2100}
+        expect_error("MetadataTooLarge", 400, s3(A).put_object, Bucket=name, Key="big-meta",
+                     Body=b"m", Metadata=big)
+        check(not exists(s3(A), name, "big-meta"), "the refused upload exists")
+        expect_error("MetadataTooLarge", 400, s3(A).copy_object, Bucket=name, Key="big-copy",
+                     CopySource={"Bucket": name, "Key": "k.txt"}, MetadataDirective="REPLACE",
+                     Metadata=big)
+        check(not exists(s3(A), name, "big-copy"), "the refused copy exists")
+        expect_error("MetadataTooLarge", 400, s3(A).create_multipart_upload, Bucket=name,
+                     Key="big-multi", Metadata=big)
+        allowed(s3(A).put_object, Bucket=name, Key="meta-ok", Body=b"m",
+                Metadata={"note": "x" * 1900})
+
+    @g.check("more_than_10_object_tags_are_refused")
+    def _():
+        eleven = "&".join(f"t{i}=v" for i in range(11))
+        expect_error("BadRequest", 400, s3(A).put_object, Bucket=name, Key="tagged", Body=b"t",
+                     Tagging=eleven)
+        tags = {"TagSet": [{"Key": f"t{i}", "Value": "v"} for i in range(11)]}
+        expect_error("BadRequest", 400, s3(A).put_object_tagging, Bucket=name, Key="k.txt",
+                     Tagging=tags)
+        check(s3(A).get_object_tagging(Bucket=name, Key="k.txt")["TagSet"] == [],
+              "the refused tags were stored")
+
+    @g.check("a_version_id_other_than_null_is_invalid_argument_and_deletes_nothing")
+    def _():
+        other = "3HL4kqtJlcpXroDTDmJ.rmSpXd3dIbrHY"
+        expect_error("InvalidArgument", 400, s3(A).get_object, Bucket=name, Key="k.txt",
+                     VersionId=other)
+        expect_error("InvalidArgument", 400, s3(A).delete_object, Bucket=name, Key="k.txt",
+                     VersionId=other)
+        answer = s3(A).delete_objects(Bucket=name, Delete={
+            "Objects": [{"Key": "k.txt", "VersionId": other}]})
+        codes = [(e.get("Key"), e.get("Code")) for e in answer.get("Errors", [])]
+        check(codes == [("k.txt", "InvalidArgument")], f"delete_objects answered {brief(answer)}")
+        check(body_of(s3(A), name, "k.txt") == b"k", "k.txt is gone")
+        check(body_of(s3(A), name, "k.txt", VersionId="null") == b"k",
+              "the null version is not served")
+
+    @g.check("an_anonymous_get_may_not_override_response_headers")
+    def _():
+        s3(A).put_object(Bucket=name, Key="public.txt", Body=b"<p>", ACL="public-read")
+        anon = s3(anonymous=True)
+        check(body_of(anon, name, "public.txt") == b"<p>", "the public object is not served")
+        expect_error("InvalidRequest", 400, anon.get_object, Bucket=name, Key="public.txt",
+                     ResponseContentType="text/html")
+        shown = s3(A).get_object(Bucket=name, Key="public.txt", ResponseContentType="text/html")
+        check(shown["ContentType"] == "text/html", f"a signed override: {shown['ContentType']}")
+
+    @g.check("an_expected_bucket_owner_that_is_another_account_is_access_denied")
+    def _():
+        check(OWNER.get("A") and OWNER.get("B"), f"owners not known: {OWNER}")
+        check(body_of(s3(A), name, "k.txt", ExpectedBucketOwner=OWNER["A"]) == b"k",
+              "the owner's own expectation was refused")
+        expect_error("AccessDenied", 403, s3(A).get_object, Bucket=name, Key="k.txt",
+                     ExpectedBucketOwner=OWNER["B"])
+        expect_error("AccessDenied", 403, s3(A).put_object, Bucket=name, Key="w2.txt", Body=b"w",
+                     ExpectedBucketOwner=OWNER["B"])
+        check(not exists(s3(A), name, "w2.txt"), "the refused upload exists")
+        expect_error("AccessDenied", 403, s3(A).copy_object, Bucket=name, Key="c2.txt",
+                     CopySource={"Bucket": name, "Key": "k.txt"},
+                     ExpectedSourceBucketOwner=OWNER["B"])
+
+    @g.check("an_unknown_metadata_directive_is_invalid_argument")
+    def _():
+        expect_error("InvalidArgument", 400, s3(A).copy_object, Bucket=name, Key="c3.txt",
+                     CopySource={"Bucket": name, "Key": "k.txt"}, MetadataDirective="MOVE")
+
+    @g.check("completing_with_if_none_match_onto_an_existing_key_is_precondition_failed")
+    def _():
+        up = s3(A).create_multipart_upload(Bucket=name, Key="k.txt")["UploadId"]
+        part = s3(A).upload_part(Bucket=name, Key="k.txt", UploadId=up, PartNumber=1,
+                                 Body=b"new")
+        parts = {"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]}
+        expect_error("PreconditionFailed", 412, s3(A).complete_multipart_upload, Bucket=name,
+                     Key="k.txt", UploadId=up, MultipartUpload=parts, IfNoneMatch="*")
+        check(body_of(s3(A), name, "k.txt") == b"k", "the refused completion replaced k.txt")
+        uploads = s3(A).list_multipart_uploads(Bucket=name).get("Uploads", [])
+        check(up in [u["UploadId"] for u in uploads], "the refused completion ended the upload")
+        done = s3(A).complete_multipart_upload(Bucket=name, Key="k.txt", UploadId=up,
+                                               MultipartUpload=parts)
+        check(done["ETag"].endswith('-1"'), f"completed {brief(done)}")
+        # A retry of the completion is answered as the first was.
+        again = s3(A).complete_multipart_upload(Bucket=name, Key="k.txt", UploadId=up,
+                                                MultipartUpload=parts)
+        check(again["ETag"] == done["ETag"], f"the retry answered {brief(again)}")
+        s3(A).put_object(Bucket=name, Key="k.txt", Body=b"k")
+
 
 def virtual_host(bucket_name):
     return f"{bucket_name}.{DOMAIN}:{PORT}"

@@ -13,6 +13,8 @@ use super::blob::{BlobError, ByteStream};
 
 /// Longest chunk header or trailer line accepted.
 const MAX_LINE: usize = 4096;
+/// Most trailer lines accepted (a checksum or two is what clients send).
+const MAX_TRAILERS: usize = 32;
 
 enum Phase {
     Header,
@@ -53,10 +55,11 @@ impl Trailers {
             .map_err(|_| malformed("a trailer's name is not a header name"))?;
         let value = HeaderValue::from_str(value.trim())
             .map_err(|_| malformed("a trailer's value is not a header value"))?;
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(name, value);
+        let mut trailers = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if trailers.len() >= MAX_TRAILERS {
+            return Err(malformed("too many trailers"));
+        }
+        trailers.insert(name, value);
         Ok(())
     }
 }
@@ -220,6 +223,21 @@ mod tests {
                 .unwrap(),
             b"abc"
         );
+    }
+
+    #[tokio::test]
+    async fn too_many_trailers_are_an_error() {
+        let mut body = b"3\r\nabc\r\n0\r\n".to_vec();
+        for i in 0..=MAX_TRAILERS {
+            body.extend_from_slice(format!("x-t-{i}: v\r\n").as_bytes());
+        }
+        body.extend_from_slice(b"\r\n");
+        let body: &'static [u8] = Box::leak(body.into_boxed_slice());
+        let err = run(&[body]).await.unwrap_err();
+        assert!(err.to_string().contains("too many trailers"), "{err}");
+        // As many as allowed are fine.
+        let ok: &'static [u8] = b"0\r\nx-a: 1\r\nx-a: 2\r\n\r\n";
+        assert!(run(&[ok]).await.is_ok());
     }
 
     #[tokio::test]

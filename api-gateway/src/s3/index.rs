@@ -38,6 +38,9 @@ pub enum IndexError {
     /// The object is not as the write expected (written or deleted meanwhile).
     #[error("the object changed while the request ran")]
     Changed,
+    /// A part of the multipart upload was written again while it was being completed.
+    #[error("a part changed while the upload was completed")]
+    PartsChanged,
     /// etcd failed.
     #[error("the object index is unavailable: {0}")]
     Etcd(#[from] etcd_client::Error),
@@ -58,7 +61,7 @@ impl IndexError {
     pub fn refused_for_sure(&self) -> bool {
         matches!(
             self,
-            Self::NoBucket | Self::BucketBusy | Self::NoUpload | Self::Changed
+            Self::NoBucket | Self::BucketBusy | Self::NoUpload | Self::Changed | Self::PartsChanged
         )
     }
 }
@@ -72,6 +75,15 @@ pub enum Expect {
     Absent,
     /// The entry read at this mod revision, unchanged since.
     Version(i64),
+}
+
+/// What must still hold when a multipart upload is completed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompletionHolds {
+    /// The revision the parts were read at: no part may have been written since.
+    pub parts_read_at: i64,
+    /// What the completion expects at the object's key (`If-Match`, `If-None-Match`).
+    pub expect: Expect,
 }
 
 /// One run of bytes of an object: a whole blob.
@@ -276,6 +288,15 @@ fn bucket_open(seen: BucketSeen<'_>, bucket: &str) -> [Compare; 3] {
     ]
 }
 
+/// The compare that holds a write to what it expects at the object's etcd key `k`.
+fn expect_compare(k: &str, expect: Expect) -> Option<Compare> {
+    match expect {
+        Expect::Anything => None,
+        Expect::Absent => Some(Compare::create_revision(k, CompareOp::Equal, 0)),
+        Expect::Version(v) => Some(Compare::mod_revision(k, CompareOp::Equal, v)),
+    }
+}
+
 fn parse<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, IndexError> {
     serde_json::from_slice(value).map_err(|e| IndexError::Corrupt {
         key: String::from_utf8_lossy(key).into_owned(),
@@ -398,11 +419,7 @@ impl ObjectIndex {
     ) -> Result<Option<ObjectMeta>, IndexError> {
         let k = object_key(bucket, key);
         let mut when = bucket_open(seen, bucket).to_vec();
-        match expect {
-            Expect::Anything => {}
-            Expect::Absent => when.push(Compare::create_revision(k.clone(), CompareOp::Equal, 0)),
-            Expect::Version(v) => when.push(Compare::mod_revision(k.clone(), CompareOp::Equal, v)),
-        }
+        when.extend(expect_compare(&k, expect));
         let txn = Txn::new().when(when).and_then([TxnOp::put(
             k.clone(),
             json(meta),
@@ -664,7 +681,8 @@ impl ObjectIndex {
 
     /// Completes an upload in one transaction: the object appears, the upload and all its part
     /// entries disappear, or nothing happens. Returns the replaced object, if any;
-    /// [`IndexError::Changed`] when a part was written after `parts_read_at`.
+    /// [`IndexError::PartsChanged`] when a part was written after the parts were read, and
+    /// [`IndexError::Changed`] when the object at `key` is not what the completion expects.
     pub async fn complete_upload(
         &self,
         bucket_record: &str,
@@ -672,30 +690,36 @@ impl ObjectIndex {
         upload_id: &str,
         meta: &ObjectMeta,
         key: &str,
-        parts_read_at: i64,
+        holds: CompletionHolds,
     ) -> Result<Option<ObjectMeta>, IndexError> {
-        let txn = Txn::new()
-            .when([
-                Compare::version(bucket_record, CompareOp::Greater, 0),
-                Compare::version(deleting_key(bucket), CompareOp::Equal, 0),
-                Compare::version(upload_key(bucket, upload_id), CompareOp::Greater, 0),
-                // No part written since they were read: a part uploaded again meanwhile
-                // deleted the blob `meta` names.
-                Compare::mod_revision(parts_prefix(upload_id), CompareOp::Less, parts_read_at + 1)
-                    .with_prefix(),
-            ])
-            .and_then([
-                TxnOp::put(
-                    object_key(bucket, key),
-                    json(meta),
-                    Some(PutOptions::new().with_prev_key()),
-                ),
-                TxnOp::delete(upload_key(bucket, upload_id), None),
-                TxnOp::delete(
-                    parts_prefix(upload_id),
-                    Some(DeleteOptions::new().with_prefix()),
-                ),
-            ]);
+        let CompletionHolds {
+            parts_read_at,
+            expect,
+        } = holds;
+        let k = object_key(bucket, key);
+        let mut when = vec![
+            Compare::version(bucket_record, CompareOp::Greater, 0),
+            Compare::version(deleting_key(bucket), CompareOp::Equal, 0),
+            Compare::version(upload_key(bucket, upload_id), CompareOp::Greater, 0),
+            // No part written since they were read: a part uploaded again meanwhile
+            // deleted the blob `meta` names.
+            Compare::mod_revision(parts_prefix(upload_id), CompareOp::Less, parts_read_at + 1)
+                .with_prefix(),
+        ];
+        let expected = expect_compare(&k, expect);
+        when.extend(expected.clone());
+        let txn = Txn::new().when(when).and_then([
+            TxnOp::put(
+                object_key(bucket, key),
+                json(meta),
+                Some(PutOptions::new().with_prev_key()),
+            ),
+            TxnOp::delete(upload_key(bucket, upload_id), None),
+            TxnOp::delete(
+                parts_prefix(upload_id),
+                Some(DeleteOptions::new().with_prefix()),
+            ),
+        ]);
         let resp = self.txn(txn).await?;
         if !resp.succeeded() {
             let upload = self
@@ -707,10 +731,23 @@ impl ObjectIndex {
                 record: bucket_record,
                 revision: i64::MAX - 1,
             };
-            if upload.kvs().is_empty() || !self.bucket_open_now(held, bucket).await? {
+            if upload.kvs().is_empty() {
                 return Err(IndexError::NoUpload);
             }
-            return Err(IndexError::Changed);
+            if !self.bucket_open_now(held, bucket).await? {
+                // The upload is there: its bucket is being checked for deletion (which fails
+                // while the upload holds it), and the completion may be tried again.
+                return Err(match self.why_closed(bucket).await {
+                    IndexError::NoBucket => IndexError::NoUpload,
+                    other => other,
+                });
+            }
+            if let Some(compare) = expected {
+                if !self.txn(Txn::new().when([compare])).await?.succeeded() {
+                    return Err(IndexError::Changed);
+                }
+            }
+            return Err(IndexError::PartsChanged);
         }
         replaced(&resp)
     }

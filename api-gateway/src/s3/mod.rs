@@ -73,6 +73,16 @@ pub struct Refusal {
 }
 
 impl Refusal {
+    /// The answer to an S3 request on a gateway without an S3 face (no object storage set).
+    pub fn no_s3_face() -> Self {
+        Self {
+            status: StatusCode::NOT_IMPLEMENTED,
+            code: "NotImplemented",
+            message: "This gateway stores no S3 objects: it runs without --s3-data-dir or --s3-backend-url.".into(),
+            region: None,
+        }
+    }
+
     fn bad_request(code: &'static str, message: String) -> Self {
         Self {
             status: StatusCode::BAD_REQUEST,
@@ -98,8 +108,8 @@ impl Refusal {
 
 /// What the gateway refuses before s3s sees a request, which s3s would accept: signature
 /// version 2 (s3s checks neither its `Date` nor a limit on its expiry, and its signature does
-/// not cover the body), presigned URLs valid for more than a week, and credentials scoped to
-/// another region or service. Anything else (no signature, a malformed one, a good one) is left
+/// not cover the body), presigned URLs valid for more than a week, credentials scoped to
+/// another region or service, and signatures that do not cover `host`. Anything else (no signature, a malformed one, a good one) is left
 /// to s3s. Pure.
 pub fn auth_refusal(
     method: &str,
@@ -179,6 +189,14 @@ pub fn auth_refusal(
             ),
         ));
     }
+    // The Host header names the bucket in virtual-hosted style: unsigned, a captured request
+    // could be replayed against another bucket. AWS requires it signed; s3s does not check.
+    if !parsed.signed_headers.iter().any(|h| h == "host") {
+        return Some(Refusal::bad_request(
+            code,
+            format!("{what} the host header must be signed"),
+        ));
+    }
     None
 }
 
@@ -220,12 +238,67 @@ impl S3Auth for Secrets {
 }
 
 /// Authorization happens in the operations, which know the bucket's owner and ACLs; anonymous
-/// requests reach them too (public buckets and objects).
-struct AclsInOperations;
+/// requests reach them too (public buckets and objects). Checked here, before any operation:
+/// `x-amz-expected-bucket-owner` and `x-amz-source-expected-bucket-owner`, with which a client
+/// refuses to act on a bucket (or copy from one) that another account owns, say one recreated
+/// under the same name after its own was deleted.
+struct AclsInOperations {
+    registry: Arc<Registry>,
+}
+
+impl AclsInOperations {
+    /// AccessDenied unless bucket `name` is owned by account `expected`; a bucket that does not
+    /// exist is left to the operation (NoSuchBucket).
+    async fn owned_by(&self, name: &str, expected: &str) -> S3Result<()> {
+        let key = crate::store::record_key("buckets", None, name);
+        let value = match self.registry.cache.get("buckets", &key) {
+            Some(found) => Some(found.value.clone()),
+            None => self
+                .registry
+                .read_key_versioned(&key)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, bucket = name, "reading a bucket's owner");
+                    s3_error!(
+                        InternalError,
+                        "We encountered an internal error. Please try again."
+                    )
+                })?
+                .map(|(value, _)| value),
+        };
+        match value {
+            Some(v)
+                if v.pointer("/spec/ownerId")
+                    .and_then(serde_json::Value::as_str)
+                    != Some(expected) =>
+            {
+                Err(s3_error!(AccessDenied, "Access Denied"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
 
 #[async_trait::async_trait]
 impl s3s::access::S3Access for AclsInOperations {
-    async fn check(&self, _cx: &mut s3s::access::S3AccessContext<'_>) -> S3Result<()> {
+    async fn check(&self, cx: &mut s3s::access::S3AccessContext<'_>) -> S3Result<()> {
+        let header = |name: &str| cx.headers().get(name).and_then(|v| v.to_str().ok());
+        if let (Some(expected), Some(bucket)) = (
+            header("x-amz-expected-bucket-owner"),
+            cx.s3_path().get_bucket_name(),
+        ) {
+            self.owned_by(bucket, expected).await?;
+        }
+        if let (Some(expected), Some(source)) = (
+            header("x-amz-source-expected-bucket-owner"),
+            header("x-amz-copy-source"),
+        ) {
+            if let Ok(s3s::dto::CopySource::Bucket { bucket, .. }) =
+                s3s::dto::CopySource::parse(source)
+            {
+                self.owned_by(&bucket, expected).await?;
+            }
+        }
         Ok(())
     }
 }
@@ -436,8 +509,10 @@ impl S3Face {
             b.build()
         };
         let mut b = S3ServiceBuilder::new(ops.clone());
-        b.set_auth(Secrets { registry });
-        b.set_access(AclsInOperations);
+        b.set_auth(Secrets {
+            registry: registry.clone(),
+        });
+        b.set_access(AclsInOperations { registry });
         b.set_host(Hosts {
             domains: domains.clone(),
         });
@@ -465,6 +540,11 @@ impl S3Face {
     /// Whether `req` is an S3 request rather than an EC2 or resource-API one.
     pub fn claims(&self, req: &Request) -> bool {
         classify(req.method(), req.uri(), req.headers(), &self.domains) == Face::S3
+    }
+
+    /// The domains under which buckets are virtual hosts.
+    pub fn domains(&self) -> &[String] {
+        &self.domains
     }
 
     /// Serves one S3 request.
@@ -689,7 +769,8 @@ mod tests {
     }
 
     #[test]
-    fn version_2_signatures_long_presigned_urls_and_foreign_scopes_are_refused_up_front() {
+    fn version_2_signatures_long_presigned_urls_foreign_scopes_and_unsigned_hosts_are_refused_up_front(
+    ) {
         let v4 = |region: &str, service: &str| {
             format!(
                 "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261125/{region}/{service}/aws4_request, \
@@ -773,6 +854,25 @@ mod tests {
                 Some(v4("karri-1", "ec2")),
                 String::new(),
                 Some(("AuthorizationHeaderMalformed", "incorrect service 'ec2'")),
+            ),
+            (
+                "header that does not sign host",
+                Some(v4("karri-1", "s3").replace("host;x-amz-date", "x-amz-date")),
+                String::new(),
+                Some((
+                    "AuthorizationHeaderMalformed",
+                    "the host header must be signed",
+                )),
+            ),
+            (
+                "presigned without host",
+                None,
+                presigned("karri-1", "60")
+                    .replace("X-Amz-SignedHeaders=host", "X-Amz-SignedHeaders=x-amz-date"),
+                Some((
+                    "AuthorizationQueryParametersError",
+                    "the host header must be signed",
+                )),
             ),
         ];
         for (what, authorization, query, want) in rows {

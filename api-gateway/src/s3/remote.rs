@@ -23,7 +23,7 @@ const SINGLE_PUT_MAX: usize = 8 * 1024 * 1024;
 const PARTS_IN_FLIGHT: usize = 2;
 
 /// Where the remote cluster is and who signs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RemoteConfig {
     /// Endpoint URL, e.g. `https://rgw.example:8080`.
     pub endpoint: String,
@@ -37,6 +37,20 @@ pub struct RemoteConfig {
     pub secret_access_key: String,
     /// PEM CA certificate to trust (beside the system's roots).
     pub ca_pem: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for RemoteConfig {
+    /// Everything but the secret access key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteConfig")
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &"<redacted>")
+            .field("ca_pem", &self.ca_pem.as_ref().map(Vec::len))
+            .finish()
+    }
 }
 
 /// Blobs in a remote S3-compatible bucket.

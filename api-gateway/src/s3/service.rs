@@ -20,8 +20,8 @@ use super::blob::{BlobError, BlobStore, ByteStream};
 use super::checksum;
 use super::cond::{self, Outcome, Preconditions};
 use super::index::{
-    BucketSeen, Checksum, Expect, IndexError, ObjectIndex, ObjectMeta, PartMeta, Segment,
-    SystemHeaders, UploadMeta,
+    BucketSeen, Checksum, CompletionHolds, Expect, IndexError, ObjectIndex, ObjectMeta, PartMeta,
+    Segment, SystemHeaders, UploadMeta,
 };
 use super::listing::{list_page, KeySource, ListRequest};
 use crate::auth::Principal;
@@ -238,9 +238,11 @@ const UPDATE_ATTEMPTS: usize = 8;
 fn index_error(e: IndexError) -> S3Error {
     match e {
         IndexError::NoBucket => s3_error!(NoSuchBucket, "The specified bucket does not exist."),
+        // Retried by SDKs (503): the bucket's deletion is being tried, and fails if it holds
+        // anything.
         IndexError::BucketBusy => s3_error!(
-            OperationAborted,
-            "A conflicting conditional operation is currently in progress against this resource. Please try again."
+            ServiceUnavailable,
+            "The bucket is being checked for deletion. Please try again."
         ),
         IndexError::Changed => s3_error!(
             PreconditionFailed,
@@ -422,16 +424,33 @@ fn tags_from_header(header: Option<&str>) -> S3Result<Vec<(String, String)>> {
             "The x-amz-tagging header is not a query string.",
         )
     })?;
-    check_tags(&pairs)?;
+    check_tags(&pairs, MAX_OBJECT_TAGS)?;
     Ok(pairs)
 }
 
-fn check_tags(tags: &[(String, String)]) -> S3Result<()> {
-    if tags.len() > 50 {
-        return Err(s3_error!(
-            InvalidTag,
-            "Object tags cannot be greater than 50"
-        ));
+/// At most this many tags on an object (AWS's limit).
+const MAX_OBJECT_TAGS: usize = 10;
+/// At most this many tags on a bucket (AWS's limit).
+const MAX_BUCKET_TAGS: usize = 50;
+/// At most this many bytes of user metadata (keys and values, UTF-8) on an object, as in AWS.
+const MAX_USER_METADATA: usize = 2048;
+/// At most this many bytes of stored system headers (Content-Type, Cache-Control …): AWS takes
+/// at most 8 KiB of request headers in all.
+const MAX_SYSTEM_HEADERS: usize = 8192;
+
+fn check_tags(tags: &[(String, String)], max: usize) -> S3Result<()> {
+    if tags.len() > max {
+        return Err(if max == MAX_BUCKET_TAGS {
+            s3_error!(InvalidTag, "Bucket tag count cannot be greater than {max}")
+        } else {
+            // AWS's code for it, which s3s does not name.
+            let mut e = S3Error::with_message(
+                S3ErrorCode::Custom("BadRequest".into()),
+                format!("Object tags cannot be greater than {max}"),
+            );
+            e.set_status_code(http::StatusCode::BAD_REQUEST);
+            e
+        });
     }
     let mut seen = std::collections::HashSet::new();
     for (k, v) in tags {
@@ -451,7 +470,7 @@ fn check_tags(tags: &[(String, String)]) -> S3Result<()> {
     Ok(())
 }
 
-fn tags_from_dto(tagging: &Tagging) -> S3Result<Vec<(String, String)>> {
+fn tags_from_dto(tagging: &Tagging, max: usize) -> S3Result<Vec<(String, String)>> {
     let tags: Vec<(String, String)> = tagging
         .tag_set
         .iter()
@@ -462,7 +481,7 @@ fn tags_from_dto(tagging: &Tagging) -> S3Result<Vec<(String, String)>> {
             )
         })
         .collect();
-    check_tags(&tags)?;
+    check_tags(&tags, max)?;
     Ok(tags)
 }
 
@@ -475,13 +494,34 @@ fn tags_to_dto(tags: &[(String, String)]) -> TagSet {
         .collect()
 }
 
-fn metadata_of(m: Option<&Metadata>) -> BTreeMap<String, String> {
-    m.map(|m| {
-        m.iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-            .collect()
-    })
-    .unwrap_or_default()
+/// Buckets are never versioned, so the one version of an object is `null`: a request naming
+/// another version is refused (AWS: 400 InvalidArgument), never served or applied to the
+/// current object.
+fn only_null_version(version_id: Option<&str>) -> S3Result<()> {
+    match version_id {
+        None | Some("null") => Ok(()),
+        Some(_) => Err(s3_error!(InvalidArgument, "Invalid version id specified")),
+    }
+}
+
+/// The user metadata (`x-amz-meta-*`) to store, keys in lower case; refused above
+/// [`MAX_USER_METADATA`] bytes, as AWS refuses it.
+fn metadata_of(m: Option<&Metadata>) -> S3Result<BTreeMap<String, String>> {
+    let metadata: BTreeMap<String, String> = m
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let size: usize = metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > MAX_USER_METADATA {
+        return Err(s3_error!(
+            MetadataTooLarge,
+            "Your metadata headers exceed the maximum allowed metadata size: {size} bytes, at most {MAX_USER_METADATA}."
+        ));
+    }
+    Ok(metadata)
 }
 
 fn metadata_to_dto(m: &BTreeMap<String, String>) -> Option<Metadata> {
@@ -779,6 +819,14 @@ impl KarriS3 {
                 .map_err(internal)?
                 .ok_or_else(|| s3_error!(NoSuchBucket, "The specified bucket does not exist."))?,
         };
+        // A bucket whose DeleteBucket (or kubectl delete) waits on a finalizer is gone for S3:
+        // nothing more is written to it, and its name is not served.
+        if value.pointer("/metadata/deletionTimestamp").is_some() {
+            return Err(s3_error!(
+                NoSuchBucket,
+                "The specified bucket does not exist."
+            ));
+        }
         let spec: BucketSpec = serde_json::from_value(value["spec"].clone()).map_err(internal)?;
         Ok(BucketInfo {
             name: name.to_string(),
@@ -827,6 +875,74 @@ impl KarriS3 {
     }
 
     /// [`KarriS3::publish`] only if the key holds what `expect` says when the entry is written.
+    /// What a conditional write (`If-Match`, `If-None-Match`) expects at `key`, to hold in its
+    /// publishing transaction; refused at once when the conditions fail already.
+    async fn write_conditions(
+        &self,
+        bucket: &str,
+        key: &str,
+        if_match: Option<&ETagCondition>,
+        if_none_match: Option<&ETagCondition>,
+    ) -> S3Result<Expect> {
+        if if_match.is_none() && if_none_match.is_none() {
+            return Ok(Expect::Anything);
+        }
+        let existing = self
+            .index
+            .get_object_versioned(bucket, key)
+            .await
+            .map_err(index_error)?;
+        let expect = match &existing {
+            Some((_, version)) => Expect::Version(*version),
+            None => Expect::Absent,
+        };
+        match (existing.map(|(meta, _)| meta), if_none_match) {
+            (Some(_), Some(ETagCondition::Any)) => {
+                return Err(s3_error!(
+                    PreconditionFailed,
+                    "At least one of the pre-conditions you specified did not hold"
+                ))
+            }
+            (None, _) if if_match.is_some() => return Err(no_such_key()),
+            (Some(meta), _) => precondition_outcome(
+                &Preconditions {
+                    if_match: if_match.cloned(),
+                    if_none_match: if_none_match.cloned(),
+                    ..Default::default()
+                },
+                &meta,
+                false,
+            )?,
+            _ => {}
+        }
+        Ok(expect)
+    }
+
+    /// The answer to a CompleteMultipartUpload of an upload that is gone, when that upload
+    /// became the object now at `key`: a retry whose first answer was lost, or one that raced
+    /// the completion, is answered as the completion was.
+    async fn completed_already(
+        &self,
+        bucket: &str,
+        key: &str,
+        upload_id: &str,
+    ) -> S3Result<Option<CompleteMultipartUploadOutput>> {
+        let current = self
+            .index
+            .get_object(bucket, key)
+            .await
+            .map_err(index_error)?;
+        Ok(current
+            .filter(|meta| meta.upload_id.as_deref() == Some(upload_id))
+            .map(|meta| CompleteMultipartUploadOutput {
+                bucket: Some(bucket.to_owned()),
+                e_tag: Some(quoted(&meta.etag)),
+                key: Some(key.to_owned()),
+                location: Some(format!("/{bucket}/{key}")),
+                ..Default::default()
+            }))
+    }
+
     async fn publish_expecting(
         &self,
         bucket: &BucketInfo,
@@ -861,6 +977,13 @@ impl KarriS3 {
         meta: &ObjectMeta,
         range: std::ops::Range<u64>,
     ) -> S3Result<super::blob::Written> {
+        // Refused before a byte moves, as AWS refuses it, rather than after copying 5 GiB.
+        if range.end.saturating_sub(range.start) > MAX_PUT_SIZE {
+            return Err(s3_error!(
+                InvalidRequest,
+                "The specified copy source is larger than the maximum allowable size for a copy source: {MAX_PUT_SIZE}"
+            ));
+        }
         let stream = open_segments(&self.blobs, &meta.segments, range)
             .await
             .map_err(|e| match e {
@@ -881,12 +1004,18 @@ impl KarriS3 {
         caller: Option<&Caller>,
         source: &CopySource,
     ) -> S3Result<ObjectMeta> {
-        let CopySource::Bucket { bucket, key, .. } = source else {
+        let CopySource::Bucket {
+            bucket,
+            key,
+            version_id,
+        } = source
+        else {
             return Err(s3_error!(
                 NotImplemented,
                 "Access point copy sources are not supported."
             ));
         };
+        only_null_version(version_id.as_deref())?;
         let src_bucket = self.bucket(bucket).await?;
         let meta = self.object(bucket, key).await.map_err(|e| {
             // As for a GET: without read access to the source bucket, a missing key is
@@ -1000,6 +1129,7 @@ fn without_aws_chunked(encoding: &str) -> Option<String> {
     (!rest.is_empty()).then(|| rest.join(","))
 }
 
+/// The system headers to store with an object; refused above [`MAX_SYSTEM_HEADERS`] bytes.
 fn system_headers(
     content_type: Option<&ContentType>,
     cache_control: Option<&CacheControl>,
@@ -1007,15 +1137,32 @@ fn system_headers(
     content_encoding: Option<&ContentEncoding>,
     content_language: Option<&ContentLanguage>,
     expires: Option<&Expires>,
-) -> SystemHeaders {
-    SystemHeaders {
+) -> S3Result<SystemHeaders> {
+    let headers = SystemHeaders {
         content_type: content_type.map(ToString::to_string),
         cache_control: cache_control.cloned(),
         content_disposition: content_disposition.cloned(),
         content_encoding: content_encoding.and_then(|e| without_aws_chunked(e)),
         content_language: content_language.cloned(),
         expires_ms: expires.map(ms_of),
+    };
+    let size: usize = [
+        &headers.content_type,
+        &headers.cache_control,
+        &headers.content_disposition,
+        &headers.content_encoding,
+        &headers.content_language,
+    ]
+    .into_iter()
+    .map(|h| h.as_ref().map_or(0, String::len))
+    .sum();
+    if size > MAX_SYSTEM_HEADERS {
+        return Err(s3_error!(
+            RequestHeaderSectionTooLarge,
+            "Your request header section exceeds the maximum allowed size: {size} bytes of Content-* and Cache-Control headers, at most {MAX_SYSTEM_HEADERS}."
+        ));
     }
+    Ok(headers)
 }
 
 #[async_trait::async_trait]
@@ -1035,6 +1182,7 @@ impl S3 for KarriS3 {
             .filter(|r| {
                 r.value.pointer("/spec/ownerId").and_then(Value::as_str)
                     == Some(caller.account_id.as_str())
+                    && r.value.pointer("/metadata/deletionTimestamp").is_none()
             })
             .map(|r| Bucket {
                 bucket_region: None,
@@ -1269,7 +1417,7 @@ impl S3 for KarriS3 {
         let bucket = self
             .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::BucketConfig)
             .await?;
-        let tags = tags_from_dto(&req.input.tagging)?;
+        let tags = tags_from_dto(&req.input.tagging, MAX_BUCKET_TAGS)?;
         let tags: Vec<Value> = tags
             .into_iter()
             .map(|(k, v)| json!({"key": k, "value": v}))
@@ -1307,6 +1455,15 @@ impl S3 for KarriS3 {
             .await?;
         let acl = object_acl_of(input.acl.as_ref())?;
         let tags = tags_from_header(input.tagging.as_deref())?;
+        let headers = system_headers(
+            input.content_type.as_ref(),
+            input.cache_control.as_ref(),
+            input.content_disposition.as_ref(),
+            input.content_encoding.as_ref(),
+            input.content_language.as_ref(),
+            input.expires.as_ref(),
+        )?;
+        let metadata = metadata_of(input.metadata.as_ref())?;
         if input
             .content_length
             .is_some_and(|n| u64::try_from(n).map_or(true, |n| n > MAX_PUT_SIZE))
@@ -1315,38 +1472,14 @@ impl S3 for KarriS3 {
         }
         // The conditions are checked now, to refuse before the body is received, and held in
         // the publishing transaction: the entry must still be the one they were checked on.
-        let mut expect = Expect::Anything;
-        if input.if_match.is_some() || input.if_none_match.is_some() {
-            let existing = self
-                .index
-                .get_object_versioned(&bucket.name, &input.key)
-                .await
-                .map_err(index_error)?;
-            expect = match &existing {
-                Some((_, version)) => Expect::Version(*version),
-                None => Expect::Absent,
-            };
-            let existing = existing.map(|(meta, _)| meta);
-            match (&existing, &input.if_none_match) {
-                (Some(_), Some(ETagCondition::Any)) => {
-                    return Err(s3_error!(
-                        PreconditionFailed,
-                        "At least one of the pre-conditions you specified did not hold"
-                    ))
-                }
-                (None, _) if input.if_match.is_some() => return Err(no_such_key()),
-                (Some(meta), _) => precondition_outcome(
-                    &Preconditions {
-                        if_match: input.if_match.clone(),
-                        if_none_match: input.if_none_match.clone(),
-                        ..Default::default()
-                    },
-                    meta,
-                    false,
-                )?,
-                _ => {}
-            }
-        }
+        let expect = self
+            .write_conditions(
+                &bucket.name,
+                &input.key,
+                input.if_match.as_ref(),
+                input.if_none_match.as_ref(),
+            )
+            .await?;
         let written = self
             .blobs
             .put(body.stream, MAX_PUT_SIZE)
@@ -1372,15 +1505,8 @@ impl S3 for KarriS3 {
             size: written.size,
             etag: etag.clone(),
             last_modified_ms: now_ms(),
-            headers: system_headers(
-                input.content_type.as_ref(),
-                input.cache_control.as_ref(),
-                input.content_disposition.as_ref(),
-                input.content_encoding.as_ref(),
-                input.content_language.as_ref(),
-                input.expires.as_ref(),
-            ),
-            metadata: metadata_of(input.metadata.as_ref()),
+            headers,
+            metadata,
             acl,
             tags,
             parts_count: None,
@@ -1410,6 +1536,23 @@ impl S3 for KarriS3 {
     ) -> S3Result<S3Response<GetObjectOutput>> {
         let caller = self.caller(&req).await?;
         let input = req.input;
+        only_null_version(input.version_id.as_deref())?;
+        // Anyone may read a public object, but not have it served as something else (say
+        // text/html on the S3 origin): AWS refuses response-* overrides without a signature.
+        let overrides = [
+            input.response_cache_control.is_some(),
+            input.response_content_disposition.is_some(),
+            input.response_content_encoding.is_some(),
+            input.response_content_language.is_some(),
+            input.response_content_type.is_some(),
+            input.response_expires.is_some(),
+        ];
+        if caller.is_none() && overrides.contains(&true) {
+            return Err(s3_error!(
+                InvalidRequest,
+                "Request specific response headers cannot be used for anonymous GET requests."
+            ));
+        }
         let bucket = self.bucket(&input.bucket).await?;
         let pre = Preconditions {
             if_match: input.if_match.clone(),
@@ -1493,6 +1636,7 @@ impl S3 for KarriS3 {
     ) -> S3Result<S3Response<HeadObjectOutput>> {
         let caller = self.caller(&req).await?;
         let input = req.input;
+        only_null_version(input.version_id.as_deref())?;
         let bucket = self.bucket(&input.bucket).await?;
         let pre = Preconditions {
             if_match: input.if_match.clone(),
@@ -1549,6 +1693,7 @@ impl S3 for KarriS3 {
         req: S3Request<DeleteObjectInput>,
     ) -> S3Result<S3Response<DeleteObjectOutput>> {
         let caller = self.caller(&req).await?;
+        only_null_version(req.input.version_id.as_deref())?;
         let bucket = self
             .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::WriteObject)
             .await?;
@@ -1581,6 +1726,15 @@ impl S3 for KarriS3 {
         let mut deleted = Vec::new();
         let mut errors = Vec::new();
         for obj in &req.input.delete.objects {
+            if let Err(e) = only_null_version(obj.version_id.as_deref()) {
+                errors.push(Error {
+                    code: Some(e.code().as_str().to_string()),
+                    key: Some(obj.key.clone()),
+                    message: e.message().map(str::to_string),
+                    version_id: obj.version_id.clone(),
+                });
+                continue;
+            }
             match self.index.delete_object(&bucket.name, &obj.key).await {
                 Ok(prev) => {
                     if let Some(prev) = prev {
@@ -1624,6 +1778,29 @@ impl S3 for KarriS3 {
             .copy_source(caller.as_ref(), &input.copy_source)
             .await?;
         copy_source_holds(copy_source_conditions!(input), &source)?;
+        for (header, value) in [
+            (
+                "x-amz-metadata-directive",
+                input
+                    .metadata_directive
+                    .as_ref()
+                    .map(MetadataDirective::as_str),
+            ),
+            (
+                "x-amz-tagging-directive",
+                input
+                    .tagging_directive
+                    .as_ref()
+                    .map(TaggingDirective::as_str),
+            ),
+        ] {
+            if let Some(v) = value.filter(|v| !matches!(*v, "COPY" | "REPLACE")) {
+                return Err(s3_error!(
+                    InvalidArgument,
+                    "Unknown {header} value {v:?}: it is COPY or REPLACE."
+                ));
+            }
+        }
         let replace = input
             .metadata_directive
             .as_ref()
@@ -1632,7 +1809,6 @@ impl S3 for KarriS3 {
         if same && !replace {
             return Err(s3_error!(InvalidRequest, "This copy request is illegal because it is trying to copy an object to itself without changing the object's metadata, storage class, website redirect location or encryption attributes."));
         }
-        let written = self.copy_bytes(&source, 0..source.size).await?;
         let (headers, metadata) = if replace {
             (
                 system_headers(
@@ -1642,8 +1818,8 @@ impl S3 for KarriS3 {
                     input.content_encoding.as_ref(),
                     input.content_language.as_ref(),
                     input.expires.as_ref(),
-                ),
-                metadata_of(input.metadata.as_ref()),
+                )?,
+                metadata_of(input.metadata.as_ref())?,
             )
         } else {
             (source.headers.clone(), source.metadata.clone())
@@ -1656,6 +1832,7 @@ impl S3 for KarriS3 {
             Some(TaggingDirective::REPLACE) => tags_from_header(input.tagging.as_deref())?,
             _ => source.tags.clone(),
         };
+        let written = self.copy_bytes(&source, 0..source.size).await?;
         let meta = ObjectMeta {
             segments: vec![Segment {
                 blob: written.id.clone(),
@@ -1691,6 +1868,7 @@ impl S3 for KarriS3 {
         req: S3Request<GetObjectAclInput>,
     ) -> S3Result<S3Response<GetObjectAclOutput>> {
         let caller = self.caller(&req).await?;
+        only_null_version(req.input.version_id.as_deref())?;
         let bucket = self
             .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::ObjectConfig)
             .await?;
@@ -1708,6 +1886,7 @@ impl S3 for KarriS3 {
         req: S3Request<PutObjectAclInput>,
     ) -> S3Result<S3Response<PutObjectAclOutput>> {
         let caller = self.caller(&req).await?;
+        only_null_version(req.input.version_id.as_deref())?;
         let bucket = self
             .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::ObjectConfig)
             .await?;
@@ -1726,6 +1905,7 @@ impl S3 for KarriS3 {
         req: S3Request<GetObjectTaggingInput>,
     ) -> S3Result<S3Response<GetObjectTaggingOutput>> {
         let caller = self.caller(&req).await?;
+        only_null_version(req.input.version_id.as_deref())?;
         let bucket = self
             .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::ObjectConfig)
             .await?;
@@ -1741,10 +1921,11 @@ impl S3 for KarriS3 {
         req: S3Request<PutObjectTaggingInput>,
     ) -> S3Result<S3Response<PutObjectTaggingOutput>> {
         let caller = self.caller(&req).await?;
+        only_null_version(req.input.version_id.as_deref())?;
         let bucket = self
             .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::ObjectConfig)
             .await?;
-        let tags = tags_from_dto(&req.input.tagging)?;
+        let tags = tags_from_dto(&req.input.tagging, MAX_OBJECT_TAGS)?;
         self.update_object(&bucket, &req.input.key, move |m| m.tags = tags.clone())
             .await?;
         Ok(S3Response::new(PutObjectTaggingOutput::default()))
@@ -1755,6 +1936,7 @@ impl S3 for KarriS3 {
         req: S3Request<DeleteObjectTaggingInput>,
     ) -> S3Result<S3Response<DeleteObjectTaggingOutput>> {
         let caller = self.caller(&req).await?;
+        only_null_version(req.input.version_id.as_deref())?;
         let bucket = self
             .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::ObjectConfig)
             .await?;
@@ -1970,8 +2152,8 @@ impl S3 for KarriS3 {
                 input.content_encoding.as_ref(),
                 input.content_language.as_ref(),
                 input.expires.as_ref(),
-            ),
-            metadata: metadata_of(input.metadata.as_ref()),
+            )?,
+            metadata: metadata_of(input.metadata.as_ref())?,
             acl: object_acl_of(input.acl.as_ref())?,
             tags: tags_from_header(input.tagging.as_deref())?,
         };
@@ -2230,27 +2412,25 @@ impl S3 for KarriS3 {
         {
             Ok(upload) => upload,
             Err(no_upload) => {
-                // A retry of a completion that went through (its answer was lost) is answered
-                // as the first was, while the object is still the one it made.
-                let current = self
-                    .index
-                    .get_object(&bucket.name, &input.key)
-                    .await
-                    .map_err(index_error)?;
-                return match current {
-                    Some(meta) if meta.upload_id.as_deref() == Some(input.upload_id.as_str()) => {
-                        Ok(S3Response::new(CompleteMultipartUploadOutput {
-                            bucket: Some(bucket.name.clone()),
-                            e_tag: Some(quoted(&meta.etag)),
-                            key: Some(input.key.clone()),
-                            location: Some(format!("/{}/{}", bucket.name, input.key)),
-                            ..Default::default()
-                        }))
-                    }
-                    _ => Err(no_upload),
+                return match self
+                    .completed_already(&bucket.name, &input.key, &input.upload_id)
+                    .await?
+                {
+                    Some(done) => Ok(S3Response::new(done)),
+                    None => Err(no_upload),
                 };
             }
         };
+        // Conditions on the object the completion replaces (`If-None-Match: *` to create only),
+        // held in the completing transaction like a PUT's.
+        let expect = self
+            .write_conditions(
+                &bucket.name,
+                &input.key,
+                input.if_match.as_ref(),
+                input.if_none_match.as_ref(),
+            )
+            .await?;
         let requested: Vec<CompletedPart> = input
             .multipart_upload
             .and_then(|m| m.parts)
@@ -2296,17 +2476,30 @@ impl S3 for KarriS3 {
                     &input.upload_id,
                     &meta,
                     &input.key,
-                    read_at,
+                    CompletionHolds {
+                        parts_read_at: read_at,
+                        expect,
+                    },
                 )
                 .await
             {
                 Ok(prev) => break (stored, meta, etag, prev),
-                Err(IndexError::Changed) if attempt < UPDATE_ATTEMPTS => continue,
-                Err(IndexError::Changed) => {
+                Err(IndexError::PartsChanged) if attempt < UPDATE_ATTEMPTS => continue,
+                Err(IndexError::PartsChanged) => {
                     return Err(s3_error!(
                     OperationAborted,
                     "Parts kept being uploaded while the upload was completed. Please try again."
                 ))
+                }
+                Err(IndexError::NoUpload) => {
+                    // Another completion of this upload won the race: answered as it was.
+                    return match self
+                        .completed_already(&bucket.name, &input.key, &input.upload_id)
+                        .await?
+                    {
+                        Some(done) => Ok(S3Response::new(done)),
+                        None => Err(index_error(IndexError::NoUpload)),
+                    };
                 }
                 Err(e) => return Err(index_error(e)),
             }
