@@ -24,7 +24,8 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Command-line flags.
-#[derive(Parser, Debug)]
+// No `Debug`: it holds the S3 backend's secret key.
+#[derive(Parser)]
 #[command(version, about = "Karri API gateway: the resource API on etcd")]
 struct Args {
     /// Address to serve on.
@@ -190,7 +191,7 @@ async fn main() -> anyhow::Result<()> {
         .secrets_key_file
         .clone()
         .unwrap_or_else(|| args.cert_dir.join("secrets.key"));
-    let sealer = Arc::new(Sealer::load_or_create(&secrets_key)?);
+    let sealer = Arc::new(secrets_sealer(&secrets_key, etcd.clone()).await?);
     let registry = Registry::start(
         etcd,
         kinds,
@@ -308,10 +309,11 @@ async fn main() -> anyhow::Result<()> {
     for addr in std::iter::once(args.listen).chain(args.aws_listen) {
         // TCP_NODELAY: a response written in several TLS records must not wait for delayed ACKs.
         let acceptor = RustlsAcceptor::new(config.clone()).acceptor(NoDelayAcceptor::new());
-        let server = axum_server::bind(addr)
+        let mut server = axum_server::bind(addr)
             .acceptor(acceptor)
-            .handle(handle.clone())
-            .serve(app.clone().into_make_service());
+            .handle(handle.clone());
+        limit_slow_clients(server.http_builder());
+        let server = server.serve(app.clone().into_make_service());
         servers.push(tokio::spawn(async move {
             server
                 .await
@@ -322,4 +324,81 @@ async fn main() -> anyhow::Result<()> {
         server.await??;
     }
     Ok(())
+}
+
+/// How long a client may take to send a request's headers (HTTP/1.1). hyper starts this clock
+/// as soon as it waits for the next request, so it also closes idle keep-alive connections:
+/// longer than the 90 s after which hyper, reqwest and kube-rs clients drop idle pooled
+/// connections themselves, so that they close first and never send on a connection being
+/// closed.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// How often an HTTP/2 connection is pinged, and how long the answer may take.
+const H2_KEEPALIVE: std::time::Duration = std::time::Duration::from_secs(30);
+/// At most this many requests at once on one HTTP/2 connection.
+const H2_MAX_STREAMS: u32 = 128;
+
+/// Connections that send their headers too slowly (HTTP/1.1) or stop answering pings (HTTP/2)
+/// are closed, so that slow clients cannot hold connections for ever. Without a timer hyper
+/// applies no header timeout at all. Bodies have their own deadlines where they are read
+/// (`api_gateway::body`).
+fn limit_slow_clients(
+    http: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+) {
+    http.http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    http.http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(H2_KEEPALIVE)
+        .keep_alive_timeout(H2_KEEPALIVE)
+        .max_concurrent_streams(H2_MAX_STREAMS);
+}
+
+/// The sealer of access key secrets, keyed from `path`. A key file is created only while no
+/// access key is stored; otherwise the key must open a stored secret. A missing, mistyped or
+/// replaced key file (an unmounted volume, a new `--cert-dir`, another replica's key) would
+/// otherwise start a gateway on which every existing access key fails.
+async fn secrets_sealer(
+    path: &std::path::Path,
+    mut etcd: etcd_client::Client,
+) -> anyhow::Result<Sealer> {
+    let prefix = store::kind_prefix("accesskeys");
+    let stored = etcd
+        .get(
+            prefix.as_str(),
+            Some(etcd_client::GetOptions::new().with_prefix().with_limit(1)),
+        )
+        .await
+        .context("cannot read the stored access keys")?;
+    let (name, sealed) = match stored.kvs().first() {
+        Some(kv) => {
+            let record: serde_json::Value =
+                serde_json::from_slice(kv.value()).context("a stored access key is not JSON")?;
+            let sealed = record
+                .pointer("/status/sealedSecret")
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_owned);
+            (String::from_utf8_lossy(kv.key()).into_owned(), sealed)
+        }
+        None => (String::new(), None),
+    };
+    if sealed.is_some() && !path.exists() {
+        anyhow::bail!(
+            "the secrets key file {} does not exist, but access keys sealed with a key are stored \
+             (such as {name}): restore the key file they were sealed with; a new key would make \
+             every access key unusable",
+            path.display()
+        );
+    }
+    let sealer = Sealer::load_or_create(path)?;
+    if let Some(sealed) = sealed {
+        sealer.open(&sealed).map_err(|_| {
+            anyhow::anyhow!(
+                "the secrets key in {} does not open the stored access key {name}: start the \
+                 gateway with the key the access keys were sealed with",
+                path.display()
+            )
+        })?;
+    }
+    Ok(sealer)
 }

@@ -9,7 +9,8 @@ mod ec2_support;
 
 use anyhow::{ensure, Context};
 use ec2_support::{
-    aws_error_code, send, signed_post, unsigned_post, xml_texts, Driver, Raw, Reply, VERSION,
+    aws_error_code, send, signed_post, signed_post_to, unsigned_post, xml_texts, Driver, Raw,
+    Reply, VERSION,
 };
 use karri_testkit::{AwsCredentials, Etcd, Gateway, Tokens};
 use serde_json::{json, Value};
@@ -144,6 +145,43 @@ async fn bad_signatures_stale_clocks_unknown_keys_and_missing_auth_are_refused(
         ),
     ];
     check_refusals(&rows)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_whose_endpoint_url_has_a_path_gets_ec2_answers_never_the_resource_apis(
+) -> anyhow::Result<()> {
+    let mut s = setup().await?;
+    let gw = &s.gateway;
+    let url = format!("{}/compute/v1", gw.url());
+    let body = form("DescribeRegions", "");
+    let served = send(
+        gw,
+        &signed_post_to(&mut s.driver, url.clone(), &body, json!({}))?,
+    )
+    .await?;
+    ensure!(
+        is_success(&served, "DescribeRegionsResponse"),
+        "DescribeRegions at {url}: {} {}",
+        served.status,
+        served.body
+    );
+    let wrong_secret = format!("{}x", s.creds.secret_access_key);
+    let refused = send(
+        gw,
+        &signed_post_to(
+            &mut s.driver,
+            url,
+            &body,
+            json!({"secret_key": wrong_secret}),
+        )?,
+    )
+    .await?;
+    check_refusals(&[(
+        "signed with the wrong secret, at a path",
+        refused,
+        "SignatureDoesNotMatch",
+        403,
+    )])
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -72,8 +72,9 @@ impl KeyType {
     }
 }
 
-/// A freshly generated key pair, as `CreateKeyPair` hands it out.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A freshly generated key pair, as `CreateKeyPair` hands it out. Its `Debug` leaves the private
+/// key out.
+#[derive(Clone, PartialEq, Eq)]
 pub struct CreatedKey {
     /// The unencrypted private key, returned once as `keyMaterial`: PKCS#1 PEM
     /// (`-----BEGIN RSA PRIVATE KEY-----`) for RSA, OpenSSH PEM
@@ -83,6 +84,16 @@ pub struct CreatedKey {
     pub public_key: String,
     /// The fingerprint EC2 shows for a key pair it created.
     pub fingerprint: String,
+}
+
+impl std::fmt::Debug for CreatedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedKey")
+            .field("private_key", &"<redacted>")
+            .field("public_key", &self.public_key)
+            .field("fingerprint", &self.fingerprint)
+            .finish()
+    }
 }
 
 /// A public key accepted by `ImportKeyPair`.

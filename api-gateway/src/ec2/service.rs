@@ -166,6 +166,7 @@ async fn answer(s: &AppState, req: Request, request_id: &str) -> Answer {
                     format!("The request body is larger than {limit} bytes.")
                 }
                 BodyError::Unreadable => "The request body could not be read.".to_string(),
+                BodyError::Stalled => "The request body did not arrive in time.".to_string(),
             }))
         })?;
     let query = parts.uri.query().unwrap_or("");

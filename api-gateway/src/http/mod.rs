@@ -81,12 +81,50 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// S3 requests (by signature scope, virtual host, the Eucalyptus path, or an unsigned request
-/// for a bucket) go to the S3 face before any route of the other faces sees them.
+/// for a bucket) go to the S3 face before any route of the other faces sees them. Other
+/// AWS-signed requests, at whatever path their client's endpoint URL has, go to the EC2 face,
+/// so that an AWS client always gets an AWS answer, never the resource API's.
 async fn s3_first(State(s): St, req: Request, next: axum::middleware::Next) -> Response {
-    match &s.s3 {
-        Some(face) if face.claims(&req) => face.serve(req).await,
-        _ => next.run(req).await,
+    if let Some(face) = &s.s3 {
+        if face.claims(&req) {
+            return face.serve(req).await;
+        }
     }
+    if aws_signed(&req) {
+        let domains = s.s3.as_ref().map_or(&[][..], |f| f.domains());
+        match crate::s3::classify(req.method(), req.uri(), req.headers(), domains) {
+            // Only without an S3 face: one would have claimed it.
+            crate::s3::Face::S3 => {
+                let refusal = crate::s3::Refusal::no_s3_face();
+                let request_id = uuid::Uuid::new_v4().simple().to_string();
+                return (
+                    refusal.status,
+                    [(header::CONTENT_TYPE, "application/xml")],
+                    refusal.xml(&request_id),
+                )
+                    .into_response();
+            }
+            crate::s3::Face::Ec2 => return crate::ec2::service::serve(State(s), req).await,
+            crate::s3::Face::Kube => {}
+        }
+    }
+    next.run(req).await
+}
+
+/// Whether a request carries an AWS signature or an EC2 `Action` (never a resource API request).
+fn aws_signed(req: &Request) -> bool {
+    let signed = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|h| h.starts_with("AWS4-HMAC-SHA256 ") || h.starts_with("AWS "));
+    signed
+        || req.uri().query().is_some_and(|q| {
+            q.split('&').any(|pair| {
+                let name = pair.split_once('=').map_or(pair, |(n, _)| n);
+                matches!(name, "X-Amz-Credential" | "AWSAccessKeyId" | "Action")
+            })
+        })
 }
 
 /// `/` serves AWS requests (an `Action`, a form POST or a SigV4 signature) and otherwise the
@@ -413,7 +451,7 @@ async fn read_body(req: Request, limit: usize) -> ApiResult<(HeaderMap, Bytes)> 
         .await
         .map_err(|e| match e {
             BodyError::TooLarge { .. } => ApiError::too_large(limit),
-            BodyError::Unreadable => ApiError::bad_request(e.to_string()),
+            BodyError::Unreadable | BodyError::Stalled => ApiError::bad_request(e.to_string()),
         })?;
     Ok((parts.headers, bytes))
 }

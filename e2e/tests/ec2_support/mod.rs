@@ -244,7 +244,16 @@ pub fn signed_post(
     body: &str,
     overrides: Value,
 ) -> anyhow::Result<Raw> {
-    let url = format!("{}/", gateway.url());
+    signed_post_to(driver, format!("{}/", gateway.url()), body, overrides)
+}
+
+/// [`signed_post`] to `url`, e.g. an endpoint URL with a path.
+pub fn signed_post_to(
+    driver: &mut Driver,
+    url: String,
+    body: &str,
+    overrides: Value,
+) -> anyhow::Result<Raw> {
     let mut request = json!({"op": "sign", "method": "POST", "url": url, "body": body});
     if let (Some(req), Some(extra)) = (request.as_object_mut(), overrides.as_object()) {
         req.extend(extra.clone());

@@ -1119,9 +1119,9 @@ fn change_name(c: &router::InstanceAttributeChange) -> &'static str {
     }
 }
 
-/// GetConsoleOutput. Node agents do not capture serial consoles yet (that comes with real
-/// guests), so the answer is EC2's answer for an instance with no output so far: the instance ID
-/// and a timestamp, without an `output` element.
+/// GetConsoleOutput: the tail of the serial console that the instance's node agent keeps in
+/// `status.consoleOutput`, base64-encoded as EC2 returns it. An instance with no output yet gets
+/// EC2's answer for that case: the instance ID and a timestamp, without an `output` element.
 pub async fn get_console_output(
     cx: &Cx<'_>,
     a: router::GetConsoleOutput,
