@@ -325,10 +325,17 @@ def stop_modify_start(ec2, ids):
     ok(f"start_instances + waiter instance_running: {target} running as m1.small")
 
     ec2.reboot_instances(InstanceIds=[target])
-    ok("reboot_instances")
+    expect_error(
+        "InvalidInstanceID.NotFound", ec2.reboot_instances, InstanceIds=["i-0000000000000dead"]
+    )
+    ok("reboot_instances accepted for a running instance, refused for an unknown one")
+    # The test hypervisor has no serial console: the answer names the instance, with no output.
     console = ec2.get_console_output(InstanceId=target)
-    check(console["InstanceId"] == target, f"console output of {console.get('InstanceId')}")
-    ok("get_console_output answers for the instance")
+    check(
+        console["InstanceId"] == target and "Timestamp" in console and "Output" not in console,
+        f"console output of {target}: {console}",
+    )
+    ok("get_console_output answers for the instance, with no output before any")
 
 
 def terminate(ec2, ids, retention):

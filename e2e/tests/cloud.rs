@@ -26,17 +26,53 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 const LEASE_SLACK: Duration = Duration::from_secs(5);
 
 /// `instances`, `running` and `bound` counts of the records, for the progress log.
-async fn progress(cloud: &Cloud) -> anyhow::Result<String> {
+/// How far the instances have come: records, bound to a node, running.
+struct Progress {
+    records: usize,
+    bound: usize,
+    running: usize,
+}
+
+impl std::fmt::Display for Progress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} records, {} bound, {} running",
+            self.records, self.bound, self.running
+        )
+    }
+}
+
+async fn counts(cloud: &Cloud) -> anyhow::Result<Progress> {
     let records = cloud.list_instances().await?;
-    let bound = records.iter().filter(|i| node_of(i).is_some()).count();
-    let running = records
-        .iter()
-        .filter(|i| state_of(i) == Some(InstanceState::Running))
-        .count();
-    Ok(format!(
-        "{} records, {bound} bound, {running} running",
-        records.len()
-    ))
+    Ok(Progress {
+        records: records.len(),
+        bound: records.iter().filter(|i| node_of(i).is_some()).count(),
+        running: records
+            .iter()
+            .filter(|i| state_of(i) == Some(InstanceState::Running))
+            .count(),
+    })
+}
+
+/// Prints the progress at a kill and fails when the instances had already converged: the kill
+/// must come while they converge.
+async fn before_kill(
+    cloud: &Cloud,
+    what: &str,
+    created: Instant,
+    instances: usize,
+) -> anyhow::Result<()> {
+    let now = counts(cloud).await?;
+    eprintln!(
+        "kill -9 {what} at {:.2} s: {now}",
+        created.elapsed().as_secs_f64()
+    );
+    ensure!(
+        now.running < instances,
+        "{what} was to be killed while the instances converge, but all {instances} run already"
+    );
+    Ok(())
 }
 
 /// The named instances, in the order of `names`.
@@ -93,11 +129,7 @@ async fn fifty_instances_converge_while_operator_agent_and_gateway_are_killed() 
             },
         )
         .await?;
-    eprintln!(
-        "kill -9 the operator at {:.2} s: {}",
-        created.elapsed().as_secs_f64(),
-        progress(&cloud).await?
-    );
+    before_kill(&cloud, "the operator", created, INSTANCES).await?;
     cloud.restart_operator(0).await?;
 
     // node-2's agent dies once it runs a domain: its domains die with it (test driver).
@@ -111,19 +143,11 @@ async fn fifty_instances_converge_while_operator_agent_and_gateway_are_killed() 
             })
         })
         .await?;
-    eprintln!(
-        "kill -9 node-2's agent at {:.2} s: {}",
-        created.elapsed().as_secs_f64(),
-        progress(&cloud).await?
-    );
+    before_kill(&cloud, "node-2's agent", created, INSTANCES).await?;
     cloud.restart_agent(NODE_2).await?;
 
     // The gateway dies while node-2's restarted agent has its domains to define again.
-    eprintln!(
-        "kill -9 the gateway at {:.2} s: {}",
-        created.elapsed().as_secs_f64(),
-        progress(&cloud).await?
-    );
+    before_kill(&cloud, "the gateway", created, INSTANCES).await?;
     cloud.gateway.restart().await?;
 
     // Converge. On every probe the agents are scraped before the records are listed: a binding

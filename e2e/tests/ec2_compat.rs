@@ -688,8 +688,12 @@ async fn awscli_runs_stops_starts_and_terminates_instances_until_they_are_collec
     let others = aws
         .ok(&["describe-instances", "--instance-ids", &web[1], &web[2]])
         .await?;
+    let running: BTreeMap<String, String> = [&web[1], &web[2]]
+        .into_iter()
+        .map(|id| (id.clone(), "running".to_owned()))
+        .collect();
     ensure!(
-        states_of(&others).values().all(|s| s == "running"),
+        states_of(&others) == running,
         "stopping {target} changed the others: {others}"
     );
     aws.ok(&to_small).await?;

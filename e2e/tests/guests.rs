@@ -182,7 +182,8 @@ async fn micro_image_guests_print_their_metadata_and_user_data_on_the_console() 
         "a tokenless request is served when tokens are optional:\n{optional_console}"
     );
     ensure!(
-        required_console.contains(" 401"),
+        required_console.contains("imdsv1: HTTP/1.0 401")
+            || required_console.contains("imdsv1: HTTP/1.1 401"),
         "a tokenless request must be refused (401) when tokens are required:\n{required_console}"
     );
 

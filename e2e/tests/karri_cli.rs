@@ -57,9 +57,13 @@ async fn the_admin_command_makes_accounts_and_keys_that_awscli_can_use() -> anyh
     ensure!(crds::is_valid_account_id(&id), "printed {made:?}");
     ensure!(made.contains("namespace research"), "printed {made:?}");
     // A second create is refused; --if-missing accepts the existing account.
-    ensure!(!karri(&admin, &["account", "create", "research"])?
-        .status
-        .success());
+    let twice = karri(&admin, &["account", "create", "research"])?;
+    let said = String::from_utf8_lossy(&twice.stderr);
+    ensure!(
+        !twice.status.success() && said.contains("already exists"),
+        "a second create of the account: {}: {said}",
+        twice.status
+    );
     let again = ok(karri(
         &admin,
         &["account", "create", "research", "--if-missing"],

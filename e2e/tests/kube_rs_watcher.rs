@@ -81,7 +81,12 @@ impl View {
     }
 }
 
-/// Drive the watcher until the view's store equals what the API lists now.
+/// How long the watcher must stay silent after the view matches the API for it to count as
+/// settled: anything it still delivers then (a repeat, say) is read into the view.
+const QUIET: Duration = Duration::from_millis(500);
+
+/// Drive the watcher until the view's store equals what the API lists now and the watcher has
+/// nothing more to say for [`QUIET`].
 async fn converge(
     stream: &mut (impl Stream<Item = Result<Event<Instance>, watcher::Error>> + Unpin),
     view: &mut View,
@@ -96,19 +101,43 @@ async fn converge(
             .into_iter()
             .map(|o| (o.name_any(), o.resource_version().unwrap_or_default()))
             .collect();
-        if view.store == truth && view.buffer.is_none() {
-            return Ok(());
-        }
-        match tokio::time::timeout_at(deadline, stream.next()).await {
+        let settled = view.store == truth && view.buffer.is_none();
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the watcher did not converge: view {:?}, truth {truth:?}",
+            view.store
+        );
+        let until = if settled {
+            tokio::time::Instant::now() + QUIET
+        } else {
+            deadline
+        };
+        match tokio::time::timeout_at(until, stream.next()).await {
+            Err(_) if settled => return Ok(()),
             Err(_) => bail!(
                 "the watcher did not converge: view {:?}, truth {truth:?}",
                 view.store
             ),
             Ok(None) => bail!("the watcher stream ended"),
             Ok(Some(Ok(ev))) => view.apply(ev),
-            // Connection errors while the gateway restarts: the watcher retries with backoff.
-            Ok(Some(Err(_))) => {}
+            Ok(Some(Err(e))) => ensure!(transient(&e), "the watcher failed: {e}"),
         }
+    }
+}
+
+/// Whether a watcher error is one it recovers from by itself: the gateway unreachable while it
+/// restarts (or not ready yet), or 410 Gone after a compaction, which makes it relist.
+fn transient(e: &watcher::Error) -> bool {
+    let retryable = |code: u16| matches!(code, 410 | 429 | 503 | 504);
+    match e {
+        watcher::Error::WatchError(status) => retryable(status.code),
+        watcher::Error::InitialListFailed(k)
+        | watcher::Error::WatchStartFailed(k)
+        | watcher::Error::WatchFailed(k) => match k {
+            kube::Error::Api(status) => retryable(status.code),
+            _ => true,
+        },
+        watcher::Error::NoResourceVersion => false,
     }
 }
 
@@ -193,8 +222,10 @@ async fn watcher_relists_after_compaction_and_misses_nothing() -> anyhow::Result
 
     // While the watcher's gateway is down, another gateway on the same etcd changes records,
     // then etcd compacts away the history the watcher would resume from.
-    c.gateway.stop();
+    // `other` starts first, so that it cannot be handed the stopped gateway's port and pass
+    // for it.
     let other = Gateway::start(&c.etcd.endpoint, &c.tokens).await?;
+    c.gateway.stop();
     let other_api: Api<Instance> =
         Api::namespaced(client(&other.kubeconfig(&c.tokens.admin, NS)?).await?, NS);
     other_api.delete("a", &DeleteParams::default()).await?;

@@ -326,6 +326,11 @@ async fn a_killed_gateway_leaves_every_object_whole_or_absent_and_the_sweep_recl
             blobs_named += 2;
         }
     }
+    let completed = multiparts.keys().filter(|k| keys.contains(*k)).count();
+    ensure!(
+        completed < MULTIPARTS,
+        "the kill came after every multipart completion had finished"
+    );
 
     // The start-up sweep leaves exactly the named blobs and no temporary file.
     let deadline = Instant::now() + DEADLINE;
@@ -346,7 +351,7 @@ async fn a_killed_gateway_leaves_every_object_whole_or_absent_and_the_sweep_recl
         "acknowledged {} of {UPLOADS} before the kill; {} objects listed after restart, all intact; {} multipart uploads completed before the second kill",
         acknowledged.len(),
         keys.len(),
-        multiparts.keys().filter(|k| keys.contains(*k)).count()
+        completed
     );
     Ok(())
 }

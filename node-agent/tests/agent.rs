@@ -497,19 +497,10 @@ async fn a_reboot_request_resets_the_running_domain_once_and_is_recorded() -> an
     assert_eq!(agent.counter(reboots).await?, 1.0);
     // Later resyncs see the request done: no second reboot.
     let status_before = api.get("web-1").await?.metadata.resource_version;
+    let passes = "karri_node_agent_reconciles_total";
+    let passes_before = agent.counter(passes).await?;
     wait_for(&agent, "two more resyncs", || async {
-        let text = agent.scrape(&agent.metrics_addr().await.ok()?).await?;
-        let passes: f64 = text
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("karri_node_agent_reconciles_total")?
-                    .rsplit(' ')
-                    .next()?
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0.0);
-        (passes >= 4.0).then_some(())
+        (agent.counter(passes).await.ok()? >= passes_before + 2.0).then_some(())
     })
     .await?;
     assert_eq!(agent.counter(reboots).await?, 1.0);

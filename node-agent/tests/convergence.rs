@@ -417,8 +417,9 @@ async fn plan_that_defines_without_the_domains_xml_is_refused() {
     assert_eq!(hv.calls(), []);
 }
 
-/// The agent's orphan sweep in miniature: every domain `list_ours` reports whose UID is not
-/// live is removed. Returns the names removed.
+/// The parts of the agent's orphan sweep that decide what it may touch, in miniature (the
+/// agent's own sweep is driven in `agent.rs`): every domain `list_ours` reports whose UID is not
+/// live is removed by the plan for a domain without a record. Returns the names removed.
 async fn sweep<H: Hypervisor>(hv: &H, live: &HashSet<String>) -> Vec<String> {
     let mut removed = Vec::new();
     for orphan in hv.list_ours().await.expect("lists") {
@@ -506,14 +507,14 @@ async fn sweep_leaves_the_other_nodes_domains<H: Hypervisor, O: Hypervisor>(
 }
 
 #[tokio::test]
-async fn sweep_on_the_fake_removes_only_this_nodes_orphans() {
+async fn list_ours_on_the_fake_limits_an_orphan_sweep_to_this_nodes_domains() {
     let hv = FakeHypervisor::new(NODE);
     let other = hv.on_same_host(OTHER_NODE);
     sweep_leaves_the_other_nodes_domains((&hv, NODE), (&other, OTHER_NODE), 300).await;
 }
 
 #[tokio::test]
-async fn sweep_on_the_test_driver_removes_only_this_nodes_orphans() {
+async fn list_ours_on_the_test_driver_limits_an_orphan_sweep_to_this_nodes_domains() {
     let (mine, theirs) = ("sweeper-1", "sweeper-2");
     let hv = test_driver_for(mine).await;
     let other = test_driver_for(theirs).await;
