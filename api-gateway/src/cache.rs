@@ -93,7 +93,9 @@ struct State {
     revision: i64,
     /// Record UID → key, for owner lookups.
     uids: HashMap<String, String>,
-    /// EC2-style ID (`karri.dev/id` label) → key, for lookups by ID without a trip to etcd.
+    /// EC2-style ID (`karri.dev/id` label) → key, for lookups by ID without a trip to etcd;
+    /// also an access key's ID (`status.accessKeyId`, `AKIK…`, never an EC2-style ID) → its
+    /// AccessKey record, which every signed request looks up.
     ids: HashMap<String, String>,
     /// Owner UID → keys of dependents.
     dependents: HashMap<String, HashSet<String>>,
@@ -469,18 +471,25 @@ fn owner_uids(obj: &CachedObject) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn id_label(obj: &CachedObject) -> Option<&str> {
-    obj.value
+/// The IDs a record is found by: its EC2-style ID label, and an access key's ID.
+fn ids_of(obj: &CachedObject) -> impl Iterator<Item = &str> {
+    let label = obj
+        .value
         .pointer("/metadata/labels")
         .and_then(|l| l.get(crds::ID_LABEL))
-        .and_then(Value::as_str)
+        .and_then(Value::as_str);
+    let access_key = obj
+        .value
+        .pointer("/status/accessKeyId")
+        .and_then(Value::as_str);
+    label.into_iter().chain(access_key)
 }
 
 fn index_add(state: &mut State, obj: &CachedObject) {
     if let Some(uid) = obj.uid() {
         state.uids.insert(uid.to_string(), obj.key.clone());
     }
-    if let Some(id) = id_label(obj) {
+    for id in ids_of(obj) {
         state.ids.insert(id.to_string(), obj.key.clone());
     }
     for owner in owner_uids(obj) {
@@ -496,7 +505,7 @@ fn index_remove(state: &mut State, obj: &CachedObject) {
     if let Some(uid) = obj.uid() {
         state.uids.remove(uid);
     }
-    if let Some(id) = id_label(obj) {
+    for id in ids_of(obj) {
         if state.ids.get(id) == Some(&obj.key) {
             state.ids.remove(id);
         }

@@ -130,6 +130,14 @@ async fn an_access_key_secret_is_shown_once_and_stored_only_sealed() -> anyhow::
             String::from_utf8_lossy(pair.key())
         );
     }
+    // Every signed request looks its key up: the watch cache finds it by its ID.
+    let rev: i64 = text(&made, "/metadata/resourceVersion").parse()?;
+    ensure!(registry.cache.wait_for(rev, Duration::from_secs(5)).await);
+    let cached = registry
+        .cache
+        .by_id(&id)
+        .context("the key is not in the cache by ID")?;
+    ensure!(text(&cached.value, "/status/sealedSecret") == sealed);
     Ok(())
 }
 

@@ -324,15 +324,14 @@ pub async fn resolve_access_key(
 /// The AccessKey record of an access key ID: from the watch cache, or from etcd through the
 /// unique index when the cache has not seen a brand-new key yet.
 async fn find_access_key(registry: &Registry, id: &str) -> crate::error::ApiResult<Option<Value>> {
-    let (keys, _) = registry
-        .cache
-        .list("accesskeys", &store::kind_prefix("accesskeys"));
-    if let Some(found) = keys.iter().find(|k| {
-        k.value
-            .pointer("/status/accessKeyId")
-            .and_then(Value::as_str)
-            == Some(id)
-    }) {
+    let cached = registry.cache.by_id(id).filter(|k| {
+        store::plural_of_key(&k.key) == Some("accesskeys")
+            && k.value
+                .pointer("/status/accessKeyId")
+                .and_then(Value::as_str)
+                == Some(id)
+    });
+    if let Some(found) = cached {
         return Ok(Some(found.value.clone()));
     }
     registry
