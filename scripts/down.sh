@@ -65,10 +65,15 @@ elif [ -d "$STATE_DIR/host" ] && { [ -e "/run/netns/$netns" ] || { [ -n "$host_p
     rm -f "/run/karri/$netns.owner"
   else
     say "scripts/simhost.sh stop failed; see $STATE_DIR/host/libvirtd.log"
+    failed=1
   fi
 fi
 for f in "$PIDS"/*.pid; do
   [ "$(basename "$f")" = etcd.pid ] || stop "$f"
 done
 [ -f "$PIDS/etcd.pid" ] && stop "$PIDS/etcd.pid"
+if [ -n "${failed:-}" ]; then
+  say "the simulated host did not stop (network namespace $netns); the rest is stopped"
+  exit 1
+fi
 say "done (state kept in $STATE_DIR)"

@@ -32,12 +32,21 @@ if ! answers; then
   say "starting virtlogd and libvirtd as daemons"
   # Not `pgrep`: the private daemons of simulated hosts (scripts/simhost.sh) run under the same
   # names. A second system daemon finds its pid file locked and exits, so starting is safe.
-  virtlogd -d 2>/dev/null || true
-  libvirtd -d 2>/dev/null || true
+  # What they say when they cannot start (a lock, a bad config) is kept for the error below.
+  log="${TMPDIR:-/tmp}/karri-libvirtd-start.log"
+  : >"$log"
+  virtlogd -d 2>>"$log" || true
+  libvirtd -d 2>>"$log" || true
 fi
 for _ in $(seq 1 100); do
   answers && { say "running"; exit 0; }
   sleep 0.1
 done
-echo "libvirtd: it does not answer on qemu:///system; see 'libvirtd --verbose' output, or install libvirt-daemon-system (make setup)" >&2
+if ! command -v libvirtd >/dev/null 2>&1; then
+  echo "libvirtd: not installed; run 'make setup' (libvirt-daemon-system)" >&2
+else
+  echo "libvirtd: it does not answer on qemu:///system; what the daemons said:" >&2
+  tail -n 20 "${log:-/dev/null}" >&2 || true
+  echo "libvirtd: see also /var/log/libvirt/libvirtd.log, or run 'libvirtd --verbose'" >&2
+fi
 exit 1

@@ -16,6 +16,7 @@ APT_PKGS=(
   iproute2 nftables curl jq
   dnsmasq-base busybox e2fsprogs util-linux
   libxml2-utils
+  gcc libc6-dev
 )
 
 say() { printf 'setup: %s\n' "$*"; }
@@ -81,7 +82,7 @@ fi
 
 # --- cargo-nextest ------------------------------------------------------------------------
 if ! command -v cargo >/dev/null 2>&1; then
-  echo "setup: cargo not found; install a Rust toolchain (rustup, >= 1.85) first" >&2
+  echo "setup: cargo not found; install a Rust toolchain (rustup, >= 1.92) first" >&2
   exit 1
 fi
 if cargo nextest --version >/dev/null 2>&1; then

@@ -40,7 +40,14 @@ AWS_URL="https://127.0.0.1:$AWS_PORT"
 PKI="$STATE_DIR/pki"
 
 say() { printf 'up: %s\n' "$*"; }
-die() { printf 'up: %s\n' "$*" >&2; exit 1; }
+# What was started before a failure keeps running (a re-run reuses it): say how to stop it.
+die() {
+  printf 'up: %s\n' "$*" >&2
+  if compgen -G "$PIDS/*.pid" >/dev/null 2>&1; then
+    printf 'up: what did start still runs; stop it with: STATE_DIR=%q make down\n' "$STATE_DIR" >&2
+  fi
+  exit 1
+}
 curl_q() { curl --noproxy '*' -fsS --max-time 2 "$@"; }
 
 # running PIDFILE MARKER: the pid in PIDFILE is alive and its command line contains MARKER
@@ -64,7 +71,7 @@ stop_pid() {
     kill -0 "$pid" 2>/dev/null || break
     sleep 0.1
   done
-  kill -9 "$pid" 2>/dev/null || true
+  if kill -0 "$pid" 2>/dev/null; then kill -9 "$pid" 2>/dev/null || true; fi
   rm -f "$1"
 }
 
@@ -109,6 +116,13 @@ check_netns_owner() {
 
 # karri.env appears only once everything is ready.
 rm -f "$STATE_DIR/karri.env"
+
+# The simulated host's namespace name goes into paths under /run: a plain name only.
+case "$NETNS" in
+  '' | *[!A-Za-z0-9_.-]* | .*) die "bad network namespace name '$NETNS' (KARRI_NETNS)" ;;
+esac
+# Ctrl-C (or TERM) while the services start stops what started, as it does once they run.
+trap 'echo; bash "$REPO/scripts/down.sh"; exit 130' INT TERM
 
 # --- etcd ---------------------------------------------------------------------------------
 ETCD_PID="$PIDS/etcd.pid"
@@ -213,11 +227,14 @@ NODE_TOKEN="$(token_of node-1)"
 [ -n "$OPERATOR_TOKEN" ] && [ -n "$NODE_TOKEN" ] || die "no operator or node-1 token in $TOKENS"
 write_kubeconfig "$STATE_DIR/kubeconfig-operator" operator "$OPERATOR_TOKEN"
 write_kubeconfig "$STATE_DIR/kubeconfig-node-1" node-1 "$NODE_TOKEN"
-kc() { kubectl --kubeconfig "$KUBECONFIG_FILE" "$@"; }
+# No kubectl call may wait on a stalled gateway for ever.
+kc() { kubectl --kubeconfig "$KUBECONFIG_FILE" --request-timeout=30s "$@"; }
 
 # --- the catalogue: zones and instance types ----------------------------------------------
 kc apply -f "$REPO/config/samples/availability-zone.yaml" -f "$REPO/config/samples/instance-type.yaml" >/dev/null
-say "catalogue: $(kc get availabilityzones -o name | wc -l) zones, $(kc get instancetypes -o name | wc -l) instance types"
+zones="$(kc get availabilityzones -o name)"
+types="$(kc get instancetypes -o name)"
+say "catalogue: $(grep -c . <<<"$zones") zones, $(grep -c . <<<"$types") instance types"
 
 # --- the admin account and its access key (the secret is shown once, so it is kept here) ------
 KARRI_CLI="$BIN_DIR/karri"
@@ -305,7 +322,7 @@ domain_type() {
     return
   fi
   say "probing whether KVM runs guests here (at most ${KVM_PROBE_SECONDS}s, once)" >&2
-  if timeout "$KVM_PROBE_SECONDS" "$qemu" -accel kvm -m 128 -nographic -nodefaults -serial stdio \
+  if timeout -k 5 "$KVM_PROBE_SECONDS" "$qemu" -accel kvm -m 128 -nographic -nodefaults -serial stdio \
       -no-reboot -nic none -kernel "$MICRO_DIR/vmlinuz" \
       -append "console=ttyS0 panic=-1 root=/dev/karri-probe" </dev/null >"$probe_log" 2>&1 \
       && grep -q "Kernel panic" "$probe_log"; then
@@ -345,10 +362,13 @@ for svc in operator node-agent; do
     stop_pid "$PIDS/$svc.pid"
   fi
 done
+port_in_use "$OPERATOR_METRICS_PORT" && die "port $OPERATOR_METRICS_PORT is taken by another process (set KARRI_OPERATOR_METRICS_PORT)"
+port_in_use "$AGENT_METRICS_PORT" && die "port $AGENT_METRICS_PORT is taken by another process (set KARRI_AGENT_METRICS_PORT)"
 say "starting operator"
 start_bg "$PIDS/operator.pid" "$LOGS/operator.log" "$BIN_DIR/operator" \
   --kubeconfig "$STATE_DIR/kubeconfig-operator" --identity "operator-$(hostname)" \
   --metrics-listen "127.0.0.1:$OPERATOR_METRICS_PORT"
+wait_http operator "http://127.0.0.1:$OPERATOR_METRICS_PORT/metrics" "$PIDS/operator.pid" "$LOGS/operator.log" 30
 say "starting node-agent node-1 on $LIBVIRT_URI"
 start_bg "$PIDS/node-agent.pid" "$LOGS/node-agent.log" "$BIN_DIR/node-agent" \
   --kubeconfig "$STATE_DIR/kubeconfig-node-1" --node-name node-1 --zone karri-1a \
@@ -365,7 +385,7 @@ until kc get node.karri.dev/node-1 >/dev/null 2>&1; do
   fi
   sleep 0.5
 done
-kc wait --for=condition=Ready node.karri.dev/node-1 --timeout=90s >/dev/null \
+kubectl --kubeconfig "$KUBECONFIG_FILE" wait --for=condition=Ready node.karri.dev/node-1 --timeout=90s >/dev/null \
   || { tail -n 20 "$LOGS/node-agent.log" "$LOGS/operator.log" >&2; die "node-1 did not become Ready"; }
 say "node-1 is Ready"
 
