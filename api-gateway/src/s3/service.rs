@@ -1382,7 +1382,7 @@ impl S3 for KarriS3 {
             (None, Some(policy)) => canned_from_policy(policy)?,
             (None, None) => return Err(s3_error!(MissingSecurityHeader, "Your request was missing a required header: x-amz-acl or an AccessControlPolicy body.")),
         };
-        self.update_bucket(&bucket.name, move |spec| spec["acl"] = json!(acl.as_str()))
+        self.update_bucket(&bucket, move |spec| spec["acl"] = json!(acl.as_str()))
             .await?;
         Ok(S3Response::new(PutBucketAclOutput::default()))
     }
@@ -1422,7 +1422,7 @@ impl S3 for KarriS3 {
             .into_iter()
             .map(|(k, v)| json!({"key": k, "value": v}))
             .collect();
-        self.update_bucket(&bucket.name, move |spec| spec["tags"] = json!(tags))
+        self.update_bucket(&bucket, move |spec| spec["tags"] = json!(tags))
             .await?;
         Ok(S3Response::new(PutBucketTaggingOutput::default()))
     }
@@ -1435,7 +1435,7 @@ impl S3 for KarriS3 {
         let bucket = self
             .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::BucketConfig)
             .await?;
-        self.update_bucket(&bucket.name, |spec| spec["tags"] = json!([]))
+        self.update_bucket(&bucket, |spec| spec["tags"] = json!([]))
             .await?;
         Ok(S3Response::new(DeleteBucketTaggingOutput::default()))
     }
@@ -2941,17 +2941,26 @@ impl KarriS3 {
     }
 
     /// Changes a bucket's spec (ACL, tags) with a compare-and-swap update.
+    /// Changes the spec of `bucket`, the record the request was authorized on: if the name
+    /// now holds another account's bucket (deleted and made again meanwhile), or one being
+    /// deleted, nothing changes and the answer is NoSuchBucket.
     async fn update_bucket(
         &self,
-        name: &str,
+        bucket: &BucketInfo,
         change: impl Fn(&mut Value) + Send + Sync,
     ) -> S3Result<()> {
+        let name = bucket.name.as_str();
         let kind = self
             .registry
             .kinds
             .by_plural("buckets")
             .ok_or_else(|| internal("the Bucket kind is not served"))?;
         let mut apply = |current: &Value| -> crate::error::ApiResult<Value> {
+            let same_owner = current.pointer("/spec/ownerId").and_then(Value::as_str)
+                == Some(bucket.spec.owner_id.as_str());
+            if !same_owner || current.pointer("/metadata/deletionTimestamp").is_some() {
+                return Err(crate::error::ApiError::not_found("buckets", name));
+            }
             let mut next = current.clone();
             change(&mut next["spec"]);
             Ok(next)
