@@ -18,6 +18,9 @@ pub struct ApiError {
     pub details: Option<Box<StatusDetails>>,
 }
 
+/// The cause reason of [`ApiError::insufficient_capacity`].
+const INSUFFICIENT_CAPACITY: &str = "InsufficientCapacity";
+
 /// The `details` of a Kubernetes `Status`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct StatusDetails {
@@ -182,6 +185,27 @@ impl ApiError {
             ..StatusDetails::default()
         }));
         e
+    }
+
+    /// 403 Forbidden for an instance type that the instance's node has no room for, as
+    /// Kubernetes refuses what a quota does not allow; the EC2 face answers it with
+    /// `InsufficientInstanceCapacity` (the cause `InsufficientCapacity` tells it apart).
+    pub fn insufficient_capacity(message: impl Into<String>) -> Self {
+        let message = message.into();
+        let mut e = Self::forbidden(message.clone());
+        e.details = Some(Box::new(StatusDetails {
+            causes: vec![("spec.instanceType".to_owned(), message)],
+            cause_reason: INSUFFICIENT_CAPACITY,
+            ..StatusDetails::default()
+        }));
+        e
+    }
+
+    /// Whether this is [`ApiError::insufficient_capacity`].
+    pub fn is_insufficient_capacity(&self) -> bool {
+        self.details
+            .as_ref()
+            .is_some_and(|d| d.cause_reason == INSUFFICIENT_CAPACITY)
     }
 
     fn with_details(mut self, plural: &str, name: &str) -> Self {

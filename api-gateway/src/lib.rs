@@ -1,12 +1,13 @@
 //! Karri's API gateway: the only etcd client. It keeps every record in etcd with Kubernetes
-//! semantics and serves them through a Kubernetes-compatible resource API (and later the
-//! EC2 Query and S3 REST APIs, through the same registry and admission).
+//! semantics and serves them through a Kubernetes-compatible resource API, the EC2 Query API
+//! and the S3 REST API, all through the same registry and admission.
 
 pub mod admission;
 pub mod auth;
 pub mod aws;
 pub mod body;
 pub mod cache;
+pub mod capacity;
 pub mod ec2;
 pub mod error;
 pub mod http;

@@ -1,5 +1,5 @@
 //! The registry: records with Kubernetes semantics on etcd. Every face of the gateway (the
-//! resource API now, EC2 and S3 later) reads and writes records only through here.
+//! resource API, EC2 and S3) reads and writes records only through here.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -751,6 +751,12 @@ impl Registry {
                     name,
                     vec![(String::new(), why)],
                 ));
+            }
+            if kind.info.kind == "Instance" {
+                if let Some(refusal) = crate::capacity::resize_refusal(&self.cache, &current, &next)
+                {
+                    return Err(refusal);
+                }
             }
             // Only once every check passed: the dependents are orphaned for a change that is made.
             if admission::only_orphan_finalizer_left(&next) && !opts.dry_run {

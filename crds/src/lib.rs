@@ -7,6 +7,7 @@
 pub mod access_key;
 pub mod account;
 pub mod bucket;
+pub mod capacity;
 pub mod common;
 pub mod image;
 pub mod instance;

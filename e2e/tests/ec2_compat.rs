@@ -1045,6 +1045,111 @@ async fn awscli_describes_zones_regions_types_the_default_vpc_and_account_attrib
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_instance_cannot_grow_past_the_room_its_node_has_left() -> anyhow::Result<()> {
+    // One node, so that both instances share it.
+    let cloud = Cloud::start(Options {
+        agents: 1,
+        ..Options::default()
+    })
+    .await?;
+    let (aws, _) = Aws::for_new_account(&cloud, "grow").await?;
+    // A type as large as the whole node (the test agent offers 64 vCPUs).
+    let types: Api<crds::InstanceType> = Api::all(cloud.client.clone());
+    let whole: crds::InstanceType = serde_json::from_value(serde_json::json!({
+        "apiVersion": "karri.dev/v1alpha1", "kind": "InstanceType",
+        "metadata": {"name": "x.whole"},
+        "spec": {"vcpus": 64, "memoryMiB": 1024, "diskGiB": 10}
+    }))?;
+    types.create(&Default::default(), &whole).await?;
+    let location = cloud.blank_image_in_s3(&aws.creds, "grow-images").await?;
+    let image = aws
+        .ok(&[
+            "register-image",
+            "--name",
+            "grow",
+            "--image-location",
+            &location,
+        ])
+        .await?;
+    let image_id = str_at(&image, "/ImageId")?.to_owned();
+    let ran = aws
+        .ok(&[
+            "run-instances",
+            "--image-id",
+            &image_id,
+            "--instance-type",
+            "t1.micro",
+            "--count",
+            "2",
+        ])
+        .await?;
+    // RunInstances answers one reservation, not DescribeInstances' list of them.
+    let ran: Vec<String> = array_at(&ran, "/Instances")
+        .iter()
+        .filter_map(|i| i.pointer("/InstanceId").and_then(Value::as_str))
+        .map(str::to_owned)
+        .collect();
+    let ids = sorted(&ran);
+    ensure!(ids.len() == 2, "run-instances ran {ids:?}");
+    wait_state(&cloud, &aws, &ids, "running").await?;
+    let (target, other) = (ids[0].clone(), ids[1].clone());
+    aws.ok(&["stop-instances", "--instance-ids", &target])
+        .await?;
+    wait_state(&cloud, &aws, std::slice::from_ref(&target), "stopped").await?;
+
+    // Beside the other instance's vCPU, the node has 63 left: the whole-node type is refused.
+    let grow = [
+        "modify-instance-attribute",
+        "--instance-id",
+        &target,
+        "--instance-type",
+        "Value=x.whole",
+    ];
+    let said = aws.refused(&grow, "InsufficientInstanceCapacity").await?;
+    ensure!(
+        said.contains("63 vCPUs"),
+        "the refusal does not say what is free: {said}"
+    );
+    let shown = aws
+        .ok(&[
+            "describe-instance-attribute",
+            "--instance-id",
+            &target,
+            "--attribute",
+            "instanceType",
+        ])
+        .await?;
+    ensure!(
+        str_at(&shown, "/InstanceType/Value")? == "t1.micro",
+        "a refused change changed the type: {shown}"
+    );
+    // The resource API refuses it the same way (403, as Kubernetes refuses what a quota does not
+    // allow), whoever asks.
+    let api: Api<Instance> = Api::namespaced(cloud.client.clone(), "grow");
+    let patched = api
+        .patch(
+            &target,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({"spec": {"instanceType": "x.whole"}})),
+        )
+        .await;
+    match patched {
+        Err(kube::Error::Api(status)) if status.code == 403 => {}
+        other => bail!("a kubectl-style patch to x.whole answered {other:?}"),
+    }
+
+    // Once the other instance is terminated, the node has room for it.
+    aws.ok(&["terminate-instances", "--instance-ids", &other])
+        .await?;
+    wait_state(&cloud, &aws, std::slice::from_ref(&other), "terminated").await?;
+    aws.ok(&grow).await?;
+    aws.ok(&["start-instances", "--instance-ids", &target])
+        .await?;
+    wait_state(&cloud, &aws, std::slice::from_ref(&target), "running").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boto3_runs_the_lifecycle_with_waiters_paginators_and_client_tokens() -> anyhow::Result<()>
 {
     let cloud = Cloud::start(Options {

@@ -3,8 +3,8 @@
 //!
 //! A node is a candidate when it is in the requested zone (any zone when none is requested), Ready,
 //! schedulable, below its `maxInstances`, and has room for both the vCPUs and the memory of the
-//! instance's type: `allocatable - used`, where `used` is what [`usage`] sums over the instances
-//! already bound to the node. Among the candidates the [`Policy`] picks one; nodes are always
+//! instance's type: `allocatable - used`, where `used` is what [`usage`] (shared with the gateway,
+//! in `crds::capacity`) sums over the instances already bound to the node. Among the candidates the [`Policy`] picks one; nodes are always
 //! considered in name order, so every decision is deterministic.
 //!
 //! Placement never moves an instance: the operator calls [`place`] only for an instance without
@@ -17,105 +17,10 @@ use std::fmt;
 use std::str::FromStr;
 
 use crds::common::is_condition_true;
-use crds::{
-    Instance, InstanceSpec, InstanceState, InstanceTypeSpec, Node, NodeResources, CONDITION_READY,
-};
+use crds::{InstanceSpec, InstanceTypeSpec, Node, CONDITION_READY};
 use serde::{Deserialize, Serialize};
 
-/// vCPUs and memory: what an instance type asks for, or what a node offers.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Resources {
-    /// Virtual CPUs.
-    pub vcpus: u32,
-    /// Memory in MiB.
-    pub memory_mib: u64,
-}
-
-impl Resources {
-    /// `vcpus` vCPUs and `memory_mib` MiB.
-    pub fn new(vcpus: u32, memory_mib: u64) -> Self {
-        Self { vcpus, memory_mib }
-    }
-
-    /// What is left of `self` once `other` is taken, never below zero.
-    pub fn saturating_sub(self, other: Resources) -> Resources {
-        Resources {
-            vcpus: self.vcpus.saturating_sub(other.vcpus),
-            memory_mib: self.memory_mib.saturating_sub(other.memory_mib),
-        }
-    }
-
-    /// Whether `self` has room for both the vCPUs and the memory of `need`.
-    pub fn covers(self, need: Resources) -> bool {
-        self.vcpus >= need.vcpus && self.memory_mib >= need.memory_mib
-    }
-}
-
-impl From<&InstanceTypeSpec> for Resources {
-    fn from(spec: &InstanceTypeSpec) -> Self {
-        Self::new(spec.vcpus, spec.memory_mib)
-    }
-}
-
-impl From<&NodeResources> for Resources {
-    fn from(resources: &NodeResources) -> Self {
-        Self::new(resources.vcpus, resources.memory_mib)
-    }
-}
-
-/// What the instances bound to one node take from it.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Usage {
-    /// vCPUs and memory of the bound instances' types, summed.
-    pub resources: Resources,
-    /// How many instances are bound (compared with the node's `maxInstances`).
-    pub instances: u32,
-}
-
-impl Usage {
-    /// Adds one instance of size `resources`.
-    pub fn add(&mut self, resources: Resources) {
-        self.resources.vcpus = self.resources.vcpus.saturating_add(resources.vcpus);
-        self.resources.memory_mib = self
-            .resources
-            .memory_mib
-            .saturating_add(resources.memory_mib);
-        self.instances = self.instances.saturating_add(1);
-    }
-}
-
-/// Whether an instance still holds capacity on the node it is bound to: every bound instance
-/// that is not `terminated` does, stopped ones included (stop/start keeps an instance on its
-/// node, so its room stays reserved), and so do records being deleted until the agent has
-/// removed their domain and the record is gone.
-pub fn holds_capacity(instance: &Instance) -> bool {
-    instance
-        .status
-        .as_ref()
-        .is_some_and(|s| s.node_name.is_some() && s.state != InstanceState::Terminated)
-}
-
-/// What each node has in use, by node name: the sum of the instance types of the instances bound
-/// to it that [`holds_capacity`]. An instance whose type is not in `types` (the type was deleted
-/// after placement) is counted with no vCPUs and no memory, but still counts against
-/// `maxInstances`.
-pub fn usage<'a>(
-    instances: impl IntoIterator<Item = &'a Instance>,
-    types: &BTreeMap<String, InstanceTypeSpec>,
-) -> BTreeMap<String, Usage> {
-    let mut used: BTreeMap<String, Usage> = BTreeMap::new();
-    for instance in instances.into_iter().filter(|i| holds_capacity(i)) {
-        let Some(node) = instance.status.as_ref().and_then(|s| s.node_name.as_ref()) else {
-            continue;
-        };
-        let size = types
-            .get(&instance.spec.instance_type)
-            .map(Resources::from)
-            .unwrap_or_default();
-        used.entry(node.clone()).or_default().add(size);
-    }
-    used
-}
+pub use crds::capacity::{holds_capacity, usage, Resources, Usage};
 
 /// What placement needs to know about one node.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -442,7 +347,10 @@ impl Ord for Load {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crds::{Condition, ConditionStatus, HypervisorHints, InstanceStatus, NodeSpec, NodeStatus};
+    use crds::{
+        Condition, ConditionStatus, HypervisorHints, Instance, InstanceState, InstanceStatus,
+        NodeResources, NodeSpec, NodeStatus,
+    };
 
     /// A Ready, schedulable node in `zone` with `vcpus`/`mem` allocatable and `used_*` in use.
     fn node(

@@ -115,6 +115,7 @@ pub fn from_api(e: ApiError) -> Ec2Error {
             "The resource no longer exists: {}",
             e.message
         )),
+        403 if e.is_insufficient_capacity() => Ec2Error::insufficient_instance_capacity(e.message),
         403 => Ec2Error::unauthorized_operation(),
         // A real EC2 code ("the resource is in an incorrect state for the request", sent for
         // volumes and others): here another write changed the record first.
