@@ -1,5 +1,5 @@
 //! Admission: what the registry does to a record before it is stored, shared by every face
-//! (resource API now; EC2 and S3 later). Validation, defaulting, system fields. Pure.
+//! (resource API, EC2 and S3). Validation, defaulting, system fields. Pure.
 
 use rand::Rng;
 use serde_json::{json, Map, Value};

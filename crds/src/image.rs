@@ -236,7 +236,8 @@ impl ImageState {
     }
 }
 
-/// Observed state of an image, written by the operator.
+/// Observed state of an image; reserved: nothing writes it yet (DescribeImages shows
+/// `available` while it is unset).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct ImageStatus {

@@ -95,7 +95,8 @@ pub struct InstanceSpec {
     /// Name of the key pair whose public key is served to the guest.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub key_name: Option<String>,
-    /// IDs of the security groups (`sg-...`) applied to the instance.
+    /// IDs of security groups (`sg-...`); reserved: validated, but security groups are not
+    /// enforced yet (RunInstances refuses them).
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub security_group_ids: Vec<String>,
     /// Base64-encoded user data served by the metadata service, at most 16 KiB decoded.
@@ -302,8 +303,9 @@ impl InstanceState {
     }
 }
 
-/// Observed state of an instance: the scheduler binds it (`nodeName`), the node agent reports
-/// the rest.
+/// Observed state of an instance: the operator writes the binding (`nodeName`), the addresses
+/// and the EC2 state; the node agent writes only the `DomainRunning` condition, the console
+/// output and the last reboot it carried out.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct InstanceStatus {
@@ -320,7 +322,7 @@ pub struct InstanceStatus {
     /// Private IPv4 address.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub private_ip_address: Option<String>,
-    /// Public IPv4 address (elastic or auto-assigned), if any.
+    /// Public IPv4 address; reserved: Karri assigns no public addresses yet.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub public_ip_address: Option<String>,
     /// When the instance last started running.

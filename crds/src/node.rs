@@ -107,7 +107,8 @@ pub struct HypervisorHints {
     /// Force the libvirt domain type (`kvm` or `qemu`) instead of probing `/dev/kvm`.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub domain_type: Option<DomainType>,
-    /// Libvirt CPU model or mode for guests, e.g. `host-passthrough` or `qemu64`.
+    /// Libvirt CPU model or mode for guests, e.g. `host-passthrough` or `qemu64`; accepted but
+    /// not applied yet (guests get QEMU's default CPU model).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub cpu_model: Option<String>,
     /// Most instances the scheduler may place on the node, regardless of free capacity.
@@ -151,13 +152,15 @@ pub struct NodeStatus {
     /// Total resources of the host.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub capacity: Option<NodeResources>,
-    /// Resources available to instances (capacity minus what the host reserves).
+    /// Resources available to instances (the agent reports the capacity here too: it reserves
+    /// nothing for the host yet).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub allocatable: Option<NodeResources>,
     /// Addresses of the host.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub addresses: Vec<NodeAddress>,
-    /// When the agent last reported in.
+    /// Reserved: the agent's heartbeat is its Lease in `karri-node-lease`, and nothing sets
+    /// this yet.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub last_heartbeat_time: Option<Time>,
     /// Hypervisor in use, e.g. `kvm` or `qemu`.

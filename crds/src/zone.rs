@@ -114,7 +114,8 @@ impl ZoneState {
     }
 }
 
-/// Observed state of an availability zone, written by the operator.
+/// Observed state of an availability zone; reserved: nothing writes it yet
+/// (DescribeAvailabilityZones shows `available` while it is unset).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
 #[serde(rename_all = "camelCase")]
 pub struct AvailabilityZoneStatus {

@@ -1,5 +1,5 @@
-//! What the agent writes into an instance's status: the `DomainRunning` condition, and nothing
-//! else.
+//! The `DomainRunning` condition the agent writes into an instance's status (besides it, the
+//! agent writes only `consoleOutput`, `consoleOutputTime` and `lastRebootRequest`).
 //!
 //! The operator owns every other field of an instance's status (`state`, `nodeName`, the
 //! `Scheduled` and `Ready` conditions, times); the agent reports only what it observes of the

@@ -1,6 +1,6 @@
-//! The operator's decision core: pure functions from records and observations to what the
-//! operator should write next. No I/O happens here; the controllers (list/watch, status writes,
-//! finalizers, backoff) call these functions and carry out the answers.
+//! The operator: pure decisions from records and observations to what it should write next,
+//! and the controllers that do the I/O (list/watch, status writes, finalizers, backoff, leader
+//! election, metrics) around them. The decisions:
 //!
 //! - [`placement`]: which Ready node of a zone an instance goes to (ROUNDROBIN, GREEDY, PACK,
 //!   SPREAD), and what is already used on each node.

@@ -6,13 +6,14 @@
 //! `/status` subresource as read-modify-write with the record's `resourceVersion`, so neither
 //! loses the other's fields (on a 409 they read again and recompute).
 //!
-//! - The **node agent** reports what it observes of the libvirt domain, and nothing else, in the
-//!   condition [`CONDITION_DOMAIN_RUNNING`] (built by [`Domain::condition`]): `True` with reason
+//! - The **node agent** reports what it observes of the libvirt domain in the
+//!   condition [`CONDITION_DOMAIN_RUNNING`] (and besides it only the console output and the last
+//!   reboot it carried out) (built by [`Domain::condition`]): `True` with reason
 //!   `Running` while the domain runs; `False` with reason `ShutOff` while it is defined but shut
 //!   off; `False` with reason `Undefined` when no domain of the instance is defined on the node
 //!   (not yet created, or destroyed and undefined after termination). The agent sets the
-//!   condition's `observedGeneration` to the `metadata.generation` it acted on. Later it also owns
-//!   addresses and whatever else only the host can see.
+//!   condition's `observedGeneration` to the `metadata.generation` it acted on. Private addresses
+//!   are the operator's (allocated at launch, `launch::allocate_address`).
 //! - The **operator** owns the binding (`status.nodeName`, `status.availabilityZone`, the
 //!   `Scheduled` condition), the EC2 state (`status.state`, `stateTransitionTime`, `launchTime`,
 //!   `reason`, `message`), the `Ready` condition, `observedGeneration`, and retention. It derives

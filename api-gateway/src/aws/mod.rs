@@ -1,4 +1,4 @@
-//! What the AWS-protocol faces (EC2 now, S3 later) share: SigV4 verification and access keys.
+//! What the AWS-protocol faces (EC2 and S3) share: SigV4 verification and access keys.
 
 pub mod credentials;
 pub mod sigv4;

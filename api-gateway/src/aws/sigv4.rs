@@ -1,6 +1,6 @@
 //! AWS Signature Version 4 verification (pure).
 //!
-//! The AWS-protocol faces (EC2 now, S3 later) authenticate requests with
+//! The AWS-protocol faces (EC2, and S3 for what s3s leaves to it) authenticate requests with
 //! [SigV4](https://docs.aws.amazon.com/IAM/latest/UserGuide/reference_sigv.html).
 //! This module is the pure part of that: it finds the signature in a request
 //! ([`parse`]), rebuilds the canonical request and string to sign, and compares
