@@ -49,9 +49,10 @@ struct Args {
     /// Most libvirt calls at once: at most one less than libvirtd's `max_client_requests`
     /// (5 by default). libvirtd reads nothing more from a client with that many calls in
     /// flight, keepalive answers included, so a busy libvirtd's connection would be closed as
-    /// dead. Raise both together to start more domains at once.
-    #[arg(long, env = "KARRI_LIBVIRT_MAX_CALLS", default_value_t = node_agent::hypervisor::DEFAULT_MAX_CALLS)]
-    libvirt_max_calls: usize,
+    /// dead. Raise both together to start more domains at once. Default: 4, and no limit for
+    /// libvirt's in-process test driver.
+    #[arg(long, env = "KARRI_LIBVIRT_MAX_CALLS")]
+    libvirt_max_calls: Option<usize>,
     /// vCPUs offered to instances (default: the CPUs this process may use).
     #[arg(long, env = "KARRI_VCPUS")]
     vcpus: Option<u32>,
@@ -320,12 +321,12 @@ async fn run() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot serve metrics on {}", args.metrics_listen))?;
 
-    let hypervisor = Arc::new(
-        connect(&args.libvirt_uri, &args.node_name)
-            .await
-            .with_max_calls(args.libvirt_max_calls),
-    );
-    tracing::info!(uri = %args.libvirt_uri, node = %args.node_name, max_calls = args.libvirt_max_calls, "connected to libvirt");
+    let connected = connect(&args.libvirt_uri, &args.node_name).await;
+    let hypervisor = Arc::new(match args.libvirt_max_calls {
+        Some(max_calls) => connected.with_max_calls(max_calls),
+        None => connected,
+    });
+    tracing::info!(uri = %args.libvirt_uri, node = %args.node_name, max_calls = ?args.libvirt_max_calls, "connected to libvirt");
     tokio::spawn(metrics::serve(
         listener,
         metrics.clone(),

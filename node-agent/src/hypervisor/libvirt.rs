@@ -33,7 +33,9 @@
 //! calls of one client (5 by default) and reads nothing more from its socket meanwhile, the
 //! keepalive answers included: with all of them in flight on a libvirtd that is slow (probing
 //! QEMU, starting many domains), the keepalive would close a live connection and fail every
-//! call on it. One request slot stays free for the keepalive.
+//! call on it. One request slot stays free for the keepalive. libvirt's test driver
+//! (`test:///…`) runs in the agent's own process, with no daemon and no such limit: its calls are
+//! not held back.
 //!
 //! A short mutex guards only the swap of the connection: before each call the connection is
 //! checked with `virConnectIsAlive` (a local check, no round trip) and, if it is closed, one
@@ -136,6 +138,7 @@ impl LibvirtHypervisor {
             virt::error::clear_error_callback();
             start_event_loop()?;
             let conn = open(&uri, keepalive)?;
+            let calls = Arc::new(Semaphore::new(default_max_calls(&uri)));
             Ok(Self {
                 shared: Arc::new(Shared {
                     uri,
@@ -143,7 +146,7 @@ impl LibvirtHypervisor {
                     keepalive,
                     conn: Mutex::new(Slot::Open(Arc::new(conn))),
                 }),
-                calls: Arc::new(Semaphore::new(DEFAULT_MAX_CALLS)),
+                calls,
             })
         })
         .await
@@ -213,6 +216,16 @@ impl Shared {
             Err(_) => Slot::Closed,
         };
         opened
+    }
+}
+
+/// How many calls run at once on a connection to `uri` unless told otherwise:
+/// [`DEFAULT_MAX_CALLS`] for a libvirtd, no limit for the in-process test driver. Pure.
+pub fn default_max_calls(uri: &str) -> usize {
+    if uri.starts_with("test:") {
+        Semaphore::MAX_PERMITS
+    } else {
+        DEFAULT_MAX_CALLS
     }
 }
 
@@ -546,6 +559,16 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+
+    #[test]
+    fn only_a_libvirtd_connection_holds_calls_back_by_default() {
+        assert_eq!(default_max_calls("qemu:///system"), DEFAULT_MAX_CALLS);
+        assert_eq!(
+            default_max_calls("qemu+unix:///system?socket=/run/x/libvirt-sock"),
+            DEFAULT_MAX_CALLS
+        );
+        assert_eq!(default_max_calls("test:///default"), Semaphore::MAX_PERMITS);
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_more_calls_than_allowed_run_on_the_connection_at_once() {
