@@ -5,8 +5,9 @@
 //!   node. Each reconcile works like KubeVirt virt-handler's `sync`: the record gives the
 //!   [`Desired`] state, libvirt the observed domain, [`plan`] the actions, [`apply_plan`] carries
 //!   them out; then the agent reports the `DomainRunning` condition ([`crate::report`]), and
-//!   besides it writes only the console output and the last reboot it carried out. A shutdown's start is remembered in memory (by record UID) so that the plan
-//!   forces the domain off after `--shutdown-timeout-seconds`; a restart forgets it and the
+//!   besides it writes only the console output and the last reboot it carried out. A
+//!   shutdown's start is remembered in memory (by record UID) so that the plan forces the
+//!   domain off after `--shutdown-timeout-seconds`; a restart forgets it and the
 //!   guest gets a fresh timeout, which only delays a forced power-off.
 //! - **Orphans**: a sweep removes this node's domains whose owner UID is not that of a live
 //!   instance bound to the node (deleted, terminated, re-created). It runs only once the

@@ -4,8 +4,9 @@
 //! A node is a candidate when it is in the requested zone (any zone when none is requested), Ready,
 //! schedulable, below its `maxInstances`, and has room for both the vCPUs and the memory of the
 //! instance's type: `allocatable - used`, where `used` is what [`usage`] (shared with the gateway,
-//! in `crds::capacity`) sums over the instances already bound to the node. Among the candidates the [`Policy`] picks one; nodes are always
-//! considered in name order, so every decision is deterministic.
+//! in `crds::capacity`) sums over the instances already bound to the node. Among the
+//! candidates the [`Policy`] picks one; nodes are always considered in name order, so every
+//! decision is deterministic.
 //!
 //! Placement never moves an instance: the operator calls [`place`] only for an instance without
 //! `status.nodeName`, and the binding it writes is permanent (EC2 keeps an instance on its host,

@@ -109,8 +109,8 @@ impl Refusal {
 /// What the gateway refuses before s3s sees a request, which s3s would accept: signature
 /// version 2 (s3s checks neither its `Date` nor a limit on its expiry, and its signature does
 /// not cover the body), presigned URLs valid for more than a week, credentials scoped to
-/// another region or service, and signatures that do not cover `host`. Anything else (no signature, a malformed one, a good one) is left
-/// to s3s. Pure.
+/// another region or service, and signatures that do not cover `host`. Anything else (no
+/// signature, a malformed one, a good one) is left to s3s. Pure.
 pub fn auth_refusal(
     method: &str,
     path: &str,
