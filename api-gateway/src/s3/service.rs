@@ -2326,7 +2326,7 @@ impl S3 for KarriS3 {
         let caller = self.caller(&req).await?;
         let input = req.input;
         let bucket = self
-            .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
+            .authorized_bucket(caller.as_ref(), &input.bucket, Action::ListBucket)
             .await?;
         let prefix = input.prefix.clone().unwrap_or_default();
         let mut uploads: Vec<(String, UploadMeta)> = self
@@ -2719,11 +2719,13 @@ fn choose_parts(
             .ok()
             .and_then(|n| stored.get(&n))
             .ok_or_else(invalid)?;
+        // Every part names the ETag it was answered with, as AWS requires: a completion cannot
+        // take whatever was uploaded last under a number without saying which.
         let given = p
             .e_tag
             .as_ref()
             .map(|e| e.value().trim_matches('"').to_string());
-        if given.as_deref().is_some_and(|g| g != stored_part.etag) {
+        if given.as_deref() != Some(stored_part.etag.as_str()) {
             return Err(invalid());
         }
         chosen.push(stored_part.clone());
@@ -3243,6 +3245,14 @@ mod tests {
         );
         assert_eq!(
             code(choose_parts(&[done(4, "dd")], &stored)),
+            Err("InvalidPart".into())
+        );
+        let without_etag = CompletedPart {
+            part_number: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(
+            code(choose_parts(&[without_etag], &stored)),
             Err("InvalidPart".into())
         );
         assert_eq!(
