@@ -33,7 +33,7 @@ pub const NODE_NAME_FIELD: &str = "status.nodeName";
     clippy::duplicated_attributes,
     reason = "each kube printcolumn(...) repeats the same keys"
 )]
-#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "karri.dev",
     version = "v1alpha1",

@@ -1034,19 +1034,8 @@ mod tests {
             InstanceSpec {
                 image_id: "emi-0123456789abcdef0".into(),
                 instance_type: itype.into(),
-                key_name: None,
-                security_group_ids: vec![],
-                user_data: None,
                 availability_zone: Some(A.into()),
-                desired_state: Default::default(),
-                client_token: None,
-                reservation_id: None,
-                launch_index: None,
-                disable_api_termination: false,
-                tags: Vec::new(),
-                kernel_id: None,
-                ramdisk_id: None,
-                metadata_options: None,
+                ..Default::default()
             },
         );
         i.status = Some(InstanceStatus {
