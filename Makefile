@@ -38,9 +38,13 @@ down:
 test: setup
 	$(CARGO) build --workspace --bins
 	bash scripts/libvirtd.sh
-	KARRI_BIN_DIR=$(CURDIR)/target/debug $(CARGO) nextest run --workspace --no-fail-fast
-	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	# All three checks run even when an earlier one fails, so one CI run reports every failure.
+	failed=""; \
+	KARRI_BIN_DIR=$(CURDIR)/target/debug $(CARGO) nextest run --workspace --no-fail-fast || failed="$$failed nextest"; \
+	$(CARGO) fmt --all -- --check || failed="$$failed fmt"; \
+	$(CARGO) clippy --workspace --all-targets -- -D warnings || failed="$$failed clippy"; \
+	if [ -n "$$failed" ]; then echo "make test: failed:$$failed" >&2; exit 1; fi; \
+	echo "make test: nextest, fmt and clippy passed"
 
 # The benchmarks drive release-built services, so they measure Karri, not debug code.
 bench: setup
