@@ -458,6 +458,10 @@ impl<H: Hypervisor + 'static> Context<H> {
             } else {
                 None
             };
+            if let (Some(guests), true) = (&self.guests, actions.contains(&Action::Start)) {
+                // Each run of the guest is a new metadata session.
+                guests.withdraw(instance);
+            }
             tracing::info!(domain = %name, ?actions, "applying plan");
             apply_plan(hv, &name, xml.as_deref(), &actions).await?;
             self.metrics.acted(&actions);

@@ -546,6 +546,16 @@ impl Guests {
         }
     }
 
+    /// Withdraws the instance's metadata before its domain starts, so that the start begins a
+    /// new metadata session ([`Guests::publish`] puts it back) and IMDSv2 tokens of an earlier
+    /// run are refused.
+    pub fn withdraw(&self, instance: &Instance) {
+        let Some(net) = &self.network else { return };
+        if let (Some((ip, _)), Some(id)) = (address_of(instance), instance.labels().get(ID_LABEL)) {
+            net.directory.remove(ip, id);
+        }
+    }
+
     /// Removes what [`Guests::prepare`] made for the instance `id` (its domain is gone): overlay,
     /// console log, DHCP entry, metadata. What is bound to its `address` stays when
     /// `held_elsewhere` says another live instance holds that address now; it is asked under

@@ -14,9 +14,10 @@
 //! - An instance whose metadata endpoint is disabled is refused everything (403).
 //!
 //! Tokens are stateless: HMAC-SHA256 under a random per-process secret over the instance ID, its
-//! address and the expiry, so they do not outlive the agent process. Unlike on AWS, a token
-//! still valid when its instance is stopped and started again on the same agent (same ID and
-//! address) keeps working until it expires.
+//! address, the session it was issued in and the expiry, so they do not outlive the agent
+//! process. A session begins each time an instance appears in the [`Directory`] (the agent
+//! withdraws an instance before each start of its domain), so a token from before a stop and
+//! start is refused, as on AWS.
 //!
 //! What is served for a path is the pure function [`answer`]; the HTTP layer only decides who
 //! may ask.
@@ -88,16 +89,39 @@ pub struct InstanceMetadata {
     pub hop_limit: u8,
 }
 
+/// An instance as the [`Directory`] publishes it: its metadata and the session its tokens are
+/// bound to. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Published {
+    /// What is served to the instance.
+    pub metadata: Arc<InstanceMetadata>,
+    /// Drawn at random when the instance appears at its address, kept while it stays there.
+    session: u64,
+}
+
 /// The instances of this node by private address; cheap to clone, shared with the agent.
 #[derive(Clone, Debug, Default)]
 pub struct Directory {
-    instances: Arc<RwLock<HashMap<Ipv4Addr, Arc<InstanceMetadata>>>>,
+    instances: Arc<RwLock<HashMap<Ipv4Addr, Published>>>,
 }
 
 impl Directory {
-    /// Records an instance under its private address, replacing what held that address.
+    /// Records an instance under its private address, replacing what held that address. An
+    /// instance already there keeps its session (its tokens stay good); one that was not there
+    /// (new, or started again after a stop withdrew it) begins a new one.
     pub fn set(&self, md: InstanceMetadata) {
-        self.write().insert(md.local_ipv4, Arc::new(md));
+        let mut instances = self.write();
+        let session = instances
+            .get(&md.local_ipv4)
+            .filter(|p| p.metadata.instance_id == md.instance_id)
+            .map_or_else(rand::random, |p| p.session);
+        instances.insert(
+            md.local_ipv4,
+            Published {
+                metadata: Arc::new(md),
+                session,
+            },
+        );
     }
 
     /// Forgets the instance `instance_id` at an address; another instance given that address
@@ -106,7 +130,7 @@ impl Directory {
         let mut instances = self.write();
         if instances
             .get(&ip)
-            .is_some_and(|md| md.instance_id == instance_id)
+            .is_some_and(|p| p.metadata.instance_id == instance_id)
         {
             instances.remove(&ip);
         }
@@ -114,11 +138,11 @@ impl Directory {
 
     /// Keeps only the instances for which `keep` holds.
     pub fn retain(&self, keep: impl Fn(&InstanceMetadata) -> bool) {
-        self.write().retain(|_, md| keep(md));
+        self.write().retain(|_, p| keep(&p.metadata));
     }
 
     /// The instance at an address.
-    pub fn get(&self, ip: Ipv4Addr) -> Option<Arc<InstanceMetadata>> {
+    pub fn get(&self, ip: Ipv4Addr) -> Option<Published> {
         self.read().get(&ip).cloned()
     }
 
@@ -134,13 +158,13 @@ impl Directory {
 
     // A panic while holding the lock cannot leave the map half-updated (every write is one
     // HashMap call), so a poisoned lock is still good to use.
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Ipv4Addr, Arc<InstanceMetadata>>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<Ipv4Addr, Published>> {
         self.instances
             .read()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Ipv4Addr, Arc<InstanceMetadata>>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<Ipv4Addr, Published>> {
         self.instances
             .write()
             .unwrap_or_else(PoisonError::into_inner)
@@ -179,7 +203,7 @@ pub enum TokenError {
 }
 
 /// IMDSv2 session tokens: stateless, HMAC-SHA256 under a random per-process secret over the
-/// instance's ID and address and the token's expiry. Cheap to clone.
+/// instance's ID, address and session and the token's expiry. Cheap to clone.
 #[derive(Clone)]
 pub struct Tokens {
     key: Arc<[u8; 32]>,
@@ -195,17 +219,18 @@ impl Tokens {
         }
     }
 
-    /// A token for `md`, valid for `ttl_seconds`.
-    pub fn issue(&self, md: &InstanceMetadata, ttl_seconds: u32) -> String {
+    /// A token for the instance `p`, valid for `ttl_seconds` while its session lasts.
+    pub fn issue(&self, p: &Published, ttl_seconds: u32) -> String {
         let expiry = self.clock.now().saturating_add(u64::from(ttl_seconds));
         let mut bytes = Vec::with_capacity(TOKEN_LEN);
         bytes.extend_from_slice(&expiry.to_be_bytes());
-        bytes.extend_from_slice(&self.tag(md, expiry).finalize().into_bytes());
+        bytes.extend_from_slice(&self.tag(p, expiry).finalize().into_bytes());
         URL_SAFE_NO_PAD.encode(bytes)
     }
 
-    /// Checks that `token` was issued to `md` and has not expired; its remaining seconds.
-    pub fn verify(&self, md: &InstanceMetadata, token: &str) -> Result<u64, TokenError> {
+    /// Checks that `token` was issued to the instance `p` in its current session and has not
+    /// expired; its remaining seconds.
+    pub fn verify(&self, p: &Published, token: &str) -> Result<u64, TokenError> {
         let bytes = URL_SAFE_NO_PAD
             .decode(token.trim())
             .map_err(|_| TokenError::Malformed)?;
@@ -214,7 +239,7 @@ impl Tokens {
         }
         let (expiry, tag) = bytes.split_at(8);
         let expiry = u64::from_be_bytes(expiry.try_into().expect("split at 8 bytes"));
-        self.tag(md, expiry)
+        self.tag(p, expiry)
             .verify_slice(tag)
             .map_err(|_| TokenError::NotIssuedToCaller)?;
         let now = self.clock.now();
@@ -224,14 +249,16 @@ impl Tokens {
         Ok(expiry - now)
     }
 
-    fn tag(&self, md: &InstanceMetadata, expiry: u64) -> Hmac<Sha256> {
+    fn tag(&self, p: &Published, expiry: u64) -> Hmac<Sha256> {
+        let md = &p.metadata;
         let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.key[..])
             .expect("HMAC accepts keys of any length");
-        mac.update(b"karri-imds-token-v1");
+        mac.update(b"karri-imds-token-v2");
         // Length-prefixed, so that no two (ID, address) pairs are signed alike.
         mac.update(&(md.instance_id.len() as u64).to_be_bytes());
         mac.update(md.instance_id.as_bytes());
         mac.update(&md.local_ipv4.octets());
+        mac.update(&p.session.to_be_bytes());
         mac.update(&expiry.to_be_bytes());
         mac
     }
@@ -844,9 +871,10 @@ fn respond(
     headers: &HeaderMap,
     socket: Option<&PeerSocket>,
 ) -> Result<Response, Refusal> {
-    let md = caller_ipv4(peer)
+    let published = caller_ipv4(peer)
         .and_then(|ip| service.directory.get(ip))
         .ok_or(Refusal::UnknownCaller(peer.ip()))?;
+    let md = &published.metadata;
     if !md.http_endpoint_enabled {
         return Err(Refusal::EndpointDisabled(md.instance_id.clone()));
     }
@@ -854,7 +882,7 @@ fn respond(
         if method != Method::PUT {
             return Err(Refusal::MethodNotAllowed { allow: "PUT" });
         }
-        return issue_token(service, &md, headers, socket);
+        return issue_token(service, &published, headers, socket);
     }
     if method != Method::GET && method != Method::HEAD {
         return Err(Refusal::MethodNotAllowed { allow: "GET, HEAD" });
@@ -862,14 +890,14 @@ fn respond(
     let remaining = match headers.get(TOKEN_HEADER) {
         Some(token) => {
             let token = token.to_str().map_err(|_| TokenError::Malformed)?;
-            Some(service.tokens.verify(&md, token)?)
+            Some(service.tokens.verify(&published, token)?)
         }
         None if md.http_tokens_required => {
             return Err(Refusal::TokenRequired(md.instance_id.clone()))
         }
         None => None,
     };
-    let answer = answer(&md, path).ok_or(Refusal::NotFound)?;
+    let answer = answer(md, path).ok_or(Refusal::NotFound)?;
     let len = answer.len();
     let mut response = answer.into_response();
     if let Some(remaining) = remaining {
@@ -884,7 +912,7 @@ fn respond(
 
 fn issue_token(
     service: &Service,
-    md: &InstanceMetadata,
+    published: &Published,
     headers: &HeaderMap,
     socket: Option<&PeerSocket>,
 ) -> Result<Response, Refusal> {
@@ -900,10 +928,10 @@ fn issue_token(
     if let Some(socket) = socket {
         // No token leaves without its hop limit: it must not reach past the instance.
         socket
-            .limit_hops(md.hop_limit)
+            .limit_hops(published.metadata.hop_limit)
             .map_err(|error| Refusal::HopLimit(error.to_string()))?;
     }
-    let token = service.tokens.issue(md, ttl);
+    let token = service.tokens.issue(published, ttl);
     let mut response = ([(CONTENT_TYPE, "text/plain")], [(TTL_HEADER, ttl)], token).into_response();
     // The TTL stays on the socket: the connection ends with this response, so that later
     // answers on it do not go out with the token's hop limit.
@@ -1295,6 +1323,14 @@ mod tests {
 
     // --- tokens ---
 
+    /// `md` as published in session `session`.
+    fn at(md: InstanceMetadata, session: u64) -> Published {
+        Published {
+            metadata: Arc::new(md),
+            session,
+        }
+    }
+
     fn tokens_at(now: &Arc<AtomicU64>) -> Tokens {
         Tokens {
             key: Arc::new([7; 32]),
@@ -1306,20 +1342,23 @@ mod tests {
     fn a_token_is_valid_for_its_ttl_and_no_longer() {
         let now = Arc::new(AtomicU64::new(1_000));
         let tokens = tokens_at(&now);
-        let token = tokens.issue(&sample(), 10);
-        assert_eq!(tokens.verify(&sample(), &token), Ok(10));
+        let token = tokens.issue(&at(sample(), 1), 10);
+        assert_eq!(tokens.verify(&at(sample(), 1), &token), Ok(10));
         now.store(1_009, Ordering::SeqCst);
-        assert_eq!(tokens.verify(&sample(), &token), Ok(1));
+        assert_eq!(tokens.verify(&at(sample(), 1), &token), Ok(1));
         now.store(1_010, Ordering::SeqCst);
-        assert_eq!(tokens.verify(&sample(), &token), Err(TokenError::Expired));
+        assert_eq!(
+            tokens.verify(&at(sample(), 1), &token),
+            Err(TokenError::Expired)
+        );
     }
 
     #[test]
     fn a_token_is_refused_for_another_instance_even_at_the_same_address() {
         let tokens = Tokens::new();
-        let token = tokens.issue(&sample(), 60);
+        let token = tokens.issue(&at(sample(), 1), 60);
         assert_eq!(
-            tokens.verify(&other(), &token),
+            tokens.verify(&at(other(), 1), &token),
             Err(TokenError::NotIssuedToCaller)
         );
         let successor = InstanceMetadata {
@@ -1327,16 +1366,16 @@ mod tests {
             ..sample()
         };
         assert_eq!(
-            tokens.verify(&successor, &token),
+            tokens.verify(&at(successor, 1), &token),
             Err(TokenError::NotIssuedToCaller)
         );
     }
 
     #[test]
     fn a_token_from_another_process_is_refused() {
-        let token = Tokens::new().issue(&sample(), 60);
+        let token = Tokens::new().issue(&at(sample(), 1), 60);
         assert_eq!(
-            Tokens::new().verify(&sample(), &token),
+            Tokens::new().verify(&at(sample(), 1), &token),
             Err(TokenError::NotIssuedToCaller)
         );
     }
@@ -1345,7 +1384,7 @@ mod tests {
     fn an_altered_or_malformed_token_is_refused() {
         let now = Arc::new(AtomicU64::new(1_000));
         let tokens = tokens_at(&now);
-        let token = tokens.issue(&sample(), 10);
+        let token = tokens.issue(&at(sample(), 1), 10);
         // Push the expiry forward: the tag no longer matches.
         let mut bytes = URL_SAFE_NO_PAD
             .decode(&token)
@@ -1353,16 +1392,61 @@ mod tests {
         bytes[7] = bytes[7].wrapping_add(100);
         let extended = URL_SAFE_NO_PAD.encode(bytes);
         assert_eq!(
-            tokens.verify(&sample(), &extended),
+            tokens.verify(&at(sample(), 1), &extended),
             Err(TokenError::NotIssuedToCaller)
         );
         for malformed in ["", "not a token!", &token[..20], &format!("{token}AAAA")] {
             assert_eq!(
-                tokens.verify(&sample(), malformed),
+                tokens.verify(&at(sample(), 1), malformed),
                 Err(TokenError::Malformed),
                 "{malformed:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_token_from_an_earlier_session_of_the_same_instance_is_refused() {
+        let tokens = Tokens::new();
+        let token = tokens.issue(&at(sample(), 1), 60);
+        assert_eq!(
+            tokens.verify(&at(sample(), 2), &token),
+            Err(TokenError::NotIssuedToCaller)
+        );
+    }
+
+    #[test]
+    fn tokens_survive_a_metadata_update_but_not_a_stop_and_start() {
+        let directory = Directory::default();
+        let tokens = Tokens::new();
+        let ip = sample().local_ipv4;
+        directory.set(sample());
+        let token = tokens.issue(&directory.get(ip).expect("published"), 60);
+        // Running: the agent publishes again (user data or options changed).
+        directory.set(InstanceMetadata {
+            user_data: Some(b"changed".to_vec()),
+            ..sample()
+        });
+        let current = directory.get(ip).expect("still published");
+        assert_eq!(current.metadata.user_data.as_deref(), Some(&b"changed"[..]));
+        assert!(tokens.verify(&current, &token).is_ok());
+        // Stopped (withdrawn once its domain is down), then started again.
+        directory.remove(ip, &sample().instance_id);
+        directory.set(sample());
+        assert_eq!(
+            tokens.verify(&directory.get(ip).expect("published again"), &token),
+            Err(TokenError::NotIssuedToCaller)
+        );
+        // Another instance given the address begins its own session too.
+        directory.set(InstanceMetadata {
+            instance_id: "i-0bbbbbbbbbbbbbbbb".into(),
+            ..sample()
+        });
+        let fresh = tokens.issue(&directory.get(ip).expect("published"), 60);
+        directory.set(sample());
+        assert_eq!(
+            tokens.verify(&directory.get(ip).expect("published"), &fresh),
+            Err(TokenError::NotIssuedToCaller)
+        );
     }
 
     // --- the HTTP layer ---

@@ -585,7 +585,7 @@ async fn releasing_a_terminated_instance_keeps_the_bindings_of_the_instance_hold
     let served = || {
         directory
             .get(GUEST_IP)
-            .map(|md| md.instance_id.clone())
+            .map(|p| p.metadata.instance_id.clone())
             .unwrap_or_default()
     };
     ensure!(host_file.exists() && guarded()? && served() == "i-0bbbbbbbbbbbbbbbb");
