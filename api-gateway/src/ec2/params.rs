@@ -4,12 +4,16 @@
 //! tags, booleans and bounded integers.
 //!
 //! Rules:
-//! - every key is kept once; when a key repeats (within one input, or in the query string and the
-//!   body) the **last** value wins, the body being read after the query string;
+//! - every key appears once: a key given twice (within one input, or in the query string and
+//!   the body) is an `InvalidQueryParameter` error, since the signature covers both values but
+//!   only one could be read;
 //! - list and structure indexes are canonical decimal numbers from 1 (`.1`, `.2`, … `.10`), may
 //!   be sparse, and are returned in numeric order; an all-digit index that is `0`, has a leading
 //!   zero or does not fit a `u32` is an `InvalidQueryParameter` error;
-//! - the text must be valid percent-encoding (`+` is a space) of UTF-8, else `MalformedQueryString`;
+//! - the text must be valid percent-encoding of UTF-8, else `MalformedQueryString`; in the body
+//!   `+` is a space (form encoding), but in the query string a raw `+` is refused
+//!   (`MalformedQueryString`), as SigV4 signs it as a literal plus: a space is `%20` there, a plus
+//!   `%2B`;
 //! - at most [`MAX_PARAMS`] parameters, names of at most [`MAX_KEY_LEN`] bytes, values of at most
 //!   [`MAX_VALUE_LEN`] bytes (the caller bounds the body size as a whole);
 //! - every accessor marks what it reads, so that the router can tell which parameters nobody
@@ -88,12 +92,27 @@ fn hex_digit(b: u8) -> Option<u8> {
     }
 }
 
-/// Decodes one form component: `+` is a space, `%XX` a byte; the result must be UTF-8.
-fn decode_component(raw: &[u8]) -> Result<String, Ec2Error> {
+/// Where a form comes from, which decides what a raw `+` means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The query string: SigV4 signs `+` as a literal plus, a form decoder reads a space, so a
+    /// raw `+` is refused rather than read differently from how it was signed.
+    Query,
+    /// A form body (signed by its hash): `+` is a space.
+    Body,
+}
+
+/// Decodes one form component: `%XX` is a byte, `+` a space in a body; the result must be UTF-8.
+fn decode_component(raw: &[u8], source: Source) -> Result<String, Ec2Error> {
     let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;
     while let Some(&b) = raw.get(i) {
         match b {
+            b'+' if source == Source::Query => {
+                return Err(Ec2Error::malformed_query_string(
+                    "a raw '+' in the query string is ambiguous: encode a space as %20 and a plus as %2B",
+                ))
+            }
             b'+' => {
                 out.push(b' ');
                 i += 1;
@@ -153,27 +172,27 @@ impl Params {
         Self::default()
     }
 
-    /// Decodes a form (`a=1&b=2`, as in a POST body or a query string).
+    /// Decodes a form body (`a=1&b=2`, `+` a space).
     pub fn parse_form(input: &[u8]) -> Result<Self, Ec2Error> {
         let mut params = Params::new();
-        params.extend_form(input)?;
+        params.extend_form(input, Source::Body)?;
         Ok(params)
     }
 
-    /// Decodes the query string (if any) and then the body: a key present in both takes the
-    /// body's value.
+    /// Decodes the query string (if any) and the form body; a key may appear in only one of
+    /// them, once.
     pub fn from_request(query: Option<&str>, body: &[u8]) -> Result<Self, Ec2Error> {
         let mut params = Params::new();
         if let Some(query) = query {
-            params.extend_form(query.as_bytes())?;
+            params.extend_form(query.as_bytes(), Source::Query)?;
         }
-        params.extend_form(body)?;
+        params.extend_form(body, Source::Body)?;
         Ok(params)
     }
 
-    /// Decodes a form into these parameters (later values win). Empty pairs (`&&`) and pairs
-    /// with an empty name are skipped.
-    pub fn extend_form(&mut self, input: &[u8]) -> Result<(), Ec2Error> {
+    /// Decodes a form into these parameters; a key already present is an error. Empty pairs
+    /// (`&&`) and pairs with an empty name are skipped.
+    fn extend_form(&mut self, input: &[u8], source: Source) -> Result<(), Ec2Error> {
         let mut pairs = 0usize;
         for pair in input.split(|&b| b == b'&') {
             if pair.is_empty() {
@@ -191,14 +210,20 @@ impl Params {
             if raw_key.len() > MAX_KEY_LEN * 3 {
                 return Err(Self::key_too_long(&String::from_utf8_lossy(raw_key)));
             }
-            let key = decode_component(raw_key)?;
+            let key = decode_component(raw_key, source)?;
             if key.is_empty() {
                 continue;
+            }
+            if self.map.contains_key(&key) {
+                return Err(Ec2Error::invalid_query_parameter(format!(
+                    "The parameter {} is given more than once.",
+                    shorten(&key, 64)
+                )));
             }
             if raw_value.len() > MAX_VALUE_LEN * 3 {
                 return Err(Self::value_too_long(&key));
             }
-            let value = decode_component(raw_value)?;
+            let value = decode_component(raw_value, source)?;
             self.insert(key, value)?;
         }
         Ok(())
@@ -628,16 +653,36 @@ mod tests {
     }
 
     #[test]
-    fn a_repeated_key_keeps_the_last_value_and_the_body_wins_over_the_query() {
-        let p = form("A=1&A=2");
-        assert_eq!(p.get("A"), Some("2"));
-        let p = Params::from_request(
+    fn a_repeated_key_is_refused_within_a_form_and_across_query_and_body() {
+        let err = Params::parse_form(b"A=1&A=2").unwrap_err();
+        assert_eq!(err.code, "InvalidQueryParameter");
+        assert_eq!(err.status, 400);
+        assert_eq!(err.message, "The parameter A is given more than once.");
+        let err = Params::from_request(
             Some("Action=FromQuery&Version=2016-11-15"),
             b"Action=FromBody",
         )
-        .unwrap();
+        .unwrap_err();
+        assert_eq!(err.message, "The parameter Action is given more than once.");
+        // Encoded differently, still the same key.
+        let err = Params::parse_form(b"A=1&%41=2").unwrap_err();
+        assert_eq!(err.code, "InvalidQueryParameter");
+        let p = Params::from_request(Some("Version=2016-11-15"), b"Action=FromBody").unwrap();
         assert_eq!(p.get("Action"), Some("FromBody"));
         assert_eq!(p.get("Version"), Some("2016-11-15"));
+    }
+
+    #[test]
+    fn a_plus_is_a_space_in_the_body_but_refused_raw_in_the_query_string() {
+        let p = Params::from_request(Some("Q=a%20b%2Bc"), b"B=a+b%2Bc").unwrap();
+        assert_eq!(p.get("Q"), Some("a b+c"));
+        assert_eq!(p.get("B"), Some("a b+c"));
+        for query in ["Q=a+b", "Q+R=1"] {
+            let err = Params::from_request(Some(query), b"").unwrap_err();
+            assert_eq!(err.code, "MalformedQueryString", "{query}");
+            assert_eq!(err.status, 400, "{query}");
+            assert!(err.message.contains("%20"), "{}", err.message);
+        }
     }
 
     #[test]
