@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use api_gateway::auth::Authenticator;
 use api_gateway::aws::credentials::Sealer;
+use api_gateway::conn_limit::CappedAcceptor;
 use api_gateway::ec2::service::Ec2Settings;
 use api_gateway::http::{discovery, router, AppState};
 use api_gateway::kinds::Kinds;
@@ -89,6 +90,10 @@ struct Args {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 3 * 1024 * 1024)]
     max_body_bytes: usize,
+    /// Most client connections open at once (over all listeners); a connection past it is
+    /// closed on arrival. Lowered to half the open-file limit if that is smaller.
+    #[arg(long, default_value_t = 10_000, env = "KARRI_MAX_CONNECTIONS")]
+    max_connections: usize,
     /// Directory of S3 object bytes (blobs); the S3 face is off without it or
     /// --s3-backend-url.
     #[arg(long, env = "KARRI_S3_DATA_DIR")]
@@ -179,6 +184,10 @@ async fn main() -> anyhow::Result<()> {
     };
     let etcd = store::connect(&etcd_config).await?;
     let metrics = Arc::new(Metrics::new());
+    let connection_metrics = (
+        metrics.connections.clone(),
+        metrics.connections_refused.clone(),
+    );
     let kinds = Kinds::load();
     let openapi = discovery::openapi_group_version(&kinds);
     let openapi_hash = {
@@ -305,10 +314,14 @@ async fn main() -> anyhow::Result<()> {
     });
     tracing::info!(listen = %args.listen, aws = ?args.aws_listen, region = %args.region, etcd = %args.etcd_endpoints.join(","), ca = ?serving.ca, "api-gateway serving");
     let app = router(state);
+    let cap = connection_cap(args.max_connections)?;
+    let (open, refused) = connection_metrics;
+    let capped = CappedAcceptor::new(NoDelayAcceptor::new(), cap, open, refused);
     let mut servers = Vec::new();
     for addr in std::iter::once(args.listen).chain(args.aws_listen) {
         // TCP_NODELAY: a response written in several TLS records must not wait for delayed ACKs.
-        let acceptor = RustlsAcceptor::new(config.clone()).acceptor(NoDelayAcceptor::new());
+        let acceptor =
+            RustlsAcceptor::new(config.clone()).acceptor(capped.sharing(NoDelayAcceptor::new()));
         let mut server = axum_server::bind(addr)
             .acceptor(acceptor)
             .handle(handle.clone());
@@ -324,6 +337,39 @@ async fn main() -> anyhow::Result<()> {
         server.await??;
     }
     Ok(())
+}
+
+/// The connection cap: `wanted`, within the open-file limit, whose soft value is raised to
+/// the hard one first (as Go's runtime does), since the default soft limit (often 1024) is
+/// far below what a gateway serving many clients needs.
+fn connection_cap(wanted: usize) -> anyhow::Result<usize> {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => limit = raised,
+            Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+        }
+    }
+    let cap = api_gateway::conn_limit::connection_cap(wanted, limit.current);
+    anyhow::ensure!(
+        cap > 0,
+        "the open-file limit ({:?}) leaves no room for client connections",
+        limit.current
+    );
+    if cap < wanted {
+        tracing::warn!(
+            wanted,
+            cap,
+            nofile = ?limit.current,
+            "--max-connections lowered to half the open-file limit"
+        );
+    }
+    Ok(cap)
 }
 
 /// How long a client may take to send a request's headers (HTTP/1.1). hyper starts this clock

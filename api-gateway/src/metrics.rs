@@ -41,6 +41,10 @@ pub struct Metrics {
     pub cache_relists: Counter,
     /// Orphaned S3 blobs and temporary files the sweep removed.
     pub s3_swept: Counter,
+    /// Client connections open.
+    pub connections: Gauge,
+    /// Client connections closed on arrival because the cap was reached.
+    pub connections_refused: Counter,
 }
 
 impl Metrics {
@@ -58,6 +62,18 @@ impl Metrics {
         let etcd_direct_watches = Counter::default();
         let cache_relists = Counter::default();
         let s3_swept = Counter::default();
+        let connections = Gauge::default();
+        let connections_refused = Counter::default();
+        registry.register(
+            "connections",
+            "Client connections open",
+            connections.clone(),
+        );
+        registry.register(
+            "connections_refused",
+            "Client connections closed on arrival because --max-connections were open",
+            connections_refused.clone(),
+        );
         registry.register(
             "s3_swept_orphans",
             "Orphaned S3 blobs and temporary files removed by the sweep",
@@ -106,6 +122,8 @@ impl Metrics {
             etcd_direct_watches,
             cache_relists,
             s3_swept,
+            connections,
+            connections_refused,
         }
     }
 

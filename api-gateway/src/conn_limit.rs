@@ -1,0 +1,174 @@
+//! A cap on the connections the gateway holds open at once.
+//!
+//! Every connection costs a file descriptor and buffers. Past the cap a new connection is
+//! closed as soon as it is accepted (counted in `karri_gateway_connections_refused`), so that
+//! the descriptors the gateway needs for etcd, S3 blobs and its own files stay free: a process
+//! out of descriptors fails those, and its accept loop stalls. Clients retry a closed connection
+//! like any other network error. [`connection_cap`] keeps the cap within the process's
+//! descriptor limit.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use axum_server::accept::Accept;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// The effective connection cap: `wanted`, but at most half the open-file limit `nofile`
+/// (`None`: unlimited), leaving the other half to etcd, blobs and files. Pure.
+pub fn connection_cap(wanted: usize, nofile: Option<u64>) -> usize {
+    match nofile {
+        Some(limit) => wanted.min(usize::try_from(limit / 2).unwrap_or(usize::MAX)),
+        None => wanted,
+    }
+}
+
+/// Wraps an acceptor: each connection holds one of `cap` permits while it is open; a
+/// connection that finds none left is closed.
+#[derive(Clone, Debug)]
+pub struct CappedAcceptor<A> {
+    inner: A,
+    permits: Arc<Semaphore>,
+    open: Gauge,
+    refused: Counter,
+}
+
+impl<A> CappedAcceptor<A> {
+    /// `inner` with at most `cap` connections open at once through every clone of the result;
+    /// `open` counts the connections held, `refused` those closed at the cap.
+    pub fn new(inner: A, cap: usize, open: Gauge, refused: Counter) -> Self {
+        Self {
+            inner,
+            permits: Arc::new(Semaphore::new(cap)),
+            open,
+            refused,
+        }
+    }
+
+    /// The same cap (shared permits) over another acceptor, for a second listener.
+    pub fn sharing<B>(&self, inner: B) -> CappedAcceptor<B> {
+        CappedAcceptor {
+            inner,
+            permits: self.permits.clone(),
+            open: self.open.clone(),
+            refused: self.refused.clone(),
+        }
+    }
+}
+
+/// What a capped connection holds until it closes.
+#[derive(Debug)]
+struct Held {
+    _permit: OwnedSemaphorePermit,
+    open: Gauge,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
+}
+
+/// A connection's stream with its permit.
+#[derive(Debug)]
+pub struct Capped<T> {
+    inner: T,
+    _held: Held,
+}
+
+impl<I, S, A> Accept<I, S> for CappedAcceptor<A>
+where
+    A: Accept<I, S>,
+    A::Future: Send + 'static,
+    A::Stream: Send + 'static,
+    A::Service: Send + 'static,
+{
+    type Stream = Capped<A::Stream>;
+    type Service = A::Service;
+    type Future = Pin<Box<dyn Future<Output = io::Result<(Self::Stream, Self::Service)>> + Send>>;
+
+    fn accept(&self, stream: I, service: S) -> Self::Future {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else {
+            self.refused.inc();
+            tracing::debug!("connection cap reached: closing a new connection");
+            // Dropping the stream closes the connection.
+            return Box::pin(std::future::ready(Err(io::Error::other(
+                "the gateway holds as many connections as it may",
+            ))));
+        };
+        self.open.inc();
+        let held = Held {
+            _permit: permit,
+            open: self.open.clone(),
+        };
+        let accepted = self.inner.accept(stream, service);
+        Box::pin(async move {
+            let (inner, service) = accepted.await?;
+            Ok((Capped { inner, _held: held }, service))
+        })
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Capped<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Capped<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cap_leaves_half_the_descriptor_limit_to_everything_else() {
+        let rows = [
+            (10_000, None, 10_000),
+            (10_000, Some(1_048_576), 10_000),
+            (10_000, Some(1_024), 512),
+            (10_000, Some(1), 0),
+            (100, Some(1_024), 100),
+        ];
+        for (wanted, nofile, cap) in rows {
+            assert_eq!(connection_cap(wanted, nofile), cap, "{wanted} {nofile:?}");
+        }
+    }
+}
