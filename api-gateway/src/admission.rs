@@ -380,6 +380,18 @@ pub fn finalizers(v: &Value) -> Vec<&str> {
 /// record (Kubernetes' name): the registry orphans the dependents when it is the last one left.
 pub const ORPHAN_FINALIZER: &str = "orphan";
 
+/// The finalizer a delete with `propagationPolicy=Foreground` adds (Kubernetes' name): the
+/// garbage collector deletes the record's dependents and removes it once no dependent that
+/// blocks its owner's deletion (`blockOwnerDeletion: true`) is left.
+pub const FOREGROUND_FINALIZER: &str = "foregroundDeletion";
+
+/// Whether the record is marked for deletion and waits on [`FOREGROUND_FINALIZER`].
+pub fn deleting_in_foreground(v: &Value) -> bool {
+    v.pointer("/metadata/deletionTimestamp")
+        .is_some_and(|d| !d.is_null())
+        && finalizers(v).contains(&FOREGROUND_FINALIZER)
+}
+
 /// Whether the record is marked for deletion and only [`ORPHAN_FINALIZER`] still holds it.
 pub fn only_orphan_finalizer_left(v: &Value) -> bool {
     v.pointer("/metadata/deletionTimestamp")

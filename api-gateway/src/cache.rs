@@ -99,6 +99,8 @@ struct State {
     ids: HashMap<String, String>,
     /// Owner UID → keys of dependents.
     dependents: HashMap<String, HashSet<String>>,
+    /// Keys of the records being deleted in the foreground (the garbage collector's work).
+    foreground: HashSet<String>,
     synced: bool,
 }
 
@@ -250,6 +252,7 @@ impl WatchCache {
         state.uids.clear();
         state.ids.clear();
         state.dependents.clear();
+        state.foreground.clear();
         for kv in kvs {
             let Ok(key) = kv.key_str() else { continue };
             if !key.starts_with(REGISTRY_PREFIX) {
@@ -418,6 +421,16 @@ impl WatchCache {
             .unwrap_or_default()
     }
 
+    /// Keys of the records marked for deletion in the foreground, whose dependents the garbage
+    /// collector deletes first.
+    pub fn foreground_deletions(&self) -> Vec<String> {
+        unpoison(self.state.read())
+            .foreground
+            .iter()
+            .cloned()
+            .collect()
+    }
+
     /// Keys of records that name an owner which no longer exists: the garbage collector's
     /// work. Costs one lookup per distinct owner, not one per record.
     pub fn orphan_candidates(&self) -> Vec<String> {
@@ -499,12 +512,16 @@ fn index_add(state: &mut State, obj: &CachedObject) {
             .or_default()
             .insert(obj.key.clone());
     }
+    if crate::admission::deleting_in_foreground(&obj.value) {
+        state.foreground.insert(obj.key.clone());
+    }
 }
 
 fn index_remove(state: &mut State, obj: &CachedObject) {
     if let Some(uid) = obj.uid() {
         state.uids.remove(uid);
     }
+    state.foreground.remove(&obj.key);
     for id in ids_of(obj) {
         if state.ids.get(id) == Some(&obj.key) {
             state.ids.remove(id);

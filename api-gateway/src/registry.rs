@@ -50,7 +50,8 @@ pub enum Propagation {
     /// Delete dependents in the background (the default).
     #[default]
     Background,
-    /// Treated as background: dependents are collected after the owner is gone.
+    /// Delete the dependents first: the owner is marked with the `foregroundDeletion`
+    /// finalizer and removed once no dependent blocking its deletion is left.
     Foreground,
     /// Keep dependents and remove their owner reference.
     Orphan,
@@ -916,21 +917,30 @@ impl Registry {
             if opts.resource_version.is_some_and(|r| r != rev) {
                 return Err(ApiError::conflict(kind.info.plural, name));
             }
-            let has_finalizers = current
-                .pointer("/metadata/finalizers")
-                .and_then(Value::as_array)
-                .is_some_and(|f| !f.is_empty());
-            if has_finalizers {
+            let finalizers = admission::finalizers(&current);
+            let foreground = opts.propagation == Propagation::Foreground;
+            if !finalizers.is_empty() || foreground {
                 // With other finalizers holding it, an orphaning delete is remembered as the
-                // orphan finalizer, acted on when the others are gone (see `update_with`).
+                // orphan finalizer, acted on when the others are gone (see `update_with`). A
+                // foreground delete always waits, on its own finalizer, for the garbage
+                // collector to delete the dependents (see `collect_foreground`).
                 let add_orphan = opts.propagation == Propagation::Orphan
-                    && !admission::finalizers(&current).contains(&admission::ORPHAN_FINALIZER);
-                if current.pointer("/metadata/deletionTimestamp").is_some() && !add_orphan {
+                    && !finalizers.contains(&admission::ORPHAN_FINALIZER);
+                let add_foreground =
+                    foreground && !finalizers.contains(&admission::FOREGROUND_FINALIZER);
+                if current.pointer("/metadata/deletionTimestamp").is_some()
+                    && !add_orphan
+                    && !add_foreground
+                {
                     return Ok(current);
                 }
                 let mut marked = admission::mark_deleted(&current, &now());
                 if add_orphan {
                     marked = admission::with_finalizer(&marked, admission::ORPHAN_FINALIZER, true);
+                }
+                if add_foreground {
+                    marked =
+                        admission::with_finalizer(&marked, admission::FOREGROUND_FINALIZER, true);
                 }
                 if opts.dry_run {
                     set_resource_version(&mut marked, rev);
@@ -1478,8 +1488,88 @@ impl Registry {
         }
     }
 
+    /// A record deleted in the foreground: deletes its dependents that are not being deleted
+    /// yet, and once none that blocks its deletion (`blockOwnerDeletion: true`) is left,
+    /// removes its `foregroundDeletion` finalizer (which removes it when no other holds it).
+    async fn collect_foreground(&self, key: &str) -> ApiResult<()> {
+        let Some((kind, ns, name)) = self.locate(key) else {
+            return Ok(());
+        };
+        let Some(owner) = self.cache.get(kind.info.plural, key) else {
+            return Ok(());
+        };
+        let Some(uid) = owner.uid().map(str::to_string) else {
+            return Ok(());
+        };
+        let system = Principal::Admin("system:garbage-collector".into());
+        let mut blocking = 0usize;
+        for dep_key in self.cache.dependents_of(&uid) {
+            let Some((dep_kind, dep_ns, dep_name)) = self.locate(&dep_key) else {
+                continue;
+            };
+            let Some(dep) = self.cache.get(dep_kind.info.plural, &dep_key) else {
+                continue;
+            };
+            if blocks_owner_deletion(&dep.value, &uid) {
+                blocking += 1;
+            }
+            if dep.value.pointer("/metadata/deletionTimestamp").is_some() {
+                continue;
+            }
+            tracing::info!(
+                owner = key,
+                dependent = dep_key,
+                "deleting a dependent first"
+            );
+            let this_one = DeleteOptions {
+                uid: dep.uid().map(str::to_string),
+                ..Default::default()
+            };
+            match self
+                .delete(&dep_kind, dep_ns.as_deref(), &dep_name, &system, &this_one)
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if e.code == 404 || e.code == 409 => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if blocking > 0 {
+            return Ok(());
+        }
+        tracing::info!(
+            key,
+            "no blocking dependent left; removing the foreground finalizer"
+        );
+        let mut release = |cur: &Value| {
+            Ok(admission::with_finalizer(
+                cur,
+                admission::FOREGROUND_FINALIZER,
+                false,
+            ))
+        };
+        match self
+            .update_with(
+                &kind,
+                ns.as_deref(),
+                &name,
+                &system,
+                Subresource::Main,
+                None,
+                WriteOptions::default(),
+                &mut release,
+            )
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == 404 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
     /// The garbage collector: level-triggered on every cache change, it collects records whose
-    /// owners no longer exist (cascading deletion).
+    /// owners no longer exist (cascading deletion) and the dependents of records deleted in
+    /// the foreground.
     async fn collect_garbage(self: Arc<Self>) {
         let mut rx = self.cache.subscribe();
         loop {
@@ -1492,11 +1582,28 @@ impl Registry {
                     tracing::warn!(key, error = %e, "garbage collection failed; will retry on the next change");
                 }
             }
+            for key in self.cache.foreground_deletions() {
+                if let Err(e) = self.collect_foreground(&key).await {
+                    tracing::warn!(key, error = %e, "foreground deletion failed; will retry on the next change");
+                }
+            }
         }
     }
 }
 
-/// The refusal of a record the caller may not touch (another node's instance).
+/// Whether `dependent` names `owner_uid` as an owner with `blockOwnerDeletion: true`. Pure.
+fn blocks_owner_deletion(dependent: &Value, owner_uid: &str) -> bool {
+    dependent
+        .pointer("/metadata/ownerReferences")
+        .and_then(Value::as_array)
+        .is_some_and(|refs| {
+            refs.iter().any(|r| {
+                r.get("uid").and_then(Value::as_str) == Some(owner_uid)
+                    && r.get("blockOwnerDeletion").and_then(Value::as_bool) == Some(true)
+            })
+        })
+}
+
 /// The operations that remove a record with its ID index and unique keys.
 fn removal_ops(kind: &Kind, key: &str, current: &Value) -> Vec<TxnOp> {
     let mut ops = vec![TxnOp::delete(key, None)];

@@ -824,6 +824,94 @@ async fn an_orphaning_delete_held_by_a_finalizer_orphans_when_the_finalizer_goes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreground_delete_removes_the_owner_only_after_its_blocking_dependents_are_gone(
+) -> anyhow::Result<()> {
+    let h = harness().await?;
+    let owner = h.create("owner").await?;
+    let uid = owner["metadata"]["uid"].as_str().context("uid")?;
+    // Both dependents are held by a finalizer of their own, so that they stay, terminating,
+    // until the test lets them go; only one blocks its owner's deletion.
+    for (name, blocks) in [("blocking", true), ("plain", false)] {
+        let mut child = instance(name);
+        child["metadata"]["ownerReferences"] = json!([{"apiVersion": "karri.dev/v1alpha1", "kind": "Instance", "name": "owner", "uid": uid, "blockOwnerDeletion": blocks}]);
+        child["metadata"]["finalizers"] = json!(["example.com/hold"]);
+        h.registry
+            .create(
+                &h.instances,
+                Some("acme"),
+                child,
+                &admin(),
+                WriteOptions::default(),
+            )
+            .await?;
+    }
+    let mut rx = h.watch(Some(rv(&h
+        .registry
+        .get(&h.instances, Some("acme"), "plain", &admin())
+        .await?)));
+
+    let foreground = DeleteOptions {
+        propagation: Propagation::Foreground,
+        ..Default::default()
+    };
+    let marked = h
+        .registry
+        .delete(&h.instances, Some("acme"), "owner", &admin(), &foreground)
+        .await?;
+    assert!(marked["metadata"]["deletionTimestamp"].is_string());
+    assert_eq!(
+        marked["metadata"]["finalizers"],
+        json!(["foregroundDeletion"])
+    );
+
+    // The garbage collector deletes both dependents (they are marked, held by their finalizer).
+    let mut terminating = std::collections::BTreeSet::new();
+    while terminating.len() < 2 {
+        if let WatchEvent::Modified(o) = next_event(&mut rx).await? {
+            let name = o.value["metadata"]["name"].as_str().unwrap_or("");
+            if name != "owner" && o.value["metadata"]["deletionTimestamp"].is_string() {
+                terminating.insert(name.to_string());
+            }
+        }
+    }
+    // The blocking dependent is still there: so is its owner.
+    let still = h
+        .registry
+        .get(&h.instances, Some("acme"), "owner", &admin())
+        .await?;
+    assert_eq!(
+        still["metadata"]["finalizers"],
+        json!(["foregroundDeletion"])
+    );
+
+    // The blocking dependent goes; then the owner, while the other dependent still terminates.
+    h.update("blocking", Subresource::Main, &mut |cur: &Value| {
+        let mut next = cur.clone();
+        next["metadata"]["finalizers"] = json!([]);
+        Ok(next)
+    })
+    .await?;
+    let mut deleted = Vec::new();
+    while !deleted.iter().any(|n| n == "owner") {
+        if let WatchEvent::Deleted(o) = next_event(&mut rx).await? {
+            deleted.push(
+                o.value["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+            );
+        }
+    }
+    assert_eq!(deleted, ["blocking", "owner"]);
+    let plain = h
+        .registry
+        .get(&h.instances, Some("acme"), "plain", &admin())
+        .await?;
+    assert!(plain["metadata"]["deletionTimestamp"].is_string());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_private_address_is_held_by_one_live_instance_of_its_zone_at_a_time() -> anyhow::Result<()>
 {
     let h = harness().await?;

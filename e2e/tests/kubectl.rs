@@ -602,6 +602,64 @@ async fn delete_with_a_finalizer_stays_terminating_until_it_is_removed() -> anyh
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn delete_with_foreground_cascade_removes_the_dependents_before_the_owner(
+) -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let owner = c.manifest("owner.yaml", &instance_yaml("owner", "m1.small"))?;
+    kubectl_ok(&c.admin, &["apply", "-f", path_str(&owner)?])?;
+    let uid = kubectl_json(&c.admin, &["get", "instance", "owner"])?["metadata"]["uid"]
+        .as_str()
+        .context("no uid")?
+        .to_string();
+    let child = format!(
+        "apiVersion: karri.dev/v1alpha1
+kind: Instance
+metadata:
+  name: child
+  ownerReferences:
+  - apiVersion: karri.dev/v1alpha1
+    kind: Instance
+    name: owner
+    uid: {uid}
+    blockOwnerDeletion: true
+spec:
+  imageId: emi-0123456789abcdef0
+  instanceType: m1.small
+"
+    );
+    let child = c.manifest("child.yaml", &child)?;
+    kubectl_ok(&c.admin, &["apply", "-f", path_str(&child)?])?;
+    let refs = kubectl_json(&c.admin, &["get", "instance", "child"])?["metadata"]
+        ["ownerReferences"]
+        .clone();
+    ensure!(
+        refs[0]["uid"] == uid.as_str(),
+        "the child names no owner: {refs}"
+    );
+
+    // kubectl waits until the owner is gone; the dependent blocking it went first.
+    let out = kubectl_ok(
+        &c.admin,
+        &[
+            "delete",
+            "instance",
+            "owner",
+            "--cascade=foreground",
+            "--timeout=60s",
+        ],
+    )?;
+    ensure!(
+        out.trim() == "instance.karri.dev \"owner\" deleted",
+        "{out}"
+    );
+    ensure!(
+        kubectl_names(&c.admin, &["get", "instances", "-A"])?.is_empty(),
+        "the owner or its dependent is still listed"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn diff_shows_the_change_and_stores_nothing() -> anyhow::Result<()> {
     let c = Cluster::start().await?;
     let (path, text) = sample("instance.yaml")?;
