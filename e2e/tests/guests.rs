@@ -2,7 +2,8 @@
 //! key pair and a user-data script; the guest boots, fetches an IMDSv2 token from the metadata
 //! service, prints its instance ID, public key and the script's output on its serial console,
 //! which GetConsoleOutput shows. Each instance reads only its own metadata, a tokenless request
-//! is refused when tokens are required, and terminate removes the domain and its overlay.
+//! is refused when tokens are required, and terminate shuts the guest down (the power button,
+//! obeyed) and removes the domain and its overlay.
 //!
 //! The micro image uploaded to the gateway's S3 with `karri image register --bucket` boots the
 //! same way: the agent fetches kernel, ramdisk and disk through presigned URLs the gateway issues
@@ -232,6 +233,14 @@ async fn micro_image_guests_print_their_metadata_and_user_data_on_the_console() 
     ensure!(
         domains.contains(&required),
         "the other guest's domain must stay: {domains}"
+    );
+    // As EC2 does on terminate, the guest was asked to shut down, and obeyed: no forced stop.
+    let plans = plans_for(&cloud, &format!("karri-{optional}"))?;
+    ensure!(
+        plans.iter().any(|l| l.contains("Shutdown"))
+            && !plans.iter().any(|l| l.contains("Destroy")),
+        "the terminated guest was not shut down gracefully:\n{}",
+        plans.join("\n")
     );
     let deadline = Instant::now() + DEADLINE;
     while overlay.exists() {
@@ -521,6 +530,16 @@ async fn a_paused_guest_stays_running_with_an_impaired_status_until_it_is_resume
     Ok(())
 }
 
+/// The plans the agent applied to `domain`, from its log.
+fn plans_for(cloud: &GuestCloud, domain: &str) -> anyhow::Result<Vec<String>> {
+    let log = std::fs::read_to_string(cloud.agent_log())?;
+    Ok(log
+        .lines()
+        .filter(|l| l.contains("applying plan") && l.contains(domain))
+        .map(str::to_owned)
+        .collect())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forced_stop_destroys_the_domain_without_asking_the_guest_first() -> anyhow::Result<()> {
     let cloud = GuestCloud::start("forcestop").await?;
@@ -532,11 +551,7 @@ async fn a_forced_stop_destroys_the_domain_without_asking_the_guest_first() -> a
     until_state(&cloud, &id, "stopped", DEADLINE).await?;
     // The agent's plans for the domain: a forced stop is a destroy, with no power button first.
     let domain = format!("karri-{id}");
-    let log = std::fs::read_to_string(cloud.agent_log())?;
-    let plans: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("applying plan") && l.contains(&domain))
-        .collect();
+    let plans = plans_for(&cloud, &domain)?;
     ensure!(
         plans.iter().any(|l| l.contains("Destroy")),
         "no destroy of {domain}:\n{}",

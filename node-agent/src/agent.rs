@@ -154,6 +154,9 @@ pub struct Settings {
     pub lease_duration: Duration,
     /// How long a guest may take to shut down before it is forced off.
     pub shutdown_timeout: Duration,
+    /// How long a guest whose instance is terminated or deleted may take to shut down before
+    /// it is forced off.
+    pub terminate_timeout: Duration,
     /// Period of the orphan sweep, of the Node re-registration and of each instance's
     /// re-observation.
     pub resync: Duration,
@@ -238,6 +241,33 @@ pub fn desire(instance: &Instance, uid: &str, shutdown_timeout: Duration) -> Opt
         },
         reboot: reboot_request(instance).is_some(),
     })
+}
+
+/// How a record that no longer wants its domain (terminated, deleted) takes leave of it while
+/// it still runs: as EC2 does on TerminateInstances, the guest is asked to shut down (ACPI power
+/// button) and forced off after `timeout`. A launch that failed is forced off at once.
+pub fn farewell(instance: &Instance, uid: &str, timeout: Duration) -> Desired {
+    let failed = instance
+        .status
+        .as_ref()
+        .is_some_and(|s| s.state == InstanceState::Terminated);
+    Desired {
+        uid: uid.to_owned(),
+        power: Power::Stopped,
+        shutdown_timeout: if failed { Duration::ZERO } else { timeout },
+        reboot: false,
+    }
+}
+
+/// What to plan for: what the record wants, else, while the record's own domain is still
+/// active, its `farewell`. Pure.
+fn wanted<'a>(
+    desired: Option<&'a Desired>,
+    farewell: Option<&'a Desired>,
+    observed: Option<&ObservedDomain>,
+    uid: &str,
+) -> Option<&'a Desired> {
+    desired.or(farewell.filter(|_| observed.is_some_and(|d| d.uid == uid && d.state.is_active())))
 }
 
 /// The reboot request of `instance` not yet carried out: its `karri.dev/reboot-requested-at`
@@ -433,6 +463,7 @@ impl<H: Hypervisor + 'static> Context<H> {
         id: &str,
         uid: &str,
         desired: Option<&Desired>,
+        farewell: Option<&Desired>,
     ) -> Result<(Option<ObservedDomain>, Vec<Action>), Error> {
         let name = domain_name(id);
         let hv = &*self.hypervisor;
@@ -445,7 +476,7 @@ impl<H: Hypervisor + 'static> Context<H> {
                 .filter(|d| d.uid == uid)
                 .and_then(|_| self.shutdown_elapsed(uid));
             let actions = plan(
-                desired.as_ref(),
+                wanted(desired.as_ref(), farewell, observed.as_ref(), uid),
                 observed.as_ref().map(|d| d.observed(elapsed)).as_ref(),
             );
             if actions.is_empty() {
@@ -491,7 +522,7 @@ impl<H: Hypervisor + 'static> Context<H> {
         }
         let elapsed = self.shutdown_elapsed(uid);
         let left = plan(
-            desired.as_ref(),
+            wanted(desired.as_ref(), farewell, observed.as_ref(), uid),
             observed.as_ref().map(|d| d.observed(elapsed)).as_ref(),
         );
         Ok((observed, left))
@@ -531,6 +562,9 @@ impl<H: Hypervisor + 'static> Context<H> {
         let id = instance_id(instance)?;
         let name = instance.name_any();
         let mut desired = desire(instance, &uid, self.settings.shutdown_timeout);
+        let farewell = desired
+            .is_none()
+            .then(|| farewell(instance, &uid, self.settings.terminate_timeout));
         if let (Some(d), Some(asked)) = (desired.as_mut(), reboot_request(instance)) {
             if self.reset_for(&uid) == Some(asked.to_owned()) {
                 // Carried out already; only its record is missing (written below).
@@ -556,7 +590,9 @@ impl<H: Hypervisor + 'static> Context<H> {
                 return self.report_guest_shutdown(instance).await;
             }
         }
-        let converged = self.converge(instance, id, &uid, desired.as_ref()).await;
+        let converged = self
+            .converge(instance, id, &uid, desired.as_ref(), farewell.as_ref())
+            .await;
         drop(lock);
         let (observed, left) = match converged {
             Err(Error::Guest(e)) if e.is_permanent() => {
@@ -584,9 +620,12 @@ impl<H: Hypervisor + 'static> Context<H> {
             }
         }
 
-        // The shutdown clock runs only while the record's own domain, asked to stop, is still
-        // active.
-        let shutting_down = desired.as_ref().is_some_and(|d| d.power == Power::Stopped)
+        // The shutdown clock runs only while the record's own domain, asked to stop (or taking
+        // its leave of a terminated record), is still active.
+        let stopping = wanted(desired.as_ref(), farewell.as_ref(), observed.as_ref(), &uid)
+            .filter(|d| d.power == Power::Stopped)
+            .map(|d| d.shutdown_timeout);
+        let shutting_down = stopping.is_some()
             && observed
                 .as_ref()
                 .is_some_and(|d| d.uid == uid && d.state.is_active());
@@ -629,10 +668,9 @@ impl<H: Hypervisor + 'static> Context<H> {
         if !left.is_empty() {
             return Err(Error::Unconverged(left));
         }
-        Ok(match self.shutdown_elapsed(&uid) {
-            Some(elapsed) if shutting_down => Requeue::requeue(
-                self.settings
-                    .shutdown_timeout
+        Ok(match (self.shutdown_elapsed(&uid), stopping) {
+            (Some(elapsed), Some(timeout)) if shutting_down => Requeue::requeue(
+                timeout
                     .saturating_sub(elapsed)
                     .clamp(Duration::from_millis(50), SHUTDOWN_POLL),
             ),
@@ -1272,6 +1310,7 @@ mod tests {
                 node: "n1".into(),
                 lease_duration: Duration::from_secs(40),
                 shutdown_timeout: TIMEOUT,
+                terminate_timeout: TIMEOUT,
                 resync: Duration::from_secs(30),
                 domain_type: DomainType::Qemu,
             },
@@ -1518,6 +1557,67 @@ mod tests {
         let mut deleting = instance(DesiredState::Running, None);
         deleting.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
         assert_eq!(desire(&deleting, UID, TIMEOUT), None);
+    }
+
+    #[test]
+    fn a_terminated_record_asks_its_running_guest_to_shut_down_before_the_domain_goes() {
+        let terminated = instance(DesiredState::Terminated, None);
+        let leave = farewell(&terminated, UID, TIMEOUT);
+        assert_eq!(
+            (leave.power, leave.shutdown_timeout, leave.reboot),
+            (Power::Stopped, TIMEOUT, false)
+        );
+        let domain = |uid: &str, state: DomainState| ObservedDomain {
+            name: "karri-i-1".into(),
+            uid: uid.into(),
+            instance_id: "i-1".into(),
+            namespace: "ns".into(),
+            state,
+            id: None,
+            defined: true,
+            shut_down: false,
+        };
+        let running = domain(UID, DomainState::Running);
+        let off = domain(UID, DomainState::ShutOff);
+        let others = domain("other", DomainState::Running);
+        // Its own active domain is shut down first; once off, or another record's, it goes.
+        assert_eq!(
+            wanted(None, Some(&leave), Some(&running), UID),
+            Some(&leave)
+        );
+        assert_eq!(wanted(None, Some(&leave), Some(&off), UID), None);
+        assert_eq!(wanted(None, Some(&leave), Some(&others), UID), None);
+        assert_eq!(wanted(None, Some(&leave), None, UID), None);
+        assert_eq!(
+            plan(
+                wanted(None, Some(&leave), Some(&running), UID),
+                Some(&running.observed(None))
+            ),
+            [Action::Shutdown]
+        );
+        assert_eq!(
+            plan(
+                wanted(None, Some(&leave), Some(&running), UID),
+                Some(&running.observed(Some(TIMEOUT)))
+            ),
+            [Action::Destroy]
+        );
+        // A record that still wants its domain is planned for as before.
+        let stay = desire(&instance(DesiredState::Running, None), UID, TIMEOUT).expect("a domain");
+        assert_eq!(wanted(Some(&stay), None, Some(&running), UID), Some(&stay));
+    }
+
+    #[test]
+    fn a_failed_launch_is_forced_off_at_once() {
+        let mut failed = instance(DesiredState::Running, None);
+        failed.status = Some(crds::InstanceStatus {
+            state: InstanceState::Terminated,
+            ..Default::default()
+        });
+        assert_eq!(
+            farewell(&failed, UID, TIMEOUT).shutdown_timeout,
+            Duration::ZERO
+        );
     }
 
     #[test]

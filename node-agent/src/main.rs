@@ -72,6 +72,10 @@ struct Args {
     /// How long a guest may take to shut down before it is forced off, in seconds.
     #[arg(long, env = "KARRI_SHUTDOWN_TIMEOUT_SECONDS", default_value_t = 60)]
     shutdown_timeout_seconds: u64,
+    /// How long the guest of a terminated or deleted instance may take to shut down before it
+    /// is forced off, in seconds (0: forced off at once).
+    #[arg(long, env = "KARRI_TERMINATE_TIMEOUT_SECONDS", default_value_t = 30)]
+    terminate_timeout_seconds: u64,
     /// Where to serve /metrics (port 0: any free port, logged at startup).
     #[arg(long, env = "KARRI_METRICS_LISTEN", default_value = "127.0.0.1:9465")]
     metrics_listen: SocketAddr,
@@ -379,6 +383,7 @@ async fn run() -> anyhow::Result<()> {
             node: args.node_name.clone(),
             lease_duration: Duration::from_secs(args.lease_seconds),
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout_seconds),
+            terminate_timeout: Duration::from_secs(args.terminate_timeout_seconds),
             resync: Duration::from_secs(args.resync_seconds),
             domain_type,
         };
