@@ -814,7 +814,18 @@ impl Registry {
                 }
                 Txn::new().when(compares).and_then(ops)
             };
-            let resp = self.etcd_txn(txn).await?;
+            // A bucket's last finalizer going removes it: under the deletion marker, and only
+            // when empty, as a delete without finalizers does (see `delete`).
+            let marker = if kind.info.plural == "buckets" && admission::ready_to_delete(&next) {
+                Some(self.empty_bucket_marked(name).await?)
+            } else {
+                None
+            };
+            let resp = self.etcd_txn(txn).await;
+            if let Some(marker) = marker {
+                unmark_bucket(marker, name).await;
+            }
+            let resp = resp?;
             if resp.succeeded() {
                 self.metrics.writes.inc();
                 let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -864,6 +875,14 @@ impl Registry {
         if kind.info.plural != "buckets" {
             return self.delete_record(kind, ns, name, who, opts).await;
         }
+        let marker = self.mark_bucket(name).await?;
+        let result = self.delete_record(kind, ns, name, who, opts).await;
+        unmark_bucket(marker, name).await;
+        result
+    }
+
+    /// Takes bucket `name`'s deletion marker: no object can be added while it is held.
+    async fn mark_bucket(&self, name: &str) -> ApiResult<BucketMarker> {
         let index = crate::s3::index::ObjectIndex::new(self.etcd_client());
         let lease = index.mark_deleting(name).await.map_err(|e| match e {
             crate::s3::index::IndexError::BucketBusy => ApiError::conflict_message(format!(
@@ -871,11 +890,25 @@ impl Registry {
             )),
             other => ApiError::unavailable(other.to_string()),
         })?;
-        let result = self.delete_record(kind, ns, name, who, opts).await;
-        if let Err(e) = index.unmark_deleting(lease).await {
-            tracing::warn!(error = %e, bucket = name, "the deletion marker stays until its lease expires");
+        Ok((index, lease))
+    }
+
+    /// Takes bucket `name`'s deletion marker (no object can be added while it is held) and
+    /// checks that the bucket holds nothing; the caller removes the record, then the marker.
+    /// A bucket whose deletion waited on a finalizer may have taken an object written just as
+    /// it was marked: its removal is refused (409) until that object is deleted.
+    async fn empty_bucket_marked(&self, name: &str) -> ApiResult<BucketMarker> {
+        let marker = self.mark_bucket(name).await?;
+        match self.bucket_holds_objects(name).await {
+            Ok(false) => Ok(marker),
+            held => {
+                unmark_bucket(marker, name).await;
+                held?;
+                Err(ApiError::conflict_message(format!(
+                    "bucket {name} is not empty: an object was written as it was being deleted; delete its objects and multipart uploads (aws s3 rm s3://{name} --recursive), then remove the last finalizer again"
+                )))
+            }
         }
-        result
     }
 
     /// [`Registry::delete`] without taking a bucket's deletion marker: for a caller that holds
@@ -1588,6 +1621,16 @@ impl Registry {
                 }
             }
         }
+    }
+}
+
+/// A bucket's deletion marker as held: the index that took it and the lease it lives on.
+type BucketMarker = (crate::s3::index::ObjectIndex, i64);
+
+/// Gives a bucket's deletion marker back; one that cannot be given back lapses with its lease.
+async fn unmark_bucket((index, lease): BucketMarker, name: &str) {
+    if let Err(e) = index.unmark_deleting(lease).await {
+        tracing::warn!(error = %e, bucket = name, "the deletion marker stays until its lease expires");
     }
 }
 

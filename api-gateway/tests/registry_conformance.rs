@@ -1256,3 +1256,89 @@ async fn a_bucket_is_deleted_under_the_s3_deletion_marker_so_no_object_slips_in(
     index.mark_deleting("research-data").await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_held_by_a_finalizer_is_not_removed_while_an_object_slipped_into_it(
+) -> anyhow::Result<()> {
+    let h = harness().await?;
+    let buckets = h
+        .registry
+        .kinds
+        .by_plural("buckets")
+        .context("buckets kind")?;
+    let bucket = json!({
+        "apiVersion": "karri.dev/v1alpha1",
+        "kind": "Bucket",
+        "metadata": {"name": "held-data", "finalizers": ["example.com/backup"]},
+        "spec": {"owner": "research", "ownerId": "123456789012", "acl": "private", "region": "karri-1"},
+    });
+    h.registry
+        .create(&buckets, None, bucket, &admin(), WriteOptions::default())
+        .await?;
+    let marked = h
+        .registry
+        .delete(
+            &buckets,
+            None,
+            "held-data",
+            &admin(),
+            &DeleteOptions::default(),
+        )
+        .await?;
+    assert!(marked["metadata"]["deletionTimestamp"].is_string());
+    // An object whose write passed its bucket check just before the mark lands in the index.
+    let object = format!(
+        "{}slipped-in.txt",
+        api_gateway::s3::index::objects_prefix("held-data")
+    );
+    let mut kv = h.client.clone();
+    kv.put(object.clone(), b"{}".to_vec(), None).await?;
+
+    let mut release = |cur: &Value| {
+        let mut next = cur.clone();
+        next["metadata"]["finalizers"] = json!([]);
+        Ok(next)
+    };
+    let refused = h
+        .registry
+        .update_with(
+            &buckets,
+            None,
+            "held-data",
+            &admin(),
+            Subresource::Main,
+            None,
+            WriteOptions::default(),
+            &mut release,
+        )
+        .await
+        .expect_err("removed over an object");
+    assert_eq!(refused.code, 409, "{refused:?}");
+    assert!(refused.message.contains("not empty"), "{refused:?}");
+    let kept = h
+        .registry
+        .get(&buckets, None, "held-data", &admin())
+        .await?;
+    assert_eq!(
+        kept["metadata"]["finalizers"],
+        json!(["example.com/backup"])
+    );
+
+    // Once the object is gone, the finalizer's removal removes the bucket.
+    kv.delete(object, None).await?;
+    h.registry
+        .update_with(
+            &buckets,
+            None,
+            "held-data",
+            &admin(),
+            Subresource::Main,
+            None,
+            WriteOptions::default(),
+            &mut release,
+        )
+        .await?;
+    let gone = h.registry.get(&buckets, None, "held-data", &admin()).await;
+    assert!(matches!(&gone, Err(e) if e.code == 404), "{gone:?}");
+    Ok(())
+}
