@@ -160,6 +160,23 @@ fn raise_open_file_limit() {
     }
 }
 
+/// Warns when the bearer tokens file may be read by users other than its owner (each token is
+/// a credential); it is not refused, as a mounted Kubernetes Secret is 0644 unless told
+/// otherwise.
+fn warn_if_readable_by_others(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                path = %path.display(),
+                mode = format!("{mode:o}"),
+                "the tokens file is readable by other users: chmod 600 it"
+            );
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -174,6 +191,7 @@ async fn main() -> anyhow::Result<()> {
         .install_default()
         .map_err(|_| anyhow::anyhow!("a TLS crypto provider was already installed"))?;
     let auth = Authenticator::from_file(&args.tokens_file)?;
+    warn_if_readable_by_others(&args.tokens_file);
     let etcd_config = EtcdConfig {
         endpoints: args.etcd_endpoints.clone(),
         ca_file: args.etcd_ca,
@@ -339,33 +357,20 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The connection cap: `wanted`, within the open-file limit, whose soft value is raised to
-/// the hard one first (as Go's runtime does), since the default soft limit (often 1024) is
-/// far below what a gateway serving many clients needs.
+/// The connection cap: `wanted`, within the open-file limit (raised at start by
+/// [`raise_open_file_limit`]).
 fn connection_cap(wanted: usize) -> anyhow::Result<usize> {
-    use rustix::process::{getrlimit, setrlimit, Resource};
-    let mut limit = getrlimit(Resource::Nofile);
-    if limit.current != limit.maximum {
-        let raised = rustix::process::Rlimit {
-            current: limit.maximum,
-            maximum: limit.maximum,
-        };
-        match setrlimit(Resource::Nofile, raised) {
-            Ok(()) => limit = raised,
-            Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
-        }
-    }
-    let cap = api_gateway::conn_limit::connection_cap(wanted, limit.current);
+    let nofile = rustix::process::getrlimit(rustix::process::Resource::Nofile).current;
+    let cap = api_gateway::conn_limit::connection_cap(wanted, nofile);
     anyhow::ensure!(
         cap > 0,
-        "the open-file limit ({:?}) leaves no room for client connections",
-        limit.current
+        "the open-file limit ({nofile:?}) leaves no room for client connections"
     );
     if cap < wanted {
         tracing::warn!(
             wanted,
             cap,
-            nofile = ?limit.current,
+            ?nofile,
             "--max-connections lowered to half the open-file limit"
         );
     }

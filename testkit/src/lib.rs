@@ -199,8 +199,18 @@ impl Gateway {
             .tempdir()
             .context("creating gateway temp dir")?;
         let tokens_path = dir.path().join("tokens.yaml");
-        std::fs::write(&tokens_path, tokens.to_yaml())
-            .with_context(|| format!("writing {}", tokens_path.display()))?;
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            // Readable by its owner alone, as the gateway wants a file of credentials.
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tokens_path)
+                .and_then(|mut f| f.write_all(tokens.to_yaml().as_bytes()))
+                .with_context(|| format!("writing {}", tokens_path.display()))?;
+        }
         let log_path = dir.path().join("api-gateway.log");
         let mut last_err = anyhow::anyhow!("api-gateway did not start");
         for _ in 0..PORT_RETRIES {
