@@ -234,13 +234,25 @@ async fn micro_image_guests_print_their_metadata_and_user_data_on_the_console() 
         domains.contains(&required),
         "the other guest's domain must stay: {domains}"
     );
-    // As EC2 does on terminate, the guest was asked to shut down, and obeyed: no forced stop.
-    let plans = plans_for(&cloud, &format!("karri-{optional}"))?;
+    // As EC2 does on terminate, the guest was asked to shut down, and obeyed: no forced stop,
+    // neither by its reconcile nor by the agent's sweep of domains.
+    let domain = format!("karri-{optional}");
+    let plans = plans_for(&cloud, &domain)?;
     ensure!(
         plans.iter().any(|l| l.contains("Shutdown"))
             && !plans.iter().any(|l| l.contains("Destroy")),
         "the terminated guest was not shut down gracefully:\n{}",
         plans.join("\n")
+    );
+    let log = std::fs::read_to_string(cloud.agent_log())?;
+    let swept: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("removed a domain") && l.contains(&domain))
+        .collect();
+    ensure!(
+        swept.is_empty(),
+        "the sweep removed the terminated guest's domain:\n{}",
+        swept.join("\n")
     );
     let deadline = Instant::now() + DEADLINE;
     while overlay.exists() {

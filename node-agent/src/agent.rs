@@ -7,10 +7,12 @@
 //!   them out; then the agent reports the `DomainRunning` condition ([`crate::report`]), and
 //!   besides it writes only the console output and the last reboot it carried out. A
 //!   shutdown's start is remembered in memory (by record UID) so that the plan forces the
-//!   domain off after `--shutdown-timeout-seconds`; a restart forgets it and the
-//!   guest gets a fresh timeout, which only delays a forced power-off.
-//! - **Orphans**: a sweep removes this node's domains whose owner UID is not that of a live
-//!   instance bound to the node (deleted, terminated, re-created). It runs only once the
+//!   domain off after `--shutdown-timeout-seconds` (a stop) or `--terminate-timeout-seconds`
+//!   (a record terminated or deleted, see [`farewell`]); a restart forgets it and the guest
+//!   gets a fresh timeout, which only delays a forced power-off.
+//! - **Orphans**: a sweep removes this node's domains whose owner UID is that of no instance
+//!   bound to the node (gone from the store, re-created); a terminated or deleted record's
+//!   domain is its reconcile's to shut down ([`is_held_on`]). It runs only once the
 //!   instance store holds a complete listing — before that, every domain would look orphaned —
 //!   then every `--resync-seconds`, and at once when the watch reports an instance deleted (a
 //!   record deleted without a finalizer never reaches a reconcile) or lists afresh. The
@@ -259,15 +261,17 @@ pub fn farewell(instance: &Instance, uid: &str, timeout: Duration) -> Desired {
     }
 }
 
-/// What to plan for: what the record wants, else, while the record's own domain is still
-/// active, its `farewell`. Pure.
+/// What to plan for: what the record wants, else, while the record's own (defined) domain is
+/// still active, its `farewell`. A transient domain is destroyed instead: stopping it would
+/// define it again, preparing the guest of a record that is going. Pure.
 fn wanted<'a>(
     desired: Option<&'a Desired>,
     farewell: Option<&'a Desired>,
     observed: Option<&ObservedDomain>,
     uid: &str,
 ) -> Option<&'a Desired> {
-    desired.or(farewell.filter(|_| observed.is_some_and(|d| d.uid == uid && d.state.is_active())))
+    desired.or(farewell
+        .filter(|_| observed.is_some_and(|d| d.uid == uid && d.defined && d.state.is_active())))
 }
 
 /// The reboot request of `instance` not yet carried out: its `karri.dev/reboot-requested-at`
@@ -295,6 +299,18 @@ pub fn is_live_on(instance: &Instance, node: &str) -> bool {
         == Some(node)
         && instance.metadata.deletion_timestamp.is_none()
         && instance.spec.desired_state != DesiredState::Terminated
+}
+
+/// Whether `instance` is bound to `node` and what its domain had may still be there: it is
+/// live, or terminated or deleted but not yet released by its reconcile (which shuts the guest
+/// down first, see [`farewell`]). The sweeps leave such an instance's domain and files alone.
+pub fn is_held_on(instance: &Instance, node: &str) -> bool {
+    let bound = instance
+        .status
+        .as_ref()
+        .and_then(|s| s.node_name.as_deref())
+        == Some(node);
+    bound && (is_live_on(instance, node) || !released(instance))
 }
 
 /// The agent's `DomainRunning` report on `instance` if it was made at the record's current
@@ -816,20 +832,23 @@ impl<H: Hypervisor + 'static> Context<H> {
         }
     }
 
-    /// Removes the files, DHCP entries and metadata of instances no longer live on the node,
-    /// and evicts cached images beyond the cache's limit.
+    /// Removes the files, DHCP entries and metadata of instances no longer held on the node
+    /// ([`is_held_on`]), and evicts cached images beyond the cache's limit.
     async fn sweep_guests(&self) {
         let Some(guests) = &self.guests else { return };
         self.hold_live_images();
-        let live: HashSet<String> = self
-            .instances
-            .state()
-            .iter()
-            .filter(|i| is_live_on(i, &self.settings.node))
-            .filter_map(|i| instance_id(i).ok().map(str::to_owned))
-            .collect();
+        let held_ids = |keep: fn(&Instance, &str) -> bool| -> HashSet<String> {
+            self.instances
+                .state()
+                .iter()
+                .filter(|i| keep(i, &self.settings.node))
+                .filter_map(|i| instance_id(i).ok().map(str::to_owned))
+                .collect()
+        };
+        let held = held_ids(is_held_on);
+        let live = held_ids(is_live_on);
         for id in guests.instances_with_files() {
-            if live.contains(&id) {
+            if held.contains(&id) {
                 continue;
             }
             let _lock = self.locks.lock(&domain_name(&id)).await;
@@ -847,7 +866,7 @@ impl<H: Hypervisor + 'static> Context<H> {
             .instances
             .state()
             .iter()
-            .filter(|i| is_live_on(i, &self.settings.node))
+            .filter(|i| is_held_on(i, &self.settings.node))
             .filter_map(|i| guest::address_of(i))
             .collect();
         guests.retain_network(mark, &addresses).await;
@@ -861,32 +880,35 @@ impl<H: Hypervisor + 'static> Context<H> {
         }
     }
 
-    /// UIDs of the live instances bound to the node, from the store.
-    fn live_uids(&self) -> HashSet<String> {
+    /// UIDs of the instances bound to the node that `keep` holds for, from the store.
+    fn uids(&self, keep: fn(&Instance, &str) -> bool) -> HashSet<String> {
         self.instances
             .state()
             .iter()
-            .filter(|i| is_live_on(i, &self.settings.node))
+            .filter(|i| keep(i, &self.settings.node))
             .filter_map(|i| i.uid())
             .collect()
     }
 
-    /// Removes every domain of Karri's whose owner is not a live instance bound to the node.
-    /// Call only once the instance store is ready. Returns how many were removed.
+    /// Removes every domain of Karri's whose owner is no instance held on the node
+    /// ([`is_held_on`]): a record terminated or deleted is left to its reconcile, which shuts
+    /// its guest down first. Call only once the instance store is ready. Returns how many were
+    /// removed.
     async fn sweep(&self) -> Result<usize, Error> {
         let hv = &*self.hypervisor;
         let domains = hv.list_ours().await?;
         self.metrics.observe_domains(&domains);
         // Read after listing: a domain is defined only after its record is in the store, so
-        // every listed domain of a live record finds it here.
-        let live = self.live_uids();
+        // every listed domain of a held record finds it here.
+        let held = self.uids(is_held_on);
         {
             let mut shutdowns = self
                 .shutdowns
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            shutdowns.retain(|uid, _| live.contains(uid));
+            shutdowns.retain(|uid, _| held.contains(uid));
             drop(shutdowns);
+            let live = self.uids(is_live_on);
             self.rebooted
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -896,7 +918,7 @@ impl<H: Hypervisor + 'static> Context<H> {
         // One orphan that cannot be removed (a QEMU stuck in the kernel) does not keep the
         // others: each is tried, and the first failure is returned after all of them.
         let mut failed = None;
-        for orphan in domains.iter().filter(|d| !live.contains(&d.uid)) {
+        for orphan in domains.iter().filter(|d| !held.contains(&d.uid)) {
             let _lock = self.locks.lock(&orphan.name).await;
             // Look again under the lock: a reconcile may have replaced it meanwhile.
             let now = match hv.observe(&orphan.name).await {
@@ -908,7 +930,7 @@ impl<H: Hypervisor + 'static> Context<H> {
                     continue;
                 }
             };
-            if now.uid != orphan.uid || self.live_uids().contains(&now.uid) {
+            if now.uid != orphan.uid || self.uids(is_held_on).contains(&now.uid) {
                 continue;
             }
             let actions = plan(None, Some(&now.observed(None)));
@@ -925,7 +947,7 @@ impl<H: Hypervisor + 'static> Context<H> {
                 uid = %now.uid,
                 namespace = %now.namespace,
                 ?actions,
-                "removed a domain no live instance owns"
+                "removed a domain no instance on the node owns"
             );
         }
         if removed > 0 {
@@ -933,7 +955,7 @@ impl<H: Hypervisor + 'static> Context<H> {
         }
         tracing::debug!(
             domains = domains.len(),
-            live = live.len(),
+            held = held.len(),
             removed,
             "swept orphans"
         );
@@ -1580,7 +1602,13 @@ mod tests {
         let running = domain(UID, DomainState::Running);
         let off = domain(UID, DomainState::ShutOff);
         let others = domain("other", DomainState::Running);
-        // Its own active domain is shut down first; once off, or another record's, it goes.
+        let transient = ObservedDomain {
+            defined: false,
+            ..running.clone()
+        };
+        assert_eq!(wanted(None, Some(&leave), Some(&transient), UID), None);
+        // Its own active domain is shut down first; once off, or another record's, or a
+        // transient one, it goes.
         assert_eq!(
             wanted(None, Some(&leave), Some(&running), UID),
             Some(&leave)
@@ -1618,6 +1646,31 @@ mod tests {
             farewell(&failed, UID, TIMEOUT).shutdown_timeout,
             Duration::ZERO
         );
+    }
+
+    #[test]
+    fn a_going_record_is_held_on_its_node_until_its_domain_is_reported_undefined() {
+        let live = instance(DesiredState::Running, Some("n1"));
+        assert!(is_held_on(&live, "n1"));
+        assert!(!is_held_on(&live, "n2"));
+        let mut going = instance(DesiredState::Terminated, Some("n1"));
+        going.metadata.generation = Some(3);
+        assert!(is_held_on(&going, "n1"), "its guest is still shutting down");
+        let undefined = Condition::new(
+            report::CONDITION_DOMAIN_RUNNING,
+            ConditionStatus::False,
+            report::REASON_UNDEFINED,
+            "no domain is defined",
+            now(),
+        );
+        if let Some(s) = going.status.as_mut() {
+            s.conditions = vec![undefined.clone().with_observed_generation(Some(2))];
+        }
+        assert!(is_held_on(&going, "n1"), "reported for an older generation");
+        if let Some(s) = going.status.as_mut() {
+            s.conditions = vec![undefined.with_observed_generation(Some(3))];
+        }
+        assert!(!is_held_on(&going, "n1"), "released");
     }
 
     #[test]

@@ -74,7 +74,7 @@ pub struct Metrics {
     pub domains: Family<StateLabels, Gauge>,
     /// Hypervisor actions carried out, by action.
     pub actions: Family<ActionLabels, Counter>,
-    /// Domains removed because no live instance bound to the node owns them.
+    /// Domains removed because no instance bound to the node owns them.
     pub orphans_removed: Counter,
     /// Successful lease renewals (including the first create).
     pub lease_renewals: Counter,
@@ -147,7 +147,7 @@ impl Metrics {
         );
         registry.register(
             "orphans_removed",
-            "Domains removed because no live instance bound to the node owns them",
+            "Domains removed because no instance bound to the node owns them",
             orphans_removed.clone(),
         );
         registry.register(

@@ -25,7 +25,9 @@ pub enum Power {
 }
 
 /// The record's side: present while the Instance record wants a domain on this node. A record
-/// being deleted or terminated is no desire at all (`None`).
+/// being deleted or terminated wants none (`None`); while its domain still runs, the agent
+/// plans a stop for it instead (its farewell: the power button, then a forced stop after a
+/// timeout), and `None` once the domain is off.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Desired {
     /// UID of the Instance record.
