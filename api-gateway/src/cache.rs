@@ -406,6 +406,14 @@ impl WatchCache {
         state.kinds.get(plural)?.objects.get(key).cloned()
     }
 
+    /// The record with this UID, as far as the cache has seen.
+    pub fn by_uid(&self, uid: &str) -> Option<Arc<CachedObject>> {
+        let state = unpoison(self.state.read());
+        let key = state.uids.get(uid)?;
+        let plural = crate::store::plural_of_key(key)?;
+        state.kinds.get(plural)?.objects.get(key).cloned()
+    }
+
     /// Whether a record with this UID exists.
     pub fn uid_exists(&self, uid: &str) -> bool {
         unpoison(self.state.read()).uids.contains_key(uid)

@@ -1,6 +1,7 @@
 //! The registry: records with Kubernetes semantics on etcd. Every face of the gateway (the
 //! resource API, EC2 and S3) reads and writes records only through here.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -814,18 +815,7 @@ impl Registry {
                 }
                 Txn::new().when(compares).and_then(ops)
             };
-            // A bucket's last finalizer going removes it: under the deletion marker, and only
-            // when empty, as a delete without finalizers does (see `delete`).
-            let marker = if kind.info.plural == "buckets" && admission::ready_to_delete(&next) {
-                Some(self.empty_bucket_marked(name).await?)
-            } else {
-                None
-            };
-            let resp = self.etcd_txn(txn).await;
-            if let Some(marker) = marker {
-                unmark_bucket(marker, name).await;
-            }
-            let resp = resp?;
+            let resp = self.etcd_txn(txn).await?;
             if resp.succeeded() {
                 self.metrics.writes.inc();
                 let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -861,7 +851,8 @@ impl Registry {
         Err(ApiError::conflict(kind.info.plural, name))
     }
 
-    /// Delete a record: marked while finalizers hold it, removed (with its ID index) otherwise.
+    /// Delete a record: marked while finalizers hold it (or, in the foreground, its
+    /// dependents), removed (with its ID index) otherwise.
     /// A bucket is deleted under S3's deletion marker, as DeleteBucket deletes it: no object
     /// can be added between the check that it is empty and the removal of its record.
     pub async fn delete(
@@ -875,10 +866,26 @@ impl Registry {
         if kind.info.plural != "buckets" {
             return self.delete_record(kind, ns, name, who, opts).await;
         }
-        let marker = self.mark_bucket(name).await?;
+        let marker = match self.mark_bucket(name).await {
+            Ok(marker) => Some(marker),
+            // A bucket marked for deletion keeps its marker until it goes: deleting it again
+            // changes at most its finalizers, and no object can be added meanwhile anyway.
+            Err(e) if e.code == 409 && self.bucket_marked_deleted(name).await? => None,
+            Err(e) => return Err(e),
+        };
         let result = self.delete_record(kind, ns, name, who, opts).await;
-        unmark_bucket(marker, name).await;
+        if let Some(marker) = marker {
+            unmark_bucket(marker, name).await;
+        }
         result
+    }
+
+    /// Whether bucket `name`'s record is marked for deletion (a consistent read).
+    async fn bucket_marked_deleted(&self, name: &str) -> ApiResult<bool> {
+        Ok(self
+            .read(&record_key("buckets", None, name))
+            .await?
+            .is_some_and(|(v, _)| v.pointer("/metadata/deletionTimestamp").is_some()))
     }
 
     /// Takes bucket `name`'s deletion marker: no object can be added while it is held.
@@ -891,24 +898,6 @@ impl Registry {
             other => ApiError::unavailable(other.to_string()),
         })?;
         Ok((index, lease))
-    }
-
-    /// Takes bucket `name`'s deletion marker (no object can be added while it is held) and
-    /// checks that the bucket holds nothing; the caller removes the record, then the marker.
-    /// A bucket whose deletion waited on a finalizer may have taken an object written just as
-    /// it was marked: its removal is refused (409) until that object is deleted.
-    async fn empty_bucket_marked(&self, name: &str) -> ApiResult<BucketMarker> {
-        let marker = self.mark_bucket(name).await?;
-        match self.bucket_holds_objects(name).await {
-            Ok(false) => Ok(marker),
-            held => {
-                unmark_bucket(marker, name).await;
-                held?;
-                Err(ApiError::conflict_message(format!(
-                    "bucket {name} is not empty: an object was written as it was being deleted; delete its objects and multipart uploads (aws s3 rm s3://{name} --recursive), then remove the last finalizer again"
-                )))
-            }
-        }
     }
 
     /// [`Registry::delete`] without taking a bucket's deletion marker: for a caller that holds
@@ -968,10 +957,15 @@ impl Registry {
                     return Ok(current);
                 }
                 let mut marked = admission::mark_deleted(&current, &now());
+                // The policy asked last is the one carried out, as in Kubernetes: the other
+                // garbage-collection finalizer goes.
                 if add_orphan {
+                    marked =
+                        admission::with_finalizer(&marked, admission::FOREGROUND_FINALIZER, false);
                     marked = admission::with_finalizer(&marked, admission::ORPHAN_FINALIZER, true);
                 }
                 if add_foreground {
+                    marked = admission::with_finalizer(&marked, admission::ORPHAN_FINALIZER, false);
                     marked =
                         admission::with_finalizer(&marked, admission::FOREGROUND_FINALIZER, true);
                 }
@@ -981,9 +975,16 @@ impl Registry {
                 }
                 let raw =
                     serde_json::to_vec(&marked).map_err(|e| ApiError::internal(e.to_string()))?;
+                let mut ops = vec![TxnOp::put(key.clone(), raw, None)];
+                if kind.info.plural == "buckets" {
+                    // The caller's deletion marker (see `delete`) stays, off its lease, until
+                    // the record goes (`removal_ops`): no object is added to a bucket being
+                    // deleted, so it is still empty when its last finalizer goes.
+                    ops.push(TxnOp::put(crate::s3::index::deleting_key(name), "", None));
+                }
                 let txn = Txn::new()
                     .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
-                    .and_then([TxnOp::put(key.clone(), raw, None)]);
+                    .and_then(ops);
                 let resp = self.etcd_txn(txn).await?;
                 if resp.succeeded() {
                     let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -1485,7 +1486,8 @@ impl Registry {
                 .await
             {
                 Ok(_) => Ok(()),
-                Err(e) if e.code == 404 || e.code == 409 => Ok(()),
+                // A conflict (the dependent changed, a bucket is not empty) is tried again.
+                Err(e) if e.code == 404 => Ok(()),
                 Err(e) => Err(e),
             }
         } else if !dead.is_empty() {
@@ -1521,8 +1523,23 @@ impl Registry {
         }
     }
 
+    /// Whether `dependent` names an owner other than `owner_uid` that exists and is not being
+    /// deleted (Kubernetes' "solid" owner).
+    fn has_solid_owner_besides(&self, dependent: &Value, owner_uid: &str) -> bool {
+        let refs = dependent
+            .pointer("/metadata/ownerReferences")
+            .and_then(Value::as_array);
+        refs.into_iter().flatten().any(|r| {
+            r.get("uid")
+                .and_then(Value::as_str)
+                .filter(|u| *u != owner_uid)
+                .and_then(|u| self.cache.by_uid(u))
+                .is_some_and(|o| o.value.pointer("/metadata/deletionTimestamp").is_none())
+        })
+    }
+
     /// A record deleted in the foreground: deletes its dependents that are not being deleted
-    /// yet, and once none that blocks its deletion (`blockOwnerDeletion: true`) is left,
+    /// yet (but for those another owner keeps, which only lose their reference to it), and once none that blocks its deletion (`blockOwnerDeletion: true`) is left,
     /// removes its `foregroundDeletion` finalizer (which removes it when no other holds it).
     async fn collect_foreground(&self, key: &str) -> ApiResult<()> {
         let Some((kind, ns, name)) = self.locate(key) else {
@@ -1543,6 +1560,17 @@ impl Registry {
             let Some(dep) = self.cache.get(dep_kind.info.plural, &dep_key) else {
                 continue;
             };
+            if self.has_solid_owner_besides(&dep.value, &uid) {
+                // Another owner that stays keeps it, as in Kubernetes: only the reference to
+                // the owner being deleted goes.
+                tracing::info!(
+                    owner = key,
+                    dependent = dep_key,
+                    "keeping a dependent another owner holds"
+                );
+                self.drop_owner_reference(&dep_key, &uid).await?;
+                continue;
+            }
             if blocks_owner_deletion(&dep.value, &uid) {
                 blocking += 1;
             }
@@ -1554,8 +1582,18 @@ impl Registry {
                 dependent = dep_key,
                 "deleting a dependent first"
             );
+            // A dependent with dependents of its own goes in the foreground too, so that the
+            // owner waits for the whole blocking subtree.
+            let has_dependents = dep
+                .uid()
+                .is_some_and(|u| !self.cache.dependents_of(u).is_empty());
             let this_one = DeleteOptions {
                 uid: dep.uid().map(str::to_string),
+                propagation: if has_dependents {
+                    Propagation::Foreground
+                } else {
+                    Propagation::Background
+                },
                 ..Default::default()
             };
             match self
@@ -1563,7 +1601,7 @@ impl Registry {
                 .await
             {
                 Ok(_) => {}
-                Err(e) if e.code == 404 || e.code == 409 => {}
+                Err(e) if e.code == 404 => {}
                 Err(e) => return Err(e),
             }
         }
@@ -1603,26 +1641,46 @@ impl Registry {
     /// The garbage collector: level-triggered on every cache change, it collects records whose
     /// owners no longer exist (cascading deletion) and the dependents of records deleted in
     /// the foreground.
+    ///
+    /// A record whose collection failed (a bucket that is not empty, a conflict) is tried again
+    /// only after [`GC_RETRY`], on a change or a tick: each try writes (a bucket's deletion
+    /// marker), and every write wakes the collector again.
     async fn collect_garbage(self: Arc<Self>) {
         let mut rx = self.cache.subscribe();
+        let mut tick = tokio::time::interval(GC_RETRY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut failed: HashMap<String, tokio::time::Instant> = HashMap::new();
         loop {
-            if rx.changed().await.is_err() {
-                return;
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return },
+                _ = tick.tick() => {}
             }
-            let candidates = self.cache.orphan_candidates();
-            for key in candidates {
+            let now = tokio::time::Instant::now();
+            failed.retain(|_, retry_at| *retry_at > now);
+            for key in self.cache.orphan_candidates() {
+                if failed.contains_key(&key) {
+                    continue;
+                }
                 if let Err(e) = self.collect_dependent(&key).await {
-                    tracing::warn!(key, error = %e, "garbage collection failed; will retry on the next change");
+                    tracing::warn!(key, error = %e, "garbage collection failed; will retry");
+                    failed.insert(key, now + GC_RETRY);
                 }
             }
             for key in self.cache.foreground_deletions() {
+                if failed.contains_key(&key) {
+                    continue;
+                }
                 if let Err(e) = self.collect_foreground(&key).await {
-                    tracing::warn!(key, error = %e, "foreground deletion failed; will retry on the next change");
+                    tracing::warn!(key, error = %e, "foreground deletion failed; will retry");
+                    failed.insert(key, now + GC_RETRY);
                 }
             }
         }
     }
 }
+
+/// How long the garbage collector leaves a record whose collection failed before trying again.
+const GC_RETRY: Duration = Duration::from_secs(5);
 
 /// A bucket's deletion marker as held: the index that took it and the lease it lives on.
 type BucketMarker = (crate::s3::index::ObjectIndex, i64);
@@ -1650,6 +1708,11 @@ fn blocks_owner_deletion(dependent: &Value, owner_uid: &str) -> bool {
 /// The operations that remove a record with its ID index and unique keys.
 fn removal_ops(kind: &Kind, key: &str, current: &Value) -> Vec<TxnOp> {
     let mut ops = vec![TxnOp::delete(key, None)];
+    if kind.info.plural == "buckets" {
+        // The deletion marker a bucket kept while its finalizers held it.
+        let name = admission::name_of(current);
+        ops.push(TxnOp::delete(crate::s3::index::deleting_key(name), None));
+    }
     if let Some(id) = id_of(current) {
         ops.push(TxnOp::delete(id_key(id), None));
     }

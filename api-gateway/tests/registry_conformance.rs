@@ -148,6 +148,23 @@ impl Harness {
     }
 }
 
+/// An empty object's index entry.
+fn object_meta() -> api_gateway::s3::index::ObjectMeta {
+    api_gateway::s3::index::ObjectMeta {
+        segments: Vec::new(),
+        size: 0,
+        etag: "d41d8cd98f00b204e9800998ecf8427e".into(),
+        last_modified_ms: 0,
+        headers: Default::default(),
+        metadata: Default::default(),
+        acl: Default::default(),
+        tags: Vec::new(),
+        parts_count: None,
+        upload_id: None,
+        checksum: None,
+    }
+}
+
 fn rv(v: &Value) -> i64 {
     v.pointer("/metadata/resourceVersion")
         .and_then(Value::as_str)
@@ -1258,8 +1275,7 @@ async fn a_bucket_is_deleted_under_the_s3_deletion_marker_so_no_object_slips_in(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bucket_held_by_a_finalizer_is_not_removed_while_an_object_slipped_into_it(
-) -> anyhow::Result<()> {
+async fn a_bucket_held_by_a_finalizer_takes_no_object_until_it_goes() -> anyhow::Result<()> {
     let h = harness().await?;
     let buckets = h
         .registry
@@ -1272,9 +1288,17 @@ async fn a_bucket_held_by_a_finalizer_is_not_removed_while_an_object_slipped_int
         "metadata": {"name": "held-data", "finalizers": ["example.com/backup"]},
         "spec": {"owner": "research", "ownerId": "123456789012", "acl": "private", "region": "karri-1"},
     });
-    h.registry
+    let created = h
+        .registry
         .create(&buckets, None, bucket, &admin(), WriteOptions::default())
-        .await?;
+        .await?
+        .object;
+    // An upload authorized against the bucket before its deletion commits after it.
+    let record = api_gateway::store::record_key("buckets", None, "held-data");
+    let seen = api_gateway::s3::index::BucketSeen {
+        record: &record,
+        revision: rv(&created),
+    };
     let marked = h
         .registry
         .delete(
@@ -1286,46 +1310,36 @@ async fn a_bucket_held_by_a_finalizer_is_not_removed_while_an_object_slipped_int
         )
         .await?;
     assert!(marked["metadata"]["deletionTimestamp"].is_string());
-    // An object whose write passed its bucket check just before the mark lands in the index.
-    let object = format!(
-        "{}slipped-in.txt",
-        api_gateway::s3::index::objects_prefix("held-data")
+    let index = api_gateway::s3::index::ObjectIndex::new(h.client.clone());
+    let late = index
+        .put_object(seen, "held-data", "late.txt", &object_meta())
+        .await;
+    assert!(
+        matches!(late, Err(api_gateway::s3::index::IndexError::BucketBusy)),
+        "an object landed in a bucket being deleted: {late:?}"
     );
-    let mut kv = h.client.clone();
-    kv.put(object.clone(), b"{}".to_vec(), None).await?;
+    // Deleting it again is no conflict: it is being deleted already.
+    let again = h
+        .registry
+        .delete(
+            &buckets,
+            None,
+            "held-data",
+            &admin(),
+            &DeleteOptions::default(),
+        )
+        .await?;
+    assert_eq!(
+        again["metadata"]["finalizers"],
+        json!(["example.com/backup"])
+    );
 
+    // Its last finalizer goes: the bucket goes, and its deletion marker with it.
     let mut release = |cur: &Value| {
         let mut next = cur.clone();
         next["metadata"]["finalizers"] = json!([]);
         Ok(next)
     };
-    let refused = h
-        .registry
-        .update_with(
-            &buckets,
-            None,
-            "held-data",
-            &admin(),
-            Subresource::Main,
-            None,
-            WriteOptions::default(),
-            &mut release,
-        )
-        .await
-        .expect_err("removed over an object");
-    assert_eq!(refused.code, 409, "{refused:?}");
-    assert!(refused.message.contains("not empty"), "{refused:?}");
-    let kept = h
-        .registry
-        .get(&buckets, None, "held-data", &admin())
-        .await?;
-    assert_eq!(
-        kept["metadata"]["finalizers"],
-        json!(["example.com/backup"])
-    );
-
-    // Once the object is gone, the finalizer's removal removes the bucket.
-    kv.delete(object, None).await?;
     h.registry
         .update_with(
             &buckets,
@@ -1340,5 +1354,175 @@ async fn a_bucket_held_by_a_finalizer_is_not_removed_while_an_object_slipped_int
         .await?;
     let gone = h.registry.get(&buckets, None, "held-data", &admin()).await;
     assert!(matches!(&gone, Err(e) if e.code == 404), "{gone:?}");
+    let lease = index.mark_deleting("held-data").await?;
+    index.unmark_deleting(lease).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreground_delete_spares_a_dependent_another_owner_keeps_and_waits_for_grandchildren(
+) -> anyhow::Result<()> {
+    let h = harness().await?;
+    let owner = h.create("owner").await?;
+    let keeper = h.create("keeper").await?;
+    let reference = |name: &str, of: &Value| json!({"apiVersion": "karri.dev/v1alpha1", "kind": "Instance", "name": name, "uid": of["metadata"]["uid"], "blockOwnerDeletion": true});
+    let make = |name: &str, refs: Value, finalizers: Value| {
+        let mut body = instance(name);
+        body["metadata"]["ownerReferences"] = refs;
+        body["metadata"]["finalizers"] = finalizers;
+        body
+    };
+    let shared = make(
+        "shared",
+        json!([reference("owner", &owner), reference("keeper", &keeper)]),
+        json!([]),
+    );
+    let child = make("child", json!([reference("owner", &owner)]), json!([]));
+    for body in [shared, child] {
+        h.registry
+            .create(
+                &h.instances,
+                Some("acme"),
+                body,
+                &admin(),
+                WriteOptions::default(),
+            )
+            .await?;
+    }
+    let child = h
+        .registry
+        .get(&h.instances, Some("acme"), "child", &admin())
+        .await?;
+    let grandchild = make(
+        "grandchild",
+        json!([reference("child", &child)]),
+        json!(["example.com/hold"]),
+    );
+    h.registry
+        .create(
+            &h.instances,
+            Some("acme"),
+            grandchild,
+            &admin(),
+            WriteOptions::default(),
+        )
+        .await?;
+    let mut rx = h.watch(Some(rv(&h
+        .registry
+        .get(&h.instances, Some("acme"), "grandchild", &admin())
+        .await?)));
+
+    let foreground = DeleteOptions {
+        propagation: Propagation::Foreground,
+        ..Default::default()
+    };
+    h.registry
+        .delete(&h.instances, Some("acme"), "owner", &admin(), &foreground)
+        .await?;
+    // The child, which has a dependent of its own, is deleted in the foreground too; the
+    // grandchild is deleted and held by its finalizer.
+    loop {
+        if let WatchEvent::Modified(o) = next_event(&mut rx).await? {
+            if o.value["metadata"]["name"] == "grandchild"
+                && o.value["metadata"]["deletionTimestamp"].is_string()
+            {
+                break;
+            }
+        }
+    }
+    let child = h
+        .registry
+        .get(&h.instances, Some("acme"), "child", &admin())
+        .await?;
+    assert_eq!(
+        child["metadata"]["finalizers"],
+        json!(["foregroundDeletion"])
+    );
+    let owner = h
+        .registry
+        .get(&h.instances, Some("acme"), "owner", &admin())
+        .await?;
+    assert_eq!(
+        owner["metadata"]["finalizers"],
+        json!(["foregroundDeletion"])
+    );
+    // The dependent that the keeper holds too stays, without its reference to the owner.
+    let shared = h
+        .registry
+        .get(&h.instances, Some("acme"), "shared", &admin())
+        .await?;
+    assert!(
+        shared["metadata"]["deletionTimestamp"].is_null(),
+        "{shared}"
+    );
+    assert_eq!(
+        shared["metadata"]["ownerReferences"]
+            .as_array()
+            .map(|r| r.iter().map(|r| r["name"].clone()).collect::<Vec<_>>()),
+        Some(vec![json!("keeper")])
+    );
+
+    // The grandchild goes: then the child, then the owner.
+    h.update("grandchild", Subresource::Main, &mut |cur: &Value| {
+        let mut next = cur.clone();
+        next["metadata"]["finalizers"] = json!([]);
+        Ok(next)
+    })
+    .await?;
+    let mut deleted = Vec::new();
+    while !deleted.iter().any(|n| n == "owner") {
+        if let WatchEvent::Deleted(o) = next_event(&mut rx).await? {
+            deleted.push(
+                o.value["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+            );
+        }
+    }
+    assert_eq!(deleted, ["grandchild", "child", "owner"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_propagation_policy_asked_last_replaces_the_one_before() -> anyhow::Result<()> {
+    let h = harness().await?;
+    let mut body = instance("held");
+    body["metadata"]["finalizers"] = json!(["example.com/hold"]);
+    h.registry
+        .create(
+            &h.instances,
+            Some("acme"),
+            body,
+            &admin(),
+            WriteOptions::default(),
+        )
+        .await?;
+    let finalizers_after = |propagation: Propagation| {
+        let opts = DeleteOptions {
+            propagation,
+            ..Default::default()
+        };
+        let registry = h.registry.clone();
+        let kind = h.instances.clone();
+        async move {
+            let marked = registry
+                .delete(&kind, Some("acme"), "held", &admin(), &opts)
+                .await?;
+            anyhow::Ok(marked["metadata"]["finalizers"].clone())
+        }
+    };
+    assert_eq!(
+        finalizers_after(Propagation::Orphan).await?,
+        json!(["example.com/hold", "orphan"])
+    );
+    assert_eq!(
+        finalizers_after(Propagation::Foreground).await?,
+        json!(["example.com/hold", "foregroundDeletion"])
+    );
+    assert_eq!(
+        finalizers_after(Propagation::Orphan).await?,
+        json!(["example.com/hold", "orphan"])
+    );
     Ok(())
 }

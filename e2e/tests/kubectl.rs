@@ -622,6 +622,8 @@ metadata:
     name: owner
     uid: {uid}
     blockOwnerDeletion: true
+  finalizers:
+  - example.com/hold
 spec:
   imageId: emi-0123456789abcdef0
   instanceType: m1.small
@@ -637,7 +639,6 @@ spec:
         "the child names no owner: {refs}"
     );
 
-    // kubectl waits until the owner is gone; the dependent blocking it went first.
     let out = kubectl_ok(
         &c.admin,
         &[
@@ -645,13 +646,48 @@ spec:
             "instance",
             "owner",
             "--cascade=foreground",
-            "--timeout=60s",
+            "--wait=false",
         ],
     )?;
     ensure!(
         out.trim() == "instance.karri.dev \"owner\" deleted",
         "{out}"
     );
+    // The dependent is deleted first (its finalizer holds it, terminating) ...
+    let deadline = std::time::Instant::now() + WATCH_WAIT;
+    loop {
+        let child = kubectl_json(&c.admin, &["get", "instance", "child"])?;
+        if child["metadata"]["deletionTimestamp"].is_string() {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "the dependent was not deleted: {child}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ... and the owner waits for it.
+    let owner = kubectl_json(&c.admin, &["get", "instance", "owner"])?;
+    ensure!(
+        owner["metadata"]["finalizers"] == serde_json::json!(["foregroundDeletion"]),
+        "the owner does not wait for its dependent: {owner}"
+    );
+    kubectl_ok(
+        &c.admin,
+        &[
+            "patch",
+            "instance",
+            "child",
+            "--type",
+            "json",
+            "-p",
+            r#"[{"op":"remove","path":"/metadata/finalizers"}]"#,
+        ],
+    )?;
+    kubectl_ok(
+        &c.admin,
+        &["wait", "--for=delete", "instance/owner", "--timeout=60s"],
+    )?;
     ensure!(
         kubectl_names(&c.admin, &["get", "instances", "-A"])?.is_empty(),
         "the owner or its dependent is still listed"
