@@ -25,6 +25,8 @@ const KILL_AFTER: usize = 25;
 const OBJECT_SIZE: usize = 256 * 1024;
 const PART_SIZE: usize = 5 * 1024 * 1024;
 const MULTIPARTS: usize = 12;
+/// Completions sent at once in the multipart phase.
+const COMPLETIONS_IN_FLIGHT: usize = 3;
 const DEADLINE: Duration = Duration::from_secs(60);
 
 /// Deterministic content of `key` (so that what is read back can be checked).
@@ -245,8 +247,11 @@ async fn a_killed_gateway_leaves_every_object_whole_or_absent_and_the_sweep_recl
     }
 
     // 2. SIGKILL while the multipart uploads complete: as soon as the first completion answers.
+    // At most COMPLETIONS_IN_FLIGHT are sent at a time, so that some are still to come when the
+    // kill lands, however fast the others complete.
     gw.restart().await?;
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<()>();
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(COMPLETIONS_IN_FLIGHT));
     let mut completions = Vec::new();
     for (key, (id, etags, _)) in &multiparts {
         let body = format!(
@@ -261,7 +266,11 @@ async fn a_killed_gateway_leaves_every_object_whole_or_absent_and_the_sweep_recl
                 .collect::<String>()
         );
         let (s3, done, rest) = (s3.clone(), done_tx.clone(), format!("/{key}?uploadId={id}"));
+        let in_flight = in_flight.clone();
         completions.push(tokio::spawn(async move {
+            let Ok(_permit) = in_flight.acquire_owned().await else {
+                return;
+            };
             let _ = s3.call(Method::POST, &rest, body.into_bytes()).await;
             let _ = done.send(());
         }));
