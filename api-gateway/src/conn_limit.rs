@@ -3,9 +3,10 @@
 //! Every connection costs a file descriptor and buffers. Past the cap a new connection is
 //! closed as soon as it is accepted (counted in `karri_gateway_connections_refused`), so that
 //! the descriptors the gateway needs for etcd, S3 blobs and its own files stay free: a process
-//! out of descriptors fails those, and its accept loop stalls. Clients retry a closed connection
-//! like any other network error. [`connection_cap`] keeps the cap within the process's
-//! descriptor limit.
+//! out of descriptors fails those, and its accept loop stalls. The client sees its connection
+//! closed before TLS completes: the AWS SDKs retry that, other clients report it. The cap is
+//! shared by all listeners, so that it bounds the process's descriptors. [`connection_cap`]
+//! keeps it within the process's descriptor limit.
 
 use std::future::Future;
 use std::io;
