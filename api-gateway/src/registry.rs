@@ -795,6 +795,13 @@ impl Registry {
                 .filter(|u| !held.iter().any(|h| h.key == u.key))
                 .collect();
             let txn = if admission::ready_to_delete(&next) {
+                // A bucket's deletion marker keeps objects out from its mark to its removal;
+                // this looks once more, for one marked without it (before it was kept).
+                if kind.info.plural == "buckets" && self.bucket_holds_objects(name).await? {
+                    return Err(ApiError::conflict_message(format!(
+                        "bucket {name} is not empty: its objects would be left without a bucket"
+                    )));
+                }
                 Txn::new()
                     .when([cmp])
                     .and_then(removal_ops(kind, &key, &current))
@@ -969,22 +976,39 @@ impl Registry {
                     marked =
                         admission::with_finalizer(&marked, admission::FOREGROUND_FINALIZER, true);
                 }
+                if admission::only_orphan_finalizer_left(&marked) {
+                    // An orphaning delete replaced a foreground one on a record nothing else
+                    // holds: carried out now, as without finalizers.
+                    if opts.dry_run {
+                        return Ok(current);
+                    }
+                    self.orphan_dependents(&uid).await?;
+                    let txn = Txn::new()
+                        .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
+                        .and_then(removal_ops(kind, &key, &current));
+                    if self.etcd_txn(txn).await?.succeeded() {
+                        self.metrics.writes.inc();
+                        return Ok(current);
+                    }
+                    continue;
+                }
                 if opts.dry_run {
                     set_resource_version(&mut marked, rev);
                     return Ok(marked);
                 }
                 let raw =
                     serde_json::to_vec(&marked).map_err(|e| ApiError::internal(e.to_string()))?;
+                let mut compares = vec![Compare::mod_revision(key.clone(), CompareOp::Equal, rev)];
                 let mut ops = vec![TxnOp::put(key.clone(), raw, None)];
                 if kind.info.plural == "buckets" {
-                    // The caller's deletion marker (see `delete`) stays, off its lease, until
-                    // the record goes (`removal_ops`): no object is added to a bucket being
-                    // deleted, so it is still empty when its last finalizer goes.
-                    ops.push(TxnOp::put(crate::s3::index::deleting_key(name), "", None));
+                    // The caller's deletion marker (see `delete`), still held, stays off its
+                    // lease until the record goes (`removal_ops`): no object is added to a
+                    // bucket being deleted, so it is still empty when its last finalizer goes.
+                    let marker = crate::s3::index::deleting_key(name);
+                    compares.push(Compare::version(marker.clone(), CompareOp::Greater, 0));
+                    ops.push(TxnOp::put(marker, "", None));
                 }
-                let txn = Txn::new()
-                    .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
-                    .and_then(ops);
+                let txn = Txn::new().when(compares).and_then(ops);
                 let resp = self.etcd_txn(txn).await?;
                 if resp.succeeded() {
                     let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
@@ -1473,6 +1497,10 @@ impl Registry {
             .collect();
         let system = Principal::Admin("system:garbage-collector".into());
         if dead.len() == refs.len() {
+            if obj.value.pointer("/metadata/deletionTimestamp").is_some() {
+                // Being deleted already: its own finalizers finish it.
+                return Ok(());
+            }
             tracing::info!(key, "owner gone; deleting dependent");
             // Only the version decided on: a dependent given a live owner since is kept (the
             // conflict brings its change, and the next pass looks again).
@@ -1523,8 +1551,8 @@ impl Registry {
         }
     }
 
-    /// Whether `dependent` names an owner other than `owner_uid` that exists and is not being
-    /// deleted (Kubernetes' "solid" owner).
+    /// Whether `dependent` names an owner other than `owner_uid` that exists and is not waiting
+    /// for its own dependents' deletion (Kubernetes' "solid" owner).
     fn has_solid_owner_besides(&self, dependent: &Value, owner_uid: &str) -> bool {
         let refs = dependent
             .pointer("/metadata/ownerReferences")
@@ -1534,7 +1562,7 @@ impl Registry {
                 .and_then(Value::as_str)
                 .filter(|u| *u != owner_uid)
                 .and_then(|u| self.cache.by_uid(u))
-                .is_some_and(|o| o.value.pointer("/metadata/deletionTimestamp").is_none())
+                .is_some_and(|o| !admission::deleting_in_foreground(&o.value))
         })
     }
 
@@ -1553,7 +1581,14 @@ impl Registry {
         };
         let system = Principal::Admin("system:garbage-collector".into());
         let mut blocking = 0usize;
+        // One dependent that cannot be deleted (a bucket that is not empty) does not hold up
+        // the others; the first failure is returned after all of them, to be tried again.
+        let mut failed = None;
         for dep_key in self.cache.dependents_of(&uid) {
+            if dep_key == key {
+                // A record that owns itself does not wait for itself.
+                continue;
+            }
             let Some((dep_kind, dep_ns, dep_name)) = self.locate(&dep_key) else {
                 continue;
             };
@@ -1568,7 +1603,9 @@ impl Registry {
                     dependent = dep_key,
                     "keeping a dependent another owner holds"
                 );
-                self.drop_owner_reference(&dep_key, &uid).await?;
+                if let Err(e) = self.drop_owner_reference(&dep_key, &uid).await {
+                    failed.get_or_insert(e);
+                }
                 continue;
             }
             if blocks_owner_deletion(&dep.value, &uid) {
@@ -1583,13 +1620,22 @@ impl Registry {
                 "deleting a dependent first"
             );
             // A dependent with dependents of its own goes in the foreground too, so that the
-            // owner waits for the whole blocking subtree.
-            let has_dependents = dep
+            // owner waits for the whole blocking subtree; but in the background when one of
+            // them is being deleted already (the owner itself, in a cycle of references),
+            // which would otherwise wait for it in turn, for ever.
+            let grandchildren: Vec<String> = dep
                 .uid()
-                .is_some_and(|u| !self.cache.dependents_of(u).is_empty());
+                .map(|u| self.cache.dependents_of(u))
+                .unwrap_or_default();
+            let in_foreground = !grandchildren.is_empty()
+                && grandchildren.iter().all(|g| {
+                    self.locate(g)
+                        .and_then(|(k, _, _)| self.cache.get(k.info.plural, g))
+                        .is_some_and(|o| o.value.pointer("/metadata/deletionTimestamp").is_none())
+                });
             let this_one = DeleteOptions {
                 uid: dep.uid().map(str::to_string),
-                propagation: if has_dependents {
+                propagation: if in_foreground {
                     Propagation::Foreground
                 } else {
                     Propagation::Background
@@ -1602,11 +1648,13 @@ impl Registry {
             {
                 Ok(_) => {}
                 Err(e) if e.code == 404 => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
             }
         }
         if blocking > 0 {
-            return Ok(());
+            return failed.map_or(Ok(()), Err);
         }
         tracing::info!(
             key,
@@ -1632,8 +1680,8 @@ impl Registry {
             )
             .await
         {
-            Ok(_) => Ok(()),
-            Err(e) if e.code == 404 => Ok(()),
+            Ok(_) => failed.map_or(Ok(()), Err),
+            Err(e) if e.code == 404 => failed.map_or(Ok(()), Err),
             Err(e) => Err(e),
         }
     }
@@ -1643,17 +1691,22 @@ impl Registry {
     /// the foreground.
     ///
     /// A record whose collection failed (a bucket that is not empty, a conflict) is tried again
-    /// only after [`GC_RETRY`], on a change or a tick: each try writes (a bucket's deletion
-    /// marker), and every write wakes the collector again.
+    /// only after [`GC_RETRY`]: each try writes (a bucket's deletion marker), and every write
+    /// wakes the collector again.
     async fn collect_garbage(self: Arc<Self>) {
         let mut rx = self.cache.subscribe();
-        let mut tick = tokio::time::interval(GC_RETRY);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut failed: HashMap<String, tokio::time::Instant> = HashMap::new();
         loop {
+            // Woken by a change, or, while a failure waits, when the first is due again.
+            let due = failed.values().min().copied();
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { return },
-                _ = tick.tick() => {}
+                () = async {
+                    match due {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
             }
             let now = tokio::time::Instant::now();
             failed.retain(|_, retry_at| *retry_at > now);

@@ -1526,3 +1526,102 @@ async fn the_propagation_policy_asked_last_replaces_the_one_before() -> anyhow::
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orphaning_delete_of_a_record_waiting_in_the_foreground_orphans_and_removes_it(
+) -> anyhow::Result<()> {
+    let h = harness().await?;
+    let owner = h.create("owner").await?;
+    let mut child = instance("child");
+    child["metadata"]["ownerReferences"] = json!([{"apiVersion": "karri.dev/v1alpha1", "kind": "Instance", "name": "owner", "uid": owner["metadata"]["uid"], "blockOwnerDeletion": true}]);
+    // Held, so that the owner keeps waiting for it.
+    child["metadata"]["finalizers"] = json!(["example.com/hold"]);
+    h.registry
+        .create(
+            &h.instances,
+            Some("acme"),
+            child,
+            &admin(),
+            WriteOptions::default(),
+        )
+        .await?;
+    let foreground = DeleteOptions {
+        propagation: Propagation::Foreground,
+        ..Default::default()
+    };
+    h.registry
+        .delete(&h.instances, Some("acme"), "owner", &admin(), &foreground)
+        .await?;
+    let orphan = DeleteOptions {
+        propagation: Propagation::Orphan,
+        ..Default::default()
+    };
+    h.registry
+        .delete(&h.instances, Some("acme"), "owner", &admin(), &orphan)
+        .await?;
+    let gone = h
+        .registry
+        .get(&h.instances, Some("acme"), "owner", &admin())
+        .await;
+    assert!(matches!(&gone, Err(e) if e.code == 404), "{gone:?}");
+    let child = h
+        .registry
+        .get(&h.instances, Some("acme"), "child", &admin())
+        .await?;
+    assert!(
+        child["metadata"]["ownerReferences"]
+            .as_array()
+            .is_none_or(|r| r.is_empty()),
+        "the dependent kept its owner reference: {child}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreground_delete_through_a_cycle_of_owners_completes() -> anyhow::Result<()> {
+    let h = harness().await?;
+    let a = h.create("a").await?;
+    let mut b = instance("b");
+    b["metadata"]["ownerReferences"] = json!([{"apiVersion": "karri.dev/v1alpha1", "kind": "Instance", "name": "a", "uid": a["metadata"]["uid"], "blockOwnerDeletion": true}]);
+    let b = h
+        .registry
+        .create(
+            &h.instances,
+            Some("acme"),
+            b,
+            &admin(),
+            WriteOptions::default(),
+        )
+        .await?
+        .object;
+    // a is owned by b in turn.
+    let b_ref = json!([{"apiVersion": "karri.dev/v1alpha1", "kind": "Instance", "name": "b", "uid": b["metadata"]["uid"], "blockOwnerDeletion": true}]);
+    let a = h
+        .update("a", Subresource::Main, &mut |cur: &Value| {
+            let mut next = cur.clone();
+            next["metadata"]["ownerReferences"] = b_ref.clone();
+            Ok(next)
+        })
+        .await?;
+    let mut rx = h.watch(Some(rv(&a)));
+    let foreground = DeleteOptions {
+        propagation: Propagation::Foreground,
+        ..Default::default()
+    };
+    h.registry
+        .delete(&h.instances, Some("acme"), "a", &admin(), &foreground)
+        .await?;
+    let mut deleted = std::collections::BTreeSet::new();
+    while deleted.len() < 2 {
+        if let WatchEvent::Deleted(o) = next_event(&mut rx).await? {
+            deleted.insert(
+                o.value["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or("")
+                    .to_string(),
+            );
+        }
+    }
+    assert_eq!(deleted.into_iter().collect::<Vec<_>>(), ["a", "b"]);
+    Ok(())
+}
