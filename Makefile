@@ -34,11 +34,11 @@ up: setup build
 down:
 	bash scripts/down.sh
 
-# libvirtd must answer on qemu:///system for the QEMU e2e test (e2e/tests/qemu.rs).
+# libvirtd must answer on qemu:///system for the QEMU e2e test (e2e/tests/qemu.rs). nextest, fmt
+# and clippy all run even when an earlier one fails, so that one CI run reports every failure.
 test: setup
 	$(CARGO) build --workspace --bins
 	bash scripts/libvirtd.sh
-	# All three checks run even when an earlier one fails, so one CI run reports every failure.
 	failed=""; \
 	KARRI_BIN_DIR=$(CURDIR)/target/debug $(CARGO) nextest run --workspace --no-fail-fast || failed="$$failed nextest"; \
 	$(CARGO) fmt --all -- --check || failed="$$failed fmt"; \
