@@ -1567,8 +1567,9 @@ impl Registry {
     }
 
     /// A record deleted in the foreground: deletes its dependents that are not being deleted
-    /// yet (but for those another owner keeps, which only lose their reference to it), and once none that blocks its deletion (`blockOwnerDeletion: true`) is left,
-    /// removes its `foregroundDeletion` finalizer (which removes it when no other holds it).
+    /// yet (but for those another owner keeps, which only lose their reference to it), and
+    /// once none that blocks its deletion (`blockOwnerDeletion: true`) is left, removes its
+    /// `foregroundDeletion` finalizer (which removes it when no other holds it).
     async fn collect_foreground(&self, key: &str) -> ApiResult<()> {
         let Some((kind, ns, name)) = self.locate(key) else {
             return Ok(());
