@@ -1495,7 +1495,7 @@ impl Registry {
             .filter(|u| !self.cache.uid_exists(u))
             .cloned()
             .collect();
-        let system = Principal::Admin("system:garbage-collector".into());
+        let system = collector();
         if dead.len() == refs.len() {
             if obj.value.pointer("/metadata/deletionTimestamp").is_some() {
                 // Being deleted already: its own finalizers finish it.
@@ -1534,21 +1534,34 @@ impl Registry {
                 }
                 Ok(next)
             };
-            self.update_with(
-                &kind,
-                ns.as_deref(),
-                &name,
-                &system,
-                Subresource::Main,
-                None,
-                WriteOptions::default(),
-                &mut drop_dead,
-            )
-            .await
-            .map(|_| ())
+            self.collector_update(&kind, ns.as_deref(), &name, &mut drop_dead)
+                .await
         } else {
             Ok(())
         }
+    }
+
+    /// The garbage collector's change of a record: as `system:garbage-collector`, at whatever
+    /// version it has (retried on a concurrent write).
+    async fn collector_update(
+        &self,
+        kind: &Kind,
+        ns: Option<&str>,
+        name: &str,
+        change: &mut (dyn FnMut(&Value) -> ApiResult<Value> + Send),
+    ) -> ApiResult<()> {
+        self.update_with(
+            kind,
+            ns,
+            name,
+            &collector(),
+            Subresource::Main,
+            None,
+            WriteOptions::default(),
+            change,
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Whether `dependent` names an owner other than `owner_uid` that exists and is not waiting
@@ -1580,7 +1593,7 @@ impl Registry {
         let Some(uid) = owner.uid().map(str::to_string) else {
             return Ok(());
         };
-        let system = Principal::Admin("system:garbage-collector".into());
+        let system = collector();
         let mut blocking = 0usize;
         // One dependent that cannot be deleted (a bucket that is not empty) does not hold up
         // the others; the first failure is returned after all of them, to be tried again.
@@ -1669,19 +1682,10 @@ impl Registry {
             ))
         };
         match self
-            .update_with(
-                &kind,
-                ns.as_deref(),
-                &name,
-                &system,
-                Subresource::Main,
-                None,
-                WriteOptions::default(),
-                &mut release,
-            )
+            .collector_update(&kind, ns.as_deref(), &name, &mut release)
             .await
         {
-            Ok(_) => failed.map_or(Ok(()), Err),
+            Ok(()) => failed.map_or(Ok(()), Err),
             Err(e) if e.code == 404 => failed.map_or(Ok(()), Err),
             Err(e) => Err(e),
         }
@@ -1731,6 +1735,11 @@ impl Registry {
             }
         }
     }
+}
+
+/// The principal the garbage collector acts as.
+fn collector() -> Principal {
+    Principal::Admin("system:garbage-collector".into())
 }
 
 /// How long the garbage collector leaves a record whose collection failed before trying again.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context};
 use karri_testkit::{http_client, Etcd, Gateway, Tokens};
 
-/// How long a freed connection may take to be noticed by the gateway.
+/// How long a closed connection may take to be released by the gateway.
 const DEADLINE: Duration = Duration::from_secs(20);
 
 /// A client of its own, so that it holds a connection of its own (HTTP/1.1 keep-alive).
@@ -19,21 +19,6 @@ async fn healthy(client: &reqwest::Client, gw: &Gateway) -> anyhow::Result<()> {
     let resp = client.get(format!("{}/readyz", gw.url())).send().await?;
     ensure!(resp.status() == 200, "readyz answered {}", resp.status());
     Ok(())
-}
-
-/// Retries `healthy` until it succeeds: the connection of a client dropped just before is
-/// released once the gateway reads its close.
-async fn healthy_once_room(client: &reqwest::Client, gw: &Gateway) -> anyhow::Result<()> {
-    let started = std::time::Instant::now();
-    loop {
-        match healthy(client, gw).await {
-            Ok(()) => return Ok(()),
-            Err(e) if started.elapsed() > DEADLINE => {
-                return Err(e.context(format!("no room for a connection after {DEADLINE:?}")))
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
 }
 
 /// The value of the metric `name` (no labels) in the gateway's `/metrics`, read on `client`'s
@@ -64,16 +49,40 @@ async fn metric(
         .with_context(|| format!("{name} = {value:?}"))
 }
 
+/// Waits until the gateway counts `n` open connections, asking over `client`'s own one: a
+/// client dropped just before is released once the gateway has read its close.
+async fn until_open(
+    client: &reqwest::Client,
+    gw: &Gateway,
+    token: &str,
+    n: f64,
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    loop {
+        let open = metric(client, gw, token, "karri_gateway_connections").await?;
+        if open == n {
+            return Ok(());
+        }
+        ensure!(
+            started.elapsed() < DEADLINE,
+            "karri_gateway_connections = {open}, not {n}, after {DEADLINE:?}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_past_the_cap_is_closed_and_a_closed_one_makes_room() -> anyhow::Result<()> {
     let etcd = Etcd::start().await?;
     let tokens = Tokens::generate(&[], &[]);
     let gw = Gateway::start_with_args(&etcd.endpoint, &tokens, &["--max-connections", "2"]).await?;
 
+    // The first finds a permit whether or not the start-up's readiness check still holds one;
+    // then only it is open.
     let first = client(&gw)?;
-    healthy_once_room(&first, &gw).await?;
+    healthy(&first, &gw).await?;
+    until_open(&first, &gw, &tokens.admin, 1.0).await?;
     let second = client(&gw)?;
-    healthy_once_room(&second, &gw).await?;
+    healthy(&second, &gw).await?;
 
     // Both permits are held by open keep-alive connections: a third is closed on arrival.
     let third = client(&gw)?;
@@ -103,7 +112,8 @@ async fn a_connection_past_the_cap_is_closed_and_a_closed_one_makes_room() -> an
 
     // Closing one makes room for the next.
     drop(second);
-    healthy_once_room(&third, &gw).await?;
+    until_open(&first, &gw, &tokens.admin, 1.0).await?;
+    healthy(&third, &gw).await?;
     healthy(&first, &gw).await?;
     Ok(())
 }

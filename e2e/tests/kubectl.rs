@@ -654,18 +654,15 @@ spec:
         "{out}"
     );
     // The dependent is deleted first (its finalizer holds it, terminating) ...
-    let deadline = std::time::Instant::now() + WATCH_WAIT;
-    loop {
-        let child = kubectl_json(&c.admin, &["get", "instance", "child"])?;
-        if child["metadata"]["deletionTimestamp"].is_string() {
-            break;
-        }
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "the dependent was not deleted: {child}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    kubectl_ok(
+        &c.admin,
+        &[
+            "wait",
+            "--for=jsonpath={.metadata.deletionTimestamp}",
+            "instance/child",
+            "--timeout=20s",
+        ],
+    )?;
     // ... and the owner waits for it.
     let owner = kubectl_json(&c.admin, &["get", "instance", "owner"])?;
     ensure!(

@@ -1432,6 +1432,20 @@ mod tests {
         i
     }
 
+    /// The defined domain `karri-i-1` of record `uid`.
+    fn observed_domain(uid: &str, state: DomainState, shut_down: bool) -> ObservedDomain {
+        ObservedDomain {
+            name: "karri-i-1".into(),
+            uid: uid.into(),
+            instance_id: "i-1".into(),
+            namespace: "ns".into(),
+            state,
+            id: None,
+            defined: true,
+            shut_down,
+        }
+    }
+
     #[test]
     fn record_desires_a_domain_in_its_power_state() {
         let running = desire(&instance(DesiredState::Running, None), UID, TIMEOUT);
@@ -1464,16 +1478,7 @@ mod tests {
             }
             i
         };
-        let domain = |uid: &str, state: DomainState, shut_down: bool| ObservedDomain {
-            name: "karri-i-1".into(),
-            uid: uid.into(),
-            instance_id: "i-1".into(),
-            namespace: "ns".into(),
-            state,
-            id: None,
-            defined: true,
-            shut_down,
-        };
+        let domain = observed_domain;
         let off = domain(UID, DomainState::ShutOff, true);
         let rows = [
             (
@@ -1589,19 +1594,9 @@ mod tests {
             (leave.power, leave.shutdown_timeout, leave.reboot),
             (Power::Stopped, TIMEOUT, false)
         );
-        let domain = |uid: &str, state: DomainState| ObservedDomain {
-            name: "karri-i-1".into(),
-            uid: uid.into(),
-            instance_id: "i-1".into(),
-            namespace: "ns".into(),
-            state,
-            id: None,
-            defined: true,
-            shut_down: false,
-        };
-        let running = domain(UID, DomainState::Running);
-        let off = domain(UID, DomainState::ShutOff);
-        let others = domain("other", DomainState::Running);
+        let running = observed_domain(UID, DomainState::Running, false);
+        let off = observed_domain(UID, DomainState::ShutOff, false);
+        let others = observed_domain("other", DomainState::Running, false);
         let transient = ObservedDomain {
             defined: false,
             ..running.clone()
