@@ -6,6 +6,8 @@
 //! to [`MAX_BATCH`] ranges. Such a transaction is linearizable like a plain range: etcd serves
 //! it after a ReadIndex round taken once it arrives, so every read still sees every write that
 //! finished before the read was asked for. A lone read goes out at once, as a plain range.
+//! A reader may ask for several keys at once ([`PointReads::get_many`]): they are read in the
+//! same transaction, so at the same revision, which lets it check one key against another.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -22,10 +24,11 @@ pub const READS_IN_FLIGHT: usize = 2;
 /// Ranges in one batch (etcd refuses transactions of more than 128 operations by default).
 pub const MAX_BATCH: usize = 64;
 
-/// One queued read; `None` as the answer means the batch failed and the reader reads alone.
+/// One queued read of one or more keys; `None` as the answer means the batch failed and the
+/// reader reads alone.
 struct Pending {
-    key: Vec<u8>,
-    reply: oneshot::Sender<Option<GetResponse>>,
+    keys: Vec<Vec<u8>>,
+    reply: oneshot::Sender<Option<Vec<GetResponse>>>,
 }
 
 /// How many reads were asked for and how many etcd requests carried them.
@@ -56,11 +59,22 @@ impl PointReads {
 
     /// Reads `key` (a linearizable read), together with whatever other reads are waiting.
     pub async fn get(&self, key: impl Into<Vec<u8>>) -> Result<GetResponse, etcd_client::Error> {
-        let key = key.into();
+        let mut answers = self.get_many(vec![key.into()]).await?;
+        answers.pop().ok_or_else(|| {
+            etcd_client::Error::InvalidArgs("a read of one key had no answer".into())
+        })
+    }
+
+    /// Reads `keys` at one revision (a linearizable read), together with whatever other reads
+    /// are waiting: one answer per key, in order. At most [`MAX_BATCH`] keys.
+    pub async fn get_many(
+        &self,
+        keys: Vec<Vec<u8>>,
+    ) -> Result<Vec<GetResponse>, etcd_client::Error> {
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
         let (reply, answer) = oneshot::channel();
         let queued = Pending {
-            key: key.clone(),
+            keys: keys.clone(),
             reply,
         };
         if self.queue.send(queued).is_ok() {
@@ -73,8 +87,8 @@ impl PointReads {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         retry_unreached(|| {
             let mut kv = store::kv(&self.etcd);
-            let key = key.clone();
-            async move { kv.get(key, None).await }
+            let keys = keys.clone();
+            async move { read_alone(&mut kv, keys).await }
         })
         .await
     }
@@ -86,19 +100,24 @@ impl PointReads {
 }
 
 /// Takes reads off the queue while fewer than [`READS_IN_FLIGHT`] requests are out, each
-/// time all that are waiting (up to [`MAX_BATCH`]).
+/// time all that are waiting (up to [`MAX_BATCH`] keys).
 async fn drive(etcd: Client, mut queue: mpsc::UnboundedReceiver<Pending>, stats: Arc<ReadStats>) {
     let mut in_flight = FuturesUnordered::new();
+    // A read taken off the queue that did not fit into the last batch.
+    let mut held: Option<Pending> = None;
     loop {
         tokio::select! {
-            next = queue.recv(), if in_flight.len() < READS_IN_FLIGHT => {
+            next = next_read(&mut queue, &mut held), if in_flight.len() < READS_IN_FLIGHT => {
                 let Some(first) = next else { break };
+                let mut keys = first.keys.len();
                 let mut batch = vec![first];
-                while batch.len() < MAX_BATCH {
-                    match queue.try_recv() {
-                        Ok(more) => batch.push(more),
-                        Err(_) => break,
+                while let Ok(more) = queue.try_recv() {
+                    if keys + more.keys.len() > MAX_BATCH {
+                        held = Some(more);
+                        break;
                     }
+                    keys += more.keys.len();
+                    batch.push(more);
                 }
                 stats.requests.fetch_add(1, Ordering::Relaxed);
                 in_flight.push(read_batch(etcd.clone(), batch));
@@ -109,23 +128,61 @@ async fn drive(etcd: Client, mut queue: mpsc::UnboundedReceiver<Pending>, stats:
     while in_flight.next().await.is_some() {}
 }
 
-/// Sends one batch and hands each reader its answer (`None` to all when the request failed).
+/// The read held back from the last batch, else the next one queued.
+async fn next_read(
+    queue: &mut mpsc::UnboundedReceiver<Pending>,
+    held: &mut Option<Pending>,
+) -> Option<Pending> {
+    match held.take() {
+        Some(p) => Some(p),
+        None => queue.recv().await,
+    }
+}
+
+/// Reads `keys` in one request: a plain range for one key, a read-only transaction for more.
+async fn read_alone(
+    kv: &mut etcd_client::KvClient,
+    mut keys: Vec<Vec<u8>>,
+) -> Result<Vec<GetResponse>, etcd_client::Error> {
+    if keys.len() == 1 {
+        if let Some(key) = keys.pop() {
+            return Ok(vec![kv.get(key, None).await?]);
+        }
+    }
+    let n = keys.len();
+    let ranges: Vec<TxnOp> = keys.into_iter().map(|k| TxnOp::get(k, None)).collect();
+    let resp = kv.txn(Txn::new().and_then(ranges)).await?;
+    let answers: Vec<GetResponse> = split(resp.op_responses(), n)
+        .into_iter()
+        .flatten()
+        .collect();
+    if answers.len() == n {
+        Ok(answers)
+    } else {
+        Err(etcd_client::Error::InvalidArgs(format!(
+            "etcd answered a transaction of {n} reads with another number of range answers"
+        )))
+    }
+}
+
+/// Sends one batch and hands each reader its answers (`None` to all when the request failed).
 async fn read_batch(etcd: Client, batch: Vec<Pending>) {
     let mut kv = store::kv(&etcd);
     let mut batch = batch;
     if batch.len() == 1 {
         if let Some(p) = batch.pop() {
-            let resp = kv.get(p.key, None).await.ok();
+            let resp = read_alone(&mut kv, p.keys).await.ok();
             let _ = p.reply.send(resp);
         }
         return;
     }
     let ranges: Vec<TxnOp> = batch
         .iter()
-        .map(|p| TxnOp::get(p.key.clone(), None))
+        .flat_map(|p| p.keys.iter().map(|k| TxnOp::get(k.clone(), None)))
         .collect();
+    let n = ranges.len();
     let answers = match kv.txn(Txn::new().and_then(ranges)).await {
-        Ok(resp) => split(resp.op_responses(), batch.len()),
+        Ok(resp) => split(resp.op_responses(), n),
         Err(e) => {
             tracing::debug!(error = %e, "a batch of point reads failed; each reads alone");
             Vec::new()
@@ -133,7 +190,8 @@ async fn read_batch(etcd: Client, batch: Vec<Pending>) {
     };
     let mut answers = answers.into_iter();
     for p in batch {
-        let _ = p.reply.send(answers.next().flatten());
+        let mine: Option<Vec<GetResponse>> = answers.by_ref().take(p.keys.len()).collect();
+        let _ = p.reply.send(mine.filter(|m| m.len() == p.keys.len()));
     }
 }
 

@@ -81,3 +81,50 @@ async fn a_point_read_sees_every_write_that_finished_before_it() -> anyhow::Resu
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_of_several_keys_share_batches_and_answer_each_key_in_order() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let client = Client::connect([etcd.endpoint.clone()], None).await?;
+    let mut kv = client.kv_client();
+    for i in 0..100 {
+        kv.put(format!("/t/k{i}"), format!("v{i}"), None).await?;
+    }
+    let reads = PointReads::start(client.clone());
+    // Pairs, triples and single keys at once, more keys than one batch holds: each reader
+    // gets the answers of its own keys, in the order it asked for them, all from one
+    // revision.
+    let asks: Vec<Vec<String>> = (0..100)
+        .map(|i| {
+            (0..=i % 3)
+                .map(|j| format!("/t/k{}", (i * 7 + j * 13) % 120))
+                .collect()
+        })
+        .collect();
+    let answers = join_all(
+        asks.iter()
+            .map(|keys| reads.get_many(keys.iter().map(|k| k.clone().into_bytes()).collect())),
+    )
+    .await;
+    for (keys, answer) in asks.iter().zip(answers) {
+        let answer = answer?;
+        assert_eq!(answer.len(), keys.len(), "{keys:?}");
+        let revisions: Vec<i64> = answer
+            .iter()
+            .map(|r| r.header().map(|h| h.revision()).unwrap_or(0))
+            .collect();
+        assert!(
+            revisions.windows(2).all(|w| w[0] == w[1]),
+            "{keys:?} {revisions:?}"
+        );
+        for (key, resp) in keys.iter().zip(&answer) {
+            let i: usize = key["/t/k".len()..].parse()?;
+            let value = resp.kvs().first().map(|kv| kv.value().to_vec());
+            let expected = (i < 100).then(|| format!("v{i}").into_bytes());
+            assert_eq!(value, expected, "{key}");
+        }
+    }
+    let sent = reads.stats().requests.load(Ordering::Relaxed);
+    assert!(sent <= 50, "{sent} requests for 100 reads of 200 keys");
+    Ok(())
+}

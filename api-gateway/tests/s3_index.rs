@@ -40,6 +40,18 @@ fn part(blob: &str) -> PartMeta {
     }
 }
 
+fn upload(key: &str) -> UploadMeta {
+    UploadMeta {
+        key: key.into(),
+        initiated_ms: 0,
+        initiator: "111111111111".into(),
+        headers: Default::default(),
+        metadata: BTreeMap::new(),
+        acl: Default::default(),
+        tags: Vec::new(),
+    }
+}
+
 /// The bucket record `photos` as a request sees it: its key and the revision it was read at.
 struct Seen {
     record: String,
@@ -126,9 +138,8 @@ async fn objects_are_published_only_into_an_existing_bucket_not_being_deleted() 
     index
         .put_object(new_seen, "photos", "d", &object("b5", 1))
         .await?;
-    client.delete(seen.record.clone(), None).await?;
     let listed: Vec<String> = index
-        .list_objects("photos", "", b"", 10)
+        .list_objects(new_seen, "photos", "", b"", 10)
         .await?
         .into_iter()
         .map(|(k, _)| k)
@@ -138,17 +149,93 @@ async fn objects_are_published_only_into_an_existing_bucket_not_being_deleted() 
 }
 
 #[tokio::test]
+async fn reads_and_deletes_hold_only_for_the_bucket_record_they_were_authorized_against(
+) -> anyhow::Result<()> {
+    let (_etcd, index, mut client, seen) = setup().await?;
+    index
+        .put_object(seen.it(), "photos", "a", &object("b1", 1))
+        .await?;
+    index
+        .create_upload(seen.it(), "photos", "u1", &upload("a"))
+        .await?;
+    // While the record seen is there, every read and delete acts.
+    assert!(index.get_object(seen.it(), "photos", "a").await?.is_some());
+    assert!(index
+        .get_object_versioned(seen.it(), "photos", "a")
+        .await?
+        .is_some());
+    assert_eq!(
+        index
+            .list_objects(seen.it(), "photos", "", b"", 10)
+            .await?
+            .len(),
+        1
+    );
+    assert_eq!(index.list_uploads(seen.it(), "photos").await?.len(), 1);
+    assert!(index.get_upload(seen.it(), "photos", "u1").await?.is_some());
+
+    // The bucket is deleted and another account creates one of the same name (its index
+    // entries here stand for what it wrote): a request authorized against the old record, by
+    // a watch cache that has not seen the change yet, neither reads nor deletes them.
+    client.delete(seen.record.clone(), None).await?;
+    let again = client.put(seen.record.clone(), "{}", None).await?;
+    let replaced = |r: Result<_, IndexError>| matches!(r, Err(IndexError::BucketReplaced));
+    assert!(replaced(
+        index.get_object(seen.it(), "photos", "a").await.map(|_| ())
+    ));
+    assert!(replaced(
+        index
+            .get_object_versioned(seen.it(), "photos", "a")
+            .await
+            .map(|_| ())
+    ));
+    assert!(replaced(
+        index
+            .list_objects(seen.it(), "photos", "", b"", 10)
+            .await
+            .map(|_| ())
+    ));
+    assert!(replaced(
+        index.list_uploads(seen.it(), "photos").await.map(|_| ())
+    ));
+    assert!(replaced(
+        index
+            .get_upload(seen.it(), "photos", "u1")
+            .await
+            .map(|_| ())
+    ));
+    assert!(replaced(
+        index
+            .delete_object(seen.it(), "photos", "a")
+            .await
+            .map(|_| ())
+    ));
+
+    // Authorized against the new record, the same requests act; the refused delete deleted
+    // nothing.
+    let new_seen = BucketSeen {
+        record: &seen.record,
+        revision: again.header().map(|h| h.revision()).unwrap_or(0),
+    };
+    assert!(index.get_object(new_seen, "photos", "a").await?.is_some());
+    assert!(index
+        .delete_object(new_seen, "photos", "a")
+        .await?
+        .is_some());
+    assert!(index.get_object(new_seen, "photos", "a").await?.is_none());
+
+    // With no record at all, reads are refused the same way.
+    client.delete(seen.record.clone(), None).await?;
+    assert!(replaced(
+        index.get_object(new_seen, "photos", "a").await.map(|_| ())
+    ));
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_completed_upload_becomes_its_object_in_one_step() -> anyhow::Result<()> {
     let (_etcd, index, _client, seen) = setup().await?;
-    let upload = UploadMeta {
-        key: "big".into(),
-        initiated_ms: 0,
-        initiator: "111111111111".into(),
-        headers: Default::default(),
-        metadata: BTreeMap::new(),
-        acl: Default::default(),
-        tags: Vec::new(),
-    };
+    let upload = upload("big");
     index
         .create_upload(seen.it(), "photos", "u1", &upload)
         .await?;
@@ -177,7 +264,10 @@ async fn a_completed_upload_becomes_its_object_in_one_step() -> anyhow::Result<(
             .await,
         Err(IndexError::PartsChanged)
     ));
-    assert!(index.get_object("photos", "big").await?.is_none());
+    assert!(index
+        .get_object(seen.it(), "photos", "big")
+        .await?
+        .is_none());
     let (_, read_at) = index.list_parts_versioned("u1").await?;
     // A completion that expects no object (If-None-Match: *) meets one written meanwhile.
     index
@@ -199,7 +289,7 @@ async fn a_completed_upload_becomes_its_object_in_one_step() -> anyhow::Result<(
             .await,
         Err(IndexError::Changed)
     ));
-    assert!(index.get_upload("photos", "u1").await?.is_some());
+    assert!(index.get_upload(seen.it(), "photos", "u1").await?.is_some());
     index
         .complete_upload(
             &seen.record,
@@ -213,8 +303,11 @@ async fn a_completed_upload_becomes_its_object_in_one_step() -> anyhow::Result<(
             },
         )
         .await?;
-    assert!(index.get_object("photos", "big").await?.is_some());
-    assert!(index.get_upload("photos", "u1").await?.is_none());
+    assert!(index
+        .get_object(seen.it(), "photos", "big")
+        .await?
+        .is_some());
+    assert!(index.get_upload(seen.it(), "photos", "u1").await?.is_none());
     assert!(index.list_parts("u1").await?.is_empty());
     // Completing again, or adding a part, finds no upload.
     assert!(matches!(
@@ -281,7 +374,7 @@ async fn conditional_publishes_hold_in_their_own_transaction() -> anyhow::Result
     // A write back of the version read succeeds once; a second one with the same version
     // finds it changed.
     let (_, version) = index
-        .get_object_versioned("photos", "lock")
+        .get_object_versioned(seen.it(), "photos", "lock")
         .await?
         .expect("just published");
     index
@@ -307,10 +400,10 @@ async fn conditional_publishes_hold_in_their_own_transaction() -> anyhow::Result
     ));
     // Deleted in between: the write back does not bring the entry back.
     let (_, version) = index
-        .get_object_versioned("photos", "lock")
+        .get_object_versioned(seen.it(), "photos", "lock")
         .await?
         .expect("still there");
-    index.delete_object("photos", "lock").await?;
+    index.delete_object(seen.it(), "photos", "lock").await?;
     assert!(matches!(
         index
             .put_object_expecting(
@@ -323,7 +416,10 @@ async fn conditional_publishes_hold_in_their_own_transaction() -> anyhow::Result
             .await,
         Err(IndexError::Changed)
     ));
-    assert!(index.get_object("photos", "lock").await?.is_none());
+    assert!(index
+        .get_object(seen.it(), "photos", "lock")
+        .await?
+        .is_none());
     // Without the bucket, the bucket is what is wrong.
     client.delete(seen.record.clone(), None).await?;
     assert!(matches!(

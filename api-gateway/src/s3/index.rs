@@ -32,6 +32,11 @@ pub enum IndexError {
     /// The bucket is being deleted right now.
     #[error("the bucket is being deleted")]
     BucketBusy,
+    /// The bucket record the request was authorized against is gone or was created again
+    /// since (the watch cache had not seen the change yet): authorize against the record now
+    /// there before trying again.
+    #[error("the bucket was deleted or created again while the request ran")]
+    BucketReplaced,
     /// The multipart upload is gone (completed or aborted).
     #[error("the multipart upload does not exist")]
     NoUpload,
@@ -44,6 +49,9 @@ pub enum IndexError {
     /// etcd failed.
     #[error("the object index is unavailable: {0}")]
     Etcd(#[from] etcd_client::Error),
+    /// etcd's answer did not have the shape of the request (never seen; a bug or a proxy).
+    #[error("etcd answered {0} with an answer of another shape")]
+    Unexpected(&'static str),
     /// A stored entry does not parse.
     #[error("index entry {key} is corrupt: {reason}")]
     Corrupt {
@@ -61,7 +69,12 @@ impl IndexError {
     pub fn refused_for_sure(&self) -> bool {
         matches!(
             self,
-            Self::NoBucket | Self::BucketBusy | Self::NoUpload | Self::Changed | Self::PartsChanged
+            Self::NoBucket
+                | Self::BucketBusy
+                | Self::BucketReplaced
+                | Self::NoUpload
+                | Self::Changed
+                | Self::PartsChanged
         )
     }
 }
@@ -274,9 +287,10 @@ pub struct BucketSeen<'a> {
     pub revision: i64,
 }
 
-/// The conditions of a write that adds to a bucket: the record seen exists (created at or
-/// before the revision it was seen at) and no deletion of it is under way.
-fn bucket_open(seen: BucketSeen<'_>, bucket: &str) -> [Compare; 3] {
+/// The conditions under which a request still acts on the bucket it was authorized against:
+/// the record seen exists, created at or before the revision it was seen at (not a record of
+/// the same name created since, perhaps by another account).
+fn same_bucket(seen: BucketSeen<'_>) -> [Compare; 2] {
     [
         Compare::version(seen.record, CompareOp::Greater, 0),
         Compare::create_revision(
@@ -284,6 +298,25 @@ fn bucket_open(seen: BucketSeen<'_>, bucket: &str) -> [Compare; 3] {
             CompareOp::Less,
             seen.revision.saturating_add(1),
         ),
+    ]
+}
+
+/// Whether `record`, read in the same transaction as an index entry, is the bucket `seen`
+/// (what [`same_bucket`] compares, checked on a read).
+fn is_same_bucket(seen: BucketSeen<'_>, record: &etcd_client::GetResponse) -> bool {
+    record
+        .kvs()
+        .first()
+        .is_some_and(|kv| kv.create_revision() <= seen.revision)
+}
+
+/// The conditions of a write that adds to a bucket: [`same_bucket`], and no deletion of it is
+/// under way.
+fn bucket_open(seen: BucketSeen<'_>, bucket: &str) -> [Compare; 3] {
+    let [exists, created] = same_bucket(seen);
+    [
+        exists,
+        created,
         Compare::version(deleting_key(bucket), CompareOp::Equal, 0),
     ]
 }
@@ -365,28 +398,68 @@ impl ObjectIndex {
         .await?)
     }
 
-    /// One object's entry (a linearizable read: strong read-after-write).
+    /// Reads `key` together with the bucket's record, at one revision;
+    /// [`IndexError::BucketReplaced`] unless that record is the bucket `seen`.
+    async fn get_in(
+        &self,
+        seen: BucketSeen<'_>,
+        key: String,
+    ) -> Result<etcd_client::GetResponse, IndexError> {
+        let mut answers = self
+            .reads
+            .get_many(vec![key.into_bytes(), seen.record.as_bytes().to_vec()])
+            .await?
+            .into_iter();
+        match (answers.next(), answers.next()) {
+            (Some(entry), Some(record)) if is_same_bucket(seen, &record) => Ok(entry),
+            (Some(_), Some(_)) => Err(IndexError::BucketReplaced),
+            _ => Err(IndexError::Unexpected("a read of two keys")),
+        }
+    }
+
+    /// Runs `op` (a range or a delete under the bucket) only while the bucket `seen` is there;
+    /// [`IndexError::BucketReplaced`] otherwise.
+    async fn op_in(
+        &self,
+        seen: BucketSeen<'_>,
+        op: TxnOp,
+    ) -> Result<etcd_client::TxnOpResponse, IndexError> {
+        let resp = self
+            .txn(Txn::new().when(same_bucket(seen)).and_then([op]))
+            .await?;
+        if !resp.succeeded() {
+            return Err(IndexError::BucketReplaced);
+        }
+        resp.op_responses()
+            .into_iter()
+            .next()
+            .ok_or(IndexError::Unexpected("a transaction of one operation"))
+    }
+
+    /// One object's entry (a linearizable read: strong read-after-write), if the bucket `seen`
+    /// is still the one there.
     pub async fn get_object(
         &self,
+        seen: BucketSeen<'_>,
         bucket: &str,
         key: &str,
     ) -> Result<Option<ObjectMeta>, IndexError> {
-        let k = object_key(bucket, key);
-        let resp = self.get_raw(k.clone().into_bytes(), None).await?;
+        let resp = self.get_in(seen, object_key(bucket, key)).await?;
         resp.kvs()
             .first()
             .map(|kv| parse(kv.key(), kv.value()))
             .transpose()
     }
 
-    /// One object's entry with its mod revision (for [`Expect::Version`]).
+    /// One object's entry with its mod revision (for [`Expect::Version`]), if the bucket
+    /// `seen` is still the one there.
     pub async fn get_object_versioned(
         &self,
+        seen: BucketSeen<'_>,
         bucket: &str,
         key: &str,
     ) -> Result<Option<(ObjectMeta, i64)>, IndexError> {
-        let k = object_key(bucket, key);
-        let resp = self.get_raw(k.into_bytes(), None).await?;
+        let resp = self.get_in(seen, object_key(bucket, key)).await?;
         resp.kvs()
             .first()
             .map(|kv| parse(kv.key(), kv.value()).map(|m| (m, kv.mod_revision())))
@@ -445,22 +518,19 @@ impl ObjectIndex {
         Ok(self.txn(txn).await?.succeeded())
     }
 
-    /// Removes an object's entry; returns it (its blobs are the caller's to delete).
+    /// Removes an object's entry, if the bucket `seen` is still the one there; returns it (its
+    /// blobs are the caller's to delete).
     pub async fn delete_object(
         &self,
+        seen: BucketSeen<'_>,
         bucket: &str,
         key: &str,
     ) -> Result<Option<ObjectMeta>, IndexError> {
         let k = object_key(bucket, key);
-        let resp = store::retry_unreached(|| {
-            let mut kv = store::kv(&self.etcd);
-            let k = k.clone();
-            async move {
-                kv.delete(k, Some(DeleteOptions::new().with_prev_key()))
-                    .await
-            }
-        })
-        .await?;
+        let op = TxnOp::delete(k, Some(DeleteOptions::new().with_prev_key()));
+        let etcd_client::TxnOpResponse::Delete(resp) = self.op_in(seen, op).await? else {
+            return Err(IndexError::Unexpected("a delete"));
+        };
         resp.prev_kvs()
             .first()
             .map(|kv| parse(kv.key(), kv.value()))
@@ -468,9 +538,11 @@ impl ObjectIndex {
     }
 
     /// Up to `limit` objects of `bucket` whose keys (relative to the bucket) are at least
-    /// `start` and start with `prefix`, in key order.
+    /// `start` and start with `prefix`, in key order, if the bucket `seen` is still the one
+    /// there.
     pub async fn list_objects(
         &self,
+        seen: BucketSeen<'_>,
         bucket: &str,
         prefix: &str,
         start: &[u8],
@@ -491,7 +563,11 @@ impl ObjectIndex {
         let opts = GetOptions::new()
             .with_range(prefix_end(&wanted))
             .with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
-        let resp = self.get_raw(from, Some(opts)).await?;
+        let etcd_client::TxnOpResponse::Get(resp) =
+            self.op_in(seen, TxnOp::get(from, Some(opts))).await?
+        else {
+            return Err(IndexError::Unexpected("a range"));
+        };
         let mut out = Vec::with_capacity(resp.kvs().len());
         for kv in resp.kvs() {
             let rel = &kv.key()[base.len()..];
@@ -587,33 +663,32 @@ impl ObjectIndex {
         }
     }
 
-    /// One upload's entry.
+    /// One upload's entry, if the bucket `seen` is still the one there.
     pub async fn get_upload(
         &self,
+        seen: BucketSeen<'_>,
         bucket: &str,
         upload_id: &str,
     ) -> Result<Option<UploadMeta>, IndexError> {
-        let resp = self
-            .get_raw(upload_key(bucket, upload_id).into_bytes(), None)
-            .await?;
+        let resp = self.get_in(seen, upload_key(bucket, upload_id)).await?;
         resp.kvs()
             .first()
             .map(|kv| parse(kv.key(), kv.value()))
             .transpose()
     }
 
-    /// Every upload of a bucket: (upload ID, entry), in no particular order.
+    /// Every upload of a bucket: (upload ID, entry), in no particular order, if the bucket
+    /// `seen` is still the one there.
     pub async fn list_uploads(
         &self,
+        seen: BucketSeen<'_>,
         bucket: &str,
     ) -> Result<Vec<(String, UploadMeta)>, IndexError> {
         let prefix = uploads_prefix(bucket);
-        let resp = self
-            .get_raw(
-                prefix.clone().into_bytes(),
-                Some(GetOptions::new().with_prefix()),
-            )
-            .await?;
+        let range = TxnOp::get(prefix.clone(), Some(GetOptions::new().with_prefix()));
+        let etcd_client::TxnOpResponse::Get(resp) = self.op_in(seen, range).await? else {
+            return Err(IndexError::Unexpected("a range"));
+        };
         let mut out = Vec::new();
         for kv in resp.kvs() {
             let id = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();

@@ -244,6 +244,12 @@ fn index_error(e: IndexError) -> S3Error {
             ServiceUnavailable,
             "The bucket is being checked for deletion. Please try again."
         ),
+        // Retried by SDKs (503): by then the watch cache has seen the new record, and the
+        // request is authorized against it.
+        IndexError::BucketReplaced => s3_error!(
+            ServiceUnavailable,
+            "The bucket was deleted or created again just now. Please try again."
+        ),
         IndexError::Changed => s3_error!(
             PreconditionFailed,
             "At least one of the pre-conditions you specified did not hold"
@@ -682,7 +688,7 @@ const READ_ATTEMPTS: usize = 3;
 
 struct IndexSource<'a> {
     index: &'a ObjectIndex,
-    bucket: &'a str,
+    bucket: &'a BucketInfo,
 }
 
 #[async_trait::async_trait]
@@ -695,7 +701,7 @@ impl KeySource<ObjectMeta> for IndexSource<'_> {
         limit: usize,
     ) -> Result<Vec<(String, ObjectMeta)>, IndexError> {
         self.index
-            .list_objects(self.bucket, prefix, start, limit)
+            .list_objects(self.bucket.seen(), &self.bucket.name, prefix, start, limit)
             .await
     }
 }
@@ -850,9 +856,9 @@ impl KarriS3 {
         Ok(bucket)
     }
 
-    async fn object(&self, bucket: &str, key: &str) -> S3Result<ObjectMeta> {
+    async fn object(&self, bucket: &BucketInfo, key: &str) -> S3Result<ObjectMeta> {
         self.index
-            .get_object(bucket, key)
+            .get_object(bucket.seen(), &bucket.name, key)
             .await
             .map_err(index_error)?
             .ok_or_else(no_such_key)
@@ -879,7 +885,7 @@ impl KarriS3 {
     /// publishing transaction; refused at once when the conditions fail already.
     async fn write_conditions(
         &self,
-        bucket: &str,
+        bucket: &BucketInfo,
         key: &str,
         if_match: Option<&ETagCondition>,
         if_none_match: Option<&ETagCondition>,
@@ -889,7 +895,7 @@ impl KarriS3 {
         }
         let existing = self
             .index
-            .get_object_versioned(bucket, key)
+            .get_object_versioned(bucket.seen(), &bucket.name, key)
             .await
             .map_err(index_error)?;
         let expect = match &existing {
@@ -923,22 +929,22 @@ impl KarriS3 {
     /// the completion, is answered as the completion was.
     async fn completed_already(
         &self,
-        bucket: &str,
+        bucket: &BucketInfo,
         key: &str,
         upload_id: &str,
     ) -> S3Result<Option<CompleteMultipartUploadOutput>> {
         let current = self
             .index
-            .get_object(bucket, key)
+            .get_object(bucket.seen(), &bucket.name, key)
             .await
             .map_err(index_error)?;
         Ok(current
             .filter(|meta| meta.upload_id.as_deref() == Some(upload_id))
             .map(|meta| CompleteMultipartUploadOutput {
-                bucket: Some(bucket.to_owned()),
+                bucket: Some(bucket.name.clone()),
                 e_tag: Some(quoted(&meta.etag)),
                 key: Some(key.to_owned()),
-                location: Some(format!("/{bucket}/{key}")),
+                location: Some(format!("/{}/{key}", bucket.name)),
                 ..Default::default()
             }))
     }
@@ -1017,7 +1023,7 @@ impl KarriS3 {
         };
         only_null_version(version_id.as_deref())?;
         let src_bucket = self.bucket(bucket).await?;
-        let meta = self.object(bucket, key).await.map_err(|e| {
+        let meta = self.object(&src_bucket, key).await.map_err(|e| {
             // As for a GET: without read access to the source bucket, a missing key is
             // AccessDenied, so a copy cannot probe another account's private keys.
             if permits(caller, Action::ListBucket, &src_bucket, None) {
@@ -1474,7 +1480,7 @@ impl S3 for KarriS3 {
         // the publishing transaction: the entry must still be the one they were checked on.
         let expect = self
             .write_conditions(
-                &bucket.name,
+                &bucket,
                 &input.key,
                 input.if_match.as_ref(),
                 input.if_none_match.as_ref(),
@@ -1699,7 +1705,7 @@ impl S3 for KarriS3 {
             .await?;
         if let Some(prev) = self
             .index
-            .delete_object(&bucket.name, &req.input.key)
+            .delete_object(bucket.seen(), &bucket.name, &req.input.key)
             .await
             .map_err(index_error)?
         {
@@ -1735,7 +1741,11 @@ impl S3 for KarriS3 {
                 });
                 continue;
             }
-            match self.index.delete_object(&bucket.name, &obj.key).await {
+            match self
+                .index
+                .delete_object(bucket.seen(), &bucket.name, &obj.key)
+                .await
+            {
                 Ok(prev) => {
                     if let Some(prev) = prev {
                         self.delete_blobs(prev.blobs()).await;
@@ -1872,7 +1882,7 @@ impl S3 for KarriS3 {
         let bucket = self
             .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::ObjectConfig)
             .await?;
-        let meta = self.object(&bucket.name, &req.input.key).await?;
+        let meta = self.object(&bucket, &req.input.key).await?;
         let owner = owner_of(&bucket.spec);
         Ok(S3Response::new(GetObjectAclOutput {
             grants: Some(grants_of(&owner, meta.acl)),
@@ -1909,7 +1919,7 @@ impl S3 for KarriS3 {
         let bucket = self
             .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::ObjectConfig)
             .await?;
-        let meta = self.object(&bucket.name, &req.input.key).await?;
+        let meta = self.object(&bucket, &req.input.key).await?;
         Ok(S3Response::new(GetObjectTaggingOutput {
             tag_set: tags_to_dto(&meta.tags),
             version_id: None,
@@ -2183,7 +2193,7 @@ impl S3 for KarriS3 {
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
             .await?;
         let part = part_number(input.part_number)?;
-        self.upload_of(&bucket.name, &input.upload_id, &input.key)
+        self.upload_of(&bucket, &input.upload_id, &input.key)
             .await?;
         let written = self
             .blobs
@@ -2226,7 +2236,7 @@ impl S3 for KarriS3 {
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
             .await?;
         let part = part_number(input.part_number)?;
-        self.upload_of(&bucket.name, &input.upload_id, &input.key)
+        self.upload_of(&bucket, &input.upload_id, &input.key)
             .await?;
         let source = self
             .copy_source(caller.as_ref(), &input.copy_source)
@@ -2270,7 +2280,7 @@ impl S3 for KarriS3 {
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
             .await?;
         let upload = self
-            .upload_of(&bucket.name, &input.upload_id, &input.key)
+            .upload_of(&bucket, &input.upload_id, &input.key)
             .await?;
         let parts = self
             .index
@@ -2331,7 +2341,7 @@ impl S3 for KarriS3 {
         let prefix = input.prefix.clone().unwrap_or_default();
         let mut uploads: Vec<(String, UploadMeta)> = self
             .index
-            .list_uploads(&bucket.name)
+            .list_uploads(bucket.seen(), &bucket.name)
             .await
             .map_err(index_error)?
             .into_iter()
@@ -2406,14 +2416,11 @@ impl S3 for KarriS3 {
         let bucket = self
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
             .await?;
-        let upload = match self
-            .upload_of(&bucket.name, &input.upload_id, &input.key)
-            .await
-        {
+        let upload = match self.upload_of(&bucket, &input.upload_id, &input.key).await {
             Ok(upload) => upload,
             Err(no_upload) => {
                 return match self
-                    .completed_already(&bucket.name, &input.key, &input.upload_id)
+                    .completed_already(&bucket, &input.key, &input.upload_id)
                     .await?
                 {
                     Some(done) => Ok(S3Response::new(done)),
@@ -2425,7 +2432,7 @@ impl S3 for KarriS3 {
         // held in the completing transaction like a PUT's.
         let expect = self
             .write_conditions(
-                &bucket.name,
+                &bucket,
                 &input.key,
                 input.if_match.as_ref(),
                 input.if_none_match.as_ref(),
@@ -2494,7 +2501,7 @@ impl S3 for KarriS3 {
                 Err(IndexError::NoUpload) => {
                     // Another completion of this upload won the race: answered as it was.
                     return match self
-                        .completed_already(&bucket.name, &input.key, &input.upload_id)
+                        .completed_already(&bucket, &input.key, &input.upload_id)
                         .await?
                     {
                         Some(done) => Ok(S3Response::new(done)),
@@ -2534,7 +2541,7 @@ impl S3 for KarriS3 {
         let bucket = self
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
             .await?;
-        self.upload_of(&bucket.name, &input.upload_id, &input.key)
+        self.upload_of(&bucket, &input.upload_id, &input.key)
             .await?;
         let parts = self
             .index
@@ -2767,7 +2774,7 @@ impl KarriS3 {
     ) -> S3Result<super::listing::Page<ObjectMeta>> {
         let source = IndexSource {
             index: &self.index,
-            bucket: &bucket.name,
+            bucket,
         };
         let request = ListRequest {
             prefix,
@@ -2789,7 +2796,7 @@ impl KarriS3 {
         range: Option<&Range>,
         part_number: Option<i32>,
     ) -> S3Result<Readable> {
-        let meta = self.object(&bucket.name, key).await.map_err(|e| {
+        let meta = self.object(bucket, key).await.map_err(|e| {
             // Without read access to the bucket, a missing key is AccessDenied, as in AWS.
             if permits(caller, Action::ListBucket, bucket, None) {
                 e
@@ -2845,7 +2852,7 @@ impl KarriS3 {
         let owner = &bucket.spec.owner_id;
         match self
             .index
-            .get_object(&bucket.name, key)
+            .get_object(bucket.seen(), &bucket.name, key)
             .await
             .map_err(index_error)?
         {
@@ -2899,10 +2906,15 @@ impl KarriS3 {
         }
     }
 
-    async fn upload_of(&self, bucket: &str, upload_id: &str, key: &str) -> S3Result<UploadMeta> {
+    async fn upload_of(
+        &self,
+        bucket: &BucketInfo,
+        upload_id: &str,
+        key: &str,
+    ) -> S3Result<UploadMeta> {
         match self
             .index
-            .get_upload(bucket, upload_id)
+            .get_upload(bucket.seen(), &bucket.name, upload_id)
             .await
             .map_err(index_error)?
         {
@@ -3003,7 +3015,7 @@ impl KarriS3 {
         for _ in 0..UPDATE_ATTEMPTS {
             let Some((mut meta, version)) = self
                 .index
-                .get_object_versioned(&bucket.name, key)
+                .get_object_versioned(bucket.seen(), &bucket.name, key)
                 .await
                 .map_err(index_error)?
             else {
@@ -3037,6 +3049,26 @@ impl KarriS3 {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn index_refusals_answer_with_the_s3_code_clients_act_on() {
+        // 503s are retried by the SDKs; the others are final.
+        let rows = [
+            (IndexError::NoBucket, S3ErrorCode::NoSuchBucket),
+            (IndexError::BucketBusy, S3ErrorCode::ServiceUnavailable),
+            (IndexError::BucketReplaced, S3ErrorCode::ServiceUnavailable),
+            (IndexError::Changed, S3ErrorCode::PreconditionFailed),
+            (IndexError::NoUpload, S3ErrorCode::NoSuchUpload),
+            (
+                IndexError::Unexpected("a range"),
+                S3ErrorCode::InternalError,
+            ),
+        ];
+        for (e, code) in rows {
+            let what = e.to_string();
+            assert_eq!(index_error(e).code(), &code, "{what}");
+        }
+    }
 
     #[test]
     fn a_streaming_upload_must_deliver_every_byte_it_announced() {
