@@ -4,9 +4,12 @@
 //! closed as soon as it is accepted (counted in `karri_gateway_connections_refused`), so that
 //! the descriptors the gateway needs for etcd, S3 blobs and its own files stay free: a process
 //! out of descriptors fails those, and its accept loop stalls. The client sees its connection
-//! closed before TLS completes: the AWS SDKs retry that, other clients report it. The cap is
-//! shared by all listeners, so that it bounds the process's descriptors. [`connection_cap`]
-//! keeps it within the process's descriptor limit.
+//! closed before TLS completes: the AWS SDKs retry that, other clients report it. The cap
+//! bounds the connections of all listeners together, so that it bounds the process's
+//! descriptors; [`connection_cap`] keeps it within the process's descriptor limit. When the
+//! AWS face has a listener of its own, [`split_cap`] keeps part of the cap for the resource
+//! API listener alone, so that S3 and EC2 clients never lock node agents, the operator and
+//! kubectl out.
 
 use std::future::Future;
 use std::io;
@@ -29,6 +32,15 @@ pub fn connection_cap(wanted: usize, nofile: Option<u64>) -> usize {
     }
 }
 
+/// The cap divided between the resource API listener and a separate AWS listener:
+/// `(resource, aws)`. The resource API keeps a quarter (at least one connection), the AWS
+/// face the rest; `None` when `cap` is too small to give each listener one. Pure.
+pub fn split_cap(cap: usize) -> Option<(usize, usize)> {
+    let resource = (cap / 4).max(1);
+    let aws = cap.checked_sub(resource)?;
+    (aws > 0).then_some((resource, aws))
+}
+
 /// Wraps an acceptor: each connection holds one of `cap` permits while it is open; a
 /// connection that finds none left is closed.
 #[derive(Clone, Debug)]
@@ -41,23 +53,14 @@ pub struct CappedAcceptor<A> {
 
 impl<A> CappedAcceptor<A> {
     /// `inner` with at most `cap` connections open at once through every clone of the result;
-    /// `open` counts the connections held, `refused` those closed at the cap.
+    /// `open` counts the connections held, `refused` those closed at the cap (both may be
+    /// shared with the acceptors of other listeners).
     pub fn new(inner: A, cap: usize, open: Gauge, refused: Counter) -> Self {
         Self {
             inner,
             permits: Arc::new(Semaphore::new(cap)),
             open,
             refused,
-        }
-    }
-
-    /// The same cap (shared permits) over another acceptor, for a second listener.
-    pub fn sharing<B>(&self, inner: B) -> CappedAcceptor<B> {
-        CappedAcceptor {
-            inner,
-            permits: self.permits.clone(),
-            open: self.open.clone(),
-            refused: self.refused.clone(),
         }
     }
 }
@@ -170,6 +173,22 @@ mod tests {
         ];
         for (wanted, nofile, cap) in rows {
             assert_eq!(connection_cap(wanted, nofile), cap, "{wanted} {nofile:?}");
+        }
+    }
+
+    #[test]
+    fn a_separate_aws_listener_leaves_a_quarter_of_the_cap_to_the_resource_api() {
+        let rows = [
+            (10_000, Some((2_500, 7_500))),
+            (512, Some((128, 384))),
+            (7, Some((1, 6))),
+            (4, Some((1, 3))),
+            (2, Some((1, 1))),
+            (1, None),
+            (0, None),
+        ];
+        for (cap, split) in rows {
+            assert_eq!(split_cap(cap), split, "{cap}");
         }
     }
 }

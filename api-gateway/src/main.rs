@@ -91,7 +91,9 @@ struct Args {
     #[arg(long, default_value_t = 3 * 1024 * 1024)]
     max_body_bytes: usize,
     /// Most client connections open at once (over all listeners); a connection past it is
-    /// closed on arrival. Lowered to half the open-file limit if that is smaller.
+    /// closed on arrival. Lowered to half the open-file limit if that is smaller. With
+    /// --aws-listen, a quarter of it is kept for --listen (node agents, the operator, kubectl)
+    /// and the rest is the AWS listener's.
     #[arg(long, default_value_t = 10_000, env = "KARRI_MAX_CONNECTIONS")]
     max_connections: usize,
     /// Directory of S3 object bytes (blobs); the S3 face is off without it or
@@ -334,12 +336,13 @@ async fn main() -> anyhow::Result<()> {
     let app = router(state);
     let cap = connection_cap(args.max_connections)?;
     let (open, refused) = connection_metrics;
-    let capped = CappedAcceptor::new(NoDelayAcceptor::new(), cap, open, refused);
+    let listeners = listener_caps(args.listen, args.aws_listen, cap)?;
     let mut servers = Vec::new();
-    for addr in std::iter::once(args.listen).chain(args.aws_listen) {
+    for (addr, cap) in listeners {
         // TCP_NODELAY: a response written in several TLS records must not wait for delayed ACKs.
-        let acceptor =
-            RustlsAcceptor::new(config.clone()).acceptor(capped.sharing(NoDelayAcceptor::new()));
+        let capped =
+            CappedAcceptor::new(NoDelayAcceptor::new(), cap, open.clone(), refused.clone());
+        let acceptor = RustlsAcceptor::new(config.clone()).acceptor(capped);
         let mut server = axum_server::bind(addr)
             .acceptor(acceptor)
             .handle(handle.clone());
@@ -355,6 +358,23 @@ async fn main() -> anyhow::Result<()> {
         server.await??;
     }
     Ok(())
+}
+
+/// Each listener with its share of the connection cap `cap`: all of it for --listen alone;
+/// with --aws-listen, [`api_gateway::conn_limit::split_cap`].
+fn listener_caps(
+    listen: SocketAddr,
+    aws_listen: Option<SocketAddr>,
+    cap: usize,
+) -> anyhow::Result<Vec<(SocketAddr, usize)>> {
+    let Some(aws) = aws_listen else {
+        return Ok(vec![(listen, cap)]);
+    };
+    let (resource, aws_cap) = api_gateway::conn_limit::split_cap(cap).with_context(|| {
+        format!("a connection cap of {cap} cannot give --listen and --aws-listen one each")
+    })?;
+    tracing::info!(%listen, resource, aws_listen = %aws, aws = aws_cap, "connection cap divided between the listeners");
+    Ok(vec![(listen, resource), (aws, aws_cap)])
 }
 
 /// The connection cap: `wanted`, within the open-file limit (raised at start by

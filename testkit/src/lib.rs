@@ -867,6 +867,21 @@ pub fn http_client(ca: Option<&Path>) -> anyhow::Result<reqwest::Client> {
     b.build().context("building HTTP client")
 }
 
+/// A client for readiness checks that keeps no connection open after its answer: a pooled
+/// keep-alive connection of a dropped client could stay open for a while and hold one of a
+/// gateway's capped connections (tests count them).
+fn readiness_client(ca: Option<&Path>) -> anyhow::Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(30));
+    if let Some(ca) = ca {
+        let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+        b = b.add_root_certificate(reqwest::Certificate::from_pem(&pem).context("parsing the CA")?);
+    }
+    b.build().context("building HTTP client")
+}
+
 /// Spawns the gateway into `child` and waits for `/readyz`.
 async fn spawn_gateway(
     bin: &Path,
@@ -914,7 +929,7 @@ async fn wait_ready(
         .then(|| pki_dir(log_path).join("ca.crt"));
     let start = Instant::now();
     loop {
-        let client = http_client(ca.as_deref().filter(|c| c.exists()))?;
+        let client = readiness_client(ca.as_deref().filter(|c| c.exists()))?;
         if let Some(c) = child.as_mut() {
             if let Ok(Some(status)) = c.try_wait() {
                 child.take();
