@@ -190,7 +190,9 @@ async fn read_batch(etcd: Client, batch: Vec<Pending>) {
     };
     let mut answers = answers.into_iter();
     for p in batch {
-        let mine: Option<Vec<GetResponse>> = answers.by_ref().take(p.keys.len()).collect();
+        // Exactly this reader's answers, even when one of them is missing.
+        let mine: Vec<Option<GetResponse>> = answers.by_ref().take(p.keys.len()).collect();
+        let mine: Option<Vec<GetResponse>> = mine.into_iter().collect();
         let _ = p.reply.send(mine.filter(|m| m.len() == p.keys.len()));
     }
 }

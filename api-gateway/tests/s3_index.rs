@@ -123,13 +123,14 @@ async fn objects_are_published_only_into_an_existing_bucket_not_being_deleted() 
         Err(IndexError::NoBucket)
     ));
     // Another owner makes a bucket of the same name: a write authorized against the deleted
-    // one does not land in it, a write that saw the new one does.
+    // one does not land in it (the request is to be authorized again, against the new
+    // record), a write that saw the new one does.
     let again = client.put(seen.record.clone(), "{}", None).await?;
     assert!(matches!(
         index
             .put_object(seen.it(), "photos", "c", &object("b4", 1))
             .await,
-        Err(IndexError::NoBucket)
+        Err(IndexError::BucketReplaced)
     ));
     let new_seen = BucketSeen {
         record: &seen.record,

@@ -503,7 +503,7 @@ impl ObjectIndex {
             if expect != Expect::Anything && self.bucket_open_now(seen, bucket).await? {
                 return Err(IndexError::Changed);
             }
-            return Err(self.why_closed(bucket).await);
+            return Err(self.why_closed(seen, bucket).await);
         }
         replaced(&resp)
     }
@@ -579,12 +579,24 @@ impl ObjectIndex {
         Ok(out)
     }
 
-    /// Why a write compared against the bucket failed: it is being deleted, or it is gone.
-    async fn why_closed(&self, bucket: &str) -> IndexError {
-        match self.get_raw(deleting_key(bucket).into_bytes(), None).await {
-            Ok(r) if !r.kvs().is_empty() => IndexError::BucketBusy,
-            Ok(_) => IndexError::NoBucket,
-            Err(e) => e,
+    /// Why a write compared against the bucket `seen` failed: it is being deleted, it was
+    /// created again since (authorize against the new record), or it is gone.
+    async fn why_closed(&self, seen: BucketSeen<'_>, bucket: &str) -> IndexError {
+        let keys = vec![
+            deleting_key(bucket).into_bytes(),
+            seen.record.as_bytes().to_vec(),
+        ];
+        let answers = match self.reads.get_many(keys).await {
+            Ok(answers) => answers,
+            Err(e) => return e.into(),
+        };
+        match answers.as_slice() {
+            [marker, _] if !marker.kvs().is_empty() => IndexError::BucketBusy,
+            [_, record] if record.kvs().is_empty() => IndexError::NoBucket,
+            [_, record] if !is_same_bucket(seen, record) => IndexError::BucketReplaced,
+            // The same record, no marker now: a deletion was tried meanwhile and failed.
+            [_, _] => IndexError::BucketBusy,
+            _ => IndexError::Unexpected("a read of two keys"),
         }
     }
 
@@ -659,7 +671,7 @@ impl ObjectIndex {
         if self.txn(txn).await?.succeeded() {
             Ok(())
         } else {
-            Err(self.why_closed(bucket).await)
+            Err(self.why_closed(seen, bucket).await)
         }
     }
 
@@ -812,7 +824,7 @@ impl ObjectIndex {
             if !self.bucket_open_now(held, bucket).await? {
                 // The upload is there: its bucket is being checked for deletion (which fails
                 // while the upload holds it), and the completion may be tried again.
-                return Err(match self.why_closed(bucket).await {
+                return Err(match self.why_closed(held, bucket).await {
                     IndexError::NoBucket => IndexError::NoUpload,
                     other => other,
                 });

@@ -26,7 +26,7 @@ use super::index::{
 use super::listing::{list_page, KeySource, ListRequest};
 use crate::auth::Principal;
 use crate::ec2::service::{resolve_access_key, Caller, KeyError};
-use crate::registry::{Registry, WriteOptions};
+use crate::registry::{DeleteOptions, Registry, WriteOptions};
 use crate::store;
 
 /// Largest object a single PUT (or one part) may carry: 5 GiB, as in AWS.
@@ -192,6 +192,8 @@ struct BucketInfo {
     record_key: String,
     /// The revision the record was read at (its mod revision).
     seen_revision: i64,
+    /// The record's UID, which DeleteBucket deletes only.
+    uid: Option<String>,
 }
 
 impl BucketInfo {
@@ -234,6 +236,17 @@ fn internal(e: impl std::fmt::Display) -> S3Error {
 
 /// Tries of a read-modify-write of an object's entry before giving up.
 const UPDATE_ATTEMPTS: usize = 8;
+
+/// `e` as a caller that may (`may_list`) or may not list the bucket sees it: without that
+/// right a missing key is AccessDenied, as in AWS, so that keys cannot be probed; other errors
+/// (a 503 to retry) stay as they are.
+fn hide_missing_key(e: S3Error, may_list: bool) -> S3Error {
+    if !may_list && e.code() == &S3ErrorCode::NoSuchKey {
+        access_denied()
+    } else {
+        e
+    }
+}
 
 fn index_error(e: IndexError) -> S3Error {
     match e {
@@ -834,11 +847,16 @@ impl KarriS3 {
             ));
         }
         let spec: BucketSpec = serde_json::from_value(value["spec"].clone()).map_err(internal)?;
+        let uid = value
+            .pointer("/metadata/uid")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
         Ok(BucketInfo {
             name: name.to_string(),
             spec,
             record_key: key,
             seen_revision,
+            uid,
         })
     }
 
@@ -1026,11 +1044,7 @@ impl KarriS3 {
         let meta = self.object(&src_bucket, key).await.map_err(|e| {
             // As for a GET: without read access to the source bucket, a missing key is
             // AccessDenied, so a copy cannot probe another account's private keys.
-            if permits(caller, Action::ListBucket, &src_bucket, None) {
-                e
-            } else {
-                access_denied()
-            }
+            hide_missing_key(e, permits(caller, Action::ListBucket, &src_bucket, None))
         })?;
         if !permits(caller, Action::ReadObject, &src_bucket, Some(meta.acl)) {
             return Err(access_denied());
@@ -1328,7 +1342,7 @@ impl S3 for KarriS3 {
             .mark_deleting(&bucket.name)
             .await
             .map_err(index_error)?;
-        let result = self.delete_empty_bucket(&bucket.name).await;
+        let result = self.delete_empty_bucket(&bucket).await;
         if let Err(e) = self.index.unmark_deleting(lease).await {
             tracing::warn!(error = %e, bucket = %bucket.name, "the deletion marker stays until its lease expires");
         }
@@ -1757,6 +1771,9 @@ impl S3 for KarriS3 {
                         });
                     }
                 }
+                // The bucket authorized is not the one there now: the whole request is answered
+                // 503, and the SDK's retry is authorized against the new record.
+                Err(e @ IndexError::BucketReplaced) => return Err(index_error(e)),
                 Err(e) => {
                     let e = index_error(e);
                     errors.push(Error {
@@ -2798,11 +2815,7 @@ impl KarriS3 {
     ) -> S3Result<Readable> {
         let meta = self.object(bucket, key).await.map_err(|e| {
             // Without read access to the bucket, a missing key is AccessDenied, as in AWS.
-            if permits(caller, Action::ListBucket, bucket, None) {
-                e
-            } else {
-                access_denied()
-            }
+            hide_missing_key(e, permits(caller, Action::ListBucket, bucket, None))
         })?;
         if !permits(caller, Action::ReadObject, bucket, Some(meta.acl)) {
             return Err(access_denied());
@@ -2873,7 +2886,10 @@ impl KarriS3 {
         }
     }
 
-    async fn delete_empty_bucket(&self, name: &str) -> S3Result<()> {
+    /// Deletes the bucket record the request was authorized against (by its UID: not one of
+    /// the same name made since), once it holds nothing.
+    async fn delete_empty_bucket(&self, bucket: &BucketInfo) -> S3Result<()> {
+        let name = bucket.name.as_str();
         if self.index.bucket_in_use(name).await.map_err(index_error)? {
             return Err(s3_error!(
                 BucketNotEmpty,
@@ -2893,7 +2909,10 @@ impl KarriS3 {
                 None,
                 name,
                 &Principal::Admin("s3".into()),
-                &Default::default(),
+                &DeleteOptions {
+                    uid: bucket.uid.clone(),
+                    ..Default::default()
+                },
             )
             .await
         {
@@ -2902,6 +2921,10 @@ impl KarriS3 {
                 NoSuchBucket,
                 "The specified bucket does not exist."
             )),
+            // The UID precondition failed: the record there now is another bucket of the name
+            // (the registry's own emptiness check cannot fail under the marker; if it did, the
+            // retry finds the bucket in use and answers BucketNotEmpty).
+            Err(e) if e.code == 409 => Err(index_error(IndexError::BucketReplaced)),
             Err(e) => Err(internal(e)),
         }
     }
@@ -3049,6 +3072,27 @@ impl KarriS3 {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_missing_key_is_hidden_from_callers_who_may_not_list() {
+        let rows = [
+            (no_such_key(), true, S3ErrorCode::NoSuchKey),
+            (no_such_key(), false, S3ErrorCode::AccessDenied),
+            (
+                index_error(IndexError::BucketReplaced),
+                false,
+                S3ErrorCode::ServiceUnavailable,
+            ),
+            (
+                index_error(IndexError::NoBucket),
+                false,
+                S3ErrorCode::NoSuchBucket,
+            ),
+        ];
+        for (e, may_list, code) in rows {
+            assert_eq!(hide_missing_key(e, may_list).code(), &code, "{may_list}");
+        }
+    }
 
     #[test]
     fn index_refusals_answer_with_the_s3_code_clients_act_on() {
