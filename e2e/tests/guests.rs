@@ -581,3 +581,57 @@ async fn a_forced_stop_destroys_the_domain_without_asking_the_guest_first() -> a
     until_state(&cloud, &id, "running", DEADLINE).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_whose_record_is_deleted_behind_the_agent_is_shut_down_before_its_domain_goes(
+) -> anyhow::Result<()> {
+    use kube::api::{Api, DeleteParams, Patch, PatchParams};
+    let cloud = GuestCloud::start("orphan").await?;
+    let id = run_micro(&cloud, &[]).await?;
+    until_instance_status(&cloud, &id, "ok").await?;
+    // An administrator removes the record outright: its finalizers dropped, then deleted, so
+    // that no reconcile of the agent takes leave of the guest; its domain is an orphan.
+    let api: Api<crds::Instance> =
+        Api::namespaced(cloud.client.clone(), karri_e2e::guests::ACCOUNT);
+    api.patch(
+        &id,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}})),
+    )
+    .await?;
+    api.delete(&id, &DeleteParams::default()).await?;
+    let domain = format!("karri-{id}");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let listed = cloud.host.virsh(["list", "--all", "--name"]).output()?;
+        if !String::from_utf8_lossy(&listed.stdout).contains(&domain) {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the orphan {domain} stayed");
+        tokio::time::sleep(POLL).await;
+    }
+    // The sweep pressed the power button, the guest obeyed, and its domain was removed
+    // without being forced off.
+    let log = std::fs::read_to_string(cloud.agent_log())?;
+    let lines = |what: &str| -> Vec<&str> {
+        log.lines()
+            .filter(|l| l.contains(what) && l.contains(&domain))
+            .collect()
+    };
+    ensure!(
+        !lines("asked the guest of a domain no instance on the node owns to shut down").is_empty(),
+        "the orphan's guest was not asked to shut down:\n{log}"
+    );
+    let removed = lines("removed a domain no instance on the node owns");
+    ensure!(
+        removed.len() == 1 && !removed[0].contains("Destroy"),
+        "the orphan was not removed once, without a forced stop: {removed:?}"
+    );
+    ensure!(
+        plans_for(&cloud, &domain)?
+            .iter()
+            .all(|l| !l.contains("Destroy")),
+        "the orphan's domain was forced off"
+    );
+    Ok(())
+}

@@ -847,13 +847,24 @@ impl<H: Hypervisor + 'static> Context<H> {
         };
         let held = held_ids(is_held_on);
         let live = held_ids(is_live_on);
-        for id in guests.instances_with_files() {
-            if held.contains(&id) {
-                continue;
+        // The domains there now: an orphan's guest still shutting down keeps its files until
+        // its domain is gone. Without the list, nothing is released this time.
+        let domains: Option<HashSet<String>> = match self.hypervisor.list_ours().await {
+            Ok(domains) => Some(domains.into_iter().map(|d| d.name).collect()),
+            Err(error) => {
+                tracing::warn!(%error, "cannot list domains; gone instances' files stay for now");
+                None
             }
-            let _lock = self.locks.lock(&domain_name(&id)).await;
-            if let Err(error) = guests.release(&id, None, |_| false).await {
-                tracing::warn!(%error, id, "cannot remove the files of a gone instance");
+        };
+        if let Some(domains) = &domains {
+            for id in guests.instances_with_files() {
+                if held.contains(&id) || domains.contains(&domain_name(&id)) {
+                    continue;
+                }
+                let _lock = self.locks.lock(&domain_name(&id)).await;
+                if let Err(error) = guests.release(&id, None, |_| false).await {
+                    tracing::warn!(%error, id, "cannot remove the files of a gone instance");
+                }
             }
         }
         {
@@ -892,9 +903,12 @@ impl<H: Hypervisor + 'static> Context<H> {
 
     /// Removes every domain of Karri's whose owner is no instance held on the node
     /// ([`is_held_on`]): a record terminated or deleted is left to its reconcile, which shuts
-    /// its guest down first. Call only once the instance store is ready. Returns how many were
-    /// removed.
-    async fn sweep(&self) -> Result<usize, Error> {
+    /// its guest down first. A running domain whose record is gone altogether (deleted without
+    /// the agent, or while it was down) takes its leave as a terminated one does: its guest is
+    /// asked to shut down and forced off after `--terminate-timeout-seconds`; then it is
+    /// removed. Call only once the instance store is ready. Returns how many were removed and
+    /// when to look again at the guests still shutting down (`None`: none is).
+    async fn sweep(&self) -> Result<(usize, Option<Duration>), Error> {
         let hv = &*self.hypervisor;
         let domains = hv.list_ours().await?;
         self.metrics.observe_domains(&domains);
@@ -906,7 +920,10 @@ impl<H: Hypervisor + 'static> Context<H> {
                 .shutdowns
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner);
-            shutdowns.retain(|uid, _| held.contains(uid));
+            // An orphan's clock runs while its domain does.
+            shutdowns.retain(|uid, _| {
+                held.contains(uid) || domains.iter().any(|d| d.uid == *uid && d.state.is_active())
+            });
             drop(shutdowns);
             let live = self.uids(is_live_on);
             self.rebooted
@@ -915,6 +932,7 @@ impl<H: Hypervisor + 'static> Context<H> {
                 .retain(|uid, _| live.contains(uid));
         }
         let mut removed = 0;
+        let mut look_again: Option<Duration> = None;
         // One orphan that cannot be removed (a QEMU stuck in the kernel) does not keep the
         // others: each is tried, and the first failure is returned after all of them.
         let mut failed = None;
@@ -933,12 +951,65 @@ impl<H: Hypervisor + 'static> Context<H> {
             if now.uid != orphan.uid || self.uids(is_held_on).contains(&now.uid) {
                 continue;
             }
+            // A defined domain still running first takes its leave; a transient one is
+            // destroyed (stopping it would only make it vanish the same way).
+            if now.defined && now.state.is_active() {
+                let leave = Desired {
+                    uid: now.uid.clone(),
+                    power: Power::Stopped,
+                    shutdown_timeout: self.settings.terminate_timeout,
+                    reboot: false,
+                };
+                let elapsed = self.shutdown_elapsed(&now.uid);
+                let actions = plan(Some(&leave), Some(&now.observed(elapsed)));
+                if let Err(error) = apply_plan(hv, &now.name, None, &actions).await {
+                    tracing::warn!(%error, domain = %now.name, "cannot stop an orphan");
+                    failed.get_or_insert(error);
+                    continue;
+                }
+                self.metrics.acted(&actions);
+                if actions.contains(&Action::Shutdown) {
+                    self.set_shutdown_clock(&now.uid, true);
+                    tracing::info!(
+                        domain = %now.name,
+                        uid = %now.uid,
+                        timeout = ?self.settings.terminate_timeout,
+                        "asked the guest of a domain no instance on the node owns to shut down"
+                    );
+                }
+                match hv.observe(&now.name).await {
+                    Ok(Some(after)) if after.uid == now.uid && after.state.is_active() => {
+                        let waited = self.shutdown_elapsed(&now.uid).unwrap_or_default();
+                        let next = self
+                            .settings
+                            .terminate_timeout
+                            .saturating_sub(waited)
+                            .clamp(Duration::from_millis(50), SHUTDOWN_POLL);
+                        look_again = Some(look_again.map_or(next, |l| l.min(next)));
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        failed.get_or_insert(error);
+                        continue;
+                    }
+                }
+            }
+            let now = match hv.observe(&now.name).await {
+                Ok(Some(after)) if after.uid == now.uid => after,
+                Ok(_) => continue,
+                Err(error) => {
+                    failed.get_or_insert(error);
+                    continue;
+                }
+            };
             let actions = plan(None, Some(&now.observed(None)));
             if let Err(error) = apply_plan(hv, &now.name, None, &actions).await {
                 tracing::warn!(%error, domain = %now.name, "cannot remove an orphan");
                 failed.get_or_insert(error);
                 continue;
             }
+            self.set_shutdown_clock(&now.uid, false);
             self.metrics.acted(&actions);
             self.metrics.orphans_removed.inc();
             removed += 1;
@@ -961,16 +1032,22 @@ impl<H: Hypervisor + 'static> Context<H> {
         );
         match failed {
             Some(error) => Err(error.into()),
-            None => Ok(removed),
+            None => Ok((removed, look_again)),
         }
     }
 
-    async fn sweep_logged(&self) {
-        if let Err(error) = self.sweep().await {
-            self.metrics.failed(error.metric_label());
-            tracing::warn!(%error, "the orphan sweep failed; trying again later");
-        }
+    /// Sweeps; returns when to sweep again for the orphans still shutting down.
+    async fn sweep_logged(&self) -> Option<Duration> {
+        let look_again = match self.sweep().await {
+            Ok((_, look_again)) => look_again,
+            Err(error) => {
+                self.metrics.failed(error.metric_label());
+                tracing::warn!(%error, "the orphan sweep failed; trying again later");
+                None
+            }
+        };
         self.sweep_guests().await;
+        look_again
     }
 }
 
@@ -1079,16 +1156,27 @@ async fn housekeeping<H: Hypervisor + 'static>(
     // The first tick completes at once.
     let mut resync = tokio::time::interval(ctx.settings.resync);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // When an orphan's guest still shutting down is to be looked at again.
+    let mut look_again: Option<tokio::time::Instant> = None;
     loop {
-        tokio::select! {
+        let due = async {
+            match look_again {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let next = tokio::select! {
             _ = resync.tick() => {
-                ctx.sweep_logged().await;
+                let next = ctx.sweep_logged().await;
                 if let Err(error) = node::ensure(&nodes, &facts).await {
                     tracing::warn!(%error, "could not re-assert the Node record");
                 }
+                next
             }
             () = sweep_now.notified() => ctx.sweep_logged().await,
-        }
+            () = due => ctx.sweep_logged().await,
+        };
+        look_again = next.map(|d| tokio::time::Instant::now() + d);
     }
 }
 
@@ -1291,16 +1379,14 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn an_orphan_that_cannot_be_destroyed_does_not_keep_the_others() {
-        use crate::hypervisor::FakeHypervisor;
-        let hv = Arc::new(FakeHypervisor::new("n1"));
+    /// Defines and starts a domain of Karri's for each of `ids` on `hv`; returns their names.
+    async fn running_domains(hv: &crate::hypervisor::FakeHypervisor, ids: &[&str]) -> Vec<String> {
         let mut names = Vec::new();
-        for (n, id) in ["i-1", "i-2", "i-3"].into_iter().enumerate() {
+        for (n, id) in ids.iter().enumerate() {
             let xml = domain::render(&DomainSpec {
                 name: domain_name(id),
                 uid: format!("00000000-0000-4000-8000-00000000000{n}"),
-                instance_id: id.into(),
+                instance_id: (*id).into(),
                 namespace: "ns".into(),
                 node: "n1".into(),
                 instance_type: "m1.small".into(),
@@ -1317,22 +1403,29 @@ mod tests {
             hv.start(&domain_name(id)).await.expect("started");
             names.push(domain_name(id));
         }
-        // The first in the sweep's order is stuck.
-        hv.set_stuck(&names[0], true);
+        names
+    }
+
+    /// An agent context on node `n1` of `hv` with no instance records at all, so that every
+    /// domain is an orphan; `terminate_timeout` for their leave.
+    fn orphan_context(
+        hv: Arc<crate::hypervisor::FakeHypervisor>,
+        terminate_timeout: Duration,
+    ) -> Context<crate::hypervisor::FakeHypervisor> {
         let client = Client::try_from(kube::Config::new(
             "http://127.0.0.1:9".parse().expect("a URL"),
         ))
         .expect("a client");
         let (instances, _writer) = reflector::store::<Instance>();
         let (types, _types_writer) = reflector::store::<InstanceType>();
-        let ctx = Context {
+        Context {
             client,
-            hypervisor: hv.clone(),
+            hypervisor: hv,
             settings: Settings {
                 node: "n1".into(),
                 lease_duration: Duration::from_secs(40),
                 shutdown_timeout: TIMEOUT,
-                terminate_timeout: TIMEOUT,
+                terminate_timeout,
                 resync: Duration::from_secs(30),
                 domain_type: DomainType::Qemu,
             },
@@ -1345,15 +1438,87 @@ mod tests {
             guests: None,
             consoles: Mutex::new(HashMap::new()),
             rebooted: Mutex::new(HashMap::new()),
-        };
+        }
+    }
+
+    #[tokio::test]
+    async fn an_orphan_that_cannot_be_destroyed_does_not_keep_the_others() {
+        use crate::hypervisor::FakeHypervisor;
+        let hv = Arc::new(FakeHypervisor::new("n1"));
+        let names = running_domains(&hv, &["i-1", "i-2", "i-3"]).await;
+        // The first in the sweep's order is stuck; no time for a shutdown: forced off at once.
+        hv.set_stuck(&names[0], true);
+        let ctx = orphan_context(hv.clone(), Duration::ZERO);
         assert!(ctx.sweep().await.is_err(), "the stuck orphan is reported");
         assert!(hv.peek(&names[0]).is_some(), "the stuck orphan stays");
         for name in &names[1..] {
             assert!(hv.peek(name).is_none(), "{name} was kept by the stuck one");
         }
         hv.set_stuck(&names[0], false);
-        assert_eq!(ctx.sweep().await.expect("swept"), 1);
+        assert_eq!(ctx.sweep().await.expect("swept"), (1, None));
         assert!(hv.peek(&names[0]).is_none());
+    }
+
+    #[tokio::test]
+    async fn an_orphan_guest_is_asked_to_shut_down_before_its_domain_is_removed() {
+        use crate::hypervisor::FakeHypervisor;
+        let hv = Arc::new(FakeHypervisor::new("n1"));
+        let names = running_domains(&hv, &["i-1"]).await;
+        hv.take_calls();
+        let ctx = orphan_context(hv.clone(), TIMEOUT);
+        // The guest obeys the power button: its domain is then removed, never forced off.
+        assert_eq!(ctx.sweep().await.expect("swept"), (1, None));
+        assert_eq!(
+            hv.take_calls(),
+            [
+                (Action::Shutdown, names[0].clone()),
+                (Action::Undefine, names[0].clone())
+            ]
+        );
+        assert!(hv.peek(&names[0]).is_none());
+    }
+
+    #[tokio::test]
+    async fn an_orphan_guest_that_ignores_the_power_button_is_forced_off_after_the_timeout() {
+        use crate::hypervisor::FakeHypervisor;
+        let hv = Arc::new(FakeHypervisor::new("n1"));
+        let names = running_domains(&hv, &["i-1"]).await;
+        hv.set_guests_ignore_shutdown(true);
+        hv.take_calls();
+        let ctx = orphan_context(hv.clone(), TIMEOUT);
+        let (removed, look_again) = ctx.sweep().await.expect("swept");
+        assert_eq!(removed, 0, "the guest has time to shut down");
+        assert_eq!(
+            look_again,
+            Some(SHUTDOWN_POLL),
+            "the sweep comes back to it"
+        );
+        assert_eq!(hv.take_calls(), [(Action::Shutdown, names[0].clone())]);
+        // Within the timeout, a sweep only waits.
+        let (removed, _) = ctx.sweep().await.expect("swept");
+        assert_eq!(removed, 0);
+        assert!(hv.take_calls().is_empty(), "the button is pressed once");
+        // Once the guest had its time (its clock set back rather than waited for), it is
+        // forced off and removed.
+        ctx.shutdowns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values_mut()
+            .for_each(|at| *at -= TIMEOUT);
+        assert_eq!(ctx.sweep().await.expect("swept"), (1, None));
+        assert_eq!(
+            hv.take_calls(),
+            [
+                (Action::Destroy, names[0].clone()),
+                (Action::Undefine, names[0].clone())
+            ]
+        );
+        assert!(hv.peek(&names[0]).is_none());
+        assert!(ctx
+            .shutdowns
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty());
     }
 
     #[test]
