@@ -387,6 +387,16 @@ fn instance_id(instance: &Instance) -> Result<&str, Error> {
         .ok_or(Error::Incomplete("instance ID label"))
 }
 
+/// What an orphan sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Swept {
+    /// Domains removed.
+    removed: usize,
+    /// When to look again at the orphans whose guests are still shutting down (`None`: none
+    /// is).
+    look_again: Option<Duration>,
+}
+
 impl<H: Hypervisor + 'static> Context<H> {
     fn shutdown_elapsed(&self, uid: &str) -> Option<Duration> {
         let shutdowns = self
@@ -862,6 +872,13 @@ impl<H: Hypervisor + 'static> Context<H> {
                     continue;
                 }
                 let _lock = self.locks.lock(&domain_name(&id)).await;
+                // Look again under the lock: a record that arrived since, and whose reconcile
+                // made these files, holds them now, or has defined its domain.
+                if held_ids(is_held_on).contains(&id)
+                    || !matches!(self.hypervisor.observe(&domain_name(&id)).await, Ok(None))
+                {
+                    continue;
+                }
                 if let Err(error) = guests.release(&id, None, |_| false).await {
                     tracing::warn!(%error, id, "cannot remove the files of a gone instance");
                 }
@@ -906,11 +923,14 @@ impl<H: Hypervisor + 'static> Context<H> {
     /// its guest down first. A running domain whose record is gone altogether (deleted without
     /// the agent, or while it was down) takes its leave as a terminated one does: its guest is
     /// asked to shut down and forced off after `--terminate-timeout-seconds`; then it is
-    /// removed. Call only once the instance store is ready. Returns how many were removed and
-    /// when to look again at the guests still shutting down (`None`: none is).
-    async fn sweep(&self) -> Result<(usize, Option<Duration>), Error> {
+    /// removed. Call only once the instance store is ready. Returns what it did, and the first
+    /// failure (after trying every orphan).
+    async fn sweep(&self) -> (Swept, Result<(), Error>) {
         let hv = &*self.hypervisor;
-        let domains = hv.list_ours().await?;
+        let domains = match hv.list_ours().await {
+            Ok(domains) => domains,
+            Err(error) => return (Swept::default(), Err(error.into())),
+        };
         self.metrics.observe_domains(&domains);
         // Read after listing: a domain is defined only after its record is in the store, so
         // every listed domain of a held record finds it here.
@@ -1022,7 +1042,12 @@ impl<H: Hypervisor + 'static> Context<H> {
             );
         }
         if removed > 0 {
-            self.metrics.observe_domains(&hv.list_ours().await?);
+            match hv.list_ours().await {
+                Ok(now) => self.metrics.observe_domains(&now),
+                Err(error) => {
+                    failed.get_or_insert(error);
+                }
+            }
         }
         tracing::debug!(
             domains = domains.len(),
@@ -1030,24 +1055,26 @@ impl<H: Hypervisor + 'static> Context<H> {
             removed,
             "swept orphans"
         );
+        let swept = Swept {
+            removed,
+            look_again,
+        };
         match failed {
-            Some(error) => Err(error.into()),
-            None => Ok((removed, look_again)),
+            Some(error) => (swept, Err(error.into())),
+            None => (swept, Ok(())),
         }
     }
 
-    /// Sweeps; returns when to sweep again for the orphans still shutting down.
+    /// Sweeps; returns when to sweep again for the orphans still shutting down (also after a
+    /// failure: one orphan that cannot be removed does not delay the others' leave).
     async fn sweep_logged(&self) -> Option<Duration> {
-        let look_again = match self.sweep().await {
-            Ok((_, look_again)) => look_again,
-            Err(error) => {
-                self.metrics.failed(error.metric_label());
-                tracing::warn!(%error, "the orphan sweep failed; trying again later");
-                None
-            }
-        };
+        let (swept, result) = self.sweep().await;
+        if let Err(error) = result {
+            self.metrics.failed(error.metric_label());
+            tracing::warn!(%error, "the orphan sweep failed; trying again later");
+        }
         self.sweep_guests().await;
-        look_again
+        swept.look_again
     }
 }
 
@@ -1441,6 +1468,13 @@ mod tests {
         }
     }
 
+    /// A sweep that must succeed: (removed, look again).
+    async fn swept(ctx: &Context<crate::hypervisor::FakeHypervisor>) -> (usize, Option<Duration>) {
+        let (swept, result) = ctx.sweep().await;
+        result.expect("swept");
+        (swept.removed, swept.look_again)
+    }
+
     #[tokio::test]
     async fn an_orphan_that_cannot_be_destroyed_does_not_keep_the_others() {
         use crate::hypervisor::FakeHypervisor;
@@ -1449,14 +1483,35 @@ mod tests {
         // The first in the sweep's order is stuck; no time for a shutdown: forced off at once.
         hv.set_stuck(&names[0], true);
         let ctx = orphan_context(hv.clone(), Duration::ZERO);
-        assert!(ctx.sweep().await.is_err(), "the stuck orphan is reported");
+        assert!(ctx.sweep().await.1.is_err(), "the stuck orphan is reported");
         assert!(hv.peek(&names[0]).is_some(), "the stuck orphan stays");
         for name in &names[1..] {
             assert!(hv.peek(name).is_none(), "{name} was kept by the stuck one");
         }
         hv.set_stuck(&names[0], false);
-        assert_eq!(ctx.sweep().await.expect("swept"), (1, None));
+        assert_eq!(swept(&ctx).await, (1, None));
         assert!(hv.peek(&names[0]).is_none());
+    }
+
+    #[tokio::test]
+    async fn an_orphan_that_cannot_be_removed_does_not_delay_the_leave_of_the_others() {
+        use crate::hypervisor::FakeHypervisor;
+        let hv = Arc::new(FakeHypervisor::new("n1"));
+        let names = running_domains(&hv, &["i-1", "i-2"]).await;
+        // The first is paused (forced off at once) and cannot be; the second's guest takes its
+        // time.
+        hv.set_state(&names[0], DomainState::Paused);
+        hv.set_stuck(&names[0], true);
+        hv.set_guests_ignore_shutdown(true);
+        let ctx = orphan_context(hv.clone(), TIMEOUT);
+        let (swept, result) = ctx.sweep().await;
+        assert!(result.is_err(), "the stuck orphan is reported");
+        assert_eq!(
+            swept.look_again,
+            Some(SHUTDOWN_POLL),
+            "the sweep still comes back to the guest shutting down"
+        );
+        assert!(hv.peek(&names[1]).is_some());
     }
 
     #[tokio::test]
@@ -1467,7 +1522,7 @@ mod tests {
         hv.take_calls();
         let ctx = orphan_context(hv.clone(), TIMEOUT);
         // The guest obeys the power button: its domain is then removed, never forced off.
-        assert_eq!(ctx.sweep().await.expect("swept"), (1, None));
+        assert_eq!(swept(&ctx).await, (1, None));
         assert_eq!(
             hv.take_calls(),
             [
@@ -1486,7 +1541,7 @@ mod tests {
         hv.set_guests_ignore_shutdown(true);
         hv.take_calls();
         let ctx = orphan_context(hv.clone(), TIMEOUT);
-        let (removed, look_again) = ctx.sweep().await.expect("swept");
+        let (removed, look_again) = swept(&ctx).await;
         assert_eq!(removed, 0, "the guest has time to shut down");
         assert_eq!(
             look_again,
@@ -1495,7 +1550,7 @@ mod tests {
         );
         assert_eq!(hv.take_calls(), [(Action::Shutdown, names[0].clone())]);
         // Within the timeout, a sweep only waits.
-        let (removed, _) = ctx.sweep().await.expect("swept");
+        let (removed, _) = swept(&ctx).await;
         assert_eq!(removed, 0);
         assert!(hv.take_calls().is_empty(), "the button is pressed once");
         // Once the guest had its time (its clock set back rather than waited for), it is
@@ -1505,7 +1560,7 @@ mod tests {
             .unwrap_or_else(PoisonError::into_inner)
             .values_mut()
             .for_each(|at| *at -= TIMEOUT);
-        assert_eq!(ctx.sweep().await.expect("swept"), (1, None));
+        assert_eq!(swept(&ctx).await, (1, None));
         assert_eq!(
             hv.take_calls(),
             [
