@@ -90,6 +90,11 @@ struct Args {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 3 * 1024 * 1024)]
     max_body_bytes: usize,
+    /// Most etcd lookups a second of access key IDs that the watch cache does not know
+    /// (twice that at once); past it such requests are answered 503 without a lookup. Keys the
+    /// cache knows are never limited.
+    #[arg(long, default_value_t = api_gateway::aws::lookups::DEFAULT_LOOKUPS_PER_SECOND, env = "KARRI_UNKNOWN_KEY_LOOKUPS_PER_SECOND")]
+    unknown_key_lookups_per_second: u32,
     /// Most client connections open at once (over all listeners); a connection past it is
     /// closed on arrival. Lowered to half the open-file limit if that is smaller. With
     /// --aws-listen, a quarter of it is kept for --listen (node agents, the operator, kubectl)
@@ -228,6 +233,9 @@ async fn main() -> anyhow::Result<()> {
         metrics.clone(),
         Some(sealer),
     );
+    registry
+        .key_lookups
+        .set_rate(args.unknown_key_lookups_per_second);
     let blobs: Option<Arc<dyn api_gateway::s3::blob::BlobStore>> = match (
         &args.s3_backend_url,
         &args.s3_data_dir,

@@ -45,6 +45,9 @@ pub struct Metrics {
     pub connections: Gauge,
     /// Client connections closed on arrival because the cap was reached.
     pub connections_refused: Counter,
+    /// Requests with an access key ID the cache did not know, answered 503 without an etcd
+    /// lookup because the lookup budget was spent.
+    pub key_lookups_refused: Counter,
 }
 
 impl Metrics {
@@ -64,6 +67,12 @@ impl Metrics {
         let s3_swept = Counter::default();
         let connections = Gauge::default();
         let connections_refused = Counter::default();
+        let key_lookups_refused = Counter::default();
+        registry.register(
+            "unknown_key_lookups_refused",
+            "Requests with an access key ID unknown to the cache answered 503 because the etcd lookup budget was spent",
+            key_lookups_refused.clone(),
+        );
         registry.register(
             "connections",
             "Client connections open",
@@ -124,6 +133,7 @@ impl Metrics {
             s3_swept,
             connections,
             connections_refused,
+            key_lookups_refused,
         }
     }
 

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use crate::admission::{self, FieldValidation, NewRecord, Subresource};
 use crate::auth::{self, Principal};
 use crate::aws::credentials::{self, Sealer};
+use crate::aws::lookups::{KeyLookups, DEFAULT_LOOKUPS_PER_SECOND};
 use crate::cache::{set_resource_version, CacheEvent, CachedObject, WatchCache};
 use crate::error::{ApiError, ApiResult};
 use crate::kinds::{Kind, Kinds};
@@ -148,6 +149,8 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     bookmark_interval: Duration,
     sealer: Option<Arc<Sealer>>,
+    /// The budget of etcd lookups of access key IDs the cache does not know.
+    pub key_lookups: KeyLookups,
 }
 
 fn now() -> String {
@@ -257,9 +260,15 @@ impl Registry {
             metrics,
             bookmark_interval: Duration::from_secs(5),
             sealer,
+            key_lookups: KeyLookups::new(DEFAULT_LOOKUPS_PER_SECOND),
         });
         tokio::spawn(registry.clone().collect_garbage());
         registry
+    }
+
+    /// Counts a request refused because the budget of unknown-key lookups was spent.
+    pub fn count_refused_key_lookup(&self) {
+        self.metrics.key_lookups_refused.inc();
     }
 
     /// The etcd client, for the S3 object index (which lives beside the records).

@@ -334,6 +334,12 @@ async fn find_access_key(registry: &Registry, id: &str) -> crate::error::ApiResu
     if let Some(found) = cached {
         return Ok(Some(found.value.clone()));
     }
+    if !registry.key_lookups.take() {
+        registry.count_refused_key_lookup();
+        return Err(crate::error::ApiError::unavailable(
+            "too many requests with unknown access keys",
+        ));
+    }
     registry
         .find_by_index(&crate::admission::access_key_key(id))
         .await
