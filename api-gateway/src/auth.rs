@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -108,17 +109,19 @@ struct TokenEntry {
     namespace: Option<String>,
 }
 
-/// The known bearer tokens.
+/// The known bearer tokens. Clones share one table, which [`Authenticator::replace_with`]
+/// swaps as a whole (a tokens file read again).
 #[derive(Clone, Default)]
 pub struct Authenticator {
-    tokens: HashMap<String, Principal>,
+    tokens: Arc<RwLock<Arc<HashMap<String, Principal>>>>,
 }
 
 impl std::fmt::Debug for Authenticator {
     /// The principals only: a token in a log is a credential given away.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let tokens = self.table();
         f.debug_struct("Authenticator")
-            .field("principals", &self.tokens.values().collect::<Vec<_>>())
+            .field("principals", &tokens.values().collect::<Vec<_>>())
             .finish()
     }
 }
@@ -160,7 +163,27 @@ impl Authenticator {
                 )));
             }
         }
-        Ok(Self { tokens })
+        Ok(Self {
+            tokens: Arc::new(RwLock::new(Arc::new(tokens))),
+        })
+    }
+
+    /// The table now.
+    fn table(&self) -> Arc<HashMap<String, Principal>> {
+        self.tokens
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Makes `other`'s tokens the only ones this authenticator (and every clone of it) knows,
+    /// at once: a request sees the old table or the new one, never a mix. Returns how many
+    /// tokens it knows now.
+    pub fn replace_with(&self, other: &Authenticator) -> usize {
+        let table = other.table();
+        let n = table.len();
+        *self.tokens.write().unwrap_or_else(PoisonError::into_inner) = table;
+        n
     }
 
     /// Read and parse a tokens file.
@@ -175,7 +198,7 @@ impl Authenticator {
     /// The principal of an `Authorization` header value, if the token is known.
     pub fn authenticate(&self, authorization: Option<&str>) -> Option<Principal> {
         let token = authorization?.strip_prefix("Bearer ")?.trim();
-        self.tokens.get(token).cloned()
+        self.table().get(token).cloned()
     }
 }
 
@@ -548,6 +571,24 @@ mod tests {
         let twice = "tokens:\n- token: aaaaaaaaaaaaaaaaaaaa\n  user: admin\n  role: admin\n- token: aaaaaaaaaaaaaaaaaaaa\n  user: n1\n  role: node\n  node: node-1\n";
         let err = Authenticator::from_yaml(twice, "t.yaml").expect_err("a repeated token");
         assert!(err.to_string().contains("token 1 repeats"), "{err}");
+    }
+
+    #[test]
+    fn replacing_the_tokens_changes_every_clone_at_once() {
+        let first = "tokens:\n- token: aaaaaaaaaaaaaaaaaaaa\n  user: admin\n  role: admin\n";
+        let second = "tokens:\n- token: cccccccccccccccccccc\n  user: root\n  role: admin\n- token: dddddddddddddddddddd\n  user: o\n  role: operator\n";
+        let a = Authenticator::from_yaml(first, "t.yaml").expect("valid file");
+        let served = a.clone();
+        let read = Authenticator::from_yaml(second, "t.yaml").expect("valid file");
+        assert_eq!(a.replace_with(&read), 2);
+        assert_eq!(
+            served.authenticate(Some("Bearer aaaaaaaaaaaaaaaaaaaa")),
+            None
+        );
+        assert_eq!(
+            served.authenticate(Some("Bearer cccccccccccccccccccc")),
+            Some(Principal::Admin("root".into()))
+        );
     }
 
     #[test]

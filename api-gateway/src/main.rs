@@ -184,6 +184,31 @@ fn warn_if_readable_by_others(path: &std::path::Path) {
     }
 }
 
+/// Reads the tokens file again on each SIGHUP (`kill -HUP`), so that tokens can be added,
+/// rotated and revoked without a restart. A file that does not parse changes nothing: the
+/// tokens known before stay, and the error is logged.
+fn reload_tokens_on_hangup(auth: Authenticator, path: std::path::PathBuf) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = signal(SignalKind::hangup()).context("listening for SIGHUP")?;
+    tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match Authenticator::from_file(&path) {
+                Ok(read) => {
+                    let tokens = auth.replace_with(&read);
+                    warn_if_readable_by_others(&path);
+                    tracing::info!(path = %path.display(), tokens, "tokens file read again");
+                }
+                Err(error) => tracing::error!(
+                    path = %path.display(),
+                    %error,
+                    "the tokens file does not parse; the tokens known before stay"
+                ),
+            }
+        }
+    });
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -199,6 +224,7 @@ async fn main() -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("a TLS crypto provider was already installed"))?;
     let auth = Authenticator::from_file(&args.tokens_file)?;
     warn_if_readable_by_others(&args.tokens_file);
+    reload_tokens_on_hangup(auth.clone(), args.tokens_file.clone())?;
     let etcd_config = EtcdConfig {
         endpoints: args.etcd_endpoints.clone(),
         ca_file: args.etcd_ca,

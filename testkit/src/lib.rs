@@ -437,6 +437,15 @@ impl Gateway {
         .await
     }
 
+    /// Sends the gateway SIGHUP (`kill -HUP`), which makes it read its tokens file again.
+    pub fn hang_up(&self) -> anyhow::Result<()> {
+        let child = self.child.as_ref().context("the gateway is not running")?;
+        let pid = child.id().to_string();
+        let sent = Command::new("kill").args(["-HUP", &pid]).status()?;
+        anyhow::ensure!(sent.success(), "kill -HUP {pid} failed");
+        Ok(())
+    }
+
     /// The directory of the gateway's S3 blobs (`--s3-data-dir`).
     pub fn s3_data_dir(&self) -> PathBuf {
         s3_dir(&self.tokens_path)
