@@ -586,21 +586,33 @@ async fn a_forced_stop_destroys_the_domain_without_asking_the_guest_first() -> a
 async fn a_guest_whose_record_is_deleted_behind_the_agent_is_shut_down_before_its_domain_goes(
 ) -> anyhow::Result<()> {
     use kube::api::{Api, DeleteParams, Patch, PatchParams};
-    let cloud = GuestCloud::start("orphan").await?;
+    let mut cloud = GuestCloud::start("orphan").await?;
     let id = run_micro(&cloud, &[]).await?;
     until_instance_status(&cloud, &id, "ok").await?;
-    // An administrator removes the record outright: its finalizers dropped, then deleted, so
-    // that no reconcile of the agent takes leave of the guest; its domain is an orphan.
+    // While the agent is down, an administrator removes the record outright (deleted, then its
+    // finalizers dropped), so that no reconcile of the agent ever takes leave of the guest:
+    // when the agent is back, its domain is an orphan.
+    cloud.agent.kill();
     let api: Api<crds::Instance> =
         Api::namespaced(cloud.client.clone(), karri_e2e::guests::ACCOUNT);
+    api.delete(&id, &DeleteParams::default()).await?;
     api.patch(
         &id,
         &PatchParams::default(),
         &Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}})),
     )
     .await?;
-    api.delete(&id, &DeleteParams::default()).await?;
+    ensure!(
+        api.get_opt(&id).await?.is_none(),
+        "the record of {id} is still there"
+    );
     let domain = format!("karri-{id}");
+    let listed = cloud.host.virsh(["list", "--name"]).output()?;
+    ensure!(
+        String::from_utf8_lossy(&listed.stdout).contains(&domain),
+        "the guest of {domain} stopped with the agent"
+    );
+    cloud.agent.restart()?;
     let deadline = Instant::now() + DEADLINE;
     loop {
         let listed = cloud.host.virsh(["list", "--all", "--name"]).output()?;
@@ -630,8 +642,8 @@ async fn a_guest_whose_record_is_deleted_behind_the_agent_is_shut_down_before_it
     ensure!(
         plans_for(&cloud, &domain)?
             .iter()
-            .all(|l| !l.contains("Destroy")),
-        "the orphan's domain was forced off"
+            .all(|l| !l.contains("Destroy") && !l.contains("Shutdown")),
+        "a reconcile of the deleted record acted on the orphan"
     );
     Ok(())
 }
