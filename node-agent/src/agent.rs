@@ -959,7 +959,7 @@ impl<H: Hypervisor + 'static> Context<H> {
         for orphan in domains.iter().filter(|d| !held.contains(&d.uid)) {
             let _lock = self.locks.lock(&orphan.name).await;
             // Look again under the lock: a reconcile may have replaced it meanwhile.
-            let now = match hv.observe(&orphan.name).await {
+            let mut now = match hv.observe(&orphan.name).await {
                 Ok(Some(now)) => now,
                 Ok(None) => continue,
                 Err(error) => {
@@ -997,7 +997,7 @@ impl<H: Hypervisor + 'static> Context<H> {
                         "asked the guest of a domain no instance on the node owns to shut down"
                     );
                 }
-                match hv.observe(&now.name).await {
+                now = match hv.observe(&now.name).await {
                     Ok(Some(after)) if after.uid == now.uid && after.state.is_active() => {
                         let waited = self.shutdown_elapsed(&now.uid).unwrap_or_default();
                         let next = self
@@ -1008,21 +1008,15 @@ impl<H: Hypervisor + 'static> Context<H> {
                         look_again = Some(look_again.map_or(next, |l| l.min(next)));
                         continue;
                     }
-                    Ok(_) => {}
+                    // Off now (the guest obeyed, or was forced off): removed below.
+                    Ok(Some(after)) if after.uid == now.uid => after,
+                    Ok(_) => continue,
                     Err(error) => {
                         failed.get_or_insert(error);
                         continue;
                     }
-                }
+                };
             }
-            let now = match hv.observe(&now.name).await {
-                Ok(Some(after)) if after.uid == now.uid => after,
-                Ok(_) => continue,
-                Err(error) => {
-                    failed.get_or_insert(error);
-                    continue;
-                }
-            };
             let actions = plan(None, Some(&now.observed(None)));
             if let Err(error) = apply_plan(hv, &now.name, None, &actions).await {
                 tracing::warn!(%error, domain = %now.name, "cannot remove an orphan");
