@@ -1,7 +1,9 @@
 //! Server-side apply (`application/apply-patch+yaml`): field ownership per manager in
 //! `metadata.managedFields`, conflicts between appliers, removal of fields a manager stopped
-//! applying. Lists are atomic, but for `metadata.finalizers`, a set whose every item has its own
-//! owner (as in Kubernetes: an applier that drops its finalizer leaves the operator's). Pure.
+//! applying. Lists are atomic, but for two lists whose items have owners of their own, as in
+//! Kubernetes: `metadata.finalizers`, a set (an applier that drops its finalizer leaves the
+//! operator's), and `metadata.ownerReferences`, a map keyed by `uid` (an applier that drops its
+//! owner leaves the others'; `k:{"uid":…}` in `fieldsV1`). Pure.
 
 use std::collections::BTreeSet;
 
@@ -43,7 +45,20 @@ pub fn field_set(applied: &Value) -> BTreeSet<Path> {
                             }
                         }
                         "ownerReferences" => {
-                            out.insert(vec!["metadata".into(), mk.clone()]);
+                            let items = mv.as_array().map(Vec::as_slice).unwrap_or_default();
+                            let keyed: Option<Vec<String>> = items.iter().map(uid_item).collect();
+                            match keyed {
+                                Some(keys) if !keys.is_empty() => {
+                                    for key in keys {
+                                        out.insert(vec!["metadata".into(), mk.clone(), key]);
+                                    }
+                                }
+                                // Items without a uid (admission refuses them) or an empty
+                                // list: owned whole.
+                                _ => {
+                                    out.insert(vec!["metadata".into(), mk.clone()]);
+                                }
+                            }
                         }
                         _ => {}
                     }
@@ -61,6 +76,13 @@ fn set_item(item: &Value) -> String {
     format!("v:{item}")
 }
 
+/// The path segment of an item of a list keyed by `uid`, `k:{"uid":"…"}` (its `fieldsV1` key,
+/// as in Kubernetes); `None` for an item without a string `uid`.
+fn uid_item(item: &Value) -> Option<String> {
+    let uid = item.get("uid")?.as_str()?;
+    Some(format!("k:{}", json!({ "uid": uid })))
+}
+
 /// The item a `v:` path segment names.
 fn item_of(segment: &str) -> Option<Value> {
     segment
@@ -68,11 +90,60 @@ fn item_of(segment: &str) -> Option<Value> {
         .and_then(|json| serde_json::from_str(json).ok())
 }
 
-/// Makes sure the set list at `path`'s parent holds the item `path` ends with.
-fn add_item(v: &mut Value, path: &[String]) {
+/// The key fields a `k:` path segment names (`{"uid": "…"}`).
+fn key_of(segment: &str) -> Option<Map<String, Value>> {
+    segment
+        .strip_prefix("k:")
+        .and_then(|json| serde_json::from_str(json).ok())
+}
+
+/// Whether a list item has every key field of `key`.
+fn has_key(item: &Value, key: &Map<String, Value>) -> bool {
+    key.iter().all(|(k, v)| item.get(k) == Some(v))
+}
+
+/// The child of `v` that a path segment names: a field of a map, or the item of a keyed list.
+fn child<'a>(v: &'a Value, segment: &str) -> Option<&'a Value> {
+    match (v, key_of(segment)) {
+        (Value::Array(items), Some(key)) => items.iter().find(|i| has_key(i, &key)),
+        _ => v.get(segment),
+    }
+}
+
+/// [`child`], mutable.
+fn child_mut<'a>(v: &'a mut Value, segment: &str) -> Option<&'a mut Value> {
+    match key_of(segment) {
+        Some(key) if v.is_array() => v
+            .as_array_mut()
+            .and_then(|items| items.iter_mut().find(|i| has_key(i, &key))),
+        _ => v.get_mut(segment),
+    }
+}
+
+/// Makes sure the list at `path`'s parent holds the item `path` ends with: for a set, that
+/// item; for a keyed list, `applied`'s item with that key, in place of the one there.
+fn add_item(v: &mut Value, path: &[String], applied: &Value) {
     let Some((last, parent)) = path.split_last() else {
         return;
     };
+    if key_of(last).is_some() {
+        let Some(item) = get(applied, path).cloned() else {
+            return;
+        };
+        match get_mut(v, parent) {
+            Some(Value::Array(items)) => {
+                match items
+                    .iter_mut()
+                    .find(|i| uid_item(i).as_ref() == Some(last))
+                {
+                    Some(there) => *there = item,
+                    None => items.push(item),
+                }
+            }
+            _ => set(v, parent, Value::Array(vec![item])),
+        }
+        return;
+    }
     let Some(item) = item_of(last) else { return };
     match get_mut(v, parent) {
         Some(Value::Array(items)) => {
@@ -84,19 +155,25 @@ fn add_item(v: &mut Value, path: &[String]) {
     }
 }
 
-/// Takes the item `path` ends with out of the set list at its parent.
+/// Takes the item `path` ends with out of the list at its parent.
 fn remove_item(v: &mut Value, path: &[String]) {
     let Some((last, parent)) = path.split_last() else {
         return;
     };
-    let Some(item) = item_of(last) else { return };
-    if let Some(Value::Array(items)) = get_mut(v, parent) {
+    let Some(Value::Array(items)) = get_mut(v, parent) else {
+        return;
+    };
+    if let Some(key) = key_of(last) {
+        items.retain(|i| !has_key(i, &key));
+    } else if let Some(item) = item_of(last) {
         items.retain(|i| i != &item);
     }
 }
 
+/// Whether `path` names an item of a set (`v:`) or keyed list (`k:`).
 fn is_item(path: &[String]) -> bool {
-    path.last().is_some_and(|s| s.starts_with("v:"))
+    path.last()
+        .is_some_and(|s| s.starts_with("v:") || s.starts_with("k:"))
 }
 
 fn leaves(v: &Value, path: Path, out: &mut BTreeSet<Path>) {
@@ -120,7 +197,7 @@ pub fn encode(set: &BTreeSet<Path>) -> Value {
     for path in set {
         let mut cur = &mut root;
         for seg in path {
-            let key = if seg.starts_with("v:") {
+            let key = if seg.starts_with("v:") || seg.starts_with("k:") {
                 seg.clone()
             } else {
                 format!("f:{seg}")
@@ -145,7 +222,9 @@ pub fn decode(fields: &Value) -> BTreeSet<Path> {
             .as_object()
             .map(|m| {
                 m.iter()
-                    .filter(|(k, _)| k.starts_with("f:") || k.starts_with("v:"))
+                    .filter(|(k, _)| {
+                        k.starts_with("f:") || k.starts_with("v:") || k.starts_with("k:")
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -170,11 +249,11 @@ pub fn decode(fields: &Value) -> BTreeSet<Path> {
 }
 
 fn get<'a>(v: &'a Value, path: &[String]) -> Option<&'a Value> {
-    path.iter().try_fold(v, |cur, seg| cur.get(seg))
+    path.iter().try_fold(v, |cur, seg| child(cur, seg))
 }
 
 fn get_mut<'a>(v: &'a mut Value, path: &[String]) -> Option<&'a mut Value> {
-    path.iter().try_fold(v, |cur, seg| cur.get_mut(seg))
+    path.iter().try_fold(v, |cur, seg| child_mut(cur, seg))
 }
 
 fn set(v: &mut Value, path: &[String], value: Value) {
@@ -312,11 +391,15 @@ pub fn apply(
             .any(|(_, s, _)| s.iter().any(|o| overlaps(o, stale)));
         // A leaf path that holds a filled map now was an empty map in the manifest: it owned
         // the map's presence, not what others have put in it since.
-        let filled_map =
-            get(&result, stale).is_some_and(|v| v.as_object().is_some_and(|m| !m.is_empty()));
-        // The whole finalizer list, as records applied before finalizers were a set own it:
-        // others' finalizers are in it too, and the manager's own are named from now on.
-        let whole_set = stale.as_slice() == ["metadata", "finalizers"];
+        let filled_map = !is_item(stale)
+            && get(&result, stale).is_some_and(|v| v.as_object().is_some_and(|m| !m.is_empty()));
+        // The whole finalizer or owner list, as records applied before finalizers were a set
+        // and owners a keyed list own it: others' items are in it too, and the manager's own
+        // are named from now on.
+        let whole_set = matches!(
+            stale.as_slice(),
+            [m, l] if m == "metadata" && (l == "finalizers" || l == "ownerReferences")
+        );
         if still_owned || filled_map || whole_set {
             continue;
         }
@@ -328,7 +411,7 @@ pub fn apply(
     }
     for p in &wanted {
         if is_item(p) {
-            add_item(&mut result, p);
+            add_item(&mut result, p, applied);
             continue;
         }
         if let Some(v) = get(applied, p) {
@@ -514,6 +597,89 @@ mod tests {
         assert_eq!(
             after["metadata"]["finalizers"],
             json!(["karri.dev/instance", "example.com/b"])
+        );
+    }
+
+    #[test]
+    fn owner_references_are_keyed_by_uid_each_owned_by_who_applied_it() {
+        let owner = |uid: &str, controller: bool| {
+            json!({"apiVersion": "karri.dev/v1alpha1", "kind": "Account", "name": uid,
+                "uid": uid, "controller": controller})
+        };
+        let with = |owners: Value| {
+            let mut v = cfg("emi-1", None);
+            v["metadata"]["ownerReferences"] = owners;
+            v
+        };
+        let live = apply(
+            None,
+            &with(json!([owner("a", false)])),
+            "gitops",
+            false,
+            "t",
+        )
+        .expect("ok");
+        let both = apply(
+            Some(&live),
+            &with(json!([owner("b", false)])),
+            "team",
+            false,
+            "t",
+        )
+        .expect("another owner is no conflict");
+        assert_eq!(
+            both["metadata"]["ownerReferences"],
+            json!([owner("a", false), owner("b", false)])
+        );
+        let team = both["metadata"]["managedFields"]
+            .as_array()
+            .expect("managed fields")
+            .iter()
+            .find(|e| e["manager"] == "team")
+            .expect("team's entry")
+            .clone();
+        assert_eq!(
+            team["fieldsV1"]["f:metadata"]["f:ownerReferences"],
+            json!({"k:{\"uid\":\"b\"}": {}})
+        );
+        // Changing an item another manager owns conflicts; forced, it replaces the item.
+        let err = apply(
+            Some(&both),
+            &with(json!([owner("a", true)])),
+            "team",
+            false,
+            "t",
+        )
+        .expect_err("conflict");
+        assert_eq!(err[0].manager, "gitops");
+        assert_eq!(err[0].field, ".metadata.ownerReferences.k:{\"uid\":\"a\"}");
+        let forced = apply(
+            Some(&both),
+            &with(json!([owner("a", true)])),
+            "team",
+            true,
+            "t",
+        )
+        .expect("forced");
+        // (b is gone: team owned it alone and no longer names it.)
+        assert_eq!(
+            forced["metadata"]["ownerReferences"],
+            json!([owner("a", true)])
+        );
+        // Dropping its owner takes only that one away.
+        let dropped = apply(Some(&both), &cfg("emi-1", None), "team", false, "t").expect("ok");
+        assert_eq!(
+            dropped["metadata"]["ownerReferences"],
+            json!([owner("a", false)])
+        );
+        // Records applied while the list was owned whole keep every owner.
+        let mut old_style = both.clone();
+        old_style["metadata"]["managedFields"][0]["fieldsV1"] =
+            json!({"f:metadata": {"f:ownerReferences": {}}, "f:spec": {"f:imageId": {}}});
+        let after = apply(Some(&old_style), &cfg("emi-1", None), "gitops", false, "t").expect("ok");
+        assert_eq!(
+            after["metadata"]["ownerReferences"],
+            json!([owner("a", false), owner("b", false)])
         );
     }
 

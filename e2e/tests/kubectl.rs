@@ -320,6 +320,98 @@ async fn server_side_apply_creates_updates_and_removes_dropped_fields() -> anyho
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn server_side_apply_owns_each_owner_reference_apart() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let mut uids = Vec::new();
+    for owner in ["owner-a", "owner-b"] {
+        let m = c.manifest(&format!("{owner}.yaml"), &instance_yaml(owner, "m1.small"))?;
+        kubectl_ok(&c.admin, &["apply", "-f", path_str(&m)?])?;
+        let got = kubectl_json(&c.admin, &["get", "instance", owner])?;
+        uids.push(str_at(&got, "/metadata/uid").to_string());
+    }
+    let owner_ref = |name: &str, uid: &str| {
+        format!(
+            "  - apiVersion: karri.dev/v1alpha1\n    kind: Instance\n    name: {name}\n    uid: {uid}\n"
+        )
+    };
+    let child = |owners: &str| {
+        format!(
+            "apiVersion: karri.dev/v1alpha1\nkind: Instance\nmetadata:\n  name: child\n{owners}spec:\n  imageId: emi-0123456789abcdef0\n  instanceType: m1.small\n"
+        )
+    };
+    let with_a = c.manifest(
+        "child-a.yaml",
+        &child(&format!(
+            "  ownerReferences:\n{}",
+            owner_ref("owner-a", &uids[0])
+        )),
+    )?;
+    kubectl_ok(
+        &c.admin,
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=team-a",
+            "-f",
+            path_str(&with_a)?,
+        ],
+    )?;
+    // Another manager applies its own owner: no conflict, both are kept.
+    let with_b = c.manifest(
+        "child-b.yaml",
+        &child(&format!(
+            "  ownerReferences:\n{}",
+            owner_ref("owner-b", &uids[1])
+        )),
+    )?;
+    kubectl_ok(
+        &c.admin,
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=team-b",
+            "-f",
+            path_str(&with_b)?,
+        ],
+    )?;
+    let owners = |v: &Value| -> Vec<String> {
+        v["metadata"]["ownerReferences"]
+            .as_array()
+            .map(|refs| {
+                refs.iter()
+                    .filter_map(|r| r["name"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let both = kubectl_json(&c.admin, &["get", "instance", "child"])?;
+    ensure!(
+        owners(&both) == ["owner-a", "owner-b"],
+        "the second manager's apply did not keep the first one's owner: {}",
+        both["metadata"]
+    );
+    // team-b stops naming its owner: only that owner goes.
+    let without = c.manifest("child-none.yaml", &child(""))?;
+    kubectl_ok(
+        &c.admin,
+        &[
+            "apply",
+            "--server-side",
+            "--field-manager=team-b",
+            "-f",
+            path_str(&without)?,
+        ],
+    )?;
+    let after = kubectl_json(&c.admin, &["get", "instance", "child"])?;
+    ensure!(
+        owners(&after) == ["owner-a"],
+        "dropping team-b's owner did not leave exactly team-a's: {}",
+        after["metadata"]
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn get_shows_useful_columns_yaml_and_label_selection() -> anyhow::Result<()> {
     let c = Cluster::start().await?;
     kubectl_ok(&c.admin, &["apply", "-f", path_str(&samples_dir())?])?;
