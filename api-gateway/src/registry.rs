@@ -1304,7 +1304,7 @@ impl Registry {
                     start = start.max(cache_rev);
                 }
                 Err(_) => {
-                    self.watch_from_etcd(&prefix, start, &visible, deadline, &tx)
+                    self.watch_from_etcd(&prefix, start, &visible, opts.bookmarks, deadline, &tx)
                         .await;
                     return;
                 }
@@ -1332,12 +1332,16 @@ impl Registry {
     }
 
     /// Sends the events after `after` straight from an etcd watch until `deadline`, checked
-    /// between etcd's responses (each holds whole revisions).
+    /// between etcd's responses (each holds whole revisions). With `bookmarks`, a bookmark
+    /// every bookmark interval names the last revision whose events were all sent (the start
+    /// while none came): etcd 3.4's on-demand progress reports may name a revision whose
+    /// events are still to come, so they are not asked for.
     async fn watch_from_etcd(
         &self,
         prefix: &str,
         after: i64,
         visible: &(dyn Fn(&Value) -> bool + Sync),
+        bookmarks: bool,
         deadline: tokio::time::Instant,
         tx: &mpsc::Sender<WatchEvent>,
     ) {
@@ -1356,12 +1360,26 @@ impl Registry {
                 return;
             }
         };
+        // Every event of the prefix up to this revision was sent (or not the watcher's to see).
+        let mut sent_through = after;
+        let mut bookmark_at = tokio::time::Instant::now() + self.bookmark_interval;
         loop {
             if tokio::time::Instant::now() >= deadline {
                 return;
             }
             let msg = tokio::select! {
                 m = stream.message() => m,
+                _ = tokio::time::sleep_until(bookmark_at), if bookmarks => {
+                    let b = WatchEvent::Bookmark {
+                        revision: sent_through,
+                        initial_events_end: false,
+                    };
+                    if tx.send(b).await.is_err() {
+                        return;
+                    }
+                    bookmark_at = tokio::time::Instant::now() + self.bookmark_interval;
+                    continue;
+                }
                 _ = tokio::time::sleep_until(deadline) => return,
                 _ = tx.closed() => return,
             };
@@ -1412,6 +1430,10 @@ impl Registry {
                         return;
                     }
                 }
+            }
+            // A response holds whole revisions: all of its last one is sent.
+            if let Some(last) = resp.events().iter().filter_map(|e| e.kv()).next_back() {
+                sent_through = sent_through.max(last.mod_revision());
             }
         }
     }

@@ -38,8 +38,22 @@ struct Harness {
 }
 
 async fn start_registry(client: &Client) -> anyhow::Result<(Arc<Registry>, Arc<Metrics>)> {
+    start_registry_keeping(client, 1000).await
+}
+
+/// A registry whose watch cache keeps `history` events per kind.
+async fn start_registry_keeping(
+    client: &Client,
+    history: usize,
+) -> anyhow::Result<(Arc<Registry>, Arc<Metrics>)> {
     let metrics = Arc::new(Metrics::new());
-    let registry = Registry::start(client.clone(), Kinds::load(), 1000, metrics.clone(), None);
+    let registry = Registry::start(
+        client.clone(),
+        Kinds::load(),
+        history,
+        metrics.clone(),
+        None,
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut rx = registry.cache.subscribe();
     while !registry.ready() {
@@ -469,6 +483,51 @@ async fn after_an_etcd_restart_the_cache_resumes_and_its_watchers_stay_on_it() -
     h.create("c").await?;
     let ev = describe(&next_event(&mut rx).await?);
     assert!(ev.starts_with("ADDED \"c\""), "{ev}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_from_before_the_cache_history_reads_etcd_and_still_sends_bookmarks(
+) -> anyhow::Result<()> {
+    // The smallest history the cache keeps; more records than that are created after the
+    // watch's start, so the cache cannot serve it.
+    const HISTORY: usize = 16;
+    let h = harness().await?;
+    let (registry, metrics) = start_registry_keeping(&h.client, HISTORY).await?;
+    let start = rv(&h.create("first").await?);
+    let mut last = start;
+    for i in 0..HISTORY * 2 {
+        last = rv(&h.create(&format!("later-{i}")).await?);
+    }
+    registry.catch_up().await?;
+    let mut rx = registry.watch(
+        h.instances.clone(),
+        Some("acme".into()),
+        admin(),
+        WatchOptions2 {
+            from: Some(start),
+            bookmarks: true,
+            timeout: Duration::from_secs(60),
+            ..Default::default()
+        },
+    );
+    for i in 0..HISTORY * 2 {
+        let ev = describe(&next_event(&mut rx).await?);
+        assert!(ev.starts_with(&format!("ADDED \"later-{i}\"")), "{ev}");
+    }
+    assert_eq!(metrics.etcd_direct_watches.get(), 1, "served from etcd");
+    // A bookmark (the registry sends one every 5 s) names the last revision sent.
+    let bookmark = match tokio::time::timeout(Duration::from_secs(20), rx.recv()).await {
+        Ok(Some(WatchEvent::Bookmark { revision, .. })) => revision,
+        Ok(Some(other)) => bail!("unexpected event {}", describe(&other)),
+        Ok(None) => bail!("the watch ended"),
+        Err(_) => bail!("no bookmark within 20 s"),
+    };
+    assert_eq!(bookmark, last, "the bookmark names the last revision sent");
+    // The watch goes on past its bookmark.
+    let next = rv(&h.create("after-bookmark").await?);
+    let ev = describe(&next_event(&mut rx).await?);
+    assert_eq!(ev, format!("ADDED \"after-bookmark\" {next}"));
     Ok(())
 }
 
