@@ -73,7 +73,9 @@ impl Error {
     fn backoff(&self) -> Duration {
         match self.metric_label() {
             "conflict" => Duration::from_millis(50),
-            "waiting" => Duration::from_millis(500),
+            // The agent's report that the domain is gone reconciles the instance through the
+            // watch; this look is a safety net only (a mass delete must not spin the operator).
+            "waiting" => WAITING_ON_A_READY_NODE,
             _ => Duration::from_secs(2),
         }
     }
@@ -562,7 +564,13 @@ async fn sync_instance(
             .replace_status(&name, &PostParams::default(), &updated)
             .await
         {
-            ctx.forget(instance);
+            // Only a refusal proves nothing was written. After an error whose outcome is
+            // unknown (a lost connection, a timeout) the write may have committed: its
+            // reservations stay until the store shows the record or a new placement of it
+            // replaces them, so that no other instance takes that room or address meanwhile.
+            if refused(&e) {
+                ctx.forget(instance);
+            }
             return Err(e.into());
         }
         if let Some(status) = &updated.status {
@@ -634,9 +642,18 @@ async fn reconcile_instance(instance: Arc<Instance>, ctx: Arc<Context>) -> Resul
     result
 }
 
+/// Whether the gateway refused a write (a 4xx answer: a stale version, an invalid change), so
+/// that it certainly stored nothing. Pure.
+fn refused(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if (400..500).contains(&status.code))
+}
+
 /// How often an instance whose domain waits on a node that is not Ready is looked at: the
 /// node's return reconciles it anyway (the node watch), so there is no need to look often.
 const WAITING_ON_A_DOWN_NODE: Duration = Duration::from_secs(30);
+
+/// How often a deleted instance whose domain its Ready node is still removing is looked at.
+const WAITING_ON_A_READY_NODE: Duration = Duration::from_secs(5);
 
 fn instance_error_policy(instance: Arc<Instance>, error: &Error, ctx: Arc<Context>) -> Action {
     record_error(&ctx.metrics, "instances", error);
@@ -1068,6 +1085,30 @@ mod tests {
             .expect("not poisoned")
             .assumed
             .contains_key("uid-y"));
+    }
+
+    #[test]
+    fn only_a_refused_status_write_is_known_to_have_stored_nothing() {
+        let api = |code: u16| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                ..Default::default()
+            }))
+        };
+        assert!(refused(&api(409)), "a stale version");
+        assert!(refused(&api(422)), "an invalid change");
+        assert!(
+            !refused(&api(500)),
+            "the gateway failed: the write may have committed"
+        );
+        assert!(
+            !refused(&api(504)),
+            "timed out: the write may have committed"
+        );
+        let lost = kube::Error::Service(Box::new(std::io::Error::from(
+            std::io::ErrorKind::ConnectionReset,
+        )));
+        assert!(!refused(&lost), "connection lost: outcome unknown");
     }
 
     #[test]
