@@ -421,6 +421,34 @@ async fn conditional_publishes_hold_in_their_own_transaction() -> anyhow::Result
         .get_object(seen.it(), "photos", "lock")
         .await?
         .is_none());
+    // A conditional delete takes only the version it read.
+    index
+        .put_object(seen.it(), "photos", "lock", &object("b4", 1))
+        .await?;
+    let (_, version) = index
+        .get_object_versioned(seen.it(), "photos", "lock")
+        .await?
+        .expect("just published");
+    index
+        .put_object(seen.it(), "photos", "lock", &object("b5", 1))
+        .await?;
+    assert!(matches!(
+        index
+            .delete_object_expecting(seen.it(), "photos", "lock", Expect::Version(version))
+            .await,
+        Err(IndexError::Changed)
+    ));
+    let (_, version) = index
+        .get_object_versioned(seen.it(), "photos", "lock")
+        .await?
+        .expect("a failed conditional delete left it");
+    let gone = index
+        .delete_object_expecting(seen.it(), "photos", "lock", Expect::Version(version))
+        .await?;
+    assert_eq!(
+        gone.map(|m| m.segments[0].blob.clone()).as_deref(),
+        Some("b5")
+    );
     // Without the bucket, the bucket is what is wrong.
     client.delete(seen.record.clone(), None).await?;
     assert!(matches!(

@@ -1092,6 +1092,33 @@ def group_objects(suite):
         answer = a.delete_object(Bucket=name, Key="never-was.txt")
         check(status(answer) == 204, f"delete_object answered HTTP {status(answer)}")
 
+    @g.check("delete_object_if_match_deletes_only_the_version_it_names")
+    def _():
+        a.put_object(Bucket=name, Key="guarded.txt", Body=b"v1")
+        expect_error("PreconditionFailed", 412, a.delete_object, Bucket=name,
+                     Key="guarded.txt", IfMatch=etag_of(b"another body"))
+        check(body_of(a, name, "guarded.txt") == b"v1", "a failed If-Match deleted the object")
+        answer = a.delete_object(Bucket=name, Key="guarded.txt", IfMatch=etag_of(b"v1"))
+        check(status(answer) == 204, f"delete_object answered HTTP {status(answer)}")
+        expect_error("NoSuchKey", 404, a.get_object, Bucket=name, Key="guarded.txt")
+        expect_error("NoSuchKey", 404, a.delete_object, Bucket=name, Key="guarded.txt",
+                     IfMatch="*")
+
+    @g.check("delete_objects_with_an_etag_deletes_a_key_only_if_it_still_has_it")
+    def _():
+        a.put_object(Bucket=name, Key="etag/kept", Body=b"kept")
+        a.put_object(Bucket=name, Key="etag/gone", Body=b"gone")
+        answer = a.delete_objects(Bucket=name, Delete={"Objects": [
+            {"Key": "etag/kept", "ETag": etag_of(b"not this")},
+            {"Key": "etag/gone", "ETag": etag_of(b"gone")},
+        ]})
+        deleted = [d["Key"] for d in answer.get("Deleted", [])]
+        errors = [(e["Key"], e["Code"]) for e in answer.get("Errors", [])]
+        check(deleted == ["etag/gone"], f"Deleted {deleted}")
+        check(errors == [("etag/kept", "PreconditionFailed")], f"Errors {errors}")
+        left = keys_of(a.list_objects_v2(Bucket=name, Prefix="etag/"))
+        check(left == ["etag/kept"], f"after delete_objects etag/ holds {left}")
+
     @g.check("get_object_of_a_missing_key_is_no_such_key")
     def _():
         expect_error("NoSuchKey", 404, a.get_object, Bucket=name, Key="never-was.txt")
@@ -1177,6 +1204,21 @@ def group_objects(suite):
         expect_error("PreconditionFailed", 412, a.copy_object, Bucket=name, Key="cond.txt",
                      CopySource=source, CopySourceIfMatch='"0123456789abcdef0123456789abcdef"')
         expect_error("NoSuchKey", 404, a.get_object, Bucket=name, Key="cond.txt")
+
+    @g.check("copy_object_if_none_match_star_does_not_replace_an_existing_key")
+    def _():
+        source = {"Bucket": name, "Key": "src.txt"}
+        a.put_object(Bucket=name, Key="taken.txt", Body=b"mine")
+        expect_error("PreconditionFailed", 412, a.copy_object, Bucket=name, Key="taken.txt",
+                     CopySource=source, IfNoneMatch="*")
+        expect_error("PreconditionFailed", 412, a.copy_object, Bucket=name, Key="taken.txt",
+                     CopySource=source, IfMatch=etag_of(b"not mine"))
+        check(body_of(a, name, "taken.txt") == b"mine", "a failed condition let the copy in")
+        a.copy_object(Bucket=name, Key="taken.txt", CopySource=source, IfMatch=etag_of(b"mine"))
+        check(body_of(a, name, "taken.txt") == gzipped, "the copy under a holding If-Match "
+              "did not replace the object")
+        a.copy_object(Bucket=name, Key="fresh-copy.txt", CopySource=source, IfNoneMatch="*")
+        check(body_of(a, name, "fresh-copy.txt") == gzipped, "the copy to a new key differs")
 
     @g.check("copy_object_of_a_missing_source_is_no_such_key")
     def _():

@@ -526,9 +526,37 @@ impl ObjectIndex {
         bucket: &str,
         key: &str,
     ) -> Result<Option<ObjectMeta>, IndexError> {
+        self.delete_object_expecting(seen, bucket, key, Expect::Anything)
+            .await
+    }
+
+    /// [`ObjectIndex::delete_object`] only if the key holds what `expect` says, in the same
+    /// transaction (a DeleteObject with `If-Match`); [`IndexError::Changed`] otherwise.
+    pub async fn delete_object_expecting(
+        &self,
+        seen: BucketSeen<'_>,
+        bucket: &str,
+        key: &str,
+        expect: Expect,
+    ) -> Result<Option<ObjectMeta>, IndexError> {
         let k = object_key(bucket, key);
+        let mut when = same_bucket(seen).to_vec();
+        when.extend(expect_compare(&k, expect));
         let op = TxnOp::delete(k, Some(DeleteOptions::new().with_prev_key()));
-        let etcd_client::TxnOpResponse::Delete(resp) = self.op_in(seen, op).await? else {
+        let resp = self.txn(Txn::new().when(when).and_then([op])).await?;
+        if !resp.succeeded() {
+            let bucket_there = self
+                .txn(Txn::new().when(same_bucket(seen)))
+                .await?
+                .succeeded();
+            return Err(if expect != Expect::Anything && bucket_there {
+                IndexError::Changed
+            } else {
+                IndexError::BucketReplaced
+            });
+        }
+        let Some(etcd_client::TxnOpResponse::Delete(resp)) = resp.op_responses().into_iter().next()
+        else {
             return Err(IndexError::Unexpected("a delete"));
         };
         resp.prev_kvs()

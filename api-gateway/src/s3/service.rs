@@ -263,9 +263,12 @@ fn index_error(e: IndexError) -> S3Error {
             ServiceUnavailable,
             "The bucket was deleted or created again just now. Please try again."
         ),
+        // The condition held when it was checked; the object changed before the write
+        // committed. AWS answers this race 409 for the client to retry (and the retry sees 412
+        // if the condition fails now).
         IndexError::Changed => s3_error!(
-            PreconditionFailed,
-            "At least one of the pre-conditions you specified did not hold"
+            ConditionalRequestConflict,
+            "A conflicting operation occurred. If using PutObject you can retry the request. If using multipart upload you should initiate another CreateMultipartUpload request and re-upload each part."
         ),
         IndexError::NoUpload => s3_error!(
             NoSuchUpload,
@@ -891,14 +894,6 @@ impl KarriS3 {
         }
     }
 
-    /// Publishes `meta` at `key`, deleting its blobs again if the bucket vanished meanwhile
-    /// and the replaced object's blobs once it is no longer visible.
-    async fn publish(&self, bucket: &BucketInfo, key: &str, meta: &ObjectMeta) -> S3Result<()> {
-        self.publish_expecting(bucket, key, meta, Expect::Anything)
-            .await
-    }
-
-    /// [`KarriS3::publish`] only if the key holds what `expect` says when the entry is written.
     /// What a conditional write (`If-Match`, `If-None-Match`) expects at `key`, to hold in its
     /// publishing transaction; refused at once when the conditions fail already.
     async fn write_conditions(
@@ -967,6 +962,8 @@ impl KarriS3 {
             }))
     }
 
+    /// Publishes `meta` at `key` if the key holds what `expect` says, deleting its blobs again
+    /// when it is refused for sure, and the replaced object's blobs once it is no longer visible.
     async fn publish_expecting(
         &self,
         bucket: &BucketInfo,
@@ -1717,9 +1714,18 @@ impl S3 for KarriS3 {
         let bucket = self
             .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::WriteObject)
             .await?;
+        let expect = self
+            .write_conditions(&bucket, &req.input.key, req.input.if_match.as_ref(), None)
+            .await
+            .map_err(|e| {
+                hide_missing_key(
+                    e,
+                    permits(caller.as_ref(), Action::ListBucket, &bucket, None),
+                )
+            })?;
         if let Some(prev) = self
             .index
-            .delete_object(bucket.seen(), &bucket.name, &req.input.key)
+            .delete_object_expecting(bucket.seen(), &bucket.name, &req.input.key, expect)
             .await
             .map_err(index_error)?
         {
@@ -1743,6 +1749,7 @@ impl S3 for KarriS3 {
             ));
         }
         let quiet = req.input.delete.quiet.unwrap_or(false);
+        let may_list = permits(caller.as_ref(), Action::ListBucket, &bucket, None);
         let mut deleted = Vec::new();
         let mut errors = Vec::new();
         for obj in &req.input.delete.objects {
@@ -1755,9 +1762,28 @@ impl S3 for KarriS3 {
                 });
                 continue;
             }
+            // A key's `<ETag>` deletes it only if it still has that ETag, as `If-Match` does.
+            let if_match = obj.e_tag.clone().map(ETagCondition::ETag);
+            let expect = match self
+                .write_conditions(&bucket, &obj.key, if_match.as_ref(), None)
+                .await
+                .map_err(|e| hide_missing_key(e, may_list))
+            {
+                Ok(expect) => expect,
+                Err(e) if e.code() == &S3ErrorCode::ServiceUnavailable => return Err(e),
+                Err(e) => {
+                    errors.push(Error {
+                        code: Some(e.code().as_str().to_string()),
+                        key: Some(obj.key.clone()),
+                        message: e.message().map(str::to_string),
+                        version_id: None,
+                    });
+                    continue;
+                }
+            };
             match self
                 .index
-                .delete_object(bucket.seen(), &bucket.name, &obj.key)
+                .delete_object_expecting(bucket.seen(), &bucket.name, &obj.key, expect)
                 .await
             {
                 Ok(prev) => {
@@ -1798,6 +1824,23 @@ impl S3 for KarriS3 {
     ) -> S3Result<S3Response<CopyObjectOutput>> {
         let caller = self.caller(&req).await?;
         let input = req.input;
+        // Conditions on the object the copy replaces (`If-None-Match: *` to create only), which
+        // s3s does not parse for CopyObject; held in the publishing transaction, as a PUT's.
+        let [if_match, if_none_match] =
+            [http::header::IF_MATCH, http::header::IF_NONE_MATCH].map(|name| {
+                req.headers
+                    .get(&name)
+                    .map(|v| {
+                        ETagCondition::parse_http_header(v.as_bytes()).map_err(|_| {
+                            s3_error!(
+                                InvalidArgument,
+                                "The {name} header is not a valid ETag condition."
+                            )
+                        })
+                    })
+                    .transpose()
+            });
+        let (if_match, if_none_match) = (if_match?, if_none_match?);
         let bucket = self
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
             .await?;
@@ -1859,6 +1902,16 @@ impl S3 for KarriS3 {
             Some(TaggingDirective::REPLACE) => tags_from_header(input.tagging.as_deref())?,
             _ => source.tags.clone(),
         };
+        // Everything refusable is refused before a byte is copied.
+        let acl = object_acl_of(input.acl.as_ref())?;
+        let expect = self
+            .write_conditions(
+                &bucket,
+                &input.key,
+                if_match.as_ref(),
+                if_none_match.as_ref(),
+            )
+            .await?;
         let written = self.copy_bytes(&source, 0..source.size).await?;
         let meta = ObjectMeta {
             segments: vec![Segment {
@@ -1871,7 +1924,7 @@ impl S3 for KarriS3 {
             last_modified_ms: now_ms(),
             headers,
             metadata,
-            acl: object_acl_of(input.acl.as_ref())?,
+            acl,
             tags,
             // One blob: the source's part boundaries are not kept, so its parts are not served.
             parts_count: None,
@@ -1879,7 +1932,8 @@ impl S3 for KarriS3 {
             // The same bytes: the source's checksum holds for the copy.
             checksum: source.checksum.clone(),
         };
-        self.publish(&bucket, &input.key, &meta).await?;
+        self.publish_expecting(&bucket, &input.key, &meta, expect)
+            .await?;
         Ok(S3Response::new(CopyObjectOutput {
             copy_object_result: Some(CopyObjectResult {
                 e_tag: Some(quoted(&meta.etag)),
@@ -3096,12 +3150,13 @@ mod tests {
 
     #[test]
     fn index_refusals_answer_with_the_s3_code_clients_act_on() {
-        // 503s are retried by the SDKs; the others are final.
+        // 503s are retried by the SDKs; a 409 ConditionalRequestConflict (a race with another
+        // write) is for the client to retry, as AWS documents; the others are final.
         let rows = [
             (IndexError::NoBucket, S3ErrorCode::NoSuchBucket),
             (IndexError::BucketBusy, S3ErrorCode::ServiceUnavailable),
             (IndexError::BucketReplaced, S3ErrorCode::ServiceUnavailable),
-            (IndexError::Changed, S3ErrorCode::PreconditionFailed),
+            (IndexError::Changed, S3ErrorCode::ConditionalRequestConflict),
             (IndexError::NoUpload, S3ErrorCode::NoSuchUpload),
             (
                 IndexError::Unexpected("a range"),
