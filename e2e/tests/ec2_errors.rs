@@ -9,8 +9,8 @@ mod ec2_support;
 
 use anyhow::{ensure, Context};
 use ec2_support::{
-    aws_error_code, send, signed_post, signed_post_to, unsigned_post, xml_texts, Driver, Raw,
-    Reply, VERSION,
+    apply_catalogue, aws_error_code, send, signed_post, signed_post_to, unsigned_post, xml_texts,
+    Driver, Raw, Reply, VERSION,
 };
 use karri_testkit::{AwsCredentials, Etcd, Gateway, Tokens};
 use serde_json::{json, Value};
@@ -434,4 +434,45 @@ fn the_error_code_is_read_from_the_ec2_error_document() {
     );
     // A code outside <Response><Errors><Error> is not an error document.
     assert_eq!(aws_error_code("<Error><Code>X</Code></Error>"), None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_instance_that_never_reached_running_cannot_be_stopped() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let tokens = Tokens::generate(&[], &[]);
+    let gateway = Gateway::start(&etcd.endpoint, &tokens).await?;
+    apply_catalogue(&gateway, &tokens.admin)?;
+    let (_, creds) = gateway.account_with_key(&tokens.admin, "pending").await?;
+    let mut aws = Driver::start(&gateway, &creds, "pending")?;
+    let image = aws.ok(
+        "register_image",
+        json!({"Name": "pending-image", "ImageLocation": "images/pending.img"}),
+    )?;
+    let ran = aws.ok(
+        "run_instances",
+        json!({"ImageId": image["ImageId"], "InstanceType": "t1.micro",
+               "MinCount": 1, "MaxCount": 1}),
+    )?;
+    let id = ran["Instances"][0]["InstanceId"]
+        .as_str()
+        .context("no InstanceId")?
+        .to_string();
+    // No node runs it: it stays pending, on its first way up.
+    let refused = aws
+        .call("stop_instances", json!({"InstanceIds": [id]}))?
+        .refusal("stop_instances of a pending instance")?;
+    ensure!(
+        refused == ("IncorrectInstanceState".to_string(), 400),
+        "stop_instances of a pending instance: {refused:?}"
+    );
+    let described = aws.ok("describe_instances", json!({"InstanceIds": [id]}))?;
+    let state = &described["Reservations"][0]["Instances"][0]["State"]["Name"];
+    ensure!(state == "pending", "after the refused stop it is {state}");
+    // It can still be terminated.
+    let terminating = aws.ok("terminate_instances", json!({"InstanceIds": [id]}))?;
+    ensure!(
+        terminating["TerminatingInstances"][0]["InstanceId"] == id.as_str(),
+        "{terminating}"
+    );
+    Ok(())
 }

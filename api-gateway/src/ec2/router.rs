@@ -1282,10 +1282,20 @@ fn id_list(
     name: &str,
     validate: impl Fn(&str) -> Result<(), Ec2Error>,
 ) -> Result<Vec<String>, Ec2Error> {
+    id_list_of_at_most(p, name, MAX_IDS, validate)
+}
+
+/// [`id_list`] for an action that takes at most `max` IDs.
+fn id_list_of_at_most(
+    p: &Scope<'_>,
+    name: &str,
+    max: usize,
+    validate: impl Fn(&str) -> Result<(), Ec2Error>,
+) -> Result<Vec<String>, Ec2Error> {
     let ids = p.list(name)?;
-    if ids.len() > MAX_IDS {
+    if ids.len() > max {
         return Err(Ec2Error::invalid_parameter_value(format!(
-            "At most {MAX_IDS} IDs may be given in {}.N; {} were.",
+            "At most {max} IDs may be given in {}.N; {} were.",
             p.key(name),
             ids.len()
         )));
@@ -1637,8 +1647,16 @@ fn describe_instances(p: &Params) -> Result<DescribeInstances, Ec2Error> {
     })
 }
 
+/// DescribeInstanceStatus takes at most 100 instance IDs (AWS's API reference).
+const MAX_STATUS_IDS: usize = 100;
+
 fn describe_instance_status(p: &Params) -> Result<DescribeInstanceStatus, Ec2Error> {
-    let instance_ids = id_list(&p.root(), "InstanceId", validate_instance_id)?;
+    let instance_ids = id_list_of_at_most(
+        &p.root(),
+        "InstanceId",
+        MAX_STATUS_IDS,
+        validate_instance_id,
+    )?;
     let (max_results, next_token) = paging(p, 5..=1000)?;
     no_max_results_with(&instance_ids, max_results, "InstanceId")?;
     Ok(DescribeInstanceStatus {
@@ -3264,6 +3282,12 @@ mod tests {
             assert_eq!(err.code, "InvalidParameterValue", "{action}");
             assert!(err.message.contains("At most 1000 IDs"), "{}", err.message);
         }
+        // DescribeInstanceStatus takes a hundred.
+        let status = |n: usize| format!("Action=DescribeInstanceStatus{}", ids(n, "InstanceId"));
+        assert!(route_query(&status(MAX_STATUS_IDS)).is_ok());
+        let err = error(&status(MAX_STATUS_IDS + 1));
+        assert_eq!(err.code, "InvalidParameterValue");
+        assert!(err.message.contains("At most 100 IDs"), "{}", err.message);
     }
 
     #[test]

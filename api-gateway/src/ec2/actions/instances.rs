@@ -655,6 +655,10 @@ fn health(v: &Value) -> (&'static str, &'static str) {
             .and_then(|c| c.get(field).and_then(Value::as_str))
             .map(str::to_string)
     };
+    // EC2 runs its status checks on running instances only: the others' are not-applicable.
+    if shown_state(v) != crds::InstanceState::Running {
+        return ("not-applicable", "not-applicable");
+    }
     let system = match field_of("NodeHealthy", "status").as_deref() {
         Some("False") => "impaired",
         _ => "ok",
@@ -668,7 +672,7 @@ fn health(v: &Value) -> (&'static str, &'static str) {
         (crds::InstanceState::Running, _) => "initializing",
         _ => "not-applicable",
     };
-    let instance = if system == "impaired" && instance != "not-applicable" {
+    let instance = if system == "impaired" {
         "impaired"
     } else {
         instance
@@ -709,13 +713,15 @@ pub async fn describe_instance_status(
     Ok(w.finish())
 }
 
-/// The reachability check's status behind a summary status.
-fn reachability(status: &str) -> &'static str {
+/// The reachability check's status behind a summary status; none for a check not run
+/// (`not-applicable`).
+fn reachability(status: &str) -> Option<&'static str> {
     match status {
-        "ok" => "passed",
-        "impaired" => "failed",
-        "initializing" => "initializing",
-        _ => "insufficient-data",
+        "ok" => Some("passed"),
+        "impaired" => Some("failed"),
+        "initializing" => Some("initializing"),
+        "not-applicable" => None,
+        _ => Some("insufficient-data"),
     }
 }
 
@@ -728,9 +734,11 @@ fn instance_status_values<'v>(v: &'v Value, name: &str) -> Vec<Cow<'v, str>> {
         "instance-state-name" => filter::shown(shown_state(v).as_str()),
         "instance-state-code" => filter::shown_number(shown_state(v).code()),
         "instance-status.status" => filter::shown(instance),
-        "instance-status.reachability" => filter::shown(reachability(instance)),
+        "instance-status.reachability" => reachability(instance)
+            .map(filter::shown)
+            .unwrap_or_default(),
         "system-status.status" => filter::shown(system),
-        "system-status.reachability" => filter::shown(reachability(system)),
+        "system-status.reachability" => reachability(system).map(filter::shown).unwrap_or_default(),
         // No scheduled events: the response shows an empty `eventsSet`. These match nothing.
         "event.code"
         | "event.description"
@@ -754,10 +762,11 @@ fn write_instance_status(w: &mut Response, v: &Value) {
     for (name, status) in [("systemStatus", system), ("instanceStatus", instance)] {
         w.element(name, |w| {
             w.leaf("status", status);
-            w.set("details", [status], |w, s| {
-                w.leaf("name", "reachability")
-                    .leaf("status", reachability(s));
-            });
+            if let Some(check) = reachability(status) {
+                w.set("details", [check], |w, s| {
+                    w.leaf("name", "reachability").leaf("status", s);
+                });
+            }
         });
     }
     w.empty("eventsSet");
@@ -849,6 +858,17 @@ fn check_change(change: Change, v: &Value) -> Result<(), Ec2Error> {
         {
             Err(Ec2Error::incorrect_instance_state(format!(
                 "The instance '{id}' is not in a state from which it can be started: it is stopping."
+            )))
+        }
+        // As EC2: an instance on its first way up cannot be stopped (one started again after
+        // a stop, pending again, can).
+        Change::Stop
+            if !gone
+                && shown_state(v) == crds::InstanceState::Pending
+                && at(v, "/status/launchTime").is_none() =>
+        {
+            Err(Ec2Error::incorrect_instance_state(format!(
+                "Instance '{id}' cannot be stopped as it has never reached the 'running' state."
             )))
         }
         Change::Stop | Change::Start if gone => Err(Ec2Error::incorrect_instance_state(format!(
@@ -1313,6 +1333,23 @@ mod tests {
                 Some("OperationNotPermitted"),
             ),
             (Change::Terminate, record("running", "running", false), None),
+            // On its first way up (no launch time yet) it cannot be stopped; started again
+            // after a stop, it can.
+            (
+                Change::Stop,
+                record("running", "pending", false),
+                Some("IncorrectInstanceState"),
+            ),
+            (
+                Change::Stop,
+                {
+                    let mut v = record("running", "pending", false);
+                    v["status"]["launchTime"] = json!("2026-11-26T10:00:00Z");
+                    v
+                },
+                None,
+            ),
+            (Change::Terminate, record("running", "pending", false), None),
         ];
         for (change, v, want) in rows {
             assert_eq!(
@@ -1593,7 +1630,14 @@ mod tests {
             .as_array_mut()
             .expect("conditions")
             .push(json!({"type": "DomainRunning", "status": "True", "reason": "Paused"}));
-        assert_eq!(health(&stopped).0, "not-applicable");
+        assert_eq!(health(&stopped), ("not-applicable", "not-applicable"));
+        // On a node that is down too: no check runs on a stopped instance.
+        let mut stopped_on_a_down_node = stopped.clone();
+        stopped_on_a_down_node["status"]["conditions"][1]["status"] = json!("False");
+        assert_eq!(
+            health(&stopped_on_a_down_node),
+            ("not-applicable", "not-applicable")
+        );
     }
 
     #[test]
@@ -1641,5 +1685,13 @@ mod tests {
             w.set("instanceStatusSet", [&v], write_instance_status);
             check(&table, &w.finish(), |name| instance_status_values(&v, name));
         }
+        // A stopped instance shows no reachability check: its filters match nothing.
+        let mut stopped = status_record("False", "True");
+        stopped["status"]["state"] = json!("stopped");
+        let mut w = Response::new("DescribeInstanceStatusResponse", "req-1");
+        w.set("instanceStatusSet", [&stopped], write_instance_status);
+        let xml = w.finish();
+        assert!(!xml.contains("<details>"), "{xml}");
+        check_values(&table, &xml, |name| instance_status_values(&stopped, name));
     }
 }
