@@ -2086,6 +2086,27 @@ def group_acl(suite):
         a.put_object_acl(Bucket=private, Key="private.txt", ACL="private")
         denied(anon.get_object, Bucket=private, Key="private.txt")
 
+    @g.check("grant_headers_that_amount_to_a_canned_acl_are_honoured_and_others_refused")
+    def _():
+        everyone = 'uri="http://acs.amazonaws.com/groups/global/AllUsers"'
+        a.put_object(Bucket=private, Key="granted.txt", Body=b"granted", GrantRead=everyone)
+        check_acl(a.get_object_acl(Bucket=private, Key="granted.txt"), "public-read",
+                  "after put_object with GrantRead to AllUsers")
+        allowed(anon.get_object, Bucket=private, Key="granted.txt")
+        # PutObjectAcl with grant headers alone (no x-amz-acl, no body): the owner's own.
+        owner_id = a.get_bucket_acl(Bucket=private)["Owner"]["ID"]
+        a.put_object_acl(Bucket=private, Key="granted.txt",
+                         GrantFullControl=f'id="{owner_id}"')
+        denied(anon.get_object, Bucket=private, Key="granted.txt")
+        # A grant to another account cannot be kept: refused, and nothing written.
+        expect_error("NotImplemented", 501, a.put_object, Bucket=private, Key="other.txt",
+                     Body=b"x", GrantRead='id="222222222222"')
+        expect_error("NoSuchKey", 404, a.get_object, Bucket=private, Key="other.txt")
+        expect_error("NotImplemented", 501, a.put_object_acl, Bucket=private,
+                     Key="granted.txt", GrantRead='emailAddress="someone@example.com"')
+        expect_error("InvalidRequest", 400, a.put_object, Bucket=private, Key="both.txt",
+                     Body=b"x", ACL="private", GrantRead=everyone)
+
     @g.check("anonymous_curl_put_into_a_public_read_write_bucket_with_a_public_read_acl")
     def _():
         path = write_file(os.path.join(TMP, "acl", "anonymous.txt"), b"written by nobody\n")

@@ -397,29 +397,48 @@ fn grants_of(owner: &Owner, acl: CannedAcl) -> Vec<Grant> {
     grants
 }
 
-/// The canned ACL an AccessControlPolicy body expresses, if it is one of the canned shapes.
-fn canned_from_policy(policy: &AccessControlPolicy) -> S3Result<CannedAcl> {
-    let mut all_read = false;
-    let mut all_write = false;
-    let mut auth_read = false;
-    for g in policy.grants.iter().flatten() {
-        let uri = g
-            .grantee
-            .as_ref()
-            .and_then(|e| e.uri.as_deref())
-            .unwrap_or("");
-        let perm = g.permission.as_ref().map(Permission::as_str).unwrap_or("");
-        match (uri.rsplit('/').next().unwrap_or(""), perm) {
-            ("AllUsers", "READ") => all_read = true,
-            ("AllUsers", "WRITE") => all_write = true,
-            ("AuthenticatedUsers", "READ") => auth_read = true,
-            ("", _) => {}
-            _ => {
-                return Err(s3_error!(
-                    NotImplemented,
-                    "Only grants that match a canned ACL are supported."
-                ))
-            }
+/// Whom an ACL grant names, as far as Karri's canned ACLs tell them apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum GrantTo {
+    /// Everyone, anonymous included (`.../groups/global/AllUsers`).
+    AllUsers,
+    /// Any signed-in account (`.../groups/global/AuthenticatedUsers`).
+    AuthenticatedUsers,
+    /// The bucket's owner, who has every permission anyway.
+    Owner,
+    /// Another account, an email address or another group: not expressible here.
+    Someone,
+}
+
+/// Whom a grantee URI names.
+fn grant_to_uri(uri: &str) -> GrantTo {
+    match uri {
+        "http://acs.amazonaws.com/groups/global/AllUsers" => GrantTo::AllUsers,
+        "http://acs.amazonaws.com/groups/global/AuthenticatedUsers" => GrantTo::AuthenticatedUsers,
+        _ => GrantTo::Someone,
+    }
+}
+
+/// The canned ACL that `grants` (grantee, permission) amount to: the owner's grants add
+/// nothing, and everyone's or signed-in accounts' read (and everyone's write) are the public
+/// ACLs. Grants to anyone else are refused as NotImplemented rather than dropped. Pure.
+fn canned_from_grants<'a>(
+    grants: impl IntoIterator<Item = (GrantTo, &'a str)>,
+) -> S3Result<CannedAcl> {
+    let (mut all_read, mut all_write, mut auth_read) = (false, false, false);
+    let unsupported = || {
+        s3_error!(
+            NotImplemented,
+            "Only grants that match a canned ACL are supported: READ (and WRITE, for a bucket) to AllUsers, READ to AuthenticatedUsers, and the owner's own."
+        )
+    };
+    for (to, permission) in grants {
+        match (to, permission) {
+            (GrantTo::Owner, _) => {}
+            (GrantTo::AllUsers, "READ") => all_read = true,
+            (GrantTo::AllUsers, "WRITE") => all_write = true,
+            (GrantTo::AuthenticatedUsers, "READ") => auth_read = true,
+            _ => return Err(unsupported()),
         }
     }
     Ok(match (all_read, all_write, auth_read) {
@@ -427,13 +446,106 @@ fn canned_from_policy(policy: &AccessControlPolicy) -> S3Result<CannedAcl> {
         (true, false, _) => CannedAcl::PublicRead,
         (false, false, true) => CannedAcl::AuthenticatedRead,
         (false, false, false) => CannedAcl::Private,
-        (false, true, _) => {
-            return Err(s3_error!(
-                NotImplemented,
-                "Only grants that match a canned ACL are supported."
-            ))
-        }
+        (false, true, _) => return Err(unsupported()),
     })
+}
+
+/// The canned ACL an AccessControlPolicy body expresses (see [`canned_from_grants`]), for a
+/// bucket owned by `owner_id`.
+fn canned_from_policy(policy: &AccessControlPolicy, owner_id: &str) -> S3Result<CannedAcl> {
+    let grants = policy.grants.iter().flatten().map(|g| {
+        let to = match g.grantee.as_ref() {
+            Some(Grantee { uri: Some(uri), .. }) => grant_to_uri(uri),
+            Some(Grantee { id: Some(id), .. }) if id == owner_id => GrantTo::Owner,
+            _ => GrantTo::Someone,
+        };
+        (
+            to,
+            g.permission.as_ref().map(Permission::as_str).unwrap_or(""),
+        )
+    });
+    canned_from_grants(grants)
+}
+
+/// The `x-amz-grant-*` headers of a request.
+#[derive(Debug, Default, Clone, Copy)]
+struct HeaderGrants<'a> {
+    full_control: Option<&'a str>,
+    read: Option<&'a str>,
+    read_acp: Option<&'a str>,
+    write: Option<&'a str>,
+    write_acp: Option<&'a str>,
+}
+
+impl HeaderGrants<'_> {
+    fn is_empty(&self) -> bool {
+        [
+            self.full_control,
+            self.read,
+            self.read_acp,
+            self.write,
+            self.write_acp,
+        ]
+        .iter()
+        .all(Option::is_none)
+    }
+
+    /// Each grantee of each header with the permission the header gives, for a bucket owned by
+    /// `owner_id`. A header is a comma-separated list of `uri="…"`, `id="…"` or
+    /// `emailAddress="…"`.
+    fn grants(&self, owner_id: &str) -> S3Result<Vec<(GrantTo, &'static str)>> {
+        let mut out = Vec::new();
+        for (header, permission) in [
+            (self.full_control, "FULL_CONTROL"),
+            (self.read, "READ"),
+            (self.read_acp, "READ_ACP"),
+            (self.write, "WRITE"),
+            (self.write_acp, "WRITE_ACP"),
+        ] {
+            for grantee in header.into_iter().flat_map(|h| h.split(',')) {
+                let Some((kind, value)) = grantee.trim().split_once('=') else {
+                    return Err(s3_error!(
+                        InvalidArgument,
+                        "A grant header names its grantees as uri=\"…\", id=\"…\" or emailAddress=\"…\"."
+                    ));
+                };
+                let value = value.trim().trim_matches('"');
+                let to = match kind.trim() {
+                    "uri" => grant_to_uri(value),
+                    "id" if value == owner_id => GrantTo::Owner,
+                    "id" | "emailAddress" => GrantTo::Someone,
+                    other => {
+                        return Err(S3Error::with_message(
+                            S3ErrorCode::InvalidArgument,
+                            format!("Unknown grantee type {other:?} in a grant header: it is uri, id or emailAddress."),
+                        ))
+                    }
+                };
+                out.push((to, permission));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The ACL a request asks for with its canned ACL header (`canned`, already read) or its grant
+/// headers, for a bucket owned by `owner_id`; `None` when it asks for neither. Both at once
+/// are refused, as AWS refuses them.
+fn requested_acl(
+    canned: Option<CannedAcl>,
+    grants: HeaderGrants<'_>,
+    owner_id: &str,
+) -> S3Result<Option<CannedAcl>> {
+    if grants.is_empty() {
+        return Ok(canned);
+    }
+    if canned.is_some() {
+        return Err(s3_error!(
+            InvalidRequest,
+            "Specifying both Canned ACLs and Header Grants is not allowed"
+        ));
+    }
+    canned_from_grants(grants.grants(owner_id)?).map(Some)
 }
 
 fn tags_from_header(header: Option<&str>) -> S3Result<Vec<(String, String)>> {
@@ -1267,7 +1379,19 @@ impl S3 for KarriS3 {
                 ));
             }
         }
-        let acl = bucket_acl_of(req.input.acl.as_ref())?;
+        let i = &req.input;
+        let acl = requested_acl(
+            i.acl.as_ref().map(|a| bucket_acl_of(Some(a))).transpose()?,
+            HeaderGrants {
+                full_control: i.grant_full_control.as_deref(),
+                read: i.grant_read.as_deref(),
+                read_acp: i.grant_read_acp.as_deref(),
+                write: i.grant_write.as_deref(),
+                write_acp: i.grant_write_acp.as_deref(),
+            },
+            &caller.account_id,
+        )?
+        .unwrap_or(CannedAcl::Private);
         let body = json!({
             "apiVersion": crds::API_VERSION,
             "kind": "Bucket",
@@ -1394,10 +1518,23 @@ impl S3 for KarriS3 {
         let bucket = self
             .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::BucketConfig)
             .await?;
-        let acl = match (&req.input.acl, &req.input.access_control_policy) {
-            (Some(a), _) => bucket_acl_of(Some(a))?,
-            (None, Some(policy)) => canned_from_policy(policy)?,
-            (None, None) => return Err(s3_error!(MissingSecurityHeader, "Your request was missing a required header: x-amz-acl or an AccessControlPolicy body.")),
+        let i = &req.input;
+        let owner_id = bucket.spec.owner_id.as_str();
+        let asked = requested_acl(
+            i.acl.as_ref().map(|a| bucket_acl_of(Some(a))).transpose()?,
+            HeaderGrants {
+                full_control: i.grant_full_control.as_deref(),
+                read: i.grant_read.as_deref(),
+                read_acp: i.grant_read_acp.as_deref(),
+                write: i.grant_write.as_deref(),
+                write_acp: i.grant_write_acp.as_deref(),
+            },
+            owner_id,
+        )?;
+        let acl = match (asked, &i.access_control_policy) {
+            (Some(acl), _) => acl,
+            (None, Some(policy)) => canned_from_policy(policy, owner_id)?,
+            (None, None) => return Err(s3_error!(MissingSecurityHeader, "Your request was missing a required header: x-amz-acl, an x-amz-grant-* header or an AccessControlPolicy body.")),
         };
         self.update_bucket(&bucket, move |spec| spec["acl"] = json!(acl.as_str()))
             .await?;
@@ -1470,7 +1607,22 @@ impl S3 for KarriS3 {
         let bucket = self
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
             .await?;
-        let acl = object_acl_of(input.acl.as_ref())?;
+        let acl = requested_acl(
+            input
+                .acl
+                .as_ref()
+                .map(|a| object_acl_of(Some(a)))
+                .transpose()?,
+            HeaderGrants {
+                full_control: input.grant_full_control.as_deref(),
+                read: input.grant_read.as_deref(),
+                read_acp: input.grant_read_acp.as_deref(),
+                write: None,
+                write_acp: input.grant_write_acp.as_deref(),
+            },
+            &bucket.spec.owner_id,
+        )?
+        .unwrap_or(CannedAcl::Private);
         let tags = tags_from_header(input.tagging.as_deref())?;
         let headers = system_headers(
             input.content_type.as_ref(),
@@ -1903,7 +2055,22 @@ impl S3 for KarriS3 {
             _ => source.tags.clone(),
         };
         // Everything refusable is refused before a byte is copied.
-        let acl = object_acl_of(input.acl.as_ref())?;
+        let acl = requested_acl(
+            input
+                .acl
+                .as_ref()
+                .map(|a| object_acl_of(Some(a)))
+                .transpose()?,
+            HeaderGrants {
+                full_control: input.grant_full_control.as_deref(),
+                read: input.grant_read.as_deref(),
+                read_acp: input.grant_read_acp.as_deref(),
+                write: None,
+                write_acp: input.grant_write_acp.as_deref(),
+            },
+            &bucket.spec.owner_id,
+        )?
+        .unwrap_or(CannedAcl::Private);
         let expect = self
             .write_conditions(
                 &bucket,
@@ -1971,10 +2138,23 @@ impl S3 for KarriS3 {
         let bucket = self
             .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::ObjectConfig)
             .await?;
-        let acl = match (&req.input.acl, &req.input.access_control_policy) {
-            (Some(a), _) => object_acl_of(Some(a))?,
-            (None, Some(policy)) => canned_from_policy(policy)?,
-            (None, None) => return Err(s3_error!(MissingSecurityHeader, "Your request was missing a required header: x-amz-acl or an AccessControlPolicy body.")),
+        let i = &req.input;
+        let owner_id = bucket.spec.owner_id.as_str();
+        let asked = requested_acl(
+            i.acl.as_ref().map(|a| object_acl_of(Some(a))).transpose()?,
+            HeaderGrants {
+                full_control: i.grant_full_control.as_deref(),
+                read: i.grant_read.as_deref(),
+                read_acp: i.grant_read_acp.as_deref(),
+                write: i.grant_write.as_deref(),
+                write_acp: i.grant_write_acp.as_deref(),
+            },
+            owner_id,
+        )?;
+        let acl = match (asked, &i.access_control_policy) {
+            (Some(acl), _) => acl,
+            (None, Some(policy)) => canned_from_policy(policy, owner_id)?,
+            (None, None) => return Err(s3_error!(MissingSecurityHeader, "Your request was missing a required header: x-amz-acl, an x-amz-grant-* header or an AccessControlPolicy body.")),
         };
         self.update_object(&bucket, &req.input.key, |m| m.acl = acl)
             .await?;
@@ -2235,7 +2415,22 @@ impl S3 for KarriS3 {
                 input.expires.as_ref(),
             )?,
             metadata: metadata_of(input.metadata.as_ref())?,
-            acl: object_acl_of(input.acl.as_ref())?,
+            acl: requested_acl(
+                input
+                    .acl
+                    .as_ref()
+                    .map(|a| object_acl_of(Some(a)))
+                    .transpose()?,
+                HeaderGrants {
+                    full_control: input.grant_full_control.as_deref(),
+                    read: input.grant_read.as_deref(),
+                    read_acp: input.grant_read_acp.as_deref(),
+                    write: None,
+                    write_acp: input.grant_write_acp.as_deref(),
+                },
+                &bucket.spec.owner_id,
+            )?
+            .unwrap_or(CannedAcl::Private),
             tags: tags_from_header(input.tagging.as_deref())?,
         };
         self.index
@@ -3399,6 +3594,165 @@ mod tests {
     }
 
     #[test]
+    fn grant_headers_that_amount_to_a_canned_acl_are_taken_and_others_refused() {
+        const ALL: &str = r#"uri="http://acs.amazonaws.com/groups/global/AllUsers""#;
+        const AUTH: &str = "uri=http://acs.amazonaws.com/groups/global/AuthenticatedUsers";
+        let owner = "111111111111";
+        let code = |r: S3Result<Option<CannedAcl>>| r.map_err(|e| e.code().as_str().to_owned());
+        let none = HeaderGrants::default();
+        let all_and_someone = format!(r#"{ALL}, emailAddress="x@example.com""#);
+        type Row<'a> = (
+            Option<CannedAcl>,
+            HeaderGrants<'a>,
+            Result<Option<CannedAcl>, String>,
+        );
+        let rows: Vec<Row<'_>> = vec![
+            (None, none, Ok(None)),
+            (
+                Some(CannedAcl::PublicRead),
+                none,
+                Ok(Some(CannedAcl::PublicRead)),
+            ),
+            (
+                None,
+                HeaderGrants {
+                    read: Some(ALL),
+                    ..none
+                },
+                Ok(Some(CannedAcl::PublicRead)),
+            ),
+            (
+                None,
+                HeaderGrants {
+                    read: Some(ALL),
+                    write: Some(ALL),
+                    ..none
+                },
+                Ok(Some(CannedAcl::PublicReadWrite)),
+            ),
+            (
+                None,
+                HeaderGrants {
+                    read: Some(AUTH),
+                    ..none
+                },
+                Ok(Some(CannedAcl::AuthenticatedRead)),
+            ),
+            // The owner's own grant, beside another: it adds nothing.
+            (
+                None,
+                HeaderGrants {
+                    full_control: Some(r#"id="111111111111""#),
+                    read: Some(ALL),
+                    ..none
+                },
+                Ok(Some(CannedAcl::PublicRead)),
+            ),
+            (
+                None,
+                HeaderGrants {
+                    full_control: Some(r#"id="111111111111""#),
+                    ..none
+                },
+                Ok(Some(CannedAcl::Private)),
+            ),
+            // Grants to others cannot be kept: refused, never dropped.
+            (
+                None,
+                HeaderGrants {
+                    read: Some(r#"id="222222222222""#),
+                    ..none
+                },
+                Err("NotImplemented".into()),
+            ),
+            (
+                None,
+                HeaderGrants {
+                    read: Some(&all_and_someone),
+                    ..none
+                },
+                Err("NotImplemented".into()),
+            ),
+            (
+                None,
+                HeaderGrants {
+                    write_acp: Some(ALL),
+                    ..none
+                },
+                Err("NotImplemented".into()),
+            ),
+            (
+                None,
+                HeaderGrants {
+                    write: Some(ALL),
+                    ..none
+                },
+                Err("NotImplemented".into()),
+            ),
+            (
+                None,
+                HeaderGrants {
+                    read: Some("AllUsers"),
+                    ..none
+                },
+                Err("InvalidArgument".into()),
+            ),
+            (
+                None,
+                HeaderGrants {
+                    read: Some(r#"group="x""#),
+                    ..none
+                },
+                Err("InvalidArgument".into()),
+            ),
+            (
+                Some(CannedAcl::Private),
+                HeaderGrants {
+                    read: Some(ALL),
+                    ..none
+                },
+                Err("InvalidRequest".into()),
+            ),
+        ];
+        for (canned, grants, want) in rows {
+            assert_eq!(
+                code(requested_acl(canned, grants, owner)),
+                want,
+                "{canned:?} {grants:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_policy_granting_another_account_is_refused_not_dropped() {
+        let user = |id: &str, permission: &'static str| Grant {
+            grantee: Some(Grantee {
+                display_name: None,
+                email_address: None,
+                id: Some(id.into()),
+                type_: Type::from_static(Type::CANONICAL_USER),
+                uri: None,
+            }),
+            permission: Some(Permission::from_static(permission)),
+        };
+        let policy = |grants| AccessControlPolicy {
+            grants: Some(grants),
+            owner: None,
+        };
+        let owner_only = policy(vec![user("111111111111", Permission::FULL_CONTROL)]);
+        assert_eq!(
+            canned_from_policy(&owner_only, "111111111111").unwrap(),
+            CannedAcl::Private
+        );
+        let other = policy(vec![
+            user("111111111111", Permission::FULL_CONTROL),
+            user("222222222222", Permission::READ),
+        ]);
+        let refused = canned_from_policy(&other, "111111111111").unwrap_err();
+        assert_eq!(refused.code(), &S3ErrorCode::NotImplemented);
+    }
+
+    #[test]
     fn canned_acls_show_as_aws_grants_and_read_back() {
         let owner = Owner {
             display_name: Some("a".into()),
@@ -3414,7 +3768,7 @@ mod tests {
                 grants: Some(grants_of(&owner, acl)),
                 owner: Some(owner.clone()),
             };
-            assert_eq!(canned_from_policy(&policy).unwrap(), acl);
+            assert_eq!(canned_from_policy(&policy, "111111111111").unwrap(), acl);
         }
     }
 
