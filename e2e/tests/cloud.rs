@@ -11,12 +11,12 @@ use std::ops::ControlFlow::{Break, Continue};
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
-use crds::{ConditionStatus, Instance, InstanceState};
+use crds::{ConditionStatus, Instance, InstanceState, Node};
 use karri_e2e::cloud::{
     condition, metric, node_of, node_ready, signal, state_of, violation, Cloud, Options,
     CONDITION_DOMAIN_RUNNING, CONDITION_NODE_HEALTHY,
 };
-use kube::api::ListParams;
+use kube::api::{Api, DeleteParams, ListParams};
 use kube::ResourceExt;
 use tokio::time::Instant;
 
@@ -427,6 +427,93 @@ async fn a_silent_node_goes_not_ready_and_its_instances_impaired_then_recovers(
         "the agent carried out no hypervisor action"
     );
     assert_eq!(cloud.agent_domains(0).await?, (2, 2));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_deleted_on_a_lost_host_goes_once_the_hosts_node_record_is_deleted(
+) -> anyhow::Result<()> {
+    const LEASE: Duration = Duration::from_secs(4);
+    let cloud = Cloud::start(Options {
+        lease_seconds: LEASE.as_secs(),
+        ..Options::default()
+    })
+    .await?;
+    let node = cloud.agents[0].node.clone();
+    let name = "lost-1";
+    cloud.create_instances(&[name.to_owned()]).await?;
+    cloud
+        .wait_all_running(&[name.to_owned()], STEP_TIMEOUT)
+        .await?;
+
+    // The host goes silent (its agent frozen, its domain still defined there) and the
+    // instance is deleted: it waits, shutting down, for its host.
+    signal(&cloud.agents[0].service, "STOP")?;
+    cloud
+        .instances()
+        .delete(name, &DeleteParams::default())
+        .await?;
+    let still_there = |i: Option<Instance>| {
+        i.ok_or_else(|| violation("the instance went while its host may still run its domain"))
+    };
+    let waiting = cloud
+        .wait_until(
+            &format!("{node} is NotReady while the deleted instance waits"),
+            LEASE + LEASE_SLACK,
+            async || {
+                let ready = node_ready(&cloud.node(&node).await?);
+                let i = still_there(cloud.instances().get_opt(name).await?)?;
+                Ok(if ready == Some(ConditionStatus::False) {
+                    Break(i)
+                } else {
+                    Continue(format!("node Ready {ready:?}, {:?}", state_of(&i)))
+                })
+            },
+        )
+        .await?;
+    ensure!(
+        state_of(&waiting) == Some(InstanceState::ShuttingDown),
+        "the deleted instance on the silent host is {:?}",
+        state_of(&waiting)
+    );
+
+    // The administrator gives the host up: its Node record goes, and the instance with it once
+    // the agent's lease has stood still for a whole lease by the operator's clock.
+    Api::<Node>::all(cloud.client.clone())
+        .delete(&node, &DeleteParams::default())
+        .await?;
+    let given_up = Instant::now();
+    cloud
+        .wait_until(
+            "the instance record is gone",
+            2 * LEASE + LEASE_SLACK,
+            async || {
+                Ok(match cloud.instances().get_opt(name).await? {
+                    None => Break(()),
+                    Some(i) => Continue(format!("{:?}", state_of(&i))),
+                })
+            },
+        )
+        .await?;
+    eprintln!(
+        "the instance went {:.2} s after its Node record",
+        given_up.elapsed().as_secs_f64()
+    );
+
+    // The host comes back: its agent removes the guest whose record is gone.
+    signal(&cloud.agents[0].service, "CONT")?;
+    cloud
+        .wait_until(
+            "the returned agent removed the orphaned domain",
+            STEP_TIMEOUT,
+            async || {
+                Ok(match cloud.agent_domains(0).await? {
+                    (0, 0) => Break(()),
+                    seen => Continue(format!("(running, defined) domains {seen:?}")),
+                })
+            },
+        )
+        .await?;
     Ok(())
 }
 

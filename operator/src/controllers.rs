@@ -157,6 +157,9 @@ pub struct Context {
     retention: Duration,
     /// Lease duration assumed for node leases that do not say.
     node_lease_duration: Duration,
+    /// The leases of nodes whose record is gone, timed by this replica's clock, with their
+    /// durations ([`Context::agent_alive`]).
+    gone_node_leases: Mutex<HashMap<String, (health::LeaseSighting, Duration)>>,
     state: Mutex<PlacementState>,
     metrics: Arc<Metrics>,
 }
@@ -373,15 +376,48 @@ impl Context {
     }
 
     /// Whether the agent of `node` still renews its lease (read from the gateway, only for a
-    /// node whose record is gone).
+    /// node whose record is gone). The lease is timed by this replica's clock, and a lease seen
+    /// for the first time counts as renewed now: the domains of a host are given up only once
+    /// its lease has stood still for a whole duration here, whatever the agent's clock says.
     async fn agent_alive(&self, node: &str) -> Result<bool, Error> {
         let leases: Api<Lease> = Api::namespaced(self.client.clone(), NODE_LEASE_NAMESPACE);
         let lease = leases.get_opt(node).await?;
-        Ok(health::lease_runs(
-            lease.as_ref(),
-            self.node_lease_duration,
-            &now(),
-        ))
+        let mut seen = self
+            .gone_node_leases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some((lease, version)) = lease.and_then(|l| {
+            let version = l.metadata.resource_version.clone()?;
+            Some((l, version))
+        }) else {
+            seen.remove(node);
+            return Ok(false);
+        };
+        let now = now();
+        let sighting = health::sighting(
+            seen.get(node).map(|(s, _)| s),
+            &version,
+            None,
+            &now,
+            health::FirstSight::AsRenewedNow,
+        );
+        let duration = health::lease_duration(&lease, self.node_lease_duration);
+        let renewed = lease.spec.renew_time.is_some().then_some(&sighting.since);
+        let alive = node_ready(renewed, duration, &now).is_ready();
+        seen.insert(node.to_owned(), (sighting, duration));
+        Ok(alive)
+    }
+
+    /// How long until the lease of `node`, whose record is gone, runs out by this replica's
+    /// clock (as [`Context::agent_alive`] last timed it); `None` when it has not timed it or the
+    /// lease has run out.
+    fn gone_node_lease_left(&self, node: &str) -> Option<Duration> {
+        let seen = self
+            .gone_node_leases
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (sighting, duration) = seen.get(node)?;
+        health::expires_in(Some(&sighting.since), *duration, &now())
     }
 
     /// Resolves what the node boots for `instance` in `zone` and gives it a private address
@@ -662,8 +698,19 @@ fn instance_error_policy(instance: Arc<Instance>, error: &Error, ctx: Arc<Contex
             .status
             .as_ref()
             .and_then(|s| s.node_name.as_deref());
-        if node.is_some_and(|n| !readiness_of(ctx.node(n).as_deref()).is_ready()) {
-            return Action::requeue(WAITING_ON_A_DOWN_NODE);
+        if let Some(n) = node {
+            if ctx.node(n).is_none() {
+                // Its record is gone: look again when the agent's lease runs out.
+                let left = ctx
+                    .gone_node_lease_left(n)
+                    .unwrap_or(WAITING_ON_A_DOWN_NODE);
+                return Action::requeue(
+                    (left + Duration::from_millis(50)).min(WAITING_ON_A_DOWN_NODE),
+                );
+            }
+            if !readiness_of(ctx.node(n).as_deref()).is_ready() {
+                return Action::requeue(WAITING_ON_A_DOWN_NODE);
+            }
         }
     }
     Action::requeue(error.backoff())
@@ -779,6 +826,7 @@ pub async fn run_instances(
         policy: settings.policy,
         retention: settings.retention,
         node_lease_duration: settings.node_lease_duration,
+        gone_node_leases: Mutex::default(),
         state: Mutex::new(PlacementState::default()),
         metrics: metrics.clone(),
     });
@@ -853,11 +901,21 @@ async fn reconcile_node(node: Arc<Node>, ctx: Arc<NodeContext>) -> Result<Action
         .ok_or(Error::Incomplete("name"))?;
     let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), NODE_LEASE_NAMESPACE);
     let lease = leases.get_opt(&name).await?;
-    let duration = lease
+    let duration = lease.as_ref().map_or(ctx.lease_duration, |l| {
+        health::lease_duration(l, ctx.lease_duration)
+    });
+    // A node judged Ready (by this replica or the one before) keeps a whole lease by this
+    // replica's clock; one that was not is judged by the renewal time its agent wrote.
+    let judged_ready = node
+        .status
         .as_ref()
-        .and_then(|l| l.spec.lease_duration_seconds)
-        .and_then(|s| u64::try_from(s).ok())
-        .map_or(ctx.lease_duration, Duration::from_secs);
+        .and_then(|s| find_condition(&s.conditions, CONDITION_READY))
+        .is_some_and(|c| c.status == crds::ConditionStatus::True);
+    let first = if judged_ready {
+        health::FirstSight::AsRenewedNow
+    } else {
+        health::FirstSight::ByRenewTime
+    };
     let now = now();
     let renew_time = lease
         .as_ref()
@@ -873,7 +931,8 @@ async fn reconcile_node(node: Arc<Node>, ctx: Arc<NodeContext>) -> Result<Action
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match (version, &renew_time) {
             (Some(version), Some(written)) => {
-                let seen = health::sighting(sightings.get(&name), &version, Some(written), &now);
+                let seen =
+                    health::sighting(sightings.get(&name), &version, Some(written), &now, first);
                 let since = seen.since.clone();
                 sightings.insert(name.clone(), seen);
                 Some(since)
@@ -1036,6 +1095,7 @@ mod tests {
             policy: Policy::default(),
             retention: Duration::from_secs(60),
             node_lease_duration: health::DEFAULT_LEASE_DURATION,
+            gone_node_leases: Mutex::default(),
             state: Mutex::default(),
             metrics: Arc::new(Metrics::new()),
         }

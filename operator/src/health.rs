@@ -94,20 +94,13 @@ pub fn node_ready(last_renew: Option<&Time>, lease_duration: Duration, now: &Tim
     }
 }
 
-/// Whether `lease` (`None`: there is none) still runs at `now` by the renewal time its agent wrote,
-/// for its own duration or else `default_duration`. For a node whose record is gone, where no
-/// sighting is kept: an agent still renewing means the host is still there. Pure.
-pub fn lease_runs(lease: Option<&Lease>, default_duration: Duration, now: &Time) -> bool {
-    let Some(lease) = lease else {
-        return false;
-    };
-    let duration = lease
+/// The duration `lease` states, or else `default_duration`. Pure.
+pub fn lease_duration(lease: &Lease, default_duration: Duration) -> Duration {
+    lease
         .spec
         .lease_duration_seconds
         .and_then(|s| u64::try_from(s).ok())
-        .map_or(default_duration, Duration::from_secs);
-    let renewed = lease.spec.renew_time.as_ref().map(|m| Time(m.0));
-    node_ready(renewed.as_ref(), duration, now).is_ready()
+        .map_or(default_duration, Duration::from_secs)
 }
 
 /// What the operator remembers of a node's lease: the version it last read, and since when
@@ -120,19 +113,31 @@ pub struct LeaseSighting {
     pub since: Time,
 }
 
+/// How a lease seen for the first time (by an operator that just started or took the lead) is
+/// timed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FirstSight {
+    /// From the agent's `renewTime` (never later than now): for a node not judged Ready, so
+    /// that a node dead for long stays NotReady instead of getting a lease duration more.
+    ByRenewTime,
+    /// As a renewal seen now: for a node judged Ready, and for a host whose domains would be
+    /// given up, so that an agent whose clock runs behind is not taken for dead at once.
+    AsRenewedNow,
+}
+
 /// The sighting after reading the lease at `version`, whose agent wrote `renew_time`, at `now`.
 /// The same version keeps its time (so the node's condition, which shows it, does not change
-/// while the node stays down); a new version is a renewal seen now. Only the first sight (an
-/// operator that just started) takes the agent's `renewTime`, and never later than `now`: a
-/// node dead for long is not Ready, and an agent clock running ahead buys nothing. Comparing
-/// the agent's clock with the operator's only there keeps a skewed agent from being judged
-/// by its clock (Kubernetes' node lifecycle controller times node health by its own clock too).
-/// Pure.
+/// while the node stays down); a new version is a renewal seen now. Only a first sight may take
+/// the agent's `renewTime` (as `first` says), and never later than `now`: an agent clock running
+/// ahead buys nothing. Timing leases by the operator's clock keeps a skewed agent from being
+/// judged by its clock (Kubernetes' node lifecycle controller times node health by its own
+/// clock too). Pure.
 pub fn sighting(
     previous: Option<&LeaseSighting>,
     version: &str,
     renew_time: Option<&Time>,
     now: &Time,
+    first: FirstSight,
 ) -> LeaseSighting {
     match previous {
         Some(seen) if seen.version == version => seen.clone(),
@@ -142,10 +147,13 @@ pub fn sighting(
         },
         None => LeaseSighting {
             version: version.to_owned(),
-            since: renew_time
-                .filter(|written| written.0 < now.0)
-                .unwrap_or(now)
-                .clone(),
+            since: match first {
+                FirstSight::AsRenewedNow => now.clone(),
+                FirstSight::ByRenewTime => renew_time
+                    .filter(|written| written.0 < now.0)
+                    .unwrap_or(now)
+                    .clone(),
+            },
         },
     }
 }
@@ -222,45 +230,19 @@ mod tests {
     const LEASE: Duration = Duration::from_secs(40);
 
     #[test]
-    fn a_lease_runs_while_renewed_within_its_own_duration_or_the_default() {
-        let lease = |renewed: Option<i64>, seconds: Option<i32>| {
+    fn a_lease_lasts_its_own_duration_or_the_default() {
+        let lease = |seconds: Option<i32>| {
             let mut l = Lease::new("hv-01", crds::LeaseSpec::default());
-            l.spec.renew_time =
-                renewed.map(|s| k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(at(s).0));
             l.spec.lease_duration_seconds = seconds;
             l
         };
         let rows = [
-            ("no lease", None, false),
-            ("never renewed", Some(lease(None, Some(40))), false),
-            (
-                "renewed 10 s ago, 40 s lease",
-                Some(lease(Some(90), Some(40))),
-                true,
-            ),
-            (
-                "renewed 50 s ago, 40 s lease",
-                Some(lease(Some(50), Some(40))),
-                false,
-            ),
-            (
-                "renewed 50 s ago, 60 s lease",
-                Some(lease(Some(50), Some(60))),
-                true,
-            ),
-            (
-                "renewed 30 s ago, default 40 s",
-                Some(lease(Some(70), None)),
-                true,
-            ),
-            (
-                "renewed 45 s ago, default 40 s",
-                Some(lease(Some(55), None)),
-                false,
-            ),
+            (Some(60), Duration::from_secs(60)),
+            (None, LEASE),
+            (Some(-5), LEASE),
         ];
-        for (what, lease, runs) in rows {
-            assert_eq!(lease_runs(lease.as_ref(), LEASE, &at(100)), runs, "{what}");
+        for (seconds, want) in rows {
+            assert_eq!(lease_duration(&lease(seconds), LEASE), want, "{seconds:?}");
         }
     }
 
@@ -340,7 +322,13 @@ mod tests {
         let mut seen: Option<LeaseSighting> = None;
         for (secs, version, written, ready) in rows {
             let now = at(secs);
-            let next = sighting(seen.as_ref(), version, Some(&at(written)), &now);
+            let next = sighting(
+                seen.as_ref(),
+                version,
+                Some(&at(written)),
+                &now,
+                FirstSight::ByRenewTime,
+            );
             assert_eq!(
                 node_ready(Some(&next.since), LEASE, &now).is_ready(),
                 ready,
@@ -349,15 +337,74 @@ mod tests {
             seen = Some(next);
         }
         // An agent whose first renewTime is ahead of the operator's clock is taken as now.
-        let ahead = sighting(None, "1", Some(&at(9_999)), &at(1_000));
+        let ahead = sighting(
+            None,
+            "1",
+            Some(&at(9_999)),
+            &at(1_000),
+            FirstSight::ByRenewTime,
+        );
         assert_eq!(ahead.since, at(1_000));
         // While a node stays down its condition stays the same: nothing to write again.
-        let down = sighting(None, "5", Some(&at(500)), &at(1_000));
-        let again = sighting(Some(&down), "5", Some(&at(500)), &at(1_030));
+        let down = sighting(
+            None,
+            "5",
+            Some(&at(500)),
+            &at(1_000),
+            FirstSight::ByRenewTime,
+        );
+        let again = sighting(
+            Some(&down),
+            "5",
+            Some(&at(500)),
+            &at(1_030),
+            FirstSight::ByRenewTime,
+        );
         assert_eq!(
             node_ready(Some(&down.since), LEASE, &at(1_000)),
             node_ready(Some(&again.since), LEASE, &at(1_030))
         );
+    }
+
+    #[test]
+    fn a_node_judged_ready_keeps_a_whole_lease_after_an_operator_start_whatever_its_agents_clock() {
+        // (seconds on the operator's clock, lease version, agent's renewTime, Ready wanted)
+        let rows: [(i64, &str, i64, bool); 4] = [
+            // The agent's clock runs an hour behind: its renewal looks an hour old...
+            (1_000, "7", -2_600, true),
+            // ...yet it renews, and each renewal is timed by the operator's clock.
+            (1_010, "8", -2_590, true),
+            (1_049, "8", -2_590, true),
+            // It stops renewing: NotReady a lease after the last renewal seen.
+            (1_050, "8", -2_590, false),
+        ];
+        let mut seen: Option<LeaseSighting> = None;
+        for (secs, version, written, ready) in rows {
+            let now = at(secs);
+            let next = sighting(
+                seen.as_ref(),
+                version,
+                Some(&at(written)),
+                &now,
+                FirstSight::AsRenewedNow,
+            );
+            assert_eq!(
+                node_ready(Some(&next.since), LEASE, &now).is_ready(),
+                ready,
+                "version {version} at {secs} s"
+            );
+            seen = Some(next);
+        }
+        // A node that died just before the start is given up a lease later, not at once.
+        let dead = sighting(
+            None,
+            "3",
+            Some(&at(10)),
+            &at(1_000),
+            FirstSight::AsRenewedNow,
+        );
+        assert!(node_ready(Some(&dead.since), LEASE, &at(1_039)).is_ready());
+        assert!(!node_ready(Some(&dead.since), LEASE, &at(1_040)).is_ready());
     }
 
     #[test]
