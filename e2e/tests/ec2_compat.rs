@@ -388,6 +388,30 @@ async fn awscli_runs_stops_starts_and_terminates_instances_until_they_are_collec
             && str_at(found, "/State")? == "available",
         "describe-images --owners self shows {found}, expected {image_id} of {account_id}"
     );
+    // The `ami-` alias of the image's ID tags it, as every other image action takes it.
+    let alias = image_id.replacen("emi-", "ami-", 1);
+    aws.ok(&[
+        "create-tags",
+        "--resources",
+        &alias,
+        "--tags",
+        "Key=tier,Value=base",
+    ])
+    .await?;
+    let image_tags = aws
+        .ok(&[
+            "describe-tags",
+            "--filters",
+            &format!("Name=resource-id,Values={image_id}"),
+        ])
+        .await?;
+    ensure!(
+        array_at(&image_tags, "/Tags").len() == 1
+            && str_at(&array_at(&image_tags, "/Tags")[0], "/Key")? == "tier",
+        "create-tags of {alias} did not tag {image_id}: {image_tags}"
+    );
+    aws.ok(&["delete-tags", "--resources", &alias, "--tags", "Key=tier"])
+        .await?;
     // creation-date matches the CreationDate the image shows.
     let created = str_at(found, "/CreationDate")?.to_owned();
     let year = format!("Name=creation-date,Values={}*", &created[..4]);

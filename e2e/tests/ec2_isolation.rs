@@ -534,6 +534,11 @@ async fn another_account_can_neither_see_nor_change_an_accounts_resources_except
     );
     let executable = b.ok("describe_images", json!({"ExecutableUsers": ["self"]}))?;
     shows_image_without_tags(&executable, &w.alpha)?;
+    // ExecutableBy scopes by explicit launch permissions: B's own image is not among them.
+    ensure!(
+        image_ids(&executable) == [image.clone()],
+        "ExecutableUsers=self shows other than the image shared with B: {executable}"
+    );
     let by_id = b.ok("describe_images", json!({"ImageIds": [image]}))?;
     shows_image_without_tags(&by_id, &w.alpha)?;
     let launch =
@@ -626,12 +631,18 @@ async fn another_account_can_neither_see_nor_change_an_accounts_resources_except
     for params in [
         json!({}),
         json!({"ExecutableUsers": ["all"]}),
-        json!({"ExecutableUsers": ["self"]}),
         json!({"Owners": [a_id]}),
     ] {
         let seen = b.ok("describe_images", params.clone())?;
         shows_image_without_tags(&seen, &w.alpha).with_context(|| format!("{params}"))?;
     }
+    // A public image is launchable by everyone, but not shared with B explicitly:
+    // ExecutableUsers=self (explicit launch permissions, as on EC2) does not show it.
+    let explicit = b.ok("describe_images", json!({"ExecutableUsers": ["self"]}))?;
+    ensure!(
+        !image_ids(&explicit).contains(&image),
+        "ExecutableUsers=self shows a public image not shared with B: {explicit}"
+    );
     let all = b.ok("describe_images", json!({"ExecutableUsers": ["all"]}))?;
     ensure!(
         image_ids(&all) == vec![image.clone()],

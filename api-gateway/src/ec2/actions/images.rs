@@ -39,7 +39,7 @@ pub fn same_image(stored: &str, asked: &str) -> bool {
 }
 
 /// Find an image by ID, accepting the `ami-` alias of an `emi-` ID.
-async fn find_image(cx: &Cx<'_>, id: &str) -> Result<Option<Value>, Ec2Error> {
+pub(super) async fn find_image(cx: &Cx<'_>, id: &str) -> Result<Option<Value>, Ec2Error> {
     let mut found = cx.registry.lookup_id(id).await.map_err(from_api)?;
     if found.is_none() {
         if let Some(hex) = id.strip_prefix("ami-") {
@@ -230,12 +230,15 @@ pub async fn describe_images(cx: &Cx<'_>, a: router::DescribeImages) -> Result<S
         })
         .filter(|(v, owner)| {
             let own = namespace(v) == cx.caller.namespace;
-            let runnable_by_me = owner != me && (is_public(v) || shared_with(v, me)) || own;
+            // ExecutableBy scopes by explicit launch permissions (EC2's API reference): `self`
+            // is the images others shared with the caller's account, not its own (implicit)
+            // nor public ones (`all`).
+            let shared_with_me = !own && owner != me && shared_with(v, me);
             a.executable_by.is_empty()
                 || a.executable_by.iter().any(|e| match e.as_str() {
                     "all" => is_public(v),
-                    "self" => runnable_by_me,
-                    account if account == me => runnable_by_me,
+                    "self" => shared_with_me,
+                    account if account == me => shared_with_me,
                     // Only the caller's own images shared with that account: whom others
                     // share their images with is theirs to know.
                     account => own && shared_with(v, account),

@@ -53,7 +53,12 @@ async fn resources(cx: &Cx<'_>, ids: &[String]) -> Result<Vec<(&'static str, Val
             }
             return Err(Ec2Error::invalid_id(id));
         };
-        let found = cx.registry.lookup_id(id).await.map_err(from_api)?;
+        let found = if plural == "images" {
+            // As every image action: an `ami-` ID names the `emi-` image of the same digits.
+            super::images::find_image(cx, id).await?
+        } else {
+            cx.registry.lookup_id(id).await.map_err(from_api)?
+        };
         match found {
             Some(v) if super::is_kind(&v, plural) && namespace(&v) == cx.caller.namespace => {
                 out.push((plural, v));
