@@ -897,6 +897,13 @@ impl<H: Hypervisor + 'static> Context<H> {
             .filter(|i| is_held_on(i, &self.settings.node))
             .filter_map(|i| guest::address_of(i))
             .collect();
+        match guests.keep_dhcp_running().await {
+            Some(Ok(true)) => {
+                self.metrics.dhcp_restarts.inc();
+            }
+            Some(Ok(false)) | None => {}
+            Some(Err(error)) => tracing::error!(%error, "cannot start the DHCP server again"),
+        }
         guests.retain_network(mark, &addresses).await;
         match guests.guard_dropped().await {
             Some(Ok(d)) => self.metrics.guard_dropped(d.packets, d.bytes),

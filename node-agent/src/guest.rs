@@ -236,6 +236,7 @@ pub fn metadata_of(
             .clone()
             .unwrap_or_else(|| crds::subnet::private_dns_name(ip, region)),
         reservation_id: spec.reservation_id.clone().unwrap_or_default(),
+        launch_index: spec.launch_index.unwrap_or(0),
         kernel_id: launch.kernel.as_ref().map(|k| k.image_id.clone()),
         ramdisk_id: launch.ramdisk.as_ref().map(|r| r.image_id.clone()),
         public_keys,
@@ -636,6 +637,14 @@ impl Guests {
         if let Err(error) = net.dhcp.lock().await.retain_hosts(&macs) {
             tracing::warn!(%error, "cannot prune the DHCP host entries");
         }
+    }
+
+    /// Starts the guests' DHCP server again if it died (without it, new guests get no address
+    /// and running ones lose theirs when their lease runs out). Returns whether it had to;
+    /// `None` without a guest network.
+    pub async fn keep_dhcp_running(&self) -> Option<Result<bool, crate::guestnet::GuestNetError>> {
+        let net = self.network.as_ref()?;
+        Some(net.dhcp.lock().await.ensure_running().await)
     }
 
     /// What the port guard has dropped so far; `None` without a guest network.

@@ -67,6 +67,8 @@ pub struct InstanceMetadata {
     pub hostname: String,
     /// The reservation ID, e.g. `r-0123456789abcdef0`.
     pub reservation_id: String,
+    /// The instance's place among those its RunInstances launched (0 for the first).
+    pub launch_index: u32,
     /// The kernel image, if the instance was launched with one.
     pub kernel_id: Option<String>,
     /// The RAM disk image, if the instance was launched with one.
@@ -476,7 +478,7 @@ fn meta_data(md: &InstanceMetadata) -> Vec<Entry> {
     let security_groups = md.security_groups.join("\n");
     let mut entries = vec![
         value("ami-id", &md.image_id),
-        value("ami-launch-index", "0"),
+        value("ami-launch-index", md.launch_index.to_string()),
         value("ami-manifest-path", "(unknown)"),
         dir(
             "block-device-mapping",
@@ -983,6 +985,7 @@ mod tests {
             mac: "02:00:ac:1f:00:05".into(),
             hostname: "ip-172-31-0-5.karri-1.compute.internal".into(),
             reservation_id: "r-0fedcba9876543210".into(),
+            launch_index: 2,
             kernel_id: None,
             ramdisk_id: None,
             public_keys: vec![("laptop".into(), KEY.into())],
@@ -1017,7 +1020,7 @@ mod tests {
         let md = sample();
         let cases = [
             ("ami-id", "ami-0abcdef1234567890"),
-            ("ami-launch-index", "0"),
+            ("ami-launch-index", "2"),
             ("ami-manifest-path", "(unknown)"),
             ("block-device-mapping/ami", "/dev/vda"),
             ("block-device-mapping/root", "/dev/vda"),

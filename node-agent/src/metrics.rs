@@ -89,6 +89,8 @@ pub struct Metrics {
     pub guard_dropped_packets: Gauge,
     /// Their bytes.
     pub guard_dropped_bytes: Gauge,
+    /// Times the DHCP server (dnsmasq) was found dead and started again.
+    pub dhcp_restarts: Counter,
 }
 
 impl Metrics {
@@ -107,6 +109,12 @@ impl Metrics {
         let console_reports = Counter::default();
         let guard_dropped_packets = Gauge::default();
         let guard_dropped_bytes = Gauge::default();
+        let dhcp_restarts = Counter::default();
+        registry.register(
+            "dhcp_restarts",
+            "Times the guests' DHCP server (dnsmasq) was found dead and started again",
+            dhcp_restarts.clone(),
+        );
         registry.register(
             "port_guard_dropped_packets",
             "Frames the port guard dropped since its table was made: another guest's address or \
@@ -181,6 +189,7 @@ impl Metrics {
             console_reports,
             guard_dropped_packets,
             guard_dropped_bytes,
+            dhcp_restarts,
         }
     }
 

@@ -533,6 +533,7 @@ fn metadata_at_guest_ip(id: &str) -> node_agent::imds::InstanceMetadata {
         mac: guestnet::mac_for(GUEST_IP),
         hostname: "ip-172-31-0-5.karri-1.compute.internal".into(),
         reservation_id: "r-0123456789abcdef0".into(),
+        launch_index: 0,
         kernel_id: None,
         ramdisk_id: None,
         public_keys: Vec::new(),
