@@ -31,6 +31,100 @@ const METADATA_FIELDS: &[&str] = &[
     "managedFields",
 ];
 
+/// What is wrong with the shape of `metadata`'s fields other than labels and annotations:
+/// each has the type Kubernetes' ObjectMeta gives it, so that every client (and Karri's own
+/// controllers, which read records typed) can read the record back. Pure.
+pub fn metadata_problems(meta: &Map<String, Value>) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut bad = |path: String, why: &str| out.push((path, why.to_owned()));
+    let is_time = |v: &Value| {
+        v.as_str()
+            .is_some_and(|t| chrono::DateTime::parse_from_rfc3339(t).is_ok())
+    };
+    for (field, value) in meta {
+        if value.is_null() {
+            continue;
+        }
+        let path = format!("metadata.{field}");
+        match field.as_str() {
+            "name" | "generateName" | "namespace" | "selfLink" | "uid" | "resourceVersion"
+                if !value.is_string() =>
+            {
+                bad(path, "must be a string")
+            }
+            "generation" | "deletionGracePeriodSeconds" if !value.is_i64() => {
+                bad(path, "must be an integer")
+            }
+            "creationTimestamp" | "deletionTimestamp" if !is_time(value) => {
+                bad(path, "must be an RFC 3339 time")
+            }
+            "finalizers" => match value.as_array() {
+                Some(items) if items.iter().all(Value::is_string) => {}
+                _ => bad(path, "must be a list of strings"),
+            },
+            "ownerReferences" => {
+                let Some(items) = value.as_array() else {
+                    bad(path, "must be a list of owner references");
+                    continue;
+                };
+                let mut controllers = 0;
+                for (i, r) in items.iter().enumerate() {
+                    let at = format!("{path}[{i}]");
+                    if !r.is_object() {
+                        bad(at, "must be an owner reference");
+                        continue;
+                    }
+                    for key in ["apiVersion", "kind", "name", "uid"] {
+                        if r.get(key).and_then(Value::as_str).is_none_or(str::is_empty) {
+                            bad(format!("{at}.{key}"), "Required value: a non-empty string");
+                        }
+                    }
+                    for key in ["controller", "blockOwnerDeletion"] {
+                        if r.get(key).is_some_and(|v| !v.is_null() && !v.is_boolean()) {
+                            bad(format!("{at}.{key}"), "must be true or false");
+                        }
+                    }
+                    if r.get("controller").and_then(Value::as_bool) == Some(true) {
+                        controllers += 1;
+                    }
+                }
+                if controllers > 1 {
+                    bad(path, "Only one reference can have Controller set to true");
+                }
+            }
+            "managedFields" => {
+                let Some(items) = value.as_array() else {
+                    bad(path, "must be a list of managed fields entries");
+                    continue;
+                };
+                for (i, e) in items.iter().enumerate() {
+                    let at = format!("{path}[{i}]");
+                    let Some(entry) = e.as_object() else {
+                        bad(at, "must be a managed fields entry");
+                        continue;
+                    };
+                    for (key, v) in entry {
+                        let ok = v.is_null()
+                            || match key.as_str() {
+                                "manager" | "apiVersion" | "subresource" => v.is_string(),
+                                "operation" => matches!(v.as_str(), Some("Apply" | "Update")),
+                                "fieldsType" => v.as_str() == Some("FieldsV1"),
+                                "fieldsV1" => v.is_object(),
+                                "time" => is_time(v),
+                                _ => true,
+                            };
+                        if !ok {
+                            bad(format!("{at}.{key}"), "has the wrong type or value");
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 /// Check `value` (a whole record) against the CRD's root schema, pruning unknown fields.
 pub fn check_record(value: &mut Value, root: &Value) -> Findings {
     let mut f = Findings::default();
@@ -58,6 +152,7 @@ pub fn check_record(value: &mut Value, root: &Value) -> Findings {
                 }
             }
         }
+        f.invalid.extend(metadata_problems(meta));
     }
     if let (Some(obj), Some(props)) = (
         value.as_object_mut(),
@@ -300,6 +395,66 @@ mod tests {
                 f.invalid.iter().any(|(p, _)| p == field),
                 "expected {field} invalid in {:?}",
                 f.invalid
+            );
+        }
+    }
+
+    #[test]
+    fn metadata_fields_must_have_their_object_meta_types() {
+        let owner = json!({"apiVersion": "karri.dev/v1alpha1", "kind": "Account", "name": "a",
+            "uid": "u1", "controller": true});
+        let fine = json!({
+            "name": "a", "namespace": "acme", "generation": 3, "finalizers": ["x/y"],
+            "creationTimestamp": "2026-11-26T10:00:00Z", "deletionTimestamp": null,
+            "ownerReferences": [owner],
+            "managedFields": [{"manager": "kubectl", "operation": "Apply",
+                "time": "2026-11-26T10:00:00Z", "fieldsType": "FieldsV1", "fieldsV1": {}}],
+        });
+        let meta = |v: Value| v.as_object().cloned().unwrap_or_default();
+        assert_eq!(metadata_problems(&meta(fine)), vec![]);
+        let rows = [
+            (json!({"finalizers": "x"}), "metadata.finalizers"),
+            (json!({"finalizers": [1]}), "metadata.finalizers"),
+            (json!({"ownerReferences": "x"}), "metadata.ownerReferences"),
+            (
+                json!({"ownerReferences": [1]}),
+                "metadata.ownerReferences[0]",
+            ),
+            (
+                json!({"ownerReferences": [{"apiVersion": "v1", "kind": "K", "name": "n"}]}),
+                "metadata.ownerReferences[0].uid",
+            ),
+            (
+                json!({"ownerReferences": [{"apiVersion": "v1", "kind": "K", "name": "n",
+                    "uid": "u", "controller": "yes"}]}),
+                "metadata.ownerReferences[0].controller",
+            ),
+            (
+                json!({"ownerReferences": [owner.clone(), owner.clone()]}),
+                "metadata.ownerReferences",
+            ),
+            (json!({"managedFields": {}}), "metadata.managedFields"),
+            (json!({"managedFields": ["x"]}), "metadata.managedFields[0]"),
+            (
+                json!({"managedFields": [{"time": "yesterday"}]}),
+                "metadata.managedFields[0].time",
+            ),
+            (
+                json!({"managedFields": [{"operation": "Replace"}]}),
+                "metadata.managedFields[0].operation",
+            ),
+            (json!({"generation": "1"}), "metadata.generation"),
+            (json!({"uid": 5}), "metadata.uid"),
+            (
+                json!({"creationTimestamp": "now"}),
+                "metadata.creationTimestamp",
+            ),
+        ];
+        for (v, field) in rows {
+            let found = metadata_problems(&meta(v.clone()));
+            assert!(
+                found.iter().any(|(p, _)| p == field),
+                "{v}: expected {field}, found {found:?}"
             );
         }
     }

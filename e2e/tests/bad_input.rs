@@ -623,3 +623,58 @@ async fn kubectl_apply_with_an_unknown_spec_field_fails_with_a_strict_decoding_e
     ensure!(listed.trim().is_empty(), "a refused apply stored: {listed}");
     ensure_nothing_stored(&c.admin_api()?).await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metadata_of_the_wrong_shape_is_invalid_and_the_record_stays_readable() -> anyhow::Result<()>
+{
+    let c = Cluster::start().await?;
+    let api = c.admin_api()?;
+    create(&api, "a").await?;
+    let before = api.get_json(&instance("a")).await?;
+    // Each of these, stored, would make the record unreadable to a typed client (Karri's own
+    // operator lists instances typed: one such record would stall it for every tenant).
+    for (patch, field) in [
+        (
+            json!({"metadata": {"ownerReferences": "x"}}),
+            "metadata.ownerReferences",
+        ),
+        (
+            json!({"metadata": {"finalizers": [1]}}),
+            "metadata.finalizers",
+        ),
+        (
+            json!({"metadata": {"ownerReferences": [{"kind": "Account", "name": "n"}]}}),
+            "metadata.ownerReferences[0].apiVersion",
+        ),
+        (
+            json!({"metadata": {"managedFields": [{"time": "yesterday"}]}}),
+            "metadata.managedFields[0].time",
+        ),
+    ] {
+        let resp = api
+            .request(Method::PATCH, &instance("a"))
+            .header(CONTENT_TYPE, "application/merge-patch+json")
+            .body(serde_json::to_vec(&patch)?)
+            .send()
+            .await?;
+        let status = expect_status(resp, 422, "Invalid").await?;
+        ensure!(
+            status["details"]["causes"]
+                .as_array()
+                .is_some_and(|causes| causes.iter().any(|c| c["field"] == field)),
+            "{patch}: no cause names {field}: {status}"
+        );
+    }
+    let mut body = instance_json("b");
+    body["metadata"]["finalizers"] = json!("example.com/x");
+    expect_status(post_json(&api, &body, "").await?, 422, "Invalid").await?;
+    ensure!(
+        api.get_json(&instance("a")).await? == before,
+        "a refused patch changed the record"
+    );
+    ensure!(
+        all_instances(&api).await?.len() == 1,
+        "a refused create stored a record"
+    );
+    Ok(())
+}
