@@ -502,6 +502,12 @@ impl Registry {
                 prepared.push((obj, warnings, secret, key, id, name, unique));
             }
             if opts.dry_run {
+                // As kube-apiserver's dry run: a name that is taken is a conflict, not a success.
+                for (_, _, _, key, _, name, _) in &prepared {
+                    if self.etcd_get(key, None).await?.count() > 0 {
+                        return Err(ApiError::already_exists(kind.info.plural, name));
+                    }
+                }
                 return Ok(prepared
                     .into_iter()
                     .map(|(object, warnings, ..)| Written {

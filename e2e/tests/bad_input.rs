@@ -319,6 +319,13 @@ async fn an_update_that_names_no_resource_version_is_invalid_and_changes_nothing
         api.get_json(&instance("a")).await? == first,
         "an update without a version changed the record"
     );
+    // Of a record that is not there, it is NotFound, as kube-apiserver answers.
+    let resp = api
+        .request(Method::PUT, &instance("ghost"))
+        .json(&blind)
+        .send()
+        .await?;
+    expect_status(resp, 404, "NotFound").await?;
     Ok(())
 }
 
@@ -677,4 +684,27 @@ async fn metadata_of_the_wrong_shape_is_invalid_and_the_record_stays_readable() 
         "a refused create stored a record"
     );
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_in_an_unsupported_media_type_is_415_so_clients_fall_back_to_json(
+) -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let api = c.admin_api()?;
+    for media_type in [
+        "application/cbor",
+        "application/vnd.kubernetes.protobuf",
+        "application/apply-patch+yaml",
+    ] {
+        let resp = api
+            .request(Method::POST, &instances())
+            .header(CONTENT_TYPE, media_type)
+            .body(serde_json::to_vec(&instance_json("a"))?)
+            .send()
+            .await?;
+        expect_status(resp, 415, "UnsupportedMediaType")
+            .await
+            .with_context(|| format!("POST as {media_type}"))?;
+    }
+    ensure_nothing_stored(&api).await
 }

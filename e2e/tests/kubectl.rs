@@ -921,6 +921,12 @@ async fn dry_run_server_stores_nothing() -> anyhow::Result<()> {
         out.trim() == "instance.karri.dev/web-1 configured (server dry run)",
         "{out}"
     );
+    // A dry-run create of a name that is taken fails as the real one would.
+    let taken = kubectl_err(&c.admin, &["create", "--dry-run=server", "-f", p])?;
+    ensure!(
+        taken.contains("AlreadyExists") || taken.contains("already exists"),
+        "a dry-run create of an existing name: {taken}"
+    );
     let out = kubectl_ok(
         &c.admin,
         &["delete", "instance", "web-1", "--dry-run=server"],

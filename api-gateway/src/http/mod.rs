@@ -468,12 +468,17 @@ fn content_type(headers: &HeaderMap) -> String {
         .to_ascii_lowercase()
 }
 
-/// Parse a JSON or YAML body into a value.
+/// Parse a JSON or YAML body into a value. Another media type (CBOR, protobuf, a patch type on
+/// a create) is 415, as kube-apiserver answers it, so that clients fall back to JSON.
 fn parse_body(bytes: &[u8], ct: &str) -> ApiResult<Value> {
+    let yaml = match ct {
+        "" | "application/json" => false,
+        "application/yaml" | "application/x-yaml" | "text/yaml" => true,
+        other => return Err(ApiError::unsupported_media_type(other)),
+    };
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(ApiError::bad_request("the request body is empty"));
     }
-    let yaml = ct.contains("yaml");
     let v: Value = if yaml {
         serde_norway::from_slice(bytes)
             .map_err(|e| ApiError::bad_request(format!("the body is not valid YAML: {e}")))?
@@ -612,6 +617,9 @@ async fn resource_request(
             {
                 Some(rv) if !rv.is_empty() => Some(registry::parse_rv(rv)?),
                 _ => {
+                    // A record that is not there (or not the caller's to see) is NotFound
+                    // first, as kube-apiserver answers a custom resource's update.
+                    s.registry.get(&kind, ns.as_deref(), &name, who).await?;
                     return Err(ApiError::invalid(
                         kind.info.kind,
                         &name,
@@ -619,7 +627,7 @@ async fn resource_request(
                             "metadata.resourceVersion".into(),
                             "Invalid value: 0x0: must be specified for an update".into(),
                         )],
-                    ))
+                    ));
                 }
             };
             let sub = if status {
