@@ -515,6 +515,7 @@ impl Guests {
             let tap = net.ports.bind(&mac, ip).await.map_err(GuestError::Ports)?;
             let hostname = crds::subnet::hostname_for(ip);
             dhcp.set_host(&mac, ip, &hostname)
+                .await
                 .map_err(|e| GuestError::Dhcp(e.to_string()))?;
             if let Some(md) = metadata_of(instance, &net.region, &net.subnet_cidr) {
                 net.directory.set(md);
@@ -579,6 +580,7 @@ impl Guests {
             } else {
                 net.directory.remove(ip, id);
                 dhcp.remove_host(&mac)
+                    .await
                     .map_err(|e| GuestError::Dhcp(e.to_string()))?;
                 net.ports
                     .unbind(&mac, ip)
@@ -634,7 +636,7 @@ impl Guests {
         let ips: HashSet<Ipv4Addr> = live.iter().map(|(ip, _)| *ip).collect();
         net.directory.retain(|md| ips.contains(&md.local_ipv4));
         let macs: HashSet<String> = live.iter().map(|(_, mac)| mac.clone()).collect();
-        if let Err(error) = net.dhcp.lock().await.retain_hosts(&macs) {
+        if let Err(error) = net.dhcp.lock().await.retain_hosts(&macs).await {
             tracing::warn!(%error, "cannot prune the DHCP host entries");
         }
     }

@@ -83,6 +83,9 @@ pub enum GuestNetError {
         /// What it printed on stderr.
         stderr: String,
     },
+    /// A blocking file task ended without an answer (it panicked or was cancelled).
+    #[error("a file task of the DHCP server's hosts failed: {0}")]
+    Task(String),
     /// A file operation failed.
     #[error("could not {action} {path}: {source}")]
     Io {
@@ -542,7 +545,13 @@ impl Dhcp {
 
     /// Gives the guest with `mac` the address `ip` and host name `hostname`. Writes nothing when
     /// the record is already there; when it replaces a different one, dnsmasq is told to reread.
-    pub fn set_host(&self, mac: &str, ip: Ipv4Addr, hostname: &str) -> Result<(), GuestNetError> {
+    /// The file work (an fsync) runs on a blocking thread, off the async workers.
+    pub async fn set_host(
+        &self,
+        mac: &str,
+        ip: Ipv4Addr,
+        hostname: &str,
+    ) -> Result<(), GuestNetError> {
         if !self.cfg.is_guest_address(ip) {
             return Err(GuestNetError::NotInSubnet {
                 ip,
@@ -551,7 +560,9 @@ impl Dhcp {
             });
         }
         let line = host_line(mac, ip, hostname)?;
-        match write_host_file(&self.cfg.hosts_dir(), &normalize_mac(mac)?, &line)? {
+        let (dir, file) = (self.cfg.hosts_dir(), normalize_mac(mac)?);
+        let wrote = blocking(move || write_host_file(&dir, &file, &line)).await?;
+        match wrote {
             HostWrite::Unchanged => {}
             HostWrite::Added => tracing::debug!(mac, %ip, "added a DHCP host"),
             HostWrite::Replaced => {
@@ -563,10 +574,11 @@ impl Dhcp {
     }
 
     /// Forgets the guest with `mac` (nothing happens when it is unknown).
-    pub fn remove_host(&self, mac: &str) -> Result<(), GuestNetError> {
+    pub async fn remove_host(&self, mac: &str) -> Result<(), GuestNetError> {
         let mac = normalize_mac(mac)?;
         let path = self.cfg.hosts_dir().join(&mac);
-        match fs::remove_file(&path) {
+        let removing = path.clone();
+        match blocking(move || Ok(fs::remove_file(&removing))).await? {
             Ok(()) => {
                 tracing::debug!(mac, "removed a DHCP host");
                 self.reload()
@@ -577,9 +589,10 @@ impl Dhcp {
     }
 
     /// Forgets every guest whose MAC is not in `keep` (MACs in any case).
-    pub fn retain_hosts(&self, keep: &HashSet<String>) -> Result<(), GuestNetError> {
+    pub async fn retain_hosts(&self, keep: &HashSet<String>) -> Result<(), GuestNetError> {
         let keep: HashSet<String> = keep.iter().map(|m| m.to_ascii_lowercase()).collect();
-        let removed = retain_host_files(&self.cfg.hosts_dir(), &keep)?;
+        let dir = self.cfg.hosts_dir();
+        let removed = blocking(move || retain_host_files(&dir, &keep)).await?;
         if removed > 0 {
             tracing::debug!(removed, "removed DHCP hosts");
             self.reload()?;
@@ -672,6 +685,16 @@ async fn spawn_dnsmasq(
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// Runs file work on a blocking thread: an fsync on a slow disk must not stall an async worker
+/// (the agent has two, which also serve the metadata service and renew the node's lease).
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, GuestNetError> + Send + 'static,
+) -> Result<T, GuestNetError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| GuestNetError::Task(e.to_string()))?
 }
 
 /// What [`write_host_file`] did.

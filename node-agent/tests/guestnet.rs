@@ -174,7 +174,8 @@ async fn a_guest_gets_its_static_lease_and_reaches_the_metadata_address_inside_t
     let mac = guestnet::mac_for(GUEST_IP);
     let wire = Wire::new(&mac).await?;
     let dhcp = Dhcp::start(&wire.cfg).await?;
-    dhcp.set_host(&mac, GUEST_IP, &guestnet::hostname_for(GUEST_IP))?;
+    dhcp.set_host(&mac, GUEST_IP, &guestnet::hostname_for(GUEST_IP))
+        .await?;
 
     let lease = wire
         .udhcpc(10)
@@ -218,9 +219,11 @@ async fn dnsmasq_is_restarted_when_it_dies_and_forgets_removed_hosts() -> anyhow
     let mac = guestnet::mac_for(GUEST_IP);
     let wire = Wire::new(&mac).await?;
     let mut dhcp = Dhcp::start(&wire.cfg).await?;
-    dhcp.set_host(&mac, GUEST_IP, &guestnet::hostname_for(GUEST_IP))?;
+    dhcp.set_host(&mac, GUEST_IP, &guestnet::hostname_for(GUEST_IP))
+        .await?;
     // Idempotent: the same record again changes nothing.
-    dhcp.set_host(&mac, GUEST_IP, &guestnet::hostname_for(GUEST_IP))?;
+    dhcp.set_host(&mac, GUEST_IP, &guestnet::hostname_for(GUEST_IP))
+        .await?;
     assert_eq!(dhcp.hosts()?, [mac.as_str()]);
 
     let first = dhcp.pid();
@@ -235,15 +238,17 @@ async fn dnsmasq_is_restarted_when_it_dies_and_forgets_removed_hosts() -> anyhow
 
     // retain_hosts keeps the listed MACs and removes the rest; dnsmasq forgets them (SIGHUP).
     let other = guestnet::mac_for(Ipv4Addr::new(172, 31, 0, 6));
-    dhcp.set_host(&other, Ipv4Addr::new(172, 31, 0, 6), "ip-172-31-0-6")?;
-    dhcp.retain_hosts(&HashSet::from([other.to_uppercase()]))?;
+    dhcp.set_host(&other, Ipv4Addr::new(172, 31, 0, 6), "ip-172-31-0-6")
+        .await?;
+    dhcp.retain_hosts(&HashSet::from([other.to_uppercase()]))
+        .await?;
     assert_eq!(dhcp.hosts()?, [other.as_str()]);
     assert_eq!(
         wire.udhcpc(2).await?,
         None,
         "a removed host still got a lease"
     );
-    dhcp.remove_host(&other)?;
+    dhcp.remove_host(&other).await?;
     assert!(dhcp.hosts()?.is_empty());
     dhcp.stop().await?;
     Ok(())
@@ -426,7 +431,8 @@ async fn a_guarded_guest_is_answered_only_with_its_own_address_and_mac() -> anyh
     // Guarded: DHCP (from 0.0.0.0) and the attacker's own address pass.
     guard.bind(&attacker_mac, ATTACKER_IP).await?;
     let dhcp = Dhcp::start(&cfg).await?;
-    dhcp.set_host(&attacker_mac, ATTACKER_IP, "ip-172-31-0-9")?;
+    dhcp.set_host(&attacker_mac, ATTACKER_IP, "ip-172-31-0-9")
+        .await?;
     let lease = netns::command(Some(attacker.name()), "busybox")
         .args([
             "udhcpc", "-i", "eth0", "-f", "-q", "-n", "-t", "10", "-T", "1", "-A", "1",
@@ -560,7 +566,7 @@ async fn releasing_a_terminated_instance_keeps_the_bindings_of_the_instance_hold
     let mac = guestnet::mac_for(GUEST_IP);
     // Instance B was given the address that terminated instance A had.
     let tap = ports.bind(&mac, GUEST_IP).await?;
-    dhcp.set_host(&mac, GUEST_IP, "ip-172-31-0-5")?;
+    dhcp.set_host(&mac, GUEST_IP, "ip-172-31-0-5").await?;
     let directory = node_agent::imds::Directory::default();
     directory.set(metadata_at_guest_ip("i-0bbbbbbbbbbbbbbbb"));
     let cache = node_agent::images::ImageCache::open(state.path().join("cache"), 1 << 30)?;
