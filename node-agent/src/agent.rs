@@ -72,17 +72,14 @@ const FULL_CONSOLE_PERIOD: Duration = Duration::from_secs(10);
 /// What the agent last reported of an instance's console: a digest of the text and when.
 type ConsoleReport = (u64, Instant);
 
-/// Whether console text with `digest` and `len` bytes is to be reported now, after `last`:
-/// when it changed, and, once it fills the reported window, no more often than
+/// Whether console text with `digest` is to be reported now, after `last`: when it changed,
+/// and, once the log fills the reported window (`full`), no more often than
 /// [`FULL_CONSOLE_PERIOD`]. Pure.
-fn console_due(last: Option<ConsoleReport>, digest: u64, len: usize, now: Instant) -> bool {
+fn console_due(last: Option<ConsoleReport>, digest: u64, full: bool, now: Instant) -> bool {
     match last {
         None => true,
         Some((d, _)) if d == digest => false,
-        Some((_, at)) => {
-            let full = u64::try_from(len).unwrap_or(u64::MAX) >= console::MAX_CONSOLE_BYTES;
-            !full || now.saturating_duration_since(at) >= FULL_CONSOLE_PERIOD
-        }
+        Some((_, at)) => !full || now.saturating_duration_since(at) >= FULL_CONSOLE_PERIOD,
     }
 }
 
@@ -774,8 +771,9 @@ impl<H: Hypervisor + 'static> Context<H> {
                 continue;
             };
             let path = guests.console_log(id);
-            let text = match tokio::task::spawn_blocking(move || console::read(&path)).await {
-                Ok(Ok(Some(text))) => text,
+            let (text, full) = match tokio::task::spawn_blocking(move || console::read(&path)).await
+            {
+                Ok(Ok(Some(tail))) => (tail.text, tail.full),
                 Ok(Ok(None)) => continue,
                 Ok(Err(error)) => {
                     tracing::debug!(%error, id, "cannot read the console log");
@@ -799,7 +797,7 @@ impl<H: Hypervisor + 'static> Context<H> {
             {
                 let consoles = self.consoles.lock().unwrap_or_else(PoisonError::into_inner);
                 let last = consoles.get(id).copied();
-                if reported || !console_due(last, digest, text.len(), Instant::now()) {
+                if reported || !console_due(last, digest, full, Instant::now()) {
                     continue;
                 }
             }
@@ -1580,11 +1578,11 @@ mod tests {
     #[test]
     fn a_console_that_fills_its_window_is_reported_every_ten_seconds_at_most() {
         let t0 = Instant::now();
-        let full = usize::try_from(console::MAX_CONSOLE_BYTES).expect("fits");
+        let (full, short) = (true, false);
         let rows = [
-            ("never reported", None, 2, 10, true),
-            ("unchanged", Some((2, t0)), 2, 10, false),
-            ("changed, short", Some((1, t0)), 2, 10, true),
+            ("never reported", None, 2, short, true),
+            ("unchanged", Some((2, t0)), 2, short, false),
+            ("changed, short", Some((1, t0)), 2, short, true),
             ("changed, full, 1 s later", Some((1, t0)), 2, full, false),
             (
                 "changed, full, 9 s later",
@@ -1601,8 +1599,8 @@ mod tests {
                 true,
             ),
         ];
-        for (what, last, digest, len, want) in rows {
-            assert_eq!(console_due(last, digest, len, t0), want, "{what}");
+        for (what, last, digest, full, want) in rows {
+            assert_eq!(console_due(last, digest, full, t0), want, "{what}");
         }
     }
 

@@ -77,9 +77,20 @@ fn read_tail(path: &Path, max: u64) -> io::Result<Option<Vec<u8>>> {
     Ok(Some(buf))
 }
 
+/// What [`read`] found of a console log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tail {
+    /// Its last part as text (see [`text`]).
+    pub text: String,
+    /// Whether the log holds at least [`MAX_CONSOLE_BYTES`] (so that the text is a window onto
+    /// a longer output), judged on the bytes read, not on the text, which the dropped bytes of
+    /// a cut character or NULs make shorter.
+    pub full: bool,
+}
+
 /// The last [`MAX_CONSOLE_BYTES`] of the console log at `path`, continuing into the newest
 /// rotated file when the current one is shorter; `None` when there is no log at all.
-pub fn read(path: &Path) -> io::Result<Option<String>> {
+pub fn read(path: &Path) -> io::Result<Option<Tail>> {
     let Some(current) = read_tail(path, MAX_CONSOLE_BYTES)? else {
         return Ok(None);
     };
@@ -91,7 +102,10 @@ pub fn read(path: &Path) -> io::Result<Option<String>> {
         _ => Vec::new(),
     };
     bytes.extend_from_slice(&current);
-    Ok(Some(text(&bytes)))
+    Ok(Some(Tail {
+        full: bytes.len() as u64 >= MAX_CONSOLE_BYTES,
+        text: text(&bytes),
+    }))
 }
 
 /// Console bytes as text: invalid UTF-8 replaced, a character cut by the tail dropped, and NUL
@@ -126,8 +140,19 @@ mod tests {
         big.extend_from_slice(b"last line\n");
         std::fs::write(&path, &big).expect("writes");
         let got = read(&path).expect("reads").expect("a log");
-        assert_eq!(got.len() as u64, MAX_CONSOLE_BYTES);
-        assert!(got.ends_with("last line\n"));
+        assert_eq!(got.text.len() as u64, MAX_CONSOLE_BYTES);
+        assert!(got.text.ends_with("last line\n"));
+        assert!(got.full);
+        // A window that starts inside a character or holds NULs is shorter as text, and still
+        // full: a guest writing on and on is throttled all the same.
+        let mut cut = "é".repeat(40 * 1024).into_bytes();
+        cut.extend_from_slice(b"\0\0 tail\n");
+        std::fs::write(&path, &cut).expect("writes");
+        let got = read(&path).expect("reads").expect("a log");
+        assert!((got.text.len() as u64) < MAX_CONSOLE_BYTES);
+        assert!(got.full);
+        std::fs::write(&path, b"short\n").expect("writes");
+        assert!(!read(&path).expect("reads").expect("a log").full);
     }
 
     #[test]
@@ -166,7 +191,7 @@ mod tests {
         std::fs::write(dir.path().join("i-1.log.0"), "older\n").expect("writes");
         std::fs::write(&path, "newer\n").expect("writes");
         assert_eq!(
-            read(&path).expect("reads").as_deref(),
+            read(&path).expect("reads").map(|t| t.text).as_deref(),
             Some("older\nnewer\n")
         );
     }
