@@ -574,3 +574,58 @@ async fn a_missing_image_fails_the_instance_with_a_clear_reason() -> anyhow::Res
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_deleted_while_its_image_downloads_never_boots() -> anyhow::Result<()> {
+    let cloud = Cloud::start(Options::default()).await?;
+    let node = node_name(1);
+    let image = random_bytes(IMAGE_BYTES)?;
+    let sha = sha256_hex(&image).await?;
+    let server = ImageServer::start(image, true).await?;
+    let image_id = "emi-0f0e0d0c0b0a09082";
+    register_image(&cloud, NS, image_id, &server.url(), Some(&sha)).await?;
+    let name = "late-1";
+    create_instances(&cloud, NS, &[name], image_id).await?;
+    let api = cloud.instances();
+    // The agent is fetching its image (held at the server) when the instance is deleted.
+    let id = cloud
+        .wait_until("the agent is fetching the image", HOLD, async || {
+            let instance = api.get(name).await?;
+            Ok(if server.requests() == 1 {
+                Break(id_of(&instance)?)
+            } else {
+                Continue(format!(
+                    "requests: {}, bound to {:?}",
+                    server.requests(),
+                    node_of(&instance)
+                ))
+            })
+        })
+        .await?;
+    api.delete(name, &kube::api::DeleteParams::default())
+        .await?;
+    server.release();
+    cloud
+        .wait_until("the deleted instance is gone", STEP, async || {
+            Ok(match api.get_opt(name).await? {
+                None => Break(()),
+                Some(i) => Continue(format!("{:?}", i.status.map(|s| s.state))),
+            })
+        })
+        .await?;
+    let domain = format!("karri-{id}");
+    let plans: Vec<String> = std::fs::read_to_string(cloud.log_path(&node))?
+        .lines()
+        .filter(|l| l.contains("applying plan") && l.contains(&domain))
+        .map(str::to_owned)
+        .collect();
+    ensure!(
+        plans.is_empty(),
+        "the agent acted on the domain of an instance deleted before its guest was ready: {plans:?}"
+    );
+    ensure!(
+        cloud.agent_domains(0).await? == (0, 0),
+        "a domain is left on the node"
+    );
+    Ok(())
+}

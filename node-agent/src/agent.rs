@@ -107,6 +107,10 @@ pub enum Error {
     /// The guest's images, disk or network could not be prepared.
     #[error("the guest cannot be prepared: {0}")]
     Guest(#[from] GuestError),
+    /// The record changed (a stop, a terminate, a deletion) while its guest was prepared: the
+    /// plan made before is not carried out, and the next reconcile plans afresh.
+    #[error("the record changed while the guest was prepared")]
+    Superseded,
 }
 
 impl Error {
@@ -127,13 +131,14 @@ impl Error {
             Error::Unconverged(_) => "unconverged",
             Error::Guest(e) if e.is_permanent() => "launch_failed",
             Error::Guest(_) => "guest",
+            Error::Superseded => "superseded",
         }
     }
 
     /// How long to wait before trying the record again.
     fn backoff(&self) -> Duration {
         match self.metric_label() {
-            "conflict" => Duration::from_millis(50),
+            "conflict" | "superseded" => Duration::from_millis(50),
             "unconverged" => Duration::from_secs(1),
             "api" | "libvirt" | "guest" => Duration::from_secs(2),
             "instance_type" => Duration::from_secs(5),
@@ -508,7 +513,14 @@ impl<H: Hypervisor + 'static> Context<H> {
             let xml = if actions.contains(&Action::Define) {
                 // A fetch may evict: first mark what every live instance boots from.
                 self.hold_live_images();
-                Some(self.render(instance, id, uid).await?)
+                let xml = self.render(instance, id, uid).await?;
+                // Preparing the guest may have taken minutes (an image download): a stop, a
+                // terminate or a deletion that came meanwhile must not see its guest boot first.
+                if superseded(instance, &self.freshest(instance, uid)) {
+                    tracing::info!(domain = %name, "the record changed while its guest was prepared; planning again");
+                    return Err(Error::Superseded);
+                }
+                Some(xml)
             } else {
                 None
             };
@@ -1104,10 +1116,21 @@ fn error_policy<H: Hypervisor + 'static>(
         instance.name_any()
     );
     match error.metric_label() {
-        "conflict" | "unconverged" => tracing::debug!(instance = %what, %error, "reconcile failed"),
+        "conflict" | "unconverged" | "superseded" => {
+            tracing::debug!(instance = %what, %error, "reconcile failed")
+        }
         _ => tracing::warn!(instance = %what, %error, "reconcile failed"),
     }
     Requeue::requeue(error.backoff())
+}
+
+/// Whether `latest`, the freshest copy of the record a reconcile began with (`began`), asks
+/// for something else: a new generation (a stop, a start, a terminate, a type change) or a
+/// deletion. Pure.
+fn superseded(began: &Instance, latest: &Instance) -> bool {
+    began.metadata.generation != latest.metadata.generation
+        || (began.metadata.deletion_timestamp.is_none()
+            && latest.metadata.deletion_timestamp.is_some())
 }
 
 /// Whether console `text` read from the log differs from the output a record shows
@@ -1601,6 +1624,52 @@ mod tests {
         ];
         for (what, last, digest, full, want) in rows {
             assert_eq!(console_due(last, digest, full, t0), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn a_plan_is_superseded_by_a_new_generation_or_a_deletion_only() {
+        let record = |generation: i64, deleted: bool| {
+            let mut i = Instance::new(
+                "web",
+                serde_json::from_value(serde_json::json!({
+                    "imageId": "emi-0123456789abcdef0", "instanceType": "t1.micro"
+                }))
+                .expect("a spec"),
+            );
+            i.metadata.generation = Some(generation);
+            if deleted {
+                i.metadata.deletion_timestamp = Some(
+                    serde_json::from_value(serde_json::json!("2026-11-26T10:00:00Z"))
+                        .expect("a time"),
+                );
+            }
+            i
+        };
+        let rows = [
+            ("the same record", record(1, false), record(1, false), false),
+            (
+                "a status write only",
+                record(1, false),
+                record(1, false),
+                false,
+            ),
+            (
+                "stopped or terminated",
+                record(1, false),
+                record(2, false),
+                true,
+            ),
+            ("deleted", record(1, false), record(1, true), true),
+            (
+                "deleted already when it began",
+                record(1, true),
+                record(1, true),
+                false,
+            ),
+        ];
+        for (what, began, latest, want) in rows {
+            assert_eq!(superseded(&began, &latest), want, "{what}");
         }
     }
 
