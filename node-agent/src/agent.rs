@@ -207,6 +207,9 @@ pub struct Context<H> {
     /// sweep once the record leaves the node): a status write lost to a conflict must not reset
     /// the guest again.
     rebooted: Mutex<HashMap<String, String>>,
+    /// Failed reconciles in a row, by record UID (reset by one that succeeds, pruned by the
+    /// sweep): each failure waits longer before the next try ([`retry_backoff`]).
+    failures: Mutex<HashMap<String, u32>>,
 }
 
 fn now() -> Time {
@@ -633,7 +636,23 @@ impl<H: Hypervisor + 'static> Context<H> {
             Err(Error::Guest(e)) if e.is_permanent() => {
                 return self.report_launch_failure(instance, &e).await;
             }
-            other => other?,
+            Err(e) => {
+                let launching = desired.as_ref().is_some_and(|d| d.power == Power::Running)
+                    && !reported_running(instance);
+                if launching && reported_as_retrying(&e) {
+                    // The instance stays pending: its status says why, while the agent tries
+                    // again (less and less often, see `error_policy`).
+                    let message = format!("{e}; trying again");
+                    if let Err(error) = self
+                        .report_not_running(instance, report::REASON_LAUNCH_RETRYING, &message)
+                        .await
+                    {
+                        tracing::debug!(%error, "cannot report the launch retry");
+                    }
+                }
+                return Err(e);
+            }
+            Ok(converged) => converged,
         };
         if let Some(guests) = &self.guests {
             if desired.is_none()
@@ -703,6 +722,10 @@ impl<H: Hypervisor + 'static> Context<H> {
         if !left.is_empty() {
             return Err(Error::Unconverged(left));
         }
+        self.failures
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&uid);
         Ok(match (self.shutdown_elapsed(&uid), stopping) {
             (Some(elapsed), Some(timeout)) if shutting_down => Requeue::requeue(
                 timeout
@@ -967,6 +990,10 @@ impl<H: Hypervisor + 'static> Context<H> {
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .retain(|uid, _| live.contains(uid));
+            self.failures
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|uid, _| live.contains(uid));
         }
         let mut removed = 0;
         let mut look_again: Option<Duration> = None;
@@ -1115,13 +1142,45 @@ fn error_policy<H: Hypervisor + 'static>(
         instance.namespace().unwrap_or_default(),
         instance.name_any()
     );
+    let failures = instance.uid().map_or(0, |uid| {
+        let mut failures = ctx.failures.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = failures.entry(uid).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    });
     match error.metric_label() {
         "conflict" | "unconverged" | "superseded" => {
             tracing::debug!(instance = %what, %error, "reconcile failed")
         }
         _ => tracing::warn!(instance = %what, %error, "reconcile failed"),
     }
-    Requeue::requeue(error.backoff())
+    Requeue::requeue(retry_backoff(error, failures))
+}
+
+/// Whether a failed reconcile of an instance on its way up is reported in its status
+/// ([`report::REASON_LAUNCH_RETRYING`]): what keeps its guest from starting, not a lost race
+/// (a conflict, a changed record) nor a failure to reach the API (the report would fail too).
+fn reported_as_retrying(error: &Error) -> bool {
+    !matches!(
+        error.metric_label(),
+        "conflict" | "superseded" | "api" | "launch_failed"
+    )
+}
+
+/// Longest wait between two tries of a record that keeps failing.
+const MAX_RETRY_BACKOFF: Duration = Duration::from_secs(60);
+
+/// How long to wait before trying a record again after its `failures`-th failure in a row:
+/// the error's own backoff, doubled with each failure after the first few, up to
+/// [`MAX_RETRY_BACKOFF`] (a lost race is tried again at once whatever came before). Pure.
+fn retry_backoff(error: &Error, failures: u32) -> Duration {
+    let base = error.backoff();
+    if matches!(error.metric_label(), "conflict" | "superseded") {
+        return base;
+    }
+    let doublings = failures.saturating_sub(3).min(6);
+    base.saturating_mul(1 << doublings)
+        .min(MAX_RETRY_BACKOFF.max(base))
 }
 
 /// Whether `latest`, the freshest copy of the record a reconcile began with (`began`), asks
@@ -1319,6 +1378,7 @@ pub async fn run<H: Hypervisor + 'static>(
         guests,
         consoles: Mutex::new(HashMap::new()),
         rebooted: Mutex::new(HashMap::new()),
+        failures: Mutex::new(HashMap::new()),
     });
     tokio::spawn(housekeeping(ctx.clone(), facts, listed, sweep_now));
     if ctx.guests.is_some() {
@@ -1487,6 +1547,7 @@ mod tests {
             guests: None,
             consoles: Mutex::new(HashMap::new()),
             rebooted: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
         }
     }
 
@@ -1625,6 +1686,31 @@ mod tests {
         for (what, last, digest, full, want) in rows {
             assert_eq!(console_due(last, digest, full, t0), want, "{what}");
         }
+    }
+
+    #[test]
+    fn a_record_that_keeps_failing_is_tried_less_and_less_often() {
+        let libvirt = Error::Hypervisor(HypervisorError::NotFound {
+            name: "karri-i-1".into(),
+        });
+        let rows = [(1, 2), (3, 2), (4, 4), (5, 8), (7, 32), (8, 60), (40, 60)];
+        for (failures, secs) in rows {
+            assert_eq!(
+                retry_backoff(&libvirt, failures),
+                Duration::from_secs(secs),
+                "after {failures} failures"
+            );
+        }
+        // A lost race is tried again at once, however many came before.
+        assert_eq!(
+            retry_backoff(&Error::Superseded, 30),
+            Duration::from_millis(50)
+        );
+        assert!(reported_as_retrying(&libvirt));
+        assert!(!reported_as_retrying(&Error::Superseded));
+        assert!(reported_as_retrying(&Error::UnknownInstanceType(
+            "m1.tiny".into()
+        )));
     }
 
     #[test]

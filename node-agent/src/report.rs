@@ -35,6 +35,11 @@ pub const REASON_UNDEFINED: &str = "Undefined";
 /// `DomainRunning` reason (status `False`): the guest cannot be launched (an image that cannot
 /// be fetched or fails its checksum); the message says why, and the operator fails the instance.
 pub const REASON_LAUNCH_FAILED: &str = "LaunchFailed";
+/// `DomainRunning` reason (status `False`): the domain of an instance that should run could not
+/// be defined or started yet (libvirt refused, the record cannot be rendered, an image fetch
+/// failed for a relaunch …); the message says why, and the agent keeps trying, less and less
+/// often. The operator keeps the instance pending.
+pub const REASON_LAUNCH_RETRYING: &str = "LaunchRetrying";
 
 /// What the agent reports about an instance's domain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

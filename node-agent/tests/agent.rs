@@ -511,3 +511,32 @@ async fn a_reboot_request_resets_the_running_domain_once_and_is_recorded() -> an
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_launch_that_cannot_go_ahead_says_why_and_goes_ahead_once_it_can() -> anyhow::Result<()> {
+    let world = World::start().await?;
+    let agent = world.agent(NODE, &[])?;
+    // Its instance type is not in the catalogue yet: the domain cannot be made.
+    world.bound_instance("early", NODE).await?;
+    let waiting = wait_reported(
+        &world,
+        &agent,
+        "early",
+        ConditionStatus::False,
+        "LaunchRetrying",
+    )
+    .await?;
+    let message = domain_condition(&waiting)
+        .map(|c| c.message.clone())
+        .unwrap_or_default();
+    assert!(
+        message.contains(TYPE) && message.contains("trying again"),
+        "the retry does not say why: {message:?}"
+    );
+    agent.wait_domains(0, 0).await?;
+    // Once it can, it does.
+    world.create_instance_type().await?;
+    wait_reported(&world, &agent, "early", ConditionStatus::True, "Running").await?;
+    agent.wait_domains(1, 0).await?;
+    Ok(())
+}
