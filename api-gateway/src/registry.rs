@@ -885,6 +885,19 @@ impl Registry {
         who: &Principal,
         opts: &DeleteOptions,
     ) -> ApiResult<Value> {
+        Ok(self.delete_reporting(kind, ns, name, who, opts).await?.0)
+    }
+
+    /// [`Registry::delete`], saying also whether the record is gone (removed, or for a dry run
+    /// would be) rather than marked while finalizers or dependents hold it.
+    pub async fn delete_reporting(
+        &self,
+        kind: &Kind,
+        ns: Option<&str>,
+        name: &str,
+        who: &Principal,
+        opts: &DeleteOptions,
+    ) -> ApiResult<(Value, bool)> {
         if kind.info.plural != "buckets" {
             return self.delete_record(kind, ns, name, who, opts).await;
         }
@@ -931,7 +944,7 @@ impl Registry {
         name: &str,
         who: &Principal,
         opts: &DeleteOptions,
-    ) -> ApiResult<Value> {
+    ) -> ApiResult<(Value, bool)> {
         let key = record_key(kind.info.plural, ns, name);
         if kind.info.plural == "buckets" && self.bucket_holds_objects(name).await? {
             // As S3's DeleteBucket: the objects would be left without a bucket.
@@ -976,7 +989,7 @@ impl Registry {
                     && !add_orphan
                     && !add_foreground
                 {
-                    return Ok(current);
+                    return Ok((current, false));
                 }
                 let mut marked = admission::mark_deleted(&current, &now());
                 // The policy asked last is the one carried out, as in Kubernetes: the other
@@ -995,7 +1008,7 @@ impl Registry {
                     // An orphaning delete replaced a foreground one on a record nothing else
                     // holds: carried out now, as without finalizers.
                     if opts.dry_run {
-                        return Ok(current);
+                        return Ok((current, true));
                     }
                     self.orphan_dependents(&uid).await?;
                     let txn = Txn::new()
@@ -1003,13 +1016,13 @@ impl Registry {
                         .and_then(removal_ops(kind, &key, &current));
                     if self.etcd_txn(txn).await?.succeeded() {
                         self.metrics.writes.inc();
-                        return Ok(current);
+                        return Ok((current, true));
                     }
                     continue;
                 }
                 if opts.dry_run {
                     set_resource_version(&mut marked, rev);
-                    return Ok(marked);
+                    return Ok((marked, false));
                 }
                 let raw =
                     serde_json::to_vec(&marked).map_err(|e| ApiError::internal(e.to_string()))?;
@@ -1028,12 +1041,12 @@ impl Registry {
                 if resp.succeeded() {
                     let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
                     set_resource_version(&mut marked, rev);
-                    return Ok(marked);
+                    return Ok((marked, false));
                 }
                 continue;
             }
             if opts.dry_run {
-                return Ok(current);
+                return Ok((current, true));
             }
             if opts.propagation == Propagation::Orphan {
                 self.orphan_dependents(&uid).await?;
@@ -1044,7 +1057,7 @@ impl Registry {
             let resp = self.etcd_txn(txn).await?;
             if resp.succeeded() {
                 self.metrics.writes.inc();
-                return Ok(current);
+                return Ok((current, true));
             }
         }
         Err(ApiError::conflict(kind.info.plural, name))

@@ -325,3 +325,39 @@ async fn a_watch_asking_for_no_initial_events_gets_none_and_must_say_not_older_t
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_tells_kube_rs_whether_the_record_is_gone_or_still_held() -> anyhow::Result<()> {
+    let c = cluster().await?;
+    // Removed at once: a Success Status naming it (kube-rs's `Right`).
+    let made = c
+        .api
+        .create(&PostParams::default(), &instance("quick")?)
+        .await?;
+    let answer = c.api.delete("quick", &DeleteParams::default()).await?;
+    let Some(status) = answer.right() else {
+        bail!("an immediate delete answered the record, not a Status");
+    };
+    let details = status.details.context("a Status without details")?;
+    ensure!(
+        status.status == Some(kube::core::response::StatusSummary::Success)
+            && details.name == "quick"
+            && details.kind == "instances"
+            && details.group == "karri.dev"
+            && Some(details.uid.clone()) == made.uid(),
+        "the Status of an immediate delete: {details:?}"
+    );
+    // Held by a finalizer: the record, terminating (kube-rs's `Left`).
+    let mut held = instance("held")?;
+    held.metadata.finalizers = Some(vec!["example.com/hold".into()]);
+    c.api.create(&PostParams::default(), &held).await?;
+    let answer = c.api.delete("held", &DeleteParams::default()).await?;
+    let Some(obj) = answer.left() else {
+        bail!("a delete held by a finalizer answered a Status, not the record");
+    };
+    ensure!(
+        obj.metadata.deletion_timestamp.is_some(),
+        "the held record is not terminating: {obj:?}"
+    );
+    Ok(())
+}

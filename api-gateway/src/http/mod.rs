@@ -673,16 +673,40 @@ async fn resource_request(
                 parse_body(&bytes, &content_type(&headers))?
             };
             let opts = delete_options(&q, &body)?;
-            let obj = s
+            let (obj, gone) = s
                 .registry
-                .delete(&kind, ns.as_deref(), &name, who, &opts)
+                .delete_reporting(&kind, ns.as_deref(), &name, who, &opts)
                 .await?;
+            if gone {
+                // As kube-apiserver answers for a custom resource removed at once: a Success
+                // Status naming it (clients tell it from a deletion still pending, which
+                // returns the record).
+                return Ok(axum::Json(deleted_status(kind.info.plural, &obj)).into_response());
+            }
             Ok(axum::Json(obj).into_response())
         }
         (_, m) => Err(ApiError::method_not_allowed(format!(
             "the server does not allow the method {m} on this resource"
         ))),
     }
+}
+
+/// The `Status` kube-apiserver answers a deletion that removed `obj` (of resource `plural`)
+/// at once: `Success`, with the record's name, group, resource and UID. Pure.
+fn deleted_status(plural: &str, obj: &Value) -> Value {
+    let text = |p: &str| obj.pointer(p).cloned().unwrap_or(Value::Null);
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Success",
+        "details": {
+            "name": text("/metadata/name"),
+            "group": crds::GROUP,
+            "kind": plural,
+            "uid": text("/metadata/uid"),
+        },
+    })
 }
 
 fn delete_options(q: &HashMap<String, String>, body: &Value) -> ApiResult<DeleteOptions> {
