@@ -170,13 +170,21 @@ pub fn check_record(value: &mut Value, root: &Value) -> Findings {
             obj.remove(&k);
             f.unknown.push(format!(".{k}"));
         }
+        let mut nulls = Vec::new();
         for (k, v) in obj.iter_mut() {
             if k == "metadata" || k == "apiVersion" || k == "kind" {
                 continue;
             }
             if let Some(s) = props.get(k) {
+                if v.is_null() && !nullable(s) {
+                    nulls.push(k.clone());
+                    continue;
+                }
                 walk(v, s, k, &mut f);
             }
+        }
+        for k in nulls {
+            obj.remove(&k);
         }
         check_required(obj, root, "", &mut f);
     }
@@ -213,13 +221,14 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
+/// Whether a schema lets its value be null.
+fn nullable(schema: &Value) -> bool {
+    schema.get("nullable").and_then(Value::as_bool) == Some(true)
+}
+
 fn walk(value: &mut Value, schema: &Value, path: &str, f: &mut Findings) {
-    let nullable = schema.get("nullable").and_then(Value::as_bool) == Some(true);
     if value.is_null() {
-        if !nullable && schema.get("type").is_some() {
-            // kube-apiserver drops nulls for non-nullable fields on CRDs.
-            return;
-        }
+        // A null the schema allows stays; its parent prunes one it does not allow.
         return;
     }
     if schema
@@ -272,15 +281,20 @@ fn walk(value: &mut Value, schema: &Value, path: &str, f: &mut Findings) {
             let props = schema.get("properties").and_then(Value::as_object);
             let additional = schema.get("additionalProperties").filter(|a| a.is_object());
             let mut unknown = Vec::new();
+            // As kube-apiserver for custom resources: a null where the schema does not allow
+            // one is pruned before defaulting (Helm and Kustomize render empty values so).
+            let mut nulls = Vec::new();
             for (k, v) in obj.iter_mut() {
                 let child = join(path, k);
-                if let Some(s) = props.and_then(|p| p.get(k)) {
-                    walk(v, s, &child, f);
-                } else if let Some(s) = additional {
-                    walk(v, s, &child, f);
-                } else if !preserve {
-                    unknown.push(k.clone());
+                match props.and_then(|p| p.get(k)).or(additional) {
+                    Some(s) if v.is_null() && !nullable(s) => nulls.push(k.clone()),
+                    Some(s) => walk(v, s, &child, f),
+                    None if !preserve => unknown.push(k.clone()),
+                    None => {}
                 }
+            }
+            for k in nulls {
+                obj.remove(&k);
             }
             for k in unknown {
                 obj.remove(&k);
@@ -457,6 +471,26 @@ mod tests {
                 "{v}: expected {field}, found {found:?}"
             );
         }
+    }
+
+    #[test]
+    fn nulls_the_schema_does_not_allow_are_pruned_before_defaulting() {
+        let mut v = json!({"spec": {"imageId": "x", "count": null, "tags": {"a": null}},
+            "status": null});
+        let f = check_record(&mut v, &root());
+        assert_eq!(f, Findings::default());
+        // `status` is nullable: it stays; `count` and the map value are not: pruned.
+        assert_eq!(
+            v,
+            json!({"spec": {"imageId": "x", "tags": {}}, "status": null})
+        );
+        // A required field sent as null is missing.
+        let mut v = json!({"spec": {"imageId": null}});
+        let f = check_record(&mut v, &root());
+        assert_eq!(
+            f.invalid,
+            vec![("spec.imageId".to_string(), "Required value".to_string())]
+        );
     }
 
     #[test]

@@ -708,3 +708,25 @@ async fn a_body_in_an_unsupported_media_type_is_415_so_clients_fall_back_to_json
     }
     ensure_nothing_stored(&api).await
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nulls_the_schema_does_not_allow_are_pruned_and_defaulted_not_refused() -> anyhow::Result<()>
+{
+    let c = Cluster::start().await?;
+    let api = c.admin_api()?;
+    // What Helm or Kustomize render for values left empty.
+    let mut body = instance_json("a");
+    body["spec"]["desiredState"] = Value::Null;
+    body["spec"]["securityGroupIds"] = Value::Null;
+    let resp = post_json(&api, &body, "").await?;
+    let code = resp.status();
+    let text = resp.text().await?;
+    ensure!(code == 201, "a create with null fields: {code} {text}");
+    let stored = api.get_json(&instance("a")).await?;
+    ensure!(
+        stored["spec"]["desiredState"] == "running",
+        "the null desiredState was not defaulted: {}",
+        stored["spec"]
+    );
+    Ok(())
+}
