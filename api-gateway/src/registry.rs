@@ -1141,8 +1141,11 @@ impl Registry {
                 (t.rv, t.start)
             }
             None => {
+                // A first page of a given version without resourceVersionMatch is read at
+                // exactly that version, as kube-apiserver reads it (410 once compacted).
+                let exact_read = exact || (opts.resource_version_match.is_none() && opts.limit > 0);
                 let r = match rv {
-                    Some(r) if exact => parse_rv(r)?,
+                    Some(r) if exact_read => parse_rv(r)?,
                     _ => 0,
                 };
                 (r, prefix.clone())

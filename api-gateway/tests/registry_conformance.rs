@@ -639,6 +639,18 @@ async fn watch_from_a_compacted_revision_is_gone_and_a_relist_recovers() -> anyh
         .await
         .expect_err("compacted");
     assert_eq!(err.code, 410);
+    // So is a first page of that version without resourceVersionMatch: with a limit, a
+    // version is read exactly, as kube-apiserver reads it.
+    let first_page = ListOptions {
+        resource_version: Some(old.to_string()),
+        limit: 1,
+        ..Default::default()
+    };
+    let err = fresh
+        .list(&h.instances, Some("acme"), &admin(), &first_page)
+        .await
+        .expect_err("compacted");
+    assert_eq!(err.code, 410);
 
     // Relist and watch from the list's revision: the current state, then only new changes.
     let page = fresh
@@ -1136,6 +1148,25 @@ async fn paginated_lists_read_one_revision_and_selectors_filter() -> anyhow::Res
         everything.items.len(),
         8,
         "an unpaged list is consistent with the latest write"
+    );
+    // A first page of the first walk's version is read at exactly that version.
+    let then = h
+        .registry
+        .list(
+            &h.instances,
+            Some("acme"),
+            &admin(),
+            &ListOptions {
+                resource_version: Some(first.revision.to_string()),
+                limit: 100,
+                ..Default::default()
+            },
+        )
+        .await?;
+    assert_eq!(
+        (then.items.len(), then.revision),
+        (7, first.revision),
+        "a paged list of a given version shows that version"
     );
 
     let mut relabel = |cur: &Value| {
