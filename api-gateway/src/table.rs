@@ -1,13 +1,90 @@
-//! `meta.k8s.io/v1` Table responses, so `kubectl get` shows the CRD printer columns. Pure.
+//! The `meta.k8s.io` views of records a client may ask for in its `Accept` header: Table
+//! responses, so `kubectl get` shows the CRD printer columns, and PartialObjectMetadata, which
+//! metadata-only informers (client-go's metadata client, kube-rs `metadata_watcher`) read.
+//! Pure.
 
 use chrono::{DateTime, Utc};
 use serde_json::{json, Value};
 
 use crate::kinds::Kind;
 
-/// Whether an `Accept` header asks for a Table.
-pub fn wants_table(accept: Option<&str>) -> bool {
-    accept.is_some_and(|a| a.split(',').any(|part| part.contains("as=Table")))
+/// How a client asked to see records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum View {
+    /// The records as they are.
+    Full,
+    /// A `meta.k8s.io/v1` Table.
+    Table,
+    /// `PartialObjectMetadata` of `meta.k8s.io/<version>` (`v1` or `v1beta1`).
+    Metadata(&'static str),
+}
+
+/// The view an `Accept` header asks for: its first media range Karri serves (a client lists
+/// what it prefers first, e.g. `application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,
+/// application/json`); the records themselves when none is named.
+pub fn view_of(accept: Option<&str>) -> View {
+    for range in accept.unwrap_or_default().split(',') {
+        let mut params = range.split(';').map(str::trim);
+        let media = params.next().unwrap_or_default();
+        if !matches!(media, "application/json" | "application/*" | "*/*" | "") {
+            continue;
+        }
+        let (mut as_, mut group, mut version) = (None, None, None);
+        for p in params {
+            match p.split_once('=') {
+                Some(("as", v)) => as_ = Some(v),
+                Some(("g", v)) => group = Some(v),
+                Some(("v", v)) => version = Some(v),
+                _ => {}
+            }
+        }
+        let meta_group = group.is_none_or(|g| g == "meta.k8s.io");
+        match (as_, version) {
+            (None, _) => return View::Full,
+            (Some("Table"), _) if meta_group => return View::Table,
+            (Some("PartialObjectMetadata" | "PartialObjectMetadataList"), Some("v1"))
+                if meta_group =>
+            {
+                return View::Metadata("v1")
+            }
+            (Some("PartialObjectMetadata" | "PartialObjectMetadataList"), Some("v1beta1"))
+                if meta_group =>
+            {
+                return View::Metadata("v1beta1")
+            }
+            _ => {}
+        }
+    }
+    View::Full
+}
+
+/// A record as `PartialObjectMetadata` of `meta.k8s.io/<version>`: its metadata only.
+pub fn partial_metadata(v: &Value, version: &str) -> Value {
+    json!({
+        "kind": "PartialObjectMetadata",
+        "apiVersion": format!("meta.k8s.io/{version}"),
+        "metadata": v.get("metadata").cloned().unwrap_or_else(|| json!({})),
+    })
+}
+
+/// Records as a `PartialObjectMetadataList` of `meta.k8s.io/<version>` at `revision`, with the
+/// continue token of a page.
+pub fn partial_metadata_list<'a>(
+    items: impl Iterator<Item = &'a Value>,
+    revision: i64,
+    continue_token: Option<&str>,
+    version: &str,
+) -> Value {
+    let mut meta = json!({"resourceVersion": revision.to_string()});
+    if let Some(c) = continue_token {
+        meta["continue"] = Value::String(c.to_owned());
+    }
+    json!({
+        "kind": "PartialObjectMetadataList",
+        "apiVersion": format!("meta.k8s.io/{version}"),
+        "metadata": meta,
+        "items": items.map(|v| partial_metadata(v, version)).collect::<Vec<_>>(),
+    })
 }
 
 /// Evaluate the JSONPath subset printer columns use: `.a.b`, `.a\.b`, `.a[0]`,
@@ -185,10 +262,51 @@ mod tests {
     }
 
     #[test]
-    fn table_accept_header_is_recognised() {
-        assert!(wants_table(Some(
-            "application/json;as=Table;v=v1;g=meta.k8s.io,application/json"
-        )));
-        assert!(!wants_table(Some("application/json")));
+    fn the_view_is_the_first_media_range_karri_serves() {
+        let rows = [
+            (None, View::Full),
+            (Some("application/json"), View::Full),
+            (Some("*/*"), View::Full),
+            (
+                Some("application/json;as=Table;v=v1;g=meta.k8s.io,application/json"),
+                View::Table,
+            ),
+            // client-go's metadata client, and kube-rs's metadata API.
+            (
+                Some("application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"),
+                View::Metadata("v1"),
+            ),
+            (
+                Some("application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1beta1"),
+                View::Metadata("v1beta1"),
+            ),
+            // A protobuf preference first, then JSON: the records in JSON.
+            (
+                Some("application/vnd.kubernetes.protobuf;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"),
+                View::Full,
+            ),
+            // A version Karri does not serve falls through to the next range.
+            (
+                Some("application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v2,application/json;as=Table;g=meta.k8s.io;v=v1"),
+                View::Table,
+            ),
+        ];
+        for (accept, want) in rows {
+            assert_eq!(view_of(accept), want, "{accept:?}");
+        }
+        let record = json!({"apiVersion": "karri.dev/v1alpha1", "kind": "Instance",
+            "metadata": {"name": "web", "resourceVersion": "7"}, "spec": {"imageId": "emi-1"}});
+        assert_eq!(
+            partial_metadata(&record, "v1"),
+            json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                "metadata": {"name": "web", "resourceVersion": "7"}})
+        );
+        let list = partial_metadata_list(std::iter::once(&record), 9, Some("c"), "v1");
+        assert_eq!(list["kind"], "PartialObjectMetadataList");
+        assert_eq!(
+            list["metadata"],
+            json!({"resourceVersion": "9", "continue": "c"})
+        );
+        assert_eq!(list["items"][0]["metadata"]["name"], "web");
     }
 }

@@ -151,17 +151,28 @@ async fn wait_running(
         .await
 }
 
-/// `GET /karri/v1/image-url?location=…&base=…` with bearer `token`: the status and JSON body.
+/// `GET /karri/v1/image-url?location=…&base=<the gateway>` with bearer `token`: the status and
+/// JSON body.
 async fn ask_image_url(
     cloud: &Cloud,
     token: &str,
     location: &str,
 ) -> anyhow::Result<(StatusCode, Value)> {
+    ask_image_url_at(cloud, token, location, &cloud.gateway.url()).await
+}
+
+/// [`ask_image_url`] for a URL based at `base`.
+async fn ask_image_url_at(
+    cloud: &Cloud,
+    token: &str,
+    location: &str,
+    base: &str,
+) -> anyhow::Result<(StatusCode, Value)> {
     let resp = cloud
         .gateway
         .client()?
         .get(format!("{}/karri/v1/image-url", cloud.gateway.url()))
-        .query(&[("location", location), ("base", &cloud.gateway.url())])
+        .query(&[("location", location), ("base", base)])
         .bearer_auth(token)
         .send()
         .await
@@ -419,6 +430,23 @@ async fn a_node_gets_presigned_urls_only_for_objects_its_own_instances_boot_from
         "{url}"
     );
     ensure!(answer["expiresAt"].is_string(), "{answer}");
+    // Not for a base the S3 face would read as another bucket's virtual host: the same path
+    // would name that bucket's object.
+    let port = cloud
+        .gateway
+        .url()
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let (status, answer) = ask_image_url_at(
+        &cloud,
+        &token(&owner)?,
+        &location,
+        &format!("https://corp.localhost:{port}"),
+    )
+    .await?;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
     let http = cloud.gateway.client()?;
     let got = http.get(&url).send().await?;
     assert_eq!(got.status(), StatusCode::OK);

@@ -13,7 +13,7 @@ use futures::{Stream, StreamExt};
 use karri_testkit::{Etcd, Gateway, Tokens};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::watcher::{self, watcher, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Client, Config, ResourceExt};
 use serde_json::json;
@@ -359,5 +359,72 @@ async fn a_delete_tells_kube_rs_whether_the_record_is_gone_or_still_held() -> an
         obj.metadata.deletion_timestamp.is_some(),
         "the held record is not terminating: {obj:?}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_only_clients_get_partial_object_metadata() -> anyhow::Result<()> {
+    let c = cluster().await?;
+    c.api
+        .create(&PostParams::default(), &instance("meta-1")?)
+        .await?;
+    // kube-rs's metadata API asks for PartialObjectMetadata(List) and reads it.
+    let listed = c.api.list_metadata(&Default::default()).await?;
+    let names: Vec<String> = listed.items.iter().map(|m| m.name_any()).collect();
+    ensure!(names == ["meta-1"], "list_metadata: {names:?}");
+    let one = c.api.get_metadata("meta-1").await?;
+    ensure!(one.name_any() == "meta-1", "get_metadata: {one:?}");
+    // What it is sent is metadata only, in meta.k8s.io's kinds (client-go's metadata client
+    // refuses anything else on a watch).
+    let http = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(
+            c.gateway.ca_path(),
+        )?)?)
+        .build()?;
+    let accept =
+        "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1,application/json";
+    let raw: serde_json::Value = http
+        .get(format!(
+            "{}/apis/karri.dev/v1alpha1/namespaces/{NS}/instances",
+            c.gateway.url()
+        ))
+        .bearer_auth(&c.tokens.admin)
+        .header("Accept", accept)
+        .send()
+        .await?
+        .json()
+        .await?;
+    ensure!(
+        raw["kind"] == "PartialObjectMetadataList"
+            && raw["apiVersion"] == "meta.k8s.io/v1"
+            && raw["items"][0]["kind"] == "PartialObjectMetadata"
+            && raw["items"][0].get("spec").is_none(),
+        "a metadata list: {raw}"
+    );
+    // A metadata watcher sees a record created after it started.
+    let metadata: Api<kube::core::PartialObjectMeta<Instance>> =
+        Api::namespaced(c.api.clone().into_client(), NS);
+    let mut events = Box::pin(watcher(metadata, watcher::Config::default()));
+    let mut seen_initial = false;
+    let mut created = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let ev = tokio::time::timeout_at(deadline, events.next())
+            .await
+            .context("no metadata watch event within 20 s")?
+            .context("the metadata watch ended")??;
+        match ev {
+            Event::InitDone if !created => {
+                seen_initial = true;
+                created = true;
+                c.api
+                    .create(&PostParams::default(), &instance("meta-2")?)
+                    .await?;
+            }
+            Event::Apply(m) if m.name_any() == "meta-2" => break,
+            _ => {}
+        }
+    }
+    ensure!(seen_initial, "the watcher never finished its initial list");
     Ok(())
 }

@@ -358,11 +358,17 @@ pub fn parse(request: &SignedRequest<'_>) -> Result<Option<ParsedAuth>, SigV4Err
             "the Authorization header appears more than once".to_owned(),
         ));
     }
+    let version2 = version2_query(&params);
     match (header, presigned) {
         (Some(_), true) => Err(SigV4Error::ConflictingAuthentication),
+        // A signature version 2 query beside a header or a version 4 query is a second
+        // mechanism too: refused, so that no checker down the line picks the weaker one.
+        (Some(_), false) | (None, true) if version2.is_some() => {
+            Err(SigV4Error::ConflictingAuthentication)
+        }
         (Some(value), false) => parse_header(value, request.headers).map(Some),
         (None, true) => parse_presigned(&params).map(Some),
-        (None, false) => match version2_query(&params) {
+        (None, false) => match version2 {
             Some(algorithm) => Err(SigV4Error::UnsupportedAlgorithm(algorithm)),
             None => Ok(None),
         },

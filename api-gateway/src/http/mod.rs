@@ -31,7 +31,7 @@ use crate::registry::{
 };
 use crate::selectors::{FieldSelector, LabelSelector};
 use crate::ssa;
-use crate::table;
+use crate::table::{self, View};
 use route::Endpoint;
 
 /// Shared state of the HTTP layer.
@@ -161,6 +161,20 @@ async fn image_url(State(s): St, req: Request) -> Response {
         return ApiError::bad_request(format!("{location:?} is not an S3 location (bucket/key)"))
             .into_response();
     };
+    // The URL is signed for a path-style request to `base`: a base whose host the S3 face reads
+    // as a bucket's virtual host would make the same path name another bucket's object.
+    let base_host = base
+        .split_once("://")
+        .map_or(base.as_str(), |(_, rest)| rest)
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or_default();
+    if crate::s3::virtual_bucket(face.domains(), base_host).is_some() {
+        return ApiError::bad_request(format!(
+            "{base:?} names a bucket's virtual host: the base must be the gateway's own address"
+        ))
+        .into_response();
+    }
     if let Err(e) = s.registry.catch_up().await {
         return e.into_response();
     }
@@ -547,7 +561,7 @@ async fn resource_request(
         .get(header::ACCEPT)
         .and_then(|h| h.to_str().ok())
         .map(str::to_string);
-    let wants_table = table::wants_table(accept.as_deref());
+    let view = table::view_of(accept.as_deref());
     let ctx = Ctx {
         s,
         who,
@@ -557,11 +571,11 @@ async fn resource_request(
     match (ep, method.as_str()) {
         (Endpoint::Collection { .. }, "GET") if flag(&q, "watch") => {
             ctx.authorize(Verb::Watch, None)?;
-            watch(s, who, kind, ns, &q, wants_table).await
+            watch(s, who, kind, ns, &q, view).await
         }
         (Endpoint::Collection { .. }, "GET") => {
             ctx.authorize(Verb::List, None)?;
-            list(&ctx, &q, wants_table).await
+            list(&ctx, &q, view).await
         }
         // A namespaced record is created in its namespace's collection, as Kubernetes serves
         // the all-namespaces path for list and watch only.
@@ -592,18 +606,23 @@ async fn resource_request(
         (Endpoint::Object { name, .. }, "GET") => {
             ctx.authorize(Verb::Get, Some(&name))?;
             let obj = s.registry.get(&kind, ns.as_deref(), &name, who).await?;
-            if wants_table {
-                let rv = obj
-                    .pointer("/metadata/resourceVersion")
-                    .and_then(Value::as_str)
-                    .and_then(|r| r.parse().ok())
-                    .unwrap_or(0);
-                return Ok(
-                    axum::Json(table::table(&kind, std::iter::once(&obj), rv, None))
-                        .into_response(),
-                );
+            match view {
+                View::Full => Ok(axum::Json(obj).into_response()),
+                View::Table => {
+                    let rv = obj
+                        .pointer("/metadata/resourceVersion")
+                        .and_then(Value::as_str)
+                        .and_then(|r| r.parse().ok())
+                        .unwrap_or(0);
+                    Ok(
+                        axum::Json(table::table(&kind, std::iter::once(&obj), rv, None))
+                            .into_response(),
+                    )
+                }
+                View::Metadata(version) => {
+                    Ok(axum::Json(table::partial_metadata(&obj, version)).into_response())
+                }
             }
-            Ok(axum::Json(obj).into_response())
         }
         (Endpoint::Object { name, status, .. }, "PUT") => {
             ctx.authorize(Verb::Update, Some(&name))?;
@@ -1021,25 +1040,33 @@ fn list_options(q: &HashMap<String, String>) -> ApiResult<ListOptions> {
     })
 }
 
-async fn list(
-    ctx: &Ctx<'_>,
-    q: &HashMap<String, String>,
-    wants_table: bool,
-) -> ApiResult<Response> {
+async fn list(ctx: &Ctx<'_>, q: &HashMap<String, String>, view: View) -> ApiResult<Response> {
     let opts = list_options(q)?;
     let page = ctx
         .s
         .registry
         .list(&ctx.kind, ctx.ns.as_deref(), ctx.who, &opts)
         .await?;
-    if wants_table {
-        let t = table::table(
-            &ctx.kind,
-            page.items.iter().map(|o| &o.value),
-            page.revision,
-            page.continue_token.as_deref(),
-        );
-        return Ok(axum::Json(t).into_response());
+    match view {
+        View::Full => {}
+        View::Table => {
+            let t = table::table(
+                &ctx.kind,
+                page.items.iter().map(|o| &o.value),
+                page.revision,
+                page.continue_token.as_deref(),
+            );
+            return Ok(axum::Json(t).into_response());
+        }
+        View::Metadata(version) => {
+            let l = table::partial_metadata_list(
+                page.items.iter().map(|o| &o.value),
+                page.revision,
+                page.continue_token.as_deref(),
+                version,
+            );
+            return Ok(axum::Json(l).into_response());
+        }
     }
     // Stream the pre-serialized records into the list body without re-encoding them.
     let mut meta = json!({"resourceVersion": page.revision.to_string()});
@@ -1085,7 +1112,7 @@ async fn watch(
     kind: Arc<Kind>,
     ns: Option<String>,
     q: &HashMap<String, String>,
-    wants_table: bool,
+    view: View,
 ) -> ApiResult<Response> {
     let lo = list_options(q)?;
     let asked = q
@@ -1155,22 +1182,27 @@ async fn watch(
     let rx = s.registry.watch(kind.clone(), ns, who.clone(), opts);
     let stream = ReceiverStream::new(rx).map(move |ev| {
         let object = match &ev {
-            WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => {
-                if wants_table {
-                    let rv = o.revision;
-                    table::table(&kind, std::iter::once(&o.value), rv, None)
-                } else {
+            WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => match view {
+                View::Table => table::table(&kind, std::iter::once(&o.value), o.revision, None),
+                View::Metadata(version) => table::partial_metadata(&o.value, version),
+                View::Full => {
                     let mut line =
                         format!("{{\"type\":\"{}\",\"object\":", event_type(&ev)).into_bytes();
                     line.extend_from_slice(&o.json);
                     line.extend_from_slice(b"}\n");
                     return Ok::<_, std::convert::Infallible>(Bytes::from(line));
                 }
-            }
+            },
             WatchEvent::Bookmark {
                 revision,
                 initial_events_end,
-            } => bookmark_object(&kind, *revision, *initial_events_end),
+            } => {
+                let bookmark = bookmark_object(&kind, *revision, *initial_events_end);
+                match view {
+                    View::Metadata(version) => table::partial_metadata(&bookmark, version),
+                    _ => bookmark,
+                }
+            }
             WatchEvent::Error(e) => e.status(),
         };
         let mut line = serde_json::to_vec(&json!({"type": event_type(&ev), "object": object}))

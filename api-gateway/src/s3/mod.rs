@@ -108,9 +108,10 @@ impl Refusal {
 
 /// What the gateway refuses before s3s sees a request, which s3s would accept: signature
 /// version 2 (s3s checks neither its `Date` nor a limit on its expiry, and its signature does
-/// not cover the body), presigned URLs valid for more than a week, credentials scoped to
-/// another region or service, and signatures that do not cover `host`. Anything else (no
-/// signature, a malformed one, a good one) is left to s3s. Pure.
+/// not cover the body), two authentication mechanisms in one request (s3s would check the one
+/// it looks at first, possibly the weaker), presigned URLs valid for more than a week,
+/// credentials scoped to another region or service, and signatures that do not cover `host`.
+/// Anything else (no signature, a malformed one, a good one) is left to s3s. Pure.
 pub fn auth_refusal(
     method: &str,
     path: &str,
@@ -139,6 +140,12 @@ pub fn auth_refusal(
             return Some(Refusal::bad_request(
                 "AuthorizationQueryParametersError",
                 e.to_string(),
+            ))
+        }
+        Err(SigV4Error::ConflictingAuthentication) => {
+            return Some(Refusal::bad_request(
+                "InvalidArgument",
+                "Only one auth mechanism allowed; only the X-Amz-Algorithm query parameter, Signature query string parameter or the Authorization header should be specified".into(),
             ))
         }
         Err(_) => return None,
@@ -873,6 +880,25 @@ mod tests {
                     "AuthorizationQueryParametersError",
                     "the host header must be signed",
                 )),
+            ),
+            // Two mechanisms: s3s would check one of them, maybe the weaker.
+            (
+                "a presigned URL with an Authorization header too",
+                Some("x".to_owned()),
+                presigned("karri-1", "60"),
+                Some(("InvalidArgument", "Only one auth mechanism allowed")),
+            ),
+            (
+                "a version 2 header beside a version 4 credential",
+                Some("AWS AKIAIOSFODNN7EXAMPLE:c2lnbmF0dXJl".to_owned()),
+                "X-Amz-Credential=x".to_owned(),
+                Some(("InvalidArgument", "Only one auth mechanism allowed")),
+            ),
+            (
+                "a version 4 header beside a version 2 query signature",
+                Some(v4("karri-1", "s3")),
+                "AWSAccessKeyId=AKIAIOSFODNN7EXAMPLE&Expires=4000000000&Signature=c2ln".to_owned(),
+                Some(("InvalidArgument", "Only one auth mechanism allowed")),
             ),
         ];
         for (what, authorization, query, want) in rows {
