@@ -410,11 +410,25 @@ async fn register(client: Client, args: RegisterArgs) -> anyhow::Result<()> {
     if let Some((settings, _, _)) = &s3 {
         check_upload_readable(&client, &namespace, &settings.access_key_id).await?;
     }
+    let images: Api<Image> = Api::namespaced(client.clone(), &namespace);
     if let Some(id) = &args.id {
-        let images: Api<Image> = Api::namespaced(client.clone(), &namespace);
         if images.get_opt(id).await?.is_some() {
             bail!("an image {id} exists already in namespace {namespace}");
         }
+    }
+    // Image names are unique in a namespace (as EC2's in an account): a taken one is refused
+    // before the copy or upload, not after it.
+    if let Some(taken) = images
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .find(|i| i.spec.name == name)
+    {
+        bail!(
+            "an image named {name:?} exists already in namespace {namespace} ({}): pass --name",
+            taken.name_any()
+        );
     }
 
     let (location, sha256, size, format) = match s3 {

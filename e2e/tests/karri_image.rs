@@ -562,6 +562,27 @@ async fn bad_uploads_fail_with_a_clear_message_and_register_nothing() -> anyhow:
         images.list(&ListParams::default()).await?.items.is_empty(),
         "a failed register left a record"
     );
+
+    // A name that is taken is refused before the copy: the store gets nothing more.
+    register(
+        &admin,
+        &store,
+        &["--file", path_str(&disk)?, "--name", "taken-name"],
+    )?;
+    let stored = || -> anyhow::Result<usize> { Ok(std::fs::read_dir(&store)?.count()) };
+    let before = stored()?;
+    let other = dir.path().join("other.img");
+    std::fs::write(&other, pseudo_random(8192, 9))?;
+    let err = register_fails(
+        &admin,
+        &store,
+        &["--file", path_str(&other)?, "--name", "taken-name"],
+    )?;
+    ensure!(err.contains("exists already"), "{err}");
+    ensure!(
+        stored()? == before,
+        "a register refused for its name stored its file"
+    );
     Ok(())
 }
 
