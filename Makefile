@@ -40,7 +40,7 @@ test: setup
 	$(CARGO) build --workspace --bins
 	bash scripts/libvirtd.sh
 	failed=""; \
-	KARRI_BIN_DIR=$(CURDIR)/target/debug $(CARGO) nextest run --workspace --no-fail-fast || failed="$$failed nextest"; \
+	KARRI_BIN_DIR="$(CURDIR)/target/debug" $(CARGO) nextest run --workspace --no-fail-fast || failed="$$failed nextest"; \
 	$(CARGO) fmt --all -- --check || failed="$$failed fmt"; \
 	$(CARGO) clippy --workspace --all-targets -- -D warnings || failed="$$failed clippy"; \
 	if [ -n "$$failed" ]; then echo "make test: failed:$$failed" >&2; exit 1; fi; \
@@ -49,16 +49,16 @@ test: setup
 # The benchmarks drive release-built services, so they measure Karri, not debug code.
 bench: setup
 	$(CARGO) build --release -p api-gateway --bin api-gateway
-	KARRI_BIN_DIR=$(CURDIR)/target/release $(CARGO) run --release -p karri-e2e --bin bench-registry
-	KARRI_BIN_DIR=$(CURDIR)/target/release $(CARGO) run --release -p karri-e2e --bin bench-ec2
+	KARRI_BIN_DIR="$(CURDIR)/target/release" $(CARGO) run --release -p karri-e2e --bin bench-registry
+	KARRI_BIN_DIR="$(CURDIR)/target/release" $(CARGO) run --release -p karri-e2e --bin bench-ec2
 	$(CARGO) build --release -p api-gateway -p operator --bin api-gateway --bin operator
 	# The node agent is built on its own, as it is shipped to each host: built in one invocation
 	# with the gateway it would carry the gateway's features of shared crates (about 0.8 MB more
 	# code, all of it resident).
 	$(CARGO) build --release -p node-agent --bin node-agent
-	KARRI_BIN_DIR=$(CURDIR)/target/release $(CARGO) run --release -p karri-e2e --bin bench-cloud
-	KARRI_BIN_DIR=$(CURDIR)/target/release $(CARGO) run --release -p karri-e2e --bin bench-guests
-	KARRI_BIN_DIR=$(CURDIR)/target/release $(CARGO) run --release -p karri-e2e --bin bench-s3
+	KARRI_BIN_DIR="$(CURDIR)/target/release" $(CARGO) run --release -p karri-e2e --bin bench-cloud
+	KARRI_BIN_DIR="$(CURDIR)/target/release" $(CARGO) run --release -p karri-e2e --bin bench-guests
+	KARRI_BIN_DIR="$(CURDIR)/target/release" $(CARGO) run --release -p karri-e2e --bin bench-s3
 
 crds:
 	$(CARGO) run -p karri-crds --bin crdgen

@@ -112,7 +112,12 @@ check_netns_owner() {
     die "network namespace $NETNS is the cloud of $owner: stop it first (STATE_DIR=$owner make down), or pick another namespace with KARRI_NETNS"
   fi
 }
-[ "$HYPERVISOR" != qemu ] || check_netns_owner
+if [ "$HYPERVISOR" = qemu ]; then
+  # A simulated host is a network namespace with its own libvirtd: that needs root, and is
+  # checked before anything is started.
+  [ "$(id -u)" -eq 0 ] || die "HYPERVISOR=qemu makes a network namespace and runs libvirtd in it: run as root (or HYPERVISOR=test for a cloud without guests)"
+  check_netns_owner
+fi
 
 # karri.env appears only once everything is ready.
 rm -f "$STATE_DIR/karri.env"
@@ -242,6 +247,16 @@ KARRI_CLI="$BIN_DIR/karri"
 "$KARRI_CLI" --kubeconfig "$KUBECONFIG_FILE" account create admin --if-missing \
   --display-name "Cloud administrators" >/dev/null
 CREDS="$STATE_DIR/admin-credentials"
+# A credentials file whose key is gone (etcd's data was reset, the key deleted) is made anew.
+if [ -s "$CREDS" ]; then
+  key_id="$(sed -n 's/^export AWS_ACCESS_KEY_ID=//p' "$CREDS")"
+  known="$(kc get accesskeys -A -o jsonpath='{.items[*].status.accessKeyId}')" \
+    || die "cannot list the access keys"
+  if [ -z "$key_id" ] || ! grep -qw -- "$key_id" <<<"$known"; then
+    say "the admin access key in $CREDS is not in the cloud any more: making a new one"
+    rm -f "$CREDS"
+  fi
+fi
 if [ ! -s "$CREDS" ]; then
   say "creating the admin account's access key ($CREDS)"
   (
@@ -274,18 +289,24 @@ ensure_image() {
   want="$(micro_sum "$(basename "$file")")"
   [ -n "$want" ] || die "the micro image manifest lists no $(basename "$file")"
   local listing
-  listing="$(kc get images -n "$IMAGES_NS" -o jsonpath='{range .items[*]}{.spec.name}{"\t"}{.metadata.labels.karri\.dev/id}{"\t"}{.spec.checksumSha256}{"\t"}{.spec.kernelId}{"\t"}{.spec.ramdiskId}{"\t"}{.spec.public}{"\n"}{end}')" \
+  listing="$(kc get images -n "$IMAGES_NS" -o jsonpath='{range .items[*]}{.spec.name}{"\t"}{.metadata.labels.karri\.dev/id}{"\t"}{.spec.checksumSha256}{"\t"}{.spec.kernelId}{"\t"}{.spec.ramdiskId}{"\t"}{.spec.public}{"\t"}{.spec.imageLocation}{"\n"}{end}')" \
     || die "cannot list the images of $IMAGES_NS"
-  id="$(awk -F'\t' -v n="$name" -v i="$fixed" -v s="$want" -v k="$kernel" -v r="$ramdisk" \
-    '$1 == n && $2 == i && $3 == s && $4 == k && $5 == r && $6 == "true" { print $2; exit }' <<<"$listing")"
-  if [ -n "$id" ]; then
+  local found location
+  found="$(awk -F'\t' -v n="$name" -v i="$fixed" -v s="$want" -v k="$kernel" -v r="$ramdisk" \
+    '$1 == n && $2 == i && $3 == s && $4 == k && $5 == r && $6 == "true" { print $2 "\t" $7; exit }' <<<"$listing")"
+  id="${found%%$'\t'*}"
+  location="${found#*$'\t'}"
+  # The record alone is not enough: its stored file must be there too (the store may have
+  # been removed since).
+  if [ -n "$id" ] && [ -f "$location" ]; then
     echo "$id"
     return 0
   fi
   # An older image of this ID or name (an earlier micro image) makes way for the new one.
   while read -r stale; do
     [ -n "$stale" ] || continue
-    kc delete images -n "$IMAGES_NS" -l "karri.dev/id=$stale" >/dev/null || true
+    kc delete images -n "$IMAGES_NS" -l "karri.dev/id=$stale" >/dev/null \
+      || die "could not deregister $stale, an older $name"
     say "deregistered $stale, an older $name" >&2
   done < <(awk -F'\t' -v n="$name" -v i="$fixed" '$1 == n || $2 == i { print $2 }' <<<"$listing")
   args=(--id "$fixed" --file "$file" --type "$type" --name "$name" --namespace "$IMAGES_NS" --public
