@@ -45,6 +45,24 @@ fi
 command -v kubectl >/dev/null 2>&1 || { echo "setup: kubectl still missing" >&2; exit 1; }
 say "kubectl: $(command -v kubectl)"
 
+# --- Debian 12's own kubectl (1.20), unpacked (not installed) for the test that what `make up`
+# asks of kubectl works with the kubectl a machine without another one gets above ---
+DEB_KUBECTL_DIR="$REPO/.cache/debian-kubectl"
+if [ -x "$DEB_KUBECTL_DIR/usr/bin/kubectl" ]; then
+  say "Debian's kubectl unpacked in .cache/debian-kubectl"
+else
+  say "unpacking Debian's kubectl (kubernetes-client) into .cache/debian-kubectl"
+  deb_tmp="$(mktemp -d)"
+  if ! (cd "$deb_tmp" && apt-get download -qq kubernetes-client >/dev/null 2>&1); then
+    "${SUDO[@]}" apt-get update -qq
+    (cd "$deb_tmp" && apt-get download -qq kubernetes-client >/dev/null)
+  fi
+  mkdir -p "$DEB_KUBECTL_DIR"
+  dpkg-deb -x "$deb_tmp"/kubernetes-client_*.deb "$DEB_KUBECTL_DIR"
+  rm -rf "$deb_tmp"
+  [ -x "$DEB_KUBECTL_DIR/usr/bin/kubectl" ] || { echo "setup: no kubectl in Debian's kubernetes-client" >&2; exit 1; }
+fi
+
 # --- Debian's etcd service must not hold 2379: Karri runs its own etcd -----------------------
 if [ -d /run/systemd/system ] && command -v systemctl >/dev/null 2>&1; then
   if systemctl is-enabled --quiet etcd 2>/dev/null || systemctl is-active --quiet etcd 2>/dev/null; then

@@ -942,3 +942,71 @@ async fn dry_run_server_stores_nothing() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Debian 12's own kubectl (1.20), which `make setup` unpacks into `.cache/debian-kubectl`: the
+/// kubectl of a machine that had none (setup installs Debian's `kubernetes-client` then).
+fn debian_kubectl() -> anyhow::Result<PathBuf> {
+    let bin = workspace_root().join(".cache/debian-kubectl/usr/bin/kubectl");
+    ensure!(bin.is_file(), "{} missing: run `make setup`", bin.display());
+    Ok(bin)
+}
+
+/// Runs Debian's kubectl with the admin kubeconfig; its stdout, or an error with its stderr.
+fn debian_kubectl_ok(c: &Cluster, args: &[&str]) -> anyhow::Result<String> {
+    let out = std::process::Command::new(debian_kubectl()?)
+        .arg("--kubeconfig")
+        .arg(&c.admin)
+        .args(args)
+        .output()
+        .context("running Debian's kubectl")?;
+    ensure!(
+        out.status.success(),
+        "kubectl 1.20 {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn debian_12s_kubectl_does_what_make_up_asks_of_it() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let version = debian_kubectl_ok(&c, &["version", "--client", "--short"])?;
+    ensure!(
+        version.contains("v1.20"),
+        "not Debian 12's kubectl: {version}"
+    );
+    // What scripts/up.sh does with kubectl: apply manifests (kubectl 1.20 validates them
+    // against /openapi/v2 first), get by name and with jsonpath, delete.
+    let zone = workspace_root().join("config/samples/availability-zone.yaml");
+    let types = workspace_root().join("config/samples/instance-type.yaml");
+    debian_kubectl_ok(
+        &c,
+        &["apply", "-f", path_str(&zone)?, "-f", path_str(&types)?],
+    )?;
+    let names = debian_kubectl_ok(&c, &["get", "instancetypes", "-o", "name"])?;
+    ensure!(
+        names.contains("instancetype.karri.dev/t1.micro"),
+        "kubectl 1.20 get: {names}"
+    );
+    let listed = debian_kubectl_ok(
+        &c,
+        &[
+            "get",
+            "availabilityzones",
+            "-o",
+            "jsonpath={range .items[*]}{.metadata.name}{\"\\n\"}{end}",
+        ],
+    )?;
+    ensure!(
+        !listed.trim().is_empty(),
+        "kubectl 1.20 jsonpath: {listed:?}"
+    );
+    let (instance, _) = sample("instance.yaml")?;
+    debian_kubectl_ok(&c, &["apply", "-f", path_str(&instance)?])?;
+    debian_kubectl_ok(&c, &["delete", "-f", path_str(&instance)?, "--wait=true"])?;
+    ensure!(
+        kubectl_names(&c.admin, &["get", "instances", "-A"])?.is_empty(),
+        "the instance kubectl 1.20 deleted is still listed"
+    );
+    Ok(())
+}

@@ -187,6 +187,16 @@ pub fn openapi_group_version(kinds: &Kinds) -> Value {
     })
 }
 
+/// An OpenAPI v2 document with no paths or definitions (see `http::openapi_v2`).
+pub fn openapi_v2_document() -> Value {
+    json!({
+        "swagger": "2.0",
+        "info": {"title": "Karri", "version": crds::VERSION},
+        "paths": {},
+        "definitions": {},
+    })
+}
+
 /// `GET /openapi/v3`: where each group-version document lives.
 pub fn openapi_root(hash: &str) -> Value {
     json!({"paths": {

@@ -418,6 +418,11 @@ async fn serve(s: Arc<AppState>, req: Request) -> Response {
             ("GET", "/openapi/v3") => {
                 axum::Json(discovery::openapi_root(&s.openapi_hash)).into_response()
             }
+            ("GET", "/openapi/v2") => openapi_v2(
+                req.headers()
+                    .get(header::ACCEPT)
+                    .and_then(|h| h.to_str().ok()),
+            ),
             ("GET", p) if p == format!("/openapi/v3/apis/{}", crds::API_VERSION) => {
                 axum::Json(s.openapi.clone()).into_response()
             }
@@ -439,6 +444,27 @@ async fn serve(s: Arc<AppState>, req: Request) -> Response {
     }
     tracing::debug!(code = resp.status().as_u16(), "served");
     resp
+}
+
+/// Media type of an OpenAPI v2 document in protobuf, which kubectl asks for.
+const OPENAPI_V2_PROTOBUF: &str = "application/com.github.proto-openapi.spec.v2@v1.0+protobuf";
+
+/// `GET /openapi/v2`: an OpenAPI v2 document that defines nothing. Older kubectl (Debian 12's
+/// 1.20) fetches it to validate manifests itself and gives up without it; finding no
+/// definition of a kind it validates nothing and leaves that to the server, which checks every
+/// record against its schema (the schemas are at `/openapi/v3`). In protobuf when asked (an
+/// empty message: every field at its default), else in JSON.
+fn openapi_v2(accept: Option<&str>) -> Response {
+    if accept.is_some_and(|a| a.contains(OPENAPI_V2_PROTOBUF)) {
+        // Not the media type asked for, whose `@` Go's MIME parser refuses (kube-openapi
+        // answers octet-stream too).
+        return (
+            [(header::CONTENT_TYPE, "application/octet-stream")],
+            Vec::<u8>::new(),
+        )
+            .into_response();
+    }
+    axum::Json(discovery::openapi_v2_document()).into_response()
 }
 
 /// `GET /api/v1/namespaces/<ns>`: kubectl asks after a 404 to tell a missing record from a
