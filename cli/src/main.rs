@@ -7,6 +7,7 @@ mod interrupt;
 mod s3;
 mod store;
 
+use std::io::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
@@ -117,16 +118,20 @@ fn admin_settings(mut config: Config) -> Config {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    interrupt::install();
     let client = client(cli.kubeconfig.as_ref()).await?;
     let done = match cli.command {
         Command::Account { command } => account(client, command).await,
         Command::AccessKey { command } => access_key(client, command).await,
-        Command::Image { command } => image::run(client, command).await,
+        // Only image commands copy and upload for long: they stop cleanly on a signal; the
+        // others end at once, as a signal ends any program.
+        Command::Image { command } => {
+            interrupt::install();
+            image::run(client, command).await
+        }
     };
     if done.is_err() && interrupt::interrupted() {
-        eprintln!("interrupted");
-        std::process::exit(interrupt::EXIT_STATUS);
+        let _ = writeln!(std::io::stderr(), "interrupted");
+        std::process::exit(interrupt::exit_status());
     }
     done
 }

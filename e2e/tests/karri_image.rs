@@ -587,24 +587,38 @@ async fn bad_uploads_fail_with_a_clear_message_and_register_nothing() -> anyhow:
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn ctrl_c_during_an_upload_stops_it_and_leaves_no_temporary_file() -> anyhow::Result<()> {
+async fn ctrl_c_or_sigterm_during_an_upload_stops_it_and_leaves_no_temporary_file(
+) -> anyhow::Result<()> {
     let etcd = Etcd::start().await?;
     let tokens = Tokens::generate(&[], &[]);
     let gateway = Gateway::start(&etcd.endpoint, &tokens).await?;
     let admin = gateway.kubeconfig(&tokens.admin, NS)?;
+    for (signal, word, status) in [("INT", "interrupted", 130), ("TERM", "terminated", 143)] {
+        stop_an_upload(&admin, (signal, word, status)).await?;
+    }
+    Ok(())
+}
+
+/// Starts `karri image register` of a large file, sends `signal` once its copy has begun, and
+/// checks that it stops saying `word`, with exit status `status` (128 + the signal's number),
+/// no temporary file and no record.
+async fn stop_an_upload(
+    admin: &Path,
+    (signal, word, status): (&str, &str, i32),
+) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let store = dir.path().join("store");
     // Sparse, so large to copy and hash yet cheap to make.
     let big = dir.path().join("big.img");
     std::fs::File::create(&big)?.set_len(8 << 30)?;
     let mut child = Command::new(bin_dir().join("karri"))
-        .args(["--kubeconfig", path_str(&admin)?])
+        .args(["--kubeconfig", path_str(admin)?])
         .args(["image", "register", "--store", path_str(&store)?])
         .args(["--file", path_str(&big)?])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()?;
-    // Once the copy has begun (its temporary file exists), Ctrl-C.
+    // Once the copy has begun (its temporary file exists), the signal.
     let parts = || -> Vec<String> {
         std::fs::read_dir(&store)
             .map(|entries| {
@@ -629,15 +643,19 @@ async fn ctrl_c_during_an_upload_stops_it_and_leaves_no_temporary_file() -> anyh
         std::thread::sleep(Duration::from_millis(10));
     }
     let sent = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+        .args([&format!("-{signal}"), &child.id().to_string()])
         .status()?;
-    ensure!(sent.success(), "kill -INT failed");
+    ensure!(sent.success(), "kill -{signal} failed");
     let out = child.wait_with_output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(out.status.code() == Some(130), "{:?}: {stderr}", out.status);
-    ensure!(stderr.contains("interrupted"), "{stderr}");
+    ensure!(
+        out.status.code() == Some(status),
+        "{signal}: {:?}: {stderr}",
+        out.status
+    );
+    ensure!(stderr.contains(word), "{signal}: {stderr}");
     ensure!(parts().is_empty(), "left behind: {:?}", parts());
-    let images: Api<Image> = Api::all(admin_client(&admin).await?);
+    let images: Api<Image> = Api::all(admin_client(admin).await?);
     ensure!(
         images.list(&ListParams::default()).await?.items.is_empty(),
         "an interrupted register left a record"
