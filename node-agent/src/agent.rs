@@ -519,7 +519,13 @@ impl<H: Hypervisor + 'static> Context<H> {
                 let xml = self.render(instance, id, uid).await?;
                 // Preparing the guest may have taken minutes (an image download): a stop, a
                 // terminate or a deletion that came meanwhile must not see its guest boot first.
-                if superseded(instance, &self.freshest(instance, uid)) {
+                // A record gone from the node's store (deleted, bound elsewhere) or made anew
+                // under its name is superseded too.
+                let latest = self
+                    .instances
+                    .get(&ObjectRef::from_obj(instance))
+                    .filter(|latest| latest.uid().as_deref() == Some(uid));
+                if latest.is_none_or(|latest| superseded(instance, &latest)) {
                     tracing::info!(domain = %name, "the record changed while its guest was prepared; planning again");
                     return Err(Error::Superseded);
                 }
@@ -639,7 +645,18 @@ impl<H: Hypervisor + 'static> Context<H> {
             Err(e) => {
                 let launching = desired.as_ref().is_some_and(|d| d.power == Power::Running)
                     && !reported_running(instance);
-                if launching && reported_as_retrying(&e) {
+                // Reported on the first failure in a row, then on the 2nd, 4th, 8th …: each
+                // report is a status write that reconciles the record again at once, and an
+                // error whose text changes from one try to the next must not make every try
+                // write.
+                let failed_before = self
+                    .failures
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get(&uid)
+                    .copied()
+                    .unwrap_or(0);
+                if launching && reported_as_retrying(&e) && (failed_before + 1).is_power_of_two() {
                     // The instance stays pending: its status says why, while the agent tries
                     // again (less and less often, see `error_policy`).
                     let message = format!("{e}; trying again");
