@@ -297,7 +297,14 @@ impl Context {
         // created yet, or misspelt) gets nothing: the launch there would fail for want of the
         // zone's subnet, and a failed launch terminates the instance.
         views.retain(|v| self.zones.get(&ObjectRef::new(&v.zone)).is_some());
-        for a in state.assumed.values() {
+        // The others' reservations; this instance's own (an attempt whose write may not have
+        // committed) is replaced by this placement, so it does not count against it.
+        let own = instance.uid();
+        for (_, a) in state
+            .assumed
+            .iter()
+            .filter(|(uid, _)| Some(*uid) != own.as_ref())
+        {
             if let Some(v) = views.iter_mut().find(|v| v.name == a.node) {
                 v.assume(a.resources);
             }
