@@ -128,6 +128,15 @@ impl ApiError {
             format!("request body is larger than the limit of {limit} bytes"),
         )
     }
+    /// 413 RequestEntityTooLarge for a JSON patch of `ops` operations, more than `max`, as
+    /// kube-apiserver answers it.
+    pub fn too_many_patch_operations(ops: usize, max: usize) -> Self {
+        Self::new(
+            413,
+            "RequestEntityTooLarge",
+            format!("The allowed maximum operations in a JSON patch is {max}, got {ops}"),
+        )
+    }
     /// 415 UnsupportedMediaType.
     pub fn unsupported_media_type(content_type: &str) -> Self {
         Self::new(

@@ -502,10 +502,16 @@ impl Registry {
                 prepared.push((obj, warnings, secret, key, id, name, unique));
             }
             if opts.dry_run {
-                // As kube-apiserver's dry run: a name that is taken is a conflict, not a success.
-                for (_, _, _, key, _, name, _) in &prepared {
+                // As kube-apiserver's dry run: a name that is taken is a conflict, not a success;
+                // so is a unique value the caller chose (an image name, a client token).
+                for (_, _, _, key, _, name, unique) in &prepared {
                     if self.etcd_get(key, None).await?.count() > 0 {
                         return Err(ApiError::already_exists(kind.info.plural, name));
+                    }
+                    for u in unique.iter().filter(|u| !u.generated) {
+                        if self.etcd_get(&u.key, None).await?.count() > 0 {
+                            return Err(ApiError::taken(kind.info.plural, name, &u.what));
+                        }
                     }
                 }
                 return Ok(prepared

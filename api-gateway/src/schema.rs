@@ -68,7 +68,16 @@ pub fn metadata_problems(meta: &Map<String, Value>) -> Vec<(String, String)> {
                     continue;
                 };
                 let mut controllers = 0;
+                let mut uids = std::collections::HashSet::new();
                 for (i, r) in items.iter().enumerate() {
+                    if let Some(uid) = r.get("uid").and_then(Value::as_str) {
+                        if !uids.insert(uid) {
+                            bad(
+                                format!("{path}[{i}].uid"),
+                                "Duplicate value: an owner is named once",
+                            );
+                        }
+                    }
                     let at = format!("{path}[{i}]");
                     if !r.is_object() {
                         bad(at, "must be an owner reference");
@@ -446,6 +455,12 @@ mod tests {
             (
                 json!({"ownerReferences": [owner.clone(), owner.clone()]}),
                 "metadata.ownerReferences",
+            ),
+            (
+                json!({"ownerReferences": [
+                    {"apiVersion": "v1", "kind": "K", "name": "n", "uid": "u"},
+                    {"apiVersion": "v1", "kind": "K", "name": "m", "uid": "u"}]}),
+                "metadata.ownerReferences[1].uid",
             ),
             (json!({"managedFields": {}}), "metadata.managedFields"),
             (json!({"managedFields": ["x"]}), "metadata.managedFields[0]"),

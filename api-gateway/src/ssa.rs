@@ -48,14 +48,14 @@ pub fn field_set(applied: &Value) -> BTreeSet<Path> {
                             let items = mv.as_array().map(Vec::as_slice).unwrap_or_default();
                             let keyed: Option<Vec<String>> = items.iter().map(uid_item).collect();
                             match keyed {
-                                Some(keys) if !keys.is_empty() => {
+                                // An empty list owns no owner: the others' stay.
+                                Some(keys) => {
                                     for key in keys {
                                         out.insert(vec!["metadata".into(), mk.clone(), key]);
                                     }
                                 }
-                                // Items without a uid (admission refuses them) or an empty
-                                // list: owned whole.
-                                _ => {
+                                // Items without a uid (admission refuses them): owned whole.
+                                None => {
                                     out.insert(vec!["metadata".into(), mk.clone()]);
                                 }
                             }
@@ -670,6 +670,12 @@ mod tests {
         let dropped = apply(Some(&both), &cfg("emi-1", None), "team", false, "t").expect("ok");
         assert_eq!(
             dropped["metadata"]["ownerReferences"],
+            json!([owner("a", false)])
+        );
+        // So does an empty list: it owns no owner, and leaves the others'.
+        let emptied = apply(Some(&both), &with(json!([])), "team", false, "t").expect("ok");
+        assert_eq!(
+            emptied["metadata"]["ownerReferences"],
             json!([owner("a", false)])
         );
         // Records applied while the list was owned whole keep every owner.

@@ -531,7 +531,8 @@ async fn a_json_patch_whose_copies_double_the_record_is_too_large_and_the_gatewa
         .body(serde_json::to_vec(&too_many)?)
         .send()
         .await?;
-    let status = expect_status(resp, 422, "Invalid").await?;
+    // As kube-apiserver answers it (patch.go: NewRequestEntityTooLargeError).
+    let status = expect_status(resp, 413, "RequestEntityTooLarge").await?;
     ensure!(message(&status).contains("10000"), "{status}");
     Ok(())
 }

@@ -855,11 +855,10 @@ async fn patch(
                         ApiError::bad_request(format!("the JSON patch is malformed: {e}"))
                     })?;
                 if p.0.len() > MAX_JSON_PATCH_OPS {
-                    return Err(invalid(format!(
-                        "the allowed maximum operations in a JSON patch is {MAX_JSON_PATCH_OPS}, \
-                         but found {}",
-                        p.0.len()
-                    )));
+                    return Err(ApiError::too_many_patch_operations(
+                        p.0.len(),
+                        MAX_JSON_PATCH_OPS,
+                    ));
                 }
                 Some(p)
             } else {
