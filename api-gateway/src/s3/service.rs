@@ -548,6 +548,55 @@ fn requested_acl(
     canned_from_grants(grants.grants(owner_id)?).map(Some)
 }
 
+/// The `x-amz-grant-*` headers of an s3s input (`grant_write` only where the input has one:
+/// `header_grants!(input, write)`).
+macro_rules! header_grants {
+    ($i:expr) => {
+        HeaderGrants {
+            full_control: $i.grant_full_control.as_deref(),
+            read: $i.grant_read.as_deref(),
+            read_acp: $i.grant_read_acp.as_deref(),
+            write: None,
+            write_acp: $i.grant_write_acp.as_deref(),
+        }
+    };
+    ($i:expr, write) => {
+        HeaderGrants {
+            write: $i.grant_write.as_deref(),
+            ..header_grants!($i)
+        }
+    };
+}
+
+/// The ACL a new object gets (PutObject, CopyObject, CreateMultipartUpload): its canned ACL
+/// header or grant headers, private without either, for a bucket owned by `owner_id`.
+fn new_object_acl(
+    canned: Option<&ObjectCannedACL>,
+    grants: HeaderGrants<'_>,
+    owner_id: &str,
+) -> S3Result<CannedAcl> {
+    let canned = canned.map(|a| object_acl_of(Some(a))).transpose()?;
+    Ok(requested_acl(canned, grants, owner_id)?.unwrap_or(CannedAcl::Private))
+}
+
+/// The ACL a PutBucketAcl or PutObjectAcl sets: its canned ACL header (`canned`, already read),
+/// its grant headers or its AccessControlPolicy body, for a bucket owned by `owner_id`.
+fn acl_to_set(
+    canned: Option<CannedAcl>,
+    grants: HeaderGrants<'_>,
+    policy: Option<&AccessControlPolicy>,
+    owner_id: &str,
+) -> S3Result<CannedAcl> {
+    match (requested_acl(canned, grants, owner_id)?, policy) {
+        (Some(acl), _) => Ok(acl),
+        (None, Some(policy)) => canned_from_policy(policy, owner_id),
+        (None, None) => Err(s3_error!(
+            MissingSecurityHeader,
+            "Your request was missing a required header: x-amz-acl, an x-amz-grant-* header or an AccessControlPolicy body."
+        )),
+    }
+}
+
 fn tags_from_header(header: Option<&str>) -> S3Result<Vec<(String, String)>> {
     let Some(h) = header.filter(|h| !h.is_empty()) else {
         return Ok(Vec::new());
@@ -1382,13 +1431,7 @@ impl S3 for KarriS3 {
         let i = &req.input;
         let acl = requested_acl(
             i.acl.as_ref().map(|a| bucket_acl_of(Some(a))).transpose()?,
-            HeaderGrants {
-                full_control: i.grant_full_control.as_deref(),
-                read: i.grant_read.as_deref(),
-                read_acp: i.grant_read_acp.as_deref(),
-                write: i.grant_write.as_deref(),
-                write_acp: i.grant_write_acp.as_deref(),
-            },
+            header_grants!(i, write),
             &caller.account_id,
         )?
         .unwrap_or(CannedAcl::Private);
@@ -1519,23 +1562,12 @@ impl S3 for KarriS3 {
             .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::BucketConfig)
             .await?;
         let i = &req.input;
-        let owner_id = bucket.spec.owner_id.as_str();
-        let asked = requested_acl(
+        let acl = acl_to_set(
             i.acl.as_ref().map(|a| bucket_acl_of(Some(a))).transpose()?,
-            HeaderGrants {
-                full_control: i.grant_full_control.as_deref(),
-                read: i.grant_read.as_deref(),
-                read_acp: i.grant_read_acp.as_deref(),
-                write: i.grant_write.as_deref(),
-                write_acp: i.grant_write_acp.as_deref(),
-            },
-            owner_id,
+            header_grants!(i, write),
+            i.access_control_policy.as_ref(),
+            &bucket.spec.owner_id,
         )?;
-        let acl = match (asked, &i.access_control_policy) {
-            (Some(acl), _) => acl,
-            (None, Some(policy)) => canned_from_policy(policy, owner_id)?,
-            (None, None) => return Err(s3_error!(MissingSecurityHeader, "Your request was missing a required header: x-amz-acl, an x-amz-grant-* header or an AccessControlPolicy body.")),
-        };
         self.update_bucket(&bucket, move |spec| spec["acl"] = json!(acl.as_str()))
             .await?;
         Ok(S3Response::new(PutBucketAclOutput::default()))
@@ -1607,22 +1639,11 @@ impl S3 for KarriS3 {
         let bucket = self
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
             .await?;
-        let acl = requested_acl(
-            input
-                .acl
-                .as_ref()
-                .map(|a| object_acl_of(Some(a)))
-                .transpose()?,
-            HeaderGrants {
-                full_control: input.grant_full_control.as_deref(),
-                read: input.grant_read.as_deref(),
-                read_acp: input.grant_read_acp.as_deref(),
-                write: None,
-                write_acp: input.grant_write_acp.as_deref(),
-            },
+        let acl = new_object_acl(
+            input.acl.as_ref(),
+            header_grants!(input),
             &bucket.spec.owner_id,
-        )?
-        .unwrap_or(CannedAcl::Private);
+        )?;
         let tags = tags_from_header(input.tagging.as_deref())?;
         let headers = system_headers(
             input.content_type.as_ref(),
@@ -2055,22 +2076,11 @@ impl S3 for KarriS3 {
             _ => source.tags.clone(),
         };
         // Everything refusable is refused before a byte is copied.
-        let acl = requested_acl(
-            input
-                .acl
-                .as_ref()
-                .map(|a| object_acl_of(Some(a)))
-                .transpose()?,
-            HeaderGrants {
-                full_control: input.grant_full_control.as_deref(),
-                read: input.grant_read.as_deref(),
-                read_acp: input.grant_read_acp.as_deref(),
-                write: None,
-                write_acp: input.grant_write_acp.as_deref(),
-            },
+        let acl = new_object_acl(
+            input.acl.as_ref(),
+            header_grants!(input),
             &bucket.spec.owner_id,
-        )?
-        .unwrap_or(CannedAcl::Private);
+        )?;
         let expect = self
             .write_conditions(
                 &bucket,
@@ -2139,23 +2149,12 @@ impl S3 for KarriS3 {
             .authorized_bucket(caller.as_ref(), &req.input.bucket, Action::ObjectConfig)
             .await?;
         let i = &req.input;
-        let owner_id = bucket.spec.owner_id.as_str();
-        let asked = requested_acl(
+        let acl = acl_to_set(
             i.acl.as_ref().map(|a| object_acl_of(Some(a))).transpose()?,
-            HeaderGrants {
-                full_control: i.grant_full_control.as_deref(),
-                read: i.grant_read.as_deref(),
-                read_acp: i.grant_read_acp.as_deref(),
-                write: i.grant_write.as_deref(),
-                write_acp: i.grant_write_acp.as_deref(),
-            },
-            owner_id,
+            header_grants!(i, write),
+            i.access_control_policy.as_ref(),
+            &bucket.spec.owner_id,
         )?;
-        let acl = match (asked, &i.access_control_policy) {
-            (Some(acl), _) => acl,
-            (None, Some(policy)) => canned_from_policy(policy, owner_id)?,
-            (None, None) => return Err(s3_error!(MissingSecurityHeader, "Your request was missing a required header: x-amz-acl, an x-amz-grant-* header or an AccessControlPolicy body.")),
-        };
         self.update_object(&bucket, &req.input.key, |m| m.acl = acl)
             .await?;
         Ok(S3Response::new(PutObjectAclOutput::default()))
@@ -2415,22 +2414,11 @@ impl S3 for KarriS3 {
                 input.expires.as_ref(),
             )?,
             metadata: metadata_of(input.metadata.as_ref())?,
-            acl: requested_acl(
-                input
-                    .acl
-                    .as_ref()
-                    .map(|a| object_acl_of(Some(a)))
-                    .transpose()?,
-                HeaderGrants {
-                    full_control: input.grant_full_control.as_deref(),
-                    read: input.grant_read.as_deref(),
-                    read_acp: input.grant_read_acp.as_deref(),
-                    write: None,
-                    write_acp: input.grant_write_acp.as_deref(),
-                },
+            acl: new_object_acl(
+                input.acl.as_ref(),
+                header_grants!(input),
                 &bucket.spec.owner_id,
-            )?
-            .unwrap_or(CannedAcl::Private),
+            )?,
             tags: tags_from_header(input.tagging.as_deref())?,
         };
         self.index
