@@ -339,6 +339,20 @@ async fn server_side_apply_owns_each_owner_reference_apart() -> anyhow::Result<(
             "apiVersion: karri.dev/v1alpha1\nkind: Instance\nmetadata:\n  name: child\n{owners}spec:\n  imageId: emi-0123456789abcdef0\n  instanceType: m1.small\n"
         )
     };
+    // Server-side apply of `manifest` as field manager `manager`.
+    let apply_as = |manager: &str, manifest: &PathBuf| -> anyhow::Result<String> {
+        let manager = format!("--field-manager={manager}");
+        kubectl_ok(
+            &c.admin,
+            &[
+                "apply",
+                "--server-side",
+                &manager,
+                "-f",
+                path_str(manifest)?,
+            ],
+        )
+    };
     let with_a = c.manifest(
         "child-a.yaml",
         &child(&format!(
@@ -346,16 +360,7 @@ async fn server_side_apply_owns_each_owner_reference_apart() -> anyhow::Result<(
             owner_ref("owner-a", &uids[0])
         )),
     )?;
-    kubectl_ok(
-        &c.admin,
-        &[
-            "apply",
-            "--server-side",
-            "--field-manager=team-a",
-            "-f",
-            path_str(&with_a)?,
-        ],
-    )?;
+    apply_as("team-a", &with_a)?;
     // Another manager applies its own owner: no conflict, both are kept.
     let with_b = c.manifest(
         "child-b.yaml",
@@ -364,16 +369,7 @@ async fn server_side_apply_owns_each_owner_reference_apart() -> anyhow::Result<(
             owner_ref("owner-b", &uids[1])
         )),
     )?;
-    kubectl_ok(
-        &c.admin,
-        &[
-            "apply",
-            "--server-side",
-            "--field-manager=team-b",
-            "-f",
-            path_str(&with_b)?,
-        ],
-    )?;
+    apply_as("team-b", &with_b)?;
     let owners = |v: &Value| -> Vec<String> {
         v["metadata"]["ownerReferences"]
             .as_array()
@@ -392,16 +388,7 @@ async fn server_side_apply_owns_each_owner_reference_apart() -> anyhow::Result<(
     );
     // team-b stops naming its owner: only that owner goes.
     let without = c.manifest("child-none.yaml", &child(""))?;
-    kubectl_ok(
-        &c.admin,
-        &[
-            "apply",
-            "--server-side",
-            "--field-manager=team-b",
-            "-f",
-            path_str(&without)?,
-        ],
-    )?;
+    apply_as("team-b", &without)?;
     let after = kubectl_json(&c.admin, &["get", "instance", "child"])?;
     ensure!(
         owners(&after) == ["owner-a"],

@@ -300,6 +300,22 @@ mod tests {
         }
     }
 
+    /// Reads a lease at each row (seconds on the operator's clock, lease version, agent's
+    /// renewTime, Ready wanted) in turn, timing a first sight as `first`, and checks readiness.
+    fn check_sightings(rows: &[(i64, &str, i64, bool)], first: FirstSight) {
+        let mut seen: Option<LeaseSighting> = None;
+        for &(secs, version, written, ready) in rows {
+            let now = at(secs);
+            let next = sighting(seen.as_ref(), version, Some(&at(written)), &now, first);
+            assert_eq!(
+                node_ready(Some(&next.since), LEASE, &now).is_ready(),
+                ready,
+                "version {version} at {secs} s"
+            );
+            seen = Some(next);
+        }
+    }
+
     #[test]
     fn a_node_lease_is_timed_by_the_operators_clock_and_its_condition_holds_still() {
         // (seconds on the operator's clock, lease version, agent's renewTime, Ready wanted)
@@ -319,23 +335,7 @@ mod tests {
             (1_120, "11", -2_480, true),
             (1_130, "12", -2_470, true),
         ];
-        let mut seen: Option<LeaseSighting> = None;
-        for (secs, version, written, ready) in rows {
-            let now = at(secs);
-            let next = sighting(
-                seen.as_ref(),
-                version,
-                Some(&at(written)),
-                &now,
-                FirstSight::ByRenewTime,
-            );
-            assert_eq!(
-                node_ready(Some(&next.since), LEASE, &now).is_ready(),
-                ready,
-                "version {version} at {secs} s"
-            );
-            seen = Some(next);
-        }
+        check_sightings(&rows, FirstSight::ByRenewTime);
         // An agent whose first renewTime is ahead of the operator's clock is taken as now.
         let ahead = sighting(
             None,
@@ -378,23 +378,7 @@ mod tests {
             // It stops renewing: NotReady a lease after the last renewal seen.
             (1_050, "8", -2_590, false),
         ];
-        let mut seen: Option<LeaseSighting> = None;
-        for (secs, version, written, ready) in rows {
-            let now = at(secs);
-            let next = sighting(
-                seen.as_ref(),
-                version,
-                Some(&at(written)),
-                &now,
-                FirstSight::AsRenewedNow,
-            );
-            assert_eq!(
-                node_ready(Some(&next.since), LEASE, &now).is_ready(),
-                ready,
-                "version {version} at {secs} s"
-            );
-            seen = Some(next);
-        }
+        check_sightings(&rows, FirstSight::AsRenewedNow);
         // A node that died just before the start is given up a lease later, not at once.
         let dead = sighting(
             None,
