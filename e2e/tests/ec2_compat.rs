@@ -410,6 +410,33 @@ async fn awscli_runs_stops_starts_and_terminates_instances_until_they_are_collec
             && str_at(&array_at(&image_tags, "/Tags")[0], "/Key")? == "tier",
         "create-tags of {alias} did not tag {image_id}: {image_tags}"
     );
+    // Filters on an image ID take the alias too: DescribeTags, DescribeImages.
+    let alias_tags = aws
+        .ok(&[
+            "describe-tags",
+            "--filters",
+            &format!("Name=resource-id,Values={alias}"),
+        ])
+        .await?;
+    ensure!(
+        array_at(&alias_tags, "/Tags").len() == 1,
+        "describe-tags resource-id={alias} finds {alias_tags}"
+    );
+    let by_alias = aws
+        .ok(&[
+            "describe-images",
+            "--filters",
+            &format!("Name=image-id,Values={alias}"),
+        ])
+        .await?;
+    ensure!(
+        array_at(&by_alias, "/Images")
+            .iter()
+            .map(|i| str_at(i, "/ImageId"))
+            .collect::<anyhow::Result<Vec<_>>>()?
+            == [image_id.as_str()],
+        "describe-images image-id={alias} finds {by_alias}"
+    );
     aws.ok(&["delete-tags", "--resources", &alias, "--tags", "Key=tier"])
         .await?;
     // creation-date matches the CreationDate the image shows.
@@ -498,6 +525,19 @@ async fn awscli_runs_stops_starts_and_terminates_instances_until_they_are_collec
             "tags of launched instance {n}: {tags:?}"
         );
     }
+
+    // The image-id filter takes the image's `ami-` alias (the instances show its `emi-` ID).
+    let by_image = aws
+        .ok(&[
+            "describe-instances",
+            "--filters",
+            &format!("Name=image-id,Values={alias}"),
+        ])
+        .await?;
+    ensure!(
+        sorted(&ids_of(&by_image)) == sorted(&web),
+        "describe-instances image-id={alias} finds {by_image}, launched {web:?}"
+    );
 
     let web_running = [
         "describe-instances",

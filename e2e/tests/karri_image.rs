@@ -429,6 +429,53 @@ async fn a_public_image_in_a_shared_namespace_is_launchable_by_every_account() -
         shown(&eki_private).is_none(),
         "a private image of another namespace is shown"
     );
+    // They are the cloud's own images: owner 000000000000, alias `amazon`, as scripts that
+    // look for the provider's images (`--owners amazon`) expect.
+    ensure!(
+        machine["OwnerId"] == "000000000000" && machine["ImageOwnerAlias"] == "amazon",
+        "{machine}"
+    );
+    let by_alias = |args: &'static [&'static str]| {
+        let (gateway, creds) = (&gateway, &creds);
+        async move {
+            let answer = gateway
+                .aws(creds, &[&["ec2", "describe-images"][..], args].concat())
+                .await?;
+            let mut ids: Vec<String> = answer["Images"]
+                .as_array()
+                .context("no Images")?
+                .iter()
+                .filter_map(|i| i["ImageId"].as_str().map(str::to_owned))
+                .collect();
+            ids.sort();
+            anyhow::Ok(ids)
+        }
+    };
+    let mut public = vec![eki.clone(), emi.clone()];
+    public.sort();
+    for args in [
+        &["--owners", "amazon"][..],
+        &["--owners", "000000000000"][..],
+        &["--filters", "Name=owner-alias,Values=amazon"][..],
+    ] {
+        let ids = by_alias(args).await?;
+        ensure!(ids == public, "describe-images {args:?} shows {ids:?}");
+    }
+    // The tenant's own image has no alias and is not the cloud's.
+    let own = dir.path().join("own.img");
+    std::fs::write(&own, pseudo_random(65536, 8))?;
+    let own_id = register(
+        &admin,
+        &store,
+        &["--file", path_str(&own)?, "--namespace", "tenant"],
+    )?;
+    let ids = by_alias(&["--owners", "amazon"]).await?;
+    ensure!(
+        ids == public,
+        "--owners amazon shows {ids:?} (own {own_id})"
+    );
+    let mine = by_alias(&["--owners", "self"]).await?;
+    ensure!(mine == [own_id.clone()], "--owners self shows {mine:?}");
     Ok(())
 }
 

@@ -666,6 +666,7 @@ pub const IMAGE_FILTERS: &[&str] = &[
     "kernel-id",
     "manifest-location",
     "name",
+    "owner-alias",
     "owner-id",
     "platform",
     "ramdisk-id",
@@ -1298,10 +1299,10 @@ mod tests {
                 Some("The filter 'group-long-name' is invalid"),
             ),
             (
-                "owner-alias",
+                "product-code",
                 IMAGE_FILTERS,
                 true,
-                Some("The filter 'owner-alias' is invalid"),
+                Some("The filter 'product-code' is invalid"),
             ),
             (
                 "ipv6-cidr-block-association.state",

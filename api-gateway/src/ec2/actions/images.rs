@@ -12,7 +12,7 @@ use super::{
 };
 use crate::admission::Subresource;
 use crate::ec2::error::Ec2Error;
-use crate::ec2::filter::{self, Matcher};
+use crate::ec2::filter::{self, Filter, Matcher};
 use crate::ec2::router::{self, WireEnum as _};
 use crate::ec2::xml::time_text;
 use crate::registry::{DeleteOptions, WriteOptions};
@@ -36,6 +36,41 @@ fn shared_with(v: &Value, account_id: &str) -> bool {
 pub fn same_image(stored: &str, asked: &str) -> bool {
     let hex = |id: &str| id.split_once('-').map(|(_, h)| h.to_string());
     stored == asked || (hex(stored) == hex(asked) && asked.starts_with("ami-"))
+}
+
+/// `filters` with every `ami-` value of the filters named in `names` also spelled `emi-`, so
+/// that a filter on an image ID takes the `ami-` alias as every image action does (`ami-*`
+/// then matches the `emi-` images too). The values a resource shows stay its stored IDs.
+pub fn with_emi_spellings(filters: &[Filter], names: &[&str]) -> Vec<Filter> {
+    filters
+        .iter()
+        .map(|f| {
+            let mut f = f.clone();
+            if names.contains(&f.name.as_str()) {
+                let emi: Vec<String> = f
+                    .values
+                    .iter()
+                    .filter_map(|v| v.strip_prefix("ami-").map(|rest| format!("emi-{rest}")))
+                    .collect();
+                f.values.extend(emi);
+            }
+            f
+        })
+        .collect()
+}
+
+/// The account ID Karri shows as the owner of the administrators' public images, which live in
+/// a system namespace (`karri-images`) of no account. Below the range accounts are given
+/// (`100000000000` up), so no account ever has it.
+pub const SYSTEM_OWNER_ID: &str = "000000000000";
+
+/// The owner alias of the administrators' images: the cloud's own images answer to
+/// `Owner=amazon` and the `owner-alias` filter, as the provider's own AMIs do on EC2.
+pub const SYSTEM_OWNER_ALIAS: &str = "amazon";
+
+/// Whether an image is one of the administrators' (in a system namespace, of no account).
+fn is_system_image(v: &Value) -> bool {
+    crate::admission::is_system_namespace(namespace(v))
 }
 
 /// Find an image by ID, accepting the `ami-` alias of an `emi-` ID.
@@ -122,6 +157,7 @@ fn image_values<'v>(v: &'v Value, name: &str, owner: &'v str, own: bool) -> Vec<
         "description" => filter::shown_opt(opt(v, "/spec/description")),
         "state" => filter::shown(state(v)),
         "owner-id" => filter::shown(owner),
+        "owner-alias" => filter::shown_opt(is_system_image(v).then_some(SYSTEM_OWNER_ALIAS)),
         "is-public" => filter::shown_bool(is_public(v)),
         "architecture" => filter::shown(text(v, "/spec/architecture")),
         "image-type" => filter::shown(image_type(v)),
@@ -159,6 +195,10 @@ fn write_image(w: &mut crate::ec2::xml::Response, v: &Value, owner: &str, own: b
         .leaf("imageLocation", text(v, "/spec/imageLocation"))
         .leaf("imageState", state(v))
         .leaf("imageOwnerId", owner)
+        .leaf_opt(
+            "imageOwnerAlias",
+            is_system_image(v).then_some(SYSTEM_OWNER_ALIAS),
+        )
         .leaf_time("creationDate", created(v))
         .leaf_bool("isPublic", is_public(v))
         .leaf("architecture", text(v, "/spec/architecture"))
@@ -196,7 +236,10 @@ pub async fn describe_images(cx: &Cx<'_>, a: router::DescribeImages) -> Result<S
     for o in &all {
         let ns = namespace(&o.value).to_string();
         if let std::collections::hash_map::Entry::Vacant(slot) = owners.entry(ns) {
-            let id = cx.owner_of(slot.key()).await;
+            let mut id = cx.owner_of(slot.key()).await;
+            if id.is_empty() && crate::admission::is_system_namespace(slot.key()) {
+                id = SYSTEM_OWNER_ID.to_string();
+            }
             slot.insert(id);
         }
     }
@@ -216,7 +259,7 @@ pub async fn describe_images(cx: &Cx<'_>, a: router::DescribeImages) -> Result<S
         return Err(Ec2Error::image_not_found(&missing));
     }
     let me = cx.caller.account_id.as_str();
-    let matcher = Matcher::new(&a.filters);
+    let matcher = Matcher::new(&with_emi_spellings(&a.filters, &["image-id"]));
     let mut shown: Vec<(&Value, String)> = visible_images
         .into_iter()
         .filter(|v| a.image_ids.is_empty() || a.image_ids.iter().any(|id| same_image(id_of(v), id)))
@@ -225,6 +268,7 @@ pub async fn describe_images(cx: &Cx<'_>, a: router::DescribeImages) -> Result<S
             a.owners.is_empty()
                 || a.owners.iter().any(|o| match o.as_str() {
                     "self" => namespace(v) == cx.caller.namespace,
+                    SYSTEM_OWNER_ALIAS => is_system_image(v),
                     other => other == owner,
                 })
         })
@@ -547,13 +591,14 @@ mod tests {
 
     const OWNER: &str = "123456789012";
 
-    /// A failed public image with every field DescribeImages shows filled in.
+    /// A failed public image of the administrators (so with an owner alias) with every field
+    /// DescribeImages shows filled in.
     fn full_image() -> Value {
         json!({
             "kind": "Image",
             "metadata": {
                 "name": "emi-0abc",
-                "namespace": "acct-1",
+                "namespace": "karri-images",
                 "labels": {crds::ID_LABEL: "emi-0abc"},
                 "creationTimestamp": "2026-01-02T03:04:05Z",
             },
@@ -613,6 +658,7 @@ mod tests {
                 ("kernel-id", "kernelId"),
                 ("manifest-location", "imageLocation"),
                 ("name", "name"),
+                ("owner-alias", "imageOwnerAlias"),
                 ("owner-id", "imageOwnerId"),
                 ("platform", "platform"),
                 ("ramdisk-id", "ramdiskId"),
@@ -673,11 +719,57 @@ mod tests {
         });
         for name in [
             "description",
+            "owner-alias",
             "kernel-id",
             "ramdisk-id",
             "state-reason-code",
         ] {
             assert!(image_values(&v, name, OWNER, true).is_empty(), "{name}");
         }
+    }
+
+    #[test]
+    fn an_ami_filter_value_also_names_the_emi_image() {
+        let filters = [
+            Filter::new("image-id", ["ami-0abc", "ami-*", "emi-0def", "*"]),
+            Filter::new("name", ["ami-0abc"]),
+        ];
+        let spelled = with_emi_spellings(&filters, &["image-id"]);
+        assert_eq!(
+            spelled[0].values,
+            ["ami-0abc", "ami-*", "emi-0def", "*", "emi-0abc", "emi-*"]
+        );
+        assert_eq!(
+            spelled[1], filters[1],
+            "other filters are left as they were"
+        );
+        let v = full_image();
+        for value in ["ami-0abc", "ami-0a*", "emi-0abc"] {
+            let m = Matcher::new(&with_emi_spellings(
+                &[Filter::new("image-id", [value])],
+                &["image-id"],
+            ));
+            assert!(
+                m.matches(|name| image_values(&v, name, OWNER, true)),
+                "{value}"
+            );
+        }
+        let m = Matcher::new(&with_emi_spellings(
+            &[Filter::new("image-id", ["ami-0abd", "aki-0abc"])],
+            &["image-id"],
+        ));
+        assert!(!m.matches(|name| image_values(&v, name, OWNER, true)));
+    }
+
+    #[test]
+    fn only_the_administrators_images_answer_to_the_amazon_alias() {
+        let system = full_image();
+        let mut account = full_image();
+        account["metadata"]["namespace"] = json!("acct-1");
+        assert!(is_system_image(&system));
+        assert!(!is_system_image(&account));
+        assert!(described(&system, false).contains("<imageOwnerAlias>amazon</imageOwnerAlias>"));
+        assert!(!described(&account, false).contains("imageOwnerAlias"));
+        assert!(image_values(&account, "owner-alias", OWNER, true).is_empty());
     }
 }

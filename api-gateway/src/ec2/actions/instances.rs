@@ -612,7 +612,10 @@ pub async fn describe_instances(
         }
         Some(a.instance_ids.iter().map(String::as_str).collect())
     };
-    let matcher = Matcher::new(&a.filters);
+    let matcher = Matcher::new(&super::images::with_emi_spellings(
+        &a.filters,
+        &["image-id"],
+    ));
     let owner = cx.caller.account_id.as_str();
     let region = cx.settings.region.as_str();
     let hits: Vec<(String, (String, InstanceView<'_>))> = all

@@ -209,6 +209,8 @@ pub async fn describe_tags(cx: &Cx<'_>, a: router::DescribeTags) -> Result<Strin
         .iter()
         .cloned()
         .partition(|f| matches!(f.name.as_str(), "key" | "value"));
+    // An `ami-` resource ID names the `emi-` image, as everywhere else.
+    let per_resource = super::images::with_emi_spellings(&per_resource, &["resource-id"]);
     let (tag_matcher, resource_matcher) = (Matcher::new(&per_tag), Matcher::new(&per_resource));
     let mut rows: Vec<(String, TagRow)> = Vec::new();
     for (plural, kind) in [
