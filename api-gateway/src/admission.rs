@@ -22,15 +22,16 @@ pub enum FieldValidation {
 }
 
 impl FieldValidation {
-    /// Parse the query value; unknown values are a 400.
-    pub fn parse(v: Option<&str>) -> ApiResult<Self> {
+    /// Parse the query value; an unknown value is refused with what it may be (the caller
+    /// answers 422, as for any invalid request option).
+    pub fn parse(v: Option<&str>) -> Result<Self, String> {
         match v {
             None | Some("") | Some("Warn") => Ok(Self::Warn),
             Some("Ignore") => Ok(Self::Ignore),
             Some("Strict") => Ok(Self::Strict),
-            Some(other) => Err(ApiError::bad_request(format!(
-                "fieldValidation must be one of Ignore, Warn or Strict, not {other:?}"
-            ))),
+            Some(other) => Err(format!(
+                "Unsupported value: {other:?}: supported values: \"Ignore\", \"Strict\", \"Warn\""
+            )),
         }
     }
 }

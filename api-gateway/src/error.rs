@@ -147,6 +147,20 @@ impl ApiError {
     }
     /// 422 Invalid, with field causes.
     pub fn invalid(kind: &str, name: &str, causes: Vec<(String, String)>) -> Self {
+        Self::invalid_in(crds::GROUP, kind, name, causes)
+    }
+    /// 422 Invalid for a request's options (`CreateOptions`, `UpdateOptions`, `PatchOptions`,
+    /// `DeleteOptions` of group `meta.k8s.io`), as kube-apiserver answers a bad `dryRun`,
+    /// `fieldValidation`, `propagationPolicy` or `fieldManager`.
+    pub fn invalid_options(kind: &str, field: &str, message: impl Into<String>) -> Self {
+        Self::invalid_in(
+            "meta.k8s.io",
+            kind,
+            "",
+            vec![(field.to_string(), message.into())],
+        )
+    }
+    fn invalid_in(group: &str, kind: &str, name: &str, causes: Vec<(String, String)>) -> Self {
         let summary = causes
             .iter()
             .map(|(field, msg)| {
@@ -161,11 +175,11 @@ impl ApiError {
         let mut e = Self::new(
             422,
             "Invalid",
-            format!("{kind}.{} \"{name}\" is invalid: {summary}", crds::GROUP),
+            format!("{kind}.{group} \"{name}\" is invalid: {summary}"),
         );
         e.details = Some(Box::new(StatusDetails {
             name: name.to_string(),
-            group: crds::GROUP.to_string(),
+            group: group.to_string(),
             kind: kind.to_string(),
             causes,
             cause_reason: "",

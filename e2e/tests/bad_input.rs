@@ -731,3 +731,87 @@ async fn nulls_the_schema_does_not_allow_are_pruned_and_defaulted_not_refused() 
     );
     Ok(())
 }
+
+/// A request option Kubernetes does not know (`dryRun`, `fieldValidation`, `force`,
+/// `fieldManager`, `propagationPolicy`) is a 422 on the request's options kind of group
+/// `meta.k8s.io`, naming the field, as kube-apiserver answers; nothing is stored or changed.
+#[tokio::test(flavor = "multi_thread")]
+async fn request_options_kubernetes_does_not_know_are_invalid_and_change_nothing(
+) -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let api = c.admin_api()?;
+    let invalid = |options: &'static str, field: &'static str| {
+        move |resp: reqwest::Response| async move {
+            let status = expect_status(resp, 422, "Invalid").await?;
+            ensure!(
+                status.pointer("/details/kind") == Some(&json!(options))
+                    && status.pointer("/details/group") == Some(&json!("meta.k8s.io"))
+                    && status.pointer("/details/causes/0/field") == Some(&json!(field)),
+                "expected {options}.{field}: {status}"
+            );
+            ensure!(
+                message(&status)
+                    .starts_with(&format!("{options}.meta.k8s.io \"\" is invalid: {field}")),
+                "{status}"
+            );
+            anyhow::Ok(())
+        }
+    };
+
+    for (query, field) in [
+        ("?dryRun=Some", "dryRun"),
+        ("?fieldValidation=Loose", "fieldValidation"),
+    ] {
+        let resp = post_json(&api, &instance_json("a"), query).await?;
+        invalid("CreateOptions", field)(resp).await?;
+    }
+    ensure_nothing_stored(&api).await?;
+
+    let stored = create(&api, "a").await?;
+    let mut changed = stored.clone();
+    changed["spec"]["instanceType"] = json!("m1.medium");
+    let resp = api
+        .request(Method::PUT, &format!("{}?dryRun=all", instance("a")))
+        .json(&changed)
+        .send()
+        .await?;
+    invalid("UpdateOptions", "dryRun")(resp).await?;
+
+    let merge = json!({"spec": {"instanceType": "m1.medium"}});
+    let resp = api
+        .request(Method::PATCH, &format!("{}?force=true", instance("a")))
+        .header(CONTENT_TYPE, "application/merge-patch+json")
+        .body(serde_json::to_vec(&merge)?)
+        .send()
+        .await?;
+    invalid("PatchOptions", "force")(resp).await?;
+    let resp = api
+        .request(Method::PATCH, &instance("a"))
+        .header(CONTENT_TYPE, "application/apply-patch+yaml")
+        .body(serde_json::to_vec(&instance_json("a"))?)
+        .send()
+        .await?;
+    invalid("PatchOptions", "fieldManager")(resp).await?;
+
+    for query in [
+        "?propagationPolicy=Sideways",
+        "?propagationPolicy=Orphan&orphanDependents=true",
+        "?dryRun=None",
+    ] {
+        let field = if query.contains("dryRun") {
+            "dryRun"
+        } else {
+            "propagationPolicy"
+        };
+        let resp = api
+            .request(Method::DELETE, &format!("{}{query}", instance("a")))
+            .send()
+            .await?;
+        invalid("DeleteOptions", field)(resp).await?;
+    }
+    ensure!(
+        api.get_json(&instance("a")).await? == stored,
+        "a refused request changed the record"
+    );
+    Ok(())
+}

@@ -332,19 +332,45 @@ fn flag(q: &HashMap<String, String>, name: &str) -> bool {
     matches!(q.get(name).map(String::as_str), Some("true" | "1"))
 }
 
-fn write_options(q: &HashMap<String, String>) -> ApiResult<WriteOptions> {
+/// The kind of options a request carries, named in a 422 on a bad one (`CreateOptions` …).
+#[derive(Clone, Copy, Debug)]
+enum Options {
+    Create,
+    Update,
+    Patch,
+    Delete,
+}
+
+impl Options {
+    fn kind(self) -> &'static str {
+        match self {
+            Options::Create => "CreateOptions",
+            Options::Update => "UpdateOptions",
+            Options::Patch => "PatchOptions",
+            Options::Delete => "DeleteOptions",
+        }
+    }
+}
+
+/// `dryRun` and `fieldValidation` of a write; a value Kubernetes does not know is a 422 on the
+/// request's options, as kube-apiserver answers it.
+fn write_options(q: &HashMap<String, String>, options: Options) -> ApiResult<WriteOptions> {
     let dry_run = match q.get("dryRun").map(String::as_str) {
         None | Some("") => false,
         Some("All") => true,
         Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "dryRun may only be All, not {other:?}"
-            )))
+            return Err(ApiError::invalid_options(
+                options.kind(),
+                "dryRun",
+                format!("Unsupported value: {other:?}: supported values: \"All\""),
+            ))
         }
     };
+    let field_validation = FieldValidation::parse(q.get("fieldValidation").map(String::as_str))
+        .map_err(|why| ApiError::invalid_options(options.kind(), "fieldValidation", why))?;
     Ok(WriteOptions {
         dry_run,
-        field_validation: FieldValidation::parse(q.get("fieldValidation").map(String::as_str))?,
+        field_validation,
     })
 }
 
@@ -619,7 +645,7 @@ async fn resource_request(
                 .and_then(Value::as_str)
                 .map(str::to_string);
             ctx.authorize(Verb::Create, name.as_deref())?;
-            let opts = write_options(&q)?;
+            let opts = write_options(&q, Options::Create)?;
             let w = s
                 .registry
                 .create(&kind, ns.as_deref(), body, who, opts)
@@ -680,7 +706,7 @@ async fn resource_request(
             } else {
                 Subresource::Main
             };
-            let opts = write_options(&q)?;
+            let opts = write_options(&q, Options::Update)?;
             let mut change = |_: &Value| Ok(body.clone());
             let w = s
                 .registry
@@ -755,7 +781,7 @@ fn deleted_status(plural: &str, obj: &Value) -> Value {
 }
 
 fn delete_options(q: &HashMap<String, String>, body: &Value) -> ApiResult<DeleteOptions> {
-    let dry_run = write_options(q)?.dry_run
+    let dry_run = write_options(q, Options::Delete)?.dry_run
         || body
             .get("dryRun")
             .and_then(Value::as_array)
@@ -779,13 +805,10 @@ fn delete_options(q: &HashMap<String, String>, body: &Value) -> ApiResult<Delete
         None => body.get("orphanDependents").and_then(Value::as_bool),
     };
     if policy.as_deref().is_some_and(|p| !p.is_empty()) && orphan_dependents.is_some() {
-        return Err(ApiError::invalid(
-            "DeleteOptions",
-            "",
-            vec![(
-                "propagationPolicy".into(),
-                "orphanDependents and propagationPolicy cannot both be set".into(),
-            )],
+        return Err(ApiError::invalid_options(
+            Options::Delete.kind(),
+            "propagationPolicy",
+            "orphanDependents and propagationPolicy cannot both be set",
         ));
     }
     let policy = policy.or_else(|| {
@@ -796,9 +819,11 @@ fn delete_options(q: &HashMap<String, String>, body: &Value) -> ApiResult<Delete
         Some("Foreground") => Propagation::Foreground,
         Some("Orphan") => Propagation::Orphan,
         Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "propagationPolicy must be Background, Foreground or Orphan, not {other:?}"
-            )))
+            return Err(ApiError::invalid_options(
+                Options::Delete.kind(),
+                "propagationPolicy",
+                format!("Unsupported value: {other:?}: supported values: \"Foreground\", \"Background\", \"Orphan\", \"nil\""),
+            ))
         }
     };
     let pre = body.get("preconditions");
@@ -831,7 +856,7 @@ async fn patch(
     let s = ctx.s;
     let kind = &ctx.kind;
     let ns = ctx.ns.as_deref();
-    let opts = write_options(q)?;
+    let opts = write_options(q, Options::Patch)?;
     let sub = if status {
         Subresource::Status
     } else {
@@ -839,6 +864,15 @@ async fn patch(
     };
     let invalid = |msg: String| ApiError::invalid(kind.info.kind, name, vec![(String::new(), msg)]);
     match ct {
+        "application/merge-patch+json" | "application/json-patch+json"
+            if q.contains_key("force") =>
+        {
+            Err(ApiError::invalid_options(
+                Options::Patch.kind(),
+                "force",
+                "Forbidden: may not be specified for non-apply patch",
+            ))
+        }
         "application/merge-patch+json" | "application/json-patch+json" => {
             let patch_value: Value = serde_json::from_slice(bytes)
                 .map_err(|e| ApiError::bad_request(format!("the patch is not valid JSON: {e}")))?;
@@ -899,7 +933,11 @@ async fn patch(
                 .filter(|m| !m.is_empty())
                 .cloned()
                 .ok_or_else(|| {
-                    ApiError::bad_request("fieldManager is required for apply requests")
+                    ApiError::invalid_options(
+                        Options::Patch.kind(),
+                        "fieldManager",
+                        "Required value: is required for apply patch",
+                    )
                 })?;
             let force = flag(q, "force");
             let applied = parse_body(bytes, "application/yaml")?;
