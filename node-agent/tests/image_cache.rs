@@ -590,3 +590,110 @@ async fn an_s3_location_without_a_presigner_fails_plainly() {
     );
     assert_nothing_cached(dir.path());
 }
+
+/// A tmpfs of `size` (mount's syntax, such as `16m`) on a fresh directory: a small real
+/// filesystem to fill. Unmounted when dropped.
+struct SmallFilesystem {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFilesystem {
+    fn mount(size: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(dir.path())
+            .output()
+            .expect("mount runs");
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs (the tests run as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Self { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Bytes free for an unprivileged writer.
+    fn free(&self) -> u64 {
+        let st = rustix::fs::statvfs(self.path()).expect("statvfs");
+        st.f_bavail * st.f_frsize
+    }
+}
+
+impl Drop for SmallFilesystem {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("--lazy")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_filesystem_fails_the_fetch_plainly_and_leaves_the_cache_usable() {
+    let fs = SmallFilesystem::mount("16m");
+    let cache_dir = fs.path().join("cache");
+    let cache = ImageCache::open(cache_dir.clone(), 1 << 30).expect("open");
+    let empty = fs.free();
+
+    // A local image larger than the room: refused before a byte is copied.
+    let elsewhere = tempfile::tempdir().expect("tempdir");
+    let big = elsewhere.path().join("big.img");
+    std::fs::write(&big, vec![7u8; 20 << 20]).expect("write the image");
+    let err = cache
+        .get(&raw(big.display().to_string(), None))
+        .await
+        .expect_err("no room");
+    assert!(matches!(&err, CacheError::NoRoom { .. }), "{err}");
+    assert!(!err.is_permanent(), "room frees as images go: tried again");
+    assert!(err.to_string().contains("no room for image"), "{err}");
+    assert_nothing_cached(&cache_dir);
+
+    // Sent without a length, so no room is known ahead: the disk fills mid-download.
+    let url = trickling_server(
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n",
+        &[7u8; 64 * 1024],
+        Duration::from_millis(1),
+    )
+    .await;
+    let err = cache.get(&raw(url, None)).await.expect_err("disk full");
+    let why = node_agent::guest::chain(&err);
+    assert!(why.contains("No space left on device"), "{why}");
+    assert!(!err.is_permanent(), "{why}");
+    assert_nothing_cached(&cache_dir);
+    assert!(
+        fs.free() + (64 << 10) >= empty,
+        "the partial file's room is given back: {} of {empty} bytes free",
+        fs.free()
+    );
+
+    // And an image that fits is fetched as ever.
+    let small = elsewhere.path().join("small.img");
+    std::fs::write(&small, vec![9u8; 1 << 20]).expect("write the image");
+    let cached = cache
+        .get(&raw(
+            small.display().to_string(),
+            Some(sha_of(&vec![9u8; 1 << 20])),
+        ))
+        .await
+        .expect("an image that fits");
+    assert!(
+        cached.path.starts_with(&cache_dir),
+        "{}",
+        cached.path.display()
+    );
+    assert_eq!(
+        std::fs::read(&cached.path).expect("read back").len(),
+        1 << 20
+    );
+}
