@@ -84,12 +84,18 @@ stop_pids() {
 write_configs() {
   mkdir -p "$dir/run" "$dir/etc" \
     "$dir/state/run" "$dir/state/lib" "$dir/state/cache" "$dir/state/log"
-  # A copy of /etc/libvirt with our qemu.conf, made once per DIR.
-  if [ ! -f "$dir/etc/libvirt/.karri-simhost" ]; then
+  # The machine's daemon settings and network filters with our qemu.conf, made once per DIR;
+  # not the system libvirtd's domains, networks (the 'default' NAT network would start a
+  # second dnsmasq), storage pools, secrets or hook scripts, which are that daemon's alone.
+  if [ ! -f "$dir/etc/libvirt/.karri-simhost-2" ]; then
     rm -rf "$dir/etc/libvirt"
-    cp -a /etc/libvirt "$dir/etc/libvirt"
-    # No autostarted networks (the 'default' NAT network would start a second dnsmasq).
-    rm -rf "$dir/etc/libvirt/qemu/networks/autostart"
+    mkdir -p "$dir/etc/libvirt/qemu"
+    for conf in /etc/libvirt/*.conf; do
+      if [ -f "$conf" ]; then cp -a "$conf" "$dir/etc/libvirt/"; fi
+    done
+    if [ -d /etc/libvirt/nwfilter ]; then
+      cp -a /etc/libvirt/nwfilter "$dir/etc/libvirt/nwfilter"
+    fi
     cat >"$dir/etc/libvirt/qemu.conf" <<'EOF'
 # Written by scripts/simhost.sh: QEMU runs as root, no relabelling, no security driver,
 # no cgroups and no per-domain /dev namespace (the daemon already lives in private namespaces).
@@ -102,7 +108,7 @@ cgroup_controllers = [ ]
 namespaces = [ ]
 stdio_handler = "logd"
 EOF
-    touch "$dir/etc/libvirt/.karri-simhost"
+    touch "$dir/etc/libvirt/.karri-simhost-2"
   fi
   mkdir -p "$dir/state/cache/qemu/capabilities"
   if [ -d "$caps_cache" ]; then

@@ -96,3 +96,49 @@ fn a_test_namespace_goes_away_on_drop_with_what_runs_inside() -> anyhow::Result<
     assert!(!status.success(), "sleep {pid} was not killed");
     Ok(())
 }
+
+/// Undefines a domain of the system libvirtd when dropped.
+struct SystemDomain(String);
+
+impl Drop for SystemDomain {
+    fn drop(&mut self) {
+        let _ = Command::new("virsh")
+            .args(["-c", "qemu:///system", "undefine", &self.0])
+            .output();
+    }
+}
+
+#[test]
+fn a_simulated_host_starts_without_the_system_libvirtds_domains() -> anyhow::Result<()> {
+    // A domain the machine's own libvirtd keeps in /etc/libvirt/qemu.
+    let name = format!("karri-simhost-probe-{}", std::process::id());
+    let xml_dir = tempfile::tempdir()?;
+    let xml = xml_dir.path().join("domain.xml");
+    std::fs::write(
+        &xml,
+        format!(
+            "<domain type='qemu'><name>{name}</name><memory unit='MiB'>16</memory>\
+             <os><type arch='x86_64'>hvm</type></os></domain>"
+        ),
+    )?;
+    run_ok(
+        Command::new("virsh")
+            .args(["-c", "qemu:///system", "define"])
+            .arg(&xml),
+    )
+    .context("the system libvirtd must answer (`bash scripts/libvirtd.sh`, as make test does)")?;
+    let _defined = SystemDomain(name.clone());
+
+    let mut host = SimHost::start("own-config")?;
+    let listed = stdout(&mut host.virsh(["list", "--all", "--name"]))?;
+    ensure!(
+        !listed.contains(&name),
+        "the simulated host took the system libvirtd's domain: {listed}"
+    );
+    ensure!(
+        listed.is_empty(),
+        "a fresh simulated host has no domains: {listed}"
+    );
+    host.stop()?;
+    Ok(())
+}
