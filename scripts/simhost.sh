@@ -5,7 +5,8 @@
 #                                libvirtd inside it, in a private mount namespace in which
 #                                /run/libvirt, /var/lib/libvirt, /var/cache/libvirt,
 #                                /var/log/libvirt and /etc/libvirt are directories under DIR.
-#                                libvirtd's sockets are in DIR/run, visible from the root
+#                                libvirtd's sockets are in DIR/run (or, for a DIR too long for
+#                                a socket path, under /run/karri-simhost), visible from the root
 #                                namespace. Prints the connection URI as its last line.
 #                                Idempotent: when the daemon already answers it only prints the URI.
 #   simhost.sh stop DIR NETNS    destroys and undefines every domain of that libvirtd, stops the
@@ -43,7 +44,14 @@ case "$dir" in
   *) dir="$PWD/$dir" ;;
 esac
 
-uri="qemu+unix:///system?socket=$dir/run/libvirt-sock"
+# libvirtd's sockets: in DIR/run, or, where DIR is too long for a Unix socket's path (107 bytes
+# with libvirtd's longest socket name, libvirt-admin-sock), in a directory under /run named
+# after DIR's hash (DIR/run then links to it).
+sock_dir="$dir/run"
+if [ $(($(printf '%s' "$sock_dir/libvirt-admin-sock" | wc -c))) -gt 107 ]; then
+  sock_dir="/run/karri-simhost/$(printf '%s' "$dir" | sha256sum | cut -c1-16)"
+fi
+uri="qemu+unix:///system?socket=$sock_dir/libvirt-sock"
 # QEMU capabilities probed by one private libvirtd are reused by the next (probing takes seconds;
 # libvirtd re-probes by itself when the cached ones no longer match QEMU or libvirt).
 caps_cache="${KARRI_SIMHOST_CACHE:-/var/tmp/karri-simhost}/qemu-capabilities"
@@ -82,7 +90,13 @@ stop_pids() {
 }
 
 write_configs() {
-  mkdir -p "$dir/run" "$dir/etc" \
+  if [ "$sock_dir" = "$dir/run" ]; then
+    mkdir -p "$sock_dir"
+  else
+    mkdir -p -m 0700 "$sock_dir"
+    ln -sfn "$sock_dir" "$dir/run"
+  fi
+  mkdir -p "$dir/etc" \
     "$dir/state/run" "$dir/state/lib" "$dir/state/cache" "$dir/state/log"
   # The machine's daemon settings and network filters with our qemu.conf, made once per DIR;
   # not the system libvirtd's domains, networks (the 'default' NAT network would start a
@@ -116,7 +130,7 @@ EOF
   fi
   cat >"$dir/libvirtd.conf" <<EOF
 # Written by scripts/simhost.sh.
-unix_sock_dir = "$dir/run"
+unix_sock_dir = "$sock_dir"
 unix_sock_rw_perms = "0700"
 unix_sock_ro_perms = "0700"
 unix_sock_admin_perms = "0700"
@@ -240,6 +254,10 @@ stop() {
       sleep 0.1
     done
     ip netns delete "$ns"
+  fi
+  if [ "$sock_dir" != "$dir/run" ]; then
+    rm -rf "$sock_dir"
+    rmdir /run/karri-simhost 2>/dev/null || true
   fi
   say "stopped $ns"
 }

@@ -142,3 +142,47 @@ fn a_simulated_host_starts_without_the_system_libvirtds_domains() -> anyhow::Res
     host.stop()?;
     Ok(())
 }
+
+#[test]
+fn a_simulated_host_in_a_directory_too_long_for_socket_paths_answers_on_a_short_one(
+) -> anyhow::Result<()> {
+    let base = tempfile::tempdir()?;
+    // Well past the 107 bytes of a Unix socket's path.
+    let dir = base.path().join("d".repeat(100)).join("host");
+    let netns = karri_testkit::simhost::unique_netns_name();
+    let script = simhost_script();
+    let simhost = |action: &str| {
+        let mut cmd = Command::new("bash");
+        cmd.arg(&script).arg(action).arg(&dir).arg(&netns);
+        cmd
+    };
+    let started = stdout(&mut simhost("start"));
+    let result = (|| {
+        let uri = started?;
+        let uri = uri.lines().last().unwrap_or_default().to_string();
+        ensure!(
+            uri.starts_with("qemu+unix:///system?socket=/run/karri-simhost/"),
+            "{uri}"
+        );
+        let socket = uri.trim_start_matches("qemu+unix:///system?socket=");
+        ensure!(socket.len() <= 107, "{socket}");
+        let version = stdout(Command::new("virsh").args(["-c", &uri, "version"]))?;
+        ensure!(version.contains("QEMU"), "{version}");
+        // DIR/run leads to the sockets, as for any other host.
+        ensure!(
+            dir.join("run").join("libvirt-sock").exists(),
+            "{}/run does not lead to the sockets",
+            dir.display()
+        );
+        anyhow::Ok(socket.to_string())
+    })();
+    let stopped = run_ok(&mut simhost("stop"));
+    let socket = result?;
+    stopped?;
+    ensure!(!netns_exists(&netns), "{netns} still exists");
+    let sock_dir = Path::new(&socket)
+        .parent()
+        .context("the socket has a directory")?;
+    ensure!(!sock_dir.exists(), "{} is left behind", sock_dir.display());
+    Ok(())
+}
