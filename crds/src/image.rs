@@ -271,16 +271,19 @@ impl Validate for ImageSpec {
         if let Some(description) = &self.description {
             check_text("spec.description", description, 255)?;
         }
+        // A path on the node may hold spaces (a state directory such as `/srv/my cloud`); a
+        // URL or bucket/key may not, nor anything other whitespace or control characters.
+        let is_path = self.image_location.starts_with('/');
         if self.image_location.is_empty()
             || self.image_location.len() > 2048
             || self
                 .image_location
                 .chars()
-                .any(|c| c.is_whitespace() || c.is_control())
+                .any(|c| (c.is_whitespace() && !(is_path && c == ' ')) || c.is_control())
         {
             return Err(ValidationError::invalid(
                 "spec.imageLocation",
-                "be a URL, bucket/key or absolute path without spaces",
+                "be a URL or bucket/key without spaces, or an absolute path",
             ));
         }
         if let Some(sum) = &self.checksum_sha256 {
