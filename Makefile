@@ -75,12 +75,12 @@ fuzz:
 	@rustup toolchain list | grep '^nightly' >/dev/null || rustup toolchain install nightly --profile minimal
 	@if $(CARGO) fuzz --version >/dev/null 2>&1; then echo "fuzz: cargo-fuzz present"; \
 	else echo "fuzz: installing cargo-fuzz"; $(CARGO) install cargo-fuzz --locked; fi
-	mkdir -p $(FUZZ_DIR)/corpus/$(FUZZ_TARGET) $(FUZZ_DIR)/artifacts
-	cp -f $(FUZZ_DIR)/seeds/$(FUZZ_TARGET)/* $(FUZZ_DIR)/corpus/$(FUZZ_TARGET)/
-	cd $(FUZZ_DIR) && status=0; \
+	mkdir -p "$(FUZZ_DIR)/corpus/$(FUZZ_TARGET)" "$(FUZZ_DIR)/artifacts"
+	cp -f "$(FUZZ_DIR)/seeds/$(FUZZ_TARGET)"/* "$(FUZZ_DIR)/corpus/$(FUZZ_TARGET)/"
+	cd "$(FUZZ_DIR)" && status=0; \
 	{ $(CARGO) +nightly fuzz run $(FUZZ_TARGET) -- -max_total_time=$(FUZZ_SECONDS) -timeout=10 \
-	    -print_final_stats=1 2>&1 | tee $(FUZZ_DIR)/artifacts/$(FUZZ_TARGET).log; } || status=$$?; \
+	    -print_final_stats=1 2>&1 | tee "$(FUZZ_DIR)/artifacts/$(FUZZ_TARGET).log"; } || status=$$?; \
 	echo "fuzz: $(FUZZ_TARGET) final stats (exit status $$status):"; \
 	grep -E '^(Done [0-9]+ runs|stat::(number_of_executed_units|average_exec_per_sec|new_units_added|peak_rss_mb))' \
-	    $(FUZZ_DIR)/artifacts/$(FUZZ_TARGET).log || echo "fuzz: no final stats (the build or the run failed)"; \
+	    "$(FUZZ_DIR)/artifacts/$(FUZZ_TARGET).log" || echo "fuzz: no final stats (the build or the run failed)"; \
 	exit $$status

@@ -45,10 +45,12 @@ case "$dir" in
 esac
 
 # libvirtd's sockets: in DIR/run, or, where DIR is too long for a Unix socket's path (107 bytes
-# with libvirtd's longest socket name, libvirt-admin-sock), in a directory under /run named
-# after DIR's hash (DIR/run then links to it).
+# with libvirtd's longest socket name, libvirt-admin-sock) or holds what a libvirt URI cannot
+# carry as it is (a space, say), in a directory under /run named after DIR's hash (DIR/run
+# then links to it).
 sock_dir="$dir/run"
-if [ $(($(printf '%s' "$sock_dir/libvirt-admin-sock" | wc -c))) -gt 107 ]; then
+if [ $(($(printf '%s' "$sock_dir/libvirt-admin-sock" | wc -c))) -gt 107 ] ||
+  [[ "$sock_dir" == *[!A-Za-z0-9/._-]* ]]; then
   sock_dir="/run/karri-simhost/$(printf '%s' "$dir" | sha256sum | cut -c1-16)"
 fi
 uri="qemu+unix:///system?socket=$sock_dir/libvirt-sock"
@@ -137,7 +139,7 @@ unix_sock_admin_perms = "0700"
 auth_unix_rw = "none"
 auth_unix_ro = "none"
 log_level = ${KARRI_SIMHOST_LOG_LEVEL:-3}
-log_outputs = "${KARRI_SIMHOST_LOG_LEVEL:-3}:file:$dir/libvirtd.log"
+log_outputs = "${KARRI_SIMHOST_LOG_LEVEL:-3}:file:/var/log/libvirt/libvirtd.log"
 # The node agent starts many domains at once over one connection (libvirtd's default is 5
 # requests of a client at a time; agents on simulated hosts run with --libvirt-max-calls 31,
 # one below this, so that the keepalive is always read).
@@ -146,8 +148,12 @@ max_workers = 20
 EOF
   cat >"$dir/virtlogd.conf" <<EOF
 # Written by scripts/simhost.sh.
-log_outputs = "3:file:$dir/virtlogd.log"
+log_outputs = "3:file:/var/log/libvirt/virtlogd.log"
 EOF
+  # The daemons log to their private /var/log/libvirt (DIR/state/log): libvirt's log_outputs
+  # cannot name a path with a space. DIR/libvirtd.log and DIR/virtlogd.log lead there.
+  ln -sfn state/log/libvirtd.log "$dir/libvirtd.log"
+  ln -sfn state/log/virtlogd.log "$dir/virtlogd.log"
 }
 
 # Copies the probed QEMU capabilities to the shared cache, each file atomically.

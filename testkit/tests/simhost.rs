@@ -148,12 +148,31 @@ fn a_simulated_host_in_a_directory_too_long_for_socket_paths_answers_on_a_short_
 ) -> anyhow::Result<()> {
     let base = tempfile::tempdir()?;
     // Well past the 107 bytes of a Unix socket's path.
-    let dir = base.path().join("d".repeat(100)).join("host");
+    host_answers_on_a_short_socket_path(&base.path().join("d".repeat(100)).join("host"))
+}
+
+#[test]
+fn a_simulated_host_in_a_directory_with_a_space_answers_and_logs() -> anyhow::Result<()> {
+    let base = tempfile::tempdir()?;
+    let dir = base.path().join("my cloud").join("host");
+    host_answers_on_a_short_socket_path(&dir)?;
+    let log = std::fs::read_to_string(dir.join("libvirtd.log"))?;
+    ensure!(
+        !log.is_empty(),
+        "libvirtd logged nothing to {}",
+        dir.display()
+    );
+    Ok(())
+}
+
+/// Starts a simulated host in `dir`, which a libvirt socket URI cannot name: it answers on a
+/// socket under /run/karri-simhost, which stopping removes.
+fn host_answers_on_a_short_socket_path(dir: &Path) -> anyhow::Result<()> {
     let netns = karri_testkit::simhost::unique_netns_name();
     let script = simhost_script();
     let simhost = |action: &str| {
         let mut cmd = Command::new("bash");
-        cmd.arg(&script).arg(action).arg(&dir).arg(&netns);
+        cmd.arg(&script).arg(action).arg(dir).arg(&netns);
         cmd
     };
     let started = stdout(&mut simhost("start"));
