@@ -105,6 +105,10 @@ impl Validate for AccountSpec {
     }
 }
 
+/// The account ID EC2 shows as the owner of the administrators' images (those of a system
+/// namespace such as `karri-images`, which is no account's); no account may have it.
+pub const SYSTEM_ACCOUNT_ID: &str = "000000000000";
+
 impl Validate for AccountStatus {
     fn validate(&self) -> Result<(), ValidationError> {
         if let Some(id) = &self.account_id {
@@ -114,7 +118,34 @@ impl Validate for AccountStatus {
                     "be 12 digits such as 123456789012",
                 ));
             }
+            if id == SYSTEM_ACCOUNT_ID {
+                return Err(ValidationError::invalid(
+                    "status.accountId",
+                    "not be 000000000000, the owner shown for the administrators' images",
+                ));
+            }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_account_id_is_twelve_digits_and_never_the_administrators_images_owner() {
+        let with_id = |id: &str| AccountStatus {
+            account_id: Some(id.to_owned()),
+            ..AccountStatus::default()
+        };
+        assert!(with_id("123456789012").validate().is_ok());
+        assert!(with_id("012345678901").validate().is_ok());
+        assert!(with_id("12345678901").validate().is_err());
+        let reserved = with_id(SYSTEM_ACCOUNT_ID).validate().expect_err("reserved");
+        assert!(
+            reserved.to_string().contains("administrators"),
+            "{reserved}"
+        );
     }
 }

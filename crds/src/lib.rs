@@ -30,7 +30,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 pub use access_key::{AccessKey, AccessKeySpec, AccessKeyStatus};
-pub use account::{Account, AccountSpec, AccountStatus};
+pub use account::{Account, AccountSpec, AccountStatus, SYSTEM_ACCOUNT_ID};
 pub use bucket::{is_valid_bucket_name, Bucket, BucketSpec, BucketStatus, CannedAcl};
 pub use common::{
     Condition, ConditionStatus, Tag, CONDITION_DOMAIN_RUNNING, CONDITION_READY,

@@ -32,10 +32,14 @@ fn shared_with(v: &Value, account_id: &str) -> bool {
         .is_some_and(|a| a.iter().any(|x| x.as_str() == Some(account_id)))
 }
 
-/// The same image under its `emi-` or `ami-` spelling.
+/// The same image under its `emi-` or `ami-` spelling (a kernel's `eki-` or a ramdisk's `eri-`
+/// ID has no `ami-` spelling).
 pub fn same_image(stored: &str, asked: &str) -> bool {
-    let hex = |id: &str| id.split_once('-').map(|(_, h)| h.to_string());
-    stored == asked || (hex(stored) == hex(asked) && asked.starts_with("ami-"))
+    stored == asked
+        || matches!(
+            (stored.strip_prefix("emi-"), asked.strip_prefix("ami-")),
+            (Some(a), Some(b)) if a == b
+        )
 }
 
 /// `filters` with every `ami-` value of the filters named in `names` also spelled `emi-`, so
@@ -60,9 +64,8 @@ pub fn with_emi_spellings(filters: &[Filter], names: &[&str]) -> Vec<Filter> {
 }
 
 /// The account ID Karri shows as the owner of the administrators' public images, which live in
-/// a system namespace (`karri-images`) of no account. Below the range accounts are given
-/// (`100000000000` up), so no account ever has it.
-pub const SYSTEM_OWNER_ID: &str = "000000000000";
+/// a system namespace (`karri-images`) of no account; no account may have it.
+pub const SYSTEM_OWNER_ID: &str = crds::SYSTEM_ACCOUNT_ID;
 
 /// The owner alias of the administrators' images: the cloud's own images answer to
 /// `Owner=amazon` and the `owner-alias` filter, as the provider's own AMIs do on EC2.
@@ -236,10 +239,13 @@ pub async fn describe_images(cx: &Cx<'_>, a: router::DescribeImages) -> Result<S
     for o in &all {
         let ns = namespace(&o.value).to_string();
         if let std::collections::hash_map::Entry::Vacant(slot) = owners.entry(ns) {
-            let mut id = cx.owner_of(slot.key()).await;
-            if id.is_empty() && crate::admission::is_system_namespace(slot.key()) {
-                id = SYSTEM_OWNER_ID.to_string();
-            }
+            // The same test as the alias's (`is_system_image`): a system namespace is no
+            // account's.
+            let id = if crate::admission::is_system_namespace(slot.key()) {
+                SYSTEM_OWNER_ID.to_string()
+            } else {
+                cx.owner_of(slot.key()).await
+            };
             slot.insert(id);
         }
     }
@@ -725,6 +731,22 @@ mod tests {
             "state-reason-code",
         ] {
             assert!(image_values(&v, name, OWNER, true).is_empty(), "{name}");
+        }
+    }
+
+    #[test]
+    fn an_ami_id_names_the_machine_image_of_its_digits_only() {
+        assert!(same_image("emi-0abc", "emi-0abc"));
+        assert!(same_image("emi-0abc", "ami-0abc"));
+        assert!(same_image("eki-0abc", "eki-0abc"));
+        for (stored, asked) in [
+            ("eki-0abc", "ami-0abc"),
+            ("eri-0abc", "ami-0abc"),
+            ("emi-0abc", "ami-0abd"),
+            ("emi-0abc", "eki-0abc"),
+            ("ami-0abc", "emi-0abc"),
+        ] {
+            assert!(!same_image(stored, asked), "{stored} {asked}");
         }
     }
 
