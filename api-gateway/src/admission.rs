@@ -30,7 +30,7 @@ impl FieldValidation {
             Some("Ignore") => Ok(Self::Ignore),
             Some("Strict") => Ok(Self::Strict),
             Some(other) => Err(format!(
-                "Unsupported value: {other:?}: supported values: \"Ignore\", \"Strict\", \"Warn\""
+                "Unsupported value: {other:?}: supported values: \"\", \"Ignore\", \"Strict\", \"Warn\""
             )),
         }
     }

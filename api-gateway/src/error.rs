@@ -58,6 +58,11 @@ impl ApiError {
     pub fn forbidden(message: impl Into<String>) -> Self {
         Self::new(403, "Forbidden", message)
     }
+    /// 404 NotFound with a message of its own (something that is not a record, such as a
+    /// bucket an image names).
+    pub fn not_found_message(message: impl Into<String>) -> Self {
+        Self::new(404, "NotFound", message)
+    }
     /// 404 NotFound for a named object.
     pub fn not_found(plural: &str, name: &str) -> Self {
         Self::new(
@@ -152,13 +157,24 @@ impl ApiError {
     /// 422 Invalid for a request's options (`CreateOptions`, `UpdateOptions`, `PatchOptions`,
     /// `DeleteOptions` of group `meta.k8s.io`), as kube-apiserver answers a bad `dryRun`,
     /// `fieldValidation`, `propagationPolicy` or `fieldManager`.
-    pub fn invalid_options(kind: &str, field: &str, message: impl Into<String>) -> Self {
-        Self::invalid_in(
+    /// `cause_reason` is Kubernetes' cause type (`FieldValueNotSupported`, `FieldValueRequired`,
+    /// `FieldValueForbidden` …); `message` starts as Kubernetes words it (`Unsupported value: …`).
+    pub fn invalid_options(
+        kind: &str,
+        field: &str,
+        cause_reason: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        let mut e = Self::invalid_in(
             "meta.k8s.io",
             kind,
             "",
             vec![(field.to_string(), message.into())],
-        )
+        );
+        if let Some(details) = e.details.as_mut() {
+            details.cause_reason = cause_reason;
+        }
+        e
     }
     fn invalid_in(group: &str, kind: &str, name: &str, causes: Vec<(String, String)>) -> Self {
         let summary = causes

@@ -749,6 +749,16 @@ async fn request_options_kubernetes_does_not_know_are_invalid_and_change_nothing
                     && status.pointer("/details/causes/0/field") == Some(&json!(field)),
                 "expected {options}.{field}: {status}"
             );
+            let reason = match field {
+                "force" => "FieldValueForbidden",
+                "fieldManager" => "FieldValueRequired",
+                _ if message(&status).contains("cannot both be set") => "FieldValueInvalid",
+                _ => "FieldValueNotSupported",
+            };
+            ensure!(
+                status.pointer("/details/causes/0/reason") == Some(&json!(reason)),
+                "expected the cause {reason}: {status}"
+            );
             ensure!(
                 message(&status)
                     .starts_with(&format!("{options}.meta.k8s.io \"\" is invalid: {field}")),
@@ -760,6 +770,7 @@ async fn request_options_kubernetes_does_not_know_are_invalid_and_change_nothing
 
     for (query, field) in [
         ("?dryRun=Some", "dryRun"),
+        ("?dryRun=", "dryRun"),
         ("?fieldValidation=Loose", "fieldValidation"),
     ] {
         let resp = post_json(&api, &instance_json("a"), query).await?;
@@ -795,6 +806,7 @@ async fn request_options_kubernetes_does_not_know_are_invalid_and_change_nothing
 
     for query in [
         "?propagationPolicy=Sideways",
+        "?propagationPolicy=",
         "?propagationPolicy=Orphan&orphanDependents=true",
         "?dryRun=None",
     ] {
@@ -809,6 +821,22 @@ async fn request_options_kubernetes_does_not_know_are_invalid_and_change_nothing
             .await?;
         invalid("DeleteOptions", field)(resp).await?;
     }
+    // A dry run asked in the DeleteOptions body is checked the same way: not deleted.
+    let resp = api
+        .request(Method::DELETE, &instance("a"))
+        .json(&json!({"kind": "DeleteOptions", "apiVersion": "v1", "dryRun": ["all"]}))
+        .send()
+        .await?;
+    invalid("DeleteOptions", "dryRun")(resp).await?;
+    // A delete has no fieldValidation: kube-apiserver ignores it there, and so does Karri.
+    let resp = api
+        .request(
+            Method::DELETE,
+            &format!("{}?dryRun=All&fieldValidation=Loose", instance("a")),
+        )
+        .send()
+        .await?;
+    ensure!(resp.status() == 200, "{}", resp.text().await?);
     ensure!(
         api.get_json(&instance("a")).await? == stored,
         "a refused request changed the record"

@@ -538,10 +538,12 @@ async fn an_instance_of_an_s3_object_that_does_not_exist_fails_with_a_reason_nam
             "403 (AccessDenied)",
         ),
         (
+            // No URL is issued for a bucket that does not exist (one made later could be
+            // another account's): the gateway refuses the node's ask with a 404.
             "no-bucket",
             "emi-0000000000000c404",
             "no-such-bucket-anywhere/disk.raw".to_owned(),
-            "404 (NoSuchBucket)",
+            "HTTP status 404: image no-such-bucket-anywhere/disk.raw: the bucket no-such-bucket-anywhere does not exist (NoSuchBucket)",
         ),
     ];
     let images: Api<Image> = Api::namespaced(cloud.client.clone(), account);

@@ -288,7 +288,15 @@ async fn image_owner_may_read(
     };
     face.account_may_read(account_id, bucket, key)
         .await
-        .map_err(|e| ApiError::internal(format!("cannot check access to {location}: {e:?}")))
+        .map_err(|e| {
+            if *e.code() == s3s::S3ErrorCode::NoSuchBucket {
+                ApiError::not_found_message(format!(
+                    "image {location}: the bucket {bucket} does not exist (NoSuchBucket)"
+                ))
+            } else {
+                ApiError::internal(format!("cannot check access to {location}: {e:?}"))
+            }
+        })
 }
 
 async fn readyz(State(s): St) -> Response {
@@ -332,6 +340,19 @@ fn flag(q: &HashMap<String, String>, name: &str) -> bool {
     matches!(q.get(name).map(String::as_str), Some("true" | "1"))
 }
 
+/// A boolean query parameter read as Kubernetes reads one (Go's `ParseBool`); another value is
+/// a 400.
+fn query_bool(q: &HashMap<String, String>, name: &str) -> ApiResult<Option<bool>> {
+    match q.get(name).map(String::as_str) {
+        None => Ok(None),
+        Some("1" | "t" | "T" | "true" | "TRUE" | "True") => Ok(Some(true)),
+        Some("0" | "f" | "F" | "false" | "FALSE" | "False") => Ok(Some(false)),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "{name} must be true or false, not {other:?}"
+        ))),
+    }
+}
+
 /// The kind of options a request carries, named in a 422 on a bad one (`CreateOptions` …).
 #[derive(Clone, Copy, Debug)]
 enum Options {
@@ -352,22 +373,39 @@ impl Options {
     }
 }
 
-/// `dryRun` and `fieldValidation` of a write; a value Kubernetes does not know is a 422 on the
-/// request's options, as kube-apiserver answers it.
+/// The cause types of kube-apiserver's field errors.
+const NOT_SUPPORTED: &str = "FieldValueNotSupported";
+const REQUIRED: &str = "FieldValueRequired";
+const FORBIDDEN: &str = "FieldValueForbidden";
+
+/// Whether `dryRun` values (the query's, or a DeleteOptions body's) ask for a dry run: `All`,
+/// the one value Kubernetes knows; any other (an empty one too) is a 422 on the request's
+/// options, worded as kube-apiserver words it.
+fn dry_run_of<'a>(values: impl IntoIterator<Item = &'a str>, options: Options) -> ApiResult<bool> {
+    let values: Vec<&str> = values.into_iter().collect();
+    if values.iter().all(|v| *v == "All") {
+        return Ok(!values.is_empty());
+    }
+    let listed: Vec<String> = values.iter().map(|v| format!("{v:?}")).collect();
+    Err(ApiError::invalid_options(
+        options.kind(),
+        "dryRun",
+        NOT_SUPPORTED,
+        format!(
+            "Unsupported value: []string{{{}}}: supported values: \"All\"",
+            listed.join(", ")
+        ),
+    ))
+}
+
+/// `dryRun` and `fieldValidation` of a create, update or patch; a value Kubernetes does not
+/// know is a 422 on the request's options, as kube-apiserver answers it.
 fn write_options(q: &HashMap<String, String>, options: Options) -> ApiResult<WriteOptions> {
-    let dry_run = match q.get("dryRun").map(String::as_str) {
-        None | Some("") => false,
-        Some("All") => true,
-        Some(other) => {
-            return Err(ApiError::invalid_options(
-                options.kind(),
-                "dryRun",
-                format!("Unsupported value: {other:?}: supported values: \"All\""),
-            ))
-        }
-    };
+    let dry_run = dry_run_of(q.get("dryRun").map(String::as_str), options)?;
     let field_validation = FieldValidation::parse(q.get("fieldValidation").map(String::as_str))
-        .map_err(|why| ApiError::invalid_options(options.kind(), "fieldValidation", why))?;
+        .map_err(|why| {
+            ApiError::invalid_options(options.kind(), "fieldValidation", NOT_SUPPORTED, why)
+        })?;
     Ok(WriteOptions {
         dry_run,
         field_validation,
@@ -781,11 +819,25 @@ fn deleted_status(plural: &str, obj: &Value) -> Value {
 }
 
 fn delete_options(q: &HashMap<String, String>, body: &Value) -> ApiResult<DeleteOptions> {
-    let dry_run = write_options(q, Options::Delete)?.dry_run
-        || body
-            .get("dryRun")
-            .and_then(Value::as_array)
-            .is_some_and(|a| a.iter().any(|v| v == "All"));
+    // A delete has no fieldValidation (kube-apiserver ignores it there).
+    let dry_run = dry_run_of(q.get("dryRun").map(String::as_str), Options::Delete)?
+        || match body.get("dryRun") {
+            None | Some(Value::Null) => false,
+            Some(Value::Array(values)) => {
+                let texts: Vec<&str> = values.iter().filter_map(Value::as_str).collect();
+                if texts.len() != values.len() {
+                    return Err(ApiError::bad_request(
+                        "DeleteOptions.dryRun must be a list of strings",
+                    ));
+                }
+                dry_run_of(texts, Options::Delete)?
+            }
+            Some(_) => {
+                return Err(ApiError::bad_request(
+                    "DeleteOptions.dryRun must be a list of strings",
+                ))
+            }
+        };
     let policy = q.get("propagationPolicy").cloned().or_else(|| {
         body.get("propagationPolicy")
             .and_then(Value::as_str)
@@ -793,21 +845,13 @@ fn delete_options(q: &HashMap<String, String>, body: &Value) -> ApiResult<Delete
     });
     // The deprecated orphanDependents (query or body) stands for a policy when none is given,
     // as in Kubernetes: true orphans the dependents, false deletes them.
-    let orphan_dependents = match q.get("orphanDependents").map(String::as_str) {
-        // Go's ParseBool, as Kubernetes reads query booleans.
-        Some("1" | "t" | "T" | "true" | "TRUE" | "True") => Some(true),
-        Some("0" | "f" | "F" | "false" | "FALSE" | "False") => Some(false),
-        Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "orphanDependents must be true or false, not {other:?}"
-            )))
-        }
-        None => body.get("orphanDependents").and_then(Value::as_bool),
-    };
+    let orphan_dependents = query_bool(q, "orphanDependents")?
+        .or_else(|| body.get("orphanDependents").and_then(Value::as_bool));
     if policy.as_deref().is_some_and(|p| !p.is_empty()) && orphan_dependents.is_some() {
         return Err(ApiError::invalid_options(
             Options::Delete.kind(),
             "propagationPolicy",
+            "FieldValueInvalid",
             "orphanDependents and propagationPolicy cannot both be set",
         ));
     }
@@ -815,13 +859,14 @@ fn delete_options(q: &HashMap<String, String>, body: &Value) -> ApiResult<Delete
         orphan_dependents.map(|orphan| if orphan { "Orphan" } else { "Background" }.to_string())
     });
     let propagation = match policy.as_deref() {
-        None | Some("") | Some("Background") => Propagation::Background,
+        None | Some("Background") => Propagation::Background,
         Some("Foreground") => Propagation::Foreground,
         Some("Orphan") => Propagation::Orphan,
         Some(other) => {
             return Err(ApiError::invalid_options(
                 Options::Delete.kind(),
                 "propagationPolicy",
+                NOT_SUPPORTED,
                 format!("Unsupported value: {other:?}: supported values: \"Foreground\", \"Background\", \"Orphan\", \"nil\""),
             ))
         }
@@ -870,6 +915,7 @@ async fn patch(
             Err(ApiError::invalid_options(
                 Options::Patch.kind(),
                 "force",
+                FORBIDDEN,
                 "Forbidden: may not be specified for non-apply patch",
             ))
         }
@@ -936,10 +982,11 @@ async fn patch(
                     ApiError::invalid_options(
                         Options::Patch.kind(),
                         "fieldManager",
+                        REQUIRED,
                         "Required value: is required for apply patch",
                     )
                 })?;
-            let force = flag(q, "force");
+            let force = query_bool(q, "force")?.unwrap_or(false);
             let applied = parse_body(bytes, "application/yaml")?;
             crate::admission::check_type(kind, &applied)?;
             let body_name = crate::admission::name_of(&applied);

@@ -3086,18 +3086,15 @@ impl KarriS3 {
 
     /// Whether account `account_id` may read `bucket/key` (an image it registered there): the
     /// bucket's owner, or what the ACLs grant a signed-in account. A missing object is as
-    /// readable as its bucket is listable (the download then reports it missing).
+    /// readable as its bucket is listable (the download then reports it missing); a missing
+    /// bucket is a `NoSuchBucket` error (no URL is issued for a bucket someone may make later).
     pub async fn account_may_read(
         &self,
         account_id: &str,
         bucket: &str,
         key: &str,
     ) -> S3Result<bool> {
-        let bucket = match self.bucket(bucket).await {
-            Ok(b) => b,
-            Err(e) if e.code() == &S3ErrorCode::NoSuchBucket => return Ok(true),
-            Err(e) => return Err(e),
-        };
+        let bucket = self.bucket(bucket).await?;
         let who = Who::Account(account_id);
         let owner = &bucket.spec.owner_id;
         match self
