@@ -274,6 +274,7 @@ pub fn store(
         .suffix(".part")
         .tempfile_in(&store)
         .map_err(StoreError::io("create a file in", &store))?;
+    let _part_on_quit = interrupt::remove_on_quit(part.path());
     let (format, sha256, converted_from) = match plan {
         Plan::Keep(format) => {
             let mut src = File::open(file).map_err(StoreError::io("open", file))?;
@@ -336,8 +337,8 @@ pub struct Prepared {
     pub format: DiskImageFormat,
     /// The format it was converted from, if it was.
     pub converted_from: Option<String>,
-    /// The converted copy's directory, removed on drop.
-    _converted: Option<tempfile::TempDir>,
+    /// The converted copy's directory, removed on drop (or by a second Ctrl-C meanwhile).
+    _converted: Option<(tempfile::TempDir, interrupt::Registered)>,
 }
 
 /// Makes `file` (probed as `probe`) an image of `image_type` ready to upload: raw and qcow2
@@ -358,13 +359,14 @@ pub fn prepare(file: &Path, image_type: ImageType, probe: &Probe) -> Result<Prep
                     "create a directory in",
                     &std::env::temp_dir(),
                 ))?;
+            let on_quit = interrupt::remove_on_quit(dir.path());
             let target = dir.path().join("image.qcow2");
             convert(file, &probe.format, &target)?;
             (
                 target,
                 DiskImageFormat::Qcow2,
                 Some(probe.format.clone()),
-                Some(dir),
+                Some((dir, on_quit)),
             )
         }
     };
@@ -507,6 +509,9 @@ fn convert(src: &Path, from: &str, dst: &Path) -> Result<(), StoreError> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(spawn_error)?;
+    // A SIGTERM or SIGHUP for this process alone stops qemu-img too, however long it would
+    // have run.
+    let killed_on_stop = interrupt::kill_on_stop(child.id());
     let progress = ProgressBar::new(10_000);
     let style = ProgressStyle::with_template("{msg:>10} [{bar:40}] {percent}% eta {eta}")
         .map(|s| s.progress_chars("=> "))
@@ -531,8 +536,9 @@ fn convert(src: &Path, from: &str, dst: &Path) -> Result<(), StoreError> {
         }
     }
     let status = child.wait().map_err(spawn_error)?;
+    drop(killed_on_stop);
     progress.finish_and_clear();
-    // qemu-img got the same Ctrl-C (it is in the terminal's process group) and stopped.
+    // qemu-img got the same Ctrl-C (it is in the terminal's process group) or was killed.
     if interrupt::interrupted() {
         return Err(StoreError::Interrupted);
     }

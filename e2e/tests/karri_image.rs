@@ -709,3 +709,131 @@ async fn stop_an_upload(
     );
     Ok(())
 }
+
+/// The state letter of process `pid` (`T` stopped, `S` sleeping …), if it runs.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name in parentheses, which may hold spaces.
+    stat.rsplit_once(") ")?.1.chars().next()
+}
+
+/// The children of process `pid`, whichever of its threads started them.
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(Result::ok)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_during_a_conversion_stops_qemu_img_too_and_leaves_no_temporary_file(
+) -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let tokens = Tokens::generate(&[], &[]);
+    let gateway = Gateway::start(&etcd.endpoint, &tokens).await?;
+    let admin = gateway.kubeconfig(&tokens.admin, NS)?;
+    let dir = tempfile::tempdir()?;
+    let store = dir.path().join("store");
+    let vmdk = dir.path().join("disk.vmdk");
+    let made = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "vmdk"])
+        .arg(&vmdk)
+        .arg("64M")
+        .status()?;
+    ensure!(made.success(), "qemu-img create failed");
+    // The real qemu-img, behind a wrapper that stops itself before it converts: a conversion
+    // that would run for ever. A SIGTERM sent to karri alone (not to the terminal's process
+    // group, as a Ctrl-C is) must still end it.
+    let real = String::from_utf8(
+        Command::new("sh")
+            .args(["-c", "command -v qemu-img"])
+            .output()?
+            .stdout,
+    )?;
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin)?;
+    let wrapper = bin.join("qemu-img");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = convert ]; then kill -STOP $$; fi\nexec {} \"$@\"\n",
+            real.trim()
+        ),
+    )?;
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut child = Command::new(bin_dir().join("karri"))
+        .args(["--kubeconfig", path_str(&admin)?])
+        .args(["image", "register", "--store", path_str(&store)?])
+        .args(["--file", path_str(&vmdk)?])
+        .env("PATH", path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let karri = child.id();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let converter = loop {
+        ensure!(
+            child.try_wait()?.is_none(),
+            "karri ended before its conversion stopped"
+        );
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "qemu-img convert never started"
+        );
+        if let Some(pid) = children_of(karri)
+            .into_iter()
+            .find(|p| process_state(*p) == Some('T'))
+        {
+            break pid;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let sent = Command::new("kill")
+        .args(["-TERM", &karri.to_string()])
+        .status()?;
+    ensure!(sent.success(), "kill -TERM failed");
+    // karri must end by itself; a karri still waiting for its stopped qemu-img fails the test.
+    let ended = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = Command::new("kill")
+                .args(["-KILL", &converter.to_string()])
+                .status();
+            bail!("karri still waits for qemu-img {converter} after SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = child.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(ended.code() == Some(143), "{ended:?}: {stderr}");
+    ensure!(stderr.contains("terminated"), "{stderr}");
+    ensure!(
+        process_state(converter).is_none(),
+        "qemu-img {converter} still runs"
+    );
+    let left: Vec<String> = std::fs::read_dir(&store)?
+        .filter_map(Result::ok)
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    ensure!(left.is_empty(), "left in the store: {left:?}");
+    Ok(())
+}
