@@ -51,7 +51,7 @@ esac
 sock_dir="$dir/run"
 if [ $(($(printf '%s' "$sock_dir/libvirt-admin-sock" | wc -c))) -gt 107 ] ||
   [[ "$sock_dir" == *[!A-Za-z0-9/._-]* ]]; then
-  sock_dir="/run/karri-simhost/$(printf '%s' "$dir" | sha256sum | cut -c1-16)"
+  sock_dir="/run/karri-simhost/$(realpath -m "$dir" | sha256sum | cut -c1-16)"
 fi
 uri="qemu+unix:///system?socket=$sock_dir/libvirt-sock"
 # QEMU capabilities probed by one private libvirtd are reused by the next (probing takes seconds;
@@ -92,10 +92,14 @@ stop_pids() {
 }
 
 write_configs() {
+  # DIR/run is a directory or a link, whichever this DIR needs now (a DIR moved or renamed
+  # since may have had the other).
   if [ "$sock_dir" = "$dir/run" ]; then
+    if [ -L "$dir/run" ]; then rm -f "$dir/run"; fi
     mkdir -p "$sock_dir"
   else
     mkdir -p -m 0700 "$sock_dir"
+    if [ -e "$dir/run" ] && [ ! -L "$dir/run" ]; then rm -rf "$dir/run"; fi
     ln -sfn "$sock_dir" "$dir/run"
   fi
   mkdir -p "$dir/etc" \
@@ -250,6 +254,11 @@ stop() {
     done < <(virsh -c "$uri" list --all --name 2>/dev/null || true)
   fi
   stop_daemons dnsmasq
+  # The sockets' directory under /run goes with the daemons (its parent stays: another host
+  # may be making its own in it).
+  if [ "$sock_dir" != "$dir/run" ]; then
+    rm -rf "$sock_dir"
+  fi
   if ns_exists; then
     # Whatever still runs in the namespace was started in it for this host (QEMU, helpers).
     for ((i = 0; i < STOP_TENTHS; i++)); do
@@ -260,10 +269,6 @@ stop() {
       sleep 0.1
     done
     ip netns delete "$ns"
-  fi
-  if [ "$sock_dir" != "$dir/run" ]; then
-    rm -rf "$sock_dir"
-    rmdir /run/karri-simhost 2>/dev/null || true
   fi
   say "stopped $ns"
 }

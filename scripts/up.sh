@@ -426,6 +426,11 @@ umask 077
   printf 'export EC2_URL=%q\n' "$AWS_URL/services/compute"
   printf 'export S3_URL=%q\n' "$AWS_URL/services/objectstorage"
   printf 'export KARRI_MICRO_EMI=%q\n' "$EMI"
+  # virsh's default connection: the simulated host's libvirtd (the test driver lives inside
+  # the agent, where no virsh reaches).
+  if [ "$HYPERVISOR" != test ]; then
+    printf 'export LIBVIRT_DEFAULT_URI=%q\n' "$LIBVIRT_URI"
+  fi
 } >"$STATE_DIR/karri.env.tmp"
 )
 mv "$STATE_DIR/karri.env.tmp" "$STATE_DIR/karri.env"
@@ -442,7 +447,7 @@ Karri is up.
   kubeconfig   $KUBECONFIG_FILE (user admin)
 
 Use it:
-  . $STATE_DIR/karri.env && aws ec2 describe-images
+  . $(printf %q "$STATE_DIR/karri.env") && aws ec2 describe-images
   printf '#!/bin/sh\necho hello from user-data\n' > script.sh
   aws ec2 run-instances --image-id $EMI --instance-type t1.micro --user-data file://script.sh
   aws ec2 describe-instances --query 'Reservations[].Instances[].[InstanceId,State.Name,PrivateIpAddress]' --output text
@@ -450,7 +455,7 @@ Use it:
   aws ec2 terminate-instances --instance-ids i-...
   aws s3 mb s3://my-bucket && aws s3 cp script.sh s3://my-bucket/ && aws s3 ls s3://my-bucket/
   kubectl get instances,buckets -A
-  virsh -c '$LIBVIRT_URI' list --all
+  virsh list --all                  # the QEMU domains (karri.env sets LIBVIRT_DEFAULT_URI)
   $BIN_DIR/karri image register --file disk.qcow2 --name my-image --namespace admin   # your own (raw, qcow2, vmdk, ...)
   $BIN_DIR/karri account create research && $BIN_DIR/karri access-key create --account research
 EOF

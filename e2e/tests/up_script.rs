@@ -183,6 +183,11 @@ fn up_brings_up_a_cloud_that_kubectl_and_awscli_use_from_karri_env_and_a_second_
         text.starts_with("export KUBECONFIG="),
         "karri.env starts with:\n{text}"
     );
+    // The test driver lives inside the agent: no libvirt URI for virsh.
+    ensure!(
+        !text.contains("LIBVIRT_DEFAULT_URI"),
+        "karri.env names a libvirt URI no virsh reaches:\n{text}"
+    );
 
     // kubectl and awscli work with nothing but karri.env.
     let nodes = up.with_env("kubectl get nodes.karri.dev -o name")?;
