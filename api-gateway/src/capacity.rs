@@ -2,7 +2,9 @@
 //! the node it was placed on (through stop and start), so a larger type that the node cannot
 //! hold beside its other instances is refused when it is asked for, for every face: EC2's
 //! ModifyInstanceAttribute answers `InsufficientInstanceCapacity`, the resource API 403.
-//! The arithmetic is placement's (`crds::capacity`); the records come from the watch cache.
+//! An instance type that instances hold room by cannot be deleted or shrunk under them: their
+//! nodes' room would be under-counted (409). The arithmetic is placement's (`crds::capacity`);
+//! the records come from the watch cache.
 
 use std::collections::BTreeMap;
 
@@ -68,4 +70,123 @@ pub fn resize_refusal(cache: &WatchCache, current: &Value, next: &Value) -> Opti
             "There is not enough capacity for instance type {new}: {no_room}. An instance stays on its node; terminate other instances there or launch a new instance of type {new}."
         ))
     })
+}
+
+/// The instances (`namespace/name`) of `instances` of type `type_name` that hold room on a node
+/// ([`capacity::holds_capacity`]), sorted. Pure.
+pub fn holders<'a>(instances: impl IntoIterator<Item = &'a Value>, type_name: &str) -> Vec<String> {
+    let mut held: Vec<String> = instances
+        .into_iter()
+        .filter(|v| v.pointer("/spec/instanceType").and_then(Value::as_str) == Some(type_name))
+        .filter_map(|v| {
+            let instance: Instance = serde_json::from_value(v.clone()).ok()?;
+            capacity::holds_capacity(&instance).then(|| {
+                format!(
+                    "{}/{}",
+                    instance.metadata.namespace.unwrap_or_default(),
+                    instance.metadata.name.unwrap_or_default()
+                )
+            })
+        })
+        .collect();
+    held.sort();
+    held
+}
+
+/// The refusal of `what` (deleting or shrinking) instance type `name` while `held` instances
+/// hold room by it.
+fn in_use(name: &str, what: &str, held: &[String]) -> ApiError {
+    const SHOWN: usize = 5;
+    let mut listed = held
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if held.len() > SHOWN {
+        listed.push_str(&format!(" and {} more", held.len() - SHOWN));
+    }
+    ApiError::conflict_message(format!(
+        "instancetypes.{} {name:?} cannot be {what}: {} instance{} of it hold{} room on their nodes ({listed}); terminate them or change their type first",
+        crds::GROUP,
+        held.len(),
+        if held.len() == 1 { "" } else { "s" },
+        if held.len() == 1 { "s" } else { "" },
+    ))
+}
+
+/// The refusal of deleting instance type `name` while instances hold room by it.
+pub fn type_delete_refusal(cache: &WatchCache, name: &str) -> Option<ApiError> {
+    let (all, _) = cache.list("instances", &store::kind_prefix("instances"));
+    let held = holders(all.iter().map(|o| &o.value), name);
+    (!held.is_empty()).then(|| in_use(name, "deleted", &held))
+}
+
+/// The refusal of a change from `current` to `next` of an InstanceType record that gives it
+/// fewer vCPUs or less memory while instances hold room by it (growing it is placement's
+/// concern: it may overfill a node, as a resize would, and is left to the administrator).
+pub fn type_change_refusal(cache: &WatchCache, current: &Value, next: &Value) -> Option<ApiError> {
+    let size = |v: &Value| -> Option<InstanceTypeSpec> {
+        serde_json::from_value(v.get("spec")?.clone()).ok()
+    };
+    let (old, new) = (size(current)?, size(next)?);
+    if new.vcpus >= old.vcpus && new.memory_mib >= old.memory_mib {
+        return None;
+    }
+    let name = current.pointer("/metadata/name").and_then(Value::as_str)?;
+    let (all, _) = cache.list("instances", &store::kind_prefix("instances"));
+    let held = holders(all.iter().map(|o| &o.value), name);
+    (!held.is_empty()).then(|| in_use(name, "shrunk", &held))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn instance(ns: &str, name: &str, itype: &str, node: Option<&str>, state: &str) -> Value {
+        let mut v = json!({
+            "apiVersion": crds::API_VERSION,
+            "kind": "Instance",
+            "metadata": {"name": name, "namespace": ns},
+            "spec": {"imageId": "emi-0123456789abcdef0", "instanceType": itype},
+            "status": {"state": state},
+        });
+        if let Some(node) = node {
+            v["status"]["nodeName"] = json!(node);
+        }
+        v
+    }
+
+    #[test]
+    fn only_bound_instances_not_terminated_hold_room_by_their_type() {
+        let all = [
+            instance("b", "i-2", "m1.small", Some("n1"), "running"),
+            instance("a", "i-1", "m1.small", Some("n1"), "stopped"),
+            instance("a", "i-3", "m1.small", None, "pending"),
+            instance("a", "i-4", "m1.small", Some("n2"), "terminated"),
+            instance("a", "i-5", "c1.medium", Some("n1"), "running"),
+        ];
+        assert_eq!(holders(&all, "m1.small"), ["a/i-1", "b/i-2"]);
+        assert!(holders(&all, "m1.large").is_empty());
+    }
+
+    #[test]
+    fn the_refusal_names_a_few_holders_and_counts_the_rest() {
+        let held: Vec<String> = (1..=7).map(|i| format!("a/i-{i}")).collect();
+        let e = in_use("m1.small", "deleted", &held);
+        assert_eq!(e.code, 409);
+        assert!(
+            e.message.contains("7 instances of it hold room"),
+            "{}",
+            e.message
+        );
+        assert!(e.message.contains("a/i-5 and 2 more"), "{}", e.message);
+        let one = in_use("m1.small", "shrunk", &held[..1]);
+        assert!(
+            one.message.contains("1 instance of it holds room"),
+            "{}",
+            one.message
+        );
+    }
 }

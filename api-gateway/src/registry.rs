@@ -775,11 +775,15 @@ impl Registry {
                     vec![(String::new(), why)],
                 ));
             }
-            if kind.info.kind == "Instance" {
-                if let Some(refusal) = crate::capacity::resize_refusal(&self.cache, &current, &next)
-                {
-                    return Err(refusal);
+            let refusal = match kind.info.kind {
+                "Instance" => crate::capacity::resize_refusal(&self.cache, &current, &next),
+                "InstanceType" => {
+                    crate::capacity::type_change_refusal(&self.cache, &current, &next)
                 }
+                _ => None,
+            };
+            if let Some(refusal) = refusal {
+                return Err(refusal);
             }
             // Only once every check passed: the dependents are orphaned for a change that is made.
             if admission::only_orphan_finalizer_left(&next) && !opts.dry_run {
@@ -979,6 +983,11 @@ impl Registry {
             }
             if opts.resource_version.is_some_and(|r| r != rev) {
                 return Err(ApiError::conflict(kind.info.plural, name));
+            }
+            if kind.info.plural == "instancetypes" {
+                if let Some(refusal) = crate::capacity::type_delete_refusal(&self.cache, name) {
+                    return Err(refusal);
+                }
             }
             let finalizers = admission::finalizers(&current);
             let foreground = opts.propagation == Propagation::Foreground;

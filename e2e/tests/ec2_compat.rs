@@ -1210,6 +1210,44 @@ async fn a_stopped_instance_cannot_grow_past_the_room_its_node_has_left() -> any
     aws.ok(&["start-instances", "--instance-ids", &target])
         .await?;
     wait_state(&cloud, &aws, std::slice::from_ref(&target), "running").await?;
+
+    // Its type cannot be deleted or shrunk under it (its node's room would be under-counted);
+    // growing is the administrator's call.
+    let in_use = |what: &str, result: Result<_, kube::Error>| match result {
+        Err(kube::Error::Api(status))
+            if status.code == 409 && status.message.contains(&format!("grow/{target}")) =>
+        {
+            anyhow::Ok(())
+        }
+        other => bail!("{what} x.whole under {target} answered {other:?}"),
+    };
+    in_use(
+        "deleting",
+        types
+            .delete("x.whole", &Default::default())
+            .await
+            .map(|_| ()),
+    )?;
+    let shrink = kube::api::Patch::Merge(serde_json::json!({"spec": {"vcpus": 32}}));
+    in_use(
+        "shrinking",
+        types
+            .patch("x.whole", &kube::api::PatchParams::default(), &shrink)
+            .await
+            .map(|_| ()),
+    )?;
+    ensure!(
+        types.get("x.whole").await?.spec.vcpus == 64,
+        "the refused shrink changed it"
+    );
+    let grow_memory = kube::api::Patch::Merge(serde_json::json!({"spec": {"memoryMiB": 2048}}));
+    types
+        .patch("x.whole", &kube::api::PatchParams::default(), &grow_memory)
+        .await?;
+    aws.ok(&["terminate-instances", "--instance-ids", &target])
+        .await?;
+    wait_state(&cloud, &aws, std::slice::from_ref(&target), "terminated").await?;
+    types.delete("x.whole", &Default::default()).await?;
     Ok(())
 }
 
