@@ -8,19 +8,30 @@ use std::collections::BTreeMap;
 
 use crate::{Instance, InstanceState, InstanceTypeSpec, NodeResources};
 
-/// vCPUs and memory: what an instance type asks for, or what a node offers.
+/// vCPUs, memory and instance disk: what an instance type asks for, or what a node offers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Resources {
     /// Virtual CPUs.
     pub vcpus: u32,
     /// Memory in MiB.
     pub memory_mib: u64,
+    /// Instance disk in GiB (an instance type's `diskGiB`: its disks may grow that large).
+    pub disk_gib: u64,
 }
 
 impl Resources {
-    /// `vcpus` vCPUs and `memory_mib` MiB.
+    /// `vcpus` vCPUs and `memory_mib` MiB, no disk.
     pub fn new(vcpus: u32, memory_mib: u64) -> Self {
-        Self { vcpus, memory_mib }
+        Self {
+            vcpus,
+            memory_mib,
+            disk_gib: 0,
+        }
+    }
+
+    /// `self` with `disk_gib` GiB of disk.
+    pub fn with_disk(self, disk_gib: u64) -> Self {
+        Self { disk_gib, ..self }
     }
 
     /// What is left of `self` once `other` is taken, never below zero.
@@ -28,24 +39,34 @@ impl Resources {
         Resources {
             vcpus: self.vcpus.saturating_sub(other.vcpus),
             memory_mib: self.memory_mib.saturating_sub(other.memory_mib),
+            disk_gib: self.disk_gib.saturating_sub(other.disk_gib),
         }
     }
 
-    /// Whether `self` has room for both the vCPUs and the memory of `need`.
+    /// Whether `self` has room for the vCPUs, the memory and the disk of `need`.
     pub fn covers(self, need: Resources) -> bool {
-        self.vcpus >= need.vcpus && self.memory_mib >= need.memory_mib
+        self.vcpus >= need.vcpus
+            && self.memory_mib >= need.memory_mib
+            && self.disk_gib >= need.disk_gib
     }
 }
 
 impl From<&InstanceTypeSpec> for Resources {
     fn from(spec: &InstanceTypeSpec) -> Self {
-        Self::new(spec.vcpus, spec.memory_mib)
+        Self::new(spec.vcpus, spec.memory_mib).with_disk(spec.disk_gib)
     }
 }
 
 impl From<&NodeResources> for Resources {
+    /// A node that reports no disk (`diskGiB` 0: a record written before agents measured it)
+    /// is not limited by disk.
     fn from(resources: &NodeResources) -> Self {
-        Self::new(resources.vcpus, resources.memory_mib)
+        let disk = if resources.disk_gib == 0 {
+            u64::MAX
+        } else {
+            resources.disk_gib
+        };
+        Self::new(resources.vcpus, resources.memory_mib).with_disk(disk)
     }
 }
 
@@ -66,6 +87,7 @@ impl Usage {
             .resources
             .memory_mib
             .saturating_add(resources.memory_mib);
+        self.resources.disk_gib = self.resources.disk_gib.saturating_add(resources.disk_gib);
         self.instances = self.instances.saturating_add(1);
     }
 }
@@ -116,10 +138,25 @@ pub struct NoRoom {
 
 impl std::fmt::Display for NoRoom {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // A node not limited by disk (see `From<&NodeResources>`) shows none.
+        let disk_limited = self.free.disk_gib < u64::MAX / 2;
+        let disk = |gib: u64| {
+            if disk_limited {
+                format!(", {gib} GiB of disk")
+            } else {
+                String::new()
+            }
+        };
         write!(
             f,
-            "node {} has {} vCPUs and {} MiB free beside its other instances, and the instance type needs {} vCPUs and {} MiB",
-            self.node, self.free.vcpus, self.free.memory_mib, self.need.vcpus, self.need.memory_mib
+            "node {} has {} vCPUs, {} MiB{} free beside its other instances, and the instance type needs {} vCPUs, {} MiB{}",
+            self.node,
+            self.free.vcpus,
+            self.free.memory_mib,
+            disk(self.free.disk_gib),
+            self.need.vcpus,
+            self.need.memory_mib,
+            disk(self.need.disk_gib),
         )
     }
 }
@@ -173,6 +210,25 @@ mod tests {
             ..Default::default()
         });
         i
+    }
+
+    #[test]
+    fn a_node_that_reports_no_disk_is_not_limited_by_disk_and_usage_sums_disks() {
+        let reported = |disk_gib| NodeResources {
+            vcpus: 4,
+            memory_mib: 4096,
+            disk_gib,
+        };
+        let need = Resources::new(1, 512).with_disk(500);
+        assert!(Resources::from(&reported(0)).covers(need));
+        assert!(!Resources::from(&reported(100)).covers(need));
+        assert!(Resources::from(&reported(500)).covers(need));
+        let mut used = Usage::default();
+        used.add(Resources::new(1, 512).with_disk(10));
+        used.add(Resources::new(2, 1024).with_disk(20));
+        assert_eq!(used.resources, Resources::new(3, 1536).with_disk(30));
+        let free = Resources::from(&reported(25)).saturating_sub(used.resources);
+        assert_eq!(free.disk_gib, 0, "never below zero");
     }
 
     #[test]

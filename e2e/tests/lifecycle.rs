@@ -66,3 +66,71 @@ async fn terminated_instance_stays_visible_for_the_retention_period_then_is_coll
     ensure!(domains == 0, "the agent still has {domains} domains");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_counts_the_disk_an_instance_type_may_grow_to() -> anyhow::Result<()> {
+    // One node offering 1,000 GiB of instance disk (see `Cloud`), and a type whose disks may
+    // grow to 600 GiB: one such instance fits, a second waits for the room.
+    let cloud = Cloud::start(Options {
+        agents: 1,
+        ..Options::default()
+    })
+    .await?;
+    let types: kube::Api<crds::InstanceType> = kube::Api::all(cloud.client.clone());
+    let big_disk: crds::InstanceType = serde_json::from_value(json!({
+        "apiVersion": "karri.dev/v1alpha1", "kind": "InstanceType",
+        "metadata": {"name": "x.bigdisk"},
+        "spec": {"vcpus": 1, "memoryMiB": 256, "diskGiB": 600}
+    }))?;
+    types.create(&Default::default(), &big_disk).await?;
+    let api = cloud.instances();
+    for name in ["disk-1", "disk-2"] {
+        let mut body = karri_e2e::cloud::instance(name)?;
+        body.spec.instance_type = "x.bigdisk".to_owned();
+        api.create(&Default::default(), &body).await?;
+        if name == "disk-1" {
+            wait_until("disk-1 is running", STEP, async || {
+                let i = api.get("disk-1").await?;
+                Ok(match state_of(&i) {
+                    Some(InstanceState::Running) => Break(()),
+                    other => Continue(format!("{other:?}")),
+                })
+            })
+            .await?;
+        }
+    }
+    let why = wait_until("disk-2 is unplaceable for its disk", STEP, async || {
+        let i = api.get("disk-2").await?;
+        Ok(
+            match karri_e2e::cloud::condition(&i, crds::CONDITION_SCHEDULED) {
+                Some(c) if c.message.contains("600 GiB of disk") => Break(c.message.clone()),
+                other => Continue(format!("{other:?}")),
+            },
+        )
+    })
+    .await?;
+    ensure!(
+        why.contains("has room for 1 vCPU, 256 MiB and 600 GiB of disk"),
+        "{why}"
+    );
+    ensure!(
+        state_of(&api.get("disk-2").await?) == Some(InstanceState::Pending),
+        "disk-2 is not pending"
+    );
+    // Once the first goes, the second has its room.
+    api.patch(
+        "disk-1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"desiredState": "terminated"}})),
+    )
+    .await?;
+    wait_until("disk-2 is running", STEP, async || {
+        let i = api.get("disk-2").await?;
+        Ok(match state_of(&i) {
+            Some(InstanceState::Running) => Break(()),
+            other => Continue(format!("{other:?}")),
+        })
+    })
+    .await?;
+    Ok(())
+}

@@ -535,6 +535,7 @@ mod tests {
             zone: Some("karri-1a".into()),
             vcpus: 2,
             memory_mib: 1024,
+            disk_gib: 0,
         })
     }
 

@@ -2,8 +2,8 @@
 //! Controller's scheduler).
 //!
 //! A node is a candidate when it is in the requested zone (any zone when none is requested), Ready,
-//! schedulable, below its `maxInstances`, and has room for both the vCPUs and the memory of the
-//! instance's type: `allocatable - used`, where `used` is what [`usage`] (shared with the gateway,
+//! schedulable, below its `maxInstances`, and has room for the vCPUs, the memory and the disk of
+//! the instance's type: `allocatable - used`, where `used` is what [`usage`] (shared with the gateway,
 //! in `crds::capacity`) sums over the instances already bound to the node. Among the
 //! candidates the [`Policy`] picks one; nodes are always considered in name order, so every
 //! decision is deterministic.
@@ -73,7 +73,7 @@ impl NodeView {
     }
 
     /// Whether an instance of size `need` fits: schedulable, below `maxInstances`, and room for
-    /// both its vCPUs and its memory.
+    /// its vCPUs, its memory and its disk.
     pub fn fits(&self, need: Resources) -> bool {
         self.schedulable()
             && self
@@ -186,9 +186,9 @@ pub enum Unplaceable {
     NoReadyNodes(Option<String>),
     /// Ready nodes exist, but none has room for the instance.
     #[error(
-        "no node {}has room for {} and {memory_mib} MiB",
+        "no node {}has room for {}",
         in_zone(.zone.as_deref()),
-        vcpus_text(.vcpus)
+        size_text(*.vcpus, *.memory_mib, *.disk_gib)
     )]
     NoRoom {
         /// Zone asked for (`None`: any zone).
@@ -197,6 +197,8 @@ pub enum Unplaceable {
         vcpus: u32,
         /// Memory asked for, in MiB.
         memory_mib: u64,
+        /// Instance disk asked for, in GiB.
+        disk_gib: u64,
     },
     /// The instance's type does not exist, so its size is unknown.
     #[error("instance type {0} does not exist")]
@@ -224,6 +226,16 @@ fn no_nodes(zone: Option<&str>) -> String {
 
 fn in_zone(zone: Option<&str>) -> String {
     zone.map(|z| format!("in zone {z} ")).unwrap_or_default()
+}
+
+/// `2 vCPUs and 1024 MiB`, or `2 vCPUs, 1024 MiB and 10 GiB of disk` for a size with disk.
+fn size_text(vcpus: u32, memory_mib: u64, disk_gib: u64) -> String {
+    let vcpus = vcpus_text(&vcpus);
+    if disk_gib == 0 {
+        format!("{vcpus} and {memory_mib} MiB")
+    } else {
+        format!("{vcpus}, {memory_mib} MiB and {disk_gib} GiB of disk")
+    }
 }
 
 fn vcpus_text(vcpus: &u32) -> String {
@@ -292,6 +304,7 @@ pub fn place(
             zone: request.zone.clone(),
             vcpus: need.vcpus,
             memory_mib: need.memory_mib,
+            disk_gib: need.disk_gib,
         })
 }
 
@@ -374,6 +387,13 @@ mod tests {
                 instances: u32::from(used_vcpus > 0),
             },
         }
+    }
+
+    /// `n` with `alloc` GiB of disk allocatable and `used` GiB in use.
+    fn with_disk(mut n: NodeView, alloc: u64, used: u64) -> NodeView {
+        n.allocatable.disk_gib = alloc;
+        n.used.resources.disk_gib = used;
+        n
     }
 
     fn not_ready(mut n: NodeView) -> NodeView {
@@ -917,6 +937,22 @@ mod tests {
                     want: Err("no node in zone karri-1a has room for 1 vCPU and 512 MiB"),
                 },
                 Row {
+                    what: "disk short everywhere (the types' disks may grow that large)",
+                    nodes: vec![
+                        with_disk(node("hv-01", A, 8, 8192, 0, 0), 100, 95),
+                        with_disk(node("hv-02", A, 8, 8192, 0, 0), 8, 0),
+                    ],
+                    request: PlacementRequest {
+                        zone: Some(A.into()),
+                        resources: Resources::new(1, 512).with_disk(10),
+                    },
+                    policy,
+                    cursor: 0,
+                    want: Err(
+                        "no node in zone karri-1a has room for 1 vCPU, 512 MiB and 10 GiB of disk",
+                    ),
+                },
+                Row {
                     what: "overcommitted nodes have nothing free",
                     nodes: vec![node("hv-01", A, 4, 4096, 6, 8192)],
                     request: request(Some(A), 1, 512),
@@ -954,9 +990,10 @@ mod tests {
                     zone: Some(A.into()),
                     vcpus: 2,
                     memory_mib: 1024,
+                    disk_gib: 10,
                 },
                 "NoRoom",
-                "no node in zone karri-1a has room for 2 vCPUs and 1024 MiB",
+                "no node in zone karri-1a has room for 2 vCPUs, 1024 MiB and 10 GiB of disk",
             ),
             (
                 Unplaceable::UnknownInstanceType("m9.huge".into()),
@@ -1070,14 +1107,14 @@ mod tests {
                 (
                     "hv-01".to_owned(),
                     Usage {
-                        resources: Resources::new(7, 3584),
+                        resources: Resources::new(7, 3584).with_disk(40),
                         instances: 4
                     }
                 ),
                 (
                     "hv-02".to_owned(),
                     Usage {
-                        resources: Resources::new(1, 512),
+                        resources: Resources::new(1, 512).with_disk(10),
                         instances: 2
                     }
                 ),
@@ -1092,7 +1129,7 @@ mod tests {
             PlacementRequest::for_instance(&i.spec, &types()),
             Ok(PlacementRequest {
                 zone: Some(A.into()),
-                resources: Resources::new(2, 1024)
+                resources: Resources::new(2, 1024).with_disk(10)
             })
         );
         let unknown = instance("b", "m9.huge", None, InstanceState::Pending);
@@ -1146,7 +1183,7 @@ mod tests {
                 ready: true,
                 unschedulable: false,
                 max_instances: Some(16),
-                allocatable: Resources::new(8, 16384),
+                allocatable: Resources::new(8, 16384).with_disk(100),
                 used: Usage {
                     resources: Resources::new(2, 1024),
                     instances: 2
