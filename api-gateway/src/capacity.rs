@@ -123,14 +123,14 @@ pub fn type_delete_refusal(cache: &WatchCache, name: &str) -> Option<ApiError> {
 }
 
 /// The refusal of a change from `current` to `next` of an InstanceType record that gives it
-/// fewer vCPUs or less memory while instances hold room by it (growing it is placement's
+/// fewer vCPUs, less memory or less disk while instances hold room by it (growing it is placement's
 /// concern: it may overfill a node, as a resize would, and is left to the administrator).
 pub fn type_change_refusal(cache: &WatchCache, current: &Value, next: &Value) -> Option<ApiError> {
     let size = |v: &Value| -> Option<InstanceTypeSpec> {
         serde_json::from_value(v.get("spec")?.clone()).ok()
     };
     let (old, new) = (size(current)?, size(next)?);
-    if new.vcpus >= old.vcpus && new.memory_mib >= old.memory_mib {
+    if new.vcpus >= old.vcpus && new.memory_mib >= old.memory_mib && new.disk_gib >= old.disk_gib {
         return None;
     }
     let name = current.pointer("/metadata/name").and_then(Value::as_str)?;
