@@ -253,6 +253,26 @@ fn up_brings_up_a_cloud_that_kubectl_and_awscli_use_from_karri_env_and_a_second_
     }
     ensure!(!env.exists(), "karri.env is left after down");
     ensure!(up.dir().join("etcd").is_dir(), "down removed the etcd data");
+
+    // Without its pid files, down still finds and stops this state dir's processes.
+    up.up()?;
+    let pids = up.pids()?;
+    ensure!(pids.len() == 4, "pid files: {pids:?}");
+    std::fs::remove_dir_all(up.dir().join("pids"))?;
+    let down = up.script("down.sh")?;
+    let said = String::from_utf8_lossy(&down.stdout).into_owned();
+    ensure!(
+        down.status.success() && said.contains("no pid files"),
+        "down.sh without pid files: {said}{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    for (file, pid) in &pids {
+        ensure!(
+            !alive(*pid),
+            "{} (pid {pid}) still runs after down without pid files",
+            file.display()
+        );
+    }
     Ok(())
 }
 
