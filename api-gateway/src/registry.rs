@@ -827,6 +827,13 @@ impl Registry {
                         "bucket {name} is not empty: its objects would be left without a bucket"
                     )));
                 }
+                // An instance type deleted while a finalizer held it may have been launched
+                // since: it stays until no instance holds room by it.
+                if kind.info.plural == "instancetypes" {
+                    if let Some(refusal) = crate::capacity::type_delete_refusal(&self.cache, name) {
+                        return Err(refusal);
+                    }
+                }
                 Txn::new()
                     .when([cmp])
                     .and_then(removal_ops(kind, &key, &current))

@@ -73,7 +73,7 @@ impl From<&NodeResources> for Resources {
 /// What the instances bound to one node take from it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Usage {
-    /// vCPUs and memory of the bound instances' types, summed.
+    /// vCPUs, memory and disk of the bound instances' types, summed.
     pub resources: Resources,
     /// How many instances are bound (compared with the node's `maxInstances`).
     pub instances: u32,
@@ -104,9 +104,9 @@ pub fn holds_capacity(instance: &Instance) -> bool {
 }
 
 /// What each node has in use, by node name: the sum of the instance types of the instances bound
-/// to it that [`holds_capacity`]. An instance whose type is not in `types` (the type was deleted
-/// after placement) is counted with no vCPUs and no memory, but still counts against
-/// `maxInstances`.
+/// to it that [`holds_capacity`]. An instance whose type is not in `types` (deleted after
+/// placement, in a gateway before types in use were kept) is counted with no vCPUs, memory or
+/// disk, but still counts against `maxInstances`.
 pub fn usage<'a>(
     instances: impl IntoIterator<Item = &'a Instance>,
     types: &BTreeMap<String, InstanceTypeSpec>,

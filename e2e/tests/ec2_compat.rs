@@ -1213,14 +1213,8 @@ async fn a_stopped_instance_cannot_grow_past_the_room_its_node_has_left() -> any
 
     // Its type cannot be deleted or shrunk under it (its node's room would be under-counted);
     // growing is the administrator's call.
-    let in_use = |what: &str, result: Result<_, kube::Error>| match result {
-        Err(kube::Error::Api(status))
-            if status.code == 409 && status.message.contains(&format!("grow/{target}")) =>
-        {
-            anyhow::Ok(())
-        }
-        other => bail!("{what} x.whole under {target} answered {other:?}"),
-    };
+    let holder = format!("grow/{target}");
+    let in_use = |what: &str, result| in_use_by(what, &holder, result);
     in_use(
         "deleting",
         types
@@ -1248,7 +1242,82 @@ async fn a_stopped_instance_cannot_grow_past_the_room_its_node_has_left() -> any
         .await?;
     wait_state(&cloud, &aws, std::slice::from_ref(&target), "terminated").await?;
     types.delete("x.whole", &Default::default()).await?;
+
+    // A type being deleted (a finalizer holds it) takes no new instances through EC2; one made
+    // through the resource API meanwhile keeps it until that instance goes.
+    let held: crds::InstanceType = serde_json::from_value(serde_json::json!({
+        "apiVersion": "karri.dev/v1alpha1", "kind": "InstanceType",
+        "metadata": {"name": "x.held", "finalizers": ["example.com/hold"]},
+        "spec": {"vcpus": 1, "memoryMiB": 256, "diskGiB": 1}
+    }))?;
+    types.create(&Default::default(), &held).await?;
+    types.delete("x.held", &Default::default()).await?;
+    let mut run_held = launch_args(&image_id);
+    run_held[4] = "x.held";
+    let said = aws.refused(&run_held, "InvalidParameterValue").await?;
+    ensure!(said.contains("'x.held' for InstanceType"), "{said}");
+    let mut late: Instance = serde_json::from_value(serde_json::json!({
+        "apiVersion": "karri.dev/v1alpha1", "kind": "Instance",
+        "metadata": {"name": "late", "namespace": "grow"},
+        "spec": {"imageId": image_id, "instanceType": "x.held"}
+    }))?;
+    late = api.create(&Default::default(), &late).await?;
+    cloud
+        .wait_until("late is placed", STEP, async || {
+            let i = api.get("late").await?;
+            Ok(match node_of(&i) {
+                Some(_) => Break(()),
+                None => Continue(format!("{:?}", i.status)),
+            })
+        })
+        .await?;
+    let release = kube::api::Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}}));
+    in_use_by(
+        "releasing",
+        "grow/late",
+        types
+            .patch("x.held", &kube::api::PatchParams::default(), &release)
+            .await
+            .map(|_| ()),
+    )?;
+    api.delete(&late.name_any(), &Default::default()).await?;
+    cloud
+        .wait_until("late is gone", STEP, async || {
+            Ok(match api.get_opt("late").await? {
+                None => Break(()),
+                Some(i) => Continue(format!("{:?}", i.status.map(|s| s.state))),
+            })
+        })
+        .await?;
+    types
+        .patch("x.held", &kube::api::PatchParams::default(), &release)
+        .await?;
+    ensure!(
+        types.get_opt("x.held").await?.is_none(),
+        "x.held stayed once released"
+    );
     Ok(())
+}
+
+/// The launch of one t1.micro of `image_id` (the instance type is at index 4).
+fn launch_args(image_id: &str) -> [&str; 5] {
+    [
+        "run-instances",
+        "--image-id",
+        image_id,
+        "--instance-type",
+        "t1.micro",
+    ]
+}
+
+/// Checks that `result` is the 409 refusing `what` of an instance type that `holder` holds.
+fn in_use_by(what: &str, holder: &str, result: Result<(), kube::Error>) -> anyhow::Result<()> {
+    match result {
+        Err(kube::Error::Api(status)) if status.code == 409 && status.message.contains(holder) => {
+            Ok(())
+        }
+        other => bail!("{what} answered {other:?}, not a 409 naming {holder}"),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

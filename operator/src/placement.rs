@@ -100,7 +100,7 @@ impl NodeView {
 pub struct PlacementRequest {
     /// Zone the instance must go to; `None` lets placement use any zone.
     pub zone: Option<String>,
-    /// vCPUs and memory of the instance's type.
+    /// vCPUs, memory and disk of the instance's type.
     pub resources: Resources,
 }
 

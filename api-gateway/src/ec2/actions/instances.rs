@@ -288,6 +288,16 @@ fn launch_zone(
     }
 }
 
+/// Whether instance type `name` is offered: its record exists and is not being deleted (a type
+/// an administrator deletes takes no new instances, while the ones it has keep it).
+fn offered_type(cx: &Cx<'_>, name: &str) -> bool {
+    let key = crate::store::record_key("instancetypes", None, name);
+    cx.registry
+        .cache
+        .get("instancetypes", &key)
+        .is_some_and(|t| t.value.pointer("/metadata/deletionTimestamp").is_none())
+}
+
 /// RunInstances.
 pub async fn run_instances(
     cx: &Cx<'_>,
@@ -310,8 +320,7 @@ pub async fn run_instances(
     let image = super::images::launchable_image(cx, &a.image_id).await?;
     let image_id = id_of(&image).to_string();
     let instance_type = a.instance_type.clone();
-    let type_key = crate::store::record_key("instancetypes", None, &instance_type);
-    if cx.registry.cache.get("instancetypes", &type_key).is_none() {
+    if !offered_type(cx, &instance_type) {
         return Err(Ec2Error::invalid_instance_type(&instance_type));
     }
     let zone = launch_zone(
@@ -1083,8 +1092,7 @@ pub async fn modify_instance_attribute(
         .remove(0);
     let (field, value) = match &a.change {
         C::InstanceType(t) => {
-            let key = crate::store::record_key("instancetypes", None, t);
-            if cx.registry.cache.get("instancetypes", &key).is_none() {
+            if !offered_type(cx, t) {
                 return Err(Ec2Error::invalid_instance_type(t));
             }
             ("instanceType", json!(t))
