@@ -78,7 +78,12 @@ fn kill(pid: u32) {
 
 /// Removes every registered temporary file and directory, as far as it can.
 fn remove_temporary() {
-    for path in lock(&TEMPORARY).iter() {
+    remove_all(&TEMPORARY);
+}
+
+/// Removes every file and directory of `list`, as far as it can.
+fn remove_all(list: &Mutex<Vec<PathBuf>>) {
+    for path in lock(list).iter() {
         let _ = if path.is_dir() {
             std::fs::remove_dir_all(path)
         } else {
@@ -169,10 +174,13 @@ mod tests {
         let kept = dir.path().join("stored.raw");
         std::fs::write(&kept, b"a whole image").unwrap();
 
-        let _part = remove_on_quit(&part);
-        let _converted = remove_on_quit(&converted);
-        drop(remove_on_quit(&kept));
-        remove_temporary();
+        // A list of the test's own: the process-wide one holds other tests' files too.
+        let list = Mutex::new(Vec::new());
+        lock(&list).push(part.clone());
+        lock(&list).push(converted.clone());
+        lock(&list).push(kept.clone());
+        forget(&list, &kept);
+        remove_all(&list);
 
         assert!(!part.exists());
         assert!(!converted.exists());

@@ -535,8 +535,19 @@ fn convert(src: &Path, from: &str, dst: &Path) -> Result<(), StoreError> {
             }
         }
     }
-    let status = child.wait().map_err(spawn_error)?;
+    // Until qemu-img is reaped its pid cannot be reused: wait for its exit without reaping it,
+    // forget it (no kill may reach another process with its pid), then reap it.
+    if let Some(pid) = i32::try_from(child.id())
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::waitid(
+            rustix::process::WaitId::Pid(pid),
+            rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOWAIT,
+        );
+    }
     drop(killed_on_stop);
+    let status = child.wait().map_err(spawn_error)?;
     progress.finish_and_clear();
     // qemu-img got the same Ctrl-C (it is in the terminal's process group) or was killed.
     if interrupt::interrupted() {
