@@ -13,6 +13,22 @@ use serde_json::json;
 
 const STEP: Duration = Duration::from_secs(30);
 
+/// Waits until instance `name` is in `state`.
+async fn wait_state(
+    api: &kube::Api<crds::Instance>,
+    name: &str,
+    state: InstanceState,
+) -> anyhow::Result<()> {
+    wait_until(&format!("{name} is {state:?}"), STEP, async || {
+        let i = api.get(name).await?;
+        Ok(match state_of(&i) {
+            Some(s) if s == state => Break(()),
+            other => Continue(format!("{other:?}")),
+        })
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terminated_instance_stays_visible_for_the_retention_period_then_is_collected(
 ) -> anyhow::Result<()> {
@@ -24,14 +40,7 @@ async fn terminated_instance_stays_visible_for_the_retention_period_then_is_coll
     .await?;
     cloud.create_instances(&["vm-1".to_string()]).await?;
     let api = cloud.instances();
-    wait_until("vm-1 is running", STEP, async || {
-        let i = api.get("vm-1").await?;
-        Ok(match state_of(&i) {
-            Some(InstanceState::Running) => Break(()),
-            other => Continue(format!("{other:?}")),
-        })
-    })
-    .await?;
+    wait_state(&api, "vm-1", InstanceState::Running).await?;
 
     api.patch(
         "vm-1",
@@ -89,14 +98,7 @@ async fn placement_counts_the_disk_an_instance_type_may_grow_to() -> anyhow::Res
         body.spec.instance_type = "x.bigdisk".to_owned();
         api.create(&Default::default(), &body).await?;
         if name == "disk-1" {
-            wait_until("disk-1 is running", STEP, async || {
-                let i = api.get("disk-1").await?;
-                Ok(match state_of(&i) {
-                    Some(InstanceState::Running) => Break(()),
-                    other => Continue(format!("{other:?}")),
-                })
-            })
-            .await?;
+            wait_state(&api, "disk-1", InstanceState::Running).await?;
         }
     }
     let why = wait_until("disk-2 is unplaceable for its disk", STEP, async || {
@@ -124,13 +126,6 @@ async fn placement_counts_the_disk_an_instance_type_may_grow_to() -> anyhow::Res
         &Patch::Merge(json!({"spec": {"desiredState": "terminated"}})),
     )
     .await?;
-    wait_until("disk-2 is running", STEP, async || {
-        let i = api.get("disk-2").await?;
-        Ok(match state_of(&i) {
-            Some(InstanceState::Running) => Break(()),
-            other => Continue(format!("{other:?}")),
-        })
-    })
-    .await?;
+    wait_state(&api, "disk-2", InstanceState::Running).await?;
     Ok(())
 }
