@@ -106,12 +106,13 @@ fn in_use(name: &str, what: &str, held: &[String]) -> ApiError {
     if held.len() > SHOWN {
         listed.push_str(&format!(" and {} more", held.len() - SHOWN));
     }
+    let count = match held.len() {
+        1 => "1 instance of it holds room on its node".to_owned(),
+        n => format!("{n} instances of it hold room on their nodes"),
+    };
     ApiError::conflict_message(format!(
-        "instancetypes.{} {name:?} cannot be {what}: {} instance{} of it hold{} room on their nodes ({listed}); terminate them or change their type first",
+        "instancetypes.{} {name:?} cannot be {what}: {count} ({listed}); terminate them or change their type first",
         crds::GROUP,
-        held.len(),
-        if held.len() == 1 { "" } else { "s" },
-        if held.len() == 1 { "s" } else { "" },
     ))
 }
 
@@ -184,7 +185,8 @@ mod tests {
         assert!(e.message.contains("a/i-5 and 2 more"), "{}", e.message);
         let one = in_use("m1.small", "shrunk", &held[..1]);
         assert!(
-            one.message.contains("1 instance of it holds room"),
+            one.message
+                .contains("1 instance of it holds room on its node"),
             "{}",
             one.message
         );

@@ -991,7 +991,11 @@ impl Registry {
             if opts.resource_version.is_some_and(|r| r != rev) {
                 return Err(ApiError::conflict(kind.info.plural, name));
             }
-            if kind.info.plural == "instancetypes" {
+            // A type already being deleted is deleted again as Kubernetes does it (its last
+            // finalizer is where the in-use check waits for it).
+            if kind.info.plural == "instancetypes"
+                && current.pointer("/metadata/deletionTimestamp").is_none()
+            {
                 if let Some(refusal) = crate::capacity::type_delete_refusal(&self.cache, name) {
                     return Err(refusal);
                 }

@@ -1256,6 +1256,13 @@ async fn a_stopped_instance_cannot_grow_past_the_room_its_node_has_left() -> any
     run_held[4] = "x.held";
     let said = aws.refused(&run_held, "InvalidParameterValue").await?;
     ensure!(said.contains("'x.held' for InstanceType"), "{said}");
+    aws.refused(
+        &["describe-instance-types", "--instance-types", "x.held"],
+        "InvalidInstanceType",
+    )
+    .await?;
+    // Deleting it again is no error (Kubernetes' delete of a record being deleted).
+    types.delete("x.held", &Default::default()).await?;
     let mut late: Instance = serde_json::from_value(serde_json::json!({
         "apiVersion": "karri.dev/v1alpha1", "kind": "Instance",
         "metadata": {"name": "late", "namespace": "grow"},

@@ -165,7 +165,13 @@ pub async fn describe_instance_types(
     a: router::DescribeInstanceTypes,
 ) -> Result<String, Ec2Error> {
     filter::validate_names(&a.filters, filter::INSTANCE_TYPE_FILTERS, false)?;
-    let all = cx.everywhere("instancetypes").await?;
+    // A type being deleted is offered no more (RunInstances refuses it too).
+    let all: Vec<_> = cx
+        .everywhere("instancetypes")
+        .await?
+        .into_iter()
+        .filter(|o| o.value.pointer("/metadata/deletionTimestamp").is_none())
+        .collect();
     for t in &a.instance_types {
         if !all.iter().any(|o| text(&o.value, "/metadata/name") == t) {
             return Err(Ec2Error::new(
