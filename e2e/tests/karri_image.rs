@@ -717,22 +717,6 @@ fn process_state(pid: u32) -> Option<char> {
     stat.rsplit_once(") ")?.1.chars().next()
 }
 
-/// The children of process `pid`, whichever of its threads started them.
-fn children_of(pid: u32) -> Vec<u32> {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return Vec::new();
-    };
-    tasks
-        .filter_map(Result::ok)
-        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
-        .flat_map(|c| {
-            c.split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect::<Vec<u32>>()
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn sigterm_during_a_conversion_stops_qemu_img_too_and_leaves_no_temporary_file(
 ) -> anyhow::Result<()> {
@@ -749,22 +733,26 @@ async fn sigterm_during_a_conversion_stops_qemu_img_too_and_leaves_no_temporary_
         .arg("64M")
         .status()?;
     ensure!(made.success(), "qemu-img create failed");
-    // The real qemu-img, behind a wrapper that stops itself before it converts: a conversion
-    // that would run for ever. A SIGTERM sent to karri alone (not to the terminal's process
-    // group, as a Ctrl-C is) must still end it.
+    // The real qemu-img, behind a wrapper that says its pid on a FIFO and stops itself before
+    // it converts: a conversion that would run for ever. A SIGTERM sent to karri alone (not to
+    // the terminal's process group, as a Ctrl-C is) must still end it.
     let real = String::from_utf8(
         Command::new("sh")
             .args(["-c", "command -v qemu-img"])
             .output()?
             .stdout,
     )?;
+    let fifo = dir.path().join("converting");
+    let mkfifo = Command::new("mkfifo").arg(&fifo).status()?;
+    ensure!(mkfifo.success(), "mkfifo failed");
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin)?;
     let wrapper = bin.join("qemu-img");
     std::fs::write(
         &wrapper,
         format!(
-            "#!/bin/sh\nif [ \"$1\" = convert ]; then kill -STOP $$; fi\nexec {} \"$@\"\n",
+            "#!/bin/sh\nif [ \"$1\" = convert ]; then echo $$ > '{}'; kill -STOP $$; fi\nexec {} \"$@\"\n",
+            fifo.display(),
             real.trim()
         ),
     )?;
@@ -777,7 +765,7 @@ async fn sigterm_during_a_conversion_stops_qemu_img_too_and_leaves_no_temporary_
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let mut child = Command::new(bin_dir().join("karri"))
+    let child = Command::new(bin_dir().join("karri"))
         .args(["--kubeconfig", path_str(&admin)?])
         .args(["image", "register", "--store", path_str(&store)?])
         .args(["--file", path_str(&vmdk)?])
@@ -786,45 +774,41 @@ async fn sigterm_during_a_conversion_stops_qemu_img_too_and_leaves_no_temporary_
         .stderr(std::process::Stdio::piped())
         .spawn()?;
     let karri = child.id();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let converter = loop {
-        ensure!(
-            child.try_wait()?.is_none(),
-            "karri ended before its conversion stopped"
-        );
-        ensure!(
-            std::time::Instant::now() < deadline,
-            "qemu-img convert never started"
-        );
-        if let Some(pid) = children_of(karri)
-            .into_iter()
-            .find(|p| process_state(*p) == Some('T'))
-        {
-            break pid;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    // karri's end, whenever it comes, on a channel: the test waits on it with a deadline.
+    let (ended_tx, ended) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = ended_tx.send(child.wait_with_output());
+    });
+    // The wrapper's pid, once it is about to stop (reading the FIFO blocks until it writes).
+    let (pid_tx, pid_rx) = std::sync::mpsc::channel();
+    let reader = fifo.clone();
+    std::thread::spawn(move || {
+        let _ = pid_tx.send(std::fs::read_to_string(reader));
+    });
+    let deadline = Duration::from_secs(60);
+    let converter: u32 = pid_rx
+        .recv_timeout(deadline)
+        .context("qemu-img convert never started")??
+        .trim()
+        .parse()?;
     let sent = Command::new("kill")
         .args(["-TERM", &karri.to_string()])
         .status()?;
     ensure!(sent.success(), "kill -TERM failed");
     // karri must end by itself; a karri still waiting for its stopped qemu-img fails the test.
-    let ended = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = Command::new("kill")
-                .args(["-KILL", &converter.to_string()])
-                .status();
+    let out = match ended.recv_timeout(deadline) {
+        Ok(out) => out?,
+        Err(_) => {
+            for pid in [karri, converter] {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
             bail!("karri still waits for qemu-img {converter} after SIGTERM");
         }
-        std::thread::sleep(Duration::from_millis(10));
     };
-    let out = child.wait_with_output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    ensure!(ended.code() == Some(143), "{ended:?}: {stderr}");
+    ensure!(out.status.code() == Some(143), "{:?}: {stderr}", out.status);
     ensure!(stderr.contains("terminated"), "{stderr}");
     ensure!(
         process_state(converter).is_none(),
