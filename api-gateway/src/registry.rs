@@ -21,18 +21,33 @@ use crate::kinds::{Kind, Kinds};
 use crate::metrics::Metrics;
 use crate::point_reads::PointReads;
 use crate::selectors::{FieldSelector, LabelSelector};
+use crate::ssa::Scope;
 use crate::store::{self, id_key, namespace_prefix, record_key};
 
 /// How long a read waits for the watch cache to catch up with etcd before giving up.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Options common to writes.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct WriteOptions {
     /// `dryRun=All`: run admission, store nothing.
     pub dry_run: bool,
     /// Unknown-field handling.
     pub field_validation: FieldValidation,
+    /// The field manager a create or update is recorded under in `metadata.managedFields`
+    /// (see [`crate::ssa::record_update`]); `None` leaves them as the change made them (a
+    /// server-side apply records its own; the gateway's own bookkeeping records nothing).
+    pub manager: Option<String>,
+}
+
+impl WriteOptions {
+    /// Options for a write by one of Karri's own faces, recorded under `manager`.
+    pub fn by(manager: &str) -> Self {
+        WriteOptions {
+            manager: Some(manager.to_string()),
+            ..WriteOptions::default()
+        }
+    }
 }
 
 /// A write's result: the record and warnings for the client.
@@ -471,6 +486,9 @@ impl Registry {
                 };
                 let (mut obj, warnings) =
                     admission::prepare_create(kind, ns, body.clone(), &new, opts.field_validation)?;
+                if let Some(manager) = &opts.manager {
+                    crate::ssa::record_update(None, &mut obj, manager, Scope::Main, &new.now);
+                }
                 let secret = self.generate_system_fields(kind, &mut obj)?;
                 if let Some(uid) = &account_uid {
                     obj["status"]["accountUid"] = Value::String(uid.clone());
@@ -727,6 +745,13 @@ impl Registry {
             let desired = change(&current)?;
             let (mut next, warnings) =
                 admission::prepare_update(kind, &current, desired, sub, opts.field_validation)?;
+            if let Some(manager) = &opts.manager {
+                let scope = match sub {
+                    Subresource::Main => Scope::Main,
+                    Subresource::Status => Scope::Status,
+                };
+                crate::ssa::record_update(Some(&current), &mut next, manager, scope, &now());
+            }
             if matches!(who, Principal::Account { .. })
                 && kind.info.kind == "Instance"
                 && admission::finalizers(&current).contains(&crds::INSTANCE_FINALIZER)

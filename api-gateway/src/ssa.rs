@@ -362,10 +362,9 @@ pub fn apply(
             // Applying the value a field already has shares ownership without conflict.
             continue;
         }
+        // Fields an update (a create, a PUT, a patch) last set conflict too, as in Kubernetes:
+        // an apply does not silently undo what `kubectl edit` or an EC2 call changed.
         for (entry, owned, _) in others.iter_mut() {
-            if !is_apply(entry) {
-                continue;
-            }
             let clash: Vec<Path> = owned.iter().filter(|o| overlaps(o, p)).cloned().collect();
             if clash.is_empty() {
                 continue;
@@ -383,6 +382,18 @@ pub fn apply(
         }
     }
     if !conflicts.is_empty() {
+        let conflicting: BTreeSet<Path> = wanted
+            .iter()
+            .filter(|p| {
+                conflicts
+                    .iter()
+                    .any(|c| c.field == format!(".{}", p.join(".")))
+            })
+            .cloned()
+            .collect();
+        if manager == KUBECTL && live.is_some_and(|l| last_applied_allows(l, &conflicting)) {
+            return apply(live, applied, manager, true, now);
+        }
         return Err(conflicts);
     }
     for stale in mine_prev.difference(&wanted) {
@@ -426,11 +437,9 @@ pub fn apply(
     }
     let kept: Vec<(Value, bool)> = others
         .into_iter()
-        .filter(|(e, s, _)| !is_apply(e) || !s.is_empty())
+        .filter(|(_, s, _)| !s.is_empty())
         .map(|(mut e, s, before)| {
-            if is_apply(&e) {
-                e["fieldsV1"] = encode(&s);
-            }
+            e["fieldsV1"] = encode(&s);
             (e, before)
         })
         .collect();
@@ -462,7 +471,223 @@ pub fn apply(
     if let Some(meta) = result.get_mut("metadata").and_then(Value::as_object_mut) {
         meta.insert("managedFields".into(), Value::Array(managed));
     }
+    if manager == KUBECTL {
+        sync_last_applied(&mut result, applied);
+    }
     Ok(result)
+}
+
+/// The field manager `kubectl apply --server-side` uses: the one that takes over from
+/// client-side apply.
+const KUBECTL: &str = "kubectl";
+
+/// The annotation in which client-side `kubectl apply` keeps the configuration it applied.
+pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Most bytes a record's annotations may hold together, as in Kubernetes.
+const MAX_ANNOTATIONS_BYTES: usize = 256 * 1024;
+
+/// Whether every `conflicting` path is one that client-side apply set and nobody changed since:
+/// in the last-applied annotation with the value the record still has. Kubernetes lets
+/// `kubectl apply --server-side` take those fields from the client-side manager without
+/// `--force-conflicts`, so that moving from one apply to the other is no conflict.
+fn last_applied_allows(live: &Value, conflicting: &BTreeSet<Path>) -> bool {
+    let Some(text) = live
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(LAST_APPLIED))
+        .and_then(Value::as_str)
+    else {
+        return false;
+    };
+    let Ok(last) = serde_json::from_str::<Value>(text) else {
+        return false;
+    };
+    let allowed: BTreeSet<Path> = field_set(&last)
+        .into_iter()
+        .filter(|p| lookup(live, p) == lookup(&last, p))
+        .collect();
+    conflicting.is_subset(&allowed)
+}
+
+/// Keeps a record's last-applied annotation, where it has one, in step with what
+/// `kubectl apply --server-side` applied, as Kubernetes does, so that a later client-side apply
+/// computes its changes from the right configuration. An annotation that would be too large
+/// goes.
+fn sync_last_applied(result: &mut Value, applied: &Value) {
+    let has_it = result
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(LAST_APPLIED))
+        .is_some();
+    if !has_it {
+        return;
+    }
+    let mut config = applied.clone();
+    if let Some(annotations) = config
+        .pointer_mut("/metadata/annotations")
+        .and_then(Value::as_object_mut)
+    {
+        annotations.remove(LAST_APPLIED);
+    }
+    let text = config.to_string();
+    let Some(annotations) = result
+        .pointer_mut("/metadata/annotations")
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    annotations.insert(LAST_APPLIED.into(), Value::String(text));
+    let size: usize = annotations
+        .iter()
+        .map(|(k, v)| k.len() + v.as_str().map_or(0, str::len))
+        .sum();
+    if size > MAX_ANNOTATIONS_BYTES {
+        annotations.remove(LAST_APPLIED);
+    }
+}
+
+/// Which part of a record a write other than an apply changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The record but its status (a create, a PUT or a patch of the record).
+    Main,
+    /// Its status (a write of the `/status` subresource).
+    Status,
+}
+
+/// The fields of `v` that a write of `scope` can change, as leaf paths.
+fn scope_set(v: &Value, scope: Scope) -> BTreeSet<Path> {
+    match scope {
+        Scope::Main => field_set(v),
+        Scope::Status => {
+            let mut out = BTreeSet::new();
+            if let Some(status) = v.get("status") {
+                leaves(status, vec!["status".into()], &mut out);
+            }
+            out
+        }
+    }
+}
+
+/// The value at `path`, where a `v:` segment names an item of a set list (and `k:` one of a
+/// keyed list).
+fn lookup<'a>(v: &'a Value, path: &[String]) -> Option<&'a Value> {
+    path.iter()
+        .try_fold(v, |cur, seg| match (cur, item_of(seg)) {
+            (Value::Array(items), Some(item)) => items.iter().find(|i| **i == item),
+            _ => child(cur, seg),
+        })
+}
+
+/// Records a write other than an apply (a create, a PUT, a merge or JSON patch, a status write)
+/// by `manager` in `next`'s `metadata.managedFields`, as Kubernetes does: the manager's
+/// `Update` entry (with `subresource: status` for a status write) gains every field the write
+/// added or changed, those fields leave every other manager (an update takes them, it never
+/// conflicts), and fields the write removed leave every manager; an entry left without fields
+/// goes. `live` is the record before the write (`None` for a create).
+///
+/// Managed fields that `next` sets itself replace the live ones (kubectl rewrites them when it
+/// moves client-side apply to server-side apply; `[{}]` clears them); unset or `[]`, and on a
+/// status write, the live ones are kept. A write that changes nothing leaves them as they
+/// were, time included. Pure.
+pub fn record_update(
+    live: Option<&Value>,
+    next: &mut Value,
+    manager: &str,
+    scope: Scope,
+    now: &str,
+) {
+    let entries_of = |v: Option<&Value>| {
+        v.and_then(|v| v.pointer("/metadata/managedFields"))
+            .and_then(Value::as_array)
+            .filter(|a| !a.is_empty())
+            .cloned()
+    };
+    let entries = match scope {
+        Scope::Main => entries_of(Some(next)),
+        Scope::Status => None,
+    }
+    .or_else(|| entries_of(live))
+    .unwrap_or_default();
+    let empty = json!({});
+    let old = live.unwrap_or(&empty);
+    let (old_set, new_set) = (scope_set(old, scope), scope_set(next, scope));
+    let taken: BTreeSet<Path> = old_set
+        .union(&new_set)
+        .filter(|p| {
+            let (before, after) = (lookup(old, p), lookup(next, p));
+            // A map that gained or lost fields is changed in those fields, not as a whole.
+            let both_maps =
+                before.is_some_and(Value::is_object) && after.is_some_and(Value::is_object);
+            after.is_some() && before != after && !both_maps
+        })
+        .cloned()
+        .collect();
+    let removed: Vec<&Path> = old_set
+        .iter()
+        .filter(|p| lookup(next, p).is_none())
+        .collect();
+    let subresource = match scope {
+        Scope::Main => None,
+        Scope::Status => Some("status"),
+    };
+    let is_mine = |e: &Value| {
+        e.get("manager").and_then(Value::as_str) == Some(manager)
+            && e.get("operation").and_then(Value::as_str) == Some("Update")
+            && e.get("subresource")
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                == subresource
+    };
+    let api_version = next.get("apiVersion").cloned().unwrap_or(Value::Null);
+    let mut managed = Vec::with_capacity(entries.len() + 1);
+    let mut found_mine = false;
+    for mut entry in entries {
+        let owned = entry.get("fieldsV1").map(decode).unwrap_or_default();
+        let mine = !found_mine && is_mine(&entry);
+        found_mine |= mine;
+        let mut left: BTreeSet<Path> = owned
+            .iter()
+            .filter(|o| {
+                let gone = removed.iter().any(|r| o.starts_with(r));
+                let lost = !mine && taken.iter().any(|t| o.starts_with(t));
+                !gone && !lost
+            })
+            .cloned()
+            .collect();
+        if mine && !taken.is_empty() {
+            left.extend(taken.iter().cloned());
+            entry["apiVersion"] = api_version.clone();
+            entry["time"] = Value::String(now.to_string());
+        }
+        if left.is_empty() {
+            continue;
+        }
+        if left != owned {
+            entry["fieldsV1"] = encode(&left);
+        }
+        managed.push(entry);
+    }
+    if !found_mine && !taken.is_empty() {
+        let mut entry = json!({
+            "manager": manager,
+            "operation": "Update",
+            "apiVersion": api_version,
+            "time": now,
+            "fieldsType": "FieldsV1",
+            "fieldsV1": encode(&taken),
+        });
+        if let Some(sub) = subresource {
+            entry["subresource"] = json!(sub);
+        }
+        managed.push(entry);
+    }
+    if let Some(meta) = next.get_mut("metadata").and_then(Value::as_object_mut) {
+        if managed.is_empty() {
+            meta.remove("managedFields");
+        } else {
+            meta.insert("managedFields".into(), Value::Array(managed));
+        }
+    }
 }
 
 #[cfg(test)]
@@ -693,5 +918,251 @@ mod tests {
     fn fields_v1_round_trips() {
         let set = field_set(&cfg("emi-1", Some("k")));
         assert_eq!(decode(&encode(&set)), set);
+    }
+
+    /// The manager names of `v`'s entries that own the field at `path`.
+    fn owners(v: &Value, path: &[&str]) -> Vec<String> {
+        let path: Path = path.iter().map(|s| s.to_string()).collect();
+        v["metadata"]["managedFields"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|e| decode(&e["fieldsV1"]).contains(&path))
+            .filter_map(|e| e["manager"].as_str().map(str::to_string))
+            .collect()
+    }
+
+    #[test]
+    fn a_create_by_update_owns_every_field_it_set() {
+        let mut created = cfg("emi-1", Some("k"));
+        record_update(None, &mut created, "kubectl-create", Scope::Main, "t1");
+        let entries = created["metadata"]["managedFields"]
+            .as_array()
+            .expect("one entry");
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0]["operation"], "Update");
+        assert_eq!(entries[0]["time"], "t1");
+        assert!(entries[0].get("subresource").is_none());
+        for field in [
+            &["spec", "imageId"][..],
+            &["spec", "keyName"],
+            &["metadata", "labels", "app"],
+        ] {
+            assert_eq!(owners(&created, field), ["kubectl-create"], "{field:?}");
+        }
+        assert!(owners(&created, &["metadata", "name"]).is_empty());
+    }
+
+    #[test]
+    fn an_update_takes_the_fields_it_changes_and_a_later_apply_conflicts_with_it() {
+        let live = apply(None, &cfg("emi-1", None), "argo", false, "t1").expect("ok");
+        let mut edited = live.clone();
+        edited["spec"]["instanceType"] = json!("m1.large");
+        record_update(Some(&live), &mut edited, "kubectl-edit", Scope::Main, "t2");
+        assert_eq!(owners(&edited, &["spec", "instanceType"]), ["kubectl-edit"]);
+        assert_eq!(owners(&edited, &["spec", "imageId"]), ["argo"]);
+        // Re-applying the old manifest would undo the edit: a conflict, unless forced.
+        let err = apply(Some(&edited), &cfg("emi-1", None), "argo", false, "t3")
+            .expect_err("conflict with the edit");
+        assert_eq!(err[0].manager, "kubectl-edit");
+        assert_eq!(err[0].field, ".spec.instanceType");
+        let forced = apply(Some(&edited), &cfg("emi-1", None), "argo", true, "t3").expect("forced");
+        assert_eq!(forced["spec"]["instanceType"], "t1.micro");
+        assert_eq!(owners(&forced, &["spec", "instanceType"]), ["argo"]);
+        // The editor owned nothing else: its entry is gone.
+        assert!(forced["metadata"]["managedFields"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .all(|e| e["manager"] != "kubectl-edit"));
+    }
+
+    #[test]
+    fn a_field_an_update_removes_leaves_every_manager() {
+        let live = apply(None, &cfg("emi-1", Some("k")), "argo", false, "t1").expect("ok");
+        let mut edited = live.clone();
+        edited["spec"]
+            .as_object_mut()
+            .expect("spec")
+            .remove("keyName");
+        record_update(Some(&live), &mut edited, "kubectl-edit", Scope::Main, "t2");
+        assert!(owners(&edited, &["spec", "keyName"]).is_empty());
+        // Removing is no ownership: the editor has no entry.
+        let managers: Vec<&Value> = edited["metadata"]["managedFields"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .map(|e| &e["manager"])
+            .collect();
+        assert_eq!(managers, [&json!("argo")]);
+    }
+
+    #[test]
+    fn an_update_that_changes_nothing_leaves_the_managed_fields_as_they_were() {
+        let mut live = cfg("emi-1", None);
+        record_update(None, &mut live, "kubectl-create", Scope::Main, "t1");
+        let mut same = live.clone();
+        record_update(Some(&live), &mut same, "kubectl-edit", Scope::Main, "t2");
+        assert_eq!(same, live);
+        // A second change by the same manager merges into its entry and moves its time.
+        let mut first = live.clone();
+        first["spec"]["keyName"] = json!("a");
+        record_update(Some(&live), &mut first, "ctl", Scope::Main, "t3");
+        let mut second = first.clone();
+        second["metadata"]["labels"]["tier"] = json!("db");
+        record_update(Some(&first), &mut second, "ctl", Scope::Main, "t4");
+        let ctl: Vec<&Value> = second["metadata"]["managedFields"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .filter(|e| e["manager"] == "ctl")
+            .collect();
+        assert_eq!(ctl.len(), 1);
+        assert_eq!(ctl[0]["time"], "t4");
+        assert_eq!(owners(&second, &["spec", "keyName"]), ["ctl"]);
+        assert_eq!(owners(&second, &["metadata", "labels", "tier"]), ["ctl"]);
+    }
+
+    #[test]
+    fn managed_fields_the_writer_sets_replace_the_live_ones_unless_empty() {
+        let live = apply(None, &cfg("emi-1", None), "argo", false, "t1").expect("ok");
+        // A PUT of a record built without managedFields, or with [], keeps them.
+        for body_fields in [None, Some(json!([]))] {
+            let mut put = cfg("emi-1", None);
+            if let Some(f) = body_fields.clone() {
+                put["metadata"]["managedFields"] = f;
+            }
+            record_update(Some(&live), &mut put, "client", Scope::Main, "t2");
+            assert_eq!(
+                put["metadata"]["managedFields"], live["metadata"]["managedFields"],
+                "{body_fields:?}"
+            );
+        }
+        // A list with one empty entry clears them.
+        let mut reset = live.clone();
+        reset["metadata"]["managedFields"] = json!([{}]);
+        record_update(Some(&live), &mut reset, "client", Scope::Main, "t2");
+        assert!(reset["metadata"].get("managedFields").is_none(), "{reset}");
+        // Entries the writer rewrote are kept as written (kubectl's move to server-side apply).
+        let mut renamed = live.clone();
+        renamed["metadata"]["managedFields"][0]["manager"] = json!("kubectl");
+        record_update(Some(&live), &mut renamed, "kubectl", Scope::Main, "t2");
+        assert_eq!(owners(&renamed, &["spec", "imageId"]), ["kubectl"]);
+    }
+
+    #[test]
+    fn a_status_write_is_recorded_under_its_subresource_and_keeps_the_live_entries() {
+        let live = apply(None, &cfg("emi-1", None), "argo", false, "t1").expect("ok");
+        let mut reported = live.clone();
+        reported["status"] = json!({"state": "running", "conditions": [{"type": "Ready"}]});
+        // A status write cannot rewrite the managed fields.
+        reported["metadata"]["managedFields"] = json!([{}]);
+        record_update(
+            Some(&live),
+            &mut reported,
+            "node-agent",
+            Scope::Status,
+            "t2",
+        );
+        let entries = reported["metadata"]["managedFields"]
+            .as_array()
+            .expect("entries");
+        assert_eq!(entries.len(), 2, "{entries:?}");
+        assert_eq!(entries[1]["subresource"], "status");
+        assert_eq!(owners(&reported, &["status", "state"]), ["node-agent"]);
+        // Lists are atomic: the conditions list is one field.
+        assert_eq!(owners(&reported, &["status", "conditions"]), ["node-agent"]);
+        assert_eq!(owners(&reported, &["spec", "imageId"]), ["argo"]);
+        // An update of the same manager to the record itself is another entry.
+        let mut labelled = reported.clone();
+        labelled["metadata"]["labels"]["x"] = json!("y");
+        record_update(
+            Some(&reported),
+            &mut labelled,
+            "node-agent",
+            Scope::Main,
+            "t3",
+        );
+        assert_eq!(
+            labelled["metadata"]["managedFields"]
+                .as_array()
+                .expect("entries")
+                .len(),
+            3
+        );
+    }
+
+    #[test]
+    fn a_finalizer_an_update_adds_is_owned_item_by_item() {
+        let live = apply(None, &cfg("emi-1", None), "argo", false, "t1").expect("ok");
+        let mut added = live.clone();
+        added["metadata"]["finalizers"] = json!(["karri.dev/instance"]);
+        record_update(Some(&live), &mut added, "operator", Scope::Main, "t2");
+        assert_eq!(
+            owners(
+                &added,
+                &["metadata", "finalizers", r#"v:"karri.dev/instance""#]
+            ),
+            ["operator"]
+        );
+        let mut dropped = added.clone();
+        dropped["metadata"]["finalizers"] = json!([]);
+        record_update(Some(&added), &mut dropped, "operator", Scope::Main, "t3");
+        let managers: Vec<&Value> = dropped["metadata"]["managedFields"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .map(|e| &e["manager"])
+            .collect();
+        assert_eq!(managers, [&json!("argo")]);
+    }
+
+    /// A record as client-side `kubectl apply` creates it from `config`.
+    fn client_side_applied(config: &Value) -> Value {
+        let mut made = config.clone();
+        made["metadata"]["annotations"] = json!({ LAST_APPLIED: config.to_string() });
+        record_update(
+            None,
+            &mut made,
+            "kubectl-client-side-apply",
+            Scope::Main,
+            "t1",
+        );
+        made
+    }
+
+    #[test]
+    fn kubectl_server_side_apply_takes_over_what_client_side_apply_set() {
+        let live = client_side_applied(&cfg("emi-1", None));
+        let moved = apply(Some(&live), &cfg("emi-2", None), "kubectl", false, "t2")
+            .expect("no conflict: the client-side apply set the image and nobody changed it");
+        assert_eq!(moved["spec"]["imageId"], "emi-2");
+        assert_eq!(owners(&moved, &["spec", "imageId"]), ["kubectl"]);
+        // The annotation follows what was applied, for a later client-side apply.
+        let annotation = moved["metadata"]["annotations"][LAST_APPLIED]
+            .as_str()
+            .expect("the annotation stays");
+        let recorded: Value = serde_json::from_str(annotation).expect("JSON");
+        assert_eq!(recorded["spec"]["imageId"], "emi-2");
+        // Another manager gets no such pass.
+        let err = apply(Some(&live), &cfg("emi-2", None), "argo", false, "t2")
+            .expect_err("a conflict for any other manager");
+        assert_eq!(err[0].manager, "kubectl-client-side-apply");
+    }
+
+    #[test]
+    fn a_field_changed_since_the_client_side_apply_still_conflicts() {
+        let live = client_side_applied(&cfg("emi-1", None));
+        let mut edited = live.clone();
+        edited["spec"]["imageId"] = json!("emi-7");
+        record_update(Some(&live), &mut edited, "kubectl-edit", Scope::Main, "t2");
+        let err = apply(Some(&edited), &cfg("emi-2", None), "kubectl", false, "t3")
+            .expect_err("the edit is not the client-side apply's to give away");
+        assert_eq!(err[0].manager, "kubectl-edit");
+        // A record without the annotation gives no pass either.
+        let mut plain = cfg("emi-1", None);
+        record_update(None, &mut plain, "kubectl-create", Scope::Main, "t1");
+        apply(Some(&plain), &cfg("emi-2", None), "kubectl", false, "t2")
+            .expect_err("a conflict with kubectl-create");
     }
 }

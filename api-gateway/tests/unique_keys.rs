@@ -147,10 +147,22 @@ async fn a_key_pair_name_is_unique_per_namespace_and_freed_by_deletion() -> anyh
     let kind = registry.kinds.by_kind("KeyPair").context("kind")?;
     let opts = WriteOptions::default();
     registry
-        .create(&kind, Some("a"), key_pair("one", "my key"), &admin(), opts)
+        .create(
+            &kind,
+            Some("a"),
+            key_pair("one", "my key"),
+            &admin(),
+            opts.clone(),
+        )
         .await?;
     let again = registry
-        .create(&kind, Some("a"), key_pair("two", "my key"), &admin(), opts)
+        .create(
+            &kind,
+            Some("a"),
+            key_pair("two", "my key"),
+            &admin(),
+            opts.clone(),
+        )
         .await;
     match again {
         Err(e) => ensure!(
@@ -160,14 +172,26 @@ async fn a_key_pair_name_is_unique_per_namespace_and_freed_by_deletion() -> anyh
         Ok(_) => bail!("a second key pair named \"my key\" was created"),
     }
     registry
-        .create(&kind, Some("b"), key_pair("one", "my key"), &admin(), opts)
+        .create(
+            &kind,
+            Some("b"),
+            key_pair("one", "my key"),
+            &admin(),
+            opts.clone(),
+        )
         .await
         .context("the same name in another namespace")?;
     registry
         .delete(&kind, Some("a"), "one", &admin(), &DeleteOptions::default())
         .await?;
     registry
-        .create(&kind, Some("a"), key_pair("two", "my key"), &admin(), opts)
+        .create(
+            &kind,
+            Some("a"),
+            key_pair("two", "my key"),
+            &admin(),
+            opts.clone(),
+        )
         .await
         .context("the name is free again after deletion")?;
     Ok(())
@@ -186,8 +210,20 @@ async fn concurrent_images_of_one_name_in_a_namespace_cannot_both_be_made() -> a
     let opts = WriteOptions::default();
     let who = admin();
     let (one, two) = tokio::join!(
-        registry.create(&kind, Some("a"), image("emi-00000000000000001"), &who, opts),
-        registry.create(&kind, Some("a"), image("emi-00000000000000002"), &who, opts),
+        registry.create(
+            &kind,
+            Some("a"),
+            image("emi-00000000000000001"),
+            &who,
+            opts.clone()
+        ),
+        registry.create(
+            &kind,
+            Some("a"),
+            image("emi-00000000000000002"),
+            &who,
+            opts.clone()
+        ),
     );
     let refused: Vec<_> = [one, two].into_iter().filter_map(Result::err).collect();
     ensure!(
@@ -197,7 +233,13 @@ async fn concurrent_images_of_one_name_in_a_namespace_cannot_both_be_made() -> a
         "{refused:?}"
     );
     registry
-        .create(&kind, Some("b"), image("emi-00000000000000003"), &who, opts)
+        .create(
+            &kind,
+            Some("b"),
+            image("emi-00000000000000003"),
+            &who,
+            opts.clone(),
+        )
         .await
         .context("the same name in another namespace")?;
     Ok(())

@@ -112,6 +112,11 @@ fn admin_settings(mut config: Config) -> Config {
     config.read_timeout = Some(API_TIMEOUT);
     config.reset_reader_on_write = true;
     config.default_retry = false;
+    // Its writes are recorded under this name in records' managedFields.
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(concat!("karri/", env!("CARGO_PKG_VERSION"))),
+    ));
     config
 }
 

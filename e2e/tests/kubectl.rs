@@ -319,6 +319,111 @@ async fn server_side_apply_creates_updates_and_removes_dropped_fields() -> anyho
     Ok(())
 }
 
+/// The managers that own `spec.<field>` in `v`'s managed fields.
+fn spec_owners(v: &Value, field: &str) -> Vec<String> {
+    v["metadata"]["managedFields"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m.pointer(&format!("/fieldsV1/f:spec/f:{field}")).is_some())
+        .filter_map(|m| m["manager"].as_str().map(str::to_string))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn server_side_apply_conflicts_with_a_field_kubectl_patch_changed() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let manifest = c.manifest("edit-1.yaml", &instance_yaml("edit-1", "m1.small"))?;
+    let apply = ["apply", "--server-side", "-f", path_str(&manifest)?];
+    kubectl_ok(&c.admin, &apply)?;
+    kubectl_ok(
+        &c.admin,
+        &[
+            "patch",
+            "instance",
+            "edit-1",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"instanceType":"m1.medium"}}"#,
+        ],
+    )?;
+    let patched = kubectl_json(
+        &c.admin,
+        &["get", "instance", "edit-1", "--show-managed-fields"],
+    )?;
+    ensure!(
+        spec_owners(&patched, "instanceType") == ["kubectl-patch"]
+            && spec_owners(&patched, "imageId") == ["kubectl"],
+        "after the patch, owners of instanceType {:?}, of imageId {:?}: {}",
+        spec_owners(&patched, "instanceType"),
+        spec_owners(&patched, "imageId"),
+        patched["metadata"]["managedFields"]
+    );
+    let entry = patched["metadata"]["managedFields"]
+        .as_array()
+        .and_then(|m| m.iter().find(|e| e["manager"] == "kubectl-patch"))
+        .context("no entry for kubectl-patch")?;
+    ensure!(entry["operation"] == "Update", "{entry}");
+
+    // Applying the old manifest again would undo the patch: refused, naming who changed it.
+    let stderr = kubectl_err(&c.admin, &apply)?;
+    ensure!(
+        stderr.contains("conflict") && stderr.contains("kubectl-patch"),
+        "the refusal does not name the patch's manager:\n{stderr}"
+    );
+    let kept = kubectl_json(&c.admin, &["get", "instance", "edit-1"])?;
+    ensure!(kept["spec"]["instanceType"] == "m1.medium", "{kept}");
+    let mut forced = apply.to_vec();
+    forced.insert(2, "--force-conflicts");
+    kubectl_ok(&c.admin, &forced)?;
+    let taken = kubectl_json(
+        &c.admin,
+        &["get", "instance", "edit-1", "--show-managed-fields"],
+    )?;
+    ensure!(taken["spec"]["instanceType"] == "m1.small", "{taken}");
+    ensure!(
+        spec_owners(&taken, "instanceType") == ["kubectl"],
+        "after the forced apply, owners {:?}",
+        spec_owners(&taken, "instanceType")
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_side_apply_then_server_side_apply_takes_over_without_conflict() -> anyhow::Result<()>
+{
+    let c = Cluster::start().await?;
+    let first = c.manifest("csa-1.yaml", &instance_yaml("csa-1", "m1.small"))?;
+    kubectl_ok(&c.admin, &["apply", "-f", path_str(&first)?])?;
+    let created = kubectl_json(
+        &c.admin,
+        &["get", "instance", "csa-1", "--show-managed-fields"],
+    )?;
+    ensure!(
+        spec_owners(&created, "instanceType") == ["kubectl-client-side-apply"],
+        "a client-side apply's create is recorded under its manager: {}",
+        created["metadata"]["managedFields"]
+    );
+    // kubectl moves the client-side manager's fields to its server-side one, so the change is
+    // no conflict, and the server-side apply owns the fields from then on.
+    let second = c.manifest("csa-2.yaml", &instance_yaml("csa-1", "m1.medium"))?;
+    kubectl_ok(
+        &c.admin,
+        &["apply", "--server-side", "-f", path_str(&second)?],
+    )?;
+    let moved = kubectl_json(
+        &c.admin,
+        &["get", "instance", "csa-1", "--show-managed-fields"],
+    )?;
+    ensure!(moved["spec"]["instanceType"] == "m1.medium", "{moved}");
+    ensure!(
+        spec_owners(&moved, "instanceType") == ["kubectl"],
+        "owners after the server-side apply: {:?}",
+        spec_owners(&moved, "instanceType")
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn server_side_apply_owns_each_owner_reference_apart() -> anyhow::Result<()> {
     let c = Cluster::start().await?;

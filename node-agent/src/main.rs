@@ -242,6 +242,11 @@ async fn kube_config(path: &PathBuf) -> anyhow::Result<Config> {
     // asks the server to end it after, counted from when the request is sent.
     config.read_timeout = Some(std::time::Duration::from_secs(295));
     config.reset_reader_on_write = true;
+    // Its writes are recorded under this name in records' managedFields.
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(concat!("karri-node-agent/", env!("CARGO_PKG_VERSION"))),
+    ));
     Ok(config)
 }
 

@@ -9,3 +9,8 @@ pub mod params;
 pub mod router;
 pub mod service;
 pub mod xml;
+
+/// The field manager EC2 calls are recorded under in a record's `metadata.managedFields`, so
+/// that a server-side apply that would undo one (a RunInstances' type, a CreateTags' tag)
+/// conflicts with it.
+pub const FIELD_MANAGER: &str = "karri-ec2";

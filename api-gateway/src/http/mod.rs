@@ -377,6 +377,7 @@ impl Options {
 const NOT_SUPPORTED: &str = "FieldValueNotSupported";
 const REQUIRED: &str = "FieldValueRequired";
 const FORBIDDEN: &str = "FieldValueForbidden";
+const INVALID: &str = "FieldValueInvalid";
 
 /// Whether `dryRun` values (the query's, or a DeleteOptions body's) ask for a dry run: `All`,
 /// the one value Kubernetes knows; any other (an empty one too) is a 422 on the request's
@@ -398,18 +399,54 @@ fn dry_run_of<'a>(values: impl IntoIterator<Item = &'a str>, options: Options) -
     ))
 }
 
-/// `dryRun` and `fieldValidation` of a create, update or patch; a value Kubernetes does not
-/// know is a 422 on the request's options, as kube-apiserver answers it.
-fn write_options(q: &HashMap<String, String>, options: Options) -> ApiResult<WriteOptions> {
+/// `dryRun`, `fieldValidation` and `fieldManager` of a create, update or patch; a value
+/// Kubernetes does not know is a 422 on the request's options, as kube-apiserver answers it.
+fn write_options(
+    q: &HashMap<String, String>,
+    options: Options,
+    headers: &HeaderMap,
+) -> ApiResult<WriteOptions> {
     let dry_run = dry_run_of(q.get("dryRun").map(String::as_str), options)?;
     let field_validation = FieldValidation::parse(q.get("fieldValidation").map(String::as_str))
         .map_err(|why| {
             ApiError::invalid_options(options.kind(), "fieldValidation", NOT_SUPPORTED, why)
         })?;
+    let user_agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|h| h.to_str().ok());
+    let manager = field_manager(q.get("fieldManager").map(String::as_str), user_agent)
+        .map_err(|why| ApiError::invalid_options(options.kind(), "fieldManager", INVALID, why))?;
     Ok(WriteOptions {
         dry_run,
         field_validation,
+        manager: Some(manager),
     })
+}
+
+/// Most characters a field manager's name may have, as in Kubernetes.
+const MAX_FIELD_MANAGER: usize = 128;
+
+/// The field manager a write is recorded under: `fieldManager` when given (at most 128
+/// printable characters, or why not), else the `User-Agent` up to its first `/` (`kubectl`,
+/// `kube-rs`), cut to 128 characters, as kube-apiserver names it. Pure.
+fn field_manager(given: Option<&str>, user_agent: Option<&str>) -> Result<String, String> {
+    match given.filter(|m| !m.is_empty()) {
+        Some(m) if m.chars().count() > MAX_FIELD_MANAGER => Err(format!(
+            "Invalid value: {m:?}: must be no more than {MAX_FIELD_MANAGER} characters"
+        )),
+        Some(m) if m.chars().any(char::is_control) => Err(format!(
+            "Invalid value: {m:?}: must only contain printable characters"
+        )),
+        Some(m) => Ok(m.to_string()),
+        None => Ok(user_agent
+            .unwrap_or_default()
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .chars()
+            .take(MAX_FIELD_MANAGER)
+            .collect()),
+    }
 }
 
 fn verb_label(method: &Method, ep: &Endpoint, q: &HashMap<String, String>) -> &'static str {
@@ -683,7 +720,7 @@ async fn resource_request(
                 .and_then(Value::as_str)
                 .map(str::to_string);
             ctx.authorize(Verb::Create, name.as_deref())?;
-            let opts = write_options(&q, Options::Create)?;
+            let opts = write_options(&q, Options::Create, &headers)?;
             let w = s
                 .registry
                 .create(&kind, ns.as_deref(), body, who, opts)
@@ -744,7 +781,7 @@ async fn resource_request(
             } else {
                 Subresource::Main
             };
-            let opts = write_options(&q, Options::Update)?;
+            let opts = write_options(&q, Options::Update, &headers)?;
             let mut change = |_: &Value| Ok(body.clone());
             let w = s
                 .registry
@@ -764,7 +801,7 @@ async fn resource_request(
         (Endpoint::Object { name, status, .. }, "PATCH") => {
             ctx.authorize(Verb::Update, Some(&name))?;
             let (headers, bytes) = read_body(req, s.max_body).await?;
-            patch(&ctx, &name, status, &q, &content_type(&headers), &bytes).await
+            patch(&ctx, &name, status, &q, &headers, &bytes).await
         }
         (
             Endpoint::Object {
@@ -895,13 +932,15 @@ async fn patch(
     name: &str,
     status: bool,
     q: &HashMap<String, String>,
-    ct: &str,
+    headers: &HeaderMap,
     bytes: &[u8],
 ) -> ApiResult<Response> {
     let s = ctx.s;
     let kind = &ctx.kind;
     let ns = ctx.ns.as_deref();
-    let opts = write_options(q, Options::Patch)?;
+    let ct = content_type(headers);
+    let ct = ct.as_str();
+    let mut opts = write_options(q, Options::Patch, headers)?;
     let sub = if status {
         Subresource::Status
     } else {
@@ -986,6 +1025,8 @@ async fn patch(
                         "Required value: is required for apply patch",
                     )
                 })?;
+            // An apply records its own managed fields (an `Apply` entry), not an update's.
+            opts.manager = None;
             let force = query_bool(q, "force")?.unwrap_or(false);
             let applied = parse_body(bytes, "application/yaml")?;
             crate::admission::check_type(kind, &applied)?;
@@ -1028,7 +1069,16 @@ async fn patch(
             };
             match s
                 .registry
-                .update_with(kind, ns, name, ctx.who, sub, None, opts, &mut change)
+                .update_with(
+                    kind,
+                    ns,
+                    name,
+                    ctx.who,
+                    sub,
+                    None,
+                    opts.clone(),
+                    &mut change,
+                )
                 .await
             {
                 Ok(w) => Ok(json_response(StatusCode::OK, &w.object, &w.warnings)),
@@ -1333,6 +1383,48 @@ async fn watch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_write_is_recorded_under_its_field_manager_or_its_user_agent() {
+        let long = "m".repeat(MAX_FIELD_MANAGER + 1);
+        // (fieldManager, User-Agent, the manager or why it is refused)
+        type Row<'a> = (Option<&'a str>, Option<&'a str>, Result<&'a str, &'a str>);
+        let rows: &[Row] = &[
+            (
+                Some("argo"),
+                Some("kubectl/v1.32.4 (linux/amd64)"),
+                Ok("argo"),
+            ),
+            (None, Some("kubectl/v1.32.4 (linux/amd64)"), Ok("kubectl")),
+            (Some(""), Some("kube-rs/0.99"), Ok("kube-rs")),
+            (None, Some("curl"), Ok("curl")),
+            (None, None, Ok("")),
+            (
+                Some(&long),
+                None,
+                Err("must be no more than 128 characters"),
+            ),
+            (
+                Some("a\tb"),
+                None,
+                Err("must only contain printable characters"),
+            ),
+        ];
+        for (given, agent, want) in rows {
+            let got = field_manager(*given, *agent);
+            match (want, &got) {
+                (Ok(name), Ok(m)) => assert_eq!(m, name, "{given:?} {agent:?}"),
+                (Err(why), Err(e)) => assert!(e.contains(why), "{given:?}: {e}"),
+                _ => panic!("{given:?} {agent:?}: {got:?}, wanted {want:?}"),
+            }
+        }
+        // A long user agent is cut, not refused.
+        let agent = "u".repeat(300);
+        assert_eq!(
+            field_manager(None, Some(&agent)).map(|m| m.len()),
+            Ok(MAX_FIELD_MANAGER)
+        );
+    }
 
     #[test]
     fn the_deprecated_orphan_dependents_stands_for_a_propagation_policy() {

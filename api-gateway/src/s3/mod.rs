@@ -36,6 +36,10 @@ use crate::ec2::service::{resolve_access_key, KeyError};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::registry::Registry;
 
+/// The field manager S3 calls (a bucket made, its ACL or tags changed) are recorded under in
+/// a bucket record's `metadata.managedFields`.
+pub const FIELD_MANAGER: &str = "karri-s3";
+
 /// The Eucalyptus path of the object store.
 pub const EUCA_PREFIX: &str = "/services/objectstorage";
 

@@ -1458,7 +1458,7 @@ impl S3 for KarriS3 {
                 None,
                 body,
                 &Principal::Admin("s3".into()),
-                WriteOptions::default(),
+                WriteOptions::by(crate::s3::FIELD_MANAGER),
             )
             .await
         {
@@ -3244,7 +3244,7 @@ impl KarriS3 {
                 &Principal::Admin("s3".into()),
                 crate::admission::Subresource::Main,
                 None,
-                WriteOptions::default(),
+                WriteOptions::by(crate::s3::FIELD_MANAGER),
                 &mut apply,
             )
             .await

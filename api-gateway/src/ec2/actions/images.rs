@@ -399,7 +399,7 @@ pub async fn register_image(
     });
     let opts = WriteOptions {
         dry_run,
-        ..WriteOptions::default()
+        ..WriteOptions::by(crate::ec2::FIELD_MANAGER)
     };
     let made = cx
         .registry
@@ -539,7 +539,7 @@ pub async fn modify_image_attribute(
             &cx.caller.principal(),
             Subresource::Main,
             None,
-            WriteOptions::default(),
+            WriteOptions::by(crate::ec2::FIELD_MANAGER),
             &mut |cur: &Value| {
                 let mut next = cur.clone();
                 match &a.change {

@@ -446,7 +446,7 @@ pub async fn run_instances(
             Some(&cx.caller.namespace),
             bodies,
             &cx.caller.principal(),
-            WriteOptions::default(),
+            WriteOptions::by(crate::ec2::FIELD_MANAGER),
         )
         .await;
     let made = match made {
@@ -816,7 +816,7 @@ async fn update_spec(
             &cx.caller.principal(),
             Subresource::Main,
             None,
-            WriteOptions::default(),
+            WriteOptions::by(crate::ec2::FIELD_MANAGER),
             &mut |cur: &Value| {
                 if text(cur, "/metadata/uid") != uid {
                     // Another record has taken the name since the lookup.

@@ -73,7 +73,7 @@ async fn store_key_pair(
             Some(&cx.caller.namespace),
             body,
             &cx.caller.principal(),
-            WriteOptions::default(),
+            WriteOptions::by(crate::ec2::FIELD_MANAGER),
         )
         .await
     {

@@ -84,7 +84,7 @@ async fn retag(
             &cx.caller.principal(),
             Subresource::Main,
             None,
-            WriteOptions::default(),
+            WriteOptions::by(crate::ec2::FIELD_MANAGER),
             &mut |cur: &Value| {
                 let tags: Vec<(String, String)> = tags_of(cur)
                     .into_iter()
