@@ -994,13 +994,20 @@ impl Registry {
                 "bucket {name} is not empty: delete its objects and multipart uploads first (aws s3 rm s3://{name} --recursive)"
             )));
         }
+        // The record as this call last saw it, once it orphaned its dependents: if the record
+        // is gone when the call tries again (the garbage collector removed it, having seen no
+        // dependent left), it is gone as asked.
+        let mut orphaned: Option<Value> = None;
         for _ in 0..16 {
             let Some((current, rev)) = self
                 .read(&key)
                 .await?
                 .filter(|(current, _)| auth::can_see(who, kind.info.kind, current))
             else {
-                return Err(ApiError::not_found(kind.info.plural, name));
+                return match orphaned {
+                    Some(last) => Ok((last, true)),
+                    None => Err(ApiError::not_found(kind.info.plural, name)),
+                };
             };
             let uid = current
                 .pointer("/metadata/uid")
@@ -1069,6 +1076,7 @@ impl Registry {
                         self.metrics.writes.inc();
                         return Ok((current, true));
                     }
+                    orphaned = Some(current);
                     continue;
                 }
                 if opts.dry_run {
@@ -1661,7 +1669,8 @@ impl Registry {
             &collector(),
             Subresource::Main,
             None,
-            WriteOptions::default(),
+            // Removes only: prunes what managers owned of it, adds no entry.
+            WriteOptions::by(GARBAGE_COLLECTOR),
             change,
         )
         .await
@@ -1840,6 +1849,9 @@ impl Registry {
         }
     }
 }
+
+/// The field manager the garbage collector's writes are recorded under.
+const GARBAGE_COLLECTOR: &str = "karri-garbage-collector";
 
 /// The principal the garbage collector acts as.
 fn collector() -> Principal {

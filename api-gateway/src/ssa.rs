@@ -19,6 +19,8 @@ pub struct Conflict {
     pub manager: String,
     /// The field, dotted.
     pub field: String,
+    /// The field's path.
+    pub path: Path,
 }
 
 /// The leaf paths of an applied configuration.
@@ -295,6 +297,17 @@ fn overlaps(a: &Path, b: &Path) -> bool {
     a.starts_with(b) || b.starts_with(a)
 }
 
+/// Whether owning `owned` makes a manager an owner of the field `p` in `record`: the same
+/// field, one inside `p`, or one `p` is inside; but not a map `p` is inside, whose owner owns
+/// its presence (an empty map in a manifest, or one an update made), not the fields others put
+/// in it.
+fn claims(owned: &Path, p: &Path, record: &Value) -> bool {
+    let presence_of_a_map = owned.len() < p.len()
+        && !is_item(owned)
+        && lookup(record, owned).is_some_and(Value::is_object);
+    overlaps(owned, p) && !presence_of_a_map
+}
+
 /// Apply `applied` for `manager` over `live` (None when the record does not exist yet).
 /// Returns the new record with updated `managedFields`, or the conflicts when `force` is false.
 pub fn apply(
@@ -358,14 +371,22 @@ pub fn apply(
 
     let mut conflicts = Vec::new();
     for p in &wanted {
-        if get(&result, p) == get(applied, p) {
-            // Applying the value a field already has shares ownership without conflict.
+        // Applying the value a field already has shares ownership without conflict; so does
+        // an empty map where there is a map (it asks for the map, not for emptying it).
+        let asks_only_for_a_map = get(applied, p)
+            .is_some_and(|v| v.as_object().is_some_and(Map::is_empty))
+            && get(&result, p).is_some_and(Value::is_object);
+        if get(&result, p) == get(applied, p) || asks_only_for_a_map {
             continue;
         }
         // Fields an update (a create, a PUT, a patch) last set conflict too, as in Kubernetes:
         // an apply does not silently undo what `kubectl edit` or an EC2 call changed.
         for (entry, owned, _) in others.iter_mut() {
-            let clash: Vec<Path> = owned.iter().filter(|o| overlaps(o, p)).cloned().collect();
+            let clash: Vec<Path> = owned
+                .iter()
+                .filter(|o| claims(o, p, &result))
+                .cloned()
+                .collect();
             if clash.is_empty() {
                 continue;
             }
@@ -377,21 +398,20 @@ pub fn apply(
                 conflicts.push(Conflict {
                     manager: manager_of(entry),
                     field: format!(".{}", p.join(".")),
+                    path: p.clone(),
                 });
             }
         }
     }
     if !conflicts.is_empty() {
-        let conflicting: BTreeSet<Path> = wanted
-            .iter()
-            .filter(|p| {
-                conflicts
-                    .iter()
-                    .any(|c| c.field == format!(".{}", p.join(".")))
-            })
-            .cloned()
-            .collect();
-        if manager == KUBECTL && live.is_some_and(|l| last_applied_allows(l, &conflicting)) {
+        // kubectl's server-side apply may take what its client-side apply set, as
+        // kube-apiserver lets it; only the other conflicts are reported.
+        let allowed = match live {
+            Some(l) if manager == KUBECTL => last_applied_fields(l),
+            _ => BTreeSet::new(),
+        };
+        conflicts.retain(|c| !allowed.contains(&c.path));
+        if conflicts.is_empty() {
             return apply(live, applied, manager, true, now);
         }
         return Err(conflicts);
@@ -399,7 +419,7 @@ pub fn apply(
     for stale in mine_prev.difference(&wanted) {
         let still_owned = others
             .iter()
-            .any(|(_, s, _)| s.iter().any(|o| overlaps(o, stale)));
+            .any(|(_, s, _)| s.iter().any(|o| claims(o, stale, &result)));
         // A leaf path that holds a filled map now was an empty map in the manifest: it owned
         // the map's presence, not what others have put in it since.
         let filled_map = !is_item(stale)
@@ -439,7 +459,10 @@ pub fn apply(
         .into_iter()
         .filter(|(_, s, _)| !s.is_empty())
         .map(|(mut e, s, before)| {
-            e["fieldsV1"] = encode(&s);
+            // Entries whose fields did not change stay as they were written.
+            if e.get("fieldsV1").map(decode).unwrap_or_default() != s {
+                e["fieldsV1"] = encode(&s);
+            }
             (e, before)
         })
         .collect();
@@ -477,6 +500,75 @@ pub fn apply(
     Ok(result)
 }
 
+/// Most `Update` entries a record keeps, as in Kubernetes: each name a client chooses would
+/// otherwise add one, and the record could grow to etcd's limit.
+pub const MAX_UPDATE_MANAGERS: usize = 10;
+
+/// The entry the oldest updates are merged into past [`MAX_UPDATE_MANAGERS`], as Kubernetes
+/// names it.
+pub const ANCIENT_CHANGES: &str = "ancient-changes";
+
+/// Merges the oldest `Update` entries (and the [`ANCIENT_CHANGES`] entry, if there is one) into
+/// one [`ANCIENT_CHANGES`] entry until at most [`MAX_UPDATE_MANAGERS`] are left: its fields are
+/// theirs together, its time the latest of theirs. It takes the place of the first of them.
+fn cap_update_managers(managed: &mut Vec<Value>) {
+    let is_update = |e: &Value| e.get("operation").and_then(Value::as_str) == Some("Update");
+    let updates = managed.iter().filter(|e| is_update(e)).count();
+    if updates <= MAX_UPDATE_MANAGERS {
+        return;
+    }
+    let time_of = |e: &Value| {
+        e.get("time")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let mut oldest: Vec<usize> = (0..managed.len())
+        .filter(|i| managed.get(*i).is_some_and(&is_update))
+        .collect();
+    oldest.sort_by_key(|i| {
+        let e = &managed[*i];
+        // The ancient-changes entry goes first: it is always one of those merged.
+        (
+            e.get("manager").and_then(Value::as_str) != Some(ANCIENT_CHANGES),
+            time_of(e),
+        )
+    });
+    let merged: BTreeSet<usize> = oldest
+        .into_iter()
+        .take(updates - MAX_UPDATE_MANAGERS + 1)
+        .collect();
+    let mut fields = BTreeSet::new();
+    let mut latest = String::new();
+    let mut api_version = Value::Null;
+    for i in &merged {
+        let e = &managed[*i];
+        fields.extend(e.get("fieldsV1").map(decode).unwrap_or_default());
+        if time_of(e) >= latest {
+            latest = time_of(e);
+            api_version = e.get("apiVersion").cloned().unwrap_or(Value::Null);
+        }
+    }
+    let bucket = json!({
+        "manager": ANCIENT_CHANGES,
+        "operation": "Update",
+        "apiVersion": api_version,
+        "time": latest,
+        "fieldsType": "FieldsV1",
+        "fieldsV1": encode(&fields),
+    });
+    let at = merged.first().copied().unwrap_or(0);
+    let mut kept = Vec::with_capacity(managed.len());
+    for (i, e) in managed.drain(..).enumerate() {
+        if i == at {
+            kept.push(bucket.clone());
+        } else if !merged.contains(&i) {
+            kept.push(e);
+        }
+    }
+    *managed = kept;
+}
+
 /// The field manager `kubectl apply --server-side` uses: the one that takes over from
 /// client-side apply.
 const KUBECTL: &str = "kubectl";
@@ -487,26 +579,24 @@ pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration
 /// Most bytes a record's annotations may hold together, as in Kubernetes.
 const MAX_ANNOTATIONS_BYTES: usize = 256 * 1024;
 
-/// Whether every `conflicting` path is one that client-side apply set and nobody changed since:
-/// in the last-applied annotation with the value the record still has. Kubernetes lets
-/// `kubectl apply --server-side` take those fields from the client-side manager without
-/// `--force-conflicts`, so that moving from one apply to the other is no conflict.
-fn last_applied_allows(live: &Value, conflicting: &BTreeSet<Path>) -> bool {
-    let Some(text) = live
+/// The fields client-side apply set that nobody changed since: in the last-applied annotation
+/// (of the record's own API version) with the value the record still has. Kubernetes lets
+/// `kubectl apply --server-side` take them from other managers without `--force-conflicts`, so
+/// that moving from one apply to the other is no conflict.
+fn last_applied_fields(live: &Value) -> BTreeSet<Path> {
+    let last = live
         .pointer("/metadata/annotations")
         .and_then(|a| a.get(LAST_APPLIED))
         .and_then(Value::as_str)
-    else {
-        return false;
+        .and_then(|text| serde_json::from_str::<Value>(text).ok())
+        .filter(|last| last.get("apiVersion") == live.get("apiVersion"));
+    let Some(last) = last else {
+        return BTreeSet::new();
     };
-    let Ok(last) = serde_json::from_str::<Value>(text) else {
-        return false;
-    };
-    let allowed: BTreeSet<Path> = field_set(&last)
+    field_set(&last)
         .into_iter()
         .filter(|p| lookup(live, p) == lookup(&last, p))
-        .collect();
-    conflicting.is_subset(&allowed)
+        .collect()
 }
 
 /// Keeps a record's last-applied annotation, where it has one, in step with what
@@ -616,8 +706,10 @@ pub fn record_update(
         .filter(|p| {
             let (before, after) = (lookup(old, p), lookup(next, p));
             // A map that gained or lost fields is changed in those fields, not as a whole.
-            let both_maps =
-                before.is_some_and(Value::is_object) && after.is_some_and(Value::is_object);
+            // (An owner reference, a keyed item, is a field whose value is an object.)
+            let both_maps = !is_item(p)
+                && before.is_some_and(Value::is_object)
+                && after.is_some_and(Value::is_object);
             after.is_some() && before != after && !both_maps
         })
         .cloned()
@@ -681,6 +773,7 @@ pub fn record_update(
         }
         managed.push(entry);
     }
+    cap_update_managers(&mut managed);
     if let Some(meta) = next.get_mut("metadata").and_then(Value::as_object_mut) {
         if managed.is_empty() {
             meta.remove("managedFields");
@@ -1164,5 +1257,101 @@ mod tests {
         record_update(None, &mut plain, "kubectl-create", Scope::Main, "t1");
         apply(Some(&plain), &cfg("emi-2", None), "kubectl", false, "t2")
             .expect_err("a conflict with kubectl-create");
+    }
+
+    #[test]
+    fn past_ten_update_managers_the_oldest_merge_into_ancient_changes() {
+        let mut record = cfg("emi-1", None);
+        record_update(
+            None,
+            &mut record,
+            "creator",
+            Scope::Main,
+            "2026-01-01T00:00:00Z",
+        );
+        for i in 0..12 {
+            let mut next = record.clone();
+            next["metadata"]["labels"][format!("l{i}")] = json!("x");
+            let now = format!("2026-01-01T00:00:{:02}Z", i + 1);
+            record_update(
+                Some(&record),
+                &mut next,
+                &format!("m{i}"),
+                Scope::Main,
+                &now,
+            );
+            record = next;
+        }
+        let entries = record["metadata"]["managedFields"]
+            .as_array()
+            .expect("entries");
+        assert_eq!(entries.len(), MAX_UPDATE_MANAGERS);
+        let ancient = entries
+            .iter()
+            .find(|e| e["manager"] == ANCIENT_CHANGES)
+            .expect("an ancient-changes entry");
+        // The creator and m0..m2 went into it: their fields, the latest of their times.
+        assert_eq!(ancient["time"], "2026-01-01T00:00:03Z");
+        for field in [
+            &["spec", "imageId"][..],
+            &["metadata", "labels", "l0"],
+            &["metadata", "labels", "l2"],
+        ] {
+            assert_eq!(owners(&record, field), [ANCIENT_CHANGES], "{field:?}");
+        }
+        assert_eq!(owners(&record, &["metadata", "labels", "l3"]), ["m3"]);
+        assert_eq!(owners(&record, &["metadata", "labels", "l11"]), ["m11"]);
+    }
+
+    #[test]
+    fn owning_a_maps_presence_does_not_own_what_others_put_in_it() {
+        let with_empty = {
+            let mut v = cfg("emi-1", None);
+            v["spec"]["metadataOptions"] = json!({});
+            v
+        };
+        // An update made the empty map; an applier then sets a field inside it: no conflict.
+        let mut made = with_empty.clone();
+        record_update(None, &mut made, "kubectl-create", Scope::Main, "t1");
+        let mut tokens = cfg("emi-1", None);
+        tokens["spec"]["metadataOptions"] = json!({"httpTokens": "required"});
+        let applied = apply(Some(&made), &tokens, "argo", false, "t2").expect("no conflict");
+        assert_eq!(applied["spec"]["metadataOptions"]["httpTokens"], "required");
+        // An applier that asks only for the (now filled) map does not conflict with the field.
+        apply(Some(&applied), &with_empty, "flux", false, "t3").expect("no conflict either");
+    }
+
+    #[test]
+    fn a_change_inside_an_owner_reference_is_owned_by_who_made_it() {
+        let reference = |controller: bool| {
+            json!([{"apiVersion": "karri.dev/v1alpha1", "kind": "Instance", "name": "o",
+                "uid": "u-1", "controller": controller}])
+        };
+        let mut with_owner = cfg("emi-1", None);
+        with_owner["metadata"]["ownerReferences"] = reference(false);
+        let live = apply(None, &with_owner, "argo", false, "t1").expect("ok");
+        let mut edited = live.clone();
+        edited["metadata"]["ownerReferences"] = reference(true);
+        record_update(Some(&live), &mut edited, "kubectl-edit", Scope::Main, "t2");
+        let path = ["metadata", "ownerReferences", r#"k:{"uid":"u-1"}"#];
+        assert_eq!(owners(&edited, &path), ["kubectl-edit"]);
+        let err = apply(Some(&edited), &with_owner, "argo", false, "t3")
+            .expect_err("undoing the edit conflicts");
+        assert_eq!(err[0].manager, "kubectl-edit");
+    }
+
+    #[test]
+    fn kubectl_is_told_only_the_conflicts_client_side_apply_does_not_explain() {
+        let mut live = client_side_applied(&cfg("emi-1", None));
+        // Another writer changed the type since; the image is still as last applied.
+        let mut edited = live.clone();
+        edited["spec"]["instanceType"] = json!("m1.large");
+        record_update(Some(&live), &mut edited, "kubectl-edit", Scope::Main, "t2");
+        live = edited;
+        let mut wanted = cfg("emi-2", None);
+        wanted["spec"]["instanceType"] = json!("m1.small");
+        let err = apply(Some(&live), &wanted, "kubectl", false, "t3").expect_err("one conflict");
+        assert_eq!(err.len(), 1, "{err:?}");
+        assert_eq!(err[0].field, ".spec.instanceType");
     }
 }

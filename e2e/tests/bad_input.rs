@@ -294,6 +294,60 @@ async fn update_with_a_stale_resource_version_is_a_conflict() -> anyhow::Result<
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_json_patch_that_sets_a_stale_resource_version_is_a_conflict() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let api = c.admin_api()?;
+    let first = create(&api, "a").await?;
+    let stale = first["metadata"]["resourceVersion"].clone();
+    let resp = api
+        .request(Method::PUT, &instance("a"))
+        .json(&json!({
+            "apiVersion": first["apiVersion"], "kind": "Instance",
+            "metadata": {"name": "a", "resourceVersion": stale},
+            "spec": {"imageId": first["spec"]["imageId"], "instanceType": "m1.medium"},
+        }))
+        .send()
+        .await?;
+    ensure!(resp.status() == 200, "update: {}", resp.text().await?);
+    let current = api.get_json(&instance("a")).await?;
+
+    // As kubectl rewrites managedFields: the version it read, then the new entries.
+    let patch = json!([
+        {"op": "replace", "path": "/metadata/resourceVersion", "value": stale},
+        {"op": "replace", "path": "/metadata/managedFields", "value": [{}]},
+    ]);
+    let resp = api
+        .request(Method::PATCH, &instance("a"))
+        .header(CONTENT_TYPE, "application/json-patch+json")
+        .body(serde_json::to_vec(&patch)?)
+        .send()
+        .await?;
+    expect_status(resp, 409, "Conflict").await?;
+    ensure!(
+        api.get_json(&instance("a")).await? == current,
+        "a patch against a stale version changed the record"
+    );
+    // The same patch naming the current version goes through.
+    let patch = json!([
+        {"op": "replace", "path": "/metadata/resourceVersion", "value": current["metadata"]["resourceVersion"]},
+        {"op": "replace", "path": "/metadata/managedFields", "value": [{}]},
+    ]);
+    let resp = api
+        .request(Method::PATCH, &instance("a"))
+        .header(CONTENT_TYPE, "application/json-patch+json")
+        .body(serde_json::to_vec(&patch)?)
+        .send()
+        .await?;
+    ensure!(resp.status() == 200, "patch: {}", resp.text().await?);
+    let cleared = api.get_json(&instance("a")).await?;
+    ensure!(
+        cleared["metadata"].get("managedFields").is_none(),
+        "managedFields: [{{}}] clears them: {cleared}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_update_that_names_no_resource_version_is_invalid_and_changes_nothing(
 ) -> anyhow::Result<()> {
     let c = Cluster::start().await?;

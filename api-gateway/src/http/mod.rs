@@ -423,15 +423,15 @@ fn write_options(
     })
 }
 
-/// Most characters a field manager's name may have, as in Kubernetes.
+/// Most bytes a field manager's name may have, as in Kubernetes.
 const MAX_FIELD_MANAGER: usize = 128;
 
-/// The field manager a write is recorded under: `fieldManager` when given (at most 128
+/// The field manager a write is recorded under: `fieldManager` when given (at most 128 bytes of
 /// printable characters, or why not), else the `User-Agent` up to its first `/` (`kubectl`,
 /// `kube-rs`), cut to 128 characters, as kube-apiserver names it. Pure.
 fn field_manager(given: Option<&str>, user_agent: Option<&str>) -> Result<String, String> {
     match given.filter(|m| !m.is_empty()) {
-        Some(m) if m.chars().count() > MAX_FIELD_MANAGER => Err(format!(
+        Some(m) if m.len() > MAX_FIELD_MANAGER => Err(format!(
             "Invalid value: {m:?}: must be no more than {MAX_FIELD_MANAGER} characters"
         )),
         Some(m) if m.chars().any(char::is_control) => Err(format!(
@@ -995,6 +995,19 @@ async fn patch(
                     })?,
                     None => json_patch::merge(&mut doc, &patch_value),
                 }
+                // A patch that sets the resourceVersion (a JSON patch's `replace`, as kubectl
+                // sends when it rewrites managedFields) asks for that version, as in Kubernetes.
+                let version = |v: &Value| {
+                    v.pointer("/metadata/resourceVersion")
+                        .and_then(Value::as_str)
+                        .filter(|rv| !rv.is_empty())
+                        .map(str::to_string)
+                };
+                if let Some(asked) = version(&doc) {
+                    if Some(&asked) != version(cur).as_ref() {
+                        return Err(ApiError::conflict(kind.info.plural, name));
+                    }
+                }
                 Ok(doc)
             };
             let w = s
@@ -1025,8 +1038,9 @@ async fn patch(
                         "Required value: is required for apply patch",
                     )
                 })?;
-            // An apply records its own managed fields (an `Apply` entry), not an update's.
-            opts.manager = None;
+            // An apply records its own managed fields (an `Apply` entry), not an update's; one
+            // of the status, merged into it, is recorded as the manager's update of it.
+            opts.manager = status.then(|| manager.clone());
             let force = query_bool(q, "force")?.unwrap_or(false);
             let applied = parse_body(bytes, "application/yaml")?;
             crate::admission::check_type(kind, &applied)?;
