@@ -123,15 +123,34 @@ pub fn type_delete_refusal(cache: &WatchCache, name: &str) -> Option<ApiError> {
     (!held.is_empty()).then(|| in_use(name, "deleted", &held))
 }
 
+/// Whether a change from `current` to `next` of an InstanceType record gives it fewer vCPUs,
+/// less memory or less disk. Pure.
+pub fn type_shrinks(current: &Value, next: &Value) -> bool {
+    let size = |v: &Value| -> Option<InstanceTypeSpec> {
+        serde_json::from_value(v.get("spec")?.clone()).ok()
+    };
+    let (Some(old), Some(new)) = (size(current), size(next)) else {
+        return false;
+    };
+    new.vcpus < old.vcpus || new.memory_mib < old.memory_mib || new.disk_gib < old.disk_gib
+}
+
+/// Whether the checks of a write from `current` to `next` of a `kind` record read the instances
+/// in the cache: a resize, a type shrunk, a type's last finalizer removed. Pure.
+pub fn reads_instances(kind: &str, current: &Value, next: &Value) -> bool {
+    let type_of = |v: &Value| v.pointer("/spec/instanceType").cloned();
+    match kind {
+        "Instance" => type_of(current) != type_of(next),
+        "InstanceType" => type_shrinks(current, next) || crate::admission::ready_to_delete(next),
+        _ => false,
+    }
+}
+
 /// The refusal of a change from `current` to `next` of an InstanceType record that gives it
 /// fewer vCPUs, less memory or less disk while instances hold room by it (growing it is placement's
 /// concern: it may overfill a node, as a resize would, and is left to the administrator).
 pub fn type_change_refusal(cache: &WatchCache, current: &Value, next: &Value) -> Option<ApiError> {
-    let size = |v: &Value| -> Option<InstanceTypeSpec> {
-        serde_json::from_value(v.get("spec")?.clone()).ok()
-    };
-    let (old, new) = (size(current)?, size(next)?);
-    if new.vcpus >= old.vcpus && new.memory_mib >= old.memory_mib && new.disk_gib >= old.disk_gib {
+    if !type_shrinks(current, next) {
         return None;
     }
     let name = current.pointer("/metadata/name").and_then(Value::as_str)?;
@@ -144,6 +163,61 @@ pub fn type_change_refusal(cache: &WatchCache, current: &Value, next: &Value) ->
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn only_writes_whose_checks_read_instances_wait_for_the_cache_and_are_fenced() {
+        let itype = |vcpus: u32, deleting: bool, finalizers: &[&str]| {
+            let mut v = json!({"metadata": {"name": "t", "finalizers": finalizers},
+                "spec": {"vcpus": vcpus, "memoryMiB": 512, "diskGiB": 1}});
+            if deleting {
+                v["metadata"]["deletionTimestamp"] = json!("2026-11-26T00:00:00Z");
+            }
+            v
+        };
+        let inst = |t: &str, key: &str| json!({"metadata": {"name": "i"}, "spec": {"instanceType": t, "keyName": key}});
+        let rows = [
+            (
+                "Instance",
+                inst("m1.small", "a"),
+                inst("m1.large", "a"),
+                true,
+            ),
+            (
+                "Instance",
+                inst("m1.small", "a"),
+                inst("m1.small", "b"),
+                false,
+            ),
+            (
+                "InstanceType",
+                itype(2, false, &[]),
+                itype(1, false, &[]),
+                true,
+            ),
+            (
+                "InstanceType",
+                itype(1, false, &[]),
+                itype(2, false, &[]),
+                false,
+            ),
+            (
+                "InstanceType",
+                itype(2, true, &["x"]),
+                itype(2, true, &[]),
+                true,
+            ),
+            (
+                "InstanceType",
+                itype(2, true, &["x", "y"]),
+                itype(2, true, &["x"]),
+                false,
+            ),
+            ("Node", json!({}), json!({}), false),
+        ];
+        for (i, (kind, current, next, reads)) in rows.iter().enumerate() {
+            assert_eq!(reads_instances(kind, current, next), *reads, "row {i}");
+        }
+    }
 
     fn instance(ns: &str, name: &str, itype: &str, node: Option<&str>, state: &str) -> Value {
         let mut v = json!({

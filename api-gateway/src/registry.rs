@@ -800,6 +800,17 @@ impl Registry {
                     vec![(String::new(), why)],
                 ));
             }
+            // A check that reads other instances (the room a type holds, a node's room for a
+            // resize) reads the cache once it has every write committed before it, and the
+            // write is fenced on what it read: it fails, and is tried again, if an instance
+            // changed since (a placement or a launch of the same moment).
+            let fence = if crate::capacity::reads_instances(kind.info.kind, &current, &next) {
+                self.catch_up().await?;
+                Some(self.cache.revision())
+            } else {
+                None
+            };
+            let fence_compare = fence.map(instances_unchanged_since);
             let refusal = match kind.info.kind {
                 "Instance" => crate::capacity::resize_refusal(&self.cache, &current, &next),
                 "InstanceType" => {
@@ -860,12 +871,18 @@ impl Registry {
                     }
                 }
                 Txn::new()
-                    .when([cmp])
+                    .when(
+                        [Some(cmp), fence_compare.clone()]
+                            .into_iter()
+                            .flatten()
+                            .collect::<Vec<_>>(),
+                    )
                     .and_then(removal_ops(kind, &key, &current))
             } else {
                 let raw =
                     serde_json::to_vec(&next).map_err(|e| ApiError::internal(e.to_string()))?;
                 let mut compares = vec![cmp];
+                compares.extend(fence_compare.clone());
                 let mut ops = vec![TxnOp::put(key.clone(), raw, None)];
                 for u in &claimed {
                     compares.push(Compare::create_revision(u.key.clone(), CompareOp::Equal, 0));
@@ -907,7 +924,14 @@ impl Registry {
                     )));
                 }
             }
-            if precondition.is_some() {
+            let moved = fence.is_some()
+                && self
+                    .etcd_get(&key, None)
+                    .await?
+                    .kvs()
+                    .first()
+                    .is_none_or(|kv| kv.mod_revision() != rev);
+            if precondition.is_some() && (fence.is_none() || moved) {
                 return Err(ApiError::conflict(kind.info.plural, name));
             }
             self.metrics.conflict_retries.inc();
@@ -1025,9 +1049,14 @@ impl Registry {
             }
             // A type already being deleted is deleted again as Kubernetes does it (its last
             // finalizer is where the in-use check waits for it).
+            // Read once the cache has every write before it; a removal at once is fenced on it
+            // (as in `update_with`).
+            let mut fence = None;
             if kind.info.plural == "instancetypes"
                 && current.pointer("/metadata/deletionTimestamp").is_none()
             {
+                self.catch_up().await?;
+                fence = Some(self.cache.revision());
                 if let Some(refusal) = crate::capacity::type_delete_refusal(&self.cache, name) {
                     return Err(refusal);
                 }
@@ -1110,8 +1139,10 @@ impl Registry {
             if opts.propagation == Propagation::Orphan {
                 self.orphan_dependents(&uid).await?;
             }
+            let mut compares = vec![Compare::mod_revision(key.clone(), CompareOp::Equal, rev)];
+            compares.extend(fence.map(instances_unchanged_since));
             let txn = Txn::new()
-                .when([Compare::mod_revision(key.clone(), CompareOp::Equal, rev)])
+                .when(compares)
                 .and_then(removal_ops(kind, &key, &current));
             let resp = self.etcd_txn(txn).await?;
             if resp.succeeded() {
@@ -1848,6 +1879,17 @@ impl Registry {
             }
         }
     }
+}
+
+/// The compare that fences a write on the instances a check read at cache revision `seen`: no
+/// instance changed after it.
+fn instances_unchanged_since(seen: i64) -> Compare {
+    Compare::mod_revision(
+        store::kind_prefix("instances"),
+        CompareOp::Less,
+        seen.saturating_add(1),
+    )
+    .with_prefix()
 }
 
 /// The field manager the garbage collector's writes are recorded under.

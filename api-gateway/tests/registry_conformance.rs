@@ -1715,3 +1715,121 @@ async fn a_foreground_delete_through_a_cycle_of_owners_completes() -> anyhow::Re
     assert_eq!(deleted.into_iter().collect::<Vec<_>>(), ["a", "b"]);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_type_shrink_sees_an_instance_another_gateway_placed_while_it_was_prepared(
+) -> anyhow::Result<()> {
+    let h = harness().await?;
+    // A second gateway on the same etcd: its writes reach this one's cache only by the watch.
+    let (other, _) = start_registry(&h.client).await?;
+    let types = h
+        .registry
+        .kinds
+        .by_plural("instancetypes")
+        .context("instancetypes kind")?;
+    let size = json!({"apiVersion": "karri.dev/v1alpha1", "kind": "InstanceType",
+        "metadata": {"name": "t.fence"},
+        "spec": {"vcpus": 2, "memoryMiB": 512, "diskGiB": 1}});
+    h.registry
+        .create(&types, None, size, &admin(), WriteOptions::default())
+        .await?;
+    let runtime = tokio::runtime::Handle::current();
+    for round in 0..20 {
+        let name = format!("placed-{round}");
+        let mut body = instance(&name);
+        body["spec"]["instanceType"] = json!("t.fence");
+        other
+            .create(
+                &h.instances,
+                Some("acme"),
+                body,
+                &admin(),
+                WriteOptions::default(),
+            )
+            .await?;
+        // The other gateway places the instance while this one prepares the shrink (after it
+        // read the type, before it checks what holds room by it).
+        let mut placed = false;
+        let mut shrink = |cur: &Value| {
+            if !placed {
+                placed = true;
+                let mut place = |cur: &Value| {
+                    let mut next = cur.clone();
+                    next["status"] = json!({"state": "pending", "nodeName": "node-1"});
+                    Ok(next)
+                };
+                tokio::task::block_in_place(|| {
+                    runtime.block_on(other.update_with(
+                        &h.instances,
+                        Some("acme"),
+                        &name,
+                        &admin(),
+                        Subresource::Status,
+                        None,
+                        WriteOptions::default(),
+                        &mut place,
+                    ))
+                })?;
+            }
+            let mut next = cur.clone();
+            next["spec"]["vcpus"] = json!(1);
+            Ok(next)
+        };
+        let refused = h
+            .registry
+            .update_with(
+                &types,
+                None,
+                "t.fence",
+                &admin(),
+                Subresource::Main,
+                None,
+                WriteOptions::default(),
+                &mut shrink,
+            )
+            .await;
+        assert!(
+            matches!(&refused, Err(e) if e.code == 409 && e.message.contains(&name)),
+            "round {round}: {refused:?}"
+        );
+        // Terminated, it holds no room: the next round starts with none.
+        let mut terminate = |cur: &Value| {
+            let mut next = cur.clone();
+            next["status"]["state"] = json!("terminated");
+            Ok(next)
+        };
+        other
+            .update_with(
+                &h.instances,
+                Some("acme"),
+                &name,
+                &admin(),
+                Subresource::Status,
+                None,
+                WriteOptions::default(),
+                &mut terminate,
+            )
+            .await?;
+    }
+    // With every instance terminated, the shrink goes through (its fence holds).
+    let mut shrink = |cur: &Value| {
+        let mut next = cur.clone();
+        next["spec"]["vcpus"] = json!(1);
+        Ok(next)
+    };
+    let shrunk = h
+        .registry
+        .update_with(
+            &types,
+            None,
+            "t.fence",
+            &admin(),
+            Subresource::Main,
+            None,
+            WriteOptions::default(),
+            &mut shrink,
+        )
+        .await?;
+    assert_eq!(shrunk.object["spec"]["vcpus"], 1);
+    Ok(())
+}
