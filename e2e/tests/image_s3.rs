@@ -585,29 +585,25 @@ async fn an_instance_of_an_s3_object_that_does_not_exist_fails_with_a_reason_nam
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_image_naming_another_accounts_private_object_does_not_boot() -> anyhow::Result<()> {
-    let cloud = Cloud::start(Options::default()).await?;
-    let (_, victim) = cloud
-        .gateway
-        .account_with_key(&cloud.tokens.admin, "victim")
-        .await?;
-    cloud
-        .gateway
-        .account_with_key(&cloud.tokens.admin, "thief")
-        .await?;
+/// Puts random bytes at `bucket/disk.raw` (a new private bucket) as `who`: the location and
+/// their SHA-256.
+async fn private_object(
+    cloud: &Cloud,
+    who: &karri_testkit::AwsCredentials,
+    bucket: &str,
+) -> anyhow::Result<(String, String)> {
     let dir = tempfile::tempdir()?;
     let disk = dir.path().join("disk.raw");
-    std::fs::write(&disk, random_bytes(64 * 1024)?)?;
-    let bucket = "victim-private";
+    let bytes = random_bytes(64 * 1024)?;
+    std::fs::write(&disk, &bytes)?;
     cloud
         .gateway
-        .aws(&victim, &["s3api", "create-bucket", "--bucket", bucket])
+        .aws(who, &["s3api", "create-bucket", "--bucket", bucket])
         .await?;
     cloud
         .gateway
         .aws(
-            &victim,
+            who,
             &[
                 "s3api",
                 "put-object",
@@ -620,19 +616,60 @@ async fn an_image_naming_another_accounts_private_object_does_not_boot() -> anyh
             ],
         )
         .await?;
-    // The thief registers the victim's private object as its own image and launches it.
-    let id = "emi-00000000000007e1f";
+    let sha: String = Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok((format!("{bucket}/disk.raw"), sha))
+}
+
+/// Accounts `victim` and `thief`, and the victim's private object `victim-private/disk.raw`:
+/// its location and SHA-256, and the thief's credentials.
+async fn victims_private_object(
+    cloud: &Cloud,
+) -> anyhow::Result<(String, String, karri_testkit::AwsCredentials)> {
+    let (_, victim) = cloud
+        .gateway
+        .account_with_key(&cloud.tokens.admin, "victim")
+        .await?;
+    let (_, thief) = cloud
+        .gateway
+        .account_with_key(&cloud.tokens.admin, "thief")
+        .await?;
+    let (location, sha) = private_object(cloud, &victim, "victim-private").await?;
+    Ok((location, sha, thief))
+}
+
+/// Registers image `id` (`name`) at `location` in namespace `ns`, declaring `sha256` if given.
+async fn register(
+    cloud: &Cloud,
+    ns: &str,
+    id: &str,
+    name: &str,
+    location: &str,
+    sha256: Option<&str>,
+) -> anyhow::Result<()> {
+    let mut spec = json!({"name": name, "imageLocation": location, "format": "raw"});
+    if let Some(sha) = sha256 {
+        spec["checksumSha256"] = json!(sha);
+    }
     let image: Image = serde_json::from_value(json!({
         "apiVersion": "karri.dev/v1alpha1",
         "kind": "Image",
-        "metadata": {"name": id, "namespace": "thief"},
-        "spec": {"name": "stolen", "imageLocation": format!("{bucket}/disk.raw"), "format": "raw"},
+        "metadata": {"name": id, "namespace": ns},
+        "spec": spec,
     }))?;
-    Api::<Image>::namespaced(cloud.client.clone(), "thief")
+    Api::<Image>::namespaced(cloud.client.clone(), ns)
         .create(&PostParams::default(), &image)
         .await?;
-    create_instance(&cloud, "thief", "stolen", id).await?;
-    let failed = cloud.wait_launch_failed("thief", "stolen", STEP).await?;
+    Ok(())
+}
+
+/// Launches `name` of image `id` in the thief's namespace and checks that it fails saying
+/// `why`.
+async fn thief_launch_fails(cloud: &Cloud, name: &str, id: &str, why: &str) -> anyhow::Result<()> {
+    create_instance(cloud, "thief", name, id).await?;
+    let failed = cloud.wait_launch_failed("thief", name, STEP).await?;
     let message = failed
         .status
         .clone()
@@ -640,11 +677,60 @@ async fn an_image_naming_another_accounts_private_object_does_not_boot() -> anyh
         .message
         .unwrap_or_default();
     ensure!(
-        message.contains("may not read"),
-        "the failed launch should say the image's account may not read the object: {message}"
+        message.contains(why),
+        "the failed launch should say {why:?}: {message}"
     );
+    eprintln!("[image_s3] {name}: {message}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_naming_another_accounts_private_object_does_not_boot() -> anyhow::Result<()> {
+    let cloud = Cloud::start(Options::default()).await?;
+    let (location, _, _) = victims_private_object(&cloud).await?;
+    // The thief registers the victim's private object as its own image and launches it.
+    let id = "emi-00000000000007e1f";
+    register(&cloud, "thief", id, "stolen", &location, None).await?;
+    thief_launch_fails(&cloud, "stolen", id, "may not read").await?;
     let data = cloud.agent_data_dir(&node_name(1));
     assert_eq!(entries(&data.join("images/sha256"))?, Vec::<String>::new());
-    eprintln!("[image_s3] stolen: {message}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_image_its_owner_booted_on_a_node_does_not_boot_there_for_another_account(
+) -> anyhow::Result<()> {
+    let cloud = Cloud::start(Options::default()).await?;
+    let (location, sha, thief) = victims_private_object(&cloud).await?;
+    // The victim boots its own image: the node fetches it, and keeps it in its cache.
+    let own = "emi-00000000000000de1";
+    register(&cloud, "victim", own, "own", &location, None).await?;
+    create_instance(&cloud, "victim", "own", own).await?;
+    wait_running(&cloud, "victim", "the victim's instance", |i| {
+        i.name_any() == "own"
+    })
+    .await?;
+    let data = cloud.agent_data_dir(&node_name(1));
+    assert_eq!(entries(&data.join("images/sha256"))?, vec![sha.clone()]);
+    // With the victim's instance on the node, an image of the thief naming the same object
+    // is refused for the thief's instance ...
+    let same_object = "emi-00000000000007e1f";
+    register(&cloud, "thief", same_object, "same-object", &location, None).await?;
+    thief_launch_fails(&cloud, "same-object", same_object, "may not read").await?;
+    // ... and one naming the thief's own object but declaring the cached image's checksum gets
+    // that object, which does not match, not the victim's cached disk.
+    let (own_location, _) = private_object(&cloud, &thief, "thief-own").await?;
+    let same_sum = "emi-00000000000007e2f";
+    register(
+        &cloud,
+        "thief",
+        same_sum,
+        "same-sum",
+        &own_location,
+        Some(&sha),
+    )
+    .await?;
+    thief_launch_fails(&cloud, "same-sum", same_sum, "not the declared").await?;
+    assert_eq!(entries(&data.join("images/sha256"))?, vec![sha]);
     Ok(())
 }

@@ -401,16 +401,32 @@ impl Guests {
             .map_err(io("rename", path.clone()))
     }
 
-    /// Fetches an image of an instance; `launched` when the instance has launched before (its
-    /// disk may hold data), whose fetch failures are never permanent: a failed launch
-    /// terminates the instance and deletes its disk, and an image gone since its launch (or a
-    /// blob, a permission) must not cost the owner that disk.
+    /// Fetches an image of instance `instance` (`<namespace>/<name>`), `pin` the SHA-256 it
+    /// was fetched as at the instance's launch; `launched` when the instance has launched
+    /// before (its disk may hold data), whose fetch failures are never permanent: a failed
+    /// launch terminates the instance and deletes its disk, and an image gone since its launch
+    /// (or a blob, a permission) must not cost the owner that disk.
+    ///
+    /// An instance that launched from the pinned image uses any cached copy of it; any other
+    /// use of an image in S3 is first asked about for this instance (its image's owner may
+    /// read the object), cached or not.
     async fn fetch(
         &self,
-        a: &ImageArtifact,
+        artifact: &ImageArtifact,
+        pin: Option<&String>,
         launched: bool,
+        instance: &str,
     ) -> Result<images::CachedImage, GuestError> {
-        let fetched = self.cache.get(&source_of(a)).await;
+        let a = &as_pinned(artifact, pin);
+        let source = source_of(a);
+        let fetched = if launched && pin.is_some() && a.sha256.as_ref() == pin {
+            self.cache.get_pinned(&source).await
+        } else {
+            match self.cache.authorize(&a.location, instance).await {
+                Ok(url) => self.cache.get_authorized(&source, url).await,
+                Err(e) => Err(e),
+            }
+        };
         let mut failing = self
             .failing_since
             .lock()
@@ -455,10 +471,15 @@ impl Guests {
             .await
             .unwrap_or(true);
         let pins = self.pinned(id).await;
+        let instance_ref = format!(
+            "{}/{}",
+            instance.metadata.namespace.as_deref().unwrap_or_default(),
+            instance.metadata.name.as_deref().unwrap_or_default()
+        );
         let mut pinned: Vec<(&str, String)> = Vec::new();
         if let Some(root) = root {
             let base = self
-                .fetch(&as_pinned(root, pins.get("root")), launched)
+                .fetch(root, pins.get("root"), launched, &instance_ref)
                 .await?;
             pinned.push(("root", base.sha256.clone()));
             self.hold(id, &base.sha256);
@@ -485,14 +506,14 @@ impl Guests {
         }
         if let Some(kernel) = kernel {
             let k = self
-                .fetch(&as_pinned(kernel, pins.get("kernel")), launched)
+                .fetch(kernel, pins.get("kernel"), launched, &instance_ref)
                 .await?;
             pinned.push(("kernel", k.sha256.clone()));
             self.hold(id, &k.sha256);
             let initrd = match ramdisk {
                 Some(r) => {
                     let r = self
-                        .fetch(&as_pinned(r, pins.get("ramdisk")), launched)
+                        .fetch(r, pins.get("ramdisk"), launched, &instance_ref)
                         .await?;
                     pinned.push(("ramdisk", r.sha256.clone()));
                     self.hold(id, &r.sha256);
@@ -743,7 +764,12 @@ mod tests {
         };
         // Nothing listens on loopback port 9: the connection is refused, which may pass.
         match guests
-            .fetch(&artifact("http://127.0.0.1:9/root.img"), false)
+            .fetch(
+                &artifact("http://127.0.0.1:9/root.img"),
+                None,
+                false,
+                "acme/i-1",
+            )
             .await
         {
             Err(e @ GuestError::Fetch { .. }) => assert!(!e.is_permanent()),
@@ -751,7 +777,12 @@ mod tests {
         }
         let missing = dir.path().join("no-such-image.img");
         match guests
-            .fetch(&artifact(&missing.to_string_lossy()), false)
+            .fetch(
+                &artifact(&missing.to_string_lossy()),
+                None,
+                false,
+                "acme/i-1",
+            )
             .await
         {
             Err(e) => assert!(e.is_permanent(), "{e}"),

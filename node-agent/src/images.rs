@@ -412,6 +412,11 @@ struct State {
     /// The `in_use` of the last [`ImageCache::evict`], protected by automatic eviction when no
     /// [`ImageCache::with_in_use`] function is given.
     last_in_use: HashSet<String>,
+    /// The S3 locations each cached image (by SHA-256) was fetched from and verified against
+    /// since the cache opened: an S3 source is a hit only from one of these, so that an image
+    /// record naming a readable object and another image's checksum gets that object (and its
+    /// checksum mismatch), not the other image.
+    s3_sources: HashMap<String, HashSet<String>>,
 }
 
 #[derive(Clone, Copy)]
@@ -588,7 +593,38 @@ impl ImageCache {
     /// The verified image of `source`: from the cache when its declared sha256 is there,
     /// otherwise fetched, verified and published. Concurrent calls for one source share one
     /// fetch, which runs to its end even if its callers go away.
+    ///
+    /// An image in S3 is a hit only if it was fetched from that same location since the cache
+    /// opened (see [`ImageCache::get_pinned`]); the caller asks first whether the instance may
+    /// read it ([`ImageCache::authorize`]).
     pub async fn get(&self, source: &ImageSource) -> Result<CachedImage, CacheError> {
+        self.get_checked(source, false, None).await
+    }
+
+    /// [`ImageCache::get`] with the presigned URL [`ImageCache::authorize`] gave (`None` for
+    /// a location that needs none): a fetch this get starts uses it instead of asking again.
+    pub async fn get_authorized(
+        &self,
+        source: &ImageSource,
+        url: Option<String>,
+    ) -> Result<CachedImage, CacheError> {
+        self.get_checked(source, false, url).await
+    }
+
+    /// [`ImageCache::get`] for an instance that launched from the image `source` pins (its
+    /// SHA-256 is the one fetched for it then): any cached copy is a hit, wherever it came
+    /// from, and its owner's access to the location is not asked again (as an EC2 instance
+    /// keeps its root volume when its AMI's permissions change).
+    pub async fn get_pinned(&self, source: &ImageSource) -> Result<CachedImage, CacheError> {
+        self.get_checked(source, true, None).await
+    }
+
+    async fn get_checked(
+        &self,
+        source: &ImageSource,
+        pinned: bool,
+        url: Option<String>,
+    ) -> Result<CachedImage, CacheError> {
         let source = normalise(source)?;
         let span = info_span!(
             "image_get",
@@ -596,12 +632,34 @@ impl ImageCache {
             sha256 = source.sha256.as_deref().unwrap_or("undeclared"),
             format = source.format.as_str(),
         );
-        self.get_normalised(source).instrument(span).await
+        self.get_normalised(source, pinned, url)
+            .instrument(span)
+            .await
     }
 
-    async fn get_normalised(&self, source: ImageSource) -> Result<CachedImage, CacheError> {
+    /// Whether `instance` (`<namespace>/<name>`) may use the S3 `location`: the gateway's answer
+    /// for that instance alone (its image's owner may read the object), a presigned URL of it
+    /// (for [`ImageCache::get_authorized`]). Other locations need no asking (`None`): only
+    /// administrators register them.
+    pub async fn authorize(
+        &self,
+        location: &str,
+        instance: &str,
+    ) -> Result<Option<String>, CacheError> {
+        if kind(location) != Some(Kind::S3) {
+            return Ok(None);
+        }
+        self.presigned_url(location, Some(instance)).await.map(Some)
+    }
+
+    async fn get_normalised(
+        &self,
+        source: ImageSource,
+        pinned: bool,
+        url: Option<String>,
+    ) -> Result<CachedImage, CacheError> {
         loop {
-            match self.join_or_start(&source) {
+            match self.join_or_start(&source, pinned, url.clone()) {
                 Step::Fetch(flight) => return flight.await,
                 Step::Cached(sha) => {
                     if let Some(image) = self.use_cached(&source, &sha).await? {
@@ -616,14 +674,21 @@ impl ImageCache {
     /// Joins the fetch of `source` in flight, or finds its image in the index, or starts its
     /// fetch. The flight lock is held throughout, and a fetch publishes before it leaves the
     /// flights, so no `get` can miss both and start a second fetch.
-    fn join_or_start(&self, source: &ImageSource) -> Step {
+    fn join_or_start(&self, source: &ImageSource, pinned: bool, url: Option<String>) -> Step {
         let mut flights = lock(&self.inner.flights);
         if let Some((_, flight)) = flights.by_source.get(source) {
             debug!("joining the fetch in flight");
             return Step::Fetch(flight.clone());
         }
         if let Some(sha) = &source.sha256 {
-            if lock(&self.inner.state).entries.contains_key(sha) {
+            let state = lock(&self.inner.state);
+            let vouched = pinned
+                || kind(&source.location) != Some(Kind::S3)
+                || state
+                    .s3_sources
+                    .get(sha)
+                    .is_some_and(|l| l.contains(&source.location));
+            if state.entries.contains_key(sha) && vouched {
                 return Step::Cached(sha.clone());
             }
         }
@@ -638,7 +703,7 @@ impl ImageCache {
         let task_source = source.clone();
         let task = tokio::spawn(
             async move {
-                let result = cache.fetch(&task_source).await;
+                let result = cache.fetch(&task_source, url).await;
                 cache.end_flight(&task_source, id);
                 result
             }
@@ -677,6 +742,7 @@ impl ImageCache {
                 if let Some(entry) = state.entries.remove(sha) {
                     state.total -= entry.size;
                 }
+                state.s3_sources.remove(sha);
                 return Ok(None);
             }
             Err(e) => {
@@ -732,7 +798,11 @@ impl ImageCache {
 
     /// Fetches `source` into a temporary file, verifies it, publishes it and evicts if the cache
     /// is over its limit. The temporary file is removed on every way out but publication.
-    async fn fetch(&self, source: &ImageSource) -> Result<CachedImage, CacheError> {
+    async fn fetch(
+        &self,
+        source: &ImageSource,
+        presigned: Option<String>,
+    ) -> Result<CachedImage, CacheError> {
         let part = TempFile(Some(
             self.config
                 .dir
@@ -744,7 +814,10 @@ impl ImageCache {
         let (sha, size) = match kind(location) {
             Some(Kind::Http) => self.download(location, location, &path, false).await?,
             Some(Kind::S3) => {
-                let url = self.presigned_url(location).await?;
+                let url = match presigned {
+                    Some(url) => url,
+                    None => self.presigned_url(location, None).await?,
+                };
                 self.download(&url, location, &path, true).await?
             }
             Some(Kind::Path) | None => {
@@ -770,8 +843,9 @@ impl ImageCache {
         if qcow2_verified {
             verify_qcow2(source, part.path()).await?;
         }
+        let s3 = (kind(location) == Some(Kind::S3)).then_some(location.as_str());
         let image = self
-            .publish(part, &sha, size, source.format, qcow2_verified)
+            .publish(part, &sha, size, source.format, qcow2_verified, s3)
             .await?;
         info!(sha256 = %sha, bytes = size, "image fetched and verified");
         if self.size() > self.config.max_bytes {
@@ -780,9 +854,13 @@ impl ImageCache {
         Ok(image)
     }
 
-    /// A presigned URL of the S3 `location`, from the cache's [`Presign`], within the read-idle
-    /// timeout.
-    async fn presigned_url(&self, location: &str) -> Result<String, CacheError> {
+    /// A presigned URL of the S3 `location` (for `instance` when named), from the cache's
+    /// [`Presign`], within the read-idle timeout.
+    async fn presigned_url(
+        &self,
+        location: &str,
+        instance: Option<&str>,
+    ) -> Result<String, CacheError> {
         let presigner = self
             .config
             .presigner
@@ -796,7 +874,7 @@ impl ImageCache {
         };
         info!("asking the gateway for a presigned URL");
         let idle = self.config.read_idle;
-        let url = tokio::time::timeout(idle, presigner.presign(location))
+        let url = tokio::time::timeout(idle, presigner.presign(location, instance))
             .await
             .map_err(|_| failed(PresignError::Timeout(idle)))?
             .map_err(failed)?;
@@ -928,6 +1006,7 @@ impl ImageCache {
         size: u64,
         format: DiskFormat,
         qcow2_verified: bool,
+        s3_location: Option<&str>,
     ) -> Result<CachedImage, CacheError> {
         let path = self.image_path(sha);
         let _publishing = self.inner.publish.lock().await;
@@ -964,6 +1043,13 @@ impl ImageCache {
         entry.last_used = tick;
         entry.qcow2_verified |= qcow2_verified;
         let size = entry.size;
+        if let Some(location) = s3_location {
+            state
+                .s3_sources
+                .entry(sha.to_owned())
+                .or_default()
+                .insert(location.to_owned());
+        }
         if !present {
             state.total += size;
         }
@@ -1009,6 +1095,7 @@ impl ImageCache {
             for sha in chosen {
                 if let Some(entry) = state.entries.remove(&sha) {
                     state.total -= entry.size;
+                    state.s3_sources.remove(&sha);
                     victims.push((sha, entry));
                 }
             }

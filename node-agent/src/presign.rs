@@ -61,28 +61,44 @@ pub enum PresignError {
 
 /// Asks for a presigned GET URL of an S3 location. The image cache holds one.
 pub trait Presign: Send + Sync {
-    /// A URL that GETs the object of `location` (as the instance's launch spells it).
-    fn presign<'a>(&'a self, location: &'a str) -> BoxFuture<'a, Result<String, PresignError>>;
+    /// A URL that GETs the object of `location` (as the instance's launch spells it), for
+    /// instance `instance` (`<namespace>/<name>`) when named: the gateway then answers only if
+    /// that instance's image owner may read it. Unnamed, for any instance of the node.
+    fn presign<'a>(
+        &'a self,
+        location: &'a str,
+        instance: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<String, PresignError>>;
 }
 
-/// Any function from a location to a future URL presigns (for tests and other callers).
+/// Any function from a location and instance to a future URL presigns (for tests and other
+/// callers).
 impl<F> Presign for F
 where
-    F: Fn(String) -> BoxFuture<'static, Result<String, PresignError>> + Send + Sync,
+    F: Fn(String, Option<String>) -> BoxFuture<'static, Result<String, PresignError>> + Send + Sync,
 {
-    fn presign<'a>(&'a self, location: &'a str) -> BoxFuture<'a, Result<String, PresignError>> {
-        self(location.to_owned())
+    fn presign<'a>(
+        &'a self,
+        location: &'a str,
+        instance: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<String, PresignError>> {
+        self(location.to_owned(), instance.map(str::to_owned))
     }
 }
 
-/// The path and query of the gateway's presigned URL of `location` at `base`. Pure.
-pub fn request_path(location: &str, base: &str) -> String {
+/// The path and query of the gateway's presigned URL of `location` at `base`, for `instance`
+/// when named. Pure.
+pub fn request_path(location: &str, base: &str, instance: Option<&str>) -> String {
     let enc = |s| percent_encoding::utf8_percent_encode(s, QUERY_VALUE);
-    format!(
+    let mut path = format!(
         "{IMAGE_URL_PATH}?location={}&base={}",
         enc(location),
         enc(base)
-    )
+    );
+    if let Some(instance) = instance {
+        path.push_str(&format!("&instance={}", enc(instance)));
+    }
+    path
 }
 
 /// The origin (`scheme://host[:port]`, the default port left out as an HTTP client leaves it out
@@ -139,10 +155,10 @@ impl GatewayPresigner {
         self
     }
 
-    async fn ask(&self, location: &str) -> Result<String, PresignError> {
+    async fn ask(&self, location: &str, instance: Option<&str>) -> Result<String, PresignError> {
         let base =
             gateway_base(&self.server).ok_or_else(|| PresignError::NoBase(self.server.clone()))?;
-        let request = http::Request::get(request_path(location, &base))
+        let request = http::Request::get(request_path(location, &base, instance))
             .body(Vec::new())
             .map_err(|e| PresignError::Request {
                 source: Arc::new(kube::Error::HttpError(e)),
@@ -170,9 +186,13 @@ impl GatewayPresigner {
 }
 
 impl Presign for GatewayPresigner {
-    fn presign<'a>(&'a self, location: &'a str) -> BoxFuture<'a, Result<String, PresignError>> {
-        let span = info_span!("presign", %location);
-        self.ask(location).instrument(span).boxed()
+    fn presign<'a>(
+        &'a self,
+        location: &'a str,
+        instance: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<String, PresignError>> {
+        let span = info_span!("presign", %location, instance = instance.unwrap_or("any"));
+        self.ask(location, instance).instrument(span).boxed()
     }
 }
 
@@ -200,8 +220,17 @@ mod tests {
             ),
         ];
         for (location, base, want) in cases {
-            assert_eq!(request_path(location, base), want, "{location} at {base}");
+            assert_eq!(
+                request_path(location, base, None),
+                want,
+                "{location} at {base}"
+            );
         }
+        // An instance named is asked about alone.
+        assert_eq!(
+            request_path("images/x.img", "https://gw", Some("acme/web-1")),
+            "/karri/v1/image-url?location=images%2Fx.img&base=https%3A%2F%2Fgw&instance=acme%2Fweb-1"
+        );
     }
 
     #[test]

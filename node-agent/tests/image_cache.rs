@@ -419,11 +419,18 @@ impl FakePresigner {
 }
 
 impl Presign for FakePresigner {
-    fn presign<'a>(&'a self, location: &'a str) -> BoxFuture<'a, Result<String, PresignError>> {
+    fn presign<'a>(
+        &'a self,
+        location: &'a str,
+        instance: Option<&'a str>,
+    ) -> BoxFuture<'a, Result<String, PresignError>> {
         self.asked
             .lock()
             .expect("not poisoned")
-            .push(location.to_owned());
+            .push(match instance {
+                Some(i) => format!("{location} for {i}"),
+                None => location.to_owned(),
+            });
         let answer = (self.answer)(location);
         async move { answer }.boxed()
     }
@@ -461,6 +468,92 @@ async fn three_concurrent_gets_of_an_s3_object_ask_for_one_url_and_fetch_once() 
     assert!(names(&dir.path().join("tmp")).is_empty());
     cache.get(&source).await.expect("a later get is a hit");
     assert_eq!(presigner.asked().len(), 1, "a hit asks for no URL");
+}
+
+#[tokio::test]
+async fn an_s3_image_cached_from_one_object_is_no_hit_for_another_object_claiming_its_checksum() {
+    let theirs = b"another account's private disk".to_vec();
+    let mine = b"the caller's own disk".to_vec();
+    let their_server = ImageServer::start(theirs.clone(), true).await;
+    let my_server = ImageServer::start(mine.clone(), true).await;
+    let (their_url, my_url) = (
+        their_server.url(&format!("/image?{SIGNATURE}")),
+        my_server.url(&format!("/image?{SIGNATURE}")),
+    );
+    let presigner = FakePresigner::new(move |location| {
+        Ok(if location == "theirs/disk.img" {
+            their_url.clone()
+        } else {
+            my_url.clone()
+        })
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = ImageCache::open(dir.path().to_path_buf(), 1 << 20)
+        .expect("open")
+        .with_presigner(presigner.clone());
+    cache
+        .get(&raw("theirs/disk.img".to_owned(), Some(sha_of(&theirs))))
+        .await
+        .expect("their image is fetched");
+
+    // An image record naming the caller's own object with their checksum: the object is
+    // fetched, and its bytes do not match, rather than their cached disk being handed out.
+    let claim = raw("mine/disk.img".to_owned(), Some(sha_of(&theirs)));
+    let err = cache.get(&claim).await.expect_err("not their disk");
+    assert!(
+        matches!(&err, CacheError::ChecksumMismatch { actual, .. } if *actual == sha_of(&mine)),
+        "{err:?}"
+    );
+    assert_eq!(my_server.requests.load(Ordering::SeqCst), 1);
+    // The same object again is a hit, from where it was fetched.
+    cache
+        .get(&raw("theirs/disk.img".to_owned(), Some(sha_of(&theirs))))
+        .await
+        .expect("a hit");
+    assert_eq!(their_server.requests.load(Ordering::SeqCst), 1);
+    // An instance that launched from that checksum uses the copy, wherever it came from.
+    cache.get_pinned(&claim).await.expect("a pinned hit");
+    assert_eq!(my_server.requests.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn each_instance_is_asked_about_by_name_before_it_uses_an_image_in_s3() {
+    let presigner = FakePresigner::new(|location| {
+        if location == "theirs/disk.img" {
+            Err(PresignError::Refused {
+                status: 403,
+                message: "the account that registered the image may not read theirs/disk.img"
+                    .into(),
+            })
+        } else {
+            Ok(format!("http://127.0.0.1:9/{location}?{SIGNATURE}"))
+        }
+    });
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = ImageCache::open(dir.path().to_path_buf(), 1 << 20)
+        .expect("open")
+        .with_presigner(presigner.clone());
+    let url = cache
+        .authorize("mine/disk.img", "acme/i-1")
+        .await
+        .expect("allowed");
+    assert!(url.is_some_and(|u| u.contains("mine/disk.img")));
+    let err = cache
+        .authorize("theirs/disk.img", "acme/i-2")
+        .await
+        .expect_err("refused");
+    assert!(err.is_permanent(), "{err:?}");
+    assert!(err.to_string().contains("theirs/disk.img"), "{err}");
+    // Paths and URLs are the administrators': nothing to ask.
+    let none = cache
+        .authorize("/var/lib/images/x.img", "acme/i-3")
+        .await
+        .expect("a path");
+    assert_eq!(none, None);
+    assert_eq!(
+        presigner.asked(),
+        ["mine/disk.img for acme/i-1", "theirs/disk.img for acme/i-2"]
+    );
 }
 
 #[tokio::test]
@@ -552,9 +645,10 @@ async fn a_refused_connection_to_a_presigned_url_does_not_show_its_signature() {
 
 #[tokio::test]
 async fn a_presigner_that_never_answers_fails_after_the_idle_timeout() {
-    let presigner: Arc<dyn Presign> = Arc::new(|_: String| -> BoxFuture<'static, _> {
-        std::future::pending::<Result<String, PresignError>>().boxed()
-    });
+    let presigner: Arc<dyn Presign> =
+        Arc::new(|_: String, _: Option<String>| -> BoxFuture<'static, _> {
+            std::future::pending::<Result<String, PresignError>>().boxed()
+        });
     let dir = tempfile::tempdir().expect("tempdir");
     let cache = ImageCache::open(dir.path().to_path_buf(), 1 << 20)
         .expect("open")

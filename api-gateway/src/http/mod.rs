@@ -137,8 +137,10 @@ async fn root(state: St, req: Request) -> Response {
     }
 }
 
-/// `GET /karri/v1/image-url?location=<bucket/key>&base=<https://host:port>`: a node agent's
-/// presigned URL of an image in S3 that an instance bound to the node boots from.
+/// `GET /karri/v1/image-url?location=<bucket/key>&base=<https://host:port>[&instance=<ns>/<name>]`:
+/// a node agent's presigned URL of an image in S3 that an instance bound to the node boots
+/// from, and whose image's owner may read it. With `instance`, that instance must be one (the
+/// agent asks so for each instance before it uses the image, cached or not); without, any.
 async fn image_url(State(s): St, req: Request) -> Response {
     let principal = s.auth.authenticate(
         req.headers()
@@ -182,29 +184,54 @@ async fn image_url(State(s): St, req: Request) -> Response {
         .registry
         .cache
         .list("instances", &crate::store::kind_prefix("instances"));
+    let named = q.get("instance").map(String::as_str);
     let wanted = |v: &Value| {
-        v.pointer("/status/nodeName").and_then(Value::as_str) == Some(node.as_str())
+        let is_named = named.is_none_or(|n| {
+            let ns = v.pointer("/metadata/namespace").and_then(Value::as_str);
+            let name = v.pointer("/metadata/name").and_then(Value::as_str);
+            n.split_once('/') == ns.zip(name)
+        });
+        is_named
+            && v.pointer("/status/nodeName").and_then(Value::as_str) == Some(node.as_str())
             && ["root", "kernel", "ramdisk"].iter().any(|a| {
                 v.pointer(&format!("/status/launch/{a}/location"))
                     .and_then(Value::as_str)
                     == Some(location.as_str())
             })
     };
-    let Some(instance) = instances.iter().find(|i| wanted(&i.value)) else {
-        return ApiError::forbidden(format!("no instance on node {node} boots from {location}"))
+    let candidates: Vec<&Value> = instances
+        .iter()
+        .map(|i| &i.value)
+        .filter(|v| wanted(v))
+        .collect();
+    if candidates.is_empty() {
+        let which = named.map_or_else(
+            || "no instance".to_string(),
+            |n| format!("instance {n} is not one that"),
+        );
+        return ApiError::forbidden(format!("{which} on node {node} boots from {location}"))
             .into_response();
-    };
+    }
     // The image's owner must be able to read the object: registering another account's
-    // private object as one's image must not make it readable.
-    match image_owner_may_read(&s, face, &instance.value, location, bucket, key).await {
-        Ok(true) => {}
-        Ok(false) => {
-            return ApiError::forbidden(format!(
-                "the account that registered the image may not read {location}"
-            ))
-            .into_response()
+    // private object as one's image must not make it readable. One instance whose owner may
+    // read it is enough for the node to fetch it; each instance is asked about by name before
+    // it uses the image.
+    let mut allowed = false;
+    for instance in candidates {
+        match image_owner_may_read(&s, face, instance, location, bucket, key).await {
+            Ok(true) => {
+                allowed = true;
+                break;
+            }
+            Ok(false) => {}
+            Err(e) => return e.into_response(),
         }
-        Err(e) => return e.into_response(),
+    }
+    if !allowed {
+        return ApiError::forbidden(format!(
+            "the account that registered the image may not read {location}"
+        ))
+        .into_response();
     }
     let access_key = crate::s3::presign::node_access_key(&node);
     let Some(secret) = s
