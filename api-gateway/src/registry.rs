@@ -321,6 +321,66 @@ impl Registry {
         .await
     }
 
+    /// Records in an Image in S3 the UID of its bucket ([`crds::image::BUCKET_UID_ANNOTATION`]),
+    /// as the cache has it once it has every write before (a bucket made just before counts):
+    /// set when the image is made or its location changes (none when the bucket does not
+    /// exist), kept as it was by any other write, never as a writer puts it.
+    async fn bind_image_bucket(
+        &self,
+        kind: &Kind,
+        current: Option<&Value>,
+        next: &mut Value,
+    ) -> ApiResult<()> {
+        if kind.info.kind != "Image" {
+            return Ok(());
+        }
+        let location = |v: &Value| {
+            v.pointer("/spec/imageLocation")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        };
+        let annotation = |v: &Value| {
+            v.pointer("/metadata/annotations")
+                .and_then(|a| a.get(crds::image::BUCKET_UID_ANNOTATION))
+                .cloned()
+        };
+        let wanted = location(next);
+        let kept = current.filter(|cur| location(cur) == wanted);
+        let bucket = wanted.as_deref().and_then(crds::image::s3_location);
+        if kept.is_none() && bucket.is_some() {
+            self.catch_up().await?;
+        }
+        let uid = match kept {
+            Some(cur) => annotation(cur),
+            None => wanted
+                .as_deref()
+                .and_then(crds::image::s3_location)
+                .and_then(|(bucket, _)| {
+                    self.cache
+                        .get("buckets", &record_key("buckets", None, bucket))
+                })
+                .and_then(|b| b.uid().map(|u| Value::String(u.to_string()))),
+        };
+        let Some(meta) = next.get_mut("metadata").and_then(Value::as_object_mut) else {
+            return Ok(());
+        };
+        let annotations = meta.entry("annotations").or_insert_with(|| json!({}));
+        if let Some(map) = annotations.as_object_mut() {
+            match uid {
+                Some(uid) => {
+                    map.insert(crds::image::BUCKET_UID_ANNOTATION.into(), uid);
+                }
+                None => {
+                    map.remove(crds::image::BUCKET_UID_ANNOTATION);
+                }
+            }
+            if map.is_empty() {
+                meta.remove("annotations");
+            }
+        }
+        Ok(())
+    }
+
     /// Waits until the watch cache has seen every write committed before this call, so that
     /// reads from the cache that follow see them (read-your-writes across requests, as a
     /// consistent read of etcd would). The cache moves only on Karri's own events: when the
@@ -486,6 +546,7 @@ impl Registry {
                 };
                 let (mut obj, warnings) =
                     admission::prepare_create(kind, ns, body.clone(), &new, opts.field_validation)?;
+                self.bind_image_bucket(kind, None, &mut obj).await?;
                 if let Some(manager) = &opts.manager {
                     crate::ssa::record_update(None, &mut obj, manager, Scope::Main, &new.now);
                 }
@@ -745,6 +806,8 @@ impl Registry {
             let desired = change(&current)?;
             let (mut next, warnings) =
                 admission::prepare_update(kind, &current, desired, sub, opts.field_validation)?;
+            self.bind_image_bucket(kind, Some(&current), &mut next)
+                .await?;
             if let Some(manager) = &opts.manager {
                 let scope = match sub {
                     Subresource::Main => Scope::Main,

@@ -122,6 +122,10 @@ pub fn s3_location(location: &str) -> Option<(&str, &str)> {
     (crate::bucket::is_valid_bucket_name(bucket) && !key.is_empty()).then_some((bucket, key))
 }
 
+/// The annotation in which the gateway records the UID of the bucket an image in S3 was
+/// registered in: a bucket deleted and made again (by anyone) since is not the image's.
+pub const BUCKET_UID_ANNOTATION: &str = "karri.dev/bucket-uid";
+
 /// What an image holds, as EC2's `imageType` names it.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
 #[serde(rename_all = "lowercase")]

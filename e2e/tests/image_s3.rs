@@ -734,3 +734,76 @@ async fn a_private_image_its_owner_booted_on_a_node_does_not_boot_there_for_anot
     assert_eq!(entries(&data.join("images/sha256"))?, vec![sha]);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_whose_bucket_another_account_made_again_does_not_boot_that_accounts_object(
+) -> anyhow::Result<()> {
+    let cloud = Cloud::start(Options::default()).await?;
+    let (_, victim) = cloud
+        .gateway
+        .account_with_key(&cloud.tokens.admin, "victim")
+        .await?;
+    let (_, thief) = cloud
+        .gateway
+        .account_with_key(&cloud.tokens.admin, "thief")
+        .await?;
+    let bucket = "reclaimed";
+    let (location, _) = private_object(&cloud, &victim, bucket).await?;
+    let id = "emi-000000000000000b1";
+    register(&cloud, "victim", id, "mine", &location, None).await?;
+    let registered = image_record(&cloud, id).await?;
+    ensure!(
+        registered
+            .annotations()
+            .contains_key(crds::image::BUCKET_UID_ANNOTATION),
+        "the image records its bucket: {:?}",
+        registered.annotations()
+    );
+    // The victim empties and deletes the bucket; the thief takes the name and puts its own
+    // disk, readable by anyone, where the image points.
+    for args in [
+        &[
+            "s3api",
+            "delete-object",
+            "--bucket",
+            bucket,
+            "--key",
+            "disk.raw",
+        ][..],
+        &["s3api", "delete-bucket", "--bucket", bucket],
+    ] {
+        cloud.gateway.aws(&victim, args).await?;
+    }
+    private_object(&cloud, &thief, bucket).await?;
+    cloud
+        .gateway
+        .aws(
+            &thief,
+            &[
+                "s3api",
+                "put-object-acl",
+                "--bucket",
+                bucket,
+                "--key",
+                "disk.raw",
+                "--acl",
+                "public-read",
+            ],
+        )
+        .await?;
+    create_instance(&cloud, "victim", "mine", id).await?;
+    let failed = cloud.wait_launch_failed("victim", "mine", STEP).await?;
+    let message = failed
+        .status
+        .clone()
+        .unwrap_or_default()
+        .message
+        .unwrap_or_default();
+    ensure!(
+        message.contains("made again"),
+        "the failed launch should say the bucket was made again: {message}"
+    );
+    let data = cloud.agent_data_dir(&node_name(1));
+    assert_eq!(entries(&data.join("images/sha256"))?, Vec::<String>::new());
+    Ok(())
+}

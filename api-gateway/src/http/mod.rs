@@ -293,6 +293,25 @@ async fn image_owner_may_read(
             "no image registered at {location} boots this instance"
         )));
     };
+    // A bucket deleted and made again since the image was registered (by whoever took the
+    // name) is not the one the image's owner registered it from.
+    let registered_in = image
+        .value
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(crds::image::BUCKET_UID_ANNOTATION))
+        .and_then(Value::as_str);
+    if let Some(registered_in) = registered_in {
+        let now = s.registry.cache.get(
+            "buckets",
+            &crate::store::record_key("buckets", None, bucket),
+        );
+        // (A bucket that is gone is NoSuchBucket, below.)
+        if now.is_some_and(|b| b.uid() != Some(registered_in)) {
+            return Err(ApiError::forbidden(format!(
+                "the bucket {bucket} was deleted, and made again, since the image was registered from {location}: register the image again"
+            )));
+        }
+    }
     let namespace = image
         .value
         .pointer("/metadata/namespace")
