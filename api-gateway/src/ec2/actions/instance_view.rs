@@ -96,7 +96,24 @@ struct Status<'v> {
     launch_time: Option<&'v str>,
     #[serde(borrow)]
     availability_zone: Option<&'v str>,
+    #[serde(borrow)]
+    conditions: Vec<ConditionView<'v>>,
 }
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct ConditionView<'v> {
+    #[serde(borrow, rename = "type")]
+    kind: &'v str,
+    #[serde(borrow)]
+    status: &'v str,
+    #[serde(borrow)]
+    message: Option<&'v str>,
+}
+
+/// The state reason of an instance that is pending because no node has room for it (EC2's
+/// code for a launch it had no capacity for).
+pub const NO_CAPACITY_REASON: &str = "Server.InsufficientInstanceCapacity";
 
 /// `Some` non-empty string, as `actions::opt` reads one.
 fn present(s: Option<&str>) -> Option<&str> {
@@ -217,6 +234,10 @@ impl<'v> InstanceView<'v> {
 
     /// The private address, once allocated.
     pub fn private_ip(&self) -> Option<&'v str> {
+        // A terminated instance has given its address back (another may have it now).
+        if self.shown_state() == crds::InstanceState::Terminated {
+            return None;
+        }
         present(self.status.private_ip_address)
     }
 
@@ -227,12 +248,29 @@ impl<'v> InstanceView<'v> {
 
     /// The status message, or "".
     pub fn message(&self) -> &'v str {
-        self.status.message.unwrap_or("")
+        match (present(self.status.reason), self.unplaced()) {
+            (None, Some(why)) => why,
+            _ => self.status.message.unwrap_or(""),
+        }
     }
 
-    /// The state reason code, when there is one.
+    /// The state reason code, when there is one: the operator's, or [`NO_CAPACITY_REASON`]
+    /// for a pending instance that placement could not place (its `Scheduled` condition says
+    /// why, shown as the message).
     pub fn reason(&self) -> Option<&'v str> {
-        present(self.status.reason)
+        present(self.status.reason).or(self.unplaced().map(|_| NO_CAPACITY_REASON))
+    }
+
+    /// Why placement could not place a pending instance, if it could not.
+    fn unplaced(&self) -> Option<&'v str> {
+        if self.shown_state() != crds::InstanceState::Pending {
+            return None;
+        }
+        self.status
+            .conditions
+            .iter()
+            .find(|c| c.kind == crds::CONDITION_SCHEDULED && c.status == "False")
+            .map(|c| c.message.unwrap_or("no node has room for it"))
     }
 
     /// When the instance was launched: its reported launch time, else the record's creation.
@@ -278,6 +316,31 @@ mod tests {
                 "availabilityZone": "zone-b",
             }
         })
+    }
+
+    #[test]
+    fn a_pending_instance_no_node_has_room_for_says_so_and_a_terminated_one_has_no_address() {
+        let mut v = record();
+        v["spec"]["desiredState"] = json!("running");
+        v["status"] = json!({"state": "pending", "privateIpAddress": "10.0.0.5",
+            "conditions": [{"type": "Scheduled", "status": "False", "reason": "Unplaceable",
+                "message": "no node in zone karri-1b"}]});
+        let view = InstanceView::of(&v);
+        assert_eq!(view.reason(), Some(NO_CAPACITY_REASON));
+        assert_eq!(view.message(), "no node in zone karri-1b");
+        // Once placed, or with a reason of the operator's own, that is what shows.
+        v["status"]["conditions"][0]["status"] = json!("True");
+        assert_eq!(InstanceView::of(&v).reason(), None);
+        v["status"]["conditions"][0]["status"] = json!("False");
+        v["status"]["reason"] = json!("Client.UserInitiatedShutdown");
+        v["status"]["message"] = json!("stopped by the user");
+        let view = InstanceView::of(&v);
+        assert_eq!(view.reason(), Some("Client.UserInitiatedShutdown"));
+        assert_eq!(view.message(), "stopped by the user");
+        assert_eq!(view.private_ip(), Some("10.0.0.5"));
+        v["spec"]["desiredState"] = json!("terminated");
+        v["status"]["state"] = json!("terminated");
+        assert_eq!(InstanceView::of(&v).private_ip(), None);
     }
 
     #[test]
