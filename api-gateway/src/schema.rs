@@ -31,6 +31,72 @@ const METADATA_FIELDS: &[&str] = &[
     "managedFields",
 ];
 
+/// Why `key` is no label or annotation key (a qualified name: an optional DNS subdomain
+/// prefix and `/`, then a name of at most 63 characters, alphanumeric at both ends, with `-`,
+/// `_` and `.` inside), worded as kube-apiserver words it; `None` if it is one. Pure.
+pub fn qualified_name_problem(key: &str) -> Option<String> {
+    let (prefix, name) = match key.split_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    if let Some(prefix) = prefix {
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if prefix.is_empty() || prefix.len() > 253 || !prefix.split('.').all(label_ok) {
+            return Some(format!(
+                "Invalid value: {key:?}: prefix part a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character"
+            ));
+        }
+    }
+    if name.is_empty() {
+        return Some(format!(
+            "Invalid value: {key:?}: name part must be non-empty"
+        ));
+    }
+    if name.len() > 63 {
+        return Some(format!(
+            "Invalid value: {key:?}: name part must be no more than 63 characters"
+        ));
+    }
+    if !is_label_name(name) {
+        return Some(format!(
+            "Invalid value: {key:?}: name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"
+        ));
+    }
+    None
+}
+
+/// Why `value` is no label value (at most 63 characters, empty or alphanumeric at both ends with
+/// `-`, `_` and `.` inside), worded as kube-apiserver words it; `None` if it is one. Pure.
+pub fn label_value_problem(value: &str) -> Option<String> {
+    if value.len() > 63 {
+        return Some(format!(
+            "Invalid value: {value:?}: must be no more than 63 characters"
+        ));
+    }
+    if !value.is_empty() && !is_label_name(value) {
+        return Some(format!(
+            "Invalid value: {value:?}: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"
+        ));
+    }
+    None
+}
+
+/// `[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?`.
+fn is_label_name(s: &str) -> bool {
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    edge(s.chars().next())
+        && edge(s.chars().next_back())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
 /// What is wrong with the shape of `metadata`'s fields other than labels and annotations:
 /// each has the type Kubernetes' ObjectMeta gives it, so that every client (and Karri's own
 /// controllers, which read records typed) can read the record back. Pure.
@@ -158,6 +224,18 @@ pub fn check_record(value: &mut Value, root: &Value) -> Findings {
                         format!("metadata.{field}"),
                         "must be a map of string keys to string values".into(),
                     ));
+                    continue;
+                }
+                for (key, value) in map.as_object().into_iter().flatten() {
+                    let value = value.as_str().unwrap_or_default();
+                    let problem = qualified_name_problem(key).or_else(|| {
+                        (field == "labels")
+                            .then(|| label_value_problem(value))
+                            .flatten()
+                    });
+                    if let Some(why) = problem {
+                        f.invalid.push((format!("metadata.{field}"), why));
+                    }
                 }
             }
         }
@@ -365,6 +443,39 @@ pub fn namespace_problem(ns: &str) -> Option<String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn label_and_annotation_keys_and_label_values_are_checked_as_kubernetes_checks_them() {
+        for ok in [
+            "app",
+            "karri.dev/id",
+            "a.b-c_d",
+            "example.com/My.Name-1",
+            "x",
+        ] {
+            assert_eq!(qualified_name_problem(ok), None, "{ok}");
+        }
+        let long = "n".repeat(64);
+        for (bad, why) in [
+            ("bad label!", "name part must consist"),
+            ("-lead", "name part must consist"),
+            ("", "name part must be non-empty"),
+            ("example.com/", "name part must be non-empty"),
+            (long.as_str(), "no more than 63"),
+            ("Example.com/app", "prefix part"),
+            ("/app", "prefix part"),
+            ("a/b/c", "name part must consist"),
+        ] {
+            let got = qualified_name_problem(bad).unwrap_or_default();
+            assert!(got.contains(why), "{bad:?}: {got}");
+        }
+        for ok in ["", "prod", "v1.2_3-x"] {
+            assert_eq!(label_value_problem(ok), None, "{ok:?}");
+        }
+        for bad in ["bad value", "trailing-", &"v".repeat(64)] {
+            assert!(label_value_problem(bad).is_some(), "{bad:?}");
+        }
+    }
 
     fn root() -> Value {
         json!({"type": "object", "required": ["spec"], "properties": {

@@ -348,6 +348,39 @@ async fn a_json_patch_that_sets_a_stale_resource_version_is_a_conflict() -> anyh
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_label_key_or_value_kubernetes_refuses_is_invalid_and_stores_nothing(
+) -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let api = c.admin_api()?;
+    for (labels, named) in [
+        (json!({"bad label!": "x"}), "bad label!"),
+        (json!({"app": "bad value"}), "bad value"),
+        (json!({"app": "v".repeat(64)}), "63 characters"),
+    ] {
+        let mut body = instance_json("labelled");
+        body["metadata"]["labels"] = labels;
+        let status = expect_status(post_json(&api, &body, "").await?, 422, "Invalid").await?;
+        ensure!(
+            message(&status).contains(named),
+            "the message does not name the problem ({named}): {status}"
+        );
+    }
+    ensure_nothing_stored(&api).await?;
+    // Nor can a merge patch put one on a record.
+    create(&api, "a").await?;
+    let resp = api
+        .request(Method::PATCH, &instance("a"))
+        .header(CONTENT_TYPE, "application/merge-patch+json")
+        .body(serde_json::to_vec(
+            &json!({"metadata": {"annotations": {"bad key!": "x"}}}),
+        )?)
+        .send()
+        .await?;
+    expect_status(resp, 422, "Invalid").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_update_that_names_no_resource_version_is_invalid_and_changes_nothing(
 ) -> anyhow::Result<()> {
     let c = Cluster::start().await?;
