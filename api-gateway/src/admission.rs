@@ -540,6 +540,15 @@ pub fn prepare_update(
             }
         }
     }
+    if kind.info.kind == "Instance" && sub == Subresource::Main {
+        if let Some((field, why)) = instance_change_problem(old, &out) {
+            return Err(ApiError::invalid(
+                kind.info.kind,
+                &old_name,
+                vec![(field, why)],
+            ));
+        }
+    }
     if being_deleted {
         let added = finalizers(&out)
             .into_iter()
@@ -616,6 +625,43 @@ pub fn mark_deleted(old: &Value, now: &str) -> Value {
     out
 }
 
+/// Why the change of an Instance's spec from `old` to `new` is not allowed, as `(field,
+/// message)`, if it is not: once the instance is bound to a node, what it was launched from
+/// (image, kernel, ramdisk, key pair, zone) stays, and its type and user data change only
+/// while it is stopped, as EC2 allows them (ModifyInstanceAttribute). An instance not bound
+/// yet may be edited freely. Pure.
+pub fn instance_change_problem(old: &Value, new: &Value) -> Option<(String, String)> {
+    let status = |p: &str| old.pointer(&format!("/status/{p}")).and_then(Value::as_str);
+    if status("nodeName").is_none_or(str::is_empty) {
+        return None;
+    }
+    let stopped = status("state") == Some("stopped");
+    let spec = |v: &Value, f: &str| v.pointer(&format!("/spec/{f}")).cloned();
+    for field in [
+        "imageId",
+        "kernelId",
+        "ramdiskId",
+        "keyName",
+        "availabilityZone",
+    ] {
+        if spec(old, field) != spec(new, field) {
+            return Some((
+                format!("spec.{field}"),
+                "Invalid value: field is immutable once the instance is placed on a node".into(),
+            ));
+        }
+    }
+    for field in ["instanceType", "userData"] {
+        if !stopped && spec(old, field) != spec(new, field) {
+            return Some((
+                format!("spec.{field}"),
+                "Invalid value: can be changed only while the instance is stopped".into(),
+            ));
+        }
+    }
+    None
+}
+
 /// How deeply a stored record may nest objects and arrays: well inside what the JSON reader
 /// reads back (128), which a JSON patch could otherwise exceed by nesting a value inside one.
 pub const MAX_NESTING: usize = 100;
@@ -669,6 +715,58 @@ mod tests {
         // What is deep enough to refuse is still well inside what serde_json reads back.
         let text = serde_json::to_string(&nested(MAX_NESTING)).expect("serialised");
         assert!(serde_json::from_str::<Value>(&text).is_ok());
+    }
+
+    #[test]
+    fn a_placed_instance_keeps_what_it_was_launched_from_and_resizes_only_when_stopped() {
+        let instance = |node: Option<&str>, state: &str, image: &str, itype: &str| {
+            let mut v = json!({"spec": {"imageId": image, "instanceType": itype},
+                "status": {"state": state}});
+            if let Some(n) = node {
+                v["status"]["nodeName"] = json!(n);
+            }
+            v
+        };
+        let rows = [
+            // (old, new, the field refused)
+            (
+                instance(None, "pending", "emi-1", "t1.micro"),
+                instance(None, "pending", "emi-2", "m1.small"),
+                None,
+            ),
+            (
+                instance(Some("n"), "running", "emi-1", "t1.micro"),
+                instance(Some("n"), "running", "emi-2", "t1.micro"),
+                Some("spec.imageId"),
+            ),
+            (
+                instance(Some("n"), "stopped", "emi-1", "t1.micro"),
+                instance(Some("n"), "stopped", "emi-2", "t1.micro"),
+                Some("spec.imageId"),
+            ),
+            (
+                instance(Some("n"), "running", "emi-1", "t1.micro"),
+                instance(Some("n"), "running", "emi-1", "m1.small"),
+                Some("spec.instanceType"),
+            ),
+            (
+                instance(Some("n"), "stopped", "emi-1", "t1.micro"),
+                instance(Some("n"), "stopped", "emi-1", "m1.small"),
+                None,
+            ),
+            (
+                instance(Some("n"), "running", "emi-1", "t1.micro"),
+                instance(Some("n"), "running", "emi-1", "t1.micro"),
+                None,
+            ),
+        ];
+        for (i, (old, new, refused)) in rows.iter().enumerate() {
+            assert_eq!(
+                instance_change_problem(old, new).map(|(f, _)| f).as_deref(),
+                *refused,
+                "row {i}"
+            );
+        }
     }
 
     #[test]

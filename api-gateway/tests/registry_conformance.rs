@@ -1833,3 +1833,43 @@ async fn a_type_shrink_sees_an_instance_another_gateway_placed_while_it_was_prep
     assert_eq!(shrunk.object["spec"]["vcpus"], 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_placed_instance_keeps_its_image_and_changes_type_only_when_stopped() -> anyhow::Result<()>
+{
+    let h = harness().await?;
+    h.create("placed").await?;
+    // Unplaced, anything may change.
+    h.set_spec("placed", "imageId", "emi-0000000000000000a", None)
+        .await?;
+    let place = |state: &'static str| {
+        move |cur: &Value| {
+            let mut next = cur.clone();
+            next["status"] = json!({"state": state, "nodeName": "node-1"});
+            Ok(next)
+        }
+    };
+    h.update("placed", Subresource::Status, &mut place("running"))
+        .await?;
+    for (field, value) in [
+        ("imageId", "emi-0000000000000000b"),
+        ("instanceType", "m1.medium"),
+    ] {
+        let refused = h.set_spec("placed", field, value, None).await;
+        assert!(
+            matches!(&refused, Err(e) if e.code == 422 && e.message.contains(&format!("spec.{field}"))),
+            "{field}: {refused:?}"
+        );
+    }
+    h.update("placed", Subresource::Status, &mut place("stopped"))
+        .await?;
+    let resized = h
+        .set_spec("placed", "instanceType", "m1.medium", None)
+        .await?;
+    assert_eq!(resized["spec"]["instanceType"], "m1.medium");
+    let refused = h
+        .set_spec("placed", "imageId", "emi-0000000000000000b", None)
+        .await;
+    assert!(matches!(&refused, Err(e) if e.code == 422), "{refused:?}");
+    Ok(())
+}
