@@ -105,7 +105,18 @@ impl LabelSelector {
             } else {
                 (p.to_string(), Op::Exists)
             };
-            if !valid_key(&key) {
+            // Values are label values, as Kubernetes checks them (`env===prod` asks for the
+            // value `=prod`, which no label can have: a malformed selector, not an empty list).
+            let values: &[String] = match &op {
+                Op::Eq(v) | Op::NotEq(v) => std::slice::from_ref(v),
+                Op::In(vs) | Op::NotIn(vs) => vs,
+                Op::Exists | Op::DoesNotExist => &[],
+            };
+            if !valid_key(&key)
+                || values
+                    .iter()
+                    .any(|v| crate::schema::label_value_problem(v).is_some())
+            {
                 return Err(bad());
             }
             reqs.push((key, op));
@@ -292,7 +303,17 @@ mod tests {
 
     #[test]
     fn malformed_label_selector_is_rejected() {
-        for sel in ["app in web", "a b=c", "=x", "app in ()", "app notin ( , )"] {
+        for sel in [
+            "app in web",
+            "a b=c",
+            "=x",
+            "app in ()",
+            "app notin ( , )",
+            "env===prod",
+            "env!==prod",
+            "app in (a b)",
+            "tier=web!",
+        ] {
             assert!(LabelSelector::parse(sel).is_err(), "{sel:?} should fail");
         }
     }
