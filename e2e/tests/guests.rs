@@ -108,6 +108,34 @@ async fn until_state(
 async fn micro_image_guests_print_their_metadata_and_user_data_on_the_console() -> anyhow::Result<()>
 {
     let cloud = GuestCloud::start("guests").await?;
+    // A kernel image boots nothing by itself: RunInstances of one says so.
+    let images = cloud
+        .aws(&["describe-images", "--image-ids", &cloud.image_id])
+        .await?;
+    let kernel = images
+        .pointer("/Images/0/KernelId")
+        .and_then(Value::as_str)
+        .context("the micro image names no kernel")?
+        .to_owned();
+    let refused = cloud
+        .aws(&[
+            "run-instances",
+            "--image-id",
+            &kernel,
+            "--instance-type",
+            "t1.micro",
+        ])
+        .await;
+    let why = format!(
+        "{:#}",
+        refused
+            .err()
+            .context("RunInstances of a kernel image succeeded")?
+    );
+    ensure!(
+        why.contains("InvalidParameterValue") && why.contains("is a kernel image"),
+        "{why}"
+    );
     let dir = tempfile::tempdir()?;
     let script = dir.path().join("script.sh");
     std::fs::write(&script, SCRIPT)?;

@@ -293,11 +293,13 @@ impl Ec2Error {
         )
     }
 
-    /// `InvalidAMIName.Duplicate` (400): the account already has an image with that name.
-    pub fn image_name_duplicate(name: &str) -> Self {
+    /// `InvalidAMIName.Duplicate` (400): the account already has an image with that name
+    /// (`holder`, when known).
+    pub fn image_name_duplicate(name: &str, holder: Option<&str>) -> Self {
+        let by = holder.map_or_else(|| "another AMI".to_string(), |id| format!("AMI {id}"));
         Self::client(
             "InvalidAMIName.Duplicate",
-            format!("AMI name {name} is already in use by AMI"),
+            format!("AMI name {name} is already in use by {by}"),
         )
     }
 

@@ -110,6 +110,19 @@ pub async fn launchable_image(cx: &Cx<'_>, id: &str) -> Result<Value, Ec2Error> 
     Ok(image)
 }
 
+/// [`launchable_image`] that is a machine image: a kernel or ramdisk image boots nothing by
+/// itself (RunInstances names a machine image, which names them).
+pub async fn launchable_machine_image(cx: &Cx<'_>, id: &str) -> Result<Value, Ec2Error> {
+    let image = launchable_image(cx, id).await?;
+    let kind = image_type(&image);
+    if kind != "machine" {
+        return Err(Ec2Error::invalid_parameter_value(format!(
+            "The image '{id}' is a {kind} image; RunInstances needs a machine image (emi- or ami-), whose kernel and ramdisk it names"
+        )));
+    }
+    Ok(image)
+}
+
 /// An image the caller owns, for changes; another account's visible image is refused.
 async fn owned_image(cx: &Cx<'_>, id: &str) -> Result<Value, Ec2Error> {
     let image = find_image(cx, id)
@@ -361,8 +374,11 @@ pub async fn register_image(
         }
     }
     let own = cx.own("images").await?;
-    if own.iter().any(|o| text(&o.value, "/spec/name") == a.name) {
-        return Err(Ec2Error::image_name_duplicate(&a.name));
+    if let Some(holder) = own.iter().find(|o| text(&o.value, "/spec/name") == a.name) {
+        return Err(Ec2Error::image_name_duplicate(
+            &a.name,
+            Some(super::id_of(&holder.value)),
+        ));
     }
     let mut spec = json!({
         "name": a.name,
@@ -414,7 +430,7 @@ pub async fn register_image(
         .map_err(|e| {
             if e.code == 409 {
                 // A concurrent RegisterImage of the same name won.
-                Ec2Error::image_name_duplicate(&a.name)
+                Ec2Error::image_name_duplicate(&a.name, None)
             } else {
                 from_api(e)
             }

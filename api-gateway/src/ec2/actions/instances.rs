@@ -317,7 +317,7 @@ pub async fn run_instances(
             return Ok(found);
         }
     }
-    let image = super::images::launchable_image(cx, &a.image_id).await?;
+    let image = super::images::launchable_machine_image(cx, &a.image_id).await?;
     let image_id = id_of(&image).to_string();
     let instance_type = a.instance_type.clone();
     if !offered_type(cx, &instance_type) {
