@@ -1013,6 +1013,16 @@ mod tests {
         assert_eq!(decode(&encode(&set)), set);
     }
 
+    /// The manager names of `v`'s entries, in order.
+    fn managers(v: &Value) -> Vec<String> {
+        v["metadata"]["managedFields"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e["manager"].as_str().map(str::to_string))
+            .collect()
+    }
+
     /// The manager names of `v`'s entries that own the field at `path`.
     fn owners(v: &Value, path: &[&str]) -> Vec<String> {
         let path: Path = path.iter().map(|s| s.to_string()).collect();
@@ -1081,13 +1091,7 @@ mod tests {
         record_update(Some(&live), &mut edited, "kubectl-edit", Scope::Main, "t2");
         assert!(owners(&edited, &["spec", "keyName"]).is_empty());
         // Removing is no ownership: the editor has no entry.
-        let managers: Vec<&Value> = edited["metadata"]["managedFields"]
-            .as_array()
-            .expect("entries")
-            .iter()
-            .map(|e| &e["manager"])
-            .collect();
-        assert_eq!(managers, [&json!("argo")]);
+        assert_eq!(managers(&edited), ["argo"]);
     }
 
     #[test]
@@ -1201,13 +1205,7 @@ mod tests {
         let mut dropped = added.clone();
         dropped["metadata"]["finalizers"] = json!([]);
         record_update(Some(&added), &mut dropped, "operator", Scope::Main, "t3");
-        let managers: Vec<&Value> = dropped["metadata"]["managedFields"]
-            .as_array()
-            .expect("entries")
-            .iter()
-            .map(|e| &e["manager"])
-            .collect();
-        assert_eq!(managers, [&json!("argo")]);
+        assert_eq!(managers(&dropped), ["argo"]);
     }
 
     /// A record as client-side `kubectl apply` creates it from `config`.

@@ -1716,6 +1716,62 @@ async fn a_foreground_delete_through_a_cycle_of_owners_completes() -> anyhow::Re
     Ok(())
 }
 
+/// Sets the state of instance `acme/name` to `state` on node-1, through `registry`.
+async fn report(
+    registry: &Registry,
+    instances: &Kind,
+    name: &str,
+    state: &str,
+) -> Result<(), ApiError> {
+    let state = state.to_string();
+    let mut change = move |cur: &Value| {
+        let mut next = cur.clone();
+        next["status"] = json!({"state": state, "nodeName": "node-1"});
+        Ok(next)
+    };
+    registry
+        .update_with(
+            instances,
+            Some("acme"),
+            name,
+            &admin(),
+            Subresource::Status,
+            None,
+            WriteOptions::default(),
+            &mut change,
+        )
+        .await
+        .map(drop)
+}
+
+/// Shrinks instance type `t.fence` to one vCPU through `registry`, running `meanwhile` inside
+/// the write, after the type was read and before the check of what holds room by it.
+async fn shrink_fence(
+    registry: &Registry,
+    types: &Kind,
+    mut meanwhile: impl FnMut() -> Result<(), ApiError> + Send,
+) -> Result<Value, ApiError> {
+    let mut change = move |cur: &Value| {
+        meanwhile()?;
+        let mut next = cur.clone();
+        next["spec"]["vcpus"] = json!(1);
+        Ok(next)
+    };
+    registry
+        .update_with(
+            types,
+            None,
+            "t.fence",
+            &admin(),
+            Subresource::Main,
+            None,
+            WriteOptions::default(),
+            &mut change,
+        )
+        .await
+        .map(|w| w.object)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_type_shrink_sees_an_instance_another_gateway_placed_while_it_was_prepared(
 ) -> anyhow::Result<()> {
@@ -1747,90 +1803,28 @@ async fn a_type_shrink_sees_an_instance_another_gateway_placed_while_it_was_prep
                 WriteOptions::default(),
             )
             .await?;
-        // The other gateway places the instance while this one prepares the shrink (after it
-        // read the type, before it checks what holds room by it).
+        // The other gateway places the instance while this one prepares the shrink.
         let mut placed = false;
-        let mut shrink = |cur: &Value| {
+        let place = || {
             if !placed {
                 placed = true;
-                let mut place = |cur: &Value| {
-                    let mut next = cur.clone();
-                    next["status"] = json!({"state": "pending", "nodeName": "node-1"});
-                    Ok(next)
-                };
                 tokio::task::block_in_place(|| {
-                    runtime.block_on(other.update_with(
-                        &h.instances,
-                        Some("acme"),
-                        &name,
-                        &admin(),
-                        Subresource::Status,
-                        None,
-                        WriteOptions::default(),
-                        &mut place,
-                    ))
+                    runtime.block_on(report(&other, &h.instances, &name, "pending"))
                 })?;
             }
-            let mut next = cur.clone();
-            next["spec"]["vcpus"] = json!(1);
-            Ok(next)
+            Ok(())
         };
-        let refused = h
-            .registry
-            .update_with(
-                &types,
-                None,
-                "t.fence",
-                &admin(),
-                Subresource::Main,
-                None,
-                WriteOptions::default(),
-                &mut shrink,
-            )
-            .await;
+        let refused = shrink_fence(&h.registry, &types, place).await;
         assert!(
             matches!(&refused, Err(e) if e.code == 409 && e.message.contains(&name)),
             "round {round}: {refused:?}"
         );
         // Terminated, it holds no room: the next round starts with none.
-        let mut terminate = |cur: &Value| {
-            let mut next = cur.clone();
-            next["status"]["state"] = json!("terminated");
-            Ok(next)
-        };
-        other
-            .update_with(
-                &h.instances,
-                Some("acme"),
-                &name,
-                &admin(),
-                Subresource::Status,
-                None,
-                WriteOptions::default(),
-                &mut terminate,
-            )
-            .await?;
+        report(&other, &h.instances, &name, "terminated").await?;
     }
     // With every instance terminated, the shrink goes through (its fence holds).
-    let mut shrink = |cur: &Value| {
-        let mut next = cur.clone();
-        next["spec"]["vcpus"] = json!(1);
-        Ok(next)
-    };
-    let shrunk = h
-        .registry
-        .update_with(
-            &types,
-            None,
-            "t.fence",
-            &admin(),
-            Subresource::Main,
-            None,
-            WriteOptions::default(),
-            &mut shrink,
-        )
-        .await?;
-    assert_eq!(shrunk.object["spec"]["vcpus"], 1);
+    let shrunk = shrink_fence(&h.registry, &types, || Ok(())).await?;
+    assert_eq!(shrunk["spec"]["vcpus"], 1);
     Ok(())
 }
 
@@ -1842,15 +1836,7 @@ async fn a_placed_instance_keeps_its_image_and_changes_type_only_when_stopped() 
     // Unplaced, anything may change.
     h.set_spec("placed", "imageId", "emi-0000000000000000a", None)
         .await?;
-    let place = |state: &'static str| {
-        move |cur: &Value| {
-            let mut next = cur.clone();
-            next["status"] = json!({"state": state, "nodeName": "node-1"});
-            Ok(next)
-        }
-    };
-    h.update("placed", Subresource::Status, &mut place("running"))
-        .await?;
+    report(&h.registry, &h.instances, "placed", "running").await?;
     for (field, value) in [
         ("imageId", "emi-0000000000000000b"),
         ("instanceType", "m1.medium"),
@@ -1861,8 +1847,7 @@ async fn a_placed_instance_keeps_its_image_and_changes_type_only_when_stopped() 
             "{field}: {refused:?}"
         );
     }
-    h.update("placed", Subresource::Status, &mut place("stopped"))
-        .await?;
+    report(&h.registry, &h.instances, "placed", "stopped").await?;
     let resized = h
         .set_spec("placed", "instanceType", "m1.medium", None)
         .await?;

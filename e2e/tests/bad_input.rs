@@ -42,6 +42,21 @@ async fn post_json(api: &Api, body: &Value, query: &str) -> anyhow::Result<reqwe
         .await?)
 }
 
+/// PATCHes instance `name` with `patch` of media type `ct`.
+async fn send_patch(
+    api: &Api,
+    name: &str,
+    ct: &str,
+    patch: &Value,
+) -> anyhow::Result<reqwest::Response> {
+    Ok(api
+        .request(Method::PATCH, &instance(name))
+        .header(CONTENT_TYPE, ct)
+        .body(serde_json::to_vec(patch)?)
+        .send()
+        .await?)
+}
+
 /// Creates instance `name` and returns it as stored.
 async fn create(api: &Api, name: &str) -> anyhow::Result<Value> {
     let resp = post_json(api, &instance_json(name), "").await?;
@@ -316,12 +331,7 @@ async fn a_json_patch_that_sets_a_stale_resource_version_is_a_conflict() -> anyh
         {"op": "replace", "path": "/metadata/resourceVersion", "value": stale},
         {"op": "replace", "path": "/metadata/managedFields", "value": [{}]},
     ]);
-    let resp = api
-        .request(Method::PATCH, &instance("a"))
-        .header(CONTENT_TYPE, "application/json-patch+json")
-        .body(serde_json::to_vec(&patch)?)
-        .send()
-        .await?;
+    let resp = send_patch(&api, "a", "application/json-patch+json", &patch).await?;
     expect_status(resp, 409, "Conflict").await?;
     ensure!(
         api.get_json(&instance("a")).await? == current,
@@ -332,12 +342,7 @@ async fn a_json_patch_that_sets_a_stale_resource_version_is_a_conflict() -> anyh
         {"op": "replace", "path": "/metadata/resourceVersion", "value": current["metadata"]["resourceVersion"]},
         {"op": "replace", "path": "/metadata/managedFields", "value": [{}]},
     ]);
-    let resp = api
-        .request(Method::PATCH, &instance("a"))
-        .header(CONTENT_TYPE, "application/json-patch+json")
-        .body(serde_json::to_vec(&patch)?)
-        .send()
-        .await?;
+    let resp = send_patch(&api, "a", "application/json-patch+json", &patch).await?;
     ensure!(resp.status() == 200, "patch: {}", resp.text().await?);
     let cleared = api.get_json(&instance("a")).await?;
     ensure!(
@@ -368,14 +373,8 @@ async fn a_label_key_or_value_kubernetes_refuses_is_invalid_and_stores_nothing(
     ensure_nothing_stored(&api).await?;
     // Nor can a merge patch put one on a record.
     create(&api, "a").await?;
-    let resp = api
-        .request(Method::PATCH, &instance("a"))
-        .header(CONTENT_TYPE, "application/merge-patch+json")
-        .body(serde_json::to_vec(
-            &json!({"metadata": {"annotations": {"bad key!": "x"}}}),
-        )?)
-        .send()
-        .await?;
+    let bad_key = json!({"metadata": {"annotations": {"bad key!": "x"}}});
+    let resp = send_patch(&api, "a", "application/merge-patch+json", &bad_key).await?;
     expect_status(resp, 422, "Invalid").await?;
     Ok(())
 }

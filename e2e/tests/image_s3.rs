@@ -623,19 +623,29 @@ async fn private_object(
     Ok((format!("{bucket}/disk.raw"), sha))
 }
 
+/// Accounts `victim` and `thief`, with an access key each.
+async fn victim_and_thief(
+    cloud: &Cloud,
+) -> anyhow::Result<(karri_testkit::AwsCredentials, karri_testkit::AwsCredentials)> {
+    let mut keys = Vec::new();
+    for account in ["victim", "thief"] {
+        let (_, key) = cloud
+            .gateway
+            .account_with_key(&cloud.tokens.admin, account)
+            .await?;
+        keys.push(key);
+    }
+    let thief = keys.pop().context("the thief's key")?;
+    let victim = keys.pop().context("the victim's key")?;
+    Ok((victim, thief))
+}
+
 /// Accounts `victim` and `thief`, and the victim's private object `victim-private/disk.raw`:
 /// its location and SHA-256, and the thief's credentials.
 async fn victims_private_object(
     cloud: &Cloud,
 ) -> anyhow::Result<(String, String, karri_testkit::AwsCredentials)> {
-    let (_, victim) = cloud
-        .gateway
-        .account_with_key(&cloud.tokens.admin, "victim")
-        .await?;
-    let (_, thief) = cloud
-        .gateway
-        .account_with_key(&cloud.tokens.admin, "thief")
-        .await?;
+    let (victim, thief) = victim_and_thief(cloud).await?;
     let (location, sha) = private_object(cloud, &victim, "victim-private").await?;
     Ok((location, sha, thief))
 }
@@ -739,14 +749,7 @@ async fn a_private_image_its_owner_booted_on_a_node_does_not_boot_there_for_anot
 async fn an_image_whose_bucket_another_account_made_again_does_not_boot_that_accounts_object(
 ) -> anyhow::Result<()> {
     let cloud = Cloud::start(Options::default()).await?;
-    let (_, victim) = cloud
-        .gateway
-        .account_with_key(&cloud.tokens.admin, "victim")
-        .await?;
-    let (_, thief) = cloud
-        .gateway
-        .account_with_key(&cloud.tokens.admin, "thief")
-        .await?;
+    let (victim, thief) = victim_and_thief(&cloud).await?;
     let bucket = "reclaimed";
     let (location, _) = private_object(&cloud, &victim, bucket).await?;
     let id = "emi-000000000000000b1";
