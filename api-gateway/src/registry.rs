@@ -352,9 +352,7 @@ impl Registry {
         }
         let uid = match kept {
             Some(cur) => annotation(cur),
-            None => wanted
-                .as_deref()
-                .and_then(crds::image::s3_location)
+            None => bucket
                 .and_then(|(bucket, _)| {
                     self.cache
                         .get("buckets", &record_key("buckets", None, bucket))
