@@ -321,16 +321,25 @@ impl Registry {
         .await
     }
 
-    /// Records in an Image in S3 the UID of its bucket ([`crds::image::BUCKET_UID_ANNOTATION`]),
-    /// as the cache has it once it has every write before (a bucket made just before counts):
-    /// set when the image is made or its location changes (none when the bucket does not
-    /// exist), kept as it was by any other write, never as a writer puts it.
+    /// Binds an Image in S3 to what it was registered from: records the UID of its bucket
+    /// ([`crds::image::BUCKET_UID_ANNOTATION`]), as the cache has it once it has every write
+    /// before (a bucket made just before counts), and which stored bytes of the object it is
+    /// ([`crds::image::OBJECT_CONTENT_ANNOTATION`]). Both are set when the image is made or its
+    /// location changes, kept as they were by any other write, never as a writer puts them.
+    /// An image in S3 whose bucket or object does not exist is refused (as EC2 refuses a
+    /// manifest it cannot read): there would be nothing to boot, and an object uploaded later
+    /// would become an image nobody registered.
     async fn bind_image_bucket(
         &self,
         kind: &Kind,
+        who: &Principal,
         current: Option<&Value>,
         next: &mut Value,
     ) -> ApiResult<()> {
+        const PINS: [&str; 2] = [
+            crds::image::BUCKET_UID_ANNOTATION,
+            crds::image::OBJECT_CONTENT_ANNOTATION,
+        ];
         if kind.info.kind != "Image" {
             return Ok(());
         }
@@ -339,44 +348,130 @@ impl Registry {
                 .and_then(Value::as_str)
                 .map(str::to_string)
         };
-        let annotation = |v: &Value| {
-            v.pointer("/metadata/annotations")
-                .and_then(|a| a.get(crds::image::BUCKET_UID_ANNOTATION))
-                .cloned()
-        };
         let wanted = location(next);
         let kept = current.filter(|cur| location(cur) == wanted);
-        let bucket = wanted.as_deref().and_then(crds::image::s3_location);
-        if kept.is_none() && bucket.is_some() {
-            self.catch_up().await?;
-        }
-        let uid = match kept {
-            Some(cur) => annotation(cur),
-            None => bucket
-                .and_then(|(bucket, _)| {
-                    self.cache
-                        .get("buckets", &record_key("buckets", None, bucket))
+        let pins: Vec<(&str, Option<Value>)> = match (kept, wanted.as_deref()) {
+            (Some(cur), _) => PINS
+                .iter()
+                .map(|a| {
+                    let v = cur
+                        .pointer("/metadata/annotations")
+                        .and_then(|m| m.get(*a))
+                        .cloned();
+                    (*a, v)
                 })
-                .and_then(|b| b.uid().map(|u| Value::String(u.to_string()))),
+                .collect(),
+            (None, Some(location)) => match crds::image::s3_location(location) {
+                Some((bucket, key)) => {
+                    let (uid, content) = self.image_object(kind, who, next, bucket, key).await?;
+                    vec![(PINS[0], Some(uid.into())), (PINS[1], Some(content.into()))]
+                }
+                None => PINS.iter().map(|a| (*a, None)).collect(),
+            },
+            (None, None) => PINS.iter().map(|a| (*a, None)).collect(),
         };
         let Some(meta) = next.get_mut("metadata").and_then(Value::as_object_mut) else {
             return Ok(());
         };
         let annotations = meta.entry("annotations").or_insert_with(|| json!({}));
         if let Some(map) = annotations.as_object_mut() {
-            match uid {
-                Some(uid) => {
-                    map.insert(crds::image::BUCKET_UID_ANNOTATION.into(), uid);
-                }
-                None => {
-                    map.remove(crds::image::BUCKET_UID_ANNOTATION);
-                }
+            for (annotation, value) in pins {
+                match value {
+                    Some(v) => map.insert(annotation.into(), v),
+                    None => map.remove(annotation),
+                };
             }
             if map.is_empty() {
                 meta.remove("annotations");
             }
         }
         Ok(())
+    }
+
+    /// The UID of bucket `bucket` and the [content ID](crate::s3::index::ObjectMeta::content_id)
+    /// of its object `key`, which image `image` is being registered from by `who`; 422 when
+    /// either does not exist. An account must be able to read the object, and learns no more
+    /// than S3 would tell it: an object it may not read, and one missing from a bucket it may
+    /// not list, are refused alike.
+    async fn image_object(
+        &self,
+        kind: &Kind,
+        who: &Principal,
+        image: &Value,
+        bucket: &str,
+        key: &str,
+    ) -> ApiResult<(String, String)> {
+        use crate::s3::access::{allowed, Action, Who};
+        let refuse = |what: String| {
+            let name = image
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            ApiError::invalid(
+                kind.info.kind,
+                name,
+                vec![("spec.imageLocation".into(), what)],
+            )
+        };
+        self.catch_up().await?;
+        let Some(record) = self
+            .cache
+            .get("buckets", &record_key("buckets", None, bucket))
+        else {
+            return Err(refuse(format!(
+                "Not found: the bucket {bucket:?} does not exist, so the image has no object to boot"
+            )));
+        };
+        let uid = record.uid().unwrap_or_default().to_string();
+        let bucket_spec = record
+            .value
+            .get("spec")
+            .cloned()
+            .and_then(|v| serde_json::from_value::<crds::BucketSpec>(v).ok());
+        let resp = self
+            .etcd_get(&crate::s3::index::object_key(bucket, key), None)
+            .await?;
+        let meta = crate::s3::index::object_of(&resp)
+            .map_err(|e| ApiError::internal(format!("cannot read the object index: {e}")))?;
+        // The account an account's user registers for, which must be able to read it.
+        let reader = match who {
+            Principal::Account { namespace, .. } => Some(self.account_id_of(namespace)),
+            _ => None,
+        };
+        if let Some(reader) = reader {
+            let may = |action, object_acl| match (reader.as_deref(), bucket_spec.as_ref()) {
+                (Some(id), Some(b)) => {
+                    allowed(Who::Account(id), action, &b.owner_id, b.acl, object_acl)
+                }
+                _ => false,
+            };
+            let readable = match &meta {
+                Some(m) => may(Action::ReadObject, Some(m.acl)),
+                None => may(Action::ListBucket, None),
+            };
+            if !readable {
+                return Err(refuse(format!(
+                    "Forbidden: your account may not read {key:?} in bucket {bucket:?}, or it does not exist"
+                )));
+            }
+        }
+        match meta {
+            Some(meta) => Ok((uid, meta.content_id())),
+            None => Err(refuse(format!(
+                "Not found: no object {key:?} in bucket {bucket:?}: upload the image first"
+            ))),
+        }
+    }
+
+    /// The 12-digit ID of the account whose namespace is `namespace`, as the cache has it.
+    fn account_id_of(&self, namespace: &str) -> Option<String> {
+        let (accounts, _) = self.cache.list("accounts", &store::kind_prefix("accounts"));
+        accounts.iter().find_map(|a| {
+            (a.value.pointer("/status/namespace").and_then(Value::as_str) == Some(namespace))
+                .then(|| a.value.pointer("/status/accountId").and_then(Value::as_str))
+                .flatten()
+                .map(str::to_string)
+        })
     }
 
     /// Waits until the watch cache has seen every write committed before this call, so that
@@ -544,7 +639,7 @@ impl Registry {
                 };
                 let (mut obj, warnings) =
                     admission::prepare_create(kind, ns, body.clone(), &new, opts.field_validation)?;
-                self.bind_image_bucket(kind, None, &mut obj).await?;
+                self.bind_image_bucket(kind, who, None, &mut obj).await?;
                 if let Some(manager) = &opts.manager {
                     crate::ssa::record_update(None, &mut obj, manager, Scope::Main, &new.now);
                 }
@@ -804,7 +899,7 @@ impl Registry {
             let desired = change(&current)?;
             let (mut next, warnings) =
                 admission::prepare_update(kind, &current, desired, sub, opts.field_validation)?;
-            self.bind_image_bucket(kind, Some(&current), &mut next)
+            self.bind_image_bucket(kind, who, Some(&current), &mut next)
                 .await?;
             if let Some(manager) = &opts.manager {
                 let scope = match sub {

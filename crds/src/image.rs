@@ -126,6 +126,12 @@ pub fn s3_location(location: &str) -> Option<(&str, &str)> {
 /// registered in: a bucket deleted and made again (by anyone) since is not the image's.
 pub const BUCKET_UID_ANNOTATION: &str = "karri.dev/bucket-uid";
 
+/// The annotation in which the gateway records which stored bytes of its S3 object an image
+/// was registered from (an opaque ID the gateway derives; no client chooses it). As an AMI
+/// never changes, an object written again since is no longer the image: launches from it fail
+/// until the image is registered again.
+pub const OBJECT_CONTENT_ANNOTATION: &str = "karri.dev/object-content";
+
 /// What an image holds, as EC2's `imageType` names it.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
 #[serde(rename_all = "lowercase")]

@@ -15,6 +15,10 @@ Requests:
     a broken connection ...) gives ``"ok": false`` with ``"code": null`` and the exception in
     ``"message"``.
 
+``{"op": "call", "service": "s3", "method": "put_object", "params": {...}}``
+    The same with boto3's S3 client (path-style addressing, same endpoint and keys): to
+    upload the objects images are registered from.
+
 ``{"op": "concurrent", "method": "run_instances", "params": {...}, "calls": 50,
    "warm_up": "describe_regions"}``
     The same call ``calls`` times at once: a ``ThreadPoolExecutor`` of that many threads sharing
@@ -76,14 +80,15 @@ def _jsonable(value):
     return value
 
 
-def _client(pool=10):
+def _client(pool=10, service=SERVICE):
     config = botocore.config.Config(
         retries={"max_attempts": 1, "mode": "standard"},
         max_pool_connections=pool,
         connect_timeout=10,
         read_timeout=60,
+        s3={"addressing_style": "path"},
     )
-    return boto3.session.Session().client(SERVICE, config=config)
+    return boto3.session.Session().client(service, config=config)
 
 
 def _call(client, method, params):
@@ -182,13 +187,17 @@ def _generate_presigned_url(client, req):
 
 def main():
     client = _client()
+    s3 = None
     for line in sys.stdin:
         if not line.strip():
             continue
         try:
             req = json.loads(line)
             op = req.get("op")
-            if op == "call":
+            if op == "call" and req.get("service") == "s3":
+                s3 = s3 or _client(service="s3")
+                answer = _call(s3, req["method"], req.get("params") or {})
+            elif op == "call":
                 answer = _call(client, req["method"], req.get("params") or {})
             elif op == "concurrent":
                 answers = _concurrent(

@@ -666,16 +666,42 @@ async fn account_registers_images_only_from_s3_never_a_node_path_or_url() -> any
         );
     }
     ensure!(snapshot(&c).await? == before, "a refused image was stored");
-    // From a bucket it is taken.
-    let made = api
-        .request(Method::POST, images)
-        .header(CONTENT_TYPE, "application/json")
-        .body(serde_json::to_vec(&image(
-            "from-s3",
-            "acme-images/disk.raw",
-        ))?)
-        .send()
+    // From a bucket it is taken, once the object is there: an image of nothing is refused.
+    let (_, creds) = c.gateway.account_with_key(&c.tokens.admin, "acme").await?;
+    c.gateway
+        .aws(
+            &creds,
+            &["s3api", "create-bucket", "--bucket", "acme-images"],
+        )
         .await?;
+    let post = |name: &str| {
+        api.request(Method::POST, images)
+            .header(CONTENT_TYPE, "application/json")
+            .body(serde_json::to_vec(&image(name, "acme-images/disk.raw")).unwrap_or_default())
+            .send()
+    };
+    let early = post("too-early").await?;
+    expect_status(early, 422, "Invalid")
+        .await
+        .context("an image of an object not uploaded yet")?;
+    let disk = c.manifest("disk.raw", "a disk")?;
+    let disk = disk.to_str().context("path is not UTF-8")?;
+    c.gateway
+        .aws(
+            &creds,
+            &[
+                "s3api",
+                "put-object",
+                "--bucket",
+                "acme-images",
+                "--key",
+                "disk.raw",
+                "--body",
+                disk,
+            ],
+        )
+        .await?;
+    let made = post("from-s3").await?;
     ensure!(made.status() == 201, "{:?}", made.text().await?);
     Ok(())
 }

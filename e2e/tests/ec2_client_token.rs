@@ -137,6 +137,7 @@ async fn fifty_concurrent_run_instances_with_one_client_token_make_one_reservati
     apply_catalogue(&gateway, &tokens.admin)?;
     let (account_id, creds) = gateway.account_with_key(&tokens.admin, "tokens").await?;
     let mut aws = Driver::start(&gateway, &creds, "tokens")?;
+    aws.upload_image_object("images/token.img")?;
     let image = aws.ok(
         "register_image",
         json!({"Name": "token-image", "ImageLocation": "images/token.img"}),
@@ -217,6 +218,7 @@ async fn a_describe_right_after_a_modify_sees_it() -> anyhow::Result<()> {
     let (_, creds) = gateway.account_with_key(&tokens.admin, "reader").await?;
     let (other, _) = gateway.account_with_key(&tokens.admin, "other").await?;
     let mut aws = Driver::start(&gateway, &creds, "reader")?;
+    aws.upload_image_object("images/consistent.img")?;
     let image = aws.ok(
         "register_image",
         json!({"Name": "consistent", "ImageLocation": "images/consistent.img"}),

@@ -304,6 +304,7 @@ fn curl_http2(gateway: &Gateway, url: &str) -> anyhow::Result<(String, Reply)> {
 async fn unknown_unsupported_and_malformed_requests_are_refused_with_the_aws_code(
 ) -> anyhow::Result<()> {
     let mut s = setup().await?;
+    s.driver.upload_image_object("images/there.img")?;
     let gw = &s.gateway;
     let run = "ImageId=emi-0123456789abcdef0&InstanceType=t1.micro";
     #[rustfmt::skip]
@@ -318,6 +319,9 @@ async fn unknown_unsupported_and_malformed_requests_are_refused_with_the_aws_cod
         // An account's images are in S3: a path on a node or a URL would boot a host's file.
         ("RegisterImage of a node path", form("RegisterImage", "Name=host-file&ImageLocation=%2Fetc%2Fshadow"), "InvalidParameterValue", 400),
         ("RegisterImage of a URL", form("RegisterImage", "Name=local-url&ImageLocation=http%3A%2F%2F127.0.0.1%3A9%2Fdisk.raw"), "InvalidParameterValue", 400),
+        // Nothing to boot: as EC2 refuses a manifest it cannot read.
+        ("RegisterImage of a missing object", form("RegisterImage", "Name=no-object&ImageLocation=images/nothing.img"), "InvalidManifest", 400),
+        ("RegisterImage in a missing bucket", form("RegisterImage", "Name=no-bucket&ImageLocation=no-such-bucket/disk.img"), "InvalidManifest", 400),
         ("unknown instance ID", form("DescribeInstances", "InstanceId.1=i-0123456789abcdef0"), "InvalidInstanceID.NotFound", 400),
         ("terminate an unknown instance ID", form("TerminateInstances", "InstanceId.1=i-0123456789abcdef0"), "InvalidInstanceID.NotFound", 400),
         ("malformed instance ID", form("DescribeInstances", "InstanceId.1=i-123"), "InvalidInstanceID.Malformed", 400),
@@ -340,6 +344,7 @@ async fn unknown_unsupported_and_malformed_requests_are_refused_with_the_aws_cod
 #[tokio::test(flavor = "multi_thread")]
 async fn dry_run_answers_dry_run_operation_with_412_and_changes_nothing() -> anyhow::Result<()> {
     let mut s = setup().await?;
+    s.driver.upload_image_object("images/dry.img")?;
     let gw = &s.gateway;
     #[rustfmt::skip]
     let cases: Vec<(&str, String, &str, u16)> = vec![
@@ -444,6 +449,7 @@ async fn an_instance_that_never_reached_running_cannot_be_stopped() -> anyhow::R
     apply_catalogue(&gateway, &tokens.admin)?;
     let (_, creds) = gateway.account_with_key(&tokens.admin, "pending").await?;
     let mut aws = Driver::start(&gateway, &creds, "pending")?;
+    aws.upload_image_object("images/pending.img")?;
     let image = aws.ok(
         "register_image",
         json!({"Name": "pending-image", "ImageLocation": "images/pending.img"}),

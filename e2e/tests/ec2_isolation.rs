@@ -69,6 +69,8 @@ fn row(name: &'static str, method: &'static str, params: Value, expect: Expect) 
 /// A's resources, as created.
 struct Alpha {
     account_id: String,
+    /// A's private image object, `bucket/key`.
+    location: String,
     instances: Vec<String>,
     reservation: String,
     image: String,
@@ -171,6 +173,9 @@ fn private_matrix(a: &Alpha, b_image: &str) -> Vec<Row> {
         row("ModifyImageAttribute description", "modify_image_attribute", json!({"ImageId": img, "Description": {"Value": "bravo was here"}}), not_found_ami.clone()),
         row("DeregisterImage", "deregister_image", json!({"ImageId": img}), not_found_ami.clone()),
         row("DeregisterImage as ami-", "deregister_image", json!({"ImageId": ami}), not_found_ami.clone()),
+        // A's private object is no image of B's, and whether A has some key is not B's to learn.
+        row("RegisterImage of A's private object", "register_image", json!({"Name": "bravo-steal", "ImageLocation": a.location}), Refused("InvalidManifest", 400)),
+        row("RegisterImage of a missing key in A's bucket", "register_image", json!({"Name": "bravo-probe", "ImageLocation": format!("{}.missing", a.location)}), Refused("InvalidManifest", 400)),
         row("RegisterImage with A's image as kernel", "register_image", json!({"Name": "bravo-kernel-try", "ImageLocation": "bravo-images/b2.img", "KernelId": img}), Refused("InvalidAKIID.NotFound", 400)),
         // Tags.
         row("CreateTags on A's instance", "create_tags", json!({"Resources": [i0], "Tags": tags}), not_found_i.clone()),
@@ -451,6 +456,7 @@ async fn another_account_can_neither_see_nor_change_an_accounts_resources_except
         .to_string();
     let alpha = Alpha {
         account_id: a_id.clone(),
+        location: location.clone(),
         reservation: run["ReservationId"]
             .as_str()
             .context("no ReservationId")?
@@ -467,6 +473,25 @@ async fn another_account_can_neither_see_nor_change_an_accounts_resources_except
             .to_string(),
         public_key,
     };
+    // B's refusals for A's object and for a key A lacks read alike, but for the key.
+    let refused = |b: &mut Driver, name: &str, location: &str| -> anyhow::Result<String> {
+        let answer = b.call(
+            "register_image",
+            json!({"Name": name, "ImageLocation": location}),
+        )?;
+        answer.refusal(&format!("B registers {location}"))?;
+        Ok(answer.message.replace(location, "<location>"))
+    };
+    let missing = format!("{location}.missing");
+    let (present, absent) = (
+        refused(&mut b, "probe-present", &location)?,
+        refused(&mut b, "probe-absent", &missing)?,
+    );
+    ensure!(
+        present == absent.replace(".missing", ""),
+        "B tells A's object from a missing one: {present:?} vs {absent:?}"
+    );
+    b.upload_image_object("bravo-images/bravo.img")?;
     let b_image = b.ok(
         "register_image",
         json!({"Name": "bravo-image", "ImageLocation": "bravo-images/bravo.img"}),

@@ -513,6 +513,86 @@ async fn a_node_gets_presigned_urls_only_for_objects_its_own_instances_boot_from
     assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
     let message = format!("no image registered at {other_location} boots this instance");
     ensure!(answer.to_string().contains(&message), "{answer}");
+
+    // An image does not change. Once its object is written again (even with the same bytes),
+    // a URL issued before no longer reads it, and the image no longer launches...
+    aws(&[
+        "s3api",
+        "put-object",
+        "--bucket",
+        bucket,
+        "--key",
+        "disk.raw",
+        "--body",
+        path_str(&disk_path)?,
+    ])
+    .await?;
+    let stale = http.get(&url).send().await?;
+    assert_eq!(
+        stale.status(),
+        StatusCode::PRECONDITION_FAILED,
+        "a URL of the old bytes"
+    );
+    let rerun = |image: &str| {
+        let image = image.to_owned();
+        async move {
+            let run = aws(&[
+                "ec2",
+                "run-instances",
+                "--image-id",
+                &image,
+                "--instance-type",
+                "t1.micro",
+            ])
+            .await?;
+            run.pointer("/Instances/0/InstanceId")
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+                .with_context(|| format!("no InstanceId in {run}"))
+        }
+    };
+    let again = rerun(&image_id).await?;
+    let failed = cloud
+        .wait_until(&format!("{again} fails"), STEP, async || {
+            let list = api.list(&ListParams::default()).await?.items;
+            let status = list
+                .into_iter()
+                .find(|i| i.labels().get(ID_LABEL) == Some(&again))
+                .and_then(|i| i.status);
+            Ok(
+                match status.and_then(|s| {
+                    s.message
+                        .filter(|_| s.reason.as_deref() == Some(LAUNCH_FAILED_CODE))
+                }) {
+                    Some(message) => Break(message),
+                    None => Continue("not failed yet".to_owned()),
+                },
+            )
+        })
+        .await?;
+    let written_again = format!(
+        "the object {location} was written again since image {image_id} was registered from it"
+    );
+    ensure!(failed.contains(&written_again), "{failed}");
+    // ... until it is registered again: a new image of the new bytes.
+    let registered = aws(&[
+        "ec2",
+        "register-image",
+        "--name",
+        "s3-guard-2",
+        "--image-location",
+        &location,
+    ])
+    .await?;
+    let renewed = registered["ImageId"]
+        .as_str()
+        .context("no ImageId")?
+        .to_owned();
+    let fresh = rerun(&renewed).await?;
+    wait_running(&cloud, account, &fresh, |i| {
+        i.labels().get(ID_LABEL) == Some(&fresh)
+    })
+    .await?;
     Ok(())
 }
 
@@ -530,31 +610,77 @@ async fn an_instance_of_an_s3_object_that_does_not_exist_fails_with_a_reason_nam
         .gateway
         .aws(&creds, &["s3api", "create-bucket", "--bucket", bucket])
         .await?;
+    // An image of nothing is refused outright, by the resource API as by EC2.
+    let images: Api<Image> = Api::namespaced(cloud.client.clone(), account);
+    let image_of = |id: &str, name: &str, location: &str| -> anyhow::Result<Image> {
+        Ok(serde_json::from_value(json!({
+            "apiVersion": "karri.dev/v1alpha1",
+            "kind": "Image",
+            "metadata": {"name": id, "namespace": account},
+            "spec": {"name": format!("missing-{name}"), "imageLocation": location, "format": "raw"},
+        }))?)
+    };
+    let never = format!("{bucket}/never-uploaded.raw");
+    match images
+        .create(
+            &PostParams::default(),
+            &image_of("emi-0000000000000a404", "never", &never)?,
+        )
+        .await
+    {
+        Err(kube::Error::Api(e))
+            if e.code == 422 && e.message.contains("upload the image first") => {}
+        other => anyhow::bail!("registering {never} (never uploaded): {other:?}"),
+    }
+    // Objects that were there when their images were registered, and are gone since: the
+    // object, and its whole bucket.
+    let gone_bucket = "gone-s3missing";
     let cases = [
         (
             "no-key",
             "emi-0000000000000b404",
             format!("{bucket}/missing.raw"),
-            "403 (AccessDenied)",
+            "HTTP status 404: image images-s3missing/missing.raw: the object does not exist (NoSuchKey)",
         ),
         (
             // No URL is issued for a bucket that does not exist (one made later could be
             // another account's): the gateway refuses the node's ask with a 404.
             "no-bucket",
             "emi-0000000000000c404",
-            "no-such-bucket-anywhere/disk.raw".to_owned(),
-            "HTTP status 404: image no-such-bucket-anywhere/disk.raw: the bucket no-such-bucket-anywhere does not exist (NoSuchBucket)",
+            format!("{gone_bucket}/disk.raw"),
+            "HTTP status 404: image gone-s3missing/disk.raw: the bucket gone-s3missing does not exist (NoSuchBucket)",
         ),
     ];
-    let images: Api<Image> = Api::namespaced(cloud.client.clone(), account);
+    cloud
+        .gateway
+        .aws(&creds, &["s3api", "create-bucket", "--bucket", gone_bucket])
+        .await?;
+    let disk = tempfile::NamedTempFile::new()?;
+    std::fs::write(disk.path(), b"soon gone")?;
     for (name, id, location, _) in &cases {
-        let image: Image = serde_json::from_value(json!({
-            "apiVersion": "karri.dev/v1alpha1",
-            "kind": "Image",
-            "metadata": {"name": id, "namespace": account},
-            "spec": {"name": format!("missing-{name}"), "imageLocation": location, "format": "raw"},
-        }))?;
-        images.create(&PostParams::default(), &image).await?;
+        let (b, key) = location.split_once('/').context("bucket/key")?;
+        let put = [
+            "s3api",
+            "put-object",
+            "--bucket",
+            b,
+            "--key",
+            key,
+            "--body",
+            path_str(disk.path())?,
+        ];
+        cloud.gateway.aws(&creds, &put).await?;
+        images
+            .create(&PostParams::default(), &image_of(id, name, location)?)
+            .await?;
+        let delete = ["s3api", "delete-object", "--bucket", b, "--key", key];
+        cloud.gateway.aws(&creds, &delete).await?;
+    }
+    cloud
+        .gateway
+        .aws(&creds, &["s3api", "delete-bucket", "--bucket", gone_bucket])
+        .await?;
+    for (name, id, _, _) in &cases {
         create_instance(&cloud, account, name, id).await?;
     }
 

@@ -216,20 +216,39 @@ async fn image_url(State(s): St, req: Request) -> Response {
     // private object as one's image must not make it readable. One instance whose owner may
     // read it is enough for the node to fetch it; each instance is asked about by name before
     // it uses the image.
-    let mut allowed = false;
+    let mut allowed = None;
     for instance in candidates {
         match image_owner_may_read(&s, face, instance, location, bucket, key).await {
-            Ok(true) => {
-                allowed = true;
+            Ok(Some(image)) => {
+                allowed = Some(image);
                 break;
             }
-            Ok(false) => {}
+            Ok(None) => {}
             Err(e) => return e.into_response(),
         }
     }
-    if !allowed {
+    let Some(image) = allowed else {
         return ApiError::forbidden(format!(
             "the account that registered the image may not read {location}"
+        ))
+        .into_response();
+    };
+    // The URL is for the bytes stored now alone, and they must be the image's own: an image
+    // does not change, so an object written again since it was registered is not the image.
+    let content = match face.content_id(bucket, key).await {
+        Ok(Some(content)) => content,
+        Ok(None) => {
+            return ApiError::not_found_message(format!(
+                "image {location}: the object does not exist (NoSuchKey)"
+            ))
+            .into_response()
+        }
+        Err(e) => return s3_lookup_error(e, location, bucket).into_response(),
+    };
+    if image.content.as_ref().is_some_and(|c| *c != content) {
+        return ApiError::conflict_message(format!(
+            "the object {location} was written again since image {} was registered from it, and an image does not change: register the image again",
+            image.id
         ))
         .into_response();
     }
@@ -244,7 +263,7 @@ async fn image_url(State(s): St, req: Request) -> Response {
     let now = chrono::Utc::now();
     match crate::s3::presign::presign_get(
         base,
-        (bucket, key),
+        (bucket, key, &content),
         &s.ec2.region,
         (&access_key, &secret),
         now,
@@ -260,8 +279,17 @@ async fn image_url(State(s): St, req: Request) -> Response {
     }
 }
 
-/// Whether the account owning the image an instance boots from `location` may read that
-/// object. Images in namespaces of no account (the public images an administrator keeps in
+/// The image an instance boots from an object, as it was registered.
+struct RegisteredImage {
+    /// Its ID.
+    id: String,
+    /// The stored bytes of the object it was registered from
+    /// ([`crds::image::OBJECT_CONTENT_ANNOTATION`]; none on images registered before it).
+    content: Option<String>,
+}
+
+/// The image `instance` boots from `location`, if the account owning it may read that object.
+/// Images in namespaces of no account (the public images an administrator keeps in
 /// `karri-images`) were put there by an administrator and may.
 async fn image_owner_may_read(
     s: &AppState,
@@ -270,7 +298,7 @@ async fn image_owner_may_read(
     location: &str,
     bucket: &str,
     key: &str,
-) -> Result<bool, ApiError> {
+) -> Result<Option<RegisteredImage>, ApiError> {
     let image_id = ["root", "kernel", "ramdisk"].iter().find_map(|a| {
         let artifact = instance.pointer(&format!("/status/launch/{a}"))?;
         (artifact.pointer("/location").and_then(Value::as_str) == Some(location))
@@ -312,6 +340,20 @@ async fn image_owner_may_read(
             )));
         }
     }
+    let registered = RegisteredImage {
+        id: image
+            .value
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        content: image
+            .value
+            .pointer("/metadata/annotations")
+            .and_then(|a| a.get(crds::image::OBJECT_CONTENT_ANNOTATION))
+            .and_then(Value::as_str)
+            .map(str::to_string),
+    };
     let namespace = image
         .value
         .pointer("/metadata/namespace")
@@ -330,19 +372,24 @@ async fn image_owner_may_read(
         // No account: the administrators' images of a system namespace (karri-images) are
         // fetched as registered. Any other namespace without an account is one whose account
         // was deleted, and its images vouch for nothing.
-        return Ok(crate::admission::is_system_namespace(namespace));
+        return Ok(crate::admission::is_system_namespace(namespace).then_some(registered));
     };
-    face.account_may_read(account_id, bucket, key)
+    let may = face
+        .account_may_read(account_id, bucket, key)
         .await
-        .map_err(|e| {
-            if *e.code() == s3s::S3ErrorCode::NoSuchBucket {
-                ApiError::not_found_message(format!(
-                    "image {location}: the bucket {bucket} does not exist (NoSuchBucket)"
-                ))
-            } else {
-                ApiError::internal(format!("cannot check access to {location}: {e:?}"))
-            }
-        })
+        .map_err(|e| s3_lookup_error(e, location, bucket))?;
+    Ok(may.then_some(registered))
+}
+
+/// The answer to a node when the S3 face could not look `location` up.
+fn s3_lookup_error(e: s3s::S3Error, location: &str, bucket: &str) -> ApiError {
+    if *e.code() == s3s::S3ErrorCode::NoSuchBucket {
+        ApiError::not_found_message(format!(
+            "image {location}: the bucket {bucket} does not exist (NoSuchBucket)"
+        ))
+    } else {
+        ApiError::internal(format!("cannot check access to {location}: {e:?}"))
+    }
 }
 
 async fn readyz(State(s): St) -> Response {

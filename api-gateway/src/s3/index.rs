@@ -184,6 +184,22 @@ impl ObjectMeta {
     pub fn blobs(&self) -> impl Iterator<Item = &str> {
         self.segments.iter().map(|s| s.blob.as_str())
     }
+
+    /// An identity of the object's bytes as stored: a SHA-256 (hex) of its blobs' IDs and
+    /// sizes. Every write of bytes makes new blobs under random IDs, so an object written
+    /// again (even with the same bytes) gets another; a change of tags or ACL keeps it. No
+    /// client can choose it. Pure.
+    pub fn content_id(&self) -> String {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        for s in &self.segments {
+            h.update(s.blob.as_bytes());
+            h.update(b":");
+            h.update(s.size.to_string().as_bytes());
+            h.update(b";");
+        }
+        hex::encode(h.finalize())
+    }
 }
 
 /// A multipart upload in progress.
@@ -335,6 +351,14 @@ fn parse<T: serde::de::DeserializeOwned>(key: &[u8], value: &[u8]) -> Result<T, 
         key: String::from_utf8_lossy(key).into_owned(),
         reason: e.to_string(),
     })
+}
+
+/// The object entry in a read of one object's key ([`object_key`]), if there is one.
+pub fn object_of(resp: &etcd_client::GetResponse) -> Result<Option<ObjectMeta>, IndexError> {
+    resp.kvs()
+        .first()
+        .map(|kv| parse(kv.key(), kv.value()))
+        .transpose()
 }
 
 /// The value a transaction's put replaced (its `prev_kv`), if any.

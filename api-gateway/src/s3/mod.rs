@@ -548,6 +548,12 @@ impl S3Face {
         self.ops.account_may_read(account_id, bucket, key).await
     }
 
+    /// The content ID of object `bucket/key` (see [`index::ObjectMeta::content_id`]), if it
+    /// exists.
+    pub async fn content_id(&self, bucket: &str, key: &str) -> S3Result<Option<String>> {
+        self.ops.content_id(bucket, key).await
+    }
+
     /// Whether `req` is an S3 request rather than an EC2 or resource-API one.
     pub fn claims(&self, req: &Request) -> bool {
         classify(req.method(), req.uri(), req.headers(), &self.domains) == Face::S3

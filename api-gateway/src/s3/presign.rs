@@ -16,6 +16,11 @@ pub const NODE_KEY_PREFIX: &str = "KARRINODE";
 /// 12 digits).
 pub const NODE_READER: &str = "karri-node";
 
+/// The signed query parameter of a node's presigned URL that names the stored bytes it was
+/// issued for (an [`ObjectMeta::content_id`](super::index::ObjectMeta::content_id)): an
+/// object written again since does not answer it.
+pub const CONTENT_PARAM: &str = "x-karri-object-content";
+
 /// The access key of node `node`.
 pub fn node_access_key(node: &str) -> String {
     format!("{NODE_KEY_PREFIX}{}", hex::encode_upper(node.as_bytes()))
@@ -54,10 +59,11 @@ fn object_path(bucket: &str, key: &str) -> String {
 }
 
 /// A presigned GET URL of `bucket/key` at `base` (`https://host:port`, as the node reaches the
-/// gateway), valid `expires_secs` from `now`. Pure.
+/// gateway) while it holds the bytes `content` (see [`CONTENT_PARAM`]), valid `expires_secs`
+/// from `now`. Pure.
 pub fn presign_get(
     base: &str,
-    (bucket, key): (&str, &str),
+    (bucket, key, content): (&str, &str, &str),
     region: &str,
     (access_key, secret): (&str, &str),
     now: DateTime<Utc>,
@@ -83,8 +89,9 @@ pub fn presign_get(
         percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
     };
     let query = format!(
-        "X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential={}&X-Amz-Date={amz_date}&X-Amz-Expires={expires_secs}&X-Amz-SignedHeaders=host",
-        enc(&credential)
+        "X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential={}&X-Amz-Date={amz_date}&X-Amz-Expires={expires_secs}&X-Amz-SignedHeaders=host&{CONTENT_PARAM}={}",
+        enc(&credential),
+        enc(content)
     );
     let path = object_path(bucket, key);
     let mut headers = http::HeaderMap::new();
@@ -155,7 +162,7 @@ mod tests {
         let now = Utc::now();
         let url = presign_get(
             "https://127.0.0.1:8773",
-            ("images", "micro/disk one.img"),
+            ("images", "micro/disk one.img", "ab12"),
             "karri-1",
             ("KARRINODE6E6F6465", "secret"),
             now,
@@ -165,6 +172,7 @@ mod tests {
         let rest = url.strip_prefix("https://127.0.0.1:8773").unwrap();
         let (path, query) = rest.split_once('?').unwrap();
         assert_eq!(path, "/images/micro/disk%20one.img");
+        assert!(query.contains(&format!("&{CONTENT_PARAM}=ab12")), "{query}");
         let mut headers = http::HeaderMap::new();
         headers.insert(http::header::HOST, "127.0.0.1:8773".parse().unwrap());
         let request = SignedRequest {
@@ -178,5 +186,12 @@ mod tests {
         let policy = sigv4::VerifyPolicy::s3("karri-1");
         sigv4::verify(&parsed, &request, "secret", now, &policy).unwrap();
         assert!(sigv4::verify(&parsed, &request, "other", now, &policy).is_err());
+        // The bytes it names are signed: a node cannot point it at other ones.
+        let swapped = query.replace("=ab12", "=cd34");
+        let tampered = SignedRequest {
+            query: &swapped,
+            ..request
+        };
+        assert!(sigv4::verify(&parsed, &tampered, "secret", now, &policy).is_err());
     }
 }

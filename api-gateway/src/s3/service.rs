@@ -1211,6 +1211,16 @@ impl KarriS3 {
     }
 }
 
+/// The stored bytes (an [`ObjectMeta::content_id`]) that a node's presigned image URL was
+/// issued for: its signed query parameter [`super::presign::CONTENT_PARAM`].
+fn node_pin(uri: &http::Uri) -> Option<String> {
+    // The value is hex: nothing to decode.
+    uri.query()?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == super::presign::CONTENT_PARAM).then(|| v.to_string())
+    })
+}
+
 fn permits(
     caller: Option<&Caller>,
     action: Action,
@@ -1725,6 +1735,7 @@ impl S3 for KarriS3 {
         req: S3Request<GetObjectInput>,
     ) -> S3Result<S3Response<GetObjectOutput>> {
         let caller = self.caller(&req).await?;
+        let pin = node_pin(&req.uri);
         let input = req.input;
         only_null_version(input.version_id.as_deref())?;
         // Anyone may read a public object, but not have it served as something else (say
@@ -1755,7 +1766,7 @@ impl S3 for KarriS3 {
             attempt += 1;
             let found = self
                 .readable(
-                    caller.as_ref(),
+                    (caller.as_ref(), pin.as_deref()),
                     &bucket,
                     &input.key,
                     &pre,
@@ -1825,6 +1836,7 @@ impl S3 for KarriS3 {
         req: S3Request<HeadObjectInput>,
     ) -> S3Result<S3Response<HeadObjectOutput>> {
         let caller = self.caller(&req).await?;
+        let pin = node_pin(&req.uri);
         let input = req.input;
         only_null_version(input.version_id.as_deref())?;
         let bucket = self.bucket(&input.bucket).await?;
@@ -1841,7 +1853,7 @@ impl S3 for KarriS3 {
             parts_count,
         } = self
             .readable(
-                caller.as_ref(),
+                (caller.as_ref(), pin.as_deref()),
                 &bucket,
                 &input.key,
                 &pre,
@@ -3040,10 +3052,11 @@ impl KarriS3 {
     }
 
     /// The object a GET or HEAD reads, once the caller may read it and its preconditions hold:
-    /// its entry, the bytes asked for and the `Content-Range` to answer with.
+    /// its entry, the bytes asked for and the `Content-Range` to answer with. A node reads
+    /// only the bytes its URL was issued for (`pin`, see [`node_pin`]).
     async fn readable(
         &self,
-        caller: Option<&Caller>,
+        (caller, pin): (Option<&Caller>, Option<&str>),
         bucket: &BucketInfo,
         key: &str,
         pre: &Preconditions,
@@ -3056,6 +3069,14 @@ impl KarriS3 {
         })?;
         if !permits(caller, Action::ReadObject, bucket, Some(meta.acl)) {
             return Err(access_denied());
+        }
+        if caller.is_some_and(|c| c.account_id == super::presign::NODE_READER)
+            && pin != Some(meta.content_id().as_str())
+        {
+            return Err(s3_error!(
+                PreconditionFailed,
+                "The object was written again since this URL was issued for the image it held"
+            ));
         }
         precondition_outcome(pre, &meta, true)?;
         let (span, parts_count) = match (part_number, range) {
@@ -3082,6 +3103,17 @@ impl KarriS3 {
             content_range,
             parts_count,
         })
+    }
+
+    /// The [content ID](ObjectMeta::content_id) of object `bucket/key`, if it exists.
+    pub async fn content_id(&self, bucket: &str, key: &str) -> S3Result<Option<String>> {
+        let bucket = self.bucket(bucket).await?;
+        Ok(self
+            .index
+            .get_object(bucket.seen(), &bucket.name, key)
+            .await
+            .map_err(index_error)?
+            .map(|m| m.content_id()))
     }
 
     /// Whether account `account_id` may read `bucket/key` (an image it registered there): the

@@ -173,6 +173,37 @@ impl Driver {
         self.call(method, params)?.success(&what)
     }
 
+    /// One boto3 S3 call (path-style), e.g. `s3_ok("create_bucket", json!({"Bucket": "b"}))`,
+    /// which must succeed.
+    pub fn s3_ok(&mut self, method: &str, params: Value) -> anyhow::Result<Value> {
+        let what = format!("{} s3 {method} {params}", self.label);
+        let answer = self
+            .request(&json!({"op": "call", "service": "s3", "method": method, "params": params}))?;
+        Answer::from_json(&answer)?.success(&what)
+    }
+
+    /// Uploads a small object at image location `bucket/key` (making the bucket when this
+    /// account has not yet), so that an image can be registered from it.
+    pub fn upload_image_object(&mut self, location: &str) -> anyhow::Result<()> {
+        let (bucket, key) = location
+            .split_once('/')
+            .with_context(|| format!("{location} is no bucket/key"))?;
+        let made = self.request(&json!({"op": "call", "service": "s3", "method": "create_bucket", "params": {"Bucket": bucket}}))?;
+        let made = Answer::from_json(&made)?;
+        ensure!(
+            made.ok || made.code.as_deref() == Some("BucketAlreadyOwnedByYou"),
+            "{}: create_bucket {bucket} failed: {:?} {}",
+            self.label,
+            made.code,
+            made.message
+        );
+        self.s3_ok(
+            "put_object",
+            json!({"Bucket": bucket, "Key": key, "Body": format!("disk image at {location}")}),
+        )?;
+        Ok(())
+    }
+
     /// The same call `calls` times at once from that many threads, each on a connection opened
     /// beforehand by a `warm_up` call (e.g. `describe_regions`).
     pub fn concurrent(

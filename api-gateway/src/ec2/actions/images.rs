@@ -428,11 +428,23 @@ pub async fn register_image(
         )
         .await
         .map_err(|e| {
-            if e.code == 409 {
+            let location_cause = e.details.as_ref().and_then(|d| {
+                d.causes
+                    .iter()
+                    .find(|(field, _)| field == "spec.imageLocation")
+                    .map(|(_, why)| why.clone())
+            });
+            match location_cause {
+                // No object there that the account may read: EC2's answer to a manifest it
+                // cannot read.
+                Some(why) if e.code == 422 => Ec2Error::new(
+                    "InvalidManifest",
+                    400,
+                    format!("The image location {location} cannot be registered: {why}"),
+                ),
                 // A concurrent RegisterImage of the same name won.
-                Ec2Error::image_name_duplicate(&a.name, None)
-            } else {
-                from_api(e)
+                _ if e.code == 409 => Ec2Error::image_name_duplicate(&a.name, None),
+                _ => from_api(e),
             }
         })?;
     if dry_run {
