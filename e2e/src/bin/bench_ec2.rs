@@ -415,6 +415,31 @@ async fn main() -> anyhow::Result<()> {
         "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
         None,
     )?);
+    // The image's object must be there for Karri to register it (moto checks nothing).
+    let disk = tempfile::NamedTempFile::new()?;
+    std::fs::write(disk.path(), b"bench disk")?;
+    let disk_path = disk.path().to_str().context("a non-UTF-8 temporary path")?;
+    gateway
+        .aws(
+            &creds,
+            &["s3api", "create-bucket", "--bucket", "bench-images"],
+        )
+        .await?;
+    gateway
+        .aws(
+            &creds,
+            &[
+                "s3api",
+                "put-object",
+                "--bucket",
+                "bench-images",
+                "--key",
+                "bench.img",
+                "--body",
+                disk_path,
+            ],
+        )
+        .await?;
     let register = form(
         "RegisterImage",
         &[
