@@ -391,6 +391,10 @@ def expect_error(code, http_status, call, *args, **params):
         f"{call_text(call, args, params)} failed with {got} (HTTP {got_status}), "
         f"expected {code} (HTTP {http_status}): {e}",
     )
+    # Every error document says what went wrong (a HEAD answer has no document).
+    if not call.__name__.startswith("head_"):
+        check(e.response.get("Error", {}).get("Message"),
+              f"{call_text(call, args, params)} failed with {got} without a message: {e.response}")
     return e
 
 
@@ -836,6 +840,8 @@ def group_buckets(suite):
                 got = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
                 check(code == "InvalidBucketName" and got == 400,
                       f"create_bucket {bad!r}: {code} (HTTP {got}), expected InvalidBucketName")
+                check(e.response.get("Error", {}).get("Message"),
+                      f"create_bucket {bad!r}: InvalidBucketName without a message")
                 return
             try:
                 a.delete_bucket(Bucket=bad)
@@ -1304,6 +1310,21 @@ def group_objects(suite):
         expect_error("BadDigest", 400, plain.put_object, Bucket=name, Key="bad-md5.bin",
                      Body=data, ContentMD5=b64md5(b"other bytes"))
         check(not exists(a, name, "bad-md5.bin"), "the upload with a wrong MD5 is visible")
+
+    @g.check("put_copy_and_multipart_in_a_class_karri_lacks_are_invalid_storage_class")
+    def _():
+        a.put_object(Bucket=name, Key="standard.bin", Body=data, StorageClass="STANDARD")
+        source = {"Bucket": name, "Key": "standard.bin"}
+        for cls in ["GLACIER", "BOGUS"]:
+            expect_error("InvalidStorageClass", 400, a.put_object, Bucket=name, Key="cold.bin",
+                         Body=data, StorageClass=cls)
+            expect_error("InvalidStorageClass", 400, a.copy_object, Bucket=name, Key="cold.bin",
+                         CopySource=source, StorageClass=cls)
+            expect_error("InvalidStorageClass", 400, a.create_multipart_upload, Bucket=name,
+                         Key="cold.bin", StorageClass=cls)
+        check(not exists(a, name, "cold.bin"), "an object of a refused class is visible")
+        uploads = a.list_multipart_uploads(Bucket=name).get("Uploads", [])
+        check(all(u["Key"] != "cold.bin" for u in uploads), f"a refused upload is listed: {uploads}")
 
 
     def crc32_b64(body):

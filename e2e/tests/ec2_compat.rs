@@ -846,6 +846,17 @@ async fn awscli_runs_stops_starts_and_terminates_instances_until_they_are_collec
         "a plain describe-instances shows {:?}",
         states_of(&visible)
     );
+    // A terminated instance's attributes no longer change; a reboot of it is ignored, as EC2
+    // documents.
+    let protect = [
+        "modify-instance-attribute",
+        "--instance-id",
+        all[0].as_str(),
+        "--disable-api-termination",
+    ];
+    aws.refused(&protect, "IncorrectInstanceState").await?;
+    aws.ok(&["reboot-instances", "--instance-ids", all[0].as_str()])
+        .await?;
     let retention = Duration::from_secs(RETENTION_SECONDS);
     cloud
         .wait_until(

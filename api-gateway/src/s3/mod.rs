@@ -625,6 +625,11 @@ impl S3Face {
         {
             *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
         }
+        if method != Method::HEAD
+            && (resp.status().is_client_error() || resp.status().is_server_error())
+        {
+            resp = complete_error(resp, &request_id).await;
+        }
         if let Ok(v) = http::HeaderValue::from_str(&request_id) {
             resp.headers_mut().insert("x-amz-request-id", v);
         }
@@ -649,6 +654,115 @@ impl S3Face {
             .observe(started.elapsed().as_secs_f64());
         resp
     }
+}
+
+/// The largest error document [`complete_error`] reads (s3s's are a few hundred bytes).
+const MAX_ERROR_DOCUMENT: usize = 64 * 1024;
+
+/// An error answer whose XML document has a `Message` and the `RequestId` (see
+/// [`complete_error_xml`]); any other answer as it was.
+async fn complete_error(resp: Response, request_id: &str) -> Response {
+    let xml = resp
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.contains("xml"));
+    if !xml {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let bytes = match axum::body::to_bytes(body, MAX_ERROR_DOCUMENT).await {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            tracing::error!(error = %e, "an S3 error document could not be read");
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+            return Response::from_parts(parts, Body::empty());
+        }
+    };
+    let completed = std::str::from_utf8(&bytes)
+        .ok()
+        .and_then(|text| complete_error_xml(text, request_id));
+    match completed {
+        Some(text) => {
+            parts.headers.insert(
+                http::header::CONTENT_LENGTH,
+                http::HeaderValue::from(text.len()),
+            );
+            Response::from_parts(parts, Body::from(text))
+        }
+        None => Response::from_parts(parts, Body::from(bytes)),
+    }
+}
+
+/// S3's message for an error code that came without one (s3s's own refusals of a bucket name
+/// or a key, say), from S3's table of error codes; a plain sentence naming the code otherwise.
+fn default_message(code: &str) -> String {
+    let known = match code {
+        "AccessDenied" => "Access Denied",
+        "InvalidArgument" => "Invalid Argument",
+        "InvalidBucketName" => "The specified bucket is not valid.",
+        "InvalidRequest" => "Invalid Request",
+        "InvalidURI" => "Couldn't parse the specified URI.",
+        "KeyTooLongError" => "Your key is too long.",
+        "MalformedXML" => "The XML you provided was not well-formed or did not validate against our published schema.",
+        "MethodNotAllowed" => "The specified method is not allowed against this resource.",
+        "MissingContentLength" => "You must provide the Content-Length HTTP header.",
+        "NoSuchBucket" => "The specified bucket does not exist.",
+        "NoSuchKey" => "The specified key does not exist.",
+        "NotImplemented" => "A header you provided implies functionality that is not implemented.",
+        "SignatureDoesNotMatch" => "The request signature we calculated does not match the signature you provided.",
+        _ => return format!("The request failed: {code}."),
+    };
+    known.to_string()
+}
+
+/// `xml`, an S3 error document (`<Error><Code>…</Code>…</Error>`), with a `Message` (S3's for
+/// its code when it had none or an empty one) and a `RequestId` (`request_id`) when it lacked
+/// them; `None` when it needs neither or is no error document. Pure.
+pub fn complete_error_xml(xml: &str, request_id: &str) -> Option<String> {
+    let code_start = xml.find("<Code>")? + "<Code>".len();
+    let code = &xml[code_start..code_start + xml[code_start..].find("</Code>")?];
+    let has_message = xml
+        .find("<Message>")
+        .is_some_and(|i| !xml[i..].starts_with("<Message></Message>"));
+    let has_request_id = xml.contains("<RequestId>");
+    if has_message && has_request_id {
+        return None;
+    }
+    // An empty Message goes, for S3's to take its place.
+    let doc = if has_message {
+        xml.to_string()
+    } else {
+        xml.replacen("<Message></Message>", "", 1)
+            .replacen("<Message/>", "", 1)
+    };
+    let after_code = doc.find("</Code>")? + "</Code>".len();
+    let close = doc.rfind("</Error>")?;
+    if close < after_code {
+        return None;
+    }
+    let mut out = String::with_capacity(doc.len() + 128);
+    out.push_str(&doc[..after_code]);
+    if !has_message {
+        out.push_str("<Message>");
+        out.push_str(&xml_escape(&default_message(code)));
+        out.push_str("</Message>");
+    }
+    out.push_str(&doc[after_code..close]);
+    if !has_request_id {
+        out.push_str("<RequestId>");
+        out.push_str(&xml_escape(request_id));
+        out.push_str("</RequestId>");
+    }
+    out.push_str(&doc[close..]);
+    Some(out)
+}
+
+fn xml_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// A request body that records when it has been read to its end.
@@ -780,6 +894,43 @@ pub fn classify(method: &Method, uri: &Uri, headers: &HeaderMap, domains: &[Stri
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_error_document_gets_a_message_and_the_request_id() {
+        let head = r#"<?xml version="1.0" encoding="UTF-8"?>"#;
+        let rows = [
+            // s3s's refusal of a bucket name: no message.
+            (
+                format!("{head}<Error><Code>InvalidBucketName</Code></Error>"),
+                Some(format!("{head}<Error><Code>InvalidBucketName</Code><Message>The specified bucket is not valid.</Message><RequestId>r1</RequestId></Error>")),
+            ),
+            // An empty message is replaced; what follows the code stays.
+            (
+                "<Error><Code>KeyTooLongError</Code><Message></Message><Key>k</Key></Error>".into(),
+                Some("<Error><Code>KeyTooLongError</Code><Message>Your key is too long.</Message><Key>k</Key><RequestId>r1</RequestId></Error>".into()),
+            ),
+            // A message of its own is kept; only the request ID is added.
+            (
+                "<Error><Code>NoSuchKey</Code><Message>gone &amp; away</Message></Error>".into(),
+                Some("<Error><Code>NoSuchKey</Code><Message>gone &amp; away</Message><RequestId>r1</RequestId></Error>".into()),
+            ),
+            // An unknown code gets a sentence naming it.
+            (
+                "<Error><Code>Weird</Code></Error>".into(),
+                Some("<Error><Code>Weird</Code><Message>The request failed: Weird.</Message><RequestId>r1</RequestId></Error>".into()),
+            ),
+            // Complete already, or no error document: nothing to do.
+            (
+                "<Error><Code>X</Code><Message>m</Message><RequestId>q</RequestId></Error>".into(),
+                None,
+            ),
+            ("<ListBucketResult></ListBucketResult>".into(), None),
+            ("<Error><Code>X</Code>".into(), None),
+        ];
+        for (xml, want) in rows {
+            assert_eq!(complete_error_xml(&xml, "r1"), want, "{xml}");
+        }
+    }
 
     fn domains() -> Vec<String> {
         vec!["localhost".into(), "s3.localhost".into()]

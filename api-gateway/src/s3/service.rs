@@ -1221,6 +1221,19 @@ fn node_pin(uri: &http::Uri) -> Option<String> {
     })
 }
 
+/// Refuses a storage class other than `STANDARD`, the one class Karri stores every object in
+/// (as MinIO refuses the classes it lacks): an object asked for in another would be reported in
+/// a class it is not in.
+fn stored_class(class: Option<&StorageClass>) -> S3Result<()> {
+    match class.map(StorageClass::as_str) {
+        None | Some(StorageClass::STANDARD) => Ok(()),
+        Some(other) => Err(s3_error!(
+            InvalidStorageClass,
+            "The storage class you specified is not valid: Karri stores every object in STANDARD, not {other}"
+        )),
+    }
+}
+
 fn permits(
     caller: Option<&Caller>,
     action: Action,
@@ -1646,6 +1659,7 @@ impl S3 for KarriS3 {
         let taken = req.input.body.take();
         let body = UploadBody::of(&req, taken)?;
         let input = req.input;
+        stored_class(input.storage_class.as_ref())?;
         let bucket = self
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
             .await?;
@@ -2009,6 +2023,7 @@ impl S3 for KarriS3 {
     ) -> S3Result<S3Response<CopyObjectOutput>> {
         let caller = self.caller(&req).await?;
         let input = req.input;
+        stored_class(input.storage_class.as_ref())?;
         // Conditions on the object the copy replaces (`If-None-Match: *` to create only), which
         // s3s does not parse for CopyObject; held in the publishing transaction, as a PUT's.
         let [if_match, if_none_match] =
@@ -2409,6 +2424,7 @@ impl S3 for KarriS3 {
             .map(|c| c.account_id.clone())
             .unwrap_or_else(|| "anonymous".into());
         let input = req.input;
+        stored_class(input.storage_class.as_ref())?;
         let bucket = self
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
             .await?;

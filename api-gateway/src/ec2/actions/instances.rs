@@ -1108,7 +1108,12 @@ pub async fn modify_instance_attribute(
     };
     let needs_stopped = matches!(a.change, C::InstanceType(_) | C::UserData(_));
     let stopped_check = |v: &Value| {
-        if needs_stopped && shown_state(v) != crds::InstanceState::Stopped {
+        if desired(v) == crds::DesiredState::Terminated {
+            Err(Ec2Error::incorrect_instance_state(format!(
+                "The instance '{}' is terminated: its attributes can no longer be modified.",
+                a.instance_id
+            )))
+        } else if needs_stopped && shown_state(v) != crds::InstanceState::Stopped {
             Err(Ec2Error::incorrect_instance_state(format!(
                 "The instance '{}' is not in the 'stopped' state.",
                 a.instance_id
