@@ -625,6 +625,12 @@ impl S3Face {
         {
             *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
         }
+        if resp.status() == StatusCode::NOT_MODIFIED {
+            // No body, though s3s writes its error document into the answer.
+            resp.headers_mut().remove(http::header::CONTENT_TYPE);
+            resp.headers_mut().remove(http::header::CONTENT_LENGTH);
+            *resp.body_mut() = Body::empty();
+        }
         if method != Method::HEAD
             && (resp.status().is_client_error() || resp.status().is_server_error())
         {

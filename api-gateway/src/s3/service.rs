@@ -1259,7 +1259,22 @@ fn permits(
 fn precondition_outcome(p: &Preconditions, meta: &ObjectMeta, read: bool) -> S3Result<()> {
     match cond::evaluate(p, &meta.etag, meta.last_modified_ms, read) {
         Outcome::Proceed => Ok(()),
-        Outcome::NotModified => Err(S3Error::new(S3ErrorCode::NotModified)),
+        Outcome::NotModified => {
+            // As RFC 9110 asks of a 304: the validators a 200 would have sent.
+            let mut e = S3Error::new(S3ErrorCode::NotModified);
+            let mut headers = http::HeaderMap::new();
+            if let Ok(v) = http::HeaderValue::from_str(&format!("\"{}\"", meta.etag)) {
+                headers.insert(http::header::ETAG, v);
+            }
+            if let Some(v) = chrono::DateTime::from_timestamp_millis(meta.last_modified_ms)
+                .map(|t| t.format("%a, %d %b %Y %H:%M:%S GMT").to_string())
+                .and_then(|t| http::HeaderValue::from_str(&t).ok())
+            {
+                headers.insert(http::header::LAST_MODIFIED, v);
+            }
+            e.set_headers(headers);
+            Err(e)
+        }
         Outcome::Failed => Err(s3_error!(
             PreconditionFailed,
             "At least one of the pre-conditions you specified did not hold"
