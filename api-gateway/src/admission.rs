@@ -4,6 +4,7 @@
 use rand::Rng;
 use serde_json::{json, Map, Value};
 
+use crate::auth::Principal;
 use crate::error::{ApiError, ApiResult};
 use crate::kinds::Kind;
 use crate::schema::{self, Findings};
@@ -625,12 +626,50 @@ pub fn mark_deleted(old: &Value, now: &str) -> Value {
     out
 }
 
+/// Whether Instance record `v` has termination protection (`spec.disableApiTermination`).
+fn protected(v: &Value) -> bool {
+    v.pointer("/spec/disableApiTermination")
+        .and_then(Value::as_bool)
+        == Some(true)
+}
+
+/// Whether Instance record `v` is asked to be terminated.
+fn asked_terminated(v: &Value) -> bool {
+    v.pointer("/spec/desiredState").and_then(Value::as_str) == Some("terminated")
+}
+
+/// Why `who` may not delete record `current`, if it may not: an Instance with termination
+/// protection (`spec.disableApiTermination`) is no more terminated by deleting its record than
+/// by any other API (as in EC2), until it is asked to be terminated or already being deleted;
+/// the operator's controllers may (the garbage collector, acting for a deleted owner, is not
+/// asked). Pure.
+pub fn delete_refusal(kind: &str, current: &Value, who: &Principal) -> Option<ApiError> {
+    let refused = kind == "Instance"
+        && protected(current)
+        && !asked_terminated(current)
+        && current.pointer("/metadata/deletionTimestamp").is_none()
+        && !matches!(who, Principal::Operator(_));
+    refused.then(|| {
+        ApiError::forbidden(format!(
+            "instance {} has termination protection (spec.disableApiTermination): set it to false before deleting it",
+            name_of(current)
+        ))
+    })
+}
+
 /// Why the change of an Instance's spec from `old` to `new` is not allowed, as `(field,
-/// message)`, if it is not: once the instance is bound to a node, what it was launched from
-/// (image, kernel, ramdisk, key pair, zone) stays, and its type and user data change only
-/// while it is stopped, as EC2 allows them (ModifyInstanceAttribute). An instance not bound
-/// yet may be edited freely. Pure.
+/// message)`, if it is not: one with termination protection is not asked to terminate (unless
+/// the same change lifts the protection); once the instance is bound to a node, what it was
+/// launched from (image, kernel, ramdisk, key pair, zone) stays, and its type and user data
+/// change only while it is stopped, as EC2 allows them (ModifyInstanceAttribute). An instance
+/// not bound yet may otherwise be edited freely. Pure.
 pub fn instance_change_problem(old: &Value, new: &Value) -> Option<(String, String)> {
+    if protected(new) && asked_terminated(new) && !asked_terminated(old) {
+        return Some((
+            "spec.desiredState".into(),
+            "Forbidden: the instance has termination protection (spec.disableApiTermination): set it to false to terminate the instance".into(),
+        ));
+    }
     let status = |p: &str| old.pointer(&format!("/status/{p}")).and_then(Value::as_str);
     if status("nodeName").is_none_or(str::is_empty) {
         return None;
@@ -715,6 +754,77 @@ mod tests {
         // What is deep enough to refuse is still well inside what serde_json reads back.
         let text = serde_json::to_string(&nested(MAX_NESTING)).expect("serialised");
         assert!(serde_json::from_str::<Value>(&text).is_ok());
+    }
+
+    #[test]
+    fn termination_protection_holds_against_deleting_the_record_and_asking_it_to_terminate() {
+        let instance = |protected: bool, desired: &str| {
+            json!({"metadata": {"name": "i-1"},
+                "spec": {"disableApiTermination": protected, "desiredState": desired}})
+        };
+        let admin = Principal::Admin("admin".into());
+        let account = Principal::Account {
+            user: "u".into(),
+            namespace: "acme".into(),
+        };
+        let operator = Principal::Operator("operator".into());
+        let mut deleting = instance(true, "running");
+        deleting["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        // (record, who, refused)
+        let deletes = [
+            (instance(true, "running"), &admin, true),
+            (instance(true, "stopped"), &account, true),
+            (instance(true, "running"), &operator, false),
+            (instance(false, "running"), &account, false),
+            (instance(true, "terminated"), &account, false),
+            (deleting, &account, false),
+        ];
+        for (i, (record, who, refused)) in deletes.iter().enumerate() {
+            assert_eq!(
+                delete_refusal("Instance", record, who).is_some(),
+                *refused,
+                "delete row {i}"
+            );
+        }
+        assert!(delete_refusal("Image", &instance(true, "running"), &admin).is_none());
+        // (old, new, refused)
+        let changes = [
+            (
+                instance(true, "running"),
+                instance(true, "terminated"),
+                true,
+            ),
+            (
+                instance(true, "stopped"),
+                instance(true, "terminated"),
+                true,
+            ),
+            // Lifted in the same change: asked for in so many words.
+            (
+                instance(true, "running"),
+                instance(false, "terminated"),
+                false,
+            ),
+            (
+                instance(false, "running"),
+                instance(false, "terminated"),
+                false,
+            ),
+            (instance(true, "running"), instance(true, "stopped"), false),
+            // Set on one asked to terminate already: it stays as it was.
+            (
+                instance(false, "terminated"),
+                instance(true, "terminated"),
+                false,
+            ),
+        ];
+        for (i, (old, new, refused)) in changes.iter().enumerate() {
+            assert_eq!(
+                instance_change_problem(old, new).map(|(f, _)| f),
+                refused.then(|| "spec.desiredState".to_string()),
+                "change row {i}"
+            );
+        }
     }
 
     #[test]

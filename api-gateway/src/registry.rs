@@ -1203,6 +1203,11 @@ impl Registry {
             if opts.resource_version.is_some_and(|r| r != rev) {
                 return Err(ApiError::conflict(kind.info.plural, name));
             }
+            if *who != collector() {
+                if let Some(refusal) = admission::delete_refusal(kind.info.kind, &current, who) {
+                    return Err(refusal);
+                }
+            }
             // A type already being deleted is deleted again as Kubernetes does it (its last
             // finalizer is where the in-use check waits for it).
             // Read once the cache has every write before it; a removal at once is fenced on it

@@ -691,6 +691,48 @@ async fn delete_returns_when_the_record_is_gone() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_instance_with_termination_protection_is_neither_deleted_nor_terminated_by_kubectl(
+) -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let (_, text) = sample("instance.yaml")?;
+    let protected = c.manifest(
+        "protected.yaml",
+        &text.replace(
+            "  desiredState: running",
+            "  desiredState: running\n  disableApiTermination: true",
+        ),
+    )?;
+    kubectl_ok(&c.admin, &["apply", "-f", path_str(&protected)?])?;
+    // Neither a delete, nor a prune (a delete as well), nor asking it to terminate.
+    let stderr = kubectl_refused(&c.admin, &["delete", "instance", "web-1"], "Forbidden")?;
+    ensure!(stderr.contains("has termination protection"), "{stderr}");
+    let terminate = r#"{"spec":{"desiredState":"terminated"}}"#;
+    let patch = [
+        "patch", "instance", "web-1", "--type", "merge", "-p", terminate,
+    ];
+    let stderr = kubectl_err(&c.admin, &patch)?;
+    ensure!(
+        stderr.contains("spec.desiredState") && stderr.contains("termination protection"),
+        "{stderr}"
+    );
+    let state = kubectl_json(&c.admin, &["get", "instance", "web-1"])?;
+    ensure!(
+        str_at(&state, "/spec/desiredState") == "running"
+            && state.pointer("/metadata/deletionTimestamp").is_none(),
+        "a refused request changed web-1: {state}"
+    );
+    // Lifted, it goes as any other.
+    let lift = r#"{"spec":{"disableApiTermination":false}}"#;
+    kubectl_ok(
+        &c.admin,
+        &["patch", "instance", "web-1", "--type", "merge", "-p", lift],
+    )?;
+    kubectl_ok(&c.admin, &["delete", "instance", "web-1"])?;
+    kubectl_refused(&c.admin, &["get", "instance", "web-1"], "NotFound")?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn get_of_a_deleted_record_says_that_record_is_not_found() -> anyhow::Result<()> {
     let c = Cluster::start().await?;
     let (path, _) = sample("instance.yaml")?;
