@@ -198,7 +198,7 @@ wait_http api-gateway "$API_URL/readyz" "$GW_PID" "$LOGS/api-gateway.log" 60 --c
 
 # --- kubeconfigs: admin (yours), operator and node-1 (for the services) ---------------------
 token_of() { awk -v u="$1" '$1 == "-" && $2 == "token:" { t = $3 } $1 == "user:" && $2 == u { print t; exit }' "$TOKENS"; }
-# write_kubeconfig FILE USER TOKEN
+# write_kubeconfig FILE USER TOKEN [NAMESPACE]: the context's namespace defaults to `default`.
 write_kubeconfig() {
   (
     umask 077
@@ -219,14 +219,16 @@ contexts:
   context:
     cluster: karri
     user: $2
-    namespace: default
+    namespace: ${4:-default}
 current-context: karri
 EOF
   )
   mv "$1.tmp" "$1"
 }
 KUBECONFIG_FILE="$STATE_DIR/kubeconfig"
-write_kubeconfig "$KUBECONFIG_FILE" admin "$ADMIN_TOKEN"
+# The admin's context is the admin account's namespace: an instance applied without one is
+# the admin account's, seen by its EC2 calls too (`default` is no account's).
+write_kubeconfig "$KUBECONFIG_FILE" admin "$ADMIN_TOKEN" admin
 OPERATOR_TOKEN="$(token_of operator)"
 NODE_TOKEN="$(token_of node-1)"
 [ -n "$OPERATOR_TOKEN" ] && [ -n "$NODE_TOKEN" ] || die "no operator or node-1 token in $TOKENS"

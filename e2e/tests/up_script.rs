@@ -213,6 +213,14 @@ fn up_brings_up_a_cloud_that_kubectl_and_awscli_use_from_karri_env_and_a_second_
         running.split_whitespace().nth(1) == Some("karri-1a"),
         "{id}: {running}"
     );
+    // The admin's kubeconfig is in the admin account's namespace: its EC2 instances are there.
+    let listed = up.with_env("kubectl get instances -o name")?;
+    ensure!(
+        listed
+            .lines()
+            .any(|l| l.trim() == format!("instance.karri.dev/{id}")),
+        "kubectl get instances (the kubeconfig's namespace) lacks {id}: {listed}"
+    );
 
     // A second up reuses the state: the same etcd, access key and images, the instance kept.
     let second = up.up()?;
