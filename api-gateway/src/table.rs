@@ -13,10 +13,37 @@ use crate::kinds::Kind;
 pub enum View {
     /// The records as they are.
     Full,
-    /// A `meta.k8s.io/v1` Table.
-    Table,
+    /// A `meta.k8s.io/v1` Table, its rows carrying what [`IncludeObject`] says.
+    Table(IncludeObject),
     /// `PartialObjectMetadata` of `meta.k8s.io/<version>` (`v1` or `v1beta1`).
     Metadata(&'static str),
+}
+
+/// What each row of a Table carries as its `object` (the request's `includeObject`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum IncludeObject {
+    /// Nothing.
+    None,
+    /// The record's metadata, as `PartialObjectMetadata` (the default).
+    #[default]
+    Metadata,
+    /// The whole record (kubectl asks for it to `--sort-by` a field of the spec or status).
+    Object,
+}
+
+impl IncludeObject {
+    /// The policy a request's `includeObject` names (`Metadata` when it names none); the
+    /// message of a Kubernetes `BadRequest` for any other value.
+    pub fn parse(value: Option<&str>) -> Result<Self, String> {
+        match value {
+            None | Some("" | "Metadata") => Ok(Self::Metadata),
+            Some("None") => Ok(Self::None),
+            Some("Object") => Ok(Self::Object),
+            Some(other) => Err(format!(
+                "includeObject: Unsupported value: {other:?}: supported values: \"None\", \"Metadata\", \"Object\""
+            )),
+        }
+    }
 }
 
 /// The view an `Accept` header asks for: its first media range Karri serves (a client lists
@@ -41,7 +68,7 @@ pub fn view_of(accept: Option<&str>) -> View {
         let meta_group = group.is_none_or(|g| g == "meta.k8s.io");
         match (as_, version) {
             (None, _) => return View::Full,
-            (Some("Table"), _) if meta_group => return View::Table,
+            (Some("Table"), _) if meta_group => return View::Table(IncludeObject::Metadata),
             (Some("PartialObjectMetadata" | "PartialObjectMetadataList"), Some("v1"))
                 if meta_group =>
             {
@@ -184,8 +211,8 @@ pub fn column_definitions(kind: &Kind) -> Value {
     Value::Array(cols)
 }
 
-/// One Table row, carrying the record's metadata as kubectl expects.
-pub fn row(kind: &Kind, obj: &Value, now: DateTime<Utc>) -> Value {
+/// One Table row, carrying the record as `include` says.
+pub fn row(kind: &Kind, obj: &Value, now: DateTime<Utc>, include: IncludeObject) -> Value {
     let mut cells = vec![obj
         .pointer("/metadata/name")
         .cloned()
@@ -195,14 +222,16 @@ pub fn row(kind: &Kind, obj: &Value, now: DateTime<Utc>) -> Value {
             .iter()
             .map(|c| cell(json_path(obj, &c.json_path), &c.type_, now)),
     );
-    json!({
-        "cells": cells,
-        "object": {
+    let object = match include {
+        IncludeObject::None => Value::Null,
+        IncludeObject::Metadata => json!({
             "kind": "PartialObjectMetadata",
             "apiVersion": "meta.k8s.io/v1",
             "metadata": obj.get("metadata").cloned().unwrap_or(Value::Null),
-        }
-    })
+        }),
+        IncludeObject::Object => obj.clone(),
+    };
+    json!({"cells": cells, "object": object})
 }
 
 /// A whole Table.
@@ -211,9 +240,10 @@ pub fn table<'a>(
     objects: impl Iterator<Item = &'a Value>,
     resource_version: i64,
     continue_token: Option<&str>,
+    include: IncludeObject,
 ) -> Value {
     let now = Utc::now();
-    let rows: Vec<Value> = objects.map(|o| row(kind, o, now)).collect();
+    let rows: Vec<Value> = objects.map(|o| row(kind, o, now, include)).collect();
     let mut metadata = json!({"resourceVersion": resource_version.to_string()});
     if let Some(c) = continue_token {
         metadata["continue"] = Value::String(c.to_string());
@@ -269,7 +299,7 @@ mod tests {
             (Some("*/*"), View::Full),
             (
                 Some("application/json;as=Table;v=v1;g=meta.k8s.io,application/json"),
-                View::Table,
+                View::Table(IncludeObject::Metadata),
             ),
             // client-go's metadata client, and kube-rs's metadata API.
             (
@@ -288,7 +318,7 @@ mod tests {
             // A version Karri does not serve falls through to the next range.
             (
                 Some("application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v2,application/json;as=Table;g=meta.k8s.io;v=v1"),
-                View::Table,
+                View::Table(IncludeObject::Metadata),
             ),
         ];
         for (accept, want) in rows {
@@ -300,6 +330,24 @@ mod tests {
             partial_metadata(&record, "v1"),
             json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
                 "metadata": {"name": "web", "resourceVersion": "7"}})
+        );
+        // A Table's rows carry the metadata, nothing, or the whole record, as includeObject says.
+        let include = |v: Option<&str>| IncludeObject::parse(v);
+        assert_eq!(include(None), Ok(IncludeObject::Metadata));
+        assert_eq!(include(Some("Object")), Ok(IncludeObject::Object));
+        assert_eq!(include(Some("None")), Ok(IncludeObject::None));
+        assert!(include(Some("object")).is_err());
+        let kind = crate::kinds::Kinds::load()
+            .by_plural("instances")
+            .expect("instances are served");
+        let object_of = |policy| {
+            table(&kind, std::iter::once(&record), 1, None, policy)["rows"][0]["object"].clone()
+        };
+        assert_eq!(object_of(IncludeObject::Object), record);
+        assert_eq!(object_of(IncludeObject::None), Value::Null);
+        assert_eq!(
+            object_of(IncludeObject::Metadata)["kind"],
+            "PartialObjectMetadata"
         );
         let list = partial_metadata_list(std::iter::once(&record), 9, Some("c"), "v1");
         assert_eq!(list["kind"], "PartialObjectMetadataList");

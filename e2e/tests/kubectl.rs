@@ -504,6 +504,66 @@ async fn server_side_apply_owns_each_owner_reference_apart() -> anyhow::Result<(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn get_sorts_by_a_field_of_the_spec() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let (_, text) = sample("instance.yaml")?;
+    // Names in the opposite order of their types.
+    for (name, itype) in [
+        ("a-large", "m1.large"),
+        ("b-small", "m1.small"),
+        ("c-micro", "t1.micro"),
+    ] {
+        let m = c.manifest(
+            &format!("{name}.yaml"),
+            &text
+                .replace("name: web-1", &format!("name: {name}"))
+                .replace("instanceType: m1.small", &format!("instanceType: {itype}")),
+        )?;
+        kubectl_ok(&c.admin, &["apply", "-f", path_str(&m)?])?;
+    }
+    // kubectl asks for the rows' whole objects (includeObject=Object) to sort by a field
+    // outside the metadata.
+    let sorted = kubectl_ok(
+        &c.admin,
+        &[
+            "get",
+            "instances",
+            "--sort-by=.spec.instanceType",
+            "-o",
+            "custom-columns=NAME:.metadata.name,TYPE:.spec.instanceType",
+            "--no-headers",
+        ],
+    )?;
+    let names: Vec<&str> = sorted
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    ensure!(
+        names == ["a-large", "b-small", "c-micro"],
+        "sorted by type:\n{sorted}"
+    );
+    let by_table = kubectl_ok(
+        &c.admin,
+        &["get", "instances", "--sort-by=.spec.instanceType"],
+    )?;
+    let rows = parse_table(&by_table)?;
+    let names: Vec<String> = rows
+        .iter()
+        .filter_map(|r| r.iter().find(|(n, _)| n == "NAME").map(|(_, v)| v.clone()))
+        .collect();
+    ensure!(
+        names == ["a-large", "b-small", "c-micro"],
+        "the table sorted by type:\n{by_table}"
+    );
+    let reversed = kubectl_ok(
+        &c.admin,
+        &["get", "instances", "--sort-by=.metadata.name", "-o", "name"],
+    )?;
+    ensure!(reversed.lines().count() == 3, "{reversed}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn get_shows_useful_columns_yaml_and_label_selection() -> anyhow::Result<()> {
     let c = Cluster::start().await?;
     kubectl_ok(&c.admin, &["apply", "-f", path_str(&samples_dir())?])?;

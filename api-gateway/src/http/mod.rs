@@ -781,7 +781,13 @@ async fn resource_request(
         .get(header::ACCEPT)
         .and_then(|h| h.to_str().ok())
         .map(str::to_string);
-    let view = table::view_of(accept.as_deref());
+    let view = match table::view_of(accept.as_deref()) {
+        View::Table(_) => View::Table(
+            table::IncludeObject::parse(q.get("includeObject").map(String::as_str))
+                .map_err(ApiError::bad_request)?,
+        ),
+        other => other,
+    };
     let ctx = Ctx {
         s,
         who,
@@ -828,16 +834,20 @@ async fn resource_request(
             let obj = s.registry.get(&kind, ns.as_deref(), &name, who).await?;
             match view {
                 View::Full => Ok(axum::Json(obj).into_response()),
-                View::Table => {
+                View::Table(include) => {
                     let rv = obj
                         .pointer("/metadata/resourceVersion")
                         .and_then(Value::as_str)
                         .and_then(|r| r.parse().ok())
                         .unwrap_or(0);
-                    Ok(
-                        axum::Json(table::table(&kind, std::iter::once(&obj), rv, None))
-                            .into_response(),
-                    )
+                    Ok(axum::Json(table::table(
+                        &kind,
+                        std::iter::once(&obj),
+                        rv,
+                        None,
+                        include,
+                    ))
+                    .into_response())
                 }
                 View::Metadata(version) => {
                     Ok(axum::Json(table::partial_metadata(&obj, version)).into_response())
@@ -1316,12 +1326,13 @@ async fn list(ctx: &Ctx<'_>, q: &HashMap<String, String>, view: View) -> ApiResu
         .await?;
     match view {
         View::Full => {}
-        View::Table => {
+        View::Table(include) => {
             let t = table::table(
                 &ctx.kind,
                 page.items.iter().map(|o| &o.value),
                 page.revision,
                 page.continue_token.as_deref(),
+                include,
             );
             return Ok(axum::Json(t).into_response());
         }
@@ -1450,7 +1461,9 @@ async fn watch(
     let stream = ReceiverStream::new(rx).map(move |ev| {
         let object = match &ev {
             WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => match view {
-                View::Table => table::table(&kind, std::iter::once(&o.value), o.revision, None),
+                View::Table(include) => {
+                    table::table(&kind, std::iter::once(&o.value), o.revision, None, include)
+                }
                 View::Metadata(version) => table::partial_metadata(&o.value, version),
                 View::Full => {
                     let mut line =
