@@ -796,6 +796,26 @@ def group_buckets(suite):
         answer = a.get_bucket_location(Bucket=name)
         check(answer.get("LocationConstraint") == REGION, f"location {brief(answer)}")
 
+    @g.check("list_buckets_pages_with_max_buckets_and_continuation_tokens")
+    def _():
+        extra = [bucket("pages-1"), bucket("pages-2")]
+        for other in extra:
+            make_bucket(a, other)
+        everything = [x["Name"] for x in a.list_buckets()["Buckets"]]
+        names, token = [], None
+        for _ in range(len(everything) + 1):
+            params = {"MaxBuckets": 1, **({"ContinuationToken": token} if token else {})}
+            page = a.list_buckets(**params)
+            check(len(page["Buckets"]) <= 1, f"a page of {len(page['Buckets'])} buckets")
+            names += [x["Name"] for x in page["Buckets"]]
+            token = page.get("ContinuationToken")
+            if not token:
+                break
+        check(names == everything and len(names) >= 3,
+              f"pages of one bucket show {names}, all at once {everything}")
+        for other in extra:
+            a.delete_bucket(Bucket=other)
+
     @g.check("list_buckets_shows_the_bucket_with_its_creation_date")
     def _():
         found = [x for x in a.list_buckets()["Buckets"] if x["Name"] == name]
@@ -1584,6 +1604,12 @@ def group_listing(suite):
         check([unquote_plus(p) for p in prefixes] == ["photos/", "with space/"]
               and all(" " not in p for p in prefixes), f"CommonPrefixes {prefixes}")
 
+    @g.check("list_objects_with_an_unknown_encoding_type_is_invalid_argument")
+    def _():
+        for call in (a.list_objects_v2, a.list_objects, a.list_object_versions,
+                     a.list_multipart_uploads):
+            expect_error("InvalidArgument", 400, call, Bucket=name, EncodingType="foo")
+
     @g.check("list_objects_v2_fetch_owner")
     def _():
         answer = a.list_objects_v2(Bucket=name, FetchOwner=True, MaxKeys=1)
@@ -2309,6 +2335,30 @@ def group_tagging(suite):
         answer = a.delete_bucket_tagging(Bucket=name)
         check(status(answer) == 204, f"delete_bucket_tagging answered HTTP {status(answer)}")
         expect_error("NoSuchTagSet", 404, a.get_bucket_tagging, Bucket=name)
+
+    @g.check("tags_follow_aws_rules_reserved_prefix_characters_and_any_script")
+    def _():
+        a.put_object(Bucket=name, Key="rules.txt", Body=b"x")
+        bad = [
+            ({"Key": "aws:k", "Value": "v"}, "a reserved prefix"),
+            ({"Key": "AWS:k", "Value": "v"}, "a reserved prefix in capitals"),
+            ({"Key": "a*b", "Value": "v"}, "a key with *"),
+            ({"Key": "k", "Value": "v!"}, "a value with !"),
+            ({"Key": "k" * 129, "Value": "v"}, "a 129-character key"),
+        ]
+        for tag, what in bad:
+            e = expect_error("InvalidTag", 400, a.put_bucket_tagging, Bucket=name,
+                             Tagging={"TagSet": [tag]})
+            check(e.response["Error"]["Message"], f"bucket tag with {what}: no message")
+            expect_error("InvalidTag", 400, a.put_object_tagging, Bucket=name, Key="rules.txt",
+                         Tagging={"TagSet": [tag]})
+        expect_error("NoSuchTagSet", 404, a.get_bucket_tagging, Bucket=name)
+        good = [{"Key": "ключ 1", "Value": "значение +-=._:/@"}, {"Key": "empty", "Value": ""}]
+        a.put_bucket_tagging(Bucket=name, Tagging={"TagSet": good})
+        a.put_object_tagging(Bucket=name, Key="rules.txt", Tagging={"TagSet": good})
+        got = a.get_object_tagging(Bucket=name, Key="rules.txt")["TagSet"]
+        check(by_key(got) == by_key(good), f"tags {got}")
+        a.delete_bucket_tagging(Bucket=name)
 
     @g.check("put_object_with_a_tagging_header_tags_the_object")
     def _():

@@ -635,12 +635,29 @@ fn check_tags(tags: &[(String, String)], max: usize) -> S3Result<()> {
             e
         });
     }
+    // Letters, digits and spaces of any script, and + - = . _ : / @ (AWS's tag rules).
+    let allowed = |t: &str| {
+        t.chars()
+            .all(|c| c.is_alphanumeric() || c.is_whitespace() || "+-=._:/@".contains(c))
+    };
     let mut seen = std::collections::HashSet::new();
     for (k, v) in tags {
-        if k.is_empty() || k.chars().count() > 128 || v.chars().count() > 256 {
+        if k.is_empty() || k.chars().count() > 128 || !allowed(k) {
             return Err(s3_error!(
                 InvalidTag,
-                "The TagKey or TagValue you have provided is invalid."
+                "The TagKey you have provided is invalid: 1 to 128 letters, digits, spaces or + - = . _ : / @"
+            ));
+        }
+        if v.chars().count() > 256 || !allowed(v) {
+            return Err(s3_error!(
+                InvalidTag,
+                "The TagValue you have provided is invalid: at most 256 letters, digits, spaces or + - = . _ : / @"
+            ));
+        }
+        if k.to_ascii_lowercase().starts_with("aws:") {
+            return Err(s3_error!(
+                InvalidTag,
+                "Your TagKey cannot be prefixed with aws:"
             ));
         }
         if !seen.insert(k) {
@@ -905,15 +922,26 @@ fn url_encode_key(k: &str) -> String {
     percent_encoding::utf8_percent_encode(k, SET).to_string()
 }
 
-fn encode_with(encoding: Option<&EncodingType>) -> impl Fn(&str) -> String {
-    let url = encoding.is_some_and(|e| e.as_str() == EncodingType::URL);
-    move |k: &str| {
+/// How a listing writes keys: as they are, or URL-encoded for `encoding-type=url` (the one
+/// encoding S3 knows; any other is refused, as S3 refuses it).
+fn encode_with(encoding: Option<&EncodingType>) -> S3Result<impl Fn(&str) -> String> {
+    let url = match encoding.map(EncodingType::as_str) {
+        None => false,
+        Some(EncodingType::URL) => true,
+        Some(_) => {
+            return Err(s3_error!(
+                InvalidArgument,
+                "Invalid Encoding Method specified in Request"
+            ))
+        }
+    };
+    Ok(move |k: &str| {
         if url {
             url_encode_key(k)
         } else {
             k.to_string()
         }
-    }
+    })
 }
 
 fn token_encode(s: &str) -> String {
@@ -1422,13 +1450,33 @@ impl S3 for KarriS3 {
             })
             .collect();
         buckets.sort_by(|a, b| a.name.cmp(&b.name));
+        // Pages of MaxBuckets (1 to 10,000), resumed after the last name a page showed.
+        let max = match req.input.max_buckets {
+            None => usize::MAX,
+            Some(n @ 1..=10_000) => usize::try_from(n).unwrap_or(usize::MAX),
+            Some(_) => {
+                return Err(s3_error!(
+                    InvalidArgument,
+                    "max-buckets must be an integer between 1 and 10000"
+                ))
+            }
+        };
+        if let Some(token) = req.input.continuation_token.as_deref() {
+            let after = token_decode(token)?;
+            buckets.retain(|b| b.name.as_deref().is_some_and(|n| n > after.as_str()));
+        }
+        let continuation_token = (buckets.len() > max)
+            .then(|| buckets[max - 1].name.as_deref().map(token_encode))
+            .flatten();
+        buckets.truncate(max);
         Ok(S3Response::new(ListBucketsOutput {
             buckets: Some(buckets),
             owner: Some(Owner {
                 display_name: Some(caller.account.clone()),
                 id: Some(caller.account_id.clone()),
             }),
-            ..Default::default()
+            continuation_token,
+            prefix: req.input.prefix.clone(),
         }))
     }
 
@@ -2267,7 +2315,7 @@ impl S3 for KarriS3 {
                 max_keys,
             )
             .await?;
-        let enc = encode_with(input.encoding_type.as_ref());
+        let enc = encode_with(input.encoding_type.as_ref())?;
         let owner = owner_of(&bucket.spec);
         Ok(S3Response::new(ListObjectsOutput {
             name: Some(bucket.name.clone()),
@@ -2324,7 +2372,7 @@ impl S3 for KarriS3 {
                 max_keys,
             )
             .await?;
-        let enc = encode_with(input.encoding_type.as_ref());
+        let enc = encode_with(input.encoding_type.as_ref())?;
         let owner = owner_of(&bucket.spec);
         let fetch_owner = input.fetch_owner.unwrap_or(false);
         let count = page.contents.len() + page.common_prefixes.len();
@@ -2381,7 +2429,7 @@ impl S3 for KarriS3 {
                 max_keys,
             )
             .await?;
-        let enc = encode_with(input.encoding_type.as_ref());
+        let enc = encode_with(input.encoding_type.as_ref())?;
         let owner = owner_of(&bucket.spec);
         // Versioning is never enabled: every object is its one current version, ID "null".
         let versions = page
@@ -2662,7 +2710,7 @@ impl S3 for KarriS3 {
             },
         );
         let (shown, prefixes, truncated) = (page.uploads, page.prefixes, page.truncated);
-        let enc = encode_with(input.encoding_type.as_ref());
+        let enc = encode_with(input.encoding_type.as_ref())?;
         let owner = owner_of(&bucket.spec);
         Ok(S3Response::new(ListMultipartUploadsOutput {
             bucket: Some(bucket.name.clone()),
@@ -3311,12 +3359,12 @@ impl KarriS3 {
                 &mut apply,
             )
             .await
-            .map_err(|e| {
-                if e.code == 404 {
-                    s3_error!(NoSuchBucket, "The specified bucket does not exist.")
-                } else {
-                    internal(e)
-                }
+            .map_err(|e| match e.code {
+                404 => s3_error!(NoSuchBucket, "The specified bucket does not exist."),
+                // What the record's own validation refuses is the request's fault.
+                400 | 422 => s3_error!(InvalidArgument, "{}", e.message),
+                409 => s3_error!(OperationAborted, "{}", e.message),
+                _ => internal(e),
             })?;
         // Buckets are read from the watch cache: the next request must see this change.
         self.registry.catch_up().await.map_err(internal)?;
