@@ -190,6 +190,7 @@ pub async fn describe_instance_types(
         .map(|t| (t.name.to_string(), t))
         .collect();
     let (page, token) = paginate(
+        "DescribeInstanceTypes",
         hits,
         a.next_token.as_deref(),
         a.max_results.map(|m| m as usize),

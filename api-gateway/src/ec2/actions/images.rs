@@ -314,6 +314,7 @@ pub async fn describe_images(cx: &Cx<'_>, a: router::DescribeImages) -> Result<S
         .collect();
     shown.sort_by_key(|(v, _)| id_of(v).to_string());
     let (page, token) = super::paginate(
+        "DescribeImages",
         shown
             .into_iter()
             .map(|(v, o)| (id_of(v).to_string(), (v, o)))

@@ -28,7 +28,12 @@ fn state(v: &Value) -> crds::InstanceState {
         .unwrap_or_default()
 }
 
+/// The state the record asks for: terminated once it is being deleted (`kubectl delete`),
+/// whatever its spec says, as the operator takes it.
 fn desired(v: &Value) -> crds::DesiredState {
+    if at(v, "/metadata/deletionTimestamp").is_some() {
+        return crds::DesiredState::Terminated;
+    }
     at(v, "/spec/desiredState")
         .and_then(|s| crds::DesiredState::deserialize(s).ok())
         .unwrap_or_default()
@@ -638,6 +643,7 @@ pub async fn describe_instances(
         })
         .collect();
     let (page, token) = paginate(
+        "DescribeInstances",
         hits,
         a.next_token.as_deref(),
         a.max_results.map(|m| m as usize),
@@ -715,6 +721,7 @@ pub async fn describe_instance_status(
         .map(|v| (id_of(v).to_string(), v))
         .collect();
     let (page, token) = paginate(
+        "DescribeInstanceStatus",
         hits,
         a.next_token.as_deref(),
         a.max_results.map(|m| m as usize),
@@ -1596,6 +1603,22 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn an_instance_whose_record_is_being_deleted_shows_as_shutting_down() {
+        let record = |deleting: bool, state: &str| {
+            let mut v = json!({"metadata": {"name": "i-0abc"},
+                "spec": {"desiredState": "running"}, "status": {"state": state}});
+            if deleting {
+                v["metadata"]["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+            }
+            v
+        };
+        use crds::InstanceState as S;
+        assert_eq!(shown_state(&record(false, "running")), S::Running);
+        assert_eq!(shown_state(&record(true, "running")), S::ShuttingDown);
+        assert_eq!(shown_state(&record(true, "terminated")), S::Terminated);
     }
 
     fn status_record(ready: &str, node_healthy: &str) -> Value {

@@ -316,9 +316,11 @@ pub fn default_subnet_id(zone: &str) -> String {
     format!("subnet-{}", hash17(&format!("karri/default-subnet/{zone}")))
 }
 
-/// A page of `items` after `next_token` (the sort key of the last item of the previous page),
-/// at most `max` long, and the token of the next page.
+/// A page of `items` of action `action` after `next_token` (the sort key of the last item of
+/// the previous page), at most `max` long, and the token of the next page. A token names its
+/// action: one of another action's is `InvalidNextToken`, as in EC2.
 pub fn paginate<T>(
+    action: &str,
     mut items: Vec<(String, T)>,
     next_token: Option<&str>,
     max: Option<usize>,
@@ -329,12 +331,16 @@ pub fn paginate<T>(
     let start = match next_token {
         None => 0,
         Some(token) => {
-            let after = b64
+            let raw = b64
                 .decode(token)
                 .ok()
                 .and_then(|raw| String::from_utf8(raw).ok())
                 .ok_or_else(Ec2Error::invalid_next_token)?;
-            items.partition_point(|(key, _)| key.as_str() <= after.as_str())
+            let after = raw
+                .strip_prefix(action)
+                .and_then(|rest| rest.strip_prefix('\n'))
+                .ok_or_else(Ec2Error::invalid_next_token)?;
+            items.partition_point(|(key, _)| key.as_str() <= after)
         }
     };
     let rest = items.split_off(start.min(items.len()));
@@ -342,7 +348,8 @@ pub fn paginate<T>(
     let more = rest.len() > max;
     let page: Vec<(String, T)> = rest.into_iter().take(max).collect();
     let token = if more {
-        page.last().map(|(key, _)| b64.encode(key.as_bytes()))
+        page.last()
+            .map(|(key, _)| b64.encode(format!("{action}\n{key}").as_bytes()))
     } else {
         None
     };
@@ -420,13 +427,19 @@ mod tests {
     #[test]
     fn pages_continue_after_the_last_key_and_end_without_a_token() {
         let items: Vec<(String, u32)> = (0..7).map(|i| (format!("k{i}"), i)).collect();
-        let (first, token) = paginate(items.clone(), None, Some(3)).unwrap();
+        let (first, token) = paginate("DescribeThings", items.clone(), None, Some(3)).unwrap();
         assert_eq!(first, vec![0, 1, 2]);
-        let (second, token) = paginate(items.clone(), token.as_deref(), Some(3)).unwrap();
+        let (second, token) =
+            paginate("DescribeThings", items.clone(), token.as_deref(), Some(3)).unwrap();
         assert_eq!(second, vec![3, 4, 5]);
-        let (third, token) = paginate(items.clone(), token.as_deref(), Some(3)).unwrap();
+        let (third, token) =
+            paginate("DescribeThings", items.clone(), token.as_deref(), Some(3)).unwrap();
         assert_eq!(third, vec![6]);
         assert!(token.is_none());
-        assert!(paginate(items, Some("%%%"), Some(3)).is_err());
+        assert!(paginate("DescribeThings", items.clone(), Some("%%%"), Some(3)).is_err());
+        // Another action's token is none of this one's.
+        let (_, token) = paginate("DescribeOthers", items.clone(), None, Some(3)).unwrap();
+        let err = paginate("DescribeThings", items, token.as_deref(), Some(3)).unwrap_err();
+        assert_eq!(err.code, "InvalidNextToken");
     }
 }

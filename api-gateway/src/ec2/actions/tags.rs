@@ -238,6 +238,7 @@ pub async fn describe_tags(cx: &Cx<'_>, a: router::DescribeTags) -> Result<Strin
         }
     }
     let (page, token) = super::paginate(
+        "DescribeTags",
         rows,
         a.next_token.as_deref(),
         a.max_results.map(|m| m as usize),
