@@ -358,7 +358,43 @@ pub fn prepare_create(
         o.remove("status");
     }
     let unknown = validate(kind, &mut obj, mode)?;
+    if kind.info.kind == "KeyPair" {
+        key_pair_facts(None, &mut obj)
+            .map_err(|cause| ApiError::invalid(kind.info.kind, &name, vec![cause]))?;
+    }
     Ok((obj, unknown))
+}
+
+/// Sets what a KeyPair's public key says of it, as ImportKeyPair would: its `keyType` and the
+/// `fingerprint` EC2 shows for an imported key, for a pair made with a key of the writer's
+/// (kubectl, GitOps) and for any new public key; a pair whose key stays (and a new one given
+/// with its fingerprint, as CreateKeyPair gives its SHA-1) keeps its fingerprint. A key EC2
+/// would not take is refused, as `(field, message)`. Pure.
+pub fn key_pair_facts(old: Option<&Value>, next: &mut Value) -> Result<(), (String, String)> {
+    let key = |v: &Value| {
+        v.pointer("/spec/publicKey")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    let public_key = key(next).unwrap_or_default();
+    let imported = crate::ec2::keys::import(public_key.as_bytes())
+        .map_err(|e| ("spec.publicKey".to_string(), format!("Invalid value: {e}")))?;
+    let kept = old.filter(|o| key(o).as_deref() == Some(public_key.as_str()));
+    let fingerprint = match kept {
+        Some(o) => o.pointer("/spec/fingerprint").cloned(),
+        None if old.is_none() => next.pointer("/spec/fingerprint").cloned(),
+        None => None,
+    }
+    .filter(|f| f.as_str().is_some_and(|f| !f.is_empty()))
+    .unwrap_or_else(|| Value::String(imported.fingerprint.clone()));
+    if let Some(spec) = next.get_mut("spec").and_then(Value::as_object_mut) {
+        spec.insert("fingerprint".into(), fingerprint);
+        spec.insert(
+            "keyType".into(),
+            Value::String(imported.key_type.as_str().to_string()),
+        );
+    }
+    Ok(())
 }
 
 fn without_meta_and_status(v: &Value) -> Value {
@@ -540,6 +576,10 @@ pub fn prepare_update(
                 }
             }
         }
+    }
+    if kind.info.kind == "KeyPair" && sub == Subresource::Main {
+        key_pair_facts(Some(old), &mut out)
+            .map_err(|cause| ApiError::invalid(kind.info.kind, &old_name, vec![cause]))?;
     }
     if kind.info.kind == "Instance" && sub == Subresource::Main {
         if let Some((field, why)) = instance_change_problem(old, &out) {
@@ -754,6 +794,60 @@ mod tests {
         // What is deep enough to refuse is still well inside what serde_json reads back.
         let text = serde_json::to_string(&nested(MAX_NESTING)).expect("serialised");
         assert!(serde_json::from_str::<Value>(&text).is_ok());
+    }
+
+    #[test]
+    fn a_key_pairs_type_and_fingerprint_follow_its_public_key() {
+        const KEY: &str =
+            "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIKHnc2vSLJAEqjplP3WP12DlDNrh0g1XYeMkmjX4NKfx";
+        let imported = crate::ec2::keys::import(KEY.as_bytes()).expect("a valid key");
+        let pair = |key: &str, extra: Value| {
+            let mut v = json!({"spec": {"keyName": "k", "publicKey": key}});
+            if let (Some(spec), Some(extra)) = (v["spec"].as_object_mut(), extra.as_object()) {
+                spec.extend(extra.clone());
+            }
+            v
+        };
+        let facts = |old: Option<&Value>, mut next: Value| {
+            key_pair_facts(old, &mut next).map(|()| {
+                (
+                    next["spec"]["keyType"].clone(),
+                    next["spec"]["fingerprint"].clone(),
+                )
+            })
+        };
+        let want = (json!("ed25519"), json!(imported.fingerprint));
+        // Written by kubectl: the type the key is, its imported fingerprint (not "rsa", none).
+        assert_eq!(facts(None, pair(KEY, json!({}))), Ok(want.clone()));
+        assert_eq!(
+            facts(None, pair(KEY, json!({"keyType": "rsa"}))),
+            Ok(want.clone())
+        );
+        // CreateKeyPair's own fingerprint is kept, on creation and while the key stays.
+        let created = pair(KEY, json!({"fingerprint": "1f:51"}));
+        assert_eq!(
+            facts(None, created.clone()),
+            Ok((json!("ed25519"), json!("1f:51")))
+        );
+        assert_eq!(
+            facts(Some(&created), pair(KEY, json!({"fingerprint": "forged"}))),
+            Ok((json!("ed25519"), json!("1f:51")))
+        );
+        // A new key is an imported one.
+        let other = crate::ec2::keys::create(crate::ec2::keys::KeyType::Ed25519)
+            .expect("a new key")
+            .public_key;
+        let changed = facts(
+            Some(&created),
+            pair(&other, json!({"fingerprint": "1f:51"})),
+        );
+        assert_ne!(changed.map(|(_, f)| f), Ok(json!("1f:51")));
+        // What EC2 would not import is refused.
+        let refused = facts(None, pair("ssh-dss AAAA", json!({})));
+        assert_eq!(
+            refused.map_err(|(f, _)| f),
+            Err("spec.publicKey".to_string())
+        );
     }
 
     #[test]

@@ -145,6 +145,16 @@ async fn apply_creates_every_sample_and_reapply_is_unchanged() -> anyhow::Result
         resource_versions(&c)? == stored,
         "an unchanged apply must not write any record"
     );
+    // A key pair applied as a record is what ImportKeyPair makes of its key: its fingerprint
+    // as EC2 shows it, beside the type the key is.
+    let pair = kubectl_json(&c.admin, &["get", "keypair", "laptop"])?;
+    let fingerprint = str_at(&pair, "/spec/fingerprint");
+    ensure!(
+        str_at(&pair, "/spec/keyType") == "ed25519"
+            && fingerprint.len() == 44
+            && fingerprint.ends_with('='),
+        "the applied key pair: {pair}"
+    );
     Ok(())
 }
 
