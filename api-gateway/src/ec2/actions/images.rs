@@ -179,7 +179,7 @@ fn image_values<'v>(v: &'v Value, name: &str, owner: &'v str, own: bool) -> Vec<
         "image-type" => filter::shown(image_type(v)),
         "kernel-id" => filter::shown_opt(opt(v, "/spec/kernelId")),
         "ramdisk-id" => filter::shown_opt(opt(v, "/spec/ramdiskId")),
-        "manifest-location" => filter::shown(text(v, "/spec/imageLocation")),
+        "manifest-location" => vec![shown_location(v, owner)],
         "root-device-name" => filter::shown(text(v, "/spec/rootDeviceName")),
         "root-device-type" => filter::shown(ROOT_DEVICE_TYPE),
         "virtualization-type" => filter::shown(VIRTUALIZATION_TYPE),
@@ -205,10 +205,26 @@ fn image_values<'v>(v: &'v Value, name: &str, owner: &'v str, own: bool) -> Vec<
     }
 }
 
+/// The `imageLocation` EC2 shows: an image's `bucket/key` in S3; for an image kept elsewhere
+/// (the administrators' images on the nodes' disks), `<owner alias or ID>/<name>` as EC2 shows
+/// an image not in S3 (`amazon/<name>`), never a path on the hosts. Pure.
+fn shown_location<'v>(v: &'v Value, owner: &str) -> Cow<'v, str> {
+    let location = text(v, "/spec/imageLocation");
+    if crds::image::s3_location(location).is_some() {
+        return Cow::Borrowed(location);
+    }
+    let by = if is_system_image(v) {
+        SYSTEM_OWNER_ALIAS
+    } else {
+        owner
+    };
+    Cow::Owned(format!("{by}/{}", text(v, "/spec/name")))
+}
+
 fn write_image(w: &mut crate::ec2::xml::Response, v: &Value, owner: &str, own: bool) {
     w.item();
     w.leaf("imageId", id_of(v))
-        .leaf("imageLocation", text(v, "/spec/imageLocation"))
+        .leaf("imageLocation", &shown_location(v, owner))
         .leaf("imageState", state(v))
         .leaf("imageOwnerId", owner)
         .leaf_opt(
@@ -723,6 +739,35 @@ mod tests {
         w.open("imagesSet");
         write_image(&mut w, v, OWNER, own);
         w.finish()
+    }
+
+    #[test]
+    fn an_image_not_in_s3_shows_its_owner_and_name_never_a_host_path() {
+        let image = |ns: &str, location: &str| {
+            json!({"metadata": {"name": "emi-1", "namespace": ns},
+                "spec": {"name": "karri-micro", "imageLocation": location}})
+        };
+        let rows = [
+            (
+                image("karri-images", "/var/lib/karri/images/ab.raw"),
+                "amazon/karri-micro",
+            ),
+            (
+                image("acme", "https://images.example/disk.raw"),
+                "111122223333/karri-micro",
+            ),
+            (
+                image("acme", "acme-images/disk.raw"),
+                "acme-images/disk.raw",
+            ),
+            (
+                image("acme", "s3://acme-images/disk.raw"),
+                "s3://acme-images/disk.raw",
+            ),
+        ];
+        for (v, want) in rows {
+            assert_eq!(shown_location(&v, "111122223333"), want, "{v}");
+        }
     }
 
     #[test]
