@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use api_gateway::auth::Authenticator;
-use api_gateway::aws::credentials::Sealer;
+use api_gateway::aws::credentials::{access_key_context, Sealer};
 use api_gateway::conn_limit::CappedAcceptor;
 use api_gateway::ec2::service::Ec2Settings;
 use api_gateway::http::{discovery, router, AppState};
@@ -479,10 +479,20 @@ async fn secrets_sealer(
         Some(kv) => {
             let record: serde_json::Value =
                 serde_json::from_slice(kv.value()).context("a stored access key is not JSON")?;
-            let sealed = record
-                .pointer("/status/sealedSecret")
-                .and_then(serde_json::Value::as_str)
-                .map(str::to_owned);
+            let text = |p: &str| {
+                record
+                    .pointer(p)
+                    .and_then(serde_json::Value::as_str)
+                    .map(str::to_owned)
+            };
+            // The secret and what it was sealed for.
+            let sealed = text("/status/sealedSecret").map(|s| {
+                let context = access_key_context(
+                    &text("/status/accessKeyId").unwrap_or_default(),
+                    &text("/spec/accountName").unwrap_or_default(),
+                );
+                (s, context)
+            });
             (String::from_utf8_lossy(kv.key()).into_owned(), sealed)
         }
         None => (String::new(), None),
@@ -496,8 +506,8 @@ async fn secrets_sealer(
         );
     }
     let sealer = Sealer::load_or_create(path)?;
-    if let Some(sealed) = sealed {
-        sealer.open(&sealed).map_err(|_| {
+    if let Some((sealed, context)) = sealed {
+        sealer.open(&sealed, &context).map_err(|_| {
             anyhow::anyhow!(
                 "the secrets key in {} does not open the stored access key {name}: start the \
                  gateway with the key the access keys were sealed with",

@@ -560,12 +560,64 @@ impl Registry {
         self.read(key).await
     }
 
-    /// Open an access key's sealed secret with the gateway's secrets key.
-    pub fn open_secret(&self, sealed: &str) -> Result<String, credentials::SealError> {
+    /// Open an access key's sealed secret with the gateway's secrets key, for its `context`
+    /// ([`credentials::access_key_context`]).
+    pub fn open_secret(
+        &self,
+        sealed: &str,
+        context: &str,
+    ) -> Result<credentials::Opened, credentials::SealError> {
         match &self.sealer {
-            Some(sealer) => sealer.open(sealed),
+            Some(sealer) => sealer.open(sealed, context),
             None => Err(credentials::SealError::Open),
         }
+    }
+
+    /// Seals access key `name`'s secret `secret` again, bound to `context`: for a secret sealed
+    /// before secrets were bound to their record. Only while the record still holds `legacy`.
+    pub async fn reseal_access_key(
+        &self,
+        name: &str,
+        legacy: &str,
+        secret: &str,
+        context: &str,
+    ) -> ApiResult<()> {
+        let sealer = self
+            .sealer
+            .as_ref()
+            .ok_or_else(|| ApiError::unavailable("this gateway has no secrets key"))?;
+        let kind = self
+            .kinds
+            .by_plural("accesskeys")
+            .ok_or_else(|| ApiError::internal("access keys are not served"))?;
+        let sealed = sealer
+            .seal(secret, context)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        self.update_with(
+            &kind,
+            None,
+            name,
+            &Principal::Admin("system:secrets".into()),
+            Subresource::Status,
+            None,
+            WriteOptions::by("karri-secrets"),
+            &mut |current: &Value| {
+                if current
+                    .pointer("/status/sealedSecret")
+                    .and_then(Value::as_str)
+                    != Some(legacy)
+                {
+                    return Err(ApiError::conflict_message(format!(
+                        "access key {name} changed while its secret was sealed again"
+                    )));
+                }
+                let mut next = current.clone();
+                next["status"]["sealedSecret"] = json!(sealed);
+                Ok(next)
+            },
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Whether the S3 index holds an object or multipart upload of bucket `name`.
@@ -823,11 +875,16 @@ impl Registry {
                     )
                 })?;
                 let secret = credentials::new_secret_access_key();
+                let id = credentials::new_access_key_id();
+                let account = obj
+                    .pointer("/spec/accountName")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
                 let sealed = sealer
-                    .seal(&secret)
+                    .seal(&secret, &credentials::access_key_context(&id, account))
                     .map_err(|e| ApiError::internal(e.to_string()))?;
                 obj["status"] = json!({
-                    "accessKeyId": credentials::new_access_key_id(),
+                    "accessKeyId": id,
                     "sealedSecret": sealed,
                 });
                 Ok(Some(secret))

@@ -117,7 +117,14 @@ async fn an_access_key_secret_is_shown_once_and_stored_only_sealed() -> anyhow::
     let stored = registry.get(&kind, None, "ci", &admin()).await?;
     ensure!(stored.pointer("/status/secretAccessKey").is_none());
     let sealed = text(&stored, "/status/sealedSecret");
-    ensure!(Sealer::new(&KEY).open(sealed)? == secret);
+    let account_name = text(&stored, "/spec/accountName");
+    let context = api_gateway::aws::credentials::access_key_context(&id, account_name);
+    let opened = Sealer::new(&KEY).open(sealed, &context)?;
+    ensure!(opened.secret == secret && !opened.legacy);
+    // Sealed for this key alone: for another ID it does not open.
+    let other =
+        api_gateway::aws::credentials::access_key_context("AKIKAAAAAAAAAAAAAAAA", account_name);
+    ensure!(Sealer::new(&KEY).open(sealed, &other).is_err());
     // Nowhere in etcd is the secret in the clear.
     let mut kv = client.kv_client();
     let all = kv
@@ -138,6 +145,44 @@ async fn an_access_key_secret_is_shown_once_and_stored_only_sealed() -> anyhow::
         .by_id(&id)
         .context("the key is not in the cache by ID")?;
     ensure!(text(&cached.value, "/status/sealedSecret") == sealed);
+
+    // A secret sealed before secrets were bound to their key still signs in, and is sealed
+    // again, bound, on that first use.
+    let legacy = {
+        use aes_gcm::aead::{Aead as _, KeyInit as _};
+        use base64::Engine as _;
+        let nonce = [5u8; 12];
+        let body = aes_gcm::Aes256Gcm::new((&KEY).into())
+            .encrypt(aes_gcm::Nonce::from_slice(&nonce), secret.as_bytes())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        base64::engine::general_purpose::STANDARD.encode([nonce.to_vec(), body].concat())
+    };
+    registry
+        .update_with(
+            &kind,
+            None,
+            "ci",
+            &admin(),
+            api_gateway::admission::Subresource::Status,
+            None,
+            WriteOptions::default(),
+            &mut |current: &serde_json::Value| {
+                let mut next = current.clone();
+                next["status"]["sealedSecret"] = json!(legacy);
+                Ok(next)
+            },
+        )
+        .await?;
+    registry.catch_up().await?;
+    let (_, caller) = api_gateway::ec2::service::resolve_access_key(&registry, &id)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    ensure!(caller.account == "research", "{caller:?}");
+    let resealed = registry.get(&kind, None, "ci", &admin()).await?;
+    let now = text(&resealed, "/status/sealedSecret");
+    ensure!(now != legacy, "the legacy secret was not sealed again");
+    let opened = Sealer::new(&KEY).open(now, &context)?;
+    ensure!(opened.secret == secret && !opened.legacy);
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use aes_gcm::aead::{Aead, KeyInit};
+use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
 use base64::Engine as _;
 use rand::Rng as _;
@@ -92,31 +92,66 @@ impl Sealer {
         Ok(Sealer::new(&key))
     }
 
-    /// Seal `plain`: base64 of a random nonce followed by the ciphertext and tag.
-    pub fn seal(&self, plain: &str) -> Result<String, SealError> {
+    /// Seal `plain` for `context` (what it belongs to, see [`access_key_context`]):
+    /// [`BOUND_PREFIX`] and base64 of a random nonce followed by the ciphertext and tag, with
+    /// `context` as associated data, so that the value opens for that context alone (copied
+    /// into another record, it opens nowhere).
+    pub fn seal(&self, plain: &str, context: &str) -> Result<String, SealError> {
         let nonce_bytes: [u8; NONCE_LEN] = rand::rng().random();
+        let payload = Payload {
+            msg: plain.as_bytes(),
+            aad: context.as_bytes(),
+        };
         let sealed = self
             .cipher
-            .encrypt(Nonce::from_slice(&nonce_bytes), plain.as_bytes())
+            .encrypt(Nonce::from_slice(&nonce_bytes), payload)
             .map_err(|_| SealError::Seal)?;
         let mut out = nonce_bytes.to_vec();
         out.extend_from_slice(&sealed);
-        Ok(B64.encode(out))
+        Ok(format!("{BOUND_PREFIX}{}", B64.encode(out)))
     }
 
-    /// Open a value made by [`Sealer::seal`].
-    pub fn open(&self, sealed: &str) -> Result<String, SealError> {
-        let raw = B64.decode(sealed).map_err(|_| SealError::Open)?;
+    /// Open a value made by [`Sealer::seal`] for `context`; also one sealed before values
+    /// were bound to a context (then `Opened::legacy`, for the caller to seal it again).
+    pub fn open(&self, sealed: &str, context: &str) -> Result<Opened, SealError> {
+        let (text, aad, legacy) = match sealed.strip_prefix(BOUND_PREFIX) {
+            Some(text) => (text, context.as_bytes(), false),
+            None => (sealed, &b""[..], true),
+        };
+        let raw = B64.decode(text).map_err(|_| SealError::Open)?;
         if raw.len() < NONCE_LEN {
             return Err(SealError::Open);
         }
         let (nonce, body) = raw.split_at(NONCE_LEN);
         let plain = self
             .cipher
-            .decrypt(Nonce::from_slice(nonce), body)
+            .decrypt(Nonce::from_slice(nonce), Payload { msg: body, aad })
             .map_err(|_| SealError::Open)?;
-        String::from_utf8(plain).map_err(|_| SealError::Open)
+        Ok(Opened {
+            secret: String::from_utf8(plain).map_err(|_| SealError::Open)?,
+            legacy,
+        })
     }
+}
+
+/// Marks a value sealed for a context ([`Sealer::seal`]); values without it were sealed before
+/// values were bound to what they belong to.
+pub const BOUND_PREFIX: &str = "v2:";
+
+/// A secret opened by [`Sealer::open`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened {
+    /// The secret.
+    pub secret: String,
+    /// Whether it was sealed without a context: it should be sealed again, bound.
+    pub legacy: bool,
+}
+
+/// The context an access key's secret is sealed for: its ID and its account's name, so that a
+/// sealed secret copied into another access key record (say by someone who can write etcd and
+/// knows their own secret) opens for none. Pure.
+pub fn access_key_context(access_key_id: &str, account_name: &str) -> String {
+    format!("karri-access-key:{access_key_id}:{account_name}")
 }
 
 #[cfg(unix)]
@@ -164,26 +199,56 @@ pub fn new_account_id() -> String {
 mod tests {
     use super::*;
 
+    const SECRET: &str = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY";
+
     #[test]
-    fn a_sealed_secret_opens_only_with_its_key() {
+    fn a_sealed_secret_opens_only_with_its_key_and_for_its_own_context() {
         let sealer = Sealer::new(&[7; 32]);
-        let sealed = sealer
-            .seal("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
-            .unwrap();
-        assert!(!sealed.contains("wJalr"));
+        let mine = access_key_context("AKIKAAAAAAAAAAAAAAAA", "research");
+        let sealed = sealer.seal(SECRET, &mine).unwrap();
+        assert!(!sealed.contains("wJalr") && sealed.starts_with(BOUND_PREFIX));
         assert_eq!(
-            sealer.open(&sealed).unwrap(),
-            "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
+            sealer.open(&sealed, &mine).unwrap(),
+            Opened {
+                secret: SECRET.into(),
+                legacy: false
+            }
         );
-        assert!(Sealer::new(&[8; 32]).open(&sealed).is_err());
-        assert!(sealer.open("not base64!").is_err());
-        assert!(sealer.open("AAAA").is_err());
+        assert!(Sealer::new(&[8; 32]).open(&sealed, &mine).is_err());
+        // Copied into another key's record, or another account's, it opens for neither.
+        for other in [
+            access_key_context("AKIKBBBBBBBBBBBBBBBB", "research"),
+            access_key_context("AKIKAAAAAAAAAAAAAAAA", "admin"),
+        ] {
+            assert!(sealer.open(&sealed, &other).is_err(), "{other}");
+        }
+        // Nor with its context stripped, as a legacy value.
+        let stripped = sealed.trim_start_matches(BOUND_PREFIX);
+        assert!(sealer.open(stripped, &mine).is_err());
+        assert!(sealer.open("not base64!", &mine).is_err());
+        assert!(sealer.open("AAAA", &mine).is_err());
+    }
+
+    #[test]
+    fn a_secret_sealed_before_contexts_still_opens_and_says_so() {
+        let sealer = Sealer::new(&[7; 32]);
+        let nonce = [3u8; NONCE_LEN];
+        let body = sealer
+            .cipher
+            .encrypt(Nonce::from_slice(&nonce), SECRET.as_bytes())
+            .unwrap();
+        let legacy = B64.encode([nonce.to_vec(), body].concat());
+        let opened = sealer.open(&legacy, "anything").unwrap();
+        assert_eq!((opened.secret.as_str(), opened.legacy), (SECRET, true));
     }
 
     #[test]
     fn sealing_twice_gives_different_ciphertexts() {
         let sealer = Sealer::new(&[1; 32]);
-        assert_ne!(sealer.seal("x").unwrap(), sealer.seal("x").unwrap());
+        assert_ne!(
+            sealer.seal("x", "c").unwrap(),
+            sealer.seal("x", "c").unwrap()
+        );
     }
 
     #[test]
@@ -201,9 +266,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/secrets.key");
         let first = Sealer::load_or_create(&path).unwrap();
-        let sealed = first.seal("s").unwrap();
+        let sealed = first.seal("s", "c").unwrap();
         let again = Sealer::load_or_create(&path).unwrap();
-        assert_eq!(again.open(&sealed).unwrap(), "s");
+        assert_eq!(again.open(&sealed, "c").unwrap().secret, "s");
         use std::os::unix::fs::PermissionsExt as _;
         let mode = std::fs::metadata(&path).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);

@@ -16,6 +16,7 @@ use super::error::Ec2Error;
 use super::params::Params;
 use super::{actions, router};
 use crate::auth::Principal;
+use crate::aws::credentials;
 use crate::aws::sigv4::{self, SigV4Error, SignedRequest, VerifyPolicy};
 use crate::body::BodyError;
 use crate::http::AppState;
@@ -283,13 +284,30 @@ pub async fn resolve_access_key(
     if key.pointer("/spec/active").and_then(Value::as_bool) == Some(false) {
         return Err(KeyError::Unknown);
     }
-    let secret = registry
-        .open_secret(&text("/status/sealedSecret"))
-        .map_err(|e| {
-            tracing::error!(error = %e, "an access key's secret cannot be opened");
-            KeyError::Sealed
-        })?;
     let account_name = text("/spec/accountName");
+    let sealed = text("/status/sealedSecret");
+    let context = credentials::access_key_context(id, &account_name);
+    let opened = registry.open_secret(&sealed, &context).map_err(|e| {
+        tracing::error!(error = %e, "an access key's secret cannot be opened");
+        KeyError::Sealed
+    })?;
+    if opened.legacy {
+        // Sealed before secrets were bound to their record: sealed again, bound, once.
+        let name = text("/metadata/name");
+        match registry
+            .reseal_access_key(&name, &sealed, &opened.secret, &context)
+            .await
+        {
+            Ok(()) => tracing::info!(
+                access_key = id,
+                "sealed an access key's secret again, bound to it"
+            ),
+            Err(e) => {
+                tracing::warn!(access_key = id, error = %e.message, "could not seal an access key's secret again")
+            }
+        }
+    }
+    let secret = opened.secret;
     let account = find_account(registry, &account_name)
         .await
         .map_err(|_| KeyError::Unavailable)?
