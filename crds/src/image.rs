@@ -132,6 +132,22 @@ pub const BUCKET_UID_ANNOTATION: &str = "karri.dev/bucket-uid";
 /// until the image is registered again.
 pub const OBJECT_CONTENT_ANNOTATION: &str = "karri.dev/object-content";
 
+/// The signed query parameter of a node's presigned image URL that names the stored bytes it
+/// reads (an opaque ID the gateway derives from the object as stored): the same ID is the same
+/// bytes, so a node that fetched them once need not fetch them again.
+pub const PRESIGNED_CONTENT_PARAM: &str = "x-karri-object-content";
+
+/// The stored bytes a presigned image URL names ([`PRESIGNED_CONTENT_PARAM`]), if it names
+/// any. Pure.
+pub fn presigned_content(url: &str) -> Option<&str> {
+    let query = url.split_once('?')?.1;
+    let query = query.split('#').next().unwrap_or_default();
+    query.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=')?;
+        (k == PRESIGNED_CONTENT_PARAM && !v.is_empty()).then_some(v)
+    })
+}
+
 /// What an image holds, as EC2's `imageType` names it.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
 #[serde(rename_all = "lowercase")]
@@ -346,6 +362,26 @@ impl Validate for ImageStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_presigned_url_names_the_stored_bytes_it_reads() {
+        let rows = [
+            (
+                "https://gw:8773/b/k?X-Amz-Date=1&x-karri-object-content=ab12&X-Amz-Signature=f",
+                Some("ab12"),
+            ),
+            (
+                "https://gw:8773/b/k?x-karri-object-content=ab12",
+                Some("ab12"),
+            ),
+            ("https://gw:8773/b/k?X-Amz-Date=1&X-Amz-Signature=f", None),
+            ("https://gw:8773/b/k?x-karri-object-content=", None),
+            ("https://gw:8773/b/x-karri-object-content=ab12", None),
+        ];
+        for (url, want) in rows {
+            assert_eq!(presigned_content(url), want, "{url}");
+        }
+    }
 
     #[test]
     fn s3_locations_are_a_valid_bucket_and_a_key() {

@@ -417,7 +417,15 @@ struct State {
     /// record naming a readable object and another image's checksum gets that object (and its
     /// checksum mismatch), not the other image.
     s3_sources: HashMap<String, HashSet<String>>,
+    /// The SHA-256 of the stored S3 bytes each content ID names (the ID a presigned URL names,
+    /// [`crds::image::PRESIGNED_CONTENT_PARAM`]), for the bytes fetched and verified here;
+    /// kept in [`CONTENTS_FILE`] across restarts. A URL naming known bytes is a hit without
+    /// a fetch, a declared checksum or not.
+    s3_contents: HashMap<String, String>,
 }
+
+/// The file in the cache directory that keeps [`State::s3_contents`].
+const CONTENTS_FILE: &str = "s3-contents.json";
 
 #[derive(Clone, Copy)]
 struct Entry {
@@ -506,10 +514,15 @@ impl ImageCache {
             state.entries.insert(sha, entry);
         }
         state.tick += 1;
+        state.s3_contents = read_contents(&dir.join(CONTENTS_FILE))
+            .into_iter()
+            .filter(|(_, sha)| state.entries.contains_key(sha))
+            .collect();
         info!(
             dir = %dir.display(),
             images = state.entries.len(),
             bytes = state.total,
+            s3_contents = state.s3_contents.len(),
             "image cache opened"
         );
         Ok(Self {
@@ -680,16 +693,24 @@ impl ImageCache {
             debug!("joining the fetch in flight");
             return Step::Fetch(flight.clone());
         }
-        if let Some(sha) = &source.sha256 {
+        {
             let state = lock(&self.inner.state);
-            let vouched = pinned
-                || kind(&source.location) != Some(Kind::S3)
-                || state
-                    .s3_sources
-                    .get(sha)
-                    .is_some_and(|l| l.contains(&source.location));
-            if state.entries.contains_key(sha) && vouched {
-                return Step::Cached(sha.clone());
+            // The bytes the URL names, when they were fetched here before.
+            let content_sha = url
+                .as_deref()
+                .and_then(crds::image::presigned_content)
+                .and_then(|c| state.s3_contents.get(c));
+            if let Some(sha) = source.sha256.as_ref().or(content_sha) {
+                let vouched = pinned
+                    || kind(&source.location) != Some(Kind::S3)
+                    || content_sha == Some(sha)
+                    || state
+                        .s3_sources
+                        .get(sha)
+                        .is_some_and(|l| l.contains(&source.location));
+                if state.entries.contains_key(sha) && vouched {
+                    return Step::Cached(sha.clone());
+                }
             }
         }
         let id = flights.next_id;
@@ -811,6 +832,7 @@ impl ImageCache {
         ));
         let path = part.path().to_path_buf();
         let location = &source.location;
+        let mut content = None;
         let (sha, size) = match kind(location) {
             Some(Kind::Http) => self.download(location, location, &path, false).await?,
             Some(Kind::S3) => {
@@ -818,6 +840,7 @@ impl ImageCache {
                     Some(url) => url,
                     None => self.presigned_url(location, None).await?,
                 };
+                content = crds::image::presigned_content(&url).map(str::to_owned);
                 self.download(&url, location, &path, true).await?
             }
             Some(Kind::Path) | None => {
@@ -847,11 +870,39 @@ impl ImageCache {
         let image = self
             .publish(part, &sha, size, source.format, qcow2_verified, s3)
             .await?;
+        if let Some(content) = content {
+            self.remember_content(content, &sha).await;
+        }
         info!(sha256 = %sha, bytes = size, "image fetched and verified");
         if self.size() > self.config.max_bytes {
             self.auto_evict(&sha).await;
         }
         Ok(image)
+    }
+
+    /// Records that content ID `content` names the bytes of `sha`, and keeps the record in
+    /// [`CONTENTS_FILE`] (written whole, then renamed into place); a record that cannot be
+    /// written costs a fetch after a restart, nothing more.
+    async fn remember_content(&self, content: String, sha: &str) {
+        // One writer at a time, each writing the latest map.
+        let _writing = self.inner.publish.lock().await;
+        let snapshot = {
+            let mut state = lock(&self.inner.state);
+            state.s3_contents.insert(content, sha.to_owned());
+            let live: HashMap<String, String> = state
+                .s3_contents
+                .iter()
+                .filter(|(_, s)| state.entries.contains_key(*s))
+                .map(|(c, s)| (c.clone(), s.clone()))
+                .collect();
+            state.s3_contents = live.clone();
+            live
+        };
+        let path = self.config.dir.join(CONTENTS_FILE);
+        let written = blocking(move || write_contents(&path, &snapshot)).await;
+        if let Err(e) = written.and_then(|r| r) {
+            warn!(error = %e, "cannot keep which S3 bytes the cache holds; they are fetched again after a restart");
+        }
     }
 
     /// A presigned URL of the S3 `location` (for `instance` when named), from the cache's
@@ -1416,6 +1467,37 @@ fn sync_parent(path: &Path) -> Result<(), CacheError> {
 }
 
 /// Sets the mtime of a cached image to now: its last use, read back by [`ImageCache::open`].
+/// The content IDs and checksums kept in `path` ([`CONTENTS_FILE`]); none when it is missing
+/// or unreadable (its bytes are then fetched again, nothing worse).
+fn read_contents(path: &Path) -> HashMap<String, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice::<HashMap<String, String>>(&bytes)
+            .map(|m| m.into_iter().filter(|(_, sha)| is_sha256(sha)).collect())
+            .unwrap_or_else(|e| {
+                warn!(path = %path.display(), error = %e, "ignoring an unreadable record of S3 bytes");
+                HashMap::new()
+            }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => HashMap::new(),
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "cannot read the record of S3 bytes");
+            HashMap::new()
+        }
+    }
+}
+
+/// Writes `contents` to `path` whole: to a temporary file, synced, then renamed into place.
+fn write_contents(path: &Path, contents: &HashMap<String, String>) -> Result<(), CacheError> {
+    let tmp = path.with_extension("json.part");
+    let bytes = serde_json::to_vec(contents).map_err(|e| {
+        CacheError::io("encode", path)(io::Error::new(io::ErrorKind::InvalidData, e))
+    })?;
+    let mut file = std::fs::File::create(&tmp).map_err(CacheError::io("create", &tmp))?;
+    io::Write::write_all(&mut file, &bytes).map_err(CacheError::io("write", &tmp))?;
+    file.sync_all().map_err(CacheError::io("sync", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(CacheError::io("publish", path))?;
+    sync_parent(path)
+}
+
 fn touch(path: &Path) -> io::Result<()> {
     std::fs::File::open(path)?.set_modified(SystemTime::now())
 }

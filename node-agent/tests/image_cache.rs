@@ -517,6 +517,68 @@ async fn an_s3_image_cached_from_one_object_is_no_hit_for_another_object_claimin
 }
 
 #[tokio::test]
+async fn stored_s3_bytes_fetched_once_are_a_hit_for_later_instances_and_after_a_restart() {
+    let body = b"a disk image an account registered from its bucket".to_vec();
+    let server = ImageServer::start(body.clone(), true).await;
+    let url = |content: &str| {
+        server.url(&format!(
+            "/image?x-karri-object-content={content}&{SIGNATURE}"
+        ))
+    };
+    let presigner = FakePresigner::new(|location| Ok(format!("http://127.0.0.1:9/{location}")));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let open = || {
+        ImageCache::open(dir.path().to_path_buf(), 1 << 20)
+            .expect("open")
+            .with_presigner(presigner.clone())
+    };
+    // An image registered through EC2 declares no checksum.
+    let source = raw("mine/disk.img".to_owned(), None);
+    let cache = open();
+    let first = cache
+        .get_authorized(&source, Some(url("c1")))
+        .await
+        .expect("fetched");
+    assert_eq!(first.sha256, sha_of(&body));
+    cache
+        .get_authorized(&source, Some(url("c1")))
+        .await
+        .expect("a hit");
+    assert_eq!(server.requests.load(Ordering::SeqCst), 1, "one fetch");
+    // The cache opened again (the agent restarted) still knows those bytes.
+    drop(cache);
+    let cache = open();
+    let again = cache
+        .get_authorized(&source, Some(url("c1")))
+        .await
+        .expect("a hit after a restart");
+    assert_eq!(again.sha256, sha_of(&body));
+    assert_eq!(
+        server.requests.load(Ordering::SeqCst),
+        1,
+        "no fetch after a restart"
+    );
+    // The object written again is other stored bytes: fetched.
+    cache
+        .get_authorized(&source, Some(url("c2")))
+        .await
+        .expect("fetched again");
+    assert_eq!(server.requests.load(Ordering::SeqCst), 2);
+    // Known bytes are no hit for a record declaring another checksum: what the fetch finds
+    // decides, and it is a mismatch.
+    let claim = raw("mine/disk.img".to_owned(), Some(sha_of(b"something else")));
+    let err = cache
+        .get_authorized(&claim, Some(url("c1")))
+        .await
+        .expect_err("not those bytes");
+    assert!(
+        matches!(err, CacheError::ChecksumMismatch { .. }),
+        "{err:?}"
+    );
+    assert_eq!(presigner.asked().len(), 0, "every URL came with the get");
+}
+
+#[tokio::test]
 async fn each_instance_is_asked_about_by_name_before_it_uses_an_image_in_s3() {
     let presigner = FakePresigner::new(|location| {
         if location == "theirs/disk.img" {

@@ -19,7 +19,7 @@ pub const NODE_READER: &str = "karri-node";
 /// The signed query parameter of a node's presigned URL that names the stored bytes it was
 /// issued for (an [`ObjectMeta::content_id`](super::index::ObjectMeta::content_id)): an
 /// object written again since does not answer it.
-pub const CONTENT_PARAM: &str = "x-karri-object-content";
+pub const CONTENT_PARAM: &str = crds::image::PRESIGNED_CONTENT_PARAM;
 
 /// The access key of node `node`.
 pub fn node_access_key(node: &str) -> String {
