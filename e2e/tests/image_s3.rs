@@ -356,17 +356,7 @@ async fn a_node_gets_presigned_urls_only_for_objects_its_own_instances_boot_from
     let aws = async |args: &[&str]| cloud.gateway.aws(&creds, args).await;
     aws(&["s3api", "create-bucket", "--bucket", bucket]).await?;
     for (key, path) in [("disk.raw", &disk_path), ("other.raw", &other_path)] {
-        aws(&[
-            "s3api",
-            "put-object",
-            "--bucket",
-            bucket,
-            "--key",
-            key,
-            "--body",
-            path_str(path)?,
-        ])
-        .await?;
+        put_object(&cloud, &creds, (bucket, key), path).await?;
     }
     let location = format!("{bucket}/disk.raw");
     let other_location = format!("{bucket}/other.raw");
@@ -516,17 +506,7 @@ async fn a_node_gets_presigned_urls_only_for_objects_its_own_instances_boot_from
 
     // An image does not change. Once its object is written again (even with the same bytes),
     // a URL issued before no longer reads it, and the image no longer launches...
-    aws(&[
-        "s3api",
-        "put-object",
-        "--bucket",
-        bucket,
-        "--key",
-        "disk.raw",
-        "--body",
-        path_str(&disk_path)?,
-    ])
-    .await?;
+    put_object(&cloud, &creds, (bucket, "disk.raw"), &disk_path).await?;
     let stale = http.get(&url).send().await?;
     assert_eq!(
         stale.status(),
@@ -659,17 +639,7 @@ async fn an_instance_of_an_s3_object_that_does_not_exist_fails_with_a_reason_nam
     std::fs::write(disk.path(), b"soon gone")?;
     for (name, id, location, _) in &cases {
         let (b, key) = location.split_once('/').context("bucket/key")?;
-        let put = [
-            "s3api",
-            "put-object",
-            "--bucket",
-            b,
-            "--key",
-            key,
-            "--body",
-            path_str(disk.path())?,
-        ];
-        cloud.gateway.aws(&creds, &put).await?;
+        put_object(&cloud, &creds, (b, key), disk.path()).await?;
         images
             .create(&PostParams::default(), &image_of(id, name, location)?)
             .await?;
@@ -711,6 +681,27 @@ async fn an_instance_of_an_s3_object_that_does_not_exist_fails_with_a_reason_nam
     Ok(())
 }
 
+/// Puts the file at `path` as object `bucket/key`, as `who` (awscli's put-object).
+async fn put_object(
+    cloud: &Cloud,
+    who: &karri_testkit::AwsCredentials,
+    (bucket, key): (&str, &str),
+    path: &Path,
+) -> anyhow::Result<()> {
+    let args = [
+        "s3api",
+        "put-object",
+        "--bucket",
+        bucket,
+        "--key",
+        key,
+        "--body",
+        path_str(path)?,
+    ];
+    cloud.gateway.aws(who, &args).await?;
+    Ok(())
+}
+
 /// Puts random bytes at `bucket/disk.raw` (a new private bucket) as `who`: the location and
 /// their SHA-256.
 async fn private_object(
@@ -726,22 +717,7 @@ async fn private_object(
         .gateway
         .aws(who, &["s3api", "create-bucket", "--bucket", bucket])
         .await?;
-    cloud
-        .gateway
-        .aws(
-            who,
-            &[
-                "s3api",
-                "put-object",
-                "--bucket",
-                bucket,
-                "--key",
-                "disk.raw",
-                "--body",
-                path_str(&disk)?,
-            ],
-        )
-        .await?;
+    put_object(cloud, who, (bucket, "disk.raw"), &disk).await?;
     let sha: String = Sha256::digest(&bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
