@@ -28,6 +28,10 @@ pub struct CachedObject {
     pub json: Bytes,
     /// The etcd mod revision.
     pub revision: i64,
+    /// The EC2 face's XML of the record (an Instance's `instancesSet` item), made the first
+    /// time a DescribeInstances asks for it. It depends on the record and the gateway's fixed
+    /// region alone, and a changed record is a new object: it never goes stale.
+    pub ec2_xml: std::sync::OnceLock<Bytes>,
 }
 
 impl CachedObject {
@@ -46,6 +50,7 @@ impl CachedObject {
             value,
             json,
             revision,
+            ec2_xml: std::sync::OnceLock::new(),
         }
     }
 

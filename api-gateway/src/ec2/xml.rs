@@ -81,6 +81,27 @@ impl Response {
         response
     }
 
+    /// Starts a fragment: elements written with no declaration and no root, for
+    /// [`Response::raw`] to put into a document later.
+    pub fn fragment(capacity: usize) -> Self {
+        Response {
+            writer: Writer::new(Vec::with_capacity(capacity)),
+            stack: Vec::with_capacity(16),
+            scratch: String::with_capacity(32),
+        }
+    }
+
+    /// The bytes of a fragment, every element it opened closed.
+    pub fn fragment_bytes(self) -> Vec<u8> {
+        self.finish_bytes()
+    }
+
+    /// Appends `xml`, a [`Response::fragment`]'s bytes, where the next element would go.
+    pub fn raw(&mut self, xml: &[u8]) -> &mut Self {
+        self.writer.get_mut().extend_from_slice(xml);
+        self
+    }
+
     fn empty_document(capacity: usize) -> Self {
         let mut buffer = Vec::with_capacity(capacity.max(XML_DECLARATION.len()));
         buffer.extend_from_slice(XML_DECLARATION.as_bytes());

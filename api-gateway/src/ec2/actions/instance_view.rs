@@ -26,6 +26,9 @@ struct Metadata<'v> {
     labels: Labels<'v>,
     #[serde(borrow)]
     creation_timestamp: Option<&'v str>,
+    /// Set once the record is being deleted (`kubectl delete`).
+    #[serde(borrow)]
+    deletion_timestamp: Option<&'v str>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -146,12 +149,15 @@ impl<'v> InstanceView<'v> {
         self.metadata.labels.id
     }
 
-    /// The state EC2 shows (see [`super::instances::shown`]).
+    /// The state EC2 shows (see [`super::instances::shown`]): a record being deleted is asked
+    /// to terminate, whatever its spec says.
     pub fn shown_state(&self) -> crds::InstanceState {
-        super::instances::shown(
-            self.spec.desired_state.unwrap_or_default(),
-            self.status.state.unwrap_or_default(),
-        )
+        let desired = if self.metadata.deletion_timestamp.is_some() {
+            crds::DesiredState::Terminated
+        } else {
+            self.spec.desired_state.unwrap_or_default()
+        };
+        super::instances::shown(desired, self.status.state.unwrap_or_default())
     }
 
     /// The zone the instance runs in, else the one it asked for, else "".

@@ -12,6 +12,7 @@ use super::{
     ARCHITECTURE, HYPERVISOR, ROOT_DEVICE_TYPE, VIRTUALIZATION_TYPE,
 };
 use crate::admission::{self, Subresource};
+use crate::cache::CachedObject;
 use crate::ec2::error::Ec2Error;
 use crate::ec2::filter::{self, Matcher};
 use crate::ec2::router::{self, WireEnum as _};
@@ -226,11 +227,28 @@ fn write_instance(w: &mut Response, v: &InstanceView<'_>, region: &str) {
     w.close();
 }
 
+/// One instance of a DescribeInstances answer: its view, and the cached record that keeps its
+/// XML ([`CachedObject::ec2_xml`]).
+struct Described<'v> {
+    view: InstanceView<'v>,
+    record: &'v CachedObject,
+}
+
+/// The `instancesSet` item of `d`, written once per version of its record: a DescribeInstances
+/// of thousands of instances copies what earlier ones wrote rather than writing it again.
+fn described_xml<'v>(d: &Described<'v>, region: &str) -> &'v [u8] {
+    d.record.ec2_xml.get_or_init(|| {
+        let mut f = Response::fragment(2048);
+        write_instance(&mut f, &d.view, region);
+        bytes::Bytes::from(f.fragment_bytes())
+    })
+}
+
 /// Write `reservationSet` items from `(reservation ID, instance)` pairs: consecutive instances of
 /// one reservation share an item.
 fn write_reservations(
     w: &mut Response,
-    instances: &[(String, InstanceView<'_>)],
+    instances: &[(String, Described<'_>)],
     owner: &str,
     region: &str,
 ) {
@@ -245,28 +263,31 @@ fn write_reservations(
         write_reservation_body(
             w,
             reservation,
-            instances[i..j].iter().map(|(_, v)| v),
+            instances[i..j].iter().map(|(_, d)| d),
             owner,
-            region,
+            |w, d| {
+                w.raw(described_xml(d, region));
+            },
         );
         w.close();
         i = j;
     }
 }
 
-fn write_reservation_body<'a, 'v: 'a>(
+/// A reservation's fields, its instances written by `write_one`.
+fn write_reservation_body<I>(
     w: &mut Response,
     reservation: &str,
-    instances: impl IntoIterator<Item = &'a InstanceView<'v>>,
+    instances: impl IntoIterator<Item = I>,
     owner: &str,
-    region: &str,
+    mut write_one: impl FnMut(&mut Response, I),
 ) {
     w.leaf("reservationId", reservation)
         .leaf("ownerId", owner)
         .empty("groupSet");
     w.open("instancesSet");
     for v in instances {
-        write_instance(w, v, region);
+        write_one(w, v);
     }
     w.close();
 }
@@ -467,12 +488,13 @@ pub async fn run_instances(
     };
     let views: Vec<InstanceView<'_>> = made.iter().map(|w| InstanceView::of(&w.object)).collect();
     let mut w = cx.response("RunInstances");
+    let region = &cx.settings.region;
     write_reservation_body(
         &mut w,
         &reservation,
         &views,
         &cx.caller.account_id,
-        &cx.settings.region,
+        |w, v| write_instance(w, v, region),
     );
     Ok(w.finish())
 }
@@ -569,12 +591,13 @@ async fn existing_reservation(
         .collect();
     members.sort_by_key(InstanceView::launch_index);
     let mut w = cx.response("RunInstances");
+    let region = &cx.settings.region;
     write_reservation_body(
         &mut w,
         &reservation,
         &members,
         &cx.caller.account_id,
-        &cx.settings.region,
+        |w, v| write_instance(w, v, region),
     );
     Ok(Some(w.finish()))
 }
@@ -632,14 +655,17 @@ pub async fn describe_instances(
     ));
     let owner = cx.caller.account_id.as_str();
     let region = cx.settings.region.as_str();
-    let hits: Vec<(String, (String, InstanceView<'_>))> = all
+    let hits: Vec<(String, (String, Described<'_>))> = all
         .iter()
         .filter(|o| wanted.as_ref().is_none_or(|w| w.contains(id_of(&o.value))))
-        .map(|o| InstanceView::of(&o.value))
-        .filter(|v| matcher.matches(|name| instance_values(v, name, owner, region)))
-        .map(|v| {
-            let (key, reservation) = sort_key(&v);
-            (key, (reservation, v))
+        .map(|o| Described {
+            view: InstanceView::of(&o.value),
+            record: o,
+        })
+        .filter(|d| matcher.matches(|name| instance_values(&d.view, name, owner, region)))
+        .map(|d| {
+            let (key, reservation) = sort_key(&d.view);
+            (key, (reservation, d))
         })
         .collect();
     let (page, token) = paginate(
@@ -1571,7 +1597,9 @@ mod tests {
         let mut w = Response::new("DescribeInstancesResponse", "req-1");
         w.open("reservationSet");
         w.item();
-        write_reservation_body(&mut w, &v.reservation(), [v], OWNER, REGION);
+        write_reservation_body(&mut w, &v.reservation(), [v], OWNER, |w, v| {
+            write_instance(w, v, REGION)
+        });
         w.finish()
     }
 
@@ -1606,6 +1634,39 @@ mod tests {
     }
 
     #[test]
+    fn an_instances_xml_is_written_once_per_version_of_its_record() {
+        let record = CachedObject::from_value("k".into(), full_instance(), 7);
+        let direct = {
+            let mut f = Response::fragment(2048);
+            write_instance(&mut f, &InstanceView::of(&record.value), REGION);
+            f.fragment_bytes()
+        };
+        let described = Described {
+            view: InstanceView::of(&record.value),
+            record: &record,
+        };
+        let first = described_xml(&described, REGION);
+        assert_eq!(first, direct.as_slice());
+        // The second DescribeInstances copies the first one's bytes.
+        let again = described_xml(&described, REGION);
+        assert!(std::ptr::eq(first, again));
+        // Put into a document, they read as the item written in place.
+        let mut w = Response::new("DescribeInstancesResponse", "req-1");
+        w.open("reservationSet");
+        w.item();
+        write_reservation_body(&mut w, "r-1", [&described], OWNER, |w, d| {
+            w.raw(described_xml(d, REGION));
+        });
+        let mut fresh = Response::new("DescribeInstancesResponse", "req-1");
+        fresh.open("reservationSet");
+        fresh.item();
+        write_reservation_body(&mut fresh, "r-1", [&described.view], OWNER, |w, v| {
+            write_instance(w, v, REGION)
+        });
+        assert_eq!(w.finish(), fresh.finish());
+    }
+
+    #[test]
     fn an_instance_whose_record_is_being_deleted_shows_as_shutting_down() {
         let record = |deleting: bool, state: &str| {
             let mut v = json!({"metadata": {"name": "i-0abc"},
@@ -1616,9 +1677,16 @@ mod tests {
             v
         };
         use crds::InstanceState as S;
-        assert_eq!(shown_state(&record(false, "running")), S::Running);
-        assert_eq!(shown_state(&record(true, "running")), S::ShuttingDown);
-        assert_eq!(shown_state(&record(true, "terminated")), S::Terminated);
+        for (deleting, state, want) in [
+            (false, "running", S::Running),
+            (true, "running", S::ShuttingDown),
+            (true, "terminated", S::Terminated),
+        ] {
+            let v = record(deleting, state);
+            // As every action reads it, and as DescribeInstances' view of it does.
+            assert_eq!(shown_state(&v), want, "{v}");
+            assert_eq!(InstanceView::of(&v).shown_state(), want, "{v}");
+        }
     }
 
     fn status_record(ready: &str, node_healthy: &str) -> Value {
