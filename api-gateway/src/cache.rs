@@ -28,10 +28,22 @@ pub struct CachedObject {
     pub json: Bytes,
     /// The etcd mod revision.
     pub revision: i64,
-    /// The EC2 face's XML of the record (an Instance's `instancesSet` item), made the first
-    /// time a DescribeInstances asks for it. It depends on the record and the gateway's fixed
-    /// region alone, and a changed record is a new object: it never goes stale.
-    pub ec2_xml: std::sync::OnceLock<Bytes>,
+    /// A face's rendering of the record (EC2's `instancesSet` item of an Instance), made the
+    /// first time it is asked for. It may depend on the record and the gateway's fixed settings
+    /// alone: a changed record is a new object, so it never goes stale.
+    pub rendering: std::sync::OnceLock<Rendering>,
+}
+
+/// A record as a face renders it in lists: where it sorts, the group it is listed under, and
+/// its bytes.
+#[derive(Debug, Clone)]
+pub struct Rendering {
+    /// The key the list sorts by.
+    pub sort_key: String,
+    /// The group the record is listed under (an EC2 instance's reservation).
+    pub group: String,
+    /// The rendered record.
+    pub bytes: Bytes,
 }
 
 impl CachedObject {
@@ -50,7 +62,7 @@ impl CachedObject {
             value,
             json,
             revision,
-            ec2_xml: std::sync::OnceLock::new(),
+            rendering: std::sync::OnceLock::new(),
         }
     }
 

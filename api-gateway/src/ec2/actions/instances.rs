@@ -12,7 +12,7 @@ use super::{
     ARCHITECTURE, HYPERVISOR, ROOT_DEVICE_TYPE, VIRTUALIZATION_TYPE,
 };
 use crate::admission::{self, Subresource};
-use crate::cache::CachedObject;
+use crate::cache::{CachedObject, Rendering};
 use crate::ec2::error::Ec2Error;
 use crate::ec2::filter::{self, Matcher};
 use crate::ec2::router::{self, WireEnum as _};
@@ -227,31 +227,26 @@ fn write_instance(w: &mut Response, v: &InstanceView<'_>, region: &str) {
     w.close();
 }
 
-/// One instance of a DescribeInstances answer: its view, and the cached record that keeps its
-/// XML ([`CachedObject::ec2_xml`]).
-struct Described<'v> {
-    view: InstanceView<'v>,
-    record: &'v CachedObject,
-}
-
-/// The `instancesSet` item of `d`, written once per version of its record: a DescribeInstances
-/// of thousands of instances copies what earlier ones wrote rather than writing it again.
-fn described_xml<'v>(d: &Described<'v>, region: &str) -> &'v [u8] {
-    d.record.ec2_xml.get_or_init(|| {
+/// The `instancesSet` item of `record`, where it sorts and its reservation, made once per
+/// version of the record ([`CachedObject::rendering`]): a DescribeInstances of thousands of
+/// instances copies what earlier ones wrote rather than writing it again.
+fn rendered<'v>(record: &'v CachedObject, region: &str) -> &'v Rendering {
+    record.rendering.get_or_init(|| {
+        let view = InstanceView::of(&record.value);
+        let (sort_key, group) = sort_key(&view);
         let mut f = Response::fragment(2048);
-        write_instance(&mut f, &d.view, region);
-        bytes::Bytes::from(f.fragment_bytes())
+        write_instance(&mut f, &view, region);
+        Rendering {
+            sort_key,
+            group,
+            bytes: bytes::Bytes::from(f.fragment_bytes()),
+        }
     })
 }
 
 /// Write `reservationSet` items from `(reservation ID, instance)` pairs: consecutive instances of
 /// one reservation share an item.
-fn write_reservations(
-    w: &mut Response,
-    instances: &[(String, Described<'_>)],
-    owner: &str,
-    region: &str,
-) {
+fn write_reservations(w: &mut Response, instances: &[(String, &Rendering)], owner: &str) {
     let mut i = 0;
     while i < instances.len() {
         let reservation = &instances[i].0;
@@ -263,10 +258,10 @@ fn write_reservations(
         write_reservation_body(
             w,
             reservation,
-            instances[i..j].iter().map(|(_, d)| d),
+            instances[i..j].iter().map(|(_, r)| r),
             owner,
-            |w, d| {
-                w.raw(described_xml(d, region));
+            |w, r| {
+                w.raw(&r.bytes);
             },
         );
         w.close();
@@ -655,17 +650,19 @@ pub async fn describe_instances(
     ));
     let owner = cx.caller.account_id.as_str();
     let region = cx.settings.region.as_str();
-    let hits: Vec<(String, (String, Described<'_>))> = all
+    let unfiltered = a.filters.is_empty();
+    let hits: Vec<(String, (String, &Rendering))> = all
         .iter()
         .filter(|o| wanted.as_ref().is_none_or(|w| w.contains(id_of(&o.value))))
-        .map(|o| Described {
-            view: InstanceView::of(&o.value),
-            record: o,
+        .filter(|o| {
+            unfiltered || {
+                let view = InstanceView::of(&o.value);
+                matcher.matches(|name| instance_values(&view, name, owner, region))
+            }
         })
-        .filter(|d| matcher.matches(|name| instance_values(&d.view, name, owner, region)))
-        .map(|d| {
-            let (key, reservation) = sort_key(&d.view);
-            (key, (reservation, d))
+        .map(|o| {
+            let r = rendered(o, region);
+            (r.sort_key.clone(), (r.group.clone(), r))
         })
         .collect();
     let (page, token) = paginate(
@@ -680,7 +677,7 @@ pub async fn describe_instances(
         2048 * page.len() + 512,
     );
     w.open("reservationSet");
-    write_reservations(&mut w, &page, owner, region);
+    write_reservations(&mut w, &page, owner);
     w.close();
     w.leaf_opt("nextToken", token.as_deref());
     Ok(w.finish())
@@ -1636,34 +1633,30 @@ mod tests {
     #[test]
     fn an_instances_xml_is_written_once_per_version_of_its_record() {
         let record = CachedObject::from_value("k".into(), full_instance(), 7);
-        let direct = {
-            let mut f = Response::fragment(2048);
-            write_instance(&mut f, &InstanceView::of(&record.value), REGION);
-            f.fragment_bytes()
-        };
-        let described = Described {
-            view: InstanceView::of(&record.value),
-            record: &record,
-        };
-        let first = described_xml(&described, REGION);
-        assert_eq!(first, direct.as_slice());
+        let view = InstanceView::of(&record.value);
+        let first = rendered(&record, REGION);
+        assert_eq!(
+            (first.sort_key.clone(), first.group.clone()),
+            sort_key(&view)
+        );
         // The second DescribeInstances copies the first one's bytes.
-        let again = described_xml(&described, REGION);
-        assert!(std::ptr::eq(first, again));
+        assert!(std::ptr::eq(first, rendered(&record, REGION)));
         // Put into a document, they read as the item written in place.
-        let mut w = Response::new("DescribeInstancesResponse", "req-1");
-        w.open("reservationSet");
-        w.item();
-        write_reservation_body(&mut w, "r-1", [&described], OWNER, |w, d| {
-            w.raw(described_xml(d, REGION));
+        let document = |write: &dyn Fn(&mut Response)| {
+            let mut w = Response::new("DescribeInstancesResponse", "req-1");
+            w.open("reservationSet");
+            write(&mut w);
+            w.finish()
+        };
+        let copied = document(&|w| write_reservations(w, &[(first.group.clone(), first)], OWNER));
+        let fresh = document(&|w| {
+            w.item();
+            write_reservation_body(w, &first.group, [&view], OWNER, |w, v| {
+                write_instance(w, v, REGION)
+            });
+            w.close();
         });
-        let mut fresh = Response::new("DescribeInstancesResponse", "req-1");
-        fresh.open("reservationSet");
-        fresh.item();
-        write_reservation_body(&mut fresh, "r-1", [&described.view], OWNER, |w, v| {
-            write_instance(w, v, REGION)
-        });
-        assert_eq!(w.finish(), fresh.finish());
+        assert_eq!(copied, fresh);
     }
 
     #[test]
