@@ -24,11 +24,22 @@ pub const READS_IN_FLIGHT: usize = 2;
 /// Ranges in one batch (etcd refuses transactions of more than 128 operations by default).
 pub const MAX_BATCH: usize = 64;
 
-/// One queued read of one or more keys; `None` as the answer means the batch failed and the
-/// reader reads alone.
+/// One queued read of one or more keys.
 struct Pending {
     keys: Vec<Vec<u8>>,
-    reply: oneshot::Sender<Option<Vec<GetResponse>>>,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// What a queued read hears.
+enum Reply {
+    /// One answer per key.
+    Answers(Vec<GetResponse>),
+    /// The batch failed: the reader reads alone (its error is then its own, with the usual
+    /// retries).
+    ReadAlone,
+    /// etcd did not answer within [`store::ETCD_DEADLINE`]: reading alone would wait as long
+    /// again.
+    Stalled,
 }
 
 /// How many reads were asked for and how many etcd requests carried them.
@@ -78,8 +89,12 @@ impl PointReads {
             reply,
         };
         if self.queue.send(queued).is_ok() {
-            if let Ok(Some(resp)) = answer.await {
-                return Ok(resp);
+            // Bounded as a request is: behind reads that etcd does not answer, this one
+            // would wait for a free slot first.
+            match tokio::time::timeout(store::ETCD_DEADLINE, answer).await {
+                Ok(Ok(Reply::Answers(resp))) => return Ok(resp),
+                Ok(Ok(Reply::Stalled)) | Err(_) => return Err(store::deadline_passed()),
+                Ok(Ok(Reply::ReadAlone) | Err(_)) => {}
             }
         }
         // The batch failed (its error is this read's to see, with the usual retries) or the
@@ -171,8 +186,12 @@ async fn read_batch(etcd: Client, batch: Vec<Pending>) {
     let mut batch = batch;
     if batch.len() == 1 {
         if let Some(p) = batch.pop() {
-            let resp = read_alone(&mut kv, p.keys).await.ok();
-            let _ = p.reply.send(resp);
+            let reply = match store::within_deadline(read_alone(&mut kv, p.keys)).await {
+                Ok(resp) => Reply::Answers(resp),
+                Err(e) if store::is_deadline_passed(&e) => Reply::Stalled,
+                Err(_) => Reply::ReadAlone,
+            };
+            let _ = p.reply.send(reply);
         }
         return;
     }
@@ -181,8 +200,14 @@ async fn read_batch(etcd: Client, batch: Vec<Pending>) {
         .flat_map(|p| p.keys.iter().map(|k| TxnOp::get(k.clone(), None)))
         .collect();
     let n = ranges.len();
-    let answers = match kv.txn(Txn::new().and_then(ranges)).await {
+    let answers = match store::within_deadline(kv.txn(Txn::new().and_then(ranges))).await {
         Ok(resp) => split(resp.op_responses(), n),
+        Err(e) if store::is_deadline_passed(&e) => {
+            for p in batch {
+                let _ = p.reply.send(Reply::Stalled);
+            }
+            return;
+        }
         Err(e) => {
             tracing::debug!(error = %e, "a batch of point reads failed; each reads alone");
             Vec::new()
@@ -193,7 +218,11 @@ async fn read_batch(etcd: Client, batch: Vec<Pending>) {
         // Exactly this reader's answers, even when one of them is missing.
         let mine: Vec<Option<GetResponse>> = answers.by_ref().take(p.keys.len()).collect();
         let mine: Option<Vec<GetResponse>> = mine.into_iter().collect();
-        let _ = p.reply.send(mine.filter(|m| m.len() == p.keys.len()));
+        let reply = match mine.filter(|m| m.len() == p.keys.len()) {
+            Some(m) => Reply::Answers(m),
+            None => Reply::ReadAlone,
+        };
+        let _ = p.reply.send(reply);
     }
 }
 

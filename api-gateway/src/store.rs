@@ -129,9 +129,40 @@ pub fn watcher(etcd: &Client) -> etcd_client::WatchClient {
         .max_decoding_message_size(MAX_RESPONSE_BYTES)
 }
 
-/// Run an etcd request, sending it again (up to 8 times over about two seconds) while it
-/// cannot reach a member: with one member of a cluster down, the client's balancer may try
-/// the dead member first.
+/// How long the gateway waits for etcd to answer one request. A stalled member (a stalled
+/// disk, a partition: its connection open and silent) would otherwise hold every request that
+/// reads or writes, and the client's reconnection to it can wait for ever; past this, the
+/// request fails and its client hears that etcd is unavailable (503, `ServiceUnavailable`).
+pub const ETCD_DEADLINE: Duration = Duration::from_secs(10);
+
+/// `request`, failed with a timeout when etcd has not answered it within [`ETCD_DEADLINE`].
+/// A write that times out may still have been applied: the error says the outcome is unknown,
+/// and the request is not sent again.
+pub async fn within_deadline<T>(
+    request: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, etcd_client::Error> {
+    match tokio::time::timeout(ETCD_DEADLINE, request).await {
+        Ok(answer) => answer,
+        Err(_) => Err(deadline_passed()),
+    }
+}
+
+/// The error of a request etcd did not answer within [`ETCD_DEADLINE`].
+pub fn deadline_passed() -> etcd_client::Error {
+    etcd_client::Error::IoError(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("etcd did not answer within {} s", ETCD_DEADLINE.as_secs()),
+    ))
+}
+
+/// Whether `e` is [`deadline_passed`]'s.
+pub fn is_deadline_passed(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::IoError(io) if io.kind() == std::io::ErrorKind::TimedOut)
+}
+
+/// Run an etcd request within [`ETCD_DEADLINE`], sending it again (up to 8 times over about two
+/// seconds) while it cannot reach a member: with one member of a cluster down, the client's
+/// balancer may try the dead member first.
 pub async fn retry_unreached<T, F, Fut>(mut op: F) -> Result<T, etcd_client::Error>
 where
     F: FnMut() -> Fut,
@@ -139,7 +170,7 @@ where
 {
     let mut delay = Duration::from_millis(20);
     for _ in 0..7 {
-        match op().await {
+        match within_deadline(op()).await {
             Err(e) if never_reached_etcd(&e) => {
                 tracing::debug!(error = %e, "etcd member unreachable; trying again");
                 tokio::time::sleep(delay).await;
@@ -148,7 +179,7 @@ where
             other => return other,
         }
     }
-    op().await
+    within_deadline(op()).await
 }
 
 /// Key prefix of every record of one kind (all namespaces).

@@ -126,6 +126,12 @@ impl Etcd {
         .await
     }
 
+    /// The etcd process's ID while it runs (to pause it with SIGSTOP, as a stalled disk or a
+    /// partition would leave it: connected, silent).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The temporary directory holding the data directory and the log.
     pub fn dir(&self) -> &Path {
         self.dir.path()

@@ -392,11 +392,27 @@ fn s3_lookup_error(e: s3s::S3Error, location: &str, bucket: &str) -> ApiError {
     }
 }
 
+/// How long `/readyz` waits for etcd to answer before it says the gateway is not ready.
+const READYZ_ETCD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Ready: the watch cache has listed etcd, and etcd answers now (as kube-apiserver's `/readyz`
+/// checks etcd): a load balancer sends nothing to a gateway that could only fail.
 async fn readyz(State(s): St) -> Response {
-    if s.registry.ready() {
-        (StatusCode::OK, "ok").into_response()
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "watch cache not synced").into_response()
+    if !s.registry.ready() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "watch cache not synced").into_response();
+    }
+    match tokio::time::timeout(READYZ_ETCD_TIMEOUT, s.registry.current_revision()).await {
+        Ok(Ok(_)) => (StatusCode::OK, "ok").into_response(),
+        Ok(Err(e)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("etcd: {}", e.message),
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("etcd: no answer within {} s", READYZ_ETCD_TIMEOUT.as_secs()),
+        )
+            .into_response(),
     }
 }
 
