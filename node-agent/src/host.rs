@@ -37,11 +37,38 @@ pub fn parse_mem_total_mib(meminfo: &str) -> Option<u64> {
     }
 }
 
-/// Size of the file system holding `dir`, in GiB; `None` if it cannot be measured.
+/// The disk, in GiB, that Karri's data at `dir` may take: what is free on its file system plus
+/// what `dir` holds already (its instances' disks and cached images, so that a restart does not
+/// count them against it); not the file system's whole size, most of which may hold other
+/// things. `None` if it cannot be measured.
 pub fn disk_gib(dir: &Path) -> Option<u64> {
     let st = rustix::fs::statvfs(dir).ok()?;
-    let bytes = st.f_blocks.checked_mul(st.f_frsize)?;
-    Some(bytes / (1024 * 1024 * 1024))
+    let free = st.f_bavail.checked_mul(st.f_frsize)?;
+    Some(free.saturating_add(bytes_held(dir)) / (1024 * 1024 * 1024))
+}
+
+/// Bytes the files under `dir` take on disk (allocated blocks: sparse disks count what they
+/// hold), not following symbolic links; what cannot be read counts nothing.
+pub fn bytes_held(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut total = 0u64;
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(d) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.path().symlink_metadata() else {
+                continue;
+            };
+            if meta.is_dir() {
+                pending.push(entry.path());
+            } else {
+                total = total.saturating_add(meta.blocks().saturating_mul(512));
+            }
+        }
+    }
+    total
 }
 
 /// Whether `/dev/kvm` opens for reading and writing, as QEMU needs it.
@@ -93,6 +120,24 @@ pub fn hypervisor_name(uri: &str, domain_type: DomainType) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_disk_offered_is_what_is_free_plus_what_the_data_directory_holds() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let empty = disk_gib(dir.path()).expect("measured");
+        let nested = dir.path().join("instances/i-1");
+        std::fs::create_dir_all(&nested).expect("mkdir");
+        std::fs::write(nested.join("root.qcow2"), vec![1u8; 3 << 20]).expect("write");
+        assert!(bytes_held(dir.path()) >= 3 << 20, "the file's blocks count");
+        // Its own files do not shrink what it is offered (within rounding to GiB).
+        let after = disk_gib(dir.path()).expect("measured");
+        assert!(
+            after + 1 >= empty && after <= empty + 1,
+            "{empty} GiB, then {after} GiB"
+        );
+        // A directory that does not exist is not measured (the agent makes its own first).
+        assert_eq!(disk_gib(&dir.path().join("missing")), None);
+    }
 
     #[test]
     fn mem_total_is_read_in_mib() {

@@ -59,10 +59,11 @@ struct Args {
     /// Memory offered to instances in MiB (default: MemTotal of /proc/meminfo).
     #[arg(long, env = "KARRI_MEMORY_MIB")]
     memory_mib: Option<u64>,
-    /// Instance disk space in GiB (default: the size of the file system of --data-dir, or 20).
+    /// Instance disk space in GiB (default: what is free on the file system of --data-dir plus
+    /// what --data-dir holds already, or 20).
     #[arg(long, env = "KARRI_DISK_GIB")]
     disk_gib: Option<u64>,
-    /// Directory that holds instance disks; its file system sizes the disk capacity.
+    /// Directory that holds instance disks; its free space sizes the disk capacity.
     #[arg(long, env = "KARRI_DATA_DIR", default_value = "/var/lib/karri")]
     data_dir: PathBuf,
     /// Lease duration in seconds; the lease is renewed every quarter of it.
@@ -318,6 +319,9 @@ async fn run() -> anyhow::Result<()> {
         .with_ansi(std::io::stdout().is_terminal())
         .init();
     let args = Args::parse();
+    // Made before it is measured: a fresh data directory is this host's disk all the same.
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let capacity = args.capacity();
     let config = kube_config(&args.kubeconfig).await?;
     // Images in S3 are downloaded from the gateway itself, through presigned URLs signed for
