@@ -148,6 +148,31 @@ pub struct MetadataOptions {
     /// Hop limit of token responses (1 to 64).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub http_put_response_hop_limit: Option<u8>,
+    /// `enabled` or `disabled`: whether the instance's tags are served under
+    /// `meta-data/tags/instance/`.
+    #[serde(default)]
+    pub instance_metadata_tags: InstanceMetadataTags,
+}
+
+/// Whether the metadata service serves the instance's tags.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum InstanceMetadataTags {
+    /// Tags are not served.
+    #[default]
+    Disabled,
+    /// Tags are served under `meta-data/tags/instance/`.
+    Enabled,
+}
+
+impl InstanceMetadataTags {
+    /// The EC2 API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enabled => "enabled",
+            Self::Disabled => "disabled",
+        }
+    }
 }
 
 /// Whether the metadata service requires IMDSv2 session tokens.

@@ -40,9 +40,9 @@ pub use image::{
     Architecture, DiskImageFormat, Image, ImageSpec, ImageState, ImageStatus, ImageType,
 };
 pub use instance::{
-    DesiredState, HttpEndpoint, HttpTokens, ImageArtifact, Instance, InstanceSpec, InstanceState,
-    InstanceStatus, LaunchSpec, MetadataOptions, FORCE_STOP_ANNOTATION, INSTANCE_FINALIZER,
-    NODE_NAME_FIELD, REBOOT_ANNOTATION,
+    DesiredState, HttpEndpoint, HttpTokens, ImageArtifact, Instance, InstanceMetadataTags,
+    InstanceSpec, InstanceState, InstanceStatus, LaunchSpec, MetadataOptions,
+    FORCE_STOP_ANNOTATION, INSTANCE_FINALIZER, NODE_NAME_FIELD, REBOOT_ANNOTATION,
 };
 pub use instance_type::{InstanceType, InstanceTypeSpec, InstanceTypeStatus};
 pub use key_pair::{KeyPair, KeyPairSpec, KeyPairStatus, KeyType};

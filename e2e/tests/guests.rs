@@ -25,12 +25,14 @@ const BOOT_DEADLINE: Duration = Duration::from_secs(240);
 const DEADLINE: Duration = Duration::from_secs(90);
 const POLL: Duration = Duration::from_millis(500);
 
-/// The user-data script: says hello, and asks for its instance ID without a token (IMDSv1),
-/// printing the HTTP status line it gets.
+/// The user-data script: says hello, asks for its instance ID without a token (IMDSv1),
+/// printing the HTTP status line it gets, and for its `Name` tag, printing the answer's body.
 const SCRIPT: &str = "#!/bin/sh\n\
 echo \"user-data says hello from $(hostname)\"\n\
 printf 'GET /latest/meta-data/instance-id HTTP/1.0\\r\\nHost: 169.254.169.254\\r\\n\\r\\n' \
-| nc 169.254.169.254 80 | head -n 1 | sed 's/^/imdsv1: /'\n";
+| nc 169.254.169.254 80 | head -n 1 | sed 's/^/imdsv1: /'\n\
+printf 'GET /latest/meta-data/tags/instance/Name HTTP/1.0\\r\\nHost: 169.254.169.254\\r\\n\\r\\n' \
+| nc 169.254.169.254 80 | tail -n 1 | sed 's/^/tag-name: /'\n";
 
 fn instance_id(run: &Value) -> anyhow::Result<String> {
     run.pointer("/Instances/0/InstanceId")
@@ -171,7 +173,15 @@ async fn micro_image_guests_print_their_metadata_and_user_data_on_the_console() 
         "--user-data",
         &user_data,
     ];
-    let optional = instance_id(&cloud.aws(&common).await?)?;
+    // The first serves its tags (InstanceMetadataTags), as a guest reads them from IMDS.
+    let mut optional_args = common.to_vec();
+    optional_args.extend([
+        "--metadata-options",
+        "InstanceMetadataTags=enabled",
+        "--tag-specifications",
+        "ResourceType=instance,Tags=[{Key=Name,Value=tagged-guest}]",
+    ]);
+    let optional = instance_id(&cloud.aws(&optional_args).await?)?;
     let mut required_args = common.to_vec();
     required_args.extend(["--metadata-options", "HttpTokens=required"]);
     let required = instance_id(&cloud.aws(&required_args).await?)?;
@@ -209,6 +219,14 @@ async fn micro_image_guests_print_their_metadata_and_user_data_on_the_console() 
         optional_console.contains("imdsv1: HTTP/1.0 200")
             || optional_console.contains("imdsv1: HTTP/1.1 200"),
         "a tokenless request is served when tokens are optional:\n{optional_console}"
+    );
+    ensure!(
+        optional_console.contains("tag-name: tagged-guest"),
+        "the guest that serves its tags reads its Name tag:\n{optional_console}"
+    );
+    ensure!(
+        !required_console.contains("tagged-guest"),
+        "the other guest has no such tag:\n{required_console}"
     );
     ensure!(
         required_console.contains("imdsv1: HTTP/1.0 401")

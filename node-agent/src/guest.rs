@@ -10,7 +10,10 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crds::{DiskImageFormat, HttpEndpoint, HttpTokens, ImageArtifact, Instance, ID_LABEL};
+use crds::{
+    DiskImageFormat, HttpEndpoint, HttpTokens, ImageArtifact, Instance, InstanceMetadataTags,
+    ID_LABEL,
+};
 use kube::ResourceExt;
 
 use crate::console;
@@ -252,6 +255,12 @@ pub fn metadata_of(
         http_tokens_required: options.http_tokens == HttpTokens::Required,
         http_endpoint_enabled: options.http_endpoint == HttpEndpoint::Enabled,
         hop_limit: options.http_put_response_hop_limit.unwrap_or(1),
+        tags: (options.instance_metadata_tags == InstanceMetadataTags::Enabled).then(|| {
+            spec.tags
+                .iter()
+                .map(|t| (t.key.clone(), t.value.clone()))
+                .collect()
+        }),
     })
 }
 

@@ -89,6 +89,9 @@ pub struct InstanceMetadata {
     pub http_endpoint_enabled: bool,
     /// The IP TTL of the token's response (`HttpPutResponseHopLimit`, 1 to 64).
     pub hop_limit: u8,
+    /// The instance's tags, key and value, when it serves them (`InstanceMetadataTags:
+    /// enabled`) under `meta-data/tags/instance/`.
+    pub tags: Option<Vec<(String, String)>>,
 }
 
 /// An instance as the [`Directory`] publishes it: its metadata and the session its tokens are
@@ -551,6 +554,17 @@ fn meta_data(md: &InstanceMetadata) -> Vec<Entry> {
             vec![value("domain", "amazonaws.com"), value("partition", "aws")],
         ),
     ]);
+    if let Some(tags) = &md.tags {
+        // A key is a path segment here: one with a slash (which EC2 refuses when tags are
+        // served) or none at all cannot be one.
+        let mut keys: Vec<&(String, String)> = tags
+            .iter()
+            .filter(|(k, _)| !k.is_empty() && !k.contains('/') && k != "." && k != "..")
+            .collect();
+        keys.sort();
+        let instance = keys.into_iter().map(|(k, v)| value(k, v)).collect();
+        entries.push(dir("tags", vec![dir("instance", instance)]));
+    }
     entries
 }
 
@@ -996,6 +1010,7 @@ mod tests {
             http_tokens_required: false,
             http_endpoint_enabled: true,
             hop_limit: 1,
+            tags: None,
         }
     }
 
@@ -1109,6 +1124,34 @@ mod tests {
         for (path, want) in cases {
             assert_eq!(answer(&md, path), text(want), "{path}");
         }
+    }
+
+    #[test]
+    fn the_instances_tags_are_served_only_when_it_asked_for_them() {
+        let mut md = sample();
+        assert_eq!(answer(&md, "/latest/meta-data/tags/instance/"), None);
+        md.tags = Some(vec![
+            ("Name".into(), "web".into()),
+            ("env".into(), "prod".into()),
+            ("a/b".into(), "no path has it".into()),
+            ("empty".into(), String::new()),
+        ]);
+        let listing = answer(&md, "/latest/meta-data/");
+        assert!(
+            matches!(&listing, Some(Answer::Text(t)) if t.ends_with("services/\ntags/")),
+            "{listing:?}"
+        );
+        let cases = [
+            ("/latest/meta-data/tags/", "instance/"),
+            ("/latest/meta-data/tags/instance/", "Name\nempty\nenv"),
+            ("/latest/meta-data/tags/instance/Name", "web"),
+            ("/latest/meta-data/tags/instance/env", "prod"),
+            ("/latest/meta-data/tags/instance/empty", ""),
+        ];
+        for (path, want) in cases {
+            assert_eq!(answer(&md, path), text(want), "{path}");
+        }
+        assert_eq!(answer(&md, "/latest/meta-data/tags/instance/Missing"), None);
     }
 
     #[test]
@@ -1831,6 +1874,7 @@ mod tests {
             local_ipv4: Ipv4Addr::LOCALHOST,
             http_tokens_required: true,
             hop_limit: 2,
+            tags: None,
             ..sample()
         });
         let serving = tokio::spawn(serve(listener, directory, Tokens::new()));

@@ -550,6 +550,7 @@ fn metadata_at_guest_ip(id: &str) -> node_agent::imds::InstanceMetadata {
         http_tokens_required: false,
         http_endpoint_enabled: true,
         hop_limit: 1,
+        tags: None,
     }
 }
 

@@ -565,6 +565,7 @@ pub const INSTANCE_FILTERS: &[&str] = &[
     "metadata-options.http-endpoint",
     "metadata-options.http-put-response-hop-limit",
     "metadata-options.http-tokens",
+    "metadata-options.instance-metadata-tags",
     "metadata-options.state",
     "monitoring-state",
     "network-interface.addresses.private-ip-address",

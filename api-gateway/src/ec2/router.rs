@@ -407,6 +407,8 @@ pub struct RunInstances {
     pub http_endpoint: Option<String>,
     /// `MetadataOptions.HttpPutResponseHopLimit` (1–64).
     pub http_put_response_hop_limit: Option<u32>,
+    /// `MetadataOptions.InstanceMetadataTags` (`enabled` or `disabled`).
+    pub instance_metadata_tags: Option<String>,
 }
 
 /// DescribeInstances.
@@ -1632,6 +1634,11 @@ fn run_instances(p: &Params) -> Result<RunInstances, Ec2Error> {
             &["enabled", "disabled"],
         )?,
         http_put_response_hop_limit: p.int("MetadataOptions.HttpPutResponseHopLimit", 1..=64)?,
+        instance_metadata_tags: one_of(
+            &root,
+            "MetadataOptions.InstanceMetadataTags",
+            &["enabled", "disabled"],
+        )?,
     })
 }
 
@@ -2629,12 +2636,13 @@ mod tests {
                 }),
             ),
             (
-                // aws ec2 run-instances --image-id emi-12345678 --count 1
-                //   --metadata-options HttpTokens=required,HttpPutResponseHopLimit=2
-                "Action=RunInstances&Version=2016-11-15&ImageId=emi-12345678&MinCount=1&MaxCount=1&MetadataOptions.HttpTokens=required&MetadataOptions.HttpPutResponseHopLimit=2",
+                // aws ec2 run-instances --image-id emi-12345678 --count 1 --metadata-options
+                //   HttpTokens=required,HttpPutResponseHopLimit=2,InstanceMetadataTags=enabled
+                "Action=RunInstances&Version=2016-11-15&ImageId=emi-12345678&MinCount=1&MaxCount=1&MetadataOptions.HttpTokens=required&MetadataOptions.HttpPutResponseHopLimit=2&MetadataOptions.InstanceMetadataTags=enabled",
                 Action::RunInstances(RunInstances {
                     http_tokens: Some(s("required")),
                     http_put_response_hop_limit: Some(2),
+                    instance_metadata_tags: Some(s("enabled")),
                     ..run("emi-12345678", DEFAULT_INSTANCE_TYPE, 1, 1)
                 }),
             ),
@@ -3105,6 +3113,7 @@ mod tests {
             (format!("{run}&MinCount=1&MaxCount=1&InstanceInitiatedShutdownBehavior=hibernate"), "InvalidParameterValue"),
             (format!("{run}&MinCount=1&MaxCount=1&MetadataOptions.HttpTokens=always"), "InvalidParameterValue"),
             (format!("{run}&MinCount=1&MaxCount=1&MetadataOptions.HttpEndpoint=on"), "InvalidParameterValue"),
+            (format!("{run}&MinCount=1&MaxCount=1&MetadataOptions.InstanceMetadataTags=on"), "InvalidParameterValue"),
             (format!("{run}&MinCount=1&MaxCount=1&MetadataOptions.HttpPutResponseHopLimit=65"), "InvalidParameterValue"),
             (format!("{run}&MinCount=1&MaxCount=1&MetadataOptions.HttpPutResponseHopLimit=0"), "InvalidParameterValue"),
             (format!("{run}&MinCount=1&MaxCount=1&KeyName=%C3%BC"), "InvalidParameterValue"),

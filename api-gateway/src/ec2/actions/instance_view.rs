@@ -81,6 +81,8 @@ struct MetadataOptions<'v> {
     http_put_response_hop_limit: Option<u64>,
     #[serde(borrow)]
     http_endpoint: Option<&'v str>,
+    #[serde(borrow)]
+    instance_metadata_tags: Option<&'v str>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -236,6 +238,11 @@ impl<'v> InstanceView<'v> {
     /// IMDS `HttpEndpoint` (`enabled` unless set).
     pub fn http_endpoint(&self) -> &'v str {
         present(self.spec.metadata_options.http_endpoint).unwrap_or("enabled")
+    }
+
+    /// IMDS `InstanceMetadataTags` (`disabled` unless set).
+    pub fn instance_metadata_tags(&self) -> &'v str {
+        present(self.spec.metadata_options.instance_metadata_tags).unwrap_or("disabled")
     }
 
     /// The private address, once allocated.

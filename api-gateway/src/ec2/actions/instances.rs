@@ -131,6 +131,7 @@ fn instance_values<'v>(
         "ramdisk-id" => filter::shown_opt(v.ramdisk_id()),
         "metadata-options.http-tokens" => filter::shown(v.http_tokens()),
         "metadata-options.http-endpoint" => filter::shown(v.http_endpoint()),
+        "metadata-options.instance-metadata-tags" => filter::shown(v.instance_metadata_tags()),
         "metadata-options.http-put-response-hop-limit" => {
             filter::shown_number(v.http_put_response_hop_limit())
         }
@@ -222,7 +223,8 @@ fn write_instance(w: &mut Response, v: &InstanceView<'_>, region: &str) {
         w.leaf("state", METADATA_OPTIONS_STATE)
             .leaf("httpTokens", v.http_tokens())
             .leaf_display("httpPutResponseHopLimit", v.http_put_response_hop_limit())
-            .leaf("httpEndpoint", v.http_endpoint());
+            .leaf("httpEndpoint", v.http_endpoint())
+            .leaf("instanceMetadataTags", v.instance_metadata_tags());
     });
     w.close();
 }
@@ -393,11 +395,13 @@ pub async fn run_instances(
     }
     let metadata_options = (a.http_tokens.is_some()
         || a.http_endpoint.is_some()
-        || a.http_put_response_hop_limit.is_some())
+        || a.http_put_response_hop_limit.is_some()
+        || a.instance_metadata_tags.is_some())
     .then(|| {
         let mut o = json!({
             "httpTokens": a.http_tokens.as_deref().unwrap_or("optional"),
             "httpEndpoint": a.http_endpoint.as_deref().unwrap_or("enabled"),
+            "instanceMetadataTags": a.instance_metadata_tags.as_deref().unwrap_or("disabled"),
         });
         if let Some(limit) = a.http_put_response_hop_limit {
             o["httpPutResponseHopLimit"] = json!(limit);
@@ -531,6 +535,7 @@ pub fn request_fingerprint(a: &router::RunInstances) -> String {
         a.http_tokens,
         a.http_endpoint,
         a.http_put_response_hop_limit,
+        a.instance_metadata_tags,
         a.security_group_ids,
         a.security_groups,
         a.block_device_mappings.len(),
@@ -1525,6 +1530,10 @@ mod tests {
                 (
                     "metadata-options.http-put-response-hop-limit",
                     "instancesSet/item/metadataOptions/httpPutResponseHopLimit",
+                ),
+                (
+                    "metadata-options.instance-metadata-tags",
+                    "instancesSet/item/metadataOptions/instanceMetadataTags",
                 ),
                 (
                     "metadata-options.http-tokens",
