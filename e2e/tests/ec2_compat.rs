@@ -749,6 +749,19 @@ async fn awscli_runs_stops_starts_and_terminates_instances_until_they_are_collec
         "stop-instances answered {stopping}"
     );
     wait_state(&cloud, &aws, std::slice::from_ref(&target), "stopped").await?;
+    // Why it stopped, as EC2 words it: StateTransitionReason with the time, StateReason's code.
+    let stopped = aws
+        .ok(&["describe-instances", "--instance-ids", &target])
+        .await?;
+    let item = stopped
+        .pointer("/Reservations/0/Instances/0")
+        .context("no instance")?;
+    ensure!(
+        str_at(item, "/StateTransitionReason")?.starts_with("User initiated (")
+            && str_at(item, "/StateTransitionReason")?.ends_with(" GMT)")
+            && str_at(item, "/StateReason/Code")? == "Client.UserInitiatedShutdown",
+        "a stopped instance says why: {item}"
+    );
     let others = aws
         .ok(&["describe-instances", "--instance-ids", &web[1], &web[2]])
         .await?;

@@ -100,6 +100,8 @@ struct Status<'v> {
     #[serde(borrow)]
     launch_time: Option<&'v str>,
     #[serde(borrow)]
+    state_transition_time: Option<&'v str>,
+    #[serde(borrow)]
     availability_zone: Option<&'v str>,
     #[serde(borrow)]
     conditions: Vec<ConditionView<'v>>,
@@ -128,6 +130,9 @@ fn present(s: Option<&str>) -> Option<&str> {
 fn rfc3339(s: Option<&str>) -> Option<chrono::DateTime<chrono::Utc>> {
     present(s).and_then(super::rfc3339)
 }
+
+/// The state reason code of an instance its owner stopped or terminated.
+const USER_SHUTDOWN: &str = "Client.UserInitiatedShutdown";
 
 impl<'v> InstanceView<'v> {
     /// The view of an Instance record. A record that does not fit its schema (which admission
@@ -264,6 +269,24 @@ impl<'v> InstanceView<'v> {
         match (present(self.status.reason), self.unplaced()) {
             (None, Some(why)) => why,
             _ => self.status.message.unwrap_or(""),
+        }
+    }
+
+    /// The `reason` (StateTransitionReason) EC2 shows: `User initiated (YYYY-MM-DD HH:MM:SS GMT)`
+    /// for an instance its owner stopped or terminated, at the time it changed state; else the
+    /// state reason's message ([`InstanceView::message`]).
+    pub fn transition_reason(&self) -> std::borrow::Cow<'v, str> {
+        let at = self
+            .status
+            .state_transition_time
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+        match (present(self.status.reason), at) {
+            (Some(USER_SHUTDOWN), Some(at)) => std::borrow::Cow::Owned(format!(
+                "User initiated ({})",
+                at.with_timezone(&chrono::Utc)
+                    .format("%Y-%m-%d %H:%M:%S GMT")
+            )),
+            _ => std::borrow::Cow::Borrowed(self.message()),
         }
     }
 

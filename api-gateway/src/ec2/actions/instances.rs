@@ -139,7 +139,10 @@ fn instance_values<'v>(
         "source-dest-check" => filter::shown_bool(SOURCE_DEST_CHECK),
         "ebs-optimized" => filter::shown_bool(EBS_OPTIMIZED),
         // `reason` is the state transition reason the response shows as `<reason>`.
-        "reason" => filter::shown(v.message()),
+        "reason" => vec![v.transition_reason()]
+            .into_iter()
+            .filter(|r| !r.is_empty())
+            .collect(),
         "state-reason-code" => filter::shown_opt(v.reason()),
         "state-reason-message" => match v.reason() {
             Some(_) => filter::shown(v.message()),
@@ -177,7 +180,7 @@ fn write_instance(w: &mut Response, v: &InstanceView<'_>, region: &str) {
     });
     w.leaf("privateDnsName", &private_dns(ip, region))
         .leaf("dnsName", "")
-        .leaf("reason", v.message())
+        .leaf("reason", &v.transition_reason())
         .leaf_opt("keyName", v.key_name())
         .leaf_display("amiLaunchIndex", v.launch_index())
         .empty("productCodes")
@@ -1446,9 +1449,10 @@ mod tests {
                 "state": "stopped",
                 "privateIpAddress": "10.0.0.5",
                 "publicIpAddress": "198.51.100.7",
-                "message": "User initiated (2026-01-02 04:00:00 GMT)",
+                "message": "Client.UserInitiatedShutdown: User initiated shutdown",
                 "reason": "Client.UserInitiatedShutdown",
                 "launchTime": "2026-01-02T03:05:06.789Z",
+                "stateTransitionTime": "2026-01-02T04:00:00Z",
                 "availabilityZone": "karri-1a",
             },
         })
@@ -1666,6 +1670,29 @@ mod tests {
             w.close();
         });
         assert_eq!(copied, fresh);
+    }
+
+    #[test]
+    fn a_stop_by_its_owner_reads_user_initiated_with_its_time_as_ec2_writes_it() {
+        let record = full_instance();
+        let xml = described(&InstanceView::of(&record));
+        assert!(
+            xml.contains("<reason>User initiated (2026-01-02 04:00:00 GMT)</reason>"),
+            "{xml}"
+        );
+        assert!(
+            xml.contains("<stateReason><code>Client.UserInitiatedShutdown</code><message>Client.UserInitiatedShutdown: User initiated shutdown</message></stateReason>"),
+            "{xml}"
+        );
+        // Any other reason shows its message in both.
+        let mut failed = record.clone();
+        failed["status"]["reason"] = json!("Server.InternalError");
+        failed["status"]["message"] = json!("Server.InternalError: no image");
+        let xml = described(&InstanceView::of(&failed));
+        assert!(
+            xml.contains("<reason>Server.InternalError: no image</reason>"),
+            "{xml}"
+        );
     }
 
     #[test]
