@@ -265,7 +265,11 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 
 /// Sends `signal` (e.g. `STOP`, `CONT`) to the running `service` with `kill -<signal> <pid>`.
 pub fn signal(service: &Service, signal: &str) -> anyhow::Result<()> {
-    let pid = service.pid().context("the service is not running")?;
+    signal_pid(service.pid().context("the service is not running")?, signal)
+}
+
+/// Sends `signal` (`STOP`, `CONT`, …) to process `pid`.
+pub fn signal_pid(pid: u32, signal: &str) -> anyhow::Result<()> {
     let status = Command::new("kill")
         .arg(format!("-{signal}"))
         .arg(pid.to_string())

@@ -7,19 +7,9 @@ mod ec2_support;
 
 use anyhow::{ensure, Context};
 use ec2_support::Driver;
+use karri_e2e::cloud::signal_pid as signal;
 use karri_testkit::{Etcd, Gateway, Tokens};
 use serde_json::json;
-
-/// Sends `signal` (`STOP`, `CONT`) to process `pid`.
-fn signal(pid: u32, signal: &str) -> anyhow::Result<()> {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()
-        .context("running kill")?;
-    ensure!(status.success(), "kill -{signal} {pid}: {status}");
-    Ok(())
-}
 
 /// Lets a stopped etcd go on however the test ends.
 struct Resume(u32);
