@@ -464,7 +464,7 @@ impl Registry {
     }
 
     /// The 12-digit ID of the account whose namespace is `namespace`, as the cache has it.
-    fn account_id_of(&self, namespace: &str) -> Option<String> {
+    pub fn account_id_of(&self, namespace: &str) -> Option<String> {
         let (accounts, _) = self.cache.list("accounts", &store::kind_prefix("accounts"));
         accounts.iter().find_map(|a| {
             (a.value.pointer("/status/namespace").and_then(Value::as_str) == Some(namespace))

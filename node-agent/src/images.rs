@@ -376,6 +376,8 @@ struct Inner {
     /// Bytes the fetches under way will still write (their announced lengths), counted against
     /// the filesystem's free space before another fetch starts.
     reserved: Mutex<u64>,
+    /// Serialises writes of [`CONTENTS_FILE`], each writing the latest map.
+    contents_file: tokio::sync::Mutex<()>,
 }
 
 /// Disk room a fetch holds until it ends (see [`ImageCache::reserve`]).
@@ -541,6 +543,7 @@ impl ImageCache {
                 flights: Mutex::new(Flights::default()),
                 publish: tokio::sync::Mutex::new(()),
                 reserved: Mutex::new(0),
+                contents_file: tokio::sync::Mutex::new(()),
             }),
         })
     }
@@ -884,8 +887,7 @@ impl ImageCache {
     /// [`CONTENTS_FILE`] (written whole, then renamed into place); a record that cannot be
     /// written costs a fetch after a restart, nothing more.
     async fn remember_content(&self, content: String, sha: &str) {
-        // One writer at a time, each writing the latest map.
-        let _writing = self.inner.publish.lock().await;
+        let _writing = self.inner.contents_file.lock().await;
         let snapshot = {
             let mut state = lock(&self.inner.state);
             state.s3_contents.insert(content, sha.to_owned());

@@ -359,23 +359,14 @@ async fn image_owner_may_read(
         .pointer("/metadata/namespace")
         .and_then(Value::as_str)
         .unwrap_or("");
-    let (accounts, _) = s
-        .registry
-        .cache
-        .list("accounts", &crate::store::kind_prefix("accounts"));
-    let owner = accounts.iter().find_map(|a| {
-        (a.value.pointer("/status/namespace").and_then(Value::as_str) == Some(namespace))
-            .then(|| a.value.pointer("/status/accountId").and_then(Value::as_str))
-            .flatten()
-    });
-    let Some(account_id) = owner else {
+    let Some(account_id) = s.registry.account_id_of(namespace) else {
         // No account: the administrators' images of a system namespace (karri-images) are
         // fetched as registered. Any other namespace without an account is one whose account
         // was deleted, and its images vouch for nothing.
         return Ok(crate::admission::is_system_namespace(namespace).then_some(registered));
     };
     let may = face
-        .account_may_read(account_id, bucket, key)
+        .account_may_read(&account_id, bucket, key)
         .await
         .map_err(|e| s3_lookup_error(e, location, bucket))?;
     Ok(may.then_some(registered))
