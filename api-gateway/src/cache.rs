@@ -15,6 +15,7 @@ use prometheus_client::metrics::counter::Counter;
 use serde_json::Value;
 use tokio::sync::watch;
 
+use crate::capacity::Claim;
 use crate::store::{plural_of_key, KARRI_PREFIX, REGISTRY_PREFIX};
 
 /// One record as the cache holds it: parsed, with its resourceVersion set, and serialized.
@@ -118,6 +119,8 @@ struct State {
     dependents: HashMap<String, HashSet<String>>,
     /// Keys of the records being deleted in the foreground (the garbage collector's work).
     foreground: HashSet<String>,
+    /// How many Instance records make each claim on the nodes' room, for EC2 launches.
+    claims: HashMap<Claim, u32>,
     synced: bool,
 }
 
@@ -270,6 +273,7 @@ impl WatchCache {
         state.ids.clear();
         state.dependents.clear();
         state.foreground.clear();
+        state.claims.clear();
         for kv in kvs {
             let Ok(key) = kv.key_str() else { continue };
             if !key.starts_with(REGISTRY_PREFIX) {
@@ -392,6 +396,12 @@ impl WatchCache {
         tokio::time::timeout(timeout, wait).await.unwrap_or(false)
     }
 
+    /// What the Instance records claim of the nodes' room, with how many make each claim.
+    pub fn claims(&self) -> Vec<(Claim, u32)> {
+        let state = unpoison(self.state.read());
+        state.claims.iter().map(|(c, n)| (c.clone(), *n)).collect()
+    }
+
     /// A snapshot of one kind's records under `prefix`, and the revision it is at.
     pub fn list(&self, plural: &str, prefix: &str) -> (Vec<Arc<CachedObject>>, i64) {
         let state = unpoison(self.state.read());
@@ -509,6 +519,13 @@ fn owner_uids(obj: &CachedObject) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The claim of an Instance record on the nodes' room.
+fn claim_of(obj: &CachedObject) -> Option<Claim> {
+    (plural_of_key(&obj.key) == Some("instances"))
+        .then(|| crate::capacity::claim_of(&obj.value))
+        .flatten()
+}
+
 /// The IDs a record is found by: its EC2-style ID label, and an access key's ID.
 fn ids_of(obj: &CachedObject) -> impl Iterator<Item = &str> {
     let label = obj
@@ -540,9 +557,20 @@ fn index_add(state: &mut State, obj: &CachedObject) {
     if crate::admission::deleting_in_foreground(&obj.value) {
         state.foreground.insert(obj.key.clone());
     }
+    if let Some(claim) = claim_of(obj) {
+        *state.claims.entry(claim).or_default() += 1;
+    }
 }
 
 fn index_remove(state: &mut State, obj: &CachedObject) {
+    if let Some(claim) = claim_of(obj) {
+        if let Some(count) = state.claims.get_mut(&claim) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                state.claims.remove(&claim);
+            }
+        }
+    }
     if let Some(uid) = obj.uid() {
         state.uids.remove(uid);
     }

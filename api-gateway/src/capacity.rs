@@ -159,6 +159,103 @@ pub fn type_change_refusal(cache: &WatchCache, current: &Value, next: &Value) ->
     (!held.is_empty()).then(|| in_use(name, "shrunk", &held))
 }
 
+/// What one Instance record takes, or is about to take, of the nodes' room, as an EC2 launch
+/// counts it (the cache keeps these counted: [`WatchCache::claims`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Claim {
+    /// Bound to `node` and holding room there ([`capacity::holds_capacity`]).
+    Held {
+        /// The node it is bound to.
+        node: String,
+        /// Its instance type.
+        instance_type: String,
+    },
+    /// Not placed yet, neither terminated nor on its way out: placement will give it room in
+    /// `zone` (any zone when `None`).
+    Awaiting {
+        /// The zone it asks for.
+        zone: Option<String>,
+        /// Its instance type.
+        instance_type: String,
+    },
+}
+
+/// The claim of an Instance record on the nodes' room, `None` when it holds none and will not.
+/// Pure.
+pub fn claim_of(record: &Value) -> Option<Claim> {
+    let text = |pointer: &str| record.pointer(pointer).and_then(Value::as_str);
+    let instance_type = text("/spec/instanceType")?.to_owned();
+    let terminated = text("/status/state") == Some(crds::InstanceState::Terminated.as_str());
+    if let Some(node) = text("/status/nodeName") {
+        return (!terminated).then(|| Claim::Held {
+            node: node.to_owned(),
+            instance_type,
+        });
+    }
+    let leaving = terminated
+        || record.pointer("/metadata/deletionTimestamp").is_some()
+        || text("/spec/desiredState") == Some(crds::DesiredState::Terminated.as_str());
+    (!leaving).then(|| Claim::Awaiting {
+        zone: text("/spec/availabilityZone").map(str::to_owned),
+        instance_type,
+    })
+}
+
+/// How many instances of type `instance_type` (at most `most`) each zone could take now, by
+/// zone name ([`capacity::launch_room`]), from the nodes, instance types and claims in the
+/// cache. A zone without nodes is absent; an unknown type has room nowhere.
+pub fn launch_room(cache: &WatchCache, instance_type: &str, most: u32) -> BTreeMap<String, u32> {
+    let types: BTreeMap<String, Resources> = cache
+        .list("instancetypes", &store::kind_prefix("instancetypes"))
+        .0
+        .iter()
+        .filter_map(|o| {
+            let name = o.value.pointer("/metadata/name")?.as_str()?.to_owned();
+            let spec: InstanceTypeSpec =
+                serde_json::from_value(o.value.get("spec")?.clone()).ok()?;
+            Some((name, Resources::from(&spec)))
+        })
+        .collect();
+    let Some(&need) = types.get(instance_type) else {
+        return BTreeMap::new();
+    };
+    // A type deleted under its instances takes no room but still counts an instance.
+    let size = |t: &str| types.get(t).copied().unwrap_or_default();
+    let mut used: BTreeMap<String, capacity::Usage> = BTreeMap::new();
+    let mut awaiting = Vec::new();
+    for (claim, count) in cache.claims() {
+        match claim {
+            Claim::Held {
+                node,
+                instance_type,
+            } => {
+                let usage = used.entry(node).or_default();
+                for _ in 0..count {
+                    usage.add(size(&instance_type));
+                }
+            }
+            Claim::Awaiting {
+                zone,
+                instance_type,
+            } => awaiting.push(capacity::Awaiting {
+                zone,
+                resources: size(&instance_type),
+                count,
+            }),
+        }
+    }
+    // Placement's order among the waiting is the operator's; name order here is as good a guess.
+    awaiting.sort_by(|a, b| a.zone.cmp(&b.zone));
+    let nodes: Vec<capacity::NodeView> = cache
+        .list("nodes", &store::kind_prefix("nodes"))
+        .0
+        .iter()
+        .filter_map(|o| serde_json::from_value::<crds::Node>(o.value.clone()).ok())
+        .filter_map(|node| capacity::NodeView::from_node(&node, &used))
+        .collect();
+    capacity::launch_room(&nodes, &awaiting, need, most)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -264,5 +361,57 @@ mod tests {
             "{}",
             one.message
         );
+    }
+    #[test]
+    fn an_instance_claims_room_on_its_node_or_awaits_it_until_it_leaves() {
+        use serde_json::json;
+        let held = |node: &str| Claim::Held {
+            node: node.into(),
+            instance_type: "m1.small".into(),
+        };
+        let awaiting = |zone: Option<&str>| Claim::Awaiting {
+            zone: zone.map(str::to_owned),
+            instance_type: "m1.small".into(),
+        };
+        let rows = [
+            (
+                json!({"spec": {"instanceType": "m1.small"}}),
+                Some(awaiting(None)),
+            ),
+            (
+                json!({"spec": {"instanceType": "m1.small", "availabilityZone": "karri-1a"},
+                       "status": {"state": "pending"}}),
+                Some(awaiting(Some("karri-1a"))),
+            ),
+            (
+                json!({"spec": {"instanceType": "m1.small", "desiredState": "terminated"}}),
+                None,
+            ),
+            (
+                json!({"metadata": {"deletionTimestamp": "2026-11-27T00:00:00Z"},
+                       "spec": {"instanceType": "m1.small"}}),
+                None,
+            ),
+            (
+                json!({"spec": {"instanceType": "m1.small"},
+                       "status": {"state": "stopped", "nodeName": "node-1"}}),
+                Some(held("node-1")),
+            ),
+            (
+                json!({"metadata": {"deletionTimestamp": "2026-11-27T00:00:00Z"},
+                       "spec": {"instanceType": "m1.small", "desiredState": "terminated"},
+                       "status": {"state": "shutting-down", "nodeName": "node-1"}}),
+                Some(held("node-1")),
+            ),
+            (
+                json!({"spec": {"instanceType": "m1.small"},
+                       "status": {"state": "terminated", "nodeName": "node-1"}}),
+                None,
+            ),
+            (json!({"spec": {}}), None),
+        ];
+        for (record, want) in rows {
+            assert_eq!(claim_of(&record), want, "{record}");
+        }
     }
 }

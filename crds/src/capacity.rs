@@ -1,12 +1,13 @@
 //! What instances take of a node: the arithmetic placement (in the operator) and the gateway's
-//! check of an instance type change share. Pure.
+//! checks of an instance type change and of an EC2 launch share. Pure.
 //!
 //! Every bound instance that is not `terminated` holds the room of its instance type on its node,
 //! stopped ones included: stop and start keep an instance on its node.
 
 use std::collections::BTreeMap;
 
-use crate::{Instance, InstanceState, InstanceTypeSpec, NodeResources};
+use crate::common::is_condition_true;
+use crate::{Instance, InstanceState, InstanceTypeSpec, Node, NodeResources, CONDITION_READY};
 
 /// vCPUs, memory and instance disk: what an instance type asks for, or what a node offers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -90,6 +91,141 @@ impl Usage {
         self.resources.disk_gib = self.resources.disk_gib.saturating_add(resources.disk_gib);
         self.instances = self.instances.saturating_add(1);
     }
+}
+
+/// What placement needs to know about one node.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeView {
+    /// Node name (`metadata.name`), what `status.nodeName` will hold.
+    pub name: String,
+    /// Zone the node belongs to (`spec.availabilityZone`).
+    pub zone: String,
+    /// Whether the node's `Ready` condition is `True`.
+    pub ready: bool,
+    /// Whether an administrator drained the node (`spec.unschedulable`).
+    pub unschedulable: bool,
+    /// Most instances the node may hold (`spec.hypervisor.maxInstances`), if limited.
+    pub max_instances: Option<u32>,
+    /// Resources available to instances (`status.allocatable`).
+    pub allocatable: Resources,
+    /// What the instances bound to the node already take (see [`usage`]).
+    pub used: Usage,
+}
+
+impl NodeView {
+    /// The view of `node`, with `used` looked up by name in the result of [`usage`]; `None` for a
+    /// record without a name. A node that has not reported `status.allocatable` offers nothing.
+    pub fn from_node(node: &Node, used: &BTreeMap<String, Usage>) -> Option<Self> {
+        let name = node.metadata.name.clone()?;
+        let status = node.status.as_ref();
+        Some(Self {
+            zone: node.spec.availability_zone.clone(),
+            ready: status.is_some_and(|s| is_condition_true(&s.conditions, CONDITION_READY)),
+            unschedulable: node.spec.unschedulable,
+            max_instances: node.spec.hypervisor.as_ref().and_then(|h| h.max_instances),
+            allocatable: status
+                .and_then(|s| s.allocatable.as_ref())
+                .map(Resources::from)
+                .unwrap_or_default(),
+            used: used.get(&name).copied().unwrap_or_default(),
+            name,
+        })
+    }
+
+    /// What is still free on the node.
+    pub fn free(&self) -> Resources {
+        self.allocatable.saturating_sub(self.used.resources)
+    }
+
+    /// Whether the node accepts new instances at all: Ready and schedulable.
+    pub fn schedulable(&self) -> bool {
+        self.ready && !self.unschedulable
+    }
+
+    /// Whether an instance of size `need` fits: schedulable, below `maxInstances`, and room for
+    /// its vCPUs, its memory and its disk.
+    pub fn fits(&self, need: Resources) -> bool {
+        self.schedulable()
+            && self
+                .max_instances
+                .is_none_or(|max| self.used.instances < max)
+            && self.free().covers(need)
+    }
+
+    /// Counts an instance of size `need` as bound here. The operator calls this for each binding
+    /// it has written but not yet seen come back through its watch, so that two placements in a
+    /// row never both take the same room.
+    pub fn assume(&mut self, need: Resources) {
+        self.used.add(need);
+    }
+}
+
+/// How many more instances of size `need` fit on `node` now, at most `most`: none on a node
+/// that is not schedulable; else what its `maxInstances` and each of its free vCPUs, memory and
+/// disk leave room for (a dimension `need` does not ask for limits nothing).
+pub fn room_on(node: &NodeView, need: Resources, most: u32) -> u32 {
+    if !node.schedulable() {
+        return 0;
+    }
+    let free = node.free();
+    let by = |free: u64, need: u64| free.checked_div(need).unwrap_or(u64::MAX);
+    let slots = node.max_instances.map_or(u64::MAX, |max| {
+        u64::from(max.saturating_sub(node.used.instances))
+    });
+    let room = slots
+        .min(by(u64::from(free.vcpus), u64::from(need.vcpus)))
+        .min(by(free.memory_mib, need.memory_mib))
+        .min(by(free.disk_gib, need.disk_gib));
+    u32::try_from(room.min(u64::from(most))).unwrap_or(most)
+}
+
+/// Instances not placed yet, all of one size and one zone (`None`: any zone): they will take
+/// room that a new launch must not count on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Awaiting {
+    /// The zone they must go to, if any.
+    pub zone: Option<String>,
+    /// The size of their instance type.
+    pub resources: Resources,
+    /// How many.
+    pub count: u32,
+}
+
+/// How many instances of size `need` (at most `most`) each zone could take now, by zone name:
+/// the room of its nodes ([`room_on`]) once the instances still `awaiting` placement are counted
+/// on the first nodes (in name order, in their zone) that fit them, as placement could put
+/// them there. A zone without nodes is absent. What an EC2 launch checks before it makes
+/// records that no node could take. Pure.
+pub fn launch_room(
+    nodes: &[NodeView],
+    awaiting: &[Awaiting],
+    need: Resources,
+    most: u32,
+) -> BTreeMap<String, u32> {
+    let mut nodes: Vec<NodeView> = nodes.to_vec();
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    for group in awaiting {
+        let mut left = group.count;
+        for node in nodes
+            .iter_mut()
+            .filter(|n| group.zone.as_ref().is_none_or(|z| &n.zone == z))
+        {
+            if left == 0 {
+                break;
+            }
+            let take = room_on(node, group.resources, left);
+            for _ in 0..take {
+                node.assume(group.resources);
+            }
+            left -= take;
+        }
+    }
+    let mut room: BTreeMap<String, u32> = BTreeMap::new();
+    for node in &nodes {
+        let zone = room.entry(node.zone.clone()).or_default();
+        *zone = zone.saturating_add(room_on(node, need, most)).min(most);
+    }
+    room
 }
 
 /// Whether an instance still holds capacity on the node it is bound to: every bound instance
@@ -312,6 +448,111 @@ mod tests {
         assert!(
             refused.to_string().contains("node n1 has 2 vCPUs"),
             "{refused}"
+        );
+    }
+    fn node(name: &str, zone: &str, vcpus: u32, memory_mib: u64) -> NodeView {
+        NodeView {
+            name: name.into(),
+            zone: zone.into(),
+            ready: true,
+            allocatable: Resources::new(vcpus, memory_mib).with_disk(u64::MAX),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_room_on_a_node_is_its_tightest_limit() {
+        let small = Resources::new(1, 512).with_disk(10);
+        let mut busy = node("n1", "z", 4, 4096);
+        busy.assume(Resources::new(1, 1024));
+        let mut capped = node("n1", "z", 64, 65536);
+        capped.max_instances = Some(3);
+        capped.assume(small);
+        let mut disk = node("n1", "z", 64, 65536);
+        disk.allocatable.disk_gib = 25;
+        let rows: Vec<(&str, NodeView, Resources, u32, u32)> = vec![
+            ("vCPUs limit", node("n1", "z", 4, 65536), small, 50, 4),
+            ("memory limits", node("n1", "z", 64, 2048), small, 50, 4),
+            ("what is used is taken off", busy, small, 50, 3),
+            ("maxInstances limits", capped, small, 50, 2),
+            ("disk limits", disk, small, 50, 2),
+            (
+                "never more than asked",
+                node("n1", "z", 64, 65536),
+                small,
+                5,
+                5,
+            ),
+            (
+                "a size that asks for nothing is limited by the cap",
+                node("n1", "z", 0, 0),
+                Resources::default(),
+                7,
+                7,
+            ),
+            (
+                "not ready: none",
+                NodeView {
+                    ready: false,
+                    ..node("n1", "z", 64, 65536)
+                },
+                small,
+                50,
+                0,
+            ),
+            (
+                "drained: none",
+                NodeView {
+                    unschedulable: true,
+                    ..node("n1", "z", 64, 65536)
+                },
+                small,
+                50,
+                0,
+            ),
+        ];
+        for (what, n, need, most, want) in rows {
+            assert_eq!(room_on(&n, need, most), want, "{what}");
+        }
+    }
+
+    #[test]
+    fn launch_room_counts_each_zone_after_the_instances_awaiting_placement() {
+        let small = Resources::new(1, 512);
+        let nodes = vec![
+            node("a2", "za", 2, 4096),
+            node("a1", "za", 2, 4096),
+            node("b1", "zb", 1, 4096),
+        ];
+        let room = |awaiting: &[Awaiting], most| launch_room(&nodes, awaiting, small, most);
+        let zones = |pairs: &[(&str, u32)]| -> BTreeMap<String, u32> {
+            pairs.iter().map(|(z, n)| (z.to_string(), *n)).collect()
+        };
+        assert_eq!(room(&[], 50), zones(&[("za", 4), ("zb", 1)]));
+        assert_eq!(room(&[], 3), zones(&[("za", 3), ("zb", 1)]), "capped");
+        let in_za = Awaiting {
+            zone: Some("za".into()),
+            resources: small,
+            count: 3,
+        };
+        assert_eq!(room(&[in_za], 50), zones(&[("za", 1), ("zb", 1)]));
+        // Awaiting without a zone fills nodes in name order: a1, a2, then b1.
+        let anywhere = Awaiting {
+            zone: None,
+            resources: small,
+            count: 5,
+        };
+        assert_eq!(room(&[anywhere], 50), zones(&[("za", 0), ("zb", 0)]));
+        // More awaiting than fits takes what there is and no more.
+        let too_many = Awaiting {
+            zone: Some("zb".into()),
+            resources: Resources::new(1, 512),
+            count: 9,
+        };
+        assert_eq!(room(&[too_many], 50), zones(&[("za", 4), ("zb", 0)]));
+        assert!(
+            launch_room(&[], &[], small, 50).is_empty(),
+            "no nodes, no zones"
         );
     }
 }

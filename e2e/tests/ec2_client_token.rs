@@ -134,7 +134,7 @@ async fn fifty_concurrent_run_instances_with_one_client_token_make_one_reservati
     let etcd = Etcd::start().await?;
     let tokens = Tokens::generate(&[], &[]);
     let gateway = Gateway::start(&etcd.endpoint, &tokens).await?;
-    apply_catalogue(&gateway, &tokens.admin)?;
+    apply_catalogue(&gateway, &tokens.admin).await?;
     let (account_id, creds) = gateway.account_with_key(&tokens.admin, "tokens").await?;
     let mut aws = Driver::start(&gateway, &creds, "tokens")?;
     aws.upload_image_object("images/token.img")?;
@@ -214,7 +214,7 @@ async fn a_describe_right_after_a_modify_sees_it() -> anyhow::Result<()> {
     let etcd = Etcd::start().await?;
     let tokens = Tokens::generate(&[], &[]);
     let gateway = Gateway::start(&etcd.endpoint, &tokens).await?;
-    apply_catalogue(&gateway, &tokens.admin)?;
+    apply_catalogue(&gateway, &tokens.admin).await?;
     let (_, creds) = gateway.account_with_key(&tokens.admin, "reader").await?;
     let (other, _) = gateway.account_with_key(&tokens.admin, "other").await?;
     let mut aws = Driver::start(&gateway, &creds, "reader")?;

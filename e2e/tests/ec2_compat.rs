@@ -1428,3 +1428,129 @@ fn the_helpers_encode_base64_read_awscli_error_codes_and_nest_cidrs() -> anyhow:
     assert!(!cidr_within("172.0.0.0/12", "172.31.0.0/16")?);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_launch_no_node_has_room_for_is_refused_and_one_between_min_and_max_launches_what_fits(
+) -> anyhow::Result<()> {
+    let cloud = Cloud::start(Options {
+        agents: 1,
+        ..Options::default()
+    })
+    .await?;
+    let (aws, _) = Aws::for_new_account(&cloud, "room").await?;
+    // Half of the node (the test agent offers 64 vCPUs): two fit.
+    let types: Api<crds::InstanceType> = Api::all(cloud.client.clone());
+    let half: crds::InstanceType = serde_json::from_value(serde_json::json!({
+        "apiVersion": "karri.dev/v1alpha1", "kind": "InstanceType",
+        "metadata": {"name": "x.half"},
+        "spec": {"vcpus": 32, "memoryMiB": 256, "diskGiB": 1}
+    }))?;
+    types.create(&Default::default(), &half).await?;
+    let location = cloud.blank_image_in_s3(&aws.creds, "room-images").await?;
+    let image = aws
+        .ok(&[
+            "register-image",
+            "--name",
+            "room",
+            "--image-location",
+            &location,
+        ])
+        .await?;
+    let image_id = str_at(&image, "/ImageId")?.to_owned();
+    let run = |count: &'static str| {
+        [
+            "run-instances",
+            "--image-id",
+            image_id.as_str(),
+            "--instance-type",
+            "x.half",
+            "--count",
+            count,
+        ]
+    };
+    let ids_of = |ran: &Value| -> Vec<String> {
+        let ids: Vec<String> = array_at(ran, "/Instances")
+            .iter()
+            .filter_map(|i| i.pointer("/InstanceId").and_then(Value::as_str))
+            .map(str::to_owned)
+            .collect();
+        sorted(&ids)
+    };
+
+    // A zone without nodes is refused, naming the zone that has room.
+    let said = aws
+        .refused(
+            &[
+                "run-instances",
+                "--image-id",
+                &image_id,
+                "--instance-type",
+                "t1.micro",
+                "--placement",
+                "AvailabilityZone=karri-1b",
+            ],
+            "InsufficientInstanceCapacity",
+        )
+        .await?;
+    ensure!(
+        said.contains("(karri-1b)") && said.contains("choosing karri-1a"),
+        "the refusal said {said:?}"
+    );
+
+    // MinCount 3 where two fit: nothing is made.
+    let said = aws
+        .refused(&run("3"), "InsufficientInstanceCapacity")
+        .await?;
+    ensure!(
+        said.contains("at most 2 fit now"),
+        "the refusal said {said:?}"
+    );
+    let described = aws.ok(&["describe-instances"]).await?;
+    ensure!(
+        array_at(&described, "/Reservations").is_empty(),
+        "a refused launch left instances: {described}"
+    );
+
+    // MinCount 1, MaxCount 5: the two that fit, in the node's zone, shown at once.
+    let ran = aws.ok(&run("1:5")).await?;
+    let ids = ids_of(&ran);
+    ensure!(ids.len() == 2, "run-instances --count 1:5 ran {ids:?}");
+    for instance in array_at(&ran, "/Instances") {
+        ensure!(
+            str_at(instance, "/Placement/AvailabilityZone")? == karri_e2e::cloud::ZONE,
+            "a launch without a zone shows no zone: {instance}"
+        );
+    }
+    // The node is full (counting instances that are not placed yet): no third one, and no
+    // room in any zone for even the smallest type.
+    aws.refused(&run("1"), "InsufficientInstanceCapacity")
+        .await?;
+    // A zone without nodes is refused, and now there is nothing elsewhere to name either.
+    let said = aws
+        .refused(
+            &[
+                "run-instances",
+                "--image-id",
+                &image_id,
+                "--instance-type",
+                "t1.micro",
+                "--placement",
+                "AvailabilityZone=karri-1b",
+            ],
+            "InsufficientInstanceCapacity",
+        )
+        .await?;
+    ensure!(
+        said.contains("(karri-1b)") && said.contains("nor in any other zone"),
+        "the refusal said {said:?}"
+    );
+
+    // Terminating one makes room again.
+    wait_state(&cloud, &aws, &ids, "running").await?;
+    aws.ok(&["terminate-instances", "--instance-ids", &ids[0]])
+        .await?;
+    wait_state(&cloud, &aws, &ids[..1], "terminated").await?;
+    let again = ids_of(&aws.ok(&run("1")).await?);
+    ensure!(again.len() == 1, "after a termination, ran {again:?}");
+    Ok(())
+}

@@ -446,7 +446,7 @@ async fn an_instance_that_never_reached_running_cannot_be_stopped() -> anyhow::R
     let etcd = Etcd::start().await?;
     let tokens = Tokens::generate(&[], &[]);
     let gateway = Gateway::start(&etcd.endpoint, &tokens).await?;
-    apply_catalogue(&gateway, &tokens.admin)?;
+    apply_catalogue(&gateway, &tokens.admin).await?;
     let (_, creds) = gateway.account_with_key(&tokens.admin, "pending").await?;
     let mut aws = Driver::start(&gateway, &creds, "pending")?;
     aws.upload_image_object("images/pending.img")?;

@@ -17,83 +17,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
-use crds::common::is_condition_true;
-use crds::{InstanceSpec, InstanceTypeSpec, Node, CONDITION_READY};
+use crds::{InstanceSpec, InstanceTypeSpec};
 use serde::{Deserialize, Serialize};
 
-pub use crds::capacity::{holds_capacity, usage, Resources, Usage};
-
-/// What placement needs to know about one node.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NodeView {
-    /// Node name (`metadata.name`), what `status.nodeName` will hold.
-    pub name: String,
-    /// Zone the node belongs to (`spec.availabilityZone`).
-    pub zone: String,
-    /// Whether the node's `Ready` condition is `True`.
-    pub ready: bool,
-    /// Whether an administrator drained the node (`spec.unschedulable`).
-    pub unschedulable: bool,
-    /// Most instances the node may hold (`spec.hypervisor.maxInstances`), if limited.
-    pub max_instances: Option<u32>,
-    /// Resources available to instances (`status.allocatable`).
-    pub allocatable: Resources,
-    /// What the instances bound to the node already take (see [`usage`]).
-    pub used: Usage,
-}
-
-impl NodeView {
-    /// The view of `node`, with `used` looked up by name in the result of [`usage`]; `None` for a
-    /// record without a name. A node that has not reported `status.allocatable` offers nothing.
-    pub fn from_node(node: &Node, used: &BTreeMap<String, Usage>) -> Option<Self> {
-        let name = node.metadata.name.clone()?;
-        let status = node.status.as_ref();
-        Some(Self {
-            zone: node.spec.availability_zone.clone(),
-            ready: status.is_some_and(|s| is_condition_true(&s.conditions, CONDITION_READY)),
-            unschedulable: node.spec.unschedulable,
-            max_instances: node.spec.hypervisor.as_ref().and_then(|h| h.max_instances),
-            allocatable: status
-                .and_then(|s| s.allocatable.as_ref())
-                .map(Resources::from)
-                .unwrap_or_default(),
-            used: used.get(&name).copied().unwrap_or_default(),
-            name,
-        })
-    }
-
-    /// What is still free on the node.
-    pub fn free(&self) -> Resources {
-        self.allocatable.saturating_sub(self.used.resources)
-    }
-
-    /// Whether the node accepts new instances at all: Ready and schedulable.
-    pub fn schedulable(&self) -> bool {
-        self.ready && !self.unschedulable
-    }
-
-    /// Whether an instance of size `need` fits: schedulable, below `maxInstances`, and room for
-    /// its vCPUs, its memory and its disk.
-    pub fn fits(&self, need: Resources) -> bool {
-        self.schedulable()
-            && self
-                .max_instances
-                .is_none_or(|max| self.used.instances < max)
-            && self.free().covers(need)
-    }
-
-    /// Counts an instance of size `need` as bound here. The operator calls this for each binding
-    /// it has written but not yet seen come back through its watch, so that two placements in a
-    /// row never both take the same room.
-    pub fn assume(&mut self, need: Resources) {
-        self.used.add(need);
-    }
-
-    /// How full the node would be with `need` added, for PACK and SPREAD.
-    fn load_with(&self, need: Resources) -> Load {
-        Load::of(self.used.resources, need, self.allocatable)
-    }
-}
+pub use crds::capacity::{holds_capacity, usage, NodeView, Resources, Usage};
 
 /// What to place: the zone asked for and the size of the instance's type.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -292,11 +219,11 @@ pub fn place(
         Policy::Pack => zone_nodes
             .iter()
             .filter(fits)
-            .min_by(|a, b| b.load_with(need).cmp(&a.load_with(need))),
+            .min_by(|a, b| load_with(b, need).cmp(&load_with(a, need))),
         Policy::Spread => zone_nodes
             .iter()
             .filter(fits)
-            .min_by(|a, b| a.load_with(need).cmp(&b.load_with(need))),
+            .min_by(|a, b| load_with(a, need).cmp(&load_with(b, need))),
     };
     chosen
         .map(|n| n.name.clone())
@@ -306,6 +233,11 @@ pub fn place(
             memory_mib: need.memory_mib,
             disk_gib: need.disk_gib,
         })
+}
+
+/// How full `node` would be with `need` added, for PACK and SPREAD.
+fn load_with(node: &NodeView, need: Resources) -> Load {
+    Load::of(node.used.resources, need, node.allocatable)
 }
 
 /// How full a node would be: the vCPU share plus the memory share in use, each `used / allocatable`
@@ -362,8 +294,8 @@ impl Ord for Load {
 mod tests {
     use super::*;
     use crds::{
-        Condition, ConditionStatus, HypervisorHints, Instance, InstanceState, InstanceStatus,
-        NodeResources, NodeSpec, NodeStatus,
+        Condition, ConditionStatus, HypervisorHints, Instance, InstanceState, InstanceStatus, Node,
+        NodeResources, NodeSpec, NodeStatus, CONDITION_READY,
     };
 
     /// A Ready, schedulable node in `zone` with `vcpus`/`mem` allocatable and `used_*` in use.

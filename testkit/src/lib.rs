@@ -359,6 +359,63 @@ impl Gateway {
         Ok(serde_json::from_str(&text)?)
     }
 
+    /// Registers node `name` in `zone` as a Ready host offering `vcpus` vCPUs and `memory_mib`
+    /// MiB (admin token), its record as an agent and the operator would leave it. For tests and
+    /// benchmarks that run the gateway alone: EC2 launches need a node with room, and with no
+    /// operator running nothing is ever placed on it.
+    pub async fn register_ready_node(
+        &self,
+        admin_token: &str,
+        name: &str,
+        zone: &str,
+        vcpus: u32,
+        memory_mib: u64,
+    ) -> anyhow::Result<()> {
+        let path = "/apis/karri.dev/v1alpha1/nodes";
+        let body = serde_json::json!({
+            "apiVersion": "karri.dev/v1alpha1", "kind": "Node",
+            "metadata": {"name": name}, "spec": {"availabilityZone": zone}
+        });
+        self.post_json(admin_token, path, &body).await?;
+        let resources = serde_json::json!({"vcpus": vcpus, "memoryMiB": memory_mib, "diskGiB": 0});
+        let status = serde_json::json!({"status": {
+            "capacity": resources, "allocatable": resources,
+            "conditions": [{"type": "Ready", "status": "True", "reason": "AgentHeartbeat",
+                            "message": "registered by a test", "lastTransitionTime": "2026-01-01T00:00:00Z"}]
+        }});
+        let status_path = format!("{path}/{name}/status");
+        let resp = self
+            .client()?
+            .patch(format!("{}{status_path}", self.url()))
+            .bearer_auth(admin_token)
+            .header("content-type", "application/merge-patch+json")
+            .body(status.to_string())
+            .send()
+            .await
+            .with_context(|| format!("PATCH {status_path}"))?;
+        let code = resp.status();
+        ensure!(
+            code.is_success(),
+            "PATCH {status_path}: {code}: {}",
+            resp.text().await.unwrap_or_default()
+        );
+        // A list waits for the gateway's watch cache to reach etcd's revision, so the launches
+        // that follow (which read the cache) see the node.
+        let listed = self
+            .client()?
+            .get(format!("{}{path}", self.url()))
+            .bearer_auth(admin_token)
+            .send()
+            .await
+            .with_context(|| format!("GET {path}"))?;
+        ensure!(
+            listed.status().is_success(),
+            "GET {path}: {}",
+            listed.status()
+        );
+        Ok(())
+    }
+
     /// Environment for awscli/boto3 against this gateway's EC2 endpoint (region `karri-1`),
     /// signed with `creds`: `AWS_ENDPOINT_URL`, the keys, `AWS_DEFAULT_REGION`, `AWS_CA_BUNDLE`,
     /// and settings that keep the clients from reading this machine's AWS configuration.

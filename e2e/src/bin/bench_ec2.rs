@@ -4,9 +4,9 @@
 //! - Karri: a real etcd and the real `api-gateway` from `$KARRI_BIN_DIR` (build it with
 //!   `cargo build --release -p api-gateway` and point `KARRI_BIN_DIR` at `target/release`)
 //!   through `karri-testkit`, with the instance-type catalogue and availability zones of
-//!   `config/samples/` applied, an account with an access key and one registered image. No
-//!   operator or node agent runs, so the instances stay `pending`, which is all the two
-//!   measured actions need;
+//!   `config/samples/` applied, a Ready node record with room for every instance, an account
+//!   with an access key and one registered image. No operator or node agent runs, so the
+//!   instances stay `pending`, which is all the two measured actions need;
 //! - moto: `<workspace>/.venv/bin/moto_server` (`moto[server]` from PyPI, installed by
 //!   `make setup`) as a child process on a free loopback port, with one registered image.
 //!
@@ -397,6 +397,10 @@ async fn main() -> anyhow::Result<()> {
         let path = root.join("config/samples").join(sample);
         kubectl_ok(&admin, &["apply", "-f", &path.display().to_string()])?;
     }
+    // No operator places the instances, but a launch needs a Ready node with room for them.
+    gateway
+        .register_ready_node(&tokens.admin, "bench-node", "karri-1a", 1 << 20, 1 << 40)
+        .await?;
     let (account_id, creds) = gateway.account_with_key(&tokens.admin, "bench").await?;
     let karri = Arc::new(Endpoint::new(
         "Karri",

@@ -391,8 +391,10 @@ pub fn aws_error_code(xml: &str) -> Option<String> {
     }
 }
 
-/// Applies the availability zones and instance types of `config/samples` as the admin.
-pub fn apply_catalogue(gateway: &Gateway, admin_token: &str) -> anyhow::Result<()> {
+/// Applies the availability zones and instance types of `config/samples` as the admin, and
+/// registers a Ready node (`node-1` in `karri-1a`, room for hundreds of instances) so that EC2
+/// launches have room; with no operator running, their instances stay `pending`.
+pub async fn apply_catalogue(gateway: &Gateway, admin_token: &str) -> anyhow::Result<()> {
     let kubeconfig = gateway.kubeconfig(admin_token, "default")?;
     let root = workspace_root();
     for sample in [
@@ -402,5 +404,7 @@ pub fn apply_catalogue(gateway: &Gateway, admin_token: &str) -> anyhow::Result<(
         let path = root.join(sample).display().to_string();
         kubectl_ok(&kubeconfig, &["apply", "-f", &path])?;
     }
-    Ok(())
+    gateway
+        .register_ready_node(admin_token, "node-1", "karri-1a", 1024, 1024 * 1024)
+        .await
 }

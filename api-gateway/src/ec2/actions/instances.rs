@@ -2,6 +2,7 @@
 //! Start/RebootInstances, Describe/ModifyInstanceAttribute and GetConsoleOutput.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 
 use serde::Deserialize as _;
 use serde_json::{json, Value};
@@ -314,6 +315,58 @@ fn launch_zone(
     }
 }
 
+/// Where a launch of `min_count`..=`count` instances of `instance_type` goes and how many it
+/// makes, given the `room` each zone has for that type now ([`crate::capacity::launch_room`],
+/// capped at `count`): the zone asked for, else the one with the most room (the first in name
+/// order among equals), as many instances as fit there up to `count`. Fewer than `min_count`
+/// is `InsufficientInstanceCapacity`, as EC2 answers, naming the zones that do have room. Pure.
+fn launch_choice(
+    asked: Option<&str>,
+    room: &BTreeMap<String, u32>,
+    min_count: u32,
+    count: u32,
+    instance_type: &str,
+) -> Result<(String, u32), Ec2Error> {
+    let best = room
+        .iter()
+        .rev()
+        .max_by_key(|(_, n)| **n)
+        .map(|(z, n)| (z.clone(), *n));
+    let (zone, fit) = match asked {
+        Some(z) => (z.to_owned(), room.get(z).copied().unwrap_or(0)),
+        None => best.unwrap_or_default(),
+    };
+    if fit >= min_count && fit > 0 {
+        return Ok((zone, fit.min(count)));
+    }
+    let wanted = match min_count {
+        1 => "an instance".to_owned(),
+        n => format!("{n} instances"),
+    };
+    let elsewhere: Vec<&str> = room
+        .iter()
+        .filter(|(z, n)| **n >= min_count.max(1) && asked != Some(z.as_str()))
+        .map(|(z, _)| z.as_str())
+        .collect();
+    let message = match asked {
+        Some(z) if elsewhere.is_empty() => format!(
+            "We currently do not have sufficient {instance_type} capacity in the Availability Zone you requested ({z}) for {wanted}, nor in any other zone."
+        ),
+        Some(z) => format!(
+            "We currently do not have sufficient {instance_type} capacity in the Availability Zone you requested ({z}) for {wanted}. You can currently get {instance_type} capacity by not specifying an Availability Zone in your request or choosing {}.",
+            elsewhere.join(", ")
+        ),
+        None if room.is_empty() => format!(
+            "We currently do not have sufficient {instance_type} capacity for {wanted}: no node is registered."
+        ),
+        None => format!(
+            "We currently do not have sufficient {instance_type} capacity for {wanted}: at most {fit} fit{} now.",
+            if fit == 1 { "s" } else { "" }
+        ),
+    };
+    Err(Ec2Error::insufficient_instance_capacity(message))
+}
+
 /// Whether instance type `name` is offered: its record exists and is not being deleted (a type
 /// an administrator deletes takes no new instances, while the ones it has keep it).
 fn offered_type(cx: &Cx<'_>, name: &str) -> bool {
@@ -431,6 +484,10 @@ pub async fn run_instances(
     if dry_run {
         return Err(Ec2Error::dry_run_operation());
     }
+    // Records no node could take would only wait: refuse them as EC2 does, and launch as many
+    // as fit between MinCount and MaxCount, all in one zone.
+    let room = crate::capacity::launch_room(&cx.registry.cache, &instance_type, count);
+    let (zone, count) = launch_choice(zone.as_deref(), &room, a.min_count, count, &instance_type)?;
     let reservation = admission::new_id("r");
     let annotations = a
         .client_token
@@ -1275,6 +1332,55 @@ mod tests {
         for (what, change) in changes {
             assert!(!same(change), "{what} must change the fingerprint");
         }
+    }
+
+    #[test]
+    fn a_launch_goes_where_there_is_room_and_is_refused_below_min_count() {
+        let room: BTreeMap<String, u32> = [("karri-1a", 2), ("karri-1b", 5), ("karri-1c", 5)]
+            .into_iter()
+            .map(|(z, n)| (z.to_string(), n))
+            .collect();
+        let ok = |asked, min, count| launch_choice(asked, &room, min, count, "m1.small").ok();
+        let pick = |z: &str, n| Some((z.to_string(), n));
+        // Without a zone: the most room, the first in name order among equals.
+        assert_eq!(ok(None, 1, 5), pick("karri-1b", 5));
+        assert_eq!(ok(None, 1, 3), pick("karri-1b", 3));
+        // A zone asked for: as many as fit there, at least MinCount.
+        assert_eq!(ok(Some("karri-1a"), 1, 5), pick("karri-1a", 2));
+        assert_eq!(ok(Some("karri-1a"), 2, 5), pick("karri-1a", 2));
+        assert_eq!(ok(Some("karri-1a"), 3, 5), None);
+        assert_eq!(ok(Some("karri-1z"), 1, 1), None, "a zone without nodes");
+        let refusal = |asked, min, room: &BTreeMap<String, u32>| {
+            let Err(e) = launch_choice(asked, room, min, 50, "m1.small") else {
+                panic!("{asked:?} x{min} must be refused");
+            };
+            assert_eq!(
+                (e.code.as_ref(), e.status),
+                ("InsufficientInstanceCapacity", 500)
+            );
+            e.message
+        };
+        assert_eq!(
+            refusal(Some("karri-1a"), 3, &room),
+            "We currently do not have sufficient m1.small capacity in the Availability Zone you requested (karri-1a) for 3 instances. You can currently get m1.small capacity by not specifying an Availability Zone in your request or choosing karri-1b, karri-1c."
+        );
+        assert_eq!(
+            refusal(Some("karri-1b"), 6, &room),
+            "We currently do not have sufficient m1.small capacity in the Availability Zone you requested (karri-1b) for 6 instances, nor in any other zone."
+        );
+        assert_eq!(
+            refusal(None, 6, &room),
+            "We currently do not have sufficient m1.small capacity for 6 instances: at most 5 fit now."
+        );
+        assert_eq!(
+            refusal(None, 1, &BTreeMap::new()),
+            "We currently do not have sufficient m1.small capacity for an instance: no node is registered."
+        );
+        let full: BTreeMap<String, u32> = [("karri-1a".to_string(), 0)].into();
+        assert_eq!(
+            refusal(None, 1, &full),
+            "We currently do not have sufficient m1.small capacity for an instance: at most 0 fit now."
+        );
     }
 
     #[test]
