@@ -206,6 +206,15 @@ def launch(ec2, image_id):
         all(i["ImageId"] == image_id and i["KeyName"] == "boto-key" for i in first["Instances"]),
         f"launched instances {first['Instances']}",
     )
+    launched = [
+        (i["Placement"]["AvailabilityZone"], i["MetadataOptions"]["State"])
+        for i in first["Instances"]
+    ]
+    check(
+        all(zone and state == "pending" for zone, state in launched),
+        f"launched instances show (zone, metadata options state) {launched}",
+    )
+    ok("run_instances answers each instance's zone, its metadata options pending")
     for attempt in (1, 2):
         again = ec2.run_instances(ClientToken=token, **params)
         check(
@@ -242,6 +251,9 @@ def launch(ec2, image_id):
     tags = {t["Key"]: t["Value"] for t in running[0].get("Tags", [])}
     check(tags == {t["Key"]: t["Value"] for t in TAGS}, f"tags of {running[0]['InstanceId']}: {tags}")
     ok("describe_instances with tag and state filters finds exactly the 3, tagged")
+    applied = {i["MetadataOptions"]["State"] for i in running}
+    check(applied == {"applied"}, f"running instances' metadata options: {applied}")
+    ok("running instances' metadata options are applied")
 
     user_data = ec2.describe_instance_attribute(InstanceId=ids[0], Attribute="userData")
     expected = base64.b64encode(USER_DATA.encode()).decode()

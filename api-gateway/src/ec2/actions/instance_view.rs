@@ -167,6 +167,16 @@ impl<'v> InstanceView<'v> {
         super::instances::shown(desired, self.status.state.unwrap_or_default())
     }
 
+    /// `metadataOptions.state`: `pending` until the instance is on its node, whose metadata
+    /// service then serves it with the options of its record (`applied`), as EC2 shows them.
+    pub fn metadata_options_state(&self) -> &'static str {
+        if self.status.state.unwrap_or_default() == crds::InstanceState::Pending {
+            "pending"
+        } else {
+            "applied"
+        }
+    }
+
     /// The zone the instance runs in, else the one it asked for, else "".
     pub fn zone(&self) -> &'v str {
         present(self.status.availability_zone)
@@ -419,6 +429,30 @@ mod tests {
         assert_eq!(view.zone(), "zone-a");
         assert_eq!(view.launch_index(), 0);
         assert_eq!(view.shown_state(), crds::InstanceState::Pending);
+    }
+
+    #[test]
+    fn metadata_options_are_pending_until_the_instance_is_on_its_node() {
+        let with_state = |state: &str| {
+            json!({
+                "metadata": {"labels": {"karri.dev/id": "i-0def"}},
+                "spec": {"imageId": "emi-1", "instanceType": "t1.micro"},
+                "status": {"state": state},
+            })
+        };
+        for (state, want) in [
+            ("pending", "pending"),
+            ("running", "applied"),
+            ("stopped", "applied"),
+            ("terminated", "applied"),
+        ] {
+            let v = with_state(state);
+            assert_eq!(
+                InstanceView::of(&v).metadata_options_state(),
+                want,
+                "{state}"
+            );
+        }
     }
 
     #[test]

@@ -79,7 +79,6 @@ fn private_dns(ip: Option<&str>, region: &str) -> String {
 const ROOT_DEVICE_NAME: &str = "/dev/vda";
 const TENANCY: &str = "default";
 const MONITORING_STATE: &str = "disabled";
-const METADATA_OPTIONS_STATE: &str = "applied";
 const SOURCE_DEST_CHECK: bool = true;
 const EBS_OPTIMIZED: bool = false;
 
@@ -136,7 +135,7 @@ fn instance_values<'v>(
         "metadata-options.http-put-response-hop-limit" => {
             filter::shown_number(v.http_put_response_hop_limit())
         }
-        "metadata-options.state" => filter::shown(METADATA_OPTIONS_STATE),
+        "metadata-options.state" => filter::shown(v.metadata_options_state()),
         "source-dest-check" => filter::shown_bool(SOURCE_DEST_CHECK),
         "ebs-optimized" => filter::shown_bool(EBS_OPTIMIZED),
         // `reason` is the state transition reason the response shows as `<reason>`.
@@ -224,7 +223,7 @@ fn write_instance(w: &mut Response, v: &InstanceView<'_>, region: &str) {
         .leaf_bool("ebsOptimized", EBS_OPTIMIZED);
     w.element("cpuOptions", |_| {});
     w.element("metadataOptions", |w| {
-        w.leaf("state", METADATA_OPTIONS_STATE)
+        w.leaf("state", v.metadata_options_state())
             .leaf("httpTokens", v.http_tokens())
             .leaf_display("httpPutResponseHopLimit", v.http_put_response_hop_limit())
             .leaf("httpEndpoint", v.http_endpoint())
