@@ -1268,7 +1268,7 @@ async fn heartbeat(client: Client, node: String, duration: Duration, metrics: Ar
 /// the Node record every resync period.
 async fn housekeeping<H: Hypervisor + 'static>(
     ctx: Arc<Context<H>>,
-    facts: NodeFacts,
+    mut facts: NodeFacts,
     mut listed: watch::Receiver<bool>,
     sweep_now: Arc<Notify>,
 ) {
@@ -1293,6 +1293,7 @@ async fn housekeeping<H: Hypervisor + 'static>(
         let next = tokio::select! {
             _ = resync.tick() => {
                 let next = ctx.sweep_logged().await;
+                facts.remeasure();
                 if let Err(error) = node::ensure(&nodes, &facts).await {
                     tracing::warn!(%error, "could not re-assert the Node record");
                 }

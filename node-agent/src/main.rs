@@ -60,7 +60,7 @@ struct Args {
     #[arg(long, env = "KARRI_MEMORY_MIB")]
     memory_mib: Option<u64>,
     /// Instance disk space in GiB (default: what is free on the file system of --data-dir plus
-    /// what --data-dir holds already, or 20).
+    /// what --data-dir holds already, measured again every --resync-seconds; or 20).
     #[arg(long, env = "KARRI_DISK_GIB")]
     disk_gib: Option<u64>,
     /// Directory that holds instance disks; its free space sizes the disk capacity.
@@ -352,6 +352,7 @@ async fn run() -> anyhow::Result<()> {
         capacity,
         hypervisor: String::new(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        disk_from: args.disk_gib.is_none().then(|| args.data_dir.clone()),
     };
     let work = async {
         let (facts, domain_type) = agent::register(

@@ -30,6 +30,29 @@ pub struct NodeFacts {
     pub hypervisor: String,
     /// Version of the agent.
     pub agent_version: String,
+    /// The data directory whose disk the capacity offers, when it is measured rather than set
+    /// by a flag: [`NodeFacts::remeasure`] measures it again.
+    pub disk_from: Option<std::path::PathBuf>,
+}
+
+impl NodeFacts {
+    /// Measures the disk again ([`crate::host::disk_gib`]), so that space other programs take
+    /// on that file system later (or give back) is seen; true when the figure changed.
+    pub fn remeasure(&mut self) -> bool {
+        let Some(gib) = self.disk_from.as_deref().and_then(crate::host::disk_gib) else {
+            return false;
+        };
+        if gib == self.capacity.disk_gib {
+            return false;
+        }
+        tracing::info!(
+            was = self.capacity.disk_gib,
+            now = gib,
+            "the disk the node offers changed"
+        );
+        self.capacity.disk_gib = gib;
+        true
+    }
 }
 
 /// The domain type the Node's spec forces, if any (`spec.hypervisor.domainType`).
@@ -211,6 +234,7 @@ mod tests {
             },
             hypervisor: "qemu".into(),
             agent_version: "0.1.0".into(),
+            disk_from: None,
         }
     }
 
@@ -286,5 +310,26 @@ mod tests {
         assert_eq!(next.holder_identity.as_deref(), Some("node-1"));
         assert_eq!(next.acquire_time, Some(MicroTime(at(20))));
         assert_eq!(next.lease_transitions, Some(1));
+    }
+
+    #[test]
+    fn a_measured_disk_is_measured_again_and_a_flag_is_kept() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut measured = NodeFacts {
+            disk_from: Some(dir.path().to_path_buf()),
+            ..facts()
+        };
+        measured.capacity.disk_gib = u64::MAX;
+        assert!(measured.remeasure(), "a changed figure is reported");
+        assert!(measured.capacity.disk_gib < u64::MAX);
+        let mut unmeasurable = NodeFacts {
+            disk_from: Some(dir.path().join("missing")),
+            ..facts()
+        };
+        assert!(!unmeasurable.remeasure(), "what cannot be measured is kept");
+        assert_eq!(unmeasurable.capacity.disk_gib, 100);
+        let mut flagged = facts();
+        assert!(!flagged.remeasure());
+        assert_eq!(flagged.capacity.disk_gib, 100);
     }
 }
