@@ -83,11 +83,11 @@ else
 fi
 
 # --- Python venv with the AWS clients (awscli, boto3, s3cmd; and moto's server, the peer of
-# `make bench`'s EC2 run) ---
+# `make bench`'s EC2 run) and the official Kubernetes client (what Ansible's modules use) ---
 if [ -x "$VENV/bin/python" ] && [ -x "$VENV/bin/aws" ] && [ -x "$VENV/bin/moto_server" ] \
    && [ -x "$VENV/bin/s3cmd" ] \
-   && "$VENV/bin/python" -c 'import boto3, awscli, moto.server, S3.S3' >/dev/null 2>&1; then
-  say "venv .venv has awscli, boto3, s3cmd and moto[server]"
+   && "$VENV/bin/python" -c 'import boto3, awscli, moto.server, S3.S3, kubernetes' >/dev/null 2>&1; then
+  say "venv .venv has awscli, boto3, s3cmd, moto[server] and kubernetes"
 else
   if [ ! -x "$VENV/bin/python" ]; then
     say "creating venv .venv"
@@ -96,9 +96,10 @@ else
     [ -x "$py" ] || py="$(command -v python3)"
     "$py" -m venv --clear "$VENV"
   fi
-  say "installing awscli, boto3, s3cmd and moto[server] into .venv"
+  say "installing awscli, boto3, s3cmd, moto[server] and kubernetes into .venv"
   # One resolve for them all, so moto's botocore fits the one awscli pins.
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check awscli boto3 s3cmd 'moto[server]'
+  "$VENV/bin/pip" install --quiet --disable-pip-version-check awscli boto3 s3cmd 'moto[server]' \
+    kubernetes
 fi
 
 # --- cargo-nextest ------------------------------------------------------------------------

@@ -212,6 +212,29 @@ pub fn name_suffix() -> String {
         .collect()
 }
 
+/// The labels of a record's `metadata` (made an empty map when absent or null), or 422 when
+/// they are something other than a map: replacing them would silently drop every label.
+fn labels_of<'m>(
+    meta: &'m mut Map<String, Value>,
+    kind: &Kind,
+    name: &str,
+) -> ApiResult<&'m mut Map<String, Value>> {
+    let labels = meta.entry("labels").or_insert_with(|| json!({}));
+    if labels.is_null() {
+        *labels = json!({});
+    }
+    labels.as_object_mut().ok_or_else(|| {
+        ApiError::invalid(
+            kind.info.kind,
+            name,
+            vec![(
+                "metadata.labels".into(),
+                "must be a map of string keys to string values".into(),
+            )],
+        )
+    })
+}
+
 fn meta_mut(obj: &mut Value) -> ApiResult<&mut Map<String, Value>> {
     let o = obj
         .as_object_mut()
@@ -347,13 +370,7 @@ pub fn prepare_create(
     meta.insert("uid".into(), Value::String(new.uid.clone()));
     meta.insert("creationTimestamp".into(), Value::String(new.now.clone()));
     meta.insert("generation".into(), json!(1));
-    let labels = meta.entry("labels").or_insert_with(|| json!({}));
-    if !labels.is_object() {
-        *labels = json!({});
-    }
-    if let Some(l) = labels.as_object_mut() {
-        l.insert(crds::ID_LABEL.into(), Value::String(new.id.clone()));
-    }
+    labels_of(meta, kind, &name)?.insert(crds::ID_LABEL.into(), Value::String(new.id.clone()));
     if let Some(o) = obj.as_object_mut() {
         o.remove("status");
     }
@@ -554,25 +571,20 @@ pub fn prepare_update(
         meta.remove("resourceVersion");
         meta.remove("selfLink");
         if let Some(id) = &old_id {
-            let labels = meta.entry("labels").or_insert_with(|| json!({}));
-            if !labels.is_object() {
-                *labels = json!({});
-            }
-            if let Some(l) = labels.as_object_mut() {
-                match l.get(crds::ID_LABEL) {
-                    Some(v) if v != id => {
-                        return Err(ApiError::invalid(
-                            kind.info.kind,
-                            &old_name,
-                            vec![(
-                                format!("metadata.labels[{}]", crds::ID_LABEL),
-                                "field is immutable".into(),
-                            )],
-                        ))
-                    }
-                    _ => {
-                        l.insert(crds::ID_LABEL.into(), id.clone());
-                    }
+            let l = labels_of(meta, kind, &old_name)?;
+            match l.get(crds::ID_LABEL) {
+                Some(v) if v != id => {
+                    return Err(ApiError::invalid(
+                        kind.info.kind,
+                        &old_name,
+                        vec![(
+                            format!("metadata.labels[{}]", crds::ID_LABEL),
+                            "field is immutable".into(),
+                        )],
+                    ))
+                }
+                _ => {
+                    l.insert(crds::ID_LABEL.into(), id.clone());
                 }
             }
         }

@@ -361,6 +361,8 @@ async fn a_label_key_or_value_kubernetes_refuses_is_invalid_and_stores_nothing(
         (json!({"bad label!": "x"}), "bad label!"),
         (json!({"app": "bad value"}), "bad value"),
         (json!({"app": "v".repeat(64)}), "63 characters"),
+        (json!("oops"), "must be a map"),
+        (json!(["a"]), "must be a map"),
     ] {
         let mut body = instance_json("labelled");
         body["metadata"]["labels"] = labels;
@@ -376,6 +378,32 @@ async fn a_label_key_or_value_kubernetes_refuses_is_invalid_and_stores_nothing(
     let bad_key = json!({"metadata": {"annotations": {"bad key!": "x"}}});
     let resp = send_patch(&api, "a", "application/merge-patch+json", &bad_key).await?;
     expect_status(resp, 422, "Invalid").await?;
+    // Labels that are not a map are refused, never replaced by none.
+    let labelled = json!({"metadata": {"labels": {"team": "a"}}});
+    let resp = send_patch(&api, "a", "application/merge-patch+json", &labelled).await?;
+    ensure!(resp.status() == 200, "labelling: {}", resp.text().await?);
+    let before = api.get_json(&instance("a")).await?;
+    for (ct, patch) in [
+        (
+            "application/merge-patch+json",
+            json!({"metadata": {"labels": "oops"}}),
+        ),
+        (
+            "application/json-patch+json",
+            json!([{"op": "replace", "path": "/metadata/labels", "value": ["x"]}]),
+        ),
+    ] {
+        let resp = send_patch(&api, "a", ct, &patch).await?;
+        let status = expect_status(resp, 422, "Invalid").await?;
+        ensure!(
+            message(&status).contains("metadata.labels"),
+            "the message does not name the field: {status}"
+        );
+    }
+    ensure!(
+        api.get_json(&instance("a")).await? == before,
+        "a refused patch of the labels changed the record"
+    );
     Ok(())
 }
 
@@ -926,6 +954,55 @@ async fn request_options_kubernetes_does_not_know_are_invalid_and_change_nothing
     ensure!(
         api.get_json(&instance("a")).await? == stored,
         "a refused request changed the record"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_side_apply_naming_a_stale_resource_version_is_a_conflict() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let api = c.admin_api()?;
+    let first = create(&api, "a").await?;
+    let apply = |body: Value, name: &str| {
+        api.request(
+            Method::PATCH,
+            &format!("{}?fieldManager=tester&force=true", instance(name)),
+        )
+        .header(CONTENT_TYPE, "application/apply-patch+yaml")
+        .body(body.to_string())
+    };
+    let applied = |rv: &Value, name: &str, instance_type: &str| {
+        json!({
+            "apiVersion": first["apiVersion"], "kind": "Instance",
+            "metadata": {"name": name, "resourceVersion": rv},
+            "spec": {"imageId": first["spec"]["imageId"], "instanceType": instance_type},
+        })
+    };
+    let stale = first["metadata"]["resourceVersion"].clone();
+    let resp = apply(applied(&stale, "a", "m1.medium"), "a").send().await?;
+    ensure!(resp.status() == 200, "apply: {}", resp.text().await?);
+    let current = api.get_json(&instance("a")).await?;
+    let resp = apply(applied(&stale, "a", "c1.medium"), "a").send().await?;
+    expect_status(resp, 409, "Conflict").await?;
+    ensure!(
+        api.get_json(&instance("a")).await? == current,
+        "an apply against a stale version changed the record"
+    );
+    // A version of a record that does not exist cannot hold: nothing is created.
+    let resp = apply(applied(&stale, "b", "m1.small"), "b").send().await?;
+    let status = expect_status(resp, 400, "BadRequest").await?;
+    ensure!(
+        message(&status).contains("resourceVersion should not be set"),
+        "{status}"
+    );
+    let names: Vec<Value> = all_instances(&api)
+        .await?
+        .iter()
+        .map(|i| i["metadata"]["name"].clone())
+        .collect();
+    ensure!(
+        names == [json!("a")],
+        "instances after the refused apply: {names:?}"
     );
     Ok(())
 }

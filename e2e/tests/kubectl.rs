@@ -1214,3 +1214,39 @@ async fn debian_12s_kubectl_does_what_make_up_asks_of_it() -> anyhow::Result<()>
     );
     Ok(())
 }
+
+/// The official Python client (`e2e/python/kube_client.py`, run with `.venv/bin/python` as an
+/// account): its discovery, the dynamic client, patches, server-side apply and a watch.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_official_python_client_discovers_creates_patches_applies_watches_and_deletes(
+) -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let root = workspace_root();
+    let python = root.join(".venv/bin/python");
+    let script = root.join("e2e/python/kube_client.py");
+    ensure!(
+        python.exists(),
+        "{} is missing; run `make setup`",
+        python.display()
+    );
+    let out = tokio::process::Command::new(&python)
+        .arg(&script)
+        .arg("acme")
+        .env_clear()
+        .env("KUBECONFIG", c.account_kubeconfig("acme")?)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("running {}", script.display()))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    ensure!(
+        out.status.success(),
+        "{} failed ({}):\n{stdout}\nstderr:\n{}\ngateway log:\n{}",
+        script.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        c.gateway.log_tail()
+    );
+    Ok(())
+}

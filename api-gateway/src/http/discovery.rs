@@ -18,6 +18,12 @@ pub fn core_versions() -> Value {
     json!({"kind": "APIVersions", "versions": [], "serverAddressByClientCIDRs": []})
 }
 
+/// `GET /api/v1`: the core group's one version, with no resources: clients that look every
+/// kind up across all groups (the Python client's dynamic discovery, Ansible) always read it.
+pub fn core_resource_list() -> Value {
+    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1", "resources": []})
+}
+
 /// A namespace as kubectl expects to read it.
 pub fn namespace(name: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}, "spec": {}, "status": {"phase": "Active"}})

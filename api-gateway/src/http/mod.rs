@@ -67,6 +67,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/version",
             get(|| async { axum::Json(discovery::version()) }),
         )
+        .route(
+            "/version/",
+            get(|| async { axum::Json(discovery::version()) }),
+        )
         .route("/karri/v1/image-url", get(image_url))
         .route("/services/compute", any(crate::ec2::service::serve))
         .route("/services/compute/", any(crate::ec2::service::serve))
@@ -585,7 +589,8 @@ async fn serve(s: Arc<AppState>, req: Request) -> Response {
     tracing::Span::current().record("user", principal.user());
     let q = query_map(req.uri().query());
     let prefix = format!("/apis/{}/", crds::API_VERSION);
-    let (resp, verb, resource) = if let Some(rest) = path.strip_prefix(&prefix) {
+    let rest = path.strip_prefix(&prefix).filter(|rest| !rest.is_empty());
+    let (resp, verb, resource) = if let Some(rest) = rest {
         match route::route(&s.registry.kinds, rest) {
             Some(ep) => {
                 let verb = verb_label(&method, &ep, &q);
@@ -608,6 +613,7 @@ async fn serve(s: Arc<AppState>, req: Request) -> Response {
     } else {
         let resp = match (method.as_str(), path.trim_end_matches('/')) {
             ("GET", "/api") => axum::Json(discovery::core_versions()).into_response(),
+            ("GET", "/api/v1") => axum::Json(discovery::core_resource_list()).into_response(),
             ("GET", p) if p.starts_with("/api/v1/namespaces/") => {
                 namespace(&principal, &p["/api/v1/namespaces/".len()..])
             }
@@ -1160,6 +1166,15 @@ async fn patch(
                     "the name of the object ({body_name}) does not match the name on the URL ({name})"
                 )));
             }
+            // A resourceVersion in the applied configuration is a precondition, as in
+            // Kubernetes: applying over a record that changed since is a conflict.
+            let precondition = match applied
+                .pointer("/metadata/resourceVersion")
+                .and_then(Value::as_str)
+            {
+                Some(rv) if !rv.is_empty() => Some(registry::parse_rv(rv)?),
+                _ => None,
+            };
             let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
             let conflict_error = |c: Vec<ssa::Conflict>| {
                 let list = c
@@ -1184,7 +1199,16 @@ async fn patch(
                 };
                 let w = s
                     .registry
-                    .update_with(kind, ns, name, ctx.who, sub, None, opts, &mut change)
+                    .update_with(
+                        kind,
+                        ns,
+                        name,
+                        ctx.who,
+                        sub,
+                        precondition,
+                        opts,
+                        &mut change,
+                    )
                     .await?;
                 return Ok(json_response(StatusCode::OK, &w.object, &w.warnings));
             }
@@ -1199,13 +1223,16 @@ async fn patch(
                     name,
                     ctx.who,
                     sub,
-                    None,
+                    precondition,
                     opts.clone(),
                     &mut change,
                 )
                 .await
             {
                 Ok(w) => Ok(json_response(StatusCode::OK, &w.object, &w.warnings)),
+                Err(e) if e.code == 404 && precondition.is_some() => Err(ApiError::bad_request(
+                    "resourceVersion should not be set on objects to be created",
+                )),
                 Err(e) if e.code == 404 => {
                     ctx.authorize(Verb::Create, Some(name))?;
                     let created = ssa::apply(None, &applied, &manager, force, &now)

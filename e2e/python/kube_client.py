@@ -1,0 +1,131 @@
+"""The official Kubernetes Python client (PyPI `kubernetes`, what Ansible's kubernetes.core
+modules use) against Karri's resource API.
+
+Usage: kube_client.py <namespace>, with KUBECONFIG naming a kubeconfig for the gateway whose
+user may write in <namespace>. Prints one line per check and exits 0 when all hold, 1 with the
+reason at the first that does not.
+
+Checks: the version and core discovery calls the client makes on its own, the dynamic client's
+lookup of a kind without its group (which reads every group, the core one included), create,
+get, list by label, merge patch, server-side apply, a watch from a list's resourceVersion,
+a refused bad label, and delete.
+"""
+
+import sys
+
+from kubernetes import client, config, dynamic
+from kubernetes.client.rest import ApiException
+from kubernetes.dynamic.exceptions import NotFoundError, UnprocessibleEntityError
+
+GROUP_VERSION = "karri.dev/v1alpha1"
+
+
+class Failure(Exception):
+    pass
+
+
+def check(cond, what):
+    if not cond:
+        raise Failure(what)
+
+
+def ok(what):
+    print(f"ok: {what}", flush=True)
+
+
+def lease(name, holder, labels):
+    return {
+        "apiVersion": GROUP_VERSION,
+        "kind": "Lease",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"holderIdentity": holder, "leaseDurationSeconds": 30},
+    }
+
+
+def main(namespace):
+    config.load_kube_config()
+    api_client = client.ApiClient()
+
+    version = client.VersionApi(api_client).get_code()
+    check("karri" in version.git_version, f"VersionApi().get_code() said {version}")
+    ok(f"VersionApi().get_code(): {version.git_version}")
+    core = client.CoreV1Api(api_client).get_api_resources()
+    check(core.group_version == "v1", f"CoreV1Api().get_api_resources() said {core}")
+    ok("CoreV1Api().get_api_resources() answers the core group")
+
+    dyn = dynamic.DynamicClient(api_client)
+    instances = dyn.resources.get(kind="Instance")
+    check(
+        (instances.group_version, instances.name) == (GROUP_VERSION, "instances"),
+        f"resources.get(kind='Instance') found {instances.group_version} {instances.name}",
+    )
+    ok("dynamic discovery finds Instance by its kind alone")
+
+    leases = dyn.resources.get(api_version=GROUP_VERSION, kind="Lease")
+    before = leases.get(namespace=namespace)
+    since = before.metadata.resourceVersion
+    made = leases.create(body=lease("py-lock", "alice", {"app": "py"}), namespace=namespace)
+    check(made.spec.holderIdentity == "alice", f"created {made}")
+    got = leases.get(name="py-lock", namespace=namespace)
+    check(got.metadata.uid == made.metadata.uid, f"get answered {got}")
+    listed = leases.get(namespace=namespace, label_selector="app=py")
+    check([i.metadata.name for i in listed.items] == ["py-lock"], f"list by label: {listed}")
+    ok("create, get and list by label")
+
+    patched = leases.patch(
+        name="py-lock",
+        namespace=namespace,
+        body={"spec": {"holderIdentity": "bob"}},
+        content_type="application/merge-patch+json",
+    )
+    check(patched.spec.holderIdentity == "bob", f"merge patch: {patched}")
+    applied = leases.server_side_apply(
+        body=lease("py-lock", "carol", {"app": "py"}),
+        name="py-lock",
+        namespace=namespace,
+        field_manager="py-client",
+        force_conflicts=True,
+    )
+    check(applied.spec.holderIdentity == "carol", f"server-side apply: {applied}")
+    ok("merge patch and server-side apply")
+
+    seen = []
+    for event in dyn.watch(leases, namespace=namespace, resource_version=since, timeout=10):
+        seen.append((event["type"], event["object"].metadata.name))
+        if len(seen) == 3:
+            break
+    check(
+        seen == [("ADDED", "py-lock"), ("MODIFIED", "py-lock"), ("MODIFIED", "py-lock")],
+        f"a watch from the list's resourceVersion saw {seen}",
+    )
+    ok("a watch from the list's resourceVersion sees the create and both changes")
+
+    try:
+        leases.patch(
+            name="py-lock",
+            namespace=namespace,
+            body={"metadata": {"labels": "oops"}},
+            content_type="application/merge-patch+json",
+        )
+        raise Failure("labels that are not a map were accepted")
+    except UnprocessibleEntityError as e:
+        check("metadata.labels" in str(e.body), f"the refusal said {e.body}")
+    kept = leases.get(name="py-lock", namespace=namespace)
+    check(kept.metadata.labels.get("app") == "py", f"after the refusal: {kept.metadata.labels}")
+    ok("labels that are not a map are refused (422) and the labels kept")
+
+    leases.delete(name="py-lock", namespace=namespace)
+    try:
+        leases.get(name="py-lock", namespace=namespace)
+        raise Failure("the deleted lease is still there")
+    except NotFoundError:
+        pass
+    ok("delete")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1])
+    except (Failure, ApiException) as e:
+        print(f"FAILED: {e}", flush=True)
+        sys.exit(1)
