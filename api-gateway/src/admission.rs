@@ -65,6 +65,8 @@ pub struct UniqueKey {
     pub key: String,
     /// What is unique, for messages: `key pair name "laptop"`.
     pub what: String,
+    /// The field that holds it: `spec.keyName`.
+    pub field: &'static str,
     /// Whether the gateway chose the value, so that a collision is retried with a fresh one.
     pub generated: bool,
     /// Whether it follows the status (a live instance's address), claimed and given up by
@@ -102,6 +104,7 @@ pub fn unique_keys(kind: &str, obj: &Value) -> Vec<UniqueKey> {
             .map(|id| UniqueKey {
                 key: store::unique_key(&["account-id", id]),
                 what: format!("account ID {id}"),
+                field: "status.accountId",
                 generated: true,
                 follows_status: false,
             })
@@ -111,6 +114,7 @@ pub fn unique_keys(kind: &str, obj: &Value) -> Vec<UniqueKey> {
             .map(|id| UniqueKey {
                 key: access_key_key(id),
                 what: format!("access key ID {id}"),
+                field: "status.accessKeyId",
                 generated: true,
                 follows_status: false,
             })
@@ -120,6 +124,7 @@ pub fn unique_keys(kind: &str, obj: &Value) -> Vec<UniqueKey> {
             .map(|name| UniqueKey {
                 key: store::unique_key(&["key-name", ns, &hex_text(name)]),
                 what: format!("key pair name {name:?}"),
+                field: "spec.keyName",
                 generated: false,
                 follows_status: false,
             })
@@ -131,6 +136,7 @@ pub fn unique_keys(kind: &str, obj: &Value) -> Vec<UniqueKey> {
             .map(|name| UniqueKey {
                 key: store::unique_key(&["image-name", ns, &hex_text(name)]),
                 what: format!("image name {name:?}"),
+                field: "spec.name",
                 generated: false,
                 follows_status: false,
             })
@@ -146,6 +152,7 @@ pub fn unique_keys(kind: &str, obj: &Value) -> Vec<UniqueKey> {
                 .map(|token| UniqueKey {
                     key: client_token_key(ns, token),
                     what: format!("client token {token:?}"),
+                    field: "spec.clientToken",
                     generated: false,
                     follows_status: false,
                 });
@@ -157,6 +164,7 @@ pub fn unique_keys(kind: &str, obj: &Value) -> Vec<UniqueKey> {
                 (Some(zone), Some(ip)) if live => Some(UniqueKey {
                     key: store::unique_key(&["private-ip", zone, ip]),
                     what: format!("private IP address {ip} in zone {zone}"),
+                    field: "status.privateIpAddress",
                     generated: false,
                     follows_status: true,
                 }),
@@ -637,17 +645,17 @@ pub fn prepare_update(
     };
     let (before, after) = (fixed(old), fixed(&out));
     if before != after {
-        let what = before
+        let (field, what) = before
             .iter()
             .chain(&after)
-            .map(|u| u.what.clone())
+            .map(|u| (u.field, u.what.clone()))
             .next()
             .unwrap_or_default();
         return Err(ApiError::invalid(
             kind.info.kind,
             &old_name,
             vec![(
-                String::new(),
+                field.to_owned(),
                 format!("{what} is immutable once the record exists"),
             )],
         ));

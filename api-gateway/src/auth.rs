@@ -47,8 +47,10 @@ pub enum Verb {
     Watch,
     /// Create a record.
     Create,
-    /// Replace or patch a record.
+    /// Replace a record.
     Update,
+    /// Patch a record (allowed wherever [`Verb::Update`] is).
+    Patch,
     /// Delete a record.
     Delete,
 }
@@ -62,6 +64,7 @@ impl Verb {
             Verb::Watch => "watch",
             Verb::Create => "create",
             Verb::Update => "update",
+            Verb::Patch => "patch",
             Verb::Delete => "delete",
         }
     }
@@ -230,7 +233,10 @@ pub fn allowed(principal: &Principal, verb: Verb, target: &Target<'_>) -> bool {
         Principal::Admin(_) | Principal::Operator(_) => true,
         Principal::Node(node) => match target.kind {
             // Reads are filtered to bound instances; writes are checked per record.
-            "Instance" => matches!(verb, Verb::Get | Verb::List | Verb::Watch | Verb::Update),
+            "Instance" => matches!(
+                verb,
+                Verb::Get | Verb::List | Verb::Watch | Verb::Update | Verb::Patch
+            ),
             "Node" => match verb {
                 Verb::List | Verb::Watch => true,
                 Verb::Delete => false,
@@ -240,7 +246,7 @@ pub fn allowed(principal: &Principal, verb: Verb, target: &Target<'_>) -> bool {
             "InstanceType" | "AvailabilityZone" => verb.reads(),
             // Its heartbeat: the lease named as the node in the node-lease namespace.
             "Lease" => {
-                matches!(verb, Verb::Get | Verb::Create | Verb::Update)
+                matches!(verb, Verb::Get | Verb::Create | Verb::Update | Verb::Patch)
                     && target.namespace == Some(crds::NODE_LEASE_NAMESPACE)
                     && target.name.is_none_or(|n| n == node)
             }
@@ -488,6 +494,20 @@ mod tests {
             ),
             (&node, Verb::Update, t("Node", None, Some("node-1")), true),
             (&node, Verb::Update, t("Node", None, Some("node-2")), false),
+            (&node, Verb::Patch, t("Node", None, Some("node-1")), true),
+            (&node, Verb::Patch, t("Node", None, Some("node-2")), false),
+            (
+                &node,
+                Verb::Patch,
+                t("Instance", Some("acme"), Some("i-1")),
+                true,
+            ),
+            (
+                &node,
+                Verb::Patch,
+                t("Lease", Some("karri-node-lease"), Some("node-1")),
+                true,
+            ),
             (&node, Verb::Create, t("Node", None, Some("node-1")), true),
             (
                 &node,
@@ -542,6 +562,20 @@ mod tests {
         for (p, verb, target, want) in rows {
             assert_eq!(allowed(p, verb, &target), want, "{p:?} {verb:?} {target:?}");
         }
+    }
+
+    #[test]
+    fn a_refusal_names_the_verb_asked_for() {
+        let account = Principal::Account {
+            user: "alice".into(),
+            namespace: "acme".into(),
+        };
+        let zone = t("AvailabilityZone", None, Some("karri-1a"));
+        assert_eq!(
+            forbidden_message(&account, Verb::Patch, &zone),
+            "x.karri.dev \"karri-1a\" is forbidden: User \"alice\" cannot patch resource \"x\" in API group \"karri.dev\""
+        );
+        assert!(forbidden_message(&account, Verb::Update, &zone).contains("cannot update"));
     }
 
     #[test]

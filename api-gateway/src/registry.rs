@@ -1406,6 +1406,12 @@ impl Registry {
                     "resourceVersionMatch is forbidden unless resourceVersion is provided",
                 ));
             }
+            // "0" means "any version": there is no exact one to read.
+            if exact && rv == Some("0") {
+                return Err(ApiError::bad_request(
+                    "resourceVersionMatch \"Exact\" is forbidden for resourceVersion \"0\"",
+                ));
+            }
         }
         // As the Kubernetes API server: a continue token carries its own revision.
         if opts.continue_token.is_some() {

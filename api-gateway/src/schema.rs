@@ -97,9 +97,14 @@ fn is_label_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-/// What is wrong with the shape of `metadata`'s fields other than labels and annotations:
-/// each has the type Kubernetes' ObjectMeta gives it, so that every client (and Karri's own
-/// controllers, which read records typed) can read the record back. Pure.
+/// The most bytes a record's annotations (keys and values) may hold, as in Kubernetes.
+pub const MAX_ANNOTATIONS_BYTES: usize = 256 * 1024;
+
+/// What is wrong with the shape of `metadata`'s fields other than labels and the keys and
+/// values of annotations (checked apart): each has the type Kubernetes' ObjectMeta gives it, so
+/// that every client (and Karri's own controllers, which read records typed) can read the
+/// record back; finalizers are qualified names, and annotations hold at most
+/// [`MAX_ANNOTATIONS_BYTES`]. Pure.
 pub fn metadata_problems(meta: &Map<String, Value>) -> Vec<(String, String)> {
     let mut out = Vec::new();
     let mut bad = |path: String, why: &str| out.push((path, why.to_owned()));
@@ -125,9 +130,30 @@ pub fn metadata_problems(meta: &Map<String, Value>) -> Vec<(String, String)> {
                 bad(path, "must be an RFC 3339 time")
             }
             "finalizers" => match value.as_array() {
-                Some(items) if items.iter().all(Value::is_string) => {}
+                Some(items) if items.iter().all(Value::is_string) => {
+                    // As Kubernetes: each names its owner as a qualified name.
+                    for (i, name) in items.iter().filter_map(Value::as_str).enumerate() {
+                        if let Some(why) = qualified_name_problem(name) {
+                            bad(format!("{path}[{i}]"), &why);
+                        }
+                    }
+                }
                 _ => bad(path, "must be a list of strings"),
             },
+            "annotations" => {
+                let size: usize = value
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| k.len() + v.as_str().map_or(0, str::len))
+                    .sum();
+                if size > MAX_ANNOTATIONS_BYTES {
+                    bad(
+                        path,
+                        &format!("Too long: must have at most {MAX_ANNOTATIONS_BYTES} bytes"),
+                    );
+                }
+            }
             "ownerReferences" => {
                 let Some(items) = value.as_array() else {
                     bad(path, "must be a list of owner references");
@@ -538,7 +564,9 @@ mod tests {
         let owner = json!({"apiVersion": "karri.dev/v1alpha1", "kind": "Account", "name": "a",
             "uid": "u1", "controller": true});
         let fine = json!({
-            "name": "a", "namespace": "acme", "generation": 3, "finalizers": ["x/y"],
+            "name": "a", "namespace": "acme", "generation": 3,
+            "finalizers": ["x/y", "orphan", "foregroundDeletion", "karri.dev/instance"],
+            "annotations": {"big": "x".repeat(MAX_ANNOTATIONS_BYTES - 3)},
             "creationTimestamp": "2026-11-26T10:00:00Z", "deletionTimestamp": null,
             "ownerReferences": [owner],
             "managedFields": [{"manager": "kubectl", "operation": "Apply",
@@ -549,6 +577,18 @@ mod tests {
         let rows = [
             (json!({"finalizers": "x"}), "metadata.finalizers"),
             (json!({"finalizers": [1]}), "metadata.finalizers"),
+            (
+                json!({"finalizers": ["ok", "a/b/c"]}),
+                "metadata.finalizers[1]",
+            ),
+            (
+                json!({"finalizers": ["Bad Name?"]}),
+                "metadata.finalizers[0]",
+            ),
+            (
+                json!({"annotations": {"big": "x".repeat(MAX_ANNOTATIONS_BYTES)}}),
+                "metadata.annotations",
+            ),
             (json!({"ownerReferences": "x"}), "metadata.ownerReferences"),
             (
                 json!({"ownerReferences": [1]}),

@@ -21,6 +21,10 @@ enum Op {
     NotIn(Vec<String>),
     Exists,
     DoesNotExist,
+    /// The label's value, an integer, is greater than this.
+    Gt(i64),
+    /// The label's value, an integer, is less than this.
+    Lt(i64),
 }
 
 /// A parsed label selector: every requirement must hold.
@@ -48,11 +52,9 @@ fn split_top_level(s: &str) -> Vec<&str> {
     parts
 }
 
+/// A label key as Kubernetes checks it in a selector: a qualified name (`-a` is not one).
 fn valid_key(k: &str) -> bool {
-    !k.is_empty()
-        && k.len() <= 317
-        && k.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+    crate::schema::qualified_name_problem(k).is_none()
 }
 
 /// `key <op> (…)`, with or without a space before the parenthesis: the key and the set.
@@ -81,7 +83,7 @@ fn parse_set(rest: &str, whole: &str) -> Result<Vec<String>, SelectorError> {
 }
 
 impl LabelSelector {
-    /// Parse `a=b,c!=d,e in (x,y),f notin (z),g,!h`.
+    /// Parse `a=b,c!=d,e in (x,y),f notin (z),g,!h,n>1,m<2`.
     pub fn parse(text: &str) -> Result<Self, SelectorError> {
         let mut reqs = Vec::new();
         if text.trim().is_empty() {
@@ -98,6 +100,16 @@ impl LabelSelector {
                 (k.trim().to_string(), Op::Eq(v.trim().to_string()))
             } else if let Some((k, v)) = p.split_once('=') {
                 (k.trim().to_string(), Op::Eq(v.trim().to_string()))
+            } else if let Some((k, v)) = p.split_once('>') {
+                (
+                    k.trim().to_string(),
+                    Op::Gt(v.trim().parse().map_err(|_| bad())?),
+                )
+            } else if let Some((k, v)) = p.split_once('<') {
+                (
+                    k.trim().to_string(),
+                    Op::Lt(v.trim().parse().map_err(|_| bad())?),
+                )
             } else if let Some((k, rest)) = set_operation(p, "notin") {
                 (k.to_string(), Op::NotIn(parse_set(rest, p)?))
             } else if let Some((k, rest)) = set_operation(p, "in") {
@@ -110,7 +122,7 @@ impl LabelSelector {
             let values: &[String] = match &op {
                 Op::Eq(v) | Op::NotEq(v) => std::slice::from_ref(v),
                 Op::In(vs) | Op::NotIn(vs) => vs,
-                Op::Exists | Op::DoesNotExist => &[],
+                Op::Exists | Op::DoesNotExist | Op::Gt(_) | Op::Lt(_) => &[],
             };
             if !valid_key(&key)
                 || values
@@ -140,6 +152,12 @@ impl LabelSelector {
                 Op::NotIn(vs) => !value.is_some_and(|x| vs.iter().any(|v| v == x)),
                 Op::Exists => value.is_some(),
                 Op::DoesNotExist => value.is_none(),
+                Op::Gt(n) => value
+                    .and_then(|x| x.parse::<i64>().ok())
+                    .is_some_and(|x| x > *n),
+                Op::Lt(n) => value
+                    .and_then(|x| x.parse::<i64>().ok())
+                    .is_some_and(|x| x < *n),
             }
         })
     }
@@ -268,7 +286,7 @@ mod tests {
     use serde_json::json;
 
     fn obj() -> Value {
-        json!({"metadata": {"name": "web-1", "namespace": "acme", "labels": {"app": "web", "tier": "front"}},
+        json!({"metadata": {"name": "web-1", "namespace": "acme", "labels": {"app": "web", "tier": "front", "rank": "5"}},
                "status": {"nodeName": "node-1"}})
     }
 
@@ -294,6 +312,12 @@ mod tests {
             ("app=web,tier=front", true),
             ("app=web,tier=back", false),
             ("missing!=x", true),
+            ("rank>4", true),
+            ("rank > 5", false),
+            ("rank<6", true),
+            ("rank<-1", false),
+            ("app>1", false),
+            ("missing<9", false),
         ];
         for (sel, want) in rows {
             let s = LabelSelector::parse(sel).expect(sel);
@@ -313,6 +337,10 @@ mod tests {
             "env!==prod",
             "app in (a b)",
             "tier=web!",
+            "-a",
+            "a/b/c",
+            "rank>five",
+            "rank<",
         ] {
             assert!(LabelSelector::parse(sel).is_err(), "{sel:?} should fail");
         }

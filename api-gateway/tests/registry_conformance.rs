@@ -1254,6 +1254,27 @@ async fn a_continue_token_with_a_resource_version_is_a_bad_request() -> anyhow::
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exact_list_at_resource_version_zero_is_a_bad_request() -> anyhow::Result<()> {
+    let h = harness().await?;
+    h.create("web").await?;
+    let opts = ListOptions {
+        resource_version: Some("0".into()),
+        resource_version_match: Some("Exact".into()),
+        ..Default::default()
+    };
+    let Err(e) = h
+        .registry
+        .list(&h.instances, Some("acme"), &admin(), &opts)
+        .await
+    else {
+        panic!("an exact list at version 0 was served");
+    };
+    assert_eq!(e.code, 400, "{e:?}");
+    assert!(e.message.contains("forbidden for resourceVersion"), "{e:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_field_selector_watch_sees_bindings_come_and_go() -> anyhow::Result<()> {
     let h = harness().await?;
     let created = h.create("web").await?;

@@ -915,7 +915,7 @@ async fn resource_request(
             Ok(json_response(StatusCode::OK, &w.object, &w.warnings))
         }
         (Endpoint::Object { name, status, .. }, "PATCH") => {
-            ctx.authorize(Verb::Update, Some(&name))?;
+            ctx.authorize(Verb::Patch, Some(&name))?;
             let (headers, bytes) = read_body(req, s.max_body).await?;
             patch(&ctx, &name, status, &q, &headers, &bytes).await
         }
