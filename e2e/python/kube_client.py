@@ -8,7 +8,7 @@ reason at the first that does not.
 Checks: the version and core discovery calls the client makes on its own, the dynamic client's
 lookup of a kind without its group (which reads every group, the core one included), create,
 get, list by label, merge patch, server-side apply, a watch from a list's resourceVersion,
-a refused bad label, and delete.
+a refused bad label, self reviews (who am I, what may I do), and delete.
 """
 
 import sys
@@ -113,6 +113,28 @@ def main(namespace):
     kept = leases.get(name="py-lock", namespace=namespace)
     check(kept.metadata.labels.get("app") == "py", f"after the refusal: {kept.metadata.labels}")
     ok("labels that are not a map are refused (422) and the labels kept")
+
+    who = client.AuthenticationV1Api(api_client).create_self_subject_review(
+        body=client.V1SelfSubjectReview()
+    )
+    check(
+        f"karri:account:{namespace}" in (who.status.user_info.groups or []),
+        f"a self review answered {who.status}",
+    )
+    ok(f"a self review names the user {who.status.user_info.username}")
+    authorization = client.AuthorizationV1Api(api_client)
+
+    def can(verb, resource, ns):
+        attrs = {"verb": verb, "group": "karri.dev", "resource": resource, "namespace": ns}
+        review = authorization.create_self_subject_access_review(
+            body={"spec": {"resourceAttributes": attrs}}
+        )
+        return review.status.allowed
+
+    check(can("create", "instances", namespace), "may not create instances at home")
+    check(not can("list", "instances", "kube-system"), "may list another namespace")
+    check(not can("delete", "nodes", None), "may delete nodes")
+    ok("self access reviews answer what the account may do")
 
     leases.delete(name="py-lock", namespace=namespace)
     try:

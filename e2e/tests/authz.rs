@@ -918,3 +918,53 @@ async fn node_renews_only_its_own_lease_and_reads_instance_types() -> anyhow::Re
     ensure!(snapshot(&c).await? == before, "refusals changed data");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_auth_can_i_answers_what_each_token_may_do() -> anyhow::Result<()> {
+    let c = world().await?;
+    let acme = c.account_kubeconfig("acme")?;
+    let node = c.node_kubeconfig("node-1")?;
+    // `kubectl auth can-i` prints yes or no, and exits 0 only for yes.
+    let can = |kubeconfig: &Path, args: &[&str]| -> anyhow::Result<bool> {
+        let mut all = vec!["auth", "can-i"];
+        all.extend_from_slice(args);
+        let out = karri_testkit::kubectl(kubeconfig, &all);
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        match (said.as_str(), out.status.success()) {
+            ("yes", true) => Ok(true),
+            ("no", false) => Ok(false),
+            _ => anyhow::bail!(
+                "kubectl auth can-i {args:?} said {said:?} ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        }
+    };
+    let rows: [(&Path, &[&str], bool); 9] = [
+        (&c.admin, &["delete", "nodes"], true),
+        (&c.admin, &["*", "*"], true),
+        (&acme, &["create", "instances"], true),
+        (&acme, &["create", "instances", "-n", "globex"], false),
+        (&acme, &["list", "instancetypes"], true),
+        (&acme, &["create", "instancetypes"], false),
+        (&acme, &["delete", "nodes"], false),
+        (&node, &["patch", "node/node-1"], true),
+        (&node, &["patch", "node/node-2"], false),
+    ];
+    for (kubeconfig, args, want) in rows {
+        ensure!(
+            can(kubeconfig, args)? == want,
+            "{} may {args:?}: expected {want}",
+            kubeconfig.display()
+        );
+    }
+    // `kubectl auth whoami` (kubectl 1.28 and later) names the account's group.
+    let me = kubectl_json(&acme, &["auth", "whoami", "-o", "json"])?;
+    ensure!(
+        me["status"]["userInfo"]["groups"]
+            .as_array()
+            .is_some_and(|g| g.contains(&json!("karri:account:acme"))),
+        "kubectl auth whoami: {me}"
+    );
+    Ok(())
+}

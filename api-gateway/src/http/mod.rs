@@ -1,6 +1,7 @@
 //! The Kubernetes-compatible resource API over HTTP (axum).
 
 pub mod discovery;
+pub mod review;
 pub mod route;
 
 use std::collections::HashMap;
@@ -610,6 +611,13 @@ async fn serve(s: Arc<AppState>, req: Request) -> Response {
                 String::new(),
             ),
         }
+    } else if method == Method::POST
+        && (path == review::ACCESS_REVIEWS || review::is_self_review(&path))
+    {
+        let resp = self_reviews(&s, &principal, &path, req)
+            .await
+            .unwrap_or_else(IntoResponse::into_response);
+        (resp, "create", String::new())
     } else {
         let resp = match (method.as_str(), path.trim_end_matches('/')) {
             ("GET", "/api") => axum::Json(discovery::core_versions()).into_response(),
@@ -651,6 +659,34 @@ async fn serve(s: Arc<AppState>, req: Request) -> Response {
     }
     tracing::debug!(code = resp.status().as_u16(), "served");
     resp
+}
+
+/// `kubectl auth can-i` and `kubectl auth whoami`: a SelfSubjectAccessReview or a
+/// SelfSubjectReview posted by the caller, answered about the caller ([`review`]).
+async fn self_reviews(
+    s: &AppState,
+    who: &Principal,
+    path: &str,
+    req: Request,
+) -> ApiResult<Response> {
+    let (headers, bytes) = read_body(req, s.max_body).await?;
+    let body = match content_type(&headers).as_str() {
+        review::PROTOBUF if path == review::ACCESS_REVIEWS => {
+            review::access_review_from_protobuf(&bytes)?
+        }
+        // A self review says nothing but who asks: its body is not read.
+        review::PROTOBUF => Value::Null,
+        ct => parse_body(&bytes, ct)?,
+    };
+    let answer = if path == review::ACCESS_REVIEWS {
+        review::access_review(who, &s.registry.kinds, &body)?
+    } else {
+        let version = path
+            .trim_start_matches("/apis/")
+            .trim_end_matches("/selfsubjectreviews");
+        review::self_review(who, version)
+    };
+    Ok((StatusCode::CREATED, axum::Json(answer)).into_response())
 }
 
 /// Media type of an OpenAPI v2 document in protobuf, which kubectl asks for.
