@@ -53,6 +53,11 @@ def main(namespace):
     check(core.group_version == "v1", f"CoreV1Api().get_api_resources() said {core}")
     ok("CoreV1Api().get_api_resources() answers the core group")
 
+    crds = client.ApiextensionsV1Api(api_client).list_custom_resource_definition()
+    names = {c.metadata.name for c in crds.items}
+    check("instances.karri.dev" in names, f"the CRDs are {names}")
+    ok(f"ApiextensionsV1Api lists the {len(names)} CRDs")
+
     dyn = dynamic.DynamicClient(api_client)
     instances = dyn.resources.get(kind="Instance")
     check(

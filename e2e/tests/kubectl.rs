@@ -1250,3 +1250,42 @@ async fn the_official_python_client_discovers_creates_patches_applies_watches_an
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_reads_the_crds_of_every_kind_and_cannot_change_them() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let names = kubectl_ok(&c.admin, &["get", "crds", "-o", "name"])?;
+    let listed: Vec<&str> = names.lines().collect();
+    for kind in crds::kind_infos() {
+        let name = format!(
+            "customresourcedefinition.apiextensions.k8s.io/{}.{}",
+            kind.plural,
+            crds::GROUP
+        );
+        ensure!(listed.contains(&name.as_str()), "{name} not in {listed:?}");
+    }
+    let established = kubectl_ok(
+        &c.admin,
+        &[
+            "get",
+            "crd",
+            "instances.karri.dev",
+            "-o",
+            "jsonpath={.status.conditions[?(@.type==\"Established\")].status}",
+        ],
+    )?;
+    ensure!(established.trim() == "True", "Established: {established:?}");
+    let out = kubectl(&c.admin, &["delete", "crd", "instances.karri.dev"]);
+    let said = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && said.contains("cannot be changed"),
+        "kubectl delete crd: {} {said}",
+        out.status
+    );
+    let kept = kubectl_ok(
+        &c.admin,
+        &["get", "crd", "instances.karri.dev", "-o", "name"],
+    )?;
+    ensure!(!kept.trim().is_empty(), "the CRD is gone");
+    Ok(())
+}

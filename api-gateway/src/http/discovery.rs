@@ -34,9 +34,97 @@ fn group() -> Value {
     json!({"name": crds::GROUP, "versions": [gv], "preferredVersion": gv})
 }
 
-/// `GET /apis`.
+/// `GET /apis`: Karri's group, and the CustomResourceDefinitions of its kinds (read-only).
 pub fn group_list() -> Value {
-    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group()]})
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": [group(), crd_group()]})
+}
+
+/// The group that serves CustomResourceDefinitions.
+pub const CRD_GROUP: &str = "apiextensions.k8s.io";
+
+/// The path of the CustomResourceDefinitions.
+pub const CRDS_PATH: &str = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions";
+
+fn crd_group() -> Value {
+    let gv = json!({"groupVersion": format!("{CRD_GROUP}/v1"), "version": "v1"});
+    json!({"name": CRD_GROUP, "versions": [gv], "preferredVersion": gv})
+}
+
+/// `GET /apis/apiextensions.k8s.io`.
+pub fn crd_api_group() -> Value {
+    let mut g = crd_group();
+    g["kind"] = json!("APIGroup");
+    g["apiVersion"] = json!("v1");
+    g
+}
+
+/// `GET /apis/apiextensions.k8s.io/v1`: CustomResourceDefinitions, which may only be read.
+pub fn crd_resource_list() -> Value {
+    json!({
+        "kind": "APIResourceList", "apiVersion": "v1", "groupVersion": format!("{CRD_GROUP}/v1"),
+        "resources": [{
+            "name": "customresourcedefinitions", "singularName": "customresourcedefinition",
+            "namespaced": false, "kind": "CustomResourceDefinition", "verbs": ["get", "list"],
+            "shortNames": ["crd", "crds"], "categories": ["api-extensions"],
+        }],
+    })
+}
+
+/// The CustomResourceDefinition of `kind` as the API serves it: the generated CRD (as in
+/// `charts/karri/crds/`), established since `since` (RFC 3339), with a UID that follows from its
+/// name. Its resourceVersion is `1`: it changes only with the gateway's binary.
+pub fn served_crd(kind: &Kind, since: &str) -> Value {
+    use sha2::{Digest as _, Sha256};
+    let mut crd = serde_json::to_value(&kind.crd).unwrap_or_else(|_| json!({}));
+    let name = crd
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let h = hex::encode(&Sha256::digest(name.as_bytes())[..16]);
+    let uid = format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    );
+    crd["metadata"]["uid"] = json!(uid);
+    crd["metadata"]["creationTimestamp"] = json!(since);
+    crd["metadata"]["resourceVersion"] = json!("1");
+    crd["metadata"]["generation"] = json!(1);
+    let condition = |type_: &str, reason: &str, message: &str| {
+        json!({"type": type_, "status": "True", "lastTransitionTime": since,
+               "reason": reason, "message": message})
+    };
+    crd["status"] = json!({
+        "acceptedNames": crd.pointer("/spec/names").cloned().unwrap_or_else(|| json!({})),
+        "conditions": [
+            condition("NamesAccepted", "NoConflicts", "no conflicts found"),
+            condition("Established", "InitialNamesAccepted", "the initial names have been accepted"),
+        ],
+        "storedVersions": [crds::VERSION],
+    });
+    crd
+}
+
+/// `GET /apis/apiextensions.k8s.io/v1/customresourcedefinitions`.
+pub fn crd_list(kinds: &Kinds, since: &str) -> Value {
+    let items: Vec<Value> = kinds.all().iter().map(|k| served_crd(k, since)).collect();
+    json!({
+        "apiVersion": format!("{CRD_GROUP}/v1"), "kind": "CustomResourceDefinitionList",
+        "metadata": {"resourceVersion": "1"}, "items": items,
+    })
+}
+
+/// `GET /apis/apiextensions.k8s.io/v1/customresourcedefinitions/<name>`.
+pub fn crd_named(kinds: &Kinds, name: &str, since: &str) -> Option<Value> {
+    kinds
+        .all()
+        .iter()
+        .map(|k| served_crd(k, since))
+        .find(|crd| crd.pointer("/metadata/name").and_then(Value::as_str) == Some(name))
 }
 
 /// `GET /apis/karri.dev`.
@@ -210,4 +298,35 @@ pub fn openapi_root(hash: &str) -> Value {
             "serverRelativeURL": format!("/openapi/v3/apis/{}?hash={hash}", crds::API_VERSION)
         }
     }})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_an_established_crd_with_a_stable_uid() {
+        let kinds = Kinds::load();
+        let since = "2026-11-27T00:00:00Z";
+        let list = crd_list(&kinds, since);
+        let items = list["items"].as_array().expect("items");
+        assert_eq!(items.len(), kinds.all().len());
+        for (crd, kind) in items.iter().zip(kinds.all()) {
+            let name = format!("{}.{}", kind.info.plural, crds::GROUP);
+            assert_eq!(crd["metadata"]["name"], json!(name));
+            assert_eq!(
+                crd["spec"],
+                serde_json::to_value(&kind.crd.spec).expect("spec")
+            );
+            let established = crd["status"]["conditions"]
+                .as_array()
+                .expect("conditions")
+                .iter()
+                .any(|c| c["type"] == "Established" && c["status"] == "True");
+            assert!(established, "{name}");
+            let again = crd_named(&kinds, &name, since).expect("found by name");
+            assert_eq!(again["metadata"]["uid"], crd["metadata"]["uid"]);
+        }
+        assert!(crd_named(&kinds, "pods.core", since).is_none());
+    }
 }

@@ -59,6 +59,7 @@ type St = State<Arc<AppState>>;
 
 /// The router of every path the gateway serves.
 pub fn router(state: Arc<AppState>) -> Router {
+    std::sync::LazyLock::force(&STARTED);
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/livez", get(|| async { "ok" }))
@@ -591,6 +592,7 @@ async fn serve(s: Arc<AppState>, req: Request) -> Response {
     let q = query_map(req.uri().query());
     let prefix = format!("/apis/{}/", crds::API_VERSION);
     let rest = path.strip_prefix(&prefix).filter(|rest| !rest.is_empty());
+    let crds_prefix = format!("{}/", discovery::CRDS_PATH);
     let (resp, verb, resource) = if let Some(rest) = rest {
         match route::route(&s.registry.kinds, rest) {
             Some(ep) => {
@@ -622,6 +624,15 @@ async fn serve(s: Arc<AppState>, req: Request) -> Response {
         let resp = match (method.as_str(), path.trim_end_matches('/')) {
             ("GET", "/api") => axum::Json(discovery::core_versions()).into_response(),
             ("GET", "/api/v1") => axum::Json(discovery::core_resource_list()).into_response(),
+            ("GET", "/apis/apiextensions.k8s.io") => {
+                axum::Json(discovery::crd_api_group()).into_response()
+            }
+            ("GET", "/apis/apiextensions.k8s.io/v1") => {
+                axum::Json(discovery::crd_resource_list()).into_response()
+            }
+            (m, p) if p == discovery::CRDS_PATH || p.starts_with(&crds_prefix) => {
+                crd_request(&s, m, p, &q)
+            }
             ("GET", p) if p.starts_with("/api/v1/namespaces/") => {
                 namespace(&principal, &p["/api/v1/namespaces/".len()..])
             }
@@ -659,6 +670,40 @@ async fn serve(s: Arc<AppState>, req: Request) -> Response {
     }
     tracing::debug!(code = resp.status().as_u16(), "served");
     resp
+}
+
+/// When the gateway started serving: the time its CustomResourceDefinitions were established.
+static STARTED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+});
+
+/// The CustomResourceDefinitions of Karri's kinds, which every caller may get and list (their
+/// schemas are public at `/openapi/v3` too), and nobody may change: they come with the binary.
+fn crd_request(s: &AppState, method: &str, path: &str, q: &HashMap<String, String>) -> Response {
+    let since = STARTED.as_str();
+    if method != "GET" {
+        return ApiError::method_not_allowed(format!(
+            "CustomResourceDefinitions come with Karri's binaries and cannot be changed ({method} {path})"
+        ))
+        .into_response();
+    }
+    if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
+        return ApiError::method_not_allowed(
+            "CustomResourceDefinitions change only with Karri's binaries: there is nothing to watch",
+        )
+        .into_response();
+    }
+    match path.strip_prefix(&format!("{}/", discovery::CRDS_PATH)) {
+        None => axum::Json(discovery::crd_list(&s.registry.kinds, since)).into_response(),
+        Some(name) => match discovery::crd_named(&s.registry.kinds, name, since) {
+            Some(crd) => axum::Json(crd).into_response(),
+            None => ApiError::not_found_message(format!(
+                "customresourcedefinitions.{} {name:?} not found",
+                discovery::CRD_GROUP
+            ))
+            .into_response(),
+        },
+    }
 }
 
 /// `kubectl auth can-i` and `kubectl auth whoami`: a SelfSubjectAccessReview or a
