@@ -1132,34 +1132,47 @@ async fn awscli_describes_zones_regions_types_the_default_vpc_and_account_attrib
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stopped_instance_cannot_grow_past_the_room_its_node_has_left() -> anyhow::Result<()> {
-    // One node, so that both instances share it.
+/// A cloud of one node (the test agent offers 64 vCPUs), account `account` with a blank image
+/// registered from S3, and instance type `type_name` of `vcpus` vCPUs: the cloud, the account's
+/// awscli, the instance types and the image's ID.
+async fn one_node_with_a_type(
+    account: &str,
+    type_name: &str,
+    vcpus: u32,
+) -> anyhow::Result<(Cloud, Aws, Api<crds::InstanceType>, String)> {
     let cloud = Cloud::start(Options {
         agents: 1,
         ..Options::default()
     })
     .await?;
-    let (aws, _) = Aws::for_new_account(&cloud, "grow").await?;
-    // A type as large as the whole node (the test agent offers 64 vCPUs).
+    let (aws, _) = Aws::for_new_account(&cloud, account).await?;
     let types: Api<crds::InstanceType> = Api::all(cloud.client.clone());
-    let whole: crds::InstanceType = serde_json::from_value(serde_json::json!({
+    let sized: crds::InstanceType = serde_json::from_value(serde_json::json!({
         "apiVersion": "karri.dev/v1alpha1", "kind": "InstanceType",
-        "metadata": {"name": "x.whole"},
-        "spec": {"vcpus": 64, "memoryMiB": 1024, "diskGiB": 10}
+        "metadata": {"name": type_name},
+        "spec": {"vcpus": vcpus, "memoryMiB": 1024, "diskGiB": 10}
     }))?;
-    types.create(&Default::default(), &whole).await?;
-    let location = cloud.blank_image_in_s3(&aws.creds, "grow-images").await?;
+    types.create(&Default::default(), &sized).await?;
+    let location = cloud
+        .blank_image_in_s3(&aws.creds, &format!("{account}-images"))
+        .await?;
     let image = aws
         .ok(&[
             "register-image",
             "--name",
-            "grow",
+            account,
             "--image-location",
             &location,
         ])
         .await?;
     let image_id = str_at(&image, "/ImageId")?.to_owned();
+    Ok((cloud, aws, types, image_id))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_instance_cannot_grow_past_the_room_its_node_has_left() -> anyhow::Result<()> {
+    // One node, so that both instances share it, and a type as large as the whole node.
+    let (cloud, aws, types, image_id) = one_node_with_a_type("grow", "x.whole", 64).await?;
     let ran = aws
         .ok(&[
             "run-instances",
@@ -1432,31 +1445,8 @@ fn the_helpers_encode_base64_read_awscli_error_codes_and_nest_cidrs() -> anyhow:
 #[tokio::test(flavor = "multi_thread")]
 async fn a_launch_no_node_has_room_for_is_refused_and_one_between_min_and_max_launches_what_fits(
 ) -> anyhow::Result<()> {
-    let cloud = Cloud::start(Options {
-        agents: 1,
-        ..Options::default()
-    })
-    .await?;
-    let (aws, _) = Aws::for_new_account(&cloud, "room").await?;
-    // Half of the node (the test agent offers 64 vCPUs): two fit.
-    let types: Api<crds::InstanceType> = Api::all(cloud.client.clone());
-    let half: crds::InstanceType = serde_json::from_value(serde_json::json!({
-        "apiVersion": "karri.dev/v1alpha1", "kind": "InstanceType",
-        "metadata": {"name": "x.half"},
-        "spec": {"vcpus": 32, "memoryMiB": 256, "diskGiB": 1}
-    }))?;
-    types.create(&Default::default(), &half).await?;
-    let location = cloud.blank_image_in_s3(&aws.creds, "room-images").await?;
-    let image = aws
-        .ok(&[
-            "register-image",
-            "--name",
-            "room",
-            "--image-location",
-            &location,
-        ])
-        .await?;
-    let image_id = str_at(&image, "/ImageId")?.to_owned();
+    // Half of the node: two fit.
+    let (cloud, aws, _, image_id) = one_node_with_a_type("room", "x.half", 32).await?;
     let run = |count: &'static str| {
         [
             "run-instances",
@@ -1478,19 +1468,17 @@ async fn a_launch_no_node_has_room_for_is_refused_and_one_between_min_and_max_la
     };
 
     // A zone without nodes is refused, naming the zone that has room.
+    let micro_in_1b = [
+        "run-instances",
+        "--image-id",
+        image_id.as_str(),
+        "--instance-type",
+        "t1.micro",
+        "--placement",
+        "AvailabilityZone=karri-1b",
+    ];
     let said = aws
-        .refused(
-            &[
-                "run-instances",
-                "--image-id",
-                &image_id,
-                "--instance-type",
-                "t1.micro",
-                "--placement",
-                "AvailabilityZone=karri-1b",
-            ],
-            "InsufficientInstanceCapacity",
-        )
+        .refused(&micro_in_1b, "InsufficientInstanceCapacity")
         .await?;
     ensure!(
         said.contains("(karri-1b)") && said.contains("choosing karri-1a"),
@@ -1527,18 +1515,7 @@ async fn a_launch_no_node_has_room_for_is_refused_and_one_between_min_and_max_la
         .await?;
     // A zone without nodes is refused, and now there is nothing elsewhere to name either.
     let said = aws
-        .refused(
-            &[
-                "run-instances",
-                "--image-id",
-                &image_id,
-                "--instance-type",
-                "t1.micro",
-                "--placement",
-                "AvailabilityZone=karri-1b",
-            ],
-            "InsufficientInstanceCapacity",
-        )
+        .refused(&micro_in_1b, "InsufficientInstanceCapacity")
         .await?;
     ensure!(
         said.contains("(karri-1b)") && said.contains("nor in any other zone"),

@@ -672,6 +672,18 @@ async fn serve(s: Arc<AppState>, req: Request) -> Response {
     resp
 }
 
+/// The resourceVersion a body names (`metadata.resourceVersion`), which the write it asks for
+/// must find: `None` when it names none.
+fn precondition_of(body: &Value) -> ApiResult<Option<i64>> {
+    match body
+        .pointer("/metadata/resourceVersion")
+        .and_then(Value::as_str)
+    {
+        Some(rv) if !rv.is_empty() => Ok(Some(registry::parse_rv(rv)?)),
+        _ => Ok(None),
+    }
+}
+
 /// When the gateway started serving: the time its CustomResourceDefinitions were established.
 static STARTED: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
@@ -1158,13 +1170,7 @@ async fn patch(
         "application/merge-patch+json" | "application/json-patch+json" => {
             let patch_value: Value = serde_json::from_slice(bytes)
                 .map_err(|e| ApiError::bad_request(format!("the patch is not valid JSON: {e}")))?;
-            let precondition = match patch_value
-                .pointer("/metadata/resourceVersion")
-                .and_then(Value::as_str)
-            {
-                Some(rv) if !rv.is_empty() => Some(registry::parse_rv(rv)?),
-                _ => None,
-            };
+            let precondition = precondition_of(&patch_value)?;
             let json_patch: Option<json_patch::Patch> = if ct == "application/json-patch+json" {
                 let p: json_patch::Patch =
                     serde_json::from_value(patch_value.clone()).map_err(|e| {
@@ -1249,13 +1255,7 @@ async fn patch(
             }
             // A resourceVersion in the applied configuration is a precondition, as in
             // Kubernetes: applying over a record that changed since is a conflict.
-            let precondition = match applied
-                .pointer("/metadata/resourceVersion")
-                .and_then(Value::as_str)
-            {
-                Some(rv) if !rv.is_empty() => Some(registry::parse_rv(rv)?),
-                _ => None,
-            };
+            let precondition = precondition_of(&applied)?;
             let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
             let conflict_error = |c: Vec<ssa::Conflict>| {
                 let list = c
