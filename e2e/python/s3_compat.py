@@ -1357,6 +1357,26 @@ def group_objects(suite):
         uploads = a.list_multipart_uploads(Bucket=name).get("Uploads", [])
         check(all(u["Key"] != "cold.bin" for u in uploads), f"a refused upload is listed: {uploads}")
 
+    @g.check("encryption_karri_cannot_give_is_refused_and_sse_s3_is_taken")
+    def _():
+        a.put_object(Bucket=name, Key="sse-s3.bin", Body=data, ServerSideEncryption="AES256")
+        source = {"Bucket": name, "Key": "standard.bin"}
+        customer = {"SSECustomerAlgorithm": "AES256", "SSECustomerKey": "k" * 32}
+        for kms in [{"ServerSideEncryption": "aws:kms"},
+                    {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": "alias/x"}]:
+            expect_error("NotImplemented", 501, a.put_object, Bucket=name, Key="kms.bin",
+                         Body=data, **kms)
+            expect_error("NotImplemented", 501, a.copy_object, Bucket=name, Key="kms.bin",
+                         CopySource=source, **kms)
+            expect_error("NotImplemented", 501, a.create_multipart_upload, Bucket=name,
+                         Key="kms.bin", **kms)
+        expect_error("NotImplemented", 501, a.put_object, Bucket=name, Key="kms.bin",
+                     Body=data, **customer)
+        check(not exists(a, name, "kms.bin"), "an object with refused encryption is visible")
+        # No object was written with a customer key, so none is read with one.
+        expect_error("InvalidRequest", 400, a.get_object, Bucket=name, Key="sse-s3.bin",
+                     **customer)
+
 
     def crc32_b64(body):
         return base64.b64encode(zlib.crc32(body).to_bytes(4, "big")).decode()
@@ -1705,6 +1725,11 @@ def group_multipart(suite):
               f"ETag {answer.get('ETag')}, expected {multipart_etag(parts)}")
         check(answer.get("Key") == "big.bin" and answer.get("Bucket") == name,
               f"answer {brief(answer)}")
+        # An absolute URL, as AWS answers (SDKs hand it to applications as the object's URL).
+        location = answer.get("Location", "")
+        check(location.startswith("https://") and location.endswith("/big.bin")
+              and name in location, f"Location {location!r}")
+        st["location"] = location
 
     @g.check("a_retried_completion_of_a_completed_upload_answers_as_the_first")
     def _():
@@ -1715,6 +1740,7 @@ def group_multipart(suite):
                                        for i in (1, 2, 3)]},
         )
         check(answer.get("ETag") == multipart_etag(parts), f"ETag {answer.get('ETag')}")
+        check(answer.get("Location") == st["location"], f"Location {answer.get('Location')!r}")
         # Another upload's ID is still unknown.
         expect_error("NoSuchUpload", 404, a.complete_multipart_upload, Bucket=name,
                      Key="big.bin", UploadId="not-an-upload",

@@ -911,6 +911,19 @@ fn max_keys_of(m: Option<i32>) -> S3Result<usize> {
     }
 }
 
+/// Where a completed multipart upload's object is (its `Location`), as AWS gives it: an absolute
+/// URL on the host the request named, `https://<host>/<bucket>/<key>`, or `https://<host>/<key>`
+/// when the host is the bucket's own (virtual-hosted style); the key URL-encoded. Without a
+/// host, the path alone. Pure.
+fn object_location(host: Option<&str>, bucket: &str, key: &str) -> String {
+    let key = url_encode_key(key);
+    match host.filter(|h| !h.is_empty()) {
+        Some(h) if h.starts_with(&format!("{bucket}.")) => format!("https://{h}/{key}"),
+        Some(h) => format!("https://{h}/{bucket}/{key}"),
+        None => format!("/{bucket}/{key}"),
+    }
+}
+
 fn url_encode_key(k: &str) -> String {
     // encoding-type=url: like AWS, every byte but unreserved characters and `/` is encoded.
     const SET: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
@@ -1134,6 +1147,7 @@ impl KarriS3 {
         bucket: &BucketInfo,
         key: &str,
         upload_id: &str,
+        host: Option<&str>,
     ) -> S3Result<Option<CompleteMultipartUploadOutput>> {
         let current = self
             .index
@@ -1146,7 +1160,7 @@ impl KarriS3 {
                 bucket: Some(bucket.name.clone()),
                 e_tag: Some(quoted(&meta.etag)),
                 key: Some(key.to_owned()),
-                location: Some(format!("/{}/{key}", bucket.name)),
+                location: Some(object_location(host, &bucket.name, key)),
                 ..Default::default()
             }))
     }
@@ -1258,6 +1272,45 @@ fn stored_class(class: Option<&StorageClass>) -> S3Result<()> {
         Some(other) => Err(s3_error!(
             InvalidStorageClass,
             "The storage class you specified is not valid: Karri stores every object in STANDARD, not {other}"
+        )),
+    }
+}
+
+/// Refuses server-side encryption Karri cannot give: with KMS keys (there is no KMS) and with
+/// customer-provided keys (SSE-C: an object stored without the key would be readable without
+/// it). `AES256` (SSE-S3, which AWS applies to every object anyway) is taken; the disks under
+/// Karri's object store are the operator's to encrypt.
+fn encryption_refusal(
+    sse: Option<&ServerSideEncryption>,
+    customer_algorithm: Option<&str>,
+) -> S3Result<()> {
+    if customer_algorithm.is_some() {
+        return Err(s3_error!(
+            NotImplemented,
+            "Server-side encryption with customer-provided keys (SSE-C) is not supported by Karri."
+        ));
+    }
+    match sse.map(ServerSideEncryption::as_str) {
+        None | Some(ServerSideEncryption::AES256) => Ok(()),
+        Some(kms) if kms.starts_with("aws:kms") => Err(s3_error!(
+            NotImplemented,
+            "Server-side encryption with KMS keys ({kms}) is not supported by Karri: there is no KMS. Use AES256 or none."
+        )),
+        Some(other) => Err(s3_error!(
+            InvalidArgument,
+            "The encryption method specified is not supported: {other}"
+        )),
+    }
+}
+
+/// Refuses customer-provided encryption keys on a read: no object Karri holds was written
+/// with one (they are refused), so the parameters do not apply, as S3 answers.
+fn no_customer_key(customer_algorithm: Option<&str>) -> S3Result<()> {
+    match customer_algorithm {
+        None => Ok(()),
+        Some(_) => Err(s3_error!(
+            InvalidRequest,
+            "The encryption parameters are not applicable to this object."
         )),
     }
 }
@@ -1723,6 +1776,10 @@ impl S3 for KarriS3 {
         let body = UploadBody::of(&req, taken)?;
         let input = req.input;
         stored_class(input.storage_class.as_ref())?;
+        encryption_refusal(
+            input.server_side_encryption.as_ref(),
+            input.sse_customer_algorithm.as_deref(),
+        )?;
         let bucket = self
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
             .await?;
@@ -1815,6 +1872,7 @@ impl S3 for KarriS3 {
         let pin = node_pin(&req.uri);
         let input = req.input;
         only_null_version(input.version_id.as_deref())?;
+        no_customer_key(input.sse_customer_algorithm.as_deref())?;
         // Anyone may read a public object, but not have it served as something else (say
         // text/html on the S3 origin): AWS refuses response-* overrides without a signature.
         let overrides = [
@@ -1916,6 +1974,7 @@ impl S3 for KarriS3 {
         let pin = node_pin(&req.uri);
         let input = req.input;
         only_null_version(input.version_id.as_deref())?;
+        no_customer_key(input.sse_customer_algorithm.as_deref())?;
         let bucket = self.bucket(&input.bucket).await?;
         let pre = Preconditions {
             if_match: input.if_match.clone(),
@@ -2087,6 +2146,13 @@ impl S3 for KarriS3 {
         let caller = self.caller(&req).await?;
         let input = req.input;
         stored_class(input.storage_class.as_ref())?;
+        encryption_refusal(
+            input.server_side_encryption.as_ref(),
+            input
+                .sse_customer_algorithm
+                .as_deref()
+                .or(input.copy_source_sse_customer_algorithm.as_deref()),
+        )?;
         // Conditions on the object the copy replaces (`If-None-Match: *` to create only), which
         // s3s does not parse for CopyObject; held in the publishing transaction, as a PUT's.
         let [if_match, if_none_match] =
@@ -2488,6 +2554,10 @@ impl S3 for KarriS3 {
             .unwrap_or_else(|| "anonymous".into());
         let input = req.input;
         stored_class(input.storage_class.as_ref())?;
+        encryption_refusal(
+            input.server_side_encryption.as_ref(),
+            input.sse_customer_algorithm.as_deref(),
+        )?;
         let bucket = self
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
             .await?;
@@ -2757,6 +2827,11 @@ impl S3 for KarriS3 {
         req: S3Request<CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
         let caller = self.caller(&req).await?;
+        let host = req
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned);
         let input = req.input;
         let bucket = self
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
@@ -2765,7 +2840,7 @@ impl S3 for KarriS3 {
             Ok(upload) => upload,
             Err(no_upload) => {
                 return match self
-                    .completed_already(&bucket, &input.key, &input.upload_id)
+                    .completed_already(&bucket, &input.key, &input.upload_id, host.as_deref())
                     .await?
                 {
                     Some(done) => Ok(S3Response::new(done)),
@@ -2846,7 +2921,7 @@ impl S3 for KarriS3 {
                 Err(IndexError::NoUpload) => {
                     // Another completion of this upload won the race: answered as it was.
                     return match self
-                        .completed_already(&bucket, &input.key, &input.upload_id)
+                        .completed_already(&bucket, &input.key, &input.upload_id, host.as_deref())
                         .await?
                     {
                         Some(done) => Ok(S3Response::new(done)),
@@ -2872,7 +2947,7 @@ impl S3 for KarriS3 {
             bucket: Some(bucket.name.clone()),
             e_tag: Some(quoted(&etag)),
             key: Some(input.key.clone()),
-            location: Some(format!("/{}/{}", bucket.name, input.key)),
+            location: Some(object_location(host.as_deref(), &bucket.name, &input.key)),
             ..Default::default()
         }))
     }
@@ -3888,6 +3963,29 @@ mod tests {
             let got: Vec<(&str, std::ops::Range<u64>)> =
                 got.iter().map(|(b, r)| (b.as_str(), r.clone())).collect();
             assert_eq!(got, want, "{range:?}");
+        }
+    }
+
+    #[test]
+    fn a_completed_uploads_location_is_an_absolute_url_on_the_host_asked() {
+        let rows = [
+            (
+                Some("127.0.0.1:8773"),
+                "b",
+                "dir/a b+c.bin",
+                "https://127.0.0.1:8773/b/dir/a%20b%2Bc.bin",
+            ),
+            (
+                Some("b.s3.localhost:8773"),
+                "b",
+                "k",
+                "https://b.s3.localhost:8773/k",
+            ),
+            (Some("s3.localhost"), "b", "k", "https://s3.localhost/b/k"),
+            (None, "b", "a b", "/b/a%20b"),
+        ];
+        for (host, bucket, key, want) in rows {
+            assert_eq!(object_location(host, bucket, key), want, "{host:?}");
         }
     }
 
