@@ -1303,6 +1303,82 @@ fn encryption_refusal(
     }
 }
 
+/// The `x-amz-*` headers a presigned URL carries in its query (lower-cased names, decoded
+/// values), which the signature covers and S3 applies as if they were headers: SDKs put a
+/// presigned PUT's metadata, tagging and ACL there. The signing parameters and checksums are
+/// not among them. Empty for a request that is not presigned. Pure.
+fn presigned_headers(uri: &http::Uri) -> Vec<(String, String)> {
+    let pairs: Vec<(String, String)> = uri
+        .query()
+        .map(|q| {
+            q.split('&')
+                .filter(|p| !p.is_empty())
+                .map(|p| {
+                    let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                    let decode = |s: &str| {
+                        percent_encoding::percent_decode_str(s)
+                            .decode_utf8_lossy()
+                            .into_owned()
+                    };
+                    (decode(k).to_ascii_lowercase(), decode(v))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if !pairs.iter().any(|(k, _)| k == "x-amz-signature") {
+        return Vec::new();
+    }
+    pairs
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("x-amz-") && !k.starts_with("x-amz-checksum"))
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "x-amz-algorithm"
+                    | "x-amz-credential"
+                    | "x-amz-date"
+                    | "x-amz-expires"
+                    | "x-amz-signedheaders"
+                    | "x-amz-signature"
+                    | "x-amz-security-token"
+                    | "x-amz-content-sha256"
+                    | "x-amz-sdk-checksum-algorithm"
+            )
+        })
+        .collect()
+}
+
+/// A PUT's input with the headers its presigned URL carries ([`presigned_headers`]) where the
+/// request itself has none: user metadata, tagging, canned ACL, storage class and encryption.
+fn with_presigned_headers(input: &mut PutObjectInput, found: &[(String, String)]) {
+    for (name, value) in found {
+        if let Some(key) = name.strip_prefix("x-amz-meta-") {
+            input
+                .metadata
+                .get_or_insert_with(Default::default)
+                .entry(key.to_owned())
+                .or_insert_with(|| value.clone());
+            continue;
+        }
+        match name.as_str() {
+            "x-amz-tagging" if input.tagging.is_none() => input.tagging = Some(value.clone()),
+            "x-amz-acl" if input.acl.is_none() => {
+                input.acl = Some(ObjectCannedACL::from(value.clone()));
+            }
+            "x-amz-storage-class" if input.storage_class.is_none() => {
+                input.storage_class = Some(StorageClass::from(value.clone()));
+            }
+            "x-amz-server-side-encryption" if input.server_side_encryption.is_none() => {
+                input.server_side_encryption = Some(ServerSideEncryption::from(value.clone()));
+            }
+            "x-amz-server-side-encryption-customer-algorithm" => {
+                input.sse_customer_algorithm = Some(value.clone());
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Refuses customer-provided encryption keys on a read: no object Karri holds was written
 /// with one (they are refused), so the parameters do not apply, as S3 answers.
 fn no_customer_key(customer_algorithm: Option<&str>) -> S3Result<()> {
@@ -1774,7 +1850,9 @@ impl S3 for KarriS3 {
         let mut req = req;
         let taken = req.input.body.take();
         let body = UploadBody::of(&req, taken)?;
-        let input = req.input;
+        let presigned = presigned_headers(&req.uri);
+        let mut input = req.input;
+        with_presigned_headers(&mut input, &presigned);
         stored_class(input.storage_class.as_ref())?;
         encryption_refusal(
             input.server_side_encryption.as_ref(),
@@ -3987,6 +4065,41 @@ mod tests {
         for (host, bucket, key, want) in rows {
             assert_eq!(object_location(host, bucket, key), want, "{host:?}");
         }
+    }
+
+    #[test]
+    fn a_presigned_urls_query_headers_are_read_and_its_signing_parameters_are_not() {
+        let uri: http::Uri = "/b/k?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIK%2F20261127%2Fkarri-1%2Fs3%2Faws4_request&x-amz-meta-Colour=dark%20blue&x-amz-tagging=a%3D1&x-amz-checksum-crc32=AAAAAA%3D%3D&X-Amz-Signature=ab"
+            .parse()
+            .expect("a URI");
+        assert_eq!(
+            presigned_headers(&uri),
+            vec![
+                ("x-amz-meta-colour".to_owned(), "dark blue".to_owned()),
+                ("x-amz-tagging".to_owned(), "a=1".to_owned()),
+            ]
+        );
+        let signed_by_header: http::Uri = "/b/k?x-amz-meta-colour=red".parse().expect("a URI");
+        assert!(presigned_headers(&signed_by_header).is_empty());
+        let mut input = PutObjectInput::builder()
+            .bucket("b".into())
+            .key("k".into())
+            .tagging(Some("own=1".into()))
+            .build()
+            .expect("an input");
+        with_presigned_headers(&mut input, &presigned_headers(&uri));
+        assert_eq!(
+            input.tagging.as_deref(),
+            Some("own=1"),
+            "the request's own wins"
+        );
+        assert_eq!(
+            input
+                .metadata
+                .and_then(|m| m.get("colour").cloned())
+                .as_deref(),
+            Some("dark blue")
+        );
     }
 
     #[test]
