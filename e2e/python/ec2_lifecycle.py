@@ -260,6 +260,21 @@ def launch(ec2, image_id):
     got = user_data.get("UserData", {}).get("Value")
     check(got == expected, f"userData of {ids[0]} is {got!r}, expected {expected!r}")
     ok("describe_instance_attribute(userData) is the base64 of the user data")
+
+    # Setting an attribute Karri does not let change to the value it has is a no-op, as on EC2;
+    # another value is refused.
+    ec2.modify_instance_attribute(InstanceId=ids[0], SourceDestCheck={"Value": True})
+    ec2.modify_instance_attribute(InstanceId=ids[0], DisableApiStop={"Value": False})
+    ec2.modify_instance_attribute(
+        InstanceId=ids[0], InstanceInitiatedShutdownBehavior={"Value": "stop"}
+    )
+    expect_error(
+        "UnsupportedOperation",
+        ec2.modify_instance_attribute,
+        InstanceId=ids[0],
+        SourceDestCheck={"Value": False},
+    )
+    ok("modify_instance_attribute to the value an attribute has succeeds; to another is refused")
     return ids
 
 

@@ -1184,6 +1184,22 @@ pub async fn modify_instance_attribute(
     let v = own_instances(cx, std::slice::from_ref(&a.instance_id))
         .await?
         .remove(0);
+    if always_so(&a.change) {
+        // What every Karri instance has: nothing to change, and no error, as EC2 answers a
+        // change to the current value.
+        if desired(&v) == crds::DesiredState::Terminated {
+            return Err(Ec2Error::incorrect_instance_state(format!(
+                "The instance '{}' is terminated: its attributes can no longer be modified.",
+                a.instance_id
+            )));
+        }
+        if dry_run {
+            return Err(Ec2Error::dry_run_operation());
+        }
+        let mut w = cx.response("ModifyInstanceAttribute");
+        w.leaf_bool("return", true);
+        return Ok(w.finish());
+    }
     let (field, value) = match &a.change {
         C::InstanceType(t) => {
             if !offered_type(cx, t) {
@@ -1229,6 +1245,21 @@ pub async fn modify_instance_attribute(
     let mut w = cx.response("ModifyInstanceAttribute");
     w.leaf_bool("return", true);
     Ok(w.finish())
+}
+
+/// Whether `c` asks for the value every Karri instance has of an attribute Karri does not let
+/// change (what DescribeInstanceAttribute shows): no API stop protection, stop on an
+/// instance-initiated shutdown, source/destination checking, no EBS optimisation, no ENA. Pure.
+fn always_so(c: &router::InstanceAttributeChange) -> bool {
+    use router::InstanceAttributeChange as C;
+    matches!(
+        c,
+        C::DisableApiStop(false)
+            | C::InstanceInitiatedShutdownBehavior(router::ShutdownBehavior::Stop)
+            | C::SourceDestCheck(true)
+            | C::EbsOptimized(false)
+            | C::EnaSupport(false)
+    )
 }
 
 fn change_name(c: &router::InstanceAttributeChange) -> &'static str {
