@@ -807,6 +807,8 @@ def group_buckets(suite):
             params = {"MaxBuckets": 1, **({"ContinuationToken": token} if token else {})}
             page = a.list_buckets(**params)
             check(len(page["Buckets"]) <= 1, f"a page of {len(page['Buckets'])} buckets")
+            check(all(x.get("BucketRegion") == REGION for x in page["Buckets"]),
+                  f"a page with parameters shows the buckets' regions: {page['Buckets']}")
             names += [x["Name"] for x in page["Buckets"]]
             token = page.get("ContinuationToken")
             if not token:

@@ -1545,6 +1545,13 @@ impl S3 for KarriS3 {
         req: S3Request<ListBucketsInput>,
     ) -> S3Result<S3Response<ListBucketsOutput>> {
         let caller = self.signed_caller(&req).await?;
+        // As AWS: a request with any parameter is answered with each bucket's region.
+        let input = &req.input;
+        let region = (input.prefix.is_some()
+            || input.max_buckets.is_some()
+            || input.continuation_token.is_some()
+            || input.bucket_region.is_some())
+        .then(|| self.region.clone());
         self.registry.catch_up().await.map_err(internal)?;
         let (records, _) = self
             .registry
@@ -1558,7 +1565,7 @@ impl S3 for KarriS3 {
                     && r.value.pointer("/metadata/deletionTimestamp").is_none()
             })
             .map(|r| Bucket {
-                bucket_region: None,
+                bucket_region: region.clone(),
                 creation_date: r
                     .value
                     .pointer("/metadata/creationTimestamp")
