@@ -425,6 +425,8 @@ umask 077
   printf 'export AWS_ENDPOINT_URL=%q\n' "$AWS_URL"
   printf 'export AWS_DEFAULT_REGION=%q\n' "$REGION"
   printf 'export AWS_CA_BUNDLE=%q\n' "$PKI/ca.crt"
+  # The same CA for clients that take it as a flag (rclone's --ca-cert, curl's --cacert).
+  printf 'export KARRI_CA=%q\n' "$PKI/ca.crt"
   printf 'export EC2_URL=%q\n' "$AWS_URL/services/compute"
   printf 'export S3_URL=%q\n' "$AWS_URL/services/objectstorage"
   printf 'export KARRI_MICRO_EMI=%q\n' "$EMI"
