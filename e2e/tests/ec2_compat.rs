@@ -959,6 +959,49 @@ async fn awscli_describes_zones_regions_types_the_default_vpc_and_account_attrib
         shown == expected,
         "describe-instance-types shows {shown:?}, expected {expected:?}"
     );
+    // Every type is offered in the region and in each zone.
+    let offered = |answer: &Value| -> Vec<(String, String, String)> {
+        array_at(answer, "/InstanceTypeOfferings")
+            .iter()
+            .map(|o| {
+                let field = |p: &str| o.pointer(p).and_then(Value::as_str).unwrap_or("");
+                (
+                    field("/InstanceType").to_owned(),
+                    field("/LocationType").to_owned(),
+                    field("/Location").to_owned(),
+                )
+            })
+            .collect()
+    };
+    let in_region = offered(&aws.ok(&["describe-instance-type-offerings"]).await?);
+    ensure!(
+        in_region.len() == expected.len()
+            && in_region
+                .iter()
+                .all(|(_, kind, at)| kind == "region" && at == "karri-1"),
+        "describe-instance-type-offerings shows {in_region:?}"
+    );
+    let micro_in_zones = offered(
+        &aws.ok(&[
+            "describe-instance-type-offerings",
+            "--location-type",
+            "availability-zone",
+            "--filters",
+            "Name=instance-type,Values=t1.micro",
+        ])
+        .await?,
+    );
+    let zone = |z: &str| {
+        (
+            "t1.micro".to_owned(),
+            "availability-zone".to_owned(),
+            z.to_owned(),
+        )
+    };
+    ensure!(
+        micro_in_zones == [zone("karri-1a"), zone("karri-1b")],
+        "t1.micro by zone: {micro_in_zones:?}"
+    );
     // The string lists as botocore parses them: one string per <item>, never [""].
     let lists = [
         ("/ProcessorInfo/SupportedArchitectures", "x86_64"),

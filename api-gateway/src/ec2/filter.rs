@@ -606,6 +606,9 @@ pub const INSTANCE_STATUS_FILTERS: &[&str] = &[
     "system-status.status",
 ];
 
+/// DescribeInstanceTypeOfferings filters.
+pub const INSTANCE_TYPE_OFFERING_FILTERS: &[&str] = &["instance-type", "location"];
+
 /// DescribeInstanceTypes (not taggable).
 pub const INSTANCE_TYPE_FILTERS: &[&str] = &[
     "bare-metal",

@@ -75,6 +75,8 @@ pub enum Action {
     GetConsoleOutput(GetConsoleOutput),
     /// Describe the instance types offered.
     DescribeInstanceTypes(DescribeInstanceTypes),
+    /// Describe where each instance type is offered.
+    DescribeInstanceTypeOfferings(DescribeInstanceTypeOfferings),
     /// Describe availability zones.
     DescribeAvailabilityZones(DescribeAvailabilityZones),
     /// Describe regions.
@@ -127,6 +129,7 @@ impl Action {
             Action::ModifyInstanceAttribute(_) => "ModifyInstanceAttribute",
             Action::GetConsoleOutput(_) => "GetConsoleOutput",
             Action::DescribeInstanceTypes(_) => "DescribeInstanceTypes",
+            Action::DescribeInstanceTypeOfferings(_) => "DescribeInstanceTypeOfferings",
             Action::DescribeAvailabilityZones(_) => "DescribeAvailabilityZones",
             Action::DescribeRegions(_) => "DescribeRegions",
             Action::DescribeAccountAttributes(_) => "DescribeAccountAttributes",
@@ -524,6 +527,42 @@ pub struct DescribeInstanceTypes {
     pub next_token: Option<String>,
 }
 
+/// Where DescribeInstanceTypeOfferings says the types are offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LocationType {
+    /// The region (the default).
+    #[default]
+    Region,
+    /// Each availability zone, by name.
+    AvailabilityZone,
+    /// Each availability zone, by ID.
+    AvailabilityZoneId,
+}
+
+impl LocationType {
+    /// The EC2 spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Region => "region",
+            Self::AvailabilityZone => "availability-zone",
+            Self::AvailabilityZoneId => "availability-zone-id",
+        }
+    }
+}
+
+/// DescribeInstanceTypeOfferings.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DescribeInstanceTypeOfferings {
+    /// `LocationType`.
+    pub location_type: LocationType,
+    /// `Filter.N` ([`filter::INSTANCE_TYPE_OFFERING_FILTERS`]).
+    pub filters: Vec<Filter>,
+    /// `MaxResults`, 5–1000.
+    pub max_results: Option<u32>,
+    /// `NextToken`.
+    pub next_token: Option<String>,
+}
+
 // ----- Zones, regions, account ----------------------------------------------------------------
 
 /// DescribeAvailabilityZones.
@@ -804,6 +843,7 @@ pub const SUPPORTED_ACTIONS: &[&str] = &[
     "DescribeImages",
     "DescribeInstanceAttribute",
     "DescribeInstanceStatus",
+    "DescribeInstanceTypeOfferings",
     "DescribeInstanceTypes",
     "DescribeInstances",
     "DescribeKeyPairs",
@@ -1134,6 +1174,9 @@ fn parse_action(name: &str, p: &Params) -> Option<Result<Action, Ec2Error>> {
         }
         "GetConsoleOutput" => get_console_output(p).map(Action::GetConsoleOutput),
         "DescribeInstanceTypes" => describe_instance_types(p).map(Action::DescribeInstanceTypes),
+        "DescribeInstanceTypeOfferings" => {
+            describe_instance_type_offerings(p).map(Action::DescribeInstanceTypeOfferings)
+        }
         "DescribeAvailabilityZones" => {
             describe_availability_zones(p).map(Action::DescribeAvailabilityZones)
         }
@@ -1857,6 +1900,26 @@ fn describe_instance_types(p: &Params) -> Result<DescribeInstanceTypes, Ec2Error
     Ok(DescribeInstanceTypes {
         instance_types: strings(&p.root(), "InstanceType")?,
         filters: filters(p, filter::INSTANCE_TYPE_FILTERS, false)?,
+        max_results,
+        next_token,
+    })
+}
+
+fn describe_instance_type_offerings(p: &Params) -> Result<DescribeInstanceTypeOfferings, Ec2Error> {
+    let (max_results, next_token) = paging(p, 5..=1000)?;
+    let location_type = match opt(&p.root(), "LocationType").as_deref() {
+        None | Some("region") => LocationType::Region,
+        Some("availability-zone") => LocationType::AvailabilityZone,
+        Some("availability-zone-id") => LocationType::AvailabilityZoneId,
+        Some(other) => {
+            return Err(Ec2Error::invalid_parameter_value(format!(
+                "Value ({other}) for parameter locationType is invalid. Valid values are region, availability-zone, availability-zone-id."
+            )))
+        }
+    };
+    Ok(DescribeInstanceTypeOfferings {
+        location_type,
+        filters: filters(p, filter::INSTANCE_TYPE_OFFERING_FILTERS, false)?,
         max_results,
         next_token,
     })
@@ -2610,6 +2673,18 @@ mod tests {
                     ..Default::default()
                 }),
             ),
+            (
+                "Action=DescribeInstanceTypeOfferings&LocationType=availability-zone&Filter.1.Name=instance-type&Filter.1.Value.1=t2.micro&MaxResults=5",
+                Action::DescribeInstanceTypeOfferings(DescribeInstanceTypeOfferings {
+                    location_type: LocationType::AvailabilityZone,
+                    filters: vec![Filter {
+                        name: "instance-type".into(),
+                        values: strs(&["t2.micro"]),
+                    }],
+                    max_results: Some(5),
+                    next_token: None,
+                }),
+            ),
         ];
         for (query, expected) in rows {
             assert_eq!(action(query), expected, "{query}");
@@ -3146,6 +3221,14 @@ mod tests {
             ("Action=DescribeInstances&Filter.1.Value.1=x".into(), "MissingParameter"),
             ("Action=DescribeInstanceStatus&Filter.1.Name=tag:Name&Filter.1.Value.1=x".into(), "InvalidParameterValue"),
             ("Action=DescribeInstanceTypes&MaxResults=101".into(), "InvalidParameterValue"),
+            (
+                "Action=DescribeInstanceTypeOfferings&LocationType=planet".into(),
+                "InvalidParameterValue",
+            ),
+            (
+                "Action=DescribeInstanceTypeOfferings&Filter.1.Name=vcpus&Filter.1.Value.1=2".into(),
+                "InvalidParameterValue",
+            ),
             ("Action=DescribeRegions&Filter.1.Name=tag:x&Filter.1.Value.1=y".into(), "InvalidParameterValue"),
             ("Action=DescribeTags&Filter.1.Name=instance-type&Filter.1.Value.1=y".into(), "InvalidParameterValue"),
             ("Action=DescribeAccountAttributes&AttributeName.1=foo".into(), "InvalidParameterValue"),

@@ -201,6 +201,76 @@ pub async fn describe_instance_types(
     Ok(w.finish())
 }
 
+/// The locations of one kind where every instance type is offered, sorted: the region, or
+/// each zone of the region by name or by ID. Every type Karri offers is offered everywhere:
+/// placement puts any type on any node with room. Pure.
+fn offering_locations(
+    location_type: router::LocationType,
+    region: &str,
+    zones: &[&Value],
+) -> Vec<String> {
+    let mut out: Vec<String> = match location_type {
+        router::LocationType::Region => vec![region.to_owned()],
+        router::LocationType::AvailabilityZone => zones
+            .iter()
+            .map(|z| text(z, "/metadata/name").to_owned())
+            .collect(),
+        router::LocationType::AvailabilityZoneId => zones.iter().map(|z| zone_id(z)).collect(),
+    };
+    out.sort();
+    out
+}
+
+/// DescribeInstanceTypeOfferings: each instance type offered (not being deleted) in each
+/// location of the kind asked for.
+pub async fn describe_instance_type_offerings(
+    cx: &Cx<'_>,
+    a: router::DescribeInstanceTypeOfferings,
+) -> Result<String, Ec2Error> {
+    filter::validate_names(&a.filters, filter::INSTANCE_TYPE_OFFERING_FILTERS, false)?;
+    let types = cx.everywhere("instancetypes").await?;
+    let zones = cx.everywhere("availabilityzones").await?;
+    let region = cx.settings.region.as_str();
+    let in_region: Vec<&Value> = zones
+        .iter()
+        .map(|z| &z.value)
+        .filter(|z| text(z, "/spec/region") == region)
+        .collect();
+    let locations = offering_locations(a.location_type, region, &in_region);
+    let matcher = Matcher::new(&a.filters);
+    let mut offerings = Vec::new();
+    for t in types
+        .iter()
+        .filter(|o| o.value.pointer("/metadata/deletionTimestamp").is_none())
+    {
+        let name = text(&t.value, "/metadata/name");
+        for location in &locations {
+            let values = |filter: &str| match filter {
+                "instance-type" => vec![Cow::Borrowed(name)],
+                "location" => vec![Cow::Borrowed(location.as_str())],
+                _ => Vec::new(),
+            };
+            if matcher.matches(values) {
+                offerings.push((format!("{name}\u{0}{location}"), (name, location.clone())));
+            }
+        }
+    }
+    let (page, token) = paginate(
+        "DescribeInstanceTypeOfferings",
+        offerings,
+        a.next_token.as_deref(),
+        a.max_results.map(|m| m as usize),
+    )?;
+    let mut w = cx.response("DescribeInstanceTypeOfferings");
+    w.set("instanceTypeOfferingSet", page, |w, (name, location)| {
+        w.leaf("instanceType", name)
+            .leaf("locationType", a.location_type.as_str())
+            .leaf("location", &location);
+    });
+    w.leaf_opt("nextToken", token.as_deref());
+    Ok(w.finish())
+}
+
 /// Every zone is an availability zone (no local or wavelength zones).
 const ZONE_TYPE: &str = "availability-zone";
 /// Zones and the region need no opt-in.

@@ -64,6 +64,9 @@ pub async fn run(cx: &Cx<'_>, request: Request) -> Result<String, Ec2Error> {
         }
         Action::GetConsoleOutput(a) => instances::get_console_output(cx, a).await,
         Action::DescribeInstanceTypes(a) => catalog::describe_instance_types(cx, a).await,
+        Action::DescribeInstanceTypeOfferings(a) => {
+            catalog::describe_instance_type_offerings(cx, a).await
+        }
         Action::DescribeAvailabilityZones(a) => catalog::describe_availability_zones(cx, a).await,
         Action::DescribeRegions(a) => catalog::describe_regions(cx, a),
         Action::DescribeAccountAttributes(a) => catalog::describe_account_attributes(cx, a),
