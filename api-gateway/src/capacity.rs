@@ -1,4 +1,7 @@
-//! Instance type changes checked against the room on the instance's node. An instance stays on
+//! The room on the nodes, as the gateway checks it: for an EC2 launch ([`launch_room`], from
+//! the claims the watch cache keeps counted) and for instance type changes.
+//!
+//! Instance type changes are checked against the room on the instance's node. An instance stays on
 //! the node it was placed on (through stop and start), so a larger type that the node cannot
 //! hold beside its other instances is refused when it is asked for, for every face: EC2's
 //! ModifyInstanceAttribute answers `InsufficientInstanceCapacity`, the resource API 403.
@@ -244,8 +247,6 @@ pub fn launch_room(cache: &WatchCache, instance_type: &str, most: u32) -> BTreeM
             }),
         }
     }
-    // Placement's order among the waiting is the operator's; name order here is as good a guess.
-    awaiting.sort_by(|a, b| a.zone.cmp(&b.zone));
     let nodes: Vec<capacity::NodeView> = cache
         .list("nodes", &store::kind_prefix("nodes"))
         .0

@@ -1406,10 +1406,13 @@ impl Registry {
                     "resourceVersionMatch is forbidden unless resourceVersion is provided",
                 ));
             }
-            // "0" means "any version": there is no exact one to read.
+            // "0" means "any version": there is no exact one to read (422, as Kubernetes).
             if exact && rv == Some("0") {
-                return Err(ApiError::bad_request(
-                    "resourceVersionMatch \"Exact\" is forbidden for resourceVersion \"0\"",
+                return Err(ApiError::invalid_options(
+                    "ListOptions",
+                    "resourceVersionMatch",
+                    "FieldValueForbidden",
+                    "Forbidden: resourceVersionMatch \"exact\" is forbidden for resourceVersion \"0\"",
                 ));
             }
         }

@@ -1269,8 +1269,12 @@ async fn an_exact_list_at_resource_version_zero_is_a_bad_request() -> anyhow::Re
     else {
         panic!("an exact list at version 0 was served");
     };
-    assert_eq!(e.code, 400, "{e:?}");
-    assert!(e.message.contains("forbidden for resourceVersion"), "{e:?}");
+    assert_eq!(e.code, 422, "{e:?}");
+    assert!(
+        e.message.contains("resourceVersionMatch: Forbidden")
+            && e.message.contains("forbidden for resourceVersion \"0\""),
+        "{e:?}"
+    );
     Ok(())
 }
 

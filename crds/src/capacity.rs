@@ -194,7 +194,7 @@ pub struct Awaiting {
 /// How many instances of size `need` (at most `most`) each zone could take now, by zone name:
 /// the room of its nodes ([`room_on`]) once the instances still `awaiting` placement are counted
 /// on the first nodes (in name order, in their zone) that fit them, as placement could put
-/// them there. A zone without nodes is absent. What an EC2 launch checks before it makes
+/// them there: those bound to a zone first, then those free to go anywhere, larger ones first. A zone without nodes is absent. What an EC2 launch checks before it makes
 /// records that no node could take. Pure.
 pub fn launch_room(
     nodes: &[NodeView],
@@ -204,6 +204,20 @@ pub fn launch_room(
 ) -> BTreeMap<String, u32> {
     let mut nodes: Vec<NodeView> = nodes.to_vec();
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    // Those bound to a zone first (the ones free to go anywhere must not take their room), the
+    // largest first within each.
+    let mut awaiting: Vec<&Awaiting> = awaiting.iter().collect();
+    awaiting.sort_by_key(|a| {
+        (
+            a.zone.is_none(),
+            a.zone.clone(),
+            std::cmp::Reverse((
+                a.resources.vcpus,
+                a.resources.memory_mib,
+                a.resources.disk_gib,
+            )),
+        )
+    });
     for group in awaiting {
         let mut left = group.count;
         for node in nodes
@@ -553,6 +567,25 @@ mod tests {
         assert!(
             launch_room(&[], &[], small, 50).is_empty(),
             "no nodes, no zones"
+        );
+        // One free anywhere, one bound to za, listed in that order: the bound one takes za's
+        // room first, so the free one goes to zb, and nothing is left anywhere.
+        let one_each = vec![node("a1", "za", 1, 4096), node("b1", "zb", 1, 4096)];
+        let mixed = [
+            Awaiting {
+                zone: None,
+                resources: small,
+                count: 1,
+            },
+            Awaiting {
+                zone: Some("za".into()),
+                resources: small,
+                count: 1,
+            },
+        ];
+        assert_eq!(
+            launch_room(&one_each, &mixed, small, 50),
+            zones(&[("za", 0), ("zb", 0)])
         );
     }
 }

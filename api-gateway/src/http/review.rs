@@ -1,6 +1,7 @@
 //! Kubernetes' self-reviews, which `kubectl auth can-i` and `kubectl auth whoami` send: what the
 //! caller may do, answered by the same rules that authorize every request ([`auth::allowed`]),
-//! and who the caller is. Pure.
+//! and who the caller is. Pure. A node token's writes of instances are checked per record
+//! (only those bound to it): a review, which names no record's binding, answers for the kind.
 
 use serde_json::{json, Value};
 
@@ -205,6 +206,11 @@ fn resource_decision(who: &Principal, kinds: &Kinds, attrs: &Value) -> (bool, St
     let verb = text(attrs, "verb");
     let namespace = Some(text(attrs, "namespace")).filter(|n| !n.is_empty());
     let name = Some(text(attrs, "name")).filter(|n| !n.is_empty());
+    // The CustomResourceDefinitions every caller may read, and nothing else of that group.
+    if group == crate::http::discovery::CRD_GROUP {
+        let readable = resource == "customresourcedefinitions" && matches!(verb, "get" | "list");
+        return (readable, String::new());
+    }
     if !matches!(group, "" | "*") && group != crds::GROUP {
         return (false, format!("Karri serves no API group {group:?}"));
     }
@@ -310,6 +316,14 @@ mod tests {
         for (who, attrs, want) in rows {
             assert_eq!(review(who, attrs.clone()).0, want, "{who:?} {attrs}");
         }
+        let crds = |verb: &str| {
+            review(
+                &acme,
+                json!({"verb": verb, "group": "apiextensions.k8s.io", "resource": "customresourcedefinitions"}),
+            )
+            .0
+        };
+        assert!(crds("list") && crds("get") && !crds("delete"));
         let (allowed, reason) = review(&admin, json!({"verb": "get", "resource": "pods"}));
         assert!(!allowed);
         assert!(reason.contains("no resource \"pods\""), "{reason}");

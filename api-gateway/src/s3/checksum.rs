@@ -61,6 +61,14 @@ impl Algorithm {
         }
     }
 
+    /// The algorithm S3 names `name` (`CRC32`, `SHA256` …, as `x-amz-checksum-algorithm` and
+    /// `ChecksumAlgorithm` give it), in any case.
+    pub fn named(name: &str) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.name().eq_ignore_ascii_case(name.trim()))
+    }
+
     fn of_header(name: &str) -> Option<Self> {
         Self::ALL
             .into_iter()

@@ -441,6 +441,10 @@ impl S3Route for EucaPath {
     async fn call(&self, req: S3Request<s3s::Body>) -> S3Result<S3Response<s3s::Body>> {
         let uri = strip_euca_uri(&req.uri)
             .ok_or_else(|| s3_error!(InvalidURI, "Couldn't parse the specified URI."))?;
+        let presigned = req
+            .uri
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p.starts_with("X-Amz-Signature=")));
         let mut headers = req.headers;
         for h in [
             "authorization",
@@ -489,6 +493,9 @@ impl S3Route for EucaPath {
         if let Some(t) = req.trailing_headers {
             inner.extensions_mut().insert(service::ForwardedTrailers(t));
         }
+        if presigned {
+            inner.extensions_mut().insert(service::ForwardedPresigned);
+        }
         let resp = self
             .inner
             .call(inner)
@@ -510,8 +517,13 @@ impl S3Face {
         settings: &S3Settings,
         metrics: Arc<Metrics>,
     ) -> Self {
-        let ops = service::KarriS3::new(registry.clone(), blobs, settings.region.clone());
         let domains = Arc::new(settings.domains.clone());
+        let ops = service::KarriS3::new(
+            registry.clone(),
+            blobs,
+            settings.region.clone(),
+            domains.clone(),
+        );
         let inner = {
             let mut b = S3ServiceBuilder::new(ops.clone());
             b.set_host(Hosts {

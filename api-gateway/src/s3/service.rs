@@ -41,6 +41,11 @@ pub const RESERVED_BUCKETS: &[&str] = &[
     "api", "apis", "openapi", "version", "services", "healthz", "livez", "readyz", "metrics",
 ];
 
+/// Marks a request the Eucalyptus path forwards whose presigned signature it checked and took
+/// off its query: the rest of the query still counts as the signed request's headers.
+#[derive(Clone, Copy, Debug)]
+pub struct ForwardedPresigned;
+
 /// The identity of a request forwarded from the Eucalyptus path after s3s verified its
 /// signature there: the access key that signed it.
 #[derive(Debug, Clone)]
@@ -183,7 +188,16 @@ pub struct KarriS3 {
     index: ObjectIndex,
     blobs: Arc<dyn BlobStore>,
     region: String,
+    /// The domains virtual-hosted-style requests name buckets under.
+    domains: Arc<Vec<String>>,
+    /// Striped locks that queue this gateway's ACL and tag changes of one key, so that
+    /// concurrent ones do not defeat each other's compare-and-swap (other gateways' are still
+    /// caught by it).
+    update_locks: Arc<[tokio::sync::Mutex<()>]>,
 }
+
+/// How many stripes [`KarriS3::update_locks`] has.
+const UPDATE_LOCK_STRIPES: usize = 64;
 
 /// A bucket as the operations need it.
 struct BucketInfo {
@@ -913,15 +927,27 @@ fn max_keys_of(m: Option<i32>) -> S3Result<usize> {
 
 /// Where a completed multipart upload's object is (its `Location`), as AWS gives it: an absolute
 /// URL on the host the request named, `https://<host>/<bucket>/<key>`, or `https://<host>/<key>`
-/// when the host is the bucket's own (virtual-hosted style); the key URL-encoded. Without a
-/// host, the path alone. Pure.
-fn object_location(host: Option<&str>, bucket: &str, key: &str) -> String {
+/// when the host names the bucket under one of `domains` (virtual-hosted style); the key
+/// URL-encoded. Without a host, the path alone. Pure.
+fn object_location(domains: &[String], host: Option<&str>, bucket: &str, key: &str) -> String {
     let key = url_encode_key(key);
     match host.filter(|h| !h.is_empty()) {
-        Some(h) if h.starts_with(&format!("{bucket}.")) => format!("https://{h}/{key}"),
+        Some(h) if super::virtual_bucket(domains, h) == Some(bucket) => {
+            format!("https://{h}/{key}")
+        }
         Some(h) => format!("https://{h}/{bucket}/{key}"),
         None => format!("/{bucket}/{key}"),
     }
+}
+
+/// The host a request named: its `Host` header, or (HTTP/2, which has none) its URI's
+/// authority.
+fn request_host(headers: &http::HeaderMap, uri: &http::Uri) -> Option<String> {
+    headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| uri.authority().map(|a| a.as_str().to_owned()))
 }
 
 fn url_encode_key(k: &str) -> String {
@@ -978,13 +1004,22 @@ fn token_decode(s: &str) -> S3Result<String> {
 
 impl KarriS3 {
     /// Operations on `registry`'s etcd and `blobs`, in `region`.
-    pub fn new(registry: Arc<Registry>, blobs: Arc<dyn BlobStore>, region: String) -> Self {
+    pub fn new(
+        registry: Arc<Registry>,
+        blobs: Arc<dyn BlobStore>,
+        region: String,
+        domains: Arc<Vec<String>>,
+    ) -> Self {
         let index = ObjectIndex::new(registry.etcd_client());
         Self {
             registry,
             index,
             blobs,
             region,
+            domains,
+            update_locks: (0..UPDATE_LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }
     }
 
@@ -1160,7 +1195,7 @@ impl KarriS3 {
                 bucket: Some(bucket.name.clone()),
                 e_tag: Some(quoted(&meta.etag)),
                 key: Some(key.to_owned()),
-                location: Some(object_location(host, &bucket.name, key)),
+                location: Some(object_location(&self.domains, host, &bucket.name, key)),
                 ..Default::default()
             }))
     }
@@ -1201,6 +1236,17 @@ impl KarriS3 {
         meta: &ObjectMeta,
         range: std::ops::Range<u64>,
     ) -> S3Result<super::blob::Written> {
+        Ok(self.copy_bytes_hashing(meta, range, None).await?.0)
+    }
+
+    /// [`Self::copy_bytes`], with the checksum of the bytes copied by `algorithm` when one is
+    /// given (what a copy that asks for a checksum stores and answers).
+    async fn copy_bytes_hashing(
+        &self,
+        meta: &ObjectMeta,
+        range: std::ops::Range<u64>,
+        algorithm: Option<checksum::Algorithm>,
+    ) -> S3Result<(super::blob::Written, Option<Checksum>)> {
         // Refused before a byte moves, as AWS refuses it, rather than after copying 5 GiB.
         if range.end.saturating_sub(range.start) > MAX_PUT_SIZE {
             return Err(s3_error!(
@@ -1217,10 +1263,24 @@ impl KarriS3 {
                 ),
                 other => blob_error(other),
             })?;
-        self.blobs
+        let (stream, running) = match algorithm {
+            Some(a) => {
+                let (stream, running) = checksum::hashing(stream, a);
+                (stream, Some((a, running)))
+            }
+            None => (stream, None),
+        };
+        let written = self
+            .blobs
             .put(stream, MAX_PUT_SIZE)
             .await
-            .map_err(blob_error)
+            .map_err(blob_error)?;
+        let sum = running.and_then(|(algorithm, running)| {
+            running
+                .value(algorithm)
+                .map(|value| Checksum { algorithm, value })
+        });
+        Ok((written, sum))
     }
 
     async fn copy_source(
@@ -1307,7 +1367,15 @@ fn encryption_refusal(
 /// values), which the signature covers and S3 applies as if they were headers: SDKs put a
 /// presigned PUT's metadata, tagging and ACL there. The signing parameters and checksums are
 /// not among them. Empty for a request that is not presigned. Pure.
-fn presigned_headers(uri: &http::Uri) -> Vec<(String, String)> {
+fn presigned_headers<T>(req: &S3Request<T>) -> Vec<(String, String)> {
+    let forwarded = req.extensions.get::<ForwardedPresigned>().is_some();
+    query_headers(&req.uri, forwarded)
+}
+
+/// A presigned request's `x-amz-*` query headers ([`presigned_headers`]), from its `uri`;
+/// `presigned` when its signature was checked and taken off before it came here (the
+/// Eucalyptus path). Pure.
+fn query_headers(uri: &http::Uri, presigned: bool) -> Vec<(String, String)> {
     let pairs: Vec<(String, String)> = uri
         .query()
         .map(|q| {
@@ -1325,7 +1393,7 @@ fn presigned_headers(uri: &http::Uri) -> Vec<(String, String)> {
                 .collect()
         })
         .unwrap_or_default();
-    if !pairs.iter().any(|(k, _)| k == "x-amz-signature") {
+    if !presigned && !pairs.iter().any(|(k, _)| k == "x-amz-signature") {
         return Vec::new();
     }
     pairs
@@ -1377,6 +1445,23 @@ fn with_presigned_headers(input: &mut PutObjectInput, found: &[(String, String)]
             _ => {}
         }
     }
+}
+
+/// Refuses the encryption a presigned request's query asks for that Karri cannot give (see
+/// [`encryption_refusal`]), for the operations that do not otherwise read their query headers.
+fn presigned_encryption_refusal(found: &[(String, String)]) -> S3Result<()> {
+    let value = |name: &str| {
+        found
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    encryption_refusal(
+        value("x-amz-server-side-encryption")
+            .map(|v| ServerSideEncryption::from(v.to_owned()))
+            .as_ref(),
+        value("x-amz-server-side-encryption-customer-algorithm"),
+    )
 }
 
 /// Refuses customer-provided encryption keys on a read: no object Karri holds was written
@@ -1552,6 +1637,11 @@ impl S3 for KarriS3 {
             || input.continuation_token.is_some()
             || input.bucket_region.is_some())
         .then(|| self.region.clone());
+        // Every bucket is in this region: a filter for another one lists none.
+        let other_region = input
+            .bucket_region
+            .as_deref()
+            .is_some_and(|r| r != self.region);
         self.registry.catch_up().await.map_err(internal)?;
         let (records, _) = self
             .registry
@@ -1559,6 +1649,7 @@ impl S3 for KarriS3 {
             .list("buckets", &store::kind_prefix("buckets"));
         let mut buckets: Vec<Bucket> = records
             .iter()
+            .filter(|_| !other_region)
             .filter(|r| {
                 r.value.pointer("/spec/ownerId").and_then(Value::as_str)
                     == Some(caller.account_id.as_str())
@@ -1857,7 +1948,7 @@ impl S3 for KarriS3 {
         let mut req = req;
         let taken = req.input.body.take();
         let body = UploadBody::of(&req, taken)?;
-        let presigned = presigned_headers(&req.uri);
+        let presigned = presigned_headers(&req);
         let mut input = req.input;
         with_presigned_headers(&mut input, &presigned);
         stored_class(input.storage_class.as_ref())?;
@@ -2229,6 +2320,7 @@ impl S3 for KarriS3 {
         req: S3Request<CopyObjectInput>,
     ) -> S3Result<S3Response<CopyObjectOutput>> {
         let caller = self.caller(&req).await?;
+        presigned_encryption_refusal(&presigned_headers(&req))?;
         let input = req.input;
         stored_class(input.storage_class.as_ref())?;
         encryption_refusal(
@@ -2289,8 +2381,18 @@ impl S3 for KarriS3 {
             .metadata_directive
             .as_ref()
             .is_some_and(|d| d.as_str() == MetadataDirective::REPLACE);
+        let asked_sum = match input.checksum_algorithm.as_ref() {
+            None => None,
+            Some(a) => Some(checksum::Algorithm::named(a.as_str()).ok_or_else(|| {
+                s3_error!(
+                    InvalidRequest,
+                    "Value for x-amz-checksum-algorithm header is invalid."
+                )
+            })?),
+        };
         let same = matches!(&input.copy_source, CopySource::Bucket { bucket: b, key: k, .. } if **b == *input.bucket && **k == *input.key);
-        if same && !replace {
+        // A copy onto itself that asks for a checksum adds one, as S3 documents.
+        if same && !replace && asked_sum.is_none() {
             return Err(s3_error!(InvalidRequest, "This copy request is illegal because it is trying to copy an object to itself without changing the object's metadata, storage class, website redirect location or encryption attributes."));
         }
         let (headers, metadata) = if replace {
@@ -2330,7 +2432,9 @@ impl S3 for KarriS3 {
                 if_none_match.as_ref(),
             )
             .await?;
-        let written = self.copy_bytes(&source, 0..source.size).await?;
+        let (written, sum) = self
+            .copy_bytes_hashing(&source, 0..source.size, asked_sum)
+            .await?;
         let meta = ObjectMeta {
             segments: vec![Segment {
                 blob: written.id.clone(),
@@ -2347,16 +2451,29 @@ impl S3 for KarriS3 {
             // One blob: the source's part boundaries are not kept, so its parts are not served.
             parts_count: None,
             upload_id: None,
-            // The same bytes: the source's checksum holds for the copy.
-            checksum: source.checksum.clone(),
+            // The one asked for, else the source's: the same bytes.
+            checksum: sum.or_else(|| source.checksum.clone()),
         };
         self.publish_expecting(&bucket, &input.key, &meta, expect)
             .await?;
+        let (crc32, crc32c, crc64nvme, sha1, sha256) = checksum_fields(
+            meta.checksum
+                .as_ref()
+                .map(|c| (c.algorithm, c.value.clone())),
+        );
         Ok(S3Response::new(CopyObjectOutput {
             copy_object_result: Some(CopyObjectResult {
                 e_tag: Some(quoted(&meta.etag)),
                 last_modified: Some(timestamp(meta.last_modified_ms)),
-                ..Default::default()
+                checksum_crc32: crc32,
+                checksum_crc32c: crc32c,
+                checksum_crc64nvme: crc64nvme,
+                checksum_sha1: sha1,
+                checksum_sha256: sha256,
+                checksum_type: meta
+                    .checksum
+                    .as_ref()
+                    .map(|_| ChecksumType::from_static(ChecksumType::FULL_OBJECT)),
             }),
             ..Default::default()
         }))
@@ -2637,6 +2754,7 @@ impl S3 for KarriS3 {
             .as_ref()
             .map(|c| c.account_id.clone())
             .unwrap_or_else(|| "anonymous".into());
+        presigned_encryption_refusal(&presigned_headers(&req))?;
         let input = req.input;
         stored_class(input.storage_class.as_ref())?;
         encryption_refusal(
@@ -2912,11 +3030,7 @@ impl S3 for KarriS3 {
         req: S3Request<CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
         let caller = self.caller(&req).await?;
-        let host = req
-            .headers
-            .get(http::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned);
+        let host = request_host(&req.headers, &req.uri);
         let input = req.input;
         let bucket = self
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
@@ -3032,7 +3146,12 @@ impl S3 for KarriS3 {
             bucket: Some(bucket.name.clone()),
             e_tag: Some(quoted(&etag)),
             key: Some(input.key.clone()),
-            location: Some(object_location(host.as_deref(), &bucket.name, &input.key)),
+            location: Some(object_location(
+                &self.domains,
+                host.as_deref(),
+                &bucket.name,
+                &input.key,
+            )),
             ..Default::default()
         }))
     }
@@ -3538,8 +3657,20 @@ impl KarriS3 {
         key: &str,
         change: impl Fn(&mut ObjectMeta),
     ) -> S3Result<()> {
-        // Compare-and-swap on the entry: a write back over a delete or an overwrite that came
-        // in between would bring back an entry whose blobs are gone.
+        // This gateway's changes of one key take turns; compare-and-swap on the entry catches
+        // the rest: a write back over a delete or an overwrite that came in between would bring
+        // back an entry whose blobs are gone.
+        let stripe = {
+            use std::hash::{Hash as _, Hasher as _};
+            // Fixed keys: the same key always takes the same stripe.
+            let mut h = std::hash::DefaultHasher::new();
+            (&bucket.name, key).hash(&mut h);
+            usize::try_from(h.finish() % UPDATE_LOCK_STRIPES as u64).unwrap_or(0)
+        };
+        let _turn = match self.update_locks.get(stripe) {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        };
         for _ in 0..UPDATE_ATTEMPTS {
             let Some((mut meta, version)) = self
                 .index
@@ -4068,9 +4199,21 @@ mod tests {
             ),
             (Some("s3.localhost"), "b", "k", "https://s3.localhost/b/k"),
             (None, "b", "a b", "/b/a%20b"),
+            // A bucket named like the host's first label, addressed path-style.
+            (
+                Some("127.0.0.1:8773"),
+                "127",
+                "k",
+                "https://127.0.0.1:8773/127/k",
+            ),
         ];
+        let domains = vec!["s3.localhost".to_owned()];
         for (host, bucket, key, want) in rows {
-            assert_eq!(object_location(host, bucket, key), want, "{host:?}");
+            assert_eq!(
+                object_location(&domains, host, bucket, key),
+                want,
+                "{host:?}"
+            );
         }
     }
 
@@ -4080,21 +4223,23 @@ mod tests {
             .parse()
             .expect("a URI");
         assert_eq!(
-            presigned_headers(&uri),
+            query_headers(&uri, false),
             vec![
                 ("x-amz-meta-colour".to_owned(), "dark blue".to_owned()),
                 ("x-amz-tagging".to_owned(), "a=1".to_owned()),
             ]
         );
         let signed_by_header: http::Uri = "/b/k?x-amz-meta-colour=red".parse().expect("a URI");
-        assert!(presigned_headers(&signed_by_header).is_empty());
+        assert!(query_headers(&signed_by_header, false).is_empty());
+        // Forwarded by the Eucalyptus path, which checked the signature and took it off.
+        assert_eq!(query_headers(&signed_by_header, true).len(), 1);
         let mut input = PutObjectInput::builder()
             .bucket("b".into())
             .key("k".into())
             .tagging(Some("own=1".into()))
             .build()
             .expect("an input");
-        with_presigned_headers(&mut input, &presigned_headers(&uri));
+        with_presigned_headers(&mut input, &query_headers(&uri, false));
         assert_eq!(
             input.tagging.as_deref(),
             Some("own=1"),

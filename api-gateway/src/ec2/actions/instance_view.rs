@@ -104,6 +104,8 @@ struct Status<'v> {
     #[serde(borrow)]
     availability_zone: Option<&'v str>,
     #[serde(borrow)]
+    node_name: Option<&'v str>,
+    #[serde(borrow)]
     conditions: Vec<ConditionView<'v>>,
 }
 
@@ -167,10 +169,11 @@ impl<'v> InstanceView<'v> {
         super::instances::shown(desired, self.status.state.unwrap_or_default())
     }
 
-    /// `metadataOptions.state`: `pending` until the instance is on its node, whose metadata
-    /// service then serves it with the options of its record (`applied`), as EC2 shows them.
+    /// `metadataOptions.state`: `pending` until the instance is placed on its node, whose
+    /// metadata service serves it with the options of its record from then on (`applied`), as
+    /// EC2 shows them; a stopped instance started again keeps `applied`.
     pub fn metadata_options_state(&self) -> &'static str {
-        if self.status.state.unwrap_or_default() == crds::InstanceState::Pending {
+        if self.status.node_name.is_none() {
             "pending"
         } else {
             "applied"
@@ -433,24 +436,26 @@ mod tests {
 
     #[test]
     fn metadata_options_are_pending_until_the_instance_is_on_its_node() {
-        let with_state = |state: &str| {
+        let with_state = |state: &str, node: Option<&str>| {
             json!({
                 "metadata": {"labels": {"karri.dev/id": "i-0def"}},
                 "spec": {"imageId": "emi-1", "instanceType": "t1.micro"},
-                "status": {"state": state},
+                "status": {"state": state, "nodeName": node},
             })
         };
-        for (state, want) in [
-            ("pending", "pending"),
-            ("running", "applied"),
-            ("stopped", "applied"),
-            ("terminated", "applied"),
+        for (state, node, want) in [
+            ("pending", None, "pending"),
+            // Started again after a stop: still on its node, its options still served.
+            ("pending", Some("node-1"), "applied"),
+            ("running", Some("node-1"), "applied"),
+            ("stopped", Some("node-1"), "applied"),
+            ("terminated", Some("node-1"), "applied"),
         ] {
-            let v = with_state(state);
+            let v = with_state(state, node);
             assert_eq!(
                 InstanceView::of(&v).metadata_options_state(),
                 want,
-                "{state}"
+                "{state} on {node:?}"
             );
         }
     }

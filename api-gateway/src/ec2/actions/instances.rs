@@ -485,6 +485,10 @@ pub async fn run_instances(
     }
     // Records no node could take would only wait: refuse them as EC2 does, and launch as many
     // as fit between MinCount and MaxCount, all in one zone.
+    // The cache first catches up with every write already made (a launch just before this one
+    // takes its room); two launches at once may still both count the same room, and the one
+    // placement cannot serve waits, pending, with its reason.
+    cx.registry.catch_up().await.map_err(from_api)?;
     let room = crate::capacity::launch_room(&cx.registry.cache, &instance_type, count);
     let (zone, count) = launch_choice(zone.as_deref(), &room, a.min_count, count, &instance_type)?;
     let reservation = admission::new_id("r");
