@@ -485,10 +485,9 @@ pub async fn run_instances(
     }
     // Records no node could take would only wait: refuse them as EC2 does, and launch as many
     // as fit between MinCount and MaxCount, all in one zone.
-    // The cache first catches up with every write already made (a launch just before this one
-    // takes its room); two launches at once may still both count the same room, and the one
-    // placement cannot serve waits, pending, with its reason.
-    cx.registry.catch_up().await.map_err(from_api)?;
+    // A launch answered before this one came is in the cache (see below); two launches at once
+    // may still both count the same room, and the one placement cannot serve waits, pending,
+    // with its reason.
     let room = crate::capacity::launch_room(&cx.registry.cache, &instance_type, count);
     let (zone, count) = launch_choice(zone.as_deref(), &room, a.min_count, count, &instance_type)?;
     let reservation = admission::new_id("r");
@@ -548,6 +547,31 @@ pub async fn run_instances(
         }
         Err(e) => return Err(from_api(e)),
     };
+    // The answer waits until the watch cache holds the new records, so that a launch sent after
+    // it counts their room (no trip to etcd: the watch brings them within a moment).
+    let written = made
+        .iter()
+        .filter_map(|w| {
+            w.object
+                .pointer("/metadata/resourceVersion")?
+                .as_str()?
+                .parse()
+                .ok()
+        })
+        .max();
+    if let Some(revision) = written {
+        if !cx
+            .registry
+            .cache
+            .wait_for(revision, LAUNCH_CACHE_WAIT)
+            .await
+        {
+            tracing::warn!(
+                revision,
+                "the watch cache did not show the launched instances in time"
+            );
+        }
+    }
     let views: Vec<InstanceView<'_>> = made.iter().map(|w| InstanceView::of(&w.object)).collect();
     let mut w = cx.response("RunInstances");
     let region = &cx.settings.region;
@@ -560,6 +584,9 @@ pub async fn run_instances(
     );
     Ok(w.finish())
 }
+
+/// How long a launch's answer waits for the watch cache to show its instances.
+const LAUNCH_CACHE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Annotation on the instances a RunInstances with a `ClientToken` made: the fingerprint of that
 /// request ([`request_fingerprint`]), which a retry with the same token must match.
