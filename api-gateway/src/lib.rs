@@ -8,6 +8,7 @@ pub mod aws;
 pub mod body;
 pub mod cache;
 pub mod capacity;
+pub mod combined_creates;
 pub mod conn_limit;
 pub mod ec2;
 pub mod error;

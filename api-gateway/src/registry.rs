@@ -16,6 +16,7 @@ use crate::auth::{self, Principal};
 use crate::aws::credentials::{self, Sealer};
 use crate::aws::lookups::{KeyLookups, DEFAULT_LOOKUPS_PER_SECOND};
 use crate::cache::{set_resource_version, CacheEvent, CachedObject, WatchCache};
+use crate::combined_creates::{CombinedCreates, Outcome};
 use crate::error::{ApiError, ApiResult};
 use crate::kinds::{Kind, Kinds};
 use crate::metrics::Metrics;
@@ -157,6 +158,8 @@ pub struct Registry {
     etcd: Client,
     /// Single-key reads, coalesced under load.
     reads: PointReads,
+    /// Creates, combined under load.
+    creates: CombinedCreates,
     /// The watch cache.
     pub cache: Arc<WatchCache>,
     /// The served kinds.
@@ -269,6 +272,7 @@ impl Registry {
         );
         let registry = Arc::new(Registry {
             reads: PointReads::start(etcd.clone()),
+            creates: CombinedCreates::start(etcd.clone()),
             etcd,
             cache,
             kinds,
@@ -747,25 +751,17 @@ impl Registry {
                     })
                     .collect());
             }
-            let mut compares = Vec::new();
-            let mut puts = Vec::new();
+            let mut entries = Vec::new();
             for (obj, _, _, key, id, _, unique) in &prepared {
                 let raw = serde_json::to_vec(obj).map_err(|e| ApiError::internal(e.to_string()))?;
-                compares.push(Compare::create_revision(key.clone(), CompareOp::Equal, 0));
-                compares.push(Compare::create_revision(id_key(id), CompareOp::Equal, 0));
-                puts.push(TxnOp::put(key.clone(), raw, None));
-                puts.push(TxnOp::put(id_key(id), key.clone(), None));
+                entries.push((key.clone(), raw));
+                entries.push((id_key(id), key.clone().into_bytes()));
                 for u in unique {
-                    compares.push(Compare::create_revision(u.key.clone(), CompareOp::Equal, 0));
-                    puts.push(TxnOp::put(u.key.clone(), key.clone(), None));
+                    entries.push((u.key.clone(), key.clone().into_bytes()));
                 }
             }
-            let resp = self
-                .etcd_txn(Txn::new().when(compares).and_then(puts))
-                .await?;
-            if resp.succeeded() {
+            if let Outcome::Committed(rev) = self.creates.create(entries).await? {
                 self.metrics.writes.inc();
-                let rev = resp.header().map(|h| h.revision()).unwrap_or(0);
                 return Ok(prepared
                     .into_iter()
                     .map(|(mut object, warnings, secret, ..)| {

@@ -1,0 +1,260 @@
+//! Creates, combined under load.
+//!
+//! A create claims keys nobody holds: one etcd transaction whose compares ask that each key was
+//! never created and whose puts write them (the record, its ID index entry, its unique values).
+//! Most of what etcd spends on such a small transaction goes to the request itself (gRPC, a raft
+//! proposal, its apply), little to the keys. So while [`CREATES_IN_FLIGHT`] transactions are out
+//! at etcd, new creates queue, and the queue goes out as one transaction holding all their
+//! compares and puts. It succeeds only when every create in it could have succeeded alone, and
+//! then commits them all at one revision, as a reservation's instances already share one (the
+//! registry's watches never end inside a revision). When any of them cannot (a name is taken),
+//! the transaction changes nothing, and each of its creates is sent alone, so that each hears
+//! its own answer. A lone create goes out at once, as its own transaction.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{self, retry_unreached};
+
+/// Transactions out at etcd at once.
+pub const CREATES_IN_FLIGHT: usize = 2;
+/// Keys claimed by one transaction (etcd refuses transactions of more than 128 operations by
+/// default).
+pub const MAX_KEYS: usize = 128;
+/// Bytes of keys and values in one combined transaction (etcd refuses requests over 1.5 MiB by
+/// default). A create larger than this alone is sent alone.
+pub const MAX_BYTES: usize = 1 << 20;
+
+/// What a create achieved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every key was written, at this revision.
+    Committed(i64),
+    /// At least one key already existed; nothing was written.
+    Taken,
+}
+
+/// One queued create.
+struct Pending {
+    entries: Vec<(String, Vec<u8>)>,
+    reply: oneshot::Sender<Reply>,
+}
+
+impl Pending {
+    fn bytes(&self) -> usize {
+        self.entries.iter().map(|(k, v)| k.len() + v.len()).sum()
+    }
+}
+
+/// What a queued create hears.
+enum Reply {
+    /// What its transaction did (it went out alone, or its batch committed).
+    Done(Outcome),
+    /// Its batch changed nothing because one of its creates could not be made: it goes alone.
+    Alone,
+    /// The transaction failed; the text is etcd's error.
+    Failed(String),
+    /// etcd did not answer within [`store::ETCD_DEADLINE`]: the outcome is unknown.
+    Stalled,
+}
+
+/// How many creates were asked for and how many etcd transactions carried them.
+#[derive(Debug, Default)]
+pub struct CreateStats {
+    /// Creates asked for.
+    pub creates: AtomicU64,
+    /// Transactions sent to etcd for them (a batch counts once).
+    pub requests: AtomicU64,
+}
+
+/// A handle on the combining writer of one etcd client; clones share it.
+#[derive(Clone)]
+pub struct CombinedCreates {
+    etcd: Client,
+    queue: mpsc::UnboundedSender<Pending>,
+    stats: Arc<CreateStats>,
+}
+
+impl CombinedCreates {
+    /// Starts the writer on `etcd` (a task that ends when the last handle is dropped).
+    pub fn start(etcd: Client) -> Self {
+        let (queue, rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(CreateStats::default());
+        tokio::spawn(drive(etcd.clone(), rx, stats.clone()));
+        Self { etcd, queue, stats }
+    }
+
+    /// Writes every `(key, value)` of `entries` if none of the keys exists, else nothing;
+    /// together with whatever other creates are waiting. The keys must differ from each other.
+    pub async fn create(
+        &self,
+        entries: Vec<(String, Vec<u8>)>,
+    ) -> Result<Outcome, etcd_client::Error> {
+        self.stats.creates.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        let queued = Pending {
+            entries: entries.clone(),
+            reply,
+        };
+        if self.queue.send(queued).is_ok() {
+            // Bounded as a request is: behind transactions that etcd does not answer, this one
+            // would wait for a free slot first; once queued, it may still be sent, so its
+            // outcome is unknown.
+            match tokio::time::timeout(store::ETCD_DEADLINE, answer).await {
+                Ok(Ok(Reply::Done(outcome))) => return Ok(outcome),
+                Ok(Ok(Reply::Failed(text))) => {
+                    return Err(etcd_client::Error::IoError(std::io::Error::other(text)))
+                }
+                Ok(Ok(Reply::Stalled)) | Err(_) => return Err(store::deadline_passed()),
+                Ok(Ok(Reply::Alone) | Err(_)) => {}
+            }
+        }
+        // Its batch could not commit (or the writer task is gone): this create goes alone.
+        self.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let txn = claim(entries.iter());
+        retry_unreached(|| {
+            let mut kv = store::kv(&self.etcd);
+            let txn = txn.clone();
+            async move { kv.txn(txn).await }
+        })
+        .await
+        .map(|resp| outcome_of(&resp))
+    }
+
+    /// Creates asked for and etcd transactions sent, so far.
+    pub fn stats(&self) -> &CreateStats {
+        &self.stats
+    }
+}
+
+/// The transaction that writes `entries` if none of their keys exists.
+fn claim<'a>(entries: impl Iterator<Item = &'a (String, Vec<u8>)> + Clone) -> Txn {
+    Txn::new()
+        .when(
+            entries
+                .clone()
+                .map(|(k, _)| Compare::create_revision(k.as_str(), CompareOp::Equal, 0))
+                .collect::<Vec<_>>(),
+        )
+        .and_then(
+            entries
+                .map(|(k, v)| TxnOp::put(k.as_str(), v.clone(), None))
+                .collect::<Vec<_>>(),
+        )
+}
+
+fn outcome_of(resp: &etcd_client::TxnResponse) -> Outcome {
+    if resp.succeeded() {
+        Outcome::Committed(resp.header().map(|h| h.revision()).unwrap_or(0))
+    } else {
+        Outcome::Taken
+    }
+}
+
+/// Limits of one batch as it fills.
+#[derive(Default)]
+struct Batch {
+    creates: Vec<Pending>,
+    keys: HashSet<String>,
+    bytes: usize,
+}
+
+impl Batch {
+    /// Whether `p` may join: the batch stays within [`MAX_KEYS`] and [`MAX_BYTES`], and no key
+    /// is claimed twice (etcd refuses a transaction that puts one key twice).
+    fn admits(&self, p: &Pending) -> bool {
+        self.creates.is_empty()
+            || (self.keys.len() + p.entries.len() <= MAX_KEYS
+                && self.bytes + p.bytes() <= MAX_BYTES
+                && p.entries.iter().all(|(k, _)| !self.keys.contains(k)))
+    }
+
+    fn push(&mut self, p: Pending) {
+        self.bytes += p.bytes();
+        self.keys.extend(p.entries.iter().map(|(k, _)| k.clone()));
+        self.creates.push(p);
+    }
+}
+
+/// Takes creates off the queue while fewer than [`CREATES_IN_FLIGHT`] transactions are out,
+/// each time all that are waiting and fit.
+async fn drive(etcd: Client, mut queue: mpsc::UnboundedReceiver<Pending>, stats: Arc<CreateStats>) {
+    let mut in_flight = FuturesUnordered::new();
+    // A create taken off the queue that did not fit into the last batch.
+    let mut held: Option<Pending> = None;
+    loop {
+        tokio::select! {
+            next = next_create(&mut queue, &mut held), if in_flight.len() < CREATES_IN_FLIGHT => {
+                let Some(first) = next else { break };
+                let mut batch = Batch::default();
+                batch.push(first);
+                while let Ok(more) = queue.try_recv() {
+                    if !batch.admits(&more) {
+                        held = Some(more);
+                        break;
+                    }
+                    batch.push(more);
+                }
+                stats.requests.fetch_add(1, Ordering::Relaxed);
+                in_flight.push(send_batch(etcd.clone(), batch.creates));
+            }
+            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+        }
+    }
+    while in_flight.next().await.is_some() {}
+}
+
+/// The create held back from the last batch, else the next one queued.
+async fn next_create(
+    queue: &mut mpsc::UnboundedReceiver<Pending>,
+    held: &mut Option<Pending>,
+) -> Option<Pending> {
+    match held.take() {
+        Some(p) => Some(p),
+        None => queue.recv().await,
+    }
+}
+
+/// Sends one batch as one transaction and tells each create what became of it.
+async fn send_batch(etcd: Client, batch: Vec<Pending>) {
+    let txn = claim(batch.iter().flat_map(|p| p.entries.iter()));
+    let sent = retry_unreached(|| {
+        let mut kv = store::kv(&etcd);
+        let txn = txn.clone();
+        async move { kv.txn(txn).await }
+    })
+    .await;
+    let alone = batch.len() == 1;
+    let reply = |_: &Pending| match &sent {
+        Ok(resp) => match outcome_of(resp) {
+            Outcome::Taken if !alone => Reply::Alone,
+            outcome => Reply::Done(outcome),
+        },
+        Err(e) if store::is_deadline_passed(e) => Reply::Stalled,
+        // etcd refused the combined request before applying any of it: alone, each may fit.
+        Err(e) if !alone && refused_as_a_whole(e) => Reply::Alone,
+        Err(e) => Reply::Failed(e.to_string()),
+    };
+    for p in batch {
+        let r = reply(&p);
+        let _ = p.reply.send(r);
+    }
+}
+
+/// Whether etcd refused a transaction for its size or shape, before applying anything.
+fn refused_as_a_whole(e: &etcd_client::Error) -> bool {
+    let text = e.to_string();
+    [
+        "too many operations",
+        "request is too large",
+        "duplicate key",
+    ]
+    .iter()
+    .any(|refusal| text.contains(refusal))
+}
