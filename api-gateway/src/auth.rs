@@ -53,6 +53,8 @@ pub enum Verb {
     Patch,
     /// Delete a record.
     Delete,
+    /// Delete every record of a collection that a selector matches.
+    DeleteCollection,
 }
 
 impl Verb {
@@ -66,6 +68,7 @@ impl Verb {
             Verb::Update => "update",
             Verb::Patch => "patch",
             Verb::Delete => "delete",
+            Verb::DeleteCollection => "deletecollection",
         }
     }
     fn reads(self) -> bool {
@@ -239,7 +242,7 @@ pub fn allowed(principal: &Principal, verb: Verb, target: &Target<'_>) -> bool {
             ),
             "Node" => match verb {
                 Verb::List | Verb::Watch => true,
-                Verb::Delete => false,
+                Verb::Delete | Verb::DeleteCollection => false,
                 _ => target.name.is_none_or(|n| n == node),
             },
             // The catalogue a host needs to size domains and address guests; read-only.
@@ -553,6 +556,31 @@ mod tests {
                 false,
             ),
             (&acct, Verb::List, t("Instance", Some("acme"), None), true),
+            (
+                &acct,
+                Verb::DeleteCollection,
+                t("Instance", Some("acme"), None),
+                true,
+            ),
+            (
+                &acct,
+                Verb::DeleteCollection,
+                t("Instance", Some("other"), None),
+                false,
+            ),
+            (&node, Verb::DeleteCollection, t("Node", None, None), false),
+            (
+                &node,
+                Verb::DeleteCollection,
+                t("Instance", Some("acme"), None),
+                false,
+            ),
+            (
+                &node,
+                Verb::DeleteCollection,
+                t("Lease", Some("karri-node-lease"), None),
+                false,
+            ),
             (&acct, Verb::List, t("Instance", Some("other"), None), false),
             (&acct, Verb::List, t("Instance", None, None), false),
             (&acct, Verb::List, t("InstanceType", None, None), true),

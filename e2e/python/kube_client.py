@@ -8,7 +8,8 @@ reason at the first that does not.
 Checks: the version and core discovery calls the client makes on its own, the dynamic client's
 lookup of a kind without its group (which reads every group, the core one included), create,
 get, list by label, merge patch, server-side apply, a watch from a list's resourceVersion,
-a refused bad label, self reviews (who am I, what may I do), and delete.
+a refused bad label, self reviews (who am I, what may I do), delete, and delete of a
+collection by label.
 """
 
 import sys
@@ -139,6 +140,7 @@ def main(namespace):
     check(can("create", "instances", namespace), "may not create instances at home")
     check(not can("list", "instances", "kube-system"), "may list another namespace")
     check(not can("delete", "nodes", None), "may delete nodes")
+    check(can("deletecollection", "leases", namespace), "may not delete a collection at home")
     ok("self access reviews answer what the account may do")
 
     leases.delete(name="py-lock", namespace=namespace)
@@ -148,6 +150,15 @@ def main(namespace):
     except NotFoundError:
         pass
     ok("delete")
+
+    for name, batch in (("py-a", "py"), ("py-b", "py"), ("py-keep", "other")):
+        leases.create(body=lease(name, "dave", {"batch": batch}), namespace=namespace)
+    gone = leases.delete(namespace=namespace, label_selector="batch=py")
+    gone_names = sorted(i.metadata.name for i in gone.items)
+    check(gone_names == ["py-a", "py-b"], f"deletecollection answered {gone}")
+    left = leases.get(namespace=namespace, label_selector="batch")
+    check([i.metadata.name for i in left.items] == ["py-keep"], f"after deletecollection: {left}")
+    ok("delete a collection by label selector")
 
 
 if __name__ == "__main__":

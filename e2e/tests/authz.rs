@@ -559,6 +559,14 @@ async fn node_cannot_create_or_delete_instances() -> anyhow::Result<()> {
     )
     .await?;
     forbidden(&api, Method::DELETE, &inst("acme", "on-1"), None).await?;
+    forbidden(
+        &api,
+        Method::DELETE,
+        &format!("{API}/namespaces/acme/instances"),
+        None,
+    )
+    .await?;
+    forbidden(&api, Method::DELETE, &format!("{API}/nodes"), None).await?;
     ensure!(
         snapshot(&c).await? == before,
         "a refused create or delete changed data"
@@ -806,6 +814,14 @@ async fn account_is_forbidden_in_other_namespaces_and_at_cluster_scope() -> anyh
     )
     .await?;
     forbidden(&api, Method::DELETE, &inst("globex", "far-1"), None).await?;
+    forbidden(
+        &api,
+        Method::DELETE,
+        &format!("{API}/namespaces/globex/instances"),
+        None,
+    )
+    .await?;
+    forbidden(&api, Method::DELETE, &format!("{API}/instancetypes"), None).await?;
     ensure!(
         snapshot(&c).await? == before,
         "a refused request changed data"
@@ -966,5 +982,110 @@ async fn kubectl_auth_can_i_answers_what_each_token_may_do() -> anyhow::Result<(
             .is_some_and(|g| g.contains(&json!("karri:account:acme"))),
         "kubectl auth whoami: {me}"
     );
+    Ok(())
+}
+
+/// `kind: Lease` JSON with labels and finalizers.
+fn lease_json(name: &str, labels: Value, finalizers: &[&str]) -> Value {
+    json!({
+        "apiVersion": "karri.dev/v1alpha1", "kind": "Lease",
+        "metadata": {"name": name, "labels": labels, "finalizers": finalizers},
+        "spec": {"holderIdentity": "someone", "leaseDurationSeconds": 30},
+    })
+}
+
+/// The sorted names of the `items` of a list body.
+fn item_names(list: &Value) -> Vec<String> {
+    let mut names: Vec<String> = list["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|o| o.pointer("/metadata/name").and_then(Value::as_str))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn account_deletes_a_collection_by_label_and_a_finalizer_keeps_one_terminating(
+) -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let admin = c.admin_api()?;
+    let acme = account_api(&c, "acme")?;
+    for (ns, name, batch, finalizers) in [
+        ("acme", "a", "x", &[][..]),
+        ("acme", "b", "x", &["example.com/hold"][..]),
+        ("acme", "c", "y", &[][..]),
+        ("globex", "g", "x", &[][..]),
+    ] {
+        let resp = admin
+            .request(Method::POST, &format!("{API}/namespaces/{ns}/leases"))
+            .json(&lease_json(name, json!({"batch": batch}), finalizers))
+            .send()
+            .await?;
+        ensure!(
+            resp.status() == 201,
+            "creating {ns}/{name}: {}",
+            resp.status()
+        );
+    }
+    let collection = format!("{API}/namespaces/acme/leases");
+    let delete = |query: &str| {
+        acme.request(Method::DELETE, &format!("{collection}?{query}"))
+            .send()
+    };
+
+    // A dry run names what it would delete and deletes nothing.
+    let resp = delete("labelSelector=batch%3Dx&dryRun=All").await?;
+    ensure!(resp.status() == 200, "dry run answered {}", resp.status());
+    let would: Value = resp.json().await?;
+    ensure!(would["kind"] == "LeaseList", "{would}");
+    ensure!(item_names(&would) == ["a", "b"], "{would}");
+    ensure!(
+        acme.names(&collection).await?.len() == 3,
+        "the dry run deleted"
+    );
+
+    let resp = delete("labelSelector=batch%3Dx").await?;
+    ensure!(
+        resp.status() == 200,
+        "deletecollection answered {}",
+        resp.status()
+    );
+    let gone: Value = resp.json().await?;
+    ensure!(item_names(&gone) == ["a", "b"], "{gone}");
+    let held = gone["items"]
+        .as_array()
+        .and_then(|items| items.iter().find(|o| o["metadata"]["name"] == "b"))
+        .context("b is not in the answer")?;
+    ensure!(
+        held["metadata"]["deletionTimestamp"].is_string(),
+        "b, held by a finalizer, is not shown terminating: {held}"
+    );
+    let left = acme.items(&collection).await?;
+    let mut left_names: Vec<&str> = left
+        .iter()
+        .filter_map(|o| o["metadata"]["name"].as_str())
+        .collect();
+    left_names.sort();
+    ensure!(left_names == ["b", "c"], "left: {left_names:?}");
+    ensure!(
+        admin
+            .names(&format!("{API}/namespaces/globex/leases"))
+            .await?
+            == ["g"],
+        "another namespace's record was deleted"
+    );
+
+    // Namespaced kinds have no collection to delete across namespaces.
+    let resp = admin
+        .request(Method::DELETE, &format!("{API}/leases"))
+        .send()
+        .await?;
+    expect_status(resp, 405, "MethodNotAllowed").await?;
     Ok(())
 }

@@ -142,7 +142,7 @@ pub fn resource_list(kinds: &Kinds) -> Value {
         let i = &k.info;
         resources.push(json!({
             "name": i.plural, "singularName": i.singular, "namespaced": i.namespaced,
-            "kind": i.kind, "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"],
+            "kind": i.kind, "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"],
             "shortNames": i.short_names, "categories": [crds::CATEGORY],
         }));
         resources.push(json!({

@@ -563,6 +563,7 @@ fn verb_label(method: &Method, ep: &Endpoint, q: &HashMap<String, String>) -> &'
         ("POST", _) => "create",
         ("PUT", _) => "update",
         ("PATCH", _) => "patch",
+        ("DELETE", Endpoint::Collection { .. }) => "deletecollection",
         ("DELETE", _) => "delete",
         _ => "other",
     }
@@ -932,9 +933,24 @@ async fn resource_request(
                 .await?;
             Ok(json_response(StatusCode::CREATED, &w.object, &w.warnings))
         }
-        (Endpoint::Collection { .. }, "DELETE") => Err(ApiError::method_not_allowed(
-            "deleting a whole collection is not supported; delete records one by one",
-        )),
+        // As kube-apiserver serves deletecollection: in a namespace for namespaced kinds.
+        (Endpoint::Collection { .. }, "DELETE") if kind.info.namespaced && ns.is_none() => {
+            Err(ApiError::method_not_allowed(format!(
+                "{} are namespaced: delete a collection of them at .../namespaces/<namespace>/{}",
+                kind.info.plural, kind.info.plural
+            )))
+        }
+        (Endpoint::Collection { .. }, "DELETE") => {
+            ctx.authorize(Verb::DeleteCollection, None)?;
+            let (headers, bytes) = read_body(req, s.max_body).await?;
+            let body = if bytes.iter().all(u8::is_ascii_whitespace) {
+                json!({})
+            } else {
+                parse_body(&bytes, &content_type(&headers))?
+            };
+            let opts = delete_options(&q, &body)?;
+            delete_collection(&ctx, &q, &opts).await
+        }
         (Endpoint::Object { name, .. }, "GET") => {
             ctx.authorize(Verb::Get, Some(&name))?;
             let obj = s.registry.get(&kind, ns.as_deref(), &name, who).await?;
@@ -1430,6 +1446,53 @@ fn list_options(q: &HashMap<String, String>) -> ApiResult<ListOptions> {
             .filter(|c| !c.is_empty())
             .cloned(),
     })
+}
+
+/// Deletes every record of the collection that the selectors of `q` match and the caller may
+/// see, each as a DELETE of it would (finalizers, propagation, dry run), and answers the list
+/// of what it deleted: each record as it was removed, or marked while finalizers hold it. A
+/// record deleted by someone else meanwhile is left out; the first other error ends it.
+async fn delete_collection(
+    ctx: &Ctx<'_>,
+    q: &HashMap<String, String>,
+    opts: &DeleteOptions,
+) -> ApiResult<Response> {
+    let list = ListOptions {
+        limit: 0,
+        continue_token: None,
+        ..list_options(q)?
+    };
+    let page = ctx
+        .s
+        .registry
+        .list(&ctx.kind, ctx.ns.as_deref(), ctx.who, &list)
+        .await?;
+    let mut deleted = Vec::with_capacity(page.items.len());
+    for item in &page.items {
+        let name = item
+            .value
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        match ctx
+            .s
+            .registry
+            .delete_reporting(&ctx.kind, ctx.ns.as_deref(), name, ctx.who, opts)
+            .await
+        {
+            Ok((obj, _gone)) => deleted.push(obj),
+            Err(e) if e.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    let revision = ctx.s.registry.cache.revision();
+    Ok(axum::Json(json!({
+        "apiVersion": crds::API_VERSION,
+        "kind": ctx.kind.list_kind(),
+        "metadata": {"resourceVersion": revision.to_string()},
+        "items": deleted,
+    }))
+    .into_response())
 }
 
 async fn list(ctx: &Ctx<'_>, q: &HashMap<String, String>, view: View) -> ApiResult<Response> {

@@ -136,11 +136,12 @@ fn verb_of(name: &str) -> Option<Verb> {
         "update" => Verb::Update,
         "patch" => Verb::Patch,
         "delete" => Verb::Delete,
+        "deletecollection" => Verb::DeleteCollection,
         _ => return None,
     })
 }
 
-const VERBS: [Verb; 7] = [
+const VERBS: [Verb; 8] = [
     Verb::Get,
     Verb::List,
     Verb::Watch,
@@ -148,6 +149,7 @@ const VERBS: [Verb; 7] = [
     Verb::Update,
     Verb::Patch,
     Verb::Delete,
+    Verb::DeleteCollection,
 ];
 
 /// Paths every caller may read without a resource: discovery, the schemas, health and metrics.
@@ -333,12 +335,15 @@ mod tests {
         );
         assert!(!allowed);
         assert!(reason.contains("no API group \"apps\""), "{reason}");
-        let (allowed, reason) = review(
+        let (allowed, reason) =
+            review(&admin, json!({"verb": "escalate", "resource": "instances"}));
+        assert!(!allowed);
+        assert!(reason.contains("escalate"), "{reason}");
+        let (allowed, _) = review(
             &admin,
             json!({"verb": "deletecollection", "resource": "instances"}),
         );
-        assert!(!allowed);
-        assert!(reason.contains("deletecollection"), "{reason}");
+        assert!(allowed);
     }
 
     #[test]
