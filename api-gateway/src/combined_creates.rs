@@ -12,13 +12,13 @@
 //! its own answer. A lone create goes out at once, as its own transaction.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::store::{self, retry_unreached};
 
@@ -73,11 +73,39 @@ pub struct CreateStats {
     pub requests: AtomicU64,
 }
 
+/// The transactions out at etcd, shared by creates sent directly and the writer task's batches.
+struct Slots {
+    /// Transactions out now (at most [`CREATES_IN_FLIGHT`]).
+    busy: AtomicUsize,
+    /// Creates queued for the writer task and not yet taken into a batch.
+    queued: AtomicUsize,
+    /// Told when a transaction comes back, so that the writer task can send what waits.
+    freed: Notify,
+}
+
+impl Slots {
+    /// Takes a slot if one is free.
+    fn take(&self) -> bool {
+        self.busy
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                (b < CREATES_IN_FLIGHT).then_some(b + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives a slot back.
+    fn release(&self) {
+        self.busy.fetch_sub(1, Ordering::AcqRel);
+        self.freed.notify_one();
+    }
+}
+
 /// A handle on the combining writer of one etcd client; clones share it.
 #[derive(Clone)]
 pub struct CombinedCreates {
     etcd: Client,
     queue: mpsc::UnboundedSender<Pending>,
+    slots: Arc<Slots>,
     stats: Arc<CreateStats>,
 }
 
@@ -86,8 +114,18 @@ impl CombinedCreates {
     pub fn start(etcd: Client) -> Self {
         let (queue, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(CreateStats::default());
-        tokio::spawn(drive(etcd.clone(), rx, stats.clone()));
-        Self { etcd, queue, stats }
+        let slots = Arc::new(Slots {
+            busy: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+            freed: Notify::new(),
+        });
+        tokio::spawn(drive(etcd.clone(), rx, slots.clone(), stats.clone()));
+        Self {
+            etcd,
+            queue,
+            slots,
+            stats,
+        }
     }
 
     /// Writes every `(key, value)` of `entries` if none of the keys exists, else nothing;
@@ -97,11 +135,18 @@ impl CombinedCreates {
         entries: Vec<(String, Vec<u8>)>,
     ) -> Result<Outcome, etcd_client::Error> {
         self.stats.creates.fetch_add(1, Ordering::Relaxed);
+        // Nothing waits and a slot is free: this create goes out at once, from its own task.
+        if self.slots.queued.load(Ordering::Acquire) == 0 && self.slots.take() {
+            let sent = self.alone(&entries).await;
+            self.slots.release();
+            return sent;
+        }
         let (reply, answer) = oneshot::channel();
         let queued = Pending {
             entries: entries.clone(),
             reply,
         };
+        self.slots.queued.fetch_add(1, Ordering::AcqRel);
         if self.queue.send(queued).is_ok() {
             // Bounded as a request is: behind transactions that etcd does not answer, this one
             // would wait for a free slot first; once queued, it may still be sent, so its
@@ -114,8 +159,15 @@ impl CombinedCreates {
                 Ok(Ok(Reply::Stalled)) | Err(_) => return Err(store::deadline_passed()),
                 Ok(Ok(Reply::Alone) | Err(_)) => {}
             }
+        } else {
+            self.slots.queued.fetch_sub(1, Ordering::AcqRel);
         }
         // Its batch could not commit (or the writer task is gone): this create goes alone.
+        self.alone(&entries).await
+    }
+
+    /// Sends one create as its own transaction.
+    async fn alone(&self, entries: &[(String, Vec<u8>)]) -> Result<Outcome, etcd_client::Error> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let txn = claim(entries.iter());
         retry_unreached(|| {
@@ -182,47 +234,56 @@ impl Batch {
     }
 }
 
-/// Takes creates off the queue while fewer than [`CREATES_IN_FLIGHT`] transactions are out,
-/// each time all that are waiting and fit.
-async fn drive(etcd: Client, mut queue: mpsc::UnboundedReceiver<Pending>, stats: Arc<CreateStats>) {
+/// Takes creates off the queue whenever a slot is free, each time all that are waiting and fit
+/// into one batch.
+async fn drive(
+    etcd: Client,
+    mut queue: mpsc::UnboundedReceiver<Pending>,
+    slots: Arc<Slots>,
+    stats: Arc<CreateStats>,
+) {
     let mut in_flight = FuturesUnordered::new();
-    // A create taken off the queue that did not fit into the last batch.
+    // A create taken off the queue that is not in a batch yet.
     let mut held: Option<Pending> = None;
     loop {
-        tokio::select! {
-            next = next_create(&mut queue, &mut held), if in_flight.len() < CREATES_IN_FLIGHT => {
-                let Some(first) = next else { break };
-                let mut batch = Batch::default();
-                batch.push(first);
-                while let Ok(more) = queue.try_recv() {
-                    if !batch.admits(&more) {
-                        held = Some(more);
-                        break;
-                    }
-                    batch.push(more);
-                }
-                stats.requests.fetch_add(1, Ordering::Relaxed);
-                in_flight.push(send_batch(etcd.clone(), batch.creates));
+        let Some(first) = held.take().or_else(|| queue.try_recv().ok()) else {
+            tokio::select! {
+                next = queue.recv() => match next {
+                    Some(p) => held = Some(p),
+                    None => break,
+                },
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
             }
-            Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            continue;
+        };
+        if !slots.take() {
+            held = Some(first);
+            tokio::select! {
+                () = slots.freed.notified() => {}
+                Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
+            }
+            continue;
         }
+        let mut batch = Batch::default();
+        batch.push(first);
+        while let Ok(more) = queue.try_recv() {
+            if !batch.admits(&more) {
+                held = Some(more);
+                break;
+            }
+            batch.push(more);
+        }
+        slots
+            .queued
+            .fetch_sub(batch.creates.len(), Ordering::AcqRel);
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        in_flight.push(send_batch(etcd.clone(), batch.creates, slots.clone()));
     }
     while in_flight.next().await.is_some() {}
 }
 
-/// The create held back from the last batch, else the next one queued.
-async fn next_create(
-    queue: &mut mpsc::UnboundedReceiver<Pending>,
-    held: &mut Option<Pending>,
-) -> Option<Pending> {
-    match held.take() {
-        Some(p) => Some(p),
-        None => queue.recv().await,
-    }
-}
-
 /// Sends one batch as one transaction and tells each create what became of it.
-async fn send_batch(etcd: Client, batch: Vec<Pending>) {
+async fn send_batch(etcd: Client, batch: Vec<Pending>, slots: Arc<Slots>) {
     let txn = claim(batch.iter().flat_map(|p| p.entries.iter()));
     let sent = retry_unreached(|| {
         let mut kv = store::kv(&etcd);
@@ -230,6 +291,7 @@ async fn send_batch(etcd: Client, batch: Vec<Pending>) {
         async move { kv.txn(txn).await }
     })
     .await;
+    slots.release();
     let alone = batch.len() == 1;
     let reply = |_: &Pending| match &sent {
         Ok(resp) => match outcome_of(resp) {

@@ -635,7 +635,7 @@ async fn main() -> anyhow::Result<()> {
         let t99 = pct(&mut txn.lat, 99.0);
         let cpu = procs.line(before, txn.lat.len(), txn.wall).await;
         out(format!(
-            "  informational, not the goal's peer: raw etcd create-txn (the txn a create sends: 2 compares, 2 puts, or-else get), {c:>2} concurrent: {} ops, {:.1} ops/s, p50 {}, p99 {}; gateway/txn p50 {:.2}x, p99 {:.2}x",
+            "  informational, not the goal's peer: raw etcd create-txn (the txn a lone create sends: 2 compares, 2 puts; under load the gateway sends concurrent creates together as one), {c:>2} concurrent: {} ops, {:.1} ops/s, p50 {}, p99 {}; gateway/txn p50 {:.2}x, p99 {:.2}x",
             txn.lat.len(),
             txn.rate(),
             ms(t50),
