@@ -796,6 +796,20 @@ def group_buckets(suite):
         answer = a.get_bucket_location(Bucket=name)
         check(answer.get("LocationConstraint") == REGION, f"location {brief(answer)}")
 
+    @g.check("a_client_signing_for_us_east_1_lists_buckets_and_learns_the_region")
+    def _():
+        # What minio-py and others do before they know the region: list the buckets, or ask
+        # a bucket's location, signed for us-east-1 (AWS answers both from any region).
+        config = Config(region_name="us-east-1", signature_version="s3v4",
+                        retries={"total_max_attempts": 1}, s3={"addressing_style": "path"})
+        east = boto3.session.Session(aws_access_key_id=A.access_key,
+                                     aws_secret_access_key=A.secret_key).client(
+            "s3", endpoint_url=ENDPOINT, verify=CA, config=config, region_name="us-east-1")
+        names = [b["Name"] for b in east.list_buckets().get("Buckets", [])]
+        check(name in names, f"list_buckets signed for us-east-1 did not list {name}: {names}")
+        answer = east.get_bucket_location(Bucket=name)
+        check(answer.get("LocationConstraint") == REGION, f"location {brief(answer)}")
+
     @g.check("list_buckets_pages_with_max_buckets_and_continuation_tokens")
     def _():
         extra = [bucket("pages-1"), bucket("pages-2")]
@@ -2040,6 +2054,20 @@ def group_presign(suite):
         curl_refused(reply, "NotImplemented", 501, "a presigned PUT asking for KMS")
         reply = curl(presign("POST", f"{ENDPOINT}/{name}/kms.txt?uploads&{kms}"), "-X", "POST")
         curl_refused(reply, "NotImplemented", 501, "a presigned multipart upload asking for KMS")
+
+    @g.check("a_presigned_put_refuses_x_amz_headers_its_signature_does_not_cover")
+    def _():
+        # Whoever holds a presigned PUT URL must not turn it into a public copy of another
+        # object: unsigned x-amz-* headers are refused, as AWS refuses them.
+        a.put_object(Bucket=name, Key="private.txt", Body=b"private\n")
+        url = presigned("put_object", "taken.txt")
+        for extra in (["-H", f"x-amz-copy-source: /{name}/private.txt"],
+                      ["-H", "x-amz-acl: public-read"],
+                      ["-H", "x-amz-meta-added: yes"]):
+            reply = curl(url, "-X", "PUT", "-H", "Content-Length: 0", *extra)
+            curl_refused(reply, "AccessDenied", 403, f"a presigned PUT with {extra[1]}")
+            check(b"<HeadersNotSigned>" in reply.body, f"no HeadersNotSigned: {reply.body[:300]!r}")
+        check(not exists(a, name, "taken.txt"), "a refused presigned PUT stored an object")
 
     @g.check("presigned_url_with_a_changed_signature_is_signature_does_not_match")
     def _():

@@ -74,6 +74,8 @@ pub struct Refusal {
     /// The region to sign for, when the request named another: in the error's `<Region>` and
     /// the `x-amz-bucket-region` header, which botocore and s3cmd read to sign again.
     pub region: Option<String>,
+    /// The `x-amz-*` headers the request carried without signing them (`<HeadersNotSigned>`).
+    pub headers_not_signed: Option<String>,
 }
 
 impl Refusal {
@@ -84,6 +86,7 @@ impl Refusal {
             code: "NotImplemented",
             message: "This gateway stores no S3 objects: it runs without --s3-data-dir or --s3-backend-url.".into(),
             region: None,
+            headers_not_signed: None,
         }
     }
 
@@ -93,6 +96,7 @@ impl Refusal {
             code,
             message,
             region: None,
+            headers_not_signed: None,
         }
     }
 
@@ -101,8 +105,17 @@ impl Refusal {
         let region = self.region.as_deref().map_or(String::new(), |r| {
             format!("<Region>{}</Region>", quick_xml::escape::escape(r))
         });
+        let unsigned = self
+            .headers_not_signed
+            .as_deref()
+            .map_or(String::new(), |h| {
+                format!(
+                    "<HeadersNotSigned>{}</HeadersNotSigned>",
+                    quick_xml::escape::escape(h)
+                )
+            });
         format!(
-            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{}</Code><Message>{}</Message>{region}<RequestId>{}</RequestId></Error>",
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{}</Code><Message>{}</Message>{region}{unsigned}<RequestId>{}</RequestId></Error>",
             self.code,
             quick_xml::escape::escape(self.message.as_str()),
             quick_xml::escape::escape(request_id)
@@ -114,8 +127,12 @@ impl Refusal {
 /// version 2 (s3s checks neither its `Date` nor a limit on its expiry, and its signature does
 /// not cover the body), two authentication mechanisms in one request (s3s would check the one
 /// it looks at first, possibly the weaker), presigned URLs valid for more than a week,
-/// credentials scoped to another region or service, and signatures that do not cover `host`.
-/// Anything else (no signature, a malformed one, a good one) is left to s3s. Pure.
+/// credentials scoped to another region or service, signatures that do not cover `host`, and
+/// requests carrying `x-amz-*` headers their signature does not cover (s3s would obey them: a
+/// presigned PUT URL would take an ACL or a copy source from whoever holds it). A listing of
+/// buckets or a bucket's location may be signed for `us-east-1` too, as on AWS, where clients
+/// ask it to learn the region. Anything else (no signature, a malformed one, a good one) is left
+/// to s3s. Pure.
 pub fn auth_refusal(
     method: &str,
     path: &str,
@@ -179,7 +196,9 @@ pub fn auth_refusal(
             )
         }
     };
-    if parsed.scope.region != region {
+    if parsed.scope.region != region
+        && !(parsed.scope.region == GLOBAL_REGION && asks_where(method, path, query))
+    {
         return Some(Refusal {
             region: Some(region.to_owned()),
             ..Refusal::bad_request(
@@ -208,7 +227,50 @@ pub fn auth_refusal(
             format!("{what} the host header must be signed"),
         ));
     }
+    let mut unsigned: Vec<&str> = headers
+        .keys()
+        .map(http::HeaderName::as_str)
+        .filter(|h| h.starts_with("x-amz-") && !parsed.signed_headers.iter().any(|s| s == h))
+        .collect();
+    if !unsigned.is_empty() {
+        unsigned.sort_unstable();
+        unsigned.dedup();
+        return Some(Refusal {
+            status: StatusCode::FORBIDDEN,
+            code: "AccessDenied",
+            message: "There were headers present in the request which were not signed".into(),
+            region: None,
+            headers_not_signed: Some(unsigned.join(", ")),
+        });
+    }
     None
+}
+
+/// The region AWS clients sign for when they do not know a bucket's region yet.
+const GLOBAL_REGION: &str = "us-east-1";
+
+/// Whether a request lists the buckets or asks a bucket's location: what clients that do not
+/// know the region yet send (minio-py asks `GET /<bucket>?location` signed for `us-east-1`).
+/// `GET /` with no parameters, or with `location` alone. Pure.
+fn asks_where(method: &str, path: &str, query: &str) -> bool {
+    if method != "GET" {
+        return false;
+    }
+    let params: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.split('=').next().unwrap_or(""))
+        .filter(|p| !p.starts_with("X-Amz-"))
+        .collect();
+    let rest = path
+        .strip_prefix(EUCA_PREFIX)
+        .unwrap_or(path)
+        .trim_start_matches('/');
+    match params.as_slice() {
+        [] => rest.is_empty(),
+        ["location"] => !rest.trim_end_matches('/').contains('/'),
+        _ => false,
+    }
 }
 
 struct Secrets {
@@ -1083,8 +1145,8 @@ mod tests {
         for (what, authorization, query, want) in rows {
             let mut headers = http::HeaderMap::new();
             headers.insert("host", "localhost:8773".parse().unwrap());
-            headers.insert("x-amz-date", "20261125T120000Z".parse().unwrap());
             if let Some(a) = authorization {
+                headers.insert("x-amz-date", "20261125T120000Z".parse().unwrap());
                 headers.insert("authorization", a.parse().unwrap());
             }
             let got = auth_refusal("GET", "/b/k", &query, &headers, "karri-1");
@@ -1105,6 +1167,169 @@ mod tests {
                     );
                 }
                 (want, got) => panic!("{what}: wanted {want:?}, got {got:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn unsigned_amz_headers_are_refused_and_us_east_1_may_only_ask_where() {
+        let header_auth = |region: &str, signed: &str| {
+            format!(
+                "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261125/{region}/s3/aws4_request, \
+                 SignedHeaders={signed}, Signature={}",
+                "0".repeat(64)
+            )
+        };
+        let presigned = "X-Amz-Algorithm=AWS4-HMAC-SHA256\
+             &X-Amz-Credential=AKIDEXAMPLE%2F20261125%2Fkarri-1%2Fs3%2Faws4_request\
+             &X-Amz-Date=20261125T120000Z&X-Amz-Expires=60\
+             &X-Amz-SignedHeaders=host&X-Amz-Signature=00";
+        // (what, method, path, query, Authorization, extra headers, refusal code, unsigned)
+        type Row<'a> = (
+            &'a str,
+            &'a str,
+            &'a str,
+            &'a str,
+            Option<String>,
+            &'a [(&'a str, &'a str)],
+            Option<&'a str>,
+            Option<&'a str>,
+        );
+        let signed = "host;x-amz-acl;x-amz-content-sha256;x-amz-date";
+        let rows: Vec<Row<'_>> = vec![
+            (
+                "every x-amz header signed",
+                "PUT",
+                "/b/k",
+                "",
+                Some(header_auth("karri-1", signed)),
+                &[("x-amz-acl", "private")],
+                None,
+                None,
+            ),
+            (
+                "an ACL added after signing",
+                "PUT",
+                "/b/k",
+                "",
+                Some(header_auth(
+                    "karri-1",
+                    "host;x-amz-content-sha256;x-amz-date",
+                )),
+                &[("x-amz-acl", "public-read"), ("x-amz-meta-a", "1")],
+                Some("AccessDenied"),
+                Some("x-amz-acl, x-amz-meta-a"),
+            ),
+            (
+                "a copy source added to a presigned PUT",
+                "PUT",
+                "/b/k",
+                presigned,
+                None,
+                &[("x-amz-copy-source", "/secret/k")],
+                Some("AccessDenied"),
+                Some("x-amz-copy-source"),
+            ),
+            (
+                "a presigned GET with ordinary headers",
+                "GET",
+                "/b/k",
+                presigned,
+                None,
+                &[("range", "bytes=0-1"), ("user-agent", "curl")],
+                None,
+                None,
+            ),
+            (
+                "buckets listed for us-east-1",
+                "GET",
+                "/",
+                "",
+                Some(header_auth("us-east-1", signed)),
+                &[],
+                None,
+                None,
+            ),
+            (
+                "a location asked for us-east-1 (path style)",
+                "GET",
+                "/b",
+                "location",
+                Some(header_auth("us-east-1", signed)),
+                &[],
+                None,
+                None,
+            ),
+            (
+                "a location asked for us-east-1 at the Eucalyptus path",
+                "GET",
+                "/services/objectstorage/b/",
+                "location=",
+                Some(header_auth("us-east-1", signed)),
+                &[],
+                None,
+                None,
+            ),
+            (
+                "an object read for us-east-1",
+                "GET",
+                "/b/k",
+                "",
+                Some(header_auth("us-east-1", signed)),
+                &[],
+                Some("AuthorizationHeaderMalformed"),
+                None,
+            ),
+            (
+                "a bucket made for us-east-1",
+                "PUT",
+                "/b",
+                "",
+                Some(header_auth("us-east-1", signed)),
+                &[],
+                Some("AuthorizationHeaderMalformed"),
+                None,
+            ),
+            (
+                "a listing with parameters for us-east-1",
+                "GET",
+                "/b",
+                "list-type=2",
+                Some(header_auth("us-east-1", signed)),
+                &[],
+                Some("AuthorizationHeaderMalformed"),
+                None,
+            ),
+            (
+                "buckets listed for another region",
+                "GET",
+                "/",
+                "",
+                Some(header_auth("eu-west-1", signed)),
+                &[],
+                Some("AuthorizationHeaderMalformed"),
+                None,
+            ),
+        ];
+        for (what, method, path, query, authorization, extra, code, unsigned) in rows {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("host", "localhost:8773".parse().unwrap());
+            if let Some(a) = authorization {
+                headers.insert("authorization", a.parse().unwrap());
+                headers.insert("x-amz-date", "20261125T120000Z".parse().unwrap());
+                headers.insert("x-amz-content-sha256", "UNSIGNED-PAYLOAD".parse().unwrap());
+            }
+            for (name, value) in extra {
+                headers.insert(*name, value.parse().unwrap());
+            }
+            let got = auth_refusal(method, path, query, &headers, "karri-1");
+            assert_eq!(got.as_ref().map(|r| r.code), code, "{what}: {got:?}");
+            let got_unsigned = got.as_ref().and_then(|r| r.headers_not_signed.as_deref());
+            assert_eq!(got_unsigned, unsigned, "{what}");
+            if let Some(r) = got.filter(|r| r.code == "AccessDenied") {
+                assert_eq!(r.status, StatusCode::FORBIDDEN, "{what}");
+                let xml = r.xml("req-1");
+                assert!(xml.contains("<HeadersNotSigned>"), "{xml}");
             }
         }
     }
