@@ -2523,6 +2523,26 @@ def group_errors(suite):
         make_bucket(s3(A), name)
         s3(A).put_object(Bucket=name, Key="k.txt", Body=b"k")
 
+    @g.check("object_lock_and_appends_are_refused_and_nothing_is_written")
+    def _():
+        # Karri cannot lock an object or append to one: the request is refused rather than
+        # done without the lock (deletable at once) or as an overwrite.
+        a = s3(A)
+        locked = bucket("locked")
+        expect_error("NotImplemented", 501, a.create_bucket, Bucket=locked,
+                     CreateBucketConfiguration={"LocationConstraint": REGION},
+                     ObjectLockEnabledForBucket=True)
+        expect_error("404", 404, a.head_bucket, Bucket=locked)
+        until = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=30)
+        expect_error("InvalidRequest", 400, a.put_object, Bucket=name, Key="locked.txt",
+                     Body=b"x", ObjectLockMode="COMPLIANCE", ObjectLockRetainUntilDate=until)
+        expect_error("InvalidRequest", 400, a.put_object, Bucket=name, Key="locked.txt",
+                     Body=b"x", ObjectLockLegalHoldStatus="ON")
+        check(not exists(a, name, "locked.txt"), "a refused locked PUT stored an object")
+        expect_error("NotImplemented", 501, a.put_object, Bucket=name, Key="k.txt",
+                     Body=b"appended", WriteOffsetBytes=1)
+        check(body_of(a, name, "k.txt") == b"k", "a refused append changed the object")
+
     @g.check("a_wrong_secret_is_signature_does_not_match")
     def _():
         expect_error("SignatureDoesNotMatch", 403, wrong_secret.list_buckets)

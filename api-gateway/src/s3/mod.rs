@@ -246,6 +246,56 @@ pub fn auth_refusal(
     None
 }
 
+/// What the gateway refuses before s3s sees a request because Karri cannot do what a header
+/// (or a presigned URL's query header) asks, and s3s would let the write go through without it:
+/// Object Lock (a locked object would be deletable at once) and appends at an offset (the object
+/// would be overwritten). Pure.
+pub fn feature_refusal(query: &str, headers: &http::HeaderMap) -> Option<Refusal> {
+    let in_query = |name: &str| {
+        query.split('&').any(|p| {
+            p.split('=')
+                .next()
+                .is_some_and(|k| k.eq_ignore_ascii_case(name))
+        })
+    };
+    let asked = |name: &str| headers.contains_key(name) || in_query(name);
+    if headers
+        .get("x-amz-bucket-object-lock-enabled")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"))
+    {
+        return Some(Refusal {
+            status: StatusCode::NOT_IMPLEMENTED,
+            ..Refusal::bad_request(
+                "NotImplemented",
+                "Object Lock is not supported by Karri: a bucket cannot be made with it.".into(),
+            )
+        });
+    }
+    if [
+        "x-amz-object-lock-mode",
+        "x-amz-object-lock-retain-until-date",
+        "x-amz-object-lock-legal-hold",
+    ]
+    .iter()
+    .any(|h| asked(h))
+    {
+        return Some(Refusal::bad_request(
+            "InvalidRequest",
+            "Bucket is missing Object Lock Configuration: Karri does not support Object Lock, so no object can be locked.".into(),
+        ));
+    }
+    if asked("x-amz-write-offset-bytes") {
+        return Some(Refusal {
+            status: StatusCode::NOT_IMPLEMENTED,
+            ..Refusal::bad_request(
+                "NotImplemented",
+                "A header you provided implies functionality that is not implemented: appending to an object (x-amz-write-offset-bytes) is not supported by Karri.".into(),
+            )
+        });
+    }
+    None
+}
+
 /// The region AWS clients sign for when they do not know a bucket's region yet.
 const GLOBAL_REGION: &str = "us-east-1";
 
@@ -662,7 +712,8 @@ impl S3Face {
             req.uri().query().unwrap_or(""),
             req.headers(),
             &self.region,
-        );
+        )
+        .or_else(|| feature_refusal(req.uri().query().unwrap_or(""), req.headers()));
         let mut resp = if let Some(refusal) = refusal {
             tracing::info!(parent: &span, code = refusal.code, message = %refusal.message, "refused before the signature check");
             let mut resp = (
@@ -1331,6 +1382,64 @@ mod tests {
                 let xml = r.xml("req-1");
                 assert!(xml.contains("<HeadersNotSigned>"), "{xml}");
             }
+        }
+    }
+
+    #[test]
+    fn object_lock_and_appends_are_refused_before_they_could_be_ignored() {
+        // (what, headers, query, code and status)
+        type Row<'a> = (
+            &'a str,
+            &'a [(&'a str, &'a str)],
+            &'a str,
+            Option<(&'a str, u16)>,
+        );
+        let rows: Vec<Row<'_>> = vec![
+            ("a plain PUT", &[("content-type", "text/plain")], "", None),
+            (
+                "a bucket with Object Lock",
+                &[("x-amz-bucket-object-lock-enabled", "True")],
+                "",
+                Some(("NotImplemented", 501)),
+            ),
+            (
+                "a bucket without Object Lock",
+                &[("x-amz-bucket-object-lock-enabled", "false")],
+                "",
+                None,
+            ),
+            (
+                "a locked object",
+                &[("x-amz-object-lock-mode", "COMPLIANCE")],
+                "",
+                Some(("InvalidRequest", 400)),
+            ),
+            (
+                "a legal hold",
+                &[("x-amz-object-lock-legal-hold", "ON")],
+                "",
+                Some(("InvalidRequest", 400)),
+            ),
+            (
+                "a retention date in a presigned query",
+                &[],
+                "X-Amz-Algorithm=AWS4-HMAC-SHA256&x-amz-object-lock-retain-until-date=2030-01-01T00%3A00%3A00Z",
+                Some(("InvalidRequest", 400)),
+            ),
+            (
+                "an append",
+                &[("x-amz-write-offset-bytes", "6")],
+                "",
+                Some(("NotImplemented", 501)),
+            ),
+        ];
+        for (what, headers, query, want) in rows {
+            let mut map = http::HeaderMap::new();
+            for (name, value) in headers {
+                map.insert(*name, value.parse().unwrap());
+            }
+            let got = feature_refusal(query, &map).map(|r| (r.code, r.status.as_u16()));
+            assert_eq!(got, want, "{what}");
         }
     }
 
