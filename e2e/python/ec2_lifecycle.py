@@ -195,6 +195,12 @@ def launch(ec2, image_id):
         TagSpecifications=[{"ResourceType": "instance", "Tags": TAGS}],
     )
     expect_error("DryRunOperation", ec2.run_instances, DryRun=True, **params)
+    # The network interface specification Ansible's ec2_instance always sends.
+    subnet = ec2.describe_subnets()["Subnets"][0]["SubnetId"]
+    interface = {"DeviceIndex": 0, "SubnetId": subnet, "DeleteOnTermination": True,
+                 "AssociatePublicIpAddress": False}
+    expect_error("DryRunOperation", ec2.run_instances, DryRun=True,
+                 NetworkInterfaces=[interface], **params)
     check(all_instances(ec2) == [], "the dry run launched instances")
     ok("run_instances(DryRun=True) answers DryRunOperation and launches nothing")
 

@@ -1090,11 +1090,15 @@ async fn awscli_describes_zones_regions_types_the_default_vpc_and_account_attrib
     let mut by_zone = BTreeMap::new();
     for s in array_at(&subnets, "/Subnets") {
         let cidr = str_at(s, "/CidrBlock")?;
+        let id = str_at(s, "/SubnetId")?;
         ensure!(
             str_at(s, "/VpcId")? == vpc_id
-                && str_at(s, "/SubnetId")?.starts_with("subnet-")
+                && id.starts_with("subnet-")
                 && s.get("DefaultForAz") == Some(&Value::Bool(true))
-                && cidr_within(cidr, vpc_cidr)?,
+                && cidr_within(cidr, vpc_cidr)?
+                && str_at(s, "/AvailabilityZoneId")?.starts_with("karri1-az")
+                && str_at(s, "/SubnetArn")?
+                    == format!("arn:aws:ec2:karri-1:{account_id}:subnet/{id}"),
             "subnet {s} of the default VPC {vpc_id} ({vpc_cidr})"
         );
         by_zone.insert(str_at(s, "/AvailabilityZone")?.to_owned(), cidr.to_owned());
@@ -1133,6 +1137,28 @@ async fn awscli_describes_zones_regions_types_the_default_vpc_and_account_attrib
             "/Vpcs",
             1,
         ),
+        // The 2016-11-15 spelling, which Ansible's ec2_instance sends to find the default VPC.
+        (
+            ["describe-vpcs", "--filters", "Name=isDefault,Values=true"],
+            "/Vpcs",
+            1,
+        ),
+        (
+            [
+                "describe-subnets",
+                "--filters",
+                "Name=availability-zone-id,Values=karri1-az2",
+            ],
+            "/Subnets",
+            1,
+        ),
+        // No elastic IP addresses yet: an empty set, not an error (libcloud asks on every
+        // list of nodes).
+        (
+            ["describe-addresses", "--filters", "Name=domain,Values=vpc"],
+            "/Addresses",
+            0,
+        ),
         (
             [
                 "describe-availability-zones",
@@ -1150,6 +1176,34 @@ async fn awscli_describes_zones_regions_types_the_default_vpc_and_account_attrib
             args.join(" ")
         );
     }
+
+    for attribute in ["enableDnsSupport", "enableDnsHostnames"] {
+        let answer = aws
+            .ok(&[
+                "describe-vpc-attribute",
+                "--vpc-id",
+                vpc_id,
+                "--attribute",
+                attribute,
+            ])
+            .await?;
+        let value = answer
+            .pointer(&format!(
+                "/{}{}/Value",
+                &attribute[..1].to_uppercase(),
+                &attribute[1..]
+            ))
+            .and_then(Value::as_bool);
+        ensure!(
+            value == Some(false),
+            "describe-vpc-attribute {attribute}: {answer}"
+        );
+    }
+    aws.refused(
+        &["describe-addresses", "--public-ips", "203.0.113.7"],
+        "InvalidAddress.NotFound",
+    )
+    .await?;
 
     let attributes = aws.ok(&["describe-account-attributes"]).await?;
     let values: BTreeMap<String, Vec<String>> = array_at(&attributes, "/AccountAttributes")
@@ -1527,6 +1581,40 @@ async fn a_launch_no_node_has_room_for_is_refused_and_one_between_min_and_max_la
         said.contains("(karri-1b)") && said.contains("choosing karri-1a"),
         "the refusal said {said:?}"
     );
+    // The same zone through its subnet in a network interface specification, as Ansible's
+    // ec2_instance and Terraform launch.
+    let subnets = aws
+        .ok(&[
+            "describe-subnets",
+            "--filters",
+            "Name=availability-zone,Values=karri-1b",
+        ])
+        .await?;
+    let subnet_1b = str_at(
+        array_at(&subnets, "/Subnets")
+            .first()
+            .context("no subnet in karri-1b")?,
+        "/SubnetId",
+    )?
+    .to_owned();
+    let interface = format!(
+        "DeviceIndex=0,SubnetId={subnet_1b},DeleteOnTermination=true,AssociatePublicIpAddress=false"
+    );
+    let said = aws
+        .refused(
+            &[
+                "run-instances",
+                "--image-id",
+                image_id.as_str(),
+                "--instance-type",
+                "t1.micro",
+                "--network-interfaces",
+                &interface,
+            ],
+            "InsufficientInstanceCapacity",
+        )
+        .await?;
+    ensure!(said.contains("(karri-1b)"), "the refusal said {said:?}");
 
     // MinCount 3 where two fit: nothing is made.
     let said = aws

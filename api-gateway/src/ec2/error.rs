@@ -358,6 +358,22 @@ impl Ec2Error {
         )
     }
 
+    /// `InvalidAddress.NotFound` (400): an elastic IP address that does not exist.
+    pub fn address_not_found(ip: &str) -> Self {
+        Self::client(
+            "InvalidAddress.NotFound",
+            format!("Address '{ip}' not found."),
+        )
+    }
+
+    /// `InvalidAllocationID.NotFound` (400): an elastic IP allocation that does not exist.
+    pub fn allocation_not_found(id: &str) -> Self {
+        Self::client(
+            "InvalidAllocationID.NotFound",
+            format!("The allocation ID '{id}' does not exist"),
+        )
+    }
+
     /// `InvalidSubnetID.Malformed` (400).
     pub fn subnet_id_malformed(id: &str) -> Self {
         Self::client("InvalidSubnetID.Malformed", format!("Invalid id: \"{id}\""))

@@ -682,10 +682,24 @@ pub const IMAGE_FILTERS: &[&str] = &[
     "virtualization-type",
 ];
 
+/// DescribeAddresses (taggable).
+pub const ADDRESS_FILTERS: &[&str] = &[
+    "allocation-id",
+    "association-id",
+    "domain",
+    "instance-id",
+    "network-border-group",
+    "network-interface-id",
+    "network-interface-owner-id",
+    "private-ip-address",
+    "public-ip",
+];
+
 /// DescribeTags (`tag:<key>` is allowed there too: validate with `taggable = true`).
 pub const TAG_FILTERS: &[&str] = &["key", "resource-id", "resource-type", "value"];
 
-/// DescribeVpcs (taggable).
+/// DescribeVpcs (taggable). `isDefault` is the spelling of `is-default` in the 2016-11-15
+/// reference, which Ansible's `ec2_instance` sends.
 pub const VPC_FILTERS: &[&str] = &[
     "cidr",
     "cidr-block-association.association-id",
@@ -693,16 +707,20 @@ pub const VPC_FILTERS: &[&str] = &[
     "cidr-block-association.state",
     "dhcp-options-id",
     "is-default",
+    "isDefault",
     "owner-id",
     "state",
     "vpc-id",
 ];
 
-/// DescribeSubnets (taggable). `availabilityZone`, `cidr`, `cidrBlock` and `defaultForAz` are
-/// the other spellings EC2 documents for `availability-zone`, `cidr-block` and `default-for-az`.
+/// DescribeSubnets (taggable). `availabilityZone`, `availabilityZoneId`, `cidr`, `cidrBlock`
+/// and `defaultForAz` are the other spellings EC2 documents for `availability-zone`,
+/// `availability-zone-id`, `cidr-block` and `default-for-az`.
 pub const SUBNET_FILTERS: &[&str] = &[
     "availability-zone",
+    "availability-zone-id",
     "availabilityZone",
+    "availabilityZoneId",
     "available-ip-address-count",
     "cidr",
     "cidr-block",

@@ -111,6 +111,10 @@ pub enum Action {
     DescribeVpcs(DescribeVpcs),
     /// Describe subnets.
     DescribeSubnets(DescribeSubnets),
+    /// Read one attribute of a VPC.
+    DescribeVpcAttribute(DescribeVpcAttribute),
+    /// Describe elastic IP addresses (Karri has none yet).
+    DescribeAddresses(DescribeAddresses),
 }
 
 impl Action {
@@ -147,6 +151,8 @@ impl Action {
             Action::DescribeTags(_) => "DescribeTags",
             Action::DescribeVpcs(_) => "DescribeVpcs",
             Action::DescribeSubnets(_) => "DescribeSubnets",
+            Action::DescribeVpcAttribute(_) => "DescribeVpcAttribute",
+            Action::DescribeAddresses(_) => "DescribeAddresses",
         }
     }
 
@@ -828,6 +834,34 @@ pub struct DescribeSubnets {
     pub next_token: Option<String>,
 }
 
+/// DescribeVpcAttribute.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DescribeVpcAttribute {
+    /// `VpcId`.
+    pub vpc_id: String,
+    /// `Attribute`: `enableDnsSupport`, `enableDnsHostnames` or
+    /// `enableNetworkAddressUsageMetrics`.
+    pub attribute: String,
+}
+
+/// The attributes DescribeVpcAttribute reads.
+pub const VPC_ATTRIBUTES: [&str; 3] = [
+    "enableDnsSupport",
+    "enableDnsHostnames",
+    "enableNetworkAddressUsageMetrics",
+];
+
+/// DescribeAddresses.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DescribeAddresses {
+    /// `PublicIp.N`.
+    pub public_ips: Vec<String>,
+    /// `AllocationId.N` (`eipalloc-…`).
+    pub allocation_ids: Vec<String>,
+    /// `Filter.N` ([`filter::ADDRESS_FILTERS`] and tag filters).
+    pub filters: Vec<Filter>,
+}
+
 // ----- Action names ---------------------------------------------------------------------------
 
 /// The actions Karri serves (sorted).
@@ -838,6 +872,7 @@ pub const SUPPORTED_ACTIONS: &[&str] = &[
     "DeleteTags",
     "DeregisterImage",
     "DescribeAccountAttributes",
+    "DescribeAddresses",
     "DescribeAvailabilityZones",
     "DescribeImageAttribute",
     "DescribeImages",
@@ -850,6 +885,7 @@ pub const SUPPORTED_ACTIONS: &[&str] = &[
     "DescribeRegions",
     "DescribeSubnets",
     "DescribeTags",
+    "DescribeVpcAttribute",
     "DescribeVpcs",
     "GetConsoleOutput",
     "ImportKeyPair",
@@ -920,7 +956,6 @@ pub const UNSUPPORTED_ACTIONS: &[&str] = &[
     "DeleteSubnet",
     "DeleteVolume",
     "DeleteVpc",
-    "DescribeAddresses",
     "DescribeBundleTasks",
     "DescribeDhcpOptions",
     "DescribeFleets",
@@ -949,7 +984,6 @@ pub const UNSUPPORTED_ACTIONS: &[&str] = &[
     "DescribeVolumeStatus",
     "DescribeVolumes",
     "DescribeVolumesModifications",
-    "DescribeVpcAttribute",
     "DescribeVpcEndpoints",
     "DescribeVpcPeeringConnections",
     "DetachInternetGateway",
@@ -1052,7 +1086,6 @@ fn policy(action: &str) -> ParamPolicy {
                 "Ipv6AddressCount",
                 "LaunchTemplate",
                 "LicenseSpecification",
-                "NetworkInterface",
                 "PrivateIpAddress",
                 "SecondaryInterface",
             ],
@@ -1197,6 +1230,8 @@ fn parse_action(name: &str, p: &Params) -> Option<Result<Action, Ec2Error>> {
         "DeleteTags" => delete_tags(p).map(Action::DeleteTags),
         "DescribeTags" => describe_tags(p).map(Action::DescribeTags),
         "DescribeVpcs" => describe_vpcs(p).map(Action::DescribeVpcs),
+        "DescribeVpcAttribute" => describe_vpc_attribute(p).map(Action::DescribeVpcAttribute),
+        "DescribeAddresses" => describe_addresses(p).map(Action::DescribeAddresses),
         "DescribeSubnets" => describe_subnets(p).map(Action::DescribeSubnets),
         _ => return None,
     };
@@ -1625,13 +1660,29 @@ fn run_instances(p: &Params) -> Result<RunInstances, Ec2Error> {
             ));
         }
     }
-    let subnet_id = opt(&root, "SubnetId");
+    let mut subnet_id = opt(&root, "SubnetId");
     if let Some(id) = &subnet_id {
         validate_subnet_id(id)?;
     }
     let security_groups = strings(&root, "SecurityGroup")?;
     for name in &security_groups {
         check_length("SecurityGroup", name, 255)?;
+    }
+    let mut security_group_ids = id_list(&root, "SecurityGroupId", validate_group_id)?;
+    if let Some(nic) = primary_interface(p)? {
+        if subnet_id.is_some() && nic.subnet_id.is_some() {
+            return Err(Ec2Error::invalid_parameter_combination(
+                "Network interfaces and an instance-level subnet ID may not be specified on the same request",
+            ));
+        }
+        let instance_level_groups = !security_group_ids.is_empty() || !security_groups.is_empty();
+        if !nic.security_group_ids.is_empty() && instance_level_groups {
+            return Err(Ec2Error::invalid_parameter_combination(
+                "Network interfaces and an instance-level security groups may not be specified on the same request",
+            ));
+        }
+        subnet_id = subnet_id.or(nic.subnet_id);
+        security_group_ids.extend(nic.security_group_ids);
     }
     Ok(RunInstances {
         image_id,
@@ -1643,7 +1694,7 @@ fn run_instances(p: &Params) -> Result<RunInstances, Ec2Error> {
         availability_zone: opt_bounded(&root, "Placement.AvailabilityZone", 64)?,
         kernel_id: optional_image_id(p, "KernelId")?,
         ramdisk_id: optional_image_id(p, "RamdiskId")?,
-        security_group_ids: id_list(&root, "SecurityGroupId", validate_group_id)?,
+        security_group_ids,
         security_groups,
         subnet_id,
         block_device_mappings: block_device_mappings(p)?,
@@ -1683,6 +1734,78 @@ fn run_instances(p: &Params) -> Result<RunInstances, Ec2Error> {
             &["enabled", "disabled"],
         )?,
     })
+}
+
+/// What RunInstances takes from its one network interface specification.
+struct PrimaryInterface {
+    subnet_id: Option<String>,
+    security_group_ids: Vec<String>,
+}
+
+/// The instance's network interface as `NetworkInterface.N.*` describes it (what Ansible's
+/// `ec2_instance` and Terraform always send): the primary interface only (device index 0),
+/// created with the instance and deleted with it, in a subnet, with security groups, without a
+/// public address. Anything else about it (a second interface, an existing interface, chosen
+/// private addresses, a public address) is `UnsupportedOperation`.
+fn primary_interface(p: &Params) -> Result<Option<PrimaryInterface>, Ec2Error> {
+    const KNOWN: [&str; 6] = [
+        "DeviceIndex",
+        "SubnetId",
+        "DeleteOnTermination",
+        "AssociatePublicIpAddress",
+        "Description",
+        "SecurityGroupId",
+    ];
+    let specs = p.root().structs("NetworkInterface")?;
+    let Some(nic) = specs.first() else {
+        return Ok(None);
+    };
+    if let Some(second) = specs.get(1) {
+        return Err(Ec2Error::unsupported_operation(format!(
+            "{}: Karri gives an instance one network interface; specify only the primary one (device index 0).",
+            second.prefix().trim_end_matches('.')
+        )));
+    }
+    if let Some((key, _)) = p.iter().find(|(key, _)| {
+        key.strip_prefix(nic.prefix()).is_some_and(|rest| {
+            let field = rest.split('.').next().unwrap_or(rest);
+            !KNOWN.contains(&field)
+        })
+    }) {
+        return Err(Ec2Error::unsupported_parameter(key));
+    }
+    match nic.int("DeviceIndex", 0..=u32::MAX)? {
+        Some(0) => {}
+        Some(_) => {
+            return Err(Ec2Error::unsupported_operation(format!(
+                "{}: Karri gives an instance only its primary network interface, device index 0.",
+                nic.key("DeviceIndex")
+            )))
+        }
+        None => return Err(Ec2Error::missing_parameter(&nic.key("DeviceIndex"))),
+    }
+    if nic.bool("DeleteOnTermination")? == Some(false) {
+        return Err(Ec2Error::unsupported_operation(format!(
+            "{}=false: an instance's network interface is deleted with it on Karri.",
+            nic.key("DeleteOnTermination")
+        )));
+    }
+    if nic.bool("AssociatePublicIpAddress")? == Some(true) {
+        return Err(Ec2Error::unsupported_operation(format!(
+            "{}=true: Karri gives instances no public addresses yet.",
+            nic.key("AssociatePublicIpAddress")
+        )));
+    }
+    let _description = opt_bounded(nic, "Description", 255)?;
+    let subnet_id = opt(nic, "SubnetId");
+    if let Some(id) = &subnet_id {
+        validate_subnet_id(id)?;
+    }
+    let security_group_ids = id_list(nic, "SecurityGroupId", validate_group_id)?;
+    Ok(Some(PrimaryInterface {
+        subnet_id,
+        security_group_ids,
+    }))
 }
 
 fn describe_instances(p: &Params) -> Result<DescribeInstances, Ec2Error> {
@@ -2286,6 +2409,29 @@ fn describe_vpcs(p: &Params) -> Result<DescribeVpcs, Ec2Error> {
     })
 }
 
+fn describe_vpc_attribute(p: &Params) -> Result<DescribeVpcAttribute, Ec2Error> {
+    let vpc_id = p.required("VpcId")?.to_string();
+    validate_vpc_id(&vpc_id)?;
+    let attribute = p.required("Attribute")?.to_string();
+    if !VPC_ATTRIBUTES.contains(&attribute.as_str()) {
+        return Err(Ec2Error::invalid_value(
+            "Attribute",
+            &attribute,
+            &format!("Expected one of: {}.", VPC_ATTRIBUTES.join(", ")),
+        ));
+    }
+    Ok(DescribeVpcAttribute { vpc_id, attribute })
+}
+
+fn describe_addresses(p: &Params) -> Result<DescribeAddresses, Ec2Error> {
+    let root = p.root();
+    Ok(DescribeAddresses {
+        public_ips: strings(&root, "PublicIp")?,
+        allocation_ids: strings(&root, "AllocationId")?,
+        filters: filters(p, filter::ADDRESS_FILTERS, true)?,
+    })
+}
+
 fn describe_subnets(p: &Params) -> Result<DescribeSubnets, Ec2Error> {
     let (max_results, next_token) = paging(p, 5..=1000)?;
     Ok(DescribeSubnets {
@@ -2756,6 +2902,16 @@ mod tests {
                 }),
             ),
             (
+                // What Ansible's amazon.aws.ec2_instance sends: the primary interface, in a
+                // subnet, with a security group, deleted with the instance, no public address.
+                "Action=RunInstances&Version=2016-11-15&ImageId=ami-12345678&MaxCount=1&MinCount=1&NetworkInterface.1.DeviceIndex=0&NetworkInterface.1.SubnetId=subnet-0123456789abcdef0&NetworkInterface.1.DeleteOnTermination=true&NetworkInterface.1.AssociatePublicIpAddress=false&NetworkInterface.1.SecurityGroupId.1=sg-0123456789abcdef0&NetworkInterface.1.Description=primary",
+                Action::RunInstances(RunInstances {
+                    subnet_id: Some(s("subnet-0123456789abcdef0")),
+                    security_group_ids: strs(&["sg-0123456789abcdef0"]),
+                    ..run("ami-12345678", DEFAULT_INSTANCE_TYPE, 1, 1)
+                }),
+            ),
+            (
                 // aws ec2 describe-instances --filters Name=instance-type,Values=m1.small,m1.large
                 //   Name=tag:Name,Values=web --page-size 50
                 "Action=DescribeInstances&Version=2016-11-15&Filter.1.Name=instance-type&Filter.1.Value.1=m1.small&Filter.1.Value.2=m1.large&Filter.2.Name=tag%3AName&Filter.2.Value.1=web&MaxResults=50",
@@ -3017,6 +3173,21 @@ mod tests {
                 }),
             ),
             (
+                "Action=DescribeVpcAttribute&Version=2016-11-15&VpcId=vpc-1a2b3c4d&Attribute=enableDnsHostnames",
+                Action::DescribeVpcAttribute(DescribeVpcAttribute {
+                    vpc_id: s("vpc-1a2b3c4d"),
+                    attribute: s("enableDnsHostnames"),
+                }),
+            ),
+            (
+                "Action=DescribeAddresses&Version=2016-11-15&PublicIp.1=203.0.113.12&Filter.1.Name=domain&Filter.1.Value.1=vpc",
+                Action::DescribeAddresses(DescribeAddresses {
+                    public_ips: strs(&["203.0.113.12"]),
+                    filters: vec![Filter::new("domain", ["vpc"])],
+                    ..Default::default()
+                }),
+            ),
+            (
                 "Action=DescribeVpcs&Version=2016-11-15&VpcId.1=vpc-1a2b3c4d",
                 Action::DescribeVpcs(DescribeVpcs {
                     vpc_ids: strs(&["vpc-1a2b3c4d"]),
@@ -3127,6 +3298,7 @@ mod tests {
             ("Action=RunInstances&ImageId=ami-12345678&MinCount=1&MaxCount=1&SubnetId=subnet-1", "InvalidSubnetID.Malformed", "Invalid id: \"subnet-1\""),
             ("Action=DescribeSubnets&SubnetId.1=sub-12345678", "InvalidSubnetID.Malformed", "Invalid id: \"sub-12345678\""),
             ("Action=DescribeVpcs&VpcId.1=vpc-zz", "InvalidVpcID.Malformed", "Invalid id: \"vpc-zz\""),
+            ("Action=DescribeVpcAttribute&VpcId=vpc-zz&Attribute=enableDnsSupport", "InvalidVpcID.Malformed", "Invalid id: \"vpc-zz\""),
             ("Action=RegisterImage&Name=img&BlockDeviceMapping.1.DeviceName=/dev/sda1&BlockDeviceMapping.1.Ebs.SnapshotId=snap-zz", "InvalidSnapshotID.Malformed", "Invalid id: \"snap-zz\""),
             ("Action=DescribeKeyPairs&KeyPairId.1=my-key", "InvalidParameterValue", "Value (my-key) for parameter KeyPairId is invalid. Expected: 'key-...'."),
             ("Action=DeleteKeyPair&KeyPairId=key-1", "InvalidParameterValue", "Value (key-1) for parameter KeyPairId is invalid. Expected: 'key-...'."),
@@ -3206,7 +3378,16 @@ mod tests {
             (format!("{run}&MinCount=1&MaxCount=1&BlockDeviceMapping.1.DeviceName=sda&BlockDeviceMapping.1.Ebs.VolumeType=fast"), "InvalidParameterValue"),
             (format!("{run}&MinCount=1&MaxCount=1&LaunchTemplate.LaunchTemplateId=lt-0123456789abcdef0"), "UnsupportedOperation"),
             ("Action=RunInstances&LaunchTemplate.LaunchTemplateName=web&MinCount=1&MaxCount=1".into(), "UnsupportedOperation"),
-            (format!("{run}&MinCount=1&MaxCount=1&NetworkInterface.1.SubnetId=subnet-12345678"), "UnsupportedOperation"),
+            (format!("{run}&MinCount=1&MaxCount=1&NetworkInterface.1.SubnetId=subnet-12345678"), "MissingParameter"),
+            (format!("{run}&MinCount=1&MaxCount=1&NetworkInterface.1.DeviceIndex=1"), "UnsupportedOperation"),
+            (format!("{run}&MinCount=1&MaxCount=1&NetworkInterface.1.DeviceIndex=0&NetworkInterface.2.DeviceIndex=1"), "UnsupportedOperation"),
+            (format!("{run}&MinCount=1&MaxCount=1&NetworkInterface.1.DeviceIndex=0&NetworkInterface.1.DeleteOnTermination=false"), "UnsupportedOperation"),
+            (format!("{run}&MinCount=1&MaxCount=1&NetworkInterface.1.DeviceIndex=0&NetworkInterface.1.AssociatePublicIpAddress=true"), "UnsupportedOperation"),
+            (format!("{run}&MinCount=1&MaxCount=1&NetworkInterface.1.DeviceIndex=0&NetworkInterface.1.PrivateIpAddress=10.0.0.5"), "UnsupportedOperation"),
+            (format!("{run}&MinCount=1&MaxCount=1&NetworkInterface.1.DeviceIndex=0&NetworkInterface.1.NetworkInterfaceId=eni-12345678"), "UnsupportedOperation"),
+            (format!("{run}&MinCount=1&MaxCount=1&NetworkInterface.1.DeviceIndex=0&NetworkInterface.1.SubnetId=subnet-1"), "InvalidSubnetID.Malformed"),
+            (format!("{run}&MinCount=1&MaxCount=1&SubnetId=subnet-12345678&NetworkInterface.1.DeviceIndex=0&NetworkInterface.1.SubnetId=subnet-12345678"), "InvalidParameterCombination"),
+            (format!("{run}&MinCount=1&MaxCount=1&SecurityGroupId.1=sg-12345678&NetworkInterface.1.DeviceIndex=0&NetworkInterface.1.SecurityGroupId.1=sg-12345678"), "InvalidParameterCombination"),
             (format!("{run}&MinCount=1&MaxCount=1&Ipv6AddressCount=1"), "UnsupportedOperation"),
             (format!("{run}&MinCount=1&MaxCount=1&Foo=bar"), "UnknownParameter"),
             (format!("{run}&MinCount=1&MaxCount=1&ImageId.1=ami-12345678"), "UnknownParameter"),
@@ -3230,6 +3411,10 @@ mod tests {
                 "InvalidParameterValue",
             ),
             ("Action=DescribeRegions&Filter.1.Name=tag:x&Filter.1.Value.1=y".into(), "InvalidParameterValue"),
+            ("Action=DescribeVpcAttribute&VpcId=vpc-12345678".into(), "MissingParameter"),
+            ("Action=DescribeVpcAttribute&Attribute=enableDnsSupport".into(), "MissingParameter"),
+            ("Action=DescribeVpcAttribute&VpcId=vpc-12345678&Attribute=enableIpv6".into(), "InvalidParameterValue"),
+            ("Action=DescribeAddresses&Filter.1.Name=instance-type&Filter.1.Value.1=y".into(), "InvalidParameterValue"),
             ("Action=DescribeTags&Filter.1.Name=instance-type&Filter.1.Value.1=y".into(), "InvalidParameterValue"),
             ("Action=DescribeAccountAttributes&AttributeName.1=foo".into(), "InvalidParameterValue"),
             // Instances

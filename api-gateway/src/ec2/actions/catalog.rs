@@ -501,7 +501,7 @@ fn vpc_values<'v>(v: &'v VpcView<'_>, name: &str) -> Vec<Cow<'v, str>> {
         "cidr" | "cidr-block-association.cidr-block" => filter::shown(DEFAULT_VPC_CIDR),
         "cidr-block-association.association-id" => filter::shown_owned(v.association_id()),
         "cidr-block-association.state" => filter::shown(CIDR_BLOCK_STATE),
-        "is-default" => filter::shown_bool(true),
+        "is-default" | "isDefault" => filter::shown_bool(true),
         "state" => filter::shown(VPC_STATE),
         "owner-id" => filter::shown(v.owner),
         "dhcp-options-id" => filter::shown(DHCP_OPTIONS_ID),
@@ -544,10 +544,44 @@ pub async fn describe_vpcs(cx: &Cx<'_>, a: router::DescribeVpcs) -> Result<Strin
     Ok(w.finish())
 }
 
+/// DescribeVpcAttribute of the default VPC: Karri runs no DNS server for guests (so no
+/// hostnames from it either) and keeps no network address usage metrics, so each is `false`.
+pub fn describe_vpc_attribute(
+    cx: &Cx<'_>,
+    a: router::DescribeVpcAttribute,
+) -> Result<String, Ec2Error> {
+    if a.vpc_id != default_vpc_id(&cx.settings.region) {
+        return Err(Ec2Error::vpc_not_found(&a.vpc_id));
+    }
+    let mut w = cx.response("DescribeVpcAttribute");
+    w.leaf("vpcId", &a.vpc_id);
+    w.element(a.attribute.clone(), |w| {
+        w.leaf_bool("value", false);
+    });
+    Ok(w.finish())
+}
+
+/// DescribeAddresses: Karri allocates no elastic IP addresses yet, so the set is empty and any
+/// address or allocation asked for by name does not exist.
+pub fn describe_addresses(cx: &Cx<'_>, a: router::DescribeAddresses) -> Result<String, Ec2Error> {
+    filter::validate_names(&a.filters, filter::ADDRESS_FILTERS, true)?;
+    if let Some(ip) = a.public_ips.first() {
+        return Err(Ec2Error::address_not_found(ip));
+    }
+    if let Some(id) = a.allocation_ids.first() {
+        return Err(Ec2Error::allocation_not_found(id));
+    }
+    let mut w = cx.response("DescribeAddresses");
+    w.set("addressesSet", std::iter::empty::<()>(), |_, ()| {});
+    Ok(w.finish())
+}
+
 /// A default subnet as DescribeSubnets shows it; the response and the filters both read it.
 struct SubnetView<'a> {
     id: String,
     zone: String,
+    zone_id: String,
+    arn: String,
     cidr: String,
     vpc: &'a str,
     owner: &'a str,
@@ -568,6 +602,7 @@ fn subnet_values<'v>(s: &'v SubnetView<'_>, name: &str) -> Vec<Cow<'v, str>> {
     match name {
         "subnet-id" => filter::shown(&s.id),
         "availability-zone" | "availabilityZone" => filter::shown(&s.zone),
+        "availability-zone-id" | "availabilityZoneId" => filter::shown(&s.zone_id),
         "cidr-block" | "cidr" | "cidrBlock" => filter::shown(&s.cidr),
         "vpc-id" => filter::shown(s.vpc),
         "default-for-az" | "defaultForAz" => filter::shown_bool(true),
@@ -587,10 +622,12 @@ fn write_subnet(w: &mut Response, s: &SubnetView<'_>) {
         .leaf("cidrBlock", &s.cidr)
         .leaf_display("availableIpAddressCount", AVAILABLE_IP_ADDRESS_COUNT)
         .leaf("availabilityZone", &s.zone)
+        .leaf("availabilityZoneId", &s.zone_id)
         .leaf_bool("defaultForAz", true)
         .leaf_bool("mapPublicIpOnLaunch", MAP_PUBLIC_IP_ON_LAUNCH)
         .leaf("ownerId", s.owner)
-        .empty("tagSet");
+        .empty("tagSet")
+        .leaf("subnetArn", &s.arn);
 }
 
 /// DescribeSubnets: one default subnet per zone of the region.
@@ -598,14 +635,28 @@ pub async fn describe_subnets(cx: &Cx<'_>, a: router::DescribeSubnets) -> Result
     filter::validate_names(&a.filters, filter::SUBNET_FILTERS, true)?;
     let vpc = default_vpc_id(&cx.settings.region);
     let owner = cx.caller.account_id.as_str();
+    let (zones, _) = cx.registry.cache.list(
+        "availabilityzones",
+        &store::kind_prefix("availabilityzones"),
+    );
+    let zone_ids: std::collections::HashMap<&str, String> = zones
+        .iter()
+        .map(|z| (text(&z.value, "/metadata/name"), zone_id(&z.value)))
+        .collect();
+    let region = &cx.settings.region;
     let subnets: Vec<SubnetView<'_>> = zone_subnets(cx)
         .into_iter()
-        .map(|(zone, cidr)| SubnetView {
-            id: default_subnet_id(&zone),
-            zone,
-            cidr: cidr.to_string(),
-            vpc: &vpc,
-            owner,
+        .map(|(zone, cidr)| {
+            let id = default_subnet_id(&zone);
+            SubnetView {
+                arn: format!("arn:aws:ec2:{region}:{owner}:subnet/{id}"),
+                id,
+                zone_id: zone_ids.get(zone.as_str()).cloned().unwrap_or_default(),
+                zone,
+                cidr: cidr.to_string(),
+                vpc: &vpc,
+                owner,
+            }
         })
         .collect();
     for id in &a.subnet_ids {
@@ -823,6 +874,7 @@ mod tests {
                 ),
                 ("dhcp-options-id", "dhcpOptionsId"),
                 ("is-default", "isDefault"),
+                ("isDefault", "isDefault"),
                 ("owner-id", "ownerId"),
                 ("state", "state"),
                 ("vpc-id", "vpcId"),
@@ -841,6 +893,8 @@ mod tests {
         let subnet = SubnetView {
             id: default_subnet_id("karri-1a"),
             zone: "karri-1a".into(),
+            zone_id: "karri1-az1".into(),
+            arn: "arn:aws:ec2:karri-1:123456789012:subnet/subnet-1".into(),
             cidr: "172.31.0.0/20".into(),
             vpc: &vpc,
             owner: "123456789012",
@@ -854,7 +908,9 @@ mod tests {
             item: "subnetSet/item",
             rows: &[
                 ("availability-zone", "availabilityZone"),
+                ("availability-zone-id", "availabilityZoneId"),
                 ("availabilityZone", "availabilityZone"),
+                ("availabilityZoneId", "availabilityZoneId"),
                 ("available-ip-address-count", "availableIpAddressCount"),
                 ("cidr", "cidrBlock"),
                 ("cidr-block", "cidrBlock"),

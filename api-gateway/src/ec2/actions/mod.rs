@@ -72,6 +72,8 @@ pub async fn run(cx: &Cx<'_>, request: Request) -> Result<String, Ec2Error> {
         Action::DescribeAccountAttributes(a) => catalog::describe_account_attributes(cx, a),
         Action::DescribeVpcs(a) => catalog::describe_vpcs(cx, a).await,
         Action::DescribeSubnets(a) => catalog::describe_subnets(cx, a).await,
+        Action::DescribeVpcAttribute(a) => catalog::describe_vpc_attribute(cx, a),
+        Action::DescribeAddresses(a) => catalog::describe_addresses(cx, a),
         Action::CreateKeyPair(a) => keypairs::create_key_pair(cx, a, dry_run).await,
         Action::ImportKeyPair(a) => keypairs::import_key_pair(cx, a, dry_run).await,
         Action::DescribeKeyPairs(a) => keypairs::describe_key_pairs(cx, a).await,
