@@ -810,6 +810,45 @@ def group_buckets(suite):
         answer = east.get_bucket_location(Bucket=name)
         check(answer.get("LocationConstraint") == REGION, f"location {brief(answer)}")
 
+    @g.check("configurations_never_set_answer_none_as_s3_does_and_only_to_the_owner")
+    def _():
+        # What clients that read every configuration of a bucket (Ansible's s3_bucket,
+        # minio-py's getters) expect of a bucket where none was set.
+        for call, code in [
+            (a.get_bucket_encryption, "ServerSideEncryptionConfigurationNotFoundError"),
+            (a.get_bucket_ownership_controls, "OwnershipControlsNotFoundError"),
+            (a.get_object_lock_configuration, "ObjectLockConfigurationNotFoundError"),
+            (a.get_bucket_lifecycle_configuration, "NoSuchLifecycleConfiguration"),
+            (a.get_bucket_replication, "ReplicationConfigurationNotFoundError"),
+            (a.get_bucket_policy, "NoSuchBucketPolicy"),
+            (a.get_bucket_policy_status, "NoSuchBucketPolicy"),
+            (a.get_bucket_cors, "NoSuchCORSConfiguration"),
+            (a.get_bucket_website, "NoSuchWebsiteConfiguration"),
+            (a.get_public_access_block, "NoSuchPublicAccessBlockConfiguration"),
+        ]:
+            got, _, e = error_of(call, Bucket=name)
+            check(got == code, f"{call.__name__}: {got}, expected {code}: {e}")
+        check(a.get_bucket_request_payment(Bucket=name).get("Payer") == "BucketOwner",
+              "request payment")
+        check("Status" not in a.get_bucket_accelerate_configuration(Bucket=name), "accelerate")
+        check(not a.get_bucket_logging(Bucket=name).get("LoggingEnabled"), "logging")
+        inventory = a.list_bucket_inventory_configurations(Bucket=name)
+        check(not inventory.get("InventoryConfigurationList") and not inventory.get("IsTruncated"),
+              f"inventory {brief(inventory)}")
+        notification = a.get_bucket_notification_configuration(Bucket=name)
+        check(not any(notification.get(k) for k in ("TopicConfigurations", "QueueConfigurations",
+                                                     "LambdaFunctionConfigurations")),
+              f"notification {brief(notification)}")
+        a.put_object(Bucket=name, Key="lockless.txt", Body=b"x")
+        for call in (a.get_object_retention, a.get_object_legal_hold):
+            got, _, e = error_of(call, Bucket=name, Key="lockless.txt")
+            check(got == "InvalidRequest", f"{call.__name__}: {got}: {e}")
+        a.delete_object(Bucket=name, Key="lockless.txt")
+        # Another account learns nothing of the bucket's configuration.
+        for call in (b.get_bucket_encryption, b.get_bucket_request_payment, b.get_bucket_logging):
+            got, status_, e = error_of(call, Bucket=name)
+            check(got == "AccessDenied" and status_ == 403, f"B {call.__name__}: {got}: {e}")
+
     @g.check("list_buckets_pages_with_max_buckets_and_continuation_tokens")
     def _():
         extra = [bucket("pages-1"), bucket("pages-2")]

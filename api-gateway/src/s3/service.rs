@@ -1100,6 +1100,14 @@ impl KarriS3 {
         })
     }
 
+    /// Checks that the caller of `req` may read the configuration of bucket `name`.
+    async fn bucket_config_read<T>(&self, req: &S3Request<T>, name: &str) -> S3Result<()> {
+        let caller = self.caller(req).await?;
+        self.authorized_bucket(caller.as_ref(), name, Action::BucketConfig)
+            .await
+            .map(|_| ())
+    }
+
     /// The bucket, if `who` may do `action` in it (object ACL for object reads).
     async fn authorized_bucket(
         &self,
@@ -1849,6 +1857,196 @@ impl S3 for KarriS3 {
             .await?;
         // Versioning has never been enabled: S3 answers with no Status.
         Ok(S3Response::new(GetBucketVersioningOutput::default()))
+    }
+
+    // ----- Bucket configurations Karri does not keep ----------------------------------------
+    //
+    // What S3 answers for a bucket where the configuration was never set, so that clients that
+    // read every configuration of a bucket (Ansible's s3_bucket, minio-py's getters, Terraform)
+    // see "none" instead of an error. Setting any of them stays NotImplemented.
+
+    async fn get_bucket_encryption(
+        &self,
+        req: S3Request<GetBucketEncryptionInput>,
+    ) -> S3Result<S3Response<GetBucketEncryptionOutput>> {
+        self.bucket_config_read(&req, &req.input.bucket).await?;
+        // Karri does not encrypt objects at rest itself: no default encryption is configured.
+        Err(s3_error!(
+            ServerSideEncryptionConfigurationNotFoundError,
+            "The server side encryption configuration was not found"
+        ))
+    }
+
+    async fn get_bucket_request_payment(
+        &self,
+        req: S3Request<GetBucketRequestPaymentInput>,
+    ) -> S3Result<S3Response<GetBucketRequestPaymentOutput>> {
+        self.bucket_config_read(&req, &req.input.bucket).await?;
+        Ok(S3Response::new(GetBucketRequestPaymentOutput {
+            payer: Some(Payer::from_static(Payer::BUCKET_OWNER)),
+        }))
+    }
+
+    async fn get_bucket_accelerate_configuration(
+        &self,
+        req: S3Request<GetBucketAccelerateConfigurationInput>,
+    ) -> S3Result<S3Response<GetBucketAccelerateConfigurationOutput>> {
+        self.bucket_config_read(&req, &req.input.bucket).await?;
+        Ok(S3Response::new(
+            GetBucketAccelerateConfigurationOutput::default(),
+        ))
+    }
+
+    async fn get_bucket_ownership_controls(
+        &self,
+        req: S3Request<GetBucketOwnershipControlsInput>,
+    ) -> S3Result<S3Response<GetBucketOwnershipControlsOutput>> {
+        self.bucket_config_read(&req, &req.input.bucket).await?;
+        Err(s3_error!(
+            OwnershipControlsNotFoundError,
+            "The bucket ownership controls were not found"
+        ))
+    }
+
+    async fn get_object_lock_configuration(
+        &self,
+        req: S3Request<GetObjectLockConfigurationInput>,
+    ) -> S3Result<S3Response<GetObjectLockConfigurationOutput>> {
+        self.bucket_config_read(&req, &req.input.bucket).await?;
+        Err(s3_error!(
+            ObjectLockConfigurationNotFoundError,
+            "Object Lock configuration does not exist for this bucket"
+        ))
+    }
+
+    async fn get_object_retention(
+        &self,
+        req: S3Request<GetObjectRetentionInput>,
+    ) -> S3Result<S3Response<GetObjectRetentionOutput>> {
+        self.bucket_config_read(&req, &req.input.bucket).await?;
+        Err(s3_error!(
+            InvalidRequest,
+            "Bucket is missing Object Lock Configuration"
+        ))
+    }
+
+    async fn get_object_legal_hold(
+        &self,
+        req: S3Request<GetObjectLegalHoldInput>,
+    ) -> S3Result<S3Response<GetObjectLegalHoldOutput>> {
+        self.bucket_config_read(&req, &req.input.bucket).await?;
+        Err(s3_error!(
+            InvalidRequest,
+            "Bucket is missing Object Lock Configuration"
+        ))
+    }
+
+    async fn get_bucket_lifecycle_configuration(
+        &self,
+        req: S3Request<GetBucketLifecycleConfigurationInput>,
+    ) -> S3Result<S3Response<GetBucketLifecycleConfigurationOutput>> {
+        self.bucket_config_read(&req, &req.input.bucket).await?;
+        Err(s3_error!(
+            NoSuchLifecycleConfiguration,
+            "The lifecycle configuration does not exist"
+        ))
+    }
+
+    async fn get_bucket_replication(
+        &self,
+        req: S3Request<GetBucketReplicationInput>,
+    ) -> S3Result<S3Response<GetBucketReplicationOutput>> {
+        self.bucket_config_read(&req, &req.input.bucket).await?;
+        Err(s3_error!(
+            ReplicationConfigurationNotFoundError,
+            "The replication configuration was not found"
+        ))
+    }
+
+    async fn get_bucket_notification_configuration(
+        &self,
+        req: S3Request<GetBucketNotificationConfigurationInput>,
+    ) -> S3Result<S3Response<GetBucketNotificationConfigurationOutput>> {
+        self.bucket_config_read(&req, &req.input.bucket).await?;
+        Ok(S3Response::new(
+            GetBucketNotificationConfigurationOutput::default(),
+        ))
+    }
+
+    async fn get_bucket_logging(
+        &self,
+        req: S3Request<GetBucketLoggingInput>,
+    ) -> S3Result<S3Response<GetBucketLoggingOutput>> {
+        self.bucket_config_read(&req, &req.input.bucket).await?;
+        Ok(S3Response::new(GetBucketLoggingOutput::default()))
+    }
+
+    async fn list_bucket_inventory_configurations(
+        &self,
+        req: S3Request<ListBucketInventoryConfigurationsInput>,
+    ) -> S3Result<S3Response<ListBucketInventoryConfigurationsOutput>> {
+        self.bucket_config_read(&req, &req.input.bucket).await?;
+        Ok(S3Response::new(ListBucketInventoryConfigurationsOutput {
+            is_truncated: Some(false),
+            ..Default::default()
+        }))
+    }
+
+    async fn get_bucket_policy(
+        &self,
+        req: S3Request<GetBucketPolicyInput>,
+    ) -> S3Result<S3Response<GetBucketPolicyOutput>> {
+        self.bucket_config_read(&req, &req.input.bucket).await?;
+        Err(s3_error!(
+            NoSuchBucketPolicy,
+            "The bucket policy does not exist"
+        ))
+    }
+
+    async fn get_bucket_policy_status(
+        &self,
+        req: S3Request<GetBucketPolicyStatusInput>,
+    ) -> S3Result<S3Response<GetBucketPolicyStatusOutput>> {
+        self.bucket_config_read(&req, &req.input.bucket).await?;
+        Err(s3_error!(
+            NoSuchBucketPolicy,
+            "The bucket policy does not exist"
+        ))
+    }
+
+    async fn get_bucket_cors(
+        &self,
+        req: S3Request<GetBucketCorsInput>,
+    ) -> S3Result<S3Response<GetBucketCorsOutput>> {
+        self.bucket_config_read(&req, &req.input.bucket).await?;
+        Err(s3_error!(
+            NoSuchCORSConfiguration,
+            "The CORS configuration does not exist"
+        ))
+    }
+
+    async fn get_bucket_website(
+        &self,
+        req: S3Request<GetBucketWebsiteInput>,
+    ) -> S3Result<S3Response<GetBucketWebsiteOutput>> {
+        self.bucket_config_read(&req, &req.input.bucket).await?;
+        Err(s3_error!(
+            NoSuchWebsiteConfiguration,
+            "The specified bucket does not have a website configuration"
+        ))
+    }
+
+    async fn get_public_access_block(
+        &self,
+        req: S3Request<GetPublicAccessBlockInput>,
+    ) -> S3Result<S3Response<GetPublicAccessBlockOutput>> {
+        self.bucket_config_read(&req, &req.input.bucket).await?;
+        let mut e = s3s::S3Error::with_message(
+            s3s::S3ErrorCode::Custom("NoSuchPublicAccessBlockConfiguration".into()),
+            "The public access block configuration was not found",
+        );
+        e.set_status_code(http::StatusCode::NOT_FOUND);
+        Err(e)
     }
 
     async fn get_bucket_acl(
