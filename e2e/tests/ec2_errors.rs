@@ -342,6 +342,39 @@ async fn unknown_unsupported_and_malformed_requests_are_refused_with_the_aws_cod
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn lists_indexed_from_zero_or_not_indexed_are_read_as_apache_libcloud_sends_them(
+) -> anyhow::Result<()> {
+    let mut s = setup().await?;
+    let gw = &s.gateway;
+    s.driver
+        .ok("create_key_pair", json!({"KeyName": "libcloud"}))?;
+    for rest in ["KeyName=libcloud", "KeyName.0=libcloud"] {
+        let body = form("DescribeKeyPairs", rest);
+        let reply = send(gw, &signed_post(&mut s.driver, gw, &body, json!({}))?).await?;
+        ensure!(
+            is_success(&reply, "DescribeKeyPairsResponse")
+                && xml_texts(
+                    &reply.body,
+                    &["DescribeKeyPairsResponse", "keySet", "item", "keyName"]
+                ) == ["libcloud"],
+            "DescribeKeyPairs {rest}: {} {}",
+            reply.status,
+            reply.body
+        );
+    }
+    // The bare name is read, not ignored: another name is not found.
+    let body = form("DescribeKeyPairs", "KeyName=nobody");
+    let reply = send(gw, &signed_post(&mut s.driver, gw, &body, json!({}))?).await?;
+    check_refusals(&[(
+        "a bare KeyName that does not exist",
+        reply,
+        "InvalidKeyPair.NotFound",
+        400,
+    )])?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn dry_run_answers_dry_run_operation_with_412_and_changes_nothing() -> anyhow::Result<()> {
     let mut s = setup().await?;
     s.driver.upload_image_object("images/dry.img")?;

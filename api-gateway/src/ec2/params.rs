@@ -148,19 +148,20 @@ fn shorten(s: &str, max: usize) -> String {
     }
 }
 
-/// Parses an index segment: `Some(Ok(n))` for a canonical index ≥ 1, `Some(Err)` for an all-digit
-/// segment that is not one (`0`, `01`, overflow), `None` for anything else (not an index).
+/// Parses an index segment: `Some(Ok(n))` for a canonical index (EC2 takes `0` too, which
+/// Apache Libcloud sends), `Some(Err)` for an all-digit segment that is not one (`01`,
+/// overflow), `None` for anything else (not an index).
 fn parse_index(segment: &str, key: impl Fn() -> String) -> Option<Result<u32, Ec2Error>> {
     if segment.is_empty() || !segment.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     let bad = || {
         Ec2Error::invalid_query_parameter(format!(
-            "The parameter {} has an invalid index: indexes are decimal numbers from 1, without leading zeros",
+            "The parameter {} has an invalid index: indexes are decimal numbers without leading zeros",
             shorten(&key(), 64)
         ))
     };
-    if segment.starts_with('0') {
+    if segment.len() > 1 && segment.starts_with('0') {
         return Some(Err(bad()));
     }
     Some(segment.parse::<u32>().map_err(|_| bad()))
@@ -451,10 +452,16 @@ impl<'a> Scope<'a> {
             .map(move |(k, e)| (&k[len..], e))
     }
 
-    /// The list `name.1`, `name.2` … in index order (indexes may be sparse). `name.N.more` keys
-    /// are not part of it (see [`Scope::structs`]).
+    /// The list `name.1`, `name.2` … in index order (indexes may be sparse, and start at 0).
+    /// A bare `name` counts as the first member, as EC2 takes it (`DescribeKeyPairs&KeyName=k`,
+    /// what Apache Libcloud sends). `name.N.more` keys are not part of it (see
+    /// [`Scope::structs`]).
     pub fn list(&self, name: &str) -> Result<Vec<&'a str>, Ec2Error> {
-        let mut items = Vec::new();
+        let mut items: Vec<(u32, &'a str)> = self
+            .entry(name)
+            .map(|e| (0, e.read()))
+            .into_iter()
+            .collect();
         for (rest, entry) in self.under(name) {
             if rest.contains('.') {
                 continue;
@@ -732,9 +739,28 @@ mod tests {
     }
 
     #[test]
+    fn index_zero_and_a_bare_name_are_list_members_as_ec2_takes_them() {
+        let p = form("InstanceId.1=b&InstanceId.0=a&InstanceId.2=c");
+        assert_eq!(p.list("InstanceId").unwrap(), vec!["a", "b", "c"]);
+        let p = form("KeyName=k");
+        assert_eq!(p.list("KeyName").unwrap(), vec!["k"]);
+        assert!(p.unused().is_empty());
+        let p = form("KeyName=k&KeyName.1=l");
+        assert_eq!(p.list("KeyName").unwrap(), vec!["k", "l"]);
+        let p = form("Tag.0.Key=a&Tag.0.Value=b&Tag.1.Key=c");
+        let tags = p.structs("Tag").unwrap();
+        assert_eq!(tags.len(), 2);
+        assert_eq!(tags[0].get("Key"), Some("a"));
+        let p = form("Filter.1.Name=n&Filter.1.Value=v");
+        let filters = p.filters().unwrap();
+        assert_eq!(filters.len(), 1);
+        assert_eq!(filters[0].values, vec!["v".to_string()]);
+    }
+
+    #[test]
     fn bad_indexes_are_invalid_query_parameters() {
         let rows = [
-            "InstanceId.0=a",
+            "InstanceId.00=a",
             "InstanceId.01=a",
             "InstanceId.4294967296=a",
             "InstanceId.99999999999999999999=a",

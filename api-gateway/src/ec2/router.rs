@@ -3258,7 +3258,7 @@ mod tests {
             ("Action=DescribeRegions&DryRun=maybe", "InvalidParameterValue", "Value (maybe) for parameter DryRun is invalid. Expected a boolean: true or false."),
             ("Action=DescribeRegions&Bogus=1", "UnknownParameter", "The parameter Bogus is not recognized"),
             ("Action=DescribeRegions&RegionName.x=1", "UnknownParameter", "The parameter RegionName.x is not recognized"),
-            ("Action=DescribeInstances&InstanceId.01=i-12345678", "InvalidQueryParameter", "The parameter InstanceId.01 has an invalid index: indexes are decimal numbers from 1, without leading zeros"),
+            ("Action=DescribeInstances&InstanceId.01=i-12345678", "InvalidQueryParameter", "The parameter InstanceId.01 has an invalid index: indexes are decimal numbers without leading zeros"),
         ];
         for (query, code, message) in rows {
             let query = if query.contains("Version") {
