@@ -978,6 +978,20 @@ def group_objects(suite):
     def _():
         make_bucket(a, name)
 
+    @g.check("an_object_without_a_content_type_is_binary_octet_stream_and_listed_at_its_head_time")
+    def _():
+        plain.put_object(Bucket=name, Key="untyped", Body=b"?")
+        sent = dict((k, v) for k, v in plain.sent[-1][2].items())
+        check("content-type" not in sent, f"the PUT sent a Content-Type: {sent}")
+        head = a.head_object(Bucket=name, Key="untyped")
+        check(head.get("ContentType") == "binary/octet-stream", f"ContentType {head.get('ContentType')}")
+        got = a.get_object(Bucket=name, Key="untyped")
+        check(got.get("ContentType") == "binary/octet-stream", f"GET ContentType {got.get('ContentType')}")
+        listed = [o for o in a.list_objects_v2(Bucket=name, Prefix="untyped").get("Contents", [])]
+        check(len(listed) == 1 and listed[0]["LastModified"] == head["LastModified"],
+              f"listed at {[o['LastModified'] for o in listed]}, HEAD says {head['LastModified']}")
+        a.delete_object(Bucket=name, Key="untyped")
+
     @g.setup("put_object_answers_the_md5_etag")
     def _():
         answer = a.put_object(Bucket=name, Key="plain.txt", Body=body)

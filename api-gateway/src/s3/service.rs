@@ -230,9 +230,23 @@ fn now_ms() -> i64 {
     .unwrap_or(i64::MAX)
 }
 
+/// A stored time as S3 shows it: in whole seconds, in listings (`…T10:20:30.000Z`) as in the
+/// `Last-Modified` header, so that a client sees one time for an object either way.
 fn timestamp(ms: i64) -> Timestamp {
-    let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
-    Timestamp::from(t)
+    let seconds = u64::try_from(ms.div_euclid(1000)).unwrap_or(0);
+    Timestamp::from(UNIX_EPOCH + Duration::from_secs(seconds))
+}
+
+/// The `Content-Type` S3 answers for an object stored without one.
+const DEFAULT_CONTENT_TYPE: &str = "binary/octet-stream";
+
+/// The `Content-Type` of an object as GET and HEAD answer it.
+fn shown_content_type(h: &SystemHeaders) -> Option<ContentType> {
+    h.content_type
+        .as_deref()
+        .unwrap_or(DEFAULT_CONTENT_TYPE)
+        .parse()
+        .ok()
 }
 
 fn ms_of(t: &Timestamp) -> i64 {
@@ -2327,7 +2341,7 @@ impl S3 for KarriS3 {
             content_range,
             content_type: input
                 .response_content_type
-                .or_else(|| h.content_type.as_deref().and_then(|t| t.parse().ok())),
+                .or_else(|| shown_content_type(h)),
             e_tag: Some(quoted(&meta.etag)),
             expires: input
                 .response_expires
@@ -2390,7 +2404,7 @@ impl S3 for KarriS3 {
             content_language: h.content_language.clone(),
             content_length: i64::try_from(len).ok(),
             content_range,
-            content_type: h.content_type.as_deref().and_then(|t| t.parse().ok()),
+            content_type: shown_content_type(h),
             e_tag: Some(quoted(&meta.etag)),
             expires: h.expires_ms.map(timestamp),
             last_modified: Some(timestamp(meta.last_modified_ms)),
