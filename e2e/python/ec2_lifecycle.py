@@ -357,6 +357,20 @@ def stop_modify_start(ec2, ids):
     )
     ok(f"start_instances + waiter instance_running: {target} running as m1.small")
 
+    # IMDSv2 enforced on a running instance, as hardening scripts do; the rest kept.
+    answer = ec2.modify_instance_metadata_options(InstanceId=target, HttpTokens="required",
+                                                  HttpPutResponseHopLimit=2)
+    options = answer["InstanceMetadataOptions"]
+    check(answer["InstanceId"] == target and options["HttpTokens"] == "required"
+          and options["HttpPutResponseHopLimit"] == 2 and options["HttpEndpoint"] == "enabled",
+          f"modify_instance_metadata_options answered {answer}")
+    shown = all_instances(ec2, InstanceIds=[target])[0]["MetadataOptions"]
+    check(shown["HttpTokens"] == "required" and shown["HttpPutResponseHopLimit"] == 2,
+          f"after the change the instance shows {shown}")
+    expect_error("InvalidParameterCombination", ec2.modify_instance_metadata_options,
+                 InstanceId=target)
+    ok("modify_instance_metadata_options(HttpTokens=required) of a running instance")
+
     ec2.reboot_instances(InstanceIds=[target])
     expect_error(
         "InvalidInstanceID.NotFound", ec2.reboot_instances, InstanceIds=["i-0000000000000dead"]

@@ -71,6 +71,8 @@ pub enum Action {
     DescribeInstanceAttribute(DescribeInstanceAttribute),
     /// Change one attribute of an instance.
     ModifyInstanceAttribute(ModifyInstanceAttribute),
+    /// Change the metadata service options of an instance.
+    ModifyInstanceMetadataOptions(ModifyInstanceMetadataOptions),
     /// Read an instance's console output.
     GetConsoleOutput(GetConsoleOutput),
     /// Describe the instance types offered.
@@ -131,6 +133,7 @@ impl Action {
             Action::RebootInstances(_) => "RebootInstances",
             Action::DescribeInstanceAttribute(_) => "DescribeInstanceAttribute",
             Action::ModifyInstanceAttribute(_) => "ModifyInstanceAttribute",
+            Action::ModifyInstanceMetadataOptions(_) => "ModifyInstanceMetadataOptions",
             Action::GetConsoleOutput(_) => "GetConsoleOutput",
             Action::DescribeInstanceTypes(_) => "DescribeInstanceTypes",
             Action::DescribeInstanceTypeOfferings(_) => "DescribeInstanceTypeOfferings",
@@ -834,6 +837,21 @@ pub struct DescribeSubnets {
     pub next_token: Option<String>,
 }
 
+/// ModifyInstanceMetadataOptions: the options given change, the others keep their values.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ModifyInstanceMetadataOptions {
+    /// `InstanceId`.
+    pub instance_id: String,
+    /// `HttpTokens`: `optional` or `required`.
+    pub http_tokens: Option<String>,
+    /// `HttpPutResponseHopLimit`, 1–64.
+    pub http_put_response_hop_limit: Option<u32>,
+    /// `HttpEndpoint`: `enabled` or `disabled`.
+    pub http_endpoint: Option<String>,
+    /// `InstanceMetadataTags`: `enabled` or `disabled`.
+    pub instance_metadata_tags: Option<String>,
+}
+
 /// DescribeVpcAttribute.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DescribeVpcAttribute {
@@ -891,6 +909,7 @@ pub const SUPPORTED_ACTIONS: &[&str] = &[
     "ImportKeyPair",
     "ModifyImageAttribute",
     "ModifyInstanceAttribute",
+    "ModifyInstanceMetadataOptions",
     "RebootInstances",
     "RegisterImage",
     "RunInstances",
@@ -1000,7 +1019,6 @@ pub const UNSUPPORTED_ACTIONS: &[&str] = &[
     "ImportInstance",
     "ImportSnapshot",
     "ImportVolume",
-    "ModifyInstanceMetadataOptions",
     "ModifyInstancePlacement",
     "ModifyNetworkInterfaceAttribute",
     "ModifySnapshotAttribute",
@@ -1204,6 +1222,9 @@ fn parse_action(name: &str, p: &Params) -> Option<Result<Action, Ec2Error>> {
         }
         "ModifyInstanceAttribute" => {
             modify_instance_attribute(p).map(Action::ModifyInstanceAttribute)
+        }
+        "ModifyInstanceMetadataOptions" => {
+            modify_instance_metadata_options(p).map(Action::ModifyInstanceMetadataOptions)
         }
         "GetConsoleOutput" => get_console_output(p).map(Action::GetConsoleOutput),
         "DescribeInstanceTypes" => describe_instance_types(p).map(Action::DescribeInstanceTypes),
@@ -2409,6 +2430,33 @@ fn describe_vpcs(p: &Params) -> Result<DescribeVpcs, Ec2Error> {
     })
 }
 
+fn modify_instance_metadata_options(p: &Params) -> Result<ModifyInstanceMetadataOptions, Ec2Error> {
+    let root = p.root();
+    let instance_id = required_instance_id(p)?;
+    if one_of(&root, "HttpProtocolIpv6", &["enabled", "disabled"])?.as_deref() == Some("enabled") {
+        return Err(Ec2Error::unsupported_operation(
+            "HttpProtocolIpv6=enabled: Karri's metadata service has no IPv6 address.",
+        ));
+    }
+    let a = ModifyInstanceMetadataOptions {
+        instance_id,
+        http_tokens: one_of(&root, "HttpTokens", &["optional", "required"])?,
+        http_put_response_hop_limit: p.int("HttpPutResponseHopLimit", 1..=64)?,
+        http_endpoint: one_of(&root, "HttpEndpoint", &["enabled", "disabled"])?,
+        instance_metadata_tags: one_of(&root, "InstanceMetadataTags", &["enabled", "disabled"])?,
+    };
+    if a.http_tokens.is_none()
+        && a.http_put_response_hop_limit.is_none()
+        && a.http_endpoint.is_none()
+        && a.instance_metadata_tags.is_none()
+    {
+        return Err(Ec2Error::invalid_parameter_combination(
+            "Specify at least one of HttpTokens, HttpPutResponseHopLimit, HttpEndpoint and InstanceMetadataTags.",
+        ));
+    }
+    Ok(a)
+}
+
 fn describe_vpc_attribute(p: &Params) -> Result<DescribeVpcAttribute, Ec2Error> {
     let vpc_id = p.required("VpcId")?.to_string();
     validate_vpc_id(&vpc_id)?;
@@ -3173,6 +3221,16 @@ mod tests {
                 }),
             ),
             (
+                // aws ec2 modify-instance-metadata-options --http-tokens required --http-endpoint enabled
+                "Action=ModifyInstanceMetadataOptions&Version=2016-11-15&InstanceId=i-1234567890abcdef0&HttpTokens=required&HttpEndpoint=enabled",
+                Action::ModifyInstanceMetadataOptions(ModifyInstanceMetadataOptions {
+                    instance_id: s("i-1234567890abcdef0"),
+                    http_tokens: Some(s("required")),
+                    http_endpoint: Some(s("enabled")),
+                    ..Default::default()
+                }),
+            ),
+            (
                 "Action=DescribeVpcAttribute&Version=2016-11-15&VpcId=vpc-1a2b3c4d&Attribute=enableDnsHostnames",
                 Action::DescribeVpcAttribute(DescribeVpcAttribute {
                     vpc_id: s("vpc-1a2b3c4d"),
@@ -3411,6 +3469,11 @@ mod tests {
                 "InvalidParameterValue",
             ),
             ("Action=DescribeRegions&Filter.1.Name=tag:x&Filter.1.Value.1=y".into(), "InvalidParameterValue"),
+            ("Action=ModifyInstanceMetadataOptions&InstanceId=i-12345678".into(), "InvalidParameterCombination"),
+            ("Action=ModifyInstanceMetadataOptions&HttpTokens=required".into(), "MissingParameter"),
+            ("Action=ModifyInstanceMetadataOptions&InstanceId=i-12345678&HttpTokens=always".into(), "InvalidParameterValue"),
+            ("Action=ModifyInstanceMetadataOptions&InstanceId=i-12345678&HttpPutResponseHopLimit=65".into(), "InvalidParameterValue"),
+            ("Action=ModifyInstanceMetadataOptions&InstanceId=i-12345678&HttpTokens=required&HttpProtocolIpv6=enabled".into(), "UnsupportedOperation"),
             ("Action=DescribeVpcAttribute&VpcId=vpc-12345678".into(), "MissingParameter"),
             ("Action=DescribeVpcAttribute&Attribute=enableDnsSupport".into(), "MissingParameter"),
             ("Action=DescribeVpcAttribute&VpcId=vpc-12345678&Attribute=enableIpv6".into(), "InvalidParameterValue"),

@@ -1278,6 +1278,80 @@ pub async fn modify_instance_attribute(
     Ok(w.finish())
 }
 
+/// ModifyInstanceMetadataOptions: the options given replace the instance's, the others keep
+/// theirs (EC2's defaults when it never had any). The node agent serves the new options from
+/// its next look at the record, so the answer says `pending`, as EC2's does.
+pub async fn modify_instance_metadata_options(
+    cx: &Cx<'_>,
+    a: router::ModifyInstanceMetadataOptions,
+    dry_run: bool,
+) -> Result<String, Ec2Error> {
+    let v = own_instances(cx, std::slice::from_ref(&a.instance_id))
+        .await?
+        .remove(0);
+    let live = |v: &Value| {
+        if desired(v) == crds::DesiredState::Terminated {
+            Err(Ec2Error::incorrect_instance_state(format!(
+                "The instance '{}' is terminated: its metadata options can no longer be modified.",
+                a.instance_id
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    live(&v)?;
+    if dry_run {
+        return Err(Ec2Error::dry_run_operation());
+    }
+    let written = update_spec(cx, &v, &mut |next: &mut Value| {
+        live(next)?;
+        let options = next["spec"]
+            .as_object_mut()
+            .map(|spec| {
+                spec.entry("metadataOptions").or_insert_with(|| {
+                    json!({
+                        "httpTokens": "optional",
+                        "httpEndpoint": "enabled",
+                        "instanceMetadataTags": "disabled",
+                    })
+                })
+            })
+            .ok_or_else(Ec2Error::internal_error)?;
+        for (field, value) in [
+            ("httpTokens", a.http_tokens.as_ref().map(|t| json!(t))),
+            (
+                "httpPutResponseHopLimit",
+                a.http_put_response_hop_limit.map(|l| json!(l)),
+            ),
+            ("httpEndpoint", a.http_endpoint.as_ref().map(|e| json!(e))),
+            (
+                "instanceMetadataTags",
+                a.instance_metadata_tags.as_ref().map(|t| json!(t)),
+            ),
+        ] {
+            if let Some(value) = value {
+                options[field] = value;
+            }
+        }
+        Ok(())
+    })
+    .await?;
+    let view = InstanceView::of(&written);
+    let mut w = cx.response("ModifyInstanceMetadataOptions");
+    w.leaf("instanceId", &a.instance_id);
+    w.element("instanceMetadataOptions", |w| {
+        w.leaf("state", "pending")
+            .leaf("httpTokens", view.http_tokens())
+            .leaf_display(
+                "httpPutResponseHopLimit",
+                view.http_put_response_hop_limit(),
+            )
+            .leaf("httpEndpoint", view.http_endpoint())
+            .leaf("instanceMetadataTags", view.instance_metadata_tags());
+    });
+    Ok(w.finish())
+}
+
 /// Whether `c` asks for the value every Karri instance has of an attribute Karri does not let
 /// change (what DescribeInstanceAttribute shows): no API stop protection, stop on an
 /// instance-initiated shutdown, source/destination checking, no EBS optimisation, no ENA. Pure.

@@ -62,6 +62,9 @@ pub async fn run(cx: &Cx<'_>, request: Request) -> Result<String, Ec2Error> {
         Action::ModifyInstanceAttribute(a) => {
             instances::modify_instance_attribute(cx, a, dry_run).await
         }
+        Action::ModifyInstanceMetadataOptions(a) => {
+            instances::modify_instance_metadata_options(cx, a, dry_run).await
+        }
         Action::GetConsoleOutput(a) => instances::get_console_output(cx, a).await,
         Action::DescribeInstanceTypes(a) => catalog::describe_instance_types(cx, a).await,
         Action::DescribeInstanceTypeOfferings(a) => {
