@@ -976,18 +976,35 @@ pub const UNSUPPORTED_ACTIONS: &[&str] = &[
     "DeleteVolume",
     "DeleteVpc",
     "DescribeBundleTasks",
+    "DescribeCapacityBlockOfferings",
+    "DescribeCapacityReservations",
+    "DescribeCarrierGateways",
+    "DescribeConversionTasks",
+    "DescribeCustomerGateways",
     "DescribeDhcpOptions",
+    "DescribeEgressOnlyInternetGateways",
+    "DescribeElasticGpus",
+    "DescribeExportTasks",
     "DescribeFleets",
+    "DescribeFlowLogs",
+    "DescribeHostReservations",
     "DescribeHosts",
     "DescribeIamInstanceProfileAssociations",
     "DescribeIdFormat",
+    "DescribeImportImageTasks",
+    "DescribeInstanceConnectEndpoints",
+    "DescribeInstanceCreditSpecifications",
+    "DescribeInstanceEventWindows",
+    "DescribeInstanceTopology",
     "DescribeInternetGateways",
     "DescribeLaunchTemplateVersions",
     "DescribeLaunchTemplates",
+    "DescribeManagedPrefixLists",
     "DescribeNatGateways",
     "DescribeNetworkAcls",
     "DescribeNetworkInterfaces",
     "DescribePlacementGroups",
+    "DescribePrefixLists",
     "DescribeReservedInstances",
     "DescribeReservedInstancesOfferings",
     "DescribeRouteTables",
@@ -998,6 +1015,7 @@ pub const UNSUPPORTED_ACTIONS: &[&str] = &[
     "DescribeSnapshots",
     "DescribeSpotInstanceRequests",
     "DescribeSpotPriceHistory",
+    "DescribeStaleSecurityGroups",
     "DescribeTransitGateways",
     "DescribeVolumeAttribute",
     "DescribeVolumeStatus",
@@ -1005,6 +1023,8 @@ pub const UNSUPPORTED_ACTIONS: &[&str] = &[
     "DescribeVolumesModifications",
     "DescribeVpcEndpoints",
     "DescribeVpcPeeringConnections",
+    "DescribeVpnConnections",
+    "DescribeVpnGateways",
     "DetachInternetGateway",
     "DetachNetworkInterface",
     "DetachVolume",
@@ -3635,7 +3655,7 @@ mod tests {
         assert!(SUPPORTED_ACTIONS.windows(2).all(|w| w[0] < w[1]));
         assert!(UNSUPPORTED_ACTIONS.windows(2).all(|w| w[0] < w[1]));
         assert!(COMMON_PARAMS.windows(2).all(|w| w[0] < w[1]));
-        assert!((60..=130).contains(&UNSUPPORTED_ACTIONS.len()));
+        assert!((100..=200).contains(&UNSUPPORTED_ACTIONS.len()));
         for name in UNSUPPORTED_ACTIONS {
             assert!(SUPPORTED_ACTIONS.binary_search(name).is_err(), "{name}");
         }
