@@ -201,6 +201,13 @@ def launch(ec2, image_id):
                  "AssociatePublicIpAddress": False}
     expect_error("DryRunOperation", ec2.run_instances, DryRun=True,
                  NetworkInterfaces=[interface], **params)
+    # And the volume tags it sends with every named launch (there are no volumes to tag).
+    with_volume_tags = dict(params, TagSpecifications=params["TagSpecifications"] + [
+        {"ResourceType": "volume", "Tags": TAGS}])
+    expect_error("DryRunOperation", ec2.run_instances, DryRun=True, **with_volume_tags)
+    expect_error("UnsupportedOperation", ec2.run_instances, DryRun=True,
+                 **dict(params, TagSpecifications=[{"ResourceType": "network-interface",
+                                                    "Tags": TAGS}]))
     check(all_instances(ec2) == [], "the dry run launched instances")
     ok("run_instances(DryRun=True) answers DryRunOperation and launches nothing")
 

@@ -470,14 +470,21 @@ pub async fn run_instances(
     }
     let mut tags = Vec::new();
     for spec in &a.tag_specifications {
-        if spec.resource_type != "instance" {
-            return Err(Ec2Error::unsupported_operation(format!(
-                "Tagging {} resources at launch is not supported by Karri yet.",
-                spec.resource_type
-            )));
-        }
-        for t in &spec.tags {
-            tags.push(json!({"key": t.key, "value": t.value}));
+        match spec.resource_type.as_str() {
+            "instance" => {
+                for t in &spec.tags {
+                    tags.push(json!({"key": t.key, "value": t.value}));
+                }
+            }
+            // The volumes a launch makes: a Karri instance boots from instance storage and
+            // gets no EBS volume, so there is nothing to tag (as on EC2 for an instance-store
+            // image). Ansible's ec2_instance sends these tags with every named launch.
+            "volume" => {}
+            other => {
+                return Err(Ec2Error::unsupported_operation(format!(
+                    "Tagging {other} resources at launch is not supported by Karri yet."
+                )))
+            }
         }
     }
     if dry_run {
