@@ -8,8 +8,12 @@
 //! compares and puts. It succeeds only when every create in it could have succeeded alone, and
 //! then commits them all at one revision, as a reservation's instances already share one (the
 //! registry's watches never end inside a revision). When any of them cannot (a name is taken),
-//! the transaction changes nothing, and each of its creates is sent alone, so that each hears
-//! its own answer. A lone create goes out at once, as its own transaction.
+//! the transaction changes nothing, and each of its creates queues again to go out alone, so
+//! that each hears its own answer. A lone create goes out at once, as its own transaction.
+//!
+//! Every transaction, combined or alone, holds one of the [`CREATES_IN_FLIGHT`] slots until it
+//! comes back, or until the request that sent it is dropped (a client that went away). A
+//! create whose caller gave up while it waited in the queue is never sent.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -43,6 +47,8 @@ pub enum Outcome {
 /// One queued create.
 struct Pending {
     entries: Vec<(String, Vec<u8>)>,
+    /// It goes out as a transaction of its own (its combined one could not commit).
+    alone: bool,
     reply: oneshot::Sender<Reply>,
 }
 
@@ -56,7 +62,8 @@ impl Pending {
 enum Reply {
     /// What its transaction did (it went out alone, or its batch committed).
     Done(Outcome),
-    /// Its batch changed nothing because one of its creates could not be made: it goes alone.
+    /// Its batch changed nothing because one of its creates could not be made: it queues again
+    /// to go alone.
     Alone,
     /// The transaction failed; the text is etcd's error.
     Failed(String),
@@ -77,26 +84,32 @@ pub struct CreateStats {
 struct Slots {
     /// Transactions out now (at most [`CREATES_IN_FLIGHT`]).
     busy: AtomicUsize,
-    /// Creates queued for the writer task and not yet taken into a batch.
+    /// Creates queued for the writer task and not yet taken off the queue for good.
     queued: AtomicUsize,
-    /// Told when a transaction comes back, so that the writer task can send what waits.
+    /// Told when a slot comes back, so that the writer task can send what waits.
     freed: Notify,
 }
 
 impl Slots {
-    /// Takes a slot if one is free.
-    fn take(&self) -> bool {
+    /// Takes a slot if one is free; it comes back when the [`Slot`] is dropped.
+    fn take(self: &Arc<Self>) -> Option<Slot> {
         self.busy
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
                 (b < CREATES_IN_FLIGHT).then_some(b + 1)
             })
-            .is_ok()
+            .ok()
+            .map(|_| Slot(self.clone()))
     }
+}
 
-    /// Gives a slot back.
-    fn release(&self) {
-        self.busy.fetch_sub(1, Ordering::AcqRel);
-        self.freed.notify_one();
+/// One transaction's place among the [`CREATES_IN_FLIGHT`]; given back when dropped, also when
+/// the request holding it is dropped before etcd answered.
+struct Slot(Arc<Slots>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+        self.0.freed.notify_one();
     }
 }
 
@@ -130,44 +143,51 @@ impl CombinedCreates {
 
     /// Writes every `(key, value)` of `entries` if none of the keys exists, else nothing;
     /// together with whatever other creates are waiting. The keys must differ from each other.
+    /// Within [`store::ETCD_DEADLINE`] of waiting for its turn and its answer, else the outcome
+    /// is unknown (a create already sent may still commit; one still queued never will).
     pub async fn create(
         &self,
         entries: Vec<(String, Vec<u8>)>,
     ) -> Result<Outcome, etcd_client::Error> {
         self.stats.creates.fetch_add(1, Ordering::Relaxed);
         // Nothing waits and a slot is free: this create goes out at once, from its own task.
-        if self.slots.queued.load(Ordering::Acquire) == 0 && self.slots.take() {
-            let sent = self.alone(&entries).await;
-            self.slots.release();
-            return sent;
+        if self.slots.queued.load(Ordering::Acquire) == 0 {
+            if let Some(slot) = self.slots.take() {
+                let sent = self.send(&entries).await;
+                drop(slot);
+                return sent;
+            }
         }
-        let (reply, answer) = oneshot::channel();
-        let queued = Pending {
-            entries: entries.clone(),
-            reply,
-        };
-        self.slots.queued.fetch_add(1, Ordering::AcqRel);
-        if self.queue.send(queued).is_ok() {
-            // Bounded as a request is: behind transactions that etcd does not answer, this one
-            // would wait for a free slot first; once queued, it may still be sent, so its
-            // outcome is unknown.
-            match tokio::time::timeout(store::ETCD_DEADLINE, answer).await {
+        let deadline = tokio::time::Instant::now() + store::ETCD_DEADLINE;
+        let mut alone = false;
+        loop {
+            let (reply, answer) = oneshot::channel();
+            let queued = Pending {
+                entries: entries.clone(),
+                alone,
+                reply,
+            };
+            self.slots.queued.fetch_add(1, Ordering::AcqRel);
+            if self.queue.send(queued).is_err() {
+                // The writer task is gone: send it from here.
+                self.slots.queued.fetch_sub(1, Ordering::AcqRel);
+                return self.send(&entries).await;
+            }
+            match tokio::time::timeout_at(deadline, answer).await {
                 Ok(Ok(Reply::Done(outcome))) => return Ok(outcome),
                 Ok(Ok(Reply::Failed(text))) => {
                     return Err(etcd_client::Error::IoError(std::io::Error::other(text)))
                 }
                 Ok(Ok(Reply::Stalled)) | Err(_) => return Err(store::deadline_passed()),
-                Ok(Ok(Reply::Alone) | Err(_)) => {}
+                Ok(Ok(Reply::Alone)) => alone = true,
+                // The writer task went away with it unsent: send it from here.
+                Ok(Err(_)) => return self.send(&entries).await,
             }
-        } else {
-            self.slots.queued.fetch_sub(1, Ordering::AcqRel);
         }
-        // Its batch could not commit (or the writer task is gone): this create goes alone.
-        self.alone(&entries).await
     }
 
     /// Sends one create as its own transaction.
-    async fn alone(&self, entries: &[(String, Vec<u8>)]) -> Result<Outcome, etcd_client::Error> {
+    async fn send(&self, entries: &[(String, Vec<u8>)]) -> Result<Outcome, etcd_client::Error> {
         self.stats.requests.fetch_add(1, Ordering::Relaxed);
         let txn = claim(entries.iter());
         retry_unreached(|| {
@@ -182,6 +202,11 @@ impl CombinedCreates {
     /// Creates asked for and etcd transactions sent, so far.
     pub fn stats(&self) -> &CreateStats {
         &self.stats
+    }
+
+    /// Transactions out at etcd now.
+    pub fn in_flight(&self) -> usize {
+        self.slots.busy.load(Ordering::Acquire)
     }
 }
 
@@ -218,11 +243,14 @@ struct Batch {
 }
 
 impl Batch {
-    /// Whether `p` may join: the batch stays within [`MAX_KEYS`] and [`MAX_BYTES`], and no key
-    /// is claimed twice (etcd refuses a transaction that puts one key twice).
+    /// Whether `p` may join: neither it nor the batch goes alone, the batch stays within
+    /// [`MAX_KEYS`] and [`MAX_BYTES`], and no key is claimed twice (etcd refuses a transaction
+    /// that puts one key twice).
     fn admits(&self, p: &Pending) -> bool {
         self.creates.is_empty()
-            || (self.keys.len() + p.entries.len() <= MAX_KEYS
+            || (!p.alone
+                && !self.creates.iter().any(|c| c.alone)
+                && self.keys.len() + p.entries.len() <= MAX_KEYS
                 && self.bytes + p.bytes() <= MAX_BYTES
                 && p.entries.iter().all(|(k, _)| !self.keys.contains(k)))
     }
@@ -231,6 +259,22 @@ impl Batch {
         self.bytes += p.bytes();
         self.keys.extend(p.entries.iter().map(|(k, _)| k.clone()));
         self.creates.push(p);
+    }
+}
+
+/// The next create still wanted off the queue (the one held back first): those whose callers
+/// gave up waiting are dropped unsent, and uncounted.
+fn next_wanted(
+    held: &mut Option<Pending>,
+    queue: &mut mpsc::UnboundedReceiver<Pending>,
+    slots: &Slots,
+) -> Option<Pending> {
+    loop {
+        let p = held.take().or_else(|| queue.try_recv().ok())?;
+        if !p.reply.is_closed() {
+            return Some(p);
+        }
+        slots.queued.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -243,10 +287,10 @@ async fn drive(
     stats: Arc<CreateStats>,
 ) {
     let mut in_flight = FuturesUnordered::new();
-    // A create taken off the queue that is not in a batch yet.
+    // A create taken off the queue that is not in a batch yet (still counted in `queued`).
     let mut held: Option<Pending> = None;
     loop {
-        let Some(first) = held.take().or_else(|| queue.try_recv().ok()) else {
+        let Some(first) = next_wanted(&mut held, &mut queue, &slots) else {
             tokio::select! {
                 next = queue.recv() => match next {
                     Some(p) => held = Some(p),
@@ -256,17 +300,17 @@ async fn drive(
             }
             continue;
         };
-        if !slots.take() {
+        let Some(slot) = slots.take() else {
             held = Some(first);
             tokio::select! {
                 () = slots.freed.notified() => {}
                 Some(()) = in_flight.next(), if !in_flight.is_empty() => {}
             }
             continue;
-        }
+        };
         let mut batch = Batch::default();
         batch.push(first);
-        while let Ok(more) = queue.try_recv() {
+        while let Some(more) = next_wanted(&mut None, &mut queue, &slots) {
             if !batch.admits(&more) {
                 held = Some(more);
                 break;
@@ -277,13 +321,13 @@ async fn drive(
             .queued
             .fetch_sub(batch.creates.len(), Ordering::AcqRel);
         stats.requests.fetch_add(1, Ordering::Relaxed);
-        in_flight.push(send_batch(etcd.clone(), batch.creates, slots.clone()));
+        in_flight.push(send_batch(etcd.clone(), batch.creates, slot));
     }
     while in_flight.next().await.is_some() {}
 }
 
 /// Sends one batch as one transaction and tells each create what became of it.
-async fn send_batch(etcd: Client, batch: Vec<Pending>, slots: Arc<Slots>) {
+async fn send_batch(etcd: Client, batch: Vec<Pending>, slot: Slot) {
     let txn = claim(batch.iter().flat_map(|p| p.entries.iter()));
     let sent = retry_unreached(|| {
         let mut kv = store::kv(&etcd);
@@ -291,7 +335,7 @@ async fn send_batch(etcd: Client, batch: Vec<Pending>, slots: Arc<Slots>) {
         async move { kv.txn(txn).await }
     })
     .await;
-    slots.release();
+    drop(slot);
     let alone = batch.len() == 1;
     let reply = |_: &Pending| match &sent {
         Ok(resp) => match outcome_of(resp) {

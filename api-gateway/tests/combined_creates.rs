@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use api_gateway::combined_creates::{CombinedCreates, Outcome, MAX_BYTES};
 use etcd_client::{Client, GetOptions};
@@ -145,16 +146,129 @@ async fn a_create_too_large_to_combine_goes_alone_among_small_ones() -> anyhow::
     asks.insert(20, vec![("/t/big".to_string(), big.clone())]);
     asks.insert(21, vec![("/t/big2".to_string(), big.clone())]);
     let outcomes = join_all(asks.iter().map(|a| creates.create(a.clone()))).await;
+    let mut revisions = Vec::new();
     for (ask, outcome) in asks.iter().zip(outcomes) {
-        assert!(
-            matches!(outcome?, Outcome::Committed(_)),
-            "{} was not committed",
-            ask[0].0
-        );
+        let Outcome::Committed(rev) = outcome? else {
+            panic!("{} was not committed", ask[0].0);
+        };
+        revisions.push((ask[0].0.clone(), rev));
     }
     let keys = stored(&client).await?;
     assert_eq!(keys.get("/t/big"), Some(&big));
     assert_eq!(keys.get("/t/big2"), Some(&big));
     assert_eq!(keys.len(), 42);
+    // Each big one went in a transaction of its own.
+    for big_key in ["/t/big", "/t/big2"] {
+        let (_, big_rev) = revisions
+            .iter()
+            .find(|(k, _)| k == big_key)
+            .expect("the big create is among the asks");
+        let shared: Vec<&String> = revisions
+            .iter()
+            .filter(|(k, rev)| k != big_key && rev == big_rev)
+            .map(|(k, _)| k)
+            .collect();
+        assert!(
+            shared.is_empty(),
+            "{big_key} shared its revision with {shared:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Sends SIGSTOP or SIGCONT to `pid`.
+fn signal(pid: u32, which: &str) -> anyhow::Result<()> {
+    let done = std::process::Command::new("kill")
+        .args([format!("-{which}"), pid.to_string()])
+        .status()?;
+    anyhow::ensure!(done.success(), "kill -{which} {pid} failed");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn creates_dropped_while_etcd_works_on_them_give_their_slots_back() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let client = Client::connect([etcd.endpoint.clone()], None).await?;
+    let creates = CombinedCreates::start(client.clone());
+    // Each of these takes a slot, sends its transaction and is dropped before etcd answers
+    // (a client that went away): more of them than there are slots.
+    let mut dropped = 0;
+    for i in 0..100 {
+        let entry = vec![(format!("/t/dropped/d{i}"), b"d".to_vec())];
+        if tokio::time::timeout(Duration::ZERO, creates.create(entry))
+            .await
+            .is_err()
+        {
+            dropped += 1;
+        }
+        if dropped == 10 {
+            break;
+        }
+    }
+    assert_eq!(dropped, 10, "creates kept finishing at their first poll");
+    assert_eq!(creates.in_flight(), 0, "dropped creates kept their slots");
+    // Creates still go through, promptly.
+    let later = (0..20).map(|i| {
+        let creates = creates.clone();
+        async move {
+            let entry = vec![(format!("/t/later/l{i}"), b"l".to_vec())];
+            tokio::time::timeout(Duration::from_secs(5), creates.create(entry)).await
+        }
+    });
+    for (i, outcome) in join_all(later).await.into_iter().enumerate() {
+        assert!(
+            matches!(outcome, Ok(Ok(Outcome::Committed(_)))),
+            "create {i} after the dropped ones: {outcome:?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_create_whose_caller_gave_up_is_never_written() -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let client = Client::connect([etcd.endpoint.clone()], None).await?;
+    let creates = CombinedCreates::start(client.clone());
+    let pid = etcd.pid().expect("etcd runs");
+    signal(pid, "STOP")?;
+    // Two creates hold both slots while etcd is stopped; a third queues behind them and its
+    // caller gives up.
+    let holders: Vec<_> = (0..2)
+        .map(|i| {
+            let creates = creates.clone();
+            tokio::spawn(async move {
+                creates
+                    .create(vec![(format!("/t/held/h{i}"), b"h".to_vec())])
+                    .await
+            })
+        })
+        .collect();
+    while creates.in_flight() < 2 {
+        tokio::task::yield_now().await;
+    }
+    let given_up = tokio::time::timeout(
+        Duration::from_millis(200),
+        creates.create(vec![("/t/given-up".to_string(), b"g".to_vec())]),
+    )
+    .await;
+    assert!(
+        given_up.is_err(),
+        "the queued create answered: {given_up:?}"
+    );
+    signal(pid, "CONT")?;
+    for h in holders {
+        assert!(matches!(h.await?, Ok(Outcome::Committed(_))));
+    }
+    // A create queued after it goes out after it would have.
+    let after = creates
+        .create(vec![("/t/after".to_string(), b"a".to_vec())])
+        .await?;
+    assert!(matches!(after, Outcome::Committed(_)));
+    let keys = stored(&client).await?;
+    assert!(keys.contains_key("/t/after"));
+    assert!(
+        !keys.contains_key("/t/given-up"),
+        "a create whose caller gave up was written"
+    );
     Ok(())
 }
