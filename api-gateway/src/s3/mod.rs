@@ -139,6 +139,7 @@ pub fn auth_refusal(
     query: &str,
     headers: &http::HeaderMap,
     region: &str,
+    virtual_host: bool,
 ) -> Option<Refusal> {
     use crate::aws::sigv4::{self, AuthLocation, SigV4Error, SignedRequest};
     let request = SignedRequest {
@@ -197,7 +198,7 @@ pub fn auth_refusal(
         }
     };
     if parsed.scope.region != region
-        && !(parsed.scope.region == GLOBAL_REGION && asks_where(method, path, query))
+        && !(parsed.scope.region == GLOBAL_REGION && asks_where(method, path, query, virtual_host))
     {
         return Some(Refusal {
             region: Some(region.to_owned()),
@@ -301,25 +302,32 @@ const GLOBAL_REGION: &str = "us-east-1";
 
 /// Whether a request lists the buckets or asks a bucket's location: what clients that do not
 /// know the region yet send (minio-py asks `GET /<bucket>?location` signed for `us-east-1`).
-/// `GET /` with no parameters, or with `location` alone. Pure.
-fn asks_where(method: &str, path: &str, query: &str) -> bool {
+/// `GET /` with no parameters (not on a bucket's virtual host, where it lists the bucket), or
+/// a bucket with `location` alone; the newer SDKs' `x-id` naming either operation is allowed
+/// beside them. A percent-encoded `/` counts as one. Pure.
+fn asks_where(method: &str, path: &str, query: &str, virtual_host: bool) -> bool {
     if method != "GET" {
         return false;
     }
-    let params: Vec<&str> = query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| p.split('=').next().unwrap_or(""))
-        .filter(|p| !p.starts_with("X-Amz-"))
-        .collect();
-    let rest = path
-        .strip_prefix(EUCA_PREFIX)
-        .unwrap_or(path)
-        .trim_start_matches('/');
-    match params.as_slice() {
-        [] => rest.is_empty(),
-        ["location"] => !rest.trim_end_matches('/').contains('/'),
-        _ => false,
+    let mut location = false;
+    for param in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = param.split_once('=').unwrap_or((param, ""));
+        match name {
+            "location" => location = true,
+            "x-id" if value == "ListBuckets" || value == "GetBucketLocation" => {}
+            n if n.starts_with("X-Amz-") => {}
+            _ => return false,
+        }
+    }
+    let rest = path.strip_prefix(EUCA_PREFIX).unwrap_or(path);
+    let rest = rest.trim_start_matches('/');
+    let encoded_slash = rest.to_ascii_lowercase().contains("%2f");
+    let bucket = rest.trim_end_matches('/');
+    match (location, virtual_host) {
+        (false, false) => rest.is_empty(),
+        (true, false) => !bucket.is_empty() && !bucket.contains('/') && !encoded_slash,
+        (true, true) => rest.is_empty(),
+        (false, true) => false,
     }
 }
 
@@ -706,12 +714,19 @@ impl S3Face {
         let method = req.method().clone();
         let request_id = uuid::Uuid::new_v4().simple().to_string();
         let span = tracing::info_span!("s3", request_id = %request_id, method = %method, path = %req.uri().path(), account = tracing::field::Empty, status = tracing::field::Empty);
+        let virtual_host = req
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(http::uri::Authority::as_str))
+            .is_some_and(|host| virtual_bucket(&self.domains, host).is_some());
         let refusal = auth_refusal(
             method.as_str(),
             req.uri().path(),
             req.uri().query().unwrap_or(""),
             req.headers(),
             &self.region,
+            virtual_host,
         )
         .or_else(|| feature_refusal(req.uri().query().unwrap_or(""), req.headers()));
         let mut resp = if let Some(refusal) = refusal {
@@ -1200,7 +1215,7 @@ mod tests {
                 headers.insert("x-amz-date", "20261125T120000Z".parse().unwrap());
                 headers.insert("authorization", a.parse().unwrap());
             }
-            let got = auth_refusal("GET", "/b/k", &query, &headers, "karri-1");
+            let got = auth_refusal("GET", "/b/k", &query, &headers, "karri-1", false);
             match (want, got) {
                 (None, None) => {}
                 (Some((code, text)), Some(r)) => {
@@ -1235,7 +1250,8 @@ mod tests {
              &X-Amz-Credential=AKIDEXAMPLE%2F20261125%2Fkarri-1%2Fs3%2Faws4_request\
              &X-Amz-Date=20261125T120000Z&X-Amz-Expires=60\
              &X-Amz-SignedHeaders=host&X-Amz-Signature=00";
-        // (what, method, path, query, Authorization, extra headers, refusal code, unsigned)
+        // (what, method, path, query, Authorization, extra headers, refusal code, unsigned);
+        // a path starting `vhost:` is sent to a bucket's virtual host.
         type Row<'a> = (
             &'a str,
             &'a str,
@@ -1352,6 +1368,56 @@ mod tests {
                 None,
             ),
             (
+                "buckets listed for us-east-1 by a newer SDK",
+                "GET",
+                "/",
+                "x-id=ListBuckets",
+                Some(header_auth("us-east-1", signed)),
+                &[],
+                None,
+                None,
+            ),
+            (
+                "a location asked for us-east-1 at a bucket's virtual host",
+                "GET",
+                "vhost:/",
+                "location",
+                Some(header_auth("us-east-1", signed)),
+                &[],
+                None,
+                None,
+            ),
+            (
+                "a bucket listed for us-east-1 at its virtual host",
+                "GET",
+                "vhost:/",
+                "",
+                Some(header_auth("us-east-1", signed)),
+                &[],
+                Some("AuthorizationHeaderMalformed"),
+                None,
+            ),
+            (
+                "an object read for us-east-1 through an encoded slash",
+                "GET",
+                "/b%2Fk",
+                "location",
+                Some(header_auth("us-east-1", signed)),
+                &[],
+                Some("AuthorizationHeaderMalformed"),
+                None,
+            ),
+            (
+                "an object read for us-east-1 under another x-id",
+                "GET",
+                "/b",
+                "location&x-id=GetObject",
+                Some(header_auth("us-east-1", signed)),
+                &[],
+                Some("AuthorizationHeaderMalformed"),
+                None,
+            ),
+            (
                 "buckets listed for another region",
                 "GET",
                 "/",
@@ -1363,6 +1429,10 @@ mod tests {
             ),
         ];
         for (what, method, path, query, authorization, extra, code, unsigned) in rows {
+            let (path, vhost) = match path.strip_prefix("vhost:") {
+                Some(p) => (p, true),
+                None => (path, false),
+            };
             let mut headers = http::HeaderMap::new();
             headers.insert("host", "localhost:8773".parse().unwrap());
             if let Some(a) = authorization {
@@ -1373,7 +1443,7 @@ mod tests {
             for (name, value) in extra {
                 headers.insert(*name, value.parse().unwrap());
             }
-            let got = auth_refusal(method, path, query, &headers, "karri-1");
+            let got = auth_refusal(method, path, query, &headers, "karri-1", vhost);
             assert_eq!(got.as_ref().map(|r| r.code), code, "{what}: {got:?}");
             let got_unsigned = got.as_ref().and_then(|r| r.headers_not_signed.as_deref());
             assert_eq!(got_unsigned, unsigned, "{what}");
