@@ -942,13 +942,7 @@ async fn resource_request(
         }
         (Endpoint::Collection { .. }, "DELETE") => {
             ctx.authorize(Verb::DeleteCollection, None)?;
-            let (headers, bytes) = read_body(req, s.max_body).await?;
-            let body = if bytes.iter().all(u8::is_ascii_whitespace) {
-                json!({})
-            } else {
-                parse_body(&bytes, &content_type(&headers))?
-            };
-            let opts = delete_options(&q, &body)?;
+            let opts = delete_request_options(req, s.max_body, &q).await?;
             delete_collection(&ctx, &q, &opts).await
         }
         (Endpoint::Object { name, .. }, "GET") => {
@@ -1037,13 +1031,7 @@ async fn resource_request(
             "DELETE",
         ) => {
             ctx.authorize(Verb::Delete, Some(&name))?;
-            let (headers, bytes) = read_body(req, s.max_body).await?;
-            let body = if bytes.iter().all(u8::is_ascii_whitespace) {
-                json!({})
-            } else {
-                parse_body(&bytes, &content_type(&headers))?
-            };
-            let opts = delete_options(&q, &body)?;
+            let opts = delete_request_options(req, s.max_body, &q).await?;
             let (obj, gone) = s
                 .registry
                 .delete_reporting(&kind, ns.as_deref(), &name, who, &opts)
@@ -1078,6 +1066,21 @@ fn deleted_status(plural: &str, obj: &Value) -> Value {
             "uid": text("/metadata/uid"),
         },
     })
+}
+
+/// The options of a DELETE: its query and its body (a `DeleteOptions`, or nothing).
+async fn delete_request_options(
+    req: Request,
+    max_body: usize,
+    q: &HashMap<String, String>,
+) -> ApiResult<DeleteOptions> {
+    let (headers, bytes) = read_body(req, max_body).await?;
+    let body = if bytes.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        parse_body(&bytes, &content_type(&headers))?
+    };
+    delete_options(q, &body)
 }
 
 fn delete_options(q: &HashMap<String, String>, body: &Value) -> ApiResult<DeleteOptions> {
@@ -1469,19 +1472,31 @@ async fn delete_collection(
         .await?;
     let mut deleted = Vec::with_capacity(page.items.len());
     for item in &page.items {
-        let name = item
-            .value
-            .pointer("/metadata/name")
-            .and_then(Value::as_str)
-            .unwrap_or_default();
+        let text = |p: &str| item.value.pointer(p).and_then(Value::as_str);
+        let name = text("/metadata/name").unwrap_or_default();
+        // The record listed, not one made again under its name since: unless the caller
+        // asked for a UID itself, this record's UID is a precondition.
+        let mine = DeleteOptions {
+            uid: opts
+                .uid
+                .clone()
+                .or_else(|| text("/metadata/uid").map(str::to_string)),
+            ..opts.clone()
+        };
+        let caller_uid = opts.uid.is_some();
         match ctx
             .s
             .registry
-            .delete_reporting(&ctx.kind, ctx.ns.as_deref(), name, ctx.who, opts)
+            .delete_reporting(&ctx.kind, ctx.ns.as_deref(), name, ctx.who, &mine)
             .await
         {
             Ok((obj, _gone)) => deleted.push(obj),
+            // Deleted, or deleted and made again, by someone else meanwhile.
             Err(e) if e.code == 404 => {}
+            Err(e)
+                if e.code == 409
+                    && !caller_uid
+                    && e.message.starts_with("Precondition failed: UID") => {}
             Err(e) => return Err(e),
         }
     }
