@@ -1711,13 +1711,13 @@ fn run_instances(p: &Params) -> Result<RunInstances, Ec2Error> {
     }
     let mut security_group_ids = id_list(&root, "SecurityGroupId", validate_group_id)?;
     if let Some(nic) = primary_interface(p)? {
-        if subnet_id.is_some() && nic.subnet_id.is_some() {
+        // As EC2: with a network interface, the subnet and groups are the interface's.
+        if subnet_id.is_some() {
             return Err(Ec2Error::invalid_parameter_combination(
                 "Network interfaces and an instance-level subnet ID may not be specified on the same request",
             ));
         }
-        let instance_level_groups = !security_group_ids.is_empty() || !security_groups.is_empty();
-        if !nic.security_group_ids.is_empty() && instance_level_groups {
+        if !security_group_ids.is_empty() || !security_groups.is_empty() {
             return Err(Ec2Error::invalid_parameter_combination(
                 "Network interfaces and an instance-level security groups may not be specified on the same request",
             ));
@@ -3465,6 +3465,8 @@ mod tests {
             (format!("{run}&MinCount=1&MaxCount=1&NetworkInterface.1.DeviceIndex=0&NetworkInterface.1.NetworkInterfaceId=eni-12345678"), "UnsupportedOperation"),
             (format!("{run}&MinCount=1&MaxCount=1&NetworkInterface.1.DeviceIndex=0&NetworkInterface.1.SubnetId=subnet-1"), "InvalidSubnetID.Malformed"),
             (format!("{run}&MinCount=1&MaxCount=1&SubnetId=subnet-12345678&NetworkInterface.1.DeviceIndex=0&NetworkInterface.1.SubnetId=subnet-12345678"), "InvalidParameterCombination"),
+            (format!("{run}&MinCount=1&MaxCount=1&SubnetId=subnet-12345678&NetworkInterface.1.DeviceIndex=0"), "InvalidParameterCombination"),
+            (format!("{run}&MinCount=1&MaxCount=1&SecurityGroup.1=default&NetworkInterface.1.DeviceIndex=0"), "InvalidParameterCombination"),
             (format!("{run}&MinCount=1&MaxCount=1&SecurityGroupId.1=sg-12345678&NetworkInterface.1.DeviceIndex=0&NetworkInterface.1.SecurityGroupId.1=sg-12345678"), "InvalidParameterCombination"),
             (format!("{run}&MinCount=1&MaxCount=1&Ipv6AddressCount=1"), "UnsupportedOperation"),
             (format!("{run}&MinCount=1&MaxCount=1&Foo=bar"), "UnknownParameter"),

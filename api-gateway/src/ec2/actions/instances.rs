@@ -1337,7 +1337,10 @@ pub async fn modify_instance_metadata_options(
             ),
         ] {
             if let Some(value) = value {
-                options[field] = value;
+                let map = options
+                    .as_object_mut()
+                    .ok_or_else(Ec2Error::internal_error)?;
+                map.insert(field.to_string(), value);
             }
         }
         Ok(())
