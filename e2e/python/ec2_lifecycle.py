@@ -250,6 +250,24 @@ def launch(ec2, image_id):
     check(set(now.values()) == {"running"}, f"after the instance_running waiter: {now}")
     ok(f"waiter instance_running: {ids} running")
 
+    # Each running instance shows its one network interface, as SDK tools read it (Terraform's
+    # primary_network_interface_id, Ansible's network facts).
+    for i in all_instances(ec2, InstanceIds=ids):
+        nics = i.get("NetworkInterfaces", [])
+        check(len(nics) == 1, f"{i['InstanceId']} shows interfaces {nics}")
+        nic = nics[0]
+        check(
+            nic["NetworkInterfaceId"] == "eni-" + i["InstanceId"][2:]
+            and nic["SubnetId"] == i["SubnetId"] and nic["VpcId"] == i["VpcId"]
+            and nic["PrivateIpAddress"] == i["PrivateIpAddress"]
+            and len(nic["MacAddress"].split(":")) == 6
+            and nic["Attachment"]["DeviceIndex"] == 0
+            and nic["Attachment"]["DeleteOnTermination"] is True
+            and nic["PrivateIpAddresses"][0]["Primary"] is True,
+            f"{i['InstanceId']}'s interface {nic}",
+        )
+    ok("each running instance shows its primary network interface")
+
     running = all_instances(
         ec2,
         Filters=[

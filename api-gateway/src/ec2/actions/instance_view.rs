@@ -106,6 +106,8 @@ struct Status<'v> {
     #[serde(borrow)]
     node_name: Option<&'v str>,
     #[serde(borrow)]
+    mac_address: Option<&'v str>,
+    #[serde(borrow)]
     conditions: Vec<ConditionView<'v>>,
 }
 
@@ -261,6 +263,21 @@ impl<'v> InstanceView<'v> {
     /// IMDS `InstanceMetadataTags` (`disabled` unless set).
     pub fn instance_metadata_tags(&self) -> &'v str {
         present(self.spec.metadata_options.instance_metadata_tags).unwrap_or("disabled")
+    }
+
+    /// The MAC address of the instance's interface: the one its node reported, else the one
+    /// its private address gives (`crds::subnet::mac_for`); none without an address.
+    pub fn mac_address(&self) -> Option<String> {
+        let ip = self.private_ip()?;
+        present(self.status.mac_address)
+            .map(str::to_string)
+            .or_else(|| ip.parse().ok().map(crds::subnet::mac_for))
+    }
+
+    /// The ID of the instance's network interface: `eni-` and the instance ID's digits.
+    pub fn network_interface_id(&self) -> String {
+        let id = self.id();
+        format!("eni-{}", id.strip_prefix("i-").unwrap_or(id))
     }
 
     /// The private address, once allocated.

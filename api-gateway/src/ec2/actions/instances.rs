@@ -218,9 +218,45 @@ fn write_instance(w: &mut Response, v: &InstanceView<'_>, region: &str) {
     w.set("tagSet", v.tags(), |w, (k, val)| {
         w.leaf("key", k).leaf("value", val);
     });
-    w.leaf("hypervisor", HYPERVISOR)
-        .empty("networkInterfaceSet")
-        .leaf_bool("ebsOptimized", EBS_OPTIMIZED);
+    w.leaf("hypervisor", HYPERVISOR);
+    // Its one interface, once it has an address: in the zone's default subnet, made and
+    // deleted with the instance.
+    let interface = ip.zip(v.mac_address());
+    w.set("networkInterfaceSet", interface, |w, (ip, mac)| {
+        let eni = v.network_interface_id();
+        let dns = private_dns(Some(ip), region);
+        w.leaf("networkInterfaceId", &eni)
+            .leaf_opt("subnetId", subnet_of(zone).as_deref())
+            .leaf("vpcId", &default_vpc_id(region))
+            .leaf("description", "")
+            .leaf("status", "in-use")
+            .leaf("macAddress", &mac)
+            .leaf("privateIpAddress", ip)
+            .leaf("privateDnsName", &dns)
+            .leaf_bool("sourceDestCheck", SOURCE_DEST_CHECK)
+            .leaf("interfaceType", "interface");
+        w.set("groupSet", v.security_group_ids().iter(), |w, g| {
+            w.leaf("groupId", g).leaf("groupName", g);
+        });
+        w.element("attachment", |w| {
+            w.leaf(
+                "attachmentId",
+                &format!("eni-attach-{}", eni.trim_start_matches("eni-")),
+            )
+            .leaf_display("deviceIndex", 0)
+            .leaf_display("networkCardIndex", 0)
+            .leaf("status", "attached")
+            .leaf_time("attachTime", v.launch_time())
+            .leaf_bool("deleteOnTermination", true);
+        });
+        w.set("privateIpAddressesSet", [()], |w, ()| {
+            w.leaf("privateIpAddress", ip)
+                .leaf("privateDnsName", &dns)
+                .leaf_bool("primary", true);
+        });
+        w.empty("ipv6AddressesSet");
+    });
+    w.leaf_bool("ebsOptimized", EBS_OPTIMIZED);
     w.element("cpuOptions", |_| {});
     w.element("metadataOptions", |w| {
         w.leaf("state", v.metadata_options_state())
