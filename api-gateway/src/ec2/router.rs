@@ -1722,8 +1722,8 @@ fn run_instances(p: &Params) -> Result<RunInstances, Ec2Error> {
                 "Network interfaces and an instance-level security groups may not be specified on the same request",
             ));
         }
-        subnet_id = subnet_id.or(nic.subnet_id);
-        security_group_ids.extend(nic.security_group_ids);
+        subnet_id = nic.subnet_id;
+        security_group_ids = nic.security_group_ids;
     }
     Ok(RunInstances {
         image_id,
