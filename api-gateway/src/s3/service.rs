@@ -1885,10 +1885,13 @@ impl S3 for KarriS3 {
     ) -> S3Result<S3Response<GetBucketEncryptionOutput>> {
         self.bucket_config_read(&req, &req.input.bucket).await?;
         // Karri does not encrypt objects at rest itself: no default encryption is configured.
-        Err(s3_error!(
+        let mut e = s3_error!(
             ServerSideEncryptionConfigurationNotFoundError,
             "The server side encryption configuration was not found"
-        ))
+        );
+        // AWS answers it with 404, as every other "configuration not found" (s3s says 400).
+        e.set_status_code(http::StatusCode::NOT_FOUND);
+        Err(e)
     }
 
     async fn get_bucket_request_payment(
