@@ -974,6 +974,56 @@ async fn kubectl_auth_can_i_answers_what_each_token_may_do() -> anyhow::Result<(
             kubeconfig.display()
         );
     }
+    // `kubectl auth can-i --list` prints a line per resource: its names and verbs.
+    let list = |kubeconfig: &Path, namespace: &str| -> anyhow::Result<(String, String)> {
+        let out = karri_testkit::kubectl(kubeconfig, &["auth", "can-i", "--list", "-n", namespace]);
+        ensure!(
+            out.status.success(),
+            "kubectl auth can-i --list: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok((
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    let line = |listing: &str, resource: &str| -> Option<String> {
+        listing
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(resource))
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+    };
+    let (own, _) = list(&acme, "acme")?;
+    ensure!(
+        line(&own, "instances.karri.dev")
+            .is_some_and(|l| l.contains("create") && l.contains("deletecollection")),
+        "acme in its namespace: {own}"
+    );
+    ensure!(
+        line(&own, "instancetypes.karri.dev").is_some_and(|l| l.ends_with("[get list watch]")),
+        "acme reads the catalogue: {own}"
+    );
+    ensure!(
+        line(&own, "nodes.karri.dev").is_none(),
+        "acme sees no node: {own}"
+    );
+    let (other, _) = list(&acme, "globex")?;
+    ensure!(
+        line(&other, "instances.karri.dev").is_none()
+            && line(&other, "instancetypes.karri.dev").is_some(),
+        "acme in another namespace: {other}"
+    );
+    let (own_node, warning) = list(&node, "default")?;
+    ensure!(
+        own_node.lines().any(|l| l.starts_with("nodes.karri.dev")
+            && l.contains("[node-1]")
+            && l.contains("patch")),
+        "a node may write its own Node record: {own_node}"
+    );
+    ensure!(
+        warning.contains("bound to it"),
+        "kubectl warns that a node's list is incomplete: {warning}"
+    );
     // `kubectl auth whoami` (kubectl 1.28 and later) names the account's group.
     let me = kubectl_json(&acme, &["auth", "whoami", "-o", "json"])?;
     ensure!(

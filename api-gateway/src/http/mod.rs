@@ -615,7 +615,9 @@ async fn serve(s: Arc<AppState>, req: Request) -> Response {
             ),
         }
     } else if method == Method::POST
-        && (path == review::ACCESS_REVIEWS || review::is_self_review(&path))
+        && (path == review::ACCESS_REVIEWS
+            || path == review::RULES_REVIEWS
+            || review::is_self_review(&path))
     {
         let resp = self_reviews(&s, &principal, &path, req)
             .await
@@ -719,8 +721,8 @@ fn crd_request(s: &AppState, method: &str, path: &str, q: &HashMap<String, Strin
     }
 }
 
-/// `kubectl auth can-i` and `kubectl auth whoami`: a SelfSubjectAccessReview or a
-/// SelfSubjectReview posted by the caller, answered about the caller ([`review`]).
+/// `kubectl auth can-i` (with `--list`) and `kubectl auth whoami`: a SelfSubjectAccessReview, a
+/// SelfSubjectRulesReview or a SelfSubjectReview posted by the caller, answered about the caller ([`review`]).
 async fn self_reviews(
     s: &AppState,
     who: &Principal,
@@ -732,12 +734,17 @@ async fn self_reviews(
         review::PROTOBUF if path == review::ACCESS_REVIEWS => {
             review::access_review_from_protobuf(&bytes)?
         }
+        review::PROTOBUF if path == review::RULES_REVIEWS => {
+            review::rules_review_from_protobuf(&bytes)?
+        }
         // A self review says nothing but who asks: its body is not read.
         review::PROTOBUF => Value::Null,
         ct => parse_body(&bytes, ct)?,
     };
     let answer = if path == review::ACCESS_REVIEWS {
         review::access_review(who, &s.registry.kinds, &body)?
+    } else if path == review::RULES_REVIEWS {
+        review::rules_review(who, &s.registry.kinds, &body)?
     } else {
         let version = path
             .trim_start_matches("/apis/")

@@ -1,6 +1,6 @@
-//! Kubernetes' self-reviews, which `kubectl auth can-i` and `kubectl auth whoami` send: what the
-//! caller may do, answered by the same rules that authorize every request ([`auth::allowed`]),
-//! and who the caller is. Pure. A node token's writes of instances are checked per record
+//! Kubernetes' self-reviews, which `kubectl auth can-i` (with `--list`) and `kubectl auth whoami`
+//! send: what the caller may do, answered by the same rules that authorize every request
+//! ([`auth::allowed`]), and who the caller is. Pure. A node token's writes of instances are checked per record
 //! (only those bound to it): a review, which names no record's binding, answers for the kind.
 
 use serde_json::{json, Value};
@@ -11,6 +11,9 @@ use crate::kinds::Kinds;
 
 /// `POST /apis/authorization.k8s.io/v1/selfsubjectaccessreviews`.
 pub const ACCESS_REVIEWS: &str = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews";
+
+/// `POST /apis/authorization.k8s.io/v1/selfsubjectrulesreviews` (`kubectl auth can-i --list`).
+pub const RULES_REVIEWS: &str = "/apis/authorization.k8s.io/v1/selfsubjectrulesreviews";
 
 /// `POST /apis/authentication.k8s.io/<version>/selfsubjectreviews` (v1, and the beta and alpha
 /// versions older kubectl asks for).
@@ -39,6 +42,19 @@ struct Envelope {
 struct AccessReview {
     #[prost(message, optional, tag = "2")]
     spec: Option<AccessReviewSpec>,
+}
+
+/// `authorization.k8s.io/v1` SelfSubjectRulesReview, its spec only.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RulesReview {
+    #[prost(message, optional, tag = "2")]
+    spec: Option<RulesReviewSpec>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct RulesReviewSpec {
+    #[prost(string, optional, tag = "1")]
+    namespace: Option<String>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -75,20 +91,43 @@ struct NonResourceAttributes {
     verb: Option<String>,
 }
 
+fn malformed(why: impl std::fmt::Display) -> ApiError {
+    ApiError::bad_request(format!("the protobuf body is malformed: {why}"))
+}
+
+/// The object inside a body in Kubernetes' protobuf encoding, still encoded.
+fn protobuf_object(bytes: &[u8]) -> Result<Vec<u8>, ApiError> {
+    use prost::Message as _;
+    let body = bytes
+        .strip_prefix(PROTOBUF_MAGIC)
+        .ok_or_else(|| malformed("it does not start with Kubernetes' magic number"))?;
+    Ok(Envelope::decode(body)
+        .map_err(malformed)?
+        .raw
+        .unwrap_or_default())
+}
+
+/// A SelfSubjectRulesReview in Kubernetes' protobuf encoding, as the JSON object it stands for
+/// (its spec: the namespace asked about).
+pub fn rules_review_from_protobuf(bytes: &[u8]) -> Result<Value, ApiError> {
+    use prost::Message as _;
+    let spec = RulesReview::decode(protobuf_object(bytes)?.as_slice())
+        .map_err(malformed)?
+        .spec
+        .unwrap_or_default();
+    Ok(json!({
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SelfSubjectRulesReview",
+        "spec": {"namespace": spec.namespace},
+    }))
+}
+
 /// A SelfSubjectAccessReview in Kubernetes' protobuf encoding, as the JSON object it stands
 /// for (its spec: the attributes a review reads).
 pub fn access_review_from_protobuf(bytes: &[u8]) -> Result<Value, ApiError> {
     use prost::Message as _;
-    let bad = |why: String| ApiError::bad_request(format!("the protobuf body is malformed: {why}"));
-    let body = bytes
-        .strip_prefix(PROTOBUF_MAGIC)
-        .ok_or_else(|| bad("it does not start with Kubernetes' magic number".into()))?;
-    let raw = Envelope::decode(body)
-        .map_err(|e| bad(e.to_string()))?
-        .raw
-        .unwrap_or_default();
-    let spec = AccessReview::decode(raw.as_slice())
-        .map_err(|e| bad(e.to_string()))?
+    let spec = AccessReview::decode(protobuf_object(bytes)?.as_slice())
+        .map_err(malformed)?
         .spec
         .unwrap_or_default();
     let mut out = json!({});
@@ -152,12 +191,26 @@ const VERBS: [Verb; 8] = [
     Verb::DeleteCollection,
 ];
 
+/// Paths every caller may read, with all below them: discovery and the schemas.
+const PUBLIC_TREES: [&str; 4] = ["/api", "/apis", "/openapi", "/version"];
+
+/// Paths every caller may read, alone: health and metrics.
+const PUBLIC_PATHS: [&str; 4] = ["/healthz", "/livez", "/readyz", "/metrics"];
+
 /// Paths every caller may read without a resource: discovery, the schemas, health and metrics.
 fn public_path(path: &str) -> bool {
-    ["/api", "/apis", "/openapi", "/version"]
+    PUBLIC_TREES
         .iter()
         .any(|p| path == *p || path.starts_with(&format!("{p}/")))
-        || ["/healthz", "/livez", "/readyz", "/metrics"].contains(&path)
+        || PUBLIC_PATHS.contains(&path)
+}
+
+/// [`public_path`] as the non-resource URLs of an RBAC rule.
+fn public_urls() -> Vec<String> {
+    let trees = PUBLIC_TREES
+        .iter()
+        .flat_map(|p| [p.to_string(), format!("{p}/*")]);
+    trees.chain(PUBLIC_PATHS.map(String::from)).collect()
 }
 
 /// The answer to a SelfSubjectAccessReview `body` from `who`: its spec, and whether the request
@@ -193,6 +246,103 @@ pub fn access_review(who: &Principal, kinds: &Kinds, body: &Value) -> Result<Val
         "kind": "SelfSubjectAccessReview",
         "metadata": {"creationTimestamp": null},
         "spec": spec,
+        "status": status,
+    }))
+}
+
+/// The answer to a SelfSubjectRulesReview `body` from `who`: every verb the caller may use on
+/// each kind in the namespace the spec names, as RBAC rules (kinds with the same verbs share a
+/// rule), by the rules that authorize requests. What rules cannot say is reported as
+/// `incomplete`: a node may write only the instances bound to it.
+pub fn rules_review(who: &Principal, kinds: &Kinds, body: &Value) -> Result<Value, ApiError> {
+    let spec = body
+        .get("spec")
+        .filter(|s| s.is_object())
+        .ok_or_else(|| ApiError::bad_request("a SelfSubjectRulesReview needs a spec"))?;
+    let namespace = text(spec, "namespace");
+    if namespace.is_empty() {
+        return Err(ApiError::invalid(
+            "SelfSubjectRulesReview",
+            "",
+            vec![("spec.namespace".into(), "a namespace is required".into())],
+        ));
+    }
+    let own_name = match who {
+        Principal::Node(node) => Some(node.as_str()),
+        _ => None,
+    };
+    // A rule's verbs and resource names, with its resources, in the order kinds are served.
+    type Grant<'a> = (Vec<&'a str>, Vec<&'a str>);
+    let mut grouped: Vec<(Grant, Vec<&str>)> = Vec::new();
+    for kind in kinds.all() {
+        let target = |name| Target {
+            kind: kind.info.kind,
+            plural: kind.info.plural,
+            namespace: Some(namespace).filter(|_| kind.info.namespaced),
+            namespaced: kind.info.namespaced,
+            name,
+        };
+        let (mut any, mut own) = (Vec::new(), Vec::new());
+        for verb in VERBS {
+            // A name no record can have stands for "any record".
+            if auth::allowed(who, verb, &target(None))
+                && auth::allowed(who, verb, &target(Some("")))
+            {
+                any.push(verb.as_str());
+            } else if own_name.is_some_and(|n| auth::allowed(who, verb, &target(Some(n)))) {
+                own.push(verb.as_str());
+            }
+        }
+        for key in [(any, vec![]), (own, own_name.into_iter().collect())] {
+            if key.0.is_empty() {
+                continue;
+            }
+            match grouped.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, resources)) => resources.push(kind.info.plural),
+                None => grouped.push((key, vec![kind.info.plural])),
+            }
+        }
+    }
+    let mut rules: Vec<Value> = grouped
+        .into_iter()
+        .map(|((verbs, names), resources)| {
+            let mut rule =
+                json!({"verbs": verbs, "apiGroups": [crds::GROUP], "resources": resources});
+            if !names.is_empty() {
+                rule["resourceNames"] = json!(names);
+            }
+            rule
+        })
+        .collect();
+    rules.push(
+        json!({"verbs": ["get", "list"], "apiGroups": [crate::http::discovery::CRD_GROUP],
+        "resources": ["customresourcedefinitions"]}),
+    );
+    rules.push(
+        json!({"verbs": ["create"], "apiGroups": ["authorization.k8s.io"],
+        "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"]}),
+    );
+    rules.push(
+        json!({"verbs": ["create"], "apiGroups": ["authentication.k8s.io"],
+        "resources": ["selfsubjectreviews"]}),
+    );
+    let non_resource = if matches!(who, Principal::Admin(_)) {
+        json!([{"verbs": ["*"], "nonResourceURLs": ["*"]}])
+    } else {
+        json!([{"verbs": ["get"], "nonResourceURLs": public_urls()}])
+    };
+    let mut status = json!({"resourceRules": rules, "nonResourceRules": non_resource,
+        "incomplete": false});
+    if own_name.is_some() {
+        status["incomplete"] = json!(true);
+        status["evaluationError"] =
+            json!("a node may write only the instances bound to it, which no rule can say");
+    }
+    Ok(json!({
+        "apiVersion": "authorization.k8s.io/v1",
+        "kind": "SelfSubjectRulesReview",
+        "metadata": {"creationTimestamp": null},
+        "spec": {"namespace": namespace},
         "status": status,
     }))
 }
@@ -365,6 +515,131 @@ mod tests {
         assert!(path("get", "/apis/karri.dev/v1alpha1"));
         assert!(!path("post", "/version"));
         assert!(!path("get", "/debug/pprof"));
+    }
+
+    /// The resource rules of a rules review: (verbs, resources, resource names), by verbs.
+    fn rules(who: &Principal, namespace: &str) -> (Vec<(String, Vec<String>, String)>, Value) {
+        let kinds = Kinds::load();
+        let body = json!({"spec": {"namespace": namespace}});
+        let answer = rules_review(who, &kinds, &body).expect("a well-formed review");
+        let strings = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let rules = answer["status"]["resourceRules"]
+            .as_array()
+            .expect("rules")
+            .iter()
+            .filter(|r| r["apiGroups"] == json!([crds::GROUP]))
+            .map(|r| {
+                (
+                    strings(&r["verbs"]).join(","),
+                    strings(&r["resources"]),
+                    strings(&r["resourceNames"]).join(","),
+                )
+            })
+            .collect();
+        (rules, answer["status"].clone())
+    }
+
+    #[test]
+    fn a_rules_review_lists_what_each_token_may_do_in_a_namespace() {
+        let kinds = Kinds::load();
+        let every: Vec<String> = kinds
+            .all()
+            .iter()
+            .map(|k| k.info.plural.to_string())
+            .collect();
+        let namespaced: Vec<String> = kinds
+            .all()
+            .iter()
+            .filter(|k| k.info.namespaced)
+            .map(|k| k.info.plural.to_string())
+            .collect();
+        let all_verbs = "get,list,watch,create,update,patch,delete,deletecollection".to_string();
+        let reads = "get,list,watch".to_string();
+        let catalogue = vec!["availabilityzones".to_string(), "instancetypes".to_string()];
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+
+        let (admin, status) = rules(&Principal::Admin("admin".into()), "default");
+        assert_eq!(
+            admin,
+            vec![(all_verbs.clone(), every.clone(), String::new())]
+        );
+        assert_eq!(
+            status["nonResourceRules"][0]["nonResourceURLs"],
+            json!(["*"])
+        );
+        assert_eq!(status["incomplete"], json!(false));
+
+        let acme = Principal::Account {
+            user: "alice".into(),
+            namespace: "acme".into(),
+        };
+        let (own, status) = rules(&acme, "acme");
+        assert_eq!(own.len(), 2, "{own:?}");
+        let resources_for = |rules: &[(String, Vec<String>, String)], verbs: &str| {
+            rules
+                .iter()
+                .find(|(v, _, _)| v == verbs)
+                .map(|(_, r, _)| sorted(r.clone()))
+        };
+        assert_eq!(resources_for(&own, &all_verbs), Some(sorted(namespaced)));
+        assert_eq!(resources_for(&own, &reads), Some(catalogue.clone()));
+        let urls = &status["nonResourceRules"][0];
+        assert_eq!(urls["verbs"], json!(["get"]));
+        assert!(urls["nonResourceURLs"]
+            .as_array()
+            .is_some_and(|u| u.contains(&json!("/apis/*")) && u.contains(&json!("/version"))));
+        // In another account's namespace, only the public catalogue.
+        let (other, _) = rules(&acme, "globex");
+        assert_eq!(other.len(), 1, "{other:?}");
+        assert_eq!(resources_for(&other, &reads), Some(catalogue));
+
+        let (node, status) = rules(&Principal::Node("node-1".into()), "default");
+        let find = |verbs: &str, names: &str| {
+            node.iter()
+                .find(|(v, _, n)| v == verbs && n == names)
+                .map(|(_, r, _)| sorted(r.clone()))
+        };
+        assert_eq!(
+            find("get,list,watch,update,patch", ""),
+            Some(vec!["instances".to_string()])
+        );
+        assert_eq!(find("list,watch", ""), Some(vec!["nodes".to_string()]));
+        assert_eq!(
+            find("get,create,update,patch", "node-1"),
+            Some(vec!["nodes".to_string()])
+        );
+        assert!(
+            !node
+                .iter()
+                .any(|(_, r, _)| r.contains(&"leases".to_string())),
+            "a node's lease is in the node-lease namespace only: {node:?}"
+        );
+        assert_eq!(status["incomplete"], json!(true));
+        let (in_leases, _) = rules(
+            &Principal::Node("node-1".into()),
+            crds::NODE_LEASE_NAMESPACE,
+        );
+        assert!(in_leases
+            .iter()
+            .any(|(v, r, n)| v == "get,create,update,patch"
+                && r.contains(&"leases".to_string())
+                && n == "node-1"));
+
+        let err = rules_review(&acme, &kinds, &json!({"spec": {}})).expect_err("no namespace");
+        assert_eq!(err.code, 422);
+        assert!(rules_review(&acme, &kinds, &json!({})).is_err());
     }
 
     #[test]
