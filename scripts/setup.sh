@@ -27,11 +27,15 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # --- Debian packages ---------------------------------------------------------------------
-missing=()
-installed="$(dpkg-query -W -f='${Package} ${db:Status-Status}\n' "${APT_PKGS[@]}" 2>/dev/null || true)"
-for p in "${APT_PKGS[@]}"; do
-  grep -qx "$p installed" <<<"$installed" || missing+=("$p")
-done
+# The packages of APT_PKGS that are not installed.
+missing_pkgs() {
+  local installed p
+  installed="$(dpkg-query -W -f='${Package} ${db:Status-Status}\n' "${APT_PKGS[@]}" 2>/dev/null || true)"
+  for p in "${APT_PKGS[@]}"; do
+    grep -qx "$p installed" <<<"$installed" || echo "$p"
+  done
+}
+mapfile -t missing < <(missing_pkgs)
 if ! command -v kubectl >/dev/null 2>&1; then
   missing+=(kubernetes-client)
 fi
@@ -39,6 +43,19 @@ if [ "${#missing[@]}" -gt 0 ]; then
   say "installing ${missing[*]}"
   "${SUDO[@]}" apt-get update -qq
   "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Installing may remove a package that was there: a qemu-utils from backports conflicts
+  # with Debian 12's qemu-system-x86, and apt resolves it by removing qemu-utils (and with it
+  # qemu-img, which image registration needs). Install what is gone again, from Debian 12.
+  mapfile -t removed < <(missing_pkgs)
+  if [ "${#removed[@]}" -gt 0 ]; then
+    say "installing again what the install removed: ${removed[*]}"
+    "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${removed[@]}" >/dev/null
+  fi
+  mapfile -t still < <(missing_pkgs)
+  if [ "${#still[@]}" -gt 0 ]; then
+    echo "setup: these Debian packages could not be installed: ${still[*]}" >&2
+    exit 1
+  fi
 else
   say "debian packages present"
 fi
