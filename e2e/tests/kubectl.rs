@@ -574,6 +574,61 @@ async fn get_sorts_by_a_field_of_the_spec() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_list_saved_with_get_applies_again_and_a_list_manifest_creates_and_deletes_its_items(
+) -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let (_, text) = sample("instance.yaml")?;
+    // A `kind: List` of two records, as people write them (and as `kubectl get a b -o yaml`
+    // saves them).
+    let items: Vec<String> = ["list-a", "list-b"]
+        .iter()
+        .map(|name| {
+            text.replace("name: web-1", &format!("name: {name}"))
+                .lines()
+                .filter(|l| !l.starts_with('#') && *l != "---")
+                .map(|l| format!("    {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+                .replacen("    ", "  - ", 1)
+        })
+        .collect();
+    let list = c.manifest(
+        "list.yaml",
+        &format!("apiVersion: v1\nkind: List\nitems:\n{}\n", items.join("\n")),
+    )?;
+    kubectl_ok(&c.admin, &["create", "-f", path_str(&list)?])?;
+    let names = kubectl_ok(&c.admin, &["get", "instances", "-o", "name"])?;
+    ensure!(
+        names.contains("list-a") && names.contains("list-b"),
+        "created from the List: {names}"
+    );
+    let saved = kubectl_ok(
+        &c.admin,
+        &["get", "instances", "list-a", "list-b", "-o", "yaml"],
+    )?;
+    ensure!(
+        saved.contains("kind: List"),
+        "kubectl saves a List: {saved}"
+    );
+    let saved = c.manifest("saved.yaml", &saved.replace("m1.small", "m1.large"))?;
+    kubectl_ok(&c.admin, &["apply", "-f", path_str(&saved)?])?;
+    let types = kubectl_ok(
+        &c.admin,
+        &[
+            "get",
+            "instances",
+            "-o",
+            "jsonpath={.items[*].spec.instanceType}",
+        ],
+    )?;
+    ensure!(types.trim() == "m1.large m1.large", "re-applied: {types}");
+    kubectl_ok(&c.admin, &["delete", "-f", path_str(&list)?])?;
+    let left = kubectl_ok(&c.admin, &["get", "instances", "-o", "name"])?;
+    ensure!(left.trim().is_empty(), "deleted from the List: {left}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn get_shows_useful_columns_yaml_and_label_selection() -> anyhow::Result<()> {
     let c = Cluster::start().await?;
     kubectl_ok(&c.admin, &["apply", "-f", path_str(&samples_dir())?])?;

@@ -13,9 +13,11 @@ pub fn version() -> Value {
     })
 }
 
-/// `GET /api`: Karri serves no core group.
+/// `GET /api`: the core group's one version, `v1`, which serves no resources (see
+/// [`core_resource_list`]). kubectl maps `kind: List` (what `kubectl get a b -o yaml` saves, and
+/// what `kubectl edit` of several records opens) through it: without it no List is applied.
 pub fn core_versions() -> Value {
-    json!({"kind": "APIVersions", "versions": [], "serverAddressByClientCIDRs": []})
+    json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []})
 }
 
 /// `GET /api/v1`: the core group's one version, with no resources: clients that look every
