@@ -265,6 +265,19 @@ pub fn allowed(principal: &Principal, verb: Verb, target: &Target<'_>) -> bool {
     }
 }
 
+/// Whether `principal` may update or patch the `status` subresource of a `kind` record
+/// (`status`), or the rest of it (`!status`), where [`allowed`] lets it write the kind at all.
+/// Status is what Karri observed: accounts only read it. A node reports the status of its
+/// instances and of its own Node record and changes nothing else of them (a host's zone,
+/// cordon and instance cap are the administrators').
+pub fn may_write(principal: &Principal, kind: &str, status: bool) -> bool {
+    match principal {
+        Principal::Account { .. } => !status,
+        Principal::Node(_) if matches!(kind, "Instance" | "Node") => status,
+        _ => true,
+    }
+}
+
 /// Whether `principal` may see this record (list/watch results are filtered by it).
 pub fn can_see(principal: &Principal, kind: &str, obj: &Value) -> bool {
     match principal {

@@ -903,7 +903,8 @@ impl Registry {
         opts: WriteOptions,
         change: &mut (dyn FnMut(&Value) -> ApiResult<Value> + Send),
     ) -> ApiResult<Written> {
-        if sub == Subresource::Status && matches!(who, Principal::Account { .. }) {
+        let status = sub == Subresource::Status;
+        if status && !auth::may_write(who, kind.info.kind, true) {
             // Status is what Karri observed (placement, addresses, state): tenants read it only.
             return Err(ApiError::forbidden(format!(
                 "{}.{}/status {name:?} is forbidden: User {:?} may not write status, which Karri's controllers own",
@@ -913,7 +914,7 @@ impl Registry {
             )));
         }
         let node_instance = matches!(who, Principal::Node(_)) && kind.info.kind == "Instance";
-        if node_instance && sub != Subresource::Status {
+        if node_instance && !status && !auth::may_write(who, kind.info.kind, false) {
             // A node reports; it never changes what an instance is (spec, labels, owners,
             // finalizers).
             return Err(ApiError::forbidden(format!(
@@ -924,8 +925,8 @@ impl Registry {
             )));
         }
         if matches!(who, Principal::Node(_))
-            && kind.info.kind == "Node"
-            && sub != Subresource::Status
+            && !status
+            && !auth::may_write(who, kind.info.kind, false)
         {
             // A host reports its facts; its zone, cordon and instance cap are the
             // administrators' (a compromised host must not uncordon itself or change zones).

@@ -956,7 +956,7 @@ async fn kubectl_auth_can_i_answers_what_each_token_may_do() -> anyhow::Result<(
             ),
         }
     };
-    let rows: [(&Path, &[&str], bool); 9] = [
+    let rows: [(&Path, &[&str], bool); 13] = [
         (&c.admin, &["delete", "nodes"], true),
         (&c.admin, &["*", "*"], true),
         (&acme, &["create", "instances"], true),
@@ -964,8 +964,26 @@ async fn kubectl_auth_can_i_answers_what_each_token_may_do() -> anyhow::Result<(
         (&acme, &["list", "instancetypes"], true),
         (&acme, &["create", "instancetypes"], false),
         (&acme, &["delete", "nodes"], false),
-        (&node, &["patch", "node/node-1"], true),
-        (&node, &["patch", "node/node-2"], false),
+        // Status is Karri's: an account reads it, and writing it is refused.
+        (&acme, &["get", "instances", "--subresource=status"], true),
+        (
+            &acme,
+            &["patch", "instances", "--subresource=status"],
+            false,
+        ),
+        // A node writes its own Node record's status, not its spec, nor another node's.
+        (
+            &node,
+            &["patch", "node/node-1", "--subresource=status"],
+            true,
+        ),
+        (&node, &["patch", "node/node-1"], false),
+        (
+            &node,
+            &["patch", "node/node-2", "--subresource=status"],
+            false,
+        ),
+        (&node, &["patch", "instances", "--subresource=status"], true),
     ];
     for (kubeconfig, args, want) in rows {
         ensure!(
@@ -1007,6 +1025,10 @@ async fn kubectl_auth_can_i_answers_what_each_token_may_do() -> anyhow::Result<(
         line(&own, "nodes.karri.dev").is_none(),
         "acme sees no node: {own}"
     );
+    ensure!(
+        line(&own, "instances.karri.dev/status").is_some_and(|l| l.ends_with("[get]")),
+        "acme only reads status: {own}"
+    );
     let (other, _) = list(&acme, "globex")?;
     ensure!(
         line(&other, "instances.karri.dev").is_none()
@@ -1015,9 +1037,11 @@ async fn kubectl_auth_can_i_answers_what_each_token_may_do() -> anyhow::Result<(
     );
     let (own_node, warning) = list(&node, "default")?;
     ensure!(
-        own_node.lines().any(|l| l.starts_with("nodes.karri.dev")
-            && l.contains("[node-1]")
-            && l.contains("patch")),
+        own_node
+            .lines()
+            .any(|l| l.starts_with("nodes.karri.dev/status")
+                && l.contains("[node-1]")
+                && l.contains("patch")),
         "a node may write its own Node record: {own_node}"
     );
     ensure!(

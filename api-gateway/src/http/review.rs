@@ -191,6 +191,16 @@ const VERBS: [Verb; 8] = [
     Verb::DeleteCollection,
 ];
 
+/// The verbs of the `status` subresource.
+const STATUS_VERBS: [Verb; 3] = [Verb::Get, Verb::Update, Verb::Patch];
+
+/// Whether `who` may use `verb` on `target`, or on its status subresource (`status`): the rule
+/// of [`auth::allowed`], and for writes the one of [`auth::may_write`].
+fn may(who: &Principal, verb: Verb, target: &Target<'_>, status: bool) -> bool {
+    let writes = matches!(verb, Verb::Update | Verb::Patch);
+    auth::allowed(who, verb, target) && (!writes || auth::may_write(who, target.kind, status))
+}
+
 /// Paths every caller may read, with all below them: discovery and the schemas.
 const PUBLIC_TREES: [&str; 4] = ["/api", "/apis", "/openapi", "/version"];
 
@@ -273,7 +283,7 @@ pub fn rules_review(who: &Principal, kinds: &Kinds, body: &Value) -> Result<Valu
     };
     // A rule's verbs and resource names, with its resources, in the order kinds are served.
     type Grant<'a> = (Vec<&'a str>, Vec<&'a str>);
-    let mut grouped: Vec<(Grant, Vec<&str>)> = Vec::new();
+    let mut grouped: Vec<(Grant, Vec<String>)> = Vec::new();
     for kind in kinds.all() {
         let target = |name| Target {
             kind: kind.info.kind,
@@ -282,24 +292,30 @@ pub fn rules_review(who: &Principal, kinds: &Kinds, body: &Value) -> Result<Valu
             namespaced: kind.info.namespaced,
             name,
         };
-        let (mut any, mut own) = (Vec::new(), Vec::new());
-        for verb in VERBS {
-            // A name no record can have stands for "any record".
-            if auth::allowed(who, verb, &target(None))
-                && auth::allowed(who, verb, &target(Some("")))
-            {
-                any.push(verb.as_str());
-            } else if own_name.is_some_and(|n| auth::allowed(who, verb, &target(Some(n)))) {
-                own.push(verb.as_str());
+        let status_resource = format!("{}/status", kind.info.plural);
+        for (resource, verbs, status) in [
+            (kind.info.plural, &VERBS[..], false),
+            (status_resource.as_str(), &STATUS_VERBS[..], true),
+        ] {
+            let (mut any, mut own) = (Vec::new(), Vec::new());
+            for &verb in verbs {
+                // A name no record can have stands for "any record".
+                if may(who, verb, &target(None), status)
+                    && may(who, verb, &target(Some("")), status)
+                {
+                    any.push(verb.as_str());
+                } else if own_name.is_some_and(|n| may(who, verb, &target(Some(n)), status)) {
+                    own.push(verb.as_str());
+                }
             }
-        }
-        for key in [(any, vec![]), (own, own_name.into_iter().collect())] {
-            if key.0.is_empty() {
-                continue;
-            }
-            match grouped.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, resources)) => resources.push(kind.info.plural),
-                None => grouped.push((key, vec![kind.info.plural])),
+            for key in [(any, vec![]), (own, own_name.into_iter().collect())] {
+                if key.0.is_empty() {
+                    continue;
+                }
+                match grouped.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, resources)) => resources.push(resource.to_owned()),
+                    None => grouped.push((key, vec![resource.to_owned()])),
+                }
             }
         }
     }
@@ -379,10 +395,23 @@ fn resource_decision(who: &Principal, kinds: &Kinds, attrs: &Value) -> (bool, St
             }
         }
     };
-    let verbs: Vec<Verb> = if verb == "*" {
+    let status = match text(attrs, "subresource") {
+        "" => false,
+        "status" => true,
+        other => return (false, format!("Karri serves no subresource {other:?}")),
+    };
+    let verbs: Vec<Verb> = if verb == "*" && status {
+        STATUS_VERBS.to_vec()
+    } else if verb == "*" {
         VERBS.to_vec()
     } else {
         match verb_of(verb) {
+            Some(v) if status && !STATUS_VERBS.contains(&v) => {
+                return (
+                    false,
+                    format!("the status subresource does not serve {verb:?}"),
+                )
+            }
             Some(v) => vec![v],
             None => return (false, format!("Karri does not serve the verb {verb:?}")),
         }
@@ -395,7 +424,7 @@ fn resource_decision(who: &Principal, kinds: &Kinds, attrs: &Value) -> (bool, St
             namespaced: kind.info.namespaced,
             name,
         };
-        verbs.iter().all(|v| auth::allowed(who, *v, &target))
+        verbs.iter().all(|v| may(who, *v, &target, status))
     });
     (allowed, String::new())
 }
@@ -454,18 +483,43 @@ mod tests {
                 json!({"verb": "*", "resource": "keypairs", "namespace": "acme"}),
                 true,
             ),
+            // A node writes the status of its own Node record; its spec is the administrators'.
             (
                 &node,
-                json!({"verb": "patch", "resource": "nodes", "name": "node-1"}),
+                json!({"verb": "patch", "resource": "nodes", "subresource": "status", "name": "node-1"}),
                 true,
             ),
             (
                 &node,
-                json!({"verb": "patch", "resource": "nodes", "name": "node-2"}),
+                json!({"verb": "patch", "resource": "nodes", "name": "node-1"}),
+                false,
+            ),
+            (
+                &node,
+                json!({"verb": "patch", "resource": "nodes", "subresource": "status", "name": "node-2"}),
                 false,
             ),
         ];
         for (who, attrs, want) in rows {
+            assert_eq!(review(who, attrs.clone()).0, want, "{who:?} {attrs}");
+        }
+        // Status is written by Karri's controllers and nodes, never by an account; a node
+        // writes nothing of an instance but its status.
+        let status_rows = [
+            (&acme, "get", "instances", "status", true),
+            (&acme, "patch", "instances", "status", false),
+            (&acme, "update", "keypairs", "status", false),
+            (&acme, "patch", "instances", "", true),
+            (&node, "patch", "instances", "status", true),
+            (&node, "patch", "instances", "", false),
+            (&node, "update", "nodes", "status", true),
+            (&admin, "patch", "instances", "status", true),
+            (&admin, "delete", "instances", "status", false),
+            (&admin, "get", "instances", "scale", false),
+        ];
+        for (who, verb, resource, subresource, want) in status_rows {
+            let attrs = json!({"verb": verb, "resource": resource, "subresource": subresource,
+                "namespace": "acme"});
             assert_eq!(review(who, attrs.clone()).0, want, "{who:?} {attrs}");
         }
         let crds = |verb: &str| {
@@ -570,10 +624,18 @@ mod tests {
             v
         };
 
+        let status_of = |plurals: &[String]| -> Vec<String> {
+            plurals.iter().map(|p| format!("{p}/status")).collect()
+        };
+        let strings = |v: &[&str]| -> Vec<String> { v.iter().map(|s| s.to_string()).collect() };
+
         let (admin, status) = rules(&Principal::Admin("admin".into()), "default");
         assert_eq!(
             admin,
-            vec![(all_verbs.clone(), every.clone(), String::new())]
+            vec![
+                (all_verbs.clone(), every.clone(), String::new()),
+                ("get,update,patch".into(), status_of(&every), String::new()),
+            ]
         );
         assert_eq!(
             status["nonResourceRules"][0]["nonResourceURLs"],
@@ -586,15 +648,21 @@ mod tests {
             namespace: "acme".into(),
         };
         let (own, status) = rules(&acme, "acme");
-        assert_eq!(own.len(), 2, "{own:?}");
+        assert_eq!(own.len(), 3, "{own:?}");
         let resources_for = |rules: &[(String, Vec<String>, String)], verbs: &str| {
             rules
                 .iter()
                 .find(|(v, _, _)| v == verbs)
                 .map(|(_, r, _)| sorted(r.clone()))
         };
-        assert_eq!(resources_for(&own, &all_verbs), Some(sorted(namespaced)));
+        assert_eq!(
+            resources_for(&own, &all_verbs),
+            Some(sorted(namespaced.clone()))
+        );
         assert_eq!(resources_for(&own, &reads), Some(catalogue.clone()));
+        // Status is Karri's to write: an account only reads it.
+        let readable_status = [status_of(&namespaced), status_of(&catalogue)].concat();
+        assert_eq!(resources_for(&own, "get"), Some(sorted(readable_status)));
         let urls = &status["nonResourceRules"][0];
         assert_eq!(urls["verbs"], json!(["get"]));
         assert!(urls["nonResourceURLs"]
@@ -602,8 +670,9 @@ mod tests {
             .is_some_and(|u| u.contains(&json!("/apis/*")) && u.contains(&json!("/version"))));
         // In another account's namespace, only the public catalogue.
         let (other, _) = rules(&acme, "globex");
-        assert_eq!(other.len(), 1, "{other:?}");
-        assert_eq!(resources_for(&other, &reads), Some(catalogue));
+        assert_eq!(other.len(), 2, "{other:?}");
+        assert_eq!(resources_for(&other, &reads), Some(catalogue.clone()));
+        assert_eq!(resources_for(&other, "get"), Some(status_of(&catalogue)));
 
         let (node, status) = rules(&Principal::Node("node-1".into()), "default");
         let find = |verbs: &str, names: &str| {
@@ -611,14 +680,24 @@ mod tests {
                 .find(|(v, _, n)| v == verbs && n == names)
                 .map(|(_, r, _)| sorted(r.clone()))
         };
+        // A node reads its instances and the catalogue, and writes only instances' status.
         assert_eq!(
-            find("get,list,watch,update,patch", ""),
-            Some(vec!["instances".to_string()])
+            find("get,list,watch", ""),
+            Some(strings(&[
+                "availabilityzones",
+                "instances",
+                "instancetypes"
+            ]))
         );
-        assert_eq!(find("list,watch", ""), Some(vec!["nodes".to_string()]));
         assert_eq!(
-            find("get,create,update,patch", "node-1"),
-            Some(vec!["nodes".to_string()])
+            find("get,update,patch", ""),
+            Some(strings(&["instances/status"]))
+        );
+        assert_eq!(find("list,watch", ""), Some(strings(&["nodes"])));
+        assert_eq!(find("get,create", "node-1"), Some(strings(&["nodes"])));
+        assert_eq!(
+            find("get,update,patch", "node-1"),
+            Some(strings(&["nodes/status"]))
         );
         assert!(
             !node
