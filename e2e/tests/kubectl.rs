@@ -1134,6 +1134,35 @@ async fn explain_describes_instance_spec_fields() -> anyhow::Result<()> {
         flat.contains(&opening("imageId")?),
         "explain instance.spec.imageId has no description:\n{one}"
     );
+
+    // Every kind has the fields of every Kubernetes object, as kube-apiserver publishes a
+    // CRD's: apiVersion, kind and metadata.
+    let top = kubectl_ok(&c.admin, &["explain", "instance"])?;
+    for field in ["apiVersion", "kind", "metadata", "spec", "status"] {
+        ensure!(
+            top.lines().any(|l| l.trim_start().starts_with(field)),
+            "explain instance does not list {field}:\n{top}"
+        );
+    }
+    let meta = kubectl_ok(&c.admin, &["explain", "instance.metadata"])?;
+    for field in [
+        "name",
+        "namespace",
+        "labels",
+        "annotations",
+        "finalizers",
+        "ownerReferences",
+    ] {
+        ensure!(
+            meta.lines().any(|l| l.trim_start().starts_with(field)),
+            "explain instance.metadata does not list {field}:\n{meta}"
+        );
+    }
+    let labels = kubectl_ok(&c.admin, &["explain", "keypair.metadata.labels"])?;
+    ensure!(
+        labels.contains("map[string]string"),
+        "explain keypair.metadata.labels:\n{labels}"
+    );
     Ok(())
 }
 

@@ -260,6 +260,11 @@ pub fn openapi_group_version(kinds: &Kinds) -> Value {
                 "x-kubernetes-group-version-kind".into(),
                 json!([gvk(i.kind)]),
             );
+            if let Some(props) = o.get_mut("properties").and_then(Value::as_object_mut) {
+                for (field, field_schema) in object_fields() {
+                    props.entry(field).or_insert(field_schema);
+                }
+            }
         }
         schemas.insert(name.clone(), schema);
         schemas.insert(list, json!({
@@ -281,6 +286,53 @@ pub fn openapi_group_version(kinds: &Kinds) -> Value {
         "paths": paths,
         "components": {"schemas": schemas},
     })
+}
+
+/// The fields of every Kubernetes object (`apiVersion`, `kind`, `metadata`), which a CRD's
+/// schema leaves out and kube-apiserver adds to what it publishes (`kubectl explain
+/// <kind>.metadata`).
+fn object_fields() -> [(String, Value); 3] {
+    let text = |description: &str| json!({"type": "string", "description": description});
+    let strings = |description: &str| {
+        json!({"type": "object", "description": description,
+            "additionalProperties": {"type": "string"}})
+    };
+    let metadata = json!({
+        "type": "object",
+        "description": "Standard object's metadata: its name, namespace, labels, annotations and what the registry keeps of it.",
+        "properties": {
+            "name": text("Name, unique within a namespace (or the cluster, for cluster-scoped kinds). Cannot be updated."),
+            "generateName": text("A prefix from which the server makes a unique name when no name is given."),
+            "namespace": text("Namespace the record lives in (an account's). Cannot be updated."),
+            "labels": strings("Key/value pairs to select records by (label selectors)."),
+            "annotations": strings("Key/value pairs for tools; not selectable."),
+            "uid": text("Unique ID of this record, never reused. Set by the server."),
+            "resourceVersion": text("Version of this record, for optimistic concurrency and watches. Set by the server."),
+            "generation": {"type": "integer", "format": "int64", "description": "Sequence number of changes to the spec. Set by the server."},
+            "creationTimestamp": {"type": "string", "format": "date-time", "description": "When the record was created. Set by the server."},
+            "deletionTimestamp": {"type": "string", "format": "date-time", "description": "When deletion was asked for: the record goes once its finalizers are removed. Set by the server."},
+            "deletionGracePeriodSeconds": {"type": "integer", "format": "int64", "description": "Seconds the record was given to go. Set by the server."},
+            "finalizers": {"type": "array", "items": {"type": "string"}, "description": "Names of the controllers that must act before the record is deleted."},
+            "ownerReferences": {"type": "array", "description": "Records this one depends on: it is deleted with them (garbage collection).",
+                "items": {"type": "object", "required": ["apiVersion", "kind", "name", "uid"], "properties": {
+                    "apiVersion": text("API version of the owner."),
+                    "kind": text("Kind of the owner."),
+                    "name": text("Name of the owner."),
+                    "uid": text("UID of the owner."),
+                    "controller": {"type": "boolean", "description": "Whether the owner is the managing controller."},
+                    "blockOwnerDeletion": {"type": "boolean", "description": "Whether a foreground deletion of the owner waits for this record."},
+                }}},
+            "managedFields": {"type": "array", "items": {"type": "object"}, "description": "Which manager owns which fields (server-side apply). Set by the server."},
+        },
+    });
+    [
+        (
+            "apiVersion".into(),
+            text("The versioned schema of this representation of an object (karri.dev/v1alpha1)."),
+        ),
+        ("kind".into(), text("The kind of the object, in CamelCase.")),
+        ("metadata".into(), metadata),
+    ]
 }
 
 /// An OpenAPI v2 document with no paths or definitions (see `http::openapi_v2`).
