@@ -670,7 +670,7 @@ async fn reconcile_instance(instance: Arc<Instance>, ctx: Arc<Context>) -> Resul
     let started = Instant::now();
     let ns = instance.namespace().ok_or(Error::Incomplete("namespace"))?;
     let api: Api<Instance> = Api::namespaced(ctx.client.clone(), &ns);
-    let result = finalizer(&api, FINALIZER, instance, |event| async {
+    let result = match finalizer(&api, FINALIZER, instance, |event| async {
         match event {
             Finalizer::Apply(i) => sync_instance(&i, &ctx, &api).await.map(|(a, _)| a),
             Finalizer::Cleanup(i) => match sync_instance(&i, &ctx, &api).await? {
@@ -680,9 +680,20 @@ async fn reconcile_instance(instance: Arc<Instance>, ctx: Arc<Context>) -> Resul
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    {
+        // A reconcile of an older copy of the record, after another removed the finalizer and
+        // the record went: nothing is left to do.
+        Err(e) if gone_under_the_finalizer(&e) => Ok(Action::await_change()),
+        other => other.map_err(|e| Error::Finalizer(Box::new(e))),
+    };
     ctx.metrics.reconciled("instances", started.elapsed());
     result
+}
+
+/// Whether adding or removing the finalizer found the record gone (404). Pure.
+fn gone_under_the_finalizer(error: &kube::runtime::finalizer::Error<Error>) -> bool {
+    use kube::runtime::finalizer::Error as Fin;
+    matches!(error, Fin::AddFinalizer(kube::Error::Api(s)) | Fin::RemoveFinalizer(kube::Error::Api(s)) if s.code == 404)
 }
 
 /// Whether the gateway refused a write (a 4xx answer: a stale version, an invalid change), so
@@ -1176,6 +1187,26 @@ mod tests {
             std::io::ErrorKind::ConnectionReset,
         )));
         assert!(!refused(&lost), "connection lost: outcome unknown");
+    }
+
+    #[test]
+    fn a_record_gone_while_its_finalizer_changes_is_not_a_failure() {
+        use kube::runtime::finalizer::Error as Fin;
+        let api = |code: u16| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                ..Default::default()
+            }))
+        };
+        assert!(gone_under_the_finalizer(&Fin::RemoveFinalizer(api(404))));
+        assert!(gone_under_the_finalizer(&Fin::AddFinalizer(api(404))));
+        assert!(!gone_under_the_finalizer(&Fin::RemoveFinalizer(api(409))));
+        assert!(!gone_under_the_finalizer(&Fin::RemoveFinalizer(api(500))));
+        let cleanup = Fin::CleanupFailed(Error::Api(api(404)));
+        assert!(
+            !gone_under_the_finalizer(&cleanup),
+            "a cleanup's own 404 is the reconcile's to judge"
+        );
     }
 
     #[test]
