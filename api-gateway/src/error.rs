@@ -144,10 +144,21 @@ impl ApiError {
     }
     /// 415 UnsupportedMediaType.
     pub fn unsupported_media_type(content_type: &str) -> Self {
+        Self::media_type_refused(content_type, "application/json, application/yaml")
+    }
+    /// 415 for a PATCH whose body is not one of the patch types custom resources take (a
+    /// strategic merge patch among them), worded as kube-apiserver words it.
+    pub fn unsupported_patch_type(content_type: &str) -> Self {
+        Self::media_type_refused(
+            content_type,
+            "application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml",
+        )
+    }
+    fn media_type_refused(content_type: &str, accepted: &str) -> Self {
         Self::new(
             415,
             "UnsupportedMediaType",
-            format!("the body of the request was in an unknown format - accepted media types include: application/json, application/yaml, application/merge-patch+json, application/json-patch+json, application/apply-patch+yaml (got {content_type:?})"),
+            format!("the body of the request was in an unknown format - accepted media types include: {accepted} (got {content_type:?})"),
         )
     }
     /// 422 Invalid, with field causes.

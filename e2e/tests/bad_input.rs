@@ -570,6 +570,10 @@ async fn strategic_merge_patch_is_an_unsupported_media_type() -> anyhow::Result<
         "the message does not point to a supported patch type: {status}"
     );
     ensure!(
+        !message(&status).contains("application/json,"),
+        "the message offers a body type that is no patch: {status}"
+    );
+    ensure!(
         api.get_json(&instance("a")).await? == before,
         "a refused patch changed the record"
     );

@@ -1350,10 +1350,7 @@ async fn patch(
                 Err(e) => Err(e),
             }
         }
-        "application/strategic-merge-patch+json" => Err(ApiError::unsupported_media_type(
-            "application/strategic-merge-patch+json (custom resources take merge-patch+json)",
-        )),
-        other => Err(ApiError::unsupported_media_type(other)),
+        other => Err(ApiError::unsupported_patch_type(other)),
     }
 }
 
