@@ -109,6 +109,25 @@ struct Status<'v> {
     mac_address: Option<&'v str>,
     #[serde(borrow)]
     conditions: Vec<ConditionView<'v>>,
+    #[serde(borrow)]
+    launch: LaunchView<'v>,
+}
+
+/// What the operator resolved for the launch: the images the domain boots.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct LaunchView<'v> {
+    #[serde(borrow)]
+    kernel: ArtifactView<'v>,
+    #[serde(borrow)]
+    ramdisk: ArtifactView<'v>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct ArtifactView<'v> {
+    #[serde(borrow)]
+    image_id: Option<&'v str>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -217,14 +236,15 @@ impl<'v> InstanceView<'v> {
         present(self.spec.key_name)
     }
 
-    /// The kernel image, when one was given.
+    /// The kernel image: the one the launch named, else the machine image's own that the
+    /// operator resolved for the domain.
     pub fn kernel_id(&self) -> Option<&'v str> {
-        present(self.spec.kernel_id)
+        present(self.spec.kernel_id).or(present(self.status.launch.kernel.image_id))
     }
 
-    /// The ramdisk image, when one was given.
+    /// The ramdisk image: the one the launch named, else the machine image's own.
     pub fn ramdisk_id(&self) -> Option<&'v str> {
-        present(self.spec.ramdisk_id)
+        present(self.spec.ramdisk_id).or(present(self.status.launch.ramdisk.image_id))
     }
 
     /// The client token of the launch, when one was given.
@@ -419,6 +439,14 @@ mod tests {
         assert_eq!(view.key_name(), None, "an empty key name is none");
         assert_eq!(view.kernel_id(), Some("eki-2"));
         assert_eq!(view.ramdisk_id(), None);
+        // Images the launch did not name are the machine image's, as the operator resolved
+        // them; the launch's own win.
+        let mut resolved = record();
+        resolved["status"]["launch"] = json!({"kernel": {"imageId": "eki-7", "location": "/k"},
+            "ramdisk": {"imageId": "eri-8", "location": "/r"}});
+        let view_resolved = InstanceView::of(&resolved);
+        assert_eq!(view_resolved.kernel_id(), Some("eki-2"));
+        assert_eq!(view_resolved.ramdisk_id(), Some("eri-8"));
         assert_eq!(view.reservation(), "r-9");
         assert_eq!(view.launch_index(), 3);
         assert_eq!(view.shown_state(), crds::InstanceState::Stopping);
