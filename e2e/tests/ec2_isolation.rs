@@ -198,15 +198,17 @@ fn private_matrix(a: &Alpha, b_image: &str) -> Vec<Row> {
 fn shared_matrix(a: &Alpha, b_id: &str) -> Vec<Row> {
     let img = &a.image;
     let not_owner = Refused("AuthFailure", 400);
-    let not_found_ami = Refused("InvalidAMIID.NotFound", 400);
+    let not_kept = Refused("UnsupportedOperation", 400);
     vec![
         row("DeregisterImage of a shared image", "deregister_image", json!({"ImageId": img}), not_owner.clone()),
         row("DescribeImageAttribute launchPermission of a shared image", "describe_image_attribute", json!({"ImageId": img, "Attribute": "launchPermission"}), not_owner.clone()),
         row("ModifyImageAttribute removes A's grant to B", "modify_image_attribute", json!({"ImageId": img, "LaunchPermission": {"Remove": [{"UserId": b_id}]}}), not_owner.clone()),
         row("ModifyImageAttribute grants a third account", "modify_image_attribute", json!({"ImageId": img, "LaunchPermission": {"Add": [{"UserId": "000000000000"}]}}), not_owner.clone()),
         row("ModifyImageAttribute description of a shared image", "modify_image_attribute", json!({"ImageId": img, "Description": {"Value": "bravo was here"}}), not_owner.clone()),
-        row("CreateTags on a shared image", "create_tags", json!({"Resources": [img], "Tags": [{"Key": "team", "Value": "bravo"}]}), not_found_ami.clone()),
-        row("DeleteTags on a shared image", "delete_tags", json!({"Resources": [img]}), not_found_ami.clone()),
+        // EC2 keeps an account's own tags on an image shared with it; Karri keeps only the
+        // owner's, and says so rather than that the image B can launch does not exist.
+        row("CreateTags on a shared image", "create_tags", json!({"Resources": [img], "Tags": [{"Key": "team", "Value": "bravo"}]}), not_kept.clone()),
+        row("DeleteTags on a shared image", "delete_tags", json!({"Resources": [img]}), not_kept.clone()),
         row("DescribeTags of a shared image", "describe_tags", json!({"Filters": [{"Name": "resource-id", "Values": [img]}]}), Hidden),
     ]
 }

@@ -18,7 +18,7 @@ use crate::ec2::xml::time_text;
 use crate::registry::{DeleteOptions, WriteOptions};
 
 /// Whether the caller may launch (and so see) an image.
-fn visible(cx: &Cx<'_>, v: &Value) -> bool {
+pub(super) fn visible(cx: &Cx<'_>, v: &Value) -> bool {
     namespace(v) == cx.caller.namespace || is_public(v) || shared_with(v, &cx.caller.account_id)
 }
 

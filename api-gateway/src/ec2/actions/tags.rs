@@ -63,6 +63,13 @@ async fn resources(cx: &Cx<'_>, ids: &[String]) -> Result<Vec<(&'static str, Val
             Some(v) if super::is_kind(&v, plural) && namespace(&v) == cx.caller.namespace => {
                 out.push((plural, v));
             }
+            // On EC2 an account may tag an image shared with it or public, and those tags are
+            // its own; Karri keeps one set of tags per image, its owner's.
+            Some(v) if plural == "images" && super::images::visible(cx, &v) => {
+                return Err(Ec2Error::unsupported_operation(format!(
+                    "Tagging {id}, an image another account owns, is not supported by Karri yet: Karri keeps only its owner's tags."
+                )))
+            }
             _ => return Err(not_found(plural, id)),
         }
     }
