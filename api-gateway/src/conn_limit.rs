@@ -158,9 +158,161 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Capped<T> {
     }
 }
 
+/// Wraps an acceptor: a connection that sends nothing within `deadline` of being accepted (of
+/// its TLS handshake, when `inner` is the TLS acceptor) is closed. hyper's header timeout
+/// starts only once it reads a request, and deciding between HTTP/1.1 and HTTP/2 first waits
+/// for the client's opening bytes with no deadline: a client that connects and stays silent
+/// would otherwise hold its connection for ever.
+#[derive(Clone, Debug)]
+pub struct FirstBytesAcceptor<A> {
+    inner: A,
+    deadline: std::time::Duration,
+}
+
+impl<A> FirstBytesAcceptor<A> {
+    /// `inner`, whose connections must send within `deadline`.
+    pub fn new(inner: A, deadline: std::time::Duration) -> Self {
+        Self { inner, deadline }
+    }
+}
+
+impl<I, S, A> Accept<I, S> for FirstBytesAcceptor<A>
+where
+    A: Accept<I, S>,
+    A::Future: Send + 'static,
+    A::Stream: Send + 'static,
+    A::Service: Send + 'static,
+{
+    type Stream = FirstBytes<A::Stream>;
+    type Service = A::Service;
+    type Future = Pin<Box<dyn Future<Output = io::Result<(Self::Stream, Self::Service)>> + Send>>;
+
+    fn accept(&self, stream: I, service: S) -> Self::Future {
+        let accepted = self.inner.accept(stream, service);
+        let deadline = self.deadline;
+        Box::pin(async move {
+            let (inner, service) = accepted.await?;
+            Ok((FirstBytes::new(inner, deadline), service))
+        })
+    }
+}
+
+/// A stream whose first bytes must arrive within a deadline ([`FirstBytesAcceptor`]).
+#[derive(Debug)]
+pub struct FirstBytes<T> {
+    inner: T,
+    /// Until the first bytes came.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<T> FirstBytes<T> {
+    /// `inner`, whose first bytes must arrive within `deadline` from now.
+    pub fn new(inner: T, deadline: std::time::Duration) -> Self {
+        Self {
+            inner,
+            deadline: Some(Box::pin(tokio::time::sleep(deadline))),
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for FirstBytes<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let Some(deadline) = this.deadline.as_mut() else {
+            return polled;
+        };
+        match polled {
+            Poll::Ready(Ok(())) if buf.filled().len() == before => Poll::Ready(Ok(())),
+            Poll::Ready(result) => {
+                this.deadline = None;
+                Poll::Ready(result)
+            }
+            Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client sent no request in time",
+                )))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for FirstBytes<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_sends_nothing_is_given_up_at_the_deadline() {
+        let deadline = std::time::Duration::from_secs(120);
+        let (_client, server) = tokio::io::duplex(64);
+        let mut stream = FirstBytes::new(server, deadline);
+        let started = tokio::time::Instant::now();
+        let mut buf = [0u8; 8];
+        let err = stream.read(&mut buf).await.expect_err("no bytes came");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), deadline);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_sent_its_first_bytes_has_no_deadline_left() {
+        let deadline = std::time::Duration::from_secs(120);
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut stream = FirstBytes::new(server, deadline);
+        client.write_all(b"GET").await.expect("written");
+        let mut buf = [0u8; 8];
+        assert_eq!(stream.read(&mut buf).await.expect("read"), 3);
+        // Long after the deadline, the connection still waits for more (hyper's own
+        // timeouts take over).
+        let later = tokio::spawn(async move {
+            let mut rest = [0u8; 8];
+            stream.read(&mut rest).await.map(|n| rest[..n].to_vec())
+        });
+        tokio::time::sleep(deadline * 3).await;
+        client.write_all(b" /").await.expect("written");
+        let rest = later
+            .await
+            .expect("no panic")
+            .expect("read after the deadline");
+        assert_eq!(rest, b" /");
+    }
 
     #[test]
     fn the_cap_leaves_half_the_descriptor_limit_to_everything_else() {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use api_gateway::auth::Authenticator;
 use api_gateway::aws::credentials::{access_key_context, Sealer};
-use api_gateway::conn_limit::CappedAcceptor;
+use api_gateway::conn_limit::{CappedAcceptor, FirstBytesAcceptor};
 use api_gateway::ec2::service::Ec2Settings;
 use api_gateway::http::{discovery, router, AppState};
 use api_gateway::kinds::Kinds;
@@ -145,6 +145,10 @@ struct Args {
     /// Seconds between S3 orphan sweeps (one also runs at start).
     #[arg(long, default_value_t = 600)]
     s3_sweep_interval_seconds: u64,
+    /// Seconds an S3 request body may send nothing while it is read before the request is
+    /// answered RequestTimeout and its connection closed.
+    #[arg(long, default_value_t = api_gateway::s3::BODY_IDLE_TIMEOUT.as_secs())]
+    s3_body_idle_timeout_seconds: u64,
 }
 
 /// Raises the soft limit of open files to the hard one: a GET of an object holds one file per
@@ -313,6 +317,9 @@ async fn main() -> anyhow::Result<()> {
                 &api_gateway::s3::S3Settings {
                     region: args.region.clone(),
                     domains: args.s3_domain.clone(),
+                    body_idle_timeout: std::time::Duration::from_secs(
+                        args.s3_body_idle_timeout_seconds.max(1),
+                    ),
                 },
                 metrics.clone(),
             ))
@@ -376,7 +383,10 @@ async fn main() -> anyhow::Result<()> {
         // TCP_NODELAY: a response written in several TLS records must not wait for delayed ACKs.
         let capped =
             CappedAcceptor::new(NoDelayAcceptor::new(), cap, open.clone(), refused.clone());
-        let acceptor = RustlsAcceptor::new(config.clone()).acceptor(capped);
+        let acceptor = FirstBytesAcceptor::new(
+            RustlsAcceptor::new(config.clone()).acceptor(capped),
+            HEADER_READ_TIMEOUT,
+        );
         let mut server = axum_server::bind(addr)
             .acceptor(acceptor)
             .handle(handle.clone());
@@ -431,7 +441,8 @@ fn connection_cap(wanted: usize) -> anyhow::Result<usize> {
     Ok(cap)
 }
 
-/// How long a client may take to send a request's headers (HTTP/1.1). hyper starts this clock
+/// How long a client may take to send a request's headers (HTTP/1.1), and a new connection
+/// its first bytes after TLS ([`FirstBytesAcceptor`]). hyper starts this clock
 /// as soon as it waits for the next request, so it also closes idle keep-alive connections:
 /// longer than the 90 s after which hyper, reqwest and kube-rs clients drop idle pooled
 /// connections themselves, so that they close first and never send on a connection being

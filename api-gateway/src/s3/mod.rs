@@ -50,6 +50,9 @@ pub struct S3Settings {
     pub region: String,
     /// Domains under which `<bucket>.<domain>` is a virtual-hosted bucket, e.g. `s3.localhost`.
     pub domains: Vec<String>,
+    /// How long a request body may send nothing while it is read ([`BODY_IDLE_TIMEOUT`] by
+    /// default).
+    pub body_idle_timeout: std::time::Duration,
 }
 
 /// The S3 face: the s3s service and what the gateway needs to route to it.
@@ -60,6 +63,7 @@ pub struct S3Face {
     domains: Arc<Vec<String>>,
     region: Arc<str>,
     metrics: Arc<Metrics>,
+    body_idle_timeout: std::time::Duration,
 }
 
 /// A request the gateway answers itself, before s3s verifies its signature.
@@ -666,6 +670,7 @@ impl S3Face {
             domains,
             region: Arc::from(settings.region.as_str()),
             metrics,
+            body_idle_timeout: settings.body_idle_timeout,
         }
     }
 
@@ -705,10 +710,14 @@ impl S3Face {
             .is_some_and(|v| v.as_bytes() != b"0")
             || req.headers().contains_key(http::header::TRANSFER_ENCODING);
         let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let req = req.map(|b| {
             Body::new(Tracked {
                 inner: b,
                 finished: finished.clone(),
+                stalled: stalled.clone(),
+                idle: self.body_idle_timeout,
+                deadline: None,
             })
         });
         let method = req.method().clone();
@@ -770,6 +779,20 @@ impl S3Face {
             resp.headers_mut().remove(http::header::CONTENT_TYPE);
             resp.headers_mut().remove(http::header::CONTENT_LENGTH);
             *resp.body_mut() = Body::empty();
+        }
+        if stalled.load(std::sync::atomic::Ordering::Acquire) {
+            // Whatever the handler made of the body's failure, the client stopped sending.
+            tracing::info!(parent: &span, idle = ?self.body_idle_timeout, "the request body stopped arriving");
+            resp = (
+                StatusCode::BAD_REQUEST,
+                [(http::header::CONTENT_TYPE, "application/xml")],
+                Refusal::bad_request(
+                    "RequestTimeout",
+                    "Your socket connection to the server was not read from or written to within the timeout period. Idle connections will be closed.".into(),
+                )
+                .xml(&request_id),
+            )
+                .into_response();
         }
         if method != Method::HEAD
             && (resp.status().is_client_error() || resp.status().is_server_error())
@@ -911,10 +934,26 @@ fn xml_escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// A request body that records when it has been read to its end.
+/// How long an S3 request body may send nothing while it is read before the request is given
+/// up (AWS answers `RequestTimeout` after about 20 s): a client that stops sending must not
+/// hold its connection, and the upload's temporary file, for ever. Large objects have no
+/// deadline in all.
+pub const BODY_IDLE_TIMEOUT: std::time::Duration = crate::body::BODY_IDLE_TIMEOUT;
+
+/// The body of a request that stopped arriving ([`BODY_IDLE_TIMEOUT`]).
+#[derive(Debug, thiserror::Error)]
+#[error("the client sent nothing of the request body for {0:?}")]
+struct BodyStalled(std::time::Duration);
+
+/// A request body that records when it has been read to its end, and fails when it sends
+/// nothing for `idle` while it is read (recorded in `stalled`).
 struct Tracked {
     inner: Body,
     finished: Arc<std::sync::atomic::AtomicBool>,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
+    idle: std::time::Duration,
+    /// Armed while the reader waits for the next frame.
+    deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl http_body::Body for Tracked {
@@ -925,12 +964,29 @@ impl http_body::Body for Tracked {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(polled, std::task::Poll::Ready(None)) || self.inner.is_end_stream() {
-            self.finished
-                .store(true, std::sync::atomic::Ordering::Release);
+        use std::sync::atomic::Ordering;
+        use std::task::Poll;
+        if self.stalled.load(Ordering::Acquire) {
+            return Poll::Ready(Some(Err(axum::Error::new(BodyStalled(self.idle)))));
         }
-        polled
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.finished.store(true, Ordering::Release);
+        }
+        if polled.is_ready() {
+            self.deadline = None;
+            return polled;
+        }
+        let idle = self.idle;
+        let deadline = self
+            .deadline
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+        if std::future::Future::poll(deadline.as_mut(), cx).is_ready() {
+            self.deadline = None;
+            self.stalled.store(true, Ordering::Release);
+            return Poll::Ready(Some(Err(axum::Error::new(BodyStalled(idle)))));
+        }
+        Poll::Pending
     }
 
     fn is_end_stream(&self) -> bool {
@@ -1040,6 +1096,73 @@ pub fn classify(method: &Method, uri: &Uri, headers: &HeaderMap, domains: &[Stri
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    /// A body fed by the returned sender, tracked with an idle timeout of `idle`.
+    fn tracked(
+        idle: std::time::Duration,
+    ) -> (
+        Tracked,
+        tokio::sync::mpsc::Sender<Result<bytes::Bytes, std::io::Error>>,
+        Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let body = Tracked {
+            inner: Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+            finished: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            stalled: stalled.clone(),
+            idle,
+            deadline: None,
+        };
+        (body, tx, stalled)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upload_body_that_stops_arriving_fails_after_the_idle_timeout() {
+        use http_body_util::BodyExt as _;
+        let idle = std::time::Duration::from_secs(20);
+        let (mut body, tx, stalled) = tracked(idle);
+        tx.send(Ok(bytes::Bytes::from_static(b"part")))
+            .await
+            .expect("sent");
+        let first = body
+            .frame()
+            .await
+            .expect("a frame")
+            .expect("the first part");
+        assert_eq!(
+            first.into_data().ok(),
+            Some(bytes::Bytes::from_static(b"part"))
+        );
+        let started = tokio::time::Instant::now();
+        let next = body.frame().await.expect("an answer");
+        assert!(next.is_err(), "a stalled body fails");
+        assert_eq!(started.elapsed(), idle);
+        assert!(stalled.load(std::sync::atomic::Ordering::Acquire));
+        // It stays failed: the rest of the request is not waited for.
+        assert!(body.frame().await.expect("an answer").is_err());
+        drop(tx);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_upload_body_that_keeps_arriving_is_read_whole_however_long_it_takes() {
+        use http_body_util::BodyExt as _;
+        let idle = std::time::Duration::from_secs(20);
+        let (body, tx, stalled) = tracked(idle);
+        // A part just inside the idle timeout, ten times: far longer than the timeout in all.
+        let sender = tokio::spawn(async move {
+            for _ in 0..10 {
+                tokio::time::sleep(idle - std::time::Duration::from_secs(1)).await;
+                tx.send(Ok(bytes::Bytes::from_static(b"x")))
+                    .await
+                    .expect("sent");
+            }
+        });
+        let got = body.collect().await.expect("the whole body").to_bytes();
+        assert_eq!(got.len(), 10);
+        assert!(!stalled.load(std::sync::atomic::Ordering::Acquire));
+        sender.await.expect("the sender does not panic");
+    }
 
     #[test]
     fn every_error_document_gets_a_message_and_the_request_id() {
