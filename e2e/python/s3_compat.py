@@ -1479,6 +1479,10 @@ def group_objects(suite):
         # No object was written with a customer key, so none is read with one.
         expect_error("InvalidRequest", 400, a.get_object, Bucket=name, Key="sse-s3.bin",
                      **customer)
+        # A key that is not there is NoSuchKey with them as without (rclone HEADs the target of
+        # a copy with the customer key it would upload with).
+        expect_error("NoSuchKey", 404, a.get_object, Bucket=name, Key="no-such.bin", **customer)
+        expect_error("404", 404, a.head_object, Bucket=name, Key="no-such.bin", **customer)
 
 
     def crc32_b64(body):

@@ -2263,7 +2263,8 @@ impl S3 for KarriS3 {
         let pin = node_pin(&req.uri);
         let input = req.input;
         only_null_version(input.version_id.as_deref())?;
-        no_customer_key(input.sse_customer_algorithm.as_deref())?;
+        // Refused once the object is known to exist: a missing key is NoSuchKey, as on S3.
+        let customer_algorithm = input.sse_customer_algorithm.clone();
         // Anyone may read a public object, but not have it served as something else (say
         // text/html on the S3 origin): AWS refuses response-* overrides without a signature.
         let overrides = [
@@ -2300,6 +2301,7 @@ impl S3 for KarriS3 {
                     input.part_number,
                 )
                 .await?;
+            no_customer_key(customer_algorithm.as_deref())?;
             match open_segments(&self.blobs, &found.meta.segments, found.span.clone()).await {
                 Ok(stream) => break (found, stream),
                 // Overwritten between the index read and the open: read the index again.
@@ -2365,7 +2367,8 @@ impl S3 for KarriS3 {
         let pin = node_pin(&req.uri);
         let input = req.input;
         only_null_version(input.version_id.as_deref())?;
-        no_customer_key(input.sse_customer_algorithm.as_deref())?;
+        // Refused once the object is known to exist: a missing key is NoSuchKey, as on S3.
+        let customer_algorithm = input.sse_customer_algorithm.clone();
         let bucket = self.bucket(&input.bucket).await?;
         let pre = Preconditions {
             if_match: input.if_match.clone(),
@@ -2388,6 +2391,7 @@ impl S3 for KarriS3 {
                 input.part_number,
             )
             .await?;
+        no_customer_key(customer_algorithm.as_deref())?;
         let len = span.end - span.start;
         let h = &meta.headers;
         let whole = input.range.is_none() && input.part_number.is_none();
@@ -2425,7 +2429,8 @@ impl S3 for KarriS3 {
         let pin = node_pin(&req.uri);
         let input = req.input;
         only_null_version(input.version_id.as_deref())?;
-        no_customer_key(input.sse_customer_algorithm.as_deref())?;
+        // Refused once the object is known to exist: a missing key is NoSuchKey, as on S3.
+        let customer_algorithm = input.sse_customer_algorithm.clone();
         let bucket = self.bucket(&input.bucket).await?;
         let Readable { meta, .. } = self
             .readable(
@@ -2437,6 +2442,7 @@ impl S3 for KarriS3 {
                 None,
             )
             .await?;
+        no_customer_key(customer_algorithm.as_deref())?;
         // One `x-amz-object-attributes` header lists them all, comma-separated.
         let asked = |a: &str| {
             input
