@@ -45,7 +45,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
   "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # Installing may remove a package that was there: a qemu-utils from backports conflicts
   # with Debian 12's qemu-system-x86, and apt resolves it by removing qemu-utils (and with it
-  # qemu-img, which image registration needs). Install what is gone again, from Debian 12.
+  # qemu-img, which image registration needs). Install what is gone again: apt's default
+  # candidate is Debian 12's own, backports being pinned lower.
   mapfile -t removed < <(missing_pkgs)
   if [ "${#removed[@]}" -gt 0 ]; then
     say "installing again what the install removed: ${removed[*]}"

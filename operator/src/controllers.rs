@@ -681,8 +681,9 @@ async fn reconcile_instance(instance: Arc<Instance>, ctx: Arc<Context>) -> Resul
     })
     .await
     {
-        // A reconcile of an older copy of the record, after another removed the finalizer and
-        // the record went: nothing is left to do.
+        // The record is gone: a reconcile of an older copy, after another removed the
+        // finalizer (the record then went), or a record deleted before its finalizer was ever
+        // added (no domain was started for it). Nothing is left to do.
         Err(e) if gone_under_the_finalizer(&e) => Ok(Action::await_change()),
         other => other.map_err(|e| Error::Finalizer(Box::new(e))),
     };

@@ -191,6 +191,9 @@ const VERBS: [Verb; 8] = [
     Verb::DeleteCollection,
 ];
 
+/// The path from which a node agent gets presigned URLs of S3 images (`http::image_url`).
+const IMAGE_URL: &str = "/karri/v1/image-url";
+
 /// The verbs of the `status` subresource.
 const STATUS_VERBS: [Verb; 3] = [Verb::Get, Verb::Update, Verb::Patch];
 
@@ -235,7 +238,9 @@ pub fn access_review(who: &Principal, kinds: &Kinds, body: &Value) -> Result<Val
         resource_decision(who, kinds, attrs)
     } else if let Some(attrs) = spec.get("nonResourceAttributes") {
         let (verb, path) = (text(attrs, "verb"), text(attrs, "path"));
-        let allowed = matches!(who, Principal::Admin(_)) || (verb == "get" && public_path(path));
+        let node_path = matches!(who, Principal::Node(_)) && path == IMAGE_URL;
+        let allowed = matches!(who, Principal::Admin(_))
+            || (verb == "get" && (public_path(path) || node_path));
         (allowed, String::new())
     } else {
         return Err(ApiError::invalid(
@@ -262,8 +267,10 @@ pub fn access_review(who: &Principal, kinds: &Kinds, body: &Value) -> Result<Val
 
 /// The answer to a SelfSubjectRulesReview `body` from `who`: every verb the caller may use on
 /// each kind in the namespace the spec names, as RBAC rules (kinds with the same verbs share a
-/// rule), by the rules that authorize requests. What rules cannot say is reported as
-/// `incomplete`: a node may write only the instances bound to it.
+/// rule), by the rules that authorize requests. Records a caller sees only by name (a node's
+/// own Node and Lease) are named. What rules cannot say is reported as `incomplete`, with the
+/// reason: a node's rules on instances name the kind, though it sees and writes only the
+/// instances bound to it, and of their status only what it reports.
 pub fn rules_review(who: &Principal, kinds: &Kinds, body: &Value) -> Result<Value, ApiError> {
     let spec = body
         .get("spec")
@@ -271,10 +278,8 @@ pub fn rules_review(who: &Principal, kinds: &Kinds, body: &Value) -> Result<Valu
         .ok_or_else(|| ApiError::bad_request("a SelfSubjectRulesReview needs a spec"))?;
     let namespace = text(spec, "namespace");
     if namespace.is_empty() {
-        return Err(ApiError::invalid(
-            "SelfSubjectRulesReview",
-            "",
-            vec![("spec.namespace".into(), "a namespace is required".into())],
+        return Err(ApiError::bad_request(
+            "a SelfSubjectRulesReview needs spec.namespace",
         ));
     }
     let own_name = match who {
@@ -292,6 +297,12 @@ pub fn rules_review(who: &Principal, kinds: &Kinds, body: &Value) -> Result<Valu
             namespaced: kind.info.namespaced,
             name,
         };
+        // Whether the caller sees only the record named as itself (a node's Node and Lease).
+        let record = |name: &str| json!({"metadata": {"name": name, "namespace": namespace}});
+        let by_own_name = own_name.is_some_and(|n| {
+            !auth::can_see(who, kind.info.kind, &record(""))
+                && auth::can_see(who, kind.info.kind, &record(n))
+        });
         let status_resource = format!("{}/status", kind.info.plural);
         for (resource, verbs, status) in [
             (kind.info.plural, &VERBS[..], false),
@@ -300,7 +311,8 @@ pub fn rules_review(who: &Principal, kinds: &Kinds, body: &Value) -> Result<Valu
             let (mut any, mut own) = (Vec::new(), Vec::new());
             for &verb in verbs {
                 // A name no record can have stands for "any record".
-                if may(who, verb, &target(None), status)
+                if !by_own_name
+                    && may(who, verb, &target(None), status)
                     && may(who, verb, &target(Some("")), status)
                 {
                     any.push(verb.as_str());
@@ -334,6 +346,12 @@ pub fn rules_review(who: &Principal, kinds: &Kinds, body: &Value) -> Result<Valu
         json!({"verbs": ["get", "list"], "apiGroups": [crate::http::discovery::CRD_GROUP],
         "resources": ["customresourcedefinitions"]}),
     );
+    // `GET /api/v1/namespaces/<ns>`: an account its own, others any.
+    let mut namespaces = json!({"verbs": ["get"], "apiGroups": [""], "resources": ["namespaces"]});
+    if let Principal::Account { namespace, .. } = who {
+        namespaces["resourceNames"] = json!([namespace]);
+    }
+    rules.push(namespaces);
     rules.push(
         json!({"verbs": ["create"], "apiGroups": ["authorization.k8s.io"],
         "resources": ["selfsubjectaccessreviews", "selfsubjectrulesreviews"]}),
@@ -342,17 +360,22 @@ pub fn rules_review(who: &Principal, kinds: &Kinds, body: &Value) -> Result<Valu
         json!({"verbs": ["create"], "apiGroups": ["authentication.k8s.io"],
         "resources": ["selfsubjectreviews"]}),
     );
-    let non_resource = if matches!(who, Principal::Admin(_)) {
-        json!([{"verbs": ["*"], "nonResourceURLs": ["*"]}])
-    } else {
-        json!([{"verbs": ["get"], "nonResourceURLs": public_urls()}])
+    let non_resource = match who {
+        Principal::Admin(_) => json!([{"verbs": ["*"], "nonResourceURLs": ["*"]}]),
+        Principal::Node(_) => {
+            let mut urls = public_urls();
+            urls.push(IMAGE_URL.to_owned());
+            json!([{"verbs": ["get"], "nonResourceURLs": urls}])
+        }
+        _ => json!([{"verbs": ["get"], "nonResourceURLs": public_urls()}]),
     };
     let mut status = json!({"resourceRules": rules, "nonResourceRules": non_resource,
         "incomplete": false});
     if own_name.is_some() {
         status["incomplete"] = json!(true);
-        status["evaluationError"] =
-            json!("a node may write only the instances bound to it, which no rule can say");
+        status["evaluationError"] = json!(
+            "a node sees and writes only the instances bound to it, and of their status only what it reports; these rules name the kind"
+        );
     }
     Ok(json!({
         "apiVersion": "authorization.k8s.io/v1",
@@ -374,6 +397,16 @@ fn resource_decision(who: &Principal, kinds: &Kinds, attrs: &Value) -> (bool, St
     let verb = text(attrs, "verb");
     let namespace = Some(text(attrs, "namespace")).filter(|n| !n.is_empty());
     let name = Some(text(attrs, "name")).filter(|n| !n.is_empty());
+    // `GET /api/v1/namespaces/<ns>`, which kubectl asks after a 404: an account its own, others
+    // any.
+    if group.is_empty() && resource == "namespaces" {
+        let readable = verb == "get"
+            && match who {
+                Principal::Account { namespace, .. } => name == Some(namespace.as_str()),
+                _ => true,
+            };
+        return (readable, String::new());
+    }
     // The CustomResourceDefinitions every caller may read, and nothing else of that group.
     if group == crate::http::discovery::CRD_GROUP {
         let readable = resource == "customresourcedefinitions" && matches!(verb, "get" | "list");
@@ -517,6 +550,25 @@ mod tests {
             (&admin, "delete", "instances", "status", false),
             (&admin, "get", "instances", "scale", false),
         ];
+        // `GET /api/v1/namespaces/<ns>`: an account its own, others any.
+        let namespace_rows = [
+            (&acme, "acme", true),
+            (&acme, "globex", false),
+            (&admin, "globex", true),
+            (&node, "globex", true),
+        ];
+        for (who, ns, want) in namespace_rows {
+            let attrs = json!({"verb": "get", "group": "", "resource": "namespaces", "name": ns});
+            assert_eq!(review(who, attrs.clone()).0, want, "{who:?} {attrs}");
+        }
+        let kinds = Kinds::load();
+        let image_urls = |who: &Principal| {
+            let body =
+                json!({"spec": {"nonResourceAttributes": {"verb": "get", "path": IMAGE_URL}}});
+            access_review(who, &kinds, &body).expect("well-formed")["status"]["allowed"]
+                == json!(true)
+        };
+        assert!(image_urls(&node) && !image_urls(&acme));
         for (who, verb, resource, subresource, want) in status_rows {
             let attrs = json!({"verb": verb, "resource": resource, "subresource": subresource,
                 "namespace": "acme"});
@@ -649,6 +701,14 @@ mod tests {
         };
         let (own, status) = rules(&acme, "acme");
         assert_eq!(own.len(), 3, "{own:?}");
+        assert!(
+            status["resourceRules"]
+                .as_array()
+                .is_some_and(|r| r.contains(&json!({
+                "verbs": ["get"], "apiGroups": [""], "resources": ["namespaces"],
+                "resourceNames": ["acme"]}))),
+            "an account reads its own namespace: {status}"
+        );
         let resources_for = |rules: &[(String, Vec<String>, String)], verbs: &str| {
             rules
                 .iter()
@@ -693,8 +753,12 @@ mod tests {
             find("get,update,patch", ""),
             Some(strings(&["instances/status"]))
         );
-        assert_eq!(find("list,watch", ""), Some(strings(&["nodes"])));
-        assert_eq!(find("get,create", "node-1"), Some(strings(&["nodes"])));
+        // It sees only its own Node record, by name.
+        assert_eq!(find("list,watch", ""), None);
+        assert_eq!(
+            find("get,list,watch,create", "node-1"),
+            Some(strings(&["nodes"]))
+        );
         assert_eq!(
             find("get,update,patch", "node-1"),
             Some(strings(&["nodes/status"]))
@@ -706,6 +770,18 @@ mod tests {
             "a node's lease is in the node-lease namespace only: {node:?}"
         );
         assert_eq!(status["incomplete"], json!(true));
+        assert!(
+            status["evaluationError"]
+                .as_str()
+                .is_some_and(|e| e.contains("bound to it")),
+            "{status}"
+        );
+        assert!(
+            status["nonResourceRules"][0]["nonResourceURLs"]
+                .as_array()
+                .is_some_and(|u| u.contains(&json!(IMAGE_URL))),
+            "a node gets image URLs: {status}"
+        );
         let (in_leases, _) = rules(
             &Principal::Node("node-1".into()),
             crds::NODE_LEASE_NAMESPACE,
@@ -717,7 +793,7 @@ mod tests {
                 && n == "node-1"));
 
         let err = rules_review(&acme, &kinds, &json!({"spec": {}})).expect_err("no namespace");
-        assert_eq!(err.code, 422);
+        assert_eq!(err.code, 400);
         assert!(rules_review(&acme, &kinds, &json!({})).is_err());
     }
 

@@ -109,8 +109,9 @@ struct Status<'v> {
     mac_address: Option<&'v str>,
     #[serde(borrow)]
     conditions: Vec<ConditionView<'v>>,
+    /// `null` while nothing is resolved (and the schema lets any of it be null).
     #[serde(borrow)]
-    launch: LaunchView<'v>,
+    launch: Option<LaunchView<'v>>,
 }
 
 /// What the operator resolved for the launch: the images the domain boots.
@@ -118,9 +119,9 @@ struct Status<'v> {
 #[serde(default)]
 struct LaunchView<'v> {
     #[serde(borrow)]
-    kernel: ArtifactView<'v>,
+    kernel: Option<ArtifactView<'v>>,
     #[serde(borrow)]
-    ramdisk: ArtifactView<'v>,
+    ramdisk: Option<ArtifactView<'v>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -239,12 +240,14 @@ impl<'v> InstanceView<'v> {
     /// The kernel image: the one the launch named, else the machine image's own that the
     /// operator resolved for the domain.
     pub fn kernel_id(&self) -> Option<&'v str> {
-        present(self.spec.kernel_id).or(present(self.status.launch.kernel.image_id))
+        let launched = self.status.launch.as_ref().and_then(|l| l.kernel.as_ref());
+        present(self.spec.kernel_id).or(present(launched.and_then(|k| k.image_id)))
     }
 
     /// The ramdisk image: the one the launch named, else the machine image's own.
     pub fn ramdisk_id(&self) -> Option<&'v str> {
-        present(self.spec.ramdisk_id).or(present(self.status.launch.ramdisk.image_id))
+        let launched = self.status.launch.as_ref().and_then(|l| l.ramdisk.as_ref());
+        present(self.spec.ramdisk_id).or(present(launched.and_then(|r| r.image_id)))
     }
 
     /// The client token of the launch, when one was given.
@@ -447,6 +450,14 @@ mod tests {
         let view_resolved = InstanceView::of(&resolved);
         assert_eq!(view_resolved.kernel_id(), Some("eki-2"));
         assert_eq!(view_resolved.ramdisk_id(), Some("eri-8"));
+        // Nulls the schema allows leave the rest of the view whole.
+        for launch in [json!(null), json!({"kernel": null, "ramdisk": null})] {
+            resolved["status"]["launch"] = launch;
+            let view_nulls = InstanceView::of(&resolved);
+            assert_eq!(view_nulls.ramdisk_id(), None);
+            assert_eq!(view_nulls.instance_type(), "t1.micro");
+            assert_eq!(view_nulls.private_ip(), Some("10.0.0.5"));
+        }
         assert_eq!(view.reservation(), "r-9");
         assert_eq!(view.launch_index(), 3);
         assert_eq!(view.shown_state(), crds::InstanceState::Stopping);
