@@ -213,12 +213,18 @@ fn reload_tokens_on_hangup(auth: Authenticator, path: std::path::PathBuf) -> any
     Ok(())
 }
 
+/// What is logged when `RUST_LOG` says nothing: `info`, but not the S3 library's line for
+/// every error answer, which logs each client's mistake (a bad signature, a missing key) at
+/// ERROR. The gateway logs the failures that are its own (`s3::service`), and every S3 answer
+/// with a server error (`s3::S3Face::serve`).
+const DEFAULT_LOG_FILTER: &str = "info,s3s::ops=off";
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER)),
         )
         .init();
     let args = Args::parse();

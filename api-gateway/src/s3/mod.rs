@@ -811,6 +811,9 @@ impl S3Face {
             );
         }
         span.record("status", resp.status().as_u16());
+        if resp.status().is_server_error() {
+            tracing::warn!(parent: &span, status = resp.status().as_u16(), "S3 request answered with a server error");
+        }
         let labels = RequestLabels {
             verb: format!("s3:{method}"),
             resource: "s3".into(),
