@@ -437,3 +437,41 @@ async fn metadata_only_clients_get_partial_object_metadata() -> anyhow::Result<(
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kube_rs_discovery_finds_every_kind_and_drives_a_dynamic_api() -> anyhow::Result<()> {
+    use kube::core::{DynamicObject, GroupVersionKind};
+    use kube::discovery::{self, Discovery};
+    let c = cluster().await?;
+    let kc = c.gateway.kubeconfig(&c.tokens.admin, NS)?;
+    let client = client(&kc).await?;
+    // Discovery reads /api (the core group) as well as /apis.
+    let found = Discovery::new(client.clone()).run().await?;
+    let group = found
+        .get(crds::GROUP)
+        .context("discovery did not find karri.dev")?;
+    let kinds: HashSet<String> = group
+        .recommended_resources()
+        .into_iter()
+        .map(|(r, _)| r.kind)
+        .collect();
+    for kind in ["Instance", "Node", "KeyPair", "Image"] {
+        ensure!(kinds.contains(kind), "discovery lacks {kind}: {kinds:?}");
+    }
+    // An API built from what discovery found, with no Rust type.
+    let gvk = GroupVersionKind::gvk(crds::GROUP, crds::VERSION, "Instance");
+    let (resource, _) = discovery::pinned_kind(&client, &gvk).await?;
+    let api: Api<DynamicObject> = Api::namespaced_with(client, NS, &resource);
+    let made = api
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(serde_json::to_value(instance("dyn")?)?)?,
+        )
+        .await?;
+    ensure!(made.name_any() == "dyn", "created {made:?}");
+    ensure!(
+        api.list(&Default::default()).await?.items.len() == 1,
+        "the dynamic API lists what it made"
+    );
+    Ok(())
+}
