@@ -1059,6 +1059,124 @@ async fn kubectl_auth_can_i_answers_what_each_token_may_do() -> anyhow::Result<(
     Ok(())
 }
 
+/// What a token's SelfSubjectRulesReview lists, the gateway serves, and a kind it lists no read
+/// of, the gateway refuses: each kind's list (allowed exactly when a rule lists `list` on it,
+/// named or not), each named `get`, and the namespaces. Reads only; writes are checked
+/// against the same functions by the unit tables of `auth` and `review`.
+#[tokio::test(flavor = "multi_thread")]
+async fn what_a_rules_review_lists_is_served_and_what_it_leaves_out_is_refused(
+) -> anyhow::Result<()> {
+    let c = world().await?;
+    let admin = c.admin_api()?;
+    let kinds: Vec<(String, bool)> = admin.get_json(API).await?["resources"]
+        .as_array()
+        .context("no resources in discovery")?
+        .iter()
+        .filter_map(|r| Some((r["name"].as_str()?.to_owned(), r["namespaced"].as_bool()?)))
+        .filter(|(name, _)| !name.contains('/'))
+        .collect();
+    ensure!(kinds.len() > 5, "discovery lists {kinds:?}");
+    for (who, api, ns) in [
+        ("acme", account_api(&c, "acme")?, "acme"),
+        ("acme", account_api(&c, "acme")?, "globex"),
+        ("node-1", node_api(&c, "node-1")?, "acme"),
+        (
+            "node-1",
+            node_api(&c, "node-1")?,
+            crds::NODE_LEASE_NAMESPACE,
+        ),
+    ] {
+        let review = api
+            .request(
+                Method::POST,
+                "/apis/authorization.k8s.io/v1/selfsubjectrulesreviews",
+            )
+            .json(&json!({"apiVersion": "authorization.k8s.io/v1",
+                "kind": "SelfSubjectRulesReview", "spec": {"namespace": ns}}))
+            .send()
+            .await?;
+        ensure!(review.status() == 201, "{who} review: {}", review.status());
+        let review: Value = review.json().await?;
+        let rules: Vec<&Value> = review["status"]["resourceRules"]
+            .as_array()
+            .context("no rules")?
+            .iter()
+            .collect();
+        let strings = |v: &Value| -> Vec<String> {
+            v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(String::from)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let on = |group: &str, resource: &str, verb: &str| -> Vec<Vec<String>> {
+            rules
+                .iter()
+                .filter(|r| strings(&r["apiGroups"]).iter().any(|g| g == group))
+                .filter(|r| strings(&r["resources"]).iter().any(|x| x == resource))
+                .filter(|r| strings(&r["verbs"]).iter().any(|v| v == verb))
+                .map(|r| strings(&r["resourceNames"]))
+                .collect()
+        };
+        for (plural, namespaced) in &kinds {
+            let path = if *namespaced {
+                format!("{API}/namespaces/{ns}/{plural}")
+            } else {
+                format!("{API}/{plural}")
+            };
+            let listed = !on(crds::GROUP, plural, "list").is_empty();
+            let status = api.request(Method::GET, &path).send().await?.status();
+            ensure!(
+                (status != 403) == listed,
+                "{who} in {ns}: list {plural} answered {status}, the review lists it: {listed}"
+            );
+            for names in on(crds::GROUP, plural, "get") {
+                for name in names {
+                    let status = api
+                        .request(Method::GET, &format!("{path}/{name}"))
+                        .send()
+                        .await?
+                        .status();
+                    ensure!(
+                        status != 403,
+                        "{who} in {ns}: get {plural}/{name} is listed but answered {status}"
+                    );
+                }
+            }
+        }
+        for names in on("", "namespaces", "get") {
+            let shown = if names.is_empty() {
+                vec![ns.to_owned()]
+            } else {
+                names
+            };
+            for name in shown {
+                let status = api
+                    .request(Method::GET, &format!("/api/v1/namespaces/{name}"))
+                    .send()
+                    .await?
+                    .status();
+                ensure!(
+                    status == 200,
+                    "{who}: namespace {name} is listed but answered {status}"
+                );
+            }
+        }
+    }
+    // What the account's review does not name is refused.
+    let acme = account_api(&c, "acme")?;
+    let other = acme
+        .request(Method::GET, "/api/v1/namespaces/globex")
+        .send()
+        .await?
+        .status();
+    ensure!(other == 403, "acme reads namespace globex: {other}");
+    Ok(())
+}
+
 /// `kind: Lease` JSON with labels and finalizers.
 fn lease_json(name: &str, labels: Value, finalizers: &[&str]) -> Value {
     json!({
