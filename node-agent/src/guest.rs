@@ -505,7 +505,8 @@ impl Guests {
             // An overlay made over other bytes than the image has now (a location whose
             // contents changed) is retried, never failed for good: a failed launch terminates
             // the instance, and that would delete the disk holding its data.
-            images::create_overlay(&base, &overlay)
+            self.cache
+                .create_overlay(&base, &overlay)
                 .await
                 .map_err(GuestError::Files)?;
             prepared.disk = Some(DiskSpec {

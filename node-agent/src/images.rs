@@ -429,6 +429,11 @@ struct State {
 /// The file in the cache directory that keeps [`State::s3_contents`].
 const CONTENTS_FILE: &str = "s3-contents.json";
 
+/// The directory in the cache directory that keeps, for each cached image an instance's root
+/// disk was made from, its overlay template: an empty qcow2 overlay over it, named
+/// `<sha256>.<format>` (the format the image is read as), removed with the image.
+const TEMPLATES_DIR: &str = "overlay-templates";
+
 #[derive(Clone, Copy)]
 struct Entry {
     size: u64,
@@ -470,7 +475,8 @@ impl ImageCache {
         let dir = std::path::absolute(&dir).map_err(CacheError::io("resolve", &dir))?;
         let images = dir.join("sha256");
         let tmp = dir.join("tmp");
-        for d in [&images, &tmp] {
+        let templates = dir.join(TEMPLATES_DIR);
+        for d in [&images, &tmp, &templates] {
             std::fs::create_dir_all(d).map_err(CacheError::io("create", d))?;
         }
         for entry in std::fs::read_dir(&tmp).map_err(CacheError::io("list", &tmp))? {
@@ -516,6 +522,21 @@ impl ImageCache {
             state.entries.insert(sha, entry);
         }
         state.tick += 1;
+        // Templates of images no longer here (an eviction cut short): each names a missing
+        // backing file.
+        for entry in std::fs::read_dir(&templates).map_err(CacheError::io("list", &templates))? {
+            let entry = entry.map_err(CacheError::io("list", &templates))?;
+            let name = entry.file_name();
+            let sha = name
+                .to_str()
+                .and_then(|n| n.split('.').next())
+                .unwrap_or("");
+            if !state.entries.contains_key(sha) {
+                let path = entry.path();
+                std::fs::remove_file(&path).map_err(CacheError::io("remove", &path))?;
+                info!(path = %path.display(), "removed the overlay template of an image no longer cached");
+            }
+        }
         state.s3_contents = read_contents(&dir.join(CONTENTS_FILE))
             .into_iter()
             .filter(|(_, sha)| state.entries.contains_key(sha))
@@ -1171,6 +1192,18 @@ impl ImageCache {
                     continue;
                 }
             }
+            for format in [DiskFormat::Raw, DiskFormat::Qcow2] {
+                let template = self.template_path(&sha, format);
+                let remove_path = template.clone();
+                match blocking(move || std::fs::remove_file(&remove_path)).await? {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    // Removed at the next start (an orphan), or replaced if the image comes back.
+                    Err(e) => {
+                        warn!(path = %template.display(), error = %e, "cannot remove an overlay template")
+                    }
+                }
+            }
             info!(sha256 = %sha, bytes = entry.size, "evicted an image");
             freed += entry.size;
         }
@@ -1178,6 +1211,114 @@ impl ImageCache {
             Some(e) => Err(e),
             None => Ok(freed),
         }
+    }
+
+    /// Creates the qcow2 overlay `overlay` over `base`, by absolute path. Nothing to do if it
+    /// already exists over that base; an error if it exists over anything else. The overlay is
+    /// written under a temporary name and linked into place, so it is complete or absent and an
+    /// existing one is never replaced.
+    ///
+    /// It is a copy of the base's overlay template ([`TEMPLATES_DIR`]): every empty overlay
+    /// over one file in one format is the same bytes, so `qemu-img` makes one per cached image
+    /// instead of one per instance (a `qemu-img` run costs more CPU than the rest of a launch
+    /// on the test driver, and a batch of launches starts one each).
+    pub async fn create_overlay(
+        &self,
+        base: &CachedImage,
+        overlay: &Path,
+    ) -> Result<(), CacheError> {
+        let overlay = std::path::absolute(overlay).map_err(CacheError::io("resolve", overlay))?;
+        let span =
+            info_span!("create_overlay", overlay = %overlay.display(), base = %base.path.display());
+        async {
+            if overlay_exists(base, &overlay).await? {
+                debug!("the overlay already exists");
+                return Ok(());
+            }
+            let (Some(dir), Some(name)) = (overlay.parent(), overlay.file_name()) else {
+                return Err(CacheError::io("create", &overlay)(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "an overlay path needs a directory and a file name",
+                )));
+            };
+            let prefix = format!(".{}.", name.to_string_lossy());
+            remove_stale_temps(dir, &prefix).await;
+            let template = self.overlay_template(base).await?;
+            let tmp = TempFile(Some(
+                dir.join(format!("{prefix}{}.tmp", uuid::Uuid::new_v4().simple())),
+            ));
+            let target = overlay.clone();
+            let linked = blocking(move || {
+                copy_template(&template, tmp.path())?;
+                link_file(tmp, &target)
+            })
+            .await?;
+            match linked {
+                Ok(()) => {
+                    info!("overlay created");
+                    Ok(())
+                }
+                // Another caller created it meanwhile: fine if over the same base.
+                Err(CacheError::Io { source, .. })
+                    if source.kind() == io::ErrorKind::AlreadyExists =>
+                {
+                    if overlay_exists(base, &overlay).await? {
+                        Ok(())
+                    } else {
+                        Err(CacheError::OverlayConflict {
+                            overlay,
+                            backing: None,
+                        })
+                    }
+                }
+                Err(e) => Err(e),
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The overlay template of `base`, made if it is not there yet (under the publishing lock,
+    /// so that launches of one image at once make it once, and no eviction runs meanwhile).
+    /// Its backing file is the cache's own path of the image, the path `base` has.
+    async fn overlay_template(&self, base: &CachedImage) -> Result<PathBuf, CacheError> {
+        let path = self.template_path(&base.sha256, base.format);
+        async fn there(p: &Path) -> bool {
+            tokio::fs::symlink_metadata(p)
+                .await
+                .is_ok_and(|m| m.is_file())
+        }
+        if there(&path).await {
+            return Ok(path);
+        }
+        let _publishing = self.inner.publish.lock().await;
+        if there(&path).await {
+            return Ok(path);
+        }
+        let tmp =
+            TempFile(Some(self.config.dir.join("tmp").join(format!(
+                "template-{}.qcow2",
+                uuid::Uuid::new_v4().simple()
+            ))));
+        let backing = self.image_path(&base.sha256);
+        qemu_img_overlay(&backing, base.format, tmp.path(), &path).await?;
+        let target = path.clone();
+        blocking(move || {
+            std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o444))
+                .map_err(CacheError::io("make read-only", tmp.path()))?;
+            link_file(tmp, &target)
+        })
+        .await??;
+        info!(template = %path.display(), "overlay template created");
+        Ok(path)
+    }
+
+    /// Where the overlay template of image `sha` read as `format` is kept.
+    fn template_path(&self, sha: &str, format: DiskFormat) -> PathBuf {
+        self.config
+            .dir
+            .join(TEMPLATES_DIR)
+            .join(format!("{sha}.{}", format.as_str()))
     }
 
     fn image_path(&self, sha: &str) -> PathBuf {
@@ -1245,67 +1386,33 @@ async fn remove_stale_temps(dir: &Path, prefix: &str) {
     }
 }
 
-/// Creates the qcow2 overlay `overlay` over `base`, by absolute path. Nothing to do if it
-/// already exists over that base; an error if it exists over anything else. The overlay is
-/// written under a temporary name and linked into place, so it is complete or absent and an
-/// existing one is never replaced.
-pub async fn create_overlay(base: &CachedImage, overlay: &Path) -> Result<(), CacheError> {
-    let overlay = std::path::absolute(overlay).map_err(CacheError::io("resolve", overlay))?;
-    let span =
-        info_span!("create_overlay", overlay = %overlay.display(), base = %base.path.display());
-    async {
-        if overlay_exists(base, &overlay).await? {
-            debug!("the overlay already exists");
-            return Ok(());
-        }
-        let (Some(dir), Some(name)) = (overlay.parent(), overlay.file_name()) else {
-            return Err(CacheError::io("create", &overlay)(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "an overlay path needs a directory and a file name",
-            )));
-        };
-        let prefix = format!(".{}.", name.to_string_lossy());
-        remove_stale_temps(dir, &prefix).await;
-        let tmp = TempFile(Some(
-            dir.join(format!("{prefix}{}.tmp", uuid::Uuid::new_v4().simple())),
-        ));
-        let mut create = tokio::process::Command::new("qemu-img");
-        create
-            .args([
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                base.format.as_str(),
-                "-b",
-            ])
-            .arg(&base.path)
-            .arg(tmp.path());
-        run_qemu_img(create, "create", &overlay).await?;
-        let target = overlay.clone();
-        let linked = blocking(move || link_file(tmp, &target)).await?;
-        match linked {
-            Ok(()) => {
-                info!("overlay created");
-                Ok(())
-            }
-            // Another caller created it meanwhile: fine if over the same base.
-            Err(CacheError::Io { source, .. }) if source.kind() == io::ErrorKind::AlreadyExists => {
-                if overlay_exists(base, &overlay).await? {
-                    Ok(())
-                } else {
-                    Err(CacheError::OverlayConflict {
-                        overlay,
-                        backing: None,
-                    })
-                }
-            }
-            Err(e) => Err(e),
-        }
-    }
-    .instrument(span)
-    .await
+/// Makes the empty qcow2 overlay `path` over `backing` (read as `format`) with `qemu-img`.
+async fn qemu_img_overlay(
+    backing: &Path,
+    format: DiskFormat,
+    path: &Path,
+    reported_as: &Path,
+) -> Result<(), CacheError> {
+    let mut create = tokio::process::Command::new("qemu-img");
+    create
+        .args(["create", "-q", "-f", "qcow2", "-F", format.as_str(), "-b"])
+        .arg(backing)
+        .arg(path);
+    run_qemu_img(create, "create", reported_as).await?;
+    Ok(())
+}
+
+/// Copies the overlay template `template` to the new file `to`, made as any new file of the
+/// agent's is (the template itself is read-only).
+fn copy_template(template: &Path, to: &Path) -> Result<(), CacheError> {
+    let mut from = std::fs::File::open(template).map_err(CacheError::io("read", template))?;
+    let mut file = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .open(to)
+        .map_err(CacheError::io("create", to))?;
+    io::copy(&mut from, &mut file).map_err(CacheError::io("write", to))?;
+    Ok(())
 }
 
 /// Removes an overlay; an overlay already absent is fine.
@@ -2398,7 +2505,7 @@ mod tests {
         let overlay = dir.path().join("vm/disk.qcow2");
         std::fs::create_dir_all(overlay.parent().expect("has a parent")).expect("mkdir");
 
-        create_overlay(&base, &overlay).await.expect("create");
+        cache.create_overlay(&base, &overlay).await.expect("create");
 
         let info = qemu_img_info(&overlay, false).await.expect("info");
         assert_eq!(info.format, "qcow2");
@@ -2421,13 +2528,18 @@ mod tests {
             bases.push(cache.get(&raw(&path, None)).await.expect("get"));
         }
         let overlay = dir.path().join("disk.qcow2");
-        create_overlay(&bases[0], &overlay).await.expect("create");
+        cache
+            .create_overlay(&bases[0], &overlay)
+            .await
+            .expect("create");
         let first = std::fs::metadata(&overlay).expect("meta");
 
-        create_overlay(&bases[0], &overlay)
+        cache
+            .create_overlay(&bases[0], &overlay)
             .await
             .expect("idempotent");
-        let err = create_overlay(&bases[1], &overlay)
+        let err = cache
+            .create_overlay(&bases[1], &overlay)
             .await
             .expect_err("another base");
 
@@ -2439,6 +2551,86 @@ mod tests {
         assert!(
             matches!(&err, CacheError::OverlayConflict { backing: Some(b), .. } if Path::new(b) == bases[0].path)
         );
+    }
+
+    #[tokio::test]
+    async fn overlays_of_one_image_are_copies_of_one_template_that_qemu_img_made_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = ImageCache::open(dir.path().join("cache"), 1 << 20).expect("open");
+        let path = dir.path().join("a.raw");
+        std::fs::write(&path, vec![7u8; 65536]).expect("write");
+        let base = cache.get(&raw(&path, None)).await.expect("get");
+        let (first, second) = (dir.path().join("1.qcow2"), dir.path().join("2.qcow2"));
+
+        cache.create_overlay(&base, &first).await.expect("create");
+        let template = cache.template_path(&base.sha256, DiskFormat::Raw);
+        let made = std::fs::metadata(&template).expect("the template is kept");
+        cache.create_overlay(&base, &second).await.expect("create");
+
+        let again = std::fs::metadata(&template).expect("the template is kept");
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::ino(&again),
+            std::os::unix::fs::MetadataExt::ino(&made),
+            "the template was made again"
+        );
+        assert_eq!(
+            made.permissions().mode() & 0o222,
+            0,
+            "the template is writable"
+        );
+        let fresh = dir.path().join("fresh.qcow2");
+        let backing = base.path.to_str().expect("UTF-8");
+        let fresh_path = fresh.to_str().expect("UTF-8");
+        qemu_img(&[
+            "create", "-q", "-f", "qcow2", "-F", "raw", "-b", backing, fresh_path,
+        ]);
+        let want = std::fs::read(&fresh).expect("read");
+        for overlay in [&first, &second] {
+            assert_eq!(
+                std::fs::read(overlay).expect("read"),
+                want,
+                "{} is not what qemu-img makes",
+                overlay.display()
+            );
+            let mode = std::fs::metadata(overlay)
+                .expect("meta")
+                .permissions()
+                .mode();
+            assert_ne!(mode & 0o200, 0, "{} is read-only", overlay.display());
+            let info = qemu_img_info(overlay, false).await.expect("info");
+            assert_eq!(
+                info.backing.as_deref().map(Path::new),
+                Some(base.path.as_path())
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_evicted_image_takes_its_overlay_template_along_and_reopening_drops_orphans() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = ImageCache::open(dir.path().join("cache"), 100_000).expect("open");
+        let mut bases = Vec::new();
+        for (name, byte) in [("a.raw", 1u8), ("b.raw", 2u8)] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, vec![byte; 65536]).expect("write");
+            let base = cache.get(&raw(&path, None)).await.expect("get");
+            cache
+                .create_overlay(&base, &dir.path().join(format!("{name}.qcow2")))
+                .await
+                .expect("create");
+            bases.push(base);
+        }
+        let templates = dir.path().join("cache").join(TEMPLATES_DIR);
+
+        // Fetching b evicted a (the cache holds one of them): a's template went with it.
+        assert!(!bases[0].path.exists(), "a was not evicted");
+        assert_eq!(names(&templates), vec![format!("{}.raw", bases[1].sha256)]);
+
+        let orphan = templates.join(format!("{}.qcow2", "0".repeat(64)));
+        std::fs::write(&orphan, b"an overlay over an image not cached").expect("write");
+        drop(cache);
+        let _reopened = ImageCache::open(dir.path().join("cache"), 100_000).expect("reopen");
+        assert_eq!(names(&templates), vec![format!("{}.raw", bases[1].sha256)]);
     }
 
     #[test]
@@ -2483,7 +2675,8 @@ mod tests {
             .open(&stale)
             .and_then(|f| f.set_modified(an_hour_ago))
             .expect("aged");
-        create_overlay(&base, &dir.path().join("disk.qcow2"))
+        cache
+            .create_overlay(&base, &dir.path().join("disk.qcow2"))
             .await
             .expect("create");
         assert!(

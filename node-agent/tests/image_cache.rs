@@ -11,7 +11,7 @@ use futures::future::join_all;
 use futures::future::BoxFuture;
 use futures::FutureExt as _;
 use node_agent::domain::DiskFormat;
-use node_agent::images::{create_overlay, CacheError, ImageCache, ImageSource};
+use node_agent::images::{CacheError, ImageCache, ImageSource};
 use node_agent::presign::{Presign, PresignError};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -373,7 +373,8 @@ async fn an_overlay_over_an_image_fetched_over_http_names_it_as_backing_file() {
         .expect("get");
     let overlay = dir.path().join("i-0123456789abcdef0.qcow2");
 
-    create_overlay(&base, &overlay)
+    cache
+        .create_overlay(&base, &overlay)
         .await
         .expect("create the overlay");
 
@@ -388,7 +389,8 @@ async fn an_overlay_over_an_image_fetched_over_http_names_it_as_backing_file() {
     assert_eq!(info["backing-filename"], base.path.to_str().expect("UTF-8"));
     assert_eq!(info["backing-filename-format"], "raw");
     assert_eq!(info["virtual-size"], 1 << 20);
-    create_overlay(&base, &overlay)
+    cache
+        .create_overlay(&base, &overlay)
         .await
         .expect("creating it again is a no-op");
 }
