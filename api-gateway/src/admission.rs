@@ -211,6 +211,12 @@ pub fn new_id(prefix: &str) -> String {
     format!("{prefix}-{n:017x}")
 }
 
+/// A fresh random (version 4) UUID, from the thread's CSPRNG: `Uuid::new_v4` asks the kernel
+/// (a `getrandom` call) for each, and a create makes two (its UID, its request ID).
+pub fn new_uuid() -> uuid::Uuid {
+    uuid::Builder::from_random_bytes(rand::rng().random()).into_uuid()
+}
+
 /// A fresh random name suffix as Kubernetes makes for `generateName`.
 pub fn name_suffix() -> String {
     const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
@@ -798,6 +804,17 @@ pub fn comparable(v: &Value) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_uuid_is_a_random_version_4_uuid_and_never_the_last() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let id = new_uuid();
+            assert_eq!(id.get_version(), Some(uuid::Version::Random), "{id}");
+            assert_eq!(id.get_variant(), uuid::Variant::RFC4122, "{id}");
+            assert!(seen.insert(id), "{id} came twice");
+        }
+    }
 
     #[test]
     fn a_record_nested_deeper_than_the_reader_reads_back_is_refused() {

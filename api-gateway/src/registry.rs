@@ -690,7 +690,7 @@ impl Registry {
                 };
                 let new = NewRecord {
                     now: now(),
-                    uid: uuid::Uuid::new_v4().to_string(),
+                    uid: crate::admission::new_uuid().to_string(),
                     id: id.clone(),
                 };
                 let (mut obj, warnings) =

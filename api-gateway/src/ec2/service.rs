@@ -80,7 +80,7 @@ pub fn looks_like_aws(req: &Request) -> bool {
 
 /// The axum handler of the EC2 face.
 pub async fn serve(State(s): State<Arc<AppState>>, req: Request) -> Response {
-    let request_id = uuid::Uuid::new_v4().to_string();
+    let request_id = crate::admission::new_uuid().to_string();
     let span = tracing::info_span!("ec2", request_id = %request_id, action = tracing::field::Empty, account = tracing::field::Empty);
     handle(s, req, request_id).instrument(span).await
 }

@@ -102,7 +102,7 @@ async fn s3_first(State(s): St, req: Request, next: axum::middleware::Next) -> R
             // Only without an S3 face: one would have claimed it.
             crate::s3::Face::S3 => {
                 let refusal = crate::s3::Refusal::no_s3_face();
-                let request_id = uuid::Uuid::new_v4().simple().to_string();
+                let request_id = crate::admission::new_uuid().simple().to_string();
                 return (
                     refusal.status,
                     [(header::CONTENT_TYPE, "application/xml")],

@@ -241,7 +241,7 @@ fn modified_unless_gone(entry: &std::fs::DirEntry) -> Result<Option<SystemTime>,
 }
 
 fn new_blob_id() -> String {
-    uuid::Uuid::new_v4().simple().to_string()
+    crate::admission::new_uuid().simple().to_string()
 }
 
 #[async_trait::async_trait]

@@ -721,7 +721,7 @@ impl S3Face {
             })
         });
         let method = req.method().clone();
-        let request_id = uuid::Uuid::new_v4().simple().to_string();
+        let request_id = crate::admission::new_uuid().simple().to_string();
         let span = tracing::info_span!("s3", request_id = %request_id, method = %method, path = %req.uri().path(), account = tracing::field::Empty, status = tracing::field::Empty);
         let virtual_host = req
             .headers()

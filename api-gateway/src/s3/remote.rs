@@ -95,7 +95,7 @@ impl RemoteBlobs {
 #[async_trait::async_trait]
 impl BlobStore for RemoteBlobs {
     async fn put(&self, mut body: ByteStream<'_>, limit: u64) -> Result<Written, BlobError> {
-        let id = uuid::Uuid::new_v4().simple().to_string();
+        let id = crate::admission::new_uuid().simple().to_string();
         let path = path_of(&id);
         let mut md5 = Md5::new();
         let mut size = 0u64;

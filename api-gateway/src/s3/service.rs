@@ -3053,7 +3053,7 @@ impl S3 for KarriS3 {
         let bucket = self
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
             .await?;
-        let upload_id = uuid::Uuid::new_v4().simple().to_string();
+        let upload_id = crate::admission::new_uuid().simple().to_string();
         let meta = UploadMeta {
             key: input.key.clone(),
             initiated_ms: now_ms(),
