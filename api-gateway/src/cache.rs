@@ -25,8 +25,10 @@ pub struct CachedObject {
     pub key: String,
     /// The object, `metadata.resourceVersion` set to its mod revision.
     pub value: Value,
-    /// `value` serialized once, for lists and watch events.
-    pub json: Bytes,
+    /// `value` serialized, for lists and watch events: made the first time one asks for it
+    /// ([`CachedObject::json`]), as most records of a busy moment are never listed or watched
+    /// before they change again, and then kept.
+    json: std::sync::OnceLock<Bytes>,
     /// The etcd mod revision.
     pub revision: i64,
     /// A face's rendering of the record (EC2's `instancesSet` item of an Instance), made the
@@ -57,14 +59,19 @@ impl CachedObject {
 
     /// Build from a value whose resourceVersion is already set.
     pub fn from_value(key: String, value: Value, revision: i64) -> Self {
-        let json = Bytes::from(serde_json::to_vec(&value).unwrap_or_default());
         CachedObject {
             key,
             value,
-            json,
+            json: std::sync::OnceLock::new(),
             revision,
             rendering: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The object serialized, as lists and watch events send it.
+    pub fn json(&self) -> &Bytes {
+        self.json
+            .get_or_init(|| Bytes::from(serde_json::to_vec(&self.value).unwrap_or_default()))
     }
 
     /// The object's UID.

@@ -1161,7 +1161,12 @@ impl Registry {
         who: &Principal,
         opts: &DeleteOptions,
     ) -> ApiResult<Value> {
-        Ok(self.delete_reporting(kind, ns, name, who, opts).await?.0)
+        // Boxed, as every call below: a delete's future is large (tens of KiB), and it would
+        // otherwise make the future of every request that may delete as large, moved (copied)
+        // through each layer of the HTTP stack on every request, creates included.
+        Ok(Box::pin(self.delete_reporting(kind, ns, name, who, opts))
+            .await?
+            .0)
     }
 
     /// [`Registry::delete`], saying also whether the record is gone (removed, or for a dry run
@@ -1175,7 +1180,7 @@ impl Registry {
         opts: &DeleteOptions,
     ) -> ApiResult<(Value, bool)> {
         if kind.info.plural != "buckets" {
-            return self.delete_record(kind, ns, name, who, opts).await;
+            return Box::pin(self.delete_record(kind, ns, name, who, opts)).await;
         }
         let marker = match self.mark_bucket(name).await {
             Ok(marker) => Some(marker),
@@ -1184,7 +1189,7 @@ impl Registry {
             Err(e) if e.code == 409 && self.bucket_marked_deleted(name).await? => None,
             Err(e) => return Err(e),
         };
-        let result = self.delete_record(kind, ns, name, who, opts).await;
+        let result = Box::pin(self.delete_record(kind, ns, name, who, opts)).await;
         if let Some(marker) = marker {
             unmark_bucket(marker, name).await;
         }
@@ -2222,7 +2227,7 @@ mod tests {
             WatchEvent::Deleted(o) => ("DELETED", o),
             _ => panic!("a change is never a bookmark or an error"),
         };
-        let json: Value = serde_json::from_slice(&o.json).expect("the event's JSON parses");
+        let json: Value = serde_json::from_slice(o.json()).expect("the event's JSON parses");
         assert_eq!(json, o.value, "the sent JSON is the object");
         Some((
             kind,

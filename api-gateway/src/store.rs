@@ -169,8 +169,11 @@ where
     Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
 {
     let mut delay = Duration::from_millis(20);
+    // Boxed: an etcd client's request future is large (KiBs of gRPC state), and inline it would
+    // make every future awaiting one as large, copied through each layer of the HTTP stack on
+    // every request (a create's was about 38 KiB).
     for _ in 0..7 {
-        match within_deadline(op()).await {
+        match within_deadline(Box::pin(op())).await {
             Err(e) if never_reached_etcd(&e) => {
                 tracing::debug!(error = %e, "etcd member unreachable; trying again");
                 tokio::time::sleep(delay).await;
@@ -179,7 +182,7 @@ where
             other => return other,
         }
     }
-    within_deadline(op()).await
+    within_deadline(Box::pin(op())).await
 }
 
 /// Key prefix of every record of one kind (all namespaces).

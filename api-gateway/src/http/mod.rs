@@ -950,7 +950,7 @@ async fn resource_request(
         (Endpoint::Collection { .. }, "DELETE") => {
             ctx.authorize(Verb::DeleteCollection, None)?;
             let opts = delete_request_options(req, s.max_body, &q).await?;
-            delete_collection(&ctx, &q, &opts).await
+            Box::pin(delete_collection(&ctx, &q, &opts)).await
         }
         (Endpoint::Object { name, .. }, "GET") => {
             ctx.authorize(Verb::Get, Some(&name))?;
@@ -1039,9 +1039,13 @@ async fn resource_request(
         ) => {
             ctx.authorize(Verb::Delete, Some(&name))?;
             let opts = delete_request_options(req, s.max_body, &q).await?;
-            let (obj, gone) = s
-                .registry
-                .delete_reporting(&kind, ns.as_deref(), &name, who, &opts)
+            // Boxed: a delete's future is large, and inline it would make every request's as
+            // large (copied through each layer of the HTTP stack).
+            let (obj, gone) =
+                Box::pin(
+                    s.registry
+                        .delete_reporting(&kind, ns.as_deref(), &name, who, &opts),
+                )
                 .await?;
             if gone {
                 // As kube-apiserver answers for a custom resource removed at once: a Success
@@ -1488,11 +1492,14 @@ async fn delete_collection(
             ..opts.clone()
         };
         let caller_uid = opts.uid.is_some();
-        match ctx
-            .s
-            .registry
-            .delete_reporting(&ctx.kind, ctx.ns.as_deref(), name, ctx.who, &mine)
-            .await
+        match Box::pin(ctx.s.registry.delete_reporting(
+            &ctx.kind,
+            ctx.ns.as_deref(),
+            name,
+            ctx.who,
+            &mine,
+        ))
+        .await
         {
             Ok((obj, _gone)) => deleted.push(obj),
             // Deleted, or deleted and made again, by someone else meanwhile.
@@ -1554,14 +1561,14 @@ async fn list(ctx: &Ctx<'_>, q: &HashMap<String, String>, view: View) -> ApiResu
         ctx.kind.list_kind(),
         meta
     );
-    let total: usize = page.items.iter().map(|o| o.json.len() + 1).sum();
+    let total: usize = page.items.iter().map(|o| o.json().len() + 1).sum();
     let mut body = Vec::with_capacity(head.len() + total + 2);
     body.extend_from_slice(head.as_bytes());
     for (i, o) in page.items.iter().enumerate() {
         if i > 0 {
             body.push(b',');
         }
-        body.extend_from_slice(&o.json);
+        body.extend_from_slice(o.json());
     }
     body.extend_from_slice(b"]}");
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
@@ -1665,7 +1672,7 @@ async fn watch(
                 View::Full => {
                     let mut line =
                         format!("{{\"type\":\"{}\",\"object\":", event_type(&ev)).into_bytes();
-                    line.extend_from_slice(&o.json);
+                    line.extend_from_slice(o.json());
                     line.extend_from_slice(b"}\n");
                     return Ok::<_, std::convert::Infallible>(Bytes::from(line));
                 }
