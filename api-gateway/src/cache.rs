@@ -18,7 +18,8 @@ use tokio::sync::watch;
 use crate::capacity::Claim;
 use crate::store::{plural_of_key, KARRI_PREFIX, REGISTRY_PREFIX};
 
-/// One record as the cache holds it: parsed, with its resourceVersion set, and serialized.
+/// One record as the cache holds it: parsed, with its resourceVersion set (serialized once it is
+/// first sent).
 #[derive(Debug)]
 pub struct CachedObject {
     /// The etcd key.
