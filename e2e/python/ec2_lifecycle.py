@@ -268,6 +268,35 @@ def launch(ec2, image_id):
         )
     ok("each running instance shows its primary network interface")
 
+    # The interface's own filters, and EC2's platform filters (Karri runs Linux on demand).
+    described = all_instances(ec2, InstanceIds=ids)
+    first = next(i for i in described if i["InstanceId"] == ids[0])
+    nic = first["NetworkInterfaces"][0]
+    same_subnet = [i["InstanceId"] for i in described if i["NetworkInterfaces"][0]["SubnetId"] == nic["SubnetId"]]
+    for name, value, want in [
+        ("network-interface.subnet-id", nic["SubnetId"], same_subnet),
+        ("network-interface.mac-address", nic["MacAddress"], ids[:1]),
+        ("network-interface.network-interface-id", nic["NetworkInterfaceId"], ids[:1]),
+        ("network-interface.attachment.status", "attached", ids),
+        ("platform-details", "Linux/UNIX", ids),
+        ("platform", "windows", []),
+        ("instance-lifecycle", "spot", []),
+    ]:
+        found = all_instances(
+            ec2,
+            Filters=[
+                {"Name": name, "Values": [value]},
+                {"Name": "instance-id", "Values": ids},
+            ],
+        )
+        got = sorted(i["InstanceId"] for i in found)
+        check(got == sorted(want), f"filter {name}={value} finds {got}, expected {sorted(want)}")
+    check(
+        first.get("PlatformDetails") == "Linux/UNIX" and first.get("UsageOperation") == "RunInstances",
+        f"{first['InstanceId']} shows platform details {first.get('PlatformDetails')!r}",
+    )
+    ok("network-interface.*, platform, platform-details and instance-lifecycle filters match as shown")
+
     running = all_instances(
         ec2,
         Filters=[

@@ -185,6 +185,8 @@ fn image_values<'v>(v: &'v Value, name: &str, owner: &'v str, own: bool) -> Vec<
         "virtualization-type" => filter::shown(VIRTUALIZATION_TYPE),
         "hypervisor" => filter::shown(HYPERVISOR),
         "boot-mode" => filter::shown(BOOT_MODE),
+        "platform-details" => filter::shown(PLATFORM_DETAILS),
+        "usage-operation" => filter::shown(USAGE_OPERATION),
         // As `creationDate` shows it, so that `2026-*` matches.
         "creation-date" => filter::shown_owned(time_text(created(v))),
         "state-reason-code" => match opt(v, "/status/message") {
@@ -712,6 +714,8 @@ mod tests {
                 ("owner-alias", "imageOwnerAlias"),
                 ("owner-id", "imageOwnerId"),
                 ("platform", "platform"),
+                ("platform-details", "platformDetails"),
+                ("usage-operation", "usageOperation"),
                 ("ramdisk-id", "ramdiskId"),
                 ("root-device-name", "rootDeviceName"),
                 ("root-device-type", "rootDeviceType"),

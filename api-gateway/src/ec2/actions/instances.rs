@@ -81,6 +81,9 @@ const TENANCY: &str = "default";
 const MONITORING_STATE: &str = "disabled";
 const SOURCE_DEST_CHECK: bool = true;
 const EBS_OPTIMIZED: bool = false;
+/// What every instance runs and is billed as, as EC2 names a Linux on-demand instance's.
+const PLATFORM_DETAILS: &str = "Linux/UNIX";
+const USAGE_OPERATION: &str = "RunInstances";
 
 /// The values a DescribeInstances filter sees on an instance: what [`write_instance`] (and the
 /// reservation around it, for `reservation-id` and `owner-id`) shows.
@@ -102,9 +105,7 @@ fn instance_values<'v>(
         "availability-zone" => filter::shown(v.zone()),
         "key-name" => filter::shown_opt(v.key_name()),
         // The instance's one address; the response lists no network interfaces of its own.
-        "private-ip-address" | "network-interface.addresses.private-ip-address" => {
-            filter::shown_opt(v.private_ip())
-        }
+        "private-ip-address" => filter::shown_opt(v.private_ip()),
         "ip-address" => filter::shown_opt(v.public_ip()),
         "private-dns-name" => filter::shown_owned(private_dns(v.private_ip(), region)),
         "reservation-id" => filter::shown_owned(v.reservation()),
@@ -148,9 +149,17 @@ fn instance_values<'v>(
             Some(_) => filter::shown(v.message()),
             None => Vec::new(),
         },
+        "platform-details" => filter::shown(PLATFORM_DETAILS),
+        "usage-operation" => filter::shown(USAGE_OPERATION),
+        // Its one interface, as `networkInterfaceSet` shows it (once it has an address).
+        n if n.starts_with("network-interface.") => interface_values(v, n, region),
         // Shown empty on every instance: no public DNS name, no placement group, no product
-        // codes and no block devices (the root disk is instance storage). These match nothing.
-        "dns-name"
+        // codes and no block devices (the root disk is instance storage); no `platform` (it is
+        // shown only for Windows) and no `instanceLifecycle` (only spot and scheduled
+        // instances have one). These match nothing.
+        "platform"
+        | "instance-lifecycle"
+        | "dns-name"
         | "placement-group-name"
         | "product-code"
         | "product-code.type"
@@ -159,6 +168,40 @@ fn instance_values<'v>(
         | "block-device-mapping.device-name"
         | "block-device-mapping.status"
         | "block-device-mapping.volume-id" => Vec::new(),
+        _ => Vec::new(),
+    }
+}
+
+/// The values a `network-interface.*` filter sees on an instance: those of the interface
+/// [`write_instance`] shows in its `networkInterfaceSet`; none before it has one.
+fn interface_values<'v>(v: &InstanceView<'v>, name: &str, region: &str) -> Vec<Cow<'v, str>> {
+    let Some((ip, mac)) = v.private_ip().zip(v.mac_address()) else {
+        return Vec::new();
+    };
+    let eni = v.network_interface_id();
+    match name.trim_start_matches("network-interface.") {
+        "network-interface-id" => filter::shown_owned(eni),
+        "subnet-id" => subnet_of(v.zone())
+            .map(filter::shown_owned)
+            .unwrap_or_default(),
+        "vpc-id" => filter::shown_owned(default_vpc_id(region)),
+        "status" => filter::shown("in-use"),
+        "mac-address" => filter::shown_owned(mac),
+        "private-dns-name" | "addresses.private-dns-name" => {
+            filter::shown_owned(private_dns(Some(ip), region))
+        }
+        "addresses.private-ip-address" => filter::shown(ip),
+        "addresses.primary" => filter::shown_bool(true),
+        "source-dest-check" => filter::shown_bool(SOURCE_DEST_CHECK),
+        "group-id" | "group-name" => filter::shown_all(v.security_group_ids().iter().copied()),
+        "attachment.attachment-id" => {
+            filter::shown_owned(format!("eni-attach-{}", eni.trim_start_matches("eni-")))
+        }
+        "attachment.device-index" | "attachment.network-card-index" => filter::shown_number(0),
+        "attachment.status" => filter::shown("attached"),
+        "attachment.attach-time" => filter::shown_owned(time_text(v.launch_time())),
+        "attachment.delete-on-termination" => filter::shown_bool(true),
+        // Shown empty: no IPv6 addresses.
         _ => Vec::new(),
     }
 }
@@ -257,6 +300,8 @@ fn write_instance(w: &mut Response, v: &InstanceView<'_>, region: &str) {
         w.empty("ipv6AddressesSet");
     });
     w.leaf_bool("ebsOptimized", EBS_OPTIMIZED);
+    w.leaf("platformDetails", PLATFORM_DETAILS)
+        .leaf("usageOperation", USAGE_OPERATION);
     w.element("cpuOptions", |_| {});
     w.element("metadataOptions", |w| {
         w.leaf("state", v.metadata_options_state())
@@ -1837,8 +1882,84 @@ mod tests {
                 ("monitoring-state", "instancesSet/item/monitoring/state"),
                 (
                     "network-interface.addresses.private-ip-address",
-                    "instancesSet/item/privateIpAddress",
+                    "instancesSet/item/networkInterfaceSet/item/privateIpAddressesSet/item/privateIpAddress",
                 ),
+                (
+                    "network-interface.addresses.private-dns-name",
+                    "instancesSet/item/networkInterfaceSet/item/privateIpAddressesSet/item/privateDnsName",
+                ),
+                (
+                    "network-interface.addresses.primary",
+                    "instancesSet/item/networkInterfaceSet/item/privateIpAddressesSet/item/primary",
+                ),
+                (
+                    "network-interface.attachment.attach-time",
+                    "instancesSet/item/networkInterfaceSet/item/attachment/attachTime",
+                ),
+                (
+                    "network-interface.attachment.attachment-id",
+                    "instancesSet/item/networkInterfaceSet/item/attachment/attachmentId",
+                ),
+                (
+                    "network-interface.attachment.delete-on-termination",
+                    "instancesSet/item/networkInterfaceSet/item/attachment/deleteOnTermination",
+                ),
+                (
+                    "network-interface.attachment.device-index",
+                    "instancesSet/item/networkInterfaceSet/item/attachment/deviceIndex",
+                ),
+                (
+                    "network-interface.attachment.network-card-index",
+                    "instancesSet/item/networkInterfaceSet/item/attachment/networkCardIndex",
+                ),
+                (
+                    "network-interface.attachment.status",
+                    "instancesSet/item/networkInterfaceSet/item/attachment/status",
+                ),
+                (
+                    "network-interface.group-id",
+                    "instancesSet/item/networkInterfaceSet/item/groupSet/item/groupId",
+                ),
+                (
+                    "network-interface.group-name",
+                    "instancesSet/item/networkInterfaceSet/item/groupSet/item/groupName",
+                ),
+                (
+                    "network-interface.ipv6-addresses.ipv6-address",
+                    "instancesSet/item/networkInterfaceSet/item/ipv6AddressesSet/item/ipv6Address",
+                ),
+                (
+                    "network-interface.mac-address",
+                    "instancesSet/item/networkInterfaceSet/item/macAddress",
+                ),
+                (
+                    "network-interface.network-interface-id",
+                    "instancesSet/item/networkInterfaceSet/item/networkInterfaceId",
+                ),
+                (
+                    "network-interface.private-dns-name",
+                    "instancesSet/item/networkInterfaceSet/item/privateDnsName",
+                ),
+                (
+                    "network-interface.source-dest-check",
+                    "instancesSet/item/networkInterfaceSet/item/sourceDestCheck",
+                ),
+                (
+                    "network-interface.status",
+                    "instancesSet/item/networkInterfaceSet/item/status",
+                ),
+                (
+                    "network-interface.subnet-id",
+                    "instancesSet/item/networkInterfaceSet/item/subnetId",
+                ),
+                (
+                    "network-interface.vpc-id",
+                    "instancesSet/item/networkInterfaceSet/item/vpcId",
+                ),
+                ("platform", "instancesSet/item/platform"),
+                ("platform-details", "instancesSet/item/platformDetails"),
+                ("instance-lifecycle", "instancesSet/item/instanceLifecycle"),
+                ("usage-operation", "instancesSet/item/usageOperation"),
                 ("owner-id", "ownerId"),
                 (
                     "placement-group-name",
@@ -1882,7 +2003,10 @@ mod tests {
                 "block-device-mapping.status",
                 "block-device-mapping.volume-id",
                 "dns-name",
+                "instance-lifecycle",
+                "network-interface.ipv6-addresses.ipv6-address",
                 "placement-group-name",
+                "platform",
                 "product-code",
                 "product-code.type",
             ],
