@@ -264,15 +264,18 @@ pub fn check_tags(field: &str, tags: &[crate::common::Tag]) -> Result<(), Valida
                 "be at most 256 characters",
             ));
         }
+        // EC2 takes any character in a tag; tab, line feed and carriage return are kept (a
+        // multi-line description). Other control characters are refused: XML 1.0, which every
+        // EC2 answer is, cannot carry them.
         if tag
             .key
             .chars()
             .chain(tag.value.chars())
-            .any(char::is_control)
+            .any(|c| c.is_control() && !matches!(c, '\t' | '\n' | '\r'))
         {
             return Err(ValidationError::invalid(
                 at.clone(),
-                "hold no control characters",
+                "hold no control characters but tab, line feed and carriage return",
             ));
         }
         if !seen.insert(tag.key.as_str()) {
@@ -309,6 +312,25 @@ mod tests {
                 ok,
                 "is_valid_id({prefix:?}, {id:?})"
             );
+        }
+    }
+
+    #[test]
+    fn tags_keep_tabs_and_line_ends_and_refuse_other_control_characters() {
+        let tag = |key: &str, value: &str| crate::common::Tag {
+            key: key.into(),
+            value: value.into(),
+        };
+        let rows = [
+            (tag("Description", "line one\nline two\r\n\tindented"), true),
+            (tag("a\tb", "x"), true),
+            (tag("emoji", "\u{1F680} <&> \u{2028}"), true),
+            (tag("bell", "a\u{7}b"), false),
+            (tag("nul\u{0}", "x"), false),
+            (tag("del", "\u{7f}"), false),
+        ];
+        for (t, ok) in rows {
+            assert_eq!(check_tags("spec.tags", &[t.clone()]).is_ok(), ok, "{t:?}");
         }
     }
 

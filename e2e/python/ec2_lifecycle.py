@@ -311,6 +311,16 @@ def launch(ec2, image_id):
     tags = {t["Key"]: t["Value"] for t in running[0].get("Tags", [])}
     check(tags == {t["Key"]: t["Value"] for t in TAGS}, f"tags of {running[0]['InstanceId']}: {tags}")
     ok("describe_instances with tag and state filters finds exactly the 3, tagged")
+
+    # EC2 takes any character in a tag: a multi-line description comes back as it was.
+    multi_line = "line one\nline two\r\n\tindented <&>"
+    ec2.create_tags(Resources=ids[:1], Tags=[{"Key": "Description", "Value": multi_line}])
+    shown = {
+        t["Key"]: t["Value"] for t in all_instances(ec2, InstanceIds=ids[:1])[0].get("Tags", [])
+    }
+    check(shown.get("Description") == multi_line, f"multi-line tag came back as {shown.get('Description')!r}")
+    ec2.delete_tags(Resources=ids[:1], Tags=[{"Key": "Description"}])
+    ok("a tag value with tabs and line ends round-trips")
     applied = {i["MetadataOptions"]["State"] for i in running}
     check(applied == {"applied"}, f"running instances' metadata options: {applied}")
     ok("running instances' metadata options are applied")
