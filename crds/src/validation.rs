@@ -330,7 +330,11 @@ mod tests {
             (tag("del", "\u{7f}"), false),
         ];
         for (t, ok) in rows {
-            assert_eq!(check_tags("spec.tags", &[t.clone()]).is_ok(), ok, "{t:?}");
+            assert_eq!(
+                check_tags("spec.tags", std::slice::from_ref(&t)).is_ok(),
+                ok,
+                "{t:?}"
+            );
         }
     }
 
