@@ -515,3 +515,84 @@ async fn an_instance_that_never_reached_running_cannot_be_stopped() -> anyhow::R
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dry_run_launch_is_refused_as_the_launch_would_be_naming_the_parameter_at_fault(
+) -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let tokens = Tokens::generate(&[], &[]);
+    let gateway = Gateway::start(&etcd.endpoint, &tokens).await?;
+    apply_catalogue(&gateway, &tokens.admin).await?;
+    let (_, creds) = gateway.account_with_key(&tokens.admin, "dry").await?;
+    let mut aws = Driver::start(&gateway, &creds, "dry")?;
+    aws.upload_image_object("images/dry.img")?;
+    let image = aws.ok(
+        "register_image",
+        json!({"Name": "dry-image", "ImageLocation": "images/dry.img"}),
+    )?;
+    let launch = |extra: Value| {
+        let mut params = json!({"ImageId": image["ImageId"], "InstanceType": "t1.micro",
+                                "MinCount": 1, "MaxCount": 1});
+        for (k, v) in extra.as_object().into_iter().flatten() {
+            params[k] = v.clone();
+        }
+        params
+    };
+    let bell = json!([{"ResourceType": "instance",
+                       "Tags": [{"Key": "Name", "Value": "ok"}, {"Key": "note", "Value": "a\u{7}b"}]}]);
+    let cases = [
+        (
+            "a machine image as kernel",
+            json!({"KernelId": image["ImageId"]}),
+            "KernelId",
+        ),
+        (
+            "a machine image as ramdisk",
+            json!({"RamdiskId": image["ImageId"]}),
+            "RamdiskId",
+        ),
+        (
+            "a tag holding a bell",
+            json!({"TagSpecifications": bell}),
+            "TagSpecification",
+        ),
+    ];
+    for (what, extra, parameter) in cases {
+        for dry in [true, false] {
+            let mut params = launch(extra.clone());
+            params["DryRun"] = json!(dry);
+            let answer = aws.call("run_instances", params)?;
+            let label = format!("run_instances with {what} (DryRun={dry})");
+            let got = answer.refusal(&label)?;
+            ensure!(
+                got == ("InvalidParameterValue".to_string(), 400),
+                "{label}: {got:?} {}",
+                answer.message
+            );
+            ensure!(
+                answer.message.contains(parameter)
+                    && !answer.message.contains("\"i-")
+                    && !answer.message.contains(" i-"),
+                "{label} says {:?}, which should name {parameter} and no instance",
+                answer.message
+            );
+        }
+    }
+    let dry = aws
+        .call("run_instances", {
+            let mut p = launch(json!({}));
+            p["DryRun"] = json!(true);
+            p
+        })?
+        .refusal("run_instances DryRun=True")?;
+    ensure!(
+        dry == ("DryRunOperation".to_string(), 412),
+        "a valid dry-run launch: {dry:?}"
+    );
+    let described = aws.ok("describe_instances", json!({}))?;
+    ensure!(
+        described["Reservations"] == json!([]),
+        "a refused or dry-run launch made instances: {described}"
+    );
+    Ok(())
+}

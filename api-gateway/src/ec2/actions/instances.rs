@@ -515,8 +515,17 @@ pub async fn run_instances(
             "InstanceInitiatedShutdownBehavior=terminate is not supported by Karri yet.",
         ));
     }
-    for (what, id) in [("kernel", &a.kernel_id), ("ramdisk", &a.ramdisk_id)] {
+    for (what, parameter, id, prefixes) in [
+        ("kernel", "KernelId", &a.kernel_id, ["eki", "aki"]),
+        ("ramdisk", "RamdiskId", &a.ramdisk_id, ["eri", "ari"]),
+    ] {
         if let Some(id) = id {
+            if !prefixes.iter().any(|p| crds::is_valid_id(p, id)) {
+                return Err(Ec2Error::invalid_parameter_value(format!(
+                    "Invalid id: \"{id}\" (expecting \"{}-...\" or \"{}-...\"): {parameter} names a {what} image",
+                    prefixes[0], prefixes[1]
+                )));
+            }
             super::images::launchable_image(cx, id).await.map_err(|_| {
                 Ec2Error::new(
                     format!(
@@ -568,7 +577,62 @@ pub async fn run_instances(
             }
         }
     }
+    let reservation = admission::new_id("r");
+    let annotations = a
+        .client_token
+        .as_ref()
+        .map(|_| json!({CLIENT_REQUEST_ANNOTATION: request_fingerprint(&a)}));
+    let bodies = |zone: Option<&str>, count: u32| -> Vec<Value> {
+        (0..count)
+            .map(|i| {
+                let id = admission::new_id("i");
+                let mut metadata = json!({"name": id});
+                if let Some(annotations) = &annotations {
+                    metadata["annotations"] = annotations.clone();
+                }
+                json!({
+                    "apiVersion": crds::API_VERSION,
+                    "kind": "Instance",
+                    "metadata": metadata,
+                    "spec": {
+                        "imageId": image_id,
+                        "instanceType": instance_type,
+                        "keyName": a.key_name,
+                        "userData": a.user_data,
+                        "availabilityZone": zone,
+                        "clientToken": a.client_token,
+                        "reservationId": reservation,
+                        "launchIndex": i,
+                        "disableApiTermination": a.disable_api_termination,
+                        "tags": tags,
+                        "kernelId": a.kernel_id,
+                        "ramdiskId": a.ramdisk_id,
+                        "metadataOptions": metadata_options,
+                    }
+                })
+            })
+            .map(strip_nulls)
+            .collect()
+    };
+    let kind = cx.kind("instances")?;
     if dry_run {
+        // The records the call would make go through admission, so that a launch the call
+        // would refuse is refused here too; what room there is is not checked (EC2's dry run
+        // does not check capacity either).
+        let checked = WriteOptions {
+            dry_run: true,
+            ..WriteOptions::by(crate::ec2::FIELD_MANAGER)
+        };
+        cx.registry
+            .create_all(
+                &kind,
+                Some(&cx.caller.namespace),
+                bodies(zone.as_deref(), 1),
+                &cx.caller.principal(),
+                checked,
+            )
+            .await
+            .map_err(launch_refusal)?;
         return Err(Ec2Error::dry_run_operation());
     }
     // Records no node could take would only wait: refuse them as EC2 does, and launch as many
@@ -578,48 +642,12 @@ pub async fn run_instances(
     // with its reason.
     let room = crate::capacity::launch_room(&cx.registry.cache, &instance_type, count);
     let (zone, count) = launch_choice(zone.as_deref(), &room, a.min_count, count, &instance_type)?;
-    let reservation = admission::new_id("r");
-    let annotations = a
-        .client_token
-        .as_ref()
-        .map(|_| json!({CLIENT_REQUEST_ANNOTATION: request_fingerprint(&a)}));
-    let bodies: Vec<Value> = (0..count)
-        .map(|i| {
-            let id = admission::new_id("i");
-            let mut metadata = json!({"name": id});
-            if let Some(annotations) = &annotations {
-                metadata["annotations"] = annotations.clone();
-            }
-            json!({
-                "apiVersion": crds::API_VERSION,
-                "kind": "Instance",
-                "metadata": metadata,
-                "spec": {
-                    "imageId": image_id,
-                    "instanceType": instance_type,
-                    "keyName": a.key_name,
-                    "userData": a.user_data,
-                    "availabilityZone": zone,
-                    "clientToken": a.client_token,
-                    "reservationId": reservation,
-                    "launchIndex": i,
-                    "disableApiTermination": a.disable_api_termination,
-                    "tags": tags,
-                    "kernelId": a.kernel_id,
-                    "ramdiskId": a.ramdisk_id,
-                    "metadataOptions": metadata_options,
-                }
-            })
-        })
-        .map(strip_nulls)
-        .collect();
-    let kind = cx.kind("instances")?;
     let made = cx
         .registry
         .create_all(
             &kind,
             Some(&cx.caller.namespace),
-            bodies,
+            bodies(Some(&zone), count),
             &cx.caller.principal(),
             WriteOptions::by(crate::ec2::FIELD_MANAGER),
         )
@@ -633,7 +661,7 @@ pub async fn run_instances(
                 .await?
                 .ok_or_else(|| from_api(e));
         }
-        Err(e) => return Err(from_api(e)),
+        Err(e) => return Err(launch_refusal(e)),
     };
     // The answer waits until the watch cache holds the new records, so that a launch sent after
     // it counts their room (no trip to etcd: the watch brings them within a moment).
@@ -671,6 +699,53 @@ pub async fn run_instances(
         |w, v| write_instance(w, v, region),
     );
     Ok(w.finish())
+}
+
+/// The EC2 error of a launch the registry refused: a record it found invalid is named by the
+/// RunInstances parameters that made it, not by the instance record (whose ID the caller never
+/// saw) and its fields.
+fn launch_refusal(e: crate::error::ApiError) -> Ec2Error {
+    let causes = match (&e.code, e.details.as_deref()) {
+        (422, Some(details)) if !details.causes.is_empty() => &details.causes,
+        _ => return from_api(e),
+    };
+    let message = causes
+        .iter()
+        .map(|(field, why)| {
+            let parameter = launch_parameter(field);
+            if why.starts_with(field.as_str()) && !field.is_empty() {
+                why.replacen(field.as_str(), parameter, 1)
+            } else {
+                format!("{parameter}: {why}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    Ec2Error::invalid_parameter_value(message)
+}
+
+/// The RunInstances parameter an Instance record's field comes from. Pure.
+fn launch_parameter(field: &str) -> &str {
+    const PARAMETERS: &[(&str, &str)] = &[
+        ("spec.tags", "TagSpecification"),
+        ("spec.kernelId", "KernelId"),
+        ("spec.ramdiskId", "RamdiskId"),
+        ("spec.userData", "UserData"),
+        ("spec.keyName", "KeyName"),
+        ("spec.instanceType", "InstanceType"),
+        ("spec.imageId", "ImageId"),
+        ("spec.clientToken", "ClientToken"),
+        ("spec.availabilityZone", "Placement.AvailabilityZone"),
+        ("spec.metadataOptions", "MetadataOptions"),
+    ];
+    PARAMETERS
+        .iter()
+        .find(|(prefix, _)| {
+            field
+                .strip_prefix(prefix)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+        })
+        .map_or(field, |(_, parameter)| parameter)
 }
 
 /// How long a launch's answer waits for the watch cache to show its instances.
@@ -1511,6 +1586,35 @@ mod tests {
             "spec": {"desiredState": desired, "disableApiTermination": protected},
             "status": {"state": state},
         })
+    }
+
+    #[test]
+    fn a_refused_launch_names_the_runinstances_parameter_behind_each_field() {
+        let rows = [
+            ("spec.tags[1]", "TagSpecification"),
+            ("spec.tags", "TagSpecification"),
+            ("spec.kernelId", "KernelId"),
+            ("spec.userData", "UserData"),
+            ("spec.metadataOptions.httpTokens", "MetadataOptions"),
+            ("spec.tagsX", "spec.tagsX"),
+            ("metadata.name", "metadata.name"),
+        ];
+        for (field, parameter) in rows {
+            assert_eq!(launch_parameter(field), parameter, "{field}");
+        }
+        let refused = launch_refusal(crate::error::ApiError::invalid(
+            "Instance",
+            "i-0123456789abcdef0",
+            vec![(
+                "spec.tags[1]".into(),
+                "spec.tags[1] must hold no control characters".into(),
+            )],
+        ));
+        assert_eq!(refused.code, "InvalidParameterValue");
+        assert_eq!(
+            refused.message,
+            "TagSpecification must hold no control characters"
+        );
     }
 
     #[test]
