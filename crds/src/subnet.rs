@@ -81,6 +81,13 @@ impl Subnet {
             && n < u32::from(self.broadcast())
     }
 
+    /// How many addresses instances may get: all but the network's first four and its
+    /// broadcast address, as EC2 reserves them.
+    pub fn assignable(self) -> u64 {
+        u64::from(u32::from(self.broadcast()))
+            .saturating_sub(u64::from(u32::from(self.network)) + u64::from(RESERVED_AT_START))
+    }
+
     /// The lowest assignable address not in `used`; `None` when the subnet is full.
     pub fn first_free(self, used: &HashSet<Ipv4Addr>) -> Option<Ipv4Addr> {
         let first = u32::from(self.network) + RESERVED_AT_START;
@@ -197,6 +204,18 @@ mod tests {
                 .to_string(),
             "172.31.16.0/20"
         );
+    }
+
+    #[test]
+    fn a_subnet_offers_all_but_five_of_its_addresses_as_ec2_does() {
+        for (cidr, assignable) in [
+            ("172.31.0.0/20", 4091),
+            ("10.0.0.16/28", 11),
+            ("10.0.0.0/16", 65531),
+        ] {
+            let subnet: Subnet = cidr.parse().expect("valid");
+            assert_eq!(subnet.assignable(), assignable, "{cidr}");
+        }
     }
 
     #[test]

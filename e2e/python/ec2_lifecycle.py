@@ -297,6 +297,23 @@ def launch(ec2, image_id):
     )
     ok("network-interface.*, platform, platform-details and instance-lifecycle filters match as shown")
 
+    subnet = ec2.describe_subnets(SubnetIds=[nic["SubnetId"]])["Subnets"][0]
+    prefix = int(subnet["CidrBlock"].split("/")[1])
+    holding = [
+        i["InstanceId"]
+        for i in all_instances(ec2)
+        if i["State"]["Name"] != "terminated"
+        and i.get("SubnetId") == nic["SubnetId"]
+        and i.get("PrivateIpAddress")
+    ]
+    free = 2 ** (32 - prefix) - 5 - len(holding)
+    check(
+        subnet["AvailableIpAddressCount"] == free and len(holding) >= 1,
+        f"subnet {subnet['CidrBlock']} shows {subnet['AvailableIpAddressCount']} free addresses "
+        f"with {len(holding)} held, expected {free}",
+    )
+    ok("a subnet's free addresses are its own but five, less those its instances hold")
+
     running = all_instances(
         ec2,
         Filters=[

@@ -1101,6 +1101,16 @@ async fn awscli_describes_zones_regions_types_the_default_vpc_and_account_attrib
                     == format!("arn:aws:ec2:karri-1:{account_id}:subnet/{id}"),
             "subnet {s} of the default VPC {vpc_id} ({vpc_cidr})"
         );
+        // No instance yet: every address but the five EC2 reserves is free.
+        let prefix: u32 = cidr
+            .split_once('/')
+            .and_then(|(_, p)| p.parse().ok())
+            .context("a CIDR block with a prefix length")?;
+        ensure!(
+            s.get("AvailableIpAddressCount") == Some(&Value::from((1u64 << (32 - prefix)) - 5)),
+            "subnet {cidr} shows {:?} free addresses",
+            s.get("AvailableIpAddressCount")
+        );
         by_zone.insert(str_at(s, "/AvailabilityZone")?.to_owned(), cidr.to_owned());
     }
     ensure!(

@@ -583,13 +583,13 @@ struct SubnetView<'a> {
     zone_id: String,
     arn: String,
     cidr: String,
+    /// Its assignable addresses the caller's live instances do not hold.
+    available: u64,
     vpc: &'a str,
     owner: &'a str,
 }
 
 const SUBNET_STATE: &str = "available";
-/// The addresses of a default subnet free for instances, as EC2 counts them for a /20.
-const AVAILABLE_IP_ADDRESS_COUNT: u64 = 4091;
 /// Instances get no public address unless they ask (Karri has no public addresses yet).
 const MAP_PUBLIC_IP_ON_LAUNCH: bool = false;
 
@@ -608,7 +608,7 @@ fn subnet_values<'v>(s: &'v SubnetView<'_>, name: &str) -> Vec<Cow<'v, str>> {
         "default-for-az" | "defaultForAz" => filter::shown_bool(true),
         "state" => filter::shown(SUBNET_STATE),
         "owner-id" => filter::shown(s.owner),
-        "available-ip-address-count" => filter::shown_number(AVAILABLE_IP_ADDRESS_COUNT),
+        "available-ip-address-count" => filter::shown_number(s.available),
         "map-public-ip-on-launch" => filter::shown_bool(MAP_PUBLIC_IP_ON_LAUNCH),
         _ => Vec::new(),
     }
@@ -620,7 +620,7 @@ fn write_subnet(w: &mut Response, s: &SubnetView<'_>) {
         .leaf("state", SUBNET_STATE)
         .leaf("vpcId", s.vpc)
         .leaf("cidrBlock", &s.cidr)
-        .leaf_display("availableIpAddressCount", AVAILABLE_IP_ADDRESS_COUNT)
+        .leaf_display("availableIpAddressCount", s.available)
         .leaf("availabilityZone", &s.zone)
         .leaf("availabilityZoneId", &s.zone_id)
         .leaf_bool("defaultForAz", true)
@@ -644,11 +644,25 @@ pub async fn describe_subnets(cx: &Cx<'_>, a: router::DescribeSubnets) -> Result
         .map(|z| (text(&z.value, "/metadata/name"), zone_id(&z.value)))
         .collect();
     let region = &cx.settings.region;
+    // The addresses the caller's instances hold (every one but a terminated one's). Each
+    // account sees its own default subnets, as on EC2: other accounts' instances are not
+    // counted (nor revealed).
+    let (instances, _) = cx.registry.cache.list(
+        "instances",
+        &store::namespace_prefix("instances", &cx.caller.namespace),
+    );
+    let held: Vec<std::net::Ipv4Addr> = instances
+        .iter()
+        .filter(|i| opt(&i.value, "/status/state") != Some("terminated"))
+        .filter_map(|i| opt(&i.value, "/status/privateIpAddress")?.parse().ok())
+        .collect();
     let subnets: Vec<SubnetView<'_>> = zone_subnets(cx)
         .into_iter()
         .map(|(zone, cidr)| {
             let id = default_subnet_id(&zone);
+            let used = held.iter().filter(|ip| cidr.is_assignable(**ip)).count();
             SubnetView {
+                available: cidr.assignable().saturating_sub(used as u64),
                 arn: format!("arn:aws:ec2:{region}:{owner}:subnet/{id}"),
                 id,
                 zone_id: zone_ids.get(zone.as_str()).cloned().unwrap_or_default(),
@@ -896,6 +910,7 @@ mod tests {
             zone_id: "karri1-az1".into(),
             arn: "arn:aws:ec2:karri-1:123456789012:subnet/subnet-1".into(),
             cidr: "172.31.0.0/20".into(),
+            available: 4089,
             vpc: &vpc,
             owner: "123456789012",
         };
