@@ -1107,7 +1107,6 @@ fn policy(action: &str) -> ParamPolicy {
                 "EnablePrimaryIpv6",
                 "EnclaveOptions",
                 "HibernationOptions",
-                "IamInstanceProfile",
                 "MaintenanceOptions",
                 "MetadataOptions",
                 "Monitoring",
@@ -1119,6 +1118,9 @@ fn policy(action: &str) -> ParamPolicy {
             &[
                 "ElasticGpuSpecification",
                 "ElasticInferenceAccelerator",
+                // Karri has no IAM roles yet: a guest that expects role credentials would get
+                // none, so the launch is refused rather than made without them.
+                "IamInstanceProfile",
                 "InstanceMarketOptions",
                 "Ipv6Address",
                 "Ipv6AddressCount",
@@ -3289,7 +3291,7 @@ mod tests {
     fn dry_run_version_and_ignored_parameters_are_reported_beside_the_action() {
         let request = route_query(
             "Action=RunInstances&Version=2014-06-15&ImageId=ami-12345678&MinCount=1&MaxCount=1\
-             &DryRun=true&Monitoring.Enabled=true&IamInstanceProfile.Name=role&Placement.Tenancy=default\
+             &DryRun=true&Monitoring.Enabled=true&Placement.Tenancy=default\
              &BlockDeviceMapping.1.DeviceName=%2Fdev%2Fsda1&BlockDeviceMapping.1.Ebs.KmsKeyId=k",
         )
         .unwrap();
@@ -3299,7 +3301,6 @@ mod tests {
             request.ignored_params,
             strs(&[
                 "BlockDeviceMapping.1.Ebs.KmsKeyId",
-                "IamInstanceProfile.Name",
                 "Monitoring.Enabled",
                 "Placement.Tenancy",
             ])
@@ -3455,6 +3456,8 @@ mod tests {
             (format!("{run}&MinCount=1&MaxCount=1&BlockDeviceMapping.1.DeviceName=sda&BlockDeviceMapping.1.Ebs.VolumeSize=0"), "InvalidParameterValue"),
             (format!("{run}&MinCount=1&MaxCount=1&BlockDeviceMapping.1.DeviceName=sda&BlockDeviceMapping.1.Ebs.VolumeType=fast"), "InvalidParameterValue"),
             (format!("{run}&MinCount=1&MaxCount=1&LaunchTemplate.LaunchTemplateId=lt-0123456789abcdef0"), "UnsupportedOperation"),
+            (format!("{run}&MinCount=1&MaxCount=1&IamInstanceProfile.Name=web-role"), "UnsupportedOperation"),
+            (format!("{run}&MinCount=1&MaxCount=1&IamInstanceProfile.Arn=arn:aws:iam::123456789012:instance-profile/web"), "UnsupportedOperation"),
             ("Action=RunInstances&LaunchTemplate.LaunchTemplateName=web&MinCount=1&MaxCount=1".into(), "UnsupportedOperation"),
             (format!("{run}&MinCount=1&MaxCount=1&NetworkInterface.1.SubnetId=subnet-12345678"), "MissingParameter"),
             (format!("{run}&MinCount=1&MaxCount=1&NetworkInterface.1.DeviceIndex=1"), "UnsupportedOperation"),
