@@ -220,6 +220,19 @@ fn reload_tokens_on_hangup(auth: Authenticator, path: std::path::PathBuf) -> any
 /// with a server error (`s3::S3Face::serve`).
 const DEFAULT_LOG_FILTER: &str = "info,s3s::ops=off";
 
+/// A future that resolves on SIGTERM (a service manager's stop, `make down`) or SIGINT.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
 /// Turns transparent huge pages off for this process. mimalloc asks for them on its arenas
 /// (`madvise`), and the kernel then zeroes 2 MiB at the first touch of each: that was a fifth
 /// of the gateway's CPU while 100 instances launched at once, in pages the many small,
@@ -387,8 +400,12 @@ async fn main() -> anyhow::Result<()> {
         })?;
     let handle = axum_server::Handle::new();
     let shutdown = handle.clone();
+    let stopping = shutdown_signal()?;
+    let watches = state.registry.clone();
     tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
+        stopping.await;
+        tracing::info!("stopping: ending watches, finishing requests in flight (5 s at most)");
+        watches.end_watches();
         shutdown.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
     });
     tracing::info!(listen = %args.listen, aws = ?args.aws_listen, region = %args.region, etcd = %args.etcd_endpoints.join(","), ca = ?serving.ca, "api-gateway serving");

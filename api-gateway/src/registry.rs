@@ -169,6 +169,10 @@ pub struct Registry {
     sealer: Option<Arc<Sealer>>,
     /// The budget of etcd lookups of access key IDs the cache does not know.
     pub key_lookups: KeyLookups,
+    /// Set when the gateway stops: every watch ends (between revisions), as kube-apiserver
+    /// ends its watches on shutdown, so that clients resume elsewhere or later instead of
+    /// having their streams reset when the drain period runs out.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 fn now() -> String {
@@ -280,9 +284,28 @@ impl Registry {
             bookmark_interval: Duration::from_secs(5),
             sealer,
             key_lookups: KeyLookups::new(DEFAULT_LOOKUPS_PER_SECOND),
+            stopping: tokio::sync::watch::Sender::new(false),
         });
         tokio::spawn(registry.clone().collect_garbage());
         registry
+    }
+
+    /// Ends every watch, now and from now on (the gateway is stopping): each ends its stream
+    /// at the next revision boundary, which a client resumes from.
+    pub fn end_watches(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Whether a watch with `deadline` must end now (its time is up, or the gateway stops).
+    fn watch_over(&self, deadline: tokio::time::Instant) -> bool {
+        tokio::time::Instant::now() >= deadline || *self.stopping.borrow()
+    }
+
+    /// Resolves once [`Registry::end_watches`] was called.
+    async fn stopped(&self) {
+        let mut stopping = self.stopping.subscribe();
+        // An error means the sender is gone, which it never is while `self` lives.
+        let _ = stopping.wait_for(|s| *s).await;
     }
 
     /// Counts a request refused because the budget of unknown-key lookups was spent.
@@ -1631,9 +1654,7 @@ impl Registry {
                         .filter(|e| is_kind_key(&e.object.key, &prefix))
                     {
                         if let Some(out) = view_event(ev, &visible) {
-                            if sent_revision != Some(ev.revision)
-                                && tokio::time::Instant::now() >= deadline
-                            {
+                            if sent_revision != Some(ev.revision) && self.watch_over(deadline) {
                                 return;
                             }
                             sent_revision = Some(ev.revision);
@@ -1650,7 +1671,7 @@ impl Registry {
                     return;
                 }
             }
-            if tokio::time::Instant::now() >= deadline {
+            if self.watch_over(deadline) {
                 return;
             }
             if opts.bookmarks && last_bookmark.elapsed() >= self.bookmark_interval {
@@ -1667,6 +1688,7 @@ impl Registry {
                 changed = rev_rx.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep(self.bookmark_interval) => {},
                 _ = tokio::time::sleep_until(deadline) => return,
+                _ = self.stopped() => return,
                 _ = tx.closed() => return,
             }
         }
@@ -1705,7 +1727,7 @@ impl Registry {
         let mut sent_through = after;
         let mut bookmark_at = tokio::time::Instant::now() + self.bookmark_interval;
         loop {
-            if tokio::time::Instant::now() >= deadline {
+            if self.watch_over(deadline) {
                 return;
             }
             let msg = tokio::select! {
@@ -1722,6 +1744,7 @@ impl Registry {
                     continue;
                 }
                 _ = tokio::time::sleep_until(deadline) => return,
+                _ = self.stopped() => return,
                 _ = tx.closed() => return,
             };
             let resp = match msg {

@@ -413,10 +413,21 @@ async fn run() -> anyhow::Result<()> {
             result?;
             anyhow::bail!("the agent stopped")
         }
-        signal = tokio::signal::ctrl_c() => {
-            signal.context("waiting for Ctrl-C")?;
-            tracing::info!("interrupted; stopping (domains keep running)");
+        signal = shutdown_signal() => {
+            signal?;
+            tracing::info!("stopping (domains keep running)");
             Ok(())
         }
     }
+}
+
+/// Resolves on SIGTERM (a service manager's stop, `make down`) or SIGINT.
+async fn shutdown_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        interrupted = tokio::signal::ctrl_c() => interrupted.context("cannot watch for SIGINT")?,
+    }
+    Ok(())
 }

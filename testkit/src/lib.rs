@@ -500,6 +500,22 @@ impl Gateway {
         .await
     }
 
+    /// Asks the gateway to stop (SIGTERM, as `make down` and service managers do) without
+    /// waiting for it: see [`Gateway::wait_exit`].
+    pub fn ask_to_stop(&self) -> anyhow::Result<()> {
+        let child = self.child.as_ref().context("the gateway is not running")?;
+        let pid = child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status()?;
+        anyhow::ensure!(sent.success(), "kill -TERM {pid} failed");
+        Ok(())
+    }
+
+    /// Waits at most `deadline` for the gateway to exit, polling; SIGKILLs it after that.
+    /// Returns whether it exited by itself.
+    pub fn wait_exit(&mut self, deadline: Duration) -> anyhow::Result<bool> {
+        wait_exit(&mut self.child, deadline)
+    }
+
     /// Sends the gateway SIGHUP (`kill -HUP`), which makes it read its tokens file again.
     pub fn hang_up(&self) -> anyhow::Result<()> {
         let child = self.child.as_ref().context("the gateway is not running")?;
@@ -1102,16 +1118,7 @@ impl Service {
         let pid = child.id().to_string();
         let sent = Command::new("kill").args(["-TERM", &pid]).status()?;
         anyhow::ensure!(sent.success(), "kill -TERM {pid} failed");
-        let until = Instant::now() + deadline;
-        while Instant::now() < until {
-            if child.try_wait()?.is_some() {
-                self.child = None;
-                return Ok(true);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        self.kill();
-        Ok(false)
+        wait_exit(&mut self.child, deadline)
     }
 
     /// Kill and start again with the same arguments.
@@ -1146,4 +1153,22 @@ impl Drop for Service {
     fn drop(&mut self) {
         kill_and_reap(&mut self.child);
     }
+}
+
+/// Waits at most `deadline` for `child` to exit, polling; SIGKILLs and reaps it after that.
+/// Returns whether it exited by itself (`child` is `None` afterwards either way).
+fn wait_exit(child: &mut Option<Child>, deadline: Duration) -> anyhow::Result<bool> {
+    let Some(running) = child.as_mut() else {
+        return Ok(true);
+    };
+    let until = Instant::now() + deadline;
+    while Instant::now() < until {
+        if running.try_wait()?.is_some() {
+            *child = None;
+            return Ok(true);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill_and_reap(child);
+    Ok(false)
 }

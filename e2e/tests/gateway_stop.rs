@@ -1,0 +1,129 @@
+//! A gateway asked to stop with SIGTERM (`make down`, a service manager's stop), against a real
+//! etcd: it finishes the requests in flight (an S3 upload still sending its body) and ends its
+//! watch streams cleanly, where it used to die at once and cut both.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use aws_sigv4::http_request::SignableBody;
+use karri_e2e::s3::Signer;
+use karri_testkit::{Etcd, Gateway, Tokens};
+use reqwest::Method;
+
+/// How long the test waits for anything it expects before calling it a hang.
+const HANG: Duration = Duration::from_secs(30);
+
+/// Bytes of each half of the upload.
+const HALF: usize = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gateway_told_to_stop_finishes_an_upload_in_flight_and_ends_its_watches_cleanly(
+) -> anyhow::Result<()> {
+    let etcd = Etcd::start().await?;
+    let tokens = Tokens::generate(&[], &[]);
+    let mut gw = Gateway::start(&etcd.endpoint, &tokens).await?;
+    let (_, creds) = gw.account_with_key(&tokens.admin, "stopping").await?;
+    let signer = Signer::new(
+        "karri-1",
+        &creds.access_key_id,
+        &creds.secret_access_key,
+        Some(&gw.ca_path()),
+        Duration::from_secs(60),
+    )?;
+    let bucket = format!("{}/stopping", gw.url());
+    let made = signer
+        .request(Method::PUT, &bucket, SignableBody::Bytes(&[]))?
+        .send()
+        .await?;
+    ensure!(
+        made.status().is_success(),
+        "CreateBucket: {}",
+        made.status()
+    );
+
+    // A watch, as the operator and the agents always hold one.
+    let watch = gw
+        .client()?
+        .get(format!(
+            "{}/apis/karri.dev/v1alpha1/namespaces/stopping/instances?watch=1",
+            gw.url()
+        ))
+        .bearer_auth(&tokens.admin)
+        .send()
+        .await?;
+    ensure!(watch.status() == 200, "the watch: {}", watch.status());
+
+    // An upload whose second half is sent only once the gateway was told to stop.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(1);
+    let body = reqwest::Body::wrap_stream(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    }));
+    let object = format!("{bucket}/halves.bin");
+    let upload = tokio::spawn(
+        signer
+            .request(Method::PUT, &object, SignableBody::UnsignedPayload)?
+            .header(reqwest::header::CONTENT_LENGTH, (2 * HALF).to_string())
+            .body(body)
+            .send(),
+    );
+    tx.send(Ok(bytes::Bytes::from(vec![b'a'; HALF])))
+        .await
+        .context("the upload's body is gone")?;
+    // The gateway is receiving it once its partial file is there.
+    let partial = gw.s3_data_dir().join("tmp");
+    let since = Instant::now();
+    while std::fs::read_dir(&partial)?.next().is_none() {
+        ensure!(
+            since.elapsed() < HANG,
+            "the upload never reached the gateway"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    gw.ask_to_stop()?;
+    // The watch ends as a finished response, not a reset stream.
+    let ended = tokio::time::timeout(HANG, watch.bytes())
+        .await
+        .context("the watch did not end when the gateway was told to stop")?;
+    ensure!(
+        ended.is_ok(),
+        "the watch was cut instead of ended: {:?}",
+        ended.err()
+    );
+    tx.send(Ok(bytes::Bytes::from(vec![b'b'; HALF])))
+        .await
+        .context("the upload's body is gone")?;
+    drop(tx);
+    let answer = tokio::time::timeout(HANG, upload)
+        .await
+        .context("the upload in flight was never answered")???;
+    ensure!(
+        answer.status() == 200,
+        "the upload in flight when the gateway was told to stop was answered {}: {}",
+        answer.status(),
+        answer.text().await.unwrap_or_default()
+    );
+    let exited = tokio::task::block_in_place(|| gw.wait_exit(Duration::from_secs(10)))?;
+    ensure!(exited, "the gateway did not exit within 10 s of SIGTERM");
+
+    // What it answered 200 for is stored.
+    gw.restart().await?;
+    let read = signer
+        .request(Method::GET, &object, SignableBody::Bytes(&[]))?
+        .send()
+        .await?;
+    ensure!(
+        read.status() == 200,
+        "GET after the restart: {}",
+        read.status()
+    );
+    let bytes = read.bytes().await?;
+    ensure!(
+        bytes.len() == 2 * HALF
+            && bytes[..HALF].iter().all(|&b| b == b'a')
+            && bytes[HALF..].iter().all(|&b| b == b'b'),
+        "the stored object is {} bytes, not the two halves sent",
+        bytes.len()
+    );
+    Ok(())
+}
