@@ -336,10 +336,49 @@ impl From<etcd_client::Error> for ApiError {
                 "Too large resource version: the server has not seen it yet.",
             )
         } else {
-            ApiError::unavailable(format!("etcd is unavailable: {text}"))
+            // The cause (etcd's address, gRPC's words) is the operators' to read, in the log;
+            // a client hears only that the store is unavailable, and whether it timed out.
+            tracing::warn!(error = %text, "an etcd request failed");
+            let why = match &e {
+                _ if crate::store::is_deadline_passed(&e) => "it did not answer in time".into(),
+                // etcd's own answer (a request too large, too many operations, a timeout):
+                // its words, which name nothing of the machine.
+                etcd_client::Error::GRpcStatus(status)
+                    if status.message().starts_with("etcdserver:") =>
+                {
+                    status.message().to_string()
+                }
+                _ => "it cannot be reached".to_string(),
+            };
+            ApiError::unavailable(format!("etcd is unavailable ({why}); try again"))
         }
     }
 }
 
 /// Result of the API layer.
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_etcd_is_unavailable_without_naming_its_address() {
+        let refused = etcd_client::Error::IoError(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            "tcp connect error: 127.0.0.1:2379: Connection refused (os error 111)",
+        ));
+        let e = ApiError::from(refused);
+        assert_eq!(e.code, 503);
+        assert_eq!(
+            e.message,
+            "etcd is unavailable (it cannot be reached); try again"
+        );
+        let late = ApiError::from(crate::store::deadline_passed());
+        assert_eq!(e.code, late.code);
+        assert_eq!(
+            late.message,
+            "etcd is unavailable (it did not answer in time); try again"
+        );
+    }
+}

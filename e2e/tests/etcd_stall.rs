@@ -66,6 +66,15 @@ async fn every_face_answers_unavailable_while_etcd_is_stalled_and_serves_again_a
         .send()
         .await?;
     ensure!(api.status() == 503, "the resource API: {}", api.status());
+    // A Status that says what happened, and nothing of where etcd is.
+    let status: serde_json::Value = api.json().await?;
+    let message = status["message"].as_str().unwrap_or_default();
+    ensure!(
+        status["reason"] == "ServiceUnavailable"
+            && message.starts_with("etcd is unavailable")
+            && !message.contains("127.0.0.1"),
+        "the resource API's answer while etcd stalls: {status}"
+    );
     eprintln!(
         "[etcd_stall] the resource API answered after {:?}",
         t.elapsed()
