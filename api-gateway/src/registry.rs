@@ -1617,7 +1617,12 @@ impl Registry {
                     None => self.current_revision().await.unwrap_or(1).max(1),
                     Some(_) => 1,
                 };
-                if !self.cache.wait_for(target, Duration::from_secs(30)).await {
+                let ready = tokio::select! {
+                    ready = self.cache.wait_for(target, Duration::from_secs(30)) => ready,
+                    // The gateway stops: the watch ends before it began.
+                    _ = self.stopped() => return,
+                };
+                if !ready {
                     let _ = tx
                         .send(WatchEvent::Error(ApiError::timeout(
                             "the watch cache is not ready",

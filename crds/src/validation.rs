@@ -266,7 +266,8 @@ pub fn check_tags(field: &str, tags: &[crate::common::Tag]) -> Result<(), Valida
         }
         // EC2 takes any character in a tag; tab, line feed and carriage return are kept (a
         // multi-line description). Other control characters are refused: XML 1.0, which every
-        // EC2 answer is, cannot carry them.
+        // EC2 answer is, cannot carry C0 controls, and DEL and the C1 controls, which it may,
+        // are refused with them (no terminal or table shows them as they are).
         if tag
             .key
             .chars()

@@ -540,24 +540,14 @@ async fn a_dry_run_launch_is_refused_as_the_launch_would_be_naming_the_parameter
     };
     let bell = json!([{"ResourceType": "instance",
                        "Tags": [{"Key": "Name", "Value": "ok"}, {"Key": "note", "Value": "a\u{7}b"}]}]);
+    // A machine image given as kernel or ramdisk is answered as RegisterImage answers it.
+    #[rustfmt::skip]
     let cases = [
-        (
-            "a machine image as kernel",
-            json!({"KernelId": image["ImageId"]}),
-            "KernelId",
-        ),
-        (
-            "a machine image as ramdisk",
-            json!({"RamdiskId": image["ImageId"]}),
-            "RamdiskId",
-        ),
-        (
-            "a tag holding a bell",
-            json!({"TagSpecifications": bell}),
-            "TagSpecification",
-        ),
+        ("a machine image as kernel", json!({"KernelId": image["ImageId"]}), "InvalidAKIID.NotFound", "kernel image"),
+        ("a machine image as ramdisk", json!({"RamdiskId": image["ImageId"]}), "InvalidARIID.NotFound", "ramdisk image"),
+        ("a tag holding a bell", json!({"TagSpecifications": bell}), "InvalidParameterValue", "TagSpecification"),
     ];
-    for (what, extra, parameter) in cases {
+    for (what, extra, code, parameter) in cases {
         for dry in [true, false] {
             let mut params = launch(extra.clone());
             params["DryRun"] = json!(dry);
@@ -565,7 +555,7 @@ async fn a_dry_run_launch_is_refused_as_the_launch_would_be_naming_the_parameter
             let label = format!("run_instances with {what} (DryRun={dry})");
             let got = answer.refusal(&label)?;
             ensure!(
-                got == ("InvalidParameterValue".to_string(), 400),
+                got == (code.to_string(), 400),
                 "{label}: {got:?} {}",
                 answer.message
             );
@@ -593,6 +583,24 @@ async fn a_dry_run_launch_is_refused_as_the_launch_would_be_naming_the_parameter
     ensure!(
         described["Reservations"] == json!([]),
         "a refused or dry-run launch made instances: {described}"
+    );
+    // A dry run claims no client token: the launch that follows with it is made.
+    let with_token = |dry: bool| {
+        let mut p = launch(json!({"ClientToken": "dry-then-real"}));
+        p["DryRun"] = json!(dry);
+        p
+    };
+    let dry = aws
+        .call("run_instances", with_token(true))?
+        .refusal("run_instances DryRun=True with a client token")?;
+    ensure!(
+        dry == ("DryRunOperation".to_string(), 412),
+        "a dry run with a client token: {dry:?}"
+    );
+    let made = aws.ok("run_instances", with_token(false))?;
+    ensure!(
+        made["Instances"].as_array().is_some_and(|i| i.len() == 1),
+        "the launch after a dry run with its token: {made}"
     );
     Ok(())
 }

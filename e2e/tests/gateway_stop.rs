@@ -85,10 +85,14 @@ async fn a_gateway_told_to_stop_finishes_an_upload_in_flight_and_ends_its_watche
     let ended = tokio::time::timeout(HANG, watch.bytes())
         .await
         .context("the watch did not end when the gateway was told to stop")?;
+    let events = match ended {
+        Ok(events) => events,
+        Err(e) => anyhow::bail!("the watch was cut instead of ended: {e}"),
+    };
     ensure!(
-        ended.is_ok(),
-        "the watch was cut instead of ended: {:?}",
-        ended.err()
+        !String::from_utf8_lossy(&events).contains("\"ERROR\""),
+        "the watch ended with an error event: {}",
+        String::from_utf8_lossy(&events)
     );
     tx.send(Ok(bytes::Bytes::from(vec![b'b'; HALF])))
         .await

@@ -5,7 +5,10 @@
 //! - `sha256/<hex>`: a verified image, named by the SHA-256 of its bytes, read-only (0444);
 //! - `tmp/<random>.part`: a fetch in progress. A fetch hashes while it writes, syncs, verifies
 //!   and only then renames into `sha256/`, so an image is either complete and verified or absent;
-//!   [`ImageCache::open`] deletes what a crashed run left in `tmp/`.
+//!   [`ImageCache::open`] deletes what a crashed run left in `tmp/`;
+//! - `overlay-templates/<hex>.<format>`: an empty qcow2 overlay over `sha256/<hex>`, which each
+//!   instance's overlay is a copy of ([`ImageCache::create_overlay`]); made in `tmp/` by
+//!   `qemu-img`, removed with its image and when the cache opens.
 //!
 //! A source is a path on the node, an `http(s)://` URL, or an object in the gateway's S3
 //! (`s3://bucket/key` or `bucket/key`), which is downloaded through a short-lived presigned URL
@@ -370,8 +373,9 @@ struct Config {
 struct Inner {
     state: Mutex<State>,
     flights: Mutex<Flights>,
-    /// Serialises publishing into and deleting from `sha256/`, so an eviction never deletes a
-    /// file a fetch has just published under the same name.
+    /// Serialises publishing into and deleting from `sha256/` and [`TEMPLATES_DIR`], so an
+    /// eviction never deletes a file a fetch has just published under the same name, and
+    /// launches of one image at once make its overlay template once.
     publish: tokio::sync::Mutex<()>,
     /// Bytes the fetches under way will still write (their announced lengths), counted against
     /// the filesystem's free space before another fetch starts.
@@ -431,7 +435,8 @@ const CONTENTS_FILE: &str = "s3-contents.json";
 
 /// The directory in the cache directory that keeps, for each cached image an instance's root
 /// disk was made from, its overlay template: an empty qcow2 overlay over it, named
-/// `<sha256>.<format>` (the format the image is read as), removed with the image.
+/// `<sha256>.<format>` (the format the image is read as), removed with the image, and all of
+/// them when the cache opens (each names its image by the cache's absolute path then).
 const TEMPLATES_DIR: &str = "overlay-templates";
 
 #[derive(Clone, Copy)]
@@ -522,19 +527,19 @@ impl ImageCache {
             state.entries.insert(sha, entry);
         }
         state.tick += 1;
-        // Templates of images no longer here (an eviction cut short): each names a missing
-        // backing file.
+        // Templates are made again as they are needed: each names its image by the absolute
+        // path the cache had when it was made, which a moved or remounted cache directory no
+        // longer has (and an eviction cut short leaves one for an image no longer here).
         for entry in std::fs::read_dir(&templates).map_err(CacheError::io("list", &templates))? {
-            let entry = entry.map_err(CacheError::io("list", &templates))?;
-            let name = entry.file_name();
-            let sha = name
-                .to_str()
-                .and_then(|n| n.split('.').next())
-                .unwrap_or("");
-            if !state.entries.contains_key(sha) {
-                let path = entry.path();
-                std::fs::remove_file(&path).map_err(CacheError::io("remove", &path))?;
-                info!(path = %path.display(), "removed the overlay template of an image no longer cached");
+            let path = entry.map_err(CacheError::io("list", &templates))?.path();
+            let removed = if path.is_dir() {
+                std::fs::remove_dir_all(&path)
+            } else {
+                std::fs::remove_file(&path)
+            };
+            if let Err(error) = removed {
+                // Only a template of the last run: it is replaced when its image is next used.
+                warn!(path = %path.display(), %error, "cannot remove an old overlay template");
             }
         }
         state.s3_contents = read_contents(&dir.join(CONTENTS_FILE))
@@ -1198,7 +1203,7 @@ impl ImageCache {
                 match blocking(move || std::fs::remove_file(&remove_path)).await? {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    // Removed at the next start (an orphan), or replaced if the image comes back.
+                    // Removed at the next start; reused (the same bytes) if the image comes back.
                     Err(e) => {
                         warn!(path = %template.display(), error = %e, "cannot remove an overlay template")
                     }
@@ -2606,7 +2611,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_evicted_image_takes_its_overlay_template_along_and_reopening_drops_orphans() {
+    async fn an_evicted_image_takes_its_overlay_template_along_and_a_reopened_cache_makes_them_again(
+    ) {
         let dir = tempfile::tempdir().expect("tempdir");
         let cache = ImageCache::open(dir.path().join("cache"), 100_000).expect("open");
         let mut bases = Vec::new();
@@ -2626,11 +2632,25 @@ mod tests {
         assert!(!bases[0].path.exists(), "a was not evicted");
         assert_eq!(names(&templates), vec![format!("{}.raw", bases[1].sha256)]);
 
+        // Reopened, the cache makes its templates again: they name the image by the path the
+        // cache had (a cache moved elsewhere would otherwise give overlays a backing file that
+        // is not there).
         let orphan = templates.join(format!("{}.qcow2", "0".repeat(64)));
         std::fs::write(&orphan, b"an overlay over an image not cached").expect("write");
         drop(cache);
-        let _reopened = ImageCache::open(dir.path().join("cache"), 100_000).expect("reopen");
-        assert_eq!(names(&templates), vec![format!("{}.raw", bases[1].sha256)]);
+        std::fs::rename(dir.path().join("cache"), dir.path().join("moved")).expect("move");
+        let moved = ImageCache::open(dir.path().join("moved"), 100_000).expect("reopen");
+        assert!(names(&dir.path().join("moved").join(TEMPLATES_DIR)).is_empty());
+        let source = raw(&dir.path().join("b.raw"), None);
+        let base = moved.get(&source).await.expect("still cached");
+        let overlay = dir.path().join("after-the-move.qcow2");
+        moved.create_overlay(&base, &overlay).await.expect("create");
+        let info = qemu_img_info(&overlay, false).await.expect("info");
+        assert_eq!(
+            info.backing.as_deref().map(Path::new),
+            Some(base.path.as_path())
+        );
+        assert!(base.path.starts_with(dir.path().join("moved")));
     }
 
     #[test]

@@ -555,11 +555,18 @@ fn meta_data(md: &InstanceMetadata) -> Vec<Entry> {
         ),
     ]);
     if let Some(tags) = &md.tags {
-        // A key is a path segment here: one with a slash (which EC2 refuses when tags are
-        // served) or none at all cannot be one.
+        // A key is a path segment and a line of the listing here: one with a slash or
+        // whitespace (which EC2 refuses when tags are served), a control character, or none
+        // at all cannot be one.
         let mut keys: Vec<&(String, String)> = tags
             .iter()
-            .filter(|(k, _)| !k.is_empty() && !k.contains('/') && k != "." && k != "..")
+            .filter(|(k, _)| {
+                !k.is_empty()
+                    && !k.contains('/')
+                    && !k.chars().any(|c| c.is_whitespace() || c.is_control())
+                    && k != "."
+                    && k != ".."
+            })
             .collect();
         keys.sort();
         let instance = keys.into_iter().map(|(k, v)| value(k, v)).collect();
@@ -1134,6 +1141,8 @@ mod tests {
             ("Name".into(), "web".into()),
             ("env".into(), "prod".into()),
             ("a/b".into(), "no path has it".into()),
+            ("two\nlines".into(), "no listing line has it".into()),
+            ("a key".into(), "nor one with a space".into()),
             ("empty".into(), String::new()),
         ]);
         let listing = answer(&md, "/latest/meta-data/");

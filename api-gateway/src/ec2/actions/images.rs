@@ -155,8 +155,8 @@ fn image_type(v: &Value) -> &'static str {
 
 /// What every image of Karri shows: a Linux instance-store image (so no `platform`, which EC2
 /// shows for Windows images alone, and no block devices).
-const PLATFORM_DETAILS: &str = "Linux/UNIX";
-const USAGE_OPERATION: &str = "RunInstances";
+pub(super) const PLATFORM_DETAILS: &str = "Linux/UNIX";
+pub(super) const USAGE_OPERATION: &str = "RunInstances";
 /// The state reason code of an image the image controller failed.
 const IMAGE_FAILURE: &str = "Client.ImageFailure";
 

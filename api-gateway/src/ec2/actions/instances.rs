@@ -81,9 +81,9 @@ const TENANCY: &str = "default";
 const MONITORING_STATE: &str = "disabled";
 const SOURCE_DEST_CHECK: bool = true;
 const EBS_OPTIMIZED: bool = false;
-/// What every instance runs and is billed as, as EC2 names a Linux on-demand instance's.
-const PLATFORM_DETAILS: &str = "Linux/UNIX";
-const USAGE_OPERATION: &str = "RunInstances";
+/// What every instance runs and is billed as: what its image shows (a Linux on-demand
+/// instance's, as EC2 names them).
+use super::images::{PLATFORM_DETAILS, USAGE_OPERATION};
 
 /// The values a DescribeInstances filter sees on an instance: what [`write_instance`] (and the
 /// reservation around it, for `reservation-id` and `owner-id`) shows.
@@ -179,7 +179,7 @@ fn interface_values<'v>(v: &InstanceView<'v>, name: &str, region: &str) -> Vec<C
         return Vec::new();
     };
     let eni = v.network_interface_id();
-    match name.trim_start_matches("network-interface.") {
+    match name.strip_prefix("network-interface.").unwrap_or(name) {
         "network-interface-id" => filter::shown_owned(eni),
         "subnet-id" => subnet_of(v.zone())
             .map(filter::shown_owned)
@@ -515,27 +515,26 @@ pub async fn run_instances(
             "InstanceInitiatedShutdownBehavior=terminate is not supported by Karri yet.",
         ));
     }
-    for (what, parameter, id, prefixes) in [
-        ("kernel", "KernelId", &a.kernel_id, ["eki", "aki"]),
-        ("ramdisk", "RamdiskId", &a.ramdisk_id, ["eri", "ari"]),
+    for (what, code, id, prefixes) in [
+        ("kernel", "AKI", &a.kernel_id, ["eki", "aki"]),
+        ("ramdisk", "ARI", &a.ramdisk_id, ["eri", "ari"]),
     ] {
         if let Some(id) = id {
-            if !prefixes.iter().any(|p| crds::is_valid_id(p, id)) {
-                return Err(Ec2Error::invalid_parameter_value(format!(
-                    "Invalid id: \"{id}\" (expecting \"{}-...\" or \"{}-...\"): {parameter} names a {what} image",
-                    prefixes[0], prefixes[1]
-                )));
-            }
-            super::images::launchable_image(cx, id).await.map_err(|_| {
+            let not_found = || {
                 Ec2Error::new(
-                    format!(
-                        "Invalid{}ID.NotFound",
-                        if what == "kernel" { "AKI" } else { "ARI" }
-                    ),
+                    format!("Invalid{code}ID.NotFound"),
                     400,
                     format!("The {what} image '{id}' does not exist"),
                 )
-            })?;
+            };
+            // Another kind of image (a machine image given as kernel) is no kernel image, as
+            // RegisterImage answers it.
+            if !router::is_ec2_id_of(id, &prefixes) {
+                return Err(not_found());
+            }
+            super::images::launchable_image(cx, id)
+                .await
+                .map_err(|_| not_found())?;
         }
     }
     let metadata_options = (a.http_tokens.is_some()
@@ -619,21 +618,32 @@ pub async fn run_instances(
         // The records the call would make go through admission, so that a launch the call
         // would refuse is refused here too; what room there is is not checked (EC2's dry run
         // does not check capacity either).
-        let checked = WriteOptions {
+        let options = WriteOptions {
             dry_run: true,
             ..WriteOptions::by(crate::ec2::FIELD_MANAGER)
         };
-        cx.registry
+        let checked = cx
+            .registry
             .create_all(
                 &kind,
                 Some(&cx.caller.namespace),
                 bodies(zone.as_deref(), 1),
                 &cx.caller.principal(),
-                checked,
+                options,
             )
-            .await
-            .map_err(launch_refusal)?;
-        return Err(Ec2Error::dry_run_operation());
+            .await;
+        return match checked {
+            // The token was taken meanwhile (a launch with it, just made): the call is
+            // answered with that launch, as it would be without DryRun.
+            Err(e) if e.code == 409 && a.client_token.is_some() => {
+                let token = a.client_token.as_deref().unwrap_or("");
+                existing_reservation(cx, token, &a)
+                    .await?
+                    .ok_or_else(|| launch_refusal(e))
+            }
+            Err(e) => Err(launch_refusal(e)),
+            Ok(_) => Err(Ec2Error::dry_run_operation()),
+        };
     }
     // Records no node could take would only wait: refuse them as EC2 does, and launch as many
     // as fit between MinCount and MaxCount, all in one zone.
@@ -713,7 +723,9 @@ fn launch_refusal(e: crate::error::ApiError) -> Ec2Error {
         .iter()
         .map(|(field, why)| {
             let parameter = launch_parameter(field);
-            if why.starts_with(field.as_str()) && !field.is_empty() {
+            if field.is_empty() {
+                why.clone()
+            } else if why.starts_with(field.as_str()) {
                 why.replacen(field.as_str(), parameter, 1)
             } else {
                 format!("{parameter}: {why}")
