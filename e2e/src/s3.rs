@@ -24,6 +24,35 @@ pub struct Signer {
 }
 
 impl Signer {
+    /// A signer for a new account `account` of `gateway` (made with the admin token), with a
+    /// new bucket `bucket` of it, made by the account: the signer and the bucket's URL.
+    pub async fn with_bucket(
+        gateway: &karri_testkit::Gateway,
+        admin_token: &str,
+        account: &str,
+        bucket: &str,
+    ) -> anyhow::Result<(Signer, String)> {
+        let (_, creds) = gateway.account_with_key(admin_token, account).await?;
+        let signer = Signer::new(
+            "karri-1",
+            &creds.access_key_id,
+            &creds.secret_access_key,
+            Some(&gateway.ca_path()),
+            Duration::from_secs(60),
+        )?;
+        let url = format!("{}/{bucket}", gateway.url());
+        let made = signer
+            .request(Method::PUT, &url, SignableBody::Bytes(&[]))?
+            .send()
+            .await?;
+        anyhow::ensure!(
+            made.status().is_success(),
+            "CreateBucket {bucket}: {}",
+            made.status()
+        );
+        Ok((signer, url))
+    }
+
     /// A signer for `region` with an access key, over a client that trusts `ca` and gives up
     /// on a request after `timeout`.
     pub fn new(

@@ -22,24 +22,7 @@ async fn a_gateway_told_to_stop_finishes_an_upload_in_flight_and_ends_its_watche
     let etcd = Etcd::start().await?;
     let tokens = Tokens::generate(&[], &[]);
     let mut gw = Gateway::start(&etcd.endpoint, &tokens).await?;
-    let (_, creds) = gw.account_with_key(&tokens.admin, "stopping").await?;
-    let signer = Signer::new(
-        "karri-1",
-        &creds.access_key_id,
-        &creds.secret_access_key,
-        Some(&gw.ca_path()),
-        Duration::from_secs(60),
-    )?;
-    let bucket = format!("{}/stopping", gw.url());
-    let made = signer
-        .request(Method::PUT, &bucket, SignableBody::Bytes(&[]))?
-        .send()
-        .await?;
-    ensure!(
-        made.status().is_success(),
-        "CreateBucket: {}",
-        made.status()
-    );
+    let (signer, bucket) = Signer::with_bucket(&gw, &tokens.admin, "stopping", "stopping").await?;
 
     // A watch, as the operator and the agents always hold one.
     let watch = gw

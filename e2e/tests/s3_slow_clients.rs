@@ -25,24 +25,7 @@ async fn an_upload_whose_body_stops_arriving_is_answered_request_timeout_and_sto
         &["--s3-body-idle-timeout-seconds", "2"],
     )
     .await?;
-    let (_, creds) = gw.account_with_key(&tokens.admin, "slow").await?;
-    let signer = Signer::new(
-        "karri-1",
-        &creds.access_key_id,
-        &creds.secret_access_key,
-        Some(&gw.ca_path()),
-        Duration::from_secs(60),
-    )?;
-    let bucket = format!("{}/slow-uploads", gw.url());
-    let made = signer
-        .request(Method::PUT, &bucket, SignableBody::Bytes(&[]))?
-        .send()
-        .await?;
-    ensure!(
-        made.status().is_success(),
-        "CreateBucket: {}",
-        made.status()
-    );
+    let (signer, bucket) = Signer::with_bucket(&gw, &tokens.admin, "slow", "slow-uploads").await?;
 
     // 300 bytes announced, 200 sent, then nothing, with the body never ending.
     use futures::StreamExt as _;
