@@ -281,6 +281,7 @@ def launch(ec2, image_id):
         ("platform-details", "Linux/UNIX", ids),
         ("platform", "windows", []),
         ("instance-lifecycle", "spot", []),
+        ("network-interface.association.public-ip", "203.0.113.5", []),
     ]:
         found = all_instances(
             ec2,

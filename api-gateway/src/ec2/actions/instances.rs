@@ -201,7 +201,7 @@ fn interface_values<'v>(v: &InstanceView<'v>, name: &str, region: &str) -> Vec<C
         "attachment.status" => filter::shown("attached"),
         "attachment.attach-time" => filter::shown_owned(time_text(v.launch_time())),
         "attachment.delete-on-termination" => filter::shown_bool(true),
-        // Shown empty: no IPv6 addresses.
+        // Shown empty: no description, no IPv6 addresses, no public address (association).
         _ => Vec::new(),
     }
 }
@@ -2009,6 +2009,26 @@ mod tests {
                     "instancesSet/item/networkInterfaceSet/item/privateIpAddressesSet/item/primary",
                 ),
                 (
+                    "network-interface.addresses.association.ip-owner-id",
+                    "instancesSet/item/networkInterfaceSet/item/privateIpAddressesSet/item/association/ipOwnerId",
+                ),
+                (
+                    "network-interface.addresses.association.public-ip",
+                    "instancesSet/item/networkInterfaceSet/item/privateIpAddressesSet/item/association/publicIp",
+                ),
+                (
+                    "network-interface.association.ip-owner-id",
+                    "instancesSet/item/networkInterfaceSet/item/association/ipOwnerId",
+                ),
+                (
+                    "network-interface.association.public-ip",
+                    "instancesSet/item/networkInterfaceSet/item/association/publicIp",
+                ),
+                (
+                    "network-interface.description",
+                    "instancesSet/item/networkInterfaceSet/item/description",
+                ),
+                (
                     "network-interface.attachment.attach-time",
                     "instancesSet/item/networkInterfaceSet/item/attachment/attachTime",
                 ),
@@ -2120,6 +2140,11 @@ mod tests {
                 "block-device-mapping.volume-id",
                 "dns-name",
                 "instance-lifecycle",
+                "network-interface.addresses.association.ip-owner-id",
+                "network-interface.addresses.association.public-ip",
+                "network-interface.association.ip-owner-id",
+                "network-interface.association.public-ip",
+                "network-interface.description",
                 "network-interface.ipv6-addresses.ipv6-address",
                 "placement-group-name",
                 "platform",
