@@ -17,6 +17,8 @@ use crate::cache::{CachedObject, Rendering};
 use crate::ec2::error::Ec2Error;
 use crate::ec2::filter::{self, Matcher};
 use crate::ec2::router::{self, WireEnum as _};
+// What every instance runs and is billed as: what its image shows.
+use super::images::{PLATFORM_DETAILS, USAGE_OPERATION};
 use crate::ec2::xml::{time_text, Response};
 use crate::registry::WriteOptions;
 
@@ -81,9 +83,6 @@ const TENANCY: &str = "default";
 const MONITORING_STATE: &str = "disabled";
 const SOURCE_DEST_CHECK: bool = true;
 const EBS_OPTIMIZED: bool = false;
-/// What every instance runs and is billed as: what its image shows (a Linux on-demand
-/// instance's, as EC2 names them).
-use super::images::{PLATFORM_DETAILS, USAGE_OPERATION};
 
 /// The values a DescribeInstances filter sees on an instance: what [`write_instance`] (and the
 /// reservation around it, for `reservation-id` and `owner-id`) shows.
