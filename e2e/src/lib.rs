@@ -8,6 +8,7 @@ pub mod cloud;
 pub mod guests;
 pub mod karri;
 pub mod moto;
+pub mod raw_etcd;
 pub mod report;
 pub mod s3;
 

@@ -23,6 +23,11 @@
 //! time cap, whichever comes first; then
 //! 3. DescribeInstances over [`BIG_INSTANCES`] instances on Karri alone, from one client.
 //!
+//! Beside the RunInstances rows it measures etcd alone, from this program: the transaction one
+//! RunInstances of one instance commits ([`lone_create_txn`], with a value the size of a stored
+//! Instance record), from 1 client, so the report shows how much of a launch's p99 is the durable
+//! write every launch waits for.
+//!
 //! It prints requests per second and p50/p99 latency of every run, the ratio Karri/moto of rps
 //! and of p99, and PASS/MISS against the goals: Karri at least 10x moto on both actions (rps
 //! ratio >= 10 and p99 ratio <= 0.1 at every concurrency), and DescribeInstances over 10,000
@@ -41,6 +46,7 @@
 
 use karri_e2e::closed_loop::{closed_loop, ms, Op, Procs, Run};
 use karri_e2e::moto::Moto;
+use karri_e2e::raw_etcd::lone_create_txn;
 use karri_e2e::report::{command_line, cpu_model, loadavg, out, pass};
 use std::path::Path;
 use std::sync::Arc;
@@ -78,6 +84,8 @@ const BIG_OPS: usize = 100;
 const BIG_CAP: Duration = Duration::from_secs(30);
 /// Concurrent RunInstances batches while filling up.
 const FILL_CLIENTS: usize = 4;
+/// etcd alone: transactions of one launch, from 1 client.
+const FLOOR_OPS: usize = 1000;
 /// Per-request timeout (moto answers 16 concurrent describes of 1,000 instances one by one).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long moto and Karri's caches get to become ready.
@@ -309,14 +317,91 @@ fn cpu_line(side: &str, run: &Run) -> String {
 
 struct Compared {
     label: String,
+    concurrency: usize,
     rps_ratio: f64,
     p99_ratio: f64,
+    /// moto's p99.
+    moto_p99: Duration,
 }
 
 impl Compared {
     fn met(&self) -> bool {
         self.rps_ratio >= SPEEDUP_GOAL && self.p99_ratio <= 1.0 / SPEEDUP_GOAL
     }
+}
+
+/// Measures etcd alone for the write of one launch (see the module doc) and prints its row and
+/// what the RunInstances p99 goal at 1 client asks beside it (`moto_p99`: moto's p99 there).
+async fn etcd_floor(procs: &Procs, etcd: &Etcd, moto_p99: Option<Duration>) -> anyhow::Result<()> {
+    let client = etcd_client::Client::connect([etcd.endpoint.as_str()], None)
+        .await
+        .context("connecting to etcd")?;
+    // A stored Instance record, through the ID index of one launched instance.
+    let mut kv = client.kv_client();
+    let index = kv
+        .get(
+            "/karri/index/ids/i-",
+            Some(etcd_client::GetOptions::new().with_prefix().with_limit(1)),
+        )
+        .await?;
+    let record_key = index
+        .kvs()
+        .first()
+        .context("etcd holds no instance ID index entry")?
+        .value()
+        .to_vec();
+    let record = kv.get(record_key, None).await?;
+    let value = record
+        .kvs()
+        .first()
+        .context("an instance ID index entry names no record")?
+        .value()
+        .to_vec();
+    let size = value.len();
+    let value = Arc::new(value);
+    progress(format!(
+        "etcd alone: the transaction of one launch, 1 client, {FLOOR_OPS} times"
+    ));
+    let op: Op = Arc::new(move |i| {
+        let mut kv = client.kv_client();
+        let key = format!("/bench/floor/instances/{i:06}");
+        let id = format!("/bench/floor/ids/i-{i:017x}");
+        let value = value.as_ref().clone();
+        async move {
+            let t = Instant::now();
+            let resp = kv.txn(lone_create_txn(key, id, value)).await?;
+            if !resp.succeeded() {
+                bail!("the transaction found its keys taken");
+            }
+            Ok((t.elapsed(), 0))
+        }
+        .boxed()
+    });
+    let mut floor = closed_loop(procs, 1, FLOOR_OPS, RUN_CAP, op).await;
+    out(format!(
+        "{:<30} {:>3} | {}",
+        "etcd alone: one launch's txn",
+        1,
+        floor.cells(9)
+    ));
+    out(format!(
+        "      (from this program: 2 compares, 2 puts, a stored Instance record of {size} bytes; etcd cpu per txn {:.0} us)",
+        floor.cpu.etcd * 1e6 / floor.lat.len().max(1) as f64
+    ));
+    if let Some(e) = &floor.first_error {
+        out(format!("      errors: {}, first: {e}", floor.errors));
+    }
+    if let Some(moto_p99) = moto_p99 {
+        let asked = moto_p99.as_secs_f64() / SPEEDUP_GOAL;
+        let own = floor.p(99.0).as_secs_f64();
+        out(format!(
+            "      RunInstances at 1 client: the goal asks Karri for p99 <= {:.2} ms (moto's / {SPEEDUP_GOAL}); etcd alone took p99 {:.2} ms for the write each launch waits for ({:.2}x what the goal allows)",
+            asked * 1e3,
+            own * 1e3,
+            own / asked.max(1e-12)
+        ));
+    }
+    Ok(())
 }
 
 /// Runs `body` at `concurrency` on both endpoints (Karri first), prints the row, and returns
@@ -371,6 +456,8 @@ async fn compare(
     let ok = k.errors == 0 && m.errors == 0 && !k.lat.is_empty() && !m.lat.is_empty();
     Ok(Compared {
         label: format!("{label}, {concurrency} client(s)"),
+        concurrency,
+        moto_p99: m.p(99.0),
         // A run with errors or no samples cannot meet the goal.
         rps_ratio: if ok { rps_ratio } else { 0.0 },
         p99_ratio: if ok { p99_ratio } else { f64::INFINITY },
@@ -577,6 +664,11 @@ async fn main() -> anyhow::Result<()> {
     }
     drop(moto_ep);
     drop(moto);
+    let moto_run_p99 = compared
+        .iter()
+        .find(|c| c.concurrency == 1 && c.label.starts_with("RunInstances"))
+        .map(|c| c.moto_p99);
+    etcd_floor(&procs, &etcd, moto_run_p99).await?;
 
     // 3. DescribeInstances over 10,000 instances, Karri alone.
     let (present, _) = count_instances(&karri).await?;

@@ -24,6 +24,7 @@
 //! on an early error return).
 
 use karri_e2e::cloud::pid_by_cmdline;
+use karri_e2e::raw_etcd::lone_create_txn;
 use karri_e2e::report::pct;
 use karri_e2e::report::{command_line, cpu_model, cpu_ticks, out, pass, ticks_per_second};
 use std::collections::HashMap;
@@ -33,7 +34,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use etcd_client::{Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{GetOptions, WatchOptions};
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
 use karri_testkit::{bin_dir, http_client, Etcd, Gateway, Tokens};
@@ -603,17 +604,7 @@ async fn main() -> anyhow::Result<()> {
                 let value = value.as_ref().clone();
                 async move {
                     let t = Instant::now();
-                    let txn = Txn::new()
-                        .when([
-                            Compare::create_revision(key.clone(), CompareOp::Equal, 0),
-                            Compare::create_revision(id.clone(), CompareOp::Equal, 0),
-                        ])
-                        .and_then([
-                            TxnOp::put(key.clone(), value, None),
-                            TxnOp::put(id, key.clone(), None),
-                        ])
-                        .or_else([TxnOp::get(key, None)]);
-                    let resp = kv.txn(txn).await?;
+                    let resp = kv.txn(lone_create_txn(key, id, value)).await?;
                     if !resp.succeeded() {
                         bail!("raw txn did not succeed");
                     }
