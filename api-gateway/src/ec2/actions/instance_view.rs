@@ -368,6 +368,12 @@ impl<'v> InstanceView<'v> {
             .or_else(|| rfc3339(self.metadata.creation_timestamp))
             .unwrap_or_default()
     }
+
+    /// When the instance's record was made (its primary interface is made with it and stays
+    /// attached across stops and starts, which move the launch time).
+    pub fn created(&self) -> chrono::DateTime<chrono::Utc> {
+        rfc3339(self.metadata.creation_timestamp).unwrap_or_default()
+    }
 }
 
 #[cfg(test)]

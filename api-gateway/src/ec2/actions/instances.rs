@@ -198,7 +198,7 @@ fn interface_values<'v>(v: &InstanceView<'v>, name: &str, region: &str) -> Vec<C
         }
         "attachment.device-index" | "attachment.network-card-index" => filter::shown_number(0),
         "attachment.status" => filter::shown("attached"),
-        "attachment.attach-time" => filter::shown_owned(time_text(v.launch_time())),
+        "attachment.attach-time" => filter::shown_owned(time_text(v.created())),
         "attachment.delete-on-termination" => filter::shown_bool(true),
         // Shown empty: no description, no IPv6 addresses, no public address (association).
         _ => Vec::new(),
@@ -288,7 +288,7 @@ fn write_instance(w: &mut Response, v: &InstanceView<'_>, region: &str) {
             .leaf_display("deviceIndex", 0)
             .leaf_display("networkCardIndex", 0)
             .leaf("status", "attached")
-            .leaf_time("attachTime", v.launch_time())
+            .leaf_time("attachTime", v.created())
             .leaf_bool("deleteOnTermination", true);
         });
         w.set("privateIpAddressesSet", [()], |w, ()| {
@@ -2221,6 +2221,20 @@ mod tests {
             w.close();
         });
         assert_eq!(copied, fresh);
+    }
+
+    #[test]
+    fn the_interface_stays_attached_since_the_launch_when_a_start_moves_the_launch_time() {
+        let record = full_instance();
+        let xml = described(&InstanceView::of(&record));
+        assert!(
+            xml.contains("<launchTime>2026-01-02T03:05:06.789Z</launchTime>"),
+            "{xml}"
+        );
+        assert!(
+            xml.contains("<attachTime>2026-01-02T03:04:05.000Z</attachTime>"),
+            "{xml}"
+        );
     }
 
     #[test]
