@@ -84,6 +84,14 @@ impl ApiError {
     pub fn method_not_allowed(message: impl Into<String>) -> Self {
         Self::new(405, "MethodNotAllowed", message)
     }
+    /// 406 NotAcceptable: the `Accept` header names no media the gateway serves.
+    pub fn not_acceptable() -> Self {
+        Self::new(
+            406,
+            "NotAcceptable",
+            "only the following media types are accepted: application/json (also as a meta.k8s.io/v1 Table or PartialObjectMetadata, v1 or v1beta1)",
+        )
+    }
     /// 409 AlreadyExists.
     pub fn already_exists(plural: &str, name: &str) -> Self {
         Self::new(

@@ -48,9 +48,14 @@ impl IncludeObject {
 
 /// The view an `Accept` header asks for: its first media range Karri serves (a client lists
 /// what it prefers first, e.g. `application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,
-/// application/json`); the records themselves when none is named.
-pub fn view_of(accept: Option<&str>) -> View {
-    for range in accept.unwrap_or_default().split(',') {
+/// application/json`); the records themselves without a header. `None` when the header names
+/// only media Karri does not serve (HTML, YAML, protobuf, an `as=` view of another version):
+/// kube-apiserver answers that 406 rather than send what the client did not ask for.
+pub fn view_of(accept: Option<&str>) -> Option<View> {
+    let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
+        return Some(View::Full);
+    };
+    for range in accept.split(',') {
         let mut params = range.split(';').map(str::trim);
         let media = params.next().unwrap_or_default();
         if !matches!(media, "application/json" | "application/*" | "*/*" | "") {
@@ -67,22 +72,22 @@ pub fn view_of(accept: Option<&str>) -> View {
         }
         let meta_group = group.is_none_or(|g| g == "meta.k8s.io");
         match (as_, version) {
-            (None, _) => return View::Full,
-            (Some("Table"), _) if meta_group => return View::Table(IncludeObject::Metadata),
+            (None, _) => return Some(View::Full),
+            (Some("Table"), _) if meta_group => return Some(View::Table(IncludeObject::Metadata)),
             (Some("PartialObjectMetadata" | "PartialObjectMetadataList"), Some("v1"))
                 if meta_group =>
             {
-                return View::Metadata("v1")
+                return Some(View::Metadata("v1"))
             }
             (Some("PartialObjectMetadata" | "PartialObjectMetadataList"), Some("v1beta1"))
                 if meta_group =>
             {
-                return View::Metadata("v1beta1")
+                return Some(View::Metadata("v1beta1"))
             }
             _ => {}
         }
     }
-    View::Full
+    None
 }
 
 /// A record as `PartialObjectMetadata` of `meta.k8s.io/<version>`: its metadata only.
@@ -292,11 +297,32 @@ mod tests {
     }
 
     #[test]
+    fn a_header_naming_only_media_karri_does_not_serve_gets_no_view() {
+        for accept in [
+            "text/html",
+            "application/yaml",
+            "application/vnd.kubernetes.protobuf",
+            "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v2",
+            "application/json;as=Table;g=example.com;v=v1",
+        ] {
+            assert_eq!(view_of(Some(accept)), None, "{accept}");
+        }
+    }
+
+    #[test]
     fn the_view_is_the_first_media_range_karri_serves() {
         let rows = [
             (None, View::Full),
+            (Some(""), View::Full),
             (Some("application/json"), View::Full),
             (Some("*/*"), View::Full),
+            // A browser's header: its wildcard takes JSON.
+            (
+                Some("text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"),
+                View::Full,
+            ),
+            // A watch.
+            (Some("application/json;stream=watch"), View::Full),
             (
                 Some("application/json;as=Table;v=v1;g=meta.k8s.io,application/json"),
                 View::Table(IncludeObject::Metadata),
@@ -322,7 +348,7 @@ mod tests {
             ),
         ];
         for (accept, want) in rows {
-            assert_eq!(view_of(accept), want, "{accept:?}");
+            assert_eq!(view_of(accept), Some(want), "{accept:?}");
         }
         let record = json!({"apiVersion": "karri.dev/v1alpha1", "kind": "Instance",
             "metadata": {"name": "web", "resourceVersion": "7"}, "spec": {"imageId": "emi-1"}});

@@ -7,7 +7,7 @@ use karri_e2e::support::{
     expect_status, instance_json, instance_yaml, kubectl_err, message, Api, Cluster, API,
 };
 use karri_testkit::kubectl_ok;
-use reqwest::header::{CONNECTION, CONTENT_TYPE, WARNING};
+use reqwest::header::{ACCEPT, CONNECTION, CONTENT_TYPE, WARNING};
 use reqwest::Method;
 use serde_json::{json, Value};
 
@@ -84,6 +84,49 @@ async fn malformed_json_is_a_bad_request() -> anyhow::Result<()> {
         "the message does not say the JSON is bad: {status}"
     );
     ensure_nothing_stored(&api).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_request_for_media_the_gateway_does_not_serve_is_not_acceptable_and_stores_nothing(
+) -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let api = c.admin_api()?;
+    create(&api, "kept").await?;
+    let resp = api
+        .request(Method::GET, &instances())
+        .header(ACCEPT, "text/html")
+        .send()
+        .await?;
+    let status = expect_status(resp, 406, "NotAcceptable").await?;
+    ensure!(
+        message(&status).contains("application/json"),
+        "the message does not say what is served: {status}"
+    );
+    // A create is refused before it is made, as kube-apiserver negotiates first.
+    let resp = api
+        .request(Method::POST, &instances())
+        .header(CONTENT_TYPE, "application/json")
+        .header(ACCEPT, "application/yaml")
+        .body(serde_json::to_vec(&instance_json("refused"))?)
+        .send()
+        .await?;
+    expect_status(resp, 406, "NotAcceptable").await?;
+    let names: Vec<Value> = all_instances(&api)
+        .await?
+        .iter()
+        .map(|i| i["metadata"]["name"].clone())
+        .collect();
+    ensure!(names == [json!("kept")], "stored: {names:?}");
+    // A browser's header ends in a wildcard, and gets JSON.
+    let resp = api
+        .request(Method::GET, &instance("kept"))
+        .header(ACCEPT, "text/html,application/xhtml+xml,*/*;q=0.8")
+        .send()
+        .await?;
+    ensure!(resp.status() == 200, "a wildcard got {}", resp.status());
+    let got: Value = resp.json().await?;
+    ensure!(got["metadata"]["name"] == "kept", "{got}");
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]

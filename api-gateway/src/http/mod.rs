@@ -895,7 +895,7 @@ async fn resource_request(
         .get(header::ACCEPT)
         .and_then(|h| h.to_str().ok())
         .map(str::to_string);
-    let view = match table::view_of(accept.as_deref()) {
+    let view = match table::view_of(accept.as_deref()).ok_or_else(ApiError::not_acceptable)? {
         View::Table(_) => View::Table(
             table::IncludeObject::parse(q.get("includeObject").map(String::as_str))
                 .map_err(ApiError::bad_request)?,
