@@ -364,9 +364,7 @@ impl<'v> InstanceView<'v> {
 
     /// When the instance was launched: its reported launch time, else the record's creation.
     pub fn launch_time(&self) -> chrono::DateTime<chrono::Utc> {
-        rfc3339(self.status.launch_time)
-            .or_else(|| rfc3339(self.metadata.creation_timestamp))
-            .unwrap_or_default()
+        rfc3339(self.status.launch_time).unwrap_or_else(|| self.created())
     }
 
     /// When the instance's record was made (its primary interface is made with it and stays
@@ -545,5 +543,6 @@ mod tests {
             super::super::created(&v),
             "no launch time reported: the creation time"
         );
+        assert_eq!(view.created(), super::super::created(&v));
     }
 }

@@ -2224,7 +2224,7 @@ mod tests {
     }
 
     #[test]
-    fn the_interface_stays_attached_since_the_launch_when_a_start_moves_the_launch_time() {
+    fn the_interface_stays_attached_since_the_record_was_made_when_a_start_moves_the_launch_time() {
         let record = full_instance();
         let xml = described(&InstanceView::of(&record));
         assert!(
