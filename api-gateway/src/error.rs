@@ -84,12 +84,18 @@ impl ApiError {
     pub fn method_not_allowed(message: impl Into<String>) -> Self {
         Self::new(405, "MethodNotAllowed", message)
     }
-    /// 406 NotAcceptable: the `Accept` header names no media the gateway serves.
-    pub fn not_acceptable() -> Self {
+    /// 406 NotAcceptable: the `Accept` header names no media the gateway serves (for a watch,
+    /// when `watch`), in kube-apiserver's words.
+    pub fn not_acceptable(watch: bool) -> Self {
+        let served = if watch {
+            "application/json;stream=watch"
+        } else {
+            "application/json, application/yaml"
+        };
         Self::new(
             406,
             "NotAcceptable",
-            "only the following media types are accepted: application/json (also as a meta.k8s.io/v1 Table or PartialObjectMetadata, v1 or v1beta1)",
+            format!("only the following media types are accepted: {served}"),
         )
     }
     /// 409 AlreadyExists.

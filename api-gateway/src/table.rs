@@ -46,21 +46,34 @@ impl IncludeObject {
     }
 }
 
-/// The view an `Accept` header asks for: its first media range Karri serves (a client lists
-/// what it prefers first, e.g. `application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,
-/// application/json`); the records themselves without a header. `None` when the header names
-/// only media Karri does not serve (HTML, YAML, protobuf, an `as=` view of another version):
-/// kube-apiserver answers that 406 rather than send what the client did not ask for.
-pub fn view_of(accept: Option<&str>) -> Option<View> {
+/// The media a response is written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Media {
+    /// `application/json`.
+    Json,
+    /// `application/yaml` (not for a watch, which has no YAML stream).
+    Yaml,
+}
+
+/// What an `Accept` header asks for, as kube-apiserver negotiates it for a custom resource: the
+/// first media range served (a client lists what it prefers first, e.g.
+/// `application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json`); the
+/// records in JSON without a header. `None` when every range names something not served (HTML,
+/// protobuf, YAML for a `watch`, a view of another group or version): that is answered 406
+/// rather than with what the client did not ask for. Media types are compared without regard to
+/// case; `q` and other parameters are not weighed.
+pub fn negotiate(accept: Option<&str>, watch: bool) -> Option<(View, Media)> {
     let Some(accept) = accept.filter(|a| !a.trim().is_empty()) else {
-        return Some(View::Full);
+        return Some((View::Full, Media::Json));
     };
     for range in accept.split(',') {
         let mut params = range.split(';').map(str::trim);
-        let media = params.next().unwrap_or_default();
-        if !matches!(media, "application/json" | "application/*" | "*/*" | "") {
-            continue;
-        }
+        let media = params.next().unwrap_or_default().to_ascii_lowercase();
+        let media = match media.as_str() {
+            "application/json" | "application/*" | "*/*" | "*" => Media::Json,
+            "application/yaml" if !watch => Media::Yaml,
+            _ => continue,
+        };
         let (mut as_, mut group, mut version) = (None, None, None);
         for p in params {
             match p.split_once('=') {
@@ -70,22 +83,21 @@ pub fn view_of(accept: Option<&str>) -> Option<View> {
                 _ => {}
             }
         }
-        let meta_group = group.is_none_or(|g| g == "meta.k8s.io");
-        match (as_, version) {
-            (None, _) => return Some(View::Full),
-            (Some("Table"), _) if meta_group => return Some(View::Table(IncludeObject::Metadata)),
-            (Some("PartialObjectMetadata" | "PartialObjectMetadataList"), Some("v1"))
-                if meta_group =>
-            {
-                return Some(View::Metadata("v1"))
+        let meta = group == Some("meta.k8s.io");
+        let version = match version {
+            Some("v1") => Some("v1"),
+            Some("v1beta1") => Some("v1beta1"),
+            _ => None,
+        };
+        let view = match (as_, version) {
+            (None, _) => View::Full,
+            (Some("Table"), Some(_)) if meta => View::Table(IncludeObject::Metadata),
+            (Some("PartialObjectMetadata" | "PartialObjectMetadataList"), Some(v)) if meta => {
+                View::Metadata(v)
             }
-            (Some("PartialObjectMetadata" | "PartialObjectMetadataList"), Some("v1beta1"))
-                if meta_group =>
-            {
-                return Some(View::Metadata("v1beta1"))
-            }
-            _ => {}
-        }
+            _ => continue,
+        };
+        return Some((view, media));
     }
     None
 }
@@ -297,58 +309,92 @@ mod tests {
     }
 
     #[test]
-    fn a_header_naming_only_media_karri_does_not_serve_gets_no_view() {
+    fn a_header_naming_only_what_karri_does_not_serve_is_not_acceptable() {
         for accept in [
             "text/html",
-            "application/yaml",
+            "text/html,",
             "application/vnd.kubernetes.protobuf",
             "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v2",
             "application/json;as=Table;g=example.com;v=v1",
+            // kube-apiserver names the group and version of a view: both are needed.
+            "application/json;as=Table",
+            "application/json;as=Table;g=meta.k8s.io",
         ] {
-            assert_eq!(view_of(Some(accept)), None, "{accept}");
+            assert_eq!(negotiate(Some(accept), false), None, "{accept}");
         }
+        // A watch has no YAML stream.
+        assert_eq!(negotiate(Some("application/yaml"), true), None);
     }
 
     #[test]
-    fn the_view_is_the_first_media_range_karri_serves() {
+    fn the_answer_is_the_first_media_range_karri_serves() {
+        use Media::{Json, Yaml};
+        let as_table = View::Table(IncludeObject::Metadata);
         let rows = [
-            (None, View::Full),
-            (Some(""), View::Full),
-            (Some("application/json"), View::Full),
-            (Some("*/*"), View::Full),
+            (None, false, View::Full, Json),
+            (Some(""), false, View::Full, Json),
+            (Some("application/json"), false, View::Full, Json),
+            (Some("Application/JSON; charset=utf-8"), false, View::Full, Json),
+            (Some("*/*"), false, View::Full, Json),
+            (Some("*"), false, View::Full, Json),
+            (Some("application/*"), false, View::Full, Json),
             // A browser's header: its wildcard takes JSON.
             (
                 Some("text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"),
+                false,
                 View::Full,
+                Json,
             ),
-            // A watch.
-            (Some("application/json;stream=watch"), View::Full),
+            (Some("application/json;stream=watch"), true, View::Full, Json),
+            (Some("application/yaml"), false, View::Full, Yaml),
+            // A watch skips YAML for what follows.
+            (Some("application/yaml,application/json"), true, View::Full, Json),
             (
                 Some("application/json;as=Table;v=v1;g=meta.k8s.io,application/json"),
-                View::Table(IncludeObject::Metadata),
+                false,
+                as_table,
+                Json,
+            ),
+            (
+                Some("application/json;as=Table;v=v1beta1;g=meta.k8s.io"),
+                false,
+                as_table,
+                Json,
             ),
             // client-go's metadata client, and kube-rs's metadata API.
             (
                 Some("application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"),
+                false,
                 View::Metadata("v1"),
+                Json,
             ),
             (
                 Some("application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1beta1"),
+                false,
                 View::Metadata("v1beta1"),
+                Json,
             ),
             // A protobuf preference first, then JSON: the records in JSON.
             (
                 Some("application/vnd.kubernetes.protobuf;as=PartialObjectMetadata;g=meta.k8s.io;v=v1,application/json"),
+                false,
                 View::Full,
+                Json,
             ),
             // A version Karri does not serve falls through to the next range.
             (
                 Some("application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v2,application/json;as=Table;g=meta.k8s.io;v=v1"),
-                View::Table(IncludeObject::Metadata),
+                false,
+                as_table,
+                Json,
             ),
         ];
-        for (accept, want) in rows {
-            assert_eq!(view_of(accept), Some(want), "{accept:?}");
+        for (accept, watch, view, media) in rows {
+            assert_eq!(
+                negotiate(accept, watch),
+                Some((view, media)),
+                "{accept:?} watch={watch}"
+            );
         }
         let record = json!({"apiVersion": "karri.dev/v1alpha1", "kind": "Instance",
             "metadata": {"name": "web", "resourceVersion": "7"}, "spec": {"imageId": "emi-1"}});

@@ -102,21 +102,41 @@ async fn a_request_for_media_the_gateway_does_not_serve_is_not_acceptable_and_st
         message(&status).contains("application/json"),
         "the message does not say what is served: {status}"
     );
-    // A create is refused before it is made, as kube-apiserver negotiates first.
+    // A create is refused before it is made, as kube-apiserver negotiates first (it serves no
+    // protobuf for a custom resource).
     let resp = api
         .request(Method::POST, &instances())
         .header(CONTENT_TYPE, "application/json")
-        .header(ACCEPT, "application/yaml")
+        .header(ACCEPT, "application/vnd.kubernetes.protobuf")
         .body(serde_json::to_vec(&instance_json("refused"))?)
         .send()
         .await?;
     expect_status(resp, 406, "NotAcceptable").await?;
+    // A watch has no YAML stream.
+    let resp = api
+        .request(Method::GET, &format!("{}?watch=true", instances()))
+        .header(ACCEPT, "application/yaml")
+        .send()
+        .await?;
+    let status = expect_status(resp, 406, "NotAcceptable").await?;
+    ensure!(
+        message(&status).contains("application/json;stream=watch"),
+        "the message does not say what a watch is served in: {status}"
+    );
     let names: Vec<Value> = all_instances(&api)
         .await?
         .iter()
         .map(|i| i["metadata"]["name"].clone())
         .collect();
     ensure!(names == [json!("kept")], "stored: {names:?}");
+    // A caller without the right learns that first, as kube-apiserver authorizes first.
+    let acme = c.api(Some(c.tokens.account("acme").context("no token for acme")?))?;
+    let resp = acme
+        .request(Method::GET, &format!("{API}/namespaces/globex/instances"))
+        .header(ACCEPT, "text/html")
+        .send()
+        .await?;
+    expect_status(resp, 403, "Forbidden").await?;
     // A browser's header ends in a wildcard, and gets JSON.
     let resp = api
         .request(Method::GET, &instance("kept"))
@@ -126,6 +146,46 @@ async fn a_request_for_media_the_gateway_does_not_serve_is_not_acceptable_and_st
     ensure!(resp.status() == 200, "a wildcard got {}", resp.status());
     let got: Value = resp.json().await?;
     ensure!(got["metadata"]["name"] == "kept", "{got}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_asks_for_yaml_gets_the_same_answers_in_yaml() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let api = c.admin_api()?;
+    let created = create(&api, "web").await?;
+    let yaml_of = |resp: reqwest::Response| async move {
+        let code = resp.status().as_u16();
+        let media = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let text = resp.text().await?;
+        ensure!(media == "application/yaml", "answered as {media:?}: {text}");
+        let v: Value =
+            serde_norway::from_str(&text).with_context(|| format!("not YAML: {text}"))?;
+        anyhow::Ok((code, v))
+    };
+    let get = |path: String| {
+        api.request(Method::GET, &path)
+            .header(ACCEPT, "application/yaml")
+            .send()
+    };
+    let (code, got) = yaml_of(get(instance("web")).await?).await?;
+    ensure!(
+        code == 200 && got == created,
+        "{code}: {got} is not {created}"
+    );
+    let (code, list) = yaml_of(get(instances()).await?).await?;
+    ensure!(code == 200 && list["items"][0] == created, "{code}: {list}");
+    // A refusal is a Status, in YAML too.
+    let (code, status) = yaml_of(get(instance("absent")).await?).await?;
+    ensure!(
+        code == 404 && status["kind"] == "Status" && status["reason"] == "NotFound",
+        "{code}: {status}"
+    );
     Ok(())
 }
 

@@ -845,9 +845,14 @@ struct Ctx<'a> {
     who: &'a Principal,
     kind: Arc<Kind>,
     ns: Option<String>,
+    /// Whether the request's `Accept` header names something served.
+    acceptable: bool,
 }
 
 impl Ctx<'_> {
+    /// Whether the caller may `verb` the target; then whether it can be answered in what it
+    /// accepts (kube-apiserver authorizes before it negotiates, so a caller without the right
+    /// learns that first).
     fn authorize(&self, verb: Verb, name: Option<&str>) -> ApiResult<()> {
         let target = Target {
             kind: self.kind.info.kind,
@@ -856,16 +861,20 @@ impl Ctx<'_> {
             namespaced: self.kind.info.namespaced,
             name,
         };
-        if auth::allowed(self.who, verb, &target) {
-            Ok(())
-        } else {
+        if !auth::allowed(self.who, verb, &target) {
             Err(ApiError::forbidden(auth::forbidden_message(
                 self.who, verb, &target,
             )))
+        } else if self.acceptable {
+            Ok(())
+        } else {
+            Err(ApiError::not_acceptable(matches!(verb, Verb::Watch)))
         }
     }
 }
 
+/// A request of the resource API, answered in the media its `Accept` header negotiates
+/// ([`table::negotiate`]): JSON, or YAML made from it.
 async fn resource_request(
     s: &Arc<AppState>,
     who: &Principal,
@@ -873,6 +882,56 @@ async fn resource_request(
     method: Method,
     q: HashMap<String, String>,
     req: Request,
+) -> ApiResult<Response> {
+    let watch =
+        matches!(ep, Endpoint::Collection { .. }) && method == Method::GET && flag(&q, "watch");
+    let accept = req
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|h| h.to_str().ok());
+    // Refused (406) once the request is authorized.
+    let negotiated = table::negotiate(accept, watch);
+    let view = negotiated.map(|(view, _)| view);
+    let served = serve_resource(s, who, ep, method, q, req, view).await;
+    match negotiated.map_or(table::Media::Json, |(_, media)| media) {
+        table::Media::Json => served,
+        table::Media::Yaml => Ok(as_yaml(served.unwrap_or_else(IntoResponse::into_response)).await),
+    }
+}
+
+/// A JSON response written again in YAML, its status and other headers kept.
+async fn as_yaml(resp: Response) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    let bytes = match axum::body::to_bytes(body, usize::MAX).await {
+        Ok(bytes) => bytes,
+        Err(e) => return ApiError::internal(format!("reading the answer: {e}")).into_response(),
+    };
+    let text = serde_json::from_slice::<Value>(&bytes)
+        .map_err(|e| e.to_string())
+        .and_then(|v| serde_norway::to_string(&v).map_err(|e| e.to_string()));
+    match text {
+        Ok(text) => {
+            parts.headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/yaml"),
+            );
+            parts.headers.remove(header::CONTENT_LENGTH);
+            Response::from_parts(parts, Body::from(text))
+        }
+        Err(e) => ApiError::internal(format!("writing the answer as YAML: {e}")).into_response(),
+    }
+}
+
+/// [`resource_request`] once its answer's `view` is negotiated (`None`: nothing the client
+/// accepts is served).
+async fn serve_resource(
+    s: &Arc<AppState>,
+    who: &Principal,
+    ep: Endpoint,
+    method: Method,
+    q: HashMap<String, String>,
+    req: Request,
+    view: Option<View>,
 ) -> ApiResult<Response> {
     let (plural, ns) = match &ep {
         Endpoint::Collection { plural, namespace }
@@ -890,12 +949,8 @@ async fn resource_request(
         .kinds
         .by_plural(&plural)
         .ok_or_else(|| ApiError::no_route(&plural))?;
-    let accept = req
-        .headers()
-        .get(header::ACCEPT)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string);
-    let view = match table::view_of(accept.as_deref()).ok_or_else(ApiError::not_acceptable)? {
+    let acceptable = view.is_some();
+    let view = match view.unwrap_or(View::Full) {
         View::Table(_) => View::Table(
             table::IncludeObject::parse(q.get("includeObject").map(String::as_str))
                 .map_err(ApiError::bad_request)?,
@@ -907,6 +962,7 @@ async fn resource_request(
         who,
         kind: kind.clone(),
         ns: ns.clone(),
+        acceptable,
     };
     match (ep, method.as_str()) {
         (Endpoint::Collection { .. }, "GET") if flag(&q, "watch") => {
