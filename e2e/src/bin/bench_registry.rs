@@ -24,7 +24,7 @@
 //! on an early error return).
 
 use karri_e2e::cloud::pid_by_cmdline;
-use karri_e2e::raw_etcd::lone_create_txn;
+use karri_e2e::raw_etcd::lone_create;
 use karri_e2e::report::pct;
 use karri_e2e::report::{command_line, cpu_model, cpu_ticks, out, pass, ticks_per_second};
 use std::collections::HashMap;
@@ -602,15 +602,7 @@ async fn main() -> anyhow::Result<()> {
                 let key = format!("/bench/rawtxn/{tag}/{i:06}");
                 let id = format!("/bench/rawtxn-ids/{tag}/i-{i:017x}");
                 let value = value.as_ref().clone();
-                async move {
-                    let t = Instant::now();
-                    let resp = kv.txn(lone_create_txn(key, id, value)).await?;
-                    if !resp.succeeded() {
-                        bail!("raw txn did not succeed");
-                    }
-                    Ok(t.elapsed())
-                }
-                .boxed()
+                async move { lone_create(&mut kv, key, id, value).await }.boxed()
             })
         };
         closed_loop(c, warm, RUN_TIME_CAP, txn_op(format!("warm-c{c}"))).await;
