@@ -54,8 +54,9 @@ bench: setup
 	$(CARGO) build --release -p api-gateway -p operator --bin api-gateway --bin operator
 	# The node agent is built on its own, as it is shipped to each host: built in one invocation
 	# with the gateway it would carry the gateway's features of shared crates (about 0.8 MB more
-	# code, all of it resident).
-	$(CARGO) build --release -p node-agent --bin node-agent
+	# code, all of it resident). Its dependencies are optimised for size too (text 10.0 -> 8.4 MB,
+	# about 0.5 MB less resident), which a profile cannot say for one binary alone.
+	$(CARGO) build --release -p node-agent --bin node-agent --config 'profile.release.package."*".opt-level="s"'
 	KARRI_BIN_DIR="$(CURDIR)/target/release" $(CARGO) run --release -p karri-e2e --bin bench-cloud
 	KARRI_BIN_DIR="$(CURDIR)/target/release" $(CARGO) run --release -p karri-e2e --bin bench-guests
 	KARRI_BIN_DIR="$(CURDIR)/target/release" $(CARGO) run --release -p karri-e2e --bin bench-s3

@@ -2,8 +2,9 @@
 //!
 //! Starts, through [`karri_e2e::cloud`], a real etcd, the `api-gateway`, one `operator` and
 //! [`AGENTS`] `node-agent`s on libvirt's test driver, all from `$KARRI_BIN_DIR` (build them with
-//! `cargo build --release -p api-gateway -p operator`, then `cargo build --release -p node-agent`
-//! on its own as `make bench` does, and point `KARRI_BIN_DIR` at `target/release`). Then it
+//! `cargo build --release -p api-gateway -p operator`, then the node agent on its own as `make
+//! bench` does, its dependencies optimised for size (see the Makefile), and point
+//! `KARRI_BIN_DIR` at `target/release`). Then it
 //! creates [`INSTANCES`] instances at once (one task per create) and measures, for each, the
 //! time from just before its create request is sent until a kube-rs
 //! watcher on the instances (started and synced before the batch) receives the record with
