@@ -1155,20 +1155,62 @@ impl Drop for Service {
     }
 }
 
-/// Waits at most `deadline` for `child` to exit, polling; SIGKILLs and reaps it after that.
-/// Returns whether it exited by itself (`child` is `None` afterwards either way).
+/// Waits at most `deadline` for `child` to exit (its pidfd becomes readable when it does);
+/// SIGKILLs and reaps it after that. Returns whether it exited by itself (`child` is `None`
+/// afterwards either way).
 fn wait_exit(child: &mut Option<Child>, deadline: Duration) -> anyhow::Result<bool> {
+    use rustix::event::{poll, PollFd, PollFlags};
+    use rustix::process::{pidfd_open, Pid, PidfdFlags};
     let Some(running) = child.as_mut() else {
         return Ok(true);
     };
+    if running.try_wait()?.is_some() {
+        *child = None;
+        return Ok(true);
+    }
+    // Not reaped yet, so the pid is still this child's.
+    let pid = i32::try_from(running.id())
+        .ok()
+        .and_then(Pid::from_raw)
+        .context("the child's pid is not a valid pid")?;
+    let pidfd = pidfd_open(pid, PidfdFlags::empty()).context("pidfd_open of the child")?;
     let until = Instant::now() + deadline;
-    while Instant::now() < until {
-        if running.try_wait()?.is_some() {
-            *child = None;
-            return Ok(true);
+    loop {
+        let left = until.saturating_duration_since(Instant::now());
+        let timeout = rustix::event::Timespec::try_from(left).context("the deadline is too far")?;
+        let mut fds = [PollFd::new(&pidfd, PollFlags::IN)];
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(0) => break,
+            Ok(_) => {
+                running.wait()?;
+                *child = None;
+                return Ok(true);
+            }
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e).context("waiting for the child's exit"),
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
     kill_and_reap(child);
     Ok(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_that_exits_is_seen_at_once_and_one_that_does_not_is_killed_at_the_deadline() {
+        let mut quick = Some(Command::new("true").spawn().expect("true runs"));
+        let started = Instant::now();
+        assert!(wait_exit(&mut quick, Duration::from_secs(30)).expect("waiting works"));
+        assert!(quick.is_none());
+        assert!(started.elapsed() < Duration::from_secs(10));
+
+        let mut stuck = Some(Command::new("sleep").arg("60").spawn().expect("sleep runs"));
+        let pid = stuck.as_ref().map(Child::id).expect("it was spawned");
+        assert!(!wait_exit(&mut stuck, Duration::from_millis(200)).expect("waiting works"));
+        assert!(stuck.is_none());
+        // Killed and reaped: no process of that pid is left, not even a zombie.
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    }
 }
