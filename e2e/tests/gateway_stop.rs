@@ -54,14 +54,8 @@ async fn a_gateway_told_to_stop_finishes_an_upload_in_flight_and_ends_its_watche
         .context("the upload's body is gone")?;
     // The gateway is receiving it once its partial file is there.
     let partial = gw.s3_data_dir().join("tmp");
-    let since = Instant::now();
-    while std::fs::read_dir(&partial)?.next().is_none() {
-        ensure!(
-            since.elapsed() < HANG,
-            "the upload never reached the gateway"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let arrived = tokio::task::spawn_blocking(move || first_entry_in(&partial, HANG)).await??;
+    ensure!(arrived, "the upload never reached the gateway");
 
     gw.ask_to_stop()?;
     // The watch ends as a finished response, not a reset stream.
@@ -113,4 +107,35 @@ async fn a_gateway_told_to_stop_finishes_an_upload_in_flight_and_ends_its_watche
         bytes.len()
     );
     Ok(())
+}
+
+/// Waits at most `deadline` for `dir` to hold an entry, woken by inotify when one is made there;
+/// whether one came.
+fn first_entry_in(dir: &std::path::Path, deadline: Duration) -> anyhow::Result<bool> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    use rustix::fs::inotify;
+    let events = inotify::init(inotify::CreateFlags::CLOEXEC | inotify::CreateFlags::NONBLOCK)?;
+    inotify::add_watch(
+        &events,
+        dir,
+        inotify::WatchFlags::CREATE | inotify::WatchFlags::MOVED_TO,
+    )
+    .with_context(|| format!("watching {}", dir.display()))?;
+    let until = Instant::now() + deadline;
+    // Looked at once the watch is set, so an entry made before it is not missed.
+    while std::fs::read_dir(dir)?.next().is_none() {
+        let left = Timespec::try_from(until.saturating_duration_since(Instant::now()))?;
+        let mut fds = [PollFd::new(&events, PollFlags::IN)];
+        match poll(&mut fds, Some(&left)) {
+            Ok(0) => return Ok(false),
+            Ok(_) => {
+                // Drained, so that an entry made and gone again does not wake the next poll.
+                let mut buf = [0u8; 4096];
+                while rustix::io::read(&events, &mut buf).is_ok_and(|n| n > 0) {}
+            }
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(true)
 }
