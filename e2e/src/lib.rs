@@ -7,6 +7,7 @@ pub mod closed_loop;
 pub mod cloud;
 pub mod guests;
 pub mod karri;
+pub mod libvirt_floor;
 pub mod moto;
 pub mod raw_etcd;
 pub mod report;
