@@ -55,6 +55,14 @@
 //! read. Informational rows show the CPU time the gateway, etcd, moto and this client spent
 //! per operation (`/proc/<pid>/stat`).
 //!
+//! Before the goals it measures floors, each part alone from 1 client on the same machine
+//! ([`FLOOR_OPS`] after [`FLOOR_WARM_OPS`] untimed): a 4 KiB append plus `fdatasync` to the
+//! raw file's filesystem (the least a durable write costs) and a blob published as the
+//! gateway's store does it; an object's index commit and index read sent straight to etcd in
+//! the gateway's shapes ([`index_commit_txn`], [`index_read_txn`]); and MD5 over the large
+//! object's size in memory on one core (a single PUT's ETag). Each is set beside what the goal
+//! needs: the 1-client ops/s it allows against moto's, and MD5's MB/s against the raw write.
+//!
 //! A small operation's latency runs from just before it is signed (signing hashes the body)
 //! until its whole response was read; only 2xx answers count, anything else is an error
 //! (counted and shown). Percentiles are exact nearest-rank over all samples. All traffic goes
@@ -64,7 +72,9 @@
 
 use karri_e2e::closed_loop::{closed_loop, ms, Op, Procs, Run};
 use karri_e2e::moto::Moto;
-use karri_e2e::report::{command_line, cpu_model, loadavg, out, pass};
+use karri_e2e::raw_etcd::{index_commit_txn, index_read_txn, timed_txn};
+use karri_e2e::report::{self, command_line, cpu_model, loadavg, out, pass};
+use md5::Md5;
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
@@ -469,6 +479,9 @@ fn progress(msg: impl AsRef<str>) {
 /// A compared small-object row: the ops/s and p99 ratios, and whether the runs were clean.
 struct Compared {
     label: String,
+    kind: Kind,
+    concurrency: usize,
+    moto_rate: f64,
     ratio: f64,
     p99_ratio: f64,
     clean: bool,
@@ -579,10 +592,245 @@ async fn compare_small(
     }
     Ok(Compared {
         label: format!("{label}, {concurrency} client(s)"),
+        kind,
+        concurrency,
+        moto_rate: m.rate(),
         ratio,
         p99_ratio,
         clean: k.clean() && m.clean(),
     })
+}
+
+/// Untimed operations before a floor is timed, and timed ones.
+const FLOOR_WARM_OPS: usize = 50;
+const FLOOR_OPS: usize = 1000;
+/// Where the etcd floors write (no watch of the gateway's follows it).
+const FLOOR_PREFIX: &str = "/bench/s3-floor/";
+
+/// The mean of `lat` (zero when empty).
+fn mean(lat: &[Duration]) -> Duration {
+    lat.iter().sum::<Duration>() / u32::try_from(lat.len().max(1)).unwrap_or(u32::MAX)
+}
+
+/// Mean, p50 and p99 of `lat` as a row's cells.
+fn floor_cells(lat: &mut [Duration]) -> String {
+    format!(
+        "mean {:>6} ms  p50 {:>6} ms  p99 {:>6} ms  (n={})",
+        ms(mean(lat)),
+        ms(report::pct(lat, 50.0)),
+        ms(report::pct(lat, 99.0)),
+        lat.len()
+    )
+}
+
+/// Ops/s of one client whose ops take `lat` on average and nothing else.
+fn one_client_rate(lat: &[Duration]) -> f64 {
+    1.0 / mean(lat).as_secs_f64().max(1e-12)
+}
+
+/// Times `FLOOR_OPS` calls of `op` after `FLOOR_WARM_OPS` untimed ones, on this thread.
+fn time_blocking(mut op: impl FnMut(usize) -> anyhow::Result<()>) -> anyhow::Result<Vec<Duration>> {
+    for i in 0..FLOOR_WARM_OPS {
+        op(i)?;
+    }
+    let mut lat = Vec::with_capacity(FLOOR_OPS);
+    for i in FLOOR_WARM_OPS..FLOOR_WARM_OPS + FLOOR_OPS {
+        let t = Instant::now();
+        op(i)?;
+        lat.push(t.elapsed());
+    }
+    Ok(lat)
+}
+
+/// The least a durable 4 KiB write costs on `dir`'s disk: appending it to one file and
+/// `fdatasync`ing, as a write-ahead log would.
+fn disk_append(dir: &Path) -> anyhow::Result<Vec<Duration>> {
+    use std::os::unix::fs::FileExt;
+    let path = dir.join("floor-append");
+    let file = File::create(&path).context("creating the append floor's file")?;
+    let body = small_body(PUT_SEED, 0);
+    let lat = time_blocking(|i| {
+        file.write_all_at(&body, (i * SMALL) as u64)?;
+        file.sync_data()?;
+        Ok(())
+    });
+    std::fs::remove_file(&path).context("removing the append floor's file")?;
+    lat
+}
+
+/// What publishing a 4 KiB blob costs on `dir`'s disk, done as the gateway's blob store does it:
+/// a new file written and `fdatasync`ed, renamed into place, the directory `fsync`ed.
+fn disk_publish(dir: &Path) -> anyhow::Result<Vec<Duration>> {
+    let floor = dir.join("floor-publish");
+    std::fs::create_dir_all(&floor).context("creating the publish floor's directory")?;
+    let body = small_body(PUT_SEED, 0);
+    let lat = time_blocking(|i| {
+        let tmp = floor.join(format!("tmp-{i}"));
+        let mut file = File::create(&tmp)?;
+        file.write_all(&body)?;
+        file.sync_data()?;
+        drop(file);
+        std::fs::rename(&tmp, floor.join(format!("blob-{i}")))?;
+        File::open(&floor)?.sync_all()?;
+        Ok(())
+    });
+    std::fs::remove_dir_all(&floor).context("removing the publish floor's directory")?;
+    lat
+}
+
+/// MB/s of MD5 (the ETag AWS computes for a single PUT, with the `md-5` crate the gateway
+/// uses) over `size` bytes in memory, on this thread.
+fn md5_rate(pattern: &Pattern, size: u64) -> f64 {
+    let t = Instant::now();
+    let mut md5 = Md5::new();
+    for _ in 0..chunks(size) {
+        md5.update(&pattern.base);
+    }
+    std::hint::black_box(md5.finalize());
+    mbps(size, t.elapsed())
+}
+
+/// The index commit and the index read of one object, sent straight to etcd from 1 client.
+async fn etcd_floors(procs: &Procs, etcd: &Etcd) -> anyhow::Result<(Run, Run)> {
+    let client = etcd_client::Client::connect([etcd.endpoint.as_str()], None)
+        .await
+        .context("connecting to etcd")?;
+    let mut kv = client.kv_client();
+    let bucket: Arc<str> = format!("{FLOOR_PREFIX}buckets/{BUCKET}").into();
+    kv.put(bucket.as_ref(), r#"{"owner":"floor"}"#, None)
+        .await
+        .context("writing the floor's bucket record")?;
+    // About what the index holds for a 4 KiB object.
+    let entry: Arc<[u8]> = format!(
+        r#"{{"blob":"{:032x}","size":{SMALL},"etag":"{:032x}","modified":"2026-11-27T00:00:00Z","contentType":"application/octet-stream","owner":"000000000000"}}"#,
+        1u128, 2u128
+    )
+    .into_bytes()
+    .into();
+    let object = |i: usize| format!("{FLOOR_PREFIX}objects/{BUCKET}/{:07}", i % GET_OBJECTS);
+    let commit: Op = {
+        let (client, bucket, entry) = (client.clone(), bucket.clone(), entry.clone());
+        Arc::new(move |i| {
+            let mut kv = client.kv_client();
+            let txn = index_commit_txn(bucket.to_string(), object(i), entry.to_vec());
+            async move { Ok((timed_txn(&mut kv, txn).await?, 0)) }.boxed()
+        })
+    };
+    let read: Op = {
+        let (client, bucket) = (client.clone(), bucket.clone());
+        Arc::new(move |i| {
+            let mut kv = client.kv_client();
+            let txn = index_read_txn(bucket.to_string(), object(i));
+            async move { Ok((timed_txn(&mut kv, txn).await?, 0)) }.boxed()
+        })
+    };
+    let mut runs = Vec::new();
+    for op in [commit, read] {
+        let warm = closed_loop(procs, 1, FLOOR_WARM_OPS, READY_DEADLINE, op.clone()).await;
+        if let Some(e) = warm.first_error {
+            bail!("the warm-up failed: {e}");
+        }
+        let run = closed_loop(procs, 1, FLOOR_OPS, SMALL_CAP, op).await;
+        if let Some(e) = &run.first_error {
+            bail!("{} errors, first: {e}", run.errors);
+        }
+        runs.push(run);
+    }
+    kv.delete(
+        FLOOR_PREFIX,
+        Some(etcd_client::DeleteOptions::new().with_prefix()),
+    )
+    .await
+    .context("deleting the floor's keys")?;
+    let [commit, read]: [Run; 2] = runs
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("two runs expected"))?;
+    Ok((commit, read))
+}
+
+/// Prints what each part alone allows (disk, etcd, MD5), measured in this run, beside moto's
+/// 1-client rates and the raw write the goals compare with.
+fn report_floors(
+    disk: &anyhow::Result<(Vec<Duration>, Vec<Duration>)>,
+    etcd: &mut anyhow::Result<(Run, Run)>,
+    md5: f64,
+    write: f64,
+    compared: &[Compared],
+    large_mib: u64,
+) {
+    let moto = |kind: Kind| {
+        compared
+            .iter()
+            .find(|c| c.kind == kind && c.concurrency == 1)
+            .map(|c| c.moto_rate)
+    };
+    let versus = |rate: f64, kind: Kind| {
+        match moto(kind) {
+        Some(m) => format!(
+            "at most {rate:.0} ops/s from 1 client = x{:.1} moto's 1-client {} (goal x{SPEEDUP_GOAL:.0})",
+            rate / m.max(1e-9),
+            kind.name()
+        ),
+        None => format!("at most {rate:.0} ops/s from 1 client"),
+    }
+    };
+    out("");
+    out("--- floors: one part alone, measured in this run (informational) ---");
+    let mut publish_mean = None;
+    match disk {
+        Ok((append, publish)) => {
+            let (mut append, mut publish) = (append.clone(), publish.clone());
+            out(format!(
+                "{:<58}: {}",
+                "disk: append 4 KiB to one file + fdatasync",
+                floor_cells(&mut append)
+            ));
+            out(format!(
+                "      the least any durable PUT pays: {}",
+                versus(one_client_rate(&append), Kind::Put)
+            ));
+            out(format!(
+                "{:<58}: {}",
+                "disk: publish a 4 KiB blob as Karri does (write, fdatasync, rename, fsync dir)",
+                floor_cells(&mut publish)
+            ));
+            publish_mean = Some(mean(&publish));
+        }
+        Err(e) => out(format!("disk floors FAILED: {e:#}")),
+    }
+    match etcd {
+        Ok((commit, read)) => {
+            out(format!(
+                "{:<58}: {}",
+                "etcd: an object's index commit (2 compares, 1 put)",
+                floor_cells(&mut commit.lat)
+            ));
+            out(format!(
+                "{:<58}: {}",
+                "etcd: an object's index read (2 keys, linearizable)",
+                floor_cells(&mut read.lat)
+            ));
+            if let Some(publish) = publish_mean {
+                let both = publish + mean(&commit.lat);
+                out(format!(
+                    "      a Karri PUT publishes its blob, then commits its entry: {}",
+                    versus(1.0 / both.as_secs_f64().max(1e-12), Kind::Put)
+                ));
+            }
+            out(format!(
+                "      a Karri GET reads its entry (strong read-after-write across gateways): {}",
+                versus(one_client_rate(&read.lat), Kind::Get)
+            ));
+        }
+        Err(e) => out(format!("etcd floors FAILED: {e:#}")),
+    }
+    out(format!(
+        "{:<58}: {md5:.1} MB/s = {:.0} % of the raw write + fsync (goal {:.0} %)",
+        format!("MD5 of {large_mib} MiB in memory, one core (a PUT's ETag)"),
+        md5 / write.max(1e-9) * 100.0,
+        DISK_GOAL * 100.0
+    ));
+    out("      a single PUT is answered with the MD5 of all its bytes, which one core computes in order");
 }
 
 /// Every regular file under `dir` (not following symbolic links), with its size.
@@ -1193,6 +1441,19 @@ async fn main() -> anyhow::Result<()> {
         get_ratio * 100.0,
         get_warm / read_warm.max(1e-9) * 100.0
     ));
+
+    // Floors.
+    progress("floors: the disk, etcd and MD5 alone");
+    let disk = {
+        let dir = raw_dir.path().to_path_buf();
+        blocking(move || Ok((disk_append(&dir)?, disk_publish(&dir)?))).await
+    };
+    let mut etcd_floor = etcd_floors(&procs, &etcd).await;
+    let md5 = {
+        let (p, size) = (pattern.clone(), large);
+        blocking(move || Ok(md5_rate(&p, size))).await?
+    };
+    report_floors(&disk, &mut etcd_floor, md5, write, &compared, large_mib);
 
     // Goals.
     let speedup_ok = compared.iter().all(Compared::met);
