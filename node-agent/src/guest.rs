@@ -460,6 +460,20 @@ impl Guests {
         }
     }
 
+    /// [`Guests::fetch`] of `artifact`, if there is one.
+    async fn fetch_if(
+        &self,
+        artifact: Option<&ImageArtifact>,
+        pin: Option<&String>,
+        launched: bool,
+        instance: &str,
+    ) -> Result<Option<images::CachedImage>, GuestError> {
+        match artifact {
+            Some(a) => self.fetch(a, pin, launched, instance).await.map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// Fetches the instance's images, makes its overlay and network entries, and returns the
     /// domain parts. Idempotent.
     pub async fn prepare(&self, instance: &Instance, id: &str) -> Result<Prepared, GuestError> {
@@ -486,10 +500,18 @@ impl Guests {
             instance.metadata.name.as_deref().unwrap_or_default()
         );
         let mut pinned: Vec<(&str, String)> = Vec::new();
-        if let Some(root) = root {
-            let base = self
-                .fetch(root, pins.get("root"), launched, &instance_ref)
-                .await?;
+        // The three images are fetched at once (each fetch runs in a task of the cache's), and
+        // their results looked at in a fixed order, so the error reported does not depend on
+        // which fetch ended first. A ramdisk is used only with a kernel.
+        let ramdisk = ramdisk.filter(|_| kernel.is_some());
+        let (root_image, kernel_image, ramdisk_image) = tokio::join!(
+            self.fetch_if(root, pins.get("root"), launched, &instance_ref),
+            self.fetch_if(kernel, pins.get("kernel"), launched, &instance_ref),
+            self.fetch_if(ramdisk, pins.get("ramdisk"), launched, &instance_ref)
+        );
+        let (root_image, kernel_image, ramdisk_image) =
+            (root_image?, kernel_image?, ramdisk_image?);
+        if let Some(base) = root_image {
             pinned.push(("root", base.sha256.clone()));
             self.hold(id, &base.sha256);
             let overlay = self.overlay(id);
@@ -514,17 +536,11 @@ impl Guests {
                 format: DiskFormat::Qcow2,
             });
         }
-        if let Some(kernel) = kernel {
-            let k = self
-                .fetch(kernel, pins.get("kernel"), launched, &instance_ref)
-                .await?;
+        if let Some(k) = kernel_image {
             pinned.push(("kernel", k.sha256.clone()));
             self.hold(id, &k.sha256);
-            let initrd = match ramdisk {
+            let initrd = match ramdisk_image {
                 Some(r) => {
-                    let r = self
-                        .fetch(r, pins.get("ramdisk"), launched, &instance_ref)
-                        .await?;
                     pinned.push(("ramdisk", r.sha256.clone()));
                     self.hold(id, &r.sha256);
                     Some(r.path.to_string_lossy().into_owned())
@@ -849,6 +865,44 @@ mod tests {
             .block_on(guests.release("i-1", None, |_| false))
             .expect("release");
         assert!(guests.in_use().is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_instances_kernel_and_ramdisk_download_at_the_same_time() {
+        // Each image is served only once both requests have arrived: fetched one after the
+        // other, the first would wait in vain and be answered 503.
+        let both = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+        let serve = |body: &'static [u8]| {
+            let both = both.clone();
+            move || async move {
+                match tokio::time::timeout(std::time::Duration::from_secs(10), both.wait()).await {
+                    Ok(_) => (axum::http::StatusCode::OK, body),
+                    Err(_) => (axum::http::StatusCode::SERVICE_UNAVAILABLE, &b"alone"[..]),
+                }
+            }
+        };
+        let router = axum::Router::new()
+            .route("/kernel", axum::routing::get(serve(b"a kernel")))
+            .route("/ramdisk", axum::routing::get(serve(b"a ramdisk")));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("local address");
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        let mut kernel = artifact("eki-1", None);
+        kernel["location"] = serde_json::json!(format!("http://{addr}/kernel"));
+        let mut ramdisk = artifact("eri-1", None);
+        ramdisk["location"] = serde_json::json!(format!("http://{addr}/ramdisk"));
+        let instance = launched(serde_json::json!({"kernel": kernel, "ramdisk": ramdisk}));
+        let dir = tempfile::tempdir().expect("temp dir");
+        let prepared = guests_in(dir.path())
+            .prepare(&instance, "i-1")
+            .await
+            .expect("prepared");
+        let boot = prepared.kernel.expect("a kernel");
+        assert_eq!(std::fs::read(&boot.kernel).expect("cached"), b"a kernel");
+        let initrd = boot.initrd.expect("a ramdisk");
+        assert_eq!(std::fs::read(&initrd).expect("cached"), b"a ramdisk");
     }
 
     #[tokio::test]
