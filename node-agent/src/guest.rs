@@ -460,18 +460,23 @@ impl Guests {
         }
     }
 
-    /// [`Guests::fetch`] of `artifact`, if there is one.
+    /// [`Guests::fetch`] of `artifact`, if there is one, held for instance `id` as soon as it
+    /// is in the cache: the cache evicts after each fetch whatever no instance holds, which
+    /// would otherwise include an image of this instance fetched at the same time.
     async fn fetch_if(
         &self,
+        id: &str,
         artifact: Option<&ImageArtifact>,
         pin: Option<&String>,
         launched: bool,
         instance: &str,
     ) -> Result<Option<images::CachedImage>, GuestError> {
-        match artifact {
-            Some(a) => self.fetch(a, pin, launched, instance).await.map(Some),
-            None => Ok(None),
-        }
+        let Some(a) = artifact else {
+            return Ok(None);
+        };
+        let image = self.fetch(a, pin, launched, instance).await?;
+        self.hold(id, &image.sha256);
+        Ok(Some(image))
     }
 
     /// Fetches the instance's images, makes its overlay and network entries, and returns the
@@ -502,18 +507,18 @@ impl Guests {
         let mut pinned: Vec<(&str, String)> = Vec::new();
         // The three images are fetched at once (each fetch runs in a task of the cache's), and
         // their results looked at in a fixed order, so the error reported does not depend on
-        // which fetch ended first. A ramdisk is used only with a kernel.
+        // which fetch ended first. All three are tried even when one fails (a retry then finds
+        // the others cached). A ramdisk is used only with a kernel.
         let ramdisk = ramdisk.filter(|_| kernel.is_some());
         let (root_image, kernel_image, ramdisk_image) = tokio::join!(
-            self.fetch_if(root, pins.get("root"), launched, &instance_ref),
-            self.fetch_if(kernel, pins.get("kernel"), launched, &instance_ref),
-            self.fetch_if(ramdisk, pins.get("ramdisk"), launched, &instance_ref)
+            self.fetch_if(id, root, pins.get("root"), launched, &instance_ref),
+            self.fetch_if(id, kernel, pins.get("kernel"), launched, &instance_ref),
+            self.fetch_if(id, ramdisk, pins.get("ramdisk"), launched, &instance_ref)
         );
         let (root_image, kernel_image, ramdisk_image) =
             (root_image?, kernel_image?, ramdisk_image?);
         if let Some(base) = root_image {
             pinned.push(("root", base.sha256.clone()));
-            self.hold(id, &base.sha256);
             let overlay = self.overlay(id);
             if let Some(dir) = overlay.parent() {
                 tokio::fs::create_dir_all(dir)
@@ -538,11 +543,9 @@ impl Guests {
         }
         if let Some(k) = kernel_image {
             pinned.push(("kernel", k.sha256.clone()));
-            self.hold(id, &k.sha256);
             let initrd = match ramdisk_image {
                 Some(r) => {
                     pinned.push(("ramdisk", r.sha256.clone()));
-                    self.hold(id, &r.sha256);
                     Some(r.path.to_string_lossy().into_owned())
                 }
                 None => None,
