@@ -14,17 +14,20 @@ use virt::domain::Domain;
 /// The definition `xml` (libvirt's `dumpxml --inactive` of one of Karri's domains) as a domain
 /// named `name` that shares nothing with Karri's: Karri's metadata removed (the node agent
 /// takes a domain carrying it for one of its own and would remove it as an orphan), no UUID
-/// (libvirt gives it a new one, also in SMBIOS), and every `(from, to)` of `moves` replaced
-/// (the instance's overlay and console log, which belong to Karri's domain). A `from` that is
-/// not in the definition is an error, so that a floor domain never writes into Karri's files.
+/// (libvirt gives it a new one) and no SMBIOS `uuid` or `serial` entry (both the instance's
+/// UID), and every `(from, to)` of `moves` replaced (the instance's overlay and console log,
+/// which belong to Karri's domain). A `from` that is not in the definition is an error, so that
+/// a floor domain never writes into Karri's files.
 pub fn floor_definition(xml: &str, name: &str, moves: &[(&str, &str)]) -> anyhow::Result<String> {
     let mut out =
         replace_element(xml, "name", Some(name)).context("the definition has no <name>")?;
     out = replace_element(&out, "uuid", None).unwrap_or(out);
     out = remove_block(&out, "<metadata>", "</metadata>").unwrap_or(out);
-    for quote in ['\'', '"'] {
-        let open = format!("<entry name={quote}uuid{quote}>");
-        out = remove_block(&out, &open, "</entry>").unwrap_or(out);
+    for entry in ["uuid", "serial"] {
+        for quote in ['\'', '"'] {
+            let open = format!("<entry name={quote}{entry}{quote}>");
+            out = remove_block(&out, &open, "</entry>").unwrap_or(out);
+        }
     }
     for (from, to) in moves {
         if !out.contains(from) {
@@ -69,6 +72,8 @@ fn remove_block(xml: &str, open: &str, close: &str) -> Option<String> {
 pub struct FloorStart {
     /// The domain's name.
     pub name: String,
+    /// When its thread was let go (every thread's connection open).
+    pub released: Option<Instant>,
     /// When `virDomainDefineXML` returned.
     pub defined: Option<Instant>,
     /// When `virDomainCreate` returned: QEMU set up and its vCPUs resumed.
@@ -79,14 +84,14 @@ pub struct FloorStart {
 
 /// Defines and starts every `(name, xml)` of `domains` at once on the libvirtd at `uri`, one
 /// thread and one connection (opened before the start) each, as the node agent calls libvirt,
-/// and returns when each was defined and running, beside the instant all threads were let go.
-/// When all are running (or failed), each domain is destroyed and undefined again, even after a
-/// failure; their files are the caller's.
+/// and returns when each was defined and running, beside the instant the first thread was let
+/// go. When all are running (or failed), each domain is destroyed and undefined again, even
+/// after a failure; their files are the caller's.
 pub fn define_and_start_at_once(
     uri: &str,
     domains: Vec<(String, String)>,
 ) -> (Instant, Vec<FloorStart>) {
-    let go = Arc::new(Barrier::new(domains.len() + 1));
+    let go = Arc::new(Barrier::new(domains.len()));
     let started = Arc::new(Barrier::new(domains.len()));
     let threads: Vec<_> = domains
         .into_iter()
@@ -95,29 +100,47 @@ pub fn define_and_start_at_once(
             std::thread::spawn(move || one_domain(&uri, name, &xml, &go, &started))
         })
         .collect();
-    let t0 = Instant::now();
-    go.wait();
-    let results = threads
+    let results: Vec<FloorStart> = threads
         .into_iter()
         .map(|t| {
             t.join().unwrap_or_else(|_| FloorStart {
                 name: "?".to_owned(),
+                released: None,
                 defined: None,
                 running: None,
                 error: Some("the thread panicked".to_owned()),
             })
         })
         .collect();
+    let now = Instant::now();
+    let t0 = results
+        .iter()
+        .filter_map(|r| r.released)
+        .min()
+        .unwrap_or(now);
     (t0, results)
 }
 
-/// One thread of [`define_and_start_at_once`]. It passes both barriers whatever fails, so that
-/// neither the caller nor another thread waits for it forever.
+/// Waits on a barrier when dropped: a thread of [`define_and_start_at_once`] passes its
+/// barriers even when it panics, so that no other thread waits for it forever.
+struct PassOnDrop<'a>(&'a Barrier);
+
+impl Drop for PassOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.wait();
+    }
+}
+
+/// One thread of [`define_and_start_at_once`]. It passes both barriers whatever fails.
 fn one_domain(uri: &str, name: String, xml: &str, go: &Barrier, started: &Barrier) -> FloorStart {
+    // Dropped in reverse order: `go` first, then `started`, also when unwinding.
+    let pass_started = PassOnDrop(started);
+    let pass_go = PassOnDrop(go);
     let conn = Connect::open(Some(uri));
-    go.wait();
+    drop(pass_go);
     let mut result = FloorStart {
         name,
+        released: Some(Instant::now()),
         defined: None,
         running: None,
         error: None,
@@ -143,7 +166,7 @@ fn one_domain(uri: &str, name: String, xml: &str, go: &Barrier, started: &Barrie
         },
     };
     // Every domain runs before any is destroyed: a destroy would free CPU the others use.
-    started.wait();
+    drop(pass_started);
     if let Some(dom) = dom {
         if let Err(e) = remove(&dom, result.running.is_some()) {
             result.error.get_or_insert(e);
@@ -152,12 +175,15 @@ fn one_domain(uri: &str, name: String, xml: &str, go: &Barrier, started: &Barrie
     result
 }
 
-/// Destroys (when `running`) and undefines `dom`.
+/// Destroys (when `running`) and undefines `dom`; undefines it even when the destroy failed.
 fn remove(dom: &Domain, running: bool) -> Result<(), String> {
-    if running {
-        dom.destroy().map_err(|e| format!("destroy: {e}"))?;
-    }
-    dom.undefine().map_err(|e| format!("undefine: {e}"))
+    let destroyed = if running {
+        dom.destroy().map_err(|e| format!("destroy: {e}"))
+    } else {
+        Ok(())
+    };
+    let undefined = dom.undefine().map_err(|e| format!("undefine: {e}"));
+    destroyed.and(undefined)
 }
 
 #[cfg(test)]
@@ -177,6 +203,7 @@ mod tests {
   <sysinfo type='smbios'>
     <system>
       <entry name='manufacturer'>Amazon EC2</entry>
+      <entry name='serial'>3b7e1c52-9f0a-4c6d-8e2b-1a2b3c4d5e6f</entry>
       <entry name='uuid'>3b7e1c52-9f0a-4c6d-8e2b-1a2b3c4d5e6f</entry>
     </system>
   </sysinfo>

@@ -38,14 +38,20 @@ pub async fn lone_create(
 }
 
 /// The shape of the transaction that publishes one object in the S3 index
-/// (`ObjectIndex::put_object`): two compares on the bucket's record (it exists, and is the
-/// bucket the request saw), then a put of the object's entry that returns the entry it
-/// replaced.
-pub fn index_commit_txn(bucket_key: String, object_key: String, value: Vec<u8>) -> Txn {
+/// (`ObjectIndex::put_object`): three compares (the bucket's record exists and is the bucket
+/// the request saw; no deletion of the bucket is under way, `deleting_key` absent), then a put
+/// of the object's entry that returns the entry it replaced.
+pub fn index_commit_txn(
+    bucket_key: String,
+    deleting_key: String,
+    object_key: String,
+    value: Vec<u8>,
+) -> Txn {
     Txn::new()
         .when([
             Compare::version(bucket_key.clone(), CompareOp::Greater, 0),
             Compare::create_revision(bucket_key, CompareOp::Less, i64::MAX),
+            Compare::version(deleting_key, CompareOp::Equal, 0),
         ])
         .and_then([TxnOp::put(
             object_key,
