@@ -42,6 +42,10 @@
 //! call opens it again outside the lock. Opening waits for libvirtd's answer, for as long as
 //! libvirtd takes; meanwhile other calls fail at once ([`HypervisorError::Reconnecting`]) rather
 //! than pile up behind it.
+//!
+//! A domain start is the exception: it runs on a connection of its own, opened for it (still
+//! under a call permit), because a call that long stalls the calls sent after it on a shared
+//! connection (see `LibvirtHypervisor::blocking_alone`).
 
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
@@ -176,6 +180,30 @@ impl LibvirtHypervisor {
         T: Send + 'static,
         F: FnOnce(&Connect, &str) -> Result<T, HypervisorError> + Send + 'static,
     {
+        self.run(false, f).await
+    }
+
+    /// [`LibvirtHypervisor::blocking`] on a connection of the call's own, opened for it and
+    /// closed after, for a call that keeps libvirtd busy for a second or more (a domain start:
+    /// QEMU's set-up). On a shared connection such a call stalled the calls sent after it:
+    /// libvirt's client (9.0) sent nothing more on the connection until the long call's answer
+    /// came, up to 2.8 s in `bench-guests`, while libvirtd was idle. libvirt's in-process test
+    /// driver has no socket to stall and keeps the shared connection.
+    async fn blocking_alone<T, F>(&self, f: F) -> Result<T, HypervisorError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connect, &str) -> Result<T, HypervisorError> + Send + 'static,
+    {
+        self.run(!self.shared.uri.starts_with("test:"), f).await
+    }
+
+    /// Runs `f` on the blocking pool once a call permit is free, on the shared connection or
+    /// (`alone`) on one opened for it.
+    async fn run<T, F>(&self, alone: bool, f: F) -> Result<T, HypervisorError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connect, &str) -> Result<T, HypervisorError> + Send + 'static,
+    {
         let permit = Arc::clone(&self.calls)
             .acquire_owned()
             .await
@@ -183,7 +211,11 @@ impl LibvirtHypervisor {
         let shared = Arc::clone(&self.shared);
         tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            let conn = shared.connection()?;
+            let conn = if alone {
+                Arc::new(open(&shared.uri, shared.keepalive)?)
+            } else {
+                shared.connection()?
+            };
             f(&conn, &shared.node)
         })
         .await
@@ -521,8 +553,10 @@ impl Hypervisor for LibvirtHypervisor {
 
     async fn start(&self, name: &str) -> Result<(), HypervisorError> {
         let name = name.to_owned();
-        self.blocking(move |conn, node| power(conn, node, &name, "start", true, Domain::create))
-            .await
+        self.blocking_alone(move |conn, node| {
+            power(conn, node, &name, "start", true, Domain::create)
+        })
+        .await
     }
 
     async fn shutdown(&self, name: &str) -> Result<(), HypervisorError> {
