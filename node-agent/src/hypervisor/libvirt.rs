@@ -187,8 +187,9 @@ impl LibvirtHypervisor {
     /// closed after, for a call that keeps libvirtd busy for a second or more (a domain start:
     /// QEMU's set-up). On a shared connection such a call stalled the calls sent after it:
     /// libvirt's client (9.0) sent nothing more on the connection until the long call's answer
-    /// came, up to 2.8 s in `bench-guests`, while libvirtd was idle. libvirt's in-process test
-    /// driver has no socket to stall and keeps the shared connection.
+    /// came: in `bench-guests`, libvirtd received no call from the agent for up to 2.8 s while
+    /// ten domains started. libvirt's in-process test driver has no socket to stall and keeps
+    /// the shared connection.
     async fn blocking_alone<T, F>(&self, f: F) -> Result<T, HypervisorError>
     where
         T: Send + 'static,
