@@ -18,7 +18,11 @@ use virt::domain::Domain;
 /// UID), and every `(from, to)` of `moves` replaced (the instance's overlay and console log,
 /// which belong to Karri's domain). A `from` that is not in the definition is an error, so that
 /// a floor domain never writes into Karri's files.
-pub fn floor_definition(xml: &str, name: &str, moves: &[(&str, &str)]) -> anyhow::Result<String> {
+pub fn floor_definition<M: AsRef<str>>(
+    xml: &str,
+    name: &str,
+    moves: &[(M, M)],
+) -> anyhow::Result<String> {
     let mut out =
         replace_element(xml, "name", Some(name)).context("the definition has no <name>")?;
     out = replace_element(&out, "uuid", None).unwrap_or(out);
@@ -30,6 +34,7 @@ pub fn floor_definition(xml: &str, name: &str, moves: &[(&str, &str)]) -> anyhow
         }
     }
     for (from, to) in moves {
+        let (from, to) = (from.as_ref(), to.as_ref());
         if !out.contains(from) {
             bail!("the definition does not mention {from}");
         }
@@ -270,6 +275,6 @@ mod tests {
 
     #[test]
     fn a_definition_without_a_name_is_an_error() {
-        assert!(floor_definition("<domain type='qemu'/>", "floor-0", &[]).is_err());
+        assert!(floor_definition::<&str>("<domain type='qemu'/>", "floor-0", &[]).is_err());
     }
 }

@@ -641,7 +641,7 @@ fn karri_definitions(cloud: &GuestCloud, ids: &[String]) -> anyhow::Result<Vec<(
 /// batch (its instances gone by now) on the simulated host's libvirtd: each on a fresh overlay
 /// of the cached root image and with a console log of its own (in a directory beside the
 /// agent's data, removed afterwards), otherwise as Karri defined it.
-async fn libvirt_floor(
+async fn run_floor(
     cloud: &GuestCloud,
     data_dir: &Path,
     micro: &MicroImage,
@@ -685,10 +685,6 @@ async fn libvirt_floor(
                 console.display().to_string(),
             ),
         ];
-        let moves: Vec<(&str, &str)> = moves
-            .iter()
-            .map(|(a, b)| (a.as_str(), b.as_str()))
-            .collect();
         let name = format!("floor-{i}");
         domains.push((name.clone(), floor_definition(xml, &name, &moves)?));
     }
@@ -1385,7 +1381,7 @@ async fn main() -> anyhow::Result<()> {
         "libvirt alone: defining and starting the same {instances} domains at once, without Karri"
     ));
     let floor = match definitions {
-        Ok(definitions) => libvirt_floor(&cloud, &data_dir, &micro, definitions).await,
+        Ok(definitions) => run_floor(&cloud, &data_dir, &micro, definitions).await,
         Err(e) => Err(e),
     };
     let floor_p99 = report_floor(&floor, instances);

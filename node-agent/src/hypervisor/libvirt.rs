@@ -195,7 +195,7 @@ impl LibvirtHypervisor {
         T: Send + 'static,
         F: FnOnce(&Connect, &str) -> Result<T, HypervisorError> + Send + 'static,
     {
-        self.run(!self.shared.uri.starts_with("test:"), f).await
+        self.run(!is_test_driver(&self.shared.uri), f).await
     }
 
     /// Runs `f` on the blocking pool once a call permit is free, on the shared connection or
@@ -252,10 +252,16 @@ impl Shared {
     }
 }
 
+/// Whether `uri` names libvirt's test driver, which runs in this process (no daemon, no
+/// socket). Pure.
+fn is_test_driver(uri: &str) -> bool {
+    uri.starts_with("test:")
+}
+
 /// How many calls run at once on a connection to `uri` unless told otherwise:
 /// [`DEFAULT_MAX_CALLS`] for a libvirtd, no limit for the in-process test driver. Pure.
 pub fn default_max_calls(uri: &str) -> usize {
-    if uri.starts_with("test:") {
+    if is_test_driver(uri) {
         Semaphore::MAX_PERMITS
     } else {
         DEFAULT_MAX_CALLS
