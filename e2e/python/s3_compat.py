@@ -540,14 +540,15 @@ def signed_headers(keys, method, path, body):
 
 
 def raw_request(keys, method, path, body=b"", headers=None, payload_hash=None, chunks=None,
-                tamper=None, cut_after=None):
+                tamper=None, cut_after=None, content_length=None, query=""):
     """One SigV4-signed request made here and sent to the gateway over TLS: a Reply.
 
     `path` is the request path, URI-encoded. With `chunks` (a list of bytes) the body is sent
     as STREAMING-AWS4-HMAC-SHA256-PAYLOAD, every chunk signed; `tamper(body) -> body` changes
     the encoded body after signing; `cut_after=n` sends only the first n data chunks (no final
     chunk), with a Content-Length to match, as a replay of a captured upload cut short would.
-    Otherwise the body's SHA-256 is signed (or `payload_hash`).
+    Otherwise the body's SHA-256 is signed (or `payload_hash`). `content_length` announces a
+    length other than the body's; `query` is the canonical query string (sorted, encoded).
     """
     amz_date = datetime.datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     signed = {"host": f"{HOST}:{PORT}", "x-amz-date": amz_date}
@@ -563,9 +564,9 @@ def raw_request(keys, method, path, body=b"", headers=None, payload_hash=None, c
         })
     else:
         signed["x-amz-content-sha256"] = payload_hash or sha256hex(body)
-        signed["content-length"] = str(len(body))
+        signed["content-length"] = str(len(body) if content_length is None else content_length)
     authorization, seed, scope, key = sign(
-        keys, method, path, "", signed, signed["x-amz-content-sha256"], amz_date, REGION
+        keys, method, path, query, signed, signed["x-amz-content-sha256"], amz_date, REGION
     )
     if chunks is not None:
         body = chunked_body(chunks, chunk_signatures(key, amz_date, scope, seed, chunks))
@@ -579,7 +580,7 @@ def raw_request(keys, method, path, body=b"", headers=None, payload_hash=None, c
     )
     try:
         try:
-            conn.request(method, path, body=body,
+            conn.request(method, path + ("?" + query if query else ""), body=body,
                          headers=dict(signed, authorization=authorization))
         except (BrokenPipeError, ConnectionResetError):
             pass  # the gateway answered before reading the whole body: read what it said
@@ -1970,6 +1971,25 @@ def group_multipart(suite):
         parts = a.list_parts(Bucket=name, Key="short.bin", UploadId=upload)
         check(not parts.get("Parts"), f"a refused copy stored a part: {parts.get('Parts')}")
         a.abort_multipart_upload(Bucket=name, Key="short.bin", UploadId=upload)
+
+    @g.check("a_put_or_part_announced_over_5_gib_is_entity_too_large_before_its_body")
+    def _():
+        # Content-Length says 5 GiB + 1; only 4 bytes follow. The answer must come without the
+        # rest (the request would otherwise wait out the 60 s timeout), and nothing is stored.
+        upload = a.create_multipart_upload(Bucket=name, Key="huge.bin")["UploadId"]
+        too_large = 5 * 1024 * MIB + 1
+        for what, query in [("PUT", ""),
+                            ("UploadPart", "partNumber=1&uploadId=" + quote(upload, safe=""))]:
+            reply = raw_request(A, "PUT", object_path(name, "huge.bin"), body=b"four",
+                                payload_hash="UNSIGNED-PAYLOAD", content_length=too_large,
+                                query=query)
+            check(reply.status == 400 and xml_code(reply.body) == "EntityTooLarge",
+                  f"{what}: HTTP {reply.status} {xml_code(reply.body)}, "
+                  f"expected 400 EntityTooLarge")
+        check(not exists(a, name, "huge.bin"), "the refused PUT stored an object")
+        parts = a.list_parts(Bucket=name, Key="huge.bin", UploadId=upload)
+        check(not parts.get("Parts"), f"the refused part was stored: {parts.get('Parts')}")
+        a.abort_multipart_upload(Bucket=name, Key="huge.bin", UploadId=upload)
 
     @g.check("list_multipart_uploads_pages_list_every_upload_of_one_key_once")
     def _():

@@ -834,6 +834,14 @@ fn decoded_content_length(headers: &http::HeaderMap) -> S3Result<Option<u64>> {
         })
 }
 
+/// Refuses a body whose announced length is over [`MAX_PUT_SIZE`] before any of it is read.
+fn announced_fits(content_length: Option<i64>) -> S3Result<()> {
+    if content_length.is_some_and(|n| u64::try_from(n).map_or(true, |n| n > MAX_PUT_SIZE)) {
+        return Err(blob_error(BlobError::TooLarge(MAX_PUT_SIZE)));
+    }
+    Ok(())
+}
+
 /// A streaming upload must deliver every byte it announced: a body cut short between chunks
 /// (the final signed chunk missing) is refused, never stored shortened. Pure.
 fn check_decoded_length(announced: Option<u64>, received: u64) -> S3Result<()> {
@@ -1155,6 +1163,34 @@ impl KarriS3 {
 
     /// What a conditional write (`If-Match`, `If-None-Match`) expects at `key`, to hold in its
     /// publishing transaction; refused at once when the conditions fail already.
+    /// Stores an upload's body as a new blob and checks it against what the request announced
+    /// (`Content-MD5`, the decoded length of an `aws-chunked` body, a flexible checksum); a blob
+    /// that fails a check is deleted. Returns the blob and the checksum to show, if one was
+    /// asked for.
+    async fn receive(
+        &self,
+        body: UploadBody,
+        content_md5: Option<&str>,
+        decoded_length: Option<u64>,
+    ) -> S3Result<(super::blob::Written, Option<(checksum::Algorithm, String)>)> {
+        let written = self
+            .blobs
+            .put(body.stream, MAX_PUT_SIZE)
+            .await
+            .map_err(blob_error)?;
+        let checked = check_content_md5(content_md5, &written.md5)
+            .and_then(|()| check_decoded_length(decoded_length, written.size))
+            .and_then(|()| verified_checksum(body.asked, body.running, body.trailers));
+        match checked {
+            Ok(sum) => Ok((written, sum)),
+            Err(e) => {
+                self.delete_blobs(std::iter::once(written.id.as_str()))
+                    .await;
+                Err(e)
+            }
+        }
+    }
+
     async fn write_conditions(
         &self,
         bucket: &BucketInfo,
@@ -2189,12 +2225,7 @@ impl S3 for KarriS3 {
             input.expires.as_ref(),
         )?;
         let metadata = metadata_of(input.metadata.as_ref())?;
-        if input
-            .content_length
-            .is_some_and(|n| u64::try_from(n).map_or(true, |n| n > MAX_PUT_SIZE))
-        {
-            return Err(blob_error(BlobError::TooLarge(MAX_PUT_SIZE)));
-        }
+        announced_fits(input.content_length)?;
         // The conditions are checked now, to refuse before the body is received, and held in
         // the publishing transaction: the entry must still be the one they were checked on.
         let expect = self
@@ -2205,22 +2236,9 @@ impl S3 for KarriS3 {
                 input.if_none_match.as_ref(),
             )
             .await?;
-        let written = self
-            .blobs
-            .put(body.stream, MAX_PUT_SIZE)
-            .await
-            .map_err(blob_error)?;
-        let sum = match check_content_md5(input.content_md5.as_deref(), &written.md5)
-            .and_then(|()| check_decoded_length(decoded_length, written.size))
-            .and_then(|()| verified_checksum(body.asked, body.running, body.trailers))
-        {
-            Ok(sum) => sum,
-            Err(e) => {
-                self.delete_blobs(std::iter::once(written.id.as_str()))
-                    .await;
-                return Err(e);
-            }
-        };
+        let (written, sum) = self
+            .receive(body, input.content_md5.as_deref(), decoded_length)
+            .await?;
         let etag = hex::encode(written.md5);
         let meta = ObjectMeta {
             segments: vec![Segment {
@@ -3100,24 +3118,12 @@ impl S3 for KarriS3 {
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
             .await?;
         let part = part_number(input.part_number)?;
+        announced_fits(input.content_length)?;
         self.upload_of(&bucket, &input.upload_id, &input.key)
             .await?;
-        let written = self
-            .blobs
-            .put(body.stream, MAX_PUT_SIZE)
-            .await
-            .map_err(blob_error)?;
-        let sum = match check_content_md5(input.content_md5.as_deref(), &written.md5)
-            .and_then(|()| check_decoded_length(decoded_length, written.size))
-            .and_then(|()| verified_checksum(body.asked, body.running, body.trailers))
-        {
-            Ok(sum) => sum,
-            Err(e) => {
-                self.delete_blobs(std::iter::once(written.id.as_str()))
-                    .await;
-                return Err(e);
-            }
-        };
+        let (written, sum) = self
+            .receive(body, input.content_md5.as_deref(), decoded_length)
+            .await?;
         let etag = hex::encode(written.md5);
         self.record_part(&bucket.name, &input.upload_id, part, &written, &etag)
             .await?;
