@@ -34,6 +34,133 @@ impl Principal {
             Principal::Account { user, .. } => user,
         }
     }
+
+    /// The groups the principal is in, as a Kubernetes authenticator would report them.
+    pub fn groups(&self) -> Vec<String> {
+        let role = match self {
+            Principal::Admin(_) => "system:masters".to_owned(),
+            Principal::Operator(_) => "karri:operators".to_owned(),
+            Principal::Node(_) => "karri:nodes".to_owned(),
+            Principal::Account { namespace, .. } => format!("karri:account:{namespace}"),
+        };
+        vec![role, "system:authenticated".to_owned()]
+    }
+}
+
+/// What a request's `Impersonate-*` headers ask for (Kubernetes' user impersonation).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Impersonation {
+    /// `Impersonate-User`.
+    pub user: Option<String>,
+    /// `Impersonate-Group`, each header once.
+    pub groups: Vec<String>,
+    /// `Impersonate-Uid`.
+    pub uid: Option<String>,
+    /// Whether any `Impersonate-Extra-*` header came.
+    pub extra: bool,
+}
+
+impl Impersonation {
+    /// Whether no impersonation was asked for.
+    pub fn is_empty(&self) -> bool {
+        self == &Impersonation::default()
+    }
+}
+
+/// Why a request may not act as the user it names.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ImpersonationError {
+    /// Groups, a UID or extras without a user (Kubernetes refuses these too).
+    #[error("requested impersonation of {0} without impersonating a user")]
+    WithoutUser(&'static str),
+    /// The caller may not impersonate at all, or not this.
+    #[error("{resource} {name:?} is forbidden: User {caller:?} cannot impersonate resource {resource:?} in API group \"\" at the cluster scope{why}")]
+    Forbidden {
+        /// `users`, `groups`, `uids` or `userextras`.
+        resource: &'static str,
+        /// What was named.
+        name: String,
+        /// The caller's user name.
+        caller: String,
+        /// Why, after a colon, or nothing.
+        why: String,
+    },
+}
+
+/// The principal a request acts as. Without `Impersonate-*` headers, `caller`. With them, as
+/// in Kubernetes: only an administrator may impersonate, and the request then acts as the user
+/// named, with that user's rights alone. `known` holds every principal a token names, each
+/// once. The groups asked for must all be the user's, and pick among principals of the same
+/// name; Karri's rights do not depend on UIDs or extras, so impersonating those is refused
+/// rather than ignored. Pure.
+pub fn impersonate(
+    caller: Principal,
+    asked: &Impersonation,
+    known: &[Principal],
+) -> Result<Principal, ImpersonationError> {
+    if asked.is_empty() {
+        return Ok(caller);
+    }
+    let forbidden = |resource: &'static str, name: &str, why: &str| ImpersonationError::Forbidden {
+        resource,
+        name: name.to_owned(),
+        caller: caller.user().to_owned(),
+        why: if why.is_empty() {
+            String::new()
+        } else {
+            format!(": {why}")
+        },
+    };
+    let Some(user) = &asked.user else {
+        let what = if !asked.groups.is_empty() {
+            "groups"
+        } else if asked.uid.is_some() {
+            "a UID"
+        } else {
+            "extras"
+        };
+        return Err(ImpersonationError::WithoutUser(what));
+    };
+    if !matches!(caller, Principal::Admin(_)) {
+        return Err(forbidden("users", user, ""));
+    }
+    if let Some(uid) = &asked.uid {
+        return Err(forbidden("uids", uid, "Karri does not impersonate UIDs"));
+    }
+    if asked.extra {
+        return Err(forbidden(
+            "userextras",
+            user,
+            "Karri does not impersonate user extras",
+        ));
+    }
+    let named: Vec<&Principal> = known.iter().filter(|p| p.user() == user).collect();
+    if named.is_empty() {
+        return Err(forbidden(
+            "users",
+            user,
+            "no token of this gateway has that user",
+        ));
+    }
+    let mut fits = named.clone();
+    for group in &asked.groups {
+        fits.retain(|p| p.groups().contains(group));
+        if fits.is_empty() {
+            return Err(forbidden(
+                "groups",
+                group,
+                &format!("user {user:?} is not in it"),
+            ));
+        }
+    }
+    match fits.as_slice() {
+        [one] => Ok((*one).clone()),
+        _ => Err(forbidden(
+            "users",
+            user,
+            "that name has more than one role or account here; name one of its groups too",
+        )),
+    }
 }
 
 /// A request verb, as in Kubernetes RBAC.
@@ -199,6 +326,17 @@ impl Authenticator {
             source,
         })?;
         Self::from_yaml(&text, &path.display().to_string())
+    }
+
+    /// Every principal some token names, once each.
+    pub fn principals(&self) -> Vec<Principal> {
+        let mut all: Vec<Principal> = Vec::new();
+        for p in self.table().values() {
+            if !all.contains(p) {
+                all.push(p.clone());
+            }
+        }
+        all
     }
 
     /// The principal of an `Authorization` header value, if the token is known.
@@ -404,6 +542,126 @@ pub fn forbidden_message(principal: &Principal, verb: Verb, target: &Target<'_>)
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn alpha() -> Principal {
+        Principal::Account {
+            user: "alpha-user".into(),
+            namespace: "alpha".into(),
+        }
+    }
+
+    fn known() -> Vec<Principal> {
+        vec![
+            Principal::Admin("admin".into()),
+            Principal::Operator("operator".into()),
+            Principal::Node("node-1".into()),
+            alpha(),
+            // One user name in two accounts.
+            Principal::Account {
+                user: "shared".into(),
+                namespace: "a".into(),
+            },
+            Principal::Account {
+                user: "shared".into(),
+                namespace: "b".into(),
+            },
+        ]
+    }
+
+    fn asking(user: Option<&str>, groups: &[&str]) -> Impersonation {
+        Impersonation {
+            user: user.map(str::to_owned),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            ..Impersonation::default()
+        }
+    }
+
+    #[test]
+    fn an_administrator_impersonating_a_user_gets_that_users_rights_alone() {
+        let admin = Principal::Admin("admin".into());
+        let rows: Vec<(&str, Impersonation, Result<Principal, &str>)> = vec![
+            ("no headers: the caller", Impersonation::default(), Ok(admin.clone())),
+            ("an account's user", asking(Some("alpha-user"), &[]), Ok(alpha())),
+            (
+                "with its own groups",
+                asking(Some("alpha-user"), &["karri:account:alpha", "system:authenticated"]),
+                Ok(alpha()),
+            ),
+            (
+                "a group picks among accounts of one user name",
+                asking(Some("shared"), &["karri:account:b"]),
+                Ok(Principal::Account {
+                    user: "shared".into(),
+                    namespace: "b".into(),
+                }),
+            ),
+            (
+                "one user name in two accounts needs a group",
+                asking(Some("shared"), &[]),
+                Err("users \"shared\" is forbidden: User \"admin\" cannot impersonate resource \"users\" in API group \"\" at the cluster scope: that name has more than one role or account here; name one of its groups too"),
+            ),
+            (
+                "a group the user is not in, such as the administrators'",
+                asking(Some("alpha-user"), &["system:masters"]),
+                Err("groups \"system:masters\" is forbidden: User \"admin\" cannot impersonate resource \"groups\" in API group \"\" at the cluster scope: user \"alpha-user\" is not in it"),
+            ),
+            (
+                "an unknown user",
+                asking(Some("nobody"), &[]),
+                Err("users \"nobody\" is forbidden: User \"admin\" cannot impersonate resource \"users\" in API group \"\" at the cluster scope: no token of this gateway has that user"),
+            ),
+            (
+                "groups without a user",
+                asking(None, &["karri:account:alpha"]),
+                Err("requested impersonation of groups without impersonating a user"),
+            ),
+            (
+                "a UID",
+                Impersonation {
+                    uid: Some("1234".into()),
+                    ..asking(Some("alpha-user"), &[])
+                },
+                Err("uids \"1234\" is forbidden: User \"admin\" cannot impersonate resource \"uids\" in API group \"\" at the cluster scope: Karri does not impersonate UIDs"),
+            ),
+            (
+                "extras",
+                Impersonation {
+                    extra: true,
+                    ..asking(Some("alpha-user"), &[])
+                },
+                Err("userextras \"alpha-user\" is forbidden: User \"admin\" cannot impersonate resource \"userextras\" in API group \"\" at the cluster scope: Karri does not impersonate user extras"),
+            ),
+        ];
+        for (what, asked, want) in rows {
+            let got = impersonate(admin.clone(), &asked, &known()).map_err(|e| e.to_string());
+            assert_eq!(got, want.map_err(str::to_owned), "{what}");
+        }
+    }
+
+    #[test]
+    fn only_an_administrator_may_impersonate() {
+        for caller in [
+            alpha(),
+            Principal::Operator("operator".into()),
+            Principal::Node("node-1".into()),
+        ] {
+            let user = caller.user().to_owned();
+            for target in ["admin", "alpha-user", "operator"] {
+                let got = impersonate(caller.clone(), &asking(Some(target), &[]), &known())
+                    .map_err(|e| e.to_string());
+                assert_eq!(
+                    got,
+                    Err(format!("users {target:?} is forbidden: User {user:?} cannot impersonate resource \"users\" in API group \"\" at the cluster scope")),
+                    "{user} as {target}"
+                );
+            }
+            // Without impersonation headers the caller stays itself.
+            assert_eq!(
+                impersonate(caller.clone(), &Impersonation::default(), &known()),
+                Ok(caller)
+            );
+        }
+    }
 
     fn t<'a>(kind: &'a str, ns: Option<&'a str>, name: Option<&'a str>) -> Target<'a> {
         let namespaced = !matches!(

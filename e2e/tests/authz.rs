@@ -1281,3 +1281,118 @@ async fn account_deletes_a_collection_by_label_and_a_finalizer_keeps_one_termina
     expect_status(resp, 405, "MethodNotAllowed").await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_acting_as_an_account_with_kubectl_as_has_only_that_accounts_rights(
+) -> anyhow::Result<()> {
+    let c = world().await?;
+    // Who the gateway takes the caller for, as kubectl asks it.
+    let who = kubectl_json(&c.admin, &["auth", "whoami", "--as", "acme"])?;
+    ensure!(
+        who["status"]["userInfo"]["username"] == "acme"
+            && who["status"]["userInfo"]["groups"]
+                == json!(["karri:account:acme", "system:authenticated"]),
+        "whoami --as acme answered {who}"
+    );
+    // Its own namespace works; another namespace and cluster scope are refused, as for acme's
+    // own token, and nothing changes.
+    ensure!(
+        listed(&c.admin, &["-n", "acme", "--as", "acme"])?
+            == ["acme/on-1", "acme/on-2", "acme/unbound"],
+        "acting as acme lists {:?}",
+        listed(&c.admin, &["-n", "acme", "--as", "acme"])?
+    );
+    let before = snapshot(&c).await?;
+    kubectl_refused(
+        &c.admin,
+        &["get", "instances", "-n", "globex", "--as", "acme"],
+        "Forbidden",
+    )?;
+    kubectl_refused(&c.admin, &["get", "nodes", "--as", "acme"], "Forbidden")?;
+    kubectl_refused(
+        &c.admin,
+        &[
+            "label",
+            "instance",
+            "far-1",
+            "-n",
+            "globex",
+            "taken=yes",
+            "--as",
+            "acme",
+        ],
+        "Forbidden",
+    )?;
+    kubectl_refused(
+        &c.admin,
+        &[
+            "delete", "instance", "far-1", "-n", "globex", "--as", "acme",
+        ],
+        "Forbidden",
+    )?;
+    // `kubectl auth can-i` prints yes or no, and exits 0 only for yes.
+    for (ns, want) in [("acme", "yes"), ("globex", "no")] {
+        let out = karri_testkit::kubectl(
+            &c.admin,
+            &[
+                "auth",
+                "can-i",
+                "delete",
+                "instances",
+                "-n",
+                ns,
+                "--as",
+                "acme",
+            ],
+        );
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        ensure!(
+            said == want && out.status.success() == (want == "yes"),
+            "can-i delete instances in {ns} as acme said {said:?} ({})",
+            out.status
+        );
+    }
+    // Naming a group acme is not in (the administrators') does not lift it.
+    let refused = kubectl_refused(
+        &c.admin,
+        &[
+            "get",
+            "instances",
+            "-n",
+            "globex",
+            "--as",
+            "acme",
+            "--as-group",
+            "system:masters",
+        ],
+        "Forbidden",
+    )?;
+    ensure!(
+        refused.contains("cannot impersonate resource \"groups\""),
+        "the refusal does not say which group: {refused}"
+    );
+    // Only an administrator may impersonate: acme cannot act as the admin, or as globex.
+    let acme = c.account_kubeconfig("acme")?;
+    for target in ["admin", "globex"] {
+        let refused = kubectl_refused(
+            &acme,
+            &["get", "instances", "-n", "acme", "--as", target],
+            "Forbidden",
+        )?;
+        ensure!(
+            refused.contains("User \"acme\" cannot impersonate resource \"users\""),
+            "acme --as {target}: {refused}"
+        );
+    }
+    // An unknown user is refused, not served as the caller.
+    kubectl_refused(
+        &c.admin,
+        &["get", "instances", "-n", "acme", "--as", "nobody"],
+        "Forbidden",
+    )?;
+    ensure!(
+        snapshot(&c).await? == before,
+        "a refused impersonated request changed records"
+    );
+    Ok(())
+}

@@ -575,6 +575,24 @@ async fn authenticated(State(s): St, req: Request) -> Response {
     serve(s, req).instrument(span).await
 }
 
+/// What a request's `Impersonate-*` headers ask for. A header that is not text names nothing
+/// anyone has, so it is kept as it reads lossily (and refused as an unknown user).
+fn impersonation_of(headers: &HeaderMap) -> auth::Impersonation {
+    let text = |v: &HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
+    auth::Impersonation {
+        user: headers.get("impersonate-user").map(text),
+        groups: headers
+            .get_all("impersonate-group")
+            .iter()
+            .map(text)
+            .collect(),
+        uid: headers.get("impersonate-uid").map(text),
+        extra: headers
+            .keys()
+            .any(|k| k.as_str().starts_with("impersonate-extra-")),
+    }
+}
+
 async fn serve(s: Arc<AppState>, req: Request) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
@@ -589,7 +607,32 @@ async fn serve(s: Arc<AppState>, req: Request) -> Response {
         return ApiError::unauthorized("Unauthorized: a valid bearer token is required")
             .into_response();
     };
-    tracing::Span::current().record("user", principal.user());
+    let asked = impersonation_of(req.headers());
+    let caller = principal.user().to_owned();
+    let known = if asked.is_empty() {
+        Vec::new()
+    } else {
+        s.auth.principals()
+    };
+    let principal = match auth::impersonate(principal, &asked, &known) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::info!(user = %caller, "refused impersonation: {e}");
+            return match e {
+                auth::ImpersonationError::WithoutUser(_) => ApiError::bad_request(e.to_string()),
+                auth::ImpersonationError::Forbidden { .. } => ApiError::forbidden(e.to_string()),
+            }
+            .into_response();
+        }
+    };
+    if asked.is_empty() {
+        tracing::Span::current().record("user", principal.user());
+    } else {
+        tracing::Span::current().record(
+            "user",
+            format!("{} (impersonated by {caller})", principal.user()),
+        );
+    }
     let q = query_map(req.uri().query());
     let prefix = format!("/apis/{}/", crds::API_VERSION);
     let rest = path.strip_prefix(&prefix).filter(|rest| !rest.is_empty());

@@ -145,24 +145,13 @@ pub fn access_review_from_protobuf(bytes: &[u8]) -> Result<Value, ApiError> {
     )
 }
 
-/// The groups a principal is in, as a Kubernetes authenticator would report them.
-fn groups(who: &Principal) -> Vec<String> {
-    let role = match who {
-        Principal::Admin(_) => "system:masters".to_owned(),
-        Principal::Operator(_) => "karri:operators".to_owned(),
-        Principal::Node(_) => "karri:nodes".to_owned(),
-        Principal::Account { namespace, .. } => format!("karri:account:{namespace}"),
-    };
-    vec![role, "system:authenticated".to_owned()]
-}
-
 /// The answer to a SelfSubjectReview of `api_version`: the caller's user name and groups.
 pub fn self_review(who: &Principal, api_version: &str) -> Value {
     json!({
         "apiVersion": api_version,
         "kind": "SelfSubjectReview",
         "metadata": {"creationTimestamp": null},
-        "status": {"userInfo": {"username": who.user(), "groups": groups(who)}},
+        "status": {"userInfo": {"username": who.user(), "groups": who.groups()}},
     })
 }
 
