@@ -32,6 +32,8 @@ pub struct CachedObject {
     json: std::sync::OnceLock<Bytes>,
     /// The etcd mod revision.
     pub revision: i64,
+    /// Bytes of the stored value (0 when not known), what the history's byte budget counts.
+    pub stored_size: usize,
     /// A face's rendering of the record (EC2's `instancesSet` item of an Instance), made the
     /// first time it is asked for. It may depend on the record and the gateway's fixed settings
     /// alone: a changed record is a new object, so it never goes stale.
@@ -55,7 +57,7 @@ impl CachedObject {
     pub fn from_stored(key: String, raw: &[u8], revision: i64) -> Option<Self> {
         let mut value: Value = serde_json::from_slice(raw).ok()?;
         set_resource_version(&mut value, revision);
-        Some(Self::from_value(key, value, revision))
+        Some(Self::from_value(key, value, revision).with_stored_size(raw.len()))
     }
 
     /// Build from a value whose resourceVersion is already set.
@@ -65,8 +67,15 @@ impl CachedObject {
             value,
             json: std::sync::OnceLock::new(),
             revision,
+            stored_size: 0,
             rendering: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The same, counted as `n` bytes of stored value.
+    pub fn with_stored_size(mut self, n: usize) -> Self {
+        self.stored_size = n;
+        self
     }
 
     /// The object serialized, as lists and watch events send it.
@@ -108,6 +117,8 @@ pub struct CacheEvent {
 struct KindState {
     objects: BTreeMap<String, Arc<CachedObject>>,
     history: VecDeque<Arc<CacheEvent>>,
+    /// Stored bytes of the objects in `history`.
+    history_bytes: usize,
     /// Every change after this revision is in `history`.
     oldest: i64,
 }
@@ -147,11 +158,49 @@ enum WatchEnd {
     Canceled,
 }
 
+/// How much history each kind keeps for watches that resume from a revision: the newest
+/// `events` changes, fewer when their records' stored bytes pass `bytes` (large records changed
+/// often must not hold the gateway's memory). A watch that resumes from before what is kept is
+/// served from etcd instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistoryLimits {
+    /// Changes kept per kind (at least 16).
+    pub events: usize,
+    /// Stored bytes of the changed records kept per kind; the newest change is always kept.
+    pub bytes: usize,
+}
+
+impl Default for HistoryLimits {
+    fn default() -> Self {
+        HistoryLimits {
+            events: 10_000,
+            bytes: 64 << 20,
+        }
+    }
+}
+
+impl KindState {
+    /// Adds `event` to the history and forgets the oldest changes past `limits`.
+    fn remember(&mut self, event: Arc<CacheEvent>, limits: HistoryLimits) {
+        self.history_bytes += event.object.stored_size;
+        self.history.push_back(event);
+        while self.history.len() > limits.events
+            || (self.history_bytes > limits.bytes && self.history.len() > 1)
+        {
+            let Some(old) = self.history.pop_front() else {
+                break;
+            };
+            self.history_bytes = self.history_bytes.saturating_sub(old.object.stored_size);
+            self.oldest = old.revision;
+        }
+    }
+}
+
 /// The shared watch cache.
 pub struct WatchCache {
     state: RwLock<State>,
     revision: watch::Sender<i64>,
-    history_limit: usize,
+    limits: HistoryLimits,
 }
 
 fn unpoison<T>(r: Result<T, std::sync::PoisonError<T>>) -> T {
@@ -159,8 +208,8 @@ fn unpoison<T>(r: Result<T, std::sync::PoisonError<T>>) -> T {
 }
 
 impl WatchCache {
-    /// An empty cache keeping up to `history_limit` events per kind.
-    pub fn new(plurals: &[&str], history_limit: usize) -> Arc<Self> {
+    /// An empty cache keeping the history `limits` allow per kind.
+    pub fn new(plurals: &[&str], limits: HistoryLimits) -> Arc<Self> {
         let mut state = State::default();
         for p in plurals {
             state.kinds.insert(p.to_string(), KindState::default());
@@ -169,7 +218,10 @@ impl WatchCache {
         Arc::new(WatchCache {
             state: RwLock::new(state),
             revision,
-            history_limit: history_limit.max(16),
+            limits: HistoryLimits {
+                events: limits.events.max(16),
+                bytes: limits.bytes,
+            },
         })
     }
 
@@ -275,6 +327,7 @@ impl WatchCache {
         for kind in state.kinds.values_mut() {
             kind.objects.clear();
             kind.history.clear();
+            kind.history_bytes = 0;
             kind.oldest = revision;
         }
         state.uids.clear();
@@ -359,22 +412,18 @@ impl WatchCache {
                     }
                     let mut last = p.value.clone();
                     set_resource_version(&mut last, ev_rev);
+                    let object = CachedObject::from_value(key.to_string(), last, ev_rev)
+                        .with_stored_size(p.stored_size);
                     CacheEvent {
                         revision: ev_rev,
-                        object: Arc::new(CachedObject::from_value(key.to_string(), last, ev_rev)),
+                        object: Arc::new(object),
                         prev: Some(p),
                         deleted: true,
                     }
                 }
             };
-            let limit = self.history_limit;
             if let Some(kind) = state.kinds.get_mut(&plural) {
-                kind.history.push_back(Arc::new(event));
-                while kind.history.len() > limit {
-                    if let Some(old) = kind.history.pop_front() {
-                        kind.oldest = old.revision;
-                    }
-                }
+                kind.remember(Arc::new(event), self.limits);
             }
         }
         if revision > state.revision {
@@ -486,16 +535,20 @@ impl WatchCache {
             .collect()
     }
 
-    /// Events of one kind after revision `after`, or `TooOld` when the history does not reach back.
-    /// Also returns the revision the cache has processed, for bookmarks.
+    /// Events of one kind after revision `after`, or `TooOld` when the history does not reach
+    /// back: at most `max` of them and then the rest of the last one's revision, so that a
+    /// watch that has sent them resumes after that revision, and a slow watcher holds only a
+    /// few events the history has since forgotten. Also returns the revision the cache has
+    /// processed (for bookmarks; `None` when events were left out).
     pub fn events_after(
         &self,
         plural: &str,
         after: i64,
-    ) -> Result<(Vec<Arc<CacheEvent>>, i64), TooOld> {
+        max: usize,
+    ) -> Result<(Vec<Arc<CacheEvent>>, Option<i64>), TooOld> {
         let state = unpoison(self.state.read());
         let Some(kind) = state.kinds.get(plural) else {
-            return Ok((Vec::new(), state.revision));
+            return Ok((Vec::new(), Some(state.revision)));
         };
         if after < kind.oldest {
             return Err(TooOld {
@@ -503,9 +556,20 @@ impl WatchCache {
             });
         }
         let start = kind.history.partition_point(|e| e.revision <= after);
+        let mut end = (start + max.max(1)).min(kind.history.len());
+        if let Some(last) = end.checked_sub(1).and_then(|i| kind.history.get(i)) {
+            while kind
+                .history
+                .get(end)
+                .is_some_and(|e| e.revision == last.revision)
+            {
+                end += 1;
+            }
+        }
+        let complete = end == kind.history.len();
         Ok((
-            kind.history.range(start..).cloned().collect(),
-            state.revision,
+            kind.history.range(start..end).cloned().collect(),
+            complete.then_some(state.revision),
         ))
     }
 
@@ -594,6 +658,115 @@ fn index_remove(state: &mut State, obj: &CachedObject) {
             if set.is_empty() {
                 state.dependents.remove(&owner);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(revision: i64, size: usize) -> Arc<CacheEvent> {
+        let object = CachedObject::from_value("/k".into(), serde_json::json!({}), revision)
+            .with_stored_size(size);
+        Arc::new(CacheEvent {
+            revision,
+            object: Arc::new(object),
+            prev: None,
+            deleted: false,
+        })
+    }
+
+    /// The revisions a kind's history keeps after changes of these stored sizes (revisions 1,
+    /// 2, ...), and the revision after which it has every change.
+    fn kept(sizes: &[usize], limits: HistoryLimits) -> (Vec<i64>, i64) {
+        let mut kind = KindState::default();
+        for (i, size) in sizes.iter().enumerate() {
+            let revision = i64::try_from(i).expect("a short table") + 1;
+            kind.remember(event(revision, *size), limits);
+        }
+        let bytes: usize = kind.history.iter().map(|e| e.object.stored_size).sum();
+        assert_eq!(kind.history_bytes, bytes, "the byte count drifted");
+        (
+            kind.history.iter().map(|e| e.revision).collect(),
+            kind.oldest,
+        )
+    }
+
+    #[test]
+    fn a_watch_takes_events_in_batches_that_end_with_a_whole_revision() {
+        let cache = WatchCache::new(&["instances"], HistoryLimits::default());
+        {
+            let mut state = unpoison(cache.state.write());
+            state.revision = 9;
+            let kind = state
+                .kinds
+                .get_mut("instances")
+                .expect("the kind made above");
+            for revision in [1, 2, 2, 2, 3, 4] {
+                kind.remember(event(revision, 1), HistoryLimits::default());
+            }
+        }
+        let revisions = |after, max| {
+            let (events, processed) = cache
+                .events_after("instances", after, max)
+                .expect("within the history");
+            let revs: Vec<i64> = events.iter().map(|e| e.revision).collect();
+            (revs, processed)
+        };
+        // The batch of 2 reaches into revision 2, so it takes all of revision 2.
+        assert_eq!(revisions(0, 2), (vec![1, 2, 2, 2], None));
+        assert_eq!(revisions(2, 2), (vec![3, 4], Some(9)));
+        assert_eq!(revisions(0, 100), (vec![1, 2, 2, 2, 3, 4], Some(9)));
+        assert_eq!(revisions(4, 2), (vec![], Some(9)));
+        // A batch of 0 still moves on.
+        assert_eq!(revisions(3, 0), (vec![4], Some(9)));
+    }
+
+    #[test]
+    fn the_history_forgets_the_oldest_changes_past_its_count_or_its_bytes() {
+        let limits = |events, bytes| HistoryLimits { events, bytes };
+        type Kept = (Vec<i64>, i64);
+        let rows: Vec<(&str, Vec<usize>, HistoryLimits, Kept)> = vec![
+            (
+                "within both",
+                vec![10, 10, 10],
+                limits(3, 30),
+                (vec![1, 2, 3], 0),
+            ),
+            (
+                "past the count",
+                vec![1, 1, 1, 1],
+                limits(3, 1000),
+                (vec![2, 3, 4], 1),
+            ),
+            (
+                "past the bytes",
+                vec![10, 10, 10],
+                limits(100, 25),
+                (vec![2, 3], 1),
+            ),
+            (
+                "one large change pushes out many small ones",
+                vec![1, 1, 1, 1, 100],
+                limits(100, 102),
+                (vec![3, 4, 5], 2),
+            ),
+            (
+                "the newest change stays, however large",
+                vec![10, 500],
+                limits(100, 100),
+                (vec![2], 1),
+            ),
+            (
+                "unknown sizes count nothing",
+                vec![0; 5],
+                limits(100, 0),
+                (vec![1, 2, 3, 4, 5], 0),
+            ),
+        ];
+        for (what, sizes, limits, want) in rows {
+            assert_eq!(kept(&sizes, limits), want, "{what}");
         }
     }
 }

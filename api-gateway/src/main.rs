@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use api_gateway::auth::Authenticator;
 use api_gateway::aws::credentials::{access_key_context, Sealer};
+use api_gateway::cache::HistoryLimits;
 use api_gateway::conn_limit::{CappedAcceptor, FirstBytesAcceptor};
 use api_gateway::ec2::service::Ec2Settings;
 use api_gateway::http::{discovery, router, AppState};
@@ -69,9 +70,13 @@ struct Args {
     /// YAML file of bearer tokens.
     #[arg(long, env = "KARRI_TOKENS_FILE")]
     tokens_file: PathBuf,
-    /// Events remembered per kind for watch resumption.
-    #[arg(long, default_value_t = 10_000)]
+    /// Changes remembered per kind for watches that resume from a revision.
+    #[arg(long, default_value_t = HistoryLimits::default().events)]
     watch_history: usize,
+    /// Stored bytes of the records those changes hold, per kind: fewer changes are remembered
+    /// when records are large (a watch from before them gets 410 and lists again).
+    #[arg(long, default_value_t = HistoryLimits::default().bytes)]
+    watch_history_bytes: usize,
     /// PEM serving certificate (chain); with --tls-private-key-file.
     #[arg(long, env = "KARRI_TLS_CERT_FILE")]
     tls_cert_file: Option<PathBuf>,
@@ -290,7 +295,10 @@ async fn main() -> anyhow::Result<()> {
     let registry = Registry::start(
         etcd,
         kinds,
-        args.watch_history,
+        HistoryLimits {
+            events: args.watch_history,
+            bytes: args.watch_history_bytes,
+        },
         metrics.clone(),
         Some(sealer),
     );

@@ -15,7 +15,7 @@ use crate::admission::{self, FieldValidation, NewRecord, Subresource};
 use crate::auth::{self, Principal};
 use crate::aws::credentials::{self, Sealer};
 use crate::aws::lookups::{KeyLookups, DEFAULT_LOOKUPS_PER_SECOND};
-use crate::cache::{set_resource_version, CacheEvent, CachedObject, WatchCache};
+use crate::cache::{set_resource_version, CacheEvent, CachedObject, HistoryLimits, WatchCache};
 use crate::combined_creates::{CombinedCreates, Outcome};
 use crate::error::{ApiError, ApiResult};
 use crate::kinds::{Kind, Kinds};
@@ -26,6 +26,13 @@ use crate::ssa::Scope;
 use crate::store::{self, id_key, namespace_prefix, record_key};
 
 /// How long a read waits for the watch cache to catch up with etcd before giving up.
+/// Events a watch takes from the cache's history at once (more when its last revision holds
+/// more): a watcher that does not read holds at most these and [`WATCH_QUEUE`], not the whole
+/// history as it was when it fell behind.
+const WATCH_BATCH: usize = 64;
+/// Events waiting for a watch's response to take them.
+const WATCH_QUEUE: usize = 64;
+
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Options common to writes.
@@ -263,7 +270,7 @@ impl Registry {
     pub fn start(
         etcd: Client,
         kinds: Kinds,
-        history: usize,
+        history: HistoryLimits,
         metrics: Arc<Metrics>,
         sealer: Option<Arc<Sealer>>,
     ) -> Arc<Self> {
@@ -1554,7 +1561,7 @@ impl Registry {
         who: Principal,
         opts: WatchOptions2,
     ) -> mpsc::Receiver<WatchEvent> {
-        let (tx, rx) = mpsc::channel(256);
+        let (tx, rx) = mpsc::channel(WATCH_QUEUE);
         let this = self.clone();
         self.metrics.watchers.inc();
         tokio::spawn(async move {
@@ -1651,7 +1658,10 @@ impl Registry {
         let mut last_bookmark = tokio::time::Instant::now();
         loop {
             rev_rx.borrow_and_update();
-            match self.cache.events_after(kind.info.plural, start) {
+            match self
+                .cache
+                .events_after(kind.info.plural, start, WATCH_BATCH)
+            {
                 Ok((events, cache_rev)) => {
                     let mut sent_revision = None;
                     for ev in events
@@ -1668,7 +1678,17 @@ impl Registry {
                             }
                         }
                     }
-                    start = start.max(cache_rev);
+                    match cache_rev {
+                        Some(rev) => start = start.max(rev),
+                        // More events wait: on with them (the batch ended with a whole
+                        // revision).
+                        None => {
+                            if let Some(last) = events.last() {
+                                start = start.max(last.revision);
+                            }
+                            continue;
+                        }
+                    }
                 }
                 Err(_) => {
                     self.watch_from_etcd(&prefix, start, &visible, opts.bookmarks, deadline, &tx)

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use api_gateway::auth::Principal;
+use api_gateway::cache::HistoryLimits;
 use api_gateway::kinds::Kinds;
 use api_gateway::metrics::Metrics;
 use api_gateway::registry::{ListOptions, Registry, WriteOptions};
@@ -242,7 +243,17 @@ async fn a_three_member_cluster_over_tls_with_auth_is_used_like_one_etcd() -> an
         ..tls
     };
     let client = store::connect(&config).await?;
-    let registry = Registry::start(client, Kinds::load(), 1000, Arc::new(Metrics::new()), None);
+    let history = HistoryLimits {
+        events: 1000,
+        ..HistoryLimits::default()
+    };
+    let registry = Registry::start(
+        client,
+        Kinds::load(),
+        history,
+        Arc::new(Metrics::new()),
+        None,
+    );
     let kind = registry.kinds.by_plural("instances").context("instances")?;
     let admin = Principal::Admin("admin".into());
     let body = |name: &str| {

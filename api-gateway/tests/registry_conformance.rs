@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use api_gateway::admission::Subresource;
 use api_gateway::auth::Principal;
+use api_gateway::cache::HistoryLimits;
 use api_gateway::error::ApiError;
 use api_gateway::kinds::{Kind, Kinds};
 use api_gateway::metrics::Metrics;
@@ -38,13 +39,20 @@ struct Harness {
 }
 
 async fn start_registry(client: &Client) -> anyhow::Result<(Arc<Registry>, Arc<Metrics>)> {
-    start_registry_keeping(client, 1000).await
+    start_registry_keeping(
+        client,
+        HistoryLimits {
+            events: 1000,
+            ..HistoryLimits::default()
+        },
+    )
+    .await
 }
 
 /// A registry whose watch cache keeps `history` events per kind.
 async fn start_registry_keeping(
     client: &Client,
-    history: usize,
+    history: HistoryLimits,
 ) -> anyhow::Result<(Arc<Registry>, Arc<Metrics>)> {
     let metrics = Arc::new(Metrics::new());
     let registry = Registry::start(
@@ -71,6 +79,23 @@ async fn harness() -> anyhow::Result<Harness> {
     let etcd = Etcd::start().await?;
     let client = Client::connect([etcd.endpoint.clone()], None).await?;
     let (registry, metrics) = start_registry(&client).await?;
+    harness_of(etcd, client, registry, metrics)
+}
+
+/// A harness whose registry's watch cache keeps the history `limits` allow.
+async fn harness_keeping(limits: HistoryLimits) -> anyhow::Result<Harness> {
+    let etcd = Etcd::start().await?;
+    let client = Client::connect([etcd.endpoint.clone()], None).await?;
+    let (registry, metrics) = start_registry_keeping(&client, limits).await?;
+    harness_of(etcd, client, registry, metrics)
+}
+
+fn harness_of(
+    etcd: Etcd,
+    client: Client,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Harness> {
     let instances = registry
         .kinds
         .by_plural("instances")
@@ -387,8 +412,8 @@ async fn a_watch_that_times_out_ends_between_revisions_never_inside_one() -> any
     // Records written in one transaction (a RunInstances reservation) share a revision. A
     // client resumes from the last resourceVersion it saw, so a watch cut inside a revision
     // would make it miss the rest of that revision for good.
-    // 600 events, more than twice what a watch queues (256): the watch is still sending when
-    // its timeout comes, and stops after the revision it is in.
+    // 600 events, many times what a watch queues (64) or takes from the history at once: the
+    // watch is still sending when its timeout comes, and stops after the revision it is in.
     const PER_REVISION: usize = 60;
     const REVISIONS: usize = 10;
     let h = harness().await?;
@@ -437,6 +462,56 @@ async fn a_watch_that_times_out_ends_between_revisions_never_inside_one() -> any
     assert!(
         per_revision.values().all(|n| *n == PER_REVISION),
         "every revision whole: {per_revision:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_far_behind_gets_every_event_once_in_order_across_shared_revisions(
+) -> anyhow::Result<()> {
+    // 30 revisions of 7 records each (210 events): a watch takes the history in batches, each
+    // ending with a whole revision, so none is skipped or repeated at a batch's edge.
+    let h = harness().await?;
+    let start = rv(&h.create("first").await?);
+    let mut want = Vec::new();
+    for r in 0..30 {
+        let bodies = (0..7).map(|i| instance(&format!("r{r}-{i}"))).collect();
+        let written = h
+            .registry
+            .create_all(
+                &h.instances,
+                Some("acme"),
+                bodies,
+                &admin(),
+                WriteOptions::default(),
+            )
+            .await?;
+        want.extend(
+            written
+                .iter()
+                .map(|w| format!("ADDED {} {}", w.object["metadata"]["name"], rv(&w.object))),
+        );
+    }
+    h.registry.catch_up().await?;
+    let mut rx = h.watch(Some(start));
+    let mut got = Vec::new();
+    while got.len() < want.len() {
+        got.push(describe(&next_event(&mut rx).await?));
+    }
+    let mut sorted_want = want.clone();
+    sorted_want.sort();
+    let mut sorted_got = got.clone();
+    sorted_got.sort();
+    assert_eq!(sorted_got, sorted_want, "every event once");
+    let order: Vec<i64> = got
+        .iter()
+        .filter_map(|e| e.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert!(order.windows(2).all(|w| w[0] <= w[1]), "in revision order");
+    assert_eq!(
+        h.metrics.etcd_direct_watches.get(),
+        0,
+        "served by the cache"
     );
     Ok(())
 }
@@ -493,7 +568,14 @@ async fn a_watch_from_before_the_cache_history_reads_etcd_and_still_sends_bookma
     // watch's start, so the cache cannot serve it.
     const HISTORY: usize = 16;
     let h = harness().await?;
-    let (registry, metrics) = start_registry_keeping(&h.client, HISTORY).await?;
+    let (registry, metrics) = start_registry_keeping(
+        &h.client,
+        HistoryLimits {
+            events: HISTORY,
+            ..HistoryLimits::default()
+        },
+    )
+    .await?;
     let start = rv(&h.create("first").await?);
     let mut last = start;
     for i in 0..HISTORY * 2 {
@@ -528,6 +610,47 @@ async fn a_watch_from_before_the_cache_history_reads_etcd_and_still_sends_bookma
     let next = rv(&h.create("after-bookmark").await?);
     let ev = describe(&next_event(&mut rx).await?);
     assert_eq!(ev, format!("ADDED \"after-bookmark\" {next}"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_records_changed_often_shorten_the_cache_history_and_older_watches_read_etcd(
+) -> anyhow::Result<()> {
+    // 20 changes of a record holding 4 KiB of annotation pass a history budget of 16 KiB: the
+    // cache keeps the last few, and a watch from the first reads etcd and misses nothing.
+    let h = harness_keeping(HistoryLimits {
+        events: 1000,
+        bytes: 16 << 10,
+    })
+    .await?;
+    let start = rv(&h.create("big").await?);
+    let mut revisions = Vec::new();
+    for i in 0..20 {
+        let mut change = |cur: &Value| {
+            let mut next = cur.clone();
+            next["metadata"]["annotations"] = json!({"blob": format!("{i:04}").repeat(1024)});
+            Ok(next)
+        };
+        revisions.push(rv(&h.update("big", Subresource::Main, &mut change).await?));
+    }
+    h.registry.catch_up().await?;
+    let mut rx = h.watch(Some(start));
+    for revision in &revisions {
+        let ev = describe(&next_event(&mut rx).await?);
+        assert_eq!(ev, format!("MODIFIED \"big\" {revision}"));
+    }
+    assert_eq!(h.metrics.etcd_direct_watches.get(), 1, "served from etcd");
+    // The newest changes are still the cache's to serve.
+    let mut rx = h.watch(Some(revisions[17]));
+    for revision in &revisions[18..] {
+        let ev = describe(&next_event(&mut rx).await?);
+        assert_eq!(ev, format!("MODIFIED \"big\" {revision}"));
+    }
+    assert_eq!(
+        h.metrics.etcd_direct_watches.get(),
+        1,
+        "the cache served the second watch"
+    );
     Ok(())
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context};
 use api_gateway::auth::Principal;
 use api_gateway::aws::credentials::Sealer;
+use api_gateway::cache::HistoryLimits;
 use api_gateway::kinds::Kinds;
 use api_gateway::metrics::Metrics;
 use api_gateway::registry::{DeleteOptions, Registry, WriteOptions};
@@ -26,7 +27,10 @@ async fn registry() -> anyhow::Result<(Etcd, Client, Arc<Registry>)> {
     let registry = Registry::start(
         client.clone(),
         Kinds::load(),
-        1000,
+        HistoryLimits {
+            events: 1000,
+            ..HistoryLimits::default()
+        },
         Arc::new(Metrics::new()),
         Some(Arc::new(Sealer::new(&KEY))),
     );
