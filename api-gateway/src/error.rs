@@ -135,6 +135,45 @@ impl ApiError {
     pub fn conflict_message(message: impl Into<String>) -> Self {
         Self::new(409, "Conflict", message)
     }
+    /// 409 Conflict for a server-side apply that would change fields other managers own,
+    /// `(manager, field)` each (the field dotted, `.spec.instanceType`), as kube-apiserver
+    /// answers it: its message, and a `FieldManagerConflict` cause for each field.
+    pub fn apply_conflict(conflicts: &[(String, String)]) -> Self {
+        let message = match conflicts {
+            [(manager, field)] => {
+                format!("Apply failed with 1 conflict: conflict with {manager:?}: {field}")
+            }
+            _ => {
+                let mut by_manager: std::collections::BTreeMap<&str, Vec<&str>> =
+                    std::collections::BTreeMap::new();
+                for (manager, field) in conflicts {
+                    by_manager.entry(manager).or_default().push(field);
+                }
+                let lines: Vec<String> = by_manager
+                    .iter()
+                    .flat_map(|(manager, fields)| {
+                        std::iter::once(format!("conflicts with {manager:?}:"))
+                            .chain(fields.iter().map(|f| format!("- {f}")))
+                    })
+                    .collect();
+                format!(
+                    "Apply failed with {} conflicts: {}",
+                    conflicts.len(),
+                    lines.join("\n")
+                )
+            }
+        };
+        let mut e = Self::new(409, "Conflict", message);
+        e.details = Some(Box::new(StatusDetails {
+            causes: conflicts
+                .iter()
+                .map(|(manager, field)| (field.clone(), format!("conflict with {manager:?}")))
+                .collect(),
+            cause_reason: "FieldManagerConflict",
+            ..StatusDetails::default()
+        }));
+        e
+    }
     /// 410 Gone: the requested resourceVersion is compacted away.
     pub fn gone(message: impl Into<String>) -> Self {
         Self::new(410, "Expired", message)
@@ -375,6 +414,36 @@ pub type ApiResult<T> = Result<T, ApiError>;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_apply_conflict_names_each_field_and_its_manager_as_kube_does() {
+        let pair = |m: &str, f: &str| (m.to_string(), f.to_string());
+        let one = ApiError::apply_conflict(&[pair("kubectl", ".spec.instanceType")]).status();
+        assert_eq!(one["code"], 409);
+        assert_eq!(one["reason"], "Conflict");
+        assert_eq!(
+            one["message"],
+            "Apply failed with 1 conflict: conflict with \"kubectl\": .spec.instanceType"
+        );
+        assert_eq!(
+            one["details"]["causes"],
+            json!([{"reason": "FieldManagerConflict", "message": "conflict with \"kubectl\"",
+                    "field": ".spec.instanceType"}])
+        );
+        // Several: grouped by manager, managers sorted, fields in the order found.
+        let many = ApiError::apply_conflict(&[
+            pair("m2", ".spec.a"),
+            pair("m1", ".metadata.labels.own"),
+            pair("m2", ".spec.b"),
+        ])
+        .status();
+        assert_eq!(
+            many["message"],
+            "Apply failed with 3 conflicts: conflicts with \"m1\":\n- .metadata.labels.own\nconflicts with \"m2\":\n- .spec.a\n- .spec.b"
+        );
+        assert_eq!(many["details"]["causes"].as_array().map(Vec::len), Some(3));
+        assert_eq!(many["details"]["causes"][0]["field"], ".spec.a");
+    }
 
     #[test]
     fn an_unreachable_etcd_is_unavailable_without_naming_its_address() {

@@ -289,8 +289,10 @@ async fn server_side_apply_creates_updates_and_removes_dropped_fields() -> anyho
         "the refusal does not mention a conflict:\n{stderr}"
     );
     ensure!(
-        stderr.contains("instanceType"),
-        "the conflict does not name the field:\n{stderr}"
+        stderr.contains(
+            "Apply failed with 1 conflict: conflict with \"kubectl\": .spec.instanceType"
+        ),
+        "the conflict is not worded as kube-apiserver words it:\n{stderr}"
     );
     let unchanged = kubectl_json(&c.admin, &["get", "instance", "ssa-1"])?;
     ensure!(

@@ -1387,15 +1387,9 @@ async fn patch(
             let precondition = precondition_of(&applied)?;
             let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
             let conflict_error = |c: Vec<ssa::Conflict>| {
-                let list = c
-                    .iter()
-                    .map(|c| format!("conflict with {:?}: {}", c.manager, c.field))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                ApiError::conflict_message(format!(
-                    "Apply failed with {} conflict(s): {list}",
-                    c.len()
-                ))
+                let pairs: Vec<(String, String)> =
+                    c.into_iter().map(|c| (c.manager, c.field)).collect();
+                ApiError::apply_conflict(&pairs)
             };
             if status {
                 let mut change = |cur: &Value| {
