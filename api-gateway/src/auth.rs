@@ -89,14 +89,14 @@ pub enum ImpersonationError {
 
 /// The principal a request acts as. Without `Impersonate-*` headers, `caller`. With them, as
 /// in Kubernetes: only an administrator may impersonate, and the request then acts as the user
-/// named, with that user's rights alone. `known` holds every principal a token names, each
-/// once. The groups asked for must all be the user's, and pick among principals of the same
-/// name; Karri's rights do not depend on UIDs or extras, so impersonating those is refused
-/// rather than ignored. Pure.
+/// named, with that user's rights alone. `known` gives the principals some token names with a
+/// user name, each once (asked only once the caller may impersonate). The groups asked for must
+/// all be the user's, and pick among principals of the same name; Karri's rights do not depend
+/// on UIDs or extras, so impersonating those is refused rather than ignored. Pure.
 pub fn impersonate(
     caller: Principal,
     asked: &Impersonation,
-    known: &[Principal],
+    known: impl FnOnce(&str) -> Vec<Principal>,
 ) -> Result<Principal, ImpersonationError> {
     if asked.is_empty() {
         return Ok(caller);
@@ -134,15 +134,14 @@ pub fn impersonate(
             "Karri does not impersonate user extras",
         ));
     }
-    let named: Vec<&Principal> = known.iter().filter(|p| p.user() == user).collect();
-    if named.is_empty() {
+    let mut fits = known(user);
+    if fits.is_empty() {
         return Err(forbidden(
             "users",
             user,
             "no token of this gateway has that user",
         ));
     }
-    let mut fits = named.clone();
     for group in &asked.groups {
         fits.retain(|p| p.groups().contains(group));
         if fits.is_empty() {
@@ -154,7 +153,7 @@ pub fn impersonate(
         }
     }
     match fits.as_slice() {
-        [one] => Ok((*one).clone()),
+        [one] => Ok(one.clone()),
         _ => Err(forbidden(
             "users",
             user,
@@ -328,15 +327,15 @@ impl Authenticator {
         Self::from_yaml(&text, &path.display().to_string())
     }
 
-    /// Every principal some token names, once each.
-    pub fn principals(&self) -> Vec<Principal> {
-        let mut all: Vec<Principal> = Vec::new();
-        for p in self.table().values() {
-            if !all.contains(p) {
-                all.push(p.clone());
+    /// The principals some token names with user name `user`, once each.
+    pub fn principals_named(&self, user: &str) -> Vec<Principal> {
+        let mut named: Vec<Principal> = Vec::new();
+        for p in self.table().values().filter(|p| p.user() == user) {
+            if !named.contains(p) {
+                named.push(p.clone());
             }
         }
-        all
+        named
     }
 
     /// The principal of an `Authorization` header value, if the token is known.
@@ -568,6 +567,10 @@ mod tests {
         ]
     }
 
+    fn named(user: &str) -> Vec<Principal> {
+        known().into_iter().filter(|p| p.user() == user).collect()
+    }
+
     fn asking(user: Option<&str>, groups: &[&str]) -> Impersonation {
         Impersonation {
             user: user.map(str::to_owned),
@@ -633,7 +636,7 @@ mod tests {
             ),
         ];
         for (what, asked, want) in rows {
-            let got = impersonate(admin.clone(), &asked, &known()).map_err(|e| e.to_string());
+            let got = impersonate(admin.clone(), &asked, named).map_err(|e| e.to_string());
             assert_eq!(got, want.map_err(str::to_owned), "{what}");
         }
     }
@@ -647,8 +650,10 @@ mod tests {
         ] {
             let user = caller.user().to_owned();
             for target in ["admin", "alpha-user", "operator"] {
-                let got = impersonate(caller.clone(), &asking(Some(target), &[]), &known())
-                    .map_err(|e| e.to_string());
+                let got = impersonate(caller.clone(), &asking(Some(target), &[]), |_| {
+                    panic!("the principals are looked up for a caller who may not impersonate")
+                })
+                .map_err(|e| e.to_string());
                 assert_eq!(
                     got,
                     Err(format!("users {target:?} is forbidden: User {user:?} cannot impersonate resource \"users\" in API group \"\" at the cluster scope")),
@@ -657,7 +662,7 @@ mod tests {
             }
             // Without impersonation headers the caller stays itself.
             assert_eq!(
-                impersonate(caller.clone(), &Impersonation::default(), &known()),
+                impersonate(caller.clone(), &Impersonation::default(), named),
                 Ok(caller)
             );
         }

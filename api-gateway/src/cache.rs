@@ -113,6 +113,14 @@ pub struct CacheEvent {
     pub deleted: bool,
 }
 
+impl CacheEvent {
+    /// What the event counts against the history's byte budget: the stored bytes of the record
+    /// after and before the change, as it holds both (the one before may outlive its own event).
+    fn cost(&self) -> usize {
+        self.object.stored_size + self.prev.as_ref().map_or(0, |p| p.stored_size)
+    }
+}
+
 #[derive(Default)]
 struct KindState {
     objects: BTreeMap<String, Arc<CachedObject>>,
@@ -166,7 +174,9 @@ enum WatchEnd {
 pub struct HistoryLimits {
     /// Changes kept per kind (at least 16).
     pub events: usize,
-    /// Stored bytes of the changed records kept per kind; the newest change is always kept.
+    /// Stored bytes of the records the kept changes hold per kind (each change its record
+    /// before and after; parsed, they take a few times that); the newest change is always
+    /// kept.
     pub bytes: usize,
 }
 
@@ -182,7 +192,7 @@ impl Default for HistoryLimits {
 impl KindState {
     /// Adds `event` to the history and forgets the oldest changes past `limits`.
     fn remember(&mut self, event: Arc<CacheEvent>, limits: HistoryLimits) {
-        self.history_bytes += event.object.stored_size;
+        self.history_bytes += event.cost();
         self.history.push_back(event);
         while self.history.len() > limits.events
             || (self.history_bytes > limits.bytes && self.history.len() > 1)
@@ -190,7 +200,7 @@ impl KindState {
             let Some(old) = self.history.pop_front() else {
                 break;
             };
-            self.history_bytes = self.history_bytes.saturating_sub(old.object.stored_size);
+            self.history_bytes = self.history_bytes.saturating_sub(old.cost());
             self.oldest = old.revision;
         }
     }
@@ -685,7 +695,7 @@ mod tests {
             let revision = i64::try_from(i).expect("a short table") + 1;
             kind.remember(event(revision, *size), limits);
         }
-        let bytes: usize = kind.history.iter().map(|e| e.object.stored_size).sum();
+        let bytes: usize = kind.history.iter().map(|e| e.cost()).sum();
         assert_eq!(kind.history_bytes, bytes, "the byte count drifted");
         (
             kind.history.iter().map(|e| e.revision).collect(),
@@ -721,6 +731,16 @@ mod tests {
         assert_eq!(revisions(4, 2), (vec![], Some(9)));
         // A batch of 0 still moves on.
         assert_eq!(revisions(3, 0), (vec![4], Some(9)));
+    }
+
+    #[test]
+    fn a_change_counts_its_record_before_and_after() {
+        let before =
+            CachedObject::from_value("/k".into(), serde_json::json!({}), 1).with_stored_size(30);
+        let mut change = Arc::try_unwrap(event(2, 10)).expect("only this reference");
+        assert_eq!(change.cost(), 10);
+        change.prev = Some(Arc::new(before));
+        assert_eq!(change.cost(), 40);
     }
 
     #[test]

@@ -73,8 +73,8 @@ struct Args {
     /// Changes remembered per kind for watches that resume from a revision.
     #[arg(long, default_value_t = HistoryLimits::default().events)]
     watch_history: usize,
-    /// Stored bytes of the records those changes hold, per kind: fewer changes are remembered
-    /// when records are large (a watch from before them gets 410 and lists again).
+    /// Stored bytes of the records those changes hold (before and after each), per kind: fewer
+    /// changes are remembered when records are large (a watch from before them reads etcd).
     #[arg(long, default_value_t = HistoryLimits::default().bytes)]
     watch_history_bytes: usize,
     /// PEM serving certificate (chain); with --tls-private-key-file.

@@ -25,7 +25,6 @@ use crate::selectors::{FieldSelector, LabelSelector};
 use crate::ssa::Scope;
 use crate::store::{self, id_key, namespace_prefix, record_key};
 
-/// How long a read waits for the watch cache to catch up with etcd before giving up.
 /// Events a watch takes from the cache's history at once (more when its last revision holds
 /// more): a watcher that does not read holds at most these and [`WATCH_QUEUE`], not the whole
 /// history as it was when it fell behind.
@@ -33,6 +32,7 @@ const WATCH_BATCH: usize = 64;
 /// Events waiting for a watch's response to take them.
 const WATCH_QUEUE: usize = 64;
 
+/// How long a read waits for the watch cache to catch up with etcd before giving up.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Options common to writes.

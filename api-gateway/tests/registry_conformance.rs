@@ -124,6 +124,23 @@ impl Harness {
             .object)
     }
 
+    /// Creates `n` records, `r<r>-0` to `r<r>-<n-1>`, in one transaction: they share a
+    /// revision.
+    async fn create_together(&self, r: usize, n: usize) -> anyhow::Result<Vec<Value>> {
+        let bodies = (0..n).map(|i| instance(&format!("r{r}-{i}"))).collect();
+        let written = self
+            .registry
+            .create_all(
+                &self.instances,
+                Some("acme"),
+                bodies,
+                &admin(),
+                WriteOptions::default(),
+            )
+            .await?;
+        Ok(written.into_iter().map(|w| w.object).collect())
+    }
+
     async fn set_spec(
         &self,
         name: &str,
@@ -419,18 +436,7 @@ async fn a_watch_that_times_out_ends_between_revisions_never_inside_one() -> any
     let h = harness().await?;
     let start = rv(&h.create("first").await?);
     for r in 0..REVISIONS {
-        let bodies = (0..PER_REVISION)
-            .map(|i| instance(&format!("r{r}-{i}")))
-            .collect();
-        h.registry
-            .create_all(
-                &h.instances,
-                Some("acme"),
-                bodies,
-                &admin(),
-                WriteOptions::default(),
-            )
-            .await?;
+        h.create_together(r, PER_REVISION).await?;
     }
     let mut rx = h.registry.watch(
         h.instances.clone(),
@@ -475,21 +481,11 @@ async fn a_watch_far_behind_gets_every_event_once_in_order_across_shared_revisio
     let start = rv(&h.create("first").await?);
     let mut want = Vec::new();
     for r in 0..30 {
-        let bodies = (0..7).map(|i| instance(&format!("r{r}-{i}"))).collect();
-        let written = h
-            .registry
-            .create_all(
-                &h.instances,
-                Some("acme"),
-                bodies,
-                &admin(),
-                WriteOptions::default(),
-            )
-            .await?;
+        let written = h.create_together(r, 7).await?;
         want.extend(
             written
                 .iter()
-                .map(|w| format!("ADDED {} {}", w.object["metadata"]["name"], rv(&w.object))),
+                .map(|w| format!("ADDED {} {}", w["metadata"]["name"], rv(w))),
         );
     }
     h.registry.catch_up().await?;
@@ -616,11 +612,12 @@ async fn a_watch_from_before_the_cache_history_reads_etcd_and_still_sends_bookma
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_records_changed_often_shorten_the_cache_history_and_older_watches_read_etcd(
 ) -> anyhow::Result<()> {
-    // 20 changes of a record holding 4 KiB of annotation pass a history budget of 16 KiB: the
-    // cache keeps the last few, and a watch from the first reads etcd and misses nothing.
+    // 20 changes of a record holding 4 KiB of annotation (each counts the record before and
+    // after, about 9 KiB) pass a history budget of 32 KiB: the cache keeps the last three, and a
+    // watch from the first reads etcd and misses nothing.
     let h = harness_keeping(HistoryLimits {
         events: 1000,
-        bytes: 16 << 10,
+        bytes: 32 << 10,
     })
     .await?;
     let start = rv(&h.create("big").await?);

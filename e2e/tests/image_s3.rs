@@ -420,6 +420,23 @@ async fn a_node_gets_presigned_urls_only_for_objects_its_own_instances_boot_from
         "{url}"
     );
     ensure!(answer["expiresAt"].is_string(), "{answer}");
+    // A node may not impersonate, here as anywhere: the same request acting as another user
+    // is refused, not served as the node.
+    let impersonating = cloud
+        .gateway
+        .client()?
+        .get(format!("{}/karri/v1/image-url", cloud.gateway.url()))
+        .query(&[
+            ("location", location.as_str()),
+            ("base", &cloud.gateway.url()),
+        ])
+        .bearer_auth(token(&owner)?)
+        .header("Impersonate-User", "admin")
+        .send()
+        .await?;
+    assert_eq!(impersonating.status(), StatusCode::FORBIDDEN);
+    let said = impersonating.text().await?;
+    ensure!(said.contains("cannot impersonate"), "{said}");
     // Not for a base the S3 face would read as another bucket's virtual host: the same path
     // would name that bucket's object.
     let port = cloud

@@ -157,6 +157,12 @@ async fn image_url(State(s): St, req: Request) -> Response {
         return ApiError::forbidden("only a node agent's token may ask for image URLs")
             .into_response();
     };
+    if !impersonation_of(req.headers()).is_empty() {
+        return ApiError::forbidden(format!(
+            "User {node:?} cannot impersonate: only an administrator may, and not for image URLs"
+        ))
+        .into_response();
+    }
     let Some(face) = &s.s3 else {
         return ApiError::bad_request("this gateway stores no S3 objects (--s3-data-dir is unset)")
             .into_response();
@@ -575,18 +581,21 @@ async fn authenticated(State(s): St, req: Request) -> Response {
     serve(s, req).instrument(span).await
 }
 
-/// What a request's `Impersonate-*` headers ask for. A header that is not text names nothing
-/// anyone has, so it is kept as it reads lossily (and refused as an unknown user).
+/// What a request's `Impersonate-*` headers ask for; an empty one asks for nothing, as in
+/// Kubernetes. A header that is not text names nothing anyone has, so it is kept as it reads
+/// lossily (and refused as an unknown user).
 fn impersonation_of(headers: &HeaderMap) -> auth::Impersonation {
-    let text = |v: &HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
+    let text = |v: &HeaderValue| {
+        Some(String::from_utf8_lossy(v.as_bytes()).into_owned()).filter(|t| !t.is_empty())
+    };
     auth::Impersonation {
-        user: headers.get("impersonate-user").map(text),
+        user: headers.get("impersonate-user").and_then(text),
         groups: headers
             .get_all("impersonate-group")
             .iter()
-            .map(text)
+            .filter_map(text)
             .collect(),
-        uid: headers.get("impersonate-uid").map(text),
+        uid: headers.get("impersonate-uid").and_then(text),
         extra: headers
             .keys()
             .any(|k| k.as_str().starts_with("impersonate-extra-")),
@@ -609,12 +618,8 @@ async fn serve(s: Arc<AppState>, req: Request) -> Response {
     };
     let asked = impersonation_of(req.headers());
     let caller = principal.user().to_owned();
-    let known = if asked.is_empty() {
-        Vec::new()
-    } else {
-        s.auth.principals()
-    };
-    let principal = match auth::impersonate(principal, &asked, &known) {
+    let principal = match auth::impersonate(principal, &asked, |user| s.auth.principals_named(user))
+    {
         Ok(p) => p,
         Err(e) => {
             tracing::info!(user = %caller, "refused impersonation: {e}");

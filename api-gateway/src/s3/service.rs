@@ -834,9 +834,15 @@ fn decoded_content_length(headers: &http::HeaderMap) -> S3Result<Option<u64>> {
         })
 }
 
-/// Refuses a body whose announced length is over [`MAX_PUT_SIZE`] before any of it is read.
-fn announced_fits(content_length: Option<i64>) -> S3Result<()> {
-    if content_length.is_some_and(|n| u64::try_from(n).map_or(true, |n| n > MAX_PUT_SIZE)) {
+/// Refuses a body whose announced length is over [`MAX_PUT_SIZE`] before any of it is read:
+/// the decoded length of an `aws-chunked` body (its Content-Length counts the framing too),
+/// else its Content-Length.
+fn announced_fits(decoded_length: Option<u64>, content_length: Option<i64>) -> S3Result<()> {
+    let announced = match decoded_length {
+        Some(n) => Some(n),
+        None => content_length.map(|n| u64::try_from(n).unwrap_or(u64::MAX)),
+    };
+    if announced.is_some_and(|n| n > MAX_PUT_SIZE) {
         return Err(blob_error(BlobError::TooLarge(MAX_PUT_SIZE)));
     }
     Ok(())
@@ -1161,8 +1167,6 @@ impl KarriS3 {
         }
     }
 
-    /// What a conditional write (`If-Match`, `If-None-Match`) expects at `key`, to hold in its
-    /// publishing transaction; refused at once when the conditions fail already.
     /// Stores an upload's body as a new blob and checks it against what the request announced
     /// (`Content-MD5`, the decoded length of an `aws-chunked` body, a flexible checksum); a blob
     /// that fails a check is deleted. Returns the blob and the checksum to show, if one was
@@ -1191,6 +1195,8 @@ impl KarriS3 {
         }
     }
 
+    /// What a conditional write (`If-Match`, `If-None-Match`) expects at `key`, to hold in its
+    /// publishing transaction; refused at once when the conditions fail already.
     async fn write_conditions(
         &self,
         bucket: &BucketInfo,
@@ -2225,7 +2231,7 @@ impl S3 for KarriS3 {
             input.expires.as_ref(),
         )?;
         let metadata = metadata_of(input.metadata.as_ref())?;
-        announced_fits(input.content_length)?;
+        announced_fits(decoded_length, input.content_length)?;
         // The conditions are checked now, to refuse before the body is received, and held in
         // the publishing transaction: the entry must still be the one they were checked on.
         let expect = self
@@ -3118,7 +3124,7 @@ impl S3 for KarriS3 {
             .authorized_bucket(caller.as_ref(), &input.bucket, Action::WriteObject)
             .await?;
         let part = part_number(input.part_number)?;
-        announced_fits(input.content_length)?;
+        announced_fits(decoded_length, input.content_length)?;
         self.upload_of(&bucket, &input.upload_id, &input.key)
             .await?;
         let (written, sum) = self
