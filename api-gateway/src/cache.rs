@@ -125,7 +125,7 @@ impl CacheEvent {
 struct KindState {
     objects: BTreeMap<String, Arc<CachedObject>>,
     history: VecDeque<Arc<CacheEvent>>,
-    /// Stored bytes of the objects in `history`.
+    /// What the events in `history` count against the byte budget ([`CacheEvent::cost`]).
     history_bytes: usize,
     /// Every change after this revision is in `history`.
     oldest: i64,
