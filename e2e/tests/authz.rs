@@ -1396,3 +1396,59 @@ async fn an_admin_acting_as_an_account_with_kubectl_as_has_only_that_accounts_ri
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_review_says_who_a_token_is_to_an_admin_and_to_the_tokens_owner_alone(
+) -> anyhow::Result<()> {
+    let c = world().await?;
+    let acme_token = c
+        .tokens
+        .account("acme")
+        .context("no account token")?
+        .to_owned();
+    let review = |token: &str| {
+        json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+               "spec": {"token": token}})
+    };
+    let post = |api: Api, body: Value| async move {
+        let resp = api
+            .request(Method::POST, "/apis/authentication.k8s.io/v1/tokenreviews")
+            .json(&body)
+            .send()
+            .await?;
+        let code = resp.status().as_u16();
+        let answer: Value = serde_json::from_str(&resp.text().await?)?;
+        anyhow::Ok((code, answer))
+    };
+    let acme_is =
+        json!({"username": "acme", "groups": ["karri:account:acme", "system:authenticated"]});
+    // The admin reviews acme's token; acme reviews its own (what kr8s' whoami does).
+    for api in [c.admin_api()?, account_api(&c, "acme")?] {
+        let (code, answer) = post(api, review(&acme_token)).await?;
+        ensure!(code == 201, "{code}: {answer}");
+        ensure!(
+            answer["status"]["authenticated"] == true && answer["status"]["user"] == acme_is,
+            "{answer}"
+        );
+    }
+    // An unknown token is not authenticated; only the admin may learn that.
+    let (code, answer) = post(c.admin_api()?, review("no-such-token")).await?;
+    ensure!(
+        code == 201 && answer["status"]["authenticated"] == false,
+        "{code}: {answer}"
+    );
+    // acme may not review another's token, or probe for tokens.
+    for other in [c.tokens.admin.clone(), "no-such-token".to_owned()] {
+        let (code, answer) = post(account_api(&c, "acme")?, review(&other)).await?;
+        ensure!(
+            code == 403 && answer["reason"] == "Forbidden",
+            "{code}: {answer}"
+        );
+    }
+    let (code, answer) = post(c.admin_api()?, json!({"spec": {}})).await?;
+    ensure!(
+        code == 400 && answer["kind"] == "Status",
+        "{code}: {answer}"
+    );
+    Ok(())
+}

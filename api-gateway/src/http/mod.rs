@@ -665,6 +665,7 @@ async fn serve(s: Arc<AppState>, req: Request) -> Response {
     } else if method == Method::POST
         && (path == review::ACCESS_REVIEWS
             || path == review::RULES_REVIEWS
+            || path == review::TOKEN_REVIEWS
             || review::is_self_review(&path))
     {
         let resp = self_reviews(&s, &principal, &path, req)
@@ -770,7 +771,8 @@ fn crd_request(s: &AppState, method: &str, path: &str, q: &HashMap<String, Strin
 }
 
 /// `kubectl auth can-i` (with `--list`) and `kubectl auth whoami`: a SelfSubjectAccessReview, a
-/// SelfSubjectRulesReview or a SelfSubjectReview posted by the caller, answered about the caller ([`review`]).
+/// SelfSubjectRulesReview or a SelfSubjectReview posted by the caller, answered about the caller,
+/// or a TokenReview ([`review`]).
 async fn self_reviews(
     s: &AppState,
     who: &Principal,
@@ -791,6 +793,10 @@ async fn self_reviews(
     };
     let answer = if path == review::ACCESS_REVIEWS {
         review::access_review(who, &s.registry.kinds, &body)?
+    } else if path == review::TOKEN_REVIEWS {
+        review::token_review(who, &body, |token| {
+            s.auth.authenticate(Some(&format!("Bearer {token}")))
+        })?
     } else if path == review::RULES_REVIEWS {
         review::rules_review(who, &s.registry.kinds, &body)?
     } else {

@@ -15,6 +15,10 @@ pub const ACCESS_REVIEWS: &str = "/apis/authorization.k8s.io/v1/selfsubjectacces
 /// `POST /apis/authorization.k8s.io/v1/selfsubjectrulesreviews` (`kubectl auth can-i --list`).
 pub const RULES_REVIEWS: &str = "/apis/authorization.k8s.io/v1/selfsubjectrulesreviews";
 
+/// `POST /apis/authentication.k8s.io/v1/tokenreviews`: who a bearer token is (kr8s'
+/// `whoami` asks so).
+pub const TOKEN_REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
 /// `POST /apis/authentication.k8s.io/<version>/selfsubjectreviews` (v1, and the beta and alpha
 /// versions older kubectl asks for).
 pub fn is_self_review(path: &str) -> bool {
@@ -153,6 +157,47 @@ pub fn self_review(who: &Principal, api_version: &str) -> Value {
         "metadata": {"creationTimestamp": null},
         "status": {"userInfo": {"username": who.user(), "groups": who.groups()}},
     })
+}
+
+/// The answer to a TokenReview (`body`) posted by `who`: whether this gateway knows
+/// `spec.token` and, if it does, its user and groups. An administrator may review any token;
+/// anyone else only its own, and is refused another as Kubernetes refuses a caller without the
+/// right to create TokenReviews. `principal_of` gives a token's principal. Pure.
+pub fn token_review(
+    who: &Principal,
+    body: &Value,
+    principal_of: impl Fn(&str) -> Option<Principal>,
+) -> Result<Value, ApiError> {
+    let Some(token) = body
+        .pointer("/spec/token")
+        .and_then(Value::as_str)
+        .filter(|t| !t.is_empty())
+    else {
+        return Err(ApiError::bad_request(
+            "token is required for TokenReview in authentication",
+        ));
+    };
+    let reviewed = principal_of(token);
+    if !matches!(who, Principal::Admin(_)) && reviewed.as_ref() != Some(who) {
+        return Err(ApiError::forbidden(format!(
+            "tokenreviews.authentication.k8s.io is forbidden: User {:?} cannot create resource \"tokenreviews\" in API group \"authentication.k8s.io\" at the cluster scope: only an administrator may review another's token",
+            who.user()
+        )));
+    }
+    let status = match &reviewed {
+        Some(p) => json!({
+            "authenticated": true,
+            "user": {"username": p.user(), "groups": p.groups()},
+        }),
+        None => json!({"authenticated": false, "user": {}, "error": "the token is not known"}),
+    };
+    Ok(json!({
+        "apiVersion": "authentication.k8s.io/v1",
+        "kind": "TokenReview",
+        "metadata": {"creationTimestamp": null},
+        "spec": body.get("spec").cloned().unwrap_or(Value::Null),
+        "status": status,
+    }))
 }
 
 fn verb_of(name: &str) -> Option<Verb> {
@@ -454,6 +499,45 @@ fn resource_decision(who: &Principal, kinds: &Kinds, attrs: &Value) -> (bool, St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_review_names_the_tokens_user_to_an_admin_or_to_the_tokens_owner() {
+        let admin = Principal::Admin("admin".into());
+        let acme = Principal::Account {
+            user: "acme".into(),
+            namespace: "acme".into(),
+        };
+        let principal_of = |t: &str| match t {
+            "admin-token" => Some(admin.clone()),
+            "acme-token" => Some(acme.clone()),
+            _ => None,
+        };
+        let review = |token: &str| {
+            json!({"apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenReview", "spec": {"token": token}})
+        };
+        let status_of = |who: &Principal, token: &str| {
+            token_review(who, &review(token), principal_of).map(|a| a["status"].clone())
+        };
+        let acme_is = json!({"authenticated": true,
+            "user": {"username": "acme", "groups": ["karri:account:acme", "system:authenticated"]}});
+        assert_eq!(status_of(&admin, "acme-token").ok(), Some(acme_is.clone()));
+        assert_eq!(status_of(&acme, "acme-token").ok(), Some(acme_is));
+        assert_eq!(
+            status_of(&admin, "nobody").ok(),
+            Some(json!({"authenticated": false, "user": {}, "error": "the token is not known"}))
+        );
+        for other in ["admin-token", "nobody"] {
+            let refused = status_of(&acme, other).expect_err("not acme's token");
+            assert_eq!(refused.status()["code"], 403, "{other}");
+        }
+        let missing =
+            token_review(&admin, &json!({"spec": {}}), principal_of).expect_err("no token");
+        assert_eq!(missing.status()["code"], 400);
+        let answer = token_review(&admin, &review("acme-token"), principal_of).expect("reviewed");
+        assert_eq!(answer["kind"], "TokenReview");
+        assert_eq!(answer["spec"]["token"], "acme-token");
+    }
 
     fn review(who: &Principal, attrs: Value) -> (bool, String) {
         let kinds = Kinds::load();
