@@ -32,7 +32,7 @@ pub struct StatusDetails {
     pub kind: String,
     /// Field-level causes: (field, message).
     pub causes: Vec<(String, String)>,
-    /// The `reason` of every cause (`FieldValueInvalid` when empty).
+    /// The `reason` of every cause; when empty, each cause's own, read from its words.
     pub cause_reason: &'static str,
 }
 
@@ -341,7 +341,7 @@ impl ApiError {
                     .iter()
                     .map(|(field, msg)| {
                         let reason = if d.cause_reason.is_empty() {
-                            "FieldValueInvalid"
+                            cause_type(field, msg)
                         } else {
                             d.cause_reason
                         };
@@ -411,6 +411,37 @@ impl From<etcd_client::Error> for ApiError {
 /// Result of the API layer.
 pub type ApiResult<T> = Result<T, ApiError>;
 
+/// The words that begin a field error's message in Kubernetes, with the cause type each one is
+/// (`field.ErrorType`).
+const CAUSE_TYPES: [(&str, &str); 8] = [
+    ("Required value", "FieldValueRequired"),
+    ("Unsupported value", "FieldValueNotSupported"),
+    ("Too long", "FieldValueTooLong"),
+    ("Too many", "FieldValueTooMany"),
+    ("Duplicate value", "FieldValueDuplicate"),
+    ("Forbidden", "FieldValueForbidden"),
+    ("Not found", "FieldValueNotFound"),
+    ("Internal error", "InternalError"),
+];
+
+/// The cause type of the field error `message` about `field`, read from its words as
+/// Kubernetes words them (`Required value`, `Too long: …`), after the field's name when the
+/// message begins with it; `FieldValueInvalid` for any other.
+fn cause_type(field: &str, message: &str) -> &'static str {
+    let body = message
+        .strip_prefix(field)
+        .and_then(|rest| rest.strip_prefix(": "))
+        .filter(|_| !field.is_empty())
+        .unwrap_or(message);
+    CAUSE_TYPES
+        .iter()
+        .find(|(words, _)| {
+            body.strip_prefix(words)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with(':'))
+        })
+        .map_or("FieldValueInvalid", |(_, kind)| kind)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,6 +474,80 @@ mod tests {
         );
         assert_eq!(many["details"]["causes"].as_array().map(Vec::len), Some(3));
         assert_eq!(many["details"]["causes"][0]["field"], ".spec.a");
+    }
+
+    #[test]
+    fn each_field_cause_has_the_type_its_words_name_as_in_kubernetes() {
+        let e = ApiError::invalid(
+            "Instance",
+            "a",
+            vec![
+                ("spec.imageId".into(), "Required value".into()),
+                (
+                    "metadata.annotations".into(),
+                    "Too long: must have at most 262144 bytes".into(),
+                ),
+                (
+                    "spec.desiredState".into(),
+                    "Unsupported value: \"x\": supported values: \"running\"".into(),
+                ),
+                (
+                    "metadata.ownerReferences".into(),
+                    "Duplicate value: an owner is named once".into(),
+                ),
+                (
+                    "metadata.finalizers".into(),
+                    "Forbidden: no new finalizers can be added if the object is being deleted"
+                        .into(),
+                ),
+                (
+                    "spec.imageId".into(),
+                    "Invalid value: \"x\": not an image ID".into(),
+                ),
+                // The field's name first, then the words.
+                (
+                    "includeObject".into(),
+                    "includeObject: Unsupported value: \"y\"".into(),
+                ),
+                // Words that only begin like a type's are not that type.
+                ("spec.x".into(), "Forbiddenness is not a word".into()),
+                ("".into(), "Required value".into()),
+                ("spec.y".into(), "must be a number".into()),
+            ],
+        )
+        .status();
+        let reasons: Vec<&str> = e["details"]["causes"]
+            .as_array()
+            .expect("causes")
+            .iter()
+            .map(|c| c["reason"].as_str().expect("a reason"))
+            .collect();
+        assert_eq!(
+            reasons,
+            [
+                "FieldValueRequired",
+                "FieldValueTooLong",
+                "FieldValueNotSupported",
+                "FieldValueDuplicate",
+                "FieldValueForbidden",
+                "FieldValueInvalid",
+                "FieldValueNotSupported",
+                "FieldValueInvalid",
+                "FieldValueRequired",
+                "FieldValueInvalid",
+            ]
+        );
+        // A type the caller names is every cause's.
+        let options = ApiError::invalid_options(
+            "CreateOptions",
+            "dryRun",
+            "FieldValueNotSupported",
+            "Required value",
+        );
+        assert_eq!(
+            options.status()["details"]["causes"][0]["reason"],
+            "FieldValueNotSupported"
+        );
     }
 
     #[test]

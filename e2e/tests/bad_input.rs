@@ -600,20 +600,60 @@ async fn bad_image_id_is_invalid() -> anyhow::Result<()> {
     ensure_nothing_stored(&api).await
 }
 
+/// Each refused field is a cause of the Status, naming the field, with the cause type
+/// kube-apiserver gives that error (`FieldValueRequired`, `FieldValueTooLong` …).
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_spec_value_is_named_in_the_status_causes() -> anyhow::Result<()> {
     let c = Cluster::start().await?;
     let api = c.admin_api()?;
-    let mut body = instance_json("a");
-    body["spec"]["imageId"] = json!("not-an-image");
-    let status = expect_status(post_json(&api, &body, "").await?, 422, "Invalid").await?;
-    let causes = status["details"]["causes"]
-        .as_array()
-        .context("an Invalid Status without details.causes")?;
-    ensure!(
-        causes.iter().any(|c| c["field"] == "spec.imageId"),
-        "no details.causes entry with field spec.imageId: {status}"
-    );
+    let changed = |change: &dyn Fn(&mut Value)| {
+        let mut body = instance_json("a");
+        change(&mut body);
+        body
+    };
+    let cases = [
+        (
+            "a wrong image ID",
+            changed(&|b| b["spec"]["imageId"] = json!("not-an-image")),
+            "spec.imageId",
+            "FieldValueInvalid",
+        ),
+        (
+            "no image ID",
+            changed(&|b| {
+                b["spec"].as_object_mut().map(|spec| spec.remove("imageId"));
+            }),
+            "spec.imageId",
+            "FieldValueRequired",
+        ),
+        (
+            "an unknown state",
+            changed(&|b| b["spec"]["desiredState"] = json!("flying")),
+            "spec.desiredState",
+            "FieldValueNotSupported",
+        ),
+        (
+            // Over Kubernetes' 256 KiB of annotations, within the body limit.
+            "long annotations",
+            changed(&|b| {
+                b["metadata"]["annotations"] = json!({"example.org/blob": "x".repeat(300 * 1024)})
+            }),
+            "metadata.annotations",
+            "FieldValueTooLong",
+        ),
+    ];
+    for (what, body, field, reason) in cases {
+        let status = expect_status(post_json(&api, &body, "").await?, 422, "Invalid").await?;
+        let causes = status["details"]["causes"]
+            .as_array()
+            .with_context(|| format!("{what}: an Invalid Status without details.causes"))?;
+        ensure!(
+            causes
+                .iter()
+                .any(|c| c["field"] == field && c["reason"] == reason),
+            "{what}: no cause {reason} for {field}: {status}"
+        );
+    }
     ensure_nothing_stored(&api).await
 }
 
