@@ -530,9 +530,13 @@ pub fn prepare_update(
     if let Some(uid) = new.pointer("/metadata/uid").and_then(Value::as_str) {
         let old_uid = old_meta.get("uid").and_then(Value::as_str).unwrap_or("");
         if !uid.is_empty() && uid != old_uid {
-            return Err(ApiError::conflict_message(format!(
-                "Precondition failed: UID in precondition: {uid}, UID in object meta: {old_uid}"
-            )));
+            return Err(ApiError::precondition_failed(
+                kind.info.plural,
+                &old_name,
+                "UID",
+                uid,
+                old_uid,
+            ));
         }
     }
     let mut out = match sub {

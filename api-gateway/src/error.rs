@@ -18,6 +18,9 @@ pub struct ApiError {
     pub details: Option<Box<StatusDetails>>,
 }
 
+/// The words that begin a failed precondition's account, as in Kubernetes.
+const PRECONDITION_FAILED: &str = "Precondition failed:";
+
 /// The cause reason of [`ApiError::insufficient_capacity`].
 const INSUFFICIENT_CAPACITY: &str = "InsufficientCapacity";
 
@@ -130,6 +133,32 @@ impl ApiError {
             ),
         )
         .with_details(plural, name)
+    }
+    /// 409 Conflict: a delete's or update's precondition (`what`: `UID` or `ResourceVersion`)
+    /// names `asked`, the record has `found`; worded as kube-apiserver frames it.
+    pub fn precondition_failed(
+        plural: &str,
+        name: &str,
+        what: &str,
+        asked: &str,
+        found: &str,
+    ) -> Self {
+        Self::new(
+            409,
+            "Conflict",
+            format!(
+                "Operation cannot be fulfilled on {plural}.{} \"{name}\": {PRECONDITION_FAILED} {what} in precondition: {asked}, {what} in object meta: {found}",
+                crds::GROUP
+            ),
+        )
+        .with_details(plural, name)
+    }
+    /// Whether this is [`ApiError::precondition_failed`] for a UID.
+    pub fn is_uid_precondition_failure(&self) -> bool {
+        self.code == 409
+            && self
+                .message
+                .contains(&format!("{PRECONDITION_FAILED} UID in precondition"))
     }
     /// 409 Conflict with a custom message (server-side apply conflicts).
     pub fn conflict_message(message: impl Into<String>) -> Self {

@@ -1283,14 +1283,23 @@ impl Registry {
                 .and_then(Value::as_str)
                 .unwrap_or("")
                 .to_string();
-            if opts.uid.as_ref().is_some_and(|u| *u != uid) {
-                return Err(ApiError::conflict_message(format!(
-                    "Precondition failed: UID in precondition: {}, UID in object meta: {uid}",
-                    opts.uid.as_deref().unwrap_or("")
-                )));
+            if let Some(asked) = opts.uid.as_ref().filter(|u| **u != uid) {
+                return Err(ApiError::precondition_failed(
+                    kind.info.plural,
+                    name,
+                    "UID",
+                    asked,
+                    &uid,
+                ));
             }
-            if opts.resource_version.is_some_and(|r| r != rev) {
-                return Err(ApiError::conflict(kind.info.plural, name));
+            if let Some(asked) = opts.resource_version.filter(|r| *r != rev) {
+                return Err(ApiError::precondition_failed(
+                    kind.info.plural,
+                    name,
+                    "ResourceVersion",
+                    &asked.to_string(),
+                    &rev.to_string(),
+                ));
             }
             if *who != collector() {
                 if let Some(refusal) = admission::delete_refusal(kind.info.kind, &current, who) {

@@ -952,6 +952,70 @@ async fn deleting_an_owner_cascades_to_its_dependents_and_orphan_keeps_them() ->
     Ok(())
 }
 
+/// A delete whose preconditions name another UID or resourceVersion than the record's is a
+/// 409 Conflict on the record that says which precondition failed, with both values, as
+/// kube-apiserver says it; the record stays. With both right, it is deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_whose_preconditions_fail_keeps_the_record_and_says_which_failed(
+) -> anyhow::Result<()> {
+    let h = harness().await?;
+    let created = h.create("pinned").await?;
+    let uid = created["metadata"]["uid"]
+        .as_str()
+        .expect("a uid")
+        .to_string();
+    let at = rv(&created);
+    let delete = |uid: Option<String>, resource_version: Option<i64>| {
+        let registry = &h.registry;
+        let instances = &h.instances;
+        async move {
+            let opts = DeleteOptions {
+                uid,
+                resource_version,
+                ..Default::default()
+            };
+            registry
+                .delete(instances, Some("acme"), "pinned", &admin(), &opts)
+                .await
+        }
+    };
+    let frame =
+        "Operation cannot be fulfilled on instances.karri.dev \"pinned\": Precondition failed:";
+    let stale = delete(None, Some(at - 1))
+        .await
+        .expect_err("a stale version");
+    assert_eq!((stale.code, stale.reason), (409, "Conflict"));
+    assert_eq!(
+        stale.message,
+        format!(
+            "{frame} ResourceVersion in precondition: {}, ResourceVersion in object meta: {at}",
+            at - 1
+        )
+    );
+    let other = delete(Some("not-its-uid".into()), None)
+        .await
+        .expect_err("another UID");
+    assert_eq!((other.code, other.reason), (409, "Conflict"));
+    assert_eq!(
+        other.message,
+        format!("{frame} UID in precondition: not-its-uid, UID in object meta: {uid}")
+    );
+    assert!(other.is_uid_precondition_failure() && !stale.is_uid_precondition_failure());
+    assert_eq!(other.status()["details"]["name"], "pinned");
+    h.registry
+        .get(&h.instances, Some("acme"), "pinned", &admin())
+        .await
+        .expect("a failed precondition deletes nothing");
+    delete(Some(uid), Some(at)).await?;
+    let gone = h
+        .registry
+        .get(&h.instances, Some("acme"), "pinned", &admin())
+        .await
+        .expect_err("deleted");
+    assert_eq!(gone.code, 404);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_orphaning_delete_held_by_a_finalizer_orphans_when_the_finalizer_goes(
 ) -> anyhow::Result<()> {

@@ -1608,10 +1608,7 @@ async fn delete_collection(
             Ok((obj, _gone)) => deleted.push(obj),
             // Deleted, or deleted and made again, by someone else meanwhile.
             Err(e) if e.code == 404 => {}
-            Err(e)
-                if e.code == 409
-                    && !caller_uid
-                    && e.message.starts_with("Precondition failed: UID") => {}
+            Err(e) if !caller_uid && e.is_uid_precondition_failure() => {}
             Err(e) => return Err(e),
         }
     }
