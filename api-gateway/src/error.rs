@@ -16,6 +16,9 @@ pub struct ApiError {
     pub message: String,
     /// Optional details: the kind and name the error is about, and field causes.
     pub details: Option<Box<StatusDetails>>,
+    /// A continue token the `Status` carries in its `metadata` (a list whose own token expired
+    /// goes on with it, inconsistently).
+    pub list_continue: Option<String>,
 }
 
 /// The words that begin a failed precondition's account, as in Kubernetes.
@@ -46,6 +49,7 @@ impl ApiError {
             reason,
             message: message.into(),
             details: None,
+            list_continue: None,
         }
     }
 
@@ -207,6 +211,16 @@ impl ApiError {
     pub fn gone(message: impl Into<String>) -> Self {
         Self::new(410, "Expired", message)
     }
+    /// 410 Expired for a list continued from a revision compacted away, as kube-apiserver
+    /// answers it: with `list_continue`, a token that goes on from where the expired one would
+    /// have, at the latest revision.
+    pub fn continue_expired(list_continue: String) -> Self {
+        let mut e = Self::gone(
+            "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list.",
+        );
+        e.list_continue = Some(list_continue);
+        e
+    }
     /// 413 RequestEntityTooLarge.
     pub fn too_large(limit: usize) -> Self {
         Self::new(
@@ -353,10 +367,14 @@ impl ApiError {
 
     /// The Kubernetes `Status` object for this error.
     pub fn status(&self) -> serde_json::Value {
+        let metadata = match &self.list_continue {
+            Some(token) => json!({ "continue": token }),
+            None => json!({}),
+        };
         let mut status = json!({
             "kind": "Status",
             "apiVersion": "v1",
-            "metadata": {},
+            "metadata": metadata,
             "status": "Failure",
             "message": self.message,
             "reason": self.reason,

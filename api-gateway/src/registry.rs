@@ -193,9 +193,14 @@ fn is_kind_key(key: &str, prefix: &str) -> bool {
 /// Where a continue token resumes.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct ContinueToken {
+    /// The revision the list reads; [`AT_LATEST`] for the one an expired token's answer gives.
     rv: i64,
     start: String,
 }
+
+/// The revision of a continue token that goes on at the latest revision: what the 410 of an
+/// expired token carries, as in Kubernetes (which marks it so too).
+const AT_LATEST: i64 = -1;
 
 fn encode_continue(rv: i64, start: &str) -> String {
     let t = ContinueToken {
@@ -212,7 +217,7 @@ fn decode_continue(token: &str, prefix: &str) -> ApiResult<ContinueToken> {
         .decode(token)
         .map_err(|_| bad())?;
     let t: ContinueToken = serde_json::from_slice(&raw).map_err(|_| bad())?;
-    if !t.start.starts_with(prefix) || t.rv <= 0 {
+    if !t.start.starts_with(prefix) || (t.rv <= 0 && t.rv != AT_LATEST) {
         return Err(bad());
     }
     Ok(t)
@@ -1496,7 +1501,7 @@ impl Registry {
         let (mut revision, mut start) = match &opts.continue_token {
             Some(t) => {
                 let t = decode_continue(t, &prefix)?;
-                (t.rv, t.start)
+                (t.rv.max(0), t.start)
             }
             None => {
                 // A first page of a given version without resourceVersionMatch is read at
@@ -1523,7 +1528,19 @@ impl Registry {
             if revision > 0 {
                 go = go.with_revision(revision);
             }
-            let resp = self.etcd_get(&start, Some(go)).await?;
+            let resp = match self
+                .etcd_get(&start, Some(go))
+                .await
+                .map_err(ApiError::from)
+            {
+                // The revision a continue token holds is compacted away.
+                Err(e) if e.code == 410 && opts.continue_token.is_some() => {
+                    return Err(ApiError::continue_expired(encode_continue(
+                        AT_LATEST, &start,
+                    )))
+                }
+                other => other?,
+            };
             if revision == 0 {
                 revision = resp.header().map(|h| h.revision()).unwrap_or(0);
             }

@@ -716,6 +716,88 @@ async fn a_registry_starts_over_more_records_than_one_grpc_message_holds_by_defa
     Ok(())
 }
 
+/// A continue token whose revision is compacted away is 410 Expired with kube-apiserver's
+/// words, and the Status carries a token that goes on at the latest revision from where the
+/// expired one would have: the rest of the list, changes made meanwhile included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_continue_token_is_gone_with_a_token_that_goes_on_at_the_latest_revision(
+) -> anyhow::Result<()> {
+    let h = harness().await?;
+    for name in ["a", "b", "c"] {
+        h.create(name).await?;
+    }
+    let one = ListOptions {
+        limit: 1,
+        ..Default::default()
+    };
+    let first = h
+        .registry
+        .list(&h.instances, Some("acme"), &admin(), &one)
+        .await?;
+    let names = |page: &api_gateway::registry::ListPage| -> Vec<String> {
+        page.items
+            .iter()
+            .filter_map(|o| o.value["metadata"]["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    assert_eq!(names(&first), ["a"]);
+    // Meanwhile: "b" changes, "d" is made; then the first page's revision is compacted.
+    h.set_spec("b", "keyName", "changed", None).await?;
+    h.create("d").await?;
+    let current = h.registry.current_revision().await?;
+    h.client
+        .clone()
+        .compact(current, Some(CompactionOptions::new().with_physical()))
+        .await?;
+
+    let expired = ListOptions {
+        continue_token: first.continue_token.clone(),
+        ..Default::default()
+    };
+    let err = h
+        .registry
+        .list(&h.instances, Some("acme"), &admin(), &expired)
+        .await
+        .expect_err("the token's revision is compacted");
+    assert_eq!((err.code, err.reason), (410, "Expired"));
+    assert!(
+        err.message.starts_with(
+            "The provided continue parameter is too old to display a consistent list result."
+        ),
+        "{}",
+        err.message
+    );
+    let status = err.status();
+    let token = status["metadata"]["continue"]
+        .as_str()
+        .expect("the Status carries a continue token")
+        .to_string();
+    assert_ne!(Some(&token), first.continue_token.as_ref());
+
+    // The rest, read at the latest revision: "b" as it is now, and "d".
+    let rest = h
+        .registry
+        .list(
+            &h.instances,
+            Some("acme"),
+            &admin(),
+            &ListOptions {
+                continue_token: Some(token),
+                ..Default::default()
+            },
+        )
+        .await?;
+    assert_eq!(names(&rest), ["b", "c", "d"]);
+    assert_eq!(rest.items[0].value["spec"]["keyName"], "changed");
+    assert!(
+        rest.revision >= current,
+        "read at {} before {current}",
+        rest.revision
+    );
+    assert!(rest.continue_token.is_none());
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_from_a_compacted_revision_is_gone_and_a_relist_recovers() -> anyhow::Result<()> {
     let h = harness().await?;
