@@ -169,12 +169,13 @@ impl ApiError {
         Self::new(409, "Conflict", message)
     }
     /// 409 Conflict for a server-side apply that would change fields other managers own,
-    /// `(manager, field)` each (the field dotted, `.spec.instanceType`), as kube-apiserver
-    /// answers it: its message, and a `FieldManagerConflict` cause for each field.
+    /// `(manager, field)` each (the manager as [`crate::ssa::describe_manager`] names it, the
+    /// field dotted, `.spec.instanceType`), as kube-apiserver answers it: its message, and a
+    /// `FieldManagerConflict` cause for each field.
     pub fn apply_conflict(conflicts: &[(String, String)]) -> Self {
         let message = match conflicts {
             [(manager, field)] => {
-                format!("Apply failed with 1 conflict: conflict with {manager:?}: {field}")
+                format!("Apply failed with 1 conflict: conflict with {manager}: {field}")
             }
             _ => {
                 let mut by_manager: std::collections::BTreeMap<&str, Vec<&str>> =
@@ -185,7 +186,7 @@ impl ApiError {
                 let lines: Vec<String> = by_manager
                     .iter()
                     .flat_map(|(manager, fields)| {
-                        std::iter::once(format!("conflicts with {manager:?}:"))
+                        std::iter::once(format!("conflicts with {manager}:"))
                             .chain(fields.iter().map(|f| format!("- {f}")))
                     })
                     .collect();
@@ -200,7 +201,7 @@ impl ApiError {
         e.details = Some(Box::new(StatusDetails {
             causes: conflicts
                 .iter()
-                .map(|(manager, field)| (field.clone(), format!("conflict with {manager:?}")))
+                .map(|(manager, field)| (field.clone(), format!("conflict with {manager}")))
                 .collect(),
             cause_reason: "FieldManagerConflict",
             ..StatusDetails::default()
@@ -495,7 +496,7 @@ mod tests {
 
     #[test]
     fn an_apply_conflict_names_each_field_and_its_manager_as_kube_does() {
-        let pair = |m: &str, f: &str| (m.to_string(), f.to_string());
+        let pair = |m: &str, f: &str| (format!("{m:?}"), f.to_string());
         let one = ApiError::apply_conflict(&[pair("kubectl", ".spec.instanceType")]).status();
         assert_eq!(one["code"], 409);
         assert_eq!(one["reason"], "Conflict");

@@ -17,6 +17,10 @@ pub type Path = Vec<String>;
 pub struct Conflict {
     /// The other manager.
     pub manager: String,
+    /// The other manager as kube-apiserver names it in a conflict: quoted, with its
+    /// subresource, and for an update the API version and time of its write
+    /// (`"kubectl-edit" using karri.dev/v1alpha1 at 2026-01-02T03:04:05Z`).
+    pub described: String,
     /// The field, dotted.
     pub field: String,
     /// The field's path.
@@ -308,6 +312,22 @@ fn claims(owned: &Path, p: &Path, record: &Value) -> bool {
     overlaps(owned, p) && !presence_of_a_map
 }
 
+/// A `managedFields` entry's manager as kube-apiserver names it in an apply conflict.
+pub fn describe_manager(entry: &Value) -> String {
+    let text = |field: &str| entry.get(field).and_then(Value::as_str).unwrap_or("");
+    let mut out = format!("{:?}", text("manager"));
+    if !text("subresource").is_empty() {
+        out.push_str(&format!(" with subresource {:?}", text("subresource")));
+    }
+    if text("operation") == "Update" {
+        out.push_str(&format!(" using {}", text("apiVersion")));
+        if !text("time").is_empty() {
+            out.push_str(&format!(" at {}", text("time")));
+        }
+    }
+    out
+}
+
 /// Apply `applied` for `manager` over `live` (None when the record does not exist yet).
 /// Returns the new record with updated `managedFields`, or the conflicts when `force` is false.
 pub fn apply(
@@ -397,6 +417,7 @@ pub fn apply(
             } else {
                 conflicts.push(Conflict {
                     manager: manager_of(entry),
+                    described: describe_manager(entry),
                     field: format!(".{}", p.join(".")),
                     path: p.clone(),
                 });
@@ -1057,6 +1078,29 @@ mod tests {
     }
 
     #[test]
+    fn a_conflicting_manager_is_named_as_kube_names_it() {
+        let named = |entry: Value| describe_manager(&entry);
+        assert_eq!(
+            named(
+                json!({"manager": "gitops", "operation": "Apply", "apiVersion": "karri.dev/v1alpha1", "time": "t"})
+            ),
+            "\"gitops\""
+        );
+        assert_eq!(
+            named(
+                json!({"manager": "kubectl-edit", "operation": "Update", "apiVersion": "karri.dev/v1alpha1", "time": "2026-01-02T03:04:05Z"})
+            ),
+            "\"kubectl-edit\" using karri.dev/v1alpha1 at 2026-01-02T03:04:05Z"
+        );
+        assert_eq!(
+            named(
+                json!({"manager": "karri-operator", "operation": "Update", "apiVersion": "karri.dev/v1alpha1", "subresource": "status"})
+            ),
+            "\"karri-operator\" with subresource \"status\" using karri.dev/v1alpha1"
+        );
+    }
+
+    #[test]
     fn an_update_takes_the_fields_it_changes_and_a_later_apply_conflicts_with_it() {
         let live = apply(None, &cfg("emi-1", None), "argo", false, "t1").expect("ok");
         let mut edited = live.clone();
@@ -1069,6 +1113,15 @@ mod tests {
             .expect_err("conflict with the edit");
         assert_eq!(err[0].manager, "kubectl-edit");
         assert_eq!(err[0].field, ".spec.instanceType");
+        // Named as kube-apiserver names an update's manager: its API version and time.
+        let version = edited["metadata"]["managedFields"][1]["apiVersion"].clone();
+        assert_eq!(
+            err[0].described,
+            format!(
+                "\"kubectl-edit\" using {} at t2",
+                version.as_str().expect("a version")
+            )
+        );
         let forced = apply(Some(&edited), &cfg("emi-1", None), "argo", true, "t3").expect("forced");
         assert_eq!(forced["spec"]["instanceType"], "t1.micro");
         assert_eq!(owners(&forced, &["spec", "instanceType"]), ["argo"]);

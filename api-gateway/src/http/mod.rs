@@ -1399,7 +1399,7 @@ async fn patch(
             let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
             let conflict_error = |c: Vec<ssa::Conflict>| {
                 let pairs: Vec<(String, String)> =
-                    c.into_iter().map(|c| (c.manager, c.field)).collect();
+                    c.into_iter().map(|c| (c.described, c.field)).collect();
                 ApiError::apply_conflict(&pairs)
             };
             if status {
