@@ -2180,6 +2180,26 @@ def group_presign(suite):
             check(b"<HeadersNotSigned>" in reply.body, f"no HeadersNotSigned: {reply.body[:300]!r}")
         check(not exists(a, name, "taken.txt"), "a refused presigned PUT stored an object")
 
+    @g.check("a_browser_form_post_of_a_large_file_stores_it_over_http_1_1")
+    def _():
+        # A form made by boto3's generate_presigned_post, sent by curl over HTTP/1.1, whose body
+        # arrives in pieces larger than 64 KiB: a file of short CRLF lines (a piece that ends
+        # with a carriage return, then a large one) once failed as "failed to read file stream".
+        lines = b"".join(b"line %08d of a text file.\r\n" % i for i in range(700 * 1024))
+        data = lines[: 20 * 1024 * 1024]
+        path = write_file(os.path.join(TMP, "presign", "form.txt"), data)
+        form = a.generate_presigned_post(name, "form/large.txt", ExpiresIn=300)
+        fields = []
+        for field, value in form["fields"].items():
+            fields += ["--form-string", f"{field}={value}"]
+        for attempt in range(3):
+            reply = curl(form["url"], "--http1.1", *fields, "--form", f"file=@{path}")
+            check(reply.status == 204, f"attempt {attempt + 1}: HTTP {reply.status}: "
+                  f"{reply.body[:300]!r}")
+            stored = body_of(a, name, "form/large.txt")
+            check(stored == data, f"attempt {attempt + 1}: stored {len(stored)} bytes, "
+                  f"MD5 {md5hex(stored)}, sent {len(data)}, MD5 {md5hex(data)}")
+
     @g.check("presigned_url_with_a_changed_signature_is_signature_does_not_match")
     def _():
         url = presigned("get_object", "doc.txt")

@@ -711,6 +711,7 @@ impl S3Face {
             || req.headers().contains_key(http::header::TRANSFER_ENCODING);
         let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let method = req.method().clone();
         let req = req.map(|b| {
             Body::new(Tracked {
                 inner: b,
@@ -718,9 +719,11 @@ impl S3Face {
                 stalled: stalled.clone(),
                 idle: self.body_idle_timeout,
                 deadline: None,
+                // A POST's body may be a form with a file (POST Object).
+                piece: (method == Method::POST).then_some(POST_PIECE),
+                rest: bytes::Bytes::new(),
             })
         });
-        let method = req.method().clone();
         let request_id = crate::admission::new_uuid().simple().to_string();
         let span = tracing::info_span!("s3", request_id = %request_id, method = %method, path = %req.uri().path(), account = tracing::field::Empty, status = tracing::field::Empty);
         let virtual_host = req
@@ -948,8 +951,15 @@ pub const BODY_IDLE_TIMEOUT: std::time::Duration = crate::body::BODY_IDLE_TIMEOU
 #[error("the client sent nothing of the request body for {0:?}")]
 struct BodyStalled(std::time::Duration);
 
+/// The largest piece of a POST's body handed to `s3s` at once. Its form parser fails a file
+/// whose data is cut, in a piece that ends with a carriage return, before a piece of more than
+/// 64 KiB ("failed to read file stream"), and HTTP/1.1 bodies arrive in pieces that large: in
+/// pieces of at most an HTTP/2 frame's size (16 KiB), as HTTP/2 delivers them, it never does.
+const POST_PIECE: usize = 16 * 1024;
+
 /// A request body that records when it has been read to its end, and fails when it sends
-/// nothing for `idle` while it is read (recorded in `stalled`).
+/// nothing for `idle` while it is read (recorded in `stalled`); with `piece`, it hands its
+/// data on in pieces of at most that many bytes.
 struct Tracked {
     inner: Body,
     finished: Arc<std::sync::atomic::AtomicBool>,
@@ -957,6 +967,24 @@ struct Tracked {
     idle: std::time::Duration,
     /// Armed while the reader waits for the next frame.
     deadline: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// The largest piece of data handed on at once (none: as it arrives).
+    piece: Option<usize>,
+    /// What is left of a frame cut into pieces.
+    rest: bytes::Bytes,
+}
+
+impl Tracked {
+    /// `data`, or its first piece when it is larger than `piece` (the rest kept for the next
+    /// polls).
+    fn cut(&mut self, mut data: bytes::Bytes) -> bytes::Bytes {
+        match self.piece {
+            Some(piece) if data.len() > piece => {
+                self.rest = data.split_off(piece);
+                data
+            }
+            _ => data,
+        }
+    }
 }
 
 impl http_body::Body for Tracked {
@@ -972,13 +1000,23 @@ impl http_body::Body for Tracked {
         if self.stalled.load(Ordering::Acquire) {
             return Poll::Ready(Some(Err(axum::Error::new(BodyStalled(self.idle)))));
         }
+        if !self.rest.is_empty() {
+            let rest = std::mem::take(&mut self.rest);
+            let piece = self.cut(rest);
+            return Poll::Ready(Some(Ok(http_body::Frame::data(piece))));
+        }
         let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
             self.finished.store(true, Ordering::Release);
         }
-        if polled.is_ready() {
+        if let Poll::Ready(frame) = polled {
             self.deadline = None;
-            return polled;
+            return Poll::Ready(frame.map(|frame| {
+                frame.map(|frame| match frame.into_data() {
+                    Ok(data) => http_body::Frame::data(self.cut(data)),
+                    Err(other) => other,
+                })
+            }));
         }
         let idle = self.idle;
         let deadline = self
@@ -993,11 +1031,18 @@ impl http_body::Body for Tracked {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        let rest = self.rest.len() as u64;
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(rest));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint
     }
 }
 
@@ -1116,8 +1161,38 @@ mod tests {
             stalled: stalled.clone(),
             idle,
             deadline: None,
+            piece: None,
+            rest: bytes::Bytes::new(),
         };
         (body, tx, stalled)
+    }
+
+    #[tokio::test]
+    async fn a_post_body_is_handed_on_in_pieces_no_larger_than_an_http2_frame() {
+        use http_body_util::BodyExt as _;
+        let (mut body, tx, _) = tracked(std::time::Duration::from_secs(20));
+        body.piece = Some(POST_PIECE);
+        let large: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        tx.send(Ok(bytes::Bytes::from(large.clone())))
+            .await
+            .expect("sent");
+        tx.send(Ok(bytes::Bytes::from_static(b"\r\ntail")))
+            .await
+            .expect("sent");
+        drop(tx);
+        let mut pieces = Vec::new();
+        while let Some(frame) = body.frame().await {
+            pieces.push(frame.expect("a frame").into_data().expect("data"));
+        }
+        assert!(
+            pieces.iter().all(|p| p.len() <= POST_PIECE),
+            "{:?}",
+            pieces.iter().map(bytes::Bytes::len).collect::<Vec<_>>()
+        );
+        assert_eq!(pieces.len(), 100_000 / POST_PIECE + 2);
+        let whole: Vec<u8> = pieces.concat();
+        assert_eq!(&whole[..100_000], &large[..]);
+        assert_eq!(&whole[100_000..], b"\r\ntail");
     }
 
     #[tokio::test(start_paused = true)]
