@@ -796,6 +796,12 @@ def group_buckets(suite):
     def _():
         answer = a.get_bucket_location(Bucket=name)
         check(answer.get("LocationConstraint") == REGION, f"location {brief(answer)}")
+        # As AWS: the document on the line after the declaration. The AWS SDK for JavaScript
+        # (v2) reads the region with a pattern over one line (`>(.+)</Location`).
+        raw = raw_request(A, "GET", "/" + quote(name), query="location=")
+        found = re.search(rb">(.+)</Location", raw.body)
+        check(raw.status == 200 and found is not None and found.group(1) == REGION.encode(),
+              f"HTTP {raw.status}, the SDK would read {found and found.group(1)!r}: {raw.body!r}")
 
     @g.check("a_client_signing_for_us_east_1_lists_buckets_and_learns_the_region")
     def _():

@@ -732,6 +732,10 @@ impl S3Face {
             .and_then(|h| h.to_str().ok())
             .or_else(|| req.uri().authority().map(http::uri::Authority::as_str))
             .is_some_and(|host| virtual_bucket(&self.domains, host).is_some());
+        let asks_location = req
+            .uri()
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p == "location" || p == "location="));
         let refusal = auth_refusal(
             method.as_str(),
             req.uri().path(),
@@ -801,6 +805,8 @@ impl S3Face {
             && (resp.status().is_client_error() || resp.status().is_server_error())
         {
             resp = complete_error(resp, &request_id).await;
+        } else if method == Method::GET && resp.status() == StatusCode::OK && asks_location {
+            resp = location_on_its_own_line(resp).await;
         }
         if let Ok(v) = http::HeaderValue::from_str(&request_id) {
             resp.headers_mut().insert("x-amz-request-id", v);
@@ -829,6 +835,44 @@ impl S3Face {
             .observe(started.elapsed().as_secs_f64());
         resp
     }
+}
+
+/// A GetBucketLocation answer with its document on the line after the XML declaration, as
+/// AWS sends it: the AWS SDK for JavaScript (v2) reads the region with a pattern that takes the
+/// whole of one line (`/>(.+)<\/Location/`), and got `<LocationConstraint …>karri-1` from a
+/// document on one line. Any other answer as it was.
+async fn location_on_its_own_line(resp: Response) -> Response {
+    let (mut parts, body) = resp.into_parts();
+    let bytes = match axum::body::to_bytes(body, MAX_ERROR_DOCUMENT).await {
+        Ok(bytes) => bytes,
+        Err(e) => {
+            tracing::error!(error = %e, "a bucket location answer could not be read");
+            parts.headers.remove(http::header::CONTENT_LENGTH);
+            return Response::from_parts(parts, Body::empty());
+        }
+    };
+    match std::str::from_utf8(&bytes)
+        .ok()
+        .and_then(location_document_on_its_own_line)
+    {
+        Some(text) => {
+            parts.headers.insert(
+                http::header::CONTENT_LENGTH,
+                http::HeaderValue::from(text.len()),
+            );
+            Response::from_parts(parts, Body::from(text))
+        }
+        None => Response::from_parts(parts, Body::from(bytes)),
+    }
+}
+
+/// `xml`, a `LocationConstraint` document right after its XML declaration, with a line break
+/// between them; `None` for anything else. Pure.
+pub fn location_document_on_its_own_line(xml: &str) -> Option<String> {
+    let end = xml.find("?>")? + 2;
+    let (declaration, document) = xml.split_at(end);
+    (declaration.starts_with("<?xml") && document.starts_with("<LocationConstraint"))
+        .then(|| format!("{declaration}\n{document}"))
 }
 
 /// The largest error document [`complete_error`] reads (s3s's are a few hundred bytes).
@@ -1165,6 +1209,31 @@ mod tests {
             rest: bytes::Bytes::new(),
         };
         (body, tx, stalled)
+    }
+
+    #[test]
+    fn a_location_document_goes_on_the_line_after_its_declaration() {
+        let decl = r#"<?xml version="1.0" encoding="UTF-8"?>"#;
+        let doc = r#"<LocationConstraint xmlns="http://s3.amazonaws.com/doc/2006-03-01/">karri-1</LocationConstraint>"#;
+        let fixed = location_document_on_its_own_line(&format!("{decl}{doc}")).expect("moved");
+        assert_eq!(fixed, format!("{decl}\n{doc}"));
+        // What the AWS SDK for JavaScript (v2) reads from it: the region alone.
+        let line = fixed.lines().nth(1).expect("a second line");
+        let region = line
+            .split_once('>')
+            .and_then(|(_, rest)| rest.rsplit_once("</Location"))
+            .map(|(region, _)| region);
+        assert_eq!(region, Some("karri-1"));
+        // Already on its own line, another document, an object's body: as they were.
+        assert_eq!(location_document_on_its_own_line(&fixed), None);
+        assert_eq!(
+            location_document_on_its_own_line(&format!("{decl}<ListBucketResult/>")),
+            None
+        );
+        assert_eq!(
+            location_document_on_its_own_line("plain text ?> <LocationConstraint"),
+            None
+        );
     }
 
     #[tokio::test]
