@@ -313,6 +313,14 @@ impl Registry {
         tokio::time::Instant::now() >= deadline || *self.stopping.borrow()
     }
 
+    /// Resolves once a watch of `timeout` must end: its time is up or the gateway stops.
+    pub async fn watch_ends(&self, timeout: Duration) {
+        tokio::select! {
+            () = tokio::time::sleep(timeout) => {}
+            () = self.stopped() => {}
+        }
+    }
+
     /// Resolves once [`Registry::end_watches`] was called.
     async fn stopped(&self) {
         let mut stopping = self.stopping.subscribe();

@@ -1343,6 +1343,93 @@ async fn the_official_python_client_discovers_creates_patches_applies_watches_an
     Ok(())
 }
 
+/// The CustomResourceDefinitions can be watched, as kopf and `kubectl get crd -w` do: the
+/// watch shows them (or, from their version, nothing) and stays open until its time is up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watch_of_the_crds_shows_them_and_stays_open() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let api = c.admin_api()?;
+    let crds = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions";
+    let kinds = crds::kind_infos().len();
+    let watch = |query: &'static str| {
+        let api = api.clone();
+        async move {
+            let started = std::time::Instant::now();
+            let resp = api
+                .request(reqwest::Method::GET, &format!("{crds}?watch=true&{query}"))
+                .send()
+                .await?;
+            ensure!(resp.status() == 200, "{query}: HTTP {}", resp.status());
+            let body = resp.text().await?;
+            let events: Vec<Value> = body
+                .lines()
+                .map(serde_json::from_str)
+                .collect::<Result<_, _>>()?;
+            anyhow::Ok((events, started.elapsed()))
+        }
+    };
+    let types = |events: &[Value]| -> Vec<String> {
+        events
+            .iter()
+            .map(|e| e["type"].as_str().unwrap_or("").to_string())
+            .collect()
+    };
+    // From no version: each CRD once, then nothing until the watch's time is up.
+    let (events, took) = watch("timeoutSeconds=2").await?;
+    ensure!(
+        types(&events) == vec!["ADDED".to_string(); kinds],
+        "{:?}",
+        types(&events)
+    );
+    ensure!(
+        took >= Duration::from_secs(2),
+        "the watch ended after {took:?}"
+    );
+    ensure!(
+        events
+            .iter()
+            .any(|e| e["object"]["metadata"]["name"] == "instances.karri.dev"),
+        "{events:?}"
+    );
+    // From the list's version, kopf's way: nothing has changed.
+    let list = api.get_json(crds).await?;
+    let version = list["metadata"]["resourceVersion"].as_str().unwrap_or("");
+    ensure!(version == "1", "the CRDs' list is at version {version:?}");
+    let (events, _) = watch("resourceVersion=1&allowWatchBookmarks=true&timeoutSeconds=1").await?;
+    ensure!(events.is_empty(), "{events:?}");
+    // Initial events, closed by a bookmark; one CRD by its name.
+    let (events, _) = watch(
+        "sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true&timeoutSeconds=1",
+    )
+    .await?;
+    let mut expected = vec!["ADDED".to_string(); kinds];
+    expected.push("BOOKMARK".into());
+    ensure!(types(&events) == expected, "{:?}", types(&events));
+    ensure!(
+        events[kinds]["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"] == "true",
+        "{}",
+        events[kinds]
+    );
+    let (events, _) =
+        watch("fieldSelector=metadata.name%3Dinstances.karri.dev&timeoutSeconds=1").await?;
+    ensure!(
+        events.len() == 1 && events[0]["object"]["metadata"]["name"] == "instances.karri.dev",
+        "{events:?}"
+    );
+    // kubectl's watch lists the CRD and stays open.
+    let mut kubectl_watch =
+        KubectlStream::spawn(&c.admin, &["get", "crd", "instances.karri.dev", "-w"])?;
+    kubectl_watch.next_line("instances.karri.dev", WATCH_WAIT, |l| {
+        l.starts_with("instances.karri.dev")
+    })?;
+    ensure!(
+        kubectl_watch.running()?,
+        "kubectl's watch ended: {:?}",
+        kubectl_watch.seen()
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn kubectl_reads_the_crds_of_every_kind_and_cannot_change_them() -> anyhow::Result<()> {
     let c = Cluster::start().await?;

@@ -751,13 +751,47 @@ fn crd_request(s: &AppState, method: &str, path: &str, q: &HashMap<String, Strin
         ))
         .into_response();
     }
+    let name = path.strip_prefix(&format!("{}/", discovery::CRDS_PATH));
     if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
-        return ApiError::method_not_allowed(
-            "CustomResourceDefinitions change only with Karri's binaries: there is nothing to watch",
-        )
-        .into_response();
+        // They change only with Karri's binaries: a watch sees them and then nothing. One
+        // CRD is watched at its path or with `kubectl get crd <name> -w`'s field selector.
+        let named = match (name, q.get("fieldSelector").map(String::as_str)) {
+            (Some(name), _) => Some(name),
+            (None, None | Some("")) => None,
+            (None, Some(selector)) => match selector
+                .strip_prefix("metadata.name==")
+                .or_else(|| selector.strip_prefix("metadata.name="))
+            {
+                Some(name) => Some(name),
+                None => {
+                    return ApiError::bad_request(format!(
+                        "field selector {selector:?} is not supported for CustomResourceDefinitions: only metadata.name=<name>"
+                    ))
+                    .into_response()
+                }
+            },
+        };
+        let list = discovery::crd_list(&s.registry.kinds, since);
+        let records: Vec<Value> = list["items"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|crd| {
+                named.is_none_or(|n| {
+                    crd.pointer("/metadata/name").and_then(Value::as_str) == Some(n)
+                })
+            })
+            .cloned()
+            .collect();
+        let bookmark = json!({
+            "apiVersion": format!("{}/v1", discovery::CRD_GROUP),
+            "kind": "CustomResourceDefinition",
+            "metadata": {"resourceVersion": discovery::CRDS_VERSION},
+        });
+        return unchanging_watch(s, q, "CustomResourceDefinition", records, bookmark)
+            .unwrap_or_else(IntoResponse::into_response);
     }
-    match path.strip_prefix(&format!("{}/", discovery::CRDS_PATH)) {
+    match name {
         None => axum::Json(discovery::crd_list(&s.registry.kinds, since)).into_response(),
         Some(name) => match discovery::crd_named(&s.registry.kinds, name, since) {
             Some(crd) => axum::Json(crd).into_response(),
@@ -1689,6 +1723,94 @@ fn watch_timeout(param: Option<&str>) -> ApiResult<Duration> {
     }
 }
 
+/// A watch's `sendInitialEvents` as asked (`None`: not given) and whether it asks for them;
+/// refused as Kubernetes' list options validation refuses it (on `kind`'s options).
+fn initial_events_of<'q>(
+    q: &'q HashMap<String, String>,
+    kind: &str,
+) -> ApiResult<(Option<&'q str>, bool)> {
+    let asked = q
+        .get("sendInitialEvents")
+        .map(String::as_str)
+        .filter(|v| !v.is_empty());
+    let rv_match = q
+        .get("resourceVersionMatch")
+        .map(String::as_str)
+        .filter(|v| !v.is_empty());
+    let refused =
+        |why: &str| ApiError::invalid(kind, "", vec![("resourceVersionMatch".into(), why.into())]);
+    if asked.is_some() && rv_match != Some("NotOlderThan") {
+        return Err(refused(
+            "sendInitialEvents requires resourceVersionMatch=NotOlderThan",
+        ));
+    }
+    if asked.is_none() && rv_match.is_some() {
+        return Err(refused(
+            "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided",
+        ));
+    }
+    match asked {
+        None | Some("false") => Ok((asked, false)),
+        Some("true") => Ok((asked, true)),
+        Some(other) => Err(ApiError::bad_request(format!(
+            "sendInitialEvents must be true or false, not {other:?}"
+        ))),
+    }
+}
+
+/// A watch of records that do not change while the gateway runs (the CustomResourceDefinitions,
+/// at resourceVersion `version`): ADDED for each of `records` when the watch starts from no
+/// version (or asks for initial events, which a bookmark then closes), then nothing until its
+/// time is up or the gateway stops.
+fn unchanging_watch(
+    s: &AppState,
+    q: &HashMap<String, String>,
+    kind: &str,
+    records: Vec<Value>,
+    bookmark: Value,
+) -> ApiResult<Response> {
+    let (asked, send_initial_events) = initial_events_of(q, kind)?;
+    let from = q
+        .get("resourceVersion")
+        .map(String::as_str)
+        .filter(|rv| !rv.is_empty() && *rv != "0");
+    if let Some(rv) = from {
+        registry::parse_rv(rv)?;
+        if send_initial_events {
+            return Err(ApiError::bad_request(
+                "sendInitialEvents=true with a resourceVersion other than 0 or unset is not supported",
+            ));
+        }
+    }
+    let timeout = watch_timeout(q.get("timeoutSeconds").map(String::as_str))?;
+    let line = |event: &str, object: Value| {
+        let mut line =
+            serde_json::to_vec(&json!({"type": event, "object": object})).unwrap_or_default();
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(Bytes::from(line))
+    };
+    let mut lines = Vec::new();
+    if from.is_none() && asked != Some("false") {
+        lines.extend(records.into_iter().map(|r| line("ADDED", r)));
+    }
+    if send_initial_events {
+        let mut end = bookmark;
+        end["metadata"]["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+        lines.push(line("BOOKMARK", end));
+    }
+    let registry = s.registry.clone();
+    let quiet = futures::stream::once(async move { registry.watch_ends(timeout).await })
+        .filter_map(|()| std::future::ready(None));
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CACHE_CONTROL, "no-cache, private")
+        .body(Body::from_stream(futures::stream::iter(lines).chain(quiet)))
+        .unwrap_or_else(|_| {
+            ApiError::internal("could not build the watch response").into_response()
+        }))
+}
+
 async fn watch(
     s: &Arc<AppState>,
     who: &Principal,
@@ -1698,46 +1820,7 @@ async fn watch(
     view: View,
 ) -> ApiResult<Response> {
     let lo = list_options(q)?;
-    let asked = q
-        .get("sendInitialEvents")
-        .map(String::as_str)
-        .filter(|v| !v.is_empty());
-    if asked.is_some() && q.get("resourceVersionMatch").map(String::as_str) != Some("NotOlderThan")
-    {
-        return Err(ApiError::invalid(
-            kind.info.kind,
-            "",
-            vec![(
-                "resourceVersionMatch".into(),
-                "sendInitialEvents requires resourceVersionMatch=NotOlderThan".into(),
-            )],
-        ));
-    }
-    let rv_match = q
-        .get("resourceVersionMatch")
-        .map(String::as_str)
-        .filter(|v| !v.is_empty());
-    if asked.is_none() && rv_match.is_some() {
-        // As Kubernetes' list options validation refuses it.
-        return Err(ApiError::invalid(
-            kind.info.kind,
-            "",
-            vec![(
-                "resourceVersionMatch".into(),
-                "resourceVersionMatch is forbidden for watch unless sendInitialEvents is provided"
-                    .into(),
-            )],
-        ));
-    }
-    let send_initial_events = match asked {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "sendInitialEvents must be true or false, not {other:?}"
-            )))
-        }
-    };
+    let (asked, send_initial_events) = initial_events_of(q, kind.info.kind)?;
     let from = match lo.resource_version.as_deref() {
         None | Some("") | Some("0") => None,
         Some(rv) => Some(registry::parse_rv(rv)?),
