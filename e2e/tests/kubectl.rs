@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context};
 use karri_e2e::support::{
     instance_yaml, kubectl_err, kubectl_json, kubectl_names, kubectl_refused, parse_table, Cluster,
-    KubectlStream, API,
+    KubectlStream, API, NODES,
 };
 use karri_testkit::{kubectl, kubectl_ok, workspace_root};
 use serde_json::Value;
@@ -1340,6 +1340,91 @@ async fn the_official_python_client_discovers_creates_patches_applies_watches_an
         String::from_utf8_lossy(&out.stderr),
         c.gateway.log_tail()
     );
+    Ok(())
+}
+
+/// Namespaces are served, the core group's one resource: kubectl's discovery is complete
+/// (`api-resources` succeeds), `get ns` lists the accounts' namespaces and Karri's own, a watch
+/// sees an account's namespace come and go, an account sees its own alone, a node none.
+#[tokio::test(flavor = "multi_thread")]
+async fn namespaces_are_listed_and_watched_as_accounts_come_and_go() -> anyhow::Result<()> {
+    let c = Cluster::start().await?;
+    let resources = kubectl_ok(&c.admin, &["api-resources", "-o", "name"])?;
+    ensure!(
+        resources.lines().any(|l| l == "namespaces")
+            && resources.lines().any(|l| l == "instances.karri.dev"),
+        "{resources}"
+    );
+    let account = |name: &str| {
+        format!("apiVersion: karri.dev/v1alpha1\nkind: Account\nmetadata:\n  name: {name}\nspec:\n  displayName: {name}\n")
+    };
+    let acme = c.manifest("acme.yaml", &account("acme"))?;
+    kubectl_ok(&c.admin, &["apply", "-f", path_str(&acme)?])?;
+    let names = kubectl_names(&c.admin, &["get", "ns"])?;
+    ensure!(
+        names == ["namespace/acme", "namespace/karri-images"],
+        "{names:?}"
+    );
+
+    let mut watch = KubectlStream::spawn(
+        &c.admin,
+        &[
+            "get",
+            "ns",
+            "-w",
+            "--output-watch-events",
+            "-o",
+            "jsonpath={.type} {.object.metadata.name}{\"\\n\"}",
+        ],
+    )?;
+    // kubectl lists first (in name order), then watches from the list's version.
+    for shown in ["ADDED acme", "ADDED karri-images"] {
+        watch.next_line(shown, WATCH_WAIT, |l| l.trim() == shown)?;
+    }
+    let later = c.manifest("later.yaml", &account("later"))?;
+    kubectl_ok(&c.admin, &["apply", "-f", path_str(&later)?])?;
+    watch.next_line("ADDED later", WATCH_WAIT, |l| l.trim() == "ADDED later")?;
+    kubectl_ok(&c.admin, &["delete", "account", "later"])?;
+    watch.next_line("DELETED later", WATCH_WAIT, |l| l.trim() == "DELETED later")?;
+    ensure!(watch.running()?, "the watch ended: {:?}", watch.seen());
+
+    // A watch from no version starts with what exists, Karri's own namespace among them.
+    let body = c
+        .admin_api()?
+        .request(
+            reqwest::Method::GET,
+            "/api/v1/namespaces?watch=true&timeoutSeconds=1",
+        )
+        .send()
+        .await?
+        .text()
+        .await?;
+    let mut started: Vec<String> = body
+        .lines()
+        .map(serde_json::from_str::<Value>)
+        .map(|e| {
+            e.map(|e| {
+                format!(
+                    "{} {}",
+                    str_at(&e, "/type"),
+                    str_at(&e, "/object/metadata/name")
+                )
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    started.sort();
+    ensure!(
+        started == ["ADDED acme", "ADDED karri-images"],
+        "{started:?}"
+    );
+
+    let own = kubectl_names(&c.account_kubeconfig("acme")?, &["get", "ns"])?;
+    ensure!(
+        own == ["namespace/acme", "namespace/karri-images"],
+        "{own:?}"
+    );
+    let refused = kubectl_err(&c.node_kubeconfig(NODES[0])?, &["get", "ns"])?;
+    ensure!(refused.contains("forbidden"), "{refused}");
     Ok(())
 }
 

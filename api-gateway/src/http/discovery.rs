@@ -13,22 +13,59 @@ pub fn version() -> Value {
     })
 }
 
-/// `GET /api`: the core group's one version, `v1`, which serves no resources (see
+/// `GET /api`: the core group's one version, `v1`, which serves namespaces alone (see
 /// [`core_resource_list`]). kubectl maps `kind: List` (what `kubectl get a b -o yaml` saves, and
 /// what `kubectl edit` of several records opens) through it: without it no List is applied.
 pub fn core_versions() -> Value {
     json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []})
 }
 
-/// `GET /api/v1`: the core group's one version, with no resources: clients that look every
-/// kind up across all groups (the Python client's dynamic discovery, Ansible) always read it.
+/// `GET /api/v1`: the core group's one version, which serves namespaces (get, list, watch:
+/// kopf waits for them, and kubectl's discovery counts a version without resources as
+/// failed). Clients that look every kind up across all groups (the Python client's dynamic
+/// discovery, Ansible) always read it.
 pub fn core_resource_list() -> Value {
-    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1", "resources": []})
+    json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1", "resources": [{
+        "name": "namespaces", "singularName": "namespace", "namespaced": false,
+        "kind": "Namespace", "verbs": ["get", "list", "watch"], "shortNames": ["ns"],
+    }]})
 }
 
 /// A namespace as kubectl expects to read it.
 pub fn namespace(name: &str) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}, "spec": {}, "status": {"phase": "Active"}})
+}
+
+/// The namespace of Karri's own records that every account may read (public images).
+pub const SYSTEM_NAMESPACE: &str = "karri-images";
+
+/// Namespace `name` as a list or watch shows it, made with `account` (its UID, creation and
+/// resourceVersion) or, for Karri's own, at resourceVersion `1`.
+pub fn namespace_record(name: &str, account: Option<&Value>) -> Value {
+    let mut ns = namespace(name);
+    ns["metadata"]["labels"] = json!({"kubernetes.io/metadata.name": name});
+    ns["metadata"]["resourceVersion"] = json!("1");
+    if let Some(account) = account {
+        for field in ["uid", "resourceVersion", "creationTimestamp"] {
+            if let Some(v) = account.pointer(&format!("/metadata/{field}")) {
+                ns["metadata"][field] = v.clone();
+            }
+        }
+        if account.pointer("/metadata/deletionTimestamp").is_some() {
+            ns["status"]["phase"] = json!("Terminating");
+        }
+    }
+    ns
+}
+
+/// The namespace of an Account record (its `status.namespace`, else its name).
+pub fn namespace_record_of_account(account: &Value) -> Value {
+    let name = account
+        .pointer("/status/namespace")
+        .or_else(|| account.pointer("/metadata/name"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    namespace_record(name, Some(account))
 }
 
 fn group() -> Value {

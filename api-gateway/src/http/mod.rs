@@ -685,6 +685,9 @@ async fn serve(s: Arc<AppState>, req: Request) -> Response {
             (m, p) if p == discovery::CRDS_PATH || p.starts_with(&crds_prefix) => {
                 crd_request(&s, m, p, &q)
             }
+            ("GET", "/api/v1/namespaces") => namespaces(&s, &principal, &q)
+                .await
+                .unwrap_or_else(IntoResponse::into_response),
             ("GET", p) if p.starts_with("/api/v1/namespaces/") => {
                 namespace(&principal, &p["/api/v1/namespaces/".len()..])
             }
@@ -879,6 +882,105 @@ fn namespace(who: &Principal, ns: &str) -> Response {
         }
     }
     axum::Json(discovery::namespace(ns)).into_response()
+}
+
+/// `GET /api/v1/namespaces`, a list or a watch: the accounts' namespaces, which come and go
+/// with their accounts, and Karri's own ([`discovery::SYSTEM_NAMESPACE`]). An account sees its
+/// own and Karri's; a node none (403).
+async fn namespaces(
+    s: &Arc<AppState>,
+    who: &Principal,
+    q: &HashMap<String, String>,
+) -> ApiResult<Response> {
+    if matches!(who, Principal::Node(_)) {
+        return Err(ApiError::forbidden(format!(
+            "namespaces is forbidden: User {:?} cannot list resource \"namespaces\" in API group \"\" at the cluster scope",
+            who.user()
+        )));
+    }
+    let accounts = s
+        .registry
+        .kinds
+        .by_plural("accounts")
+        .ok_or_else(|| ApiError::internal("accounts are not served"))?;
+    let own = match who {
+        Principal::Account { namespace, .. } => Some(namespace.clone()),
+        _ => None,
+    };
+    // Karri's own namespace holds public records: every account may read them.
+    let visible = move |ns: &Value| {
+        let name = ns.pointer("/metadata/name").and_then(Value::as_str);
+        name == Some(discovery::SYSTEM_NAMESPACE) || own.as_deref().is_none_or(|o| name == Some(o))
+    };
+    let system = discovery::namespace_record(discovery::SYSTEM_NAMESPACE, None);
+    let reader = Principal::Admin("system:namespaces".into());
+    if !flag(q, "watch") {
+        let page = s
+            .registry
+            .list(&accounts, None, &reader, &registry::ListOptions::default())
+            .await?;
+        let mut items: Vec<Value> = std::iter::once(system)
+            .chain(
+                page.items
+                    .iter()
+                    .map(|a| discovery::namespace_record_of_account(&a.value)),
+            )
+            .filter(|ns| visible(ns))
+            .collect();
+        items.sort_by(|a, b| {
+            a["metadata"]["name"]
+                .as_str()
+                .cmp(&b["metadata"]["name"].as_str())
+        });
+        return Ok(axum::Json(json!({
+            "apiVersion": "v1",
+            "kind": "NamespaceList",
+            "metadata": {"resourceVersion": page.revision.to_string()},
+            "items": items,
+        }))
+        .into_response());
+    }
+    let opts = watch_options(s, q, "Namespace").await?;
+    // Karri's own namespace never changes: it is shown among what exists at the start.
+    let first = opts
+        .from
+        .is_none()
+        .then(|| json!({"type": "ADDED", "object": system}))
+        .filter(|e| visible(&e["object"]));
+    let rx = s.registry.watch(accounts, None, reader, opts);
+    let events = ReceiverStream::new(rx).filter_map(move |ev| {
+        let event = match &ev {
+            WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => {
+                Some(discovery::namespace_record_of_account(&o.value)).filter(|ns| visible(ns))
+            }
+            WatchEvent::Bookmark {
+                revision,
+                initial_events_end,
+            } => {
+                let mut meta = json!({"resourceVersion": revision.to_string()});
+                if *initial_events_end {
+                    meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
+                }
+                Some(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": meta}))
+            }
+            WatchEvent::Error(e) => Some(e.status()),
+        }
+        .map(|object| json!({"type": event_type(&ev), "object": object}));
+        std::future::ready(event)
+    });
+    let lines = futures::stream::iter(first).chain(events).map(|event| {
+        let mut line = serde_json::to_vec(&event).unwrap_or_default();
+        line.push(b'\n');
+        Ok::<_, std::convert::Infallible>(Bytes::from(line))
+    });
+    Ok(Response::builder()
+        .status(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CACHE_CONTROL, "no-cache, private")
+        .body(Body::from_stream(lines))
+        .unwrap_or_else(|_| {
+            ApiError::internal("could not build the watch response").into_response()
+        }))
 }
 
 async fn read_body(req: Request, limit: usize) -> ApiResult<(HeaderMap, Bytes)> {
@@ -1811,16 +1913,14 @@ fn unchanging_watch(
         }))
 }
 
-async fn watch(
-    s: &Arc<AppState>,
-    who: &Principal,
-    kind: Arc<Kind>,
-    ns: Option<String>,
+/// The options of a watch of `kind` from its query, refused as Kubernetes refuses them.
+async fn watch_options(
+    s: &AppState,
     q: &HashMap<String, String>,
-    view: View,
-) -> ApiResult<Response> {
+    kind: &str,
+) -> ApiResult<WatchOptions2> {
     let lo = list_options(q)?;
-    let (asked, send_initial_events) = initial_events_of(q, kind.info.kind)?;
+    let (asked, send_initial_events) = initial_events_of(q, kind)?;
     let from = match lo.resource_version.as_deref() {
         None | Some("") | Some("0") => None,
         Some(rv) => Some(registry::parse_rv(rv)?),
@@ -1845,6 +1945,18 @@ async fn watch(
         send_initial_events,
         timeout,
     };
+    Ok(opts)
+}
+
+async fn watch(
+    s: &Arc<AppState>,
+    who: &Principal,
+    kind: Arc<Kind>,
+    ns: Option<String>,
+    q: &HashMap<String, String>,
+    view: View,
+) -> ApiResult<Response> {
+    let opts = watch_options(s, q, kind.info.kind).await?;
     let rx = s.registry.watch(kind.clone(), ns, who.clone(), opts);
     let stream = ReceiverStream::new(rx).map(move |ev| {
         let object = match &ev {
