@@ -48,7 +48,7 @@ fn default_root_device_name() -> String {
     printcolumn(
         name = "Size",
         type_ = "integer",
-        json_path = ".status.sizeBytes",
+        json_path = ".spec.sizeBytes",
         priority = 1
     ),
     printcolumn(
