@@ -376,6 +376,53 @@ impl Registry {
     /// An image in S3 whose bucket or object does not exist is refused (as EC2 refuses a
     /// manifest it cannot read): there would be nothing to boot, and an object uploaded later
     /// would become an image nobody registered.
+    /// A Bucket's `spec.ownerId` from its owner's Account record (`spec.owner`): filled in when
+    /// the manifest leaves it out (an account's ID is drawn at its creation, so a manifest
+    /// cannot know it), refused when it names another account's. Any other record as it is.
+    async fn bind_bucket_owner(&self, kind: &Kind, mut body: Value) -> ApiResult<Value> {
+        if kind.info.kind != "Bucket" {
+            return Ok(body);
+        }
+        let text = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_str).map(str::to_string);
+        let Some(owner) = text(&body, "/spec/owner") else {
+            return Ok(body);
+        };
+        let given = text(&body, "/spec/ownerId").filter(|id| !id.is_empty());
+        // An account made a moment ago (the same `kubectl apply`) is known.
+        self.catch_up().await?;
+        let (accounts, _) = self.cache.list("accounts", &store::kind_prefix("accounts"));
+        let known = accounts
+            .iter()
+            .find(|a| text(&a.value, "/metadata/name").as_deref() == Some(owner.as_str()))
+            .and_then(|a| text(&a.value, "/status/accountId"));
+        let name = admission::name_of(&body).to_string();
+        match (given, known) {
+            (None, Some(id)) => body["spec"]["ownerId"] = Value::String(id),
+            (Some(given), Some(id)) if given != id => {
+                return Err(ApiError::invalid(
+                    "Bucket",
+                    &name,
+                    vec![(
+                        "spec.ownerId".into(),
+                        format!("Invalid value: {given:?}: account {owner:?} has account ID {id:?} (leave spec.ownerId out to have it filled in)"),
+                    )],
+                ))
+            }
+            (None, None) => {
+                return Err(ApiError::invalid(
+                    "Bucket",
+                    &name,
+                    vec![(
+                        "spec.owner".into(),
+                        format!("Not found: {owner:?}: no account of that name, whose ID spec.ownerId would be"),
+                    )],
+                ))
+            }
+            _ => {}
+        }
+        Ok(body)
+    }
+
     async fn bind_image_bucket(
         &self,
         kind: &Kind,
@@ -736,8 +783,9 @@ impl Registry {
                     uid: crate::admission::new_uuid().to_string(),
                     id: id.clone(),
                 };
+                let body = self.bind_bucket_owner(kind, body.clone()).await?;
                 let (mut obj, warnings) =
-                    admission::prepare_create(kind, ns, body.clone(), &new, opts.field_validation)?;
+                    admission::prepare_create(kind, ns, body, &new, opts.field_validation)?;
                 self.bind_image_bucket(kind, who, None, &mut obj).await?;
                 if let Some(manager) = &opts.manager {
                     crate::ssa::record_update(None, &mut obj, manager, Scope::Main, &new.now);
@@ -993,7 +1041,7 @@ impl Registry {
             if precondition.is_some_and(|p| p != rev) {
                 return Err(ApiError::conflict(kind.info.plural, name));
             }
-            let desired = change(&current)?;
+            let desired = self.bind_bucket_owner(kind, change(&current)?).await?;
             let (mut next, warnings) =
                 admission::prepare_update(kind, &current, desired, sub, opts.field_validation)?;
             self.bind_image_bucket(kind, who, Some(&current), &mut next)

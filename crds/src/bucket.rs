@@ -46,7 +46,9 @@ use crate::validation::{check_tags, check_text, Validate, ValidationError};
 pub struct BucketSpec {
     /// Name of the owning Account record.
     pub owner: String,
-    /// The owning account's 12-digit account ID (the canonical owner S3 shows).
+    /// The owning account's 12-digit account ID (the canonical owner S3 shows). Filled in from
+    /// the owner's Account record when a manifest leaves it out; it must be that account's.
+    #[serde(default)]
     pub owner_id: String,
     /// Canned ACL: `private` (default), `public-read`, `public-read-write` or
     /// `authenticated-read`.
@@ -129,7 +131,8 @@ pub fn is_valid_bucket_name(name: &str) -> bool {
 impl Validate for BucketSpec {
     fn validate(&self) -> Result<(), ValidationError> {
         check_text("spec.owner", &self.owner, 253)?;
-        if !crate::validation::is_valid_account_id(&self.owner_id) {
+        // Empty in a manifest: the gateway fills it in from the owner's Account record.
+        if !self.owner_id.is_empty() && !crate::validation::is_valid_account_id(&self.owner_id) {
             return Err(ValidationError::invalid(
                 "spec.ownerId",
                 "be a 12-digit account ID",
