@@ -368,22 +368,26 @@ impl Registry {
         .await
     }
 
-    /// Binds an Image in S3 to what it was registered from: records the UID of its bucket
-    /// ([`crds::image::BUCKET_UID_ANNOTATION`]), as the cache has it once it has every write
-    /// before (a bucket made just before counts), and which stored bytes of the object it is
-    /// ([`crds::image::OBJECT_CONTENT_ANNOTATION`]). Both are set when the image is made or its
-    /// location changes, kept as they were by any other write, never as a writer puts them.
-    /// An image in S3 whose bucket or object does not exist is refused (as EC2 refuses a
-    /// manifest it cannot read): there would be nothing to boot, and an object uploaded later
-    /// would become an image nobody registered.
     /// A Bucket's `spec.ownerId` from its owner's Account record (`spec.owner`): filled in when
     /// the manifest leaves it out (an account's ID is drawn at its creation, so a manifest
-    /// cannot know it), refused when it names another account's. Any other record as it is.
-    async fn bind_bucket_owner(&self, kind: &Kind, mut body: Value) -> ApiResult<Value> {
+    /// cannot know it); refused when it names another account's ID, or leaves it out for an
+    /// owner no account has. Checked when a bucket is made and when a write changes its owner, so
+    /// that status writes and finalizer removals never depend on its account. Any other
+    /// record as it is.
+    async fn bind_bucket_owner(
+        &self,
+        kind: &Kind,
+        current: Option<&Value>,
+        mut body: Value,
+    ) -> ApiResult<Value> {
         if kind.info.kind != "Bucket" {
             return Ok(body);
         }
         let text = |v: &Value, p: &str| v.pointer(p).and_then(Value::as_str).map(str::to_string);
+        let owner_of = |v: &Value| (text(v, "/spec/owner"), text(v, "/spec/ownerId"));
+        if current.is_some_and(|c| owner_of(c) == owner_of(&body)) {
+            return Ok(body);
+        }
         let Some(owner) = text(&body, "/spec/owner") else {
             return Ok(body);
         };
@@ -396,33 +400,38 @@ impl Registry {
             .find(|a| text(&a.value, "/metadata/name").as_deref() == Some(owner.as_str()))
             .and_then(|a| text(&a.value, "/status/accountId"));
         let name = admission::name_of(&body).to_string();
+        let refused = |field: &str, why: String| {
+            ApiError::invalid("Bucket", &name, vec![(field.to_string(), why)])
+        };
         match (given, known) {
             (None, Some(id)) => body["spec"]["ownerId"] = Value::String(id),
             (Some(given), Some(id)) if given != id => {
-                return Err(ApiError::invalid(
-                    "Bucket",
-                    &name,
-                    vec![(
-                        "spec.ownerId".into(),
-                        format!("Invalid value: {given:?}: account {owner:?} has account ID {id:?} (leave spec.ownerId out to have it filled in)"),
-                    )],
+                return Err(refused(
+                    "spec.ownerId",
+                    format!("Invalid value: {given:?}: account {owner:?} has account ID {id:?} (leave spec.ownerId out to have it filled in)"),
                 ))
             }
             (None, None) => {
-                return Err(ApiError::invalid(
-                    "Bucket",
-                    &name,
-                    vec![(
-                        "spec.owner".into(),
-                        format!("Not found: {owner:?}: no account of that name, whose ID spec.ownerId would be"),
-                    )],
+                return Err(refused(
+                    "spec.owner",
+                    format!("Not found: {owner:?}: no account has this name, whose ID spec.ownerId would be"),
                 ))
             }
-            _ => {}
+            // An ID given for an owner the cache does not know (yet) is taken as it is: S3
+            // decides by the ID.
+            (Some(_), _) => {}
         }
         Ok(body)
     }
 
+    /// Binds an Image in S3 to what it was registered from: records the UID of its bucket
+    /// ([`crds::image::BUCKET_UID_ANNOTATION`]), as the cache has it once it has every write
+    /// before (a bucket made just before counts), and which stored bytes of the object it is
+    /// ([`crds::image::OBJECT_CONTENT_ANNOTATION`]). Both are set when the image is made or its
+    /// location changes, kept as they were by any other write, never as a writer puts them.
+    /// An image in S3 whose bucket or object does not exist is refused (as EC2 refuses a
+    /// manifest it cannot read): there would be nothing to boot, and an object uploaded later
+    /// would become an image nobody registered.
     async fn bind_image_bucket(
         &self,
         kind: &Kind,
@@ -783,7 +792,7 @@ impl Registry {
                     uid: crate::admission::new_uuid().to_string(),
                     id: id.clone(),
                 };
-                let body = self.bind_bucket_owner(kind, body.clone()).await?;
+                let body = self.bind_bucket_owner(kind, None, body.clone()).await?;
                 let (mut obj, warnings) =
                     admission::prepare_create(kind, ns, body, &new, opts.field_validation)?;
                 self.bind_image_bucket(kind, who, None, &mut obj).await?;
@@ -1041,7 +1050,9 @@ impl Registry {
             if precondition.is_some_and(|p| p != rev) {
                 return Err(ApiError::conflict(kind.info.plural, name));
             }
-            let desired = self.bind_bucket_owner(kind, change(&current)?).await?;
+            let desired = self
+                .bind_bucket_owner(kind, Some(&current), change(&current)?)
+                .await?;
             let (mut next, warnings) =
                 admission::prepare_update(kind, &current, desired, sub, opts.field_validation)?;
             self.bind_image_bucket(kind, who, Some(&current), &mut next)
@@ -1554,9 +1565,12 @@ impl Registry {
             }
         }
         // Paged or exact: read etcd at one revision.
+        // Where the request's own token resumes: an expired one goes on from there.
+        let mut resumes_at = None;
         let (mut revision, mut start) = match &opts.continue_token {
             Some(t) => {
                 let t = decode_continue(t, &prefix)?;
+                resumes_at = Some(t.start.clone());
                 (t.rv.max(0), t.start)
             }
             None => {
@@ -1589,11 +1603,11 @@ impl Registry {
                 .await
                 .map_err(ApiError::from)
             {
-                // The revision a continue token holds is compacted away.
-                Err(e) if e.code == 410 && opts.continue_token.is_some() => {
-                    return Err(ApiError::continue_expired(encode_continue(
-                        AT_LATEST, &start,
-                    )))
+                // The revision a continue token holds is compacted away: what this request
+                // read so far is dropped, so the new token resumes where the old one did.
+                Err(e) if e.code == 410 && resumes_at.is_some() => {
+                    let from = resumes_at.as_deref().unwrap_or(&start);
+                    return Err(ApiError::continue_expired(encode_continue(AT_LATEST, from)));
                 }
                 other => other?,
             };
@@ -2321,11 +2335,27 @@ pub fn event_type(ev: &WatchEvent) -> &'static str {
 
 /// A bookmark object for a kind.
 pub fn bookmark_object(kind: &Kind, revision: i64, initial_events_end: bool) -> Value {
+    bookmark_of(
+        crds::API_VERSION,
+        kind.info.kind,
+        revision,
+        initial_events_end,
+    )
+}
+
+/// A bookmark object of `kind` in `api_version` at `revision`, marked as the end of the
+/// initial events when `initial_events_end`.
+pub fn bookmark_of(
+    api_version: &str,
+    kind: &str,
+    revision: i64,
+    initial_events_end: bool,
+) -> Value {
     let mut meta = json!({"resourceVersion": revision.to_string()});
     if initial_events_end {
         meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
     }
-    json!({"apiVersion": crds::API_VERSION, "kind": kind.info.kind, "metadata": meta})
+    json!({"apiVersion": api_version, "kind": kind, "metadata": meta})
 }
 
 #[cfg(test)]

@@ -1345,7 +1345,8 @@ async fn the_official_python_client_discovers_creates_patches_applies_watches_an
 
 /// Namespaces are served, the core group's one resource: kubectl's discovery is complete
 /// (`api-resources` succeeds), `get ns` lists the accounts' namespaces and Karri's own, a watch
-/// sees an account's namespace come and go, an account sees its own alone, a node none.
+/// sees an account's namespace come and go (selectors pick namespaces), an account sees its
+/// own and karri-images, a node none.
 #[tokio::test(flavor = "multi_thread")]
 async fn namespaces_are_listed_and_watched_as_accounts_come_and_go() -> anyhow::Result<()> {
     let c = Cluster::start().await?;
@@ -1418,11 +1419,36 @@ async fn namespaces_are_listed_and_watched_as_accounts_come_and_go() -> anyhow::
         "{started:?}"
     );
 
-    let own = kubectl_names(&c.account_kubeconfig("acme")?, &["get", "ns"])?;
+    // Selectors pick namespaces: by label, and by name (`kubectl get ns <name> -w`).
+    let labelled = kubectl_names(
+        &c.admin,
+        &["get", "ns", "-l", "kubernetes.io/metadata.name=acme"],
+    )?;
+    ensure!(labelled == ["namespace/acme"], "{labelled:?}");
+    let by_name = c
+        .admin_api()?
+        .request(
+            reqwest::Method::GET,
+            "/api/v1/namespaces?watch=true&fieldSelector=metadata.name%3Dacme&timeoutSeconds=1",
+        )
+        .send()
+        .await?
+        .text()
+        .await?;
+    let names: Vec<String> = by_name
+        .lines()
+        .map(serde_json::from_str::<Value>)
+        .map(|e| e.map(|e| str_at(&e, "/object/metadata/name").to_string()))
+        .collect::<Result<_, _>>()?;
+    ensure!(names == ["acme"], "{names:?}");
+
+    let acme_kubeconfig = c.account_kubeconfig("acme")?;
+    let own = kubectl_names(&acme_kubeconfig, &["get", "ns"])?;
     ensure!(
         own == ["namespace/acme", "namespace/karri-images"],
         "{own:?}"
     );
+    kubectl_ok(&acme_kubeconfig, &["get", "ns", "karri-images"])?;
     let refused = kubectl_err(&c.node_kubeconfig(NODES[0])?, &["get", "ns"])?;
     ensure!(refused.contains("forbidden"), "{refused}");
     Ok(())

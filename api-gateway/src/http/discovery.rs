@@ -111,7 +111,7 @@ pub fn crd_resource_list() -> Value {
 
 /// The resourceVersion of every CustomResourceDefinition and of their list: they change only
 /// with the gateway's binary.
-pub const CRDS_VERSION: &str = "1";
+pub const CRDS_VERSION: i64 = 1;
 
 /// The CustomResourceDefinition of `kind` as the API serves it: the generated CRD (as in
 /// `charts/karri/crds/`), established since `since` (RFC 3339), with a UID that follows from its
@@ -135,7 +135,7 @@ pub fn served_crd(kind: &Kind, since: &str) -> Value {
     );
     crd["metadata"]["uid"] = json!(uid);
     crd["metadata"]["creationTimestamp"] = json!(since);
-    crd["metadata"]["resourceVersion"] = json!(CRDS_VERSION);
+    crd["metadata"]["resourceVersion"] = json!(CRDS_VERSION.to_string());
     crd["metadata"]["generation"] = json!(1);
     let condition = |type_: &str, reason: &str, message: &str| {
         json!({"type": type_, "status": "True", "lastTransitionTime": since,
@@ -157,7 +157,7 @@ pub fn crd_list(kinds: &Kinds, since: &str) -> Value {
     let items: Vec<Value> = kinds.all().iter().map(|k| served_crd(k, since)).collect();
     json!({
         "apiVersion": format!("{CRD_GROUP}/v1"), "kind": "CustomResourceDefinitionList",
-        "metadata": {"resourceVersion": CRDS_VERSION}, "items": items,
+        "metadata": {"resourceVersion": CRDS_VERSION.to_string()}, "items": items,
     })
 }
 

@@ -709,7 +709,20 @@ async fn serve(s: Arc<AppState>, req: Request) -> Response {
             }
             _ => ApiError::no_route(&path).into_response(),
         };
-        (resp, "get", String::new())
+        let trimmed = path.trim_end_matches('/');
+        let resource = if trimmed == discovery::CRDS_PATH || trimmed.starts_with(&crds_prefix) {
+            "customresourcedefinitions"
+        } else if trimmed == "/api/v1/namespaces" || trimmed.starts_with("/api/v1/namespaces/") {
+            "namespaces"
+        } else {
+            ""
+        };
+        let verb = if !resource.is_empty() && flag(&q, "watch") {
+            "watch"
+        } else {
+            "get"
+        };
+        (resp, verb, resource.to_string())
     };
     let labels = RequestLabels {
         verb: verb.to_string(),
@@ -786,11 +799,12 @@ fn crd_request(s: &AppState, method: &str, path: &str, q: &HashMap<String, Strin
             })
             .cloned()
             .collect();
-        let bookmark = json!({
-            "apiVersion": format!("{}/v1", discovery::CRD_GROUP),
-            "kind": "CustomResourceDefinition",
-            "metadata": {"resourceVersion": discovery::CRDS_VERSION},
-        });
+        let bookmark = registry::bookmark_of(
+            &format!("{}/v1", discovery::CRD_GROUP),
+            "CustomResourceDefinition",
+            discovery::CRDS_VERSION,
+            true,
+        );
         return unchanging_watch(s, q, "CustomResourceDefinition", records, bookmark)
             .unwrap_or_else(IntoResponse::into_response);
     }
@@ -872,8 +886,8 @@ fn namespace(who: &Principal, ns: &str) -> Response {
     if ns.contains('/') || crate::schema::namespace_problem(ns).is_some() {
         return ApiError::no_route(&format!("/api/v1/namespaces/{ns}")).into_response();
     }
-    if let Principal::Account { namespace, .. } = who {
-        if namespace != ns {
+    if let Principal::Account { .. } = who {
+        if !namespace_visible(who, ns) {
             return ApiError::forbidden(format!(
                 "namespaces {ns:?} is forbidden: User {:?} cannot get resource \"namespaces\" in API group \"\" in the namespace {ns:?}",
                 who.user()
@@ -885,8 +899,8 @@ fn namespace(who: &Principal, ns: &str) -> Response {
 }
 
 /// `GET /api/v1/namespaces`, a list or a watch: the accounts' namespaces, which come and go
-/// with their accounts, and Karri's own ([`discovery::SYSTEM_NAMESPACE`]). An account sees its
-/// own and Karri's; a node none (403).
+/// with their accounts, and Karri's own ([`discovery::SYSTEM_NAMESPACE`]), as label and field
+/// selectors pick them. An account sees its own and Karri's; a node none (403).
 async fn namespaces(
     s: &Arc<AppState>,
     who: &Principal,
@@ -903,14 +917,15 @@ async fn namespaces(
         .kinds
         .by_plural("accounts")
         .ok_or_else(|| ApiError::internal("accounts are not served"))?;
-    let own = match who {
-        Principal::Account { namespace, .. } => Some(namespace.clone()),
-        _ => None,
-    };
-    // Karri's own namespace holds public records: every account may read them.
-    let visible = move |ns: &Value| {
-        let name = ns.pointer("/metadata/name").and_then(Value::as_str);
-        name == Some(discovery::SYSTEM_NAMESPACE) || own.as_deref().is_none_or(|o| name == Some(o))
+    let lo = list_options(q)?;
+    let (labels, fields) = (lo.labels.clone(), lo.fields.clone());
+    let who = who.clone();
+    let shown = move |ns: &Value| {
+        let name = ns
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        namespace_visible(&who, name) && labels.matches(ns) && fields.matches(ns)
     };
     let system = discovery::namespace_record(discovery::SYSTEM_NAMESPACE, None);
     let reader = Principal::Admin("system:namespaces".into());
@@ -925,7 +940,7 @@ async fn namespaces(
                     .iter()
                     .map(|a| discovery::namespace_record_of_account(&a.value)),
             )
-            .filter(|ns| visible(ns))
+            .filter(|ns| shown(ns))
             .collect();
         items.sort_by(|a, b| {
             a["metadata"]["name"]
@@ -940,47 +955,73 @@ async fn namespaces(
         }))
         .into_response());
     }
-    let opts = watch_options(s, q, "Namespace").await?;
+    // The selectors pick namespaces, not the accounts they come from.
+    let opts = WatchOptions2 {
+        labels: Default::default(),
+        fields: Default::default(),
+        ..watch_options(s, q, "Namespace").await?
+    };
     // Karri's own namespace never changes: it is shown among what exists at the start.
     let first = opts
         .from
         .is_none()
-        .then(|| json!({"type": "ADDED", "object": system}))
-        .filter(|e| visible(&e["object"]));
+        .then(|| system.clone())
+        .filter(|ns| shown(ns))
+        .map(|ns| event_line("ADDED", &ns));
     let rx = s.registry.watch(accounts, None, reader, opts);
     let events = ReceiverStream::new(rx).filter_map(move |ev| {
-        let event = match &ev {
+        let object = match &ev {
             WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o) => {
-                Some(discovery::namespace_record_of_account(&o.value)).filter(|ns| visible(ns))
+                Some(discovery::namespace_record_of_account(&o.value)).filter(|ns| shown(ns))
             }
             WatchEvent::Bookmark {
                 revision,
                 initial_events_end,
-            } => {
-                let mut meta = json!({"resourceVersion": revision.to_string()});
-                if *initial_events_end {
-                    meta["annotations"] = json!({"k8s.io/initial-events-end": "true"});
-                }
-                Some(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": meta}))
-            }
+            } => Some(registry::bookmark_of(
+                "v1",
+                "Namespace",
+                *revision,
+                *initial_events_end,
+            )),
             WatchEvent::Error(e) => Some(e.status()),
+        };
+        std::future::ready(object.map(|o| event_line(event_type(&ev), &o)))
+    });
+    Ok(watch_response(futures::stream::iter(first).chain(events)))
+}
+
+/// Whether `who` may see namespace `name`: an account its own and Karri's (which holds public
+/// records), a node none, anyone else every one.
+fn namespace_visible(who: &Principal, name: &str) -> bool {
+    match who {
+        Principal::Account { namespace, .. } => {
+            name == namespace || name == discovery::SYSTEM_NAMESPACE
         }
-        .map(|object| json!({"type": event_type(&ev), "object": object}));
-        std::future::ready(event)
-    });
-    let lines = futures::stream::iter(first).chain(events).map(|event| {
-        let mut line = serde_json::to_vec(&event).unwrap_or_default();
-        line.push(b'\n');
-        Ok::<_, std::convert::Infallible>(Bytes::from(line))
-    });
-    Ok(Response::builder()
+        Principal::Node(_) => false,
+        Principal::Admin(_) | Principal::Operator(_) => true,
+    }
+}
+
+/// One line of a watch's answer: `{"type": …, "object": …}` and a line break.
+fn event_line(event: &str, object: &Value) -> Bytes {
+    let mut line =
+        serde_json::to_vec(&json!({"type": event, "object": object})).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+/// A watch's answer: the lines of `events` as they come.
+fn watch_response(events: impl futures::Stream<Item = Bytes> + Send + 'static) -> Response {
+    Response::builder()
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::CACHE_CONTROL, "no-cache, private")
-        .body(Body::from_stream(lines))
+        .body(Body::from_stream(
+            events.map(Ok::<_, std::convert::Infallible>),
+        ))
         .unwrap_or_else(|_| {
             ApiError::internal("could not build the watch response").into_response()
-        }))
+        })
 }
 
 async fn read_body(req: Request, limit: usize) -> ApiResult<(HeaderMap, Bytes)> {
@@ -1860,10 +1901,10 @@ fn initial_events_of<'q>(
     }
 }
 
-/// A watch of records that do not change while the gateway runs (the CustomResourceDefinitions,
-/// at resourceVersion `version`): ADDED for each of `records` when the watch starts from no
-/// version (or asks for initial events, which a bookmark then closes), then nothing until its
-/// time is up or the gateway stops.
+/// A watch of records that do not change while the gateway runs (the CustomResourceDefinitions):
+/// ADDED for each of `records` when the watch starts from no version (or asks for initial
+/// events, which `bookmark`, marked as their end, then closes), then nothing until its time is
+/// up or the gateway stops.
 fn unchanging_watch(
     s: &AppState,
     q: &HashMap<String, String>,
@@ -1885,32 +1926,17 @@ fn unchanging_watch(
         }
     }
     let timeout = watch_timeout(q.get("timeoutSeconds").map(String::as_str))?;
-    let line = |event: &str, object: Value| {
-        let mut line =
-            serde_json::to_vec(&json!({"type": event, "object": object})).unwrap_or_default();
-        line.push(b'\n');
-        Ok::<_, std::convert::Infallible>(Bytes::from(line))
-    };
     let mut lines = Vec::new();
     if from.is_none() && asked != Some("false") {
-        lines.extend(records.into_iter().map(|r| line("ADDED", r)));
+        lines.extend(records.iter().map(|r| event_line("ADDED", r)));
     }
     if send_initial_events {
-        let mut end = bookmark;
-        end["metadata"]["annotations"] = json!({"k8s.io/initial-events-end": "true"});
-        lines.push(line("BOOKMARK", end));
+        lines.push(event_line("BOOKMARK", &bookmark));
     }
     let registry = s.registry.clone();
     let quiet = futures::stream::once(async move { registry.watch_ends(timeout).await })
         .filter_map(|()| std::future::ready(None));
-    Ok(Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CACHE_CONTROL, "no-cache, private")
-        .body(Body::from_stream(futures::stream::iter(lines).chain(quiet)))
-        .unwrap_or_else(|_| {
-            ApiError::internal("could not build the watch response").into_response()
-        }))
+    Ok(watch_response(futures::stream::iter(lines).chain(quiet)))
 }
 
 /// The options of a watch of `kind` from its query, refused as Kubernetes refuses them.
@@ -1970,7 +1996,7 @@ async fn watch(
                         format!("{{\"type\":\"{}\",\"object\":", event_type(&ev)).into_bytes();
                     line.extend_from_slice(o.json());
                     line.extend_from_slice(b"}\n");
-                    return Ok::<_, std::convert::Infallible>(Bytes::from(line));
+                    return Bytes::from(line);
                 }
             },
             WatchEvent::Bookmark {
@@ -1985,19 +2011,9 @@ async fn watch(
             }
             WatchEvent::Error(e) => e.status(),
         };
-        let mut line = serde_json::to_vec(&json!({"type": event_type(&ev), "object": object}))
-            .unwrap_or_default();
-        line.push(b'\n');
-        Ok(Bytes::from(line))
+        event_line(event_type(&ev), &object)
     });
-    Ok(Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CACHE_CONTROL, "no-cache, private")
-        .body(Body::from_stream(stream))
-        .unwrap_or_else(|_| {
-            ApiError::internal("could not build the watch response").into_response()
-        }))
+    Ok(watch_response(stream))
 }
 
 #[cfg(test)]

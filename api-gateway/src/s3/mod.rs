@@ -732,10 +732,7 @@ impl S3Face {
             .and_then(|h| h.to_str().ok())
             .or_else(|| req.uri().authority().map(http::uri::Authority::as_str))
             .is_some_and(|host| virtual_bucket(&self.domains, host).is_some());
-        let asks_location = req
-            .uri()
-            .query()
-            .is_some_and(|q| q.split('&').any(|p| p == "location" || p == "location="));
+        let asks_location = asks_bucket_location(req.uri(), virtual_host);
         let refusal = auth_refusal(
             method.as_str(),
             req.uri().path(),
@@ -842,8 +839,15 @@ impl S3Face {
 /// whole of one line (`/>(.+)<\/Location/`), and got `<LocationConstraint …>karri-1` from a
 /// document on one line. Any other answer as it was.
 async fn location_on_its_own_line(resp: Response) -> Response {
+    // A location document is a few hundred bytes, its size known: anything else passes as it is.
+    let small = http_body::Body::size_hint(resp.body())
+        .exact()
+        .is_some_and(|n| n <= MAX_LOCATION_DOCUMENT as u64);
+    if !small {
+        return resp;
+    }
     let (mut parts, body) = resp.into_parts();
-    let bytes = match axum::body::to_bytes(body, MAX_ERROR_DOCUMENT).await {
+    let bytes = match axum::body::to_bytes(body, MAX_LOCATION_DOCUMENT).await {
         Ok(bytes) => bytes,
         Err(e) => {
             tracing::error!(error = %e, "a bucket location answer could not be read");
@@ -864,6 +868,27 @@ async fn location_on_its_own_line(resp: Response) -> Response {
         }
         None => Response::from_parts(parts, Body::from(bytes)),
     }
+}
+
+/// The largest answer [`location_on_its_own_line`] reads.
+const MAX_LOCATION_DOCUMENT: usize = 1024;
+
+/// Whether a request asks for a bucket's location: `?location` on a bucket (path-style
+/// `/<bucket>`, at the root or under the Eucalyptus path, or `/` on a virtual host), not on an
+/// object, whose GET s3s serves whatever its query. Pure.
+pub fn asks_bucket_location(uri: &Uri, virtual_host: bool) -> bool {
+    let asks = uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "location" || p == "location="));
+    let path = uri.path();
+    let rest = path.strip_prefix(EUCA_PREFIX).unwrap_or(path);
+    let segments = rest.trim_matches('/');
+    let bucket_level = if virtual_host {
+        segments.is_empty()
+    } else {
+        !segments.is_empty() && !segments.contains('/')
+    };
+    asks && bucket_level
 }
 
 /// `xml`, a `LocationConstraint` document right after its XML declaration, with a line break
@@ -1209,6 +1234,23 @@ mod tests {
             rest: bytes::Bytes::new(),
         };
         (body, tx, stalled)
+    }
+
+    #[test]
+    fn only_a_bucket_is_asked_its_location() {
+        let asks = |uri: &str, virtual_host: bool| {
+            asks_bucket_location(&uri.parse::<Uri>().expect("a URI"), virtual_host)
+        };
+        assert!(asks("/photos?location", false));
+        assert!(asks("/photos/?location=", false));
+        assert!(asks("/services/objectstorage/photos?location", false));
+        assert!(asks("/?location", true));
+        // An object's GET, whatever its query; no location asked; the bucket list.
+        assert!(!asks("/photos/big.iso?location=", false));
+        assert!(!asks("/big.iso?location", true));
+        assert!(!asks("/photos?locations", false));
+        assert!(!asks("/photos", false));
+        assert!(!asks("/?location", false));
     }
 
     #[test]
