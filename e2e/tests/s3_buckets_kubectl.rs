@@ -11,20 +11,48 @@ use karri_e2e::s3::Signer;
 use karri_testkit::{kubectl, kubectl_ok, Etcd, Gateway, Tokens};
 use reqwest::Method;
 
+/// A gateway on its own etcd with one account, `name`, and a signer of that account's key.
+struct Tenant {
+    etcd: Etcd,
+    tokens: Tokens,
+    gw: Gateway,
+    account_id: String,
+    signer: Signer,
+}
+
+impl Tenant {
+    async fn start(name: &str) -> anyhow::Result<Tenant> {
+        let etcd = Etcd::start().await?;
+        let tokens = Tokens::generate(&[], &[]);
+        let gw = Gateway::start(&etcd.endpoint, &tokens).await?;
+        let (account_id, creds) = gw.account_with_key(&tokens.admin, name).await?;
+        let signer = Signer::new(
+            "karri-1",
+            &creds.access_key_id,
+            &creds.secret_access_key,
+            Some(&gw.ca_path()),
+            Duration::from_secs(30),
+        )?;
+        Ok(Tenant {
+            etcd,
+            tokens,
+            gw,
+            account_id,
+            signer,
+        })
+    }
+}
+
 #[tokio::test]
 async fn buckets_made_through_s3_are_records_kubectl_sees_and_deletes_only_when_empty(
 ) -> anyhow::Result<()> {
-    let etcd = Etcd::start().await?;
-    let tokens = Tokens::generate(&[], &[]);
-    let gw = Gateway::start(&etcd.endpoint, &tokens).await?;
-    let (account_id, creds) = gw.account_with_key(&tokens.admin, "media").await?;
-    let signer = Signer::new(
-        "karri-1",
-        &creds.access_key_id,
-        &creds.secret_access_key,
-        Some(&gw.ca_path()),
-        Duration::from_secs(30),
-    )?;
+    let Tenant {
+        etcd: _etcd,
+        tokens,
+        gw,
+        account_id,
+        signer,
+    } = Tenant::start("media").await?;
     let call = |method: Method, path: &str, body: &'static [u8]| {
         let url = format!("{}{path}", gw.url());
         let req = signer.request(method, &url, SignableBody::Bytes(body));
@@ -81,10 +109,13 @@ async fn buckets_made_through_s3_are_records_kubectl_sees_and_deletes_only_when_
 /// account's ID, or an owner that does not exist, is refused, naming the field.
 #[tokio::test]
 async fn a_bucket_applied_from_a_manifest_belongs_to_the_account_it_names() -> anyhow::Result<()> {
-    let etcd = Etcd::start().await?;
-    let tokens = Tokens::generate(&[], &[]);
-    let gw = Gateway::start(&etcd.endpoint, &tokens).await?;
-    let (account_id, creds) = gw.account_with_key(&tokens.admin, "research").await?;
+    let Tenant {
+        etcd: _etcd,
+        tokens,
+        gw,
+        account_id,
+        signer,
+    } = Tenant::start("research").await?;
     let kubeconfig = gw.kubeconfig(&tokens.admin, "default")?;
     let dir = tempfile::tempdir()?;
     let apply = |name: &str, text: String| {
@@ -119,13 +150,6 @@ async fn a_bucket_applied_from_a_manifest_belongs_to_the_account_it_names() -> a
         ],
     )?;
     ensure!(owner == account_id, "ownerId {owner}, account {account_id}");
-    let signer = Signer::new(
-        "karri-1",
-        &creds.access_key_id,
-        &creds.secret_access_key,
-        Some(&gw.ca_path()),
-        Duration::from_secs(30),
-    )?;
     let url = format!("{}/research-data/notes.txt", gw.url());
     let put = signer.request(Method::PUT, &url, SignableBody::Bytes(b"notes"))?;
     let status = put.body(&b"notes"[..]).send().await?.status();

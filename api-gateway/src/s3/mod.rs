@@ -846,19 +846,32 @@ async fn location_on_its_own_line(resp: Response) -> Response {
     if !small {
         return resp;
     }
+    rewrite_document(
+        resp,
+        MAX_LOCATION_DOCUMENT,
+        location_document_on_its_own_line,
+    )
+    .await
+}
+
+/// `resp` with its XML document (read up to `limit` bytes) as `rewrite` makes it, or as it was
+/// when `rewrite` leaves it; an answer whose document cannot be read loses its body (it is
+/// logged).
+async fn rewrite_document(
+    resp: Response,
+    limit: usize,
+    rewrite: impl FnOnce(&str) -> Option<String>,
+) -> Response {
     let (mut parts, body) = resp.into_parts();
-    let bytes = match axum::body::to_bytes(body, MAX_LOCATION_DOCUMENT).await {
+    let bytes = match axum::body::to_bytes(body, limit).await {
         Ok(bytes) => bytes,
         Err(e) => {
-            tracing::error!(error = %e, "a bucket location answer could not be read");
+            tracing::error!(error = %e, "an S3 answer's XML document could not be read");
             parts.headers.remove(http::header::CONTENT_LENGTH);
             return Response::from_parts(parts, Body::empty());
         }
     };
-    match std::str::from_utf8(&bytes)
-        .ok()
-        .and_then(location_document_on_its_own_line)
-    {
+    match std::str::from_utf8(&bytes).ok().and_then(rewrite) {
         Some(text) => {
             parts.headers.insert(
                 http::header::CONTENT_LENGTH,
@@ -914,28 +927,10 @@ async fn complete_error(resp: Response, request_id: &str) -> Response {
     if !xml {
         return resp;
     }
-    let (mut parts, body) = resp.into_parts();
-    let bytes = match axum::body::to_bytes(body, MAX_ERROR_DOCUMENT).await {
-        Ok(bytes) => bytes,
-        Err(e) => {
-            tracing::error!(error = %e, "an S3 error document could not be read");
-            parts.headers.remove(http::header::CONTENT_LENGTH);
-            return Response::from_parts(parts, Body::empty());
-        }
-    };
-    let completed = std::str::from_utf8(&bytes)
-        .ok()
-        .and_then(|text| complete_error_xml(text, request_id));
-    match completed {
-        Some(text) => {
-            parts.headers.insert(
-                http::header::CONTENT_LENGTH,
-                http::HeaderValue::from(text.len()),
-            );
-            Response::from_parts(parts, Body::from(text))
-        }
-        None => Response::from_parts(parts, Body::from(bytes)),
-    }
+    rewrite_document(resp, MAX_ERROR_DOCUMENT, |text| {
+        complete_error_xml(text, request_id)
+    })
+    .await
 }
 
 /// S3's message for an error code that came without one (s3s's own refusals of a bucket name
