@@ -11,7 +11,8 @@ use api_gateway::error::ApiError;
 use api_gateway::kinds::{Kind, Kinds};
 use api_gateway::metrics::Metrics;
 use api_gateway::registry::{
-    DeleteOptions, ListOptions, Propagation, Registry, WatchEvent, WatchOptions2, WriteOptions,
+    DeleteOptions, ListOptions, ListPage, Propagation, Registry, WatchEvent, WatchOptions2,
+    WriteOptions,
 };
 use etcd_client::{Client, CompactionOptions};
 use karri_testkit::Etcd;
@@ -110,6 +111,28 @@ fn harness_of(
 }
 
 impl Harness {
+    /// Creates an instance of each of `names`, then lists the first page of one.
+    async fn first_page_of_one(&self, names: &[&str]) -> anyhow::Result<ListPage> {
+        for name in names {
+            self.create(name).await?;
+        }
+        let one = ListOptions {
+            limit: 1,
+            ..Default::default()
+        };
+        Ok(self
+            .registry
+            .list(&self.instances, Some("acme"), &admin(), &one)
+            .await?)
+    }
+
+    /// Instance `name` of namespace `acme`, as an admin reads it.
+    async fn get(&self, name: &str) -> Result<Value, ApiError> {
+        self.registry
+            .get(&self.instances, Some("acme"), name, &admin())
+            .await
+    }
+
     async fn create(&self, name: &str) -> anyhow::Result<Value> {
         Ok(self
             .registry
@@ -723,18 +746,8 @@ async fn a_registry_starts_over_more_records_than_one_grpc_message_holds_by_defa
 async fn an_expired_continue_token_is_gone_with_a_token_that_goes_on_at_the_latest_revision(
 ) -> anyhow::Result<()> {
     let h = harness().await?;
-    for name in ["a", "b", "c"] {
-        h.create(name).await?;
-    }
-    let one = ListOptions {
-        limit: 1,
-        ..Default::default()
-    };
-    let first = h
-        .registry
-        .list(&h.instances, Some("acme"), &admin(), &one)
-        .await?;
-    let names = |page: &api_gateway::registry::ListPage| -> Vec<String> {
+    let first = h.first_page_of_one(&["a", "b", "c"]).await?;
+    let names = |page: &ListPage| -> Vec<String> {
         page.items
             .iter()
             .filter_map(|o| o.value["metadata"]["name"].as_str().map(str::to_string))
@@ -1084,16 +1097,11 @@ async fn a_delete_whose_preconditions_fail_keeps_the_record_and_says_which_faile
     );
     assert!(other.is_uid_precondition_failure() && !stale.is_uid_precondition_failure());
     assert_eq!(other.status()["details"]["name"], "pinned");
-    h.registry
-        .get(&h.instances, Some("acme"), "pinned", &admin())
+    h.get("pinned")
         .await
         .expect("a failed precondition deletes nothing");
     delete(Some(uid), Some(at)).await?;
-    let gone = h
-        .registry
-        .get(&h.instances, Some("acme"), "pinned", &admin())
-        .await
-        .expect_err("deleted");
+    let gone = h.get("pinned").await.expect_err("deleted");
     assert_eq!(gone.code, 404);
     Ok(())
 }
@@ -1466,17 +1474,7 @@ async fn paginated_lists_read_one_revision_and_selectors_filter() -> anyhow::Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_continue_token_with_a_resource_version_is_a_bad_request() -> anyhow::Result<()> {
     let h = harness().await?;
-    for i in 0..3 {
-        h.create(&format!("web-{i}")).await?;
-    }
-    let first = ListOptions {
-        limit: 1,
-        ..Default::default()
-    };
-    let page = h
-        .registry
-        .list(&h.instances, Some("acme"), &admin(), &first)
-        .await?;
+    let page = h.first_page_of_one(&["web-0", "web-1", "web-2"]).await?;
     let token = page
         .continue_token
         .clone()

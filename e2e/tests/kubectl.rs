@@ -1343,6 +1343,32 @@ async fn the_official_python_client_discovers_creates_patches_applies_watches_an
     Ok(())
 }
 
+/// The events of the watch at `path` (an admin's, with a `timeoutSeconds` that ends it), each
+/// as `"<type> <name>"`.
+async fn watch_events(c: &Cluster, path: &str) -> anyhow::Result<Vec<String>> {
+    let body = c
+        .admin_api()?
+        .request(reqwest::Method::GET, path)
+        .send()
+        .await?
+        .text()
+        .await?;
+    let events: Vec<Value> = body
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    Ok(events
+        .iter()
+        .map(|e| {
+            format!(
+                "{} {}",
+                str_at(e, "/type"),
+                str_at(e, "/object/metadata/name")
+            )
+        })
+        .collect())
+}
+
 /// Namespaces are served, the core group's one resource: kubectl's discovery is complete
 /// (`api-resources` succeeds), `get ns` lists the accounts' namespaces and Karri's own, a watch
 /// sees an account's namespace come and go (selectors pick namespaces), an account sees its
@@ -1390,29 +1416,7 @@ async fn namespaces_are_listed_and_watched_as_accounts_come_and_go() -> anyhow::
     ensure!(watch.running()?, "the watch ended: {:?}", watch.seen());
 
     // A watch from no version starts with what exists, Karri's own namespace among them.
-    let body = c
-        .admin_api()?
-        .request(
-            reqwest::Method::GET,
-            "/api/v1/namespaces?watch=true&timeoutSeconds=1",
-        )
-        .send()
-        .await?
-        .text()
-        .await?;
-    let mut started: Vec<String> = body
-        .lines()
-        .map(serde_json::from_str::<Value>)
-        .map(|e| {
-            e.map(|e| {
-                format!(
-                    "{} {}",
-                    str_at(&e, "/type"),
-                    str_at(&e, "/object/metadata/name")
-                )
-            })
-        })
-        .collect::<Result<_, _>>()?;
+    let mut started = watch_events(&c, "/api/v1/namespaces?watch=true&timeoutSeconds=1").await?;
     started.sort();
     ensure!(
         started == ["ADDED acme", "ADDED karri-images"],
@@ -1425,22 +1429,12 @@ async fn namespaces_are_listed_and_watched_as_accounts_come_and_go() -> anyhow::
         &["get", "ns", "-l", "kubernetes.io/metadata.name=acme"],
     )?;
     ensure!(labelled == ["namespace/acme"], "{labelled:?}");
-    let by_name = c
-        .admin_api()?
-        .request(
-            reqwest::Method::GET,
-            "/api/v1/namespaces?watch=true&fieldSelector=metadata.name%3Dacme&timeoutSeconds=1",
-        )
-        .send()
-        .await?
-        .text()
-        .await?;
-    let names: Vec<String> = by_name
-        .lines()
-        .map(serde_json::from_str::<Value>)
-        .map(|e| e.map(|e| str_at(&e, "/object/metadata/name").to_string()))
-        .collect::<Result<_, _>>()?;
-    ensure!(names == ["acme"], "{names:?}");
+    let names = watch_events(
+        &c,
+        "/api/v1/namespaces?watch=true&fieldSelector=metadata.name%3Dacme&timeoutSeconds=1",
+    )
+    .await?;
+    ensure!(names == ["ADDED acme"], "{names:?}");
 
     let acme_kubeconfig = c.account_kubeconfig("acme")?;
     let own = kubectl_names(&acme_kubeconfig, &["get", "ns"])?;
